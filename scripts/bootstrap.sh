@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Installs what patchbox needs on a fresh Debian machine: apt packages, a venv with the
+# pinned Python dependencies, and the agent build. Idempotent and quick when nothing changed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_apt=()
+for tool in gcc make git; do
+	command -v "$tool" >/dev/null || need_apt+=("$tool")
+done
+python3 -c 'import venv, ensurepip' 2>/dev/null || need_apt+=(python3-venv)
+if [ ${#need_apt[@]} -gt 0 ]; then
+	echo "bootstrap: installing ${need_apt[*]} with apt-get"
+	export DEBIAN_FRONTEND=noninteractive
+	apt-get update -qq </dev/null
+	apt-get install -y -qq build-essential "${need_apt[@]}" </dev/null >/dev/null
+fi
+
+if [ ! -x .venv/bin/python ]; then
+	python3 -m venv .venv
+fi
+# Reinstall only when pyproject.toml changed since the last install.
+stamp=.venv/.patchbox-installed
+sum=$(sha256sum pyproject.toml | cut -d' ' -f1)
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$sum" ]; then
+	.venv/bin/pip install -q --disable-pip-version-check -e '.[test]' </dev/null
+	echo "$sum" >"$stamp"
+fi
+
+make -s -C agent

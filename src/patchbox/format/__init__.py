@@ -1,0 +1,1 @@
+"""patchbox: live patching for running Linux processes."""

@@ -1,0 +1,49 @@
+"""In-memory model of a patch: what extract-patch builds and the patch file stores.
+
+The byte layout lives in :mod:`patchbox.format.layout`; this module has no I/O.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from patchbox.protocol.constants import FixupBase, FixupSection, FixupType
+
+__all__ = ["Function", "Fixup", "Patch"]
+
+
+@dataclass
+class Function:
+    """One replaced function."""
+
+    symbol: str
+    target: int  # link-time address of the original entry (the symbol)
+    new_offset: int  # entry of the replacement inside Patch.text
+    new_size: int
+    expected: bytes  # original bytes at [target-6, target-6+len)
+
+
+@dataclass
+class Fixup:
+    """One address still to resolve in the running process."""
+
+    section: FixupSection
+    type: FixupType
+    base: FixupBase
+    offset: int
+    addend: int
+    symbol: str = ""  # only for FixupBase.IMPORT
+
+
+@dataclass
+class Patch:
+    """A whole live patch."""
+
+    name: str
+    build_id: bytes
+    text: bytes
+    functions: list[Function]
+    fixups: list[Fixup] = field(default_factory=list)
+    data: bytes = b""
+    bss_size: int = 0
+    flags: int = 0
+    meta: dict[str, str] = field(default_factory=dict)

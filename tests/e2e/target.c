@@ -1,0 +1,85 @@
+/* Real target for the end-to-end tests. Reads "NAME ARG" lines on stdin, calls the
+ * function through a table of pointers (so every call goes through the function's entry)
+ * and prints the result. The tests compile a patched copy of this file where the markers
+ * @NAME@ are replaced, and extract replacement functions from it. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+long counter;                                   /* global read and written by bump */
+static int calls_seen;                          /* static variable in this file */
+static char fmt_buf[64];
+
+__attribute__((noinline)) static int scale(int x)      /* static helper in the binary */
+{
+	__asm__ volatile("");
+	return x * 10 + calls_seen;
+}
+
+__attribute__((noinline)) int use_helper(int x)
+{
+	calls_seen += 0;
+	return @USE_HELPER@;
+}
+
+__attribute__((noinline)) int bump(int x)
+{
+	counter += @BUMP_STEP@;
+	calls_seen++;
+	return (int)counter + x * 0;
+}
+
+__attribute__((noinline)) const char *greet(int x)
+{
+	(void)x;
+	return "@GREETING@";
+}
+
+__attribute__((noinline)) const char *fmt(int x)
+{
+	snprintf(fmt_buf, sizeof fmt_buf, "@FMT@", x);
+	return fmt_buf;
+}
+
+__attribute__((noinline)) int pair_a(int x) { return x + @PAIR_A@; }
+__attribute__((noinline)) int pair_b(int x) { return x * @PAIR_B@; }
+__attribute__((noinline)) int stacked(int x) { return x + @STACKED@; }
+
+@EXTRA@
+
+struct entry { const char *name; int (*num)(int); const char *(*str)(int); };
+static const struct entry table[] = {
+	{ "use_helper", use_helper, NULL }, { "bump", bump, NULL },
+	{ "greet", NULL, greet }, { "fmt", NULL, fmt },
+	{ "pair_a", pair_a, NULL }, { "pair_b", pair_b, NULL },
+	{ "stacked", stacked, NULL },
+};
+
+int main(void)
+{
+	char line[256], name[64];
+	int arg;
+
+	setvbuf(stdout, NULL, _IOLBF, 0);
+	printf("ready %d\n", (int)getpid());
+	while (fgets(line, sizeof line, stdin)) {
+		if (sscanf(line, "%63s %d", name, &arg) != 2) {
+			printf("bad input\n");
+			continue;
+		}
+		size_t i;
+		for (i = 0; i < sizeof table / sizeof table[0]; i++) {
+			if (strcmp(table[i].name, name) == 0) {
+				if (table[i].num)
+					printf("%d\n", table[i].num(arg));
+				else
+					printf("%s\n", table[i].str(arg));
+				break;
+			}
+		}
+		if (i == sizeof table / sizeof table[0])
+			printf("unknown %s\n", name);
+	}
+	return 0;
+}
