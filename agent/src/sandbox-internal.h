@@ -1,0 +1,136 @@
+/* Internal interface between libsandbox.o (engine) and sandbox-listen.o (server).
+ * Everything here has hidden visibility (-fvisibility=hidden). */
+#ifndef PATCHBOX_SANDBOX_INTERNAL_H
+#define PATCHBOX_SANDBOX_INTERNAL_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "patchbox/wire.h"
+
+#ifndef SANDBOX_ALLOC
+#define SANDBOX_ALLOC 524288
+#endif
+#ifndef SANDBOX_DATA_ALLOC
+#define SANDBOX_DATA_ALLOC 65536
+#endif
+
+#define SANDBOX_AGENT_VERSION "0.1.0"
+#define SANDBOX_ALIGN 64		/* placement granularity of text and data */
+#define SANDBOX_ERRMSG 512
+
+/* ---- errors are values: a code from wire.h and a message that starts with its text */
+
+struct sandbox_error {
+	enum pbx_error code;
+	char msg[SANDBOX_ERRMSG];
+};
+
+const char *sandbox_error_text(int code);
+/* Sets err to code; msg = "<text>" or "<text>: <fmt...>". Returns -1 for `return`. */
+int sandbox_error_set(struct sandbox_error *err, enum pbx_error code, const char *fmt, ...)
+	__attribute__((format(printf, 3, 4)));
+
+/* ---- debug output (sandbox-listen.c) */
+
+extern int sandbox_debug_enabled;
+void sandbox_debug_printf(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+#define sandbox_debug(...) \
+	do { if (__atomic_load_n(&sandbox_debug_enabled, __ATOMIC_RELAXED)) \
+		sandbox_debug_printf(__VA_ARGS__); } while (0)
+
+/* ---- facts about the main executable */
+
+#define SANDBOX_MAX_XRANGES 8
+
+struct sandbox_exe_info {
+	uintptr_t bias;
+	uint8_t build_id[PBX_MAX_BUILD_ID];
+	size_t build_id_len;
+	uintptr_t xlo[SANDBOX_MAX_XRANGES], xhi[SANDBOX_MAX_XRANGES]; /* executable PT_LOADs */
+	size_t nx;
+	uintptr_t lo, hi;	/* span of all PT_LOADs */
+	char path[4096];	/* readlink /proc/self/exe, "" if unknown */
+};
+
+/* ---- a parsed apply body (pointers into the request payload) */
+
+struct sandbox_func_spec {
+	const char *symbol;
+	uint16_t symbol_len;
+	uint64_t target;	/* link-time address */
+	uint32_t new_offset, new_size;
+	uint16_t expected_len;
+	const uint8_t *expected;
+};
+
+struct sandbox_fixup_spec {
+	uint8_t section, type, base, reserved;
+	uint32_t offset;
+	int64_t addend;
+	const char *symbol;	/* base IMPORT only */
+	uint16_t symbol_len;
+};
+
+struct sandbox_apply_spec {
+	const char *name;
+	uint16_t name_len;
+	const uint8_t *build_id;
+	uint8_t build_id_len;
+	uint32_t flags;
+	const uint8_t *text;
+	uint32_t text_len;
+	const uint8_t *data;
+	uint32_t data_len;
+	uint32_t bss_size;
+	uint16_t nfuncs;
+	struct sandbox_func_spec *funcs;
+	uint32_t nfixups;
+	struct sandbox_fixup_spec *fixups;
+};
+
+/* ---- applied patches */
+
+struct sandbox_func {
+	char symbol[PBX_MAX_SYMBOL + 1];
+	uintptr_t target;	/* absolute address of the original function */
+	uintptr_t site;		/* where this patch redirected: target or the entry below */
+	uintptr_t new_entry;
+	uint32_t new_size;
+	uint8_t saved[PBX_ENTRY_PAD + PBX_ENTRY_NOPS]; /* bytes at [site-6, site+2) before */
+};
+
+struct sandbox_patch {
+	char name[PBX_MAX_NAME + 1];
+	uint32_t id;
+	uint64_t applied_at;	/* unix ns */
+	uintptr_t text_addr, data_addr;
+	uint32_t text_size, data_size;
+	uint16_t nfuncs;
+	struct sandbox_func *funcs;
+};
+
+struct sandbox_stats {
+	uintptr_t text_addr, data_addr;
+	size_t text_size, text_used, text_retired;
+	size_t data_size, data_used, data_retired;
+	size_t patches;
+	const char *sync_core;	/* "sync_core", "expedited" or "none" */
+};
+
+/* SANDBOX_APPLY_INTERNAL: the target is the agent's own (self-test): skip the
+ * build-id and executable-range checks, which are about the main program. */
+#define SANDBOX_APPLY_INTERNAL 1u
+
+int sandbox_engine_init(struct sandbox_error *err);
+const struct sandbox_exe_info *sandbox_exe_get(void);
+int sandbox_patch_apply(const struct sandbox_apply_spec *spec, unsigned flags,
+			const struct sandbox_patch **ret, struct sandbox_error *err);
+int sandbox_patch_remove(const char *name, size_t name_len, struct sandbox_error *err);
+size_t sandbox_patch_count(void);
+const struct sandbox_patch *sandbox_patch_get(size_t i);
+void sandbox_stats_get(struct sandbox_stats *ret);
+/* Returns 1 passed / 0 failed, detail filled either way. */
+int sandbox_selftest_run(char *detail, size_t detail_len);
+
+#endif
