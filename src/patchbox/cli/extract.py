@@ -1,0 +1,50 @@
+"""``extract-patch`` (also ``patchbox extract``): build a .pbx patch from a patched object."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from patchbox.build.extract import extract_patch
+from patchbox.errors import PatchboxError
+from patchbox.format.layout import save_patch
+
+__all__ = ["extract_command", "main"]
+
+
+@click.command("extract")
+@click.option("--function", "-f", "functions", multiple=True, required=True, metavar="NAME",
+              help="Function to replace (repeat for several).")
+@click.option("--qemu", is_flag=True, help="Use the QEMU profile.")
+@click.option("--name", default=None, help="Patch name (default: output file stem, or 'patch').")
+@click.option("-o", "--output", default=None, type=click.Path(dir_okay=False),
+              help="Output file (default: NAME.pbx in the current directory).")
+@click.argument("patched_o", type=click.Path(dir_okay=False))
+@click.argument("reference", type=click.Path(dir_okay=False))
+@click.pass_context
+def extract_command(ctx: click.Context, functions: tuple[str, ...], qemu: bool,
+                    name: str | None, output: str | None, patched_o: str,
+                    reference: str) -> None:
+    """Build a live patch replacing NAME... of REFERENCE (the binary the running process
+    was started from) with their versions in PATCHED_O (compiled with
+    `patchbox config --cflags`)."""
+    if name is None:
+        name = Path(output).stem if output else "patch"
+    out = Path(output) if output else Path.cwd() / f"{name}.pbx"
+    try:
+        patch = extract_patch(patched_o, reference, list(functions), name=name,
+                              profile="qemu" if qemu else "generic")
+        try:
+            save_patch(patch, out)
+        except OSError as err:
+            raise PatchboxError(f"cannot write {out}: {err.strerror}") from err
+    except PatchboxError as err:
+        click.echo(f"extract-patch: error: {err}", err=True)
+        ctx.exit(1)
+    click.echo(f"wrote {out}: {len(patch.functions)} function(s), {len(patch.text)} bytes text, "
+               f"{len(patch.data) + patch.bss_size} bytes data, {len(patch.fixups)} fix-ups")
+
+
+def main() -> None:
+    """Entry point of the standalone ``extract-patch`` console script."""
+    extract_command.main(prog_name="extract-patch")

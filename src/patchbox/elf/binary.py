@@ -1,0 +1,226 @@
+"""The reference binary: the linked x86-64 ELF executable a running process was started from.
+
+Gives its GNU build-id, its symbols (with the source file each local symbol came from,
+so that ``static`` functions and variables of the same name in different files can be
+told apart) and its bytes at link-time virtual addresses.
+"""
+from __future__ import annotations
+
+import io
+import mmap
+import os
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from elftools.common.exceptions import ELFError as _PyElfError
+from elftools.elf.elffile import ELFFile
+
+from patchbox.errors import ElfError, ExtractError
+
+__all__ = ["Symbol", "Binary", "strip_version"]
+
+
+@dataclass(frozen=True)
+class Symbol:
+    """One defined or undefined symbol of the reference binary's ``.symtab``."""
+
+    name: str  # without the ``@VERSION`` suffix the linker adds to versioned symbols
+    address: int  # link-time virtual address (0 for undefined symbols)
+    size: int
+    type: str  # FUNC, OBJECT, NOTYPE, TLS, GNU_IFUNC, ...
+    bind: str  # LOCAL, GLOBAL, WEAK
+    source_file: str | None  # the preceding STT_FILE for LOCAL symbols, else None
+    defined: bool = True
+
+    @property
+    def is_local(self) -> bool:
+        """Returns True for a LOCAL (``static``) symbol."""
+        return self.bind == "LOCAL"
+
+
+def strip_version(name: str) -> str:
+    """Returns ``name`` without a ``@VERSION`` / ``@@VERSION`` suffix (``stdout@GLIBC_2.2.5``)."""
+    at = name.find("@")
+    return name if at <= 0 else name[:at]
+
+
+def _same_file(a: str | None, b: str | None) -> bool:
+    return a is not None and b is not None and os.path.basename(a) == os.path.basename(b)
+
+
+class Binary:
+    """A linked x86-64 ELF executable read with pyelftools (the *reference binary*)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        try:
+            with open(self.path, "rb") as f:
+                try:
+                    self._buf: mmap.mmap | io.BytesIO = mmap.mmap(f.fileno(), 0,
+                                                                 access=mmap.ACCESS_READ)
+                except ValueError:  # empty file
+                    self._buf = io.BytesIO(b"")
+        except OSError as err:
+            raise ElfError(f"cannot read reference binary {self.path}: {err.strerror}") from err
+        try:
+            self.elf = ELFFile(self._buf)
+            machine = self.elf["e_machine"]
+            etype = self.elf["e_type"]
+            self._segments = [seg.header for seg in self.elf.iter_segments()
+                              if seg["p_type"] == "PT_LOAD"]
+            symtab = self.elf.get_section_by_name(".symtab")
+        except (_PyElfError, ValueError, OSError) as err:
+            raise ElfError(f"{self.path}: not a readable ELF file: {err}") from err
+        if machine != "EM_X86_64":
+            raise ElfError(f"{self.path}: not an x86-64 binary ({machine})")
+        if etype not in ("ET_EXEC", "ET_DYN"):
+            raise ElfError(f"{self.path}: not a linked executable ({etype})")
+        if symtab is None or symtab["sh_type"] != "SHT_SYMTAB":
+            raise ElfError(f"{self.path} is stripped (no .symtab): patchbox needs the "
+                           f"symbols of the reference binary; use the unstripped build")
+        self._symbols = list(self._read_symbols(symtab))
+        self._files = {os.path.basename(s.source_file) for s in self._symbols if s.source_file}
+        self._by_name: dict[str, list[Symbol]] = defaultdict(list)
+        for sym in self._symbols:
+            if sym.defined:
+                self._by_name[sym.name].append(sym)
+
+    def _read_symbols(self, symtab) -> Iterator[Symbol]:  # type: ignore[no-untyped-def]
+        source: str | None = None
+        try:
+            for sym in symtab.iter_symbols():
+                stype = sym["st_info"]["type"]
+                if stype == "STT_FILE":
+                    source = sym.name or None
+                    continue
+                if stype == "STT_SECTION" or not sym.name:
+                    continue
+                bind = sym["st_info"]["bind"].removeprefix("STB_")
+                defined = sym["st_shndx"] != "SHN_UNDEF"
+                yield Symbol(name=strip_version(sym.name), address=sym["st_value"],
+                             size=sym["st_size"], type=stype.removeprefix("STT_"), bind=bind,
+                             source_file=source if bind == "LOCAL" else None, defined=defined)
+        except (_PyElfError, ValueError) as err:
+            raise ElfError(f"{self.path}: corrupt symbol table: {err}") from err
+
+    def close(self) -> None:
+        """Releases the file mapping."""
+        self._buf.close()
+
+    def __enter__(self) -> Binary:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- identity -------------------------------------------------------------------
+
+    def build_id(self) -> bytes:
+        """Returns the GNU build-id; raises ElfError if the binary has none."""
+        try:
+            for section in self.elf.iter_sections():
+                if section["sh_type"] != "SHT_NOTE":
+                    continue
+                for note in section.iter_notes():
+                    if note["n_type"] == "NT_GNU_BUILD_ID" and note["n_name"] == "GNU":
+                        return bytes.fromhex(note["n_desc"])
+        except (_PyElfError, ValueError) as err:
+            raise ElfError(f"{self.path}: corrupt note section: {err}") from err
+        raise ElfError(f"{self.path} has no GNU build-id note: link it with -Wl,--build-id=sha1 "
+                       f"(`patchbox config --libs`)")
+
+    @property
+    def is_pie(self) -> bool:
+        """Returns True for a position-independent executable (ET_DYN)."""
+        return self.elf["e_type"] == "ET_DYN"
+
+    # -- symbols ----------------------------------------------------------------------
+
+    def iter_symbols(self) -> Iterator[Symbol]:
+        """Returns an iterator over the named symbols of ``.symtab`` (no FILE/SECTION)."""
+        return iter(self._symbols)
+
+    def has_source_file(self, source_file: str) -> bool:
+        """Returns True if some local symbol of the binary comes from ``source_file``."""
+        return os.path.basename(source_file) in self._files
+
+    def find_symbol(self, name: str, source_file: str | None = None) -> Symbol | None:
+        """Returns the defined symbol ``name`` or None if the binary has none.
+
+        With ``source_file``, a LOCAL symbol from that file (basenames compared) is
+        preferred, then a global one; locals of other files never match. Without it, a
+        global wins, then the only local of that name. Two candidates that cannot be told
+        apart raise ExtractError naming their files.
+        """
+        if source_file is not None:
+            return self.find_local(name, source_file) or self.find_global(name)
+        sym = self.find_global(name)
+        if sym is not None:
+            return sym
+        locals_ = [s for s in self._by_name.get(name, []) if s.is_local]
+        if len(locals_) > 1:
+            raise ExtractError(self._ambiguous(name, locals_, ""))
+        return locals_[0] if locals_ else None
+
+    def find_global(self, name: str) -> Symbol | None:
+        """Returns the defined GLOBAL (or WEAK) symbol ``name`` or None."""
+        for sym in self._by_name.get(name, []):
+            if not sym.is_local:
+                return sym
+        return None
+
+    def find_local(self, name: str, source_file: str) -> Symbol | None:
+        """Returns the LOCAL symbol ``name`` defined by ``source_file`` or None.
+
+        Raises ExtractError if two files with that basename both define it.
+        """
+        mine = [s for s in self._by_name.get(name, [])
+                if s.is_local and _same_file(s.source_file, source_file)]
+        if len(mine) > 1:
+            raise ExtractError(self._ambiguous(name, mine, f" in {source_file}"))
+        return mine[0] if mine else None
+
+    def get_symbol(self, name: str, source_file: str | None = None) -> Symbol:
+        """Returns the defined symbol ``name`` (see find_symbol); raises if there is none."""
+        sym = self.find_symbol(name, source_file)
+        if sym is not None:
+            return sym
+        others = [s for s in self._by_name.get(name, []) if s.is_local]
+        if source_file is not None and others:
+            raise ExtractError(
+                f"{self.path}: no symbol {name!r} from {os.path.basename(source_file)}; "
+                f"static {name!r} exists only in "
+                f"{', '.join(sorted({s.source_file or '?' for s in others}))}")
+        raise ExtractError(f"{self.path}: no symbol {name!r}")
+
+    def iter_locals(self, source_file: str) -> Iterator[Symbol]:
+        """Returns an iterator over the defined LOCAL symbols of one source file."""
+        return (s for s in self._symbols
+                if s.defined and s.is_local and _same_file(s.source_file, source_file))
+
+    def _ambiguous(self, name: str, cands: list[Symbol], where: str) -> str:
+        files = ", ".join(f"{s.source_file or '?'} at {s.address:#x}" for s in cands)
+        return (f"{self.path}: symbol {name!r}{where} is ambiguous: static symbols of that "
+                f"name in {files}; name the source file")
+
+    # -- bytes ------------------------------------------------------------------------
+
+    def read(self, address: int, n: int) -> bytes:
+        """Returns ``n`` bytes at link-time virtual ``address`` from the PT_LOAD segments.
+
+        Bytes past a segment's file size but within its memory size (bss) read as zero;
+        a range not inside one segment raises ElfError.
+        """
+        for seg in self._segments:
+            start, memsz = seg["p_vaddr"], seg["p_memsz"]
+            if start <= address and address + n <= start + memsz:
+                rel = address - start
+                in_file = max(0, min(n, seg["p_filesz"] - rel))
+                self._buf.seek(seg["p_offset"] + rel)
+                data = self._buf.read(in_file)
+                if len(data) != in_file:
+                    raise ElfError(f"{self.path}: truncated at {address:#x}")
+                return data + bytes(n - in_file)
+        raise ElfError(f"{self.path}: [{address:#x}, +{n}) is not inside one loadable segment")
