@@ -1,0 +1,70 @@
+"""Pieces shared by the subcommands: target selection, the client, output helpers."""
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from patchbox.errors import PatchFormatError
+from patchbox.format.layout import decode_apply_body, split_patch_file
+from patchbox.format.model import Patch
+from patchbox.protocol.client import DEFAULT_TIMEOUT, Client
+
+__all__ = ["target_options", "json_option", "open_client", "client_pid", "emit_json",
+           "read_patch_file"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def target_options(func: F) -> F:
+    """Adds ``-p/--pid`` and ``-s/--socket`` (exactly one is required)."""
+    func = click.option("-s", "--socket", "socket_path", metavar="SOCKET",
+                        type=click.Path(dir_okay=False),
+                        help="Agent socket path (instead of -p).")(func)
+    func = click.option("-p", "--pid", type=click.IntRange(min=1), metavar="PID",
+                        help="Process id of the target (its socket is found from it).")(func)
+    return func
+
+
+def json_option(func: F) -> F:
+    """Adds ``--json`` (machine-readable output on stdout)."""
+    return click.option("--json", "as_json", is_flag=True, help="Print JSON.")(func)
+
+
+def open_client(pid: int | None, socket_path: str | None) -> Client:
+    """Returns an unconnected Client for ``-p`` or ``-s``; a UsageError unless exactly one."""
+    if (pid is None) == (socket_path is None):
+        raise click.UsageError("give exactly one of -p PID and -s SOCKET")
+    ctx = click.get_current_context()
+    timeout = (ctx.find_root().params.get("timeout") or DEFAULT_TIMEOUT)
+    if pid is not None:
+        return Client(pid=pid, timeout=timeout)
+    return Client(socket_path, timeout=timeout)
+
+
+def client_pid(client: Client) -> str:
+    """Returns the target's pid: the one given, else the agent's INFO ``pid``."""
+    if client.pid is not None:
+        return str(client.pid)
+    return client.info().get("pid", "?")
+
+
+def emit_json(value: Any) -> None:
+    """Prints ``value`` as indented JSON on stdout."""
+    click.echo(json.dumps(value, indent=2, sort_keys=False))
+
+
+def read_patch_file(path: str) -> tuple[Patch, bytes]:
+    """Returns (Patch, apply body) of the patch file at ``path``, header and hash checked."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as err:
+        raise PatchFormatError(f"cannot read patch file {path}: {err.strerror}") from err
+    try:
+        meta, body = split_patch_file(data)
+        return decode_apply_body(body, meta), body
+    except PatchFormatError as err:
+        raise PatchFormatError(f"{path}: {err}") from err

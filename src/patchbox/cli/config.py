@@ -1,0 +1,40 @@
+"""`patchbox config`: flags for building a patchable program (like pkg-config)."""
+from __future__ import annotations
+
+import click
+
+from patchbox import config
+
+__all__ = ["config_command"]
+
+
+@click.command("config")
+@click.option("--cflags", "want_cflags", is_flag=True, help="Compile flags of a patchable program.")
+@click.option("--libs", "want_libs", is_flag=True,
+              help="Link inputs: the agent objects, a build-info object, link flags.")
+@click.option("--preload", "want_preload", is_flag=True, help="Path of libsandbox.so for LD_PRELOAD.")
+@click.option("--app-version", metavar="V", help="Version recorded by --libs [$PATCHBOX_APP_VERSION].")
+@click.option("--app-cflags", metavar="FLAGS", help="Compile flags recorded by --libs [$CFLAGS].")
+def config_command(want_cflags: bool, want_libs: bool, want_preload: bool,
+                   app_version: str | None, app_cflags: str | None) -> None:
+    """Print compile flags, link inputs or the preload library.
+
+    \b
+      gcc $(patchbox config --cflags) -c app.c
+      gcc app.o $(patchbox config --libs --app-version 1.2) -o app
+    """
+    if not (want_cflags or want_libs or want_preload):
+        raise click.UsageError("give --cflags, --libs or --preload")
+    if want_preload and (want_cflags or want_libs):
+        raise click.UsageError("--preload cannot be combined with --cflags or --libs")
+    if (app_version is not None or app_cflags is not None) and not want_libs:
+        raise click.UsageError("--app-version and --app-cflags only apply to --libs")
+    if want_preload:
+        click.echo(str(config.preload()))
+        return
+    parts = []
+    if want_cflags:
+        parts.append(config.cflags())
+    if want_libs:
+        parts.append(config.libs(app_version, app_cflags))
+    click.echo(" ".join(parts))

@@ -1,0 +1,194 @@
+"""What `patchbox config` prints: compile flags, link inputs and the preload library.
+
+The agent build is found in ``$PATCHBOX_AGENT_DIR``, else ``<repo>/agent/build`` next to
+this source tree. ``libs()`` also generates, with the C compiler, a small object defining
+``patchbox_build_info`` (agent/include/patchbox/sandbox.h) that records the program's
+version, git revision, link date and cflags; the agent reports them in INFO.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shlex
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from patchbox.errors import ConfigError
+from patchbox.flags import LINK_FLAGS, PATCH_CFLAGS
+
+__all__ = [
+    "BUILD_INFO_MAGIC", "AGENT_OBJECTS", "BuildInfo", "agent_dir", "cflags", "libs",
+    "preload", "cache_dir", "collect_build_info", "build_info_source", "build_info_object",
+    "c_string",
+]
+
+BUILD_INFO_MAGIC = 0x50425849  # "IXBP" little-endian: struct patchbox_build_info.magic
+AGENT_OBJECTS = ("libsandbox.o", "sandbox-listen.o")
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass(frozen=True)
+class BuildInfo:
+    """The facts recorded in ``patchbox_build_info``."""
+
+    version: str
+    git: str
+    date: str
+    cflags: str
+
+
+def agent_dir() -> Path:
+    """Returns the directory holding the built agent; raises ConfigError if not built."""
+    env = os.environ.get("PATCHBOX_AGENT_DIR")
+    path = Path(env) if env else REPO_ROOT / "agent" / "build"
+    missing = [name for name in AGENT_OBJECTS if not (path / name).is_file()]
+    if missing:
+        hint = "check PATCHBOX_AGENT_DIR" if env else f"run make -C {REPO_ROOT / 'agent'}"
+        raise ConfigError(f"patchbox agent not built: {path / missing[0]} missing ({hint})")
+    return path
+
+
+def cflags() -> str:
+    """Returns the compile flags of a patchable program and of its patch objects."""
+    return " ".join(PATCH_CFLAGS)
+
+
+def preload() -> Path:
+    """Returns the path of libsandbox.so (for LD_PRELOAD); raises ConfigError if missing."""
+    path = agent_dir() / "libsandbox.so"
+    if not path.is_file():
+        raise ConfigError(f"{path} missing: run make -C {REPO_ROOT / 'agent'}")
+    return path
+
+
+def libs(app_version: str | None = None, app_cflags: str | None = None,
+         cwd: str | os.PathLike[str] | None = None) -> str:
+    """Returns the link inputs of a patchable program: agent objects, a fresh build-info
+    object and the link flags. (Paths are printed unquoted, for ``$(...)`` in make/sh.)"""
+    directory = agent_dir()
+    info = collect_build_info(app_version, app_cflags, cwd)
+    obj = build_info_object(info)
+    return " ".join([*(str(directory / name) for name in AGENT_OBJECTS), str(obj), *LINK_FLAGS])
+
+
+def cache_dir() -> Path:
+    """Returns (creating it) ``$PATCHBOX_CACHE`` or ``~/.cache/patchbox``."""
+    env = os.environ.get("PATCHBOX_CACHE")
+    path = Path(env) if env else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "patchbox"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"cannot create cache directory {path}: {err.strerror}") from err
+    return path
+
+
+def _git_revision(cwd: str | os.PathLike[str] | None) -> str:
+    """Returns ``git rev-parse HEAD`` of ``cwd`` plus ``-dirty`` if tracked files changed,
+    or ``unknown`` outside a repository (or without git)."""
+    def git(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=30)
+    try:
+        head = git("rev-parse", "--verify", "HEAD")
+        if head.returncode != 0:
+            return "unknown"
+        rev = head.stdout.strip()
+        status = git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    if status.returncode == 0 and status.stdout.strip():
+        rev += "-dirty"
+    return rev
+
+
+def _now_utc() -> str:
+    """Returns the link date, UTC ISO 8601 (``SOURCE_DATE_EPOCH`` wins, for reproducible builds)."""
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    when = (datetime.fromtimestamp(int(epoch), timezone.utc) if epoch and epoch.isdigit()
+            else datetime.now(timezone.utc))
+    return when.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def collect_build_info(app_version: str | None = None, app_cflags: str | None = None,
+                       cwd: str | os.PathLike[str] | None = None) -> BuildInfo:
+    """Returns the build facts: version (option, $PATCHBOX_APP_VERSION, "unknown"), git
+    revision of ``cwd``, the date now, cflags (option, $CFLAGS, the patchbox cflags)."""
+    version = app_version if app_version is not None else os.environ.get("PATCHBOX_APP_VERSION", "unknown")
+    flags = app_cflags if app_cflags is not None else os.environ.get("CFLAGS", cflags())
+    return BuildInfo(version=version or "unknown", git=_git_revision(cwd), date=_now_utc(),
+                     cflags=flags)
+
+
+def c_string(text: str) -> str:
+    """Returns ``text`` as a C string literal (UTF-8; quotes, backslashes, ``?`` and
+    non-printable bytes escaped in 3-digit octal so no escape can swallow what follows)."""
+    out = ['"']
+    for byte in text.encode("utf-8"):
+        ch = chr(byte)
+        if ch in '"\\?':
+            out.append("\\" + ch)
+        elif 0x20 <= byte < 0x7F:
+            out.append(ch)
+        else:
+            out.append(f"\\{byte:03o}")
+    out.append('"')
+    return "".join(out)
+
+
+def build_info_source(info: BuildInfo) -> str:
+    """Returns the C source of an object defining ``patchbox_build_info``.
+
+    The struct is declared here rather than by including sandbox.h, whose declaration is
+    weak: a definition after it would be weak too.
+    """
+    return f"""/* generated by patchbox config --libs; do not edit */
+#include <stdint.h>
+
+struct patchbox_build_info {{
+    uint32_t magic;
+    uint32_t size;
+    const char *version, *git, *date, *cflags;
+}};
+
+__attribute__((visibility("default")))
+const struct patchbox_build_info patchbox_build_info = {{
+    .magic = {BUILD_INFO_MAGIC:#x}u,
+    .size = sizeof(struct patchbox_build_info),
+    .version = {c_string(info.version)},
+    .git = {c_string(info.git)},
+    .date = {c_string(info.date)},
+    .cflags = {c_string(info.cflags)},
+}};
+"""
+
+
+def build_info_object(info: BuildInfo) -> Path:
+    """Returns the path of a compiled build-info object for ``info``, named by the hash
+    of its source (so concurrent builds never clash) in :func:`cache_dir`."""
+    source = build_info_source(info)
+    digest = hashlib.sha256(source.encode()).hexdigest()[:20]
+    directory = cache_dir()
+    obj = directory / f"build-info-{digest}.o"
+    if obj.is_file():
+        return obj
+    cc = shlex.split(os.environ.get("CC") or "gcc")
+    fd, tmp_obj = tempfile.mkstemp(prefix=f".build-info-{digest}-", suffix=".o", dir=directory)
+    os.close(fd)
+    c_file = Path(tmp_obj).with_suffix(".c")
+    try:
+        c_file.write_text(source)
+        cmd = [*cc, "-c", "-fPIC", "-O0", "-x", "c", str(c_file), "-o", tmp_obj]
+        try:
+            result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        except FileNotFoundError as err:
+            raise ConfigError(f"C compiler {cc[0]!r} not found (set CC)") from err
+        if result.returncode != 0:
+            first = (result.stderr.strip().splitlines() or ["no output"])[0]
+            raise ConfigError(f"compiling the build-info object failed: {first}")
+        os.replace(tmp_obj, obj)  # atomic: a concurrent build writes identical bytes
+    finally:
+        c_file.unlink(missing_ok=True)
+        Path(tmp_obj).unlink(missing_ok=True)
+    return obj

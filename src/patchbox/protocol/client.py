@@ -1,0 +1,278 @@
+"""The wire protocol client: framing, agent socket discovery and typed requests.
+
+One :class:`Client` is one connection to one agent (docs/protocol.md). Requests are sent
+one at a time; each reply must carry the request's ``seq`` and the type ``id | REPLY_BIT``.
+
+Errors: the agent's refusals raise :class:`AgentError`; replies that do not follow the
+protocol raise :class:`ProtocolError`; a socket that cannot be found, reached or read in
+time raises :class:`ConnectError`.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import struct
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from patchbox.errors import ConnectError, ProtocolError
+from patchbox.format.codec import Reader, Writer
+from patchbox.protocol import constants as C
+from patchbox.protocol.constants import ErrorCode, Msg
+from patchbox.protocol.replies import (AppliedPatch, ApplyResult, PatchFunction, TestResult,
+                                       check_status, decode_reply)
+
+__all__ = [
+    "FRAME", "DEFAULT_TIMEOUT", "SOCKET_PREFIX", "Client", "AppliedPatch", "PatchFunction",
+    "ApplyResult", "TestResult", "encode_frame", "decode_header", "socket_path_for_pid",
+]
+
+# magic, version, type, seq, length
+FRAME = struct.Struct("<IHHII")
+assert FRAME.size == C.HEADER_SIZE
+DEFAULT_TIMEOUT = 10.0
+SOCKET_PREFIX = "sandbox-sock"
+LINK_HINT = "is the program linked with `patchbox config --libs` (or run with LD_PRELOAD=$(patchbox config --preload))?"
+
+# Errors the agent may send about the connection itself rather than about the request
+# (a refused peer, a frame it could not read): accepted whatever the reply's type/seq.
+CONNECTION_ERRORS = frozenset({ErrorCode.PERMISSION, ErrorCode.BAD_MAGIC, ErrorCode.BAD_VERSION,
+                               ErrorCode.TOO_LARGE, ErrorCode.UNKNOWN_MESSAGE})
+
+
+def encode_frame(msg_type: int, seq: int, payload: bytes = b"") -> bytes:
+    """Returns the frame (header + payload) of one request."""
+    if len(payload) > C.MAX_PAYLOAD:
+        raise ProtocolError(
+            f"request of {len(payload)} bytes exceeds the protocol maximum of {C.MAX_PAYLOAD}")
+    return FRAME.pack(C.MAGIC, C.VERSION, msg_type, seq & 0xFFFFFFFF, len(payload)) + payload
+
+
+def decode_header(header: bytes) -> tuple[int, int, int]:
+    """Returns (type, seq, length) of a reply header; raises ProtocolError if invalid."""
+    if len(header) != C.HEADER_SIZE:
+        raise ProtocolError(f"reply header is {len(header)} bytes, expected {C.HEADER_SIZE}")
+    magic, version, msg_type, seq, length = FRAME.unpack(header)
+    if magic != C.MAGIC:
+        raise ProtocolError(f"reply has bad magic {magic:#010x} (expected {C.MAGIC:#010x}): "
+                            "is this a patchbox agent socket?")
+    if version != C.VERSION:
+        raise ProtocolError(f"reply has protocol version {version}, this client speaks {C.VERSION}")
+    if length > C.MAX_PAYLOAD:
+        raise ProtocolError(f"reply length {length} exceeds the protocol maximum of {C.MAX_PAYLOAD}")
+    return msg_type, seq, length
+
+
+def _read_environ(pid: int, key: str) -> str | None:
+    """Returns ``key`` from the target's initial environment, or None if unknown."""
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return None
+    prefix = key.encode() + b"="
+    for item in raw.split(b"\0"):
+        if item.startswith(prefix):
+            return os.fsdecode(item[len(prefix):])
+    return None
+
+
+def socket_path_for_pid(pid: int) -> Path:
+    """Returns the agent socket path of process ``pid``.
+
+    The directory is, in order: ``PATCHBOX_SOCK_DIR`` of this process, ``PATCHBOX_SOCK_DIR``
+    in the target's environment (what the agent itself honours), the directory of the
+    target's executable. Raises ConnectError if the process cannot be inspected.
+    """
+    if pid <= 0:
+        raise ConnectError(f"invalid pid {pid}")
+    name = f"{SOCKET_PREFIX}{pid}"
+    sock_dir = os.environ.get("PATCHBOX_SOCK_DIR") or _read_environ(pid, "PATCHBOX_SOCK_DIR")
+    if sock_dir:
+        return Path(sock_dir) / name
+    try:
+        exe = os.readlink(f"/proc/{pid}/exe")
+    except FileNotFoundError as err:
+        raise ConnectError(f"no process with pid {pid}") from err
+    except PermissionError as err:
+        raise ConnectError(f"cannot inspect pid {pid} (/proc/{pid}/exe: permission denied): "
+                           "run as root or as the process's user, or pass -s SOCKET") from err
+    except OSError as err:
+        raise ConnectError(f"cannot inspect pid {pid}: /proc/{pid}/exe: {err.strerror}") from err
+    # An executable replaced on disk (an upgrade) still has its directory.
+    exe = exe.removesuffix(" (deleted)")
+    return Path(exe).parent / name
+
+
+class Client:
+    """One connection to a patchbox agent; use as a context manager.
+
+    ``Client(socket_path)`` or ``Client(pid=PID)``; the socket of a pid is found with
+    :func:`socket_path_for_pid`. ``timeout`` (seconds) bounds connect and each reply.
+    """
+
+    def __init__(self, socket_path: str | os.PathLike[str] | None = None, *,
+                 pid: int | None = None, timeout: float = DEFAULT_TIMEOUT) -> None:
+        if (socket_path is None) == (pid is None):
+            raise ValueError("give exactly one of socket_path and pid")
+        self.pid = pid
+        self.path = Path(socket_path) if socket_path is not None else socket_path_for_pid(pid)
+        self.timeout = timeout
+        self.sock: socket.socket | None = None
+        self.seq = 0
+
+    # -- connection ---------------------------------------------------------------
+
+    def _where(self) -> str:
+        return f"pid {self.pid} at {self.path}" if self.pid is not None else str(self.path)
+
+    def connect(self) -> "Client":
+        """Returns self after connecting (no-op if connected); raises ConnectError."""
+        if self.sock is not None:
+            return self
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(os.fspath(self.path))
+        except FileNotFoundError as err:
+            sock.close()
+            raise ConnectError(f"no agent socket for {self._where()}: {LINK_HINT}") from err
+        except ConnectionRefusedError as err:
+            sock.close()
+            raise ConnectError(f"agent socket {self.path} refuses connections: "
+                               "the process has exited or its agent is not running") from err
+        except PermissionError as err:
+            sock.close()
+            raise ConnectError(f"permission denied connecting to {self.path}: "
+                               "run as root or as the process's user") from err
+        except socket.timeout as err:
+            sock.close()
+            raise ConnectError(f"timed out after {self.timeout:g} s connecting to {self.path}") from err
+        except OSError as err:
+            sock.close()
+            if err.errno == errno.ENOTSOCK or err.errno == errno.ECONNREFUSED:
+                raise ConnectError(f"{self.path} is not an agent socket") from err
+            raise ConnectError(f"cannot connect to {self.path}: {err.strerror or err}") from err
+        self.sock = sock
+        return self
+
+    def close(self) -> None:
+        """Closes the connection (idempotent)."""
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+    def __enter__(self) -> "Client":
+        return self.connect()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    # -- framing ------------------------------------------------------------------
+
+    def _recv_exact(self, n: int, what: str) -> bytes:
+        assert self.sock is not None
+        chunks: list[bytes] = []
+        got = 0
+        while got < n:
+            try:
+                chunk = self.sock.recv(min(n - got, 1 << 20))
+            except socket.timeout as err:
+                self.close()
+                raise ConnectError(f"no reply from the agent at {self.path} within "
+                                   f"{self.timeout:g} s") from err
+            except OSError as err:
+                self.close()
+                raise ConnectError(f"connection to {self.path} lost: {err.strerror or err}") from err
+            if not chunk:
+                self.close()
+                if got == 0 and what == "header":
+                    raise ProtocolError(f"the agent at {self.path} closed the connection without replying")
+                raise ProtocolError(f"reply truncated: {what} has {got} of {n} bytes, "
+                                    "then the agent closed the connection")
+            chunks.append(chunk)
+            got += len(chunk)
+        return b"".join(chunks)
+
+    def _read_reply(self) -> tuple[int, int, bytes]:
+        msg_type, seq, length = decode_header(self._recv_exact(C.HEADER_SIZE, "header"))
+        return msg_type, seq, self._recv_exact(length, "payload")
+
+    def request(self, msg: Msg, payload: bytes = b"") -> Any:
+        """Returns the decoded reply to one request (see replies.DECODERS)."""
+        frame = encode_frame(msg, self.seq + 1, payload)
+        self.connect()
+        assert self.sock is not None
+        self.seq = (self.seq + 1) & 0xFFFFFFFF
+        try:
+            self.sock.sendall(frame)
+        except socket.timeout as err:
+            self.close()
+            raise ConnectError(f"timed out after {self.timeout:g} s sending to {self.path}") from err
+        except (BrokenPipeError, ConnectionResetError) as err:
+            # The agent may have refused us (PERMISSION) and closed: read its reason.
+            try:
+                self._read_connection_error()
+            finally:
+                self.close()
+            raise ConnectError(f"the agent at {self.path} closed the connection") from err
+        except OSError as err:
+            self.close()
+            raise ConnectError(f"cannot send to {self.path}: {err.strerror or err}") from err
+        msg_type, seq, reply = self._read_reply()
+        if msg_type != (msg | C.REPLY_BIT) or seq != self.seq:
+            self._raise_connection_error(reply)
+            if msg_type != (msg | C.REPLY_BIT):
+                raise ProtocolError(f"reply type {msg_type:#x} does not answer {Msg(msg).name} "
+                                    f"(expected {msg | C.REPLY_BIT:#x})")
+            raise ProtocolError(f"reply seq {seq} does not match request seq {self.seq}")
+        return decode_reply(msg, reply)
+
+    def _read_connection_error(self) -> None:
+        """Raises the agent's pending error reply, if one can be read; else returns."""
+        try:
+            _type, _seq, reply = self._read_reply()
+        except (ProtocolError, ConnectError):
+            return
+        self._raise_connection_error(reply)
+
+    @staticmethod
+    def _raise_connection_error(reply: bytes) -> None:
+        """Raises AgentError if ``reply`` is a connection-level error reply; else returns."""
+        r = Reader(reply, ProtocolError, "reply")
+        try:
+            status = r.i32("status")
+            if status not in CONNECTION_ERRORS:
+                return
+            r.pos = 0
+            check_status(r)
+        except ProtocolError:
+            return
+
+    # -- messages -----------------------------------------------------------------
+
+    def info(self) -> dict[str, str]:
+        """Returns the agent's INFO key/value facts (docs/protocol.md INFO)."""
+        return self.request(Msg.INFO)
+
+    def list(self) -> list[AppliedPatch]:
+        """Returns the applied patches, in the order they were applied."""
+        return self.request(Msg.LIST)
+
+    def apply(self, body: bytes) -> ApplyResult:
+        """Returns where the agent placed the patch whose apply body is ``body`` (sent as is)."""
+        return self.request(Msg.APPLY, bytes(body))
+
+    def remove(self, name: str) -> None:
+        """Removes the applied patch ``name``."""
+        self.request(Msg.REMOVE, bytes(Writer().str(name)))
+
+    def test(self) -> TestResult:
+        """Returns (passed, detail) of the agent's self-test."""
+        return self.request(Msg.TEST)
+
+    def debug(self, on: bool) -> None:
+        """Turns the agent's verbose debug output on or off."""
+        self.request(Msg.DEBUG, bytes(Writer().u8(1 if on else 0)))

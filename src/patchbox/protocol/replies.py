@@ -1,0 +1,139 @@
+"""Reply payload layouts of the wire protocol (docs/protocol.md "Reply payload", "Messages").
+
+Every reply payload starts with an ``i32 status``; a non-zero status is followed by one
+``str message`` and raises :class:`patchbox.errors.AgentError`. An OK status is followed by
+the message-specific fields decoded here. Any overrun, bad count or trailing byte raises
+:class:`patchbox.errors.ProtocolError` naming the field.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, NamedTuple
+
+from patchbox.errors import AgentError, ProtocolError
+from patchbox.format.codec import Reader
+from patchbox.protocol.constants import ErrorCode, Msg
+
+__all__ = [
+    "PatchFunction", "AppliedPatch", "ApplyResult", "TestResult",
+    "check_status", "decode_reply", "DECODERS",
+]
+
+
+@dataclass(frozen=True)
+class PatchFunction:
+    """One redirected function of an applied patch (absolute addresses in the process)."""
+
+    symbol: str
+    target: int  # absolute address of the original function
+    new: int  # absolute address of the replacement entry
+    new_size: int
+
+
+@dataclass(frozen=True)
+class AppliedPatch:
+    """One entry of a LIST reply."""
+
+    name: str
+    id: int
+    applied_at: int  # unix time, nanoseconds
+    text_addr: int
+    text_size: int
+    data_addr: int
+    data_size: int
+    functions: list[PatchFunction] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        """Returns a JSON-ready dict of this entry."""
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class ApplyResult:
+    """The APPLY reply: the id the agent gave the patch and where it was placed."""
+
+    id: int
+    text_addr: int
+    data_addr: int
+
+
+class TestResult(NamedTuple):
+    """The TEST reply; unpacks as ``(passed, detail)``."""
+
+    passed: bool
+    detail: str
+
+
+def check_status(r: Reader) -> None:
+    """Reads the status; returns if OK, raises AgentError(code, message) otherwise."""
+    status = r.i32("status")
+    if status == ErrorCode.OK:
+        return
+    message = r.str("message")
+    r.end()
+    raise AgentError(status, message)
+
+
+def _empty(r: Reader) -> None:
+    return None
+
+
+def _info(r: Reader) -> dict[str, str]:
+    return r.kv("info")
+
+
+def _list(r: Reader) -> list[AppliedPatch]:
+    count = r.u32("count")
+    # Each entry is at least 2+4+8+8+4+8+4+2 bytes: refuse counts the payload cannot hold
+    # before looping (a garbage count must not spin for 4 billion iterations).
+    if count * 40 > r.remaining():
+        raise ProtocolError(f"LIST reply: count {count} overruns the {r.remaining()}-byte payload")
+    patches = []
+    for i in range(count):
+        name = r.str(f"patch[{i}].name")
+        pid = r.u32(f"patch[{i}].id")
+        applied_at = r.u64(f"patch[{i}].applied_at")
+        text_addr = r.u64(f"patch[{i}].text_addr")
+        text_size = r.u32(f"patch[{i}].text_size")
+        data_addr = r.u64(f"patch[{i}].data_addr")
+        data_size = r.u32(f"patch[{i}].data_size")
+        nfuncs = r.u16(f"patch[{i}].nfuncs")
+        funcs = []
+        for j in range(nfuncs):
+            where = f"patch[{i}].function[{j}]"
+            funcs.append(PatchFunction(r.str(f"{where}.symbol"), r.u64(f"{where}.target"),
+                                       r.u64(f"{where}.new"), r.u32(f"{where}.new_size")))
+        patches.append(AppliedPatch(name, pid, applied_at, text_addr, text_size,
+                                    data_addr, data_size, funcs))
+    return patches
+
+
+def _apply(r: Reader) -> ApplyResult:
+    return ApplyResult(r.u32("id"), r.u64("text_addr"), r.u64("data_addr"))
+
+
+def _test(r: Reader) -> TestResult:
+    passed = r.u8("passed")
+    if passed not in (0, 1):
+        raise ProtocolError(f"TEST reply: passed = {passed}, expected 0 or 1")
+    return TestResult(bool(passed), r.str("detail"))
+
+
+# The reply layout of each message, as data (one decoder per message id).
+DECODERS: dict[Msg, Callable[[Reader], Any]] = {
+    Msg.INFO: _info,
+    Msg.LIST: _list,
+    Msg.APPLY: _apply,
+    Msg.REMOVE: _empty,
+    Msg.TEST: _test,
+    Msg.DEBUG: _empty,
+}
+
+
+def decode_reply(msg: Msg, payload: bytes) -> Any:
+    """Returns the decoded OK reply to ``msg``; raises AgentError or ProtocolError."""
+    r = Reader(payload, ProtocolError, f"{Msg(msg).name} reply")
+    check_status(r)
+    result = DECODERS[Msg(msg)](r)
+    r.end()
+    return result

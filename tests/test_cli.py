@@ -1,0 +1,297 @@
+"""Tests of the `patchbox` command line: show, config, error reporting."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner, Result
+
+from patchbox import config
+from patchbox.cli.main import cli
+from patchbox.flags import LINK_FLAGS, PATCH_CFLAGS
+from patchbox.format.layout import save_patch
+from patchbox.format.model import Fixup, Function, Patch
+from patchbox.protocol.constants import FixupBase, FixupSection, FixupType
+
+BUILD_ID = bytes.fromhex("0123456789abcdef0123456789abcdef01234567")
+# 6 NOPs of padding, the 2-NOP entry, mov eax, 42; ret; then an 8-byte import slot
+TEXT = b"\x90" * 8 + b"\xb8\x2a\x00\x00\x00\xc3" + bytes(8)
+
+
+def make_patch() -> Patch:
+    return Patch(
+        name="answer-42", build_id=BUILD_ID, text=TEXT, bss_size=16, data=b"\x01\x00\x00\x00",
+        functions=[Function("compute", 0x1139, 6, 8, b"\x90" * 8)],
+        fixups=[Fixup(FixupSection.TEXT, FixupType.PC32, FixupBase.EXE, 9, 0x4010 - 4),
+                Fixup(FixupSection.TEXT, FixupType.ABS64, FixupBase.IMPORT, 14, 0, "puts"),
+                Fixup(FixupSection.TEXT, FixupType.PC32, FixupBase.EXE, 10, 0x4020 - 4)],
+        meta={"tool": "test", "source:compute": "app.c"},
+    )
+
+
+@pytest.fixture
+def patch_file(tmp_path: Path) -> Path:
+    path = tmp_path / "answer.pbx"
+    save_patch(make_patch(), path)
+    return path
+
+
+def run(*args: str, env: dict[str, str] | None = None) -> Result:
+    return CliRunner(mix_stderr=False).invoke(cli, list(args), env=env, catch_exceptions=False)
+
+
+def assert_one_error_line(result: Result, *fragments: str) -> None:
+    assert result.exit_code == 1, (result.stdout, result.stderr)
+    assert result.stderr.startswith("patchbox: error: ")
+    assert result.stderr.count("\n") == 1 and result.stderr.endswith("\n")
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in result.stderr
+
+
+# -- show -----------------------------------------------------------------------------------
+
+def test_show(patch_file: Path) -> None:
+    result = run("show", str(patch_file))
+    assert result.exit_code == 0, result.stderr
+    out = result.stdout
+    assert "patch     answer-42" in out
+    assert f"build-id  {BUILD_ID.hex()}" in out
+    assert "text 22, data 4, bss 16" in out
+    assert "compute  target 0x1139  replacement text+0x6, 8 bytes" in out
+    assert "fix-ups   3 (ABS64 IMPORT 1, PC32 EXE 2)" in out
+    assert "imports   puts" in out
+    assert "source:compute  app.c" in out
+    lines = out.splitlines()
+    mov = next(line for line in lines if "mov" in line)
+    assert "b8 2a 00 00 00" in mov and "eax, 0x2a" in mov and "PC32 EXE 0x400c" in mov
+    assert any(line.strip().endswith("ret") for line in lines)
+    assert sum(1 for line in lines if line.strip().endswith("nop")) == 2
+
+
+def test_show_json(patch_file: Path) -> None:
+    result = run("show", "--json", str(patch_file))
+    assert result.exit_code == 0, result.stderr
+    d = json.loads(result.stdout)
+    assert d["name"] == "answer-42" and d["build_id"] == BUILD_ID.hex()
+    assert (d["text_size"], d["data_size"], d["bss_size"]) == (22, 4, 16)
+    assert d["fixups"] == {"total": 3, "by_kind": {"ABS64 IMPORT": 1, "PC32 EXE": 2}}
+    assert d["imports"] == ["puts"]
+    assert d["meta"] == {"tool": "test", "source:compute": "app.c"}
+    (fn,) = d["functions"]
+    assert (fn["symbol"], fn["target"], fn["new_offset"], fn["new_size"]) == ("compute", 0x1139, 6, 8)
+    assert [(i["offset"], i["mnemonic"]) for i in fn["disassembly"]] == [
+        (6, "nop"), (7, "nop"), (8, "mov"), (13, "ret")]
+    assert fn["disassembly"][2]["bytes"] == "b82a000000"
+    assert len(fn["disassembly"][2]["fixups"]) == 2
+
+
+# -- errors ---------------------------------------------------------------------------------
+
+def test_show_missing_file(tmp_path: Path) -> None:
+    assert_one_error_line(run("show", str(tmp_path / "nope.pbx")), "cannot read patch file",
+                          "nope.pbx")
+
+
+def test_show_corrupt_file(patch_file: Path) -> None:
+    data = bytearray(patch_file.read_bytes())
+    data[-3] ^= 0x01  # one flipped bit in the payload
+    patch_file.write_bytes(bytes(data))
+    assert_one_error_line(run("show", str(patch_file)), "integrity hash mismatch", str(patch_file))
+
+
+def test_apply_corrupt_file_sends_nothing(patch_file: Path, tmp_path: Path) -> None:
+    data = bytearray(patch_file.read_bytes())
+    data[70] ^= 0xFF
+    patch_file.write_bytes(bytes(data))
+    # the socket does not exist: the file must be refused before connecting
+    assert_one_error_line(run("apply", "-s", str(tmp_path / "sock"), str(patch_file)),
+                          "integrity hash mismatch")
+
+
+def test_not_a_patch_file(tmp_path: Path) -> None:
+    path = tmp_path / "x.pbx"
+    path.write_bytes(b"\x7fELF" + bytes(100))
+    assert_one_error_line(run("show", str(path)), "not a patchbox patch file")
+
+
+@pytest.mark.parametrize("command", [["info"], ["list"], ["test"], ["debug", "on"],
+                                     ["remove", "x"]])
+def test_no_such_pid(command: list[str]) -> None:
+    assert_one_error_line(run(*command, "-p", str(2 ** 22 + 4321)), "no process with pid")
+
+
+def test_no_socket(tmp_path: Path, patch_file: Path) -> None:
+    sock = tmp_path / "sandbox-sock1"
+    assert_one_error_line(run("apply", "-s", str(sock), str(patch_file)), "no agent socket",
+                          str(sock), "patchbox config --libs")
+
+
+def test_pid_without_agent() -> None:
+    """A live process with no agent: the message names the pid and the expected socket."""
+    pid = os.getpid()
+    result = run("info", "-p", str(pid), env={"PATCHBOX_SOCK_DIR": "/nonexistent-dir"})
+    assert_one_error_line(result, f"no agent socket for pid {pid} at /nonexistent-dir/sandbox-sock{pid}")
+
+
+@pytest.mark.parametrize("args", [["info"], ["info", "-p", "1", "-s", "/x"], ["debug", "-p", "1", "maybe"],
+                                  ["config"], ["config", "--cflags", "--preload"]])
+def test_usage_errors_exit_2(args: list[str]) -> None:
+    assert run(*args).exit_code == 2
+
+
+def test_version() -> None:
+    result = run("--version")
+    assert result.exit_code == 0 and result.stdout.startswith("patchbox, version ")
+
+
+def test_main_entry_point_as_subprocess(tmp_path: Path) -> None:
+    """The console script itself: exit status and a single stderr line."""
+    exe = Path(__file__).resolve().parent.parent / ".venv" / "bin" / "patchbox"
+    if not exe.exists():
+        pytest.skip("console script not installed")
+    proc = subprocess.run([str(exe), "show", str(tmp_path / "missing.pbx")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 1
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("patchbox: error: ")
+
+
+# -- config ---------------------------------------------------------------------------------
+
+def test_config_cflags() -> None:
+    result = run("config", "--cflags")
+    assert result.exit_code == 0
+    assert result.stdout.split() == PATCH_CFLAGS
+
+
+@pytest.fixture
+def fake_agent_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An agent dir with placeholder objects (for what `--libs` prints) and a private cache."""
+    directory = tmp_path / "agent-build"
+    directory.mkdir()
+    for name in ("libsandbox.o", "sandbox-listen.o", "libsandbox.so"):
+        (directory / name).write_bytes(b"")
+    monkeypatch.setenv("PATCHBOX_AGENT_DIR", str(directory))
+    monkeypatch.setenv("PATCHBOX_CACHE", str(tmp_path / "cache"))
+    return directory
+
+
+def test_config_libs_layout(fake_agent_dir: Path, tmp_path: Path) -> None:
+    result = run("config", "--libs")
+    assert result.exit_code == 0, result.stderr
+    words = result.stdout.split()
+    assert words[:2] == [str(fake_agent_dir / "libsandbox.o"), str(fake_agent_dir / "sandbox-listen.o")]
+    assert Path(words[2]).parent == tmp_path / "cache" and Path(words[2]).is_file()
+    assert words[3:] == LINK_FLAGS
+    both = run("config", "--cflags", "--libs").stdout.split()
+    assert both[:len(PATCH_CFLAGS)] == PATCH_CFLAGS
+
+
+def test_config_preload_fake(fake_agent_dir: Path) -> None:
+    result = run("config", "--preload")
+    assert (result.exit_code, result.stdout) == (0, f"{fake_agent_dir / 'libsandbox.so'}\n")
+
+
+def test_config_agent_not_built(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATCHBOX_AGENT_DIR", str(tmp_path / "empty"))
+    assert_one_error_line(run("config", "--libs"), "agent not built", "PATCHBOX_AGENT_DIR")
+    assert_one_error_line(run("config", "--preload"), "agent not built")
+
+
+READER_C = r"""
+#include <stdio.h>
+#include <stdint.h>
+struct patchbox_build_info { uint32_t magic, size; const char *version, *git, *date, *cflags; };
+extern const struct patchbox_build_info patchbox_build_info;
+int main(void) {
+    const struct patchbox_build_info *b = &patchbox_build_info;
+    printf("%08x %u\n%s\n%s\n%s\n%s\n", b->magic, b->size, b->version, b->git, b->date, b->cflags);
+    return 0;
+}
+"""
+
+
+def build_and_read(obj: Path, tmp_path: Path) -> list[str]:
+    """Returns the lines a program linked with the build-info ``obj`` prints about it."""
+    src = tmp_path / "reader.c"
+    src.write_text(READER_C)
+    exe = tmp_path / "reader"
+    subprocess.run(["gcc", "-fPIE", "-pie", str(src), str(obj), "-o", str(exe)], check=True,
+                   capture_output=True)
+    out = subprocess.run([str(exe)], check=True, capture_output=True).stdout.decode("utf-8")
+    return out.split("\n")
+
+
+def test_build_info_object(fake_agent_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # not a git repository
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    tricky = 'v1.2 "rc" \\path ??= é\ttab'
+    result = run("config", "--libs", "--app-version", tricky, "--app-cflags", "-O2 -DX=\"y\"")
+    assert result.exit_code == 0, result.stderr
+    obj = Path(result.stdout.split()[2])
+    symbols = subprocess.run(["nm", str(obj)], check=True, capture_output=True, text=True).stdout
+    (line,) = [s for s in symbols.splitlines() if s.endswith(" patchbox_build_info")]
+    assert line.split()[1] in {"D", "R"}  # defined, global, not weak
+    assert build_and_read(obj, tmp_path) == [
+        "50425849 40", tricky, "unknown", "2023-11-14T22:13:20Z", '-O2 -DX="y"', ""]
+
+
+def test_build_info_defaults_and_git(fake_agent_dir: Path, tmp_path: Path,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    (repo / "a.c").write_text("int x;\n")
+    subprocess.run([*git, "add", "a.c"], check=True)
+    subprocess.run([*git, "commit", "-qm", "one"], check=True)
+    head = subprocess.run([*git, "rev-parse", "HEAD"], check=True, capture_output=True,
+                          text=True).stdout.strip()
+    monkeypatch.chdir(repo)
+    monkeypatch.setenv("PATCHBOX_APP_VERSION", "9.9")
+    monkeypatch.delenv("CFLAGS", raising=False)
+    info = config.collect_build_info()
+    assert (info.version, info.git, info.cflags) == ("9.9", head, " ".join(PATCH_CFLAGS))
+    (repo / "untracked.c").write_text("")
+    assert config.collect_build_info().git == head  # untracked files do not make it dirty
+    (repo / "a.c").write_text("int y;\n")
+    monkeypatch.setenv("CFLAGS", "-O1")
+    info = config.collect_build_info()
+    assert (info.git, info.cflags) == (head + "-dirty", "-O1")
+    lines = build_and_read(config.build_info_object(info), tmp_path)
+    assert lines[1:3] == ["9.9", head + "-dirty"] and lines[4] == "-O1"
+
+
+def test_build_info_object_is_cached_by_content(fake_agent_dir: Path) -> None:
+    info = config.BuildInfo("1", "g", "2024-01-01T00:00:00Z", "-O2")
+    first = config.build_info_object(info)
+    assert config.build_info_object(info) == first
+    other = config.build_info_object(config.BuildInfo("2", "g", "2024-01-01T00:00:00Z", "-O2"))
+    assert other != first and other.is_file()
+
+
+def test_c_string() -> None:
+    assert config.c_string('a"b\\c?\n\x01é') == '"a\\"b\\\\c\\?\\012\\001\\303\\251"'
+
+
+# -- with the real agent build ---------------------------------------------------------------
+
+def test_config_with_real_agent(agent_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATCHBOX_AGENT_DIR", str(agent_dir))
+    monkeypatch.setenv("PATCHBOX_CACHE", str(tmp_path / "cache"))
+    preload = run("config", "--preload")
+    assert preload.exit_code == 0, preload.stderr
+    assert Path(preload.stdout.strip()) == agent_dir / "libsandbox.so"
+    libs = run("config", "--libs", "--app-version", "3.1")
+    assert libs.exit_code == 0, libs.stderr
+    cflags = run("config", "--cflags").stdout.split()
+    src = tmp_path / "app.c"
+    src.write_text("int compute(int x) { return x + 1; }\nint main(void) { return compute(-1); }\n")
+    exe = tmp_path / "app"
+    subprocess.run(["gcc", "-O2", "-fPIE", "-pie", *cflags, str(src), "-o", str(exe),
+                    *libs.stdout.split()], check=True, capture_output=True)
+    symbols = subprocess.run(["nm", str(exe)], check=True, capture_output=True, text=True).stdout
+    assert any(s.endswith(" patchbox_build_info") and s.split()[1] in "DR" for s in symbols.splitlines())
