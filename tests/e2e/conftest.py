@@ -1,92 +1,14 @@
 """Real-process fixtures: build the target with the agent linked, start it, talk to it."""
 from __future__ import annotations
 
-import os
-import select
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
-from helpers import AGENT_DIR, ROOT, compile_c  # noqa: F401  (re-exported)
+from helpers import AGENT_DIR, ROOT, compile_c
+from live import Target, render
 
-HERE = Path(__file__).resolve().parent
-ORIGINAL = {
-    "USE_HELPER": "scale(x) + 1",
-    "BUMP_STEP": "1",
-    "GREETING": "hello",
-    "FMT": "value=%d",
-    "PAIR_A": "1",
-    "PAIR_B": "2",
-    "STACKED": "100",
-    "EXTRA": "",
-}
-
-
-def render(**changes: str) -> str:
-    """Returns target.c with its @MARKERS@ filled, ORIGINAL overridden by ``changes``."""
-    src = (HERE / "target.c").read_text()
-    for key, value in {**ORIGINAL, **changes}.items():
-        src = src.replace(f"@{key}@", value)
-    return src
-
-
-class Target:
-    """A running target process, driven through its stdin/stdout."""
-
-    def __init__(self, exe: Path, env: dict[str, str] | None = None) -> None:
-        self.exe = exe
-        self.proc = subprocess.Popen([str(exe)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True, bufsize=1,
-                                     env={**os.environ, **(env or {})})
-        self.pid = self.proc.pid
-        assert self._readline(10) == f"ready {self.pid}"
-        self.socket = exe.parent / f"sandbox-sock{self.pid}"
-        deadline = time.monotonic() + 10
-        while not self.socket.exists():
-            assert time.monotonic() < deadline, "agent socket never appeared"
-            time.sleep(0.01)
-
-    def _readline(self, timeout: float = 10) -> str:
-        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
-        assert ready, f"target {self.pid} did not answer (alive={self.alive()})"
-        return self.proc.stdout.readline().rstrip("\n")
-
-    def call(self, name: str, arg: int = 0) -> str:
-        """Returns the target's answer to calling ``name(arg)``."""
-        self.proc.stdin.write(f"{name} {arg}\n")
-        self.proc.stdin.flush()
-        return self._readline()
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def code_snapshot(self) -> dict[int, bytes]:
-        """Returns {start: bytes} of every executable mapping of the target's executable."""
-        out = {}
-        exe = os.path.realpath(self.exe)
-        with open(f"/proc/{self.pid}/maps") as maps, open(f"/proc/{self.pid}/mem", "rb") as mem:
-            for line in maps:
-                parts = line.split()
-                if len(parts) >= 6 and "x" in parts[1] and parts[5] == exe:
-                    start, end = (int(v, 16) for v in parts[0].split("-"))
-                    mem.seek(start)
-                    out[start] = mem.read(end - start)
-        assert out, "no executable mapping found"
-        return out
-
-    def read(self, addr: int, n: int) -> bytes:
-        with open(f"/proc/{self.pid}/mem", "rb") as mem:
-            mem.seek(addr)
-            return mem.read(n)
-
-    def stop(self) -> None:
-        if self.alive():
-            self.proc.kill()
-        self.proc.wait(5)
-        for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
-            stream.close()
+__all__ = ["AGENT_DIR", "ROOT", "compile_c"]
 
 
 @pytest.fixture(scope="session")

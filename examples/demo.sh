@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The README demo: build a service with a visible bug, start it, live-patch the fix in,
+# watch the answers change, take the patch out again. Nothing is restarted.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+export PATH="$root/.venv/bin:$PATH"
+cd "$root/examples/leapyear"
+
+say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+run() { printf '$ %s\n' "$*"; "$@"; }
+show_answers() { sleep 1.3; tail -n 4 service.out | sed 's/^/   service> /'; }
+
+say "Build the service with the agent linked (make uses patchbox config --cflags/--libs)"
+make -s clean all
+./service 0.25 >service.out 2>service.err &
+pid=$!
+trap 'kill $pid 2>/dev/null || true' EXIT
+for _ in $(seq 100); do [ -S "sandbox-sock$pid" ] && break; sleep 0.05; done
+
+say "The running service (pid $pid) has a bug: 1900 is not a leap year"
+show_answers
+
+say "Extract the fixed describe_year() from the fixed object and look at the patch"
+run extract-patch --function describe_year --name leapfix service-fixed.o ./service -o leapfix.pbx
+run patchbox show leapfix.pbx | head -n 20
+
+say "Apply it to the running process"
+run patchbox apply -p "$pid" leapfix.pbx
+run patchbox list -p "$pid"
+show_answers
+grep -q "1900 is not a leap year" <(tail -n 4 service.out) && echo "   -> fixed, without a restart"
+
+say "Remove it: the original code is back"
+run patchbox remove -p "$pid" leapfix
+show_answers
+
+say "What the agent knows about the process"
+run patchbox info -p "$pid"
+run patchbox test -p "$pid"
+kill "$pid"
+echo
+echo "demo done: the service ran throughout as pid $pid"

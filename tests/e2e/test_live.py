@@ -1,0 +1,179 @@
+"""Live patching of a real running process, observed from outside (tier 2: `-m process`).
+
+Every test starts a real target with the agent linked, changes its behaviour through the
+socket with the real CLI, and checks what the process answers on its stdout.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from elftools.elf.elffile import ELFFile
+
+from patchbox.format.layout import load_patch, save_patch
+
+pytestmark = pytest.mark.process
+BIN = Path(sys.executable).parent
+
+
+def run(tool: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([str(BIN / tool), *map(str, args)], capture_output=True, text=True,
+                          timeout=60, stdin=subprocess.DEVNULL)
+    if check:
+        assert proc.returncode == 0, f"{tool} {args} failed: {proc.stderr}"
+    return proc
+
+
+def extract(obj: Path, exe: Path, *functions: str, name: str) -> Path:
+    out = obj.parent / f"{name}.pbx"
+    args = [a for f in functions for a in ("--function", f)]
+    run("extract-patch", *args, "--name", name, "-o", out, obj, exe)
+    return out
+
+
+def info(target) -> dict:
+    return json.loads(run("patchbox", "info", "-p", target.pid, "--json").stdout)
+
+
+def listing(target) -> list:
+    return json.loads(run("patchbox", "list", "-p", target.pid, "--json").stdout)
+
+
+def entry_bytes(target, symbol: str) -> bytes:
+    """Returns the 8 bytes [f-6, f+2) of ``symbol`` in the running target."""
+    with open(target.exe, "rb") as f:
+        sym = ELFFile(f).get_section_by_name(".symtab").get_symbol_by_name(symbol)[0]
+    return target.read(int(info(target)["load_bias"], 16) + sym["st_value"] - 6, 8)
+
+
+def test_target_is_pie(target_exe: Path) -> None:
+    with open(target_exe, "rb") as f:
+        assert ELFFile(f)["e_type"] == "ET_DYN"
+
+
+def test_static_helper_apply_list_remove(target, target_exe, patched_obj) -> None:
+    assert target.call("use_helper", 4) == "41"
+    before = entry_bytes(target, "use_helper")
+    assert before == b"\x90" * 8
+    pbx = extract(patched_obj(USE_HELPER="scale(x) + 2"), target_exe, "use_helper", name="helper")
+
+    run("patchbox", "apply", "-p", target.pid, pbx)
+    assert target.call("use_helper", 4) == "42"
+    assert entry_bytes(target, "use_helper") != before
+    [applied] = listing(target)
+    assert applied["name"] == "helper"
+    assert [f["symbol"] for f in applied["functions"]] == ["use_helper"]
+
+    run("patchbox", "remove", "-p", target.pid, "helper")
+    assert target.call("use_helper", 4) == "41"
+    assert entry_bytes(target, "use_helper") == before
+    assert listing(target) == []
+
+
+def test_global_keeps_running_state(target, target_exe, patched_obj) -> None:
+    assert [target.call("bump") for _ in range(3)] == ["1", "2", "3"]
+    pbx = extract(patched_obj(BUMP_STEP="100"), target_exe, "bump", name="bump100")
+    run("patchbox", "apply", "-p", target.pid, pbx)
+    assert target.call("bump") == "103"  # the program's own `counter`, not a copy
+    run("patchbox", "remove", "-p", target.pid, "bump100")
+    assert target.call("bump") == "104"
+
+
+def test_string_literal_and_snprintf(target, target_exe, patched_obj) -> None:
+    assert target.call("greet") == "hello"
+    assert target.call("fmt", 7) == "value=7"
+    obj = patched_obj(GREETING="patched greeting", FMT="v2:%d!")
+    pbx = extract(obj, target_exe, "greet", "fmt", name="strings")
+    run("patchbox", "apply", "-p", target.pid, pbx)
+    assert target.call("greet") == "patched greeting"
+    assert target.call("fmt", 7) == "v2:7!"
+    run("patchbox", "remove", "-p", target.pid, "strings")
+    assert target.call("greet") == "hello"
+    assert target.call("fmt", 7) == "value=7"
+
+
+def test_two_functions_switch_together(target, target_exe, patched_obj) -> None:
+    pbx = extract(patched_obj(PAIR_A="1000", PAIR_B="3"), target_exe, "pair_a", "pair_b",
+                  name="pair")
+    run("patchbox", "apply", "-p", target.pid, pbx)
+    assert (target.call("pair_a", 5), target.call("pair_b", 5)) == ("1005", "15")
+    run("patchbox", "remove", "-p", target.pid, "pair")
+    assert (target.call("pair_a", 5), target.call("pair_b", 5)) == ("6", "10")
+
+
+def test_stacking_and_removal_order(target, target_exe, patched_obj) -> None:
+    first = extract(patched_obj(STACKED="200"), target_exe, "stacked", name="first")
+    second = extract(patched_obj(STACKED="300"), target_exe, "stacked", name="second")
+    original = entry_bytes(target, "stacked")
+    run("patchbox", "apply", "-p", target.pid, first)
+    assert target.call("stacked", 1) == "201"
+    run("patchbox", "apply", "-p", target.pid, second)
+    assert target.call("stacked", 1) == "301"
+
+    refused = run("patchbox", "remove", "-p", target.pid, "first", check=False)
+    assert refused.returncode == 1
+    assert "second" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
+    assert target.call("stacked", 1) == "301"
+
+    run("patchbox", "remove", "-p", target.pid, "second")
+    assert target.call("stacked", 1) == "201"
+    run("patchbox", "remove", "-p", target.pid, "first")
+    assert target.call("stacked", 1) == "101"
+    assert entry_bytes(target, "stacked") == original
+
+
+def test_info_and_selftest(target, target_exe) -> None:
+    facts = info(target)
+    assert facts["pid"] == str(target.pid)
+    with open(target_exe, "rb") as f:
+        note = next(n for s in ELFFile(f).iter_sections() if s["sh_type"] == "SHT_NOTE"
+                    for n in s.iter_notes() if n["n_type"] == "NT_GNU_BUILD_ID")
+    assert facts["build_id"] == note["n_desc"]
+    assert int(facts["sandbox_size"]) > 0
+    for key in ("app_version", "app_git", "app_build_date", "app_cflags", "agent_version"):
+        assert facts[key]
+    proc = run("patchbox", "test", "-p", target.pid)
+    assert "pass" in proc.stdout.lower()
+    assert target.call("use_helper", 4) == "41"
+
+
+def test_socket_is_private(target) -> None:
+    assert oct(os.stat(target.socket).st_mode & 0o777) == "0o600"
+
+
+def test_already_applied_is_refused_by_cli(target, target_exe, patched_obj) -> None:
+    pbx = extract(patched_obj(USE_HELPER="scale(x) + 3"), target_exe, "use_helper", name="twice")
+    run("patchbox", "apply", "-p", target.pid, pbx)
+    snapshot = target.code_snapshot()
+    again = run("patchbox", "apply", "-p", target.pid, pbx, check=False)
+    assert again.returncode == 1 and "already applied" in again.stderr
+    assert target.code_snapshot() == snapshot
+    assert target.call("use_helper", 4) == "43"
+
+
+def test_corrupt_patch_file_is_refused(target, target_exe, patched_obj, tmp_path) -> None:
+    pbx = extract(patched_obj(USE_HELPER="scale(x) + 3"), target_exe, "use_helper", name="c")
+    data = bytearray(pbx.read_bytes())
+    data[-3] ^= 0xFF
+    bad = tmp_path / "corrupt.pbx"
+    bad.write_bytes(bytes(data))
+    snapshot = target.code_snapshot()
+    proc = run("patchbox", "apply", "-p", target.pid, bad, check=False)
+    assert proc.returncode == 1 and "corrupt" in proc.stderr
+    assert target.code_snapshot() == snapshot
+
+
+def test_patch_for_another_build_is_refused(target, target_exe, patched_obj, tmp_path) -> None:
+    pbx = extract(patched_obj(USE_HELPER="scale(x) + 3"), target_exe, "use_helper", name="other")
+    patch = load_patch(pbx)
+    patch.build_id = bytes(len(patch.build_id))
+    save_patch(patch, tmp_path / "other.pbx")
+    snapshot = target.code_snapshot()
+    proc = run("patchbox", "apply", "-p", target.pid, tmp_path / "other.pbx", check=False)
+    assert proc.returncode == 1 and "build-id" in proc.stderr
+    assert target.code_snapshot() == snapshot
+    assert target.call("use_helper", 4) == "41"
