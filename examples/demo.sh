@@ -20,9 +20,9 @@ for _ in $(seq 100); do [ -S "sandbox-sock$pid" ] && break; sleep 0.05; done
 say "The running service (pid $pid) has a bug: 1900 is not a leap year"
 show_answers
 
-say "Extract the fixed describe_year() from the fixed object and look at the patch"
-run extract-patch --function describe_year --name leapfix service-fixed.o ./service -o leapfix.pbx
-run patchbox show leapfix.pbx | head -n 20
+say "Extract the fixed describe_year() from fix/leap.o (leap.c with the fix) and look at the patch"
+run extract-patch --function describe_year --name leapfix fix/leap.o ./service -o leapfix.pbx
+run patchbox show leapfix.pbx
 
 say "Apply it to the running process"
 run patchbox apply -p "$pid" leapfix.pbx

@@ -6,12 +6,15 @@ module name ``conftest`` is ambiguous.
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 from pathlib import Path
 
+from patchbox.config import libs
 from patchbox.flags import LINK_FLAGS, PATCH_CFLAGS
 
 ROOT = Path(__file__).resolve().parent.parent
+APP_VERSION = "e2e-1.0"
 AGENT_DIR = Path(os.environ.get("PATCHBOX_AGENT_DIR", ROOT / "agent" / "build"))
 
 
@@ -25,7 +28,7 @@ def compile_c(src: str, out: Path, *, obj: bool = False, extra: list[str] | None
         cmd += ["-c", str(c_file), "-o", str(out)]
     else:
         cmd += ["-pie", str(c_file), "-o", str(out), *LINK_FLAGS]
-        if agent:
-            cmd += [str(AGENT_DIR / "libsandbox.o"), str(AGENT_DIR / "sandbox-listen.o")]
+        if agent:  # exactly what a user's build gets from `patchbox config --libs`
+            cmd += shlex.split(libs(app_version=APP_VERSION, app_cflags=" ".join(PATCH_CFLAGS)))
     subprocess.run(cmd, check=True, capture_output=True, text=True)
     return out

@@ -1,27 +1,15 @@
-/* A tiny long-running service with a visible bug: it answers "is YEAR a leap year?"
- * once per tick and forgets the Gregorian century rule (1900 is reported as leap).
- * Nothing here knows about patchbox: the agent comes in at link time. */
+/* A tiny long-running service: once per tick it asks its handler whether a year is a
+ * leap year and prints the answer. Nothing here knows about patchbox: the agent comes in
+ * at link time (see Makefile). */
 #include <stdio.h>
 #include <stdlib.h>
-#include <string.h>
 #include <time.h>
 #include <unistd.h>
 
-long requests_served;                     /* global state the fix must keep using */
+extern long requests_served;
+int describe_year(int year, char *out, size_t n);
+
 static const int years[] = { 1900, 2000, 2023, 2024 };
-
-static int century(int year)              /* static helper the fix calls */
-{
-	return year % 100 == 0;
-}
-
-int describe_year(int year, char *out, size_t n)
-{
-	requests_served++;
-	int leap = year % 4 == 0;             /* BUG: ignores the century rule */
-	(void)century;
-	return snprintf(out, n, "%d is %sa leap year", year, leap ? "" : "not ");
-}
 
 int main(int argc, char **argv)
 {

@@ -14,6 +14,9 @@ from pathlib import Path
 import pytest
 from elftools.elf.elffile import ELFFile
 
+from helpers import APP_VERSION, compile_c
+from live import Target, render
+from patchbox.config import preload
 from patchbox.format.layout import load_patch, save_patch
 
 pytestmark = pytest.mark.process
@@ -134,8 +137,10 @@ def test_info_and_selftest(target, target_exe) -> None:
                     for n in s.iter_notes() if n["n_type"] == "NT_GNU_BUILD_ID")
     assert facts["build_id"] == note["n_desc"]
     assert int(facts["sandbox_size"]) > 0
-    for key in ("app_version", "app_git", "app_build_date", "app_cflags", "agent_version"):
-        assert facts[key]
+    assert facts["app_version"] == APP_VERSION
+    assert "-fpatchable-function-entry=8,6" in facts["app_cflags"]
+    assert facts["app_build_date"].startswith("20")
+    assert facts["agent_version"] and facts["app_git"]
     proc = run("patchbox", "test", "-p", target.pid)
     assert "pass" in proc.stdout.lower()
     assert target.call("use_helper", 4) == "41"
@@ -177,3 +182,32 @@ def test_patch_for_another_build_is_refused(target, target_exe, patched_obj, tmp
     assert proc.returncode == 1 and "build-id" in proc.stderr
     assert target.code_snapshot() == snapshot
     assert target.call("use_helper", 4) == "41"
+
+
+def test_preloaded_agent(tmp_path, patched_obj) -> None:
+    """A program built with the flags but without the agent, started with LD_PRELOAD."""
+    (tmp_path / "plain").mkdir()
+    exe = compile_c(render(), tmp_path / "plain" / "target")  # same source name: target.c
+    t = Target(exe, env={"LD_PRELOAD": str(preload())})
+    try:
+        assert t.call("use_helper", 4) == "41"
+        pbx = extract(patched_obj(USE_HELPER="scale(x) * 2", GREETING="preloaded"), exe,
+                      "use_helper", "greet", name="pre")
+        run("patchbox", "apply", "-p", t.pid, pbx)
+        assert (t.call("use_helper", 4), t.call("greet")) == ("80", "preloaded")
+        assert info(t)["app_version"] == "unknown"  # no build-info object linked
+        run("patchbox", "remove", "-p", t.pid, "pre")
+        assert (t.call("use_helper", 4), t.call("greet")) == ("41", "hello")
+        assert t.alive()
+    finally:
+        t.stop()
+
+
+def test_debug_toggle_and_log(target) -> None:
+    run("patchbox", "debug", "on", "-p", target.pid)
+    assert info(target)["debug"] == "1"
+    run("patchbox", "debug", "off", "-p", target.pid)
+    assert info(target)["debug"] == "0"
+    log = Path(info(target)["log"]).read_text().splitlines()
+    assert any("DEBUG" in line.upper() for line in log)
+    assert sum("INFO" in line.upper() for line in log) >= 3
