@@ -197,17 +197,19 @@ def test_list_empty(serve) -> None:
 
 def test_apply_sends_body_unchanged(serve) -> None:
     body = encode_apply_body(make_patch())
-    agent = serve(reply_to(ok(struct.pack("<IQQ", 3, 0x7f0000002000, 0x7f0000200000))))
+    agent = serve(reply_to(ok(struct.pack("<IQQQ", 3, 0x7f0000002000, 0x7f0000200000, 1234))))
     with client(agent) as c:
         result = c.apply(body)
-    assert (result.id, result.text_addr, result.data_addr) == (3, 0x7f0000002000, 0x7f0000200000)
+    assert (result.id, result.text_addr, result.data_addr, result.elapsed_ns) == (
+        3, 0x7f0000002000, 0x7f0000200000, 1234)
     assert agent.requests == [(Msg.APPLY, 1, body)]
 
 
 def test_remove_and_debug_payloads(serve) -> None:
-    agent = serve(reply_to(ok()))
+    agent = serve(lambda t, s, _p: frame(t | C.REPLY_BIT, s, ok(
+        struct.pack("<Q", 77) if t == Msg.REMOVE else b"")))
     with client(agent) as c:
-        assert c.remove("fix-a") is None
+        assert c.remove("fix-a") == 77
         c.debug(True)
         c.debug(False)
     assert agent.requests == [(Msg.REMOVE, 1, b"\x05\x00fix-a"), (Msg.DEBUG, 2, b"\x01"),
@@ -377,11 +379,11 @@ class StatefulAgent:
             r = Reader(p)
             name = r.str("name")
             self.applied.append(AppliedPatch(name, len(self.applied) + 1, 0, 0x7f00, 64, 0, 0, []))
-            payload = ok(struct.pack("<IQQ", len(self.applied), 0x7f0000003000, 0))
+            payload = ok(struct.pack("<IQQQ", len(self.applied), 0x7f0000003000, 0, 5000))
         elif t == Msg.REMOVE:
             name = Reader(p).str("name")
             self.applied = [a for a in self.applied if a.name != name]
-            payload = ok()
+            payload = ok(struct.pack("<Q", 4000))
         else:
             payload = err(ErrorCode.UNKNOWN_MESSAGE, "unknown message type")
         return frame(t | C.REPLY_BIT, s, payload)

@@ -265,9 +265,9 @@ class Client:
         """Returns where the agent placed the patch whose apply body is ``body`` (sent as is)."""
         return self.request(Msg.APPLY, bytes(body))
 
-    def remove(self, name: str) -> None:
-        """Removes the applied patch ``name``."""
-        self.request(Msg.REMOVE, bytes(Writer().str(name)))
+    def remove(self, name: str) -> int:
+        """Returns the agent's time in ns to remove the applied patch ``name``."""
+        return self.request(Msg.REMOVE, bytes(Writer().str(name)))
 
     def test(self) -> TestResult:
         """Returns (passed, detail) of the agent's self-test."""

@@ -55,6 +55,7 @@ class ApplyResult:
     id: int
     text_addr: int
     data_addr: int
+    elapsed_ns: int  # time the agent spent checking, copying and redirecting
 
 
 class TestResult(NamedTuple):
@@ -109,7 +110,11 @@ def _list(r: Reader) -> list[AppliedPatch]:
 
 
 def _apply(r: Reader) -> ApplyResult:
-    return ApplyResult(r.u32("id"), r.u64("text_addr"), r.u64("data_addr"))
+    return ApplyResult(r.u32("id"), r.u64("text_addr"), r.u64("data_addr"), r.u64("elapsed_ns"))
+
+
+def _remove(r: Reader) -> int:
+    return r.u64("elapsed_ns")
 
 
 def _test(r: Reader) -> TestResult:
@@ -124,7 +129,7 @@ DECODERS: dict[Msg, Callable[[Reader], Any]] = {
     Msg.INFO: _info,
     Msg.LIST: _list,
     Msg.APPLY: _apply,
-    Msg.REMOVE: _empty,
+    Msg.REMOVE: _remove,
     Msg.TEST: _test,
     Msg.DEBUG: _empty,
 }
