@@ -599,15 +599,16 @@ static int sandbox_request_serve(int fd, const struct sandbox_peer *peer, unsign
 	if (rc != 0) {
 		if (err.code == PBX_E_OK)
 			sandbox_error_set(&err, PBX_E_INTERNAL, NULL);
-		sent = sandbox_send_error(fd, type, seq, &err);
+		/* Log first: whatever a client has seen is already in the log. */
 		char res[SANDBOX_ERRMSG + 8];
 		snprintf(res, sizeof(res), "error: %s", err.msg);
 		sandbox_log_write(peer, sandbox_msg_name(type), q.patch[0] ? q.patch : NULL, res);
 		sandbox_debug("%s: %s", sandbox_msg_name(type), err.msg);
+		sent = sandbox_send_error(fd, type, seq, &err);
 	} else {
-		sent = sandbox_send_reply(fd, type, seq, &q.w);
 		sandbox_log_write(peer, sandbox_msg_name(type), q.patch[0] ? q.patch : NULL,
 				  q.note[0] ? q.note : "ok");
+		sent = sandbox_send_reply(fd, type, seq, &q.w);
 	}
 	free(q.w.buf);
 	return sent;

@@ -84,5 +84,6 @@ class Target:
         if self.alive():
             self.proc.kill()
         self.proc.wait(5)
+        self.stderr_text = self.proc.stderr.read()
         for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
             stream.close()
