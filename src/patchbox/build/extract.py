@@ -26,10 +26,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import patchbox
+from patchbox.elf import dwarf
 from patchbox.elf.binary import Binary, Symbol
 from patchbox.elf.objfile import ObjectFile, ObjSymbol, Relocation, Section
 from patchbox.elf.reloc import Recipe, RelocType, get_reloc_type
-from patchbox.errors import ExtractError, UnsupportedRelocation
+from patchbox.errors import ElfError, ExtractError, UnsupportedRelocation
 from patchbox.format.layout import check_name
 from patchbox.format.model import Fixup, Function, Patch
 from patchbox.protocol import constants as C
@@ -389,8 +390,77 @@ def _align(buf: bytearray, align: int, fill: int) -> None:
     buf += bytes([fill]) * pad
 
 
+def _check_inlined(binary: Binary, shown: str, obj: ObjectFile, functions: list[str],
+                   allow_inlined: bool, warnings: list[str]) -> dict[str, str]:
+    """Refuses (or warns, with ``allow_inlined``) when the reference binary's DWARF shows
+    inlined copies of ``functions`` outside the functions this patch replaces.
+
+    Returns the meta entries ``inlined_check`` and ``inlined:<fn>``.
+    """
+    source = os.path.basename(obj.source_file) if obj.source_file else None
+    targets = {}
+    for fn in functions:
+        sym = obj.get_function(fn)
+        targets[fn] = source if sym is not None and sym.is_local else None
+    names = " or ".join(functions)
+    if not dwarf.has_debug_info(binary.elf):
+        link = dwarf.debuglink(binary.elf)
+        extra = (f" (its separate debug file {link} named by .gnu_debuglink is not read)"
+                 if link else "")
+        warnings.append(f"{shown} has no debug info (.debug_info){extra}: cannot check whether "
+                        f"{names} is inlined elsewhere; build with -g")
+        return {"inlined_check": "unavailable"}
+    try:
+        sites, found = dwarf.find_inlined(binary.elf, targets, shown)
+    except ElfError as err:
+        warnings.append(f"{err}: cannot check whether {names} is inlined elsewhere")
+        return {"inlined_check": "unavailable"}
+    meta = {"inlined_check": "dwarf"}
+    missing = [fn for fn in functions if fn not in found]
+    if missing:
+        warnings.append(f"{shown} has no debug info for {' or '.join(missing)} (built without "
+                        f"-g?): cannot check whether it is inlined elsewhere")
+        meta["inlined_check"] = "partial"
+
+    def replaced(caller: dwarf.Function) -> bool:  # its replacement carries the fixed inline
+        return caller.name in functions and (caller.external or caller.source == source)
+
+    refusals: list[str] = []
+    same: list[str] = []
+    other: list[str] = []
+    for fn in functions:
+        kept = [s for s in sites.get(fn, []) if not replaced(s.caller)]
+        if not kept:
+            continue
+        where = ", ".join(f"{s.caller.name} ({s.caller.source or 'unknown file'})" for s in kept)
+        if allow_inlined:
+            counted = ", ".join(f"{s.caller.name} ({s.caller.source or 'unknown file'}) at "
+                                f"{s.count} site(s)" for s in kept)
+            warnings.append(f"{fn} is inlined into {counted}: calls there keep the old code "
+                            f"(--allow-inlined)")
+            meta[f"inlined:{fn}"] = ",".join(dict.fromkeys(s.caller.name for s in kept))
+            continue
+        refusals.append(f"{fn} is inlined into {where}")
+        for s in kept:
+            label = s.caller.name if s.caller.source == source else \
+                f"{s.caller.name} ({s.caller.source or 'unknown file'})"
+            (same if s.caller.source == source else other).append(label)
+    if refusals:
+        hints = []
+        if same:
+            hints.append("add " + " ".join(f"--function {c}" for c in dict.fromkeys(same)))
+        if other:
+            hints.append("patch " + ", ".join(dict.fromkeys(other)) + " too")
+        n = len(set(same) | set(other))
+        raise ExtractError(f"{'; '.join(refusals)}: calls there would keep the old code; "
+                           f"{' and '.join(hints)} if {'it' if n == 1 else 'they'} can be "
+                           f"replaced, or pass --allow-inlined to accept")
+    return meta
+
+
 def extract_patch(obj_path: str | Path, binary_path: str | Path, functions: list[str], *,
-                  name: str | None = None, profile: str = "generic") -> Patch:
+                  name: str | None = None, profile: str = "generic",
+                  allow_inlined: bool = False, warnings: list[str] | None = None) -> Patch:
     """Returns the live patch replacing ``functions`` of ``binary_path`` with their
     versions in the patched object ``obj_path``.
 
@@ -407,9 +477,18 @@ def extract_patch(obj_path: str | Path, binary_path: str | Path, functions: list
     the copy is what the new code was compiled against (pointer identity of ``const``
     objects is not kept); writable variables the program has are never copied.
 
+    Inlined copies: with DWARF in ``binary_path``, a replaced function that the compiler
+    also inlined into functions this patch does not replace is refused (those callers
+    would keep the old code), unless ``allow_inlined``; the meta records
+    ``inlined_check`` (``dwarf``, ``partial`` or ``unavailable``) and, when allowed,
+    ``inlined:<fn>`` = the callers. Nothing is printed: warnings (inlined copies allowed,
+    no debug info to check) are appended to ``warnings`` when a list is given.
+
     Raises ElfError for unreadable inputs, ExtractError (UnsupportedRelocation for
     relocations that cannot be carried) when no correct patch can be built.
     """
+    if warnings is None:
+        warnings = []
     if profile not in PROFILES:
         raise ExtractError(f"unknown profile {profile!r} (one of {', '.join(PROFILES)})")
     name = name or "patch"
@@ -419,12 +498,14 @@ def extract_patch(obj_path: str | Path, binary_path: str | Path, functions: list
         raise ExtractError("no function to extract: give at least one --function")
     if len(functions) > C.MAX_FUNCS:
         raise ExtractError(f"{len(functions)} functions in one patch (max {C.MAX_FUNCS})")
+    shown = str(binary_path)
     obj_path, binary_path = Path(obj_path).absolute(), Path(binary_path).absolute()
     obj = ObjectFile.load(obj_path)
     with Binary(binary_path) as binary:
         build_id = binary.build_id()
         ex = _Extractor(obj, binary, functions)
         replaced = ex.replaced()
+        inline_meta = _check_inlined(binary, shown, obj, functions, allow_inlined, warnings)
         for sym, sec, addr, _exp in replaced:
             ex.copy(sec.index, "func")
             ex.entries[sec.index] = (sym.value, addr)
@@ -447,5 +528,6 @@ def extract_patch(obj_path: str | Path, binary_path: str | Path, functions: list
     for fn in functions:
         meta[f"source:{fn}"] = obj.source_file or "unknown"
     meta.update(ex.new_symbols({sec.index for _s, sec, _a, _e in replaced}))
+    meta.update(inline_meta)
     return Patch(name=name, build_id=build_id, text=bytes(text), functions=funcs,
                  fixups=ex.fixups, data=bytes(data), bss_size=bss_size, meta=meta)

@@ -19,21 +19,30 @@ __all__ = ["extract_command", "main"]
 @click.option("--name", default=None, help="Patch name (default: output file stem, or 'patch').")
 @click.option("-o", "--output", default=None, type=click.Path(dir_okay=False),
               help="Output file (default: NAME.pbx in the current directory).")
+@click.option("--allow-inlined", is_flag=True,
+              help="Accept replaced functions that are also inlined into functions the patch "
+                   "does not replace (those calls keep the old code); warn instead of refusing.")
 @click.argument("patched_o", type=click.Path(dir_okay=False))
 @click.argument("reference", type=click.Path(dir_okay=False))
 @click.pass_context
 def extract_command(ctx: click.Context, functions: tuple[str, ...], qemu: bool,
-                    name: str | None, output: str | None, patched_o: str,
-                    reference: str) -> None:
+                    name: str | None, output: str | None, allow_inlined: bool,
+                    patched_o: str, reference: str) -> None:
     """Build a live patch replacing NAME... of REFERENCE (the binary the running process
     was started from) with their versions in PATCHED_O (compiled with
     `patchbox config --cflags`)."""
     if name is None:
         name = Path(output).stem if output else "patch"
     out = Path(output) if output else Path.cwd() / f"{name}.pbx"
+    warnings: list[str] = []
     try:
-        patch = extract_patch(patched_o, reference, list(functions), name=name,
-                              profile="qemu" if qemu else "generic")
+        try:
+            patch = extract_patch(patched_o, reference, list(functions), name=name,
+                                  profile="qemu" if qemu else "generic",
+                                  allow_inlined=allow_inlined, warnings=warnings)
+        finally:
+            for warning in warnings:
+                click.echo(f"extract-patch: warning: {warning}", err=True)
         try:
             save_patch(patch, out)
         except OSError as err:

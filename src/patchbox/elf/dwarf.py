@@ -1,0 +1,180 @@
+"""Where functions of the reference binary were inlined, from its DWARF (``.debug_info``).
+
+A live patch redirects the out-of-line copy of a function; copies the compiler inlined
+into other functions keep the old code. :func:`find_inlined` lists them:
+``DW_TAG_inlined_subroutine`` entries whose ``DW_AT_abstract_origin`` (followed through
+``DW_AT_abstract_origin`` / ``DW_AT_specification`` chains) is the function, each with
+the ``DW_TAG_subprogram`` that contains it.
+
+Cost: the compile units are walked once, lazily, and only where an inlined copy can be:
+CUs that cannot hold one (another source file, for ``static`` functions only) are
+skipped after their top DIE, and inside a CU only the code-bearing subprograms and their
+lexical blocks and inlined subroutines are entered (``DW_AT_sibling`` skips the rest).
+Separate debug files (``.gnu_debuglink``, split DWARF) are not read.
+"""
+from __future__ import annotations
+
+import os
+from collections import Counter
+from dataclasses import dataclass
+
+from elftools.common.exceptions import ELFError as _PyElfError
+from elftools.dwarf.die import DIE
+from elftools.elf.elffile import ELFFile
+
+from patchbox.errors import ElfError
+
+__all__ = ["Function", "InlineSite", "debuglink", "find_inlined", "has_debug_info"]
+
+_CODE_SCOPES = ("DW_TAG_lexical_block", "DW_TAG_inlined_subroutine", "DW_TAG_subprogram")
+_CONTAINERS = ("DW_TAG_namespace", "DW_TAG_module")  # may hold definitions (C++, Fortran)
+_LTO_CU = "<artificial>"  # GCC's LTO units: they may inline statics of any file
+
+
+@dataclass(frozen=True)
+class Function:
+    """A function as DWARF names it: ``source`` is the basename of its CU's DW_AT_name."""
+
+    name: str
+    source: str | None
+    external: bool
+
+
+@dataclass(frozen=True)
+class InlineSite:
+    """``count`` inlined copies of a function inside the out-of-line code of ``caller``."""
+
+    caller: Function
+    count: int
+
+
+def has_debug_info(elf: ELFFile) -> bool:
+    """Returns True if ``elf`` has a non-empty ``.debug_info`` section."""
+    sec = elf.get_section_by_name(".debug_info")
+    return sec is not None and sec["sh_type"] != "SHT_NOBITS" and sec["sh_size"] > 0
+
+
+def debuglink(elf: ELFFile) -> str | None:
+    """Returns the file name in ``.gnu_debuglink`` (separate debug info), or None."""
+    sec = elf.get_section_by_name(".gnu_debuglink")
+    if sec is None:
+        return None
+    raw = sec.data()
+    return raw[:raw.find(b"\0")].decode(errors="replace") if b"\0" in raw else None
+
+
+def find_inlined(elf: ELFFile, targets: dict[str, str | None],
+                 path: str = "") -> tuple[dict[str, list[InlineSite]], set[str]]:
+    """Returns (inlined copies per target, targets whose own DIE was found).
+
+    ``targets`` maps a function name to the basename of its source file for a
+    ``static`` function, or None for a global one. Call only if :func:`has_debug_info`;
+    raises ElfError if the DWARF cannot be read.
+    """
+    scan = _Scan(targets)
+    try:
+        dwarf = elf.get_dwarf_info(relocate_dwarf_sections=False)
+        for cu in dwarf.iter_CUs():
+            top = cu.get_top_DIE()
+            cu_name = _basename(top)
+            if not scan.wants(cu_name):
+                continue
+            scan.walk(top, cu_name)
+        return scan.result(), scan.found
+    except (_PyElfError, ValueError, KeyError, IndexError, AssertionError) as err:
+        raise ElfError(f"{path}: unreadable debug info: {err}") from err
+
+
+class _Scan:
+    def __init__(self, targets: dict[str, str | None]) -> None:
+        self.targets = targets
+        self.any_global = any(src is None for src in targets.values())
+        self.statics = {src for src in targets.values() if src is not None}
+        self.sites: dict[str, Counter[Function]] = {n: Counter() for n in targets}
+        self.found: set[str] = set()
+        self._identity: dict[int, Function | None] = {}  # DIE offset -> named function
+
+    def wants(self, cu_name: str | None) -> bool:
+        return self.any_global or cu_name in self.statics or cu_name in (None, _LTO_CU)
+
+    def walk(self, top: DIE, cu_name: str | None) -> None:
+        stack: list[tuple[DIE, DIE | None]] = [(top, None)]  # (scope, enclosing subprogram)
+        while stack:
+            scope, enclosing = stack.pop()
+            for die in scope.iter_children():
+                tag = die.tag
+                if tag == "DW_TAG_inlined_subroutine":
+                    if enclosing is not None:
+                        self._site(die, enclosing)
+                    stack.append((die, enclosing))
+                elif tag == "DW_TAG_subprogram":
+                    if enclosing is None and die.attributes.get("DW_AT_name") is not None:
+                        self._note_definition(die)
+                    if "DW_AT_low_pc" in die.attributes or "DW_AT_ranges" in die.attributes:
+                        stack.append((die, die))  # concrete code: may hold inlined copies
+                elif tag in _CODE_SCOPES or (enclosing is None and tag in _CONTAINERS):
+                    stack.append((die, enclosing))
+
+    def _note_definition(self, die: DIE) -> None:
+        fn = self._resolve(die)
+        if fn is not None and self._is_target(fn):
+            self.found.add(fn.name)
+
+    def _site(self, die: DIE, enclosing: DIE) -> None:
+        if "DW_AT_abstract_origin" not in die.attributes:
+            return
+        fn = self._resolve(die.get_DIE_from_attribute("DW_AT_abstract_origin"))
+        if fn is None or not self._is_target(fn):
+            return
+        caller = self._resolve(enclosing)
+        self.sites[fn.name][caller or Function("<unnamed>", None, False)] += 1
+
+    def _is_target(self, fn: Function) -> bool:
+        if fn.name not in self.targets:
+            return False
+        src = self.targets[fn.name]
+        return (not fn.external and fn.source == src) if src is not None else fn.external
+
+    def _resolve(self, die: DIE) -> Function | None:
+        """Returns the function ``die`` stands for, following origins and specifications."""
+        key = die.offset
+        if key in self._identity:
+            return self._identity[key]
+        last, seen = die, {die.offset}
+        external = False
+        cur: DIE | None = die
+        name = None
+        while cur is not None:
+            attrs = cur.attributes
+            external = external or bool(attrs.get("DW_AT_external") and
+                                        attrs["DW_AT_external"].value)
+            if name is None and "DW_AT_name" in attrs:
+                name = _str(attrs["DW_AT_name"].value)
+            nxt = None
+            for ref in ("DW_AT_abstract_origin", "DW_AT_specification"):
+                if ref in attrs:
+                    nxt = cur.get_DIE_from_attribute(ref)
+                    break
+            if nxt is None or nxt.offset in seen:
+                break
+            seen.add(nxt.offset)
+            last = cur = nxt
+        fn = None
+        if name is not None:
+            fn = Function(name, _basename(last.cu.get_top_DIE()), external)
+        self._identity[key] = fn
+        return fn
+
+    def result(self) -> dict[str, list[InlineSite]]:
+        return {name: [InlineSite(caller, n) for caller, n in sorted(
+                    counts.items(), key=lambda kv: (kv[0].name, kv[0].source or ""))]
+                for name, counts in self.sites.items() if counts}
+
+
+def _str(value: object) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
+
+def _basename(top: DIE) -> str | None:
+    attr = top.attributes.get("DW_AT_name")
+    return os.path.basename(_str(attr.value)) if attr is not None else None
