@@ -34,9 +34,9 @@ def patched_obj(tmp_path: Path):
     """Returns a function compiling a patched target.c (same file name) to an object."""
     counter = iter(range(1000))
 
-    def build(**changes: str) -> Path:
+    def build(extra: list[str] | None = None, **changes: str) -> Path:
         d = tmp_path / f"patched{next(counter)}"
         d.mkdir()
-        return compile_c(render(**changes), d / "target.o", obj=True)
+        return compile_c(render(**changes), d / "target.o", obj=True, extra=extra)
 
     return build

@@ -17,6 +17,7 @@ ORIGINAL = {
     "PAIR_A": "1",
     "PAIR_B": "2",
     "STACKED": "100",
+    "PICK": "return x ? \"some\" : \"none\";",
     "EXTRA": "",
 }
 

@@ -42,6 +42,11 @@ __attribute__((noinline)) const char *fmt(int x)
 	return fmt_buf;
 }
 
+__attribute__((noinline)) const char *pick(int x)
+{
+	@PICK@
+}
+
 __attribute__((noinline)) int pair_a(int x) { return x + @PAIR_A@; }
 __attribute__((noinline)) int pair_b(int x) { return x * @PAIR_B@; }
 __attribute__((noinline)) int stacked(int x) { return x + @STACKED@; }
@@ -53,7 +58,7 @@ static const struct entry table[] = {
 	{ "use_helper", use_helper, NULL }, { "bump", bump, NULL },
 	{ "greet", NULL, greet }, { "fmt", NULL, fmt },
 	{ "pair_a", pair_a, NULL }, { "pair_b", pair_b, NULL },
-	{ "stacked", stacked, NULL },
+	{ "stacked", stacked, NULL }, { "pick", NULL, pick },
 };
 
 int main(void)

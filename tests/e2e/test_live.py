@@ -99,6 +99,34 @@ def test_string_literal_and_snprintf(target, target_exe, patched_obj) -> None:
     assert target.call("fmt", 7) == "value=7"
 
 
+def test_got_slots_from_pic_no_plt_object(target, target_exe, patched_obj) -> None:
+    """-fPIC -fno-plt: globals and library calls go through GOTPCREL(X) relocations."""
+    obj = patched_obj(extra=["-fPIC", "-fno-plt"], BUMP_STEP="1000", FMT="got:%d")
+    relocs = subprocess.run(["readelf", "-rW", str(obj)], capture_output=True, text=True).stdout
+    assert "R_X86_64_GOTPCRELX" in relocs or "R_X86_64_REX_GOTPCRELX" in relocs
+    pbx = extract(obj, target_exe, "bump", "fmt", name="got")
+    assert target.call("bump") == "1"
+    run("patchbox", "apply", "-p", target.pid, pbx)
+    assert (target.call("bump"), target.call("fmt", 3)) == ("1001", "got:3")
+    run("patchbox", "remove", "-p", target.pid, "got")
+    assert (target.call("bump"), target.call("fmt", 3)) == ("1002", "value=3")
+
+
+def test_pointer_table_abs64(target, target_exe, patched_obj) -> None:
+    """A new table of string pointers: R_X86_64_64 relocations in copied data."""
+    table = ('static const char *const names[] = { "zero", "one", "two" };'
+             " return names[x % 3];")
+    obj = patched_obj(PICK=table)
+    assert "R_X86_64_64" in subprocess.run(["readelf", "-rW", str(obj)], capture_output=True,
+                                           text=True).stdout
+    pbx = extract(obj, target_exe, "pick", name="table")
+    assert target.call("pick", 4) == "some"
+    run("patchbox", "apply", "-p", target.pid, pbx)
+    assert [target.call("pick", i) for i in range(4)] == ["zero", "one", "two", "zero"]
+    run("patchbox", "remove", "-p", target.pid, "table")
+    assert target.call("pick", 0) == "none"
+
+
 def test_two_functions_switch_together(target, target_exe, patched_obj) -> None:
     pbx = extract(patched_obj(PAIR_A="1000", PAIR_B="3"), target_exe, "pair_a", "pair_b",
                   name="pair")
