@@ -1,0 +1,70 @@
+"""QEMU's build layout: compile one fixed source file exactly as QEMU's build did.
+
+QEMU builds with meson/ninja; every object's command is in
+``BUILD/compile_commands.json``. A live-patch object must be compiled with the same
+command (same flags, includes, defines) as the running binary's object, but without
+touching the build tree (a plain ``ninja`` would relink the running binary's file).
+:func:`compile_fixed` runs the recorded command on a fixed copy of the source.
+"""
+from __future__ import annotations
+
+import json
+import shlex
+import subprocess
+from pathlib import Path
+
+from patchbox.errors import ExtractError
+
+__all__ = ["find_command", "compile_fixed"]
+
+# Dependency-file options of the recorded command; the fixed object needs none.
+_DEP_OPTS_WITH_ARG = {"-MQ", "-MF", "-MT"}
+_DEP_OPTS = {"-MD", "-MMD"}
+
+
+def find_command(build_dir: Path, source: str) -> dict:
+    """Returns the compile_commands.json entry whose file ends with ``source``
+    (e.g. ``monitor/qmp-cmds-control.c``); the first one if several targets build it."""
+    db_path = Path(build_dir) / "compile_commands.json"
+    try:
+        entries = json.loads(db_path.read_text())
+    except OSError as err:
+        raise ExtractError(f"{db_path}: {err.strerror}: is {build_dir} a configured QEMU build?") from err
+    wanted = source.lstrip("./")
+    matches = [e for e in entries if str(Path(e["directory"], e["file"]).resolve()).endswith("/" + wanted)]
+    if not matches:
+        raise ExtractError(f"{source} is not compiled by the QEMU build in {build_dir}")
+    return matches[0]
+
+
+def compile_fixed(build_dir: Path, source: str, fixed: Path, out: Path) -> Path:
+    """Returns ``out`` after compiling ``fixed`` (the fixed copy of ``source``; it must have
+    the same file name, so static symbols match by source file) with the command QEMU's
+    build recorded for ``source``."""
+    fixed = Path(fixed).resolve()
+    if fixed.name != Path(source).name:
+        raise ExtractError(f"the fixed copy must be named {Path(source).name}, not {fixed.name}")
+    entry = find_command(build_dir, source)
+    args = shlex.split(entry["command"]) if "command" in entry else list(entry["arguments"])
+    original = entry["file"]
+    cmd: list[str] = []
+    skip = False
+    for i, arg in enumerate(args):
+        if skip:
+            skip = False
+            continue
+        if arg in _DEP_OPTS_WITH_ARG or arg == "-o":
+            skip = True
+            continue
+        if arg in _DEP_OPTS:
+            continue
+        cmd.append(str(fixed) if arg == original else arg)
+    if str(fixed) not in cmd:
+        raise ExtractError(f"cannot find {original} in its recorded compile command")
+    # `#include "x.h"` looks beside the source first: keep finding the original's neighbours.
+    orig_dir = Path(entry["directory"], original).resolve().parent
+    cmd += ["-iquote", str(orig_dir), "-o", str(Path(out).resolve())]
+    proc = subprocess.run(cmd, cwd=entry["directory"], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise ExtractError(f"compiling {fixed} failed:\n{proc.stderr.strip()}")
+    return Path(out)

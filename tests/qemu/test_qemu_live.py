@@ -1,0 +1,167 @@
+"""Live-patching a real QEMU 7.2 (tier 3: `pytest -m qemu`).
+
+QEMU is built from Debian's source package by scripts/qemu/build-qemu.sh with the
+patchbox flags and the agent linked (cached across runs). It runs with no guest
+(`-machine none`) and two QMP sockets: one client hammers `query-version` in a loop
+while the other patches and checks, so a dropped or failed request would show.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers import ROOT
+from patchbox.build.qemu import compile_fixed
+from qmp import QMP
+
+pytestmark = pytest.mark.qemu
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="session")
+def qemu_exe() -> Path:
+    proc = subprocess.run([str(ROOT / "scripts" / "qemu" / "build-qemu.sh")], capture_output=True,
+                          text=True, timeout=3600, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    exe = Path(proc.stdout.strip().splitlines()[-1])
+    assert exe.is_file()
+    return exe
+
+
+class Qemu:
+    def __init__(self, exe: Path, tmp: Path) -> None:
+        self.load_sock, self.ctl_sock = tmp / "qmp-load.sock", tmp / "qmp-ctl.sock"
+        self.proc = subprocess.Popen(
+            [str(exe), "-machine", "none", "-display", "none", "-nodefaults", "-S",
+             "-qmp", f"unix:{self.load_sock},server=on,wait=off",
+             "-qmp", f"unix:{self.ctl_sock},server=on,wait=off"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            env={"PATH": "/usr/bin:/bin", "PATCHBOX_SOCK_DIR": str(tmp)})
+        self.pid = self.proc.pid
+        self.agent_sock = tmp / f"sandbox-sock{self.pid}"
+        deadline = time.monotonic() + 30
+        while not self.agent_sock.exists():
+            assert self.proc.poll() is None, self.proc.stderr.read().decode()
+            assert time.monotonic() < deadline, "agent socket never appeared"
+            time.sleep(0.05)
+        self.ctl = QMP(self.ctl_sock)
+
+    def stop(self) -> None:
+        self.ctl.close()
+        self.proc.kill()
+        self.proc.wait(10)
+
+
+@pytest.fixture()
+def qemu(qemu_exe: Path, tmp_path: Path):
+    q = Qemu(qemu_exe, tmp_path)
+    yield q
+    alive = q.proc.poll() is None
+    q.stop()
+    assert alive, "QEMU died during the test"
+
+
+def run(*args) -> subprocess.CompletedProcess:
+    proc = subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=120,
+                          stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, f"{args}: {proc.stderr}"
+    return proc
+
+
+def fixed_object(qemu_exe: Path, tmp: Path, source: str, old: str, new: str) -> Path:
+    """Returns a patch object: QEMU's ``source`` with ``old`` replaced by ``new``, compiled
+    with the command QEMU's build used for it."""
+    src_root = qemu_exe.parent.parent / "src"
+    text = (src_root / source).read_text()
+    assert old in text, f"{old!r} not in {source}"
+    fixed = tmp / "fix" / Path(source).name
+    fixed.parent.mkdir(exist_ok=True)
+    fixed.write_text(text.replace(old, new))
+    return compile_fixed(qemu_exe.parent, source, fixed, tmp / (Path(source).stem + ".o"))
+
+
+class Hammer(threading.Thread):
+    """Sends query-version in a loop on its own QMP connection; records every answer."""
+
+    def __init__(self, sock: Path) -> None:
+        super().__init__(daemon=True)
+        self.qmp = QMP(sock)
+        self.answers: list[str] = []
+        self.errors: list[str] = []
+        self.halt = threading.Event()
+
+    def run(self) -> None:
+        while not self.halt.is_set():
+            try:
+                v = self.qmp.execute("query-version")
+                self.answers.append(f"{v['qemu']['micro']}{v['package']}")
+            except Exception as err:  # any failure is a dropped request
+                self.errors.append(repr(err))
+                return
+
+    def wait_for(self, answer: str, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        start = len(self.answers)
+        while answer not in self.answers[start:]:
+            assert not self.errors, self.errors
+            assert time.monotonic() < deadline, f"never saw {answer!r}"
+            time.sleep(0.01)
+
+
+def test_query_version_patched_under_qmp_load(qemu: Qemu, qemu_exe: Path, tmp_path: Path) -> None:
+    before = qemu.ctl.execute("query-version")
+    old = f"{before['qemu']['micro']}{before['package']}"
+    obj = fixed_object(qemu_exe, tmp_path, "monitor/qmp-cmds-control.c",
+                       "info->package = g_strdup(QEMU_PKGVERSION);",
+                       'info->package = g_strdup(" (live-patched by patchbox)");')
+    pbx = tmp_path / "version.pbx"
+    run(BIN / "extract-patch", "--qemu", "--function", "qmp_query_version", "--name", "version",
+        "-o", pbx, obj, qemu_exe)
+    new = f"{before['qemu']['micro']} (live-patched by patchbox)"
+
+    hammer = Hammer(qemu.load_sock)
+    hammer.start()
+    try:
+        hammer.wait_for(old)
+        run(BIN / "patchbox", "apply", "-p", qemu.pid, pbx)
+        hammer.wait_for(new)
+        assert "(live-patched by patchbox)" in qemu.ctl.hmp("info version")
+        run(BIN / "patchbox", "remove", "-p", qemu.pid, "version")
+        hammer.wait_for(old)
+        assert before["package"] in qemu.ctl.hmp("info version")
+    finally:
+        hammer.halt.set()
+        hammer.join(30)
+    assert not hammer.errors, hammer.errors
+    assert set(hammer.answers) == {old, new}
+    # Answers switch old -> new -> old exactly once each way: no flapping, no third value.
+    changes = [a for i, a in enumerate(hammer.answers) if i == 0 or a != hammer.answers[i - 1]]
+    assert changes == [old, new, old]
+    assert len(hammer.answers) > 50
+
+
+def test_monitor_command_fix_and_info(qemu: Qemu, qemu_exe: Path, tmp_path: Path) -> None:
+    before = qemu.ctl.hmp("info version")
+    obj = fixed_object(qemu_exe, tmp_path, "monitor/hmp-cmds.c",
+                       'monitor_printf(mon, "%" PRId64 ".%" PRId64 ".%" PRId64 "%s\\n",',
+                       'monitor_printf(mon, "QEMU emulator version %" PRId64 ".%" PRId64 ".%" PRId64 "%s\\n",')
+    pbx = tmp_path / "hmpfix.pbx"
+    run(BIN / "extract-patch", "--qemu", "--function", "hmp_info_version", "--name", "hmp-fix",
+        "-o", pbx, obj, qemu_exe)
+    run(BIN / "patchbox", "apply", "-p", qemu.pid, pbx)
+    assert qemu.ctl.hmp("info version") == "QEMU emulator version " + before
+    listing = json.loads(run(BIN / "patchbox", "list", "-p", qemu.pid, "--json").stdout)
+    assert [p["name"] for p in listing] == ["hmp-fix"]
+    run(BIN / "patchbox", "remove", "-p", qemu.pid, "hmp-fix")
+    assert qemu.ctl.hmp("info version") == before
+
+    info = json.loads(run(BIN / "patchbox", "info", "-p", qemu.pid, "--json").stdout)
+    assert info["app_version"].startswith("7.2")
+    assert "-fpatchable-function-entry=8,6" in info["app_cflags"]
+    assert run(BIN / "patchbox", "test", "-p", qemu.pid).returncode == 0
