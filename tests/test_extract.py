@@ -336,16 +336,19 @@ def test_tls_variable_is_refused_by_name(tmp_path: Path) -> None:
         extract_patch(obj, exe, ["f"])
 
 
-def test_function_without_patchable_entry_is_refused(prog: tuple[Path, Path],
-                                                     tmp_path: Path) -> None:
+def test_replacement_without_patchable_entry_is_accepted(prog: tuple[Path, Path],
+                                                         tmp_path: Path) -> None:
+    """Its entry is its symbol (no padding before it): valid, but not stackable on."""
     exe, _ = prog
     src = PATCHED.replace("__attribute__((noipa)) int counter(void)",
                           "__attribute__((noipa, patchable_function_entry(0, 0))) int counter(void)")
     (tmp_path / "new").mkdir()
     obj = compile_c(src, tmp_path / "new" / "prog.o", obj=True)
-    with pytest.raises(ExtractError, match=r"counter was not compiled with `patchbox config "
-                                           r"--cflags` \(no patchable entry\)"):
-        extract_patch(obj, exe, ["counter"])
+    warnings: list[str] = []
+    patch = extract_patch(obj, exe, ["counter"], warnings=warnings)
+    assert patch.functions[0].new_offset == 0
+    assert any("counter" in w and "has no patchable entry" in w and "cannot be stacked" in w
+               for w in warnings)
 
 
 def test_stripped_binary_is_refused(prog: tuple[Path, Path], tmp_path: Path) -> None:

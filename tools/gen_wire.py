@@ -24,7 +24,8 @@ def render_c(spec: dict) -> str:
     out = [f"/* {STAMP} */", "#ifndef PATCHBOX_WIRE_H", "#define PATCHBOX_WIRE_H", ""]
     for name, value in spec["limits"].items():
         out.append(f"#define PBX_{name} {value:#x}u" if name == "MAGIC" else f"#define PBX_{name} {value}")
-    for group, prefix in (("message", "PBX_MSG_"), ("fixup_type", "PBX_FIXUP_"),
+    for group, prefix in (("message", "PBX_MSG_"), ("redirect_kind", "PBX_KIND_"), ("apply_flag", "PBX_FLAG_"),
+                          ("fixup_type", "PBX_FIXUP_"),
                           ("fixup_base", "PBX_BASE_"), ("fixup_section", "PBX_SECT_")):
         out.append("")
         for name, value in spec[group].items():
@@ -45,7 +46,8 @@ def render_py(spec: dict) -> str:
     out = [f'"""Wire constants: {STAMP}."""', "", "from enum import IntEnum", ""]
     for name, value in spec["limits"].items():
         out.append(f"{name} = {value:#x}" if name == "MAGIC" else f"{name} = {value}")
-    for group, cls in (("message", "Msg"), ("fixup_type", "FixupType"),
+    for group, cls in (("message", "Msg"), ("redirect_kind", "RedirectKind"), ("apply_flag", "ApplyFlag"),
+                       ("fixup_type", "FixupType"),
                        ("fixup_base", "FixupBase"), ("fixup_section", "FixupSection")):
         out += ["", "", f"class {cls}(IntEnum):"]
         out += [f"    {name} = {value}" for name, value in spec[group].items()]
@@ -54,7 +56,7 @@ def render_py(spec: dict) -> str:
     out += ["", "", "ERROR_TEXTS: dict[int, str] = {"]
     out += [f"    {value}: {text!r}," for _n, (value, text) in spec["error"].items()]
     out += ["}", "", "__all__ = ["]
-    names = list(spec["limits"]) + ["Msg", "FixupType", "FixupBase", "FixupSection",
+    names = list(spec["limits"]) + ["Msg", "RedirectKind", "FixupType", "FixupBase", "FixupSection",
                                     "ErrorCode", "ERROR_TEXTS"]
     out += [f"    {n!r}," for n in names]
     out += ["]", ""]

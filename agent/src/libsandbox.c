@@ -23,22 +23,39 @@
  *           (4) 2-byte store of the saved bytes at site-6, sync_core.
  *   Afterwards [site-6, site+2) is byte-identical to what it was before the apply.
  *
+ * Entry jump (PBX_KIND_ENTRY_JUMP, functions without the padding; docs/redirect.md
+ * "Functions without the padding"): one aligned 8-byte atomic store puts `e9 rel32`
+ * at P = entry+skip (P % 8 <= 3, so [P, P+5) lies in one word; the other 3 bytes are
+ * stored with their current values), between sync_cores. Remove stores the word again
+ * with the saved bytes of [P, P+5) and the current others. The instruction-level
+ * rules (P starts an instruction of >= 5 bytes, no branch into (P, P+5)) are checked
+ * by extract-patch with a disassembler; the agent checks what it can: the expected
+ * bytes, the alignment, the endbr64 when skip is 4, the range in the executable.
+ *
  * Stacking: a function already redirected is redirected at the top of its chain,
  * the replacement entry of the last patch on it (site = that entry), which has its
  * own 6+2 NOPs. Removal must go top-down (NOT_TOP).
  *
  * Retired memory: a removed patch's text/data may still be executing on some
  * thread (preempted inside it, or below a call in it). It is *retired*, not
- * freed, and reused only after a quiescence check passes: every other thread in
- * /proc/self/task must be blocked (its /proc/self/task/TID/syscall is not
- * `running`), its PC (last field) outside the retired text, and a conservative
- * scan of its stack from SP (second-to-last field) to the end of the mapping that
- * holds SP must find no 8-byte word inside the retired text or data. If any
- * thread fails, the region stays retired and the check runs again at the next
- * allocation that needs space. Retired data is reused only once no retired text
- * is left (old code reaches its data rel32-relative, invisible to the scan). Not seen by the check: pointers to patch code or
- * data kept in registers of a blocked thread, in the heap, or on a stack the
- * thread is not currently running on (sigaltstack, coroutines).
+ * freed, per patch (never merged with other patches' extents), and reused only after
+ * a quiescence check passes: every other thread in /proc/self/task must be blocked
+ * (its /proc/self/task/TID/syscall is not `running`), its PC (last field) outside
+ * the retired text, a conservative scan of its stack from SP (second-to-last field)
+ * to the end of the mapping that holds SP must find no 8-byte word inside the
+ * retired text or data, and it must not have run during its check (same syscall line
+ * and context-switch count before and after the scan). If any thread fails, the
+ * region stays retired and the check runs again at the next allocation that needs
+ * space. A patch's retired data is reused only once that patch has no retired text
+ * left (old code reaches its data rel32-relative, invisible to the scan). Not seen
+ * by the check: pointers to patch code or data kept in registers of a blocked
+ * thread, in the heap, or on a stack the thread is not currently running on
+ * (sigaltstack, coroutines).
+ *
+ * Revival: an apply without data may take over a retired text extent of the same
+ * length that already holds exactly its fixed-up bytes, writing nothing there
+ * (sandbox_text_revive): threads still in the old copy run identical bytes. This is
+ * what keeps apply/remove cycles going when threads never block.
  */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE
@@ -132,6 +149,7 @@ struct sandbox_extent {
 	size_t off, len;
 	uint32_t owner;		/* patch id */
 	int retired;
+	int keep;		/* sticky: held a RETAIN patch, never reclaimed (docs/qemu.md) */
 };
 
 struct sandbox_area {
@@ -187,28 +205,20 @@ static void sandbox_area_drop(struct sandbox_area *a, size_t i)
 	a->n--;
 }
 
-/* Marks owner's extents retired and merges them with retired neighbours, so the
- * extent table stays small however many patches come and go. A merged extent has
- * no owner: retired text is reused per extent, retired data only once no retired
- * text is left (see sandbox_retired_reclaim). */
-static void sandbox_area_retire(struct sandbox_area *a, uint32_t owner)
+/* Marks owner's extents retired. They keep their owner and are never merged with
+ * neighbours: a thread still inside a removed patch can reach all of that patch's text
+ * and data (its code reaches them rel32-relative) but nothing of another patch, so the
+ * unit of reuse is one patch's allocation (see sandbox_retired_reclaim). The table
+ * cannot grow without bound: a full table is treated like a full sandbox (reclaim,
+ * else SANDBOX_FULL), and revival reuses retired extents in place. */
+static void sandbox_area_retire(struct sandbox_area *a, uint32_t owner, int keep)
 {
 	for (size_t i = 0; i < a->n; i++) {
 		if (a->ext[i].owner == owner && !a->ext[i].retired) {
 			a->ext[i].retired = 1;
-			a->ext[i].owner = 0;
+			a->ext[i].keep |= keep;
 			a->used -= a->ext[i].len;
 			a->retired += a->ext[i].len;
-		}
-	}
-	for (size_t i = 0; i + 1 < a->n;) {
-		struct sandbox_extent *x = &a->ext[i], *y = &a->ext[i + 1];
-		if (x->retired && y->retired && x->off + x->len == y->off) {
-			x->len += y->len;
-			memmove(y, y + 1, (a->n - i - 2) * sizeof(*y));
-			a->n--;
-		} else {
-			i++;
 		}
 	}
 }
@@ -301,6 +311,22 @@ static void sandbox_insn_store2(uintptr_t addr, uint16_t insn)
 	__atomic_store_n((uint16_t *)addr, insn, __ATOMIC_RELEASE);
 }
 
+/* Publishes an entry jump: one aligned 8-byte store, single-copy atomic on x86-64
+ * for instruction fetch too (the word never crosses a cache line). */
+static void sandbox_insn_store8(uintptr_t addr, uint64_t word)
+{
+	__atomic_store_n((uint64_t *)addr, word, __ATOMIC_RELEASE);
+}
+
+/* The word at f->saved_at with [site, site+5) replaced by `bytes` and the other three
+ * bytes as they are now (another patch may have changed them since f->saved). */
+static uint64_t sandbox_jump_word(const struct sandbox_func *f, const uint8_t *bytes)
+{
+	uint64_t w = __atomic_load_n((const uint64_t *)f->saved_at, __ATOMIC_RELAXED);
+	memcpy((uint8_t *)&w + (f->site - f->saved_at), bytes, PBX_JUMP_LEN);
+	return w;
+}
+
 /* Fills text with `ret` again, so a stray jump into free sandbox returns. -1 if
  * the pages cannot be made writable (the caller keeps the memory retired). */
 static int sandbox_text_refill(uintptr_t addr, size_t len)
@@ -341,6 +367,7 @@ static int sandbox_owner_free(uint32_t owner)
 struct sandbox_retired_range {
 	uintptr_t lo, hi;
 	int is_text;
+	uint32_t owner;		/* the removed patch it belonged to */
 };
 
 static char *sandbox_file_read(const char *path, size_t *len_ret)
@@ -419,6 +446,46 @@ static int sandbox_stack_scan(uintptr_t sp, uintptr_t end, const struct sandbox_
 	return 0;
 }
 
+/* Voluntary + involuntary context switches of thread tid so far; -1 with errno. */
+static int sandbox_task_switches(long tid, unsigned long long *n)
+{
+	char path[64];
+	snprintf(path, sizeof(path), "/proc/self/task/%ld/status", tid);
+	char *st = sandbox_file_read(path, NULL);
+	if (!st)
+		return -1;
+	unsigned long long v = 0, nv = 0;
+	char *a = strstr(st, "\nvoluntary_ctxt_switches:");
+	char *b = strstr(st, "\nnonvoluntary_ctxt_switches:");
+	int ok = a && b && sscanf(a, "\nvoluntary_ctxt_switches: %llu", &v) == 1 &&
+		 sscanf(b, "\nnonvoluntary_ctxt_switches: %llu", &nv) == 1;
+	free(st);
+	if (!ok) {
+		errno = EINVAL;
+		return -1;
+	}
+	*n = v + nv;
+	return 0;
+}
+
+/* Whether owner still has text in the sandbox (live or retired). */
+static int sandbox_owner_has_text(uint32_t owner)
+{
+	for (size_t i = 0; i < sandbox_text.n; i++)
+		if (sandbox_text.ext[i].owner == owner)
+			return 1;
+	return 0;
+}
+
+/* Whether owner still has data in the data area (live or retired). */
+static int sandbox_owner_has_data(uint32_t owner)
+{
+	for (size_t i = 0; i < sandbox_data.n; i++)
+		if (sandbox_data.ext[i].owner == owner)
+			return 1;
+	return 0;
+}
+
 /* See the comment at the top of this file. Frees retired memory that passes. */
 static void sandbox_retired_reclaim(void)
 {
@@ -434,11 +501,11 @@ static void sandbox_retired_reclaim(void)
 	struct sandbox_area *areas[2] = { &sandbox_text, &sandbox_data };
 	for (int a = 0; a < 2; a++)
 		for (size_t i = 0; i < areas[a]->n; i++)
-			if (areas[a]->ext[i].retired)
+			if (areas[a]->ext[i].retired && !areas[a]->ext[i].keep)
 				r[nr++] = (struct sandbox_retired_range){
 					areas[a]->base + areas[a]->ext[i].off,
 					areas[a]->base + areas[a]->ext[i].off + areas[a]->ext[i].len,
-					a == 0 };
+					a == 0, areas[a]->ext[i].owner };
 	if (nr == 0)
 		goto out;
 	maps = sandbox_file_read("/proc/self/maps", NULL);
@@ -453,14 +520,26 @@ static void sandbox_retired_reclaim(void)
 		long tid = strtol(de->d_name, &endp, 10);
 		if (de->d_name[0] == '.' || *endp || tid <= 0 || tid == self)
 			continue;
-		char path[64], *st;
-		snprintf(path, sizeof(path), "/proc/self/task/%ld/syscall", tid);
-		st = sandbox_file_read(path, NULL);
-		if (!st) {
+		char path[64], *st, *st0;
+		unsigned long long sw0, sw1;
+		/* The thread must not run between reading its state and the end of its stack
+		 * scan (else it could have returned into retired code and popped the return
+		 * address the scan looks for): same context-switch count and same syscall
+		 * line before and after; a thread that woke up meanwhile is either `running`
+		 * now or has switched out again. */
+		if (sandbox_task_switches(tid, &sw0) != 0) {
 			if (errno != ENOENT)	/* a thread that exited runs nothing */
 				all_busy = 1;
 			continue;
 		}
+		snprintf(path, sizeof(path), "/proc/self/task/%ld/syscall", tid);
+		st = sandbox_file_read(path, NULL);
+		if (!st) {
+			if (errno != ENOENT)
+				all_busy = 1;
+			continue;
+		}
+		st0 = strdup(st);
 		/* "running", or "nr args... sp pc", or "-1 sp pc": last two fields. */
 		unsigned long sp = 0, pc = 0;
 		char *last = strrchr(st, ' ');
@@ -473,41 +552,47 @@ static void sandbox_retired_reclaim(void)
 				all_busy = 1;
 		}
 		free(st);
-		if (all_busy)
+		if (all_busy || !st0) {
+			all_busy = 1;
+			free(st0);
 			break;
+		}
 		for (size_t k = 0; k < nr; k++)
 			if (r[k].is_text && pc >= r[k].lo && pc < r[k].hi)
 				busy[k] = 1;
 		uintptr_t end = sandbox_maps_end(maps, sp);
 		if (!end || sandbox_stack_scan(sp, end, r, nr, busy) != 0)
 			all_busy = 1;
+		st = all_busy ? NULL : sandbox_file_read(path, NULL);
+		if (!all_busy && (!st || strcmp(st, st0) != 0 || sandbox_task_switches(tid, &sw1) != 0 ||
+				  sw1 != sw0))
+			all_busy = 1;	/* it ran meanwhile: check again at the next allocation */
+		free(st);
+		free(st0);
 	}
 	if (all_busy) {
 		sandbox_debug("quiescence check failed: retired memory stays retired");
 		goto out;
 	}
-	/* Text: per extent. Data: only once no retired text is left, because code still
-	 * running in retired text reaches its data through rel32, not the stack. */
-	int text_left = 0;
+	/* Text: per patch. Data: only once that patch has no retired text left, because
+	 * code still running in retired text reaches its data through rel32, not the stack. */
 	for (size_t k = 0; k < nr; k++) {
 		if (!r[k].is_text)
 			continue;
 		ssize_t i = sandbox_area_find(&sandbox_text, r[k].lo);
-		if (busy[k] || i < 0 || sandbox_text_refill(r[k].lo, r[k].hi - r[k].lo) != 0) {
-			text_left = 1;
+		if (busy[k] || i < 0 || sandbox_text_refill(r[k].lo, r[k].hi - r[k].lo) != 0)
 			continue;
-		}
 		sandbox_area_drop(&sandbox_text, (size_t)i);
 		sandbox_debug("reclaimed retired text 0x%lx+%lu", (unsigned long)r[k].lo,
 			      (unsigned long)(r[k].hi - r[k].lo));
 	}
-	for (size_t k = 0; k < nr && !text_left; k++) {
+	for (size_t k = 0; k < nr; k++) {
 		ssize_t i = r[k].is_text ? -1 : sandbox_area_find(&sandbox_data, r[k].lo);
-		if (i >= 0 && !busy[k]) {
-			sandbox_area_drop(&sandbox_data, (size_t)i);
-			sandbox_debug("reclaimed retired data 0x%lx+%lu", (unsigned long)r[k].lo,
-				      (unsigned long)(r[k].hi - r[k].lo));
-		}
+		if (i < 0 || busy[k] || sandbox_owner_has_text(r[k].owner))
+			continue;
+		sandbox_area_drop(&sandbox_data, (size_t)i);
+		sandbox_debug("reclaimed retired data 0x%lx+%lu", (unsigned long)r[k].lo,
+			      (unsigned long)(r[k].hi - r[k].lo));
 	}
 out:
 	if (dir)
@@ -805,19 +890,31 @@ static int sandbox_func_check(const struct sandbox_apply_spec *spec, unsigned fl
 	if (fs->expected_len < PBX_MIN_EXPECTED || fs->expected_len > PBX_MAX_EXPECTED)
 		return sandbox_error_set(err, PBX_E_MALFORMED, "%s: expected_len %u not in %d..%d", sym,
 					 fs->expected_len, PBX_MIN_EXPECTED, PBX_MAX_EXPECTED);
+	if (fs->kind > PBX_KIND_ENTRY_JUMP ||
+	    (fs->skip != 0 && (fs->kind != PBX_KIND_ENTRY_JUMP || fs->skip != PBX_ENDBR_SKIP)))
+		return sandbox_error_set(err, PBX_E_MALFORMED, "%s: kind %u skip %u", sym, fs->kind, fs->skip);
+	/* Kind 0: the 6+2 NOP entry [abs-6, abs+2), expected bytes from abs-6.
+	 * Kind 1: P = abs+skip, the word [word, word+8) holding [P, P+5) is stored;
+	 * [lo, hi) covers the entry, the skipped endbr64 and that word; expected from P. */
+	int jump = fs->kind == PBX_KIND_ENTRY_JUMP;
+	uintptr_t point = abs + fs->skip, word = sandbox_round_down(point, 8);
+	uintptr_t lo = jump ? (word < abs ? word : abs) : abs - PBX_ENTRY_PAD;
+	uintptr_t hi = jump ? word + 8 : abs + PBX_ENTRY_NOPS;
+	uintptr_t exp_at = jump ? point : abs - PBX_ENTRY_PAD;
 	if (!(flags & SANDBOX_APPLY_INTERNAL)) {
-		if (abs < PBX_ENTRY_PAD || !sandbox_in_text(abs - PBX_ENTRY_PAD, abs + PBX_ENTRY_NOPS, 0))
+		if (abs < PBX_ENTRY_PAD || !sandbox_in_text(lo, jump ? point + PBX_JUMP_LEN : hi, 0) ||
+		    !sandbox_in_text(lo, hi, 1))
 			return sandbox_error_set(err, PBX_E_TARGET_OUT_OF_TEXT,
 						 "%s at 0x%lx (link-time 0x%llx, bias 0x%lx)", sym,
 						 (unsigned long)abs, (unsigned long long)fs->target,
 						 (unsigned long)sandbox_exe.bias);
 		/* The sandbox lies in the program's text (libsandbox.o): patch code is only
 		 * ever changed through stacking, never as a target of its own. */
-		if (abs + PBX_ENTRY_NOPS > sandbox_text.base && abs - PBX_ENTRY_PAD < sandbox_text.base + sandbox_text.size)
+		if (hi > sandbox_text.base && lo < sandbox_text.base + sandbox_text.size)
 			return sandbox_error_set(err, PBX_E_TARGET_OUT_OF_TEXT, "%s at 0x%lx is inside the sandbox",
 						 sym, (unsigned long)abs);
 		/* The expected bytes are read from memory: they must be mapped. */
-		if (!sandbox_in_text(abs - PBX_ENTRY_PAD, abs - PBX_ENTRY_PAD + fs->expected_len, 1))
+		if (!sandbox_in_text(exp_at, exp_at + fs->expected_len, 1))
 			return sandbox_error_set(err, PBX_E_TARGET_OUT_OF_TEXT,
 						 "%s: %u expected bytes run past the end of the text", sym,
 						 fs->expected_len);
@@ -828,49 +925,87 @@ static int sandbox_func_check(const struct sandbox_apply_spec *spec, unsigned fl
 			return sandbox_error_set(err, PBX_E_OVERLAP, "%s (0x%lx) and %s (0x%lx)", funcs[j].symbol,
 						 (unsigned long)o, sym, (unsigned long)abs);
 	}
-	if (fs->new_offset < PBX_ENTRY_PAD || fs->new_offset >= spec->text_len ||
-	    fs->new_size > spec->text_len - fs->new_offset)
+	/* Any offset: a replacement without its own 6+2 NOPs (new_offset < 6 or no NOPs)
+	 * is valid; a later patch of the function cannot be stacked on it (see below). */
+	if (fs->new_offset >= spec->text_len || fs->new_size > spec->text_len - fs->new_offset)
 		return sandbox_error_set(err, PBX_E_MALFORMED,
-					 "%s: replacement at offset %u size %u outside text of %u bytes "
-					 "(the entry needs %d bytes of padding before it)",
-					 sym, fs->new_offset, fs->new_size, spec->text_len, PBX_ENTRY_PAD);
+					 "%s: replacement at offset %u size %u outside text of %u bytes",
+					 sym, fs->new_offset, fs->new_size, spec->text_len);
 
-	/* Logical original: the bytes saved by the first patch on this function for the
-	 * 8-byte entry (if redirected), the current memory after it. */
+	/* Logical original: the current memory, with the bytes the first patch on this
+	 * function changed ([wlo, whi)) replaced by the ones it saved. */
 	uint8_t orig[PBX_MAX_EXPECTED];
 	const struct sandbox_patch *top_patch = NULL;
 	const struct sandbox_func *bottom = sandbox_func_find(abs, 0, NULL);
 	const struct sandbox_func *top = sandbox_func_find(abs, 1, &top_patch);
-	memcpy(orig, (const void *)(abs - PBX_ENTRY_PAD), fs->expected_len);
-	if (bottom)
-		memcpy(orig, bottom->saved, SANDBOX_ENTRY_BYTES);
+	memcpy(orig, (const void *)exp_at, fs->expected_len);
+	for (uintptr_t a = bottom ? bottom->wlo : 0; bottom && a < bottom->whi; a++)
+		if (a >= exp_at && a - exp_at < fs->expected_len)
+			orig[a - exp_at] = bottom->saved[a - bottom->saved_at];
 	for (size_t i = 0; i < fs->expected_len; i++) {
 		if (orig[i] != fs->expected[i]) {
-			long off = (long)i - PBX_ENTRY_PAD;
+			long off = (long)(exp_at - abs) + (long)i;
 			return sandbox_error_set(err, PBX_E_EXPECTED_MISMATCH, "%s%c0x%lx expected %02x found %02x",
 						 sym, off < 0 ? '-' : '+', off < 0 ? -off : off,
 						 fs->expected[i], orig[i]);
 		}
 	}
 	static const uint8_t nops[SANDBOX_ENTRY_BYTES] = { 0x90, 0x90, 0x90, 0x90, 0x90, 0x90, 0x90, 0x90 };
+	static const uint8_t endbr64[PBX_ENDBR_SKIP] = { 0xf3, 0x0f, 0x1e, 0xfa };
 	char hex[64];
-	if (memcmp(orig, nops, SANDBOX_ENTRY_BYTES) != 0) {
+	if (jump && fs->skip && memcmp((const void *)abs, endbr64, sizeof(endbr64)) != 0) {
+		sandbox_hex(hex, sizeof(hex), (const uint8_t *)abs, sizeof(endbr64));
+		return sandbox_error_set(err, PBX_E_NO_PATCHABLE_ENTRY,
+					 "%s at 0x%lx: skip 4 but the entry holds %s, not endbr64", sym,
+					 (unsigned long)abs, hex);
+	}
+	if (jump && !top && point - word > 8 - PBX_JUMP_LEN)
+		return sandbox_error_set(err, PBX_E_NO_PATCHABLE_ENTRY,
+					 "%s: entry jump at 0x%lx refused (rule 4, alignment): byte %lu of its "
+					 "8-byte word, so the 5-byte jump cannot be written with one atomic store",
+					 sym, (unsigned long)point, (unsigned long)(point - word));
+	if (!jump && memcmp(orig, nops, SANDBOX_ENTRY_BYTES) != 0) {
 		sandbox_hex(hex, sizeof(hex), orig, SANDBOX_ENTRY_BYTES);
 		return sandbox_error_set(err, PBX_E_NO_PATCHABLE_ENTRY,
 					 "%s at 0x%lx: entry-6 holds %s, not 8 NOPs (build with "
 					 "-fpatchable-function-entry=8,6)", sym, (unsigned long)abs, hex);
 	}
-	f->site = top ? top->new_entry : abs;
-	if (f->site & 1)
+	/* Stacked: always the 6+2 NOP mechanism, at the replacement entry of the top patch. */
+	f->mech = top ? PBX_KIND_PATCHABLE_ENTRY : fs->kind;
+	f->site = top ? top->new_entry : jump ? point : abs;
+	if (f->mech == PBX_KIND_ENTRY_JUMP) {
+		f->saved_at = word;
+		f->wlo = point;
+		f->whi = point + PBX_JUMP_LEN;
+	} else {
+		f->saved_at = f->site - PBX_ENTRY_PAD;
+		f->wlo = f->site - PBX_ENTRY_PAD;
+		f->whi = f->site + PBX_ENTRY_NOPS;
+	}
+	if (f->mech == PBX_KIND_PATCHABLE_ENTRY && (f->site & 1))
 		return sandbox_error_set(err, PBX_E_NO_PATCHABLE_ENTRY, "%s: entry 0x%lx is not 2-byte aligned",
 					 sym, (unsigned long)f->site);
-	memcpy(f->saved, (const void *)(f->site - PBX_ENTRY_PAD), SANDBOX_ENTRY_BYTES);
-	if (top && memcmp(f->saved, nops, SANDBOX_ENTRY_BYTES) != 0) {
+	memcpy(f->saved, (const void *)f->saved_at, SANDBOX_ENTRY_BYTES);
+	/* The replacement's own padding must lie inside its patch's text. */
+	if (top && (top->new_entry - top_patch->text_addr < PBX_ENTRY_PAD ||
+		    memcmp(f->saved, nops, SANDBOX_ENTRY_BYTES) != 0)) {
 		sandbox_hex(hex, sizeof(hex), f->saved, SANDBOX_ENTRY_BYTES);
+		if (bottom->mech == PBX_KIND_ENTRY_JUMP)
+			return sandbox_error_set(err, PBX_E_NO_PATCHABLE_ENTRY,
+						 "cannot stack on %s (rule 6): %s is redirected by an entry jump "
+						 "and the replacement at 0x%lx has no 6+2 NOP entry of its own "
+						 "(%s): remove %s first, or build its replacement with "
+						 "`patchbox config --cflags`", top_patch->name, sym,
+						 (unsigned long)top->new_entry, hex, top_patch->name);
 		return sandbox_error_set(err, PBX_E_NO_PATCHABLE_ENTRY,
 					 "cannot stack on %s: its replacement of %s at 0x%lx has %s, not 8 NOPs",
 					 top_patch->name, sym, (unsigned long)top->new_entry, hex);
 	}
+	for (size_t j = 0; j < idx; j++)
+		if (funcs[j].wlo < f->whi && f->wlo < funcs[j].whi)
+			return sandbox_error_set(err, PBX_E_OVERLAP, "%s (0x%lx) and %s (0x%lx) change the same bytes",
+						 funcs[j].symbol, (unsigned long)funcs[j].site, sym,
+						 (unsigned long)f->site);
 	f->new_size = fs->new_size;
 	return 0;
 }
@@ -948,6 +1083,39 @@ static int sandbox_fixups_apply(const struct sandbox_apply_spec *spec, const uin
 	return 0;
 }
 
+/* Revival (docs/redirect.md, "Revival"): a retired text extent of exactly the
+ * needed length that already holds, byte for byte, the text this apply would write
+ * there (fix-ups computed for that address) is handed to the new patch without
+ * writing: a thread still running the old copy executes the very same bytes.
+ * Only for patches without data or bss, and only from a removed patch that had none
+ * (its code would reach its data rel32-relative). 1 and *ret if found. tbuf: scratch
+ * of spec->text_len bytes. */
+static int sandbox_text_revive(const struct sandbox_apply_spec *spec, const uint64_t *import,
+			       uint32_t owner, uint8_t *tbuf, uintptr_t *ret, uint32_t *prev_owner)
+{
+	struct sandbox_area *a = &sandbox_text;
+	size_t need = sandbox_round_up(spec->text_len, SANDBOX_ALIGN);
+	for (size_t i = 0; i < a->n; i++) {
+		struct sandbox_extent *x = &a->ext[i];
+		if (!x->retired || x->len != need || sandbox_owner_has_data(x->owner))
+			continue;
+		uintptr_t addr = a->base + x->off;
+		memcpy(tbuf, spec->text, spec->text_len);
+		if (sandbox_fixups_apply(spec, import, tbuf, addr, NULL, 0, NULL) != 0 ||
+		    memcmp(tbuf, (const void *)addr, spec->text_len) != 0)
+			continue;
+		x->retired = 0;
+		*prev_owner = x->owner;
+		x->owner = owner;
+		a->retired -= x->len;
+		a->used += x->len;
+		*ret = addr;
+		sandbox_debug("revived retired text 0x%lx+%zu unchanged", (unsigned long)addr, x->len);
+		return 1;
+	}
+	return 0;
+}
+
 int sandbox_patch_apply(const struct sandbox_apply_spec *spec, unsigned flags,
 			const struct sandbox_patch **ret, struct sandbox_error *err)
 {
@@ -958,7 +1126,8 @@ int sandbox_patch_apply(const struct sandbox_apply_spec *spec, unsigned flags,
 	struct sandbox_pageset ps = { 0 };
 	uintptr_t text_addr = 0, data_addr = 0;
 	uint32_t id = sandbox_next_id;
-	int rc = -1, allocated = 0;
+	int rc = -1, allocated = 0, revived = 0;
+	uint32_t revived_from = 0;
 	char name[PBX_MAX_NAME + 1];
 
 	if (!sandbox_ready)
@@ -986,8 +1155,8 @@ int sandbox_patch_apply(const struct sandbox_apply_spec *spec, unsigned flags,
 	}
 	if (spec->nfuncs < 1 || spec->nfuncs > PBX_MAX_FUNCS)
 		return sandbox_error_set(err, PBX_E_MALFORMED, "nfuncs %u", spec->nfuncs);
-	if (spec->flags != 0)
-		return sandbox_error_set(err, PBX_E_MALFORMED, "flags 0x%x (reserved, must be 0)", spec->flags);
+	if (spec->flags & ~(uint32_t)PBX_FLAG_RETAIN)
+		return sandbox_error_set(err, PBX_E_MALFORMED, "flags 0x%x (unknown bits)", spec->flags);
 
 	funcs = calloc(spec->nfuncs, sizeof(*funcs));
 	patch = calloc(1, sizeof(*patch));
@@ -1009,7 +1178,15 @@ int sandbox_patch_apply(const struct sandbox_apply_spec *spec, unsigned flags,
 				  (unsigned long long)data_block, sandbox_data.size - sandbox_data.used - sandbox_data.retired);
 		goto out;
 	}
-	if (sandbox_area_alloc_reclaim(&sandbox_text, spec->text_len, id, &text_addr) != 0) {
+	tbuf = malloc(spec->text_len);
+	dbuf = malloc(data_block ? data_block : 1);
+	if (!tbuf || !dbuf) {
+		sandbox_error_set(err, PBX_E_NO_MEMORY, NULL);
+		goto out;
+	}
+	if (data_block == 0 && sandbox_text_revive(spec, import, id, tbuf, &text_addr, &revived_from)) {
+		revived = 1;
+	} else if (sandbox_area_alloc_reclaim(&sandbox_text, spec->text_len, id, &text_addr) != 0) {
 		sandbox_error_set(err, PBX_E_SANDBOX_FULL, "need %u bytes of text, %zu free (%zu retired)",
 				  spec->text_len, sandbox_text.size - sandbox_text.used - sandbox_text.retired,
 				  sandbox_text.retired);
@@ -1024,12 +1201,6 @@ int sandbox_patch_apply(const struct sandbox_apply_spec *spec, unsigned flags,
 	}
 
 	/* Fixed-up copies, built away from the live memory. */
-	tbuf = malloc(spec->text_len);
-	dbuf = malloc(data_block ? data_block : 1);
-	if (!tbuf || !dbuf) {
-		sandbox_error_set(err, PBX_E_NO_MEMORY, NULL);
-		goto out;
-	}
 	memcpy(tbuf, spec->text, spec->text_len);
 	if (spec->data_len)
 		memcpy(dbuf, spec->data, spec->data_len);
@@ -1039,19 +1210,21 @@ int sandbox_patch_apply(const struct sandbox_apply_spec *spec, unsigned flags,
 	for (size_t i = 0; i < spec->nfuncs; i++) {
 		struct sandbox_func *f = &funcs[i];
 		f->new_entry = text_addr + spec->funcs[i].new_offset;
-		int64_t rel = (int64_t)f->new_entry - (int64_t)(f->site - PBX_ENTRY_PAD + 5);
+		uintptr_t from = f->mech == PBX_KIND_ENTRY_JUMP ? f->site : f->site - PBX_ENTRY_PAD;
+		int64_t rel = (int64_t)f->new_entry - (int64_t)(from + PBX_JUMP_LEN);
 		if (rel < INT32_MIN || rel > INT32_MAX) {
 			sandbox_error_set(err, PBX_E_FIXUP_OVERFLOW, "redirect of %s from 0x%lx to 0x%lx: %lld",
 					  f->symbol, (unsigned long)f->site, (unsigned long)f->new_entry, (long long)rel);
 			goto out;
 		}
 	}
-	if (sandbox_pageset_add(&ps, text_addr, spec->text_len) != 0) {
+	/* A revived text is not written: its pages stay r-x. */
+	if (!revived && sandbox_pageset_add(&ps, text_addr, spec->text_len) != 0) {
 		sandbox_error_set(err, PBX_E_NO_MEMORY, NULL);
 		goto out;
 	}
 	for (size_t i = 0; i < spec->nfuncs; i++) {
-		if (sandbox_pageset_add(&ps, funcs[i].site - PBX_ENTRY_PAD, SANDBOX_ENTRY_BYTES) != 0) {
+		if (sandbox_pageset_add(&ps, funcs[i].saved_at, SANDBOX_ENTRY_BYTES) != 0) {
 			sandbox_error_set(err, PBX_E_NO_MEMORY, NULL);
 			goto out;
 		}
@@ -1060,13 +1233,16 @@ int sandbox_patch_apply(const struct sandbox_apply_spec *spec, unsigned flags,
 	if (sandbox_pageset_open(&ps, err) != 0)
 		goto out;
 
-	memcpy((void *)text_addr, tbuf, spec->text_len);
+	if (!revived)
+		memcpy((void *)text_addr, tbuf, spec->text_len);
 	if (data_block)
 		memcpy((void *)data_addr, dbuf, data_block);
 	/* Phase 1: `e9 rel32` into the dead padding; nothing executes there until the
 	 * phase 2 store publishes it. */
 	for (size_t i = 0; i < spec->nfuncs; i++) {
 		struct sandbox_func *f = &funcs[i];
+		if (f->mech == PBX_KIND_ENTRY_JUMP)
+			continue;	/* written in phase 2 */
 		uint8_t jmp[5] = { 0xe9 };
 		int32_t rel = (int32_t)((int64_t)f->new_entry - (int64_t)(f->site - PBX_ENTRY_PAD + 5));
 		memcpy(jmp + 1, &rel, 4);
@@ -1074,9 +1250,19 @@ int sandbox_patch_apply(const struct sandbox_apply_spec *spec, unsigned flags,
 	}
 	/* Pairs with phase 2: new code and jumps visible to every core's fetch first. */
 	sandbox_core_sync();
-	/* Phase 2: publish, one atomic 2-byte store per function (pairs with the sync above). */
-	for (size_t i = 0; i < spec->nfuncs; i++)
-		sandbox_insn_store2(funcs[i].site, SANDBOX_INSN_JMP_BACK);
+	/* Phase 2: publish, one atomic 2-byte store per function, or one atomic 8-byte store
+	 * of the word holding the entry jump (pairs with the sync above). */
+	for (size_t i = 0; i < spec->nfuncs; i++) {
+		struct sandbox_func *f = &funcs[i];
+		if (f->mech == PBX_KIND_ENTRY_JUMP) {
+			uint8_t jmp[PBX_JUMP_LEN] = { 0xe9 };
+			int32_t rel = (int32_t)((int64_t)f->new_entry - (int64_t)(f->site + PBX_JUMP_LEN));
+			memcpy(jmp + 1, &rel, 4);
+			sandbox_insn_store8(f->saved_at, sandbox_jump_word(f, jmp));
+		} else {
+			sandbox_insn_store2(f->site, SANDBOX_INSN_JMP_BACK);
+		}
+	}
 	/* Pairs with the phase 2 stores: all cores fetch the redirect from now on. */
 	sandbox_core_sync();
 	sandbox_pageset_close(&ps);
@@ -1091,6 +1277,7 @@ int sandbox_patch_apply(const struct sandbox_apply_spec *spec, unsigned flags,
 	patch->data_addr = data_addr;
 	patch->data_size = (uint32_t)data_block;
 	patch->nfuncs = spec->nfuncs;
+	patch->flags = spec->flags;
 	patch->funcs = funcs;
 	sandbox_patches[sandbox_npatches++] = patch;
 	sandbox_next_id++;
@@ -1104,9 +1291,16 @@ int sandbox_patch_apply(const struct sandbox_apply_spec *spec, unsigned flags,
 	rc = 0;
 out:
 	if (rc != 0 && allocated) {
-		/* Never executed (no redirect was published): free, no quiescence needed. */
+		/* Never executed (no redirect was published): free, no quiescence needed;
+		 * a revived extent goes back to retired (old threads may still run it). */
+		if (revived) {
+			sandbox_area_retire(&sandbox_text, id, 0);
+			ssize_t i = sandbox_area_find(&sandbox_text, text_addr);
+			if (i >= 0)
+				sandbox_text.ext[i].owner = revived_from;
+		}
 		for (size_t i = sandbox_text.n; i-- > 0;)
-			if (sandbox_text.ext[i].owner == id)
+			if (sandbox_text.ext[i].owner == id && !sandbox_text.ext[i].retired)
 				sandbox_area_drop(&sandbox_text, i);
 		for (size_t i = sandbox_data.n; i-- > 0;)
 			if (sandbox_data.ext[i].owner == id)
@@ -1140,7 +1334,7 @@ static int sandbox_patch_remove_mode(const char *name, size_t name_len, int free
 	}
 	struct sandbox_pageset ps = { 0 };
 	for (size_t f = 0; f < p->nfuncs; f++) {
-		if (sandbox_pageset_add(&ps, p->funcs[f].site - PBX_ENTRY_PAD, SANDBOX_ENTRY_BYTES) != 0) {
+		if (sandbox_pageset_add(&ps, p->funcs[f].saved_at, SANDBOX_ENTRY_BYTES) != 0) {
 			sandbox_pageset_deinit(&ps);
 			return sandbox_error_set(err, PBX_E_NO_MEMORY, NULL);
 		}
@@ -1150,19 +1344,29 @@ static int sandbox_patch_remove_mode(const char *name, size_t name_len, int free
 		return -1;
 	}
 	uint16_t v;
-	/* (1) Entry back to its saved bytes: no new thread takes the redirect. */
+	/* (1) Entry back to its saved bytes: no new thread takes the redirect. An entry
+	 * jump is undone completely here: one 8-byte store of the word with the saved
+	 * [site, site+5) (a thread that already jumped is in the replacement, kept). */
 	for (size_t f = 0; f < p->nfuncs; f++) {
-		memcpy(&v, p->funcs[f].saved + PBX_ENTRY_PAD, 2);
-		sandbox_insn_store2(p->funcs[f].site, v);
+		const struct sandbox_func *fn = &p->funcs[f];
+		if (fn->mech == PBX_KIND_ENTRY_JUMP) {
+			sandbox_insn_store8(fn->saved_at, sandbox_jump_word(fn, fn->saved + (fn->site - fn->saved_at)));
+			continue;
+		}
+		memcpy(&v, fn->saved + PBX_ENTRY_PAD, 2);
+		sandbox_insn_store2(fn->site, v);
 	}
-	/* Pairs with (1): no core still fetches `eb f8` at the entry. */
+	/* Pairs with (1): no core still fetches `eb f8` (or the entry jump) at the entry. */
 	sandbox_core_sync();
 	/* (2) A thread parked at site-6 now jumps to the entry instead of the patch. */
 	for (size_t f = 0; f < p->nfuncs; f++)
-		sandbox_insn_store2(p->funcs[f].site - PBX_ENTRY_PAD, SANDBOX_INSN_JMP_OVER);
+		if (p->funcs[f].mech != PBX_KIND_ENTRY_JUMP)
+			sandbox_insn_store2(p->funcs[f].site - PBX_ENTRY_PAD, SANDBOX_INSN_JMP_OVER);
 	/* Pairs with (2): the rel32 bytes below are dead before they change. */
 	sandbox_core_sync();
 	for (size_t f = 0; f < p->nfuncs; f++) {
+		if (p->funcs[f].mech == PBX_KIND_ENTRY_JUMP)
+			continue;
 		/* (3) Skipped by `eb 04`; ordered before (4) by x86 store ordering. */
 		memcpy((void *)(p->funcs[f].site - 4), p->funcs[f].saved + 2, 4);
 		/* (4) The first padding bytes last (pairs with (3)). */
@@ -1175,8 +1379,9 @@ static int sandbox_patch_remove_mode(const char *name, size_t name_len, int free
 	sandbox_pageset_deinit(&ps);
 
 	if (!free_now || sandbox_owner_free(p->id) != 0) {
-		sandbox_area_retire(&sandbox_text, p->id);
-		sandbox_area_retire(&sandbox_data, p->id);
+		int keep = (p->flags & PBX_FLAG_RETAIN) != 0;
+		sandbox_area_retire(&sandbox_text, p->id, keep);
+		sandbox_area_retire(&sandbox_data, p->id, keep);
 	}
 	sandbox_debug("removed %s id %u", p->name, p->id);
 	memmove(&sandbox_patches[idx], &sandbox_patches[idx + 1],

@@ -60,8 +60,10 @@ struct sandbox_func_spec {
 	uint16_t symbol_len;
 	uint64_t target;	/* link-time address */
 	uint32_t new_offset, new_size;
+	uint8_t kind;		/* PBX_KIND_*: how the original is redirected */
+	uint8_t skip;		/* PBX_KIND_ENTRY_JUMP: 0, or 4 past an endbr64 */
 	uint16_t expected_len;
-	const uint8_t *expected;
+	const uint8_t *expected; /* kind 0: from target-6; kind 1: from target+skip */
 };
 
 struct sandbox_fixup_spec {
@@ -97,7 +99,10 @@ struct sandbox_func {
 	uintptr_t site;		/* where this patch redirected: target or the entry below */
 	uintptr_t new_entry;
 	uint32_t new_size;
-	uint8_t saved[PBX_ENTRY_PAD + PBX_ENTRY_NOPS]; /* bytes at [site-6, site+2) before */
+	uint8_t mech;		/* PBX_KIND_*: how this patch redirected site (stacking: always 0) */
+	uintptr_t saved_at;	/* kind 0: site-6; kind 1: the 8-aligned word holding site */
+	uintptr_t wlo, whi;	/* the bytes this patch changes: [site-6, site+2) / [site, site+5) */
+	uint8_t saved[PBX_ENTRY_PAD + PBX_ENTRY_NOPS]; /* bytes at [saved_at, saved_at+8) before */
 };
 
 struct sandbox_patch {
@@ -107,6 +112,7 @@ struct sandbox_patch {
 	uintptr_t text_addr, data_addr;
 	uint32_t text_size, data_size;
 	uint16_t nfuncs;
+	uint32_t flags;		/* PBX_FLAG_* of the apply */
 	struct sandbox_func *funcs;
 };
 

@@ -468,6 +468,8 @@ static int sandbox_apply_parse(struct sandbox_request *q, struct sandbox_apply_s
 		    SANDBOX_READ_UINT(r, "function target", 8, f->target) != 0 ||
 		    SANDBOX_READ_UINT(r, "function new_offset", 4, f->new_offset) != 0 ||
 		    SANDBOX_READ_UINT(r, "function new_size", 4, f->new_size) != 0 ||
+		    SANDBOX_READ_UINT(r, "function kind", 1, f->kind) != 0 ||
+		    SANDBOX_READ_UINT(r, "function skip", 1, f->skip) != 0 ||
 		    SANDBOX_READ_UINT(r, "function expected_len", 2, f->expected_len) != 0 ||
 		    sandbox_reader_take(r, "function expected", f->expected_len, &f->expected) != 0)
 			return sandbox_reader_error(r, err);
@@ -477,6 +479,11 @@ static int sandbox_apply_parse(struct sandbox_request *q, struct sandbox_apply_s
 		if (f->expected_len < PBX_MIN_EXPECTED || f->expected_len > PBX_MAX_EXPECTED)
 			return sandbox_error_set(err, PBX_E_MALFORMED, "function %zu: expected_len %u not in %d..%d",
 						 i, f->expected_len, PBX_MIN_EXPECTED, PBX_MAX_EXPECTED);
+		if (f->kind > PBX_KIND_ENTRY_JUMP ||
+		    (f->skip != 0 && (f->kind != PBX_KIND_ENTRY_JUMP || f->skip != PBX_ENDBR_SKIP)))
+			return sandbox_error_set(err, PBX_E_MALFORMED,
+						 "function %zu: kind %u skip %u (kind 0 needs skip 0, kind 1 skip 0 or %d)",
+						 i, f->kind, f->skip, PBX_ENDBR_SKIP);
 	}
 	if (SANDBOX_READ_UINT(r, "nfixups", 4, s->nfixups) != 0)
 		return sandbox_reader_error(r, err);

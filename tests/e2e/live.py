@@ -19,6 +19,7 @@ ORIGINAL = {
     "STACKED": "100",
     "PICK": "return x ? \"some\" : \"none\";",
     "EXTRA": "",
+    "PARK": "return x + 7;",
 }
 
 

@@ -2,14 +2,22 @@
  * function through a table of pointers (so every call goes through the function's entry)
  * and prints the result. The tests compile a patched copy of this file where the markers
  * @NAME@ are replaced, and extract replacement functions from it. */
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
 #include <unistd.h>
+
+#ifndef PR_SET_MDWE
+#define PR_SET_MDWE 65
+#define PR_MDWE_REFUSE_EXEC_GAIN (1UL << 0)
+#endif
 
 long counter;                                   /* global read and written by bump */
 static int calls_seen;                          /* static variable in this file */
 static char fmt_buf[64];
+int park_fds[2];                                /* a patched park() may block reading [0] */
 
 __attribute__((noinline)) static int scale(int x)      /* static helper in the binary */
 {
@@ -50,6 +58,7 @@ __attribute__((noinline)) const char *pick(int x)
 __attribute__((noinline)) int pair_a(int x) { return x + @PAIR_A@; }
 __attribute__((noinline)) int pair_b(int x) { return x * @PAIR_B@; }
 __attribute__((noinline)) int stacked(int x) { return x + @STACKED@; }
+__attribute__((noinline)) int park(int x) { @PARK@ }
 
 @EXTRA@
 
@@ -58,8 +67,19 @@ static const struct entry table[] = {
 	{ "use_helper", use_helper, NULL }, { "bump", bump, NULL },
 	{ "greet", NULL, greet }, { "fmt", NULL, fmt },
 	{ "pair_a", pair_a, NULL }, { "pair_b", pair_b, NULL },
-	{ "stacked", stacked, NULL }, { "pick", NULL, pick },
+	{ "stacked", stacked, NULL }, { "pick", NULL, pick }, { "park", park, NULL },
 };
+
+/* "spawn N": a thread calls park(N); "wake 0": one byte into park_fds; "join 0": its result. */
+static pthread_t parked_thread;
+static int parked_arg, parked_result;
+
+static void *parked_main(void *arg)
+{
+	(void)arg;
+	parked_result = park(parked_arg);
+	return NULL;
+}
 
 int main(void)
 {
@@ -67,10 +87,32 @@ int main(void)
 	int arg;
 
 	setvbuf(stdout, NULL, _IOLBF, 0);
+	if (pipe(park_fds) != 0)
+		return 2;
+	/* W^X as systemd's MemoryDenyWriteExecute=yes enforces it: no mapping may become
+	 * writable and executable, so the agent's mprotect(rwx) is refused. */
+	if (getenv("TARGET_MDWE") && prctl(PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN, 0, 0, 0) != 0) {
+		perror("prctl(PR_SET_MDWE)");
+		return 3;
+	}
 	printf("ready %d\n", (int)getpid());
 	while (fgets(line, sizeof line, stdin)) {
 		if (sscanf(line, "%63s %d", name, &arg) != 2) {
 			printf("bad input\n");
+			continue;
+		}
+		if (strcmp(name, "spawn") == 0) {
+			parked_arg = arg;
+			printf(pthread_create(&parked_thread, NULL, parked_main, NULL) ? "failed\n" : "spawned\n");
+			continue;
+		}
+		if (strcmp(name, "wake") == 0) {
+			printf(write(park_fds[1], "w", 1) == 1 ? "woken\n" : "failed\n");
+			continue;
+		}
+		if (strcmp(name, "join") == 0) {
+			pthread_join(parked_thread, NULL);
+			printf("%d\n", parked_result);
 			continue;
 		}
 		size_t i;

@@ -17,6 +17,8 @@
 #define PBX_ENTRY_PAD 6
 #define PBX_ENTRY_NOPS 2
 #define PBX_REPLY_BIT 128
+#define PBX_JUMP_LEN 5
+#define PBX_ENDBR_SKIP 4
 
 #define PBX_MSG_INFO 1
 #define PBX_MSG_LIST 2
@@ -24,6 +26,11 @@
 #define PBX_MSG_REMOVE 4
 #define PBX_MSG_TEST 5
 #define PBX_MSG_DEBUG 6
+
+#define PBX_KIND_PATCHABLE_ENTRY 0
+#define PBX_KIND_ENTRY_JUMP 1
+
+#define PBX_FLAG_RETAIN 1
 
 #define PBX_FIXUP_PC32 1
 #define PBX_FIXUP_ABS64 2

@@ -26,6 +26,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import patchbox
+from patchbox.build.fallback import analyse_entry
 from patchbox.elf import dwarf
 from patchbox.elf.binary import Binary, Symbol
 from patchbox.elf.objfile import ObjectFile, ObjSymbol, Relocation, Section
@@ -34,7 +35,8 @@ from patchbox.errors import ElfError, ExtractError, UnsupportedRelocation
 from patchbox.format.layout import check_name
 from patchbox.format.model import Fixup, Function, Patch
 from patchbox.protocol import constants as C
-from patchbox.protocol.constants import FixupBase, FixupSection, FixupType
+from patchbox.protocol.constants import (ApplyFlag, FixupBase, FixupSection, FixupType,
+                                         RedirectKind)
 
 __all__ = ["PROFILES", "extract_patch"]
 
@@ -46,6 +48,7 @@ EXPECTED_MAX = 32
 STUB_SIZE = 16  # ff 25 00000000 (jmp *slot(%rip)), 8-byte slot, 2 x int3 padding
 STUB_SLOT = 6
 GOT_SLOT = 8
+ORIGINAL_PREFIX = "patchbox_original_"  # PATCHBOX_ORIGINAL(fn), agent/include/patchbox/patch.h
 _STATIC_LOCAL = re.compile(r"^(?P<base>.+)\.(?P<n>\d+)$")  # GCC's `counter.0`
 
 
@@ -67,10 +70,14 @@ class _Target:
 class _Extractor:
     """One extraction: the closure of copied sections, their layout, the fix-ups."""
 
-    def __init__(self, obj: ObjectFile, binary: Binary, functions: list[str]) -> None:
+    def __init__(self, obj: ObjectFile, binary: Binary, functions: list[str], *,
+                 force: bool = False, warnings: list[str] | None = None) -> None:
         self.obj = obj
         self.bin = binary
         self.names = functions
+        self.force = force
+        self.warnings = warnings if warnings is not None else []
+        self.redirect: dict[str, tuple[RedirectKind, int]] = {}  # name -> (kind, skip)
         self.source = obj.source_file
         # Copied sections in discovery order: section index -> "func" | "rodata" | "data" | "bss"
         self.copied: dict[int, str] = {}
@@ -95,17 +102,45 @@ class _Extractor:
             sec = self.obj.get_section(sym.shndx)  # type: ignore[arg-type]
             data = sec.data
             if (sym.value != C.ENTRY_PAD or data[:C.ENTRY_PAD + C.ENTRY_NOPS] != ENTRY):
-                raise ExtractError(f"{name} was not compiled with `patchbox config --cflags` "
-                                   f"(no patchable entry) in {self.obj.path}")
+                # Valid (its entry is the symbol), but nothing can be stacked on it later.
+                self.warnings.append(
+                    f"{name} in {self.obj.path} has no patchable entry (not compiled with "
+                    f"`patchbox config --cflags`): a later patch of {name} cannot be "
+                    f"stacked on this one")
             orig = self._find_original(sym)
-            n = max(C.MIN_EXPECTED, min(EXPECTED_MAX, orig.size + C.ENTRY_PAD))
-            expected = self.bin.read(orig.address - C.ENTRY_PAD, n)
-            if expected[:len(ENTRY)] != ENTRY:
-                raise ExtractError(
-                    f"{name} at {orig.address:#x} in {self.bin.path} has no patchable entry "
-                    f"(6+2 NOPs): the program was not built with `patchbox config --cflags`")
+            if self._has_padding(orig):
+                n = max(C.MIN_EXPECTED, min(EXPECTED_MAX, orig.size + C.ENTRY_PAD))
+                expected = self.bin.read(orig.address - C.ENTRY_PAD, n)
+                self.redirect[name] = (RedirectKind.PATCHABLE_ENTRY, 0)
+            else:
+                expected = self._entry_jump(name, orig)
             out.append((sym, sec, orig.address, expected))
         return out
+
+    def _has_padding(self, orig: Symbol) -> bool:
+        try:
+            return self.bin.read(orig.address - C.ENTRY_PAD, len(ENTRY)) == ENTRY
+        except ElfError:
+            return False
+
+    def _entry_jump(self, name: str, orig: Symbol) -> bytes:
+        """Returns the expected bytes of an entry-jump record for ``orig`` (no padding):
+        [P, P+n), n >= 8; raises ExtractError naming the fallback rule that fails."""
+        if _is_shared_library(self.bin):
+            raise ExtractError(
+                f"{name} has no patchable entry and cannot use an entry jump (rule 5, shared "
+                f"library): {self.bin.path} is a shared library, not the executable; the "
+                f"sandbox lies near the executable and is not within rel32 reach of it")
+        code = self.bin.read(orig.address, orig.size)
+        pieces = [(s.name, s.address, self.bin.read(s.address, s.size))
+                  for s in self.bin.iter_symbols()
+                  if s.defined and s.type == "FUNC" and s.size
+                  and s.name.startswith(name + ".") and s.address != orig.address]
+        jump = analyse_entry(name, orig.address, code, force=self.force, pieces=pieces,
+                             warnings=self.warnings)
+        self.redirect[name] = (RedirectKind.ENTRY_JUMP, jump.skip)
+        n = max(C.MIN_EXPECTED, min(EXPECTED_MAX, orig.size - jump.skip))
+        return self.bin.read(jump.point, n)
 
     def _find_original(self, sym: ObjSymbol) -> Symbol:
         if sym.is_local:
@@ -117,6 +152,12 @@ class _Extractor:
         else:
             orig = self.bin.find_global(sym.name)
             where = f"global function {sym.name!r}"
+        if orig is None and not sym.is_local and any(
+                s.name == sym.name and not s.defined for s in self.bin.iter_symbols()):
+            raise ExtractError(
+                f"{sym.name} is in a shared library, not in {self.bin.path}: cannot patch it "
+                f"(rule 5, shared library): the sandbox lies near the executable and is not "
+                f"within rel32 reach of shared libraries")
         if orig is None or orig.type != "FUNC":
             raise ExtractError(f"{self.bin.path}: no {where} to replace (inlined everywhere, "
                                f"renamed, or not the binary this object was patched from?)")
@@ -148,6 +189,9 @@ class _Extractor:
             if sym.shndx != "SHN_UNDEF":
                 raise ExtractError(f"{_where(sec, rel)}: symbol {sym.name!r} in {sym.shndx} "
                                    f"(compile with -fno-common)")
+            original = self._original_body(sym.name)
+            if original is not None:
+                return original
             orig = self.bin.find_global(sym.name)
             if orig is not None:
                 if orig.type == "TLS":
@@ -170,6 +214,27 @@ class _Extractor:
                 f"file under its original name")
         self.copy(target_sec.index, _kind(target_sec))
         return _Target("copy", value, section=target_sec.index)
+
+    def _original_body(self, name: str) -> _Target | None:
+        """Returns the program's own ``fn`` past its entry NOPs for ``patchbox_original_<fn>``
+        (PATCHBOX_ORIGINAL, docs/redirect.md "Calling the original"); None for other names.
+
+        Entry + 2 is the original body: the redirect is published at the entry, so a call
+        there is never redirected, whatever patch is applied or removed later.
+        """
+        if not name.startswith(ORIGINAL_PREFIX):
+            return None
+        fn = name[len(ORIGINAL_PREFIX):]
+        orig = self.bin.find_local(fn, self.source) if self.source else None
+        if orig is None:
+            orig = self.bin.find_global(fn)
+        if orig is None or orig.type != "FUNC":
+            raise ExtractError(f"{name}: {self.bin.path} has no function {fn!r} (global, or "
+                               f"static in the patched file) for PATCHBOX_ORIGINAL")
+        if self.bin.read(orig.address - C.ENTRY_PAD, len(ENTRY)) != ENTRY:
+            raise ExtractError(f"{name}: {fn} at {orig.address:#x} has no patchable entry "
+                               f"(6+2 NOPs), so its body does not start at entry+2")
+        return _Target("exe", orig.address + C.ENTRY_NOPS)
 
     def _exe_section_base(self, target: Section, sym: ObjSymbol, sec: Section,
                           rel: Relocation) -> int | None:
@@ -369,6 +434,22 @@ def _is_branch(sec: Section, rel: Relocation) -> bool:
         or (o >= 2 and code[o - 2] == 0x0F and 0x80 <= code[o - 1] <= 0x8F))
 
 
+def _is_shared_library(binary: Binary) -> bool:
+    """Returns True for an ET_DYN that is not an executable (no PT_INTERP, no DF_1_PIE)."""
+    elf = binary.elf
+    if elf["e_type"] != "ET_DYN":
+        return False
+    if any(seg["p_type"] == "PT_INTERP" for seg in elf.iter_segments()):
+        return False
+    dyn = elf.get_section_by_name(".dynamic")
+    if dyn is None:
+        return False  # static-pie
+    for tag in dyn.iter_tags():
+        if tag.entry.d_tag == "DT_FLAGS_1" and tag.entry.d_val & 0x08000000:  # DF_1_PIE
+            return False
+    return True
+
+
 def _kind(sec: Section) -> str:
     if sec.is_exec:
         return "func"
@@ -460,7 +541,8 @@ def _check_inlined(binary: Binary, shown: str, obj: ObjectFile, functions: list[
 
 def extract_patch(obj_path: str | Path, binary_path: str | Path, functions: list[str], *,
                   name: str | None = None, profile: str = "generic",
-                  allow_inlined: bool = False, warnings: list[str] | None = None) -> Patch:
+                  allow_inlined: bool = False, warnings: list[str] | None = None,
+                  force: bool = False) -> Patch:
     """Returns the live patch replacing ``functions`` of ``binary_path`` with their
     versions in the patched object ``obj_path``.
 
@@ -469,8 +551,8 @@ def extract_patch(obj_path: str | Path, binary_path: str | Path, functions: list
     running process was started from (unstripped, with a GNU build-id). ``name``
     defaults to ``"patch"``.
 
-    ``profile`` is ``"generic"`` or ``"qemu"``; for now the profile is only recorded in
-    the patch's meta (``profile``): QEMU-specific handling is added by the QEMU work.
+    ``profile`` is ``"generic"`` or ``"qemu"``; it is recorded in the meta, and ``"qemu"``
+    sets the RETAIN apply flag (the patch's memory is never reused after remove).
 
     Decisions: read-only data the patch reaches (string literals, jump tables,
     ``const`` tables) is always copied into the patch text, since it cannot change and
@@ -483,6 +565,12 @@ def extract_patch(obj_path: str | Path, binary_path: str | Path, functions: list
     ``inlined_check`` (``dwarf``, ``partial`` or ``unavailable``) and, when allowed,
     ``inlined:<fn>`` = the callers. Nothing is printed: warnings (inlined copies allowed,
     no debug info to check) are appended to ``warnings`` when a list is given.
+
+    Originals without the patchable entry: redirected by an entry jump (kind
+    ENTRY_JUMP) if :func:`patchbox.build.fallback.analyse_entry` accepts them, else
+    refused naming the rule; ``force`` accepts a first instruction shorter than the jump
+    (rule 2) with the risk as a warning. A replacement in ``obj_path`` without its own
+    patchable entry is accepted with a warning (nothing can be stacked on it).
 
     Raises ElfError for unreadable inputs, ExtractError (UnsupportedRelocation for
     relocations that cannot be carried) when no correct patch can be built.
@@ -503,7 +591,7 @@ def extract_patch(obj_path: str | Path, binary_path: str | Path, functions: list
     obj = ObjectFile.load(obj_path)
     with Binary(binary_path) as binary:
         build_id = binary.build_id()
-        ex = _Extractor(obj, binary, functions)
+        ex = _Extractor(obj, binary, functions, force=force, warnings=warnings)
         replaced = ex.replaced()
         inline_meta = _check_inlined(binary, shown, obj, functions, allow_inlined, warnings)
         for sym, sec, addr, _exp in replaced:
@@ -515,7 +603,8 @@ def extract_patch(obj_path: str | Path, binary_path: str | Path, functions: list
         ex.emit(text, data)
     funcs = [Function(symbol=sym.name, target=addr,
                       new_offset=ex.placement[sec.index][1] + sym.value,
-                      new_size=sym.size, expected=expected)
+                      new_size=sym.size, expected=expected, kind=ex.redirect[sym.name][0],
+                      skip=ex.redirect[sym.name][1])
              for sym, sec, addr, expected in replaced]
     meta = {
         "tool": "extract-patch",
@@ -529,5 +618,8 @@ def extract_patch(obj_path: str | Path, binary_path: str | Path, functions: list
         meta[f"source:{fn}"] = obj.source_file or "unknown"
     meta.update(ex.new_symbols({sec.index for _s, sec, _a, _e in replaced}))
     meta.update(inline_meta)
+    # QEMU code may be suspended in coroutines on stacks the agent cannot scan: never
+    # reuse such a patch's memory after remove (docs/qemu.md, "Coroutines").
+    flags = ApplyFlag.RETAIN if profile == "qemu" else 0
     return Patch(name=name, build_id=build_id, text=bytes(text), functions=funcs,
-                 fixups=ex.fixups, data=bytes(data), bss_size=bss_size, meta=meta)
+                 fixups=ex.fixups, data=bytes(data), bss_size=bss_size, flags=flags, meta=meta)

@@ -22,11 +22,15 @@ __all__ = ["extract_command", "main"]
 @click.option("--allow-inlined", is_flag=True,
               help="Accept replaced functions that are also inlined into functions the patch "
                    "does not replace (those calls keep the old code); warn instead of refusing.")
+@click.option("--force", is_flag=True,
+              help="Entry jump (original without the patchable entry): accept a first "
+                   "instruction shorter than the 5-byte jump; a thread preempted inside those "
+                   "bytes at the switch would crash. Other refusals are not overridden.")
 @click.argument("patched_o", type=click.Path(dir_okay=False))
 @click.argument("reference", type=click.Path(dir_okay=False))
 @click.pass_context
 def extract_command(ctx: click.Context, functions: tuple[str, ...], qemu: bool,
-                    name: str | None, output: str | None, allow_inlined: bool,
+                    name: str | None, output: str | None, allow_inlined: bool, force: bool,
                     patched_o: str, reference: str) -> None:
     """Build a live patch replacing NAME... of REFERENCE (the binary the running process
     was started from) with their versions in PATCHED_O (compiled with
@@ -39,7 +43,7 @@ def extract_command(ctx: click.Context, functions: tuple[str, ...], qemu: bool,
         try:
             patch = extract_patch(patched_o, reference, list(functions), name=name,
                                   profile="qemu" if qemu else "generic",
-                                  allow_inlined=allow_inlined, warnings=warnings)
+                                  allow_inlined=allow_inlined, warnings=warnings, force=force)
         finally:
             for warning in warnings:
                 click.echo(f"extract-patch: warning: {warning}", err=True)

@@ -62,6 +62,8 @@ def describe_patch(patch: Patch) -> dict[str, Any]:
             "new_offset": fn.new_offset,
             "new_size": fn.new_size,
             "expected": fn.expected.hex(),
+            "redirect": "entry_jump" if fn.kind else "patchable_entry",
+            "skip": fn.skip,
             "disassembly": disassemble(patch, fn.new_offset, fn.new_size),
         } for fn in patch.functions],
         "fixups": {"total": len(patch.fixups), "by_kind": dict(sorted(counts.items()))},
@@ -88,8 +90,9 @@ def show_command(as_json: bool, file: str) -> None:
     echo(f"functions ({len(d['functions'])}):")
     width = max(len(fn["symbol"]) for fn in d["functions"])
     for fn in d["functions"]:
+        jump = (f"  entry jump at +{fn['skip']}" if fn["redirect"] == "entry_jump" else "")
         echo(f"  {fn['symbol']:<{width}}  target {fn['target']:#x}  replacement "
-             f"text+{fn['new_offset']:#x}, {fn['new_size']} bytes")
+             f"text+{fn['new_offset']:#x}, {fn['new_size']} bytes{jump}")
     kinds = ", ".join(f"{kind} {n}" for kind, n in d["fixups"]["by_kind"].items())
     echo(f"fix-ups   {d['fixups']['total']}" + (f" ({kinds})" if kinds else ""))
     echo(f"imports   {', '.join(d['imports']) or 'none'}")

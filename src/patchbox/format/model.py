@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from patchbox.protocol.constants import FixupBase, FixupSection, FixupType
+from patchbox.protocol.constants import FixupBase, FixupSection, FixupType, RedirectKind
 
 __all__ = ["Function", "Fixup", "Patch"]
 
@@ -19,7 +19,16 @@ class Function:
     target: int  # link-time address of the original entry (the symbol)
     new_offset: int  # entry of the replacement inside Patch.text
     new_size: int
-    expected: bytes  # original bytes at [target-6, target-6+len)
+    # PATCHABLE_ENTRY: original bytes at [target-6, target-6+len);
+    # ENTRY_JUMP: original bytes at [P, P+len), P = target+skip (docs/redirect.md)
+    expected: bytes
+    kind: RedirectKind = RedirectKind.PATCHABLE_ENTRY
+    skip: int = 0  # ENTRY_JUMP only: 4 when an endbr64 at the entry stays in place
+
+    @property
+    def patch_point(self) -> int:
+        """Returns the link-time address the redirect is written at (P for an entry jump)."""
+        return self.target + self.skip
 
 
 @dataclass

@@ -17,6 +17,8 @@ MAX_EXPECTED = 64
 ENTRY_PAD = 6
 ENTRY_NOPS = 2
 REPLY_BIT = 128
+JUMP_LEN = 5
+ENDBR_SKIP = 4
 
 
 class Msg(IntEnum):
@@ -26,6 +28,15 @@ class Msg(IntEnum):
     REMOVE = 4
     TEST = 5
     DEBUG = 6
+
+
+class RedirectKind(IntEnum):
+    PATCHABLE_ENTRY = 0
+    ENTRY_JUMP = 1
+
+
+class ApplyFlag(IntEnum):
+    RETAIN = 1
 
 
 class FixupType(IntEnum):
@@ -120,7 +131,10 @@ __all__ = [
     'ENTRY_PAD',
     'ENTRY_NOPS',
     'REPLY_BIT',
+    'JUMP_LEN',
+    'ENDBR_SKIP',
     'Msg',
+    'RedirectKind',
     'FixupType',
     'FixupBase',
     'FixupSection',

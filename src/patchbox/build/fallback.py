@@ -1,0 +1,128 @@
+"""The entry-jump fallback for functions without the patchable entry (docs/redirect.md,
+"Functions without the padding").
+
+A function of the reference binary that lacks the 6+2 NOPs of ``patchbox config
+--cflags`` can still be redirected by overwriting the first 5 bytes at the patch point
+P (the entry, or entry+4 past an ``endbr64``) with ``e9 rel32`` in one aligned 8-byte
+atomic store. :func:`analyse_entry` decides with capstone whether that is safe and
+refuses naming the rule that fails:
+
+1. at least 5 bytes of the function from P;
+2. the instruction at P is at least 5 bytes long, so no thread can be stopped inside
+   [P, P+5) (threads only stop between instructions); otherwise only with ``force``,
+   accepting the stated risk;
+3. no direct branch of the function (or of its ``.cold``/``.part`` pieces) targets
+   (P, P+5); never overridable;
+4. P % 8 <= 3, so [P, P+5) lies in one aligned 8-byte word; never overridable;
+5. the function is in the executable, not in a shared library (the sandbox is only
+   within rel32 reach of the executable).
+
+Rule 6 (no stacking on an entry jump unless the replacement has its own padding) is
+about the running process and enforced by the agent.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from capstone import CS_ARCH_X86, CS_GRP_CALL, CS_GRP_JUMP, CS_MODE_64, Cs
+from capstone.x86 import X86_OP_IMM
+
+from patchbox.errors import ExtractError
+from patchbox.protocol import constants as C
+
+__all__ = ["ENDBR64", "EntryJump", "analyse_entry", "torn_risk"]
+
+ENDBR64 = bytes.fromhex("f30f1efa")
+WORD = 8
+
+
+@dataclass(frozen=True)
+class EntryJump:
+    """The accepted entry jump of one function."""
+
+    symbol: str
+    entry: int  # link-time address of the function
+    skip: int  # 0, or 4 past an endbr64
+    first_len: int  # length of the instruction at P
+    forced: bool  # rule 2 overridden with --force
+
+    @property
+    def point(self) -> int:
+        """Returns P, the address the 5-byte jump is written at."""
+        return self.entry + self.skip
+
+
+def torn_risk(symbol: str, skip: int) -> str:
+    """Returns the risk a user accepts with --force when rule 2 fails."""
+    return (f"a thread preempted inside the first {skip + C.JUMP_LEN} bytes of {symbol} at "
+            f"the moment of the switch would execute a torn instruction and crash")
+
+
+def _refuse(symbol: str, rule: str, why: str) -> ExtractError:
+    return ExtractError(f"{symbol} has no patchable entry and cannot use an entry jump "
+                        f"({rule}): {why}")
+
+
+def analyse_entry(symbol: str, entry: int, code: bytes, *, force: bool = False,
+                  pieces: list[tuple[str, int, bytes]] | None = None,
+                  warnings: list[str] | None = None) -> EntryJump:
+    """Returns the entry jump for function ``symbol`` at link-time ``entry`` whose
+    bytes (by symbol size) are ``code``; raises ExtractError naming the rule it breaks.
+
+    ``pieces`` are other code ranges (name, address, bytes) whose direct branches must
+    not land inside the overwritten bytes either (GCC's ``symbol.cold``, ``.part.N``).
+    With ``force``, rule 2 (first instruction shorter than the jump) is accepted and
+    the risk appended to ``warnings``.
+    """
+    md = Cs(CS_ARCH_X86, CS_MODE_64)
+    md.detail = True
+    skip = C.ENDBR_SKIP if code.startswith(ENDBR64) else 0
+    point = entry + skip
+    avail = len(code) - skip
+    if avail < C.JUMP_LEN:
+        raise _refuse(symbol, "rule 1, too short",
+                      f"{max(avail, 0)} bytes from the patch point {point:#x} to its end "
+                      f"(symbol size {len(code)}), the jump needs {C.JUMP_LEN}")
+    if point % WORD > WORD - C.JUMP_LEN:
+        hint = (" (an endbr64 at a 16-byte aligned entry always gives byte 4: build with "
+                "`patchbox config --cflags`, or without -fcf-protection)" if skip else "")
+        raise _refuse(symbol, "rule 4, alignment",
+                      f"the patch point {point:#x} is byte {point % WORD} of its 8-byte word, "
+                      f"so the 5-byte jump would straddle two words and cannot be written "
+                      f"with one atomic store; --force does not change that{hint}")
+    first = next(md.disasm(code[skip:skip + 16], point, 1), None)
+    if first is None:
+        raise _refuse(symbol, "rule 2, first instruction",
+                      f"capstone cannot decode the instruction at {point:#x} "
+                      f"({code[skip:skip + 8].hex(' ')})")
+    inside = range(point + 1, point + C.JUMP_LEN)
+    for name, addr, body in [(symbol, entry, code), *(pieces or [])]:
+        end = addr
+        for insn in md.disasm(body, addr):
+            end = insn.address + insn.size
+            if not (insn.group(CS_GRP_JUMP) or insn.group(CS_GRP_CALL)):
+                continue
+            op = insn.operands[0] if insn.operands else None
+            if op is not None and op.type == X86_OP_IMM and op.imm in inside:
+                raise _refuse(symbol, "rule 3, branch target",
+                              f"the {insn.mnemonic} at {name}+{insn.address - addr:#x} "
+                              f"({insn.address:#x}) goes to {op.imm:#x}, inside the "
+                              f"{C.JUMP_LEN} bytes the jump overwrites at {point:#x}; "
+                              f"--force does not change that")
+        if end != addr + len(body):
+            raise _refuse(symbol, "rule 3, branch target",
+                          f"capstone cannot decode {name}+{end - addr:#x} "
+                          f"({body[end - addr:end - addr + 8].hex(' ')}), so branches into "
+                          f"the overwritten bytes cannot be ruled out")
+    forced = False
+    if first.size < C.JUMP_LEN:
+        what = f"the instruction at {point:#x} ({first.mnemonic} {first.op_str}".rstrip() + \
+            f") is {first.size} bytes, shorter than the {C.JUMP_LEN}-byte jump"
+        if not force:
+            raise _refuse(symbol, "rule 2, first instruction",
+                          f"{what}: {torn_risk(symbol, skip)}; pass --force to accept "
+                          f"that risk")
+        forced = True
+        if warnings is not None:
+            warnings.append(f"{symbol}: --force: {what}: {torn_risk(symbol, skip)}")
+    return EntryJump(symbol, entry, skip, first.size, forced)

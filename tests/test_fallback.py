@@ -1,0 +1,199 @@
+"""The entry-jump fallback for originals without the patchable entry: capstone analysis of
+compiled snippets, one test per refusal rule and its message, the accepted cases, and the
+kind/skip fields of the function record (docs/redirect.md, "Functions without the padding").
+"""
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from patchbox.build.extract import extract_patch
+from patchbox.build.fallback import analyse_entry
+from patchbox.errors import ExtractError, PatchFormatError
+from patchbox.flags import LINK_FLAGS, PATCH_CFLAGS
+from patchbox.format.layout import encode_apply_body, decode_apply_body, read_patch, write_patch
+from patchbox.format.model import Function, Patch
+from patchbox.protocol.constants import RedirectKind
+
+PLAIN = ["-O2", "-fPIE", "-ffunction-sections", "-fcf-protection=none", "-g"]
+
+ORIG = r"""
+#include <stdlib.h>
+__attribute__((noipa, aligned(16))) int answer(int x) { return x * 7 + 3; }
+__attribute__((noipa, aligned(16))) int shortfirst(int x) { if (x > 5) return 1234567; return x; }
+__attribute__((noipa, aligned(16))) void tiny(void) { __asm__ volatile(""); }
+int loopy(int);
+int midjump(int);
+int ebr_ok(int);
+/* Hand-written so the instruction layout is exact:
+ *   loopy:   xor eax,eax (2) ; 1: add eax,edi ; dec edi ; jg 1b   -> branch to P+2
+ *   midjump: mov eax,1 (5) ; test edi,edi ; jne midjump+2 ; ret    -> branch into an insn
+ *   ebr_ok:  at 16k+4: endbr64 ; mov eax,42 (5) ; ret              -> P = entry+4, 8-aligned */
+__asm__(".text\n.p2align 4\n.globl loopy\n.type loopy,@function\nloopy:\n"
+        "\txor %eax,%eax\n1:\tadd %edi,%eax\n\tdec %edi\n\tjg 1b\n\tret\n.size loopy,.-loopy\n"
+        ".p2align 4\n.globl midjump\n.type midjump,@function\nmidjump:\n"
+        "\tmov $1,%eax\n\ttest %edi,%edi\n\tjne midjump+2\n\tret\n.size midjump,.-midjump\n"
+        ".p2align 4\n\tint3\n\tint3\n\tint3\n\tint3\n.globl ebr_ok\n.type ebr_ok,@function\nebr_ok:\n"
+        "\tendbr64\n\tmov $42,%eax\n\tret\n.size ebr_ok,.-ebr_ok\n");
+int main(int argc, char **argv) {
+    tiny();
+    return answer(argc) + shortfirst(argc) + loopy(argc) + midjump(argc) + ebr_ok(argc)
+        + (getenv(argv[0]) != 0);
+}
+"""
+
+FIXED = ORIG.replace("x * 7 + 3", "x * 7 + 4").replace("return x; }", "return x + 1; }") \
+    .replace("void tiny(void) { __asm__ volatile(\"\"); }", "void tiny(void) { __asm__ volatile(\"nop\"); }")
+
+REPL = r"""
+__attribute__((noipa)) int answer(int x) { return x * 7 + 4; }
+__attribute__((noipa)) int shortfirst(int x) { return x + 1; }
+__attribute__((noipa)) void tiny(void) { }
+__attribute__((noipa)) int loopy(int x) { return x; }
+__attribute__((noipa)) int midjump(int x) { return x; }
+__attribute__((noipa)) int ebr_ok(int x) { return x + 42; }
+__attribute__((noipa)) char *getenv(const char *s) { return (char *)s; }
+"""
+
+
+def gcc(src: str, out: Path, *flags: str) -> Path:
+    c = out.with_suffix(".c")
+    c.write_text(src)
+    subprocess.run(["gcc", *flags, str(c), "-o", str(out)], check=True, capture_output=True,
+                   text=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def prog(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    """Returns (executable without padding, padded replacement object, plain object)."""
+    d = tmp_path_factory.mktemp("fallback")
+    exe = gcc(ORIG, d / "prog", *PLAIN, "-pie", *LINK_FLAGS)
+    (d / "padded").mkdir()
+    (d / "plain").mkdir()
+    padded = gcc(REPL, d / "padded" / "prog.o", *PLAIN, *PATCH_CFLAGS, "-c")
+    plain = gcc(REPL, d / "plain" / "prog.o", *PLAIN, "-c")
+    return exe, padded, plain
+
+
+def test_accepted_entry_jump(prog) -> None:
+    exe, padded, _plain = prog
+    patch = extract_patch(padded, exe, ["answer"])
+    [fn] = patch.functions
+    assert (fn.kind, fn.skip) == (RedirectKind.ENTRY_JUMP, 0)
+    assert fn.target % 8 == 0 and fn.expected[:1] == b"\x8d"  # lea, 7 bytes
+    assert len(fn.expected) >= 8
+    assert fn.new_offset >= 6 and patch.text[fn.new_offset - 6:fn.new_offset + 2] == b"\x90" * 8
+    again = read_patch(write_patch(patch))
+    assert (again.functions[0].kind, again.functions[0].skip) == (RedirectKind.ENTRY_JUMP, 0)
+
+
+def test_accepted_after_endbr64(prog) -> None:
+    exe, padded, _plain = prog
+    [fn] = extract_patch(padded, exe, ["ebr_ok"]).functions
+    assert (fn.kind, fn.skip) == (RedirectKind.ENTRY_JUMP, 4)
+    assert fn.patch_point % 8 == 0 and fn.expected[:1] == b"\xb8"  # mov eax, 42 after endbr64
+
+
+def test_rule1_too_short(prog) -> None:
+    exe, padded, _plain = prog
+    with pytest.raises(ExtractError, match=r"tiny has no patchable entry and cannot use an entry "
+                                           r"jump \(rule 1, too short\): 1 bytes from the patch "
+                                           r"point 0x[0-9a-f]+ to its end"):
+        extract_patch(padded, exe, ["tiny"], force=True)
+
+
+def test_rule2_short_first_instruction_refused_then_forced(prog) -> None:
+    exe, padded, _plain = prog
+    risk = (r"a thread preempted inside the first 5 bytes of shortfirst at the moment of the "
+            r"switch would execute a torn instruction and crash")
+    with pytest.raises(ExtractError, match=r"\(rule 2, first instruction\): the instruction at "
+                                           r"0x[0-9a-f]+ \(mov eax, edi\) is 2 bytes, shorter "
+                                           r"than the 5-byte jump: " + risk +
+                                           r"; pass --force to accept that risk"):
+        extract_patch(padded, exe, ["shortfirst"])
+    warnings: list[str] = []
+    [fn] = extract_patch(padded, exe, ["shortfirst"], force=True, warnings=warnings).functions
+    assert fn.kind == RedirectKind.ENTRY_JUMP
+    assert any("--force" in w and "torn instruction" in w for w in warnings)
+
+
+def test_rule3_branch_into_overwritten_bytes(prog) -> None:
+    exe, padded, _plain = prog
+    # Forced past rule 2, the loop back to P+2 still refuses.
+    with pytest.raises(ExtractError, match=r"loopy .*\(rule 3, branch target\): the jg at "
+                                           r"loopy\+0x6 \(0x[0-9a-f]+\) goes to 0x[0-9a-f]+, "
+                                           r"inside the 5 bytes .*--force does not change that"):
+        extract_patch(padded, exe, ["loopy"], force=True)
+    # A first instruction of 5 bytes, but a jump into its middle.
+    with pytest.raises(ExtractError, match=r"midjump .*\(rule 3, branch target\): the jne"):
+        extract_patch(padded, exe, ["midjump"])
+
+
+def test_rule3_undecodable_bytes() -> None:
+    code = bytes.fromhex("b801000000") + b"\x06\x06"  # mov eax,1 ; push es: invalid in 64-bit
+    with pytest.raises(ExtractError, match=r"rule 3, branch target\): capstone cannot decode "
+                                           r"f\+0x5"):
+        analyse_entry("f", 0x1000, code)
+
+
+def test_rule4_alignment(tmp_path: Path, prog) -> None:
+    _exe, padded, _plain = prog
+    # gcc with -fcf-protection: endbr64 at a 16-aligned entry puts P at byte 4 of its word.
+    exe = gcc(ORIG, tmp_path / "cet", *[f for f in PLAIN if "cf-protection" not in f],
+              "-fcf-protection=full", "-pie", *LINK_FLAGS)
+    with pytest.raises(ExtractError, match=r"answer .*\(rule 4, alignment\): the patch point "
+                                           r"0x[0-9a-f]+ is byte 4 of its 8-byte word, so the "
+                                           r"5-byte jump would straddle two words .*--force does "
+                                           r"not change that \(an endbr64"):
+        extract_patch(padded, exe, ["answer"], force=True)
+    with pytest.raises(ExtractError, match=r"rule 4, alignment\): the patch point 0x1005 is "
+                                           r"byte 5"):
+        analyse_entry("g", 0x1005, bytes.fromhex("b801000000c3"))
+
+
+def test_rule5_shared_library(tmp_path: Path, prog) -> None:
+    exe, _padded, plain = prog
+    with pytest.raises(ExtractError, match=r"getenv is in a shared library, not in .*prog: cannot "
+                                           r"patch it \(rule 5, shared library\): the sandbox lies "
+                                           r"near the executable and is not within rel32 reach"):
+        extract_patch(plain, exe, ["getenv"])
+    lib = gcc(ORIG.replace("int main(", "int not_main("), tmp_path / "libprog.so", *PLAIN,
+              "-fPIC", "-shared", "-Wl,--build-id=sha1")
+    with pytest.raises(ExtractError, match=r"\(rule 5, shared library\): .*libprog\.so is a shared "
+                                           r"library, not the executable"):
+        extract_patch(plain, lib, ["answer"])
+
+
+def test_replacement_without_padding(prog) -> None:
+    exe, _padded, plain = prog
+    warnings: list[str] = []
+    patch = extract_patch(plain, exe, ["answer"], warnings=warnings)
+    [fn] = patch.functions
+    assert fn.new_offset == 0 and fn.kind == RedirectKind.ENTRY_JUMP
+    assert any("cannot be stacked on this one" in w for w in warnings)
+    assert read_patch(write_patch(patch)).functions[0].new_offset == 0
+
+
+def _body(**fn_changes: object) -> bytes:
+    fields = dict(symbol="f", target=0x1000, new_offset=0, new_size=4, expected=bytes(8))
+    fields.update(fn_changes)
+    return encode_apply_body(Patch(name="p", build_id=b"\x01", text=b"\xc3" * 8,
+                                   functions=[Function(**fields)]))
+
+
+def test_record_kind_and_skip_encoding() -> None:
+    body = _body(kind=RedirectKind.ENTRY_JUMP, skip=4)
+    fn = decode_apply_body(body).functions[0]
+    assert (fn.kind, fn.skip, fn.patch_point) == (RedirectKind.ENTRY_JUMP, 4, 0x1004)
+    # kind and skip sit between new_size and expected_len.
+    assert body.index(bytes([1, 4, 8, 0]) + bytes(8)) > 0
+    assert decode_apply_body(_body()).functions[0].kind == RedirectKind.PATCHABLE_ENTRY
+    with pytest.raises(PatchFormatError, match=r"unknown redirect kind 2"):
+        decode_apply_body(_body(kind=2))
+    with pytest.raises(PatchFormatError, match=r"skip 4 invalid for PATCHABLE_ENTRY"):
+        decode_apply_body(_body(skip=4))
+    with pytest.raises(PatchFormatError, match=r"skip 3 invalid for ENTRY_JUMP"):
+        decode_apply_body(_body(kind=RedirectKind.ENTRY_JUMP, skip=3))
