@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import click
 
-from patchbox import policy
-from patchbox.cli.common import emit_json, json_option, open_client, read_patch_file, target_options
+from patchbox import policy, signing
+from patchbox.cli.common import emit_json, json_option, open_client, target_options
+from patchbox.errors import PatchFormatError
+from patchbox.format.layout import decode_apply_body, split_patch_file
 
 __all__ = ["apply_command"]
 
@@ -12,10 +14,21 @@ __all__ = ["apply_command"]
 @click.command("apply")
 @target_options
 @json_option
+@click.option("--trust-dir", metavar="DIR", type=click.Path(file_okay=False),
+              help="Directory of trusted public keys (*.pub) [$PATCHBOX_TRUST_DIR, default "
+                   f"{signing.DEFAULT_TRUST_DIR}]; when it exists, only patches signed by one "
+                   "of them are applied.")
 @click.argument("file", type=click.Path(dir_okay=False))
-def apply_command(pid: int | None, socket_path: str | None, as_json: bool, file: str) -> None:
-    """Apply the patch FILE (its body is sent unchanged, after the policy checks)."""
-    patch, body = read_patch_file(file)
+def apply_command(pid: int | None, socket_path: str | None, as_json: bool, trust_dir: str | None,
+                  file: str) -> None:
+    """Apply the patch FILE (its body is sent unchanged, after the trust and policy checks)."""
+    # One read: the bytes checked (hash, signature) are the bytes sent.
+    data = signing.read_and_check(file, signing.trust_dir(trust_dir))
+    try:
+        meta, body = split_patch_file(data)
+        patch = decode_apply_body(body, meta)
+    except PatchFormatError as err:
+        raise PatchFormatError(f"{file}: {err}") from err
     with open_client(pid, socket_path) as client:
         info = client.info()
         target = str(pid) if pid is not None else info.get("pid", "?")

@@ -22,7 +22,9 @@ F = TypeVar("F", bound=Callable[..., Any])
 def target_options(func: F) -> F:
     """Adds ``-p/--pid`` and ``-s/--socket`` (exactly one is required)."""
     func = click.option("-s", "--socket", "socket_path", metavar="SOCKET",
-                        type=click.Path(dir_okay=False),
+                        # readable=False: a socket we may not open is reported by the client
+                        # (permission denied connecting...), not as a usage error.
+                        type=click.Path(dir_okay=False, readable=False),
                         help="Agent socket path (instead of -p).")(func)
     func = click.option("-p", "--pid", type=click.IntRange(min=1), metavar="PID",
                         help="Process id of the target (its socket is found from it).")(func)

@@ -1,0 +1,228 @@
+/* libFuzzer harness of the agent: frame handling, message parsing and APPLY
+ * validation, through the same code a real client reaches.
+ *
+ * Each input is the byte stream a client sends on one connection. The harness
+ * writes it into one end of a socketpair (then shuts that end for writing) and runs
+ * the agent's own per-connection loop, sandbox_client_serve(), on the other end, in
+ * this thread. A helper thread reads every reply and checks it follows
+ * docs/protocol.md (magic, version, reply bit, length, status, error text).
+ *
+ * APPLY runs for real, but only against "victims": eight never-called functions of
+ * this harness with the 6+2 NOP patchable entry (fuzz_victims below). The harness
+ * narrows the agent's idea of the executable text to them, and gives the agent a
+ * fixed build-id and load bias so that seeds (agent/fuzz/make_corpus.py) can name
+ * them: victim k is at link-time address FUZZ_LINK_BASE + 64*k + 6. After every
+ * input the harness checks that each victim is either fully redirected by a patch
+ * the agent lists or byte-identical to the original (never half), then removes all
+ * patches and resets the sandbox so that inputs do not depend on each other.
+ *
+ * Build: make -C agent fuzz (clang, -fsanitize=fuzzer,address,undefined).
+ */
+#include "../src/libsandbox.c"
+#include "../src/sandbox-listen.c"
+
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+
+#define FUZZ_LINK_BASE 0x10000ul
+#define FUZZ_VICTIMS 8
+#define FUZZ_VICTIM_SIZE 64
+
+/* The fixed build-id the agent believes the executable has (make_corpus.py too). */
+static const uint8_t fuzz_build_id[20] = "patchbox-fuzz-bid-01";
+
+/* Victim k: 6 NOPs, entry (2 NOPs), lea eax, [rdi+k]; ret; padded to 64 bytes. */
+__asm__(".pushsection .text.fuzz_victims,\"ax\",@progbits\n"
+	"\t.p2align 12\n"
+	"\t.globl fuzz_victims\n"
+	"\t.hidden fuzz_victims\n"
+	"fuzz_victims:\n"
+	"\t.rept 8\n"
+	"\t.byte 0x90,0x90,0x90,0x90,0x90,0x90,0x90,0x90\n"
+	"\t.byte 0x8d,0x47,0x01,0xc3\n"
+	"\t.fill 52,1,0xcc\n"
+	"\t.endr\n"
+	"\t.p2align 12,0xcc\n"
+	"\t.popsection\n");
+extern unsigned char fuzz_victims[] __attribute__((visibility("hidden")));
+static uint8_t fuzz_victims_orig[FUZZ_VICTIMS * FUZZ_VICTIM_SIZE];
+static int fuzz_verbose;	/* FUZZ_VERBOSE=1: print every reply's status and message */
+
+/* Runs before the agent's constructor (default priority): no socket, no thread. */
+__attribute__((constructor(101))) static void fuzz_env(void)
+{
+	setenv("PATCHBOX_DISABLE", "1", 1);
+}
+
+int LLVMFuzzerInitialize(int *argc, char ***argv)
+{
+	(void)argc;
+	(void)argv;
+	struct sandbox_error err;
+	if (sandbox_engine_init(&err) != 0) {
+		fprintf(stderr, "fuzz: sandbox_engine_init: %s\n", err.msg);
+		abort();
+	}
+	/* The executable's text, as far as the agent knows, is the victims only. */
+	sandbox_exe.nx = 1;
+	sandbox_exe.xlo[0] = (uintptr_t)fuzz_victims;
+	sandbox_exe.xhi[0] = (uintptr_t)fuzz_victims + sizeof(fuzz_victims_orig);
+	sandbox_exe.bias = (uintptr_t)fuzz_victims - FUZZ_LINK_BASE;
+	memcpy(sandbox_exe.build_id, fuzz_build_id, sizeof(fuzz_build_id));
+	sandbox_exe.build_id_len = sizeof(fuzz_build_id);
+	memcpy(fuzz_victims_orig, fuzz_victims, sizeof(fuzz_victims_orig));
+	/* Exercise the log writer without leaving files behind. */
+	strcpy(sandbox_log_path, "/dev/null");
+	sandbox_timeout_ms = 1000;
+	fuzz_verbose = getenv("FUZZ_VERBOSE") != NULL;
+	return 0;
+}
+
+static void fuzz_fail(const char *what, size_t at)
+{
+	fprintf(stderr, "fuzz: invariant broken: %s (offset %zu)\n", what, at);
+	abort();
+}
+
+struct fuzz_io {
+	int fd;
+	const uint8_t *data;
+	size_t size;
+};
+
+static uint32_t fuzz_le(const uint8_t *p, size_t n)
+{
+	uint32_t v = 0;
+	for (size_t i = 0; i < n; i++)
+		v |= (uint32_t)p[i] << (8 * i);
+	return v;
+}
+
+/* Checks one reply payload: status, and for an error the message. */
+static void fuzz_check_reply(const uint8_t *p, size_t len, size_t at)
+{
+	if (len < 4)
+		fuzz_fail("reply shorter than its status", at);
+	int32_t status = (int32_t)fuzz_le(p, 4);
+	if (fuzz_verbose)
+		fprintf(stderr, "fuzz: reply status %d %.*s\n", status, status && len > 6 ? (int)(len - 6) : 0,
+			(const char *)p + 6);
+	if (status < 0 || status >= PBX_E_COUNT_)
+		fuzz_fail("unknown status", at);
+	if (status == 0)
+		return;
+	if (len < 6)
+		fuzz_fail("error reply without message", at);
+	size_t n = fuzz_le(p + 4, 2);
+	if (6 + n != len)
+		fuzz_fail("error reply length disagrees with its message", at);
+	const char *text = sandbox_error_text(status);
+	size_t tl = strlen(text);
+	if (n < tl || memcmp(p + 6, text, tl) != 0)
+		fuzz_fail("error message does not start with its code's text", at);
+}
+
+/* The client: sends the input, then reads and checks every reply until EOF. */
+static void *fuzz_client(void *arg)
+{
+	struct fuzz_io *io = arg;
+	size_t off = 0;
+	while (off < io->size) {
+		ssize_t w = send(io->fd, io->data + off, io->size - off, MSG_NOSIGNAL);
+		if (w <= 0)
+			break;	/* the agent closed the connection (e.g. BAD_MAGIC) */
+		off += (size_t)w;
+	}
+	shutdown(io->fd, SHUT_WR);
+	static uint8_t buf[1 << 20];
+	size_t have = 0, at = 0;
+	for (;;) {
+		ssize_t r = recv(io->fd, buf + have, sizeof(buf) - have, 0);
+		if (r <= 0)
+			break;
+		have += (size_t)r;
+		while (have >= PBX_HEADER_SIZE) {
+			uint32_t len = fuzz_le(buf + 12, 4);
+			if (fuzz_le(buf, 4) != PBX_MAGIC || fuzz_le(buf + 4, 2) != PBX_VERSION)
+				fuzz_fail("reply header magic/version", at);
+			if (!(fuzz_le(buf + 6, 2) & PBX_REPLY_BIT))
+				fuzz_fail("reply type without the reply bit", at);
+			if (len > sizeof(buf) - PBX_HEADER_SIZE)
+				fuzz_fail("reply larger than the harness buffer", at);
+			if (have < PBX_HEADER_SIZE + len)
+				break;
+			fuzz_check_reply(buf + PBX_HEADER_SIZE, len, at);
+			at += PBX_HEADER_SIZE + len;
+			memmove(buf, buf + PBX_HEADER_SIZE + len, have - PBX_HEADER_SIZE - len);
+			have -= PBX_HEADER_SIZE + len;
+		}
+	}
+	if (have)
+		fuzz_fail("reply truncated", at);
+	return NULL;
+}
+
+/* Every victim is either redirected by a listed patch or exactly the original. */
+static void fuzz_check_victims(void)
+{
+	for (size_t k = 0; k < FUZZ_VICTIMS; k++) {
+		uintptr_t entry = (uintptr_t)fuzz_victims + k * FUZZ_VICTIM_SIZE + PBX_ENTRY_PAD;
+		const uint8_t *cur = (const uint8_t *)(entry - PBX_ENTRY_PAD);
+		const uint8_t *orig = fuzz_victims_orig + k * FUZZ_VICTIM_SIZE;
+		const struct sandbox_func *f = sandbox_func_find(entry, 0, NULL);
+		if (!f) {
+			if (memcmp(cur, orig, FUZZ_VICTIM_SIZE) != 0)
+				fuzz_fail("victim changed without an applied patch", k);
+			continue;
+		}
+		if (cur[0] != 0xe9 || cur[6] != 0xeb || cur[7] != 0xf8 ||
+		    memcmp(cur + 8, orig + 8, FUZZ_VICTIM_SIZE - 8) != 0)
+			fuzz_fail("victim half redirected", k);
+	}
+}
+
+/* Removes every patch (top first) and gives the sandbox back, all 0xc3 again. */
+static void fuzz_reset(void)
+{
+	struct sandbox_error err;
+	while (sandbox_npatches > 0) {
+		const struct sandbox_patch *p = sandbox_patches[sandbox_npatches - 1];
+		if (sandbox_patch_remove_mode(p->name, strlen(p->name), 1, &err) != 0) {
+			fprintf(stderr, "fuzz: remove %s: %s\n", p->name, err.msg);
+			abort();
+		}
+	}
+	/* Nothing ever ran patch code here: retired memory can be refilled at once. */
+	for (size_t i = 0; i < sandbox_text.n; i++)
+		if (sandbox_text_refill(sandbox_text.base + sandbox_text.ext[i].off, sandbox_text.ext[i].len) != 0)
+			abort();
+	sandbox_text.n = sandbox_text.used = sandbox_text.retired = 0;
+	sandbox_data.n = sandbox_data.used = sandbox_data.retired = 0;
+	if (memcmp(fuzz_victims, fuzz_victims_orig, sizeof(fuzz_victims_orig)) != 0)
+		fuzz_fail("victims not restored by remove", 0);
+	__atomic_store_n(&sandbox_debug_enabled, 0, __ATOMIC_RELAXED);
+}
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
+{
+	int sv[2];
+	if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) != 0)
+		return 0;
+	struct fuzz_io io = { sv[1], data, size };
+	pthread_t client;
+	if (pthread_create(&client, NULL, fuzz_client, &io) != 0) {
+		close(sv[0]);
+		close(sv[1]);
+		return 0;
+	}
+	sandbox_client_serve(sv[0]);
+	close(sv[0]);	/* the client sees EOF after the last reply */
+	pthread_join(client, NULL);
+	close(sv[1]);
+	fuzz_check_victims();
+	fuzz_reset();
+	return 0;
+}

@@ -1,0 +1,125 @@
+#!/usr/bin/env python3
+"""Writes the seed corpus of the agent fuzz harness (agent/fuzz/fuzz_agent.c).
+
+Every seed is the byte stream of one client connection, made with the real encoders
+(patchbox.format.layout.encode_apply_body, patchbox.protocol.client.encode_frame):
+valid INFO/LIST/APPLY/REMOVE/TEST/DEBUG frames, APPLY requests that pass every check
+against the harness's victims (build-id, link-time addresses and expected bytes as
+fuzz_agent.c sets them up), sequences (apply, stack, list, remove), and a few broken
+frames. Usage: make_corpus.py [DIR]   (default: the corpus/ directory beside this file)
+"""
+from __future__ import annotations
+
+import hashlib
+import struct
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from patchbox.format.layout import encode_apply_body
+from patchbox.format.model import Fixup, Function, Patch
+from patchbox.protocol.client import encode_frame
+from patchbox.protocol.constants import FixupBase, FixupSection, FixupType, Msg
+
+# Must match fuzz_agent.c.
+BUILD_ID = b"patchbox-fuzz-bid-01"
+LINK_BASE = 0x10000
+VICTIM_SIZE = 64
+VICTIM = bytes([0x90] * 8 + [0x8D, 0x47, 0x01, 0xC3]) + b"\xcc" * 52
+
+
+def victim(k: int) -> int:
+    """Link-time address of victim k's entry."""
+    return LINK_BASE + VICTIM_SIZE * k + 6
+
+
+def replacement(value: int) -> bytes:
+    """6+2 NOPs (stackable entry at 6), mov eax, value; ret."""
+    return b"\x90" * 8 + b"\xb8" + struct.pack("<I", value) + b"\xc3"
+
+
+def patch(name: str, victims: list[int], *, fixups: list[Fixup] | None = None,
+          data: bytes = b"", bss: int = 0, expected_len: int = 16, extra_text: bytes = b"") -> Patch:
+    text = b""
+    functions = []
+    for k in victims:
+        off = len(text) + 6
+        text += replacement(0x1000 + k)
+        functions.append(Function(f"victim{k}", victim(k), off, len(text) - off,
+                                  VICTIM[:expected_len]))
+    return Patch(name=name, build_id=BUILD_ID, text=text + extra_text, functions=functions,
+                 fixups=list(fixups or []), data=data, bss_size=bss)
+
+
+def apply(p: Patch, seq: int = 1) -> bytes:
+    return encode_frame(Msg.APPLY, seq, encode_apply_body(p))
+
+
+def remove(name: str, seq: int = 2) -> bytes:
+    n = name.encode()
+    return encode_frame(Msg.REMOVE, seq, struct.pack("<H", len(n)) + n)
+
+
+def seeds() -> dict[str, bytes]:
+    out: dict[str, bytes] = {}
+    out["info"] = encode_frame(Msg.INFO, 1)
+    out["list"] = encode_frame(Msg.LIST, 1)
+    out["test"] = encode_frame(Msg.TEST, 1)
+    out["debug-off"] = encode_frame(Msg.DEBUG, 1, b"\x00")
+    out["remove-unknown"] = remove("nothere", 1)
+    simple = patch("simple", [0])
+    out["apply"] = apply(simple)
+    out["apply-list-remove-info"] = (apply(simple) + encode_frame(Msg.LIST, 2) + remove("simple", 3)
+                                     + encode_frame(Msg.INFO, 4))
+    out["apply-twice"] = apply(simple) + apply(simple, 2)
+    out["apply-two-functions"] = apply(patch("two", [1, 2], expected_len=64))
+    # Stacking: a second patch on victim 3 sits on the first; removal top first.
+    out["stack"] = (apply(patch("lower", [3])) + apply(patch("upper", [3]), 2)
+                    + remove("lower", 3) + remove("upper", 4) + remove("lower", 5))
+    tail = b"\x00" * 16  # room for fix-ups after the code
+    fx = [
+        Fixup(FixupSection.TEXT, FixupType.PC32, FixupBase.TEXT, 16, 0),
+        Fixup(FixupSection.TEXT, FixupType.ABS64, FixupBase.DATA, 20, 8),
+        Fixup(FixupSection.DATA, FixupType.ABS64, FixupBase.TEXT, 0, 6),
+        Fixup(FixupSection.DATA, FixupType.ABS64, FixupBase.IMPORT, 8, 0, "malloc"),
+        Fixup(FixupSection.DATA, FixupType.PC32, FixupBase.EXE, 16, victim(4)),
+        Fixup(FixupSection.DATA, FixupType.ABS64, FixupBase.ABS, 24, 0x1234),
+    ]
+    out["apply-fixups"] = apply(patch("fixups", [4], fixups=fx, data=b"\x00" * 32, bss=64,
+                                      extra_text=tail)) + encode_frame(Msg.LIST, 2)
+    out["apply-import-missing"] = apply(patch("imp", [5], fixups=[
+        Fixup(FixupSection.TEXT, FixupType.ABS64, FixupBase.IMPORT, 16, 0, "no_such_symbol_xyz")],
+        extra_text=tail))
+    out["apply-pc32-overflow"] = apply(patch("ovf", [5], fixups=[
+        Fixup(FixupSection.TEXT, FixupType.PC32, FixupBase.ABS, 16, 1 << 62)], extra_text=tail))
+    out["apply-wrong-bid"] = apply(replace(simple, build_id=b"\x01" * 20))
+    ov = patch("ov", [6, 7])
+    ov.functions[1].target = ov.functions[0].target + 2
+    out["apply-overlap"] = apply(ov)
+    out["apply-full"] = apply(patch("big", [6], extra_text=b"\xcc" * 70000))
+    # Broken frames.
+    good = apply(simple)
+    out["bad-magic"] = b"XXXX" + good[4:]
+    out["bad-version"] = good[:4] + b"\x02\x00" + good[6:] + encode_frame(Msg.INFO, 9)
+    out["unknown-type"] = encode_frame(0x55, 1, b"abc") + encode_frame(Msg.INFO, 2)
+    out["too-large"] = struct.pack("<IHHII", 0x31584250, 1, Msg.APPLY, 1, 0xFFFFFFFF)
+    out["length-lies"] = good[:12] + struct.pack("<I", len(good) + 100) + good[16:]
+    out["truncated-body"] = encode_frame(Msg.APPLY, 1, encode_apply_body(simple)[:40])
+    out["trailing"] = encode_frame(Msg.APPLY, 1, encode_apply_body(simple) + b"\x00")
+    body = bytearray(encode_apply_body(patch("cnt", [0], fixups=[
+        Fixup(FixupSection.TEXT, FixupType.PC32, FixupBase.TEXT, 16, 0)], extra_text=tail)))
+    body[-20:-16] = struct.pack("<I", 0xFFFFFF)  # nfixups overruns the payload
+    out["count-overrun"] = encode_frame(Msg.APPLY, 1, bytes(body))
+    out["header-only"] = good[:10]
+    return out
+
+
+def main() -> None:
+    out = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parent / "corpus"
+    out.mkdir(parents=True, exist_ok=True)
+    for name, data in seeds().items():
+        (out / f"{name}-{hashlib.sha1(data).hexdigest()[:8]}").write_bytes(data)
+
+
+if __name__ == "__main__":
+    main()
