@@ -5,10 +5,15 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need_apt=()
-for tool in gcc make git; do
+for tool in gcc make git patch; do
 	command -v "$tool" >/dev/null || need_apt+=("$tool")
 done
 python3 -c 'import venv, ensurepip' 2>/dev/null || need_apt+=(python3-venv)
+# The agent's fuzz harness (make -C agent fuzz, tests/test_fuzz.py): clang with libFuzzer
+# and the sanitizer runtimes.
+command -v clang >/dev/null || need_apt+=(clang)
+compgen -G '/usr/lib/llvm-*/lib/clang/*/lib/linux/libclang_rt.fuzzer-x86_64.a' >/dev/null ||
+	need_apt+=(libclang-rt-14-dev)
 if [ ${#need_apt[@]} -gt 0 ]; then
 	echo "bootstrap: installing ${need_apt[*]} with apt-get"
 	export DEBIAN_FRONTEND=noninteractive

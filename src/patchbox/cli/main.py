@@ -14,6 +14,7 @@ from patchbox.cli.apply import apply_command
 from patchbox.cli.config import config_command
 from patchbox.cli.debug import debug_command
 from patchbox.cli.info import info_command
+from patchbox.cli.keys import keygen_command, sign_command
 from patchbox.cli.list import list_command
 from patchbox.cli.remove import remove_command
 from patchbox.cli.show import show_command
@@ -24,7 +25,8 @@ from patchbox.protocol.client import DEFAULT_TIMEOUT
 __all__ = ["cli", "main"]
 
 # Subcommands defined elsewhere and imported only when used: name -> (module, attribute).
-LAZY_COMMANDS = {"extract": ("patchbox.cli.extract", "extract_command")}
+LAZY_COMMANDS = {"extract": ("patchbox.cli.extract", "extract_command"),
+                 "build": ("patchbox.cli.build", "build_command")}
 
 
 def _unavailable(name: str, reason: str) -> click.Command:
@@ -72,7 +74,7 @@ def cli(timeout: float) -> None:
 
 
 for _command in (info_command, list_command, apply_command, remove_command, test_command,
-                 debug_command, show_command, config_command):
+                 debug_command, show_command, config_command, keygen_command, sign_command):
     cli.add_command(_command)
 
 

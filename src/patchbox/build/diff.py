@@ -1,0 +1,479 @@
+"""Function-level comparison of an original and a patched object file (`patchbox build`).
+
+Both objects are compiled with ``patchbox config --cflags`` (one section per function and
+per variable). Every defined function and variable of the patched object is paired with
+its original, then compared in a *canonical form*: its bytes with every relocation field
+zeroed, plus the list of its relocations, each described by what it names rather than by
+symbol index or label:
+
+- a symbol of another object or library: its name (``ext``);
+- a function or variable of this object: its name, GCC's numeric suffixes normalised
+  (``counter.0`` ~ ``counter.3``, ``foo.constprop.0`` ~ ``foo.constprop.1``), through the
+  pairing of the two objects;
+- a string literal (``.LC0`` in a mergeable ``.rodata.str*`` section): the string's bytes;
+  ``__FILE__``-like paths compare by basename; a mergeable constant: its bytes;
+- a read-only ``static`` object (jump tables, ``CSWTCH``, ``__func__``, ``static const``
+  tables) or anonymous read-only data: its own canonical form, so a changed table makes
+  the functions using it differ (extract copies read-only data into the patch).
+
+Decisions per function: unchanged → out; differs → in (the reason names the first
+difference); differs only in immediates set up as arguments of a call to a reporting
+function of the profile (``__LINE__``) → out; new → carried (copied if the new code
+reaches it); a GCC clone (``.cold``, ``.part.N``, ``.constprop.N``, ``.isra.N``) that
+differs is carried and every function calling it is in. Variables: new → carried; an
+existing writable or global variable whose size or initial value differs → refused.
+"""
+from __future__ import annotations
+
+import os
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from elftools.elf.constants import SH_FLAGS
+
+from patchbox.build.fastobj import load_object
+from patchbox.build.profiles import Reporters, reporters_for
+from patchbox.elf.objfile import ObjectFile, ObjSymbol, Section
+from patchbox.elf.reloc import RELOC_TYPES
+
+__all__ = ["Decision", "ObjectDiff", "compare_objects", "normalize", "is_clone"]
+
+_CLONE = re.compile(r"\.(cold|part|constprop|isra|lto_priv|clone|localalias|specialized)(\.|$)")
+_PATHLIKE = re.compile(rb"^[\w.+-]*(/[\w.+-]+)+\.(c|h|cc|cpp|cxx|hh|hpp|inc|def)$")
+_PCREL = {2, 4, 9, 41, 42, 24, 26}  # PC32, PLT32, GOTPCREL, GOTPCRELX, REX_GOTPCRELX, PC64, GOTPC32
+_CST = re.compile(r"\.cst(\d+)")
+_CALLS = ("call", "jmp")
+
+
+def normalize(name: str) -> str:
+    """Returns ``name`` without GCC's numeric suffixes (``foo.part.3`` → ``foo.part``)."""
+    parts = name.split(".")
+    return ".".join([parts[0]] + [p for p in parts[1:] if not p.isdigit()])
+
+
+def is_clone(name: str) -> bool:
+    """Returns True for GCC's out-of-line pieces and clones (``.cold``, ``.part.N``, ...)."""
+    return bool(_CLONE.search(name))
+
+
+@dataclass
+class Decision:
+    """Why one symbol of a patched object is in the patch, out of it, or refused."""
+
+    symbol: str
+    what: str  # "function" | "variable"
+    verdict: str  # "in" | "out" | "carried" | "refused"
+    reason: str
+
+
+@dataclass
+class ObjectDiff:
+    """The comparison of one object file: what to replace, what to copy, what is refused."""
+
+    rel: str  # path relative to the build tree (or the object's name)
+    patched: Path
+    orig: Path | None
+    source: str | None
+    decisions: list[Decision] = field(default_factory=list)
+    functions: list[str] = field(default_factory=list)  # to replace (they exist in the original)
+    force_copy: set[str] = field(default_factory=set)  # changed clones: copy, never link
+    new_globals: set[str] = field(default_factory=set)  # defined here, absent from the original
+
+    @property
+    def refusals(self) -> list[str]:
+        return [f"{d.symbol}: {d.reason}" for d in self.decisions if d.verdict == "refused"]
+
+
+def _named(sym: ObjSymbol) -> bool:
+    return (sym.defined and bool(sym.name) and not sym.name.startswith(".L")
+            and sym.type in ("FUNC", "OBJECT", "TLS", "NOTYPE"))
+
+
+class _Side:
+    """One object in canonical form (memoised per byte range)."""
+
+    def __init__(self, obj: ObjectFile) -> None:
+        self.obj = obj
+        self.named: dict[int, list[ObjSymbol]] = defaultdict(list)
+        for s in obj.symbols:
+            if _named(s):
+                self.named[s.shndx].append(s)  # type: ignore[index]
+        for syms in self.named.values():
+            syms.sort(key=lambda s: s.value)
+        self.ident: dict[int, str] = {}
+        self._memo: dict[tuple[int, int, int], tuple] = {}
+        self._rels: dict[int, list] = {}
+
+    def relocs(self, sec: Section) -> list:
+        if sec.index not in self._rels:
+            self._rels[sec.index] = self.obj.get_relocations(sec)
+        return self._rels[sec.index]
+
+    def span(self, sym: ObjSymbol) -> tuple[Section, int, int]:
+        sec = self.obj.get_section(sym.shndx)  # type: ignore[arg-type]
+        syms = self.named[sec.index]
+        if len(syms) == 1 or all(s.value == sym.value for s in syms):
+            return sec, 0, sec.size
+        end = sym.value + sym.size if sym.size else min(
+            [s.value for s in syms if s.value > sym.value] + [sec.size])
+        return sec, sym.value, min(end, sec.size)
+
+    def form(self, sec: Section, start: int, end: int) -> tuple:
+        """Returns (masked bytes, ((offset, type, target), ...)) of ``sec[start:end]``."""
+        key = (sec.index, start, end)
+        if key in self._memo:
+            return self._memo[key]
+        self._memo[key] = ("cycle", sec.name, start)
+        if sec.is_nobits:
+            result: tuple = (("bss", end - start), ())
+        else:
+            data = bytearray(sec.data[start:end])
+            rels = []
+            for rel in self.relocs(sec):
+                if start <= rel.offset < end:
+                    rtype = RELOC_TYPES.get(rel.type)
+                    size = rtype.size if rtype else 4
+                    o = rel.offset - start
+                    data[o:o + size] = bytes(len(data[o:o + size]))
+                    rels.append((o, rel.type, self.target(rel)))
+            result = (bytes(data), tuple(rels))
+        self._memo[key] = result
+        return result
+
+    def target(self, rel) -> tuple:  # type: ignore[no-untyped-def]
+        """Describes what ``rel`` points to, independently of labels and symbol numbers."""
+        sym = rel.symbol
+        if sym.shndx == "SHN_ABS":
+            return ("abs", sym.value + rel.addend)
+        if not sym.defined:
+            return ("ext", sym.name, rel.addend)
+        sec = self.obj.get_section(sym.shndx)
+        base = sym.value if sym.type != "SECTION" else 0
+        off = base + rel.addend + (4 if rel.type in _PCREL else 0)
+        if sec.flags & SH_FLAGS.SHF_MERGE and not sec.is_nobits:
+            if sec.flags & SH_FLAGS.SHF_STRINGS:
+                end = sec.data.find(b"\0", off)
+                text = sec.data[off:end if end >= 0 else len(sec.data)]
+                return ("str", _norm_string(text))
+            m = _CST.search(sec.name)
+            n = int(m[1]) if m else sec.align
+            return ("cst", sec.data[off:off + n])
+        if _named(sym):
+            return self.symref(sym, rel.addend)
+        cands = self.named.get(sec.index, [])
+        if not cands:
+            return ("anon", self.form(sec, 0, sec.size), base + rel.addend)
+        pick = cands[0]
+        for c in cands:
+            if c.value <= off:
+                pick = c
+        return self.symref(pick, base + rel.addend - pick.value)
+
+    def symref(self, sym: ObjSymbol, addend: int) -> tuple:
+        sec = self.obj.get_section(sym.shndx)  # type: ignore[arg-type]
+        if sym.is_local and _is_rodata(sec):
+            return ("ro", self.form(*self.span(sym)), addend)
+        return ("sym", self.ident.get(sym.index, sym.name), addend)
+
+
+def _is_rodata(sec: Section) -> bool:
+    return sec.is_alloc and not sec.is_exec and not sec.is_write and not sec.is_tls
+
+
+def _norm_string(text: bytes) -> bytes:
+    """``__FILE__`` strings that differ only in their directory compare equal."""
+    return os.path.basename(text) if _PATHLIKE.match(text) else text
+
+
+def _suffix_key(name: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in name.split(".")[1:] if p.isdigit())
+
+
+def _pair(orig: _Side, new: _Side) -> dict[int, ObjSymbol]:
+    """Returns {patched symbol index: original symbol}: globals by name, locals by
+    normalised name and kind, in suffix order when several share one."""
+    def groups(side: _Side) -> dict[tuple, list[ObjSymbol]]:
+        out: dict[tuple, list[ObjSymbol]] = defaultdict(list)
+        for s in side.obj.symbols:
+            if _named(s):
+                kind = "F" if s.type == "FUNC" else "D"
+                key = (kind, s.name) if not s.is_local else (kind, "local", normalize(s.name))
+                out[key].append(s)
+        for v in out.values():
+            v.sort(key=lambda s: (_suffix_key(s.name), s.index))
+        return out
+    go, gn = groups(orig), groups(new)
+    pairs = {}
+    for key, syms in gn.items():
+        for s, o in zip(syms, go.get(key, [])):
+            pairs[s.index] = o
+    return pairs
+
+
+def _describe(t: tuple) -> str:
+    kind = t[0]
+    if kind in ("ext", "sym"):
+        return t[1]
+    if kind == "str":
+        s = t[1].decode(errors="replace")
+        return repr(s if len(s) <= 40 else s[:37] + "...")
+    return {"cst": "a constant", "ro": "read-only data", "anon": "anonymous data",
+            "abs": "an absolute value"}.get(kind, kind)
+
+
+def _difference(a: tuple, b: tuple) -> str:
+    (da, ra), (db, rb) = a, b
+    if len(ra) == len(rb):
+        for (oa, ta, xa), (ob, tb, xb) in zip(ra, rb):
+            if xa != xb:
+                was, now = _describe(xa), _describe(xb)
+                if was == now:
+                    return f"{now} changed (+{ob:#x})"
+                return f"references {now} instead of {was} (+{ob:#x})"
+    else:
+        was = {_describe(x) for _o, _t, x in ra}
+        now = {_describe(x) for _o, _t, x in rb}
+        added, gone = sorted(now - was), sorted(was - now)
+        if added:
+            return "now references " + ", ".join(added[:3])
+        if gone:
+            return "no longer references " + ", ".join(gone[:3])
+    if len(da) != len(db):
+        return f"code size {len(da)} -> {len(db)} bytes"
+    first = next((i for i, (x, y) in enumerate(zip(da, db)) if x != y), 0)
+    return f"code differs at +{first:#x}"
+
+
+class _LineCheck:
+    """Recognises functions that differ only in ``__LINE__`` arguments of reporting calls."""
+
+    _md = None
+
+    def __init__(self, reporters: Reporters) -> None:
+        self.reporters = reporters
+
+    @classmethod
+    def disasm(cls):  # type: ignore[no-untyped-def]
+        if cls._md is None:
+            from capstone import CS_ARCH_X86, CS_MODE_64, Cs
+            cls._md = Cs(CS_ARCH_X86, CS_MODE_64)
+            cls._md.detail = True
+        return cls._md
+
+    def only_lines(self, a: tuple, b: tuple) -> str | None:
+        """Returns the reporting function(s) if ``a`` and ``b`` differ only there, else None."""
+        (da, ra), (db, rb) = a, b
+        if len(da) != len(db) or ra != rb or not isinstance(da, bytes):
+            return None
+        from capstone.x86 import X86_OP_IMM
+        md = self.disasm()
+        ia, ib = list(md.disasm(da, 0)), list(md.disasm(db, 0))
+        if len(ia) != len(ib) or (ia and ia[-1].address + ia[-1].size != len(da)):
+            return None
+        calls = {o: x for o, _t, x in rb}
+        seen = []
+        for k, (x, y) in enumerate(zip(ia, ib)):
+            if x.bytes == y.bytes:
+                continue
+            if x.address != y.address or x.size != y.size or x.mnemonic != y.mnemonic:
+                return None
+            if len(x.operands) != len(y.operands) or not x.operands:
+                return None
+            imm = False
+            for p, q in zip(x.operands, y.operands):
+                if p.type != q.type:
+                    return None
+                if p.type == X86_OP_IMM:
+                    imm = imm or p.imm != q.imm
+                elif p.reg != q.reg or (p.type != 1 and (p.mem.base, p.mem.index, p.mem.scale,
+                                                          p.mem.disp) != (q.mem.base, q.mem.index,
+                                                                          q.mem.scale, q.mem.disp)):
+                    return None
+            if not imm:
+                return None
+            name = self._next_call(ia, k, calls)
+            if name is None:
+                return None
+            seen.append(name)
+        return ", ".join(dict.fromkeys(seen)) if seen else None
+
+    def _next_call(self, insns: list, k: int, calls: dict) -> str | None:  # type: ignore[type-arg]
+        for ins in insns[k + 1:k + 16]:
+            m = ins.mnemonic
+            if m in _CALLS:
+                tgt = calls.get(ins.address + 1)
+                if tgt and tgt[0] in ("ext", "sym") and tgt[1] in self.reporters:
+                    return tgt[1]
+                return None
+            if m.startswith("j") or m.startswith("ret"):
+                return None
+        return None
+
+
+def compare_objects(orig: ObjectFile | str | Path | None, patched: ObjectFile | str | Path,
+                    reporters: Reporters | None = None, rel: str | None = None) -> ObjectDiff:
+    """Compares ``patched`` with ``orig`` (None: a new object) and decides per symbol."""
+    if not isinstance(patched, ObjectFile):
+        patched = load_object(patched)
+    if orig is not None and not isinstance(orig, ObjectFile):
+        orig = load_object(orig)
+    reporters = reporters or reporters_for("generic")
+    out = ObjectDiff(rel=rel or patched.path.name, patched=patched.path,
+                     orig=orig.path if orig is not None else None, source=patched.source_file)
+    new = _Side(patched)
+    syms = [s for s in patched.symbols if _named(s) and s.type != "NOTYPE"]
+    if orig is None:
+        for s in syms:
+            out.decisions.append(Decision(s.name, _what(s), "carried", "new object file"))
+            if not s.is_local:
+                out.new_globals.add(s.name)
+        return out
+    old = _Side(orig)
+    pairs = _pair(old, new)
+    for s in old.obj.symbols:
+        if _named(s):
+            old.ident[s.index] = s.name
+    for s in syms:
+        o = pairs.get(s.index)
+        new.ident[s.index] = o.name if o is not None else f"new:{s.name}"
+    lines = _LineCheck(reporters)
+    changed: dict[str, str] = {}  # patched function name -> reason
+    clones: set[str] = set()
+    for s in syms:
+        o = pairs.get(s.index)
+        if o is None:
+            if not s.is_local:
+                out.new_globals.add(s.name)
+            kind = "function" if s.type == "FUNC" else "variable"
+            out.decisions.append(Decision(s.name, kind, "carried",
+                                          f"new {kind}: copied into the patch if the new "
+                                          f"code uses it"))
+            continue
+        if s.type == "FUNC":
+            a, b = old.form(*old.span(o)), new.form(*new.span(s))
+            if a == b:
+                continue
+            line = lines.only_lines(a, b)
+            if line is not None:
+                out.decisions.append(Decision(s.name, "function", "out",
+                                              f"only __LINE__-like immediates passed to {line} "
+                                              f"differ: not a change"))
+            elif is_clone(s.name):
+                clones.add(s.name)
+                out.decisions.append(Decision(s.name, "function", "carried",
+                                              f"GCC clone changed ({_difference(a, b)}): "
+                                              f"copied with the functions that call it"))
+            else:
+                changed[s.name] = _difference(a, b)
+            continue
+        _compare_data(out, old, new, o, s)
+    # Callers of a changed clone are in (the clone is not an entry point of its own).
+    users = _callers(new, syms)
+    todo = list(clones)
+    while todo:
+        c = todo.pop()
+        for f in sorted(users.get(c, ())):
+            if f in changed or f in clones:
+                continue
+            if is_clone(f):
+                clones.add(f)
+                todo.append(f)
+                out.decisions.append(Decision(f, "function", "carried",
+                                              f"calls changed clone {c}"))
+            else:
+                changed[f] = f"calls changed clone {c}"
+    for s in syms:
+        if s.name in changed and s.type == "FUNC":
+            out.functions.append(s.name)
+            out.decisions.append(Decision(s.name, "function", "in", f"changed: {changed[s.name]}"))
+    out.force_copy = clones
+    return out
+
+
+def _what(sym: ObjSymbol) -> str:
+    return "function" if sym.type == "FUNC" else "variable"
+
+
+def _compare_data(out: ObjectDiff, old: _Side, new: _Side, o: ObjSymbol, s: ObjSymbol) -> None:
+    osec = old.obj.get_section(o.shndx)  # type: ignore[arg-type]
+    nsec = new.obj.get_section(s.shndx)  # type: ignore[arg-type]
+    if s.is_local and _is_rodata(nsec):
+        if old.form(*old.span(o)) != new.form(*new.span(s)):
+            out.decisions.append(Decision(s.name, "variable", "carried",
+                                          "read-only static data changed: the new value is "
+                                          "copied with the functions that use it"))
+        return
+    if o.size != s.size:
+        out.decisions.append(Decision(
+            s.name, "variable", "refused",
+            f"size of existing variable changed ({o.size} -> {s.size} bytes; a changed type "
+            f"or struct layout): code replacement cannot change data the program already has"))
+        return
+    if osec.is_tls != nsec.is_tls or old.form(*old.span(o)) != new.form(*new.span(s)):
+        out.decisions.append(Decision(
+            s.name, "variable", "refused",
+            "initial value of existing variable changed: the running program keeps its "
+            "current value, code replacement cannot change it"))
+
+
+def _callers(side: _Side, syms: list[ObjSymbol]) -> dict[str, set[str]]:
+    """Returns {function name: functions of the object whose code references it}."""
+    by_section: dict[int, list[ObjSymbol]] = defaultdict(list)
+    for s in syms:
+        if s.type == "FUNC":
+            by_section[s.shndx].append(s)  # type: ignore[index]
+    users: dict[str, set[str]] = defaultdict(set)
+    for s in syms:
+        if s.type != "FUNC":
+            continue
+        sec, start, end = side.span(s)
+        for rel in side.relocs(sec):
+            if not start <= rel.offset < end or not rel.symbol.defined:
+                continue
+            t = rel.symbol
+            if t.type == "FUNC":
+                users[t.name].add(s.name)
+            elif t.type == "SECTION":
+                for f in by_section.get(t.shndx, ()):  # type: ignore[call-overload]
+                    users[f.name].add(s.name)
+    return users
+
+
+def compare_trees(orig: dict[str, Path], patched: dict[str, Path],
+                  reporters: Reporters | None = None) -> tuple[list[ObjectDiff], int]:
+    """Compares every patched object with the original of the same relative path.
+
+    Returns (the diffs of objects with a decision, number of objects without any:
+    identical, or differing only in debug info).
+    Objects of the original build that are gone are ignored.
+    """
+    diffs, same = [], 0
+    for rel, path in sorted(patched.items()):
+        o = orig.get(rel)
+        if o is not None and o.read_bytes() == path.read_bytes():
+            same += 1
+            continue
+        d = compare_objects(o, path, reporters, rel=rel)
+        if d.decisions:
+            diffs.append(d)
+        else:  # differs only outside code and data (debug info, notes)
+            same += 1
+    return diffs, same
+
+
+def format_explain(diffs: list[ObjectDiff], identical: int = 0) -> str:
+    """Returns the ``--explain`` text: per object, one line per symbol with a verdict."""
+    lines = []
+    order = {"in": 0, "refused": 1, "carried": 2, "out": 3}
+    for d in diffs:
+        src = f" ({d.source})" if d.source else ""
+        lines.append(f"{d.rel}{src}:")
+        if not d.decisions:
+            lines.append("  (no function or variable differs)")
+        for dec in sorted(d.decisions, key=lambda x: (order.get(x.verdict, 9), x.symbol)):
+            lines.append(f"  {dec.verdict:<8} {dec.what:<8} {dec.symbol:<28} {dec.reason}")
+    if identical:
+        lines.append(f"{identical} object file(s) without a difference in code or data")
+    return "\n".join(lines)

@@ -1,0 +1,100 @@
+"""``patchbox build``: a live patch from a source tree and a diff (docs/build.md)."""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import click
+
+from patchbox.build.diff import compare_trees, format_explain
+from patchbox.build.inlines import annotate_inlined
+from patchbox.build.multi import patch_from_diffs
+from patchbox.build.profiles import reporters_for
+from patchbox.build.tree import BuildError, Workspace, check_diff
+from patchbox.errors import PatchboxError
+from patchbox.format.layout import save_patch
+
+__all__ = ["build_command"]
+
+
+@click.command("build")
+@click.option("--source", "source", required=True, type=click.Path(file_okay=False, exists=True),
+              help="Source tree that built the running binary (never modified).")
+@click.option("--diff", "diff", required=True, type=click.Path(dir_okay=False, exists=True),
+              help="The fix, as a unified diff.")
+@click.option("--binary", "binary", required=True, metavar="PATH",
+              help="The running program's binary: a path in the source tree (or absolute).")
+@click.option("--build-cmd", default="make", show_default=True,
+              help="Command building the tree (run with sh in the copy).")
+@click.option("-j", "--jobs", type=click.IntRange(min=1), default=None,
+              help="Parallel build jobs (adds -jN to MAKEFLAGS).")
+@click.option("--strip", type=click.IntRange(min=0), default=None,
+              help="patch -pN level (default: try 1, then 0, 2, 3).")
+@click.option("--qemu", is_flag=True, help="QEMU profile (its reporting functions).")
+@click.option("--reporter", "reporters", multiple=True, metavar="FN",
+              help="Another reporting function whose __LINE__ argument is not a change.")
+@click.option("--name", default=None, help="Patch name (default: output file stem).")
+@click.option("--explain", is_flag=True, help="Print per function why it is in or out.")
+@click.option("--dry-run", is_flag=True, help="Compare and explain; write no patch.")
+@click.option("--allow-inlined", is_flag=True,
+              help="Accept replaced functions inlined into functions the diff does not change.")
+@click.option("--work", default=None, type=click.Path(file_okay=False),
+              help="Workspace directory (kept; default: a temporary one, removed).")
+@click.option("-o", "--output", default=None, type=click.Path(dir_okay=False),
+              help="Output patch file (default: NAME.pbx).")
+def build_command(source: str, diff: str, binary: str, build_cmd: str, jobs: int | None,
+                  strip: int | None, qemu: bool, reporters: tuple[str, ...], name: str | None,
+                  explain: bool, dry_run: bool, allow_inlined: bool, work: str | None,
+                  output: str | None) -> None:
+    """Build the tree as it is and with the diff applied (in copies, with the flags of
+    `patchbox config --cflags`), compare every object file at function level and write
+    one patch with every function that really changed."""
+    t0 = time.monotonic()
+    diff_text = Path(diff).read_text(errors="replace")
+    check_diff(diff_text)
+    reference = Path(binary) if os.path.isabs(binary) else Path(source) / binary
+    if not reference.is_file():
+        raise BuildError(f"binary {reference} not found (give its path inside the source tree "
+                         f"or an absolute path)")
+    if name is None:
+        name = Path(output).stem if output else "patch"
+    out = Path(output) if output else Path.cwd() / f"{name}.pbx"
+    profile = "qemu" if qemu else "generic"
+    warnings: list[str] = []
+    with Workspace(source, work) as ws:
+        ws.copy_source()
+        ws.build(build_cmd, jobs, "original")
+        orig = ws.stash_objects()
+        if not orig:
+            raise BuildError(f"`{build_cmd}` produced no object file (*.o) in the tree")
+        level = ws.apply_diff(diff, strip)
+        ws.build(build_cmd, jobs, "patched")
+        t_built = time.monotonic()
+        diffs, same = compare_trees(orig, ws.objects(), reporters_for(profile, reporters))
+        if explain or dry_run:
+            annotate_inlined(diffs, diff_text)
+            click.echo(format_explain(diffs, same))
+        if dry_run:
+            refusals = [f"{d.rel}: {r}" for d in diffs for r in d.refusals]
+            if refusals:
+                raise BuildError("refused: " + "; ".join(refusals))
+            return
+        try:
+            patch = patch_from_diffs(diffs, reference, name=name, profile=profile,
+                                     allow_inlined=allow_inlined, warnings=warnings,
+                                     meta={"diff": os.path.basename(diff),
+                                           "strip": str(level)})
+        finally:
+            for w in warnings:
+                click.echo(f"patchbox build: warning: {w}", err=True)
+    try:
+        save_patch(patch, out)
+    except OSError as err:
+        raise PatchboxError(f"cannot write {out}: {err.strerror}") from err
+    t_end = time.monotonic()
+    fns = ", ".join(f.symbol for f in patch.functions)
+    click.echo(f"wrote {out}: {len(patch.functions)} function(s) ({fns}) from "
+               f"{sum(1 for d in diffs if d.functions)} object file(s), {len(patch.text)} bytes "
+               f"text, {len(patch.data) + patch.bss_size} bytes data, {len(patch.fixups)} "
+               f"fix-ups; builds {t_built - t0:.1f} s, compare+extract {t_end - t_built:.2f} s")

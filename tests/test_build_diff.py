@@ -1,0 +1,381 @@
+"""`patchbox build`'s object comparison: a corpus of original/patched C pairs compiled on
+the fly, one per case, each with the decision (and message) it must get."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from helpers import compile_c
+from patchbox.build.diff import compare_objects, compare_trees, format_explain, normalize
+from patchbox.build.multi import patch_from_diffs
+from patchbox.build.profiles import reporters_for
+from patchbox.build.inlines import annotate_inlined, changed_lines
+from patchbox.build.tree import BuildError, check_diff
+from patchbox.elf.binary import Binary
+from patchbox.errors import ExtractError
+from patchbox.flags import LINK_FLAGS, PATCH_CFLAGS
+from patchbox.protocol.constants import FixupBase
+
+
+def pair(tmp_path: Path, orig: str, patched: str, name: str = "case", **kw):  # type: ignore[no-untyped-def]
+    """Returns (original .o, patched .o): the same file name compiled in two directories."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(exist_ok=True), b.mkdir(exist_ok=True)
+    return (compile_c(orig, a / f"{name}.o", obj=True, **kw),
+            compile_c(patched, b / f"{name}.o", obj=True, **kw))
+
+
+def decide(tmp_path: Path, orig: str, patched: str, profile: str = "generic",
+           extra: tuple[str, ...] = (), **kw) -> dict[str, tuple[str, str]]:
+    """Returns {symbol: (verdict, reason)} for the pair."""
+    o, p = pair(tmp_path, orig, patched, **kw)
+    d = compare_objects(o, p, reporters_for(profile, extra))
+    return {x.symbol: (x.verdict, x.reason) for x in d.decisions}
+
+
+def build_exe(tmp_path: Path, files: dict[str, str], out: str = "prog") -> Path:
+    """Links a PIE from several C files (the running program's reference binary)."""
+    d = tmp_path / "exe"
+    d.mkdir(exist_ok=True)
+    for fname, text in files.items():
+        (d / fname).write_text(text)
+    exe = d / out
+    subprocess.run(["gcc", "-O2", "-g", "-fPIE", *PATCH_CFLAGS, "-pie",
+                    *[str(d / f) for f in files], "-o", str(exe), *LINK_FLAGS],
+                   check=True, capture_output=True)
+    return exe
+
+
+BASE = """
+int limit = 10;
+__attribute__((noinline)) int f(int x) { return x * 3 + limit; }
+__attribute__((noinline)) int g(int x) { return x - 1; }
+"""
+
+
+def test_normalize() -> None:
+    assert normalize("counter.0") == "counter"
+    assert normalize("foo.constprop.3") == normalize("foo.constprop.0") == "foo.constprop"
+    assert normalize("foo.part.1.cold") == "foo.part.cold"
+    assert normalize("plain") == "plain"
+
+
+def test_changed_function(tmp_path: Path) -> None:
+    got = decide(tmp_path, BASE, BASE.replace("x * 3", "x * 4"))
+    assert got["f"][0] == "in" and got["f"][1].startswith("changed: code differs")
+    assert "g" not in got and "limit" not in got  # unchanged: no decision
+
+
+def test_unchanged_tree_has_no_decision(tmp_path: Path) -> None:
+    o, p = pair(tmp_path, BASE, BASE)
+    diffs, same = compare_trees({"case.o": o}, {"case.o": p})
+    assert diffs == [] and same == 1
+
+
+def test_new_function(tmp_path: Path) -> None:
+    patched = BASE.replace(
+        "__attribute__((noinline)) int f(int x) { return x * 3 + limit; }",
+        "__attribute__((noinline)) static int extra(int x) { __asm__ volatile(\"\"); return x + 7; }\n"
+        "__attribute__((noinline)) int f(int x) { return extra(x) * 3 + limit; }")
+    got = decide(tmp_path, BASE, patched)
+    assert got["extra"] == ("carried", "new function: copied into the patch if the new code uses it")
+    assert got["f"][0] == "in" and "extra" in got["f"][1]
+
+
+def test_new_string_literal(tmp_path: Path) -> None:
+    src = 'const char *s(int x) { return x ? "yes" : "no"; }\n' \
+          'const char *t(int x) { return x ? "one" : "two"; }\n'
+    got = decide(tmp_path, src, src.replace('"yes"', '"yes!"'))
+    assert got == {"s": ("in", "changed: references 'yes!' instead of 'yes' (+0xd)")} or \
+        (got["s"][0] == "in" and "'yes!' instead of 'yes'" in got["s"][1] and "t" not in got)
+
+
+def test_string_labels_shift_is_not_a_change(tmp_path: Path) -> None:
+    # A new literal in the first function renumbers every .LC label after it.
+    src = 'const char *s(int x) { return x ? "a" : "b"; }\n' \
+          'const char *t(int x) { return x ? "one" : "two"; }\n'
+    got = decide(tmp_path, src, src.replace('x ? "a" : "b"', 'x == 1 ? "a" : x == 2 ? "c" : "b"'))
+    assert got["s"][0] == "in" and "t" not in got
+
+
+def test_file_paths_compare_by_basename(tmp_path: Path) -> None:
+    src = "const char *where(void) { return SRC; }\n"
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    o = compile_c(src, tmp_path / "a" / "case.o", obj=True, extra=['-DSRC="/one/dir/x.c"'])
+    p = compile_c(src, tmp_path / "b" / "case.o", obj=True, extra=['-DSRC="/two/x.c"'])
+    assert compare_objects(o, p).decisions == []
+
+
+def test_new_static_variable(tmp_path: Path) -> None:
+    patched = BASE.replace("int limit = 10;", "int limit = 10;\nstatic int seen;").replace(
+        "return x - 1;", "seen++; return x - 1;")
+    got = decide(tmp_path, BASE, patched)
+    assert got["seen"][0] == "carried" and got["seen"][1].startswith("new variable")
+    assert got["g"][0] == "in" and "seen" in got["g"][1]
+
+
+def test_changed_initial_value_refused(tmp_path: Path) -> None:
+    o, p = pair(tmp_path, BASE, BASE.replace("limit = 10", "limit = 20"))
+    d = compare_objects(o, p)
+    assert d.refusals == ["limit: initial value of existing variable changed: the running "
+                          "program keeps its current value, code replacement cannot change it"]
+    with pytest.raises(ExtractError, match=r"refused: case.o: limit: initial value"):
+        patch_from_diffs([d], "/nonexistent")
+
+
+def test_changed_object_size_refused(tmp_path: Path) -> None:
+    src = "struct conf { int a; } conf;\nint get(void) { return conf.a; }\n"
+    got = decide(tmp_path, src, src.replace("int a;", "int a; int b;"))
+    assert got["conf"] == ("refused", "size of existing variable changed (4 -> 8 bytes; a "
+                           "changed type or struct layout): code replacement cannot change "
+                           "data the program already has")
+
+
+def test_changed_static_local_initial_value_refused(tmp_path: Path) -> None:
+    src = "int tick(void) { static int n = 1; return n++; }\n"
+    got = decide(tmp_path, src, src.replace("n = 1", "n = 5"))
+    assert got["n.0"][0] == "refused"
+
+
+def test_line_only_change_ignored(tmp_path: Path) -> None:
+    src = """
+extern void __assert_fail(const char *, const char *, unsigned, const char *)
+    __attribute__((noreturn));
+#define REPORT(msg) __assert_fail(msg, __FILE__, __LINE__, __func__)
+int check(int x) { if (x < 0) REPORT("negative"); return x * 2; }
+int other(int x) { if (x > 100) REPORT("big"); return x + 1; }
+"""
+    patched = src.replace("#define REPORT", "/* one more line */\n#define REPORT")
+    got = decide(tmp_path, src, patched)
+    assert got["check"][0] == "out" and "__LINE__" in got["check"][1] \
+        and "__assert_fail" in got["check"][1]
+    assert got["other"][0] == "out"
+    # A real change next to it is still a change.
+    got = decide(tmp_path, src, patched.replace("x * 2", "x * 5"))
+    assert got["check"][0] == "in" and got["other"][0] == "out"
+
+
+def test_line_change_to_non_reporter_is_a_change(tmp_path: Path) -> None:
+    src = """
+extern void log_line(const char *, int);
+int check(int x) { if (x < 0) log_line("neg", __LINE__); return x * 2; }
+"""
+    patched = "\n" + src
+    assert decide(tmp_path, src, patched)["check"][0] == "in"
+    got = decide(tmp_path, src, patched, extra=("log_line",))  # --reporter log_line
+    assert got["check"][0] == "out"
+
+
+def test_qemu_profile_reporters(tmp_path: Path) -> None:
+    src = """
+typedef struct Error Error;
+extern void error_setg_internal(Error **, const char *, int, const char *, const char *, ...);
+#define error_setg(errp, fmt, ...) \\
+    error_setg_internal((errp), __FILE__, __LINE__, __func__, (fmt), ## __VA_ARGS__)
+int realize(int x, Error **errp) { if (x < 0) { error_setg(errp, "bad %d", x); return -1; } return 0; }
+"""
+    patched = "\n\n" + src
+    assert decide(tmp_path, src, patched)["realize"][0] == "in"  # generic: not a reporter
+    got = decide(tmp_path, src, patched, profile="qemu")
+    assert got["realize"][0] == "out" and "error_setg_internal" in got["realize"][1]
+
+
+def test_inlined_into_callers_included(tmp_path: Path) -> None:
+    src = """
+static inline int sq(int x) { return x * x; }
+int f(int x) { return sq(x) + 1; }
+int g(int x) { return sq(x + 1) - 1; }
+int h(int x) { return x; }
+"""
+    o, p = pair(tmp_path, src, src.replace("x * x", "x * x + 3"), extra=["-g"])
+    d = compare_objects(o, p)
+    diff = ("--- a/case.c\n+++ b/case.c\n@@ -2 +2 @@\n"
+            "-static inline int sq(int x) { return x * x; }\n"
+            "+static inline int sq(int x) { return x * x + 3; }\n")
+    assert changed_lines(diff) == {"case.c": {2}}
+    annotate_inlined([d], diff)
+    got = {x.symbol: (x.verdict, x.reason) for x in d.decisions}
+    assert got["f"][0] == "in" and got["g"][0] == "in" and "h" not in got
+    assert got["f"][1].endswith("(it inlines sq, changed by the diff)")
+
+
+def test_cold_part_change_includes_parent(tmp_path: Path) -> None:
+    src = """
+#include <stdio.h>
+extern int errors;
+__attribute__((cold, noinline)) void slow(void);
+int work(int x, int y) {
+    if (x < 0) { slow(); fprintf(stderr, "negative %d %d\\n", x, y); errors++; return -1; }
+    for (int i = 0; i < y; i++) x += i * y;
+    return x + 1;
+}
+"""
+    got = decide(tmp_path, src, src.replace("negative %d", "below zero %d"))
+    assert got["work.cold"][0] == "carried" and "GCC clone changed" in got["work.cold"][1]
+    assert got["work"] == ("in", "changed: calls changed clone work.cold")
+
+
+def test_constprop_isra_clones(tmp_path: Path) -> None:
+    src = """
+struct big { int a, b, c, d; };
+__attribute__((noinline)) static int mul(int x, int k) { return x * k + 1; }
+__attribute__((noinline)) static int geta(struct big *p) { return p->a * 7; }
+int f1(int x) { return mul(x, 3); }
+int f2(int x) { return mul(x + 1, 3); }
+int f3(struct big *p) { return geta(p) + 1; }
+"""
+    o, p = pair(tmp_path, src, src.replace("x * k + 1", "x * k + 2"))
+    d = compare_objects(o, p)
+    got = {x.symbol: x.verdict for x in d.decisions}
+    assert got == {"mul.constprop.0": "carried", "f1": "in", "f2": "in"}
+    assert d.force_copy == {"mul.constprop.0"} and sorted(d.functions) == ["f1", "f2"]
+    # Renumbered clones (mul.constprop.0 -> .4, geta.isra.0 -> .2) still correlate.
+    q = tmp_path / "renamed.o"
+    subprocess.run(["objcopy", "--redefine-sym", "mul.constprop.0=mul.constprop.4",
+                    "--redefine-sym", "geta.isra.0=geta.isra.2", str(o), str(q)], check=True)
+    assert compare_objects(o, q).decisions == []
+
+
+def test_renumbered_static_local_is_the_same_variable(tmp_path: Path) -> None:
+    src = "int tick(void) { static int n; return ++n; }\n"
+    patched = src.replace("++n", "n += 2") + "int first(void) { static int z; return z--; }\n"
+    got = decide(tmp_path, src, patched)
+    assert got["tick"][0] == "in"
+    assert got["z.0"][0] == "carried" and "n.1" not in got  # n.0 -> n.1: same variable
+
+
+def test_changed_readonly_table_makes_users_change(tmp_path: Path) -> None:
+    src = """
+int pick(int i) { static const int tbl[] = {1, 2, 3, 4, 5, 6}; return tbl[i & 3]; }
+int other(int i) { return i; }
+"""
+    got = decide(tmp_path, src, src.replace("{1, 2, 3", "{1, 9, 3"))
+    assert got["pick"][0] == "in" and got["tbl.0"][0] == "carried" and "other" not in got
+
+
+def test_changed_assembly_refused() -> None:
+    diff = ("--- a/boot.S\n+++ b/boot.S\n@@ -1 +1 @@\n-ret\n+nop\n"
+            "--- a/x.c\n+++ b/x.c\n@@ -1 +1 @@ int f(void)\n-1\n+2\n")
+    with pytest.raises(BuildError, match=r"assembly file b/boot.S is changed by the diff"):
+        check_diff(diff)
+    check_diff(diff.split("--- a/x.c")[0].replace("boot.S", "boot.c"))  # C is fine
+
+
+def test_static_local_stays_bound(tmp_path: Path) -> None:
+    src = """
+__attribute__((noinline)) int tick(void) { static int n; return ++n; }
+int main(void) { return tick(); }
+"""
+    exe = build_exe(tmp_path, {"case.c": src})
+    o, p = pair(tmp_path, src, src.replace("++n", "n += 2"), extra=["-g"])
+    d = compare_objects(o, p)
+    assert d.functions == ["tick"]
+    patch = patch_from_diffs([d], exe)
+    with Binary(exe) as b:
+        n = next(s for s in b.iter_locals("case.c") if s.name.startswith("n."))
+    assert patch.data == b"" and patch.bss_size == 0  # no fresh copy of n
+    assert {f.addend + 4 for f in patch.fixups if f.base == FixupBase.EXE} == {n.address}
+
+
+MAIN = "int a(int); int main(void) { return a(1); }\n"
+A = "__attribute__((noinline)) int a(int x) { return x + 1; }\n"
+B = "__attribute__((noinline)) static int helper(int x) { return x * 2; }\n" \
+    "int b(int x) { return helper(x); }\n"
+A_HELPER = "__attribute__((noinline)) static int helper(int x) { __asm__ volatile(\"\"); " \
+           "return x + 3; }\nint a(int x) { return helper(x) + 1; }\n"
+
+
+def _objs(tmp_path: Path, tag: str, files: dict[str, str]) -> dict[str, Path]:
+    d = tmp_path / tag
+    d.mkdir()
+    return {f"{n[:-2]}.o": compile_c(t, d / f"{n[:-2]}.o", obj=True, extra=["-g"])
+            for n, t in files.items()}
+
+
+def test_several_objects_one_patch_static_names_by_file(tmp_path: Path) -> None:
+    files = {"main.c": MAIN, "a.c": A_HELPER, "b.c": B}
+    exe = build_exe(tmp_path, files)
+    orig = _objs(tmp_path, "orig", files)
+    new = _objs(tmp_path, "new", {**files, "a.c": A_HELPER.replace("x + 3", "x + 4"),
+                                  "b.c": B.replace("x * 2", "x * 5")})
+    diffs, same = compare_trees(orig, new)
+    assert same == 1 and [d.functions for d in diffs] == [["helper"], ["helper"]]
+    patch = patch_from_diffs(diffs, exe)
+    with Binary(exe) as b:
+        want = {b.find_local("helper", "a.c").address, b.find_local("helper", "b.c").address}
+    assert {f.target for f in patch.functions} == want
+    assert patch.meta["source:helper"] == "a.c" and patch.meta["source:helper@b.c"] == "b.c"
+    text = format_explain(diffs, same)
+    assert "a.o (a.c):" in text and "1 object file(s) without a difference" in text
+
+
+def test_new_global_defined_in_another_object(tmp_path: Path) -> None:
+    files = {"main.c": MAIN, "a.c": A, "b.c": B}
+    exe = build_exe(tmp_path, files)
+    orig = _objs(tmp_path, "orig", files)
+    new = _objs(tmp_path, "new", {
+        **files, "a.c": "int b_new(int);\n" + A.replace("x + 1", "b_new(x) + 1"),
+        "b.c": B + "__attribute__((noinline)) int b_new(int x) { return x * 11; }\n"})
+    diffs, _same = compare_trees(orig, new)
+    by = {d.rel: d for d in diffs}
+    assert by["a.o"].functions == ["a"] and by["b.o"].new_globals == {"b_new"}
+    patch = patch_from_diffs(diffs, exe)
+    assert [f.symbol for f in patch.functions] == ["a"]
+    assert not any(f.base == FixupBase.IMPORT for f in patch.fixups)  # b_new is in the patch
+    calls = [f for f in patch.fixups if f.base == FixupBase.TEXT]
+    assert calls and all(0 <= f.addend + 4 < len(patch.text) for f in calls)
+    assert patch.meta.get("new:b_new") == "text"
+
+
+def test_no_change_refused(tmp_path: Path) -> None:
+    src = "extern void __assert_fail(const char *, const char *, unsigned, const char *);\n" \
+          "int c(int x) { if (x) __assert_fail(\"x\", __FILE__, __LINE__, __func__); return 1; }\n"
+    o, p = pair(tmp_path, src, "\n" + src)
+    diffs, _ = compare_trees({"case.o": o}, {"case.o": p})
+    with pytest.raises(ExtractError, match="the diff changes no function"):
+        patch_from_diffs(diffs, "/nonexistent")
+
+
+@pytest.mark.skipif(shutil.which("patch") is None, reason="needs patch(1)")
+def test_workspace_never_touches_the_tree(tmp_path: Path) -> None:
+    from patchbox.build.tree import Workspace
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "x.c").write_text("int f(void) { return 1; }\n")
+    (src / "Makefile").write_text("x.o: x.c\n\t$(CC) $(CFLAGS) -O2 -fPIE -c x.c -o x.o\n")
+    diff = tmp_path / "d.patch"
+    diff.write_text("--- x.c\n+++ x.c\n@@ -1 +1 @@\n-int f(void) { return 1; }\n"
+                    "+int f(void) { return 2; }\n")
+    with Workspace(src) as ws:
+        ws.copy_source()
+        ws.build("make", 2, "original")
+        orig = ws.stash_objects()
+        assert ws.apply_diff(diff) == 0
+        ws.build("make", None, "patched")
+        diffs, _same = compare_trees(orig, ws.objects())
+        assert [d.functions for d in diffs] == [["f"]]
+        root = ws.root
+    assert not root.exists()
+    assert (src / "x.c").read_text() == "int f(void) { return 1; }\n"
+    assert sorted(p.name for p in src.iterdir()) == ["Makefile", "x.c"]
+
+
+def test_fast_reader_matches_pyelftools(tmp_path: Path, agent_dir: Path) -> None:
+    from patchbox.build.fastobj import load_object
+    from patchbox.elf.objfile import ObjectFile
+    o, _p = pair(tmp_path, BASE + 'const char *s(void) { return "x"; }\n', BASE, extra=["-g"])
+    for path in [o, *sorted(agent_dir.glob("*.o"))]:
+        assert load_object(path) == ObjectFile.load(path)
+
+
+def test_tree_that_does_not_rebuild_the_binary_refused(tmp_path: Path) -> None:
+    src = "__attribute__((noinline)) int f(int x) { return x * 3 + 1; }\n" \
+          "int main(int c, char **v) { (void)v; return f(c); }\n"
+    exe = build_exe(tmp_path, {"case.c": src})
+    o, p = pair(tmp_path, src, src.replace("x * 3", "x * 4"), opt="-O0")  # other flags
+    d = compare_objects(o, p)
+    with pytest.raises(ExtractError, match="the tree does not rebuild the running binary"):
+        patch_from_diffs([d], exe)
