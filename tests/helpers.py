@@ -5,9 +5,11 @@ module name ``conftest`` is ambiguous.
 """
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import subprocess
+import sys
 from pathlib import Path
 
 from patchbox.config import libs
@@ -32,3 +34,38 @@ def compile_c(src: str, out: Path, *, obj: bool = False, extra: list[str] | None
             cmd += shlex.split(libs(app_version=APP_VERSION, app_cflags=" ".join(PATCH_CFLAGS)))
     subprocess.run(cmd, check=True, capture_output=True, text=True)
     return out
+
+
+BIN = Path(sys.executable).parent
+
+
+def run_tool(tool: str, *args: object, check: bool = True,
+             timeout: float = 60) -> subprocess.CompletedProcess:
+    """Returns the finished run of the installed console script ``tool`` (patchbox,
+    extract-patch); asserts success unless ``check`` is false."""
+    proc = subprocess.run([str(BIN / tool), *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, stdin=subprocess.DEVNULL)
+    if check:
+        assert proc.returncode == 0, f"{tool} {args} failed: {proc.stderr}"
+    return proc
+
+
+def info_json(pid: int) -> dict:
+    """Returns `patchbox info -p PID --json` as a dict."""
+    return json.loads(run_tool("patchbox", "info", "-p", pid, "--json").stdout)
+
+
+def compile_with_small_sandbox(src: str, out: Path, sandbox: int) -> Path:
+    """Returns ``out``: ``src`` linked with an agent built with SANDBOX_ALLOC=``sandbox``."""
+    agent = out.parent.parent / f"agent-{sandbox}"
+    subprocess.run(["make", "-s", "-C", str(ROOT / "agent"), f"OUT={agent}",
+                    f"SANDBOX_ALLOC={sandbox}"], check=True, capture_output=True)
+    old = os.environ.get("PATCHBOX_AGENT_DIR")
+    os.environ["PATCHBOX_AGENT_DIR"] = str(agent)  # read by patchbox.config.libs()
+    try:
+        return compile_c(src, out, agent=True)
+    finally:
+        if old is None:
+            del os.environ["PATCHBOX_AGENT_DIR"]
+        else:
+            os.environ["PATCHBOX_AGENT_DIR"] = old

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import rawwire
-from helpers import AGENT_DIR, ROOT, compile_c
+from helpers import ROOT, compile_c
 from live import Target
 from patchbox.protocol.constants import Msg
 

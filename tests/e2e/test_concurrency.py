@@ -11,13 +11,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from helpers import ROOT, compile_c
+from helpers import ROOT, compile_with_small_sandbox, info_json, run_tool
 from live import Target, render
 from patchbox.build.extract import extract_patch
 from patchbox.format.layout import encode_apply_body
@@ -25,20 +24,14 @@ from patchbox.protocol.client import Client
 from patchbox.protocol.constants import ApplyFlag
 
 pytestmark = pytest.mark.process
-BIN = Path(sys.executable).parent
 SMALL_SANDBOX = 8192
 
 
-def run(tool: str, *args: object, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([str(BIN / tool), *map(str, args)], capture_output=True, text=True,
-                          timeout=60, stdin=subprocess.DEVNULL)
-    if check:
-        assert proc.returncode == 0, f"{tool} {args} failed: {proc.stderr}"
-    return proc
+run = run_tool
 
 
 def info(target: Target) -> dict:
-    return json.loads(run("patchbox", "info", "-p", target.pid, "--json").stdout)
+    return info_json(target.pid)
 
 
 def body(obj: Path, exe: Path, functions: list[str], name: str) -> bytes:
@@ -75,18 +68,8 @@ def test_wx_policy_refuses_apply_cleanly(target_exe, patched_obj, tmp_path) -> N
 def small_target_exe(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The e2e target linked with an agent whose sandbox is only SMALL_SANDBOX bytes."""
     d = tmp_path_factory.mktemp("small")
-    subprocess.run(["make", "-s", "-C", str(ROOT / "agent"), f"OUT={d / 'agent'}",
-                    f"SANDBOX_ALLOC={SMALL_SANDBOX}"], check=True, capture_output=True)
-    old = os.environ.get("PATCHBOX_AGENT_DIR")
-    os.environ["PATCHBOX_AGENT_DIR"] = str(d / "agent")
-    try:
-        (d / "exe").mkdir()
-        return compile_c(render(), d / "exe" / "target", agent=True)
-    finally:
-        if old is None:
-            del os.environ["PATCHBOX_AGENT_DIR"]
-        else:
-            os.environ["PATCHBOX_AGENT_DIR"] = old
+    (d / "exe").mkdir()
+    return compile_with_small_sandbox(render(), d / "exe" / "target", SMALL_SANDBOX)
 
 
 PARKING = ("if (x == 1) { char c; if (read(park_fds[0], &c, 1) != 1) return -1; }"

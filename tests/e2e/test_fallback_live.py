@@ -10,13 +10,12 @@ from __future__ import annotations
 import dataclasses
 import shlex
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from elftools.elf.elffile import ELFFile
 
-from helpers import APP_VERSION
+from helpers import APP_VERSION, run_tool
 from live import Target
 from patchbox.config import libs
 from patchbox.flags import LINK_FLAGS, PATCH_CFLAGS
@@ -24,7 +23,6 @@ from patchbox.format.layout import load_patch, save_patch
 from patchbox.protocol.constants import RedirectKind
 
 pytestmark = pytest.mark.process
-BIN = Path(sys.executable).parent
 PLAIN = ["-O2", "-fPIE", "-ffunction-sections", "-fdata-sections", "-fcf-protection=none"]
 
 SOURCE = r"""
@@ -54,12 +52,7 @@ int main(void) {
 """
 
 
-def run(tool: str, *args: object, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([str(BIN / tool), *map(str, args)], capture_output=True, text=True,
-                          timeout=60, stdin=subprocess.DEVNULL)
-    if check:
-        assert proc.returncode == 0, f"{tool} {args} failed: {proc.stderr}"
-    return proc
+run = run_tool
 
 
 def build(out: Path, mul: str, *, padded: bool = False, obj: bool = False) -> Path:

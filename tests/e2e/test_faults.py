@@ -12,7 +12,6 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -24,7 +23,7 @@ from patchbox.build.extract import extract_patch
 from patchbox.format.layout import encode_apply_body
 from patchbox.format.model import Patch
 from patchbox.protocol.client import Client
-from patchbox.protocol.constants import ErrorCode, Msg
+from patchbox.protocol.constants import Msg
 
 pytestmark = pytest.mark.process
 

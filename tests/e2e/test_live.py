@@ -8,27 +8,20 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from elftools.elf.elffile import ELFFile
 
-from helpers import APP_VERSION, compile_c
+from helpers import APP_VERSION, compile_c, info_json, run_tool
 from live import Target, render
 from patchbox.config import preload
 from patchbox.format.layout import load_patch, save_patch
 
 pytestmark = pytest.mark.process
-BIN = Path(sys.executable).parent
 
 
-def run(tool: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([str(BIN / tool), *map(str, args)], capture_output=True, text=True,
-                          timeout=60, stdin=subprocess.DEVNULL)
-    if check:
-        assert proc.returncode == 0, f"{tool} {args} failed: {proc.stderr}"
-    return proc
+run = run_tool
 
 
 def extract(obj: Path, exe: Path, *functions: str, name: str) -> Path:
@@ -39,7 +32,7 @@ def extract(obj: Path, exe: Path, *functions: str, name: str) -> Path:
 
 
 def info(target) -> dict:
-    return json.loads(run("patchbox", "info", "-p", target.pid, "--json").stdout)
+    return info_json(target.pid)
 
 
 def listing(target) -> list:

@@ -8,10 +8,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-import socket
 import struct
-import subprocess
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path

@@ -8,13 +8,12 @@ callers never block, so the quiescence check can never pass.
 """
 from __future__ import annotations
 
-import os
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from helpers import ROOT, compile_c
+from helpers import compile_c, compile_with_small_sandbox
 from patchbox.build.extract import extract_patch
 from patchbox.format.layout import encode_apply_body
 from patchbox.protocol.client import Client
@@ -33,18 +32,8 @@ def stress_source(k: int) -> str:
 def stress_build(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """Returns (program with an 8 KiB sandbox agent, patched object with K=5)."""
     d = tmp_path_factory.mktemp("stress")
-    subprocess.run(["make", "-s", "-C", str(ROOT / "agent"), f"OUT={d / 'agent'}",
-                    f"SANDBOX_ALLOC={SMALL_SANDBOX}"], check=True, capture_output=True)
-    old = os.environ.get("PATCHBOX_AGENT_DIR")
-    os.environ["PATCHBOX_AGENT_DIR"] = str(d / "agent")
-    try:
-        (d / "exe").mkdir()
-        exe = compile_c(stress_source(3), d / "exe" / "stress_target", agent=True)
-    finally:
-        if old is None:
-            del os.environ["PATCHBOX_AGENT_DIR"]
-        else:
-            os.environ["PATCHBOX_AGENT_DIR"] = old
+    (d / "exe").mkdir()
+    exe = compile_with_small_sandbox(stress_source(3), d / "exe" / "stress_target", SMALL_SANDBOX)
     (d / "obj").mkdir()
     obj = compile_c(stress_source(5), d / "obj" / "stress_target.o", obj=True)
     return exe, obj
