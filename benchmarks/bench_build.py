@@ -27,8 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "src"))
+from common import print_table  # also puts src/ on sys.path
 
 from patchbox.build.diff import compare_objects, compare_trees  # noqa: E402
 from patchbox.build.multi import patch_from_diffs  # noqa: E402
@@ -174,11 +173,7 @@ def main() -> None:
             rows.append(("`patchbox build`, tree without objects", f"{t:.1f} s", "1 run",
                          f"original built from scratch; first `make -j2`: {t_make:.1f} s"))
         shutil.rmtree(ws.root, ignore_errors=True)
-    w = [max(len(r[i]) for r in rows + [("what", "value", "spread", "note")]) for i in range(4)]
-    print("  ".join(h.ljust(w[i]) for i, h in enumerate(("what", "value", "spread", "note"))))
-    print("  ".join("-" * n for n in w))
-    for r in rows:
-        print("  ".join(c.ljust(w[i]) for i, c in enumerate(r)))
+    print_table(("what", "value", "spread", "note"), rows)
 
 
 if __name__ == "__main__":

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import select
-import shlex
 import statistics
 import subprocess
 import sys
@@ -22,12 +20,9 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "src"))
+from common import Proc, build_program, print_table  # also puts src/ on sys.path
 
 from patchbox.build.extract import extract_patch  # noqa: E402
-from patchbox.config import libs  # noqa: E402
-from patchbox.flags import PATCH_CFLAGS  # noqa: E402
 from patchbox.format.layout import encode_apply_body, save_patch  # noqa: E402
 from patchbox.protocol.client import Client  # noqa: E402
 
@@ -70,41 +65,13 @@ int main(void)
 
 
 def build(tmp: Path, name: str, k: int, agent: bool, obj: bool = False) -> Path:
-    d = tmp / name
-    d.mkdir()
-    src = d / "bench.c"
-    src.write_text(BENCH_C.replace("@K@", str(k)))
-    out = d / ("bench.o" if obj else "bench")
-    cmd = ["gcc", "-O2", *PATCH_CFLAGS, str(src), "-o", str(out)]
-    if obj:
-        cmd.insert(-2, "-c")
-    elif agent:
-        cmd += shlex.split(libs(app_version="bench"))
-    subprocess.run(cmd, check=True)
-    return out
+    return build_program(tmp, name, BENCH_C.replace("@K@", str(k)), agent=agent, obj=obj)
 
 
-class Proc:
-    def __init__(self, exe: Path) -> None:
-        self.p = subprocess.Popen([str(exe)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                  text=True, bufsize=1)
-        assert self.readline() == "ready"
-        self.pid = self.p.pid
-
-    def readline(self) -> str:
-        ready, _, _ = select.select([self.p.stdout], [], [], 60)
-        assert ready
-        return self.p.stdout.readline().strip()
-
-    def calls(self, n: int) -> tuple[float, int]:
-        self.p.stdin.write(f"calls {n}\n")
-        self.p.stdin.flush()
-        ns, acc = self.readline().split()
-        return int(ns) / n, int(acc)
-
-    def stop(self) -> None:
-        self.p.kill()
-        self.p.wait()
+def calls(proc: Proc, n: int) -> tuple[float, int]:
+    """Returns (ns per call, checksum) of ``n`` calls of work() in ``proc``."""
+    ns, acc = proc.ask(f"calls {n}").split()
+    return int(ns) / n, int(acc)
 
 
 def rss_kib(pid: int) -> int:
@@ -168,10 +135,10 @@ def main() -> None:
                 # Per-call cost, interleaved so drift hits both sides alike.
                 base, patched = [], []
                 for _ in range(args.rounds):
-                    ns, acc0 = proc.calls(args.calls)
+                    ns, acc0 = calls(proc, args.calls)
                     base.append(ns)
                     client.apply(body)
-                    ns, acc1 = proc.calls(args.calls)
+                    ns, acc1 = calls(proc, args.calls)
                     patched.append(ns)
                     client.remove("bench")
                     assert acc0 == acc1, "patched function computed something else"
@@ -202,13 +169,7 @@ def main() -> None:
     rows.append(("RSS with agent", f"{rss_agent} KiB",
                  f"x{rss_agent / rss_plain:.2f} of without", f"without: {rss_plain} KiB"))
 
-    widths = [max(len(r[i]) for r in rows + [("what", "value", "ratio / spread", "note")])
-              for i in range(4)]
-    header = ("what", "value", "ratio / spread", "note")
-    print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
-    print("  ".join("-" * w for w in widths))
-    for row in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths)))
+    print_table(("what", "value", "ratio / spread", "note"), rows)
 
 
 if __name__ == "__main__":

@@ -28,21 +28,14 @@ from __future__ import annotations
 import argparse
 import ctypes
 import os
-import select
-import shlex
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "src"))
+from common import Proc, build_program, print_table  # also puts src/ on sys.path
 
 from patchbox.build.extract import extract_patch  # noqa: E402
-from patchbox.config import libs  # noqa: E402
-from patchbox.flags import LINK_FLAGS, PATCH_CFLAGS  # noqa: E402
 from patchbox.format.layout import encode_apply_body  # noqa: E402
 from patchbox.protocol.client import Client  # noqa: E402
 
@@ -182,43 +175,13 @@ def stall(gaps: list[tuple[int, int]], t0: int, t1: int) -> int:
 
 
 def build(tmp: Path, name: str, k: int, agent: bool, obj: bool = False) -> Path:
-    d = tmp / name
-    d.mkdir()
-    src = d / "stall.c"
-    src.write_text(STALL_C.replace("@K@", str(k)))
-    out = d / ("stall.o" if obj else "stall")
-    cmd = ["gcc", "-O2", "-fPIE", *PATCH_CFLAGS]
-    if obj:
-        cmd += ["-c", str(src), "-o", str(out)]
-    else:
-        cmd += ["-pie", str(src), "-o", str(out), *LINK_FLAGS]
-        if agent:
-            cmd += shlex.split(libs(app_version="bench"))
-    subprocess.run(cmd, check=True)
-    return out
+    return build_program(tmp, name, STALL_C.replace("@K@", str(k)), agent=agent, obj=obj,
+                         stem="stall")
 
 
-class Proc:
-    def __init__(self, exe: Path) -> None:
-        self.p = subprocess.Popen([str(exe)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                  text=True, bufsize=1)
-        self.pid = self.p.pid
-        assert self.ask("") == "ready"
-
-    def ask(self, cmd: str) -> str:
-        if cmd:
-            self.p.stdin.write(cmd + "\n")
-            self.p.stdin.flush()
-        ready, _, _ = select.select([self.p.stdout], [], [], 120)
-        assert ready, f"no answer to {cmd!r}"
-        return self.p.stdout.readline().strip()
-
-    def per_op(self, cmd: str, n: int) -> float:
-        return int(self.ask(f"{cmd} {n}").split()[0]) / n
-
-    def stop(self) -> None:
-        self.p.kill()
-        self.p.wait()
+def per_op(proc: Proc, cmd: str, n: int) -> float:
+    """Returns the ns per operation that ``cmd n`` reports."""
+    return int(proc.ask(f"{cmd} {n}").split()[0]) / n
 
 
 def main() -> None:
@@ -266,14 +229,14 @@ def main() -> None:
 
                 base, patched = [], []
                 for _ in range(args.rounds):
-                    base.append(proc.per_op("calls", args.calls))
+                    base.append(per_op(proc, "calls", args.calls))
                     client.apply(body)
-                    patched.append(proc.per_op("calls", args.calls))
+                    patched.append(per_op(proc, "calls", args.calls))
                     client.remove("stall")
             with_agent, without = [], []
             for _ in range(args.rounds):
-                with_agent.append(proc.per_op("malloc", args.mallocs))
-                without.append(plain_proc.per_op("malloc", args.mallocs))
+                with_agent.append(per_op(proc, "malloc", args.mallocs))
+                without.append(per_op(plain_proc, "malloc", args.mallocs))
         finally:
             proc.stop()
             plain_proc.stop()
@@ -304,11 +267,7 @@ def main() -> None:
     rows.append(("malloc+free, agent linked", f"{med(with_agent):.2f} ns",
                  f"x{med(with_agent) / med(without):.2f}", ""))
     header = ("what", "value", "ratio", "note")
-    widths = [max(len(r[i]) for r in rows + [header]) for i in range(4)]
-    print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
-    print("  ".join("-" * w for w in widths))
-    for row in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths)))
+    print_table(header, rows)
 
 
 if __name__ == "__main__":

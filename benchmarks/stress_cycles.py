@@ -22,8 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "src"))
+from common import ROOT, print_table  # also puts src/ on sys.path
 
 from patchbox.build.extract import extract_patch  # noqa: E402
 from patchbox.config import libs  # noqa: E402
@@ -99,10 +98,7 @@ def main() -> int:
            f"{r.get('new', 0):,}", str(r.get("bad", "?")), str(r.get("parked", "?")),
            str(used_max), str(retired_max), str(args.sandbox), f"{elapsed:.1f} s",
            str(proc.returncode))
-    widths = [max(len(h), len(c)) for h, c in zip(header, row)]
-    print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
-    print("  ".join("-" * w for w in widths))
-    print("  ".join(c.ljust(w) for c, w in zip(row, widths)))
+    print_table(header, [row])
     ok = (not failure and proc.returncode == 0 and r.get("bad") == 0
           and r.get("parked") in (22, 36))
     if not ok:
