@@ -6,7 +6,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import compile_c
+from helpers import compile_c
 
 from patchbox.elf.binary import Binary, strip_version
 from patchbox.elf.objfile import ObjectFile

@@ -16,7 +16,7 @@ import pytest
 from capstone import CS_ARCH_X86, CS_MODE_64, Cs
 from capstone.x86 import X86_OP_IMM, X86_OP_MEM, X86_REG_RIP
 from click.testing import CliRunner
-from conftest import compile_c
+from helpers import compile_c
 
 from patchbox.build.extract import extract_patch
 from patchbox.cli.extract import extract_command

@@ -8,70 +8,17 @@ while the other patches and checks, so a dropped or failed request would show.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from helpers import ROOT
 from patchbox.build.qemu import compile_fixed
+from qemuutil import BIN, Qemu, run
 from qmp import QMP
 
 pytestmark = pytest.mark.qemu
-BIN = Path(sys.executable).parent
-
-
-@pytest.fixture(scope="session")
-def qemu_exe() -> Path:
-    proc = subprocess.run([str(ROOT / "scripts" / "qemu" / "build-qemu.sh")], capture_output=True,
-                          text=True, timeout=3600, stdin=subprocess.DEVNULL)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    exe = Path(proc.stdout.strip().splitlines()[-1])
-    assert exe.is_file()
-    return exe
-
-
-class Qemu:
-    def __init__(self, exe: Path, tmp: Path) -> None:
-        self.load_sock, self.ctl_sock = tmp / "qmp-load.sock", tmp / "qmp-ctl.sock"
-        self.proc = subprocess.Popen(
-            [str(exe), "-machine", "none", "-display", "none", "-nodefaults", "-S",
-             "-qmp", f"unix:{self.load_sock},server=on,wait=off",
-             "-qmp", f"unix:{self.ctl_sock},server=on,wait=off"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            env={"PATH": "/usr/bin:/bin", "PATCHBOX_SOCK_DIR": str(tmp)})
-        self.pid = self.proc.pid
-        self.agent_sock = tmp / f"sandbox-sock{self.pid}"
-        deadline = time.monotonic() + 30
-        while not self.agent_sock.exists():
-            assert self.proc.poll() is None, self.proc.stderr.read().decode()
-            assert time.monotonic() < deadline, "agent socket never appeared"
-            time.sleep(0.05)
-        self.ctl = QMP(self.ctl_sock)
-
-    def stop(self) -> None:
-        self.ctl.close()
-        self.proc.kill()
-        self.proc.wait(10)
-
-
-@pytest.fixture()
-def qemu(qemu_exe: Path, tmp_path: Path):
-    q = Qemu(qemu_exe, tmp_path)
-    yield q
-    alive = q.proc.poll() is None
-    q.stop()
-    assert alive, "QEMU died during the test"
-
-
-def run(*args) -> subprocess.CompletedProcess:
-    proc = subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=120,
-                          stdin=subprocess.DEVNULL)
-    assert proc.returncode == 0, f"{args}: {proc.stderr}"
-    return proc
 
 
 def fixed_object(qemu_exe: Path, tmp: Path, source: str, old: str, new: str) -> Path:

@@ -132,3 +132,20 @@ def annotate_inlined(diffs: list, diff_text: str) -> None:  # type: ignore[type-
             hit = sorted(inlines.get(x.symbol, set()) & changed - {x.symbol})
             if hit:
                 x.reason += f" (it inlines {', '.join(hit)}, changed by the diff)"
+
+
+def global_homes(obj_path: Path, names: list[str]) -> dict[str, str]:
+    """Returns {global function: basename of its .c file} for the functions of ``names``
+    whose only declaration in ``obj_path``'s DWARF is in the object's own ``.c`` file
+    (not a header): no other compile unit has their body, so only that file's CU can
+    inline them (:func:`patchbox.elf.dwarf.find_inlined`'s ``homes``). Empty without -g."""
+    try:
+        decls, _inl = _scan(Path(obj_path))
+    except Exception:  # unreadable DWARF: no shortcut, the full scan decides
+        return {}
+    where: dict[str, set[str]] = defaultdict(set)
+    for fname, entries in decls.items():
+        for _line, fn in entries:
+            where[fn].add(fname)
+    return {fn: next(iter(where[fn])) for fn in names
+            if len(where.get(fn, ())) == 1 and next(iter(where[fn])).endswith(".c")}

@@ -25,6 +25,7 @@ from typing import Any
 import patchbox
 from patchbox.build import extract as _ex
 from patchbox.build.fastobj import load_object
+from patchbox.build.inlines import global_homes
 from patchbox.elf import dwarf
 from patchbox.elf.binary import Binary
 from patchbox.elf.objfile import ObjectFile, ObjSymbol, Relocation, Section
@@ -88,13 +89,20 @@ def _check_inlined(binary: Binary, shown: str, members: list[_Member],
     inlines a replaced function is fine if the patch replaces that caller too."""
     targets: dict[str, str | None] = {}
     replaced: set[tuple[str, str | None]] = set()
+    homes: dict[str, str] = {}
     for m in members:
         src = os.path.basename(m.source) if m.source else None
+        glob = []
         for fn in m.names:
             sym = m.obj.get_function(fn)
             local = sym is not None and sym.is_local
             targets[fn] = src if local else None
             replaced.add((fn, src if local else None))
+            if not local:
+                glob.append(fn)
+        if glob and src:
+            homes.update({fn: h for fn, h in global_homes(m.obj.path, glob).items()
+                          if h == src})
     if not targets:
         return {}
     if not dwarf.has_debug_info(binary.elf):
@@ -102,7 +110,7 @@ def _check_inlined(binary: Binary, shown: str, members: list[_Member],
                         f"replaced functions are inlined elsewhere; build with -g")
         return {"inlined_check": "unavailable"}
     try:
-        sites, _found = dwarf.find_inlined(binary.elf, targets, shown)
+        sites, _found = dwarf.find_inlined(binary.elf, targets, shown, homes)
     except ElfError as err:
         warnings.append(f"{err}: cannot check for inlined copies")
         return {"inlined_check": "unavailable"}
@@ -209,9 +217,11 @@ def extract_multi(pairs: list[tuple[Path | str, list[str]]], binary_path: str | 
                 add += dbase[tgt]
             fixups.append(Fixup(fx.section, fx.type, fx.base, fx.offset + at, add, fx.symbol))
         for sym, sec, addr, expected in reps:
+            kind, skip = m.redirect[sym.name]
             funcs.append(Function(symbol=sym.name, target=addr,
                                   new_offset=tbase[m.index] + m.placement[sec.index][1]
-                                  + sym.value, new_size=sym.size, expected=expected))
+                                  + sym.value, new_size=sym.size, expected=expected,
+                                  kind=kind, skip=skip))
             key = f"source:{sym.name}"
             if key in out_meta:  # static functions of one name in several files
                 key += f"@{os.path.basename(m.obj.source_file or str(m.index))}"
@@ -220,8 +230,12 @@ def extract_multi(pairs: list[tuple[Path | str, list[str]]], binary_path: str | 
     fixups.sort(key=lambda f: (f.section, f.offset))
     out_meta.update(inline_meta)
     out_meta.update(meta or {})
+    # As extract_patch: QEMU code may be suspended in coroutines the agent cannot scan,
+    # so a --qemu patch's memory is never reused after remove (docs/qemu.md).
+    flags = C.ApplyFlag.RETAIN if profile == "qemu" else 0
     return Patch(name=name, build_id=build_id, text=bytes(text), functions=funcs,
-                 fixups=fixups, data=bytes(data), bss_size=bss_size, meta=out_meta)
+                 fixups=fixups, data=bytes(data), bss_size=bss_size, flags=flags,
+                 meta=out_meta)
 
 
 def patch_from_diffs(diffs: list, binary_path: str | Path,  # type: ignore[type-arg]

@@ -28,6 +28,9 @@ QEMU_REPORTERS = GENERIC_REPORTERS | frozenset({
     "g_assertion_message_cmpstr", "g_assertion_message_error", "g_return_if_fail_warning",
     "g_log", "g_warn_message", "qemu_log", "qemu_log_mask_and_addr",
     "error_handle", "error_propagate", "error_exit",
+    # QOM casts (OBJECT_CHECK, OBJECT_CLASS_CHECK, OBJECT_GET_CLASS, DECLARE_*_CHECKER):
+    # (obj, typename, __FILE__, __LINE__, __func__).
+    "object_dynamic_cast_assert", "object_class_dynamic_cast_assert",
 })
 QEMU_PREFIXES = ("trace_", "_nocheck__trace_", "_trace_")
 

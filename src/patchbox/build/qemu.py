@@ -9,17 +9,13 @@ touching the build tree (a plain ``ninja`` would relink the running binary's fil
 from __future__ import annotations
 
 import json
-import shlex
 import subprocess
 from pathlib import Path
 
+from patchbox.build.incremental import entry_args, strip_outputs
 from patchbox.errors import ExtractError
 
 __all__ = ["find_command", "compile_fixed"]
-
-# Dependency-file options of the recorded command; the fixed object needs none.
-_DEP_OPTS_WITH_ARG = {"-MQ", "-MF", "-MT"}
-_DEP_OPTS = {"-MD", "-MMD"}
 
 
 def find_command(build_dir: Path, source: str) -> dict:
@@ -40,25 +36,16 @@ def find_command(build_dir: Path, source: str) -> dict:
 def compile_fixed(build_dir: Path, source: str, fixed: Path, out: Path) -> Path:
     """Returns ``out`` after compiling ``fixed`` (the fixed copy of ``source``; it must have
     the same file name, so static symbols match by source file) with the command QEMU's
-    build recorded for ``source``."""
+    build recorded for ``source``.
+
+    The lower-level tool: ``patchbox build --qemu`` (:mod:`patchbox.build.incremental`)
+    finds and recompiles every object a diff affects the same way."""
     fixed = Path(fixed).resolve()
     if fixed.name != Path(source).name:
         raise ExtractError(f"the fixed copy must be named {Path(source).name}, not {fixed.name}")
     entry = find_command(build_dir, source)
-    args = shlex.split(entry["command"]) if "command" in entry else list(entry["arguments"])
     original = entry["file"]
-    cmd: list[str] = []
-    skip = False
-    for i, arg in enumerate(args):
-        if skip:
-            skip = False
-            continue
-        if arg in _DEP_OPTS_WITH_ARG or arg == "-o":
-            skip = True
-            continue
-        if arg in _DEP_OPTS:
-            continue
-        cmd.append(str(fixed) if arg == original else arg)
+    cmd = [str(fixed) if arg == original else arg for arg in strip_outputs(entry_args(entry))]
     if str(fixed) not in cmd:
         raise ExtractError(f"cannot find {original} in its recorded compile command")
     # `#include "x.h"` looks beside the source first: keep finding the original's neighbours.

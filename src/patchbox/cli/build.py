@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from patchbox.build.diff import compare_trees, format_explain
+from patchbox.build.incremental import IncrementalBuild
 from patchbox.build.inlines import annotate_inlined
 from patchbox.build.multi import patch_from_diffs
 from patchbox.build.profiles import reporters_for
@@ -25,10 +26,15 @@ __all__ = ["build_command"]
               help="The fix, as a unified diff.")
 @click.option("--binary", "binary", required=True, metavar="PATH",
               help="The running program's binary: a path in the source tree (or absolute).")
-@click.option("--build-cmd", default="make", show_default=True,
-              help="Command building the tree (run with sh in the copy).")
+@click.option("--build-cmd", default=None,
+              help="Command building the tree (run with sh in the copy; default make).")
+@click.option("--build-dir", default=None, type=click.Path(file_okay=False, exists=True),
+              help="Configured meson/ninja build directory (compile_commands.json) that "
+                   "built the binary: recompile only the objects the diff affects "
+                   "(default with --qemu: the binary's directory).")
 @click.option("-j", "--jobs", type=click.IntRange(min=1), default=None,
-              help="Parallel build jobs (adds -jN to MAKEFLAGS).")
+              help="Parallel build jobs (adds -jN to MAKEFLAGS; compilers at once with a build "
+                   "directory, default: the number of CPUs).")
 @click.option("--strip", type=click.IntRange(min=0), default=None,
               help="patch -pN level (default: try 1, then 0, 2, 3).")
 @click.option("--qemu", is_flag=True, help="QEMU profile (its reporting functions).")
@@ -43,7 +49,8 @@ __all__ = ["build_command"]
               help="Workspace directory (kept; default: a temporary one, removed).")
 @click.option("-o", "--output", default=None, type=click.Path(dir_okay=False),
               help="Output patch file (default: NAME.pbx).")
-def build_command(source: str, diff: str, binary: str, build_cmd: str, jobs: int | None,
+def build_command(source: str, diff: str, binary: str, build_cmd: str | None,
+                  build_dir: str | None, jobs: int | None,
                   strip: int | None, qemu: bool, reporters: tuple[str, ...], name: str | None,
                   explain: bool, dry_run: bool, allow_inlined: bool, work: str | None,
                   output: str | None) -> None:
@@ -53,29 +60,62 @@ def build_command(source: str, diff: str, binary: str, build_cmd: str, jobs: int
     t0 = time.monotonic()
     diff_text = Path(diff).read_text(errors="replace")
     check_diff(diff_text)
-    reference = Path(binary) if os.path.isabs(binary) else Path(source) / binary
-    if not reference.is_file():
-        raise BuildError(f"binary {reference} not found (give its path inside the source tree "
-                         f"or an absolute path)")
+    reference = _reference(source, binary)
     if name is None:
         name = Path(output).stem if output else "patch"
     out = Path(output) if output else Path.cwd() / f"{name}.pbx"
     profile = "qemu" if qemu else "generic"
     warnings: list[str] = []
-    with Workspace(source, work) as ws:
-        ws.copy_source()
-        ws.build(build_cmd, jobs, "original")
-        orig = ws.stash_objects()
-        if not orig:
-            raise BuildError(f"`{build_cmd}` produced no object file (*.o) in the tree")
-        level = ws.apply_diff(diff, strip)
-        ws.build(build_cmd, jobs, "patched")
-        t_built = time.monotonic()
-        diffs, same = compare_trees(orig, ws.objects(), reporters_for(profile, reporters))
+    if build_dir is None and qemu and build_cmd is None \
+            and (reference.parent / "compile_commands.json").is_file():
+        build_dir = str(reference.parent)
+    if build_dir is not None:
+        if build_cmd is not None:
+            raise BuildError("--build-cmd and --build-dir exclude each other: with a build "
+                             "directory, the affected objects are recompiled with the "
+                             "commands it recorded")
+        ws: Workspace = IncrementalBuild(source, build_dir, reference, work)
+    else:
+        ws = Workspace(source, work)
+    with ws:
+        if isinstance(ws, IncrementalBuild):
+            ws.copy_source()
+            t_copy = time.monotonic()
+            level = ws.apply_diff(diff, strip)
+            entries = ws.affected(ws.changed_files(diff_text, level))
+            for o in ws.stale(entries):
+                ws.warnings.append(f"{o} is out of date in {ws.build_dir} (ninja would rebuild "
+                                   f"it): the build directory may not be what built the "
+                                   f"running binary")
+            orig, patched = ws.compile(entries, jobs)
+            t_built = time.monotonic()
+            warnings += ws.warnings
+            built = (f"copy {t_copy - t0:.1f} s, {len(entries)} object(s) recompiled "
+                     f"{t_built - t_copy:.1f} s")
+            if explain or dry_run:
+                click.echo(f"{len(entries)} object(s) of {ws.build_dir} affected by the diff, "
+                           f"recompiled from the patched copy")
+                for note in ws.notes:
+                    click.echo(note)
+        else:
+            cmd = build_cmd or "make"
+            ws.copy_source()
+            ws.build(cmd, jobs, "original")
+            orig = ws.stash_objects()
+            if not orig:
+                raise BuildError(f"`{cmd}` produced no object file (*.o) in the tree")
+            level = ws.apply_diff(diff, strip)
+            ws.build(cmd, jobs, "patched")
+            patched = ws.objects()
+            t_built = time.monotonic()
+            built = f"builds {t_built - t0:.1f} s"
+        diffs, same = compare_trees(orig, patched, reporters_for(profile, reporters))
         if explain or dry_run:
             annotate_inlined(diffs, diff_text)
             click.echo(format_explain(diffs, same))
         if dry_run:
+            for w in warnings:
+                click.echo(f"patchbox build: warning: {w}", err=True)
             refusals = [f"{d.rel}: {r}" for d in diffs for r in d.refusals]
             if refusals:
                 raise BuildError("refused: " + "; ".join(refusals))
@@ -97,4 +137,16 @@ def build_command(source: str, diff: str, binary: str, build_cmd: str, jobs: int
     click.echo(f"wrote {out}: {len(patch.functions)} function(s) ({fns}) from "
                f"{sum(1 for d in diffs if d.functions)} object file(s), {len(patch.text)} bytes "
                f"text, {len(patch.data) + patch.bss_size} bytes data, {len(patch.fixups)} "
-               f"fix-ups; builds {t_built - t0:.1f} s, compare+extract {t_end - t_built:.2f} s")
+               f"fix-ups; {built}, compare+extract {t_end - t_built:.2f} s")
+
+
+def _reference(source: str, binary: str) -> Path:
+    """Returns the reference binary: absolute, else inside the source tree, else relative
+    to the current directory."""
+    candidates = [Path(binary)] if os.path.isabs(binary) else [Path(source) / binary,
+                                                                 Path(binary)]
+    for c in candidates:
+        if c.is_file():
+            return c
+    raise BuildError(f"binary {candidates[0]} not found (give its path inside the source tree "
+                     f"or an absolute path)")

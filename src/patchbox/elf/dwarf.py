@@ -63,15 +63,19 @@ def debuglink(elf: ELFFile) -> str | None:
     return raw[:raw.find(b"\0")].decode(errors="replace") if b"\0" in raw else None
 
 
-def find_inlined(elf: ELFFile, targets: dict[str, str | None],
-                 path: str = "") -> tuple[dict[str, list[InlineSite]], set[str]]:
+def find_inlined(elf: ELFFile, targets: dict[str, str | None], path: str = "",
+                 homes: dict[str, str] | None = None
+                 ) -> tuple[dict[str, list[InlineSite]], set[str]]:
     """Returns (inlined copies per target, targets whose own DIE was found).
 
     ``targets`` maps a function name to the basename of its source file for a
-    ``static`` function, or None for a global one. Call only if :func:`has_debug_info`;
-    raises ElfError if the DWARF cannot be read.
+    ``static`` function, or None for a global one. ``homes`` optionally maps a global
+    target to the basename of the one ``.c`` file that defines its body (the caller
+    checked that its only declaration is there, not in a header): without LTO no other
+    CU has the body to inline, so only CUs of that name are walked for it. Call only if
+    :func:`has_debug_info`; raises ElfError if the DWARF cannot be read.
     """
-    scan = _Scan(targets)
+    scan = _Scan(targets, homes or {})
     try:
         dwarf = elf.get_dwarf_info(relocate_dwarf_sections=False)
         for cu in dwarf.iter_CUs():
@@ -86,10 +90,11 @@ def find_inlined(elf: ELFFile, targets: dict[str, str | None],
 
 
 class _Scan:
-    def __init__(self, targets: dict[str, str | None]) -> None:
+    def __init__(self, targets: dict[str, str | None], homes: dict[str, str]) -> None:
         self.targets = targets
-        self.any_global = any(src is None for src in targets.values())
+        self.any_global = any(src is None and n not in homes for n, src in targets.items())
         self.statics = {src for src in targets.values() if src is not None}
+        self.statics |= {homes[n] for n, src in targets.items() if src is None and n in homes}
         self.sites: dict[str, Counter[Function]] = {n: Counter() for n in targets}
         self.found: set[str] = set()
         self._identity: dict[int, Function | None] = {}  # DIE offset -> named function

@@ -1,0 +1,426 @@
+"""Incremental `patchbox build` for meson/ninja build directories (QEMU's layout).
+
+A QEMU-sized tree is not rebuilt twice. The *original* objects are the ones already in
+the build directory (they built the running binary; :func:`patchbox.build.multi`
+checks each replaced function's size against the binary). The *patched* side:
+
+1. the source tree is copied to ``WORK/tree`` (``cp -a``; ``.git`` and a build
+   directory inside the tree are left out) and the diff is applied there;
+2. the affected objects are every compile_commands.json entry whose source file the diff
+   changes, plus every object whose dependency list (``ninja -t deps``, else its ``.d``
+   file) names a changed header — restricted to the inputs of the reference binary
+   (``ninja -t inputs``) when ninja can tell;
+3. each is recompiled with its recorded command, run in its recorded directory (so
+   build-directory-relative options and generated headers are the build's own), with
+   every path inside the source tree remapped to the copy and the object written to
+   ``WORK/obj/<output>``. Relative spellings (``../src/x.c``) go through ``WORK/link``, a
+   symlink to ``WORK/tree``, absolute ones to ``WORK/tree``; ``-ffile-prefix-map`` maps
+   both back to the original spelling, so ``__FILE__`` strings and DWARF names are the
+   same as in the original objects.
+
+Neither the source tree nor the build directory is written to.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from patchbox.build.tree import BuildError, Workspace, diff_files
+
+__all__ = ["load_db", "entry_args", "strip_outputs", "entry_output", "Remap",
+           "ninja_deps", "ninja_inputs", "IncrementalBuild"]
+
+# Dependency-file options of a recorded command; a recompiled object needs none.
+DEP_OPTS_WITH_ARG = {"-MQ", "-MF", "-MT"}
+DEP_OPTS = {"-MD", "-MMD"}
+# Options whose argument is a path (separate, or joined as in -I../src).
+PATH_OPTS = ("-iquote", "-isystem", "-idirafter", "-include", "-imacros", "-iprefix", "-I")
+
+
+def load_db(build_dir: Path) -> list[dict]:
+    """Returns the entries of ``build_dir/compile_commands.json``."""
+    db_path = Path(build_dir) / "compile_commands.json"
+    try:
+        return json.loads(db_path.read_text())
+    except OSError as err:
+        raise BuildError(f"{db_path}: {err.strerror}: is {build_dir} a configured meson/ninja "
+                         f"build directory?") from err
+    except ValueError as err:
+        raise BuildError(f"{db_path}: not JSON: {err}") from err
+
+
+def entry_args(entry: dict) -> list[str]:
+    """Returns the argument vector of a compile_commands.json entry."""
+    return shlex.split(entry["command"]) if "command" in entry else list(entry["arguments"])
+
+
+def entry_output(entry: dict) -> str:
+    """Returns the object file an entry writes (its ``output``, else its ``-o`` argument)."""
+    if entry.get("output"):
+        return entry["output"]
+    args = entry_args(entry)
+    for i, arg in enumerate(args[:-1]):
+        if arg == "-o":
+            return args[i + 1]
+    raise BuildError(f"compile command for {entry.get('file')} names no output (-o)")
+
+
+def strip_outputs(args: list[str]) -> list[str]:
+    """Returns ``args`` without ``-o FILE`` and the dependency-file options."""
+    out: list[str] = []
+    skip = False
+    for arg in args:
+        if skip:
+            skip = False
+            continue
+        if arg in DEP_OPTS_WITH_ARG or arg == "-o":
+            skip = True
+            continue
+        if arg in DEP_OPTS:
+            continue
+        out.append(arg)
+    return out
+
+
+def _inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+@dataclass
+class Remap:
+    """Maps paths inside the source tree to its copy (see the module docstring)."""
+
+    source: Path  # the source tree as given (absolute)
+    tree: Path  # its copy: absolute spellings
+    link: Path  # symlink to the copy: relative spellings
+    exclude: Path | None = None  # the build directory: never remapped
+    _roots: list[str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        spelled = os.path.normpath(os.path.abspath(self.source))
+        self._roots = list(dict.fromkeys([spelled, os.path.realpath(spelled)]))
+
+    def _root_of(self, full: str) -> str | None:
+        for root in self._roots:
+            if _inside(full, root):
+                return root
+        return None
+
+    def _excluded(self, full: str) -> bool:
+        if self.exclude is None:
+            return False
+        ex = os.path.normpath(os.path.abspath(self.exclude))
+        return _inside(full, ex) or _inside(full, os.path.realpath(ex))
+
+    def path(self, p: str, directory: str, maps: dict[str, str] | None = None) -> str | None:
+        """Returns the copy's spelling of ``p`` (relative to ``directory``), or None when
+        ``p`` is not inside the source tree. ``maps`` collects {copy prefix: original}."""
+        if not p:
+            return None
+        full = os.path.normpath(os.path.join(directory, p))
+        root = self._root_of(full)
+        if root is None or self._excluded(full):
+            return None
+        rest = os.path.relpath(full, root)
+        if os.path.isabs(p):
+            base, orig = str(self.tree), root
+        else:
+            base, orig = str(self.link), os.path.relpath(root, directory)
+        if maps is not None:
+            maps.setdefault(base, orig)
+        return base if rest == "." else os.path.join(base, rest)
+
+    def command(self, entry: dict, out: Path) -> list[str]:
+        """Returns the entry's command compiling the copy of its source into ``out``."""
+        directory = entry["directory"]
+        args = strip_outputs(entry_args(entry))
+        maps: dict[str, str] = {}
+        cmd = [args[0]]
+        source = self.path(entry["file"], directory, maps)
+        found = False
+        pending = False  # the previous argument was a path option (-I DIR)
+        for arg in args[1:]:
+            new = None
+            if pending:
+                new = self.path(arg, directory, maps)
+                pending = False
+            elif arg in PATH_OPTS:
+                pending = True
+            elif arg.startswith("-"):
+                for opt in PATH_OPTS:
+                    if arg.startswith(opt) and len(arg) > len(opt):
+                        tail = self.path(arg[len(opt):], directory, maps)
+                        new = opt + tail if tail is not None else None
+                        break
+            else:
+                new = self.path(arg, directory, maps)
+                found = found or (new is not None and new == source)
+            cmd.append(arg if new is None else new)
+        if source is None or not found:
+            raise BuildError(f"{entry['file']} (compiled in {directory}) is not a file of the "
+                             f"source tree {self.source}, or not in its recorded command")
+        cmd += [f"-ffile-prefix-map={k}={v}" for k, v in maps.items()]
+        return cmd + ["-o", str(out)]
+
+
+def ninja_deps(build_dir: Path) -> dict[str, list[str]]:
+    """Returns {object (normalised absolute): its dependencies (same)} from ``ninja -t deps``
+    (empty if ninja or its deps log is missing)."""
+    ninja = shutil.which("ninja") or shutil.which("ninja-build")
+    if ninja is None or not (Path(build_dir) / ".ninja_deps").exists():
+        return {}
+    proc = subprocess.run([ninja, "-C", str(build_dir), "-t", "deps"], capture_output=True,
+                          text=True, stdin=subprocess.DEVNULL)
+    if proc.returncode != 0:
+        return {}
+    base = os.path.abspath(build_dir)
+    out: dict[str, list[str]] = {}
+    current: list[str] | None = None
+    for line in proc.stdout.splitlines():
+        if not line.strip():
+            continue
+        if line.startswith((" ", "\t")):
+            if current is not None:
+                current.append(os.path.normpath(os.path.join(base, line.strip())))
+            continue
+        target = line.split(": #deps", 1)[0]
+        current = out.setdefault(os.path.normpath(os.path.join(base, target)), [])
+    return out
+
+
+def read_depfile(path: Path, directory: str) -> list[str]:
+    """Returns the dependencies listed in a make-style ``.d`` file (normalised absolute)."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return []
+    text = text.replace("\\\n", " ")
+    deps: list[str] = []
+    for rule in text.splitlines():
+        if ":" not in rule:
+            continue
+        rhs = rule.split(":", 1)[1].replace("\\ ", "\0")
+        deps += [os.path.normpath(os.path.join(directory, d.replace("\0", " ")))
+                 for d in rhs.split()]
+    return deps
+
+
+def ninja_inputs(build_dir: Path, binary: Path) -> set[str] | None:
+    """Returns every input of ``binary`` as ninja sees it (normalised absolute), or None
+    when ninja cannot tell (no ninja, ninja < 1.11, not a target of this build)."""
+    ninja = shutil.which("ninja") or shutil.which("ninja-build")
+    if ninja is None or not (Path(build_dir) / "build.ninja").exists():
+        return None
+    target = os.path.relpath(os.path.abspath(binary), os.path.abspath(build_dir))
+    proc = subprocess.run([ninja, "-C", str(build_dir), "-t", "inputs", target],
+                          capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    lines = [x for x in proc.stdout.splitlines() if x.strip()]
+    if proc.returncode != 0 or not lines:
+        return None
+    base = os.path.abspath(build_dir)
+    return {os.path.normpath(os.path.join(base, x.strip())) for x in lines}
+
+
+def _strip(name: str, level: int) -> str:
+    parts = name.split("/")
+    return "/".join(parts[level:])
+
+
+def _farm(src: str, dst: str, skip: set[str]) -> int:
+    """Mirrors ``src`` at ``dst``: real directories, a symlink to the original for every
+    other entry (nothing in ``src`` is written, not even its timestamps); returns the
+    number of entries."""
+    n = 0
+    for top, dirs, files in os.walk(src):
+        rel = os.path.relpath(top, src)
+        here = dst if rel == "." else os.path.join(dst, rel)
+        os.makedirs(here, exist_ok=True)
+        keep = []
+        for d in dirs:
+            p = os.path.join(top, d)
+            if p in skip:
+                continue
+            if os.path.islink(p):  # not descended into by os.walk: link it as it is
+                os.symlink(p, os.path.join(here, d))
+                n += 1
+            else:
+                keep.append(d)
+        dirs[:] = keep
+        for f in files:
+            if not f.startswith("sandbox-sock"):
+                os.symlink(os.path.join(top, f), os.path.join(here, f))
+                n += 1
+    return n
+
+
+def _materialize(tree: Path, rel: str) -> None:
+    """Makes ``tree/rel`` a file of its own (a copy of the original), and every directory
+    on the way a real one, so applying the diff cannot write through a symlink."""
+    cur = tree
+    parts = [p for p in rel.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        raise BuildError(f"the diff names {rel}, outside the source tree")
+    for i, part in enumerate(parts):
+        cur = cur / part
+        if not os.path.lexists(cur):
+            return  # a new file (or directory): patch creates it
+        if cur.is_symlink():
+            target = os.readlink(cur)
+            if os.path.isdir(cur):
+                cur.unlink()
+                _farm(target, str(cur), set())
+            elif i == len(parts) - 1:
+                cur.unlink()
+                shutil.copy2(target, cur)
+            else:
+                return
+
+
+class IncrementalBuild(Workspace):
+    """The workspace of the incremental mode: ``tree`` (the copy), ``link``, ``obj``."""
+
+    def __init__(self, source: str | Path, build_dir: str | Path, binary: str | Path,
+                 work: str | Path | None = None) -> None:
+        super().__init__(source, work)
+        self.build_dir = Path(os.path.abspath(build_dir))
+        self.binary = Path(os.path.abspath(binary))
+        self.link = self.root / "link"
+        self.obj = self.root / "obj"
+        self.entries = load_db(self.build_dir)
+        self.notes: list[str] = []  # what --explain prints above the comparison
+        self.warnings: list[str] = []
+        self.timings: dict[str, float] = {}
+
+    def copy_source(self) -> None:
+        """Mirrors the source tree (without ``.git`` and the build directory) in ``tree``:
+        directories, and symlinks to the original files; :meth:`apply_diff` replaces the
+        files the diff changes by copies first."""
+        spelled = os.path.normpath(os.path.abspath(self.source))
+        skip = {os.path.join(spelled, ".git"), str(self.build_dir),
+                os.path.realpath(self.build_dir)}
+        _farm(spelled, str(self.tree), skip)
+        self.link.symlink_to(self.tree)
+
+    def apply_diff(self, diff: str | Path, strip: int | None = None) -> int:
+        """Applies the diff to the mirror (after copying the files it names, at every
+        strip level tried); returns the -p level used."""
+        names = diff_files(Path(diff).read_text(errors="replace"))
+        for level in [strip] if strip is not None else [1, 0, 2, 3]:
+            for name in names:
+                rel = _strip(name, level)
+                if rel and not rel.startswith("/"):
+                    _materialize(self.tree, rel)
+        return super().apply_diff(diff, strip)
+
+    def changed_files(self, diff_text: str, level: int) -> list[str]:
+        """Returns the files the diff changes, relative to the source tree."""
+        return [_strip(f, level) for f in diff_files(diff_text)]
+
+    def affected(self, changed: list[str]) -> list[dict]:
+        """Returns the compile_commands.json entries to recompile for ``changed``."""
+        roots = dict.fromkeys([os.path.normpath(os.path.abspath(self.source)),
+                               os.path.realpath(self.source)])
+        wanted = {os.path.normpath(os.path.join(r, c)): c for r in roots for c in changed}
+        deps = ninja_deps(self.build_dir)
+        inputs = ninja_inputs(self.build_dir, self.binary)
+        used: set[str] = set()
+        out, outside = [], 0
+        for e in self.entries:
+            directory = e["directory"]
+            src = os.path.normpath(os.path.join(directory, e["file"]))
+            obj = os.path.normpath(os.path.join(directory, entry_output(e)))
+            hits = {wanted[src]} if src in wanted else set()
+            listed = deps.get(obj)
+            if listed is None:  # not a ninja build (or no deps log): the .d file
+                mf = _depfile_arg(e)
+                listed = read_depfile(Path(directory, mf), directory) if mf else []
+            hits |= {wanted[d] for d in listed if d in wanted}
+            if not hits:
+                continue
+            if inputs is not None and obj not in inputs:
+                outside += 1
+                continue
+            used |= hits
+            out.append(e)
+        if outside:
+            self.notes.append(f"{outside} affected object(s) not linked into "
+                              f"{self.binary.name}: not recompiled")
+        for c in changed:
+            if c not in used:
+                self.warnings.append(
+                    f"{c} is compiled into no object of {self.binary.name} that "
+                    f"{self.build_dir} records (a new file, or an input of generated code, "
+                    f"which is not regenerated): its change is not in the patch")
+        return out
+
+    def compile(self, entries: list[dict], jobs: int | None) -> tuple[dict[str, Path],
+                                                                       dict[str, Path]]:
+        """Recompiles ``entries`` from the copy; returns (original, patched) objects by path
+        relative to the build directory."""
+        remap = Remap(self.source, self.tree, self.link, self.build_dir)
+        orig: dict[str, Path] = {}
+        work: list[tuple[str, list[str], str]] = []
+        for e in entries:
+            output = entry_output(e)
+            full = Path(os.path.normpath(os.path.join(e["directory"], output)))
+            rel = os.path.relpath(full, self.build_dir)
+            if rel.startswith(".."):
+                rel = output.lstrip("/")
+            if not full.is_file():
+                raise BuildError(f"{full} does not exist: the build directory {self.build_dir} "
+                                 f"is not built (the original objects are the build's own)")
+            out = self.obj / rel
+            out.parent.mkdir(parents=True, exist_ok=True)
+            orig[rel] = full
+            work.append((rel, remap.command(e, out), e["directory"]))
+
+        def run(item: tuple[str, list[str], str]) -> tuple[str, subprocess.CompletedProcess]:
+            rel, cmd, cwd = item
+            return rel, subprocess.run(cmd, cwd=cwd, capture_output=True, text=True,
+                                       stdin=subprocess.DEVNULL)
+
+        log, failed = [], []
+        with ThreadPoolExecutor(max_workers=jobs or os.cpu_count() or 1) as pool:
+            for (rel, proc), (_r, cmd, _c) in zip(pool.map(run, work), work):
+                log.append(f"$ {shlex.join(cmd)}\n{proc.stdout}{proc.stderr}")
+                if proc.returncode != 0:
+                    failed.append((rel, proc.stderr.strip()))
+        (self.root / "patched.log").write_text("\n".join(log))
+        if failed:
+            rel, err = failed[0]
+            tail = "\n".join(err.splitlines()[-8:])
+            raise BuildError(f"compiling {len(failed)} patched object(s) failed; {rel}:\n{tail}")
+        return orig, {rel: self.obj / rel for rel in orig}
+
+    def stale(self, entries: list[dict]) -> list[str]:
+        """Returns the objects ninja would rebuild (the build directory is not up to date)."""
+        ninja = shutil.which("ninja") or shutil.which("ninja-build")
+        if ninja is None or not entries or not (self.build_dir / "build.ninja").exists():
+            return []
+        outs = [os.path.relpath(os.path.join(e["directory"], entry_output(e)), self.build_dir)
+                for e in entries]
+        proc = subprocess.run([ninja, "-C", str(self.build_dir), "-n", "--", *outs],
+                              capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        if proc.returncode != 0:
+            return []
+        return [o for o in outs if f" {o}" in proc.stdout or f"-o {o}" in proc.stdout]
+
+
+def _depfile_arg(entry: dict) -> str | None:
+    """Returns the entry's ``.d`` file: ``OUTPUT.d`` if it exists, else its ``-MF``."""
+    out = entry.get("output")
+    if out and Path(entry["directory"], f"{out}.d").exists():
+        return f"{out}.d"
+    if out:  # meson/ninja: -MF is OUTPUT.d; absent means the object was never built
+        return None
+    args = entry_args(entry)
+    for i, arg in enumerate(args[:-1]):
+        if arg == "-MF":
+            return args[i + 1]
+    return None

@@ -1,0 +1,44 @@
+"""Helpers shared by the QEMU tests: the patchbox commands, a running QEMU."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from qmp import QMP
+
+BIN = Path(sys.executable).parent
+
+
+class Qemu:
+    """``qemu-system-x86_64 -machine none`` with two QMP sockets (load, control)."""
+
+    def __init__(self, exe: Path, tmp: Path) -> None:
+        self.load_sock, self.ctl_sock = tmp / "qmp-load.sock", tmp / "qmp-ctl.sock"
+        self.proc = subprocess.Popen(
+            [str(exe), "-machine", "none", "-display", "none", "-nodefaults", "-S",
+             "-qmp", f"unix:{self.load_sock},server=on,wait=off",
+             "-qmp", f"unix:{self.ctl_sock},server=on,wait=off"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            env={"PATH": "/usr/bin:/bin", "PATCHBOX_SOCK_DIR": str(tmp)})
+        self.pid = self.proc.pid
+        self.agent_sock = tmp / f"sandbox-sock{self.pid}"
+        deadline = time.monotonic() + 30
+        while not self.agent_sock.exists():
+            assert self.proc.poll() is None, self.proc.stderr.read().decode()
+            assert time.monotonic() < deadline, "agent socket never appeared"
+            time.sleep(0.05)
+        self.ctl = QMP(self.ctl_sock)
+
+    def stop(self) -> None:
+        self.ctl.close()
+        self.proc.kill()
+        self.proc.wait(10)
+
+
+def run(*args, timeout: float = 120) -> subprocess.CompletedProcess:
+    proc = subprocess.run([str(a) for a in args], capture_output=True, text=True,
+                          timeout=timeout, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, f"{args}: {proc.stderr}"
+    return proc
