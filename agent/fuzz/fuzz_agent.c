@@ -165,23 +165,36 @@ static void *fuzz_client(void *arg)
 	return NULL;
 }
 
-/* Every victim is either redirected by a listed patch or exactly the original. */
+/* Every changed victim byte lies in the bytes an applied function changed, and each
+ * applied function's jump is complete (either kind, any target inside the victims). */
 static void fuzz_check_victims(void)
 {
-	for (size_t k = 0; k < FUZZ_VICTIMS; k++) {
-		uintptr_t entry = (uintptr_t)fuzz_victims + k * FUZZ_VICTIM_SIZE + PBX_ENTRY_PAD;
-		const uint8_t *cur = (const uint8_t *)(entry - PBX_ENTRY_PAD);
-		const uint8_t *orig = fuzz_victims_orig + k * FUZZ_VICTIM_SIZE;
-		const struct sandbox_func *f = sandbox_func_find(entry, 0, NULL);
-		if (!f) {
-			if (memcmp(cur, orig, FUZZ_VICTIM_SIZE) != 0)
-				fuzz_fail("victim changed without an applied patch", k);
+	const uintptr_t lo = (uintptr_t)fuzz_victims, hi = lo + sizeof(fuzz_victims_orig);
+	for (size_t i = 0; i < sizeof(fuzz_victims_orig); i++) {
+		if (fuzz_victims[i] == fuzz_victims_orig[i])
 			continue;
-		}
-		if (cur[0] != 0xe9 || cur[6] != 0xeb || cur[7] != 0xf8 ||
-		    memcmp(cur + 8, orig + 8, FUZZ_VICTIM_SIZE - 8) != 0)
-			fuzz_fail("victim half redirected", k);
+		int covered = 0;
+		for (size_t p = 0; p < sandbox_npatches && !covered; p++)
+			for (size_t k = 0; k < sandbox_patches[p]->nfuncs; k++) {
+				const struct sandbox_func *g = &sandbox_patches[p]->funcs[k];
+				if (lo + i >= g->wlo && lo + i < g->whi)
+					covered = 1;
+			}
+		if (!covered)
+			fuzz_fail("victim changed without an applied patch", i);
 	}
+	for (size_t p = 0; p < sandbox_npatches; p++)
+		for (size_t k = 0; k < sandbox_patches[p]->nfuncs; k++) {
+			const struct sandbox_func *g = &sandbox_patches[p]->funcs[k];
+			if (g->wlo < lo || g->wlo >= hi)
+				continue;	/* stacked: its site is in the sandbox */
+			const uint8_t *w = (const uint8_t *)g->wlo, *site = (const uint8_t *)g->site;
+			int whole = g->mech == PBX_KIND_ENTRY_JUMP
+					    ? w[0] == 0xe9
+					    : w[0] == 0xe9 && site[0] == 0xeb && site[1] == 0xf8;
+			if (!whole)
+				fuzz_fail("victim half redirected", g->wlo - lo);
+		}
 }
 
 /* Removes every patch (top first) and gives the sandbox back, all 0xc3 again. */

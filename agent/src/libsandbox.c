@@ -1006,6 +1006,18 @@ static int sandbox_func_check(const struct sandbox_apply_spec *spec, unsigned fl
 			return sandbox_error_set(err, PBX_E_OVERLAP, "%s (0x%lx) and %s (0x%lx) change the same bytes",
 						 funcs[j].symbol, (unsigned long)funcs[j].site, sym,
 						 (unsigned long)f->site);
+	/* Nor bytes an applied patch changed: its remove would restore them under our
+	 * jump, ours would bring back its jump into freed sandbox. (Stacking on the same
+	 * function is not an overlap: the site moved to the top replacement's entry.) */
+	for (size_t p = 0; p < sandbox_npatches; p++)
+		for (size_t k = 0; k < sandbox_patches[p]->nfuncs; k++) {
+			const struct sandbox_func *g = &sandbox_patches[p]->funcs[k];
+			if (g->wlo < f->whi && f->wlo < g->whi)
+				return sandbox_error_set(err, PBX_E_OVERLAP,
+							 "%s (0x%lx) changes bytes that patch %s changed for %s (0x%lx)",
+							 sym, (unsigned long)f->site, sandbox_patches[p]->name,
+							 g->symbol, (unsigned long)g->site);
+		}
 	f->new_size = fs->new_size;
 	return 0;
 }

@@ -20,7 +20,7 @@ from live import Target
 from patchbox.build.extract import extract_patch
 from patchbox.format.layout import encode_apply_body
 from patchbox.format.model import Patch
-from patchbox.protocol.constants import ErrorCode, Msg
+from patchbox.protocol.constants import ErrorCode, Msg, RedirectKind
 
 pytestmark = pytest.mark.process
 
@@ -188,3 +188,36 @@ def check_other_uid_refused(target) -> None:
     assert "65534" in log
     assert target.code_snapshot() == before
     still_serving(target)
+
+
+def test_patch_over_bytes_another_patch_changed(target, good_patch) -> None:
+    """A lying client: an entry jump over the padding that an applied patch changed,
+    with "expected" bytes copied from memory. Accepting it would let the first patch's
+    remove restore bytes under the second's jump (found by the fuzzer's invariant)."""
+    assert rawwire.request(target.socket, Msg.APPLY, encode_apply_body(good_patch))[0] == 0
+    assert target.call("use_helper", 4) == "49"
+    fn = good_patch.functions[0]
+    status, rest = rawwire.request(target.socket, Msg.INFO)
+    bias = int(dict(_kv(rest))["load_bias"], 16)
+    padding = fn.target - 6  # link-time address of the bytes the applied patch changed
+    over = replace(good_patch, name="over", functions=[replace(
+        fn, target=padding, kind=RedirectKind.ENTRY_JUMP, skip=0,
+        expected=target.read(bias + padding, 16))])
+    before = target.code_snapshot()
+    status, rest = rawwire.request(target.socket, Msg.APPLY, encode_apply_body(over))
+    assert status == ErrorCode.OVERLAP, (ErrorCode(status).name, rawwire.error_text(rest))
+    assert "good" in rawwire.error_text(rest)
+    assert target.code_snapshot() == before
+    assert target.call("use_helper", 4) == "49"
+
+
+def _kv(rest: bytes):
+    (count,) = struct.unpack_from("<H", rest)
+    pos = 2
+    for _ in range(count):
+        pair = []
+        for _ in range(2):
+            (n,) = struct.unpack_from("<H", rest, pos)
+            pair.append(rest[pos + 2:pos + 2 + n].decode())
+            pos += 2 + n
+        yield tuple(pair)
