@@ -112,3 +112,12 @@ def test_monitor_command_fix_and_info(qemu: Qemu, qemu_exe: Path, tmp_path: Path
     assert info["app_version"].startswith("7.2")
     assert "-fpatchable-function-entry=8,6" in info["app_cflags"]
     assert run(BIN / "patchbox", "test", "-p", qemu.pid).returncode == 0
+
+
+def test_qemu_profile_records_build_info(qemu_exe: Path, tmp_path: Path) -> None:
+    obj = fixed_object(qemu_exe, tmp_path, "monitor/qmp-cmds.c", "return info;", "return info;")
+    pbx = tmp_path / "same.pbx"
+    run(BIN / "extract-patch", "--qemu", "--function", "qmp_query_name", "-o", pbx, obj, qemu_exe)
+    shown = json.loads(run(BIN / "patchbox", "show", "--json", pbx).stdout)
+    assert shown["meta"]["qemu_version"] == (qemu_exe.parent.parent / "src" / "VERSION").read_text().strip()
+    assert shown["meta"]["profile"] == "qemu" and shown["flags"] == 1  # RETAIN

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import patchbox
 from patchbox.build.fallback import analyse_entry
+from patchbox.build.qemu import build_info as qemu_build_info
 from patchbox.elf import dwarf
 from patchbox.elf.binary import Binary, Symbol
 from patchbox.elf.objfile import ObjectFile, ObjSymbol, Relocation, Section
@@ -618,6 +619,8 @@ def extract_patch(obj_path: str | Path, binary_path: str | Path, functions: list
         meta[f"source:{fn}"] = obj.source_file or "unknown"
     meta.update(ex.new_symbols({sec.index for _s, sec, _a, _e in replaced}))
     meta.update(inline_meta)
+    if profile == "qemu":  # the QEMU build's own version facts, when binary is in it
+        meta.update(qemu_build_info(Path(binary_path).parent))
     # QEMU code may be suspended in coroutines on stacks the agent cannot scan: never
     # reuse such a patch's memory after remove (docs/qemu.md, "Coroutines").
     flags = ApplyFlag.RETAIN if profile == "qemu" else 0

@@ -26,6 +26,7 @@ import patchbox
 from patchbox.build import extract as _ex
 from patchbox.build.fastobj import load_object
 from patchbox.build.inlines import global_homes
+from patchbox.build.qemu import build_info as qemu_build_info
 from patchbox.elf import dwarf
 from patchbox.elf.binary import Binary
 from patchbox.elf.objfile import ObjectFile, ObjSymbol, Relocation, Section
@@ -229,6 +230,8 @@ def extract_multi(pairs: list[tuple[Path | str, list[str]]], binary_path: str | 
         out_meta.update(m.new_symbols({sec.index for _s, sec, _a, _e in reps}))
     fixups.sort(key=lambda f: (f.section, f.offset))
     out_meta.update(inline_meta)
+    if profile == "qemu":
+        out_meta.update(qemu_build_info(Path(binary_path).parent))
     out_meta.update(meta or {})
     # As extract_patch: QEMU code may be suspended in coroutines the agent cannot scan,
     # so a --qemu patch's memory is never reused after remove (docs/qemu.md).

@@ -15,7 +15,7 @@ from pathlib import Path
 from patchbox.build.incremental import entry_args, strip_outputs
 from patchbox.errors import ExtractError
 
-__all__ = ["find_command", "compile_fixed"]
+__all__ = ["build_info", "find_command", "compile_fixed"]
 
 
 def find_command(build_dir: Path, source: str) -> dict:
@@ -55,3 +55,24 @@ def compile_fixed(build_dir: Path, source: str, fixed: Path, out: Path) -> Path:
     if proc.returncode != 0:
         raise ExtractError(f"compiling {fixed} failed:\n{proc.stderr.strip()}")
     return Path(out)
+
+
+# What QEMU's build records about itself (config-host.h, qemu-version.h in the build dir).
+_BUILD_INFO_DEFINES = {"QEMU_VERSION": "qemu_version", "QEMU_PKGVERSION": "qemu_pkgversion",
+                       "QEMU_FULL_VERSION": "qemu_full_version"}
+
+
+def build_info(build_dir: Path) -> dict[str, str]:
+    """Returns QEMU's version facts from a configured build directory, as patch meta
+    (``qemu_version``, ``qemu_pkgversion``, ``qemu_full_version``); {} if it is none."""
+    info: dict[str, str] = {}
+    for header in ("config-host.h", "qemu-version.h"):
+        try:
+            lines = (Path(build_dir) / header).read_text(errors="replace").splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            parts = line.split(None, 2)
+            if len(parts) == 3 and parts[0] == "#define" and parts[1] in _BUILD_INFO_DEFINES:
+                info[_BUILD_INFO_DEFINES[parts[1]]] = parts[2].strip().strip('"')
+    return info
