@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 
+from helpers import ROOT
 from patchbox import config
 from patchbox.cli.main import cli
 from patchbox.flags import LINK_FLAGS, PATCH_CFLAGS
@@ -164,7 +165,7 @@ def test_main_entry_point_as_subprocess(tmp_path: Path) -> None:
 def test_config_cflags() -> None:
     result = run("config", "--cflags")
     assert result.exit_code == 0
-    assert result.stdout.split() == PATCH_CFLAGS
+    assert result.stdout.split() == [*PATCH_CFLAGS, f"-I{ROOT / 'agent' / 'include'}"]
 
 
 @pytest.fixture
@@ -254,7 +255,7 @@ def test_build_info_defaults_and_git(fake_agent_dir: Path, tmp_path: Path,
     monkeypatch.setenv("PATCHBOX_APP_VERSION", "9.9")
     monkeypatch.delenv("CFLAGS", raising=False)
     info = config.collect_build_info()
-    assert (info.version, info.git, info.cflags) == ("9.9", head, " ".join(PATCH_CFLAGS))
+    assert (info.version, info.git, info.cflags) == ("9.9", head, config.cflags())
     (repo / "untracked.c").write_text("")
     assert config.collect_build_info().git == head  # untracked files do not make it dirty
     (repo / "a.c").write_text("int y;\n")

@@ -20,7 +20,7 @@ from patchbox.errors import ConfigError
 from patchbox.flags import LINK_FLAGS, PATCH_CFLAGS
 
 __all__ = [
-    "BUILD_INFO_MAGIC", "AGENT_OBJECTS", "BuildInfo", "agent_dir", "cflags", "libs",
+    "BUILD_INFO_MAGIC", "AGENT_OBJECTS", "BuildInfo", "agent_dir", "include_dir", "cflags", "libs",
     "preload", "cache_dir", "collect_build_info", "build_info_source", "build_info_object",
     "c_string",
 ]
@@ -51,9 +51,18 @@ def agent_dir() -> Path:
     return path
 
 
+def include_dir() -> Path | None:
+    """Returns the directory holding <patchbox/patch.h> (PATCHBOX_ORIGINAL) and
+    <patchbox/sandbox.h>, or None if this installation has no agent headers."""
+    path = REPO_ROOT / "agent" / "include"
+    return path if (path / "patchbox" / "patch.h").is_file() else None
+
+
 def cflags() -> str:
-    """Returns the compile flags of a patchable program and of its patch objects."""
-    return " ".join(PATCH_CFLAGS)
+    """Returns the compile flags of a patchable program and of its patch objects (with
+    the agent's headers on the include path, for PATCHBOX_ORIGINAL in patch sources)."""
+    inc = include_dir()
+    return " ".join(PATCH_CFLAGS + ([f"-I{inc}"] if inc else []))
 
 
 def preload() -> Path:

@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-from helpers import ROOT, compile_with_small_sandbox, info_json, run_tool
+from helpers import compile_with_small_sandbox, info_json, run_tool
 from live import Target, render
 from patchbox.build.extract import extract_patch
+from patchbox.config import cflags
 from patchbox.format.layout import encode_apply_body
 from patchbox.protocol.client import Client
 from patchbox.protocol.constants import ApplyFlag
@@ -149,8 +151,8 @@ def _blocked_in_read(pid: int, tid: int) -> bool:
 
 
 def test_replacement_calls_the_original(target, target_exe, patched_obj) -> None:
-    obj = patched_obj(extra=["-I", str(ROOT / "agent" / "include"), "-include",
-                             "patchbox/patch.h"],
+    # The header comes from the include path `patchbox config --cflags` prints.
+    obj = patched_obj(extra=[*shlex.split(cflags()), "-include", "patchbox/patch.h"],
                       USE_HELPER="PATCHBOX_ORIGINAL(use_helper)(x) * 2",
                       STACKED="(x < 0 ? PATCHBOX_ORIGINAL(stacked)(-x) : 1100)")
     relocs = subprocess.run(["readelf", "-rW", str(obj)], capture_output=True, text=True).stdout
@@ -167,8 +169,8 @@ def test_replacement_calls_the_original(target, target_exe, patched_obj) -> None
 
 
 def test_original_of_unknown_function_is_refused(target_exe, patched_obj) -> None:
-    obj = patched_obj(extra=["-I", str(ROOT / "agent" / "include"), "-include",
-                             "patchbox/patch.h"],
+    # The header comes from the include path `patchbox config --cflags` prints.
+    obj = patched_obj(extra=[*shlex.split(cflags()), "-include", "patchbox/patch.h"],
                       USE_HELPER="({ extern int no_such_fn(int); "
                                  "PATCHBOX_ORIGINAL(no_such_fn)(x); })")
     proc = run("extract-patch", "--function", "use_helper", "-o", obj.parent / "x.pbx", obj,
