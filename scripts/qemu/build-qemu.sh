@@ -29,8 +29,6 @@ if [ ${#missing[@]} -gt 0 ]; then
 	apt_get update -qq
 	apt_get install -y -qq "${missing[@]}" >/dev/null
 fi
-"$root/.venv/bin/python" -c 'import mesonbuild' 2>/dev/null ||
-	"$root/.venv/bin/pip" install -q --disable-pip-version-check meson==1.0.1 </dev/null
 
 # 2. Source: Debian's qemu source package (adds a deb-src entry if there is none).
 mkdir -p "$cache/dl"
@@ -48,34 +46,46 @@ if [ ! -f "$cache/src/VERSION" ]; then
 	mv "$cache/src.tmp" "$cache/src"
 fi
 
-# 3. Configure once per (flags, agent location, script) combination.
-cflags=$(patchbox config --cflags)
+# 3. The agent objects and meson live in the cache, at paths that do not depend on where
+# this checkout is: a clone elsewhere (a CI run) reuses the build; a changed agent relinks.
+mkdir -p "$cache/agent"
+agent_dir=$("$root/.venv/bin/python" -c 'from patchbox.config import agent_dir; print(agent_dir())')
+relink=0
+for obj in libsandbox.o sandbox-listen.o; do
+	if ! cmp -s "$agent_dir/$obj" "$cache/agent/$obj"; then
+		cp "$agent_dir/$obj" "$cache/agent/$obj.tmp" && mv "$cache/agent/$obj.tmp" "$cache/agent/$obj"
+		relink=1
+	fi
+done
+[ -x "$cache/venv/bin/meson" ] || {
+	python3 -m venv "$cache/venv" &&
+		"$cache/venv/bin/pip" install -q --disable-pip-version-check meson==1.0.1 </dev/null
+}
+
+# 4. Configure once per (flags, script) combination. The flags are the patchable ones
+# only: QEMU's sources need none of the agent's headers.
+cflags=$("$root/.venv/bin/python" -c 'from patchbox.flags import PATCH_CFLAGS; print(" ".join(PATCH_CFLAGS))')
 version="$(cat "$cache/src/VERSION") ($(basename "$(ls "$cache"/dl/qemu_7.2*.dsc | head -n1)" .dsc))"
-stamp=$(printf '%s\n' "$cflags" "$root" "$(sha256sum <"$0")" | sha256sum | cut -c1-16)
+stamp=$(printf '%s\n' "$cflags" "$(sha256sum <"$0")" | sha256sum | cut -c1-16)
 build="$cache/build"
 if [ "$(cat "$build/.patchbox-stamp" 2>/dev/null)" != "$stamp" ]; then
 	log "configuring in $build"
 	rm -rf "$build" && mkdir -p "$build"
 	# Build-info object (version, flags, date) kept in the cache so the link finds it.
-	ldflags=$(cd "$cache/src" && PATCHBOX_CACHE="$cache/info" \
+	ldflags=$(cd "$cache/src" && PATCHBOX_CACHE="$cache/info" PATCHBOX_AGENT_DIR="$cache/agent" \
 		patchbox config --libs --app-version "$version" --app-cflags "$cflags")
 	(cd "$build" && ../src/configure --target-list=x86_64-softmmu \
 		--without-default-features --without-default-devices \
 		--disable-docs --disable-tools --disable-werror \
-		--meson="$root/.venv/bin/meson" \
+		--meson="$cache/venv/bin/meson" \
 		--extra-cflags="$cflags" --extra-ldflags="$ldflags") >"$cache/configure.log" 2>&1 ||
 		{ tail -20 "$cache/configure.log" >&2; exit 1; }
 	echo "$stamp" >"$build/.patchbox-stamp"
 fi
 
-# 4. Build (ninja is incremental); relink if the agent changed since the last link.
+# 5. Build (ninja is incremental).
 exe="$build/qemu-system-x86_64"
-agent_dir=$("$root/.venv/bin/python" -c 'from patchbox.config import agent_dir; print(agent_dir())')
-for obj in "$agent_dir"/libsandbox.o "$agent_dir"/sandbox-listen.o; do
-	if [ -f "$exe" ] && [ "$obj" -nt "$exe" ]; then
-		rm -f "$exe"
-	fi
-done
+[ "$relink" = 0 ] || rm -f "$exe"
 log "building (ninja -C $build qemu-system-x86_64)"
 ninja -C "$build" -j"$(nproc)" qemu-system-x86_64 >"$cache/build.log" 2>&1 ||
 	{ tail -30 "$cache/build.log" >&2; exit 1; }
