@@ -8,7 +8,15 @@ cd "$root/examples/leapyear"
 
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 run() { printf '$ %s\n' "$*"; "$@"; }
-show_answers() { sleep 1.3; tail -n 4 service.out | sed 's/^/   service> /'; }
+# Shows the next 4 answers the service gives (one full cycle of years) after this point.
+show_answers() {
+	local start=$(wc -l <service.out)
+	for _ in $(seq 200); do
+		[ "$(wc -l <service.out)" -ge $((start + 4)) ] && break
+		sleep 0.05
+	done
+	tail -n +$((start + 1)) service.out | head -n 4 | sed 's/^/   service> /'
+}
 
 say "Build the service with the agent linked (make uses patchbox config --cflags/--libs)"
 make -s clean all
@@ -27,8 +35,9 @@ run patchbox show leapfix.pbx
 say "Apply it to the running process"
 run patchbox apply -p "$pid" leapfix.pbx
 run patchbox list -p "$pid"
-show_answers
-grep -q "1900 is not a leap year" <(tail -n 4 service.out) && echo "   -> fixed, without a restart"
+answers=$(show_answers)
+echo "$answers"
+grep -q "1900 is not a leap year" <<<"$answers" && echo "   -> fixed, without a restart"
 
 say "Remove it: the original code is back"
 run patchbox remove -p "$pid" leapfix
