@@ -29,9 +29,9 @@ from pathlib import Path
 
 from common import print_table  # also puts src/ on sys.path
 
-from patchbox.build.diff import compare_objects, compare_trees  # noqa: E402
-from patchbox.build.multi import patch_from_diffs  # noqa: E402
-from patchbox.build.tree import Workspace  # noqa: E402
+from patchbox.compare.objects import compare_objects, compare_trees  # noqa: E402
+from patchbox.extract import patch_from_diffs  # noqa: E402
+from patchbox.rebuild.workspace import Workspace  # noqa: E402
 from patchbox.format.layout import save_patch  # noqa: E402
 
 BIN = Path(sys.executable).parent

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from common import Proc, build_program, print_table  # also puts src/ on sys.path
 
-from patchbox.build.extract import extract_patch  # noqa: E402
+from patchbox.extract import extract_patch  # noqa: E402
 from patchbox.format.layout import encode_apply_body, save_patch  # noqa: E402
 from patchbox.protocol.client import Client  # noqa: E402
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from common import ROOT, print_table  # also puts src/ on sys.path
 
-from patchbox.build.extract import extract_patch  # noqa: E402
+from patchbox.extract import extract_patch  # noqa: E402
 from patchbox.config import libs  # noqa: E402
 from patchbox.flags import LINK_FLAGS, PATCH_CFLAGS  # noqa: E402
 from patchbox.format.layout import encode_apply_body  # noqa: E402

@@ -9,15 +9,18 @@ from pathlib import Path
 import pytest
 
 from helpers import compile_c
-from patchbox.build.diff import compare_objects, compare_trees, format_explain, normalize
-from patchbox.build.multi import patch_from_diffs
-from patchbox.build.profiles import reporters_for
-from patchbox.build.inlines import annotate_inlined, changed_lines
-from patchbox.build.tree import BuildError, check_diff
+from patchbox.compare.explain import format_explain
+from patchbox.compare.objects import compare_objects, compare_trees, normalize
+from patchbox.extract import patch_from_diffs
+from patchbox.profiles import get_profile
+from patchbox.compare.explain import annotate_inlined
+from patchbox.sourcediff import changed_lines
+from patchbox.errors import BuildError
+from patchbox.rebuild.workspace import check_diff
 from patchbox.elf.binary import Binary
 from patchbox.errors import ExtractError
 from patchbox.flags import LINK_FLAGS, PATCH_CFLAGS
-from patchbox.protocol.constants import FixupBase
+from patchbox.wire import FixupBase
 
 
 def pair(tmp_path: Path, orig: str, patched: str, name: str = "case", **kw):  # type: ignore[no-untyped-def]
@@ -32,7 +35,7 @@ def decide(tmp_path: Path, orig: str, patched: str, profile: str = "generic",
            extra: tuple[str, ...] = (), **kw) -> dict[str, tuple[str, str]]:
     """Returns {symbol: (verdict, reason)} for the pair."""
     o, p = pair(tmp_path, orig, patched, **kw)
-    d = compare_objects(o, p, reporters_for(profile, extra))
+    d = compare_objects(o, p, get_profile(profile).with_reporters(extra).reporters)
     return {x.symbol: (x.verdict, x.reason) for x in d.decisions}
 
 
@@ -341,7 +344,7 @@ def test_no_change_refused(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(shutil.which("patch") is None, reason="needs patch(1)")
 def test_workspace_never_touches_the_tree(tmp_path: Path) -> None:
-    from patchbox.build.tree import Workspace
+    from patchbox.rebuild.workspace import Workspace
     src = tmp_path / "src"
     src.mkdir()
     (src / "x.c").write_text("int f(void) { return 1; }\n")
@@ -364,7 +367,7 @@ def test_workspace_never_touches_the_tree(tmp_path: Path) -> None:
 
 
 def test_fast_reader_matches_pyelftools(tmp_path: Path, agent_dir: Path) -> None:
-    from patchbox.build.fastobj import load_object
+    from patchbox.elf.fastread import load_object
     from patchbox.elf.objfile import ObjectFile
     o, _p = pair(tmp_path, BASE + 'const char *s(void) { return "x"; }\n', BASE, extra=["-g"])
     for path in [o, *sorted(agent_dir.glob("*.o"))]:

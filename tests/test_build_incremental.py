@@ -9,9 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from patchbox.build.diff import compare_trees
-from patchbox.build.incremental import IncrementalBuild, Remap
-from patchbox.build.profiles import reporters_for
+from patchbox.compare.objects import compare_trees
+from patchbox.rebuild.incremental import IncrementalBuild, Remap
+from patchbox.profiles import get_profile
 from patchbox.flags import LINK_FLAGS, PATCH_CFLAGS
 
 HDR = "#define SCALE 3\nstatic inline int scaled(int x) { return x * SCALE; }\n"
@@ -89,7 +89,7 @@ def test_header_change_recompiles_includers(tmp_path: Path) -> None:
         entries = ws.affected(ws.changed_files(diff.read_text(), level))
         assert sorted(e["file"] for e in entries) == ["../src/a.c", "../src/b.c"]
         orig, patched = ws.compile(entries, 2)
-        diffs, _same = compare_trees(orig, patched, reporters_for("generic"))
+        diffs, _same = compare_trees(orig, patched, get_profile("generic").reporters)
         got = {(d.rel, f) for d in diffs for f in d.functions}
         assert ("prog.p/a.c.o", "a_fn") in got and ("prog.p/b.c.o", "b_fn") in got
         # __FILE__ is spelled as in the original build.

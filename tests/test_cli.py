@@ -15,7 +15,7 @@ from patchbox.cli.main import cli
 from patchbox.flags import LINK_FLAGS, PATCH_CFLAGS
 from patchbox.format.layout import save_patch
 from patchbox.format.model import Fixup, Function, Patch
-from patchbox.protocol.constants import FixupBase, FixupSection, FixupType
+from patchbox.wire import FixupBase, FixupSection, FixupType
 
 BUILD_ID = bytes.fromhex("0123456789abcdef0123456789abcdef01234567")
 # 6 NOPs of padding, the 2-NOP entry, mov eax, 42; ret; then an 8-byte import slot

@@ -21,10 +21,10 @@ from patchbox.errors import AgentError, ConnectError, ProtocolError
 from patchbox.format.codec import Reader, Writer
 from patchbox.format.layout import encode_apply_body, save_patch
 from patchbox.format.model import Function, Patch
-from patchbox.protocol import constants as C
+from patchbox import wire as C
 from patchbox.protocol.client import (FRAME, Client, decode_header, encode_frame,
                                       socket_path_for_pid)
-from patchbox.protocol.constants import ErrorCode, Msg
+from patchbox.wire import ErrorCode, Msg
 from patchbox.protocol.replies import AppliedPatch, PatchFunction
 
 # A handler gets (type, seq, payload) of one request and returns the raw bytes to send

@@ -18,14 +18,14 @@ from capstone.x86 import X86_OP_IMM, X86_OP_MEM, X86_REG_RIP
 from click.testing import CliRunner
 from helpers import compile_c
 
-from patchbox.build.extract import extract_patch
+from patchbox.extract import extract_patch
 from patchbox.cli.extract import extract_command
 from patchbox.elf.binary import Binary
 from patchbox.errors import ElfError, ExtractError, UnsupportedRelocation
 from patchbox.flags import LINK_FLAGS
 from patchbox.format.layout import read_patch, write_patch
 from patchbox.format.model import Patch
-from patchbox.protocol.constants import FixupBase, FixupSection, FixupType
+from patchbox.wire import FixupBase, FixupSection, FixupType
 
 TEXT_ADDR = 0x1000_0000
 DATA_ADDR = 0x1800_0000

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from patchbox.build.extract import extract_patch
-from patchbox.build.fallback import analyse_entry
+from patchbox.extract import extract_patch
+from patchbox.extract.entry import analyse_entry
 from patchbox.errors import ExtractError, PatchFormatError
 from patchbox.flags import LINK_FLAGS, PATCH_CFLAGS
 from patchbox.format.layout import encode_apply_body, decode_apply_body, read_patch, write_patch
 from patchbox.format.model import Function, Patch
-from patchbox.protocol.constants import RedirectKind
+from patchbox.wire import RedirectKind
 
 PLAIN = ["-O2", "-fPIE", "-ffunction-sections", "-fcf-protection=none", "-g"]
 

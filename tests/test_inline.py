@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from helpers import compile_c
-from patchbox.build.extract import extract_patch
+from patchbox.extract import extract_patch
 from patchbox.cli.extract import extract_command
 from patchbox.errors import ExtractError
 from patchbox.format.layout import read_patch

@@ -13,9 +13,9 @@ from patchbox.errors import AgentError, PatchFormatError, ProtocolError
 from patchbox.format.layout import (HEADER, decode_apply_body, encode_apply_body, read_patch,
                                     split_signature, with_signature, write_patch)
 from patchbox.format.model import Fixup, Function, Patch
-from patchbox.protocol import constants as C
+from patchbox import wire as C
 from patchbox.protocol.client import decode_header
-from patchbox.protocol.constants import FixupBase, FixupSection, FixupType, Msg
+from patchbox.wire import FixupBase, FixupSection, FixupType, Msg
 from patchbox.protocol.replies import decode_reply
 from test_cli import make_patch
 

@@ -8,7 +8,7 @@ import tomllib
 
 from helpers import ROOT
 
-from patchbox.protocol import constants as C
+from patchbox import wire as C
 
 
 def test_generated_files_are_current() -> None:

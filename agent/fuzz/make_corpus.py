@@ -19,7 +19,7 @@ from pathlib import Path
 from patchbox.format.layout import encode_apply_body
 from patchbox.format.model import Fixup, Function, Patch
 from patchbox.protocol.client import encode_frame
-from patchbox.protocol.constants import FixupBase, FixupSection, FixupType, Msg
+from patchbox.wire import FixupBase, FixupSection, FixupType, Msg
 
 # Must match fuzz_agent.c.
 BUILD_ID = b"patchbox-fuzz-bid-01"

@@ -16,6 +16,7 @@ __all__ = [
     "AgentError",
     "ConnectError",
     "ConfigError",
+    "BuildError",
 ]
 
 
@@ -51,16 +52,19 @@ class ConfigError(PatchboxError):
     """patchbox itself is not set up (agent not built, compiler missing)."""
 
 
+class BuildError(ExtractError):
+    """A source tree cannot be built, a diff cannot be applied, or the diff is refused."""
+
+
 class AgentError(PatchboxError):
-    """The agent refused a request; carries its error code and message."""
+    """The agent refused a request; carries its error code, the code's name and message.
 
-    def __init__(self, code: int, message: str) -> None:
-        from patchbox.protocol.constants import ErrorCode
+    ``name`` is handed in by the caller that knows the wire constants (this module
+    imports nothing of the project); it defaults to ``ERROR_<code>``.
+    """
 
-        try:
-            self.name = ErrorCode(code).name
-        except ValueError:
-            self.name = f"ERROR_{code}"
+    def __init__(self, code: int, message: str, name: str | None = None) -> None:
         self.code = code
+        self.name = name or f"ERROR_{code}"
         self.message = message
         super().__init__(f"agent refused: {message} [{self.name}]")

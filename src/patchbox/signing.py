@@ -20,11 +20,11 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from patchbox.errors import PatchboxError, PatchFormatError
+from patchbox.errors import PatchboxError
 from patchbox.format.layout import split_signature, with_signature
 
-__all__ = ["DEFAULT_TRUST_DIR", "TrustError", "KeyError_", "key_id", "keygen", "load_private_key",
-           "sign_file_bytes", "trust_dir", "check_trust"]
+__all__ = ["DEFAULT_TRUST_DIR", "TrustError", "KeyError_", "Trust", "key_id", "keygen",
+           "load_private_key", "sign_file_bytes", "trust_dir", "check_trust"]
 
 DEFAULT_TRUST_DIR = Path("/etc/patchbox/trusted-keys")
 
@@ -146,16 +146,3 @@ def check_trust(data: bytes, file: str, trust: Trust) -> str:
         raise TrustError(f"{file}: signature by key {want} ({keys[sig.key_id]}) does not verify: "
                          "the file was changed after signing") from err
     return f"signed by trusted key {want[:16]} ({keys[sig.key_id].name})"
-
-
-def read_and_check(path: str, trust: Trust) -> bytes:
-    """Returns the bytes of patch file ``path`` after the trust check."""
-    try:
-        data = Path(path).read_bytes()
-    except OSError as err:
-        raise PatchFormatError(f"cannot read patch file {path}: {err.strerror}") from err
-    try:
-        check_trust(data, path, trust)
-    except PatchFormatError as err:
-        raise PatchFormatError(f"{path}: {err}") from err
-    return data

@@ -13,7 +13,7 @@ import pytest
 import rawwire
 from helpers import ROOT, compile_c
 from live import Target
-from patchbox.protocol.constants import Msg
+from patchbox.wire import Msg
 
 pytestmark = pytest.mark.process
 

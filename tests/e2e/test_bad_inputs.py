@@ -23,11 +23,11 @@ from elftools.elf.elffile import ELFFile
 import rawwire
 from helpers import compile_c
 from live import render
-from patchbox.build.extract import extract_patch
+from patchbox.extract import extract_patch
 from patchbox.format.layout import HEADER, encode_apply_body, save_patch, write_patch
 from patchbox.format.model import Fixup, Patch
 from patchbox.protocol.client import Client
-from patchbox.protocol.constants import ErrorCode, FixupBase, FixupSection, FixupType, Msg
+from patchbox.wire import ErrorCode, FixupBase, FixupSection, FixupType, Msg
 
 pytestmark = pytest.mark.process
 

@@ -19,11 +19,11 @@ import pytest
 
 from helpers import compile_with_small_sandbox, info_json, run_tool
 from live import Target, render
-from patchbox.build.extract import extract_patch
+from patchbox.extract import extract_patch
 from patchbox.config import cflags
 from patchbox.format.layout import encode_apply_body
 from patchbox.protocol.client import Client
-from patchbox.protocol.constants import ApplyFlag
+from patchbox.wire import ApplyFlag
 
 pytestmark = pytest.mark.process
 SMALL_SANDBOX = 8192

@@ -20,7 +20,7 @@ from live import Target
 from patchbox.config import libs
 from patchbox.flags import LINK_FLAGS, PATCH_CFLAGS
 from patchbox.format.layout import load_patch, save_patch
-from patchbox.protocol.constants import RedirectKind
+from patchbox.wire import RedirectKind
 
 pytestmark = pytest.mark.process
 PLAIN = ["-O2", "-fPIE", "-ffunction-sections", "-fdata-sections", "-fcf-protection=none"]

@@ -19,11 +19,11 @@ import pytest
 import rawwire
 from helpers import compile_c
 from live import Target, render
-from patchbox.build.extract import extract_patch
+from patchbox.extract import extract_patch
 from patchbox.format.layout import encode_apply_body
 from patchbox.format.model import Patch
 from patchbox.protocol.client import Client
-from patchbox.protocol.constants import Msg
+from patchbox.wire import Msg
 
 pytestmark = pytest.mark.process
 

@@ -17,10 +17,10 @@ import pytest
 
 import rawwire
 from live import Target
-from patchbox.build.extract import extract_patch
+from patchbox.extract import extract_patch
 from patchbox.format.layout import encode_apply_body
 from patchbox.format.model import Patch
-from patchbox.protocol.constants import ErrorCode, Msg, RedirectKind
+from patchbox.wire import ErrorCode, Msg, RedirectKind
 
 pytestmark = pytest.mark.process
 

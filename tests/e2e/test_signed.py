@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from patchbox.build.extract import extract_patch
+from patchbox.extract import extract_patch
 from patchbox.format.layout import save_patch
 
 pytestmark = pytest.mark.process

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from helpers import compile_c, compile_with_small_sandbox
-from patchbox.build.extract import extract_patch
+from patchbox.extract import extract_patch
 from patchbox.format.layout import encode_apply_body
 from patchbox.protocol.client import Client
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from patchbox.format.layout import load_patch
-from patchbox.protocol.constants import ApplyFlag
+from patchbox.wire import ApplyFlag
 from qemuutil import BIN, Qemu, run
 
 pytestmark = pytest.mark.qemu

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from patchbox.build.qemu import compile_fixed
+from patchbox.rebuild.qemu import compile_fixed
 from qemuutil import BIN, Qemu, run
 from qmp import QMP
 

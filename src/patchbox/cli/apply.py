@@ -5,8 +5,7 @@ import click
 
 from patchbox import policy, signing
 from patchbox.cli.common import emit_json, json_option, open_client, target_options
-from patchbox.errors import PatchFormatError
-from patchbox.format.layout import decode_apply_body, split_patch_file
+from patchbox.format.layout import read_patch_file
 
 __all__ = ["apply_command"]
 
@@ -23,12 +22,9 @@ def apply_command(pid: int | None, socket_path: str | None, as_json: bool, trust
                   file: str) -> None:
     """Apply the patch FILE (its body is sent unchanged, after the trust and policy checks)."""
     # One read: the bytes checked (hash, signature) are the bytes sent.
-    data = signing.read_and_check(file, signing.trust_dir(trust_dir))
-    try:
-        meta, body = split_patch_file(data)
-        patch = decode_apply_body(body, meta)
-    except PatchFormatError as err:
-        raise PatchFormatError(f"{file}: {err}") from err
+    pf = read_patch_file(file)
+    signing.check_trust(pf.data, file, signing.trust_dir(trust_dir))
+    patch, body = pf.patch, pf.body
     with open_client(pid, socket_path) as client:
         info = client.info()
         target = str(pid) if pid is not None else info.get("pid", "?")

@@ -7,14 +7,14 @@ from pathlib import Path
 
 import click
 
-from patchbox.build.diff import compare_trees, format_explain
-from patchbox.build.incremental import IncrementalBuild
-from patchbox.build.inlines import annotate_inlined
-from patchbox.build.multi import patch_from_diffs
-from patchbox.build.profiles import reporters_for
-from patchbox.build.tree import BuildError, Workspace, check_diff
-from patchbox.errors import PatchboxError
+from patchbox.compare.explain import annotate_inlined, format_explain
+from patchbox.compare.objects import compare_trees
+from patchbox.errors import BuildError, PatchboxError
+from patchbox.extract import patch_from_diffs
 from patchbox.format.layout import save_patch
+from patchbox.profiles import GENERIC, QEMU
+from patchbox.rebuild.incremental import IncrementalBuild
+from patchbox.rebuild.workspace import Workspace, check_diff
 
 __all__ = ["build_command"]
 
@@ -64,11 +64,11 @@ def build_command(source: str, diff: str, binary: str, build_cmd: str | None,
     if name is None:
         name = Path(output).stem if output else "patch"
     out = Path(output) if output else Path.cwd() / f"{name}.pbx"
-    profile = "qemu" if qemu else "generic"
+    profile = (QEMU if qemu else GENERIC).with_reporters(reporters)
     warnings: list[str] = []
-    if build_dir is None and qemu and build_cmd is None \
-            and (reference.parent / "compile_commands.json").is_file():
-        build_dir = str(reference.parent)
+    if build_dir is None and build_cmd is None:
+        default = profile.default_build_dir(reference)
+        build_dir = str(default) if default is not None else None
     if build_dir is not None:
         if build_cmd is not None:
             raise BuildError("--build-cmd and --build-dir exclude each other: with a build "
@@ -109,7 +109,7 @@ def build_command(source: str, diff: str, binary: str, build_cmd: str | None,
             patched = ws.objects()
             t_built = time.monotonic()
             built = f"builds {t_built - t0:.1f} s"
-        diffs, same = compare_trees(orig, patched, reporters_for(profile, reporters))
+        diffs, same = compare_trees(orig, patched, profile.reporters)
         if explain or dry_run:
             annotate_inlined(diffs, diff_text)
             click.echo(format_explain(diffs, same))

@@ -3,18 +3,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, TypeVar
 
 import click
 
-from patchbox.errors import PatchFormatError
-from patchbox.format.layout import decode_apply_body, split_patch_file
-from patchbox.format.model import Patch
 from patchbox.protocol.client import DEFAULT_TIMEOUT, Client
 
-__all__ = ["target_options", "json_option", "open_client", "client_pid", "emit_json",
-           "read_patch_file"]
+__all__ = ["target_options", "json_option", "open_client", "client_pid", "emit_json"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -57,16 +52,3 @@ def client_pid(client: Client) -> str:
 def emit_json(value: Any) -> None:
     """Prints ``value`` as indented JSON on stdout."""
     click.echo(json.dumps(value, indent=2, sort_keys=False))
-
-
-def read_patch_file(path: str) -> tuple[Patch, bytes]:
-    """Returns (Patch, apply body) of the patch file at ``path``, header and hash checked."""
-    try:
-        data = Path(path).read_bytes()
-    except OSError as err:
-        raise PatchFormatError(f"cannot read patch file {path}: {err.strerror}") from err
-    try:
-        meta, body = split_patch_file(data)
-        return decode_apply_body(body, meta), body
-    except PatchFormatError as err:
-        raise PatchFormatError(f"{path}: {err}") from err

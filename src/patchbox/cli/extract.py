@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from patchbox.build.extract import extract_patch
+from patchbox.extract import extract_patch
 from patchbox.errors import PatchboxError
 from patchbox.format.layout import save_patch
 

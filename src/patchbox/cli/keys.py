@@ -9,6 +9,7 @@ import click
 from patchbox import signing
 from patchbox.cli.common import emit_json, json_option
 from patchbox.errors import PatchFormatError
+from patchbox.format.layout import read_patch_file
 
 __all__ = ["keygen_command", "sign_command"]
 
@@ -35,14 +36,7 @@ def keygen_command(as_json: bool, out: str) -> None:
 def sign_command(as_json: bool, key_path: str, file: str) -> None:
     """Sign the patch FILE in place (an earlier signature is replaced)."""
     private = signing.load_private_key(key_path)
-    try:
-        data = Path(file).read_bytes()
-    except OSError as err:
-        raise PatchFormatError(f"cannot read patch file {file}: {err.strerror}") from err
-    try:
-        signed = signing.sign_file_bytes(data, private)
-    except PatchFormatError as err:
-        raise PatchFormatError(f"{file}: {err}") from err
+    signed = signing.sign_file_bytes(read_patch_file(file).data, private)
     tmp = Path(f"{file}.sign-tmp")
     try:
         tmp.write_bytes(signed)

@@ -6,9 +6,10 @@ from typing import Any
 
 import click
 
-from patchbox.cli.common import emit_json, json_option, read_patch_file
+from patchbox.cli.common import emit_json, json_option
+from patchbox.format.layout import read_patch_file
 from patchbox.format.model import Fixup, Patch
-from patchbox.protocol.constants import FixupBase, FixupSection
+from patchbox.wire import FixupBase, FixupSection
 
 __all__ = ["show_command", "describe_patch", "disassemble"]
 
@@ -77,7 +78,7 @@ def describe_patch(patch: Patch) -> dict[str, Any]:
 @click.argument("file", type=click.Path(dir_okay=False))
 def show_command(as_json: bool, file: str) -> None:
     """Describe the patch FILE: functions, sizes, fix-ups, imports, meta, disassembly."""
-    patch, _body = read_patch_file(file)
+    patch = read_patch_file(file).patch
     d = describe_patch(patch)
     if as_json:
         emit_json(d)

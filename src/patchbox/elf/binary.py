@@ -9,7 +9,6 @@ from __future__ import annotations
 import io
 import mmap
 import os
-import struct
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,7 +16,9 @@ from pathlib import Path
 
 from elftools.common.exceptions import ELFError as _PyElfError
 from elftools.elf.elffile import ELFFile
+from elftools.elf.sections import SymbolTableSection
 
+from patchbox.elf.records import SHN_UNDEF, SYM, cstring, sym_bind, sym_type
 from patchbox.errors import ElfError, ExtractError
 
 __all__ = ["Symbol", "Binary", "strip_version"]
@@ -30,7 +31,7 @@ class Symbol:
     name: str  # without the ``@VERSION`` suffix the linker adds to versioned symbols
     address: int  # link-time virtual address (0 for undefined symbols)
     size: int
-    type: str  # FUNC, OBJECT, NOTYPE, TLS, GNU_IFUNC, ...
+    type: str  # FUNC, OBJECT, NOTYPE, TLS, ... (pyelftools' names: GNU IFUNC is LOOS)
     bind: str  # LOCAL, GLOBAL, WEAK
     source_file: str | None  # the preceding STT_FILE for LOCAL symbols, else None
     defined: bool = True
@@ -78,7 +79,7 @@ class Binary:
             raise ElfError(f"{self.path}: not an x86-64 binary ({machine})")
         if etype not in ("ET_EXEC", "ET_DYN"):
             raise ElfError(f"{self.path}: not a linked executable ({etype})")
-        if symtab is None or symtab["sh_type"] != "SHT_SYMTAB":
+        if not isinstance(symtab, SymbolTableSection) or symtab["sh_type"] != "SHT_SYMTAB":
             raise ElfError(f"{self.path} is stripped (no .symtab): patchbox needs the "
                            f"symbols of the reference binary; use the unstripped build")
         self._symbols = list(self._read_symbols(symtab))
@@ -88,10 +89,10 @@ class Binary:
             if sym.defined:
                 self._by_name[sym.name].append(sym)
 
-    def _read_symbols(self, symtab) -> Iterator[Symbol]:  # type: ignore[no-untyped-def]
+    def _read_symbols(self, symtab: SymbolTableSection) -> Iterator[Symbol]:
         """Unpacks ``.symtab`` with :mod:`struct` in bulk (pyelftools' per-symbol parsing
         costs seconds on a program with tens of thousands of symbols); pyelftools otherwise."""
-        if self.elf.little_endian and self.elf.elfclass == 64 and symtab["sh_entsize"] == 24:
+        if self.elf.little_endian and self.elf.elfclass == 64 and symtab["sh_entsize"] == SYM.size:
             try:
                 raw = symtab.data()
                 strtab = self.elf.get_section(symtab["sh_link"]).data()
@@ -103,25 +104,28 @@ class Binary:
 
     def _unpack_symbols(self, raw: bytes, strtab: bytes) -> Iterator[Symbol]:
         source: str | None = None
-        binds = {0: "LOCAL", 1: "GLOBAL", 2: "WEAK", 10: "GNU_UNIQUE"}
-        types = {0: "NOTYPE", 1: "OBJECT", 2: "FUNC", 3: "SECTION", 4: "FILE", 5: "COMMON",
-                 6: "TLS", 10: "GNU_IFUNC"}
-        for st_name, info, _other, shndx, value, size in struct.iter_unpack(
-                "<IBBHQQ", raw[:len(raw) - len(raw) % 24]):
-            end = strtab.find(b"\0", st_name)
-            name = strtab[st_name:end if end >= 0 else len(strtab)].decode("utf-8", "replace")
-            stype = info & 0xF
-            if stype == 4:
+        for st_name, info, _other, shndx, value, size in SYM.iter_table(
+            raw, 0, len(raw) - len(raw) % SYM.size, f"{self.path}: .symtab"
+        ):
+            name = cstring(strtab, st_name)
+            stype = sym_type(info)
+            if stype == "FILE":
                 source = name or None
                 continue
-            if stype == 3 or not name:
+            if stype == "SECTION" or not name:
                 continue
-            bind = binds.get(info >> 4, str(info >> 4))
-            yield Symbol(name=strip_version(name), address=value, size=size,
-                         type=types.get(stype, str(stype)), bind=bind,
-                         source_file=source if bind == "LOCAL" else None, defined=shndx != 0)
+            bind = sym_bind(info)
+            yield Symbol(
+                name=strip_version(name),
+                address=value,
+                size=size,
+                type=stype,
+                bind=bind,
+                source_file=source if bind == "LOCAL" else None,
+                defined=shndx != SHN_UNDEF,
+            )
 
-    def _iter_symbols(self, symtab) -> Iterator[Symbol]:  # type: ignore[no-untyped-def]
+    def _iter_symbols(self, symtab: SymbolTableSection) -> Iterator[Symbol]:
         source: str | None = None
         try:
             for sym in symtab.iter_symbols():

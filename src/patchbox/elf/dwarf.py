@@ -1,4 +1,5 @@
-"""Where functions of the reference binary were inlined, from its DWARF (``.debug_info``).
+"""What DWARF (``.debug_info``) says about functions: where the reference binary inlined
+them, and where an object file declares them.
 
 A live patch redirects the out-of-line copy of a function; copies the compiler inlined
 into other functions keep the old code. :func:`find_inlined` lists them:
@@ -11,12 +12,16 @@ CUs that cannot hold one (another source file, for ``static`` functions only) ar
 skipped after their top DIE, and inside a CU only the code-bearing subprograms and their
 lexical blocks and inlined subroutines are entered (``DW_AT_sibling`` skips the rest).
 Separate debug files (``.gnu_debuglink``, split DWARF) are not read.
+
+:func:`read_object_decls` reads a patched object's own DWARF: the line each function is
+declared at (to tell which function a changed line belongs to) and what each out-of-line
+function inlines (``--explain``).
 """
 from __future__ import annotations
 
 import os
-from collections import Counter
-from dataclasses import dataclass
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
 
 from elftools.common.exceptions import ELFError as _PyElfError
 from elftools.dwarf.die import DIE
@@ -24,7 +29,15 @@ from elftools.elf.elffile import ELFFile
 
 from patchbox.errors import ElfError
 
-__all__ = ["Function", "InlineSite", "debuglink", "find_inlined", "has_debug_info"]
+__all__ = [
+    "Function",
+    "InlineSite",
+    "ObjectDecls",
+    "debuglink",
+    "find_inlined",
+    "has_debug_info",
+    "read_object_decls",
+]
 
 _CODE_SCOPES = ("DW_TAG_lexical_block", "DW_TAG_inlined_subroutine", "DW_TAG_subprogram")
 _CONTAINERS = ("DW_TAG_namespace", "DW_TAG_module")  # may hold definitions (C++, Fortran)
@@ -183,3 +196,109 @@ def _str(value: object) -> str:
 def _basename(top: DIE) -> str | None:
     attr = top.attributes.get("DW_AT_name")
     return os.path.basename(_str(attr.value)) if attr is not None else None
+
+
+@dataclass
+class ObjectDecls:
+    """What an object file's DWARF says about its functions (empty without ``-g``)."""
+
+    # {file basename: [(DW_AT_decl_line, function)]}, sorted by line
+    decls: dict[str, list[tuple[int, str]]] = field(default_factory=dict)
+    # {out-of-line function: names of the functions inlined into it}
+    inlines: dict[str, set[str]] = field(default_factory=dict)
+
+    def owner(self, file: str, line: int) -> str | None:
+        """Returns the function declared last at or before ``line`` of ``file`` (basename)."""
+        owner = None
+        for decl, name in self.decls.get(file, []):
+            if decl > line:
+                break
+            owner = name
+        return owner
+
+    def homes(self, names: list[str]) -> dict[str, str]:
+        """Returns {function: basename of its .c file} for the functions of ``names``
+        whose only declaration is in one ``.c`` file (not a header)."""
+        where: dict[str, set[str]] = defaultdict(set)
+        for fname, entries in self.decls.items():
+            for _line, fn in entries:
+                where[fn].add(fname)
+        return {
+            fn: next(iter(where[fn]))
+            for fn in names
+            if len(where.get(fn, ())) == 1 and next(iter(where[fn])).endswith(".c")
+        }
+
+
+def read_object_decls(path: str | os.PathLike[str]) -> ObjectDecls:
+    """Returns the function declarations and inlining of a relocatable object's DWARF
+    (``DW_AT_decl_file``/``DW_AT_decl_line`` of ``DW_TAG_subprogram``, and the
+    ``DW_TAG_inlined_subroutine`` entries inside each out-of-line function).
+
+    Empty without debug info; raises ElfError if the DWARF cannot be read.
+    """
+    out = ObjectDecls()
+    decls: dict[str, list[tuple[int, str]]] = defaultdict(list)
+    inlines: dict[str, set[str]] = defaultdict(set)
+    try:
+        with open(path, "rb") as f:
+            elf = ELFFile(f)
+            if not elf.has_dwarf_info():
+                return out
+            dwarf = elf.get_dwarf_info()
+            for cu in dwarf.iter_CUs():
+                lp = dwarf.line_program_for_CU(cu)
+                files = [_str(e.name) for e in (lp["file_entry"] if lp else [])]
+                base = 0 if cu["version"] >= 5 else 1
+                for die in cu.iter_DIEs():
+                    if die.tag != "DW_TAG_subprogram":
+                        continue
+                    a = die.attributes
+                    if "DW_AT_name" in a and "DW_AT_decl_line" in a and "DW_AT_decl_file" in a:
+                        idx = a["DW_AT_decl_file"].value - base
+                        if 0 <= idx < len(files):
+                            decls[os.path.basename(files[idx])].append(
+                                (a["DW_AT_decl_line"].value, _origin_name(die) or "")
+                            )
+                    if "DW_AT_low_pc" in a or "DW_AT_ranges" in a:
+                        me = _origin_name(die)
+                        if me is not None:
+                            inlines[me] |= _inlined_names(die)
+    except OSError as err:
+        raise ElfError(f"cannot read {path}: {err.strerror}") from err
+    except (_PyElfError, ValueError, KeyError, IndexError, AssertionError) as err:
+        raise ElfError(f"{path}: unreadable debug info: {err}") from err
+    out.decls = {k: sorted(v) for k, v in decls.items()}
+    out.inlines = dict(inlines)
+    return out
+
+
+def _inlined_names(die: DIE) -> set[str]:
+    """Returns the names of the functions inlined (at any depth) into ``die``'s code."""
+    names: set[str] = set()
+    stack = list(die.iter_children())
+    while stack:
+        d = stack.pop()
+        if d.tag == "DW_TAG_inlined_subroutine" and "DW_AT_abstract_origin" in d.attributes:
+            n = _origin_name(d.get_DIE_from_attribute("DW_AT_abstract_origin"))
+            if n:
+                names.add(n)
+        if d.tag in ("DW_TAG_inlined_subroutine", "DW_TAG_lexical_block"):
+            stack.extend(d.iter_children())
+    return names
+
+
+def _origin_name(die: DIE | None) -> str | None:
+    """Returns ``die``'s name, following abstract origins and specifications."""
+    seen: set[int] = set()
+    while die is not None and die.offset not in seen:
+        seen.add(die.offset)
+        if "DW_AT_name" in die.attributes:
+            return _str(die.attributes["DW_AT_name"].value)
+        nxt = None
+        for ref in ("DW_AT_abstract_origin", "DW_AT_specification"):
+            if ref in die.attributes:
+                nxt = die.get_DIE_from_attribute(ref)
+                break
+        die = nxt
+    return None

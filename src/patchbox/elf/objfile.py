@@ -1,7 +1,11 @@
 """A relocatable x86-64 object file (``.o``): sections, symbols, RELA relocations.
 
-Everything is read once into plain dataclasses; the file is not kept open.
+Everything is read once into plain dataclasses; the file is not kept open. Two readers
+fill them: :func:`patchbox.elf.fastread.load_object` (the one patchbox uses: bulk
+:mod:`struct` unpacking) and :meth:`ObjectFile.load` here (pyelftools: the reference
+the fast reader is tested against, and its fallback for unusual files).
 """
+
 from __future__ import annotations
 
 import io
@@ -12,10 +16,14 @@ from pathlib import Path
 from elftools.common.exceptions import ELFError as _PyElfError
 from elftools.elf.constants import SH_FLAGS
 from elftools.elf.elffile import ELFFile
+from elftools.elf.sections import SymbolTableIndexSection, SymbolTableSection
 
+from patchbox.elf.records import SHN_ABS, SHN_COMMON, SHN_LORESERVE, SHN_UNDEF, SHN_XINDEX
 from patchbox.errors import ElfError
 
 __all__ = ["Section", "ObjSymbol", "Relocation", "ObjectFile"]
+
+_SPECIAL_SHNDX = {"SHN_UNDEF": SHN_UNDEF, "SHN_ABS": SHN_ABS, "SHN_COMMON": SHN_COMMON}
 
 
 @dataclass
@@ -24,7 +32,7 @@ class Section:
 
     index: int
     name: str
-    type: str  # SHT_PROGBITS, SHT_NOBITS, ...
+    type: str | int  # pyelftools' name (SHT_PROGBITS, SHT_NOBITS, ...), else the number
     flags: int
     size: int
     align: int
@@ -55,23 +63,39 @@ class Section:
         """Returns True for zero-initialised data (bss)."""
         return self.type == "SHT_NOBITS"
 
+    @property
+    def is_rodata(self) -> bool:
+        """Returns True for loaded, read-only, non-code, non-TLS data."""
+        return self.is_alloc and not self.is_exec and not self.is_write and not self.is_tls
+
 
 @dataclass
 class ObjSymbol:
     """One symbol of the object's ``.symtab``."""
 
     index: int
-    name: str
+    name: str  # a SECTION symbol carries its section's name
     value: int  # offset in its section
     size: int
-    type: str  # FUNC, OBJECT, NOTYPE, SECTION, FILE, TLS, ...
-    bind: str  # LOCAL, GLOBAL, WEAK
-    shndx: int | str  # section index, or SHN_UNDEF / SHN_ABS / SHN_COMMON
+    type: str  # FUNC, OBJECT, NOTYPE, SECTION, FILE, TLS, ... (pyelftools' names)
+    bind: str  # LOCAL, GLOBAL, WEAK, ...
+    shndx: int  # section header index (SHN_XINDEX resolved) if defined, else SHN_UNDEF/ABS/COMMON
+    defined: bool  # lives in a section of this object (decided on the raw st_shndx)
 
     @property
-    def defined(self) -> bool:
-        """Returns True if the symbol lives in a section of this object."""
-        return isinstance(self.shndx, int)
+    def is_undef(self) -> bool:
+        """Returns True for an undefined symbol (defined by another object or library)."""
+        return not self.defined and self.shndx == SHN_UNDEF
+
+    @property
+    def is_abs(self) -> bool:
+        """Returns True for an absolute symbol (SHN_ABS)."""
+        return not self.defined and self.shndx == SHN_ABS
+
+    @property
+    def is_common(self) -> bool:
+        """Returns True for a common symbol (tentative definition, -fcommon)."""
+        return not self.defined and self.shndx == SHN_COMMON
 
     @property
     def is_local(self) -> bool:
@@ -101,7 +125,8 @@ class ObjectFile:
 
     @classmethod
     def load(cls, path: str | Path) -> ObjectFile:
-        """Returns the object at ``path``; raises ElfError if it is not an x86-64 .o."""
+        """Returns the object at ``path`` read with pyelftools; raises ElfError if it is
+        not an x86-64 .o."""
         path = Path(path)
         try:
             raw = path.read_bytes()
@@ -110,7 +135,7 @@ class ObjectFile:
         try:
             elf = ELFFile(io.BytesIO(raw))
             return cls._parse(path, elf)
-        except (_PyElfError, ValueError, KeyError) as err:
+        except (_PyElfError, ValueError, KeyError, IndexError) as err:
             raise ElfError(f"{path}: not a readable ELF object: {err}") from err
 
     @classmethod
@@ -118,33 +143,62 @@ class ObjectFile:
         if elf["e_machine"] != "EM_X86_64":
             raise ElfError(f"{path}: not an x86-64 object ({elf['e_machine']})")
         if elf["e_type"] != "ET_REL":
-            raise ElfError(f"{path}: not a relocatable object ({elf['e_type']}); "
-                           f"pass the patched .o (gcc -c), not a linked file")
+            raise ElfError(
+                f"{path}: not a relocatable object ({elf['e_type']}); "
+                f"pass the patched .o (gcc -c), not a linked file"
+            )
         sections: list[Section] = []
+        xindex: SymbolTableIndexSection | None = None
         for i, sec in enumerate(elf.iter_sections()):
             nobits = sec["sh_type"] == "SHT_NOBITS"
-            sections.append(Section(index=i, name=sec.name, type=sec["sh_type"],
-                                    flags=sec["sh_flags"], size=sec["sh_size"],
-                                    align=max(1, sec["sh_addralign"]),
-                                    data=b"" if nobits else sec.data()))
-        symtab = elf.get_section_by_name(".symtab")
-        if symtab is None:
+            sections.append(
+                Section(
+                    index=i,
+                    name=sec.name,
+                    type=sec["sh_type"],
+                    flags=sec["sh_flags"],
+                    size=sec["sh_size"],
+                    align=max(1, sec["sh_addralign"]),
+                    data=b"" if nobits else sec.data(),
+                )
+            )
+            if isinstance(sec, SymbolTableIndexSection):
+                xindex = sec
+        symtab_idx = next(
+            (i for i, s in enumerate(elf.iter_sections()) if s["sh_type"] == "SHT_SYMTAB"), -1
+        )
+        symtab = elf.get_section(symtab_idx) if symtab_idx >= 0 else None
+        if not isinstance(symtab, SymbolTableSection):
             raise ElfError(f"{path}: no symbol table")
         symbols: list[ObjSymbol] = []
         source = None
         for i, sym in enumerate(symtab.iter_symbols()):
             stype = sym["st_info"]["type"].removeprefix("STT_")
+            raw_ndx = sym["st_shndx"]
+            if isinstance(raw_ndx, str):
+                shndx, defined = _SPECIAL_SHNDX.get(raw_ndx, SHN_UNDEF), False
+            elif raw_ndx == SHN_XINDEX and xindex is not None:
+                shndx, defined = xindex.get_section_index(i), True
+            else:
+                shndx, defined = raw_ndx, 0 < raw_ndx < SHN_LORESERVE
             name = sym.name
-            if stype == "SECTION" and isinstance(sym["st_shndx"], int):
-                name = sections[sym["st_shndx"]].name
+            if stype == "SECTION" and defined and shndx < len(sections):
+                name = sections[shndx].name
             if stype == "FILE" and source is None and name:
                 source = name
-            symbols.append(ObjSymbol(index=i, name=name, value=sym["st_value"],
-                                     size=sym["st_size"], type=stype,
-                                     bind=sym["st_info"]["bind"].removeprefix("STB_"),
-                                     shndx=sym["st_shndx"]))
+            symbols.append(
+                ObjSymbol(
+                    index=i,
+                    name=name,
+                    value=sym["st_value"],
+                    size=sym["st_size"],
+                    type=stype,
+                    bind=sym["st_info"]["bind"].removeprefix("STB_"),
+                    shndx=shndx,
+                    defined=defined,
+                )
+            )
         relocs: dict[int, list[Relocation]] = defaultdict(list)
-        symtab_idx = symtab_index(elf)
         for sec in elf.iter_sections():
             if sec["sh_type"] == "SHT_REL":
                 raise ElfError(f"{path}: REL relocation section {sec.name} (x86-64 uses RELA)")
@@ -152,16 +206,31 @@ class ObjectFile:
                 continue
             target = sec["sh_info"]
             for rel in sec.iter_relocations():
-                relocs[target].append(Relocation(offset=rel["r_offset"],
-                                                 type=rel["r_info_type"],
-                                                 symbol=symbols[rel["r_info_sym"]],
-                                                 addend=rel["r_addend"]))
-        return cls(path=path, sections=sections, symbols=symbols, relocations=dict(relocs),
-                   source_file=source)
+                relocs[target].append(
+                    Relocation(
+                        offset=rel["r_offset"],
+                        type=rel["r_info_type"],
+                        symbol=symbols[rel["r_info_sym"]],
+                        addend=rel["r_addend"],
+                    )
+                )
+        return cls(
+            path=path,
+            sections=sections,
+            symbols=symbols,
+            relocations=dict(relocs),
+            source_file=source,
+        )
 
     def get_section(self, index: int) -> Section:
         """Returns the section with header index ``index``."""
         return self.sections[index]
+
+    def get_symbol_section(self, sym: ObjSymbol) -> Section:
+        """Returns the section a defined symbol lives in; raises ElfError for others."""
+        if not sym.defined or sym.shndx >= len(self.sections):
+            raise ElfError(f"{self.path}: symbol {sym.name!r} has no section (shndx {sym.shndx:#x})")
+        return self.sections[sym.shndx]
 
     def get_relocations(self, section: Section) -> list[Relocation]:
         """Returns the relocations that apply to ``section`` (sorted by offset)."""
@@ -169,9 +238,15 @@ class ObjectFile:
 
     def get_section_symbols(self, section: Section) -> list[ObjSymbol]:
         """Returns the named FUNC/OBJECT/NOTYPE/TLS symbols defined in ``section``."""
-        return [s for s in self.symbols
-                if s.shndx == section.index and s.type not in ("SECTION", "FILE") and s.name
-                and not s.name.startswith(".L")]
+        return [
+            s
+            for s in self.symbols
+            if s.defined
+            and s.shndx == section.index
+            and s.type not in ("SECTION", "FILE")
+            and s.name
+            and not s.name.startswith(".L")
+        ]
 
     def get_function(self, name: str) -> ObjSymbol | None:
         """Returns the defined FUNC symbol ``name`` or None."""
@@ -179,11 +254,3 @@ class ObjectFile:
             if sym.name == name and sym.type == "FUNC" and sym.defined:
                 return sym
         return None
-
-
-def symtab_index(elf: ELFFile) -> int:
-    """Returns the header index of ``.symtab``."""
-    for i, sec in enumerate(elf.iter_sections()):
-        if sec["sh_type"] == "SHT_SYMTAB":
-            return i
-    return -1

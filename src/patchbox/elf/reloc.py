@@ -1,20 +1,21 @@
-"""x86-64 relocation types as a table of recipes (style of pyelftools' relocation.py).
+"""x86-64 relocation types: one table keyed by name (style of pyelftools' relocation.py).
 
-Each supported ELF relocation type maps to a :class:`Recipe` saying how
-:mod:`patchbox.build.extract` turns it into patch fix-ups (docs/patch-format.md,
-"How extract-patch fills it"). Every other type is refused by name with
-:class:`UnsupportedRelocation`.
+Every type has its number, the size of the field it writes, whether its value is
+relative to the place (``S + A - P``) and, if a live patch can carry it, the
+:class:`Recipe` by which :mod:`patchbox.extract` turns it into patch fix-ups
+(docs/patch-format.md, "How extract-patch fills it"). Types without a recipe are refused
+by name with :class:`UnsupportedRelocation`; the object comparison
+(:mod:`patchbox.compare`) uses size and pc-relativity of every type.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
 
-from elftools.elf.enums import ENUM_RELOC_TYPE_x64
-
 from patchbox.errors import UnsupportedRelocation
 
-__all__ = ["Recipe", "RelocType", "RELOC_TYPES", "reloc_name", "get_reloc_type"]
+__all__ = ["Recipe", "RelocType", "RELOC_TYPES", "get_reloc", "reloc_name", "get_reloc_type"]
 
 
 class Recipe(Enum):
@@ -29,53 +30,100 @@ class Recipe(Enum):
 
 @dataclass(frozen=True)
 class RelocType:
-    """A supported relocation type: its name, field size and recipe."""
+    """One x86-64 relocation type."""
 
     name: str
-    size: int
-    recipe: Recipe
+    number: int
+    size: int  # bytes of the field written at the place
+    pcrel: bool  # the value is relative to the place
+    recipe: Recipe | None = None  # None: a live patch cannot carry it
 
 
-RELOC_TYPES: dict[int, RelocType] = {
-    0: RelocType("R_X86_64_NONE", 0, Recipe.NONE),
-    1: RelocType("R_X86_64_64", 8, Recipe.ABS64),
-    2: RelocType("R_X86_64_PC32", 4, Recipe.PCREL),
-    4: RelocType("R_X86_64_PLT32", 4, Recipe.CALL),
-    9: RelocType("R_X86_64_GOTPCREL", 4, Recipe.GOT),
-    41: RelocType("R_X86_64_GOTPCRELX", 4, Recipe.GOT),
-    42: RelocType("R_X86_64_REX_GOTPCRELX", 4, Recipe.GOT),
-}
+def _table(*types: RelocType) -> dict[str, RelocType]:
+    return {t.name: t for t in types}
 
-# Names for messages; pyelftools' table lacks a few newer types.
-_NAMES: dict[int, str] = {v: k for k, v in ENUM_RELOC_TYPE_x64.items() if isinstance(v, int)}
-_NAMES.update({32: "R_X86_64_SIZE32", 33: "R_X86_64_SIZE64", 38: "R_X86_64_RELATIVE64",
-               41: "R_X86_64_GOTPCRELX", 43: "R_X86_64_CODE_4_GOTPCRELX",
-               44: "R_X86_64_CODE_4_GOTTPOFF", 45: "R_X86_64_CODE_4_GOTPC32_TLSDESC"})
+
+# The psABI's x86-64 relocation types (System V AMD64 ABI, table 4.9; CODE_4_* from
+# the APX extension, emitted by newer assemblers).
+RELOC_TYPES: dict[str, RelocType] = _table(
+    RelocType("R_X86_64_NONE", 0, 0, False, Recipe.NONE),
+    RelocType("R_X86_64_64", 1, 8, False, Recipe.ABS64),
+    RelocType("R_X86_64_PC32", 2, 4, True, Recipe.PCREL),
+    RelocType("R_X86_64_GOT32", 3, 4, False),
+    RelocType("R_X86_64_PLT32", 4, 4, True, Recipe.CALL),
+    RelocType("R_X86_64_COPY", 5, 0, False),
+    RelocType("R_X86_64_GLOB_DAT", 6, 8, False),
+    RelocType("R_X86_64_JUMP_SLOT", 7, 8, False),
+    RelocType("R_X86_64_RELATIVE", 8, 8, False),
+    RelocType("R_X86_64_GOTPCREL", 9, 4, True, Recipe.GOT),
+    RelocType("R_X86_64_32", 10, 4, False),
+    RelocType("R_X86_64_32S", 11, 4, False),
+    RelocType("R_X86_64_16", 12, 2, False),
+    RelocType("R_X86_64_PC16", 13, 2, True),
+    RelocType("R_X86_64_8", 14, 1, False),
+    RelocType("R_X86_64_PC8", 15, 1, True),
+    RelocType("R_X86_64_DTPMOD64", 16, 8, False),
+    RelocType("R_X86_64_DTPOFF64", 17, 8, False),
+    RelocType("R_X86_64_TPOFF64", 18, 8, False),
+    RelocType("R_X86_64_TLSGD", 19, 4, True),
+    RelocType("R_X86_64_TLSLD", 20, 4, True),
+    RelocType("R_X86_64_DTPOFF32", 21, 4, False),
+    RelocType("R_X86_64_GOTTPOFF", 22, 4, True),
+    RelocType("R_X86_64_TPOFF32", 23, 4, False),
+    RelocType("R_X86_64_PC64", 24, 8, True),
+    RelocType("R_X86_64_GOTOFF64", 25, 8, False),
+    RelocType("R_X86_64_GOTPC32", 26, 4, True),
+    RelocType("R_X86_64_GOT64", 27, 8, False),
+    RelocType("R_X86_64_GOTPCREL64", 28, 8, True),
+    RelocType("R_X86_64_GOTPC64", 29, 8, True),
+    RelocType("R_X86_64_GOTPLT64", 30, 8, False),
+    RelocType("R_X86_64_PLTOFF64", 31, 8, False),
+    RelocType("R_X86_64_SIZE32", 32, 4, False),
+    RelocType("R_X86_64_SIZE64", 33, 8, False),
+    RelocType("R_X86_64_GOTPC32_TLSDESC", 34, 4, True),
+    RelocType("R_X86_64_TLSDESC_CALL", 35, 0, False),
+    RelocType("R_X86_64_TLSDESC", 36, 16, False),
+    RelocType("R_X86_64_IRELATIVE", 37, 8, False),
+    RelocType("R_X86_64_RELATIVE64", 38, 8, False),
+    RelocType("R_X86_64_GOTPCRELX", 41, 4, True, Recipe.GOT),
+    RelocType("R_X86_64_REX_GOTPCRELX", 42, 4, True, Recipe.GOT),
+    RelocType("R_X86_64_CODE_4_GOTPCRELX", 43, 4, True),
+    RelocType("R_X86_64_CODE_4_GOTTPOFF", 44, 4, True),
+    RelocType("R_X86_64_CODE_4_GOTPC32_TLSDESC", 45, 4, True),
+)
+_BY_NUMBER: dict[int, RelocType] = {t.number: t for t in RELOC_TYPES.values()}
+
+
+def get_reloc(rtype: int) -> RelocType | None:
+    """Returns the table entry of relocation number ``rtype``, None if unknown."""
+    return _BY_NUMBER.get(rtype)
 
 
 def reloc_name(rtype: int) -> str:
     """Returns the ELF name of x86-64 relocation type ``rtype`` (or a numbered placeholder)."""
-    return _NAMES.get(rtype, f"R_X86_64_<{rtype}>")
+    known = _BY_NUMBER.get(rtype)
+    return known.name if known else f"R_X86_64_<{rtype}>"
 
 
 def get_reloc_type(rtype: int, where: str, target: str) -> RelocType:
-    """Returns the recipe of ``rtype``; raises UnsupportedRelocation naming type and place.
+    """Returns the entry of ``rtype`` if a live patch can carry it; raises
+    UnsupportedRelocation naming type and place otherwise.
 
     ``where`` is the place of the relocation (``.text.foo+0x12``), ``target`` the symbol
     it refers to; both go into the message.
     """
-    try:
-        return RELOC_TYPES[rtype]
-    except KeyError:
-        raise UnsupportedRelocation(
-            f"unsupported relocation {reloc_name(rtype)} in {where} against {target!r}"
-            + _hint(rtype)) from None
+    known = _BY_NUMBER.get(rtype)
+    if known is not None and known.recipe is not None:
+        return known
+    raise UnsupportedRelocation(
+        f"unsupported relocation {reloc_name(rtype)} in {where} against {target!r}" + _hint(rtype)
+    )
 
 
 def _hint(rtype: int) -> str:
     name = reloc_name(rtype)
     if "TPOFF" in name or "TLS" in name or "DTP" in name:
         return " (thread-local variables cannot be reached from a live patch)"
-    if rtype in (10, 11):
+    if name in ("R_X86_64_32", "R_X86_64_32S"):
         return " (absolute 32-bit address: compile the patch with -fPIE)"
     return ""

@@ -8,18 +8,22 @@ from __future__ import annotations
 import hashlib
 import re
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from patchbox.errors import PatchFormatError
 from patchbox.format.codec import Reader, Writer
 from patchbox.format.model import Fixup, Function, Patch
-from patchbox.protocol import constants as C
-from patchbox.protocol.constants import FixupBase, FixupSection, FixupType, RedirectKind
+from patchbox import wire as C
+from patchbox.wire import FixupBase, FixupSection, FixupType, RedirectKind
 
 __all__ = [
-    "FILE_MAGIC", "FORMAT_VERSION", "HEADER", "encode_apply_body", "decode_apply_body",
-    "write_patch", "read_patch", "save_patch", "load_patch", "split_patch_file",
+    "FILE_MAGIC", "FORMAT_VERSION", "HEADER", "APPLY_BODY", "FUNCTION_RECORD", "FIXUP_RECORD",
+    "Field", "wire_names", "encode_apply_body", "decode_apply_body", "check_name",
+    "write_patch", "read_patch", "save_patch", "load_patch", "PatchFile", "read_patch_file",
+    "split_patch_file",
     "FLAG_SIGNED", "SIG_TRAILER", "SIG_MAGIC", "SIG_ED25519", "Signature", "split_signature",
     "with_signature",
 ]
@@ -39,24 +43,131 @@ SIG_MAGIC = b"PBXSIG01"
 SIG_ED25519 = 1
 
 
+# -- the apply body, declared once ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Field:
+    """One field of the apply body (docs/protocol.md "APPLY").
+
+    ``kind``: ``u8``/``u16``/``u32``/``u64``/``i64``; ``str`` (u16 length + UTF-8);
+    ``blob`` (u32 length + bytes); ``bytes8``/``bytes16`` (u8/u16 length + bytes, the
+    length named ``<name>_len``); ``list16``/``list32`` (u16/u32 count named ``count``,
+    then that many ``record`` entries, each field prefixed ``item`` in the agent's messages).
+    ``lo``/``hi`` bound a length or count; ``when`` names the field (of the same record)
+    and the value it must have for this field to be present.
+    """
+
+    name: str
+    kind: str
+    lo: int = 0
+    hi: int | None = None
+    record: tuple[Field, ...] = ()
+    count: str = ""
+    item: str = ""
+    when: tuple[str, int] | None = None
+
+
+FUNCTION_RECORD = (
+    Field("symbol", "str"),
+    Field("target", "u64"),
+    Field("new_offset", "u32"),
+    Field("new_size", "u32"),
+    Field("kind", "u8"),
+    Field("skip", "u8"),
+    Field("expected", "bytes16", C.MIN_EXPECTED, C.MAX_EXPECTED),
+)
+FIXUP_RECORD = (
+    Field("section", "u8"),
+    Field("type", "u8"),
+    Field("base", "u8"),
+    Field("reserved", "u8"),
+    Field("offset", "u32"),
+    Field("addend", "i64"),
+    Field("symbol", "str", when=("base", FixupBase.IMPORT)),
+)
+APPLY_BODY = (
+    Field("name", "str"),
+    Field("build_id", "bytes8", 1, C.MAX_BUILD_ID),
+    Field("flags", "u32"),
+    Field("text", "blob"),
+    Field("data", "blob"),
+    Field("bss_size", "u32"),
+    Field("functions", "list16", 1, C.MAX_FUNCS, FUNCTION_RECORD, "nfuncs", "function"),
+    Field("fixups", "list32", 0, C.MAX_FIXUPS, FIXUP_RECORD, "nfixups", "fixup"),
+)
+_INTS = {"u8": 1, "u16": 2, "u32": 4, "u64": 8, "i64": 8}
+_LENGTH = {"bytes8": "u8", "bytes16": "u16", "list16": "u16", "list32": "u32"}
+
+
+def wire_names(fields: tuple[Field, ...] = APPLY_BODY, item: str = "") -> list[str]:
+    """Returns the names of the body's fields in wire order, as the agent's parser names
+    them in its messages (``build_id_len``, ``function target``...)."""
+    out: list[str] = []
+    prefix = f"{item} " if item else ""
+    for f in fields:
+        if f.kind in ("bytes8", "bytes16"):
+            out += [f"{prefix}{f.name}_len", f"{prefix}{f.name}"]
+        elif f.kind in ("list16", "list32"):
+            out.append(f"{prefix}{f.count}")
+            out += wire_names(f.record, f.item)
+        else:
+            out.append(f"{prefix}{f.name}")
+    return out
+
+
+def _write(w: Writer, fields: tuple[Field, ...], value: object) -> None:
+    for f in fields:
+        if f.when is not None and getattr(value, f.when[0]) != f.when[1]:
+            continue
+        v = getattr(value, f.name, 0)  # `reserved` is not in the model: always 0
+        if f.kind in _INTS:
+            getattr(w, f.kind)(int(v))
+        elif f.kind == "str":
+            w.str(v)
+        elif f.kind == "blob":
+            w.blob(v)
+        elif f.kind in _LENGTH:
+            getattr(w, _LENGTH[f.kind])(len(v))
+            if f.kind.startswith("list"):
+                for item in v:
+                    _write(w, f.record, item)
+            else:
+                w.raw(v)
+
+
+def _read(r: Reader, fields: tuple[Field, ...], where: str = "") -> dict[str, Any]:
+    """Returns the fields read as a dict; lists as lists of dicts. Lengths and counts
+    outside their ``lo``..``hi`` raise PatchFormatError before anything is read."""
+    out: dict[str, Any] = {}
+    for f in fields:
+        if f.when is not None and out.get(f.when[0]) != f.when[1]:
+            continue
+        label = f"{where}{f.name}"
+        if f.kind in _INTS:
+            out[f.name] = getattr(r, f.kind)(label)
+        elif f.kind == "str":
+            out[f.name] = r.str(label)
+        elif f.kind == "blob":
+            out[f.name] = r.blob(label)
+        else:
+            n = getattr(r, _LENGTH[f.kind])(f"{label} {'count' if f.record else 'length'}")
+            if not f.lo <= n <= (f.hi if f.hi is not None else n):
+                what = f"{n} {f.name}" if f.record else f"{label} length {n}"
+                raise PatchFormatError(
+                    f"patch body: {what} out of range ({f.lo}..{f.hi} allowed)")
+            if f.record:
+                out[f.name] = [_read(r, f.record, f"{f.item}[{i}].") for i in range(n)]
+            else:
+                out[f.name] = r.raw(n, label)
+    return out
+
+
 def encode_apply_body(patch: Patch) -> bytes:
     """Returns the APPLY request payload for ``patch`` (also the file's body)."""
     check_name(patch.name)
     w = Writer()
-    w.str(patch.name)
-    w.u8(len(patch.build_id)).raw(patch.build_id)
-    w.u32(patch.flags)
-    w.blob(patch.text).blob(patch.data).u32(patch.bss_size)
-    w.u16(len(patch.functions))
-    for fn in patch.functions:
-        w.str(fn.symbol).u64(fn.target).u32(fn.new_offset).u32(fn.new_size)
-        w.u8(fn.kind).u8(fn.skip)
-        w.u16(len(fn.expected)).raw(fn.expected)
-    w.u32(len(patch.fixups))
-    for fx in patch.fixups:
-        w.u8(fx.section).u8(fx.type).u8(fx.base).u8(0).u32(fx.offset).i64(fx.addend)
-        if fx.base == FixupBase.IMPORT:
-            w.str(fx.symbol)
+    _write(w, APPLY_BODY, patch)
     return bytes(w)
 
 
@@ -70,67 +181,46 @@ def check_name(name: str) -> None:
 def decode_apply_body(body: bytes, meta: dict[str, str] | None = None) -> Patch:
     """Returns the Patch encoded in an apply body; raises PatchFormatError if invalid."""
     r = Reader(body, PatchFormatError, "patch body")
-    name = r.str("name")
-    check_name(name)
-    bid_len = r.u8("build_id length")
-    if not 1 <= bid_len <= C.MAX_BUILD_ID:
-        raise PatchFormatError(f"patch body: build-id length {bid_len} out of range")
-    build_id = r.raw(bid_len, "build_id")
-    flags = r.u32("flags")
-    text = r.blob("text")
-    data = r.blob("data")
-    bss_size = r.u32("bss_size")
-    nfuncs = r.u16("nfuncs")
-    if not 1 <= nfuncs <= C.MAX_FUNCS:
-        raise PatchFormatError(f"patch body: {nfuncs} functions (1..{C.MAX_FUNCS} allowed)")
+    raw = _read(r, APPLY_BODY)
+    r.end()
+    check_name(raw["name"])
+    text, data = raw["text"], raw["data"]
     functions = []
-    for i in range(nfuncs):
-        symbol = r.str(f"function[{i}].symbol")
-        target = r.u64(f"function[{i}].target")
-        new_offset = r.u32(f"function[{i}].new_offset")
-        new_size = r.u32(f"function[{i}].new_size")
-        kind_value = r.u8(f"function[{i}].kind")
-        skip = r.u8(f"function[{i}].skip")
+    for fn in raw["functions"]:
+        symbol = fn["symbol"]
         try:
-            kind = RedirectKind(kind_value)
+            kind = RedirectKind(fn["kind"])
         except ValueError as err:
-            raise PatchFormatError(f"patch body: {symbol}: unknown redirect kind {kind_value}") from err
+            raise PatchFormatError(
+                f"patch body: {symbol}: unknown redirect kind {fn['kind']}") from err
+        skip = fn["skip"]
         if skip not in ((0, C.ENDBR_SKIP) if kind == RedirectKind.ENTRY_JUMP else (0,)):
             raise PatchFormatError(f"patch body: {symbol}: skip {skip} invalid for {kind.name}")
-        exp_len = r.u16(f"function[{i}].expected length")
-        if not C.MIN_EXPECTED <= exp_len <= C.MAX_EXPECTED:
-            raise PatchFormatError(
-                f"patch body: {symbol}: expected length {exp_len} out of range")
-        expected = r.raw(exp_len, f"function[{i}].expected")
         # Any offset: a replacement without its own 6+2 NOPs is valid, only not stackable on.
-        if new_offset >= len(text) or new_offset + new_size > len(text):
+        if fn["new_offset"] >= len(text) or fn["new_offset"] + fn["new_size"] > len(text):
             raise PatchFormatError(
-                f"patch body: {symbol}: replacement [{new_offset}, +{new_size}) outside "
-                f"the {len(text)}-byte text")
-        functions.append(Function(symbol, target, new_offset, new_size, expected, kind, skip))
-    nfixups = r.u32("nfixups")
-    if nfixups > C.MAX_FIXUPS:
-        raise PatchFormatError(f"patch body: {nfixups} fix-ups (max {C.MAX_FIXUPS})")
+                f"patch body: {symbol}: replacement [{fn['new_offset']}, +{fn['new_size']}) "
+                f"outside the {len(text)}-byte text")
+        functions.append(Function(symbol, fn["target"], fn["new_offset"], fn["new_size"],
+                                  fn["expected"], kind, skip))
     fixups = []
-    for i in range(nfixups):
-        section, ftype, base, _reserved = (r.u8(f"fixup[{i}].section"), r.u8(f"fixup[{i}].type"),
-                                           r.u8(f"fixup[{i}].base"), r.u8(f"fixup[{i}].reserved"))
-        offset = r.u32(f"fixup[{i}].offset")
-        addend = r.i64(f"fixup[{i}].addend")
+    for i, fx in enumerate(raw["fixups"]):
         try:
-            section, ftype, base = FixupSection(section), FixupType(ftype), FixupBase(base)
+            section = FixupSection(fx["section"])
+            ftype = FixupType(fx["type"])
+            base = FixupBase(fx["base"])
         except ValueError as err:
             raise PatchFormatError(f"patch body: fixup[{i}]: {err}") from err
-        symbol = r.str(f"fixup[{i}].symbol") if base == FixupBase.IMPORT else ""
         limit = len(text) if section == FixupSection.TEXT else len(data)
-        if offset + FIXUP_SIZE[ftype] > limit:
+        if fx["offset"] + FIXUP_SIZE[ftype] > limit:
             raise PatchFormatError(
-                f"patch body: fixup[{i}] at {section.name.lower()}+{offset:#x} outside the "
-                f"{limit}-byte {section.name.lower()}")
-        fixups.append(Fixup(section, ftype, base, offset, addend, symbol))
-    r.end()
-    return Patch(name=name, build_id=build_id, text=text, functions=functions, fixups=fixups,
-                 data=data, bss_size=bss_size, flags=flags, meta=dict(meta or {}))
+                f"patch body: fixup[{i}] at {section.name.lower()}+{fx['offset']:#x} outside "
+                f"the {limit}-byte {section.name.lower()}")
+        fixups.append(Fixup(section, ftype, base, fx["offset"], fx["addend"],
+                            fx.get("symbol", "")))
+    return Patch(name=raw["name"], build_id=raw["build_id"], text=text, functions=functions,
+                 fixups=fixups, data=data, bss_size=raw["bss_size"], flags=raw["flags"],
+                 meta=dict(meta or {}))
 
 
 def write_patch(patch: Patch) -> bytes:
@@ -189,16 +279,36 @@ def save_patch(patch: Patch, path: str | Path) -> None:
     Path(path).write_bytes(write_patch(patch))
 
 
-def load_patch(path: str | Path) -> Patch:
-    """Returns the Patch stored at ``path``."""
+@dataclass(frozen=True)
+class PatchFile:
+    """A patch file read once: the bytes that are hashed and signed, the apply body that is
+    sent unchanged, and the Patch they encode."""
+
+    path: str
+    data: bytes
+    body: bytes
+    patch: Patch
+
+
+def read_patch_file(path: str | Path) -> PatchFile:
+    """Returns the patch file at ``path`` (header, hash and layout checked, not the
+    signature: :func:`patchbox.signing.check_trust`); raises PatchFormatError naming the
+    file."""
     try:
         data = Path(path).read_bytes()
     except OSError as err:
         raise PatchFormatError(f"cannot read patch file {path}: {err.strerror}") from err
     try:
-        return read_patch(data)
+        meta, body = split_patch_file(data)
+        patch = decode_apply_body(body, meta)
     except PatchFormatError as err:
         raise PatchFormatError(f"{path}: {err}") from err
+    return PatchFile(str(path), data, body, patch)
+
+
+def load_patch(path: str | Path) -> Patch:
+    """Returns the Patch stored at ``path``."""
+    return read_patch_file(path).patch
 
 
 @dataclass(frozen=True)
@@ -221,7 +331,7 @@ def split_signature(data: bytes) -> Signature | None:
     return Signature(alg, key_id, sig, data[:len(data) - SIG_TRAILER.size])
 
 
-def with_signature(data: bytes, key_id: bytes, sign) -> bytes:
+def with_signature(data: bytes, key_id: bytes, sign: Callable[[bytes], bytes]) -> bytes:
     """Returns patch-file bytes ``data`` (signed or not) signed anew: header flag bit 0
     set, then the trailer with ``key_id`` and ``sign(header + payload)`` (64 bytes)."""
     split_patch_file(data)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from patchbox.protocol.constants import FixupBase, FixupSection, FixupType, RedirectKind
+from patchbox.wire import FixupBase, FixupSection, FixupType, RedirectKind
 
 __all__ = ["Function", "Fixup", "Patch"]
 

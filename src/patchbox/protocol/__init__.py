@@ -1,1 +1,2 @@
-"""patchbox: live patching for running Linux processes."""
+"""The wire protocol client: framing, socket discovery, typed requests and reply layouts
+(docs/protocol.md)."""

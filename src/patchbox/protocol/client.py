@@ -19,8 +19,8 @@ from typing import Any
 
 from patchbox.errors import ConnectError, ProtocolError
 from patchbox.format.codec import Reader, Writer
-from patchbox.protocol import constants as C
-from patchbox.protocol.constants import ErrorCode, Msg
+from patchbox import wire as C
+from patchbox.wire import ErrorCode, Msg
 from patchbox.protocol.replies import (AppliedPatch, ApplyResult, PatchFunction, TestResult,
                                        check_status, decode_reply)
 

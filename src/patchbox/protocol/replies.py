@@ -12,7 +12,7 @@ from typing import Any, Callable, NamedTuple
 
 from patchbox.errors import AgentError, ProtocolError
 from patchbox.format.codec import Reader
-from patchbox.protocol.constants import ErrorCode, Msg
+from patchbox.wire import ErrorCode, Msg
 
 __all__ = [
     "PatchFunction", "AppliedPatch", "ApplyResult", "TestResult",
@@ -72,7 +72,11 @@ def check_status(r: Reader) -> None:
         return
     message = r.str("message")
     r.end()
-    raise AgentError(status, message)
+    try:
+        name = ErrorCode(status).name
+    except ValueError:
+        name = None  # a newer agent's code: AgentError names it by number
+    raise AgentError(status, message, name)
 
 
 def _empty(r: Reader) -> None:

@@ -31,18 +31,19 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from capstone import CS_ARCH_X86, CS_MODE_64, Cs, CsInsn
+from capstone.x86 import X86_OP_IMM
 from elftools.elf.constants import SH_FLAGS
 
-from patchbox.build.fastobj import load_object
-from patchbox.build.profiles import Reporters, reporters_for
-from patchbox.elf.objfile import ObjectFile, ObjSymbol, Section
-from patchbox.elf.reloc import RELOC_TYPES
+from patchbox.elf.fastread import load_object
+from patchbox.elf.objfile import ObjectFile, ObjSymbol, Relocation, Section
+from patchbox.elf.reloc import get_reloc
+from patchbox.profiles import GENERIC, Reporters
 
-__all__ = ["Decision", "ObjectDiff", "compare_objects", "normalize", "is_clone"]
+__all__ = ["Decision", "ObjectDiff", "compare_objects", "compare_trees", "normalize", "is_clone"]
 
 _CLONE = re.compile(r"\.(cold|part|constprop|isra|lto_priv|clone|localalias|specialized)(\.|$)")
 _PATHLIKE = re.compile(rb"^[\w.+-]*(/[\w.+-]+)+\.(c|h|cc|cpp|cxx|hh|hpp|inc|def)$")
-_PCREL = {2, 4, 9, 41, 42, 24, 26}  # PC32, PLT32, GOTPCREL, GOTPCRELX, REX_GOTPCRELX, PC64, GOTPC32
 _CST = re.compile(r"\.cst(\d+)")
 _CALLS = ("call", "jmp")
 
@@ -99,7 +100,7 @@ class _Side:
         self.named: dict[int, list[ObjSymbol]] = defaultdict(list)
         for s in obj.symbols:
             if _named(s):
-                self.named[s.shndx].append(s)  # type: ignore[index]
+                self.named[s.shndx].append(s)
         for syms in self.named.values():
             syms.sort(key=lambda s: s.value)
         self.ident: dict[int, str] = {}
@@ -112,7 +113,7 @@ class _Side:
         return self._rels[sec.index]
 
     def span(self, sym: ObjSymbol) -> tuple[Section, int, int]:
-        sec = self.obj.get_section(sym.shndx)  # type: ignore[arg-type]
+        sec = self.obj.get_section(sym.shndx)
         syms = self.named[sec.index]
         if len(syms) == 1 or all(s.value == sym.value for s in syms):
             return sec, 0, sec.size
@@ -133,7 +134,7 @@ class _Side:
             rels = []
             for rel in self.relocs(sec):
                 if start <= rel.offset < end:
-                    rtype = RELOC_TYPES.get(rel.type)
+                    rtype = get_reloc(rel.type)
                     size = rtype.size if rtype else 4
                     o = rel.offset - start
                     data[o:o + size] = bytes(len(data[o:o + size]))
@@ -142,16 +143,18 @@ class _Side:
         self._memo[key] = result
         return result
 
-    def target(self, rel) -> tuple:  # type: ignore[no-untyped-def]
+    def target(self, rel: Relocation) -> tuple:
         """Describes what ``rel`` points to, independently of labels and symbol numbers."""
         sym = rel.symbol
-        if sym.shndx == "SHN_ABS":
+        if sym.is_abs:
             return ("abs", sym.value + rel.addend)
         if not sym.defined:
             return ("ext", sym.name, rel.addend)
         sec = self.obj.get_section(sym.shndx)
         base = sym.value if sym.type != "SECTION" else 0
-        off = base + rel.addend + (4 if rel.type in _PCREL else 0)
+        rtype = get_reloc(rel.type)
+        # A rel32 field ends its instruction: the addend is the distance minus 4.
+        off = base + rel.addend + (4 if rtype is not None and rtype.pcrel else 0)
         if sec.flags & SH_FLAGS.SHF_MERGE and not sec.is_nobits:
             if sec.flags & SH_FLAGS.SHF_STRINGS:
                 end = sec.data.find(b"\0", off)
@@ -172,14 +175,10 @@ class _Side:
         return self.symref(pick, base + rel.addend - pick.value)
 
     def symref(self, sym: ObjSymbol, addend: int) -> tuple:
-        sec = self.obj.get_section(sym.shndx)  # type: ignore[arg-type]
-        if sym.is_local and _is_rodata(sec):
+        sec = self.obj.get_section(sym.shndx)
+        if sym.is_local and sec.is_rodata:
             return ("ro", self.form(*self.span(sym)), addend)
         return ("sym", self.ident.get(sym.index, sym.name), addend)
-
-
-def _is_rodata(sec: Section) -> bool:
-    return sec.is_alloc and not sec.is_exec and not sec.is_write and not sec.is_tls
 
 
 def _norm_string(text: bytes) -> bytes:
@@ -249,15 +248,14 @@ def _difference(a: tuple, b: tuple) -> str:
 class _LineCheck:
     """Recognises functions that differ only in ``__LINE__`` arguments of reporting calls."""
 
-    _md = None
+    _md: Cs | None = None
 
     def __init__(self, reporters: Reporters) -> None:
         self.reporters = reporters
 
     @classmethod
-    def disasm(cls):  # type: ignore[no-untyped-def]
+    def disasm(cls) -> Cs:
         if cls._md is None:
-            from capstone import CS_ARCH_X86, CS_MODE_64, Cs
             cls._md = Cs(CS_ARCH_X86, CS_MODE_64)
             cls._md.detail = True
         return cls._md
@@ -267,7 +265,6 @@ class _LineCheck:
         (da, ra), (db, rb) = a, b
         if len(da) != len(db) or ra != rb or not isinstance(da, bytes):
             return None
-        from capstone.x86 import X86_OP_IMM
         md = self.disasm()
         ia, ib = list(md.disasm(da, 0)), list(md.disasm(db, 0))
         if len(ia) != len(ib) or (ia and ia[-1].address + ia[-1].size != len(da)):
@@ -299,7 +296,7 @@ class _LineCheck:
             seen.append(name)
         return ", ".join(dict.fromkeys(seen)) if seen else None
 
-    def _next_call(self, insns: list, k: int, calls: dict) -> str | None:  # type: ignore[type-arg]
+    def _next_call(self, insns: list[CsInsn], k: int, calls: dict[int, tuple]) -> str | None:
         for ins in insns[k + 1:k + 16]:
             m = ins.mnemonic
             if m in _CALLS:
@@ -319,7 +316,7 @@ def compare_objects(orig: ObjectFile | str | Path | None, patched: ObjectFile | 
         patched = load_object(patched)
     if orig is not None and not isinstance(orig, ObjectFile):
         orig = load_object(orig)
-    reporters = reporters or reporters_for("generic")
+    reporters = reporters or GENERIC.reporters
     out = ObjectDiff(rel=rel or patched.path.name, patched=patched.path,
                      orig=orig.path if orig is not None else None, source=patched.source_file)
     new = _Side(patched)
@@ -397,9 +394,9 @@ def _what(sym: ObjSymbol) -> str:
 
 
 def _compare_data(out: ObjectDiff, old: _Side, new: _Side, o: ObjSymbol, s: ObjSymbol) -> None:
-    osec = old.obj.get_section(o.shndx)  # type: ignore[arg-type]
-    nsec = new.obj.get_section(s.shndx)  # type: ignore[arg-type]
-    if s.is_local and _is_rodata(nsec):
+    osec = old.obj.get_section(o.shndx)
+    nsec = new.obj.get_section(s.shndx)
+    if s.is_local and nsec.is_rodata:
         if old.form(*old.span(o)) != new.form(*new.span(s)):
             out.decisions.append(Decision(s.name, "variable", "carried",
                                           "read-only static data changed: the new value is "
@@ -423,7 +420,7 @@ def _callers(side: _Side, syms: list[ObjSymbol]) -> dict[str, set[str]]:
     by_section: dict[int, list[ObjSymbol]] = defaultdict(list)
     for s in syms:
         if s.type == "FUNC":
-            by_section[s.shndx].append(s)  # type: ignore[index]
+            by_section[s.shndx].append(s)
     users: dict[str, set[str]] = defaultdict(set)
     for s in syms:
         if s.type != "FUNC":
@@ -436,7 +433,7 @@ def _callers(side: _Side, syms: list[ObjSymbol]) -> dict[str, set[str]]:
             if t.type == "FUNC":
                 users[t.name].add(s.name)
             elif t.type == "SECTION":
-                for f in by_section.get(t.shndx, ()):  # type: ignore[call-overload]
+                for f in by_section.get(t.shndx, ()):
                     users[f.name].add(s.name)
     return users
 
@@ -461,19 +458,3 @@ def compare_trees(orig: dict[str, Path], patched: dict[str, Path],
         else:  # differs only outside code and data (debug info, notes)
             same += 1
     return diffs, same
-
-
-def format_explain(diffs: list[ObjectDiff], identical: int = 0) -> str:
-    """Returns the ``--explain`` text: per object, one line per symbol with a verdict."""
-    lines = []
-    order = {"in": 0, "refused": 1, "carried": 2, "out": 3}
-    for d in diffs:
-        src = f" ({d.source})" if d.source else ""
-        lines.append(f"{d.rel}{src}:")
-        if not d.decisions:
-            lines.append("  (no function or variable differs)")
-        for dec in sorted(d.decisions, key=lambda x: (order.get(x.verdict, 9), x.symbol)):
-            lines.append(f"  {dec.verdict:<8} {dec.what:<8} {dec.symbol:<28} {dec.reason}")
-    if identical:
-        lines.append(f"{identical} object file(s) without a difference in code or data")
-    return "\n".join(lines)

@@ -13,7 +13,6 @@ the running binary was.
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -21,33 +20,12 @@ import tempfile
 from pathlib import Path
 
 from patchbox import config
-from patchbox.errors import ExtractError
+from patchbox.errors import BuildError
+from patchbox.sourcediff import diff_files
 
-__all__ = ["BuildError", "Workspace", "diff_files", "check_diff"]
+__all__ = ["BuildError", "Workspace", "check_diff"]
 
 ASM_SUFFIXES = (".S", ".s", ".sx", ".asm")
-_HEADER = re.compile(r"^(?:\+\+\+|---) (\S+)")
-
-
-class BuildError(ExtractError):
-    """The tree cannot be built, the diff cannot be applied, or the diff is refused."""
-
-
-def diff_files(diff_text: str) -> list[str]:
-    """Returns the files a unified diff changes (the ``+++`` names, ``b/`` kept; the
-    ``---`` name for a deleted file)."""
-    out, old = [], None
-    for line in diff_text.splitlines():
-        m = _HEADER.match(line)
-        if m is None:
-            continue
-        if line.startswith("---"):
-            old = m[1]
-        elif m[1] != "/dev/null":
-            out.append(m[1])
-        elif old and old != "/dev/null":  # a deleted file
-            out.append(old)
-    return list(dict.fromkeys(out))
 
 
 def check_diff(diff_text: str) -> None:

@@ -34,8 +34,8 @@ from patchbox.elf.reloc import RelocType
 from patchbox.errors import ElfError, ExtractError
 from patchbox.format.layout import check_name
 from patchbox.format.model import Fixup, Function, Patch
-from patchbox.protocol import constants as C
-from patchbox.protocol.constants import FixupBase, FixupSection, FixupType
+from patchbox import wire as C
+from patchbox.wire import FixupBase, FixupSection, FixupType
 
 __all__ = ["extract_multi"]
 

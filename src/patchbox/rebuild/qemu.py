@@ -8,28 +8,24 @@ touching the build tree (a plain ``ninja`` would relink the running binary's fil
 """
 from __future__ import annotations
 
-import json
 import subprocess
 from pathlib import Path
+from typing import Any
 
-from patchbox.build.incremental import entry_args, strip_outputs
-from patchbox.errors import ExtractError
+from patchbox.errors import BuildError, ExtractError
+from patchbox.rebuild.incremental import entry_args, load_db, strip_outputs
 
-__all__ = ["build_info", "find_command", "compile_fixed"]
+__all__ = ["find_command", "compile_fixed"]
 
 
-def find_command(build_dir: Path, source: str) -> dict:
+def find_command(build_dir: Path, source: str) -> dict[str, Any]:
     """Returns the compile_commands.json entry whose file ends with ``source``
     (e.g. ``monitor/qmp-cmds-control.c``); the first one if several targets build it."""
-    db_path = Path(build_dir) / "compile_commands.json"
-    try:
-        entries = json.loads(db_path.read_text())
-    except OSError as err:
-        raise ExtractError(f"{db_path}: {err.strerror}: is {build_dir} a configured QEMU build?") from err
+    entries = load_db(Path(build_dir))
     wanted = source.lstrip("./")
     matches = [e for e in entries if str(Path(e["directory"], e["file"]).resolve()).endswith("/" + wanted)]
     if not matches:
-        raise ExtractError(f"{source} is not compiled by the QEMU build in {build_dir}")
+        raise BuildError(f"{source} is not compiled by the QEMU build in {build_dir}")
     return matches[0]
 
 
@@ -38,7 +34,7 @@ def compile_fixed(build_dir: Path, source: str, fixed: Path, out: Path) -> Path:
     the same file name, so static symbols match by source file) with the command QEMU's
     build recorded for ``source``.
 
-    The lower-level tool: ``patchbox build --qemu`` (:mod:`patchbox.build.incremental`)
+    The lower-level tool: ``patchbox build --qemu`` (:mod:`patchbox.rebuild.incremental`)
     finds and recompiles every object a diff affects the same way."""
     fixed = Path(fixed).resolve()
     if fixed.name != Path(source).name:
@@ -55,24 +51,3 @@ def compile_fixed(build_dir: Path, source: str, fixed: Path, out: Path) -> Path:
     if proc.returncode != 0:
         raise ExtractError(f"compiling {fixed} failed:\n{proc.stderr.strip()}")
     return Path(out)
-
-
-# What QEMU's build records about itself (config-host.h, qemu-version.h in the build dir).
-_BUILD_INFO_DEFINES = {"QEMU_VERSION": "qemu_version", "QEMU_PKGVERSION": "qemu_pkgversion",
-                       "QEMU_FULL_VERSION": "qemu_full_version"}
-
-
-def build_info(build_dir: Path) -> dict[str, str]:
-    """Returns QEMU's version facts from a configured build directory, as patch meta
-    (``qemu_version``, ``qemu_pkgversion``, ``qemu_full_version``); {} if it is none."""
-    info: dict[str, str] = {}
-    for header in ("config-host.h", "qemu-version.h"):
-        try:
-            lines = (Path(build_dir) / header).read_text(errors="replace").splitlines()
-        except OSError:
-            continue
-        for line in lines:
-            parts = line.split(None, 2)
-            if len(parts) == 3 and parts[0] == "#define" and parts[1] in _BUILD_INFO_DEFINES:
-                info[_BUILD_INFO_DEFINES[parts[1]]] = parts[2].strip().strip('"')
-    return info

@@ -27,10 +27,11 @@ from dataclasses import dataclass
 from capstone import CS_ARCH_X86, CS_GRP_CALL, CS_GRP_JUMP, CS_MODE_64, Cs
 from capstone.x86 import X86_OP_IMM
 
+from patchbox import wire as C
+from patchbox.elf.binary import Binary
 from patchbox.errors import ExtractError
-from patchbox.protocol import constants as C
 
-__all__ = ["ENDBR64", "EntryJump", "analyse_entry", "torn_risk"]
+__all__ = ["ENDBR64", "EntryJump", "analyse_entry", "torn_risk", "is_shared_library"]
 
 ENDBR64 = bytes.fromhex("f30f1efa")
 WORD = 8
@@ -126,3 +127,20 @@ def analyse_entry(symbol: str, entry: int, code: bytes, *, force: bool = False,
         if warnings is not None:
             warnings.append(f"{symbol}: --force: {what}: {torn_risk(symbol, skip)}")
     return EntryJump(symbol, entry, skip, first.size, forced)
+
+
+def is_shared_library(binary: Binary) -> bool:
+    """Returns True for an ET_DYN that is not an executable (no PT_INTERP, no DF_1_PIE):
+    rule 5's shared library."""
+    elf = binary.elf
+    if elf["e_type"] != "ET_DYN":
+        return False
+    if any(seg["p_type"] == "PT_INTERP" for seg in elf.iter_segments()):
+        return False
+    dyn = elf.get_section_by_name(".dynamic")
+    if dyn is None:
+        return False  # static-pie
+    for tag in dyn.iter_tags():
+        if tag.entry.d_tag == "DT_FLAGS_1" and tag.entry.d_val & 0x08000000:  # DF_1_PIE
+            return False
+    return True

@@ -1,7 +1,7 @@
 """Incremental `patchbox build` for meson/ninja build directories (QEMU's layout).
 
 A QEMU-sized tree is not rebuilt twice. The *original* objects are the ones already in
-the build directory (they built the running binary; :func:`patchbox.build.multi`
+the build directory (they built the running binary; :func:`patchbox.extract.combine`
 checks each replaced function's size against the binary). The *patched* side:
 
 1. the source tree is copied to ``WORK/tree`` (``cp -a``; ``.git`` and a build
@@ -31,7 +31,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from patchbox.build.tree import BuildError, Workspace, diff_files
+from patchbox.errors import BuildError
+from patchbox.rebuild.workspace import Workspace
+from patchbox.sourcediff import diff_files, strip_path
 
 __all__ = ["load_db", "entry_args", "strip_outputs", "entry_output", "Remap",
            "ninja_deps", "ninja_inputs", "IncrementalBuild"]
@@ -227,11 +229,6 @@ def ninja_inputs(build_dir: Path, binary: Path) -> set[str] | None:
     return {os.path.normpath(os.path.join(base, x.strip())) for x in lines}
 
 
-def _strip(name: str, level: int) -> str:
-    parts = name.split("/")
-    return "/".join(parts[level:])
-
-
 def _farm(src: str, dst: str, skip: set[str]) -> int:
     """Mirrors ``src`` at ``dst``: real directories, a symlink to the original for every
     other entry (nothing in ``src`` is written, not even its timestamps); returns the
@@ -313,14 +310,14 @@ class IncrementalBuild(Workspace):
         names = diff_files(Path(diff).read_text(errors="replace"))
         for level in [strip] if strip is not None else [1, 0, 2, 3]:
             for name in names:
-                rel = _strip(name, level)
+                rel = strip_path(name, level)
                 if rel and not rel.startswith("/"):
                     _materialize(self.tree, rel)
         return super().apply_diff(diff, strip)
 
     def changed_files(self, diff_text: str, level: int) -> list[str]:
         """Returns the files the diff changes, relative to the source tree."""
-        return [_strip(f, level) for f in diff_files(diff_text)]
+        return [strip_path(f, level) for f in diff_files(diff_text)]
 
     def affected(self, changed: list[str]) -> list[dict]:
         """Returns the compile_commands.json entries to recompile for ``changed``."""

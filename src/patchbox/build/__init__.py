@@ -1,1 +1,0 @@
-"""patchbox: live patching for running Linux processes."""

@@ -1,0 +1,57 @@
+"""The ``--explain`` text of `patchbox build`: per object, one line per symbol and verdict.
+
+A function that is in the patch and inlines a function the diff changed gets the note
+``(it inlines sq, changed by the diff)``: the diff says which new-side lines changed, the
+patched object's DWARF (built with ``-g``) says which function each line belongs to and
+what each out-of-line function inlines. Best effort: without ``-g`` there is no note.
+"""
+
+from __future__ import annotations
+
+from patchbox.compare.objects import ObjectDiff
+from patchbox.elf.dwarf import read_object_decls
+from patchbox.errors import ElfError
+from patchbox.sourcediff import changed_lines
+
+__all__ = ["annotate_inlined", "format_explain"]
+
+_ORDER = {"in": 0, "refused": 1, "carried": 2, "out": 3}
+
+
+def annotate_inlined(diffs: list[ObjectDiff], diff_text: str) -> None:
+    """Adds the inlining note to the ``in`` decisions of ``diffs``."""
+    lines = changed_lines(diff_text)
+    for d in diffs:
+        if not any(x.verdict == "in" for x in d.decisions):
+            continue
+        try:
+            decls = read_object_decls(d.patched)
+        except ElfError:
+            continue
+        changed = {
+            owner
+            for fname, nums in lines.items()
+            for n in nums
+            if (owner := decls.owner(fname, n))
+        }
+        for x in d.decisions:
+            if x.verdict != "in":
+                continue
+            hit = sorted(decls.inlines.get(x.symbol, set()) & changed - {x.symbol})
+            if hit:
+                x.reason += f" (it inlines {', '.join(hit)}, changed by the diff)"
+
+
+def format_explain(diffs: list[ObjectDiff], identical: int = 0) -> str:
+    """Returns the ``--explain`` text: per object, one line per symbol with a verdict."""
+    lines = []
+    for d in diffs:
+        src = f" ({d.source})" if d.source else ""
+        lines.append(f"{d.rel}{src}:")
+        if not d.decisions:
+            lines.append("  (no function or variable differs)")
+        for dec in sorted(d.decisions, key=lambda x: (_ORDER.get(x.verdict, 9), x.symbol)):
+            lines.append(f"  {dec.verdict:<8} {dec.what:<8} {dec.symbol:<28} {dec.reason}")
+    if identical:
+        lines.append(f"{identical} object file(s) without a difference in code or data")
+    return "\n".join(lines)

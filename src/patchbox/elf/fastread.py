@@ -1,0 +1,157 @@
+"""The fast reader of x86-64 relocatable objects into :class:`ObjectFile`.
+
+Why a hand-written reader: `patchbox build` reads every object a diff affects, and
+objects built with ``-ffunction-sections -fdata-sections`` have thousands of sections and
+relocations. Measured on QEMU's largest object here (``hw_usb_hcd-xhci.c.o``, 600 KB,
+286 sections, 12,000 relocations): this reader 31 ms, LIEF 1.0 (``lief.ELF.parse`` plus
+reading symbols, sections and relocations into Python) 194 ms, pyelftools 200 ms. So the
+bulk :mod:`struct` unpacking stays, with the record layouts declared once in
+:mod:`patchbox.elf.records` and every table bounds-checked there.
+
+It gives the same dataclasses as :meth:`ObjectFile.load` (pyelftools);
+tests/test_elf_records.py checks that they are equal on objects with IFUNC and UNIQUE
+symbols and an extended section index, and that a truncated file is an ElfError. Files
+that are not ELF64 little-endian x86-64 ``ET_REL`` go to :meth:`ObjectFile.load`, which
+reports the error.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+from patchbox.elf.objfile import ObjectFile, ObjSymbol, Relocation, Section
+from patchbox.elf.records import (
+    EHDR,
+    RELA,
+    SHDR,
+    SHN_LORESERVE,
+    SHN_XINDEX,
+    SHT,
+    SYM,
+    cstring,
+    section_type,
+    sym_bind,
+    sym_type,
+)
+from patchbox.errors import ElfError
+
+__all__ = ["load_object"]
+
+_ET_REL, _EM_X86_64 = 1, 62
+# Columns of an Elf64_Shdr tuple, by field name (the layout is declared in records.SHDR).
+NAME, TYPE, FLAGS, OFFSET, SIZE, LINK, INFO, ALIGN = (
+    SHDR.fields.index(f)
+    for f in ("sh_name", "sh_type", "sh_flags", "sh_offset", "sh_size", "sh_link", "sh_info",
+              "sh_addralign")
+)
+
+
+def load_object(path: str | Path) -> ObjectFile:
+    """Returns the object at ``path`` (as :meth:`ObjectFile.load` would); raises ElfError
+    if it is unreadable, truncated or not an x86-64 relocatable object."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise ElfError(f"cannot read object file {path}: {err.strerror}") from err
+    if len(raw) < EHDR.size or raw[:4] != b"\x7fELF" or raw[4] != 2 or raw[5] != 1:
+        return ObjectFile.load(path)
+    ehdr = dict(zip(EHDR.fields, EHDR.unpack_from(raw, 0, str(path)), strict=True))
+    if (
+        ehdr["e_type"] != _ET_REL
+        or ehdr["e_machine"] != _EM_X86_64
+        or ehdr["e_shentsize"] != SHDR.size
+    ):
+        return ObjectFile.load(path)
+    what = str(path)
+    shoff, shnum, shstrndx = ehdr["e_shoff"], ehdr["e_shnum"], ehdr["e_shstrndx"]
+    if shnum == 0 or shstrndx == SHN_XINDEX:  # the real values are in section header 0
+        first = SHDR.unpack_from(raw, shoff, what)
+        shnum = shnum or first[SIZE]
+        if shstrndx == SHN_XINDEX:
+            shstrndx = first[LINK]
+    hdrs = list(SHDR.iter_table(raw, shoff, shnum * SHDR.size, what))
+    if not 0 <= shstrndx < len(hdrs):
+        raise ElfError(f"{path}: section name table index {shstrndx} out of range")
+    def contents(h: tuple[int, ...], label: str) -> bytes:
+        if h[TYPE] == SHT["NOBITS"]:
+            return b""
+        if h[OFFSET] + h[SIZE] > len(raw):
+            raise ElfError(f"{path}: {label} runs past the end of the {len(raw)}-byte file")
+        return raw[h[OFFSET] : h[OFFSET] + h[SIZE]]
+
+    shstr = contents(hdrs[shstrndx], "section name table")
+    sections = []
+    for i, h in enumerate(hdrs):
+        name = cstring(shstr, h[NAME])
+        sections.append(
+            Section(
+                index=i,
+                name=name,
+                type=section_type(h[TYPE]),
+                flags=h[FLAGS],
+                size=h[SIZE],
+                align=max(1, h[ALIGN]),
+                data=contents(h, f"section {name or i}"),
+            )
+        )
+    symtab_idx = next((i for i, h in enumerate(hdrs) if h[TYPE] == SHT["SYMTAB"]), -1)
+    if symtab_idx < 0:
+        raise ElfError(f"{path}: no symbol table")
+    st = hdrs[symtab_idx]
+    if not 0 <= st[LINK] < len(hdrs):
+        raise ElfError(f"{path}: symbol string table index {st[LINK]} out of range")
+    strtab = contents(hdrs[st[LINK]], "symbol string table")
+    xindex: list[int] = []
+    for h in hdrs:
+        if h[TYPE] == SHT["SYMTAB_SHNDX"] and h[LINK] == symtab_idx:
+            xindex = [int.from_bytes(raw[o : o + 4], "little") for o in
+                      range(h[OFFSET], h[OFFSET] + h[SIZE] - 3, 4)]
+    symbols: list[ObjSymbol] = []
+    source = None
+    for i, (st_name, info, _other, shndx, value, size) in enumerate(
+        SYM.iter_table(raw, st[OFFSET], st[SIZE], f"{path}: symbol table")
+    ):
+        stype = sym_type(info)
+        defined = 0 < shndx < SHN_LORESERVE
+        if shndx == SHN_XINDEX and i < len(xindex):
+            shndx, defined = xindex[i], True
+        name = cstring(strtab, st_name)
+        if stype == "SECTION" and defined and shndx < len(sections):
+            name = sections[shndx].name
+        if stype == "FILE" and source is None and name:
+            source = name
+        symbols.append(
+            ObjSymbol(
+                index=i,
+                name=name,
+                value=value,
+                size=size,
+                type=stype,
+                bind=sym_bind(info),
+                shndx=shndx,
+                defined=defined,
+            )
+        )
+    relocs: dict[int, list[Relocation]] = defaultdict(list)
+    for h in hdrs:
+        if h[TYPE] == SHT["REL"]:
+            raise ElfError(f"{path}: REL relocation section (x86-64 uses RELA)")
+        if h[TYPE] != SHT["RELA"] or h[LINK] != symtab_idx:
+            continue
+        target = relocs[h[INFO]]
+        for off, r_info, addend in RELA.iter_table(raw, h[OFFSET], h[SIZE], f"{path}: relocations"):
+            sym_index = r_info >> 32
+            if sym_index >= len(symbols):
+                raise ElfError(f"{path}: relocation at {off:#x} names symbol {sym_index} of {len(symbols)}")
+            target.append(
+                Relocation(offset=off, type=r_info & 0xFFFFFFFF, symbol=symbols[sym_index], addend=addend)
+            )
+    return ObjectFile(
+        path=path,
+        sections=sections,
+        symbols=symbols,
+        relocations={k: v for k, v in relocs.items() if v},
+        source_file=source,
+    )

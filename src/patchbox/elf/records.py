@@ -1,0 +1,150 @@
+"""ELF64 little-endian record layouts, declared once, read with bounds checks.
+
+The fast object reader (:mod:`patchbox.elf.fastread`) and the reference-binary reader
+(:mod:`patchbox.elf.binary`) unpack symbol tables, section headers and relocations in
+bulk with :mod:`struct`; both take the layouts from here. Field names and the names of
+enumerated values are pyelftools' (``elftools/elf/structs.py``, ``elftools/elf/enums.py``),
+so a record read here and one read by pyelftools compare equal field by field
+(tests/test_elf_records.py checks it on real objects).
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from elftools.elf.enums import (
+    ENUM_SH_TYPE_AMD64,
+    ENUM_SH_TYPE_BASE,
+    ENUM_ST_INFO_BIND,
+    ENUM_ST_INFO_TYPE,
+)
+
+from patchbox.errors import ElfError
+
+__all__ = [
+    "Layout",
+    "EHDR",
+    "SHDR",
+    "SYM",
+    "RELA",
+    "SHN_UNDEF",
+    "SHN_LORESERVE",
+    "SHN_ABS",
+    "SHN_COMMON",
+    "SHN_XINDEX",
+    "SHT",
+    "sym_type",
+    "sym_bind",
+    "section_type",
+    "cstring",
+]
+
+# Special section indices (st_shndx), as in <elf.h>.
+SHN_UNDEF = 0
+SHN_LORESERVE = 0xFF00
+SHN_ABS = 0xFFF1
+SHN_COMMON = 0xFFF2
+SHN_XINDEX = 0xFFFF
+
+# Section types used by the readers (numbers of ENUM_SH_TYPE_BASE).
+SHT = {
+    name.removeprefix("SHT_"): value
+    for name, value in ENUM_SH_TYPE_BASE.items()
+    if isinstance(value, int) and name.startswith("SHT_")
+}
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One fixed-size record: a :class:`struct.Struct` and its pyelftools field names."""
+
+    name: str
+    struct: struct.Struct
+    fields: tuple[str, ...]
+
+    @property
+    def size(self) -> int:
+        """Returns the record size in bytes."""
+        return self.struct.size
+
+    def unpack_from(self, buf: bytes, offset: int, what: str) -> tuple[int, ...]:
+        """Returns one record at ``offset``; raises ElfError naming ``what`` if the buffer
+        does not hold it."""
+        if offset < 0 or offset + self.size > len(buf):
+            raise ElfError(
+                f"{what}: {self.name} at offset {offset:#x} runs past the end of the "
+                f"{len(buf)}-byte file"
+            )
+        return self.struct.unpack_from(buf, offset)
+
+    def iter_table(self, buf: bytes, offset: int, size: int, what: str) -> Iterator[tuple[int, ...]]:
+        """Returns an iterator over the records of a table of ``size`` bytes at ``offset``;
+        raises ElfError if the table is not inside the buffer or not a whole number of
+        records."""
+        if offset < 0 or size < 0 or offset + size > len(buf):
+            raise ElfError(
+                f"{what}: table of {size} bytes at offset {offset:#x} runs past the end "
+                f"of the {len(buf)}-byte file"
+            )
+        if size % self.size:
+            raise ElfError(f"{what}: table size {size} is not a multiple of {self.name} ({self.size})")
+        return self.struct.iter_unpack(memoryview(buf)[offset : offset + size])
+
+
+def _layout(name: str, fmt: str, fields: str) -> Layout:
+    layout = Layout(name, struct.Struct(fmt), tuple(fields.split()))
+    assert len(layout.fields) == len(layout.struct.unpack(bytes(layout.size)))
+    return layout
+
+
+EHDR = _layout(
+    "Elf64_Ehdr",
+    "<16sHHIQQQIHHHHHH",
+    "e_ident e_type e_machine e_version e_entry e_phoff e_shoff e_flags e_ehsize "
+    "e_phentsize e_phnum e_shentsize e_shnum e_shstrndx",
+)
+SHDR = _layout(
+    "Elf64_Shdr",
+    "<IIQQQQIIQQ",
+    "sh_name sh_type sh_flags sh_addr sh_offset sh_size sh_link sh_info sh_addralign sh_entsize",
+)
+SYM = _layout("Elf64_Sym", "<IBBHQQ", "st_name st_info st_other st_shndx st_value st_size")
+RELA = _layout("Elf64_Rela", "<QQq", "r_offset r_info r_addend")
+
+_TYPES = {v: k.removeprefix("STT_") for k, v in ENUM_ST_INFO_TYPE.items() if isinstance(v, int)}
+_BINDS = {v: k.removeprefix("STB_") for k, v in ENUM_ST_INFO_BIND.items() if isinstance(v, int)}
+_SH_TYPES = {
+    v: k
+    for k, v in {**ENUM_SH_TYPE_BASE, **ENUM_SH_TYPE_AMD64}.items()
+    if isinstance(v, int) and k.startswith("SHT_")
+}
+
+
+def sym_type(st_info: int) -> str:
+    """Returns the symbol type of ``st_info`` as pyelftools names it, without ``STT_``
+    (``FUNC``; GNU's IFUNC is pyelftools' ``LOOS``)."""
+    t = st_info & 0xF
+    return _TYPES.get(t, str(t))
+
+
+def sym_bind(st_info: int) -> str:
+    """Returns the binding of ``st_info`` as pyelftools names it, without ``STB_``
+    (``GLOBAL``; GNU's UNIQUE is pyelftools' ``LOOS``)."""
+    b = st_info >> 4
+    return _BINDS.get(b, str(b))
+
+
+def section_type(sh_type: int) -> str | int:
+    """Returns the section type name pyelftools gives (``SHT_PROGBITS``), or the number."""
+    return _SH_TYPES.get(sh_type, sh_type)
+
+
+def cstring(buf: bytes, offset: int) -> str:
+    """Returns the NUL-terminated string at ``offset`` of a string table (UTF-8, bad
+    bytes replaced); "" past the end of the table."""
+    if offset >= len(buf):
+        return ""
+    end = buf.find(b"\0", offset)
+    return buf[offset : end if end >= 0 else len(buf)].decode("utf-8", "replace")

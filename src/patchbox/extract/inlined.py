@@ -1,0 +1,134 @@
+"""The inlined-copies check of a patch: no replaced function may keep old copies inlined
+into functions the patch leaves alone.
+
+A live patch redirects the out-of-line copy of a function; copies the compiler inlined
+into other functions keep the old code. With DWARF in the reference binary,
+:func:`check_inlined` finds them (:func:`patchbox.elf.dwarf.find_inlined`) and refuses the
+patch, unless ``allow_inlined`` (then it warns). A caller that the patch replaces too is
+fine: its replacement carries the fixed inline.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from patchbox.elf import dwarf
+from patchbox.elf.binary import Binary
+from patchbox.elf.dwarf import InlineSite
+from patchbox.errors import ElfError, ExtractError
+from patchbox.extract.extractor import Extractor
+
+__all__ = ["check_inlined"]
+
+
+@dataclass(frozen=True)
+class _Replaced:
+    name: str
+    source: str | None  # basename of the defining file for a static function, None: global
+
+
+def _replaced(members: list[Extractor]) -> tuple[list[_Replaced], dict[str, str]]:
+    """Returns the replaced functions of every member and the single-``.c``-file homes of
+    the global ones (so the DWARF walk can skip other compile units)."""
+    out: list[_Replaced] = []
+    homes: dict[str, str] = {}
+    for m in members:
+        src = os.path.basename(m.source) if m.source else None
+        globals_ = []
+        for fn in m.names:
+            sym = m.obj.get_function(fn)
+            local = sym is not None and sym.is_local
+            out.append(_Replaced(fn, src if local else None))
+            if not local:
+                globals_.append(fn)
+        if globals_ and src:
+            try:
+                found = dwarf.read_object_decls(m.obj.path).homes(globals_)
+            except ElfError:
+                found = {}  # no shortcut: the full walk decides
+            homes.update({fn: h for fn, h in found.items() if h == src})
+    return out, homes
+
+
+def _where(sites: list[InlineSite], counted: bool = False) -> str:
+    return ", ".join(
+        f"{s.caller.name} ({s.caller.source or 'unknown file'})"
+        + (f" at {s.count} site(s)" if counted else "")
+        for s in sites
+    )
+
+
+def check_inlined(binary: Binary, shown: str, members: list[Extractor], *,
+                  allow_inlined: bool, warnings: list[str], for_build: bool = False
+                  ) -> dict[str, str]:
+    """Refuses (or warns, with ``allow_inlined``) when the reference binary's DWARF shows
+    inlined copies of the replaced functions of ``members`` in functions the patch does
+    not replace; returns the meta entries ``inlined_check`` (``dwarf``, ``partial`` or
+    ``unavailable``) and, when allowed, ``inlined:<fn>`` = the callers.
+
+    The refusal's advice names what to add: ``--function CALLER`` for extract-patch,
+    or (``for_build``) that the diff does not change those callers.
+    """
+    replaced, homes = _replaced(members)
+    if not replaced:
+        return {}
+    names = " or ".join(dict.fromkeys(r.name for r in replaced))
+    if not dwarf.has_debug_info(binary.elf):
+        link = dwarf.debuglink(binary.elf)
+        extra = (f" (its separate debug file {link} named by .gnu_debuglink is not read)"
+                 if link else "")
+        warnings.append(f"{shown} has no debug info (.debug_info){extra}: cannot check whether "
+                        f"{names} is inlined elsewhere; build with -g")
+        return {"inlined_check": "unavailable"}
+    targets = {r.name: r.source for r in replaced}
+    try:
+        sites, found = dwarf.find_inlined(binary.elf, targets, shown, homes)
+    except ElfError as err:
+        warnings.append(f"{err}: cannot check whether {names} is inlined elsewhere")
+        return {"inlined_check": "unavailable"}
+    meta = {"inlined_check": "dwarf"}
+    missing = [r.name for r in replaced if r.name not in found]
+    if missing:
+        warnings.append(f"{shown} has no debug info for {' or '.join(missing)} (built without "
+                        f"-g?): cannot check whether it is inlined elsewhere")
+        meta["inlined_check"] = "partial"
+    kept_by_fn: dict[str, list[InlineSite]] = {}
+    for fn, fsites in sites.items():
+        kept = [s for s in fsites
+                if _Replaced(s.caller.name, None) not in replaced
+                and _Replaced(s.caller.name, s.caller.source) not in replaced]
+        if kept:
+            kept_by_fn[fn] = kept
+    if not kept_by_fn:
+        return meta
+    if allow_inlined:
+        for fn, kept in kept_by_fn.items():
+            warnings.append(f"{fn} is inlined into {_where(kept, counted=True)}: calls there "
+                            f"keep the old code (--allow-inlined)")
+            meta[f"inlined:{fn}"] = ",".join(dict.fromkeys(s.caller.name for s in kept))
+        return meta
+    if for_build:
+        refusals = [f"{fn} is inlined into {_where(kept)}, which the diff does not change"
+                    for fn, kept in kept_by_fn.items()]
+        raise ExtractError("; ".join(refusals) + ": calls there would keep the old code; "
+                           "pass --allow-inlined to accept")
+    sources = {os.path.basename(m.source) if m.source else None for m in members}
+    same: list[str] = []
+    other: list[str] = []
+    for kept in kept_by_fn.values():
+        for s in kept:
+            if s.caller.source in sources:
+                same.append(s.caller.name)
+            else:
+                other.append(f"{s.caller.name} ({s.caller.source or 'unknown file'})")
+    hints = []
+    if same:
+        hints.append("add " + " ".join(f"--function {c}" for c in dict.fromkeys(same)))
+    if other:
+        hints.append("patch " + ", ".join(dict.fromkeys(other)) + " too")
+    n = len(set(same) | set(other))
+    refusal = "; ".join(f"{fn} is inlined into {_where(kept)}" for fn, kept in kept_by_fn.items())
+    raise ExtractError(f"{refusal}: calls there would keep the old code; "
+                       f"{' and '.join(hints)} if {'it' if n == 1 else 'they'} can be "
+                       f"replaced, or pass --allow-inlined to accept")

@@ -1,0 +1,115 @@
+"""The one unified-diff parser of patchbox (on :mod:`unidiff`).
+
+`patchbox build` needs three facts from a fix's diff: which files it changes (to rebuild
+and recompile them), which new-side lines it touches (to say which function a change is
+in), and how it shifts the lines below each hunk (``__LINE__`` arguments). Plain and
+``diff --git`` diffs are read, git's C-quoted paths (``"a/dir/foo bar.c"``) unquoted.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from unidiff import PatchSet
+from unidiff.errors import UnidiffParseError
+
+from patchbox.errors import BuildError
+
+__all__ = ["FileChange", "parse_diff", "diff_files", "changed_lines", "strip_path", "unquote"]
+
+_ESCAPES = {"a": "\a", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t", "v": "\v",
+            '"': '"', "\\": "\\"}
+
+
+def unquote(name: str) -> str:
+    """Returns a path as git spells it, without git's C-style quotes (``"a/x\\ty"``)."""
+    if len(name) < 2 or not (name.startswith('"') and name.endswith('"')):
+        return name
+    out = bytearray()
+    body = name[1:-1]
+    i = 0
+    while i < len(body):
+        ch = body[i]
+        if ch == "\\" and i + 1 < len(body):
+            nxt = body[i + 1]
+            if re.fullmatch(r"[0-7]{3}", body[i + 1 : i + 4]):
+                out.append(int(body[i + 1 : i + 4], 8))
+                i += 4
+                continue
+            out += _ESCAPES.get(nxt, nxt).encode()
+            i += 2
+            continue
+        out += ch.encode()
+        i += 1
+    return out.decode("utf-8", "surrogateescape")
+
+
+@dataclass
+class FileChange:
+    """One file of a diff: its names as the diff spells them (``a/``/``b/`` prefixes kept,
+    unquoted; None for ``/dev/null``) and the new-side lines it touches."""
+
+    old: str | None
+    new: str | None
+    touched: set[int] = field(default_factory=set)  # new-side lines added or next to a deletion
+    # (old start, old length, new length) of each hunk, for line shifts below it
+    hunks: list[tuple[int, int, int]] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        """Returns the file the change applies to: the new name, the old one if deleted."""
+        name = self.new if self.new is not None else self.old
+        assert name is not None
+        return name
+
+
+def _name(raw: str) -> str | None:
+    name = unquote(raw.strip())
+    return None if name == "/dev/null" else name
+
+
+def parse_diff(text: str) -> list[FileChange]:
+    """Returns the files of unified diff ``text``; raises BuildError if it is not one."""
+    try:
+        patch = PatchSet(text)
+    except UnidiffParseError as err:
+        raise BuildError(f"the diff cannot be parsed: {err}") from err
+    out = []
+    for f in patch:
+        change = FileChange(_name(f.source_file), _name(f.target_file))
+        for hunk in f:
+            change.hunks.append((hunk.source_start, hunk.source_length, hunk.target_length))
+            nxt = hunk.target_start
+            for line in hunk:
+                if line.is_added:
+                    change.touched.add(line.target_line_no)
+                    nxt = line.target_line_no + 1
+                elif line.is_removed:
+                    change.touched.add(nxt)
+                elif line.target_line_no is not None:
+                    nxt = line.target_line_no + 1
+        out.append(change)
+    return out
+
+
+def diff_files(text: str) -> list[str]:
+    """Returns the files a unified diff changes, as spelled (``b/`` kept; the old name for
+    a deleted file), in order, once each."""
+    return list(dict.fromkeys(c.name for c in parse_diff(text)))
+
+
+def changed_lines(text: str) -> dict[str, set[int]]:
+    """Returns {file basename: new-side line numbers added, or next to a deletion}."""
+    out: dict[str, set[int]] = defaultdict(set)
+    for c in parse_diff(text):
+        if c.touched:
+            out[os.path.basename(c.name)] |= c.touched
+    return dict(out)
+
+
+def strip_path(name: str, level: int) -> str:
+    """Returns ``name`` without its first ``level`` components (``patch -pLEVEL``)."""
+    return "/".join(name.split("/")[level:])
