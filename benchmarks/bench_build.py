@@ -15,6 +15,7 @@ with `make`, and measures:
 - `patchbox build` overall on a tree without objects (the original build from scratch).
 Not a test: numbers depend on the machine.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,11 +29,10 @@ import time
 from pathlib import Path
 
 from common import print_table  # also puts src/ on sys.path
-
 from patchbox.compare.objects import compare_objects, compare_trees  # noqa: E402
 from patchbox.extract import patch_from_diffs  # noqa: E402
-from patchbox.rebuild.workspace import Workspace  # noqa: E402
 from patchbox.format.layout import save_patch  # noqa: E402
+from patchbox.rebuild.workspace import Workspace  # noqa: E402
 
 BIN = Path(sys.executable).parent
 MAKEFILE = """\
@@ -56,17 +56,22 @@ def generate(tree: Path, functions: int, files: int) -> None:
             n = f * per + i
             decls.append(f"int fn{n}(int);")
             if i % 2:
-                lines.append(f'__attribute__((noinline)) int fn{n}(int x) '
-                             f'{{ if (x < 0) puts("fn{n}: negative"); '
-                             f'return x * {n % 97 + 2} + {n}; }}')
+                lines.append(
+                    f"__attribute__((noinline)) int fn{n}(int x) "
+                    f'{{ if (x < 0) puts("fn{n}: negative"); '
+                    f"return x * {n % 97 + 2} + {n}; }}"
+                )
             else:
                 lines.append(f"static int st{n};")
-                lines.append(f"__attribute__((noinline)) int fn{n}(int x) "
-                             f"{{ st{n} += x; return st{n} ^ {n}; }}")
+                lines.append(
+                    f"__attribute__((noinline)) int fn{n}(int x) "
+                    f"{{ st{n} += x; return st{n} ^ {n}; }}"
+                )
         (tree / f"unit{f}.c").write_text("\n".join(lines) + "\n")
     calls = " + ".join(f"fn{f * per}(argc)" for f in range(files))
-    (tree / "main.c").write_text("\n".join(decls) + f"\nint main(int argc, char **argv) "
-                                 f"{{ (void)argv; return {calls}; }}\n")
+    (tree / "main.c").write_text(
+        "\n".join(decls) + f"\nint main(int argc, char **argv) {{ (void)argv; return {calls}; }}\n"
+    )
     (tree / "Makefile").write_text(MAKEFILE)
 
 
@@ -76,10 +81,13 @@ def make_diff(tree: Path, out: Path, files: int, per: int) -> None:
     shutil.rmtree(work, ignore_errors=True)
     (work / "a").mkdir(parents=True), (work / "b").mkdir()
     last = (files - 1) * per + 1
-    for name, changes in {"unit0.c": [("return x * 3 + 1;", "return x * 3 + 2;"),
-                                      ("return x * 5 + 3;", "return x * 5 + 4;")],
-                          f"unit{files - 1}.c": [(f"fn{last}: negative", f"fn{last}: below zero")]
-                          }.items():
+    for name, changes in {
+        "unit0.c": [
+            ("return x * 3 + 1;", "return x * 3 + 2;"),
+            ("return x * 5 + 3;", "return x * 5 + 4;"),
+        ],
+        f"unit{files - 1}.c": [(f"fn{last}: negative", f"fn{last}: below zero")],
+    }.items():
         text = (tree / name).read_text()
         (work / "a" / name).write_text(text)
         for old, new in changes:
@@ -117,13 +125,15 @@ def main() -> None:
         src = tmpd / "src"
         generate(src, args.functions, args.files)
         t = time.perf_counter()
-        subprocess.run(["make", "-s", "-j2"], cwd=src, check=True, env=env(),
-                       capture_output=True)
+        subprocess.run(["make", "-s", "-j2"], cwd=src, check=True, env=env(), capture_output=True)
         t_make = time.perf_counter() - t
         diff = tmpd / "fix.patch"
         make_diff(src, diff, args.files, per)
-        nsym = int(subprocess.run(f"nm {src}/prog | wc -l", shell=True, capture_output=True,
-                                  text=True).stdout)
+        nsym = int(
+            subprocess.run(
+                f"nm {src}/prog | wc -l", shell=True, capture_output=True, text=True
+            ).stdout
+        )
 
         ws = Workspace(src, tmpd / "ws")
         ws.copy_source()
@@ -141,37 +151,78 @@ def main() -> None:
             assert len(patch.functions) == 3, [f.symbol for f in patch.functions]
 
         med, worst = timed(compare_and_write, args.repeat)
-        rows.append(("compare + write patch (3 fns, 2 files)", f"{med * 1000:.0f} ms",
-                     f"max {worst * 1000:.0f} ms", f"{len(orig)} objects, {nsym} symbols"))
+        rows.append(
+            (
+                "compare + write patch (3 fns, 2 files)",
+                f"{med * 1000:.0f} ms",
+                f"max {worst * 1000:.0f} ms",
+                f"{len(orig)} objects, {nsym} symbols",
+            )
+        )
 
         def compare_all() -> None:
             for rel, path in patched.items():
                 compare_objects(orig[rel], path, rel=rel)
 
         med, worst = timed(compare_all, args.repeat)
-        rows.append(("compare every function of every object", f"{med * 1000:.0f} ms",
-                     f"max {worst * 1000:.0f} ms",
-                     f"{args.functions} functions, {med / args.functions * 1e6:.1f} us/function"))
+        rows.append(
+            (
+                "compare every function of every object",
+                f"{med * 1000:.0f} ms",
+                f"max {worst * 1000:.0f} ms",
+                f"{args.functions} functions, {med / args.functions * 1e6:.1f} us/function",
+            )
+        )
 
         def cli(tree: Path) -> float:
             t = time.perf_counter()
-            subprocess.run([str(BIN / "patchbox"), "build", "--source", str(tree), "--diff",
-                            str(diff), "--binary", "prog", "-j", "2", "--build-cmd", "make -s",
-                            "-o", str(tmpd / "cli.pbx")], check=True, env=env(),
-                           capture_output=True, text=True)
+            subprocess.run(
+                [
+                    str(BIN / "patchbox"),
+                    "build",
+                    "--source",
+                    str(tree),
+                    "--diff",
+                    str(diff),
+                    "--binary",
+                    "prog",
+                    "-j",
+                    "2",
+                    "--build-cmd",
+                    "make -s",
+                    "-o",
+                    str(tmpd / "cli.pbx"),
+                ],
+                check=True,
+                env=env(),
+                capture_output=True,
+                text=True,
+            )
             return time.perf_counter() - t
 
         t_cli = [cli(src) for _ in range(args.repeat)]
-        rows.append(("`patchbox build`, tree already built", f"{statistics.median(t_cli):.1f} s",
-                     f"max {max(t_cli):.1f} s", "copy, no-op make, 2 files rebuilt"))
+        rows.append(
+            (
+                "`patchbox build`, tree already built",
+                f"{statistics.median(t_cli):.1f} s",
+                f"max {max(t_cli):.1f} s",
+                "copy, no-op make, 2 files rebuilt",
+            )
+        )
         if not args.no_clean:
             clean = tmpd / "clean"
             shutil.copytree(src, clean)
             for p in clean.glob("*.o"):  # objects gone, the running binary stays
                 p.unlink()
             t = cli(clean)
-            rows.append(("`patchbox build`, tree without objects", f"{t:.1f} s", "1 run",
-                         f"original built from scratch; first `make -j2`: {t_make:.1f} s"))
+            rows.append(
+                (
+                    "`patchbox build`, tree without objects",
+                    f"{t:.1f} s",
+                    "1 run",
+                    f"original built from scratch; first `make -j2`: {t_make:.1f} s",
+                )
+            )
         shutil.rmtree(ws.root, ignore_errors=True)
     print_table(("what", "value", "spread", "note"), rows)
 

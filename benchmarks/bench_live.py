@@ -9,6 +9,7 @@ function against the unpatched one in the same process (interleaved rounds); the
 thread's CPU while idle; RSS of the same program with and without the agent.
 Not a test: numbers depend on the machine; ratios are what to compare.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,7 +22,6 @@ import time
 from pathlib import Path
 
 from common import Proc, build_program, print_table  # also puts src/ on sys.path
-
 from patchbox.extract import extract_patch  # noqa: E402
 from patchbox.format.layout import encode_apply_body, save_patch  # noqa: E402
 from patchbox.protocol.client import Client  # noqa: E402
@@ -155,19 +155,50 @@ def main() -> None:
 
     med = statistics.median
     q90 = lambda v: sorted(v)[int(len(v) * 0.9)]  # noqa: E731
-    rows.append(("agent apply (1 function)", f"{med(applies) / 1e3:.1f} us",
-                 f"p90 {q90(applies) / 1e3:.1f} us", f"{args.cycles} cycles"))
-    rows.append(("agent remove", f"{med(removes) / 1e3:.1f} us",
-                 f"p90 {q90(removes) / 1e3:.1f} us", f"{args.cycles} cycles"))
-    rows.append(("`patchbox apply` wall", f"{med(apply_t) * 1e3:.0f} ms",
-                 f"x{med(apply_t) / med(info_t):.2f} of `patchbox info`",
-                 f"info {med(info_t) * 1e3:.0f} ms"))
-    rows.append(("call, unpatched", f"{med(base):.2f} ns", "x1.00", f"{args.calls:,} calls x{args.rounds}"))
-    rows.append(("call, patched", f"{med(patched):.2f} ns", f"x{med(patched) / med(base):.2f}",
-                 f"+{med(patched) - med(base):.2f} ns/call"))
+    rows.append(
+        (
+            "agent apply (1 function)",
+            f"{med(applies) / 1e3:.1f} us",
+            f"p90 {q90(applies) / 1e3:.1f} us",
+            f"{args.cycles} cycles",
+        )
+    )
+    rows.append(
+        (
+            "agent remove",
+            f"{med(removes) / 1e3:.1f} us",
+            f"p90 {q90(removes) / 1e3:.1f} us",
+            f"{args.cycles} cycles",
+        )
+    )
+    rows.append(
+        (
+            "`patchbox apply` wall",
+            f"{med(apply_t) * 1e3:.0f} ms",
+            f"x{med(apply_t) / med(info_t):.2f} of `patchbox info`",
+            f"info {med(info_t) * 1e3:.0f} ms",
+        )
+    )
+    rows.append(
+        ("call, unpatched", f"{med(base):.2f} ns", "x1.00", f"{args.calls:,} calls x{args.rounds}")
+    )
+    rows.append(
+        (
+            "call, patched",
+            f"{med(patched):.2f} ns",
+            f"x{med(patched) / med(base):.2f}",
+            f"+{med(patched) - med(base):.2f} ns/call",
+        )
+    )
     rows.append(("agent thread CPU, idle", f"{cpu:.3f} %", f"{ticks} ticks in 3 s", ""))
-    rows.append(("RSS with agent", f"{rss_agent} KiB",
-                 f"x{rss_agent / rss_plain:.2f} of without", f"without: {rss_plain} KiB"))
+    rows.append(
+        (
+            "RSS with agent",
+            f"{rss_agent} KiB",
+            f"x{rss_agent / rss_plain:.2f} of without",
+            f"without: {rss_plain} KiB",
+        )
+    )
 
     print_table(("what", "value", "ratio / spread", "note"), rows)
 

@@ -5,7 +5,8 @@
 
 One program (with the agent linked) runs a caller thread that calls work() through a
 pointer in a tight loop and timestamps every call (CLOCK_MONOTONIC); it records every gap
-of more than 5 us between two consecutive calls, with its time. Measured in the same run, interleaved:
+of more than 5 us between two consecutive calls, with its time. Measured in the same run,
+interleaved:
   - idle: nothing happens to the process (the loop's own noise: timer ticks, preemption);
   - apply/remove: patchbox apply+remove cycles of work() through the socket;
   - ptrace stop: the conventional method's minimum: PTRACE_SEIZE +
@@ -23,6 +24,7 @@ Each apply+remove cycle, each ptrace stop and each idle interval of the same len
 (gaps under 5 us are not recorded: 0). The table gives the median / p90 / max over spans.
 Not a test: numbers depend on the machine; ratios are what to compare.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,7 +36,6 @@ import time
 from pathlib import Path
 
 from common import Proc, build_program, print_table  # also puts src/ on sys.path
-
 from patchbox.extract import extract_patch  # noqa: E402
 from patchbox.format.layout import encode_apply_body  # noqa: E402
 from patchbox.protocol.client import Client  # noqa: E402
@@ -157,8 +158,11 @@ def pin(pid: int) -> str:
     last = os.cpu_count() - 1
     rest = set(range(last)) or {0}
     tids = sorted(int(t) for t in os.listdir(f"/proc/{pid}/task"))
-    spinner = max(t for t in tids if t != pid
-                  and Path(f"/proc/{pid}/task/{t}/comm").read_text().strip() != "patchbox-agent")
+    spinner = max(
+        t
+        for t in tids
+        if t != pid and Path(f"/proc/{pid}/task/{t}/comm").read_text().strip() != "patchbox-agent"
+    )
     for tid in tids:
         os.sched_setaffinity(tid, {last} if tid == spinner else rest)
     os.sched_setaffinity(0, rest)
@@ -175,8 +179,9 @@ def stall(gaps: list[tuple[int, int]], t0: int, t1: int) -> int:
 
 
 def build(tmp: Path, name: str, k: int, agent: bool, obj: bool = False) -> Path:
-    return build_program(tmp, name, STALL_C.replace("@K@", str(k)), agent=agent, obj=obj,
-                         stem="stall")
+    return build_program(
+        tmp, name, STALL_C.replace("@K@", str(k)), agent=agent, obj=obj, stem="stall"
+    )
 
 
 def per_op(proc: Proc, cmd: str, n: int) -> float:
@@ -245,27 +250,67 @@ def main() -> None:
     us = lambda v: f"{v / 1e3:.1f} us"  # noqa: E731
     q = lambda v, f: sorted(v)[min(len(v) - 1, int(len(v) * f))]  # noqa: E731
     idle, apply_, ptr = (q(stalls[k], 0.5) for k in ("idle", "apply", "ptrace"))
-    for k, what in (("idle", "idle (same length, nothing done)"),
-                    ("apply", "apply+remove cycle"), ("ptrace", "ptrace stop of all threads")):
+    for k, what in (
+        ("idle", "idle (same length, nothing done)"),
+        ("apply", "apply+remove cycle"),
+        ("ptrace", "ptrace stop of all threads"),
+    ):
         v = stalls[k]
-        rows.append((f"caller's longest gap: {what}", us(q(v, 0.5)), f"p90 {us(q(v, 0.9))}",
-                     f"max {us(max(v))}; n={len(v)}"))
-    rows.append(("ptrace stall / apply stall", f"x{ptr / max(apply_, 1):.1f} median",
-                 f"x{q(stalls['ptrace'], 0.9) / max(q(stalls['apply'], 0.9), 1):.1f} p90",
-                 f"{spin_calls:,} timestamped calls, caller {policy}"))
+        rows.append(
+            (
+                f"caller's longest gap: {what}",
+                us(q(v, 0.5)),
+                f"p90 {us(q(v, 0.9))}",
+                f"max {us(max(v))}; n={len(v)}",
+            )
+        )
+    rows.append(
+        (
+            "ptrace stall / apply stall",
+            f"x{ptr / max(apply_, 1):.1f} median",
+            f"x{q(stalls['ptrace'], 0.9) / max(q(stalls['apply'], 0.9), 1):.1f} p90",
+            f"{spin_calls:,} timestamped calls, caller {policy}",
+        )
+    )
     durations = {k: [b - a for a, b in v] for k, v in spans.items()}
-    rows.append(("apply+remove cycle, wall", us(med(durations['apply'])), "",
-                 "through the socket, Python client"))
-    rows.append(("ptrace stop+detach, wall", us(med(durations['ptrace'])), "",
-                 "all 3 threads, ctypes"))
-    rows.append(("call, unpatched", f"{med(base):.2f} ns", "x1.00",
-                 f"{args.calls:,} calls x{args.rounds}"))
-    rows.append(("call, patched", f"{med(patched):.2f} ns", f"x{med(patched) / med(base):.2f}",
-                 f"+{med(patched) - med(base):.2f} ns/call"))
-    rows.append(("malloc+free, no agent", f"{med(without):.2f} ns", "x1.00",
-                 f"{args.mallocs:,} x{args.rounds}"))
-    rows.append(("malloc+free, agent linked", f"{med(with_agent):.2f} ns",
-                 f"x{med(with_agent) / med(without):.2f}", ""))
+    rows.append(
+        (
+            "apply+remove cycle, wall",
+            us(med(durations["apply"])),
+            "",
+            "through the socket, Python client",
+        )
+    )
+    rows.append(
+        ("ptrace stop+detach, wall", us(med(durations["ptrace"])), "", "all 3 threads, ctypes")
+    )
+    rows.append(
+        ("call, unpatched", f"{med(base):.2f} ns", "x1.00", f"{args.calls:,} calls x{args.rounds}")
+    )
+    rows.append(
+        (
+            "call, patched",
+            f"{med(patched):.2f} ns",
+            f"x{med(patched) / med(base):.2f}",
+            f"+{med(patched) - med(base):.2f} ns/call",
+        )
+    )
+    rows.append(
+        (
+            "malloc+free, no agent",
+            f"{med(without):.2f} ns",
+            "x1.00",
+            f"{args.mallocs:,} x{args.rounds}",
+        )
+    )
+    rows.append(
+        (
+            "malloc+free, agent linked",
+            f"{med(with_agent):.2f} ns",
+            f"x{med(with_agent) / med(without):.2f}",
+            "",
+        )
+    )
     header = ("what", "value", "ratio", "note")
     print_table(header, rows)
 

@@ -1,5 +1,6 @@
 """What the benchmark scripts share: building a C program with or without the agent,
 driving it over stdin/stdout, and printing the result table."""
+
 from __future__ import annotations
 
 import select
@@ -17,8 +18,9 @@ from patchbox.flags import LINK_FLAGS, PATCH_CFLAGS  # noqa: E402
 __all__ = ["ROOT", "build_program", "Proc", "print_table"]
 
 
-def build_program(tmp: Path, name: str, source: str, *, agent: bool, obj: bool = False,
-                  stem: str = "bench") -> Path:
+def build_program(
+    tmp: Path, name: str, source: str, *, agent: bool, obj: bool = False, stem: str = "bench"
+) -> Path:
     """Returns the program (or with ``obj`` the object) compiled from ``source`` in
     ``tmp/name`` with the patchable flags, linked with the agent if ``agent``."""
     d = tmp / name
@@ -41,8 +43,9 @@ class Proc:
     """A benchmark program answering one line per command; it first prints "ready"."""
 
     def __init__(self, exe: Path) -> None:
-        self.p = subprocess.Popen([str(exe)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                  text=True, bufsize=1)
+        self.p = subprocess.Popen(
+            [str(exe)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1
+        )
         self.pid = self.p.pid
         assert self.ask("") == "ready"
 

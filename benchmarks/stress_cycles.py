@@ -11,6 +11,7 @@ sandbox_retired (after a remove, every 50 cycles), elapsed time.
 Exits 1 if any call returned something else, the target died, or the parked call's
 result is neither old nor new.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,9 +24,8 @@ import time
 from pathlib import Path
 
 from common import ROOT, print_table  # also puts src/ on sys.path
-
-from patchbox.extract import extract_patch  # noqa: E402
 from patchbox.config import libs  # noqa: E402
+from patchbox.extract import extract_patch  # noqa: E402
 from patchbox.flags import LINK_FLAGS, PATCH_CFLAGS  # noqa: E402
 from patchbox.format.layout import encode_apply_body  # noqa: E402
 from patchbox.protocol.client import Client  # noqa: E402
@@ -35,8 +35,11 @@ SOURCE = ROOT / "tests" / "e2e" / "stress_target.c"
 
 def build(tmp: Path, sandbox: int) -> tuple[Path, Path]:
     agent = tmp / "agent"
-    subprocess.run(["make", "-s", "-C", str(ROOT / "agent"), f"OUT={agent}",
-                    f"SANDBOX_ALLOC={sandbox}"], check=True, capture_output=True)
+    subprocess.run(
+        ["make", "-s", "-C", str(ROOT / "agent"), f"OUT={agent}", f"SANDBOX_ALLOC={sandbox}"],
+        check=True,
+        capture_output=True,
+    )
     os.environ["PATCHBOX_AGENT_DIR"] = str(agent)
     out = {}
     for k, kind in ((3, "exe"), (5, "obj")):
@@ -49,8 +52,14 @@ def build(tmp: Path, sandbox: int) -> tuple[Path, Path]:
             cmd += ["-c", str(src), "-o", str(d / "stress_target.o")]
             out[kind] = d / "stress_target.o"
         else:
-            cmd += ["-pie", str(src), "-o", str(d / "stress_target"), *LINK_FLAGS,
-                    *shlex.split(libs(app_version="stress"))]
+            cmd += [
+                "-pie",
+                str(src),
+                "-o",
+                str(d / "stress_target"),
+                *LINK_FLAGS,
+                *shlex.split(libs(app_version="stress")),
+            ]
             out[kind] = d / "stress_target"
         subprocess.run(cmd, check=True)
     return out["exe"], out["obj"]
@@ -64,8 +73,9 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmpdir:
         exe, obj = build(Path(tmpdir), args.sandbox)
         body = encode_apply_body(extract_patch(obj, exe, ["work"], name="k5"))
-        proc = subprocess.Popen([str(exe)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                text=True)
+        proc = subprocess.Popen(
+            [str(exe)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
         used_max = retired_max = 0
         failure = ""
         t0 = time.monotonic()
@@ -92,15 +102,34 @@ def main() -> int:
                 proc.wait()
     fields = out.split()
     r = dict(zip(fields[0::2], (int(v) for v in fields[1::2]))) if fields else {}
-    header = ("cycles", "calls made", "old", "new", "bad results", "parked result",
-              "max sandbox_used", "max sandbox_retired", "sandbox size", "elapsed", "exit")
-    row = (f"{args.cycles:,}", f"{r.get('calls', 0):,}", f"{r.get('old', 0):,}",
-           f"{r.get('new', 0):,}", str(r.get("bad", "?")), str(r.get("parked", "?")),
-           str(used_max), str(retired_max), str(args.sandbox), f"{elapsed:.1f} s",
-           str(proc.returncode))
+    header = (
+        "cycles",
+        "calls made",
+        "old",
+        "new",
+        "bad results",
+        "parked result",
+        "max sandbox_used",
+        "max sandbox_retired",
+        "sandbox size",
+        "elapsed",
+        "exit",
+    )
+    row = (
+        f"{args.cycles:,}",
+        f"{r.get('calls', 0):,}",
+        f"{r.get('old', 0):,}",
+        f"{r.get('new', 0):,}",
+        str(r.get("bad", "?")),
+        str(r.get("parked", "?")),
+        str(used_max),
+        str(retired_max),
+        str(args.sandbox),
+        f"{elapsed:.1f} s",
+        str(proc.returncode),
+    )
     print_table(header, [row])
-    ok = (not failure and proc.returncode == 0 and r.get("bad") == 0
-          and r.get("parked") in (22, 36))
+    ok = not failure and proc.returncode == 0 and r.get("bad") == 0 and r.get("parked") in (22, 36)
     if not ok:
         print(f"FAILED: {failure or out}", file=sys.stderr)
     return 0 if ok else 1

@@ -3,6 +3,7 @@
 Import from here (``from helpers import compile_c``): with two conftest.py files the
 module name ``conftest`` is ambiguous.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,8 +21,15 @@ APP_VERSION = "e2e-1.0"
 AGENT_DIR = Path(os.environ.get("PATCHBOX_AGENT_DIR", ROOT / "agent" / "build"))
 
 
-def compile_c(src: str, out: Path, *, obj: bool = False, extra: list[str] | None = None,
-              agent: bool = False, opt: str = "-O2") -> Path:
+def compile_c(
+    src: str,
+    out: Path,
+    *,
+    obj: bool = False,
+    extra: list[str] | None = None,
+    agent: bool = False,
+    opt: str = "-O2",
+) -> Path:
     """Returns ``out`` after compiling C source text ``src`` with the patchable flags."""
     c_file = out.with_suffix(".c")
     c_file.write_text(src)
@@ -39,12 +47,18 @@ def compile_c(src: str, out: Path, *, obj: bool = False, extra: list[str] | None
 BIN = Path(sys.executable).parent
 
 
-def run_tool(tool: str, *args: object, check: bool = True,
-             timeout: float = 60) -> subprocess.CompletedProcess:
+def run_tool(
+    tool: str, *args: object, check: bool = True, timeout: float = 60
+) -> subprocess.CompletedProcess:
     """Returns the finished run of the installed console script ``tool`` (patchbox,
     extract-patch); asserts success unless ``check`` is false."""
-    proc = subprocess.run([str(BIN / tool), *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, stdin=subprocess.DEVNULL)
+    proc = subprocess.run(
+        [str(BIN / tool), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
     if check:
         assert proc.returncode == 0, f"{tool} {args} failed: {proc.stderr}"
     return proc
@@ -58,8 +72,11 @@ def info_json(pid: int) -> dict:
 def compile_with_small_sandbox(src: str, out: Path, sandbox: int) -> Path:
     """Returns ``out``: ``src`` linked with an agent built with SANDBOX_ALLOC=``sandbox``."""
     agent = out.parent.parent / f"agent-{sandbox}"
-    subprocess.run(["make", "-s", "-C", str(ROOT / "agent"), f"OUT={agent}",
-                    f"SANDBOX_ALLOC={sandbox}"], check=True, capture_output=True)
+    subprocess.run(
+        ["make", "-s", "-C", str(ROOT / "agent"), f"OUT={agent}", f"SANDBOX_ALLOC={sandbox}"],
+        check=True,
+        capture_output=True,
+    )
     old = os.environ.get("PATCHBOX_AGENT_DIR")
     os.environ["PATCHBOX_AGENT_DIR"] = str(agent)  # read by patchbox.config.libs()
     try:

@@ -1,5 +1,6 @@
 """`patchbox build`'s object comparison: a corpus of original/patched C pairs compiled on
 the fly, one per case, each with the decision (and message) it must get."""
+
 from __future__ import annotations
 
 import shutil
@@ -9,17 +10,15 @@ from pathlib import Path
 import pytest
 
 from helpers import compile_c
-from patchbox.compare.explain import format_explain
+from patchbox.compare.explain import annotate_inlined, format_explain
 from patchbox.compare.objects import compare_objects, compare_trees, normalize
-from patchbox.extract import patch_from_diffs
-from patchbox.profiles import get_profile
-from patchbox.compare.explain import annotate_inlined
-from patchbox.sourcediff import changed_lines
-from patchbox.errors import BuildError
-from patchbox.rebuild.workspace import check_diff
 from patchbox.elf.binary import Binary
-from patchbox.errors import ExtractError
+from patchbox.errors import BuildError, ExtractError
+from patchbox.extract import patch_from_diffs
 from patchbox.flags import LINK_FLAGS, PATCH_CFLAGS
+from patchbox.profiles import get_profile
+from patchbox.rebuild.workspace import check_diff
+from patchbox.sourcediff import changed_lines
 from patchbox.wire import FixupBase
 
 
@@ -27,12 +26,20 @@ def pair(tmp_path: Path, orig: str, patched: str, name: str = "case", **kw):  # 
     """Returns (original .o, patched .o): the same file name compiled in two directories."""
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir(exist_ok=True), b.mkdir(exist_ok=True)
-    return (compile_c(orig, a / f"{name}.o", obj=True, **kw),
-            compile_c(patched, b / f"{name}.o", obj=True, **kw))
+    return (
+        compile_c(orig, a / f"{name}.o", obj=True, **kw),
+        compile_c(patched, b / f"{name}.o", obj=True, **kw),
+    )
 
 
-def decide(tmp_path: Path, orig: str, patched: str, profile: str = "generic",
-           extra: tuple[str, ...] = (), **kw) -> dict[str, tuple[str, str]]:
+def decide(
+    tmp_path: Path,
+    orig: str,
+    patched: str,
+    profile: str = "generic",
+    extra: tuple[str, ...] = (),
+    **kw,
+) -> dict[str, tuple[str, str]]:
     """Returns {symbol: (verdict, reason)} for the pair."""
     o, p = pair(tmp_path, orig, patched, **kw)
     d = compare_objects(o, p, get_profile(profile).with_reporters(extra).reporters)
@@ -46,9 +53,22 @@ def build_exe(tmp_path: Path, files: dict[str, str], out: str = "prog") -> Path:
     for fname, text in files.items():
         (d / fname).write_text(text)
     exe = d / out
-    subprocess.run(["gcc", "-O2", "-g", "-fPIE", *PATCH_CFLAGS, "-pie",
-                    *[str(d / f) for f in files], "-o", str(exe), *LINK_FLAGS],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [
+            "gcc",
+            "-O2",
+            "-g",
+            "-fPIE",
+            *PATCH_CFLAGS,
+            "-pie",
+            *[str(d / f) for f in files],
+            "-o",
+            str(exe),
+            *LINK_FLAGS,
+        ],
+        check=True,
+        capture_output=True,
+    )
     return exe
 
 
@@ -81,25 +101,34 @@ def test_unchanged_tree_has_no_decision(tmp_path: Path) -> None:
 def test_new_function(tmp_path: Path) -> None:
     patched = BASE.replace(
         "__attribute__((noinline)) int f(int x) { return x * 3 + limit; }",
-        "__attribute__((noinline)) static int extra(int x) { __asm__ volatile(\"\"); return x + 7; }\n"
-        "__attribute__((noinline)) int f(int x) { return extra(x) * 3 + limit; }")
+        '__attribute__((noinline)) static int extra(int x) { __asm__ volatile(""); return x + 7; }\n'
+        "__attribute__((noinline)) int f(int x) { return extra(x) * 3 + limit; }",
+    )
     got = decide(tmp_path, BASE, patched)
-    assert got["extra"] == ("carried", "new function: copied into the patch if the new code uses it")
+    assert got["extra"] == (
+        "carried",
+        "new function: copied into the patch if the new code uses it",
+    )
     assert got["f"][0] == "in" and "extra" in got["f"][1]
 
 
 def test_new_string_literal(tmp_path: Path) -> None:
-    src = 'const char *s(int x) { return x ? "yes" : "no"; }\n' \
-          'const char *t(int x) { return x ? "one" : "two"; }\n'
+    src = (
+        'const char *s(int x) { return x ? "yes" : "no"; }\n'
+        'const char *t(int x) { return x ? "one" : "two"; }\n'
+    )
     got = decide(tmp_path, src, src.replace('"yes"', '"yes!"'))
-    assert got == {"s": ("in", "changed: references 'yes!' instead of 'yes' (+0xd)")} or \
-        (got["s"][0] == "in" and "'yes!' instead of 'yes'" in got["s"][1] and "t" not in got)
+    assert got == {"s": ("in", "changed: references 'yes!' instead of 'yes' (+0xd)")} or (
+        got["s"][0] == "in" and "'yes!' instead of 'yes'" in got["s"][1] and "t" not in got
+    )
 
 
 def test_string_labels_shift_is_not_a_change(tmp_path: Path) -> None:
     # A new literal in the first function renumbers every .LC label after it.
-    src = 'const char *s(int x) { return x ? "a" : "b"; }\n' \
-          'const char *t(int x) { return x ? "one" : "two"; }\n'
+    src = (
+        'const char *s(int x) { return x ? "a" : "b"; }\n'
+        'const char *t(int x) { return x ? "one" : "two"; }\n'
+    )
     got = decide(tmp_path, src, src.replace('x ? "a" : "b"', 'x == 1 ? "a" : x == 2 ? "c" : "b"'))
     assert got["s"][0] == "in" and "t" not in got
 
@@ -114,7 +143,8 @@ def test_file_paths_compare_by_basename(tmp_path: Path) -> None:
 
 def test_new_static_variable(tmp_path: Path) -> None:
     patched = BASE.replace("int limit = 10;", "int limit = 10;\nstatic int seen;").replace(
-        "return x - 1;", "seen++; return x - 1;")
+        "return x - 1;", "seen++; return x - 1;"
+    )
     got = decide(tmp_path, BASE, patched)
     assert got["seen"][0] == "carried" and got["seen"][1].startswith("new variable")
     assert got["g"][0] == "in" and "seen" in got["g"][1]
@@ -123,8 +153,10 @@ def test_new_static_variable(tmp_path: Path) -> None:
 def test_changed_initial_value_refused(tmp_path: Path) -> None:
     o, p = pair(tmp_path, BASE, BASE.replace("limit = 10", "limit = 20"))
     d = compare_objects(o, p)
-    assert d.refusals == ["limit: initial value of existing variable changed: the running "
-                          "program keeps its current value, code replacement cannot change it"]
+    assert d.refusals == [
+        "limit: initial value of existing variable changed: the running "
+        "program keeps its current value, code replacement cannot change it"
+    ]
     with pytest.raises(ExtractError, match=r"refused: case.o: limit: initial value"):
         patch_from_diffs([d], "/nonexistent")
 
@@ -132,9 +164,12 @@ def test_changed_initial_value_refused(tmp_path: Path) -> None:
 def test_changed_object_size_refused(tmp_path: Path) -> None:
     src = "struct conf { int a; } conf;\nint get(void) { return conf.a; }\n"
     got = decide(tmp_path, src, src.replace("int a;", "int a; int b;"))
-    assert got["conf"] == ("refused", "size of existing variable changed (4 -> 8 bytes; a "
-                           "changed type or struct layout): code replacement cannot change "
-                           "data the program already has")
+    assert got["conf"] == (
+        "refused",
+        "size of existing variable changed (4 -> 8 bytes; a "
+        "changed type or struct layout): code replacement cannot change "
+        "data the program already has",
+    )
 
 
 def test_changed_static_local_initial_value_refused(tmp_path: Path) -> None:
@@ -153,8 +188,11 @@ int other(int x) { if (x > 100) REPORT("big"); return x + 1; }
 """
     patched = src.replace("#define REPORT", "/* one more line */\n#define REPORT")
     got = decide(tmp_path, src, patched)
-    assert got["check"][0] == "out" and "__LINE__" in got["check"][1] \
+    assert (
+        got["check"][0] == "out"
+        and "__LINE__" in got["check"][1]
         and "__assert_fail" in got["check"][1]
+    )
     assert got["other"][0] == "out"
     # A real change next to it is still a change.
     got = decide(tmp_path, src, patched.replace("x * 2", "x * 5"))
@@ -195,9 +233,11 @@ int h(int x) { return x; }
 """
     o, p = pair(tmp_path, src, src.replace("x * x", "x * x + 3"), extra=["-g"])
     d = compare_objects(o, p)
-    diff = ("--- a/case.c\n+++ b/case.c\n@@ -2 +2 @@\n"
-            "-static inline int sq(int x) { return x * x; }\n"
-            "+static inline int sq(int x) { return x * x + 3; }\n")
+    diff = (
+        "--- a/case.c\n+++ b/case.c\n@@ -2 +2 @@\n"
+        "-static inline int sq(int x) { return x * x; }\n"
+        "+static inline int sq(int x) { return x * x + 3; }\n"
+    )
     assert changed_lines(diff) == {"case.c": {2}}
     annotate_inlined([d], diff)
     got = {x.symbol: (x.verdict, x.reason) for x in d.decisions}
@@ -237,8 +277,18 @@ int f3(struct big *p) { return geta(p) + 1; }
     assert d.force_copy == {"mul.constprop.0"} and sorted(d.functions) == ["f1", "f2"]
     # Renumbered clones (mul.constprop.0 -> .4, geta.isra.0 -> .2) still correlate.
     q = tmp_path / "renamed.o"
-    subprocess.run(["objcopy", "--redefine-sym", "mul.constprop.0=mul.constprop.4",
-                    "--redefine-sym", "geta.isra.0=geta.isra.2", str(o), str(q)], check=True)
+    subprocess.run(
+        [
+            "objcopy",
+            "--redefine-sym",
+            "mul.constprop.0=mul.constprop.4",
+            "--redefine-sym",
+            "geta.isra.0=geta.isra.2",
+            str(o),
+            str(q),
+        ],
+        check=True,
+    )
     assert compare_objects(o, q).decisions == []
 
 
@@ -260,8 +310,10 @@ int other(int i) { return i; }
 
 
 def test_changed_assembly_refused() -> None:
-    diff = ("--- a/boot.S\n+++ b/boot.S\n@@ -1 +1 @@\n-ret\n+nop\n"
-            "--- a/x.c\n+++ b/x.c\n@@ -1 +1 @@ int f(void)\n-1\n+2\n")
+    diff = (
+        "--- a/boot.S\n+++ b/boot.S\n@@ -1 +1 @@\n-ret\n+nop\n"
+        "--- a/x.c\n+++ b/x.c\n@@ -1 +1 @@ int f(void)\n-1\n+2\n"
+    )
     with pytest.raises(BuildError, match=r"assembly file b/boot.S is changed by the diff"):
         check_diff(diff)
     check_diff(diff.split("--- a/x.c")[0].replace("boot.S", "boot.c"))  # C is fine
@@ -285,25 +337,34 @@ int main(void) { return tick(); }
 
 MAIN = "int a(int); int main(void) { return a(1); }\n"
 A = "__attribute__((noinline)) int a(int x) { return x + 1; }\n"
-B = "__attribute__((noinline)) static int helper(int x) { return x * 2; }\n" \
+B = (
+    "__attribute__((noinline)) static int helper(int x) { return x * 2; }\n"
     "int b(int x) { return helper(x); }\n"
-A_HELPER = "__attribute__((noinline)) static int helper(int x) { __asm__ volatile(\"\"); " \
-           "return x + 3; }\nint a(int x) { return helper(x) + 1; }\n"
+)
+A_HELPER = (
+    '__attribute__((noinline)) static int helper(int x) { __asm__ volatile(""); '
+    "return x + 3; }\nint a(int x) { return helper(x) + 1; }\n"
+)
 
 
 def _objs(tmp_path: Path, tag: str, files: dict[str, str]) -> dict[str, Path]:
     d = tmp_path / tag
     d.mkdir()
-    return {f"{n[:-2]}.o": compile_c(t, d / f"{n[:-2]}.o", obj=True, extra=["-g"])
-            for n, t in files.items()}
+    return {
+        f"{n[:-2]}.o": compile_c(t, d / f"{n[:-2]}.o", obj=True, extra=["-g"])
+        for n, t in files.items()
+    }
 
 
 def test_several_objects_one_patch_static_names_by_file(tmp_path: Path) -> None:
     files = {"main.c": MAIN, "a.c": A_HELPER, "b.c": B}
     exe = build_exe(tmp_path, files)
     orig = _objs(tmp_path, "orig", files)
-    new = _objs(tmp_path, "new", {**files, "a.c": A_HELPER.replace("x + 3", "x + 4"),
-                                  "b.c": B.replace("x * 2", "x * 5")})
+    new = _objs(
+        tmp_path,
+        "new",
+        {**files, "a.c": A_HELPER.replace("x + 3", "x + 4"), "b.c": B.replace("x * 2", "x * 5")},
+    )
     diffs, same = compare_trees(orig, new)
     assert same == 1 and [d.functions for d in diffs] == [["helper"], ["helper"]]
     patch = patch_from_diffs(diffs, exe)
@@ -319,9 +380,15 @@ def test_new_global_defined_in_another_object(tmp_path: Path) -> None:
     files = {"main.c": MAIN, "a.c": A, "b.c": B}
     exe = build_exe(tmp_path, files)
     orig = _objs(tmp_path, "orig", files)
-    new = _objs(tmp_path, "new", {
-        **files, "a.c": "int b_new(int);\n" + A.replace("x + 1", "b_new(x) + 1"),
-        "b.c": B + "__attribute__((noinline)) int b_new(int x) { return x * 11; }\n"})
+    new = _objs(
+        tmp_path,
+        "new",
+        {
+            **files,
+            "a.c": "int b_new(int);\n" + A.replace("x + 1", "b_new(x) + 1"),
+            "b.c": B + "__attribute__((noinline)) int b_new(int x) { return x * 11; }\n",
+        },
+    )
     diffs, _same = compare_trees(orig, new)
     by = {d.rel: d for d in diffs}
     assert by["a.o"].functions == ["a"] and by["b.o"].new_globals == {"b_new"}
@@ -334,8 +401,10 @@ def test_new_global_defined_in_another_object(tmp_path: Path) -> None:
 
 
 def test_no_change_refused(tmp_path: Path) -> None:
-    src = "extern void __assert_fail(const char *, const char *, unsigned, const char *);\n" \
-          "int c(int x) { if (x) __assert_fail(\"x\", __FILE__, __LINE__, __func__); return 1; }\n"
+    src = (
+        "extern void __assert_fail(const char *, const char *, unsigned, const char *);\n"
+        'int c(int x) { if (x) __assert_fail("x", __FILE__, __LINE__, __func__); return 1; }\n'
+    )
     o, p = pair(tmp_path, src, "\n" + src)
     diffs, _ = compare_trees({"case.o": o}, {"case.o": p})
     with pytest.raises(ExtractError, match="the diff changes no function"):
@@ -345,13 +414,15 @@ def test_no_change_refused(tmp_path: Path) -> None:
 @pytest.mark.skipif(shutil.which("patch") is None, reason="needs patch(1)")
 def test_workspace_never_touches_the_tree(tmp_path: Path) -> None:
     from patchbox.rebuild.workspace import Workspace
+
     src = tmp_path / "src"
     src.mkdir()
     (src / "x.c").write_text("int f(void) { return 1; }\n")
     (src / "Makefile").write_text("x.o: x.c\n\t$(CC) $(CFLAGS) -O2 -fPIE -c x.c -o x.o\n")
     diff = tmp_path / "d.patch"
-    diff.write_text("--- x.c\n+++ x.c\n@@ -1 +1 @@\n-int f(void) { return 1; }\n"
-                    "+int f(void) { return 2; }\n")
+    diff.write_text(
+        "--- x.c\n+++ x.c\n@@ -1 +1 @@\n-int f(void) { return 1; }\n+int f(void) { return 2; }\n"
+    )
     with Workspace(src) as ws:
         ws.copy_source()
         ws.build("make", 2, "original")
@@ -369,14 +440,17 @@ def test_workspace_never_touches_the_tree(tmp_path: Path) -> None:
 def test_fast_reader_matches_pyelftools(tmp_path: Path, agent_dir: Path) -> None:
     from patchbox.elf.fastread import load_object
     from patchbox.elf.objfile import ObjectFile
+
     o, _p = pair(tmp_path, BASE + 'const char *s(void) { return "x"; }\n', BASE, extra=["-g"])
     for path in [o, *sorted(agent_dir.glob("*.o"))]:
         assert load_object(path) == ObjectFile.load(path)
 
 
 def test_tree_that_does_not_rebuild_the_binary_refused(tmp_path: Path) -> None:
-    src = "__attribute__((noinline)) int f(int x) { return x * 3 + 1; }\n" \
-          "int main(int c, char **v) { (void)v; return f(c); }\n"
+    src = (
+        "__attribute__((noinline)) int f(int x) { return x * 3 + 1; }\n"
+        "int main(int c, char **v) { (void)v; return f(c); }\n"
+    )
     exe = build_exe(tmp_path, {"case.c": src})
     o, p = pair(tmp_path, src, src.replace("x * 3", "x * 4"), opt="-O0")  # other flags
     d = compare_objects(o, p)

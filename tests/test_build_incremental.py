@@ -1,6 +1,7 @@
 """`patchbox build --build-dir`: remapping recorded compile commands onto a patched copy
 (a tiny meson-like layout: src/ with two C files and a header, build/ beside it with a
 compile_commands.json using ../src-relative and absolute paths, compiled on the fly)."""
+
 from __future__ import annotations
 
 import json
@@ -10,17 +11,21 @@ import sys
 from pathlib import Path
 
 from patchbox.compare.objects import compare_trees
-from patchbox.rebuild.incremental import IncrementalBuild, Remap
-from patchbox.profiles import get_profile
 from patchbox.flags import LINK_FLAGS, PATCH_CFLAGS
+from patchbox.profiles import get_profile
+from patchbox.rebuild.incremental import IncrementalBuild, Remap
 
 HDR = "#define SCALE 3\nstatic inline int scaled(int x) { return x * SCALE; }\n"
-A = ('#include <stdio.h>\n#include "common.h"\n'
-     'int a_fn(int x) { if (x < 0) __builtin_printf("%s:%d\\n", __FILE__, __LINE__); '
-     'return scaled(x) + 1; }\n')
-B = ('#include "common.h"\nint a_fn(int);\n'
-     'int b_fn(int x) { return scaled(x) - 1; }\n'
-     'int main(int argc, char **argv) { (void)argv; return a_fn(argc) + b_fn(argc); }\n')
+A = (
+    '#include <stdio.h>\n#include "common.h"\n'
+    'int a_fn(int x) { if (x < 0) __builtin_printf("%s:%d\\n", __FILE__, __LINE__); '
+    "return scaled(x) + 1; }\n"
+)
+B = (
+    '#include "common.h"\nint a_fn(int);\n'
+    "int b_fn(int x) { return scaled(x) - 1; }\n"
+    "int main(int argc, char **argv) { (void)argv; return a_fn(argc) + b_fn(argc); }\n"
+)
 
 
 def layout(tmp: Path) -> tuple[Path, Path, Path]:
@@ -33,17 +38,23 @@ def layout(tmp: Path) -> tuple[Path, Path, Path]:
     entries = []
     for name, inc in (("a", "-I../src/inc"), ("b", f"-iquote {src / 'inc'}")):
         out = f"prog.p/{name}.c.o"
-        cmd = (f"gcc -O2 -g {inc} {' '.join(PATCH_CFLAGS)} -fPIE -MD -MQ {out} -MF {out}.d "
-               f"-o {out} -c ../src/{name}.c")
-        entries.append({"directory": str(build), "command": cmd, "file": f"../src/{name}.c",
-                        "output": out})
+        cmd = (
+            f"gcc -O2 -g {inc} {' '.join(PATCH_CFLAGS)} -fPIE -MD -MQ {out} -MF {out}.d "
+            f"-o {out} -c ../src/{name}.c"
+        )
+        entries.append(
+            {"directory": str(build), "command": cmd, "file": f"../src/{name}.c", "output": out}
+        )
     (build / "prog.p").mkdir()
     for e in entries:
         subprocess.run(shlex.split(e["command"]), cwd=build, check=True)
     (build / "compile_commands.json").write_text(json.dumps(entries))
     exe = build / "prog"
-    subprocess.run(["gcc", "-pie", "prog.p/a.c.o", "prog.p/b.c.o", "-o", "prog", *LINK_FLAGS],
-                   cwd=build, check=True)
+    subprocess.run(
+        ["gcc", "-pie", "prog.p/a.c.o", "prog.p/b.c.o", "-o", "prog", *LINK_FLAGS],
+        cwd=build,
+        check=True,
+    )
     return src, build, exe
 
 
@@ -71,10 +82,13 @@ def cmd_tail(cmd: list[str]) -> list[str]:
 
 def diff_of(src: Path, rel: str, old: str, new: str) -> str:
     import difflib
+
     text = (src / rel).read_text()
-    return "".join(difflib.unified_diff(text.splitlines(True),
-                                        text.replace(old, new).splitlines(True),
-                                        f"a/{rel}", f"b/{rel}"))
+    return "".join(
+        difflib.unified_diff(
+            text.splitlines(True), text.replace(old, new).splitlines(True), f"a/{rel}", f"b/{rel}"
+        )
+    )
 
 
 def test_header_change_recompiles_includers(tmp_path: Path) -> None:
@@ -104,10 +118,25 @@ def test_source_change_cli(tmp_path: Path) -> None:
     # a.c only: b.c is not recompiled.
     diff.write_text(diff_of(src, "a.c", "return scaled(x) + 1;", "return scaled(x) + 2;"))
     out = tmp_path / "fix.pbx"
-    proc = subprocess.run([str(Path(sys.executable).parent / "patchbox"), "build",
-                           "--source", str(src), "--diff", str(diff), "--binary", str(exe),
-                           "--build-dir", str(build), "--explain", "-o", str(out)],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "patchbox"),
+            "build",
+            "--source",
+            str(src),
+            "--diff",
+            str(diff),
+            "--binary",
+            str(exe),
+            "--build-dir",
+            str(build),
+            "--explain",
+            "-o",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "1 object(s) of" in proc.stdout
     assert "in       function a_fn" in proc.stdout

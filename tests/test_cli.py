@@ -1,4 +1,5 @@
 """Tests of the `patchbox` command line: show, config, error reporting."""
+
 from __future__ import annotations
 
 import json
@@ -24,11 +25,17 @@ TEXT = b"\x90" * 8 + b"\xb8\x2a\x00\x00\x00\xc3" + bytes(8)
 
 def make_patch() -> Patch:
     return Patch(
-        name="answer-42", build_id=BUILD_ID, text=TEXT, bss_size=16, data=b"\x01\x00\x00\x00",
+        name="answer-42",
+        build_id=BUILD_ID,
+        text=TEXT,
+        bss_size=16,
+        data=b"\x01\x00\x00\x00",
         functions=[Function("compute", 0x1139, 6, 8, b"\x90" * 8)],
-        fixups=[Fixup(FixupSection.TEXT, FixupType.PC32, FixupBase.EXE, 9, 0x4010 - 4),
-                Fixup(FixupSection.TEXT, FixupType.ABS64, FixupBase.IMPORT, 14, 0, "puts"),
-                Fixup(FixupSection.TEXT, FixupType.PC32, FixupBase.EXE, 10, 0x4020 - 4)],
+        fixups=[
+            Fixup(FixupSection.TEXT, FixupType.PC32, FixupBase.EXE, 9, 0x4010 - 4),
+            Fixup(FixupSection.TEXT, FixupType.ABS64, FixupBase.IMPORT, 14, 0, "puts"),
+            Fixup(FixupSection.TEXT, FixupType.PC32, FixupBase.EXE, 10, 0x4020 - 4),
+        ],
         meta={"tool": "test", "source:compute": "app.c"},
     )
 
@@ -54,6 +61,7 @@ def assert_one_error_line(result: Result, *fragments: str) -> None:
 
 
 # -- show -----------------------------------------------------------------------------------
+
 
 def test_show(patch_file: Path) -> None:
     result = run("show", str(patch_file))
@@ -83,18 +91,29 @@ def test_show_json(patch_file: Path) -> None:
     assert d["imports"] == ["puts"]
     assert d["meta"] == {"tool": "test", "source:compute": "app.c"}
     (fn,) = d["functions"]
-    assert (fn["symbol"], fn["target"], fn["new_offset"], fn["new_size"]) == ("compute", 0x1139, 6, 8)
+    assert (fn["symbol"], fn["target"], fn["new_offset"], fn["new_size"]) == (
+        "compute",
+        0x1139,
+        6,
+        8,
+    )
     assert [(i["offset"], i["mnemonic"]) for i in fn["disassembly"]] == [
-        (6, "nop"), (7, "nop"), (8, "mov"), (13, "ret")]
+        (6, "nop"),
+        (7, "nop"),
+        (8, "mov"),
+        (13, "ret"),
+    ]
     assert fn["disassembly"][2]["bytes"] == "b82a000000"
     assert len(fn["disassembly"][2]["fixups"]) == 2
 
 
 # -- errors ---------------------------------------------------------------------------------
 
+
 def test_show_missing_file(tmp_path: Path) -> None:
-    assert_one_error_line(run("show", str(tmp_path / "nope.pbx")), "cannot read patch file",
-                          "nope.pbx")
+    assert_one_error_line(
+        run("show", str(tmp_path / "nope.pbx")), "cannot read patch file", "nope.pbx"
+    )
 
 
 def test_show_corrupt_file(patch_file: Path) -> None:
@@ -109,8 +128,9 @@ def test_apply_corrupt_file_sends_nothing(patch_file: Path, tmp_path: Path) -> N
     data[70] ^= 0xFF
     patch_file.write_bytes(bytes(data))
     # the socket does not exist: the file must be refused before connecting
-    assert_one_error_line(run("apply", "-s", str(tmp_path / "sock"), str(patch_file)),
-                          "integrity hash mismatch")
+    assert_one_error_line(
+        run("apply", "-s", str(tmp_path / "sock"), str(patch_file)), "integrity hash mismatch"
+    )
 
 
 def test_not_a_patch_file(tmp_path: Path) -> None:
@@ -119,27 +139,42 @@ def test_not_a_patch_file(tmp_path: Path) -> None:
     assert_one_error_line(run("show", str(path)), "not a patchbox patch file")
 
 
-@pytest.mark.parametrize("command", [["info"], ["list"], ["test"], ["debug", "on"],
-                                     ["remove", "x"]])
+@pytest.mark.parametrize(
+    "command", [["info"], ["list"], ["test"], ["debug", "on"], ["remove", "x"]]
+)
 def test_no_such_pid(command: list[str]) -> None:
-    assert_one_error_line(run(*command, "-p", str(2 ** 22 + 4321)), "no process with pid")
+    assert_one_error_line(run(*command, "-p", str(2**22 + 4321)), "no process with pid")
 
 
 def test_no_socket(tmp_path: Path, patch_file: Path) -> None:
     sock = tmp_path / "sandbox-sock1"
-    assert_one_error_line(run("apply", "-s", str(sock), str(patch_file)), "no agent socket",
-                          str(sock), "patchbox config --libs")
+    assert_one_error_line(
+        run("apply", "-s", str(sock), str(patch_file)),
+        "no agent socket",
+        str(sock),
+        "patchbox config --libs",
+    )
 
 
 def test_pid_without_agent() -> None:
     """A live process with no agent: the message names the pid and the expected socket."""
     pid = os.getpid()
     result = run("info", "-p", str(pid), env={"PATCHBOX_SOCK_DIR": "/nonexistent-dir"})
-    assert_one_error_line(result, f"no agent socket for pid {pid} at /nonexistent-dir/sandbox-sock{pid}")
+    assert_one_error_line(
+        result, f"no agent socket for pid {pid} at /nonexistent-dir/sandbox-sock{pid}"
+    )
 
 
-@pytest.mark.parametrize("args", [["info"], ["info", "-p", "1", "-s", "/x"], ["debug", "-p", "1", "maybe"],
-                                  ["config"], ["config", "--cflags", "--preload"]])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["info"],
+        ["info", "-p", "1", "-s", "/x"],
+        ["debug", "-p", "1", "maybe"],
+        ["config"],
+        ["config", "--cflags", "--preload"],
+    ],
+)
 def test_usage_errors_exit_2(args: list[str]) -> None:
     assert run(*args).exit_code == 2
 
@@ -154,13 +189,15 @@ def test_main_entry_point_as_subprocess(tmp_path: Path) -> None:
     exe = Path(__file__).resolve().parent.parent / ".venv" / "bin" / "patchbox"
     if not exe.exists():
         pytest.skip("console script not installed")
-    proc = subprocess.run([str(exe), "show", str(tmp_path / "missing.pbx")],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [str(exe), "show", str(tmp_path / "missing.pbx")], capture_output=True, text=True
+    )
     assert proc.returncode == 1
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("patchbox: error: ")
 
 
 # -- config ---------------------------------------------------------------------------------
+
 
 def test_config_cflags() -> None:
     result = run("config", "--cflags")
@@ -184,11 +221,14 @@ def test_config_libs_layout(fake_agent_dir: Path, tmp_path: Path) -> None:
     result = run("config", "--libs")
     assert result.exit_code == 0, result.stderr
     words = result.stdout.split()
-    assert words[:2] == [str(fake_agent_dir / "libsandbox.o"), str(fake_agent_dir / "sandbox-listen.o")]
+    assert words[:2] == [
+        str(fake_agent_dir / "libsandbox.o"),
+        str(fake_agent_dir / "sandbox-listen.o"),
+    ]
     assert Path(words[2]).parent == tmp_path / "cache" and Path(words[2]).is_file()
     assert words[3:] == LINK_FLAGS
     both = run("config", "--cflags", "--libs").stdout.split()
-    assert both[:len(PATCH_CFLAGS)] == PATCH_CFLAGS
+    assert both[: len(PATCH_CFLAGS)] == PATCH_CFLAGS
 
 
 def test_config_preload_fake(fake_agent_dir: Path) -> None:
@@ -220,28 +260,40 @@ def build_and_read(obj: Path, tmp_path: Path) -> list[str]:
     src = tmp_path / "reader.c"
     src.write_text(READER_C)
     exe = tmp_path / "reader"
-    subprocess.run(["gcc", "-fPIE", "-pie", str(src), str(obj), "-o", str(exe)], check=True,
-                   capture_output=True)
+    subprocess.run(
+        ["gcc", "-fPIE", "-pie", str(src), str(obj), "-o", str(exe)],
+        check=True,
+        capture_output=True,
+    )
     out = subprocess.run([str(exe)], check=True, capture_output=True).stdout.decode("utf-8")
     return out.split("\n")
 
 
-def test_build_info_object(fake_agent_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_build_info_object(
+    fake_agent_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(tmp_path)  # not a git repository
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
     tricky = 'v1.2 "rc" \\path ??= é\ttab'
-    result = run("config", "--libs", "--app-version", tricky, "--app-cflags", "-O2 -DX=\"y\"")
+    result = run("config", "--libs", "--app-version", tricky, "--app-cflags", '-O2 -DX="y"')
     assert result.exit_code == 0, result.stderr
     obj = Path(result.stdout.split()[2])
     symbols = subprocess.run(["nm", str(obj)], check=True, capture_output=True, text=True).stdout
     (line,) = [s for s in symbols.splitlines() if s.endswith(" patchbox_build_info")]
     assert line.split()[1] in {"D", "R"}  # defined, global, not weak
     assert build_and_read(obj, tmp_path) == [
-        "50425849 40", tricky, "unknown", "2023-11-14T22:13:20Z", '-O2 -DX="y"', ""]
+        "50425849 40",
+        tricky,
+        "unknown",
+        "2023-11-14T22:13:20Z",
+        '-O2 -DX="y"',
+        "",
+    ]
 
 
-def test_build_info_defaults_and_git(fake_agent_dir: Path, tmp_path: Path,
-                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_build_info_defaults_and_git(
+    fake_agent_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     repo = tmp_path / "repo"
     repo.mkdir()
     git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
@@ -249,8 +301,9 @@ def test_build_info_defaults_and_git(fake_agent_dir: Path, tmp_path: Path,
     (repo / "a.c").write_text("int x;\n")
     subprocess.run([*git, "add", "a.c"], check=True)
     subprocess.run([*git, "commit", "-qm", "one"], check=True)
-    head = subprocess.run([*git, "rev-parse", "HEAD"], check=True, capture_output=True,
-                          text=True).stdout.strip()
+    head = subprocess.run(
+        [*git, "rev-parse", "HEAD"], check=True, capture_output=True, text=True
+    ).stdout.strip()
     monkeypatch.chdir(repo)
     monkeypatch.setenv("PATCHBOX_APP_VERSION", "9.9")
     monkeypatch.delenv("CFLAGS", raising=False)
@@ -280,7 +333,10 @@ def test_c_string() -> None:
 
 # -- with the real agent build ---------------------------------------------------------------
 
-def test_config_with_real_agent(agent_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+
+def test_config_with_real_agent(
+    agent_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("PATCHBOX_AGENT_DIR", str(agent_dir))
     monkeypatch.setenv("PATCHBOX_CACHE", str(tmp_path / "cache"))
     preload = run("config", "--preload")
@@ -292,7 +348,12 @@ def test_config_with_real_agent(agent_dir: Path, tmp_path: Path, monkeypatch: py
     src = tmp_path / "app.c"
     src.write_text("int compute(int x) { return x + 1; }\nint main(void) { return compute(-1); }\n")
     exe = tmp_path / "app"
-    subprocess.run(["gcc", "-O2", "-fPIE", "-pie", *cflags, str(src), "-o", str(exe),
-                    *libs.stdout.split()], check=True, capture_output=True)
+    subprocess.run(
+        ["gcc", "-O2", "-fPIE", "-pie", *cflags, str(src), "-o", str(exe), *libs.stdout.split()],
+        check=True,
+        capture_output=True,
+    )
     symbols = subprocess.run(["nm", str(exe)], check=True, capture_output=True, text=True).stdout
-    assert any(s.endswith(" patchbox_build_info") and s.split()[1] in "DR" for s in symbols.splitlines())
+    assert any(
+        s.endswith(" patchbox_build_info") and s.split()[1] in "DR" for s in symbols.splitlines()
+    )

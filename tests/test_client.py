@@ -3,6 +3,7 @@
 The agent here is a fake server thread on a Unix socket in tmp (parsers only; tests that
 patch real processes live elsewhere).
 """
+
 from __future__ import annotations
 
 import os
@@ -16,24 +17,30 @@ import pytest
 from click.testing import CliRunner
 
 from patchbox import policy
+from patchbox import wire as C
 from patchbox.cli.main import cli
 from patchbox.errors import AgentError, ConnectError, ProtocolError
 from patchbox.format.codec import Reader, Writer
 from patchbox.format.layout import encode_apply_body, save_patch
 from patchbox.format.model import Function, Patch
-from patchbox import wire as C
-from patchbox.protocol.client import (FRAME, Client, decode_header, encode_frame,
-                                      socket_path_for_pid)
-from patchbox.wire import ErrorCode, Msg
+from patchbox.protocol.client import FRAME, Client, decode_header, encode_frame, socket_path_for_pid
 from patchbox.protocol.replies import AppliedPatch, PatchFunction
+from patchbox.wire import ErrorCode, Msg
 
 # A handler gets (type, seq, payload) of one request and returns the raw bytes to send
 # back (or None to close the connection without replying).
 Handler = Callable[[int, int, bytes], bytes | None]
 
 
-def frame(msg_type: int, seq: int, payload: bytes, *, magic: int = C.MAGIC,
-          version: int = C.VERSION, length: int | None = None) -> bytes:
+def frame(
+    msg_type: int,
+    seq: int,
+    payload: bytes,
+    *,
+    magic: int = C.MAGIC,
+    version: int = C.VERSION,
+    length: int | None = None,
+) -> bytes:
     """Returns a raw reply frame (fields overridable to build bad ones)."""
     n = len(payload) if length is None else length
     return FRAME.pack(magic, version, msg_type, seq, n) + payload
@@ -129,6 +136,7 @@ def client(agent: FakeAgent, timeout: float = 5.0) -> Client:
 
 # -- framing ----------------------------------------------------------------------------
 
+
 def test_encode_frame_layout() -> None:
     data = encode_frame(Msg.REMOVE, 7, b"abc")
     assert data[:4] == b"PBX1"
@@ -141,18 +149,22 @@ def test_encode_frame_refuses_oversized_payload() -> None:
         encode_frame(Msg.APPLY, 1, bytes(C.MAX_PAYLOAD + 1))
 
 
-@pytest.mark.parametrize("header, match", [
-    (frame(0x81, 1, b"", magic=0x12345678), "bad magic"),
-    (frame(0x81, 1, b"", version=2), "protocol version 2"),
-    (frame(0x81, 1, b"", length=C.MAX_PAYLOAD + 1), "exceeds"),
-    (b"PBX1", "header is 4 bytes"),
-])
+@pytest.mark.parametrize(
+    "header, match",
+    [
+        (frame(0x81, 1, b"", magic=0x12345678), "bad magic"),
+        (frame(0x81, 1, b"", version=2), "protocol version 2"),
+        (frame(0x81, 1, b"", length=C.MAX_PAYLOAD + 1), "exceeds"),
+        (b"PBX1", "header is 4 bytes"),
+    ],
+)
 def test_decode_header_rejects(header: bytes, match: str) -> None:
     with pytest.raises(ProtocolError, match=match):
         decode_header(header)
 
 
 # -- good replies ---------------------------------------------------------------------------
+
 
 def test_info(serve) -> None:
     facts = {"pid": "42", "build_id": "ab" * 20, "exe": "/bin/x"}
@@ -173,11 +185,29 @@ def list_payload(patches: list[AppliedPatch]) -> bytes:
 
 
 LISTED = [
-    AppliedPatch("fix-a", 1, 1_700_000_000_000_000_000, 0x7f0000001000, 64, 0x7f0000100000, 8,
-                 [PatchFunction("compute", 0x555555555139, 0x7f0000001006, 14)]),
-    AppliedPatch("fix-b", 2, 1_700_000_001_000_000_000, 0x7f0000001040, 128, 0, 0,
-                 [PatchFunction("compute", 0x555555555139, 0x7f0000001046, 20),
-                  PatchFunction("other", 0x555555555200, 0x7f0000001066, 9)]),
+    AppliedPatch(
+        "fix-a",
+        1,
+        1_700_000_000_000_000_000,
+        0x7F0000001000,
+        64,
+        0x7F0000100000,
+        8,
+        [PatchFunction("compute", 0x555555555139, 0x7F0000001006, 14)],
+    ),
+    AppliedPatch(
+        "fix-b",
+        2,
+        1_700_000_001_000_000_000,
+        0x7F0000001040,
+        128,
+        0,
+        0,
+        [
+            PatchFunction("compute", 0x555555555139, 0x7F0000001046, 20),
+            PatchFunction("other", 0x555555555200, 0x7F0000001066, 9),
+        ],
+    ),
 ]
 
 
@@ -197,23 +227,33 @@ def test_list_empty(serve) -> None:
 
 def test_apply_sends_body_unchanged(serve) -> None:
     body = encode_apply_body(make_patch())
-    agent = serve(reply_to(ok(struct.pack("<IQQQ", 3, 0x7f0000002000, 0x7f0000200000, 1234))))
+    agent = serve(reply_to(ok(struct.pack("<IQQQ", 3, 0x7F0000002000, 0x7F0000200000, 1234))))
     with client(agent) as c:
         result = c.apply(body)
     assert (result.id, result.text_addr, result.data_addr, result.elapsed_ns) == (
-        3, 0x7f0000002000, 0x7f0000200000, 1234)
+        3,
+        0x7F0000002000,
+        0x7F0000200000,
+        1234,
+    )
     assert agent.requests == [(Msg.APPLY, 1, body)]
 
 
 def test_remove_and_debug_payloads(serve) -> None:
-    agent = serve(lambda t, s, _p: frame(t | C.REPLY_BIT, s, ok(
-        struct.pack("<Q", 77) if t == Msg.REMOVE else b"")))
+    agent = serve(
+        lambda t, s, _p: frame(
+            t | C.REPLY_BIT, s, ok(struct.pack("<Q", 77) if t == Msg.REMOVE else b"")
+        )
+    )
     with client(agent) as c:
         assert c.remove("fix-a") == 77
         c.debug(True)
         c.debug(False)
-    assert agent.requests == [(Msg.REMOVE, 1, b"\x05\x00fix-a"), (Msg.DEBUG, 2, b"\x01"),
-                              (Msg.DEBUG, 3, b"\x00")]
+    assert agent.requests == [
+        (Msg.REMOVE, 1, b"\x05\x00fix-a"),
+        (Msg.DEBUG, 2, b"\x01"),
+        (Msg.DEBUG, 3, b"\x00"),
+    ]
 
 
 @pytest.mark.parametrize("passed", [0, 1])
@@ -226,8 +266,11 @@ def test_test_reply(serve, passed: int) -> None:
 
 # -- error replies --------------------------------------------------------------------------
 
+
 def test_error_reply_raises_agent_error(serve) -> None:
-    message = "bytes at target differ from the patch's expected bytes: compute+0x3 expected 53 found 55"
+    message = (
+        "bytes at target differ from the patch's expected bytes: compute+0x3 expected 53 found 55"
+    )
     agent = serve(reply_to(err(ErrorCode.EXPECTED_MISMATCH, message)))
     with client(agent) as c, pytest.raises(AgentError) as info:
         c.apply(encode_apply_body(make_patch()))
@@ -246,7 +289,11 @@ def test_unknown_error_code(serve) -> None:
 
 def test_permission_reply_with_any_seq(serve) -> None:
     """A refused peer gets one PERMISSION reply that need not echo type or seq."""
-    agent = serve(lambda t, s, p: frame(C.REPLY_BIT, 0, err(ErrorCode.PERMISSION, "peer not allowed: uid 1000")))
+    agent = serve(
+        lambda t, s, p: frame(
+            C.REPLY_BIT, 0, err(ErrorCode.PERMISSION, "peer not allowed: uid 1000")
+        )
+    )
     with client(agent) as c, pytest.raises(AgentError) as info:
         c.info()
     assert info.value.name == "PERMISSION"
@@ -254,17 +301,21 @@ def test_permission_reply_with_any_seq(serve) -> None:
 
 # -- malformed replies ----------------------------------------------------------------------
 
-@pytest.mark.parametrize("raw, match", [
-    (frame(0x81, 1, b"")[:10], "truncated: header has 10 of 16"),
-    (frame(0x81, 1, ok(), length=12), "truncated: payload has 4 of 12"),
-    (frame(0x81, 1, b"\x00\x00"), "status"),
-    (frame(0x81, 1, ok(b"\x01\x00\x03\x00ab")), "truncated"),
-    (frame(0x81, 1, ok(bytes(Writer().kv({})), b"junk")), "4 trailing bytes"),
-    (frame(0x81, 1, err(5, "x") + b"!"), "trailing"),
-    (frame(0x81, 1, b"", magic=0x0BADF00D), "bad magic"),
-    (b"HTTP/1.1 400 Bad Request\r\n\r\n", "bad magic"),
-    (frame(0x81, 1, b"", length=C.MAX_PAYLOAD + 1), "exceeds"),
-])
+
+@pytest.mark.parametrize(
+    "raw, match",
+    [
+        (frame(0x81, 1, b"")[:10], "truncated: header has 10 of 16"),
+        (frame(0x81, 1, ok(), length=12), "truncated: payload has 4 of 12"),
+        (frame(0x81, 1, b"\x00\x00"), "status"),
+        (frame(0x81, 1, ok(b"\x01\x00\x03\x00ab")), "truncated"),
+        (frame(0x81, 1, ok(bytes(Writer().kv({})), b"junk")), "4 trailing bytes"),
+        (frame(0x81, 1, err(5, "x") + b"!"), "trailing"),
+        (frame(0x81, 1, b"", magic=0x0BADF00D), "bad magic"),
+        (b"HTTP/1.1 400 Bad Request\r\n\r\n", "bad magic"),
+        (frame(0x81, 1, b"", length=C.MAX_PAYLOAD + 1), "exceeds"),
+    ],
+)
 def test_malformed_info_reply(serve, raw: bytes, match: str) -> None:
     agent = serve(lambda t, s, p: raw, once=True)  # then closes: a short reply hits EOF
     with client(agent) as c, pytest.raises(ProtocolError, match=match):
@@ -279,7 +330,10 @@ def test_close_without_reply(serve) -> None:
 
 def test_seq_mismatch(serve) -> None:
     agent = serve(lambda t, s, p: frame(t | C.REPLY_BIT, s + 5, ok(bytes(Writer().kv({})))))
-    with client(agent) as c, pytest.raises(ProtocolError, match="seq 6 does not match request seq 1"):
+    with (
+        client(agent) as c,
+        pytest.raises(ProtocolError, match="seq 6 does not match request seq 1"),
+    ):
         c.info()
 
 
@@ -303,11 +357,15 @@ def test_test_reply_bad_flag(serve) -> None:
 
 # -- connecting -----------------------------------------------------------------------------
 
+
 def test_timeout_waiting_for_reply(serve) -> None:
     gate = threading.Event()
     agent = serve(lambda t, s, p: (gate.wait(5), None)[1])
     try:
-        with Client(agent.path, timeout=0.2) as c, pytest.raises(ConnectError, match="within 0.2 s"):
+        with (
+            Client(agent.path, timeout=0.2) as c,
+            pytest.raises(ConnectError, match="within 0.2 s"),
+        ):
             c.info()
     finally:
         gate.set()
@@ -340,7 +398,7 @@ def test_socket_path_for_pid(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) ->
 
 def test_no_such_pid() -> None:
     with pytest.raises(ConnectError, match="no process with pid"):
-        socket_path_for_pid(2 ** 22 + 12345)
+        socket_path_for_pid(2**22 + 12345)
 
 
 def test_client_by_pid(serve, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -359,8 +417,12 @@ TEXT = b"\x90" * 8 + b"\xb8\x2a\x00\x00\x00\xc3"
 
 
 def make_patch(name: str = "fix-c", symbol: str = "compute", target: int = 0x1139) -> Patch:
-    return Patch(name=name, build_id=BUILD_ID, text=TEXT,
-                 functions=[Function(symbol, target, 6, len(TEXT) - 6, b"\x90" * 8)])
+    return Patch(
+        name=name,
+        build_id=BUILD_ID,
+        text=TEXT,
+        functions=[Function(symbol, target, 6, len(TEXT) - 6, b"\x90" * 8)],
+    )
 
 
 class StatefulAgent:
@@ -368,7 +430,12 @@ class StatefulAgent:
 
     def __init__(self, applied: list[AppliedPatch], build_id: str = BUILD_ID.hex()) -> None:
         self.applied = list(applied)
-        self.info = {"pid": "4242", "exe": "/srv/app", "build_id": build_id, "load_bias": "0x555555554000"}
+        self.info = {
+            "pid": "4242",
+            "exe": "/srv/app",
+            "build_id": build_id,
+            "load_bias": "0x555555554000",
+        }
 
     def __call__(self, t: int, s: int, p: bytes) -> bytes:
         if t == Msg.INFO:
@@ -378,8 +445,8 @@ class StatefulAgent:
         elif t == Msg.APPLY:
             r = Reader(p)
             name = r.str("name")
-            self.applied.append(AppliedPatch(name, len(self.applied) + 1, 0, 0x7f00, 64, 0, 0, []))
-            payload = ok(struct.pack("<IQQQ", len(self.applied), 0x7f0000003000, 0, 5000))
+            self.applied.append(AppliedPatch(name, len(self.applied) + 1, 0, 0x7F00, 64, 0, 0, []))
+            payload = ok(struct.pack("<IQQQ", len(self.applied), 0x7F0000003000, 0, 5000))
         elif t == Msg.REMOVE:
             name = Reader(p).str("name")
             self.applied = [a for a in self.applied if a.name != name]
@@ -421,16 +488,20 @@ def test_cli_apply_already_applied(serve, tmp_path: Path) -> None:
     agent = serve(StatefulAgent(LISTED))
     result = run_cli("apply", "-s", str(agent.path), str(patch_file))
     assert result.exit_code == 1
-    assert result.stderr == ("patchbox: error: patch fix-a is already applied in pid 4242 "
-                             "(remove it first: patchbox remove -p 4242 fix-a)\n")
+    assert result.stderr == (
+        "patchbox: error: patch fix-a is already applied in pid 4242 "
+        "(remove it first: patchbox remove -p 4242 fix-a)\n"
+    )
 
 
 def test_cli_remove_stacked(serve) -> None:
     agent = serve(StatefulAgent(LISTED))
     result = run_cli("remove", "-s", str(agent.path), "fix-a")
     assert result.exit_code == 1
-    assert result.stderr == ("patchbox: error: cannot remove fix-a from pid 4242: patch fix-b is "
-                             "stacked on it (function compute); remove fix-b first\n")
+    assert result.stderr == (
+        "patchbox: error: cannot remove fix-a from pid 4242: patch fix-b is "
+        "stacked on it (function compute); remove fix-b first\n"
+    )
 
 
 def test_cli_remove_and_list(serve) -> None:
@@ -443,18 +514,25 @@ def test_cli_agent_error_is_one_line(serve) -> None:
     agent = serve(reply_to(err(ErrorCode.INTERNAL, "internal agent error: oops")))
     result = run_cli("info", "-s", str(agent.path))
     assert result.exit_code == 1
-    assert result.stderr == "patchbox: error: agent refused: internal agent error: oops [INTERNAL]\n"
+    assert (
+        result.stderr == "patchbox: error: agent refused: internal agent error: oops [INTERNAL]\n"
+    )
 
 
 def test_cli_list_json(serve) -> None:
     import json
+
     agent = serve(reply_to(list_payload(LISTED)))
     result = run_cli("list", "--json", "-s", str(agent.path))
     assert result.exit_code == 0
     data = json.loads(result.stdout)
     assert [p["name"] for p in data] == ["fix-a", "fix-b"]
-    assert data[1]["functions"][1] == {"symbol": "other", "target": 0x555555555200,
-                                       "new": 0x7f0000001066, "new_size": 9}
+    assert data[1]["functions"][1] == {
+        "symbol": "other",
+        "target": 0x555555555200,
+        "new": 0x7F0000001066,
+        "new_size": 9,
+    }
 
 
 def test_cli_test_failure_exits_1(serve) -> None:
@@ -462,8 +540,10 @@ def test_cli_test_failure_exits_1(serve) -> None:
     result = run_cli("test", "-p", "4242", "-s", str(agent.path))
     assert result.exit_code == 2  # -p and -s together: usage error
     agent.close()
-    agent = serve(reply_to(ok(bytes(Writer().u8(0).str("compute returned 1, expected 2")))),
-                  name=f"sandbox-sock{os.getpid()}")
+    agent = serve(
+        reply_to(ok(bytes(Writer().u8(0).str("compute returned 1, expected 2")))),
+        name=f"sandbox-sock{os.getpid()}",
+    )
     os.environ["PATCHBOX_SOCK_DIR"] = str(agent.path.parent)
     try:
         result = run_cli("test", "-p", str(os.getpid()))
@@ -471,8 +551,9 @@ def test_cli_test_failure_exits_1(serve) -> None:
         del os.environ["PATCHBOX_SOCK_DIR"]
     assert result.exit_code == 1
     assert result.stdout == ""
-    assert result.stderr == (f"patchbox: error: self-test failed in pid {os.getpid()}: "
-                             "compute returned 1, expected 2\n")
+    assert result.stderr == (
+        f"patchbox: error: self-test failed in pid {os.getpid()}: compute returned 1, expected 2\n"
+    )
 
 
 def test_policy_transitions() -> None:

@@ -1,4 +1,5 @@
 """patchbox.elf: the reference binary, relocatable objects and the relocation table."""
+
 from __future__ import annotations
 
 import re
@@ -6,8 +7,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from helpers import compile_c
 
+from helpers import compile_c
 from patchbox.elf.binary import Binary, strip_version
 from patchbox.elf.objfile import ObjectFile
 from patchbox.elf.reloc import Recipe, get_reloc_type, reloc_name
@@ -49,7 +50,7 @@ def test_symbols_and_bytes(exe: Path) -> None:
         assert b.find_symbol("printf") is None  # undefined here: a library's
         assert any(s.name == "printf" and not s.defined for s in b.iter_symbols())
         with pytest.raises(ElfError, match="not inside one loadable segment"):
-            b.read(0x7fff_0000_0000, 4)
+            b.read(0x7FFF_0000_0000, 4)
 
 
 def test_binary_without_build_id(tmp_path: Path) -> None:
@@ -75,7 +76,9 @@ def test_reloc_table() -> None:
     assert get_reloc_type(4, ".text.f+0x1", "g").recipe is Recipe.CALL
     assert get_reloc_type(42, ".text.f+0x1", "g").recipe is Recipe.GOT
     assert reloc_name(41) == "R_X86_64_GOTPCRELX"
-    with pytest.raises(UnsupportedRelocation,
-                       match=r"^unsupported relocation R_X86_64_32S in \.text\.f\+0x12 against 'x'"):
+    with pytest.raises(
+        UnsupportedRelocation,
+        match=r"^unsupported relocation R_X86_64_32S in \.text\.f\+0x12 against 'x'",
+    ):
         get_reloc_type(11, ".text.f+0x12", "x")
     assert strip_version("stdout@GLIBC_2.2.5") == "stdout" and strip_version("f@@V1") == "f"

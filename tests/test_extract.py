@@ -4,6 +4,7 @@
 at fake addresses (text at TEXT_ADDR, data at DATA_ADDR, load bias 0, imports at
 IMPORTS), and capstone then shows where the relocated code really goes.
 """
+
 from __future__ import annotations
 
 import re
@@ -16,12 +17,12 @@ import pytest
 from capstone import CS_ARCH_X86, CS_MODE_64, Cs
 from capstone.x86 import X86_OP_IMM, X86_OP_MEM, X86_REG_RIP
 from click.testing import CliRunner
-from helpers import compile_c
 
-from patchbox.extract import extract_patch
+from helpers import compile_c
 from patchbox.cli.extract import extract_command
 from patchbox.elf.binary import Binary
 from patchbox.errors import ElfError, ExtractError, UnsupportedRelocation
+from patchbox.extract import extract_patch
 from patchbox.flags import LINK_FLAGS
 from patchbox.format.layout import read_patch, write_patch
 from patchbox.format.model import Patch
@@ -29,8 +30,12 @@ from patchbox.wire import FixupBase, FixupSection, FixupType
 
 TEXT_ADDR = 0x1000_0000
 DATA_ADDR = 0x1800_0000
-IMPORTS = {"snprintf": 0x7F00_0000_1000, "strtol": 0x7F00_0000_2000, "puts": 0x7F00_0000_3000,
-           "atoi": 0x7F00_0000_4000}
+IMPORTS = {
+    "snprintf": 0x7F00_0000_1000,
+    "strtol": 0x7F00_0000_2000,
+    "puts": 0x7F00_0000_3000,
+    "atoi": 0x7F00_0000_4000,
+}
 
 ORIG = r"""
 #include <stdio.h>
@@ -49,16 +54,21 @@ int main(int argc, char **argv) {
 }
 """
 
-PATCHED = ORIG.replace(
-    "__attribute__((noipa)) int compute(int x) { return helper(x) + 1; }",
-    "static __attribute__((noipa)) int fresh(int x) { return x ^ 0x5a5a; }\n"
-    "__attribute__((noipa)) int compute(int x) { return helper(x) + fresh(x) + 2; }").replace(
-    "gvar += x; svar += gvar;", "gvar += 2 * x; svar -= gvar;").replace(
-    '"v=%d"', '"patched %d!"').replace("++n", "n += 2").replace(
-    "compute(x) * 2", "compute(x) * 4")
+PATCHED = (
+    ORIG.replace(
+        "__attribute__((noipa)) int compute(int x) { return helper(x) + 1; }",
+        "static __attribute__((noipa)) int fresh(int x) { return x ^ 0x5a5a; }\n"
+        "__attribute__((noipa)) int compute(int x) { return helper(x) + fresh(x) + 2; }",
+    )
+    .replace("gvar += x; svar += gvar;", "gvar += 2 * x; svar -= gvar;")
+    .replace('"v=%d"', '"patched %d!"')
+    .replace("++n", "n += 2")
+    .replace("compute(x) * 2", "compute(x) * 4")
+)
 
 
 # -- helpers -----------------------------------------------------------------------------
+
 
 def link(patch: Patch, imports: dict[str, int] | None = None) -> tuple[bytes, bytes]:
     """Returns (text, data) of ``patch`` with every fix-up applied at the fake addresses."""
@@ -66,14 +76,18 @@ def link(patch: Patch, imports: dict[str, int] | None = None) -> tuple[bytes, by
     text = bytearray(patch.text)
     data = bytearray(patch.data + bytes(patch.bss_size))
     for fx in patch.fixups:
-        s = {FixupBase.TEXT: TEXT_ADDR, FixupBase.DATA: DATA_ADDR, FixupBase.EXE: 0,
-             FixupBase.ABS: 0}.get(fx.base)
+        s = {
+            FixupBase.TEXT: TEXT_ADDR,
+            FixupBase.DATA: DATA_ADDR,
+            FixupBase.EXE: 0,
+            FixupBase.ABS: 0,
+        }.get(fx.base)
         if fx.base == FixupBase.IMPORT:
             s = imports[fx.symbol]
         buf, start = (text, TEXT_ADDR) if fx.section == FixupSection.TEXT else (data, DATA_ADDR)
         if fx.type == FixupType.PC32:
             value = s + fx.addend - (start + fx.offset)
-            assert -2**31 <= value < 2**31, fx
+            assert -(2**31) <= value < 2**31, fx
             struct.pack_into("<i", buf, fx.offset, value)
         else:
             struct.pack_into("<Q", buf, fx.offset, (s + fx.addend) % 2**64)
@@ -85,14 +99,17 @@ def disasm(patch: Patch, text: bytes, symbol: str) -> list:
     fn = next(f for f in patch.functions if f.symbol == symbol)
     md = Cs(CS_ARCH_X86, CS_MODE_64)
     md.detail = True
-    code = text[fn.new_offset:fn.new_offset + fn.new_size]
+    code = text[fn.new_offset : fn.new_offset + fn.new_size]
     return list(md.disasm(code, TEXT_ADDR + fn.new_offset))
 
 
 def branch_targets(insns: list) -> list[int]:
     """Returns the destinations of direct calls and jumps."""
-    return [i.operands[0].imm for i in insns
-            if i.mnemonic in ("call", "jmp") and i.operands and i.operands[0].type == X86_OP_IMM]
+    return [
+        i.operands[0].imm
+        for i in insns
+        if i.mnemonic in ("call", "jmp") and i.operands and i.operands[0].type == X86_OP_IMM
+    ]
 
 
 def rip_targets(insns: list) -> list[int]:
@@ -107,7 +124,7 @@ def rip_targets(insns: list) -> list[int]:
 
 def text_at(text: bytes, addr: int, n: int) -> bytes:
     """Returns ``n`` bytes of linked text at absolute ``addr``."""
-    return text[addr - TEXT_ADDR:addr - TEXT_ADDR + n]
+    return text[addr - TEXT_ADDR : addr - TEXT_ADDR + n]
 
 
 def addr_of(binary: Path, name: str, source: str | None = None) -> int:
@@ -127,12 +144,16 @@ def prog(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 def link_objs(objs: list[Path], out: Path) -> Path:
-    subprocess.run(["gcc", "-pie", *map(str, objs), "-o", str(out), *LINK_FLAGS], check=True,
-                   capture_output=True)
+    subprocess.run(
+        ["gcc", "-pie", *map(str, objs), "-o", str(out), *LINK_FLAGS],
+        check=True,
+        capture_output=True,
+    )
     return out
 
 
 # -- resolution of references ------------------------------------------------------------
+
 
 def test_existing_static_helper_is_called_in_the_program(prog: tuple[Path, Path]) -> None:
     exe, obj = prog
@@ -144,7 +165,7 @@ def test_existing_static_helper_is_called_in_the_program(prog: tuple[Path, Path]
     assert any(f.type == FixupType.PC32 and f.addend == helper - 4 for f in exe_fixups)
     fn = patch.functions[0]
     assert fn.symbol == "compute" and fn.target == addr_of(exe, "compute")
-    assert patch.text[fn.new_offset - 6:fn.new_offset + 2] == b"\x90" * 8
+    assert patch.text[fn.new_offset - 6 : fn.new_offset + 2] == b"\x90" * 8
 
 
 def test_new_static_helper_is_copied(prog: tuple[Path, Path]) -> None:
@@ -152,8 +173,11 @@ def test_new_static_helper_is_copied(prog: tuple[Path, Path]) -> None:
     patch = extract_patch(obj, exe, ["compute"])
     text, _ = link(patch)
     assert patch.meta["new:fresh"] == "text"
-    inside = [t for t in branch_targets(disasm(patch, text, "compute"))
-              if TEXT_ADDR <= t < TEXT_ADDR + len(text)]
+    inside = [
+        t
+        for t in branch_targets(disasm(patch, text, "compute"))
+        if TEXT_ADDR <= t < TEXT_ADDR + len(text)
+    ]
     assert len(inside) == 1
     # the copy keeps its own patchable entry; its body does the xor
     assert text_at(text, inside[0] - 6, 8) == b"\x90" * 8
@@ -185,8 +209,7 @@ def test_static_local_points_at_the_program(prog: tuple[Path, Path]) -> None:
     assert patch.bss_size == 0
 
 
-def test_string_literal_is_copied_and_snprintf_goes_through_a_stub(
-        prog: tuple[Path, Path]) -> None:
+def test_string_literal_is_copied_and_snprintf_goes_through_a_stub(prog: tuple[Path, Path]) -> None:
     exe, obj = prog
     patch = extract_patch(obj, exe, ["show"])
     text, _ = link(patch)
@@ -246,15 +269,22 @@ def test_round_trip_through_the_file_format(prog: tuple[Path, Path]) -> None:
 
 # -- multi-file programs, jump tables, GOT -----------------------------------------------
 
+
 def test_static_functions_of_the_same_name_in_two_files(tmp_path: Path) -> None:
-    a = 'static __attribute__((noipa)) int helper(int x) { return x + 1; }\n' \
-        'int fa(int x) { return helper(x); }\n'
-    b = 'static __attribute__((noipa)) int helper(int x) { return x * 2; }\n' \
-        '__attribute__((noipa)) int fb(int x) { return helper(x) + 1; }\n'
-    m = 'int fa(int); int fb(int);\nint main(int c, char **v) { (void)v; return fa(c) + fb(c); }\n'
+    a = (
+        "static __attribute__((noipa)) int helper(int x) { return x + 1; }\n"
+        "int fa(int x) { return helper(x); }\n"
+    )
+    b = (
+        "static __attribute__((noipa)) int helper(int x) { return x * 2; }\n"
+        "__attribute__((noipa)) int fb(int x) { return helper(x) + 1; }\n"
+    )
+    m = "int fa(int); int fb(int);\nint main(int c, char **v) { (void)v; return fa(c) + fb(c); }\n"
     (tmp_path / "new").mkdir()
-    objs = [compile_c(src, tmp_path / f"{n}.o", obj=True) for n, src in
-            (("a", a), ("b", b), ("main", m))]
+    objs = [
+        compile_c(src, tmp_path / f"{n}.o", obj=True)
+        for n, src in (("a", a), ("b", b), ("main", m))
+    ]
     exe = link_objs(objs, tmp_path / "prog")
     obj = compile_c(b.replace("+ 1;", "+ 7;"), tmp_path / "new" / "b.o", obj=True)
     patch = extract_patch(obj, exe, ["fb"])
@@ -271,11 +301,15 @@ def test_static_functions_of_the_same_name_in_two_files(tmp_path: Path) -> None:
 
 def test_switch_jump_table_is_copied(tmp_path: Path) -> None:
     cases = "".join(f"case {i}: return f{i}(x) + {i * 7};\n" for i in range(8))
-    funcs = "".join(f"__attribute__((noipa)) int f{i}(int x) {{ return x * {i + 3}; }}\n"
-                    for i in range(8))
-    src = funcs + ("__attribute__((noipa)) int dispatch(int k, int x) {\n switch (k) {\n"
-                   + cases + "default: return -1;\n }\n}\n"
-                   "int main(int c, char **v) { (void)v; return dispatch(c, c); }\n")
+    funcs = "".join(
+        f"__attribute__((noipa)) int f{i}(int x) {{ return x * {i + 3}; }}\n" for i in range(8)
+    )
+    src = funcs + (
+        "__attribute__((noipa)) int dispatch(int k, int x) {\n switch (k) {\n"
+        + cases
+        + "default: return -1;\n }\n}\n"
+        "int main(int c, char **v) { (void)v; return dispatch(c, c); }\n"
+    )
     (tmp_path / "orig").mkdir()
     (tmp_path / "new").mkdir()
     exe = compile_c(src, tmp_path / "orig" / "sw")
@@ -288,8 +322,11 @@ def test_switch_jump_table_is_copied(tmp_path: Path) -> None:
     leas = [a for a in rip_targets(disasm(patch, text, "dispatch")) if a >= end]
     assert len(leas) == 1, "one lea of the copied jump table"
     table = leas[0]
-    entries = [f for f in patch.fixups if f.section == FixupSection.TEXT
-               and 0 <= f.offset - (table - TEXT_ADDR) < 4 * 8]
+    entries = [
+        f
+        for f in patch.fixups
+        if f.section == FixupSection.TEXT and 0 <= f.offset - (table - TEXT_ADDR) < 4 * 8
+    ]
     assert [(f.type, f.base) for f in entries] == [(FixupType.PC32, FixupBase.TEXT)] * 8
     for fx in entries:
         rel = struct.unpack_from("<i", text, fx.offset)[0]
@@ -308,8 +345,11 @@ def test_gotpcrel_references_get_slots(prog: tuple[Path, Path], tmp_path: Path) 
     text, _ = link(patch)
     # gvar via the GOT: the slot holds the program's gvar
     slots = rip_targets(disasm(patch, text, "use_vars"))
-    values = {struct.unpack("<Q", text_at(text, a, 8))[0] for a in slots
-              if TEXT_ADDR <= a < TEXT_ADDR + len(text) and (a - TEXT_ADDR) % 8 == 0}
+    values = {
+        struct.unpack("<Q", text_at(text, a, 8))[0]
+        for a in slots
+        if TEXT_ADDR <= a < TEXT_ADDR + len(text) and (a - TEXT_ADDR) % 8 == 0
+    }
     assert addr_of(exe, "gvar") in values
     # snprintf via call *slot(%rip)
     show = disasm(patch, text, "show")
@@ -323,32 +363,43 @@ def test_gotpcrel_references_get_slots(prog: tuple[Path, Path], tmp_path: Path) 
 
 # -- refusals ----------------------------------------------------------------------------
 
+
 def test_tls_variable_is_refused_by_name(tmp_path: Path) -> None:
-    src = ("__thread int tls_var;\n__attribute__((noipa)) int f(void) { return tls_var; }\n"
-           "int main(void) { return f(); }\n")
+    src = (
+        "__thread int tls_var;\n__attribute__((noipa)) int f(void) { return tls_var; }\n"
+        "int main(void) { return f(); }\n"
+    )
     (tmp_path / "new").mkdir()
     exe = compile_c(src, tmp_path / "t")
-    obj = compile_c(src.replace("return tls_var;", "return tls_var + 1;"),
-                    tmp_path / "new" / "t.o", obj=True)
-    with pytest.raises(UnsupportedRelocation,
-                       match=r"unsupported relocation R_X86_64_TPOFF32 in \.text\.f\+0x[0-9a-f]+ "
-                             r"against 'tls_var'"):
+    obj = compile_c(
+        src.replace("return tls_var;", "return tls_var + 1;"), tmp_path / "new" / "t.o", obj=True
+    )
+    with pytest.raises(
+        UnsupportedRelocation,
+        match=r"unsupported relocation R_X86_64_TPOFF32 in \.text\.f\+0x[0-9a-f]+ "
+        r"against 'tls_var'",
+    ):
         extract_patch(obj, exe, ["f"])
 
 
-def test_replacement_without_patchable_entry_is_accepted(prog: tuple[Path, Path],
-                                                         tmp_path: Path) -> None:
+def test_replacement_without_patchable_entry_is_accepted(
+    prog: tuple[Path, Path], tmp_path: Path
+) -> None:
     """Its entry is its symbol (no padding before it): valid, but not stackable on."""
     exe, _ = prog
-    src = PATCHED.replace("__attribute__((noipa)) int counter(void)",
-                          "__attribute__((noipa, patchable_function_entry(0, 0))) int counter(void)")
+    src = PATCHED.replace(
+        "__attribute__((noipa)) int counter(void)",
+        "__attribute__((noipa, patchable_function_entry(0, 0))) int counter(void)",
+    )
     (tmp_path / "new").mkdir()
     obj = compile_c(src, tmp_path / "new" / "prog.o", obj=True)
     warnings: list[str] = []
     patch = extract_patch(obj, exe, ["counter"], warnings=warnings)
     assert patch.functions[0].new_offset == 0
-    assert any("counter" in w and "has no patchable entry" in w and "cannot be stacked" in w
-               for w in warnings)
+    assert any(
+        "counter" in w and "has no patchable entry" in w and "cannot be stacked" in w
+        for w in warnings
+    )
 
 
 def test_stripped_binary_is_refused(prog: tuple[Path, Path], tmp_path: Path) -> None:
@@ -378,8 +429,9 @@ def test_missing_function_and_files(prog: tuple[Path, Path], tmp_path: Path) -> 
         extract_patch(junk, exe, ["compute"])
 
 
-def test_renamed_source_file_does_not_copy_a_variable(prog: tuple[Path, Path],
-                                                      tmp_path: Path) -> None:
+def test_renamed_source_file_does_not_copy_a_variable(
+    prog: tuple[Path, Path], tmp_path: Path
+) -> None:
     exe, _ = prog
     obj = compile_c(PATCHED, tmp_path / "other.o", obj=True)
     with pytest.raises(ExtractError, match="no static symbols from other.c"):
@@ -387,11 +439,12 @@ def test_renamed_source_file_does_not_copy_a_variable(prog: tuple[Path, Path],
 
 
 def test_pc32_data_reference_to_a_library_variable_is_refused(tmp_path: Path) -> None:
-    orig = ("__attribute__((noipa)) int f(void) { return 1; }\n"
-            "int main(void) { return f(); }\n")
-    patched = ("extern char **environ;\n"
-               "__attribute__((noipa)) int f(void) { return environ != 0; }\n"
-               "int main(void) { return f(); }\n")
+    orig = "__attribute__((noipa)) int f(void) { return 1; }\nint main(void) { return f(); }\n"
+    patched = (
+        "extern char **environ;\n"
+        "__attribute__((noipa)) int f(void) { return environ != 0; }\n"
+        "int main(void) { return f(); }\n"
+    )
     (tmp_path / "new").mkdir()
     exe = compile_c(orig, tmp_path / "e")
     obj = compile_c(patched, tmp_path / "new" / "e.o", obj=True)
@@ -401,22 +454,28 @@ def test_pc32_data_reference_to_a_library_variable_is_refused(tmp_path: Path) ->
 
 # -- CLI ---------------------------------------------------------------------------------
 
-def test_cli_writes_the_patch(prog: tuple[Path, Path], tmp_path: Path,
-                              monkeypatch: pytest.MonkeyPatch) -> None:
+
+def test_cli_writes_the_patch(
+    prog: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     exe, obj = prog
     monkeypatch.chdir(tmp_path)
     res = CliRunner(mix_stderr=False).invoke(
-        extract_command, ["--function", "compute", "--function", "show", "--name", "fix2",
-                          str(obj), str(exe)])
+        extract_command,
+        ["--function", "compute", "--function", "show", "--name", "fix2", str(obj), str(exe)],
+    )
     assert res.exit_code == 0, res.stderr
     out = tmp_path / "fix2.pbx"
     patch = read_patch(out.read_bytes())
-    assert res.stdout == (f"wrote {out}: 2 function(s), {len(patch.text)} bytes text, "
-                          f"0 bytes data, {len(patch.fixups)} fix-ups\n")
+    assert res.stdout == (
+        f"wrote {out}: 2 function(s), {len(patch.text)} bytes text, "
+        f"0 bytes data, {len(patch.fixups)} fix-ups\n"
+    )
     assert patch.name == "fix2"
     res = CliRunner(mix_stderr=False).invoke(
-        extract_command, ["-f", "counter", "--qemu", "-o", str(tmp_path / "c-1.pbx"),
-                          str(obj), str(exe)])
+        extract_command,
+        ["-f", "counter", "--qemu", "-o", str(tmp_path / "c-1.pbx"), str(obj), str(exe)],
+    )
     assert res.exit_code == 0, res.stderr
     patch = read_patch((tmp_path / "c-1.pbx").read_bytes())
     assert patch.name == "c-1" and patch.meta["profile"] == "qemu"
@@ -425,7 +484,8 @@ def test_cli_writes_the_patch(prog: tuple[Path, Path], tmp_path: Path,
 def test_cli_reports_errors_on_one_line(prog: tuple[Path, Path], tmp_path: Path) -> None:
     exe, obj = prog
     res = CliRunner(mix_stderr=False).invoke(
-        extract_command, ["-f", "nosuch", "-o", str(tmp_path / "x.pbx"), str(obj), str(exe)])
+        extract_command, ["-f", "nosuch", "-o", str(tmp_path / "x.pbx"), str(obj), str(exe)]
+    )
     assert res.exit_code == 1
     assert res.stderr.startswith("extract-patch: error: ") and res.stderr.count("\n") == 1
     assert "nosuch" in res.stderr and "Traceback" not in res.stderr
@@ -439,20 +499,27 @@ def test_console_script(prog: tuple[Path, Path], tmp_path: Path) -> None:
     script = Path(__file__).resolve().parent.parent / ".venv" / "bin" / "extract-patch"
     if not script.exists():
         pytest.skip("extract-patch console script not installed")
-    res = subprocess.run([str(script), "-f", "nosuch", str(obj), str(exe)], cwd=tmp_path,
-                         capture_output=True, text=True)
+    res = subprocess.run(
+        [str(script), "-f", "nosuch", str(obj), str(exe)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
     assert res.returncode == 1 and res.stderr.startswith("extract-patch: error: ")
 
 
 def test_address_of_a_replaced_function_is_the_original(tmp_path: Path) -> None:
-    src = ("int (*volatile hook)(int);\n"
-           "__attribute__((noipa)) int compute(int x) { return x + 1; }\n"
-           "__attribute__((noipa)) void install(void) { hook = compute; }\n"
-           "int main(void) { install(); return hook(1) + compute(2); }\n")
+    src = (
+        "int (*volatile hook)(int);\n"
+        "__attribute__((noipa)) int compute(int x) { return x + 1; }\n"
+        "__attribute__((noipa)) void install(void) { hook = compute; }\n"
+        "int main(void) { install(); return hook(1) + compute(2); }\n"
+    )
     (tmp_path / "new").mkdir()
     exe = compile_c(src, tmp_path / "fp")
     patched = src.replace("x + 1", "x + 2").replace(
-        "{ hook = compute; }", "{ hook = compute; compute(0); }")
+        "{ hook = compute; }", "{ hook = compute; compute(0); }"
+    )
     obj = compile_c(patched, tmp_path / "new" / "fp.o", obj=True)
     patch = extract_patch(obj, exe, ["install", "compute"])
     text, _ = link(patch)

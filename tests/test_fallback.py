@@ -2,6 +2,7 @@
 compiled snippets, one test per refusal rule and its message, the accepted cases, and the
 kind/skip fields of the function record (docs/redirect.md, "Functions without the padding").
 """
+
 from __future__ import annotations
 
 import subprocess
@@ -9,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from patchbox.errors import ExtractError, PatchFormatError
 from patchbox.extract import extract_patch
 from patchbox.extract.entry import analyse_entry
-from patchbox.errors import ExtractError, PatchFormatError
 from patchbox.flags import LINK_FLAGS, PATCH_CFLAGS
-from patchbox.format.layout import encode_apply_body, decode_apply_body, read_patch, write_patch
+from patchbox.format.layout import decode_apply_body, encode_apply_body, read_patch, write_patch
 from patchbox.format.model import Function, Patch
 from patchbox.wire import RedirectKind
 
@@ -44,8 +45,13 @@ int main(int argc, char **argv) {
 }
 """
 
-FIXED = ORIG.replace("x * 7 + 3", "x * 7 + 4").replace("return x; }", "return x + 1; }") \
-    .replace("void tiny(void) { __asm__ volatile(\"\"); }", "void tiny(void) { __asm__ volatile(\"nop\"); }")
+FIXED = (
+    ORIG.replace("x * 7 + 3", "x * 7 + 4")
+    .replace("return x; }", "return x + 1; }")
+    .replace(
+        'void tiny(void) { __asm__ volatile(""); }', 'void tiny(void) { __asm__ volatile("nop"); }'
+    )
+)
 
 REPL = r"""
 __attribute__((noipa)) int answer(int x) { return x * 7 + 4; }
@@ -61,8 +67,9 @@ __attribute__((noipa)) char *getenv(const char *s) { return (char *)s; }
 def gcc(src: str, out: Path, *flags: str) -> Path:
     c = out.with_suffix(".c")
     c.write_text(src)
-    subprocess.run(["gcc", *flags, str(c), "-o", str(out)], check=True, capture_output=True,
-                   text=True)
+    subprocess.run(
+        ["gcc", *flags, str(c), "-o", str(out)], check=True, capture_output=True, text=True
+    )
     return out
 
 
@@ -85,7 +92,7 @@ def test_accepted_entry_jump(prog) -> None:
     assert (fn.kind, fn.skip) == (RedirectKind.ENTRY_JUMP, 0)
     assert fn.target % 8 == 0 and fn.expected[:1] == b"\x8d"  # lea, 7 bytes
     assert len(fn.expected) >= 8
-    assert fn.new_offset >= 6 and patch.text[fn.new_offset - 6:fn.new_offset + 2] == b"\x90" * 8
+    assert fn.new_offset >= 6 and patch.text[fn.new_offset - 6 : fn.new_offset + 2] == b"\x90" * 8
     again = read_patch(write_patch(patch))
     assert (again.functions[0].kind, again.functions[0].skip) == (RedirectKind.ENTRY_JUMP, 0)
 
@@ -99,20 +106,27 @@ def test_accepted_after_endbr64(prog) -> None:
 
 def test_rule1_too_short(prog) -> None:
     exe, padded, _plain = prog
-    with pytest.raises(ExtractError, match=r"tiny has no patchable entry and cannot use an entry "
-                                           r"jump \(rule 1, too short\): 1 bytes from the patch "
-                                           r"point 0x[0-9a-f]+ to its end"):
+    with pytest.raises(
+        ExtractError,
+        match=r"tiny has no patchable entry and cannot use an entry "
+        r"jump \(rule 1, too short\): 1 bytes from the patch "
+        r"point 0x[0-9a-f]+ to its end",
+    ):
         extract_patch(padded, exe, ["tiny"], force=True)
 
 
 def test_rule2_short_first_instruction_refused_then_forced(prog) -> None:
     exe, padded, _plain = prog
-    risk = (r"a thread preempted inside the first 5 bytes of shortfirst at the moment of the "
-            r"switch would execute a torn instruction and crash")
-    with pytest.raises(ExtractError, match=r"\(rule 2, first instruction\): the instruction at "
-                                           r"0x[0-9a-f]+ \(mov eax, edi\) is 2 bytes, shorter "
-                                           r"than the 5-byte jump: " + risk +
-                                           r"; pass --force to accept that risk"):
+    risk = (
+        r"a thread preempted inside the first 5 bytes of shortfirst at the moment of the "
+        r"switch would execute a torn instruction and crash"
+    )
+    with pytest.raises(
+        ExtractError,
+        match=r"\(rule 2, first instruction\): the instruction at "
+        r"0x[0-9a-f]+ \(mov eax, edi\) is 2 bytes, shorter "
+        r"than the 5-byte jump: " + risk + r"; pass --force to accept that risk",
+    ):
         extract_patch(padded, exe, ["shortfirst"])
     warnings: list[str] = []
     [fn] = extract_patch(padded, exe, ["shortfirst"], force=True, warnings=warnings).functions
@@ -123,9 +137,12 @@ def test_rule2_short_first_instruction_refused_then_forced(prog) -> None:
 def test_rule3_branch_into_overwritten_bytes(prog) -> None:
     exe, padded, _plain = prog
     # Forced past rule 2, the loop back to P+2 still refuses.
-    with pytest.raises(ExtractError, match=r"loopy .*\(rule 3, branch target\): the jg at "
-                                           r"loopy\+0x6 \(0x[0-9a-f]+\) goes to 0x[0-9a-f]+, "
-                                           r"inside the 5 bytes .*--force does not change that"):
+    with pytest.raises(
+        ExtractError,
+        match=r"loopy .*\(rule 3, branch target\): the jg at "
+        r"loopy\+0x6 \(0x[0-9a-f]+\) goes to 0x[0-9a-f]+, "
+        r"inside the 5 bytes .*--force does not change that",
+    ):
         extract_patch(padded, exe, ["loopy"], force=True)
     # A first instruction of 5 bytes, but a jump into its middle.
     with pytest.raises(ExtractError, match=r"midjump .*\(rule 3, branch target\): the jne"):
@@ -134,36 +151,63 @@ def test_rule3_branch_into_overwritten_bytes(prog) -> None:
 
 def test_rule3_undecodable_bytes() -> None:
     code = bytes.fromhex("b801000000") + b"\x06\x06"  # mov eax,1 ; push es: invalid in 64-bit
-    with pytest.raises(ExtractError, match=r"rule 3, branch target\): capstone cannot decode "
-                                           r"f\+0x5"):
+    with pytest.raises(
+        ExtractError,
+        match=r"rule 3, branch target\): capstone cannot decode "
+        r"f\+0x5",
+    ):
         analyse_entry("f", 0x1000, code)
 
 
 def test_rule4_alignment(tmp_path: Path, prog) -> None:
     _exe, padded, _plain = prog
     # gcc with -fcf-protection: endbr64 at a 16-aligned entry puts P at byte 4 of its word.
-    exe = gcc(ORIG, tmp_path / "cet", *[f for f in PLAIN if "cf-protection" not in f],
-              "-fcf-protection=full", "-pie", *LINK_FLAGS)
-    with pytest.raises(ExtractError, match=r"answer .*\(rule 4, alignment\): the patch point "
-                                           r"0x[0-9a-f]+ is byte 4 of its 8-byte word, so the "
-                                           r"5-byte jump would straddle two words .*--force does "
-                                           r"not change that \(an endbr64"):
+    exe = gcc(
+        ORIG,
+        tmp_path / "cet",
+        *[f for f in PLAIN if "cf-protection" not in f],
+        "-fcf-protection=full",
+        "-pie",
+        *LINK_FLAGS,
+    )
+    with pytest.raises(
+        ExtractError,
+        match=r"answer .*\(rule 4, alignment\): the patch point "
+        r"0x[0-9a-f]+ is byte 4 of its 8-byte word, so the "
+        r"5-byte jump would straddle two words .*--force does "
+        r"not change that \(an endbr64",
+    ):
         extract_patch(padded, exe, ["answer"], force=True)
-    with pytest.raises(ExtractError, match=r"rule 4, alignment\): the patch point 0x1005 is "
-                                           r"byte 5"):
+    with pytest.raises(
+        ExtractError,
+        match=r"rule 4, alignment\): the patch point 0x1005 is "
+        r"byte 5",
+    ):
         analyse_entry("g", 0x1005, bytes.fromhex("b801000000c3"))
 
 
 def test_rule5_shared_library(tmp_path: Path, prog) -> None:
     exe, _padded, plain = prog
-    with pytest.raises(ExtractError, match=r"getenv is in a shared library, not in .*prog: cannot "
-                                           r"patch it \(rule 5, shared library\): the sandbox lies "
-                                           r"near the executable and is not within rel32 reach"):
+    with pytest.raises(
+        ExtractError,
+        match=r"getenv is in a shared library, not in .*prog: cannot "
+        r"patch it \(rule 5, shared library\): the sandbox lies "
+        r"near the executable and is not within rel32 reach",
+    ):
         extract_patch(plain, exe, ["getenv"])
-    lib = gcc(ORIG.replace("int main(", "int not_main("), tmp_path / "libprog.so", *PLAIN,
-              "-fPIC", "-shared", "-Wl,--build-id=sha1")
-    with pytest.raises(ExtractError, match=r"\(rule 5, shared library\): .*libprog\.so is a shared "
-                                           r"library, not the executable"):
+    lib = gcc(
+        ORIG.replace("int main(", "int not_main("),
+        tmp_path / "libprog.so",
+        *PLAIN,
+        "-fPIC",
+        "-shared",
+        "-Wl,--build-id=sha1",
+    )
+    with pytest.raises(
+        ExtractError,
+        match=r"\(rule 5, shared library\): .*libprog\.so is a shared "
+        r"library, not the executable",
+    ):
         extract_patch(plain, lib, ["answer"])
 
 
@@ -180,8 +224,9 @@ def test_replacement_without_padding(prog) -> None:
 def _body(**fn_changes: object) -> bytes:
     fields = dict(symbol="f", target=0x1000, new_offset=0, new_size=4, expected=bytes(8))
     fields.update(fn_changes)
-    return encode_apply_body(Patch(name="p", build_id=b"\x01", text=b"\xc3" * 8,
-                                   functions=[Function(**fields)]))
+    return encode_apply_body(
+        Patch(name="p", build_id=b"\x01", text=b"\xc3" * 8, functions=[Function(**fields)])
+    )
 
 
 def test_record_kind_and_skip_encoding() -> None:

@@ -1,5 +1,6 @@
 """extract-patch refuses replaced functions that the reference binary also inlined
 elsewhere (found through its DWARF), unless --allow-inlined."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,9 +9,9 @@ import pytest
 from click.testing import CliRunner
 
 from helpers import compile_c
-from patchbox.extract import extract_patch
 from patchbox.cli.extract import extract_command
 from patchbox.errors import ExtractError
+from patchbox.extract import extract_patch
 from patchbox.format.layout import read_patch
 
 # describe_year: inlined into main (always_inline) and kept out of line (its address is
@@ -36,8 +37,11 @@ int main(int argc, char **argv) {
 }
 """
 
-FIXED = (SRC.replace('(y % 4 == 0) ? "leap"', '(y % 4 == 0 && y % 100 != 0) ? "leap"')
-         .replace("y * 7 + 1", "y * 7 + 2").replace("y + 3", "y + 4"))
+FIXED = (
+    SRC.replace('(y % 4 == 0) ? "leap"', '(y % 4 == 0 && y % 100 != 0) ? "leap"')
+    .replace("y * 7 + 1", "y * 7 + 2")
+    .replace("y + 3", "y + 4")
+)
 
 
 @pytest.fixture(scope="module")
@@ -57,34 +61,43 @@ def test_inlined_into_caller_is_refused(built: dict[str, Path]) -> None:
         extract_patch(built["obj"], built["bin"], ["describe_year"])
     assert str(exc.value) == (
         "describe_year is inlined into main (service.c): calls there would keep the old "
-        "code; add --function main if it can be replaced, or pass --allow-inlined to accept")
+        "code; add --function main if it can be replaced, or pass --allow-inlined to accept"
+    )
 
 
 def test_allow_inlined_warns_and_records(built: dict[str, Path]) -> None:
     warnings: list[str] = []
-    patch = extract_patch(built["obj"], built["bin"], ["describe_year", "year_name"],
-                          allow_inlined=True, warnings=warnings)
+    patch = extract_patch(
+        built["obj"],
+        built["bin"],
+        ["describe_year", "year_name"],
+        allow_inlined=True,
+        warnings=warnings,
+    )
     assert warnings == [
         "describe_year is inlined into main (service.c) at 1 site(s): calls there keep the "
         "old code (--allow-inlined)",
         "year_name is inlined into first (service.c) at 1 site(s), second (service.c) at "
-        "1 site(s): calls there keep the old code (--allow-inlined)"]
+        "1 site(s): calls there keep the old code (--allow-inlined)",
+    ]
     assert patch.meta["inlined_check"] == "dwarf"
     assert patch.meta["inlined:describe_year"] == "main"
     assert patch.meta["inlined:year_name"] == "first,second"
 
 
 def test_several_callers_are_all_named(built: dict[str, Path]) -> None:
-    with pytest.raises(ExtractError, match=r"year_name is inlined into first \(service.c\), "
-                       r"second \(service.c\): .*add --function first --function second if "
-                       r"they can be replaced"):
+    with pytest.raises(
+        ExtractError,
+        match=r"year_name is inlined into first \(service.c\), "
+        r"second \(service.c\): .*add --function first --function second if "
+        r"they can be replaced",
+    ):
         extract_patch(built["obj"], built["bin"], ["year_name"])
 
 
 def test_caller_replaced_too_is_accepted(built: dict[str, Path]) -> None:
     warnings: list[str] = []
-    patch = extract_patch(built["obj"], built["bin"], ["describe_year", "main"],
-                          warnings=warnings)
+    patch = extract_patch(built["obj"], built["bin"], ["describe_year", "main"], warnings=warnings)
     assert warnings == []
     assert patch.meta["inlined_check"] == "dwarf"
     assert not any(k.startswith("inlined:") for k in patch.meta)
@@ -99,11 +112,11 @@ def test_not_inlined_gives_no_warning(built: dict[str, Path]) -> None:
 
 def test_no_debug_info_warns(built: dict[str, Path]) -> None:
     warnings: list[str] = []
-    patch = extract_patch(built["obj"], str(built["nodebug"]), ["describe_year"],
-                          warnings=warnings)
+    patch = extract_patch(built["obj"], str(built["nodebug"]), ["describe_year"], warnings=warnings)
     assert warnings == [
         f"{built['nodebug']} has no debug info (.debug_info): cannot check whether "
-        f"describe_year is inlined elsewhere; build with -g"]
+        f"describe_year is inlined elsewhere; build with -g"
+    ]
     assert patch.meta["inlined_check"] == "unavailable"
     # Without the list, extract_patch stays silent and still succeeds.
     extract_patch(built["obj"], built["nodebug"], ["describe_year"])
@@ -118,14 +131,23 @@ def test_cli_refuses_then_allows(built: dict[str, Path], tmp_path: Path) -> None
     assert not out.exists()
     res = CliRunner().invoke(extract_command, ["--allow-inlined", *args])
     assert res.exit_code == 0, res.output
-    assert ("extract-patch: warning: describe_year is inlined into main (service.c) at "
-            "1 site(s)") in res.output
+    assert (
+        "extract-patch: warning: describe_year is inlined into main (service.c) at 1 site(s)"
+    ) in res.output
     assert read_patch(out.read_bytes()).meta["inlined:describe_year"] == "main"
 
 
 def test_cli_warns_without_debug_info(built: dict[str, Path], tmp_path: Path) -> None:
-    res = CliRunner().invoke(extract_command, ["-f", "describe_year", "-o",
-                                               str(tmp_path / "p.pbx"), str(built["obj"]),
-                                               str(built["nodebug"])])
+    res = CliRunner().invoke(
+        extract_command,
+        [
+            "-f",
+            "describe_year",
+            "-o",
+            str(tmp_path / "p.pbx"),
+            str(built["obj"]),
+            str(built["nodebug"]),
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "extract-patch: warning: " in res.output and "build with -g" in res.output

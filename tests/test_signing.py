@@ -1,4 +1,5 @@
 """Signed patch files: keygen, sign, the signature trailer and the trust check of apply."""
+
 from __future__ import annotations
 
 import stat
@@ -10,8 +11,15 @@ from click.testing import CliRunner, Result
 from patchbox import signing
 from patchbox.cli.main import cli
 from patchbox.errors import PatchFormatError
-from patchbox.format.layout import (FLAG_SIGNED, HEADER, SIG_TRAILER, read_patch, save_patch,
-                                    split_signature, write_patch)
+from patchbox.format.layout import (
+    FLAG_SIGNED,
+    HEADER,
+    SIG_TRAILER,
+    read_patch,
+    save_patch,
+    split_signature,
+    write_patch,
+)
 from test_cli import make_patch
 
 
@@ -27,8 +35,11 @@ def keys(tmp_path: Path) -> dict[str, Path]:
     for name in ("alice", "mallory"):
         assert run("keygen", "--out", str(tmp_path / "keys" / name)).exit_code == 0
     (trust / "alice.pub").write_bytes((tmp_path / "keys" / "alice.pub").read_bytes())
-    return {"trust": trust, "alice": tmp_path / "keys" / "alice.key",
-            "mallory": tmp_path / "keys" / "mallory.key"}
+    return {
+        "trust": trust,
+        "alice": tmp_path / "keys" / "alice.key",
+        "mallory": tmp_path / "keys" / "mallory.key",
+    }
 
 
 @pytest.fixture
@@ -42,8 +53,9 @@ def key_id_of(key: Path) -> str:
     return signing.key_id(signing.load_private_key(key).public_key()).hex()
 
 
-def apply_via_missing_socket(tmp_path: Path, patch_file: Path, *extra: str,
-                             env: dict[str, str] | None = None) -> Result:
+def apply_via_missing_socket(
+    tmp_path: Path, patch_file: Path, *extra: str, env: dict[str, str] | None = None
+) -> Result:
     """Runs apply against a socket that does not exist: passing the trust check shows as
     the connect error, failing it as the trust error (nothing is ever sent)."""
     return run("apply", "-s", str(tmp_path / "no-sock"), *extra, str(patch_file), env=env)
@@ -67,14 +79,16 @@ def test_sign_layout_and_roundtrip(keys, patch_file: Path) -> None:
     data = patch_file.read_bytes()
     assert len(data) == len(unsigned) + SIG_TRAILER.size
     assert HEADER.unpack_from(data)[3] & FLAG_SIGNED
-    assert data[len(unsigned):len(unsigned) + 8] == b"PBXSIG01"
+    assert data[len(unsigned) : len(unsigned) + 8] == b"PBXSIG01"
     sig = split_signature(data)
     assert sig is not None and sig.key_id.hex() == key_id_of(keys["alice"])
     assert read_patch(data) == read_patch(unsigned)
     # Re-signing replaces the signature instead of stacking trailers.
     assert run("sign", "--key", str(keys["mallory"]), str(patch_file)).exit_code == 0
     data2 = patch_file.read_bytes()
-    assert len(data2) == len(data) and split_signature(data2).key_id.hex() == key_id_of(keys["mallory"])
+    assert len(data2) == len(data) and split_signature(data2).key_id.hex() == key_id_of(
+        keys["mallory"]
+    )
 
 
 def test_no_trust_dir_accepts_unsigned(tmp_path: Path, patch_file: Path, monkeypatch) -> None:
@@ -98,8 +112,9 @@ def test_unsigned_refused_with_trust_dir(keys, tmp_path: Path, patch_file: Path)
 
 
 def test_env_trust_dir(keys, tmp_path: Path, patch_file: Path) -> None:
-    result = apply_via_missing_socket(tmp_path, patch_file,
-                                      env={"PATCHBOX_TRUST_DIR": str(keys["trust"])})
+    result = apply_via_missing_socket(
+        tmp_path, patch_file, env={"PATCHBOX_TRUST_DIR": str(keys["trust"])}
+    )
     assert result.exit_code == 1 and "is not signed" in result.stderr
 
 
@@ -137,19 +152,25 @@ def test_changed_header_after_signing_refused(keys, tmp_path: Path, patch_file: 
 
 def test_stripped_signature_is_unsigned(keys, tmp_path: Path, patch_file: Path) -> None:
     run("sign", "--key", str(keys["alice"]), str(patch_file))
-    data = bytearray(patch_file.read_bytes()[:-SIG_TRAILER.size])
+    data = bytearray(patch_file.read_bytes()[: -SIG_TRAILER.size])
     data[12] &= ~FLAG_SIGNED
     patch_file.write_bytes(bytes(data))
     result = apply_via_missing_socket(tmp_path, patch_file, "--trust-dir", str(keys["trust"]))
     assert result.exit_code == 1 and "is not signed" in result.stderr
 
 
-@pytest.mark.parametrize("mutate, match", [
-    (lambda d: d[:-1], "truncated or padded"),
-    (lambda d: d + b"\0", "truncated or padded"),
-    (lambda d: d[:-SIG_TRAILER.size] + b"XXXXXXXX" + d[-SIG_TRAILER.size + 8:], "signature trailer"),
-    (lambda d: d[:-97] + b"\x07" + d[-96:], "unknown signature algorithm"),
-])
+@pytest.mark.parametrize(
+    "mutate, match",
+    [
+        (lambda d: d[:-1], "truncated or padded"),
+        (lambda d: d + b"\0", "truncated or padded"),
+        (
+            lambda d: d[: -SIG_TRAILER.size] + b"XXXXXXXX" + d[-SIG_TRAILER.size + 8 :],
+            "signature trailer",
+        ),
+        (lambda d: d[:-97] + b"\x07" + d[-96:], "unknown signature algorithm"),
+    ],
+)
 def test_bad_trailer(keys, patch_file: Path, mutate, match: str) -> None:
     run("sign", "--key", str(keys["alice"]), str(patch_file))
     with pytest.raises(PatchFormatError, match=match):

@@ -3,8 +3,10 @@
 
 Usage: gen_wire.py [--check]. With --check, exit 1 if a generated file is stale.
 """
+
 from __future__ import annotations
 
+import json
 import sys
 import tomllib
 from pathlib import Path
@@ -23,48 +25,77 @@ def load() -> dict:
 def render_c(spec: dict) -> str:
     out = [f"/* {STAMP} */", "#ifndef PATCHBOX_WIRE_H", "#define PATCHBOX_WIRE_H", ""]
     for name, value in spec["limits"].items():
-        out.append(f"#define PBX_{name} {value:#x}u" if name == "MAGIC" else f"#define PBX_{name} {value}")
-    for group, prefix in (("message", "PBX_MSG_"), ("redirect_kind", "PBX_KIND_"), ("apply_flag", "PBX_FLAG_"),
-                          ("fixup_type", "PBX_FIXUP_"),
-                          ("fixup_base", "PBX_BASE_"), ("fixup_section", "PBX_SECT_")):
+        out.append(
+            f"#define PBX_{name} {value:#x}u" if name == "MAGIC" else f"#define PBX_{name} {value}"
+        )
+    for group, prefix in (
+        ("message", "PBX_MSG_"),
+        ("redirect_kind", "PBX_KIND_"),
+        ("apply_flag", "PBX_FLAG_"),
+        ("fixup_type", "PBX_FIXUP_"),
+        ("fixup_base", "PBX_BASE_"),
+        ("fixup_section", "PBX_SECT_"),
+    ):
         out.append("")
         for name, value in spec[group].items():
             out.append(f"#define {prefix}{name} {value}")
     out += ["", "enum pbx_error {"]
     for name, (value, _text) in spec["error"].items():
         out.append(f"\tPBX_E_{name} = {value},")
-    out += ["\tPBX_E_COUNT_", "};", "",
-            "/* Error texts, indexed by enum pbx_error. */",
-            "#define PBX_ERROR_TEXTS { \\"]
-    for name, (_value, text) in spec["error"].items():
+    out += [
+        "\tPBX_E_COUNT_",
+        "};",
+        "",
+        "/* Error texts, indexed by enum pbx_error. */",
+        "#define PBX_ERROR_TEXTS { \\",
+    ]
+    for _name, (_value, text) in spec["error"].items():
         out.append(f'\t"{text}", \\')
     out += ["}", "", "#endif", ""]
     return "\n".join(out)
 
 
 def render_py(spec: dict) -> str:
-    out = [f'"""Constants shared by the patch format, the wire protocol and the agent.',
-           "",
-           "Neutral ground below :mod:`patchbox.format` and :mod:`patchbox.protocol` (both import",
-           "it, it imports nothing of the project).",
-           "",
-           f"{STAMP[0].upper()}{STAMP[1:]}.",
-           '"""', "", "from enum import IntEnum", ""]
+    out = [
+        '"""Constants shared by the patch format, the wire protocol and the agent.',
+        "",
+        "Neutral ground below :mod:`patchbox.format` and :mod:`patchbox.protocol` (both import",
+        "it, it imports nothing of the project).",
+        "",
+        f"{STAMP[0].upper()}{STAMP[1:]}.",
+        '"""',
+        "",
+        "from enum import IntEnum",
+        "",
+    ]
     for name, value in spec["limits"].items():
         out.append(f"{name} = {value:#x}" if name == "MAGIC" else f"{name} = {value}")
-    for group, cls in (("message", "Msg"), ("redirect_kind", "RedirectKind"), ("apply_flag", "ApplyFlag"),
-                       ("fixup_type", "FixupType"),
-                       ("fixup_base", "FixupBase"), ("fixup_section", "FixupSection")):
+    for group, cls in (
+        ("message", "Msg"),
+        ("redirect_kind", "RedirectKind"),
+        ("apply_flag", "ApplyFlag"),
+        ("fixup_type", "FixupType"),
+        ("fixup_base", "FixupBase"),
+        ("fixup_section", "FixupSection"),
+    ):
         out += ["", "", f"class {cls}(IntEnum):"]
         out += [f"    {name} = {value}" for name, value in spec[group].items()]
     out += ["", "", "class ErrorCode(IntEnum):"]
     out += [f"    {name} = {value}" for name, (value, _t) in spec["error"].items()]
     out += ["", "", "ERROR_TEXTS: dict[int, str] = {"]
-    out += [f"    {value}: {text!r}," for _n, (value, text) in spec["error"].items()]
+    out += [f"    {value}: {json.dumps(text)}," for _n, (value, text) in spec["error"].items()]
     out += ["}", "", "__all__ = ["]
-    names = list(spec["limits"]) + ["Msg", "RedirectKind", "ApplyFlag", "FixupType", "FixupBase",
-                                    "FixupSection", "ErrorCode", "ERROR_TEXTS"]
-    out += [f"    {n!r}," for n in names]
+    names = list(spec["limits"]) + [
+        "Msg",
+        "RedirectKind",
+        "ApplyFlag",
+        "FixupType",
+        "FixupBase",
+        "FixupSection",
+        "ErrorCode",
+        "ERROR_TEXTS",
+    ]
+    out += [f"    {json.dumps(n)}," for n in names]
     out += ["]", ""]
     return "\n".join(out)
 

@@ -5,6 +5,7 @@ this source tree. ``libs()`` also generates, with the C compiler, a small object
 ``patchbox_build_info`` (agent/include/patchbox/sandbox.h) that records the program's
 version, git revision, link date and cflags; the agent reports them in INFO.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -13,15 +14,25 @@ import shlex
 import subprocess
 import tempfile
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from patchbox.errors import ConfigError
 from patchbox.flags import LINK_FLAGS, PATCH_CFLAGS
 
 __all__ = [
-    "BUILD_INFO_MAGIC", "AGENT_OBJECTS", "BuildInfo", "agent_dir", "include_dir", "cflags", "libs",
-    "preload", "cache_dir", "collect_build_info", "build_info_source", "build_info_object",
+    "BUILD_INFO_MAGIC",
+    "AGENT_OBJECTS",
+    "BuildInfo",
+    "agent_dir",
+    "include_dir",
+    "cflags",
+    "libs",
+    "preload",
+    "cache_dir",
+    "collect_build_info",
+    "build_info_source",
+    "build_info_object",
     "c_string",
 ]
 
@@ -73,8 +84,11 @@ def preload() -> Path:
     return path
 
 
-def libs(app_version: str | None = None, app_cflags: str | None = None,
-         cwd: str | os.PathLike[str] | None = None) -> str:
+def libs(
+    app_version: str | None = None,
+    app_cflags: str | None = None,
+    cwd: str | os.PathLike[str] | None = None,
+) -> str:
     """Returns the link inputs of a patchable program: agent objects, a fresh build-info
     object and the link flags. (Paths are printed unquoted, for ``$(...)`` in make/sh.)"""
     directory = agent_dir()
@@ -86,7 +100,11 @@ def libs(app_version: str | None = None, app_cflags: str | None = None,
 def cache_dir() -> Path:
     """Returns (creating it) ``$PATCHBOX_CACHE`` or ``~/.cache/patchbox``."""
     env = os.environ.get("PATCHBOX_CACHE")
-    path = Path(env) if env else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "patchbox"
+    path = (
+        Path(env)
+        if env
+        else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "patchbox"
+    )
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -97,8 +115,10 @@ def cache_dir() -> Path:
 def _git_revision(cwd: str | os.PathLike[str] | None) -> str:
     """Returns ``git rev-parse HEAD`` of ``cwd`` plus ``-dirty`` if tracked files changed,
     or ``unknown`` outside a repository (or without git)."""
+
     def git(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=30)
+
     try:
         head = git("rev-parse", "--verify", "HEAD")
         if head.returncode != 0:
@@ -115,19 +135,28 @@ def _git_revision(cwd: str | os.PathLike[str] | None) -> str:
 def _now_utc() -> str:
     """Returns the link date, UTC ISO 8601 (``SOURCE_DATE_EPOCH`` wins, for reproducible builds)."""
     epoch = os.environ.get("SOURCE_DATE_EPOCH")
-    when = (datetime.fromtimestamp(int(epoch), timezone.utc) if epoch and epoch.isdigit()
-            else datetime.now(timezone.utc))
+    when = (
+        datetime.fromtimestamp(int(epoch), UTC) if epoch and epoch.isdigit() else datetime.now(UTC)
+    )
     return when.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def collect_build_info(app_version: str | None = None, app_cflags: str | None = None,
-                       cwd: str | os.PathLike[str] | None = None) -> BuildInfo:
+def collect_build_info(
+    app_version: str | None = None,
+    app_cflags: str | None = None,
+    cwd: str | os.PathLike[str] | None = None,
+) -> BuildInfo:
     """Returns the build facts: version (option, $PATCHBOX_APP_VERSION, "unknown"), git
     revision of ``cwd``, the date now, cflags (option, $CFLAGS, the patchbox cflags)."""
-    version = app_version if app_version is not None else os.environ.get("PATCHBOX_APP_VERSION", "unknown")
+    version = (
+        app_version
+        if app_version is not None
+        else os.environ.get("PATCHBOX_APP_VERSION", "unknown")
+    )
     flags = app_cflags if app_cflags is not None else os.environ.get("CFLAGS", cflags())
-    return BuildInfo(version=version or "unknown", git=_git_revision(cwd), date=_now_utc(),
-                     cflags=flags)
+    return BuildInfo(
+        version=version or "unknown", git=_git_revision(cwd), date=_now_utc(), cflags=flags
+    )
 
 
 def c_string(text: str) -> str:

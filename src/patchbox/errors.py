@@ -4,6 +4,7 @@ Every failure a user can see is a :class:`PatchboxError`; the CLI prints ``str(e
 one line on stderr and exits non-zero. Lower-level exceptions are converted with
 ``raise ... from err`` at one choke point per module.
 """
+
 from __future__ import annotations
 
 __all__ = [

@@ -3,6 +3,7 @@
 `patchbox config --cflags` prints PATCH_CFLAGS; extract-patch checks that patch objects
 have the patchable entry these flags create.
 """
+
 from __future__ import annotations
 
 __all__ = ["PATCH_CFLAGS", "LINK_FLAGS"]

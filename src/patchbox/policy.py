@@ -18,6 +18,7 @@ sides and what to do, and sends nothing the agent would refuse.
 Stacking: a patch applied after another on a shared function sits on top of it; patches
 are removed top first.
 """
+
 from __future__ import annotations
 
 import enum
@@ -27,8 +28,17 @@ from patchbox.errors import PatchboxError
 from patchbox.format.model import Patch
 from patchbox.protocol.replies import AppliedPatch
 
-__all__ = ["PatchState", "Action", "PolicyError", "TRANSITIONS", "transition", "state_in",
-           "stacked_above", "check_apply", "check_remove"]
+__all__ = [
+    "PatchState",
+    "Action",
+    "PolicyError",
+    "TRANSITIONS",
+    "transition",
+    "state_in",
+    "stacked_above",
+    "check_apply",
+    "check_remove",
+]
 
 
 class PolicyError(PatchboxError):
@@ -81,28 +91,35 @@ def stacked_above(name: str, applied: Sequence[AppliedPatch]) -> list[tuple[str,
         return []
     targets = {f.target: f.symbol for f in applied[index].functions}
     above: list[tuple[str, str]] = []
-    for later in reversed(applied[index + 1:]):
+    for later in reversed(applied[index + 1 :]):
         shared = [targets[f.target] for f in later.functions if f.target in targets]
         if shared:
             above.append((later.name, shared[0]))
     return above
 
 
-def check_apply(patch: Patch, info: dict[str, str], applied: Sequence[AppliedPatch],
-                pid: int | str) -> None:
+def check_apply(
+    patch: Patch, info: dict[str, str], applied: Sequence[AppliedPatch], pid: int | str
+) -> None:
     """Raises PolicyError if ``patch`` must not be applied to the process described by
     ``info`` (INFO reply) with ``applied`` (LIST reply)."""
     want = patch.build_id.hex()
     have = info.get("build_id", "unknown").lower()
     if have == "unknown":
-        raise PolicyError(f"pid {pid} ({info.get('exe', '?')}) has no GNU build-id; patch "
-                          f"{patch.name} was built for {want} (link with -Wl,--build-id)")
+        raise PolicyError(
+            f"pid {pid} ({info.get('exe', '?')}) has no GNU build-id; patch "
+            f"{patch.name} was built for {want} (link with -Wl,--build-id)"
+        )
     if have != want:
-        raise PolicyError(f"patch {patch.name} was built for build-id {want} but pid {pid} "
-                          f"runs {info.get('exe', 'an executable')} with build-id {have}")
+        raise PolicyError(
+            f"patch {patch.name} was built for build-id {want} but pid {pid} "
+            f"runs {info.get('exe', 'an executable')} with build-id {have}"
+        )
     if state_in(patch.name, applied) is PatchState.APPLIED:
-        raise PolicyError(f"patch {patch.name} is already applied in pid {pid} "
-                          f"(remove it first: patchbox remove -p {pid} {patch.name})")
+        raise PolicyError(
+            f"patch {patch.name} is already applied in pid {pid} "
+            f"(remove it first: patchbox remove -p {pid} {patch.name})"
+        )
 
 
 def check_remove(name: str, applied: Sequence[AppliedPatch], pid: int | str) -> None:
@@ -116,6 +133,8 @@ def check_remove(name: str, applied: Sequence[AppliedPatch], pid: int | str) -> 
     if above:
         top, symbol = above[0]
         order = ", ".join(n for n, _ in above)
-        raise PolicyError(f"cannot remove {name} from pid {pid}: patch {top} is stacked on it "
-                          f"(function {symbol}); remove {order} first")
+        raise PolicyError(
+            f"cannot remove {name} from pid {pid}: patch {top} is stacked on it "
+            f"(function {symbol}); remove {order} first"
+        )
     transition(state, Action.REMOVE, name)

@@ -108,8 +108,9 @@ class Profile:
 
 
 GENERIC = Profile("generic", Reporters(GENERIC_REPORTERS))
-QEMU = Profile("qemu", Reporters(QEMU_REPORTERS, QEMU_PREFIXES), retain=True,
-               build_defines=_QEMU_DEFINES)
+QEMU = Profile(
+    "qemu", Reporters(QEMU_REPORTERS, QEMU_PREFIXES), retain=True, build_defines=_QEMU_DEFINES
+)
 PROFILES: dict[str, Profile] = {p.name: p for p in (GENERIC, QEMU)}
 
 

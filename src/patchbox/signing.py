@@ -9,6 +9,7 @@ Trust: ``--trust-dir`` of `apply`, else ``$PATCHBOX_TRUST_DIR``, else
 signed by one of its ``*.pub`` keys; when the default directory does not exist,
 unsigned patches are accepted (a directory named explicitly must exist).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -23,8 +24,18 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from patchbox.errors import PatchboxError
 from patchbox.format.layout import split_signature, with_signature
 
-__all__ = ["DEFAULT_TRUST_DIR", "TrustError", "KeyError_", "Trust", "key_id", "keygen",
-           "load_private_key", "sign_file_bytes", "trust_dir", "check_trust"]
+__all__ = [
+    "DEFAULT_TRUST_DIR",
+    "TrustError",
+    "KeyError_",
+    "Trust",
+    "key_id",
+    "keygen",
+    "load_private_key",
+    "sign_file_bytes",
+    "trust_dir",
+    "check_trust",
+]
 
 DEFAULT_TRUST_DIR = Path("/etc/patchbox/trusted-keys")
 
@@ -51,10 +62,12 @@ def keygen(out: str | os.PathLike[str]) -> tuple[Path, Path, bytes]:
         if path.exists():
             raise KeyError_(f"{path} exists: not overwriting a key")
     private = Ed25519PrivateKey.generate()
-    pem = private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                serialization.NoEncryption())
-    pub = private.public_key().public_bytes(serialization.Encoding.PEM,
-                                            serialization.PublicFormat.SubjectPublicKeyInfo)
+    pem = private.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    pub = private.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
     try:
         base.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -127,22 +140,30 @@ def check_trust(data: bytes, file: str, trust: Trust) -> str:
     where = trust.path
     if not where.is_dir():
         if trust.explicit:
-            raise TrustError(f"trust directory {where} does not exist (--trust-dir / PATCHBOX_TRUST_DIR)")
+            raise TrustError(
+                f"trust directory {where} does not exist (--trust-dir / PATCHBOX_TRUST_DIR)"
+            )
         return "unchecked: no trust directory " + str(where)
     keys: dict[bytes, Path] = {}
     for path in sorted(where.glob("*.pub")):
         keys[key_id(load_public_key(path))] = path
     if sig is None:
-        raise TrustError(f"{file} is not signed, and {where} ({len(keys)} trusted keys) requires a "
-                         f"signature by one of them: sign it with `patchbox sign --key KEY.key {file}`")
+        raise TrustError(
+            f"{file} is not signed, and {where} ({len(keys)} trusted keys) requires a "
+            f"signature by one of them: sign it with `patchbox sign --key KEY.key {file}`"
+        )
     want = sig.key_id.hex()
     if sig.key_id not in keys:
-        raise TrustError(f"{file} is signed by key {want}, which is not trusted: no *.pub in {where} "
-                         f"has that id ({len(keys)} keys there); add that key's .pub to trust it")
+        raise TrustError(
+            f"{file} is signed by key {want}, which is not trusted: no *.pub in {where} "
+            f"has that id ({len(keys)} keys there); add that key's .pub to trust it"
+        )
     public = load_public_key(keys[sig.key_id])
     try:
         public.verify(sig.signature, sig.signed)
     except InvalidSignature as err:
-        raise TrustError(f"{file}: signature by key {want} ({keys[sig.key_id]}) does not verify: "
-                         "the file was changed after signing") from err
+        raise TrustError(
+            f"{file}: signature by key {want} ({keys[sig.key_id]}) does not verify: "
+            "the file was changed after signing"
+        ) from err
     return f"signed by trusted key {want[:16]} ({keys[sig.key_id].name})"

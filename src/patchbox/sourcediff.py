@@ -20,8 +20,17 @@ from patchbox.errors import BuildError
 
 __all__ = ["FileChange", "parse_diff", "diff_files", "changed_lines", "strip_path", "unquote"]
 
-_ESCAPES = {"a": "\a", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t", "v": "\v",
-            '"': '"', "\\": "\\"}
+_ESCAPES = {
+    "a": "\a",
+    "b": "\b",
+    "f": "\f",
+    "n": "\n",
+    "r": "\r",
+    "t": "\t",
+    "v": "\v",
+    '"': '"',
+    "\\": "\\",
+}
 
 
 def unquote(name: str) -> str:
@@ -84,13 +93,13 @@ def parse_diff(text: str) -> list[FileChange]:
             change.hunks.append((hunk.source_start, hunk.source_length, hunk.target_length))
             nxt = hunk.target_start
             for line in hunk:
-                if line.is_added:
-                    change.touched.add(line.target_line_no)
-                    nxt = line.target_line_no + 1
-                elif line.is_removed:
-                    change.touched.add(nxt)
-                elif line.target_line_no is not None:
-                    nxt = line.target_line_no + 1
+                new_no: int | None = line.target_line_no
+                if line.is_removed:
+                    change.touched.add(nxt)  # the line that now follows the deletion
+                elif new_no is not None:
+                    if line.is_added:
+                        change.touched.add(new_no)
+                    nxt = new_no + 1
         out.append(change)
     return out
 

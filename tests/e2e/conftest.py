@@ -1,12 +1,13 @@
 """Real-process fixtures: build the target with the agent linked, start it, talk to it."""
+
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+from live import Target, render
 
 from helpers import AGENT_DIR, ROOT, compile_c
-from live import Target, render
 
 __all__ = ["AGENT_DIR", "ROOT", "compile_c"]
 

@@ -1,4 +1,5 @@
 """The real target program of the end-to-end tests and a driver for a running one."""
+
 from __future__ import annotations
 
 import os
@@ -6,7 +7,6 @@ import select
 import subprocess
 import time
 from pathlib import Path
-
 
 HERE = Path(__file__).resolve().parent
 ORIGINAL = {
@@ -17,7 +17,7 @@ ORIGINAL = {
     "PAIR_A": "1",
     "PAIR_B": "2",
     "STACKED": "100",
-    "PICK": "return x ? \"some\" : \"none\";",
+    "PICK": 'return x ? "some" : "none";',
     "EXTRA": "",
     "PARK": "return x + 7;",
 }
@@ -37,9 +37,15 @@ class Target:
     def __init__(self, exe: Path, env: dict[str, str] | None = None) -> None:
         env = dict(env or {})
         self.exe = exe
-        self.proc = subprocess.Popen([str(exe)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True, bufsize=1,
-                                     env={**os.environ, **env})
+        self.proc = subprocess.Popen(
+            [str(exe)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            bufsize=1,
+            env={**os.environ, **env},
+        )
         self.pid = self.proc.pid
         assert self._readline(10) == f"ready {self.pid}"
         sock_dir = Path(env.get("PATCHBOX_SOCK_DIR", exe.parent))

@@ -3,6 +3,7 @@
 It lets tests send what the product client never would (garbage, lies, refused patches)
 and cross-checks the agent against docs/protocol.md rather than against our own client.
 """
+
 from __future__ import annotations
 
 import socket
@@ -20,10 +21,18 @@ def connect(path: Path, timeout: float = 10.0) -> socket.socket:
     return s
 
 
-def frame(mtype: int, payload: bytes = b"", seq: int = 7, magic: int = MAGIC,
-          version: int = 1, length: int | None = None) -> bytes:
-    return HEADER.pack(magic, version, mtype, seq,
-                       len(payload) if length is None else length) + payload
+def frame(
+    mtype: int,
+    payload: bytes = b"",
+    seq: int = 7,
+    magic: int = MAGIC,
+    version: int = 1,
+    length: int | None = None,
+) -> bytes:
+    return (
+        HEADER.pack(magic, version, mtype, seq, len(payload) if length is None else length)
+        + payload
+    )
 
 
 def recv_exact(s: socket.socket, n: int) -> bytes:
@@ -47,7 +56,7 @@ def recv_reply(s: socket.socket) -> tuple[int, int, int, bytes]:
 
 def error_text(rest: bytes) -> str:
     (n,) = struct.unpack_from("<H", rest)
-    return rest[2:2 + n].decode()
+    return rest[2 : 2 + n].decode()
 
 
 def request(path: Path, mtype: int, payload: bytes = b"") -> tuple[int, bytes]:

@@ -1,4 +1,5 @@
 """The agent's life inside its host: start/stop API, socket file, log, debug, idle thread."""
+
 from __future__ import annotations
 
 import os
@@ -9,10 +10,10 @@ import time
 from pathlib import Path
 
 import pytest
-
 import rawwire
-from helpers import ROOT, compile_c
 from live import Target
+
+from helpers import ROOT, compile_c
 from patchbox.wire import Msg
 
 pytestmark = pytest.mark.process
@@ -52,8 +53,9 @@ def wait_for(cond, what: str, timeout: float = 10) -> None:
 
 @pytest.fixture()
 def api_exe(tmp_path: Path, agent_dir: Path) -> Path:
-    return compile_c(API_PROGRAM, tmp_path / "api", agent=True,
-                     extra=[f"-I{ROOT / 'agent' / 'include'}"])
+    return compile_c(
+        API_PROGRAM, tmp_path / "api", agent=True, extra=[f"-I{ROOT / 'agent' / 'include'}"]
+    )
 
 
 def send(t: Target, line: str) -> str:
@@ -130,8 +132,13 @@ def test_debug_from_start_goes_to_stderr(target_exe: Path) -> None:
 
 
 def test_disabled_agent_leaves_program_alone(target_exe: Path) -> None:
-    proc = subprocess.Popen([str(target_exe)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            text=True, env={**os.environ, "PATCHBOX_DISABLE": "1"})
+    proc = subprocess.Popen(
+        [str(target_exe)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PATCHBOX_DISABLE": "1"},
+    )
     try:
         ready, _, _ = select.select([proc.stdout], [], [], 10)
         assert ready and proc.stdout.readline().startswith("ready")

@@ -6,6 +6,7 @@ serving (INFO, and the target still computes); and every executable byte of the 
 (its text and the sandbox) and the patch data area are byte-identical afterwards, read
 through /proc/PID/mem. docs/robustness.md lists every case; test_refusals.py has more.
 """
+
 from __future__ import annotations
 
 import os
@@ -13,16 +14,16 @@ import socket
 import struct
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
 
 import pytest
-from elftools.elf.elffile import ELFFile
-
 import rawwire
-from helpers import compile_c
+from elftools.elf.elffile import ELFFile
 from live import render
+
+from helpers import compile_c
 from patchbox.extract import extract_patch
 from patchbox.format.layout import HEADER, encode_apply_body, save_patch, write_patch
 from patchbox.format.model import Fixup, Patch
@@ -55,35 +56,56 @@ def still_serving(target) -> None:
     assert target.call("use_helper", 4) == "41"
 
 
-def body_of(patch: Patch, name: bytes | None = None, build_id: bytes | None = None,
-            flags: int | None = None) -> bytes:
+def body_of(
+    patch: Patch, name: bytes | None = None, build_id: bytes | None = None, flags: int | None = None
+) -> bytes:
     """The apply body of ``patch`` with the leading fields replaced by raw values."""
     body = encode_apply_body(patch)
     old_name = patch.name.encode()
-    rest = body[2 + len(old_name) + 1 + len(patch.build_id) + 4:]
+    rest = body[2 + len(old_name) + 1 + len(patch.build_id) + 4 :]
     name = old_name if name is None else name
     bid = patch.build_id if build_id is None else build_id
     fl = patch.flags if flags is None else flags
-    return struct.pack("<H", len(name)) + name + bytes([len(bid)]) + bid + struct.pack("<I", fl) + rest
+    return (
+        struct.pack("<H", len(name)) + name + bytes([len(bid)]) + bid + struct.pack("<I", fl) + rest
+    )
 
 
 def nfuncs_offset(patch: Patch) -> int:
-    return (2 + len(patch.name) + 1 + len(patch.build_id) + 4 + 4 + len(patch.text)
-            + 4 + len(patch.data) + 4)
+    return (
+        2
+        + len(patch.name)
+        + 1
+        + len(patch.build_id)
+        + 4
+        + 4
+        + len(patch.text)
+        + 4
+        + len(patch.data)
+        + 4
+    )
 
 
 def with_nfixups(patch: Patch, count: int) -> bytes:
     """The apply body of ``patch`` with its nfixups field set to ``count``."""
     body = encode_apply_body(patch)
-    tail = sum(16 + (2 + len(fx.symbol.encode()) if fx.base == FixupBase.IMPORT else 0)
-               for fx in patch.fixups)
+    tail = sum(
+        16 + (2 + len(fx.symbol.encode()) if fx.base == FixupBase.IMPORT else 0)
+        for fx in patch.fixups
+    )
     at = len(body) - tail - 4
-    return body[:at] + struct.pack("<I", count) + body[at + 4:]
+    return body[:at] + struct.pack("<I", count) + body[at + 4 :]
 
 
 def fixup(patch: Patch, **kw) -> Patch:
-    fx = dict(section=FixupSection.TEXT, type=FixupType.ABS64, base=FixupBase.ABS,
-              offset=len(patch.text) - 8, addend=0, symbol="")
+    fx = dict(
+        section=FixupSection.TEXT,
+        type=FixupType.ABS64,
+        base=FixupBase.ABS,
+        offset=len(patch.text) - 8,
+        addend=0,
+        symbol="",
+    )
     fx.update(kw)
     return replace(patch, fixups=[*patch.fixups, Fixup(**fx)])
 
@@ -115,106 +137,279 @@ def fn0(p: Patch):
 CASES: dict[str, Case] = {
     # -- messages other than APPLY
     "info-with-payload": Case(Msg.INFO, lambda p, t, e: b"x", ErrorCode.MALFORMED, ("trailing",)),
-    "list-with-payload": Case(Msg.LIST, lambda p, t, e: b"\0\0", ErrorCode.MALFORMED, ("trailing",)),
+    "list-with-payload": Case(
+        Msg.LIST, lambda p, t, e: b"\0\0", ErrorCode.MALFORMED, ("trailing",)
+    ),
     "debug-value-2": Case(Msg.DEBUG, lambda p, t, e: b"\x02", ErrorCode.MALFORMED, ("on = 2",)),
     "debug-empty": Case(Msg.DEBUG, lambda p, t, e: b"", ErrorCode.MALFORMED, ("on",)),
-    "remove-name-overruns": Case(Msg.REMOVE, lambda p, t, e: b"\xff\x00abc", ErrorCode.MALFORMED,
-                                 ("name", "runs past")),
-    "remove-trailing": Case(Msg.REMOVE, lambda p, t, e: b"\x01\x00ab", ErrorCode.MALFORMED, ("trailing",)),
-    "remove-unknown-binary-name": Case(Msg.REMOVE, lambda p, t, e: b"\x03\x00\x01\xffz",
-                                       ErrorCode.NOT_APPLIED, ("??z",)),
+    "remove-name-overruns": Case(
+        Msg.REMOVE, lambda p, t, e: b"\xff\x00abc", ErrorCode.MALFORMED, ("name", "runs past")
+    ),
+    "remove-trailing": Case(
+        Msg.REMOVE, lambda p, t, e: b"\x01\x00ab", ErrorCode.MALFORMED, ("trailing",)
+    ),
+    "remove-unknown-binary-name": Case(
+        Msg.REMOVE, lambda p, t, e: b"\x03\x00\x01\xffz", ErrorCode.NOT_APPLIED, ("??z",)
+    ),
     # -- apply body: framing of fields
     "empty-apply": Case(Msg.APPLY, lambda p, t, e: b"", ErrorCode.MALFORMED, ("name",)),
     "name-empty": Case(Msg.APPLY, lambda p, t, e: body_of(p, name=b""), ErrorCode.BAD_NAME),
-    "name-space": Case(Msg.APPLY, lambda p, t, e: body_of(p, name=b"bad name"), ErrorCode.BAD_NAME,
-                       ("bad name",)),
-    "name-64-bytes": Case(Msg.APPLY, lambda p, t, e: body_of(p, name=b"n" * 64), ErrorCode.BAD_NAME),
-    "name-nul": Case(Msg.APPLY, lambda p, t, e: body_of(p, name=b"a\0b"), ErrorCode.BAD_NAME, ("a?b",)),
-    "build-id-len-0": Case(Msg.APPLY, lambda p, t, e: body_of(p, build_id=b""), ErrorCode.MALFORMED,
-                           ("build_id_len 0",)),
-    "build-id-65": Case(Msg.APPLY, lambda p, t, e: body_of(p, build_id=b"\1" * 65),
-                        ErrorCode.MALFORMED, ("build_id_len 65",)),
-    "build-id-short": Case(Msg.APPLY, lambda p, t, e: body_of(p, build_id=p.build_id[:8]),
-                           ErrorCode.BUILD_ID_MISMATCH, ("running",)),
-    "flags-unknown-bit": Case(Msg.APPLY, lambda p, t, e: body_of(p, flags=2), ErrorCode.MALFORMED, ("flags",)),
-    "trailing-byte": Case(Msg.APPLY, lambda p, t, e: encode_apply_body(p) + b"\0", ErrorCode.MALFORMED,
-                          ("trailing",)),
-    "text-length-lies": Case(Msg.APPLY, lambda p, t, e: (lambda b, o: b[:o] + struct.pack("<I", 0xFFFFFF00)
-                             + b[o + 4:])(encode_apply_body(p), 2 + len(p.name) + 1 + len(p.build_id) + 4),
-                             ErrorCode.MALFORMED, ("text",)),
-    "nfuncs-0": Case(Msg.APPLY, lambda p, t, e: (lambda b, o: b[:o] + b"\0\0" + b[o + 2:])(
-        encode_apply_body(p), nfuncs_offset(p)), ErrorCode.MALFORMED, ("nfuncs 0",)),
-    "nfuncs-overruns": Case(Msg.APPLY, lambda p, t, e: (lambda b, o: b[:o] + struct.pack("<H", 200) + b[o + 2:])(
-        encode_apply_body(p), nfuncs_offset(p)), ErrorCode.MALFORMED, ("runs past",)),
-    "nfuncs-257": Case(Msg.APPLY, lambda p, t, e: (lambda b, o: b[:o] + struct.pack("<H", 257) + b[o + 2:])(
-        encode_apply_body(p), nfuncs_offset(p)), ErrorCode.MALFORMED, ("nfuncs 257",)),
-    "nfixups-overruns": Case(Msg.APPLY, lambda p, t, e: with_nfixups(p, len(p.fixups) + 0x10000),
-                             ErrorCode.MALFORMED, ("nfixups",)),
-    "nfixups-huge": Case(Msg.APPLY, lambda p, t, e: with_nfixups(p, 0xFFFFFFFF),
-                         ErrorCode.MALFORMED, ("nfixups",)),
-    "expected-7-bytes": Case(Msg.APPLY, lambda p, t, e: encode_apply_body(
-        replace(p, functions=[replace(fn0(p), expected=fn0(p).expected[:7])])), ErrorCode.MALFORMED,
-        ("expected_len 7",)),
-    "expected-65-bytes": Case(Msg.APPLY, lambda p, t, e: encode_apply_body(
-        replace(p, functions=[replace(fn0(p), expected=bytes(65))])), ErrorCode.MALFORMED,
-        ("expected_len 65",)),
-    "symbol-empty": Case(Msg.APPLY, lambda p, t, e: encode_apply_body(
-        replace(p, functions=[replace(fn0(p), symbol="")])), ErrorCode.MALFORMED, ("symbol length 0",)),
+    "name-space": Case(
+        Msg.APPLY, lambda p, t, e: body_of(p, name=b"bad name"), ErrorCode.BAD_NAME, ("bad name",)
+    ),
+    "name-64-bytes": Case(
+        Msg.APPLY, lambda p, t, e: body_of(p, name=b"n" * 64), ErrorCode.BAD_NAME
+    ),
+    "name-nul": Case(
+        Msg.APPLY, lambda p, t, e: body_of(p, name=b"a\0b"), ErrorCode.BAD_NAME, ("a?b",)
+    ),
+    "build-id-len-0": Case(
+        Msg.APPLY,
+        lambda p, t, e: body_of(p, build_id=b""),
+        ErrorCode.MALFORMED,
+        ("build_id_len 0",),
+    ),
+    "build-id-65": Case(
+        Msg.APPLY,
+        lambda p, t, e: body_of(p, build_id=b"\1" * 65),
+        ErrorCode.MALFORMED,
+        ("build_id_len 65",),
+    ),
+    "build-id-short": Case(
+        Msg.APPLY,
+        lambda p, t, e: body_of(p, build_id=p.build_id[:8]),
+        ErrorCode.BUILD_ID_MISMATCH,
+        ("running",),
+    ),
+    "flags-unknown-bit": Case(
+        Msg.APPLY, lambda p, t, e: body_of(p, flags=2), ErrorCode.MALFORMED, ("flags",)
+    ),
+    "trailing-byte": Case(
+        Msg.APPLY, lambda p, t, e: encode_apply_body(p) + b"\0", ErrorCode.MALFORMED, ("trailing",)
+    ),
+    "text-length-lies": Case(
+        Msg.APPLY,
+        lambda p, t, e: (lambda b, o: b[:o] + struct.pack("<I", 0xFFFFFF00) + b[o + 4 :])(
+            encode_apply_body(p), 2 + len(p.name) + 1 + len(p.build_id) + 4
+        ),
+        ErrorCode.MALFORMED,
+        ("text",),
+    ),
+    "nfuncs-0": Case(
+        Msg.APPLY,
+        lambda p, t, e: (lambda b, o: b[:o] + b"\0\0" + b[o + 2 :])(
+            encode_apply_body(p), nfuncs_offset(p)
+        ),
+        ErrorCode.MALFORMED,
+        ("nfuncs 0",),
+    ),
+    "nfuncs-overruns": Case(
+        Msg.APPLY,
+        lambda p, t, e: (lambda b, o: b[:o] + struct.pack("<H", 200) + b[o + 2 :])(
+            encode_apply_body(p), nfuncs_offset(p)
+        ),
+        ErrorCode.MALFORMED,
+        ("runs past",),
+    ),
+    "nfuncs-257": Case(
+        Msg.APPLY,
+        lambda p, t, e: (lambda b, o: b[:o] + struct.pack("<H", 257) + b[o + 2 :])(
+            encode_apply_body(p), nfuncs_offset(p)
+        ),
+        ErrorCode.MALFORMED,
+        ("nfuncs 257",),
+    ),
+    "nfixups-overruns": Case(
+        Msg.APPLY,
+        lambda p, t, e: with_nfixups(p, len(p.fixups) + 0x10000),
+        ErrorCode.MALFORMED,
+        ("nfixups",),
+    ),
+    "nfixups-huge": Case(
+        Msg.APPLY, lambda p, t, e: with_nfixups(p, 0xFFFFFFFF), ErrorCode.MALFORMED, ("nfixups",)
+    ),
+    "expected-7-bytes": Case(
+        Msg.APPLY,
+        lambda p, t, e: encode_apply_body(
+            replace(p, functions=[replace(fn0(p), expected=fn0(p).expected[:7])])
+        ),
+        ErrorCode.MALFORMED,
+        ("expected_len 7",),
+    ),
+    "expected-65-bytes": Case(
+        Msg.APPLY,
+        lambda p, t, e: encode_apply_body(
+            replace(p, functions=[replace(fn0(p), expected=bytes(65))])
+        ),
+        ErrorCode.MALFORMED,
+        ("expected_len 65",),
+    ),
+    "symbol-empty": Case(
+        Msg.APPLY,
+        lambda p, t, e: encode_apply_body(replace(p, functions=[replace(fn0(p), symbol="")])),
+        ErrorCode.MALFORMED,
+        ("symbol length 0",),
+    ),
     # -- apply: where the functions are
-    "replacement-outside-text": Case(Msg.APPLY, lambda p, t, e: encode_apply_body(
-        replace(p, functions=[replace(fn0(p), new_size=len(p.text))])), ErrorCode.MALFORMED,
-        ("use_helper", "outside text")),
-    "target-in-data": Case(Msg.APPLY, lambda p, t, e: encode_apply_body(
-        replace(p, functions=[replace(fn0(p), target=link_address(e, ".data") + 16)])),
-        ErrorCode.TARGET_OUT_OF_TEXT, ("use_helper",)),
-    "target-zero": Case(Msg.APPLY, lambda p, t, e: encode_apply_body(
-        replace(p, functions=[replace(fn0(p), target=0)])), ErrorCode.TARGET_OUT_OF_TEXT),
-    "target-in-sandbox": Case(Msg.APPLY, lambda p, t, e: encode_apply_body(
-        replace(p, functions=[replace(fn0(p), target=int(info_of(t)["sandbox_addr"], 16)
-                                      - int(info_of(t)["load_bias"], 16) + 70)])),
-        ErrorCode.TARGET_OUT_OF_TEXT, ("inside the sandbox",)),
-    "target-mid-function": Case(Msg.APPLY, lambda p, t, e: encode_apply_body(
-        replace(p, functions=[replace(fn0(p), target=fn0(p).target + 2,
-                                      expected=t.read(int(info_of(t)["load_bias"], 16) + fn0(p).target - 4, 16))])),
-        ErrorCode.NO_PATCHABLE_ENTRY, ("use_helper", "not 8 NOPs")),
-    "functions-overlap": Case(Msg.APPLY, lambda p, t, e: encode_apply_body(
-        replace(p, functions=[fn0(p), replace(fn0(p), symbol="again")])), ErrorCode.OVERLAP,
-        ("use_helper", "again")),
-    "expected-bytes-differ": Case(Msg.APPLY, lambda p, t, e: encode_apply_body(
-        replace(p, functions=[replace(fn0(p), expected=b"\x90" * 8 + bytes(8))])),
-        ErrorCode.EXPECTED_MISMATCH, ("use_helper+0x2",)),
+    "replacement-outside-text": Case(
+        Msg.APPLY,
+        lambda p, t, e: encode_apply_body(
+            replace(p, functions=[replace(fn0(p), new_size=len(p.text))])
+        ),
+        ErrorCode.MALFORMED,
+        ("use_helper", "outside text"),
+    ),
+    "target-in-data": Case(
+        Msg.APPLY,
+        lambda p, t, e: encode_apply_body(
+            replace(p, functions=[replace(fn0(p), target=link_address(e, ".data") + 16)])
+        ),
+        ErrorCode.TARGET_OUT_OF_TEXT,
+        ("use_helper",),
+    ),
+    "target-zero": Case(
+        Msg.APPLY,
+        lambda p, t, e: encode_apply_body(replace(p, functions=[replace(fn0(p), target=0)])),
+        ErrorCode.TARGET_OUT_OF_TEXT,
+    ),
+    "target-in-sandbox": Case(
+        Msg.APPLY,
+        lambda p, t, e: encode_apply_body(
+            replace(
+                p,
+                functions=[
+                    replace(
+                        fn0(p),
+                        target=int(info_of(t)["sandbox_addr"], 16)
+                        - int(info_of(t)["load_bias"], 16)
+                        + 70,
+                    )
+                ],
+            )
+        ),
+        ErrorCode.TARGET_OUT_OF_TEXT,
+        ("inside the sandbox",),
+    ),
+    "target-mid-function": Case(
+        Msg.APPLY,
+        lambda p, t, e: encode_apply_body(
+            replace(
+                p,
+                functions=[
+                    replace(
+                        fn0(p),
+                        target=fn0(p).target + 2,
+                        expected=t.read(int(info_of(t)["load_bias"], 16) + fn0(p).target - 4, 16),
+                    )
+                ],
+            )
+        ),
+        ErrorCode.NO_PATCHABLE_ENTRY,
+        ("use_helper", "not 8 NOPs"),
+    ),
+    "functions-overlap": Case(
+        Msg.APPLY,
+        lambda p, t, e: encode_apply_body(
+            replace(p, functions=[fn0(p), replace(fn0(p), symbol="again")])
+        ),
+        ErrorCode.OVERLAP,
+        ("use_helper", "again"),
+    ),
+    "expected-bytes-differ": Case(
+        Msg.APPLY,
+        lambda p, t, e: encode_apply_body(
+            replace(p, functions=[replace(fn0(p), expected=b"\x90" * 8 + bytes(8))])
+        ),
+        ErrorCode.EXPECTED_MISMATCH,
+        ("use_helper+0x2",),
+    ),
     # -- apply: fix-ups
-    "fixup-outside-text": Case(Msg.APPLY, lambda p, t, e: encode_apply_body(fixup(p, offset=len(p.text) - 4)),
-                               ErrorCode.FIXUP_RANGE, ("text",)),
-    "fixup-offset-huge": Case(Msg.APPLY, lambda p, t, e: encode_apply_body(fixup(p, offset=0xFFFFFFFC,
-                                                                                  type=FixupType.PC32)),
-                              ErrorCode.FIXUP_RANGE),
-    "fixup-in-missing-data": Case(Msg.APPLY, lambda p, t, e: encode_apply_body(
-        fixup(replace(p, data=b"", bss_size=0), section=FixupSection.DATA, offset=0)), ErrorCode.FIXUP_RANGE,
-        ("data",)),
-    "fixup-type-3": Case(Msg.APPLY, lambda p, t, e: encode_apply_body(fixup(p, type=3)), ErrorCode.BAD_FIXUP,
-                         ("type 3",)),
-    "fixup-base-0": Case(Msg.APPLY, lambda p, t, e: encode_apply_body(fixup(p, base=0)), ErrorCode.BAD_FIXUP,
-                         ("base 0",)),
-    "fixup-base-6": Case(Msg.APPLY, lambda p, t, e: encode_apply_body(fixup(p, base=6)), ErrorCode.BAD_FIXUP,
-                         ("base 6",)),
-    "fixup-section-2": Case(Msg.APPLY, lambda p, t, e: encode_apply_body(fixup(p, section=2)),
-                            ErrorCode.BAD_FIXUP, ("section 2",)),
-    "fixup-reserved-set": Case(Msg.APPLY, lambda p, t, e: (lambda b: b[:-13] + b"\x07" + b[-12:])(
-        encode_apply_body(fixup(p))), ErrorCode.BAD_FIXUP, ("reserved 7",)),
-    "fixup-data-base-without-data": Case(Msg.APPLY, lambda p, t, e: encode_apply_body(
-        fixup(replace(p, data=b"", bss_size=0), base=FixupBase.DATA)), ErrorCode.BAD_FIXUP, ("no data",)),
-    "import-missing-symbol": Case(Msg.APPLY, lambda p, t, e: encode_apply_body(
-        fixup(p, base=FixupBase.IMPORT, symbol="patchbox_no_such_symbol")), ErrorCode.SYMBOL_NOT_FOUND,
-        ("patchbox_no_such_symbol",)),
-    "import-empty-symbol": Case(Msg.APPLY, lambda p, t, e: encode_apply_body(
-        fixup(p, base=FixupBase.IMPORT, symbol="")), ErrorCode.BAD_FIXUP, ("import symbol length 0",)),
-    "pc32-overflow": Case(Msg.APPLY, lambda p, t, e: encode_apply_body(
-        fixup(p, type=FixupType.PC32, offset=len(p.text) - 4, addend=1 << 40)), ErrorCode.FIXUP_OVERFLOW,
-        ("fix-up",)),
+    "fixup-outside-text": Case(
+        Msg.APPLY,
+        lambda p, t, e: encode_apply_body(fixup(p, offset=len(p.text) - 4)),
+        ErrorCode.FIXUP_RANGE,
+        ("text",),
+    ),
+    "fixup-offset-huge": Case(
+        Msg.APPLY,
+        lambda p, t, e: encode_apply_body(fixup(p, offset=0xFFFFFFFC, type=FixupType.PC32)),
+        ErrorCode.FIXUP_RANGE,
+    ),
+    "fixup-in-missing-data": Case(
+        Msg.APPLY,
+        lambda p, t, e: encode_apply_body(
+            fixup(replace(p, data=b"", bss_size=0), section=FixupSection.DATA, offset=0)
+        ),
+        ErrorCode.FIXUP_RANGE,
+        ("data",),
+    ),
+    "fixup-type-3": Case(
+        Msg.APPLY,
+        lambda p, t, e: encode_apply_body(fixup(p, type=3)),
+        ErrorCode.BAD_FIXUP,
+        ("type 3",),
+    ),
+    "fixup-base-0": Case(
+        Msg.APPLY,
+        lambda p, t, e: encode_apply_body(fixup(p, base=0)),
+        ErrorCode.BAD_FIXUP,
+        ("base 0",),
+    ),
+    "fixup-base-6": Case(
+        Msg.APPLY,
+        lambda p, t, e: encode_apply_body(fixup(p, base=6)),
+        ErrorCode.BAD_FIXUP,
+        ("base 6",),
+    ),
+    "fixup-section-2": Case(
+        Msg.APPLY,
+        lambda p, t, e: encode_apply_body(fixup(p, section=2)),
+        ErrorCode.BAD_FIXUP,
+        ("section 2",),
+    ),
+    "fixup-reserved-set": Case(
+        Msg.APPLY,
+        lambda p, t, e: (lambda b: b[:-13] + b"\x07" + b[-12:])(encode_apply_body(fixup(p))),
+        ErrorCode.BAD_FIXUP,
+        ("reserved 7",),
+    ),
+    "fixup-data-base-without-data": Case(
+        Msg.APPLY,
+        lambda p, t, e: encode_apply_body(
+            fixup(replace(p, data=b"", bss_size=0), base=FixupBase.DATA)
+        ),
+        ErrorCode.BAD_FIXUP,
+        ("no data",),
+    ),
+    "import-missing-symbol": Case(
+        Msg.APPLY,
+        lambda p, t, e: encode_apply_body(
+            fixup(p, base=FixupBase.IMPORT, symbol="patchbox_no_such_symbol")
+        ),
+        ErrorCode.SYMBOL_NOT_FOUND,
+        ("patchbox_no_such_symbol",),
+    ),
+    "import-empty-symbol": Case(
+        Msg.APPLY,
+        lambda p, t, e: encode_apply_body(fixup(p, base=FixupBase.IMPORT, symbol="")),
+        ErrorCode.BAD_FIXUP,
+        ("import symbol length 0",),
+    ),
+    "pc32-overflow": Case(
+        Msg.APPLY,
+        lambda p, t, e: encode_apply_body(
+            fixup(p, type=FixupType.PC32, offset=len(p.text) - 4, addend=1 << 40)
+        ),
+        ErrorCode.FIXUP_OVERFLOW,
+        ("fix-up",),
+    ),
     # -- apply: space
-    "data-bigger-than-area": Case(Msg.APPLY, lambda p, t, e: encode_apply_body(replace(p, bss_size=1 << 30)),
-                                  ErrorCode.SANDBOX_FULL, ("data",)),
+    "data-bigger-than-area": Case(
+        Msg.APPLY,
+        lambda p, t, e: encode_apply_body(replace(p, bss_size=1 << 30)),
+        ErrorCode.SANDBOX_FULL,
+        ("data",),
+    ),
 }
 
 
@@ -247,6 +442,7 @@ def test_good_body_applies(target, good: Patch) -> None:
 
 # -- frames --------------------------------------------------------------------------------
 
+
 def frame_case(target, data: bytes, code: ErrorCode | None, *words: str, then_info: bool) -> None:
     """Sends raw bytes; expects one error reply (or none), then INFO on the same
     connection if ``then_info`` (else the agent closes it)."""
@@ -269,25 +465,45 @@ def frame_case(target, data: bytes, code: ErrorCode | None, *words: str, then_in
 
 
 def test_wrong_magic_closes(target) -> None:
-    frame_case(target, rawwire.frame(Msg.INFO, magic=0x32584250), ErrorCode.BAD_MAGIC, "0x32584250",
-               then_info=False)
+    frame_case(
+        target,
+        rawwire.frame(Msg.INFO, magic=0x32584250),
+        ErrorCode.BAD_MAGIC,
+        "0x32584250",
+        then_info=False,
+    )
 
 
 def test_wrong_version_skips_payload(target, good: Patch) -> None:
-    frame_case(target, rawwire.frame(Msg.APPLY, encode_apply_body(good), version=2), ErrorCode.BAD_VERSION,
-               "version 2", then_info=True)
+    frame_case(
+        target,
+        rawwire.frame(Msg.APPLY, encode_apply_body(good), version=2),
+        ErrorCode.BAD_VERSION,
+        "version 2",
+        then_info=True,
+    )
     assert target.call("use_helper", 4) == "41"  # the skipped APPLY did nothing
 
 
 @pytest.mark.parametrize("mtype", [0, 7, 0x83, 0xFFFF])
 def test_unknown_message_ids(target, mtype: int) -> None:
-    frame_case(target, rawwire.frame(mtype, b"payload"), ErrorCode.UNKNOWN_MESSAGE, f"type {mtype}",
-               then_info=True)
+    frame_case(
+        target,
+        rawwire.frame(mtype, b"payload"),
+        ErrorCode.UNKNOWN_MESSAGE,
+        f"type {mtype}",
+        then_info=True,
+    )
 
 
 def test_length_just_over_maximum(target) -> None:
-    frame_case(target, rawwire.frame(Msg.APPLY, length=(16 << 20) + 1), ErrorCode.TOO_LARGE, "16777217",
-               then_info=False)
+    frame_case(
+        target,
+        rawwire.frame(Msg.APPLY, length=(16 << 20) + 1),
+        ErrorCode.TOO_LARGE,
+        "16777217",
+        then_info=False,
+    )
 
 
 def test_length_shorter_than_payload(target, good: Patch) -> None:
@@ -341,6 +557,7 @@ def test_many_frames_one_connection(target) -> None:
 
 # -- duplicate apply, patch files through the CLI ---------------------------------------
 
+
 def test_duplicate_apply_other_content(target, good: Patch) -> None:
     assert rawwire.request(target.socket, Msg.APPLY, encode_apply_body(good))[0] == 0
     before = state(target)
@@ -352,8 +569,13 @@ def test_duplicate_apply_other_content(target, good: Patch) -> None:
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([str(Path(sys.executable).parent / "patchbox"), *args], capture_output=True,
-                          text=True, env={**os.environ, "PATCHBOX_TRUST_DIR": ""}, timeout=60)
+    return subprocess.run(
+        [str(Path(sys.executable).parent / "patchbox"), *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PATCHBOX_TRUST_DIR": ""},
+        timeout=60,
+    )
 
 
 def corrupt(data: bytes, how: str) -> bytes:
@@ -374,13 +596,21 @@ def corrupt(data: bytes, how: str) -> bytes:
     raise AssertionError(how)
 
 
-@pytest.mark.parametrize("how, words", [
-    ("truncated", "truncated or padded"), ("padded", "truncated or padded"),
-    ("bad-magic", "not a patchbox patch file"), ("version-2", "unsupported patch format version 2"),
-    ("flipped-payload-bit", "integrity hash mismatch"),
-    ("signed-flag-without-trailer", "truncated or padded"), ("empty", "shorter than the"),
-])
-def test_corrupt_patch_file_via_cli(target, good: Patch, tmp_path: Path, how: str, words: str) -> None:
+@pytest.mark.parametrize(
+    "how, words",
+    [
+        ("truncated", "truncated or padded"),
+        ("padded", "truncated or padded"),
+        ("bad-magic", "not a patchbox patch file"),
+        ("version-2", "unsupported patch format version 2"),
+        ("flipped-payload-bit", "integrity hash mismatch"),
+        ("signed-flag-without-trailer", "truncated or padded"),
+        ("empty", "shorter than the"),
+    ],
+)
+def test_corrupt_patch_file_via_cli(
+    target, good: Patch, tmp_path: Path, how: str, words: str
+) -> None:
     path = tmp_path / "bad.pbx"
     path.write_bytes(corrupt(write_patch(good), how))
     before = state(target)
@@ -395,9 +625,12 @@ def test_corrupt_patch_file_via_cli(target, good: Patch, tmp_path: Path, how: st
 def test_file_with_valid_hash_but_bad_body_via_cli(target, good: Patch, tmp_path: Path) -> None:
     """A body the hash protects but that is itself invalid (a hand-made file)."""
     import hashlib
+
     data = write_patch(good)
-    payload = data[HEADER.size:] + b"\0"  # one trailing byte, hash recomputed
-    header = HEADER.pack(b"PBXPATCH", 1, HEADER.size, 0, len(payload), hashlib.sha256(payload).digest())
+    payload = data[HEADER.size :] + b"\0"  # one trailing byte, hash recomputed
+    header = HEADER.pack(
+        b"PBXPATCH", 1, HEADER.size, 0, len(payload), hashlib.sha256(payload).digest()
+    )
     path = tmp_path / "handmade.pbx"
     path.write_bytes(header + payload)
     before = state(target)

@@ -6,6 +6,7 @@ The tree (tests/e2e/buildtree) has four translation units; a.c and b.c each defi
 static local counter in util.c, and inserts a line above an assert() in util.c (only
 __LINE__ changes there: not part of the patch).
 """
+
 from __future__ import annotations
 
 import os
@@ -15,8 +16,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from live import Target
+
 from patchbox.format.layout import load_patch
 
 pytestmark = pytest.mark.process
@@ -26,8 +27,15 @@ TREE = Path(__file__).resolve().parent / "buildtree"
 
 def run(*args: str, cwd: Path | None = None, check: bool = True) -> subprocess.CompletedProcess:
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
-    proc = subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=300,
-                          cwd=cwd, env=env, stdin=subprocess.DEVNULL)
+    proc = subprocess.run(
+        [str(a) for a in args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=cwd,
+        env=env,
+        stdin=subprocess.DEVNULL,
+    )
     if check:
         assert proc.returncode == 0, f"{args} failed: {proc.stdout}{proc.stderr}"
     return proc
@@ -53,8 +61,14 @@ def tree(tmp_path: Path, agent_dir: Path) -> tuple[Path, Path]:
     edit(fixed / "util.c", "#include <assert.h>\n", "#include <assert.h>\n\n/* checked */\n")
     proc = run("diff", "-ru", "src", "fixed", cwd=tmp_path, check=False)
     assert proc.returncode == 1
-    diff = "\n".join(l for l in proc.stdout.splitlines()
-                     if not l.startswith(("Only in", "Binary files"))) + "\n"
+    diff = (
+        "\n".join(
+            line
+            for line in proc.stdout.splitlines()
+            if not line.startswith(("Only in", "Binary files"))
+        )
+        + "\n"
+    )
     (tmp_path / "fix.patch").write_text(diff)
     return src, tmp_path / "fix.patch"
 
@@ -64,13 +78,28 @@ def test_build_apply_remove(tree: tuple[Path, Path], tmp_path: Path) -> None:
     before = {p: p.read_bytes() for p in src.rglob("*") if p.is_file()}
     target = Target(src / "app")
     try:
-        assert [target.call("a", 1), target.call("b", 3), target.call("name", 1),
-                target.call("checked", 2)] == ["20", "7", "bee", "6"]
+        assert [
+            target.call("a", 1),
+            target.call("b", 3),
+            target.call("name", 1),
+            target.call("checked", 2),
+        ] == ["20", "7", "bee", "6"]
         assert [target.call("tick"), target.call("tick")] == ["1", "2"]
 
         out = tmp_path / "fix.pbx"
-        proc = run("patchbox", "build", "--source", src, "--diff", diff, "--binary", "app",
-                   "--explain", "-o", out)
+        proc = run(
+            "patchbox",
+            "build",
+            "--source",
+            src,
+            "--diff",
+            diff,
+            "--binary",
+            "app",
+            "--explain",
+            "-o",
+            out,
+        )
         explain = proc.stdout
         assert "in       function helper" in explain  # a.c's helper
         assert "in       function b_name" in explain
@@ -81,19 +110,29 @@ def test_build_apply_remove(tree: tuple[Path, Path], tmp_path: Path) -> None:
         assert patch.meta["source:helper"] == "a.c"
 
         run("patchbox", "apply", "-p", str(target.pid), out)
-        assert [target.call("a", 1), target.call("b", 3), target.call("name", 1),
-                target.call("checked", 2)] == ["60", "7", "bumblebee", "6"]
+        assert [
+            target.call("a", 1),
+            target.call("b", 3),
+            target.call("name", 1),
+            target.call("checked", 2),
+        ] == ["60", "7", "bumblebee", "6"]
         assert target.call("tick") == "4"  # the running program's counter, now stepping by 2
 
         run("patchbox", "remove", "-p", str(target.pid), "fix")
-        assert [target.call("a", 1), target.call("b", 3), target.call("name", 1)] == \
-            ["20", "7", "bee"]
+        assert [target.call("a", 1), target.call("b", 3), target.call("name", 1)] == [
+            "20",
+            "7",
+            "bee",
+        ]
         assert target.call("tick") == "5"
         assert target.alive()
     finally:
         target.stop()
-    after = {p: p.read_bytes() for p in src.rglob("*") if p.is_file()
-             and not p.name.startswith("sandbox-sock")}
+    after = {
+        p: p.read_bytes()
+        for p in src.rglob("*")
+        if p.is_file() and not p.name.startswith("sandbox-sock")
+    }
     assert after == before, "patchbox build modified the user's tree"
 
 
@@ -103,9 +142,20 @@ def test_build_dry_run_refuses_changed_data(tree: tuple[Path, Path], tmp_path: P
     shutil.copytree(TREE, fixed)
     edit(fixed / "util.c", "static int count;", "static int count = 7;")
     proc = run("diff", "-ru", "src", "fixed2", cwd=tmp_path, check=False)
-    diff = "\n".join(l for l in proc.stdout.splitlines() if not l.startswith("Only in")) + "\n"
+    lines = [line for line in proc.stdout.splitlines() if not line.startswith("Only in")]
+    diff = "\n".join(lines) + "\n"
     (tmp_path / "data.patch").write_text(diff)
-    proc = run("patchbox", "build", "--source", src, "--diff", tmp_path / "data.patch",
-               "--binary", "app", "--dry-run", check=False)
+    proc = run(
+        "patchbox",
+        "build",
+        "--source",
+        src,
+        "--diff",
+        tmp_path / "data.patch",
+        "--binary",
+        "app",
+        "--dry-run",
+        check=False,
+    )
     assert proc.returncode == 1
     assert "count" in proc.stderr and "initial value of existing variable" in proc.stderr

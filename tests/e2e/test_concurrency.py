@@ -6,6 +6,7 @@
   it is there, however many other patches need the space; once it has left, they are.
 - PATCHBOX_ORIGINAL(fn): a replacement that calls the function it replaces as it was.
 """
+
 from __future__ import annotations
 
 import json
@@ -16,11 +17,11 @@ import time
 from pathlib import Path
 
 import pytest
+from live import Target, render
 
 from helpers import compile_with_small_sandbox, info_json, run_tool
-from live import Target, render
-from patchbox.extract import extract_patch
 from patchbox.config import cflags
+from patchbox.extract import extract_patch
 from patchbox.format.layout import encode_apply_body
 from patchbox.protocol.client import Client
 from patchbox.wire import ApplyFlag
@@ -45,8 +46,19 @@ def test_wx_policy_refuses_apply_cleanly(target_exe, patched_obj, tmp_path) -> N
     of the patch stay original, not a single byte of executable memory changed."""
     obj = patched_obj(PAIR_A="1000", PAIR_B="3")
     pbx = tmp_path / "pair.pbx"
-    run("extract-patch", "--function", "pair_a", "--function", "pair_b", "--name", "pair",
-        "-o", pbx, obj, target_exe)
+    run(
+        "extract-patch",
+        "--function",
+        "pair_a",
+        "--function",
+        "pair_b",
+        "--name",
+        "pair",
+        "-o",
+        pbx,
+        obj,
+        target_exe,
+    )
     t = Target(target_exe, env={"TARGET_MDWE": "1"})
     try:
         snapshot = t.code_snapshot()
@@ -74,8 +86,7 @@ def small_target_exe(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return compile_with_small_sandbox(render(), d / "exe" / "target", SMALL_SANDBOX)
 
 
-PARKING = ("if (x == 1) { char c; if (read(park_fds[0], &c, 1) != 1) return -1; }"
-           " return x + 700;")
+PARKING = "if (x == 1) { char c; if (read(park_fds[0], &c, 1) != 1) return -1; } return x + 700;"
 
 
 def test_parked_thread_keeps_removed_code(small_target_exe, patched_obj) -> None:
@@ -85,14 +96,16 @@ def test_parked_thread_keeps_removed_code(small_target_exe, patched_obj) -> None
         park_body = body(patched_obj(PARK=PARKING), exe, ["park"], "park")
         # Two other patches with a new static variable each: never revived, so every
         # apply needs fresh space and the small sandbox is full after a few dozen.
-        others = [body(patched_obj(STACKED="({ static int hits; hits++; 100; })"), exe,
-                       ["stacked"], "s"),
-                  body(patched_obj(PAIR_A="({ static int seen; seen += x; 1; })"), exe,
-                       ["pair_a"], "a")]
+        others = [
+            body(patched_obj(STACKED="({ static int hits; hits++; 100; })"), exe, ["stacked"], "s"),
+            body(patched_obj(PAIR_A="({ static int seen; seen += x; 1; })"), exe, ["pair_a"], "a"),
+        ]
         with Client(pid=t.pid) as client:
             applied = client.apply(park_body)
-            lo, size = applied.text_addr, len(extract_patch(
-                patched_obj(PARK=PARKING), exe, ["park"], name="park").text)
+            lo, size = (
+                applied.text_addr,
+                len(extract_patch(patched_obj(PARK=PARKING), exe, ["park"], name="park").text),
+            )
             assert t.call("park", 3) == "703"
             code = t.read(lo, size)
             assert t.call("spawn", 1) == "spawned"
@@ -123,7 +136,7 @@ def test_parked_thread_keeps_removed_code(small_target_exe, patched_obj) -> None
         assert t.call("join", 0) == "701"  # the NEW code's result: it ran to the end
         # Now nothing is inside it: a later apply gets that very space back.
         with Client(pid=t.pid) as client:
-            for i in range(cycles):
+            for _ in range(cycles):
                 placed = client.apply(others[0])
                 client.remove("s")
                 if placed.text_addr == lo:
@@ -152,14 +165,27 @@ def _blocked_in_read(pid: int, tid: int) -> bool:
 
 def test_replacement_calls_the_original(target, target_exe, patched_obj) -> None:
     # The header comes from the include path `patchbox config --cflags` prints.
-    obj = patched_obj(extra=[*shlex.split(cflags()), "-include", "patchbox/patch.h"],
-                      USE_HELPER="PATCHBOX_ORIGINAL(use_helper)(x) * 2",
-                      STACKED="(x < 0 ? PATCHBOX_ORIGINAL(stacked)(-x) : 1100)")
+    obj = patched_obj(
+        extra=[*shlex.split(cflags()), "-include", "patchbox/patch.h"],
+        USE_HELPER="PATCHBOX_ORIGINAL(use_helper)(x) * 2",
+        STACKED="(x < 0 ? PATCHBOX_ORIGINAL(stacked)(-x) : 1100)",
+    )
     relocs = subprocess.run(["readelf", "-rW", str(obj)], capture_output=True, text=True).stdout
     assert "patchbox_original_use_helper" in relocs
     pbx = obj.parent / "wrap.pbx"
-    run("extract-patch", "--function", "use_helper", "--function", "stacked", "--name", "wrap",
-        "-o", pbx, obj, target_exe)
+    run(
+        "extract-patch",
+        "--function",
+        "use_helper",
+        "--function",
+        "stacked",
+        "--name",
+        "wrap",
+        "-o",
+        pbx,
+        obj,
+        target_exe,
+    )
     assert target.call("use_helper", 4) == "41"
     run("patchbox", "apply", "-p", target.pid, pbx)
     assert target.call("use_helper", 4) == "82"  # 2 x the original's 41, not recursion
@@ -170,11 +196,20 @@ def test_replacement_calls_the_original(target, target_exe, patched_obj) -> None
 
 def test_original_of_unknown_function_is_refused(target_exe, patched_obj) -> None:
     # The header comes from the include path `patchbox config --cflags` prints.
-    obj = patched_obj(extra=[*shlex.split(cflags()), "-include", "patchbox/patch.h"],
-                      USE_HELPER="({ extern int no_such_fn(int); "
-                                 "PATCHBOX_ORIGINAL(no_such_fn)(x); })")
-    proc = run("extract-patch", "--function", "use_helper", "-o", obj.parent / "x.pbx", obj,
-               target_exe, check=False)
+    obj = patched_obj(
+        extra=[*shlex.split(cflags()), "-include", "patchbox/patch.h"],
+        USE_HELPER="({ extern int no_such_fn(int); PATCHBOX_ORIGINAL(no_such_fn)(x); })",
+    )
+    proc = run(
+        "extract-patch",
+        "--function",
+        "use_helper",
+        "-o",
+        obj.parent / "x.pbx",
+        obj,
+        target_exe,
+        check=False,
+    )
     assert proc.returncode != 0 and "no_such_fn" in proc.stderr
 
 
@@ -184,13 +219,14 @@ def test_retained_patch_memory_is_never_reused(small_target_exe, patched_obj) ->
     exe = small_target_exe
     t = Target(exe)
     try:
-        retained = extract_patch(patched_obj(PARK="return x + 900;"), exe, ["park"],
-                                 name="kept", profile="qemu")
+        retained = extract_patch(
+            patched_obj(PARK="return x + 900;"), exe, ["park"], name="kept", profile="qemu"
+        )
         assert retained.flags == ApplyFlag.RETAIN
-        others = [body(patched_obj(STACKED="({ static int hits; hits++; 100; })"), exe,
-                       ["stacked"], "s"),
-                  body(patched_obj(PAIR_A="({ static int seen; seen += x; 1; })"), exe,
-                       ["pair_a"], "a")]
+        others = [
+            body(patched_obj(STACKED="({ static int hits; hits++; 100; })"), exe, ["stacked"], "s"),
+            body(patched_obj(PAIR_A="({ static int seen; seen += x; 1; })"), exe, ["pair_a"], "a"),
+        ]
         with Client(pid=t.pid) as client:
             placed = client.apply(encode_apply_body(retained))
             lo, size = placed.text_addr, len(retained.text)

@@ -1,4 +1,5 @@
 """The README demo runs and shows the bug, the fix and the revert (tier 2)."""
+
 from __future__ import annotations
 
 import subprocess
@@ -11,8 +12,13 @@ pytestmark = pytest.mark.process
 
 
 def test_demo_output() -> None:
-    proc = subprocess.run([str(ROOT / "examples" / "demo.sh")], capture_output=True, text=True,
-                          timeout=120, stdin=subprocess.DEVNULL)
+    proc = subprocess.run(
+        [str(ROOT / "examples" / "demo.sh")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = proc.stdout
     bug, rest = out.split("== Apply it", 1)

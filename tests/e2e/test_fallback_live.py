@@ -5,6 +5,7 @@ agent linked through `patchbox config --libs`); its `answer` starts with a 7-byt
 a 16-aligned entry, so the entry jump is accepted. Everything is observed from outside:
 the process's answers on stdout and its code through /proc/PID/mem.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -14,9 +15,9 @@ from pathlib import Path
 
 import pytest
 from elftools.elf.elffile import ELFFile
+from live import Target
 
 from helpers import APP_VERSION, run_tool
-from live import Target
 from patchbox.config import libs
 from patchbox.flags import LINK_FLAGS, PATCH_CFLAGS
 from patchbox.format.layout import load_patch, save_patch
@@ -63,8 +64,14 @@ def build(out: Path, mul: str, *, padded: bool = False, obj: bool = False) -> Pa
     if obj:
         cmd += ["-c", str(src), "-o", str(out)]
     else:
-        cmd += ["-pie", str(src), "-o", str(out), *LINK_FLAGS,
-                *shlex.split(libs(app_version=APP_VERSION, app_cflags=" ".join(PLAIN)))]
+        cmd += [
+            "-pie",
+            str(src),
+            "-o",
+            str(out),
+            *LINK_FLAGS,
+            *shlex.split(libs(app_version=APP_VERSION, app_cflags=" ".join(PLAIN))),
+        ]
     subprocess.run(cmd, check=True, capture_output=True, text=True)
     return out
 
@@ -125,7 +132,7 @@ def test_entry_jump_apply_and_remove_restore_bytes(target, plain_exe, tmp_path) 
     pbx = extract(obj, plain_exe, "jump")
     [fn] = load_patch(pbx).functions
     assert (fn.kind, fn.skip) == (RedirectKind.ENTRY_JUMP, 0)
-    assert len(fn.expected) >= 8 and fn.expected == before[:len(fn.expected)]
+    assert len(fn.expected) >= 8 and fn.expected == before[: len(fn.expected)]
 
     run("patchbox", "apply", "-p", target.pid, pbx)
     assert target.call("answer", 2) == "18"
@@ -142,15 +149,24 @@ def test_entry_jump_apply_and_remove_restore_bytes(target, plain_exe, tmp_path) 
 def test_unpadded_replacement_and_rule6(target, plain_exe, tmp_path) -> None:
     before = function_bytes(target, "answer")
     plain_obj = build(tmp_path / "a" / "fb.o", "7 + 1", obj=True)
-    proc = run("extract-patch", "--function", "answer", "--name", "plain", "-o",
-               tmp_path / "plain.pbx", plain_obj, plain_exe)
+    proc = run(
+        "extract-patch",
+        "--function",
+        "answer",
+        "--name",
+        "plain",
+        "-o",
+        tmp_path / "plain.pbx",
+        plain_obj,
+        plain_exe,
+    )
     assert "a later patch of answer cannot be stacked on this one" in proc.stderr
     [fn] = load_patch(tmp_path / "plain.pbx").functions
     assert fn.new_offset < 6
-    padded_a = extract(build(tmp_path / "b" / "fb.o", "7 + 1", padded=True, obj=True),
-                       plain_exe, "padded")
-    top = extract(build(tmp_path / "c" / "fb.o", "7 + 2", padded=True, obj=True),
-                  plain_exe, "top")
+    padded_a = extract(
+        build(tmp_path / "b" / "fb.o", "7 + 1", padded=True, obj=True), plain_exe, "padded"
+    )
+    top = extract(build(tmp_path / "c" / "fb.o", "7 + 2", padded=True, obj=True), plain_exe, "top")
 
     run("patchbox", "apply", "-p", target.pid, tmp_path / "plain.pbx")
     assert target.call("answer", 2) == "18"
@@ -175,16 +191,18 @@ def test_unpadded_replacement_and_rule6(target, plain_exe, tmp_path) -> None:
 
 def test_agent_refuses_wrong_expected_and_misaligned_point(target, plain_exe, tmp_path) -> None:
     snapshot = target.code_snapshot()
-    pbx = extract(build(tmp_path / "p" / "fb.o", "7 + 1", padded=True, obj=True),
-                  plain_exe, "good")
+    pbx = extract(build(tmp_path / "p" / "fb.o", "7 + 1", padded=True, obj=True), plain_exe, "good")
     patch = load_patch(pbx)
     [fn] = patch.functions
     wrong = bytearray(fn.expected)
     wrong[2] ^= 0xFF
     bad = tmp_path / "bad.pbx"
-    save_patch(dataclasses.replace(patch, name="bad",
-                                   functions=[dataclasses.replace(fn, expected=bytes(wrong))]),
-               bad)
+    save_patch(
+        dataclasses.replace(
+            patch, name="bad", functions=[dataclasses.replace(fn, expected=bytes(wrong))]
+        ),
+        bad,
+    )
     refused = run("patchbox", "apply", "-p", target.pid, bad, check=False)
     assert refused.returncode != 0
     assert "bytes at target differ from the patch's expected bytes: answer+0x2" in refused.stderr

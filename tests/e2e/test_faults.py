@@ -1,6 +1,7 @@
 """Faults around the agent (tier 2: `-m process`): clients killed at every step of an
 apply, silent and concurrent clients, an unwritable socket directory, a full log disk,
 and clients of another user (socket-file permission and SO_PEERCRED)."""
+
 from __future__ import annotations
 
 import os
@@ -15,10 +16,10 @@ import time
 from pathlib import Path
 
 import pytest
-
 import rawwire
-from helpers import compile_c
 from live import Target, render
+
+from helpers import compile_c
 from patchbox.extract import extract_patch
 from patchbox.format.layout import encode_apply_body
 from patchbox.format.model import Patch
@@ -47,8 +48,10 @@ def patches(target_exe: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[
     (d / "b").mkdir()
     helper = compile_c(render(USE_HELPER="scale(x) + 9"), d / "a" / "target.o", obj=True)
     bump = compile_c(render(BUMP_STEP="100"), d / "b" / "target.o", obj=True)
-    return {"helper": extract_patch(helper, target_exe, ["use_helper"], name="helper"),
-            "bump": extract_patch(bump, target_exe, ["bump"], name="bump")}
+    return {
+        "helper": extract_patch(helper, target_exe, ["use_helper"], name="helper"),
+        "bump": extract_patch(bump, target_exe, ["bump"], name="bump"),
+    }
 
 
 def state(target) -> tuple[dict[int, bytes], bytes]:
@@ -65,14 +68,22 @@ def applied(target) -> list[str]:
 @pytest.mark.parametrize("step", ["connect-only", "header", "half-payload", "full-payload"])
 def test_client_killed_during_apply(target, patches, tmp_path: Path, step: str) -> None:
     from patchbox.protocol.client import encode_frame
+
     frame = encode_frame(Msg.APPLY, 1, encode_apply_body(patches["helper"]))
-    n = {"connect-only": 0, "header": 16, "half-payload": 16 + (len(frame) - 16) // 2,
-         "full-payload": len(frame)}[step]
+    n = {
+        "connect-only": 0,
+        "header": 16,
+        "half-payload": 16 + (len(frame) - 16) // 2,
+        "full-payload": len(frame),
+    }[step]
     frame_file = tmp_path / "frame"
     frame_file.write_bytes(frame)
     before = state(target)
-    client = subprocess.Popen([sys.executable, "-c", KILLED_CLIENT, str(target.socket), str(frame_file), str(n)],
-                              stdout=subprocess.PIPE, text=True)
+    client = subprocess.Popen(
+        [sys.executable, "-c", KILLED_CLIENT, str(target.socket), str(frame_file), str(n)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert client.stdout.readline().strip() == "sent"
     client.send_signal(signal.SIGKILL)
     client.wait(10)
@@ -98,10 +109,21 @@ def test_client_killed_during_apply(target, patches, tmp_path: Path, step: str) 
 def test_full_payload_then_killed_is_applied_entirely(target, patches, tmp_path: Path) -> None:
     """The agent has the whole request: it applies (all functions), the reply is lost."""
     from patchbox.protocol.client import encode_frame
+
     frame = encode_frame(Msg.APPLY, 1, encode_apply_body(patches["helper"]))
     (tmp_path / "f").write_bytes(frame)
-    client = subprocess.Popen([sys.executable, "-c", KILLED_CLIENT, str(target.socket), str(tmp_path / "f"),
-                               str(len(frame))], stdout=subprocess.PIPE, text=True)
+    client = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            KILLED_CLIENT,
+            str(target.socket),
+            str(tmp_path / "f"),
+            str(len(frame)),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert client.stdout.readline().strip() == "sent"
     client.kill()
     client.wait(10)
@@ -168,8 +190,16 @@ def test_two_applies_at_once_both_succeed(target, patches) -> None:
 
 
 def run_as_nobody(exe: Path, env: dict[str, str]) -> subprocess.Popen:
-    return subprocess.Popen([str(exe)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env={**os.environ, **env}, user=NOBODY, group=NOBODY)
+    return subprocess.Popen(
+        [str(exe)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **env},
+        user=NOBODY,
+        group=NOBODY,
+    )
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run the target as another user")
@@ -218,9 +248,11 @@ def test_log_disk_full(target_exe: Path) -> None:
 
 # -- another user ----------------------------------------------------------------------
 
+
 def as_nobody(fn) -> tuple[int, str]:
     """Runs ``fn()`` (returns (int, str)) in a forked child as uid/gid 65534."""
     import json
+
     r, w = os.pipe()
     child = os.fork()
     if child == 0:
@@ -247,7 +279,9 @@ def as_nobody(fn) -> tuple[int, str]:
 
 def cli_in_child(*args: str) -> tuple[int, str]:
     from click.testing import CliRunner
+
     from patchbox.cli.main import cli
+
     result = CliRunner(mix_stderr=False).invoke(cli, list(args))
     return result.exit_code, result.stderr
 
@@ -282,7 +316,9 @@ def test_other_user_refused_by_peercred_via_cli(shared_target) -> None:
     os.chmod(shared_target.socket, 0o666)
     before = shared_target.code_snapshot()
     for command in ("info", "list", "test"):
-        code, err = as_nobody(lambda: cli_in_child(command, "-s", str(shared_target.socket)))
+        code, err = as_nobody(
+            lambda command=command: cli_in_child(command, "-s", str(shared_target.socket))
+        )
         assert code == 1, err
         assert "peer not allowed" in err and "uid 65534" in err and "[PERMISSION]" in err, err
     assert shared_target.code_snapshot() == before

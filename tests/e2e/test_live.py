@@ -3,6 +3,7 @@
 Every test starts a real target with the agent linked, changes its behaviour through the
 socket with the real CLI, and checks what the process answers on its stdout.
 """
+
 from __future__ import annotations
 
 import json
@@ -12,9 +13,9 @@ from pathlib import Path
 
 import pytest
 from elftools.elf.elffile import ELFFile
+from live import Target, render
 
 from helpers import APP_VERSION, compile_c, info_json, run_tool
-from live import Target, render
 from patchbox.config import preload
 from patchbox.format.layout import load_patch, save_patch
 
@@ -107,11 +108,12 @@ def test_got_slots_from_pic_no_plt_object(target, target_exe, patched_obj) -> No
 
 def test_pointer_table_abs64(target, target_exe, patched_obj) -> None:
     """A new table of string pointers: R_X86_64_64 relocations in copied data."""
-    table = ('static const char *const names[] = { "zero", "one", "two" };'
-             " return names[x % 3];")
+    table = 'static const char *const names[] = { "zero", "one", "two" }; return names[x % 3];'
     obj = patched_obj(PICK=table)
-    assert "R_X86_64_64" in subprocess.run(["readelf", "-rW", str(obj)], capture_output=True,
-                                           text=True).stdout
+    assert (
+        "R_X86_64_64"
+        in subprocess.run(["readelf", "-rW", str(obj)], capture_output=True, text=True).stdout
+    )
     pbx = extract(obj, target_exe, "pick", name="table")
     assert target.call("pick", 4) == "some"
     run("patchbox", "apply", "-p", target.pid, pbx)
@@ -121,8 +123,9 @@ def test_pointer_table_abs64(target, target_exe, patched_obj) -> None:
 
 
 def test_two_functions_switch_together(target, target_exe, patched_obj) -> None:
-    pbx = extract(patched_obj(PAIR_A="1000", PAIR_B="3"), target_exe, "pair_a", "pair_b",
-                  name="pair")
+    pbx = extract(
+        patched_obj(PAIR_A="1000", PAIR_B="3"), target_exe, "pair_a", "pair_b", name="pair"
+    )
     run("patchbox", "apply", "-p", target.pid, pbx)
     assert (target.call("pair_a", 5), target.call("pair_b", 5)) == ("1005", "15")
     run("patchbox", "remove", "-p", target.pid, "pair")
@@ -154,8 +157,13 @@ def test_info_and_selftest(target, target_exe) -> None:
     facts = info(target)
     assert facts["pid"] == str(target.pid)
     with open(target_exe, "rb") as f:
-        note = next(n for s in ELFFile(f).iter_sections() if s["sh_type"] == "SHT_NOTE"
-                    for n in s.iter_notes() if n["n_type"] == "NT_GNU_BUILD_ID")
+        note = next(
+            n
+            for s in ELFFile(f).iter_sections()
+            if s["sh_type"] == "SHT_NOTE"
+            for n in s.iter_notes()
+            if n["n_type"] == "NT_GNU_BUILD_ID"
+        )
     assert facts["build_id"] == note["n_desc"]
     assert int(facts["sandbox_size"]) > 0
     assert facts["app_version"] == APP_VERSION
@@ -212,8 +220,13 @@ def test_preloaded_agent(tmp_path, patched_obj) -> None:
     t = Target(exe, env={"LD_PRELOAD": str(preload())})
     try:
         assert t.call("use_helper", 4) == "41"
-        pbx = extract(patched_obj(USE_HELPER="scale(x) * 2", GREETING="preloaded"), exe,
-                      "use_helper", "greet", name="pre")
+        pbx = extract(
+            patched_obj(USE_HELPER="scale(x) * 2", GREETING="preloaded"),
+            exe,
+            "use_helper",
+            "greet",
+            name="pre",
+        )
         run("patchbox", "apply", "-p", t.pid, pbx)
         assert (t.call("use_helper", 4), t.call("greet")) == ("80", "preloaded")
         assert info(t)["app_version"] == "unknown"  # no build-info object linked

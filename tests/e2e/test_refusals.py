@@ -3,20 +3,21 @@
 Each bad request must get an error naming the cause, leave every executable byte of the
 target (its text and the sandbox) identical, and the agent must serve the next client.
 """
+
 from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 import struct
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
-
 import rawwire
 from live import Target
+
 from patchbox.extract import extract_patch
 from patchbox.format.layout import encode_apply_body
 from patchbox.format.model import Patch
@@ -200,9 +201,19 @@ def test_patch_over_bytes_another_patch_changed(target, good_patch) -> None:
     status, rest = rawwire.request(target.socket, Msg.INFO)
     bias = int(dict(_kv(rest))["load_bias"], 16)
     padding = fn.target - 6  # link-time address of the bytes the applied patch changed
-    over = replace(good_patch, name="over", functions=[replace(
-        fn, target=padding, kind=RedirectKind.ENTRY_JUMP, skip=0,
-        expected=target.read(bias + padding, 16))])
+    over = replace(
+        good_patch,
+        name="over",
+        functions=[
+            replace(
+                fn,
+                target=padding,
+                kind=RedirectKind.ENTRY_JUMP,
+                skip=0,
+                expected=target.read(bias + padding, 16),
+            )
+        ],
+    )
     before = target.code_snapshot()
     status, rest = rawwire.request(target.socket, Msg.APPLY, encode_apply_body(over))
     assert status == ErrorCode.OVERLAP, (ErrorCode(status).name, rawwire.error_text(rest))
@@ -218,6 +229,6 @@ def _kv(rest: bytes):
         pair = []
         for _ in range(2):
             (n,) = struct.unpack_from("<H", rest, pos)
-            pair.append(rest[pos + 2:pos + 2 + n].decode())
+            pair.append(rest[pos + 2 : pos + 2 + n].decode())
             pos += 2 + n
         yield tuple(pair)

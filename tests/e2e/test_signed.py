@@ -1,4 +1,5 @@
 """Signed patches against a real target (tier 2: `-m process`)."""
+
 from __future__ import annotations
 
 import subprocess
@@ -15,14 +16,24 @@ pytestmark = pytest.mark.process
 
 def patchbox(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     import os
-    return subprocess.run([str(Path(sys.executable).parent / "patchbox"), *args], capture_output=True,
-                          text=True, timeout=60, env={**os.environ, **(env or {})})
+
+    return subprocess.run(
+        [str(Path(sys.executable).parent / "patchbox"), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def test_trust_dir_gates_apply(target, target_exe: Path, patched_obj, tmp_path: Path) -> None:
     pbx = tmp_path / "fix.pbx"
-    save_patch(extract_patch(patched_obj(USE_HELPER="scale(x) + 9"), target_exe, ["use_helper"],
-                             name="signed-fix"), pbx)
+    save_patch(
+        extract_patch(
+            patched_obj(USE_HELPER="scale(x) + 9"), target_exe, ["use_helper"], name="signed-fix"
+        ),
+        pbx,
+    )
     trust = tmp_path / "trusted"
     trust.mkdir()
     assert patchbox("keygen", "--out", str(tmp_path / "k" / "ops")).returncode == 0

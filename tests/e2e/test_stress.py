@@ -6,6 +6,7 @@ whole time. The sandbox is small (8 KiB, about 128 placements of this patch), so
 ten thousand cycles below only fit because revival reuses the retired copy in place: the
 callers never block, so the quiescence check can never pass.
 """
+
 from __future__ import annotations
 
 import subprocess
@@ -44,8 +45,9 @@ def test_cycles_under_full_load(stress_build) -> None:
     patch = extract_patch(obj, exe, ["work"], name="k5")
     assert not patch.data and not patch.bss_size  # revival applies to it
     body = encode_apply_body(patch)
-    proc = subprocess.Popen([str(exe)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [str(exe)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     try:
         assert proc.stdout.readline().split()[0] == "ready"
         sock = exe.parent / f"sandbox-sock{proc.pid}"

@@ -1,19 +1,25 @@
 """QEMU fixtures: the cached QEMU build (scripts/qemu/build-qemu.sh) and a running QEMU."""
+
 from __future__ import annotations
 
 import subprocess
 from pathlib import Path
 
 import pytest
+from qemuutil import Qemu
 
 from helpers import ROOT
-from qemuutil import Qemu
 
 
 @pytest.fixture(scope="session")
 def qemu_exe() -> Path:
-    proc = subprocess.run([str(ROOT / "scripts" / "qemu" / "build-qemu.sh")], capture_output=True,
-                          text=True, timeout=3600, stdin=subprocess.DEVNULL)
+    proc = subprocess.run(
+        [str(ROOT / "scripts" / "qemu" / "build-qemu.sh")],
+        capture_output=True,
+        text=True,
+        timeout=3600,
+        stdin=subprocess.DEVNULL,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     exe = Path(proc.stdout.strip().splitlines()[-1])
     assert exe.is_file()

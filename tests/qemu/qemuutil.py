@@ -1,4 +1,5 @@
 """Helpers shared by the QEMU tests: the patchbox commands, a running QEMU."""
+
 from __future__ import annotations
 
 import subprocess
@@ -17,11 +18,24 @@ class Qemu:
     def __init__(self, exe: Path, tmp: Path) -> None:
         self.load_sock, self.ctl_sock = tmp / "qmp-load.sock", tmp / "qmp-ctl.sock"
         self.proc = subprocess.Popen(
-            [str(exe), "-machine", "none", "-display", "none", "-nodefaults", "-S",
-             "-qmp", f"unix:{self.load_sock},server=on,wait=off",
-             "-qmp", f"unix:{self.ctl_sock},server=on,wait=off"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            env={"PATH": "/usr/bin:/bin", "PATCHBOX_SOCK_DIR": str(tmp)})
+            [
+                str(exe),
+                "-machine",
+                "none",
+                "-display",
+                "none",
+                "-nodefaults",
+                "-S",
+                "-qmp",
+                f"unix:{self.load_sock},server=on,wait=off",
+                "-qmp",
+                f"unix:{self.ctl_sock},server=on,wait=off",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env={"PATH": "/usr/bin:/bin", "PATCHBOX_SOCK_DIR": str(tmp)},
+        )
         self.pid = self.proc.pid
         self.agent_sock = tmp / f"sandbox-sock{self.pid}"
         deadline = time.monotonic() + 30
@@ -38,7 +52,12 @@ class Qemu:
 
 
 def run(*args, timeout: float = 120) -> subprocess.CompletedProcess:
-    proc = subprocess.run([str(a) for a in args], capture_output=True, text=True,
-                          timeout=timeout, stdin=subprocess.DEVNULL)
+    proc = subprocess.run(
+        [str(a) for a in args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
     assert proc.returncode == 0, f"{args}: {proc.stderr}"
     return proc

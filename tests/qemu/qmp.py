@@ -1,4 +1,5 @@
 """A small QMP client (JSON over a Unix socket) for the QEMU tests."""
+
 from __future__ import annotations
 
 import json

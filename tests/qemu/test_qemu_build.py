@@ -6,6 +6,7 @@ qmp_query_acpi_ospm_status in monitor/qmp-cmds.c, which only shifts the __LINE__
 to error_setg()/QOM cast checks in the functions below it. The build recompiles only the
 affected objects against the configured build directory; the patch holds (1) alone.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -14,21 +15,25 @@ import time
 from pathlib import Path
 
 import pytest
+from qemuutil import BIN, Qemu, run
 
 from patchbox.format.layout import load_patch
 from patchbox.wire import ApplyFlag
-from qemuutil import BIN, Qemu, run
 
 pytestmark = pytest.mark.qemu
 
 EDITS = [
-    ("monitor/hmp-cmds.c",
-     'monitor_printf(mon, "%" PRId64 ".%" PRId64 ".%" PRId64 "%s\\n",',
-     'monitor_printf(mon, "QEMU %" PRId64 ".%" PRId64 ".%" PRId64 "%s (fixed)\\n",'),
-    ("monitor/qmp-cmds.c",
-     "ACPIOSTInfoList *qmp_query_acpi_ospm_status(Error **errp)\n",
-     "/* Lists the OSPM status of the ACPI device. */\n"
-     "ACPIOSTInfoList *qmp_query_acpi_ospm_status(Error **errp)\n"),
+    (
+        "monitor/hmp-cmds.c",
+        'monitor_printf(mon, "%" PRId64 ".%" PRId64 ".%" PRId64 "%s\\n",',
+        'monitor_printf(mon, "QEMU %" PRId64 ".%" PRId64 ".%" PRId64 "%s (fixed)\\n",',
+    ),
+    (
+        "monitor/qmp-cmds.c",
+        "ACPIOSTInfoList *qmp_query_acpi_ospm_status(Error **errp)\n",
+        "/* Lists the OSPM status of the ACPI device. */\n"
+        "ACPIOSTInfoList *qmp_query_acpi_ospm_status(Error **errp)\n",
+    ),
 ]
 
 
@@ -37,16 +42,19 @@ def make_diff(src: Path, out: Path) -> Path:
     for rel, old, new in EDITS:
         text = (src / rel).read_text()
         assert text.count(old) == 1, f"{old!r} not once in {rel}"
-        lines += difflib.unified_diff(text.splitlines(True),
-                                      text.replace(old, new).splitlines(True),
-                                      f"a/{rel}", f"b/{rel}")
+        lines += difflib.unified_diff(
+            text.splitlines(True), text.replace(old, new).splitlines(True), f"a/{rel}", f"b/{rel}"
+        )
     out.write_text("".join(lines))
     return out
 
 
 def snapshot(d: Path) -> dict[str, tuple[int, int]]:
-    return {str(p): (p.stat().st_mtime_ns, p.stat().st_size)
-            for p in d.rglob("*") if p.is_file() and not p.is_symlink()}
+    return {
+        str(p): (p.stat().st_mtime_ns, p.stat().st_size)
+        for p in d.rglob("*")
+        if p.is_file() and not p.is_symlink()
+    }
 
 
 def test_build_qemu_from_diff(qemu: Qemu, qemu_exe: Path, tmp_path: Path) -> None:
@@ -57,9 +65,23 @@ def test_build_qemu_from_diff(qemu: Qemu, qemu_exe: Path, tmp_path: Path) -> Non
     before_build = snapshot(build / "libcommon.fa.p")
     pbx = tmp_path / "fix.pbx"
     t0 = time.monotonic()
-    proc = run(BIN / "patchbox", "build", "--qemu", "--source", src, "--diff", diff,
-               "--binary", qemu_exe, "--explain", "--name", "hmp-version", "-o", pbx,
-               timeout=600)
+    proc = run(
+        BIN / "patchbox",
+        "build",
+        "--qemu",
+        "--source",
+        src,
+        "--diff",
+        diff,
+        "--binary",
+        qemu_exe,
+        "--explain",
+        "--name",
+        "hmp-version",
+        "-o",
+        pbx,
+        timeout=600,
+    )
     elapsed = time.monotonic() - t0
     out = proc.stdout
     print(out, proc.stderr, f"patchbox build --qemu: {elapsed:.1f} s", sep="\n")

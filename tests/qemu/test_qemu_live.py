@@ -5,6 +5,7 @@ patchbox flags and the agent linked (cached across runs). It runs with no guest
 (`-machine none`) and two QMP sockets: one client hammers `query-version` in a loop
 while the other patches and checks, so a dropped or failed request would show.
 """
+
 from __future__ import annotations
 
 import json
@@ -13,10 +14,10 @@ import time
 from pathlib import Path
 
 import pytest
-
-from patchbox.rebuild.qemu import compile_fixed
 from qemuutil import BIN, Qemu, run
 from qmp import QMP
+
+from patchbox.rebuild.qemu import compile_fixed
 
 pytestmark = pytest.mark.qemu
 
@@ -64,12 +65,26 @@ class Hammer(threading.Thread):
 def test_query_version_patched_under_qmp_load(qemu: Qemu, qemu_exe: Path, tmp_path: Path) -> None:
     before = qemu.ctl.execute("query-version")
     old = f"{before['qemu']['micro']}{before['package']}"
-    obj = fixed_object(qemu_exe, tmp_path, "monitor/qmp-cmds-control.c",
-                       "info->package = g_strdup(QEMU_PKGVERSION);",
-                       'info->package = g_strdup(" (live-patched by patchbox)");')
+    obj = fixed_object(
+        qemu_exe,
+        tmp_path,
+        "monitor/qmp-cmds-control.c",
+        "info->package = g_strdup(QEMU_PKGVERSION);",
+        'info->package = g_strdup(" (live-patched by patchbox)");',
+    )
     pbx = tmp_path / "version.pbx"
-    run(BIN / "extract-patch", "--qemu", "--function", "qmp_query_version", "--name", "version",
-        "-o", pbx, obj, qemu_exe)
+    run(
+        BIN / "extract-patch",
+        "--qemu",
+        "--function",
+        "qmp_query_version",
+        "--name",
+        "version",
+        "-o",
+        pbx,
+        obj,
+        qemu_exe,
+    )
     new = f"{before['qemu']['micro']} (live-patched by patchbox)"
 
     hammer = Hammer(qemu.load_sock)
@@ -95,12 +110,26 @@ def test_query_version_patched_under_qmp_load(qemu: Qemu, qemu_exe: Path, tmp_pa
 
 def test_monitor_command_fix_and_info(qemu: Qemu, qemu_exe: Path, tmp_path: Path) -> None:
     before = qemu.ctl.hmp("info version")
-    obj = fixed_object(qemu_exe, tmp_path, "monitor/hmp-cmds.c",
-                       'monitor_printf(mon, "%" PRId64 ".%" PRId64 ".%" PRId64 "%s\\n",',
-                       'monitor_printf(mon, "QEMU emulator version %" PRId64 ".%" PRId64 ".%" PRId64 "%s\\n",')
+    obj = fixed_object(
+        qemu_exe,
+        tmp_path,
+        "monitor/hmp-cmds.c",
+        'monitor_printf(mon, "%" PRId64 ".%" PRId64 ".%" PRId64 "%s\\n",',
+        'monitor_printf(mon, "QEMU emulator version %" PRId64 ".%" PRId64 ".%" PRId64 "%s\\n",',
+    )
     pbx = tmp_path / "hmpfix.pbx"
-    run(BIN / "extract-patch", "--qemu", "--function", "hmp_info_version", "--name", "hmp-fix",
-        "-o", pbx, obj, qemu_exe)
+    run(
+        BIN / "extract-patch",
+        "--qemu",
+        "--function",
+        "hmp_info_version",
+        "--name",
+        "hmp-fix",
+        "-o",
+        pbx,
+        obj,
+        qemu_exe,
+    )
     run(BIN / "patchbox", "apply", "-p", qemu.pid, pbx)
     assert qemu.ctl.hmp("info version") == "QEMU emulator version " + before
     listing = json.loads(run(BIN / "patchbox", "list", "-p", qemu.pid, "--json").stdout)
@@ -119,5 +148,8 @@ def test_qemu_profile_records_build_info(qemu_exe: Path, tmp_path: Path) -> None
     pbx = tmp_path / "same.pbx"
     run(BIN / "extract-patch", "--qemu", "--function", "qmp_query_name", "-o", pbx, obj, qemu_exe)
     shown = json.loads(run(BIN / "patchbox", "show", "--json", pbx).stdout)
-    assert shown["meta"]["qemu_version"] == (qemu_exe.parent.parent / "src" / "VERSION").read_text().strip()
+    assert (
+        shown["meta"]["qemu_version"]
+        == (qemu_exe.parent.parent / "src" / "VERSION").read_text().strip()
+    )
     assert shown["meta"]["profile"] == "qemu" and shown["flags"] == 1  # RETAIN

@@ -1,4 +1,5 @@
 """`patchbox apply FILE`: apply a patch file to a running process."""
+
 from __future__ import annotations
 
 import click
@@ -13,13 +14,18 @@ __all__ = ["apply_command"]
 @click.command("apply")
 @target_options
 @json_option
-@click.option("--trust-dir", metavar="DIR", type=click.Path(file_okay=False),
-              help="Directory of trusted public keys (*.pub) [$PATCHBOX_TRUST_DIR, default "
-                   f"{signing.DEFAULT_TRUST_DIR}]; when it exists, only patches signed by one "
-                   "of them are applied.")
+@click.option(
+    "--trust-dir",
+    metavar="DIR",
+    type=click.Path(file_okay=False),
+    help="Directory of trusted public keys (*.pub) [$PATCHBOX_TRUST_DIR, default "
+    f"{signing.DEFAULT_TRUST_DIR}]; when it exists, only patches signed by one "
+    "of them are applied.",
+)
 @click.argument("file", type=click.Path(dir_okay=False))
-def apply_command(pid: int | None, socket_path: str | None, as_json: bool, trust_dir: str | None,
-                  file: str) -> None:
+def apply_command(
+    pid: int | None, socket_path: str | None, as_json: bool, trust_dir: str | None, file: str
+) -> None:
     """Apply the patch FILE (its body is sent unchanged, after the trust and policy checks)."""
     # One read: the bytes checked (hash, signature) are the bytes sent.
     pf = read_patch_file(file)
@@ -32,8 +38,15 @@ def apply_command(pid: int | None, socket_path: str | None, as_json: bool, trust
         result = client.apply(body)
     symbols = [f.symbol for f in patch.functions]
     if as_json:
-        emit_json({"name": patch.name, "id": result.id, "pid": int(target) if target.isdigit() else target,
-                   "text_addr": result.text_addr, "data_addr": result.data_addr,
-                   "functions": symbols})
+        emit_json(
+            {
+                "name": patch.name,
+                "id": result.id,
+                "pid": int(target) if target.isdigit() else target,
+                "text_addr": result.text_addr,
+                "data_addr": result.data_addr,
+                "functions": symbols,
+            }
+        )
         return
     click.echo(f"applied {patch.name} (id {result.id}) to pid {target}: {', '.join(symbols)}")

@@ -1,4 +1,5 @@
 """``patchbox build``: a live patch from a source tree and a diff (docs/build.md)."""
+
 from __future__ import annotations
 
 import os
@@ -20,40 +21,100 @@ __all__ = ["build_command"]
 
 
 @click.command("build")
-@click.option("--source", "source", required=True, type=click.Path(file_okay=False, exists=True),
-              help="Source tree that built the running binary (never modified).")
-@click.option("--diff", "diff", required=True, type=click.Path(dir_okay=False, exists=True),
-              help="The fix, as a unified diff.")
-@click.option("--binary", "binary", required=True, metavar="PATH",
-              help="The running program's binary: a path in the source tree (or absolute).")
-@click.option("--build-cmd", default=None,
-              help="Command building the tree (run with sh in the copy; default make).")
-@click.option("--build-dir", default=None, type=click.Path(file_okay=False, exists=True),
-              help="Configured meson/ninja build directory (compile_commands.json) that "
-                   "built the binary: recompile only the objects the diff affects "
-                   "(default with --qemu: the binary's directory).")
-@click.option("-j", "--jobs", type=click.IntRange(min=1), default=None,
-              help="Parallel build jobs (adds -jN to MAKEFLAGS; compilers at once with a build "
-                   "directory, default: the number of CPUs).")
-@click.option("--strip", type=click.IntRange(min=0), default=None,
-              help="patch -pN level (default: try 1, then 0, 2, 3).")
+@click.option(
+    "--source",
+    "source",
+    required=True,
+    type=click.Path(file_okay=False, exists=True),
+    help="Source tree that built the running binary (never modified).",
+)
+@click.option(
+    "--diff",
+    "diff",
+    required=True,
+    type=click.Path(dir_okay=False, exists=True),
+    help="The fix, as a unified diff.",
+)
+@click.option(
+    "--binary",
+    "binary",
+    required=True,
+    metavar="PATH",
+    help="The running program's binary: a path in the source tree (or absolute).",
+)
+@click.option(
+    "--build-cmd",
+    default=None,
+    help="Command building the tree (run with sh in the copy; default make).",
+)
+@click.option(
+    "--build-dir",
+    default=None,
+    type=click.Path(file_okay=False, exists=True),
+    help="Configured meson/ninja build directory (compile_commands.json) that "
+    "built the binary: recompile only the objects the diff affects "
+    "(default with --qemu: the binary's directory).",
+)
+@click.option(
+    "-j",
+    "--jobs",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Parallel build jobs (adds -jN to MAKEFLAGS; compilers at once with a build "
+    "directory, default: the number of CPUs).",
+)
+@click.option(
+    "--strip",
+    type=click.IntRange(min=0),
+    default=None,
+    help="patch -pN level (default: try 1, then 0, 2, 3).",
+)
 @click.option("--qemu", is_flag=True, help="QEMU profile (its reporting functions).")
-@click.option("--reporter", "reporters", multiple=True, metavar="FN",
-              help="Another reporting function whose __LINE__ argument is not a change.")
+@click.option(
+    "--reporter",
+    "reporters",
+    multiple=True,
+    metavar="FN",
+    help="Another reporting function whose __LINE__ argument is not a change.",
+)
 @click.option("--name", default=None, help="Patch name (default: output file stem).")
 @click.option("--explain", is_flag=True, help="Print per function why it is in or out.")
 @click.option("--dry-run", is_flag=True, help="Compare and explain; write no patch.")
-@click.option("--allow-inlined", is_flag=True,
-              help="Accept replaced functions inlined into functions the diff does not change.")
-@click.option("--work", default=None, type=click.Path(file_okay=False),
-              help="Workspace directory (kept; default: a temporary one, removed).")
-@click.option("-o", "--output", default=None, type=click.Path(dir_okay=False),
-              help="Output patch file (default: NAME.pbx).")
-def build_command(source: str, diff: str, binary: str, build_cmd: str | None,
-                  build_dir: str | None, jobs: int | None,
-                  strip: int | None, qemu: bool, reporters: tuple[str, ...], name: str | None,
-                  explain: bool, dry_run: bool, allow_inlined: bool, work: str | None,
-                  output: str | None) -> None:
+@click.option(
+    "--allow-inlined",
+    is_flag=True,
+    help="Accept replaced functions inlined into functions the diff does not change.",
+)
+@click.option(
+    "--work",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="Workspace directory (kept; default: a temporary one, removed).",
+)
+@click.option(
+    "-o",
+    "--output",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="Output patch file (default: NAME.pbx).",
+)
+def build_command(
+    source: str,
+    diff: str,
+    binary: str,
+    build_cmd: str | None,
+    build_dir: str | None,
+    jobs: int | None,
+    strip: int | None,
+    qemu: bool,
+    reporters: tuple[str, ...],
+    name: str | None,
+    explain: bool,
+    dry_run: bool,
+    allow_inlined: bool,
+    work: str | None,
+    output: str | None,
+) -> None:
     """Build the tree as it is and with the diff applied (in copies, with the flags of
     `patchbox config --cflags`), compare every object file at function level and write
     one patch with every function that really changed."""
@@ -71,9 +132,11 @@ def build_command(source: str, diff: str, binary: str, build_cmd: str | None,
         build_dir = str(default) if default is not None else None
     if build_dir is not None:
         if build_cmd is not None:
-            raise BuildError("--build-cmd and --build-dir exclude each other: with a build "
-                             "directory, the affected objects are recompiled with the "
-                             "commands it recorded")
+            raise BuildError(
+                "--build-cmd and --build-dir exclude each other: with a build "
+                "directory, the affected objects are recompiled with the "
+                "commands it recorded"
+            )
         ws: Workspace = IncrementalBuild(source, build_dir, reference, work)
     else:
         ws = Workspace(source, work)
@@ -84,17 +147,23 @@ def build_command(source: str, diff: str, binary: str, build_cmd: str | None,
             level = ws.apply_diff(diff, strip)
             entries = ws.affected(ws.changed_files(diff_text, level))
             for o in ws.stale(entries):
-                ws.warnings.append(f"{o} is out of date in {ws.build_dir} (ninja would rebuild "
-                                   f"it): the build directory may not be what built the "
-                                   f"running binary")
+                ws.warnings.append(
+                    f"{o} is out of date in {ws.build_dir} (ninja would rebuild "
+                    f"it): the build directory may not be what built the "
+                    f"running binary"
+                )
             orig, patched = ws.compile(entries, jobs)
             t_built = time.monotonic()
             warnings += ws.warnings
-            built = (f"copy {t_copy - t0:.1f} s, {len(entries)} object(s) recompiled "
-                     f"{t_built - t_copy:.1f} s")
+            built = (
+                f"copy {t_copy - t0:.1f} s, {len(entries)} object(s) recompiled "
+                f"{t_built - t_copy:.1f} s"
+            )
             if explain or dry_run:
-                click.echo(f"{len(entries)} object(s) of {ws.build_dir} affected by the diff, "
-                           f"recompiled from the patched copy")
+                click.echo(
+                    f"{len(entries)} object(s) of {ws.build_dir} affected by the diff, "
+                    f"recompiled from the patched copy"
+                )
                 for note in ws.notes:
                     click.echo(note)
         else:
@@ -121,10 +190,15 @@ def build_command(source: str, diff: str, binary: str, build_cmd: str | None,
                 raise BuildError("refused: " + "; ".join(refusals))
             return
         try:
-            patch = patch_from_diffs(diffs, reference, name=name, profile=profile,
-                                     allow_inlined=allow_inlined, warnings=warnings,
-                                     meta={"diff": os.path.basename(diff),
-                                           "strip": str(level)})
+            patch = patch_from_diffs(
+                diffs,
+                reference,
+                name=name,
+                profile=profile,
+                allow_inlined=allow_inlined,
+                warnings=warnings,
+                meta={"diff": os.path.basename(diff), "strip": str(level)},
+            )
         finally:
             for w in warnings:
                 click.echo(f"patchbox build: warning: {w}", err=True)
@@ -134,19 +208,22 @@ def build_command(source: str, diff: str, binary: str, build_cmd: str | None,
         raise PatchboxError(f"cannot write {out}: {err.strerror}") from err
     t_end = time.monotonic()
     fns = ", ".join(f.symbol for f in patch.functions)
-    click.echo(f"wrote {out}: {len(patch.functions)} function(s) ({fns}) from "
-               f"{sum(1 for d in diffs if d.functions)} object file(s), {len(patch.text)} bytes "
-               f"text, {len(patch.data) + patch.bss_size} bytes data, {len(patch.fixups)} "
-               f"fix-ups; {built}, compare+extract {t_end - t_built:.2f} s")
+    click.echo(
+        f"wrote {out}: {len(patch.functions)} function(s) ({fns}) from "
+        f"{sum(1 for d in diffs if d.functions)} object file(s), {len(patch.text)} bytes "
+        f"text, {len(patch.data) + patch.bss_size} bytes data, {len(patch.fixups)} "
+        f"fix-ups; {built}, compare+extract {t_end - t_built:.2f} s"
+    )
 
 
 def _reference(source: str, binary: str) -> Path:
     """Returns the reference binary: absolute, else inside the source tree, else relative
     to the current directory."""
-    candidates = [Path(binary)] if os.path.isabs(binary) else [Path(source) / binary,
-                                                                 Path(binary)]
+    candidates = [Path(binary)] if os.path.isabs(binary) else [Path(source) / binary, Path(binary)]
     for c in candidates:
         if c.is_file():
             return c
-    raise BuildError(f"binary {candidates[0]} not found (give its path inside the source tree "
-                     f"or an absolute path)")
+    raise BuildError(
+        f"binary {candidates[0]} not found (give its path inside the source tree "
+        f"or an absolute path)"
+    )

@@ -1,4 +1,5 @@
 """Pieces shared by the subcommands: target selection, the client, output helpers."""
+
 from __future__ import annotations
 
 import json
@@ -16,13 +17,23 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 def target_options(func: F) -> F:
     """Adds ``-p/--pid`` and ``-s/--socket`` (exactly one is required)."""
-    func = click.option("-s", "--socket", "socket_path", metavar="SOCKET",
-                        # readable=False: a socket we may not open is reported by the client
-                        # (permission denied connecting...), not as a usage error.
-                        type=click.Path(dir_okay=False, readable=False),
-                        help="Agent socket path (instead of -p).")(func)
-    func = click.option("-p", "--pid", type=click.IntRange(min=1), metavar="PID",
-                        help="Process id of the target (its socket is found from it).")(func)
+    func = click.option(
+        "-s",
+        "--socket",
+        "socket_path",
+        metavar="SOCKET",
+        # readable=False: a socket we may not open is reported by the client
+        # (permission denied connecting...), not as a usage error.
+        type=click.Path(dir_okay=False, readable=False),
+        help="Agent socket path (instead of -p).",
+    )(func)
+    func = click.option(
+        "-p",
+        "--pid",
+        type=click.IntRange(min=1),
+        metavar="PID",
+        help="Process id of the target (its socket is found from it).",
+    )(func)
     return func
 
 
@@ -36,7 +47,7 @@ def open_client(pid: int | None, socket_path: str | None) -> Client:
     if (pid is None) == (socket_path is None):
         raise click.UsageError("give exactly one of -p PID and -s SOCKET")
     ctx = click.get_current_context()
-    timeout = (ctx.find_root().params.get("timeout") or DEFAULT_TIMEOUT)
+    timeout = ctx.find_root().params.get("timeout") or DEFAULT_TIMEOUT
     if pid is not None:
         return Client(pid=pid, timeout=timeout)
     return Client(socket_path, timeout=timeout)

@@ -1,4 +1,5 @@
 """`patchbox config`: flags for building a patchable program (like pkg-config)."""
+
 from __future__ import annotations
 
 import click
@@ -10,13 +11,26 @@ __all__ = ["config_command"]
 
 @click.command("config")
 @click.option("--cflags", "want_cflags", is_flag=True, help="Compile flags of a patchable program.")
-@click.option("--libs", "want_libs", is_flag=True,
-              help="Link inputs: the agent objects, a build-info object, link flags.")
-@click.option("--preload", "want_preload", is_flag=True, help="Path of libsandbox.so for LD_PRELOAD.")
-@click.option("--app-version", metavar="V", help="Version recorded by --libs [$PATCHBOX_APP_VERSION].")
+@click.option(
+    "--libs",
+    "want_libs",
+    is_flag=True,
+    help="Link inputs: the agent objects, a build-info object, link flags.",
+)
+@click.option(
+    "--preload", "want_preload", is_flag=True, help="Path of libsandbox.so for LD_PRELOAD."
+)
+@click.option(
+    "--app-version", metavar="V", help="Version recorded by --libs [$PATCHBOX_APP_VERSION]."
+)
 @click.option("--app-cflags", metavar="FLAGS", help="Compile flags recorded by --libs [$CFLAGS].")
-def config_command(want_cflags: bool, want_libs: bool, want_preload: bool,
-                   app_version: str | None, app_cflags: str | None) -> None:
+def config_command(
+    want_cflags: bool,
+    want_libs: bool,
+    want_preload: bool,
+    app_version: str | None,
+    app_cflags: str | None,
+) -> None:
     """Print compile flags, link inputs or the preload library.
 
     \b

@@ -1,4 +1,5 @@
 """`patchbox debug on|off`: the agent's verbose debug output (on the target's stderr)."""
+
 from __future__ import annotations
 
 import click

@@ -1,4 +1,5 @@
 """`patchbox info`: the agent's facts about the running process."""
+
 from __future__ import annotations
 
 import click

@@ -1,7 +1,8 @@
 """`patchbox list`: the patches applied in a process, in the order applied."""
+
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import click
 
@@ -11,7 +12,7 @@ __all__ = ["list_command"]
 
 
 def _when(ns: int) -> str:
-    return datetime.fromtimestamp(ns / 1e9, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    return datetime.fromtimestamp(ns / 1e9, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 @click.command("list")
@@ -28,7 +29,9 @@ def list_command(pid: int | None, socket_path: str | None, as_json: bool) -> Non
             click.echo(f"no patches applied in pid {client_pid(client)}")
             return
     for p in patches:
-        click.echo(f"{p.name}  id {p.id}  applied {_when(p.applied_at)}  "
-                   f"text {p.text_addr:#x}+{p.text_size}  data {p.data_addr:#x}+{p.data_size}")
+        click.echo(
+            f"{p.name}  id {p.id}  applied {_when(p.applied_at)}  "
+            f"text {p.text_addr:#x}+{p.text_size}  data {p.data_addr:#x}+{p.data_size}"
+        )
         for f in p.functions:
             click.echo(f"    {f.symbol}  {f.target:#x} -> {f.new:#x} ({f.new_size} bytes)")

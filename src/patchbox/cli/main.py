@@ -3,6 +3,7 @@
 Every PatchboxError is turned into one stderr line ``patchbox: error: <cause>`` and exit
 status 1 here, at one choke point; usage errors keep click's exit status 2.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -25,16 +26,23 @@ from patchbox.protocol.client import DEFAULT_TIMEOUT
 __all__ = ["cli", "main"]
 
 # Subcommands defined elsewhere and imported only when used: name -> (module, attribute).
-LAZY_COMMANDS = {"extract": ("patchbox.cli.extract", "extract_command"),
-                 "build": ("patchbox.cli.build", "build_command")}
+LAZY_COMMANDS = {
+    "extract": ("patchbox.cli.extract", "extract_command"),
+    "build": ("patchbox.cli.build", "build_command"),
+}
 
 
 def _unavailable(name: str, reason: str) -> click.Command:
     """Returns a stand-in command that reports why ``name`` cannot be loaded."""
-    @click.command(name, help=f"(unavailable: {reason})",
-                   context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+
+    @click.command(
+        name,
+        help=f"(unavailable: {reason})",
+        context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+    )
     def stub() -> None:
         raise ConfigError(f"`patchbox {name}` is unavailable: {reason}")
+
     return stub
 
 
@@ -66,15 +74,31 @@ class PatchboxGroup(click.Group):
 
 @click.group(cls=PatchboxGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "-V", "--version", prog_name="patchbox")
-@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_TIMEOUT,
-              show_default=True, envvar="PATCHBOX_TIMEOUT", metavar="SECONDS",
-              help="Limit on connecting to the agent and on each reply [$PATCHBOX_TIMEOUT].")
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=DEFAULT_TIMEOUT,
+    show_default=True,
+    envvar="PATCHBOX_TIMEOUT",
+    metavar="SECONDS",
+    help="Limit on connecting to the agent and on each reply [$PATCHBOX_TIMEOUT].",
+)
 def cli(timeout: float) -> None:
     """Live-patch running processes linked with the patchbox agent."""
 
 
-for _command in (info_command, list_command, apply_command, remove_command, test_command,
-                 debug_command, show_command, config_command, keygen_command, sign_command):
+for _command in (
+    info_command,
+    list_command,
+    apply_command,
+    remove_command,
+    test_command,
+    debug_command,
+    show_command,
+    config_command,
+    keygen_command,
+    sign_command,
+):
     cli.add_command(_command)
 
 

@@ -1,4 +1,5 @@
 """`patchbox remove NAME`: take an applied patch back out of a running process."""
+
 from __future__ import annotations
 
 import click
@@ -20,7 +21,8 @@ def remove_command(pid: int | None, socket_path: str | None, as_json: bool, name
         policy.check_remove(name, client.list(), target)
         client.remove(name)
     if as_json:
-        emit_json({"name": name, "pid": int(target) if target.isdigit() else target,
-                   "removed": True})
+        emit_json(
+            {"name": name, "pid": int(target) if target.isdigit() else target, "removed": True}
+        )
         return
     click.echo(f"removed {name} from pid {target}")

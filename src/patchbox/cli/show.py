@@ -1,4 +1,5 @@
 """`patchbox show FILE`: what a patch file contains, with its code disassembled."""
+
 from __future__ import annotations
 
 from collections import Counter
@@ -31,7 +32,7 @@ def disassemble(patch: Patch, start: int, size: int) -> list[dict[str, Any]]:
     import capstone  # imported here: only `show` needs it
 
     md = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
-    code = patch.text[start:start + size]
+    code = patch.text[start : start + size]
     text_fixups = [fx for fx in patch.fixups if fx.section == FixupSection.TEXT]
     out: list[dict[str, Any]] = []
     pos = 0
@@ -40,9 +41,18 @@ def disassemble(patch: Patch, start: int, size: int) -> list[dict[str, Any]]:
         if not insns:  # one undecodable byte; resynchronise after it
             insns = [(start + pos, 1, "(bad)", "")]
         for address, length, mnemonic, op_str in insns:
-            fixups = [_fixup_text(fx) for fx in text_fixups if address <= fx.offset < address + length]
-            out.append({"offset": address, "bytes": code[address - start:address - start + length].hex(),
-                        "mnemonic": mnemonic, "op_str": op_str, "fixups": fixups})
+            fixups = [
+                _fixup_text(fx) for fx in text_fixups if address <= fx.offset < address + length
+            ]
+            out.append(
+                {
+                    "offset": address,
+                    "bytes": code[address - start : address - start + length].hex(),
+                    "mnemonic": mnemonic,
+                    "op_str": op_str,
+                    "fixups": fixups,
+                }
+            )
             pos = address - start + length
     return out
 
@@ -57,16 +67,19 @@ def describe_patch(patch: Patch) -> dict[str, Any]:
         "text_size": len(patch.text),
         "data_size": len(patch.data),
         "bss_size": patch.bss_size,
-        "functions": [{
-            "symbol": fn.symbol,
-            "target": fn.target,
-            "new_offset": fn.new_offset,
-            "new_size": fn.new_size,
-            "expected": fn.expected.hex(),
-            "redirect": "entry_jump" if fn.kind else "patchable_entry",
-            "skip": fn.skip,
-            "disassembly": disassemble(patch, fn.new_offset, fn.new_size),
-        } for fn in patch.functions],
+        "functions": [
+            {
+                "symbol": fn.symbol,
+                "target": fn.target,
+                "new_offset": fn.new_offset,
+                "new_size": fn.new_size,
+                "expected": fn.expected.hex(),
+                "redirect": "entry_jump" if fn.kind else "patchable_entry",
+                "skip": fn.skip,
+                "disassembly": disassemble(patch, fn.new_offset, fn.new_size),
+            }
+            for fn in patch.functions
+        ],
         "fixups": {"total": len(patch.fixups), "by_kind": dict(sorted(counts.items()))},
         "imports": sorted({fx.symbol for fx in patch.fixups if fx.base == FixupBase.IMPORT}),
         "meta": patch.meta,
@@ -86,14 +99,18 @@ def show_command(as_json: bool, file: str) -> None:
     echo = click.echo
     echo(f"patch     {d['name']}  ({file})")
     echo(f"build-id  {d['build_id']}")
-    echo(f"sizes     text {d['text_size']}, data {d['data_size']}, bss {d['bss_size']}"
-         + (f"  flags {d['flags']:#x}" if d["flags"] else ""))
+    echo(
+        f"sizes     text {d['text_size']}, data {d['data_size']}, bss {d['bss_size']}"
+        + (f"  flags {d['flags']:#x}" if d["flags"] else "")
+    )
     echo(f"functions ({len(d['functions'])}):")
     width = max(len(fn["symbol"]) for fn in d["functions"])
     for fn in d["functions"]:
-        jump = (f"  entry jump at +{fn['skip']}" if fn["redirect"] == "entry_jump" else "")
-        echo(f"  {fn['symbol']:<{width}}  target {fn['target']:#x}  replacement "
-             f"text+{fn['new_offset']:#x}, {fn['new_size']} bytes{jump}")
+        jump = f"  entry jump at +{fn['skip']}" if fn["redirect"] == "entry_jump" else ""
+        echo(
+            f"  {fn['symbol']:<{width}}  target {fn['target']:#x}  replacement "
+            f"text+{fn['new_offset']:#x}, {fn['new_size']} bytes{jump}"
+        )
     kinds = ", ".join(f"{kind} {n}" for kind, n in d["fixups"]["by_kind"].items())
     echo(f"fix-ups   {d['fixups']['total']}" + (f" ({kinds})" if kinds else ""))
     echo(f"imports   {', '.join(d['imports']) or 'none'}")
@@ -106,7 +123,9 @@ def show_command(as_json: bool, file: str) -> None:
         echo("")
         echo(f"{fn['symbol']} (text+{fn['new_offset']:#x}, {fn['new_size']} bytes):")
         for insn in fn["disassembly"]:
-            line = f"  {insn['offset']:6x}:  {bytes.fromhex(insn['bytes']).hex(' '):<24} {insn['mnemonic']} {insn['op_str']}".rstrip()
+            code = bytes.fromhex(insn["bytes"]).hex(" ")
+            line = f"  {insn['offset']:6x}:  {code:<24} {insn['mnemonic']} {insn['op_str']}"
+            line = line.rstrip()
             if insn["fixups"]:
                 line = f"{line:<60}  ; {', '.join(insn['fixups'])}"
             echo(line)

@@ -1,4 +1,5 @@
 """`patchbox test`: run the agent's self-test inside the target."""
+
 from __future__ import annotations
 
 import click
@@ -22,9 +23,12 @@ def test_command(pid: int | None, socket_path: str | None, as_json: bool) -> Non
         target = client_pid(client)
         passed, detail = client.test()
     if as_json:
-        emit_json({"pid": int(target) if target.isdigit() else target,
-                   "passed": passed, "detail": detail})
+        emit_json(
+            {"pid": int(target) if target.isdigit() else target, "passed": passed, "detail": detail}
+        )
     elif passed:
         click.echo(f"self-test passed in pid {target}" + (f": {detail}" if detail else ""))
     if not passed:
-        raise SelfTestFailed(f"self-test failed in pid {target}" + (f": {detail}" if detail else ""))
+        raise SelfTestFailed(
+            f"self-test failed in pid {target}" + (f": {detail}" if detail else "")
+        )

@@ -29,10 +29,7 @@ def annotate_inlined(diffs: list[ObjectDiff], diff_text: str) -> None:
         except ElfError:
             continue
         changed = {
-            owner
-            for fname, nums in lines.items()
-            for n in nums
-            if (owner := decls.owner(fname, n))
+            owner for fname, nums in lines.items() for n in nums if (owner := decls.owner(fname, n))
         }
         for x in d.decisions:
             if x.verdict != "in":

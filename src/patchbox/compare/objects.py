@@ -23,6 +23,7 @@ reaches it); a GCC clone (``.cold``, ``.part.N``, ``.constprop.N``, ``.isra.N``)
 differs is carried and every function calling it is in. Variables: new → carried; an
 existing writable or global variable whose size or initial value differs → refused.
 """
+
 from __future__ import annotations
 
 import os
@@ -88,8 +89,12 @@ class ObjectDiff:
 
 
 def _named(sym: ObjSymbol) -> bool:
-    return (sym.defined and bool(sym.name) and not sym.name.startswith(".L")
-            and sym.type in ("FUNC", "OBJECT", "TLS", "NOTYPE"))
+    return (
+        sym.defined
+        and bool(sym.name)
+        and not sym.name.startswith(".L")
+        and sym.type in ("FUNC", "OBJECT", "TLS", "NOTYPE")
+    )
 
 
 class _Side:
@@ -117,8 +122,11 @@ class _Side:
         syms = self.named[sec.index]
         if len(syms) == 1 or all(s.value == sym.value for s in syms):
             return sec, 0, sec.size
-        end = sym.value + sym.size if sym.size else min(
-            [s.value for s in syms if s.value > sym.value] + [sec.size])
+        end = (
+            sym.value + sym.size
+            if sym.size
+            else min([s.value for s in syms if s.value > sym.value] + [sec.size])
+        )
         return sec, sym.value, min(end, sec.size)
 
     def form(self, sec: Section, start: int, end: int) -> tuple:
@@ -137,7 +145,7 @@ class _Side:
                     rtype = get_reloc(rel.type)
                     size = rtype.size if rtype else 4
                     o = rel.offset - start
-                    data[o:o + size] = bytes(len(data[o:o + size]))
+                    data[o : o + size] = bytes(len(data[o : o + size]))
                     rels.append((o, rel.type, self.target(rel)))
             result = (bytes(data), tuple(rels))
         self._memo[key] = result
@@ -158,11 +166,11 @@ class _Side:
         if sec.flags & SH_FLAGS.SHF_MERGE and not sec.is_nobits:
             if sec.flags & SH_FLAGS.SHF_STRINGS:
                 end = sec.data.find(b"\0", off)
-                text = sec.data[off:end if end >= 0 else len(sec.data)]
+                text = sec.data[off : end if end >= 0 else len(sec.data)]
                 return ("str", _norm_string(text))
             m = _CST.search(sec.name)
             n = int(m[1]) if m else sec.align
-            return ("cst", sec.data[off:off + n])
+            return ("cst", sec.data[off : off + n])
         if _named(sym):
             return self.symref(sym, rel.addend)
         cands = self.named.get(sec.index, [])
@@ -193,6 +201,7 @@ def _suffix_key(name: str) -> tuple[int, ...]:
 def _pair(orig: _Side, new: _Side) -> dict[int, ObjSymbol]:
     """Returns {patched symbol index: original symbol}: globals by name, locals by
     normalised name and kind, in suffix order when several share one."""
+
     def groups(side: _Side) -> dict[tuple, list[ObjSymbol]]:
         out: dict[tuple, list[ObjSymbol]] = defaultdict(list)
         for s in side.obj.symbols:
@@ -203,6 +212,7 @@ def _pair(orig: _Side, new: _Side) -> dict[int, ObjSymbol]:
         for v in out.values():
             v.sort(key=lambda s: (_suffix_key(s.name), s.index))
         return out
+
     go, gn = groups(orig), groups(new)
     pairs = {}
     for key, syms in gn.items():
@@ -218,23 +228,27 @@ def _describe(t: tuple) -> str:
     if kind == "str":
         s = t[1].decode(errors="replace")
         return repr(s if len(s) <= 40 else s[:37] + "...")
-    return {"cst": "a constant", "ro": "read-only data", "anon": "anonymous data",
-            "abs": "an absolute value"}.get(kind, kind)
+    return {
+        "cst": "a constant",
+        "ro": "read-only data",
+        "anon": "anonymous data",
+        "abs": "an absolute value",
+    }.get(kind, kind)
 
 
 def _difference(a: tuple, b: tuple) -> str:
     (da, ra), (db, rb) = a, b
     if len(ra) == len(rb):
-        for (oa, ta, xa), (ob, tb, xb) in zip(ra, rb):
+        for (_oa, _ta, xa), (ob, _tb, xb) in zip(ra, rb):
             if xa != xb:
                 was, now = _describe(xa), _describe(xb)
                 if was == now:
                     return f"{now} changed (+{ob:#x})"
                 return f"references {now} instead of {was} (+{ob:#x})"
     else:
-        was = {_describe(x) for _o, _t, x in ra}
-        now = {_describe(x) for _o, _t, x in rb}
-        added, gone = sorted(now - was), sorted(was - now)
+        before = {_describe(x) for _o, _t, x in ra}
+        after = {_describe(x) for _o, _t, x in rb}
+        added, gone = sorted(after - before), sorted(before - after)
         if added:
             return "now references " + ", ".join(added[:3])
         if gone:
@@ -284,9 +298,11 @@ class _LineCheck:
                     return None
                 if p.type == X86_OP_IMM:
                     imm = imm or p.imm != q.imm
-                elif p.reg != q.reg or (p.type != 1 and (p.mem.base, p.mem.index, p.mem.scale,
-                                                          p.mem.disp) != (q.mem.base, q.mem.index,
-                                                                          q.mem.scale, q.mem.disp)):
+                elif p.reg != q.reg or (
+                    p.type != 1
+                    and (p.mem.base, p.mem.index, p.mem.scale, p.mem.disp)
+                    != (q.mem.base, q.mem.index, q.mem.scale, q.mem.disp)
+                ):
                     return None
             if not imm:
                 return None
@@ -297,7 +313,7 @@ class _LineCheck:
         return ", ".join(dict.fromkeys(seen)) if seen else None
 
     def _next_call(self, insns: list[CsInsn], k: int, calls: dict[int, tuple]) -> str | None:
-        for ins in insns[k + 1:k + 16]:
+        for ins in insns[k + 1 : k + 16]:
             m = ins.mnemonic
             if m in _CALLS:
                 tgt = calls.get(ins.address + 1)
@@ -309,16 +325,24 @@ class _LineCheck:
         return None
 
 
-def compare_objects(orig: ObjectFile | str | Path | None, patched: ObjectFile | str | Path,
-                    reporters: Reporters | None = None, rel: str | None = None) -> ObjectDiff:
+def compare_objects(
+    orig: ObjectFile | str | Path | None,
+    patched: ObjectFile | str | Path,
+    reporters: Reporters | None = None,
+    rel: str | None = None,
+) -> ObjectDiff:
     """Compares ``patched`` with ``orig`` (None: a new object) and decides per symbol."""
     if not isinstance(patched, ObjectFile):
         patched = load_object(patched)
     if orig is not None and not isinstance(orig, ObjectFile):
         orig = load_object(orig)
     reporters = reporters or GENERIC.reporters
-    out = ObjectDiff(rel=rel or patched.path.name, patched=patched.path,
-                     orig=orig.path if orig is not None else None, source=patched.source_file)
+    out = ObjectDiff(
+        rel=rel or patched.path.name,
+        patched=patched.path,
+        orig=orig.path if orig is not None else None,
+        source=patched.source_file,
+    )
     new = _Side(patched)
     syms = [s for s in patched.symbols if _named(s) and s.type != "NOTYPE"]
     if orig is None:
@@ -344,9 +368,14 @@ def compare_objects(orig: ObjectFile | str | Path | None, patched: ObjectFile | 
             if not s.is_local:
                 out.new_globals.add(s.name)
             kind = "function" if s.type == "FUNC" else "variable"
-            out.decisions.append(Decision(s.name, kind, "carried",
-                                          f"new {kind}: copied into the patch if the new "
-                                          f"code uses it"))
+            out.decisions.append(
+                Decision(
+                    s.name,
+                    kind,
+                    "carried",
+                    f"new {kind}: copied into the patch if the new code uses it",
+                )
+            )
             continue
         if s.type == "FUNC":
             a, b = old.form(*old.span(o)), new.form(*new.span(s))
@@ -354,14 +383,25 @@ def compare_objects(orig: ObjectFile | str | Path | None, patched: ObjectFile | 
                 continue
             line = lines.only_lines(a, b)
             if line is not None:
-                out.decisions.append(Decision(s.name, "function", "out",
-                                              f"only __LINE__-like immediates passed to {line} "
-                                              f"differ: not a change"))
+                out.decisions.append(
+                    Decision(
+                        s.name,
+                        "function",
+                        "out",
+                        f"only __LINE__-like immediates passed to {line} differ: not a change",
+                    )
+                )
             elif is_clone(s.name):
                 clones.add(s.name)
-                out.decisions.append(Decision(s.name, "function", "carried",
-                                              f"GCC clone changed ({_difference(a, b)}): "
-                                              f"copied with the functions that call it"))
+                out.decisions.append(
+                    Decision(
+                        s.name,
+                        "function",
+                        "carried",
+                        f"GCC clone changed ({_difference(a, b)}): "
+                        f"copied with the functions that call it",
+                    )
+                )
             else:
                 changed[s.name] = _difference(a, b)
             continue
@@ -377,8 +417,7 @@ def compare_objects(orig: ObjectFile | str | Path | None, patched: ObjectFile | 
             if is_clone(f):
                 clones.add(f)
                 todo.append(f)
-                out.decisions.append(Decision(f, "function", "carried",
-                                              f"calls changed clone {c}"))
+                out.decisions.append(Decision(f, "function", "carried", f"calls changed clone {c}"))
             else:
                 changed[f] = f"calls changed clone {c}"
     for s in syms:
@@ -398,21 +437,37 @@ def _compare_data(out: ObjectDiff, old: _Side, new: _Side, o: ObjSymbol, s: ObjS
     nsec = new.obj.get_section(s.shndx)
     if s.is_local and nsec.is_rodata:
         if old.form(*old.span(o)) != new.form(*new.span(s)):
-            out.decisions.append(Decision(s.name, "variable", "carried",
-                                          "read-only static data changed: the new value is "
-                                          "copied with the functions that use it"))
+            out.decisions.append(
+                Decision(
+                    s.name,
+                    "variable",
+                    "carried",
+                    "read-only static data changed: the new value is "
+                    "copied with the functions that use it",
+                )
+            )
         return
     if o.size != s.size:
-        out.decisions.append(Decision(
-            s.name, "variable", "refused",
-            f"size of existing variable changed ({o.size} -> {s.size} bytes; a changed type "
-            f"or struct layout): code replacement cannot change data the program already has"))
+        out.decisions.append(
+            Decision(
+                s.name,
+                "variable",
+                "refused",
+                f"size of existing variable changed ({o.size} -> {s.size} bytes; a changed type "
+                f"or struct layout): code replacement cannot change data the program already has",
+            )
+        )
         return
     if osec.is_tls != nsec.is_tls or old.form(*old.span(o)) != new.form(*new.span(s)):
-        out.decisions.append(Decision(
-            s.name, "variable", "refused",
-            "initial value of existing variable changed: the running program keeps its "
-            "current value, code replacement cannot change it"))
+        out.decisions.append(
+            Decision(
+                s.name,
+                "variable",
+                "refused",
+                "initial value of existing variable changed: the running program keeps its "
+                "current value, code replacement cannot change it",
+            )
+        )
 
 
 def _callers(side: _Side, syms: list[ObjSymbol]) -> dict[str, set[str]]:
@@ -438,8 +493,9 @@ def _callers(side: _Side, syms: list[ObjSymbol]) -> dict[str, set[str]]:
     return users
 
 
-def compare_trees(orig: dict[str, Path], patched: dict[str, Path],
-                  reporters: Reporters | None = None) -> tuple[list[ObjectDiff], int]:
+def compare_trees(
+    orig: dict[str, Path], patched: dict[str, Path], reporters: Reporters | None = None
+) -> tuple[list[ObjectDiff], int]:
     """Compares every patched object with the original of the same relative path.
 
     Returns (the diffs of objects with a decision, number of objects without any:

@@ -4,6 +4,7 @@ Gives its GNU build-id, its symbols (with the source file each local symbol came
 so that ``static`` functions and variables of the same name in different files can be
 told apart) and its bytes at link-time virtual addresses.
 """
+
 from __future__ import annotations
 
 import io
@@ -13,10 +14,11 @@ from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO, cast
 
 from elftools.common.exceptions import ELFError as _PyElfError
 from elftools.elf.elffile import ELFFile
-from elftools.elf.sections import SymbolTableSection
+from elftools.elf.sections import NoteSection, SymbolTableSection
 
 from patchbox.elf.records import SHN_UNDEF, SYM, cstring, sym_bind, sym_type
 from patchbox.errors import ElfError, ExtractError
@@ -60,18 +62,20 @@ class Binary:
         try:
             with open(self.path, "rb") as f:
                 try:
-                    self._buf: mmap.mmap | io.BytesIO = mmap.mmap(f.fileno(), 0,
-                                                                 access=mmap.ACCESS_READ)
+                    self._buf: mmap.mmap | io.BytesIO = mmap.mmap(
+                        f.fileno(), 0, access=mmap.ACCESS_READ
+                    )
                 except ValueError:  # empty file
                     self._buf = io.BytesIO(b"")
         except OSError as err:
             raise ElfError(f"cannot read reference binary {self.path}: {err.strerror}") from err
         try:
-            self.elf = ELFFile(self._buf)
+            self.elf = ELFFile(cast(BinaryIO, self._buf))  # mmap reads like a binary file
             machine = self.elf["e_machine"]
             etype = self.elf["e_type"]
-            self._segments = [seg.header for seg in self.elf.iter_segments()
-                              if seg["p_type"] == "PT_LOAD"]
+            self._segments = [
+                seg.header for seg in self.elf.iter_segments() if seg["p_type"] == "PT_LOAD"
+            ]
             symtab = self.elf.get_section_by_name(".symtab")
         except (_PyElfError, ValueError, OSError) as err:
             raise ElfError(f"{self.path}: not a readable ELF file: {err}") from err
@@ -80,8 +84,10 @@ class Binary:
         if etype not in ("ET_EXEC", "ET_DYN"):
             raise ElfError(f"{self.path}: not a linked executable ({etype})")
         if not isinstance(symtab, SymbolTableSection) or symtab["sh_type"] != "SHT_SYMTAB":
-            raise ElfError(f"{self.path} is stripped (no .symtab): patchbox needs the "
-                           f"symbols of the reference binary; use the unstripped build")
+            raise ElfError(
+                f"{self.path} is stripped (no .symtab): patchbox needs the "
+                f"symbols of the reference binary; use the unstripped build"
+            )
         self._symbols = list(self._read_symbols(symtab))
         self._files = {os.path.basename(s.source_file) for s in self._symbols if s.source_file}
         self._by_name: dict[str, list[Symbol]] = defaultdict(list)
@@ -137,9 +143,15 @@ class Binary:
                     continue
                 bind = sym["st_info"]["bind"].removeprefix("STB_")
                 defined = sym["st_shndx"] != "SHN_UNDEF"
-                yield Symbol(name=strip_version(sym.name), address=sym["st_value"],
-                             size=sym["st_size"], type=stype.removeprefix("STT_"), bind=bind,
-                             source_file=source if bind == "LOCAL" else None, defined=defined)
+                yield Symbol(
+                    name=strip_version(sym.name),
+                    address=sym["st_value"],
+                    size=sym["st_size"],
+                    type=stype.removeprefix("STT_"),
+                    bind=bind,
+                    source_file=source if bind == "LOCAL" else None,
+                    defined=defined,
+                )
         except (_PyElfError, ValueError) as err:
             raise ElfError(f"{self.path}: corrupt symbol table: {err}") from err
 
@@ -159,15 +171,17 @@ class Binary:
         """Returns the GNU build-id; raises ElfError if the binary has none."""
         try:
             for section in self.elf.iter_sections():
-                if section["sh_type"] != "SHT_NOTE":
+                if not isinstance(section, NoteSection):
                     continue
                 for note in section.iter_notes():
                     if note["n_type"] == "NT_GNU_BUILD_ID" and note["n_name"] == "GNU":
                         return bytes.fromhex(note["n_desc"])
         except (_PyElfError, ValueError) as err:
             raise ElfError(f"{self.path}: corrupt note section: {err}") from err
-        raise ElfError(f"{self.path} has no GNU build-id note: link it with -Wl,--build-id=sha1 "
-                       f"(`patchbox config --libs`)")
+        raise ElfError(
+            f"{self.path} has no GNU build-id note: link it with -Wl,--build-id=sha1 "
+            f"(`patchbox config --libs`)"
+        )
 
     @property
     def is_pie(self) -> bool:
@@ -214,8 +228,11 @@ class Binary:
 
         Raises ExtractError if two files with that basename both define it.
         """
-        mine = [s for s in self._by_name.get(name, [])
-                if s.is_local and _same_file(s.source_file, source_file)]
+        mine = [
+            s
+            for s in self._by_name.get(name, [])
+            if s.is_local and _same_file(s.source_file, source_file)
+        ]
         if len(mine) > 1:
             raise ExtractError(self._ambiguous(name, mine, f" in {source_file}"))
         return mine[0] if mine else None
@@ -230,18 +247,24 @@ class Binary:
             raise ExtractError(
                 f"{self.path}: no symbol {name!r} from {os.path.basename(source_file)}; "
                 f"static {name!r} exists only in "
-                f"{', '.join(sorted({s.source_file or '?' for s in others}))}")
+                f"{', '.join(sorted({s.source_file or '?' for s in others}))}"
+            )
         raise ExtractError(f"{self.path}: no symbol {name!r}")
 
     def iter_locals(self, source_file: str) -> Iterator[Symbol]:
         """Returns an iterator over the defined LOCAL symbols of one source file."""
-        return (s for s in self._symbols
-                if s.defined and s.is_local and _same_file(s.source_file, source_file))
+        return (
+            s
+            for s in self._symbols
+            if s.defined and s.is_local and _same_file(s.source_file, source_file)
+        )
 
     def _ambiguous(self, name: str, cands: list[Symbol], where: str) -> str:
         files = ", ".join(f"{s.source_file or '?'} at {s.address:#x}" for s in cands)
-        return (f"{self.path}: symbol {name!r}{where} is ambiguous: static symbols of that "
-                f"name in {files}; name the source file")
+        return (
+            f"{self.path}: symbol {name!r}{where} is ambiguous: static symbols of that "
+            f"name in {files}; name the source file"
+        )
 
     # -- bytes ------------------------------------------------------------------------
 

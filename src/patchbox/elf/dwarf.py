@@ -17,6 +17,7 @@ Separate debug files (``.gnu_debuglink``, split DWARF) are not read.
 declared at (to tell which function a changed line belongs to) and what each out-of-line
 function inlines (``--explain``).
 """
+
 from __future__ import annotations
 
 import os
@@ -73,12 +74,15 @@ def debuglink(elf: ELFFile) -> str | None:
     if sec is None:
         return None
     raw = sec.data()
-    return raw[:raw.find(b"\0")].decode(errors="replace") if b"\0" in raw else None
+    return raw[: raw.find(b"\0")].decode(errors="replace") if b"\0" in raw else None
 
 
-def find_inlined(elf: ELFFile, targets: dict[str, str | None], path: str = "",
-                 homes: dict[str, str] | None = None
-                 ) -> tuple[dict[str, list[InlineSite]], set[str]]:
+def find_inlined(
+    elf: ELFFile,
+    targets: dict[str, str | None],
+    path: str = "",
+    homes: dict[str, str] | None = None,
+) -> tuple[dict[str, list[InlineSite]], set[str]]:
     """Returns (inlined copies per target, targets whose own DIE was found).
 
     ``targets`` maps a function name to the basename of its source file for a
@@ -164,8 +168,9 @@ class _Scan:
         name = None
         while cur is not None:
             attrs = cur.attributes
-            external = external or bool(attrs.get("DW_AT_external") and
-                                        attrs["DW_AT_external"].value)
+            external = external or bool(
+                attrs.get("DW_AT_external") and attrs["DW_AT_external"].value
+            )
             if name is None and "DW_AT_name" in attrs:
                 name = _str(attrs["DW_AT_name"].value)
             nxt = None
@@ -184,9 +189,16 @@ class _Scan:
         return fn
 
     def result(self) -> dict[str, list[InlineSite]]:
-        return {name: [InlineSite(caller, n) for caller, n in sorted(
-                    counts.items(), key=lambda kv: (kv[0].name, kv[0].source or ""))]
-                for name, counts in self.sites.items() if counts}
+        return {
+            name: [
+                InlineSite(caller, n)
+                for caller, n in sorted(
+                    counts.items(), key=lambda kv: (kv[0].name, kv[0].source or "")
+                )
+            ]
+            for name, counts in self.sites.items()
+            if counts
+        }
 
 
 def _str(value: object) -> str:

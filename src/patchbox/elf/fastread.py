@@ -42,8 +42,16 @@ _ET_REL, _EM_X86_64 = 1, 62
 # Columns of an Elf64_Shdr tuple, by field name (the layout is declared in records.SHDR).
 NAME, TYPE, FLAGS, OFFSET, SIZE, LINK, INFO, ALIGN = (
     SHDR.fields.index(f)
-    for f in ("sh_name", "sh_type", "sh_flags", "sh_offset", "sh_size", "sh_link", "sh_info",
-              "sh_addralign")
+    for f in (
+        "sh_name",
+        "sh_type",
+        "sh_flags",
+        "sh_offset",
+        "sh_size",
+        "sh_link",
+        "sh_info",
+        "sh_addralign",
+    )
 )
 
 
@@ -74,6 +82,7 @@ def load_object(path: str | Path) -> ObjectFile:
     hdrs = list(SHDR.iter_table(raw, shoff, shnum * SHDR.size, what))
     if not 0 <= shstrndx < len(hdrs):
         raise ElfError(f"{path}: section name table index {shstrndx} out of range")
+
     def contents(h: tuple[int, ...], label: str) -> bytes:
         if h[TYPE] == SHT["NOBITS"]:
             return b""
@@ -106,8 +115,10 @@ def load_object(path: str | Path) -> ObjectFile:
     xindex: list[int] = []
     for h in hdrs:
         if h[TYPE] == SHT["SYMTAB_SHNDX"] and h[LINK] == symtab_idx:
-            xindex = [int.from_bytes(raw[o : o + 4], "little") for o in
-                      range(h[OFFSET], h[OFFSET] + h[SIZE] - 3, 4)]
+            xindex = [
+                int.from_bytes(raw[o : o + 4], "little")
+                for o in range(h[OFFSET], h[OFFSET] + h[SIZE] - 3, 4)
+            ]
     symbols: list[ObjSymbol] = []
     source = None
     for i, (st_name, info, _other, shndx, value, size) in enumerate(
@@ -144,9 +155,13 @@ def load_object(path: str | Path) -> ObjectFile:
         for off, r_info, addend in RELA.iter_table(raw, h[OFFSET], h[SIZE], f"{path}: relocations"):
             sym_index = r_info >> 32
             if sym_index >= len(symbols):
-                raise ElfError(f"{path}: relocation at {off:#x} names symbol {sym_index} of {len(symbols)}")
+                raise ElfError(
+                    f"{path}: relocation at {off:#x} names symbol {sym_index} of {len(symbols)}"
+                )
             target.append(
-                Relocation(offset=off, type=r_info & 0xFFFFFFFF, symbol=symbols[sym_index], addend=addend)
+                Relocation(
+                    offset=off, type=r_info & 0xFFFFFFFF, symbol=symbols[sym_index], addend=addend
+                )
             )
     return ObjectFile(
         path=path,

@@ -16,6 +16,7 @@ from pathlib import Path
 from elftools.common.exceptions import ELFError as _PyElfError
 from elftools.elf.constants import SH_FLAGS
 from elftools.elf.elffile import ELFFile
+from elftools.elf.relocation import RelocationSection
 from elftools.elf.sections import SymbolTableIndexSection, SymbolTableSection
 
 from patchbox.elf.records import SHN_ABS, SHN_COMMON, SHN_LORESERVE, SHN_UNDEF, SHN_XINDEX
@@ -202,7 +203,9 @@ class ObjectFile:
         for sec in elf.iter_sections():
             if sec["sh_type"] == "SHT_REL":
                 raise ElfError(f"{path}: REL relocation section {sec.name} (x86-64 uses RELA)")
-            if sec["sh_type"] != "SHT_RELA" or sec["sh_link"] != symtab_idx:
+            if not isinstance(sec, RelocationSection) or sec["sh_type"] != "SHT_RELA":
+                continue
+            if sec["sh_link"] != symtab_idx:
                 continue
             target = sec["sh_info"]
             for rel in sec.iter_relocations():
@@ -229,7 +232,9 @@ class ObjectFile:
     def get_symbol_section(self, sym: ObjSymbol) -> Section:
         """Returns the section a defined symbol lives in; raises ElfError for others."""
         if not sym.defined or sym.shndx >= len(self.sections):
-            raise ElfError(f"{self.path}: symbol {sym.name!r} has no section (shndx {sym.shndx:#x})")
+            raise ElfError(
+                f"{self.path}: symbol {sym.name!r} has no section (shndx {sym.shndx:#x})"
+            )
         return self.sections[sym.shndx]
 
     def get_relocations(self, section: Section) -> list[Relocation]:

@@ -79,7 +79,9 @@ class Layout:
             )
         return self.struct.unpack_from(buf, offset)
 
-    def iter_table(self, buf: bytes, offset: int, size: int, what: str) -> Iterator[tuple[int, ...]]:
+    def iter_table(
+        self, buf: bytes, offset: int, size: int, what: str
+    ) -> Iterator[tuple[int, ...]]:
         """Returns an iterator over the records of a table of ``size`` bytes at ``offset``;
         raises ElfError if the table is not inside the buffer or not a whole number of
         records."""
@@ -89,7 +91,9 @@ class Layout:
                 f"of the {len(buf)}-byte file"
             )
         if size % self.size:
-            raise ElfError(f"{what}: table size {size} is not a multiple of {self.name} ({self.size})")
+            raise ElfError(
+                f"{what}: table size {size} is not a multiple of {self.name} ({self.size})"
+            )
         return self.struct.iter_unpack(memoryview(buf)[offset : offset + size])
 
 

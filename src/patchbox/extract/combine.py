@@ -22,7 +22,7 @@ writable variables the program has are never copied.
 from __future__ import annotations
 
 import os
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import patchbox
@@ -42,25 +42,52 @@ __all__ = ["extract_patch", "extract_multi", "patch_from_diffs"]
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-def _extract(pairs: list[tuple[Path, list[str]]], binary_path: Path, shown: str, *,
-             name: str, profile: Profile, allow_inlined: bool, warnings: list[str],
-             force_copy: dict[str, set[str]], force: bool, for_build: bool,
-             meta: dict[str, str]) -> Patch:
+def _extract(
+    pairs: list[tuple[Path, list[str]]],
+    binary_path: Path,
+    shown: str,
+    *,
+    name: str,
+    profile: Profile,
+    allow_inlined: bool,
+    warnings: list[str],
+    force_copy: dict[str, set[str]],
+    force: bool,
+    for_build: bool,
+    meta: dict[str, str],
+) -> Patch:
     """Returns the patch of every (object, functions) pair of ``pairs``."""
     members: list[Extractor] = []
     with Binary(binary_path) as binary:
         build_id = binary.build_id()
         for i, (obj_path, functions) in enumerate(pairs):
-            members.append(Extractor(load_object(obj_path), binary, functions, index=i,
-                                     group=members, force_copy=force_copy.get(str(obj_path)),
-                                     force=force, warnings=warnings))
+            members.append(
+                Extractor(
+                    load_object(obj_path),
+                    binary,
+                    functions,
+                    index=i,
+                    group=members,
+                    force_copy=force_copy.get(str(obj_path)),
+                    force=force,
+                    warnings=warnings,
+                )
+            )
         for m in members:
             m.find_replaced()
-        meta.update(check_inlined(binary, shown, members, allow_inlined=allow_inlined,
-                                  warnings=warnings, for_build=for_build))
+        meta.update(
+            check_inlined(
+                binary,
+                shown,
+                members,
+                allow_inlined=allow_inlined,
+                warnings=warnings,
+                for_build=for_build,
+            )
+        )
         while any(m.worklist for m in members):
             for m in members:
                 m.discover()
@@ -94,10 +121,17 @@ def _extract(pairs: list[tuple[Path, list[str]]], binary_path: Path, shown: str,
                 addend += dbase[placed.into]
             fixups.append(Fixup(fx.section, fx.type, fx.base, fx.offset + at, addend, fx.symbol))
         for r in m.replaced:
-            funcs.append(Function(symbol=r.symbol.name, target=r.address,
-                                  new_offset=tbase[m.index] + m.placement[r.section.index][1]
-                                  + r.symbol.value, new_size=r.symbol.size,
-                                  expected=r.expected, kind=r.kind, skip=r.skip))
+            funcs.append(
+                Function(
+                    symbol=r.symbol.name,
+                    target=r.address,
+                    new_offset=tbase[m.index] + m.placement[r.section.index][1] + r.symbol.value,
+                    new_size=r.symbol.size,
+                    expected=r.expected,
+                    kind=r.kind,
+                    skip=r.skip,
+                )
+            )
             key = f"source:{r.symbol.name}"
             if key in meta:  # static functions of one name in several files
                 key += f"@{os.path.basename(m.obj.source_file or str(m.index))}"
@@ -109,8 +143,17 @@ def _extract(pairs: list[tuple[Path, list[str]]], binary_path: Path, shown: str,
     # QEMU code may be suspended in coroutines on stacks the agent cannot scan: never
     # reuse such a patch's memory after remove (docs/qemu.md, "Coroutines").
     flags = ApplyFlag.RETAIN if profile.retain else 0
-    return Patch(name=name, build_id=build_id, text=bytes(text), functions=funcs,
-                 fixups=fixups, data=bytes(data), bss_size=bss_size, flags=flags, meta=meta)
+    return Patch(
+        name=name,
+        build_id=build_id,
+        text=bytes(text),
+        functions=funcs,
+        fixups=fixups,
+        data=bytes(data),
+        bss_size=bss_size,
+        flags=flags,
+        meta=meta,
+    )
 
 
 def _check_request(name: str | None, total: int, none: str) -> str:
@@ -123,10 +166,17 @@ def _check_request(name: str | None, total: int, none: str) -> str:
     return name
 
 
-def extract_patch(obj_path: str | Path, binary_path: str | Path, functions: list[str], *,
-                  name: str | None = None, profile: str | Profile = "generic",
-                  allow_inlined: bool = False, warnings: list[str] | None = None,
-                  force: bool = False) -> Patch:
+def extract_patch(
+    obj_path: str | Path,
+    binary_path: str | Path,
+    functions: list[str],
+    *,
+    name: str | None = None,
+    profile: str | Profile = "generic",
+    allow_inlined: bool = False,
+    warnings: list[str] | None = None,
+    force: bool = False,
+) -> Patch:
     """Returns the live patch replacing ``functions`` of ``binary_path`` with their
     versions in the patched object ``obj_path``.
 
@@ -152,21 +202,44 @@ def extract_patch(obj_path: str | Path, binary_path: str | Path, functions: list
     """
     prof = get_profile(profile)
     functions = list(dict.fromkeys(functions))
-    name = _check_request(name, len(functions),
-                          "no function to extract: give at least one --function")
+    name = _check_request(
+        name, len(functions), "no function to extract: give at least one --function"
+    )
     obj_path, binary = Path(obj_path).absolute(), Path(binary_path).absolute()
-    meta = {"tool": "extract-patch", "tool_version": patchbox.__version__, "created": _now(),
-            "reference": str(binary), "object": str(obj_path), "profile": prof.name}
-    return _extract([(obj_path, functions)], binary, str(binary_path), name=name, profile=prof,
-                    allow_inlined=allow_inlined,
-                    warnings=warnings if warnings is not None else [], force_copy={},
-                    force=force, for_build=False, meta=meta)
+    meta = {
+        "tool": "extract-patch",
+        "tool_version": patchbox.__version__,
+        "created": _now(),
+        "reference": str(binary),
+        "object": str(obj_path),
+        "profile": prof.name,
+    }
+    return _extract(
+        [(obj_path, functions)],
+        binary,
+        str(binary_path),
+        name=name,
+        profile=prof,
+        allow_inlined=allow_inlined,
+        warnings=warnings if warnings is not None else [],
+        force_copy={},
+        force=force,
+        for_build=False,
+        meta=meta,
+    )
 
 
-def extract_multi(pairs: list[tuple[Path | str, list[str]]], binary_path: str | Path, *,
-                  name: str | None = None, profile: str | Profile = "generic",
-                  force_copy: dict[str, set[str]] | None = None, allow_inlined: bool = False,
-                  warnings: list[str] | None = None, meta: dict[str, str] | None = None) -> Patch:
+def extract_multi(
+    pairs: list[tuple[Path | str, list[str]]],
+    binary_path: str | Path,
+    *,
+    name: str | None = None,
+    profile: str | Profile = "generic",
+    force_copy: dict[str, set[str]] | None = None,
+    allow_inlined: bool = False,
+    warnings: list[str] | None = None,
+    meta: dict[str, str] | None = None,
+) -> Patch:
     """Returns one patch replacing, for each (patched object, function names) pair, those
     functions of ``binary_path`` by their versions in the object.
 
@@ -180,36 +253,65 @@ def extract_multi(pairs: list[tuple[Path | str, list[str]]], binary_path: str | 
     binary = Path(binary_path).absolute()
     objects = [(Path(o).absolute(), list(f)) for o, f in pairs]
     copies = {str(Path(k).absolute()): v for k, v in (force_copy or {}).items()}
-    out_meta = {"tool": "patchbox-build", "tool_version": patchbox.__version__,
-                "created": _now(), "reference": str(binary), "profile": prof.name,
-                "objects": ",".join(str(o) for o, _f in objects)}
-    patch = _extract(objects, binary, str(binary_path), name=name, profile=prof,
-                     allow_inlined=allow_inlined,
-                     warnings=warnings if warnings is not None else [], force_copy=copies,
-                     force=False, for_build=True, meta=out_meta)
+    out_meta = {
+        "tool": "patchbox-build",
+        "tool_version": patchbox.__version__,
+        "created": _now(),
+        "reference": str(binary),
+        "profile": prof.name,
+        "objects": ",".join(str(o) for o, _f in objects),
+    }
+    patch = _extract(
+        objects,
+        binary,
+        str(binary_path),
+        name=name,
+        profile=prof,
+        allow_inlined=allow_inlined,
+        warnings=warnings if warnings is not None else [],
+        force_copy=copies,
+        force=False,
+        for_build=True,
+        meta=out_meta,
+    )
     patch.meta.update(meta or {})
     return patch
 
 
-def patch_from_diffs(diffs: list[ObjectDiff], binary_path: str | Path, *,
-                     name: str | None = None, profile: str | Profile = "generic",
-                     allow_inlined: bool = False, warnings: list[str] | None = None,
-                     meta: dict[str, str] | None = None) -> Patch:
+def patch_from_diffs(
+    diffs: list[ObjectDiff],
+    binary_path: str | Path,
+    *,
+    name: str | None = None,
+    profile: str | Profile = "generic",
+    allow_inlined: bool = False,
+    warnings: list[str] | None = None,
+    meta: dict[str, str] | None = None,
+) -> Patch:
     """Returns the patch for the object comparisons ``diffs`` (:mod:`patchbox.compare`);
     raises ExtractError listing every refusal, or if no function changed."""
     refusals = [f"{d.rel}: {r}" for d in diffs for r in d.refusals]
     if refusals:
         raise ExtractError("refused: " + "; ".join(refusals))
     pairs: list[tuple[Path | str, list[str]]] = [
-        (d.patched, d.functions) for d in diffs if d.functions or d.new_globals]
+        (d.patched, d.functions) for d in diffs if d.functions or d.new_globals
+    ]
     if not any(f for _p, f in pairs):
         raise ExtractError("the diff changes no function of the program (see --explain)")
     check_reference(diffs, binary_path)
     force = {str(d.patched): d.force_copy for d in diffs if d.force_copy}
     out_meta = {"objects": ",".join(d.rel for d in diffs if d.functions or d.new_globals)}
     out_meta.update(meta or {})
-    return extract_multi(pairs, binary_path, name=name, profile=profile, force_copy=force,
-                         allow_inlined=allow_inlined, warnings=warnings, meta=out_meta)
+    return extract_multi(
+        pairs,
+        binary_path,
+        name=name,
+        profile=profile,
+        force_copy=force,
+        allow_inlined=allow_inlined,
+        warnings=warnings,
+        meta=out_meta,
+    )
 
 
 def check_reference(diffs: list[ObjectDiff], binary_path: str | Path) -> None:
@@ -233,4 +335,5 @@ def check_reference(diffs: list[ObjectDiff], binary_path: str | Path) -> None:
                     raise ExtractError(
                         f"{fn} ({d.rel}) is {sym.size} bytes in the original build but "
                         f"{ref.size} bytes in {binary_path}: the tree does not rebuild the "
-                        f"running binary (other sources, compiler or flags?)")
+                        f"running binary (other sources, compiler or flags?)"
+                    )

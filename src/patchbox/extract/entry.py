@@ -20,12 +20,14 @@ refuses naming the rule that fails:
 Rule 6 (no stacking on an entry jump unless the replacement has its own padding) is
 about the running process and enforced by the agent.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from capstone import CS_ARCH_X86, CS_GRP_CALL, CS_GRP_JUMP, CS_MODE_64, Cs
 from capstone.x86 import X86_OP_IMM
+from elftools.elf.dynamic import DynamicSection
 
 from patchbox import wire as C
 from patchbox.elf.binary import Binary
@@ -55,18 +57,27 @@ class EntryJump:
 
 def torn_risk(symbol: str, skip: int) -> str:
     """Returns the risk a user accepts with --force when rule 2 fails."""
-    return (f"a thread preempted inside the first {skip + C.JUMP_LEN} bytes of {symbol} at "
-            f"the moment of the switch would execute a torn instruction and crash")
+    return (
+        f"a thread preempted inside the first {skip + C.JUMP_LEN} bytes of {symbol} at "
+        f"the moment of the switch would execute a torn instruction and crash"
+    )
 
 
 def _refuse(symbol: str, rule: str, why: str) -> ExtractError:
-    return ExtractError(f"{symbol} has no patchable entry and cannot use an entry jump "
-                        f"({rule}): {why}")
+    return ExtractError(
+        f"{symbol} has no patchable entry and cannot use an entry jump ({rule}): {why}"
+    )
 
 
-def analyse_entry(symbol: str, entry: int, code: bytes, *, force: bool = False,
-                  pieces: list[tuple[str, int, bytes]] | None = None,
-                  warnings: list[str] | None = None) -> EntryJump:
+def analyse_entry(
+    symbol: str,
+    entry: int,
+    code: bytes,
+    *,
+    force: bool = False,
+    pieces: list[tuple[str, int, bytes]] | None = None,
+    warnings: list[str] | None = None,
+) -> EntryJump:
     """Returns the entry jump for function ``symbol`` at link-time ``entry`` whose
     bytes (by symbol size) are ``code``; raises ExtractError naming the rule it breaks.
 
@@ -81,21 +92,34 @@ def analyse_entry(symbol: str, entry: int, code: bytes, *, force: bool = False,
     point = entry + skip
     avail = len(code) - skip
     if avail < C.JUMP_LEN:
-        raise _refuse(symbol, "rule 1, too short",
-                      f"{max(avail, 0)} bytes from the patch point {point:#x} to its end "
-                      f"(symbol size {len(code)}), the jump needs {C.JUMP_LEN}")
+        raise _refuse(
+            symbol,
+            "rule 1, too short",
+            f"{max(avail, 0)} bytes from the patch point {point:#x} to its end "
+            f"(symbol size {len(code)}), the jump needs {C.JUMP_LEN}",
+        )
     if point % WORD > WORD - C.JUMP_LEN:
-        hint = (" (an endbr64 at a 16-byte aligned entry always gives byte 4: build with "
-                "`patchbox config --cflags`, or without -fcf-protection)" if skip else "")
-        raise _refuse(symbol, "rule 4, alignment",
-                      f"the patch point {point:#x} is byte {point % WORD} of its 8-byte word, "
-                      f"so the 5-byte jump would straddle two words and cannot be written "
-                      f"with one atomic store; --force does not change that{hint}")
-    first = next(md.disasm(code[skip:skip + 16], point, 1), None)
+        hint = (
+            " (an endbr64 at a 16-byte aligned entry always gives byte 4: build with "
+            "`patchbox config --cflags`, or without -fcf-protection)"
+            if skip
+            else ""
+        )
+        raise _refuse(
+            symbol,
+            "rule 4, alignment",
+            f"the patch point {point:#x} is byte {point % WORD} of its 8-byte word, "
+            f"so the 5-byte jump would straddle two words and cannot be written "
+            f"with one atomic store; --force does not change that{hint}",
+        )
+    first = next(md.disasm(code[skip : skip + 16], point, 1), None)
     if first is None:
-        raise _refuse(symbol, "rule 2, first instruction",
-                      f"capstone cannot decode the instruction at {point:#x} "
-                      f"({code[skip:skip + 8].hex(' ')})")
+        raise _refuse(
+            symbol,
+            "rule 2, first instruction",
+            f"capstone cannot decode the instruction at {point:#x} "
+            f"({code[skip : skip + 8].hex(' ')})",
+        )
     inside = range(point + 1, point + C.JUMP_LEN)
     for name, addr, body in [(symbol, entry, code), *(pieces or [])]:
         end = addr
@@ -105,24 +129,34 @@ def analyse_entry(symbol: str, entry: int, code: bytes, *, force: bool = False,
                 continue
             op = insn.operands[0] if insn.operands else None
             if op is not None and op.type == X86_OP_IMM and op.imm in inside:
-                raise _refuse(symbol, "rule 3, branch target",
-                              f"the {insn.mnemonic} at {name}+{insn.address - addr:#x} "
-                              f"({insn.address:#x}) goes to {op.imm:#x}, inside the "
-                              f"{C.JUMP_LEN} bytes the jump overwrites at {point:#x}; "
-                              f"--force does not change that")
+                raise _refuse(
+                    symbol,
+                    "rule 3, branch target",
+                    f"the {insn.mnemonic} at {name}+{insn.address - addr:#x} "
+                    f"({insn.address:#x}) goes to {op.imm:#x}, inside the "
+                    f"{C.JUMP_LEN} bytes the jump overwrites at {point:#x}; "
+                    f"--force does not change that",
+                )
         if end != addr + len(body):
-            raise _refuse(symbol, "rule 3, branch target",
-                          f"capstone cannot decode {name}+{end - addr:#x} "
-                          f"({body[end - addr:end - addr + 8].hex(' ')}), so branches into "
-                          f"the overwritten bytes cannot be ruled out")
+            raise _refuse(
+                symbol,
+                "rule 3, branch target",
+                f"capstone cannot decode {name}+{end - addr:#x} "
+                f"({body[end - addr : end - addr + 8].hex(' ')}), so branches into "
+                f"the overwritten bytes cannot be ruled out",
+            )
     forced = False
     if first.size < C.JUMP_LEN:
-        what = f"the instruction at {point:#x} ({first.mnemonic} {first.op_str}".rstrip() + \
-            f") is {first.size} bytes, shorter than the {C.JUMP_LEN}-byte jump"
+        what = (
+            f"the instruction at {point:#x} ({first.mnemonic} {first.op_str}".rstrip()
+            + f") is {first.size} bytes, shorter than the {C.JUMP_LEN}-byte jump"
+        )
         if not force:
-            raise _refuse(symbol, "rule 2, first instruction",
-                          f"{what}: {torn_risk(symbol, skip)}; pass --force to accept "
-                          f"that risk")
+            raise _refuse(
+                symbol,
+                "rule 2, first instruction",
+                f"{what}: {torn_risk(symbol, skip)}; pass --force to accept that risk",
+            )
         forced = True
         if warnings is not None:
             warnings.append(f"{symbol}: --force: {what}: {torn_risk(symbol, skip)}")
@@ -138,7 +172,7 @@ def is_shared_library(binary: Binary) -> bool:
     if any(seg["p_type"] == "PT_INTERP" for seg in elf.iter_segments()):
         return False
     dyn = elf.get_section_by_name(".dynamic")
-    if dyn is None:
+    if not isinstance(dyn, DynamicSection):
         return False  # static-pie
     for tag in dyn.iter_tags():
         if tag.entry.d_tag == "DT_FLAGS_1" and tag.entry.d_val & 0x08000000:  # DF_1_PIE

@@ -101,10 +101,18 @@ class Extractor:
     the program lacks is looked for in the other members' objects.
     """
 
-    def __init__(self, obj: ObjectFile, binary: Binary, functions: list[str], *,
-                 index: int = 0, group: list[Extractor] | None = None,
-                 force_copy: set[str] | None = None, force: bool = False,
-                 warnings: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        obj: ObjectFile,
+        binary: Binary,
+        functions: list[str],
+        *,
+        index: int = 0,
+        group: list[Extractor] | None = None,
+        force_copy: set[str] | None = None,
+        force: bool = False,
+        warnings: list[str] | None = None,
+    ) -> None:
         self.obj = obj
         self.bin = binary
         self.names = list(dict.fromkeys(functions))
@@ -124,9 +132,11 @@ class Extractor:
         self.fixups: list[PlacedFixup] = []
         self.entries: dict[int, tuple[int, int]] = {}  # replaced section -> (entry, original)
         self.replaced: list[Replaced] = []
-        self.defines = {s.name: s for s in obj.symbols
-                        if s.defined and not s.is_local and s.name
-                        and s.type in ("FUNC", "OBJECT", "NOTYPE")}
+        self.defines = {
+            s.name: s
+            for s in obj.symbols
+            if s.defined and not s.is_local and s.name and s.type in ("FUNC", "OBJECT", "NOTYPE")
+        }
 
     # -- step 1 and 2: the replaced functions -----------------------------------------
 
@@ -137,15 +147,18 @@ class Extractor:
         for name in self.names:
             sym = self.obj.get_function(name)
             if sym is None:
-                raise ExtractError(f"{self.obj.path}: no function {name!r} (is it spelled right, "
-                                   f"or was it inlined away?)")
+                raise ExtractError(
+                    f"{self.obj.path}: no function {name!r} (is it spelled right, "
+                    f"or was it inlined away?)"
+                )
             sec = self.obj.get_symbol_section(sym)
-            if sym.value != C.ENTRY_PAD or sec.data[:len(ENTRY)] != ENTRY:
+            if sym.value != C.ENTRY_PAD or sec.data[: len(ENTRY)] != ENTRY:
                 # Valid (its entry is the symbol), but nothing can be stacked on it later.
                 self.warnings.append(
                     f"{name} in {self.obj.path} has no patchable entry (not compiled with "
                     f"`patchbox config --cflags`): a later patch of {name} cannot be "
-                    f"stacked on this one")
+                    f"stacked on this one"
+                )
             orig = self._find_original(sym)
             if self._has_padding(orig):
                 n = max(C.MIN_EXPECTED, min(EXPECTED_MAX, orig.size + C.ENTRY_PAD))
@@ -173,36 +186,51 @@ class Extractor:
             raise ExtractError(
                 f"{name} has no patchable entry and cannot use an entry jump (rule 5, shared "
                 f"library): {self.bin.path} is a shared library, not the executable; the "
-                f"sandbox lies near the executable and is not within rel32 reach of it")
+                f"sandbox lies near the executable and is not within rel32 reach of it"
+            )
         code = self.bin.read(orig.address, orig.size)
-        pieces = [(s.name, s.address, self.bin.read(s.address, s.size))
-                  for s in self.bin.iter_symbols()
-                  if s.defined and s.type == "FUNC" and s.size
-                  and s.name.startswith(name + ".") and s.address != orig.address]
-        jump = analyse_entry(name, orig.address, code, force=self.force, pieces=pieces,
-                             warnings=self.warnings)
+        pieces = [
+            (s.name, s.address, self.bin.read(s.address, s.size))
+            for s in self.bin.iter_symbols()
+            if s.defined
+            and s.type == "FUNC"
+            and s.size
+            and s.name.startswith(name + ".")
+            and s.address != orig.address
+        ]
+        jump = analyse_entry(
+            name, orig.address, code, force=self.force, pieces=pieces, warnings=self.warnings
+        )
         n = max(C.MIN_EXPECTED, min(EXPECTED_MAX, orig.size - jump.skip))
         return self.bin.read(jump.point, n), RedirectKind.ENTRY_JUMP, jump.skip
 
     def _find_original(self, sym: ObjSymbol) -> Symbol:
         if sym.is_local:
             if self.source is None:
-                raise ExtractError(f"{self.obj.path}: static function {sym.name!r} but the "
-                                   f"object names no source file (STT_FILE)")
+                raise ExtractError(
+                    f"{self.obj.path}: static function {sym.name!r} but the "
+                    f"object names no source file (STT_FILE)"
+                )
             orig = self.bin.find_local(sym.name, self.source)
             where = f"static {sym.name!r} from {os.path.basename(self.source)}"
         else:
             orig = self.bin.find_global(sym.name)
             where = f"global function {sym.name!r}"
-        if orig is None and not sym.is_local and any(
-                s.name == sym.name and not s.defined for s in self.bin.iter_symbols()):
+        if (
+            orig is None
+            and not sym.is_local
+            and any(s.name == sym.name and not s.defined for s in self.bin.iter_symbols())
+        ):
             raise ExtractError(
                 f"{sym.name} is in a shared library, not in {self.bin.path}: cannot patch it "
                 f"(rule 5, shared library): the sandbox lies near the executable and is not "
-                f"within rel32 reach of shared libraries")
+                f"within rel32 reach of shared libraries"
+            )
         if orig is None or orig.type != "FUNC":
-            raise ExtractError(f"{self.bin.path}: no {where} to replace (inlined everywhere, "
-                               f"renamed, or not the binary this object was patched from?)")
+            raise ExtractError(
+                f"{self.bin.path}: no {where} to replace (inlined everywhere, "
+                f"renamed, or not the binary this object was patched from?)"
+            )
         return orig
 
     # -- step 3: the closure ----------------------------------------------------------
@@ -230,8 +258,9 @@ class Extractor:
         if not sym.defined:
             if not sym.is_undef:
                 where = "SHN_COMMON" if sym.is_common else f"section index {sym.shndx:#x}"
-                raise ExtractError(f"{_where(sec, rel)}: symbol {sym.name!r} in {where} "
-                                   f"(compile with -fno-common)")
+                raise ExtractError(
+                    f"{_where(sec, rel)}: symbol {sym.name!r} in {where} (compile with -fno-common)"
+                )
             original = self._original_body(sym.name)
             if original is not None:
                 return original
@@ -239,7 +268,8 @@ class Extractor:
             if orig is not None:
                 if orig.type == "TLS":
                     raise UnsupportedRelocation(
-                        f"thread-local variable {sym.name!r} referenced in {_where(sec, rel)}")
+                        f"thread-local variable {sym.name!r} referenced in {_where(sec, rel)}"
+                    )
                 return Target(Kind.EXE, orig.address)
             member = self._member_defining(sym.name)
             if member is not None:
@@ -257,7 +287,8 @@ class Extractor:
             raise ExtractError(
                 f"variable in {target_sec.name} is not in {self.bin.path}, which has "
                 f"no static symbols from {os.path.basename(self.source)}: compile the patched "
-                f"file under its original name")
+                f"file under its original name"
+            )
         self.copy(target_sec.index, _kind(target_sec))
         return Target(Kind.COPY, value, section=target_sec.index)
 
@@ -283,26 +314,32 @@ class Extractor:
         """
         if not name.startswith(ORIGINAL_PREFIX):
             return None
-        fn = name[len(ORIGINAL_PREFIX):]
+        fn = name[len(ORIGINAL_PREFIX) :]
         orig = self.bin.find_local(fn, self.source) if self.source else None
         if orig is None:
             orig = self.bin.find_global(fn)
         if orig is None or orig.type != "FUNC":
-            raise ExtractError(f"{name}: {self.bin.path} has no function {fn!r} (global, or "
-                               f"static in the patched file) for PATCHBOX_ORIGINAL")
+            raise ExtractError(
+                f"{name}: {self.bin.path} has no function {fn!r} (global, or "
+                f"static in the patched file) for PATCHBOX_ORIGINAL"
+            )
         if self.bin.read(orig.address - C.ENTRY_PAD, len(ENTRY)) != ENTRY:
-            raise ExtractError(f"{name}: {fn} at {orig.address:#x} has no patchable entry "
-                               f"(6+2 NOPs), so its body does not start at entry+2")
+            raise ExtractError(
+                f"{name}: {fn} at {orig.address:#x} has no patchable entry "
+                f"(6+2 NOPs), so its body does not start at entry+2"
+            )
         return Target(Kind.EXE, orig.address + C.ENTRY_NOPS)
 
-    def _exe_section_base(self, target: Section, sym: ObjSymbol, sec: Section,
-                          rel: Relocation) -> int | None:
+    def _exe_section_base(
+        self, target: Section, sym: ObjSymbol, sec: Section, rel: Relocation
+    ) -> int | None:
         """Returns where ``target`` starts in the running program, or None to copy it."""
         if target.index in self.exe_base:
             return self.exe_base[target.index]
         if target.is_tls:
             raise UnsupportedRelocation(
-                f"thread-local variable {_target_name(sym)!r} referenced in {_where(sec, rel)}")
+                f"thread-local variable {_target_name(sym)!r} referenced in {_where(sec, rel)}"
+            )
         if not target.is_alloc:
             raise ExtractError(f"{_where(sec, rel)} refers to non-loaded section {target.name}")
         if not target.is_exec and not target.is_write:
@@ -323,7 +360,8 @@ class Extractor:
         # GCC's NAME.cold / NAME.part.N / NAME.constprop.N of a replaced function belong to
         # it; so do the changed clones `patchbox build` found (force_copy).
         return sym.name in self.force_copy or (
-            sym.is_local and any(sym.name.startswith(n + ".") for n in self.names))
+            sym.is_local and any(sym.name.startswith(n + ".") for n in self.names)
+        )
 
     def _find_in_binary(self, sym: ObjSymbol) -> Symbol | None:
         if not sym.is_local:
@@ -339,12 +377,14 @@ class Extractor:
         # Static locals are numbered per translation unit (`counter.0`, `counter.1`); the
         # numbers may shift between builds, so fall back to the only `counter.*` of the file.
         pat = re.compile(re.escape(m["base"]) + r"\.\d+$")
-        cands = [s for s in self.bin.iter_locals(self.source)
-                 if s.type == "OBJECT" and pat.match(s.name)]
+        cands = [
+            s for s in self.bin.iter_locals(self.source) if s.type == "OBJECT" and pat.match(s.name)
+        ]
         if len(cands) > 1:
             raise ExtractError(
                 f"static variable {sym.name!r} of {self.source} is not in {self.bin.path} and "
-                f"several candidates are: {', '.join(s.name for s in cands)}")
+                f"several candidates are: {', '.join(s.name for s in cands)}"
+            )
         return cands[0] if cands else None
 
     # -- step 4: layout and fix-ups ---------------------------------------------------
@@ -402,8 +442,13 @@ class Extractor:
             for name in self.stubs:
                 self.stubs[name] = len(text)
                 text += b"\xff\x25\x00\x00\x00\x00" + bytes(8) + bytes([INT3, INT3])
-                self._add(FixupSection.TEXT, FixupType.ABS64, Target(Kind.IMPORT, symbol=name),
-                          len(text) - STUB_SIZE + STUB_SLOT, 0)
+                self._add(
+                    FixupSection.TEXT,
+                    FixupType.ABS64,
+                    Target(Kind.IMPORT, symbol=name),
+                    len(text) - STUB_SIZE + STUB_SLOT,
+                    0,
+                )
         got_targets = list(dict.fromkeys(t for _s, _r, rt, t in pending if rt.recipe is Recipe.GOT))
         if got_targets:
             align(text, GOT_SLOT, 0)
@@ -415,20 +460,29 @@ class Extractor:
             where, off = self.placement[sec.index]
             pos = off + rel.offset
             buf = text if where == FixupSection.TEXT else data
-            buf[pos:pos + rtype.size] = bytes(rtype.size)
+            buf[pos : pos + rtype.size] = bytes(rtype.size)
             if rtype.recipe is Recipe.ABS64:
                 self._add(where, FixupType.ABS64, tgt, pos, rel.addend)
             elif rtype.recipe is Recipe.GOT:
-                self._own(Fixup(where, FixupType.PC32, FixupBase.TEXT, pos,
-                                self.got[tgt] + rel.addend))
+                self._own(
+                    Fixup(where, FixupType.PC32, FixupBase.TEXT, pos, self.got[tgt] + rel.addend)
+                )
             elif tgt.kind is Kind.IMPORT:
-                self._own(Fixup(where, FixupType.PC32, FixupBase.TEXT, pos,
-                                self.stubs[tgt.symbol] + rel.addend))
+                self._own(
+                    Fixup(
+                        where,
+                        FixupType.PC32,
+                        FixupBase.TEXT,
+                        pos,
+                        self.stubs[tgt.symbol] + rel.addend,
+                    )
+                )
             else:
                 self._add(where, FixupType.PC32, tgt, pos, rel.addend)
 
-    def _entry_address(self, sec: Section, rel: Relocation, rtype: RelocType,
-                       tgt: Target) -> Target:
+    def _entry_address(
+        self, sec: Section, rel: Relocation, rtype: RelocType, tgt: Target
+    ) -> Target:
         """Returns ``tgt``, or the original's address if it takes a replaced function's address.
 
         A function pointer to a replaced function may be stored by the program; it must
@@ -458,20 +512,23 @@ class Extractor:
                 f"{rtype.name} in {_where(sec, rel)}: PC-relative data reference to "
                 f"{rel.symbol.name!r}, which the program does not define (a shared-library "
                 f"variable); it can only be reached through the GOT: compile the patch with "
-                f"-fPIC, or reference it from the program itself")
+                f"-fPIC, or reference it from the program itself"
+            )
 
     def _own(self, fixup: Fixup) -> None:
         """Keeps a fix-up whose TEXT/DATA base is this object's."""
         self.fixups.append(PlacedFixup(fixup, self.index))
 
-    def _add(self, where: FixupSection, ftype: FixupType, tgt: Target, pos: int,
-             addend: int) -> None:
+    def _add(
+        self, where: FixupSection, ftype: FixupType, tgt: Target, pos: int, addend: int
+    ) -> None:
         if tgt.kind in (Kind.COPY, Kind.MEMBER):
             owner = self if tgt.kind is Kind.COPY else self.group[tgt.member]
             area, off = owner.placement[tgt.section]
             base = FixupBase.TEXT if area == FixupSection.TEXT else FixupBase.DATA
-            self.fixups.append(PlacedFixup(
-                Fixup(where, ftype, base, pos, off + tgt.value + addend), owner.index))
+            self.fixups.append(
+                PlacedFixup(Fixup(where, ftype, base, pos, off + tgt.value + addend), owner.index)
+            )
         elif tgt.kind is Kind.EXE:
             self._own(Fixup(where, ftype, FixupBase.EXE, pos, tgt.value + addend))
         elif tgt.kind is Kind.ABS:
@@ -496,9 +553,14 @@ class Extractor:
 def _is_branch(sec: Section, rel: Relocation) -> bool:
     """Returns True if ``rel`` is the rel32 of a call, jmp or jcc."""
     code, o = sec.data, rel.offset
-    return sec.is_exec and o >= 1 and (
-        code[o - 1] in (0xE8, 0xE9)
-        or (o >= 2 and code[o - 2] == 0x0F and 0x80 <= code[o - 1] <= 0x8F))
+    return (
+        sec.is_exec
+        and o >= 1
+        and (
+            code[o - 1] in (0xE8, 0xE9)
+            or (o >= 2 and code[o - 2] == 0x0F and 0x80 <= code[o - 1] <= 0x8F)
+        )
+    )
 
 
 def _kind(sec: Section) -> str:

@@ -59,9 +59,15 @@ def _where(sites: list[InlineSite], counted: bool = False) -> str:
     )
 
 
-def check_inlined(binary: Binary, shown: str, members: list[Extractor], *,
-                  allow_inlined: bool, warnings: list[str], for_build: bool = False
-                  ) -> dict[str, str]:
+def check_inlined(
+    binary: Binary,
+    shown: str,
+    members: list[Extractor],
+    *,
+    allow_inlined: bool,
+    warnings: list[str],
+    for_build: bool = False,
+) -> dict[str, str]:
     """Refuses (or warns, with ``allow_inlined``) when the reference binary's DWARF shows
     inlined copies of the replaced functions of ``members`` in functions the patch does
     not replace; returns the meta entries ``inlined_check`` (``dwarf``, ``partial`` or
@@ -76,10 +82,13 @@ def check_inlined(binary: Binary, shown: str, members: list[Extractor], *,
     names = " or ".join(dict.fromkeys(r.name for r in replaced))
     if not dwarf.has_debug_info(binary.elf):
         link = dwarf.debuglink(binary.elf)
-        extra = (f" (its separate debug file {link} named by .gnu_debuglink is not read)"
-                 if link else "")
-        warnings.append(f"{shown} has no debug info (.debug_info){extra}: cannot check whether "
-                        f"{names} is inlined elsewhere; build with -g")
+        extra = (
+            f" (its separate debug file {link} named by .gnu_debuglink is not read)" if link else ""
+        )
+        warnings.append(
+            f"{shown} has no debug info (.debug_info){extra}: cannot check whether "
+            f"{names} is inlined elsewhere; build with -g"
+        )
         return {"inlined_check": "unavailable"}
     targets = {r.name: r.source for r in replaced}
     try:
@@ -90,29 +99,40 @@ def check_inlined(binary: Binary, shown: str, members: list[Extractor], *,
     meta = {"inlined_check": "dwarf"}
     missing = [r.name for r in replaced if r.name not in found]
     if missing:
-        warnings.append(f"{shown} has no debug info for {' or '.join(missing)} (built without "
-                        f"-g?): cannot check whether it is inlined elsewhere")
+        warnings.append(
+            f"{shown} has no debug info for {' or '.join(missing)} (built without "
+            f"-g?): cannot check whether it is inlined elsewhere"
+        )
         meta["inlined_check"] = "partial"
     kept_by_fn: dict[str, list[InlineSite]] = {}
     for fn, fsites in sites.items():
-        kept = [s for s in fsites
-                if _Replaced(s.caller.name, None) not in replaced
-                and _Replaced(s.caller.name, s.caller.source) not in replaced]
+        kept = [
+            s
+            for s in fsites
+            if _Replaced(s.caller.name, None) not in replaced
+            and _Replaced(s.caller.name, s.caller.source) not in replaced
+        ]
         if kept:
             kept_by_fn[fn] = kept
     if not kept_by_fn:
         return meta
     if allow_inlined:
         for fn, kept in kept_by_fn.items():
-            warnings.append(f"{fn} is inlined into {_where(kept, counted=True)}: calls there "
-                            f"keep the old code (--allow-inlined)")
+            warnings.append(
+                f"{fn} is inlined into {_where(kept, counted=True)}: calls there "
+                f"keep the old code (--allow-inlined)"
+            )
             meta[f"inlined:{fn}"] = ",".join(dict.fromkeys(s.caller.name for s in kept))
         return meta
     if for_build:
-        refusals = [f"{fn} is inlined into {_where(kept)}, which the diff does not change"
-                    for fn, kept in kept_by_fn.items()]
-        raise ExtractError("; ".join(refusals) + ": calls there would keep the old code; "
-                           "pass --allow-inlined to accept")
+        refusals = [
+            f"{fn} is inlined into {_where(kept)}, which the diff does not change"
+            for fn, kept in kept_by_fn.items()
+        ]
+        raise ExtractError(
+            "; ".join(refusals) + ": calls there would keep the old code; "
+            "pass --allow-inlined to accept"
+        )
     sources = {os.path.basename(m.source) if m.source else None for m in members}
     same: list[str] = []
     other: list[str] = []
@@ -129,6 +149,8 @@ def check_inlined(binary: Binary, shown: str, members: list[Extractor], *,
         hints.append("patch " + ", ".join(dict.fromkeys(other)) + " too")
     n = len(set(same) | set(other))
     refusal = "; ".join(f"{fn} is inlined into {_where(kept)}" for fn, kept in kept_by_fn.items())
-    raise ExtractError(f"{refusal}: calls there would keep the old code; "
-                       f"{' and '.join(hints)} if {'it' if n == 1 else 'they'} can be "
-                       f"replaced, or pass --allow-inlined to accept")
+    raise ExtractError(
+        f"{refusal}: calls there would keep the old code; "
+        f"{' and '.join(hints)} if {'it' if n == 1 else 'they'} can be "
+        f"replaced, or pass --allow-inlined to accept"
+    )

@@ -3,6 +3,7 @@
 Returns and accepts :class:`patchbox.format.model.Patch`; all structure is declared
 here, all validation that a reader must do happens in :func:`decode_apply_body`.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -13,18 +14,37 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from patchbox import wire as C
 from patchbox.errors import PatchFormatError
 from patchbox.format.codec import Reader, Writer
 from patchbox.format.model import Fixup, Function, Patch
-from patchbox import wire as C
 from patchbox.wire import FixupBase, FixupSection, FixupType, RedirectKind
 
 __all__ = [
-    "FILE_MAGIC", "FORMAT_VERSION", "HEADER", "APPLY_BODY", "FUNCTION_RECORD", "FIXUP_RECORD",
-    "Field", "wire_names", "encode_apply_body", "decode_apply_body", "check_name",
-    "write_patch", "read_patch", "save_patch", "load_patch", "PatchFile", "read_patch_file",
+    "FILE_MAGIC",
+    "FORMAT_VERSION",
+    "HEADER",
+    "APPLY_BODY",
+    "FUNCTION_RECORD",
+    "FIXUP_RECORD",
+    "Field",
+    "wire_names",
+    "encode_apply_body",
+    "decode_apply_body",
+    "check_name",
+    "write_patch",
+    "read_patch",
+    "save_patch",
+    "load_patch",
+    "PatchFile",
+    "read_patch_file",
     "split_patch_file",
-    "FLAG_SIGNED", "SIG_TRAILER", "SIG_MAGIC", "SIG_ED25519", "Signature", "split_signature",
+    "FLAG_SIGNED",
+    "SIG_TRAILER",
+    "SIG_MAGIC",
+    "SIG_ED25519",
+    "Signature",
+    "split_signature",
     "with_signature",
 ]
 
@@ -32,7 +52,7 @@ FILE_MAGIC = b"PBXPATCH"
 FORMAT_VERSION = 1
 # magic, format version, header size, flags, payload length, sha256
 HEADER = struct.Struct("<8sHHIQ32s")
-NAME_RE = re.compile(r"^[A-Za-z0-9._+-]{1,%d}$" % C.MAX_NAME)
+NAME_RE = re.compile(rf"^[A-Za-z0-9._+-]{{1,{C.MAX_NAME}}}$")
 FIXUP_SIZE = {FixupType.PC32: 4, FixupType.ABS64: 8}
 # Header flags: bit 0 = a signature trailer follows the payload (docs/patch-format.md).
 FLAG_SIGNED = 0x1
@@ -120,7 +140,7 @@ def _write(w: Writer, fields: tuple[Field, ...], value: object) -> None:
     for f in fields:
         if f.when is not None and getattr(value, f.when[0]) != f.when[1]:
             continue
-        v = getattr(value, f.name, 0)  # `reserved` is not in the model: always 0
+        v: Any = getattr(value, f.name, 0)  # `reserved` is not in the model: always 0
         if f.kind in _INTS:
             getattr(w, f.kind)(int(v))
         elif f.kind == "str":
@@ -154,8 +174,7 @@ def _read(r: Reader, fields: tuple[Field, ...], where: str = "") -> dict[str, An
             n = getattr(r, _LENGTH[f.kind])(f"{label} {'count' if f.record else 'length'}")
             if not f.lo <= n <= (f.hi if f.hi is not None else n):
                 what = f"{n} {f.name}" if f.record else f"{label} length {n}"
-                raise PatchFormatError(
-                    f"patch body: {what} out of range ({f.lo}..{f.hi} allowed)")
+                raise PatchFormatError(f"patch body: {what} out of range ({f.lo}..{f.hi} allowed)")
             if f.record:
                 out[f.name] = [_read(r, f.record, f"{f.item}[{i}].") for i in range(n)]
             else:
@@ -175,7 +194,8 @@ def check_name(name: str) -> None:
     """Raises PatchFormatError unless ``name`` is a valid patch name."""
     if not NAME_RE.match(name):
         raise PatchFormatError(
-            f"invalid patch name {name!r}: 1..{C.MAX_NAME} characters of A-Z a-z 0-9 . _ + -")
+            f"invalid patch name {name!r}: 1..{C.MAX_NAME} characters of A-Z a-z 0-9 . _ + -"
+        )
 
 
 def decode_apply_body(body: bytes, meta: dict[str, str] | None = None) -> Patch:
@@ -192,7 +212,8 @@ def decode_apply_body(body: bytes, meta: dict[str, str] | None = None) -> Patch:
             kind = RedirectKind(fn["kind"])
         except ValueError as err:
             raise PatchFormatError(
-                f"patch body: {symbol}: unknown redirect kind {fn['kind']}") from err
+                f"patch body: {symbol}: unknown redirect kind {fn['kind']}"
+            ) from err
         skip = fn["skip"]
         if skip not in ((0, C.ENDBR_SKIP) if kind == RedirectKind.ENTRY_JUMP else (0,)):
             raise PatchFormatError(f"patch body: {symbol}: skip {skip} invalid for {kind.name}")
@@ -200,9 +221,13 @@ def decode_apply_body(body: bytes, meta: dict[str, str] | None = None) -> Patch:
         if fn["new_offset"] >= len(text) or fn["new_offset"] + fn["new_size"] > len(text):
             raise PatchFormatError(
                 f"patch body: {symbol}: replacement [{fn['new_offset']}, +{fn['new_size']}) "
-                f"outside the {len(text)}-byte text")
-        functions.append(Function(symbol, fn["target"], fn["new_offset"], fn["new_size"],
-                                  fn["expected"], kind, skip))
+                f"outside the {len(text)}-byte text"
+            )
+        functions.append(
+            Function(
+                symbol, fn["target"], fn["new_offset"], fn["new_size"], fn["expected"], kind, skip
+            )
+        )
     fixups = []
     for i, fx in enumerate(raw["fixups"]):
         try:
@@ -215,19 +240,28 @@ def decode_apply_body(body: bytes, meta: dict[str, str] | None = None) -> Patch:
         if fx["offset"] + FIXUP_SIZE[ftype] > limit:
             raise PatchFormatError(
                 f"patch body: fixup[{i}] at {section.name.lower()}+{fx['offset']:#x} outside "
-                f"the {limit}-byte {section.name.lower()}")
-        fixups.append(Fixup(section, ftype, base, fx["offset"], fx["addend"],
-                            fx.get("symbol", "")))
-    return Patch(name=raw["name"], build_id=raw["build_id"], text=text, functions=functions,
-                 fixups=fixups, data=data, bss_size=raw["bss_size"], flags=raw["flags"],
-                 meta=dict(meta or {}))
+                f"the {limit}-byte {section.name.lower()}"
+            )
+        fixups.append(Fixup(section, ftype, base, fx["offset"], fx["addend"], fx.get("symbol", "")))
+    return Patch(
+        name=raw["name"],
+        build_id=raw["build_id"],
+        text=text,
+        functions=functions,
+        fixups=fixups,
+        data=data,
+        bss_size=raw["bss_size"],
+        flags=raw["flags"],
+        meta=dict(meta or {}),
+    )
 
 
 def write_patch(patch: Patch) -> bytes:
     """Returns the bytes of an (unsigned) patch file for ``patch``."""
     payload = bytes(Writer().kv(patch.meta)) + encode_apply_body(patch)
-    header = HEADER.pack(FILE_MAGIC, FORMAT_VERSION, HEADER.size, 0, len(payload),
-                         hashlib.sha256(payload).digest())
+    header = HEADER.pack(
+        FILE_MAGIC, FORMAT_VERSION, HEADER.size, 0, len(payload), hashlib.sha256(payload).digest()
+    )
     return header + payload
 
 
@@ -237,23 +271,28 @@ def split_patch_file(data: bytes) -> tuple[dict[str, str], bytes]:
     :mod:`patchbox.signing`)."""
     if len(data) < HEADER.size:
         raise PatchFormatError(
-            f"not a patchbox patch file: {len(data)} bytes, shorter than the {HEADER.size}-byte header")
+            f"not a patchbox patch file: {len(data)} bytes, shorter than the "
+            f"{HEADER.size}-byte header"
+        )
     magic, version, hsize, flags, length, digest = HEADER.unpack_from(data)
     if magic != FILE_MAGIC:
         raise PatchFormatError("not a patchbox patch file (bad magic)")
     if version != FORMAT_VERSION:
-        raise PatchFormatError(f"unsupported patch format version {version} (this reads {FORMAT_VERSION})")
+        raise PatchFormatError(
+            f"unsupported patch format version {version} (this reads {FORMAT_VERSION})"
+        )
     if hsize != HEADER.size:
         raise PatchFormatError(f"bad header size {hsize}")
     if flags & ~FLAG_SIGNED:
         raise PatchFormatError(f"unknown header flags {flags:#x} (this reads {FLAG_SIGNED:#x})")
     trailer = SIG_TRAILER.size if flags & FLAG_SIGNED else 0
-    payload = data[HEADER.size:len(data) - trailer]
+    payload = data[HEADER.size : len(data) - trailer]
     if len(data) - HEADER.size - trailer != length:
         extra = f" and the {trailer}-byte signature" if trailer else ""
         raise PatchFormatError(
             f"patch file truncated or padded: header says {length} payload bytes{extra}, "
-            f"file has {len(data) - HEADER.size} after the header")
+            f"file has {len(data) - HEADER.size} after the header"
+        )
     if hashlib.sha256(payload).digest() != digest:
         raise PatchFormatError("integrity hash mismatch: patch file is corrupt")
     if trailer:
@@ -261,10 +300,12 @@ def split_patch_file(data: bytes) -> tuple[dict[str, str], bytes]:
         if sig_magic != SIG_MAGIC:
             raise PatchFormatError("signed patch file without a signature trailer (bad magic)")
         if alg != SIG_ED25519:
-            raise PatchFormatError(f"unknown signature algorithm {alg} (this reads {SIG_ED25519} = Ed25519)")
+            raise PatchFormatError(
+                f"unknown signature algorithm {alg} (this reads {SIG_ED25519} = Ed25519)"
+            )
     r = Reader(payload, PatchFormatError, "patch file")
     meta = r.kv("meta")
-    return meta, payload[r.pos:]
+    return meta, payload[r.pos :]
 
 
 def read_patch(data: bytes) -> Patch:
@@ -328,7 +369,7 @@ def split_signature(data: bytes) -> Signature | None:
     if not HEADER.unpack_from(data)[3] & FLAG_SIGNED:
         return None
     _magic, alg, key_id, sig = SIG_TRAILER.unpack_from(data, len(data) - SIG_TRAILER.size)
-    return Signature(alg, key_id, sig, data[:len(data) - SIG_TRAILER.size])
+    return Signature(alg, key_id, sig, data[: len(data) - SIG_TRAILER.size])
 
 
 def with_signature(data: bytes, key_id: bytes, sign: Callable[[bytes], bytes]) -> bytes:
@@ -337,7 +378,7 @@ def with_signature(data: bytes, key_id: bytes, sign: Callable[[bytes], bytes]) -
     split_patch_file(data)
     magic, version, hsize, flags, length, digest = HEADER.unpack_from(data)
     header = HEADER.pack(magic, version, hsize, flags | FLAG_SIGNED, length, digest)
-    signed = header + data[HEADER.size:HEADER.size + length]
+    signed = header + data[HEADER.size : HEADER.size + length]
     signature = sign(signed)
     if len(key_id) != 32 or len(signature) != 64:
         raise ValueError("key id must be 32 bytes and the signature 64")

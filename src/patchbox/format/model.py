@@ -2,6 +2,7 @@
 
 The byte layout lives in :mod:`patchbox.format.layout`; this module has no I/O.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -7,6 +7,7 @@ Errors: the agent's refusals raise :class:`AgentError`; replies that do not foll
 protocol raise :class:`ProtocolError`; a socket that cannot be found, reached or read in
 time raises :class:`ConnectError`.
 """
+
 from __future__ import annotations
 
 import errno
@@ -17,16 +18,31 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from patchbox import wire as C
 from patchbox.errors import ConnectError, ProtocolError
 from patchbox.format.codec import Reader, Writer
-from patchbox import wire as C
+from patchbox.protocol.replies import (
+    AppliedPatch,
+    ApplyResult,
+    PatchFunction,
+    TestResult,
+    check_status,
+    decode_reply,
+)
 from patchbox.wire import ErrorCode, Msg
-from patchbox.protocol.replies import (AppliedPatch, ApplyResult, PatchFunction, TestResult,
-                                       check_status, decode_reply)
 
 __all__ = [
-    "FRAME", "DEFAULT_TIMEOUT", "SOCKET_PREFIX", "Client", "AppliedPatch", "PatchFunction",
-    "ApplyResult", "TestResult", "encode_frame", "decode_header", "socket_path_for_pid",
+    "FRAME",
+    "DEFAULT_TIMEOUT",
+    "SOCKET_PREFIX",
+    "Client",
+    "AppliedPatch",
+    "PatchFunction",
+    "ApplyResult",
+    "TestResult",
+    "encode_frame",
+    "decode_header",
+    "socket_path_for_pid",
 ]
 
 # magic, version, type, seq, length
@@ -34,19 +50,30 @@ FRAME = struct.Struct("<IHHII")
 assert FRAME.size == C.HEADER_SIZE
 DEFAULT_TIMEOUT = 10.0
 SOCKET_PREFIX = "sandbox-sock"
-LINK_HINT = "is the program linked with `patchbox config --libs` (or run with LD_PRELOAD=$(patchbox config --preload))?"
+LINK_HINT = (
+    "is the program linked with `patchbox config --libs` "
+    "(or run with LD_PRELOAD=$(patchbox config --preload))?"
+)
 
 # Errors the agent may send about the connection itself rather than about the request
 # (a refused peer, a frame it could not read): accepted whatever the reply's type/seq.
-CONNECTION_ERRORS = frozenset({ErrorCode.PERMISSION, ErrorCode.BAD_MAGIC, ErrorCode.BAD_VERSION,
-                               ErrorCode.TOO_LARGE, ErrorCode.UNKNOWN_MESSAGE})
+CONNECTION_ERRORS = frozenset(
+    {
+        ErrorCode.PERMISSION,
+        ErrorCode.BAD_MAGIC,
+        ErrorCode.BAD_VERSION,
+        ErrorCode.TOO_LARGE,
+        ErrorCode.UNKNOWN_MESSAGE,
+    }
+)
 
 
 def encode_frame(msg_type: int, seq: int, payload: bytes = b"") -> bytes:
     """Returns the frame (header + payload) of one request."""
     if len(payload) > C.MAX_PAYLOAD:
         raise ProtocolError(
-            f"request of {len(payload)} bytes exceeds the protocol maximum of {C.MAX_PAYLOAD}")
+            f"request of {len(payload)} bytes exceeds the protocol maximum of {C.MAX_PAYLOAD}"
+        )
     return FRAME.pack(C.MAGIC, C.VERSION, msg_type, seq & 0xFFFFFFFF, len(payload)) + payload
 
 
@@ -56,12 +83,16 @@ def decode_header(header: bytes) -> tuple[int, int, int]:
         raise ProtocolError(f"reply header is {len(header)} bytes, expected {C.HEADER_SIZE}")
     magic, version, msg_type, seq, length = FRAME.unpack(header)
     if magic != C.MAGIC:
-        raise ProtocolError(f"reply has bad magic {magic:#010x} (expected {C.MAGIC:#010x}): "
-                            "is this a patchbox agent socket?")
+        raise ProtocolError(
+            f"reply has bad magic {magic:#010x} (expected {C.MAGIC:#010x}): "
+            "is this a patchbox agent socket?"
+        )
     if version != C.VERSION:
         raise ProtocolError(f"reply has protocol version {version}, this client speaks {C.VERSION}")
     if length > C.MAX_PAYLOAD:
-        raise ProtocolError(f"reply length {length} exceeds the protocol maximum of {C.MAX_PAYLOAD}")
+        raise ProtocolError(
+            f"reply length {length} exceeds the protocol maximum of {C.MAX_PAYLOAD}"
+        )
     return msg_type, seq, length
 
 
@@ -74,7 +105,7 @@ def _read_environ(pid: int, key: str) -> str | None:
     prefix = key.encode() + b"="
     for item in raw.split(b"\0"):
         if item.startswith(prefix):
-            return os.fsdecode(item[len(prefix):])
+            return os.fsdecode(item[len(prefix) :])
     return None
 
 
@@ -96,8 +127,10 @@ def socket_path_for_pid(pid: int) -> Path:
     except FileNotFoundError as err:
         raise ConnectError(f"no process with pid {pid}") from err
     except PermissionError as err:
-        raise ConnectError(f"cannot inspect pid {pid} (/proc/{pid}/exe: permission denied): "
-                           "run as root or as the process's user, or pass -s SOCKET") from err
+        raise ConnectError(
+            f"cannot inspect pid {pid} (/proc/{pid}/exe: permission denied): "
+            "run as root or as the process's user, or pass -s SOCKET"
+        ) from err
     except OSError as err:
         raise ConnectError(f"cannot inspect pid {pid}: /proc/{pid}/exe: {err.strerror}") from err
     # An executable replaced on disk (an upgrade) still has its directory.
@@ -112,12 +145,20 @@ class Client:
     :func:`socket_path_for_pid`. ``timeout`` (seconds) bounds connect and each reply.
     """
 
-    def __init__(self, socket_path: str | os.PathLike[str] | None = None, *,
-                 pid: int | None = None, timeout: float = DEFAULT_TIMEOUT) -> None:
-        if (socket_path is None) == (pid is None):
+    def __init__(
+        self,
+        socket_path: str | os.PathLike[str] | None = None,
+        *,
+        pid: int | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+    ) -> None:
+        if socket_path is not None and pid is None:
+            self.path = Path(socket_path)
+        elif socket_path is None and pid is not None:
+            self.path = socket_path_for_pid(pid)
+        else:
             raise ValueError("give exactly one of socket_path and pid")
         self.pid = pid
-        self.path = Path(socket_path) if socket_path is not None else socket_path_for_pid(pid)
         self.timeout = timeout
         self.sock: socket.socket | None = None
         self.seq = 0
@@ -127,7 +168,7 @@ class Client:
     def _where(self) -> str:
         return f"pid {self.pid} at {self.path}" if self.pid is not None else str(self.path)
 
-    def connect(self) -> "Client":
+    def connect(self) -> Client:
         """Returns self after connecting (no-op if connected); raises ConnectError."""
         if self.sock is not None:
             return self
@@ -140,15 +181,20 @@ class Client:
             raise ConnectError(f"no agent socket for {self._where()}: {LINK_HINT}") from err
         except ConnectionRefusedError as err:
             sock.close()
-            raise ConnectError(f"agent socket {self.path} refuses connections: "
-                               "the process has exited or its agent is not running") from err
+            raise ConnectError(
+                f"agent socket {self.path} refuses connections: "
+                "the process has exited or its agent is not running"
+            ) from err
         except PermissionError as err:
             sock.close()
-            raise ConnectError(f"permission denied connecting to {self.path}: "
-                               "run as root or as the process's user") from err
-        except socket.timeout as err:
+            raise ConnectError(
+                f"permission denied connecting to {self.path}: run as root or as the process's user"
+            ) from err
+        except TimeoutError as err:
             sock.close()
-            raise ConnectError(f"timed out after {self.timeout:g} s connecting to {self.path}") from err
+            raise ConnectError(
+                f"timed out after {self.timeout:g} s connecting to {self.path}"
+            ) from err
         except OSError as err:
             sock.close()
             if err.errno == errno.ENOTSOCK or err.errno == errno.ECONNREFUSED:
@@ -163,11 +209,15 @@ class Client:
             self.sock.close()
             self.sock = None
 
-    def __enter__(self) -> "Client":
+    def __enter__(self) -> Client:
         return self.connect()
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.close()
 
     # -- framing ------------------------------------------------------------------
@@ -179,19 +229,26 @@ class Client:
         while got < n:
             try:
                 chunk = self.sock.recv(min(n - got, 1 << 20))
-            except socket.timeout as err:
+            except TimeoutError as err:
                 self.close()
-                raise ConnectError(f"no reply from the agent at {self.path} within "
-                                   f"{self.timeout:g} s") from err
+                raise ConnectError(
+                    f"no reply from the agent at {self.path} within {self.timeout:g} s"
+                ) from err
             except OSError as err:
                 self.close()
-                raise ConnectError(f"connection to {self.path} lost: {err.strerror or err}") from err
+                raise ConnectError(
+                    f"connection to {self.path} lost: {err.strerror or err}"
+                ) from err
             if not chunk:
                 self.close()
                 if got == 0 and what == "header":
-                    raise ProtocolError(f"the agent at {self.path} closed the connection without replying")
-                raise ProtocolError(f"reply truncated: {what} has {got} of {n} bytes, "
-                                    "then the agent closed the connection")
+                    raise ProtocolError(
+                        f"the agent at {self.path} closed the connection without replying"
+                    )
+                raise ProtocolError(
+                    f"reply truncated: {what} has {got} of {n} bytes, "
+                    "then the agent closed the connection"
+                )
             chunks.append(chunk)
             got += len(chunk)
         return b"".join(chunks)
@@ -208,9 +265,11 @@ class Client:
         self.seq = (self.seq + 1) & 0xFFFFFFFF
         try:
             self.sock.sendall(frame)
-        except socket.timeout as err:
+        except TimeoutError as err:
             self.close()
-            raise ConnectError(f"timed out after {self.timeout:g} s sending to {self.path}") from err
+            raise ConnectError(
+                f"timed out after {self.timeout:g} s sending to {self.path}"
+            ) from err
         except (BrokenPipeError, ConnectionResetError) as err:
             # The agent may have refused us (PERMISSION) and closed: read its reason.
             try:
@@ -225,8 +284,10 @@ class Client:
         if msg_type != (msg | C.REPLY_BIT) or seq != self.seq:
             self._raise_connection_error(reply)
             if msg_type != (msg | C.REPLY_BIT):
-                raise ProtocolError(f"reply type {msg_type:#x} does not answer {Msg(msg).name} "
-                                    f"(expected {msg | C.REPLY_BIT:#x})")
+                raise ProtocolError(
+                    f"reply type {msg_type:#x} does not answer {Msg(msg).name} "
+                    f"(expected {msg | C.REPLY_BIT:#x})"
+                )
             raise ProtocolError(f"reply seq {seq} does not match request seq {self.seq}")
         return decode_reply(msg, reply)
 

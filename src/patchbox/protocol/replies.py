@@ -5,18 +5,25 @@ Every reply payload starts with an ``i32 status``; a non-zero status is followed
 the message-specific fields decoded here. Any overrun, bad count or trailing byte raises
 :class:`patchbox.errors.ProtocolError` naming the field.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 from patchbox.errors import AgentError, ProtocolError
 from patchbox.format.codec import Reader
 from patchbox.wire import ErrorCode, Msg
 
 __all__ = [
-    "PatchFunction", "AppliedPatch", "ApplyResult", "TestResult",
-    "check_status", "decode_reply", "DECODERS",
+    "PatchFunction",
+    "AppliedPatch",
+    "ApplyResult",
+    "TestResult",
+    "check_status",
+    "decode_reply",
+    "DECODERS",
 ]
 
 
@@ -106,10 +113,17 @@ def _list(r: Reader) -> list[AppliedPatch]:
         funcs = []
         for j in range(nfuncs):
             where = f"patch[{i}].function[{j}]"
-            funcs.append(PatchFunction(r.str(f"{where}.symbol"), r.u64(f"{where}.target"),
-                                       r.u64(f"{where}.new"), r.u32(f"{where}.new_size")))
-        patches.append(AppliedPatch(name, pid, applied_at, text_addr, text_size,
-                                    data_addr, data_size, funcs))
+            funcs.append(
+                PatchFunction(
+                    r.str(f"{where}.symbol"),
+                    r.u64(f"{where}.target"),
+                    r.u64(f"{where}.new"),
+                    r.u32(f"{where}.new_size"),
+                )
+            )
+        patches.append(
+            AppliedPatch(name, pid, applied_at, text_addr, text_size, data_addr, data_size, funcs)
+        )
     return patches
 
 

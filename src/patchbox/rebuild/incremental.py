@@ -20,6 +20,7 @@ checks each replaced function's size against the binary). The *patched* side:
 
 Neither the source tree nor the build directory is written to.
 """
+
 from __future__ import annotations
 
 import json
@@ -35,8 +36,16 @@ from patchbox.errors import BuildError
 from patchbox.rebuild.workspace import Workspace
 from patchbox.sourcediff import diff_files, strip_path
 
-__all__ = ["load_db", "entry_args", "strip_outputs", "entry_output", "Remap",
-           "ninja_deps", "ninja_inputs", "IncrementalBuild"]
+__all__ = [
+    "load_db",
+    "entry_args",
+    "strip_outputs",
+    "entry_output",
+    "Remap",
+    "ninja_deps",
+    "ninja_inputs",
+    "IncrementalBuild",
+]
 
 # Dependency-file options of a recorded command; a recompiled object needs none.
 DEP_OPTS_WITH_ARG = {"-MQ", "-MF", "-MT"}
@@ -51,8 +60,9 @@ def load_db(build_dir: Path) -> list[dict]:
     try:
         return json.loads(db_path.read_text())
     except OSError as err:
-        raise BuildError(f"{db_path}: {err.strerror}: is {build_dir} a configured meson/ninja "
-                         f"build directory?") from err
+        raise BuildError(
+            f"{db_path}: {err.strerror}: is {build_dir} a configured meson/ninja build directory?"
+        ) from err
     except ValueError as err:
         raise BuildError(f"{db_path}: not JSON: {err}") from err
 
@@ -157,7 +167,7 @@ class Remap:
             elif arg.startswith("-"):
                 for opt in PATH_OPTS:
                     if arg.startswith(opt) and len(arg) > len(opt):
-                        tail = self.path(arg[len(opt):], directory, maps)
+                        tail = self.path(arg[len(opt) :], directory, maps)
                         new = opt + tail if tail is not None else None
                         break
             else:
@@ -165,8 +175,10 @@ class Remap:
                 found = found or (new is not None and new == source)
             cmd.append(arg if new is None else new)
         if source is None or not found:
-            raise BuildError(f"{entry['file']} (compiled in {directory}) is not a file of the "
-                             f"source tree {self.source}, or not in its recorded command")
+            raise BuildError(
+                f"{entry['file']} (compiled in {directory}) is not a file of the "
+                f"source tree {self.source}, or not in its recorded command"
+            )
         cmd += [f"-ffile-prefix-map={k}={v}" for k, v in maps.items()]
         return cmd + ["-o", str(out)]
 
@@ -177,8 +189,12 @@ def ninja_deps(build_dir: Path) -> dict[str, list[str]]:
     ninja = shutil.which("ninja") or shutil.which("ninja-build")
     if ninja is None or not (Path(build_dir) / ".ninja_deps").exists():
         return {}
-    proc = subprocess.run([ninja, "-C", str(build_dir), "-t", "deps"], capture_output=True,
-                          text=True, stdin=subprocess.DEVNULL)
+    proc = subprocess.run(
+        [ninja, "-C", str(build_dir), "-t", "deps"],
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+    )
     if proc.returncode != 0:
         return {}
     base = os.path.abspath(build_dir)
@@ -208,8 +224,9 @@ def read_depfile(path: Path, directory: str) -> list[str]:
         if ":" not in rule:
             continue
         rhs = rule.split(":", 1)[1].replace("\\ ", "\0")
-        deps += [os.path.normpath(os.path.join(directory, d.replace("\0", " ")))
-                 for d in rhs.split()]
+        deps += [
+            os.path.normpath(os.path.join(directory, d.replace("\0", " "))) for d in rhs.split()
+        ]
     return deps
 
 
@@ -220,8 +237,12 @@ def ninja_inputs(build_dir: Path, binary: Path) -> set[str] | None:
     if ninja is None or not (Path(build_dir) / "build.ninja").exists():
         return None
     target = os.path.relpath(os.path.abspath(binary), os.path.abspath(build_dir))
-    proc = subprocess.run([ninja, "-C", str(build_dir), "-t", "inputs", target],
-                          capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    proc = subprocess.run(
+        [ninja, "-C", str(build_dir), "-t", "inputs", target],
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+    )
     lines = [x for x in proc.stdout.splitlines() if x.strip()]
     if proc.returncode != 0 or not lines:
         return None
@@ -282,8 +303,13 @@ def _materialize(tree: Path, rel: str) -> None:
 class IncrementalBuild(Workspace):
     """The workspace of the incremental mode: ``tree`` (the copy), ``link``, ``obj``."""
 
-    def __init__(self, source: str | Path, build_dir: str | Path, binary: str | Path,
-                 work: str | Path | None = None) -> None:
+    def __init__(
+        self,
+        source: str | Path,
+        build_dir: str | Path,
+        binary: str | Path,
+        work: str | Path | None = None,
+    ) -> None:
         super().__init__(source, work)
         self.build_dir = Path(os.path.abspath(build_dir))
         self.binary = Path(os.path.abspath(binary))
@@ -299,8 +325,11 @@ class IncrementalBuild(Workspace):
         directories, and symlinks to the original files; :meth:`apply_diff` replaces the
         files the diff changes by copies first."""
         spelled = os.path.normpath(os.path.abspath(self.source))
-        skip = {os.path.join(spelled, ".git"), str(self.build_dir),
-                os.path.realpath(self.build_dir)}
+        skip = {
+            os.path.join(spelled, ".git"),
+            str(self.build_dir),
+            os.path.realpath(self.build_dir),
+        }
         _farm(spelled, str(self.tree), skip)
         self.link.symlink_to(self.tree)
 
@@ -321,8 +350,9 @@ class IncrementalBuild(Workspace):
 
     def affected(self, changed: list[str]) -> list[dict]:
         """Returns the compile_commands.json entries to recompile for ``changed``."""
-        roots = dict.fromkeys([os.path.normpath(os.path.abspath(self.source)),
-                               os.path.realpath(self.source)])
+        roots = dict.fromkeys(
+            [os.path.normpath(os.path.abspath(self.source)), os.path.realpath(self.source)]
+        )
         wanted = {os.path.normpath(os.path.join(r, c)): c for r in roots for c in changed}
         deps = ninja_deps(self.build_dir)
         inputs = ninja_inputs(self.build_dir, self.binary)
@@ -346,18 +376,21 @@ class IncrementalBuild(Workspace):
             used |= hits
             out.append(e)
         if outside:
-            self.notes.append(f"{outside} affected object(s) not linked into "
-                              f"{self.binary.name}: not recompiled")
+            self.notes.append(
+                f"{outside} affected object(s) not linked into {self.binary.name}: not recompiled"
+            )
         for c in changed:
             if c not in used:
                 self.warnings.append(
                     f"{c} is compiled into no object of {self.binary.name} that "
                     f"{self.build_dir} records (a new file, or an input of generated code, "
-                    f"which is not regenerated): its change is not in the patch")
+                    f"which is not regenerated): its change is not in the patch"
+                )
         return out
 
-    def compile(self, entries: list[dict], jobs: int | None) -> tuple[dict[str, Path],
-                                                                       dict[str, Path]]:
+    def compile(
+        self, entries: list[dict], jobs: int | None
+    ) -> tuple[dict[str, Path], dict[str, Path]]:
         """Recompiles ``entries`` from the copy; returns (original, patched) objects by path
         relative to the build directory."""
         remap = Remap(self.source, self.tree, self.link, self.build_dir)
@@ -370,8 +403,10 @@ class IncrementalBuild(Workspace):
             if rel.startswith(".."):
                 rel = output.lstrip("/")
             if not full.is_file():
-                raise BuildError(f"{full} does not exist: the build directory {self.build_dir} "
-                                 f"is not built (the original objects are the build's own)")
+                raise BuildError(
+                    f"{full} does not exist: the build directory {self.build_dir} "
+                    f"is not built (the original objects are the build's own)"
+                )
             out = self.obj / rel
             out.parent.mkdir(parents=True, exist_ok=True)
             orig[rel] = full
@@ -379,8 +414,9 @@ class IncrementalBuild(Workspace):
 
         def run(item: tuple[str, list[str], str]) -> tuple[str, subprocess.CompletedProcess]:
             rel, cmd, cwd = item
-            return rel, subprocess.run(cmd, cwd=cwd, capture_output=True, text=True,
-                                       stdin=subprocess.DEVNULL)
+            return rel, subprocess.run(
+                cmd, cwd=cwd, capture_output=True, text=True, stdin=subprocess.DEVNULL
+            )
 
         log, failed = [], []
         with ThreadPoolExecutor(max_workers=jobs or os.cpu_count() or 1) as pool:
@@ -400,10 +436,16 @@ class IncrementalBuild(Workspace):
         ninja = shutil.which("ninja") or shutil.which("ninja-build")
         if ninja is None or not entries or not (self.build_dir / "build.ninja").exists():
             return []
-        outs = [os.path.relpath(os.path.join(e["directory"], entry_output(e)), self.build_dir)
-                for e in entries]
-        proc = subprocess.run([ninja, "-C", str(self.build_dir), "-n", "--", *outs],
-                              capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        outs = [
+            os.path.relpath(os.path.join(e["directory"], entry_output(e)), self.build_dir)
+            for e in entries
+        ]
+        proc = subprocess.run(
+            [ninja, "-C", str(self.build_dir), "-n", "--", *outs],
+            capture_output=True,
+            text=True,
+            stdin=subprocess.DEVNULL,
+        )
         if proc.returncode != 0:
             return []
         return [o for o in outs if f" {o}" in proc.stdout or f"-o {o}" in proc.stdout]

@@ -6,6 +6,7 @@ command (same flags, includes, defines) as the running binary's object, but with
 touching the build tree (a plain ``ninja`` would relink the running binary's file).
 :func:`compile_fixed` runs the recorded command on a fixed copy of the source.
 """
+
 from __future__ import annotations
 
 import subprocess
@@ -23,7 +24,9 @@ def find_command(build_dir: Path, source: str) -> dict[str, Any]:
     (e.g. ``monitor/qmp-cmds-control.c``); the first one if several targets build it."""
     entries = load_db(Path(build_dir))
     wanted = source.lstrip("./")
-    matches = [e for e in entries if str(Path(e["directory"], e["file"]).resolve()).endswith("/" + wanted)]
+    matches = [
+        e for e in entries if str(Path(e["directory"], e["file"]).resolve()).endswith("/" + wanted)
+    ]
     if not matches:
         raise BuildError(f"{source} is not compiled by the QEMU build in {build_dir}")
     return matches[0]

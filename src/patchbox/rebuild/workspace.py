@@ -10,6 +10,7 @@ Build contract (docs/build.md): the build command runs in ``WORK/tree`` with
 (``MAKEFLAGS`` gets ``-jN`` with ``--jobs``); the tree must compile with those flags, as
 the running binary was.
 """
+
 from __future__ import annotations
 
 import os
@@ -35,16 +36,19 @@ def check_diff(diff_text: str) -> None:
         raise BuildError("the diff names no file (not a unified diff?)")
     asm = [f for f in files if f.endswith(ASM_SUFFIXES)]
     if asm:
-        raise BuildError(f"assembly file {asm[0]} is changed by the diff: patchbox build "
-                         f"compares compiled C functions and cannot tell what a changed "
-                         f"assembly file replaces; patch it with extract-patch by hand")
+        raise BuildError(
+            f"assembly file {asm[0]} is changed by the diff: patchbox build "
+            f"compares compiled C functions and cannot tell what a changed "
+            f"assembly file replaces; patch it with extract-patch by hand"
+        )
 
 
 class Workspace:
     """A temporary copy of the source tree (``root/tree``) and the stashed original objects."""
 
-    def __init__(self, source: str | Path, work: str | Path | None = None,
-                 keep: bool = False) -> None:
+    def __init__(
+        self, source: str | Path, work: str | Path | None = None, keep: bool = False
+    ) -> None:
         self.source = Path(source).resolve()
         if not self.source.is_dir():
             raise BuildError(f"source tree {source} is not a directory")
@@ -68,8 +72,12 @@ class Workspace:
 
     def copy_source(self) -> None:
         """Copies the user's tree (timestamps kept: objects already built stay up to date)."""
-        shutil.copytree(self.source, self.tree, symlinks=True,
-                        ignore=shutil.ignore_patterns(".git", "sandbox-sock*"))
+        shutil.copytree(
+            self.source,
+            self.tree,
+            symlinks=True,
+            ignore=shutil.ignore_patterns(".git", "sandbox-sock*"),
+        )
 
     def build(self, command: str, jobs: int | None, log: str) -> None:
         """Runs ``command`` in the tree with the patchbox flags; raises BuildError on failure."""
@@ -80,14 +88,22 @@ class Workspace:
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
         if jobs:
             env["MAKEFLAGS"] = f"{env.get('MAKEFLAGS', '')} -j{jobs}".strip()
-        proc = subprocess.run(command, shell=True, cwd=self.tree, env=env, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              stdin=subprocess.DEVNULL)
+        proc = subprocess.run(
+            command,
+            shell=True,
+            cwd=self.tree,
+            env=env,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
         (self.root / f"{log}.log").write_text(proc.stdout)
         if proc.returncode != 0:
             tail = "\n".join(proc.stdout.strip().splitlines()[-8:])
-            raise BuildError(f"{log} build failed (`{command}` exit {proc.returncode} in "
-                             f"{self.tree}): {tail}")
+            raise BuildError(
+                f"{log} build failed (`{command}` exit {proc.returncode} in {self.tree}): {tail}"
+            )
 
     def objects(self, under: Path | None = None) -> dict[str, Path]:
         """Returns {path relative to the tree: path} of every ``*.o`` (recursively)."""
@@ -115,12 +131,15 @@ class Workspace:
             base = ["patch", f"-p{level}", "-N", "-f", "-s", "-i", str(diff), "-d", str(self.tree)]
             dry = subprocess.run([*base, "--dry-run"], capture_output=True, text=True)
             if dry.returncode == 0:
-                real = subprocess.run([*base, "--no-backup-if-mismatch"], capture_output=True,
-                                      text=True)
+                real = subprocess.run(
+                    [*base, "--no-backup-if-mismatch"], capture_output=True, text=True
+                )
                 if real.returncode != 0:
                     raise BuildError(f"the diff does not apply: {real.stdout}{real.stderr}")
                 return level
             last = (dry.stdout + dry.stderr).strip()
         why = last.splitlines()[-1] if last else ""
-        raise BuildError(f"the diff {diff} does not apply to {self.source} with "
-                         f"-p{'/-p'.join(map(str, levels))}: {why}")
+        raise BuildError(
+            f"the diff {diff} does not apply to {self.source} with "
+            f"-p{'/-p'.join(map(str, levels))}: {why}"
+        )
