@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need_apt=()
-for tool in gcc make git patch; do
+for tool in gcc make git patch pkg-config; do
 	command -v "$tool" >/dev/null || need_apt+=("$tool")
 done
 python3 -c 'import venv, ensurepip' 2>/dev/null || need_apt+=(python3-venv)
@@ -32,4 +32,6 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$sum" ]; then
 	echo "$sum" >"$stamp"
 fi
 
-make -s -C agent
+# The agent, its headers and patchbox.pc inside the package, as a wheel has them
+# (src/patchbox/_agent, not tracked); make rebuilds only what changed.
+.venv/bin/python tools/install_agent.py src/patchbox/_agent

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -14,7 +13,5 @@ __all__ = ["AGENT_DIR", "ROOT", "compile_c"]
 
 @pytest.fixture(scope="session")
 def agent_dir() -> Path:
-    """Returns the directory of the built agent, building it if needed."""
-    if not (AGENT_DIR / "libsandbox.o").exists():
-        subprocess.run(["make", "-C", str(ROOT / "agent")], check=True, capture_output=True)
+    """Returns the directory of the installed agent (patchbox.config.agent_dir)."""
     return AGENT_DIR

@@ -13,12 +13,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-from patchbox.config import libs
+from patchbox.config import agent_dir, libs
 from patchbox.flags import LINK_FLAGS, PATCH_CFLAGS
 
 ROOT = Path(__file__).resolve().parent.parent
 APP_VERSION = "e2e-1.0"
-AGENT_DIR = Path(os.environ.get("PATCHBOX_AGENT_DIR", ROOT / "agent" / "build"))
+# The agent the tests link: the installed package's (or $PATCHBOX_AGENT_DIR).
+AGENT_DIR = agent_dir()
 
 
 def compile_c(

@@ -1,7 +1,10 @@
 """What `patchbox config` prints: compile flags, link inputs and the preload library.
 
-The agent build is found in ``$PATCHBOX_AGENT_DIR``, else ``<repo>/agent/build`` next to
-this source tree. ``libs()`` also generates, with the C compiler, a small object defining
+The agent is installed inside the package, ``patchbox/_agent/`` (``lib/`` objects,
+archive, preload library and ``pkgconfig/patchbox.pc``; ``include/patchbox/`` headers):
+the wheel's build step puts it there (setup.py, tools/install_agent.py), and so does
+scripts/bootstrap.sh in a checkout. ``$PATCHBOX_AGENT_DIR`` names another ``lib``
+directory (a test build with another SANDBOX_ALLOC). ``libs()`` also generates, with the C compiler, a small object defining
 ``patchbox_build_info`` (agent/include/patchbox/sandbox.h) that records the program's
 version, git revision, link date and cflags; the agent reports them in INFO.
 """
@@ -9,6 +12,7 @@ version, git revision, link date and cflags; the agent reports them in INFO.
 from __future__ import annotations
 
 import hashlib
+import importlib.resources
 import os
 import shlex
 import subprocess
@@ -24,8 +28,10 @@ __all__ = [
     "BUILD_INFO_MAGIC",
     "AGENT_OBJECTS",
     "BuildInfo",
+    "agent_home",
     "agent_dir",
     "include_dir",
+    "pkgconfig_dir",
     "cflags",
     "libs",
     "preload",
@@ -38,7 +44,7 @@ __all__ = [
 
 BUILD_INFO_MAGIC = 0x50425849  # "IXBP" little-endian: struct patchbox_build_info.magic
 AGENT_OBJECTS = ("libsandbox.o", "sandbox-listen.o")
-REPO_ROOT = Path(__file__).resolve().parents[2]
+_NOT_BUILT = "reinstall patchbox; in a source checkout run scripts/bootstrap.sh"
 
 
 @dataclass(frozen=True)
@@ -51,13 +57,18 @@ class BuildInfo:
     cflags: str
 
 
+def agent_home() -> Path:
+    """Returns ``patchbox/_agent`` of the installed package (it may not exist)."""
+    return Path(str(importlib.resources.files("patchbox").joinpath("_agent")))
+
+
 def agent_dir() -> Path:
     """Returns the directory holding the built agent; raises ConfigError if not built."""
     env = os.environ.get("PATCHBOX_AGENT_DIR")
-    path = Path(env) if env else REPO_ROOT / "agent" / "build"
+    path = Path(env) if env else agent_home() / "lib"
     missing = [name for name in AGENT_OBJECTS if not (path / name).is_file()]
     if missing:
-        hint = "check PATCHBOX_AGENT_DIR" if env else f"run make -C {REPO_ROOT / 'agent'}"
+        hint = "check PATCHBOX_AGENT_DIR" if env else _NOT_BUILT
         raise ConfigError(f"patchbox agent not built: {path / missing[0]} missing ({hint})")
     return path
 
@@ -65,8 +76,16 @@ def agent_dir() -> Path:
 def include_dir() -> Path | None:
     """Returns the directory holding <patchbox/patch.h> (PATCHBOX_ORIGINAL) and
     <patchbox/sandbox.h>, or None if this installation has no agent headers."""
-    path = REPO_ROOT / "agent" / "include"
+    path = agent_home() / "include"
     return path if (path / "patchbox" / "patch.h").is_file() else None
+
+
+def pkgconfig_dir() -> Path:
+    """Returns the directory holding ``patchbox.pc``; raises ConfigError if missing."""
+    path = agent_home() / "lib" / "pkgconfig"
+    if not (path / "patchbox.pc").is_file():
+        raise ConfigError(f"{path / 'patchbox.pc'} missing ({_NOT_BUILT})")
+    return path
 
 
 def cflags() -> str:
@@ -80,7 +99,7 @@ def preload() -> Path:
     """Returns the path of libsandbox.so (for LD_PRELOAD); raises ConfigError if missing."""
     path = agent_dir() / "libsandbox.so"
     if not path.is_file():
-        raise ConfigError(f"{path} missing: run make -C {REPO_ROOT / 'agent'}")
+        raise ConfigError(f"{path} missing ({_NOT_BUILT})")
     return path
 
 

@@ -21,6 +21,12 @@ __all__ = ["config_command"]
     "--preload", "want_preload", is_flag=True, help="Path of libsandbox.so for LD_PRELOAD."
 )
 @click.option(
+    "--pkgconfigdir",
+    "want_pcdir",
+    is_flag=True,
+    help="Directory holding patchbox.pc: PKG_CONFIG_PATH=$(patchbox config --pkgconfigdir).",
+)
+@click.option(
     "--app-version", metavar="V", help="Version recorded by --libs [$PATCHBOX_APP_VERSION]."
 )
 @click.option("--app-cflags", metavar="FLAGS", help="Compile flags recorded by --libs [$CFLAGS].")
@@ -28,23 +34,33 @@ def config_command(
     want_cflags: bool,
     want_libs: bool,
     want_preload: bool,
+    want_pcdir: bool,
     app_version: str | None,
     app_cflags: str | None,
 ) -> None:
-    """Print compile flags, link inputs or the preload library.
+    """Print compile flags, link inputs, the preload library or the pkg-config directory.
 
     \b
       gcc $(patchbox config --cflags) -c app.c
       gcc app.o $(patchbox config --libs --app-version 1.2) -o app
+      PKG_CONFIG_PATH=$(patchbox config --pkgconfigdir) pkg-config --cflags --libs patchbox
+
+    pkg-config gives the same agent and flags, without the build-info object (the
+    program's version, git revision and date that INFO reports; they read "unknown").
     """
-    if not (want_cflags or want_libs or want_preload):
-        raise click.UsageError("give --cflags, --libs or --preload")
-    if want_preload and (want_cflags or want_libs):
-        raise click.UsageError("--preload cannot be combined with --cflags or --libs")
+    alone = [flag for flag, on in (("--preload", want_preload), ("--pkgconfigdir", want_pcdir))
+             if on]
+    if not (want_cflags or want_libs or alone):
+        raise click.UsageError("give --cflags, --libs, --preload or --pkgconfigdir")
+    if alone and (want_cflags or want_libs or len(alone) > 1):
+        raise click.UsageError(f"{alone[0]} cannot be combined with other options")
     if (app_version is not None or app_cflags is not None) and not want_libs:
         raise click.UsageError("--app-version and --app-cflags only apply to --libs")
     if want_preload:
         click.echo(str(config.preload()))
+        return
+    if want_pcdir:
+        click.echo(str(config.pkgconfig_dir()))
         return
     parts = []
     if want_cflags:
