@@ -188,10 +188,12 @@ static void fuzz_check_victims(void)
 			const struct sandbox_func *g = &sandbox_patches[p]->funcs[k];
 			if (g->wlo < lo || g->wlo >= hi)
 				continue;	/* stacked: its site is in the sandbox */
-			const uint8_t *w = (const uint8_t *)g->wlo, *site = (const uint8_t *)g->site;
+			const uint8_t *w = (const uint8_t *)g->wlo;
+			uint16_t entry;
+			memcpy(&entry, (const void *)g->site, sizeof(entry));
 			int whole = g->mech == PBX_KIND_ENTRY_JUMP
-					    ? w[0] == 0xe9
-					    : w[0] == 0xe9 && site[0] == 0xeb && site[1] == 0xf8;
+					    ? w[0] == SANDBOX_INSN_JMP_REL32
+					    : w[0] == SANDBOX_INSN_JMP_REL32 && entry == SANDBOX_INSN_JMP_BACK;
 			if (!whole)
 				fuzz_fail("victim half redirected", g->wlo - lo);
 		}

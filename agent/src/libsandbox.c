@@ -78,20 +78,14 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "arch/x86_64/insn.h"
 #include "sandbox-internal.h"
 
 _Static_assert(SANDBOX_ALLOC >= 4096, "SANDBOX_ALLOC must be at least one page");
 _Static_assert(SANDBOX_DATA_ALLOC >= SANDBOX_ALIGN, "SANDBOX_DATA_ALLOC too small");
-_Static_assert(PBX_ENTRY_PAD == 6 && PBX_ENTRY_NOPS == 2, "redirect code assumes 8,6");
 
 #define SANDBOX_PAGE 4096ul
-#define SANDBOX_NOP 0x90
-#define SANDBOX_RET 0xc3
-#define SANDBOX_ENTRY_BYTES (PBX_ENTRY_PAD + PBX_ENTRY_NOPS)
 #define SANDBOX_MAX_EXTENTS 1024
-/* Little-endian 2-byte instructions stored with one atomic store. */
-#define SANDBOX_INSN_JMP_BACK 0xf8ebu	/* eb f8: jmp site-6 */
-#define SANDBOX_INSN_JMP_OVER 0x04ebu	/* eb 04: jmp site (from site-6) */
 
 static uintptr_t sandbox_round_up(uintptr_t v, uintptr_t a) { return (v + a - 1) & ~(a - 1); }
 static uintptr_t sandbox_round_down(uintptr_t v, uintptr_t a) { return v & ~(a - 1); }
@@ -137,9 +131,9 @@ __asm__(".pushsection .text.patchbox_sandbox,\"ax\",@progbits\n"
 	"\t.hidden sandbox_text_area\n"
 	"\t.type sandbox_text_area,@object\n"
 	"sandbox_text_area:\n"
-	"\t.fill " SANDBOX_STR(SANDBOX_ALLOC) ",1,0xc3\n"
+	"\t.fill " SANDBOX_STR(SANDBOX_ALLOC) ",1," SANDBOX_STR(SANDBOX_INSN_RET) "\n"
 	"\t.size sandbox_text_area," SANDBOX_STR(SANDBOX_ALLOC) "\n"
-	"\t.p2align 12,0xc3\n"
+	"\t.p2align 12," SANDBOX_STR(SANDBOX_INSN_RET) "\n"
 	"\t.popsection\n");
 extern unsigned char sandbox_text_area[] __attribute__((visibility("hidden")));
 static unsigned char sandbox_data_area[SANDBOX_DATA_ALLOC] __attribute__((aligned(4096)));
@@ -334,7 +328,7 @@ static int sandbox_text_refill(uintptr_t addr, size_t len)
 	struct sandbox_pageset ps = { 0 };
 	int rc = -1;
 	if (sandbox_pageset_add(&ps, addr, len) == 0 && sandbox_pageset_open(&ps, NULL) == 0) {
-		memset((void *)addr, SANDBOX_RET, len);
+		memset((void *)addr, SANDBOX_INSN_RET, len);
 		sandbox_pageset_close(&ps);
 		/* Pairs with the next apply's writes: no core keeps fetching old bytes here. */
 		sandbox_core_sync();
@@ -672,16 +666,11 @@ const struct sandbox_exe_info *sandbox_exe_get(void)
 /* ------------------------------------------------------------------ init */
 
 #ifdef SANDBOX_NEAR_MMAP
-/* The self-test's target when the agent is a shared object: its own functions are
- * too far from the sandbox (placed near the executable) for a rel32 jump, so the
- * target is this copy of sandbox_selftest_target in the page before the sandbox:
- * 6+2 NOPs, then lea eax, [rdi+1]; ret. */
-static const uint8_t sandbox_selftest_code[] = {
-	0x90, 0x90, 0x90, 0x90, 0x90, 0x90, 0x90, 0x90, 0x8d, 0x47, 0x01, 0xc3,
-};
-
 /* Maps text and data within 1.5 GiB of the executable so that rel32 redirects and
- * PC32 fix-ups reach: hint addresses below its lowest segment, then above it. */
+ * PC32 fix-ups reach: hint addresses below its lowest segment, then above it.
+ * The self-test's target goes in the page before the sandbox text: the agent's own
+ * functions are too far from the sandbox for a rel32 jump when it is a shared
+ * object (arch/x86_64/insn.h, sandbox_insn_selftest_target). */
 static int sandbox_areas_map(struct sandbox_error *err)
 {
 	const uintptr_t reach = 0x60000000ul, step = 2ul << 20;
@@ -717,8 +706,8 @@ static int sandbox_areas_map(struct sandbox_error *err)
 	if (!m)
 		return sandbox_error_set(err, PBX_E_INTERNAL,
 					 "no free address within 1.5 GiB of the executable for the sandbox");
-	memset(m, SANDBOX_RET, tsz);
-	memcpy(m, sandbox_selftest_code, sizeof(sandbox_selftest_code));
+	memset(m, SANDBOX_INSN_RET, tsz);
+	memcpy(m, sandbox_insn_selftest_target, sizeof(sandbox_insn_selftest_target));
 	if (mprotect(m, tsz, PROT_READ | PROT_EXEC) != 0) {
 		int e = errno;
 		munmap(m, total);
@@ -950,11 +939,9 @@ static int sandbox_func_check(const struct sandbox_apply_spec *spec, unsigned fl
 						 fs->expected[i], orig[i]);
 		}
 	}
-	static const uint8_t nops[SANDBOX_ENTRY_BYTES] = { 0x90, 0x90, 0x90, 0x90, 0x90, 0x90, 0x90, 0x90 };
-	static const uint8_t endbr64[PBX_ENDBR_SKIP] = { 0xf3, 0x0f, 0x1e, 0xfa };
 	char hex[64];
-	if (jump && fs->skip && memcmp((const void *)abs, endbr64, sizeof(endbr64)) != 0) {
-		sandbox_hex(hex, sizeof(hex), (const uint8_t *)abs, sizeof(endbr64));
+	if (jump && fs->skip && memcmp((const void *)abs, sandbox_insn_endbr64, PBX_ENDBR_SKIP) != 0) {
+		sandbox_hex(hex, sizeof(hex), (const uint8_t *)abs, PBX_ENDBR_SKIP);
 		return sandbox_error_set(err, PBX_E_NO_PATCHABLE_ENTRY,
 					 "%s at 0x%lx: skip 4 but the entry holds %s, not endbr64", sym,
 					 (unsigned long)abs, hex);
@@ -964,7 +951,7 @@ static int sandbox_func_check(const struct sandbox_apply_spec *spec, unsigned fl
 					 "%s: entry jump at 0x%lx refused (rule 4, alignment): byte %lu of its "
 					 "8-byte word, so the 5-byte jump cannot be written with one atomic store",
 					 sym, (unsigned long)point, (unsigned long)(point - word));
-	if (!jump && memcmp(orig, nops, SANDBOX_ENTRY_BYTES) != 0) {
+	if (!jump && memcmp(orig, sandbox_insn_entry_nops, SANDBOX_ENTRY_BYTES) != 0) {
 		sandbox_hex(hex, sizeof(hex), orig, SANDBOX_ENTRY_BYTES);
 		return sandbox_error_set(err, PBX_E_NO_PATCHABLE_ENTRY,
 					 "%s at 0x%lx: entry-6 holds %s, not 8 NOPs (build with "
@@ -988,7 +975,7 @@ static int sandbox_func_check(const struct sandbox_apply_spec *spec, unsigned fl
 	memcpy(f->saved, (const void *)f->saved_at, SANDBOX_ENTRY_BYTES);
 	/* The replacement's own padding must lie inside its patch's text. */
 	if (top && (top->new_entry - top_patch->text_addr < PBX_ENTRY_PAD ||
-		    memcmp(f->saved, nops, SANDBOX_ENTRY_BYTES) != 0)) {
+		    memcmp(f->saved, sandbox_insn_entry_nops, SANDBOX_ENTRY_BYTES) != 0)) {
 		sandbox_hex(hex, sizeof(hex), f->saved, SANDBOX_ENTRY_BYTES);
 		if (bottom->mech == PBX_KIND_ENTRY_JUMP)
 			return sandbox_error_set(err, PBX_E_NO_PATCHABLE_ENTRY,
@@ -1223,7 +1210,7 @@ int sandbox_patch_apply(const struct sandbox_apply_spec *spec, unsigned flags,
 		struct sandbox_func *f = &funcs[i];
 		f->new_entry = text_addr + spec->funcs[i].new_offset;
 		uintptr_t from = f->mech == PBX_KIND_ENTRY_JUMP ? f->site : f->site - PBX_ENTRY_PAD;
-		int64_t rel = (int64_t)f->new_entry - (int64_t)(from + PBX_JUMP_LEN);
+		int64_t rel = sandbox_insn_jmp_rel(from, f->new_entry);
 		if (rel < INT32_MIN || rel > INT32_MAX) {
 			sandbox_error_set(err, PBX_E_FIXUP_OVERFLOW, "redirect of %s from 0x%lx to 0x%lx: %lld",
 					  f->symbol, (unsigned long)f->site, (unsigned long)f->new_entry, (long long)rel);
@@ -1255,9 +1242,8 @@ int sandbox_patch_apply(const struct sandbox_apply_spec *spec, unsigned flags,
 		struct sandbox_func *f = &funcs[i];
 		if (f->mech == PBX_KIND_ENTRY_JUMP)
 			continue;	/* written in phase 2 */
-		uint8_t jmp[5] = { 0xe9 };
-		int32_t rel = (int32_t)((int64_t)f->new_entry - (int64_t)(f->site - PBX_ENTRY_PAD + 5));
-		memcpy(jmp + 1, &rel, 4);
+		uint8_t jmp[PBX_JUMP_LEN];
+		sandbox_insn_jmp_encode(f->site - PBX_ENTRY_PAD, f->new_entry, jmp);
 		memcpy((void *)(f->site - PBX_ENTRY_PAD), jmp, sizeof(jmp));
 	}
 	/* Pairs with phase 2: new code and jumps visible to every core's fetch first. */
@@ -1267,9 +1253,8 @@ int sandbox_patch_apply(const struct sandbox_apply_spec *spec, unsigned flags,
 	for (size_t i = 0; i < spec->nfuncs; i++) {
 		struct sandbox_func *f = &funcs[i];
 		if (f->mech == PBX_KIND_ENTRY_JUMP) {
-			uint8_t jmp[PBX_JUMP_LEN] = { 0xe9 };
-			int32_t rel = (int32_t)((int64_t)f->new_entry - (int64_t)(f->site + PBX_JUMP_LEN));
-			memcpy(jmp + 1, &rel, 4);
+			uint8_t jmp[PBX_JUMP_LEN];
+			sandbox_insn_jmp_encode(f->site, f->new_entry, jmp);
 			sandbox_insn_store8(f->saved_at, sandbox_jump_word(f, jmp));
 		} else {
 			sandbox_insn_store2(f->site, SANDBOX_INSN_JMP_BACK);
@@ -1436,9 +1421,10 @@ int sandbox_selftest_run(char *detail, size_t detail_len)
 	size_t used_before = sandbox_text.used;
 
 	/* Replacement: 6+2 NOPs (stackable entry at offset 6), mov eax, MAGIC; ret. */
-	uint8_t text[14] = { 0x90, 0x90, 0x90, 0x90, 0x90, 0x90, 0x90, 0x90, 0xb8, 0, 0, 0, 0, 0xc3 };
+	uint8_t text[sizeof(sandbox_insn_selftest_replacement)];
 	uint32_t magic = SANDBOX_SELFTEST_MAGIC;
-	memcpy(text + 9, &magic, 4);
+	memcpy(text, sandbox_insn_selftest_replacement, sizeof(text));
+	memcpy(text + SANDBOX_INSN_SELFTEST_IMM, &magic, 4);
 	struct sandbox_func_spec fs = {
 		.symbol = "sandbox_selftest_target", .symbol_len = (uint16_t)strlen("sandbox_selftest_target"),
 		.target = sandbox_selftest_addr, .new_offset = PBX_ENTRY_PAD, .new_size = 8,
@@ -1477,7 +1463,7 @@ int sandbox_selftest_run(char *detail, size_t detail_len)
 		return 0;
 	}
 	for (size_t i = 0; i < sizeof(text); i++) {
-		if (((const uint8_t *)text_addr)[i] != SANDBOX_RET) {
+		if (((const uint8_t *)text_addr)[i] != SANDBOX_INSN_RET) {
 			snprintf(detail, detail_len, "sandbox at 0x%lx not refilled with 0xc3",
 				 (unsigned long)text_addr);
 			return 0;
