@@ -18,7 +18,9 @@
  *
  * Build: make -C agent fuzz (clang, -fsanitize=fuzzer,address,undefined).
  */
-#include "../src/libsandbox.c"
+#include "../src/sandbox-engine.c"
+#include "../src/sandbox-redirect.c"
+#include "../src/sandbox-transition.c"
 #include "../src/sandbox-listen.c"
 
 #include <pthread.h>
