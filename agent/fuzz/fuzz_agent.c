@@ -16,12 +16,19 @@
  * the agent lists or byte-identical to the original (never half), then removes all
  * patches and resets the sandbox so that inputs do not depend on each other.
  *
+ * The harness #includes every agent source, making one translation unit, to reach
+ * their static functions and state (the list below follows LIBSANDBOX_PARTS and
+ * LISTEN_PARTS in agent/Makefile; a missing one fails the link). Its thread takes
+ * the agent thread's place: no agent thread runs (PATCHBOX_DISABLE=1).
+ *
  * Build: make -C agent fuzz (clang, -fsanitize=fuzzer,address,undefined).
  */
 #include "../src/sandbox-engine.c"
 #include "../src/sandbox-redirect.c"
 #include "../src/sandbox-transition.c"
 #include "../src/sandbox-listen.c"
+#include "../src/sandbox-messages.c"
+#include "../src/sandbox-wire.c"
 
 #include <pthread.h>
 #include <stdint.h>
