@@ -330,6 +330,7 @@ static void *sandbox_listen_thread(void *arg)
 	pthread_sigmask(SIG_BLOCK, &all, NULL);
 	pthread_setname_np(pthread_self(), "patchbox-agent");
 	int lfd = sandbox_listen_fd;
+	/* Pairs with the store in patchbox_agent_stop, before its shutdown(). */
 	while (!__atomic_load_n(&sandbox_stopping, __ATOMIC_ACQUIRE)) {
 		int fd = accept4(lfd, NULL, NULL, SOCK_CLOEXEC);
 		if (fd < 0) {
@@ -486,6 +487,7 @@ static int sandbox_agent_start_locked(void)
 	sandbox_log_fd = -1;
 
 	sandbox_listen_fd = fd;
+	/* Read by the new thread, after pthread_create (which orders it anyway). */
 	__atomic_store_n(&sandbox_stopping, 0, __ATOMIC_RELEASE);
 	sigset_t all, old;
 	sigfillset(&all);

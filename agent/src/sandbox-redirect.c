@@ -206,6 +206,8 @@ int sandbox_redirect_write(const struct sandbox_copy *text, const struct sandbox
 	if (sandbox_pageset_open(&ps, err) != 0)
 		goto out;
 
+	/* Plain copies: nothing runs there before the phase 2 stores publish them, and
+	 * the sync after phase 1 puts them in every core's fetch first (pairs with it). */
 	if (text->len)
 		memcpy((void *)text->addr, text->src, text->len);
 	if (data->len)
