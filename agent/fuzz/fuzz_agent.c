@@ -16,10 +16,19 @@
  * the agent lists or byte-identical to the original (never half), then removes all
  * patches and resets the sandbox so that inputs do not depend on each other.
  *
+ * The harness #includes every agent source, making one translation unit, to reach
+ * their static functions and state (the list below follows LIBSANDBOX_PARTS and
+ * LISTEN_PARTS in agent/Makefile; a missing one fails the link). Its thread takes
+ * the agent thread's place: no agent thread runs (PATCHBOX_DISABLE=1).
+ *
  * Build: make -C agent fuzz (clang, -fsanitize=fuzzer,address,undefined).
  */
-#include "../src/libsandbox.c"
+#include "../src/sandbox-engine.c"
+#include "../src/sandbox-redirect.c"
+#include "../src/sandbox-transition.c"
 #include "../src/sandbox-listen.c"
+#include "../src/sandbox-messages.c"
+#include "../src/sandbox-wire.c"
 
 #include <pthread.h>
 #include <stdint.h>
@@ -188,10 +197,12 @@ static void fuzz_check_victims(void)
 			const struct sandbox_func *g = &sandbox_patches[p]->funcs[k];
 			if (g->wlo < lo || g->wlo >= hi)
 				continue;	/* stacked: its site is in the sandbox */
-			const uint8_t *w = (const uint8_t *)g->wlo, *site = (const uint8_t *)g->site;
+			const uint8_t *w = (const uint8_t *)g->wlo;
+			uint16_t entry;
+			memcpy(&entry, (const void *)g->site, sizeof(entry));
 			int whole = g->mech == PBX_KIND_ENTRY_JUMP
-					    ? w[0] == 0xe9
-					    : w[0] == 0xe9 && site[0] == 0xeb && site[1] == 0xf8;
+					    ? w[0] == SANDBOX_INSN_JMP_REL32
+					    : w[0] == SANDBOX_INSN_JMP_REL32 && entry == SANDBOX_INSN_JMP_BACK;
 			if (!whole)
 				fuzz_fail("victim half redirected", g->wlo - lo);
 		}

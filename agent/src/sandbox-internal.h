@@ -1,5 +1,8 @@
 /* Internal interface between libsandbox.o (engine) and sandbox-listen.o (server).
- * Everything here has hidden visibility (-fvisibility=hidden). */
+ * Everything here has hidden visibility (-fvisibility=hidden); the functions and
+ * variables declared here, with the public API, are the only symbols that stay
+ * global in the two objects (sandbox-internal.syms). Each object's own internal
+ * header: sandbox-engine.h, sandbox-server.h. */
 #ifndef PATCHBOX_SANDBOX_INTERNAL_H
 #define PATCHBOX_SANDBOX_INTERNAL_H
 

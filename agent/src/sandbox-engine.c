@@ -1,0 +1,732 @@
+/* Part of libsandbox.o: the engine. Applying and removing a patch, all or nothing:
+ * the checks of each function and fix-up, placement, fix-ups, then the redirect;
+ * plus facts about the executable, the self-test and the error values.
+ *
+ * Mechanism only: the server (sandbox-listen.c) parses requests into a
+ * struct sandbox_apply_spec and calls in here from the single agent thread, so
+ * the engine state needs no lock (sandbox-listen.c, "Locks and fork"). Errors are
+ * values (struct sandbox_error). How bytes are written is sandbox-redirect.c's,
+ * where patch memory lies and when it is reused sandbox-transition.c's.
+ *
+ * Entry jump (PBX_KIND_ENTRY_JUMP, functions without the padding): the
+ * instruction-level rules (P starts an instruction of >= 5 bytes, no branch into
+ * (P, P+5)) are checked by extract-patch with a disassembler; the agent checks what
+ * it can: the expected bytes, the alignment, the endbr64 when skip is 4, the range
+ * in the executable.
+ *
+ * Stacking: a function already redirected is redirected at the top of its chain,
+ * the replacement entry of the last patch on it (site = that entry), which has its
+ * own 6+2 NOPs. Removal must go top-down (NOT_TOP).
+ */
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE
+#endif
+#include <dlfcn.h>
+#include <elf.h>
+#include <link.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "arch/x86_64/insn.h"
+#include "sandbox-engine.h"
+
+static struct sandbox_exe_info sandbox_exe;
+static int sandbox_ready;
+static uintptr_t sandbox_selftest_addr;	/* entry of the self-test's target */
+
+static struct sandbox_patch *sandbox_patches[PBX_MAX_PATCHES];
+static size_t sandbox_npatches;
+static uint32_t sandbox_next_id = 1;
+
+/* ------------------------------------------------------------------ errors */
+
+static const char *const sandbox_error_texts[] = PBX_ERROR_TEXTS;
+_Static_assert(sizeof(sandbox_error_texts) / sizeof(sandbox_error_texts[0]) == PBX_E_COUNT_,
+	       "PBX_ERROR_TEXTS and enum pbx_error disagree");
+
+const char *sandbox_error_text(int code)
+{
+	if (code < 0 || code >= PBX_E_COUNT_)
+		return "unknown error";
+	return sandbox_error_texts[code];
+}
+
+int sandbox_error_set(struct sandbox_error *err, enum pbx_error code, const char *fmt, ...)
+{
+	if (!err)
+		return -1;
+	err->code = code;
+	int n = snprintf(err->msg, sizeof(err->msg), fmt ? "%s: " : "%s", sandbox_error_text(code));
+	if (fmt && n > 0 && (size_t)n < sizeof(err->msg)) {
+		va_list ap;
+		va_start(ap, fmt);
+		vsnprintf(err->msg + n, sizeof(err->msg) - n, fmt, ap);
+		va_end(ap);
+	}
+	return -1;
+}
+
+/* ------------------------------------------------------------------ executable facts */
+
+static void sandbox_note_scan(uintptr_t p, uintptr_t end, size_t align)
+{
+	while (end > p && end - p >= sizeof(Elf64_Nhdr)) {
+		const Elf64_Nhdr *n = (const Elf64_Nhdr *)p;
+		uintptr_t name = p + sizeof(*n);
+		uintptr_t desc = name + sandbox_round_up(n->n_namesz, align);
+		uintptr_t next = desc + sandbox_round_up(n->n_descsz, align);
+		if (n->n_namesz > end - name || desc > end || n->n_descsz > end - desc || next <= p)
+			return;
+		if (n->n_type == NT_GNU_BUILD_ID && n->n_namesz == 4 &&
+		    memcmp((const void *)name, "GNU", 4) == 0 &&
+		    n->n_descsz > 0 && n->n_descsz <= PBX_MAX_BUILD_ID) {
+			memcpy(sandbox_exe.build_id, (const void *)desc, n->n_descsz);
+			sandbox_exe.build_id_len = n->n_descsz;
+			return;
+		}
+		p = next;
+	}
+}
+
+static int sandbox_exe_phdr_cb(struct dl_phdr_info *info, size_t size, void *arg)
+{
+	(void)size;
+	(void)arg;
+	/* The first object dl_iterate_phdr reports is the main program. */
+	struct sandbox_exe_info *e = &sandbox_exe;
+	e->bias = info->dlpi_addr;
+	e->lo = UINTPTR_MAX;
+	for (size_t i = 0; i < info->dlpi_phnum; i++) {
+		const ElfW(Phdr) *ph = &info->dlpi_phdr[i];
+		uintptr_t lo = e->bias + ph->p_vaddr, hi = lo + ph->p_memsz;
+		if (ph->p_type == PT_LOAD) {
+			if (lo < e->lo)
+				e->lo = lo;
+			if (hi > e->hi)
+				e->hi = hi;
+			if ((ph->p_flags & PF_X) && e->nx < SANDBOX_MAX_XRANGES) {
+				e->xlo[e->nx] = lo;
+				e->xhi[e->nx] = hi;
+				e->nx++;
+			}
+		} else if (ph->p_type == PT_NOTE && e->build_id_len == 0) {
+			sandbox_note_scan(lo, hi, ph->p_align == 8 ? 8 : 4);
+		}
+	}
+	if (e->lo == UINTPTR_MAX)
+		e->lo = 0;
+	return 1;
+}
+
+const struct sandbox_exe_info *sandbox_exe_get(void)
+{
+	return &sandbox_exe;
+}
+
+/* ------------------------------------------------------------------ init */
+
+int sandbox_engine_init(struct sandbox_error *err)
+{
+	if (sandbox_ready)
+		return 0;
+	memset(&sandbox_exe, 0, sizeof(sandbox_exe));
+	dl_iterate_phdr(sandbox_exe_phdr_cb, NULL);
+	ssize_t n = readlink("/proc/self/exe", sandbox_exe.path, sizeof(sandbox_exe.path) - 1);
+	sandbox_exe.path[n > 0 ? n : 0] = '\0';
+	if (sandbox_exe.nx == 0)
+		return sandbox_error_set(err, PBX_E_INTERNAL, "executable has no executable PT_LOAD");
+
+	sandbox_core_sync_init();
+	if (sandbox_areas_init(&sandbox_selftest_addr, err) != 0)
+		return -1;
+	sandbox_ready = 1;
+	sandbox_debug("sandbox text 0x%lx+%zu data 0x%lx+%zu sync=%s bias=0x%lx",
+		      (unsigned long)sandbox_text.base, sandbox_text.size,
+		      (unsigned long)sandbox_data.base, sandbox_data.size, sandbox_core_sync_name(),
+		      (unsigned long)sandbox_exe.bias);
+	return 0;
+}
+
+/* ------------------------------------------------------------------ patches */
+
+size_t sandbox_patch_count(void)
+{
+	return sandbox_npatches;
+}
+
+const struct sandbox_patch *sandbox_patch_get(size_t i)
+{
+	return i < sandbox_npatches ? sandbox_patches[i] : NULL;
+}
+
+void sandbox_stats_get(struct sandbox_stats *ret)
+{
+	*ret = (struct sandbox_stats){
+		.text_addr = sandbox_text.base, .text_size = sandbox_text.size,
+		.text_used = sandbox_text.used, .text_retired = sandbox_text.retired,
+		.data_addr = sandbox_data.base, .data_size = sandbox_data.size,
+		.data_used = sandbox_data.used, .data_retired = sandbox_data.retired,
+		.patches = sandbox_npatches, .sync_core = sandbox_core_sync_name(),
+	};
+}
+
+static ssize_t sandbox_patch_find(const char *name, size_t len)
+{
+	for (size_t i = 0; i < sandbox_npatches; i++)
+		if (strlen(sandbox_patches[i]->name) == len && memcmp(sandbox_patches[i]->name, name, len) == 0)
+			return (ssize_t)i;
+	return -1;
+}
+
+static int sandbox_name_valid(const char *name, size_t len)
+{
+	if (len < 1 || len > PBX_MAX_NAME)
+		return 0;
+	for (size_t i = 0; i < len; i++) {
+		char c = name[i];
+		if (!((c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') ||
+		      c == '.' || c == '_' || c == '+' || c == '-'))
+			return 0;
+	}
+	return 1;
+}
+
+/* Copies a wire string for messages: printable ASCII kept, the rest as '?'. */
+static void sandbox_str_copy(char *dst, size_t cap, const char *src, size_t len)
+{
+	size_t n = len < cap - 1 ? len : cap - 1;
+	for (size_t i = 0; i < n; i++)
+		dst[i] = (src[i] >= 0x20 && src[i] < 0x7f) ? src[i] : '?';
+	dst[n] = '\0';
+}
+
+/* The function of the last (top) / first (bottom) applied patch redirecting target. */
+static const struct sandbox_func *sandbox_func_find(uintptr_t target, int top, const struct sandbox_patch **pret)
+{
+	for (size_t k = 0; k < sandbox_npatches; k++) {
+		size_t i = top ? sandbox_npatches - 1 - k : k;
+		const struct sandbox_patch *p = sandbox_patches[i];
+		for (size_t f = 0; f < p->nfuncs; f++) {
+			if (p->funcs[f].target == target) {
+				if (pret)
+					*pret = p;
+				return &p->funcs[f];
+			}
+		}
+	}
+	return NULL;
+}
+
+static int sandbox_in_text(uintptr_t lo, uintptr_t hi, int page_end)
+{
+	for (size_t i = 0; i < sandbox_exe.nx; i++) {
+		uintptr_t xhi = page_end ? sandbox_round_up(sandbox_exe.xhi[i], SANDBOX_PAGE) : sandbox_exe.xhi[i];
+		if (lo >= sandbox_exe.xlo[i] && hi <= xhi && lo <= hi)
+			return 1;
+	}
+	return 0;
+}
+
+static void sandbox_hex(char *dst, size_t cap, const uint8_t *b, size_t n)
+{
+	size_t o = 0;
+	for (size_t i = 0; i < n && o + 3 < cap; i++)
+		o += (size_t)snprintf(dst + o, cap - o, i ? " %02x" : "%02x", b[i]);
+	if (cap)
+		dst[o < cap ? o : cap - 1] = '\0';
+}
+
+/* Checks one function of the patch (everything that does not need the placement).
+ * Fills f: symbol, target, site, saved. */
+static int sandbox_func_check(const struct sandbox_apply_spec *spec, unsigned flags, size_t idx,
+			      struct sandbox_func *funcs, struct sandbox_error *err)
+{
+	const struct sandbox_func_spec *fs = &spec->funcs[idx];
+	struct sandbox_func *f = &funcs[idx];
+	if (fs->symbol_len > PBX_MAX_SYMBOL)
+		return sandbox_error_set(err, PBX_E_MALFORMED, "symbol of function %zu longer than %d bytes",
+					 idx, PBX_MAX_SYMBOL);
+	sandbox_str_copy(f->symbol, sizeof(f->symbol), fs->symbol, fs->symbol_len);
+	const char *sym = f->symbol;
+	uintptr_t abs = (flags & SANDBOX_APPLY_INTERNAL) ? (uintptr_t)fs->target
+							   : sandbox_exe.bias + (uintptr_t)fs->target;
+	f->target = abs;
+	if (fs->expected_len < PBX_MIN_EXPECTED || fs->expected_len > PBX_MAX_EXPECTED)
+		return sandbox_error_set(err, PBX_E_MALFORMED, "%s: expected_len %u not in %d..%d", sym,
+					 fs->expected_len, PBX_MIN_EXPECTED, PBX_MAX_EXPECTED);
+	if (fs->kind > PBX_KIND_ENTRY_JUMP ||
+	    (fs->skip != 0 && (fs->kind != PBX_KIND_ENTRY_JUMP || fs->skip != PBX_ENDBR_SKIP)))
+		return sandbox_error_set(err, PBX_E_MALFORMED, "%s: kind %u skip %u", sym, fs->kind, fs->skip);
+	/* Kind 0: the 6+2 NOP entry [abs-6, abs+2), expected bytes from abs-6.
+	 * Kind 1: P = abs+skip, the word [word, word+8) holding [P, P+5) is stored;
+	 * [lo, hi) covers the entry, the skipped endbr64 and that word; expected from P. */
+	int jump = fs->kind == PBX_KIND_ENTRY_JUMP;
+	uintptr_t point = abs + fs->skip, word = sandbox_round_down(point, 8);
+	uintptr_t lo = jump ? (word < abs ? word : abs) : abs - PBX_ENTRY_PAD;
+	uintptr_t hi = jump ? word + 8 : abs + PBX_ENTRY_NOPS;
+	uintptr_t exp_at = jump ? point : abs - PBX_ENTRY_PAD;
+	if (!(flags & SANDBOX_APPLY_INTERNAL)) {
+		if (abs < PBX_ENTRY_PAD || !sandbox_in_text(lo, jump ? point + PBX_JUMP_LEN : hi, 0) ||
+		    !sandbox_in_text(lo, hi, 1))
+			return sandbox_error_set(err, PBX_E_TARGET_OUT_OF_TEXT,
+						 "%s at 0x%lx (link-time 0x%llx, bias 0x%lx)", sym,
+						 (unsigned long)abs, (unsigned long long)fs->target,
+						 (unsigned long)sandbox_exe.bias);
+		/* The sandbox lies in the program's text (libsandbox.o): patch code is only
+		 * ever changed through stacking, never as a target of its own. */
+		if (hi > sandbox_text.base && lo < sandbox_text.base + sandbox_text.size)
+			return sandbox_error_set(err, PBX_E_TARGET_OUT_OF_TEXT, "%s at 0x%lx is inside the sandbox",
+						 sym, (unsigned long)abs);
+		/* The expected bytes are read from memory: they must be mapped. */
+		if (!sandbox_in_text(exp_at, exp_at + fs->expected_len, 1))
+			return sandbox_error_set(err, PBX_E_TARGET_OUT_OF_TEXT,
+						 "%s: %u expected bytes run past the end of the text", sym,
+						 fs->expected_len);
+	}
+	for (size_t j = 0; j < idx; j++) {
+		uintptr_t o = funcs[j].target;
+		if ((abs > o ? abs - o : o - abs) < SANDBOX_ENTRY_BYTES)
+			return sandbox_error_set(err, PBX_E_OVERLAP, "%s (0x%lx) and %s (0x%lx)", funcs[j].symbol,
+						 (unsigned long)o, sym, (unsigned long)abs);
+	}
+	/* Any offset: a replacement without its own 6+2 NOPs (new_offset < 6 or no NOPs)
+	 * is valid; a later patch of the function cannot be stacked on it (see below). */
+	if (fs->new_offset >= spec->text_len || fs->new_size > spec->text_len - fs->new_offset)
+		return sandbox_error_set(err, PBX_E_MALFORMED,
+					 "%s: replacement at offset %u size %u outside text of %u bytes",
+					 sym, fs->new_offset, fs->new_size, spec->text_len);
+
+	/* Logical original: the current memory, with the bytes the first patch on this
+	 * function changed ([wlo, whi)) replaced by the ones it saved. */
+	uint8_t orig[PBX_MAX_EXPECTED];
+	const struct sandbox_patch *top_patch = NULL;
+	const struct sandbox_func *bottom = sandbox_func_find(abs, 0, NULL);
+	const struct sandbox_func *top = sandbox_func_find(abs, 1, &top_patch);
+	memcpy(orig, (const void *)exp_at, fs->expected_len);
+	for (uintptr_t a = bottom ? bottom->wlo : 0; bottom && a < bottom->whi; a++)
+		if (a >= exp_at && a - exp_at < fs->expected_len)
+			orig[a - exp_at] = bottom->saved[a - bottom->saved_at];
+	for (size_t i = 0; i < fs->expected_len; i++) {
+		if (orig[i] != fs->expected[i]) {
+			long off = (long)(exp_at - abs) + (long)i;
+			return sandbox_error_set(err, PBX_E_EXPECTED_MISMATCH, "%s%c0x%lx expected %02x found %02x",
+						 sym, off < 0 ? '-' : '+', off < 0 ? -off : off,
+						 fs->expected[i], orig[i]);
+		}
+	}
+	char hex[64];
+	if (jump && fs->skip && memcmp((const void *)abs, sandbox_insn_endbr64, PBX_ENDBR_SKIP) != 0) {
+		sandbox_hex(hex, sizeof(hex), (const uint8_t *)abs, PBX_ENDBR_SKIP);
+		return sandbox_error_set(err, PBX_E_NO_PATCHABLE_ENTRY,
+					 "%s at 0x%lx: skip 4 but the entry holds %s, not endbr64", sym,
+					 (unsigned long)abs, hex);
+	}
+	if (jump && !top && point - word > 8 - PBX_JUMP_LEN)
+		return sandbox_error_set(err, PBX_E_NO_PATCHABLE_ENTRY,
+					 "%s: entry jump at 0x%lx refused (rule 4, alignment): byte %lu of its "
+					 "8-byte word, so the 5-byte jump cannot be written with one atomic store",
+					 sym, (unsigned long)point, (unsigned long)(point - word));
+	if (!jump && memcmp(orig, sandbox_insn_entry_nops, SANDBOX_ENTRY_BYTES) != 0) {
+		sandbox_hex(hex, sizeof(hex), orig, SANDBOX_ENTRY_BYTES);
+		return sandbox_error_set(err, PBX_E_NO_PATCHABLE_ENTRY,
+					 "%s at 0x%lx: entry-6 holds %s, not 8 NOPs (build with "
+					 "-fpatchable-function-entry=8,6)", sym, (unsigned long)abs, hex);
+	}
+	/* Stacked: always the 6+2 NOP mechanism, at the replacement entry of the top patch. */
+	f->mech = top ? PBX_KIND_PATCHABLE_ENTRY : fs->kind;
+	f->site = top ? top->new_entry : jump ? point : abs;
+	if (f->mech == PBX_KIND_ENTRY_JUMP) {
+		f->saved_at = word;
+		f->wlo = point;
+		f->whi = point + PBX_JUMP_LEN;
+	} else {
+		f->saved_at = f->site - PBX_ENTRY_PAD;
+		f->wlo = f->site - PBX_ENTRY_PAD;
+		f->whi = f->site + PBX_ENTRY_NOPS;
+	}
+	if (f->mech == PBX_KIND_PATCHABLE_ENTRY && (f->site & 1))
+		return sandbox_error_set(err, PBX_E_NO_PATCHABLE_ENTRY, "%s: entry 0x%lx is not 2-byte aligned",
+					 sym, (unsigned long)f->site);
+	memcpy(f->saved, (const void *)f->saved_at, SANDBOX_ENTRY_BYTES);
+	/* The replacement's own padding must lie inside its patch's text. */
+	if (top && (top->new_entry - top_patch->text_addr < PBX_ENTRY_PAD ||
+		    memcmp(f->saved, sandbox_insn_entry_nops, SANDBOX_ENTRY_BYTES) != 0)) {
+		sandbox_hex(hex, sizeof(hex), f->saved, SANDBOX_ENTRY_BYTES);
+		if (bottom->mech == PBX_KIND_ENTRY_JUMP)
+			return sandbox_error_set(err, PBX_E_NO_PATCHABLE_ENTRY,
+						 "cannot stack on %s (rule 6): %s is redirected by an entry jump "
+						 "and the replacement at 0x%lx has no 6+2 NOP entry of its own "
+						 "(%s): remove %s first, or build its replacement with "
+						 "`patchbox config --cflags`", top_patch->name, sym,
+						 (unsigned long)top->new_entry, hex, top_patch->name);
+		return sandbox_error_set(err, PBX_E_NO_PATCHABLE_ENTRY,
+					 "cannot stack on %s: its replacement of %s at 0x%lx has %s, not 8 NOPs",
+					 top_patch->name, sym, (unsigned long)top->new_entry, hex);
+	}
+	for (size_t j = 0; j < idx; j++)
+		if (funcs[j].wlo < f->whi && f->wlo < funcs[j].whi)
+			return sandbox_error_set(err, PBX_E_OVERLAP, "%s (0x%lx) and %s (0x%lx) change the same bytes",
+						 funcs[j].symbol, (unsigned long)funcs[j].site, sym,
+						 (unsigned long)f->site);
+	/* Nor bytes an applied patch changed: its remove would restore them under our
+	 * jump, ours would bring back its jump into freed sandbox. (Stacking on the same
+	 * function is not an overlap: the site moved to the top replacement's entry.) */
+	for (size_t p = 0; p < sandbox_npatches; p++)
+		for (size_t k = 0; k < sandbox_patches[p]->nfuncs; k++) {
+			const struct sandbox_func *g = &sandbox_patches[p]->funcs[k];
+			if (g->wlo < f->whi && f->wlo < g->whi)
+				return sandbox_error_set(err, PBX_E_OVERLAP,
+							 "%s (0x%lx) changes bytes that patch %s changed for %s (0x%lx)",
+							 sym, (unsigned long)f->site, sandbox_patches[p]->name,
+							 g->symbol, (unsigned long)g->site);
+		}
+	f->new_size = fs->new_size;
+	return 0;
+}
+
+static int sandbox_fixups_check(const struct sandbox_apply_spec *spec, uint64_t data_block,
+				uint64_t *import, struct sandbox_error *err)
+{
+	for (uint32_t i = 0; i < spec->nfixups; i++) {
+		const struct sandbox_fixup_spec *x = &spec->fixups[i];
+		if ((x->section != PBX_SECT_TEXT && x->section != PBX_SECT_DATA) ||
+		    (x->type != PBX_FIXUP_PC32 && x->type != PBX_FIXUP_ABS64) ||
+		    x->base < PBX_BASE_TEXT || x->base > PBX_BASE_ABS || x->reserved != 0)
+			return sandbox_error_set(err, PBX_E_BAD_FIXUP,
+						 "fix-up %u: section %u type %u base %u reserved %u", i,
+						 x->section, x->type, x->base, x->reserved);
+		uint32_t size = x->type == PBX_FIXUP_PC32 ? 4 : 8;
+		uint32_t seclen = x->section == PBX_SECT_TEXT ? spec->text_len : spec->data_len;
+		if (x->offset > seclen || seclen - x->offset < size)
+			return sandbox_error_set(err, PBX_E_FIXUP_RANGE, "fix-up %u: %u bytes at %s+0x%x, %s has %u bytes",
+						 i, size, x->section ? "data" : "text", x->offset,
+						 x->section ? "data" : "text", seclen);
+		if (x->base == PBX_BASE_DATA && data_block == 0)
+			return sandbox_error_set(err, PBX_E_BAD_FIXUP, "fix-up %u: base DATA but the patch has no data", i);
+		if (x->base == PBX_BASE_IMPORT) {
+			char sym[PBX_MAX_SYMBOL + 1];
+			if (x->symbol_len < 1 || x->symbol_len > PBX_MAX_SYMBOL)
+				return sandbox_error_set(err, PBX_E_BAD_FIXUP, "fix-up %u: import symbol length %u", i,
+							 x->symbol_len);
+			memcpy(sym, x->symbol, x->symbol_len);
+			sym[x->symbol_len] = '\0';
+			dlerror();
+			void *s = memchr(sym, '\0', x->symbol_len) ? NULL : dlsym(RTLD_DEFAULT, sym);
+			if (!s) {
+				sandbox_str_copy(sym, sizeof(sym), x->symbol, x->symbol_len);
+				return sandbox_error_set(err, PBX_E_SYMBOL_NOT_FOUND, "%s", sym);
+			}
+			import[i] = (uintptr_t)s;
+		}
+	}
+	return 0;
+}
+
+/* Writes the fix-ups into the local copies; P is the final address. */
+int sandbox_fixups_apply(const struct sandbox_apply_spec *spec, const uint64_t *import,
+			 uint8_t *text, uintptr_t text_addr, uint8_t *data, uintptr_t data_addr,
+			 struct sandbox_error *err)
+{
+	for (uint32_t i = 0; i < spec->nfixups; i++) {
+		const struct sandbox_fixup_spec *x = &spec->fixups[i];
+		uint64_t s = 0;
+		switch (x->base) {
+		case PBX_BASE_TEXT: s = text_addr; break;
+		case PBX_BASE_DATA: s = data_addr; break;
+		case PBX_BASE_EXE: s = sandbox_exe.bias; break;
+		case PBX_BASE_IMPORT: s = import[i]; break;
+		default: s = 0; break;
+		}
+		uint8_t *buf = x->section == PBX_SECT_TEXT ? text : data;
+		uint64_t p = (x->section == PBX_SECT_TEXT ? text_addr : data_addr) + x->offset;
+		if (x->type == PBX_FIXUP_PC32) {
+			__int128 v = (__int128)s + x->addend - (__int128)p;
+			if (v < INT32_MIN || v > INT32_MAX)
+				return sandbox_error_set(err, PBX_E_FIXUP_OVERFLOW,
+							 "fix-up %u at %s+0x%x: S 0x%llx + A %lld - P 0x%llx = %lld",
+							 i, x->section ? "data" : "text", x->offset,
+							 (unsigned long long)s, (long long)x->addend,
+							 (unsigned long long)p, (long long)v);
+			int32_t v32 = (int32_t)v;
+			memcpy(buf + x->offset, &v32, 4);
+		} else {
+			uint64_t v = s + (uint64_t)x->addend;
+			memcpy(buf + x->offset, &v, 8);
+		}
+	}
+	return 0;
+}
+
+int sandbox_patch_apply(const struct sandbox_apply_spec *spec, unsigned flags,
+			const struct sandbox_patch **ret, struct sandbox_error *err)
+{
+	struct sandbox_func *funcs = NULL;
+	struct sandbox_patch *patch = NULL;
+	uint64_t *import = NULL;
+	uint8_t *tbuf = NULL, *dbuf = NULL;
+	uintptr_t text_addr = 0, data_addr = 0;
+	uint32_t id = sandbox_next_id;
+	int rc = -1, allocated = 0, revived = 0;
+	uint32_t revived_from = 0;
+	char name[PBX_MAX_NAME + 1];
+
+	if (!sandbox_ready)
+		return sandbox_error_set(err, PBX_E_INTERNAL, "sandbox not initialised");
+	if (!sandbox_name_valid(spec->name, spec->name_len)) {
+		sandbox_str_copy(name, sizeof(name), spec->name, spec->name_len);
+		return sandbox_error_set(err, PBX_E_BAD_NAME, "'%s' (%u bytes): use 1..%d of [A-Za-z0-9._+-]",
+					 name, spec->name_len, PBX_MAX_NAME);
+	}
+	memcpy(name, spec->name, spec->name_len);
+	name[spec->name_len] = '\0';
+	if (sandbox_patch_find(spec->name, spec->name_len) >= 0)
+		return sandbox_error_set(err, PBX_E_ALREADY_APPLIED, "%s", name);
+	if (sandbox_npatches >= PBX_MAX_PATCHES)
+		return sandbox_error_set(err, PBX_E_TOO_MANY, "%zu patches applied", sandbox_npatches);
+	if (!(flags & SANDBOX_APPLY_INTERNAL) &&
+	    (spec->build_id_len != sandbox_exe.build_id_len ||
+	     memcmp(spec->build_id, sandbox_exe.build_id, spec->build_id_len) != 0)) {
+		char want[2 * PBX_MAX_BUILD_ID + 1] = "", have[2 * PBX_MAX_BUILD_ID + 1] = "none";
+		for (size_t i = 0; i < spec->build_id_len && i < PBX_MAX_BUILD_ID; i++)
+			snprintf(want + 2 * i, 3, "%02x", spec->build_id[i]);
+		for (size_t i = 0; i < sandbox_exe.build_id_len; i++)
+			snprintf(have + 2 * i, 3, "%02x", sandbox_exe.build_id[i]);
+		return sandbox_error_set(err, PBX_E_BUILD_ID_MISMATCH, "patch %s, running %s", want, have);
+	}
+	if (spec->nfuncs < 1 || spec->nfuncs > PBX_MAX_FUNCS)
+		return sandbox_error_set(err, PBX_E_MALFORMED, "nfuncs %u", spec->nfuncs);
+	if (spec->flags & ~(uint32_t)PBX_FLAG_RETAIN)
+		return sandbox_error_set(err, PBX_E_MALFORMED, "flags 0x%x (unknown bits)", spec->flags);
+
+	funcs = calloc(spec->nfuncs, sizeof(*funcs));
+	patch = calloc(1, sizeof(*patch));
+	import = calloc(spec->nfixups ? spec->nfixups : 1, sizeof(*import));
+	if (!funcs || !patch || !import) {
+		sandbox_error_set(err, PBX_E_NO_MEMORY, NULL);
+		goto out;
+	}
+	for (size_t i = 0; i < spec->nfuncs; i++)
+		if (sandbox_func_check(spec, flags, i, funcs, err) != 0)
+			goto out;
+	uint64_t data_block = (uint64_t)spec->data_len + spec->bss_size;
+	if (sandbox_fixups_check(spec, data_block, import, err) != 0)
+		goto out;
+
+	/* Placement. */
+	if (data_block > sandbox_data.size) {
+		sandbox_error_set(err, PBX_E_SANDBOX_FULL, "need %llu bytes of data, %zu free",
+				  (unsigned long long)data_block, sandbox_data.size - sandbox_data.used - sandbox_data.retired);
+		goto out;
+	}
+	tbuf = malloc(spec->text_len);
+	dbuf = malloc(data_block ? data_block : 1);
+	if (!tbuf || !dbuf) {
+		sandbox_error_set(err, PBX_E_NO_MEMORY, NULL);
+		goto out;
+	}
+	if (data_block == 0 && sandbox_text_revive(spec, import, id, tbuf, &revived_from, &text_addr)) {
+		revived = 1;
+	} else if (sandbox_area_alloc_reclaim(&sandbox_text, spec->text_len, id, &text_addr) != 0) {
+		sandbox_error_set(err, PBX_E_SANDBOX_FULL, "need %u bytes of text, %zu free (%zu retired)",
+				  spec->text_len, sandbox_text.size - sandbox_text.used - sandbox_text.retired,
+				  sandbox_text.retired);
+		goto out;
+	}
+	allocated = 1;
+	if (data_block && sandbox_area_alloc_reclaim(&sandbox_data, data_block, id, &data_addr) != 0) {
+		sandbox_error_set(err, PBX_E_SANDBOX_FULL, "need %llu bytes of data, %zu free (%zu retired)",
+				  (unsigned long long)data_block,
+				  sandbox_data.size - sandbox_data.used - sandbox_data.retired, sandbox_data.retired);
+		goto out;
+	}
+
+	/* Fixed-up copies, built away from the live memory. */
+	memcpy(tbuf, spec->text, spec->text_len);
+	if (spec->data_len)
+		memcpy(dbuf, spec->data, spec->data_len);
+	memset(dbuf + spec->data_len, 0, data_block - spec->data_len);
+	if (sandbox_fixups_apply(spec, import, tbuf, text_addr, dbuf, data_addr, err) != 0)
+		goto out;
+	for (size_t i = 0; i < spec->nfuncs; i++) {
+		struct sandbox_func *f = &funcs[i];
+		f->new_entry = text_addr + spec->funcs[i].new_offset;
+		uintptr_t from = f->mech == PBX_KIND_ENTRY_JUMP ? f->site : f->site - PBX_ENTRY_PAD;
+		int64_t rel = sandbox_insn_jmp_rel(from, f->new_entry);
+		if (rel < INT32_MIN || rel > INT32_MAX) {
+			sandbox_error_set(err, PBX_E_FIXUP_OVERFLOW, "redirect of %s from 0x%lx to 0x%lx: %lld",
+					  f->symbol, (unsigned long)f->site, (unsigned long)f->new_entry, (long long)rel);
+			goto out;
+		}
+	}
+	/* The copies into the sandbox (a revived text is not written: its pages stay
+	 * r-x), then the redirect: the last point of failure is before the first byte
+	 * changes, after it nothing fails. */
+	struct sandbox_copy text_copy = { text_addr, tbuf, revived ? 0 : spec->text_len };
+	struct sandbox_copy data_copy = { data_addr, dbuf, data_block };
+	if (sandbox_redirect_write(&text_copy, &data_copy, funcs, spec->nfuncs, err) != 0)
+		goto out;
+
+	struct timespec ts;
+	clock_gettime(CLOCK_REALTIME, &ts);
+	memcpy(patch->name, name, sizeof(name));
+	patch->id = id;
+	patch->applied_at = (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+	patch->text_addr = text_addr;
+	patch->text_size = spec->text_len;
+	patch->data_addr = data_addr;
+	patch->data_size = (uint32_t)data_block;
+	patch->nfuncs = spec->nfuncs;
+	patch->flags = spec->flags;
+	patch->funcs = funcs;
+	sandbox_patches[sandbox_npatches++] = patch;
+	sandbox_next_id++;
+	funcs = NULL;
+	if (ret)
+		*ret = patch;
+	sandbox_debug("applied %s id %u: text 0x%lx+%u data 0x%lx+%u, %u functions", patch->name, id,
+		      (unsigned long)text_addr, patch->text_size, (unsigned long)data_addr, patch->data_size,
+		      patch->nfuncs);
+	patch = NULL;
+	rc = 0;
+out:
+	/* Never executed (no redirect was published): free, no quiescence needed; a
+	 * revived extent goes back to retired (old threads may still run it). */
+	if (rc != 0 && allocated)
+		sandbox_owner_unplace(id, revived ? text_addr : 0, revived_from);
+	free(tbuf);
+	free(dbuf);
+	free(import);
+	free(funcs);
+	free(patch);
+	return rc;
+}
+
+/* free_now: only for memory no other thread can have run (the self-test). */
+static int sandbox_patch_remove_mode(const char *name, size_t name_len, int free_now, struct sandbox_error *err)
+{
+	char shown[PBX_MAX_NAME + 1];
+	ssize_t idx = sandbox_patch_find(name, name_len);
+	if (idx < 0) {
+		sandbox_str_copy(shown, sizeof(shown), name, name_len);
+		return sandbox_error_set(err, PBX_E_NOT_APPLIED, "%s", shown);
+	}
+	struct sandbox_patch *p = sandbox_patches[idx];
+	for (size_t f = 0; f < p->nfuncs; f++) {
+		const struct sandbox_patch *above = NULL;
+		sandbox_func_find(p->funcs[f].target, 1, &above);
+		if (above && above != p)
+			return sandbox_error_set(err, PBX_E_NOT_TOP, "%s is stacked on %s (function %s)",
+						 above->name, p->name, p->funcs[f].symbol);
+	}
+	/* The entries back to their saved bytes (steps 1-4); nothing changed if it fails. */
+	if (sandbox_redirect_restore(p->funcs, p->nfuncs, err) != 0)
+		return -1;
+
+	/* A thread may still run the removed code: retired, not freed (transition). */
+	if (!free_now || sandbox_owner_free(p->id) != 0)
+		sandbox_owner_retire(p->id, (p->flags & PBX_FLAG_RETAIN) != 0);
+	sandbox_debug("removed %s id %u", p->name, p->id);
+	memmove(&sandbox_patches[idx], &sandbox_patches[idx + 1],
+		(sandbox_npatches - (size_t)idx - 1) * sizeof(sandbox_patches[0]));
+	sandbox_npatches--;
+	free(p->funcs);
+	free(p);
+	return 0;
+}
+
+int sandbox_patch_remove(const char *name, size_t name_len, struct sandbox_error *err)
+{
+	return sandbox_patch_remove_mode(name, name_len, 0, err);
+}
+
+/* ------------------------------------------------------------------ self-test */
+
+#define SANDBOX_SELFTEST_MAGIC 0x2a5eed11
+
+/* Applies a real patch to the agent's own function through sandbox_patch_apply and
+ * sandbox_patch_remove, the APPLY/REMOVE path, and checks every effect. */
+int sandbox_selftest_run(char *detail, size_t detail_len)
+{
+	int (*volatile fn)(int) = (int (*)(int))sandbox_selftest_addr;
+	uint8_t before[SANDBOX_ENTRY_BYTES], after[SANDBOX_ENTRY_BYTES];
+	struct sandbox_error err = { 0 };
+	const struct sandbox_patch *p = NULL;
+	const char *name = "patchbox-selftest";
+	int r;
+
+	if (!sandbox_ready || !sandbox_selftest_addr) {
+		snprintf(detail, detail_len, "sandbox not initialised");
+		return 0;
+	}
+	if ((r = fn(41)) != 42) {
+		snprintf(detail, detail_len, "target returned %d before the patch, expected 42", r);
+		return 0;
+	}
+	memcpy(before, (const void *)(sandbox_selftest_addr - PBX_ENTRY_PAD), sizeof(before));
+	size_t used_before = sandbox_text.used;
+
+	/* Replacement: 6+2 NOPs (stackable entry at offset 6), mov eax, MAGIC; ret. */
+	uint8_t text[sizeof(sandbox_insn_selftest_replacement)];
+	uint32_t magic = SANDBOX_SELFTEST_MAGIC;
+	memcpy(text, sandbox_insn_selftest_replacement, sizeof(text));
+	memcpy(text + SANDBOX_INSN_SELFTEST_IMM, &magic, 4);
+	struct sandbox_func_spec fs = {
+		.symbol = "sandbox_selftest_target", .symbol_len = (uint16_t)strlen("sandbox_selftest_target"),
+		.target = sandbox_selftest_addr, .new_offset = PBX_ENTRY_PAD, .new_size = 8,
+		.expected_len = sizeof(before), .expected = before,
+	};
+	struct sandbox_apply_spec spec = {
+		.name = name, .name_len = (uint16_t)strlen(name),
+		.text = text, .text_len = sizeof(text), .nfuncs = 1, .funcs = &fs,
+	};
+	if (sandbox_patch_apply(&spec, SANDBOX_APPLY_INTERNAL, &p, &err) != 0) {
+		snprintf(detail, detail_len, "apply failed: %s", err.msg);
+		return 0;
+	}
+	uintptr_t text_addr = p->text_addr;
+	int patched = fn(41);
+	/* Only the agent thread ever ran this replacement: its memory is freed at once. */
+	if (sandbox_patch_remove_mode(name, strlen(name), 1, &err) != 0) {
+		snprintf(detail, detail_len, "remove failed: %s", err.msg);
+		return 0;
+	}
+	if (patched != SANDBOX_SELFTEST_MAGIC) {
+		snprintf(detail, detail_len, "patched target returned 0x%x, expected 0x%x", (unsigned)patched,
+			 SANDBOX_SELFTEST_MAGIC);
+		return 0;
+	}
+	if ((r = fn(41)) != 42) {
+		snprintf(detail, detail_len, "target returned %d after remove, expected 42", r);
+		return 0;
+	}
+	memcpy(after, (const void *)(sandbox_selftest_addr - PBX_ENTRY_PAD), sizeof(after));
+	if (memcmp(before, after, sizeof(before)) != 0) {
+		char hb[32], ha[32];
+		sandbox_hex(hb, sizeof(hb), before, sizeof(before));
+		sandbox_hex(ha, sizeof(ha), after, sizeof(after));
+		snprintf(detail, detail_len, "entry bytes not restored: before %s after %s", hb, ha);
+		return 0;
+	}
+	for (size_t i = 0; i < sizeof(text); i++) {
+		if (((const uint8_t *)text_addr)[i] != SANDBOX_INSN_RET) {
+			snprintf(detail, detail_len, "sandbox at 0x%lx not refilled with 0xc3",
+				 (unsigned long)text_addr);
+			return 0;
+		}
+	}
+	if (sandbox_text.used != used_before) {
+		snprintf(detail, detail_len, "sandbox_used %zu after remove, was %zu", sandbox_text.used,
+			 used_before);
+		return 0;
+	}
+	snprintf(detail, detail_len,
+		 "target 0x%lx: 42 -> 0x%x (patched at 0x%lx, sync=%s) -> 42; entry bytes restored; "
+		 "sandbox refilled and reusable", (unsigned long)sandbox_selftest_addr, (unsigned)patched,
+		 (unsigned long)text_addr, sandbox_core_sync_name());
+	return 1;
+}
+

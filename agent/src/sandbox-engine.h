@@ -1,0 +1,96 @@
+/* Internal interface between the parts of libsandbox.o:
+ *
+ *   sandbox-engine.c      apply / remove orchestration, the function and fix-up
+ *                         checks, facts about the executable, the self-test, errors
+ *   sandbox-redirect.c    mechanism: code pages, core sync, atomic instruction stores,
+ *                         writing a redirect, restoring the original bytes
+ *   sandbox-transition.c  the sandbox memory: where it lies, placement, retire,
+ *                         quiescence check, revival
+ *   arch/x86_64/insn.h    the x86-64 instruction templates
+ *
+ * Hidden, and local to libsandbox.o after its relocatable link (agent/Makefile): the
+ * server sees only sandbox-internal.h. No lock: only the agent thread calls in here
+ * (sandbox-listen.c, "Locks and fork").
+ */
+#ifndef PATCHBOX_SANDBOX_ENGINE_H
+#define PATCHBOX_SANDBOX_ENGINE_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/types.h>
+
+#include "sandbox-internal.h"
+
+#define SANDBOX_PAGE 4096ul
+
+static inline uintptr_t sandbox_round_up(uintptr_t v, uintptr_t a) { return (v + a - 1) & ~(a - 1); }
+static inline uintptr_t sandbox_round_down(uintptr_t v, uintptr_t a) { return v & ~(a - 1); }
+
+/* ---- sandbox-engine.c */
+
+/* Writes the fix-ups into the local copies text and data, as placed at text_addr and
+ * data_addr (P is the final address). err may be NULL. */
+int sandbox_fixups_apply(const struct sandbox_apply_spec *spec, const uint64_t *import,
+			 uint8_t *text, uintptr_t text_addr, uint8_t *data, uintptr_t data_addr,
+			 struct sandbox_error *err);
+
+/* ---- sandbox-redirect.c: mechanism */
+
+/* Registers for the membarrier that serialises cores: "sync_core", else
+ * "expedited", else "none" (sandbox_core_sync_name). */
+void sandbox_core_sync_init(void);
+const char *sandbox_core_sync_name(void);
+
+/* Fills sandbox text with `ret` again, so a stray jump into free sandbox returns. -1
+ * if the pages cannot be made writable (the caller keeps the memory retired). */
+int sandbox_text_refill(uintptr_t addr, size_t len);
+
+/* Bytes to copy into the sandbox: len bytes from src to addr (len 0: none). */
+struct sandbox_copy {
+	uintptr_t addr;
+	const void *src;
+	size_t len;
+};
+
+/* Apply: copies text (its pages made writable for it) and data into the sandbox,
+ * then redirects each function to its new_entry (phase 1, sync, phase 2, sync). -1
+ * with err (NO_MEMORY, MPROTECT_FAILED) only before the first byte changes. */
+int sandbox_redirect_write(const struct sandbox_copy *text, const struct sandbox_copy *data,
+			   const struct sandbox_func *funcs, size_t nfuncs, struct sandbox_error *err);
+/* Remove: puts back the saved bytes of each function (steps 1-4). -1 with err
+ * (NO_MEMORY, MPROTECT_FAILED) only before the first byte changes. */
+int sandbox_redirect_restore(const struct sandbox_func *funcs, size_t nfuncs, struct sandbox_error *err);
+
+/* ---- sandbox-transition.c: the sandbox memory */
+
+#define SANDBOX_MAX_EXTENTS 1024
+
+struct sandbox_extent {
+	size_t off, len;
+	uint32_t owner;		/* patch id */
+	int retired;
+	int keep;		/* sticky: held a RETAIN patch, never reclaimed (docs/qemu.md) */
+};
+
+struct sandbox_area {
+	uintptr_t base;
+	size_t size, used, retired;
+	int is_text;
+	size_t n;		/* extents, sorted by off */
+	struct sandbox_extent ext[SANDBOX_MAX_EXTENTS];
+};
+
+/* Patch text (in the program's text, or mapped near it) and patch data. */
+extern struct sandbox_area sandbox_text, sandbox_data;
+
+/* Places the two areas; *selftest_ret: entry of a function built with the 6+2 NOP
+ * entry within rel32 reach of the sandbox (the self-test's target). */
+int sandbox_areas_init(uintptr_t *selftest_ret, struct sandbox_error *err);
+int sandbox_area_alloc_reclaim(struct sandbox_area *a, size_t len, uint32_t owner, uintptr_t *ret);
+int sandbox_text_revive(const struct sandbox_apply_spec *spec, const uint64_t *import, uint32_t owner,
+			uint8_t *tbuf, uint32_t *prev_owner, uintptr_t *ret);
+void sandbox_owner_unplace(uint32_t owner, uintptr_t revived_addr, uint32_t revived_from);
+void sandbox_owner_retire(uint32_t owner, int keep);
+int sandbox_owner_free(uint32_t owner);
+
+#endif
