@@ -24,7 +24,9 @@ ROOT = Path(__file__).resolve().parent
 
 
 def _install_agent(dest: Path) -> None:
-    spec = importlib.util.spec_from_file_location("install_agent", ROOT / "tools" / "install_agent.py")
+    spec = importlib.util.spec_from_file_location(
+        "install_agent", ROOT / "tools" / "install_agent.py"
+    )
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

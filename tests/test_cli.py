@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 
-from helpers import ROOT
 from patchbox import config
 from patchbox.cli.main import cli
 from patchbox.flags import LINK_FLAGS, PATCH_CFLAGS
@@ -202,7 +201,40 @@ def test_main_entry_point_as_subprocess(tmp_path: Path) -> None:
 def test_config_cflags() -> None:
     result = run("config", "--cflags")
     assert result.exit_code == 0
-    assert result.stdout.split() == [*PATCH_CFLAGS, f"-I{ROOT / 'agent' / 'include'}"]
+    # The headers come from the installed package, never from a source checkout's agent/.
+    assert result.stdout.split() == [*PATCH_CFLAGS, f"-I{config.agent_home() / 'include'}"]
+    assert (config.agent_home() / "include" / "patchbox" / "sandbox.h").is_file()
+
+
+def test_pkg_config_gives_what_config_gives() -> None:
+    pcdir = run("config", "--pkgconfigdir")
+    assert pcdir.exit_code == 0, pcdir.stderr
+    assert (Path(pcdir.stdout.strip()) / "patchbox.pc").is_file()
+    env = {**os.environ, "PKG_CONFIG_PATH": pcdir.stdout.strip()}
+    proc = subprocess.run(
+        ["pkg-config", "--cflags", "--libs", "patchbox"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    ours = run("config", "--cflags", "--libs").stdout.split()
+
+    # Same words, paths compared normalised; the build-info object is config's only extra.
+    def norm(words: list[str]) -> list[str]:
+        return [
+            f"-I{os.path.normpath(w[2:])}"
+            if w.startswith("-I/")
+            else os.path.normpath(w)
+            if w.startswith("/")
+            else w
+            for w in words
+        ]
+
+    info = [w for w in ours if Path(w).name.startswith("build-info-")]
+    assert len(info) == 1
+    assert norm(proc.stdout.split()) == norm([w for w in ours if w not in info])
+    assert run("config", "--pkgconfigdir", "--libs").exit_code == 2
 
 
 @pytest.fixture

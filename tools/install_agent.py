@@ -26,17 +26,21 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 OBJECTS = ("libsandbox.o", "sandbox-listen.o", "libsandbox.a", "libsandbox.so")
 HEADERS = ("patch.h", "sandbox.h", "wire.h")
 
 
-def _literal(source: Path, name: str) -> object:
+def _literal(source: Path, name: str) -> Any:
     """Returns the value of the top-level assignment ``name = <literal>`` in ``source``."""
     for node in ast.parse(source.read_text()).body:
-        targets = node.targets if isinstance(node, ast.Assign) else (
-            [node.target] if isinstance(node, ast.AnnAssign) else [])
+        targets = (
+            node.targets
+            if isinstance(node, ast.Assign)
+            else ([node.target] if isinstance(node, ast.AnnAssign) else [])
+        )
         if any(isinstance(t, ast.Name) and t.id == name for t in targets):
             assert node.value is not None
             return ast.literal_eval(node.value)
@@ -47,8 +51,8 @@ def pc_text(root: Path) -> str:
     """Returns patchbox.pc: the agent objects and the compile/link flags of a patchable
     program, relocatable (paths relative to the .pc file's own directory)."""
     flags = root / "src" / "patchbox" / "flags.py"
-    cflags = " ".join(_literal(flags, "PATCH_CFLAGS"))  # type: ignore[arg-type]
-    ldflags = " ".join(_literal(flags, "LINK_FLAGS"))  # type: ignore[arg-type]
+    cflags = " ".join(_literal(flags, "PATCH_CFLAGS"))
+    ldflags = " ".join(_literal(flags, "LINK_FLAGS"))
     version = _literal(root / "src" / "patchbox" / "__init__.py", "__version__")
     return (
         "prefix=${pcfiledir}/../..\n"

@@ -8,6 +8,7 @@ against the harness's victims (build-id, link-time addresses and expected bytes 
 fuzz_agent.c sets them up), sequences (apply, stack, list, remove), and a few broken
 frames. Usage: make_corpus.py [DIR]   (default: the corpus/ directory beside this file)
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -38,17 +39,33 @@ def replacement(value: int) -> bytes:
     return b"\x90" * 8 + b"\xb8" + struct.pack("<I", value) + b"\xc3"
 
 
-def patch(name: str, victims: list[int], *, fixups: list[Fixup] | None = None,
-          data: bytes = b"", bss: int = 0, expected_len: int = 16, extra_text: bytes = b"") -> Patch:
+def patch(
+    name: str,
+    victims: list[int],
+    *,
+    fixups: list[Fixup] | None = None,
+    data: bytes = b"",
+    bss: int = 0,
+    expected_len: int = 16,
+    extra_text: bytes = b"",
+) -> Patch:
     text = b""
     functions = []
     for k in victims:
         off = len(text) + 6
         text += replacement(0x1000 + k)
-        functions.append(Function(f"victim{k}", victim(k), off, len(text) - off,
-                                  VICTIM[:expected_len]))
-    return Patch(name=name, build_id=BUILD_ID, text=text + extra_text, functions=functions,
-                 fixups=list(fixups or []), data=data, bss_size=bss)
+        functions.append(
+            Function(f"victim{k}", victim(k), off, len(text) - off, VICTIM[:expected_len])
+        )
+    return Patch(
+        name=name,
+        build_id=BUILD_ID,
+        text=text + extra_text,
+        functions=functions,
+        fixups=list(fixups or []),
+        data=data,
+        bss_size=bss,
+    )
 
 
 def apply(p: Patch, seq: int = 1) -> bytes:
@@ -69,13 +86,19 @@ def seeds() -> dict[str, bytes]:
     out["remove-unknown"] = remove("nothere", 1)
     simple = patch("simple", [0])
     out["apply"] = apply(simple)
-    out["apply-list-remove-info"] = (apply(simple) + encode_frame(Msg.LIST, 2) + remove("simple", 3)
-                                     + encode_frame(Msg.INFO, 4))
+    out["apply-list-remove-info"] = (
+        apply(simple) + encode_frame(Msg.LIST, 2) + remove("simple", 3) + encode_frame(Msg.INFO, 4)
+    )
     out["apply-twice"] = apply(simple) + apply(simple, 2)
     out["apply-two-functions"] = apply(patch("two", [1, 2], expected_len=64))
     # Stacking: a second patch on victim 3 sits on the first; removal top first.
-    out["stack"] = (apply(patch("lower", [3])) + apply(patch("upper", [3]), 2)
-                    + remove("lower", 3) + remove("upper", 4) + remove("lower", 5))
+    out["stack"] = (
+        apply(patch("lower", [3]))
+        + apply(patch("upper", [3]), 2)
+        + remove("lower", 3)
+        + remove("upper", 4)
+        + remove("lower", 5)
+    )
     tail = b"\x00" * 16  # room for fix-ups after the code
     fx = [
         Fixup(FixupSection.TEXT, FixupType.PC32, FixupBase.TEXT, 16, 0),
@@ -85,13 +108,34 @@ def seeds() -> dict[str, bytes]:
         Fixup(FixupSection.DATA, FixupType.PC32, FixupBase.EXE, 16, victim(4)),
         Fixup(FixupSection.DATA, FixupType.ABS64, FixupBase.ABS, 24, 0x1234),
     ]
-    out["apply-fixups"] = apply(patch("fixups", [4], fixups=fx, data=b"\x00" * 32, bss=64,
-                                      extra_text=tail)) + encode_frame(Msg.LIST, 2)
-    out["apply-import-missing"] = apply(patch("imp", [5], fixups=[
-        Fixup(FixupSection.TEXT, FixupType.ABS64, FixupBase.IMPORT, 16, 0, "no_such_symbol_xyz")],
-        extra_text=tail))
-    out["apply-pc32-overflow"] = apply(patch("ovf", [5], fixups=[
-        Fixup(FixupSection.TEXT, FixupType.PC32, FixupBase.ABS, 16, 1 << 62)], extra_text=tail))
+    out["apply-fixups"] = apply(
+        patch("fixups", [4], fixups=fx, data=b"\x00" * 32, bss=64, extra_text=tail)
+    ) + encode_frame(Msg.LIST, 2)
+    out["apply-import-missing"] = apply(
+        patch(
+            "imp",
+            [5],
+            fixups=[
+                Fixup(
+                    FixupSection.TEXT,
+                    FixupType.ABS64,
+                    FixupBase.IMPORT,
+                    16,
+                    0,
+                    "no_such_symbol_xyz",
+                )
+            ],
+            extra_text=tail,
+        )
+    )
+    out["apply-pc32-overflow"] = apply(
+        patch(
+            "ovf",
+            [5],
+            fixups=[Fixup(FixupSection.TEXT, FixupType.PC32, FixupBase.ABS, 16, 1 << 62)],
+            extra_text=tail,
+        )
+    )
     out["apply-wrong-bid"] = apply(replace(simple, build_id=b"\x01" * 20))
     ov = patch("ov", [6, 7])
     ov.functions[1].target = ov.functions[0].target + 2
@@ -106,8 +150,16 @@ def seeds() -> dict[str, bytes]:
     out["length-lies"] = good[:12] + struct.pack("<I", len(good) + 100) + good[16:]
     out["truncated-body"] = encode_frame(Msg.APPLY, 1, encode_apply_body(simple)[:40])
     out["trailing"] = encode_frame(Msg.APPLY, 1, encode_apply_body(simple) + b"\x00")
-    body = bytearray(encode_apply_body(patch("cnt", [0], fixups=[
-        Fixup(FixupSection.TEXT, FixupType.PC32, FixupBase.TEXT, 16, 0)], extra_text=tail)))
+    body = bytearray(
+        encode_apply_body(
+            patch(
+                "cnt",
+                [0],
+                fixups=[Fixup(FixupSection.TEXT, FixupType.PC32, FixupBase.TEXT, 16, 0)],
+                extra_text=tail,
+            )
+        )
+    )
     body[-20:-16] = struct.pack("<I", 0xFFFFFF)  # nfixups overruns the payload
     out["count-overrun"] = encode_frame(Msg.APPLY, 1, bytes(body))
     out["header-only"] = good[:10]

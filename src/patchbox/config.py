@@ -4,9 +4,9 @@ The agent is installed inside the package, ``patchbox/_agent/`` (``lib/`` object
 archive, preload library and ``pkgconfig/patchbox.pc``; ``include/patchbox/`` headers):
 the wheel's build step puts it there (setup.py, tools/install_agent.py), and so does
 scripts/bootstrap.sh in a checkout. ``$PATCHBOX_AGENT_DIR`` names another ``lib``
-directory (a test build with another SANDBOX_ALLOC). ``libs()`` also generates, with the C compiler, a small object defining
-``patchbox_build_info`` (agent/include/patchbox/sandbox.h) that records the program's
-version, git revision, link date and cflags; the agent reports them in INFO.
+directory (a test build with another SANDBOX_ALLOC). ``libs()`` also generates, with the
+C compiler, a small object defining ``patchbox_build_info`` (<patchbox/sandbox.h>) that
+records the program's version, git revision, link date and cflags; INFO reports them.
 """
 
 from __future__ import annotations

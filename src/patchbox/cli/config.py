@@ -48,8 +48,9 @@ def config_command(
     pkg-config gives the same agent and flags, without the build-info object (the
     program's version, git revision and date that INFO reports; they read "unknown").
     """
-    alone = [flag for flag, on in (("--preload", want_preload), ("--pkgconfigdir", want_pcdir))
-             if on]
+    alone = [
+        flag for flag, on in (("--preload", want_preload), ("--pkgconfigdir", want_pcdir)) if on
+    ]
     if not (want_cflags or want_libs or alone):
         raise click.UsageError("give --cflags, --libs, --preload or --pkgconfigdir")
     if alone and (want_cflags or want_libs or len(alone) > 1):
