@@ -13,12 +13,8 @@ import platform
 from pathlib import Path
 
 from setuptools import setup
+from setuptools.command.bdist_wheel import bdist_wheel  # setuptools >= 70.1
 from setuptools.command.build_py import build_py
-
-try:
-    from setuptools.command.bdist_wheel import bdist_wheel
-except ImportError:  # setuptools < 70.1
-    from wheel.bdist_wheel import bdist_wheel  # type: ignore[no-redef]
 
 ROOT = Path(__file__).resolve().parent
 
@@ -45,11 +41,8 @@ class BuildWithAgent(build_py):
 
 
 class PlatformWheel(bdist_wheel):
-    """Tags the wheel py3-none-<platform>: it holds native objects, no Python extension."""
-
-    def finalize_options(self) -> None:
-        super().finalize_options()
-        self.root_is_pure = False
+    """Tags the wheel py3-none-<platform>: it holds native objects, no Python extension
+    (so it installs into site-packages as a pure one would)."""
 
     def get_tag(self) -> tuple[str, str, str]:
         _py, _abi, plat = super().get_tag()

@@ -1,0 +1,168 @@
+"""The product as a user meets it (tier `wheel`): the sdist and the wheel built the
+standard way, the wheel installed into a fresh virtualenv outside the checkout, its
+commands used there, and the real-process tier run through the installed package."""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from helpers import ROOT
+
+pytestmark = [pytest.mark.wheel, pytest.mark.timeout(1800)]
+
+
+@dataclass(frozen=True)
+class Installed:
+    wheel: Path
+    direct_wheel: Path
+    venv: Path
+
+    def bin(self, name: str) -> str:
+        return str(self.venv / "bin" / name)
+
+    def run(self, *args: str, **kw: object) -> subprocess.CompletedProcess[str]:
+        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PATCHBOX_AGENT_DIR")}
+        env["PATH"] = f"{self.venv / 'bin'}{os.pathsep}{env['PATH']}"
+        return subprocess.run(
+            list(args),
+            capture_output=True,
+            text=True,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            check=False,
+            **kw,
+        )  # type: ignore[call-overload]
+
+
+def _build(args: list[str], out: Path) -> Path:
+    proc = subprocess.run(
+        [sys.executable, "-m", "build", *args, "-o", str(out), str(ROOT)],
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (wheel,) = out.glob("*.whl")
+    return wheel
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory: pytest.TempPathFactory) -> Installed:
+    base = tmp_path_factory.mktemp("wheel")
+    assert not str(base).startswith(str(ROOT)), "the virtualenv must be outside the checkout"
+    # `python -m build` builds the sdist, then the wheel from the unpacked sdist.
+    wheel = _build([], base / "dist")
+    assert len(list((base / "dist").glob("*.tar.gz"))) == 1
+    direct = _build(["--wheel"], base / "direct")
+    venv = base / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    proc = subprocess.run(
+        [
+            str(venv / "bin" / "pip"),
+            "install",
+            "-q",
+            "--disable-pip-version-check",
+            f"{wheel}[test]",
+        ],
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return Installed(wheel, direct, venv)
+
+
+def test_sdist_builds_the_same_wheel(installed: Installed) -> None:
+    with zipfile.ZipFile(installed.wheel) as a, zipfile.ZipFile(installed.direct_wheel) as b:
+        names = sorted(n for n in a.namelist() if not n.endswith("RECORD"))
+        assert names == sorted(n for n in b.namelist() if not n.endswith("RECORD"))
+        for name in (
+            "patchbox/_agent/lib/pkgconfig/patchbox.pc",
+            "patchbox/_agent/include/patchbox/sandbox.h",
+        ):
+            assert a.read(name) == b.read(name)
+    assert installed.wheel.name.endswith("-py3-none-linux_x86_64.whl")
+
+
+def test_installed_package_carries_the_agent(installed: Installed) -> None:
+    where = installed.run(
+        installed.bin("python"),
+        "-c",
+        "import patchbox, patchbox.config as c; print(patchbox.__file__); print(c.agent_dir())",
+        cwd="/",
+    )
+    assert where.returncode == 0, where.stderr
+    module, agent = where.stdout.split()
+    assert module.startswith(str(installed.venv)) and agent.startswith(str(installed.venv))
+    for name in ("libsandbox.o", "sandbox-listen.o", "libsandbox.a", "libsandbox.so"):
+        assert (Path(agent) / name).is_file()
+    libs = installed.run(installed.bin("patchbox"), "config", "--cflags", "--libs", cwd="/")
+    assert libs.returncode == 0, libs.stderr
+    assert str(ROOT) not in libs.stdout, "an installed patchbox must not point into a checkout"
+    assert str(installed.venv) in libs.stdout
+
+
+def test_program_built_with_pkg_config_is_patchable(installed: Installed, tmp_path: Path) -> None:
+    pcdir = installed.run(installed.bin("patchbox"), "config", "--pkgconfigdir").stdout.strip()
+    flags = subprocess.run(
+        ["pkg-config", "--cflags", "--libs", "patchbox"],
+        check=True,
+        env={**os.environ, "PKG_CONFIG_PATH": pcdir},
+        capture_output=True,
+        text=True,
+    ).stdout
+    src = tmp_path / "hello.c"
+    src.write_text(
+        "#include <stdio.h>\n#include <unistd.h>\n#include <patchbox/sandbox.h>\n"
+        'int main(void) { puts("up"); fflush(stdout); pause(); return 0; }\n'
+    )
+    exe = tmp_path / "hello"
+    subprocess.run(
+        ["gcc", "-O2", "-fPIE", "-pie", str(src), "-o", str(exe), *shlex.split(flags)], check=True
+    )
+    proc = subprocess.Popen([str(exe)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == "up\n"
+        for _ in range(100):
+            if (tmp_path / f"sandbox-sock{proc.pid}").exists():
+                break
+            time.sleep(0.05)
+        test = installed.run(installed.bin("patchbox"), "test", "-p", str(proc.pid))
+        assert test.returncode == 0 and "self-test passed" in test.stdout, test.stderr
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_process_tier_through_the_installed_commands(installed: Installed) -> None:
+    """The real-process tests, run by the virtualenv's Python: `patchbox`, `extract-patch`
+    and the agent objects are the wheel's (tests/helpers.py takes them from the running
+    interpreter and from patchbox.config)."""
+    proc = installed.run(
+        installed.bin("python"),
+        "-m",
+        "pytest",
+        "-q",
+        "-x",
+        "-m",
+        "process",
+        "-p",
+        "no:cacheprovider",
+        "tests",
+        cwd=str(ROOT),
+        timeout=1500,
+    )
+    tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-15:])
+    assert proc.returncode == 0, tail
+    passed = re.search(r"(\d+) passed", tail)
+    assert passed and int(passed[1]) >= 100, tail
