@@ -15,3 +15,13 @@ __all__ = ["AGENT_DIR", "ROOT", "compile_c"]
 def agent_dir() -> Path:
     """Returns the directory of the installed agent (patchbox.config.agent_dir)."""
     return AGENT_DIR
+
+
+TIERS = ("process", "qemu", "fuzz", "wheel")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Marks every test of no other tier `unit`, so `-m unit` runs the fast tier alone."""
+    for item in items:
+        if not any(item.get_closest_marker(t) for t in TIERS):
+            item.add_marker(pytest.mark.unit)

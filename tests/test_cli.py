@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -389,3 +390,29 @@ def test_config_with_real_agent(
     assert any(
         s.endswith(" patchbox_build_info") and s.split()[1] in "DR" for s in symbols.splitlines()
     )
+
+
+# -- shell completion --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shell,marker", [("bash", "complete -o nosort -F"), ("zsh", "#compdef")])
+def test_completion_script(shell: str, marker: str) -> None:
+    result = run("completion", shell)
+    assert result.exit_code == 0 and marker in result.stdout
+
+
+def test_completion_completes_commands_and_options() -> None:
+    exe = Path(sys.executable).parent / "patchbox"
+
+    def complete(words: str, cword: int) -> list[str]:
+        env = {
+            **os.environ,
+            "COMP_WORDS": words,
+            "COMP_CWORD": str(cword),
+            "_PATCHBOX_COMPLETE": "bash_complete",
+        }
+        out = subprocess.run([str(exe)], env=env, capture_output=True, text=True).stdout
+        return [line.split(",", 1)[1] for line in out.splitlines()]
+
+    assert complete("patchbox ap", 1) == ["apply"]
+    assert complete("patchbox apply --tr", 2) == ["--trust-dir"]

@@ -12,6 +12,7 @@ import click
 
 from patchbox import __version__
 from patchbox.cli.apply import apply_command
+from patchbox.cli.completion import completion_command
 from patchbox.cli.config import config_command
 from patchbox.cli.debug import debug_command
 from patchbox.cli.info import info_command
@@ -98,6 +99,7 @@ for _command in (
     config_command,
     keygen_command,
     sign_command,
+    completion_command,
 ):
     cli.add_command(_command)
 
