@@ -18,8 +18,10 @@ from patchbox.cli.debug import debug_command
 from patchbox.cli.info import info_command
 from patchbox.cli.keys import keygen_command, sign_command
 from patchbox.cli.list import list_command
+from patchbox.cli.ps import ps_command
 from patchbox.cli.remove import remove_command
 from patchbox.cli.show import show_command
+from patchbox.cli.store import install_command, uninstall_command
 from patchbox.cli.test import test_command
 from patchbox.errors import ConfigError, PatchboxError
 from patchbox.protocol.client import DEFAULT_TIMEOUT
@@ -100,6 +102,9 @@ for _command in (
     keygen_command,
     sign_command,
     completion_command,
+    ps_command,
+    install_command,
+    uninstall_command,
 ):
     cli.add_command(_command)
 

@@ -18,8 +18,9 @@ from typing import BinaryIO, cast
 
 from elftools.common.exceptions import ELFError as _PyElfError
 from elftools.elf.elffile import ELFFile
-from elftools.elf.sections import NoteSection, SymbolTableSection
+from elftools.elf.sections import SymbolTableSection
 
+from patchbox.elf.buildid import read_build_id
 from patchbox.elf.records import SHN_UNDEF, SYM, cstring, sym_bind, sym_type
 from patchbox.errors import ElfError, ExtractError
 
@@ -169,19 +170,13 @@ class Binary:
 
     def build_id(self) -> bytes:
         """Returns the GNU build-id; raises ElfError if the binary has none."""
-        try:
-            for section in self.elf.iter_sections():
-                if not isinstance(section, NoteSection):
-                    continue
-                for note in section.iter_notes():
-                    if note["n_type"] == "NT_GNU_BUILD_ID" and note["n_name"] == "GNU":
-                        return bytes.fromhex(note["n_desc"])
-        except (_PyElfError, ValueError) as err:
-            raise ElfError(f"{self.path}: corrupt note section: {err}") from err
-        raise ElfError(
-            f"{self.path} has no GNU build-id note: link it with -Wl,--build-id=sha1 "
-            f"(`patchbox config --libs`)"
-        )
+        found = read_build_id(self.path)
+        if found is None:
+            raise ElfError(
+                f"{self.path} has no GNU build-id note: link it with -Wl,--build-id=sha1 "
+                f"(`patchbox config --libs`)"
+            )
+        return found
 
     @property
     def is_pie(self) -> bool:

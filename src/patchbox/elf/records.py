@@ -29,6 +29,8 @@ __all__ = [
     "SHDR",
     "SYM",
     "RELA",
+    "PHDR",
+    "NHDR",
     "SHN_UNDEF",
     "SHN_LORESERVE",
     "SHN_ABS",
@@ -116,6 +118,12 @@ SHDR = _layout(
 )
 SYM = _layout("Elf64_Sym", "<IBBHQQ", "st_name st_info st_other st_shndx st_value st_size")
 RELA = _layout("Elf64_Rela", "<QQq", "r_offset r_info r_addend")
+PHDR = _layout(
+    "Elf64_Phdr",
+    "<IIQQQQQQ",
+    "p_type p_flags p_offset p_vaddr p_paddr p_filesz p_memsz p_align",
+)
+NHDR = _layout("Elf64_Nhdr", "<III", "n_namesz n_descsz n_type")
 
 _TYPES = {v: k.removeprefix("STT_") for k, v in ENUM_ST_INFO_TYPE.items() if isinstance(v, int)}
 _BINDS = {v: k.removeprefix("STB_") for k, v in ENUM_ST_INFO_BIND.items() if isinstance(v, int)}

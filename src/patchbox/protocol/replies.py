@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 
 from patchbox.errors import AgentError, ProtocolError
 from patchbox.format.codec import Reader
-from patchbox.wire import ErrorCode, Msg
+from patchbox.wire import REPLY_BIT, ErrorCode, Msg
 
 __all__ = [
     "PatchFunction",
@@ -23,6 +23,9 @@ __all__ = [
     "TestResult",
     "check_status",
     "decode_reply",
+    "decode_answer",
+    "raise_connection_error",
+    "CONNECTION_ERRORS",
     "DECODERS",
 ]
 
@@ -160,3 +163,44 @@ def decode_reply(msg: Msg, payload: bytes) -> Any:
     result = DECODERS[Msg(msg)](r)
     r.end()
     return result
+
+
+# Errors the agent may send about the connection itself rather than about the request
+# (a refused peer, a frame it could not read): accepted whatever the reply's type/seq.
+CONNECTION_ERRORS = frozenset(
+    {
+        ErrorCode.PERMISSION,
+        ErrorCode.BAD_MAGIC,
+        ErrorCode.BAD_VERSION,
+        ErrorCode.TOO_LARGE,
+        ErrorCode.UNKNOWN_MESSAGE,
+    }
+)
+
+
+def raise_connection_error(payload: bytes) -> None:
+    """Raises AgentError if ``payload`` is a connection-level error reply; else returns."""
+    r = Reader(payload, ProtocolError, "reply")
+    try:
+        status = r.i32("status")
+        if status not in CONNECTION_ERRORS:
+            return
+        r.pos = 0
+        check_status(r)
+    except ProtocolError:
+        return
+
+
+def decode_answer(msg: Msg, seq: int, reply_type: int, reply_seq: int, payload: bytes) -> Any:
+    """Returns the decoded reply to request ``msg``/``seq`` given the reply frame's type,
+    seq and payload; raises AgentError (the agent refused, or a connection-level error)
+    or ProtocolError (the reply does not answer the request)."""
+    if reply_type != (msg | REPLY_BIT) or reply_seq != seq:
+        raise_connection_error(payload)
+        if reply_type != (msg | REPLY_BIT):
+            raise ProtocolError(
+                f"reply type {reply_type:#x} does not answer {Msg(msg).name} "
+                f"(expected {msg | REPLY_BIT:#x})"
+            )
+        raise ProtocolError(f"reply seq {reply_seq} does not match request seq {seq}")
+    return decode_reply(msg, payload)

@@ -1,0 +1,241 @@
+"""Many agents at once, from one process: one selector loop over non-blocking sockets.
+
+`apply --all` on a host with thousands of processes must not start a Python process (or
+a thread) per target: each job here is one connection to one agent carrying a short
+list of requests (APPLY; INFO then LIST for `ps`), all driven by one epoll loop. The
+agents work in parallel; this side only frames, sends and decodes.
+
+A job fails *retryably* (``retry``) when the agent is busy: its listen backlog is full
+(connect says EAGAIN until the deadline) or it does not answer in time. Other failures
+(refusals, a process that exited) are not worth a retry.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import resource
+import selectors
+import socket
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from patchbox import wire as C
+from patchbox.errors import AgentError, ConnectError, PatchboxError, ProtocolError
+from patchbox.protocol.client import decode_header, encode_frame
+from patchbox.protocol.replies import decode_answer
+from patchbox.wire import Msg
+
+__all__ = ["Job", "run_jobs", "connect_address"]
+
+_SUN_PATH = 107  # usable bytes of sockaddr_un.sun_path
+_BUSY_RETRY_S = 0.002
+
+
+@dataclass
+class Job:
+    """One connection's work: ``requests`` are sent one after the other; ``replies``
+    gets each decoded answer; ``error`` the first failure (the rest are not sent)."""
+
+    key: int
+    path: str
+    requests: list[tuple[Msg, bytes]]
+    replies: list[Any] = field(default_factory=list)
+    error: PatchboxError | None = None
+    retry: bool = False
+    peer_pid: int | None = None  # SO_PEERCRED of the connection: the agent's pid here
+
+
+@dataclass
+class _Conn:
+    job: Job
+    sock: socket.socket
+    deadline: float
+    out: memoryview = memoryview(b"")
+    buf: bytearray = field(default_factory=bytearray)
+    index: int = 0  # request being answered
+
+
+def connect_address(sock: socket.socket, path: str) -> int:
+    """Connects ``sock`` to ``path`` like connect_ex; a path longer than sun_path goes
+    through an O_PATH descriptor of its directory (``/proc/self/fd/N/NAME``)."""
+    if len(os.fsencode(path)) <= _SUN_PATH:
+        return sock.connect_ex(path)
+    directory, name = os.path.split(path)
+    try:
+        fd = os.open(directory, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as err:
+        return err.errno or errno.ENOENT
+    try:
+        return sock.connect_ex(f"/proc/self/fd/{fd}/{name}")
+    finally:
+        os.close(fd)
+
+
+def _raise_nofile(want: int) -> int:
+    """Returns how many sockets may be open at once, raising the soft limit if needed."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < want + 64 and soft != resource.RLIM_INFINITY:
+        new = want + 64 if hard == resource.RLIM_INFINITY else min(hard, want + 64)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+            soft = new
+        except (ValueError, OSError):
+            pass
+    return max(1, min(want, soft - 64))
+
+
+def _connect_error(job: Job, err: int) -> ConnectError:
+    what = os.strerror(err)
+    if err in (errno.ENOENT, errno.ECONNREFUSED):
+        return ConnectError(
+            f"pid {job.key}: agent socket {job.path} refuses connections "
+            f"({what}): the process has exited"
+        )
+    if err in (errno.EACCES, errno.EPERM):
+        return ConnectError(
+            f"pid {job.key}: permission denied on {job.path}: run as root or as the process's user"
+        )
+    return ConnectError(f"pid {job.key}: cannot connect to {job.path}: {what}")
+
+
+def run_jobs(jobs: list[Job], timeout: float = 10.0) -> None:
+    """Runs every job to completion (a reply, an error, or its ``timeout``), up to as
+    many at once as file descriptors allow; fills the jobs in place."""
+    limit = _raise_nofile(len(jobs))
+    waiting: deque[tuple[float, Job, float]] = deque((0.0, j, 0.0) for j in jobs)
+    active: dict[int, _Conn] = {}
+    sel = selectors.DefaultSelector()
+
+    def finish(c: _Conn, error: PatchboxError | None = None, retry: bool = False) -> None:
+        if error is not None:
+            c.job.error, c.job.retry = error, retry
+        sel.unregister(c.sock)
+        del active[c.sock.fileno()]
+        c.sock.close()
+
+    def send_next(c: _Conn) -> None:
+        msg, payload = c.job.requests[c.index]
+        c.out = memoryview(encode_frame(msg, c.index + 1, payload))
+        flush(c)
+
+    def flush(c: _Conn) -> None:
+        try:
+            while c.out:
+                c.out = c.out[c.sock.send(c.out) :]
+        except BlockingIOError:
+            sel.modify(c.sock, selectors.EVENT_WRITE, c)
+            return
+        except OSError as err:
+            # Closed on us (a refused peer is told why first): read what it said.
+            c.out = memoryview(b"")
+            if not isinstance(err, (BrokenPipeError, ConnectionResetError)):
+                finish(c, ConnectError(f"pid {c.job.key}: cannot send: {err.strerror}"))
+                return
+        sel.modify(c.sock, selectors.EVENT_READ, c)
+
+    def receive(c: _Conn) -> None:
+        try:
+            chunk = c.sock.recv(1 << 16)
+        except BlockingIOError:
+            return
+        except OSError as err:
+            finish(c, ConnectError(f"pid {c.job.key}: connection lost: {err.strerror}"))
+            return
+        if not chunk:
+            finish(
+                c,
+                ProtocolError(f"pid {c.job.key}: the agent closed the connection without replying"),
+            )
+            return
+        c.buf += chunk
+        while len(c.buf) >= C.HEADER_SIZE:
+            try:
+                rtype, rseq, length = decode_header(bytes(c.buf[: C.HEADER_SIZE]))
+            except ProtocolError as err:
+                finish(c, err)
+                return
+            if len(c.buf) < C.HEADER_SIZE + length:
+                return
+            payload = bytes(c.buf[C.HEADER_SIZE : C.HEADER_SIZE + length])
+            del c.buf[: C.HEADER_SIZE + length]
+            msg = c.job.requests[c.index][0]
+            try:
+                c.job.replies.append(decode_answer(msg, c.index + 1, rtype, rseq, payload))
+            except (AgentError, ProtocolError) as err:
+                finish(c, err)
+                return
+            c.index += 1
+            if c.index == len(c.job.requests):
+                finish(c)
+                return
+            send_next(c)
+            if c.sock.fileno() not in active:
+                return
+
+    def start(job: Job, deadline: float) -> bool:
+        """Returns False when the agent's backlog is full (try again later)."""
+        sock = socket.socket(
+            socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
+        )
+        err = connect_address(sock, job.path)
+        if err in (errno.EAGAIN, errno.EWOULDBLOCK):
+            sock.close()
+            return False
+        if err not in (0, errno.EINPROGRESS):
+            sock.close()
+            job.error = _connect_error(job, err)
+            return True
+        try:
+            cred = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+            job.peer_pid = int.from_bytes(cred[:4], "little") or None
+        except OSError:
+            pass
+        c = _Conn(job, sock, deadline)
+        active[sock.fileno()] = c
+        sel.register(sock, selectors.EVENT_WRITE, c)
+        send_next(c)
+        return True
+
+    while waiting or active:
+        now = time.monotonic()
+        retry: deque[tuple[float, Job, float]] = deque()
+        while waiting and len(active) < limit:
+            not_before, job, deadline = waiting.popleft()
+            deadline = deadline or now + timeout
+            if not_before > now:
+                retry.append((not_before, job, deadline))
+                continue
+            if not start(job, deadline):
+                if now >= deadline:
+                    job.error = ConnectError(
+                        f"pid {job.key}: the agent is busy (its queue "
+                        f"stayed full for {timeout:g} s)"
+                    )
+                    job.retry = True
+                else:
+                    retry.append((now + _BUSY_RETRY_S, job, deadline))
+        waiting.extendleft(reversed(retry))
+        if not active:
+            if waiting:
+                time.sleep(_BUSY_RETRY_S)
+            continue
+        wait = min(c.deadline for c in active.values()) - time.monotonic()
+        for key, events in sel.select(max(0.0, min(wait, 0.05 if waiting else wait))):
+            c = key.data
+            if c.sock.fileno() not in active:
+                continue
+            if events & selectors.EVENT_WRITE:
+                flush(c)
+            elif events & selectors.EVENT_READ:
+                receive(c)
+        now = time.monotonic()
+        for c in [c for c in active.values() if c.deadline <= now]:
+            finish(
+                c,
+                ConnectError(f"pid {c.job.key}: no reply from the agent within {timeout:g} s"),
+                retry=True,
+            )
+    sel.close()

@@ -1,0 +1,161 @@
+"""Every agent on the host: from the kernel's table of bound Unix sockets.
+
+Each agent listens on ``sandbox-sock<n>`` (n: its pid in its own pid namespace). The
+kernel lists every bound Unix socket of a network namespace in ``/proc/<pid>/net/unix``
+with the path it was bound to, so one read per network namespace finds every agent,
+whatever directory it chose and whether or not its environment block was overwritten.
+How to reach each one (docs/protocol.md, "Socket and discovery"):
+
+- bound as ``/proc/self/fd/K/sandbox-sock<n>`` (a directory too deep for sun_path):
+  through ``/proc/<pid>/fd/K/…``, the agent's own descriptor of its directory;
+- bound as an absolute path: that path when the process shares our mount namespace,
+  else ``/proc/<pid>/root/<path>`` (a container, a private mount over its directory).
+
+The pid is n when the process is in our pid namespace; the connection's SO_PEERCRED
+says for sure. Sockets that cannot be attributed that way (another pid namespace) are
+matched through the socket inodes in ``/proc/*/fd``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+__all__ = ["UnixSocket", "AgentSocket", "parse_net_unix", "iter_agent_sockets", "SOCKET_RE"]
+
+SOCKET_RE = re.compile(r"(?:^|/)sandbox-sock(\d+)$")
+_SELF_FD = re.compile(r"^/proc/self/fd/(\d+)/(sandbox-sock\d+)$")
+_ACCEPTCON = 0x10000  # __SO_ACCEPTCON: a listening socket
+_SS_UNCONNECTED = 1  # the "St" column of a listening socket
+
+
+@dataclass(frozen=True)
+class UnixSocket:
+    """One line of ``/proc/net/unix``."""
+
+    inode: int
+    path: str  # as bound ("" for unnamed, "@name" for abstract)
+    listening: bool
+
+
+@dataclass(frozen=True)
+class AgentSocket:
+    """A listening agent socket and how to reach it from here."""
+
+    pid: int  # host pid (best knowledge: confirm with SO_PEERCRED)
+    nspid: int  # the n of sandbox-sock<n>
+    inode: int
+    bound: str  # the path the agent bound
+    connect: str  # the path to connect to from this process
+
+
+def parse_net_unix(text: str) -> list[UnixSocket]:
+    """Returns the sockets of a ``/proc/net/unix`` text (header line skipped)."""
+    out = []
+    for line in text.splitlines()[1:]:
+        parts = line.split(None, 7)
+        if len(parts) < 7:
+            continue
+        try:
+            flags, state, inode = int(parts[3], 16), int(parts[5], 16), int(parts[6])
+        except ValueError:
+            continue
+        path = parts[7] if len(parts) == 8 else ""
+        out.append(UnixSocket(inode, path, bool(flags & _ACCEPTCON) and state == _SS_UNCONNECTED))
+    return out
+
+
+def _readlink(path: str) -> str | None:
+    try:
+        return os.readlink(path)
+    except OSError:
+        return None
+
+
+def _pids() -> list[int]:
+    return [int(n) for n in os.listdir("/proc") if n.isdigit()]
+
+
+def _netns_tables() -> Iterator[tuple[str, str]]:
+    """Returns (net namespace, /proc/<pid>/net/unix text) once per namespace reachable."""
+    seen: set[str] = set()
+    mine = _readlink("/proc/self/ns/net") or ""
+    readers = [("self", mine)]
+    for pid in _pids():
+        ns = _readlink(f"/proc/{pid}/ns/net")
+        if ns and ns != mine and ns not in seen:
+            seen.add(ns)
+            readers.append((str(pid), ns))
+    for who, ns in readers:
+        try:
+            with open(f"/proc/{who}/net/unix") as f:
+                yield ns, f.read()
+        except OSError:
+            continue
+
+
+def _socket_owners(inodes: set[int]) -> dict[int, int]:
+    """Returns {socket inode: pid} for ``inodes``, from every readable ``/proc/*/fd``."""
+    owners: dict[int, int] = {}
+    for pid in _pids():
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            link = _readlink(f"/proc/{pid}/fd/{fd}")
+            if link and link.startswith("socket:["):
+                inode = int(link[8:-1])
+                if inode in inodes:
+                    owners.setdefault(inode, pid)
+    return owners
+
+
+def _holds(pid: int, inode: int) -> bool:
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return True  # cannot check: SO_PEERCRED will tell
+    return any(_readlink(f"/proc/{pid}/fd/{fd}") == f"socket:[{inode}]" for fd in fds)
+
+
+def reach(pid: int, bound: str, same_mnt: bool) -> str:
+    """Returns the path this process connects to for an agent of host ``pid`` bound at
+    ``bound``."""
+    m = _SELF_FD.match(bound)
+    if m:
+        return f"/proc/{pid}/fd/{m[1]}/{m[2]}"
+    return bound if same_mnt else f"/proc/{pid}/root{bound}"
+
+
+def iter_agent_sockets(verify: bool = False) -> list[AgentSocket]:
+    """Returns every listening agent socket of the host (every network namespace this
+    process can read). With ``verify``, each is checked to be held by its pid through
+    ``/proc/<pid>/fd`` (costly on thousands of processes; SO_PEERCRED after connecting
+    is the cheap check)."""
+    mine_mnt = _readlink("/proc/self/ns/mnt")
+    found: list[tuple[int, UnixSocket]] = []
+    for _ns, text in _netns_tables():
+        for s in parse_net_unix(text):
+            m = SOCKET_RE.search(s.path)
+            if s.listening and m:
+                found.append((int(m[1]), s))
+    out: list[AgentSocket] = []
+    unplaced: list[tuple[int, UnixSocket]] = []
+    for nspid, s in found:
+        if not os.path.isdir(f"/proc/{nspid}") or (verify and not _holds(nspid, s.inode)):
+            unplaced.append((nspid, s))
+            continue
+        same = _readlink(f"/proc/{nspid}/ns/mnt") == mine_mnt
+        out.append(AgentSocket(nspid, nspid, s.inode, s.path, reach(nspid, s.path, same)))
+    if unplaced:
+        owners = _socket_owners({s.inode for _n, s in unplaced})
+        for nspid, s in unplaced:
+            pid = owners.get(s.inode)
+            if pid is None:
+                continue
+            same = _readlink(f"/proc/{pid}/ns/mnt") == mine_mnt
+            out.append(AgentSocket(pid, nspid, s.inode, s.path, reach(pid, s.path, same)))
+    return sorted(out, key=lambda a: a.pid)
