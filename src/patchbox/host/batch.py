@@ -15,7 +15,7 @@ from __future__ import annotations
 import errno
 import os
 import resource
-import selectors
+import select
 import socket
 import time
 from collections import deque
@@ -39,23 +39,29 @@ class Job:
     """One connection's work: ``requests`` are sent one after the other; ``replies``
     gets each decoded answer; ``error`` the first failure (the rest are not sent)."""
 
-    key: int
+    key: int  # the pid this job is for
     path: str
     requests: list[tuple[Msg, bytes]]
+    alt: str = ""  # tried when ``path`` is absent or leads to another pid's agent
     replies: list[Any] = field(default_factory=list)
     error: PatchboxError | None = None
     retry: bool = False
     peer_pid: int | None = None  # SO_PEERCRED of the connection: the agent's pid here
 
 
-@dataclass
 class _Conn:
-    job: Job
-    sock: socket.socket
-    deadline: float
-    out: memoryview = memoryview(b"")
-    buf: bytearray = field(default_factory=bytearray)
-    index: int = 0  # request being answered
+    """One open connection of :func:`run_jobs`."""
+
+    __slots__ = ("job", "sock", "fd", "deadline", "out", "buf", "index")
+
+    def __init__(self, job: Job, sock: socket.socket, deadline: float) -> None:
+        self.job = job
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.deadline = deadline
+        self.out = memoryview(b"")
+        self.buf = bytearray()
+        self.index = 0  # request being answered
 
 
 def connect_address(sock: socket.socket, path: str) -> int:
@@ -107,34 +113,43 @@ def run_jobs(jobs: list[Job], timeout: float = 10.0) -> None:
     limit = _raise_nofile(len(jobs))
     waiting: deque[tuple[float, Job, float]] = deque((0.0, j, 0.0) for j in jobs)
     active: dict[int, _Conn] = {}
-    sel = selectors.DefaultSelector()
+    ep = select.epoll()
+    frames: dict[tuple[Msg, int, bytes], bytes] = {}  # most jobs send the same frames
+
+    def frame(msg: Msg, seq: int, payload: bytes) -> bytes:
+        key = (msg, seq, payload)
+        if key not in frames:
+            frames[key] = encode_frame(msg, seq, payload)
+        return frames[key]
 
     def finish(c: _Conn, error: PatchboxError | None = None, retry: bool = False) -> None:
         if error is not None:
             c.job.error, c.job.retry = error, retry
-        sel.unregister(c.sock)
-        del active[c.sock.fileno()]
+        ep.unregister(c.fd)
+        del active[c.fd]
         c.sock.close()
 
-    def send_next(c: _Conn) -> None:
+    def send_next(c: _Conn) -> bool:
+        """Returns False if the connection was finished."""
         msg, payload = c.job.requests[c.index]
-        c.out = memoryview(encode_frame(msg, c.index + 1, payload))
-        flush(c)
+        c.out = memoryview(frame(msg, c.index + 1, payload))
+        return flush(c)
 
-    def flush(c: _Conn) -> None:
+    def flush(c: _Conn) -> bool:
         try:
             while c.out:
                 c.out = c.out[c.sock.send(c.out) :]
         except BlockingIOError:
-            sel.modify(c.sock, selectors.EVENT_WRITE, c)
-            return
-        except OSError as err:
+            ep.modify(c.fd, select.EPOLLOUT)
+            return True
+        except (BrokenPipeError, ConnectionResetError):
             # Closed on us (a refused peer is told why first): read what it said.
             c.out = memoryview(b"")
-            if not isinstance(err, (BrokenPipeError, ConnectionResetError)):
-                finish(c, ConnectError(f"pid {c.job.key}: cannot send: {err.strerror}"))
-                return
-        sel.modify(c.sock, selectors.EVENT_READ, c)
+        except OSError as err:
+            finish(c, ConnectError(f"pid {c.job.key}: cannot send: {err.strerror}"))
+            return False
+        ep.modify(c.fd, select.EPOLLIN)
+        return True
 
     def receive(c: _Conn) -> None:
         try:
@@ -171,8 +186,7 @@ def run_jobs(jobs: list[Job], timeout: float = 10.0) -> None:
             if c.index == len(c.job.requests):
                 finish(c)
                 return
-            send_next(c)
-            if c.sock.fileno() not in active:
+            if not send_next(c):
                 return
 
     def start(job: Job, deadline: float) -> bool:
@@ -194,48 +208,53 @@ def run_jobs(jobs: list[Job], timeout: float = 10.0) -> None:
         except OSError:
             pass
         c = _Conn(job, sock, deadline)
-        active[sock.fileno()] = c
-        sel.register(sock, selectors.EVENT_WRITE, c)
+        active[c.fd] = c
+        ep.register(c.fd, select.EPOLLOUT)
         send_next(c)
         return True
 
-    while waiting or active:
-        now = time.monotonic()
-        retry: deque[tuple[float, Job, float]] = deque()
-        while waiting and len(active) < limit:
-            not_before, job, deadline = waiting.popleft()
-            deadline = deadline or now + timeout
-            if not_before > now:
-                retry.append((not_before, job, deadline))
+    try:
+        while waiting or active:
+            now = time.monotonic()
+            later: deque[tuple[float, Job, float]] = deque()
+            while waiting and len(active) < limit:
+                not_before, job, deadline = waiting.popleft()
+                deadline = deadline or now + timeout
+                if not_before > now:
+                    later.append((not_before, job, deadline))
+                elif not start(job, deadline):
+                    if now >= deadline:
+                        job.error = ConnectError(
+                            f"pid {job.key}: the agent is busy (its "
+                            f"queue stayed full for {timeout:g} s)"
+                        )
+                        job.retry = True
+                    else:
+                        later.append((now + _BUSY_RETRY_S, job, deadline))
+            waiting.extendleft(reversed(later))
+            if not active:
+                if waiting:
+                    time.sleep(_BUSY_RETRY_S)
                 continue
-            if not start(job, deadline):
-                if now >= deadline:
-                    job.error = ConnectError(
-                        f"pid {job.key}: the agent is busy (its queue "
-                        f"stayed full for {timeout:g} s)"
-                    )
-                    job.retry = True
-                else:
-                    retry.append((now + _BUSY_RETRY_S, job, deadline))
-        waiting.extendleft(reversed(retry))
-        if not active:
+            wait = min(c.deadline for c in active.values()) - time.monotonic()
             if waiting:
-                time.sleep(_BUSY_RETRY_S)
-            continue
-        wait = min(c.deadline for c in active.values()) - time.monotonic()
-        for key, events in sel.select(max(0.0, min(wait, 0.05 if waiting else wait))):
-            c = key.data
-            if c.sock.fileno() not in active:
-                continue
-            if events & selectors.EVENT_WRITE:
-                flush(c)
-            elif events & selectors.EVENT_READ:
-                receive(c)
-        now = time.monotonic()
-        for c in [c for c in active.values() if c.deadline <= now]:
-            finish(
-                c,
-                ConnectError(f"pid {c.job.key}: no reply from the agent within {timeout:g} s"),
-                retry=True,
-            )
-    sel.close()
+                wait = min(wait, _BUSY_RETRY_S)
+            for fd, events in ep.poll(max(0.0, wait)):
+                c = active.get(fd)
+                if c is None:
+                    continue
+                if events & select.EPOLLOUT and c.out:
+                    flush(c)
+                else:
+                    receive(c)
+            now = time.monotonic()
+            for c in [c for c in active.values() if c.deadline <= now]:
+                finish(
+                    c,
+                    ConnectError(f"pid {c.job.key}: no reply from the agent within {timeout:g} s"),
+                    retry=True,
+                )
+    finally:
+        for c in list(active.values()):
+            c.sock.close()
+        ep.close()

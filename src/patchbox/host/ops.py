@@ -13,7 +13,6 @@ failed, 1 something failed, 2 every failure is worth a retry (a busy agent).
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -30,8 +29,7 @@ from patchbox.wire import ErrorCode, Msg
 __all__ = [
     "Outcome",
     "ProcessRow",
-    "exe_of",
-    "build_id_of",
+    "exe_facts",
     "list_processes",
     "apply_all",
     "remove_all",
@@ -76,65 +74,71 @@ class ProcessRow:
         return asdict(self)
 
 
-def exe_of(pid: int) -> str:
-    """Returns the executable of ``pid`` ("" if unknown)."""
+@dataclass(frozen=True)
+class _Exe:
+    """What a process runs: its executable's path, file identity and build-id."""
+
+    path: str = ""
+    file: tuple[int, int] = (0, 0)  # (st_dev, st_ino)
+    build_id: str = ""
+
+
+_BUILD_IDS: dict[str, str] = {}  # executable (as /proc/PID/exe names it) -> build-id
+
+
+def exe_facts(pid: int, identity: bool = False) -> _Exe:
+    """Returns what ``pid`` runs (empty fields where /proc does not tell). The build-id is
+    read once per executable (program headers only) and cached by its path; a replaced
+    executable is named "PATH (deleted)" and read through /proc/PID/exe. ``identity``
+    also stats the file (for --exe)."""
+    proc = f"/proc/{pid}/exe"
     try:
-        return os.readlink(f"/proc/{pid}/exe").removesuffix(" (deleted)")
+        link = os.readlink(proc)
+        st = os.stat(proc) if identity or link.endswith(" (deleted)") else None
     except OSError:
-        return ""
-
-
-_BUILD_IDS: dict[tuple[int, int, int], str] = {}
-
-
-def build_id_of(pid: int) -> str:
-    """Returns the hex build-id of ``pid``'s executable ("" if unknown), cached per file."""
-    path = f"/proc/{pid}/exe"
-    try:
-        st = os.stat(path)
-    except OSError:
-        return ""
-    key = (st.st_dev, st.st_ino, st.st_mtime_ns)
+        return _Exe()
+    key = link if st is None else f"{link}\0{st.st_dev}:{st.st_ino}:{st.st_mtime_ns}"
     if key not in _BUILD_IDS:
         try:
-            found = read_build_id(path)
+            found = read_build_id(proc)
         except ElfError:
             found = None
         _BUILD_IDS[key] = found.hex() if found else ""
-    return _BUILD_IDS[key]
+    file = (st.st_dev, st.st_ino) if st is not None else (0, 0)
+    return _Exe(link.removesuffix(" (deleted)"), file, _BUILD_IDS[key])
 
 
-def _select(agents: list[AgentSocket], exe: str | None, build_id: str | None) -> list[AgentSocket]:
+def _select(
+    agents: list[AgentSocket], facts: dict[int, _Exe], exe: str | None, build_id: str | None
+) -> list[AgentSocket]:
     out = agents
     if exe is not None:
         try:
             want = os.stat(exe)
         except OSError as err:
             raise PatchboxError(f"--exe {exe}: {err.strerror}") from err
-        keep = []
-        for a in out:
-            try:
-                st = os.stat(f"/proc/{a.pid}/exe")
-            except OSError:
-                continue
-            if (st.st_dev, st.st_ino) == (want.st_dev, want.st_ino):
-                keep.append(a)
-        out = keep
+        out = [a for a in out if exe_facts(a.pid, identity=True).file == (want.st_dev, want.st_ino)]
     if build_id is not None:
-        out = [a for a in out if build_id_of(a.pid) == build_id.lower()]
+        out = [a for a in out if facts[a.pid].build_id == build_id.lower()]
     return out
+
+
+def _agents() -> tuple[list[AgentSocket], dict[int, _Exe]]:
+    agents = iter_agent_sockets()
+    return agents, {a.pid: exe_facts(a.pid) for a in agents}
 
 
 def list_processes(*, timeout: float = 10.0) -> list[ProcessRow]:
     """Returns one row per agent on the host: INFO and LIST asked of all at once."""
-    agents = iter_agent_sockets()
-    jobs = [Job(a.pid, a.connect, [(Msg.INFO, b""), (Msg.LIST, b"")]) for a in agents]
+    agents, facts = _agents()
+    jobs = [Job(a.pid, a.connect, [(Msg.INFO, b""), (Msg.LIST, b"")], a.alt) for a in agents]
     run_jobs(jobs, timeout)
     root = store_root()
     rows = []
     for a, job in zip(agents, jobs, strict=True):
         pid = job.peer_pid or a.pid
-        row = ProcessRow(pid, exe=exe_of(pid), build_id=build_id_of(pid), socket=a.bound)
+        f = facts[a.pid] if pid == a.pid else exe_facts(pid)
+        row = ProcessRow(pid, exe=f.path, build_id=f.build_id, socket=a.bound)
         if job.error is not None:
             row.error = str(job.error)
         else:
@@ -154,18 +158,22 @@ def list_processes(*, timeout: float = 10.0) -> list[ProcessRow]:
 
 def _batch(
     agents: list[AgentSocket],
-    request: Callable[[AgentSocket], tuple[Msg, bytes]],
+    facts: dict[int, _Exe],
+    request: tuple[Msg, bytes],
     done: str,
     benign: ErrorCode,
     benign_reason: str,
     timeout: float,
 ) -> list[Outcome]:
-    jobs = [Job(a.pid, a.connect, [request(a)]) for a in agents]
+    """Sends ``request`` to every agent at once; returns one outcome per agent: ``done``,
+    skipped (the agent answered ``benign``) or failed."""
+    jobs = [Job(a.pid, a.connect, [request], a.alt) for a in agents]
     run_jobs(jobs, timeout)
     out = []
     for a, job in zip(agents, jobs, strict=True):
         pid = job.peer_pid or a.pid
-        o = Outcome(pid, done, exe=exe_of(pid), build_id=build_id_of(pid))
+        f = facts[a.pid] if pid == a.pid else exe_facts(pid)
+        o = Outcome(pid, done, exe=f.path, build_id=f.build_id)
         err = job.error
         if isinstance(err, AgentError) and err.code == benign:
             o.result, o.reason = "skipped", benign_reason
@@ -187,25 +195,19 @@ def apply_all(
     by ``exe``/``build_id``); others are skipped. With ``rollback``, a failure anywhere
     removes the patch again from every process this call applied it to."""
     want = pf.patch.build_id.hex()
-    agents = _select(iter_agent_sockets(), exe, build_id)
+    found, facts = _agents()
     skipped, targets = [], []
-    for a in agents:
-        have = build_id_of(a.pid)
+    for a in _select(found, facts, exe, build_id):
+        have = facts[a.pid].build_id
         if have and have != want:
-            skipped.append(
-                Outcome(
-                    a.pid,
-                    "skipped",
-                    f"runs build-id {have}; the patch is for {want}",
-                    exe_of(a.pid),
-                    have,
-                )
-            )
+            reason = f"runs build-id {have}; the patch is for {want}"
+            skipped.append(Outcome(a.pid, "skipped", reason, facts[a.pid].path, have))
         else:
             targets.append(a)
     done = _batch(
         targets,
-        lambda _a: (Msg.APPLY, pf.body),
+        facts,
+        (Msg.APPLY, pf.body),
         "applied",
         ErrorCode.ALREADY_APPLIED,
         f"{pf.patch.name} is already applied",
@@ -215,6 +217,7 @@ def apply_all(
         applied = {o.pid for o in done if o.result == "applied"}
         back = _batch(
             [a for a in targets if a.pid in applied],
+            facts,
             _remove_request(pf.patch.name),
             "removed",
             ErrorCode.NOT_APPLIED,
@@ -232,9 +235,8 @@ def apply_all(
     return sorted(skipped + done, key=lambda o: o.pid)
 
 
-def _remove_request(name: str) -> Callable[[AgentSocket], tuple[Msg, bytes]]:
-    payload = bytes(Writer().str(name))
-    return lambda _a: (Msg.REMOVE, payload)
+def _remove_request(name: str) -> tuple[Msg, bytes]:
+    return Msg.REMOVE, bytes(Writer().str(name))
 
 
 def remove_all(
@@ -242,9 +244,10 @@ def remove_all(
 ) -> list[Outcome]:
     """Removes patch ``name`` from every agent that has it (narrowed by ``exe`` or
     ``build_id``); agents without it are skipped."""
-    agents = _select(iter_agent_sockets(), exe, build_id)
+    found, facts = _agents()
     done = _batch(
-        agents,
+        _select(found, facts, exe, build_id),
+        facts,
         _remove_request(name),
         "removed",
         ErrorCode.NOT_APPLIED,

@@ -49,6 +49,7 @@ class AgentSocket:
     inode: int
     bound: str  # the path the agent bound
     connect: str  # the path to connect to from this process
+    alt: str = ""  # where to try next if ``connect`` does not reach this pid's agent
 
 
 def parse_net_unix(text: str) -> list[UnixSocket]:
@@ -78,22 +79,26 @@ def _pids() -> list[int]:
     return [int(n) for n in os.listdir("/proc") if n.isdigit()]
 
 
-def _netns_tables() -> Iterator[tuple[str, str]]:
-    """Returns (net namespace, /proc/<pid>/net/unix text) once per namespace reachable."""
+def _read_table(who: str) -> str:
+    try:
+        with open(f"/proc/{who}/net/unix") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def _other_netns_tables(skip: set[int]) -> Iterator[str]:
+    """Returns the /proc/<pid>/net/unix text of every other network namespace, looked for
+    among the processes not in ``skip`` (agents already found in ours are in ours)."""
+    mine = _readlink("/proc/self/ns/net")
     seen: set[str] = set()
-    mine = _readlink("/proc/self/ns/net") or ""
-    readers = [("self", mine)]
     for pid in _pids():
+        if pid in skip:
+            continue
         ns = _readlink(f"/proc/{pid}/ns/net")
         if ns and ns != mine and ns not in seen:
             seen.add(ns)
-            readers.append((str(pid), ns))
-    for who, ns in readers:
-        try:
-            with open(f"/proc/{who}/net/unix") as f:
-                yield ns, f.read()
-        except OSError:
-            continue
+            yield _read_table(str(pid))
 
 
 def _socket_owners(inodes: set[int]) -> dict[int, int]:
@@ -121,13 +126,23 @@ def _holds(pid: int, inode: int) -> bool:
     return any(_readlink(f"/proc/{pid}/fd/{fd}") == f"socket:[{inode}]" for fd in fds)
 
 
-def reach(pid: int, bound: str, same_mnt: bool) -> str:
-    """Returns the path this process connects to for an agent of host ``pid`` bound at
-    ``bound``."""
+def reach(pid: int, bound: str) -> tuple[str, str]:
+    """Returns (path to connect to, path to try next) for an agent of host ``pid`` bound at
+    ``bound``: the bound path itself first (the same mount namespace: the common case),
+    then through ``/proc/<pid>/root`` (another one)."""
     m = _SELF_FD.match(bound)
     if m:
-        return f"/proc/{pid}/fd/{m[1]}/{m[2]}"
-    return bound if same_mnt else f"/proc/{pid}/root{bound}"
+        return f"/proc/{pid}/fd/{m[1]}/{m[2]}", ""
+    return bound, f"/proc/{pid}/root{bound}"
+
+
+def _agent_entries(text: str) -> list[tuple[int, UnixSocket]]:
+    out = []
+    for s in parse_net_unix(text):
+        m = SOCKET_RE.search(s.path)
+        if s.listening and m:
+            out.append((int(m[1]), s))
+    return out
 
 
 def iter_agent_sockets(verify: bool = False) -> list[AgentSocket]:
@@ -135,27 +150,21 @@ def iter_agent_sockets(verify: bool = False) -> list[AgentSocket]:
     process can read). With ``verify``, each is checked to be held by its pid through
     ``/proc/<pid>/fd`` (costly on thousands of processes; SO_PEERCRED after connecting
     is the cheap check)."""
-    mine_mnt = _readlink("/proc/self/ns/mnt")
-    found: list[tuple[int, UnixSocket]] = []
-    for _ns, text in _netns_tables():
-        for s in parse_net_unix(text):
-            m = SOCKET_RE.search(s.path)
-            if s.listening and m:
-                found.append((int(m[1]), s))
+    found = _agent_entries(_read_table("self"))
+    mine = {n for n, _s in found}
+    for text in _other_netns_tables(mine):
+        found += _agent_entries(text)
     out: list[AgentSocket] = []
     unplaced: list[tuple[int, UnixSocket]] = []
     for nspid, s in found:
-        if not os.path.isdir(f"/proc/{nspid}") or (verify and not _holds(nspid, s.inode)):
+        if not os.path.exists(f"/proc/{nspid}") or (verify and not _holds(nspid, s.inode)):
             unplaced.append((nspid, s))
             continue
-        same = _readlink(f"/proc/{nspid}/ns/mnt") == mine_mnt
-        out.append(AgentSocket(nspid, nspid, s.inode, s.path, reach(nspid, s.path, same)))
+        out.append(AgentSocket(nspid, nspid, s.inode, s.path, *reach(nspid, s.path)))
     if unplaced:
         owners = _socket_owners({s.inode for _n, s in unplaced})
         for nspid, s in unplaced:
             pid = owners.get(s.inode)
-            if pid is None:
-                continue
-            same = _readlink(f"/proc/{pid}/ns/mnt") == mine_mnt
-            out.append(AgentSocket(pid, nspid, s.inode, s.path, reach(pid, s.path, same)))
+            if pid is not None:
+                out.append(AgentSocket(pid, nspid, s.inode, s.path, *reach(pid, s.path)))
     return sorted(out, key=lambda a: a.pid)
