@@ -18,7 +18,15 @@ from unidiff.errors import UnidiffParseError
 
 from patchbox.errors import BuildError
 
-__all__ = ["FileChange", "parse_diff", "diff_files", "changed_lines", "strip_path", "unquote"]
+__all__ = [
+    "FileChange",
+    "parse_diff",
+    "diff_files",
+    "changed_lines",
+    "line_maps",
+    "strip_path",
+    "unquote",
+]
 
 _ESCAPES = {
     "a": "\a",
@@ -66,6 +74,20 @@ class FileChange:
     touched: set[int] = field(default_factory=set)  # new-side lines added or next to a deletion
     # (old start, old length, new length) of each hunk, for line shifts below it
     hunks: list[tuple[int, int, int]] = field(default_factory=list)
+    # old line -> new line for the context lines inside hunks; None for removed lines
+    inside: dict[int, int | None] = field(default_factory=dict)
+
+    def new_line(self, old: int) -> int | None:
+        """Returns the new-side number of old line ``old``, None if the diff changes or
+        deletes it."""
+        if old in self.inside:
+            return self.inside[old]
+        shift = 0
+        for start, old_len, new_len in self.hunks:
+            if old < start:
+                break
+            shift += new_len - old_len
+        return old + shift
 
     @property
     def name(self) -> str:
@@ -94,6 +116,8 @@ def parse_diff(text: str) -> list[FileChange]:
             nxt = hunk.target_start
             for line in hunk:
                 new_no: int | None = line.target_line_no
+                if line.source_line_no is not None:
+                    change.inside[line.source_line_no] = new_no
                 if line.is_removed:
                     change.touched.add(nxt)  # the line that now follows the deletion
                 elif new_no is not None:
@@ -117,6 +141,12 @@ def changed_lines(text: str) -> dict[str, set[int]]:
         if c.touched:
             out[os.path.basename(c.name)] |= c.touched
     return dict(out)
+
+
+def line_maps(text: str) -> dict[str, FileChange]:
+    """Returns {file basename: its change} for the files a diff changes (to map old line
+    numbers to new ones, :meth:`FileChange.new_line`)."""
+    return {os.path.basename(c.name): c for c in parse_diff(text) if c.old is not None}
 
 
 def strip_path(name: str, level: int) -> str:

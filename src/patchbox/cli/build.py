@@ -16,6 +16,7 @@ from patchbox.format.layout import save_patch
 from patchbox.profiles import GENERIC, QEMU
 from patchbox.rebuild.incremental import IncrementalBuild
 from patchbox.rebuild.workspace import Workspace, check_diff
+from patchbox.sourcediff import line_maps
 
 __all__ = ["build_command"]
 
@@ -178,7 +179,7 @@ def build_command(
             patched = ws.objects()
             t_built = time.monotonic()
             built = f"builds {t_built - t0:.1f} s"
-        diffs, same = compare_trees(orig, patched, profile.reporters)
+        diffs, same = compare_trees(orig, patched, profile.reporters, line_maps(diff_text))
         if explain or dry_run:
             annotate_inlined(diffs, diff_text)
             click.echo(format_explain(diffs, same))

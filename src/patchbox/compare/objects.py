@@ -32,21 +32,20 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from capstone import CS_ARCH_X86, CS_MODE_64, Cs, CsInsn
-from capstone.x86 import X86_OP_IMM
 from elftools.elf.constants import SH_FLAGS
 
+from patchbox.compare.lines import LineCheck
 from patchbox.elf.fastread import load_object
 from patchbox.elf.objfile import ObjectFile, ObjSymbol, Relocation, Section
 from patchbox.elf.reloc import get_reloc
 from patchbox.profiles import GENERIC, Reporters
+from patchbox.sourcediff import FileChange
 
 __all__ = ["Decision", "ObjectDiff", "compare_objects", "compare_trees", "normalize", "is_clone"]
 
 _CLONE = re.compile(r"\.(cold|part|constprop|isra|lto_priv|clone|localalias|specialized)(\.|$)")
 _PATHLIKE = re.compile(rb"^[\w.+-]*(/[\w.+-]+)+\.(c|h|cc|cpp|cxx|hh|hpp|inc|def)$")
 _CST = re.compile(r"\.cst(\d+)")
-_CALLS = ("call", "jmp")
 
 
 def normalize(name: str) -> str:
@@ -259,79 +258,18 @@ def _difference(a: tuple, b: tuple) -> str:
     return f"code differs at +{first:#x}"
 
 
-class _LineCheck:
-    """Recognises functions that differ only in ``__LINE__`` arguments of reporting calls."""
-
-    _md: Cs | None = None
-
-    def __init__(self, reporters: Reporters) -> None:
-        self.reporters = reporters
-
-    @classmethod
-    def disasm(cls) -> Cs:
-        if cls._md is None:
-            cls._md = Cs(CS_ARCH_X86, CS_MODE_64)
-            cls._md.detail = True
-        return cls._md
-
-    def only_lines(self, a: tuple, b: tuple) -> str | None:
-        """Returns the reporting function(s) if ``a`` and ``b`` differ only there, else None."""
-        (da, ra), (db, rb) = a, b
-        if len(da) != len(db) or ra != rb or not isinstance(da, bytes):
-            return None
-        md = self.disasm()
-        ia, ib = list(md.disasm(da, 0)), list(md.disasm(db, 0))
-        if len(ia) != len(ib) or (ia and ia[-1].address + ia[-1].size != len(da)):
-            return None
-        calls = {o: x for o, _t, x in rb}
-        seen = []
-        for k, (x, y) in enumerate(zip(ia, ib)):
-            if x.bytes == y.bytes:
-                continue
-            if x.address != y.address or x.size != y.size or x.mnemonic != y.mnemonic:
-                return None
-            if len(x.operands) != len(y.operands) or not x.operands:
-                return None
-            imm = False
-            for p, q in zip(x.operands, y.operands):
-                if p.type != q.type:
-                    return None
-                if p.type == X86_OP_IMM:
-                    imm = imm or p.imm != q.imm
-                elif p.reg != q.reg or (
-                    p.type != 1
-                    and (p.mem.base, p.mem.index, p.mem.scale, p.mem.disp)
-                    != (q.mem.base, q.mem.index, q.mem.scale, q.mem.disp)
-                ):
-                    return None
-            if not imm:
-                return None
-            name = self._next_call(ia, k, calls)
-            if name is None:
-                return None
-            seen.append(name)
-        return ", ".join(dict.fromkeys(seen)) if seen else None
-
-    def _next_call(self, insns: list[CsInsn], k: int, calls: dict[int, tuple]) -> str | None:
-        for ins in insns[k + 1 : k + 16]:
-            m = ins.mnemonic
-            if m in _CALLS:
-                tgt = calls.get(ins.address + 1)
-                if tgt and tgt[0] in ("ext", "sym") and tgt[1] in self.reporters:
-                    return tgt[1]
-                return None
-            if m.startswith("j") or m.startswith("ret"):
-                return None
-        return None
-
-
 def compare_objects(
     orig: ObjectFile | str | Path | None,
     patched: ObjectFile | str | Path,
     reporters: Reporters | None = None,
     rel: str | None = None,
+    lines: dict[str, FileChange] | None = None,
 ) -> ObjectDiff:
-    """Compares ``patched`` with ``orig`` (None: a new object) and decides per symbol."""
+    """Compares ``patched`` with ``orig`` (None: a new object) and decides per symbol.
+
+    ``lines`` is the diff's line map per file basename (:func:`patchbox.sourcediff.line_maps`):
+    with it, ``__LINE__`` differences are recognised from the code (:mod:`patchbox.compare.lines`);
+    a source file the diff does not change keeps its line numbers."""
     if not isinstance(patched, ObjectFile):
         patched = load_object(patched)
     if orig is not None and not isinstance(orig, ObjectFile):
@@ -359,7 +297,11 @@ def compare_objects(
     for s in syms:
         o = pairs.get(s.index)
         new.ident[s.index] = o.name if o is not None else f"new:{s.name}"
-    lines = _LineCheck(reporters)
+    source = os.path.basename(patched.source_file) if patched.source_file else None
+    line_map = None
+    if lines is not None:
+        line_map = lines.get(source or "", FileChange(None, None))
+    linecheck = LineCheck(reporters, source, line_map)
     changed: dict[str, str] = {}  # patched function name -> reason
     clones: set[str] = set()
     for s in syms:
@@ -381,7 +323,7 @@ def compare_objects(
             a, b = old.form(*old.span(o)), new.form(*new.span(s))
             if a == b:
                 continue
-            line = lines.only_lines(a, b)
+            line = linecheck.only_lines(a, b, s.name)
             if line is not None:
                 out.decisions.append(
                     Decision(
@@ -494,7 +436,10 @@ def _callers(side: _Side, syms: list[ObjSymbol]) -> dict[str, set[str]]:
 
 
 def compare_trees(
-    orig: dict[str, Path], patched: dict[str, Path], reporters: Reporters | None = None
+    orig: dict[str, Path],
+    patched: dict[str, Path],
+    reporters: Reporters | None = None,
+    lines: dict[str, FileChange] | None = None,
 ) -> tuple[list[ObjectDiff], int]:
     """Compares every patched object with the original of the same relative path.
 
@@ -508,7 +453,7 @@ def compare_trees(
         if o is not None and o.read_bytes() == path.read_bytes():
             same += 1
             continue
-        d = compare_objects(o, path, reporters, rel=rel)
+        d = compare_objects(o, path, reporters, rel=rel, lines=lines)
         if d.decisions:
             diffs.append(d)
         else:  # differs only outside code and data (debug info, notes)

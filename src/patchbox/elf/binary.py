@@ -212,11 +212,21 @@ class Binary:
         return locals_[0] if locals_ else None
 
     def find_global(self, name: str) -> Symbol | None:
-        """Returns the defined GLOBAL (or WEAK) symbol ``name`` or None."""
+        """Returns the defined GLOBAL (or WEAK) symbol ``name``, else the hidden one of
+        that name, else None.
+
+        A symbol of hidden (or internal) visibility is global in its object but the link
+        makes it LOCAL; ld lists those after an unnamed STT_FILE, so they have no source
+        file here. Hidden symbols are unique across a link, so the name alone finds one;
+        two such locals (assembly without STT_FILE) raise ExtractError.
+        """
         for sym in self._by_name.get(name, []):
             if not sym.is_local:
                 return sym
-        return None
+        hidden = [s for s in self._by_name.get(name, []) if s.is_local and not s.source_file]
+        if len(hidden) > 1:
+            raise ExtractError(self._ambiguous(name, hidden, " (hidden or file-less)"))
+        return hidden[0] if hidden else None
 
     def find_local(self, name: str, source_file: str) -> Symbol | None:
         """Returns the LOCAL symbol ``name`` defined by ``source_file`` or None.

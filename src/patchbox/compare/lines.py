@@ -1,0 +1,166 @@
+"""The ``__LINE__`` rule: a function whose only difference is a line number handed to a
+reporting call is not changed.
+
+Assert, panic and error macros (``assert``, QEMU's ``error_setg``, a server's own
+``ASSERT``) pass ``__LINE__`` (and usually ``__FILE__`` or ``__func__``) to a reporting
+function. A fix that moves lines makes every such call below it differ in one immediate,
+in the functions that use the macro and wherever they are inlined. Such a difference is
+*not* a change when, for every instruction that differs:
+
+1. only immediate operands differ (same opcode, registers, memory operands, size);
+2. a call follows within a few instructions (no jump or return before it): the
+   immediate is an argument being set up;
+3. the immediate is a line number the diff moved: the diff's line map of the object's
+   source file takes the old value to the new one (``old`` → ``new``, checked exactly);
+4. the call is a reporting call: its arguments include the compile unit's own file name
+   (a ``__FILE__`` string), or a ``__func__`` string, or the callee is a reporting
+   function the profile names.
+
+Rules 3 and 4 come from the code and the diff, so a program's own assert function
+needs no configuration. Without a line map (objects compared without a diff), rule 3 is
+skipped and rule 4 requires a named reporting function (the profile's list).
+"""
+
+from __future__ import annotations
+
+import os
+
+from capstone import CS_ARCH_X86, CS_MODE_64, Cs, CsInsn
+from capstone.x86 import X86_OP_IMM, X86_OP_REG
+
+from patchbox.profiles import Reporters
+from patchbox.sourcediff import FileChange
+
+__all__ = ["LineCheck"]
+
+_CALLS = ("call", "jmp")
+_WINDOW = 16  # instructions between a differing immediate and its call
+
+
+class LineCheck:
+    """Decides whether two canonical forms differ only in moved ``__LINE__`` arguments."""
+
+    _md: Cs | None = None
+
+    def __init__(
+        self, reporters: Reporters, source: str | None = None, lines: FileChange | None = None
+    ) -> None:
+        self.reporters = reporters
+        self.source = os.path.basename(source) if source else None
+        self.lines = lines
+
+    @classmethod
+    def disasm(cls) -> Cs:
+        if cls._md is None:
+            cls._md = Cs(CS_ARCH_X86, CS_MODE_64)
+            cls._md.detail = True
+        return cls._md
+
+    def only_lines(self, a: tuple, b: tuple, function: str = "") -> str | None:
+        """Returns a description of the reporting calls if ``a`` and ``b`` (canonical
+        forms of one function before and after) differ only in moved line numbers
+        passed to them, else None."""
+        (da, ra), (db, rb) = a, b
+        if len(da) != len(db) or ra != rb or not isinstance(da, bytes):
+            return None
+        md = self.disasm()
+        ia, ib = list(md.disasm(da, 0)), list(md.disasm(db, 0))
+        if len(ia) != len(ib) or (ia and ia[-1].address + ia[-1].size != len(da)):
+            return None
+        targets = {o: x for o, _t, x in rb}
+        seen = []
+        for k, (x, y) in enumerate(zip(ia, ib)):
+            if x.bytes == y.bytes:
+                continue
+            pairs = _immediate_pairs(x, y)
+            if not pairs:
+                return None
+            if self.lines is not None and not all(
+                self.lines.new_line(old) == new for old, new in pairs
+            ):
+                return None
+            call = _next_call(ia, k)
+            if call is None:
+                return None
+            who = self._reporting(ia, k, call, targets, function)
+            if who is None:
+                return None
+            seen.append(who)
+        return ", ".join(dict.fromkeys(seen)) if seen else None
+
+    def _reporting(
+        self, insns: list[CsInsn], k: int, call: int, targets: dict[int, tuple], function: str
+    ) -> str | None:
+        """Returns how the call at ``insns[call]`` shows itself a reporting call (rule 4)."""
+        callee = targets.get(insns[call].address + 1)
+        name = callee[1] if callee and callee[0] in ("ext", "sym") else None
+        if name is not None and name in self.reporters:
+            return name
+        if self.lines is None:
+            return None
+        # The arguments: from after the previous call (or the function's start) to the call.
+        first = k
+        while first > 0 and insns[first - 1].mnemonic not in _CALLS:
+            first -= 1
+        for ins in insns[first:call]:
+            for off in range(ins.address, ins.address + ins.size):
+                t = targets.get(off)
+                if t is None:
+                    continue
+                text = _string_of(t)
+                if text is None:
+                    continue
+                if self.source and os.path.basename(text) == self.source:
+                    return f"{name or 'a call'} (__FILE__, __LINE__)"
+                if function and text in (function, function.split(".")[0]):
+                    return f"{name or 'a call'} (__func__, __LINE__)"
+        return None
+
+
+def _immediate_pairs(x: CsInsn, y: CsInsn) -> list[tuple[int, int]]:
+    """Returns the (old, new) immediates of two instructions that differ only there."""
+    if (x.address, x.size, x.mnemonic) != (y.address, y.size, y.mnemonic):
+        return []
+    if len(x.operands) != len(y.operands) or not x.operands:
+        return []
+    pairs = []
+    for p, q in zip(x.operands, y.operands):
+        if p.type != q.type:
+            return []
+        if p.type == X86_OP_IMM:
+            if p.imm != q.imm:
+                pairs.append((p.imm, q.imm))
+        elif p.type == X86_OP_REG:
+            if p.reg != q.reg:
+                return []
+        elif (p.mem.base, p.mem.index, p.mem.scale, p.mem.disp) != (
+            q.mem.base,
+            q.mem.index,
+            q.mem.scale,
+            q.mem.disp,
+        ):
+            return []
+    return pairs
+
+
+def _next_call(insns: list[CsInsn], k: int) -> int | None:
+    """Returns the index of the call following ``insns[k]`` before any jump or return."""
+    for i in range(k + 1, min(len(insns), k + _WINDOW)):
+        m = insns[i].mnemonic
+        if m in _CALLS:
+            return i
+        if m.startswith("j") or m.startswith("ret"):
+            return None
+    return None
+
+
+def _string_of(target: tuple) -> str | None:
+    """Returns the text a relocation target of the canonical form points to, if a string
+    (a mergeable string, or a read-only object holding one, as ``__func__`` is)."""
+    if target[0] == "str":
+        return target[1].decode(errors="replace")
+    if target[0] == "ro":
+        data = target[1][0]
+        if isinstance(data, bytes) and data.endswith(b"\0") and b"\0" not in data[:-1]:
+            return data[:-1].decode(errors="replace")
+    return None
