@@ -33,7 +33,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import build_program, print_table  # noqa: E402
-
 from patchbox.format.layout import read_patch_file  # noqa: E402
 from patchbox.host.ops import apply_all, remove_all  # noqa: E402
 
@@ -57,8 +56,11 @@ int main(void)
 def start(exe: Path, n: int) -> list[subprocess.Popen[bytes]]:
     procs = []
     for _ in range(n):
-        procs.append(subprocess.Popen([str(exe)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                      stderr=subprocess.DEVNULL))
+        procs.append(
+            subprocess.Popen(
+                [str(exe)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
+            )
+        )
     for p in procs:
         assert p.stdout is not None and p.stdout.readline() == b"ready\n"
     deadline = time.monotonic() + 60
@@ -84,8 +86,7 @@ def rss_kb(pid: int) -> int:
 def cli(*args: object) -> tuple[float, int]:
     """Returns (wall seconds, peak RSS KiB) of one `patchbox` run."""
     t0 = time.perf_counter()
-    proc = subprocess.run([str(BIN / "patchbox"), *map(str, args)], capture_output=True,
-                          text=True)
+    proc = subprocess.run([str(BIN / "patchbox"), *map(str, args)], capture_output=True, text=True)
     wall = time.perf_counter() - t0
     assert proc.returncode == 0, proc.stderr[-2000:]
     return wall, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
@@ -100,11 +101,25 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-fleet-"))
     try:
         exe = build_program(work, "app", PROGRAM.replace("@DELTA@", "2"), agent=True, stem="app")
-        obj = build_program(work, "fix", PROGRAM.replace("@DELTA@", "3"), agent=False, obj=True,
-                            stem="app")
+        obj = build_program(
+            work, "fix", PROGRAM.replace("@DELTA@", "3"), agent=False, obj=True, stem="app"
+        )
         pbx = work / "fix.pbx"
-        subprocess.run([str(BIN / "extract-patch"), "--function", "answer", "--name", "fix",
-                        "-o", str(pbx), str(obj), str(exe)], check=True, capture_output=True)
+        subprocess.run(
+            [
+                str(BIN / "extract-patch"),
+                "--function",
+                "answer",
+                "--name",
+                "fix",
+                "-o",
+                str(pbx),
+                str(obj),
+                str(exe),
+            ],
+            check=True,
+            capture_output=True,
+        )
         pf = read_patch_file(pbx)
         rows = []
         for n in sizes:
@@ -133,25 +148,34 @@ def main() -> None:
                 for p in procs[:m]:
                     cli("remove", "-p", p.pid, "fix")
                 target_rss = sum(rss_kb(p.pid) for p in procs) / n
-                rows.append((
-                    f"{n}",
-                    f"{t_api * 1000:.0f} ms ({t_api / n * 1000:.3f} ms/proc)",
-                    f"{t_rm * 1000:.0f} ms",
-                    f"{t_cli * 1000:.0f} ms, {cli_rss / 1024:.0f} MiB peak "
-                    f"({cli_rss / n:.1f} KiB/proc)",
-                    f"{t_seq * 1000:.0f} ms/proc -> {t_seq * n:.1f} s"
-                    + ("" if m == n else f" (measured on {m})"),
-                    f"x{t_seq * n / t_cli:.0f}",
-                    f"{target_rss:.0f} KiB",
-                ))
+                rows.append(
+                    (
+                        f"{n}",
+                        f"{t_api * 1000:.0f} ms ({t_api / n * 1000:.3f} ms/proc)",
+                        f"{t_rm * 1000:.0f} ms",
+                        f"{t_cli * 1000:.0f} ms, {cli_rss / 1024:.0f} MiB peak "
+                        f"({cli_rss / n:.1f} KiB/proc)",
+                        f"{t_seq * 1000:.0f} ms/proc -> {t_seq * n:.1f} s"
+                        + ("" if m == n else f" (measured on {m})"),
+                        f"x{t_seq * n / t_cli:.0f}",
+                        f"{target_rss:.0f} KiB",
+                    )
+                )
             finally:
                 for p in procs:
                     p.send_signal(signal.SIGKILL)
                 for p in procs:
                     p.wait()
         print_table(
-            ("processes", "apply --all (API)", "remove --all (API)", "apply --all (CLI)",
-             "sequential patchbox apply -p", "CLI speed-up", "target RSS/proc"),
+            (
+                "processes",
+                "apply --all (API)",
+                "remove --all (API)",
+                "apply --all (CLI)",
+                "sequential patchbox apply -p",
+                "CLI speed-up",
+                "target RSS/proc",
+            ),
             rows,
         )
     finally:

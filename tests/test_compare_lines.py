@@ -25,9 +25,10 @@ static inline int checked(int v) { SRV_ASSERT(v >= 0); return v + 1; }
 int caller_a(int v) { return checked(v) * 3; }
 int caller_b(int v) { return checked(v - 1) + 7; }
 """
-FIX = SERVER.replace("int parse(int len) { return len * 2; }",
-                     "int parse(int len)\n{\n\tif (len > 4096)\n\t\treturn -1;\n"
-                     "\treturn len * 2;\n}")
+FIX = SERVER.replace(
+    "int parse(int len) { return len * 2; }",
+    "int parse(int len)\n{\n\tif (len > 4096)\n\t\treturn -1;\n\treturn len * 2;\n}",
+)
 LOGGER = """
 extern void log_at(const char *func, int line, const char *msg);
 #define LOG(m) log_at(__func__, __LINE__, m)
@@ -42,8 +43,11 @@ def compare(tmp_path: Path, orig: str, patched: str, **kw: object) -> dict[str, 
     b.mkdir(exist_ok=True)
     o = compile_c(orig, a / "server.o", obj=True)
     p = compile_c(patched, b / "server.o", obj=True)
-    diff = "".join(difflib.unified_diff(orig.splitlines(True), patched.splitlines(True),
-                                        "a/server.c", "b/server.c"))
+    diff = "".join(
+        difflib.unified_diff(
+            orig.splitlines(True), patched.splitlines(True), "a/server.c", "b/server.c"
+        )
+    )
     d = compare_objects(o, p, GENERIC.reporters, lines=line_maps(diff), **kw)
     return {x.symbol: x.verdict for x in d.decisions}
 
@@ -68,8 +72,9 @@ def test_without_the_diff_the_same_difference_is_a_change(tmp_path: Path) -> Non
 
 
 def test_func_string_and_line(tmp_path: Path) -> None:
-    fix = LOGGER.replace("int parse(int len) { return len * 2; }",
-                         "int parse(int len)\n{\n\treturn len * 3;\n}")
+    fix = LOGGER.replace(
+        "int parse(int len) { return len * 2; }", "int parse(int len)\n{\n\treturn len * 3;\n}"
+    )
     got = compare(tmp_path, LOGGER, fix)
     assert got["parse"] == "in" and got.get("worker", "out") == "out"
 
@@ -78,8 +83,11 @@ def test_a_changed_number_that_is_not_the_moved_line_is_a_change(tmp_path: Path)
     # The fix moves lines by 4 but the assert's line changes by another amount: the
     # patched file asserts on another line than the diff says.
     fix = FIX.replace("SRV_ASSERT(v >= 0);", "\n\nSRV_ASSERT(v >= 0);")
-    bogus = "".join(difflib.unified_diff(SERVER.splitlines(True), FIX.splitlines(True),
-                                         "a/server.c", "b/server.c"))
+    bogus = "".join(
+        difflib.unified_diff(
+            SERVER.splitlines(True), FIX.splitlines(True), "a/server.c", "b/server.c"
+        )
+    )
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir()
     b.mkdir()

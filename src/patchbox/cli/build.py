@@ -11,7 +11,7 @@ import click
 from patchbox.compare.explain import annotate_inlined, format_explain
 from patchbox.compare.objects import compare_trees
 from patchbox.errors import BuildError, PatchboxError
-from patchbox.extract import patch_from_diffs
+from patchbox.extract import check_reference, patch_from_diffs
 from patchbox.format.layout import save_patch
 from patchbox.profiles import GENERIC, QEMU
 from patchbox.rebuild.incremental import IncrementalBuild
@@ -180,6 +180,7 @@ def build_command(
             t_built = time.monotonic()
             built = f"builds {t_built - t0:.1f} s"
         diffs, same = compare_trees(orig, patched, profile.reporters, line_maps(diff_text))
+        check_reference(diffs, reference)
         if explain or dry_run:
             annotate_inlined(diffs, diff_text)
             click.echo(format_explain(diffs, same))

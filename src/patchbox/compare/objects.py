@@ -35,9 +35,11 @@ from pathlib import Path
 from elftools.elf.constants import SH_FLAGS
 
 from patchbox.compare.lines import LineCheck
+from patchbox.compare.types import layout_changes, read_layouts
 from patchbox.elf.fastread import load_object
 from patchbox.elf.objfile import ObjectFile, ObjSymbol, Relocation, Section
 from patchbox.elf.reloc import get_reloc
+from patchbox.errors import ElfError
 from patchbox.profiles import GENERIC, Reporters
 from patchbox.sourcediff import FileChange
 
@@ -367,7 +369,43 @@ def compare_objects(
             out.functions.append(s.name)
             out.decisions.append(Decision(s.name, "function", "in", f"changed: {changed[s.name]}"))
     out.force_copy = clones
+    paired = {o.index for o in pairs.values()}
+    for s in old.obj.symbols:
+        if _named(s) and s.type == "OBJECT" and s.index not in paired:
+            out.decisions.append(
+                Decision(
+                    s.name,
+                    "variable",
+                    "out",
+                    "removed: the running program keeps it, the new code does not use it",
+                )
+            )
+    _compare_types(out)
     return out
+
+
+def _compare_types(out: ObjectDiff) -> None:
+    """Refuses every struct or union whose layout the diff changes (from DWARF)."""
+    if out.orig is None:
+        return
+    try:
+        changes = layout_changes(read_layouts(out.orig), read_layouts(out.patched))
+    except ElfError as err:
+        out.decisions.append(
+            Decision("(debug info)", "type", "out", f"struct layouts not compared: {err}")
+        )
+        return
+    for change in changes:
+        label, _, what = change.partition(": ")
+        out.decisions.append(
+            Decision(
+                label,
+                "type",
+                "refused",
+                f"layout changed ({what}): objects the running program holds keep the old "
+                f"layout, code replacement cannot change them (a new field: docs/shadow.md)",
+            )
+        )
 
 
 def _what(sym: ObjSymbol) -> str:

@@ -20,14 +20,18 @@ function inlines (``--explain``).
 
 from __future__ import annotations
 
+import io
 import os
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from elftools.common.exceptions import ELFError as _PyElfError
 from elftools.dwarf.die import DIE
+from elftools.dwarf.dwarfinfo import DWARFInfo
 from elftools.elf.elffile import ELFFile
 
+from patchbox.elf.fastread import load_object
 from patchbox.errors import ElfError
 
 __all__ = [
@@ -37,6 +41,8 @@ __all__ = [
     "debuglink",
     "find_inlined",
     "has_debug_info",
+    "has_lto_units",
+    "object_dwarf",
     "read_object_decls",
 ]
 
@@ -66,6 +72,17 @@ def has_debug_info(elf: ELFFile) -> bool:
     """Returns True if ``elf`` has a non-empty ``.debug_info`` section."""
     sec = elf.get_section_by_name(".debug_info")
     return sec is not None and sec["sh_type"] != "SHT_NOBITS" and sec["sh_size"] > 0
+
+
+def has_lto_units(elf: ELFFile) -> bool:
+    """Returns True if ``elf``'s DWARF has GCC's LTO compile units (named ``<artificial>``,
+    which may inline functions of any file): looked up in the string sections, without
+    walking the DWARF."""
+    for name in (".debug_str", ".debug_line_str"):
+        sec = elf.get_section_by_name(name)
+        if sec is not None and sec["sh_type"] != "SHT_NOBITS" and _LTO_CU.encode() in sec.data():
+            return True
+    return False
 
 
 def debuglink(elf: ELFFile) -> str | None:
@@ -242,6 +259,35 @@ class ObjectDecls:
         }
 
 
+def object_dwarf(path: str | os.PathLike[str]) -> DWARFInfo | None:
+    """Returns the DWARF of a relocatable object, its ``.rela.debug_*`` applied; None
+    without debug info.
+
+    pyelftools relocates debug sections through its construct-based reader, which costs
+    more than a second on a QEMU object; this applies the (few kinds of) relocations
+    GCC emits there, R_X86_64_32 and R_X86_64_64 against section symbols, with the
+    fast reader's tables, then lets pyelftools read the result unrelocated.
+    """
+    obj = load_object(Path(path))
+    raw = bytearray(obj.path.read_bytes())
+    debug = {s.index: s for s in obj.sections if s.name.startswith(".debug_")}
+    if not any(s.name == ".debug_info" for s in debug.values()):
+        return None
+    for index, sec in debug.items():
+        base = sec.offset
+        for rel in obj.relocations.get(index, []):
+            size = {1: 8, 10: 4, 11: 4, 2: 4}.get(rel.type)
+            if size is None or rel.offset + size > sec.size:
+                continue
+            value = rel.symbol.value + rel.addend
+            if rel.type == 2:  # PC32: rare in debug sections
+                value -= rel.offset
+            raw[base + rel.offset : base + rel.offset + size] = (
+                value & ((1 << (8 * size)) - 1)
+            ).to_bytes(size, "little")
+    return ELFFile(io.BytesIO(bytes(raw))).get_dwarf_info(relocate_dwarf_sections=False)
+
+
 def read_object_decls(path: str | os.PathLike[str]) -> ObjectDecls:
     """Returns the function declarations and inlining of a relocatable object's DWARF
     (``DW_AT_decl_file``/``DW_AT_decl_line`` of ``DW_TAG_subprogram``, and the
@@ -253,11 +299,8 @@ def read_object_decls(path: str | os.PathLike[str]) -> ObjectDecls:
     decls: dict[str, list[tuple[int, str]]] = defaultdict(list)
     inlines: dict[str, set[str]] = defaultdict(set)
     try:
-        with open(path, "rb") as f:
-            elf = ELFFile(f)
-            if not elf.has_dwarf_info():
-                return out
-            dwarf = elf.get_dwarf_info()
+        dwarf = object_dwarf(path)
+        if dwarf is not None:
             for cu in dwarf.iter_CUs():
                 lp = dwarf.line_program_for_CU(cu)
                 files = [_str(e.name) for e in (lp["file_entry"] if lp else [])]

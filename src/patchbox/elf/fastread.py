@@ -103,6 +103,7 @@ def load_object(path: str | Path) -> ObjectFile:
                 size=h[SIZE],
                 align=max(1, h[ALIGN]),
                 data=contents(h, f"section {name or i}"),
+                offset=h[OFFSET],
             )
         )
     symtab_idx = next((i for i, h in enumerate(hdrs) if h[TYPE] == SHT["SYMTAB"]), -1)

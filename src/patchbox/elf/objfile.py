@@ -38,6 +38,7 @@ class Section:
     size: int
     align: int
     data: bytes  # b"" for SHT_NOBITS
+    offset: int = 0  # sh_offset: where ``data`` lies in the file
 
     @property
     def is_alloc(self) -> bool:
@@ -161,6 +162,7 @@ class ObjectFile:
                     size=sec["sh_size"],
                     align=max(1, sec["sh_addralign"]),
                     data=b"" if nobits else sec.data(),
+                    offset=sec["sh_offset"],
                 )
             )
             if isinstance(sec, SymbolTableIndexSection):

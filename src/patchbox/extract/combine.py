@@ -38,7 +38,7 @@ from patchbox.format.model import Fixup, Function, Patch
 from patchbox.profiles import Profile, get_profile
 from patchbox.wire import ApplyFlag, FixupBase, FixupSection
 
-__all__ = ["extract_patch", "extract_multi", "patch_from_diffs"]
+__all__ = ["extract_patch", "extract_multi", "patch_from_diffs", "check_reference"]
 
 
 def _now() -> str:
@@ -292,13 +292,26 @@ def patch_from_diffs(
     raises ExtractError listing every refusal, or if no function changed."""
     refusals = [f"{d.rel}: {r}" for d in diffs for r in d.refusals]
     if refusals:
-        raise ExtractError("refused: " + "; ".join(refusals))
+        # Name every data item the diff touches, not only the refused ones.
+        others = [
+            f"{x.symbol} ({x.reason.split(':')[0]})"
+            for d in diffs
+            for x in d.decisions
+            if x.what == "variable" and x.verdict in ("carried", "out")
+        ]
+        tail = f"; other data changes: {', '.join(others)}" if others else ""
+        raise ExtractError("refused: " + "; ".join(refusals) + tail)
     pairs: list[tuple[Path | str, list[str]]] = [
         (d.patched, d.functions) for d in diffs if d.functions or d.new_globals
     ]
     if not any(f for _p, f in pairs):
         raise ExtractError("the diff changes no function of the program (see --explain)")
     check_reference(diffs, binary_path)
+    pairs = [(d.patched, d.functions) for d in diffs if d.functions or d.new_globals]  # again
+    if not any(f for _p, f in pairs):
+        raise ExtractError(
+            "the diff changes no function that the running program has out of line (see --explain)"
+        )
     force = {str(d.patched): d.force_copy for d in diffs if d.force_copy}
     out_meta = {"objects": ",".join(d.rel for d in diffs if d.functions or d.new_globals)}
     out_meta.update(meta or {})
@@ -315,15 +328,22 @@ def patch_from_diffs(
 
 
 def check_reference(diffs: list[ObjectDiff], binary_path: str | Path) -> None:
-    """Refuses when a replaced function of the original build has another size than in the
-    reference binary: the tree did not rebuild the running program (other sources or flags),
-    so the diff of the two builds says nothing reliable about it."""
+    """Matches the changed functions with the reference binary, in place.
+
+    Refuses when a replaced function of the original build has another size than in the
+    reference binary: the tree did not rebuild the running program (other sources or
+    flags), so the diff of the two builds says nothing reliable about it.
+
+    A changed function with no out-of-line copy in the binary (inlined into every caller,
+    or dropped by the linker) is not a redirect target: it becomes *carried* (copied if
+    the new code calls it), and its callers, whose code changed with it, are replaced.
+    """
     with Binary(Path(binary_path)) as binary:
         for d in diffs:
             if not d.functions or d.orig is None:
                 continue
             orig = load_object(d.orig)
-            for fn in d.functions:
+            for fn in list(d.functions):
                 sym = orig.get_function(fn)
                 if sym is None:
                     continue
@@ -331,7 +351,18 @@ def check_reference(diffs: list[ObjectDiff], binary_path: str | Path) -> None:
                     ref = binary.find_local(fn, orig.source_file) if orig.source_file else None
                 else:
                     ref = binary.find_global(fn)
-                if ref is not None and ref.type == "FUNC" and ref.size != sym.size:
+                if ref is None or ref.type != "FUNC":
+                    d.functions.remove(fn)
+                    d.force_copy.add(fn)
+                    for dec in d.decisions:
+                        if dec.symbol == fn and dec.verdict == "in":
+                            dec.verdict = "carried"
+                            dec.reason += (
+                                "; no out-of-line copy in the running binary (inlined into "
+                                "its callers, which are in the patch where their code changed)"
+                            )
+                    continue
+                if ref.size != sym.size:
                     raise ExtractError(
                         f"{fn} ({d.rel}) is {sym.size} bytes in the original build but "
                         f"{ref.size} bytes in {binary_path}: the tree does not rebuild the "

@@ -75,10 +75,19 @@ def check_inlined(
 
     The refusal's advice names what to add: ``--function CALLER`` for extract-patch,
     or (``for_build``) that the diff does not change those callers.
+
+    ``for_build`` (`patchbox build`): every object whose code the diff can change was
+    compiled twice and compared, so a caller holding an inlined copy of a changed
+    function either differs (and is in the patch) or is byte-identical (the copy there
+    did not change). Without LTO no other compile unit can hold a copy, so the DWARF walk
+    over the binary is skipped (``inlined_check`` = ``objects``); it runs only when the
+    binary was linked with LTO, whose compile units may inline across files.
     """
     replaced, homes = _replaced(members)
     if not replaced:
         return {}
+    if for_build and not dwarf.has_lto_units(binary.elf):
+        return {"inlined_check": "objects"}
     names = " or ".join(dict.fromkeys(r.name for r in replaced))
     if not dwarf.has_debug_info(binary.elf):
         link = dwarf.debuglink(binary.elf)
