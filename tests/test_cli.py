@@ -416,3 +416,41 @@ def test_completion_completes_commands_and_options() -> None:
 
     assert complete("patchbox ap", 1) == ["apply"]
     assert complete("patchbox apply --tr", 2) == ["--trust-dir"]
+
+
+def test_build_checks_before_building(tmp_path: Path) -> None:
+    """An invalid name or a binary without build-id is refused before any build runs."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "Makefile").write_text("all:\n\ttouch built-once\n")
+    diff = tmp_path / "fix.patch"
+    diff.write_text("--- a/x.c\n+++ b/x.c\n@@ -1 +1 @@\n-a\n+b\n")
+    exe = tmp_path / "prog"
+    subprocess.run(
+        ["gcc", "-x", "c", "-", "-o", str(exe)],
+        input="int main(void){return 0;}",
+        text=True,
+        check=True,
+    )
+    bad = run(
+        "build",
+        "--source",
+        str(src),
+        "--diff",
+        str(diff),
+        "--binary",
+        str(exe),
+        "--name",
+        "bad name!",
+    )
+    assert bad.exit_code == 1 and "invalid patch name" in bad.stderr
+    nobid = tmp_path / "nobid"
+    subprocess.run(
+        ["gcc", "-Wl,--build-id=none", "-x", "c", "-", "-o", str(nobid)],
+        input="int main(void){return 0;}",
+        text=True,
+        check=True,
+    )
+    res = run("build", "--source", str(src), "--diff", str(diff), "--binary", str(nobid))
+    assert res.exit_code == 1 and "no GNU build-id" in res.stderr
+    assert not list(tmp_path.rglob("built-once")), "a build ran before the checks"

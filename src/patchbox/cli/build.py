@@ -10,9 +10,10 @@ import click
 
 from patchbox.compare.explain import annotate_inlined, format_explain
 from patchbox.compare.objects import compare_trees
+from patchbox.elf.buildid import read_build_id
 from patchbox.errors import BuildError, PatchboxError
 from patchbox.extract import check_reference, patch_from_diffs
-from patchbox.format.layout import save_patch
+from patchbox.format.layout import check_name, save_patch
 from patchbox.profiles import GENERIC, QEMU
 from patchbox.rebuild.incremental import IncrementalBuild
 from patchbox.rebuild.workspace import Workspace, check_diff
@@ -126,6 +127,13 @@ def build_command(
     if name is None:
         name = Path(output).stem if output else "patch"
     out = Path(output) if output else Path.cwd() / f"{name}.pbx"
+    # What can be checked before minutes of building is checked first.
+    check_name(name)
+    if read_build_id(reference) is None:
+        raise BuildError(f"{reference} has no GNU build-id: a patch could not name its target "
+                         f"(link with -Wl,--build-id, as `patchbox config --libs` does)")
+    if not os.access(out.parent if str(out.parent) else ".", os.W_OK):
+        raise BuildError(f"cannot write the patch into {out.parent}")
     profile = (QEMU if qemu else GENERIC).with_reporters(reporters)
     warnings: list[str] = []
     if build_dir is None and build_cmd is None:
