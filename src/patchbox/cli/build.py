@@ -130,8 +130,10 @@ def build_command(
     # What can be checked before minutes of building is checked first.
     check_name(name)
     if read_build_id(reference) is None:
-        raise BuildError(f"{reference} has no GNU build-id: a patch could not name its target "
-                         f"(link with -Wl,--build-id, as `patchbox config --libs` does)")
+        raise BuildError(
+            f"{reference} has no GNU build-id: a patch could not name its target "
+            f"(link with -Wl,--build-id, as `patchbox config --libs` does)"
+        )
     if not os.access(out.parent if str(out.parent) else ".", os.W_OK):
         raise BuildError(f"cannot write the patch into {out.parent}")
     profile = (QEMU if qemu else GENERIC).with_reporters(reporters)

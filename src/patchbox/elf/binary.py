@@ -26,6 +26,10 @@ from patchbox.errors import ElfError, ExtractError
 
 __all__ = ["Symbol", "Binary", "strip_version"]
 
+_TABLES: dict[
+    tuple[str, int, int, int, int], tuple[list[Symbol], set[str], dict[str, list[Symbol]]]
+] = {}
+
 
 @dataclass(frozen=True)
 class Symbol:
@@ -89,12 +93,33 @@ class Binary:
                 f"{self.path} is stripped (no .symtab): patchbox needs the "
                 f"symbols of the reference binary; use the unstripped build"
             )
-        self._symbols = list(self._read_symbols(symtab))
-        self._files = {os.path.basename(s.source_file) for s in self._symbols if s.source_file}
-        self._by_name: dict[str, list[Symbol]] = defaultdict(list)
-        for sym in self._symbols:
-            if sym.defined:
-                self._by_name[sym.name].append(sym)
+        # One `patchbox build` opens the reference binary several times; QEMU's symbol
+        # table (100k symbols) is parsed once per file version.
+        try:
+            st = os.stat(self.path)
+            key: tuple[str, int, int, int, int] | None = (
+                str(self.path.resolve()),
+                st.st_dev,
+                st.st_ino,
+                st.st_size,
+                st.st_mtime_ns,
+            )
+        except OSError:
+            key = None
+        cached = _TABLES.get(key) if key is not None else None
+        if cached is None:
+            symbols = list(self._read_symbols(symtab))
+            files = {os.path.basename(s.source_file) for s in symbols if s.source_file}
+            by_name: dict[str, list[Symbol]] = defaultdict(list)
+            for sym in symbols:
+                if sym.defined:
+                    by_name[sym.name].append(sym)
+            cached = (symbols, files, by_name)
+            if key is not None:
+                if len(_TABLES) >= 4:
+                    _TABLES.pop(next(iter(_TABLES)))
+                _TABLES[key] = cached
+        self._symbols, self._files, self._by_name = cached
 
     def _read_symbols(self, symtab: SymbolTableSection) -> Iterator[Symbol]:
         """Unpacks ``.symtab`` with :mod:`struct` in bulk (pyelftools' per-symbol parsing

@@ -183,12 +183,18 @@ class Remap:
         return cmd + ["-o", str(out)]
 
 
-def ninja_deps(build_dir: Path) -> dict[str, list[str]]:
-    """Returns {object (normalised absolute): its dependencies (same)} from ``ninja -t deps``
-    (empty if ninja or its deps log is missing)."""
+def ninja_deps(build_dir: Path, wanted: set[str]) -> dict[str, set[str]] | None:
+    """Returns {object (normalised absolute): the paths of ``wanted`` (normalised
+    absolute) it depends on} for every object ``ninja -t deps`` records, or None when
+    ninja or its deps log is missing.
+
+    QEMU's deps log lists hundreds of thousands of headers; they are matched as ninja
+    prints them (relative to the build directory), and only spellings with ``.`` or
+    ``..`` inside are normalised.
+    """
     ninja = shutil.which("ninja") or shutil.which("ninja-build")
     if ninja is None or not (Path(build_dir) / ".ninja_deps").exists():
-        return {}
+        return None
     proc = subprocess.run(
         [ninja, "-C", str(build_dir), "-t", "deps"],
         capture_output=True,
@@ -196,19 +202,26 @@ def ninja_deps(build_dir: Path) -> dict[str, list[str]]:
         stdin=subprocess.DEVNULL,
     )
     if proc.returncode != 0:
-        return {}
+        return None
     base = os.path.abspath(build_dir)
-    out: dict[str, list[str]] = {}
-    current: list[str] | None = None
+    spelled = {os.path.relpath(w, base): w for w in wanted} | {w: w for w in wanted}
+    out: dict[str, set[str]] = {}
+    current: set[str] | None = None
     for line in proc.stdout.splitlines():
-        if not line.strip():
+        if not line:
             continue
-        if line.startswith((" ", "\t")):
-            if current is not None:
-                current.append(os.path.normpath(os.path.join(base, line.strip())))
+        if line[0] in " \t":
+            dep = line.strip()
+            if current is None:
+                continue
+            hit = spelled.get(dep)
+            if hit is None and ("/./" in dep or "/../" in dep.lstrip("./")):
+                hit = spelled.get(os.path.normpath(os.path.join(base, dep)))
+            if hit is not None:
+                current.add(hit)
             continue
         target = line.split(": #deps", 1)[0]
-        current = out.setdefault(os.path.normpath(os.path.join(base, target)), [])
+        current = out.setdefault(os.path.normpath(os.path.join(base, target)), set())
     return out
 
 
@@ -354,7 +367,7 @@ class IncrementalBuild(Workspace):
             [os.path.normpath(os.path.abspath(self.source)), os.path.realpath(self.source)]
         )
         wanted = {os.path.normpath(os.path.join(r, c)): c for r in roots for c in changed}
-        deps = ninja_deps(self.build_dir)
+        deps = ninja_deps(self.build_dir, set(wanted))
         inputs = ninja_inputs(self.build_dir, self.binary)
         used: set[str] = set()
         out, outside = [], 0
@@ -363,11 +376,13 @@ class IncrementalBuild(Workspace):
             src = os.path.normpath(os.path.join(directory, e["file"]))
             obj = os.path.normpath(os.path.join(directory, entry_output(e)))
             hits = {wanted[src]} if src in wanted else set()
-            listed = deps.get(obj)
-            if listed is None:  # not a ninja build (or no deps log): the .d file
+            recorded = deps.get(obj) if deps is not None else None
+            if recorded is not None:
+                hits |= {wanted[d] for d in recorded}
+            else:  # not a ninja build (or no deps log, or not in it): the .d file
                 mf = _depfile_arg(e)
                 listed = read_depfile(Path(directory, mf), directory) if mf else []
-            hits |= {wanted[d] for d in listed if d in wanted}
+                hits |= {wanted[d] for d in listed if d in wanted}
             if not hits:
                 continue
             if inputs is not None and obj not in inputs:
