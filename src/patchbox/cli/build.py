@@ -79,6 +79,14 @@ __all__ = ["build_command"]
     metavar="FN",
     help="Another reporting function whose __LINE__ argument is not a change.",
 )
+@click.option(
+    "--symbols",
+    default=None,
+    type=click.Path(dir_okay=False, exists=True),
+    metavar="UNSTRIPPED",
+    help="Symbols of a stripped --binary from this unstripped build of it (same build-id); "
+    "default: its separate debug file.",
+)
 @click.option("--name", default=None, help="Patch name (default: output file stem).")
 @click.option("--explain", is_flag=True, help="Print per function why it is in or out.")
 @click.option("--dry-run", is_flag=True, help="Compare and explain; write no patch.")
@@ -110,6 +118,7 @@ def build_command(
     strip: int | None,
     qemu: bool,
     reporters: tuple[str, ...],
+    symbols: str | None,
     name: str | None,
     explain: bool,
     dry_run: bool,
@@ -190,7 +199,7 @@ def build_command(
             t_built = time.monotonic()
             built = f"builds {t_built - t0:.1f} s"
         diffs, same = compare_trees(orig, patched, profile.reporters, line_maps(diff_text))
-        check_reference(diffs, reference)
+        check_reference(diffs, reference, symbols)
         if explain or dry_run:
             annotate_inlined(diffs, diff_text)
             click.echo(format_explain(diffs, same))
@@ -209,6 +218,7 @@ def build_command(
                 profile=profile,
                 allow_inlined=allow_inlined,
                 warnings=warnings,
+                symbols=symbols,
                 meta={"diff": os.path.basename(diff), "strip": str(level)},
             )
         finally:

@@ -45,6 +45,15 @@ __all__ = ["extract_command", "main"]
     "instruction shorter than the 5-byte jump; a thread preempted inside those "
     "bytes at the switch would crash. Other refusals are not overridden.",
 )
+@click.option(
+    "--symbols",
+    default=None,
+    type=click.Path(dir_okay=False, exists=True),
+    metavar="UNSTRIPPED",
+    help="Symbols of a stripped REFERENCE from this unstripped build of it (same "
+    "build-id); default: its separate debug file (.gnu_debuglink, "
+    "/usr/lib/debug/.build-id).",
+)
 @click.argument("patched_o", type=click.Path(dir_okay=False))
 @click.argument("reference", type=click.Path(dir_okay=False))
 @click.pass_context
@@ -56,6 +65,7 @@ def extract_command(
     output: str | None,
     allow_inlined: bool,
     force: bool,
+    symbols: str | None,
     patched_o: str,
     reference: str,
 ) -> None:
@@ -77,6 +87,7 @@ def extract_command(
                 allow_inlined=allow_inlined,
                 warnings=warnings,
                 force=force,
+                symbols=symbols,
             )
         finally:
             for warning in warnings:

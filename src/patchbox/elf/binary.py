@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import mmap
 import os
+import zlib
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -55,6 +56,77 @@ def strip_version(name: str) -> str:
     return name if at <= 0 else name[:at]
 
 
+def _map(path: Path, what: str) -> mmap.mmap | io.BytesIO:
+    try:
+        with open(path, "rb") as f:
+            try:
+                return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            except ValueError:  # empty file
+                return io.BytesIO(b"")
+    except OSError as err:
+        raise ElfError(f"cannot read {what} {path}: {err.strerror}") from err
+
+
+def _is_symtab(sec: object) -> bool:
+    return isinstance(sec, SymbolTableSection) and sec["sh_type"] == "SHT_SYMTAB"
+
+
+DEBUG_ROOT = Path("/usr/lib/debug")
+
+
+def _debuglink(elf: ELFFile) -> tuple[str, int] | None:
+    """Returns (file name, CRC-32) of ``.gnu_debuglink``, or None."""
+    sec = elf.get_section_by_name(".gnu_debuglink")
+    if sec is None:
+        return None
+    raw = sec.data()
+    end = raw.find(b"\0")
+    if end <= 0:
+        return None
+    crc_at = (end + 4) & ~3
+    crc = int.from_bytes(raw[crc_at : crc_at + 4], "little") if len(raw) >= crc_at + 4 else 0
+    return raw[:end].decode(errors="replace"), crc
+
+
+def _candidates(path: Path, elf: ELFFile) -> list[tuple[str, int | None]]:
+    """Returns (candidate, CRC-32 it must have, None for a build-id path) in GDB's order."""
+    root = Path(os.environ.get("PATCHBOX_DEBUG_ROOT", DEBUG_ROOT))
+    out: list[tuple[str, int | None]] = []
+    bid = read_build_id(path)
+    if bid is not None and len(bid) > 1:
+        out.append((str(root / ".build-id" / bid[:1].hex() / f"{bid[1:].hex()}.debug"), None))
+    link = _debuglink(elf)
+    if link is not None:
+        real = Path(os.path.realpath(path)).parent
+        for where in (
+            real / link[0],
+            real / ".debug" / link[0],
+            root / str(real).lstrip("/") / link[0],
+        ):
+            out.append((str(where), link[1]))
+    return out
+
+
+def debug_file_candidates(path: Path, elf: ELFFile) -> list[str]:
+    """Returns where GDB looks for ``path``'s separate debug file, in order: the build-id
+    path under /usr/lib/debug, then the ``.gnu_debuglink`` name beside the binary, in its
+    ``.debug/`` directory and under /usr/lib/debug (``$PATCHBOX_DEBUG_ROOT`` moves it)."""
+    return [c for c, _crc in _candidates(path, elf)]
+
+
+def find_debug_file(path: Path, elf: ELFFile) -> Path | None:
+    """Returns ``path``'s separate debug file (:func:`debug_file_candidates`; a debuglink
+    candidate must have the CRC-32 the link names), or None."""
+    for cand, crc in _candidates(path, elf):
+        p = Path(cand)
+        if not p.is_file() or os.path.samefile(p, path):
+            continue
+        if crc and zlib.crc32(p.read_bytes()) != crc:
+            continue
+        return p
+    return None
+
+
 def _same_file(a: str | None, b: str | None) -> bool:
     return a is not None and b is not None and os.path.basename(a) == os.path.basename(b)
 
@@ -62,18 +134,12 @@ def _same_file(a: str | None, b: str | None) -> bool:
 class Binary:
     """A linked x86-64 ELF executable read with pyelftools (the *reference binary*)."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, symbols: str | Path | None = None) -> None:
+        """Opens ``path``. Its symbols (and DWARF) come from ``symbols`` (an unstripped
+        build of the same binary: same build-id), else from the binary itself, else from
+        its separate debug file (:func:`find_debug_file`)."""
         self.path = Path(path)
-        try:
-            with open(self.path, "rb") as f:
-                try:
-                    self._buf: mmap.mmap | io.BytesIO = mmap.mmap(
-                        f.fileno(), 0, access=mmap.ACCESS_READ
-                    )
-                except ValueError:  # empty file
-                    self._buf = io.BytesIO(b"")
-        except OSError as err:
-            raise ElfError(f"cannot read reference binary {self.path}: {err.strerror}") from err
+        self._buf = _map(self.path, "reference binary")
         try:
             self.elf = ELFFile(cast(BinaryIO, self._buf))  # mmap reads like a binary file
             machine = self.elf["e_machine"]
@@ -88,11 +154,36 @@ class Binary:
             raise ElfError(f"{self.path}: not an x86-64 binary ({machine})")
         if etype not in ("ET_EXEC", "ET_DYN"):
             raise ElfError(f"{self.path}: not a linked executable ({etype})")
-        if not isinstance(symtab, SymbolTableSection) or symtab["sh_type"] != "SHT_SYMTAB":
-            raise ElfError(
-                f"{self.path} is stripped (no .symtab): patchbox needs the "
-                f"symbols of the reference binary; use the unstripped build"
-            )
+        #: where symbols and DWARF are read: this file, or a debug file / unstripped build
+        self.symbols_path = self.path
+        self.dwarf = self.elf
+        self._debug_buf: mmap.mmap | io.BytesIO | None = None
+        if symbols is not None or not _is_symtab(symtab):
+            found = Path(symbols) if symbols is not None else find_debug_file(self.path, self.elf)
+            if found is None:
+                tried = ", ".join(debug_file_candidates(self.path, self.elf))
+                raise ElfError(
+                    f"{self.path} is stripped (no .symtab) and no separate debug file was found "
+                    f"({tried or 'no build-id, no .gnu_debuglink'}): install its debug "
+                    f"symbols (-dbgsym/-dbg package), or give the unstripped build of the same "
+                    f"source (--symbols)"
+                )
+            self._debug_buf = _map(found, "debug file")
+            try:
+                self.dwarf = ELFFile(cast(BinaryIO, self._debug_buf))
+                symtab = self.dwarf.get_section_by_name(".symtab")
+            except (_PyElfError, ValueError, OSError) as err:
+                raise ElfError(f"{found}: not a readable ELF file: {err}") from err
+            mine, theirs = read_build_id(self.path), read_build_id(found)
+            if mine is not None and theirs != mine:
+                raise ElfError(
+                    f"{found} is not a build of {self.path}: build-id "
+                    f"{theirs.hex() if theirs else 'none'} instead of {mine.hex()}"
+                )
+            if not _is_symtab(symtab):
+                raise ElfError(f"{found} has no symbol table (.symtab) either")
+            self.symbols_path = found
+        assert isinstance(symtab, SymbolTableSection)
         # One `patchbox build` opens the reference binary several times; QEMU's symbol
         # table (100k symbols) is parsed once per file version.
         try:
@@ -108,13 +199,13 @@ class Binary:
             key = None
         cached = _TABLES.get(key) if key is not None else None
         if cached is None:
-            symbols = list(self._read_symbols(symtab))
-            files = {os.path.basename(s.source_file) for s in symbols if s.source_file}
+            table = list(self._read_symbols(symtab))
+            files = {os.path.basename(s.source_file) for s in table if s.source_file}
             by_name: dict[str, list[Symbol]] = defaultdict(list)
-            for sym in symbols:
+            for sym in table:
                 if sym.defined:
                     by_name[sym.name].append(sym)
-            cached = (symbols, files, by_name)
+            cached = (table, files, by_name)
             if key is not None:
                 if len(_TABLES) >= 4:
                     _TABLES.pop(next(iter(_TABLES)))
@@ -127,7 +218,7 @@ class Binary:
         if self.elf.little_endian and self.elf.elfclass == 64 and symtab["sh_entsize"] == SYM.size:
             try:
                 raw = symtab.data()
-                strtab = self.elf.get_section(symtab["sh_link"]).data()
+                strtab = self.dwarf.get_section(symtab["sh_link"]).data()
             except (_PyElfError, ValueError, OSError) as err:
                 raise ElfError(f"{self.path}: corrupt symbol table: {err}") from err
             yield from self._unpack_symbols(raw, strtab)
@@ -182,8 +273,10 @@ class Binary:
             raise ElfError(f"{self.path}: corrupt symbol table: {err}") from err
 
     def close(self) -> None:
-        """Releases the file mapping."""
+        """Releases the file mappings."""
         self._buf.close()
+        if self._debug_buf is not None:
+            self._debug_buf.close()
 
     def __enter__(self) -> Binary:
         return self

@@ -58,10 +58,11 @@ def _extract(
     force: bool,
     for_build: bool,
     meta: dict[str, str],
+    symbols: str | Path | None = None,
 ) -> Patch:
     """Returns the patch of every (object, functions) pair of ``pairs``."""
     members: list[Extractor] = []
-    with Binary(binary_path) as binary:
+    with Binary(binary_path, symbols) as binary:
         build_id = binary.build_id()
         for i, (obj_path, functions) in enumerate(pairs):
             members.append(
@@ -176,13 +177,15 @@ def extract_patch(
     allow_inlined: bool = False,
     warnings: list[str] | None = None,
     force: bool = False,
+    symbols: str | Path | None = None,
 ) -> Patch:
     """Returns the live patch replacing ``functions`` of ``binary_path`` with their
     versions in the patched object ``obj_path``.
 
     ``obj_path`` must be compiled with ``patchbox config --cflags`` (patchable entry,
     one section per function and object); ``binary_path`` is the reference binary the
-    running process was started from (unstripped, with a GNU build-id). ``name``
+    running process was started from (with a GNU build-id; its symbols from itself, its
+    separate debug file, or ``symbols``, an unstripped build of it). ``name``
     defaults to ``"patch"``. ``profile`` (``generic``, ``qemu``) is recorded in the meta;
     its RETAIN rule and build facts apply.
 
@@ -226,6 +229,7 @@ def extract_patch(
         force=force,
         for_build=False,
         meta=meta,
+        symbols=symbols,
     )
 
 
@@ -239,6 +243,7 @@ def extract_multi(
     allow_inlined: bool = False,
     warnings: list[str] | None = None,
     meta: dict[str, str] | None = None,
+    symbols: str | Path | None = None,
 ) -> Patch:
     """Returns one patch replacing, for each (patched object, function names) pair, those
     functions of ``binary_path`` by their versions in the object.
@@ -273,6 +278,7 @@ def extract_multi(
         force=False,
         for_build=True,
         meta=out_meta,
+        symbols=symbols,
     )
     patch.meta.update(meta or {})
     return patch
@@ -287,6 +293,7 @@ def patch_from_diffs(
     allow_inlined: bool = False,
     warnings: list[str] | None = None,
     meta: dict[str, str] | None = None,
+    symbols: str | Path | None = None,
 ) -> Patch:
     """Returns the patch for the object comparisons ``diffs`` (:mod:`patchbox.compare`);
     raises ExtractError listing every refusal, or if no function changed."""
@@ -306,7 +313,7 @@ def patch_from_diffs(
     ]
     if not any(f for _p, f in pairs):
         raise ExtractError("the diff changes no function of the program (see --explain)")
-    check_reference(diffs, binary_path)
+    check_reference(diffs, binary_path, symbols)
     pairs = [(d.patched, d.functions) for d in diffs if d.functions or d.new_globals]  # again
     if not any(f for _p, f in pairs):
         raise ExtractError(
@@ -324,10 +331,13 @@ def patch_from_diffs(
         allow_inlined=allow_inlined,
         warnings=warnings,
         meta=out_meta,
+        symbols=symbols,
     )
 
 
-def check_reference(diffs: list[ObjectDiff], binary_path: str | Path) -> None:
+def check_reference(
+    diffs: list[ObjectDiff], binary_path: str | Path, symbols: str | Path | None = None
+) -> None:
     """Matches the changed functions with the reference binary, in place.
 
     Refuses when a replaced function of the original build has another size than in the
@@ -338,7 +348,7 @@ def check_reference(diffs: list[ObjectDiff], binary_path: str | Path) -> None:
     or dropped by the linker) is not a redirect target: it becomes *carried* (copied if
     the new code calls it), and its callers, whose code changed with it, are replaced.
     """
-    with Binary(Path(binary_path)) as binary:
+    with Binary(Path(binary_path), symbols) as binary:
         for d in diffs:
             if not d.functions or d.orig is None:
                 continue

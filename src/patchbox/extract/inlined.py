@@ -86,13 +86,15 @@ def check_inlined(
     replaced, homes = _replaced(members)
     if not replaced:
         return {}
-    if for_build and not dwarf.has_lto_units(binary.elf):
+    if for_build and not dwarf.has_lto_units(binary.dwarf):
         return {"inlined_check": "objects"}
     names = " or ".join(dict.fromkeys(r.name for r in replaced))
-    if not dwarf.has_debug_info(binary.elf):
+    if not dwarf.has_debug_info(binary.dwarf):
         link = dwarf.debuglink(binary.elf)
         extra = (
-            f" (its separate debug file {link} named by .gnu_debuglink is not read)" if link else ""
+            f" (its separate debug file {link} named by .gnu_debuglink was not found)"
+            if link
+            else ""
         )
         warnings.append(
             f"{shown} has no debug info (.debug_info){extra}: cannot check whether "
@@ -101,7 +103,7 @@ def check_inlined(
         return {"inlined_check": "unavailable"}
     targets = {r.name: r.source for r in replaced}
     try:
-        sites, found = dwarf.find_inlined(binary.elf, targets, shown, homes)
+        sites, found = dwarf.find_inlined(binary.dwarf, targets, shown, homes)
     except ElfError as err:
         warnings.append(f"{err}: cannot check whether {names} is inlined elsewhere")
         return {"inlined_check": "unavailable"}

@@ -1,0 +1,111 @@
+"""Stripped reference binaries: symbols from a separate debug file (.gnu_debuglink, the
+build-id path) or from an unstripped build of the same source (--symbols)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from patchbox.elf.binary import Binary
+from patchbox.elf.buildid import read_build_id
+from patchbox.errors import ElfError
+from patchbox.extract import extract_patch
+from patchbox.flags import PATCH_CFLAGS
+
+SRC = """
+__attribute__((noinline)) int work(int x) { return x * 3 + 1; }
+int main(int argc, char **argv) { (void)argv; return work(argc); }
+"""
+
+
+def build(tmp: Path, src: str, name: str) -> Path:
+    (tmp / f"{name}.c").write_text(src)
+    out = tmp / name
+    subprocess.run(
+        [
+            "gcc",
+            "-O2",
+            "-g",
+            "-fPIE",
+            "-pie",
+            *PATCH_CFLAGS,
+            "-Wl,--build-id",
+            str(tmp / f"{name}.c"),
+            "-o",
+            str(out),
+        ],
+        check=True,
+    )
+    return out
+
+
+@pytest.fixture()
+def stripped(tmp_path: Path) -> tuple[Path, Path]:
+    """Returns (stripped binary, its unstripped twin)."""
+    full = build(tmp_path, SRC, "prog")
+    twin = tmp_path / "prog.unstripped"
+    shutil.copy(full, twin)
+    subprocess.run(["strip", "--strip-all", str(full)], check=True)
+    return full, twin
+
+
+def test_debuglink_beside_the_binary(stripped: tuple[Path, Path], tmp_path: Path) -> None:
+    prog, twin = stripped
+    debug = tmp_path / "prog.debug"
+    subprocess.run(["objcopy", "--only-keep-debug", str(twin), str(debug)], check=True)
+    subprocess.run(["objcopy", f"--add-gnu-debuglink={debug}", str(prog)], cwd=tmp_path, check=True)
+    with Binary(prog) as b:
+        assert b.symbols_path == debug
+        work = b.get_symbol("work")
+        assert b.read(work.address - 6, 8) == b"\x90" * 8  # bytes from the stripped binary
+
+
+def test_build_id_path(
+    stripped: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    prog, twin = stripped
+    bid = read_build_id(prog)
+    assert bid is not None
+    where = tmp_path / "debugroot" / ".build-id" / bid[:1].hex() / f"{bid[1:].hex()}.debug"
+    where.parent.mkdir(parents=True)
+    subprocess.run(["objcopy", "--only-keep-debug", str(twin), str(where)], check=True)
+    monkeypatch.setenv("PATCHBOX_DEBUG_ROOT", str(tmp_path / "debugroot"))
+    with Binary(prog) as b:
+        assert b.symbols_path == where and b.find_symbol("work") is not None
+
+
+def test_no_debug_file_names_where_it_looked(
+    stripped: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PATCHBOX_DEBUG_ROOT", str(tmp_path / "nothing"))
+    with pytest.raises(ElfError, match=r"stripped .*\.build-id/.*give the unstripped build"):
+        Binary(stripped[0])
+
+
+def test_unstripped_twin_and_a_wrong_one(stripped: tuple[Path, Path], tmp_path: Path) -> None:
+    prog, twin = stripped
+    with Binary(prog, symbols=twin) as b:
+        assert b.symbols_path == twin
+    other = build(tmp_path, SRC.replace("x * 3", "x * 5"), "other")
+    with pytest.raises(ElfError, match="is not a build of"):
+        Binary(prog, symbols=other)
+
+
+def test_extract_patch_against_stripped_binary(stripped: tuple[Path, Path], tmp_path: Path) -> None:
+    prog, twin = stripped
+    fixed = tmp_path / "fix"
+    fixed.mkdir()
+    (fixed / "prog.c").write_text(SRC.replace("x * 3 + 1", "x * 3 + 2"))
+    obj = fixed / "prog.o"
+    subprocess.run(
+        ["gcc", "-O2", "-fPIE", *PATCH_CFLAGS, "-c", str(fixed / "prog.c"), "-o", str(obj)],
+        check=True,
+    )
+    patch = extract_patch(obj, prog, ["work"], name="fix", symbols=twin)
+    assert [f.symbol for f in patch.functions] == ["work"]
+    assert patch.build_id == read_build_id(prog)
+    assert os.path.getsize(prog) < os.path.getsize(twin)
