@@ -456,3 +456,20 @@ def test_tree_that_does_not_rebuild_the_binary_refused(tmp_path: Path) -> None:
     d = compare_objects(o, p)
     with pytest.raises(ExtractError, match="the tree does not rebuild the running binary"):
         patch_from_diffs([d], exe)
+
+
+def test_objects_of_other_programs_are_left_out(tmp_path: Path) -> None:
+    """A tree building two programs (OpenSSH: sshd and ssh-agent): only the compile units
+    linked into the running binary are compared."""
+    orig, patched = {}, {}
+    for name, src, fixed in (
+        ("a.c", "int main(void) { return 1; }\n", "int main(void) { return 1; }\n"),
+        ("b.c", "int main(void) { return 2; }\n", "int main(void) { return 3; }\n"),
+        ("util.c", "int util(int x) { return x + 1; }\n", "int util(int x) { return x + 2; }\n"),
+    ):
+        o, p = pair(tmp_path, src, fixed, name=name[:-2])
+        orig[name[:-2] + ".o"], patched[name[:-2] + ".o"] = o, p
+    diffs, _same = compare_trees(orig, patched, linked={"a.c", "util.c"})
+    assert [d.rel for d in diffs] == ["util.o"]
+    diffs, _same = compare_trees(orig, patched)
+    assert [d.rel for d in diffs] == ["b.o", "util.o"]

@@ -96,3 +96,85 @@ def test_a_changed_number_that_is_not_the_moved_line_is_a_change(tmp_path: Path)
     d = compare_objects(o, p, GENERIC.reporters, lines=line_maps(bogus))
     got = {x.symbol: x.verdict for x in d.decisions}
     assert got["caller_a"] == "in"
+
+
+CROSS_JUMPED = """
+    .file "server.c"
+    .section .rodata.str1.1,"aMS",@progbits,1
+.LC0:
+    .string "server.c"
+    .section .text.exited,"ax",@progbits
+    .globl exited
+    .type exited,@function
+exited:
+    cmp $1, %edi
+    je 1f
+    cmp $2, %edi
+    je 2f
+    xor %eax, %eax
+    ret
+1:  mov $@A@, %edx
+    jmp 3f
+2:  mov $@B@, %edx
+3:  lea .LC0(%rip), %rdi
+    call fatal_at@PLT
+    .size exited, .-exited
+"""
+
+
+def test_cross_jumped_reporting_call(tmp_path: Path) -> None:
+    """GCC shares one reporting call between paths: each loads its line, then jumps to
+    the call (OpenSSH's exited_cleanly in misc.o); the moved lines are not a change."""
+    import subprocess
+
+    objs = []
+    for name, (a, b) in (("a", (10, 14)), ("b", (14, 18))):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "server.s").write_text(CROSS_JUMPED.replace("@A@", str(a)).replace("@B@", str(b)))
+        subprocess.run(["as", str(d / "server.s"), "-o", str(d / "server.o")], check=True)
+        objs.append(d / "server.o")
+    old = "".join(f"line {i}\n" for i in range(1, 30))
+    new = old.replace("line 3\n", "line 3\nx\nx\nx\nx\n")
+    diff = "".join(
+        difflib.unified_diff(old.splitlines(True), new.splitlines(True), "a/server.c", "b/server.c")
+    )
+    d = compare_objects(objs[0], objs[1], GENERIC.reporters, lines=line_maps(diff))
+    assert {x.symbol: x.verdict for x in d.decisions}.get("exited", "out") == "out"
+    # The same difference without the line shift is a change.
+    d = compare_objects(
+        objs[0],
+        objs[1],
+        GENERIC.reporters,
+        lines=line_maps(
+            "".join(
+                difflib.unified_diff(
+                    old.splitlines(True),
+                    old.replace("line 9", "l9").splitlines(True),
+                    "a/server.c",
+                    "b/server.c",
+                )
+            )
+        ),
+    )
+    assert {x.symbol: x.verdict for x in d.decisions}["exited"] == "in"
+
+
+def test_renumbered_func_strings_pair_by_content(tmp_path: Path) -> None:
+    src = (
+        "extern void mylog(const char *func, const char *msg);\n"
+        'void alpha(void) { mylog(__func__, "a"); }\n'
+        'void beta(void) { mylog(__func__, "b"); }\n'
+        'void gamma(void) { mylog(__func__, "c"); }\n'
+    )
+    # GCC numbers __func__.N from the end of the file: a function added last renumbers all.
+    fixed = src + 'void early(void) { mylog(__func__, "e"); }\n'
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    d = compare_objects(
+        compile_c(src, a / "server.o", obj=True), compile_c(fixed, b / "server.o", obj=True)
+    )
+    changed = [x for x in d.decisions if "read-only static data changed" in x.reason]
+    assert changed == [], [(x.symbol, x.reason) for x in changed]
+    assert any(x.symbol == "early" and x.verdict == "carried" for x in d.decisions)

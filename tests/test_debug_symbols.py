@@ -109,3 +109,28 @@ def test_extract_patch_against_stripped_binary(stripped: tuple[Path, Path], tmp_
     assert [f.symbol for f in patch.functions] == ["work"]
     assert patch.build_id == read_build_id(prog)
     assert os.path.getsize(prog) < os.path.getsize(twin)
+
+
+def test_import_nobody_defines_refused_at_build(tmp_path: Path) -> None:
+    """A call to a function neither the program nor its libraries define (QEMU: a new trace
+    point whose generated code was not regenerated) is refused when the patch is built."""
+    from patchbox.errors import ExtractError
+
+    prog = build(tmp_path, "#include <stdio.h>\n" + SRC, "prog")
+    fixed = tmp_path / "fix"
+    fixed.mkdir()
+    for callee, ok in (('puts("x")', True), ("trace_new_event(x)", False)):
+        decl = "int trace_new_event(int);\n#include <stdio.h>\n"
+        (fixed / "prog.c").write_text(
+            decl + SRC.replace("return x * 3 + 1;", f"{callee}; return x * 3 + 2;")
+        )
+        obj = fixed / "prog.o"
+        subprocess.run(
+            ["gcc", "-O2", "-fPIE", *PATCH_CFLAGS, "-c", str(fixed / "prog.c"), "-o", str(obj)],
+            check=True,
+        )
+        if ok:
+            extract_patch(obj, prog, ["work"], name="fix")
+        else:
+            with pytest.raises(ExtractError, match="the new code uses trace_new_event"):
+                extract_patch(obj, prog, ["work"], name="fix")

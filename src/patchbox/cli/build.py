@@ -10,6 +10,7 @@ import click
 
 from patchbox.compare.explain import annotate_inlined, format_explain
 from patchbox.compare.objects import compare_trees
+from patchbox.elf.binary import Binary
 from patchbox.elf.buildid import read_build_id
 from patchbox.errors import BuildError, PatchboxError
 from patchbox.extract import check_reference, patch_from_diffs
@@ -198,7 +199,13 @@ def build_command(
             patched = ws.objects()
             t_built = time.monotonic()
             built = f"builds {t_built - t0:.1f} s"
-        diffs, same = compare_trees(orig, patched, profile.reporters, line_maps(diff_text))
+        # A tree may build several programs (OpenSSH: sshd, ssh-agent, ssh...): only the
+        # objects of compile units linked into the running binary are compared.
+        with Binary(reference, symbols) as ref:
+            linked = ref.source_files()
+        diffs, same = compare_trees(
+            orig, patched, profile.reporters, line_maps(diff_text), linked=linked or None
+        )
         check_reference(diffs, reference, symbols)
         if explain or dry_run:
             annotate_inlined(diffs, diff_text)

@@ -79,30 +79,41 @@ class LineCheck:
                 self.lines.new_line(old) == new for old, new in pairs
             ):
                 return None
-            call = _next_call(ia, k)
-            if call is None:
+            found = _next_call(ia, k)
+            if found is None:
                 return None
-            who = self._reporting(ia, k, call, targets, function)
+            call, joined = found
+            who = self._reporting(ia, k, call, joined, targets, function)
             if who is None:
                 return None
             seen.append(who)
         return ", ".join(dict.fromkeys(seen)) if seen else None
 
     def _reporting(
-        self, insns: list[CsInsn], k: int, call: int, targets: dict[int, tuple], function: str
+        self,
+        insns: list[CsInsn],
+        k: int,
+        call: int,
+        joined: int | None,
+        targets: dict[int, tuple],
+        function: str,
     ) -> str | None:
-        """Returns how the call at ``insns[call]`` shows itself a reporting call (rule 4)."""
+        """Returns how the call at ``insns[call]`` shows itself a reporting call (rule 4);
+        ``joined`` is where a jump from the differing instruction's block landed (GCC
+        cross-jumping: several calls sharing one), its instructions count as arguments too."""
         callee = targets.get(insns[call].address + 1)
         name = callee[1] if callee and callee[0] in ("ext", "sym") else None
         if name is not None and name in self.reporters:
             return name
         if self.lines is None:
             return None
-        # The arguments: from after the previous call (or the function's start) to the call.
+        # The arguments: from after the previous call (or the function's start) to the call,
+        # or to the jump into the shared call and from its target to the call.
         first = k
         while first > 0 and insns[first - 1].mnemonic not in _CALLS:
             first -= 1
-        for ins in insns[first:call]:
+        region = insns[first:call] if joined is None else insns[first : k + 1] + insns[joined:call]
+        for ins in region:
             for off in range(ins.address, ins.address + ins.size):
                 t = targets.get(off)
                 if t is None:
@@ -143,15 +154,32 @@ def _immediate_pairs(x: CsInsn, y: CsInsn) -> list[tuple[int, int]]:
     return pairs
 
 
-def _next_call(insns: list[CsInsn], k: int) -> int | None:
-    """Returns the index of the call following ``insns[k]`` before any jump or return."""
-    for i in range(k + 1, min(len(insns), k + _WINDOW)):
-        m = insns[i].mnemonic
-        if m in _CALLS:
-            return i
+def _next_call(insns: list[CsInsn], k: int) -> tuple[int, int | None] | None:
+    """Returns (index of the call that follows ``insns[k]``, index a jump led to or None):
+    straight on, or through one unconditional jump inside the function (GCC's
+    cross-jumping joins calls that differ only in their arguments); None if a
+    conditional jump or a return comes first."""
+    at = {ins.address: i for i, ins in enumerate(insns)}
+    i, joined, steps = k + 1, None, 0
+    while i < len(insns) and steps < _WINDOW:
+        ins = insns[i]
+        m = ins.mnemonic
+        if m == "call" or (m == "jmp" and _jump_target(ins) not in at):
+            return i, joined  # a call, or a tail call out of the function
+        if m == "jmp" and joined is None:
+            i = joined = at[_jump_target(ins)]  # one hop: the shared call site
+            steps += 1
+            continue
         if m.startswith("j") or m.startswith("ret"):
             return None
+        i += 1
+        steps += 1
     return None
+
+
+def _jump_target(ins: CsInsn) -> int | None:
+    op = ins.operands[0] if ins.operands else None
+    return op.imm if op is not None and op.type == X86_OP_IMM else None
 
 
 def _string_of(target: tuple) -> str | None:

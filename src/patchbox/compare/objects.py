@@ -214,10 +214,31 @@ def _pair(orig: _Side, new: _Side) -> dict[int, ObjSymbol]:
             v.sort(key=lambda s: (_suffix_key(s.name), s.index))
         return out
 
+    def content(side: _Side, sym: ObjSymbol) -> bytes:
+        sec, start, end = side.span(sym)
+        return sec.data[start:end] if not sec.is_nobits else b""
+
     go, gn = groups(orig), groups(new)
     pairs = {}
     for key, syms in gn.items():
-        for s, o in zip(syms, go.get(key, [])):
+        olds = list(go.get(key, []))
+        if key[0] == "D" and key[1] == "local" and len(syms) + len(olds) > 2:
+            # Numbered locals (`__func__.N`, `CSWTCH.N`): an inserted function renumbers
+            # the rest; equal contents pair first, whatever the numbers.
+            by_bytes: dict[bytes, list[ObjSymbol]] = defaultdict(list)
+            for o in olds:
+                by_bytes[content(orig, o)].append(o)
+            rest = []
+            for s in syms:
+                same = by_bytes.get(content(new, s))
+                if same:
+                    o = same.pop(0)
+                    pairs[s.index] = o
+                    olds.remove(o)
+                else:
+                    rest.append(s)
+            syms = rest
+        for s, o in zip(syms, olds):
             pairs[s.index] = o
     return pairs
 
@@ -478,15 +499,20 @@ def compare_trees(
     patched: dict[str, Path],
     reporters: Reporters | None = None,
     lines: dict[str, FileChange] | None = None,
+    linked: set[str] | None = None,
 ) -> tuple[list[ObjectDiff], int]:
     """Compares every patched object with the original of the same relative path.
 
     Returns (the diffs of objects with a decision, number of objects without any:
     identical, or differing only in debug info).
-    Objects of the original build that are gone are ignored.
+    Objects of the original build that are gone are ignored. With ``linked`` (the source
+    file basenames of the running binary), an object compiled from another file belongs
+    to another program of the tree and is left out.
     """
     diffs, same = [], 0
     for rel, path in sorted(patched.items()):
+        if linked is not None and _source_of(path) not in linked | {None}:
+            continue
         o = orig.get(rel)
         if o is not None and o.read_bytes() == path.read_bytes():
             same += 1
@@ -497,3 +523,9 @@ def compare_trees(
         else:  # differs only outside code and data (debug info, notes)
             same += 1
     return diffs, same
+
+
+def _source_of(path: Path) -> str | None:
+    """Returns the basename of an object's source file (its first STT_FILE), or None."""
+    src = load_object(path).source_file
+    return os.path.basename(src) if src else None

@@ -27,6 +27,7 @@ from patchbox.errors import ElfError, ExtractError
 
 __all__ = ["Symbol", "Binary", "strip_version"]
 
+_FILE_NAMES: dict[tuple[str, int, int, int, int], frozenset[str]] = {}
 _TABLES: dict[
     tuple[str, int, int, int, int], tuple[list[Symbol], set[str], dict[str, list[Symbol]]]
 ] = {}
@@ -211,6 +212,26 @@ class Binary:
                     _TABLES.pop(next(iter(_TABLES)))
                 _TABLES[key] = cached
         self._symbols, self._files, self._by_name = cached
+        files_cached = _FILE_NAMES.get(key) if key is not None else None
+        if files_cached is None:
+            files_cached = self._file_names(symtab)
+            if key is not None:
+                _FILE_NAMES[key] = files_cached
+        self._all_files: frozenset[str] = files_cached
+
+    def _file_names(self, symtab: SymbolTableSection) -> frozenset[str]:
+        """Returns the basenames of the STT_FILE entries of ``symtab``."""
+        names = set()
+        strtab = self.dwarf.get_section(symtab["sh_link"]).data()
+        raw = symtab.data()
+        for st_name, info, _o, _shndx, _v, _s in SYM.iter_table(
+            raw, 0, len(raw) - len(raw) % SYM.size, str(self.path)
+        ):
+            if sym_type(info) == "FILE":
+                name = cstring(strtab, st_name)
+                if name:
+                    names.add(os.path.basename(name))
+        return frozenset(names)
 
     def _read_symbols(self, symtab: SymbolTableSection) -> Iterator[Symbol]:
         """Unpacks ``.symtab`` with :mod:`struct` in bulk (pyelftools' per-symbol parsing
@@ -306,6 +327,11 @@ class Binary:
     def iter_symbols(self) -> Iterator[Symbol]:
         """Returns an iterator over the named symbols of ``.symtab`` (no FILE/SECTION)."""
         return iter(self._symbols)
+
+    def source_files(self) -> set[str]:
+        """Returns the basenames of every source file the symbol table names (STT_FILE):
+        the compile units linked into the binary."""
+        return set(self._all_files)
 
     def has_source_file(self, source_file: str) -> bool:
         """Returns True if some local symbol of the binary comes from ``source_file``."""

@@ -29,8 +29,10 @@ import patchbox
 from patchbox import wire as C
 from patchbox.compare.objects import ObjectDiff
 from patchbox.elf.binary import Binary
+from patchbox.elf.exports import program_libraries
 from patchbox.elf.fastread import load_object
 from patchbox.errors import ExtractError
+from patchbox.extract.entry import is_shared_library
 from patchbox.extract.extractor import INT3, Extractor, align
 from patchbox.extract.inlined import check_inlined
 from patchbox.format.layout import check_name
@@ -95,6 +97,7 @@ def _extract(
         blobs = [m.layout() for m in members]
         for m, (text, data, _bss) in zip(members, blobs, strict=True):
             m.emit(text, data)
+        _check_imports(binary, members, warnings)
     text, data = bytearray(), bytearray()
     tbase, dbase = [], []
     bss_size = 0
@@ -154,6 +157,37 @@ def _extract(
         bss_size=bss_size,
         flags=flags,
         meta=meta,
+    )
+
+
+def _check_imports(binary: Binary, members: list[Extractor], warnings: list[str]) -> None:
+    """Refuses a patch whose code imports a name that neither the program nor a library it
+    loads defines: the agent would refuse it at apply time (SYMBOL_NOT_FOUND); found on
+    QEMU, a new trace point whose generated code the build did not regenerate."""
+    names = sorted(
+        {
+            pf.fixup.symbol
+            for m in members
+            for pf in m.fixups
+            if pf.fixup.base == FixupBase.IMPORT and not pf.fixup.symbol.startswith("patchbox_")
+        }
+    )  # the agent's own API
+    if not names or is_shared_library(binary):
+        return
+    libs = program_libraries(binary.path)
+    unknown = [n for n in names if not libs.exports(n)]
+    if not unknown:
+        return
+    if libs.missing:
+        warnings.append(
+            f"cannot check that {', '.join(unknown)} exist at run time: "
+            f"{', '.join(libs.missing)} (needed by {binary.path}) not found here"
+        )
+        return
+    raise ExtractError(
+        f"the new code uses {', '.join(unknown)}, which neither {binary.path} nor the libraries "
+        f"it loads define: code generated from a changed input (a new trace point?) that the "
+        f"build did not regenerate, or a library the program does not link"
     )
 
 

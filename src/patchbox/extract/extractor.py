@@ -160,6 +160,13 @@ class Extractor:
                     f"stacked on this one"
                 )
             orig = self._find_original(sym)
+            if name == "main" and not sym.is_local:
+                # Found in OpenSSH's and dnsmasq's fixes: the event loop lives in main.
+                self.warnings.append(
+                    "main is replaced, but the running process entered main once and usually "
+                    "never returns from it: its loop keeps the old code; only functions it "
+                    "calls again (and processes started later) run the new code"
+                )
             if self._has_padding(orig):
                 n = max(C.MIN_EXPECTED, min(EXPECTED_MAX, orig.size + C.ENTRY_PAD))
                 expected = self.bin.read(orig.address - C.ENTRY_PAD, n)

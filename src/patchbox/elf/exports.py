@@ -1,0 +1,153 @@
+"""What a program's shared libraries export: is a patch's import defined anywhere?
+
+A patch reaches functions the program does not define through base IMPORT fix-ups, which
+the agent resolves with ``dlsym(RTLD_DEFAULT, name)`` in the running process. A name that
+no library of the program exports would only be refused there, at apply time; this finds
+it at build time. The libraries are the program's ``DT_NEEDED`` closure, looked up as the
+dynamic loader does (``DT_RUNPATH``/``DT_RPATH`` with ``$ORIGIN``, the ``ldconfig`` cache,
+the default directories); each library's ``.dynsym`` is read with the record layouts of
+:mod:`patchbox.elf.records`, no pyelftools.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from functools import lru_cache
+from pathlib import Path
+
+from patchbox.elf.records import EHDR, SHDR, SHN_UNDEF, SHT, SYM, cstring
+from patchbox.errors import ElfError
+
+__all__ = ["Libraries", "program_libraries", "dynamic_exports", "dynamic_needs"]
+
+_DEFAULT_DIRS = (
+    "/lib/x86_64-linux-gnu",
+    "/usr/lib/x86_64-linux-gnu",
+    "/lib64",
+    "/usr/lib64",
+    "/lib",
+    "/usr/lib",
+)
+_DT_NEEDED, _DT_RPATH, _DT_RUNPATH = 1, 15, 29
+
+
+def _sections(raw: bytes, what: str) -> list[tuple[int, ...]]:
+    if raw[:4] != b"\x7fELF" or raw[4] != 2 or raw[5] != 1:
+        raise ElfError(f"{what}: not an ELF64 little-endian file")
+    eh = dict(zip(EHDR.fields, EHDR.unpack_from(raw, 0, what), strict=True))
+    return list(SHDR.iter_table(raw, eh["e_shoff"], eh["e_shnum"] * SHDR.size, what))
+
+
+def _dynsym(raw: bytes, what: str) -> tuple[list[tuple[int, ...]], bytes]:
+    hdrs = _sections(raw, what)
+    for h in hdrs:
+        if h[1] == SHT["DYNSYM"]:
+            link = hdrs[h[6]]
+            return list(SYM.iter_table(raw, h[4], h[5], what)), raw[link[4] : link[4] + link[5]]
+    return [], b""
+
+
+@lru_cache(maxsize=256)
+def dynamic_exports(path: str) -> frozenset[str]:
+    """Returns the names a shared object defines in ``.dynsym`` (versions stripped)."""
+    raw = Path(path).read_bytes()
+    syms, strtab = _dynsym(raw, path)
+    return frozenset(
+        cstring(strtab, s[0]).split("@")[0] for s in syms if s[3] != SHN_UNDEF and s[0]
+    )
+
+
+@lru_cache(maxsize=256)
+def dynamic_needs(path: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Returns (DT_NEEDED names, RUNPATH/RPATH directories with $ORIGIN expanded)."""
+    raw = Path(path).read_bytes()
+    hdrs = _sections(raw, path)
+    needed: list[str] = []
+    dirs: list[str] = []
+    for h in hdrs:
+        if h[1] != SHT["DYNAMIC"]:
+            continue
+        strh = hdrs[h[6]]
+        strtab = raw[strh[4] : strh[4] + strh[5]]
+        for off in range(h[4], h[4] + h[5] - 15, 16):
+            tag = int.from_bytes(raw[off : off + 8], "little", signed=True)
+            val = int.from_bytes(raw[off + 8 : off + 16], "little")
+            if tag == 0:
+                break
+            if tag == _DT_NEEDED:
+                needed.append(cstring(strtab, val))
+            elif tag in (_DT_RPATH, _DT_RUNPATH):
+                origin = os.path.dirname(os.path.realpath(path))
+                dirs += [
+                    d.replace("$ORIGIN", origin).replace("${ORIGIN}", origin)
+                    for d in cstring(strtab, val).split(":")
+                    if d
+                ]
+    return tuple(needed), tuple(dirs)
+
+
+@lru_cache(maxsize=1)
+def _ldconfig_cache() -> dict[str, str]:
+    try:
+        out = subprocess.run(["ldconfig", "-p"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    cache: dict[str, str] = {}
+    for line in out.splitlines()[1:]:
+        name, _, rest = line.strip().partition(" ")
+        if "x86-64" in rest and "=>" in rest:
+            cache.setdefault(name, rest.split("=>", 1)[1].strip())
+    return cache
+
+
+class Libraries:
+    """The shared libraries a program loads (its DT_NEEDED closure) and what they export."""
+
+    def __init__(self, paths: list[str], missing: list[str]) -> None:
+        self.paths = paths
+        self.missing = missing  # DT_NEEDED names that could not be found here
+
+    def exports(self, name: str) -> bool:
+        """Returns True if one of the libraries defines ``name``."""
+        return any(name in dynamic_exports(p) for p in self.paths)
+
+
+def _find(soname: str, dirs: tuple[str, ...]) -> str | None:
+    if "/" in soname:
+        return soname if os.path.isfile(soname) else None
+    for d in dirs:
+        cand = os.path.join(d, soname)
+        if os.path.isfile(cand):
+            return cand
+    cached = _ldconfig_cache().get(soname)
+    if cached and os.path.isfile(cached):
+        return cached
+    for d in _DEFAULT_DIRS:
+        cand = os.path.join(d, soname)
+        if os.path.isfile(cand):
+            return cand
+    return None
+
+
+def program_libraries(binary: str | os.PathLike[str]) -> Libraries:
+    """Returns the libraries ``binary`` loads, found as the dynamic loader would."""
+    seen: dict[str, str] = {}
+    missing: list[str] = []
+    todo = [os.fspath(binary)]
+    while todo:
+        current = todo.pop()
+        try:
+            needed, dirs = dynamic_needs(current)
+        except (OSError, ElfError):
+            continue
+        for soname in needed:
+            if soname in seen or soname in missing:
+                continue
+            found = _find(soname, dirs)
+            if found is None:
+                missing.append(soname)
+                continue
+            seen[soname] = found
+            todo.append(found)
+    return Libraries(list(seen.values()), missing)
