@@ -8,6 +8,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from patchbox.protocol.discovery import Candidate, discover
+
 HERE = Path(__file__).resolve().parent
 ORIGINAL = {
     "USE_HELPER": "scale(x) + 1",
@@ -31,14 +33,34 @@ def render(**changes: str) -> str:
     return src
 
 
-class Target:
-    """A running target process, driven through its stdin/stdout."""
+def wait_for_agent(pid: int, timeout: float = 10) -> Candidate:
+    """Returns where pid's agent listens, once /proc/PID/net/unix shows it (the way the
+    client finds it: whatever the process's mount namespace or directory length)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = discover(pid, environ={})
+        mine = [c for c in found.candidates if c.source.startswith("/proc/")]
+        if mine:
+            return mine[0]
+        assert time.monotonic() < deadline, f"no agent of pid {pid}: {found.notes}"
+        time.sleep(0.02)
 
-    def __init__(self, exe: Path, env: dict[str, str] | None = None) -> None:
+
+class Target:
+    """A running target process, driven through its stdin/stdout.
+
+    ``argv`` runs something that ends by exec'ing ``exe`` (unshare, a shell) instead of
+    ``exe`` itself; then the agent is awaited through /proc (the socket may lie in
+    another mount namespace) rather than as a file beside ``exe``.
+    """
+
+    def __init__(
+        self, exe: Path, env: dict[str, str] | None = None, argv: list[str] | None = None
+    ) -> None:
         env = dict(env or {})
         self.exe = exe
         self.proc = subprocess.Popen(
-            [str(exe)],
+            argv or [str(exe)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -50,6 +72,9 @@ class Target:
         assert self._readline(10) == f"ready {self.pid}"
         sock_dir = Path(env.get("PATCHBOX_SOCK_DIR", exe.parent))
         self.socket = sock_dir / f"sandbox-sock{self.pid}"
+        if argv:
+            wait_for_agent(self.pid)
+            return
         deadline = time.monotonic() + 10
         while not self.socket.exists():
             assert time.monotonic() < deadline, "agent socket never appeared"
