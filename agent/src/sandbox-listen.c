@@ -554,7 +554,7 @@ static void sandbox_atfork_child(void)
 				     "past %d ms at the fork", (int)getpid(), SANDBOX_FORK_WAIT_MS);
 		return;
 	}
-	if (sandbox_fork_delay_ms < 0 || sandbox_thread_create(sandbox_fork_delay_ms) != 0)
+	if (sandbox_thread_create(sandbox_fork_delay_ms) != 0)
 		sandbox_fd_close(&sandbox_sock.dirfd);
 }
 
