@@ -442,6 +442,8 @@ static void *sandbox_listen_thread(void *arg)
 				sandbox_debug("removed %d stale socket%s in %s", n, n > 1 ? "s" : "", sandbox_sock.dir);
 		}
 
+		if (__atomic_load_n(&sandbox_stopping, __ATOMIC_ACQUIRE))
+			break;	/* stop's shutdown() may have hit the socket just replaced */
 		struct pollfd pfd = { sandbox_sock.lfd.fd, POLLIN, 0 };
 		int n = poll(&pfd, 1, SANDBOX_CHECK_MS);
 		if (__atomic_load_n(&sandbox_stopping, __ATOMIC_ACQUIRE))
@@ -653,8 +655,10 @@ static int sandbox_agent_start_locked(void)
 	}
 	if (!sandbox_atfork_done++) {
 		/* A replacement allocator registers its fork handlers when it first
-		 * runs: make that happen before ours ("Locks and fork"). */
-		free(malloc(1));
+		 * runs: make that happen before ours ("Locks and fork"). Through a
+		 * volatile, or the compiler drops the unused malloc/free pair. */
+		void *volatile first = malloc(1);
+		free(first);
 		pthread_atfork(sandbox_atfork_prepare, sandbox_atfork_parent, sandbox_atfork_child);
 	}
 	sandbox_debug("agent listening on %s (log %s)", sandbox_sock_path,

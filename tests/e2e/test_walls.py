@@ -280,17 +280,28 @@ def test_classic_daemon(
 # -- fork during apply -----------------------------------------------------------------
 
 
-def test_fork_during_apply_and_remove(tmp_path: Path) -> None:
+JEMALLOC = Path("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2")
+
+
+@pytest.mark.parametrize("allocator", ["glibc", "jemalloc"])
+def test_fork_during_apply_and_remove(tmp_path: Path, allocator: str) -> None:
     """A thread forks without a pause while a two-function patch is applied and removed
     in a loop: every child sees each function whole (original or redirected), both in
-    the same state, and no writable code page."""
+    the same state, and no writable code page. With jemalloc preloaded too: its own
+    fork handler locks its arenas, which must not meet the agent's lock in a deadlock."""
+    env = {}
+    if allocator == "jemalloc":
+        if not JEMALLOC.exists():
+            pytest.skip(f"{JEMALLOC} not installed (Debian package libjemalloc2)")
+        env["LD_PRELOAD"] = str(JEMALLOC)
     exe = compile_c(fill("forker.c", A="1", B="2"), tmp_path / "forker", agent=True)
     (tmp_path / "fix").mkdir()
     obj = compile_c(fill("forker.c", A="1000", B="3"), tmp_path / "fix" / "forker.o", obj=True)
     pbx = extract(obj, exe, "fa", "fb", name="pair")
     body = read_patch_file(pbx).body
-    t = Target(exe)
+    t = Target(exe, env=env)
     try:
+        assert (allocator == "jemalloc") == ("jemalloc" in Path(f"/proc/{t.pid}/maps").read_text())
         assert t.call("call", 5) == "6 10"
         assert t.call("start", 0) == "started"
         cycles = 0
