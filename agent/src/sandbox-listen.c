@@ -132,7 +132,9 @@ static int sandbox_fork_delay_ms = SANDBOX_FORK_DELAY_MS_DEFAULT;
 static char sandbox_log_setting[PATH_MAX];	/* PATCHBOX_LOG: "" beside the socket, "0" off */
 static int sandbox_start_reported;
 static int sandbox_atfork_done;
-static int sandbox_fork_locked;		/* which locks prepare took, for parent and child */
+/* Which locks prepare took, for parent and child: the forking thread's own (two
+ * threads may fork at once, one of them waiting in prepare). */
+static __thread int sandbox_fork_locked;
 /* Under sandbox_sock_lock: */
 static struct sandbox_sock sandbox_sock = { .dirfd = { -1, 0, 0 }, .lfd = { -1, 0, 0 } };
 static struct sandbox_fd sandbox_client = { -1, 0, 0 };	/* the connection being served */

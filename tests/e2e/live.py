@@ -8,7 +8,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from patchbox.protocol.discovery import Candidate, discover
+from patchbox.protocol.discovery import Candidate, discover, get_ns_pid
 
 HERE = Path(__file__).resolve().parent
 ORIGINAL = {
@@ -31,6 +31,20 @@ def render(**changes: str) -> str:
     for key, value in {**ORIGINAL, **changes}.items():
         src = src.replace(f"@{key}@", value)
     return src
+
+
+def host_pid_of(parent: int, ns_pid: int) -> int:
+    """Returns the pid (in our namespace) of the child of ``parent`` that is ``ns_pid``
+    in its own pid namespace."""
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            fields = dict(line.split(":", 1) for line in status.read_text().splitlines())
+        except (OSError, ValueError):
+            continue
+        nspid = fields.get("NSpid", "").split()
+        if int(fields.get("PPid", "0")) == parent and nspid and int(nspid[-1]) == ns_pid:
+            return int(nspid[0])
+    raise AssertionError(f"no child of {parent} is pid {ns_pid} in its namespace")
 
 
 def wait_for_agent(pid: int, timeout: float = 10) -> Candidate:
@@ -69,7 +83,11 @@ class Target:
             env={**os.environ, **env},
         )
         self.pid = self.proc.pid
-        assert self._readline(10) == f"ready {self.pid}"
+        ready = self._readline(10)
+        if argv and ready != f"ready {self.pid}":
+            # In its own pid namespace: the pid it printed is not ours for it.
+            self.pid = host_pid_of(self.proc.pid, int(ready.split()[1]))
+        assert ready == f"ready {get_ns_pid(self.pid)}", ready
         sock_dir = Path(env.get("PATCHBOX_SOCK_DIR", exe.parent))
         self.socket = sock_dir / f"sandbox-sock{self.pid}"
         if argv:

@@ -40,9 +40,10 @@ def extract(obj: Path, exe: Path, *functions: str, name: str) -> Path:
     return out
 
 
-def bound_address(pid: int) -> str:
+def bound_address(pid: int, ns_pid: int | None = None) -> str:
     """Returns the address pid's agent bound, as /proc/PID/net/unix shows it."""
     wait_for_agent(pid)
+    name = f"sandbox-sock{pid if ns_pid is None else ns_pid}"
     held = set()
     for fd in os.listdir(f"/proc/{pid}/fd"):
         link = os.readlink(f"/proc/{pid}/fd/{fd}")
@@ -51,7 +52,7 @@ def bound_address(pid: int) -> str:
     [s] = [
         s
         for s in iter_unix_sockets(pid)
-        if s.listening and s.inode in held and s.path.endswith(f"/sandbox-sock{pid}")
+        if s.listening and s.inode in held and s.path.endswith(f"/{name}")
     ]
     return s.path
 
@@ -153,14 +154,16 @@ def test_environment_overwritten_by_process_title(
         t.stop()
 
 
-def unshare_permitted() -> str | None:
-    """Returns why a private mount namespace cannot be made here, None if it can."""
+def unshare_permitted(options: list[str] | None = None) -> str | None:
+    """Returns why these namespaces (default: a private mount namespace) cannot be made
+    here, None if they can."""
+    options = options or ["--mount", "--propagation", "private"]
     if not shutil.which("unshare"):
         return "unshare(1) not installed"
-    proc = subprocess.run(
-        ["unshare", "--mount", "--propagation", "private", "true"], capture_output=True, text=True
-    )
-    return None if proc.returncode == 0 else f"unshare --mount not permitted: {proc.stderr.strip()}"
+    proc = subprocess.run(["unshare", *options, "true"], capture_output=True, text=True)
+    if proc.returncode == 0:
+        return None
+    return f"unshare {' '.join(options)} not permitted: {proc.stderr.strip()}"
 
 
 def test_private_tmpfs_over_the_program_directory(
@@ -188,6 +191,34 @@ def test_private_tmpfs_over_the_program_directory(
         assert t.call("pair_a", 2) == "42"
         run("patchbox", "remove", "-p", t.pid, "ns")
         assert t.call("pair_a", 2) == "3"
+    finally:
+        t.stop()
+
+
+def test_container_pid_and_mount_namespaces(
+    target_exe: Path, tmp_path: Path, patched_obj, no_client_sock_dir
+) -> None:
+    """A container-like target: its own pid namespace (it is pid 1 there and names its
+    socket sandbox-sock1) and mount namespace with its own /proc. The host patches it by
+    its host pid."""
+    reason = unshare_permitted(["--pid", "--fork", "--mount-proc"])
+    if reason:
+        pytest.skip(reason)
+    exe = Path(shutil.copy(target_exe, tmp_path / "target"))
+    argv = ["unshare", "--pid", "--fork", "--kill-child", "--mount-proc", str(exe)]
+    t = Target(exe, argv=argv)
+    try:
+        assert t.pid != t.proc.pid  # unshare's child
+        assert bound_address(t.pid, ns_pid=1) == str(tmp_path / "sandbox-sock1")
+        info = info_json(t.pid)
+        assert info["pid"] == "1" and info["socket"] == str(tmp_path / "sandbox-sock1")
+
+        pbx = extract(patched_obj(PAIR_B="7"), target_exe, "pair_b", name="container")
+        assert t.call("pair_b", 3) == "6"
+        run("patchbox", "apply", "-p", t.pid, pbx)
+        assert t.call("pair_b", 3) == "21"
+        run("patchbox", "remove", "-p", t.pid, "container")
+        assert t.call("pair_b", 3) == "6"
     finally:
         t.stop()
 
