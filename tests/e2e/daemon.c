@@ -9,6 +9,8 @@
  *   late   600 ms later (the agent has bound and listens: it must notice and rebind)
  *   reuse  as late, then the service socket is dup2'ed onto the 64 numbers below
  *          min(limit, 1024): the agent's old numbers now name the daemon's own socket
+ *   daemon3  glibc's daemon(0, 0) instead: one fork, the parent _exits (no destructor:
+ *          its socket is left for the daemon's agent to sweep), stdio on /dev/null
  * Requests, one per connection, answered with one line:
  *   answer N   answer(N)                      (the function the tests patch)
  *   spawn 0    fork + execv /bin/true, waited for; answers the child's pid
@@ -111,11 +113,19 @@ static int handle(const char *line)
 	return -1;
 }
 
+static int serve(const char *rundir, int s);
+
 int main(int argc, char **argv)
 {
 	if (argc != 3)
 		return 2;
 	const char *rundir = argv[1], *mode = argv[2];
+	if (strcmp(mode, "daemon3") == 0) {
+		if (daemon(0, 0) != 0)
+			return 1;
+		signal(SIGCHLD, SIG_IGN);
+		return serve(rundir, serve_socket(rundir));
+	}
 	pid_t pid = fork();
 	if (pid < 0)
 		return 1;
@@ -146,6 +156,11 @@ int main(int argc, char **argv)
 					dup2(s, fd);
 		}
 	}
+	return serve(rundir, s);
+}
+
+static int serve(const char *rundir, int s)
+{
 	write_pidfile(rundir);
 	for (;;) {
 		int c = accept(s, NULL, NULL);
