@@ -282,3 +282,30 @@ def test_probe_socket(tmp_path: Path) -> None:
         s.bind(str(tmp_path / "live"))
         s.listen(0)
         assert probe_socket(tmp_path / "live") is True
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to look at a process as another user")
+def test_another_users_process(listener: tuple[socket.socket, Path]) -> None:
+    """As uid 65534, /proc/PID/fd and /proc/PID/exe of a root process are closed: the
+    error says so and how to get in, not "is the program linked"."""
+    r, w = os.pipe()
+    child = os.fork()
+    if child == 0:  # no exec: the child only calls the client and reports
+        text = "no error"
+        try:
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            Client(pid=os.getppid()).connect()
+        except BaseException as err:  # noqa: BLE001 - reported to the parent
+            text = str(err)
+        finally:
+            os.write(w, text.encode())
+            os._exit(0)
+    os.close(w)
+    os.waitpid(child, 0)
+    with os.fdopen(r, "rb") as f:
+        text = f.read().decode()
+    assert text.startswith(f"no agent socket for pid {os.getpid()}: "), text
+    assert "not readable (Permission denied)" in text
+    assert text.endswith("run as root or as the process's user, or pass -s SOCKET"), text

@@ -53,6 +53,8 @@ LINK_HINT = (
     "(or run with LD_PRELOAD=$(patchbox config --preload))?"
 )
 
+DENIED_HINT = "run as root or as the process's user, or pass -s SOCKET"
+
 # Errors the agent may send about the connection itself rather than about the request
 # (a refused peer, a frame it could not read): accepted whatever the reply's type/seq.
 CONNECTION_ERRORS = frozenset(
@@ -148,7 +150,8 @@ class Client:
         if failure is not None and len(found.candidates) == 1:
             raise failure
         where = "; ".join(found.notes + ([f"tried {', '.join(tried)}"] if tried else []))
-        raise ConnectError(f"no agent socket for pid {self.pid}: {where}: {LINK_HINT}")
+        hint = DENIED_HINT if found.denied else LINK_HINT
+        raise ConnectError(f"no agent socket for pid {self.pid}: {where}: {hint}")
 
     def _open(self, candidate: Candidate) -> socket.socket:
         """Returns a socket connected to ``candidate``; FileNotFoundError if there is

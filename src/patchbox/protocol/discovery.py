@@ -86,6 +86,7 @@ class Discovery:
     name: str  # sandbox-sock<n>, n the pid in the target's pid namespace
     candidates: list[Candidate] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    denied: bool = False  # /proc/PID/... refused us: another user's process
 
 
 def parse_proc_net_unix(text: str) -> list[UnixSocket]:
@@ -197,11 +198,13 @@ def discover(pid: int, environ: Mapping[str, str] | None = None) -> Discovery:
         ]
     except OSError as err:
         found.notes.append(f"/proc/{pid}/net/unix not readable ({err.strerror or err})")
+        found.denied |= isinstance(err, PermissionError)
     if listed:
         try:
             held = get_socket_inodes(pid)
         except OSError as err:
             found.notes.append(f"/proc/{pid}/fd not readable ({err.strerror or err})")
+            found.denied |= isinstance(err, PermissionError)
         else:
             if not held.intersection(s.inode for s in listed):
                 found.notes.append(f"{name} in /proc/{pid}/net/unix is not held by pid {pid}")
@@ -224,6 +227,7 @@ def discover(pid: int, environ: Mapping[str, str] | None = None) -> Discovery:
         raise ConnectError(f"no process with pid {pid}") from err
     except OSError as err:
         found.notes.append(f"/proc/{pid}/exe not readable ({err.strerror or err})")
+        found.denied |= isinstance(err, PermissionError)
     else:
         # An executable replaced on disk (an upgrade) still has its directory.
         path = os.path.join(os.path.dirname(exe.removesuffix(" (deleted)")), name)
