@@ -84,10 +84,10 @@
  * - prepare takes the three locks in order, each until one deadline
  *   (SANDBOX_FORK_WAIT_MS): a fork waits for an apply, remove or self-test in
  *   progress to end, for a bind, a start or a stop, never longer. glibc runs the
- *   prepare handlers before it takes its own locks (posix/fork.c in 2.34-2.36:
- *   __run_fork_handlers(atfork_run_prepare) precedes _IO_list_lock and
- *   __malloc_fork_lock_parent), so the agent thread can finish an apply that
- *   allocates while the forking thread waits. Prepare handlers run in reverse
+ *   prepare handlers before it takes its own locks (posix/fork.c since 2.34: the
+ *   prepare handlers, then _IO_list_lock and __malloc_fork_lock_parent; the same
+ *   order in Debian's 2.36 libc.so.6), so the agent thread can finish an apply
+ *   that allocates while the forking thread waits. Prepare handlers run in reverse
  *   order of registration: the agent allocates once before it registers, so a
  *   replacement allocator (jemalloc, tcmalloc) is initialised and has registered
  *   its own handler (which locks its arenas) first, to run after the agent's.
