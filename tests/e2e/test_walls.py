@@ -2,7 +2,8 @@
 
 - a program in a directory whose socket path cannot fit in sun_path;
 - a program that overwrites its argv/environment block (a process title) after it
-  was started with PATCHBOX_SOCK_DIR, and one whose socket lies in a private mount;
+  was started with PATCHBOX_SOCK_DIR; one whose socket lies in a private mount; one in
+  its own pid namespace (a container);
 - a program that daemonizes (fork, setsid, fork, chdir /, close every descriptor),
   forks workers and runs other programs; a program forking while patches go in and out;
 - stale sockets of killed processes in a shared directory.
@@ -26,7 +27,7 @@ from live import HERE, Target, render, wait_for_agent
 from helpers import compile_c, deep_dir, info_json, run_tool
 from patchbox.format.layout import read_patch_file
 from patchbox.protocol.client import Client
-from patchbox.protocol.discovery import iter_unix_sockets, sweep_stale_sockets
+from patchbox.protocol.discovery import get_socket_inodes, iter_unix_sockets, sweep_stale_sockets
 
 pytestmark = pytest.mark.process
 
@@ -44,11 +45,7 @@ def bound_address(pid: int, ns_pid: int | None = None) -> str:
     """Returns the address pid's agent bound, as /proc/PID/net/unix shows it."""
     wait_for_agent(pid)
     name = f"sandbox-sock{pid if ns_pid is None else ns_pid}"
-    held = set()
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        link = os.readlink(f"/proc/{pid}/fd/{fd}")
-        if link.startswith("socket:["):
-            held.add(int(link[8:-1]))
+    held = get_socket_inodes(pid)
     [s] = [
         s
         for s in iter_unix_sockets(pid)
