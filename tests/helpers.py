@@ -45,6 +45,16 @@ def compile_c(
     return out
 
 
+def deep_dir(base: Path, length: int = 150) -> Path:
+    """Returns a new directory under ``base`` whose path is at least ``length`` bytes
+    (``sandbox-sock<pid>`` in it then cannot be bound by its path: sun_path is 108)."""
+    d = base
+    while len(os.fsencode(d)) < length:
+        d = d / ("d" * 40)
+    d.mkdir(parents=True)
+    return d
+
+
 BIN = Path(sys.executable).parent
 
 

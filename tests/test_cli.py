@@ -157,11 +157,17 @@ def test_no_socket(tmp_path: Path, patch_file: Path) -> None:
 
 
 def test_pid_without_agent() -> None:
-    """A live process with no agent: the message names the pid and the expected socket."""
+    """A live process with no agent: the message names the pid and what was tried."""
     pid = os.getpid()
     result = run("info", "-p", str(pid), env={"PATCHBOX_SOCK_DIR": "/nonexistent-dir"})
+    exe_dir = os.path.dirname(os.readlink(f"/proc/{pid}/exe"))
     assert_one_error_line(
-        result, f"no agent socket for pid {pid} at /nonexistent-dir/sandbox-sock{pid}"
+        result,
+        f"no agent socket for pid {pid}: ",
+        f"no sandbox-sock{pid} listening in /proc/{pid}/net/unix",
+        f"/nonexistent-dir/sandbox-sock{pid} (PATCHBOX_SOCK_DIR)",
+        f"{exe_dir}/sandbox-sock{pid} (the executable's directory)",
+        "patchbox config --libs",
     )
 
 

@@ -23,7 +23,7 @@ from patchbox.errors import AgentError, ConnectError, ProtocolError
 from patchbox.format.codec import Reader, Writer
 from patchbox.format.layout import encode_apply_body, save_patch
 from patchbox.format.model import Function, Patch
-from patchbox.protocol.client import FRAME, Client, decode_header, encode_frame, socket_path_for_pid
+from patchbox.protocol.client import FRAME, Client, decode_header, encode_frame
 from patchbox.protocol.replies import AppliedPatch, PatchFunction
 from patchbox.wire import ErrorCode, Msg
 
@@ -385,20 +385,9 @@ def test_refused_socket(tmp_path: Path) -> None:
         Client(path).connect()
 
 
-def test_socket_path_for_pid(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.delenv("PATCHBOX_SOCK_DIR", raising=False)
-    pid = os.getpid()
-    # (our own initial environment could carry PATCHBOX_SOCK_DIR: then it would win)
-    if b"PATCHBOX_SOCK_DIR=" not in Path(f"/proc/{pid}/environ").read_bytes():
-        exe_dir = Path(os.readlink(f"/proc/{pid}/exe")).parent
-        assert socket_path_for_pid(pid) == exe_dir / f"sandbox-sock{pid}"
-    monkeypatch.setenv("PATCHBOX_SOCK_DIR", str(tmp_path))
-    assert socket_path_for_pid(pid) == tmp_path / f"sandbox-sock{pid}"
-
-
 def test_no_such_pid() -> None:
     with pytest.raises(ConnectError, match="no process with pid"):
-        socket_path_for_pid(2**22 + 12345)
+        Client(pid=2**22 + 12345).connect()
 
 
 def test_client_by_pid(serve, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

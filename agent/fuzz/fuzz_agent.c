@@ -27,6 +27,7 @@
 #include "../src/sandbox-redirect.c"
 #include "../src/sandbox-transition.c"
 #include "../src/sandbox-listen.c"
+#include "../src/sandbox-sock.c"
 #include "../src/sandbox-messages.c"
 #include "../src/sandbox-wire.c"
 

@@ -4,8 +4,9 @@
  *
  * Mechanism only: the server (sandbox-listen.c) parses requests into a
  * struct sandbox_apply_spec and calls in here from the single agent thread, so
- * the engine state needs no lock (sandbox-listen.c, "Locks and fork"). Errors are
- * values (struct sandbox_error). How bytes are written is sandbox-redirect.c's,
+ * the engine state needs no lock against other threads; the engine lock below is
+ * for fork alone (sandbox-listen.c, "Locks and fork"). Errors are values
+ * (struct sandbox_error). How bytes are written is sandbox-redirect.c's,
  * where patch memory lies and when it is reused sandbox-transition.c's.
  *
  * Entry jump (PBX_KIND_ENTRY_JUMP, functions without the padding): the
@@ -24,6 +25,7 @@
 #include <dlfcn.h>
 #include <elf.h>
 #include <link.h>
+#include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -41,6 +43,45 @@ static uintptr_t sandbox_selftest_addr;	/* entry of the self-test's target */
 static struct sandbox_patch *sandbox_patches[PBX_MAX_PATCHES];
 static size_t sandbox_npatches;
 static uint32_t sandbox_next_id = 1;
+
+/* ------------------------------------------------------------------ the engine lock */
+
+/* Held by the agent thread from before the first change an apply, remove or
+ * self-test makes (placement, the first mprotect) until after the last (the patch
+ * table updated, the pages r-x again), and taken by the fork prepare handler: a
+ * fork waits for the change to end, so a child never holds a half-published
+ * redirect or a writable text page. Not held while imports are resolved (dlsym
+ * takes the loader's lock, which a thread forking from a library constructor
+ * holds). Recursive: the self-test holds it across its own apply and remove.
+ * The rules: sandbox-listen.c, "Locks and fork". */
+static pthread_mutex_t sandbox_engine_mutex = PTHREAD_RECURSIVE_MUTEX_INITIALIZER_NP;
+
+static void sandbox_engine_lock(void)
+{
+	pthread_mutex_lock(&sandbox_engine_mutex);
+}
+
+static void sandbox_engine_unlock(void)
+{
+	pthread_mutex_unlock(&sandbox_engine_mutex);
+}
+
+int sandbox_engine_fork(enum sandbox_fork_phase phase, const struct timespec *deadline)
+{
+	static const pthread_mutex_t init = PTHREAD_RECURSIVE_MUTEX_INITIALIZER_NP;
+	switch (phase) {
+	case SANDBOX_FORK_PREPARE:
+		return pthread_mutex_clocklock(&sandbox_engine_mutex, CLOCK_MONOTONIC, deadline) == 0 ? 0 : -1;
+	case SANDBOX_FORK_PARENT:
+		return pthread_mutex_unlock(&sandbox_engine_mutex) == 0 ? 0 : -1;
+	case SANDBOX_FORK_CHILD:
+		/* Held by the forking thread, whose id the child's thread no longer has:
+		 * a plain store of the initializer (async-signal-safe). */
+		memcpy(&sandbox_engine_mutex, &init, sizeof(init));
+		return 0;
+	}
+	return -1;
+}
 
 /* ------------------------------------------------------------------ errors */
 
@@ -470,7 +511,7 @@ int sandbox_patch_apply(const struct sandbox_apply_spec *spec, unsigned flags,
 	uint8_t *tbuf = NULL, *dbuf = NULL;
 	uintptr_t text_addr = 0, data_addr = 0;
 	uint32_t id = sandbox_next_id;
-	int rc = -1, allocated = 0, revived = 0;
+	int rc = -1, allocated = 0, revived = 0, locked = 0;
 	uint32_t revived_from = 0;
 	char name[PBX_MAX_NAME + 1];
 
@@ -515,6 +556,10 @@ int sandbox_patch_apply(const struct sandbox_apply_spec *spec, unsigned flags,
 	uint64_t data_block = (uint64_t)spec->data_len + spec->bss_size;
 	if (sandbox_fixups_check(spec, data_block, import, err) != 0)
 		goto out;
+
+	/* From here to out: the engine lock (a fork waits; see the lock above). */
+	sandbox_engine_lock();
+	locked = 1;
 
 	/* Placement. */
 	if (data_block > sandbox_data.size) {
@@ -597,6 +642,8 @@ out:
 	 * revived extent goes back to retired (old threads may still run it). */
 	if (rc != 0 && allocated)
 		sandbox_owner_unplace(id, revived ? text_addr : 0, revived_from);
+	if (locked)
+		sandbox_engine_unlock();
 	free(tbuf);
 	free(dbuf);
 	free(import);
@@ -606,7 +653,8 @@ out:
 }
 
 /* free_now: only for memory no other thread can have run (the self-test). */
-static int sandbox_patch_remove_mode(const char *name, size_t name_len, int free_now, struct sandbox_error *err)
+static int sandbox_patch_remove_locked(const char *name, size_t name_len, int free_now,
+				       struct sandbox_error *err)
 {
 	char shown[PBX_MAX_NAME + 1];
 	ssize_t idx = sandbox_patch_find(name, name_len);
@@ -638,6 +686,14 @@ static int sandbox_patch_remove_mode(const char *name, size_t name_len, int free
 	return 0;
 }
 
+static int sandbox_patch_remove_mode(const char *name, size_t name_len, int free_now, struct sandbox_error *err)
+{
+	sandbox_engine_lock();
+	int rc = sandbox_patch_remove_locked(name, name_len, free_now, err);
+	sandbox_engine_unlock();
+	return rc;
+}
+
 int sandbox_patch_remove(const char *name, size_t name_len, struct sandbox_error *err)
 {
 	return sandbox_patch_remove_mode(name, name_len, 0, err);
@@ -649,7 +705,7 @@ int sandbox_patch_remove(const char *name, size_t name_len, struct sandbox_error
 
 /* Applies a real patch to the agent's own function through sandbox_patch_apply and
  * sandbox_patch_remove, the APPLY/REMOVE path, and checks every effect. */
-int sandbox_selftest_run(char *detail, size_t detail_len)
+static int sandbox_selftest_run_locked(char *detail, size_t detail_len)
 {
 	int (*volatile fn)(int) = (int (*)(int))sandbox_selftest_addr;
 	uint8_t before[SANDBOX_ENTRY_BYTES], after[SANDBOX_ENTRY_BYTES];
@@ -730,3 +786,11 @@ int sandbox_selftest_run(char *detail, size_t detail_len)
 	return 1;
 }
 
+int sandbox_selftest_run(char *detail, size_t detail_len)
+{
+	/* A fork sees the self-test's patch either not yet applied or removed. */
+	sandbox_engine_lock();
+	int passed = sandbox_selftest_run_locked(detail, detail_len);
+	sandbox_engine_unlock();
+	return passed;
+}

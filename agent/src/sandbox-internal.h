@@ -132,6 +132,14 @@ struct sandbox_stats {
 #define SANDBOX_APPLY_INTERNAL 1u
 
 int sandbox_engine_init(struct sandbox_error *err);
+
+/* The engine's part of a fork (sandbox-listen.c, "Locks and fork"). PREPARE takes
+ * the engine lock, waiting for an apply, remove or self-test in progress to end,
+ * until deadline (CLOCK_MONOTONIC): 0, or -1 if it could not; PARENT releases it
+ * after a PREPARE that took it; CHILD resets it (async-signal-safe). */
+enum sandbox_fork_phase { SANDBOX_FORK_PREPARE, SANDBOX_FORK_PARENT, SANDBOX_FORK_CHILD };
+struct timespec;
+int sandbox_engine_fork(enum sandbox_fork_phase phase, const struct timespec *deadline);
 const struct sandbox_exe_info *sandbox_exe_get(void);
 int sandbox_patch_apply(const struct sandbox_apply_spec *spec, unsigned flags,
 			const struct sandbox_patch **ret, struct sandbox_error *err);

@@ -1,13 +1,15 @@
-/* Part of sandbox-listen.o: the server. The agent's socket, its thread and the
- * per-connection loop (peer check, framing), start / stop, what a fork leaves,
- * the request log, debug output and the constructor/destructor; the locks and
- * the rules that go with them ("Locks and fork" below). Each request is answered
- * by sandbox-messages.c over sandbox-wire.c.
+/* Part of sandbox-listen.o: the server. The agent thread and the per-connection
+ * loop (peer check, framing), start / stop, what a fork leaves and starts, the
+ * request log, debug output and the constructor/destructor; the locks and the
+ * rules that go with them ("Locks and fork" below). The socket file and the
+ * agent's descriptors are sandbox-sock.c's; each request is answered by
+ * sandbox-messages.c over sandbox-wire.c.
  *
- * One thread blocks in accept() (no CPU when idle) and serves one client at a
- * time. Nothing in here may stop the host program or the serving thread: no
- * exit/abort, every length checked, every failure becomes an error reply or a
- * dropped connection. Frames and errors follow docs/protocol.md.
+ * One thread waits in poll() on the listening socket (no CPU when idle; it wakes
+ * once a second to check that its descriptors are still its own) and serves one
+ * client at a time. Nothing in here may stop the host program or the serving
+ * thread: no exit/abort, every length checked, every failure becomes an error
+ * reply or a dropped connection. Frames and errors follow docs/protocol.md.
  */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE
@@ -33,104 +35,119 @@
 
 #define SANDBOX_TIMEOUT_MS_DEFAULT 5000
 #define SANDBOX_PERM_WAIT_MS 1000	/* how long a refused peer may take to send its header */
+#define SANDBOX_CHECK_MS 1000		/* the thread checks its descriptors at least this often */
+#define SANDBOX_FORK_DELAY_MS_DEFAULT 200 /* a forked child binds its socket after this */
+#define SANDBOX_FORK_WAIT_MS 2000	/* longest a fork waits for the agent's locks */
+#define SANDBOX_RETRY_MAX_MS 60000	/* longest pause between two binds that failed */
 
 /* ------------------------------------------------------------------ locks and fork
  *
  * Locks and fork. There are two threads of interest: the *agent thread*, which
  * serves the socket and alone runs the engine, and *host threads*, which may call
- * patchbox_agent_start / patchbox_agent_stop (the constructor is one of them).
+ * patchbox_agent_start / patchbox_agent_stop (the constructor is one of them) and
+ * fork. Three locks, always taken in this order: state, sock, engine.
  *
- * sandbox_state_lock is a coarse lock over start and stop: whether the agent runs
- * (sandbox_started), its thread, listening socket and owner pid, the socket and log
- * paths, the client timeout, the log fd, and the one-time engine_init called from
- * start. Start and stop run whole under it, so two host threads never start or stop
- * at once. The agent thread never takes it: start writes everything the thread
- * reads before pthread_create, and stop touches it again only after pthread_join,
- * so between the two the thread owns the log fd (opened lazily) and only reads the
- * rest, and stop can join it while holding the lock. sandbox_stopping is the one
- * word both sides touch meanwhile: an atomic, stored with release by stop, loaded
- * with acquire by the thread (pairs with the shutdown() that wakes its accept()).
+ * sandbox_state_lock is a coarse lock over start and stop: whether an agent
+ * thread runs (sandbox_started), its handle and the pid that made it, the
+ * settings read at start (socket directory, client timeout, fork delay, log
+ * setting), the one-time engine_init and atfork registration. Start and stop run
+ * whole under it. The agent thread never takes it: start writes what the thread
+ * reads before pthread_create, and stop touches it again only after
+ * pthread_join, so stop can join while holding it. sandbox_stopping is the one
+ * word both sides touch meanwhile: an atomic, stored with release by stop,
+ * loaded with acquire by the thread (pairs with the shutdown() that wakes its
+ * poll()).
  *
- * sandbox_client_lock guards sandbox_client_fd only: the connection being served,
- * published by the agent thread so that stop can shutdown() it. The thread clears
- * it under the lock before close(), so stop never shuts down an fd number the host
- * has meanwhile reused. Lock order: state, then client (stop); the thread takes
- * client alone. A request in progress is never cut short: stop waits for it.
+ * sandbox_sock_lock guards the socket (sandbox_sock: the directory's descriptor,
+ * the listening socket, the name, whether the file is ours), the connection being
+ * served (sandbox_client, for stop's shutdown), sandbox_owner_pid (whose file the
+ * socket is) and sandbox_exiting (the destructor ran: bind nothing more). The
+ * agent thread takes it around each bind (start, a rebind after the program
+ * closed its descriptors, a forked child's first) and to publish and clear the
+ * connection; stop to shut both down and to unbind; the destructor to unlink. It
+ * is never held across a blocking call (poll, accept, serving a client). The
+ * agent thread alone writes the socket while it runs, so it reads it unlocked.
  *
- * The engine (patch table, sandbox areas, executable facts: libsandbox.o) has no
- * lock: sandbox_engine_init fills it once, under sandbox_state_lock, before any
- * agent thread exists, and from then on only the agent thread touches it. A later
- * start (after stop, or in a forked child) finds it ready; its new thread runs
- * after the old one was joined (stop) or in a process where it never existed
- * (fork). sandbox_debug_enabled is an atomic any thread may read or write
- * (relaxed: a switch, it orders nothing).
+ * The engine lock (sandbox-engine.c) is held by the agent thread from before the
+ * first change an APPLY, REMOVE or TEST makes to after the last (placement, pages
+ * made writable, redirects published, pages r-x again, patch table updated); it
+ * is not held while imports are resolved with dlsym (the loader's lock may be held
+ * by a thread that forks from a library constructor). The engine's state has no
+ * other lock: only the agent thread touches it. sandbox_debug_enabled is an
+ * atomic any thread may read or write (relaxed: a switch, it orders nothing).
  *
- * fork keeps only the calling thread: the child has no agent thread and nothing
- * serves for it. After the first successful start, sandbox_atfork_child runs in
- * every child: it closes the child's copies of the listening socket, the served
- * connection and the log fd, marks the agent not started and re-initialises both
- * mutexes (another thread may have held one at the fork: the agent thread the
- * client lock, a host thread in start or stop the state lock; a fork racing a
- * start can also leave the child a close-on-exec fd of a socket the handler did
- * not see yet). The socket file stays: it is the parent's, which keeps serving,
- * and the destructor leaves it (sandbox_owner_pid). The child keeps the engine as
- * it was at the fork, applied patches and their redirects included, and may call
- * patchbox_agent_start to serve under its own pid (the membarrier registration is
- * inherited). close() is async-signal-safe; pthread_mutex_init is not on POSIX's
- * list (glibc's only stores the initializer): a risk for a multi-threaded program
- * that forks in a signal handler. A program that daemonizes loses its agent: the
- * daemon has no agent thread.
+ * The agent thread's own, untouched by others while it runs: the log descriptor,
+ * sandbox_sock_path and sandbox_log_path (written at each bind, read by INFO).
  *
- * A fork while the agent thread is inside an apply, remove or TEST leaves the child
- * with that request frozen where it was: no thread will finish or roll it back.
- * Linux write-protects the parent's pages during the fork and a store that faults
- * on that blocks the agent thread until the fork is done, so the child's copy
- * should hold the agent's stores up to some point in program order, each atomic
- * store whole (reasoned from the kernel's copy-on-write, not tested). The patch
- * table changes last (a patch enters it after its redirect is published and
- * leaves it after its bytes are restored), so in the child:
- * - apply, before sandbox_redirect_write opened its pages: no code changed; the
- *   extents placed for the patch (or revived for it) stay in use under an id that
- *   no patch holds.
- * - apply, inside sandbox_redirect_write: the pages it opened (the sandbox text and
- *   each target's entry page) stay RWX in the child for good, and the child may
- *   run the patch with only some of its functions redirected (all or nothing holds
- *   in the parent only), through redirects its engine does not list and cannot
- *   remove.
- *   In both cases, if the child starts its agent, its next apply gets the same id
- *   (sandbox_next_id grows only on success) and so owns those extents too: whether
- *   it fails (they are freed at once) or succeeds and is removed later (retired
- *   with it, reclaimed once no thread is inside), sandbox text that a live
- *   redirect jumps into can be handed to another patch and overwritten, and the
- *   child crashes at its next call of that function. Not safe; harmless only for
- *   extents nothing jumps into.
- * - remove: the patch is still listed with its saved bytes; each entry is at one
- *   of remove's steps 1-4, each a valid state (docs/redirect.md, "Remove"); its
- *   entry pages stay RWX. A REMOVE by the child's own agent redoes steps 1-4 from
- *   the saved bytes and ends with the original bytes: safe.
- * - TEST: the same, for the self-test's patch of the agent's own function.
- * The parent is not affected: its agent thread finishes the request.
+ * fork keeps only the calling thread. The agent registers pthread_atfork handlers
+ * at its first start:
+ * - prepare takes the three locks in order, each until one deadline
+ *   (SANDBOX_FORK_WAIT_MS): a fork waits for an apply, remove or self-test in
+ *   progress to end, for a bind, a start or a stop, never longer. glibc runs the
+ *   prepare handlers before it takes its own locks (posix/fork.c since 2.34: the
+ *   prepare handlers, then _IO_list_lock and __malloc_fork_lock_parent; the same
+ *   order in Debian's 2.36 libc.so.6), so the agent thread can finish an apply
+ *   that allocates while the forking thread waits. Prepare handlers run in reverse
+ *   order of registration: the agent allocates once before it registers, so a
+ *   replacement allocator (jemalloc, tcmalloc) is initialised and has registered
+ *   its own handler (which locks its arenas) first, to run after the agent's.
+ * - parent releases what prepare took.
+ * - child resets the three locks (the forking thread held them; the child's
+ *   thread has another id), closes the child's copies of the listening socket,
+ *   the served connection and the log if they are still the agent's (the socket
+ *   file stays: it is the parent's, and sandbox_owner_pid keeps the destructor
+ *   from unlinking it) and keeps the directory's descriptor. If prepare took all
+ *   three locks, no change was in progress: the child's code is as the parent's
+ *   was between two requests (each redirect whole, every page r-x) and its engine
+ *   lists exactly the patches it holds. The handler then starts a fresh agent
+ *   thread, which waits PATCHBOX_FORK_DELAY_MS (default 200) and then binds
+ *   sandbox-sock<childpid>: a child that execs or exits before leaves nothing
+ *   behind (exec ends the thread; exit runs the destructor, which sets
+ *   sandbox_exiting). If prepare missed a lock (a stuck agent, a fork from a
+ *   signal handler that interrupted start), the child gets no agent, said once
+ *   on stderr. vfork and posix_spawn run no handlers: nothing happens.
+ * Starting a thread in a child handler: POSIX allows only async-signal-safe calls
+ * in the child of a multi-threaded process. glibc, which the agent requires (it
+ * uses its _NP mutex initialisers and pthread_mutex_clocklock), re-initialises
+ * before it runs the child handlers what pthread_create needs: malloc's locks
+ * (__malloc_fork_unlock_child), the loader's (dl_load_lock, dl_load_tls_lock) and
+ * the thread stack cache (reclaim_stacks); the child has one thread. The rest of
+ * the handler is async-signal-safe (fstat, close, stores). The other ways (a
+ * signal handler or timer in the host, a thread started lazily by some later
+ * call) would touch the host or never run.
  */
 
 int sandbox_debug_enabled;
 
 static pthread_mutex_t sandbox_state_lock = PTHREAD_MUTEX_INITIALIZER;
-static pthread_mutex_t sandbox_client_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_mutex_t sandbox_sock_lock = PTHREAD_MUTEX_INITIALIZER;
 /* Under sandbox_state_lock (the agent thread reads some of them, see above): */
-static int sandbox_started;
+static int sandbox_started;		/* an agent thread runs (maybe still waiting to bind) */
 static int sandbox_stopping;		/* atomic: written by start and stop, read by the thread */
-static int sandbox_listen_fd = -1;
 static pthread_t sandbox_thread;
-static pid_t sandbox_owner_pid;		/* the process that started the agent */
+static pid_t sandbox_thread_pid;	/* the process whose thread sandbox_thread is */
+static int sandbox_thread_delay_ms;	/* the thread waits this long before it binds */
 static int sandbox_timeout_ms = SANDBOX_TIMEOUT_MS_DEFAULT;
-char sandbox_sock_path[sizeof(((struct sockaddr_un *)0)->sun_path)];
-char sandbox_log_path[PATH_MAX];	/* "" = logging off */
-static int sandbox_log_fd = -1;		/* the agent thread's while it runs */
-static int sandbox_log_reported;	/* the agent thread's while it runs */
+static int sandbox_fork_delay_ms = SANDBOX_FORK_DELAY_MS_DEFAULT;
+static char sandbox_log_setting[PATH_MAX];	/* PATCHBOX_LOG: "" beside the socket, "0" off */
 static int sandbox_start_reported;
 static int sandbox_atfork_done;
-/* Under sandbox_client_lock: */
-static int sandbox_client_fd = -1;	/* the connection being served, for stop */
+/* Which locks prepare took, for parent and child: the forking thread's own (two
+ * threads may fork at once, one of them waiting in prepare). */
+static __thread int sandbox_fork_locked;
+/* Under sandbox_sock_lock: */
+static struct sandbox_sock sandbox_sock = { .dirfd = { -1, 0, 0 }, .lfd = { -1, 0, 0 } };
+static struct sandbox_fd sandbox_client = { -1, 0, 0 };	/* the connection being served */
+static pid_t sandbox_owner_pid;		/* the process whose file sandbox_sock is */
+static int sandbox_exiting;		/* the destructor ran */
+/* The agent thread's (see above): */
+char sandbox_sock_path[PATH_MAX];
+char sandbox_log_path[PATH_MAX];	/* "" = logging off */
+static int sandbox_log_beside;		/* the log is <socket name>.log in the socket directory */
+static struct sandbox_fd sandbox_log_fd = { -1, 0, 0 };
+static int sandbox_log_reported;
+static int sandbox_sweep_pending;	/* a bind succeeded: sweep the directory */
+static struct sandbox_fd sandbox_conn = { -1, 0, 0 };	/* sandbox_client_serve's connection */
 
 /* ------------------------------------------------------------------ debug */
 
@@ -170,18 +187,27 @@ static void sandbox_stderr_print(const char *fmt, ...)
 
 /* ------------------------------------------------------------------ log */
 
-/* One line per request; failures never affect serving and are reported once. */
+/* One line per request; failures never affect serving and are reported once. The
+ * descriptor is checked before each write: a program that closed it (a daemon
+ * closing every descriptor) gets it reopened, never written to. */
 void sandbox_log_write(const struct sandbox_peer *peer, const char *what, const char *patch,
 		       const char *result)
 {
 	if (!sandbox_log_path[0])
 		return;
-	if (sandbox_log_fd < 0) {
-		sandbox_log_fd = open(sandbox_log_path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC | O_NOCTTY, 0600);
-		if (sandbox_log_fd < 0) {
+	if (sandbox_log_fd.fd >= 0 && !sandbox_fd_ours(&sandbox_log_fd))
+		sandbox_log_fd.fd = -1;	/* not ours any more: forgotten, never closed */
+	if (sandbox_log_fd.fd < 0) {
+		const int flags = O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC | O_NOCTTY;
+		char name[sizeof(sandbox_sock.name) + 4];
+		snprintf(name, sizeof(name), "%s.log", sandbox_sock.name);
+		int rc = sandbox_log_beside && sandbox_fd_ours(&sandbox_sock.dirfd)
+				 ? sandbox_fd_own(&sandbox_log_fd, openat(sandbox_sock.dirfd.fd, name, flags, 0600), 1)
+				 : sandbox_fd_own(&sandbox_log_fd, open(sandbox_log_path, flags, 0600), 1);
+		if (rc != 0) {
 			if (!sandbox_log_reported++)
 				sandbox_stderr_print("patchbox: cannot open log %s: %s", sandbox_log_path,
-						     strerror(errno));
+						     strerror(-rc));
 			return;
 		}
 	}
@@ -199,7 +225,9 @@ void sandbox_log_write(const struct sandbox_peer *peer, const char *what, const 
 		return;
 	size_t len = (size_t)n < sizeof(line) ? (size_t)n : sizeof(line) - 1;
 	line[len - 1] = '\n';
-	ssize_t w = write(sandbox_log_fd, line, len);
+	if (!sandbox_fd_ours(&sandbox_log_fd))
+		return;
+	ssize_t w = write(sandbox_log_fd.fd, line, len);
 	if (w != (ssize_t)len && !sandbox_log_reported++)
 		sandbox_stderr_print("patchbox: cannot write log %s: %s", sandbox_log_path,
 				     w < 0 ? strerror(errno) : "short write");
@@ -231,8 +259,17 @@ static int sandbox_frame_error(int fd, const struct sandbox_peer *peer, unsigned
 	return sandbox_send_error(fd, type, seq, &err);
 }
 
+int sandbox_conn_ours(int fd)
+{
+	return fd == sandbox_conn.fd && sandbox_fd_ours(&sandbox_conn);
+}
+
 static void sandbox_client_serve(int fd)
 {
+	struct stat st;
+	if (fstat(fd, &st) != 0)
+		return;
+	sandbox_conn = (struct sandbox_fd){ fd, st.st_dev, st.st_ino };
 	struct ucred cred;
 	socklen_t cl = sizeof(cred);
 	struct sandbox_peer peer = { -1, (uid_t)-1 };
@@ -246,7 +283,8 @@ static void sandbox_client_serve(int fd)
 		unsigned type = 0;
 		uint32_t seq = 0, magic;
 		struct pollfd pfd = { fd, POLLIN, 0 };
-		if (poll(&pfd, 1, SANDBOX_PERM_WAIT_MS) == 1 && recv(fd, h, sizeof(h), MSG_DONTWAIT) == sizeof(h)) {
+		if (poll(&pfd, 1, SANDBOX_PERM_WAIT_MS) == 1 && sandbox_conn_ours(fd) &&
+		    recv(fd, h, sizeof(h), MSG_DONTWAIT) == sizeof(h)) {
 			memcpy(&magic, h, 4);
 			if (magic == PBX_MAGIC) {
 				uint16_t t;
@@ -321,6 +359,51 @@ static void sandbox_client_serve(int fd)
 	}
 }
 
+/* ------------------------------------------------------------------ the socket */
+
+/* Binds sandbox-sock<pid> anew: at start, in a forked child, and after the program
+ * closed the agent's descriptors. Under sandbox_sock_lock; 0 or -errno. */
+static int sandbox_sock_setup_locked(void)
+{
+	if (sandbox_exiting)
+		return -ECANCELED;
+	if (sandbox_sock.bound && sandbox_owner_pid == getpid() && sandbox_fd_ours(&sandbox_sock.lfd)) {
+		/* Ours, but its address names a descriptor number that changed. */
+		sandbox_sock_unbind(&sandbox_sock);
+		sandbox_fd_close(&sandbox_sock.lfd);
+	}
+	sandbox_sock.bound = 0;		/* a file left at our name is replaced if stale */
+	sandbox_sock.lfd.fd = -1;	/* closed above or not ours: forgotten */
+	int rc = sandbox_sock_bind(&sandbox_sock, getpid());
+	if (rc != 0)
+		return rc;
+	sandbox_owner_pid = getpid();
+	if (sandbox_sock_path_get(&sandbox_sock, sandbox_sock.name, sandbox_sock_path, sizeof(sandbox_sock_path)))
+		snprintf(sandbox_sock_path, sizeof(sandbox_sock_path), "%s", sandbox_sock.addr);
+	if (sandbox_log_beside) {
+		sandbox_fd_close(&sandbox_log_fd);	/* an older name's (a child's parent) */
+		if (snprintf(sandbox_log_path, sizeof(sandbox_log_path), "%.*s.log", PATH_MAX - 5,
+			     sandbox_sock_path) < 0)
+			sandbox_log_path[0] = '\0';
+	}
+	sandbox_sweep_pending = 1;
+	return 0;
+}
+
+/* Sleeps ms in short steps; -1 as soon as stop asks the thread to end. */
+static int sandbox_wait_ms(int ms)
+{
+	for (int left = ms; left > 0; left -= 10) {
+		if (__atomic_load_n(&sandbox_stopping, __ATOMIC_ACQUIRE))
+			return -1;
+		struct timespec ts = { 0, (left < 10 ? left : 10) * 1000 * 1000 };
+		nanosleep(&ts, NULL);
+	}
+	return __atomic_load_n(&sandbox_stopping, __ATOMIC_ACQUIRE) ? -1 : 0;
+}
+
+/* ------------------------------------------------------------------ the agent thread */
+
 static void *sandbox_listen_thread(void *arg)
 {
 	(void)arg;
@@ -329,34 +412,154 @@ static void *sandbox_listen_thread(void *arg)
 	sigfillset(&all);
 	pthread_sigmask(SIG_BLOCK, &all, NULL);
 	pthread_setname_np(pthread_self(), "patchbox-agent");
-	int lfd = sandbox_listen_fd;
+	/* A forked child's thread binds late: a child that execs or exits at once
+	 * leaves no socket file. */
+	if (sandbox_thread_delay_ms > 0 && sandbox_wait_ms(sandbox_thread_delay_ms) != 0)
+		return NULL;
+	int retry_ms = 0, reported = 0;
 	/* Pairs with the store in patchbox_agent_stop, before its shutdown(). */
 	while (!__atomic_load_n(&sandbox_stopping, __ATOMIC_ACQUIRE)) {
-		int fd = accept4(lfd, NULL, NULL, SOCK_CLOEXEC);
-		if (fd < 0) {
-			if (__atomic_load_n(&sandbox_stopping, __ATOMIC_ACQUIRE))
+		/* The socket, bound anew if the program closed or reused its descriptors. */
+		pthread_mutex_lock(&sandbox_sock_lock);
+		int rc = sandbox_sock_check(&sandbox_sock) == 0 ? 0 : sandbox_sock_setup_locked();
+		pthread_mutex_unlock(&sandbox_sock_lock);
+		if (rc == -ECANCELED)
+			break;	/* the process is exiting */
+		if (rc != 0) {
+			if (!reported++)
+				sandbox_stderr_print("patchbox: agent socket sandbox-sock%d in %s: %s (retrying)",
+						     (int)getpid(), sandbox_sock.dir, strerror(-rc));
+			retry_ms = retry_ms ? retry_ms * 2 : SANDBOX_CHECK_MS;
+			if (retry_ms > SANDBOX_RETRY_MAX_MS)
+				retry_ms = SANDBOX_RETRY_MAX_MS;
+			if (sandbox_wait_ms(retry_ms) != 0)
 				break;
-			if (errno == EINTR || errno == ECONNABORTED)
+			continue;
+		}
+		retry_ms = reported = 0;
+		if (sandbox_sweep_pending) {
+			sandbox_sweep_pending = 0;
+			int n = sandbox_sock_sweep(&sandbox_sock, getpid());
+			if (n)
+				sandbox_debug("removed %d stale socket%s in %s", n, n > 1 ? "s" : "", sandbox_sock.dir);
+		}
+
+		if (__atomic_load_n(&sandbox_stopping, __ATOMIC_ACQUIRE))
+			break;	/* stop's shutdown() may have hit the socket just replaced */
+		struct pollfd pfd = { sandbox_sock.lfd.fd, POLLIN, 0 };
+		int n = poll(&pfd, 1, SANDBOX_CHECK_MS);
+		if (__atomic_load_n(&sandbox_stopping, __ATOMIC_ACQUIRE))
+			break;
+		if (n <= 0 || !sandbox_fd_ours(&sandbox_sock.lfd))
+			continue;	/* timeout, or not ours any more: checked again above */
+		struct sandbox_fd c;
+		rc = sandbox_fd_own(&c, accept4(sandbox_sock.lfd.fd, NULL, NULL, SOCK_CLOEXEC), 1);
+		if (rc != 0) {
+			if (rc == -EAGAIN || rc == -EINTR || rc == -ECONNABORTED)
 				continue;
-			if (errno == EBADF || errno == ENOTSOCK || errno == EINVAL) {
-				sandbox_stderr_print("patchbox: agent stopped: accept: %s", strerror(errno));
-				break;
+			if (rc == -EBADF || rc == -ENOTSOCK || rc == -EINVAL) {
+				/* Not a listening socket of ours: bind anew. */
+				pthread_mutex_lock(&sandbox_sock_lock);
+				sandbox_sock.lfd.fd = -1;
+				pthread_mutex_unlock(&sandbox_sock_lock);
 			}
 			/* EMFILE, ENOMEM...: wait instead of spinning. */
 			struct timespec ts = { 0, 100 * 1000 * 1000 };
 			nanosleep(&ts, NULL);
 			continue;
 		}
-		pthread_mutex_lock(&sandbox_client_lock);
-		sandbox_client_fd = fd;
-		pthread_mutex_unlock(&sandbox_client_lock);
-		sandbox_client_serve(fd);
-		pthread_mutex_lock(&sandbox_client_lock);
-		sandbox_client_fd = -1;
-		pthread_mutex_unlock(&sandbox_client_lock);
-		close(fd);
+		pthread_mutex_lock(&sandbox_sock_lock);
+		sandbox_client = c;
+		pthread_mutex_unlock(&sandbox_sock_lock);
+		sandbox_client_serve(c.fd);
+		pthread_mutex_lock(&sandbox_sock_lock);
+		sandbox_fd_close(&sandbox_client);
+		pthread_mutex_unlock(&sandbox_sock_lock);
 	}
 	return NULL;
+}
+
+/* Starts the agent thread (signals blocked in it); 0 or the pthread_create error. */
+static int sandbox_thread_create(int delay_ms)
+{
+	sandbox_thread_delay_ms = delay_ms;
+	/* Read by the new thread, after pthread_create (which orders it anyway). */
+	__atomic_store_n(&sandbox_stopping, 0, __ATOMIC_RELEASE);
+	sigset_t all, old;
+	sigfillset(&all);
+	/* The thread inherits this mask: no host signal is ever delivered to it. */
+	pthread_sigmask(SIG_BLOCK, &all, &old);
+	int rc = pthread_create(&sandbox_thread, NULL, sandbox_listen_thread, NULL);
+	pthread_sigmask(SIG_SETMASK, &old, NULL);
+	if (rc == 0) {
+		sandbox_thread_pid = getpid();
+		sandbox_started = 1;
+	}
+	return rc;
+}
+
+/* ------------------------------------------------------------------ fork */
+
+static void sandbox_atfork_prepare(void)
+{
+	struct timespec deadline;
+	clock_gettime(CLOCK_MONOTONIC, &deadline);
+	deadline.tv_sec += SANDBOX_FORK_WAIT_MS / 1000;
+	deadline.tv_nsec += (long)(SANDBOX_FORK_WAIT_MS % 1000) * 1000000;
+	if (deadline.tv_nsec >= 1000000000) {
+		deadline.tv_sec++;
+		deadline.tv_nsec -= 1000000000;
+	}
+	int got = 0;
+	if (pthread_mutex_clocklock(&sandbox_state_lock, CLOCK_MONOTONIC, &deadline) == 0)
+		got |= 1;
+	if (pthread_mutex_clocklock(&sandbox_sock_lock, CLOCK_MONOTONIC, &deadline) == 0)
+		got |= 2;
+	if (sandbox_engine_fork(SANDBOX_FORK_PREPARE, &deadline) == 0)
+		got |= 4;
+	sandbox_fork_locked = got;
+}
+
+static void sandbox_atfork_parent(void)
+{
+	int got = sandbox_fork_locked;
+	sandbox_fork_locked = 0;
+	if (got & 4)
+		sandbox_engine_fork(SANDBOX_FORK_PARENT, NULL);
+	if (got & 2)
+		pthread_mutex_unlock(&sandbox_sock_lock);
+	if (got & 1)
+		pthread_mutex_unlock(&sandbox_state_lock);
+}
+
+static void sandbox_atfork_child(void)
+{
+	/* What the child keeps and why a thread may start here: "Locks and fork". */
+	static const pthread_mutex_t init = PTHREAD_MUTEX_INITIALIZER;
+	int got = sandbox_fork_locked;
+	sandbox_fork_locked = 0;
+	memcpy(&sandbox_state_lock, &init, sizeof(init));
+	memcpy(&sandbox_sock_lock, &init, sizeof(init));
+	sandbox_engine_fork(SANDBOX_FORK_CHILD, NULL);
+	if (!sandbox_started)
+		return;
+	sandbox_started = 0;
+	sandbox_fd_close(&sandbox_sock.lfd);
+	sandbox_fd_close(&sandbox_client);
+	sandbox_fd_close(&sandbox_log_fd);
+	sandbox_sock.bound = 0;
+	sandbox_owner_pid = 0;
+	sandbox_sock_path[0] = '\0';
+	if (!sandbox_fd_ours(&sandbox_sock.dirfd))
+		sandbox_sock.dirfd.fd = -1;	/* reopened by path when the child binds */
+	if (got != 7) {
+		sandbox_fd_close(&sandbox_sock.dirfd);
+		sandbox_stderr_print("patchbox[%d]: no agent in this forked child: the parent's agent was busy "
+				     "past %d ms at the fork", (int)getpid(), SANDBOX_FORK_WAIT_MS);
+		return;
+	}
+	if (sandbox_thread_create(sandbox_fork_delay_ms) != 0)
+		sandbox_fd_close(&sandbox_sock.dirfd);
 }
 
 /* ------------------------------------------------------------------ start / stop */
@@ -365,7 +568,7 @@ static int sandbox_start_fail(int rc, const char *fmt, ...) __attribute__((forma
 static int sandbox_start_fail(int rc, const char *fmt, ...)
 {
 	if (!sandbox_start_reported++) {
-		char buf[768];
+		char buf[PATH_MAX + 256];
 		va_list ap;
 		va_start(ap, fmt);
 		vsnprintf(buf, sizeof(buf), fmt, ap);
@@ -375,45 +578,15 @@ static int sandbox_start_fail(int rc, const char *fmt, ...)
 	return rc;
 }
 
-/* Binds path, replacing a stale socket file (nobody accepting on it). */
-static int sandbox_socket_bind(int fd, const struct sockaddr_un *addr)
+/* A non-negative number of milliseconds from the environment, else def. */
+static int sandbox_env_ms(const char *name, int def, long max)
 {
-	if (bind(fd, (const struct sockaddr *)addr, sizeof(*addr)) == 0)
-		return 0;
-	if (errno != EADDRINUSE)
-		return -errno;
-	int probe = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-	if (probe < 0)
-		return -errno;
-	int rc = connect(probe, (const struct sockaddr *)addr, sizeof(*addr));
-	int e = errno;
-	close(probe);
-	if (rc == 0)
-		return -EADDRINUSE;	/* a live agent owns it */
-	if (e != ECONNREFUSED)
-		return -e;
-	if (unlink(addr->sun_path) != 0 && errno != ENOENT)
-		return -errno;
-	if (bind(fd, (const struct sockaddr *)addr, sizeof(*addr)) != 0)
-		return -errno;
-	return 0;
-}
-
-static void sandbox_atfork_child(void)
-{
-	/* The child has no agent thread: drop the parent's descriptors and state so
-	 * the child neither holds the socket open nor unlinks it at exit. What else the
-	 * child keeps, mid-apply too: "Locks and fork" at the top of this file. */
-	if (sandbox_listen_fd >= 0)
-		close(sandbox_listen_fd);
-	if (sandbox_client_fd >= 0)
-		close(sandbox_client_fd);
-	if (sandbox_log_fd >= 0)
-		close(sandbox_log_fd);
-	sandbox_listen_fd = sandbox_client_fd = sandbox_log_fd = -1;
-	sandbox_started = 0;
-	pthread_mutex_init(&sandbox_state_lock, NULL);
-	pthread_mutex_init(&sandbox_client_lock, NULL);
+	const char *env = getenv(name);
+	if (!env || !*env)
+		return def;
+	char *end;
+	long v = strtol(env, &end, 10);
+	return *end == '\0' && v >= 0 && v <= max ? (int)v : def;
 }
 
 static int sandbox_agent_start_locked(void)
@@ -424,14 +597,12 @@ static int sandbox_agent_start_locked(void)
 	env = getenv("PATCHBOX_DEBUG");
 	if (env && strcmp(env, "1") == 0)
 		__atomic_store_n(&sandbox_debug_enabled, 1, __ATOMIC_RELAXED);
-	env = getenv("PATCHBOX_CLIENT_TIMEOUT_MS");
-	sandbox_timeout_ms = SANDBOX_TIMEOUT_MS_DEFAULT;
-	if (env && *env) {
-		char *end;
-		long v = strtol(env, &end, 10);
-		if (*end == '\0' && v > 0 && v <= 3600 * 1000)
-			sandbox_timeout_ms = (int)v;
-	}
+	sandbox_timeout_ms = sandbox_env_ms("PATCHBOX_CLIENT_TIMEOUT_MS", SANDBOX_TIMEOUT_MS_DEFAULT, 3600 * 1000);
+	if (sandbox_timeout_ms == 0)
+		sandbox_timeout_ms = SANDBOX_TIMEOUT_MS_DEFAULT;
+	sandbox_fork_delay_ms = sandbox_env_ms("PATCHBOX_FORK_DELAY_MS", SANDBOX_FORK_DELAY_MS_DEFAULT, 3600 * 1000);
+	env = getenv("PATCHBOX_LOG");
+	snprintf(sandbox_log_setting, sizeof(sandbox_log_setting), "%s", env && strlen(env) < PATH_MAX ? env : "");
 
 	struct sandbox_error err;
 	if (sandbox_engine_init(&err) != 0)
@@ -452,60 +623,46 @@ static int sandbox_agent_start_locked(void)
 		memcpy(dir, exe, n);
 		dir[n] = '\0';
 	}
-	struct sockaddr_un addr = { .sun_family = AF_UNIX };
-	int n = snprintf(addr.sun_path, sizeof(addr.sun_path), "%s%ssandbox-sock%d", dir,
-			 dir[strlen(dir) - 1] == '/' ? "" : "/", (int)getpid());
-	if (n < 0 || (size_t)n >= sizeof(addr.sun_path))
-		return sandbox_start_fail(-ENAMETOOLONG, "socket path %s/sandbox-sock%d longer than %zu bytes",
-					  dir, (int)getpid(), sizeof(addr.sun_path) - 1);
-
-	int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-	if (fd < 0)
-		return sandbox_start_fail(-errno, "socket: %s", strerror(errno));
-	int rc = sandbox_socket_bind(fd, &addr);
-	if (rc != 0) {
-		close(fd);
-		return sandbox_start_fail(rc, "bind %s: %s", addr.sun_path, strerror(-rc));
-	}
-	/* 0600 before listen(): until then nobody can connect, whatever the umask was. */
-	if (chmod(addr.sun_path, 0600) != 0 || listen(fd, 8) != 0) {
-		rc = -errno;
-		close(fd);
-		unlink(addr.sun_path);
-		return sandbox_start_fail(rc, "%s: %s", addr.sun_path, strerror(-rc));
-	}
-	memcpy(sandbox_sock_path, addr.sun_path, sizeof(sandbox_sock_path));
-
-	env = getenv("PATCHBOX_LOG");
-	if (env && strcmp(env, "0") == 0)
+	sandbox_log_beside = !sandbox_log_setting[0];
+	if (strcmp(sandbox_log_setting, "0") == 0)
 		sandbox_log_path[0] = '\0';
-	else if (env && *env && strlen(env) < sizeof(sandbox_log_path))
-		strcpy(sandbox_log_path, env);
-	else
-		snprintf(sandbox_log_path, sizeof(sandbox_log_path), "%s.log", sandbox_sock_path);
+	else if (sandbox_log_setting[0])
+		strcpy(sandbox_log_path, sandbox_log_setting);
 	sandbox_log_reported = 0;
-	sandbox_log_fd = -1;
 
-	sandbox_listen_fd = fd;
-	/* Read by the new thread, after pthread_create (which orders it anyway). */
-	__atomic_store_n(&sandbox_stopping, 0, __ATOMIC_RELEASE);
-	sigset_t all, old;
-	sigfillset(&all);
-	/* The thread inherits this mask: no host signal is ever delivered to it. */
-	pthread_sigmask(SIG_BLOCK, &all, &old);
-	rc = pthread_create(&sandbox_thread, NULL, sandbox_listen_thread, NULL);
-	pthread_sigmask(SIG_SETMASK, &old, NULL);
+	pthread_mutex_lock(&sandbox_sock_lock);
+	int rc = sandbox_sock_dir_open(&sandbox_sock, dir);
 	if (rc != 0) {
-		close(fd);
-		unlink(sandbox_sock_path);
-		sandbox_listen_fd = -1;
+		pthread_mutex_unlock(&sandbox_sock_lock);
+		return sandbox_start_fail(rc, "socket directory %s: %s", dir, strerror(-rc));
+	}
+	rc = sandbox_sock_setup_locked();
+	if (rc != 0) {
+		sandbox_fd_close(&sandbox_sock.dirfd);
+		pthread_mutex_unlock(&sandbox_sock_lock);
+		return sandbox_start_fail(rc, "bind %s/sandbox-sock%d: %s", sandbox_sock.dir, (int)getpid(),
+					  strerror(-rc));
+	}
+	pthread_mutex_unlock(&sandbox_sock_lock);
+
+	rc = sandbox_thread_create(0);
+	if (rc != 0) {
+		pthread_mutex_lock(&sandbox_sock_lock);
+		sandbox_sock_unbind(&sandbox_sock);
+		sandbox_fd_close(&sandbox_sock.lfd);
+		sandbox_fd_close(&sandbox_sock.dirfd);
 		sandbox_sock_path[0] = '\0';
+		pthread_mutex_unlock(&sandbox_sock_lock);
 		return sandbox_start_fail(-rc, "pthread_create: %s", strerror(rc));
 	}
-	if (!sandbox_atfork_done++)
-		pthread_atfork(NULL, NULL, sandbox_atfork_child);
-	sandbox_owner_pid = getpid();
-	sandbox_started = 1;
+	if (!sandbox_atfork_done++) {
+		/* A replacement allocator registers its fork handlers when it first
+		 * runs: make that happen before ours ("Locks and fork"). Through a
+		 * volatile, or the compiler drops the unused malloc/free pair. */
+		void *volatile first = malloc(1);
+		free(first);
+		pthread_atfork(sandbox_atfork_prepare, sandbox_atfork_parent, sandbox_atfork_child);
+	}
 	sandbox_debug("agent listening on %s (log %s)", sandbox_sock_path,
 		      sandbox_log_path[0] ? sandbox_log_path : "off");
 	return 0;
@@ -522,22 +679,27 @@ int patchbox_agent_start(void)
 void patchbox_agent_stop(void)
 {
 	pthread_mutex_lock(&sandbox_state_lock);
-	if (sandbox_started && sandbox_owner_pid == getpid() && !pthread_equal(pthread_self(), sandbox_thread)) {
+	if (sandbox_started && sandbox_thread_pid == getpid() && !pthread_equal(pthread_self(), sandbox_thread)) {
 		__atomic_store_n(&sandbox_stopping, 1, __ATOMIC_RELEASE);
-		/* Wakes accept() (pairs with the stopping check in the thread). */
-		shutdown(sandbox_listen_fd, SHUT_RDWR);
-		pthread_mutex_lock(&sandbox_client_lock);
-		if (sandbox_client_fd >= 0)
-			shutdown(sandbox_client_fd, SHUT_RDWR);
-		pthread_mutex_unlock(&sandbox_client_lock);
+		/* Wakes poll() (pairs with the stopping check in the thread); the thread
+		 * also looks at the flag at least every SANDBOX_CHECK_MS. */
+		pthread_mutex_lock(&sandbox_sock_lock);
+		if (sandbox_fd_ours(&sandbox_sock.lfd))
+			shutdown(sandbox_sock.lfd.fd, SHUT_RDWR);
+		if (sandbox_fd_ours(&sandbox_client))
+			shutdown(sandbox_client.fd, SHUT_RDWR);
+		pthread_mutex_unlock(&sandbox_sock_lock);
 		pthread_join(sandbox_thread, NULL);
-		close(sandbox_listen_fd);
-		sandbox_listen_fd = -1;
-		unlink(sandbox_sock_path);
+		pthread_mutex_lock(&sandbox_sock_lock);
+		if (sandbox_owner_pid == getpid())
+			sandbox_sock_unbind(&sandbox_sock);
+		sandbox_fd_close(&sandbox_sock.lfd);
+		sandbox_fd_close(&sandbox_sock.dirfd);
+		sandbox_sock.bound = 0;
+		sandbox_owner_pid = 0;
 		sandbox_sock_path[0] = '\0';
-		if (sandbox_log_fd >= 0)
-			close(sandbox_log_fd);
-		sandbox_log_fd = -1;
+		pthread_mutex_unlock(&sandbox_sock_lock);
+		sandbox_fd_close(&sandbox_log_fd);
 		sandbox_started = 0;
 	}
 	pthread_mutex_unlock(&sandbox_state_lock);
@@ -548,11 +710,14 @@ __attribute__((constructor)) static void sandbox_agent_ctor(void)
 	patchbox_agent_start();
 }
 
-/* At exit the socket file goes; the thread dies with the process. Not in a forked
- * child (sandbox_owner_pid), whose parent still serves on it. */
+/* At exit the socket file goes; the thread dies with the process. Only the file of
+ * this process (sandbox_owner_pid): a forked child leaves its parent's. A thread
+ * still waiting to bind binds nothing after this (sandbox_exiting). */
 __attribute__((destructor)) static void sandbox_agent_dtor(void)
 {
-	if (sandbox_started && sandbox_owner_pid == getpid() && sandbox_sock_path[0])
-		unlink(sandbox_sock_path);
+	pthread_mutex_lock(&sandbox_sock_lock);
+	sandbox_exiting = 1;
+	if (sandbox_sock.bound && sandbox_owner_pid == getpid())
+		sandbox_sock_unbind(&sandbox_sock);
+	pthread_mutex_unlock(&sandbox_sock_lock);
 }
-

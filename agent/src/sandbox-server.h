@@ -1,7 +1,9 @@
 /* Internal interface between the parts of sandbox-listen.o:
  *
- *   sandbox-listen.c    the socket, its thread and connection loop, start / stop,
- *                       fork, the request log and debug output; the lock rules
+ *   sandbox-listen.c    the agent thread and connection loop, start / stop, fork,
+ *                       the request log and debug output; the lock rules
+ *   sandbox-sock.c      the socket file (directory, binding, stale sweep) and the
+ *                       agent's descriptors (moved high, identity-checked)
  *   sandbox-messages.c  one request: parsing each message, calling the engine,
  *                       the reply and its log line
  *   sandbox-wire.c      bounds-checked payload reader, reply writer, frame I/O
@@ -15,6 +17,7 @@
 #include <limits.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <sys/stat.h>
 #include <sys/types.h>
 #include <sys/un.h>
 
@@ -78,12 +81,57 @@ const char *sandbox_msg_name(unsigned type);
 int sandbox_request_serve(int fd, const struct sandbox_peer *peer, unsigned type, uint32_t seq,
 			  const uint8_t *payload, size_t len);
 
+/* ---- sandbox-sock.c */
+
+/* A descriptor of the agent and what it referred to when the agent made it. */
+struct sandbox_fd {
+	int fd;			/* -1: none */
+	dev_t dev;
+	ino_t ino;
+};
+
+/* Takes fd, the result of the call just made (-1: -errno of that call), as the
+ * agent's: moved to a high number (high != 0), identity recorded. */
+int sandbox_fd_own(struct sandbox_fd *f, int fd, int high);
+/* 1 if f still refers to what the agent made (the program may have closed it). */
+int sandbox_fd_ours(const struct sandbox_fd *f);
+/* Closes f if it is still ours; forgets it either way. Async-signal-safe. */
+void sandbox_fd_close(struct sandbox_fd *f);
+
+/* The socket: its directory, name, the address bound and the listening socket. */
+struct sandbox_sock {
+	char dir[PATH_MAX];	/* the directory, absolute (from /proc/self/fd) */
+	struct sandbox_fd dirfd;	/* O_PATH */
+	char name[32];		/* sandbox-sock<pid> */
+	char addr[sizeof(((struct sockaddr_un *)0)->sun_path)];	/* as bound */
+	struct sandbox_fd lfd;	/* listening */
+	int bound;		/* dir/name is this agent's file */
+};
+
+/* Opens dir (O_PATH) as the socket directory; s->dirfd must be none (or forgotten). */
+int sandbox_sock_dir_open(struct sandbox_sock *s, const char *dir);
+/* Binds and listens on sandbox-sock<pid>, replacing a stale file, mode 0600. */
+int sandbox_sock_bind(struct sandbox_sock *s, pid_t pid);
+/* 0 if the socket is bound and both descriptors are ours (the directory's reopened
+ * if that suffices), -1 if it must be bound anew. */
+int sandbox_sock_check(struct sandbox_sock *s);
+/* Removes the file if this agent bound it (the listening socket stays open). */
+void sandbox_sock_unbind(struct sandbox_sock *s);
+/* dir/name into ret; -ENAMETOOLONG if it does not fit. */
+int sandbox_sock_path_get(const struct sandbox_sock *s, const char *name, char *ret, size_t len);
+/* Removes stale sockets of other pids in the directory; returns how many. */
+int sandbox_sock_sweep(const struct sandbox_sock *s, pid_t self);
+
 /* ---- sandbox-listen.c */
 
-/* Set by start before the agent thread exists, cleared by stop after it is joined:
- * the thread only reads them (INFO). */
-extern char sandbox_sock_path[sizeof(((struct sockaddr_un *)0)->sun_path)];
+/* The socket's real path (INFO socket) and the log's: written by start and by the
+ * agent thread when it binds, read by the thread (INFO); "" when none. */
+extern char sandbox_sock_path[PATH_MAX];
 extern char sandbox_log_path[PATH_MAX];	/* "" = logging off */
+
+/* 1 if fd is still the connection being served (checked before each read and write
+ * of it: a program may close every descriptor while a client is served). */
+int sandbox_conn_ours(int fd);
 
 /* One log line per request; failures never affect serving and are reported once. */
 void sandbox_log_write(const struct sandbox_peer *peer, const char *what, const char *patch,

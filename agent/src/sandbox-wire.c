@@ -118,11 +118,17 @@ void sandbox_writer_str(struct sandbox_writer *w, const char *s)
 
 /* ------------------------------------------------------------------ socket I/O */
 
+/* Every read and write of the connection first checks that fd is still it
+ * (sandbox_conn_ours): a program that closes every descriptor while a client is
+ * served may have reused the number, and its data must not be read or written. */
+
 /* 1 = all n bytes, 0 = orderly EOF before any byte, -1 = error, timeout or EOF inside. */
 int sandbox_recv_full(int fd, void *buf, size_t n)
 {
 	size_t got = 0;
 	while (got < n) {
+		if (!sandbox_conn_ours(fd))
+			return -1;
 		ssize_t r = recv(fd, (uint8_t *)buf + got, n - got, 0);
 		if (r < 0 && errno == EINTR)
 			continue;
@@ -151,6 +157,8 @@ static int sandbox_send_full(int fd, const void *buf, size_t n)
 {
 	size_t done = 0;
 	while (done < n) {
+		if (!sandbox_conn_ours(fd))
+			return -1;
 		/* MSG_NOSIGNAL: a vanished client must not SIGPIPE the host. */
 		ssize_t w = send(fd, (const uint8_t *)buf + done, n - done, MSG_NOSIGNAL);
 		if (w < 0 && errno == EINTR)

@@ -8,6 +8,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from patchbox.protocol.discovery import Candidate, discover, get_ns_pid
+
 HERE = Path(__file__).resolve().parent
 ORIGINAL = {
     "USE_HELPER": "scale(x) + 1",
@@ -31,14 +33,48 @@ def render(**changes: str) -> str:
     return src
 
 
-class Target:
-    """A running target process, driven through its stdin/stdout."""
+def host_pid_of(parent: int, ns_pid: int) -> int:
+    """Returns the pid (in our namespace) of the child of ``parent`` that is ``ns_pid``
+    in its own pid namespace."""
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            fields = dict(line.split(":", 1) for line in status.read_text().splitlines())
+        except (OSError, ValueError):
+            continue
+        nspid = fields.get("NSpid", "").split()
+        if int(fields.get("PPid", "0")) == parent and nspid and int(nspid[-1]) == ns_pid:
+            return int(nspid[0])
+    raise AssertionError(f"no child of {parent} is pid {ns_pid} in its namespace")
 
-    def __init__(self, exe: Path, env: dict[str, str] | None = None) -> None:
+
+def wait_for_agent(pid: int, timeout: float = 10) -> Candidate:
+    """Returns where pid's agent listens, once /proc/PID/net/unix shows it (the way the
+    client finds it: whatever the process's mount namespace or directory length)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = discover(pid, environ={})
+        mine = [c for c in found.candidates if c.source.startswith("/proc/")]
+        if mine:
+            return mine[0]
+        assert time.monotonic() < deadline, f"no agent of pid {pid}: {found.notes}"
+        time.sleep(0.02)
+
+
+class Target:
+    """A running target process, driven through its stdin/stdout.
+
+    ``argv`` runs something that ends by exec'ing ``exe`` (unshare, a shell) instead of
+    ``exe`` itself; then the agent is awaited through /proc (the socket may lie in
+    another mount namespace) rather than as a file beside ``exe``.
+    """
+
+    def __init__(
+        self, exe: Path, env: dict[str, str] | None = None, argv: list[str] | None = None
+    ) -> None:
         env = dict(env or {})
         self.exe = exe
         self.proc = subprocess.Popen(
-            [str(exe)],
+            argv or [str(exe)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -47,9 +83,16 @@ class Target:
             env={**os.environ, **env},
         )
         self.pid = self.proc.pid
-        assert self._readline(10) == f"ready {self.pid}"
+        ready = self._readline(10)
+        if argv and ready != f"ready {self.pid}":
+            # In its own pid namespace: the pid it printed is not ours for it.
+            self.pid = host_pid_of(self.proc.pid, int(ready.split()[1]))
+        assert ready == f"ready {get_ns_pid(self.pid)}", ready
         sock_dir = Path(env.get("PATCHBOX_SOCK_DIR", exe.parent))
         self.socket = sock_dir / f"sandbox-sock{self.pid}"
+        if argv:
+            wait_for_agent(self.pid)
+            return
         deadline = time.monotonic() + 10
         while not self.socket.exists():
             assert time.monotonic() < deadline, "agent socket never appeared"

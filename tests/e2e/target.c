@@ -70,6 +70,38 @@ static const struct entry table[] = {
 	{ "stacked", stacked, NULL }, { "pick", NULL, pick }, { "park", park, NULL },
 };
 
+/* "title 0": rewrites the argv and environment strings as a process title, the way
+ * setproctitle() does in Redis, nginx, PostgreSQL and sshd: the environment is
+ * copied to the heap first (getenv keeps working), then the whole contiguous block
+ * from argv[0] to the end of the last environment string becomes the title and
+ * zeros. /proc/PID/cmdline and /proc/PID/environ then read that block. */
+extern char **environ;
+static char **main_argv;
+static int main_argc;
+
+static int title_set(void)
+{
+	char *start = main_argv[0], *end = start;
+	for (int i = 0; i < main_argc; i++)
+		if (main_argv[i] == end)
+			end = main_argv[i] + strlen(main_argv[i]) + 1;
+	size_t n = 0;
+	while (environ[n])
+		n++;
+	char **copy = calloc(n + 1, sizeof(*copy));
+	if (!copy)
+		return -1;
+	for (size_t i = 0; i < n; i++) {
+		if (environ[i] == end)
+			end = environ[i] + strlen(environ[i]) + 1;
+		copy[i] = strdup(environ[i]);
+	}
+	environ = copy;
+	memset(start, 0, (size_t)(end - start));
+	snprintf(start, (size_t)(end - start), "target: serving (title set)");
+	return (int)(end - start);
+}
+
 /* "spawn N": a thread calls park(N); "wake 0": one byte into park_fds; "join 0": its result. */
 static pthread_t parked_thread;
 static int parked_arg, parked_result;
@@ -81,11 +113,13 @@ static void *parked_main(void *arg)
 	return NULL;
 }
 
-int main(void)
+int main(int argc, char **argv)
 {
 	char line[256], name[64];
 	int arg;
 
+	main_argc = argc;
+	main_argv = argv;
 	setvbuf(stdout, NULL, _IOLBF, 0);
 	if (pipe(park_fds) != 0)
 		return 2;
@@ -108,6 +142,11 @@ int main(void)
 		}
 		if (strcmp(name, "wake") == 0) {
 			printf(write(park_fds[1], "w", 1) == 1 ? "woken\n" : "failed\n");
+			continue;
+		}
+		if (strcmp(name, "title") == 0) {
+			int n = title_set();
+			printf(n > 0 ? "titled %d\n" : "failed\n", n);
 			continue;
 		}
 		if (strcmp(name, "join") == 0) {

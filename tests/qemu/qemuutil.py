@@ -9,7 +9,21 @@ from pathlib import Path
 
 from qmp import QMP
 
+from patchbox.rebuild.qemu import compile_fixed
+
 BIN = Path(sys.executable).parent
+
+
+def fixed_object(qemu_exe: Path, tmp: Path, source: str, old: str, new: str) -> Path:
+    """Returns a patch object: QEMU's ``source`` with ``old`` replaced by ``new``, compiled
+    with the command QEMU's build used for it."""
+    src_root = qemu_exe.parent.parent / "src"
+    text = (src_root / source).read_text()
+    assert old in text, f"{old!r} not in {source}"
+    fixed = tmp / "fix" / Path(source).name
+    fixed.parent.mkdir(exist_ok=True)
+    fixed.write_text(text.replace(old, new))
+    return compile_fixed(qemu_exe.parent, source, fixed, tmp / (Path(source).stem + ".o"))
 
 
 class Qemu:

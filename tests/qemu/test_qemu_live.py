@@ -14,24 +14,10 @@ import time
 from pathlib import Path
 
 import pytest
-from qemuutil import BIN, Qemu, run
+from qemuutil import BIN, Qemu, fixed_object, run
 from qmp import QMP
 
-from patchbox.rebuild.qemu import compile_fixed
-
 pytestmark = pytest.mark.qemu
-
-
-def fixed_object(qemu_exe: Path, tmp: Path, source: str, old: str, new: str) -> Path:
-    """Returns a patch object: QEMU's ``source`` with ``old`` replaced by ``new``, compiled
-    with the command QEMU's build used for it."""
-    src_root = qemu_exe.parent.parent / "src"
-    text = (src_root / source).read_text()
-    assert old in text, f"{old!r} not in {source}"
-    fixed = tmp / "fix" / Path(source).name
-    fixed.parent.mkdir(exist_ok=True)
-    fixed.write_text(text.replace(old, new))
-    return compile_fixed(qemu_exe.parent, source, fixed, tmp / (Path(source).stem + ".o"))
 
 
 class Hammer(threading.Thread):

@@ -21,6 +21,7 @@ from typing import Any
 from patchbox import wire as C
 from patchbox.errors import ConnectError, ProtocolError
 from patchbox.format.codec import Reader, Writer
+from patchbox.protocol.discovery import Candidate, connect_unix, discover
 from patchbox.protocol.replies import (
     AppliedPatch,
     ApplyResult,
@@ -34,7 +35,6 @@ from patchbox.wire import ErrorCode, Msg
 __all__ = [
     "FRAME",
     "DEFAULT_TIMEOUT",
-    "SOCKET_PREFIX",
     "Client",
     "AppliedPatch",
     "PatchFunction",
@@ -42,18 +42,18 @@ __all__ = [
     "TestResult",
     "encode_frame",
     "decode_header",
-    "socket_path_for_pid",
 ]
 
 # magic, version, type, seq, length
 FRAME = struct.Struct("<IHHII")
 assert FRAME.size == C.HEADER_SIZE
 DEFAULT_TIMEOUT = 10.0
-SOCKET_PREFIX = "sandbox-sock"
 LINK_HINT = (
     "is the program linked with `patchbox config --libs` "
     "(or run with LD_PRELOAD=$(patchbox config --preload))?"
 )
+
+DENIED_HINT = "run as root or as the process's user, or pass -s SOCKET"
 
 # Errors the agent may send about the connection itself rather than about the request
 # (a refused peer, a frame it could not read): accepted whatever the reply's type/seq.
@@ -96,53 +96,12 @@ def decode_header(header: bytes) -> tuple[int, int, int]:
     return msg_type, seq, length
 
 
-def _read_environ(pid: int, key: str) -> str | None:
-    """Returns ``key`` from the target's initial environment, or None if unknown."""
-    try:
-        raw = Path(f"/proc/{pid}/environ").read_bytes()
-    except OSError:
-        return None
-    prefix = key.encode() + b"="
-    for item in raw.split(b"\0"):
-        if item.startswith(prefix):
-            return os.fsdecode(item[len(prefix) :])
-    return None
-
-
-def socket_path_for_pid(pid: int) -> Path:
-    """Returns the agent socket path of process ``pid``.
-
-    The directory is, in order: ``PATCHBOX_SOCK_DIR`` of this process, ``PATCHBOX_SOCK_DIR``
-    in the target's environment (what the agent itself honours), the directory of the
-    target's executable. Raises ConnectError if the process cannot be inspected.
-    """
-    if pid <= 0:
-        raise ConnectError(f"invalid pid {pid}")
-    name = f"{SOCKET_PREFIX}{pid}"
-    sock_dir = os.environ.get("PATCHBOX_SOCK_DIR") or _read_environ(pid, "PATCHBOX_SOCK_DIR")
-    if sock_dir:
-        return Path(sock_dir) / name
-    try:
-        exe = os.readlink(f"/proc/{pid}/exe")
-    except FileNotFoundError as err:
-        raise ConnectError(f"no process with pid {pid}") from err
-    except PermissionError as err:
-        raise ConnectError(
-            f"cannot inspect pid {pid} (/proc/{pid}/exe: permission denied): "
-            "run as root or as the process's user, or pass -s SOCKET"
-        ) from err
-    except OSError as err:
-        raise ConnectError(f"cannot inspect pid {pid}: /proc/{pid}/exe: {err.strerror}") from err
-    # An executable replaced on disk (an upgrade) still has its directory.
-    exe = exe.removesuffix(" (deleted)")
-    return Path(exe).parent / name
-
-
 class Client:
     """One connection to a patchbox agent; use as a context manager.
 
-    ``Client(socket_path)`` or ``Client(pid=PID)``; the socket of a pid is found with
-    :func:`socket_path_for_pid`. ``timeout`` (seconds) bounds connect and each reply.
+    ``Client(socket_path)`` or ``Client(pid=PID)``; the socket of a pid is found when
+    connecting, by :func:`patchbox.protocol.discovery.discover`. ``timeout`` (seconds)
+    bounds connect and each reply.
     """
 
     def __init__(
@@ -152,12 +111,10 @@ class Client:
         pid: int | None = None,
         timeout: float = DEFAULT_TIMEOUT,
     ) -> None:
-        if socket_path is not None and pid is None:
-            self.path = Path(socket_path)
-        elif socket_path is None and pid is not None:
-            self.path = socket_path_for_pid(pid)
-        else:
+        if (socket_path is None) == (pid is None):
             raise ValueError("give exactly one of socket_path and pid")
+        # The socket's path; for a pid, known once connected.
+        self.path: Path | None = Path(socket_path) if socket_path is not None else None
         self.pid = pid
         self.timeout = timeout
         self.sock: socket.socket | None = None
@@ -165,43 +122,70 @@ class Client:
 
     # -- connection ---------------------------------------------------------------
 
-    def _where(self) -> str:
-        return f"pid {self.pid} at {self.path}" if self.pid is not None else str(self.path)
-
     def connect(self) -> Client:
         """Returns self after connecting (no-op if connected); raises ConnectError."""
         if self.sock is not None:
             return self
+        if self.pid is None:
+            assert self.path is not None
+            self.sock = self._open(Candidate(os.fspath(self.path), os.fspath(self.path), "-s"))
+            return self
+        found = discover(self.pid)
+        tried: list[str] = []
+        failure: ConnectError | None = None
+        for candidate in found.candidates:
+            try:
+                self.sock = self._open(candidate)
+            except FileNotFoundError:
+                tried.append(f"{candidate.path} ({candidate.source})")
+                continue
+            except ConnectError as err:
+                if candidate.source.startswith("/proc/"):
+                    raise  # the agent's own socket: its error is the answer
+                failure = failure or err
+                tried.append(f"{candidate.path} ({candidate.source}): {err}")
+                continue
+            self.path = Path(candidate.path)
+            return self
+        if failure is not None and len(found.candidates) == 1:
+            raise failure
+        where = "; ".join(found.notes + ([f"tried {', '.join(tried)}"] if tried else []))
+        hint = DENIED_HINT if found.denied else LINK_HINT
+        raise ConnectError(f"no agent socket for pid {self.pid}: {where}: {hint}")
+
+    def _open(self, candidate: Candidate) -> socket.socket:
+        """Returns a socket connected to ``candidate``; FileNotFoundError if there is
+        no file, ConnectError for the other failures."""
+        shown = candidate.path
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(self.timeout)
         try:
-            sock.connect(os.fspath(self.path))
+            connect_unix(sock, candidate.connect_path)
         except FileNotFoundError as err:
             sock.close()
-            raise ConnectError(f"no agent socket for {self._where()}: {LINK_HINT}") from err
+            if self.pid is None:
+                raise ConnectError(f"no agent socket for {shown}: {LINK_HINT}") from err
+            raise
         except ConnectionRefusedError as err:
             sock.close()
             raise ConnectError(
-                f"agent socket {self.path} refuses connections: "
+                f"agent socket {shown} refuses connections: "
                 "the process has exited or its agent is not running"
             ) from err
         except PermissionError as err:
             sock.close()
             raise ConnectError(
-                f"permission denied connecting to {self.path}: run as root or as the process's user"
+                f"permission denied connecting to {shown}: run as root or as the process's user"
             ) from err
         except TimeoutError as err:
             sock.close()
-            raise ConnectError(
-                f"timed out after {self.timeout:g} s connecting to {self.path}"
-            ) from err
+            raise ConnectError(f"timed out after {self.timeout:g} s connecting to {shown}") from err
         except OSError as err:
             sock.close()
             if err.errno == errno.ENOTSOCK or err.errno == errno.ECONNREFUSED:
-                raise ConnectError(f"{self.path} is not an agent socket") from err
-            raise ConnectError(f"cannot connect to {self.path}: {err.strerror or err}") from err
-        self.sock = sock
-        return self
+                raise ConnectError(f"{shown} is not an agent socket") from err
+            raise ConnectError(f"cannot connect to {shown}: {err.strerror or err}") from err
+        return sock
 
     def close(self) -> None:
         """Closes the connection (idempotent)."""

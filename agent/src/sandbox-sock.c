@@ -1,0 +1,303 @@
+/* Part of sandbox-listen.o: the socket file and the agent's descriptors.
+ *
+ * Where the socket lies (docs/protocol.md, "Socket and discovery"): the directory
+ * (PATCHBOX_SOCK_DIR, else the executable's) is opened once as an O_PATH
+ * descriptor, and sandbox-sock<pid> is bound by its full path when that fits in
+ * sun_path (107 bytes), else as /proc/self/fd/<dirfd>/sandbox-sock<pid>, which
+ * Linux resolves through the descriptor: the file is created in the directory
+ * whatever the length of its path. /proc/net/unix lists the address as bound,
+ * with the socket's inode; that is what the client reads to find it.
+ *
+ * Descriptors: every descriptor the agent keeps (the directory, the listening
+ * socket, the connection being served, the log) is moved to a high number
+ * (sandbox_fd_own) and its identity (st_dev, st_ino) remembered. A program that
+ * closes every descriptor (a daemon) or reuses a number must never make the agent
+ * accept on, read, write or close a descriptor that is not its own any more:
+ * sandbox_fd_ours() is checked before each use, sandbox_fd_close() closes only
+ * what is still ours (fstat and close: async-signal-safe, usable in a fork child).
+ * Short-lived descriptors (a probe, the directory listing of a sweep) are checked
+ * the same way before they are closed.
+ *
+ * Stale sockets: sandbox-sock<N> files left by processes killed before their
+ * destructor ran. sandbox_sock_sweep removes one only when all three hold: no
+ * process N exists (kill(N, 0) fails with ESRCH), the file is a socket, and a
+ * connect() to it is refused (nobody listens). A live agent passes none of the
+ * first and last tests; log files are never touched.
+ */
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE
+#endif
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include "sandbox-server.h"
+
+#define SANDBOX_FD_SPAN 32		/* numbers kept free below the high limit for the agent */
+#define SANDBOX_SWEEP_MAX 4096		/* directory entries examined by one sweep */
+#define SANDBOX_SOCK_PREFIX "sandbox-sock"
+
+/* ------------------------------------------------------------------ descriptors */
+
+/* Lowest number for the agent's descriptors: SPAN below the descriptor limit,
+ * capped at 1024 (a descriptor at a million would make the kernel size the
+ * program's descriptor table for it), half the limit when that is small. */
+static int sandbox_fd_base(void)
+{
+	struct rlimit rl;
+	rlim_t cap = 1024;
+	if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < cap)
+		cap = rl.rlim_cur;
+	return cap >= 4 * SANDBOX_FD_SPAN ? (int)cap - SANDBOX_FD_SPAN : (int)cap / 2;
+}
+
+int sandbox_fd_own(struct sandbox_fd *f, int fd, int high)
+{
+	f->fd = -1;
+	if (fd < 0)	/* fd is the result of the call just made: errno is its reason */
+		return errno ? -errno : -EBADF;
+	int base = high ? sandbox_fd_base() : 0;
+	if (fd < base) {
+		int moved = fcntl(fd, F_DUPFD_CLOEXEC, base);
+		if (moved >= 0) {
+			close(fd);	/* made a moment ago, ours */
+			fd = moved;
+		}	/* else keep the low number (small limit): its identity still guards it */
+	}
+	struct stat st;
+	if (fstat(fd, &st) != 0) {
+		int e = errno;
+		close(fd);
+		return -e;
+	}
+	f->fd = fd;
+	f->dev = st.st_dev;
+	f->ino = st.st_ino;
+	return 0;
+}
+
+int sandbox_fd_ours(const struct sandbox_fd *f)
+{
+	struct stat st;
+	return f->fd >= 0 && fstat(f->fd, &st) == 0 && st.st_dev == f->dev && st.st_ino == f->ino;
+}
+
+void sandbox_fd_close(struct sandbox_fd *f)
+{
+	if (sandbox_fd_ours(f))
+		close(f->fd);
+	f->fd = -1;
+}
+
+/* ------------------------------------------------------------------ the directory */
+
+int sandbox_sock_dir_open(struct sandbox_sock *s, const char *dir)
+{
+	char want[PATH_MAX];
+	if (!dir[0] || strlen(dir) >= sizeof(want))
+		return -ENAMETOOLONG;
+	strcpy(want, dir);	/* dir may be s->dir itself */
+	int rc = sandbox_fd_own(&s->dirfd, open(want, O_PATH | O_DIRECTORY | O_CLOEXEC), 1);
+	if (rc != 0)
+		return rc;
+	/* The directory's absolute path, as this process sees it: a relative
+	 * PATCHBOX_SOCK_DIR or a symlink would name another place to the client. */
+	char link[32];
+	snprintf(link, sizeof(link), "/proc/self/fd/%d", s->dirfd.fd);
+	ssize_t n = readlink(link, s->dir, sizeof(s->dir) - 1);
+	if (n > 0 && s->dir[0] == '/' && (size_t)n < sizeof(s->dir) - 1) {
+		s->dir[n] = '\0';
+	} else {
+		strcpy(s->dir, want);	/* no /proc: the path as given */
+	}
+	return 0;
+}
+
+/* The descriptor of the directory, reopened by its path when the program closed it. */
+static int sandbox_sock_dir_check(struct sandbox_sock *s)
+{
+	if (sandbox_fd_ours(&s->dirfd))
+		return 0;
+	s->dirfd.fd = -1;	/* not ours any more: forgotten, never closed */
+	return sandbox_sock_dir_open(s, s->dir);
+}
+
+/* name in the directory as a socket address: its full path when that fits, else
+ * through the directory's descriptor. */
+static int sandbox_sock_addr(const struct sandbox_sock *s, const char *name, struct sockaddr_un *a)
+{
+	memset(a, 0, sizeof(*a));
+	a->sun_family = AF_UNIX;
+	size_t dl = strlen(s->dir);
+	const char *sep = dl && s->dir[dl - 1] == '/' ? "" : "/";
+	int n = snprintf(a->sun_path, sizeof(a->sun_path), "%s%s%s", s->dir, sep, name);
+	if (n > 0 && (size_t)n < sizeof(a->sun_path))
+		return 0;
+	n = snprintf(a->sun_path, sizeof(a->sun_path), "/proc/self/fd/%d/%s", s->dirfd.fd, name);
+	return n > 0 && (size_t)n < sizeof(a->sun_path) ? 0 : -ENAMETOOLONG;
+}
+
+int sandbox_sock_path_get(const struct sandbox_sock *s, const char *name, char *ret, size_t len)
+{
+	size_t dl = strlen(s->dir);
+	int n = snprintf(ret, len, "%s%s%s", s->dir, dl && s->dir[dl - 1] == '/' ? "" : "/", name);
+	return n >= 0 && (size_t)n < len ? 0 : -ENAMETOOLONG;
+}
+
+/* 1: something accepts connections at name (a live agent; a full backlog counts),
+ * 0: refused (nobody listens: stale), -errno: cannot tell. */
+static int sandbox_sock_probe(const struct sandbox_sock *s, const char *name)
+{
+	struct sockaddr_un a;
+	struct sandbox_fd p;
+	int rc = sandbox_sock_addr(s, name, &a);
+	if (rc != 0)
+		return rc;
+	rc = sandbox_fd_own(&p, socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0), 0);
+	if (rc != 0)
+		return rc;
+	rc = connect(p.fd, (const struct sockaddr *)&a, sizeof(a)) == 0 ? 0 : errno;
+	sandbox_fd_close(&p);
+	if (rc == 0 || rc == EAGAIN || rc == EINPROGRESS)
+		return 1;
+	return rc == ECONNREFUSED ? 0 : -rc;
+}
+
+/* ------------------------------------------------------------------ the socket */
+
+int sandbox_sock_bind(struct sandbox_sock *s, pid_t pid)
+{
+	struct sockaddr_un a;
+	int rc = sandbox_sock_dir_check(s);
+	if (rc != 0)
+		return rc;
+	snprintf(s->name, sizeof(s->name), SANDBOX_SOCK_PREFIX "%d", (int)pid);
+	if ((rc = sandbox_sock_addr(s, s->name, &a)) != 0)
+		return rc;
+	struct sandbox_fd l;
+	rc = sandbox_fd_own(&l, socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0), 1);
+	if (rc != 0)
+		return rc;
+	rc = bind(l.fd, (const struct sockaddr *)&a, sizeof(a)) == 0 ? 0 : -errno;
+	if (rc == -EADDRINUSE) {
+		/* A file at our name: replaced only if nobody listens on it (stale). */
+		int live = sandbox_sock_probe(s, s->name);
+		if (live == 0 && unlinkat(s->dirfd.fd, s->name, 0) != 0 && errno != ENOENT)
+			rc = -errno;
+		else if (live == 0)
+			rc = bind(l.fd, (const struct sockaddr *)&a, sizeof(a)) == 0 ? 0 : -errno;
+		else if (live < 0)
+			rc = live;
+	}
+	/* 0600 before listen(): until then nobody can connect, whatever the umask was. */
+	if (rc == 0 && (fchmodat(s->dirfd.fd, s->name, 0600, 0) != 0 || listen(l.fd, 8) != 0)) {
+		rc = -errno;
+		unlinkat(s->dirfd.fd, s->name, 0);
+	}
+	if (rc != 0) {
+		sandbox_fd_close(&l);
+		return rc;
+	}
+	s->lfd = l;
+	memcpy(s->addr, a.sun_path, sizeof(s->addr));
+	s->bound = 1;
+	return 0;
+}
+
+int sandbox_sock_check(struct sandbox_sock *s)
+{
+	if (!s->bound)
+		return -1;
+	if (!sandbox_fd_ours(&s->lfd))
+		return -1;
+	if (sandbox_fd_ours(&s->dirfd))
+		return 0;
+	/* The listening socket is ours, the directory's descriptor is not: reopen it.
+	 * A plain address does not depend on it; the /proc/self/fd form holds its
+	 * number, which must come back the same or the socket be bound anew. */
+	int old = s->dirfd.fd;
+	if (sandbox_sock_dir_check(s) != 0)
+		return strncmp(s->addr, "/proc/self/fd/", 14) == 0 ? -1 : 0;
+	if (strncmp(s->addr, "/proc/self/fd/", 14) != 0 || s->dirfd.fd == old)
+		return 0;
+	return -1;
+}
+
+void sandbox_sock_unbind(struct sandbox_sock *s)
+{
+	if (s->bound) {
+		if (sandbox_fd_ours(&s->dirfd)) {
+			unlinkat(s->dirfd.fd, s->name, 0);
+		} else {
+			char path[PATH_MAX];
+			if (sandbox_sock_path_get(s, s->name, path, sizeof(path)) == 0)
+				unlink(path);
+		}
+	}
+	s->bound = 0;
+}
+
+/* ------------------------------------------------------------------ stale sockets */
+
+/* The pid in "sandbox-sock<digits>" (nothing after the digits), else -1. */
+static long sandbox_sock_name_pid(const char *name)
+{
+	size_t pl = sizeof(SANDBOX_SOCK_PREFIX) - 1;
+	if (strncmp(name, SANDBOX_SOCK_PREFIX, pl) != 0 || !name[pl] || strlen(name + pl) > 9)
+		return -1;
+	long v = 0;
+	for (const char *p = name + pl; *p; p++) {
+		if (*p < '0' || *p > '9')
+			return -1;
+		v = v * 10 + (*p - '0');
+	}
+	return v > 0 ? v : -1;
+}
+
+int sandbox_sock_sweep(const struct sandbox_sock *s, pid_t self)
+{
+	struct sandbox_fd d;
+	if (!sandbox_fd_ours(&s->dirfd) ||
+	    sandbox_fd_own(&d, openat(s->dirfd.fd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC), 0) != 0)
+		return 0;
+	/* getdents64 on our own descriptor, not a DIR *: closedir would close a
+	 * number the program may have reused meanwhile. */
+	char buf[4096] __attribute__((aligned(8)));
+	int removed = 0, seen = 0;
+	for (;;) {
+		if (!sandbox_fd_ours(&d))
+			break;
+		ssize_t n = getdents64(d.fd, buf, sizeof(buf));
+		if (n <= 0)
+			break;
+		for (ssize_t off = 0; off < n && seen < SANDBOX_SWEEP_MAX; seen++) {
+			struct dirent64 *de = (struct dirent64 *)(buf + off);
+			off += de->d_reclen;
+			long pid = sandbox_sock_name_pid(de->d_name);
+			if (pid < 0 || pid == (long)self)
+				continue;
+			if (kill((pid_t)pid, 0) == 0 || errno != ESRCH)
+				continue;	/* a process N exists (or we may not signal it) */
+			struct stat st;
+			if (fstatat(s->dirfd.fd, de->d_name, &st, AT_SYMLINK_NOFOLLOW) != 0 || !S_ISSOCK(st.st_mode))
+				continue;
+			if (sandbox_sock_probe(s, de->d_name) != 0)
+				continue;	/* accepted (alive) or cannot tell */
+			if (unlinkat(s->dirfd.fd, de->d_name, 0) == 0)
+				removed++;
+		}
+		if (seen >= SANDBOX_SWEEP_MAX)
+			break;
+	}
+	sandbox_fd_close(&d);
+	return removed;
+}

@@ -1,0 +1,307 @@
+"""Finding the agent socket of a process, and removing stale ones
+(docs/protocol.md, "Socket and discovery").
+
+The agent of process P listens on ``sandbox-sock<n>`` (n: P's pid in its own pid
+namespace) in its socket directory, bound either by the full path or, when that is
+longer than ``sun_path`` allows, as ``/proc/self/fd/<dirfd>/sandbox-sock<n>``. Nothing
+here reads P's environment (a program that sets its process title overwrites it):
+P's own view of its sockets is read from ``/proc/P/net/unix`` (every bound socket of
+P's network namespace with its inode) and ``/proc/P/fd`` (which of them P holds), and
+the socket is reached through ``/proc/P/fd`` or ``/proc/P/root``, so a process in
+another mount namespace is reached too. Only when that finds nothing does the client
+fall back to guessing: its own ``PATCHBOX_SOCK_DIR``, then the executable's directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import socket
+import stat
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from patchbox.errors import ConnectError
+
+__all__ = [
+    "SOCKET_PREFIX",
+    "SUN_PATH_MAX",
+    "UnixSocket",
+    "Candidate",
+    "Discovery",
+    "parse_proc_net_unix",
+    "iter_unix_sockets",
+    "get_ns_pid",
+    "get_socket_inodes",
+    "connect_path_for",
+    "discover",
+    "connect_unix",
+    "probe_socket",
+    "sweep_stale_sockets",
+]
+
+SOCKET_PREFIX = "sandbox-sock"
+SOCKET_NAME = re.compile(r"sandbox-sock([0-9]{1,9})")
+# sun_path holds 108 bytes with the terminating NUL.
+SUN_PATH_MAX = 107
+# /proc/net/unix: the socket is listening (__SO_ACCEPTCON in Flags); Type 1 is a stream.
+SO_ACCEPTCON = 0x10000
+SOCK_STREAM_TYPE = 1
+# The address the agent binds when the full path does not fit.
+FD_ADDRESS = re.compile(r"/proc/self/fd/([0-9]+)/(sandbox-sock[0-9]{1,9})")
+SWEEP_LIMIT = 4096
+
+
+@dataclass(frozen=True)
+class UnixSocket:
+    """One line of /proc/net/unix: a Unix socket of the network namespace."""
+
+    inode: int
+    flags: int
+    type: int
+    state: int
+    path: str  # as bound ("" unnamed, "@..." abstract)
+
+    @property
+    def listening(self) -> bool:
+        return bool(self.flags & SO_ACCEPTCON)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A place the agent's socket may be: what to connect to and what to call it."""
+
+    connect_path: str  # for connect(); may exceed sun_path (connect_unix handles that)
+    path: str  # the socket's path as the target sees it, for messages
+    source: str  # how it was found
+
+
+@dataclass
+class Discovery:
+    """The candidates for a pid's socket, best first, and what was tried."""
+
+    pid: int
+    name: str  # sandbox-sock<n>, n the pid in the target's pid namespace
+    candidates: list[Candidate] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    denied: bool = False  # /proc/PID/... refused us: another user's process
+
+
+def parse_proc_net_unix(text: str) -> list[UnixSocket]:
+    """Returns the sockets listed in the text of a /proc/net/unix file.
+
+    Columns: ``Num RefCount Protocol Flags Type St Inode [Path]`` (hex except Inode);
+    the path is the rest of the line, spaces included. Lines that do not parse are
+    skipped (the header among them).
+    """
+    out: list[UnixSocket] = []
+    for line in text.splitlines():
+        parts = line.split(None, 7)
+        if len(parts) < 7 or not parts[0].endswith(":"):
+            continue
+        try:
+            flags, kind, state = (int(v, 16) for v in parts[3:6])
+            inode = int(parts[6])
+        except ValueError:
+            continue
+        out.append(UnixSocket(inode, flags, kind, state, parts[7] if len(parts) > 7 else ""))
+    return out
+
+
+def iter_unix_sockets(pid: int) -> Iterator[UnixSocket]:
+    """Yields the Unix sockets of pid's network namespace (/proc/PID/net/unix)."""
+    with open(f"/proc/{pid}/net/unix", encoding="utf-8", errors="surrogateescape") as f:
+        yield from parse_proc_net_unix(f.read())
+
+
+def get_ns_pid(pid: int) -> int:
+    """Returns pid as the process itself sees it (the last NSpid of /proc/PID/status)."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("NSpid:"):
+                    return int(line.split()[-1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return pid
+
+
+def get_socket_inodes(pid: int) -> set[int]:
+    """Returns the inodes of the sockets pid holds open (/proc/PID/fd/* -> socket:[N])."""
+    out: set[int] = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue  # closed meanwhile
+        if link.startswith("socket:[") and link.endswith("]"):
+            out.add(int(link[8:-1]))
+    return out
+
+
+def _root_usable(pid: int) -> bool:
+    """Returns True if paths may be resolved through /proc/PID/root (needs the same
+    rights over the process as /proc/PID/fd)."""
+    try:
+        os.stat(f"/proc/{pid}/root/")
+    except OSError:
+        return False
+    return True
+
+
+def connect_path_for(pid: int, bound: str, root_usable: bool) -> tuple[str, str]:
+    """Returns (connect path, path as the target sees it) of a socket pid bound at
+    ``bound`` (as /proc/net/unix shows it)."""
+    m = FD_ADDRESS.fullmatch(bound)
+    if m:
+        fd, name = m.groups()
+        try:
+            shown = os.path.join(os.readlink(f"/proc/{pid}/fd/{fd}"), name)
+        except OSError:
+            shown = bound
+        return f"/proc/{pid}/fd/{fd}/{name}", shown
+    if not bound.startswith("/"):
+        return f"/proc/{pid}/cwd/{bound}", bound  # relative: an older agent's
+    if root_usable:
+        return f"/proc/{pid}/root{bound}", bound
+    return bound, bound
+
+
+def discover(pid: int, environ: Mapping[str, str] | None = None) -> Discovery:
+    """Returns where pid's agent socket may be, best first.
+
+    1. /proc/PID/net/unix: listening stream sockets named ``sandbox-sock<n>`` (n: pid in
+       its own namespace) whose inode pid holds open, reached through /proc/PID/fd or
+       /proc/PID/root.
+    2. Only if 1 found nothing: ``PATCHBOX_SOCK_DIR`` of ``environ`` (this process's by
+       default), then the directory of pid's executable.
+
+    Raises ConnectError if there is no process pid.
+    """
+    if pid <= 0:
+        raise ConnectError(f"invalid pid {pid}")
+    env = os.environ if environ is None else environ
+    if not os.path.exists(f"/proc/{pid}"):
+        raise ConnectError(f"no process with pid {pid}")
+    name = f"{SOCKET_PREFIX}{get_ns_pid(pid)}"
+    found = Discovery(pid, name)
+    root_usable = _root_usable(pid)
+    listed: list[UnixSocket] = []
+    held: set[int] = set()
+    try:
+        listed = [
+            s
+            for s in iter_unix_sockets(pid)
+            if s.listening and s.type == SOCK_STREAM_TYPE and s.path.rsplit("/", 1)[-1] == name
+        ]
+    except OSError as err:
+        found.notes.append(f"/proc/{pid}/net/unix not readable ({err.strerror or err})")
+        found.denied |= isinstance(err, PermissionError)
+    if listed:
+        try:
+            held = get_socket_inodes(pid)
+        except OSError as err:
+            found.notes.append(f"/proc/{pid}/fd not readable ({err.strerror or err})")
+            found.denied |= isinstance(err, PermissionError)
+        else:
+            if not held.intersection(s.inode for s in listed):
+                found.notes.append(f"{name} in /proc/{pid}/net/unix is not held by pid {pid}")
+    elif not found.notes:
+        found.notes.append(f"no {name} listening in /proc/{pid}/net/unix")
+    for s in listed:
+        if s.inode in held:
+            connect, shown = connect_path_for(pid, s.path, root_usable)
+            found.candidates.append(Candidate(connect, shown, f"/proc/{pid}/net/unix"))
+    if found.candidates:
+        return found
+
+    sock_dir = env.get("PATCHBOX_SOCK_DIR")
+    if sock_dir:
+        path = os.path.join(sock_dir, name)
+        found.candidates.append(Candidate(path, path, "PATCHBOX_SOCK_DIR"))
+    try:
+        exe = os.readlink(f"/proc/{pid}/exe")
+    except FileNotFoundError as err:
+        raise ConnectError(f"no process with pid {pid}") from err
+    except OSError as err:
+        found.notes.append(f"/proc/{pid}/exe not readable ({err.strerror or err})")
+        found.denied |= isinstance(err, PermissionError)
+    else:
+        # An executable replaced on disk (an upgrade) still has its directory.
+        path = os.path.join(os.path.dirname(exe.removesuffix(" (deleted)")), name)
+        connect = f"/proc/{pid}/root{path}" if root_usable else path
+        found.candidates.append(Candidate(connect, path, "the executable's directory"))
+    return found
+
+
+def connect_unix(sock: socket.socket, path: str | os.PathLike[str]) -> None:
+    """Connects ``sock`` to the Unix socket at ``path``, whatever its length: a path
+    longer than sun_path goes through an O_PATH descriptor of its directory."""
+    raw = os.fsencode(path)
+    if len(raw) <= SUN_PATH_MAX:
+        sock.connect(raw)
+        return
+    head, tail = os.path.split(raw)
+    dirfd = os.open(head or b".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        sock.connect(b"/proc/self/fd/%d/%s" % (dirfd, tail))
+    finally:
+        os.close(dirfd)
+
+
+def probe_socket(path: str | os.PathLike[str]) -> bool | None:
+    """Returns True if something accepts connections at path (a full backlog counts),
+    False if the connection is refused (nobody listens: stale), None if unknown."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.setblocking(False)
+        try:
+            connect_unix(s, path)
+        except ConnectionRefusedError:
+            return False
+        except BlockingIOError:
+            return True
+        except OSError:
+            return None
+    return True
+
+
+def _pid_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_stale_sockets(
+    directory: str | os.PathLike[str], *, limit: int = SWEEP_LIMIT
+) -> list[Path]:
+    """Returns the stale agent sockets removed from ``directory``.
+
+    The agent's rule (agent/src/sandbox-sock.c): a ``sandbox-sock<N>`` file is removed
+    only if no process N exists, it is a socket, and connecting to it is refused. Log
+    files and anything else stay; at most ``limit`` entries are examined.
+    """
+    removed: list[Path] = []
+    with os.scandir(directory) as entries:
+        for i, entry in enumerate(entries):
+            if i >= limit:
+                break
+            m = SOCKET_NAME.fullmatch(entry.name)
+            if not m or int(m[1]) == 0 or _pid_exists(int(m[1])):
+                continue
+            try:
+                if not stat.S_ISSOCK(entry.stat(follow_symlinks=False).st_mode):
+                    continue
+            except OSError:
+                continue
+            if probe_socket(entry.path) is not False:
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(entry.path)
+                removed.append(Path(entry.path))
+    return removed
