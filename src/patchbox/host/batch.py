@@ -25,12 +25,12 @@ from typing import Any
 from patchbox import wire as C
 from patchbox.errors import AgentError, ConnectError, PatchboxError, ProtocolError
 from patchbox.protocol.client import decode_header, encode_frame
+from patchbox.protocol.discovery import connect_unix_ex
 from patchbox.protocol.replies import decode_answer
 from patchbox.wire import Msg
 
-__all__ = ["Job", "run_jobs", "connect_address"]
+__all__ = ["Job", "run_jobs"]
 
-_SUN_PATH = 107  # usable bytes of sockaddr_un.sun_path
 _BUSY_RETRY_S = 0.002
 
 
@@ -62,22 +62,6 @@ class _Conn:
         self.out = memoryview(b"")
         self.buf = bytearray()
         self.index = 0  # request being answered
-
-
-def connect_address(sock: socket.socket, path: str) -> int:
-    """Connects ``sock`` to ``path`` like connect_ex; a path longer than sun_path goes
-    through an O_PATH descriptor of its directory (``/proc/self/fd/N/NAME``)."""
-    if len(os.fsencode(path)) <= _SUN_PATH:
-        return sock.connect_ex(path)
-    directory, name = os.path.split(path)
-    try:
-        fd = os.open(directory, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError as err:
-        return err.errno or errno.ENOENT
-    try:
-        return sock.connect_ex(f"/proc/self/fd/{fd}/{name}")
-    finally:
-        os.close(fd)
 
 
 def _raise_nofile(want: int) -> int:
@@ -194,7 +178,7 @@ def run_jobs(jobs: list[Job], timeout: float = 10.0) -> None:
         sock = socket.socket(
             socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
         )
-        err = connect_address(sock, job.path)
+        err = connect_unix_ex(sock, job.path)
         if err in (errno.EAGAIN, errno.EWOULDBLOCK):
             sock.close()
             return False

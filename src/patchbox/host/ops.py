@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from patchbox.elf.buildid import read_build_id
@@ -22,6 +23,7 @@ from patchbox.format.codec import Writer
 from patchbox.format.layout import PatchFile
 from patchbox.host.batch import Job, run_jobs
 from patchbox.host.scan import AgentSocket, iter_agent_sockets
+from patchbox.protocol.discovery import sweep_stale_sockets
 from patchbox.protocol.replies import AppliedPatch
 from patchbox.store import iter_installed, store_root
 from patchbox.wire import ErrorCode, Msg
@@ -128,9 +130,25 @@ def _agents() -> tuple[list[AgentSocket], dict[int, _Exe]]:
     return agents, {a.pid: exe_facts(a.pid) for a in agents}
 
 
-def list_processes(*, timeout: float = 10.0) -> list[ProcessRow]:
-    """Returns one row per agent on the host: INFO and LIST asked of all at once."""
+def sweep_agent_dirs(agents: list[AgentSocket]) -> list[Path]:
+    """Removes stale ``sandbox-sock<N>`` files (process N gone, connect refused) from the
+    directories of the agents found; returns them (docs/protocol.md, "Stale sockets")."""
+    dirs = {os.path.dirname(a.connect) for a in agents if a.connect.startswith("/")}
+    removed: list[Path] = []
+    for d in sorted(dirs):
+        try:
+            removed += sweep_stale_sockets(d)
+        except OSError:
+            continue  # not ours to list (another user's directory)
+    return removed
+
+
+def list_processes(*, timeout: float = 10.0, sweep: bool = True) -> list[ProcessRow]:
+    """Returns one row per agent on the host: INFO and LIST asked of all at once. With
+    ``sweep``, stale sockets in the agents' directories are removed first."""
     agents, facts = _agents()
+    if sweep:
+        sweep_agent_dirs(agents)
     jobs = [Job(a.pid, a.connect, [(Msg.INFO, b""), (Msg.LIST, b"")], a.alt) for a in agents]
     run_jobs(jobs, timeout)
     root = store_root()

@@ -19,25 +19,18 @@ matched through the socket inodes in ``/proc/*/fd``.
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-__all__ = ["UnixSocket", "AgentSocket", "parse_net_unix", "iter_agent_sockets", "SOCKET_RE"]
+from patchbox.protocol.discovery import (
+    FD_ADDRESS,
+    SOCK_STREAM_TYPE,
+    SOCKET_NAME,
+    UnixSocket,
+    parse_proc_net_unix,
+)
 
-SOCKET_RE = re.compile(r"(?:^|/)sandbox-sock(\d+)$")
-_SELF_FD = re.compile(r"^/proc/self/fd/(\d+)/(sandbox-sock\d+)$")
-_ACCEPTCON = 0x10000  # __SO_ACCEPTCON: a listening socket
-_SS_UNCONNECTED = 1  # the "St" column of a listening socket
-
-
-@dataclass(frozen=True)
-class UnixSocket:
-    """One line of ``/proc/net/unix``."""
-
-    inode: int
-    path: str  # as bound ("" for unnamed, "@name" for abstract)
-    listening: bool
+__all__ = ["AgentSocket", "iter_agent_sockets", "reach"]
 
 
 @dataclass(frozen=True)
@@ -50,22 +43,6 @@ class AgentSocket:
     bound: str  # the path the agent bound
     connect: str  # the path to connect to from this process
     alt: str = ""  # where to try next if ``connect`` does not reach this pid's agent
-
-
-def parse_net_unix(text: str) -> list[UnixSocket]:
-    """Returns the sockets of a ``/proc/net/unix`` text (header line skipped)."""
-    out = []
-    for line in text.splitlines()[1:]:
-        parts = line.split(None, 7)
-        if len(parts) < 7:
-            continue
-        try:
-            flags, state, inode = int(parts[3], 16), int(parts[5], 16), int(parts[6])
-        except ValueError:
-            continue
-        path = parts[7] if len(parts) == 8 else ""
-        out.append(UnixSocket(inode, path, bool(flags & _ACCEPTCON) and state == _SS_UNCONNECTED))
-    return out
 
 
 def _readlink(path: str) -> str | None:
@@ -130,7 +107,7 @@ def reach(pid: int, bound: str) -> tuple[str, str]:
     """Returns (path to connect to, path to try next) for an agent of host ``pid`` bound at
     ``bound``: the bound path itself first (the same mount namespace: the common case),
     then through ``/proc/<pid>/root`` (another one)."""
-    m = _SELF_FD.match(bound)
+    m = FD_ADDRESS.fullmatch(bound)
     if m:
         return f"/proc/{pid}/fd/{m[1]}/{m[2]}", ""
     return bound, f"/proc/{pid}/root{bound}"
@@ -138,9 +115,9 @@ def reach(pid: int, bound: str) -> tuple[str, str]:
 
 def _agent_entries(text: str) -> list[tuple[int, UnixSocket]]:
     out = []
-    for s in parse_net_unix(text):
-        m = SOCKET_RE.search(s.path)
-        if s.listening and m:
+    for s in parse_proc_net_unix(text):
+        m = SOCKET_NAME.fullmatch(s.path.rsplit("/", 1)[-1])
+        if s.listening and s.type == SOCK_STREAM_TYPE and m:
             out.append((int(m[1]), s))
     return out
 

@@ -20,17 +20,17 @@ from typing import Any
 
 from patchbox import wire as C
 from patchbox.errors import ConnectError, ProtocolError
-from patchbox.format.codec import Reader, Writer
+from patchbox.format.codec import Writer
 from patchbox.protocol.discovery import Candidate, connect_unix, discover
 from patchbox.protocol.replies import (
     AppliedPatch,
     ApplyResult,
     PatchFunction,
     TestResult,
-    check_status,
-    decode_reply,
+    decode_answer,
+    raise_connection_error,
 )
-from patchbox.wire import ErrorCode, Msg
+from patchbox.wire import Msg
 
 __all__ = [
     "FRAME",
@@ -54,18 +54,6 @@ LINK_HINT = (
 )
 
 DENIED_HINT = "run as root or as the process's user, or pass -s SOCKET"
-
-# Errors the agent may send about the connection itself rather than about the request
-# (a refused peer, a frame it could not read): accepted whatever the reply's type/seq.
-CONNECTION_ERRORS = frozenset(
-    {
-        ErrorCode.PERMISSION,
-        ErrorCode.BAD_MAGIC,
-        ErrorCode.BAD_VERSION,
-        ErrorCode.TOO_LARGE,
-        ErrorCode.UNKNOWN_MESSAGE,
-    }
-)
 
 
 def encode_frame(msg_type: int, seq: int, payload: bytes = b"") -> bytes:
@@ -265,15 +253,7 @@ class Client:
             self.close()
             raise ConnectError(f"cannot send to {self.path}: {err.strerror or err}") from err
         msg_type, seq, reply = self._read_reply()
-        if msg_type != (msg | C.REPLY_BIT) or seq != self.seq:
-            self._raise_connection_error(reply)
-            if msg_type != (msg | C.REPLY_BIT):
-                raise ProtocolError(
-                    f"reply type {msg_type:#x} does not answer {Msg(msg).name} "
-                    f"(expected {msg | C.REPLY_BIT:#x})"
-                )
-            raise ProtocolError(f"reply seq {seq} does not match request seq {self.seq}")
-        return decode_reply(msg, reply)
+        return decode_answer(msg, self.seq, msg_type, seq, reply)
 
     def _read_connection_error(self) -> None:
         """Raises the agent's pending error reply, if one can be read; else returns."""
@@ -281,20 +261,7 @@ class Client:
             _type, _seq, reply = self._read_reply()
         except (ProtocolError, ConnectError):
             return
-        self._raise_connection_error(reply)
-
-    @staticmethod
-    def _raise_connection_error(reply: bytes) -> None:
-        """Raises AgentError if ``reply`` is a connection-level error reply; else returns."""
-        r = Reader(reply, ProtocolError, "reply")
-        try:
-            status = r.i32("status")
-            if status not in CONNECTION_ERRORS:
-                return
-            r.pos = 0
-            check_status(r)
-        except ProtocolError:
-            return
+        raise_connection_error(reply)
 
     # -- messages -----------------------------------------------------------------
 

@@ -15,6 +15,7 @@ fall back to guessing: its own ``PATCHBOX_SOCK_DIR``, then the executable's dire
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import socket
@@ -27,6 +28,9 @@ from patchbox.errors import ConnectError
 
 __all__ = [
     "SOCKET_PREFIX",
+    "SOCKET_NAME",
+    "FD_ADDRESS",
+    "SOCK_STREAM_TYPE",
     "SUN_PATH_MAX",
     "UnixSocket",
     "Candidate",
@@ -38,6 +42,7 @@ __all__ = [
     "connect_path_for",
     "discover",
     "connect_unix",
+    "connect_unix_ex",
     "probe_socket",
     "sweep_stale_sockets",
 ]
@@ -236,19 +241,30 @@ def discover(pid: int, environ: Mapping[str, str] | None = None) -> Discovery:
     return found
 
 
-def connect_unix(sock: socket.socket, path: str | os.PathLike[str]) -> None:
-    """Connects ``sock`` to the Unix socket at ``path``, whatever its length: a path
-    longer than sun_path goes through an O_PATH descriptor of its directory."""
+def connect_unix_ex(sock: socket.socket, path: str | os.PathLike[str]) -> int:
+    """Connects ``sock`` to the Unix socket at ``path``, whatever its length, and returns
+    the errno like ``connect_ex`` (0: connected; a non-blocking socket may give EAGAIN):
+    a path longer than sun_path goes through an O_PATH descriptor of its directory."""
     raw = os.fsencode(path)
     if len(raw) <= SUN_PATH_MAX:
-        sock.connect(raw)
-        return
+        return sock.connect_ex(raw)
     head, tail = os.path.split(raw)
-    dirfd = os.open(head or b".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        sock.connect(b"/proc/self/fd/%d/%s" % (dirfd, tail))
+        dirfd = os.open(head or b".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as err:
+        return err.errno or errno.ENOENT
+    try:
+        return sock.connect_ex(b"/proc/self/fd/%d/%s" % (dirfd, tail))
     finally:
         os.close(dirfd)
+
+
+def connect_unix(sock: socket.socket, path: str | os.PathLike[str]) -> None:
+    """Connects ``sock`` to the Unix socket at ``path``, whatever its length (see
+    :func:`connect_unix_ex`); raises the OSError of connect()."""
+    err = connect_unix_ex(sock, path)
+    if err:
+        raise OSError(err, os.strerror(err), os.fsdecode(path))
 
 
 def probe_socket(path: str | os.PathLike[str]) -> bool | None:
