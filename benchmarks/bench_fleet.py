@@ -40,7 +40,7 @@ BIN = Path(sys.executable).parent
 PROGRAM = r"""
 #include <stdio.h>
 #include <unistd.h>
-__attribute__((noinline)) int answer(int x) { return x + @DELTA@; }
+__attribute__((noipa)) int answer(int x) { return x + @DELTA@; }
 int main(void)
 {
 	char c;

@@ -30,6 +30,7 @@
 #include "../src/sandbox-sock.c"
 #include "../src/sandbox-messages.c"
 #include "../src/sandbox-wire.c"
+#include "../src/sandbox-store.c"
 
 #include <pthread.h>
 #include <stdint.h>

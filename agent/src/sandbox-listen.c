@@ -187,6 +187,44 @@ static void sandbox_stderr_print(const char *fmt, ...)
 
 /* ------------------------------------------------------------------ log */
 
+/* Opens the log if it is not open (or not ours any more); 0, or -1 reported once.
+ * Called as the agent starts serving, so that the first request (a fleet-wide
+ * `apply --all` among thousands of processes) does not pay for creating the file. */
+static int sandbox_log_open(void)
+{
+	if (!sandbox_log_path[0])
+		return -1;
+	if (sandbox_log_fd.fd >= 0 && !sandbox_fd_ours(&sandbox_log_fd))
+		sandbox_log_fd.fd = -1;	/* not ours any more: forgotten, never closed */
+	if (sandbox_log_fd.fd >= 0)
+		return 0;
+	const int flags = O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC | O_NOCTTY;
+	char name[sizeof(sandbox_sock.name) + 4];
+	snprintf(name, sizeof(name), "%s.log", sandbox_sock.name);
+	int rc = sandbox_log_beside && sandbox_fd_ours(&sandbox_sock.dirfd)
+			 ? sandbox_fd_own(&sandbox_log_fd, openat(sandbox_sock.dirfd.fd, name, flags, 0600), 1)
+			 : sandbox_fd_own(&sandbox_log_fd, open(sandbox_log_path, flags, 0600), 1);
+	if (rc != 0) {
+		if (!sandbox_log_reported++)
+			sandbox_stderr_print("patchbox: cannot open log %s: %s", sandbox_log_path,
+					     strerror(-rc));
+		return -1;
+	}
+	return 0;
+}
+
+/* At exit: a log beside the socket that never got a line is removed with it. */
+static void sandbox_log_drop_empty(void)
+{
+	struct stat st;
+	if (!sandbox_log_beside || !sandbox_fd_ours(&sandbox_log_fd) || fstat(sandbox_log_fd.fd, &st) != 0 ||
+	    st.st_size != 0 || !sandbox_fd_ours(&sandbox_sock.dirfd))
+		return;
+	char name[sizeof(sandbox_sock.name) + 4];
+	snprintf(name, sizeof(name), "%s.log", sandbox_sock.name);
+	unlinkat(sandbox_sock.dirfd.fd, name, 0);
+}
+
 /* One line per request; failures never affect serving and are reported once. The
  * descriptor is checked before each write: a program that closed it (a daemon
  * closing every descriptor) gets it reopened, never written to. */
@@ -195,22 +233,8 @@ void sandbox_log_write(const struct sandbox_peer *peer, const char *what, const 
 {
 	if (!sandbox_log_path[0])
 		return;
-	if (sandbox_log_fd.fd >= 0 && !sandbox_fd_ours(&sandbox_log_fd))
-		sandbox_log_fd.fd = -1;	/* not ours any more: forgotten, never closed */
-	if (sandbox_log_fd.fd < 0) {
-		const int flags = O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC | O_NOCTTY;
-		char name[sizeof(sandbox_sock.name) + 4];
-		snprintf(name, sizeof(name), "%s.log", sandbox_sock.name);
-		int rc = sandbox_log_beside && sandbox_fd_ours(&sandbox_sock.dirfd)
-				 ? sandbox_fd_own(&sandbox_log_fd, openat(sandbox_sock.dirfd.fd, name, flags, 0600), 1)
-				 : sandbox_fd_own(&sandbox_log_fd, open(sandbox_log_path, flags, 0600), 1);
-		if (rc != 0) {
-			if (!sandbox_log_reported++)
-				sandbox_stderr_print("patchbox: cannot open log %s: %s", sandbox_log_path,
-						     strerror(-rc));
-			return;
-		}
-	}
+	if (sandbox_log_open() != 0)
+		return;
 	struct timespec ts;
 	struct tm tm;
 	char when[32] = "?";
@@ -438,6 +462,7 @@ static void *sandbox_listen_thread(void *arg)
 		}
 		retry_ms = reported = 0;
 		if (sandbox_sweep_pending) {
+			sandbox_log_open();
 			sandbox_sweep_pending = 0;
 			int n = sandbox_sock_sweep(&sandbox_sock, getpid());
 			if (n)
@@ -645,6 +670,11 @@ static int sandbox_agent_start_locked(void)
 	}
 	pthread_mutex_unlock(&sandbox_sock_lock);
 
+	/* The store after the bind, before serving: a process `install --apply` does not
+	 * list (no socket yet) reads the store after the patch file is in place
+	 * (docs/host.md, "A process that starts while an install is in progress"). */
+	sandbox_store_apply();
+
 	rc = sandbox_thread_create(0);
 	if (rc != 0) {
 		pthread_mutex_lock(&sandbox_sock_lock);
@@ -691,8 +721,10 @@ void patchbox_agent_stop(void)
 		pthread_mutex_unlock(&sandbox_sock_lock);
 		pthread_join(sandbox_thread, NULL);
 		pthread_mutex_lock(&sandbox_sock_lock);
-		if (sandbox_owner_pid == getpid())
+		if (sandbox_owner_pid == getpid()) {
+			sandbox_log_drop_empty();
 			sandbox_sock_unbind(&sandbox_sock);
+		}
 		sandbox_fd_close(&sandbox_sock.lfd);
 		sandbox_fd_close(&sandbox_sock.dirfd);
 		sandbox_sock.bound = 0;
@@ -717,7 +749,9 @@ __attribute__((destructor)) static void sandbox_agent_dtor(void)
 {
 	pthread_mutex_lock(&sandbox_sock_lock);
 	sandbox_exiting = 1;
-	if (sandbox_sock.bound && sandbox_owner_pid == getpid())
+	if (sandbox_sock.bound && sandbox_owner_pid == getpid()) {
+		sandbox_log_drop_empty();
 		sandbox_sock_unbind(&sandbox_sock);
+	}
 	pthread_mutex_unlock(&sandbox_sock_lock);
 }

@@ -231,6 +231,20 @@ static int sandbox_msg_apply(struct sandbox_request *q, struct sandbox_error *er
 	return rc;
 }
 
+int sandbox_body_apply(const uint8_t *body, size_t len, char *name, size_t name_cap,
+		       struct sandbox_error *err)
+{
+	struct sandbox_request q = { .r = { .p = body, .len = len } };
+	struct sandbox_apply_spec spec = { 0 };
+	int rc = sandbox_apply_parse(&q, &spec, err);
+	snprintf(name, name_cap, "%s", q.patch);
+	if (rc == 0)
+		rc = sandbox_patch_apply(&spec, 0, NULL, err);
+	free(spec.funcs);
+	free(spec.fixups);
+	return rc;
+}
+
 static int sandbox_msg_remove(struct sandbox_request *q, struct sandbox_error *err)
 {
 	const char *name;

@@ -7,6 +7,7 @@
  *   sandbox-messages.c  one request: parsing each message, calling the engine,
  *                       the reply and its log line
  *   sandbox-wire.c      bounds-checked payload reader, reply writer, frame I/O
+ *   sandbox-store.c     the patches installed for this build, applied at start
  *
  * Hidden, and local to sandbox-listen.o after its relocatable link (agent/Makefile).
  * Everything here runs on the agent thread (sandbox-listen.c, "Locks and fork").
@@ -80,6 +81,17 @@ const char *sandbox_msg_name(unsigned type);
  * the reply could not be sent (connection to drop). */
 int sandbox_request_serve(int fd, const struct sandbox_peer *peer, unsigned type, uint32_t seq,
 			  const uint8_t *payload, size_t len);
+
+/* Parses an apply body (as APPLY carries it) and applies it; the patch name read so
+ * far goes to name. 0, or -1 with err. For the store (sandbox-store.c). */
+int sandbox_body_apply(const uint8_t *body, size_t len, char *name, size_t name_cap,
+		       struct sandbox_error *err);
+
+/* ---- sandbox-store.c */
+
+/* Applies the patches installed in the store for this executable's build, in install
+ * order, logging each (docs/host.md "The patch store"). Before the agent thread serves. */
+void sandbox_store_apply(void);
 
 /* ---- sandbox-sock.c */
 

@@ -22,7 +22,9 @@
  * destructor ran. sandbox_sock_sweep removes one only when all three hold: no
  * process N exists (kill(N, 0) fails with ESRCH), the file is a socket, and a
  * connect() to it is refused (nobody listens). A live agent passes none of the
- * first and last tests; log files are never touched.
+ * first and last tests. Its log sandbox-sock<N>.log goes too when it is empty (the
+ * agent opens its log as it starts serving, so a process never asked anything leaves
+ * an empty one); a log with lines is never touched.
  */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE
@@ -249,13 +251,17 @@ void sandbox_sock_unbind(struct sandbox_sock *s)
 /* ------------------------------------------------------------------ stale sockets */
 
 /* The pid in "sandbox-sock<digits>" (nothing after the digits), else -1. */
-static long sandbox_sock_name_pid(const char *name)
+/* The N of sandbox-sock<N> (log: 0), or of sandbox-sock<N>.log (log: 1); else -1. */
+static long sandbox_sock_name_pid(const char *name, int *log)
 {
-	size_t pl = sizeof(SANDBOX_SOCK_PREFIX) - 1;
-	if (strncmp(name, SANDBOX_SOCK_PREFIX, pl) != 0 || !name[pl] || strlen(name + pl) > 9)
+	size_t pl = sizeof(SANDBOX_SOCK_PREFIX) - 1, n = strlen(name);
+	*log = n > 4 && strcmp(name + n - 4, ".log") == 0;
+	if (*log)
+		n -= 4;
+	if (strncmp(name, SANDBOX_SOCK_PREFIX, pl) != 0 || n == pl || n - pl > 9)
 		return -1;
 	long v = 0;
-	for (const char *p = name + pl; *p; p++) {
+	for (const char *p = name + pl; p < name + n; p++) {
 		if (*p < '0' || *p > '9')
 			return -1;
 		v = v * 10 + (*p - '0');
@@ -282,13 +288,21 @@ int sandbox_sock_sweep(const struct sandbox_sock *s, pid_t self)
 		for (ssize_t off = 0; off < n && seen < SANDBOX_SWEEP_MAX; seen++) {
 			struct dirent64 *de = (struct dirent64 *)(buf + off);
 			off += de->d_reclen;
-			long pid = sandbox_sock_name_pid(de->d_name);
+			int log;
+			long pid = sandbox_sock_name_pid(de->d_name, &log);
 			if (pid < 0 || pid == (long)self)
 				continue;
 			if (kill((pid_t)pid, 0) == 0 || errno != ESRCH)
 				continue;	/* a process N exists (or we may not signal it) */
 			struct stat st;
-			if (fstatat(s->dirfd.fd, de->d_name, &st, AT_SYMLINK_NOFOLLOW) != 0 || !S_ISSOCK(st.st_mode))
+			if (fstatat(s->dirfd.fd, de->d_name, &st, AT_SYMLINK_NOFOLLOW) != 0)
+				continue;
+			if (log) {	/* a dead agent's log that never got a line: nothing to keep */
+				if (S_ISREG(st.st_mode) && st.st_size == 0 && unlinkat(s->dirfd.fd, de->d_name, 0) == 0)
+					removed++;
+				continue;
+			}
+			if (!S_ISSOCK(st.st_mode))
 				continue;
 			if (sandbox_sock_probe(s, de->d_name) != 0)
 				continue;	/* accepted (alive) or cannot tell */

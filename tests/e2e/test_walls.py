@@ -394,9 +394,11 @@ def test_stale_sockets_swept(target_exe: Path, tmp_path: Path) -> None:
         live.stop()
         # Both killed now: the client's sweep removes them, nothing else.
         removed = sweep_stale_sockets(shared)
+        # Their sockets, and fresh's log, which no request wrote to (live's has a line).
         assert sorted(p.name for p in removed) == sorted(
-            [f"sandbox-sock{live.pid}", f"sandbox-sock{fresh.pid}"]
+            [f"sandbox-sock{live.pid}", f"sandbox-sock{fresh.pid}", f"sandbox-sock{fresh.pid}.log"]
         )
+        assert (shared / f"sandbox-sock{live.pid}.log").stat().st_size > 0
         assert sockets_in(shared) == {f"sandbox-sock{nobody}"}
     finally:
         holder.close()

@@ -296,26 +296,31 @@ def _pid_exists(pid: int) -> bool:
 def sweep_stale_sockets(
     directory: str | os.PathLike[str], *, limit: int = SWEEP_LIMIT
 ) -> list[Path]:
-    """Returns the stale agent sockets removed from ``directory``.
+    """Returns the stale agent files removed from ``directory``.
 
     The agent's rule (agent/src/sandbox-sock.c): a ``sandbox-sock<N>`` file is removed
-    only if no process N exists, it is a socket, and connecting to it is refused. Log
-    files and anything else stay; at most ``limit`` entries are examined.
+    only if no process N exists, it is a socket, and connecting to it is refused; its
+    ``sandbox-sock<N>.log`` only if that process is gone and the log is empty (an
+    agent opens its log as it starts serving). A log with lines and anything else
+    stay; at most ``limit`` entries are examined.
     """
     removed: list[Path] = []
     with os.scandir(directory) as entries:
         for i, entry in enumerate(entries):
             if i >= limit:
                 break
-            m = SOCKET_NAME.fullmatch(entry.name)
+            log = entry.name.endswith(".log")
+            m = SOCKET_NAME.fullmatch(entry.name[:-4] if log else entry.name)
             if not m or int(m[1]) == 0 or _pid_exists(int(m[1])):
                 continue
             try:
-                if not stat.S_ISSOCK(entry.stat(follow_symlinks=False).st_mode):
-                    continue
+                st = entry.stat(follow_symlinks=False)
             except OSError:
                 continue
-            if probe_socket(entry.path) is not False:
+            if log:
+                if not stat.S_ISREG(st.st_mode) or st.st_size:
+                    continue
+            elif not stat.S_ISSOCK(st.st_mode) or probe_socket(entry.path) is not False:
                 continue
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(entry.path)

@@ -1,0 +1,233 @@
+/* sandbox-store.c: the patches installed for this executable's build, applied at start.
+ *
+ * `patchbox install` stores patch files as STORE/<build-id hex>/<seq>-<name>.pbx
+ * (STORE: $PATCHBOX_STORE, else /var/lib/patchbox; docs/host.md "The patch store").
+ * sandbox_store_apply runs in the constructor, after the socket is bound and before
+ * the agent thread serves (and before main): it applies this build's files in name
+ * order, that is install order, and logs each one.
+ *
+ * The store decides what code runs in every new process, so it is used only when
+ * nobody but root or this process's user can write to it: every directory from / to
+ * the build's, and every file, owned by root or the effective uid and not writable by
+ * group or others (a root-owned sticky directory such as /tmp is allowed above the
+ * store). Anything else is refused and logged; nothing is applied. The file's own
+ * hash and signature were checked once, by `patchbox install`; here the header is
+ * checked for shape and the apply body goes through the same parser and engine as an
+ * APPLY request.
+ */
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE
+#endif
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "sandbox-server.h"
+
+#define SANDBOX_STORE_DEFAULT "/var/lib/patchbox"
+#define SANDBOX_STORE_HEADER 56		/* docs/patch-format.md: magic .. sha256 */
+#define SANDBOX_STORE_SIG 105		/* signature trailer */
+#define SANDBOX_STORE_SEQ 20		/* digits of the install time in a file name */
+
+static void sandbox_store_log(const char *patch, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void sandbox_store_log(const char *patch, const char *fmt, ...)
+{
+	char res[SANDBOX_ERRMSG];
+	va_list ap;
+	va_start(ap, fmt);
+	vsnprintf(res, sizeof(res), fmt, ap);
+	va_end(ap);
+	struct sandbox_peer me = { getpid(), geteuid() };
+	sandbox_log_write(&me, "STORE", patch, res);
+	sandbox_debug("store: %s%s%s", patch ? patch : "", patch ? ": " : "", res);
+}
+
+/* 0 if st may be trusted: owned by root or us, writable by nobody else (a root-owned
+ * sticky directory is allowed above the store: `above`). */
+static int sandbox_store_stat_ok(const struct stat *st, int above)
+{
+	if (above && (st->st_mode & S_ISVTX) && st->st_uid == 0)
+		return 0;
+	if (st->st_uid != 0 && st->st_uid != geteuid())
+		return -1;
+	return (st->st_mode & (S_IWGRP | S_IWOTH)) ? -1 : 0;
+}
+
+/* 0 if every directory from / down to path may be trusted; else -1, why in `why`. */
+static int sandbox_store_path_ok(const char *path, char *why, size_t cap)
+{
+	char prefix[PATH_MAX];
+	size_t len = strlen(path);
+	if (len == 0 || len >= sizeof(prefix) || path[0] != '/') {
+		snprintf(why, cap, "store %.300s is not an absolute path", path);
+		return -1;
+	}
+	for (size_t i = 0; i <= len; i++) {
+		if (i < len && path[i] != '/')
+			continue;
+		size_t n = i == 0 ? 1 : i;	/* "/" first, then each directory down to path */
+		memcpy(prefix, path, n);
+		prefix[n] = '\0';
+		const char *p = prefix;
+		struct stat st;
+		if (stat(p, &st) != 0)
+			return errno == ENOENT ? 1 : (snprintf(why, cap, "%.300s: %s", p, strerror(errno)), -1);
+		if (sandbox_store_stat_ok(&st, i < len) != 0) {
+			snprintf(why, cap, "%.300s is owned by uid %u with mode %04o: writable by others",
+				 p, (unsigned)st.st_uid, (unsigned)(st.st_mode & 07777));
+			return -1;
+		}
+	}
+	return 0;
+}
+
+static int sandbox_store_name_ok(const char *name)
+{
+	size_t n = strlen(name);
+	if (n < SANDBOX_STORE_SEQ + 6 || strcmp(name + n - 4, ".pbx") != 0 || name[SANDBOX_STORE_SEQ] != '-')
+		return 0;
+	for (int i = 0; i < SANDBOX_STORE_SEQ; i++)
+		if (name[i] < '0' || name[i] > '9')
+			return 0;
+	return 1;
+}
+
+static int sandbox_store_cmp(const void *a, const void *b)
+{
+	return strcmp(*(char *const *)a, *(char *const *)b);
+}
+
+/* The apply body of patch-file bytes (header shape checked, meta skipped). */
+static int sandbox_store_body(const uint8_t *buf, size_t size, const uint8_t **body, size_t *len,
+			      char *why, size_t cap)
+{
+	static const uint8_t magic[8] = { 'P', 'B', 'X', 'P', 'A', 'T', 'C', 'H' };
+	if (size < SANDBOX_STORE_HEADER || memcmp(buf, magic, 8) != 0) {
+		snprintf(why, cap, "not a patch file");
+		return -1;
+	}
+	uint16_t version, hsize;
+	uint32_t flags;
+	uint64_t plen;
+	memcpy(&version, buf + 8, 2);
+	memcpy(&hsize, buf + 10, 2);
+	memcpy(&flags, buf + 12, 4);
+	memcpy(&plen, buf + 16, 8);
+	size_t trailer = (flags & 1) ? SANDBOX_STORE_SIG : 0;
+	if (version != 1 || hsize != SANDBOX_STORE_HEADER || (flags & ~1u) ||
+	    plen != size - SANDBOX_STORE_HEADER - trailer || size < SANDBOX_STORE_HEADER + trailer) {
+		snprintf(why, cap, "bad header (version %u, header %u, flags 0x%x, payload %llu of %zu bytes)",
+			 version, hsize, flags, (unsigned long long)plen, size);
+		return -1;
+	}
+	struct sandbox_reader r = { .p = buf + SANDBOX_STORE_HEADER, .len = (size_t)plen };
+	uint64_t count;
+	if (sandbox_reader_uint(&r, "meta count", 2, &count) != 0)
+		goto bad;
+	for (uint64_t i = 0; i < 2 * count; i++) {
+		const char *s;
+		uint16_t n;
+		if (sandbox_reader_str(&r, "meta", &s, &n) != 0)
+			goto bad;
+	}
+	*body = r.p + r.pos;
+	*len = r.len - r.pos;
+	return 0;
+bad:
+	snprintf(why, cap, "meta runs past the end of the payload");
+	return -1;
+}
+
+/* Applies one store file (dfd/name); logs the outcome. */
+static void sandbox_store_one(int dfd, const char *name)
+{
+	char why[SANDBOX_ERRMSG];
+	int fd = openat(dfd, name, O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+	struct stat st;
+	if (fd < 0 || fstat(fd, &st) != 0) {
+		sandbox_store_log(name, "error: cannot open: %s", strerror(errno));
+		if (fd >= 0)
+			close(fd);
+		return;
+	}
+	if (!S_ISREG(st.st_mode) || sandbox_store_stat_ok(&st, 0) != 0 ||
+	    st.st_size > (off_t)(SANDBOX_STORE_HEADER + PBX_MAX_PAYLOAD + SANDBOX_STORE_SIG)) {
+		sandbox_store_log(name, "error: refused: not a regular file owned by root or uid %u, "
+				  "writable by nobody else, of at most the maximum size (mode %04o uid %u, "
+				  "%lld bytes)", (unsigned)geteuid(), (unsigned)(st.st_mode & 07777),
+				  (unsigned)st.st_uid, (long long)st.st_size);
+		close(fd);
+		return;
+	}
+	size_t size = (size_t)st.st_size, got = 0;
+	uint8_t *buf = malloc(size ? size : 1);
+	while (buf && got < size) {
+		ssize_t n = read(fd, buf + got, size - got);
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n <= 0)
+			break;
+		got += (size_t)n;
+	}
+	close(fd);
+	const uint8_t *body;
+	size_t len;
+	struct sandbox_error err = { PBX_E_OK, "" };
+	char patch[PBX_MAX_NAME + 1] = "";
+	if (!buf || got != size) {
+		sandbox_store_log(name, "error: cannot read (%zu of %zu bytes)", got, size);
+	} else if (sandbox_store_body(buf, size, &body, &len, why, sizeof(why)) != 0) {
+		sandbox_store_log(name, "error: %s", why);
+	} else if (sandbox_body_apply(body, len, patch, sizeof(patch), &err) != 0) {
+		sandbox_store_log(patch[0] ? patch : name, "error: %s", err.msg);
+	} else {
+		sandbox_store_log(patch, "ok (installed patch applied before main: %s)", name);
+	}
+	free(buf);
+}
+
+void sandbox_store_apply(void)
+{
+	const struct sandbox_exe_info *exe = sandbox_exe_get();
+	const char *root = getenv("PATCHBOX_STORE");
+	char dir[PATH_MAX], why[SANDBOX_ERRMSG];
+	if (!root || !*root)
+		root = SANDBOX_STORE_DEFAULT;
+	if (exe->build_id_len == 0 || strlen(root) + 2 + 2 * PBX_MAX_BUILD_ID >= sizeof(dir))
+		return;
+	int n = snprintf(dir, sizeof(dir), "%s/", root);
+	for (size_t i = 0; i < exe->build_id_len; i++)
+		n += snprintf(dir + n, sizeof(dir) - (size_t)n, "%02x", exe->build_id[i]);
+	int ok = sandbox_store_path_ok(dir, why, sizeof(why));
+	if (ok > 0)
+		return;	/* nothing installed for this build */
+	if (ok < 0) {
+		sandbox_store_log(NULL, "refused: %s", why);
+		return;
+	}
+	int dfd = open(dir, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+	DIR *d = dfd >= 0 ? fdopendir(dfd) : NULL;
+	if (!d) {
+		if (dfd >= 0)
+			close(dfd);
+		return;
+	}
+	char *names[PBX_MAX_PATCHES];
+	size_t count = 0;
+	struct dirent *de;
+	while ((de = readdir(d)) != NULL && count < PBX_MAX_PATCHES)
+		if (sandbox_store_name_ok(de->d_name) && (names[count] = strdup(de->d_name)) != NULL)
+			count++;
+	qsort(names, count, sizeof(names[0]), sandbox_store_cmp);
+	for (size_t i = 0; i < count; i++) {
+		sandbox_store_one(dirfd(d), names[i]);
+		free(names[i]);
+	}
+	closedir(d);
+}
