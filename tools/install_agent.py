@@ -30,7 +30,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 OBJECTS = ("libsandbox.o", "sandbox-listen.o", "libsandbox.a", "libsandbox.so")
-HEADERS = ("patch.h", "sandbox.h", "wire.h")
+HEADERS = ("patch.h", "sandbox.h", "shadow.h", "wire.h")
 
 
 def _literal(source: Path, name: str) -> Any:

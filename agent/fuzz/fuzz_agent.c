@@ -26,6 +26,7 @@
 #include "../src/sandbox-engine.c"
 #include "../src/sandbox-redirect.c"
 #include "../src/sandbox-transition.c"
+#include "../src/sandbox-shadow.c"
 #include "../src/sandbox-listen.c"
 #include "../src/sandbox-sock.c"
 #include "../src/sandbox-messages.c"

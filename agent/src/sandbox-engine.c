@@ -502,6 +502,38 @@ int sandbox_fixups_apply(const struct sandbox_apply_spec *spec, const uint64_t *
 	return 0;
 }
 
+/* ------------------------------------------------------------------ hooks */
+
+/* The hooks of one kind of a patch, run in order on the agent thread (engine lock
+ * held: a fork waits). A pre hook's non-zero result stops the operation (HOOK_FAILED,
+ * naming the hook); a post hook's is only logged (err NULL). docs/shadow.md. */
+struct sandbox_hook_run {
+	const struct sandbox_hook *hooks;
+	size_t n;
+	uint8_t when;
+	const char *patch;
+	int ran;		/* a hook of this kind was called */
+};
+
+static int sandbox_hooks_gate(void *arg, struct sandbox_error *err)
+{
+	struct sandbox_hook_run *run = arg;
+	static const char *const names[] = { "?", "pre-apply", "post-apply", "pre-remove", "post-remove" };
+	for (size_t i = 0; i < run->n; i++) {
+		if (run->hooks[i].when != run->when)
+			continue;
+		int (*fn)(void) = (int (*)(void))run->hooks[i].addr;
+		run->ran = 1;
+		int r = fn();
+		sandbox_debug("%s: %s hook at 0x%lx returned %d", run->patch, names[run->when],
+			      (unsigned long)run->hooks[i].addr, r);
+		if (r != 0 && err)
+			return sandbox_error_set(err, PBX_E_HOOK_FAILED, "%s hook of %s (text 0x%lx) returned %d",
+						 names[run->when], run->patch, (unsigned long)run->hooks[i].addr, r);
+	}
+	return 0;
+}
+
 int sandbox_patch_apply(const struct sandbox_apply_spec *spec, unsigned flags,
 			const struct sandbox_patch **ret, struct sandbox_error *err)
 {
@@ -511,7 +543,7 @@ int sandbox_patch_apply(const struct sandbox_apply_spec *spec, unsigned flags,
 	uint8_t *tbuf = NULL, *dbuf = NULL;
 	uintptr_t text_addr = 0, data_addr = 0;
 	uint32_t id = sandbox_next_id;
-	int rc = -1, allocated = 0, revived = 0, locked = 0;
+	int rc = -1, allocated = 0, revived = 0, locked = 0, hooks_ran = 0;
 	uint32_t revived_from = 0;
 	char name[PBX_MAX_NAME + 1];
 
@@ -542,6 +574,13 @@ int sandbox_patch_apply(const struct sandbox_apply_spec *spec, unsigned flags,
 		return sandbox_error_set(err, PBX_E_MALFORMED, "nfuncs %u", spec->nfuncs);
 	if (spec->flags & ~(uint32_t)PBX_FLAG_RETAIN)
 		return sandbox_error_set(err, PBX_E_MALFORMED, "flags 0x%x (unknown bits)", spec->flags);
+	if (spec->nhooks > PBX_MAX_HOOKS)
+		return sandbox_error_set(err, PBX_E_MALFORMED, "%u hooks (max %d)", spec->nhooks, PBX_MAX_HOOKS);
+	for (size_t i = 0; i < spec->nhooks; i++)
+		if (spec->hooks[i].when < PBX_HOOK_PRE_APPLY || spec->hooks[i].when > PBX_HOOK_POST_REMOVE ||
+		    spec->hooks[i].offset >= spec->text_len)
+			return sandbox_error_set(err, PBX_E_MALFORMED, "hook %zu: kind %u at text+0x%x of %u bytes",
+						 i, spec->hooks[i].when, spec->hooks[i].offset, spec->text_len);
 
 	funcs = calloc(spec->nfuncs, sizeof(*funcs));
 	patch = calloc(1, sizeof(*patch));
@@ -612,8 +651,17 @@ int sandbox_patch_apply(const struct sandbox_apply_spec *spec, unsigned flags,
 	 * changes, after it nothing fails. */
 	struct sandbox_copy text_copy = { text_addr, tbuf, revived ? 0 : spec->text_len };
 	struct sandbox_copy data_copy = { data_addr, dbuf, data_block };
-	if (sandbox_redirect_write(&text_copy, &data_copy, funcs, spec->nfuncs, err) != 0)
+	struct sandbox_hook hooks[PBX_MAX_HOOKS];
+	for (size_t i = 0; i < spec->nhooks; i++)
+		hooks[i] = (struct sandbox_hook){ spec->hooks[i].when, text_addr + spec->hooks[i].offset };
+	struct sandbox_hook_run pre = { hooks, spec->nhooks, PBX_HOOK_PRE_APPLY, name, 0 };
+	if (sandbox_redirect_write(&text_copy, &data_copy, funcs, spec->nfuncs,
+				   spec->nhooks ? sandbox_hooks_gate : NULL, &pre, err) != 0) {
+		hooks_ran = pre.ran;
 		goto out;
+	}
+	struct sandbox_hook_run post = { hooks, spec->nhooks, PBX_HOOK_POST_APPLY, name, 0 };
+	sandbox_hooks_gate(&post, NULL);
 
 	struct timespec ts;
 	clock_gettime(CLOCK_REALTIME, &ts);
@@ -627,6 +675,8 @@ int sandbox_patch_apply(const struct sandbox_apply_spec *spec, unsigned flags,
 	patch->nfuncs = spec->nfuncs;
 	patch->flags = spec->flags;
 	patch->funcs = funcs;
+	patch->nhooks = spec->nhooks;
+	memcpy(patch->hooks, hooks, spec->nhooks * sizeof(hooks[0]));
 	sandbox_patches[sandbox_npatches++] = patch;
 	sandbox_next_id++;
 	funcs = NULL;
@@ -640,8 +690,11 @@ int sandbox_patch_apply(const struct sandbox_apply_spec *spec, unsigned flags,
 out:
 	/* Never executed (no redirect was published): free, no quiescence needed; a
 	 * revived extent goes back to retired (old threads may still run it). */
-	if (rc != 0 && allocated)
-		sandbox_owner_unplace(id, revived ? text_addr : 0, revived_from);
+	if (rc != 0 && allocated) {
+		/* A pre-apply hook ran the new text on this thread only: refilled at once. */
+		if (!hooks_ran || revived || sandbox_owner_free(id) != 0)
+			sandbox_owner_unplace(id, revived ? text_addr : 0, revived_from);
+	}
 	if (locked)
 		sandbox_engine_unlock();
 	free(tbuf);
@@ -670,9 +723,14 @@ static int sandbox_patch_remove_locked(const char *name, size_t name_len, int fr
 			return sandbox_error_set(err, PBX_E_NOT_TOP, "%s is stacked on %s (function %s)",
 						 above->name, p->name, p->funcs[f].symbol);
 	}
+	struct sandbox_hook_run pre = { p->hooks, p->nhooks, PBX_HOOK_PRE_REMOVE, p->name, 0 };
+	if (p->nhooks && sandbox_hooks_gate(&pre, err) != 0)
+		return -1;	/* the hook refused: the patch stays applied */
 	/* The entries back to their saved bytes (steps 1-4); nothing changed if it fails. */
 	if (sandbox_redirect_restore(p->funcs, p->nfuncs, err) != 0)
 		return -1;
+	struct sandbox_hook_run post = { p->hooks, p->nhooks, PBX_HOOK_POST_REMOVE, p->name, 0 };
+	sandbox_hooks_gate(&post, NULL);
 
 	/* A thread may still run the removed code: retired, not freed (transition). */
 	if (!free_now || sandbox_owner_free(p->id) != 0)

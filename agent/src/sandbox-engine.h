@@ -52,11 +52,17 @@ struct sandbox_copy {
 	size_t len;
 };
 
+/* Runs between the copies and the redirect (the patch's pre-apply hooks); non-zero
+ * with err stops the apply before anything is published. */
+typedef int (*sandbox_gate_fn)(void *arg, struct sandbox_error *err);
+
 /* Apply: copies text (its pages made writable for it) and data into the sandbox,
- * then redirects each function to its new_entry (phase 1, sync, phase 2, sync). -1
- * with err (NO_MEMORY, MPROTECT_FAILED) only before the first byte changes. */
+ * calls gate (if any), then redirects each function to its new_entry (phase 1,
+ * sync, phase 2, sync). -1 with err (NO_MEMORY, MPROTECT_FAILED, or the gate's)
+ * only before the first byte of the program changes. */
 int sandbox_redirect_write(const struct sandbox_copy *text, const struct sandbox_copy *data,
-			   const struct sandbox_func *funcs, size_t nfuncs, struct sandbox_error *err);
+			   const struct sandbox_func *funcs, size_t nfuncs, sandbox_gate_fn gate,
+			   void *gate_arg, struct sandbox_error *err);
 /* Remove: puts back the saved bytes of each function (steps 1-4). -1 with err
  * (NO_MEMORY, MPROTECT_FAILED) only before the first byte changes. */
 int sandbox_redirect_restore(const struct sandbox_func *funcs, size_t nfuncs, struct sandbox_error *err);

@@ -92,6 +92,11 @@ struct sandbox_apply_spec {
 	struct sandbox_func_spec *funcs;
 	uint32_t nfixups;
 	struct sandbox_fixup_spec *fixups;
+	uint16_t nhooks;
+	struct sandbox_hook_spec {
+		uint8_t when;		/* PBX_HOOK_* */
+		uint32_t offset;	/* the hook function's entry in text */
+	} hooks[PBX_MAX_HOOKS];
 };
 
 /* ---- applied patches */
@@ -117,6 +122,11 @@ struct sandbox_patch {
 	uint16_t nfuncs;
 	uint32_t flags;		/* PBX_FLAG_* of the apply */
 	struct sandbox_func *funcs;
+	uint16_t nhooks;	/* the remove hooks, absolute */
+	struct sandbox_hook {
+		uint8_t when;
+		uintptr_t addr;
+	} hooks[PBX_MAX_HOOKS];
 };
 
 struct sandbox_stats {

@@ -199,7 +199,16 @@ static int sandbox_apply_parse(struct sandbox_request *q, struct sandbox_apply_s
 		    sandbox_reader_str(r, "fixup symbol", &x->symbol, &x->symbol_len) != 0)
 			return sandbox_reader_error(r, err);
 	}
-	if (sandbox_reader_end(r, "the fix-ups") != 0)
+	if (SANDBOX_READ_UINT(r, "nhooks", 2, s->nhooks) != 0)
+		return sandbox_reader_error(r, err);
+	if (s->nhooks > PBX_MAX_HOOKS)
+		return sandbox_error_set(err, PBX_E_MALFORMED, "nhooks %u (max %d)", s->nhooks, PBX_MAX_HOOKS);
+	for (uint16_t i = 0; i < s->nhooks; i++) {
+		if (SANDBOX_READ_UINT(r, "hook when", 1, s->hooks[i].when) != 0 ||
+		    SANDBOX_READ_UINT(r, "hook offset", 4, s->hooks[i].offset) != 0)
+			return sandbox_reader_error(r, err);
+	}
+	if (sandbox_reader_end(r, "the hooks") != 0)
 		return sandbox_reader_error(r, err);
 	return 0;
 }

@@ -187,7 +187,8 @@ int sandbox_text_refill(uintptr_t addr, size_t len)
 /* ------------------------------------------------------------------ redirect */
 
 int sandbox_redirect_write(const struct sandbox_copy *text, const struct sandbox_copy *data,
-			   const struct sandbox_func *funcs, size_t nfuncs, struct sandbox_error *err)
+			   const struct sandbox_func *funcs, size_t nfuncs, sandbox_gate_fn gate,
+			   void *gate_arg, struct sandbox_error *err)
 {
 	struct sandbox_pageset ps = { 0 };
 	int rc = -1;
@@ -212,6 +213,16 @@ int sandbox_redirect_write(const struct sandbox_copy *text, const struct sandbox
 		memcpy((void *)text->addr, text->src, text->len);
 	if (data->len)
 		memcpy((void *)data->addr, data->src, data->len);
+	if (gate) {
+		/* The gate runs the new code (pre-apply hooks) on this thread: the copies
+		 * in this core's fetch first (pairs with the memcpy above). Nothing of the
+		 * program has changed yet, so a refusal leaves it as it was. */
+		sandbox_core_sync();
+		if (gate(gate_arg, err) != 0) {
+			sandbox_pageset_close(&ps);
+			goto out;
+		}
+	}
 	/* Phase 1: `e9 rel32` into the dead padding; nothing executes there until the
 	 * phase 2 store publishes it. */
 	for (size_t i = 0; i < nfuncs; i++) {

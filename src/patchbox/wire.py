@@ -25,6 +25,7 @@ ENTRY_NOPS = 2
 REPLY_BIT = 128
 JUMP_LEN = 5
 ENDBR_SKIP = 4
+MAX_HOOKS = 16
 
 
 class Msg(IntEnum):
@@ -43,6 +44,13 @@ class RedirectKind(IntEnum):
 
 class ApplyFlag(IntEnum):
     RETAIN = 1
+
+
+class HookKind(IntEnum):
+    PRE_APPLY = 1
+    POST_APPLY = 2
+    PRE_REMOVE = 3
+    POST_REMOVE = 4
 
 
 class FixupType(IntEnum):
@@ -90,6 +98,7 @@ class ErrorCode(IntEnum):
     INTERNAL = 23
     PERMISSION = 24
     BAD_FIXUP = 25
+    HOOK_FAILED = 26
 
 
 ERROR_TEXTS: dict[int, str] = {
@@ -119,6 +128,7 @@ ERROR_TEXTS: dict[int, str] = {
     23: "internal agent error",
     24: "peer not allowed",
     25: "invalid fix-up type, base or section",
+    26: "a hook of the patch refused",
 }
 
 __all__ = [
@@ -139,9 +149,11 @@ __all__ = [
     "REPLY_BIT",
     "JUMP_LEN",
     "ENDBR_SKIP",
+    "MAX_HOOKS",
     "Msg",
     "RedirectKind",
     "ApplyFlag",
+    "HookKind",
     "FixupType",
     "FixupBase",
     "FixupSection",

@@ -369,7 +369,9 @@ CASES: dict[str, Case] = {
     ),
     "fixup-reserved-set": Case(
         Msg.APPLY,
-        lambda p, t, e: (lambda b: b[:-13] + b"\x07" + b[-12:])(encode_apply_body(fixup(p))),
+        # The last fix-up's reserved byte: before its offset and addend (12 bytes) and
+        # the body's hook count (2 bytes).
+        lambda p, t, e: (lambda b: b[:-15] + b"\x07" + b[-14:])(encode_apply_body(fixup(p))),
         ErrorCode.BAD_FIXUP,
         ("reserved 7",),
     ),

@@ -29,4 +29,21 @@
 		&patchbox_original_##fn;                                       \
 	}))
 
+/* PATCHBOX_HOOK(when, fn): the agent calls `int fn(void)` of the patch around the switch
+ * (docs/shadow.md), on its own thread:
+ *
+ *   pre_apply    after the patch's code is in place, before any function is redirected;
+ *                a non-zero result refuses the apply (HOOK_FAILED), nothing changed
+ *   post_apply   right after the redirect (the result is logged)
+ *   pre_remove   before switching back; non-zero refuses the remove, the patch stays
+ *   post_remove  right after switching back (free the patch's shadow variables here)
+ *
+ *     static int drop_shadows(void) { patchbox_shadow_free_all(SHADOW_ENDLEN); return 0; }
+ *     PATCHBOX_HOOK(post_remove, drop_shadows);
+ *
+ * extract-patch and `patchbox build` find the hooks by their section and carry them. */
+#define PATCHBOX_HOOK(when, fn)                                                \
+	static int (*const patchbox_hook_##when##_##fn)(void)                    \
+		__attribute__((used, section(".patchbox_hooks." #when))) = fn
+
 #endif

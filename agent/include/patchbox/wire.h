@@ -19,6 +19,7 @@
 #define PBX_REPLY_BIT 128
 #define PBX_JUMP_LEN 5
 #define PBX_ENDBR_SKIP 4
+#define PBX_MAX_HOOKS 16
 
 #define PBX_MSG_INFO 1
 #define PBX_MSG_LIST 2
@@ -31,6 +32,11 @@
 #define PBX_KIND_ENTRY_JUMP 1
 
 #define PBX_FLAG_RETAIN 1
+
+#define PBX_HOOK_PRE_APPLY 1
+#define PBX_HOOK_POST_APPLY 2
+#define PBX_HOOK_PRE_REMOVE 3
+#define PBX_HOOK_POST_REMOVE 4
 
 #define PBX_FIXUP_PC32 1
 #define PBX_FIXUP_ABS64 2
@@ -71,6 +77,7 @@ enum pbx_error {
 	PBX_E_INTERNAL = 23,
 	PBX_E_PERMISSION = 24,
 	PBX_E_BAD_FIXUP = 25,
+	PBX_E_HOOK_FAILED = 26,
 	PBX_E_COUNT_
 };
 
@@ -102,6 +109,7 @@ enum pbx_error {
 	"internal agent error", \
 	"peer not allowed", \
 	"invalid fix-up type, base or section", \
+	"a hook of the patch refused", \
 }
 
 #endif

@@ -82,6 +82,7 @@ def describe_patch(patch: Patch) -> dict[str, Any]:
         ],
         "fixups": {"total": len(patch.fixups), "by_kind": dict(sorted(counts.items()))},
         "imports": sorted({fx.symbol for fx in patch.fixups if fx.base == FixupBase.IMPORT}),
+        "hooks": [{"when": h.when.name.lower(), "offset": h.offset} for h in patch.hooks],
         "meta": patch.meta,
     }
 
@@ -114,6 +115,8 @@ def show_command(as_json: bool, file: str) -> None:
     kinds = ", ".join(f"{kind} {n}" for kind, n in d["fixups"]["by_kind"].items())
     echo(f"fix-ups   {d['fixups']['total']}" + (f" ({kinds})" if kinds else ""))
     echo(f"imports   {', '.join(d['imports']) or 'none'}")
+    if d["hooks"]:
+        echo("hooks     " + ", ".join(f"{h['when']} text+{h['offset']:#x}" for h in d["hooks"]))
     if d["meta"]:
         echo("meta:")
         key_width = max(len(k) for k in d["meta"])

@@ -36,7 +36,7 @@ from patchbox.extract.entry import is_shared_library
 from patchbox.extract.extractor import INT3, Extractor, align
 from patchbox.extract.inlined import check_inlined
 from patchbox.format.layout import check_name
-from patchbox.format.model import Fixup, Function, Patch
+from patchbox.format.model import Fixup, Function, Hook, Patch
 from patchbox.profiles import Profile, get_profile
 from patchbox.wire import ApplyFlag, FixupBase, FixupSection
 
@@ -81,6 +81,7 @@ def _extract(
             )
         for m in members:
             m.find_replaced()
+            m.find_hooks()
         meta.update(
             check_inlined(
                 binary,
@@ -114,6 +115,9 @@ def _extract(
             data += bytes(mbss)
     fixups: list[Fixup] = []
     funcs: list[Function] = []
+    hooks = [Hook(when, tbase[m.index] + off) for m in members for when, off in m.hook_offsets()]
+    if len(hooks) > C.MAX_HOOKS:
+        raise ExtractError(f"{len(hooks)} hooks in one patch (max {C.MAX_HOOKS})")
     for m in members:
         for placed in m.fixups:
             fx = placed.fixup
@@ -157,6 +161,7 @@ def _extract(
         bss_size=bss_size,
         flags=flags,
         meta=meta,
+        hooks=hooks,
     )
 
 

@@ -35,7 +35,7 @@ from patchbox.elf.reloc import Recipe, RelocType, get_reloc_type
 from patchbox.errors import ElfError, ExtractError, UnsupportedRelocation
 from patchbox.extract.entry import analyse_entry, is_shared_library
 from patchbox.format.model import Fixup
-from patchbox.wire import FixupBase, FixupSection, FixupType, RedirectKind
+from patchbox.wire import FixupBase, FixupSection, FixupType, HookKind, RedirectKind
 
 __all__ = ["Extractor", "Replaced", "PlacedFixup", "ENTRY", "INT3", "align"]
 
@@ -47,6 +47,7 @@ STUB_SIZE = 16  # ff 25 00000000 (jmp *slot(%rip)), 8-byte slot, 2 x int3 paddin
 STUB_SLOT = 6
 GOT_SLOT = 8
 ORIGINAL_PREFIX = "patchbox_original_"  # PATCHBOX_ORIGINAL(fn), agent/include/patchbox/patch.h
+HOOK_SECTION = ".patchbox_hooks."  # PATCHBOX_HOOK(when, fn), the same header
 _STATIC_LOCAL = re.compile(r"^(?P<base>.+)\.(?P<n>\d+)$")  # GCC's `counter.0`
 
 
@@ -132,6 +133,7 @@ class Extractor:
         self.fixups: list[PlacedFixup] = []
         self.entries: dict[int, tuple[int, int]] = {}  # replaced section -> (entry, original)
         self.replaced: list[Replaced] = []
+        self.hooks: list[tuple[HookKind, int, int]] = []  # (when, section, offset in it)
         self.defines = {
             s.name: s
             for s in obj.symbols
@@ -179,6 +181,36 @@ class Extractor:
             self.copy(r.section.index, "func")
             self.entries[r.section.index] = (r.symbol.value, r.address)
         return out
+
+    def find_hooks(self) -> None:
+        """Finds the patch's hooks (PATCHBOX_HOOK: function pointers in sections named
+        ``.patchbox_hooks.<when>``) and copies the functions they name."""
+        for sec in self.obj.sections:
+            if not sec.name.startswith(HOOK_SECTION):
+                continue
+            when_name = sec.name[len(HOOK_SECTION) :].upper()
+            if when_name not in HookKind.__members__:
+                raise ExtractError(
+                    f"{self.obj.path}: unknown hook section {sec.name} (one of "
+                    f"{', '.join(k.lower() for k in HookKind.__members__)})"
+                )
+            for rel in self.obj.get_relocations(sec):
+                sym = rel.symbol
+                target = self.obj.get_symbol_section(sym) if sym.defined else None
+                if rel.type != 1 or target is None or not target.is_exec:
+                    raise ExtractError(
+                        f"{self.obj.path}: {sec.name}+{rel.offset:#x} does not name "
+                        f"a function of this object"
+                    )
+                value = (sym.value if sym.type != "SECTION" else 0) + rel.addend
+                self.copy(target.index, "func")
+                self.hooks.append((HookKind[when_name], target.index, value))
+        if len(self.hooks) > C.MAX_HOOKS:
+            raise ExtractError(f"{len(self.hooks)} hooks in {self.obj.path} (max {C.MAX_HOOKS})")
+
+    def hook_offsets(self) -> list[tuple[HookKind, int]]:
+        """Returns (when, offset in this object's text) of each hook, after layout."""
+        return [(when, self.placement[sec][1] + value) for when, sec, value in self.hooks]
 
     def _has_padding(self, orig: Symbol) -> bool:
         try:

@@ -17,8 +17,8 @@ from typing import Any
 from patchbox import wire as C
 from patchbox.errors import PatchFormatError
 from patchbox.format.codec import Reader, Writer
-from patchbox.format.model import Fixup, Function, Patch
-from patchbox.wire import FixupBase, FixupSection, FixupType, RedirectKind
+from patchbox.format.model import Fixup, Function, Hook, Patch
+from patchbox.wire import FixupBase, FixupSection, FixupType, HookKind, RedirectKind
 
 __all__ = [
     "FILE_MAGIC",
@@ -27,6 +27,7 @@ __all__ = [
     "APPLY_BODY",
     "FUNCTION_RECORD",
     "FIXUP_RECORD",
+    "HOOK_RECORD",
     "Field",
     "wire_names",
     "encode_apply_body",
@@ -106,6 +107,10 @@ FIXUP_RECORD = (
     Field("addend", "i64"),
     Field("symbol", "str", when=("base", FixupBase.IMPORT)),
 )
+HOOK_RECORD = (
+    Field("when", "u8"),
+    Field("offset", "u32"),
+)
 APPLY_BODY = (
     Field("name", "str"),
     Field("build_id", "bytes8", 1, C.MAX_BUILD_ID),
@@ -115,6 +120,7 @@ APPLY_BODY = (
     Field("bss_size", "u32"),
     Field("functions", "list16", 1, C.MAX_FUNCS, FUNCTION_RECORD, "nfuncs", "function"),
     Field("fixups", "list32", 0, C.MAX_FIXUPS, FIXUP_RECORD, "nfixups", "fixup"),
+    Field("hooks", "list16", 0, C.MAX_HOOKS, HOOK_RECORD, "nhooks", "hook"),
 )
 _INTS = {"u8": 1, "u16": 2, "u32": 4, "u64": 8, "i64": 8}
 _LENGTH = {"bytes8": "u8", "bytes16": "u16", "list16": "u16", "list32": "u32"}
@@ -243,6 +249,17 @@ def decode_apply_body(body: bytes, meta: dict[str, str] | None = None) -> Patch:
                 f"the {limit}-byte {section.name.lower()}"
             )
         fixups.append(Fixup(section, ftype, base, fx["offset"], fx["addend"], fx.get("symbol", "")))
+    hooks = []
+    for i, hk in enumerate(raw["hooks"]):
+        try:
+            when = HookKind(hk["when"])
+        except ValueError as err:
+            raise PatchFormatError(f"patch body: hook[{i}]: {err}") from err
+        if hk["offset"] >= len(text):
+            raise PatchFormatError(
+                f"patch body: hook[{i}] at text+{hk['offset']:#x} outside the {len(text)}-byte text"
+            )
+        hooks.append(Hook(when, hk["offset"]))
     return Patch(
         name=raw["name"],
         build_id=raw["build_id"],
@@ -253,6 +270,7 @@ def decode_apply_body(body: bytes, meta: dict[str, str] | None = None) -> Patch:
         bss_size=raw["bss_size"],
         flags=raw["flags"],
         meta=dict(meta or {}),
+        hooks=hooks,
     )
 
 

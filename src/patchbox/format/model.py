@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from patchbox.wire import FixupBase, FixupSection, FixupType, RedirectKind
+from patchbox.wire import FixupBase, FixupSection, FixupType, HookKind, RedirectKind
 
-__all__ = ["Function", "Fixup", "Patch"]
+__all__ = ["Function", "Fixup", "Hook", "Patch"]
 
 
 @dataclass
@@ -45,6 +45,14 @@ class Fixup:
 
 
 @dataclass
+class Hook:
+    """A function of the patch the agent runs around the switch (docs/shadow.md)."""
+
+    when: HookKind
+    offset: int  # entry of the hook function in Patch.text
+
+
+@dataclass
 class Patch:
     """A whole live patch."""
 
@@ -57,3 +65,4 @@ class Patch:
     bss_size: int = 0
     flags: int = 0
     meta: dict[str, str] = field(default_factory=dict)
+    hooks: list[Hook] = field(default_factory=list)
