@@ -180,7 +180,9 @@ def test_installed_goes_into_that_hosts_store(fleet, builds, targets) -> None:
 def test_trust_rule_holds(fleet, builds, targets) -> None:
     put_patch(fleet, builds["patch"])
     (fleet.fleet.host("h3").scratch / "keys").mkdir()  # a trust directory with no key
-    r = fleet.adhoc("h3", "patchbox.live.patch", {"src": REMOTE_PATCH, "trust_dir": "/var/tmp/keys"})
+    r = fleet.adhoc(
+        "h3", "patchbox.live.patch", {"src": REMOTE_PATCH, "trust_dir": "/var/tmp/keys"}
+    )
     assert r.rc == 2 and r["h3"]["changed"] is False, r.output
     assert "signed" in r["h3"]["msg"], r["h3"]["msg"]
     assert [t.call("use_helper", 4) for t in targets["h3"]] == [BEFORE, BEFORE]
@@ -188,7 +190,9 @@ def test_trust_rule_holds(fleet, builds, targets) -> None:
 
 def test_missing_patchbox_is_reported(fleet, targets) -> None:
     r = fleet.adhoc(
-        "h1", "patchbox.live.patch_info", extra=["-e", "ansible_python_interpreter=/usr/bin/python3"]
+        "h1",
+        "patchbox.live.patch_info",
+        extra=["-e", "ansible_python_interpreter=/usr/bin/python3"],
     )
     assert r.rc == 2 and "patchbox" in r["h1"]["msg"], r.output
     assert "ansible_python_interpreter" in r["h1"]["msg"]
