@@ -261,8 +261,9 @@ class Fleet:
         """Removes hosts and the bridge left by an earlier run (processes killed first)."""
         for h in self.hosts:
             h.stop()
-            if run("ip", "netns", "pids", h.netns, check=False).returncode == 0:
-                for pid in run("ip", "netns", "pids", h.netns, check=False).stdout.split():
+            pids = run("ip", "netns", "pids", h.netns, check=False)
+            if pids.returncode == 0:  # the namespace exists
+                for pid in pids.stdout.split():
                     try:
                         os.kill(int(pid), signal.SIGKILL)
                     except ProcessLookupError:
