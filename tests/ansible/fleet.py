@@ -56,6 +56,15 @@ def _children(pid: int) -> list[int]:
     return [int(p) for p in text.split()]
 
 
+def _running(pid: int) -> bool:
+    """Returns whether ``pid`` exists and has not exited (a zombie holds no namespace)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
+
+
 @dataclass
 class Host:
     """One managed host: its names, address and private directories."""
@@ -170,8 +179,17 @@ class Host:
     def stop(self) -> None:
         """Stops the host: everything in its PID namespace dies with its PID 1."""
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()  # unshare; --kill-child takes the host's PID 1 with it
-            self.proc.wait(10)
+            # Its PID 1 first, so that unshare (its parent) reaps it and exits.
+            if self.init_pid:
+                try:
+                    os.kill(self.init_pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()  # --kill-child takes the host's PID 1 with it
+                self.proc.wait(10)
         self.proc = None
 
 
@@ -263,12 +281,19 @@ class Fleet:
             h.stop()
             pids = run("ip", "netns", "pids", h.netns, check=False)
             if pids.returncode == 0:  # the namespace exists
-                for pid in pids.stdout.split():
+                left = [int(p) for p in pids.stdout.split()]
+                for pid in left:
                     try:
-                        os.kill(int(pid), signal.SIGKILL)
+                        os.kill(pid, signal.SIGKILL)
                     except ProcessLookupError:
                         pass
-                run("ip", "netns", "del", h.netns, check=False)
+                deadline = time.monotonic() + 10
+                while any(_running(pid) for pid in left) and time.monotonic() < deadline:
+                    time.sleep(0.05)
+            # The root end of the veth pair: a namespace goes away only when nothing
+            # holds it any more, its interfaces with it.
+            run("ip", "link", "del", f"{h.netns}v", check=False)
+            run("ip", "netns", "del", h.netns, check=False)
         run("ip", "link", "del", BRIDGE, check=False)
 
     def setup(self, authorized_keys: Path) -> None:
