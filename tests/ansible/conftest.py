@@ -105,10 +105,10 @@ def collections(base: Path) -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def fleet(base: Path, host_python: Path, collections: Path) -> Iterator[Controller]:
-    """Yields the controller of three running managed hosts; removes them afterwards,
-    also when a test failed."""
+    """Yields the controller of three running managed hosts; removes them after the test
+    module (no host outlives the tier), also when a test failed."""
     f = Fleet(base, HOSTS)
     ctl = Controller(base, f, host_python, collections)
     ctl.make_keys()
@@ -123,9 +123,8 @@ def fleet(base: Path, host_python: Path, collections: Path) -> Iterator[Controll
 
 
 @pytest.fixture(scope="session")
-def builds(base: Path, fleet: Controller) -> dict[str, object]:
-    """Builds the target program (with the agent) and its patch; installs the program on
-    every host (same path, same build-id: one fleet, one package version)."""
+def program(base: Path) -> dict[str, object]:
+    """Builds the target program (with the agent) and its patch."""
     d = base / "build"
     (d / "fixed").mkdir(parents=True)
     exe = compile_c(render(), d / "target", agent=True)
@@ -134,7 +133,16 @@ def builds(base: Path, fleet: Controller) -> dict[str, object]:
     run_tool("extract-patch", "--function", "use_helper", "--name", "helper", "-o", pbx, obj, exe)
     with open(exe, "rb") as f:
         note = next(ELFFile(f).get_section_by_name(".note.gnu.build-id").iter_notes())
-    return {"exe": fleet.fleet.install_app(exe), "patch": pbx, "build_id": note["n_desc"]}
+    return {"exe": exe, "patch": pbx, "build_id": note["n_desc"]}
+
+
+@pytest.fixture(scope="module")
+def builds(program: dict[str, object], fleet: Controller) -> dict[str, object]:
+    """Returns the program's facts after installing it on every host (same path, same
+    build-id: one fleet, one package version); ``exe`` is its path on the hosts."""
+    exe = program["exe"]
+    assert isinstance(exe, Path)
+    return {**program, "exe": fleet.fleet.install_app(exe)}
 
 
 @pytest.fixture()
@@ -145,6 +153,9 @@ def targets(fleet: Controller, builds: dict[str, object]) -> Iterator[dict[str, 
         for d in (h.store, h.scratch):
             for p in d.iterdir():
                 shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+        # Sockets (and logs) of earlier targets: pids start again in a new PID namespace.
+        for p in h.app_dir.glob("sandbox-sock*"):
+            p.unlink()
     exe = builds["exe"]
     assert isinstance(exe, Path)
     started = {
