@@ -14,6 +14,13 @@ python3 -c 'import venv, ensurepip' 2>/dev/null || need_apt+=(python3-venv)
 command -v clang >/dev/null || need_apt+=(clang)
 compgen -G '/usr/lib/llvm-*/lib/clang/*/lib/linux/libclang_rt.fuzzer-x86_64.a' >/dev/null ||
 	need_apt+=(libclang-rt-14-dev)
+# The Ansible tier (tests/ansible): managed hosts in network namespaces (ip, from
+# iproute2), each running its own sshd from openssh-server (the tests start those; where
+# an init system runs, the package also starts the distribution's ssh service), reached
+# with ssh (openssh-client).
+command -v ip >/dev/null || need_apt+=(iproute2)
+[ -x /usr/sbin/sshd ] || need_apt+=(openssh-server)
+command -v ssh >/dev/null || need_apt+=(openssh-client)
 if [ ${#need_apt[@]} -gt 0 ]; then
 	echo "bootstrap: installing ${need_apt[*]} with apt-get"
 	export DEBIAN_FRONTEND=noninteractive

@@ -13,6 +13,7 @@ failed, 1 something failed, 2 every failure is worth a retry (a busy agent).
 from __future__ import annotations
 
 import os
+from collections.abc import Collection
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -111,9 +112,13 @@ def exe_facts(pid: int, identity: bool = False) -> _Exe:
 
 
 def _select(
-    agents: list[AgentSocket], facts: dict[int, _Exe], exe: str | None, build_id: str | None
+    agents: list[AgentSocket],
+    facts: dict[int, _Exe],
+    exe: str | None,
+    build_id: str | None,
+    pids: Collection[int] | None = None,
 ) -> list[AgentSocket]:
-    out = agents
+    out = agents if pids is None else [a for a in agents if a.pid in pids]
     if exe is not None:
         try:
             want = os.stat(exe)
@@ -206,16 +211,17 @@ def apply_all(
     *,
     exe: str | None = None,
     build_id: str | None = None,
+    pids: Collection[int] | None = None,
     rollback: bool = False,
     timeout: float = 10.0,
 ) -> list[Outcome]:
     """Applies ``pf`` to every agent whose executable has the patch's build-id (narrowed
-    by ``exe``/``build_id``); others are skipped. With ``rollback``, a failure anywhere
-    removes the patch again from every process this call applied it to."""
+    by ``exe``/``build_id``/``pids``); others are skipped. With ``rollback``, a failure
+    anywhere removes the patch again from every process this call applied it to."""
     want = pf.patch.build_id.hex()
     found, facts = _agents()
     skipped, targets = [], []
-    for a in _select(found, facts, exe, build_id):
+    for a in _select(found, facts, exe, build_id, pids):
         have = facts[a.pid].build_id
         if have and have != want:
             reason = f"runs build-id {have}; the patch is for {want}"
@@ -258,13 +264,18 @@ def _remove_request(name: str) -> tuple[Msg, bytes]:
 
 
 def remove_all(
-    name: str, *, exe: str | None = None, build_id: str | None = None, timeout: float = 10.0
+    name: str,
+    *,
+    exe: str | None = None,
+    build_id: str | None = None,
+    pids: Collection[int] | None = None,
+    timeout: float = 10.0,
 ) -> list[Outcome]:
-    """Removes patch ``name`` from every agent that has it (narrowed by ``exe`` or
-    ``build_id``); agents without it are skipped."""
+    """Removes patch ``name`` from every agent that has it (narrowed by ``exe``,
+    ``build_id`` or ``pids``); agents without it are skipped."""
     found, facts = _agents()
     done = _batch(
-        _select(found, facts, exe, build_id),
+        _select(found, facts, exe, build_id, pids),
         facts,
         _remove_request(name),
         "removed",

@@ -1,0 +1,170 @@
+"""Fixtures of the Ansible tier (`-m ansible`): three managed hosts on this machine (network,
+PID and mount namespaces, each with its own sshd: fleet.py), the patchbox wheel installed
+into a virtualenv that is their ``ansible_python_interpreter``, the collection built and
+installed with ansible-galaxy, and real target processes on every host."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from controller import Controller
+from elftools.elf.elffile import ELFFile
+from fleet import Fleet, HostTarget
+
+from helpers import BIN, ROOT, compile_c, run_tool
+
+sys.path.append(str(ROOT / "tests" / "e2e"))
+from live import render  # noqa: E402  (the e2e target program, shared)
+
+HOSTS = 3
+TARGETS_PER_HOST = 2
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # Building the wheel and the sanity virtualenvs counts against the test that pays for it.
+    for item in items:
+        if "ansible" in item.keywords:
+            item.add_marker(pytest.mark.timeout(900))
+
+
+def _missing() -> str:
+    if os.geteuid() != 0:
+        return "needs root (network and PID namespaces, sshd)"
+    for tool in ("ip", "nsenter", "unshare", "ssh", "ssh-keygen", "/usr/sbin/sshd"):
+        if shutil.which(tool) is None:
+            return f"needs {tool} (scripts/bootstrap.sh installs openssh-server and iproute2)"
+    return ""
+
+
+@pytest.fixture(scope="session")
+def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    why = _missing()
+    if why:
+        pytest.skip(why)
+    return tmp_path_factory.mktemp("ansible")
+
+
+@pytest.fixture(scope="session")
+def host_python(base: Path) -> Path:
+    """Returns the Python of a virtualenv with the patchbox wheel installed, built as
+    tests/packaging/test_wheel.py builds it: what an operator deploys on the hosts."""
+    dist = base / "dist"
+    proc = subprocess.run(
+        [sys.executable, "-m", "build", "--wheel", "-o", str(dist), str(ROOT)],
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (wheel,) = dist.glob("*.whl")
+    venv = base / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    proc = subprocess.run(
+        [str(venv / "bin" / "pip"), "install", "-q", "--disable-pip-version-check", str(wheel)],
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return venv / "bin" / "python"
+
+
+@pytest.fixture(scope="session")
+def collections(base: Path) -> Path:
+    """Returns the collections path after `ansible-galaxy collection build ansible/` and
+    `ansible-galaxy collection install` of the tarball."""
+    out = base / "galaxy"
+    out.mkdir()
+    env = {**os.environ, "ANSIBLE_HOME": str(base / "ansible-home")}
+    build = subprocess.run(
+        [str(BIN / "ansible-galaxy"), "collection", "build", str(ROOT / "ansible"), "--output-path"]
+        + [str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        stdin=subprocess.DEVNULL,
+    )
+    assert build.returncode == 0, build.stdout + build.stderr
+    (tarball,) = out.glob("patchbox-live-*.tar.gz")
+    path = base / "collections"
+    install = subprocess.run(
+        [str(BIN / "ansible-galaxy"), "collection", "install", "-p", str(path), str(tarball)],
+        capture_output=True,
+        text=True,
+        env=env,
+        stdin=subprocess.DEVNULL,
+    )
+    assert install.returncode == 0, install.stdout + install.stderr
+    assert (path / "ansible_collections" / "patchbox" / "live" / "MANIFEST.json").is_file()
+    return path
+
+
+@pytest.fixture(scope="module")
+def fleet(base: Path, host_python: Path, collections: Path) -> Iterator[Controller]:
+    """Yields the controller of three running managed hosts; removes them after the test
+    module (no host outlives the tier), also when a test failed."""
+    f = Fleet(base, HOSTS)
+    ctl = Controller(base, f, host_python, collections)
+    ctl.make_keys()
+    try:
+        f.setup(ctl.authorized_keys)
+        ctl.configure()
+        ping = ctl.adhoc("fleet", "ansible.builtin.ping")
+        assert ping.rc == 0, ping.output
+        yield ctl
+    finally:
+        f.teardown()
+
+
+@pytest.fixture(scope="session")
+def program(base: Path) -> dict[str, object]:
+    """Builds the target program (with the agent) and its patch."""
+    d = base / "build"
+    (d / "fixed").mkdir(parents=True)
+    exe = compile_c(render(), d / "target", agent=True)
+    obj = compile_c(render(USE_HELPER="scale(x) + 2"), d / "fixed" / "target.o", obj=True)
+    pbx = d / "helper.pbx"
+    run_tool("extract-patch", "--function", "use_helper", "--name", "helper", "-o", pbx, obj, exe)
+    with open(exe, "rb") as f:
+        note = next(ELFFile(f).get_section_by_name(".note.gnu.build-id").iter_notes())
+    return {"exe": exe, "patch": pbx, "build_id": note["n_desc"]}
+
+
+@pytest.fixture(scope="module")
+def builds(program: dict[str, object], fleet: Controller) -> dict[str, object]:
+    """Returns the program's facts after installing it on every host (same path, same
+    build-id: one fleet, one package version); ``exe`` is its path on the hosts."""
+    exe = program["exe"]
+    assert isinstance(exe, Path)
+    return {**program, "exe": fleet.fleet.install_app(exe)}
+
+
+@pytest.fixture()
+def targets(fleet: Controller, builds: dict[str, object]) -> Iterator[dict[str, list[HostTarget]]]:
+    """Yields {host name: its running targets}; every host gets fresh ones and an empty
+    store and scratch directory. Fails the test if a target died during it."""
+    for h in fleet.fleet.hosts:
+        for d in (h.store, h.scratch):
+            for p in d.iterdir():
+                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+        # Sockets (and logs) of earlier targets: pids start again in a new PID namespace.
+        for p in h.app_dir.glob("sandbox-sock*"):
+            p.unlink()
+    exe = builds["exe"]
+    assert isinstance(exe, Path)
+    started = {
+        h.name: [HostTarget(h, exe).start() for _ in range(TARGETS_PER_HOST)]
+        for h in fleet.fleet.hosts
+    }
+    yield started
+    dead = [f"{t.host.name}:{t.pid}" for ts in started.values() for t in ts if not t.alive()]
+    for ts in started.values():
+        for t in ts:
+            t.stop()
+    assert not dead, f"targets died during the test: {dead}"

@@ -1,0 +1,198 @@
+"""Modules patchbox.live.patch and patch_info over ssh on three managed hosts (tier
+`ansible`). Every host runs its own target processes; their answers are read before and
+after, so the tests see behaviour change, not only module output."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from controller import Controller
+from elftools.elf.elffile import ELFFile
+from fleet import HostTarget
+
+pytestmark = pytest.mark.ansible
+
+BEFORE, AFTER = "41", "42"  # use_helper(4) unpatched, patched
+REMOTE_PATCH = "/var/tmp/helper.pbx"
+
+
+def answers(targets: dict[str, list[HostTarget]]) -> dict[str, list[str]]:
+    return {h: [t.call("use_helper", 4) for t in ts] for h, ts in targets.items()}
+
+
+def everywhere(value: str, targets: dict[str, list[HostTarget]]) -> dict[str, list[str]]:
+    return {h: [value] * len(ts) for h, ts in targets.items()}
+
+
+def put_patch(fleet: Controller, patch: Path) -> None:
+    """Puts the patch file at REMOTE_PATCH on every host (its /var/tmp)."""
+    for h in fleet.fleet.hosts:
+        shutil.copy(patch, h.scratch / Path(REMOTE_PATCH).name)
+
+
+def by_pid(result: dict) -> dict[int, dict]:
+    return {p["pid"]: p for p in result["processes"]}
+
+
+def test_patch_info_reports_each_hosts_own_processes(fleet, builds, targets) -> None:
+    info = fleet.adhoc("fleet", "patchbox.live.patch_info")
+    assert info.rc == 0, info.output
+    for h, ts in targets.items():
+        r = info[h]
+        assert r["changed"] is False
+        # Its own PID namespace: exactly this host's targets, with the host's pids.
+        assert sorted(p["pid"] for p in r["processes"]) == sorted(t.pid for t in ts)
+        for p in r["processes"]:
+            assert p["build_id"] == builds["build_id"]
+            assert p["exe"] == str(builds["exe"])
+            assert p["patches"] == [] and p["installed"] == [] and p["error"] == ""
+        assert r["ansible_facts"]["patchbox_processes"] == r["processes"]
+        assert r["installed"] == [] and r["store"] == "/var/lib/patchbox"
+
+
+def test_check_mode_predicts_and_touches_nothing(fleet, builds, targets) -> None:
+    put_patch(fleet, builds["patch"])
+    check = fleet.adhoc("fleet", "patchbox.live.patch", {"src": REMOTE_PATCH}, check=True)
+    assert check.rc == 0, check.output
+    for h, ts in targets.items():
+        r = check[h]
+        assert r["changed"] is True
+        assert {p["pid"] for p in r["processes"]} == {t.pid for t in ts}
+        assert {p["result"] for p in r["processes"]} == {"applied"}
+        assert all(p["reason"].startswith("check mode") for p in r["processes"])
+    assert answers(targets) == everywhere(BEFORE, targets)
+    info = fleet.adhoc("fleet", "patchbox.live.patch_info")
+    assert all(p["patches"] == [] for r in info.results.values() for p in r["processes"])
+    # installed in check mode: the store stays empty.
+    check = fleet.adhoc(
+        "h1", "patchbox.live.patch", {"src": REMOTE_PATCH, "state": "installed"}, check=True
+    )
+    assert check.rc == 0 and check["h1"]["store"]["changed"] is True, check.output
+    assert list(fleet.fleet.host("h1").store.iterdir()) == []
+
+
+def test_present_is_idempotent_and_absent_restores(fleet, builds, targets) -> None:
+    put_patch(fleet, builds["patch"])
+    first = fleet.adhoc("fleet", "patchbox.live.patch", {"src": REMOTE_PATCH})
+    assert first.rc == 0, first.output
+    for h, ts in targets.items():
+        r = first[h]
+        assert r["changed"] is True and r["summary"]["applied"] == len(ts)
+        assert {p["result"] for p in r["processes"]} == {"applied"}
+        assert r["patch"]["name"] == "helper" and r["patch"]["build_id"] == builds["build_id"]
+    assert answers(targets) == everywhere(AFTER, targets)
+
+    second = fleet.adhoc("fleet", "patchbox.live.patch", {"src": REMOTE_PATCH})
+    assert second.rc == 0, second.output
+    for r in second.results.values():
+        assert r["changed"] is False
+        assert {(p["result"], p["reason"]) for p in r["processes"]} == {
+            ("skipped", "helper is already applied")
+        }
+    # Check mode after the fact predicts no change either.
+    check = fleet.adhoc("fleet", "patchbox.live.patch", {"src": REMOTE_PATCH}, check=True)
+    assert all(r["changed"] is False for r in check.results.values()), check.output
+
+    gone = fleet.adhoc("fleet", "patchbox.live.patch", {"src": REMOTE_PATCH, "state": "absent"})
+    assert gone.rc == 0, gone.output
+    assert all(r["changed"] is True for r in gone.results.values())
+    assert answers(targets) == everywhere(BEFORE, targets)
+    again = fleet.adhoc("fleet", "patchbox.live.patch", {"name": "helper", "state": "absent"})
+    assert again.rc == 0 and all(r["changed"] is False for r in again.results.values())
+
+
+def test_pids_narrow_to_those_processes(fleet, builds, targets) -> None:
+    put_patch(fleet, builds["patch"])
+    one, other = targets["h1"]
+    r = fleet.adhoc("h1", "patchbox.live.patch", {"src": REMOTE_PATCH, "pids": [one.pid]})
+    assert r.rc == 0, r.output
+    assert [(p["pid"], p["result"]) for p in r["h1"]["processes"]] == [(one.pid, "applied")]
+    assert one.call("use_helper", 4) == AFTER and other.call("use_helper", 4) == BEFORE
+    back = fleet.adhoc("h1", "patchbox.live.patch", {"name": "helper", "state": "absent"})
+    assert back.rc == 0 and by_pid(back["h1"])[one.pid]["result"] == "removed", back.output
+    assert by_pid(back["h1"])[other.pid]["result"] == "skipped"
+
+
+def corrupt_padding(t: HostTarget, exe: Path) -> None:
+    """Changes one padding byte of use_helper in the running process, so that its bytes
+    differ from what the patch expects (the agent refuses with EXPECTED_MISMATCH)."""
+    with open(exe, "rb") as f:
+        sym = ELFFile(f).get_section_by_name(".symtab").get_symbol_by_name("use_helper")[0]
+    pid = t.host_pid
+    with open(f"/proc/{pid}/maps") as maps:
+        bias = min(
+            int(line.split("-")[0], 16) for line in maps if line.rstrip().endswith("/target")
+        )
+    with open(f"/proc/{pid}/mem", "r+b") as mem:
+        mem.seek(bias + sym["st_value"] - 6)
+        mem.write(b"\xcc")
+
+
+def test_failure_carries_the_agents_reason(fleet, builds, targets) -> None:
+    put_patch(fleet, builds["patch"])
+    bad, good = targets["h2"]
+    corrupt_padding(bad, fleet.fleet.host("h2").app_dir / "target")
+    r = fleet.adhoc("fleet", "patchbox.live.patch", {"src": REMOTE_PATCH})
+    assert r.rc == 2, r.output  # a host failed
+    h2 = r["h2"]  # (the tree callback leaves "failed" out of what it writes)
+    assert f"pid {bad.pid}" in h2["msg"] and "EXPECTED_MISMATCH" in h2["msg"], h2["msg"]
+    rows = by_pid(h2)
+    assert rows[bad.pid]["result"] == "failed" and rows[good.pid]["result"] == "applied"
+    assert r["h1"]["summary"]["applied"] == 2 and r["h3"]["summary"]["applied"] == 2
+    assert bad.call("use_helper", 4) == BEFORE and good.call("use_helper", 4) == AFTER
+    # With rollback, one refusal leaves every process of the host as it was.
+    back = fleet.adhoc("h2", "patchbox.live.patch", {"name": "helper", "state": "absent"})
+    assert back.rc == 0, back.output
+    r = fleet.adhoc("h2", "patchbox.live.patch", {"src": REMOTE_PATCH, "rollback": True})
+    assert r.rc == 2 and by_pid(r["h2"])[good.pid]["result"] == "removed", r.output
+    assert "rolled back" in by_pid(r["h2"])[good.pid]["reason"]
+    assert good.call("use_helper", 4) == BEFORE
+
+
+def test_installed_goes_into_that_hosts_store(fleet, builds, targets) -> None:
+    put_patch(fleet, builds["patch"])
+    args = {"src": REMOTE_PATCH, "state": "installed"}
+    first = fleet.adhoc("h1", "patchbox.live.patch", args)
+    assert first.rc == 0, first.output
+    store = first["h1"]["store"]
+    assert store["changed"] is True and store["entry"]["name"] == "helper"
+    h1, h2 = fleet.fleet.host("h1"), fleet.fleet.host("h2")
+    (stored,) = (h1.store / builds["build_id"]).glob("*-helper.pbx")
+    assert stored.read_bytes() == builds["patch"].read_bytes()
+    assert list(h2.store.iterdir()) == []  # another host's store
+    assert [t.call("use_helper", 4) for t in targets["h1"]] == [AFTER, AFTER]
+    assert [t.call("use_helper", 4) for t in targets["h2"]] == [BEFORE, BEFORE]
+
+    second = fleet.adhoc("h1", "patchbox.live.patch", args)
+    assert second.rc == 0 and second["h1"]["changed"] is False, second.output
+    info = fleet.adhoc("h1", "patchbox.live.patch_info")["h1"]
+    assert [e["name"] for e in info["installed"]] == ["helper"]
+    assert all(p["installed"] == ["helper"] for p in info["processes"])
+
+    gone = fleet.adhoc("h1", "patchbox.live.patch", {"src": REMOTE_PATCH, "state": "absent"})
+    assert gone.rc == 0 and gone["h1"]["store"]["changed"] is True, gone.output
+    assert list((h1.store / builds["build_id"]).iterdir()) == []
+    assert [t.call("use_helper", 4) for t in targets["h1"]] == [BEFORE, BEFORE]
+
+
+def test_trust_rule_holds(fleet, builds, targets) -> None:
+    put_patch(fleet, builds["patch"])
+    (fleet.fleet.host("h3").scratch / "keys").mkdir()  # a trust directory with no key
+    r = fleet.adhoc(
+        "h3", "patchbox.live.patch", {"src": REMOTE_PATCH, "trust_dir": "/var/tmp/keys"}
+    )
+    assert r.rc == 2 and r["h3"]["changed"] is False, r.output
+    assert "signed" in r["h3"]["msg"], r["h3"]["msg"]
+    assert [t.call("use_helper", 4) for t in targets["h3"]] == [BEFORE, BEFORE]
+
+
+def test_missing_patchbox_is_reported(fleet, targets) -> None:
+    r = fleet.adhoc(
+        "h1",
+        "patchbox.live.patch_info",
+        extra=["-e", "ansible_python_interpreter=/usr/bin/python3"],
+    )
+    assert r.rc == 2 and "patchbox" in r["h1"]["msg"], r.output
+    assert "ansible_python_interpreter" in r["h1"]["msg"]

@@ -1,0 +1,148 @@
+"""Playbook patchbox.live.rollout over three managed hosts (tier `ansible`): canaries first,
+a health check per host, rollback where it fails, the rollout stopped past the failure
+threshold, and the report on the controller. The targets' answers show what each host's
+processes run afterwards."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from controller import Controller
+from fleet import HostTarget
+
+pytestmark = pytest.mark.ansible
+
+BEFORE, AFTER = "41", "42"  # use_helper(4) unpatched, patched
+HEALTH = "test ! -e /var/tmp/unhealthy"  # a host's check fails while this file exists
+
+
+def answers(targets: dict[str, list[HostTarget]]) -> dict[str, list[str]]:
+    return {h: [t.call("use_helper", 4) for t in ts] for h, ts in targets.items()}
+
+
+def rollout(fleet: Controller, builds, *args: str, **variables: object) -> tuple[int, dict, str]:
+    """Runs the collection's rollout playbook; returns its exit status, the JSON report
+    and the table report."""
+    report = fleet.base / "report"
+    for f in ("rollout.json", "rollout.txt"):
+        (report / f).unlink(missing_ok=True)
+    extra = {
+        "patchbox_patch": str(builds["patch"]),
+        "patchbox_report_dir": str(report),
+        "patchbox_health_command": HEALTH,
+        **variables,
+    }
+    proc = fleet.playbook("patchbox.live.rollout", extra, *args)
+    out = proc.stdout + proc.stderr
+    assert (report / "rollout.json").is_file(), out
+    return proc.returncode, json.loads((report / "rollout.json").read_text()), out
+
+
+def test_rollout_over_all_hosts_then_again(fleet, builds, targets) -> None:
+    rc, report, out = rollout(fleet, builds, patchbox_serial=[1, "100%"])
+    assert rc == 0, out
+    assert answers(targets) == {h: [AFTER] * len(ts) for h, ts in targets.items()}
+    assert report["rollout"] == "finished" and report["check_mode"] is False
+    assert report["patch"] == "helper.pbx" and report["last_batch"] == ["h2", "h3"]
+    for h, ts in targets.items():
+        r = report["hosts"][h]
+        assert r["status"] == "patched" and r["changed"] is True
+        assert sorted((p["pid"], p["result"]) for p in r["processes"]) == sorted(
+            (t.pid, "applied") for t in ts
+        )
+        assert str(r["health"]["rc"]) == "0"
+        levels = report["patch_levels"][h]
+        assert sorted(p["pid"] for p in levels) == sorted(t.pid for t in ts)
+        assert all(p["patches"] == ["helper"] for p in levels)
+        # The patch was copied to each host (its own /var/tmp).
+        copied = fleet.fleet.host(h).scratch / "patchbox" / "helper.pbx"
+        assert copied.read_bytes() == builds["patch"].read_bytes()
+    # Canary first: h1 alone, then the rest.
+    assert out.index("[h1]") < out.index("[h2]")
+    table = (fleet.base / "report" / "rollout.txt").read_text()
+    assert "rollout of helper.pbx (state present): finished" in table
+    for h, ts in targets.items():
+        assert any(line.split()[:2] == [h, "patched"] for line in table.splitlines())
+        for t in ts:
+            assert any(line.split()[:3] == [h, str(t.pid), "helper"] for line in table.splitlines())
+
+    # Idempotent: nothing changes the second time, every process is skipped.
+    rc, report, out = rollout(fleet, builds, patchbox_serial=[1, "100%"])
+    assert rc == 0, out
+    for h in targets:
+        r = report["hosts"][h]
+        assert r["status"] == "patched" and r["changed"] is False
+        assert {p["result"] for p in r["processes"]} == {"skipped"}
+    assert answers(targets) == {h: [AFTER] * len(ts) for h, ts in targets.items()}
+
+
+def test_rollout_check_mode_touches_no_process(fleet, builds, targets) -> None:
+    rc, report, out = rollout(fleet, builds, "--check", patchbox_serial=[1, "100%"])
+    assert rc == 0, out
+    assert report["check_mode"] is True and report["rollout"] == "finished"
+    for h in targets:
+        r = report["hosts"][h]
+        assert r["status"] == "checked" and r["changed"] is True
+        assert {p["result"] for p in r["processes"]} == {"applied"}
+        assert all(p["reason"].startswith("check mode") for p in r["processes"])
+        assert all(p["patches"] == [] for p in report["patch_levels"][h])
+    assert answers(targets) == {h: [BEFORE] * len(ts) for h, ts in targets.items()}
+
+
+def test_failed_health_check_rolls_back_and_stops(fleet, builds, targets) -> None:
+    h1, h2, h3 = fleet.fleet.hosts
+    (h2.scratch / "unhealthy").touch()
+    rc, report, out = rollout(fleet, builds, patchbox_serial=[1], patchbox_max_fail_percentage=0)
+    assert rc == 2, out  # failed hosts
+    got = answers(targets)
+    assert got["h1"] == [AFTER, AFTER]  # the canary passed and keeps the patch
+    assert got["h2"] == [BEFORE, BEFORE]  # patched, check failed, removed again
+    assert got["h3"] == [BEFORE, BEFORE]  # never reached
+    assert not (h3.scratch / "patchbox").exists()  # not even the file was copied there
+    assert report["rollout"] == "stopped" and report["last_batch"] == ["h2"]
+    hosts = report["hosts"]
+    assert hosts["h1"]["status"] == "patched"
+    assert hosts["h2"]["status"] == "rolled back"
+    assert hosts["h2"]["step"] == "Run the health check command"
+    assert {p["result"] for p in hosts["h2"]["processes"]} == {"applied"}
+    assert sorted((p["pid"], p["result"]) for p in hosts["h2"]["rollback"]) == sorted(
+        (t.pid, "removed") for t in targets["h2"]
+    )
+    assert hosts["h3"]["status"] == "not reached"
+    assert all(p["patches"] == [] for p in report["patch_levels"]["h2"])
+    table = (fleet.base / "report" / "rollout.txt").read_text()
+    assert ": stopped" in table
+    assert any(line.split()[:3] == ["h2", "rolled", "back"] for line in table.splitlines())
+    assert any(line.split()[:3] == ["h3", "not", "reached"] for line in table.splitlines())
+
+
+def test_failure_rate_within_threshold_goes_on(fleet, builds, targets) -> None:
+    h1, h2, h3 = fleet.fleet.hosts
+    (h2.scratch / "unhealthy").touch()
+    # Batches [h1, h2] then [h3]: one failure in two is 50 %, not more than 50 %.
+    rc, report, out = rollout(
+        fleet, builds, patchbox_serial=[2, 1], patchbox_max_fail_percentage=50
+    )
+    assert rc == 2, out  # h2 failed, but the rollout went on
+    got = answers(targets)
+    assert got == {"h1": [AFTER] * 2, "h2": [BEFORE] * 2, "h3": [AFTER] * 2}
+    assert report["rollout"] == "finished"
+    assert [report["hosts"][h]["status"] for h in ("h1", "h2", "h3")] == [
+        "patched",
+        "rolled back",
+        "patched",
+    ]
+
+
+def test_installed_rollout_rolls_back_the_store_too(fleet, builds, targets) -> None:
+    h1, h2, h3 = fleet.fleet.hosts
+    (h1.scratch / "unhealthy").touch()  # the canary fails: nothing else is touched
+    rc, report, out = rollout(fleet, builds, patchbox_state="installed", patchbox_serial=[1])
+    assert rc == 2, out
+    assert report["rollout"] == "stopped" and report["hosts"]["h1"]["status"] == "rolled back"
+    assert answers(targets) == {h: [BEFORE] * len(ts) for h, ts in targets.items()}
+    bid = builds["build_id"]
+    assert list((h1.store / bid).glob("*.pbx")) == []  # installed, then uninstalled
+    assert not (h2.store / bid).exists() and not (h3.store / bid).exists()
+    assert [report["hosts"][h]["status"] for h in ("h2", "h3")] == ["not reached"] * 2
