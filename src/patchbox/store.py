@@ -1,6 +1,6 @@
 """The patch store: patches installed for processes that start later.
 
-Layout (docs/store.md)::
+Layout (docs/host.md, "The patch store")::
 
     STORE/                        /var/lib/patchbox, or $PATCHBOX_STORE
       <build-id hex>/             one directory per target build
