@@ -25,10 +25,6 @@ description:
     its keys are applied or installed.
 author:
   - patchbox developers (!UNKNOWN)
-requirements:
-  - The patchbox wheel installed into the Python that runs the module on the managed host
-    (set C(ansible_python_interpreter) to it).
-  - Root on the managed host, or the user that owns the target processes.
 options:
   src:
     description:
@@ -68,37 +64,27 @@ options:
         C(removed).
     type: bool
     default: false
-  store:
-    description:
-      - The patch store directory. Default C($PATCHBOX_STORE), else C(/var/lib/patchbox).
-    type: path
   trust_dir:
     description:
       - Directory of trusted public keys (C(*.pub)). When given it must exist. Default
         C($PATCHBOX_TRUST_DIR), else C(/etc/patchbox/trusted-keys) when it exists.
     type: path
-  timeout:
-    description:
-      - Seconds to wait for each agent to connect and answer.
-    type: float
-    default: 10.0
+extends_documentation_fragment:
+  - ansible.builtin.action_common_attributes
+  - patchbox.live.agents
 attributes:
   check_mode:
-    description:
-      - Can run in check_mode and return changed status prediction without modifying target.
     support: full
     details:
       - Asks every agent for its patches (the same questions as C(patchbox ps)) and reports
         what would be applied or removed; nothing is sent that changes a process, and the
         store is not written.
   diff_mode:
-    description:
-      - Will return details on what has changed (or possibly needs changing in check_mode),
-        when in diff mode.
     support: none
-notes:
-  - A host whose processes run in several PID namespaces (containers) lists them with the
-    pids of the namespace the module runs in.
+  platform:
+    platforms: posix
+    details:
+      - Linux only (the agent reads C(/proc)).
 seealso:
   - module: patchbox.live.patch_info
 """

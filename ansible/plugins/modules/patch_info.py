@@ -17,39 +17,28 @@ description:
   - Changes nothing.
 author:
   - patchbox developers (!UNKNOWN)
-requirements:
-  - The patchbox wheel installed into the Python that runs the module on the managed host
-    (set C(ansible_python_interpreter) to it).
-  - Root on the managed host, or the user that owns the target processes.
 options:
   pids:
     description:
       - Only these processes (pids as the managed host sees them).
     type: list
     elements: int
-  store:
-    description:
-      - The patch store directory. Default C($PATCHBOX_STORE), else C(/var/lib/patchbox).
-    type: path
-  timeout:
-    description:
-      - Seconds to wait for each agent to connect and answer.
-    type: float
-    default: 10.0
+extends_documentation_fragment:
+  - ansible.builtin.action_common_attributes
+  - ansible.builtin.action_common_attributes.facts
+  - patchbox.live.agents
 attributes:
   check_mode:
-    description:
-      - Can run in check_mode and return changed status prediction without modifying target.
     support: full
     details:
       - Reads only; the same in check mode.
   diff_mode:
-    description:
-      - Will return details on what has changed (or possibly needs changing in check_mode),
-        when in diff mode.
     support: none
+  platform:
+    platforms: posix
+    details:
+      - Linux only (the agent reads C(/proc)).
   facts:
-    description: Action returns an C(ansible_facts) dictionary that will update existing host facts.
     support: full
 seealso:
   - module: patchbox.live.patch

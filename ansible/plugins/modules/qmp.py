@@ -49,18 +49,17 @@ options:
       - Seconds to wait for the socket and for each answer.
     type: float
     default: 10.0
+extends_documentation_fragment:
+  - ansible.builtin.action_common_attributes
 attributes:
   check_mode:
-    description:
-      - Can run in check_mode and return changed status prediction without modifying target.
     support: partial
     details:
       - Runs O(command) when O(read_only) is true, else reports it as skipped.
   diff_mode:
-    description:
-      - Will return details on what has changed (or possibly needs changing in check_mode),
-        when in diff mode.
     support: none
+  platform:
+    platforms: posix
 """
 
 EXAMPLES = r"""
