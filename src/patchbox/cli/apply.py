@@ -5,7 +5,13 @@ from __future__ import annotations
 import click
 
 from patchbox import policy, signing
-from patchbox.cli.common import emit_json, json_option, open_client, target_options
+from patchbox.cli.common import (
+    emit_json,
+    json_option,
+    open_client,
+    target_options,
+    trust_dir_option,
+)
 from patchbox.cli.fleet import all_options, report
 from patchbox.format.layout import read_patch_file
 from patchbox.host.ops import apply_all
@@ -16,14 +22,7 @@ __all__ = ["apply_command"]
 @click.command("apply")
 @target_options
 @json_option
-@click.option(
-    "--trust-dir",
-    metavar="DIR",
-    type=click.Path(file_okay=False),
-    help="Directory of trusted public keys (*.pub) [$PATCHBOX_TRUST_DIR, default "
-    f"{signing.DEFAULT_TRUST_DIR}]; when it exists, only patches signed by one "
-    "of them are applied.",
-)
+@trust_dir_option
 @all_options
 @click.option(
     "--rollback-on-failure",

@@ -8,9 +8,17 @@ from typing import Any, TypeVar
 
 import click
 
+from patchbox import signing
 from patchbox.protocol.client import DEFAULT_TIMEOUT, Client
 
-__all__ = ["target_options", "json_option", "open_client", "client_pid", "emit_json"]
+__all__ = [
+    "target_options",
+    "json_option",
+    "trust_dir_option",
+    "open_client",
+    "client_pid",
+    "emit_json",
+]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -40,6 +48,18 @@ def target_options(func: F) -> F:
 def json_option(func: F) -> F:
     """Adds ``--json`` (machine-readable output on stdout)."""
     return click.option("--json", "as_json", is_flag=True, help="Print JSON.")(func)
+
+
+def trust_dir_option(func: F) -> F:
+    """Adds ``--trust-dir DIR``: where the trusted public keys of the trust rule are."""
+    return click.option(
+        "--trust-dir",
+        metavar="DIR",
+        type=click.Path(file_okay=False),
+        help="Directory of trusted public keys (*.pub) [$PATCHBOX_TRUST_DIR, default "
+        f"{signing.DEFAULT_TRUST_DIR}]; when it exists, only patches signed by one "
+        "of them are accepted.",
+    )(func)
 
 
 def open_client(pid: int | None, socket_path: str | None) -> Client:

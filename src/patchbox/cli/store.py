@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from patchbox import signing, store
-from patchbox.cli.common import emit_json, json_option
+from patchbox.cli.common import emit_json, json_option, trust_dir_option
 from patchbox.cli.fleet import report
 from patchbox.host.ops import apply_all
 
@@ -17,12 +17,7 @@ _STORE_HELP = f"Patch store [$PATCHBOX_STORE, default {store.DEFAULT_STORE}]."
 @click.command("install")
 @json_option
 @click.option("--store", "root", metavar="DIR", help=_STORE_HELP)
-@click.option(
-    "--trust-dir",
-    metavar="DIR",
-    type=click.Path(file_okay=False),
-    help="Directory of trusted public keys (as for apply).",
-)
+@trust_dir_option
 @click.option(
     "--apply",
     "also_apply",
