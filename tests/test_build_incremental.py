@@ -112,6 +112,32 @@ def test_header_change_recompiles_includers(tmp_path: Path) -> None:
     assert {p: p.read_bytes() for p in before} == before  # nothing of src/ or build/ written
 
 
+def test_changed_header_reached_through_dotdot(tmp_path: Path) -> None:
+    """inc/sub/h.h includes "../common.h": through the mirror's symlink to the original
+    inc/sub, `..` is the original inc/. The dependency check sees the original read and
+    the objects are compiled again from a whole mirror."""
+    src, build, exe = layout(tmp_path)
+    (src / "inc" / "sub").mkdir()
+    (src / "inc" / "sub" / "h.h").write_text('#include "../common.h"\n')
+    (src / "a.c").write_text(A.replace('"common.h"', '"sub/h.h"'))
+    entries = json.loads((build / "compile_commands.json").read_text())
+    subprocess.run(shlex.split(entries[0]["command"]), cwd=build, check=True)
+    diff = tmp_path / "fix.patch"
+    diff.write_text(diff_of(src, "inc/common.h", "#define SCALE 3", "#define SCALE 4"))
+    with IncrementalBuild(src, build, exe, tmp_path / "work") as ws:
+        ws.copy_source()
+        assert (ws.tree / "inc").is_symlink()  # lazy: one symlink per top entry
+        level = ws.apply_diff(diff)
+        assert (ws.tree / "inc/sub").is_symlink() and not (ws.tree / "inc").is_symlink()
+        entries = ws.affected(ws.changed_files(diff.read_text(), level))
+        orig, patched = ws.compile(entries, 2)
+        assert any("symlinked directory" in n for n in ws.notes), ws.notes
+        assert not (ws.tree / "inc/sub").is_symlink()
+        diffs, _same = compare_trees(orig, patched, get_profile("generic").reporters)
+        got = {(d.rel, f) for d in diffs for f in d.functions}
+        assert ("prog.p/a.c.o", "a_fn") in got and ("prog.p/b.c.o", "b_fn") in got
+
+
 def test_source_change_cli(tmp_path: Path) -> None:
     src, build, exe = layout(tmp_path)
     diff = tmp_path / "fix.patch"

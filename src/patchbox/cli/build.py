@@ -231,11 +231,11 @@ def build_command(
         finally:
             for w in warnings:
                 click.echo(f"patchbox build: warning: {w}", err=True)
-    try:
-        save_patch(patch, out)
-    except OSError as err:
-        raise PatchboxError(f"cannot write {out}: {err.strerror}") from err
-    t_end = time.monotonic()
+        try:
+            save_patch(patch, out)
+        except OSError as err:
+            raise PatchboxError(f"cannot write {out}: {err.strerror}") from err
+        t_end = time.monotonic()  # before the workspace is removed
     fns = ", ".join(f.symbol for f in patch.functions)
     click.echo(
         f"wrote {out}: {len(patch.functions)} function(s) ({fns}) from "

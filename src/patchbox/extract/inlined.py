@@ -28,27 +28,33 @@ class _Replaced:
     source: str | None  # basename of the defining file for a static function, None: global
 
 
-def _replaced(members: list[Extractor]) -> tuple[list[_Replaced], dict[str, str]]:
-    """Returns the replaced functions of every member and the single-``.c``-file homes of
-    the global ones (so the DWARF walk can skip other compile units)."""
+def _replaced(members: list[Extractor]) -> list[_Replaced]:
+    """Returns the replaced functions of every member."""
     out: list[_Replaced] = []
-    homes: dict[str, str] = {}
     for m in members:
         src = os.path.basename(m.source) if m.source else None
-        globals_ = []
         for fn in m.names:
             sym = m.obj.get_function(fn)
             local = sym is not None and sym.is_local
             out.append(_Replaced(fn, src if local else None))
-            if not local:
-                globals_.append(fn)
+    return out
+
+
+def _homes(members: list[Extractor], replaced: list[_Replaced]) -> dict[str, str]:
+    """Returns the single-``.c``-file homes of the replaced global functions (so the DWARF
+    walk can skip other compile units): those declared only in their own ``.c`` file."""
+    homes: dict[str, str] = {}
+    global_names = {r.name for r in replaced if r.source is None}
+    for m in members:
+        src = os.path.basename(m.source) if m.source else None
+        globals_ = [fn for fn in m.names if fn in global_names]
         if globals_ and src:
             try:
                 found = dwarf.read_object_decls(m.obj.path).homes(globals_)
             except ElfError:
                 found = {}  # no shortcut: the full walk decides
             homes.update({fn: h for fn, h in found.items() if h == src})
-    return out, homes
+    return homes
 
 
 def _where(sites: list[InlineSite], counted: bool = False) -> str:
@@ -83,11 +89,12 @@ def check_inlined(
     over the binary is skipped (``inlined_check`` = ``objects``); it runs only when the
     binary was linked with LTO, whose compile units may inline across files.
     """
-    replaced, homes = _replaced(members)
+    replaced = _replaced(members)
     if not replaced:
         return {}
     if for_build and not dwarf.has_lto_units(binary.dwarf):
         return {"inlined_check": "objects"}
+    homes = _homes(members, replaced)
     names = " or ".join(dict.fromkeys(r.name for r in replaced))
     if not dwarf.has_debug_info(binary.dwarf):
         link = dwarf.debuglink(binary.elf)
