@@ -124,15 +124,17 @@ def _select(
             want = os.stat(exe)
         except OSError as err:
             raise PatchboxError(f"--exe {exe}: {err.strerror}") from err
-        out = [a for a in out if exe_facts(a.pid, identity=True).file == (want.st_dev, want.st_ino)]
+        out = [a for a in out if facts[a.pid].file == (want.st_dev, want.st_ino)]
     if build_id is not None:
         out = [a for a in out if facts[a.pid].build_id == build_id.lower()]
     return out
 
 
-def _agents() -> tuple[list[AgentSocket], dict[int, _Exe]]:
+def _agents(identity: bool = False) -> tuple[list[AgentSocket], dict[int, _Exe]]:
+    """Returns the agents of the host and what each runs (``identity``: with the file's
+    identity, for --exe)."""
     agents = iter_agent_sockets()
-    return agents, {a.pid: exe_facts(a.pid) for a in agents}
+    return agents, {a.pid: exe_facts(a.pid, identity) for a in agents}
 
 
 def sweep_agent_dirs(agents: list[AgentSocket]) -> list[Path]:
@@ -219,7 +221,7 @@ def apply_all(
     by ``exe``/``build_id``/``pids``); others are skipped. With ``rollback``, a failure
     anywhere removes the patch again from every process this call applied it to."""
     want = pf.patch.build_id.hex()
-    found, facts = _agents()
+    found, facts = _agents(identity=exe is not None)
     skipped, targets = [], []
     for a in _select(found, facts, exe, build_id, pids):
         have = facts[a.pid].build_id
@@ -273,7 +275,7 @@ def remove_all(
 ) -> list[Outcome]:
     """Removes patch ``name`` from every agent that has it (narrowed by ``exe``,
     ``build_id`` or ``pids``); agents without it are skipped."""
-    found, facts = _agents()
+    found, facts = _agents(identity=exe is not None)
     done = _batch(
         _select(found, facts, exe, build_id, pids),
         facts,

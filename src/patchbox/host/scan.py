@@ -133,8 +133,9 @@ def iter_agent_sockets(verify: bool = False) -> list[AgentSocket]:
         found += _agent_entries(text)
     out: list[AgentSocket] = []
     unplaced: list[tuple[int, UnixSocket]] = []
+    live = {int(n) for n in os.listdir("/proc") if n.isdigit()}  # one read, not a stat each
     for nspid, s in found:
-        if not os.path.exists(f"/proc/{nspid}") or (verify and not _holds(nspid, s.inode)):
+        if nspid not in live or (verify and not _holds(nspid, s.inode)):
             unplaced.append((nspid, s))
             continue
         out.append(AgentSocket(nspid, nspid, s.inode, s.path, *reach(nspid, s.path)))
