@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 from common import print_table  # also puts src/ on sys.path
-from patchbox.rebuild.incremental import IncrementalBuild, _deepen  # noqa: E402
+from patchbox.rebuild.incremental import IncrementalBuild  # noqa: E402
 
 BIN = Path(sys.executable).parent
 CACHE = Path(os.environ.get("PATCHBOX_QEMU_CACHE", "/var/cache/patchbox/qemu"))
@@ -82,7 +82,7 @@ def mirrors(src: Path, exe: Path, work: Path, diff: Path) -> tuple[float, float,
         ws.apply_diff(diff)
         lazy = time.perf_counter() - t0
         t0 = time.perf_counter()
-        _deepen(ws.tree, set())
+        ws.make_whole()
         whole = time.perf_counter() - t0
         links = sum(
             1

@@ -365,6 +365,10 @@ class IncrementalBuild(Workspace):
         _farm(self._spelled, str(self.tree), self._skip)
         self.link.symlink_to(self.tree)
 
+    def make_whole(self) -> None:
+        """Makes every directory of the lazy mirror a real one (a symlink per file)."""
+        _deepen(self.tree, self._skip)
+
     def apply_diff(self, diff: str | Path, strip: int | None = None) -> int:
         """Applies the diff to the mirror (after copying the files it names, at every
         strip level tried); returns the -p level used."""
@@ -460,7 +464,7 @@ class IncrementalBuild(Workspace):
                 f"not the patched copy): the mirror was made whole and the objects "
                 f"compiled again"
             )
-            _deepen(self.tree, self._skip)
+            self.make_whole()
             self._run(work, jobs)
             original = self._read_originals(work)
             if original:
