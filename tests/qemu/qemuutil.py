@@ -26,6 +26,17 @@ def fixed_object(qemu_exe: Path, tmp: Path, source: str, old: str, new: str) -> 
     return compile_fixed(qemu_exe.parent, source, fixed, tmp / (Path(source).stem + ".o"))
 
 
+def fixed_patch(
+    qemu_exe: Path, tmp: Path, source: str, old: str, new: str, function: str, name: str
+) -> Path:
+    """Returns patch ``tmp/NAME.pbx`` replacing ``function`` by its version in
+    :func:`fixed_object`'s object (`extract-patch --qemu`)."""
+    obj = fixed_object(qemu_exe, tmp, source, old, new)
+    pbx = tmp / f"{name}.pbx"
+    run(BIN / "extract-patch", "--qemu", "-f", function, "--name", name, "-o", pbx, obj, qemu_exe)
+    return pbx
+
+
 class Qemu:
     """``qemu-system-x86_64 -machine none`` with two QMP sockets (load, control)."""
 

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from qemuutil import BIN, fixed_object, run
+from qemuutil import BIN, fixed_patch, run
 from qmp import QMP
 
 from patchbox.protocol.discovery import discover
@@ -79,25 +79,14 @@ def test_qemu_daemonize_patched_by_pid(qemu_exe: Path, tmp_path: Path) -> None:
         info = json.loads(run(BIN / "patchbox", "info", "-p", pid, "--json").stdout)
         assert info["pid"] == str(pid) and info["socket"] == str(sock_dir / f"sandbox-sock{pid}")
 
-        obj = fixed_object(
+        pbx = fixed_patch(
             qemu_exe,
             tmp_path,
             "monitor/qmp-cmds-control.c",
             "info->package = g_strdup(QEMU_PKGVERSION);",
             f'info->package = g_strdup("{MARK}");',
-        )
-        pbx = tmp_path / "version.pbx"
-        run(
-            BIN / "extract-patch",
-            "--qemu",
-            "--function",
             "qmp_query_version",
-            "--name",
             "version",
-            "-o",
-            pbx,
-            obj,
-            qemu_exe,
         )
         run(BIN / "patchbox", "apply", "-p", pid, pbx)
         assert qmp.execute("query-version")["package"] == MARK

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from qemuutil import BIN, Qemu, fixed_object, run
+from qemuutil import BIN, Qemu, fixed_object, fixed_patch, run
 from qmp import QMP
 
 pytestmark = pytest.mark.qemu
@@ -51,25 +51,14 @@ class Hammer(threading.Thread):
 def test_query_version_patched_under_qmp_load(qemu: Qemu, qemu_exe: Path, tmp_path: Path) -> None:
     before = qemu.ctl.execute("query-version")
     old = f"{before['qemu']['micro']}{before['package']}"
-    obj = fixed_object(
+    pbx = fixed_patch(
         qemu_exe,
         tmp_path,
         "monitor/qmp-cmds-control.c",
         "info->package = g_strdup(QEMU_PKGVERSION);",
         'info->package = g_strdup(" (live-patched by patchbox)");',
-    )
-    pbx = tmp_path / "version.pbx"
-    run(
-        BIN / "extract-patch",
-        "--qemu",
-        "--function",
         "qmp_query_version",
-        "--name",
         "version",
-        "-o",
-        pbx,
-        obj,
-        qemu_exe,
     )
     new = f"{before['qemu']['micro']} (live-patched by patchbox)"
 
@@ -96,25 +85,14 @@ def test_query_version_patched_under_qmp_load(qemu: Qemu, qemu_exe: Path, tmp_pa
 
 def test_monitor_command_fix_and_info(qemu: Qemu, qemu_exe: Path, tmp_path: Path) -> None:
     before = qemu.ctl.hmp("info version")
-    obj = fixed_object(
+    pbx = fixed_patch(
         qemu_exe,
         tmp_path,
         "monitor/hmp-cmds.c",
         'monitor_printf(mon, "%" PRId64 ".%" PRId64 ".%" PRId64 "%s\\n",',
         'monitor_printf(mon, "QEMU emulator version %" PRId64 ".%" PRId64 ".%" PRId64 "%s\\n",',
-    )
-    pbx = tmp_path / "hmpfix.pbx"
-    run(
-        BIN / "extract-patch",
-        "--qemu",
-        "--function",
         "hmp_info_version",
-        "--name",
         "hmp-fix",
-        "-o",
-        pbx,
-        obj,
-        qemu_exe,
     )
     run(BIN / "patchbox", "apply", "-p", qemu.pid, pbx)
     assert qemu.ctl.hmp("info version") == "QEMU emulator version " + before
