@@ -25,6 +25,8 @@ ENTRY_NOPS = 2
 REPLY_BIT = 128
 JUMP_LEN = 5
 ENDBR_SKIP = 4
+HOLD_WAIT_MS = 1000
+MAX_OBJECTS = 8
 
 
 class Msg(IntEnum):
@@ -43,6 +45,7 @@ class RedirectKind(IntEnum):
 
 class ApplyFlag(IntEnum):
     RETAIN = 1
+    HOLD = 2
 
 
 class FixupType(IntEnum):
@@ -90,6 +93,7 @@ class ErrorCode(IntEnum):
     INTERNAL = 23
     PERMISSION = 24
     BAD_FIXUP = 25
+    NOT_HELD = 26
 
 
 ERROR_TEXTS: dict[int, str] = {
@@ -119,6 +123,7 @@ ERROR_TEXTS: dict[int, str] = {
     23: "internal agent error",
     24: "peer not allowed",
     25: "invalid fix-up type, base or section",
+    26: "the threads are not held clear of the bytes to replace",
 }
 
 __all__ = [
@@ -139,6 +144,8 @@ __all__ = [
     "REPLY_BIT",
     "JUMP_LEN",
     "ENDBR_SKIP",
+    "HOLD_WAIT_MS",
+    "MAX_OBJECTS",
     "Msg",
     "RedirectKind",
     "ApplyFlag",

@@ -19,6 +19,8 @@
 #define PBX_REPLY_BIT 128
 #define PBX_JUMP_LEN 5
 #define PBX_ENDBR_SKIP 4
+#define PBX_HOLD_WAIT_MS 1000
+#define PBX_MAX_OBJECTS 8
 
 #define PBX_MSG_INFO 1
 #define PBX_MSG_LIST 2
@@ -31,6 +33,7 @@
 #define PBX_KIND_ENTRY_JUMP 1
 
 #define PBX_FLAG_RETAIN 1
+#define PBX_FLAG_HOLD 2
 
 #define PBX_FIXUP_PC32 1
 #define PBX_FIXUP_ABS64 2
@@ -71,6 +74,7 @@ enum pbx_error {
 	PBX_E_INTERNAL = 23,
 	PBX_E_PERMISSION = 24,
 	PBX_E_BAD_FIXUP = 25,
+	PBX_E_NOT_HELD = 26,
 	PBX_E_COUNT_
 };
 
@@ -102,6 +106,7 @@ enum pbx_error {
 	"internal agent error", \
 	"peer not allowed", \
 	"invalid fix-up type, base or section", \
+	"the threads are not held clear of the bytes to replace", \
 }
 
 #endif
