@@ -130,7 +130,16 @@ def _list(r: Reader) -> list[AppliedPatch]:
         hold_ns = r.u64(f"patch[{i}].hold_ns")
         patches.append(
             AppliedPatch(
-                name, pid, applied_at, text_addr, text_size, data_addr, data_size, funcs, obj, hold_ns
+                name,
+                pid,
+                applied_at,
+                text_addr,
+                text_size,
+                data_addr,
+                data_size,
+                funcs,
+                obj,
+                hold_ns,
             )
         )
     return patches
