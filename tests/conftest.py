@@ -17,7 +17,7 @@ def agent_dir() -> Path:
     return AGENT_DIR
 
 
-TIERS = ("process", "qemu", "fuzz", "wheel", "ansible")
+TIERS = ("process", "qemu", "fuzz", "wheel", "ansible", "reach")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -181,6 +181,7 @@ def list_payload(patches: list[AppliedPatch]) -> bytes:
         w.u64(p.data_addr).u32(p.data_size).u16(len(p.functions))
         for f in p.functions:
             w.str(f.symbol).u64(f.target).u64(f.new).u32(f.new_size)
+        w.str(p.object).u64(p.hold_ns)
     return ok(bytes(w))
 
 

@@ -17,7 +17,7 @@ LAYERS: list[set[str]] = [
     {"errors", "wire"},  # neutral ground: import nothing of the project
     {"flags", "profiles", "sourcediff", "elf", "format"},
     {"protocol", "config", "signing", "compare"},
-    {"policy", "rebuild", "extract", "store"},
+    {"policy", "rebuild", "extract", "store", "reach"},
     {"host"},
     {"cli"},
 ]

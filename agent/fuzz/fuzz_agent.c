@@ -23,7 +23,13 @@
  *
  * Build: make -C agent fuzz (clang, -fsanitize=fuzzer,address,undefined).
  */
+/* The hold wait (PBX_FLAG_HOLD) would cost a second per input: the fuzzer's client
+ * thread is never held. One millisecond keeps the path reachable and fast. */
+#include "patchbox/wire.h"
+#undef PBX_HOLD_WAIT_MS
+#define PBX_HOLD_WAIT_MS 1
 #include "../src/sandbox-engine.c"
+#include "../src/sandbox-objects.c"
 #include "../src/sandbox-redirect.c"
 #include "../src/sandbox-transition.c"
 #include "../src/sandbox-shadow.c"
@@ -79,12 +85,13 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
 		abort();
 	}
 	/* The executable's text, as far as the agent knows, is the victims only. */
-	sandbox_exe.nx = 1;
-	sandbox_exe.xlo[0] = (uintptr_t)fuzz_victims;
-	sandbox_exe.xhi[0] = (uintptr_t)fuzz_victims + sizeof(fuzz_victims_orig);
-	sandbox_exe.bias = (uintptr_t)fuzz_victims - FUZZ_LINK_BASE;
-	memcpy(sandbox_exe.build_id, fuzz_build_id, sizeof(fuzz_build_id));
-	sandbox_exe.build_id_len = sizeof(fuzz_build_id);
+	struct sandbox_object *exe = sandbox_exe_get();
+	exe->nx = 1;
+	exe->xlo[0] = (uintptr_t)fuzz_victims;
+	exe->xhi[0] = (uintptr_t)fuzz_victims + sizeof(fuzz_victims_orig);
+	exe->bias = (uintptr_t)fuzz_victims - FUZZ_LINK_BASE;
+	memcpy(exe->build_id, fuzz_build_id, sizeof(fuzz_build_id));
+	exe->build_id_len = sizeof(fuzz_build_id);
 	memcpy(fuzz_victims_orig, fuzz_victims, sizeof(fuzz_victims_orig));
 	/* Exercise the log writer without leaving files behind. */
 	strcpy(sandbox_log_path, "/dev/null");
@@ -223,11 +230,12 @@ static void fuzz_reset(void)
 		}
 	}
 	/* Nothing ever ran patch code here: retired memory can be refilled at once. */
-	for (size_t i = 0; i < sandbox_text.n; i++)
-		if (sandbox_text_refill(sandbox_text.base + sandbox_text.ext[i].off, sandbox_text.ext[i].len) != 0)
+	struct sandbox_area *t = &sandbox_regions[0].text, *d = &sandbox_regions[0].data;
+	for (size_t i = 0; i < t->n; i++)
+		if (sandbox_text_refill(t->base + t->ext[i].off, t->ext[i].len) != 0)
 			abort();
-	sandbox_text.n = sandbox_text.used = sandbox_text.retired = 0;
-	sandbox_data.n = sandbox_data.used = sandbox_data.retired = 0;
+	t->n = t->used = t->retired = 0;
+	d->n = d->used = d->retired = 0;
 	if (memcmp(fuzz_victims, fuzz_victims_orig, sizeof(fuzz_victims_orig)) != 0)
 		fuzz_fail("victims not restored by remove", 0);
 	__atomic_store_n(&sandbox_debug_enabled, 0, __ATOMIC_RELAXED);

@@ -13,7 +13,13 @@
  * instruction-level rules (P starts an instruction of >= 5 bytes, no branch into
  * (P, P+5)) are checked by extract-patch with a disassembler; the agent checks what
  * it can: the expected bytes, the alignment, the endbr64 when skip is 4, the range
- * in the executable.
+ * in the object's text. Under PBX_FLAG_HOLD (a shorter first instruction, or the 5
+ * bytes across two words) it writes only once every other thread is held clear of
+ * them (sandbox_threads_held, docs/reach.md).
+ *
+ * Objects: a patch targets the executable or, by its build-id, a loaded library
+ * (sandbox-objects.c); addresses and base EXE fix-ups are relative to that object's
+ * load bias, and its code goes to that object's sandbox region.
  *
  * Stacking: a function already redirected is redirected at the top of its chain,
  * the replacement entry of the last patch on it (site = that entry), which has its
@@ -36,7 +42,6 @@
 #include "arch/x86_64/insn.h"
 #include "sandbox-engine.h"
 
-static struct sandbox_exe_info sandbox_exe;
 static int sandbox_ready;
 static uintptr_t sandbox_selftest_addr;	/* entry of the self-test's target */
 
@@ -111,84 +116,23 @@ int sandbox_error_set(struct sandbox_error *err, enum pbx_error code, const char
 	return -1;
 }
 
-/* ------------------------------------------------------------------ executable facts */
-
-static void sandbox_note_scan(uintptr_t p, uintptr_t end, size_t align)
-{
-	while (end > p && end - p >= sizeof(Elf64_Nhdr)) {
-		const Elf64_Nhdr *n = (const Elf64_Nhdr *)p;
-		uintptr_t name = p + sizeof(*n);
-		uintptr_t desc = name + sandbox_round_up(n->n_namesz, align);
-		uintptr_t next = desc + sandbox_round_up(n->n_descsz, align);
-		if (n->n_namesz > end - name || desc > end || n->n_descsz > end - desc || next <= p)
-			return;
-		if (n->n_type == NT_GNU_BUILD_ID && n->n_namesz == 4 &&
-		    memcmp((const void *)name, "GNU", 4) == 0 &&
-		    n->n_descsz > 0 && n->n_descsz <= PBX_MAX_BUILD_ID) {
-			memcpy(sandbox_exe.build_id, (const void *)desc, n->n_descsz);
-			sandbox_exe.build_id_len = n->n_descsz;
-			return;
-		}
-		p = next;
-	}
-}
-
-static int sandbox_exe_phdr_cb(struct dl_phdr_info *info, size_t size, void *arg)
-{
-	(void)size;
-	(void)arg;
-	/* The first object dl_iterate_phdr reports is the main program. */
-	struct sandbox_exe_info *e = &sandbox_exe;
-	e->bias = info->dlpi_addr;
-	e->lo = UINTPTR_MAX;
-	for (size_t i = 0; i < info->dlpi_phnum; i++) {
-		const ElfW(Phdr) *ph = &info->dlpi_phdr[i];
-		uintptr_t lo = e->bias + ph->p_vaddr, hi = lo + ph->p_memsz;
-		if (ph->p_type == PT_LOAD) {
-			if (lo < e->lo)
-				e->lo = lo;
-			if (hi > e->hi)
-				e->hi = hi;
-			if ((ph->p_flags & PF_X) && e->nx < SANDBOX_MAX_XRANGES) {
-				e->xlo[e->nx] = lo;
-				e->xhi[e->nx] = hi;
-				e->nx++;
-			}
-		} else if (ph->p_type == PT_NOTE && e->build_id_len == 0) {
-			sandbox_note_scan(lo, hi, ph->p_align == 8 ? 8 : 4);
-		}
-	}
-	if (e->lo == UINTPTR_MAX)
-		e->lo = 0;
-	return 1;
-}
-
-const struct sandbox_exe_info *sandbox_exe_get(void)
-{
-	return &sandbox_exe;
-}
-
 /* ------------------------------------------------------------------ init */
 
 int sandbox_engine_init(struct sandbox_error *err)
 {
 	if (sandbox_ready)
 		return 0;
-	memset(&sandbox_exe, 0, sizeof(sandbox_exe));
-	dl_iterate_phdr(sandbox_exe_phdr_cb, NULL);
-	ssize_t n = readlink("/proc/self/exe", sandbox_exe.path, sizeof(sandbox_exe.path) - 1);
-	sandbox_exe.path[n > 0 ? n : 0] = '\0';
-	if (sandbox_exe.nx == 0)
-		return sandbox_error_set(err, PBX_E_INTERNAL, "executable has no executable PT_LOAD");
+	if (sandbox_objects_init(err) != 0)
+		return -1;
 
 	sandbox_core_sync_init();
 	if (sandbox_areas_init(&sandbox_selftest_addr, err) != 0)
 		return -1;
 	sandbox_ready = 1;
-	sandbox_debug("sandbox text 0x%lx+%zu data 0x%lx+%zu sync=%s bias=0x%lx",
-		      (unsigned long)sandbox_text.base, sandbox_text.size,
-		      (unsigned long)sandbox_data.base, sandbox_data.size, sandbox_core_sync_name(),
-		      (unsigned long)sandbox_exe.bias);
+	const struct sandbox_region *r = &sandbox_regions[0];
+	sandbox_debug("sandbox text 0x%lx+%zu data 0x%lx+%zu sync=%s bias=0x%lx", (unsigned long)r->text.base,
+		      r->text.size, (unsigned long)r->data.base, r->data.size, sandbox_core_sync_name(),
+		      (unsigned long)sandbox_exe_get()->bias);
 	return 0;
 }
 
@@ -206,11 +150,10 @@ const struct sandbox_patch *sandbox_patch_get(size_t i)
 
 void sandbox_stats_get(struct sandbox_stats *ret)
 {
+	const struct sandbox_area *t = &sandbox_regions[0].text, *d = &sandbox_regions[0].data;
 	*ret = (struct sandbox_stats){
-		.text_addr = sandbox_text.base, .text_size = sandbox_text.size,
-		.text_used = sandbox_text.used, .text_retired = sandbox_text.retired,
-		.data_addr = sandbox_data.base, .data_size = sandbox_data.size,
-		.data_used = sandbox_data.used, .data_retired = sandbox_data.retired,
+		.text_addr = t->base, .text_size = t->size, .text_used = t->used, .text_retired = t->retired,
+		.data_addr = d->base, .data_size = d->size, .data_used = d->used, .data_retired = d->retired,
 		.patches = sandbox_npatches, .sync_core = sandbox_core_sync_name(),
 	};
 }
@@ -262,11 +205,11 @@ static const struct sandbox_func *sandbox_func_find(uintptr_t target, int top, c
 	return NULL;
 }
 
-static int sandbox_in_text(uintptr_t lo, uintptr_t hi, int page_end)
+static int sandbox_in_text(const struct sandbox_object *o, uintptr_t lo, uintptr_t hi, int page_end)
 {
-	for (size_t i = 0; i < sandbox_exe.nx; i++) {
-		uintptr_t xhi = page_end ? sandbox_round_up(sandbox_exe.xhi[i], SANDBOX_PAGE) : sandbox_exe.xhi[i];
-		if (lo >= sandbox_exe.xlo[i] && hi <= xhi && lo <= hi)
+	for (size_t i = 0; i < o->nx; i++) {
+		uintptr_t xhi = page_end ? sandbox_round_up(o->xhi[i], SANDBOX_PAGE) : o->xhi[i];
+		if (lo >= o->xlo[i] && hi <= xhi && lo <= hi)
 			return 1;
 	}
 	return 0;
@@ -281,10 +224,10 @@ static void sandbox_hex(char *dst, size_t cap, const uint8_t *b, size_t n)
 		dst[o < cap ? o : cap - 1] = '\0';
 }
 
-/* Checks one function of the patch (everything that does not need the placement).
- * Fills f: symbol, target, site, saved. */
-static int sandbox_func_check(const struct sandbox_apply_spec *spec, unsigned flags, size_t idx,
-			      struct sandbox_func *funcs, struct sandbox_error *err)
+/* Checks one function of the patch to object obj (everything that does not need the
+ * placement). Fills f: symbol, target, site, saved, hold. */
+static int sandbox_func_check(const struct sandbox_apply_spec *spec, unsigned flags, const struct sandbox_object *obj,
+			      size_t idx, struct sandbox_func *funcs, struct sandbox_error *err)
 {
 	const struct sandbox_func_spec *fs = &spec->funcs[idx];
 	struct sandbox_func *f = &funcs[idx];
@@ -293,8 +236,7 @@ static int sandbox_func_check(const struct sandbox_apply_spec *spec, unsigned fl
 					 idx, PBX_MAX_SYMBOL);
 	sandbox_str_copy(f->symbol, sizeof(f->symbol), fs->symbol, fs->symbol_len);
 	const char *sym = f->symbol;
-	uintptr_t abs = (flags & SANDBOX_APPLY_INTERNAL) ? (uintptr_t)fs->target
-							   : sandbox_exe.bias + (uintptr_t)fs->target;
+	uintptr_t abs = (flags & SANDBOX_APPLY_INTERNAL) ? (uintptr_t)fs->target : obj->bias + (uintptr_t)fs->target;
 	f->target = abs;
 	if (fs->expected_len < PBX_MIN_EXPECTED || fs->expected_len > PBX_MAX_EXPECTED)
 		return sandbox_error_set(err, PBX_E_MALFORMED, "%s: expected_len %u not in %d..%d", sym,
@@ -307,23 +249,25 @@ static int sandbox_func_check(const struct sandbox_apply_spec *spec, unsigned fl
 	 * [lo, hi) covers the entry, the skipped endbr64 and that word; expected from P. */
 	int jump = fs->kind == PBX_KIND_ENTRY_JUMP;
 	uintptr_t point = abs + fs->skip, word = sandbox_round_down(point, 8);
+	int split = jump && point - word > 8 - PBX_JUMP_LEN;	/* [P, P+5) across two words */
 	uintptr_t lo = jump ? (word < abs ? word : abs) : abs - PBX_ENTRY_PAD;
-	uintptr_t hi = jump ? word + 8 : abs + PBX_ENTRY_NOPS;
+	uintptr_t hi = jump ? word + (split ? 16 : 8) : abs + PBX_ENTRY_NOPS;
 	uintptr_t exp_at = jump ? point : abs - PBX_ENTRY_PAD;
 	if (!(flags & SANDBOX_APPLY_INTERNAL)) {
-		if (abs < PBX_ENTRY_PAD || !sandbox_in_text(lo, jump ? point + PBX_JUMP_LEN : hi, 0) ||
-		    !sandbox_in_text(lo, hi, 1))
+		if (abs < PBX_ENTRY_PAD || !sandbox_in_text(obj, lo, jump ? point + PBX_JUMP_LEN : hi, 0) ||
+		    !sandbox_in_text(obj, lo, hi, 1))
 			return sandbox_error_set(err, PBX_E_TARGET_OUT_OF_TEXT,
-						 "%s at 0x%lx (link-time 0x%llx, bias 0x%lx)", sym,
+						 "%s at 0x%lx (link-time 0x%llx, bias 0x%lx of %s)", sym,
 						 (unsigned long)abs, (unsigned long long)fs->target,
-						 (unsigned long)sandbox_exe.bias);
+						 (unsigned long)obj->bias, obj->path);
 		/* The sandbox lies in the program's text (libsandbox.o): patch code is only
 		 * ever changed through stacking, never as a target of its own. */
-		if (hi > sandbox_text.base && lo < sandbox_text.base + sandbox_text.size)
+		const struct sandbox_area *t = &sandbox_regions[0].text;
+		if (hi > t->base && lo < t->base + t->size)
 			return sandbox_error_set(err, PBX_E_TARGET_OUT_OF_TEXT, "%s at 0x%lx is inside the sandbox",
 						 sym, (unsigned long)abs);
 		/* The expected bytes are read from memory: they must be mapped. */
-		if (!sandbox_in_text(exp_at, exp_at + fs->expected_len, 1))
+		if (!sandbox_in_text(obj, exp_at, exp_at + fs->expected_len, 1))
 			return sandbox_error_set(err, PBX_E_TARGET_OUT_OF_TEXT,
 						 "%s: %u expected bytes run past the end of the text", sym,
 						 fs->expected_len);
@@ -366,11 +310,13 @@ static int sandbox_func_check(const struct sandbox_apply_spec *spec, unsigned fl
 					 "%s at 0x%lx: skip 4 but the entry holds %s, not endbr64", sym,
 					 (unsigned long)abs, hex);
 	}
-	if (jump && !top && point - word > 8 - PBX_JUMP_LEN)
+	int hold = (spec->flags & PBX_FLAG_HOLD) != 0;
+	if (jump && !top && split && (!hold || point - word == 7))
 		return sandbox_error_set(err, PBX_E_NO_PATCHABLE_ENTRY,
 					 "%s: entry jump at 0x%lx refused (rule 4, alignment): byte %lu of its "
-					 "8-byte word, so the 5-byte jump cannot be written with one atomic store",
-					 sym, (unsigned long)point, (unsigned long)(point - word));
+					 "8-byte word, so %s", sym, (unsigned long)point, (unsigned long)(point - word),
+					 hold ? "its first two bytes, where remove parks threads, are not in one word"
+					      : "the 5-byte jump cannot be written with one atomic store (without HOLD)");
 	if (!jump && memcmp(orig, sandbox_insn_entry_nops, SANDBOX_ENTRY_BYTES) != 0) {
 		sandbox_hex(hex, sizeof(hex), orig, SANDBOX_ENTRY_BYTES);
 		return sandbox_error_set(err, PBX_E_NO_PATCHABLE_ENTRY,
@@ -380,10 +326,13 @@ static int sandbox_func_check(const struct sandbox_apply_spec *spec, unsigned fl
 	/* Stacked: always the 6+2 NOP mechanism, at the replacement entry of the top patch. */
 	f->mech = top ? PBX_KIND_PATCHABLE_ENTRY : fs->kind;
 	f->site = top ? top->new_entry : jump ? point : abs;
+	f->saved_len = SANDBOX_ENTRY_BYTES;
 	if (f->mech == PBX_KIND_ENTRY_JUMP) {
 		f->saved_at = word;
 		f->wlo = point;
 		f->whi = point + PBX_JUMP_LEN;
+		f->hold = (uint8_t)hold;
+		f->saved_len = split ? 16 : 8;
 	} else {
 		f->saved_at = f->site - PBX_ENTRY_PAD;
 		f->wlo = f->site - PBX_ENTRY_PAD;
@@ -392,7 +341,7 @@ static int sandbox_func_check(const struct sandbox_apply_spec *spec, unsigned fl
 	if (f->mech == PBX_KIND_PATCHABLE_ENTRY && (f->site & 1))
 		return sandbox_error_set(err, PBX_E_NO_PATCHABLE_ENTRY, "%s: entry 0x%lx is not 2-byte aligned",
 					 sym, (unsigned long)f->site);
-	memcpy(f->saved, (const void *)f->saved_at, SANDBOX_ENTRY_BYTES);
+	memcpy(f->saved, (const void *)f->saved_at, f->saved_len);
 	/* The replacement's own padding must lie inside its patch's text. */
 	if (top && (top->new_entry - top_patch->text_addr < PBX_ENTRY_PAD ||
 		    memcmp(f->saved, sandbox_insn_entry_nops, SANDBOX_ENTRY_BYTES) != 0)) {
@@ -468,7 +417,7 @@ static int sandbox_fixups_check(const struct sandbox_apply_spec *spec, uint64_t 
 }
 
 /* Writes the fix-ups into the local copies; P is the final address. */
-int sandbox_fixups_apply(const struct sandbox_apply_spec *spec, const uint64_t *import,
+int sandbox_fixups_apply(const struct sandbox_apply_spec *spec, const uint64_t *import, uintptr_t bias,
 			 uint8_t *text, uintptr_t text_addr, uint8_t *data, uintptr_t data_addr,
 			 struct sandbox_error *err)
 {
@@ -478,7 +427,7 @@ int sandbox_fixups_apply(const struct sandbox_apply_spec *spec, const uint64_t *
 		switch (x->base) {
 		case PBX_BASE_TEXT: s = text_addr; break;
 		case PBX_BASE_DATA: s = data_addr; break;
-		case PBX_BASE_EXE: s = sandbox_exe.bias; break;
+		case PBX_BASE_EXE: s = bias; break;
 		case PBX_BASE_IMPORT: s = import[i]; break;
 		default: s = 0; break;
 		}
@@ -560,19 +509,9 @@ int sandbox_patch_apply(const struct sandbox_apply_spec *spec, unsigned flags,
 		return sandbox_error_set(err, PBX_E_ALREADY_APPLIED, "%s", name);
 	if (sandbox_npatches >= PBX_MAX_PATCHES)
 		return sandbox_error_set(err, PBX_E_TOO_MANY, "%zu patches applied", sandbox_npatches);
-	if (!(flags & SANDBOX_APPLY_INTERNAL) &&
-	    (spec->build_id_len != sandbox_exe.build_id_len ||
-	     memcmp(spec->build_id, sandbox_exe.build_id, spec->build_id_len) != 0)) {
-		char want[2 * PBX_MAX_BUILD_ID + 1] = "", have[2 * PBX_MAX_BUILD_ID + 1] = "none";
-		for (size_t i = 0; i < spec->build_id_len && i < PBX_MAX_BUILD_ID; i++)
-			snprintf(want + 2 * i, 3, "%02x", spec->build_id[i]);
-		for (size_t i = 0; i < sandbox_exe.build_id_len; i++)
-			snprintf(have + 2 * i, 3, "%02x", sandbox_exe.build_id[i]);
-		return sandbox_error_set(err, PBX_E_BUILD_ID_MISMATCH, "patch %s, running %s", want, have);
-	}
 	if (spec->nfuncs < 1 || spec->nfuncs > PBX_MAX_FUNCS)
 		return sandbox_error_set(err, PBX_E_MALFORMED, "nfuncs %u", spec->nfuncs);
-	if (spec->flags & ~(uint32_t)PBX_FLAG_RETAIN)
+	if (spec->flags & ~(uint32_t)(PBX_FLAG_RETAIN | PBX_FLAG_HOLD))
 		return sandbox_error_set(err, PBX_E_MALFORMED, "flags 0x%x (unknown bits)", spec->flags);
 	if (spec->nhooks > PBX_MAX_HOOKS)
 		return sandbox_error_set(err, PBX_E_MALFORMED, "%u hooks (max %d)", spec->nhooks, PBX_MAX_HOOKS);
@@ -581,6 +520,11 @@ int sandbox_patch_apply(const struct sandbox_apply_spec *spec, unsigned flags,
 		    spec->hooks[i].offset >= spec->text_len)
 			return sandbox_error_set(err, PBX_E_MALFORMED, "hook %zu: kind %u at text+0x%x of %u bytes",
 						 i, spec->hooks[i].when, spec->hooks[i].offset, spec->text_len);
+	/* The executable, or the loaded library of the patch's build-id. */
+	struct sandbox_object *obj = sandbox_exe_get();
+	if (!(flags & SANDBOX_APPLY_INTERNAL) && sandbox_object_find(spec->build_id, spec->build_id_len, &obj, err) != 0)
+		return -1;
+	struct sandbox_region *region = &sandbox_regions[obj->region];
 
 	funcs = calloc(spec->nfuncs, sizeof(*funcs));
 	patch = calloc(1, sizeof(*patch));
@@ -590,20 +534,22 @@ int sandbox_patch_apply(const struct sandbox_apply_spec *spec, unsigned flags,
 		goto out;
 	}
 	for (size_t i = 0; i < spec->nfuncs; i++)
-		if (sandbox_func_check(spec, flags, i, funcs, err) != 0)
+		if (sandbox_func_check(spec, flags, obj, i, funcs, err) != 0)
 			goto out;
 	uint64_t data_block = (uint64_t)spec->data_len + spec->bss_size;
 	if (sandbox_fixups_check(spec, data_block, import, err) != 0)
 		goto out;
+	uintptr_t bias = (flags & SANDBOX_APPLY_INTERNAL) ? 0 : obj->bias;
 
 	/* From here to out: the engine lock (a fork waits; see the lock above). */
 	sandbox_engine_lock();
 	locked = 1;
 
 	/* Placement. */
-	if (data_block > sandbox_data.size) {
+	struct sandbox_area *tarea = &region->text, *darea = &region->data;
+	if (data_block > darea->size) {
 		sandbox_error_set(err, PBX_E_SANDBOX_FULL, "need %llu bytes of data, %zu free",
-				  (unsigned long long)data_block, sandbox_data.size - sandbox_data.used - sandbox_data.retired);
+				  (unsigned long long)data_block, darea->size - darea->used - darea->retired);
 		goto out;
 	}
 	tbuf = malloc(spec->text_len);
@@ -612,19 +558,18 @@ int sandbox_patch_apply(const struct sandbox_apply_spec *spec, unsigned flags,
 		sandbox_error_set(err, PBX_E_NO_MEMORY, NULL);
 		goto out;
 	}
-	if (data_block == 0 && sandbox_text_revive(spec, import, id, tbuf, &revived_from, &text_addr)) {
+	if (data_block == 0 && sandbox_text_revive(tarea, spec, import, bias, id, tbuf, &revived_from, &text_addr)) {
 		revived = 1;
-	} else if (sandbox_area_alloc_reclaim(&sandbox_text, spec->text_len, id, &text_addr) != 0) {
+	} else if (sandbox_area_alloc_reclaim(tarea, spec->text_len, id, &text_addr) != 0) {
 		sandbox_error_set(err, PBX_E_SANDBOX_FULL, "need %u bytes of text, %zu free (%zu retired)",
-				  spec->text_len, sandbox_text.size - sandbox_text.used - sandbox_text.retired,
-				  sandbox_text.retired);
+				  spec->text_len, tarea->size - tarea->used - tarea->retired, tarea->retired);
 		goto out;
 	}
 	allocated = 1;
-	if (data_block && sandbox_area_alloc_reclaim(&sandbox_data, data_block, id, &data_addr) != 0) {
+	if (data_block && sandbox_area_alloc_reclaim(darea, data_block, id, &data_addr) != 0) {
 		sandbox_error_set(err, PBX_E_SANDBOX_FULL, "need %llu bytes of data, %zu free (%zu retired)",
-				  (unsigned long long)data_block,
-				  sandbox_data.size - sandbox_data.used - sandbox_data.retired, sandbox_data.retired);
+				  (unsigned long long)data_block, darea->size - darea->used - darea->retired,
+				  darea->retired);
 		goto out;
 	}
 
@@ -633,7 +578,7 @@ int sandbox_patch_apply(const struct sandbox_apply_spec *spec, unsigned flags,
 	if (spec->data_len)
 		memcpy(dbuf, spec->data, spec->data_len);
 	memset(dbuf + spec->data_len, 0, data_block - spec->data_len);
-	if (sandbox_fixups_apply(spec, import, tbuf, text_addr, dbuf, data_addr, err) != 0)
+	if (sandbox_fixups_apply(spec, import, bias, tbuf, text_addr, dbuf, data_addr, err) != 0)
 		goto out;
 	for (size_t i = 0; i < spec->nfuncs; i++) {
 		struct sandbox_func *f = &funcs[i];
@@ -646,6 +591,7 @@ int sandbox_patch_apply(const struct sandbox_apply_spec *spec, unsigned flags,
 			goto out;
 		}
 	}
+	uint64_t hold_ns = 0;	/* held entry jumps: how long the threads took to be held */
 	/* The copies into the sandbox (a revived text is not written: its pages stay
 	 * r-x), then the redirect: the last point of failure is before the first byte
 	 * changes, after it nothing fails. */
@@ -656,7 +602,7 @@ int sandbox_patch_apply(const struct sandbox_apply_spec *spec, unsigned flags,
 		hooks[i] = (struct sandbox_hook){ spec->hooks[i].when, text_addr + spec->hooks[i].offset };
 	struct sandbox_hook_run pre = { hooks, spec->nhooks, PBX_HOOK_PRE_APPLY, name, 0 };
 	if (sandbox_redirect_write(&text_copy, &data_copy, funcs, spec->nfuncs,
-				   spec->nhooks ? sandbox_hooks_gate : NULL, &pre, err) != 0) {
+				   spec->nhooks ? sandbox_hooks_gate : NULL, &pre, &hold_ns, err) != 0) {
 		hooks_ran = pre.ran;
 		goto out;
 	}
@@ -674,6 +620,8 @@ int sandbox_patch_apply(const struct sandbox_apply_spec *spec, unsigned flags,
 	patch->data_size = (uint32_t)data_block;
 	patch->nfuncs = spec->nfuncs;
 	patch->flags = spec->flags;
+	patch->object = obj;
+	patch->hold_ns = hold_ns;
 	patch->funcs = funcs;
 	patch->nhooks = spec->nhooks;
 	memcpy(patch->hooks, hooks, spec->nhooks * sizeof(hooks[0]));
@@ -781,7 +729,8 @@ static int sandbox_selftest_run_locked(char *detail, size_t detail_len)
 		return 0;
 	}
 	memcpy(before, (const void *)(sandbox_selftest_addr - PBX_ENTRY_PAD), sizeof(before));
-	size_t used_before = sandbox_text.used;
+	const struct sandbox_area *tarea = &sandbox_regions[0].text;
+	size_t used_before = tarea->used;
 
 	/* Replacement: 6+2 NOPs (stackable entry at offset 6), mov eax, MAGIC; ret. */
 	uint8_t text[sizeof(sandbox_insn_selftest_replacement)];
@@ -832,8 +781,8 @@ static int sandbox_selftest_run_locked(char *detail, size_t detail_len)
 			return 0;
 		}
 	}
-	if (sandbox_text.used != used_before) {
-		snprintf(detail, detail_len, "sandbox_used %zu after remove, was %zu", sandbox_text.used,
+	if (tarea->used != used_before) {
+		snprintf(detail, detail_len, "sandbox_used %zu after remove, was %zu", tarea->used,
 			 used_before);
 		return 0;
 	}

@@ -1,11 +1,13 @@
 /* Internal interface between the parts of libsandbox.o:
  *
  *   sandbox-engine.c      apply / remove orchestration, the function and fix-up
- *                         checks, facts about the executable, the self-test, errors
+ *                         checks, the self-test, errors
+ *   sandbox-objects.c     the loaded objects a patch targets: the executable, libraries
  *   sandbox-redirect.c    mechanism: code pages, core sync, atomic instruction stores,
  *                         writing a redirect, restoring the original bytes
- *   sandbox-transition.c  the sandbox memory: where it lies, placement, retire,
- *                         quiescence check, revival
+ *   sandbox-transition.c  when a change is safe: the sandbox memory (where it lies,
+ *                         placement, retire, quiescence check, revival) and the
+ *                         check that every other thread is held clear of an entry jump
  *   arch/x86_64/insn.h    the x86-64 instruction templates
  *
  * Hidden, and local to libsandbox.o after its relocatable link (agent/Makefile): the
@@ -30,9 +32,18 @@ static inline uintptr_t sandbox_round_down(uintptr_t v, uintptr_t a) { return v 
 
 /* Writes the fix-ups into the local copies text and data, as placed at text_addr and
  * data_addr (P is the final address). err may be NULL. */
-int sandbox_fixups_apply(const struct sandbox_apply_spec *spec, const uint64_t *import,
+int sandbox_fixups_apply(const struct sandbox_apply_spec *spec, const uint64_t *import, uintptr_t bias,
 			 uint8_t *text, uintptr_t text_addr, uint8_t *data, uintptr_t data_addr,
 			 struct sandbox_error *err);
+
+/* ---- sandbox-objects.c */
+
+/* Object 0, the executable (-1 with err if it has no executable segment). */
+int sandbox_objects_init(struct sandbox_error *err);
+/* The object whose GNU build-id is bid: the executable or a loaded library (its
+ * sandbox region mapped on first use). -1 with err (BUILD_ID_MISMATCH, TOO_MANY...). */
+int sandbox_object_find(const uint8_t *bid, size_t len, struct sandbox_object **ret,
+			struct sandbox_error *err);
 
 /* ---- sandbox-redirect.c: mechanism */
 
@@ -57,12 +68,13 @@ struct sandbox_copy {
 typedef int (*sandbox_gate_fn)(void *arg, struct sandbox_error *err);
 
 /* Apply: copies text (its pages made writable for it) and data into the sandbox,
- * calls gate (if any), then redirects each function to its new_entry (phase 1,
- * sync, phase 2, sync). -1 with err (NO_MEMORY, MPROTECT_FAILED, or the gate's)
- * only before the first byte of the program changes. */
+ * calls gate (if any), waits for the client's hold when a function has `hold`, then
+ * redirects each function to its new_entry (phase 1, sync, phase 2, sync). -1 with err
+ * (NO_MEMORY, MPROTECT_FAILED, the gate's, NOT_HELD: the hold did not come, or went
+ * before phase 2) only before a reachable byte changes. held_ns: the hold's wait. */
 int sandbox_redirect_write(const struct sandbox_copy *text, const struct sandbox_copy *data,
 			   const struct sandbox_func *funcs, size_t nfuncs, sandbox_gate_fn gate,
-			   void *gate_arg, struct sandbox_error *err);
+			   void *gate_arg, uint64_t *held_ns, struct sandbox_error *err);
 /* Remove: puts back the saved bytes of each function (steps 1-4). -1 with err
  * (NO_MEMORY, MPROTECT_FAILED) only before the first byte changes. */
 int sandbox_redirect_restore(const struct sandbox_func *funcs, size_t nfuncs, struct sandbox_error *err);
@@ -86,17 +98,35 @@ struct sandbox_area {
 	struct sandbox_extent ext[SANDBOX_MAX_EXTENTS];
 };
 
-/* Patch text (in the program's text, or mapped near it) and patch data. */
-extern struct sandbox_area sandbox_text, sandbox_data;
+/* One object's sandbox: patch text (in the program's text, or mapped near the object)
+ * and patch data. Region i belongs to object i (sandbox-objects.c). */
+struct sandbox_region {
+	struct sandbox_area text, data;
+};
+extern struct sandbox_region sandbox_regions[PBX_MAX_OBJECTS];
 
-/* Places the two areas; *selftest_ret: entry of a function built with the 6+2 NOP
- * entry within rel32 reach of the sandbox (the self-test's target). */
+/* Places region 0, the executable's; *selftest_ret: entry of a function built with the
+ * 6+2 NOP entry within rel32 reach of the sandbox (the self-test's target). */
 int sandbox_areas_init(uintptr_t *selftest_ret, struct sandbox_error *err);
+/* Maps region idx within rel32 reach of [lo, hi) (a library named what). */
+int sandbox_region_map(size_t idx, uintptr_t lo, uintptr_t hi, const char *what, struct sandbox_error *err);
 int sandbox_area_alloc_reclaim(struct sandbox_area *a, size_t len, uint32_t owner, uintptr_t *ret);
-int sandbox_text_revive(const struct sandbox_apply_spec *spec, const uint64_t *import, uint32_t owner,
-			uint8_t *tbuf, uint32_t *prev_owner, uintptr_t *ret);
+int sandbox_text_revive(struct sandbox_area *a, const struct sandbox_apply_spec *spec, const uint64_t *import,
+			uintptr_t bias, uint32_t owner, uint8_t *tbuf, uint32_t *prev_owner, uintptr_t *ret);
 void sandbox_owner_unplace(uint32_t owner, uintptr_t revived_addr, uint32_t revived_from);
 void sandbox_owner_retire(uint32_t owner, int keep);
 int sandbox_owner_free(uint32_t owner);
+
+/* The hold (PBX_FLAG_HOLD, docs/reach.md): 1 if every other thread of the process is in
+ * a tracing stop ('t': held by the client with ptrace) or a zombie, and none has its PC,
+ * or a word of its stack, in (wlo, whi) of a function with `hold` (an instruction
+ * boundary or a return address inside the bytes an entry jump replaces). 0 with the
+ * first reason in why. No allocation: the other threads may hold malloc's locks. */
+int sandbox_threads_held(const struct sandbox_func *funcs, size_t n, char *why, size_t why_len);
+/* Waits until sandbox_threads_held, PBX_HOLD_WAIT_MS at most (then NOT_HELD); 0 at once
+ * when no function has `hold`. *waited_ns: how long it took. The client starts its
+ * hold when it sees the agent thread asleep in here (clock_nanosleep): nothing from
+ * here to the pages made r-x again allocates or takes a lock a held thread could own. */
+int sandbox_hold_wait(const struct sandbox_func *funcs, size_t n, uint64_t *waited_ns, struct sandbox_error *err);
 
 #endif

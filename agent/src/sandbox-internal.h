@@ -42,18 +42,20 @@ void sandbox_debug_printf(const char *fmt, ...) __attribute__((format(printf, 1,
 	do { if (__atomic_load_n(&sandbox_debug_enabled, __ATOMIC_RELAXED)) \
 		sandbox_debug_printf(__VA_ARGS__); } while (0)
 
-/* ---- facts about the main executable */
+/* ---- facts about a loaded object: the main executable (object 0) or a library
+ * (sandbox-objects.c) */
 
 #define SANDBOX_MAX_XRANGES 8
 
-struct sandbox_exe_info {
+struct sandbox_object {
 	uintptr_t bias;
 	uint8_t build_id[PBX_MAX_BUILD_ID];
 	size_t build_id_len;
 	uintptr_t xlo[SANDBOX_MAX_XRANGES], xhi[SANDBOX_MAX_XRANGES]; /* executable PT_LOADs */
 	size_t nx;
 	uintptr_t lo, hi;	/* span of all PT_LOADs */
-	char path[4096];	/* readlink /proc/self/exe, "" if unknown */
+	char path[4096];	/* readlink /proc/self/exe, or the library's as loaded; "" if unknown */
+	size_t region;		/* its sandbox region (sandbox-transition.c) */
 };
 
 /* ---- a parsed apply body (pointers into the request payload) */
@@ -108,9 +110,11 @@ struct sandbox_func {
 	uintptr_t new_entry;
 	uint32_t new_size;
 	uint8_t mech;		/* PBX_KIND_*: how this patch redirected site (stacking: always 0) */
+	uint8_t hold;		/* kind 1 under PBX_FLAG_HOLD: written while the other threads are held */
 	uintptr_t saved_at;	/* kind 0: site-6; kind 1: the 8-aligned word holding site */
 	uintptr_t wlo, whi;	/* the bytes this patch changes: [site-6, site+2) / [site, site+5) */
-	uint8_t saved[PBX_ENTRY_PAD + PBX_ENTRY_NOPS]; /* bytes at [saved_at, saved_at+8) before */
+	uint8_t saved_len;	/* 8, or 16 for an entry jump across two words */
+	uint8_t saved[16];	/* bytes at [saved_at, saved_at+saved_len) before */
 };
 
 struct sandbox_patch {
@@ -121,6 +125,8 @@ struct sandbox_patch {
 	uint32_t text_size, data_size;
 	uint16_t nfuncs;
 	uint32_t flags;		/* PBX_FLAG_* of the apply */
+	const struct sandbox_object *object;	/* what it patches: the executable or a library */
+	uint64_t hold_ns;	/* PBX_FLAG_HOLD: how long the agent waited for the threads */
 	struct sandbox_func *funcs;
 	uint16_t nhooks;	/* the remove hooks, absolute */
 	struct sandbox_hook {
@@ -150,7 +156,9 @@ int sandbox_engine_init(struct sandbox_error *err);
 enum sandbox_fork_phase { SANDBOX_FORK_PREPARE, SANDBOX_FORK_PARENT, SANDBOX_FORK_CHILD };
 struct timespec;
 int sandbox_engine_fork(enum sandbox_fork_phase phase, const struct timespec *deadline);
-const struct sandbox_exe_info *sandbox_exe_get(void);
+struct sandbox_object *sandbox_exe_get(void);
+size_t sandbox_object_count(void);
+const struct sandbox_object *sandbox_object_get(size_t i);
 int sandbox_patch_apply(const struct sandbox_apply_spec *spec, unsigned flags,
 			const struct sandbox_patch **ret, struct sandbox_error *err);
 int sandbox_patch_remove(const char *name, size_t name_len, struct sandbox_error *err);

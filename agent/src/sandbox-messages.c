@@ -55,12 +55,15 @@ static int sandbox_msg_info(struct sandbox_request *q, struct sandbox_error *err
 {
 	if (sandbox_reader_end(&q->r, "the (empty) INFO request") != 0)
 		return sandbox_reader_error(&q->r, err);
-	const struct sandbox_exe_info *exe = sandbox_exe_get();
+	const struct sandbox_object *exe = sandbox_exe_get();
 	struct sandbox_stats st;
 	sandbox_stats_get(&st);
 	char pid[16], bias[24], bid[2 * PBX_MAX_BUILD_ID + 1] = "unknown";
 	char saddr[24], ssize[24], sused[24], sret[24], daddr[24], dsize[24], dused[24], npatch[24];
+	char tid[16], nobj[16];
 	snprintf(pid, sizeof(pid), "%d", (int)getpid());
+	snprintf(tid, sizeof(tid), "%d", (int)gettid());	/* INFO is served by the agent thread */
+	snprintf(nobj, sizeof(nobj), "%zu", sandbox_object_count());
 	snprintf(bias, sizeof(bias), "0x%lx", (unsigned long)exe->bias);
 	for (size_t i = 0; i < exe->build_id_len; i++)
 		snprintf(bid + 2 * i, 3, "%02x", exe->build_id[i]);
@@ -94,6 +97,7 @@ static int sandbox_msg_info(struct sandbox_request *q, struct sandbox_error *err
 		{ "debug", __atomic_load_n(&sandbox_debug_enabled, __ATOMIC_RELAXED) ? "1" : "0" },
 		{ "log", sandbox_log_path[0] ? sandbox_log_path : "off" },
 		{ "socket", sandbox_sock_path }, { "sync_core", st.sync_core },
+		{ "agent_tid", tid }, { "objects", nobj },
 	};
 	size_t n = sizeof(kv) / sizeof(kv[0]);
 	sandbox_writer_uint(&q->w, n, 2);
@@ -124,6 +128,9 @@ static int sandbox_msg_list(struct sandbox_request *q, struct sandbox_error *err
 			sandbox_writer_uint(&q->w, p->funcs[f].new_entry, 8);
 			sandbox_writer_uint(&q->w, p->funcs[f].new_size, 4);
 		}
+		/* What it patches: "" for the executable, else the library's path. */
+		sandbox_writer_str(&q->w, p->object && p->object != sandbox_exe_get() ? p->object->path : "");
+		sandbox_writer_uint(&q->w, p->hold_ns, 8);
 	}
 	return 0;
 }

@@ -29,6 +29,14 @@
  * stored with their current values), between sync_cores. Remove stores the word again
  * with the saved bytes of [P, P+5) and the current others.
  *
+ * Held entry jump (f->hold: a first instruction shorter than 5 bytes, or [P, P+5)
+ * across two words; docs/reach.md): written only while every other thread is held
+ * clear of (P, P+5) (sandbox_threads_held, checked again right before phase 2), the
+ * later word first. Its remove cannot be one store when it spans two words, and needs
+ * no hold: (1) `jmp .` at P parks the threads that reach it (no thread can be inside
+ * the jump, one instruction), sync; (2) the saved bytes [P+2, P+5), now dead, sync;
+ * (3) the saved [P, P+2), which releases the parked threads into the original, sync.
+ *
  * The encodings come from arch/x86_64/insn.h. Every code store below names the
  * sync_core it pairs with.
  */
@@ -158,13 +166,33 @@ static void sandbox_insn_store8(uintptr_t addr, uint64_t word)
 	__atomic_store_n((uint64_t *)addr, word, __ATOMIC_RELEASE);
 }
 
-/* The word at f->saved_at with [site, site+5) replaced by `bytes` and the other three
- * bytes as they are now (another patch may have changed them since f->saved). */
-static uint64_t sandbox_jump_word(const struct sandbox_func *f, const uint8_t *bytes)
+/* Stores n bytes at addr with one atomic 8-byte store per aligned word they touch, the
+ * later word first; the other bytes of each word are stored as they are now (another
+ * patch may have changed them since it was saved). */
+static void sandbox_span_store(uintptr_t addr, const uint8_t *bytes, size_t n)
 {
-	uint64_t w = __atomic_load_n((const uint64_t *)f->saved_at, __ATOMIC_RELAXED);
-	memcpy((uint8_t *)&w + (f->site - f->saved_at), bytes, PBX_JUMP_LEN);
-	return w;
+	uintptr_t first = sandbox_round_down(addr, 8);
+	for (uintptr_t w = sandbox_round_down(addr + n - 1, 8);; w -= 8) {
+		uint64_t v = __atomic_load_n((const uint64_t *)w, __ATOMIC_RELAXED);
+		for (size_t i = 0; i < n; i++)
+			if (addr + i >= w && addr + i < w + 8)
+				((uint8_t *)&v)[addr + i - w] = bytes[i];
+		sandbox_insn_store8(w, v);
+		if (w == first)
+			break;
+	}
+}
+
+/* The original bytes from the entry jump's site. */
+static const uint8_t *sandbox_site_saved(const struct sandbox_func *f)
+{
+	return f->saved + (f->site - f->saved_at);
+}
+
+/* Whether an entry jump's [site, site+5) spans two words (remove parks threads). */
+static int sandbox_jump_split(const struct sandbox_func *f)
+{
+	return f->mech == PBX_KIND_ENTRY_JUMP && f->site % 8 > 8 - PBX_JUMP_LEN;
 }
 
 /* ------------------------------------------------------------------ sandbox text */
@@ -188,7 +216,7 @@ int sandbox_text_refill(uintptr_t addr, size_t len)
 
 int sandbox_redirect_write(const struct sandbox_copy *text, const struct sandbox_copy *data,
 			   const struct sandbox_func *funcs, size_t nfuncs, sandbox_gate_fn gate,
-			   void *gate_arg, struct sandbox_error *err)
+			   void *gate_arg, uint64_t *held_ns, struct sandbox_error *err)
 {
 	struct sandbox_pageset ps = { 0 };
 	int rc = -1;
@@ -198,12 +226,13 @@ int sandbox_redirect_write(const struct sandbox_copy *text, const struct sandbox
 		goto out;
 	}
 	for (size_t i = 0; i < nfuncs; i++) {
-		if (sandbox_pageset_add(&ps, funcs[i].saved_at, SANDBOX_ENTRY_BYTES) != 0) {
+		if (sandbox_pageset_add(&ps, funcs[i].saved_at, funcs[i].saved_len) != 0) {
 			sandbox_error_set(err, PBX_E_NO_MEMORY, NULL);
 			goto out;
 		}
 	}
-	/* Last point of failure before the first byte changes: after this, nothing fails. */
+	/* Nothing of the program changes before phase 1; a failure up to there (the
+	 * gate's, the hold's) closes the pages again and leaves it as it was. */
 	if (sandbox_pageset_open(&ps, err) != 0)
 		goto out;
 
@@ -223,6 +252,12 @@ int sandbox_redirect_write(const struct sandbox_copy *text, const struct sandbox
 			goto out;
 		}
 	}
+	/* Held entry jumps: every allocation is done and the hooks have run (they may take
+	 * locks a held thread owns); wait for the client's hold. */
+	if (sandbox_hold_wait(funcs, nfuncs, held_ns, err) != 0) {
+		sandbox_pageset_close(&ps);
+		goto out;
+	}
 	/* Phase 1: `e9 rel32` into the dead padding; nothing executes there until the
 	 * phase 2 store publishes it. */
 	for (size_t i = 0; i < nfuncs; i++) {
@@ -235,14 +270,29 @@ int sandbox_redirect_write(const struct sandbox_copy *text, const struct sandbox
 	}
 	/* Pairs with phase 2: new code and jumps visible to every core's fetch first. */
 	sandbox_core_sync();
-	/* Phase 2: publish, one atomic 2-byte store per function, or one atomic 8-byte store
-	 * of the word holding the entry jump (pairs with the sync above). */
+	/* Held entry jumps: the hold checked once more, after the last system call before
+	 * the stores (the engine waited for it). If it went, phase 1's dead padding is put
+	 * back and nothing reachable changed. */
+	char why[256];
+	for (size_t i = 0; i < nfuncs; i++) {
+		if (!funcs[i].hold || sandbox_threads_held(funcs, nfuncs, why, sizeof(why)))
+			continue;
+		for (size_t k = 0; k < nfuncs; k++)
+			if (funcs[k].mech != PBX_KIND_ENTRY_JUMP)
+				memcpy((void *)funcs[k].saved_at, funcs[k].saved, PBX_JUMP_LEN);
+		sandbox_core_sync();
+		sandbox_pageset_close(&ps);
+		sandbox_error_set(err, PBX_E_NOT_HELD, "%s", why);
+		goto out;
+	}
+	/* Phase 2: publish, one atomic 2-byte store per function, or the atomic 8-byte
+	 * store(s) of the word(s) holding the entry jump (pairs with the sync above). */
 	for (size_t i = 0; i < nfuncs; i++) {
 		const struct sandbox_func *f = &funcs[i];
 		if (f->mech == PBX_KIND_ENTRY_JUMP) {
 			uint8_t jmp[PBX_JUMP_LEN];
 			sandbox_insn_jmp_encode(f->site, f->new_entry, jmp);
-			sandbox_insn_store8(f->saved_at, sandbox_jump_word(f, jmp));
+			sandbox_span_store(f->site, jmp, PBX_JUMP_LEN);
 		} else {
 			sandbox_insn_store2(f->site, SANDBOX_INSN_JMP_BACK);
 		}
@@ -260,7 +310,7 @@ int sandbox_redirect_restore(const struct sandbox_func *funcs, size_t nfuncs, st
 {
 	struct sandbox_pageset ps = { 0 };
 	for (size_t f = 0; f < nfuncs; f++) {
-		if (sandbox_pageset_add(&ps, funcs[f].saved_at, SANDBOX_ENTRY_BYTES) != 0) {
+		if (sandbox_pageset_add(&ps, funcs[f].saved_at, funcs[f].saved_len) != 0) {
 			sandbox_pageset_deinit(&ps);
 			return sandbox_error_set(err, PBX_E_NO_MEMORY, NULL);
 		}
@@ -271,12 +321,16 @@ int sandbox_redirect_restore(const struct sandbox_func *funcs, size_t nfuncs, st
 	}
 	uint16_t v;
 	/* (1) Entry back to its saved bytes: no new thread takes the redirect. An entry
-	 * jump is undone completely here: one 8-byte store of the word with the saved
-	 * [site, site+5) (a thread that already jumped is in the replacement, kept). */
+	 * jump in one word is undone completely here: one 8-byte store of the word with
+	 * the saved [site, site+5) (a thread that already jumped is in the replacement,
+	 * kept); one across two words gets `jmp .` at the site, parking new arrivals. */
 	for (size_t f = 0; f < nfuncs; f++) {
 		const struct sandbox_func *fn = &funcs[f];
 		if (fn->mech == PBX_KIND_ENTRY_JUMP) {
-			sandbox_insn_store8(fn->saved_at, sandbox_jump_word(fn, fn->saved + (fn->site - fn->saved_at)));
+			if (sandbox_jump_split(fn))
+				sandbox_span_store(fn->site, sandbox_insn_park, sizeof(sandbox_insn_park));
+			else
+				sandbox_span_store(fn->site, sandbox_site_saved(fn), PBX_JUMP_LEN);
 			continue;
 		}
 		memcpy(&v, fn->saved + PBX_ENTRY_PAD, 2);
@@ -284,13 +338,21 @@ int sandbox_redirect_restore(const struct sandbox_func *funcs, size_t nfuncs, st
 	}
 	/* Pairs with (1): no core still fetches `eb f8` (or the entry jump) at the entry. */
 	sandbox_core_sync();
-	/* (2) A thread parked at site-6 now jumps to the entry instead of the patch. */
-	for (size_t f = 0; f < nfuncs; f++)
-		if (funcs[f].mech != PBX_KIND_ENTRY_JUMP)
+	/* (2) A thread parked at site-6 now jumps to the entry instead of the patch; the
+	 * rel32 of a split entry jump goes back (dead: threads wait at its `jmp .`). */
+	for (size_t f = 0; f < nfuncs; f++) {
+		if (sandbox_jump_split(&funcs[f]))
+			sandbox_span_store(funcs[f].site + 2, sandbox_site_saved(&funcs[f]) + 2, PBX_JUMP_LEN - 2);
+		else if (funcs[f].mech != PBX_KIND_ENTRY_JUMP)
 			sandbox_insn_store2(funcs[f].site - PBX_ENTRY_PAD, SANDBOX_INSN_JMP_OVER);
+	}
 	/* Pairs with (2): the rel32 bytes below are dead before they change. */
 	sandbox_core_sync();
 	for (size_t f = 0; f < nfuncs; f++) {
+		/* (3) of a split entry jump: its first two bytes back, the parked threads run
+		 * the original (pairs with the sync after (2)). */
+		if (sandbox_jump_split(&funcs[f]))
+			sandbox_span_store(funcs[f].site, sandbox_site_saved(&funcs[f]), 2);
 		if (funcs[f].mech == PBX_KIND_ENTRY_JUMP)
 			continue;
 		/* (3) Skipped by `eb 04`; ordered before (4) by x86 store ordering. */

@@ -194,7 +194,7 @@ static void sandbox_store_one(int dfd, const char *name)
 
 void sandbox_store_apply(void)
 {
-	const struct sandbox_exe_info *exe = sandbox_exe_get();
+	const struct sandbox_object *exe = sandbox_exe_get();
 	const char *root = getenv("PATCHBOX_STORE");
 	char dir[PATH_MAX], why[SANDBOX_ERRMSG];
 	if (!root || !*root)

@@ -35,7 +35,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/syscall.h>
 #include <sys/uio.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "arch/x86_64/insn.h"
@@ -44,7 +46,7 @@
 _Static_assert(SANDBOX_ALLOC >= 4096, "SANDBOX_ALLOC must be at least one page");
 _Static_assert(SANDBOX_DATA_ALLOC >= SANDBOX_ALIGN, "SANDBOX_DATA_ALLOC too small");
 
-struct sandbox_area sandbox_text, sandbox_data;
+struct sandbox_region sandbox_regions[PBX_MAX_OBJECTS];
 
 /* ------------------------------------------------------------------ where the sandbox lies */
 
@@ -67,24 +69,22 @@ extern unsigned char sandbox_text_area[] __attribute__((visibility("hidden")));
 static unsigned char sandbox_data_area[SANDBOX_DATA_ALLOC] __attribute__((aligned(4096)));
 #endif
 
-#ifdef SANDBOX_NEAR_MMAP
-/* Maps text and data within 1.5 GiB of the executable so that rel32 redirects and
- * PC32 fix-ups reach: hint addresses below its lowest segment, then above it.
- * The self-test's target goes in the page before the sandbox text: the agent's own
- * functions are too far from the sandbox for a rel32 jump when it is a shared
- * object (arch/x86_64/insn.h, sandbox_insn_selftest_target). */
-static int sandbox_areas_map(uintptr_t *selftest_ret, struct sandbox_error *err)
+/* Maps one page + SANDBOX_ALLOC of text and SANDBOX_DATA_ALLOC of data within 1.5 GiB
+ * of [lo, hi) so that rel32 redirects and PC32 fix-ups reach: hint addresses below
+ * its lowest segment, then above it. The text is `ret`, r-x; returns the mapping. */
+static uint8_t *sandbox_map_near(uintptr_t lo, uintptr_t hi, const char *what, struct sandbox_error *err)
 {
-	const struct sandbox_exe_info *exe = sandbox_exe_get();
 	const uintptr_t reach = 0x60000000ul, step = 2ul << 20;
 	size_t tsz = sandbox_round_up(SANDBOX_ALLOC, SANDBOX_PAGE) + SANDBOX_PAGE;
 	size_t dsz = sandbox_round_up(SANDBOX_DATA_ALLOC, SANDBOX_PAGE);
 	size_t total = tsz + dsz;
-	uintptr_t lo = sandbox_round_down(exe->lo, SANDBOX_PAGE);
-	uintptr_t hi = sandbox_round_up(exe->hi, SANDBOX_PAGE);
 	uint8_t *m = NULL;
-	if (hi <= lo || hi - lo + total > reach)
-		return sandbox_error_set(err, PBX_E_INTERNAL, "executable span too large for a near sandbox");
+	lo = sandbox_round_down(lo, SANDBOX_PAGE);
+	hi = sandbox_round_up(hi, SANDBOX_PAGE);
+	if (hi <= lo || hi - lo + total > reach) {
+		sandbox_error_set(err, PBX_E_INTERNAL, "%s: span too large for a near sandbox", what);
+		return NULL;
+	}
 	for (int above = 0; above < 2 && !m; above++) {
 		for (uintptr_t off = 0; hi - lo + total + off <= reach; off += step) {
 			uintptr_t hint;
@@ -106,19 +106,52 @@ static int sandbox_areas_map(uintptr_t *selftest_ret, struct sandbox_error *err)
 			break;
 		}
 	}
-	if (!m)
-		return sandbox_error_set(err, PBX_E_INTERNAL,
-					 "no free address within 1.5 GiB of the executable for the sandbox");
+	if (!m) {
+		sandbox_error_set(err, PBX_E_INTERNAL, "no free address within 1.5 GiB of %s for the sandbox", what);
+		return NULL;
+	}
 	memset(m, SANDBOX_INSN_RET, tsz);
 	memcpy(m, sandbox_insn_selftest_target, sizeof(sandbox_insn_selftest_target));
 	if (mprotect(m, tsz, PROT_READ | PROT_EXEC) != 0) {
 		int e = errno;
 		munmap(m, total);
-		return sandbox_error_set(err, PBX_E_MPROTECT_FAILED, "sandbox r-x: %s", strerror(e));
+		sandbox_error_set(err, PBX_E_MPROTECT_FAILED, "sandbox r-x: %s", strerror(e));
+		return NULL;
 	}
-	sandbox_text.base = (uintptr_t)m + SANDBOX_PAGE;
-	sandbox_data.base = (uintptr_t)m + tsz;
-	*selftest_ret = (uintptr_t)m + PBX_ENTRY_PAD;
+	return m;
+}
+
+static void sandbox_region_init(struct sandbox_region *r, uintptr_t text, uintptr_t data)
+{
+	memset(r, 0, sizeof(*r));
+	r->text.base = text;
+	r->text.size = sandbox_round_down(SANDBOX_ALLOC, SANDBOX_ALIGN);
+	r->text.is_text = 1;
+	r->data.base = data;
+	r->data.size = sandbox_round_down(SANDBOX_DATA_ALLOC, SANDBOX_ALIGN);
+}
+
+int sandbox_region_map(size_t idx, uintptr_t lo, uintptr_t hi, const char *what, struct sandbox_error *err)
+{
+	uint8_t *m = idx < PBX_MAX_OBJECTS ? sandbox_map_near(lo, hi, what, err) : NULL;
+	if (!m)
+		return -1;
+	sandbox_region_init(&sandbox_regions[idx], (uintptr_t)m + SANDBOX_PAGE,
+			    (uintptr_t)m + SANDBOX_PAGE + sandbox_round_up(SANDBOX_ALLOC, SANDBOX_PAGE));
+	return 0;
+}
+
+#ifdef SANDBOX_NEAR_MMAP
+/* The executable's region near it. The self-test's target goes in the page before
+ * the sandbox text: the agent's own functions are too far from the sandbox for a
+ * rel32 jump when it is a shared object (arch/x86_64/insn.h,
+ * sandbox_insn_selftest_target). */
+static int sandbox_areas_map(uintptr_t *selftest_ret, struct sandbox_error *err)
+{
+	const struct sandbox_object *exe = sandbox_exe_get();
+	if (sandbox_region_map(0, exe->lo, exe->hi, "the executable", err) != 0)
+		return -1;
+	*selftest_ret = sandbox_regions[0].text.base - SANDBOX_PAGE + PBX_ENTRY_PAD;
 	return 0;
 }
 #else
@@ -133,8 +166,7 @@ static int sandbox_selftest_target(int x)
 static int sandbox_areas_map(uintptr_t *selftest_ret, struct sandbox_error *err)
 {
 	(void)err;
-	sandbox_text.base = (uintptr_t)sandbox_text_area;
-	sandbox_data.base = (uintptr_t)sandbox_data_area;
+	sandbox_region_init(&sandbox_regions[0], (uintptr_t)sandbox_text_area, (uintptr_t)sandbox_data_area);
 	*selftest_ret = (uintptr_t)sandbox_selftest_target;
 	return 0;
 }
@@ -142,14 +174,8 @@ static int sandbox_areas_map(uintptr_t *selftest_ret, struct sandbox_error *err)
 
 int sandbox_areas_init(uintptr_t *selftest_ret, struct sandbox_error *err)
 {
-	memset(&sandbox_text, 0, sizeof(sandbox_text));
-	memset(&sandbox_data, 0, sizeof(sandbox_data));
-	if (sandbox_areas_map(selftest_ret, err) != 0)
-		return -1;
-	sandbox_text.size = sandbox_round_down(SANDBOX_ALLOC, SANDBOX_ALIGN);
-	sandbox_text.is_text = 1;
-	sandbox_data.size = sandbox_round_down(SANDBOX_DATA_ALLOC, SANDBOX_ALIGN);
-	return 0;
+	memset(sandbox_regions, 0, sizeof(sandbox_regions));
+	return sandbox_areas_map(selftest_ret, err);
 }
 
 /* ------------------------------------------------------------------ extents */
@@ -214,29 +240,50 @@ static ssize_t sandbox_area_find(const struct sandbox_area *a, uintptr_t addr)
 	return -1;
 }
 
+/* Area k of every region, text and data in turn (k < SANDBOX_NAREAS); NULL for a
+ * region not mapped. A patch's owner id is unique across regions. */
+#define SANDBOX_NAREAS (2 * PBX_MAX_OBJECTS)
+static struct sandbox_area *sandbox_area_at(size_t k)
+{
+	struct sandbox_region *r = &sandbox_regions[k / 2];
+	struct sandbox_area *a = k % 2 ? &r->data : &r->text;
+	return a->size ? a : NULL;
+}
+
+/* The area that contains addr, NULL if none. */
+static struct sandbox_area *sandbox_area_of(uintptr_t addr)
+{
+	for (size_t k = 0; k < SANDBOX_NAREAS; k++) {
+		struct sandbox_area *a = sandbox_area_at(k);
+		if (a && addr >= a->base && addr - a->base < a->size)
+			return a;
+	}
+	return NULL;
+}
+
 /* Frees the (not yet retired) text and data of owner at once: only for memory no
  * other thread can have executed (the self-test). -1 if the text stays. */
 int sandbox_owner_free(uint32_t owner)
 {
-	struct sandbox_area *t = &sandbox_text, *d = &sandbox_data;
-	for (size_t i = t->n; i-- > 0;) {
-		if (t->ext[i].owner != owner || t->ext[i].retired)
-			continue;
-		if (sandbox_text_refill(t->base + t->ext[i].off, t->ext[i].len) != 0)
-			return -1;
-		sandbox_area_drop(t, i);
+	for (size_t k = 0; k < SANDBOX_NAREAS; k++) {
+		struct sandbox_area *a = sandbox_area_at(k);
+		for (size_t i = a ? a->n : 0; i-- > 0;) {
+			if (a->ext[i].owner != owner || a->ext[i].retired)
+				continue;
+			if (a->is_text && sandbox_text_refill(a->base + a->ext[i].off, a->ext[i].len) != 0)
+				return -1;
+			sandbox_area_drop(a, i);
+		}
 	}
-	for (size_t i = d->n; i-- > 0;)
-		if (d->ext[i].owner == owner && !d->ext[i].retired)
-			sandbox_area_drop(d, i);
 	return 0;
 }
 
 /* Retires the text and data of a removed patch; keep (RETAIN): never reclaimed. */
 void sandbox_owner_retire(uint32_t owner, int keep)
 {
-	sandbox_area_retire(&sandbox_text, owner, keep);
-	sandbox_area_retire(&sandbox_data, owner, keep);
+	for (size_t k = 0; k < SANDBOX_NAREAS; k++)
+		if (sandbox_area_at(k))
+			sandbox_area_retire(sandbox_area_at(k), owner, keep);
 }
 
 /* Gives back what an apply that failed before publishing placed for owner: never
@@ -245,18 +292,19 @@ void sandbox_owner_retire(uint32_t owner, int keep)
  * previous owner revived_from (old threads may still run it). */
 void sandbox_owner_unplace(uint32_t owner, uintptr_t revived_addr, uint32_t revived_from)
 {
-	if (revived_addr) {
-		sandbox_area_retire(&sandbox_text, owner, 0);
-		ssize_t i = sandbox_area_find(&sandbox_text, revived_addr);
+	struct sandbox_area *t = revived_addr ? sandbox_area_of(revived_addr) : NULL;
+	if (t) {
+		sandbox_area_retire(t, owner, 0);
+		ssize_t i = sandbox_area_find(t, revived_addr);
 		if (i >= 0)
-			sandbox_text.ext[i].owner = revived_from;
+			t->ext[i].owner = revived_from;
 	}
-	for (size_t i = sandbox_text.n; i-- > 0;)
-		if (sandbox_text.ext[i].owner == owner && !sandbox_text.ext[i].retired)
-			sandbox_area_drop(&sandbox_text, i);
-	for (size_t i = sandbox_data.n; i-- > 0;)
-		if (sandbox_data.ext[i].owner == owner)
-			sandbox_area_drop(&sandbox_data, i);
+	for (size_t k = 0; k < SANDBOX_NAREAS; k++) {
+		struct sandbox_area *a = sandbox_area_at(k);
+		for (size_t i = a ? a->n : 0; i-- > 0;)
+			if (a->ext[i].owner == owner && (!a->is_text || !a->ext[i].retired))
+				sandbox_area_drop(a, i);
+	}
 }
 
 /* ------------------------------------------------------------------ quiescence */
@@ -265,6 +313,7 @@ struct sandbox_retired_range {
 	uintptr_t lo, hi;
 	int is_text;
 	uint32_t owner;		/* the removed patch it belonged to */
+	struct sandbox_area *area;
 };
 
 static char *sandbox_file_read(const char *path, size_t *len_ret)
@@ -365,28 +414,24 @@ static int sandbox_task_switches(long tid, unsigned long long *n)
 	return 0;
 }
 
-/* Whether owner still has text in the sandbox (live or retired). */
-static int sandbox_owner_has_text(uint32_t owner)
+/* Whether owner still has text (text 1) or data (0) in a sandbox (live or retired). */
+static int sandbox_owner_has(uint32_t owner, int text)
 {
-	for (size_t i = 0; i < sandbox_text.n; i++)
-		if (sandbox_text.ext[i].owner == owner)
-			return 1;
-	return 0;
-}
-
-/* Whether owner still has data in the data area (live or retired). */
-static int sandbox_owner_has_data(uint32_t owner)
-{
-	for (size_t i = 0; i < sandbox_data.n; i++)
-		if (sandbox_data.ext[i].owner == owner)
-			return 1;
+	for (size_t k = text ? 0 : 1; k < SANDBOX_NAREAS; k += 2) {
+		const struct sandbox_area *a = sandbox_area_at(k);
+		for (size_t i = 0; a && i < a->n; i++)
+			if (a->ext[i].owner == owner)
+				return 1;
+	}
 	return 0;
 }
 
 /* See the comment at the top of this file. Frees retired memory that passes. */
 static void sandbox_retired_reclaim(void)
 {
-	size_t cap = sandbox_text.n + sandbox_data.n, nr = 0;
+	size_t cap = 0, nr = 0;
+	for (size_t k = 0; k < SANDBOX_NAREAS; k++)
+		cap += sandbox_area_at(k) ? sandbox_area_at(k)->n : 0;
 	if (cap == 0)
 		return;
 	struct sandbox_retired_range *r = calloc(cap, sizeof(*r));
@@ -395,14 +440,14 @@ static void sandbox_retired_reclaim(void)
 	DIR *dir = NULL;
 	if (!r || !busy)
 		goto out;
-	struct sandbox_area *areas[2] = { &sandbox_text, &sandbox_data };
-	for (int a = 0; a < 2; a++)
-		for (size_t i = 0; i < areas[a]->n; i++)
-			if (areas[a]->ext[i].retired && !areas[a]->ext[i].keep)
+	for (size_t k = 0; k < SANDBOX_NAREAS; k++) {
+		struct sandbox_area *a = sandbox_area_at(k);
+		for (size_t i = 0; a && i < a->n; i++)
+			if (a->ext[i].retired && !a->ext[i].keep)
 				r[nr++] = (struct sandbox_retired_range){
-					areas[a]->base + areas[a]->ext[i].off,
-					areas[a]->base + areas[a]->ext[i].off + areas[a]->ext[i].len,
-					a == 0, areas[a]->ext[i].owner };
+					a->base + a->ext[i].off, a->base + a->ext[i].off + a->ext[i].len,
+					a->is_text, a->ext[i].owner, a };
+	}
 	if (nr == 0)
 		goto out;
 	maps = sandbox_file_read("/proc/self/maps", NULL);
@@ -476,18 +521,18 @@ static void sandbox_retired_reclaim(void)
 	for (size_t k = 0; k < nr; k++) {
 		if (!r[k].is_text)
 			continue;
-		ssize_t i = sandbox_area_find(&sandbox_text, r[k].lo);
+		ssize_t i = sandbox_area_find(r[k].area, r[k].lo);
 		if (busy[k] || i < 0 || sandbox_text_refill(r[k].lo, r[k].hi - r[k].lo) != 0)
 			continue;
-		sandbox_area_drop(&sandbox_text, (size_t)i);
+		sandbox_area_drop(r[k].area, (size_t)i);
 		sandbox_debug("reclaimed retired text 0x%lx+%lu", (unsigned long)r[k].lo,
 			      (unsigned long)(r[k].hi - r[k].lo));
 	}
 	for (size_t k = 0; k < nr; k++) {
-		ssize_t i = r[k].is_text ? -1 : sandbox_area_find(&sandbox_data, r[k].lo);
-		if (i < 0 || busy[k] || sandbox_owner_has_text(r[k].owner))
+		ssize_t i = r[k].is_text ? -1 : sandbox_area_find(r[k].area, r[k].lo);
+		if (i < 0 || busy[k] || sandbox_owner_has(r[k].owner, 1))
 			continue;
-		sandbox_area_drop(&sandbox_data, (size_t)i);
+		sandbox_area_drop(r[k].area, (size_t)i);
 		sandbox_debug("reclaimed retired data 0x%lx+%lu", (unsigned long)r[k].lo,
 			      (unsigned long)(r[k].hi - r[k].lo));
 	}
@@ -505,7 +550,10 @@ int sandbox_area_alloc_reclaim(struct sandbox_area *a, size_t len, uint32_t owne
 {
 	if (sandbox_area_alloc(a, len, owner, ret) == 0)
 		return 0;
-	if (sandbox_text.retired == 0 && sandbox_data.retired == 0)
+	size_t retired = 0;
+	for (size_t k = 0; k < SANDBOX_NAREAS; k++)
+		retired += sandbox_area_at(k) ? sandbox_area_at(k)->retired : 0;
+	if (retired == 0)
 		return -1;
 	sandbox_retired_reclaim();
 	return sandbox_area_alloc(a, len, owner, ret);
@@ -520,18 +568,17 @@ int sandbox_area_alloc_reclaim(struct sandbox_area *a, size_t len, uint32_t owne
  * Only for patches without data or bss, and only from a removed patch that had none
  * (its code would reach its data rel32-relative). 1 and *ret if found. tbuf: scratch
  * of spec->text_len bytes. */
-int sandbox_text_revive(const struct sandbox_apply_spec *spec, const uint64_t *import, uint32_t owner,
-			uint8_t *tbuf, uint32_t *prev_owner, uintptr_t *ret)
+int sandbox_text_revive(struct sandbox_area *a, const struct sandbox_apply_spec *spec, const uint64_t *import,
+			uintptr_t bias, uint32_t owner, uint8_t *tbuf, uint32_t *prev_owner, uintptr_t *ret)
 {
-	struct sandbox_area *a = &sandbox_text;
 	size_t need = sandbox_round_up(spec->text_len, SANDBOX_ALIGN);
 	for (size_t i = 0; i < a->n; i++) {
 		struct sandbox_extent *x = &a->ext[i];
-		if (!x->retired || x->len != need || sandbox_owner_has_data(x->owner))
+		if (!x->retired || x->len != need || sandbox_owner_has(x->owner, 0))
 			continue;
 		uintptr_t addr = a->base + x->off;
 		memcpy(tbuf, spec->text, spec->text_len);
-		if (sandbox_fixups_apply(spec, import, tbuf, addr, NULL, 0, NULL) != 0 ||
+		if (sandbox_fixups_apply(spec, import, bias, tbuf, addr, NULL, 0, NULL) != 0 ||
 		    memcmp(tbuf, (const void *)addr, spec->text_len) != 0)
 			continue;
 		x->retired = 0;
@@ -544,4 +591,155 @@ int sandbox_text_revive(const struct sandbox_apply_spec *spec, const uint64_t *i
 		return 1;
 	}
 	return 0;
+}
+
+/* ------------------------------------------------------------------ the hold */
+
+/* The hold (PBX_FLAG_HOLD; docs/reach.md, "Entry jumps in stock code"): an entry jump
+ * over a first instruction shorter than 5 bytes, or across two 8-byte words, cannot be
+ * published by one atomic store that no thread can be inside. The client stops every
+ * other thread with ptrace (a tracing stop, 't' in /proc/self/task/TID/stat) and the
+ * agent checks, right before it writes, that each one is stopped and that neither its
+ * PC nor any word of its stack (a return address, a signal frame's saved PC) lies
+ * strictly inside (P, P+5). A thread at P itself runs the jump or the old first
+ * instruction whole. Nothing here allocates: a held thread may own malloc's lock. */
+
+/* Reads path into buf, NUL-terminated; its length, or -1 with errno. */
+static ssize_t sandbox_small_read(const char *path, char *buf, size_t cap)
+{
+	int fd = open(path, O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		return -1;
+	ssize_t n = read(fd, buf, cap - 1);
+	int e = errno;
+	close(fd);
+	errno = e;
+	if (n >= 0)
+		buf[n] = '\0';
+	return n;
+}
+
+/* Whether some word of the stack from sp (up to where the mapping ends, 16 MiB at most)
+ * points strictly inside the bytes of a held function; *which gets it. */
+static int sandbox_stack_points_inside(uintptr_t sp, const struct sandbox_func *funcs, size_t n,
+				       const struct sandbox_func **which)
+{
+	static uint64_t chunk[4096];	/* only the agent thread runs this */
+	uintptr_t end = sp + (16ul << 20);
+	for (sp = sandbox_round_down(sp, 8); sp < end;) {
+		struct iovec local = { chunk, sizeof(chunk) }, remote = { (void *)sp, sizeof(chunk) };
+		ssize_t got = process_vm_readv(getpid(), &local, 1, &remote, 1, 0);
+		if (got <= 0)
+			return 0;	/* the end of the mapping */
+		for (size_t w = 0; w < (size_t)got / 8; w++)
+			for (size_t k = 0; k < n; k++)
+				if (funcs[k].hold && chunk[w] > funcs[k].wlo && chunk[w] < funcs[k].whi) {
+					*which = &funcs[k];
+					return 1;
+				}
+		sp += (size_t)got;
+	}
+	return 0;
+}
+
+static int sandbox_thread_held(long tid, const struct sandbox_func *funcs, size_t n, char *why, size_t why_len)
+{
+	char path[64], buf[512];
+	snprintf(path, sizeof(path), "/proc/self/task/%ld/stat", tid);
+	if (sandbox_small_read(path, buf, sizeof(buf)) < 0) {
+		if (errno == ENOENT)
+			return 1;	/* exited */
+		snprintf(why, why_len, "thread %ld: cannot read its state: %s", tid, strerror(errno));
+		return 0;
+	}
+	const char *rp = strrchr(buf, ')');
+	char state = rp && rp[1] == ' ' ? rp[2] : '?';
+	if (state == 'Z' || state == 'X')
+		return 1;
+	if (state != 't') {
+		snprintf(why, why_len, "thread %ld is not held (state %c, not t)", tid, state);
+		return 0;
+	}
+	snprintf(path, sizeof(path), "/proc/self/task/%ld/syscall", tid);
+	unsigned long sp = 0, pc = 0;
+	char *last = sandbox_small_read(path, buf, sizeof(buf)) > 0 ? strrchr(buf, ' ') : NULL;
+	if (last && last != buf) {
+		*last = '\0';
+		char *prev = strrchr(buf, ' ');
+		if (!prev || sscanf(prev + 1, "%lx", &sp) != 1 || sscanf(last + 1, "%lx", &pc) != 1)
+			last = NULL;
+	}
+	if (!last) {
+		snprintf(why, why_len, "thread %ld: cannot read its registers", tid);
+		return 0;
+	}
+	const struct sandbox_func *in = NULL;
+	for (size_t k = 0; k < n && !in; k++)
+		if (funcs[k].hold && pc > funcs[k].wlo && pc < funcs[k].whi)
+			in = &funcs[k];
+	if (in) {
+		snprintf(why, why_len, "thread %ld is stopped at 0x%lx, inside the first bytes of %s", tid, pc,
+			 in->symbol);
+		return 0;
+	}
+	if (sandbox_stack_points_inside(sp, funcs, n, &in)) {
+		snprintf(why, why_len, "thread %ld has a return address inside the first bytes of %s on its stack",
+			 tid, in->symbol);
+		return 0;
+	}
+	return 1;
+}
+
+int sandbox_threads_held(const struct sandbox_func *funcs, size_t n, char *why, size_t why_len)
+{
+	int dfd = open("/proc/self/task", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+	if (dfd < 0) {
+		snprintf(why, why_len, "cannot list the threads: %s", strerror(errno));
+		return 0;
+	}
+	static char ents[4096];
+	long self = gettid(), got;
+	int ok = 1;
+	while (ok && (got = syscall(SYS_getdents64, dfd, ents, sizeof(ents))) > 0) {
+		for (long pos = 0; ok && pos < got;) {
+			const struct dirent64 *d = (const struct dirent64 *)(ents + pos);
+			pos += d->d_reclen;
+			char *endp;
+			long tid = strtol(d->d_name, &endp, 10);
+			if (d->d_name[0] != '.' && !*endp && tid > 0 && tid != self)
+				ok = sandbox_thread_held(tid, funcs, n, why, why_len);
+		}
+	}
+	close(dfd);
+	return ok;
+}
+
+static uint64_t sandbox_mono_ns(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+int sandbox_hold_wait(const struct sandbox_func *funcs, size_t n, uint64_t *waited_ns,
+			     struct sandbox_error *err)
+{
+	int need = 0;
+	for (size_t i = 0; i < n; i++)
+		need |= funcs[i].hold;
+	if (!need)
+		return 0;
+	uint64_t start = sandbox_mono_ns(), deadline = start + (uint64_t)PBX_HOLD_WAIT_MS * 1000000ull;
+	char why[256] = "";
+	for (;;) {
+		if (sandbox_threads_held(funcs, n, why, sizeof(why))) {
+			*waited_ns = sandbox_mono_ns() - start;
+			return 0;
+		}
+		if (sandbox_mono_ns() > deadline)
+			return sandbox_error_set(err, PBX_E_NOT_HELD, "after %d ms: %s (patchbox apply holds the "
+						 "threads; retry)", PBX_HOLD_WAIT_MS, why);
+		struct timespec ts = { 0, 200 * 1000 };
+		nanosleep(&ts, NULL);
+	}
 }

@@ -22,7 +22,7 @@ are removed top first.
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 from patchbox.errors import PatchboxError
 from patchbox.format.model import Patch
@@ -99,12 +99,19 @@ def stacked_above(name: str, applied: Sequence[AppliedPatch]) -> list[tuple[str,
 
 
 def check_apply(
-    patch: Patch, info: dict[str, str], applied: Sequence[AppliedPatch], pid: int | str
+    patch: Patch,
+    info: dict[str, str],
+    applied: Sequence[AppliedPatch],
+    pid: int | str,
+    mapped: Collection[str] | None = None,
 ) -> None:
     """Raises PolicyError if ``patch`` must not be applied to the process described by
-    ``info`` (INFO reply) with ``applied`` (LIST reply)."""
+    ``info`` (INFO reply) with ``applied`` (LIST reply); ``mapped``: build-ids (hex) of
+    the libraries it maps, when known (a patch may target one of them)."""
     want = patch.build_id.hex()
     have = info.get("build_id", "unknown").lower()
+    if have != want and mapped is not None and want in mapped:
+        have = want  # a patch of a library the process maps (docs/reach.md)
     if have == "unknown":
         raise PolicyError(
             f"pid {pid} ({info.get('exe', '?')}) has no GNU build-id; patch "
@@ -114,6 +121,7 @@ def check_apply(
         raise PolicyError(
             f"patch {patch.name} was built for build-id {want} but pid {pid} "
             f"runs {info.get('exe', 'an executable')} with build-id {have}"
+            + ("" if mapped is None else " and maps no library of that build-id")
         )
     if state_in(patch.name, applied) is PatchState.APPLIED:
         raise PolicyError(

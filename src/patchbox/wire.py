@@ -26,6 +26,8 @@ REPLY_BIT = 128
 JUMP_LEN = 5
 ENDBR_SKIP = 4
 MAX_HOOKS = 16
+HOLD_WAIT_MS = 1000
+MAX_OBJECTS = 8
 
 
 class Msg(IntEnum):
@@ -44,6 +46,7 @@ class RedirectKind(IntEnum):
 
 class ApplyFlag(IntEnum):
     RETAIN = 1
+    HOLD = 2
 
 
 class HookKind(IntEnum):
@@ -99,6 +102,7 @@ class ErrorCode(IntEnum):
     PERMISSION = 24
     BAD_FIXUP = 25
     HOOK_FAILED = 26
+    NOT_HELD = 27
 
 
 ERROR_TEXTS: dict[int, str] = {
@@ -129,6 +133,7 @@ ERROR_TEXTS: dict[int, str] = {
     24: "peer not allowed",
     25: "invalid fix-up type, base or section",
     26: "a hook of the patch refused",
+    27: "the threads are not held clear of the bytes to replace",
 }
 
 __all__ = [
@@ -150,6 +155,8 @@ __all__ = [
     "JUMP_LEN",
     "ENDBR_SKIP",
     "MAX_HOOKS",
+    "HOLD_WAIT_MS",
+    "MAX_OBJECTS",
     "Msg",
     "RedirectKind",
     "ApplyFlag",

@@ -182,7 +182,7 @@ CASES: dict[str, Case] = {
         ("running",),
     ),
     "flags-unknown-bit": Case(
-        Msg.APPLY, lambda p, t, e: body_of(p, flags=2), ErrorCode.MALFORMED, ("flags",)
+        Msg.APPLY, lambda p, t, e: body_of(p, flags=4), ErrorCode.MALFORMED, ("flags",)
     ),
     "trailing-byte": Case(
         Msg.APPLY, lambda p, t, e: encode_apply_body(p) + b"\0", ErrorCode.MALFORMED, ("trailing",)

@@ -366,6 +366,11 @@ def test_stale_sockets_swept(target_exe: Path, tmp_path: Path) -> None:
     env = {"PATCHBOX_SOCK_DIR": str(shared)}
     live = Target(target_exe, env=env)
     dead = [Target(target_exe, env=env) for _ in range(3)]
+    # Each agent sweeps once, on its thread, before it first serves: an answered INFO
+    # means that sweep is done (under load it could otherwise run after an earlier one
+    # of these was killed, and remove its socket before the check below).
+    for t in dead:
+        info_json(t.pid)
     for t in dead:
         t.stop()  # SIGKILL: no destructor, the socket file stays; reaped
     (shared / f"sandbox-sock{dead[0].pid}.log").write_text("a log stays\n")

@@ -20,6 +20,8 @@
 #define PBX_JUMP_LEN 5
 #define PBX_ENDBR_SKIP 4
 #define PBX_MAX_HOOKS 16
+#define PBX_HOLD_WAIT_MS 1000
+#define PBX_MAX_OBJECTS 8
 
 #define PBX_MSG_INFO 1
 #define PBX_MSG_LIST 2
@@ -32,6 +34,7 @@
 #define PBX_KIND_ENTRY_JUMP 1
 
 #define PBX_FLAG_RETAIN 1
+#define PBX_FLAG_HOLD 2
 
 #define PBX_HOOK_PRE_APPLY 1
 #define PBX_HOOK_POST_APPLY 2
@@ -78,6 +81,7 @@ enum pbx_error {
 	PBX_E_PERMISSION = 24,
 	PBX_E_BAD_FIXUP = 25,
 	PBX_E_HOOK_FAILED = 26,
+	PBX_E_NOT_HELD = 27,
 	PBX_E_COUNT_
 };
 
@@ -110,6 +114,7 @@ enum pbx_error {
 	"peer not allowed", \
 	"invalid fix-up type, base or section", \
 	"a hook of the patch refused", \
+	"the threads are not held clear of the bytes to replace", \
 }
 
 #endif

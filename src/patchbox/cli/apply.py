@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from patchbox import policy, signing
+from patchbox.cli.attach import attach_and_report
 from patchbox.cli.common import (
     emit_json,
     json_option,
@@ -15,6 +16,9 @@ from patchbox.cli.common import (
 from patchbox.cli.fleet import all_options, report
 from patchbox.format.layout import read_patch_file
 from patchbox.host.ops import apply_all
+from patchbox.reach.attach import AlreadyAttached
+from patchbox.reach.hold import apply_held
+from patchbox.reach.procfs import mapped_objects
 
 __all__ = ["apply_command"]
 
@@ -31,6 +35,13 @@ __all__ = ["apply_command"]
     help="With --all: if any process failed, remove the patch again from every "
     "process it was applied to.",
 )
+@click.option(
+    "--attach",
+    "attach",
+    is_flag=True,
+    help="Load the agent first into a process that has none (patchbox attach); with "
+    "--all, into every process that runs or maps the patch's build.",
+)
 @click.argument("file", type=click.Path(dir_okay=False))
 def apply_command(
     pid: int | None,
@@ -41,6 +52,7 @@ def apply_command(
     exe: str | None,
     build_id: str | None,
     rollback: bool,
+    attach: bool,
     file: str,
 ) -> None:
     """Apply the patch FILE (its body is sent unchanged, after the trust and policy checks)
@@ -56,17 +68,27 @@ def apply_command(
             )
         timeout = click.get_current_context().find_root().params.get("timeout") or 10.0
         report(
-            apply_all(pf, exe=exe, build_id=build_id, rollback=rollback, timeout=timeout),
+            apply_all(
+                pf, exe=exe, build_id=build_id, rollback=rollback, timeout=timeout, attach=attach
+            ),
             as_json,
             f"apply {pf.patch.name}",
         )
         return
     patch, body = pf.patch, pf.body
+    if attach:
+        if pid is None:
+            raise click.UsageError("--attach needs -p PID (or --all)")
+        try:
+            attach_and_report(pid)
+        except AlreadyAttached:
+            pass
     with open_client(pid, socket_path) as client:
         info = client.info()
         target = str(pid) if pid is not None else info.get("pid", "?")
-        policy.check_apply(patch, info, client.list(), target)
-        result = client.apply(body)
+        mapped = {o.build_id for o in mapped_objects(int(target))} if target.isdigit() else set()
+        policy.check_apply(patch, info, client.list(), target, mapped or None)
+        result, hold = apply_held(client, int(info.get("pid", "0") or 0), patch, body, info)
     symbols = [f.symbol for f in patch.functions]
     if as_json:
         emit_json(
@@ -77,7 +99,14 @@ def apply_command(
                 "text_addr": result.text_addr,
                 "data_addr": result.data_addr,
                 "functions": symbols,
+                "held_threads": hold.threads if hold else 0,
+                "held_ns": hold.longest_ns if hold else 0,
             }
         )
         return
     click.echo(f"applied {patch.name} (id {result.id}) to pid {target}: {', '.join(symbols)}")
+    if hold is not None:
+        click.echo(
+            f"held {hold.threads} thread(s) for at most {hold.longest_ns / 1e6:.3f} ms "
+            f"({hold.attempts} attempt(s)) while the entry jump was written"
+        )

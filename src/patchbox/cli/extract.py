@@ -41,9 +41,9 @@ __all__ = ["extract_command", "main"]
 @click.option(
     "--force",
     is_flag=True,
-    help="Entry jump (original without the patchable entry): accept a first "
-    "instruction shorter than the 5-byte jump; a thread preempted inside those "
-    "bytes at the switch would crash. Other refusals are not overridden.",
+    hidden=True,
+    help="Deprecated, no effect: entry jumps over a short first instruction are now "
+    "written while patchbox apply holds the threads (docs/reach.md).",
 )
 @click.option(
     "--symbols",
@@ -76,6 +76,10 @@ def extract_command(
         name = Path(output).stem if output else "patch"
     out = Path(output) if output else Path.cwd() / f"{name}.pbx"
     warnings: list[str] = []
+    if force:
+        warnings.append(
+            "--force is deprecated and has no effect: such entry jumps are held (docs/reach.md)"
+        )
     try:
         try:
             patch = extract_patch(

@@ -32,6 +32,8 @@ def list_command(pid: int | None, socket_path: str | None, as_json: bool) -> Non
         click.echo(
             f"{p.name}  id {p.id}  applied {_when(p.applied_at)}  "
             f"text {p.text_addr:#x}+{p.text_size}  data {p.data_addr:#x}+{p.data_size}"
+            + (f"  in {p.object}" if p.object else "")
+            + (f"  held {p.hold_ns / 1e6:.3f} ms" if p.hold_ns else "")
         )
         for f in p.functions:
             click.echo(f"    {f.symbol}  {f.target:#x} -> {f.new:#x} ({f.new_size} bytes)")

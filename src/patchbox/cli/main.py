@@ -12,6 +12,7 @@ import click
 
 from patchbox import __version__
 from patchbox.cli.apply import apply_command
+from patchbox.cli.attach import attach_command
 from patchbox.cli.completion import completion_command
 from patchbox.cli.config import config_command
 from patchbox.cli.debug import debug_command
@@ -94,6 +95,7 @@ for _command in (
     info_command,
     list_command,
     apply_command,
+    attach_command,
     remove_command,
     test_command,
     debug_command,

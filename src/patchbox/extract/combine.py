@@ -57,7 +57,6 @@ def _extract(
     allow_inlined: bool,
     warnings: list[str],
     force_copy: dict[str, set[str]],
-    force: bool,
     for_build: bool,
     meta: dict[str, str],
     symbols: str | Path | None = None,
@@ -75,7 +74,6 @@ def _extract(
                     index=i,
                     group=members,
                     force_copy=force_copy.get(str(obj_path)),
-                    force=force,
                     warnings=warnings,
                 )
             )
@@ -151,6 +149,10 @@ def _extract(
     # QEMU code may be suspended in coroutines on stacks the agent cannot scan: never
     # reuse such a patch's memory after remove (docs/qemu.md, "Coroutines").
     flags = ApplyFlag.RETAIN if profile.retain else 0
+    # Entry jumps that one atomic store cannot publish safely: written while the client
+    # holds the threads (docs/reach.md, "Entry jumps in stock code").
+    if any(r.held for m in members for r in m.replaced):
+        flags |= ApplyFlag.HOLD
     return Patch(
         name=name,
         build_id=build_id,
@@ -235,8 +237,12 @@ def extract_patch(
 
     Originals without the patchable entry: redirected by an entry jump (kind
     ENTRY_JUMP) if :func:`patchbox.extract.entry.analyse_entry` accepts them, else
-    refused naming the rule; ``force`` accepts a first instruction shorter than the jump
-    (rule 2) with the risk as a warning. A replacement in ``obj_path`` without its own
+    refused naming the rule; one that one atomic store cannot publish (a first
+    instruction shorter than the jump, or the jump across two words) is *held*: the
+    patch carries the HOLD flag and ``patchbox apply`` holds the threads while the agent
+    writes it. ``force`` is accepted and ignored (it was needed for such functions
+    before; deprecated). Shared libraries are references like executables.
+    A replacement in ``obj_path`` without its own
     patchable entry is accepted with a warning (nothing can be stacked on it).
 
     Raises ElfError for unreadable inputs, ExtractError (UnsupportedRelocation for
@@ -265,7 +271,6 @@ def extract_patch(
         allow_inlined=allow_inlined,
         warnings=warnings if warnings is not None else [],
         force_copy={},
-        force=force,
         for_build=False,
         meta=meta,
         symbols=symbols,
@@ -314,7 +319,6 @@ def extract_multi(
         allow_inlined=allow_inlined,
         warnings=warnings if warnings is not None else [],
         force_copy=copies,
-        force=False,
         for_build=True,
         meta=out_meta,
         symbols=symbols,

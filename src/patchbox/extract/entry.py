@@ -8,17 +8,19 @@ atomic store. :func:`analyse_entry` decides with capstone whether that is safe a
 refuses naming the rule that fails:
 
 1. at least 5 bytes of the function from P;
-2. the instruction at P is at least 5 bytes long, so no thread can be stopped inside
-   [P, P+5) (threads only stop between instructions); otherwise only with ``force``,
-   accepting the stated risk;
+2. the instruction at P is at least 5 bytes long and [P, P+5) lies in one aligned
+   8-byte word (P % 8 <= 3), so one atomic store writes the jump and no thread can be
+   stopped inside it (threads only stop between instructions); otherwise the jump is
+   *held* (``EntryJump.held``, the HOLD apply flag): written while the client holds
+   every other thread clear of (P, P+5) (docs/reach.md);
 3. no direct branch of the function (or of its ``.cold``/``.part`` pieces) targets
-   (P, P+5); never overridable;
-4. P % 8 <= 3, so [P, P+5) lies in one aligned 8-byte word; never overridable;
-5. the function is in the executable, not in a shared library (the sandbox is only
-   within rel32 reach of the executable).
+   (P, P+5), and no call in [P, P+5) returns inside it; never overridable;
+4. P % 8 != 7, so the jump's first two bytes lie in one word (remove parks threads
+   there with ``jmp .``); never overridable.
 
-Rule 6 (no stacking on an entry jump unless the replacement has its own padding) is
-about the running process and enforced by the agent.
+Shared libraries are targets like the executable (the agent maps a sandbox near each
+library it patches). Rule 6 (no stacking on an entry jump unless the replacement has
+its own padding) is about the running process and enforced by the agent.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from patchbox import wire as C
 from patchbox.elf.binary import Binary
 from patchbox.errors import ExtractError
 
-__all__ = ["ENDBR64", "EntryJump", "analyse_entry", "torn_risk", "is_shared_library"]
+__all__ = ["ENDBR64", "EntryJump", "analyse_entry", "is_shared_library"]
 
 ENDBR64 = bytes.fromhex("f30f1efa")
 WORD = 8
@@ -47,20 +49,12 @@ class EntryJump:
     entry: int  # link-time address of the function
     skip: int  # 0, or 4 past an endbr64
     first_len: int  # length of the instruction at P
-    forced: bool  # rule 2 overridden with --force
+    held: bool  # rule 2 does not hold: written while the threads are held (HOLD)
 
     @property
     def point(self) -> int:
         """Returns P, the address the 5-byte jump is written at."""
         return self.entry + self.skip
-
-
-def torn_risk(symbol: str, skip: int) -> str:
-    """Returns the risk a user accepts with --force when rule 2 fails."""
-    return (
-        f"a thread preempted inside the first {skip + C.JUMP_LEN} bytes of {symbol} at "
-        f"the moment of the switch would execute a torn instruction and crash"
-    )
 
 
 def _refuse(symbol: str, rule: str, why: str) -> ExtractError:
@@ -74,17 +68,15 @@ def analyse_entry(
     entry: int,
     code: bytes,
     *,
-    force: bool = False,
     pieces: list[tuple[str, int, bytes]] | None = None,
-    warnings: list[str] | None = None,
 ) -> EntryJump:
     """Returns the entry jump for function ``symbol`` at link-time ``entry`` whose
     bytes (by symbol size) are ``code``; raises ExtractError naming the rule it breaks.
 
     ``pieces`` are other code ranges (name, address, bytes) whose direct branches must
     not land inside the overwritten bytes either (GCC's ``symbol.cold``, ``.part.N``).
-    With ``force``, rule 2 (first instruction shorter than the jump) is accepted and
-    the risk appended to ``warnings``.
+    A first instruction shorter than the jump, or a jump across two words, gives a
+    held jump (rule 2).
     """
     md = Cs(CS_ARCH_X86, CS_MODE_64)
     md.detail = True
@@ -98,19 +90,12 @@ def analyse_entry(
             f"{max(avail, 0)} bytes from the patch point {point:#x} to its end "
             f"(symbol size {len(code)}), the jump needs {C.JUMP_LEN}",
         )
-    if point % WORD > WORD - C.JUMP_LEN:
-        hint = (
-            " (an endbr64 at a 16-byte aligned entry always gives byte 4: build with "
-            "`patchbox config --cflags`, or without -fcf-protection)"
-            if skip
-            else ""
-        )
+    if point % WORD == WORD - 1:
         raise _refuse(
             symbol,
             "rule 4, alignment",
-            f"the patch point {point:#x} is byte {point % WORD} of its 8-byte word, "
-            f"so the 5-byte jump would straddle two words and cannot be written "
-            f"with one atomic store; --force does not change that{hint}",
+            f"the patch point {point:#x} is byte 7 of its 8-byte word, so the jump's first "
+            f"two bytes straddle two words and remove could not park threads there",
         )
     first = next(md.disasm(code[skip : skip + 16], point, 1), None)
     if first is None:
@@ -127,6 +112,15 @@ def analyse_entry(
             end = insn.address + insn.size
             if not (insn.group(CS_GRP_JUMP) or insn.group(CS_GRP_CALL)):
                 continue
+            if insn.group(CS_GRP_CALL) and insn.address + insn.size in inside:
+                raise _refuse(
+                    symbol,
+                    "rule 3, return address",
+                    f"the {insn.mnemonic} at {insn.address:#x} returns to "
+                    f"{insn.address + insn.size:#x}, inside the {C.JUMP_LEN} bytes the jump "
+                    f"overwrites at {point:#x}: a thread inside the callee would return "
+                    f"into the middle of the jump",
+                )
             op = insn.operands[0] if insn.operands else None
             if op is not None and op.type == X86_OP_IMM and op.imm in inside:
                 raise _refuse(
@@ -134,8 +128,7 @@ def analyse_entry(
                     "rule 3, branch target",
                     f"the {insn.mnemonic} at {name}+{insn.address - addr:#x} "
                     f"({insn.address:#x}) goes to {op.imm:#x}, inside the "
-                    f"{C.JUMP_LEN} bytes the jump overwrites at {point:#x}; "
-                    f"--force does not change that",
+                    f"{C.JUMP_LEN} bytes the jump overwrites at {point:#x}",
                 )
         if end != addr + len(body):
             raise _refuse(
@@ -145,22 +138,8 @@ def analyse_entry(
                 f"({body[end - addr : end - addr + 8].hex(' ')}), so branches into "
                 f"the overwritten bytes cannot be ruled out",
             )
-    forced = False
-    if first.size < C.JUMP_LEN:
-        what = (
-            f"the instruction at {point:#x} ({first.mnemonic} {first.op_str}".rstrip()
-            + f") is {first.size} bytes, shorter than the {C.JUMP_LEN}-byte jump"
-        )
-        if not force:
-            raise _refuse(
-                symbol,
-                "rule 2, first instruction",
-                f"{what}: {torn_risk(symbol, skip)}; pass --force to accept that risk",
-            )
-        forced = True
-        if warnings is not None:
-            warnings.append(f"{symbol}: --force: {what}: {torn_risk(symbol, skip)}")
-    return EntryJump(symbol, entry, skip, first.size, forced)
+    held = first.size < C.JUMP_LEN or point % WORD > WORD - C.JUMP_LEN
+    return EntryJump(symbol, entry, skip, first.size, held)
 
 
 def is_shared_library(binary: Binary) -> bool:

@@ -33,7 +33,7 @@ from patchbox.elf.binary import Binary, Symbol
 from patchbox.elf.objfile import ObjectFile, ObjSymbol, Relocation, Section
 from patchbox.elf.reloc import Recipe, RelocType, get_reloc_type
 from patchbox.errors import ElfError, ExtractError, UnsupportedRelocation
-from patchbox.extract.entry import analyse_entry, is_shared_library
+from patchbox.extract.entry import analyse_entry
 from patchbox.format.model import Fixup
 from patchbox.wire import FixupBase, FixupSection, FixupType, HookKind, RedirectKind
 
@@ -84,6 +84,7 @@ class Replaced:
     expected: bytes
     kind: RedirectKind
     skip: int
+    held: bool = False  # an entry jump written while the threads are held (HOLD)
 
 
 @dataclass(frozen=True)
@@ -111,7 +112,6 @@ class Extractor:
         index: int = 0,
         group: list[Extractor] | None = None,
         force_copy: set[str] | None = None,
-        force: bool = False,
         warnings: list[str] | None = None,
     ) -> None:
         self.obj = obj
@@ -120,7 +120,6 @@ class Extractor:
         self.index = index
         self.group = group if group is not None else [self]
         self.force_copy = force_copy or set()  # changed GCC clones: copy, never link
-        self.force = force
         self.warnings = warnings if warnings is not None else []
         self.source = obj.source_file
         # Copied sections in discovery order: section index -> "func" | "rodata" | "data" | "bss"
@@ -169,13 +168,14 @@ class Extractor:
                     "never returns from it: its loop keeps the old code; only functions it "
                     "calls again (and processes started later) run the new code"
                 )
+            held = False
             if self._has_padding(orig):
                 n = max(C.MIN_EXPECTED, min(EXPECTED_MAX, orig.size + C.ENTRY_PAD))
                 expected = self.bin.read(orig.address - C.ENTRY_PAD, n)
                 kind, skip = RedirectKind.PATCHABLE_ENTRY, 0
             else:
-                expected, kind, skip = self._entry_jump(name, orig)
-            out.append(Replaced(sym, sec, orig.address, expected, kind, skip))
+                expected, kind, skip, held = self._entry_jump(name, orig)
+            out.append(Replaced(sym, sec, orig.address, expected, kind, skip, held))
         self.replaced = out
         for r in out:
             self.copy(r.section.index, "func")
@@ -218,15 +218,9 @@ class Extractor:
         except ElfError:
             return False
 
-    def _entry_jump(self, name: str, orig: Symbol) -> tuple[bytes, RedirectKind, int]:
-        """Returns (expected bytes, kind, skip) of an entry-jump record for ``orig`` (no
-        padding): [P, P+n), n >= 8; raises ExtractError naming the fallback rule that fails."""
-        if is_shared_library(self.bin):
-            raise ExtractError(
-                f"{name} has no patchable entry and cannot use an entry jump (rule 5, shared "
-                f"library): {self.bin.path} is a shared library, not the executable; the "
-                f"sandbox lies near the executable and is not within rel32 reach of it"
-            )
+    def _entry_jump(self, name: str, orig: Symbol) -> tuple[bytes, RedirectKind, int, bool]:
+        """Returns (expected bytes, kind, skip, held) of an entry-jump record for ``orig``
+        (no padding): [P, P+n), n >= 8; raises ExtractError naming the rule that fails."""
         code = self.bin.read(orig.address, orig.size)
         pieces = [
             (s.name, s.address, self.bin.read(s.address, s.size))
@@ -237,11 +231,9 @@ class Extractor:
             and s.name.startswith(name + ".")
             and s.address != orig.address
         ]
-        jump = analyse_entry(
-            name, orig.address, code, force=self.force, pieces=pieces, warnings=self.warnings
-        )
+        jump = analyse_entry(name, orig.address, code, pieces=pieces)
         n = max(C.MIN_EXPECTED, min(EXPECTED_MAX, orig.size - jump.skip))
-        return self.bin.read(jump.point, n), RedirectKind.ENTRY_JUMP, jump.skip
+        return self.bin.read(jump.point, n), RedirectKind.ENTRY_JUMP, jump.skip, jump.held
 
     def _find_original(self, sym: ObjSymbol) -> Symbol:
         if sym.is_local:
@@ -261,9 +253,8 @@ class Extractor:
             and any(s.name == sym.name and not s.defined for s in self.bin.iter_symbols())
         ):
             raise ExtractError(
-                f"{sym.name} is in a shared library, not in {self.bin.path}: cannot patch it "
-                f"(rule 5, shared library): the sandbox lies near the executable and is not "
-                f"within rel32 reach of shared libraries"
+                f"{sym.name} is in a shared library, not in {self.bin.path}: build the patch "
+                f"against that library (extract-patch ... /usr/lib/.../libNAME.so.N)"
             )
         if orig is None or orig.type != "FUNC":
             raise ExtractError(

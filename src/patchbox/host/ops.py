@@ -18,16 +18,21 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from patchbox.config import preload
 from patchbox.elf.buildid import read_build_id
 from patchbox.errors import AgentError, ElfError, PatchboxError
 from patchbox.format.codec import Writer
 from patchbox.format.layout import PatchFile
 from patchbox.host.batch import Job, run_jobs
 from patchbox.host.scan import AgentSocket, iter_agent_sockets
+from patchbox.protocol.client import Client
 from patchbox.protocol.discovery import sweep_stale_sockets
 from patchbox.protocol.replies import AppliedPatch
+from patchbox.reach.attach import AlreadyAttached, AttachError, attach
+from patchbox.reach.hold import apply_held
+from patchbox.reach.procfs import find_mapped, mapped_objects
 from patchbox.store import iter_installed, store_root
-from patchbox.wire import ErrorCode, Msg
+from patchbox.wire import ApplyFlag, ErrorCode, Msg
 
 __all__ = [
     "Outcome",
@@ -208,6 +213,60 @@ def _batch(
     return out
 
 
+def _attach_missing(
+    want: str, have_agent: set[int], exe: str | None, pids: Collection[int] | None
+) -> list[Outcome]:
+    """Attaches the agent to every process without one that runs or maps build-id
+    ``want`` (and runs ``exe``, and is one of ``pids``, when given); returns the failures
+    (an attached process is then found as an agent)."""
+    out = []
+    library = str(preload())
+    want_file = None
+    if exe is not None:
+        try:
+            st = os.stat(exe)
+        except OSError as err:
+            raise PatchboxError(f"--exe {exe}: {err.strerror}") from err
+        want_file = (st.st_dev, st.st_ino)
+    for pid in sorted(int(n) for n in os.listdir("/proc") if n.isdigit()):
+        if pid in have_agent or pid == os.getpid() or (pids is not None and pid not in pids):
+            continue
+        if want_file is not None and exe_facts(pid, identity=True).file != want_file:
+            continue
+        if not any(o.build_id == want for o in mapped_objects(pid)):
+            continue
+        try:
+            attach(pid, library)
+        except AlreadyAttached:
+            continue
+        except AttachError as err:
+            f = exe_facts(pid)
+            out.append(Outcome(pid, "failed", f"attach: {err}", f.path, f.build_id, err.retry))
+    return out
+
+
+def _apply_one_held(
+    a: AgentSocket, facts: dict[int, _Exe], pf: PatchFile, timeout: float
+) -> Outcome:
+    """Applies a HOLD patch to one process: its threads held around the APPLY."""
+    f = facts[a.pid]
+    o = Outcome(a.pid, "applied", exe=f.path, build_id=f.build_id)
+    try:
+        with Client(a.connect, timeout=timeout) as client:
+            info = client.info()
+            _result, hold = apply_held(client, a.pid, pf.patch, pf.body, info)
+        if hold is not None:
+            o.reason = f"held {hold.threads} thread(s) for at most {hold.longest_ns / 1e6:.3f} ms"
+    except AgentError as err:
+        if err.code == ErrorCode.ALREADY_APPLIED:
+            o.result, o.reason = "skipped", f"{pf.patch.name} is already applied"
+        else:
+            o.result, o.reason, o.retry = "failed", str(err), err.code == ErrorCode.NOT_HELD
+    except PatchboxError as err:
+        o.result, o.reason, o.retry = "failed", str(err), True
+    return o
+
+
 def apply_all(
     pf: PatchFile,
     *,
@@ -216,29 +275,42 @@ def apply_all(
     pids: Collection[int] | None = None,
     rollback: bool = False,
     timeout: float = 10.0,
+    attach: bool = False,
 ) -> list[Outcome]:
-    """Applies ``pf`` to every agent whose executable has the patch's build-id (narrowed
-    by ``exe``/``build_id``/``pids``); others are skipped. With ``rollback``, a failure
-    anywhere removes the patch again from every process this call applied it to."""
+    """Applies ``pf`` to every agent whose executable has the patch's build-id, or that
+    maps a library of that build-id (narrowed by ``exe``/``build_id``/``pids``); others
+    are skipped. With ``attach``, processes of that build without an agent (within the
+    same narrowing) get one first. With ``rollback``, a failure anywhere removes the
+    patch again from every process this call applied it to. Patches with held entry
+    jumps (HOLD) go to one process after the other, each held around its APPLY; the
+    others to all at once."""
     want = pf.patch.build_id.hex()
     found, facts = _agents(identity=exe is not None)
+    attached: list[Outcome] = []
+    if attach:
+        attached = _attach_missing(want, {a.pid for a in found}, exe, pids)
+        found, facts = _agents(identity=exe is not None)
     skipped, targets = [], []
     for a in _select(found, facts, exe, build_id, pids):
         have = facts[a.pid].build_id
-        if have and have != want:
-            reason = f"runs build-id {have}; the patch is for {want}"
+        if have and have != want and find_mapped(a.pid, want) is None:
+            reason = f"runs build-id {have} and maps no library of {want}"
             skipped.append(Outcome(a.pid, "skipped", reason, facts[a.pid].path, have))
         else:
             targets.append(a)
-    done = _batch(
-        targets,
-        facts,
-        (Msg.APPLY, pf.body),
-        "applied",
-        ErrorCode.ALREADY_APPLIED,
-        f"{pf.patch.name} is already applied",
-        timeout,
-    )
+    if pf.patch.flags & ApplyFlag.HOLD:
+        done = [_apply_one_held(a, facts, pf, timeout) for a in targets]
+    else:
+        done = _batch(
+            targets,
+            facts,
+            (Msg.APPLY, pf.body),
+            "applied",
+            ErrorCode.ALREADY_APPLIED,
+            f"{pf.patch.name} is already applied",
+            timeout,
+        )
+    done += attached
     if rollback and any(o.result == "failed" for o in done):
         applied = {o.pid for o in done if o.result == "applied"}
         back = _batch(

@@ -14,6 +14,7 @@ import errno
 import os
 import socket
 import struct
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -229,8 +230,16 @@ class Client:
         msg_type, seq, length = decode_header(self._recv_exact(C.HEADER_SIZE, "header"))
         return msg_type, seq, self._recv_exact(length, "payload")
 
-    def request(self, msg: Msg, payload: bytes = b"") -> Any:
-        """Returns the decoded reply to one request (see replies.DECODERS)."""
+    def request(
+        self,
+        msg: Msg,
+        payload: bytes = b"",
+        after_send: Callable[[], None] | None = None,
+        reply_timeout: float | None = None,
+    ) -> Any:
+        """Returns the decoded reply to one request (see replies.DECODERS). ``after_send``
+        runs between sending and reading the reply (the hold of held entry jumps), whose
+        wait is then ``reply_timeout`` when given."""
         frame = encode_frame(msg, self.seq + 1, payload)
         self.connect()
         assert self.sock is not None
@@ -252,7 +261,15 @@ class Client:
         except OSError as err:
             self.close()
             raise ConnectError(f"cannot send to {self.path}: {err.strerror or err}") from err
-        msg_type, seq, reply = self._read_reply()
+        if after_send is not None:
+            after_send()
+        if reply_timeout is not None:
+            self.sock.settimeout(reply_timeout)
+        try:
+            msg_type, seq, reply = self._read_reply()
+        finally:
+            if reply_timeout is not None and self.sock is not None:
+                self.sock.settimeout(self.timeout)
         return decode_answer(msg, self.seq, msg_type, seq, reply)
 
     def _read_connection_error(self) -> None:
@@ -273,9 +290,15 @@ class Client:
         """Returns the applied patches, in the order they were applied."""
         return self.request(Msg.LIST)
 
-    def apply(self, body: bytes) -> ApplyResult:
-        """Returns where the agent placed the patch whose apply body is ``body`` (sent as is)."""
-        return self.request(Msg.APPLY, bytes(body))
+    def apply(
+        self,
+        body: bytes,
+        after_send: Callable[[], None] | None = None,
+        reply_timeout: float | None = None,
+    ) -> ApplyResult:
+        """Returns where the agent placed the patch whose apply body is ``body`` (sent as
+        is); ``after_send`` and ``reply_timeout`` as for :meth:`request`."""
+        return self.request(Msg.APPLY, bytes(body), after_send, reply_timeout)
 
     def remove(self, name: str) -> int:
         """Returns the agent's time in ns to remove the applied patch ``name``."""

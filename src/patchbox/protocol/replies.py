@@ -52,6 +52,8 @@ class AppliedPatch:
     data_addr: int
     data_size: int
     functions: list[PatchFunction] = field(default_factory=list)
+    object: str = ""  # "" for the executable, else the path of the library it patches
+    hold_ns: int = 0  # held entry jumps: how long the agent waited for the threads
 
     def to_json(self) -> dict[str, Any]:
         """Returns a JSON-ready dict of this entry."""
@@ -99,9 +101,9 @@ def _info(r: Reader) -> dict[str, str]:
 
 def _list(r: Reader) -> list[AppliedPatch]:
     count = r.u32("count")
-    # Each entry is at least 2+4+8+8+4+8+4+2 bytes: refuse counts the payload cannot hold
-    # before looping (a garbage count must not spin for 4 billion iterations).
-    if count * 40 > r.remaining():
+    # Each entry is at least 2+4+8+8+4+8+4+2+2+8 bytes: refuse counts the payload cannot
+    # hold before looping (a garbage count must not spin for 4 billion iterations).
+    if count * 50 > r.remaining():
         raise ProtocolError(f"LIST reply: count {count} overruns the {r.remaining()}-byte payload")
     patches = []
     for i in range(count):
@@ -124,8 +126,21 @@ def _list(r: Reader) -> list[AppliedPatch]:
                     r.u32(f"{where}.new_size"),
                 )
             )
+        obj = r.str(f"patch[{i}].object")
+        hold_ns = r.u64(f"patch[{i}].hold_ns")
         patches.append(
-            AppliedPatch(name, pid, applied_at, text_addr, text_size, data_addr, data_size, funcs)
+            AppliedPatch(
+                name,
+                pid,
+                applied_at,
+                text_addr,
+                text_size,
+                data_addr,
+                data_size,
+                funcs,
+                obj,
+                hold_ns,
+            )
         )
     return patches
 

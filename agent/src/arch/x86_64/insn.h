@@ -35,6 +35,10 @@ static const uint8_t sandbox_insn_entry_nops[SANDBOX_ENTRY_BYTES] = {
 	0x90, 0x90,				/* entry */
 };
 
+/* jmp . (to itself): parks the threads that reach an entry jump while remove writes
+ * back original bytes across two words (sandbox_redirect_restore). */
+static const uint8_t sandbox_insn_park[2] = { 0xeb, 0xfe };
+
 /* endbr64: the first instruction of a CET entry, skipped by an entry jump (skip 4). */
 static const uint8_t sandbox_insn_endbr64[PBX_ENDBR_SKIP] = { 0xf3, 0x0f, 0x1e, 0xfa };
 

@@ -1,0 +1,47 @@
+"""`patchbox attach -p PID`: load the agent into a running process started without it."""
+
+from __future__ import annotations
+
+import click
+
+from patchbox.cli.common import emit_json, json_option
+from patchbox.config import preload
+from patchbox.reach.attach import AttachError, AttachResult, attach
+
+__all__ = ["attach_command", "attach_and_report"]
+
+
+def attach_and_report(pid: int, as_json: bool = False) -> AttachResult:
+    """Attaches to ``pid`` and prints what it cost (one line, or JSON with ``as_json``)."""
+    res = attach(pid, str(preload()))
+    if as_json:
+        emit_json(
+            {
+                "pid": res.pid,
+                "tid": res.tid,
+                "interrupted": res.syscall,
+                "stopped_ns": res.stopped_ns,
+                "socket": res.socket,
+            }
+        )
+    else:
+        click.echo(
+            f"attached to pid {res.pid}: libsandbox.so loaded by thread {res.tid} "
+            f"(interrupted in {res.syscall}), stopped {res.stopped_ns / 1e6:.3f} ms; "
+            f"agent {res.socket or 'not listening yet'}"
+        )
+    return res
+
+
+@click.command("attach")
+@click.option("-p", "--pid", required=True, type=click.IntRange(min=1), metavar="PID")
+@json_option
+def attach_command(pid: int, as_json: bool) -> None:
+    """Load the agent (libsandbox.so) into running process PID, which was started without
+    it: one thread is stopped for the call to dlopen, then let go. Exit 1 when refused
+    (with the reason; the process untouched), 2 when worth a retry."""
+    try:
+        attach_and_report(pid, as_json)
+    except AttachError as err:
+        click.echo(f"patchbox: error: {err}", err=True)
+        click.get_current_context().exit(2 if err.retry else 1)

@@ -1,0 +1,340 @@
+"""Reach (docs/reach.md): processes and libraries not built for patchbox.
+
+Every program here is built with plain gcc, no patchbox flag and no agent; each is
+started, `patchbox attach` loads the agent into it, and patches are applied through
+entry jumps (held when one atomic store cannot publish them) into the executable, a
+library built without flags (with endbr64 entries) and glibc itself. Everything is
+observed from outside: the programs' answers on stdout, their memory through /proc.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+from live import Target
+
+from helpers import info_json, run_tool
+from patchbox.config import preload
+from patchbox.format.layout import load_patch
+from patchbox.reach.attach import AttachError, attach, yama_refusal
+from patchbox.reach.procfs import find_mapped, read_maps
+from patchbox.wire import ApplyFlag
+
+pytestmark = pytest.mark.process
+run = run_tool
+
+LOOP = r"""
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+int answer(int x);
+int main(void) {
+    char line[128];
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    printf("ready %d\n", getpid());
+    while (fgets(line, sizeof line, stdin)) {
+        if (!strncmp(line, "atoi ", 5))
+            printf("%d\n", atoi(line + 5));
+        else
+            printf("%d\n", answer(atoi(line)));
+    }
+    return 0;
+}
+"""
+# -O0 keeps the calls (glibc's stdlib.h inlines atoi into strtol when optimising); the
+# functions start with push %rbp (1 byte): their entry jumps are held.
+ANSWER = "__attribute__((noipa)) int answer(int x) { return x * @MUL@ + 3; }\n"
+
+
+def gcc(out: Path, src: str, *flags: str, libs: tuple[str, ...] = ()) -> Path:
+    c = out.with_suffix(".c")
+    c.write_text(src)
+    cmd = ["gcc", *flags, str(c), "-o", str(out), *libs]
+    subprocess.run(cmd, check=True, capture_output=True)
+    return out
+
+
+def patch_cflags() -> list[str]:
+    return run("patchbox", "config", "--cflags").stdout.split()
+
+
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A program with no agent and no patchbox flag: `answer` in the executable."""
+    d = tmp_path_factory.mktemp("reach")
+    return gcc(d / "plain", LOOP + ANSWER.replace("@MUL@", "7"), "-O0", "-Wl,--build-id")
+
+
+@pytest.fixture(scope="module")
+def with_lib(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(program, libanswer.so): `answer` in a library built without flags, endbr64
+    entries (-fcf-protection) at 16-aligned addresses: P is byte 4 of its word."""
+    d = tmp_path_factory.mktemp("reachlib")
+    lib = gcc(
+        d / "libanswer.so",
+        ANSWER.replace("@MUL@", "7").replace(
+            "int answer", "__attribute__((aligned(16))) int answer"
+        ),
+        "-O2",
+        "-fPIC",
+        "-shared",
+        "-fcf-protection=full",
+        "-Wl,--build-id",
+    )
+    exe = gcc(
+        d / "uselib", LOOP, "-O0", "-Wl,--build-id", libs=(f"-L{d}", "-lanswer", f"-Wl,-rpath,{d}")
+    )
+    return exe, lib
+
+
+def start(exe: Path) -> Target:
+    """Starts ``exe`` (no agent) and returns it once it answers."""
+    t = Target.__new__(Target)
+    t.exe = exe
+    t.proc = subprocess.Popen(
+        [str(exe)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        bufsize=1,
+    )
+    t.pid = t.proc.pid
+    assert t._readline(10) == f"ready {t.pid}"
+    return t
+
+
+@pytest.fixture()
+def procs():
+    started: list[Target] = []
+    yield started
+    for t in started:
+        alive = t.alive()
+        t.stop()
+        assert alive, f"pid {t.pid} died: {t.stderr_text}"
+
+
+def test_attach_loads_the_agent_and_restores_the_thread(plain: Path, procs) -> None:
+    t = start(plain)
+    procs.append(t)
+    assert t.call("5") == "38"
+    maps_before = {(m.start, m.path) for m in read_maps(t.pid)}
+    out = run("patchbox", "attach", "-p", t.pid).stdout
+    m = re.match(
+        rf"attached to pid {t.pid}: libsandbox.so loaded by thread {t.pid} \(interrupted in "
+        r"read\), stopped (\d+\.\d+) ms; agent .*sandbox-sock",
+        out,
+    )
+    assert m, out
+    assert float(m[1]) < 1000
+    # The interrupted read() was restarted: the program answers as before.
+    assert t.call("5") == "38" and t.call("6") == "45"
+    info = info_json(t.pid)
+    assert info["exe"] == str(plain) and int(info["agent_tid"]) != t.pid
+    assert run("patchbox", "test", "-p", t.pid).returncode == 0
+    after = {(m.start, m.path) for m in read_maps(t.pid)}
+    assert {p for _s, p in after - maps_before} >= {str(preload().resolve())}
+    refused = run("patchbox", "attach", "-p", t.pid, check=False)
+    assert refused.returncode == 1 and "has an agent already" in refused.stderr
+
+
+def _state(pid: int) -> tuple[set[tuple[int, int, str]], str]:
+    """Returns what a refused attach must leave alone: the memory map, the tracer."""
+    maps = {(m.start, m.end, m.path) for m in read_maps(pid)}
+    return maps, Path(f"/proc/{pid}/status").read_text().split("TracerPid:")[1].split()[0]
+
+
+def _refused(pid: int, why: str) -> None:
+    before = _state(pid)
+    proc = run("patchbox", "attach", "-p", pid, check=False)
+    assert proc.returncode == 1, proc.stdout
+    assert re.search(why, proc.stderr), proc.stderr
+    assert _state(pid) == before  # untouched
+
+
+def test_refused_under_a_seccomp_filter(tmp_path: Path, procs) -> None:
+    src = LOOP.replace(
+        "int main(void) {",
+        "#include <linux/filter.h>\n#include <linux/seccomp.h>\n#include <sys/prctl.h>\n"
+        "int main(void) {\n"
+        "    struct sock_filter allow = BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW);\n"
+        "    struct sock_fprog prog = { 1, &allow };\n"
+        "    prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0);\n"
+        "    prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &prog);\n",
+    ) + ANSWER.replace("@MUL@", "7")
+    t = start(gcc(tmp_path / "seccomp", src, "-O0"))
+    procs.append(t)
+    _refused(t.pid, r"seccomp filter \(Seccomp: 2\)")
+    assert t.call("1") == "10"
+
+
+def test_refused_for_a_static_binary(tmp_path: Path, procs) -> None:
+    t = start(gcc(tmp_path / "static", LOOP + ANSWER.replace("@MUL@", "7"), "-O0", "-static"))
+    procs.append(t)
+    _refused(t.pid, r"is a static binary: no dynamic loader")
+    assert t.call("1") == "10"
+
+
+def test_refused_when_another_tracer_is_attached(plain: Path, procs) -> None:
+    t = start(plain)
+    procs.append(t)
+    tracer = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import ctypes, sys, time\n"
+            "libc = ctypes.CDLL(None, use_errno=True)\n"
+            f"assert libc.ptrace(0x4206, {t.pid}, None, None) == 0\n"
+            "print('seized', flush=True)\n"
+            "time.sleep(60)\n",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert tracer.stdout.readline().strip() == "seized"
+        _refused(t.pid, rf"already traced by pid {tracer.pid} \(python")
+    finally:
+        tracer.kill()
+        tracer.wait()
+    assert t.call("1") == "10"
+
+
+def test_yama_rules_and_the_live_setting(plain: Path, procs) -> None:
+    assert "no process may be traced" in yama_refusal(3, 1, True, True)
+    assert "CAP_SYS_PTRACE" in yama_refusal(2, 1, False, True)
+    assert yama_refusal(2, 1, True, False) == ""
+    assert "not a descendant" in yama_refusal(1, 1, False, False)
+    assert yama_refusal(1, 1, False, True) == "" and yama_refusal(0, 1, False, False) == ""
+    scope = Path("/proc/sys/kernel/yama/ptrace_scope")
+    if not scope.exists() or not os.access(scope, os.W_OK):
+        pytest.skip("no writable Yama ptrace_scope on this kernel: the rules above only")
+    old = scope.read_text()
+    t = start(plain)
+    procs.append(t)
+    try:
+        scope.write_text("3")
+        _refused(t.pid, r"Yama ptrace_scope is 3")
+    except OSError:
+        pytest.skip("ptrace_scope cannot be set back once 3; not tried")
+    finally:
+        try:
+            scope.write_text(old)
+        except OSError:
+            pass
+
+
+def _extract(obj: Path, ref: Path, name: str, *extra: str) -> Path:
+    out = obj.parent / f"{name}.pbx"
+    run("extract-patch", "--function", "answer", "--name", name, *extra, "-o", out, obj, ref)
+    return out
+
+
+def _hammer(t: Target, stop: threading.Event, seen: set[str]) -> None:
+    """Calls answer(2) in the target as fast as it answers (its one thread busy in it)."""
+    while not stop.is_set():
+        seen.add(t.call("2"))
+
+
+def test_held_entry_jump_in_a_stock_executable_under_load(
+    plain: Path, tmp_path: Path, procs
+) -> None:
+    t = start(plain)
+    procs.append(t)
+    run("patchbox", "attach", "-p", t.pid)
+    obj = gcc(tmp_path / "fix.o", ANSWER.replace("@MUL@", "7 + 1"), "-O0", *patch_cflags(), "-c")
+    pbx = _extract(obj, plain, "held")
+    assert load_patch(pbx).flags & ApplyFlag.HOLD  # push %rbp: 1 byte
+    stop, seen = threading.Event(), set()
+    # A second caller: the program's own thread answers while the patch goes in and out.
+    worker = threading.Thread(target=_hammer, args=(t, stop, seen))
+    worker.start()
+    try:
+        for _ in range(10):
+            out = run("patchbox", "apply", "-p", t.pid, pbx).stdout
+            assert re.search(r"held \d+ thread\(s\) for at most \d+\.\d+ ms", out), out
+            run("patchbox", "remove", "-p", t.pid, "held")
+    finally:
+        stop.set()
+        worker.join()
+    assert seen <= {"17", "18"} and "17" in seen
+    run("patchbox", "apply", "-p", t.pid, pbx)
+    assert t.call("2") == "18"
+    run("patchbox", "remove", "-p", t.pid, "held")
+    assert t.call("2") == "17"
+
+
+def test_library_without_flags_endbr64_and_apply_all(with_lib, tmp_path: Path, procs) -> None:
+    exe, lib = with_lib
+    a, b = start(exe), start(exe)
+    procs += [a, b]
+    obj = gcc(
+        tmp_path / "fix.o", ANSWER.replace("@MUL@", "7 + 1"), "-O2", "-fPIC", *patch_cflags(), "-c"
+    )
+    pbx = _extract(obj, lib, "libfix")
+    patch = load_patch(pbx)
+    [fn] = patch.functions
+    assert (fn.skip, fn.patch_point % 8) == (4, 4)  # endbr64 at a 16-aligned entry
+    assert patch.flags & ApplyFlag.HOLD
+    before = {
+        p.pid: p.read(find_mapped(p.pid, patch.build_id.hex()).bias + fn.target, 16) for p in (a, b)
+    }
+    # Neither has an agent: --attach loads it into every process mapping the library.
+    out = run("patchbox", "apply", "--all", "--attach", "--json", pbx).stdout
+    rows = {r["pid"]: r for r in json.loads(out)}
+    assert rows[a.pid]["result"] == rows[b.pid]["result"] == "applied", out
+    assert a.call("2") == b.call("2") == "18"
+    listed = json.loads(run("patchbox", "list", "-p", a.pid, "--json").stdout)
+    assert listed[0]["object"] == str(lib)
+    run("patchbox", "remove", "--all", "libfix")
+    assert a.call("2") == b.call("2") == "17"
+    for p in (a, b):
+        bias = find_mapped(p.pid, patch.build_id.hex()).bias
+        assert p.read(bias + fn.target, 16) == before[p.pid]
+
+
+def test_glibc_function_in_a_running_process(plain: Path, tmp_path: Path, procs) -> None:
+    libc = Path("/lib/x86_64-linux-gnu/libc.so.6")
+    t = start(plain)
+    procs.append(t)
+    assert t.call("atoi 41") == "41"
+    src = (
+        "#include <stdlib.h>\nint atoi(const char *s) { return (int)strtol(s, NULL, 10) + 1000; }\n"
+    )
+    obj = gcc(tmp_path / "atoi.o", src, "-O2", "-fPIC", *patch_cflags(), "-c")
+    proc = run(
+        "extract-patch",
+        "--function",
+        "atoi",
+        "--allow-inlined",
+        "--name",
+        "atoi",
+        "-o",
+        tmp_path / "atoi.pbx",
+        obj,
+        libc,
+        check=False,
+    )
+    if proc.returncode and "stripped" in proc.stderr:
+        pytest.skip(f"no debug symbols for {libc} (libc6-dbg): {proc.stderr.strip()}")
+    assert proc.returncode == 0, proc.stderr
+    run("patchbox", "apply", "--attach", "-p", t.pid, tmp_path / "atoi.pbx")
+    assert t.call("atoi 41") == "1041"
+    assert t.call("5") == "7038"  # answer(atoi("5")): 1005 * 7 + 3
+    run("patchbox", "remove", "-p", t.pid, "atoi")
+    assert t.call("atoi 41") == "41"
+
+
+def test_attach_refuses_a_process_that_is_gone() -> None:
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    with pytest.raises(AttachError, match=rf"no process {dead.pid}"):
+        attach(dead.pid, str(preload()))
