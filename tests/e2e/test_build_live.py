@@ -136,6 +136,36 @@ def test_build_apply_remove(tree: tuple[Path, Path], tmp_path: Path) -> None:
     assert after == before, "patchbox build modified the user's tree"
 
 
+def test_build_against_stripped_installed_binary(tree: tuple[Path, Path], tmp_path: Path) -> None:
+    """The running program is a stripped copy installed outside the tree, as a package
+    installs it; its symbols come from the separate debug file its .gnu_debuglink names."""
+    src, diff = tree
+    inst = tmp_path / "usr" / "bin"
+    inst.mkdir(parents=True)
+    exe = inst / "app"
+    run("objcopy", "--only-keep-debug", src / "app", inst / "app.debug")
+    run("strip", "--strip-all", "-o", exe, src / "app")
+    run("objcopy", f"--add-gnu-debuglink={inst / 'app.debug'}", exe, cwd=inst)
+    assert b".symtab" not in run("readelf", "-S", exe).stdout.encode()
+    target = Target(exe)
+    try:
+        assert target.call("a", 1) == "20"
+        out = tmp_path / "fix.pbx"
+        run("patchbox", "build", "--source", src, "--diff", diff, "--binary", exe, "-o", out)
+        assert sorted(f.symbol for f in load_patch(out).functions) == [
+            "b_name",
+            "helper",
+            "tick",
+        ]
+        run("patchbox", "apply", "-p", str(target.pid), out)
+        assert [target.call("a", 1), target.call("name", 1)] == ["60", "bumblebee"]
+        run("patchbox", "remove", "-p", str(target.pid), "fix")
+        assert [target.call("a", 1), target.call("name", 1)] == ["20", "bee"]
+        assert target.alive()
+    finally:
+        target.stop()
+
+
 def test_build_dry_run_refuses_changed_data(tree: tuple[Path, Path], tmp_path: Path) -> None:
     src, _diff = tree
     fixed = tmp_path / "fixed2"
