@@ -243,7 +243,7 @@ def levels(pkg: Package) -> dict[str, Path]:
     pristine = fetch(pkg)
     names = series(pristine)
     recipe = RECIPES[pkg.name]
-    stamp = sha(toolchain_stamp(), Path(__file__).read_bytes())
+    stamp = sha(toolchain_stamp(), pkg.name, str(RECIPE_VERSION))
     root = CACHE / pkg.name / "lv"
     if (root / ".stamp").exists() and (root / ".stamp").read_text() != stamp:
         log(f"{pkg.name}: patchbox flags, agent or recipe changed: rebuilding the levels")
@@ -282,6 +282,10 @@ def levels(pkg: Package) -> dict[str, Path]:
 
 # --- processes, load, apply ---------------------------------------------------------------
 
+
+# Bumped when a recipe (configure options, the dnsmasq Makefile edit) changes: the level
+# trees are then rebuilt, as when the patchbox flags or the agent change.
+RECIPE_VERSION = 1
 
 RUN_DIR = CACHE / "run"  # agent sockets (PATCHBOX_SOCK_DIR) and daemon logs
 
@@ -538,6 +542,7 @@ def verdict(fix: Fix, r: dict[str, Any]) -> str:
 
 DNS_UPSTREAM = 5399
 TRUST_ANCHOR = ".,20326,8,2,E06D44B80B8F1D39A95C0B0D7C65D08458E880409BBC683457104237C7F8EC8D"
+_DNSSEC = ["--dnssec", f"--trust-anchor={TRUST_ANCHOR}"]
 
 
 def _dns_query(ctx: Ctx, name: str, rdtype: str = "A") -> str:
@@ -591,6 +596,8 @@ def run_dnsmasq(fix: Fix, tree: Path, out: Path, port: int) -> dict[str, Any]:
     res: dict[str, Any] = {"build": build_patch(fix, tree, patch_path(fix), binary, out)}
     if res["build"]["result"] != "built":
         return res
+    # The probes' names are answered by the fake upstream, which signs nothing: DNSSEC
+    # validation (on for the fixes in dnssec.c) would turn every answer into SERVFAIL.
     extra = {"CVE-2026-4893": ["--add-subnet=32"], "CVE-2026-5172": ["--cache-rr=MX"]}
     d = Daemon(
         [
@@ -603,10 +610,8 @@ def run_dnsmasq(fix: Fix, tree: Path, out: Path, port: int) -> dict[str, Any]:
             "--no-resolv",
             f"--server=127.0.0.1#{DNS_UPSTREAM}",
             "--address=/test.local/10.1.2.3",
-            "--dnssec",
-            f"--trust-anchor={TRUST_ANCHOR}",
             "--log-facility=-",
-            *extra.get(fix.ident, []),
+            *extra.get(fix.ident, _DNSSEC),
         ],
         f"dnsmasq-{key(fix)}",
         # dnsmasq closes every descriptor at start, the agent's socket too, then drops to
@@ -877,7 +882,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--list", action="store_true", help="list the corpus and exit")
     ap.add_argument("--table", action="store_true", help="print the table of every result")
     ap.add_argument("--results", default=str(CACHE / "results"), help="results directory")
-    a = ap.parse_args(argv)
+    a = ap.parse_intermixed_args(argv)
     progs = a.programs or list(PACKAGES)
     results = Path(a.results)
     if a.list:
