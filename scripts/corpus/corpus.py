@@ -518,8 +518,8 @@ def apply_remove(
 
 
 def verdict(fix: Fix, r: dict[str, Any]) -> str:
-    """Returns one word for the table: live, refused, no-function, applied (not a working
-    live patch: init-time code), failed."""
+    """Returns one word for the table: live, refused, no-function, applied (applies, but
+    not a working live patch: init-time code, or another program's code linked in), failed."""
     b = r.get("build", {}).get("result")
     if b == "no function":
         return "no-function"
@@ -533,8 +533,8 @@ def verdict(fix: Fix, r: dict[str, Any]) -> str:
         return "failed"
     if a.get("probe_passed") is False:
         return "failed"
-    if fix.shape == "init":
-        return "applied"
+    if fix.shape in ("init", "elsewhere"):
+        return "applied"  # applies, but the fixed code never runs in this process
     return "live"
 
 

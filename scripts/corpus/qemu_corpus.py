@@ -5,7 +5,7 @@ names the CVE fixes each release carries. A fix is *carved* out of its release d
 sections of the files that hold it (``Fix.files``; ``Fix.hunks`` picks hunks when a section
 mixes commits). The level before the fixes is the project's cached QEMU source
 (scripts/qemu/build-qemu.sh: Debian's 7.2.22 with every fix in) with every carved fix
-reverted, built by the same script into the corpus cache (``CACHE/qemu``; the first build
+reverted, built by the same script into the corpus cache (``CACHE/qemu-cache``; the first build
 takes minutes, later runs rebuild only the files whose reverted set changed). Each fix is
 then built with ``patchbox build --qemu`` against that build, applied to one running QEMU
 under QMP load, probed and removed, one after the other.
@@ -43,7 +43,7 @@ from qmp_client import QMP
 __all__ = ["carve", "run_qemu"]
 
 QEMU_CACHE = Path("/var/cache/patchbox/qemu")  # the project's (scripts/qemu/build-qemu.sh)
-LEVEL = CACHE / "qemu"
+LEVEL = CACHE / "qemu-cache"
 
 
 def sections(diff: str) -> dict[str, list[str]]:
@@ -143,7 +143,7 @@ def level(fixes: list[Fix]) -> tuple[Path, Path, dict[str, str]]:
         for k in carved:
             if k not in old:
                 skipped[k] = "its hunks do not revert on 7.2.22"
-    log("qemu: building the level (scripts/qemu/build-qemu.sh, PATCHBOX_QEMU_CACHE=CACHE/qemu)")
+    log(f"qemu: building the level (scripts/qemu/build-qemu.sh in {LEVEL})")
     proc = run(
         [str(ROOT / "scripts/qemu/build-qemu.sh")],
         env=env_with_tools({"PATCHBOX_QEMU_CACHE": str(LEVEL)}),
