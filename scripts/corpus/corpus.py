@@ -517,7 +517,7 @@ def apply_remove(
     return res
 
 
-def verdict(fix: Fix, r: dict[str, Any]) -> str:
+def verdict(fix: Fix | str, r: dict[str, Any]) -> str:
     """Returns one word for the table: live, refused, no-function, applied (applies, but
     not a working live patch: init-time code, or another program's code linked in), failed."""
     b = r.get("build", {}).get("result")
@@ -533,7 +533,8 @@ def verdict(fix: Fix, r: dict[str, Any]) -> str:
         return "failed"
     if a.get("probe_passed") is False:
         return "failed"
-    if fix.shape in ("init", "elsewhere"):
+    shape = fix if isinstance(fix, str) else fix.shape
+    if shape != "function":
         return "applied"  # applies, but the fixed code never runs in this process
     return "live"
 
@@ -843,7 +844,8 @@ def table(rows: list[dict[str, Any]]) -> str:
             )
             build = f"{len(fns)} fn: {shown}"
         else:
-            build = f"{b.get('result')}: `{_md(b.get('message', ''))[:400]}`"
+            msg = _first(b.get("message", "")).removeprefix("refused: ")
+            build = f"{b.get('result')}: `{_md(msg)[:400]}`"
         a = r.get("apply", {})
         if a.get("apply") == "applied":
             la, lr = a.get("load_apply") or {}, a.get("load_remove") or {}
@@ -870,6 +872,19 @@ def table(rows: list[dict[str, Any]]) -> str:
     return head + "\n".join(lines) + "\n"
 
 
+def _first(msg: str) -> str:
+    """Returns the first refusal of a message listing one per object (a struct of a header
+    is refused in every object that includes it), with how many more there are."""
+    if not msg.startswith("refused: "):
+        return msg
+    parts = msg.removeprefix("refused: ").split("; other data changes:")[0].split("; ")
+    heads = [p for p in parts if re.match(r"^[\w./+-]+\.o: ", p)]
+    if len(heads) <= 1:
+        return msg
+    first = parts[: parts.index(heads[1])]
+    return "refused: " + "; ".join(first) + f" (and {len(heads) - 1} more refusals)"
+
+
 def _md(s: str) -> str:
     return s.replace("|", "\\|").replace("\n", " ").replace("`", "'")
 
@@ -881,6 +896,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ci", action="store_true", help="only the CI subset (Fix.ci)")
     ap.add_argument("--list", action="store_true", help="list the corpus and exit")
     ap.add_argument("--table", action="store_true", help="print the table of every result")
+    ap.add_argument(
+        "--report", action="store_true", help="run nothing: summary and table from the results"
+    )
     ap.add_argument("--results", default=str(CACHE / "results"), help="results directory")
     a = ap.parse_intermixed_args(argv)
     progs = a.programs or list(PACKAGES)
@@ -891,7 +909,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{p:10} {key(f):45} {f.shape:9} {'ci' if f.ci else '  '} {f.what}")
         return 0
     results.mkdir(parents=True, exist_ok=True)
-    for p in progs:
+    for p in [] if a.report else progs:
         pkg = PACKAGES[p]
         chosen = [
             f
@@ -916,6 +934,9 @@ def main(argv: list[str] | None = None) -> int:
         path = results / f"{p}.json"
         if path.exists():
             every += json.loads(path.read_text())
+    for r in every:  # the rule may have changed since a row was written
+        if "error" not in r and r["verdict"] != "not-tried":
+            r["verdict"] = verdict(r["shape"], r)
     summary = summarize(every)
     (results / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     (results / "table.md").write_text(table(every))
