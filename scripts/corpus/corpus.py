@@ -534,7 +534,7 @@ def verdict(fix: Fix | str, r: dict[str, Any]) -> str:
     if a.get("probe_passed") is False:
         return "failed"
     shape = fix if isinstance(fix, str) else fix.shape
-    if shape != "function":
+    if shape != "function" and not r.get("adapted"):
         return "applied"  # applies, but the fixed code never runs in this process
     return "live"
 
