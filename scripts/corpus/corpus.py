@@ -933,10 +933,12 @@ def main(argv: list[str] | None = None) -> int:
     for p in PACKAGES:
         path = results / f"{p}.json"
         if path.exists():
-            every += json.loads(path.read_text())
-    for r in every:  # the rule may have changed since a row was written
-        if "error" not in r and r["verdict"] != "not-tried":
-            r["verdict"] = verdict(r["shape"], r)
+            rows = json.loads(path.read_text())
+            for r in rows:  # the rule may have changed since a row was written
+                if "error" not in r and r["verdict"] != "not-tried":
+                    r["verdict"] = verdict(r["shape"], r)
+            path.write_text(json.dumps(rows, indent=1) + "\n")
+            every += rows
     summary = summarize(every)
     (results / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     (results / "table.md").write_text(table(every))
