@@ -343,6 +343,7 @@ QEMU = Package(
             "function",
             "block.c: bdrv_open_child* gain parse_filename (static signatures); qcow2.c",
             files=("block.c", "block/qcow2.c"),
+            probe="qemu_qcow2_json_data_file",
             note="qcow2_do_open's half matters to qemu-img (tools not configured)",
         ),
         Fix(

@@ -13,8 +13,10 @@ under QMP load, probed and removed, one after the other.
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
+import struct
 import sys
 import time
 from pathlib import Path
@@ -23,10 +25,12 @@ from typing import Any
 from corpus import (
     CACHE,
     HERE,
+    PROBES,
     ROOT,
     RUN_DIR,
     Ctx,
     Daemon,
+    Probe,
     apply_remove,
     build_patch,
     env_with_tools,
@@ -153,6 +157,64 @@ def level(fixes: list[Fix]) -> tuple[Path, Path, dict[str, str]]:
     return src, binary, skipped
 
 
+def qcow2_with_data_file(path: Path, data_file: str, size: int = 1 << 20) -> None:
+    """Writes a qcow2 v3 image whose header names an external data file ``data_file``
+    (incompatible feature bit 2, header extension 0x44415441), no cluster allocated."""
+    cs = 1 << 16
+    name = data_file.encode()
+    ext = struct.pack(">II", 0x44415441, len(name)) + name + b"\0" * (-len(name) % 8)
+    ext += struct.pack(">II", 0, 0)  # end of the header extensions
+    refcount_table, refcount_block, l1 = cs, 2 * cs, 3 * cs
+    hdr = b"QFI\xfb" + struct.pack(
+        ">IQIIQIIQQIIQ", 3, 0, 0, 16, size, 0, 1, l1, refcount_table, 1, 0, 0
+    )
+    hdr += struct.pack(">QQQII", 4, 0, 0, 4, 112) + bytes(8)  # data file; zlib; header 112
+    img = bytearray(4 * cs)
+    img[: len(hdr) + len(ext)] = hdr + ext
+    img[refcount_table : refcount_table + 8] = struct.pack(">Q", refcount_block)
+    for i in range(4):  # the four clusters in use
+        img[refcount_block + 2 * i : refcount_block + 2 * i + 2] = struct.pack(">H", 1)
+    path.write_bytes(bytes(img))
+
+
+_nodes = itertools.count(1)
+
+
+def _qcow2_json_data_file(ctx: Ctx) -> str:
+    """CVE-2024-4467: opens (QMP blockdev-add, read-only) a qcow2 image whose header names
+    its data file as ``json:{"driver":"file","filename":SECRET}``. Unfixed QEMU parses the
+    json: and opens any file the image names; fixed QEMU takes it as a plain file name."""
+    d = LEVEL / "probe-4467"
+    d.mkdir(exist_ok=True)
+    secret = d / "secret.raw"
+    secret.write_bytes(b"SECRET".ljust(1 << 20, b"\0"))
+    img = d / "evil.qcow2"
+    qcow2_with_data_file(img, "json:" + json.dumps({"driver": "file", "filename": str(secret)}))
+    node = f"probe{next(_nodes)}"
+    q = QMP(ctx.extra["qmp"])
+    try:
+        r = q.cmd(
+            "blockdev-add",
+            driver="qcow2",
+            **{"node-name": node, "read-only": True},
+            file={"driver": "file", "filename": str(img), "read-only": True},
+        )
+        if "error" in r:
+            return f"refused: {r['error']['desc']}"[:200]
+        files = [n["file"] for n in q.cmd("query-named-block-nodes")["return"]]
+        q.cmd("blockdev-del", **{"node-name": node})
+        return "opened the data file " + ("(the secret)" if str(secret) in files else "?")
+    finally:
+        q.close()
+
+
+PROBES["qemu_qcow2_json_data_file"] = Probe(
+    _qcow2_json_data_file,
+    lambda s: s.startswith("refused: Could not open 'json:"),
+    expected="the json: data file name is not parsed",
+)
+
+
 def _disk() -> Path:
     img = LEVEL / "disk0.img"
     if not img.exists():
@@ -226,7 +288,8 @@ def run_qemu(pkg: Package, fixes: list[Fix], results: Path) -> list[dict[str, An
                         daemon, qmp = start_qemu(binary)
                     ctx = Ctx(fix, src, 0, daemon, {"qmp": str(qmp)})
                     load = [sys.executable, str(HERE / "load/qmp_client.py"), "--qmp", str(qmp)]
-                    r["apply"] = apply_remove(ctx, pbx, load, None)
+                    probe = PROBES.get(fix.probe) if fix.probe else None
+                    r["apply"] = apply_remove(ctx, pbx, load, probe)
             row = {
                 "program": "qemu",
                 "version": pkg.version,
