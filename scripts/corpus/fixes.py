@@ -207,6 +207,7 @@ _SSH = [
 _SSH_PROBES = {
     "Disable-async-signal-unsafe-code-from-the-sshsigdie-.patch": "sshd_grace_alarm",
     "fix-disable-forwarding.patch": "sshd_disable_forwarding",
+    "CVE-2026-35414.patch": "sshd_comma_principal",
 }
 OPENSSH = Package(
     "openssh",

@@ -41,12 +41,23 @@ STORE = CACHE / "store"
 
 
 def _keys() -> None:
+    """Host key, the load's client key, and for CVE-2026-35414 a certificate (key
+    ``probe``, not authorized itself) whose one principal is ``x,alice``, from a CA that
+    authorized_keys trusts for the principals ``alice,carol``."""
+    from ssh_cert import ca_key, ca_public_line, user_cert
+
     SSH_RUN.mkdir(parents=True, exist_ok=True)
-    for name, kind in (("hostkey", "ed25519"), ("client", "ed25519")):
+    for name in ("hostkey", "client", "probe"):
         if not (SSH_RUN / name).exists():
-            run(["ssh-keygen", "-q", "-t", kind, "-N", "", "-f", str(SSH_RUN / name)])
-    (SSH_RUN / "authorized_keys").write_text((SSH_RUN / "client.pub").read_text())
-    (SSH_RUN / "client").chmod(0o600)
+            run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(SSH_RUN / name)])
+        (SSH_RUN / name).chmod(0o600)
+    ca = ca_key(SSH_RUN / "ca.seed")
+    cert = user_cert((SSH_RUN / "probe.pub").read_text(), ca, ["x,alice"])
+    (SSH_RUN / "probe-cert.pub").write_text(cert + "\n")
+    (SSH_RUN / "authorized_keys").write_text(
+        (SSH_RUN / "client.pub").read_text()
+        + f'cert-authority,principals="alice,carol" {ca_public_line(ca)}\n'
+    )
 
 
 def _grace_alarm(ctx: Ctx) -> str:
@@ -81,8 +92,25 @@ def _agent_forwarding(ctx: Ctx) -> str:
     return (r.stdout.strip() or f"rc {r.returncode}: {r.stderr.strip()[:100]}")[:120]
 
 
+def _comma_principal(ctx: Ctx) -> str:
+    """Logs in with a certificate whose one principal, ``x,alice``, contains a comma, where
+    authorized_keys accepts the CA for ``alice,carol``: the unfixed match splits the
+    principal at the comma and finds ``alice``. Returns accepted or rejected."""
+    argv = ssh_argv(ctx.port, str(SSH_RUN / "probe"), "echo ok")
+    extra = ["-o", f"CertificateFile={SSH_RUN / 'probe-cert.pub'}", "-o", "IdentitiesOnly=yes"]
+    argv[1:1] = extra
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=20, stdin=subprocess.DEVNULL)
+    if r.returncode == 0 and r.stdout.strip() == "ok":
+        return "certificate for 'x,alice' accepted"
+    return f"rejected ({r.stderr.strip()[-60:]})"
+
+
 PROBES.update(
     {
+        # CVE-2026-35414: a principal with a comma must not match a principals="" list.
+        "sshd_comma_principal": Probe(
+            _comma_principal, lambda s: s.startswith("rejected"), expected="certificate rejected"
+        ),
         # CVE-2024-6387 (regreSSHion): with the fix, sshsigdie exits without logging.
         "sshd_grace_alarm": Probe(
             _grace_alarm, lambda s: s == "exited silently", expected="no log from SIGALRM"
