@@ -11,7 +11,7 @@ import pytest
 
 from helpers import compile_c
 from patchbox.compare.explain import annotate_inlined, format_explain
-from patchbox.compare.objects import compare_objects, compare_trees, normalize
+from patchbox.compare.objects import compare_objects, compare_trees, normalize, other_programs
 from patchbox.elf.binary import Binary
 from patchbox.errors import BuildError, ExtractError
 from patchbox.extract import patch_from_diffs
@@ -473,3 +473,20 @@ def test_objects_of_other_programs_are_left_out(tmp_path: Path) -> None:
     assert [d.rel for d in diffs] == ["util.o"]
     diffs, _same = compare_trees(orig, patched)
     assert [d.rel for d in diffs] == ["b.o", "util.o"]
+
+
+def test_source_compiled_for_two_programs(tmp_path: Path) -> None:
+    """memcached builds memcached and memcached-debug from the same sources with other
+    flags: the debug program's object of a file linked into the binary is not compared."""
+    src = (
+        "__attribute__((noinline)) int f(int x) { return x * 3 + 1; }\n"
+        "int main(int c, char **v) { (void)v; return f(c); }\n"
+    )
+    exe = build_exe(tmp_path, {"case.c": src})
+    (tmp_path / "o2").mkdir()
+    (tmp_path / "o0").mkdir()
+    fast = compile_c(src, tmp_path / "o2" / "case.o", obj=True)
+    debug = compile_c(src, tmp_path / "o0" / "case.o", obj=True, opt="-O0")
+    with Binary(exe) as ref:
+        assert other_programs({"case.o": fast, "debug-case.o": debug}, ref) == {"debug-case.o"}
+        assert other_programs({"case.o": fast}, ref) == set()

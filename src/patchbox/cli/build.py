@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from patchbox.compare.explain import annotate_inlined, format_explain
-from patchbox.compare.objects import compare_trees
+from patchbox.compare.objects import compare_trees, other_programs
 from patchbox.elf.binary import Binary
 from patchbox.elf.buildid import read_build_id
 from patchbox.errors import BuildError, PatchboxError
@@ -200,9 +200,12 @@ def build_command(
             t_built = time.monotonic()
             built = f"builds {t_built - t0:.1f} s"
         # A tree may build several programs (OpenSSH: sshd, ssh-agent, ssh...): only the
-        # objects of compile units linked into the running binary are compared.
+        # objects of compile units linked into the running binary are compared, and of a
+        # source compiled twice (memcached and memcached-debug) only the binary's object.
         with Binary(reference, symbols) as ref:
             linked = ref.source_files()
+            others = other_programs(orig, ref)
+        patched = {rel: path for rel, path in patched.items() if rel not in others}
         diffs, same = compare_trees(
             orig, patched, profile.reporters, line_maps(diff_text), linked=linked or None
         )

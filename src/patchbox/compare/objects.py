@@ -36,6 +36,7 @@ from elftools.elf.constants import SH_FLAGS
 
 from patchbox.compare.lines import LineCheck
 from patchbox.compare.types import layout_changes, read_layouts
+from patchbox.elf.binary import Binary
 from patchbox.elf.fastread import load_object
 from patchbox.elf.objfile import ObjectFile, ObjSymbol, Relocation, Section
 from patchbox.elf.reloc import get_reloc
@@ -43,7 +44,15 @@ from patchbox.errors import ElfError
 from patchbox.profiles import GENERIC, Reporters
 from patchbox.sourcediff import FileChange
 
-__all__ = ["Decision", "ObjectDiff", "compare_objects", "compare_trees", "normalize", "is_clone"]
+__all__ = [
+    "Decision",
+    "ObjectDiff",
+    "compare_objects",
+    "compare_trees",
+    "normalize",
+    "is_clone",
+    "other_programs",
+]
 
 _CLONE = re.compile(r"\.(cold|part|constprop|isra|lto_priv|clone|localalias|specialized)(\.|$)")
 _PATHLIKE = re.compile(rb"^[\w.+-]*(/[\w.+-]+)+\.(c|h|cc|cpp|cxx|hh|hpp|inc|def)$")
@@ -529,3 +538,35 @@ def _source_of(path: Path) -> str | None:
     """Returns the basename of an object's source file (its first STT_FILE), or None."""
     src = load_object(path).source_file
     return os.path.basename(src) if src else None
+
+
+def other_programs(objects: dict[str, Path], binary: Binary) -> set[str]:
+    """Returns the keys of ``objects`` that belong to another program of the tree although
+    their source file is linked into ``binary``: a source compiled more than once (memcached
+    builds ``memcached`` and ``memcached-debug`` from the same files, with other flags), where
+    some function of the object has another size in ``binary`` than in the object."""
+    by_source: dict[str | None, list[str]] = defaultdict(list)
+    for rel, path in objects.items():
+        by_source[_source_of(path)].append(rel)
+    out: set[str] = set()
+    for source, rels in by_source.items():
+        if source is None or len(rels) < 2:
+            continue
+        for rel in rels:
+            if not _sizes_match(load_object(objects[rel]), binary):
+                out.add(rel)
+    return out
+
+
+def _sizes_match(obj: ObjectFile, binary: Binary) -> bool:
+    """Returns False if a function of ``obj`` has another size in ``binary``."""
+    for sym in obj.symbols:
+        if sym.type != "FUNC" or not sym.defined or not sym.size:
+            continue
+        if sym.is_local:
+            ref = binary.find_local(sym.name, obj.source_file) if obj.source_file else None
+        else:
+            ref = binary.find_global(sym.name)
+        if ref is not None and ref.size != sym.size:
+            return False
+    return True

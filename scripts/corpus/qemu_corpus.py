@@ -1,0 +1,325 @@
+"""The QEMU 7.2 part of the corpus.
+
+Debian applies upstream's stable releases as ``debian/patches/v7.2.N.diff``; its changelog
+names the CVE fixes each release carries. A fix is *carved* out of its release diff: the
+sections of the files that hold it (``Fix.files``; ``Fix.hunks`` picks hunks when a section
+mixes commits). The level before the fixes is the project's cached QEMU source
+(scripts/qemu/build-qemu.sh: Debian's 7.2.22 with every fix in) with every carved fix
+reverted, built by the same script into the corpus cache (``CACHE/qemu-cache``; the first build
+takes minutes, later runs rebuild only the files whose reverted set changed). Each fix is
+then built with ``patchbox build --qemu`` against that build, applied to one running QEMU
+under QMP load, probed and removed, one after the other.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import shutil
+import struct
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from corpus import (
+    CACHE,
+    HERE,
+    PROBES,
+    ROOT,
+    RUN_DIR,
+    Ctx,
+    Daemon,
+    Probe,
+    apply_remove,
+    build_patch,
+    env_with_tools,
+    key,
+    log,
+    run,
+    sha,
+    verdict,
+    wait_agent,
+)
+from fixes import Fix, Package
+from qmp_client import QMP
+
+__all__ = ["carve", "run_qemu"]
+
+QEMU_CACHE = Path("/var/cache/patchbox/qemu")  # the project's (scripts/qemu/build-qemu.sh)
+LEVEL = CACHE / "qemu-cache"
+
+
+def sections(diff: str) -> dict[str, list[str]]:
+    """Returns {file: its section of a git diff (lines)}."""
+    out: dict[str, list[str]] = {}
+    cur = None
+    for line in diff.splitlines(keepends=True):
+        if line.startswith("diff --git "):
+            cur = line.split()[3][2:]
+            out[cur] = [line]
+        elif cur is not None:
+            out[cur].append(line)
+    return out
+
+
+def carve(fix: Fix, patches: Path) -> str:
+    """Returns the fix's diff: its files' sections of the release diff (only the hunks
+    ``fix.hunks`` names, 1-based, for files listed there)."""
+    text = (patches / fix.patch).read_text(errors="surrogateescape")
+    secs = sections(text)
+    out = []
+    for f in fix.files:
+        if f not in secs:
+            raise RuntimeError(f"{fix.patch} has no section for {f}")
+        lines = secs[f]
+        if f in fix.hunks:
+            head = lines[: _first_hunk(lines)]
+            hunks = _hunks(lines)
+            lines = head + [ln for i in fix.hunks[f] for ln in hunks[i - 1]]
+        out += lines
+    return "".join(out)
+
+
+def _first_hunk(lines: list[str]) -> int:
+    return next(i for i, ln in enumerate(lines) if ln.startswith("@@"))
+
+
+def _hunks(lines: list[str]) -> list[list[str]]:
+    out: list[list[str]] = []
+    for ln in lines[_first_hunk(lines) :]:
+        if ln.startswith("@@"):
+            out.append([])
+        out[-1].append(ln)
+    return out
+
+
+def level(fixes: list[Fix]) -> tuple[Path, Path, dict[str, str]]:
+    """Returns (source, binary, {fix key: why it is not in the level}) of the QEMU level
+    with every carved fix of ``fixes`` reverted."""
+    run([str(ROOT / "scripts/qemu/build-qemu.sh")], timeout=3600)  # the cached 7.2.22
+    diffs = LEVEL / "diffs"
+    diffs.mkdir(parents=True, exist_ok=True)
+    patches = QEMU_CACHE / "src/debian/patches"
+    carved: dict[str, Path] = {}
+    skipped: dict[str, str] = {}
+    for fix in fixes:
+        if not fix.files:
+            skipped[key(fix)] = fix.note or "not carved"
+            continue
+        p = diffs / f"{key(fix)}.diff"
+        p.write_text(carve(fix, patches))
+        carved[key(fix)] = p
+    src = LEVEL / "src"
+    if not (src / "VERSION").exists():
+        log(f"qemu: copying {QEMU_CACHE / 'src'} to {src}")
+        shutil.rmtree(src.with_name("src.tmp"), ignore_errors=True)
+        run(["cp", "-a", str(QEMU_CACHE / "src"), str(src.with_name("src.tmp"))])
+        src.with_name("src.tmp").rename(src)
+        (LEVEL / "dl").mkdir(exist_ok=True)
+        for dsc in (QEMU_CACHE / "dl").glob("qemu_7.2*.dsc"):
+            shutil.copy2(dsc, LEVEL / "dl")
+    # Which fixes are reverted now: restore the files of the old set, revert the new one.
+    state = LEVEL / "reverted.json"
+    old: dict[str, list[str]] = json.loads(state.read_text()) if state.exists() else {}
+    new = {
+        k: sorted({ln[6:].strip() for ln in p.read_text().splitlines() if ln.startswith("+++ b/")})
+        for k, p in carved.items()
+    }
+    want = {k: sha(carved[k].read_text()) for k in carved}
+    if old.get("_stamp") != [json.dumps(want, sort_keys=True)]:
+        files = {f for k, fs in old.items() if k != "_stamp" for f in fs} | {
+            f for fs in new.values() for f in fs
+        }
+        for f in sorted(files):
+            orig = QEMU_CACHE / "src" / f
+            if orig.exists():
+                shutil.copyfile(orig, src / f)  # a new mtime: ninja rebuilds its users
+        for k, p in carved.items():
+            dry = run(f"patch -R -p1 -s -f --dry-run < {p}", cwd=src, check=False)
+            if dry.returncode != 0:
+                skipped[k] = "its hunks do not revert on 7.2.22: " + dry.stdout[-300:]
+                new.pop(k)
+                continue
+            run(f"patch -R -p1 -s -f < {p}", cwd=src)
+        state.write_text(json.dumps({**new, "_stamp": [json.dumps(want, sort_keys=True)]}))
+    else:
+        for k in carved:
+            if k not in old:
+                skipped[k] = "its hunks do not revert on 7.2.22"
+    log(f"qemu: building the level (scripts/qemu/build-qemu.sh in {LEVEL})")
+    proc = run(
+        [str(ROOT / "scripts/qemu/build-qemu.sh")],
+        env=env_with_tools({"PATCHBOX_QEMU_CACHE": str(LEVEL)}),
+        timeout=3600,
+    )
+    binary = Path(proc.stdout.strip().splitlines()[-1])
+    return src, binary, skipped
+
+
+def qcow2_with_data_file(path: Path, data_file: str, size: int = 1 << 20) -> None:
+    """Writes a qcow2 v3 image whose header names an external data file ``data_file``
+    (incompatible feature bit 2, header extension 0x44415441), no cluster allocated."""
+    cs = 1 << 16
+    name = data_file.encode()
+    ext = struct.pack(">II", 0x44415441, len(name)) + name + b"\0" * (-len(name) % 8)
+    ext += struct.pack(">II", 0, 0)  # end of the header extensions
+    refcount_table, refcount_block, l1 = cs, 2 * cs, 3 * cs
+    hdr = b"QFI\xfb" + struct.pack(
+        ">IQIIQIIQQIIQ", 3, 0, 0, 16, size, 0, 1, l1, refcount_table, 1, 0, 0
+    )
+    hdr += struct.pack(">QQQII", 4, 0, 0, 4, 112) + bytes(8)  # data file; zlib; header 112
+    img = bytearray(4 * cs)
+    img[: len(hdr) + len(ext)] = hdr + ext
+    img[refcount_table : refcount_table + 8] = struct.pack(">Q", refcount_block)
+    for i in range(4):  # the four clusters in use
+        img[refcount_block + 2 * i : refcount_block + 2 * i + 2] = struct.pack(">H", 1)
+    path.write_bytes(bytes(img))
+
+
+_nodes = itertools.count(1)
+
+
+def _qcow2_json_data_file(ctx: Ctx) -> str:
+    """CVE-2024-4467: opens (QMP blockdev-add, read-only) a qcow2 image whose header names
+    its data file as ``json:{"driver":"file","filename":SECRET}``. Unfixed QEMU parses the
+    json: and opens any file the image names; fixed QEMU takes it as a plain file name."""
+    d = LEVEL / "probe-4467"
+    d.mkdir(exist_ok=True)
+    secret = d / "secret.raw"
+    secret.write_bytes(b"SECRET".ljust(1 << 20, b"\0"))
+    img = d / "evil.qcow2"
+    qcow2_with_data_file(img, "json:" + json.dumps({"driver": "file", "filename": str(secret)}))
+    node = f"probe{next(_nodes)}"
+    q = QMP(ctx.extra["qmp"])
+    try:
+        r = q.cmd(
+            "blockdev-add",
+            driver="qcow2",
+            **{"node-name": node, "read-only": True},
+            file={"driver": "file", "filename": str(img), "read-only": True},
+        )
+        if "error" in r:
+            return f"refused: {r['error']['desc']}"[:200]
+        files = [n["file"] for n in q.cmd("query-named-block-nodes")["return"]]
+        q.cmd("blockdev-del", **{"node-name": node})
+        return "opened the data file " + ("(the secret)" if str(secret) in files else "?")
+    finally:
+        q.close()
+
+
+PROBES["qemu_qcow2_json_data_file"] = Probe(
+    _qcow2_json_data_file,
+    lambda s: s.startswith("refused: Could not open 'json:"),
+    expected="the json: data file name is not parsed",
+)
+
+
+def _disk() -> Path:
+    img = LEVEL / "disk0.img"
+    if not img.exists():
+        with img.open("wb") as f:
+            f.truncate(64 << 20)
+    return img
+
+
+def start_qemu(binary: Path) -> tuple[Daemon, Path]:
+    """Starts a pc machine (TCG, an IDE disk, a websocket chardev, QMP); the guest has no
+    OS, SeaBIOS waits. Returns the daemon and its QMP socket."""
+    RUN_DIR.mkdir(parents=True, exist_ok=True)
+    qmp = RUN_DIR / "qemu-qmp.sock"
+    qmp.unlink(missing_ok=True)
+    d = Daemon(
+        [
+            str(binary),
+            "-machine",
+            "pc",
+            "-accel",
+            "tcg",
+            "-m",
+            "128",
+            "-display",
+            "none",
+            "-nodefaults",
+            "-L",
+            "/usr/share/seabios",
+            "-drive",
+            f"file={_disk()},if=ide,format=raw,node-name=disk0",
+            "-chardev",
+            "socket,id=ws0,host=127.0.0.1,port=5701,server=on,wait=off,websocket=on",
+            "-qmp",
+            f"unix:{qmp},server=on,wait=off",
+        ],
+        "qemu",
+        env={"PATH": "/usr/bin:/bin"},
+    ).start()
+    for _ in range(300):
+        if qmp.exists():
+            break
+        if not d.alive():
+            raise RuntimeError(f"QEMU exited: {d.log_path.read_text()[-500:]}")
+        time.sleep(0.1)
+    wait_agent(d.pid)
+    return d, qmp
+
+
+def run_qemu(pkg: Package, fixes: list[Fix], results: Path) -> list[dict[str, Any]]:
+    """Returns one result per QEMU fix of ``fixes``."""
+    src, binary, skipped = level([f for f in pkg.fixes if f in fixes])
+    out_dir = results / "qemu"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    daemon, qmp = start_qemu(binary)
+    rows = []
+    try:
+        for fix in fixes:
+            k = key(fix)
+            t0 = time.monotonic()
+            r: dict[str, Any] = {}
+            if k in skipped:
+                r["build"] = {"result": "not tried", "message": skipped[k]}
+            else:
+                pbx = out_dir / f"{k}.pbx"
+                diff = LEVEL / "diffs" / f"{k}.diff"
+                shutil.copyfile(diff, out_dir / diff.name)
+                log(f"qemu {k}: build, apply under load, probe")
+                r["build"] = build_patch(fix, src, diff, binary, pbx, qemu=True)
+                if r["build"]["result"] == "built":
+                    if not daemon.alive():
+                        daemon, qmp = start_qemu(binary)
+                    ctx = Ctx(fix, src, 0, daemon, {"qmp": str(qmp)})
+                    load = [sys.executable, str(HERE / "load/qmp_client.py"), "--qmp", str(qmp)]
+                    probe = PROBES.get(fix.probe) if fix.probe else None
+                    r["apply"] = apply_remove(ctx, pbx, load, probe)
+            row = {
+                "program": "qemu",
+                "version": pkg.version,
+                "fix": k,
+                "ident": fix.ident,
+                "patch": f"{fix.patch}: {', '.join(fix.files) or '-'}",
+                "adapted": False,
+                "shape": fix.shape,
+                "what": fix.what,
+                "probe": fix.probe,
+                "note": fix.note,
+                "level": str(src),
+                **r,
+                "seconds": round(time.monotonic() - t0, 1),
+            }
+            row["verdict"] = verdict(fix, row)
+            if row["verdict"] == "failed" and r["build"]["result"] == "not tried":
+                row["verdict"] = "not-tried"
+            log(f"qemu {k}: {row['verdict']}")
+            rows.append(row)
+    finally:
+        alive = daemon.alive()
+        if alive:
+            try:
+                q = QMP(str(qmp))
+                q.cmd("query-status")
+                q.close()
+            except (OSError, EOFError):
+                alive = False
+        daemon.stop()
+        for row in rows:
+            row["qemu_alive_at_end"] = alive
+    return rows
