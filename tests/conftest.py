@@ -24,8 +24,8 @@ TIERS = ("process", "qemu", "fuzz", "wheel", "ansible", "reach", "corpus", "corp
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Marks every test of no other tier `unit`, so `-m unit` runs the fast tier alone.
 
-    The whole corpus (`corpus_full`, ~14 min on 2 cores with the cache warm) runs only when asked for: `-m`
-    naming it, or PATCHBOX_CORPUS_FULL=1."""
+    The whole corpus (`corpus_full`, ~14 min on 2 cores with the cache warm) runs only
+    when asked for: `-m` naming it, or PATCHBOX_CORPUS_FULL=1."""
     full = "corpus_full" in (config.option.markexpr or "") or (
         os.environ.get("PATCHBOX_CORPUS_FULL") == "1"
     )

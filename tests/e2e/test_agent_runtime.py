@@ -13,7 +13,7 @@ import pytest
 import rawwire
 from live import Target
 
-from helpers import ROOT, compile_c
+from helpers import BIN, ROOT, compile_c
 from patchbox.wire import Msg
 
 pytestmark = pytest.mark.process
@@ -147,6 +147,35 @@ def test_disabled_agent_leaves_program_alone(target_exe: Path) -> None:
         proc.stdin.write("use_helper 4\n")
         proc.stdin.flush()
         assert proc.stdout.readline().strip() == "41"
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_agent_without_socket_is_named_so(target_exe: Path, tmp_path: Path) -> None:
+    """The agent cannot bind (its PATCHBOX_SOCK_DIR does not exist): the client says the
+    process has an agent that is not listening, not that the program lacks one."""
+    gone = tmp_path / "no-such-dir"
+    proc = subprocess.Popen(
+        [str(target_exe)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PATCHBOX_SOCK_DIR": str(gone)},
+    )
+    try:
+        ready, _, _ = select.select([proc.stdout], [], [], 10)
+        assert ready and proc.stdout.readline().startswith("ready")
+        out = subprocess.run(
+            [str(BIN / "patchbox"), "info", "-p", str(proc.pid)],
+            capture_output=True,
+            text=True,
+            env={k: v for k, v in os.environ.items() if k != "PATCHBOX_SOCK_DIR"},
+        )
+        assert out.returncode == 1
+        assert "has the patchbox agent but no socket of its listens" in out.stderr, out.stderr
+        assert "config --libs" not in out.stderr
     finally:
         proc.kill()
         proc.wait()

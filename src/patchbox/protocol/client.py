@@ -22,7 +22,7 @@ from typing import Any
 from patchbox import wire as C
 from patchbox.errors import ConnectError, ProtocolError
 from patchbox.format.codec import Writer
-from patchbox.protocol.discovery import Candidate, connect_unix, discover
+from patchbox.protocol.discovery import Candidate, agent_inside, connect_unix, discover
 from patchbox.protocol.replies import (
     AppliedPatch,
     ApplyResult,
@@ -55,6 +55,14 @@ LINK_HINT = (
 )
 
 DENIED_HINT = "run as root or as the process's user, or pass -s SOCKET"
+LOST_HINT = (
+    "the process has the patchbox agent but no socket of its listens: the agent is "
+    "still starting, or it could not bind (PATCHBOX_SOCK_DIR missing or not writable), "
+    "or it lost its socket and could not bind it again (a daemon that closed every "
+    "descriptor, then dropped the privileges its socket directory needs: start it with "
+    "PATCHBOX_SOCK_DIR set to a directory its user can write); the agent says why on "
+    "its stderr"
+)
 
 
 def encode_frame(msg_type: int, seq: int, payload: bytes = b"") -> bytes:
@@ -139,7 +147,12 @@ class Client:
         if failure is not None and len(found.candidates) == 1:
             raise failure
         where = "; ".join(found.notes + ([f"tried {', '.join(tried)}"] if tried else []))
-        hint = DENIED_HINT if found.denied else LINK_HINT
+        if found.denied:
+            hint = DENIED_HINT
+        elif agent_inside(self.pid):
+            hint = LOST_HINT
+        else:
+            hint = LINK_HINT
         raise ConnectError(f"no agent socket for pid {self.pid}: {where}: {hint}")
 
     def _open(self, candidate: Candidate) -> socket.socket:

@@ -27,6 +27,7 @@ from pathlib import Path
 from patchbox.errors import ConnectError
 
 __all__ = [
+    "agent_inside",
     "SOCKET_PREFIX",
     "SOCKET_NAME",
     "FD_ADDRESS",
@@ -239,6 +240,29 @@ def discover(pid: int, environ: Mapping[str, str] | None = None) -> Discovery:
         connect = f"/proc/{pid}/root{path}" if root_usable else path
         found.candidates.append(Candidate(connect, path, "the executable's directory"))
     return found
+
+
+# In every program with the agent: linked (its .rodata) or loaded (libsandbox.so).
+_AGENT_MARK = b"PATCHBOX_SOCK_DIR"
+
+
+def agent_inside(pid: int) -> bool | None:
+    """Returns whether process ``pid`` carries the agent (libsandbox.so mapped, or its
+    executable holds the agent's strings), None when /proc does not tell. Read only to
+    explain a missing socket: a slow path (it reads the executable)."""
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            if "libsandbox" in f.read():
+                return True
+        with open(f"/proc/{pid}/exe", "rb") as exe:
+            tail = b""
+            while chunk := exe.read(1 << 20):
+                if _AGENT_MARK in tail + chunk:
+                    return True
+                tail = chunk[-len(_AGENT_MARK) :]
+    except OSError:
+        return None
+    return False
 
 
 def connect_unix_ex(sock: socket.socket, path: str | os.PathLike[str]) -> int:
