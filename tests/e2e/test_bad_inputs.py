@@ -97,6 +97,12 @@ def with_nfixups(patch: Patch, count: int) -> bytes:
     return body[:at] + struct.pack("<I", count) + body[at + 4 :]
 
 
+def with_nfuncs(patch: Patch, count: int) -> bytes:
+    """The apply body of ``patch`` with its nfuncs field set to ``count``."""
+    body, at = encode_apply_body(patch), nfuncs_offset(patch)
+    return body[:at] + struct.pack("<H", count) + body[at + 2 :]
+
+
 def fixup(patch: Patch, **kw) -> Patch:
     fx = dict(
         section=FixupSection.TEXT,
@@ -197,25 +203,19 @@ CASES: dict[str, Case] = {
     ),
     "nfuncs-0": Case(
         Msg.APPLY,
-        lambda p, t, e: (lambda b, o: b[:o] + b"\0\0" + b[o + 2 :])(
-            encode_apply_body(p), nfuncs_offset(p)
-        ),
+        lambda p, t, e: with_nfuncs(p, 0),
         ErrorCode.MALFORMED,
         ("nfuncs 0",),
     ),
     "nfuncs-overruns": Case(
         Msg.APPLY,
-        lambda p, t, e: (lambda b, o: b[:o] + struct.pack("<H", 200) + b[o + 2 :])(
-            encode_apply_body(p), nfuncs_offset(p)
-        ),
+        lambda p, t, e: with_nfuncs(p, 200),
         ErrorCode.MALFORMED,
         ("runs past",),
     ),
     "nfuncs-257": Case(
         Msg.APPLY,
-        lambda p, t, e: (lambda b, o: b[:o] + struct.pack("<H", 257) + b[o + 2 :])(
-            encode_apply_body(p), nfuncs_offset(p)
-        ),
+        lambda p, t, e: with_nfuncs(p, 257),
         ErrorCode.MALFORMED,
         ("nfuncs 257",),
     ),
