@@ -77,6 +77,16 @@ def no_client_sock_dir(monkeypatch: pytest.MonkeyPatch) -> None:
 # -- deep directories -----------------------------------------------------------------
 
 
+def round_trip(t: Target, pbx: Path, name: str, call: tuple, before: str, after: str) -> None:
+    """Applies ``pbx`` through the CLI and removes patch ``name`` again, checking the
+    answer to ``call`` before, while applied and after."""
+    assert t.call(*call) == before
+    run("patchbox", "apply", "-p", t.pid, pbx)
+    assert t.call(*call) == after
+    run("patchbox", "remove", "-p", t.pid, name)
+    assert t.call(*call) == before
+
+
 def test_deep_directory(tmp_path: Path, patched_obj, no_client_sock_dir) -> None:
     d = deep_dir(tmp_path / "build", 150)
     exe = compile_c(render(), d / "target", agent=True)
@@ -91,11 +101,7 @@ def test_deep_directory(tmp_path: Path, patched_obj, no_client_sock_dir) -> None
         assert info["log"] == f"{t.socket}.log"
 
         pbx = extract(patched_obj(USE_HELPER="scale(x) + 2"), exe, "use_helper", name="deep")
-        assert t.call("use_helper", 4) == "41"
-        run("patchbox", "apply", "-p", t.pid, pbx)
-        assert t.call("use_helper", 4) == "42"
-        run("patchbox", "remove", "-p", t.pid, "deep")
-        assert t.call("use_helper", 4) == "41"
+        round_trip(t, pbx, "deep", ("use_helper", 4), "41", "42")
         # The socket's long path itself (-s) works too.
         run("patchbox", "apply", "-s", t.socket, pbx)
         assert t.call("use_helper", 4) == "42"
@@ -143,10 +149,7 @@ def test_environment_overwritten_by_process_title(
         assert not (target_exe.parent / f"sandbox-sock{t.pid}").exists()
 
         pbx = extract(patched_obj(GREETING="hello, retitled"), target_exe, "greet", name="title")
-        run("patchbox", "apply", "-p", t.pid, pbx)
-        assert t.call("greet") == "hello, retitled"
-        run("patchbox", "remove", "-p", t.pid, "title")
-        assert t.call("greet") == "hello"
+        round_trip(t, pbx, "title", ("greet",), "hello", "hello, retitled")
     finally:
         t.stop()
 
@@ -183,11 +186,7 @@ def test_private_tmpfs_over_the_program_directory(
         assert info_json(t.pid)["socket"] == str(d / f"sandbox-sock{t.pid}")
 
         pbx = extract(patched_obj(PAIR_A="40"), target_exe, "pair_a", name="ns")
-        assert t.call("pair_a", 2) == "3"
-        run("patchbox", "apply", "-p", t.pid, pbx)
-        assert t.call("pair_a", 2) == "42"
-        run("patchbox", "remove", "-p", t.pid, "ns")
-        assert t.call("pair_a", 2) == "3"
+        round_trip(t, pbx, "ns", ("pair_a", 2), "3", "42")
     finally:
         t.stop()
 
@@ -211,11 +210,7 @@ def test_container_pid_and_mount_namespaces(
         assert info["pid"] == "1" and info["socket"] == str(tmp_path / "sandbox-sock1")
 
         pbx = extract(patched_obj(PAIR_B="7"), target_exe, "pair_b", name="container")
-        assert t.call("pair_b", 3) == "6"
-        run("patchbox", "apply", "-p", t.pid, pbx)
-        assert t.call("pair_b", 3) == "21"
-        run("patchbox", "remove", "-p", t.pid, "container")
-        assert t.call("pair_b", 3) == "6"
+        round_trip(t, pbx, "container", ("pair_b", 3), "6", "21")
     finally:
         t.stop()
 
