@@ -95,6 +95,49 @@ def test_unstripped_twin_and_a_wrong_one(stripped: tuple[Path, Path], tmp_path: 
         Binary(prog, symbols=other)
 
 
+def test_rebuild_elsewhere_matched_by_loaded_bytes(tmp_path: Path) -> None:
+    """A rebuild in another directory has other debug sections, so another build-id, but the
+    same loaded bytes: its symbols are accepted, the match recorded in the patch's meta,
+    and the patch still names the running binary's build-id. One changed byte of a loaded
+    section is refused, naming the section and the offset."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    prog = build(tmp_path / "a", SRC, "prog")
+    rebuild = build(tmp_path / "b", SRC, "prog")
+    assert read_build_id(prog) != read_build_id(rebuild)
+    subprocess.run(["strip", "--strip-all", str(prog)], check=True)
+    with Binary(prog, symbols=rebuild) as b:
+        assert b.symbols_path == rebuild
+        assert b.symbols_match.how == "loaded-bytes" and b.symbols_match.sections > 5
+        work = b.get_symbol("work")
+    fixed = tmp_path / "fix"
+    fixed.mkdir()
+    (fixed / "prog.c").write_text(SRC.replace("x * 3 + 1", "x * 3 + 2"))
+    obj = fixed / "prog.o"
+    subprocess.run(
+        ["gcc", "-O2", "-fPIE", *PATCH_CFLAGS, "-c", str(fixed / "prog.c"), "-o", str(obj)],
+        check=True,
+    )
+    patch = extract_patch(obj, prog, ["work"], name="fix", symbols=rebuild)
+    assert patch.build_id == read_build_id(prog)
+    assert patch.meta["symbols_match"] == "loaded-bytes"
+    rebuild_id = read_build_id(rebuild)
+    assert rebuild_id is not None and patch.meta["symbols_build_id"] == rebuild_id.hex()
+
+    # One byte of work's code changed in the rebuild: refused, naming .text and the offset.
+    from elftools.elf.elffile import ELFFile
+
+    with open(rebuild, "rb") as f:
+        text = ELFFile(f).get_section_by_name(".text")
+        at = work.address + 3 - text["sh_addr"]
+        file_off = text["sh_offset"] + at
+    raw = bytearray(rebuild.read_bytes())
+    raw[file_off] ^= 0xFF
+    rebuild.write_bytes(bytes(raw))
+    with pytest.raises(ElfError, match=rf"section \.text differs at offset {at:#x}"):
+        Binary(prog, symbols=rebuild)
+
+
 def test_extract_patch_against_stripped_binary(stripped: tuple[Path, Path], tmp_path: Path) -> None:
     prog, twin = stripped
     fixed = tmp_path / "fix"

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The Debian tier's stock program (tests/reach/): memcached from Debian's packages, and
 # its symbols from a rebuild of its source package (the debug archive is not reachable;
-# Debian's builds are reproducible, so the rebuild has the installed binary's build-id).
+# the rebuild's loaded bytes are the installed binary's, its build-id may differ:
+# docs/reach.md, "Symbols from a rebuild").
 # Prints the build directory holding the unstripped `memcached`. Cached in
 # /var/cache/patchbox/memcached ($PATCHBOX_REACH_CACHE); a lock keeps runs apart.
 set -euo pipefail

@@ -4,8 +4,8 @@ memcached as Debian ships it (/usr/bin/memcached: stripped, no patchbox flag, no
 is started normally and kept busy by a client storing and reading keys. ``patchbox
 attach`` loads the agent into it; a patch of ``out_string`` (the reply of every text
 command; it starts with a 1-byte ``push %rbp``, so its entry jump is held) is built
-against the stripped binary with symbols from a rebuild of Debian's source package (same
-build-id: Debian's builds are reproducible) and applied under that load: ``version``
+against the stripped binary with symbols from a rebuild of Debian's source package (its
+build-id may differ, its loaded bytes may not: docs/reach.md) and applied under that load: ``version``
 answers differently, every reply of the load stays right, then it is removed.
 scripts/reach/memcached.sh installs memcached and rebuilds it once (cached).
 """
@@ -39,13 +39,7 @@ def build_dir() -> Path:
     )
     if proc.returncode != 0:
         pytest.skip(f"memcached and its source package are not available: {proc.stderr[-400:]}")
-    d = Path(proc.stdout.strip().splitlines()[-1])
-    if read_build_id(d / "memcached") != read_build_id(STOCK):
-        pytest.fail(
-            f"the rebuild of memcached has build-id {read_build_id(d / 'memcached')}, the "
-            f"installed binary {read_build_id(STOCK)}: the build is not reproducible here"
-        )
-    return d
+    return Path(proc.stdout.strip().splitlines()[-1])
 
 
 def ask(line: str) -> str:
@@ -151,7 +145,10 @@ def test_stock_memcached_attached_and_patched_under_load(
         obj,
         STOCK,
     )
-    assert load_patch(pbx).flags & ApplyFlag.HOLD
+    patch = load_patch(pbx)
+    assert patch.flags & ApplyFlag.HOLD
+    assert patch.build_id == read_build_id(STOCK)  # the running binary's, not the rebuild's
+    assert patch.meta["symbols_match"] in ("build-id", "loaded-bytes"), patch.meta
 
     stop, errors, counts = threading.Event(), [], []
     clients = [threading.Thread(target=load, args=(i, stop, errors, counts)) for i in range(4)]

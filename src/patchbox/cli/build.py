@@ -85,8 +85,8 @@ __all__ = ["build_command"]
     default=None,
     type=click.Path(dir_okay=False, exists=True),
     metavar="UNSTRIPPED",
-    help="Symbols of a stripped --binary from this unstripped build of it (same build-id); "
-    "default: its separate debug file.",
+    help="Symbols of a stripped --binary from this unstripped build of it (same build-id, "
+    "or a rebuild whose loaded sections are byte-identical); default: its separate debug file.",
 )
 @click.option("--name", default=None, help="Patch name (default: output file stem).")
 @click.option("--explain", is_flag=True, help="Print per function why it is in or out.")

@@ -50,9 +50,9 @@ __all__ = ["extract_command", "main"]
     default=None,
     type=click.Path(dir_okay=False, exists=True),
     metavar="UNSTRIPPED",
-    help="Symbols of a stripped REFERENCE from this unstripped build of it (same "
-    "build-id); default: its separate debug file (.gnu_debuglink, "
-    "/usr/lib/debug/.build-id).",
+    help="Symbols of a stripped REFERENCE from this unstripped build of it (same build-id, "
+    "or a rebuild whose loaded sections are byte-identical); default: its separate debug "
+    "file (.gnu_debuglink, /usr/lib/debug/.build-id).",
 )
 @click.argument("patched_o", type=click.Path(dir_okay=False))
 @click.argument("reference", type=click.Path(dir_okay=False))

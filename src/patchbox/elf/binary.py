@@ -19,13 +19,13 @@ from typing import BinaryIO, cast
 
 from elftools.common.exceptions import ELFError as _PyElfError
 from elftools.elf.elffile import ELFFile
-from elftools.elf.sections import SymbolTableSection
+from elftools.elf.sections import Section, SymbolTableSection
 
 from patchbox.elf.buildid import read_build_id
 from patchbox.elf.records import SHN_UNDEF, SYM, cstring, sym_bind, sym_type
 from patchbox.errors import ElfError, ExtractError
 
-__all__ = ["Symbol", "Binary", "strip_version"]
+__all__ = ["Symbol", "Binary", "SymbolsMatch", "compare_loaded", "strip_version"]
 
 _FILE_NAMES: dict[tuple[str, int, int, int, int], frozenset[str]] = {}
 _TABLES: dict[
@@ -128,6 +128,87 @@ def find_debug_file(path: Path, elf: ELFFile) -> Path | None:
     return None
 
 
+@dataclass(frozen=True)
+class SymbolsMatch:
+    """How the file the symbols come from was matched to the binary: by build-id, or (a
+    rebuild elsewhere, whose debug sections and so build-id differ) by its loaded bytes."""
+
+    path: Path
+    how: str  # "self" | "build-id" | "loaded-bytes"
+    build_id: bytes | None  # the symbols file's own build-id
+    sections: int = 0  # allocated sections compared byte for byte ("loaded-bytes")
+    nbytes: int = 0
+
+    def meta(self) -> dict[str, str]:
+        """Returns the patch meta entries recording the match (nothing for "self")."""
+        if self.how == "self":
+            return {}
+        out = {"symbols": str(self.path), "symbols_match": self.how}
+        if self.how == "loaded-bytes":
+            out["symbols_build_id"] = self.build_id.hex() if self.build_id else "none"
+            out["symbols_compared"] = f"{self.sections} sections, {self.nbytes} bytes"
+        return out
+
+
+_SHF_ALLOC = 0x2
+
+
+def _alloc_sections(elf: ELFFile) -> dict[str, Section]:
+    """Returns name -> section of every allocated section except the build-id note, the one
+    loaded thing a rebuild elsewhere changes."""
+    return {
+        sec.name: sec
+        for sec in elf.iter_sections()
+        if sec["sh_flags"] & _SHF_ALLOC and sec.name != ".note.gnu.build-id"
+    }
+
+
+def compare_loaded(
+    target: ELFFile, target_path: Path, rebuild: ELFFile, rebuild_path: Path
+) -> tuple[int, int]:
+    """Returns (sections, bytes) compared when every allocated section of ``target`` is in
+    ``rebuild`` at the same address with the same size, type and bytes (bss: same size);
+    raises ElfError naming the first section and offset that differ."""
+    mine = _alloc_sections(target)
+    theirs = _alloc_sections(rebuild)
+    nbytes = 0
+    for name, sec in mine.items():
+        osec = theirs.get(name)
+        if osec is None:
+            raise ElfError(
+                f"{rebuild_path} is not a build of {target_path}: it has no section {name}"
+            )
+        addr, size, oaddr, osize = sec["sh_addr"], sec["sh_size"], osec["sh_addr"], osec["sh_size"]
+        if (oaddr, osize) != (addr, size):
+            raise ElfError(
+                f"{rebuild_path} is not a build of {target_path}: section {name} is "
+                f"[{oaddr:#x}, +{osize:#x}) there, [{addr:#x}, +{size:#x}) here"
+            )
+        if sec["sh_type"] == "SHT_NOBITS":
+            continue
+        if osec["sh_type"] == "SHT_NOBITS":
+            raise ElfError(
+                f"{rebuild_path} holds no bytes of section {name} (a separate debug file?): "
+                f"its build-id differs from {target_path}'s, so only a full rebuild, whose "
+                f"loaded bytes can be compared, may lend its symbols"
+            )
+        a, b = sec.data(), osec.data()
+        if a != b:
+            at = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+            raise ElfError(
+                f"{rebuild_path} is not a build of {target_path}: section {name} differs at "
+                f"offset {at:#x} (address {addr + at:#x})"
+            )
+        nbytes += size
+    extra = sorted(set(theirs) - set(mine))
+    if extra:
+        raise ElfError(
+            f"{rebuild_path} is not a build of {target_path}: it loads sections "
+            f"{', '.join(extra)} that the binary does not"
+        )
+    return len(mine), nbytes
+
+
 def _same_file(a: str | None, b: str | None) -> bool:
     return a is not None and b is not None and os.path.basename(a) == os.path.basename(b)
 
@@ -157,6 +238,7 @@ class Binary:
             raise ElfError(f"{self.path}: not a linked executable ({etype})")
         #: where symbols and DWARF are read: this file, or a debug file / unstripped build
         self.symbols_path = self.path
+        self.symbols_match = SymbolsMatch(self.path, "self", None)
         self.dwarf = self.elf
         self._debug_buf: mmap.mmap | io.BytesIO | None = None
         if symbols is not None or not _is_symtab(symtab):
@@ -176,21 +258,29 @@ class Binary:
             except (_PyElfError, ValueError, OSError) as err:
                 raise ElfError(f"{found}: not a readable ELF file: {err}") from err
             mine, theirs = read_build_id(self.path), read_build_id(found)
-            if mine is not None and theirs != mine:
+            if mine is not None and theirs == mine:
+                self.symbols_match = SymbolsMatch(found, "build-id", theirs)
+            elif symbols is None:  # a debug file found by name: its build-id must agree
                 raise ElfError(
                     f"{found} is not a build of {self.path}: build-id "
-                    f"{theirs.hex() if theirs else 'none'} instead of {mine.hex()}"
+                    f"{theirs.hex() if theirs else 'none'} instead of "
+                    f"{mine.hex() if mine else 'none'}"
                 )
+            else:
+                # A rebuild elsewhere: debug sections carry the build directory and so
+                # change the build-id; the code and data the process runs must not differ.
+                n, size = compare_loaded(self.elf, self.path, self.dwarf, found)
+                self.symbols_match = SymbolsMatch(found, "loaded-bytes", theirs, n, size)
             if not _is_symtab(symtab):
                 raise ElfError(f"{found} has no symbol table (.symtab) either")
             self.symbols_path = found
         assert isinstance(symtab, SymbolTableSection)
         # One `patchbox build` opens the reference binary several times; QEMU's symbol
-        # table (100k symbols) is parsed once per file version.
+        # table (100k symbols) is parsed once per version of the file holding it.
         try:
-            st = os.stat(self.path)
+            st = os.stat(self.symbols_path)
             key: tuple[str, int, int, int, int] | None = (
-                str(self.path.resolve()),
+                str(self.symbols_path.resolve()),
                 st.st_dev,
                 st.st_ino,
                 st.st_size,

@@ -64,7 +64,8 @@ def _extract(
     """Returns the patch of every (object, functions) pair of ``pairs``."""
     members: list[Extractor] = []
     with Binary(binary_path, symbols) as binary:
-        build_id = binary.build_id()
+        build_id = binary.build_id()  # always the running binary's own
+        meta.update(binary.symbols_match.meta())
         for i, (obj_path, functions) in enumerate(pairs):
             members.append(
                 Extractor(
