@@ -28,8 +28,24 @@ if [ ${#need_apt[@]} -gt 0 ]; then
 	apt-get install -y -qq build-essential "${need_apt[@]}" </dev/null >/dev/null
 fi
 
+# The security tests run programs, this project's commands among them, as an
+# unprivileged user (docs/security.md): the venv's interpreter must be one every user
+# can run. A python3 installed under a private home (/root/.pyenv with /root 0700) is
+# not; Debian's /usr/bin/python3 is.
+py=$(command -v python3)
+runs_as_nobody() { setpriv --reuid=65534 --regid=65534 --clear-groups "$1" -c 'import venv, ensurepip' 2>/dev/null </dev/null; }
+if command -v setpriv >/dev/null && [ "$(id -u)" = 0 ] && ! runs_as_nobody "$py"; then
+	if ! runs_as_nobody /usr/bin/python3; then
+		apt-get install -y -qq python3-venv </dev/null >/dev/null
+	fi
+	runs_as_nobody /usr/bin/python3 && py=/usr/bin/python3
+fi
+real=$("$py" -c 'import os, sys; print(os.path.realpath(sys.executable))')
+if [ -x .venv/bin/python ] && ! grep -qxF "executable = $real" .venv/pyvenv.cfg; then
+	rm -rf .venv	# made from another interpreter
+fi
 if [ ! -x .venv/bin/python ]; then
-	python3 -m venv .venv
+	"$py" -m venv .venv
 fi
 # Reinstall only when pyproject.toml changed since the last install.
 stamp=.venv/.patchbox-installed

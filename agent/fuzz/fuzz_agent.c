@@ -38,6 +38,7 @@
 #include "../src/sandbox-messages.c"
 #include "../src/sandbox-wire.c"
 #include "../src/sandbox-store.c"
+#include "../src/sandbox-trust.c"
 
 #include <pthread.h>
 #include <stdint.h>

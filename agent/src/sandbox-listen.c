@@ -202,27 +202,32 @@ static int sandbox_log_open(void)
 	char name[sizeof(sandbox_sock.name) + 4];
 	snprintf(name, sizeof(name), "%s.log", sandbox_sock.name);
 	int rc = sandbox_log_beside && sandbox_fd_ours(&sandbox_sock.dirfd)
-			 ? sandbox_fd_own(&sandbox_log_fd, openat(sandbox_sock.dirfd.fd, name, flags, 0600), 1)
+			 ? sandbox_sock_file_open(&sandbox_sock, name, &sandbox_log_fd)
 			 : sandbox_fd_own(&sandbox_log_fd, open(sandbox_log_path, flags, 0600), 1);
 	if (rc != 0) {
 		if (!sandbox_log_reported++)
 			sandbox_stderr_print("patchbox: cannot open log %s: %s", sandbox_log_path,
-					     strerror(-rc));
+					     rc == -EPERM && sandbox_sock.why[0] ? sandbox_sock.why : strerror(-rc));
 		return -1;
 	}
+	if (sandbox_sock.why[0] && !sandbox_log_reported++)	/* a planted file was replaced */
+		sandbox_stderr_print("patchbox: log %s: %s", sandbox_log_path, sandbox_sock.why);
 	return 0;
 }
 
 /* At exit: a log beside the socket that never got a line is removed with it. */
 static void sandbox_log_drop_empty(void)
 {
-	struct stat st;
+	struct stat st, named;
 	if (!sandbox_log_beside || !sandbox_fd_ours(&sandbox_log_fd) || fstat(sandbox_log_fd.fd, &st) != 0 ||
 	    st.st_size != 0 || !sandbox_fd_ours(&sandbox_sock.dirfd))
 		return;
 	char name[sizeof(sandbox_sock.name) + 4];
 	snprintf(name, sizeof(name), "%s.log", sandbox_sock.name);
-	unlinkat(sandbox_sock.dirfd.fd, name, 0);
+	/* Only the file we opened: the name must still be it. */
+	if (fstatat(sandbox_sock.dirfd.fd, name, &named, AT_SYMLINK_NOFOLLOW) == 0 && named.st_dev == st.st_dev &&
+	    named.st_ino == st.st_ino)
+		unlinkat(sandbox_sock.dirfd.fd, name, 0);
 }
 
 /* One line per request; failures never affect serving and are reported once. The
@@ -288,20 +293,23 @@ int sandbox_conn_ours(int fd)
 	return fd == sandbox_conn.fd && sandbox_fd_ours(&sandbox_conn);
 }
 
+/* Serves the requests of one admitted peer until it closes, stalls or errs. */
+static void sandbox_client_loop(int fd, const struct sandbox_peer *peer);
+
 static void sandbox_client_serve(int fd)
 {
 	struct stat st;
 	if (fstat(fd, &st) != 0)
 		return;
 	sandbox_conn = (struct sandbox_fd){ fd, st.st_dev, st.st_ino };
-	struct ucred cred;
-	socklen_t cl = sizeof(cred);
-	struct sandbox_peer peer = { -1, (uid_t)-1 };
-	if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &cl) == 0) {
-		peer.pid = cred.pid;
-		peer.uid = cred.uid;
-	}
-	if (peer.uid != 0 && peer.uid != geteuid()) {
+	struct sandbox_peer peer;
+	char why[SANDBOX_ERRMSG - 64];
+	sandbox_peer_creds(fd, &peer);
+	/* The kernel's ptrace rule, asked at every connection: the process's
+	 * dumpability and ids may have changed since the last (sandbox-trust.c). */
+	int admitted = sandbox_peer_admit(&peer, why, sizeof(why)) == 0;
+	sandbox_peer_release(&peer);
+	if (!admitted) {
 		/* Echo the first request's type and seq if it arrives quickly. */
 		uint8_t h[PBX_HEADER_SIZE];
 		unsigned type = 0;
@@ -317,10 +325,14 @@ static void sandbox_client_serve(int fd)
 				type = t;
 			}
 		}
-		sandbox_frame_error(fd, &peer, type, seq, PBX_E_PERMISSION, "uid %u (only 0 and %u are served)",
-				    (unsigned)peer.uid, (unsigned)geteuid());
+		sandbox_frame_error(fd, &peer, type, seq, PBX_E_PERMISSION, "%s", why);
 		return;
 	}
+	sandbox_client_loop(fd, &peer);
+}
+
+static void sandbox_client_loop(int fd, const struct sandbox_peer *peer)
+{
 	struct timeval tv = { sandbox_timeout_ms / 1000, (sandbox_timeout_ms % 1000) * 1000 };
 	setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
 	setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
@@ -329,7 +341,7 @@ static void sandbox_client_serve(int fd)
 		int rc = sandbox_recv_full(fd, h, sizeof(h));
 		if (rc != 1) {
 			if (rc < 0)
-				sandbox_debug("client pid %d dropped (timeout, error or truncated header)", (int)peer.pid);
+				sandbox_debug("client pid %d dropped (timeout, error or truncated header)", (int)peer->pid);
 			return;
 		}
 		uint32_t magic, seq, len;
@@ -340,18 +352,18 @@ static void sandbox_client_serve(int fd)
 		memcpy(&seq, h + 8, 4);
 		memcpy(&len, h + 12, 4);
 		if (magic != PBX_MAGIC) {
-			sandbox_frame_error(fd, &peer, type, seq, PBX_E_BAD_MAGIC, "0x%08x", magic);
+			sandbox_frame_error(fd, peer, type, seq, PBX_E_BAD_MAGIC, "0x%08x", magic);
 			return;	/* the stream cannot be resynchronised */
 		}
 		if (len > PBX_MAX_PAYLOAD) {
-			sandbox_frame_error(fd, &peer, type, seq, PBX_E_TOO_LARGE, "%u bytes, maximum %u", len,
+			sandbox_frame_error(fd, peer, type, seq, PBX_E_TOO_LARGE, "%u bytes, maximum %u", len,
 					    (unsigned)PBX_MAX_PAYLOAD);
 			return;
 		}
 		if (ver != PBX_VERSION) {
 			if (sandbox_recv_skip(fd, len) != 0)
 				return;
-			if (sandbox_frame_error(fd, &peer, type, seq, PBX_E_BAD_VERSION, "version %u, agent speaks %d",
+			if (sandbox_frame_error(fd, peer, type, seq, PBX_E_BAD_VERSION, "version %u, agent speaks %d",
 						ver, PBX_VERSION) != 0)
 				return;
 			continue;
@@ -359,24 +371,24 @@ static void sandbox_client_serve(int fd)
 		if (!sandbox_msg_name(type)) {
 			if (sandbox_recv_skip(fd, len) != 0)
 				return;
-			if (sandbox_frame_error(fd, &peer, type, seq, PBX_E_UNKNOWN_MESSAGE, "type %u", type) != 0)
+			if (sandbox_frame_error(fd, peer, type, seq, PBX_E_UNKNOWN_MESSAGE, "type %u", type) != 0)
 				return;
 			continue;
 		}
 		uint8_t *payload = malloc(len ? len : 1);
 		if (!payload) {
 			if (sandbox_recv_skip(fd, len) != 0 ||
-			    sandbox_frame_error(fd, &peer, type, seq, PBX_E_NO_MEMORY, "payload of %u bytes", len) != 0)
+			    sandbox_frame_error(fd, peer, type, seq, PBX_E_NO_MEMORY, "payload of %u bytes", len) != 0)
 				return;
 			continue;
 		}
 		if (sandbox_recv_full(fd, payload, len) != 1) {
 			/* Closed or stalled inside a frame: dropped without effect. */
-			sandbox_debug("client pid %d dropped inside a %s frame", (int)peer.pid, sandbox_msg_name(type));
+			sandbox_debug("client pid %d dropped inside a %s frame", (int)peer->pid, sandbox_msg_name(type));
 			free(payload);
 			return;
 		}
-		rc = sandbox_request_serve(fd, &peer, type, seq, payload, len);
+		rc = sandbox_request_serve(fd, peer, type, seq, payload, len);
 		free(payload);
 		if (rc != 0)
 			return;
@@ -452,7 +464,8 @@ static void *sandbox_listen_thread(void *arg)
 		if (rc != 0) {
 			if (!reported++)
 				sandbox_stderr_print("patchbox: agent socket sandbox-sock%d in %s: %s (retrying)",
-						     (int)getpid(), sandbox_sock.dir, strerror(-rc));
+						     (int)getpid(), sandbox_sock.dir,
+						     rc == -EPERM && sandbox_sock.why[0] ? sandbox_sock.why : strerror(-rc));
 			retry_ms = retry_ms ? retry_ms * 2 : SANDBOX_CHECK_MS;
 			if (retry_ms > SANDBOX_RETRY_MAX_MS)
 				retry_ms = SANDBOX_RETRY_MAX_MS;
@@ -606,7 +619,7 @@ static int sandbox_start_fail(int rc, const char *fmt, ...)
 /* A non-negative number of milliseconds from the environment, else def. */
 static int sandbox_env_ms(const char *name, int def, long max)
 {
-	const char *env = getenv(name);
+	const char *env = sandbox_getenv(name);
 	if (!env || !*env)
 		return def;
 	char *end;
@@ -616,17 +629,17 @@ static int sandbox_env_ms(const char *name, int def, long max)
 
 static int sandbox_agent_start_locked(void)
 {
-	const char *env = getenv("PATCHBOX_DISABLE");
+	const char *env = sandbox_getenv("PATCHBOX_DISABLE");
 	if (env && strcmp(env, "1") == 0)
 		return -ECANCELED;
-	env = getenv("PATCHBOX_DEBUG");
+	env = sandbox_getenv("PATCHBOX_DEBUG");
 	if (env && strcmp(env, "1") == 0)
 		__atomic_store_n(&sandbox_debug_enabled, 1, __ATOMIC_RELAXED);
 	sandbox_timeout_ms = sandbox_env_ms("PATCHBOX_CLIENT_TIMEOUT_MS", SANDBOX_TIMEOUT_MS_DEFAULT, 3600 * 1000);
 	if (sandbox_timeout_ms == 0)
 		sandbox_timeout_ms = SANDBOX_TIMEOUT_MS_DEFAULT;
 	sandbox_fork_delay_ms = sandbox_env_ms("PATCHBOX_FORK_DELAY_MS", SANDBOX_FORK_DELAY_MS_DEFAULT, 3600 * 1000);
-	env = getenv("PATCHBOX_LOG");
+	env = sandbox_getenv("PATCHBOX_LOG");
 	snprintf(sandbox_log_setting, sizeof(sandbox_log_setting), "%s", env && strlen(env) < PATH_MAX ? env : "");
 
 	struct sandbox_error err;
@@ -634,7 +647,7 @@ static int sandbox_agent_start_locked(void)
 		return sandbox_start_fail(-ENOMEM, "%s", err.msg);
 
 	char dir[PATH_MAX];
-	env = getenv("PATCHBOX_SOCK_DIR");
+	env = sandbox_getenv("PATCHBOX_SOCK_DIR");
 	if (env && *env) {
 		if (strlen(env) >= sizeof(dir))
 			return sandbox_start_fail(-ENAMETOOLONG, "PATCHBOX_SOCK_DIR too long");
@@ -659,14 +672,15 @@ static int sandbox_agent_start_locked(void)
 	int rc = sandbox_sock_dir_open(&sandbox_sock, dir);
 	if (rc != 0) {
 		pthread_mutex_unlock(&sandbox_sock_lock);
-		return sandbox_start_fail(rc, "socket directory %s: %s", dir, strerror(-rc));
+		return sandbox_start_fail(rc, "socket directory %s: %s", dir,
+					  sandbox_sock.why[0] ? sandbox_sock.why : strerror(-rc));
 	}
 	rc = sandbox_sock_setup_locked();
 	if (rc != 0) {
 		sandbox_fd_close(&sandbox_sock.dirfd);
 		pthread_mutex_unlock(&sandbox_sock_lock);
 		return sandbox_start_fail(rc, "bind %s/sandbox-sock%d: %s", sandbox_sock.dir, (int)getpid(),
-					  strerror(-rc));
+					  rc == -EPERM && sandbox_sock.why[0] ? sandbox_sock.why : strerror(-rc));
 	}
 	pthread_mutex_unlock(&sandbox_sock_lock);
 

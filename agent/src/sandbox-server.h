@@ -8,6 +8,7 @@
  *                       the reply and its log line
  *   sandbox-wire.c      bounds-checked payload reader, reply writer, frame I/O
  *   sandbox-store.c     the patches installed for this build, applied at start
+ *   sandbox-trust.c     who may change this process's code; whose environment counts
  *
  * Hidden, and local to sandbox-listen.o after its relocatable link (agent/Makefile).
  * Everything here runs on the agent thread (sandbox-listen.c, "Locks and fork").
@@ -28,6 +29,8 @@
 struct sandbox_peer {
 	pid_t pid;
 	uid_t uid;
+	gid_t gid;
+	int pidfd;	/* SO_PEERPIDFD, -1 where the kernel has none */
 };
 
 /* ---- sandbox-wire.c */
@@ -93,6 +96,30 @@ int sandbox_body_apply(const uint8_t *body, size_t len, char *name, size_t name_
  * order, logging each (docs/host.md "The patch store"). Before the agent thread serves. */
 void sandbox_store_apply(void);
 
+/* ---- sandbox-trust.c (docs/security.md) */
+
+/* 1 if this process runs with raised privileges: AT_SECURE (setuid, setgid, file
+ * capabilities) or real and effective ids that differ. Its environment is then the
+ * caller's: every PATCHBOX_* variable is ignored. */
+int sandbox_privileged(void);
+/* getenv(name), or NULL in a privileged process. */
+const char *sandbox_getenv(const char *name);
+/* The peer of connection fd (SO_PEERCRED, SO_PEERPIDFD); 0 or -errno. */
+int sandbox_peer_creds(int fd, struct sandbox_peer *ret);
+/* Closes the peer's pidfd. */
+void sandbox_peer_release(struct sandbox_peer *peer);
+/* 0 if peer may change this process's code: the kernel would let it ptrace this
+ * process. Else -1, the reason in why. */
+int sandbox_peer_admit(const struct sandbox_peer *peer, char *why, size_t cap);
+/* Opens absolute path (O_PATH) one component at a time from /, never through a
+ * link (openat O_NOFOLLOW), each checked with fstat: owned by root or the effective
+ * uid (root only: root_only), writable by group or others only if sticky (the last
+ * directory only if final_sticky_ok). Whatever can rename or replace a component
+ * could redirect what the agent does there; this proves nobody but root or this
+ * process's user can. The descriptor, or -errno with the reason in why (-ENOENT: a
+ * component does not exist; -ELOOP/-ENOTDIR: a link; -EPERM: untrusted). */
+int sandbox_dir_walk(const char *path, int final_sticky_ok, int root_only, char *why, size_t cap);
+
 /* ---- sandbox-sock.c */
 
 /* A descriptor of the agent and what it referred to when the agent made it. */
@@ -118,10 +145,17 @@ struct sandbox_sock {
 	char addr[sizeof(((struct sockaddr_un *)0)->sun_path)];	/* as bound */
 	struct sandbox_fd lfd;	/* listening */
 	int bound;		/* dir/name is this agent's file */
+	char why[256];		/* why the directory or a file in it was refused, "" if not */
 };
 
-/* Opens dir (O_PATH) as the socket directory; s->dirfd must be none (or forgotten). */
+/* Opens dir (O_PATH) as the socket directory; s->dirfd must be none (or forgotten).
+ * A directory others could write (sandbox_dir_trusted) is refused: -EPERM, s->why. */
 int sandbox_sock_dir_open(struct sandbox_sock *s, const char *dir);
+/* Creates or opens name in the socket directory for appending, as ret (high): never
+ * through a link, never a file of another owner, a hard link or writable by others
+ * (a planted one at our name is removed and the file created anew). 0 or -errno,
+ * s->why saying what was wrong. */
+int sandbox_sock_file_open(struct sandbox_sock *s, const char *name, struct sandbox_fd *ret);
 /* Binds and listens on sandbox-sock<pid>, replacing a stale file, mode 0600. */
 int sandbox_sock_bind(struct sandbox_sock *s, pid_t pid);
 /* 0 if the socket is bound and both descriptors are ours (the directory's reopened

@@ -19,12 +19,23 @@
  * the same way before they are closed.
  *
  * Stale sockets: sandbox-sock<N> files left by processes killed before their
- * destructor ran. sandbox_sock_sweep removes one only when all three hold: no
- * process N exists (kill(N, 0) fails with ESRCH), the file is a socket, and a
- * connect() to it is refused (nobody listens). A live agent passes none of the
- * first and last tests. Its log sandbox-sock<N>.log goes too when it is empty (the
- * agent opens its log as it starts serving, so a process never asked anything leaves
- * an empty one); a log with lines is never touched.
+ * destructor ran. sandbox_sock_sweep removes one only when all of these hold: no
+ * process N exists (kill(N, 0) fails with ESRCH), the file is a socket owned by this
+ * agent's effective uid, a connect() to it is refused (nobody listens), and, checked
+ * again after that probe, process N still does not exist and the name still is the
+ * file probed (a process that took pid N meanwhile binds only after it exists). A
+ * live agent passes none of these. Its log sandbox-sock<N>.log goes too when it is
+ * empty (the agent opens its log as it starts serving, so a process never asked
+ * anything leaves an empty one); a log with lines is never touched.
+ *
+ * Files in the directory (docs/security.md, "The socket directory"): the directory
+ * must be owned by root or the effective uid and writable by nobody else unless it is
+ * sticky (sandbox_dir_trusted): then nobody but its owner (trusted) can replace what
+ * the agent made, and in a sticky one nobody can replace a file of ours. Every file is
+ * reached through the directory's descriptor, never followed through a link: the log
+ * is opened with O_NOFOLLOW and checked (a regular file of ours, one link, not
+ * writable by others); the socket's mode is set on an O_PATH descriptor of the very
+ * file checked to be our socket; a planted link or file at our own name is removed.
  */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE
@@ -108,20 +119,56 @@ int sandbox_sock_dir_open(struct sandbox_sock *s, const char *dir)
 	if (!dir[0] || strlen(dir) >= sizeof(want))
 		return -ENAMETOOLONG;
 	strcpy(want, dir);	/* dir may be s->dir itself */
-	int rc = sandbox_fd_own(&s->dirfd, open(want, O_PATH | O_DIRECTORY | O_CLOEXEC), 1);
+	s->why[0] = '\0';
+	struct sandbox_fd first;
+	int rc = sandbox_fd_own(&first, open(want, O_PATH | O_DIRECTORY | O_CLOEXEC), 0);
 	if (rc != 0)
 		return rc;
 	/* The directory's absolute path, as this process sees it: a relative
 	 * PATCHBOX_SOCK_DIR or a symlink would name another place to the client. */
 	char link[32];
-	snprintf(link, sizeof(link), "/proc/self/fd/%d", s->dirfd.fd);
+	snprintf(link, sizeof(link), "/proc/self/fd/%d", first.fd);
 	ssize_t n = readlink(link, s->dir, sizeof(s->dir) - 1);
 	if (n > 0 && s->dir[0] == '/' && (size_t)n < sizeof(s->dir) - 1) {
 		s->dir[n] = '\0';
 	} else {
 		strcpy(s->dir, want);	/* no /proc: the path as given */
 	}
+	sandbox_fd_close(&first);
+	/* Everything the agent does there (bind, connect, files) goes through names in
+	 * this directory: it and every directory above it must be out of others'
+	 * reach (docs/security.md). The walk never follows a link; it must arrive where
+	 * the path first led. */
+	int fd = sandbox_dir_walk(s->dir, 1, 0, s->why, sizeof(s->why));
+	rc = fd < 0 ? fd : sandbox_fd_own(&s->dirfd, fd, 1);
+	if (rc != 0) {
+		if (!s->why[0])
+			snprintf(s->why, sizeof(s->why), "%.200s: %s", s->dir, strerror(-rc));
+		return rc == -ENOENT ? rc : -EPERM;
+	}
+	if (s->dirfd.dev != first.dev || s->dirfd.ino != first.ino) {
+		snprintf(s->why, sizeof(s->why), "%.200s was replaced while it was opened", s->dir);
+		sandbox_fd_close(&s->dirfd);
+		return -EPERM;
+	}
 	return 0;
+}
+
+/* 0 if the directory's path still leads, through trusted directories only, to the
+ * directory of dirfd; else -EPERM, s->why saying why. */
+static int sandbox_sock_dir_recheck(struct sandbox_sock *s)
+{
+	struct sandbox_fd d;
+	int fd = sandbox_dir_walk(s->dir, 1, 0, s->why, sizeof(s->why));
+	if (fd < 0 || sandbox_fd_own(&d, fd, 0) != 0)
+		return -EPERM;
+	int rc = 0;
+	if (d.dev != s->dirfd.dev || d.ino != s->dirfd.ino) {
+		snprintf(s->why, sizeof(s->why), "%.200s is not the directory it was any more", s->dir);
+		rc = -EPERM;
+	}
+	sandbox_fd_close(&d);
+	return rc;
 }
 
 /* The descriptor of the directory, reopened by its path when the program closed it. */
@@ -174,13 +221,80 @@ static int sandbox_sock_probe(const struct sandbox_sock *s, const char *name)
 	return rc == ECONNREFUSED ? 0 : -rc;
 }
 
+/* ------------------------------------------------------------------ files */
+
+/* 0 if st is a file the agent may keep writing: regular, ours, one link, not
+ * writable by group or others. */
+static int sandbox_file_ours(const struct stat *st)
+{
+	return S_ISREG(st->st_mode) && st->st_uid == geteuid() && st->st_nlink == 1 &&
+			       !(st->st_mode & (S_IWGRP | S_IWOTH))
+		       ? 0
+		       : -1;
+}
+
+int sandbox_sock_file_open(struct sandbox_sock *s, const char *name, struct sandbox_fd *ret)
+{
+	/* O_NONBLOCK: a FIFO planted at the name must not block the open. */
+	const int flags = O_WRONLY | O_APPEND | O_CLOEXEC | O_NOCTTY | O_NOFOLLOW | O_NONBLOCK;
+	s->why[0] = '\0';
+	for (int attempt = 0; attempt < 2; attempt++) {
+		int rc = sandbox_fd_own(ret, openat(s->dirfd.fd, name, flags | O_CREAT | O_EXCL, 0600), 1);
+		if (rc == 0)
+			return 0;
+		if (rc != -EEXIST)
+			return rc;
+		struct stat st;
+		rc = sandbox_fd_own(ret, openat(s->dirfd.fd, name, flags), 1);
+		if (rc == 0 && fstat(ret->fd, &st) == 0 && sandbox_file_ours(&st) == 0) {
+			int fl = fcntl(ret->fd, F_GETFL);
+			if (fl >= 0)
+				fcntl(ret->fd, F_SETFL, fl & ~O_NONBLOCK);
+			return 0;
+		}
+		if (rc == 0)
+			sandbox_fd_close(ret);
+		/* A link, a FIFO, a file of another owner or a hard link at our own name:
+		 * planted, not ours. Removed (the name is ours), then created anew. */
+		if (fstatat(s->dirfd.fd, name, &st, AT_SYMLINK_NOFOLLOW) == 0)
+			snprintf(s->why, sizeof(s->why), "%s was not ours (mode %06o uid %u, %u links): replaced",
+				 name, (unsigned)st.st_mode, (unsigned)st.st_uid, (unsigned)st.st_nlink);
+		if (unlinkat(s->dirfd.fd, name, 0) != 0 && errno != ENOENT) {
+			snprintf(s->why, sizeof(s->why), "%s is not ours and cannot be removed: %s", name,
+				 strerror(errno));
+			return -EPERM;
+		}
+	}
+	return -EEXIST;
+}
+
 /* ------------------------------------------------------------------ the socket */
+
+/* Mode 0600 on the socket file just bound, through an O_PATH descriptor of the name
+ * checked to be a socket of ours: a link planted in between is never followed. */
+static int sandbox_sock_chmod(const struct sandbox_sock *s)
+{
+	struct sandbox_fd f;
+	int rc = sandbox_fd_own(&f, openat(s->dirfd.fd, s->name, O_PATH | O_NOFOLLOW | O_CLOEXEC), 0);
+	if (rc != 0)
+		return rc;
+	struct stat st;
+	char path[48];
+	if (fstat(f.fd, &st) != 0 || !S_ISSOCK(st.st_mode) || st.st_uid != geteuid())
+		rc = -EPERM;
+	else if (snprintf(path, sizeof(path), "/proc/self/fd/%d", f.fd), chmod(path, 0600) != 0)
+		rc = -errno;
+	sandbox_fd_close(&f);
+	return rc;
+}
 
 int sandbox_sock_bind(struct sandbox_sock *s, pid_t pid)
 {
 	struct sockaddr_un a;
 	int rc = sandbox_sock_dir_check(s);
 	if (rc != 0)
+		return rc;
+	if ((rc = sandbox_sock_dir_recheck(s)) != 0)	/* modes may have changed since */
 		return rc;
 	snprintf(s->name, sizeof(s->name), SANDBOX_SOCK_PREFIX "%d", (int)pid);
 	if ((rc = sandbox_sock_addr(s, s->name, &a)) != 0)
@@ -191,8 +305,15 @@ int sandbox_sock_bind(struct sandbox_sock *s, pid_t pid)
 		return rc;
 	rc = bind(l.fd, (const struct sockaddr *)&a, sizeof(a)) == 0 ? 0 : -errno;
 	if (rc == -EADDRINUSE) {
-		/* A file at our name: replaced only if nobody listens on it (stale). */
-		int live = sandbox_sock_probe(s, s->name);
+		/* A file at our name. Not a socket of ours (a planted link or file, a
+		 * socket of another owner): removed, the name is ours. A socket of ours:
+		 * replaced only if nobody listens on it (stale); probed by connect() only
+		 * as a socket, never through a link. */
+		struct stat st;
+		int live = 0;
+		if (fstatat(s->dirfd.fd, s->name, &st, AT_SYMLINK_NOFOLLOW) == 0 && S_ISSOCK(st.st_mode) &&
+		    st.st_uid == geteuid())
+			live = sandbox_sock_probe(s, s->name);
 		if (live == 0 && unlinkat(s->dirfd.fd, s->name, 0) != 0 && errno != ENOENT)
 			rc = -errno;
 		else if (live == 0)
@@ -201,9 +322,12 @@ int sandbox_sock_bind(struct sandbox_sock *s, pid_t pid)
 			rc = live;
 	}
 	/* 0600 before listen(): until then nobody can connect, whatever the umask was. */
-	if (rc == 0 && (fchmodat(s->dirfd.fd, s->name, 0600, 0) != 0 || listen(l.fd, 8) != 0)) {
-		rc = -errno;
-		unlinkat(s->dirfd.fd, s->name, 0);
+	if (rc == 0) {
+		rc = sandbox_sock_chmod(s);
+		if (rc == 0 && listen(l.fd, 8) != 0)
+			rc = -errno;
+		if (rc != 0)
+			unlinkat(s->dirfd.fd, s->name, 0);	/* bound a moment ago: ours */
 	}
 	if (rc != 0) {
 		sandbox_fd_close(&l);
@@ -221,8 +345,15 @@ int sandbox_sock_check(struct sandbox_sock *s)
 		return -1;
 	if (!sandbox_fd_ours(&s->lfd))
 		return -1;
-	if (sandbox_fd_ours(&s->dirfd))
-		return 0;
+	if (sandbox_fd_ours(&s->dirfd)) {
+		/* The file must still be there: a sweep racing a pid's reuse, or anyone
+		 * who may write the directory, could have removed it; bound anew then. */
+		struct stat st;
+		return fstatat(s->dirfd.fd, s->name, &st, AT_SYMLINK_NOFOLLOW) == 0 && S_ISSOCK(st.st_mode) &&
+				       st.st_uid == geteuid()
+			       ? 0
+			       : -1;
+	}
 	/* The listening socket is ours, the directory's descriptor is not: reopen it.
 	 * A plain address does not depend on it; the /proc/self/fd form holds its
 	 * number, which must come back the same or the socket be bound anew. */
@@ -294,9 +425,9 @@ int sandbox_sock_sweep(const struct sandbox_sock *s, pid_t self)
 				continue;
 			if (kill((pid_t)pid, 0) == 0 || errno != ESRCH)
 				continue;	/* a process N exists (or we may not signal it) */
-			struct stat st;
-			if (fstatat(s->dirfd.fd, de->d_name, &st, AT_SYMLINK_NOFOLLOW) != 0)
-				continue;
+			struct stat st, again;
+			if (fstatat(s->dirfd.fd, de->d_name, &st, AT_SYMLINK_NOFOLLOW) != 0 || st.st_uid != geteuid())
+				continue;	/* only files of this agent's user: never another's */
 			if (log) {	/* a dead agent's log that never got a line: nothing to keep */
 				if (S_ISREG(st.st_mode) && st.st_size == 0 && unlinkat(s->dirfd.fd, de->d_name, 0) == 0)
 					removed++;
@@ -306,6 +437,12 @@ int sandbox_sock_sweep(const struct sandbox_sock *s, pid_t self)
 				continue;
 			if (sandbox_sock_probe(s, de->d_name) != 0)
 				continue;	/* accepted (alive) or cannot tell */
+			/* Checked again after the probe: a process that took pid N exists
+			 * before it binds, and a new file at the name has another inode. */
+			if ((kill((pid_t)pid, 0) == 0 || errno != ESRCH) ||
+			    fstatat(s->dirfd.fd, de->d_name, &again, AT_SYMLINK_NOFOLLOW) != 0 ||
+			    again.st_dev != st.st_dev || again.st_ino != st.st_ino)
+				continue;
 			if (unlinkat(s->dirfd.fd, de->d_name, 0) == 0)
 				removed++;
 		}

@@ -9,11 +9,16 @@
  * The store decides what code runs in every new process, so it is used only when
  * nobody but root or this process's user can write to it: every directory from / to
  * the build's, and every file, owned by root or the effective uid and not writable by
- * group or others (a root-owned sticky directory such as /tmp is allowed above the
- * store). Anything else is refused and logged; nothing is applied. The file's own
- * hash and signature were checked once, by `patchbox install`; here the header is
- * checked for shape and the apply body goes through the same parser and engine as an
- * APPLY request.
+ * group or others (a sticky directory such as /tmp is allowed above the store). The
+ * path is walked from / one component at a time, never through a link
+ * (sandbox_dir_walk), and the files are opened through the directory's descriptor
+ * with O_NOFOLLOW, so nothing checked can be swapped before it is read. A process
+ * whose user may not change its code (privileged: setuid, setgid, file capabilities;
+ * or not dumpable) reads only the default store, and only root's files in it; its
+ * environment is ignored anyway. Anything else is refused and logged; nothing is
+ * applied. The file's own hash and signature were checked once, by `patchbox
+ * install`; here the header is checked for shape and the apply body goes through the
+ * same parser and engine as an APPLY request.
  */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE
@@ -25,6 +30,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -43,48 +49,22 @@ static void sandbox_store_log(const char *patch, const char *fmt, ...)
 	va_start(ap, fmt);
 	vsnprintf(res, sizeof(res), fmt, ap);
 	va_end(ap);
-	struct sandbox_peer me = { getpid(), geteuid() };
+	struct sandbox_peer me = { getpid(), geteuid(), getegid(), -1 };
 	sandbox_log_write(&me, "STORE", patch, res);
 	sandbox_debug("store: %s%s%s", patch ? patch : "", patch ? ": " : "", res);
 }
 
-/* 0 if st may be trusted: owned by root or us, writable by nobody else (a root-owned
- * sticky directory is allowed above the store: `above`). */
-static int sandbox_store_stat_ok(const struct stat *st, int above)
+/* Set at the start of sandbox_store_apply: a privileged or non-dumpable process
+ * trusts root's files only (its user may not change its code: docs/security.md). */
+static int sandbox_store_root_only;
+
+/* 0 if a store file with status st may be trusted: owned by root (or this process's
+ * user, unless root_only), writable by nobody else. */
+static int sandbox_store_stat_ok(const struct stat *st)
 {
-	if (above && (st->st_mode & S_ISVTX) && st->st_uid == 0)
-		return 0;
-	if (st->st_uid != 0 && st->st_uid != geteuid())
+	if (st->st_uid != 0 && (sandbox_store_root_only || st->st_uid != geteuid()))
 		return -1;
 	return (st->st_mode & (S_IWGRP | S_IWOTH)) ? -1 : 0;
-}
-
-/* 0 if every directory from / down to path may be trusted; else -1, why in `why`. */
-static int sandbox_store_path_ok(const char *path, char *why, size_t cap)
-{
-	char prefix[PATH_MAX];
-	size_t len = strlen(path);
-	if (len == 0 || len >= sizeof(prefix) || path[0] != '/') {
-		snprintf(why, cap, "store %.300s is not an absolute path", path);
-		return -1;
-	}
-	for (size_t i = 0; i <= len; i++) {
-		if (i < len && path[i] != '/')
-			continue;
-		size_t n = i == 0 ? 1 : i;	/* "/" first, then each directory down to path */
-		memcpy(prefix, path, n);
-		prefix[n] = '\0';
-		const char *p = prefix;
-		struct stat st;
-		if (stat(p, &st) != 0)
-			return errno == ENOENT ? 1 : (snprintf(why, cap, "%.300s: %s", p, strerror(errno)), -1);
-		if (sandbox_store_stat_ok(&st, i < len) != 0) {
-			snprintf(why, cap, "%.300s is owned by uid %u with mode %04o: writable by others",
-				 p, (unsigned)st.st_uid, (unsigned)(st.st_mode & 07777));
-			return -1;
-		}
-	}
-	return 0;
 }
 
 static int sandbox_store_name_ok(const char *name)
@@ -148,7 +128,7 @@ bad:
 static void sandbox_store_one(int dfd, const char *name)
 {
 	char why[SANDBOX_ERRMSG];
-	int fd = openat(dfd, name, O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+	int fd = openat(dfd, name, O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
 	struct stat st;
 	if (fd < 0 || fstat(fd, &st) != 0) {
 		sandbox_store_log(name, "error: cannot open: %s", strerror(errno));
@@ -156,12 +136,12 @@ static void sandbox_store_one(int dfd, const char *name)
 			close(fd);
 		return;
 	}
-	if (!S_ISREG(st.st_mode) || sandbox_store_stat_ok(&st, 0) != 0 ||
+	if (!S_ISREG(st.st_mode) || sandbox_store_stat_ok(&st) != 0 ||
 	    st.st_size > (off_t)(SANDBOX_STORE_HEADER + PBX_MAX_PAYLOAD + SANDBOX_STORE_SIG)) {
-		sandbox_store_log(name, "error: refused: not a regular file owned by root or uid %u, "
+		sandbox_store_log(name, "error: refused: not a regular file owned by root%s, "
 				  "writable by nobody else, of at most the maximum size (mode %04o uid %u, "
-				  "%lld bytes)", (unsigned)geteuid(), (unsigned)(st.st_mode & 07777),
-				  (unsigned)st.st_uid, (long long)st.st_size);
+				  "%lld bytes)", sandbox_store_root_only ? "" : " or this process's user",
+				  (unsigned)(st.st_mode & 07777), (unsigned)st.st_uid, (long long)st.st_size);
 		close(fd);
 		return;
 	}
@@ -195,23 +175,31 @@ static void sandbox_store_one(int dfd, const char *name)
 void sandbox_store_apply(void)
 {
 	const struct sandbox_object *exe = sandbox_exe_get();
-	const char *root = getenv("PATCHBOX_STORE");
-	char dir[PATH_MAX], why[SANDBOX_ERRMSG];
-	if (!root || !*root)
+	const char *root = sandbox_getenv("PATCHBOX_STORE");	/* NULL when privileged */
+	char dir[PATH_MAX], real[PATH_MAX], why[SANDBOX_ERRMSG];
+	sandbox_store_root_only = sandbox_privileged() || prctl(PR_GET_DUMPABLE) != 1;
+	if (!root || !*root) {
 		root = SANDBOX_STORE_DEFAULT;
+	} else if (!realpath(root, real)) {
+		return;	/* nothing there: nothing installed */
+	} else {
+		root = real;	/* walked below without following links: a link swapped in is refused */
+	}
 	if (exe->build_id_len == 0 || strlen(root) + 2 + 2 * PBX_MAX_BUILD_ID >= sizeof(dir))
 		return;
 	int n = snprintf(dir, sizeof(dir), "%s/", root);
 	for (size_t i = 0; i < exe->build_id_len; i++)
 		n += snprintf(dir + n, sizeof(dir) - (size_t)n, "%02x", exe->build_id[i]);
-	int ok = sandbox_store_path_ok(dir, why, sizeof(why));
-	if (ok > 0)
+	why[0] = '\0';
+	int pfd = sandbox_dir_walk(dir, 0, sandbox_store_root_only, why, sizeof(why));
+	if (pfd == -ENOENT)
 		return;	/* nothing installed for this build */
-	if (ok < 0) {
-		sandbox_store_log(NULL, "refused: %s", why);
+	if (pfd < 0) {
+		sandbox_store_log(NULL, "refused: %s", why[0] ? why : strerror(-pfd));
 		return;
 	}
-	int dfd = open(dir, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+	int dfd = openat(pfd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+	close(pfd);
 	DIR *d = dfd >= 0 ? fdopendir(dfd) : NULL;
 	if (!d) {
 		if (dfd >= 0)
