@@ -203,8 +203,11 @@ int sandbox_peer_admit(const struct sandbox_peer *peer, char *why, size_t cap)
 	int known = sandbox_peer_status_read(peer->pid, &st) == 0;
 	if (known && (st.uid[1] != peer->uid || st.gid[1] != peer->gid))
 		known = 0;	/* not the process that connected (its pid reused) */
-	if (known && peer->pidfd >= 0 && syscall(SYS_pidfd_send_signal, peer->pidfd, 0, NULL, 0) != 0)
-		known = 0;	/* it exited while we read: the status may be another's */
+	/* Exited while we read (ESRCH): the status may be another's. EPERM (a peer we may
+	 * not signal) still says it is alive. */
+	if (known && peer->pidfd >= 0 && syscall(SYS_pidfd_send_signal, peer->pidfd, 0, NULL, 0) != 0 &&
+	    errno == ESRCH)
+		known = 0;
 	if (known && (st.cap_eff >> SANDBOX_CAP_SYS_PTRACE) & 1)
 		return 0;	/* CAP_SYS_PTRACE: the kernel asks nothing more */
 	/* A root peer whose pid this namespace cannot see (pid 0: an outer PID namespace)
