@@ -670,17 +670,24 @@ static int sandbox_agent_start_locked(void)
 
 	pthread_mutex_lock(&sandbox_sock_lock);
 	int rc = sandbox_sock_dir_open(&sandbox_sock, dir);
-	if (rc != 0) {
+	/* A directory this process may not trust now (another user's: a root daemon
+	 * pointed at its own user's directory) may become its own when the daemon drops
+	 * privileges: the agent thread retries then, reporting why, and touches nothing
+	 * there meanwhile (docs/security.md, "The socket directory"). */
+	int untrusted = rc == -EPERM;
+	if (rc != 0 && !untrusted) {
 		pthread_mutex_unlock(&sandbox_sock_lock);
 		return sandbox_start_fail(rc, "socket directory %s: %s", dir,
 					  sandbox_sock.why[0] ? sandbox_sock.why : strerror(-rc));
 	}
-	rc = sandbox_sock_setup_locked();
-	if (rc != 0) {
+	rc = untrusted ? 0 : sandbox_sock_setup_locked();
+	if (rc == -EPERM) {
+		sandbox_fd_close(&sandbox_sock.dirfd);	/* the thread reopens and reports */
+	} else if (rc != 0) {
 		sandbox_fd_close(&sandbox_sock.dirfd);
 		pthread_mutex_unlock(&sandbox_sock_lock);
 		return sandbox_start_fail(rc, "bind %s/sandbox-sock%d: %s", sandbox_sock.dir, (int)getpid(),
-					  rc == -EPERM && sandbox_sock.why[0] ? sandbox_sock.why : strerror(-rc));
+					  strerror(-rc));
 	}
 	pthread_mutex_unlock(&sandbox_sock_lock);
 

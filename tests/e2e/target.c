@@ -7,6 +7,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <grp.h>
 #include <sys/prctl.h>
 #include <unistd.h>
 
@@ -152,6 +153,12 @@ int main(int argc, char **argv)
 		}
 		if (strcmp(name, "nodump") == 0) {	/* as ssh-agent keeps same-uid debuggers away */
 			printf(prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) == 0 ? "nodump\n" : "failed\n");
+			continue;
+		}
+		if (strcmp(name, "dropto") == 0) {	/* a daemon dropping root for its own user */
+			int ok = setgroups(0, NULL) == 0 && setresgid(arg, arg, arg) == 0 &&
+				 setresuid(arg, arg, arg) == 0;
+			printf(ok ? "dropped\n" : "failed\n");
 			continue;
 		}
 		if (strcmp(name, "ids") == 0) {

@@ -143,6 +143,7 @@ class Victim:
             env={**base, **(env or {})},
         )
         self.pid = self.proc.pid
+        self.err = ""  # stderr read so far (stderr_until)
         if not hold:
             self.release()
 
@@ -182,23 +183,21 @@ class Victim:
 
     def stderr_until(self, needle: str, timeout: float = 10) -> str:
         """Returns the victim's stderr so far once it contains ``needle`` (fails if not)."""
-        text = ""
+        fd = self.proc.stderr.fileno()
         deadline = time.monotonic() + timeout
-        os.set_blocking(self.proc.stderr.fileno(), False)
-        while needle not in text:
-            assert time.monotonic() < deadline, f"no {needle!r} on stderr: {text!r}"
-            chunk = self.proc.stderr.read()
-            text += chunk or ""
-            time.sleep(0.02)
-        return text
+        while needle not in self.err:
+            left = deadline - time.monotonic()
+            assert left > 0, f"no {needle!r} on stderr: {self.err!r}"
+            if select.select([fd], [], [], left)[0]:
+                self.err += os.read(fd, 65536).decode(errors="replace")
+        return self.err
 
     def stop(self) -> str:
         """Stops the victim; returns its stderr. Fails if it had died."""
         alive = self.proc.poll() is None
         self.proc.kill()
         self.proc.wait(5)
-        os.set_blocking(self.proc.stderr.fileno(), True)
-        err = self.proc.stderr.read()
+        err = self.err + os.read(self.proc.stderr.fileno(), 1 << 20).decode(errors="replace")
         for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
             stream.close()
         assert alive, f"victim died: {err}"
@@ -421,7 +420,8 @@ def test_socket_directory_others_can_write_is_refused(how: str, victim_exe: Path
     """A root process told to put its socket in a directory nobody can write (the
     daemon's own user owns it, or it is group-writable and not sticky): nobody plants
     the agent's log name as a link to a root file. The agent refuses the directory and
-    says why; nothing is created or followed; the program runs on."""
+    says why (retrying: a daemon may yet become that directory's user); nothing is
+    created or followed; the program runs on."""
     if how == "owned-by-nobody":
         sock_dir = place(owner=NOBODY, group=NOGROUP)
         why = "is owned by uid 65534"
@@ -433,12 +433,32 @@ def test_socket_directory_others_can_write_is_refused(how: str, victim_exe: Path
         link = sock_dir / f"sandbox-sock{v.pid}.log"
         subprocess.run([*AS_NOBODY, "ln", "-s", str(target), str(link)], check=True)
         v.release()
-        err = v.stderr_until("agent not started")
+        err = v.stderr_until("(retrying)")
         assert why in err, err
+        time.sleep(1.5)  # a retry or two
         assert v.call("greet") == "hello"
     assert target.read_text() == "precious\n"
     assert target.stat().st_mode & 0o777 == 0o644
     assert [p.name for p in sock_dir.iterdir()] == [link.name]
+
+
+def test_daemon_binds_once_it_runs_as_the_directorys_user(
+    victim_exe: Path, fix: Path, place
+) -> None:
+    """A root daemon pointed at its own user's socket directory (as /run/dnsmasq is
+    dnsmasq's): refused while root, bound once the daemon dropped to that user. After
+    that credential change the process is not dumpable: only root may patch it."""
+    sock_dir = place(owner=NOBODY, group=NOGROUP)
+    with running([str(victim_exe)], env={"PATCHBOX_SOCK_DIR": str(sock_dir)}) as v:
+        v.stderr_until("(retrying)")
+        assert list(sock_dir.iterdir()) == []
+        assert v.call("dropto", NOBODY) == "dropped"
+        sock = Path(v.agent_socket())
+        assert sock.parent == sock_dir and sock.lstat().st_uid == NOBODY
+        proc = nobody_run(PATCHBOX, "apply", "-s", sock, fix)
+        assert proc.returncode == 1 and "not dumpable" in proc.stderr, proc.stderr
+        run_tool("patchbox", "apply", "-p", v.pid, fix)
+        assert v.call("greet") == "patched"
 
 
 def listener(where: Path) -> tuple[socket.socket, Path]:
