@@ -21,6 +21,12 @@
  * LISTEN_PARTS in agent/Makefile; a missing one fails the link). Its thread takes
  * the agent thread's place: no agent thread runs (PATCHBOX_DISABLE=1).
  *
+ * Built with -DFUZZ_STORE (make -C agent fuzz: fuzz_store), each input is instead the
+ * bytes of one file of the patch store (docs/host.md), read as sandbox-store.c reads
+ * one at start: the patch-file header and meta (sandbox_store_body), then the apply
+ * body through the same parser and engine, against the same victims, with the same
+ * invariants after every input. No socket, no thread: thousands of inputs a second.
+ *
  * Build: make -C agent fuzz (clang, -fsanitize=fuzzer,address,undefined).
  */
 /* The hold wait (PBX_FLAG_HOLD) would cost a second per input: the fuzzer's client
@@ -242,6 +248,33 @@ static void fuzz_reset(void)
 	__atomic_store_n(&sandbox_debug_enabled, 0, __ATOMIC_RELAXED);
 }
 
+#ifdef FUZZ_STORE
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
+{
+	const uint8_t *body;
+	size_t len;
+	char why[SANDBOX_ERRMSG], name[PBX_MAX_NAME + 1];
+	struct sandbox_error err = { PBX_E_OK, "" };
+	why[0] = '\0';
+	if (sandbox_store_body(data, size, &body, &len, why, sizeof(why)) == 0) {
+		size_t trailer = (data[12] & 1) ? SANDBOX_STORE_SIG : 0;	/* the signature */
+		if (body < data + SANDBOX_STORE_HEADER || body + len != data + size - trailer)
+			fuzz_fail("apply body outside the file's payload", (size_t)(body - data));
+		int rc = sandbox_body_apply(body, len, name, sizeof(name), &err);
+		if (rc != 0 && (err.code <= PBX_E_OK || err.code >= PBX_E_COUNT_ || !err.msg[0]))
+			fuzz_fail("failed apply without an error code and message", 0);
+		if (fuzz_verbose)
+			fprintf(stderr, "fuzz: store status %d %s\n", rc ? (int)err.code : 0, rc ? err.msg : name);
+	} else if (!why[0]) {
+		fuzz_fail("refused store file without a reason", 0);
+	} else if (fuzz_verbose) {
+		fprintf(stderr, "fuzz: store refused %s\n", why);
+	}
+	fuzz_check_victims();
+	fuzz_reset();
+	return 0;
+}
+#else
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
 	int sv[2];
@@ -262,3 +295,4 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	fuzz_reset();
 	return 0;
 }
+#endif

@@ -6,7 +6,9 @@ Every seed is the byte stream of one client connection, made with the real encod
 valid INFO/LIST/APPLY/REMOVE/TEST/DEBUG frames, APPLY requests that pass every check
 against the harness's victims (build-id, link-time addresses and expected bytes as
 fuzz_agent.c sets them up), sequences (apply, stack, list, remove), and a few broken
-frames. Usage: make_corpus.py [DIR]   (default: the corpus/ directory beside this file)
+frames. With --store, the seeds of the store harness (fuzz_store) instead: patch files
+as `patchbox install` stores them (write_patch), signed and unsigned, and broken ones.
+Usage: make_corpus.py [--store] [DIR]   (default: corpus/ or corpus-store/ beside this file)
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from patchbox.format.layout import encode_apply_body
+from patchbox.format.layout import encode_apply_body, with_signature, write_patch
 from patchbox.format.model import Fixup, Function, Patch
 from patchbox.protocol.client import encode_frame
 from patchbox.wire import FixupBase, FixupSection, FixupType, Msg
@@ -166,10 +168,31 @@ def seeds() -> dict[str, bytes]:
     return out
 
 
+def store_seeds() -> dict[str, bytes]:
+    out: dict[str, bytes] = {}
+    simple = write_patch(patch("simple", [0]))
+    out["store-simple"] = simple
+    out["store-two"] = write_patch(patch("two", [1, 2], expected_len=64))
+    out["store-meta"] = write_patch(replace(patch("meta", [3]), meta={"tool": "x", "k": "v" * 40}))
+    out["store-signed"] = with_signature(simple, b"\x11" * 32, lambda _d: b"\x22" * 64)
+    out["store-wrong-bid"] = write_patch(replace(patch("bid", [0]), build_id=b"\x01" * 20))
+    out["store-bad-magic"] = b"XXXXXXXX" + simple[8:]
+    out["store-short"] = simple[:40]
+    out["store-padded"] = simple + b"\x00"
+    bad_flags = bytearray(simple)
+    bad_flags[12] = 0x02
+    out["store-bad-flags"] = bytes(bad_flags)
+    return out
+
+
 def main() -> None:
-    out = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parent / "corpus"
+    args = sys.argv[1:]
+    store = "--store" in args
+    args = [a for a in args if a != "--store"]
+    default = "corpus-store" if store else "corpus"
+    out = Path(args[0]) if args else Path(__file__).resolve().parent / default
     out.mkdir(parents=True, exist_ok=True)
-    for name, data in seeds().items():
+    for name, data in (store_seeds() if store else seeds()).items():
         (out / f"{name}-{hashlib.sha1(data).hexdigest()[:8]}").write_bytes(data)
 
 
