@@ -146,7 +146,8 @@ char sandbox_log_path[PATH_MAX];	/* "" = logging off */
 static int sandbox_log_beside;		/* the log is <socket name>.log in the socket directory */
 static struct sandbox_fd sandbox_log_fd = { -1, 0, 0 };
 static int sandbox_log_reported;
-static int sandbox_sweep_pending;	/* a bind succeeded: sweep the directory */
+static int sandbox_sweep_pending;	/* a bind succeeded: open the log, sweep the directory */
+static pid_t sandbox_parent_sock_pid;	/* a forked child's: the parent's socket, looked at once */
 static struct sandbox_fd sandbox_conn = { -1, 0, 0 };	/* sandbox_client_serve's connection */
 
 /* ------------------------------------------------------------------ debug */
@@ -477,7 +478,13 @@ static void *sandbox_listen_thread(void *arg)
 		if (sandbox_sweep_pending) {
 			sandbox_log_open();
 			sandbox_sweep_pending = 0;
-			int n = sandbox_sock_sweep(&sandbox_sock, getpid());
+			int n = 0;
+			if (sandbox_parent_sock_pid)
+				n += sandbox_sock_sweep_pid(&sandbox_sock, sandbox_parent_sock_pid, getpid());
+			sandbox_parent_sock_pid = 0;
+			/* Only a quiet directory: no storm of sweeps (sandbox-sock.c). */
+			if (sandbox_sock.quiet)
+				n += sandbox_sock_sweep(&sandbox_sock, getpid());
 			if (n)
 				sandbox_debug("removed %d stale socket%s in %s", n, n > 1 ? "s" : "", sandbox_sock.dir);
 		}
@@ -586,6 +593,7 @@ static void sandbox_atfork_child(void)
 	sandbox_fd_close(&sandbox_client);
 	sandbox_fd_close(&sandbox_log_fd);
 	sandbox_sock.bound = 0;
+	sandbox_parent_sock_pid = sandbox_owner_pid;	/* if it dies without its destructor */
 	sandbox_owner_pid = 0;
 	sandbox_sock_path[0] = '\0';
 	if (!sandbox_fd_ours(&sandbox_sock.dirfd))

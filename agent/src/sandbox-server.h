@@ -146,6 +146,7 @@ struct sandbox_sock {
 	struct sandbox_fd lfd;	/* listening */
 	int bound;		/* dir/name is this agent's file */
 	char why[256];		/* why the directory or a file in it was refused, "" if not */
+	int quiet;		/* nothing changed in the directory for a while before the bind */
 };
 
 /* Opens dir (O_PATH) as the socket directory; s->dirfd must be none (or forgotten).
@@ -156,7 +157,8 @@ int sandbox_sock_dir_open(struct sandbox_sock *s, const char *dir);
  * (a planted one at our name is removed and the file created anew). 0 or -errno,
  * s->why saying what was wrong. */
 int sandbox_sock_file_open(struct sandbox_sock *s, const char *name, struct sandbox_fd *ret);
-/* Binds and listens on sandbox-sock<pid>, replacing a stale file, mode 0600. */
+/* Binds and listens on sandbox-sock<pid>, replacing a stale file, mode 0600; sets
+ * quiet if the directory had not changed for SANDBOX_SWEEP_QUIET_S before. */
 int sandbox_sock_bind(struct sandbox_sock *s, pid_t pid);
 /* 0 if the socket is bound and both descriptors are ours (the directory's reopened
  * if that suffices), -1 if it must be bound anew. */
@@ -167,6 +169,8 @@ void sandbox_sock_unbind(struct sandbox_sock *s);
 int sandbox_sock_path_get(const struct sandbox_sock *s, const char *name, char *ret, size_t len);
 /* Removes stale sockets of other pids in the directory; returns how many. */
 int sandbox_sock_sweep(const struct sandbox_sock *s, pid_t self);
+/* The same for the one name of pid (and its log): a forked child's parent's. */
+int sandbox_sock_sweep_pid(const struct sandbox_sock *s, pid_t pid, pid_t self);
 
 /* ---- sandbox-listen.c */
 

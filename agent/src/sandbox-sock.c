@@ -28,6 +28,16 @@
  * empty (the agent opens its log as it starts serving, so a process never asked
  * anything leaves an empty one); a log with lines is never touched.
  *
+ * Only a quiet directory is swept: one whose mtime (an entry added or removed) is
+ * older than SANDBOX_SWEEP_QUIET_S when the agent binds. Thousands of agents starting
+ * together (a fleet, a fork-heavy server) would each read and probe every entry, a
+ * quadratic storm; within such a burst the directory is never quiet, so only the first
+ * agent sweeps, and stale files left meanwhile go at the next quiet start (or with
+ * `patchbox ps`, which sweeps from Python). A forked child's agent always looks at
+ * its parent's name (sandbox_sock_sweep_pid): a daemon whose first process exits
+ * without its destructor (glibc's daemon() calls _exit) leaves that one file, and its
+ * child binds within a fraction of a second, before the directory is quiet.
+ *
  * Files in the directory (docs/security.md, "The socket directory"): the directory
  * must be owned by root or the effective uid and writable by nobody else unless it is
  * sticky (sandbox_dir_trusted): then nobody but its owner (trusted) can replace what
@@ -51,6 +61,7 @@
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "sandbox-server.h"
@@ -58,6 +69,7 @@
 #define SANDBOX_FD_SPAN 32		/* numbers kept free below the high limit for the agent */
 #define SANDBOX_SWEEP_MAX 4096		/* directory entries examined by one sweep */
 #define SANDBOX_SOCK_PREFIX "sandbox-sock"
+#define SANDBOX_SWEEP_QUIET_S 2		/* a directory changed more recently is not swept */
 
 /* ------------------------------------------------------------------ descriptors */
 
@@ -296,6 +308,10 @@ int sandbox_sock_bind(struct sandbox_sock *s, pid_t pid)
 		return rc;
 	if ((rc = sandbox_sock_dir_recheck(s)) != 0)	/* modes may have changed since */
 		return rc;
+	struct stat dst;
+	struct timespec now;
+	s->quiet = fstat(s->dirfd.fd, &dst) == 0 && clock_gettime(CLOCK_REALTIME, &now) == 0 &&
+		   now.tv_sec - dst.st_mtim.tv_sec >= SANDBOX_SWEEP_QUIET_S;
 	snprintf(s->name, sizeof(s->name), SANDBOX_SOCK_PREFIX "%d", (int)pid);
 	if ((rc = sandbox_sock_addr(s, s->name, &a)) != 0)
 		return rc;
@@ -400,6 +416,44 @@ static long sandbox_sock_name_pid(const char *name, int *log)
 	return v > 0 ? v : -1;
 }
 
+/* 1 if name (sandbox-sock<N> or its .log) was stale and is removed (the rule above). */
+static int sandbox_sock_sweep_name(const struct sandbox_sock *s, const char *name, pid_t self)
+{
+	int log;
+	long pid = sandbox_sock_name_pid(name, &log);
+	if (pid < 0 || pid == (long)self)
+		return 0;
+	if (kill((pid_t)pid, 0) == 0 || errno != ESRCH)
+		return 0;	/* a process N exists (or we may not signal it) */
+	struct stat st, again;
+	if (fstatat(s->dirfd.fd, name, &st, AT_SYMLINK_NOFOLLOW) != 0 || st.st_uid != geteuid())
+		return 0;	/* only files of this agent's user: never another's */
+	if (log)	/* a dead agent's log that never got a line: nothing to keep */
+		return S_ISREG(st.st_mode) && st.st_size == 0 && unlinkat(s->dirfd.fd, name, 0) == 0;
+	if (!S_ISSOCK(st.st_mode))
+		return 0;
+	if (sandbox_sock_probe(s, name) != 0)
+		return 0;	/* accepted (alive) or cannot tell */
+	/* Checked again after the probe: a process that took pid N exists before it
+	 * binds, and a new file at the name has another inode. */
+	if ((kill((pid_t)pid, 0) == 0 || errno != ESRCH) ||
+	    fstatat(s->dirfd.fd, name, &again, AT_SYMLINK_NOFOLLOW) != 0 || again.st_dev != st.st_dev ||
+	    again.st_ino != st.st_ino)
+		return 0;
+	return unlinkat(s->dirfd.fd, name, 0) == 0;
+}
+
+int sandbox_sock_sweep_pid(const struct sandbox_sock *s, pid_t pid, pid_t self)
+{
+	char name[sizeof(s->name) + 4];
+	if (pid <= 0 || !sandbox_fd_ours(&s->dirfd))
+		return 0;
+	snprintf(name, sizeof(name), SANDBOX_SOCK_PREFIX "%d", (int)pid);
+	int removed = sandbox_sock_sweep_name(s, name, self);
+	snprintf(name, sizeof(name), SANDBOX_SOCK_PREFIX "%d.log", (int)pid);
+	return removed + sandbox_sock_sweep_name(s, name, self);
+}
+
 int sandbox_sock_sweep(const struct sandbox_sock *s, pid_t self)
 {
 	struct sandbox_fd d;
@@ -419,32 +473,7 @@ int sandbox_sock_sweep(const struct sandbox_sock *s, pid_t self)
 		for (ssize_t off = 0; off < n && seen < SANDBOX_SWEEP_MAX; seen++) {
 			struct dirent64 *de = (struct dirent64 *)(buf + off);
 			off += de->d_reclen;
-			int log;
-			long pid = sandbox_sock_name_pid(de->d_name, &log);
-			if (pid < 0 || pid == (long)self)
-				continue;
-			if (kill((pid_t)pid, 0) == 0 || errno != ESRCH)
-				continue;	/* a process N exists (or we may not signal it) */
-			struct stat st, again;
-			if (fstatat(s->dirfd.fd, de->d_name, &st, AT_SYMLINK_NOFOLLOW) != 0 || st.st_uid != geteuid())
-				continue;	/* only files of this agent's user: never another's */
-			if (log) {	/* a dead agent's log that never got a line: nothing to keep */
-				if (S_ISREG(st.st_mode) && st.st_size == 0 && unlinkat(s->dirfd.fd, de->d_name, 0) == 0)
-					removed++;
-				continue;
-			}
-			if (!S_ISSOCK(st.st_mode))
-				continue;
-			if (sandbox_sock_probe(s, de->d_name) != 0)
-				continue;	/* accepted (alive) or cannot tell */
-			/* Checked again after the probe: a process that took pid N exists
-			 * before it binds, and a new file at the name has another inode. */
-			if ((kill((pid_t)pid, 0) == 0 || errno != ESRCH) ||
-			    fstatat(s->dirfd.fd, de->d_name, &again, AT_SYMLINK_NOFOLLOW) != 0 ||
-			    again.st_dev != st.st_dev || again.st_ino != st.st_ino)
-				continue;
-			if (unlinkat(s->dirfd.fd, de->d_name, 0) == 0)
-				removed++;
+			removed += sandbox_sock_sweep_name(s, de->d_name, self);
 		}
 		if (seen >= SANDBOX_SWEEP_MAX)
 			break;
