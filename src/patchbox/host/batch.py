@@ -202,6 +202,7 @@ def run_jobs(jobs: list[Job], timeout: float = 10.0) -> None:
                 job.path, job.alt, job.peer_pid = job.alt, "", None
                 return start(job, deadline)
             who = f"pid {job.peer_pid}" if job.peer_pid else "an unknown process"
+            job.peer_pid = None  # the outcome is the job's pid: nothing reached it
             job.error = ConnectError(
                 f"pid {job.key}: {job.path} is answered by {who}, which does not hold the "
                 f"agent socket listed for pid {job.key}: nothing sent"
