@@ -6,6 +6,7 @@ after: the attack must fail, and what it aimed at must be untouched (docs/securi
 
 from __future__ import annotations
 
+import hashlib
 import os
 import stat
 from pathlib import Path
@@ -14,8 +15,9 @@ import pytest
 from click.testing import CliRunner, Result
 
 from helpers import NOBODY_UID, NOGROUP_GID, nobody_dir, nobody_python
-from patchbox import safefs, signing, store
+from patchbox import config, safefs, signing, store
 from patchbox.cli.main import cli
+from patchbox.errors import ConfigError
 from patchbox.format.layout import read_patch_file, save_patch, split_signature
 from test_cli import make_patch
 
@@ -291,3 +293,29 @@ def test_store_install_and_uninstall_through_descriptors(tmp_path: Path, signed)
     assert store.iter_installed(root, "../../etc") == []  # a build-id from an agent's answer
     gone = store.uninstall(pf.patch.name, root=root)
     assert [g.path for g in gone] == [entry.path] and not entry.path.exists()
+
+
+# -- the build-info cache --------------------------------------------------------------
+
+
+def test_build_info_cache_others_can_write_is_refused(
+    world_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The object `config --libs` links into every program is cached under a name anyone
+    can compute. In a cache others can write to, nobody plants it first: refused, and
+    nobody's file is never handed to the linker."""
+    cache = world_dir / "cache"
+    cache.mkdir()
+    cache.chmod(0o1777)
+    monkeypatch.setenv("PATCHBOX_CACHE", str(cache))
+    info = config.collect_build_info("1.0", "-O2", world_dir)
+    digest = hashlib.sha256(config.build_info_source(info).encode()).hexdigest()[:20]
+    planted = cache / f"build-info-{digest}.o"
+    nobody_python("open(__import__('sys').argv[1], 'w').write('code of nobody')", planted)
+    with pytest.raises(
+        ConfigError,
+        match=rf"cache directory {cache} is writable by others \(owner uid 0, mode 1777\)",
+    ):
+        config.build_info_object(info)
+    cache.chmod(0o755)  # root's own again: the cached object is used (what nobody left)
+    assert config.build_info_object(info) == planted
