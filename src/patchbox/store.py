@@ -125,8 +125,10 @@ def _is_build_id(name: str) -> bool:
 def iter_installed(root: Path, build_id: str | None = None) -> list[Installed]:
     """Returns the installed patches (of one build-id, or all), in install order."""
     out: list[Installed] = []
-    if build_id is not None and not _is_build_id(build_id):
-        return out
+    if build_id is not None:
+        build_id = build_id.lower()
+        if not _is_build_id(build_id):
+            return out
     try:
         dirs = [root / build_id] if build_id else sorted(p for p in root.iterdir() if p.is_dir())
     except (FileNotFoundError, NotADirectoryError):
