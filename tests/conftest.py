@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,6 +19,19 @@ __all__ = ["AGENT_DIR", "ROOT", "compile_c"]
 def agent_dir() -> Path:
     """Returns the directory of the installed agent (patchbox.config.agent_dir)."""
     return AGENT_DIR
+
+
+@pytest.fixture()
+def world_dir() -> Iterator[Path]:
+    """Yields a new root-owned 0755 directory directly under /tmp, which nobody can reach
+    (``tmp_path`` lies under /tmp/pytest-of-root, 0700); removed afterwards. Skips the test
+    unless it runs as root with setpriv(1) at hand: these tests act as nobody."""
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("acts as nobody: needs root and setpriv (util-linux)")
+    d = Path(tempfile.mkdtemp(prefix="pbx-sec-", dir="/tmp"))
+    d.chmod(0o755)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
 
 
 TIERS = ("process", "qemu", "fuzz", "wheel", "ansible", "reach", "corpus", "corpus_full")

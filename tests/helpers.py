@@ -97,3 +97,41 @@ def compile_with_small_sandbox(src: str, out: Path, sandbox: int) -> Path:
             del os.environ["PATCHBOX_AGENT_DIR"]
         else:
             os.environ["PATCHBOX_AGENT_DIR"] = old
+
+
+# -- acting as an unprivileged user (docs/security.md) ------------------------------------
+
+NOBODY_UID = 65534
+NOGROUP_GID = 65534
+# util-linux: run a command as nobody:nogroup with no supplementary group.
+AS_NOBODY = ("setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups")
+
+
+def as_nobody(*cmd: object, check: bool = True) -> subprocess.CompletedProcess:
+    """Returns the finished run of ``cmd`` as nobody:nogroup (setpriv); asserts success
+    unless ``check`` is false."""
+    proc = subprocess.run(
+        [*AS_NOBODY, *map(str, cmd)],
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        timeout=60,
+    )
+    if check:
+        assert proc.returncode == 0, f"as nobody: {cmd}: {proc.stderr}"
+    return proc
+
+
+def nobody_python(code: str, *args: object) -> subprocess.CompletedProcess:
+    """Returns the run of Python ``code`` (argv[1:] = ``args``) as nobody:nogroup."""
+    return as_nobody(sys.executable, "-c", code, *args)
+
+
+def nobody_dir(parent: Path, name: str, mode: int = 0o755) -> Path:
+    """Returns ``parent/name``, a new directory nobody owns (``mode``), as its home or a
+    daemon's own directory would be."""
+    d = parent / name
+    d.mkdir()
+    os.chown(d, NOBODY_UID, NOGROUP_GID)
+    d.chmod(mode)
+    return d

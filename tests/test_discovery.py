@@ -16,11 +16,13 @@ from pathlib import Path
 
 import pytest
 
-from helpers import deep_dir
+from helpers import deep_dir, nobody_dir, nobody_python
 from patchbox.errors import ConnectError
+from patchbox.protocol import discovery
 from patchbox.protocol.client import Client
 from patchbox.protocol.discovery import (
     SUN_PATH_MAX,
+    SweepRefused,
     connect_path_for,
     connect_unix,
     discover,
@@ -309,3 +311,128 @@ def test_another_users_process(listener: tuple[socket.socket, Path]) -> None:
     assert text.startswith(f"no agent socket for pid {os.getpid()}: "), text
     assert "not readable (Permission denied)" in text
     assert text.endswith("run as root or as the process's user, or pass -s SOCKET"), text
+
+
+# -- the sweep under attack (docs/security.md) ---------------------------------------------
+
+
+def test_sweep_keeps_an_entry_replaced_after_the_probe(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Between the probe and the removal, the name gets a new socket (a new process of
+    that pid binding its own): the removal is by what was tested, so it stays."""
+    gone = dead_pid()
+    name = tmp_path / f"sandbox-sock{gone}"
+    stale_socket(name)
+    fresh = socket.socket(socket.AF_UNIX)
+    real_probe = discovery.probe_socket
+
+    def probe_then_replace(path: str) -> bool | None:
+        answer = real_probe(path)
+        name.unlink()
+        fresh.bind(str(name))  # another inode under the same name, listening
+        fresh.listen(1)
+        return answer
+
+    monkeypatch.setattr(discovery, "probe_socket", probe_then_replace)
+    try:
+        assert sweep_stale_sockets(tmp_path) == []
+        assert name.is_socket() and probe_socket(name) is True
+    finally:
+        fresh.close()
+
+
+def test_probe_is_by_inode_never_through_a_link(tmp_path: Path) -> None:
+    """The liveness probe connects to the inode that was stat'ed, through an O_PATH
+    descriptor: a link (or another file) under the name is never connected to."""
+    live = socket.socket(socket.AF_UNIX)
+    live.bind(str(tmp_path / "live"))
+    live.listen(1)
+    live.setblocking(False)
+    stale_socket(tmp_path / "stale")
+    (tmp_path / "link").symlink_to(tmp_path / "live")
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        seen = os.stat("stale", dir_fd=fd, follow_symlinks=False)
+        assert discovery._probe_entry(fd, "stale", seen) is False
+        assert discovery._probe_entry(fd, "live", seen) is None  # not the inode stat'ed
+        link = os.stat("link", dir_fd=fd, follow_symlinks=False)
+        assert discovery._probe_entry(fd, "link", link) is None
+        with pytest.raises(BlockingIOError):
+            live.accept()  # nothing ever connected to it
+    finally:
+        os.close(fd)
+        live.close()
+
+
+NOBODY_STALE_SOCKET = (
+    "import socket, sys\ns = socket.socket(socket.AF_UNIX); s.bind(sys.argv[1]); s.close()\n"
+)
+
+
+def test_sweep_refuses_a_directory_others_can_write(world_dir: Path) -> None:
+    """Not sticky and writable by others: anyone could swap an entry between the checks
+    and the removal, so nothing is removed there, not even a genuine stale socket."""
+    shared = world_dir / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    stale = shared / f"sandbox-sock{dead_pid()}"
+    nobody_python(NOBODY_STALE_SOCKET, stale)
+    with pytest.raises(
+        SweepRefused,
+        match=r"not sweeping .*shared: writable by others and not sticky \(owner uid 0, mode 0777\)",
+    ):
+        sweep_stale_sockets(shared)
+    assert stale.is_socket()
+
+
+def test_sweep_in_a_sticky_directory_takes_only_its_own(world_dir: Path) -> None:
+    """In a /tmp-like directory only the sweeper's own stale sockets go: nobody's stays
+    (nobody could replace it by anything between the checks and the removal)."""
+    shared = world_dir / "sticky"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    theirs = shared / f"sandbox-sock{dead_pid()}"
+    nobody_python(NOBODY_STALE_SOCKET, theirs)
+    mine = shared / f"sandbox-sock{dead_pid()}"
+    stale_socket(mine)
+    assert sweep_stale_sockets(shared) == [mine]
+    assert theirs.is_socket()
+
+
+def test_sweep_follows_no_link_nobody_planted(world_dir: Path) -> None:
+    """nobody owns a socket directory root sweeps and plants sandbox-sock<dead> links to
+    root's files (a stale socket, an empty log, a listening socket) and one genuine
+    stale socket of its own: only that one goes; root's files stay and nothing
+    connected to root's listener."""
+    sockdir = nobody_dir(world_dir, "sock")
+    rootdir = world_dir / "root"
+    rootdir.mkdir(mode=0o700)
+    stale_socket(rootdir / "victim.sock")
+    (rootdir / "victim.log").write_text("")
+    live = socket.socket(socket.AF_UNIX)
+    live.bind(str(rootdir / "live.sock"))
+    live.listen(1)
+    live.setblocking(False)
+    d1, d2, d3 = dead_pid(), dead_pid(), dead_pid()
+    links = {
+        f"sandbox-sock{d1}": rootdir / "victim.sock",
+        f"sandbox-sock{d1}.log": rootdir / "victim.log",
+        f"sandbox-sock{d2}": rootdir / "live.sock",
+    }
+    nobody_python(
+        "import os, sys\n"
+        "for name, to in zip(sys.argv[2::2], sys.argv[3::2]):\n"
+        "    os.symlink(to, os.path.join(sys.argv[1], name))\n",
+        sockdir,
+        *[x for kv in links.items() for x in kv],
+    )
+    nobody_python(NOBODY_STALE_SOCKET, sockdir / f"sandbox-sock{d3}")
+    try:
+        assert sweep_stale_sockets(sockdir) == [sockdir / f"sandbox-sock{d3}"]
+        assert (rootdir / "victim.sock").is_socket() and (rootdir / "victim.log").is_file()
+        assert all((sockdir / name).is_symlink() for name in links)
+        with pytest.raises(BlockingIOError):
+            live.accept()
+    finally:
+        live.close()

@@ -15,7 +15,7 @@ PKG = ROOT / "src" / "patchbox"
 # Lowest first. A room may import its own modules and rooms of earlier layers.
 LAYERS: list[set[str]] = [
     {"errors", "wire"},  # neutral ground: import nothing of the project
-    {"flags", "profiles", "sourcediff", "elf", "format"},
+    {"flags", "profiles", "sourcediff", "safefs", "elf", "format"},
     {"protocol", "config", "signing", "compare"},
     {"policy", "rebuild", "extract", "store", "reach"},
     {"host"},

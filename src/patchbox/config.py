@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from patchbox import safefs
 from patchbox.errors import ConfigError
 from patchbox.flags import LINK_FLAGS, PATCH_CFLAGS
 
@@ -227,15 +228,27 @@ def build_info_object(info: BuildInfo) -> Path:
     source = build_info_source(info)
     digest = hashlib.sha256(source.encode()).hexdigest()[:20]
     directory = cache_dir()
+    # The object is linked into the user's programs: a cache others can write to would
+    # let them choose code for it (its name is predictable).
+    st = directory.stat()
+    why = safefs.unsafe_reason(st, safefs.trusted_owners())
+    if why:
+        raise ConfigError(
+            f"cache directory {directory} {why}: others could plant the build-info object "
+            f"linked into your programs; set PATCHBOX_CACHE to a directory of your own"
+        )
     obj = directory / f"build-info-{digest}.o"
     if obj.is_file():
         return obj
     cc = shlex.split(os.environ.get("CC") or "gcc")
     fd, tmp_obj = tempfile.mkstemp(prefix=f".build-info-{digest}-", suffix=".o", dir=directory)
     os.close(fd)
-    c_file = Path(tmp_obj).with_suffix(".c")
+    # mkstemp: created new (O_EXCL), never through a planted link.
+    fd, c_name = tempfile.mkstemp(prefix=f".build-info-{digest}-", suffix=".c", dir=directory)
+    c_file = Path(c_name)
     try:
-        c_file.write_text(source)
+        with os.fdopen(fd, "w") as f:
+            f.write(source)
         cmd = [*cc, "-c", "-fPIC", "-O0", "-x", "c", str(c_file), "-o", tmp_obj]
         try:
             result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)

@@ -5,15 +5,24 @@ Keys (``patchbox keygen --out DIR/NAME``): ``NAME.key`` (PKCS#8 PEM, mode 0600) 
 public key; a signed patch file carries it in its trailer (docs/patch-format.md).
 
 Trust: ``--trust-dir`` of `apply`, else ``$PATCHBOX_TRUST_DIR``, else
-:data:`DEFAULT_TRUST_DIR`. When that directory exists, `apply` accepts only patches
-signed by one of its ``*.pub`` keys; when the default directory does not exist,
-unsigned patches are accepted (a directory named explicitly must exist).
+:data:`DEFAULT_TRUST_DIR`. When that directory exists, `apply` and `install` (and the
+Ansible modules) accept only patches signed by one of its ``*.pub`` keys; when the
+default directory does not exist, unsigned patches are accepted (a directory named
+explicitly must exist). This is a policy of the client: the agent never sees a
+signature (docs/decisions.md, "Trust (issue 18): client side").
+
+The directory, every directory above it and every key must be owned by root or this
+user and writable by nobody else, and no link is followed on the way or to a key
+(:mod:`patchbox.safefs`): otherwise whoever could change them would choose what is
+trusted. Anything else is refused with the path, its owner and mode.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +30,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from patchbox import safefs
 from patchbox.errors import PatchboxError
 from patchbox.format.layout import split_signature, with_signature
 
@@ -34,6 +44,8 @@ __all__ = [
     "load_private_key",
     "sign_file_bytes",
     "trust_dir",
+    "parse_public_key",
+    "trusted_keys",
     "check_trust",
 ]
 
@@ -55,11 +67,14 @@ def key_id(public: Ed25519PublicKey) -> bytes:
 
 
 def keygen(out: str | os.PathLike[str]) -> tuple[Path, Path, bytes]:
-    """Writes ``OUT.key`` and ``OUT.pub``; returns (key path, pub path, key id)."""
+    """Writes ``OUT.key`` and ``OUT.pub``; returns (key path, pub path, key id).
+
+    Both are created new (``O_CREAT | O_EXCL | O_NOFOLLOW``): an existing file, or a link
+    planted at either name, is refused, never written through."""
     base = Path(out)
     key_path, pub_path = Path(f"{base}.key"), Path(f"{base}.pub")
     for path in (key_path, pub_path):
-        if path.exists():
+        if os.path.lexists(path):
             raise KeyError_(f"{path} exists: not overwriting a key")
     private = Ed25519PrivateKey.generate()
     pem = private.private_bytes(
@@ -70,10 +85,13 @@ def keygen(out: str | os.PathLike[str]) -> tuple[Path, Path, bytes]:
     )
     try:
         base.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(pem)
-        pub_path.write_bytes(pub)
+        for path, data, mode in ((key_path, pem, 0o600), (pub_path, pub, 0o644)):
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+            with os.fdopen(fd, "wb") as f:
+                os.fchmod(f.fileno(), mode)  # whatever the umask
+                f.write(data)
+    except FileExistsError as err:
+        raise KeyError_(f"{err.filename} exists: not overwriting a key") from err
     except OSError as err:
         raise KeyError_(f"cannot write key {base}: {err.strerror}") from err
     return key_path, pub_path, key_id(private.public_key())
@@ -94,12 +112,36 @@ def load_private_key(path: str | os.PathLike[str]) -> Ed25519PrivateKey:
     return key
 
 
-def load_public_key(path: Path) -> Ed25519PublicKey:
-    """Returns the Ed25519 public key stored at ``path`` (PEM)."""
+def _read_nofollow(dirfd: int, name: str, shown: Path) -> bytes:
+    """Returns the bytes of trusted key ``name`` in the trust directory ``dirfd``: opened
+    without following a link, and refused unless it is a regular file owned by root (or
+    this user) and writable by nobody else."""
     try:
-        key = serialization.load_pem_public_key(path.read_bytes())
+        fd = safefs.open_nofollow(dirfd, name)
     except OSError as err:
-        raise KeyError_(f"cannot read trusted key {path}: {err.strerror}") from err
+        if err.errno == errno.ELOOP:
+            raise TrustError(
+                f"trusted key {shown} is a symbolic link: not followed (whoever can change "
+                f"the link chooses the key); copy the key itself into the trust directory"
+            ) from err
+        raise KeyError_(f"cannot read trusted key {shown}: {err.strerror}") from err
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise TrustError(f"trusted key {shown} is not a regular file ({safefs.describe(st)})")
+        why = safefs.unsafe_reason(st, safefs.trusted_owners())
+        if why:
+            raise TrustError(
+                f"trusted key {shown} {why}: whoever can change it chooses which patches are "
+                f"trusted; make it root's and not writable by others (chown root; chmod 644)"
+            )
+        return f.read(1 << 16)
+
+
+def parse_public_key(data: bytes, path: Path) -> Ed25519PublicKey:
+    """Returns the Ed25519 public key of PEM bytes ``data`` read from ``path``."""
+    try:
+        key = serialization.load_pem_public_key(data)
     except (ValueError, TypeError) as err:
         raise KeyError_(f"trusted key {path} is not a PEM public key ({err})") from err
     if not isinstance(key, Ed25519PublicKey):
@@ -130,23 +172,65 @@ def trust_dir(option: str | None = None) -> Trust:
     return Trust(DEFAULT_TRUST_DIR, False)
 
 
+def _open_trust_dir(trust: Trust) -> int | None:
+    """Returns a descriptor of the trust directory, None when it does not exist (an
+    error if it was named explicitly). Raises TrustError unless it and every directory
+    above it are real directories owned by root (or this user) and writable by nobody
+    else (a root-owned sticky directory above it passes)."""
+    where = trust.path
+    try:
+        fd = safefs.walk(where, owners=safefs.trusted_owners(), missing_ok=True)
+    except safefs.UnsafePathError as err:
+        raise TrustError(
+            f"trust directory {where}: {err}: whoever can change it chooses which patches "
+            f"are trusted; it and every directory above it must be owned by root (or this "
+            f"user) and writable by nobody else"
+        ) from err
+    except NotADirectoryError as err:
+        raise TrustError(f"trust directory {where} is not a directory") from err
+    except OSError as err:
+        raise TrustError(f"cannot open trust directory {where}: {err.strerror}") from err
+    if fd is None and trust.explicit:
+        raise TrustError(
+            f"trust directory {where} does not exist (--trust-dir / PATCHBOX_TRUST_DIR): "
+            f"a typo must not switch the signature check off"
+        )
+    return fd
+
+
+def trusted_keys(trust: Trust) -> dict[bytes, tuple[Path, Ed25519PublicKey]] | None:
+    """Returns {key id: (file, key)} of the ``*.pub`` files of the trust directory, None
+    when the default directory does not exist (no check). Every file and directory is
+    checked as :func:`_open_trust_dir` and :func:`_read_nofollow` say; a ``*.pub`` that
+    is not an Ed25519 PEM public key fails closed."""
+    fd = _open_trust_dir(trust)
+    if fd is None:
+        return None
+    keys: dict[bytes, tuple[Path, Ed25519PublicKey]] = {}
+    try:
+        # As glob("*.pub"): names starting with a dot are not keys.
+        for name in sorted(n for n in os.listdir(fd) if n.endswith(".pub") and n[0] != "."):
+            path = trust.path / name
+            public = parse_public_key(_read_nofollow(fd, name, path), path)
+            keys[key_id(public)] = (path, public)
+    finally:
+        os.close(fd)
+    return keys
+
+
 def check_trust(data: bytes, file: str, trust: Trust) -> str:
     """Raises TrustError unless patch-file bytes ``data`` may be applied under ``trust``.
 
     Returns a short description of the outcome (for messages): which key signed it, or
-    that no trust directory is configured.
+    that no trust directory is configured. This is the client's policy (`apply`,
+    `install`, the Ansible modules); the agent's rule is the kernel's ptrace rule
+    (docs/decisions.md, "Trust (issue 18): client side").
     """
     sig = split_signature(data)
     where = trust.path
-    if not where.is_dir():
-        if trust.explicit:
-            raise TrustError(
-                f"trust directory {where} does not exist (--trust-dir / PATCHBOX_TRUST_DIR)"
-            )
+    keys = trusted_keys(trust)
+    if keys is None:
         return "unchecked: no trust directory " + str(where)
-    keys: dict[bytes, Path] = {}
-    for path in sorted(where.glob("*.pub")):
-        keys[key_id(load_public_key(path))] = path
     if sig is None:
         raise TrustError(
             f"{file} is not signed, and {where} ({len(keys)} trusted keys) requires a "
@@ -158,12 +242,12 @@ def check_trust(data: bytes, file: str, trust: Trust) -> str:
             f"{file} is signed by key {want}, which is not trusted: no *.pub in {where} "
             f"has that id ({len(keys)} keys there); add that key's .pub to trust it"
         )
-    public = load_public_key(keys[sig.key_id])
+    path, public = keys[sig.key_id]
     try:
         public.verify(sig.signature, sig.signed)
     except InvalidSignature as err:
         raise TrustError(
-            f"{file}: signature by key {want} ({keys[sig.key_id]}) does not verify: "
+            f"{file}: signature by key {want} ({path}) does not verify: "
             "the file was changed after signing"
         ) from err
-    return f"signed by trusted key {want[:16]} ({keys[sig.key_id].name})"
+    return f"signed by trusted key {want[:16]} ({path.name})"

@@ -9,25 +9,27 @@ Layout (docs/host.md, "The patch store")::
                                   install order (the agent applies them in that order)
 
 Trust rule: every directory on the way and every file must be owned by root (or by the
-user running patchbox, for a private store) and writable by nobody else. `patchbox
-install` refuses a store that breaks it; the agent (agent/src/sandbox-store.c) checks the
-same before it applies anything from it. A file is checked once, when installed (hash,
-trust directory, signature: :func:`patchbox.signing.check_trust`); the store is trusted
-afterwards because nobody else can write to it.
+user running patchbox, for a private store) and writable by nobody else, and no
+component of the store's path may be a symbolic link. `patchbox install` refuses a store
+that breaks it; the agent (agent/src/sandbox-store.c) checks the same before it applies
+anything from it. A file is checked once, when installed (hash, trust directory,
+signature: :func:`patchbox.signing.check_trust`); the store is trusted afterwards
+because nobody else can write to it.
 
-Install writes ``.<name>.tmp`` and renames it into place: an agent starting meanwhile
-sees the whole file or none.
+The store is walked from ``/`` through descriptors (:mod:`patchbox.safefs`); install
+writes ``.<file>.<random>.tmp`` with ``O_EXCL | O_NOFOLLOW`` and renames it into place
+through the build-id directory's descriptor: an agent starting meanwhile sees the whole
+file or none, and a link planted in the store is never written through.
 """
 
 from __future__ import annotations
 
 import os
-import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from patchbox import signing
+from patchbox import safefs, signing
 from patchbox.errors import PatchboxError
 from patchbox.format.layout import PatchFile, read_patch_file
 
@@ -68,126 +70,189 @@ def store_root(option: str | os.PathLike[str] | None = None) -> Path:
     return Path(env) if env else DEFAULT_STORE
 
 
-def _check_one(path: Path, st: os.stat_result, what: str) -> None:
-    owners = {0, os.geteuid()}
-    if st.st_uid not in owners:
-        raise StoreError(
-            f"{what} {path} is owned by uid {st.st_uid}, not root"
-            f"{'' if os.geteuid() == 0 else f' or uid {os.geteuid()}'}: "
-            f"refusing a store another user controls"
+def _unsafe(err: safefs.UnsafePathError, what: str) -> StoreError:
+    return StoreError(
+        f"{what}: {err}: anyone who can change it could make every new process run their "
+        f"code; the store and every directory above it must be owned by root (or this "
+        f"user) and writable by nobody else (chmod go-w)"
+    )
+
+
+def _open_store(root: Path, create: bool) -> int | None:
+    """Returns a descriptor of the store directory ``root`` reached without following a
+    link, every directory on the way checked (created 0755 with ``create``); None when it
+    does not exist and ``create`` is false. Raises StoreError naming what is unsafe."""
+    try:
+        return safefs.walk(
+            root,
+            owners=safefs.trusted_owners(),
+            create_mode=0o755 if create else None,
+            missing_ok=True,
         )
-    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        raise StoreError(
-            f"{what} {path} is writable by others (mode "
-            f"{stat.S_IMODE(st.st_mode):04o}): anyone could make every new "
-            f"process run their code; chmod go-w {path}"
-        )
+    except safefs.UnsafePathError as err:
+        raise _unsafe(err, f"store {root}") from err
+    except OSError as err:
+        raise StoreError(f"cannot open store {root}: {err.strerror}") from err
 
 
 def check_store(root: Path) -> None:
-    """Raises StoreError unless ``root`` and every directory above it are owned by root
-    (or this user) and writable by nobody else; a missing root is fine."""
-    path = root.absolute()
-    chain = [path, *path.parents]
-    for p in reversed(chain):
-        try:
-            st = p.lstat()
-        except FileNotFoundError:
-            return
-        except OSError as err:
-            raise StoreError(f"cannot inspect {p}: {err.strerror}") from err
-        if stat.S_ISLNK(st.st_mode):
-            st = p.stat()
-        # /tmp-like directories (sticky, world-writable) may hold a private store below.
-        if p != path and st.st_mode & stat.S_ISVTX and st.st_uid == 0:
-            continue
-        _check_one(p, st, "store directory" if p == path else "directory")
+    """Raises StoreError unless ``root`` and every directory above it are real directories
+    (no symbolic link on the way), owned by root (or this user) and writable by nobody
+    else; a root-owned sticky directory above it passes, a missing root is fine."""
+    fd = _open_store(root, create=False)
+    if fd is not None:
+        os.close(fd)
 
 
 def _entry_name(seq: int, name: str) -> str:
     return f"{seq:020d}-{name}{SUFFIX}"
 
 
-def _parse_entry(path: Path) -> tuple[int, str] | None:
-    stem = path.name[: -len(SUFFIX)] if path.name.endswith(SUFFIX) else None
+def _parse_name(filename: str) -> tuple[int, str] | None:
+    """Returns (install time ns, patch name) of a store file name, None for other names."""
+    stem = filename[: -len(SUFFIX)] if filename.endswith(SUFFIX) else None
     if stem is None or "-" not in stem:
         return None
     seq, _, name = stem.partition("-")
     return (int(seq), name) if seq.isdigit() and len(seq) == 20 and name else None
 
 
+def _is_build_id(name: str) -> bool:
+    # Build-ids come from agents' answers too: only hex names are paths in the store.
+    return bool(name) and len(name) <= 128 and all(c in "0123456789abcdef" for c in name)
+
+
 def iter_installed(root: Path, build_id: str | None = None) -> list[Installed]:
     """Returns the installed patches (of one build-id, or all), in install order."""
     out: list[Installed] = []
+    if build_id is not None:
+        build_id = build_id.lower()
+        if not _is_build_id(build_id):
+            return out
     try:
         dirs = [root / build_id] if build_id else sorted(p for p in root.iterdir() if p.is_dir())
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return out
     for d in dirs:
+        if not _is_build_id(d.name):
+            continue
         try:
             names = sorted(d.iterdir())
         except (FileNotFoundError, NotADirectoryError):
             continue
         for p in names:
-            parsed = _parse_entry(p)
+            parsed = _parse_name(p.name)
             if parsed is not None:
                 out.append(Installed(parsed[1], d.name, p, parsed[0]))
     return out
 
 
+def _open_build_dir(rootfd: int, root: Path, bid: str, create: bool) -> int:
+    """Returns a descriptor of the store's directory for build-id ``bid`` (created 0755
+    with ``create``), checked like the store; FileNotFoundError when missing."""
+    try:
+        return safefs.open_subdir(
+            rootfd,
+            bid,
+            str(root / bid),
+            owners=safefs.trusted_owners(),
+            create_mode=0o755 if create else None,
+        )
+    except safefs.UnsafePathError as err:
+        raise _unsafe(err, f"store {root}") from err
+
+
+def _entries(dirfd: int, name: str) -> list[tuple[int, str]]:
+    """Returns (install time, file name) of the files of patch ``name`` in a build-id
+    directory, oldest first."""
+    out = []
+    for filename in os.listdir(dirfd):
+        parsed = _parse_name(filename)
+        if parsed is not None and parsed[1] == name:
+            out.append((parsed[0], filename))
+    return sorted(out)
+
+
 def install(
-    file: str, *, root: Path | None = None, trust: signing.Trust | None = None
+    file: str,
+    *,
+    root: Path | None = None,
+    trust: signing.Trust | None = None,
+    pf: PatchFile | None = None,
 ) -> tuple[Installed, PatchFile]:
     """Checks patch ``file`` (layout, hash, trust/signature) and stores it under its
-    build-id; returns the new entry and the file read. A patch of the same name already
-    installed for that build is replaced (its order is kept)."""
-    pf = read_patch_file(file)
+    build-id; returns the new entry and the file read. ``pf``: the file already read (its
+    bytes are checked and stored, the file is not read again). A patch of the same name
+    already installed for that build is replaced (its order is kept).
+
+    Every directory is reached and every file written through descriptors
+    (:mod:`patchbox.safefs`): a link planted anywhere is refused or replaced, never
+    followed."""
+    pf = pf or read_patch_file(file)
     signing.check_trust(pf.data, file, trust or signing.trust_dir())
     root = root or store_root()
-    check_store(root)
     bid = pf.patch.build_id.hex()
-    directory = root / bid
+    rootfd = _open_store(root, create=True)
+    assert rootfd is not None  # created
     try:
-        for d in (root, directory):
-            if not d.is_dir():
-                d.mkdir(parents=True)
-                os.chmod(d, 0o755)  # whatever the umask: writable by its owner only
-        _check_one(directory, directory.lstat(), "store directory")
-    except OSError as err:
-        raise StoreError(f"cannot create {directory}: {err.strerror}") from err
-    old = [e for e in iter_installed(root, bid) if e.name == pf.patch.name]
-    seq = old[0].installed_ns if old else time.time_ns()
-    final = directory / _entry_name(seq, pf.patch.name)
-    tmp = directory / f".{final.name}.tmp"
+        try:
+            dirfd = _open_build_dir(rootfd, root, bid, create=True)
+        except OSError as err:
+            raise StoreError(f"cannot create {root / bid}: {err.strerror}") from err
+    finally:
+        os.close(rootfd)
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
-        with os.fdopen(fd, "wb") as f:
-            f.write(pf.data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)  # atomic: an agent starting now sees all of it or nothing
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        raise StoreError(f"cannot write {final}: {err.strerror}") from err
-    for e in old:
-        if e.path != final:
-            e.path.unlink(missing_ok=True)
-    return Installed(pf.patch.name, bid, final, seq), pf
+        old = _entries(dirfd, pf.patch.name)
+        seq = old[0][0] if old else time.time_ns()
+        final = _entry_name(seq, pf.patch.name)
+        try:
+            # Atomic: an agent starting now sees all of it or nothing.
+            safefs.replace_file(dirfd, final, pf.data, 0o644)
+            for _seq, filename in old:
+                if filename != final:
+                    os.unlink(filename, dir_fd=dirfd)
+            os.fsync(dirfd)
+        except OSError as err:
+            raise StoreError(f"cannot write {root / bid / final}: {err.strerror}") from err
+    finally:
+        os.close(dirfd)
+    return Installed(pf.patch.name, bid, root / bid / final, seq), pf
 
 
 def uninstall(
     name: str, *, root: Path | None = None, build_id: str | None = None
 ) -> list[Installed]:
     """Removes patch ``name`` from the store (of one build-id, or every one); returns what
-    was removed. Running processes keep it until `patchbox remove`."""
+    was removed. Running processes keep it until `patchbox remove`. Files are removed
+    through the checked directories' descriptors."""
     root = root or store_root()
-    check_store(root)
-    gone = [e for e in iter_installed(root, build_id) if e.name == name]
-    for e in gone:
-        try:
-            e.path.unlink()
-        except FileNotFoundError:
-            pass
-        except OSError as err:
-            raise StoreError(f"cannot remove {e.path}: {err.strerror}") from err
+    rootfd = _open_store(root, create=False)
+    if rootfd is None:
+        return []
+    gone: list[Installed] = []
+    try:
+        if build_id is not None:
+            bids = [build_id.lower()] if _is_build_id(build_id.lower()) else []
+        else:
+            bids = sorted(n for n in os.listdir(rootfd) if _is_build_id(n))
+        for bid in bids:
+            try:
+                dirfd = _open_build_dir(rootfd, root, bid, create=False)
+            except FileNotFoundError:
+                continue
+            try:
+                for seq, filename in _entries(dirfd, name):
+                    try:
+                        os.unlink(filename, dir_fd=dirfd)
+                    except FileNotFoundError:
+                        continue
+                    except OSError as err:
+                        raise StoreError(
+                            f"cannot remove {root / bid / filename}: {err.strerror}"
+                        ) from err
+                    gone.append(Installed(name, bid, root / bid / filename, seq))
+            finally:
+                os.close(dirfd)
+    finally:
+        os.close(rootfd)
     return gone

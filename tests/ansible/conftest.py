@@ -148,9 +148,9 @@ def builds(program: dict[str, object], fleet: Controller) -> dict[str, object]:
 @pytest.fixture()
 def targets(fleet: Controller, builds: dict[str, object]) -> Iterator[dict[str, list[HostTarget]]]:
     """Yields {host name: its running targets}; every host gets fresh ones and an empty
-    store and scratch directory. Fails the test if a target died during it."""
+    store, staging and scratch directory. Fails the test if a target died during it."""
     for h in fleet.fleet.hosts:
-        for d in (h.store, h.scratch):
+        for d in (h.store, h.scratch, h.staging):
             for p in d.iterdir():
                 shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
         # Sockets (and logs) of earlier targets: pids start again in a new PID namespace.

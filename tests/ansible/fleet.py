@@ -9,7 +9,8 @@ Each host is a set of namespaces of its own:
   this host's processes only, with this host's pids (as on a real host), and when the
   host is stopped the kernel kills everything that ran on it;
 - a mount namespace in which the host's own directories are bound over ``/var/lib/patchbox``
-  (its patch store), ``/var/tmp`` (where the rollout copies patches) and the application
+  (its patch store), ``/var/lib/patchbox-staging`` (where the rollout stages patches),
+  ``/var/tmp`` (scratch, world-writable and sticky as on a real host) and the application
   directory (the same path on every host, as a package would install it; the agent's
   sockets live beside the program, so each host has its own).
 
@@ -29,12 +30,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["Host", "HostTarget", "Fleet", "BRIDGE", "CONTROLLER", "run"]
+__all__ = ["Host", "HostTarget", "Fleet", "BRIDGE", "CONTROLLER", "STAGING", "run"]
 
 BRIDGE = "pbx-br0"
 CONTROLLER = "10.77.0.1"
 PREFIX = 24
 STORE = Path("/var/lib/patchbox")  # the default store, private per host
+STAGING = Path("/var/lib/patchbox-staging")  # the rollout's default, private per host
 SCRATCH = Path("/var/tmp")
 
 
@@ -93,6 +95,11 @@ class Host:
         return self.root / "store"
 
     @property
+    def staging(self) -> Path:
+        """The directory that is /var/lib/patchbox-staging on this host."""
+        return self.root / "staging"
+
+    @property
     def scratch(self) -> Path:
         """The directory that is /var/tmp on this host."""
         return self.root / "tmp"
@@ -126,7 +133,7 @@ class Host:
 
     def start(self, authorized_keys: Path) -> None:
         """Starts the host: its namespaces, bind mounts and sshd (its PID 1)."""
-        for d in (self.store, self.app_dir):
+        for d in (self.store, self.app_dir, self.staging):
             d.mkdir(parents=True, exist_ok=True)
             d.chmod(0o755)
         self.scratch.mkdir(parents=True, exist_ok=True)
@@ -140,6 +147,7 @@ class Host:
         script = (
             "set -e\n"
             f"mount --bind {self.store} {STORE}\n"
+            f"mount --bind {self.staging} {STAGING}\n"
             f"mount --bind {self.scratch} {SCRATCH}\n"
             f"mount --bind {self.app_dir} {self.app}\n"
             f"exec /usr/sbin/sshd -D -e -f {config}\n"
@@ -299,7 +307,9 @@ class Fleet:
     def setup(self, authorized_keys: Path) -> None:
         self.cleanup()
         self.app.mkdir(parents=True, exist_ok=True)
-        STORE.mkdir(parents=True, exist_ok=True)  # the mount point of each host's store
+        # The mount points of each host's store and staging directory.
+        for d in (STORE, STAGING):
+            d.mkdir(parents=True, exist_ok=True)
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege separation
         run("ip", "link", "add", BRIDGE, "type", "bridge")
         run("ip", "addr", "add", f"{CONTROLLER}/{PREFIX}", "dev", BRIDGE)

@@ -186,6 +186,14 @@ def test_trust_rule_holds(fleet, builds, targets) -> None:
     assert r.rc == 2 and r["h3"]["changed"] is False, r.output
     assert "signed" in r["h3"]["msg"], r["h3"]["msg"]
     assert [t.call("use_helper", 4) for t in targets["h3"]] == [BEFORE, BEFORE]
+    # A trust directory anyone can write to chooses nothing: refused, naming it.
+    (fleet.fleet.host("h3").scratch / "keys").chmod(0o777)
+    r = fleet.adhoc(
+        "h3", "patchbox.live.patch", {"src": REMOTE_PATCH, "trust_dir": "/var/tmp/keys"}
+    )
+    assert r.rc == 2 and r["h3"]["changed"] is False, r.output
+    assert "/var/tmp/keys is writable by others (owner uid 0, mode 0777)" in r["h3"]["msg"]
+    assert [t.call("use_helper", 4) for t in targets["h3"]] == [BEFORE, BEFORE]
 
 
 def test_missing_patchbox_is_reported(fleet, targets) -> None:

@@ -6,10 +6,14 @@ processes run afterwards."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 from controller import Controller
 from fleet import HostTarget
+
+from helpers import AS_NOBODY
 
 pytestmark = pytest.mark.ansible
 
@@ -55,9 +59,12 @@ def test_rollout_over_all_hosts_then_again(fleet, builds, targets) -> None:
         levels = report["patch_levels"][h]
         assert sorted(p["pid"] for p in levels) == sorted(t.pid for t in ts)
         assert all(p["patches"] == ["helper"] for p in levels)
-        # The patch was copied to each host (its own /var/tmp).
-        copied = fleet.fleet.host(h).scratch / "patchbox" / "helper.pbx"
+        # The patch was staged on each host: root's own 0700 directory, a 0600 file.
+        staging = fleet.fleet.host(h).staging
+        assert (staging.stat().st_uid, staging.stat().st_mode & 0o7777) == (0, 0o700)
+        copied = staging / "helper.pbx"
         assert copied.read_bytes() == builds["patch"].read_bytes()
+        assert copied.stat().st_mode & 0o777 == 0o600
     # Canary first: h1 alone, then the rest.
     assert out.index("[h1]") < out.index("[h2]")
     table = (fleet.base / "report" / "rollout.txt").read_text()
@@ -99,7 +106,7 @@ def test_failed_health_check_rolls_back_and_stops(fleet, builds, targets) -> Non
     assert got["h1"] == [AFTER, AFTER]  # the canary passed and keeps the patch
     assert got["h2"] == [BEFORE, BEFORE]  # patched, check failed, removed again
     assert got["h3"] == [BEFORE, BEFORE]  # never reached
-    assert not (h3.scratch / "patchbox").exists()  # not even the file was copied there
+    assert not (h3.staging / "helper.pbx").exists()  # not even the file was copied there
     assert report["rollout"] == "stopped" and report["last_batch"] == ["h2"]
     hosts = report["hosts"]
     assert hosts["h1"]["status"] == "patched"
@@ -146,3 +153,72 @@ def test_installed_rollout_rolls_back_the_store_too(fleet, builds, targets) -> N
     assert list((h1.store / bid).glob("*.pbx")) == []  # installed, then uninstalled
     assert not (h2.store / bid).exists() and not (h3.store / bid).exists()
     assert [report["hosts"][h]["status"] for h in ("h2", "h3")] == ["not reached"] * 2
+
+
+# -- the staging directory under attack (docs/security.md) ---------------------------------
+
+# What nobody does on h1 before the rollout, in h1's own mount namespace (/var/tmp there is
+# h1's scratch directory: world-writable and sticky), and where the rollout is told to
+# stage the patch.
+ATTACKS = {
+    # nobody makes the staging directory first, open to all: it would swap the patch.
+    "a directory": (
+        "os.mkdir('/var/tmp/pbx-stage'); os.chmod('/var/tmp/pbx-stage', 0o777)",
+        "/var/tmp/pbx-stage",
+    ),
+    # a link to root's store: followed, root would chmod it 0700 and copy the patch in.
+    "a link": ("os.symlink('/var/lib/patchbox', '/var/tmp/pbx-stage')", "/var/tmp/pbx-stage"),
+    # nobody owns the directory above: it could rename root's staging directory away.
+    "a parent": ("os.mkdir('/var/tmp/nobody', 0o755)", "/var/tmp/nobody/stage"),
+}
+REFUSALS = {
+    "a directory": (
+        "Refuse a staging directory that someone else made",
+        "/var/tmp/pbx-stage exists and is owned by uid 65534 (nobody), not root, mode 0777",
+    ),
+    "a link": (
+        "Refuse a staging directory that someone else made",
+        "/var/tmp/pbx-stage exists and is a symbolic link (to /var/lib/patchbox)",
+    ),
+    "a parent": (
+        "Refuse directories above it that someone else could change",
+        "/var/tmp/nobody is owned by uid 65534, not root (mode 0755)",
+    ),
+}
+
+
+def as_nobody_on(host, code: str) -> None:
+    """Runs Python ``code`` (with os imported) as nobody in ``host``'s namespaces."""
+    proc = subprocess.run(
+        ["nsenter", "-t", str(host.init_pid), "-m", "-p", "--", *AS_NOBODY]
+        + [sys.executable, "-c", f"import os; {code}"],
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+    )
+    assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize("attack", list(ATTACKS))
+def test_staging_directory_nobody_prepared_fails_the_host(fleet, builds, targets, attack) -> None:
+    """nobody prepares the place where the rollout will stage the patch on h1: the role
+    fails h1 before anything is copied or applied, says why, and the rollout stops
+    there. (The default, /var/lib/patchbox-staging, is root's: see the first test.)"""
+    h1 = fleet.fleet.host("h1")
+    code, staging = ATTACKS[attack]
+    as_nobody_on(h1, code)
+    rc, report, out = rollout(fleet, builds, patchbox_serial=[1], patchbox_staging_dir=staging)
+    assert rc == 2, out
+    r = report["hosts"]["h1"]
+    step, reason = REFUSALS[attack]
+    assert (r["status"], r["step"]) == ("failed", step), r
+    assert reason in " ".join(r["reason"].split()), r["reason"]
+    assert r["processes"] == [] and r["changed"] is False
+    assert report["rollout"] == "stopped"
+    assert [report["hosts"][h]["status"] for h in ("h2", "h3")] == ["not reached"] * 2
+    assert answers(targets) == {h: [BEFORE] * len(ts) for h, ts in targets.items()}
+    # Nothing was made, copied or changed where nobody pointed.
+    scratch = h1.scratch
+    assert not list(scratch.rglob("helper.pbx"))
+    assert not (scratch / "nobody" / "stage").exists()
+    assert (h1.store.stat().st_mode & 0o7777, list(h1.store.iterdir())) == (0o755, [])

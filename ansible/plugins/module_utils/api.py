@@ -152,7 +152,8 @@ def ensure_installed(pf, src, root, trust, check_mode):
         return False, have[0]
     if check_mode:
         return True, {"name": pf.patch.name, "build_id": pf.patch.build_id.hex(), "path": ""}
-    installed, _pf = store.install(src, root=root, trust=trust)
+    # The bytes read and checked once are the bytes stored (and applied): no second read.
+    installed, _pf = store.install(src, root=root, trust=trust, pf=pf)
     return True, _installed_json(installed)
 
 

@@ -22,7 +22,12 @@ description:
     agent did not answer); the message carries the agent's reason for each one.
   - The trust rule of C(patchbox apply) holds. When the trust directory
     C(/etc/patchbox/trusted-keys) (or O(trust_dir)) exists, only patches signed by one of
-    its keys are applied or installed.
+    its keys are applied or installed. The signature is checked here, by the module; the
+    agents never see it.
+  - The trust directory, every directory above it and every key in it must be owned by
+    root (or the user the module runs as) and writable by nobody else, and no symbolic
+    link is followed on the way; otherwise the module fails, naming the path, its owner
+    and mode, before any process is touched.
 author:
   - patchbox developers (!UNKNOWN)
 options:
@@ -92,17 +97,17 @@ seealso:
 EXAMPLES = r"""
 - name: Apply the fix to every running process of its build
   patchbox.live.patch:
-    src: /var/tmp/patchbox/cve-2026-1234.pbx
+    src: /var/lib/patchbox-staging/cve-2026-1234.pbx
     state: present
 
 - name: Apply it and keep it for processes started later
   patchbox.live.patch:
-    src: /var/tmp/patchbox/cve-2026-1234.pbx
+    src: /var/lib/patchbox-staging/cve-2026-1234.pbx
     state: installed
 
 - name: Apply to two processes only, all of them or none
   patchbox.live.patch:
-    src: /var/tmp/patchbox/cve-2026-1234.pbx
+    src: /var/lib/patchbox-staging/cve-2026-1234.pbx
     pids: [4711, 4712]
     rollback: true
 
@@ -166,7 +171,7 @@ patch:
     src:
       description: The patch file, as given.
       type: str
-      sample: /var/tmp/patchbox/cve-2026-1234.pbx
+      sample: /var/lib/patchbox-staging/cve-2026-1234.pbx
 summary:
   description: How many processes had each result.
   returned: always

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from patchbox import policy, signing
-from patchbox.cli.attach import attach_and_report
+from patchbox.cli.attach import attach_and_report, include_privileged_option
 from patchbox.cli.common import (
     emit_json,
     json_option,
@@ -42,6 +42,7 @@ __all__ = ["apply_command"]
     help="Load the agent first into a process that has none (patchbox attach); with "
     "--all, into every process that runs or maps the patch's build.",
 )
+@include_privileged_option
 @click.argument("file", type=click.Path(dir_okay=False))
 def apply_command(
     pid: int | None,
@@ -53,10 +54,13 @@ def apply_command(
     build_id: str | None,
     rollback: bool,
     attach: bool,
+    include_privileged: bool,
     file: str,
 ) -> None:
     """Apply the patch FILE (its body is sent unchanged, after the trust and policy checks)
     to one process (-p/-s) or to every process of its build (--all)."""
+    if include_privileged and not attach:
+        raise click.UsageError("--include-privileged goes with --attach")
     # One read: the bytes checked (hash, signature) are the bytes sent.
     pf = read_patch_file(file)
     signing.check_trust(pf.data, file, signing.trust_dir(trust_dir))
@@ -69,7 +73,13 @@ def apply_command(
         timeout = click.get_current_context().find_root().params.get("timeout") or 10.0
         report(
             apply_all(
-                pf, exe=exe, build_id=build_id, rollback=rollback, timeout=timeout, attach=attach
+                pf,
+                exe=exe,
+                build_id=build_id,
+                rollback=rollback,
+                timeout=timeout,
+                attach=attach,
+                include_privileged=include_privileged,
             ),
             as_json,
             f"apply {pf.patch.name}",
@@ -80,7 +90,7 @@ def apply_command(
         if pid is None:
             raise click.UsageError("--attach needs -p PID (or --all)")
         try:
-            attach_and_report(pid)
+            attach_and_report(pid, include_privileged=include_privileged)
         except AlreadyAttached:
             pass
     with open_client(pid, socket_path) as client:

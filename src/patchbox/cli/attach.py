@@ -2,18 +2,37 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any, TypeVar
+
 import click
 
 from patchbox.cli.common import emit_json, json_option
 from patchbox.config import preload
 from patchbox.reach.attach import AttachError, AttachResult, attach
 
-__all__ = ["attach_command", "attach_and_report"]
+__all__ = ["attach_command", "attach_and_report", "include_privileged_option"]
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
-def attach_and_report(pid: int, as_json: bool = False) -> AttachResult:
+def include_privileged_option(func: F) -> F:
+    """Adds ``--include-privileged``: attach to setuid, setgid, file-capability and
+    non-dumpable processes too."""
+    return click.option(
+        "--include-privileged",
+        "include_privileged",
+        is_flag=True,
+        help="Attach also to processes the kernel keeps same-uid tracers away from "
+        "(setuid, setgid, file capabilities, not dumpable); skipped otherwise.",
+    )(func)
+
+
+def attach_and_report(
+    pid: int, as_json: bool = False, include_privileged: bool = False
+) -> AttachResult:
     """Attaches to ``pid`` and prints what it cost (one line, or JSON with ``as_json``)."""
-    res = attach(pid, str(preload()))
+    res = attach(pid, str(preload()), include_privileged=include_privileged)
     if as_json:
         emit_json(
             {
@@ -36,12 +55,14 @@ def attach_and_report(pid: int, as_json: bool = False) -> AttachResult:
 @click.command("attach")
 @click.option("-p", "--pid", required=True, type=click.IntRange(min=1), metavar="PID")
 @json_option
-def attach_command(pid: int, as_json: bool) -> None:
+@include_privileged_option
+def attach_command(pid: int, as_json: bool, include_privileged: bool) -> None:
     """Load the agent (libsandbox.so) into running process PID, which was started without
     it: one thread is stopped for the call to dlopen, then let go. Exit 1 when refused
-    (with the reason; the process untouched), 2 when worth a retry."""
+    (with the reason; the process untouched; a privileged process unless
+    --include-privileged), 2 when worth a retry."""
     try:
-        attach_and_report(pid, as_json)
+        attach_and_report(pid, as_json, include_privileged)
     except AttachError as err:
         click.echo(f"patchbox: error: {err}", err=True)
         click.get_current_context().exit(2 if err.retry else 1)

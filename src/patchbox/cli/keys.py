@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
+import stat
 
 import click
 
-from patchbox import signing
+from patchbox import safefs, signing
 from patchbox.cli.common import emit_json, json_option
 from patchbox.errors import PatchFormatError
 from patchbox.format.layout import read_patch_file
@@ -51,12 +51,17 @@ def sign_command(as_json: bool, key_path: str, file: str) -> None:
     """Sign the patch FILE in place (an earlier signature is replaced)."""
     private = signing.load_private_key(key_path)
     signed = signing.sign_file_bytes(read_patch_file(file).data, private)
-    tmp = Path(f"{file}.sign-tmp")
+    # Written beside the file through its directory's descriptor: a new file of a random
+    # name renamed over it, so a link planted in that directory is never written through.
+    head, name = os.path.split(file)
     try:
-        tmp.write_bytes(signed)
-        os.replace(tmp, file)
+        dirfd = os.open(head or ".", safefs.DIR_FLAGS)
+        try:
+            mode = stat.S_IMODE(os.stat(name, dir_fd=dirfd, follow_symlinks=False).st_mode)
+            safefs.replace_file(dirfd, name, signed, mode)
+        finally:
+            os.close(dirfd)
     except OSError as err:
-        tmp.unlink(missing_ok=True)
         raise PatchFormatError(f"cannot write {file}: {err.strerror}") from err
     kid = signing.key_id(private.public_key()).hex()
     if as_json:

@@ -25,7 +25,7 @@ from typing import Any
 from patchbox import wire as C
 from patchbox.errors import AgentError, ConnectError, PatchboxError, ProtocolError
 from patchbox.protocol.client import decode_header, encode_frame
-from patchbox.protocol.discovery import connect_unix_ex
+from patchbox.protocol.discovery import connect_unix_ex, holds_socket, peer_pid
 from patchbox.protocol.replies import decode_answer
 from patchbox.wire import Msg
 
@@ -43,6 +43,7 @@ class Job:
     path: str
     requests: list[tuple[Msg, bytes]]
     alt: str = ""  # tried when ``path`` is absent or leads to another pid's agent
+    inode: int = 0  # the listening socket's inode (/proc/net/unix), 0 if unknown
     replies: list[Any] = field(default_factory=list)
     error: PatchboxError | None = None
     retry: bool = False
@@ -182,15 +183,31 @@ def run_jobs(jobs: list[Job], timeout: float = 10.0) -> None:
         if err in (errno.EAGAIN, errno.EWOULDBLOCK):
             sock.close()
             return False
+        if err in (errno.ENOENT, errno.ECONNREFUSED) and job.alt:
+            sock.close()  # not here (another mount namespace): the next way there
+            job.path, job.alt = job.alt, ""
+            return start(job, deadline)
         if err not in (0, errno.EINPROGRESS):
             sock.close()
             job.error = _connect_error(job, err)
             return True
-        try:
-            cred = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
-            job.peer_pid = int.from_bytes(cred[:4], "little") or None
-        except OSError:
-            pass
+        job.peer_pid = peer_pid(sock) or None
+        if job.peer_pid != job.key and not (
+            job.peer_pid and job.inode and holds_socket(job.peer_pid, job.inode)
+        ):
+            # The path led elsewhere: a link or another socket put there since the scan
+            # (or a name of another mount namespace). Nothing is sent to that process.
+            sock.close()
+            if job.alt:
+                job.path, job.alt, job.peer_pid = job.alt, "", None
+                return start(job, deadline)
+            who = f"pid {job.peer_pid}" if job.peer_pid else "an unknown process"
+            job.peer_pid = None  # the outcome is the job's pid: nothing reached it
+            job.error = ConnectError(
+                f"pid {job.key}: {job.path} is answered by {who}, which does not hold the "
+                f"agent socket listed for pid {job.key}: nothing sent"
+            )
+            return True
         c = _Conn(job, sock, deadline)
         active[c.fd] = c
         ep.register(c.fd, select.EPOLLOUT)

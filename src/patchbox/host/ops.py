@@ -18,17 +18,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from patchbox import safefs
 from patchbox.config import preload
 from patchbox.elf.buildid import read_build_id
-from patchbox.errors import AgentError, ElfError, PatchboxError
+from patchbox.errors import AgentError, ConnectError, ElfError, PatchboxError
 from patchbox.format.codec import Writer
 from patchbox.format.layout import PatchFile
 from patchbox.host.batch import Job, run_jobs
 from patchbox.host.scan import AgentSocket, iter_agent_sockets
 from patchbox.protocol.client import Client
-from patchbox.protocol.discovery import sweep_stale_sockets
+from patchbox.protocol.discovery import FD_ADDRESS, holds_socket, peer_pid, sweep_stale_sockets
 from patchbox.protocol.replies import AppliedPatch
-from patchbox.reach.attach import AlreadyAttached, AttachError, attach
+from patchbox.reach.attach import AlreadyAttached, AttachError, PrivilegedProcess, attach
 from patchbox.reach.hold import apply_held
 from patchbox.reach.procfs import find_mapped, mapped_objects
 from patchbox.store import iter_installed, store_root
@@ -142,16 +143,70 @@ def _agents(identity: bool = False) -> tuple[list[AgentSocket], dict[int, _Exe]]
     return agents, {a.pid: exe_facts(a.pid, identity) for a in agents}
 
 
+def _shares_namespaces(pid: int) -> bool:
+    """Returns whether ``pid`` is in this process's pid and mount namespaces: only then do
+    its socket's path and the pids in ``sandbox-sock<N>`` names mean the same here."""
+    try:
+        return all(
+            os.readlink(f"/proc/{pid}/ns/{ns}") == os.readlink(f"/proc/self/ns/{ns}")
+            for ns in ("pid", "mnt")
+        )
+    except OSError:
+        return False
+
+
+def _open_agent_dir(a: AgentSocket) -> tuple[int, str] | None:
+    """Returns (directory descriptor, its path) of agent ``a``'s socket directory, None if
+    it cannot be named from here. A bound path is walked from / without following any
+    link (the agent binds a real path: a link there now was put by someone else); a
+    directory too deep for sun_path is the agent's own descriptor of it."""
+    m = FD_ADDRESS.fullmatch(a.bound)
+    if m:
+        path = f"/proc/{a.pid}/fd/{m[1]}"
+        fd = os.open(path, safefs.DIR_FLAGS)
+        try:
+            return fd, os.readlink(path)
+        except OSError:
+            os.close(fd)
+            raise
+    if not a.bound.startswith("/"):
+        return None
+    shown = os.path.dirname(a.bound)
+    walked = safefs.walk(shown)
+    assert walked is not None  # missing_ok is false
+    return walked, shown
+
+
 def sweep_agent_dirs(agents: list[AgentSocket]) -> list[Path]:
     """Removes stale ``sandbox-sock<N>`` files (process N gone, connect refused) from the
-    directories of the agents found; returns them (docs/protocol.md, "Stale sockets")."""
-    dirs = {os.path.dirname(a.connect) for a in agents if a.connect.startswith("/")}
+    directories of the agents found; returns them (docs/protocol.md, "Stale sockets").
+
+    Only agents in this process's pid and mount namespaces are followed; each directory
+    is opened once (see :func:`_open_agent_dir`) and swept through its descriptor. A
+    directory that cannot be opened that way, or that others may write to without the
+    sticky bit (:class:`SweepRefused`), is left alone."""
     removed: list[Path] = []
-    for d in sorted(dirs):
+    seen: set[tuple[int, int]] = set()
+    for a in agents:
+        if a.pid != a.nspid or not _shares_namespaces(a.pid):
+            continue
         try:
-            removed += sweep_stale_sockets(d)
-        except OSError:
-            continue  # not ours to list (another user's directory)
+            opened = _open_agent_dir(a)
+        except (OSError, PatchboxError):
+            continue  # gone, not ours to open, or a link on the way
+        if opened is None:
+            continue
+        fd, shown = opened
+        try:
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino) in seen:
+                continue
+            seen.add((st.st_dev, st.st_ino))
+            removed += sweep_stale_sockets(fd, shown=shown)
+        except (OSError, PatchboxError):
+            continue  # not ours to list, or refused (SweepRefused says why)
+        finally:
+            os.close(fd)
     return removed
 
 
@@ -161,7 +216,9 @@ def list_processes(*, timeout: float = 10.0, sweep: bool = True) -> list[Process
     agents, facts = _agents()
     if sweep:
         sweep_agent_dirs(agents)
-    jobs = [Job(a.pid, a.connect, [(Msg.INFO, b""), (Msg.LIST, b"")], a.alt) for a in agents]
+    jobs = [
+        Job(a.pid, a.connect, [(Msg.INFO, b""), (Msg.LIST, b"")], a.alt, a.inode) for a in agents
+    ]
     run_jobs(jobs, timeout)
     root = store_root()
     rows = []
@@ -197,7 +254,7 @@ def _batch(
 ) -> list[Outcome]:
     """Sends ``request`` to every agent at once; returns one outcome per agent: ``done``,
     skipped (the agent answered ``benign``) or failed."""
-    jobs = [Job(a.pid, a.connect, [request], a.alt) for a in agents]
+    jobs = [Job(a.pid, a.connect, [request], a.alt, a.inode) for a in agents]
     run_jobs(jobs, timeout)
     out = []
     for a, job in zip(agents, jobs, strict=True):
@@ -214,11 +271,16 @@ def _batch(
 
 
 def _attach_missing(
-    want: str, have_agent: set[int], exe: str | None, pids: Collection[int] | None
+    want: str,
+    have_agent: set[int],
+    exe: str | None,
+    pids: Collection[int] | None,
+    include_privileged: bool = False,
 ) -> list[Outcome]:
     """Attaches the agent to every process without one that runs or maps build-id
     ``want`` (and runs ``exe``, and is one of ``pids``, when given); returns the failures
-    (an attached process is then found as an agent)."""
+    and the privileged processes skipped (unless ``include_privileged``), an outcome
+    each (an attached process is then found as an agent)."""
     out = []
     library = str(preload())
     want_file = None
@@ -236,9 +298,13 @@ def _attach_missing(
         if not any(o.build_id == want for o in mapped_objects(pid)):
             continue
         try:
-            attach(pid, library)
+            attach(pid, library, include_privileged=include_privileged)
         except AlreadyAttached:
             continue
+        except PrivilegedProcess as err:
+            f = exe_facts(pid)
+            reason = f"not attached: privileged ({err.reason}); --include-privileged attaches"
+            out.append(Outcome(pid, "skipped", reason, f.path, f.build_id))
         except AttachError as err:
             f = exe_facts(pid)
             out.append(Outcome(pid, "failed", f"attach: {err}", f.path, f.build_id, err.retry))
@@ -253,8 +319,16 @@ def _apply_one_held(
     o = Outcome(a.pid, "applied", exe=f.path, build_id=f.build_id)
     try:
         with Client(a.connect, timeout=timeout) as client:
+            peer = peer_pid(client.sock) if client.sock is not None else 0
+            if peer != a.pid and not holds_socket(peer, a.inode):
+                raise ConnectError(
+                    f"pid {a.pid}: {a.connect} is answered by pid {peer}, which does not "
+                    f"hold the agent socket listed for pid {a.pid}: nothing sent"
+                )
             info = client.info()
-            _result, hold = apply_held(client, a.pid, pf.patch, pf.body, info)
+            # The threads held are the answering process's (the scan's pid is a guess
+            # for an agent of another pid namespace).
+            _result, hold = apply_held(client, peer, pf.patch, pf.body, info)
         if hold is not None:
             o.reason = f"held {hold.threads} thread(s) for at most {hold.longest_ns / 1e6:.3f} ms"
     except AgentError as err:
@@ -276,19 +350,22 @@ def apply_all(
     rollback: bool = False,
     timeout: float = 10.0,
     attach: bool = False,
+    include_privileged: bool = False,
 ) -> list[Outcome]:
     """Applies ``pf`` to every agent whose executable has the patch's build-id, or that
     maps a library of that build-id (narrowed by ``exe``/``build_id``/``pids``); others
     are skipped. With ``attach``, processes of that build without an agent (within the
-    same narrowing) get one first. With ``rollback``, a failure anywhere removes the
-    patch again from every process this call applied it to. Patches with held entry
-    jumps (HOLD) go to one process after the other, each held around its APPLY; the
-    others to all at once."""
+    same narrowing) get one first, except processes the kernel protects from same-uid
+    tracing (setuid, setgid, file capabilities, not dumpable), which are skipped with
+    the reason unless ``include_privileged``. With ``rollback``, a failure anywhere
+    removes the patch again from every process this call applied it to. Patches with
+    held entry jumps (HOLD) go to one process after the other, each held around its
+    APPLY; the others to all at once."""
     want = pf.patch.build_id.hex()
     found, facts = _agents(identity=exe is not None)
     attached: list[Outcome] = []
     if attach:
-        attached = _attach_missing(want, {a.pid for a in found}, exe, pids)
+        attached = _attach_missing(want, {a.pid for a in found}, exe, pids, include_privileged)
         found, facts = _agents(identity=exe is not None)
     skipped, targets = [], []
     for a in _select(found, facts, exe, build_id, pids):

@@ -22,7 +22,13 @@ from typing import Any
 from patchbox import wire as C
 from patchbox.errors import ConnectError, ProtocolError
 from patchbox.format.codec import Writer
-from patchbox.protocol.discovery import Candidate, agent_inside, connect_unix, discover
+from patchbox.protocol.discovery import (
+    Candidate,
+    agent_inside,
+    connect_unix,
+    discover,
+    peer_pid,
+)
 from patchbox.protocol.replies import (
     AppliedPatch,
     ApplyResult,
@@ -132,7 +138,8 @@ class Client:
         failure: ConnectError | None = None
         for candidate in found.candidates:
             try:
-                self.sock = self._open(candidate)
+                sock = self._open(candidate)
+                self._check_peer(sock, candidate)
             except FileNotFoundError:
                 tried.append(f"{candidate.path} ({candidate.source})")
                 continue
@@ -142,6 +149,7 @@ class Client:
                 failure = failure or err
                 tried.append(f"{candidate.path} ({candidate.source}): {err}")
                 continue
+            self.sock = sock
             self.path = Path(candidate.path)
             return self
         if failure is not None and len(found.candidates) == 1:
@@ -154,6 +162,20 @@ class Client:
         else:
             hint = LINK_HINT
         raise ConnectError(f"no agent socket for pid {self.pid}: {where}: {hint}")
+
+    def _check_peer(self, sock: socket.socket, candidate: Candidate) -> None:
+        """Closes ``sock`` and raises ConnectError unless the process listening on it is
+        the pid asked for: a path is looked up again at connect(), and whoever controls a
+        directory on it (the target's owner, in its mount namespace too) could have put
+        a link to another process's agent there since it was found."""
+        got = peer_pid(sock)
+        if got != self.pid:
+            sock.close()
+            raise ConnectError(
+                f"{candidate.path} ({candidate.source}) is answered by "
+                f"{f'pid {got}' if got else 'an unknown process'}, not pid {self.pid}: "
+                f"not used (a link or another socket was put at that path)"
+            )
 
     def _open(self, candidate: Candidate) -> socket.socket:
         """Returns a socket connected to ``candidate``; FileNotFoundError if there is

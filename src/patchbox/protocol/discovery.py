@@ -24,7 +24,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from patchbox.errors import ConnectError
+from patchbox.errors import ConnectError, PatchboxError
 
 __all__ = [
     "agent_inside",
@@ -45,6 +45,9 @@ __all__ = [
     "connect_unix",
     "connect_unix_ex",
     "probe_socket",
+    "peer_pid",
+    "holds_socket",
+    "SweepRefused",
     "sweep_stale_sockets",
 ]
 
@@ -265,6 +268,26 @@ def agent_inside(pid: int) -> bool | None:
     return False
 
 
+def peer_pid(sock: socket.socket) -> int:
+    """Returns the pid (in this pid namespace) of the process that listens on the socket
+    ``sock`` is connected to: SO_PEERCRED, recorded by the kernel at listen(); 0 when it
+    is unknown (not visible from here)."""
+    try:
+        cred = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+    except OSError:
+        return 0
+    return int.from_bytes(cred[:4], "little")
+
+
+def holds_socket(pid: int, inode: int) -> bool:
+    """Returns whether process ``pid`` holds socket ``inode`` open (False when its
+    descriptors cannot be read)."""
+    try:
+        return inode in get_socket_inodes(pid)
+    except OSError:
+        return False
+
+
 def connect_unix_ex(sock: socket.socket, path: str | os.PathLike[str]) -> int:
     """Connects ``sock`` to the Unix socket at ``path``, whatever its length, and returns
     the errno like ``connect_ex`` (0: connected; a non-blocking socket may give EAGAIN):
@@ -317,36 +340,108 @@ def _pid_exists(pid: int) -> bool:
     return True
 
 
-def sweep_stale_sockets(
-    directory: str | os.PathLike[str], *, limit: int = SWEEP_LIMIT
-) -> list[Path]:
-    """Returns the stale agent files removed from ``directory``.
+class SweepRefused(PatchboxError):
+    """A directory is not swept: others can replace its entries between the checks and
+    the removal (writable by group or others, and not sticky)."""
 
-    The agent's rule (agent/src/sandbox-sock.c): a ``sandbox-sock<N>`` file is removed
-    only if no process N exists, it is a socket, and connecting to it is refused; its
-    ``sandbox-sock<N>.log`` only if that process is gone and the log is empty (an
-    agent opens its log as it starts serving). A log with lines and anything else
-    stay; at most ``limit`` entries are examined.
+
+def _same_file(a: os.stat_result, b: os.stat_result) -> bool:
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def _probe_entry(dirfd: int, name: str, seen: os.stat_result) -> bool | None:
+    """Returns what :func:`probe_socket` would of the socket ``name`` in ``dirfd``, probed
+    through an O_PATH descriptor of the very inode ``seen`` (``/proc/self/fd/N``): a link
+    or another file put there meanwhile is never connected to (None)."""
+    try:
+        fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISSOCK(st.st_mode) or not _same_file(st, seen):
+            return None
+        return probe_socket(f"/proc/self/fd/{fd}")
+    finally:
+        os.close(fd)
+
+
+def sweep_stale_sockets(
+    directory: str | os.PathLike[str] | int,
+    *,
+    limit: int = SWEEP_LIMIT,
+    shown: str | os.PathLike[str] | None = None,
+) -> list[Path]:
+    """Returns the stale agent files removed from ``directory`` (a path, opened once and
+    followed as given, or a directory descriptor, kept open by the caller; ``shown``
+    names it in the result).
+
+    The rule (docs/protocol.md, "Stale sockets"): a ``sandbox-sock<N>`` entry is removed
+    only if no process N exists, it is a socket (lstat), and connecting to that very
+    inode is refused; its ``sandbox-sock<N>.log`` only if process N is gone and the log
+    is an empty regular file (an agent opens its log as it starts serving). Just before
+    each removal the pid is looked up again (still ESRCH) and the entry stat'ed again
+    (same st_dev and st_ino). Everything happens through the directory's descriptor:
+    ``fstatat``/``unlinkat`` with no link followed, so a link planted under either name,
+    or a directory swapped for a link, never makes this remove or probe anything else.
+
+    Raises SweepRefused for a directory writable by group or others that is not sticky;
+    in a sticky one only entries owned by this process's euid are considered (nobody
+    else can replace those). A log with lines and anything else stay; at most ``limit``
+    entries are examined.
     """
+    if isinstance(directory, int):
+        return _sweep_fd(directory, Path(shown if shown is not None else "."), limit)
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        return _sweep_fd(fd, Path(shown if shown is not None else directory), limit)
+    finally:
+        os.close(fd)
+
+
+def _sweep_fd(dirfd: int, shown: Path, limit: int) -> list[Path]:
+    """Returns the stale files removed from directory ``dirfd`` (see sweep_stale_sockets)."""
+    dst = os.fstat(dirfd)
+    shared = bool(dst.st_mode & (stat.S_IWGRP | stat.S_IWOTH))
+    if shared and not dst.st_mode & stat.S_ISVTX:
+        raise SweepRefused(
+            f"not sweeping {shown}: writable by others and not sticky (owner uid "
+            f"{dst.st_uid}, mode {stat.S_IMODE(dst.st_mode):04o}): anyone could swap an "
+            f"entry between the checks and the removal"
+        )
+    euid, me = os.geteuid(), os.getpid()
     removed: list[Path] = []
-    with os.scandir(directory) as entries:
+    with os.scandir(dirfd) as entries:
         for i, entry in enumerate(entries):
             if i >= limit:
                 break
-            log = entry.name.endswith(".log")
-            m = SOCKET_NAME.fullmatch(entry.name[:-4] if log else entry.name)
-            if not m or int(m[1]) == 0 or _pid_exists(int(m[1])):
+            name = entry.name
+            log = name.endswith(".log")
+            m = SOCKET_NAME.fullmatch(name[:-4] if log else name)
+            if not m or int(m[1]) in (0, me) or _pid_exists(int(m[1])):
                 continue
+            pid = int(m[1])
             try:
-                st = entry.stat(follow_symlinks=False)
+                st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
             except OSError:
                 continue
+            if shared and st.st_uid != euid:
+                continue  # sticky: only what nobody else can rename or replace
             if log:
                 if not stat.S_ISREG(st.st_mode) or st.st_size:
                     continue
-            elif not stat.S_ISSOCK(st.st_mode) or probe_socket(entry.path) is not False:
+            elif not stat.S_ISSOCK(st.st_mode) or _probe_entry(dirfd, name, st) is not False:
+                continue
+            # What was tested is what goes: the pid is still unused, the entry the same.
+            if _pid_exists(pid):
+                continue
+            try:
+                again = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+            except OSError:
+                continue
+            if not _same_file(st, again) or (log and again.st_size):
                 continue
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(entry.path)
-                removed.append(Path(entry.path))
+                os.unlink(name, dir_fd=dirfd)
+                removed.append(shown / name)
     return removed

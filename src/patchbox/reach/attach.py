@@ -16,7 +16,9 @@ constructor starts the agent thread (and applies the store's patches).
 Refused, with the reason and before anything is touched: ptrace forbidden by Yama, a
 seccomp filter, a static binary or no dynamic loader, a glibc without ``dlopen`` in
 libc, another tracer, a stopped process, an agent already there, ``libsandbox.so``
-not visible in the process's mount namespace.
+not visible in the process's mount namespace; and, unless asked for explicitly, a
+process the kernel keeps same-uid tracers away from (setuid, setgid, file capabilities,
+not dumpable: :func:`patchbox.reach.procfs.privileged_reason`).
 """
 
 from __future__ import annotations
@@ -34,11 +36,19 @@ from elftools.elf.sections import SymbolTableSection
 from patchbox.errors import PatchboxError
 from patchbox.protocol.discovery import discover
 from patchbox.reach import ptrace
-from patchbox.reach.procfs import Mapping, read_maps, read_status, task_ids, task_syscall
+from patchbox.reach.procfs import (
+    Mapping,
+    privileged_reason,
+    read_maps,
+    read_status,
+    task_ids,
+    task_syscall,
+)
 
 __all__ = [
     "AttachError",
     "AlreadyAttached",
+    "PrivilegedProcess",
     "AttachResult",
     "Preflight",
     "SAFE_SYSCALLS",
@@ -89,6 +99,20 @@ class AttachError(PatchboxError):
 
 class AlreadyAttached(AttachError):
     """The process has an agent already (linked, preloaded or attached)."""
+
+
+class PrivilegedProcess(AttachError):
+    """The kernel keeps same-uid tracers away from the process (setuid, setgid, file
+    capabilities, not dumpable: :func:`patchbox.reach.procfs.privileged_reason`), and
+    attaching to it was not asked for explicitly (``include_privileged``)."""
+
+    def __init__(self, pid: int, reason: str) -> None:
+        super().__init__(
+            f"pid {pid} is privileged: {reason}; not attached: its agent would let whoever "
+            f"reaches its socket change code the kernel keeps them from tracing "
+            f"(--include-privileged attaches all the same)"
+        )
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -172,9 +196,10 @@ def _base(maps: list[Mapping], path: str) -> int:
     return min(m.start - m.offset for m in maps if m.path == path)
 
 
-def preflight(pid: int, library: str) -> Preflight:
-    """Returns what attaching needs; raises AttachError naming why it cannot work, or
-    AlreadyAttached. Touches nothing."""
+def preflight(pid: int, library: str, *, include_privileged: bool = False) -> Preflight:
+    """Returns what attaching needs; raises AttachError naming why it cannot work,
+    AlreadyAttached, or PrivilegedProcess (unless ``include_privileged``). Touches
+    nothing."""
     if pid == os.getpid():
         raise AttachError("cannot attach to the client itself")
     st = read_status(pid)
@@ -219,6 +244,10 @@ def preflight(pid: int, library: str) -> Preflight:
         c.source.startswith("/proc/") for c in discover(pid, environ={}).candidates
     ):
         raise AlreadyAttached(f"pid {pid} has an agent already")
+    if not include_privileged:
+        privileged = privileged_reason(pid)
+        if privileged:
+            raise PrivilegedProcess(pid, privileged)
     libc = next((p for p in paths if _LIBC.search(p)), None)
     if libc is None:
         raise AttachError(f"pid {pid} ({exe}) does not map glibc's libc.so.6")
@@ -271,10 +300,18 @@ def _call(pid: int, tid: int, regs: ptrace.Regs, fn: int, arg: bytes | None) -> 
         ptrace.cont(tid, sig)  # a signal for the program meanwhile: delivered
 
 
-def attach(pid: int, library: str, *, wait_socket: float = 5.0, tries: int = 50) -> AttachResult:
+def attach(
+    pid: int,
+    library: str,
+    *,
+    wait_socket: float = 5.0,
+    tries: int = 50,
+    include_privileged: bool = False,
+) -> AttachResult:
     """Loads ``library`` (libsandbox.so) into ``pid``; returns what it took. Raises
-    AttachError (nothing touched) or AlreadyAttached."""
-    pre = preflight(pid, library)
+    AttachError (nothing touched), AlreadyAttached, or PrivilegedProcess for a process
+    the kernel protects from same-uid tracing unless ``include_privileged``."""
+    pre = preflight(pid, library, include_privileged=include_privileged)
     path = pre.library.encode() + b"\0"
     for _attempt in range(tries):
         candidates = []

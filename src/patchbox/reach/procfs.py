@@ -1,9 +1,11 @@
 """What /proc says about a process: its status fields, threads, where each thread is,
-its memory map and the ELF objects it maps (by GNU build-id, cached per file)."""
+its memory map, the ELF objects it maps (by GNU build-id, cached per file) and whether
+the kernel protects it from same-uid tracing (:func:`privileged_reason`)."""
 
 from __future__ import annotations
 
 import os
+import struct
 from dataclasses import dataclass
 
 from patchbox.elf.buildid import read_build_id
@@ -20,6 +22,8 @@ __all__ = [
     "task_comm",
     "mapped_objects",
     "find_mapped",
+    "AT_SECURE",
+    "privileged_reason",
 ]
 
 PT_LOAD = 1
@@ -156,3 +160,78 @@ def mapped_objects(pid: int) -> list[MappedObject]:
 def find_mapped(pid: int, build_id: str) -> MappedObject | None:
     """Returns the object of build-id ``build_id`` (hex) that ``pid`` maps, or None."""
     return next((o for o in mapped_objects(pid) if o.build_id == build_id.lower()), None)
+
+
+AT_SECURE = 23  # <elf.h>: non-zero when the process was started with raised privileges
+_AUXV_ENTRY = struct.Struct("<QQ")  # (a_type, a_val) on x86-64 and aarch64
+
+
+def _auxv_secure(pid: int) -> int:
+    """Returns AT_SECURE of process ``pid``'s auxiliary vector (0 if absent); raises
+    OSError if /proc/PID/auxv cannot be read."""
+    with open(f"/proc/{pid}/auxv", "rb") as f:
+        data = f.read()
+    for a_type, a_val in _AUXV_ENTRY.iter_unpack(data[: len(data) // 16 * 16]):
+        if a_type == AT_SECURE:
+            return a_val
+        if a_type == 0:  # AT_NULL
+            break
+    return 0
+
+
+def privileged_reason(pid: int) -> str:
+    """Returns why the kernel keeps a same-uid tracer away from process ``pid`` ("" if it
+    does not): each reason found, "; "-separated.
+
+    The kernel's ptrace rule (``__ptrace_may_access`` in kernel/ptrace.c and
+    ``cap_ptrace_access_check`` in security/commoncap.c): a tracer without
+    ``CAP_SYS_PTRACE`` must have the target's real, effective and saved uid and gid, the
+    target must be dumpable (``get_dumpable(mm) == SUID_DUMP_USER``), and the target's
+    permitted capabilities must be a subset of the tracer's. Loading the agent into a
+    process that rule protects would let whoever reaches its socket do what the kernel
+    forbids them, so `attach` skips such a process unless told otherwise. Seen from
+    outside:
+
+    - AT_SECURE in ``/proc/PID/auxv``: started setuid, setgid or with file capabilities;
+    - ``Uid:``/``Gid:`` of ``/proc/PID/status`` whose real, effective, saved and fs ids
+      differ (a setuid or setgid program, or one that changed credentials);
+    - ``CapPrm``/``CapEff`` non-zero though the effective uid is not 0 (file or ambient
+      capabilities);
+    - not dumpable (``PR_SET_DUMPABLE 0``, or dropped to it by a credential change): the
+      kernel makes the files under ``/proc/PID`` of a non-dumpable process owned by
+      root, or the root of its user namespace (``task_dump_owner`` in fs/proc/base.c;
+      ``/proc/PID`` itself keeps the effective uid), so ``/proc/PID/status`` owned by
+      another uid than the process's effective uid means it is not dumpable.
+
+    What cannot be read counts as a reason (fail closed): a process whose privileges
+    cannot be checked is not attached to.
+    """
+    why: list[str] = []
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            owner = os.fstat(f.fileno()).st_uid
+            fields = {k: v.strip() for k, _s, v in (line.partition(":") for line in f)}
+    except OSError as err:
+        return f"/proc/{pid}/status cannot be read ({err.strerror}): privileges unknown"
+    try:
+        uids = [int(v) for v in fields["Uid"].split()]
+        gids = [int(v) for v in fields["Gid"].split()]
+        cap_prm = int(fields.get("CapPrm", "0"), 16)
+        cap_eff = int(fields.get("CapEff", "0"), 16)
+    except (KeyError, ValueError):
+        return f"/proc/{pid}/status has no usable Uid:/Gid: lines: privileges unknown"
+    euid = uids[1]
+    try:
+        if _auxv_secure(pid):
+            why.append("started setuid, setgid or with file capabilities (AT_SECURE)")
+    except OSError as err:
+        why.append(f"/proc/{pid}/auxv cannot be read ({err.strerror})")
+    if len(set(uids)) > 1:
+        why.append("uids differ (real, effective, saved, fs: " + " ".join(map(str, uids)) + ")")
+    if len(set(gids)) > 1:
+        why.append("gids differ (real, effective, saved, fs: " + " ".join(map(str, gids)) + ")")
+    if euid != 0 and (cap_prm or cap_eff):
+        why.append(f"has capabilities as uid {euid} (CapPrm {cap_prm:x}, CapEff {cap_eff:x})")
+    if euid != 0 and owner != euid:
+        why.append(f"not dumpable (/proc/{pid}/status is owned by uid {owner}, not its uid {euid})")
+    return "; ".join(why)

@@ -22,7 +22,17 @@ from pathlib import Path
 import pytest
 from live import render, wait_for_agent
 
-from helpers import BIN, ROOT, compile_c, info_json, run_tool
+from helpers import (
+    AS_NOBODY,
+    BIN,
+    NOBODY_UID,
+    NOGROUP_GID,
+    ROOT,
+    as_nobody,
+    compile_c,
+    info_json,
+    run_tool,
+)
 from patchbox.elf.buildid import read_build_id
 
 pytestmark = [
@@ -32,10 +42,8 @@ pytestmark = [
     ),
 ]
 
-NOBODY = 65534
-NOGROUP = 65534
+NOBODY, NOGROUP = NOBODY_UID, NOGROUP_GID
 DAEMON = 1
-AS_NOBODY = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOGROUP}", "--clear-groups"]
 PATCHBOX = str(BIN / "patchbox")
 
 
@@ -44,14 +52,8 @@ def as_user(uid: int, gid: int) -> list[str]:
 
 
 def nobody_run(*argv: object) -> subprocess.CompletedProcess:
-    """Returns the finished run of ``argv`` as nobody (no stdin)."""
-    return subprocess.run(
-        [*AS_NOBODY, *map(str, argv)],
-        capture_output=True,
-        text=True,
-        stdin=subprocess.DEVNULL,
-        timeout=60,
-    )
+    """Returns the finished run of ``argv`` as nobody (no stdin), whatever its status."""
+    return as_nobody(*argv, check=False)
 
 
 @pytest.fixture(scope="module", autouse=True)
