@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shlex
 import subprocess
 import sys
@@ -38,7 +39,10 @@ def compile_c(
     if obj:
         cmd += ["-c", str(c_file), "-o", str(out)]
     else:
-        cmd += ["-pie", str(c_file), "-o", str(out), *LINK_FLAGS]
+        # A build-id in ``extra`` (unique_build_id) wins over the default sha1 one.
+        own_id = any(f.startswith("-Wl,--build-id") for f in extra or [])
+        link = [f for f in LINK_FLAGS if not (own_id and f.startswith("-Wl,--build-id"))]
+        cmd += ["-pie", str(c_file), "-o", str(out), *link]
         if agent:  # exactly what a user's build gets from `patchbox config --libs`
             cmd += shlex.split(libs(app_version=APP_VERSION, app_cflags=" ".join(PATCH_CFLAGS)))
     subprocess.run(cmd, check=True, capture_output=True, text=True)
@@ -56,6 +60,13 @@ def deep_dir(base: Path, length: int = 150) -> Path:
 
 
 BIN = Path(sys.executable).parent
+
+
+def unique_build_id() -> str:
+    """Returns a linker flag giving a build a random build-id: a test whose `apply --all`
+    or `install --apply` selects processes by build-id must not reach processes of the same
+    source that another test run on this machine started."""
+    return f"-Wl,--build-id=0x{secrets.token_hex(20)}"
 
 
 def run_tool(

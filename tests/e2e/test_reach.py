@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from live import Target
 
-from helpers import info_json, run_tool
+from helpers import info_json, run_tool, unique_build_id
 from patchbox.config import preload
 from patchbox.format.layout import load_patch
 from patchbox.reach.attach import AttachError, attach, yama_refusal
@@ -87,7 +87,7 @@ def with_lib(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
         "-fPIC",
         "-shared",
         "-fcf-protection=full",
-        "-Wl,--build-id",
+        unique_build_id(),  # apply --all --attach selects by it
     )
     exe = gcc(
         d / "uselib", LOOP, "-O0", "-Wl,--build-id", libs=(f"-L{d}", "-lanswer", f"-Wl,-rpath,{d}")

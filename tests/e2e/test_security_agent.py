@@ -32,6 +32,7 @@ from helpers import (
     compile_c,
     info_json,
     run_tool,
+    unique_build_id,
 )
 from patchbox.elf.buildid import read_build_id
 
@@ -595,7 +596,7 @@ def test_privileged_process_reads_only_roots_store_files(place, tmp_path: Path) 
         render(),
         tmp_path / "target",
         agent=True,
-        extra=[f"-Wl,--build-id=0x{secrets.token_hex(20)}"],  # a build no other test runs
+        extra=[unique_build_id()],  # a build no other test runs
     )
     fix = greet_fix(exe, tmp_path)
     entry = store_entry(Path("/var/lib/patchbox"), exe, fix, owner=NOBODY, group=NOGROUP)

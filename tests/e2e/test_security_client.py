@@ -20,7 +20,15 @@ import pytest
 from live import Target
 from test_reach import ANSWER, LOOP, gcc, patch_cflags
 
-from helpers import AS_NOBODY, NOBODY_UID, NOGROUP_GID, nobody_dir, nobody_python, run_tool
+from helpers import (
+    AS_NOBODY,
+    NOBODY_UID,
+    NOGROUP_GID,
+    nobody_dir,
+    nobody_python,
+    run_tool,
+    unique_build_id,
+)
 from patchbox.config import preload
 from patchbox.reach.procfs import read_maps
 
@@ -178,7 +186,7 @@ def privileged(world_dir: Path, tmp_path: Path):
     """Starts, as nobody, one program four ways the kernel protects from same-uid
     tracing, and once plainly; yields ({kind: target}, patch of its answer())."""
     app = nobody_dir(world_dir, "app")
-    plain = gcc(app / "plain", NODUMP_LOOP + ANSWER.replace("@MUL@", "7"), "-O0", "-Wl,--build-id")
+    plain = gcc(app / "plain", NODUMP_LOOP + ANSWER.replace("@MUL@", "7"), "-O0", unique_build_id())
     setuid = Path(shutil.copy(plain, app / "setuid"))
     setuid.chmod(0o4755)  # root's file: runs with euid 0
     setgid = Path(shutil.copy(plain, app / "setgid"))

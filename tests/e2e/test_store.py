@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import BIN, compile_c, run_tool
+from helpers import BIN, compile_c, run_tool, unique_build_id
 
 pytestmark = pytest.mark.process
 
@@ -39,7 +39,10 @@ def built(tmp_path_factory: pytest.TempPathFactory, agent_dir: Path) -> dict[str
     base = tmp_path_factory.mktemp("store")
     (base / "app").mkdir()
     (base / "fix").mkdir()
-    exe = compile_c(PROGRAM.replace("@DELTA@", "2"), base / "app" / "app", agent=True)
+    # install --apply reaches every process of the build: this run's only.
+    exe = compile_c(
+        PROGRAM.replace("@DELTA@", "2"), base / "app" / "app", agent=True, extra=[unique_build_id()]
+    )
     obj = compile_c(PROGRAM.replace("@DELTA@", "3"), base / "fix" / "app.o", obj=True)
     pbx = base / "answer.pbx"
     run_tool("extract-patch", "--function", "answer", "--name", "answer", "-o", pbx, obj, exe)
