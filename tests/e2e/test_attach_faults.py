@@ -176,12 +176,14 @@ def start_client(builds: dict[str, Path], t: Borrowed, sig: int, at: str) -> sub
 
 
 def steps(client: subprocess.Popen[str]) -> list[tuple[str, int, str]]:
-    """Returns the steps the (dead) client printed: (name, timestamp, rest)."""
+    """Returns the steps the (dead) client printed: (name, timestamp, rest); a line cut
+    short by the kill is left out."""
     assert client.stdout is not None
     out = []
     for line in client.stdout.read().splitlines():
-        name, ns, *rest = line.split(" ", 2)
-        out.append((name, int(ns), " ".join(rest)))
+        name, ns, *rest = [*line.split(" ", 2), ""]
+        if ns.isdigit():  # else a line cut short by the kill
+            out.append((name, int(ns), " ".join(rest).strip()))
     return out
 
 

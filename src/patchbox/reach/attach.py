@@ -340,6 +340,18 @@ def _temp_mask(pid: int, regs: ptrace.Regs) -> bool:
     return ptr != 0
 
 
+def _tracer(pid: int, tid: int) -> int:
+    """Returns the TracerPid of thread ``tid`` of ``pid`` (0: none or gone)."""
+    try:
+        with open(f"/proc/{pid}/task/{tid}/status") as f:
+            for line in f:
+                if line.startswith("TracerPid:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
 def _unusable(pid: int, tid: int, regs: ptrace.Regs) -> str:
     """Returns why stopped thread ``tid`` (registers ``regs``) cannot be borrowed, ""
     if it can."""
@@ -461,6 +473,8 @@ def _borrow(
     except ptrace.PtraceError as err:
         if err.errno == errno.ESRCH:
             return f"thread {tid} exited"
+        if _tracer(pid, tid) == os.getpid():  # left traced by an earlier try: never stopped
+            return f"thread {tid} did not stop (uninterruptible sleep?)"
         raise AttachError(f"cannot trace pid {pid}: {err}") from err
     t0 = time.monotonic_ns()
     try:

@@ -63,6 +63,7 @@ NT_X86_XSTATE = 0x202  # the XSAVE area, standard format, with the kernel's sw_r
 WALL = 0x40000000  # __WALL: wait for threads (clones) too
 PTRACE_EVENT_STOP = 128
 SYSCALL_ENTRY, SYSCALL_EXIT = 1, 2  # PTRACE_SYSCALL_INFO_ENTRY / _EXIT
+_SPINS = 20  # waitpid(WNOHANG) tries before wait_stop sleeps
 _XSTATE_MAX = 16384  # larger than any XSAVE area (AMX tiles included: 11 KiB)
 
 
@@ -166,6 +167,7 @@ def wait_stop(tid: int, timeout: float, *, wake_on: Collection[int] = ()) -> int
     waits = signal.SIGCHLD in blocked
     wake = {signal.Signals(s) for s in wake_on} & blocked
     delay = 0.00005
+    spins = _SPINS  # a tracee resumed a moment ago often stops again within microseconds
     while True:
         try:
             got, status = os.waitpid(tid, WALL | os.WNOHANG)
@@ -181,6 +183,9 @@ def wait_stop(tid: int, timeout: float, *, wake_on: Collection[int] = ()) -> int
         left = deadline - time.monotonic()
         if left < 0:
             raise PtraceError(f"thread {tid} did not stop within {timeout:g} s", errno.ETIMEDOUT)
+        if spins:
+            spins -= 1
+            continue
         if waits:
             # Every ptrace stop sends the tracer SIGCHLD: consumed here, then waitpid
             # again (several stops may share one signal; a stray one costs a loop). A
