@@ -32,7 +32,7 @@ from live import HERE
 from patchbox.config import preload
 from patchbox.protocol.client import Client
 from patchbox.protocol.discovery import discover
-from patchbox.reach.attach import LeftRunning, attach
+from patchbox.reach.attach import AttachError, LeftRunning, attach
 from patchbox.reach.procfs import read_maps, read_status, task_ids
 
 pytestmark = pytest.mark.process
@@ -276,6 +276,23 @@ def test_a_call_left_running_comes_back_by_itself(builds: dict[str, Path]) -> No
         assert seen == ["seize", "seized", "frame", "call", "abandoned"], seen
         assert tracers(t.pid) == {0}
         assert settle(t) == "attached"
+    finally:
+        stop(t)
+
+
+def test_a_failed_dlopen_returns_through_the_frame_too(
+    builds: dict[str, Path], tmp_path: Path
+) -> None:
+    """dlopen of a file that is no library returns NULL: the thread comes back the same
+    way, the error names the call, the target runs on untouched."""
+    bogus = tmp_path / "libbogus.so"
+    bogus.write_text("not an ELF file\n")
+    t = start(builds, "read", None)
+    try:
+        assert t.ask()[0] == "ok"
+        with pytest.raises(AttachError, match=r"dlopen\(.*libbogus\.so\) failed"):
+            attach(t.pid, str(bogus))
+        assert settle(t) == "untouched"
     finally:
         stop(t)
 

@@ -377,7 +377,7 @@ class _Borrow:
     restorer_end: int
     stop_ns: int = 0  # PTRACE_INTERRUPT to PTRACE_DETACH
     last_nr: int = -1  # the system call of the last entry stop
-    failed: str = ""  # the last system call that failed during the call
+    failed: str = ""  # the last system call that failed during the call (a hint)
 
 
 Phase = Callable[[str], None]
@@ -452,7 +452,7 @@ def _supervise(b: _Borrow, timeout: float, phase: Phase) -> None:
                 if returned:
                     return  # rt_sigreturn done: the thread is as it was
                 if info.is_error:
-                    b.failed = f"system call {b.last_nr} failed: {os.strerror(-info.rval)}"
+                    b.failed = f"system call {b.last_nr}: {os.strerror(-info.rval)}"
             ptrace.resume_syscall(b.tid)
         elif status >> 16 == ptrace.PTRACE_EVENT_STOP:
             ptrace.resume_syscall(b.tid)  # a group stop (SIGSTOP): this thread goes on
@@ -573,9 +573,12 @@ def attach(
             if isinstance(got, str):
                 why = got
                 continue
-            if not _mapped(pid, pre.library):
-                failed = f" ({got.failed})" if got.failed else ""
-                raise AttachError(f"pid {pid}: dlopen({pre.library}) failed{failed}")
+            if not _mapped(pid, pre.library):  # the thread is back as it was, all the same
+                failed = f"; the last system call that failed in it: {got.failed}"
+                raise AttachError(
+                    f"pid {pid}: dlopen({pre.library}) failed (the library is not mapped after "
+                    f"the call{failed if got.failed else ''})"
+                )
             return AttachResult(
                 pid, got.tid, got.syscall, got.stop_ns, _wait_socket(pid, wait_socket)
             )
@@ -594,14 +597,6 @@ def _mapped(pid: int, library: str) -> bool:
         return any(m.path == library for m in read_maps(pid))
     except OSError:
         return False
-
-
-def _read(pid: int, addr: int, n: int) -> bytes:
-    fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY)
-    try:
-        return os.pread(fd, n, addr)
-    finally:
-        os.close(fd)
 
 
 def _wait_socket(pid: int, timeout: float) -> str:
