@@ -602,7 +602,8 @@ int sandbox_patch_apply(const struct sandbox_apply_spec *spec, unsigned flags,
 		hooks[i] = (struct sandbox_hook){ spec->hooks[i].when, text_addr + spec->hooks[i].offset };
 	struct sandbox_hook_run pre = { hooks, spec->nhooks, PBX_HOOK_PRE_APPLY, name, 0 };
 	if (sandbox_redirect_write(&text_copy, &data_copy, funcs, spec->nfuncs,
-				   spec->nhooks ? sandbox_hooks_gate : NULL, &pre, &hold_ns, err) != 0) {
+				   spec->nhooks ? sandbox_hooks_gate : NULL, &pre, spec->hold_conn, &hold_ns,
+				   err) != 0) {
 		hooks_ran = pre.ran;
 		goto out;
 	}
@@ -744,7 +745,7 @@ static int sandbox_selftest_run_locked(char *detail, size_t detail_len)
 	};
 	struct sandbox_apply_spec spec = {
 		.name = name, .name_len = (uint16_t)strlen(name),
-		.text = text, .text_len = sizeof(text), .nfuncs = 1, .funcs = &fs,
+		.text = text, .text_len = sizeof(text), .nfuncs = 1, .funcs = &fs, .hold_conn = -1,
 	};
 	if (sandbox_patch_apply(&spec, SANDBOX_APPLY_INTERNAL, &p, &err) != 0) {
 		snprintf(detail, detail_len, "apply failed: %s", err.msg);

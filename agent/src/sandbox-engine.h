@@ -71,10 +71,11 @@ typedef int (*sandbox_gate_fn)(void *arg, struct sandbox_error *err);
  * calls gate (if any), waits for the client's hold when a function has `hold`, then
  * redirects each function to its new_entry (phase 1, sync, phase 2, sync). -1 with err
  * (NO_MEMORY, MPROTECT_FAILED, the gate's, NOT_HELD: the hold did not come, or went
- * before phase 2) only before a reachable byte changes. held_ns: the hold's wait. */
+ * before phase 2, or its client hung up: hold_conn) only before a reachable byte
+ * changes. held_ns: the hold's wait. */
 int sandbox_redirect_write(const struct sandbox_copy *text, const struct sandbox_copy *data,
 			   const struct sandbox_func *funcs, size_t nfuncs, sandbox_gate_fn gate,
-			   void *gate_arg, uint64_t *held_ns, struct sandbox_error *err);
+			   void *gate_arg, int hold_conn, uint64_t *held_ns, struct sandbox_error *err);
 /* Remove: puts back the saved bytes of each function (steps 1-4). -1 with err
  * (NO_MEMORY, MPROTECT_FAILED) only before the first byte changes. */
 int sandbox_redirect_restore(const struct sandbox_func *funcs, size_t nfuncs, struct sandbox_error *err);
@@ -123,10 +124,17 @@ int sandbox_owner_free(uint32_t owner);
  * boundary or a return address inside the bytes an entry jump replaces). 0 with the
  * first reason in why. No allocation: the other threads may hold malloc's locks. */
 int sandbox_threads_held(const struct sandbox_func *funcs, size_t n, char *why, size_t why_len);
-/* Waits until sandbox_threads_held, PBX_HOLD_WAIT_MS at most (then NOT_HELD); 0 at once
- * when no function has `hold`. *waited_ns: how long it took. The client starts its
- * hold when it sees the agent thread asleep in here (clock_nanosleep): nothing from
- * here to the pages made r-x again allocates or takes a lock a held thread could own. */
-int sandbox_hold_wait(const struct sandbox_func *funcs, size_t n, uint64_t *waited_ns, struct sandbox_error *err);
+/* 1 while the client holding the threads is there: its connection conn (-1: none to
+ * check) not hung up; 0 with why. A client that dies has its sockets closed before the
+ * kernel lets its tracees go (docs/reach.md): an open connection means held threads
+ * are still held. */
+int sandbox_holder_alive(int conn, char *why, size_t why_len);
+/* Waits until sandbox_threads_held, PBX_HOLD_WAIT_MS at most (then NOT_HELD; at once
+ * when the holder of conn hangs up); 0 at once when no function has `hold`.
+ * *waited_ns: how long it took. The client starts its hold when it sees the agent
+ * thread asleep in here (clock_nanosleep): nothing from here to the pages made r-x
+ * again allocates or takes a lock a held thread could own. */
+int sandbox_hold_wait(const struct sandbox_func *funcs, size_t n, int conn, uint64_t *waited_ns,
+		      struct sandbox_error *err);
 
 #endif

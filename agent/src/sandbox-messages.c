@@ -31,6 +31,7 @@ const char *sandbox_msg_name(unsigned type)
 
 /* One request being answered: its payload, the reply being built, the log facts. */
 struct sandbox_request {
+	int fd;			/* the client's connection */
 	struct sandbox_reader r;
 	struct sandbox_writer w;	/* header + status 0 already in */
 	char patch[PBX_MAX_NAME + 1];	/* for the log */
@@ -233,6 +234,7 @@ static int sandbox_msg_apply(struct sandbox_request *q, struct sandbox_error *er
 	struct sandbox_apply_spec spec = { 0 };
 	const struct sandbox_patch *p = NULL;
 	int rc = sandbox_apply_parse(q, &spec, err);
+	spec.hold_conn = q->fd;	/* the client that sent it holds the threads (HOLD) */
 	uint64_t start = sandbox_now_ns();
 	if (rc == 0)
 		rc = sandbox_patch_apply(&spec, 0, &p, err);
@@ -253,6 +255,7 @@ int sandbox_body_apply(const uint8_t *body, size_t len, char *name, size_t name_
 	struct sandbox_request q = { .r = { .p = body, .len = len } };
 	struct sandbox_apply_spec spec = { 0 };
 	int rc = sandbox_apply_parse(&q, &spec, err);
+	spec.hold_conn = -1;	/* from the store: no client holds anything */
 	snprintf(name, name_cap, "%s", q.patch);
 	if (rc == 0)
 		rc = sandbox_patch_apply(&spec, 0, NULL, err);
@@ -318,7 +321,7 @@ static const sandbox_handler sandbox_handlers[] = {
 int sandbox_request_serve(int fd, const struct sandbox_peer *peer, unsigned type, uint32_t seq,
 			  const uint8_t *payload, size_t len)
 {
-	struct sandbox_request q = { .r = { .p = payload, .len = len } };
+	struct sandbox_request q = { .fd = fd, .r = { .p = payload, .len = len } };
 	struct sandbox_error err = { PBX_E_OK, "" };
 	static const uint8_t zero[PBX_HEADER_SIZE + 4];
 	sandbox_writer_put(&q.w, zero, sizeof(zero));	/* header + status OK */

@@ -31,6 +31,7 @@
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -721,8 +722,24 @@ static uint64_t sandbox_mono_ns(void)
 	return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
 }
 
-int sandbox_hold_wait(const struct sandbox_func *funcs, size_t n, uint64_t *waited_ns,
-			     struct sandbox_error *err)
+int sandbox_holder_alive(int conn, char *why, size_t why_len)
+{
+	if (conn < 0)
+		return 1;
+	struct pollfd p = { .fd = conn, .events = POLLRDHUP };
+	int rc;
+	do
+		rc = poll(&p, 1, 0);
+	while (rc < 0 && errno == EINTR);
+	if (rc > 0 && p.revents & (POLLHUP | POLLRDHUP | POLLERR | POLLNVAL)) {
+		snprintf(why, why_len, "the client holding the threads hung up");
+		return 0;
+	}
+	return 1;
+}
+
+int sandbox_hold_wait(const struct sandbox_func *funcs, size_t n, int conn, uint64_t *waited_ns,
+		      struct sandbox_error *err)
 {
 	int need = 0;
 	for (size_t i = 0; i < n; i++)
@@ -736,6 +753,8 @@ int sandbox_hold_wait(const struct sandbox_func *funcs, size_t n, uint64_t *wait
 			*waited_ns = sandbox_mono_ns() - start;
 			return 0;
 		}
+		if (!sandbox_holder_alive(conn, why, sizeof(why)))
+			return sandbox_error_set(err, PBX_E_NOT_HELD, "%s", why);
 		if (sandbox_mono_ns() > deadline)
 			return sandbox_error_set(err, PBX_E_NOT_HELD, "after %d ms: %s (patchbox apply holds the "
 						 "threads; retry)", PBX_HOLD_WAIT_MS, why);
