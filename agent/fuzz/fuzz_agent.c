@@ -38,6 +38,7 @@
 #include "../src/sandbox-objects.c"
 #include "../src/sandbox-redirect.c"
 #include "../src/sandbox-transition.c"
+#include "../src/sandbox-hold.c"
 #include "../src/sandbox-shadow.c"
 #include "../src/sandbox-listen.c"
 #include "../src/sandbox-sock.c"

@@ -151,10 +151,13 @@ const struct sandbox_patch *sandbox_patch_get(size_t i)
 void sandbox_stats_get(struct sandbox_stats *ret)
 {
 	const struct sandbox_area *t = &sandbox_regions[0].text, *d = &sandbox_regions[0].data;
+	const struct sandbox_hold_stats *h = sandbox_hold_stats_get();
 	*ret = (struct sandbox_stats){
 		.text_addr = t->base, .text_size = t->size, .text_used = t->used, .text_retired = t->retired,
 		.data_addr = d->base, .data_size = d->size, .data_used = d->used, .data_retired = d->retired,
 		.patches = sandbox_npatches, .sync_core = sandbox_core_sync_name(),
+		.hold_checked = h->full, .hold_mappings = h->mappings, .hold_skipped = h->skipped,
+		.hold_bytes = h->bytes, .hold_skipped_bytes = h->skipped_bytes, .hold_ns = h->ns,
 	};
 }
 
@@ -601,6 +604,9 @@ int sandbox_patch_apply(const struct sandbox_apply_spec *spec, unsigned flags,
 	for (size_t i = 0; i < spec->nhooks; i++)
 		hooks[i] = (struct sandbox_hook){ spec->hooks[i].when, text_addr + spec->hooks[i].offset };
 	struct sandbox_hook_run pre = { hooks, spec->nhooks, PBX_HOOK_PRE_APPLY, name, 0 };
+	for (size_t i = 0; i < spec->nfuncs; i++)
+		if (funcs[i].hold)
+			sandbox_hold_prepare();	/* allocates: before the hold */
 	if (sandbox_redirect_write(&text_copy, &data_copy, funcs, spec->nfuncs,
 				   spec->nhooks ? sandbox_hooks_gate : NULL, &pre, &hold_ns, err) != 0) {
 		hooks_ran = pre.ran;

@@ -6,8 +6,9 @@
  *   sandbox-redirect.c    mechanism: code pages, core sync, atomic instruction stores,
  *                         writing a redirect, restoring the original bytes
  *   sandbox-transition.c  when a change is safe: the sandbox memory (where it lies,
- *                         placement, retire, quiescence check, revival) and the
- *                         check that every other thread is held clear of an entry jump
+ *                         placement, retire, quiescence check, revival)
+ *   sandbox-hold.c        the check that every other thread is held clear of an entry
+ *                         jump, and that no stack can return into it
  *   arch/x86_64/insn.h    the x86-64 instruction templates
  *
  * Hidden, and local to libsandbox.o after its relocatable link (agent/Makefile): the
@@ -117,16 +118,38 @@ void sandbox_owner_unplace(uint32_t owner, uintptr_t revived_addr, uint32_t revi
 void sandbox_owner_retire(uint32_t owner, int keep);
 int sandbox_owner_free(uint32_t owner);
 
-/* The hold (PBX_FLAG_HOLD, docs/reach.md): 1 if every other thread of the process is in
- * a tracing stop ('t': held by the client with ptrace) or a zombie, and none has its PC,
- * or a word of its stack, in (wlo, whi) of a function with `hold` (an instruction
- * boundary or a return address inside the bytes an entry jump replaces). 0 with the
- * first reason in why. No allocation: the other threads may hold malloc's locks. */
-int sandbox_threads_held(const struct sandbox_func *funcs, size_t n, char *why, size_t why_len);
-/* Waits until sandbox_threads_held, PBX_HOLD_WAIT_MS at most (then NOT_HELD); 0 at once
- * when no function has `hold`. *waited_ns: how long it took. The client starts its
- * hold when it sees the agent thread asleep in here (clock_nanosleep): nothing from
- * here to the pages made r-x again allocates or takes a lock a held thread could own. */
+/* ---- sandbox-hold.c: the hold (PBX_FLAG_HOLD, docs/reach.md) */
+
+/* What the last full check (sandbox_hold_confirm) scanned, for INFO and the log. */
+struct sandbox_hold_stats {
+	size_t mappings;	/* private writable mappings checked whole */
+	size_t skipped;		/* larger than the cap: seen only from a held thread's SP */
+	uint64_t skipped_bytes;
+	uint64_t bytes;		/* read and checked, stacks from SP included */
+	uint64_t ns;		/* the scans' time (steps 2 and 3) */
+	int full;		/* 0: no full check yet */
+};
+
+/* Records the agent thread's own stack, left out of the memory check. Allocates: call it
+ * before the hold (the engine does, for every apply with a held function). */
+void sandbox_hold_prepare(void);
+/* 1 if every other thread of the process is in a tracing stop ('t': held by the client
+ * with ptrace) or a zombie, and none has its PC, or a word of its stack from SP (through
+ * the signal frames on it), strictly inside (wlo, whi) of a function with `hold`; with
+ * full, no word of any private writable mapping up to 64 MiB either. 0 if a thread is not
+ * held (yet) or stopped inside: worth waiting; -1 if a word points inside while every
+ * thread is held, or memory cannot be read: waiting changes nothing. The first reason in
+ * why. No allocation: the other threads may hold malloc's locks. */
+int sandbox_threads_held(const struct sandbox_func *funcs, size_t n, int full, char *why, size_t why_len);
+/* Waits until sandbox_threads_held (without the memory check), PBX_HOLD_WAIT_MS at most
+ * (then NOT_HELD; at once when it says -1); 0 at once when no function has `hold`.
+ * *waited_ns: how long it took. The client starts its hold when it sees the agent thread
+ * asleep in here (clock_nanosleep): nothing from here to the pages made r-x again
+ * allocates or takes a lock a held thread could own. */
 int sandbox_hold_wait(const struct sandbox_func *funcs, size_t n, uint64_t *waited_ns, struct sandbox_error *err);
+/* The full check right before the stores (memory too), within the wait's deadline: 0,
+ * or -1 with err NOT_HELD. */
+int sandbox_hold_confirm(const struct sandbox_func *funcs, size_t n, struct sandbox_error *err);
+const struct sandbox_hold_stats *sandbox_hold_stats_get(void);
 
 #endif

@@ -141,6 +141,11 @@ struct sandbox_stats {
 	size_t data_size, data_used, data_retired;
 	size_t patches;
 	const char *sync_core;	/* "sync_core", "expedited" or "none" */
+	/* The last full hold check (sandbox-hold.c): mappings scanned whole, bytes read, its
+	 * time; mappings over the cap seen from a thread's SP only. hold_checked 0: none yet. */
+	int hold_checked;
+	size_t hold_mappings, hold_skipped;
+	uint64_t hold_bytes, hold_skipped_bytes, hold_ns;
 };
 
 /* SANDBOX_APPLY_INTERNAL: the target is the agent's own (self-test): skip the

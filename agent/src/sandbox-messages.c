@@ -76,6 +76,12 @@ static int sandbox_msg_info(struct sandbox_request *q, struct sandbox_error *err
 	snprintf(dused, sizeof(dused), "%zu", st.data_used);
 	snprintf(npatch, sizeof(npatch), "%zu", st.patches);
 
+	char hold[160] = "none";
+	if (st.hold_checked)
+		snprintf(hold, sizeof(hold), "%zu mappings, %llu bytes in %llu us; %zu over 64 MiB (%llu bytes) "
+			 "seen from SP only", st.hold_mappings, (unsigned long long)st.hold_bytes,
+			 (unsigned long long)(st.hold_ns / 1000), st.hold_skipped,
+			 (unsigned long long)st.hold_skipped_bytes);
 	const char *app[4] = { "unknown", "unknown", "unknown", "unknown" };
 	const struct patchbox_build_info *bi = &patchbox_build_info;	/* weak: may be NULL */
 	if (bi && bi->magic == PATCHBOX_BUILD_INFO_MAGIC && bi->size >= sizeof(*bi)) {
@@ -97,7 +103,7 @@ static int sandbox_msg_info(struct sandbox_request *q, struct sandbox_error *err
 		{ "debug", __atomic_load_n(&sandbox_debug_enabled, __ATOMIC_RELAXED) ? "1" : "0" },
 		{ "log", sandbox_log_path[0] ? sandbox_log_path : "off" },
 		{ "socket", sandbox_sock_path }, { "sync_core", st.sync_core },
-		{ "agent_tid", tid }, { "objects", nobj },
+		{ "agent_tid", tid }, { "objects", nobj }, { "hold_scan", hold },
 	};
 	size_t n = sizeof(kv) / sizeof(kv[0]);
 	sandbox_writer_uint(&q->w, n, 2);
