@@ -45,6 +45,12 @@ int sandbox_objects_init(struct sandbox_error *err);
  * sandbox region mapped on first use). -1 with err (BUILD_ID_MISMATCH, TOO_MANY...). */
 int sandbox_object_find(const uint8_t *bid, size_t len, struct sandbox_object **ret,
 			struct sandbox_error *err);
+/* 1 if the loader unloaded an object since the last call (or cannot say), else 0. */
+int sandbox_objects_unloaded(void);
+/* Marks GONE every LOADED library not loaded where it was any more; the number marked. */
+size_t sandbox_objects_check(void);
+/* Entry i of the table (any state), NULL past its end. */
+struct sandbox_object *sandbox_object_at(size_t i);
 
 /* ---- sandbox-redirect.c: mechanism */
 
@@ -111,6 +117,10 @@ extern struct sandbox_region sandbox_regions[PBX_MAX_OBJECTS];
 int sandbox_areas_init(uintptr_t *selftest_ret, struct sandbox_error *err);
 /* Maps region idx within rel32 reach of [lo, hi) (a library named what). */
 int sandbox_region_map(size_t idx, uintptr_t lo, uintptr_t hi, const char *what, struct sandbox_error *err);
+/* Unmaps region idx (> 0) if nothing is placed in it, live or retired: 0, else -1. */
+int sandbox_region_unmap(size_t idx);
+/* Runs the quiescence check now if anything is retired (frees what passes). */
+void sandbox_retired_collect(void);
 int sandbox_area_alloc_reclaim(struct sandbox_area *a, size_t len, uint32_t owner, uintptr_t *ret);
 int sandbox_text_revive(struct sandbox_area *a, const struct sandbox_apply_spec *spec, const uint64_t *import,
 			uintptr_t bias, uint32_t owner, uint8_t *tbuf, uint32_t *prev_owner, uintptr_t *ret);

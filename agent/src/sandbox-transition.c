@@ -140,6 +140,22 @@ int sandbox_region_map(size_t idx, uintptr_t lo, uintptr_t hi, const char *what,
 	return 0;
 }
 
+int sandbox_region_unmap(size_t idx)
+{
+	struct sandbox_region *r = idx > 0 && idx < PBX_MAX_OBJECTS ? &sandbox_regions[idx] : NULL;
+	if (!r || !r->text.size || r->text.n || r->data.n)
+		return -1;
+	/* As sandbox_map_near laid it out: a page, the text, the data. Nothing is placed in
+	 * it and nothing retired is left (the quiescence check freed it): no thread can run
+	 * or read there, as for memory handed to another patch. */
+	size_t total = SANDBOX_PAGE + sandbox_round_up(SANDBOX_ALLOC, SANDBOX_PAGE) +
+		       sandbox_round_up(SANDBOX_DATA_ALLOC, SANDBOX_PAGE);
+	if (munmap((void *)(r->text.base - SANDBOX_PAGE), total) != 0)
+		return -1;
+	memset(r, 0, sizeof(*r));
+	return 0;
+}
+
 #ifdef SANDBOX_NEAR_MMAP
 /* The executable's region near it. The self-test's target goes in the page before
  * the sandbox text: the agent's own functions are too far from the sandbox for a
@@ -541,6 +557,15 @@ out:
 	free(maps);
 	free(busy);
 	free(r);
+}
+
+void sandbox_retired_collect(void)
+{
+	size_t retired = 0;
+	for (size_t k = 0; k < SANDBOX_NAREAS; k++)
+		retired += sandbox_area_at(k) ? sandbox_area_at(k)->retired : 0;
+	if (retired)
+		sandbox_retired_reclaim();
 }
 
 /* Places len bytes for owner in a; when nothing fits and something is retired, runs
