@@ -95,12 +95,12 @@ def with_lib(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return exe, lib
 
 
-def start(exe: Path) -> Target:
-    """Starts ``exe`` (no agent) and returns it once it answers."""
+def start(exe: Path, *args: str) -> Target:
+    """Starts ``exe`` (no agent) with ``args`` and returns it once it answers."""
     t = Target.__new__(Target)
     t.exe = exe
     t.proc = subprocess.Popen(
-        [str(exe)],
+        [str(exe), *args],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -489,6 +489,106 @@ def test_library_without_flags_endbr64_and_apply_all(with_lib, tmp_path: Path, p
     for p in (a, b):
         bias = find_mapped(p.pid, patch.build_id.hex()).bias
         assert p.read(bias + fn.target, 16) == before[p.pid]
+
+
+# Loads the library of argv[1] on demand and unloads it: `close-map` then maps a page of
+# its own, a known pattern, where the library's `answer` was (something else at the old
+# address), `close` leaves the place free (a later dlopen may land there again).
+DLOPEN = r"""
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
+int main(int argc, char **argv) {
+    char line[128];
+    void *lib = NULL;
+    int (*answer)(int) = NULL;
+    (void)argc;
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    printf("ready %d\n", getpid());
+    while (fgets(line, sizeof line, stdin)) {
+        if (!strncmp(line, "open", 4)) {
+            lib = dlopen(argv[1], RTLD_NOW);
+            answer = lib ? (int (*)(int))dlsym(lib, "answer") : NULL;
+            printf("opened %lx\n", (unsigned long)answer);
+        } else if (!strncmp(line, "close", 5)) {
+            uintptr_t page = (uintptr_t)answer & ~4095ul;
+            unsigned char *m = MAP_FAILED;
+            dlclose(lib);
+            answer = NULL;
+            if (!strncmp(line, "close-map", 9)) {
+                m = mmap((void *)page, 4096, PROT_READ | PROT_WRITE,
+                         MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0);
+                for (int i = 0; m != MAP_FAILED && i < 4096; i++)
+                    m[i] = (unsigned char)(i * 7 + 1);
+            }
+            printf("closed %lx %s\n", (unsigned long)page, m == (void *)page ? "mapped" : "free");
+        } else if (answer) {
+            printf("%d\n", answer(atoi(line)));
+        } else {
+            printf("none\n");
+        }
+    }
+    return 0;
+}
+"""
+
+
+def test_library_unloaded_while_patched(with_lib, tmp_path: Path, procs) -> None:
+    _exe, lib = with_lib
+    prog = gcc(tmp_path / "dlopener", DLOPEN, "-O0", "-Wl,--build-id", libs=("-ldl",))
+    t = start(prog, str(lib))
+    procs.append(t)
+    run("patchbox", "attach", "-p", t.pid)
+    obj = gcc(
+        tmp_path / "fix.o", ANSWER.replace("@MUL@", "7 + 1"), "-O2", "-fPIC", *patch_cflags(), "-c"
+    )
+    pbx = _extract(obj, lib, "libfix")
+    assert _say(t, "open").startswith("opened ")
+    run("patchbox", "apply", "-p", t.pid, pbx)
+    assert t.call("2") == "18" and info_json(t.pid)["objects"] == "2"
+
+    # Unloaded while patched, and another mapping where its code was.
+    _closed, page, how = _say(t, "close-map").split()
+    assert how == "mapped"
+    pattern = bytes((i * 7 + 1) & 0xFF for i in range(4096))
+    assert t.read(int(page, 16), 4096) == pattern
+    [listed] = json.loads(run("patchbox", "list", "-p", t.pid, "--json").stdout)
+    assert (listed["name"], listed["state"], listed["object"]) == ("libfix", "unloaded", str(lib))
+    assert "UNLOADED: its library was unloaded" in run("patchbox", "list", "-p", t.pid).stdout
+    rows = {r["pid"]: r for r in json.loads(run("patchbox", "ps", "--json").stdout)}
+    assert rows[t.pid]["patches"] == rows[t.pid]["unloaded"] == ["libfix"]
+    info = info_json(t.pid)
+    assert (info["patches"], info["patches_unloaded"]) == ("1", "1")
+    out = run("patchbox", "remove", "-p", t.pid, "libfix").stdout
+    assert "its library had been unloaded, so nothing was written" in out, out
+    assert t.read(int(page, 16), 4096) == pattern  # what lies at the old address now
+    assert json.loads(run("patchbox", "list", "-p", t.pid, "--json").stdout) == []
+    assert info_json(t.pid)["objects"] == "1"  # the library's sandbox unmapped
+
+    # Loaded again (elsewhere: its place is taken) and patched again.
+    assert _say(t, "open").startswith("opened ")
+    assert t.call("2") == "17"
+    run("patchbox", "apply", "-p", t.pid, pbx)
+    assert t.call("2") == "18"
+    # Unloaded and loaded again (often at the same address: then only its bytes tell the
+    # new load from the patched one); the patch applied anew replaces the stale record.
+    assert _say(t, "close").endswith("free")
+    assert _say(t, "open").startswith("opened ")
+    assert t.call("2") == "17"
+    assert [
+        p["state"] for p in json.loads(run("patchbox", "list", "-p", t.pid, "--json").stdout)
+    ] == ["unloaded"]
+    run("patchbox", "apply", "-p", t.pid, pbx)
+    assert t.call("2") == "18"
+    [listed] = json.loads(run("patchbox", "list", "-p", t.pid, "--json").stdout)
+    assert listed["state"] == "applied"
+    assert "nothing was written" not in run("patchbox", "remove", "-p", t.pid, "libfix").stdout
+    assert t.call("2") == "17"
 
 
 def test_glibc_function_in_a_running_process(plain: Path, tmp_path: Path, procs) -> None:
