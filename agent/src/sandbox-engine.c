@@ -760,29 +760,28 @@ int sandbox_patch_remove(const char *name, size_t name_len, uint8_t *state_ret, 
 
 /* ------------------------------------------------------------------ unloaded libraries */
 
-/* Whether the jumps p wrote into its library are still there (the library loaded anew at
- * the same address with the same build-id has its own bytes back). Read with
- * process_vm_readv: a page that is gone is an answer, not a fault. */
-static int sandbox_patch_in_place(const struct sandbox_patch *p)
+/* Whether p's library was loaded anew where it was: every byte p changed in it (not
+ * the ones of functions stacked in the sandbox) is back to the original, as a fresh load
+ * maps it. Bytes that are neither the original nor p's (a debugger's breakpoint) are not
+ * a new load. Read with process_vm_readv: a page that is gone is an answer, not a fault. */
+static int sandbox_patch_reloaded(const struct sandbox_patch *p)
 {
 	const struct sandbox_object *o = p->object;
+	int seen = 0;
 	for (size_t i = 0; i < p->nfuncs; i++) {
 		const struct sandbox_func *f = &p->funcs[i];
 		if (!sandbox_in_text(o, f->saved_at, f->saved_at + f->saved_len, 1))
 			continue;	/* stacked: its site is in the sandbox, ours */
-		uint8_t now[16], want[PBX_JUMP_LEN];
+		uint8_t now[16];
 		struct iovec local = { now, f->saved_len }, remote = { (void *)f->saved_at, f->saved_len };
 		if (process_vm_readv(getpid(), &local, 1, &remote, 1, 0) != (ssize_t)f->saved_len)
 			return 0;
-		uintptr_t jmp_at = f->mech == PBX_KIND_ENTRY_JUMP ? f->site : f->site - PBX_ENTRY_PAD;
-		sandbox_insn_jmp_encode(jmp_at, f->new_entry, want);
-		if (memcmp(now + (jmp_at - f->saved_at), want, sizeof(want)) != 0)
+		size_t lo = f->wlo - f->saved_at, n = f->whi - f->wlo;
+		if (memcmp(now + lo, f->saved + lo, n) != 0)
 			return 0;
-		uint16_t back = SANDBOX_INSN_JMP_BACK;
-		if (f->mech != PBX_KIND_ENTRY_JUMP && memcmp(now + (f->site - f->saved_at), &back, 2) != 0)
-			return 0;
+		seen = 1;
 	}
-	return 1;
+	return seen;
 }
 
 /* Gives back the slot and sandbox region of every gone library that no record names
@@ -821,12 +820,12 @@ void sandbox_engine_refresh(void)
 		return;
 	sandbox_engine_lock();
 	sandbox_objects_check();
-	/* Loaded where it was, but its bytes are not ours: loaded anew in the same place. */
+	/* Loaded where it was, but with its original bytes: loaded anew in the same place. */
 	for (size_t i = 0; i < sandbox_npatches; i++) {
 		struct sandbox_patch *p = sandbox_patches[i];
 		struct sandbox_object *o = (struct sandbox_object *)p->object;
 		if (p->state == PBX_STATE_APPLIED && o != sandbox_exe_get() && o->state == SANDBOX_OBJECT_LOADED &&
-		    !sandbox_patch_in_place(p)) {
+		    sandbox_patch_reloaded(p)) {
 			o->state = SANDBOX_OBJECT_GONE;
 			sandbox_debug("%s: %s was loaded anew in its place", p->name, o->path);
 		}

@@ -542,7 +542,7 @@ int sandbox_threads_held(const struct sandbox_func *funcs, size_t n, int full, c
 		snprintf(why, why_len, "%s", again);
 		return 0;
 	}
-	if (full)
+	if (h.stats.full)
 		sandbox_hold_last = h.stats;
 	return r;
 }

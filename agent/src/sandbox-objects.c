@@ -12,8 +12,8 @@
  * unloads (dl_iterate_phdr's dlpi_subs), so when nothing was unloaded this is one
  * callback. When something was, every library in the table is looked for where it was
  * (same load bias, same PT_LOAD span, same build-id); one that is not there is GONE.
- * (One loaded again at the very same place is told by its bytes: the engine checks that
- * its patches' jumps are still there.) A GONE object is never written again; its slot
+ * (One loaded again at the very same place is told by its bytes: the engine finds its
+ * patches' bytes back to the original, as a fresh load maps them.) A GONE object is never written again; its slot
  * and sandbox region are given back (FREE) once no patch record names it and its retired
  * memory has passed the quiescence check (sandbox_objects_collect in the engine). A
  * library loaded again gets a new entry.
