@@ -557,9 +557,14 @@ int sandbox_patch_apply(const struct sandbox_apply_spec *spec, unsigned flags,
 	/* The executable, or the loaded library of the patch's build-id. */
 	struct sandbox_object *obj = sandbox_exe_get();
 	if (!(flags & SANDBOX_APPLY_INTERNAL) && sandbox_object_find(spec->build_id, spec->build_id_len, &obj, err) != 0) {
-		/* The table is full: give back what unloaded libraries no longer need, retry. */
-		if (err->code != PBX_E_TOO_MANY || !sandbox_objects_collect() ||
-		    sandbox_object_find(spec->build_id, spec->build_id_len, &obj, err) != 0)
+		/* The table is full: give back what unloaded libraries no longer need (it
+		 * refills and unmaps sandbox memory: under the engine lock), retry. */
+		if (err->code != PBX_E_TOO_MANY)
+			return -1;
+		sandbox_engine_lock();
+		size_t freed = sandbox_objects_collect();
+		sandbox_engine_unlock();
+		if (!freed || sandbox_object_find(spec->build_id, spec->build_id_len, &obj, err) != 0)
 			return -1;
 	}
 	struct sandbox_region *region = &sandbox_regions[obj->region];

@@ -589,6 +589,13 @@ def test_library_unloaded_while_patched(with_lib, tmp_path: Path, procs) -> None
     assert t.call("2") == "18"
     [listed] = json.loads(run("patchbox", "list", "-p", t.pid, "--json").stdout)
     assert listed["state"] == "applied"
+    # More loads than the agent has object slots (8): each unloaded one's slot and region
+    # are given back, so the patch goes into every new load.
+    for _ in range(8):
+        assert _say(t, "close").endswith("free") and _say(t, "open") == opened
+        run("patchbox", "apply", "-p", t.pid, pbx)
+        assert t.call("2") == "18"
+    assert int(info_json(t.pid)["objects"]) <= 3
     assert "nothing was written" not in run("patchbox", "remove", "-p", t.pid, "libfix").stdout
     assert t.call("2") == "17"
 
