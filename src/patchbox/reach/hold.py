@@ -9,7 +9,10 @@ threads to be held; the client then stops every thread but the agent's with
 ``PTRACE_SEIZE`` + ``PTRACE_INTERRUPT``, checks that no PC lies strictly inside (P,
 P+5) (else lets them go, backs off and tries again), and keeps them stopped until the
 reply. The agent checks the same itself (every other thread in a tracing stop, PCs and
-stacks clear) before it writes. The longest time a thread was stopped is measured.
+stacks clear), and, right before it writes, every stack no thread runs on (suspended
+coroutines, alternate signal stacks: docs/reach.md, "What the hold sees"); a word inside
+there refuses the apply at once (NOT_HELD). The longest time a thread was stopped is
+measured.
 
 Rules that keep it safe: threads are let go early only when a PC was inside (the agent
 cannot accept that state), else only after the reply or after the agent's own wait has
