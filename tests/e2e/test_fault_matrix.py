@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -275,3 +277,96 @@ def test_store_on_a_full_filesystem(built: dict[str, Path], tmp_path: Path) -> N
         assert proc.returncode != 0 and "Read-only file system" in proc.stderr, proc.stderr
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+SLOW_FIX = r"""
+@BODY@
+#include <patchbox/patch.h>
+static int slow(void) { usleep(800000); return 0; }
+PATCHBOX_HOOK(pre_apply, slow);
+"""
+
+
+def test_target_killed_mid_apply(built: dict[str, Path], tmp_path: Path) -> None:
+    """The target dies while its agent applies (a pre-apply hook sleeps, the test kills
+    the process meanwhile): the client says the process went away, promptly, naming
+    it; the next command on the host finds nothing of it (its socket file swept)."""
+    src = render(USE_HELPER="scale(x) + 9")
+    (tmp_path / "fix").mkdir()
+    cflags = run_tool("patchbox", "config", "--cflags").stdout.split()  # <patchbox/patch.h>
+    out = tmp_path / "fix" / "target.o"
+    obj = compile_c(SLOW_FIX.replace("@BODY@", src), out, obj=True, extra=cflags)
+    pbx = tmp_path / "slow.pbx"
+    run_tool(
+        "extract-patch", "--function", "use_helper", "--name", "slow", "-o", pbx, obj, built["exe"]
+    )
+    t = Target(built["exe"])
+    try:
+        client = subprocess.Popen(
+            [str(BIN / "patchbox"), "apply", "-p", str(t.pid), str(pbx)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        # The agent is in the pre-apply hook once the code is in its sandbox: wait for
+        # that thread to sleep (the hook's usleep), then kill the process.
+        deadline = time.monotonic() + 10
+        while not _agent_sleeping(t.pid):
+            assert time.monotonic() < deadline, "the agent never reached the hook"
+            time.sleep(0.01)
+        os.kill(t.pid, signal.SIGKILL)
+        out, err = client.communicate(timeout=30)
+    finally:
+        t.stop()
+    assert client.returncode == 1, (out, err)
+    assert f"pid {t.pid} exited while its agent was serving the request" in err, err
+    assert not t.socket.exists()  # the client swept it: nothing listens there
+
+
+def _agent_sleeping(pid: int) -> bool:
+    """Returns True if pid's agent thread sleeps in clock_nanosleep (the slow hook)."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            if (task / "comm").read_text().strip() != "patchbox-agent":
+                continue
+            return (task / "syscall").read_text().split()[0] == "230"  # clock_nanosleep
+        except OSError:
+            return False
+    return False
+
+
+def test_two_operators_race(built: dict[str, Path], tmp_path: Path) -> None:
+    """Two operators run `apply --all` and `remove --all` of the same patch on the same
+    processes at once, many times: every process ends whole (patched, or not), `list`
+    says which truthfully, and a last `remove --all` leaves every one as it was."""
+    targets = [Target(built["exe"]) for _ in range(3)]
+    try:
+        befores = {t.pid: program_text(t) for t in targets}
+        exe = str(built["exe"])
+        for _ in range(10):
+            a = subprocess.Popen(
+                [str(BIN / "patchbox"), "apply", "--all", "--exe", exe, str(built["patch"])],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            r = subprocess.Popen(
+                [str(BIN / "patchbox"), "remove", "--all", "--exe", exe, "helper"],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for p in (a, r):
+                _out, err = p.communicate(timeout=60)
+                # Each says what happened per process; none crashes.
+                assert p.returncode in (0, 1, 2), err
+                assert "Traceback" not in err, err
+            for t in targets:
+                observed(t)  # whole either way, and list agrees
+        run_tool("patchbox", "remove", "--all", "--exe", exe, "helper", check=False)
+        for t in targets:
+            assert not observed(t)
+            assert program_text(t) == befores[t.pid]
+    finally:
+        for t in targets:
+            t.stop()

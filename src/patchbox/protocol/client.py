@@ -10,6 +10,7 @@ time raises :class:`ConnectError`.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import socket
@@ -20,7 +21,7 @@ from types import TracebackType
 from typing import Any
 
 from patchbox import wire as C
-from patchbox.errors import ConnectError, ProtocolError
+from patchbox.errors import ConnectError, PatchboxError, ProtocolError
 from patchbox.format.codec import Writer
 from patchbox.protocol.discovery import (
     Candidate,
@@ -28,6 +29,7 @@ from patchbox.protocol.discovery import (
     connect_unix,
     discover,
     peer_pid,
+    sweep_stale_sockets,
 )
 from patchbox.protocol.replies import (
     AppliedPatch,
@@ -124,6 +126,7 @@ class Client:
         self.timeout = timeout
         self.sock: socket.socket | None = None
         self.seq = 0
+        self.peer: int | None = None  # the pid that accepted the connection (SO_PEERCRED)
 
     # -- connection ---------------------------------------------------------------
 
@@ -134,6 +137,7 @@ class Client:
         if self.pid is None:
             assert self.path is not None
             self.sock = self._open(Candidate(os.fspath(self.path), os.fspath(self.path), "-s"))
+            self.peer = peer_pid(self.sock) or None
             return self
         found = discover(self.pid)
         tried: list[str] = []
@@ -153,6 +157,7 @@ class Client:
                 continue
             self.sock = sock
             self.path = Path(candidate.path)
+            self.peer = self.pid
             return self
         if failure is not None and len(found.candidates) == 1:
             raise failure
@@ -251,6 +256,9 @@ class Client:
                 ) from err
             if not chunk:
                 self.close()
+                gone = self._peer_gone()
+                if gone:
+                    raise ProtocolError(gone)
                 if got == 0 and what == "header":
                     raise ProtocolError(
                         f"the agent at {self.path} closed the connection without replying"
@@ -262,6 +270,25 @@ class Client:
             chunks.append(chunk)
             got += len(chunk)
         return b"".join(chunks)
+
+    def _peer_gone(self) -> str:
+        """Returns why the reply never came if the process that accepted the connection
+        has exited (its socket file swept: nobody listens there any more), else ""."""
+        if self.peer is None:
+            return ""
+        try:  # gone, or a zombie its parent has not reaped yet
+            stat = Path(f"/proc/{self.peer}/stat").read_text()
+            if stat[stat.rfind(")") + 2 :][:1] not in ("Z", "X"):
+                return ""
+        except OSError:
+            pass
+        if self.path is not None and self.path.is_absolute():
+            with contextlib.suppress(OSError, PatchboxError):
+                sweep_stale_sockets(self.path.parent)  # the agent's rule: only if stale
+        return (
+            f"pid {self.peer} exited while its agent was serving the request: nothing of "
+            f"it outlives the process (its socket {self.path} is stale)"
+        )
 
     def _read_reply(self) -> tuple[int, int, bytes]:
         msg_type, seq, length = decode_header(self._recv_exact(C.HEADER_SIZE, "header"))

@@ -353,13 +353,19 @@ def probe_socket(path: str | os.PathLike[str]) -> bool | None:
 
 
 def _pid_exists(pid: int) -> bool:
+    """Returns False if no live process has ``pid``: none at all, or a zombie (it holds
+    no socket any more, and its pid cannot be reused until it is reaped)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
+        pass
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
         return True
-    return True
+    return stat[stat.rfind(")") + 2 :][:1] not in ("Z", "X")
 
 
 class SweepRefused(PatchboxError):
