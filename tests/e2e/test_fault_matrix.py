@@ -16,6 +16,7 @@ N-th such call, for every N from 1 to one past the last. After each kill:
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -366,6 +367,53 @@ def test_two_operators_race(built: dict[str, Path], tmp_path: Path) -> None:
         run_tool("patchbox", "remove", "--all", "--exe", exe, "helper", check=False)
         for t in targets:
             assert not observed(t)
+            assert program_text(t) == befores[t.pid]
+    finally:
+        for t in targets:
+            t.stop()
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["apply", "--all"], ["apply", "--all", "--rollback-on-failure"], ["remove", "--all"]],
+    ids=["apply-all", "apply-all-rollback", "remove-all"],
+)
+def test_fleet_command_killed_at_each_step(command: list[str], built: dict[str, Path]) -> None:
+    """`apply --all` (with and without --rollback-on-failure) and `remove --all` over
+    three processes, killed at each step: every process whole, patched or not, as `list`
+    says; `ps` lists each truthfully; running the command again completes it."""
+    targets = [Target(built["exe"]) for _ in range(3)]
+    exe = str(built["exe"])
+    applying = command[0] == "apply"
+    args = [*command, "--exe", exe, built["patch"] if applying else "helper"]
+    try:
+        befores = {t.pid: program_text(t) for t in targets}
+
+        def reset() -> None:
+            verb = "remove" if applying else "apply"
+            what = "helper" if applying else built["patch"]
+            run_tool("patchbox", verb, "--all", "--exe", exe, what, check=False)
+            assert all(observed(t) != applying for t in targets)
+
+        reset()
+        total = steps_of(*args)
+
+        def one(n: int) -> None:
+            reset()
+            run_killed(n, *args)
+            states = {t.pid: observed(t) for t in targets}  # whole, and list agrees
+            listed = json.loads(run_tool("patchbox", "ps", "--json").stdout)
+            rows = {r["pid"]: r for r in listed}
+            for t in targets:
+                names = list(rows[t.pid]["patches"])
+                assert (names == ["helper"]) == states[t.pid], (rows[t.pid], states)
+            again = run_tool("patchbox", *args, check=False)
+            assert again.returncode in (0, 1), again.stderr
+            assert all(observed(t) == applying for t in targets)
+
+        each_step(total, one)
+        run_tool("patchbox", "remove", "--all", "--exe", exe, "helper", check=False)
+        for t in targets:
             assert program_text(t) == befores[t.pid]
     finally:
         for t in targets:
