@@ -56,6 +56,8 @@ __all__ = [
     "Outcome",
     "ProcessRow",
     "list_processes",
+    "DRY_RUN",
+    "already_applied",
     "apply_all",
     "remove_all",
     "exit_status",
@@ -308,6 +310,39 @@ def _batch(
     return out
 
 
+def already_applied(name: str) -> str:
+    """Returns the reason of a process skipped because it has patch ``name`` already."""
+    return f"{name} is already applied"
+
+
+DRY_RUN = "check mode: "  # the reason's prefix of a predicted change
+
+
+def _predict(
+    host: _Host, agents: list[AgentSocket], name: str, present: bool, timeout: float
+) -> list[Outcome]:
+    """Returns what making patch ``name`` present (applied) or absent (removed) would do
+    to each agent, from one LIST each: nothing is changed."""
+    jobs = [Job(a.pid, a.connect, [(Msg.LIST, b"")], a.alt, a.inode) for a in agents]
+    run_jobs(jobs, timeout)
+    out = []
+    for job in jobs:
+        pid = job.peer_pid or job.key
+        if job.error is not None:
+            result, reason, retry = _judge(job, "", ErrorCode.OK, "")
+            out.append(host.outcome(pid, result, reason, retry))
+            continue
+        has = name in (p.name for p in job.replies[0])
+        if present:
+            result, reason = ("skipped", already_applied(name)) if has else ("applied", "")
+        else:
+            result, reason = ("removed", "") if has else ("skipped", f"{name} is not applied")
+        if result in ("applied", "removed"):
+            reason = f"{DRY_RUN}would be {result}"
+        out.append(host.outcome(pid, result, reason))
+    return out
+
+
 def _attach_missing(
     host: _Host, pids: Collection[int], include_privileged: bool = False
 ) -> dict[int, Outcome]:
@@ -350,7 +385,7 @@ def _apply_one_held(a: AgentSocket, host: _Host, pf: PatchFile, timeout: float) 
             o.reason = f"held {hold.threads} thread(s) for at most {hold.longest_ns / 1e6:.3f} ms"
     except AgentError as err:
         if err.code == ErrorCode.ALREADY_APPLIED:
-            o.result, o.reason = "skipped", f"{pf.patch.name} is already applied"
+            o.result, o.reason = "skipped", already_applied(pf.patch.name)
         elif err.code == ErrorCode.PERMISSION:
             o.result, o.reason = "unreachable", str(err)
         else:
@@ -380,6 +415,7 @@ def apply_all(
     timeout: float = 10.0,
     attach: bool = False,
     include_privileged: bool = False,
+    dry_run: bool = False,
 ) -> list[Outcome]:
     """Returns one outcome per process concerned after applying ``pf`` to every process
     that runs the patch's build: whose executable has its build-id or, for a library's,
@@ -391,12 +427,14 @@ def apply_all(
     unless ``include_privileged``. With ``rollback``, a failed or unreachable process
     anywhere removes the patch again from every process this call applied it to.
     Patches with held entry jumps (HOLD) go to one process after the other, each held
-    around its APPLY; the others to all at once."""
+    around its APPLY; the others to all at once. With ``dry_run``, every agent is asked
+    for its patches instead (nothing attached, nothing applied) and the outcomes say
+    what would happen ("check mode: would be applied")."""
     want = pf.patch.build_id.hex()
     host = _look()
     scope, of_build = _apply_scope(host, want, exe, build_id, pids)
     attached: dict[int, Outcome] = {}
-    if attach:
+    if attach and not dry_run:
         attached = _attach_missing(host, of_build - set(host.agents), include_privileged)
         host = _look()
         scope, of_build = _apply_scope(host, want, exe, build_id, pids)
@@ -414,7 +452,9 @@ def apply_all(
             have = host.running[pid].build_id
             reason = f"runs build-id {have or 'none'} and maps no library of {want}"
             rows.append(host.outcome(pid, "skipped", reason))
-    if pf.patch.flags & ApplyFlag.HOLD:
+    if dry_run:
+        done = _predict(host, targets, pf.patch.name, True, timeout)
+    elif pf.patch.flags & ApplyFlag.HOLD:
         done = [_apply_one_held(a, host, pf, timeout) for a in targets]
     else:
         done = _batch(
@@ -423,11 +463,11 @@ def apply_all(
             (Msg.APPLY, pf.body),
             "applied",
             ErrorCode.ALREADY_APPLIED,
-            f"{pf.patch.name} is already applied",
+            already_applied(pf.patch.name),
             timeout,
         )
     bad = [o for o in done + rows if o.result in ("failed", "unreachable")]
-    if rollback and bad:
+    if rollback and bad and not dry_run:
         applied = {o.pid for o in done if o.result == "applied"}
         back = _batch(
             host,
@@ -460,13 +500,15 @@ def remove_all(
     build_id: str | None = None,
     pids: Collection[int] | None = None,
     timeout: float = 10.0,
+    dry_run: bool = False,
 ) -> list[Outcome]:
     """Returns one outcome per process concerned after removing patch ``name`` from every
     agent that has it (narrowed by ``exe``, ``build_id`` — processes running that build
     or mapping a library of it — or ``pids``); agents without it are skipped. Processes
     of the build (of a build patchbox knows, without narrowing) whose agent cannot be
     reached may still run the patch: unreachable. Processes without any agent cannot
-    hold it: skipped."""
+    hold it: skipped. With ``dry_run``, every agent is asked for its patches instead
+    and the outcomes say what would happen."""
     host = _look()
     scope = _narrow(host, exe, build_id, pids)
     if exe is None and build_id is None:
@@ -474,15 +516,19 @@ def remove_all(
         of_build = {p for p in scope if p in host.running and host.running[p].build_id in known}
     else:
         of_build = scope
-    done = _batch(
-        host,
-        [host.agents[p] for p in sorted(scope) if p in host.agents],
-        _remove_request(name),
-        "removed",
-        ErrorCode.NOT_APPLIED,
-        f"{name} is not applied",
-        timeout,
-    )
+    agents = [host.agents[p] for p in sorted(scope) if p in host.agents]
+    if dry_run:
+        done = _predict(host, agents, name, False, timeout)
+    else:
+        done = _batch(
+            host,
+            agents,
+            _remove_request(name),
+            "removed",
+            ErrorCode.NOT_APPLIED,
+            f"{name} is not applied",
+            timeout,
+        )
     reached = {o.pid for o in done}
     for pid in sorted(of_build - set(host.agents) - reached):
         if agent_inside(pid) is False:
