@@ -19,6 +19,9 @@ compgen -G '/usr/lib/llvm-*/lib/clang/*/lib/linux/libclang_rt.fuzzer-x86_64.a' >
 # an init system runs, the package also starts the distribution's ssh service), reached
 # with ssh (openssh-client).
 command -v ip >/dev/null || need_apt+=(iproute2)
+# The fault matrix (tests/e2e/test_fault_matrix.py) kills commands at each system call
+# with strace's fault injection.
+command -v strace >/dev/null || need_apt+=(strace)
 [ -x /usr/sbin/sshd ] || need_apt+=(openssh-server)
 command -v ssh >/dev/null || need_apt+=(openssh-client)
 if [ ${#need_apt[@]} -gt 0 ]; then

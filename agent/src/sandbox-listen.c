@@ -146,6 +146,7 @@ char sandbox_log_path[PATH_MAX];	/* "" = logging off */
 static int sandbox_log_beside;		/* the log is <socket name>.log in the socket directory */
 static struct sandbox_fd sandbox_log_fd = { -1, 0, 0 };
 static int sandbox_log_reported;
+static int sandbox_abstract_reported;	/* the fallback to the abstract namespace, said once */
 static int sandbox_sweep_pending;	/* a bind succeeded: open the log, sweep the directory */
 static pid_t sandbox_parent_sock_pid;	/* a forked child's: the parent's socket, looked at once */
 static struct sandbox_fd sandbox_conn = { -1, 0, 0 };	/* sandbox_client_serve's connection */
@@ -410,14 +411,29 @@ static int sandbox_sock_setup_locked(void)
 		sandbox_fd_close(&sandbox_sock.lfd);
 	}
 	sandbox_sock.bound = 0;		/* a file left at our name is replaced if stale */
+	sandbox_sock.abstract = 0;
 	sandbox_sock.lfd.fd = -1;	/* closed above or not ours: forgotten */
 	int rc = sandbox_sock_bind(&sandbox_sock, getpid());
-	if (rc != 0)
+	if (rc != 0 && rc != -ECANCELED) {
+		/* The directory refuses us: the abstract namespace instead (sandbox-sock.c). */
+		char why[sizeof(sandbox_sock.why)];
+		snprintf(why, sizeof(why), "%s", rc == -EPERM && sandbox_sock.why[0] ? sandbox_sock.why : strerror(-rc));
+		if (sandbox_sock_bind_abstract(&sandbox_sock, getpid()) != 0)
+			return rc;
+		if (!sandbox_abstract_reported++)
+			sandbox_stderr_print("patchbox: agent socket sandbox-sock%d in %s: %s; listening on %s "
+					     "instead", (int)getpid(), sandbox_sock.dir, why, sandbox_sock.addr);
+	} else if (rc != 0) {
 		return rc;
+	}
 	sandbox_owner_pid = getpid();
-	if (sandbox_sock_path_get(&sandbox_sock, sandbox_sock.name, sandbox_sock_path, sizeof(sandbox_sock_path)))
+	if (sandbox_sock.abstract ||
+	    sandbox_sock_path_get(&sandbox_sock, sandbox_sock.name, sandbox_sock_path, sizeof(sandbox_sock_path)))
 		snprintf(sandbox_sock_path, sizeof(sandbox_sock_path), "%s", sandbox_sock.addr);
-	if (sandbox_log_beside) {
+	if (sandbox_log_beside && sandbox_sock.abstract) {
+		sandbox_fd_close(&sandbox_log_fd);
+		sandbox_log_path[0] = '\0';	/* no directory of ours to log into */
+	} else if (sandbox_log_beside) {
 		sandbox_fd_close(&sandbox_log_fd);	/* an older name's (a child's parent) */
 		if (snprintf(sandbox_log_path, sizeof(sandbox_log_path), "%.*s.log", PATH_MAX - 5,
 			     sandbox_sock_path) < 0)
@@ -678,19 +694,18 @@ static int sandbox_agent_start_locked(void)
 
 	pthread_mutex_lock(&sandbox_sock_lock);
 	int rc = sandbox_sock_dir_open(&sandbox_sock, dir);
-	/* A directory this process may not trust now (another user's: a root daemon
-	 * pointed at its own user's directory) may become its own when the daemon drops
-	 * privileges: the agent thread retries then, reporting why, and touches nothing
-	 * there meanwhile (docs/security.md, "The socket directory"). */
-	int untrusted = rc == -EPERM;
-	if (rc != 0 && !untrusted) {
+	/* A directory this process may not trust (another user's: a root daemon pointed
+	 * at its own user's directory) is left untouched: the socket goes to the abstract
+	 * namespace instead (sandbox_sock_setup_locked; docs/security.md). */
+	if (rc != 0 && rc != -EPERM) {
 		pthread_mutex_unlock(&sandbox_sock_lock);
 		return sandbox_start_fail(rc, "socket directory %s: %s", dir,
 					  sandbox_sock.why[0] ? sandbox_sock.why : strerror(-rc));
 	}
-	rc = untrusted ? 0 : sandbox_sock_setup_locked();
-	if (rc == -EPERM) {
-		sandbox_fd_close(&sandbox_sock.dirfd);	/* the thread reopens and reports */
+	rc = sandbox_sock_setup_locked();
+	if (rc == -EPERM || rc == -EADDRINUSE) {
+		/* Not even the abstract name (squatted?): the agent thread retries. */
+		sandbox_fd_close(&sandbox_sock.dirfd);
 	} else if (rc != 0) {
 		sandbox_fd_close(&sandbox_sock.dirfd);
 		pthread_mutex_unlock(&sandbox_sock_lock);

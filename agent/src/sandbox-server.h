@@ -147,6 +147,7 @@ struct sandbox_sock {
 	int bound;		/* dir/name is this agent's file */
 	char why[256];		/* why the directory or a file in it was refused, "" if not */
 	int quiet;		/* nothing changed in the directory for a while before the bind */
+	int abstract;		/* bound in the abstract namespace (addr "@patchbox/..."), no file */
 };
 
 /* Opens dir (O_PATH) as the socket directory; s->dirfd must be none (or forgotten).
@@ -160,6 +161,10 @@ int sandbox_sock_file_open(struct sandbox_sock *s, const char *name, struct sand
 /* Binds and listens on sandbox-sock<pid>, replacing a stale file, mode 0600; sets
  * quiet if the directory had not changed for SANDBOX_SWEEP_QUIET_S before. */
 int sandbox_sock_bind(struct sandbox_sock *s, pid_t pid);
+/* Binds and listens on the abstract address @patchbox/sandbox-sock<pid> (no file):
+ * where the directory refuses this process (a worker that dropped privileges, a
+ * directory it may not trust). Who is served is the peer rule's alone. 0 or -errno. */
+int sandbox_sock_bind_abstract(struct sandbox_sock *s, pid_t pid);
 /* 0 if the socket is bound and both descriptors are ours (the directory's reopened
  * if that suffices), -1 if it must be bound anew. */
 int sandbox_sock_check(struct sandbox_sock *s);

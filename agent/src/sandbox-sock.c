@@ -38,6 +38,13 @@
  * without its destructor (glibc's daemon() calls _exit) leaves that one file, and its
  * child binds within a fraction of a second, before the directory is quiet.
  *
+ * The abstract fallback: where the directory refuses the process (a worker that
+ * dropped to a user who may not write the root-owned directory; a directory it may not
+ * trust), the agent listens on @patchbox/sandbox-sock<pid> in the abstract namespace
+ * instead: no file, nothing to plant or sweep; anyone in the network namespace may
+ * connect, and the peer rule (sandbox-trust.c) alone decides who is served. After a
+ * credential change the process is not dumpable: root only.
+ *
  * Files in the directory (docs/security.md, "The socket directory"): the directory
  * must be owned by root or the effective uid and writable by nobody else unless it is
  * sticky (sandbox_dir_trusted): then nobody but its owner (trusted) can replace what
@@ -51,6 +58,7 @@
 #define _GNU_SOURCE
 #endif
 #include <dirent.h>
+#include <stddef.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <signal.h>
@@ -69,6 +77,7 @@
 #define SANDBOX_FD_SPAN 32		/* numbers kept free below the high limit for the agent */
 #define SANDBOX_SWEEP_MAX 4096		/* directory entries examined by one sweep */
 #define SANDBOX_SOCK_PREFIX "sandbox-sock"
+#define SANDBOX_ABSTRACT_PREFIX "patchbox/"	/* @patchbox/sandbox-sock<pid> */
 #define SANDBOX_SWEEP_QUIET_S 2		/* a directory changed more recently is not swept */
 
 /* ------------------------------------------------------------------ descriptors */
@@ -355,12 +364,39 @@ int sandbox_sock_bind(struct sandbox_sock *s, pid_t pid)
 	return 0;
 }
 
+int sandbox_sock_bind_abstract(struct sandbox_sock *s, pid_t pid)
+{
+	struct sockaddr_un a;
+	memset(&a, 0, sizeof(a));
+	a.sun_family = AF_UNIX;
+	snprintf(s->name, sizeof(s->name), SANDBOX_SOCK_PREFIX "%d", (int)pid);
+	/* sun_path[0] = '\0': the abstract namespace of the process's network namespace. */
+	int n = snprintf(a.sun_path + 1, sizeof(a.sun_path) - 1, SANDBOX_ABSTRACT_PREFIX "%s", s->name);
+	socklen_t len = (socklen_t)(offsetof(struct sockaddr_un, sun_path) + 1 + (size_t)n);
+	struct sandbox_fd l;
+	int rc = sandbox_fd_own(&l, socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0), 1);
+	if (rc != 0)
+		return rc;
+	if (bind(l.fd, (const struct sockaddr *)&a, len) != 0 || listen(l.fd, 8) != 0) {
+		rc = -errno;	/* EADDRINUSE: squatted; a client checks SO_PEERCRED anyway */
+		sandbox_fd_close(&l);
+		return rc;
+	}
+	s->lfd = l;
+	snprintf(s->addr, sizeof(s->addr), "@" SANDBOX_ABSTRACT_PREFIX "%s", s->name);
+	s->abstract = 1;
+	s->bound = 1;
+	return 0;
+}
+
 int sandbox_sock_check(struct sandbox_sock *s)
 {
 	if (!s->bound)
 		return -1;
 	if (!sandbox_fd_ours(&s->lfd))
 		return -1;
+	if (s->abstract)
+		return 0;	/* no file, no directory: the listening socket is all */
 	if (sandbox_fd_ours(&s->dirfd)) {
 		/* The file must still be there: a sweep racing a pid's reuse, or anyone
 		 * who may write the directory, could have removed it; bound anew then. */
@@ -383,7 +419,7 @@ int sandbox_sock_check(struct sandbox_sock *s)
 
 void sandbox_sock_unbind(struct sandbox_sock *s)
 {
-	if (s->bound) {
+	if (s->bound && !s->abstract) {
 		if (sandbox_fd_ours(&s->dirfd)) {
 			unlinkat(s->dirfd.fd, s->name, 0);
 		} else {
@@ -393,6 +429,7 @@ void sandbox_sock_unbind(struct sandbox_sock *s)
 		}
 	}
 	s->bound = 0;
+	s->abstract = 0;
 }
 
 /* ------------------------------------------------------------------ stale sockets */

@@ -17,6 +17,7 @@ descriptor (docs/security.md, "Client, host tools and Ansible"):
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import stat
 from collections.abc import Iterator
@@ -202,14 +203,41 @@ def open_nofollow(dirfd: int, name: str, flags: int = os.O_RDONLY) -> int:
     return os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=dirfd)
 
 
+TEMP_NAME = re.compile(r"\..+\.[0-9a-f]{12}\.tmp")  # replace_file's, for sweep_temps
+
+
+def sweep_temps(dirfd: int) -> list[str]:
+    """Returns the names of :func:`replace_file` temporaries removed from ``dirfd``: left
+    by a writer killed between naming its file and renaming it. The caller must hold
+    what keeps other writers out (the store's lock), or it removes their files."""
+    gone = []
+    for name in os.listdir(dirfd):
+        if TEMP_NAME.fullmatch(name):
+            try:
+                os.unlink(name, dir_fd=dirfd)
+                gone.append(name)
+            except FileNotFoundError:
+                continue
+    return gone
+
+
 def replace_file(dirfd: int, name: str, data: bytes, mode: int = 0o644) -> None:
-    """Writes ``data`` to ``name`` in directory ``dirfd`` atomically: a new file of a
-    random name (``O_CREAT | O_EXCL | O_NOFOLLOW``, ``fchmod mode``), synced, then renamed
-    over ``name`` through the same descriptor. A reader sees the old file or all of the
-    new one; a link planted at either name is replaced, never written through."""
+    """Writes ``data`` to ``name`` in directory ``dirfd`` atomically: a new file, synced,
+    then renamed over ``name`` through the same descriptor. A reader sees the old file or
+    all of the new one; a link planted at either name is replaced, never written through.
+
+    The new file is anonymous while it is written (``O_TMPFILE``), given a random name
+    (``linkat``) only once complete, then renamed: a writer killed at any instant leaves
+    nothing, or, between those last two calls, a temporary that :func:`sweep_temps`
+    recognises. Where ``O_TMPFILE`` is missing: ``O_CREAT | O_EXCL | O_NOFOLLOW``."""
     tmp = f".{name}.{secrets.token_hex(6)}.tmp"
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-    fd = os.open(tmp, flags, 0o600, dir_fd=dirfd)
+    try:
+        fd = os.open(".", os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o600, dir_fd=dirfd)
+        anonymous = True
+    except OSError:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(tmp, flags, 0o600, dir_fd=dirfd)
+        anonymous = False
     try:
         try:
             os.fchmod(fd, mode)  # whatever the umask
@@ -217,6 +245,8 @@ def replace_file(dirfd: int, name: str, data: bytes, mode: int = 0o644) -> None:
             while view:
                 view = view[os.write(fd, view) :]
             os.fsync(fd)
+            if anonymous:  # complete: now it may have a name
+                os.link(f"/proc/self/fd/{fd}", tmp, dst_dir_fd=dirfd)
         finally:
             os.close(fd)
         os.replace(tmp, name, src_dir_fd=dirfd, dst_dir_fd=dirfd)

@@ -24,6 +24,7 @@ file or none, and a link planted in the store is never written through.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import time
 from dataclasses import dataclass
@@ -202,6 +203,9 @@ def install(
     finally:
         os.close(rootfd)
     try:
+        # One writer at a time per build (another install's temporary is not stale).
+        fcntl.flock(dirfd, fcntl.LOCK_EX)
+        safefs.sweep_temps(dirfd)  # of an install killed before its rename
         old = _entries(dirfd, pf.patch.name)
         seq = old[0][0] if old else time.time_ns()
         final = _entry_name(seq, pf.patch.name)
@@ -241,6 +245,8 @@ def uninstall(
             except FileNotFoundError:
                 continue
             try:
+                fcntl.flock(dirfd, fcntl.LOCK_EX)  # install's lock
+                safefs.sweep_temps(dirfd)
                 for seq, filename in _entries(dirfd, name):
                     try:
                         os.unlink(filename, dir_fd=dirfd)

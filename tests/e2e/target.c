@@ -161,6 +161,13 @@ int main(int argc, char **argv)
 			printf(ok ? "dropped\n" : "failed\n");
 			continue;
 		}
+		if (strcmp(name, "closefds") == 0) {	/* a daemon closing what it inherited */
+			for (int fd = 3; fd < 1024; fd++)
+				if (fd != park_fds[0] && fd != park_fds[1])
+					close(fd);
+			printf("closed\n");
+			continue;
+		}
 		if (strcmp(name, "ids") == 0) {
 			uid_t ru, eu, su;
 			gid_t rg, eg, sg;

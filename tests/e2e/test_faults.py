@@ -19,7 +19,7 @@ import pytest
 import rawwire
 from live import Target, render
 
-from helpers import compile_c
+from helpers import compile_c, info_json
 from patchbox.extract import extract_patch
 from patchbox.format.layout import encode_apply_body
 from patchbox.format.model import Patch
@@ -204,7 +204,8 @@ def run_as_nobody(exe: Path, env: dict[str, str]) -> subprocess.Popen:
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run the target as another user")
 def test_socket_dir_not_writable(target_exe: Path) -> None:
-    """The agent cannot create its socket: the program runs on, the reason is on stderr."""
+    """The agent cannot create its socket: the program runs on, the reason is on stderr,
+    and the agent listens in the abstract namespace instead (root reaches it there)."""
     tmp = Path(tempfile.mkdtemp(prefix="pbx-ro-"))
     try:
         tmp.chmod(0o755)
@@ -218,13 +219,14 @@ def test_socket_dir_not_writable(target_exe: Path) -> None:
         proc.stdin.flush()
         assert proc.stdout.readline().strip() == "41"
         assert proc.poll() is None
+        assert info_json(proc.pid)["socket"] == f"@patchbox/sandbox-sock{proc.pid}"
         proc.stdin.close()
         proc.wait(10)
         err = proc.stderr.read()
         proc.stdout.close()
         proc.stderr.close()
-        assert "agent not started" in err and str(ro) in err and "Permission denied" in err, err
-        assert err.count("agent not started") == 1
+        assert str(ro) in err and "Permission denied" in err, err
+        assert err.count(f"listening on @patchbox/sandbox-sock{proc.pid} instead") == 1, err
         assert not list(ro.iterdir())
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -423,8 +423,8 @@ def test_socket_directory_others_can_write_is_refused(how: str, victim_exe: Path
     """A root process told to put its socket in a directory nobody can write (the
     daemon's own user owns it, or it is group-writable and not sticky): nobody plants
     the agent's log name as a link to a root file. The agent refuses the directory and
-    says why (retrying: a daemon may yet become that directory's user); nothing is
-    created or followed; the program runs on."""
+    says why; nothing there is created or followed; it listens in the abstract namespace
+    instead, where the peer rule admits root and not nobody; the program runs on."""
     if how == "owned-by-nobody":
         sock_dir = place(owner=NOBODY, group=NOGROUP)
         why = "is owned by uid 65534"
@@ -436,9 +436,12 @@ def test_socket_directory_others_can_write_is_refused(how: str, victim_exe: Path
         link = sock_dir / f"sandbox-sock{v.pid}.log"
         subprocess.run([*AS_NOBODY, "ln", "-s", str(target), str(link)], check=True)
         v.release()
-        err = v.stderr_until("(retrying)")
+        err = v.stderr_until(f"listening on @patchbox/sandbox-sock{v.pid} instead")
         assert why in err, err
-        time.sleep(1.5)  # a retry or two
+        assert v.agent_socket() == f"@patchbox/sandbox-sock{v.pid}"
+        assert info_json(v.pid)["log"] == "off"  # no directory of its own to log into
+        refused = nobody_run(PATCHBOX, "info", "-p", v.pid)
+        assert refused.returncode == 1, refused
         assert v.call("greet") == "hello"
     assert target.read_text() == "precious\n"
     assert target.stat().st_mode & 0o777 == 0o644
@@ -449,16 +452,43 @@ def test_daemon_binds_once_it_runs_as_the_directorys_user(
     victim_exe: Path, fix: Path, place
 ) -> None:
     """A root daemon pointed at its own user's socket directory (as /run/dnsmasq is
-    dnsmasq's): refused while root, bound once the daemon dropped to that user. After
-    that credential change the process is not dumpable: only root may patch it."""
+    dnsmasq's): refused while root (the abstract namespace instead), then the daemon
+    closes every descriptor and drops to that user: its agent binds there, the directory
+    being its own user's now. After that credential change the process is not
+    dumpable: only root may patch it."""
     sock_dir = place(owner=NOBODY, group=NOGROUP)
     with running([str(victim_exe)], env={"PATCHBOX_SOCK_DIR": str(sock_dir)}) as v:
-        v.stderr_until("(retrying)")
+        v.stderr_until("instead")
         assert list(sock_dir.iterdir()) == []
+        assert v.agent_socket().startswith("@")
         assert v.call("dropto", NOBODY) == "dropped"
-        sock = Path(v.agent_socket())
-        assert sock.parent == sock_dir and sock.lstat().st_uid == NOBODY
+        assert v.call("closefds") == "closed"  # as dnsmasq does: the agent binds anew
+        deadline = time.monotonic() + 10
+        while (sock := Path(v.agent_socket())).parent != sock_dir:
+            assert time.monotonic() < deadline, sock
+            time.sleep(0.05)
+        assert sock.lstat().st_uid == NOBODY
         proc = nobody_run(PATCHBOX, "apply", "-s", sock, fix)
+        assert proc.returncode == 1 and "not dumpable" in proc.stderr, proc.stderr
+        run_tool("patchbox", "apply", "-p", v.pid, fix)
+        assert v.call("greet") == "patched"
+
+
+def test_worker_that_dropped_privileges_is_reached_by_root(victim_exe: Path, fix: Path) -> None:
+    """A root daemon whose socket lies beside its root-owned executable drops to nobody
+    and closes its descriptors (a worker after fork): nobody may not create a file
+    there, so its agent listens in the abstract namespace. root reaches it and patches
+    it; nobody, its user now, may not (a credential change: not dumpable)."""
+    with running([str(victim_exe)]) as v:
+        assert Path(v.agent_socket()).parent == victim_exe.parent
+        assert v.call("dropto", NOBODY) == "dropped"
+        assert v.call("closefds") == "closed"
+        deadline = time.monotonic() + 10
+        while not (sock := v.agent_socket()).startswith("@"):
+            assert time.monotonic() < deadline, sock
+            time.sleep(0.05)
+        assert sock == f"@patchbox/sandbox-sock{v.pid}"
+        proc = nobody_run(PATCHBOX, "apply", "-s", sock, fix)  # anyone may connect
         assert proc.returncode == 1 and "not dumpable" in proc.stderr, proc.stderr
         run_tool("patchbox", "apply", "-p", v.pid, fix)
         assert v.call("greet") == "patched"

@@ -14,6 +14,14 @@ An :class:`Extractor` takes the replacement functions out of a ``.o`` compiled w
 - a global that another object of the same patch defines and the program lacks (a new
   function in another file) → copied from that object (its *member* of the group).
 
+A plain object (compiled without ``-ffunction-sections``) holds several functions in one
+``.text``. Only the replaced function's range of it is *live*: every reference from it to
+another function of that section — by symbol, by section offset, or a call or jump the
+assembler resolved without a relocation (found with capstone) — binds to the running
+program's function like any other (globals by name, statics by name and file); a function
+is copied (its range made live) only where the program lacks it, and refused, naming it
+and the remedy, where the program's cannot be told. Nothing that was not asked for runs.
+
 Text layout of one object: replaced functions (each its whole section with its own 6+2
 NOP entry, 16-aligned), other copied functions, copied read-only data (16-aligned),
 import stubs (16 bytes each: ``ff 25 00000000`` + 8-byte slot + 2 × int3), GOT slots
@@ -27,6 +35,9 @@ import enum
 import os
 import re
 from dataclasses import dataclass
+
+from capstone import CS_ARCH_X86, CS_GRP_CALL, CS_GRP_JUMP, CS_MODE_64, Cs
+from capstone.x86 import X86_OP_IMM
 
 from patchbox import wire as C
 from patchbox.elf.binary import Binary, Symbol
@@ -138,6 +149,13 @@ class Extractor:
             for s in obj.symbols
             if s.defined and not s.is_local and s.name and s.type in ("FUNC", "OBJECT", "NOTYPE")
         }
+        # Shared code sections (several functions, a plain object): the function ranges
+        # of each that the patch needs; sections absent here are live whole.
+        self.live: dict[int, set[tuple[int, int]]] = {}
+        self.scanned: set[tuple[int, int, int]] = set()  # (section, start, end) discovered
+        # Branches the assembler resolved inside a shared section, bound to the program:
+        # (section, offset of the rel32 field, link-time address of the target).
+        self.bound_branches: list[tuple[int, int, int]] = []
 
     # -- step 1 and 2: the replaced functions -----------------------------------------
 
@@ -178,7 +196,7 @@ class Extractor:
             out.append(Replaced(sym, sec, orig.address, expected, kind, skip, held))
         self.replaced = out
         for r in out:
-            self.copy(r.section.index, "func")
+            self.copy_function(r.section, r.symbol.value)
             self.entries[r.section.index] = (r.symbol.value, r.address)
         return out
 
@@ -203,7 +221,7 @@ class Extractor:
                         f"a function of this object"
                     )
                 value = (sym.value if sym.type != "SECTION" else 0) + rel.addend
-                self.copy(target.index, "func")
+                self.copy_function(target, value)
                 self.hooks.append((HookKind[when_name], target.index, value))
         if len(self.hooks) > C.MAX_HOOKS:
             raise ExtractError(f"{len(self.hooks)} hooks in {self.obj.path} (max {C.MAX_HOOKS})")
@@ -271,14 +289,113 @@ class Extractor:
             self.copied[index] = kind
             self.worklist.append(index)
 
+    def copy_function(self, sec: Section, offset: int) -> None:
+        """Adds the function at ``offset`` of code section ``sec`` to the patch: its range
+        only when the section holds other functions too (a plain object), else the
+        section."""
+        fn = self._function_at(sec, offset) if self._shared(sec) else None
+        if fn is None:
+            self.copy(sec.index, "func")
+            return
+        rng = (fn.value, fn.value + max(fn.size, 1))
+        ranges = self.live.setdefault(sec.index, set())
+        if rng not in ranges:
+            ranges.add(rng)
+            self.copied.setdefault(sec.index, "func")
+            self.worklist.append(sec.index)
+
+    def _shared(self, sec: Section) -> bool:
+        """Returns True if code section ``sec`` holds more than one function (a plain
+        object), other than a replaced function's own GCC clones."""
+        if not sec.is_exec:
+            return False
+        funcs = [s for s in self.obj.get_section_symbols(sec) if s.type == "FUNC"]
+        return len(funcs) > 1
+
+    def _function_at(self, sec: Section, offset: int) -> ObjSymbol | None:
+        """Returns the FUNC symbol of ``sec`` whose range holds ``offset``, or None."""
+        for s in self.obj.get_section_symbols(sec):
+            if s.type == "FUNC" and s.value <= offset < s.value + max(s.size, 1):
+                return s
+        return None
+
+    def _is_live(self, sec: Section, offset: int) -> bool:
+        ranges = self.live.get(sec.index)
+        return ranges is None or any(a <= offset < b for a, b in ranges)
+
+    def _live_relocations(self, sec: Section) -> list[Relocation]:
+        return [r for r in self.obj.get_relocations(sec) if self._is_live(sec, r.offset)]
+
     def discover(self) -> None:
-        """Resolves every relocation of every copied section, copying what is new."""
+        """Resolves every relocation of every copied section (of a shared code section,
+        of its live functions, and their branches the assembler resolved), copying what
+        is new."""
         while self.worklist:
             sec = self.obj.get_section(self.worklist.pop(0))
-            for rel in self.obj.get_relocations(sec):
+            for a, b in sorted(self.live.get(sec.index, ())):
+                if (sec.index, a, b) not in self.scanned:
+                    self.scanned.add((sec.index, a, b))
+                    self._bind_internal_branches(sec, a, b)
+            for rel in self._live_relocations(sec):
                 rtype = get_reloc_type(rel.type, _where(sec, rel), _target_name(rel.symbol))
                 if rtype.recipe is not Recipe.NONE:
                     self.resolve(sec, rel)
+
+    def _bind_internal_branches(self, sec: Section, start: int, end: int) -> None:
+        """Binds every call and jump of [start, end) of shared section ``sec`` that the
+        assembler resolved to another function of the section (no relocation: a static
+        function, a local label) to the program's function, or copies that function where
+        the program lacks it."""
+        fields = {r.offset for r in self.obj.get_relocations(sec)}
+        md = Cs(CS_ARCH_X86, CS_MODE_64)
+        md.detail = True
+        for insn in md.disasm(sec.data[start:end], start):
+            if not (insn.group(CS_GRP_JUMP) or insn.group(CS_GRP_CALL)) or not insn.operands:
+                continue
+            op = insn.operands[0]
+            if op.type != X86_OP_IMM or start <= op.imm < end:
+                continue  # indirect, or inside the function itself
+            field = insn.address + insn.size - 4
+            if field in fields:
+                continue  # a relocation says where it goes: resolve() binds it
+            fn = self._function_at(sec, op.imm)
+            where = f"{sec.name}+{insn.address:#x}"
+            if fn is None:
+                raise ExtractError(
+                    f"{self.obj.path}: the {insn.mnemonic} at {where} goes to {op.imm:#x} of "
+                    f"{sec.name}, outside any function: compile with -ffunction-sections "
+                    f"(`patchbox config --cflags`)"
+                )
+            orig = self._program_function(sec, fn, where)
+            if orig is None:
+                self.copy_function(sec, fn.value)  # new: the relative branch stays right
+            elif insn.size < 5:  # jmp/jcc rel8: no room for the program's address
+                raise ExtractError(
+                    f"{self.obj.path}: the short {insn.mnemonic} at {where} goes to {fn.name}, "
+                    f"which the running program has and the patch must reach there: a short "
+                    f"branch cannot; compile with -ffunction-sections (`patchbox config --cflags`)"
+                )
+            else:
+                self.bound_branches.append((sec.index, field, orig.address + op.imm - fn.value))
+
+    def _program_function(self, sec: Section, fn: ObjSymbol, where: str) -> Symbol | None:
+        """Returns the running program's ``fn`` (a function sharing a replaced function's
+        section), None if the program lacks it (new: copied); raises ExtractError if the
+        program's cannot be told (its static symbols of this file unknown)."""
+        if any(r.symbol is fn for r in self.replaced) or self._is_clone_of_replaced(fn):
+            return None
+        orig = self._find_in_binary(fn)
+        if orig is not None and orig.type == "FUNC":
+            return orig
+        if fn.is_local and not (self.source and self.bin.has_source_file(self.source)):
+            raise ExtractError(
+                f"{self.obj.path}: {where} reaches static {fn.name}, which shares "
+                f"{sec.name} with the replaced function; {self.bin.path} has no static "
+                f"symbols of {os.path.basename(self.source or '?')}, so its {fn.name} cannot "
+                f"be found and copying it would run code nobody selected: compile with "
+                f"-ffunction-sections (`patchbox config --cflags`)"
+            )
+        return None
 
     def resolve(self, sec: Section, rel: Relocation) -> Target:
         """Returns the target of ``rel``; copies sections that the program lacks."""
@@ -307,6 +424,8 @@ class Extractor:
             return Target(Kind.IMPORT, 0, symbol=sym.name)
         target_sec = self.obj.get_symbol_section(sym)
         value = sym.value if sym.type != "SECTION" else 0
+        if self._shared(target_sec):
+            return self._resolve_shared(sec, rel, target_sec, value)
         if target_sec.index in self.copied:
             return Target(Kind.COPY, value, section=target_sec.index)
         base = self._exe_section_base(target_sec, sym, sec, rel)
@@ -321,6 +440,30 @@ class Extractor:
             )
         self.copy(target_sec.index, _kind(target_sec))
         return Target(Kind.COPY, value, section=target_sec.index)
+
+    def _resolve_shared(
+        self, sec: Section, rel: Relocation, target_sec: Section, value: int
+    ) -> Target:
+        """Returns the target of ``rel`` into shared code section ``target_sec``: within a
+        live function, the copy; another function, the program's (copied if it lacks it)."""
+        pointed = value + rel.addend
+        rtype = get_reloc_type(rel.type, _where(sec, rel), _target_name(rel.symbol))
+        if rel.symbol.type == "FUNC":
+            pointed = value  # the symbol names the function; the addend is the field's
+        elif rtype.pcrel:
+            pointed += 4  # a call, jmp or lea: the displacement ends the instruction
+        fn = self._function_at(target_sec, pointed)
+        if fn is None:
+            raise ExtractError(
+                f"{_where(sec, rel)} refers to {target_sec.name}+{pointed:#x}, outside any "
+                f"function of that shared section: compile with -ffunction-sections "
+                f"(`patchbox config --cflags`)"
+            )
+        orig = self._program_function(target_sec, fn, _where(sec, rel))
+        if orig is None:
+            self.copy_function(target_sec, fn.value)
+            return Target(Kind.COPY, value, section=target_sec.index)
+        return Target(Kind.EXE, orig.address - fn.value + value)
 
     def _member_defining(self, name: str) -> Target | None:
         """Returns the copy of global ``name`` that another object of the patch defines
@@ -456,7 +599,7 @@ class Extractor:
         pending: list[tuple[Section, Relocation, RelocType, Target]] = []
         for i in self.copied:
             sec = self.obj.get_section(i)
-            for rel in self.obj.get_relocations(sec):
+            for rel in self._live_relocations(sec):
                 rtype = get_reloc_type(rel.type, _where(sec, rel), _target_name(rel.symbol))
                 if rtype.recipe is not Recipe.NONE:
                     tgt = self._entry_address(sec, rel, rtype, self.resolve(sec, rel))
@@ -509,6 +652,13 @@ class Extractor:
                 )
             else:
                 self._add(where, FixupType.PC32, tgt, pos, rel.addend)
+        for index, field, address in self.bound_branches:
+            _area, off = self.placement[index]
+            text[off + field : off + field + 4] = bytes(4)
+            # rel32 = target - (field + 4): S + A - P with A = -4
+            self._own(
+                Fixup(FixupSection.TEXT, FixupType.PC32, FixupBase.EXE, off + field, address - 4)
+            )
 
     def _entry_address(
         self, sec: Section, rel: Relocation, rtype: RelocType, tgt: Target
@@ -571,10 +721,14 @@ class Extractor:
         replaced = {r.section.index for r in self.replaced}
         meta = {}
         for i, kind in self.copied.items():
-            if i in replaced:
+            if i in replaced and i not in self.live:
                 continue
             sec = self.obj.get_section(i)
-            names = [s.name for s in self.obj.get_section_symbols(sec)] or [sec.name]
+            names = [
+                s.name for s in self.obj.get_section_symbols(sec) if self._is_live(sec, s.value)
+            ] or [sec.name]
+            if i in self.live:  # a shared section: its live functions, not the replaced ones
+                names = [n for n in names if n not in {r.symbol.name for r in self.replaced}]
             for n in names:
                 meta[f"new:{n}"] = "text" if kind in ("func", "rodata") else "data"
         return meta

@@ -106,7 +106,10 @@ def _holds(pid: int, inode: int) -> bool:
 def reach(pid: int, bound: str) -> tuple[str, str]:
     """Returns (path to connect to, path to try next) for an agent of host ``pid`` bound at
     ``bound``: the bound path itself first (the same mount namespace: the common case),
-    then through ``/proc/<pid>/root`` (another one)."""
+    then through ``/proc/<pid>/root`` (another one). An abstract address (``@...``) has
+    no file: the address itself, in this process's network namespace."""
+    if bound.startswith("@"):
+        return bound, ""
     m = FD_ADDRESS.fullmatch(bound)
     if m:
         return f"/proc/{pid}/fd/{m[1]}/{m[2]}", ""

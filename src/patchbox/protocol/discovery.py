@@ -160,9 +160,21 @@ def _root_usable(pid: int) -> bool:
     return True
 
 
+def _same_netns(pid: int) -> bool:
+    """Returns False if ``pid`` is known to be in another network namespace than this
+    process (an abstract address names another socket there); True if it shares ours or
+    that cannot be read (then the connection's SO_PEERCRED tells)."""
+    try:
+        return os.stat(f"/proc/{pid}/ns/net").st_ino == os.stat("/proc/self/ns/net").st_ino
+    except OSError:
+        return True
+
+
 def connect_path_for(pid: int, bound: str, root_usable: bool) -> tuple[str, str]:
     """Returns (connect path, path as the target sees it) of a socket pid bound at
-    ``bound`` (as /proc/net/unix shows it)."""
+    ``bound`` (as /proc/net/unix shows it; ``@...`` an abstract address)."""
+    if bound.startswith("@"):
+        return bound, bound  # no file: the address itself (connect_unix_ex)
     m = FD_ADDRESS.fullmatch(bound)
     if m:
         fd, name = m.groups()
@@ -220,6 +232,12 @@ def discover(pid: int, environ: Mapping[str, str] | None = None) -> Discovery:
     elif not found.notes:
         found.notes.append(f"no {name} listening in /proc/{pid}/net/unix")
     for s in listed:
+        if s.path.startswith("@") and not _same_netns(pid):
+            found.notes.append(
+                f"{s.path} is an abstract socket of another network namespace: run patchbox "
+                f"there (nsenter --net=/proc/{pid}/ns/net)"
+            )
+            continue
         if s.inode in held:
             connect, shown = connect_path_for(pid, s.path, root_usable)
             found.candidates.append(Candidate(connect, shown, f"/proc/{pid}/net/unix"))
@@ -307,8 +325,12 @@ def holds_socket(pid: int, inode: int) -> bool:
 def connect_unix_ex(sock: socket.socket, path: str | os.PathLike[str]) -> int:
     """Connects ``sock`` to the Unix socket at ``path``, whatever its length, and returns
     the errno like ``connect_ex`` (0: connected; a non-blocking socket may give EAGAIN):
-    a path longer than sun_path goes through an O_PATH descriptor of its directory."""
+    a path longer than sun_path goes through an O_PATH descriptor of its directory;
+    ``@name`` is the abstract address ``name`` (of this process's network namespace: an
+    agent's fallback when its directory refuses it, docs/protocol.md)."""
     raw = os.fsencode(path)
+    if raw.startswith(b"@"):
+        return sock.connect_ex(b"\0" + raw[1:])
     if len(raw) <= SUN_PATH_MAX:
         return sock.connect_ex(raw)
     head, tail = os.path.split(raw)
