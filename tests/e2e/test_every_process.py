@@ -13,16 +13,19 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from live import Target, render
+from live import Target, render, wait_for_agent
 
 from helpers import (
     AS_NOBODY,
     BIN,
+    NOBODY_UID,
     compile_c,
     info_json,
     nobody_dir,
@@ -50,8 +53,11 @@ def patchbox_json(*args: object, expect: int) -> list[dict]:
 
 
 def mine(rows: list[dict], *targets: Target) -> dict[int, dict]:
-    pids = {t.pid for t in targets}
-    return {r["pid"]: r for r in rows if r["pid"] in pids}
+    return mine_pids(rows, [t.pid for t in targets])
+
+
+def mine_pids(rows: list[dict], pids) -> dict[int, dict]:
+    return {r["pid"]: r for r in rows if r["pid"] in set(pids)}
 
 
 @pytest.fixture(scope="module")
@@ -257,3 +263,172 @@ def test_an_agent_that_refuses_the_client_is_unreachable(build, world_dir: Path,
     assert (row["pid"], row["result"]) == (t.pid, "unreachable"), row
     assert "[PERMISSION]" in row["reason"] and "dumpable" in row["reason"], row
     assert t.call("use_helper", 4) == BEFORE
+
+
+# -- a master that keeps root, workers that change to nobody right after fork ------------
+
+PREFORK = (Path(__file__).parent / "prefork.c").read_text()
+
+
+class Prefork:
+    """A running prefork daemon (prefork.c): the master and its two workers, asked over
+    their own sockets."""
+
+    def __init__(self, exe: Path, rundir: Path, mode: str = "") -> None:
+        self.rundir = rundir
+        self.proc = subprocess.Popen(
+            [str(exe), str(rundir), *([mode] if mode else [])],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert self.proc.stdout is not None
+        ready = self.proc.stdout.readline().split()
+        assert ready and ready[0] == "ready", ready
+        self.master, self.worker1, self.worker2 = (int(p) for p in ready[1:])
+        self.pids = (self.master, self.worker1, self.worker2)
+        deadline = time.monotonic() + 10
+        while any(ids(w)[0] != NOBODY_UID for w in (self.worker1, self.worker2)):
+            assert time.monotonic() < deadline, "the workers never changed to nobody"
+            time.sleep(0.01)
+
+    def ask(self, who: str, n: int = 4) -> str:
+        """Returns the answer of ``who`` (master, worker1, worker2) to request N, checking
+        that the process that answered is that one."""
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(10)
+            s.connect(str(self.rundir / f"{who}.sock"))
+            s.sendall(f"{n}\n".encode())
+            pid, answer = s.makefile().readline().split()
+        assert int(pid) == getattr(self, who)
+        return answer
+
+    def answers(self) -> list[str]:
+        return [self.ask(who) for who in ("master", "worker1", "worker2")]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()  # the workers follow (PR_SET_PDEATHSIG)
+        self.proc.wait(10)
+        for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            if stream is not None:
+                stream.close()
+
+
+@pytest.fixture(scope="module")
+def prefork(tmp_path_factory: pytest.TempPathFactory, agent_dir: Path) -> dict[str, Path]:
+    """The prefork daemon (random build-id) in a root-owned 0700 directory, where the
+    workers, once nobody, cannot bind their agents' sockets; and its `answer` patch."""
+    d = tmp_path_factory.mktemp("prefork")
+    d.chmod(0o700)
+    (d / "fix").mkdir()
+    exe = compile_c(
+        PREFORK.replace("@ANSWER@", "x + 1"), d / "prefork", agent=True, extra=[unique_build_id()]
+    )
+    obj = compile_c(PREFORK.replace("@ANSWER@", "x + 100"), d / "fix" / "prefork.o", obj=True)
+    pbx = d / "answer.pbx"
+    run_tool("extract-patch", "--function", "answer", "--name", "answer", "-o", pbx, obj, exe)
+    run = d / "run"
+    run.mkdir()
+    return {"exe": exe, "patch": pbx, "run": run}
+
+
+@pytest.fixture()
+def daemons() -> Iterator[list[Prefork]]:
+    started: list[Prefork] = []
+    yield started
+    for p in started:
+        p.stop()
+
+
+def ids(pid: int) -> tuple[int, int]:
+    """Returns (effective uid, dumpable-owner uid of /proc/PID/status) of ``pid``."""
+    with open(f"/proc/{pid}/status") as f:
+        uid = next(int(line.split()[2]) for line in f if line.startswith("Uid:"))
+    return uid, os.stat(f"/proc/{pid}/status").st_uid
+
+
+def test_workers_that_dropped_root_are_patched_too(prefork, daemons) -> None:
+    """The master keeps root, the workers change to nobody right after fork and cannot
+    bind beside the executable: their agents listen on @patchbox/sandbox-sock<pid>.
+    `apply --all --exe` patches all three (the workers' answers change), `ps` lists
+    them, `remove --all --exe` takes the patch out of all three."""
+    d = Prefork(prefork["exe"], prefork["run"])
+    daemons.append(d)
+    for w in (d.worker1, d.worker2):
+        assert ids(w) == (NOBODY_UID, 0)  # nobody, not dumpable: only root may patch it
+        assert wait_for_agent(w).path == f"@patchbox/sandbox-sock{w}"
+    assert d.answers() == ["5", "5", "5"]
+
+    rows = mine_pids(
+        patchbox_json("apply", "--all", "--exe", prefork["exe"], prefork["patch"], expect=0), d.pids
+    )
+    assert {p: r["result"] for p, r in rows.items()} == dict.fromkeys(d.pids, "applied"), rows
+    assert d.answers() == ["104", "104", "104"]
+
+    ps = mine_pids(patchbox_json("ps", expect=0), d.pids)
+    assert all(ps[p]["patches"] == ["answer"] and not ps[p]["error"] for p in d.pids), ps
+    assert ps[d.worker1]["socket"] == f"@patchbox/sandbox-sock{d.worker1}"
+
+    rows = mine_pids(
+        patchbox_json("remove", "--all", "--exe", prefork["exe"], "answer", expect=0), d.pids
+    )
+    assert {p: r["result"] for p, r in rows.items()} == dict.fromkeys(d.pids, "removed"), rows
+    assert d.answers() == ["5", "5", "5"]
+
+
+def test_a_worker_without_agent_is_reported_and_fails_the_run(prefork, daemons) -> None:
+    """The same daemon, worker 2 with its agent stopped before it drops root: `apply
+    --all --exe` patches the master and worker 1, reports worker 2 `unreachable` (agent
+    present but no socket) and exits 1 — not "applied 2/2" while worker 2 serves the old
+    code; `ps` lists it; `remove --all` reports it again and exits 1."""
+    d = Prefork(prefork["exe"], prefork["run"], "w2-stopped")
+    daemons.append(d)
+    wait_for_agent(d.worker1)
+    exe, pbx = prefork["exe"], prefork["patch"]
+    rows = mine_pids(patchbox_json("apply", "--all", "--exe", exe, pbx, expect=1), d.pids)
+    assert rows[d.master]["result"] == rows[d.worker1]["result"] == "applied"
+    r = rows[d.worker2]
+    assert r["result"] == "unreachable" and r["reason"].startswith("agent present but no socket")
+    assert (r["exe"], r["build_id"]) == (str(exe), rows[d.master]["build_id"])
+    assert d.answers() == ["104", "104", "5"]
+    text = run_tool("patchbox", "apply", "--all", "--exe", exe, pbx, check=False)
+    assert text.returncode == 1 and f"pid {d.worker2:<8} unreachable" in text.stdout
+
+    ps = mine_pids(patchbox_json("ps", expect=0), d.pids)
+    assert ps[d.worker2]["error"].startswith("agent present but no socket")
+
+    rows = mine_pids(patchbox_json("remove", "--all", "--exe", exe, "answer", expect=1), d.pids)
+    assert rows[d.master]["result"] == rows[d.worker1]["result"] == "removed"
+    assert rows[d.worker2]["result"] == "unreachable"
+    assert d.answers() == ["5", "5", "5"]
+
+
+def test_an_agent_of_another_network_namespace_is_unreachable_with_the_way_there(
+    build, world_dir: Path, started
+) -> None:
+    """A process of the build in a network namespace of its own, whose socket directory
+    it may not trust (nobody's), listens on @patchbox/sandbox-sock<pid> there: that name
+    means nothing (or another socket) here. `apply --all` reports it `unreachable` with
+    the `nsenter --net` to use, sends it nothing, and exits 1."""
+    theirs = nobody_dir(world_dir, "theirs")
+    t = Target(
+        build["exe"],
+        env={"PATCHBOX_SOCK_DIR": str(theirs)},
+        argv=["unshare", "--net", str(build["exe"])],
+        agent=False,
+    )
+    started.append(t)
+    name = f"@patchbox/sandbox-sock{t.pid}"
+    deadline = time.monotonic() + 10
+    while name not in Path(f"/proc/{t.pid}/net/unix").read_text():
+        assert time.monotonic() < deadline, "the agent never listened"
+        time.sleep(0.02)
+    rows = mine(patchbox_json("apply", "--all", "--exe", build["exe"], build["patch"], expect=1), t)
+    r = rows[t.pid]
+    assert r["result"] == "unreachable", r
+    assert name in r["reason"] and f"nsenter --net=/proc/{t.pid}/ns/net" in r["reason"]
+    assert t.call("use_helper", 4) == BEFORE
+    ps = mine(patchbox_json("ps", expect=0), t)
+    assert name in ps[t.pid]["error"]

@@ -1,9 +1,10 @@
 """Every process of the host by the build it runs, read from /proc (docs/host.md, "Every
 process counts").
 
-Whether an agent answers is not what decides whether a process runs a build: a worker
-that dropped privileges right after ``fork``, a process started with ``PATCHBOX_DISABLE``,
-one whose agent was stopped or never loaded all run the build's code too. So host-wide
+Whether an agent answers is not what decides whether a process runs a build: a process
+started with ``PATCHBOX_DISABLE``, a worker whose agent was stopped after ``fork``, one
+whose agent listens where this client cannot connect, one that never loaded an agent:
+all run the build's code too. So host-wide
 operations start from what each process runs:
 
 - its executable: one ``stat`` of ``/proc/PID/exe`` gives the file's identity, and the
@@ -152,7 +153,7 @@ def unreachable_reason(pid: int) -> str:
     if not inside:
         return "no agent loaded (not linked, not preloaded): --attach loads one"
     return (
-        f"agent present but no socket: no {name} listening (its agent could not bind in "
-        "its socket directory, e.g. a worker that changed user after fork; or it was "
-        "stopped, or is still starting)"
+        f"agent present but no socket: no {name} listening (its agent was stopped or "
+        f"disabled, is still starting, or could bind neither in its socket directory nor "
+        f"on @patchbox/{name})"
     )

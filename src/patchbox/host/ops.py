@@ -109,6 +109,12 @@ class _Host:
 
     agents: dict[int, AgentSocket]  # host pid -> its agent's socket
     running: dict[int, Running]  # host pid -> what it runs (readable ones)
+    # Agents listening where this process cannot connect: host pid -> why.
+    far: dict[int, str] = field(default_factory=dict)
+
+    def why(self, pid: int) -> str:
+        """Returns why ``pid`` (which has no agent this client can use) is unreachable."""
+        return self.far.get(pid) or unreachable_reason(pid)
 
     def describe(self, pid: int) -> tuple[str, str]:
         """Returns (executable path, build-id) of ``pid`` ("" where unknown)."""
@@ -120,13 +126,31 @@ class _Host:
         return Outcome(pid, result, reason, *self.describe(pid), retry=retry)
 
 
+def _netns(pid: int | str) -> int | None:
+    try:
+        return os.stat(f"/proc/{pid}/ns/net").st_ino
+    except OSError:
+        return None
+
+
 def _look() -> _Host:
     """Returns the agents of the host (every network namespace this process can read)
-    and what each process of this pid namespace runs."""
+    and what each process of this pid namespace runs. An agent on an abstract address
+    of another network namespace cannot be connected to from here (the name means
+    another socket here): it is set apart, with the way to reach it."""
     agents: dict[int, AgentSocket] = {}
+    far: dict[int, str] = {}
+    mine = _netns("self")
     for a in iter_agent_sockets():
+        theirs = _netns(a.pid) if a.bound.startswith("@") else None
+        if theirs is not None and theirs != mine:
+            far[a.pid] = (
+                f"its agent listens on {a.bound} in another network namespace: run patchbox "
+                f"there (nsenter --net=/proc/{a.pid}/ns/net)"
+            )
+            continue
         agents.setdefault(a.pid, a)  # a process bound twice (re-bind): the first
-    return _Host(agents, census())
+    return _Host(agents, census(), far)
 
 
 def _narrow(
@@ -134,7 +158,7 @@ def _narrow(
 ) -> set[int]:
     """Returns the pids (processes and agents) within ``--exe`` (the same file),
     ``--build-id`` (running it, or mapping a library of it) and ``pids``."""
-    scope = set(host.running) | set(host.agents)
+    scope = set(host.running) | set(host.agents) | set(host.far)
     if pids is not None:
         scope &= set(pids)
     if exe is not None:
@@ -156,7 +180,8 @@ def _within(host: _Host, pids: Collection[int]) -> dict[int, Running]:
 def _known_builds(host: _Host, root: Path | None) -> set[str]:
     """Returns the executable build-ids patchbox knows on this host: those of the agents
     found and those the store holds patches for."""
-    known = {host.running[p].build_id for p in host.agents if p in host.running}
+    agents = set(host.agents) | set(host.far)
+    known = {host.running[p].build_id for p in agents if p in host.running}
     if root is not None:
         try:
             known |= {e.build_id for e in iter_installed(root)}
@@ -266,9 +291,10 @@ def list_processes(*, timeout: float = 10.0, sweep: bool = True) -> list[Process
         rows.append(row)
     answered = {r.pid for r in rows} | set(host.agents)
     known = _known_builds(host, root)
-    for pid, r in host.running.items():
-        if pid not in answered and r.build_id in known:
-            rows.append(ProcessRow(pid, exe_path(pid), r.build_id, error=unreachable_reason(pid)))
+    for pid in sorted(set(host.running) | set(host.far)):
+        bid = host.running[pid].build_id if pid in host.running else ""
+        if pid not in answered and (bid in known or pid in host.far):
+            rows.append(ProcessRow(pid, exe_path(pid), bid, error=host.why(pid)))
     for row in rows:
         if row.build_id and row.build_id != "unknown":
             row.installed = [e.name for e in iter_installed(root, row.build_id)]
@@ -442,12 +468,12 @@ def apply_all(
     targets: list[AgentSocket] = []
     for pid in sorted(scope - set(attached)):
         a = host.agents.get(pid)
-        if pid in of_build or (a is not None and pid not in host.running):
+        if pid in of_build or (pid not in host.running and (a is not None or pid in host.far)):
             # Of the build, or an agent whose build cannot be read here: it decides.
             if a is not None:
                 targets.append(a)
             else:
-                rows.append(host.outcome(pid, "unreachable", unreachable_reason(pid)))
+                rows.append(host.outcome(pid, "unreachable", host.why(pid)))
         elif a is not None:
             have = host.running[pid].build_id
             reason = f"runs build-id {have or 'none'} and maps no library of {want}"
@@ -530,11 +556,11 @@ def remove_all(
             timeout,
         )
     reached = {o.pid for o in done}
-    for pid in sorted(of_build - set(host.agents) - reached):
+    for pid in sorted((of_build | (set(host.far) & scope)) - set(host.agents) - reached):
         if agent_inside(pid) is False:
             done.append(host.outcome(pid, "skipped", f"no agent loaded: it cannot hold {name}"))
         else:
-            done.append(host.outcome(pid, "unreachable", unreachable_reason(pid)))
+            done.append(host.outcome(pid, "unreachable", host.why(pid)))
     return sorted(done, key=lambda o: o.pid)
 
 
