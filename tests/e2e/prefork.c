@@ -78,13 +78,17 @@ int main(int argc, char **argv)
 		if (workers[i] < 0)
 			return 2;
 		if (workers[i] == 0) {
-			prctl(PR_SET_PDEATHSIG, SIGKILL);
+			pid_t master = getppid();
 			if (i == 1 && strcmp(mode, "w2-stopped") == 0)
 				patchbox_agent_stop();
 			/* Root's work is done: the worker serves as nobody from here. */
 			if (setgroups(0, NULL) != 0 || setresgid(NOBODY, NOBODY, NOBODY) != 0 ||
 			    setresuid(NOBODY, NOBODY, NOBODY) != 0)
 				_exit(3);
+			/* After the change: a credential change clears the parent-death signal. */
+			prctl(PR_SET_PDEATHSIG, SIGKILL);
+			if (getppid() != master)
+				_exit(0);	/* the master died meanwhile */
 			for (;;)
 				serve_one(lfd[1 + i]);
 		}

@@ -10,6 +10,7 @@ these tests reach no process of another test run on this machine.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -308,8 +309,11 @@ class Prefork:
         return [self.ask(who) for who in ("master", "worker1", "worker2")]
 
     def stop(self) -> None:
+        for pid in (self.worker1, self.worker2):  # they would follow (PR_SET_PDEATHSIG)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         if self.proc.poll() is None:
-            self.proc.kill()  # the workers follow (PR_SET_PDEATHSIG)
+            self.proc.kill()
         self.proc.wait(10)
         for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
             if stream is not None:
