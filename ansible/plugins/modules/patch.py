@@ -69,7 +69,7 @@ options:
   uninstall:
     description:
       - With O(state=absent), whether to take the patch out of the store too.
-      - Default: when O(pids) is not given. The rollout's rollback sets it to whether its
+      - By default, when O(pids) is not given. The rollout's rollback sets it to whether its
         own run made the store entry, so that an entry that was there before stays.
     type: bool
   rollback:
@@ -131,8 +131,8 @@ EXAMPLES = r"""
 RETURN = r"""
 processes:
   description:
-    - One entry per process the run concerned: every process of the patch's build, and
-      agents of other builds (skipped).
+    - One entry per process the run concerned (every process of the patch's build, and
+      agents of other builds, skipped).
   returned: always
   type: list
   elements: dict
@@ -145,8 +145,8 @@ processes:
       description:
         - C(applied), C(removed), C(skipped) (other build, already applied, not applied,
           no agent to hold the patch), C(failed) or C(unreachable) (a process of the build
-          whose agent cannot be reached: none loaded, no socket, the agent refused). In
-          check mode, what would happen.
+          whose agent cannot be reached, because none is loaded, it has no socket or it
+          refused). In check mode, what would happen.
       type: str
       sample: applied
     reason:

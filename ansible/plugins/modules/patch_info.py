@@ -13,8 +13,8 @@ description:
     build-id, applied patches, installed patches and sandbox use (what C(patchbox ps --json)
     shows), and the patches of the host's store.
   - Also lists the processes of the same builds (an agent's build, or one the store holds
-    patches for) whose agent cannot be reached, with the reason in C(error): a worker
-    without an agent still runs the build's code.
+    patches for) whose agent cannot be reached, with the reason in C(error), since a
+    worker without an agent still runs the build's code.
   - The lists are returned and also set as the facts C(patchbox_processes) and
     C(patchbox_installed), for reports and conditions in later tasks and plays.
   - Changes nothing.
@@ -106,8 +106,8 @@ processes:
       sample: /usr/sbin/sandbox-sock4711
     error:
       description:
-        - Why the agent could not be reached (empty when it answered): no agent loaded,
-          agent present but no socket, the agent refused, no reply in time.
+        - Why the agent could not be reached (empty when it answered), for example no
+          agent loaded, agent present but no socket, the agent refused, no reply in time.
       type: str
       sample: ""
 installed:
