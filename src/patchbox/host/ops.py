@@ -416,10 +416,11 @@ def _apply_one_held(a: AgentSocket, host: _Host, pf: PatchFile, timeout: float) 
             o.result, o.reason = "unreachable", str(err)
         else:
             o.result, o.reason, o.retry = "failed", str(err), err.code == ErrorCode.NOT_HELD
-    except PermissionError as err:
-        o.result, o.reason = "unreachable", f"pid {a.pid}: {a.connect}: {err.strerror}"
     except PatchboxError as err:
-        o.result, o.reason, o.retry = "failed", str(err), True
+        if isinstance(err.__cause__, PermissionError):  # the socket's file refused us
+            o.result, o.reason = "unreachable", f"pid {a.pid}: {err}"
+        else:
+            o.result, o.reason, o.retry = "failed", str(err), True
     return o
 
 
