@@ -127,6 +127,7 @@ class _Host:
 
 
 def _netns(pid: int | str) -> int | None:
+    """Returns the inode of ``pid``'s network namespace, None if it cannot be read."""
     try:
         return os.stat(f"/proc/{pid}/ns/net").st_ino
     except OSError:
@@ -174,6 +175,7 @@ def _narrow(
 
 
 def _within(host: _Host, pids: Collection[int]) -> dict[int, Running]:
+    """Returns what each of ``pids`` runs, for those whose executable could be read."""
     return {p: host.running[p] for p in pids if p in host.running}
 
 
