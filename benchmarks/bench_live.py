@@ -130,7 +130,7 @@ def main() -> None:
                 applies, removes = [], []
                 for _ in range(args.cycles):
                     applies.append(client.apply(body).elapsed_ns)
-                    removes.append(client.remove("bench"))
+                    removes.append(client.remove("bench").elapsed_ns)
 
                 # Per-call cost, interleaved so drift hits both sides alike.
                 base, patched = [], []

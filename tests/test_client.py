@@ -181,7 +181,7 @@ def list_payload(patches: list[AppliedPatch]) -> bytes:
         w.u64(p.data_addr).u32(p.data_size).u16(len(p.functions))
         for f in p.functions:
             w.str(f.symbol).u64(f.target).u64(f.new).u32(f.new_size)
-        w.str(p.object).u64(p.hold_ns)
+        w.str(p.object).u64(p.hold_ns).u8(p.state)
     return ok(bytes(w))
 
 
@@ -243,11 +243,12 @@ def test_apply_sends_body_unchanged(serve) -> None:
 def test_remove_and_debug_payloads(serve) -> None:
     agent = serve(
         lambda t, s, _p: frame(
-            t | C.REPLY_BIT, s, ok(struct.pack("<Q", 77) if t == Msg.REMOVE else b"")
+            t | C.REPLY_BIT, s, ok(struct.pack("<QB", 77, 0) if t == Msg.REMOVE else b"")
         )
     )
     with client(agent) as c:
-        assert c.remove("fix-a") == 77
+        removed = c.remove("fix-a")
+        assert (removed.elapsed_ns, removed.written) == (77, True)
         c.debug(True)
         c.debug(False)
     assert agent.requests == [
@@ -440,7 +441,7 @@ class StatefulAgent:
         elif t == Msg.REMOVE:
             name = Reader(p).str("name")
             self.applied = [a for a in self.applied if a.name != name]
-            payload = ok(struct.pack("<Q", 4000))
+            payload = ok(struct.pack("<QB", 4000, 0))
         else:
             payload = err(ErrorCode.UNKNOWN_MESSAGE, "unknown message type")
         return frame(t | C.REPLY_BIT, s, payload)

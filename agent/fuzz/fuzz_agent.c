@@ -38,6 +38,7 @@
 #include "../src/sandbox-objects.c"
 #include "../src/sandbox-redirect.c"
 #include "../src/sandbox-transition.c"
+#include "../src/sandbox-hold.c"
 #include "../src/sandbox-shadow.c"
 #include "../src/sandbox-listen.c"
 #include "../src/sandbox-sock.c"
@@ -229,9 +230,10 @@ static void fuzz_check_victims(void)
 static void fuzz_reset(void)
 {
 	struct sandbox_error err;
+	uint8_t state;
 	while (sandbox_npatches > 0) {
 		const struct sandbox_patch *p = sandbox_patches[sandbox_npatches - 1];
-		if (sandbox_patch_remove_mode(p->name, strlen(p->name), 1, &err) != 0) {
+		if (sandbox_patch_remove_mode(p->name, strlen(p->name), 1, &state, &err) != 0) {
 			fprintf(stderr, "fuzz: remove %s: %s\n", p->name, err.msg);
 			abort();
 		}

@@ -24,6 +24,15 @@
  * Stacking: a function already redirected is redirected at the top of its chain,
  * the replacement entry of the last patch on it (site = that entry), which has its
  * own 6+2 NOPs. Removal must go top-down (NOT_TOP).
+ *
+ * Unloaded libraries (sandbox_engine_refresh): a patch whose library was unloaded
+ * (dlclose), or loaded anew in its place, is PBX_STATE_UNLOADED: its addresses may
+ * belong to something else now, so nothing of it is ever written again. Its sandbox
+ * memory is retired at once (a thread may still be inside the replacement, entered
+ * before the dlclose); it is no chain's member (no stacking on it, no NOT_TOP from it),
+ * LIST shows it, REMOVE drops the record only, an APPLY of the same name replaces the
+ * record once it succeeds. Its library's slot and sandbox region are unmapped once no
+ * record names them and the quiescence check has freed their memory.
  */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE
@@ -36,6 +45,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/uio.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -48,6 +58,8 @@ static uintptr_t sandbox_selftest_addr;	/* entry of the self-test's target */
 static struct sandbox_patch *sandbox_patches[PBX_MAX_PATCHES];
 static size_t sandbox_npatches;
 static uint32_t sandbox_next_id = 1;
+
+static size_t sandbox_objects_collect(void);
 
 /* ------------------------------------------------------------------ the engine lock */
 
@@ -151,19 +163,35 @@ const struct sandbox_patch *sandbox_patch_get(size_t i)
 void sandbox_stats_get(struct sandbox_stats *ret)
 {
 	const struct sandbox_area *t = &sandbox_regions[0].text, *d = &sandbox_regions[0].data;
+	const struct sandbox_hold_stats *h = sandbox_hold_stats_get();
 	*ret = (struct sandbox_stats){
 		.text_addr = t->base, .text_size = t->size, .text_used = t->used, .text_retired = t->retired,
 		.data_addr = d->base, .data_size = d->size, .data_used = d->used, .data_retired = d->retired,
-		.patches = sandbox_npatches, .sync_core = sandbox_core_sync_name(),
+		.patches = sandbox_npatches, .patches_unloaded = 0, .sync_core = sandbox_core_sync_name(),
+		.hold_checked = h->full, .hold_mappings = h->mappings, .hold_skipped = h->skipped,
+		.hold_bytes = h->bytes, .hold_skipped_bytes = h->skipped_bytes, .hold_ns = h->ns,
 	};
+	for (size_t i = 0; i < sandbox_npatches; i++)
+		ret->patches_unloaded += sandbox_patches[i]->state == PBX_STATE_UNLOADED;
 }
 
+/* The record of that name (applied or unloaded: one per name), -1 if none. */
 static ssize_t sandbox_patch_find(const char *name, size_t len)
 {
 	for (size_t i = 0; i < sandbox_npatches; i++)
 		if (strlen(sandbox_patches[i]->name) == len && memcmp(sandbox_patches[i]->name, name, len) == 0)
 			return (ssize_t)i;
 	return -1;
+}
+
+/* Takes record i out of the table and frees it (its memory is the caller's affair). */
+static void sandbox_patch_drop(size_t i)
+{
+	struct sandbox_patch *p = sandbox_patches[i];
+	memmove(&sandbox_patches[i], &sandbox_patches[i + 1], (sandbox_npatches - i - 1) * sizeof(sandbox_patches[0]));
+	sandbox_npatches--;
+	free(p->funcs);
+	free(p);
 }
 
 static int sandbox_name_valid(const char *name, size_t len)
@@ -188,12 +216,15 @@ static void sandbox_str_copy(char *dst, size_t cap, const char *src, size_t len)
 	dst[n] = '\0';
 }
 
-/* The function of the last (top) / first (bottom) applied patch redirecting target. */
+/* The function of the last (top) / first (bottom) applied patch redirecting target
+ * (an unloaded patch redirects nothing any more). */
 static const struct sandbox_func *sandbox_func_find(uintptr_t target, int top, const struct sandbox_patch **pret)
 {
 	for (size_t k = 0; k < sandbox_npatches; k++) {
 		size_t i = top ? sandbox_npatches - 1 - k : k;
 		const struct sandbox_patch *p = sandbox_patches[i];
+		if (p->state == PBX_STATE_UNLOADED)
+			continue;
 		for (size_t f = 0; f < p->nfuncs; f++) {
 			if (p->funcs[f].target == target) {
 				if (pret)
@@ -364,9 +395,10 @@ static int sandbox_func_check(const struct sandbox_apply_spec *spec, unsigned fl
 						 (unsigned long)f->site);
 	/* Nor bytes an applied patch changed: its remove would restore them under our
 	 * jump, ours would bring back its jump into freed sandbox. (Stacking on the same
-	 * function is not an overlap: the site moved to the top replacement's entry.) */
+	 * function is not an overlap: the site moved to the top replacement's entry. An
+	 * unloaded patch writes nothing again: its bytes are whatever is there now.) */
 	for (size_t p = 0; p < sandbox_npatches; p++)
-		for (size_t k = 0; k < sandbox_patches[p]->nfuncs; k++) {
+		for (size_t k = 0; sandbox_patches[p]->state == PBX_STATE_APPLIED && k < sandbox_patches[p]->nfuncs; k++) {
 			const struct sandbox_func *g = &sandbox_patches[p]->funcs[k];
 			if (g->wlo < f->whi && f->wlo < g->whi)
 				return sandbox_error_set(err, PBX_E_OVERLAP,
@@ -505,7 +537,9 @@ int sandbox_patch_apply(const struct sandbox_apply_spec *spec, unsigned flags,
 	}
 	memcpy(name, spec->name, spec->name_len);
 	name[spec->name_len] = '\0';
-	if (sandbox_patch_find(spec->name, spec->name_len) >= 0)
+	/* A record of this name left by an unloaded library is replaced once this succeeds. */
+	ssize_t stale = sandbox_patch_find(spec->name, spec->name_len);
+	if (stale >= 0 && sandbox_patches[stale]->state != PBX_STATE_UNLOADED)
 		return sandbox_error_set(err, PBX_E_ALREADY_APPLIED, "%s", name);
 	if (sandbox_npatches >= PBX_MAX_PATCHES)
 		return sandbox_error_set(err, PBX_E_TOO_MANY, "%zu patches applied", sandbox_npatches);
@@ -522,8 +556,17 @@ int sandbox_patch_apply(const struct sandbox_apply_spec *spec, unsigned flags,
 						 i, spec->hooks[i].when, spec->hooks[i].offset, spec->text_len);
 	/* The executable, or the loaded library of the patch's build-id. */
 	struct sandbox_object *obj = sandbox_exe_get();
-	if (!(flags & SANDBOX_APPLY_INTERNAL) && sandbox_object_find(spec->build_id, spec->build_id_len, &obj, err) != 0)
-		return -1;
+	if (!(flags & SANDBOX_APPLY_INTERNAL) && sandbox_object_find(spec->build_id, spec->build_id_len, &obj, err) != 0) {
+		/* The table is full: give back what unloaded libraries no longer need (it
+		 * refills and unmaps sandbox memory: under the engine lock), retry. */
+		if (err->code != PBX_E_TOO_MANY)
+			return -1;
+		sandbox_engine_lock();
+		size_t freed = sandbox_objects_collect();
+		sandbox_engine_unlock();
+		if (!freed || sandbox_object_find(spec->build_id, spec->build_id_len, &obj, err) != 0)
+			return -1;
+	}
 	struct sandbox_region *region = &sandbox_regions[obj->region];
 
 	funcs = calloc(spec->nfuncs, sizeof(*funcs));
@@ -601,8 +644,12 @@ int sandbox_patch_apply(const struct sandbox_apply_spec *spec, unsigned flags,
 	for (size_t i = 0; i < spec->nhooks; i++)
 		hooks[i] = (struct sandbox_hook){ spec->hooks[i].when, text_addr + spec->hooks[i].offset };
 	struct sandbox_hook_run pre = { hooks, spec->nhooks, PBX_HOOK_PRE_APPLY, name, 0 };
+	for (size_t i = 0; i < spec->nfuncs; i++)
+		if (funcs[i].hold)
+			sandbox_hold_prepare();	/* allocates: before the hold */
 	if (sandbox_redirect_write(&text_copy, &data_copy, funcs, spec->nfuncs,
-				   spec->nhooks ? sandbox_hooks_gate : NULL, &pre, &hold_ns, err) != 0) {
+				   spec->nhooks ? sandbox_hooks_gate : NULL, &pre, spec->hold_conn, &hold_ns,
+				   err) != 0) {
 		hooks_ran = pre.ran;
 		goto out;
 	}
@@ -620,6 +667,7 @@ int sandbox_patch_apply(const struct sandbox_apply_spec *spec, unsigned flags,
 	patch->data_size = (uint32_t)data_block;
 	patch->nfuncs = spec->nfuncs;
 	patch->flags = spec->flags;
+	patch->state = PBX_STATE_APPLIED;
 	patch->object = obj;
 	patch->hold_ns = hold_ns;
 	patch->funcs = funcs;
@@ -627,6 +675,10 @@ int sandbox_patch_apply(const struct sandbox_apply_spec *spec, unsigned flags,
 	memcpy(patch->hooks, hooks, spec->nhooks * sizeof(hooks[0]));
 	sandbox_patches[sandbox_npatches++] = patch;
 	sandbox_next_id++;
+	if (stale >= 0) {
+		sandbox_debug("%s replaces the record of its unloaded predecessor", name);
+		sandbox_patch_drop((size_t)stale);
+	}
 	funcs = NULL;
 	if (ret)
 		*ret = patch;
@@ -654,7 +706,7 @@ out:
 }
 
 /* free_now: only for memory no other thread can have run (the self-test). */
-static int sandbox_patch_remove_locked(const char *name, size_t name_len, int free_now,
+static int sandbox_patch_remove_locked(const char *name, size_t name_len, int free_now, uint8_t *state_ret,
 				       struct sandbox_error *err)
 {
 	char shown[PBX_MAX_NAME + 1];
@@ -664,6 +716,16 @@ static int sandbox_patch_remove_locked(const char *name, size_t name_len, int fr
 		return sandbox_error_set(err, PBX_E_NOT_APPLIED, "%s", shown);
 	}
 	struct sandbox_patch *p = sandbox_patches[idx];
+	*state_ret = p->state;
+	if (p->state == PBX_STATE_UNLOADED) {
+		/* Its library is gone: its addresses may be another object's now. No hook runs
+		 * (they may use the library), nothing is written; the memory was retired when
+		 * the unload was noticed. */
+		sandbox_debug("removed %s id %u: its library was unloaded, record only", p->name, p->id);
+		sandbox_patch_drop((size_t)idx);
+		sandbox_objects_collect();
+		return 0;
+	}
 	for (size_t f = 0; f < p->nfuncs; f++) {
 		const struct sandbox_patch *above = NULL;
 		sandbox_func_find(p->funcs[f].target, 1, &above);
@@ -684,25 +746,109 @@ static int sandbox_patch_remove_locked(const char *name, size_t name_len, int fr
 	if (!free_now || sandbox_owner_free(p->id) != 0)
 		sandbox_owner_retire(p->id, (p->flags & PBX_FLAG_RETAIN) != 0);
 	sandbox_debug("removed %s id %u", p->name, p->id);
-	memmove(&sandbox_patches[idx], &sandbox_patches[idx + 1],
-		(sandbox_npatches - (size_t)idx - 1) * sizeof(sandbox_patches[0]));
-	sandbox_npatches--;
-	free(p->funcs);
-	free(p);
+	sandbox_patch_drop((size_t)idx);
 	return 0;
 }
 
-static int sandbox_patch_remove_mode(const char *name, size_t name_len, int free_now, struct sandbox_error *err)
+static int sandbox_patch_remove_mode(const char *name, size_t name_len, int free_now, uint8_t *state_ret,
+				     struct sandbox_error *err)
 {
 	sandbox_engine_lock();
-	int rc = sandbox_patch_remove_locked(name, name_len, free_now, err);
+	int rc = sandbox_patch_remove_locked(name, name_len, free_now, state_ret, err);
 	sandbox_engine_unlock();
 	return rc;
 }
 
-int sandbox_patch_remove(const char *name, size_t name_len, struct sandbox_error *err)
+int sandbox_patch_remove(const char *name, size_t name_len, uint8_t *state_ret, struct sandbox_error *err)
 {
-	return sandbox_patch_remove_mode(name, name_len, 0, err);
+	return sandbox_patch_remove_mode(name, name_len, 0, state_ret, err);
+}
+
+/* ------------------------------------------------------------------ unloaded libraries */
+
+/* Whether p's library was loaded anew where it was: every byte p changed in it (not
+ * the ones of functions stacked in the sandbox) is back to the original, as a fresh load
+ * maps it. Bytes that are neither the original nor p's (a debugger's breakpoint) are not
+ * a new load. Read with process_vm_readv: a page that is gone is an answer, not a fault. */
+static int sandbox_patch_reloaded(const struct sandbox_patch *p)
+{
+	const struct sandbox_object *o = p->object;
+	int seen = 0;
+	for (size_t i = 0; i < p->nfuncs; i++) {
+		const struct sandbox_func *f = &p->funcs[i];
+		if (!sandbox_in_text(o, f->saved_at, f->saved_at + f->saved_len, 1))
+			continue;	/* stacked: its site is in the sandbox, ours */
+		uint8_t now[16];
+		struct iovec local = { now, f->saved_len }, remote = { (void *)f->saved_at, f->saved_len };
+		if (process_vm_readv(getpid(), &local, 1, &remote, 1, 0) != (ssize_t)f->saved_len)
+			return 0;
+		size_t lo = f->wlo - f->saved_at, n = f->whi - f->wlo;
+		if (memcmp(now + lo, f->saved + lo, n) != 0)
+			return 0;
+		seen = 1;
+	}
+	return seen;
+}
+
+/* Gives back the slot and sandbox region of every gone library that no record names
+ * any more, once the quiescence check has freed its retired memory. The number freed. */
+static size_t sandbox_objects_collect(void)
+{
+	int collect[PBX_MAX_OBJECTS] = { 0 }, any = 0;
+	struct sandbox_object *o;
+	/* A gone object still named by an unloaded patch's record keeps its slot (LIST
+	 * shows its path). */
+	for (size_t i = 1; i < PBX_MAX_OBJECTS && (o = sandbox_object_at(i)) != NULL; i++) {
+		int named = 0;
+		for (size_t k = 0; k < sandbox_npatches && !named; k++)
+			named = sandbox_patches[k]->object == o;
+		collect[i] = o->state == SANDBOX_OBJECT_GONE && !named;
+		any |= collect[i];
+	}
+	if (!any)
+		return 0;
+	/* Their retired memory goes through the quiescence check, as any removed patch's. */
+	sandbox_retired_collect();
+	size_t freed = 0;
+	for (size_t i = 1; i < PBX_MAX_OBJECTS && (o = sandbox_object_at(i)) != NULL; i++) {
+		if (!collect[i] || sandbox_region_unmap(o->region) != 0)
+			continue;
+		o->state = SANDBOX_OBJECT_FREE;
+		sandbox_debug("object %zu: %s unloaded, its sandbox unmapped", i, o->path);
+		freed++;
+	}
+	return freed;
+}
+
+void sandbox_engine_refresh(void)
+{
+	if (!sandbox_ready || !sandbox_objects_unloaded())
+		return;
+	sandbox_engine_lock();
+	sandbox_objects_check();
+	/* Loaded where it was, but with its original bytes: loaded anew in the same place. */
+	for (size_t i = 0; i < sandbox_npatches; i++) {
+		struct sandbox_patch *p = sandbox_patches[i];
+		struct sandbox_object *o = (struct sandbox_object *)p->object;
+		if (p->state == PBX_STATE_APPLIED && o != sandbox_exe_get() && o->state == SANDBOX_OBJECT_LOADED &&
+		    sandbox_patch_reloaded(p)) {
+			o->state = SANDBOX_OBJECT_GONE;
+			sandbox_debug("%s: %s was loaded anew in its place", p->name, o->path);
+		}
+	}
+	for (size_t i = 0; i < sandbox_npatches; i++) {
+		struct sandbox_patch *p = sandbox_patches[i];
+		if (p->state != PBX_STATE_APPLIED || p->object->state != SANDBOX_OBJECT_GONE)
+			continue;
+		/* Never written again. A thread may still run its code (entered before the
+		 * dlclose): retired, as after a remove. */
+		p->state = PBX_STATE_UNLOADED;
+		sandbox_owner_retire(p->id, (p->flags & PBX_FLAG_RETAIN) != 0);
+		sandbox_debug("%s id %u: its library %s was unloaded", p->name, p->id, p->object->path);
+	}
+	/* Gone objects without patches (all removed before the dlclose) go now. */
+	sandbox_objects_collect();
+	sandbox_engine_unlock();
 }
 
 /* ------------------------------------------------------------------ self-test */
@@ -744,7 +890,7 @@ static int sandbox_selftest_run_locked(char *detail, size_t detail_len)
 	};
 	struct sandbox_apply_spec spec = {
 		.name = name, .name_len = (uint16_t)strlen(name),
-		.text = text, .text_len = sizeof(text), .nfuncs = 1, .funcs = &fs,
+		.text = text, .text_len = sizeof(text), .nfuncs = 1, .funcs = &fs, .hold_conn = -1,
 	};
 	if (sandbox_patch_apply(&spec, SANDBOX_APPLY_INTERNAL, &p, &err) != 0) {
 		snprintf(detail, detail_len, "apply failed: %s", err.msg);
@@ -753,7 +899,8 @@ static int sandbox_selftest_run_locked(char *detail, size_t detail_len)
 	uintptr_t text_addr = p->text_addr;
 	int patched = fn(41);
 	/* Only the agent thread ever ran this replacement: its memory is freed at once. */
-	if (sandbox_patch_remove_mode(name, strlen(name), 1, &err) != 0) {
+	uint8_t state;
+	if (sandbox_patch_remove_mode(name, strlen(name), 1, &state, &err) != 0) {
 		snprintf(detail, detail_len, "remove failed: %s", err.msg);
 		return 0;
 	}

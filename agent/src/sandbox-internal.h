@@ -56,6 +56,13 @@ struct sandbox_object {
 	uintptr_t lo, hi;	/* span of all PT_LOADs */
 	char path[4096];	/* readlink /proc/self/exe, or the library's as loaded; "" if unknown */
 	size_t region;		/* its sandbox region (sandbox-transition.c) */
+	int state;		/* SANDBOX_OBJECT_*: a library's, as last seen (sandbox-objects.c) */
+};
+
+enum {
+	SANDBOX_OBJECT_LOADED,	/* where it was, with its build-id, the patches' bytes in place */
+	SANDBOX_OBJECT_GONE,	/* unloaded (dlclose) or loaded anew: never written again */
+	SANDBOX_OBJECT_FREE,	/* a gone object's slot given back: its region unmapped */
 };
 
 /* ---- a parsed apply body (pointers into the request payload) */
@@ -99,6 +106,8 @@ struct sandbox_apply_spec {
 		uint8_t when;		/* PBX_HOOK_* */
 		uint32_t offset;	/* the hook function's entry in text */
 	} hooks[PBX_MAX_HOOKS];
+	int hold_conn;		/* held entry jumps: the connection of the client holding the
+				 * threads, written only while it is open; -1 none */
 };
 
 /* ---- applied patches */
@@ -125,6 +134,8 @@ struct sandbox_patch {
 	uint32_t text_size, data_size;
 	uint16_t nfuncs;
 	uint32_t flags;		/* PBX_FLAG_* of the apply */
+	uint8_t state;		/* PBX_STATE_APPLIED; PBX_STATE_UNLOADED: its library was unloaded,
+				 * nothing of it is ever written again, its memory is retired */
 	const struct sandbox_object *object;	/* what it patches: the executable or a library */
 	uint64_t hold_ns;	/* PBX_FLAG_HOLD: how long the agent waited for the threads */
 	struct sandbox_func *funcs;
@@ -139,8 +150,13 @@ struct sandbox_stats {
 	uintptr_t text_addr, data_addr;
 	size_t text_size, text_used, text_retired;
 	size_t data_size, data_used, data_retired;
-	size_t patches;
+	size_t patches, patches_unloaded;
 	const char *sync_core;	/* "sync_core", "expedited" or "none" */
+	/* The last full hold check (sandbox-hold.c): mappings scanned whole, bytes read, its
+	 * time; mappings over the cap seen from a thread's SP only. hold_checked 0: none yet. */
+	int hold_checked;
+	size_t hold_mappings, hold_skipped;
+	uint64_t hold_bytes, hold_skipped_bytes, hold_ns;
 };
 
 /* SANDBOX_APPLY_INTERNAL: the target is the agent's own (self-test): skip the
@@ -161,7 +177,13 @@ size_t sandbox_object_count(void);
 const struct sandbox_object *sandbox_object_get(size_t i);
 int sandbox_patch_apply(const struct sandbox_apply_spec *spec, unsigned flags,
 			const struct sandbox_patch **ret, struct sandbox_error *err);
-int sandbox_patch_remove(const char *name, size_t name_len, struct sandbox_error *err);
+/* *state_ret: the state the patch was in: APPLIED (its bytes restored) or UNLOADED (its
+ * record dropped, nothing written). */
+int sandbox_patch_remove(const char *name, size_t name_len, uint8_t *state_ret, struct sandbox_error *err);
+/* Notices libraries unloaded since the last call (cheap when none was: the loader's count
+ * of unloads): their patches become PBX_STATE_UNLOADED. Called before INFO, LIST, APPLY
+ * and REMOVE are served. */
+void sandbox_engine_refresh(void);
 size_t sandbox_patch_count(void);
 const struct sandbox_patch *sandbox_patch_get(size_t i);
 void sandbox_stats_get(struct sandbox_stats *ret);

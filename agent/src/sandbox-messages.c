@@ -31,6 +31,7 @@ const char *sandbox_msg_name(unsigned type)
 
 /* One request being answered: its payload, the reply being built, the log facts. */
 struct sandbox_request {
+	int fd;			/* the client's connection */
 	struct sandbox_reader r;
 	struct sandbox_writer w;	/* header + status 0 already in */
 	char patch[PBX_MAX_NAME + 1];	/* for the log */
@@ -51,8 +52,13 @@ static void sandbox_kv_put(struct sandbox_writer *w, const char *k, const char *
 	sandbox_writer_str(w, v);
 }
 
+/* INFO, LIST, APPLY and REMOVE first notice the libraries unloaded since the last
+ * request (sandbox_engine_refresh; cheap when none was): what they describe or change
+ * must not be one of them. */
+
 static int sandbox_msg_info(struct sandbox_request *q, struct sandbox_error *err)
 {
+	sandbox_engine_refresh();
 	if (sandbox_reader_end(&q->r, "the (empty) INFO request") != 0)
 		return sandbox_reader_error(&q->r, err);
 	const struct sandbox_object *exe = sandbox_exe_get();
@@ -60,7 +66,7 @@ static int sandbox_msg_info(struct sandbox_request *q, struct sandbox_error *err
 	sandbox_stats_get(&st);
 	char pid[16], bias[24], bid[2 * PBX_MAX_BUILD_ID + 1] = "unknown";
 	char saddr[24], ssize[24], sused[24], sret[24], daddr[24], dsize[24], dused[24], npatch[24];
-	char tid[16], nobj[16];
+	char tid[16], nobj[16], nunloaded[24];
 	snprintf(pid, sizeof(pid), "%d", (int)getpid());
 	snprintf(tid, sizeof(tid), "%d", (int)gettid());	/* INFO is served by the agent thread */
 	snprintf(nobj, sizeof(nobj), "%zu", sandbox_object_count());
@@ -75,7 +81,14 @@ static int sandbox_msg_info(struct sandbox_request *q, struct sandbox_error *err
 	snprintf(dsize, sizeof(dsize), "%zu", st.data_size);
 	snprintf(dused, sizeof(dused), "%zu", st.data_used);
 	snprintf(npatch, sizeof(npatch), "%zu", st.patches);
+	snprintf(nunloaded, sizeof(nunloaded), "%zu", st.patches_unloaded);
 
+	char hold[160] = "none";
+	if (st.hold_checked)
+		snprintf(hold, sizeof(hold), "%zu mappings, %llu bytes in %llu us; %zu over 64 MiB (%llu bytes) "
+			 "seen from SP only", st.hold_mappings, (unsigned long long)st.hold_bytes,
+			 (unsigned long long)(st.hold_ns / 1000), st.hold_skipped,
+			 (unsigned long long)st.hold_skipped_bytes);
 	const char *app[4] = { "unknown", "unknown", "unknown", "unknown" };
 	const struct patchbox_build_info *bi = &patchbox_build_info;	/* weak: may be NULL */
 	if (bi && bi->magic == PATCHBOX_BUILD_INFO_MAGIC && bi->size >= sizeof(*bi)) {
@@ -93,11 +106,11 @@ static int sandbox_msg_info(struct sandbox_request *q, struct sandbox_error *err
 		{ "sandbox_addr", saddr }, { "sandbox_size", ssize }, { "sandbox_used", sused },
 		{ "sandbox_retired", sret },
 		{ "data_addr", daddr }, { "data_size", dsize }, { "data_used", dused },
-		{ "patches", npatch },
+		{ "patches", npatch }, { "patches_unloaded", nunloaded },
 		{ "debug", __atomic_load_n(&sandbox_debug_enabled, __ATOMIC_RELAXED) ? "1" : "0" },
 		{ "log", sandbox_log_path[0] ? sandbox_log_path : "off" },
 		{ "socket", sandbox_sock_path }, { "sync_core", st.sync_core },
-		{ "agent_tid", tid }, { "objects", nobj },
+		{ "agent_tid", tid }, { "objects", nobj }, { "hold_scan", hold },
 	};
 	size_t n = sizeof(kv) / sizeof(kv[0]);
 	sandbox_writer_uint(&q->w, n, 2);
@@ -108,6 +121,7 @@ static int sandbox_msg_info(struct sandbox_request *q, struct sandbox_error *err
 
 static int sandbox_msg_list(struct sandbox_request *q, struct sandbox_error *err)
 {
+	sandbox_engine_refresh();
 	if (sandbox_reader_end(&q->r, "the (empty) LIST request") != 0)
 		return sandbox_reader_error(&q->r, err);
 	size_t n = sandbox_patch_count();
@@ -131,6 +145,7 @@ static int sandbox_msg_list(struct sandbox_request *q, struct sandbox_error *err
 		/* What it patches: "" for the executable, else the library's path. */
 		sandbox_writer_str(&q->w, p->object && p->object != sandbox_exe_get() ? p->object->path : "");
 		sandbox_writer_uint(&q->w, p->hold_ns, 8);
+		sandbox_writer_uint(&q->w, p->state, 1);
 	}
 	return 0;
 }
@@ -232,7 +247,9 @@ static int sandbox_msg_apply(struct sandbox_request *q, struct sandbox_error *er
 {
 	struct sandbox_apply_spec spec = { 0 };
 	const struct sandbox_patch *p = NULL;
+	sandbox_engine_refresh();
 	int rc = sandbox_apply_parse(q, &spec, err);
+	spec.hold_conn = q->fd;	/* the client that sent it holds the threads (HOLD) */
 	uint64_t start = sandbox_now_ns();
 	if (rc == 0)
 		rc = sandbox_patch_apply(&spec, 0, &p, err);
@@ -253,6 +270,7 @@ int sandbox_body_apply(const uint8_t *body, size_t len, char *name, size_t name_
 	struct sandbox_request q = { .r = { .p = body, .len = len } };
 	struct sandbox_apply_spec spec = { 0 };
 	int rc = sandbox_apply_parse(&q, &spec, err);
+	spec.hold_conn = -1;	/* from the store: no client holds anything */
 	snprintf(name, name_cap, "%s", q.patch);
 	if (rc == 0)
 		rc = sandbox_patch_apply(&spec, 0, NULL, err);
@@ -268,10 +286,16 @@ static int sandbox_msg_remove(struct sandbox_request *q, struct sandbox_error *e
 	if (sandbox_reader_str(&q->r, "name", &name, &len) != 0 || sandbox_reader_end(&q->r, "name") != 0)
 		return sandbox_reader_error(&q->r, err);
 	sandbox_request_name(q, name, len);
+	sandbox_engine_refresh();
 	uint64_t start = sandbox_now_ns();
-	int rc = sandbox_patch_remove(name, len, err);
-	if (rc == 0)
+	uint8_t state = PBX_STATE_APPLIED;
+	int rc = sandbox_patch_remove(name, len, &state, err);
+	if (rc == 0) {
 		sandbox_writer_uint(&q->w, sandbox_now_ns() - start, 8);
+		sandbox_writer_uint(&q->w, state, 1);
+		if (state == PBX_STATE_UNLOADED)
+			snprintf(q->note, sizeof(q->note), "ok (its library was unloaded: record dropped, nothing written)");
+	}
 	return rc;
 }
 
@@ -318,7 +342,7 @@ static const sandbox_handler sandbox_handlers[] = {
 int sandbox_request_serve(int fd, const struct sandbox_peer *peer, unsigned type, uint32_t seq,
 			  const uint8_t *payload, size_t len)
 {
-	struct sandbox_request q = { .r = { .p = payload, .len = len } };
+	struct sandbox_request q = { .fd = fd, .r = { .p = payload, .len = len } };
 	struct sandbox_error err = { PBX_E_OK, "" };
 	static const uint8_t zero[PBX_HEADER_SIZE + 4];
 	sandbox_writer_put(&q.w, zero, sizeof(zero));	/* header + status OK */

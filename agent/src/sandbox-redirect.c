@@ -31,7 +31,7 @@
  *
  * Held entry jump (f->hold: a first instruction shorter than 5 bytes, or [P, P+5)
  * across two words; docs/reach.md): written only while every other thread is held
- * clear of (P, P+5) (sandbox_threads_held, checked again right before phase 2), the
+ * clear of (P, P+5) (sandbox_threads_held; sandbox_hold_confirm right before phase 2), the
  * later word first. Its remove cannot be one store when it spans two words, and needs
  * no hold: (1) `jmp .` at P parks the threads that reach it (no thread can be inside
  * the jump, one instruction), sync; (2) the saved bytes [P+2, P+5), now dead, sync;
@@ -216,7 +216,7 @@ int sandbox_text_refill(uintptr_t addr, size_t len)
 
 int sandbox_redirect_write(const struct sandbox_copy *text, const struct sandbox_copy *data,
 			   const struct sandbox_func *funcs, size_t nfuncs, sandbox_gate_fn gate,
-			   void *gate_arg, uint64_t *held_ns, struct sandbox_error *err)
+			   void *gate_arg, int hold_conn, uint64_t *held_ns, struct sandbox_error *err)
 {
 	struct sandbox_pageset ps = { 0 };
 	int rc = -1;
@@ -254,7 +254,7 @@ int sandbox_redirect_write(const struct sandbox_copy *text, const struct sandbox
 	}
 	/* Held entry jumps: every allocation is done and the hooks have run (they may take
 	 * locks a held thread owns); wait for the client's hold. */
-	if (sandbox_hold_wait(funcs, nfuncs, held_ns, err) != 0) {
+	if (sandbox_hold_wait(funcs, nfuncs, hold_conn, held_ns, err) != 0) {
 		sandbox_pageset_close(&ps);
 		goto out;
 	}
@@ -270,19 +270,20 @@ int sandbox_redirect_write(const struct sandbox_copy *text, const struct sandbox
 	}
 	/* Pairs with phase 2: new code and jumps visible to every core's fetch first. */
 	sandbox_core_sync();
-	/* Held entry jumps: the hold checked once more, after the last system call before
-	 * the stores (the engine waited for it). If it went, phase 1's dead padding is put
-	 * back and nothing reachable changed. */
-	char why[256];
-	for (size_t i = 0; i < nfuncs; i++) {
-		if (!funcs[i].hold || sandbox_threads_held(funcs, nfuncs, why, sizeof(why)))
-			continue;
+	/* Held entry jumps: the hold checked once more, in full (every stack no thread runs
+	 * on too), then the holder's connection, the last system call before the stores.
+	 * Every thread was held when its turn in the check came; the client lets them go
+	 * only after the reply (or well past the wait's deadline), or by dying, and a dying
+	 * client's connection closes before the kernel releases its tracees: open here,
+	 * every thread is still held here. If either went, or a stack may return inside,
+	 * phase 1's dead padding is put back (pairs with the sync below) and nothing
+	 * reachable changed. */
+	if (sandbox_hold_confirm(funcs, nfuncs, hold_conn, err) != 0) {
 		for (size_t k = 0; k < nfuncs; k++)
 			if (funcs[k].mech != PBX_KIND_ENTRY_JUMP)
 				memcpy((void *)funcs[k].saved_at, funcs[k].saved, PBX_JUMP_LEN);
 		sandbox_core_sync();
 		sandbox_pageset_close(&ps);
-		sandbox_error_set(err, PBX_E_NOT_HELD, "%s", why);
 		goto out;
 	}
 	/* Phase 2: publish, one atomic 2-byte store per function, or the atomic 8-byte

@@ -2,7 +2,8 @@
  * lies, placing a patch's text and data in it, retiring a removed patch's memory,
  * the quiescence check that reclaims it, and revival (docs/redirect.md, "Reuse of
  * sandbox memory after remove"). What is written into the memory, and how, is
- * sandbox-redirect.c's; when, sandbox-engine.c's.
+ * sandbox-redirect.c's; when, sandbox-engine.c's; the hold of held entry jumps,
+ * sandbox-hold.c's.
  *
  * Retired memory: a removed patch's text/data may still be executing on some
  * thread (preempted inside it, or below a call in it). It is *retired*, not
@@ -31,13 +32,12 @@
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
-#include <sys/syscall.h>
 #include <sys/uio.h>
-#include <time.h>
 #include <unistd.h>
 
 #include "arch/x86_64/insn.h"
@@ -138,6 +138,22 @@ int sandbox_region_map(size_t idx, uintptr_t lo, uintptr_t hi, const char *what,
 		return -1;
 	sandbox_region_init(&sandbox_regions[idx], (uintptr_t)m + SANDBOX_PAGE,
 			    (uintptr_t)m + SANDBOX_PAGE + sandbox_round_up(SANDBOX_ALLOC, SANDBOX_PAGE));
+	return 0;
+}
+
+int sandbox_region_unmap(size_t idx)
+{
+	struct sandbox_region *r = idx > 0 && idx < PBX_MAX_OBJECTS ? &sandbox_regions[idx] : NULL;
+	if (!r || !r->text.size || r->text.n || r->data.n)
+		return -1;
+	/* As sandbox_map_near laid it out: a page, the text, the data. Nothing is placed in
+	 * it and nothing retired is left (the quiescence check freed it): no thread can run
+	 * or read there, as for memory handed to another patch. */
+	size_t total = SANDBOX_PAGE + sandbox_round_up(SANDBOX_ALLOC, SANDBOX_PAGE) +
+		       sandbox_round_up(SANDBOX_DATA_ALLOC, SANDBOX_PAGE);
+	if (munmap((void *)(r->text.base - SANDBOX_PAGE), total) != 0)
+		return -1;
+	memset(r, 0, sizeof(*r));
 	return 0;
 }
 
@@ -544,6 +560,15 @@ out:
 	free(r);
 }
 
+void sandbox_retired_collect(void)
+{
+	size_t retired = 0;
+	for (size_t k = 0; k < SANDBOX_NAREAS; k++)
+		retired += sandbox_area_at(k) ? sandbox_area_at(k)->retired : 0;
+	if (retired)
+		sandbox_retired_reclaim();
+}
+
 /* Places len bytes for owner in a; when nothing fits and something is retired, runs
  * the quiescence check once and tries again. 0 and *ret, or -1. */
 int sandbox_area_alloc_reclaim(struct sandbox_area *a, size_t len, uint32_t owner, uintptr_t *ret)
@@ -591,155 +616,4 @@ int sandbox_text_revive(struct sandbox_area *a, const struct sandbox_apply_spec 
 		return 1;
 	}
 	return 0;
-}
-
-/* ------------------------------------------------------------------ the hold */
-
-/* The hold (PBX_FLAG_HOLD; docs/reach.md, "Entry jumps in stock code"): an entry jump
- * over a first instruction shorter than 5 bytes, or across two 8-byte words, cannot be
- * published by one atomic store that no thread can be inside. The client stops every
- * other thread with ptrace (a tracing stop, 't' in /proc/self/task/TID/stat) and the
- * agent checks, right before it writes, that each one is stopped and that neither its
- * PC nor any word of its stack (a return address, a signal frame's saved PC) lies
- * strictly inside (P, P+5). A thread at P itself runs the jump or the old first
- * instruction whole. Nothing here allocates: a held thread may own malloc's lock. */
-
-/* Reads path into buf, NUL-terminated; its length, or -1 with errno. */
-static ssize_t sandbox_small_read(const char *path, char *buf, size_t cap)
-{
-	int fd = open(path, O_RDONLY | O_CLOEXEC);
-	if (fd < 0)
-		return -1;
-	ssize_t n = read(fd, buf, cap - 1);
-	int e = errno;
-	close(fd);
-	errno = e;
-	if (n >= 0)
-		buf[n] = '\0';
-	return n;
-}
-
-/* Whether some word of the stack from sp (up to where the mapping ends, 16 MiB at most)
- * points strictly inside the bytes of a held function; *which gets it. */
-static int sandbox_stack_points_inside(uintptr_t sp, const struct sandbox_func *funcs, size_t n,
-				       const struct sandbox_func **which)
-{
-	static uint64_t chunk[4096];	/* only the agent thread runs this */
-	uintptr_t end = sp + (16ul << 20);
-	for (sp = sandbox_round_down(sp, 8); sp < end;) {
-		struct iovec local = { chunk, sizeof(chunk) }, remote = { (void *)sp, sizeof(chunk) };
-		ssize_t got = process_vm_readv(getpid(), &local, 1, &remote, 1, 0);
-		if (got <= 0)
-			return 0;	/* the end of the mapping */
-		for (size_t w = 0; w < (size_t)got / 8; w++)
-			for (size_t k = 0; k < n; k++)
-				if (funcs[k].hold && chunk[w] > funcs[k].wlo && chunk[w] < funcs[k].whi) {
-					*which = &funcs[k];
-					return 1;
-				}
-		sp += (size_t)got;
-	}
-	return 0;
-}
-
-static int sandbox_thread_held(long tid, const struct sandbox_func *funcs, size_t n, char *why, size_t why_len)
-{
-	char path[64], buf[512];
-	snprintf(path, sizeof(path), "/proc/self/task/%ld/stat", tid);
-	if (sandbox_small_read(path, buf, sizeof(buf)) < 0) {
-		if (errno == ENOENT)
-			return 1;	/* exited */
-		snprintf(why, why_len, "thread %ld: cannot read its state: %s", tid, strerror(errno));
-		return 0;
-	}
-	const char *rp = strrchr(buf, ')');
-	char state = rp && rp[1] == ' ' ? rp[2] : '?';
-	if (state == 'Z' || state == 'X')
-		return 1;
-	if (state != 't') {
-		snprintf(why, why_len, "thread %ld is not held (state %c, not t)", tid, state);
-		return 0;
-	}
-	snprintf(path, sizeof(path), "/proc/self/task/%ld/syscall", tid);
-	unsigned long sp = 0, pc = 0;
-	char *last = sandbox_small_read(path, buf, sizeof(buf)) > 0 ? strrchr(buf, ' ') : NULL;
-	if (last && last != buf) {
-		*last = '\0';
-		char *prev = strrchr(buf, ' ');
-		if (!prev || sscanf(prev + 1, "%lx", &sp) != 1 || sscanf(last + 1, "%lx", &pc) != 1)
-			last = NULL;
-	}
-	if (!last) {
-		snprintf(why, why_len, "thread %ld: cannot read its registers", tid);
-		return 0;
-	}
-	const struct sandbox_func *in = NULL;
-	for (size_t k = 0; k < n && !in; k++)
-		if (funcs[k].hold && pc > funcs[k].wlo && pc < funcs[k].whi)
-			in = &funcs[k];
-	if (in) {
-		snprintf(why, why_len, "thread %ld is stopped at 0x%lx, inside the first bytes of %s", tid, pc,
-			 in->symbol);
-		return 0;
-	}
-	if (sandbox_stack_points_inside(sp, funcs, n, &in)) {
-		snprintf(why, why_len, "thread %ld has a return address inside the first bytes of %s on its stack",
-			 tid, in->symbol);
-		return 0;
-	}
-	return 1;
-}
-
-int sandbox_threads_held(const struct sandbox_func *funcs, size_t n, char *why, size_t why_len)
-{
-	int dfd = open("/proc/self/task", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-	if (dfd < 0) {
-		snprintf(why, why_len, "cannot list the threads: %s", strerror(errno));
-		return 0;
-	}
-	static char ents[4096];
-	long self = gettid(), got;
-	int ok = 1;
-	while (ok && (got = syscall(SYS_getdents64, dfd, ents, sizeof(ents))) > 0) {
-		for (long pos = 0; ok && pos < got;) {
-			const struct dirent64 *d = (const struct dirent64 *)(ents + pos);
-			pos += d->d_reclen;
-			char *endp;
-			long tid = strtol(d->d_name, &endp, 10);
-			if (d->d_name[0] != '.' && !*endp && tid > 0 && tid != self)
-				ok = sandbox_thread_held(tid, funcs, n, why, why_len);
-		}
-	}
-	close(dfd);
-	return ok;
-}
-
-static uint64_t sandbox_mono_ns(void)
-{
-	struct timespec ts;
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
-}
-
-int sandbox_hold_wait(const struct sandbox_func *funcs, size_t n, uint64_t *waited_ns,
-			     struct sandbox_error *err)
-{
-	int need = 0;
-	for (size_t i = 0; i < n; i++)
-		need |= funcs[i].hold;
-	if (!need)
-		return 0;
-	uint64_t start = sandbox_mono_ns(), deadline = start + (uint64_t)PBX_HOLD_WAIT_MS * 1000000ull;
-	char why[256] = "";
-	for (;;) {
-		if (sandbox_threads_held(funcs, n, why, sizeof(why))) {
-			*waited_ns = sandbox_mono_ns() - start;
-			return 0;
-		}
-		if (sandbox_mono_ns() > deadline)
-			return sandbox_error_set(err, PBX_E_NOT_HELD, "after %d ms: %s (patchbox apply holds the "
-						 "threads; retry)", PBX_HOLD_WAIT_MS, why);
-		struct timespec ts = { 0, 200 * 1000 };
-		nanosleep(&ts, NULL);
-	}
 }

@@ -1,14 +1,25 @@
 """Patch lifecycle and the client-side refusal rules checked before APPLY and REMOVE.
 
-Lifecycle (one enum, three states)::
+Lifecycle (one enum, four states)::
 
     BUILT ──apply──▶ APPLIED ──remove──▶ REMOVED
-                        ▲                   │
-                        └──────apply────────┘
+                      ▲   │                 │
+                      │   └─(dlclose)─┐     │
+                      │               ▼     │
+                      ├──apply──── UNLOADED │
+                      │               │     │
+                      │               └─remove──▶ REMOVED
+                      └──────apply──────────┘
 
 - ``BUILT``: a patch file exists; nothing in any process.
 - ``APPLIED``: in one process; its functions are redirected (all or none).
-- ``REMOVED``: the original bytes are back; the file may be applied again.
+- ``UNLOADED``: the process unloaded the library the patch redirected (``dlclose``), or
+  loaded it anew in its place; the agent noticed and writes nothing of the patch again
+  (its old addresses may belong to something else). LIST still shows it; remove drops
+  the agent's record without writing; apply patches the library loaded again and
+  replaces the record. Nobody moves a patch here but the process itself.
+- ``REMOVED``: the original bytes are back (or, from UNLOADED, the record is gone); the
+  file may be applied again.
 
 Every other move is refused (apply of an APPLIED patch, remove of a BUILT/REMOVED one).
 The agent enforces the same rules (``ALREADY_APPLIED``, ``BUILD_ID_MISMATCH``,
@@ -27,6 +38,7 @@ from collections.abc import Collection, Sequence
 from patchbox.errors import PatchboxError
 from patchbox.format.model import Patch
 from patchbox.protocol.replies import AppliedPatch
+from patchbox.wire import ListedState
 
 __all__ = [
     "PatchState",
@@ -50,6 +62,7 @@ class PatchState(enum.Enum):
 
     BUILT = "built"
     APPLIED = "applied"
+    UNLOADED = "unloaded"
     REMOVED = "removed"
 
 
@@ -64,6 +77,8 @@ class Action(enum.Enum):
 TRANSITIONS: dict[tuple[PatchState, Action], PatchState] = {
     (PatchState.BUILT, Action.APPLY): PatchState.APPLIED,
     (PatchState.APPLIED, Action.REMOVE): PatchState.REMOVED,
+    (PatchState.UNLOADED, Action.REMOVE): PatchState.REMOVED,
+    (PatchState.UNLOADED, Action.APPLY): PatchState.APPLIED,
     (PatchState.REMOVED, Action.APPLY): PatchState.APPLIED,
 }
 
@@ -77,21 +92,27 @@ def transition(state: PatchState, action: Action, name: str = "patch") -> PatchS
 
 
 def state_in(name: str, applied: Sequence[AppliedPatch]) -> PatchState:
-    """Returns APPLIED if ``name`` is in the process's LIST, else BUILT.
+    """Returns APPLIED or UNLOADED as the process's LIST says of ``name``, else BUILT.
 
     (The agent keeps no record of removed patches, so a removed patch reads as BUILT.)
     """
-    return PatchState.APPLIED if any(p.name == name for p in applied) else PatchState.BUILT
+    for p in applied:
+        if p.name == name:
+            return PatchState.UNLOADED if p.state == ListedState.UNLOADED else PatchState.APPLIED
+    return PatchState.BUILT
 
 
 def stacked_above(name: str, applied: Sequence[AppliedPatch]) -> list[tuple[str, str]]:
-    """Returns (patch, symbol) pairs stacked on ``name``'s functions, topmost first."""
+    """Returns (patch, symbol) pairs stacked on ``name``'s functions, topmost first (a
+    patch whose library was unloaded is nobody's base and on nobody's top)."""
     index = next((i for i, p in enumerate(applied) if p.name == name), None)
-    if index is None:
+    if index is None or applied[index].unloaded:
         return []
     targets = {f.target: f.symbol for f in applied[index].functions}
     above: list[tuple[str, str]] = []
     for later in reversed(applied[index + 1 :]):
+        if later.unloaded:
+            continue
         shared = [targets[f.target] for f in later.functions if f.target in targets]
         if shared:
             above.append((later.name, shared[0]))
@@ -134,7 +155,7 @@ def check_remove(name: str, applied: Sequence[AppliedPatch], pid: int | str) -> 
     """Raises PolicyError if patch ``name`` must not be removed from the process whose
     LIST reply is ``applied``."""
     state = state_in(name, applied)
-    if state is not PatchState.APPLIED:
+    if state not in (PatchState.APPLIED, PatchState.UNLOADED):
         names = ", ".join(p.name for p in applied) or "none"
         raise PolicyError(f"no patch named {name} is applied in pid {pid} (applied: {names})")
     above = stacked_above(name, applied)

@@ -49,6 +49,11 @@ class ApplyFlag(IntEnum):
     HOLD = 2
 
 
+class ListedState(IntEnum):
+    APPLIED = 0
+    UNLOADED = 1
+
+
 class HookKind(IntEnum):
     PRE_APPLY = 1
     POST_APPLY = 2
@@ -160,6 +165,7 @@ __all__ = [
     "Msg",
     "RedirectKind",
     "ApplyFlag",
+    "ListedState",
     "HookKind",
     "FixupType",
     "FixupBase",

@@ -95,12 +95,12 @@ def with_lib(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return exe, lib
 
 
-def start(exe: Path) -> Target:
-    """Starts ``exe`` (no agent) and returns it once it answers."""
+def start(exe: Path, *args: str) -> Target:
+    """Starts ``exe`` (no agent) with ``args`` and returns it once it answers."""
     t = Target.__new__(Target)
     t.exe = exe
     t.proc = subprocess.Popen(
-        [str(exe)],
+        [str(exe), *args],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -272,6 +272,196 @@ def test_held_entry_jump_in_a_stock_executable_under_load(
     assert t.call("2") == "17"
 
 
+# A program holding, on demand, the two kinds of stack no thread runs on that the hold
+# must see (docs/reach.md, "What the hold sees"): a thread in a signal handler on its
+# alternate stack that interrupted a handler on its own stack whose saved PC lies inside
+# answer's first bytes (the state a signal arriving right after answer's first
+# instruction leaves, with a second, SA_ONSTACK, signal on top), and a suspended
+# makecontext coroutine, on a stack of its own with a guard page as QEMU allocates them,
+# holding such a word (as a return address there would be).
+STACKS = r"""
+#define _GNU_SOURCE
+#include <pthread.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <ucontext.h>
+#include <unistd.h>
+int answer(int x);
+static uintptr_t inside(void) { return (uintptr_t)answer + 1; }
+static int park[2];
+static char parked[64];
+static void on_alt(int sig) {
+    char c;
+    (void)sig;
+    (void)!write(1, parked, strlen(parked));
+    (void)!read(park[0], &c, 1);
+}
+static void on_plain(int sig, siginfo_t *si, void *ucv) {
+    ucontext_t *uc = ucv;
+    greg_t pc = uc->uc_mcontext.gregs[REG_RIP];
+    (void)sig; (void)si;
+    uc->uc_mcontext.gregs[REG_RIP] = (greg_t)inside();
+    pthread_kill(pthread_self(), SIGUSR2);
+    uc->uc_mcontext.gregs[REG_RIP] = pc;
+}
+static void *alt_thread(void *arg) {
+    pthread_attr_t attr;
+    void *lo;
+    size_t size;
+    stack_t ss = { .ss_size = 65536 };
+    (void)arg;
+    pthread_getattr_np(pthread_self(), &attr);
+    pthread_attr_getstack(&attr, &lo, &size);
+    snprintf(parked, sizeof parked, "parked %lx-%lx\n", (unsigned long)lo, (unsigned long)lo + size);
+    ss.ss_sp = mmap(NULL, ss.ss_size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    sigaltstack(&ss, NULL);
+    pthread_kill(pthread_self(), SIGUSR1);
+    ss.ss_flags = SS_DISABLE;
+    sigaltstack(&ss, NULL);
+    munmap(ss.ss_sp, ss.ss_size);
+    return NULL;
+}
+static ucontext_t main_ctx, co_ctx;
+static char *co_stack;
+static const size_t co_size = 256 * 1024;
+static void co_body(void) {
+    volatile uintptr_t ret = inside();
+    swapcontext(&co_ctx, &main_ctx);
+    (void)ret;
+}
+int main(void) {
+    char line[128];
+    pthread_t t;
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    struct sigaction sa = { .sa_sigaction = on_plain, .sa_flags = SA_SIGINFO };
+    sigaction(SIGUSR1, &sa, NULL);
+    struct sigaction sb = { .sa_handler = on_alt, .sa_flags = SA_ONSTACK };
+    sigaction(SIGUSR2, &sb, NULL);
+    printf("ready %d\n", getpid());
+    while (fgets(line, sizeof line, stdin)) {
+        if (!strncmp(line, "alt", 3)) {
+            pthread_attr_t attr;
+            pthread_attr_init(&attr);
+            if (line[3] == ' ')
+                pthread_attr_setstacksize(&attr, strtoul(line + 4, NULL, 0));
+            if (pipe(park) || pthread_create(&t, &attr, alt_thread, NULL))
+                return 1;
+        } else if (!strncmp(line, "unpark", 6)) {
+            (void)!write(park[1], "x", 1);
+            pthread_join(t, NULL);
+            close(park[0]);
+            close(park[1]);
+            printf("unparked\n");
+        } else if (!strncmp(line, "coro", 4)) {
+            co_stack = mmap(NULL, co_size + 4096, PROT_READ | PROT_WRITE,
+                            MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+            mprotect(co_stack, 4096, PROT_NONE);
+            getcontext(&co_ctx);
+            co_ctx.uc_stack.ss_sp = co_stack + 4096;
+            co_ctx.uc_stack.ss_size = co_size;
+            co_ctx.uc_link = &main_ctx;
+            makecontext(&co_ctx, co_body, 0);
+            swapcontext(&main_ctx, &co_ctx);
+            printf("suspended %lx-%lx\n", (unsigned long)co_stack + 4096,
+                   (unsigned long)co_stack + 4096 + co_size);
+        } else if (!strncmp(line, "resume", 6)) {
+            swapcontext(&main_ctx, &co_ctx);
+            munmap(co_stack, co_size + 4096);
+            printf("finished\n");
+        } else {
+            printf("%d\n", answer(atoi(line)));
+        }
+    }
+    return 0;
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def stacks(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(program, held patch of its `answer`): no agent, no flags; `answer` starts with
+    push %rbp (no endbr64): P is its entry, and P+1 the word the program plants."""
+    d = tmp_path_factory.mktemp("stacks")
+    src = STACKS + ANSWER.replace("@MUL@", "7")
+    exe = gcc(d / "stacks", src, "-O0", "-fcf-protection=none", "-pthread", "-Wl,--build-id")
+    obj = gcc(d / "fix.o", ANSWER.replace("@MUL@", "7 + 1"), "-O0", *patch_cflags(), "-c")
+    pbx = _extract(obj, exe, "held")
+    assert load_patch(pbx).flags & ApplyFlag.HOLD
+    return exe, pbx
+
+
+def _say(t: Target, line: str) -> str:
+    """Returns the target's answer to one command line."""
+    t.proc.stdin.write(line + "\n")
+    t.proc.stdin.flush()
+    return t._readline()
+
+
+def _span(text: str) -> tuple[int, int]:
+    lo, hi = re.search(r"([0-9a-f]+)-([0-9a-f]+)", text).groups()
+    return int(lo, 16), int(hi, 16)
+
+
+def _refused_hold(t: Target, pbx: Path) -> str:
+    """Returns the agent's reason after asserting a held apply is refused, untouched."""
+    proc = run("patchbox", "apply", "-p", t.pid, pbx, check=False)
+    assert proc.returncode == 1 and "[NOT_HELD]" in proc.stderr, proc.stdout + proc.stderr
+    assert t.call("2") == "17"
+    assert json.loads(run("patchbox", "list", "-p", t.pid, "--json").stdout) == []
+    return proc.stderr
+
+
+@pytest.mark.parametrize("stack", ["", " 0x6400000"], ids=["8MiB-stack", "100MiB-stack"])
+def test_hold_sees_the_stack_a_sigaltstack_handler_interrupted(stacks, procs, stack: str) -> None:
+    # 100 MiB is over the memory check's cap: only the signal frame on the alternate
+    # stack leads there (its saved SP).
+    exe, pbx = stacks
+    t = start(exe)
+    procs.append(t)
+    run("patchbox", "attach", "-p", t.pid)
+    parked = _say(t, "alt" + stack)
+    assert parked.startswith("parked "), parked
+    lo, hi = _span(parked)
+    why = _refused_hold(t, pbx)
+    m = re.search(
+        r"thread \d+, in a signal handler on its alternate stack, interrupted a stack with a "
+        r"word inside the first bytes of answer \(at 0x([0-9a-f]+)\)",
+        why,
+    )
+    assert m and lo <= int(m[1], 16) < hi, why  # on the interrupted thread's own stack
+    assert _say(t, "unpark") == "unparked"
+    run("patchbox", "apply", "-p", t.pid, pbx)
+    assert t.call("2") == "18"
+    run("patchbox", "remove", "-p", t.pid, "held")
+    assert t.call("2") == "17"
+
+
+def test_hold_sees_a_suspended_coroutine(stacks, procs) -> None:
+    exe, pbx = stacks
+    t = start(exe)
+    procs.append(t)
+    run("patchbox", "attach", "-p", t.pid)
+    lo, hi = _span(_say(t, "coro"))
+    why = _refused_hold(t, pbx)
+    m = re.search(
+        r"a word at 0x([0-9a-f]+) \(mapping [0-9a-f]+-[0-9a-f]+\) points inside the first bytes "
+        r"of answer: a stack no thread runs on now",
+        why,
+    )
+    assert m and lo <= int(m[1], 16) < hi, why  # on the coroutine's stack
+    assert _say(t, "resume") == "finished"
+    run("patchbox", "apply", "-p", t.pid, pbx)
+    assert t.call("2") == "18"
+    scan = info_json(t.pid)["hold_scan"]
+    assert re.match(r"[1-9]\d* mappings, [1-9]\d* bytes in \d+ us; 0 over 64 MiB", scan), scan
+    run("patchbox", "remove", "-p", t.pid, "held")
+    assert t.call("2") == "17"
+
+
 def test_library_without_flags_endbr64_and_apply_all(with_lib, tmp_path: Path, procs) -> None:
     exe, lib = with_lib
     a, b = start(exe), start(exe)
@@ -294,13 +484,122 @@ def test_library_without_flags_endbr64_and_apply_all(with_lib, tmp_path: Path, p
     assert a.call("2") == b.call("2") == "18"
     listed = json.loads(run("patchbox", "list", "-p", a.pid, "--json").stdout)
     assert listed[0]["object"] == str(lib)
-    # Narrowed to the library's (random) build-id: processes of other test runs that
-    # carry an agent they cannot be reached through would make it exit 1.
+    # This run's library only (its random build-id: every process mapping it): another
+    # test run on the machine may hold a "libfix" too, or a process it cannot reach.
     run("patchbox", "remove", "--all", "--build-id", patch.build_id.hex(), "libfix")
     assert a.call("2") == b.call("2") == "17"
     for p in (a, b):
         bias = find_mapped(p.pid, patch.build_id.hex()).bias
         assert p.read(bias + fn.target, 16) == before[p.pid]
+
+
+# Loads the library of argv[1] on demand and unloads it: `close-map` then maps a page of
+# its own, a known pattern, where the library's `answer` was (something else at the old
+# address), `close` leaves the place free (a later dlopen may land there again).
+DLOPEN = r"""
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
+int main(int argc, char **argv) {
+    char line[128];
+    void *lib = NULL;
+    int (*answer)(int) = NULL;
+    (void)argc;
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    printf("ready %d\n", getpid());
+    while (fgets(line, sizeof line, stdin)) {
+        if (!strncmp(line, "open", 4)) {
+            lib = dlopen(argv[1], RTLD_NOW);
+            answer = lib ? (int (*)(int))dlsym(lib, "answer") : NULL;
+            printf("opened %lx\n", (unsigned long)answer);
+        } else if (!strncmp(line, "close", 5)) {
+            uintptr_t page = (uintptr_t)answer & ~4095ul;
+            unsigned char *m = MAP_FAILED;
+            dlclose(lib);
+            answer = NULL;
+            if (!strncmp(line, "close-map", 9)) {
+                m = mmap((void *)page, 4096, PROT_READ | PROT_WRITE,
+                         MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0);
+                for (int i = 0; m != MAP_FAILED && i < 4096; i++)
+                    m[i] = (unsigned char)(i * 7 + 1);
+            }
+            printf("closed %lx %s\n", (unsigned long)page, m == (void *)page ? "mapped" : "free");
+        } else if (answer) {
+            printf("%d\n", answer(atoi(line)));
+        } else {
+            printf("none\n");
+        }
+    }
+    return 0;
+}
+"""
+
+
+def test_library_unloaded_while_patched(with_lib, tmp_path: Path, procs) -> None:
+    _exe, lib = with_lib
+    prog = gcc(tmp_path / "dlopener", DLOPEN, "-O0", "-Wl,--build-id", libs=("-ldl",))
+    t = start(prog, str(lib))
+    procs.append(t)
+    run("patchbox", "attach", "-p", t.pid)
+    obj = gcc(
+        tmp_path / "fix.o", ANSWER.replace("@MUL@", "7 + 1"), "-O2", "-fPIC", *patch_cflags(), "-c"
+    )
+    pbx = _extract(obj, lib, "libfix")
+    assert _say(t, "open").startswith("opened ")
+    run("patchbox", "apply", "-p", t.pid, pbx)
+    assert t.call("2") == "18" and info_json(t.pid)["objects"] == "2"
+
+    # Unloaded while patched, and another mapping where its code was.
+    _closed, page, how = _say(t, "close-map").split()
+    assert how == "mapped"
+    pattern = bytes((i * 7 + 1) & 0xFF for i in range(4096))
+    assert t.read(int(page, 16), 4096) == pattern
+    [listed] = json.loads(run("patchbox", "list", "-p", t.pid, "--json").stdout)
+    assert (listed["name"], listed["state"], listed["object"]) == ("libfix", "unloaded", str(lib))
+    assert "UNLOADED: its library was unloaded" in run("patchbox", "list", "-p", t.pid).stdout
+    rows = {r["pid"]: r for r in json.loads(run("patchbox", "ps", "--json").stdout)}
+    assert rows[t.pid]["patches"] == rows[t.pid]["unloaded"] == ["libfix"]
+    info = info_json(t.pid)
+    assert (info["patches"], info["patches_unloaded"]) == ("1", "1")
+    out = run("patchbox", "remove", "-p", t.pid, "libfix").stdout
+    assert "its library had been unloaded, so nothing was written" in out, out
+    assert t.read(int(page, 16), 4096) == pattern  # what lies at the old address now
+    assert json.loads(run("patchbox", "list", "-p", t.pid, "--json").stdout) == []
+    assert info_json(t.pid)["objects"] == "1"  # the library's sandbox unmapped
+
+    # Loaded again (elsewhere: its place is taken) and patched again.
+    opened = _say(t, "open")
+    assert opened.startswith("opened ")
+    assert t.call("2") == "17"
+    run("patchbox", "apply", "-p", t.pid, pbx)
+    assert t.call("2") == "18"
+    # Unloaded and loaded again at the same address (glibc maps it into the gap its
+    # dlclose left): same bias, span and build-id, only its bytes, back to the original,
+    # tell the new load from the patched one. The patch applied anew replaces the record.
+    assert _say(t, "close").endswith("free")
+    assert _say(t, "open") == opened
+    assert t.call("2") == "17"
+    assert [
+        p["state"] for p in json.loads(run("patchbox", "list", "-p", t.pid, "--json").stdout)
+    ] == ["unloaded"]
+    run("patchbox", "apply", "-p", t.pid, pbx)
+    assert t.call("2") == "18"
+    [listed] = json.loads(run("patchbox", "list", "-p", t.pid, "--json").stdout)
+    assert listed["state"] == "applied"
+    # More loads than the agent has object slots (8): each unloaded one's slot and region
+    # are given back, so the patch goes into every new load.
+    for _ in range(8):
+        assert _say(t, "close").endswith("free") and _say(t, "open") == opened
+        run("patchbox", "apply", "-p", t.pid, pbx)
+        assert t.call("2") == "18"
+    assert int(info_json(t.pid)["objects"]) <= 3
+    assert "nothing was written" not in run("patchbox", "remove", "-p", t.pid, "libfix").stdout
+    assert t.call("2") == "17"
 
 
 def test_glibc_function_in_a_running_process(plain: Path, tmp_path: Path, procs) -> None:

@@ -58,9 +58,12 @@ def attach_and_report(
 @include_privileged_option
 def attach_command(pid: int, as_json: bool, include_privileged: bool) -> None:
     """Load the agent (libsandbox.so) into running process PID, which was started without
-    it: one thread is stopped for the call to dlopen, then let go. Exit 1 when refused
-    (with the reason; the process untouched; a privileged process unless
-    --include-privileged), 2 when worth a retry."""
+    it: one thread idle in a system call is borrowed for a call to dlopen, which returns
+    through a signal frame that puts the thread back as it was, whether or not this
+    client is still there (Ctrl-C and kill are deferred until the thread is back). Exit
+    1 when refused (with the reason; the process untouched; a privileged process unless
+    --include-privileged) or when the call was left to finish alone, 2 when worth a
+    retry."""
     try:
         attach_and_report(pid, as_json, include_privileged)
     except AttachError as err:

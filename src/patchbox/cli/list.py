@@ -19,7 +19,8 @@ def _when(ns: int) -> str:
 @target_options
 @json_option
 def list_command(pid: int | None, socket_path: str | None, as_json: bool) -> None:
-    """List applied patches with their functions and addresses."""
+    """List applied patches with their functions and addresses; a patch whose library
+    the process unloaded is marked UNLOADED (--json: "state")."""
     with open_client(pid, socket_path) as client:
         patches = client.list()
         if as_json:
@@ -35,5 +36,10 @@ def list_command(pid: int | None, socket_path: str | None, as_json: bool) -> Non
             + (f"  in {p.object}" if p.object else "")
             + (f"  held {p.hold_ns / 1e6:.3f} ms" if p.hold_ns else "")
         )
+        if p.unloaded:
+            click.echo(
+                "    UNLOADED: its library was unloaded; nothing of it is redirected or written"
+                " again (remove drops the record)"
+            )
         for f in p.functions:
             click.echo(f"    {f.symbol}  {f.target:#x} -> {f.new:#x} ({f.new_size} bytes)")

@@ -16,8 +16,9 @@ __all__ = ["ps_command"]
 @click.pass_context
 def ps_command(ctx: click.Context, as_json: bool) -> None:
     """List the processes with an agent: pid, executable, build-id, applied and installed
-    patches, sandbox use; and the processes of the same builds whose agent cannot be
-    reached (none loaded, no socket, refused), with the reason."""
+    patches (NAME(unloaded): its library was unloaded since), sandbox use; and the
+    processes of the same builds whose agent cannot be reached (none loaded, no socket,
+    refused), with the reason."""
     timeout = ctx.find_root().params.get("timeout") or 10.0
     rows = list_processes(timeout=timeout)
     if as_json:
@@ -34,7 +35,7 @@ def ps_command(ctx: click.Context, as_json: bool) -> None:
                 f"  (unreachable: {r.error})"
             )
             continue
-        patches = ",".join(r.patches) or "-"
+        patches = ",".join(n + ("(unloaded)" if n in r.unloaded else "") for n in r.patches) or "-"
         pending = [n for n in r.installed if n not in r.patches]
         if pending:
             patches += f" (+installed: {','.join(pending)})"

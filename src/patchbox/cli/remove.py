@@ -39,10 +39,21 @@ def remove_command(
     with open_client(pid, socket_path) as client:
         target = client_pid(client)
         policy.check_remove(name, client.list(), target)
-        client.remove(name)
+        removed = client.remove(name)
     if as_json:
         emit_json(
-            {"name": name, "pid": int(target) if target.isdigit() else target, "removed": True}
+            {
+                "name": name,
+                "pid": int(target) if target.isdigit() else target,
+                "removed": True,
+                "written": removed.written,
+            }
+        )
+        return
+    if not removed.written:
+        click.echo(
+            f"removed {name} from pid {target}: its library had been unloaded, so nothing was"
+            " written (the agent's record only)"
         )
         return
     click.echo(f"removed {name} from pid {target}")

@@ -92,6 +92,7 @@ class ProcessRow:
     exe: str = ""
     build_id: str = ""
     patches: list[str] = field(default_factory=list)
+    unloaded: list[str] = field(default_factory=list)  # of patches: their library was unloaded
     installed: list[str] = field(default_factory=list)
     sandbox_used: int = 0
     sandbox_size: int = 0
@@ -288,6 +289,7 @@ def list_processes(*, timeout: float = 10.0, sweep: bool = True) -> list[Process
             row.build_id = info.get("build_id", row.build_id)
             row.socket = info.get("socket", row.socket)
             row.patches = [p.name for p in listed]
+            row.unloaded = [p.name for p in listed if p.unloaded]
             row.sandbox_used = int(info.get("sandbox_used", "0") or 0)
             row.sandbox_size = int(info.get("sandbox_size", "0") or 0)
         rows.append(row)

@@ -33,6 +33,7 @@ from patchbox.protocol.replies import (
     AppliedPatch,
     ApplyResult,
     PatchFunction,
+    RemoveResult,
     TestResult,
     decode_answer,
     raise_connection_error,
@@ -46,6 +47,7 @@ __all__ = [
     "AppliedPatch",
     "PatchFunction",
     "ApplyResult",
+    "RemoveResult",
     "TestResult",
     "encode_frame",
     "decode_header",
@@ -335,8 +337,9 @@ class Client:
         is); ``after_send`` and ``reply_timeout`` as for :meth:`request`."""
         return self.request(Msg.APPLY, bytes(body), after_send, reply_timeout)
 
-    def remove(self, name: str) -> int:
-        """Returns the agent's time in ns to remove the applied patch ``name``."""
+    def remove(self, name: str) -> RemoveResult:
+        """Returns the agent's time to remove the patch ``name`` and whether it wrote the
+        original bytes back (not for a patch whose library was unloaded)."""
         return self.request(Msg.REMOVE, bytes(Writer().str(name)))
 
     def test(self) -> TestResult:

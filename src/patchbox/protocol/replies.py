@@ -14,12 +14,13 @@ from typing import Any, NamedTuple
 
 from patchbox.errors import AgentError, ProtocolError
 from patchbox.format.codec import Reader
-from patchbox.wire import REPLY_BIT, ErrorCode, Msg
+from patchbox.wire import REPLY_BIT, ErrorCode, ListedState, Msg
 
 __all__ = [
     "PatchFunction",
     "AppliedPatch",
     "ApplyResult",
+    "RemoveResult",
     "TestResult",
     "check_status",
     "decode_reply",
@@ -54,10 +55,20 @@ class AppliedPatch:
     functions: list[PatchFunction] = field(default_factory=list)
     object: str = ""  # "" for the executable, else the path of the library it patches
     hold_ns: int = 0  # held entry jumps: how long the agent waited for the threads
+    # APPLIED, or UNLOADED: its library was unloaded (dlclose); nothing of it is written
+    # again and REMOVE drops the record only (docs/reach.md, "Shared libraries").
+    state: ListedState = ListedState.APPLIED
+
+    @property
+    def unloaded(self) -> bool:
+        """Returns whether the patch's library was unloaded since it was applied."""
+        return self.state == ListedState.UNLOADED
 
     def to_json(self) -> dict[str, Any]:
-        """Returns a JSON-ready dict of this entry."""
-        return asdict(self)
+        """Returns a JSON-ready dict of this entry (``state``: "applied" or "unloaded")."""
+        d = asdict(self)
+        d["state"] = self.state.name.lower()
+        return d
 
 
 @dataclass(frozen=True)
@@ -68,6 +79,20 @@ class ApplyResult:
     text_addr: int
     data_addr: int
     elapsed_ns: int  # time the agent spent checking, copying and redirecting
+
+
+@dataclass(frozen=True)
+class RemoveResult:
+    """The REMOVE reply: the agent's time, and the state the patch was in (APPLIED: its
+    original bytes were restored; UNLOADED: its library was gone, nothing was written)."""
+
+    elapsed_ns: int
+    state: ListedState
+
+    @property
+    def written(self) -> bool:
+        """Returns whether the agent wrote the original bytes back."""
+        return self.state == ListedState.APPLIED
 
 
 class TestResult(NamedTuple):
@@ -101,9 +126,9 @@ def _info(r: Reader) -> dict[str, str]:
 
 def _list(r: Reader) -> list[AppliedPatch]:
     count = r.u32("count")
-    # Each entry is at least 2+4+8+8+4+8+4+2+2+8 bytes: refuse counts the payload cannot
+    # Each entry is at least 2+4+8+8+4+8+4+2+2+8+1 bytes: refuse counts the payload cannot
     # hold before looping (a garbage count must not spin for 4 billion iterations).
-    if count * 50 > r.remaining():
+    if count * 51 > r.remaining():
         raise ProtocolError(f"LIST reply: count {count} overruns the {r.remaining()}-byte payload")
     patches = []
     for i in range(count):
@@ -128,6 +153,7 @@ def _list(r: Reader) -> list[AppliedPatch]:
             )
         obj = r.str(f"patch[{i}].object")
         hold_ns = r.u64(f"patch[{i}].hold_ns")
+        state = _state(r, f"patch[{i}].state")
         patches.append(
             AppliedPatch(
                 name,
@@ -140,17 +166,26 @@ def _list(r: Reader) -> list[AppliedPatch]:
                 funcs,
                 obj,
                 hold_ns,
+                state,
             )
         )
     return patches
+
+
+def _state(r: Reader, where: str) -> ListedState:
+    value = r.u8(where)
+    try:
+        return ListedState(value)
+    except ValueError:
+        raise ProtocolError(f"{where} = {value}: not a patch state") from None
 
 
 def _apply(r: Reader) -> ApplyResult:
     return ApplyResult(r.u32("id"), r.u64("text_addr"), r.u64("data_addr"), r.u64("elapsed_ns"))
 
 
-def _remove(r: Reader) -> int:
-    return r.u64("elapsed_ns")
+def _remove(r: Reader) -> RemoveResult:
+    return RemoveResult(r.u64("elapsed_ns"), _state(r, "state"))
 
 
 def _test(r: Reader) -> TestResult:

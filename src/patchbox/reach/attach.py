@@ -4,38 +4,47 @@ started without it (docs/reach.md, "Attach").
 One thread is stopped with ``PTRACE_SEIZE`` + ``PTRACE_INTERRUPT``: one blocked in a
 system call that holds no lock the loader needs (read, poll, epoll_wait, nanosleep,
 accept...; a thread interrupted inside ``malloc`` or holding the loader's lock would
-deadlock ``dlopen``). Its registers are saved; it is made to call ``dlopen(path,
-RTLD_NOW)`` of the process's own ``libc.so.6`` (glibc 2.34+ exports it there) with the
-path written on its stack below the red zone and a return address of 0, so that the
-return faults and the client regains control; ``orig_rax = -1`` keeps the kernel from
-restarting the interrupted system call into the borrowed registers. The saved registers
-and stack bytes are put back and the thread is let go: the kernel then restarts the
-interrupted call exactly as after any signal that had no handler. The library's
-constructor starts the agent thread (and applies the store's patches).
+deadlock ``dlopen``). It is made to call ``dlopen(path, RTLD_NOW)`` of the process's own
+``libc.so.6`` (glibc 2.34+ exports it there), and the call returns into glibc's
+``__restore_rt`` with a signal frame above it (:mod:`patchbox.reach.sigframe`): the
+kernel's ``rt_sigreturn`` then puts back every register, the FPU state and the signal
+mask as they were, the interrupted system call made again. The thread comes back by
+itself: the client only watches (``PTRACE_SYSCALL``) and never writes into a thread
+that runs. The library's constructor starts the agent thread (and applies the store's
+patches).
+
+The invariant: at every instant, if the client dies (SIGKILL; the kernel then detaches
+its tracees as they are), the target is untouched or attached, and keeps running.
+Signals that would end or stop the client are deferred while it holds the thread
+(:mod:`patchbox.reach.defer`).
 
 Refused, with the reason and before anything is touched: ptrace forbidden by Yama, a
 seccomp filter, a static binary or no dynamic loader, a glibc without ``dlopen`` in
 libc, another tracer, a stopped process, an agent already there, ``libsandbox.so``
-not visible in the process's mount namespace; and, unless asked for explicitly, a
-process the kernel keeps same-uid tracers away from (setuid, setgid, file capabilities,
-not dumpable: :func:`patchbox.reach.procfs.privileged_reason`).
+not visible in the process's mount namespace, a CET shadow stack; and, unless asked for
+explicitly, a process the kernel keeps same-uid tracers away from (setuid, setgid, file
+capabilities, not dumpable: :func:`patchbox.reach.procfs.privileged_reason`).
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from elftools.elf.elffile import ELFFile
+from elftools.elf.hash import GNUHashSection
 from elftools.elf.sections import SymbolTableSection
 
 from patchbox.errors import PatchboxError
 from patchbox.protocol.discovery import discover
 from patchbox.reach import ptrace
+from patchbox.reach.defer import DEFERRED, deferred_signals, pending_deferred
 from patchbox.reach.procfs import (
     Mapping,
     privileged_reason,
@@ -44,11 +53,20 @@ from patchbox.reach.procfs import (
     task_ids,
     task_syscall,
 )
+from patchbox.reach.sigframe import (
+    FIX_EFLAGS,
+    RESTORER,
+    RT_SIGRETURN,
+    SYSCALL_INSN,
+    build_frame,
+    restored,
+)
 
 __all__ = [
     "AttachError",
     "AlreadyAttached",
     "PrivilegedProcess",
+    "LeftRunning",
     "AttachResult",
     "Preflight",
     "SAFE_SYSCALLS",
@@ -62,9 +80,12 @@ YAMA_SCOPE = Path("/proc/sys/kernel/yama/ptrace_scope")
 CAP_SYS_PTRACE = 19
 RTLD_NOW = 2
 RED_ZONE = 128
+CALL_TIMEOUT = 60.0  # a dlopen still running after this is left to finish alone
+_LET_GO_WAIT = 1.0  # how long a thread left running gets to stop so it can be detached
 # System calls a thread may be blocked in and still be hijacked safely: they hold no
 # lock of malloc or of the loader. (futex is left out: a thread waiting for one lock
-# may hold another.)
+# may hold another. rt_sigsuspend is left out: its signal mask is a temporary one the
+# kernel swaps back on return, which no tracer can read.)
 SAFE_SYSCALLS = {
     0: "read",
     7: "poll",
@@ -77,7 +98,6 @@ SAFE_SYSCALLS = {
     47: "recvmsg",
     61: "wait4",
     128: "rt_sigtimedwait",
-    130: "rt_sigsuspend",
     230: "clock_nanosleep",
     232: "epoll_wait",
     270: "pselect6",
@@ -86,7 +106,17 @@ SAFE_SYSCALLS = {
     288: "accept4",
     441: "epoll_pwait2",
 }
+# Calls that may run with a temporary signal mask, and the argument (a register) that
+# points to it when they do (pselect6: to a {sigset pointer, size} pair).
+_TEMP_MASK_ARG = {7: "", 270: "r9", 271: "r10", 281: "r8", 441: "r8"}
 _LIBC = re.compile(r"/libc\.so\.6$|/libc-2\.\d+\.so$")
+# Signals blocked in the borrowed thread during the call, so that none of the program's
+# handlers runs inside dlopen: all but SIGKILL/SIGSTOP (never blockable), glibc's own
+# SIGCANCEL/SIGSETXID (glibc never blocks them: setuid() in another thread waits for
+# every thread to take SIGSETXID) and the synchronous faults (SIGILL, SIGTRAP, SIGBUS,
+# SIGFPE, SIGSEGV, SIGSYS: a fault inside the call is the program's fault either way).
+_UNBLOCKED = {4, 5, 7, 8, 9, 11, 19, 31, 32, 33}
+_CALL_MASK = sum(1 << (n - 1) for n in range(1, 65) if n not in _UNBLOCKED)
 
 
 class AttachError(PatchboxError):
@@ -115,6 +145,12 @@ class PrivilegedProcess(AttachError):
         self.reason = reason
 
 
+class LeftRunning(AttachError):
+    """The borrowed thread was still in dlopen when the client stopped waiting (the
+    deadline, or a signal asking the client to quit): it was let go as it was and comes
+    back to what it was doing by itself when dlopen returns (the agent then starts)."""
+
+
 @dataclass(frozen=True)
 class Preflight:
     """What attaching to a process needs, found before touching it."""
@@ -122,7 +158,7 @@ class Preflight:
     pid: int
     library: str  # libsandbox.so, as the process sees it
     dlopen: int  # absolute address in the process
-    dlerror: int
+    restorer: int  # glibc's __restore_rt: `mov $15, %rax; syscall`
 
 
 @dataclass(frozen=True)
@@ -174,17 +210,60 @@ def _read_scope() -> int:
         return 0  # no Yama
 
 
-def _dynsym(path: str, names: tuple[str, ...]) -> dict[str, int]:
-    found: dict[str, int] = {}
-    with open(path, "rb") as f:
-        elf = ELFFile(f)
-        sec = elf.get_section_by_name(".dynsym")
-        if isinstance(sec, SymbolTableSection):
-            for sym in sec.iter_symbols():
-                base = sym.name.split("@")[0]
-                if base in names and sym["st_shndx"] != "SHN_UNDEF" and base not in found:
-                    found[base] = sym["st_value"]
-    return found
+@dataclass(frozen=True)
+class _LibcFacts:
+    """What attach needs of a libc file: link-time addresses, -1 where missing."""
+
+    dlopen: int
+    restorer: int  # `mov $15, %rax; syscall` (glibc's __restore_rt)
+
+
+_LIBC_FACTS: dict[tuple[int, int, int, int], _LibcFacts] = {}  # by file identity
+
+
+def _libc_facts(path: str) -> _LibcFacts:
+    """Returns ``dlopen`` (from .dynsym) and the ``rt_sigreturn`` sequence (in an
+    executable segment) of libc file ``path``, cached by the file's identity."""
+    st = os.stat(path)
+    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    if key not in _LIBC_FACTS:
+        dlopen = restorer = -1
+        with open(path, "rb") as f:
+            elf = ELFFile(f)
+            gnu_hash = elf.get_section_by_name(".gnu.hash")
+            if isinstance(gnu_hash, GNUHashSection):
+                sym = gnu_hash.get_symbol("dlopen")
+                if sym is not None and sym["st_shndx"] != "SHN_UNDEF":
+                    dlopen = sym["st_value"]
+            else:  # no hash table: every symbol read (slow)
+                sec = elf.get_section_by_name(".dynsym")
+                if isinstance(sec, SymbolTableSection):
+                    for sym in sec.iter_symbols():
+                        if sym.name.split("@")[0] == "dlopen" and sym["st_shndx"] != "SHN_UNDEF":
+                            dlopen = sym["st_value"]
+                            break
+            for seg in elf.iter_segments():
+                if seg["p_type"] == "PT_LOAD" and seg["p_flags"] & 1:  # PF_X
+                    at = seg.data().find(RESTORER)
+                    if at >= 0:
+                        restorer = seg["p_vaddr"] + at
+                        break
+        _LIBC_FACTS[key] = _LibcFacts(dlopen, restorer)
+    return _LIBC_FACTS[key]
+
+
+def _shadow_stack(pid: int, tid: int) -> bool:
+    """Returns whether thread ``tid`` runs with a CET user shadow stack (its returns
+    are checked: a call that returns somewhere else than where it was called from
+    faults)."""
+    try:
+        with open(f"/proc/{pid}/task/{tid}/status") as f:
+            for line in f:
+                if line.startswith("x86_Thread_features:"):
+                    return "shstk" in line.split()
+    except OSError:
+        pass
+    return False
 
 
 def _has_interp(path: str) -> bool:
@@ -251,10 +330,17 @@ def preflight(pid: int, library: str, *, include_privileged: bool = False) -> Pr
     libc = next((p for p in paths if _LIBC.search(p)), None)
     if libc is None:
         raise AttachError(f"pid {pid} ({exe}) does not map glibc's libc.so.6")
-    syms = _dynsym(f"/proc/{pid}/root{libc}", ("dlopen", "dlerror"))
-    if "dlopen" not in syms or "dlerror" not in syms:
+    facts = _libc_facts(f"/proc/{pid}/root{libc}")
+    if facts.dlopen < 0:
         raise AttachError(
             f"pid {pid}: {libc} exports no dlopen (glibc older than 2.34, or not glibc)"
+        )
+    if facts.restorer < 0:
+        raise AttachError(f"pid {pid}: {libc} has no __restore_rt (mov $15, %rax; syscall)")
+    if _shadow_stack(pid, pid):
+        raise AttachError(
+            f"pid {pid} runs with a CET shadow stack: the borrowed call's return would "
+            f"fault (the shadow stack has no entry for it)"
         )
     lib = os.path.realpath(library)
     try:
@@ -268,36 +354,222 @@ def preflight(pid: int, library: str, *, include_privileged: bool = False) -> Pr
             f"container?): install patchbox there, or bind-mount the agent directory"
         )
     base = _base(maps, libc)
-    return Preflight(pid, lib, base + syms["dlopen"], base + syms["dlerror"])
+    return Preflight(pid, lib, base + facts.dlopen, base + facts.restorer)
 
 
-def _call(pid: int, tid: int, regs: ptrace.Regs, fn: int, arg: bytes | None) -> int:
-    """Makes stopped thread ``tid`` (registers ``regs``) call ``fn(arg, RTLD_NOW)`` and
-    returns its result (rax). ``arg``: bytes put on its stack (the pointer in rdi)."""
-    sp = (regs.rsp - RED_ZONE - 256) & ~15
-    rdi = 0
-    if arg is not None:
-        sp = (sp - len(arg)) & ~15
-        rdi = sp
-        ptrace.poke(pid, rdi, arg)
-    sp -= 8  # at the entry (rsp + 8) % 16 == 0: the return address is 0, and faults
-    ptrace.poke(pid, sp, bytes(8))
-    call = regs.copy()
-    call.rip, call.rdi, call.rsi, call.rsp, call.rax = fn, rdi, RTLD_NOW, sp, 0
-    call.orig_rax = (1 << 64) - 1  # no system call to restart into these registers
-    ptrace.set_regs(tid, call)
-    ptrace.cont(tid)
-    deadline = time.monotonic() + 60
+def _temp_mask(pid: int, regs: ptrace.Regs) -> bool:
+    """Returns whether the system call ``regs`` was interrupted in replaced the thread's
+    signal mask for its duration (ppoll, pselect6, epoll_pwait with a mask): the mask
+    the thread goes back to is then the kernel's secret."""
+    arg = _TEMP_MASK_ARG.get(regs.orig_rax)
+    if not arg:
+        return False
+    ptr = int(getattr(regs, arg))
+    if ptr and regs.orig_rax == 270:  # pselect6: {const sigset_t *ss; size_t ss_len}
+        ptr = int.from_bytes(ptrace.peek(pid, ptr, 8), "little")
+    return ptr != 0
+
+
+def _tracer(pid: int, tid: int) -> int:
+    """Returns the TracerPid of thread ``tid`` of ``pid`` (0: none or gone)."""
+    try:
+        with open(f"/proc/{pid}/task/{tid}/status") as f:
+            for line in f:
+                if line.startswith("TracerPid:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def _unusable(pid: int, tid: int, regs: ptrace.Regs) -> str:
+    """Returns why stopped thread ``tid`` (registers ``regs``) cannot be borrowed, ""
+    if it can."""
+    if regs.orig_rax not in SAFE_SYSCALLS:
+        return "it had left its system call"
+    if _temp_mask(pid, regs):
+        return f"{SAFE_SYSCALLS[regs.orig_rax]} runs with a temporary signal mask"
+    if ptrace.peek(pid, regs.rip - len(SYSCALL_INSN), 2) != SYSCALL_INSN:
+        return "it is not stopped right after a syscall instruction"
+    if _shadow_stack(pid, tid):
+        return "it runs with a CET shadow stack"
+    return ""
+
+
+@dataclass
+class _Borrow:
+    """One thread lent to the call: where its frame is and what the call met."""
+
+    pid: int
+    tid: int
+    syscall: str  # the system call it was interrupted in
+    frame_sp: int
+    restorer_end: int
+    stop_ns: int = 0  # PTRACE_INTERRUPT to PTRACE_DETACH
+    last_nr: int = -1  # the system call of the last entry stop
+    failed: str = ""  # the last system call that failed during the call (a hint)
+
+
+Phase = Callable[[str], None]
+
+
+def _no_phase(_name: str) -> None:
+    pass
+
+
+def _let_go(tid: int, wait: float) -> bool:
+    """Detaches ``tid`` at its next stop (within ``wait``), as it is: returns False if it
+    did not stop (it stays traced by this client, and runs on when the client exits)."""
+    try:
+        ptrace.interrupt(tid)
+    except ptrace.PtraceError:
+        return False
+    deadline = time.monotonic() + wait
     while True:
-        status = ptrace.wait_stop(tid, max(0.1, deadline - time.monotonic()))
-        sig = os.WSTOPSIG(status)
-        if status >> 16 == ptrace.PTRACE_EVENT_STOP:
-            ptrace.cont(tid)  # a group stop or our interrupt: go on
-            continue
+        try:
+            status = ptrace.wait_stop(tid, max(0.0, deadline - time.monotonic()))
+        except ptrace.PtraceError as err:
+            return err.errno == errno.ESRCH  # gone
+        # A signal-delivery stop's signal is handed on; any other stop is just left.
+        sig = 0
+        if status >> 16 == 0 and not ptrace.is_syscall_stop(status):
+            sig = os.WSTOPSIG(status)
+        ptrace.detach(tid, sig)
+        return True
+
+
+def _supervise(b: _Borrow, timeout: float, phase: Phase) -> None:
+    """Follows the call from one syscall stop to the next until it returns into the
+    frame (the ``rt_sigreturn`` entry at ``__restore_rt`` with the frame's stack), lets
+    the kernel restore the thread, and detaches it at the ``rt_sigreturn`` exit. Raises
+    LeftRunning when the deadline passes or the client is asked to quit first (the
+    thread let go as it is: it returns through the frame alone)."""
+    deadline = time.monotonic() + timeout
+    returned = False
+    while True:
+        quit_now = pending_deferred()
+        if quit_now or time.monotonic() > deadline:
+            phase("abandoned")
+            detached = _let_go(b.tid, _LET_GO_WAIT)
+            why = (
+                f"signal {', '.join(sorted(s.name for s in quit_now))} to this client"
+                if quit_now
+                else f"still in dlopen after {timeout:g} s"
+            )
+            raise LeftRunning(
+                f"pid {b.pid}: {why}: thread {b.tid} was left running its call; it comes "
+                f"back to what it was doing by itself when dlopen returns"
+                + ("" if detached else " (it stays traced by this client until it exits)")
+            )
+        try:
+            status = ptrace.wait_stop(b.tid, 0.5, wake_on=DEFERRED)
+        except ptrace.PtraceError as err:
+            if err.errno in (errno.ETIMEDOUT, errno.EINTR):
+                continue
+            raise AttachError(f"pid {b.pid}: thread {b.tid} exited during the call") from err
+        if ptrace.is_syscall_stop(status):
+            info = ptrace.syscall_info(b.tid)
+            if info.op == ptrace.SYSCALL_ENTRY:
+                if (
+                    info.nr == RT_SIGRETURN
+                    and info.ip == b.restorer_end
+                    and info.sp == b.frame_sp + 8
+                ):
+                    returned = True
+                    phase("returned")
+                b.last_nr = info.nr
+            elif info.op == ptrace.SYSCALL_EXIT:
+                if returned:
+                    return  # rt_sigreturn done: the thread is as it was
+                if info.is_error:
+                    b.failed = f"system call {b.last_nr}: {os.strerror(-info.rval)}"
+            ptrace.resume_syscall(b.tid)
+        elif status >> 16 == ptrace.PTRACE_EVENT_STOP:
+            ptrace.resume_syscall(b.tid)  # a group stop (SIGSTOP): this thread goes on
+        else:
+            ptrace.resume_syscall(b.tid, os.WSTOPSIG(status))  # a signal: handed on
+
+
+def _borrow(
+    pre: Preflight, tid: int, path: bytes, call_timeout: float, phase: Phase
+) -> _Borrow | str:
+    """Lends thread ``tid`` of ``pre.pid`` to ``dlopen(path)``; returns it once it is back
+    and detached, or why it could not be used (it was let go untouched). Raises
+    AttachError, LeftRunning."""
+    pid = pre.pid
+    phase("seize")
+    try:
+        ptrace.seize(tid, ptrace.PTRACE_O_TRACESYSGOOD)
+    except ptrace.PtraceError as err:
+        if err.errno == errno.ESRCH:
+            return f"thread {tid} exited"
+        if _tracer(pid, tid) == os.getpid():  # left traced by an earlier try: never stopped
+            return f"thread {tid} did not stop (uninterruptible sleep?)"
+        raise AttachError(f"cannot trace pid {pid}: {err}") from err
+    t0 = time.monotonic_ns()
+    try:
+        ptrace.interrupt(tid)
+        status = ptrace.wait_stop(tid, 1.0)
+        if status >> 16 != ptrace.PTRACE_EVENT_STOP:
+            ptrace.detach(tid, os.WSTOPSIG(status))  # a signal came first: handed on
+            return f"thread {tid} had a signal to take"
+        if os.WSTOPSIG(status) != signal.SIGTRAP:
+            ptrace.detach(tid)
+            return f"thread {tid} was in a group stop (SIGSTOP)"
+        saved = ptrace.get_regs(tid)
+        phase("seized")
+        why = _unusable(pid, tid, saved)
+        if why:
+            ptrace.detach(tid)
+            return f"thread {tid}: {why}"
+        frame = build_frame(
+            saved, ptrace.get_xstate(tid), ptrace.get_sigmask(tid), pre.restorer, path, RED_ZONE
+        )
+        # Below the red zone: bytes no code of the thread reads until it runs again.
+        ptrace.poke(pid, frame.addr, frame.data)
+    except (ptrace.PtraceError, OSError) as err:
+        _let_go(tid, _LET_GO_WAIT)  # nothing of the thread changed: it goes on as it was
+        return f"thread {tid}: {err}"
+    phase("frame")
+    call = saved.copy()
+    call.rip, call.rdi, call.rsi, call.rsp, call.rax = pre.dlopen, frame.arg, RTLD_NOW, frame.sp, 0
+    call.orig_rax = (1 << 64) - 1  # no system call to restart into these registers
+    b = _Borrow(pid, tid, SAFE_SYSCALLS[saved.orig_rax], frame.sp, pre.restorer + len(RESTORER))
+    want = restored(saved)
+    try:
+        # From this store on, the thread returns through the frame whatever the client
+        # does: the call's registers, then every blockable signal blocked for the call
+        # (the frame holds the mask to go back to).
+        ptrace.set_regs(tid, call)
+        ptrace.set_sigmask(tid, ptrace.get_sigmask(tid) | _CALL_MASK)
+        ptrace.resume_syscall(tid)
+        phase("call")
+        _supervise(b, call_timeout, phase)
+        # Stopped at the rt_sigreturn exit: the registers it goes on with.
         now = ptrace.get_regs(tid)
-        if sig == signal.SIGSEGV and now.rip == 0:
-            return int(now.rax)
-        ptrace.cont(tid, sig)  # a signal for the program meanwhile: delivered
+        got = {r: int(getattr(now, r)) for r in want}
+        got["eflags"] &= FIX_EFLAGS
+        mismatch = [r for r, v in want.items() if got[r] != v]
+        if mismatch:  # never seen; the thread is stopped, so it can still be mended
+            for r in mismatch:
+                keep = int(now.eflags) & ~FIX_EFLAGS if r == "eflags" else 0
+                setattr(now, r, keep | want[r])
+            ptrace.set_regs(tid, now)
+        ptrace.detach(tid)
+    except ptrace.PtraceError as err:
+        detached = _let_go(tid, _LET_GO_WAIT)
+        raise LeftRunning(
+            f"pid {pid}: thread {tid}: {err}; it was left to come back through its frame"
+            + ("" if detached else " (traced by this client until it exits)")
+        ) from err
+    phase("detached")
+    b.stop_ns = time.monotonic_ns() - t0
+    if mismatch:
+        raise AttachError(
+            f"pid {pid}: thread {tid} came back from rt_sigreturn with other registers "
+            f"({', '.join(mismatch)}): set right before it went on"
+        )
+    return b
 
 
 def attach(
@@ -307,12 +579,20 @@ def attach(
     wait_socket: float = 5.0,
     tries: int = 50,
     include_privileged: bool = False,
+    call_timeout: float = CALL_TIMEOUT,
+    on_phase: Phase | None = None,
 ) -> AttachResult:
     """Loads ``library`` (libsandbox.so) into ``pid``; returns what it took. Raises
-    AttachError (nothing touched), AlreadyAttached, or PrivilegedProcess for a process
-    the kernel protects from same-uid tracing unless ``include_privileged``."""
+    AttachError (nothing touched), AlreadyAttached, PrivilegedProcess for a process the
+    kernel protects from same-uid tracing unless ``include_privileged``, or LeftRunning
+    (the call was left to finish alone). ``on_phase`` is told each step as it is reached:
+    seize (about to trace a thread), seized (stopped, nothing changed), frame (written
+    below its red zone), call (in dlopen, coming back by itself), returned (at
+    rt_sigreturn), detached, abandoned (left to finish alone)."""
+    phase = on_phase or _no_phase
     pre = preflight(pid, library, include_privileged=include_privileged)
     path = pre.library.encode() + b"\0"
+    why = "none was"
     for _attempt in range(tries):
         candidates = []
         for tid in task_ids(pid):
@@ -320,53 +600,35 @@ def attach(
             if st is not None and st[0] in SAFE_SYSCALLS:
                 candidates.append(tid)
         for tid in sorted(candidates, key=lambda t: t != pid):
-            t0 = time.monotonic_ns()
-            try:
-                ptrace.seize(tid)
-            except ptrace.PtraceError as err:
-                raise AttachError(f"cannot trace pid {pid}: {err}") from err
-            try:
-                ptrace.interrupt(tid)
-                ptrace.wait_stop(tid, 1.0)
-                saved = ptrace.get_regs(tid)
-            except ptrace.PtraceError:
-                ptrace.detach(tid)
+            with deferred_signals():
+                got = _borrow(pre, tid, path, call_timeout, phase)
+            if isinstance(got, str):
+                why = got
                 continue
-            if saved.orig_rax not in SAFE_SYSCALLS:  # it had left its system call
-                ptrace.detach(tid)
-                continue
-            low = (saved.rsp - RED_ZONE - 256 - len(path) - 64) & ~15
-            stack = _read(pid, low, saved.rsp - RED_ZONE - low)
-            try:
-                handle = _call(pid, tid, saved, pre.dlopen, path)
-                why = ""
-                if handle == 0:
-                    at = _call(pid, tid, saved, pre.dlerror, None)
-                    why = ptrace.peek_string(pid, at) if at else "unknown"
-            finally:
-                ptrace.poke(pid, low, stack)
-                ptrace.set_regs(tid, saved)
-                ptrace.detach(tid)
-            stopped = time.monotonic_ns() - t0
-            if handle == 0:
-                raise AttachError(f"pid {pid}: dlopen({pre.library}) failed: {why}")
+            if not _mapped(pid, pre.library):  # the thread is back as it was, all the same
+                failed = f"; the last system call that failed in it: {got.failed}"
+                raise AttachError(
+                    f"pid {pid}: dlopen({pre.library}) failed (the library is not mapped after "
+                    f"the call{failed if got.failed else ''})"
+                )
             return AttachResult(
-                pid, tid, SAFE_SYSCALLS[saved.orig_rax], stopped, _wait_socket(pid, wait_socket)
+                pid, got.tid, got.syscall, got.stop_ns, _wait_socket(pid, wait_socket)
             )
         time.sleep(0.02)
     raise AttachError(
         f"pid {pid}: no thread stayed blocked in a system call that is safe to interrupt "
-        f"({', '.join(sorted(set(SAFE_SYSCALLS.values())))}): retry when it is idle",
+        f"({', '.join(sorted(set(SAFE_SYSCALLS.values())))}; last: {why}): retry when it "
+        f"is idle",
         retry=True,
     )
 
 
-def _read(pid: int, addr: int, n: int) -> bytes:
-    fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY)
+def _mapped(pid: int, library: str) -> bool:
+    """Returns whether process ``pid`` maps ``library`` (dlopen unmaps it on failure)."""
     try:
-        return os.pread(fd, n, addr)
-    finally:
-        os.close(fd)
+        return any(m.path == library for m in read_maps(pid))
+    except OSError:
+        return False
 
 
 def _wait_socket(pid: int, timeout: float) -> str:

@@ -9,17 +9,26 @@ threads to be held; the client then stops every thread but the agent's with
 ``PTRACE_SEIZE`` + ``PTRACE_INTERRUPT``, checks that no PC lies strictly inside (P,
 P+5) (else lets them go, backs off and tries again), and keeps them stopped until the
 reply. The agent checks the same itself (every other thread in a tracing stop, PCs and
-stacks clear) before it writes. The longest time a thread was stopped is measured.
+stacks clear), and, right before it writes, every stack no thread runs on (suspended
+coroutines, alternate signal stacks: docs/reach.md, "What the hold sees"); a word inside
+there refuses the apply at once (NOT_HELD). The longest time a thread was stopped is
+measured.
 
 Rules that keep it safe: threads are let go early only when a PC was inside (the agent
 cannot accept that state), else only after the reply or after the agent's own wait has
-run out with a margin (:data:`RELEASE_AFTER`).
+run out with a margin (:data:`RELEASE_AFTER`). From the request to the release the
+client's terminating signals are deferred (:mod:`patchbox.reach.defer`): Ctrl-C or
+``kill`` cannot let the threads go while the agent writes. SIGKILL can: the kernel
+releases the tracees of a dead client; the agent writes only while this client's
+connection is open, and a dying client's sockets close before its tracees are let go
+(docs/reach.md).
 """
 
 from __future__ import annotations
 
 import errno
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from patchbox import wire as C
@@ -28,6 +37,7 @@ from patchbox.format.model import Patch
 from patchbox.protocol.client import Client
 from patchbox.protocol.replies import ApplyResult
 from patchbox.reach import ptrace
+from patchbox.reach.defer import deferred_signals
 from patchbox.reach.procfs import find_mapped, task_ids, task_syscall
 from patchbox.wire import ApplyFlag, RedirectKind
 
@@ -177,17 +187,35 @@ def held_ranges(pid: int, patch: Patch, info: dict[str, str]) -> list[tuple[int,
 
 
 def apply_held(
-    client: Client, pid: int, patch: Patch, body: bytes, info: dict[str, str]
+    client: Client,
+    pid: int,
+    patch: Patch,
+    body: bytes,
+    info: dict[str, str],
+    on_phase: Callable[[str], None] | None = None,
 ) -> tuple[ApplyResult, HoldStats | None]:
     """Applies ``body`` through ``client`` to ``pid``; with the HOLD flag, holds the
-    threads between the request and its reply. Returns the reply and the hold's cost."""
+    threads between the request and its reply. Returns the reply and the hold's cost.
+    ``on_phase`` is told each step: send (the request about to go), held (every thread
+    stopped clear of the bytes), released."""
+    phase = on_phase or (lambda _name: None)
     if not patch.flags & ApplyFlag.HOLD:
         return client.apply(body), None
     holder = Holder(pid, int(info.get("agent_tid", "0") or 0), held_ranges(pid, patch, info))
     if not holder.agent_tid:
         raise HoldError(f"pid {pid}: the agent does not say which thread is its own (too old)")
-    try:
-        result = client.apply(body, after_send=holder.hold, reply_timeout=RELEASE_AFTER)
-    finally:
-        holder.release()
+
+    def hold() -> None:
+        holder.hold()
+        phase("held")
+
+    # Signals deferred from before the request to after the release: the threads go
+    # only after the reply (or the agent's deadline), never on a Ctrl-C in between.
+    with deferred_signals():
+        try:
+            phase("send")
+            result = client.apply(body, after_send=hold, reply_timeout=RELEASE_AFTER)
+        finally:
+            holder.release()
+            phase("released")
     return result, holder.stats
