@@ -17,7 +17,7 @@ from controller import Controller
 from elftools.elf.elffile import ELFFile
 from fleet import Fleet, HostTarget
 
-from helpers import BIN, ROOT, compile_c, run_tool
+from helpers import BIN, ROOT, compile_c, run_tool, unique_build_id
 
 sys.path.append(str(ROOT / "tests" / "e2e"))
 from live import render  # noqa: E402  (the e2e target program, shared)
@@ -168,3 +168,56 @@ def targets(fleet: Controller, builds: dict[str, object]) -> Iterator[dict[str, 
         for t in ts:
             t.stop()
     assert not dead, f"targets died during the test: {dead}"
+
+
+# A library patch: libanswer.so (patchable flags, a random build-id) used by two programs
+# with the agent; `lib_answer N` on stdin prints lib_answer(N).
+LIB = "__attribute__((noinline)) int lib_answer(int x) { return x * 10 + @ADD@; }\n"
+LIB_USER = r"""
+#include <stdio.h>
+#include <stdlib.h>
+#include <unistd.h>
+int lib_answer(int x);
+int main(void) {
+    char line[64];
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    printf("ready %d\n", getpid());
+    while (fgets(line, sizeof line, stdin))
+        printf("%d\n", lib_answer(atoi(line + 11)));
+    return 0;
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def library(base: Path, fleet: Controller) -> dict[str, object]:
+    """Returns {lib, users: [two programs], patch, build_id} after building the library,
+    two programs of their own that use it (with the agent) and the library's patch, and
+    installing them on every host's application directory (the programs find the
+    library there by their rpath)."""
+    d = base / "libbuild"
+    (d / "fix").mkdir(parents=True, exist_ok=True)
+    cflags = run_tool("patchbox", "config", "--cflags").stdout.split()
+    agent = run_tool("patchbox", "config", "--libs").stdout.split()
+    agent = [f for f in agent if not f.startswith("-Wl,--build-id")]
+
+    def gcc(out: Path, src: str, *args: str) -> Path:
+        out.with_suffix(".c").write_text(src)
+        cmd = ["gcc", "-O2", *cflags, str(out.with_suffix(".c")), "-o", str(out), *args]
+        subprocess.run(cmd, check=True, capture_output=True)
+        return out
+
+    lib = gcc(d / "libanswer.so", LIB.replace("@ADD@", "1"), "-fPIC", "-shared", unique_build_id())
+    use = ["-L", str(d), "-lanswer", f"-Wl,-rpath,{fleet.fleet.app}"]
+    users = [gcc(d / n, LIB_USER, *use, *agent, unique_build_id()) for n in ("user1", "user2")]
+    obj = gcc(d / "fix" / "libanswer.o", LIB.replace("@ADD@", "2"), "-fPIC", "-c")
+    pbx = d / "libfix.pbx"
+    run_tool("extract-patch", "--function", "lib_answer", "--name", "libfix", "-o", pbx, obj, lib)
+    with open(lib, "rb") as f:
+        note = next(ELFFile(f).get_section_by_name(".note.gnu.build-id").iter_notes())
+    fleet.fleet.install_app(lib)
+    return {
+        "users": [fleet.fleet.install_app(u) for u in users],
+        "patch": pbx,
+        "build_id": note["n_desc"],
+    }

@@ -30,7 +30,18 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["Host", "HostTarget", "Fleet", "BRIDGE", "CONTROLLER", "STAGING", "run"]
+from elftools.elf.elffile import ELFFile
+
+__all__ = [
+    "Host",
+    "HostTarget",
+    "Fleet",
+    "BRIDGE",
+    "CONTROLLER",
+    "STAGING",
+    "run",
+    "corrupt_padding",
+]
 
 BRIDGE = "pbx-br0"
 CONTROLLER = "10.77.0.1"
@@ -209,10 +220,13 @@ class HostTarget:
     exe: Path  # the path on the host
     pid: int = 0  # its pid on the host
     proc: subprocess.Popen[str] | None = field(default=None, repr=False)
+    env: dict[str, str] = field(default_factory=dict)  # added to the environment
 
-    def start(self) -> HostTarget:
+    def start(self, agent: bool = True) -> HostTarget:
+        """Returns self once the process answers and (``agent``) its agent listens."""
         self.proc = subprocess.Popen(
             ["nsenter", "-t", str(self.host.init_pid), "-p", "-m", "-n", "--", str(self.exe)],
+            env={**os.environ, **self.env},
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -222,6 +236,8 @@ class HostTarget:
         ready = self._readline()
         assert ready.startswith("ready "), ready
         self.pid = int(ready.split()[1])
+        if not agent:
+            return self
         sock = self.host.app_dir / f"sandbox-sock{self.pid}"
         deadline = time.monotonic() + 10
         while not sock.exists():
@@ -337,3 +353,18 @@ class Fleet:
 
     def host(self, name: str) -> Host:
         return next(h for h in self.hosts if h.name == name)
+
+
+def corrupt_padding(t: HostTarget, exe: Path) -> None:
+    """Changes one padding byte of use_helper in the running process, so that its bytes
+    differ from what the patch expects (the agent refuses with EXPECTED_MISMATCH)."""
+    with open(exe, "rb") as f:
+        sym = ELFFile(f).get_section_by_name(".symtab").get_symbol_by_name("use_helper")[0]
+    pid = t.host_pid
+    with open(f"/proc/{pid}/maps") as maps:
+        bias = min(
+            int(line.split("-")[0], 16) for line in maps if line.rstrip().endswith("/target")
+        )
+    with open(f"/proc/{pid}/mem", "r+b") as mem:
+        mem.seek(bias + sym["st_value"] - 6)
+        mem.write(b"\xcc")

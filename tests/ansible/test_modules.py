@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 from controller import Controller
-from elftools.elf.elffile import ELFFile
-from fleet import HostTarget
+from fleet import HostTarget, corrupt_padding
 
 pytestmark = pytest.mark.ansible
 
@@ -115,21 +114,6 @@ def test_pids_narrow_to_those_processes(fleet, builds, targets) -> None:
     assert by_pid(back["h1"])[other.pid]["result"] == "skipped"
 
 
-def corrupt_padding(t: HostTarget, exe: Path) -> None:
-    """Changes one padding byte of use_helper in the running process, so that its bytes
-    differ from what the patch expects (the agent refuses with EXPECTED_MISMATCH)."""
-    with open(exe, "rb") as f:
-        sym = ELFFile(f).get_section_by_name(".symtab").get_symbol_by_name("use_helper")[0]
-    pid = t.host_pid
-    with open(f"/proc/{pid}/maps") as maps:
-        bias = min(
-            int(line.split("-")[0], 16) for line in maps if line.rstrip().endswith("/target")
-        )
-    with open(f"/proc/{pid}/mem", "r+b") as mem:
-        mem.seek(bias + sym["st_value"] - 6)
-        mem.write(b"\xcc")
-
-
 def test_failure_carries_the_agents_reason(fleet, builds, targets) -> None:
     put_patch(fleet, builds["patch"])
     bad, good = targets["h2"]
@@ -204,3 +188,72 @@ def test_missing_patchbox_is_reported(fleet, targets) -> None:
     )
     assert r.rc == 2 and "patchbox" in r["h1"]["msg"], r.output
     assert "ansible_python_interpreter" in r["h1"]["msg"]
+
+
+def test_a_process_without_agent_is_unreachable(fleet, builds, targets) -> None:
+    """A third process of the build on h1 runs with its agent disabled: `present`
+    patches the other two, reports it `unreachable` with the reason and fails h1 (the
+    other hosts are patched); `patch_info` lists it; `absent` reports it again."""
+    put_patch(fleet, builds["patch"])
+    h1 = fleet.fleet.host("h1")
+    exe = builds["exe"]
+    assert isinstance(exe, Path)
+    dark = HostTarget(h1, exe, env={"PATCHBOX_DISABLE": "1"}).start(agent=False)
+    try:
+        r = fleet.adhoc("fleet", "patchbox.live.patch", {"src": REMOTE_PATCH})
+        assert r.rc == 2, r.output
+        rows = by_pid(r["h1"])
+        assert rows[dark.pid]["result"] == "unreachable", rows
+        assert rows[dark.pid]["reason"].startswith("agent present but no socket")
+        assert f"pid {dark.pid} unreachable: agent present but no socket" in r["h1"]["msg"]
+        assert r["h1"]["summary"] == {
+            "applied": 2,
+            "removed": 0,
+            "skipped": 0,
+            "failed": 0,
+            "unreachable": 1,
+        }
+        assert sorted(r["h1"]["targets"]) == sorted(t.pid for t in targets["h1"])
+        assert r["h2"]["summary"]["applied"] == 2 and r["h2"]["summary"]["unreachable"] == 0
+        assert [t.call("use_helper", 4) for t in targets["h1"]] == [AFTER, AFTER]
+        assert dark.call("use_helper", 4) == BEFORE
+
+        info = fleet.adhoc("h1", "patchbox.live.patch_info")
+        assert info.rc == 0, info.output
+        row = by_pid(info["h1"])[dark.pid]
+        assert row["error"].startswith("agent present but no socket") and row["patches"] == []
+
+        gone = fleet.adhoc("h1", "patchbox.live.patch", {"src": REMOTE_PATCH, "state": "absent"})
+        assert gone.rc == 2, gone.output
+        rows = by_pid(gone["h1"])
+        assert rows[dark.pid]["result"] == "unreachable"
+        assert {rows[t.pid]["result"] for t in targets["h1"]} == {"removed"}
+    finally:
+        dark.stop()
+
+
+def test_library_patch_reaches_every_process_mapping_it(fleet, library, targets) -> None:
+    """A library's patch goes to every process that maps the library (two programs of
+    their own), and `absent` with the patch file (narrowed to the library's build-id)
+    takes it out of both again; the targets of another program are skipped."""
+    h1 = fleet.fleet.host("h1")
+    shutil.copy(library["patch"], h1.scratch / "libfix.pbx")
+    users = [HostTarget(h1, exe).start() for exe in library["users"]]
+    try:
+        assert [u.call("lib_answer", 4) for u in users] == ["41", "41"]
+        r = fleet.adhoc("h1", "patchbox.live.patch", {"src": "/var/tmp/libfix.pbx"})
+        assert r.rc == 0, r.output
+        rows = by_pid(r["h1"])
+        assert {rows[u.pid]["result"] for u in users} == {"applied"}
+        assert {rows[t.pid]["result"] for t in targets["h1"]} == {"skipped"}
+        assert sorted(r["h1"]["targets"]) == sorted(u.pid for u in users)
+        assert [u.call("lib_answer", 4) for u in users] == ["42", "42"]
+        gone = fleet.adhoc(
+            "h1", "patchbox.live.patch", {"src": "/var/tmp/libfix.pbx", "state": "absent"}
+        )
+        assert gone.rc == 0, gone.output
+        assert {by_pid(gone["h1"])[u.pid]["result"] for u in users} == {"removed"}
+        assert [u.call("lib_answer", 4) for u in users] == ["41", "41"]
+    finally:
+        for u in users:
+            u.stop()

@@ -6,12 +6,13 @@ processes run afterwards."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
 import pytest
 from controller import Controller
-from fleet import HostTarget
+from fleet import HostTarget, corrupt_padding
 
 from helpers import AS_NOBODY
 
@@ -35,6 +36,7 @@ def rollout(fleet: Controller, builds, *args: str, **variables: object) -> tuple
         "patchbox_patch": str(builds["patch"]),
         "patchbox_report_dir": str(report),
         "patchbox_health_command": HEALTH,
+        "patchbox_settle_delay": 1,
         **variables,
     }
     proc = fleet.playbook("patchbox.live.rollout", extra, *args)
@@ -222,3 +224,188 @@ def test_staging_directory_nobody_prepared_fails_the_host(fleet, builds, targets
     assert not list(scratch.rglob("helper.pbx"))
     assert not (scratch / "nobody" / "stage").exists()
     assert (h1.store.stat().st_mode & 0o7777, list(h1.store.iterdir())) == (0o755, [])
+
+
+# -- rollback undoes exactly what this run did (issue 19) ----------------------------------
+
+
+def pre_patch(fleet: Controller, builds, host: str, pids: list[int], state: str) -> None:
+    """Gives processes ``pids`` of ``host`` the patch before the rollout (and, for
+    ``installed``, the host's store its entry), with the module."""
+    shutil.copy(builds["patch"], fleet.fleet.host(host).scratch / "helper.pbx")
+    args = {"src": "/var/tmp/helper.pbx", "state": state, "pids": pids}
+    r = fleet.adhoc(host, "patchbox.live.patch", args)
+    assert r.rc == 0, r.output
+
+
+def test_rollback_leaves_what_was_there_before(fleet, builds, targets) -> None:
+    """Before the rollout h1's store holds the patch and h1's first process has it. The
+    rollout (state installed) applies it to the second one, h1's health check fails,
+    and the rollback takes it out of that process only: the first keeps it, and the
+    store keeps the entry this run did not make."""
+    h1 = fleet.fleet.host("h1")
+    first, second = targets["h1"]
+    pre_patch(fleet, builds, "h1", [first.pid], "installed")
+    (entry,) = (h1.store / builds["build_id"]).glob("*-helper.pbx")
+    inode = entry.stat().st_ino
+    (h1.scratch / "unhealthy").touch()
+    rc, report, out = rollout(fleet, builds, patchbox_state="installed", patchbox_serial=[1])
+    assert rc == 2, out
+    r = report["hosts"]["h1"]
+    assert r["status"] == "rolled back", r
+    rows = {p["pid"]: p["result"] for p in r["processes"]}
+    assert rows == {first.pid: "skipped", second.pid: "applied"}
+    assert [(p["pid"], p["result"]) for p in r["rollback"]] == [(second.pid, "removed")]
+    assert r["undone"] == {"pids": [second.pid], "store_entry": False}
+    assert (first.call("use_helper", 4), second.call("use_helper", 4)) == (AFTER, BEFORE)
+    assert entry.is_file() and entry.stat().st_ino == inode  # never uninstalled
+    assert [report["hosts"][h]["status"] for h in ("h2", "h3")] == ["not reached"] * 2
+
+
+def test_partial_apply_is_undone_in_the_processes_it_reached(fleet, builds, targets) -> None:
+    """One process of h1 refuses the patch (its bytes differ): the apply fails after
+    patching the other one, and the rollback removes it from that one alone."""
+    good, bad = targets["h1"]
+    corrupt_padding(bad, fleet.fleet.host("h1").app_dir / "target")
+    rc, report, out = rollout(fleet, builds, patchbox_serial=[1])
+    assert rc == 2, out
+    r = report["hosts"]["h1"]
+    assert (r["status"], r["step"]) == (
+        "rolled back",
+        "Apply the patch to every running process of its build",
+    ), r
+    assert "EXPECTED_MISMATCH" in r["reason"]
+    assert r["undone"] == {"pids": [good.pid], "store_entry": False}
+    assert [(p["pid"], p["result"]) for p in r["rollback"]] == [(good.pid, "removed")]
+    assert (good.call("use_helper", 4), bad.call("use_helper", 4)) == (BEFORE, BEFORE)
+
+
+def test_apply_refused_before_touching_anything_undoes_nothing(fleet, builds, targets) -> None:
+    """h1's first process has the patch before the rollout; the rollout's apply is
+    refused before any process is touched (a trust directory with no key, the patch
+    unsigned). Nothing is removed: h1 is "failed", not "rolled back", and keeps what it
+    had."""
+    h1 = fleet.fleet.host("h1")
+    first, second = targets["h1"]
+    pre_patch(fleet, builds, "h1", [first.pid], "present")
+    (h1.scratch / "keys").mkdir()
+    rc, report, out = rollout(
+        fleet, builds, patchbox_serial=[1], patchbox_trust_dir="/var/tmp/keys"
+    )
+    assert rc == 2, out
+    r = report["hosts"]["h1"]
+    assert (r["status"], r["step"]) == (
+        "failed",
+        "Apply the patch to every running process of its build",
+    ), r
+    assert "signed" in r["reason"] and r["rollback"] == [] and r["processes"] == []
+    assert r["undone"] == {"pids": [], "store_entry": False}
+    assert (first.call("use_helper", 4), second.call("use_helper", 4)) == (AFTER, BEFORE)
+
+
+def test_unreachable_host_counts_as_failed(fleet, builds, targets) -> None:
+    """h2 cannot be reached (nothing listens where the inventory says). In the batch
+    [h1, h2] it is a failed host: with max_fail_percentage 0 the rollout stops there
+    and h3 is never touched; h2 is reported "not reached" with the reason. With 50 %
+    (one failure in two is not more than half) the rollout goes on to h3."""
+    inventory = fleet.base / "inventory-h2-down.ini"
+    inventory.write_text(
+        fleet.inventory.read_text().replace(
+            "h2 ansible_host=10.77.0.12", "h2 ansible_host=10.77.0.12 ansible_port=2"
+        )
+    )
+    assert "ansible_port=2" in inventory.read_text()
+    rc, report, out = rollout(
+        fleet,
+        builds,
+        "-i",
+        str(inventory),
+        patchbox_serial=[2, 1],
+        patchbox_max_fail_percentage=0,
+    )
+    assert rc == 2, out
+    hosts = report["hosts"]
+    assert hosts["h1"]["status"] == "patched"
+    assert (hosts["h2"]["status"], hosts["h2"]["step"]) == (
+        "not reached",
+        "Stop: the host is unreachable",
+    ), hosts["h2"]
+    assert "unreachable" in hosts["h2"]["reason"]
+    assert hosts["h3"]["status"] == "not reached" and hosts["h3"]["step"] == ""
+    assert report["rollout"] == "stopped" and report["last_batch"] == ["h1", "h2"]
+    assert report["summary"] == {"not reached": 2, "patched": 1}
+    got = answers(targets)
+    assert got == {"h1": [AFTER] * 2, "h2": [BEFORE] * 2, "h3": [BEFORE] * 2}
+    table = (fleet.base / "report" / "rollout.txt").read_text()
+    assert any(
+        line.split()[:3] == ["h2", "not", "reached"] and "unreachable" in line
+        for line in table.splitlines()
+    ), table
+
+    rc, report, out = rollout(
+        fleet,
+        builds,
+        "-i",
+        str(inventory),
+        patchbox_serial=[2, 1],
+        patchbox_max_fail_percentage=50,
+    )
+    assert rc == 2, out
+    assert report["rollout"] == "finished"
+    statuses = [report["hosts"][h]["status"] for h in ("h1", "h2", "h3")]
+    assert statuses == ["patched", "not reached", "patched"]
+    assert answers(targets) == {"h1": [AFTER] * 2, "h2": [BEFORE] * 2, "h3": [AFTER] * 2}
+
+
+def test_host_where_nothing_was_patched_is_not_patched(fleet, builds, targets) -> None:
+    """With the defaults (no health command) the role still checks each process the
+    patch is for: on h2, where no process of the build runs, nothing was patched, and
+    h2 fails that check instead of being reported "patched"."""
+    for t in targets["h2"]:
+        t.stop()
+    try:
+        rc, report, out = rollout(
+            fleet,
+            builds,
+            patchbox_serial=[1, 2],
+            patchbox_max_fail_percentage=50,
+            patchbox_health_command="",
+        )
+    finally:
+        for t in targets["h2"]:
+            t.start()
+    assert rc == 2, out
+    r = report["hosts"]["h2"]
+    assert (r["status"], r["step"]) == (
+        "failed",
+        "Check that every patched process runs and lists the patch",
+    ), r
+    assert "nothing was patched" in r["reason"] and r["rollback"] == []
+    assert [report["hosts"][h]["status"] for h in ("h1", "h3")] == ["patched", "patched"]
+    assert report["hosts"]["h1"]["health"]["processes"] == [t.pid for t in targets["h1"]]
+
+
+def test_library_rollout_is_rolled_back_in_every_process_mapping_it(
+    fleet, library, targets
+) -> None:
+    """A library's patch on h1: both programs that map the library get it, h1's health
+    check fails, and the rollback removes it from both (the targets of another program
+    were skipped and are left alone)."""
+    h1 = fleet.fleet.host("h1")
+    users = [HostTarget(h1, exe).start() for exe in library["users"]]
+    try:
+        (h1.scratch / "unhealthy").touch()
+        rc, report, out = rollout(fleet, library, patchbox_serial=[1])
+        assert rc == 2, out
+        r = report["hosts"]["h1"]
+        assert r["status"] == "rolled back", r
+        rows = {p["pid"]: p["result"] for p in r["processes"]}
+        assert {rows[u.pid] for u in users} == {"applied"}
+        assert {rows[t.pid] for t in targets["h1"]} == {"skipped"}
+        assert sorted((p["pid"], p["result"]) for p in r["rollback"]) == sorted(
+            (u.pid, "removed") for u in users
+        )
+        assert [u.call("lib_answer", 4) for u in users] == ["41", "41"]
+    finally:
+        for u in users:
+            u.stop()

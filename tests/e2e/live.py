@@ -65,11 +65,16 @@ class Target:
 
     ``argv`` runs something that ends by exec'ing ``exe`` (unshare, a shell) instead of
     ``exe`` itself; then the agent is awaited through /proc (the socket may lie in
-    another mount namespace) rather than as a file beside ``exe``.
+    another mount namespace) rather than as a file beside ``exe``. With ``agent`` false
+    no socket is awaited (a process started with its agent disabled).
     """
 
     def __init__(
-        self, exe: Path, env: dict[str, str] | None = None, argv: list[str] | None = None
+        self,
+        exe: Path,
+        env: dict[str, str] | None = None,
+        argv: list[str] | None = None,
+        agent: bool = True,
     ) -> None:
         env = dict(env or {})
         self.exe = exe
@@ -90,6 +95,8 @@ class Target:
         assert ready == f"ready {get_ns_pid(self.pid)}", ready
         sock_dir = Path(env.get("PATCHBOX_SOCK_DIR", exe.parent))
         self.socket = sock_dir / f"sandbox-sock{self.pid}"
+        if not agent:
+            return
         if argv:
             wait_for_agent(self.pid)
             return

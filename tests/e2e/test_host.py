@@ -19,7 +19,7 @@ import pytest
 from elftools.elf.elffile import ELFFile
 from live import Target, render
 
-from helpers import BIN, compile_c, info_json, run_tool
+from helpers import BIN, compile_c, info_json, run_tool, unique_build_id
 
 pytestmark = pytest.mark.process
 
@@ -29,8 +29,11 @@ def builds(tmp_path_factory: pytest.TempPathFactory, agent_dir: Path) -> dict[st
     base = tmp_path_factory.mktemp("host")
     for d in ("a", "b", "fixed"):
         (base / d).mkdir()
-    a = compile_c(render(), base / "a" / "target", agent=True)
-    b = compile_c(render(GREETING="hola"), base / "b" / "target", agent=True)
+    # Random build-ids: `apply --all` here reaches no process of another test run.
+    a = compile_c(render(), base / "a" / "target", agent=True, extra=[unique_build_id()])
+    b = compile_c(
+        render(GREETING="hola"), base / "b" / "target", agent=True, extra=[unique_build_id()]
+    )
     obj = compile_c(render(USE_HELPER="scale(x) + 2"), base / "fixed" / "target.o", obj=True)
     pbx = base / "helper.pbx"
     run_tool("extract-patch", "--function", "use_helper", "--name", "helper", "-o", pbx, obj, a)

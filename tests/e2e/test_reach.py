@@ -484,8 +484,9 @@ def test_library_without_flags_endbr64_and_apply_all(with_lib, tmp_path: Path, p
     assert a.call("2") == b.call("2") == "18"
     listed = json.loads(run("patchbox", "list", "-p", a.pid, "--json").stdout)
     assert listed[0]["object"] == str(lib)
-    # This run's library only: another test run on the machine may hold a "libfix" too.
-    run("patchbox", "remove", "--all", "--exe", exe, "libfix")
+    # This run's library only (its random build-id: every process mapping it): another
+    # test run on the machine may hold a "libfix" too, or a process it cannot reach.
+    run("patchbox", "remove", "--all", "--build-id", patch.build_id.hex(), "libfix")
     assert a.call("2") == b.call("2") == "17"
     for p in (a, b):
         bias = find_mapped(p.pid, patch.build_id.hex()).bias

@@ -236,7 +236,7 @@ REASONS = {
 def test_attach_skips_privileged_processes_unless_asked(privileged) -> None:
     """A setuid, a setgid, a file-capability and a non-dumpable program run by nobody:
     `attach` refuses each with the reason and touches nothing; `apply --all --attach`
-    reports each as skipped with the reason and patches only the plain one; with
+    reports each as unreachable with the reason and patches only the plain one; with
     --include-privileged, attach loads the agent all the same."""
     targets, pbx = privileged
     for kind, t in targets.items():
@@ -253,14 +253,15 @@ def test_attach_skips_privileged_processes_unless_asked(privileged) -> None:
 
     proc = run("patchbox", "apply", "--all", "--attach", "--json", pbx, check=False)
     rows = {r["pid"]: r for r in json.loads(proc.stdout)}
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    # Left without an agent, they still run the build: unreachable, exit 1 (issue 19).
+    assert proc.returncode == 1, proc.stdout + proc.stderr
     assert rows[targets["plain"].pid]["result"] == "applied"
     assert targets["plain"].call("5") == "39"  # 5 * 7 + 1 + 3: the patch is in
     for kind, t in targets.items():
         if kind == "plain":
             continue
         row = rows[t.pid]
-        assert row["result"] == "skipped", row
+        assert row["result"] == "unreachable", row
         assert row["reason"].startswith("not attached: privileged (")
         assert all(why in row["reason"] for why in REASONS[kind]), row
         assert t.call("5") == "38" and not has_agent(t.pid)  # 5 * 7 + 3, no agent

@@ -20,7 +20,7 @@ try:
     from patchbox import signing, store
     from patchbox.errors import PatchboxError
     from patchbox.format.layout import read_patch_file
-    from patchbox.host.ops import apply_all, list_processes, remove_all
+    from patchbox.host.ops import already_applied, apply_all, list_processes, remove_all
 except ImportError:
     HAS_PATCHBOX = False
     PATCHBOX_IMPORT_ERROR = traceback.format_exc()
@@ -40,8 +40,8 @@ __all__ = [
     "run_info",
 ]
 
-RESULTS = ("applied", "removed", "skipped", "failed")
-CHECK_MODE = "check mode: "
+RESULTS = ("applied", "removed", "skipped", "failed", "unreachable")
+FAILURES = ("failed", "unreachable")
 
 
 def require_patchbox(module):
@@ -65,13 +65,16 @@ def entry(pid, result, reason="", exe="", build_id=""):
 
 
 def failure_message(processes):
-    """Returns the reasons of the failed processes, one clause each ("" if none failed)."""
+    """Returns the reasons of the failed and unreachable processes, one clause each (""
+    if there is none)."""
     parts = []
     for p in processes:
-        if p["result"] != "failed":
+        if p["result"] not in FAILURES:
             continue
         reason = p["reason"]
         prefix = f"pid {p['pid']}"
+        if p["result"] == "unreachable":
+            prefix += " unreachable"
         parts.append(reason if reason.startswith(prefix) else f"{prefix}: {reason}")
     return "; ".join(parts)
 
@@ -87,39 +90,6 @@ def summary(processes):
 def _rows(pids, timeout):
     rows = list_processes(timeout=timeout)
     return [r for r in rows if pids is None or r.pid in pids]
-
-
-def predict_apply(name, build_id, pids, timeout):
-    """Returns what applying patch ``name`` for ``build_id`` would do to each process,
-    from one INFO and LIST of every agent (nothing is changed)."""
-    out = []
-    for r in _rows(pids, timeout):
-        if r.error:
-            out.append(entry(r.pid, "failed", r.error, r.exe, r.build_id))
-        elif r.build_id and r.build_id != build_id:
-            reason = f"runs build-id {r.build_id}; the patch is for {build_id}"
-            out.append(entry(r.pid, "skipped", reason, r.exe, r.build_id))
-        elif name in r.patches:
-            out.append(entry(r.pid, "skipped", f"{name} is already applied", r.exe, r.build_id))
-        else:
-            out.append(entry(r.pid, "applied", CHECK_MODE + "would be applied", r.exe, r.build_id))
-    return out
-
-
-def predict_remove(name, build_id, pids, timeout):
-    """Returns what removing patch ``name`` would do to each process (of ``build_id``
-    when given), from one INFO and LIST of every agent (nothing is changed)."""
-    out = []
-    for r in _rows(pids, timeout):
-        if build_id is not None and r.build_id != build_id:
-            continue
-        if r.error:
-            out.append(entry(r.pid, "failed", r.error, r.exe, r.build_id))
-        elif name in r.patches:
-            out.append(entry(r.pid, "removed", CHECK_MODE + "would be removed", r.exe, r.build_id))
-        else:
-            out.append(entry(r.pid, "skipped", f"{name} is not applied", r.exe, r.build_id))
-    return out
 
 
 def _installed_json(e):
@@ -145,16 +115,18 @@ def _same_bytes(path, data):
 
 
 def ensure_installed(pf, src, root, trust, check_mode):
-    """Returns (changed, entry) after making the store hold exactly the file ``src`` for
-    its build-id (nothing written if it already does, or in check mode)."""
+    """Returns (changed, entry, created) after making the store hold exactly the file
+    ``src`` for its build-id (nothing written if it already does, or in check mode);
+    ``created``: no entry of that name was there for the build before."""
     have = store_entries(root, pf.patch.name, pf.patch.build_id.hex())
     if len(have) == 1 and _same_bytes(have[0]["path"], pf.data):
-        return False, have[0]
+        return False, have[0], False
     if check_mode:
-        return True, {"name": pf.patch.name, "build_id": pf.patch.build_id.hex(), "path": ""}
+        entry = {"name": pf.patch.name, "build_id": pf.patch.build_id.hex(), "path": ""}
+        return True, entry, not have
     # The bytes read and checked once are the bytes stored (and applied): no second read.
     installed, _pf = store.install(src, root=root, trust=trust, pf=pf)
-    return True, _installed_json(installed)
+    return True, _installed_json(installed), not have
 
 
 def ensure_uninstalled(name, build_id, root, check_mode):
@@ -183,15 +155,16 @@ def run_patch(params, check_mode):
         "patch": {"name": name, "build_id": build_id, "src": params["src"]},
         "processes": [],
         "store": None,
+        "targets": [],
     }
 
     if state == "absent":
-        if check_mode:
-            processes = predict_remove(name, build_id, pids, timeout)
-        else:
-            outcomes = remove_all(name, build_id=build_id, pids=pids, timeout=timeout)
-            processes = [o.to_json() for o in outcomes]
-        if pids is None:
+        outcomes = remove_all(
+            name, build_id=build_id, pids=pids, timeout=timeout, dry_run=check_mode
+        )
+        processes = [o.to_json() for o in outcomes]
+        uninstall = params.get("uninstall")
+        if uninstall if uninstall is not None else pids is None:
             gone = ensure_uninstalled(name, build_id, root, check_mode)
             result["store"] = {"path": str(root), "changed": bool(gone), "removed": gone}
             result["changed"] = bool(gone)
@@ -199,16 +172,28 @@ def run_patch(params, check_mode):
         # The same trust rule as `patchbox apply`: the bytes checked are the bytes sent.
         signing.check_trust(pf.data, params["src"], signing.trust_dir(params["trust_dir"]))
         if state == "installed":
-            changed, installed = ensure_installed(
+            changed, installed, created = ensure_installed(
                 pf, params["src"], root, signing.trust_dir(params["trust_dir"]), check_mode
             )
-            result["store"] = {"path": str(root), "changed": changed, "entry": installed}
+            result["store"] = {
+                "path": str(root),
+                "changed": changed,
+                "created": created,
+                "entry": installed,
+            }
             result["changed"] = changed
-        if check_mode:
-            processes = predict_apply(name, build_id, pids, timeout)
-        else:
-            outcomes = apply_all(pf, pids=pids, rollback=params["rollback"], timeout=timeout)
-            processes = [o.to_json() for o in outcomes]
+        outcomes = apply_all(
+            pf, pids=pids, rollback=params["rollback"], timeout=timeout, dry_run=check_mode
+        )
+        processes = [o.to_json() for o in outcomes]
+        # The processes of the patch's build that have it now (or would have): what a
+        # health check looks at.
+        have = already_applied(name)
+        result["targets"] = [
+            p["pid"]
+            for p in processes
+            if p["result"] == "applied" or (p["result"] == "skipped" and p["reason"] == have)
+        ]
 
     result["processes"] = processes
     result["summary"] = summary(processes)

@@ -9,9 +9,13 @@ module: patch
 short_description: Apply, remove or install a live patch on every matching process of a host
 version_added: "0.1.0"
 description:
-  - Applies a patchbox live patch to every running process of the managed host whose
-    executable has the patch's build-id, removes it from every process, or installs it in
-    the host's patch store (for processes started later) and applies it to the running ones.
+  - Applies a patchbox live patch to every running process of the managed host that runs
+    the patch's build (its executable has the patch's build-id or, for a library's patch,
+    it maps that library), removes it from every process, or installs it in the host's
+    patch store (for processes started later) and applies it to the running ones.
+  - Every process of the build counts, whether or not its agent answers. One whose agent
+    cannot be reached (none loaded, no socket, the agent refused) is reported as
+    C(unreachable) with the reason, and the module fails.
   - Works through the patchbox Python API on the managed host (the same calls as
     C(patchbox apply --all), C(patchbox remove --all) and C(patchbox install --apply));
     no command output is parsed.
@@ -19,7 +23,7 @@ description:
     the patch (O(state=present)) or does not have it (O(state=absent)). A second run with
     the same arguments therefore reports C(changed=false).
   - The module fails when a process fails (the agent refused, the process exited, the
-    agent did not answer); the message carries the agent's reason for each one.
+    agent did not answer) or is unreachable; the message carries the reason for each one.
   - The trust rule of C(patchbox apply) holds. When the trust directory
     C(/etc/patchbox/trusted-keys) (or O(trust_dir)) exists, only patches signed by one of
     its keys are applied or installed. The signature is checked here, by the module; the
@@ -57,10 +61,17 @@ options:
     description:
       - Only these processes (pids as the managed host sees them). Others are left alone
         and not listed.
-      - With O(state=absent) the store is then left alone; with O(state=installed) it is
-        written all the same (it concerns the processes started later).
+      - With O(state=absent) the store is then left alone (unless O(uninstall)); with
+        O(state=installed) it is written all the same (it concerns the processes started
+        later).
     type: list
     elements: int
+  uninstall:
+    description:
+      - With O(state=absent), whether to take the patch out of the store too.
+      - By default, when O(pids) is not given. The rollout's rollback sets it to whether its
+        own run made the store entry, so that an entry that was there before stays.
+    type: bool
   rollback:
     description:
       - With O(state=present) or O(state=installed), if any process failed, remove the
@@ -120,7 +131,8 @@ EXAMPLES = r"""
 RETURN = r"""
 processes:
   description:
-    - One entry per process with a patchbox agent that the run concerned.
+    - One entry per process the run concerned (every process of the patch's build, and
+      agents of other builds, skipped).
   returned: always
   type: list
   elements: dict
@@ -131,8 +143,10 @@ processes:
       sample: 4711
     result:
       description:
-        - C(applied), C(removed), C(skipped) (other build, already applied, not applied)
-          or C(failed). In check mode, what would happen.
+        - C(applied), C(removed), C(skipped) (other build, already applied, not applied,
+          no agent to hold the patch), C(failed) or C(unreachable) (a process of the build
+          whose agent cannot be reached, because none is loaded, it has no socket or it
+          refused). In check mode, what would happen.
       type: str
       sample: applied
     reason:
@@ -176,16 +190,28 @@ summary:
   description: How many processes had each result.
   returned: always
   type: dict
-  sample: {applied: 2, removed: 0, skipped: 1, failed: 0}
+  sample: {applied: 2, removed: 0, skipped: 1, failed: 0, unreachable: 0}
+targets:
+  description:
+    - With O(state=present) or O(state=installed), the pids of the processes of the
+      patch's build that have the patch after the run (applied now, or already), or would
+      have in check mode. What the rollout's health check looks at.
+  returned: always
+  type: list
+  elements: int
+  sample: [4711, 4712]
 store:
   description:
     - What happened in the store. Null when the store was not concerned
-      (O(state=present), or O(state=absent) with O(pids)).
+      (O(state=present), or O(state=absent) with O(pids) and without O(uninstall)).
+    - With O(state=installed), C(created) says whether this run made the entry (no entry
+      of that name was there for the build before).
   returned: always
   type: dict
   sample:
     path: /var/lib/patchbox
     changed: true
+    created: true
     entry:
       name: cve-2026-1234
       build_id: 3f2a9c0d5e6b7a8190a1b2c3d4e5f60718293a4b
@@ -213,6 +239,7 @@ def main():
             state=dict(type="str", default="present", choices=["present", "absent", "installed"]),
             pids=dict(type="list", elements="int"),
             rollback=dict(type="bool", default=False),
+            uninstall=dict(type="bool"),
             store=dict(type="path"),
             trust_dir=dict(type="path"),
             timeout=dict(type="float", default=10.0),
@@ -228,6 +255,8 @@ def main():
     state = module.params["state"]
     if module.params["name"] is not None and state != "absent":
         module.fail_json(msg=f"name goes with state=absent; give src for state={state}")
+    if module.params["uninstall"] is not None and state != "absent":
+        module.fail_json(msg=f"uninstall goes with state=absent, not state={state}")
     require_patchbox(module)
     try:
         result = run_patch(module.params, module.check_mode)

@@ -12,6 +12,9 @@ description:
   - Lists every process of the managed host with a patchbox agent, with its executable,
     build-id, applied patches, installed patches and sandbox use (what C(patchbox ps --json)
     shows), and the patches of the host's store.
+  - Also lists the processes of the same builds (an agent's build, or one the store holds
+    patches for) whose agent cannot be reached, with the reason in C(error), since a
+    worker without an agent still runs the build's code.
   - The lists are returned and also set as the facts C(patchbox_processes) and
     C(patchbox_installed), for reports and conditions in later tasks and plays.
   - Changes nothing.
@@ -61,7 +64,8 @@ EXAMPLES = r"""
 RETURN = r"""
 processes:
   description:
-    - One entry per process with an agent, as C(patchbox ps --json) prints it.
+    - One entry per process with an agent, and per process of their builds whose agent
+      cannot be reached, as C(patchbox ps --json) prints them.
   returned: always
   type: list
   elements: dict
@@ -101,7 +105,9 @@ processes:
       type: str
       sample: /usr/sbin/sandbox-sock4711
     error:
-      description: Why the agent could not be reached (empty when it answered).
+      description:
+        - Why the agent could not be reached (empty when it answered), for example no
+          agent loaded, agent present but no socket, the agent refused, no reply in time.
       type: str
       sample: ""
 installed:

@@ -33,9 +33,9 @@ def all_options(func: F) -> F:
         "--all",
         "every",
         is_flag=True,
-        help="Every process of the host whose agent answers (other builds are "
-        "skipped); exit 1 if one failed, 2 if every failure may be "
-        "retried.",
+        help="Every process of the host running the patch's build (agents of other "
+        "builds are skipped; one whose agent cannot be reached is unreachable); exit 1 "
+        "if one failed or was unreachable, 2 if every failure may be retried.",
     )(func)
     return func
 

@@ -1,4 +1,5 @@
-"""`patchbox ps`: every process of the host whose agent answers."""
+"""`patchbox ps`: every process with an agent, and every process of their builds (or of
+a build the store holds patches for) whose agent cannot be reached."""
 
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ __all__ = ["ps_command"]
 @click.pass_context
 def ps_command(ctx: click.Context, as_json: bool) -> None:
     """List the processes with an agent: pid, executable, build-id, applied and installed
-    patches (NAME(unloaded): its library was unloaded since), sandbox use; processes that
-    cannot be reached, with the reason."""
+    patches (NAME(unloaded): its library was unloaded since), sandbox use; and the
+    processes of the same builds whose agent cannot be reached (none loaded, no socket,
+    refused), with the reason."""
     timeout = ctx.find_root().params.get("timeout") or 10.0
     rows = list_processes(timeout=timeout)
     if as_json:

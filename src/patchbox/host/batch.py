@@ -48,6 +48,7 @@ class Job:
     error: PatchboxError | None = None
     retry: bool = False
     peer_pid: int | None = None  # SO_PEERCRED of the connection: the agent's pid here
+    denied: bool = False  # connect() said EACCES/EPERM: the socket is not ours to use
 
 
 class _Conn:
@@ -190,6 +191,7 @@ def run_jobs(jobs: list[Job], timeout: float = 10.0) -> None:
         if err not in (0, errno.EINPROGRESS):
             sock.close()
             job.error = _connect_error(job, err)
+            job.denied = err in (errno.EACCES, errno.EPERM)
             return True
         job.peer_pid = peer_pid(sock) or None
         if job.peer_pid != job.key and not (

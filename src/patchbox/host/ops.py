@@ -1,13 +1,18 @@
-"""Host-wide operations: list every agent (`ps`), apply or remove a patch everywhere.
+"""Host-wide operations: list every process of the builds patchbox knows (`ps`), apply or
+remove a patch on every process of its build.
 
-A process's build is read from its executable (``/proc/<pid>/exe``, program headers
-only, cached per file), so processes of other builds are skipped without a round trip;
-the agent checks the build-id again before it applies anything. A process whose agent
-answers APPLY with ALREADY_APPLIED is *skipped* (nothing to do), one answering REMOVE
-with NOT_APPLIED likewise.
+What a process runs is read from /proc (:mod:`patchbox.host.census`: the executable's
+build-id, cached per file; for a library's build-id, the objects it maps), not from its
+agent: every process running the patch's build is a row, whether its agent answers or
+not. Agents of other builds are skipped without a round trip; the agent checks the
+build-id again before it applies anything. A process whose agent answers APPLY with
+ALREADY_APPLIED is *skipped* (nothing to do), one answering REMOVE with NOT_APPLIED
+likewise. A process of the build that has no agent socket, or whose agent refuses this
+client, is *unreachable*, with the reason.
 
-Exit status of `apply --all` / `remove --all` (as Xen's livepatch tool): 0 nothing
-failed, 1 something failed, 2 every failure is worth a retry (a busy agent).
+Exit status of `apply --all` / `remove --all` (as Xen's livepatch tool): 0 nothing failed
+and nothing was unreachable, 1 something failed or was unreachable, 2 every failure is
+worth a retry (a busy agent).
 """
 
 from __future__ import annotations
@@ -20,35 +25,50 @@ from typing import Any
 
 from patchbox import safefs
 from patchbox.config import preload
-from patchbox.elf.buildid import read_build_id
-from patchbox.errors import AgentError, ConnectError, ElfError, PatchboxError
+from patchbox.errors import AgentError, ConnectError, PatchboxError
 from patchbox.format.codec import Writer
 from patchbox.format.layout import PatchFile
 from patchbox.host.batch import Job, run_jobs
+from patchbox.host.census import (
+    Running,
+    census,
+    exe_path,
+    processes_of,
+    unreachable_reason,
+)
 from patchbox.host.scan import AgentSocket, iter_agent_sockets
 from patchbox.protocol.client import Client
-from patchbox.protocol.discovery import FD_ADDRESS, holds_socket, peer_pid, sweep_stale_sockets
+from patchbox.protocol.discovery import (
+    FD_ADDRESS,
+    agent_inside,
+    holds_socket,
+    peer_pid,
+    sweep_stale_sockets,
+)
 from patchbox.protocol.replies import AppliedPatch
 from patchbox.reach.attach import AlreadyAttached, AttachError, PrivilegedProcess, attach
 from patchbox.reach.hold import apply_held
-from patchbox.reach.procfs import find_mapped, mapped_objects
 from patchbox.store import iter_installed, store_root
 from patchbox.wire import ApplyFlag, ErrorCode, Msg
 
 __all__ = [
+    "RESULTS",
     "Outcome",
     "ProcessRow",
-    "exe_facts",
     "list_processes",
+    "DRY_RUN",
+    "already_applied",
     "apply_all",
     "remove_all",
     "exit_status",
 ]
 
+RESULTS = ("applied", "removed", "skipped", "failed", "unreachable")
+
 
 @dataclass
 class Outcome:
-    """What happened to one process (``result``: applied, removed, skipped or failed)."""
+    """What happened to one process (``result``: one of :data:`RESULTS`)."""
 
     pid: int
     result: str
@@ -77,7 +97,7 @@ class ProcessRow:
     sandbox_used: int = 0
     sandbox_size: int = 0
     socket: str = ""
-    error: str = ""  # why the agent could not be reached
+    error: str = ""  # why the agent could not be reached (unreachable)
 
     def to_json(self) -> dict[str, Any]:
         """Returns the JSON object `ps --json` prints for this process."""
@@ -85,63 +105,93 @@ class ProcessRow:
 
 
 @dataclass(frozen=True)
-class _Exe:
-    """What a process runs: its executable's path, file identity and build-id."""
+class _Host:
+    """One look at the host: the agents listening and what every process runs."""
 
-    path: str = ""
-    file: tuple[int, int] = (0, 0)  # (st_dev, st_ino)
-    build_id: str = ""
+    agents: dict[int, AgentSocket]  # host pid -> its agent's socket
+    running: dict[int, Running]  # host pid -> what it runs (readable ones)
+    # Agents listening where this process cannot connect: host pid -> why.
+    far: dict[int, str] = field(default_factory=dict)
+
+    def why(self, pid: int) -> str:
+        """Returns why ``pid`` (which has no agent this client can use) is unreachable."""
+        return self.far.get(pid) or unreachable_reason(pid)
+
+    def describe(self, pid: int) -> tuple[str, str]:
+        """Returns (executable path, build-id) of ``pid`` ("" where unknown)."""
+        r = self.running.get(pid)
+        return exe_path(pid), r.build_id if r is not None else ""
+
+    def outcome(self, pid: int, result: str, reason: str = "", retry: bool = False) -> Outcome:
+        """Returns the row of ``pid`` with its executable and build-id filled in."""
+        return Outcome(pid, result, reason, *self.describe(pid), retry=retry)
 
 
-_BUILD_IDS: dict[str, str] = {}  # executable (as /proc/PID/exe names it) -> build-id
-
-
-def exe_facts(pid: int, identity: bool = False) -> _Exe:
-    """Returns what ``pid`` runs (empty fields where /proc does not tell). The build-id is
-    read once per executable (program headers only) and cached by its path; a replaced
-    executable is named "PATH (deleted)" and read through /proc/PID/exe. ``identity``
-    also stats the file (for --exe)."""
-    proc = f"/proc/{pid}/exe"
+def _netns(pid: int | str) -> int | None:
+    """Returns the inode of ``pid``'s network namespace, None if it cannot be read."""
     try:
-        link = os.readlink(proc)
-        st = os.stat(proc) if identity or link.endswith(" (deleted)") else None
+        return os.stat(f"/proc/{pid}/ns/net").st_ino
     except OSError:
-        return _Exe()
-    key = link if st is None else f"{link}\0{st.st_dev}:{st.st_ino}:{st.st_mtime_ns}"
-    if key not in _BUILD_IDS:
-        try:
-            found = read_build_id(proc)
-        except ElfError:
-            found = None
-        _BUILD_IDS[key] = found.hex() if found else ""
-    file = (st.st_dev, st.st_ino) if st is not None else (0, 0)
-    return _Exe(link.removesuffix(" (deleted)"), file, _BUILD_IDS[key])
+        return None
 
 
-def _select(
-    agents: list[AgentSocket],
-    facts: dict[int, _Exe],
-    exe: str | None,
-    build_id: str | None,
-    pids: Collection[int] | None = None,
-) -> list[AgentSocket]:
-    out = agents if pids is None else [a for a in agents if a.pid in pids]
+def _look() -> _Host:
+    """Returns the agents of the host (every network namespace this process can read)
+    and what each process of this pid namespace runs. An agent on an abstract address
+    of another network namespace cannot be connected to from here (the name means
+    another socket here): it is set apart, with the way to reach it."""
+    agents: dict[int, AgentSocket] = {}
+    far: dict[int, str] = {}
+    mine = _netns("self")
+    for a in iter_agent_sockets():
+        theirs = _netns(a.pid) if a.bound.startswith("@") else None
+        if theirs is not None and theirs != mine:
+            far[a.pid] = (
+                f"its agent listens on {a.bound} in another network namespace: run patchbox "
+                f"there (nsenter --net=/proc/{a.pid}/ns/net)"
+            )
+            continue
+        agents.setdefault(a.pid, a)  # a process bound twice (re-bind): the first
+    return _Host(agents, census(), far)
+
+
+def _narrow(
+    host: _Host, exe: str | None, build_id: str | None, pids: Collection[int] | None
+) -> set[int]:
+    """Returns the pids (processes and agents) within ``--exe`` (the same file),
+    ``--build-id`` (running it, or mapping a library of it) and ``pids``."""
+    scope = set(host.running) | set(host.agents) | set(host.far)
+    if pids is not None:
+        scope &= set(pids)
     if exe is not None:
         try:
-            want = os.stat(exe)
+            st = os.stat(exe)
         except OSError as err:
             raise PatchboxError(f"--exe {exe}: {err.strerror}") from err
-        out = [a for a in out if facts[a.pid].file == (want.st_dev, want.st_ino)]
+        want = (st.st_dev, st.st_ino)
+        scope = {p for p in scope if p in host.running and host.running[p].file == want}
     if build_id is not None:
-        out = [a for a in out if facts[a.pid].build_id == build_id.lower()]
-    return out
+        scope = processes_of(_within(host, scope), build_id)
+    return scope
 
 
-def _agents(identity: bool = False) -> tuple[list[AgentSocket], dict[int, _Exe]]:
-    """Returns the agents of the host and what each runs (``identity``: with the file's
-    identity, for --exe)."""
-    agents = iter_agent_sockets()
-    return agents, {a.pid: exe_facts(a.pid, identity) for a in agents}
+def _within(host: _Host, pids: Collection[int]) -> dict[int, Running]:
+    """Returns what each of ``pids`` runs, for those whose executable could be read."""
+    return {p: host.running[p] for p in pids if p in host.running}
+
+
+def _known_builds(host: _Host, root: Path | None) -> set[str]:
+    """Returns the executable build-ids patchbox knows on this host: those of the agents
+    found and those the store holds patches for."""
+    agents = set(host.agents) | set(host.far)
+    known = {host.running[p].build_id for p in agents if p in host.running}
+    if root is not None:
+        try:
+            known |= {e.build_id for e in iter_installed(root)}
+        except OSError:
+            pass  # an unreadable store names no build
+    known.discard("")
+    return known
 
 
 def _shares_namespaces(pid: int) -> bool:
@@ -212,9 +262,12 @@ def sweep_agent_dirs(agents: list[AgentSocket]) -> list[Path]:
 
 
 def list_processes(*, timeout: float = 10.0, sweep: bool = True) -> list[ProcessRow]:
-    """Returns one row per agent on the host: INFO and LIST asked of all at once. With
-    ``sweep``, stale sockets in the agents' directories are removed first."""
-    agents, facts = _agents()
+    """Returns one row per process with an agent socket (INFO and LIST asked of all at
+    once), and one per process of a build patchbox knows (an agent's, or one the store
+    holds patches for) that has none, with the reason in ``error``. With ``sweep``, stale
+    sockets in the agents' directories are removed first."""
+    host = _look()
+    agents = list(host.agents.values())
     if sweep:
         sweep_agent_dirs(agents)
     jobs = [
@@ -225,8 +278,8 @@ def list_processes(*, timeout: float = 10.0, sweep: bool = True) -> list[Process
     rows = []
     for a, job in zip(agents, jobs, strict=True):
         pid = job.peer_pid or a.pid
-        f = facts[a.pid] if pid == a.pid else exe_facts(pid)
-        row = ProcessRow(pid, exe=f.path, build_id=f.build_id, socket=a.bound)
+        path, bid = host.describe(pid)
+        row = ProcessRow(pid, exe=path, build_id=bid, socket=a.bound)
         if job.error is not None:
             row.error = str(job.error)
         else:
@@ -239,86 +292,113 @@ def list_processes(*, timeout: float = 10.0, sweep: bool = True) -> list[Process
             row.unloaded = [p.name for p in listed if p.unloaded]
             row.sandbox_used = int(info.get("sandbox_used", "0") or 0)
             row.sandbox_size = int(info.get("sandbox_size", "0") or 0)
+        rows.append(row)
+    answered = {r.pid for r in rows} | set(host.agents)
+    known = _known_builds(host, root)
+    for pid in sorted(set(host.running) | set(host.far)):
+        bid = host.running[pid].build_id if pid in host.running else ""
+        if pid not in answered and (bid in known or pid in host.far):
+            rows.append(ProcessRow(pid, exe_path(pid), bid, error=host.why(pid)))
+    for row in rows:
         if row.build_id and row.build_id != "unknown":
             row.installed = [e.name for e in iter_installed(root, row.build_id)]
-        rows.append(row)
-    return rows
+    return sorted(rows, key=lambda r: r.pid)
+
+
+def _judge(job: Job, done: str, benign: ErrorCode, benign_reason: str) -> tuple[str, str, bool]:
+    """Returns (result, reason, retry) of a finished job: ``done``; skipped (the agent
+    answered ``benign``); unreachable (the socket or the agent refused this client);
+    failed."""
+    err = job.error
+    if err is None:
+        return done, "", False
+    if isinstance(err, AgentError) and err.code == benign:
+        return "skipped", benign_reason, False
+    if job.denied or (isinstance(err, AgentError) and err.code == ErrorCode.PERMISSION):
+        return "unreachable", str(err), False
+    return "failed", str(err), job.retry
 
 
 def _batch(
+    host: _Host,
     agents: list[AgentSocket],
-    facts: dict[int, _Exe],
     request: tuple[Msg, bytes],
     done: str,
     benign: ErrorCode,
     benign_reason: str,
     timeout: float,
 ) -> list[Outcome]:
-    """Sends ``request`` to every agent at once; returns one outcome per agent: ``done``,
-    skipped (the agent answered ``benign``) or failed."""
+    """Sends ``request`` to every agent at once; returns one outcome per agent (see
+    :func:`_judge`)."""
     jobs = [Job(a.pid, a.connect, [request], a.alt, a.inode) for a in agents]
     run_jobs(jobs, timeout)
     out = []
-    for a, job in zip(agents, jobs, strict=True):
-        pid = job.peer_pid or a.pid
-        f = facts[a.pid] if pid == a.pid else exe_facts(pid)
-        o = Outcome(pid, done, exe=f.path, build_id=f.build_id)
-        err = job.error
-        if isinstance(err, AgentError) and err.code == benign:
-            o.result, o.reason = "skipped", benign_reason
-        elif err is not None:
-            o.result, o.reason, o.retry = "failed", str(err), job.retry
-        out.append(o)
+    for job in jobs:
+        # The answering process (the scan's pid is a guess for another pid namespace).
+        result, reason, retry = _judge(job, done, benign, benign_reason)
+        out.append(host.outcome(job.peer_pid or job.key, result, reason, retry))
+    return out
+
+
+def already_applied(name: str) -> str:
+    """Returns the reason of a process skipped because it has patch ``name`` already."""
+    return f"{name} is already applied"
+
+
+DRY_RUN = "check mode: "  # the reason's prefix of a predicted change
+
+
+def _predict(
+    host: _Host, agents: list[AgentSocket], name: str, present: bool, timeout: float
+) -> list[Outcome]:
+    """Returns what making patch ``name`` present (applied) or absent (removed) would do
+    to each agent, from one LIST each: nothing is changed."""
+    jobs = [Job(a.pid, a.connect, [(Msg.LIST, b"")], a.alt, a.inode) for a in agents]
+    run_jobs(jobs, timeout)
+    out = []
+    for job in jobs:
+        pid = job.peer_pid or job.key
+        if job.error is not None:
+            result, reason, retry = _judge(job, "", ErrorCode.OK, "")
+            out.append(host.outcome(pid, result, reason, retry))
+            continue
+        has = name in (p.name for p in job.replies[0])
+        if present:
+            result, reason = ("skipped", already_applied(name)) if has else ("applied", "")
+        else:
+            result, reason = ("removed", "") if has else ("skipped", f"{name} is not applied")
+        if result in ("applied", "removed"):
+            reason = f"{DRY_RUN}would be {result}"
+        out.append(host.outcome(pid, result, reason))
     return out
 
 
 def _attach_missing(
-    want: str,
-    have_agent: set[int],
-    exe: str | None,
-    pids: Collection[int] | None,
-    include_privileged: bool = False,
-) -> list[Outcome]:
-    """Attaches the agent to every process without one that runs or maps build-id
-    ``want`` (and runs ``exe``, and is one of ``pids``, when given); returns the failures
-    and the privileged processes skipped (unless ``include_privileged``), an outcome
-    each (an attached process is then found as an agent)."""
-    out = []
+    host: _Host, pids: Collection[int], include_privileged: bool = False
+) -> dict[int, Outcome]:
+    """Attaches the agent to each of ``pids`` (processes of the build without one);
+    returns {pid: outcome} of those it could not attach: failed, or unreachable for a
+    privileged process (unless ``include_privileged``). An attached process is then
+    found as an agent."""
+    out: dict[int, Outcome] = {}
     library = str(preload())
-    want_file = None
-    if exe is not None:
-        try:
-            st = os.stat(exe)
-        except OSError as err:
-            raise PatchboxError(f"--exe {exe}: {err.strerror}") from err
-        want_file = (st.st_dev, st.st_ino)
-    for pid in sorted(int(n) for n in os.listdir("/proc") if n.isdigit()):
-        if pid in have_agent or pid == os.getpid() or (pids is not None and pid not in pids):
-            continue
-        if want_file is not None and exe_facts(pid, identity=True).file != want_file:
-            continue
-        if not any(o.build_id == want for o in mapped_objects(pid)):
-            continue
+    for pid in sorted(pids):
         try:
             attach(pid, library, include_privileged=include_privileged)
         except AlreadyAttached:
             continue
         except PrivilegedProcess as err:
-            f = exe_facts(pid)
+            # Left without an agent on purpose, still running the build: not patched.
             reason = f"not attached: privileged ({err.reason}); --include-privileged attaches"
-            out.append(Outcome(pid, "skipped", reason, f.path, f.build_id))
+            out[pid] = host.outcome(pid, "unreachable", reason)
         except AttachError as err:
-            f = exe_facts(pid)
-            out.append(Outcome(pid, "failed", f"attach: {err}", f.path, f.build_id, err.retry))
+            out[pid] = host.outcome(pid, "failed", f"attach: {err}", err.retry)
     return out
 
 
-def _apply_one_held(
-    a: AgentSocket, facts: dict[int, _Exe], pf: PatchFile, timeout: float
-) -> Outcome:
+def _apply_one_held(a: AgentSocket, host: _Host, pf: PatchFile, timeout: float) -> Outcome:
     """Applies a HOLD patch to one process: its threads held around the APPLY."""
-    f = facts[a.pid]
-    o = Outcome(a.pid, "applied", exe=f.path, build_id=f.build_id)
+    o = host.outcome(a.pid, "applied")
     try:
         with Client(a.connect, timeout=timeout) as client:
             peer = peer_pid(client.sock) if client.sock is not None else 0
@@ -335,12 +415,25 @@ def _apply_one_held(
             o.reason = f"held {hold.threads} thread(s) for at most {hold.longest_ns / 1e6:.3f} ms"
     except AgentError as err:
         if err.code == ErrorCode.ALREADY_APPLIED:
-            o.result, o.reason = "skipped", f"{pf.patch.name} is already applied"
+            o.result, o.reason = "skipped", already_applied(pf.patch.name)
+        elif err.code == ErrorCode.PERMISSION:
+            o.result, o.reason = "unreachable", str(err)
         else:
             o.result, o.reason, o.retry = "failed", str(err), err.code == ErrorCode.NOT_HELD
     except PatchboxError as err:
-        o.result, o.reason, o.retry = "failed", str(err), True
+        if isinstance(err.__cause__, PermissionError):  # the socket's file refused us
+            o.result, o.reason = "unreachable", f"pid {a.pid}: {err}"
+        else:
+            o.result, o.reason, o.retry = "failed", str(err), True
     return o
+
+
+def _apply_scope(
+    host: _Host, want: str, exe: str | None, build_id: str | None, pids: Collection[int] | None
+) -> tuple[set[int], set[int]]:
+    """Returns (pids within the narrowing, those of them running build ``want``)."""
+    scope = _narrow(host, exe, build_id, pids)
+    return scope, processes_of(_within(host, scope), want)
 
 
 def apply_all(
@@ -353,48 +446,63 @@ def apply_all(
     timeout: float = 10.0,
     attach: bool = False,
     include_privileged: bool = False,
+    dry_run: bool = False,
 ) -> list[Outcome]:
-    """Applies ``pf`` to every agent whose executable has the patch's build-id, or that
-    maps a library of that build-id (narrowed by ``exe``/``build_id``/``pids``); others
-    are skipped. With ``attach``, processes of that build without an agent (within the
-    same narrowing) get one first, except processes the kernel protects from same-uid
-    tracing (setuid, setgid, file capabilities, not dumpable), which are skipped with
-    the reason unless ``include_privileged``. With ``rollback``, a failure anywhere
-    removes the patch again from every process this call applied it to. Patches with
-    held entry jumps (HOLD) go to one process after the other, each held around its
-    APPLY; the others to all at once."""
+    """Returns one outcome per process concerned after applying ``pf`` to every process
+    that runs the patch's build: whose executable has its build-id or, for a library's,
+    that maps it (narrowed by ``exe``/``build_id``/``pids``). Such a process without an
+    agent socket, or whose agent refuses this client, is unreachable; agents of other
+    builds are skipped. With ``attach``, processes of the build without an agent get
+    one first, except processes the kernel protects from same-uid tracing (setuid,
+    setgid, file capabilities, not dumpable), which stay unreachable with the reason
+    unless ``include_privileged``. With ``rollback``, a failed or unreachable process
+    anywhere removes the patch again from every process this call applied it to.
+    Patches with held entry jumps (HOLD) go to one process after the other, each held
+    around its APPLY; the others to all at once. With ``dry_run``, every agent is asked
+    for its patches instead (nothing attached, nothing applied) and the outcomes say
+    what would happen ("check mode: would be applied")."""
     want = pf.patch.build_id.hex()
-    found, facts = _agents(identity=exe is not None)
-    attached: list[Outcome] = []
-    if attach:
-        attached = _attach_missing(want, {a.pid for a in found}, exe, pids, include_privileged)
-        found, facts = _agents(identity=exe is not None)
-    skipped, targets = [], []
-    for a in _select(found, facts, exe, build_id, pids):
-        have = facts[a.pid].build_id
-        if have and have != want and find_mapped(a.pid, want) is None:
-            reason = f"runs build-id {have} and maps no library of {want}"
-            skipped.append(Outcome(a.pid, "skipped", reason, facts[a.pid].path, have))
-        else:
-            targets.append(a)
-    if pf.patch.flags & ApplyFlag.HOLD:
-        done = [_apply_one_held(a, facts, pf, timeout) for a in targets]
+    host = _look()
+    scope, of_build = _apply_scope(host, want, exe, build_id, pids)
+    attached: dict[int, Outcome] = {}
+    if attach and not dry_run:
+        attached = _attach_missing(host, of_build - set(host.agents), include_privileged)
+        host = _look()
+        scope, of_build = _apply_scope(host, want, exe, build_id, pids)
+    rows: list[Outcome] = list(attached.values())
+    targets: list[AgentSocket] = []
+    for pid in sorted(scope - set(attached)):
+        a = host.agents.get(pid)
+        if pid in of_build or (pid not in host.running and (a is not None or pid in host.far)):
+            # Of the build, or an agent whose build cannot be read here: it decides.
+            if a is not None:
+                targets.append(a)
+            else:
+                rows.append(host.outcome(pid, "unreachable", host.why(pid)))
+        elif a is not None:
+            have = host.running[pid].build_id
+            reason = f"runs build-id {have or 'none'} and maps no library of {want}"
+            rows.append(host.outcome(pid, "skipped", reason))
+    if dry_run:
+        done = _predict(host, targets, pf.patch.name, True, timeout)
+    elif pf.patch.flags & ApplyFlag.HOLD:
+        done = [_apply_one_held(a, host, pf, timeout) for a in targets]
     else:
         done = _batch(
+            host,
             targets,
-            facts,
             (Msg.APPLY, pf.body),
             "applied",
             ErrorCode.ALREADY_APPLIED,
-            f"{pf.patch.name} is already applied",
+            already_applied(pf.patch.name),
             timeout,
         )
-    done += attached
-    if rollback and any(o.result == "failed" for o in done):
+    bad = [o for o in done + rows if o.result in ("failed", "unreachable")]
+    if rollback and bad and not dry_run:
         applied = {o.pid for o in done if o.result == "applied"}
         back = _batch(
+            host,
             [a for a in targets if a.pid in applied],
-            facts,
             _remove_request(pf.patch.name),
             "removed",
             ErrorCode.NOT_APPLIED,
@@ -402,14 +510,14 @@ def apply_all(
             timeout,
         )
         undone = {o.pid: o for o in back}
-        first = next(o for o in done if o.result == "failed")
+        first = min(bad, key=lambda o: o.pid)
         for o in done:
             r = undone.get(o.pid)
             if r is not None and r.result == "removed":
-                o.result, o.reason = "removed", f"rolled back: pid {first.pid} failed"
+                o.result, o.reason = "removed", f"rolled back: pid {first.pid} {first.result}"
             elif r is not None:
                 o.result, o.reason = "failed", f"applied, rollback failed: {r.reason}"
-    return sorted(skipped + done, key=lambda o: o.pid)
+    return sorted(rows + done, key=lambda o: o.pid)
 
 
 def _remove_request(name: str) -> tuple[Msg, bytes]:
@@ -423,25 +531,48 @@ def remove_all(
     build_id: str | None = None,
     pids: Collection[int] | None = None,
     timeout: float = 10.0,
+    dry_run: bool = False,
 ) -> list[Outcome]:
-    """Removes patch ``name`` from every agent that has it (narrowed by ``exe``,
-    ``build_id`` or ``pids``); agents without it are skipped."""
-    found, facts = _agents(identity=exe is not None)
-    done = _batch(
-        _select(found, facts, exe, build_id, pids),
-        facts,
-        _remove_request(name),
-        "removed",
-        ErrorCode.NOT_APPLIED,
-        f"{name} is not applied",
-        timeout,
-    )
+    """Returns one outcome per process concerned after removing patch ``name`` from every
+    agent that has it (narrowed by ``exe``, ``build_id`` — processes running that build
+    or mapping a library of it — or ``pids``); agents without it are skipped. Processes
+    of the build (of a build patchbox knows, without narrowing) whose agent cannot be
+    reached may still run the patch: unreachable. Processes without any agent cannot
+    hold it: skipped. With ``dry_run``, every agent is asked for its patches instead
+    and the outcomes say what would happen."""
+    host = _look()
+    scope = _narrow(host, exe, build_id, pids)
+    if exe is None and build_id is None:
+        known = _known_builds(host, store_root())
+        of_build = {p for p in scope if p in host.running and host.running[p].build_id in known}
+    else:
+        of_build = scope
+    agents = [host.agents[p] for p in sorted(scope) if p in host.agents]
+    if dry_run:
+        done = _predict(host, agents, name, False, timeout)
+    else:
+        done = _batch(
+            host,
+            agents,
+            _remove_request(name),
+            "removed",
+            ErrorCode.NOT_APPLIED,
+            f"{name} is not applied",
+            timeout,
+        )
+    reached = {o.pid for o in done}
+    for pid in sorted((of_build | (set(host.far) & scope)) - set(host.agents) - reached):
+        if agent_inside(pid) is False:
+            done.append(host.outcome(pid, "skipped", f"no agent loaded: it cannot hold {name}"))
+        else:
+            done.append(host.outcome(pid, "unreachable", host.why(pid)))
     return sorted(done, key=lambda o: o.pid)
 
 
 def exit_status(outcomes: list[Outcome]) -> int:
-    """Returns 0 if nothing failed, 2 if every failure is worth a retry, else 1."""
-    failed = [o for o in outcomes if o.result == "failed"]
-    if not failed:
+    """Returns 0 if nothing failed and nothing was unreachable, 2 if every failure is
+    worth a retry (and nothing was unreachable), else 1."""
+    bad = [o for o in outcomes if o.result in ("failed", "unreachable")]
+    if not bad:
         return 0
-    return 2 if all(o.retry for o in failed) else 1
+    return 2 if all(o.result == "failed" and o.retry for o in bad) else 1

@@ -265,25 +265,41 @@ def discover(pid: int, environ: Mapping[str, str] | None = None) -> Discovery:
 
 # In every program with the agent: linked (its .rodata) or loaded (libsandbox.so).
 _AGENT_MARK = b"PATCHBOX_SOCK_DIR"
+# (st_dev, st_ino, st_mtime_ns) of an executable -> whether the agent is linked into it.
+_LINKED: dict[tuple[int, int, int], bool] = {}
+
+
+def _linked_agent(pid: int) -> bool:
+    """Returns whether ``pid``'s executable holds the agent's strings, read once per file
+    identity and mtime; raises OSError if it cannot be read."""
+    with open(f"/proc/{pid}/exe", "rb") as exe:
+        st = os.fstat(exe.fileno())
+        key = (st.st_dev, st.st_ino, st.st_mtime_ns)
+        if key not in _LINKED:
+            found, tail = False, b""
+            while chunk := exe.read(1 << 20):
+                if _AGENT_MARK in tail + chunk:
+                    found = True
+                    break
+                tail = chunk[-len(_AGENT_MARK) :]
+            if len(_LINKED) > 4096:
+                _LINKED.clear()
+            _LINKED[key] = found
+        return _LINKED[key]
 
 
 def agent_inside(pid: int) -> bool | None:
     """Returns whether process ``pid`` carries the agent (libsandbox.so mapped, or its
     executable holds the agent's strings), None when /proc does not tell. Read only to
-    explain a missing socket: a slow path (it reads the executable)."""
+    explain a missing socket: a slow path the first time an executable is asked about
+    (it reads the file), cached per executable after."""
     try:
         with open(f"/proc/{pid}/maps") as f:
             if "libsandbox" in f.read():
                 return True
-        with open(f"/proc/{pid}/exe", "rb") as exe:
-            tail = b""
-            while chunk := exe.read(1 << 20):
-                if _AGENT_MARK in tail + chunk:
-                    return True
-                tail = chunk[-len(_AGENT_MARK) :]
+        return _linked_agent(pid)
     except OSError:
         return None
-    return False
 
 
 def peer_pid(sock: socket.socket) -> int:

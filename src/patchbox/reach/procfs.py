@@ -22,6 +22,7 @@ __all__ = [
     "task_comm",
     "mapped_objects",
     "find_mapped",
+    "file_build_id",
     "AT_SECURE",
     "privileged_reason",
 ]
@@ -135,6 +136,12 @@ def _file_facts(path: str) -> tuple[str, int]:
             _FILES.clear()
         _FILES[key] = (bid, vaddr)
     return _FILES[key]
+
+
+def file_build_id(path: str) -> str:
+    """Returns the GNU build-id (hex) of the ELF file ``path``, "" for what is not one or
+    has none; read once per file identity and mtime."""
+    return _file_facts(path)[0]
 
 
 def mapped_objects(pid: int) -> list[MappedObject]:
