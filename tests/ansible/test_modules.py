@@ -4,12 +4,19 @@ after, so the tests see behaviour change, not only module output."""
 
 from __future__ import annotations
 
+import os
+import random
 import shutil
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
 from controller import Controller
 from fleet import HostTarget, corrupt_padding
+
+from helpers import BIN
 
 pytestmark = pytest.mark.ansible
 
@@ -257,3 +264,64 @@ def test_library_patch_reaches_every_process_mapping_it(fleet, library, targets)
     finally:
         for u in users:
             u.stop()
+
+
+def _module_pids(python: Path) -> list[int]:
+    """Returns the pids of module processes running now on a managed host: the hosts'
+    interpreter ``python`` (ansible pipelines the module into it; the hosts' PID
+    namespaces are children of ours, so they are listed here too)."""
+    out = []
+    want = os.fsencode(python)
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            argv0 = (proc / "cmdline").read_bytes().split(b"\0")[0]
+        except OSError:
+            continue
+        if argv0 == want:
+            out.append(int(proc.name))
+    return out
+
+
+def test_module_killed_at_random_instants(fleet, builds, targets) -> None:
+    """The patch module on h1 SIGKILLed at random instants of its run, 12 times: every
+    target of h1 whole (patched or not) as patch_info says, and the next run completes."""
+    put_patch(fleet, builds["patch"])
+    rng = random.Random(19)
+    hits = 0
+    for _ in range(12):
+        cmd = [str(BIN / "ansible"), "h1", "-m", "patchbox.live.patch", "-a"]
+        proc = subprocess.Popen(
+            [*cmd, f'{{"src": "{REMOTE_PATCH}"}}'],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env=fleet.env(),
+            cwd=fleet.base,
+        )
+        # Wait for the module to start on h1, then kill it a random moment later.
+        deadline = time.monotonic() + 60
+        while not (pids := _module_pids(fleet.host_python)) and proc.poll() is None:
+            assert time.monotonic() < deadline, "the module never started"
+            time.sleep(0.005)
+        time.sleep(rng.uniform(0, 0.4))
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+                hits += 1
+            except ProcessLookupError:
+                pass
+        proc.wait(120)
+        info = fleet.adhoc("h1", "patchbox.live.patch_info")
+        assert info.rc == 0, info.output
+        listed = {p["pid"]: p["patches"] for p in info["h1"]["processes"]}
+        for t in targets["h1"]:
+            answer = t.call("use_helper", 4)
+            assert answer in (BEFORE, AFTER)
+            assert (answer == AFTER) == (listed[t.pid] == ["helper"]), (answer, listed)
+        done = fleet.adhoc("h1", "patchbox.live.patch", {"src": REMOTE_PATCH})
+        assert done.rc == 0, done.output
+        assert [t.call("use_helper", 4) for t in targets["h1"]] == [AFTER] * len(targets["h1"])
+        undo = fleet.adhoc("h1", "patchbox.live.patch", {"src": REMOTE_PATCH, "state": "absent"})
+        assert undo.rc == 0, undo.output
+    assert hits > 0  # some kill landed while the module ran
