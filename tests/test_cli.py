@@ -460,3 +460,33 @@ def test_build_checks_before_building(tmp_path: Path) -> None:
     res = run("build", "--source", str(src), "--diff", str(diff), "--binary", str(nobid))
     assert res.exit_code == 1 and "no GNU build-id" in res.stderr
     assert not list(tmp_path.rglob("built-once")), "a build ran before the checks"
+
+
+def test_constants_kept_light_agree_with_their_sources() -> None:
+    """The CLI keeps copies of two constants so that short commands need not import the
+    client or the signing module; they must not drift."""
+    from patchbox import signing
+    from patchbox.cli import common
+    from patchbox.cli import main as cli_main
+    from patchbox.protocol import client
+
+    assert cli_main.DEFAULT_TIMEOUT == client.DEFAULT_TIMEOUT
+    assert str(signing.DEFAULT_TRUST_DIR) == common.DEFAULT_TRUST_DIR
+
+
+def test_version_without_click(tmp_path) -> None:
+    """`patchbox --version` is answered before click (or any subcommand) is imported,
+    with click's own wording."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.argv = ['patchbox', '--version']; from patchbox.cli import main; "
+        "main(); print(sorted(m for m in sys.modules if m.startswith(('click', 'patchbox.'))))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    version_line, modules = out.stdout.splitlines()
+    from patchbox import __version__
+
+    assert version_line == f"patchbox, version {__version__}"
+    assert modules == "['patchbox.cli']", modules

@@ -8,7 +8,6 @@ from typing import Any, TypeVar
 
 import click
 
-from patchbox import signing
 from patchbox.protocol.client import DEFAULT_TIMEOUT, Client
 
 __all__ = [
@@ -21,6 +20,8 @@ __all__ = [
 ]
 
 F = TypeVar("F", bound=Callable[..., Any])
+# signing.DEFAULT_TRUST_DIR, without importing signing (and cryptography) for every command.
+DEFAULT_TRUST_DIR = "/etc/patchbox/trusted-keys"
 
 
 def target_options(func: F) -> F:
@@ -57,7 +58,7 @@ def trust_dir_option(func: F) -> F:
         metavar="DIR",
         type=click.Path(file_okay=False),
         help="Directory of trusted public keys (*.pub) [$PATCHBOX_TRUST_DIR, default "
-        f"{signing.DEFAULT_TRUST_DIR}]; when it exists, only patches signed by one "
+        f"{DEFAULT_TRUST_DIR}]; when it exists, only patches signed by one "
         "of them are accepted.",
     )(func)
 

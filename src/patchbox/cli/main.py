@@ -11,29 +11,34 @@ from typing import Any
 import click
 
 from patchbox import __version__
-from patchbox.cli.apply import apply_command
-from patchbox.cli.attach import attach_command
-from patchbox.cli.completion import completion_command
-from patchbox.cli.config import config_command
-from patchbox.cli.debug import debug_command
-from patchbox.cli.info import info_command
-from patchbox.cli.keys import keygen_command, sign_command
-from patchbox.cli.list import list_command
-from patchbox.cli.ps import ps_command
-from patchbox.cli.remove import remove_command
-from patchbox.cli.show import show_command
-from patchbox.cli.store import install_command, uninstall_command
-from patchbox.cli.test import test_command
 from patchbox.errors import ConfigError, PatchboxError
-from patchbox.protocol.client import DEFAULT_TIMEOUT
 
 __all__ = ["cli", "main"]
 
-# Subcommands defined elsewhere and imported only when used: name -> (module, attribute).
-LAZY_COMMANDS = {
+# Every subcommand is imported only when it runs (or help lists them): a command pays
+# for its own imports only (`patchbox --version` imports none). name -> (module, attribute).
+COMMANDS = {
+    "info": ("patchbox.cli.info", "info_command"),
+    "list": ("patchbox.cli.list", "list_command"),
+    "apply": ("patchbox.cli.apply", "apply_command"),
+    "attach": ("patchbox.cli.attach", "attach_command"),
+    "remove": ("patchbox.cli.remove", "remove_command"),
+    "test": ("patchbox.cli.test", "test_command"),
+    "debug": ("patchbox.cli.debug", "debug_command"),
+    "show": ("patchbox.cli.show", "show_command"),
+    "config": ("patchbox.cli.config", "config_command"),
+    "keygen": ("patchbox.cli.keys", "keygen_command"),
+    "sign": ("patchbox.cli.keys", "sign_command"),
+    "completion": ("patchbox.cli.completion", "completion_command"),
+    "ps": ("patchbox.cli.ps", "ps_command"),
+    "install": ("patchbox.cli.store", "install_command"),
+    "uninstall": ("patchbox.cli.store", "uninstall_command"),
     "extract": ("patchbox.cli.extract", "extract_command"),
     "build": ("patchbox.cli.build", "build_command"),
 }
+# protocol.client.DEFAULT_TIMEOUT, without importing the client (tests check they agree).
+DEFAULT_TIMEOUT = 10.0
+VERSION_LINE = f"patchbox, version {__version__}"  # what click's version_option prints
 
 
 def _unavailable(name: str, reason: str) -> click.Command:
@@ -54,11 +59,11 @@ class PatchboxGroup(click.Group):
     """A group that loads lazy subcommands and reports PatchboxError as one line."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted({*super().list_commands(ctx), *LAZY_COMMANDS})
+        return sorted({*super().list_commands(ctx), *COMMANDS})
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
-        if name in LAZY_COMMANDS and name not in self.commands:
-            module_name, attr = LAZY_COMMANDS[name]
+        if name in COMMANDS and name not in self.commands:
+            module_name, attr = COMMANDS[name]
             try:
                 module = __import__(module_name, fromlist=[attr])
                 command = getattr(module, attr)
@@ -77,7 +82,7 @@ class PatchboxGroup(click.Group):
 
 
 @click.group(cls=PatchboxGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, "-V", "--version", prog_name="patchbox")
+@click.version_option(__version__, "-V", "--version", message=VERSION_LINE)
 @click.option(
     "--timeout",
     type=click.FloatRange(min=0, min_open=True),
@@ -91,26 +96,6 @@ def cli(timeout: float) -> None:
     """Live-patch running processes linked with the patchbox agent."""
 
 
-for _command in (
-    info_command,
-    list_command,
-    apply_command,
-    attach_command,
-    remove_command,
-    test_command,
-    debug_command,
-    show_command,
-    config_command,
-    keygen_command,
-    sign_command,
-    completion_command,
-    ps_command,
-    install_command,
-    uninstall_command,
-):
-    cli.add_command(_command)
-
-
 def main() -> None:
-    """Console-script entry point (`patchbox`, `raxlpxs`)."""
+    """Runs the click group (:func:`patchbox.cli.main` answers --version before it)."""
     cli(prog_name="patchbox")
