@@ -28,7 +28,15 @@ BIN = Path(sys.executable).parent
 PROGRAM = r"""
 #include <stdio.h>
 #include <unistd.h>
-int main(void) { char c; printf("ready\n"); fflush(stdout); while (read(0, &c, 1) == 1) ; return 0; }
+int main(void)
+{
+	char c;
+	printf("ready\n");
+	fflush(stdout);
+	while (read(0, &c, 1) == 1)
+		;
+	return 0;
+}
 """
 
 
