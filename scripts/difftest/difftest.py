@@ -186,6 +186,9 @@ class Held:
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             env=env,
+            # Its own process group: stop() ends the forked runs too (a run that loops
+            # for minutes would go on after its driver, as an orphan).
+            start_new_session=True,
         )
         self.pid = self.proc.pid
         self.buf = b""
@@ -234,7 +237,7 @@ class Held:
         return out.decode(errors="replace")
 
     def stop(self) -> None:
-        """Returns once the process is gone."""
+        """Returns once the process and every run it forked are gone."""
         if self.proc.poll() is None:
             try:
                 assert self.proc.stdin is not None
@@ -242,8 +245,12 @@ class Held:
                 self.proc.stdin.close()
                 self.proc.wait(2)
             except (OSError, subprocess.TimeoutExpired):
-                self.proc.kill()
-                self.proc.wait(5)
+                pass
+        try:
+            os.killpg(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(5)
         for stream in (self.proc.stdin, self.proc.stdout):
             if stream:
                 stream.close()
