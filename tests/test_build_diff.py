@@ -192,12 +192,27 @@ def test_static_folded_into_initial_value_refused(tmp_path: Path) -> None:
     ]
 
 
+def test_static_made_read_only_refused(tmp_path: Path) -> None:
+    """The diff removes the only store to a static array: GCC moves it to .rodata, and
+    the new get() would read the patch's copy of {1, 2, 3, 4}, not the running
+    program's array (Csmith seed 178, docs/differential.md)."""
+    src = (
+        "static int table[4] = {1, 2, 3, 4};\n"
+        "void set(int i) { table[i & 3] = 9; }\n"
+        "int get(int i) { return table[i & 3]; }\n"
+    )
+    o, p = pair(tmp_path, src, src.replace("table[i & 3] = 9;", ""))
+    d = compare_objects(o, p)
+    assert d.refusals == [
+        "table: writable static variable is read-only in the patched object: nothing in the "
+        "new code stores to it, so the compiler made it a constant, and the new code would "
+        "read its initial value instead of the running program's current value"
+    ]
+
+
 def test_static_of_a_removed_function_is_not_refused(tmp_path: Path) -> None:
     """A variable that only a removed function used goes with it: the program keeps both."""
-    src = (
-        "int old_api(void) { static int n; return ++n; }\n"
-        "int api(int x) { return x + 1; }\n"
-    )
+    src = "int old_api(void) { static int n; return ++n; }\nint api(int x) { return x + 1; }\n"
     got = decide(tmp_path, src, "int api(int x) { return x + 2; }\n")
     assert got["n.0"][0] == "out" and got["api"][0] == "in"
 

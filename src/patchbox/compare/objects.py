@@ -23,7 +23,7 @@ reaches it); a GCC clone (``.cold``, ``.part.N``, ``.constprop.N``, ``.isra.N``)
 differs is carried and every function calling it is in. Variables: new → carried; an
 existing writable or global variable whose size or initial value differs → refused; a
 writable static variable the replaced code used that the patched object lacks (folded
-into its initial value by the compiler) → refused.
+into its initial value by the compiler), or that became read-only there → refused.
 """
 
 from __future__ import annotations
@@ -474,6 +474,21 @@ def _what(sym: ObjSymbol) -> str:
 def _compare_data(out: ObjectDiff, old: _Side, new: _Side, o: ObjSymbol, s: ObjSymbol) -> None:
     osec = old.obj.get_section(o.shndx)
     nsec = new.obj.get_section(s.shndx)
+    if s.is_local and nsec.is_rodata and osec.is_write:
+        # GCC makes a static variable nothing stores to read-only (found by the
+        # differential test: the diff removed the only store to an array); the new code
+        # would read the patch's copy of its initial value, not the running program's.
+        out.decisions.append(
+            Decision(
+                s.name,
+                "variable",
+                "refused",
+                "writable static variable is read-only in the patched object: nothing in the "
+                "new code stores to it, so the compiler made it a constant, and the new code "
+                "would read its initial value instead of the running program's current value",
+            )
+        )
+        return
     if s.is_local and nsec.is_rodata:
         if old.form(*old.span(o)) != new.form(*new.span(s)):
             out.decisions.append(
