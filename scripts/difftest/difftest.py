@@ -48,7 +48,7 @@ from mutate import KINDS, Mutation, mutate, oracle_source  # noqa: E402
 
 # Bump when programs, mutations or checks change: results of another version are not
 # reused.
-VERSION = "1"
+VERSION = "2"
 DEFAULT_CACHE = Path(os.environ.get("PATCHBOX_DIFF_CACHE", "/var/cache/patchbox/diff"))
 BIN = Path(sys.executable).parent
 # Small programs (a build takes about a second): few functions, shallow blocks, small
