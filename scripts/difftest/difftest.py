@@ -276,25 +276,30 @@ def run_ok(out: str) -> bool:
 
 REFUSALS = [
     ("static variable folded", re.compile(r"is gone from the patched object")),
+    ("static variable made read-only", re.compile(r"is read-only in the patched object")),
     ("initial value changed", re.compile(r"initial value of existing variable changed")),
     ("variable size changed", re.compile(r"size of existing variable changed")),
+    ("layout changed", re.compile(r"layout changed")),
     ("no function changed", re.compile(r"changes no function")),
-    ("inlined copies", re.compile(r"inlined")),
-    ("no patchable entry", re.compile(r"patchable entry|no padding")),
+    ("inlined copies", re.compile(r"inlined copies|still inlined|--allow-inlined")),
+    ("no patchable entry", re.compile(r"patchable entry|no padding|entry jump")),
     ("unsupported relocation", re.compile(r"relocation")),
-    ("read-only data changed", re.compile(r"read-only")),
 ]
 
 
 def refusal(text: str) -> tuple[str, str]:
-    """Returns (category, message) of a refusal printed by patchbox; category ``""``
-    when the output is no refusal (a traceback, or nothing said)."""
-    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
-    if not lines or "Traceback (most recent call last)" in text:
+    """Returns (category, message) of a refusal patchbox printed (``--explain`` output,
+    then stderr): the message is its error line and the explanation's ``refused`` lines;
+    category ``""`` when the output is no refusal (a traceback, or no error line)."""
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    if "Traceback (most recent call last)" in text:
         return "", text.strip()[-1500:]
-    message = " | ".join(ln.strip() for ln in lines[-3:])
+    said = [ln for ln in lines if ln.startswith("refused ") or "error:" in ln]
+    if not said:
+        return "", text.strip()[-1500:]
+    message = " | ".join(said)[:1500]
     for name, pat in REFUSALS:
-        if pat.search(text):
+        if pat.search(message):
             return name, message
     return "other", message
 
@@ -507,7 +512,7 @@ def check(seed: int, kind: str, work: Path, flags: tuple[str, str]) -> Result:
     )
     (work / "explain.txt").write_text(build.stdout + build.stderr)
     if build.returncode:
-        category, message = refusal(build.stderr + build.stdout)
+        category, message = refusal(build.stdout + build.stderr)
         res.status = "refused" if category else "error"
         res.reason = f"build: {category}: {message}" if category else f"build failed: {message}"
         if category == "no function changed" and res.observable:
@@ -541,7 +546,7 @@ def check(seed: int, kind: str, work: Path, flags: tuple[str, str]) -> Result:
         held.wait_agent()
         applied = apply_cmd(held.pid, patch)
         if applied.returncode:
-            category, message = refusal(applied.stderr + applied.stdout)
+            category, message = refusal(applied.stdout + applied.stderr)
             res.status = "refused" if category else "error"
             res.reason = f"apply: {category}: {message}" if category else f"apply failed: {message}"
             return res

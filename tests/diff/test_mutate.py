@@ -154,8 +154,18 @@ def test_refusal_names_a_reason_or_is_an_error() -> None:
     assert refusal("patchbox: error: the diff changes no function of the program")[0] == (
         "no function changed"
     )
-    msg = "refused  variable g_6   initial value of existing variable changed: ..."
-    assert refusal(msg)[0] == "initial value changed"
+    explain = (
+        "prog.o (prog.c):\n"
+        "  in       function csmith_main     changed: no longer references g_409\n"
+        "  refused  variable g_6   initial value of existing variable changed: ...\n"
+        "patchbox: error: refused: prog.o: g_6: initial value of existing variable changed\n"
+    )
+    category, message = refusal(explain)
+    assert category == "initial value changed"
+    assert "csmith_main" not in message and message.startswith("refused  variable g_6")
+    ro = "refused  variable g_361  writable static variable is read-only in the patched object"
+    assert refusal(ro)[0] == "static variable made read-only"
     assert refusal("Traceback (most recent call last):\n  File ...\nKeyError: 'x'")[0] == ""
     assert refusal("")[0] == ""
+    assert refusal("some output\nwithout an error line")[0] == ""
     assert refusal("patchbox: error: something new")[0] == "other"
