@@ -281,7 +281,7 @@ REFUSALS = [
     ("variable size changed", re.compile(r"size of existing variable changed")),
     ("layout changed", re.compile(r"layout changed")),
     ("no function changed", re.compile(r"changes no function")),
-    ("inlined copies", re.compile(r"inlined copies|still inlined|--allow-inlined")),
+    ("inlined copies", re.compile(r"is inlined into|--allow-inlined")),
     ("no patchable entry", re.compile(r"patchable entry|no padding|entry jump")),
     ("unsupported relocation", re.compile(r"relocation")),
 ]
@@ -736,8 +736,10 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
             c["observable"] += r["status"] == "patched" and r["observable"]
             c["mid_same"] += r.get("mid_run") == "same"
         if col == "refused":
-            step, category = r["reason"].split(":")[:2]
-            reasons[f"{step}: {category.strip()}"] += 1
+            # Filed again from the stored message: the categories may have been refined.
+            step, category, message = (r["reason"].split(": ", 2) + ["", ""])[:3]
+            category = refusal(message)[0] or category
+            reasons[f"{step}: {category}"] += 1
     return {
         "programs": len(tested),
         "seeds": len({r["seed"] for r in rows}),
