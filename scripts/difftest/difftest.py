@@ -118,6 +118,7 @@ class Result:
     mid_run: str = ""  # "same", "diverged", "skipped (...)"
     candidates: list[str] = field(default_factory=list)
     replaced: list[str] = field(default_factory=list)
+    entry_jumps: int = 0  # replaced functions redirected by an entry jump (odd entries)
     seconds: float = 0.0
     detail: str = ""
 
@@ -522,6 +523,10 @@ def check(seed: int, kind: str, work: Path, flags: tuple[str, str]) -> Result:
                 f"build found no changed function, but the mutant prints otherwise: {message}"
             )
         return res
+    from patchbox.format.layout import load_patch
+    from patchbox.wire import RedirectKind
+
+    res.entry_jumps = sum(f.kind == RedirectKind.ENTRY_JUMP for f in load_patch(patch).functions)
     res.replaced = sorted(
         m.group(1) for m in re.finditer(r"^\s+in\s+function\s+(\S+)", build.stdout, re.M)
     )

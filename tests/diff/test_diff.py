@@ -24,7 +24,8 @@ from mutate import KINDS
 # otherwise than the original (the patched process must then print otherwise too), at -O2
 # and -O3; a data change (refused); and the divergence found by the differential test
 # (seed 115: a folded static, now refused). Seed 172's program crashes when run a second
-# time in one process: its mid-run check is skipped, the rest must hold.
+# time in one process: its mid-run check is skipped, the rest must hold. Seeds 24 (-O1)
+# and 40 (-Os) have an odd entry: a held entry jump, and a refusal naming the odd entry.
 HANDFUL = [
     (45, "operator"),
     (28, "constant"),
@@ -37,8 +38,10 @@ HANDFUL = [
     (16, "stmt_remove"),
     (115, "stmt_remove"),
     (35, "data"),
+    (24, "stmt_add"),
+    (40, "string"),
 ]
-OBSERVABLE = {45, 172, 164, 165, 103, 104, 105, 16}
+OBSERVABLE = {45, 172, 164, 165, 103, 104, 105, 16, 24}
 
 
 def _diverged(rows: list[dict[str, Any]]) -> str:
@@ -67,6 +70,10 @@ def test_handful(tmp_path: Path) -> None:
     folded = rows[115, "stmt_remove"]
     assert folded["status"] == "refused" and "static variable folded" in folded["reason"]
     assert "g_409" in folded["reason"]
+    assert rows[24, "stmt_add"]["entry_jumps"] == 1
+    odd = rows[40, "string"]
+    assert odd["status"] == "refused" and "is odd" in odd["reason"], odd
+    assert "-falign-functions=2" in odd["reason"]
 
 
 @pytest.mark.diff_full
