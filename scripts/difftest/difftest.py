@@ -17,9 +17,10 @@ A refusal (by ``patchbox build`` or ``apply``) is allowed and recorded with its 
 divergence never is. Results are cached per (seed, kind) under --cache, so a run resumes
 where it stopped:
 
-  scripts/difftest/difftest.py --seeds 1-1000 --jobs 2          # the diff_full tier
-  scripts/difftest/difftest.py --seed 17 --kind helper --keep /tmp/s17   # reproduce one
-  scripts/difftest/difftest.py --report                          # the table of the cache
+  scripts/difftest/difftest.py --programs 1000 -j 2     # the diff_full tier
+  scripts/difftest/difftest.py --seeds 1-50 -j 2        # some seeds, kinds by seed
+  scripts/difftest/difftest.py --seed 115 --kind stmt_remove --keep /tmp/s115  # one, kept
+  scripts/difftest/difftest.py --report                 # the tables of the cache
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ from mutate import KINDS, Mutation, mutate, oracle_source  # noqa: E402
 VERSION = "2"
 DEFAULT_CACHE = Path(os.environ.get("PATCHBOX_DIFF_CACHE", "/var/cache/patchbox/diff"))
 BIN = Path(sys.executable).parent
-# Small programs (a build takes about a second): few functions, shallow blocks, small
+# Small programs (a tenth of a second to compile): few functions, shallow blocks, small
 # arrays; no bit-fields or packed structs (their code is Csmith's, not ours to test).
 CSMITH_OPTS = [
     "--concise",
@@ -120,7 +121,6 @@ class Result:
     replaced: list[str] = field(default_factory=list)
     entry_jumps: int = 0  # replaced functions redirected by an entry jump (odd entries)
     seconds: float = 0.0
-    detail: str = ""
 
 
 class Failed(Exception):
