@@ -45,7 +45,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from mutate import KINDS, Mutation, mutate, oracle_source  # noqa: E402
+from mutate import KINDS, Mutation, mutate, oracle_source, parse  # noqa: E402
 
 # Bump when programs, mutations or checks change: results of another version are not
 # reused.
@@ -120,6 +120,7 @@ class Result:
     candidates: list[str] = field(default_factory=list)
     replaced: list[str] = field(default_factory=list)
     entry_jumps: int = 0  # replaced functions redirected by an entry jump (odd entries)
+    private: list[str] = field(default_factory=list)  # globals the patch carries as copies
     seconds: float = 0.0
 
 
@@ -348,11 +349,14 @@ def executed_lines(work: Path, source: str) -> frozenset[int] | None:
     return frozenset(lines)
 
 
-def build_oracle(work: Path, original: str, mutant: str, opt: str) -> Path:
-    """Returns the oracle binary: both versions over one set of globals (no agent)."""
+def build_oracle(
+    work: Path, original: str, mutant: str, opt: str, private: frozenset[str] = frozenset()
+) -> Path:
+    """Returns the oracle binary: both versions over one set of globals (no agent), but
+    for the ``private`` ones the patch carries as its own (``oracle_source``)."""
     odir = work / "oracle"
     odir.mkdir(parents=True, exist_ok=True)
-    (odir / "oracle.c").write_text(oracle_source(original, mutant))
+    (odir / "oracle.c").write_text(oracle_source(original, mutant, private))
     exe = odir / "oracle"
     proc = sh(
         [
@@ -539,7 +543,14 @@ def check(seed: int, kind: str, work: Path, flags: tuple[str, str]) -> Result:
     if kind == "data":
         res.mid_run = "skipped (a data change has no oracle)"
     else:
-        oracle = build_oracle(work, source, mutation.text, opt)
+        # A global the original object lacks (folded: nothing stored to it) is carried
+        # by the patch as a new variable, a copy of its own from the initial value, which
+        # the original's code, constant-folded, never sees (docs/differential.md).
+        carried = set(
+            re.findall(r"^\s*carried\s+variable\s+(\S+)\s+new variable", build.stdout, re.M)
+        )
+        res.private = sorted(carried & {g.name for g in parse(source).globals})
+        oracle = build_oracle(work, source, mutation.text, opt, frozenset(res.private))
         try:
             expected = fresh(oracle, mid_cmds, sock)
         except Failed as err:
@@ -592,7 +603,9 @@ def check(seed: int, kind: str, work: Path, flags: tuple[str, str]) -> Result:
     if expected is not None:
         if mid == expected:
             res.mid_run = "same"
-        elif _oracle_unstable(work, source, mutation.text, mid_cmds, expected):
+        elif _oracle_unstable(
+            work, source, mutation.text, mid_cmds, expected, frozenset(res.private)
+        ):
             res.mid_run = (
                 "skipped (the oracle depends on undefined behaviour: -O0 prints otherwise)"
             )
@@ -622,20 +635,27 @@ def check(seed: int, kind: str, work: Path, flags: tuple[str, str]) -> Result:
 
 
 def _oracle_unstable(
-    work: Path, original: str, mutant: str, cmds: list[str], expected: list[str]
+    work: Path,
+    original: str,
+    mutant: str,
+    cmds: list[str],
+    expected: list[str],
+    private: frozenset[str] = frozenset(),
 ) -> bool:
     """Returns whether the oracle prints otherwise at -O0, or does not finish there
     (carried state reached undefined behaviour: a second run of Csmith's code is outside
     its guarantees)."""
     try:
-        return _oracle_o0(work, original, mutant, cmds) != expected
+        return _oracle_o0(work, original, mutant, cmds, private) != expected
     except Failed:
         return True
 
 
-def _oracle_o0(work: Path, original: str, mutant: str, cmds: list[str]) -> list[str]:
+def _oracle_o0(
+    work: Path, original: str, mutant: str, cmds: list[str], private: frozenset[str]
+) -> list[str]:
     """Returns the outputs of the oracle built at -O0."""
-    exe = build_oracle(work / "o0", original, mutant, "-O0")
+    exe = build_oracle(work / "o0", original, mutant, "-O0", private)
     return fresh(exe, cmds, work / "sock")
 
 

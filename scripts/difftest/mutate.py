@@ -491,20 +491,44 @@ def _renamed(lines: list[str], prefix: str) -> list[str]:
     return [pat.sub(lambda m: prefix + m.group(1), line) for line in lines]
 
 
-def oracle_source(original: str, mutant: str) -> str:
+def _outside_strings(pat: re.Pattern[str], repl: str, line: str) -> str:
+    """Returns ``line`` with ``pat`` replaced outside its string literals (the names
+    printed with the checksums stay as they are)."""
+    out, at = [], 0
+    for m in STRING.finditer(line):
+        out += [pat.sub(repl, line[at : m.start()]), m.group(0)]
+        at = m.end()
+    return "".join([*out, pat.sub(repl, line[at:])])
+
+
+def oracle_source(original: str, mutant: str, private: frozenset[str] = frozenset()) -> str:
     """Returns one program holding both versions over the same globals: ``csmith_main``
     runs the original's code, or the mutant's while ``pb_use_mutant`` is non-zero (the
-    oracle of the mid-run check, switched by the driver at an iteration)."""
+    oracle of the mid-run check, switched by the driver at an iteration).
+
+    ``private`` names globals the patch carries as its own copies (the original object
+    has none: the compiler folded them, nothing storing to them): the mutant's code uses
+    a copy of each (``m_NAME``, initialised alike), as the patched process does; the
+    original's code keeps the shared one, which it never writes."""
     o, m = parse(original), parse(mutant)
     head = list(o.lines[: o.first_code])
     if head != list(m.lines[: m.first_code]):
         raise ValueError("the mutant changes the globals: no oracle")
+    copies = []
+    for g in o.globals:
+        if g.name in private:
+            copies.append(re.sub(rf"\b{g.name}\b", "m_" + g.name, o.lines[g.line]))
+    mutant_code = _renamed(list(m.lines[m.first_code :]), "m_")
+    if private:
+        names = re.compile(r"\b(" + "|".join(sorted(private)) + r")\b")
+        mutant_code = [_outside_strings(names, r"m_\1", line) for line in mutant_code]
     return "\n".join(
         [
             *head,
+            *copies,
             "int pb_use_mutant;",
             *_renamed(list(o.lines[o.first_code :]), "o_"),
-            *_renamed(list(m.lines[m.first_code :]), "m_"),
+            *mutant_code,
             "int csmith_main(int argc, char *argv[])",
             "{",
             "    return pb_use_mutant ? m_main(argc, argv) : o_main(argc, argv);",

@@ -169,3 +169,31 @@ def test_refusal_names_a_reason_or_is_an_error() -> None:
     assert refusal("")[0] == ""
     assert refusal("some output\nwithout an error line")[0] == ""
     assert refusal("patchbox: error: something new")[0] == "other"
+
+
+def test_oracle_gives_the_mutant_its_own_copy_of_private_globals(
+    program: str, tmp_path: Path
+) -> None:
+    """A global the patch carries as its own (the original object folded it) is a
+    separate variable for the mutant's code in the oracle; printed names stay."""
+    g = next(g for g in parse(program).globals if not g.dims)
+    src = oracle_source(program, program, frozenset({g.name}))
+    code = src[src.index("int pb_use_mutant;") :]
+    o_part, m_part = code.split("m_func_1(void);", 1) if "m_func_1(void);" in code else (code, "")
+    assert f"m_{g.name}" in m_part and f"m_{g.name}" not in o_part
+    assert f'"{g.name}"' in m_part  # the name printed with the checksum
+    assert f"static {g.ctype} m_{g.name}" in src.replace("  ", " ")
+    (tmp_path / "o.c").write_text(src)
+    subprocess.run(
+        [
+            "gcc",
+            "-O0",
+            "-w",
+            "-I/usr/include/csmith",
+            "-c",
+            str(tmp_path / "o.c"),
+            "-o",
+            str(tmp_path / "o.o"),
+        ],
+        check=True,
+    )
