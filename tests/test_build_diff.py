@@ -210,6 +210,25 @@ def test_static_made_read_only_refused(tmp_path: Path) -> None:
     ]
 
 
+def test_static_read_only_in_the_program_written_by_the_new_code_refused(
+    tmp_path: Path,
+) -> None:
+    """The other way round: nothing stored to the array, so the running program has it
+    in .rodata; the diff adds a store. Bound to the program's copy, set() would fault."""
+    src = (
+        "static int table[4] = {1, 2, 3, 4};\n"
+        "void set(int i) { (void)i; }\n"
+        "int get(int i) { return table[i & 3]; }\n"
+    )
+    o, p = pair(tmp_path, src, src.replace("(void)i;", "table[i & 3] = 9;"))
+    d = compare_objects(o, p)
+    assert d.refusals == [
+        "table: static variable is read-only in the running program (nothing stored to it, "
+        "so the compiler made it a constant) and the new code stores to it: that store "
+        "would fault"
+    ]
+
+
 def test_static_of_a_removed_function_is_not_refused(tmp_path: Path) -> None:
     """A variable that only a removed function used goes with it: the program keeps both."""
     src = "int old_api(void) { static int n; return ++n; }\nint api(int x) { return x + 1; }\n"

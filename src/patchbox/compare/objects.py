@@ -23,7 +23,8 @@ reaches it); a GCC clone (``.cold``, ``.part.N``, ``.constprop.N``, ``.isra.N``)
 differs is carried and every function calling it is in. Variables: new → carried; an
 existing writable or global variable whose size or initial value differs → refused; a
 writable static variable the replaced code used that the patched object lacks (folded
-into its initial value by the compiler), or that became read-only there → refused.
+into its initial value by the compiler), or that became read-only there, or that is
+read-only in the original and written in the patched object → refused.
 """
 
 from __future__ import annotations
@@ -486,6 +487,20 @@ def _compare_data(out: ObjectDiff, old: _Side, new: _Side, o: ObjSymbol, s: ObjS
                 "writable static variable is read-only in the patched object: nothing in the "
                 "new code stores to it, so the compiler made it a constant, and the new code "
                 "would read its initial value instead of the running program's current value",
+            )
+        )
+        return
+    if s.is_local and osec.is_rodata and nsec.is_write:
+        # The other way round: the running program has it in a read-only mapping (made
+        # constant, nothing stored to it); bound to it, the new code's store would fault.
+        out.decisions.append(
+            Decision(
+                s.name,
+                "variable",
+                "refused",
+                "static variable is read-only in the running program (nothing stored to it, "
+                "so the compiler made it a constant) and the new code stores to it: that "
+                "store would fault",
             )
         )
         return
