@@ -279,6 +279,7 @@ def run_ok(out: str) -> bool:
 REFUSALS = [
     ("static variable folded", re.compile(r"is gone from the patched object")),
     ("static variable made read-only", re.compile(r"is read-only in the patched object")),
+    ("read-only static written", re.compile(r"is read-only in the running program")),
     ("initial value changed", re.compile(r"initial value of existing variable changed")),
     ("variable size changed", re.compile(r"size of existing variable changed")),
     ("layout changed", re.compile(r"layout changed")),
