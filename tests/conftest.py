@@ -38,7 +38,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     """Marks every test of no other tier `unit`, so `-m unit` runs the fast tier alone.
 
     The whole corpus (`corpus_full`, ~14 min on 2 cores with the cache warm) and the
-    whole differential test (`diff_full`, >= 1,000 programs, an hour or more) run only
+    whole differential test (`diff_full`, >= 1,000 programs, ~35 min) run only
     when asked for: `-m` naming them, or PATCHBOX_CORPUS_FULL=1 / PATCHBOX_DIFF_FULL=1."""
     asked = {
         tier
