@@ -24,6 +24,10 @@ command -v ip >/dev/null || need_apt+=(iproute2)
 command -v strace >/dev/null || need_apt+=(strace)
 [ -x /usr/sbin/sshd ] || need_apt+=(openssh-server)
 command -v ssh >/dev/null || need_apt+=(openssh-client)
+# The differential tiers (tests/diff, scripts/difftest): Csmith's generator and the
+# headers its programs include (/usr/include/csmith).
+command -v csmith >/dev/null || need_apt+=(csmith)
+[ -f /usr/include/csmith/csmith.h ] || need_apt+=(libcsmith-dev)
 if [ ${#need_apt[@]} -gt 0 ]; then
 	echo "bootstrap: installing ${need_apt[*]} with apt-get"
 	export DEBIAN_FRONTEND=noninteractive

@@ -34,23 +34,36 @@ def world_dir() -> Iterator[Path]:
     shutil.rmtree(d, ignore_errors=True)
 
 
-TIERS = ("process", "qemu", "fuzz", "wheel", "ansible", "reach", "corpus", "corpus_full")
+TIERS = (
+    "process",
+    "qemu",
+    "fuzz",
+    "wheel",
+    "ansible",
+    "reach",
+    "corpus",
+    "corpus_full",
+    "diff",
+    "diff_full",
+)
+# Tiers that run only when asked for: -m naming them, or their variable set to 1.
+ON_REQUEST = {"corpus_full": "PATCHBOX_CORPUS_FULL", "diff_full": "PATCHBOX_DIFF_FULL"}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Marks every test of no other tier `unit`, so `-m unit` runs the fast tier alone.
 
-    The whole corpus (`corpus_full`, ~14 min on 2 cores with the cache warm) runs only
-    when asked for: `-m` naming it, or PATCHBOX_CORPUS_FULL=1."""
-    full = "corpus_full" in (config.option.markexpr or "") or (
-        os.environ.get("PATCHBOX_CORPUS_FULL") == "1"
-    )
+    The whole corpus (`corpus_full`, ~14 min on 2 cores with the cache warm) and the
+    whole differential test (`diff_full`, >= 1,000 programs, ~35 min) run only
+    when asked for: `-m` naming them, or PATCHBOX_CORPUS_FULL=1 / PATCHBOX_DIFF_FULL=1."""
+    asked = {
+        tier
+        for tier, var in ON_REQUEST.items()
+        if tier in (config.option.markexpr or "") or os.environ.get(var) == "1"
+    }
     for item in items:
         if not any(item.get_closest_marker(t) for t in TIERS):
             item.add_marker(pytest.mark.unit)
-        if item.get_closest_marker("corpus_full") and not full:
-            item.add_marker(
-                pytest.mark.skip(
-                    reason="the whole corpus: -m corpus_full or PATCHBOX_CORPUS_FULL=1"
-                )
-            )
+        for tier, var in ON_REQUEST.items():
+            if item.get_closest_marker(tier) and tier not in asked:
+                item.add_marker(pytest.mark.skip(reason=f"only on request: -m {tier} or {var}=1"))

@@ -172,6 +172,70 @@ def test_changed_object_size_refused(tmp_path: Path) -> None:
     )
 
 
+def test_static_folded_into_initial_value_refused(tmp_path: Path) -> None:
+    """The diff removes the only store to a static variable: GCC then folds every read
+    into the initial value and drops the variable, so the new get() would return 5
+    while the running program's state holds whatever bump() made of it (found by the
+    differential test, docs/differential.md)."""
+    src = (
+        "static int state = 5;\n"
+        "void bump(void) { state = state * 3 + 1; }\n"
+        "int get(void) { return state; }\n"
+    )
+    o, p = pair(tmp_path, src, src.replace("state = state * 3 + 1;", ""))
+    d = compare_objects(o, p)
+    assert d.refusals == [
+        "state: writable static variable used by the replaced bump, get is gone from the "
+        "patched object: if nothing in the new code stores to it, the compiler folded it "
+        "into its initial value, and the new code would read that instead of the running "
+        "program's current value"
+    ]
+
+
+def test_static_made_read_only_refused(tmp_path: Path) -> None:
+    """The diff removes the only store to a static array: GCC moves it to .rodata, and
+    the new get() would read the patch's copy of {1, 2, 3, 4}, not the running
+    program's array (Csmith seed 178, docs/differential.md)."""
+    src = (
+        "static int table[4] = {1, 2, 3, 4};\n"
+        "void set(int i) { table[i & 3] = 9; }\n"
+        "int get(int i) { return table[i & 3]; }\n"
+    )
+    o, p = pair(tmp_path, src, src.replace("table[i & 3] = 9;", ""))
+    d = compare_objects(o, p)
+    assert d.refusals == [
+        "table: writable static variable is read-only in the patched object: nothing in the "
+        "new code stores to it, so the compiler made it a constant, and the new code would "
+        "read its initial value instead of the running program's current value"
+    ]
+
+
+def test_static_read_only_in_the_program_written_by_the_new_code_refused(
+    tmp_path: Path,
+) -> None:
+    """The other way round: nothing stored to the array, so the running program has it
+    in .rodata; the diff adds a store. Bound to the program's copy, set() would fault."""
+    src = (
+        "static int table[4] = {1, 2, 3, 4};\n"
+        "void set(int i) { (void)i; }\n"
+        "int get(int i) { return table[i & 3]; }\n"
+    )
+    o, p = pair(tmp_path, src, src.replace("(void)i;", "table[i & 3] = 9;"))
+    d = compare_objects(o, p)
+    assert d.refusals == [
+        "table: static variable is read-only in the running program (nothing stored to it, "
+        "so the compiler made it a constant) and the new code stores to it: that store "
+        "would fault"
+    ]
+
+
+def test_static_of_a_removed_function_is_not_refused(tmp_path: Path) -> None:
+    """A variable that only a removed function used goes with it: the program keeps both."""
+    src = "int old_api(void) { static int n; return ++n; }\nint api(int x) { return x + 1; }\n"
+    got = decide(tmp_path, src, "int api(int x) { return x + 2; }\n")
+    assert got["n.0"][0] == "out" and got["api"][0] == "in"
+
+
 def test_changed_static_local_initial_value_refused(tmp_path: Path) -> None:
     src = "int tick(void) { static int n = 1; return n++; }\n"
     got = decide(tmp_path, src, src.replace("n = 1", "n = 5"))

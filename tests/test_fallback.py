@@ -230,3 +230,53 @@ def test_record_kind_and_skip_encoding() -> None:
         decode_apply_body(_body(skip=4))
     with pytest.raises(PatchFormatError, match=r"skip 3 invalid for ENTRY_JUMP"):
         decode_apply_body(_body(kind=RedirectKind.ENTRY_JUMP, skip=3))
+
+
+ODD = r"""
+__attribute__((noipa)) int f0(int x) { return x + 1; }
+__attribute__((noipa)) int f1(int x) { return x * 3 + 7; }
+__attribute__((noipa)) long f2(long x) { return x * 100000 - 3; }
+__attribute__((noipa)) int f3(int x) { return x > 5 ? x : -x; }
+__attribute__((noipa)) int f4(int x) { return x ^ 0x55; }
+__attribute__((noipa)) int f5(int x) { return x << 3; }
+int main(int argc, char **argv) {
+    (void)argv;
+    return f0(argc) + f1(argc) + (int)f2(argc) + f3(argc) + f4(argc) + f5(argc);
+}
+"""
+
+
+def test_odd_padded_entry_takes_the_entry_jump(tmp_path: Path) -> None:
+    """At -Os (as at -O0 and -O1) GCC does not align functions: an entry with the 6+2
+    NOPs may be odd, where the agent refuses the 2-byte publish. Such a function gets
+    the entry jump over its two NOPs (held: the first instruction is a 1-byte NOP), or a
+    refusal naming the odd entry and the remedy (found by the differential test)."""
+    from patchbox.elf.binary import Binary
+
+    flags = ["-Os", "-fPIE", *PATCH_CFLAGS]
+    exe = gcc(ODD, tmp_path / "odd", *flags, "-pie", *LINK_FLAGS)
+    (tmp_path / "fix").mkdir()
+    fixed = ODD.replace("x + 1", "x + 2").replace("+ 7", "+ 8").replace("- 3", "- 4")
+    fixed = fixed.replace("-x;", "-x - 1;").replace("0x55", "0x56").replace("<< 3", "<< 4")
+    obj = gcc(fixed, tmp_path / "fix" / "odd.o", *flags, "-c")
+    binary = Binary(exe)
+    seen = set()
+    for name in ("f0", "f1", "f2", "f3", "f4", "f5"):
+        addr = binary.find_global(name).address
+        if addr % 2 == 0:
+            [fn] = extract_patch(obj, exe, [name]).functions
+            assert fn.kind == RedirectKind.PATCHABLE_ENTRY, name
+            seen.add("even")
+        elif addr % 8 == 7:  # rule 4: the jump's first two bytes in two words
+            with pytest.raises(ExtractError, match=rf"{name}'s entry {addr:#x} is odd.*-falign"):
+                extract_patch(obj, exe, [name])
+            seen.add("refused")
+        else:
+            patch = extract_patch(obj, exe, [name])
+            [fn] = patch.functions
+            assert (fn.kind, fn.skip, fn.target) == (RedirectKind.ENTRY_JUMP, 0, addr), name
+            assert fn.expected[:2] == b"\x90\x90"  # the two entry NOPs are overwritten
+            assert patch.flags & ApplyFlag.HOLD
+            seen.add("jump")
+    # gcc 12 lays these six out with every case present.
+    assert seen == {"even", "refused", "jump"}

@@ -21,7 +21,10 @@ difference); differs only in immediates set up as arguments of a call to a repor
 function of the profile (``__LINE__``) → out; new → carried (copied if the new code
 reaches it); a GCC clone (``.cold``, ``.part.N``, ``.constprop.N``, ``.isra.N``) that
 differs is carried and every function calling it is in. Variables: new → carried; an
-existing writable or global variable whose size or initial value differs → refused.
+existing writable or global variable whose size or initial value differs → refused; a
+writable static variable the replaced code used that the patched object lacks (folded
+into its initial value by the compiler), or that became read-only there, or that is
+read-only in the original and written in the patched object → refused.
 """
 
 from __future__ import annotations
@@ -400,8 +403,35 @@ def compare_objects(
             out.decisions.append(Decision(s.name, "function", "in", f"changed: {changed[s.name]}"))
     out.force_copy = clones
     paired = {o.index for o in pairs.values()}
+    # What the replaced code used in the original: a writable variable of that list that
+    # the patched object no longer has may be gone only from the object, not from the
+    # source: GCC folds a static variable nothing writes into its initial value (found by
+    # the differential test: the only store removed, the new code read the initial value
+    # while the running program's variable held another).
+    users = _variable_users(
+        old,
+        [
+            pairs[s.index]
+            for s in syms
+            if s.index in pairs and (s.name in changed or s.name in clones)
+        ],
+    )
     for s in old.obj.symbols:
         if _named(s) and s.type == "OBJECT" and s.index not in paired:
+            if s.is_local and old.obj.get_section(s.shndx).is_write and s.name in users:
+                by = ", ".join(sorted(users[s.name]))
+                out.decisions.append(
+                    Decision(
+                        s.name,
+                        "variable",
+                        "refused",
+                        f"writable static variable used by the replaced {by} is gone from the "
+                        f"patched object: if nothing in the new code stores to it, the compiler "
+                        f"folded it into its initial value, and the new code would read that "
+                        f"instead of the running program's current value",
+                    )
+                )
+                continue
             out.decisions.append(
                 Decision(
                     s.name,
@@ -445,6 +475,35 @@ def _what(sym: ObjSymbol) -> str:
 def _compare_data(out: ObjectDiff, old: _Side, new: _Side, o: ObjSymbol, s: ObjSymbol) -> None:
     osec = old.obj.get_section(o.shndx)
     nsec = new.obj.get_section(s.shndx)
+    if s.is_local and nsec.is_rodata and osec.is_write:
+        # GCC makes a static variable nothing stores to read-only (found by the
+        # differential test: the diff removed the only store to an array); the new code
+        # would read the patch's copy of its initial value, not the running program's.
+        out.decisions.append(
+            Decision(
+                s.name,
+                "variable",
+                "refused",
+                "writable static variable is read-only in the patched object: nothing in the "
+                "new code stores to it, so the compiler made it a constant, and the new code "
+                "would read its initial value instead of the running program's current value",
+            )
+        )
+        return
+    if s.is_local and osec.is_rodata and nsec.is_write:
+        # The other way round: the running program has it in a read-only mapping (made
+        # constant, nothing stored to it); bound to it, the new code's store would fault.
+        out.decisions.append(
+            Decision(
+                s.name,
+                "variable",
+                "refused",
+                "static variable is read-only in the running program (nothing stored to it, "
+                "so the compiler made it a constant) and the new code stores to it: that "
+                "store would fault",
+            )
+        )
+        return
     if s.is_local and nsec.is_rodata:
         if old.form(*old.span(o)) != new.form(*new.span(s)):
             out.decisions.append(
@@ -478,6 +537,24 @@ def _compare_data(out: ObjectDiff, old: _Side, new: _Side, o: ObjSymbol, s: ObjS
                 "current value, code replacement cannot change it",
             )
         )
+
+
+def _variable_users(side: _Side, funcs: list[ObjSymbol]) -> dict[str, set[str]]:
+    """Returns {variable name: functions of ``funcs`` whose code references it}."""
+    users: dict[str, set[str]] = defaultdict(set)
+    for f in funcs:
+        sec, start, end = side.span(f)
+        for rel in side.relocs(sec):
+            t = rel.symbol
+            if not start <= rel.offset < end or not t.defined or t.is_abs:
+                continue
+            if t.type == "OBJECT":
+                users[t.name].add(f.name)
+            elif t.type == "SECTION":
+                for v in side.named.get(t.shndx, ()):
+                    if v.type == "OBJECT":
+                        users[v.name].add(f.name)
+    return users
 
 
 def _callers(side: _Side, syms: list[ObjSymbol]) -> dict[str, set[str]]:
