@@ -3,6 +3,7 @@ the fly, one per case, each with the decision (and message) it must get."""
 
 from __future__ import annotations
 
+import difflib
 import shutil
 import subprocess
 from pathlib import Path
@@ -11,14 +12,22 @@ import pytest
 
 from helpers import compile_c
 from patchbox.compare.explain import annotate_inlined, format_explain
-from patchbox.compare.objects import compare_objects, compare_trees, normalize, other_programs
+from patchbox.compare.objects import (
+    compare_objects,
+    compare_trees,
+    file_statics,
+    normalize,
+    other_programs,
+    refuse_folded_statics,
+    written_statics,
+)
 from patchbox.elf.binary import Binary
 from patchbox.errors import BuildError, ExtractError
 from patchbox.extract import patch_from_diffs
 from patchbox.flags import LINK_FLAGS, PATCH_CFLAGS
 from patchbox.profiles import get_profile
 from patchbox.rebuild.workspace import check_diff
-from patchbox.sourcediff import changed_lines
+from patchbox.sourcediff import changed_lines, parse_diff
 from patchbox.wire import FixupBase
 
 
@@ -554,3 +563,58 @@ def test_source_compiled_for_two_programs(tmp_path: Path) -> None:
     with Binary(exe) as ref:
         assert other_programs({"case.o": fast, "debug-case.o": debug}, ref) == {"debug-case.o"}
         assert other_programs({"case.o": fast}, ref) == set()
+
+
+def test_static_folded_in_both_objects_refused_from_the_source(tmp_path: Path) -> None:
+    """The original stores a constant to a static and reads it in the same function: GCC
+    drops the variable, its value lives only in code. The diff removes the store. Neither
+    object names the variable; the original source does, and so do the diff's removed
+    lines: refused (Csmith seed 1114, docs/differential.md)."""
+    src = (
+        "static int mode = 7;\n"
+        "static void set_mode(void) { mode = 1; }\n"
+        "int run(void) { set_mode(); return mode; }\n"
+    )
+    fixed = src.replace("mode = 1;", "")
+    o, p = pair(tmp_path, src, fixed)
+    d = compare_objects(o, p)
+    assert d.refusals == []  # nothing in the objects shows it
+    diff = "".join(
+        difflib.unified_diff(src.splitlines(True), fixed.splitlines(True), "a/case.c", "b/case.c")
+    )
+    refuse_folded_statics([d], parse_diff(diff), lambda change: src)
+    assert len(d.refusals) == 1 and d.refusals[0].startswith(
+        "mode: static mode of case.c is not in the original object: the compiler folded it away"
+    ), d.refusals
+    assert file_statics(src) == {"mode"}
+
+
+def test_static_written_through_a_pointer_and_folded_refused(tmp_path: Path) -> None:
+    """Csmith seed 1114 itself: the store goes through a pointer to the static, so the
+    diff's removed line does not name it; the source takes its address."""
+    src = (
+        "static int g_4 = 0x102D;\n"
+        "static int func_1(void) { int *l_3 = &g_4; (*l_3) = 1; return 0; }\n"
+        "int run(void) { func_1(); return g_4; }\n"
+    )
+    fixed = src.replace("(*l_3) = 1; ", "")
+    o, p = pair(tmp_path, src, fixed)
+    d = compare_objects(o, p)
+    diff = "".join(
+        difflib.unified_diff(src.splitlines(True), fixed.splitlines(True), "a/case.c", "b/case.c")
+    )
+    refuse_folded_statics([d], parse_diff(diff), lambda change: src)
+    assert [r.split(":")[0] for r in d.refusals] == ["g_4"], d.refusals
+    assert written_statics(src, {"g_4"}) == {"g_4"}
+    assert written_statics("static int k = 1;\nint f(void) { return k == 2; }\n", {"k"}) == set()
+
+
+def test_file_statics_reads_file_scope_definitions_only() -> None:
+    text = (
+        "static int a = 1, b;\n"
+        "static const char *names[3] = {0};\n"
+        "static int f(int x) { static int inner = 2; return x + inner; }\n"
+        "static struct s *head;\n"
+        "int g(void)\n{\n    static int counter;\n    return counter++;\n}\n"
+    )
+    assert file_statics(text) == {"a", "names", "head"}

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 import time
+from functools import partial
 from pathlib import Path
 
 import click
 
 from patchbox.compare.explain import annotate_inlined, format_explain
-from patchbox.compare.objects import compare_trees, other_programs
+from patchbox.compare.objects import compare_trees, other_programs, refuse_folded_statics
 from patchbox.elf.binary import Binary
 from patchbox.elf.buildid import read_build_id
 from patchbox.errors import BuildError, PatchboxError
@@ -18,7 +19,7 @@ from patchbox.format.layout import check_name, save_patch
 from patchbox.profiles import GENERIC, QEMU
 from patchbox.rebuild.incremental import IncrementalBuild
 from patchbox.rebuild.workspace import Workspace, check_diff
-from patchbox.sourcediff import line_maps
+from patchbox.sourcediff import FileChange, line_maps, parse_diff
 
 __all__ = ["build_command"]
 
@@ -209,6 +210,7 @@ def build_command(
         diffs, same = compare_trees(
             orig, patched, profile.reporters, line_maps(diff_text), linked=linked or None
         )
+        refuse_folded_statics(diffs, parse_diff(diff_text), partial(_original_text, Path(source)))
         check_reference(diffs, reference, symbols)
         if explain or dry_run:
             annotate_inlined(diffs, diff_text)
@@ -246,6 +248,18 @@ def build_command(
         f"text, {len(patch.data) + patch.bss_size} bytes data, {len(patch.fixups)} "
         f"fix-ups; {built}, compare+extract {t_end - t_built:.2f} s"
     )
+
+
+def _original_text(source: Path, change: FileChange) -> str | None:
+    """Returns the text of the file ``change`` names in the source tree, before the diff
+    (the user's tree is never modified), whatever -p level the diff needs; None if none."""
+    assert change.old is not None
+    parts = change.old.split("/")
+    for level in range(min(4, len(parts))):
+        path = source.joinpath(*parts[level:])
+        if path.is_file():
+            return path.read_text(errors="replace")
+    return None
 
 
 def _reference(source: str, binary: str) -> Path:

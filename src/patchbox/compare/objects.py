@@ -32,6 +32,7 @@ from __future__ import annotations
 import os
 import re
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,6 +52,9 @@ __all__ = [
     "Decision",
     "ObjectDiff",
     "compare_objects",
+    "file_statics",
+    "written_statics",
+    "refuse_folded_statics",
     "compare_trees",
     "normalize",
     "is_clone",
@@ -578,6 +582,83 @@ def _callers(side: _Side, syms: list[ObjSymbol]) -> dict[str, set[str]]:
                 for f in by_section.get(t.shndx, ()):
                     users[f.name].add(s.name)
     return users
+
+
+_STATIC_DEF = re.compile(r"^\s*static\b([^;(){}]*?)\b([A-Za-z_]\w*)\s*(?:\[[^;]*\])?\s*(?:=|;|,)")
+
+
+def file_statics(text: str) -> set[str]:
+    """Returns the names of the ``static`` variables defined at file scope in C source
+    ``text`` (a plain reading: brace depth 0, comments and strings not understood, so it
+    may miss one; it finds none that is not one)."""
+    names, depth = set(), 0
+    for line in text.splitlines():
+        if depth == 0:
+            m = _STATIC_DEF.match(line)
+            if m and "(" not in line.split("=", 1)[0]:
+                names.add(m[2])
+        depth = max(0, depth + line.count("{") - line.count("}"))
+    return names
+
+
+def written_statics(text: str, names: set[str]) -> set[str]:
+    """Returns those of ``names`` that C source ``text`` may change at run time: assigned
+    (``x = …``, ``x += …``, ``x++``), or with their address taken (``&x``: written through
+    a pointer, as Csmith's ``int32_t *l_3 = &g_4; *l_3 = 1;``)."""
+    out = set()
+    for name in names:
+        n = re.escape(name)
+        write = (
+            rf"&\s*{n}\b|\b{n}\s*(?:\[[^\]]*\]\s*)*"
+            rf"(?:[-+*/%&|^]|<<|>>)?=(?!=)|\b{n}\s*(?:\+\+|--)|(?:\+\+|--)\s*{n}\b"
+        )
+        body = [line for line in text.splitlines() if not _STATIC_DEF.match(line)]
+        if any(re.search(write, line) for line in body):
+            out.add(name)
+    return out
+
+
+def refuse_folded_statics(
+    diffs: list[ObjectDiff],
+    changes: list[FileChange],
+    read_original: Callable[[FileChange], str | None],
+) -> None:
+    """Adds a refusal to the diff of each object whose source defines a ``static``
+    variable that the original object does not define — the compiler folded it away, so
+    the running program keeps its value only in code — when that variable has state: the
+    source writes it (or takes its address; one never written is a constant, folding it
+    is harmless). Then the new code may read an initial value where the running
+    program's code holds another (found by the differential test: Csmith seed 1114, a store through
+    a pointer removed; the original had folded the store and the read together).
+    ``read_original`` returns a changed file's text before the diff (None: unknown)."""
+    by_source: dict[str, list[ObjectDiff]] = defaultdict(list)
+    for d in diffs:
+        if d.source and d.orig is not None:
+            by_source[os.path.basename(d.source)].append(d)
+    for change in changes:
+        if change.old is None:
+            continue
+        targets = by_source.get(os.path.basename(change.old), [])
+        text = read_original(change) if targets else None
+        if not text:
+            continue
+        candidates = written_statics(text, file_statics(text))
+        for d in targets:
+            assert d.orig is not None
+            defined = {s.name.split(".")[0] for s in load_object(d.orig).symbols if _named(s)}
+            for name in sorted(candidates - defined):
+                d.decisions.append(
+                    Decision(
+                        name,
+                        "variable",
+                        "refused",
+                        f"static {name} of {os.path.basename(change.old)} is not in the original "
+                        f"object: the compiler folded it away, so the running program keeps "
+                        f"its value only in code, and the source changes it: the new code "
+                        f"could read its initial value where the running program's code "
+                        f"holds another",
+                    )
+                )
 
 
 def compare_trees(
