@@ -172,10 +172,12 @@ static void *fuzz_client(void *arg)
 			break;
 		have += (size_t)r;
 		while (have >= PBX_HEADER_SIZE) {
-			uint32_t len = fuzz_le(buf + 12, 4);
-			if (fuzz_le(buf, 4) != PBX_MAGIC || fuzz_le(buf + 4, 2) != PBX_VERSION)
+			struct pbx_header h;
+			memcpy(&h, buf, sizeof(h));
+			uint32_t len = h.length;
+			if (h.magic != PBX_MAGIC || h.version != PBX_VERSION)
 				fuzz_fail("reply header magic/version", at);
-			if (!(fuzz_le(buf + 6, 2) & PBX_REPLY_BIT))
+			if (!(h.type & PBX_REPLY_BIT))
 				fuzz_fail("reply type without the reply bit", at);
 			if (len > sizeof(buf) - PBX_HEADER_SIZE)
 				fuzz_fail("reply larger than the harness buffer", at);
