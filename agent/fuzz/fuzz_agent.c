@@ -172,10 +172,12 @@ static void *fuzz_client(void *arg)
 			break;
 		have += (size_t)r;
 		while (have >= PBX_HEADER_SIZE) {
-			uint32_t len = fuzz_le(buf + 12, 4);
-			if (fuzz_le(buf, 4) != PBX_MAGIC || fuzz_le(buf + 4, 2) != PBX_VERSION)
+			struct pbx_header h;
+			memcpy(&h, buf, sizeof(h));
+			uint32_t len = h.length;
+			if (h.magic != PBX_MAGIC || h.version != PBX_VERSION)
 				fuzz_fail("reply header magic/version", at);
-			if (!(fuzz_le(buf + 6, 2) & PBX_REPLY_BIT))
+			if (!(h.type & PBX_REPLY_BIT))
 				fuzz_fail("reply type without the reply bit", at);
 			if (len > sizeof(buf) - PBX_HEADER_SIZE)
 				fuzz_fail("reply larger than the harness buffer", at);
@@ -259,8 +261,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	struct sandbox_error err = { PBX_E_OK, "" };
 	why[0] = '\0';
 	if (sandbox_store_body(data, size, &body, &len, why, sizeof(why)) == 0) {
-		size_t trailer = (data[12] & 1) ? SANDBOX_STORE_SIG : 0;	/* the signature */
-		if (body < data + SANDBOX_STORE_HEADER || body + len != data + size - trailer)
+		struct pbx_file_header h;	/* accepted: the file holds at least this */
+		memcpy(&h, data, sizeof(h));
+		size_t trailer = (h.flags & PBX_FILE_FLAG_SIGNED) ? PBX_SIG_TRAILER_SIZE : 0;
+		if (body < data + sizeof(h) || body + len != data + size - trailer)
 			fuzz_fail("apply body outside the file's payload", (size_t)(body - data));
 		int rc = sandbox_body_apply(body, len, name, sizeof(name), &err);
 		if (rc != 0 && (err.code <= PBX_E_OK || err.code >= PBX_E_COUNT_ || !err.msg[0]))

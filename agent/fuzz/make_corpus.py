@@ -19,9 +19,10 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+from patchbox import wire as C
 from patchbox.format.layout import encode_apply_body, with_signature, write_patch
 from patchbox.format.model import Fixup, Function, Patch
-from patchbox.protocol.client import encode_frame
+from patchbox.protocol.client import FRAME, encode_frame
 from patchbox.wire import FixupBase, FixupSection, FixupType, Msg
 
 # Must match fuzz_agent.c.
@@ -77,6 +78,12 @@ def apply(p: Patch, seq: int = 1) -> bytes:
 def remove(name: str, seq: int = 2) -> bytes:
     n = name.encode()
     return encode_frame(Msg.REMOVE, seq, struct.pack("<H", len(n)) + n)
+
+
+def with_header(frame: bytes, **fields: int) -> bytes:
+    """Returns ``frame`` with the named fields of its header (C.HEADER_FIELDS) replaced."""
+    header = dict(zip(C.HEADER_FIELDS, FRAME.unpack_from(frame), strict=True)) | fields
+    return FRAME.pack(*(header[name] for name in C.HEADER_FIELDS)) + frame[FRAME.size :]
 
 
 def seeds() -> dict[str, bytes]:
@@ -145,11 +152,11 @@ def seeds() -> dict[str, bytes]:
     out["apply-full"] = apply(patch("big", [6], extra_text=b"\xcc" * 70000))
     # Broken frames.
     good = apply(simple)
-    out["bad-magic"] = b"XXXX" + good[4:]
-    out["bad-version"] = good[:4] + b"\x02\x00" + good[6:] + encode_frame(Msg.INFO, 9)
+    out["bad-magic"] = with_header(good, magic=int.from_bytes(b"XXXX", "little"))
+    out["bad-version"] = with_header(good, version=2) + encode_frame(Msg.INFO, 9)
     out["unknown-type"] = encode_frame(0x55, 1, b"abc") + encode_frame(Msg.INFO, 2)
-    out["too-large"] = struct.pack("<IHHII", 0x31584250, 1, Msg.APPLY, 1, 0xFFFFFFFF)
-    out["length-lies"] = good[:12] + struct.pack("<I", len(good) + 100) + good[16:]
+    out["too-large"] = with_header(encode_frame(Msg.APPLY, 1), length=0xFFFFFFFF)
+    out["length-lies"] = with_header(good, length=len(good) + 100)
     out["truncated-body"] = encode_frame(Msg.APPLY, 1, encode_apply_body(simple)[:40])
     out["trailing"] = encode_frame(Msg.APPLY, 1, encode_apply_body(simple) + b"\x00")
     body = bytearray(

@@ -421,7 +421,7 @@ static int sandbox_fixups_check(const struct sandbox_apply_spec *spec, uint64_t 
 			return sandbox_error_set(err, PBX_E_BAD_FIXUP,
 						 "fix-up %u: section %u type %u base %u reserved %u", i,
 						 x->section, x->type, x->base, x->reserved);
-		uint32_t size = x->type == PBX_FIXUP_PC32 ? 4 : 8;
+		uint32_t size = x->type == PBX_FIXUP_PC32 ? PBX_FIXUP_PC32_WIDTH : PBX_FIXUP_ABS64_WIDTH;
 		uint32_t seclen = x->section == PBX_SECT_TEXT ? spec->text_len : spec->data_len;
 		if (x->offset > seclen || seclen - x->offset < size)
 			return sandbox_error_set(err, PBX_E_FIXUP_RANGE, "fix-up %u: %u bytes at %s+0x%x, %s has %u bytes",
@@ -474,10 +474,12 @@ int sandbox_fixups_apply(const struct sandbox_apply_spec *spec, const uint64_t *
 							 (unsigned long long)s, (long long)x->addend,
 							 (unsigned long long)p, (long long)v);
 			int32_t v32 = (int32_t)v;
-			memcpy(buf + x->offset, &v32, 4);
+			_Static_assert(sizeof(v32) == PBX_FIXUP_PC32_WIDTH, "PC32 writes an int32");
+			memcpy(buf + x->offset, &v32, sizeof(v32));
 		} else {
 			uint64_t v = s + (uint64_t)x->addend;
-			memcpy(buf + x->offset, &v, 8);
+			_Static_assert(sizeof(v) == PBX_FIXUP_ABS64_WIDTH, "ABS64 writes a uint64");
+			memcpy(buf + x->offset, &v, sizeof(v));
 		}
 	}
 	return 0;

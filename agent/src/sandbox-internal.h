@@ -18,7 +18,6 @@
 #define SANDBOX_DATA_ALLOC 65536
 #endif
 
-#define SANDBOX_AGENT_VERSION "0.1.0"
 #define SANDBOX_ALIGN 64		/* placement granularity of text and data */
 #define SANDBOX_ERRMSG 512
 

@@ -313,19 +313,14 @@ static void sandbox_client_serve(int fd)
 	sandbox_peer_release(&peer);
 	if (!admitted) {
 		/* Echo the first request's type and seq if it arrives quickly. */
-		uint8_t h[PBX_HEADER_SIZE];
+		struct pbx_header h;
 		unsigned type = 0;
-		uint32_t seq = 0, magic;
+		uint32_t seq = 0;
 		struct pollfd pfd = { fd, POLLIN, 0 };
 		if (poll(&pfd, 1, SANDBOX_PERM_WAIT_MS) == 1 && sandbox_conn_ours(fd) &&
-		    recv(fd, h, sizeof(h), MSG_DONTWAIT) == sizeof(h)) {
-			memcpy(&magic, h, 4);
-			if (magic == PBX_MAGIC) {
-				uint16_t t;
-				memcpy(&t, h + 6, 2);
-				memcpy(&seq, h + 8, 4);
-				type = t;
-			}
+		    recv(fd, &h, sizeof(h), MSG_DONTWAIT) == sizeof(h) && h.magic == PBX_MAGIC) {
+			type = h.type;
+			seq = h.seq;
 		}
 		sandbox_frame_error(fd, &peer, type, seq, PBX_E_PERMISSION, "%s", why);
 		return;
@@ -339,20 +334,15 @@ static void sandbox_client_loop(int fd, const struct sandbox_peer *peer)
 	setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
 	setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
 	for (;;) {
-		uint8_t h[PBX_HEADER_SIZE];
-		int rc = sandbox_recv_full(fd, h, sizeof(h));
+		struct pbx_header h;	/* wire.h, from wire/constants.toml */
+		int rc = sandbox_recv_full(fd, &h, sizeof(h));
 		if (rc != 1) {
 			if (rc < 0)
 				sandbox_debug("client pid %d dropped (timeout, error or truncated header)", (int)peer->pid);
 			return;
 		}
-		uint32_t magic, seq, len;
-		uint16_t ver, type;
-		memcpy(&magic, h, 4);
-		memcpy(&ver, h + 4, 2);
-		memcpy(&type, h + 6, 2);
-		memcpy(&seq, h + 8, 4);
-		memcpy(&len, h + 12, 4);
+		uint32_t magic = h.magic, seq = h.seq, len = h.length;
+		uint16_t ver = h.version, type = h.type;
 		if (magic != PBX_MAGIC) {
 			sandbox_frame_error(fd, peer, type, seq, PBX_E_BAD_MAGIC, "0x%08x", magic);
 			return;	/* the stream cannot be resynchronised */

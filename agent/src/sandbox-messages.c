@@ -66,8 +66,9 @@ static int sandbox_msg_info(struct sandbox_request *q, struct sandbox_error *err
 	sandbox_stats_get(&st);
 	char pid[16], bias[24], bid[2 * PBX_MAX_BUILD_ID + 1] = "unknown";
 	char saddr[24], ssize[24], sused[24], sret[24], daddr[24], dsize[24], dused[24], npatch[24];
-	char tid[16], nobj[16], nunloaded[24];
+	char tid[16], nobj[16], nunloaded[24], proto[16];
 	snprintf(pid, sizeof(pid), "%d", (int)getpid());
+	snprintf(proto, sizeof(proto), "%d", PBX_VERSION);
 	snprintf(tid, sizeof(tid), "%d", (int)gettid());	/* INFO is served by the agent thread */
 	snprintf(nobj, sizeof(nobj), "%zu", sandbox_object_count());
 	snprintf(bias, sizeof(bias), "0x%lx", (unsigned long)exe->bias);
@@ -100,7 +101,7 @@ static int sandbox_msg_info(struct sandbox_request *q, struct sandbox_error *err
 	const char *kv[][2] = {
 		{ "pid", pid }, { "exe", exe->path[0] ? exe->path : "unknown" },
 		{ "build_id", bid }, { "load_bias", bias },
-		{ "agent_version", SANDBOX_AGENT_VERSION }, { "protocol_version", "1" },
+		{ "agent_version", PBX_PACKAGE_VERSION }, { "protocol_version", proto },
 		{ "app_version", app[0] }, { "app_git", app[1] }, { "app_build_date", app[2] },
 		{ "app_cflags", app[3] },
 		{ "sandbox_addr", saddr }, { "sandbox_size", ssize }, { "sandbox_used", sused },
@@ -118,6 +119,10 @@ static int sandbox_msg_info(struct sandbox_request *q, struct sandbox_error *err
 		sandbox_kv_put(&q->w, kv[i][0], kv[i][1]);
 	return 0;
 }
+
+/* The replies' layouts are INFO_REPLY, LIST_REPLY, APPLY_REPLY, REMOVE_REPLY and
+ * TEST_REPLY of wire/constants.toml; tests/test_wire_constants.py reads the writer calls
+ * of these handlers and checks their order and widths against them. */
 
 static int sandbox_msg_list(struct sandbox_request *q, struct sandbox_error *err)
 {
@@ -150,7 +155,9 @@ static int sandbox_msg_list(struct sandbox_request *q, struct sandbox_error *err
 	return 0;
 }
 
-/* Parses the apply body (docs/protocol.md APPLY). funcs/fixups are allocated. */
+/* Parses the apply body (docs/protocol.md APPLY). funcs/fixups are allocated. The
+ * layout is APPLY_BODY of wire/constants.toml: tests/test_wire_constants.py runs this
+ * parser and checks that it reads every field at the declared offset and width. */
 static int sandbox_apply_parse(struct sandbox_request *q, struct sandbox_apply_spec *s, struct sandbox_error *err)
 {
 	struct sandbox_reader *r = &q->r;
@@ -200,9 +207,9 @@ static int sandbox_apply_parse(struct sandbox_request *q, struct sandbox_apply_s
 	}
 	if (SANDBOX_READ_UINT(r, "nfixups", 4, s->nfixups) != 0)
 		return sandbox_reader_error(r, err);
-	/* A fix-up is at least 16 bytes: a count the payload cannot hold is refused
-	 * before allocating for it. */
-	if (s->nfixups > PBX_MAX_FIXUPS || s->nfixups > (r->len - r->pos) / 16)
+	/* A fix-up takes at least PBX_FIXUP_RECORD_MIN_SIZE bytes: a count the payload
+	 * cannot hold is refused before allocating for it. */
+	if (s->nfixups > PBX_MAX_FIXUPS || s->nfixups > (r->len - r->pos) / PBX_FIXUP_RECORD_MIN_SIZE)
 		return sandbox_error_set(err, PBX_E_MALFORMED, "nfixups %u overruns the payload", s->nfixups);
 	s->fixups = calloc(s->nfixups ? s->nfixups : 1, sizeof(*s->fixups));
 	if (!s->fixups)

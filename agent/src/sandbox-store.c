@@ -37,8 +37,6 @@
 #include "sandbox-server.h"
 
 #define SANDBOX_STORE_DEFAULT "/var/lib/patchbox"
-#define SANDBOX_STORE_HEADER 56		/* docs/patch-format.md: magic .. sha256 */
-#define SANDBOX_STORE_SIG 105		/* signature trailer */
 #define SANDBOX_STORE_SEQ 20		/* digits of the install time in a file name */
 
 static void sandbox_store_log(const char *patch, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
@@ -83,30 +81,27 @@ static int sandbox_store_cmp(const void *a, const void *b)
 	return strcmp(*(char *const *)a, *(char *const *)b);
 }
 
-/* The apply body of patch-file bytes (header shape checked, meta skipped). */
+/* The apply body of patch-file bytes (header shape checked, meta skipped). The header
+ * is struct pbx_file_header and the trailer struct pbx_sig_trailer (wire.h, generated
+ * from wire/constants.toml, as format/layout.py's are): no offset is written here. */
 static int sandbox_store_body(const uint8_t *buf, size_t size, const uint8_t **body, size_t *len,
 			      char *why, size_t cap)
 {
-	static const uint8_t magic[8] = { 'P', 'B', 'X', 'P', 'A', 'T', 'C', 'H' };
-	if (size < SANDBOX_STORE_HEADER || memcmp(buf, magic, 8) != 0) {
+	struct pbx_file_header h;
+	if (size < sizeof(h) || memcmp(buf, PBX_FILE_MAGIC, sizeof(h.magic)) != 0) {
 		snprintf(why, cap, "not a patch file");
 		return -1;
 	}
-	uint16_t version, hsize;
-	uint32_t flags;
-	uint64_t plen;
-	memcpy(&version, buf + 8, 2);
-	memcpy(&hsize, buf + 10, 2);
-	memcpy(&flags, buf + 12, 4);
-	memcpy(&plen, buf + 16, 8);
-	size_t trailer = (flags & 1) ? SANDBOX_STORE_SIG : 0;
-	if (version != 1 || hsize != SANDBOX_STORE_HEADER || (flags & ~1u) ||
-	    plen != size - SANDBOX_STORE_HEADER - trailer || size < SANDBOX_STORE_HEADER + trailer) {
+	memcpy(&h, buf, sizeof(h));
+	size_t trailer = (h.flags & PBX_FILE_FLAG_SIGNED) ? PBX_SIG_TRAILER_SIZE : 0;
+	if (h.format != PBX_FILE_FORMAT_VERSION || h.header_size != sizeof(h) || (h.flags & ~PBX_FILE_FLAGS_KNOWN) ||
+	    size < sizeof(h) + trailer || h.payload_len != size - sizeof(h) - trailer) {
 		snprintf(why, cap, "bad header (version %u, header %u, flags 0x%x, payload %llu of %zu bytes)",
-			 version, hsize, flags, (unsigned long long)plen, size);
+			 (unsigned)h.format, (unsigned)h.header_size, (unsigned)h.flags,
+			 (unsigned long long)h.payload_len, size);
 		return -1;
 	}
-	struct sandbox_reader r = { .p = buf + SANDBOX_STORE_HEADER, .len = (size_t)plen };
+	struct sandbox_reader r = { .p = buf + sizeof(h), .len = (size_t)h.payload_len };
 	uint64_t count;
 	if (sandbox_reader_uint(&r, "meta count", 2, &count) != 0)
 		goto bad;
@@ -137,7 +132,7 @@ static void sandbox_store_one(int dfd, const char *name)
 		return;
 	}
 	if (!S_ISREG(st.st_mode) || sandbox_store_stat_ok(&st) != 0 ||
-	    st.st_size > (off_t)(SANDBOX_STORE_HEADER + PBX_MAX_PAYLOAD + SANDBOX_STORE_SIG)) {
+	    st.st_size > (off_t)(PBX_FILE_HEADER_SIZE + PBX_MAX_PAYLOAD + PBX_SIG_TRAILER_SIZE)) {
 		sandbox_store_log(name, "error: refused: not a regular file owned by root%s, "
 				  "writable by nobody else, of at most the maximum size (mode %04o uid %u, "
 				  "%lld bytes)", sandbox_store_root_only ? "" : " or this process's user",

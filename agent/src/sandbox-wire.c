@@ -170,29 +170,29 @@ static int sandbox_send_full(int fd, const void *buf, size_t n)
 	return 0;
 }
 
+/* The frame header is struct pbx_header (wire.h, from wire/constants.toml). */
 static void sandbox_header_fill(uint8_t *h, unsigned type, uint32_t seq, uint32_t len)
 {
-	uint32_t magic = PBX_MAGIC;
-	uint16_t ver = PBX_VERSION, t = (uint16_t)(type | PBX_REPLY_BIT);
-	memcpy(h, &magic, 4);
-	memcpy(h + 4, &ver, 2);
-	memcpy(h + 6, &t, 2);
-	memcpy(h + 8, &seq, 4);
-	memcpy(h + 12, &len, 4);
+	struct pbx_header hdr = { .magic = PBX_MAGIC, .version = PBX_VERSION,
+				  .type = (uint16_t)(type | PBX_REPLY_BIT), .seq = seq, .length = len };
+	memcpy(h, &hdr, sizeof(hdr));
 }
 
-/* Error reply built on the stack: works when malloc does not. */
+/* Error reply built on the stack: works when malloc does not. i32 status, str message. */
 int sandbox_send_error(int fd, unsigned type, uint32_t seq, const struct sandbox_error *err)
 {
-	uint8_t buf[PBX_HEADER_SIZE + 4 + 2 + SANDBOX_ERRMSG];
-	size_t n = strnlen(err->msg, SANDBOX_ERRMSG - 1);
 	int32_t status = err->code;
-	uint16_t sl = (uint16_t)n;
-	sandbox_header_fill(buf, type, seq, (uint32_t)(4 + 2 + n));
-	memcpy(buf + PBX_HEADER_SIZE, &status, 4);
-	memcpy(buf + PBX_HEADER_SIZE + 4, &sl, 2);
-	memcpy(buf + PBX_HEADER_SIZE + 6, err->msg, n);
-	return sandbox_send_full(fd, buf, PBX_HEADER_SIZE + 6 + n);
+	uint16_t sl;
+	uint8_t buf[PBX_HEADER_SIZE + sizeof(status) + sizeof(sl) + SANDBOX_ERRMSG];
+	size_t n = strnlen(err->msg, SANDBOX_ERRMSG - 1), at = PBX_HEADER_SIZE;
+	sl = (uint16_t)n;
+	sandbox_header_fill(buf, type, seq, (uint32_t)(sizeof(status) + sizeof(sl) + n));
+	memcpy(buf + at, &status, sizeof(status));
+	at += sizeof(status);
+	memcpy(buf + at, &sl, sizeof(sl));
+	at += sizeof(sl);
+	memcpy(buf + at, err->msg, n);
+	return sandbox_send_full(fd, buf, at + n);
 }
 
 int sandbox_send_reply(int fd, unsigned type, uint32_t seq, struct sandbox_writer *w)

@@ -2,26 +2,31 @@
 #ifndef PATCHBOX_WIRE_H
 #define PATCHBOX_WIRE_H
 
-#define PBX_MAGIC 0x31584250u
-#define PBX_VERSION 1
-#define PBX_HEADER_SIZE 16
-#define PBX_MAX_PAYLOAD 16777216
-#define PBX_MAX_NAME 63
-#define PBX_MAX_SYMBOL 255
+#include <stdint.h>
+
+/* patchbox's version (the Python package and the Ansible collection have the same). */
+#define PBX_PACKAGE_VERSION "0.1.0"
+
+#define PBX_MAGIC 0x31584250u	/* bytes "PBX1" little-endian, first field of every frame */
+#define PBX_VERSION 1	/* wire protocol version */
+#define PBX_MAX_PAYLOAD 16777216	/* 16 MiB: larger frames are refused and the connection closed */
+#define PBX_MAX_NAME 63	/* patch name bytes */
+#define PBX_MAX_SYMBOL 255	/* symbol name bytes */
 #define PBX_MAX_BUILD_ID 64
-#define PBX_MAX_FUNCS 256
+#define PBX_MAX_FUNCS 256	/* functions in one patch */
 #define PBX_MAX_FIXUPS 1048576
-#define PBX_MAX_PATCHES 256
-#define PBX_MIN_EXPECTED 8
-#define PBX_MAX_EXPECTED 64
-#define PBX_ENTRY_PAD 6
-#define PBX_ENTRY_NOPS 2
-#define PBX_REPLY_BIT 128
-#define PBX_JUMP_LEN 5
-#define PBX_ENDBR_SKIP 4
-#define PBX_MAX_HOOKS 16
-#define PBX_HOLD_WAIT_MS 1000
-#define PBX_MAX_OBJECTS 8
+#define PBX_MAX_PATCHES 256	/* patches applied at once */
+#define PBX_MIN_EXPECTED 8	/* expected bytes cover at least the 6+2 NOP patchable entry */
+#define PBX_MAX_EXPECTED 64	/* the most expected bytes one function record may carry (the agent's buffer) */
+#define PBX_EXTRACT_MAX_EXPECTED 32	/* extract-patch records this many (fewer for a shorter function, never below MIN_EXPECTED): within MAX_EXPECTED, enough to tell another build */
+#define PBX_ENTRY_PAD 6	/* NOPs before the symbol (-fpatchable-function-entry=8,6) */
+#define PBX_ENTRY_NOPS 2	/* NOPs at the symbol */
+#define PBX_REPLY_BIT 128	/* reply type = request type | REPLY_BIT */
+#define PBX_JUMP_LEN 5	/* e9 rel32: bytes an entry jump (redirect kind ENTRY_JUMP) overwrites */
+#define PBX_ENDBR_SKIP 4	/* endbr64 (f3 0f 1e fa) left in place before an entry jump */
+#define PBX_MAX_HOOKS 16	/* apply/remove hooks in one patch */
+#define PBX_HOLD_WAIT_MS 1000	/* APPLY with HOLD: how long the agent waits for every other thread to be held */
+#define PBX_MAX_OBJECTS 8	/* loaded objects (the executable + libraries) with patches and a sandbox */
 
 #define PBX_MSG_INFO 1
 #define PBX_MSG_LIST 2
@@ -30,31 +35,98 @@
 #define PBX_MSG_TEST 5
 #define PBX_MSG_DEBUG 6
 
-#define PBX_KIND_PATCHABLE_ENTRY 0
-#define PBX_KIND_ENTRY_JUMP 1
+/* How a function record is redirected (docs/redirect.md). u8 kind of the record. */
+#define PBX_KIND_PATCHABLE_ENTRY 0	/* 6+2 NOPs: jump into the padding, 2-byte atomic publish */
+#define PBX_KIND_ENTRY_JUMP 1	/* no padding: e9 rel32 at entry+skip, one aligned 8-byte store */
 
-#define PBX_FLAG_RETAIN 1
-#define PBX_FLAG_HOLD 2
+#define PBX_FLAG_RETAIN 1	/* never reuse this patch's memory after remove (coroutine code: docs/qemu.md) */
+#define PBX_FLAG_HOLD 2	/* entry jumps written while every other thread is held by the client (docs/reach.md) */
 
-#define PBX_STATE_APPLIED 0
-#define PBX_STATE_UNLOADED 1
+/* What LIST says of an applied patch, and REMOVE of the one it removed (docs/protocol.md). */
+#define PBX_STATE_APPLIED 0	/* redirected; REMOVE restores the original bytes */
+#define PBX_STATE_UNLOADED 1	/* its library was unloaded (dlclose): nothing is written again; REMOVE drops the record */
 
-#define PBX_HOOK_PRE_APPLY 1
-#define PBX_HOOK_POST_APPLY 2
-#define PBX_HOOK_PRE_REMOVE 3
-#define PBX_HOOK_POST_REMOVE 4
+/* When the agent runs a hook of the patch (docs/shadow.md). u8 `when` of a hook record. */
+#define PBX_HOOK_PRE_APPLY 1	/* before the switch; non-zero: the apply is refused (HOOK_FAILED) */
+#define PBX_HOOK_POST_APPLY 2	/* after the switch; its result is logged */
+#define PBX_HOOK_PRE_REMOVE 3	/* before switching back; non-zero: the remove is refused */
+#define PBX_HOOK_POST_REMOVE 4	/* after switching back; its result is logged */
 
-#define PBX_FIXUP_PC32 1
-#define PBX_FIXUP_ABS64 2
+#define PBX_FIXUP_PC32 1	/* *(int32*)P = S + A - P, must fit in int32 */
+#define PBX_FIXUP_ABS64 2	/* *(uint64*)P = S + A */
 
-#define PBX_BASE_TEXT 1
-#define PBX_BASE_DATA 2
-#define PBX_BASE_EXE 3
-#define PBX_BASE_IMPORT 4
-#define PBX_BASE_ABS 5
+/* Bytes a fix-up of each type writes at its offset (offset + width must lie in its section). */
+#define PBX_FIXUP_PC32_WIDTH 4
+#define PBX_FIXUP_ABS64_WIDTH 8
+
+#define PBX_BASE_TEXT 1	/* S = address of this patch's text in the sandbox */
+#define PBX_BASE_DATA 2	/* S = address of this patch's data block */
+#define PBX_BASE_EXE 3	/* S = load bias of the patch's object: the executable or the library of its build-id */
+#define PBX_BASE_IMPORT 4	/* S = dlsym(RTLD_DEFAULT, symbol) in the running process */
+#define PBX_BASE_ABS 5	/* S = 0 (A is absolute) */
 
 #define PBX_SECT_TEXT 0
 #define PBX_SECT_DATA 1
+
+/* The patch file (docs/patch-format.md). */
+#define PBX_FILE_MAGIC "PBXPATCH"	/* first field of every patch file */
+#define PBX_FILE_FORMAT_VERSION 1	/* the patch file format version this reads and writes */
+#define PBX_FILE_SIG_MAGIC "PBXSIG01"	/* first field of the signature trailer */
+#define PBX_FILE_SIG_ED25519 1	/* the trailer's alg: Ed25519, the only one */
+
+/* Bits of the patch file header's flags; a file with any other bit set is refused. */
+#define PBX_FILE_FLAG_SIGNED 0x1u	/* a signature trailer (record sig_trailer) follows the payload */
+#define PBX_FILE_FLAGS_KNOWN 0x1u
+
+/* Fixed-size records: packed, little-endian (the agent runs on x86-64). */
+
+/* The frame header before every request and reply payload (docs/protocol.md "Frame"). */
+struct pbx_header {
+	uint32_t magic;	/* MAGIC */
+	uint16_t version;	/* VERSION */
+	uint16_t type;	/* message id; a reply's is id | REPLY_BIT */
+	uint32_t seq;	/* chosen by the client, echoed in the reply */
+	uint32_t length;	/* payload bytes, at most MAX_PAYLOAD */
+} __attribute__((packed));
+#define PBX_HEADER_SIZE 16
+#ifndef __cplusplus
+_Static_assert(sizeof(struct pbx_header) == PBX_HEADER_SIZE, "struct pbx_header");
+#endif
+
+/* The patch file header (docs/patch-format.md "Layout"): read by format/layout.py and by the
+ * agent's store reader (agent/src/sandbox-store.c). */
+struct pbx_file_header {
+	uint8_t magic[8];	/* FILE_MAGIC */
+	uint16_t format;	/* FILE_FORMAT_VERSION */
+	uint16_t header_size;	/* FILE_HEADER_SIZE */
+	uint32_t flags;	/* file_flag bits */
+	uint64_t payload_len;	/* bytes of the payload: meta (kv), then the apply body */
+	uint8_t sha256[32];	/* SHA-256 of the payload */
+} __attribute__((packed));
+#define PBX_FILE_HEADER_SIZE 56
+#ifndef __cplusplus
+_Static_assert(sizeof(struct pbx_file_header) == PBX_FILE_HEADER_SIZE, "struct pbx_file_header");
+#endif
+
+/* After the payload of a signed file (FILE_FLAG_SIGNED). */
+struct pbx_sig_trailer {
+	uint8_t magic[8];	/* FILE_SIG_MAGIC */
+	uint8_t alg;	/* FILE_SIG_ED25519 */
+	uint8_t key_id[32];	/* SHA-256 of the signer's raw 32-byte public key */
+	uint8_t signature[64];	/* over the header (flag set) and the payload */
+} __attribute__((packed));
+#define PBX_SIG_TRAILER_SIZE 105
+#ifndef __cplusplus
+_Static_assert(sizeof(struct pbx_sig_trailer) == PBX_SIG_TRAILER_SIZE, "struct pbx_sig_trailer");
+#endif
+
+/* The fewest bytes one entry of a list takes in its layout (lengths and counts at
+ * their lower bound; the layouts: src/patchbox/wire.py, from wire/constants.toml). */
+#define PBX_FUNCTION_RECORD_MIN_SIZE 30
+#define PBX_FIXUP_RECORD_MIN_SIZE 16
+#define PBX_HOOK_RECORD_MIN_SIZE 5
+#define PBX_LISTED_FUNCTION_MIN_SIZE 22
+#define PBX_LISTED_PATCH_MIN_SIZE 51
 
 enum pbx_error {
 	PBX_E_OK = 0,

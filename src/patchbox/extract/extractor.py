@@ -53,7 +53,6 @@ __all__ = ["Extractor", "Replaced", "PlacedFixup", "ENTRY", "INT3", "align"]
 NOP = 0x90
 INT3 = 0xCC
 ENTRY = bytes([NOP] * (C.ENTRY_PAD + C.ENTRY_NOPS))
-EXPECTED_MAX = 32
 STUB_SIZE = 16  # ff 25 00000000 (jmp *slot(%rip)), 8-byte slot, 2 x int3 padding
 STUB_SLOT = 6
 GOT_SLOT = 8
@@ -193,7 +192,9 @@ class Extractor:
             # entry with the padding is odd about half the time (found by the
             # differential test), and takes the entry jump over its two NOPs instead.
             if padded and orig.address % 2 == 0:
-                n = max(C.MIN_EXPECTED, min(EXPECTED_MAX, orig.size + C.ENTRY_PAD))
+                # EXTRACT_MAX_EXPECTED bytes tell another build; the agent takes up to
+                # MAX_EXPECTED (both from wire/constants.toml).
+                n = max(C.MIN_EXPECTED, min(C.EXTRACT_MAX_EXPECTED, orig.size + C.ENTRY_PAD))
                 expected = self.bin.read(orig.address - C.ENTRY_PAD, n)
                 kind, skip = RedirectKind.PATCHABLE_ENTRY, 0
             elif padded:
@@ -264,7 +265,7 @@ class Extractor:
             and s.address != orig.address
         ]
         jump = analyse_entry(name, orig.address, code, pieces=pieces)
-        n = max(C.MIN_EXPECTED, min(EXPECTED_MAX, orig.size - jump.skip))
+        n = max(C.MIN_EXPECTED, min(C.EXTRACT_MAX_EXPECTED, orig.size - jump.skip))
         return self.bin.read(jump.point, n), RedirectKind.ENTRY_JUMP, jump.skip, jump.held
 
     def _find_original(self, sym: ObjSymbol) -> Symbol:

@@ -1,7 +1,10 @@
 """The patch file and apply-body byte layouts (docs/patch-format.md, docs/protocol.md).
 
-Returns and accepts :class:`patchbox.format.model.Patch`; all structure is declared
-here, all validation that a reader must do happens in :func:`decode_apply_body`.
+Returns and accepts :class:`patchbox.format.model.Patch`. Every layout is declared once,
+in wire/constants.toml, and generated into :mod:`patchbox.wire` (the file header and
+signature trailer as struct formats, the apply body as :class:`~patchbox.wire.Field`
+tuples) and into the agent's ``wire.h``; the encoder and decoder here follow them, and
+all validation that a reader must do happens in :func:`decode_apply_body`.
 """
 
 from __future__ import annotations
@@ -16,9 +19,20 @@ from typing import Any
 
 from patchbox import wire as C
 from patchbox.errors import PatchFormatError
-from patchbox.format.codec import Reader, Writer
+from patchbox.format.codec import Reader, Writer, read_fields, write_fields
 from patchbox.format.model import Fixup, Function, Hook, Patch
-from patchbox.wire import FixupBase, FixupSection, FixupType, HookKind, RedirectKind
+from patchbox.wire import (
+    APPLY_BODY,
+    FIXUP_RECORD,
+    FUNCTION_RECORD,
+    HOOK_RECORD,
+    Field,
+    FixupBase,
+    FixupSection,
+    FixupType,
+    HookKind,
+    RedirectKind,
+)
 
 __all__ = [
     "FILE_MAGIC",
@@ -29,7 +43,7 @@ __all__ = [
     "FIXUP_RECORD",
     "HOOK_RECORD",
     "Field",
-    "wire_names",
+    "record_widths",
     "encode_apply_body",
     "decode_apply_body",
     "check_name",
@@ -49,150 +63,53 @@ __all__ = [
     "with_signature",
 ]
 
-FILE_MAGIC = b"PBXPATCH"
-FORMAT_VERSION = 1
-# magic, format version, header size, flags, payload length, sha256
-HEADER = struct.Struct("<8sHHIQ32s")
+FILE_MAGIC = C.FILE_MAGIC
+FORMAT_VERSION = C.FILE_FORMAT_VERSION
+# magic, format version, header size, flags, payload length, sha256 (C.FILE_HEADER_FIELDS)
+HEADER = struct.Struct(C.FILE_HEADER_FORMAT)
 NAME_RE = re.compile(rf"^[A-Za-z0-9._+-]{{1,{C.MAX_NAME}}}$")
-FIXUP_SIZE = {FixupType.PC32: 4, FixupType.ABS64: 8}
 # Header flags: bit 0 = a signature trailer follows the payload (docs/patch-format.md).
-FLAG_SIGNED = 0x1
+FLAG_SIGNED = C.FILE_FLAG_SIGNED
 # Signature trailer: magic, algorithm, key id (sha256 of the raw public key), signature
-# over header + payload.
-SIG_TRAILER = struct.Struct("<8sB32s64s")
-SIG_MAGIC = b"PBXSIG01"
-SIG_ED25519 = 1
+# over header + payload (C.SIG_TRAILER_FIELDS).
+SIG_TRAILER = struct.Struct(C.SIG_TRAILER_FORMAT)
+SIG_MAGIC = C.FILE_SIG_MAGIC
+SIG_ED25519 = C.FILE_SIG_ED25519
 
 
-# -- the apply body, declared once ---------------------------------------------------
+def record_widths(fmt: str, names: tuple[str, ...]) -> dict[str, int]:
+    """Returns {field: bytes} of a fixed record given its struct format and field names."""
+    codes = re.findall(r"\d*[A-Za-z]", fmt.lstrip("<"))
+    return {n: struct.calcsize("<" + c) for n, c in zip(names, codes, strict=True)}
 
 
-@dataclass(frozen=True)
-class Field:
-    """One field of the apply body (docs/protocol.md "APPLY").
-
-    ``kind``: ``u8``/``u16``/``u32``/``u64``/``i64``; ``str`` (u16 length + UTF-8);
-    ``blob`` (u32 length + bytes); ``bytes8``/``bytes16`` (u8/u16 length + bytes, the
-    length named ``<name>_len``); ``list16``/``list32`` (u16/u32 count named ``count``,
-    then that many ``record`` entries, each field prefixed ``item`` in the agent's messages).
-    ``lo``/``hi`` bound a length or count; ``when`` names the field (of the same record)
-    and the value it must have for this field to be present.
-    """
-
-    name: str
-    kind: str
-    lo: int = 0
-    hi: int | None = None
-    record: tuple[Field, ...] = ()
-    count: str = ""
-    item: str = ""
-    when: tuple[str, int] | None = None
+SIG_WIDTHS = record_widths(C.SIG_TRAILER_FORMAT, C.SIG_TRAILER_FIELDS)
 
 
-FUNCTION_RECORD = (
-    Field("symbol", "str"),
-    Field("target", "u64"),
-    Field("new_offset", "u32"),
-    Field("new_size", "u32"),
-    Field("kind", "u8"),
-    Field("skip", "u8"),
-    Field("expected", "bytes16", C.MIN_EXPECTED, C.MAX_EXPECTED),
-)
-FIXUP_RECORD = (
-    Field("section", "u8"),
-    Field("type", "u8"),
-    Field("base", "u8"),
-    Field("reserved", "u8"),
-    Field("offset", "u32"),
-    Field("addend", "i64"),
-    Field("symbol", "str", when=("base", FixupBase.IMPORT)),
-)
-HOOK_RECORD = (
-    Field("when", "u8"),
-    Field("offset", "u32"),
-)
-APPLY_BODY = (
-    Field("name", "str"),
-    Field("build_id", "bytes8", 1, C.MAX_BUILD_ID),
-    Field("flags", "u32"),
-    Field("text", "blob"),
-    Field("data", "blob"),
-    Field("bss_size", "u32"),
-    Field("functions", "list16", 1, C.MAX_FUNCS, FUNCTION_RECORD, "nfuncs", "function"),
-    Field("fixups", "list32", 0, C.MAX_FIXUPS, FIXUP_RECORD, "nfixups", "fixup"),
-    Field("hooks", "list16", 0, C.MAX_HOOKS, HOOK_RECORD, "nhooks", "hook"),
-)
-_INTS = {"u8": 1, "u16": 2, "u32": 4, "u64": 8, "i64": 8}
-_LENGTH = {"bytes8": "u8", "bytes16": "u16", "list16": "u16", "list32": "u32"}
+def _header(data: bytes) -> dict[str, Any]:
+    """Returns the file header at the start of ``data`` by field name."""
+    return dict(zip(C.FILE_HEADER_FIELDS, HEADER.unpack_from(data), strict=True))
 
 
-def wire_names(fields: tuple[Field, ...] = APPLY_BODY, item: str = "") -> list[str]:
-    """Returns the names of the body's fields in wire order, as the agent's parser names
-    them in its messages (``build_id_len``, ``function target``...)."""
-    out: list[str] = []
-    prefix = f"{item} " if item else ""
-    for f in fields:
-        if f.kind in ("bytes8", "bytes16"):
-            out += [f"{prefix}{f.name}_len", f"{prefix}{f.name}"]
-        elif f.kind in ("list16", "list32"):
-            out.append(f"{prefix}{f.count}")
-            out += wire_names(f.record, f.item)
-        else:
-            out.append(f"{prefix}{f.name}")
-    return out
+def _trailer(data: bytes) -> dict[str, Any]:
+    """Returns the signature trailer at the end of ``data`` by field name."""
+    fields = SIG_TRAILER.unpack_from(data, len(data) - SIG_TRAILER.size)
+    return dict(zip(C.SIG_TRAILER_FIELDS, fields, strict=True))
 
 
-def _write(w: Writer, fields: tuple[Field, ...], value: object) -> None:
-    for f in fields:
-        if f.when is not None and getattr(value, f.when[0]) != f.when[1]:
-            continue
-        v: Any = getattr(value, f.name, 0)  # `reserved` is not in the model: always 0
-        if f.kind in _INTS:
-            getattr(w, f.kind)(int(v))
-        elif f.kind == "str":
-            w.str(v)
-        elif f.kind == "blob":
-            w.blob(v)
-        elif f.kind in _LENGTH:
-            getattr(w, _LENGTH[f.kind])(len(v))
-            if f.kind.startswith("list"):
-                for item in v:
-                    _write(w, f.record, item)
-            else:
-                w.raw(v)
+def _pack_header(**fields: Any) -> bytes:
+    """Returns the file header of ``fields`` (every name of C.FILE_HEADER_FIELDS)."""
+    return HEADER.pack(*(fields[name] for name in C.FILE_HEADER_FIELDS))
 
 
-def _read(r: Reader, fields: tuple[Field, ...], where: str = "") -> dict[str, Any]:
-    """Returns the fields read as a dict; lists as lists of dicts. Lengths and counts
-    outside their ``lo``..``hi`` raise PatchFormatError before anything is read."""
-    out: dict[str, Any] = {}
-    for f in fields:
-        if f.when is not None and out.get(f.when[0]) != f.when[1]:
-            continue
-        label = f"{where}{f.name}"
-        if f.kind in _INTS:
-            out[f.name] = getattr(r, f.kind)(label)
-        elif f.kind == "str":
-            out[f.name] = r.str(label)
-        elif f.kind == "blob":
-            out[f.name] = r.blob(label)
-        else:
-            n = getattr(r, _LENGTH[f.kind])(f"{label} {'count' if f.record else 'length'}")
-            if not f.lo <= n <= (f.hi if f.hi is not None else n):
-                what = f"{n} {f.name}" if f.record else f"{label} length {n}"
-                raise PatchFormatError(f"patch body: {what} out of range ({f.lo}..{f.hi} allowed)")
-            if f.record:
-                out[f.name] = [_read(r, f.record, f"{f.item}[{i}].") for i in range(n)]
-            else:
-                out[f.name] = r.raw(n, label)
-    return out
+# -- the apply body: APPLY_BODY (patchbox.wire, from wire/constants.toml) -----------------
 
 
 def encode_apply_body(patch: Patch) -> bytes:
     """Returns the APPLY request payload for ``patch`` (also the file's body)."""
     check_name(patch.name)
     w = Writer()
-    _write(w, APPLY_BODY, patch)
+    write_fields(w, APPLY_BODY, patch)
     return bytes(w)
 
 
@@ -207,7 +124,7 @@ def check_name(name: str) -> None:
 def decode_apply_body(body: bytes, meta: dict[str, str] | None = None) -> Patch:
     """Returns the Patch encoded in an apply body; raises PatchFormatError if invalid."""
     r = Reader(body, PatchFormatError, "patch body")
-    raw = _read(r, APPLY_BODY)
+    raw = read_fields(r, APPLY_BODY)
     r.end()
     check_name(raw["name"])
     text, data = raw["text"], raw["data"]
@@ -243,7 +160,7 @@ def decode_apply_body(body: bytes, meta: dict[str, str] | None = None) -> Patch:
         except ValueError as err:
             raise PatchFormatError(f"patch body: fixup[{i}]: {err}") from err
         limit = len(text) if section == FixupSection.TEXT else len(data)
-        if fx["offset"] + FIXUP_SIZE[ftype] > limit:
+        if fx["offset"] + C.FIXUP_WIDTH[ftype] > limit:
             raise PatchFormatError(
                 f"patch body: fixup[{i}] at {section.name.lower()}+{fx['offset']:#x} outside "
                 f"the {limit}-byte {section.name.lower()}"
@@ -277,8 +194,13 @@ def decode_apply_body(body: bytes, meta: dict[str, str] | None = None) -> Patch:
 def write_patch(patch: Patch) -> bytes:
     """Returns the bytes of an (unsigned) patch file for ``patch``."""
     payload = bytes(Writer().kv(patch.meta)) + encode_apply_body(patch)
-    header = HEADER.pack(
-        FILE_MAGIC, FORMAT_VERSION, HEADER.size, 0, len(payload), hashlib.sha256(payload).digest()
+    header = _pack_header(
+        magic=FILE_MAGIC,
+        format=FORMAT_VERSION,
+        header_size=HEADER.size,
+        flags=0,
+        payload_len=len(payload),
+        sha256=hashlib.sha256(payload).digest(),
     )
     return header + payload
 
@@ -292,8 +214,9 @@ def split_patch_file(data: bytes) -> tuple[dict[str, str], bytes]:
             f"not a patchbox patch file: {len(data)} bytes, shorter than the "
             f"{HEADER.size}-byte header"
         )
-    magic, version, hsize, flags, length, digest = HEADER.unpack_from(data)
-    if magic != FILE_MAGIC:
+    h = _header(data)
+    version, hsize, flags, length = h["format"], h["header_size"], h["flags"], h["payload_len"]
+    if h["magic"] != FILE_MAGIC:
         raise PatchFormatError("not a patchbox patch file (bad magic)")
     if version != FORMAT_VERSION:
         raise PatchFormatError(
@@ -301,8 +224,10 @@ def split_patch_file(data: bytes) -> tuple[dict[str, str], bytes]:
         )
     if hsize != HEADER.size:
         raise PatchFormatError(f"bad header size {hsize}")
-    if flags & ~FLAG_SIGNED:
-        raise PatchFormatError(f"unknown header flags {flags:#x} (this reads {FLAG_SIGNED:#x})")
+    if flags & ~C.FILE_FLAGS_KNOWN:
+        raise PatchFormatError(
+            f"unknown header flags {flags:#x} (this reads {C.FILE_FLAGS_KNOWN:#x})"
+        )
     trailer = SIG_TRAILER.size if flags & FLAG_SIGNED else 0
     payload = data[HEADER.size : len(data) - trailer]
     if len(data) - HEADER.size - trailer != length:
@@ -311,11 +236,12 @@ def split_patch_file(data: bytes) -> tuple[dict[str, str], bytes]:
             f"patch file truncated or padded: header says {length} payload bytes{extra}, "
             f"file has {len(data) - HEADER.size} after the header"
         )
-    if hashlib.sha256(payload).digest() != digest:
+    if hashlib.sha256(payload).digest() != h["sha256"]:
         raise PatchFormatError("integrity hash mismatch: patch file is corrupt")
     if trailer:
-        sig_magic, alg, _key_id, _sig = SIG_TRAILER.unpack_from(data, len(data) - trailer)
-        if sig_magic != SIG_MAGIC:
+        sig = _trailer(data)
+        alg = sig["alg"]
+        if sig["magic"] != SIG_MAGIC:
             raise PatchFormatError("signed patch file without a signature trailer (bad magic)")
         if alg != SIG_ED25519:
             raise PatchFormatError(
@@ -384,20 +310,24 @@ def split_signature(data: bytes) -> Signature | None:
     """Returns the signature trailer of valid patch-file bytes, None if unsigned.
     Raises PatchFormatError if the file is invalid (see split_patch_file)."""
     split_patch_file(data)
-    if not HEADER.unpack_from(data)[3] & FLAG_SIGNED:
+    if not _header(data)["flags"] & FLAG_SIGNED:
         return None
-    _magic, alg, key_id, sig = SIG_TRAILER.unpack_from(data, len(data) - SIG_TRAILER.size)
-    return Signature(alg, key_id, sig, data[: len(data) - SIG_TRAILER.size])
+    sig = _trailer(data)
+    return Signature(sig["alg"], sig["key_id"], sig["signature"], data[: -SIG_TRAILER.size])
 
 
 def with_signature(data: bytes, key_id: bytes, sign: Callable[[bytes], bytes]) -> bytes:
     """Returns patch-file bytes ``data`` (signed or not) signed anew: header flag bit 0
     set, then the trailer with ``key_id`` and ``sign(header + payload)`` (64 bytes)."""
     split_patch_file(data)
-    magic, version, hsize, flags, length, digest = HEADER.unpack_from(data)
-    header = HEADER.pack(magic, version, hsize, flags | FLAG_SIGNED, length, digest)
-    signed = header + data[HEADER.size : HEADER.size + length]
+    h = _header(data)
+    header = _pack_header(**{**h, "flags": h["flags"] | FLAG_SIGNED})
+    signed = header + data[HEADER.size : HEADER.size + h["payload_len"]]
     signature = sign(signed)
-    if len(key_id) != 32 or len(signature) != 64:
-        raise ValueError("key id must be 32 bytes and the signature 64")
-    return signed + SIG_TRAILER.pack(SIG_MAGIC, SIG_ED25519, key_id, signature)
+    if len(key_id) != SIG_WIDTHS["key_id"] or len(signature) != SIG_WIDTHS["signature"]:
+        raise ValueError(
+            f"key id must be {SIG_WIDTHS['key_id']} bytes and the signature "
+            f"{SIG_WIDTHS['signature']}"
+        )
+    trailer = {"magic": SIG_MAGIC, "alg": SIG_ED25519, "key_id": key_id, "signature": signature}
+    return signed + SIG_TRAILER.pack(*(trailer[name] for name in C.SIG_TRAILER_FIELDS))

@@ -55,9 +55,8 @@ __all__ = [
     "decode_header",
 ]
 
-# magic, version, type, seq, length
-FRAME = struct.Struct("<IHHII")
-assert FRAME.size == C.HEADER_SIZE
+# magic, version, type, seq, length (C.HEADER_FIELDS; struct pbx_header in the agent)
+FRAME = struct.Struct(C.HEADER_FORMAT)
 DEFAULT_TIMEOUT = 10.0
 LINK_HINT = (
     "is the program linked with `patchbox config --libs` "
@@ -81,14 +80,18 @@ def encode_frame(msg_type: int, seq: int, payload: bytes = b"") -> bytes:
         raise ProtocolError(
             f"request of {len(payload)} bytes exceeds the protocol maximum of {C.MAX_PAYLOAD}"
         )
-    return FRAME.pack(C.MAGIC, C.VERSION, msg_type, seq & 0xFFFFFFFF, len(payload)) + payload
+    fields = {"magic": C.MAGIC, "version": C.VERSION, "type": msg_type}
+    fields |= {"seq": seq & 0xFFFFFFFF, "length": len(payload)}
+    return FRAME.pack(*(fields[name] for name in C.HEADER_FIELDS)) + payload
 
 
 def decode_header(header: bytes) -> tuple[int, int, int]:
     """Returns (type, seq, length) of a reply header; raises ProtocolError if invalid."""
     if len(header) != C.HEADER_SIZE:
         raise ProtocolError(f"reply header is {len(header)} bytes, expected {C.HEADER_SIZE}")
-    magic, version, msg_type, seq, length = FRAME.unpack(header)
+    fields = dict(zip(C.HEADER_FIELDS, FRAME.unpack(header), strict=True))
+    magic, version, msg_type = fields["magic"], fields["version"], fields["type"]
+    seq, length = fields["seq"], fields["length"]
     if magic != C.MAGIC:
         raise ProtocolError(
             f"reply has bad magic {magic:#010x} (expected {C.MAGIC:#010x}): "

@@ -1,9 +1,10 @@
-"""Reply payload layouts of the wire protocol (docs/protocol.md "Reply payload", "Messages").
+"""Reply payloads of the wire protocol (docs/protocol.md "Reply payload", "Messages").
 
 Every reply payload starts with an ``i32 status``; a non-zero status is followed by one
 ``str message`` and raises :class:`patchbox.errors.AgentError`. An OK status is followed by
-the message-specific fields decoded here. Any overrun, bad count or trailing byte raises
-:class:`patchbox.errors.ProtocolError` naming the field.
+the message-specific fields, read here by their layouts (``C.LIST_REPLY``...: generated
+from wire/constants.toml, the agent's reply writers checked against them). Any overrun,
+bad count or trailing byte raises :class:`patchbox.errors.ProtocolError` naming the field.
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, NamedTuple
 
+from patchbox import wire as C
 from patchbox.errors import AgentError, ProtocolError
-from patchbox.format.codec import Reader
+from patchbox.format.codec import Reader, read_fields
 from patchbox.wire import REPLY_BIT, ErrorCode, ListedState, Msg
 
 __all__ = [
@@ -116,83 +118,49 @@ def check_status(r: Reader) -> None:
     raise AgentError(status, message, name)
 
 
-def _empty(r: Reader) -> None:
-    return None
-
-
-def _info(r: Reader) -> dict[str, str]:
-    return r.kv("info")
-
-
-def _list(r: Reader) -> list[AppliedPatch]:
-    count = r.u32("count")
-    # Each entry is at least 2+4+8+8+4+8+4+2+2+8+1 bytes: refuse counts the payload cannot
-    # hold before looping (a garbage count must not spin for 4 billion iterations).
-    if count * 51 > r.remaining():
-        raise ProtocolError(f"LIST reply: count {count} overruns the {r.remaining()}-byte payload")
-    patches = []
-    for i in range(count):
-        name = r.str(f"patch[{i}].name")
-        pid = r.u32(f"patch[{i}].id")
-        applied_at = r.u64(f"patch[{i}].applied_at")
-        text_addr = r.u64(f"patch[{i}].text_addr")
-        text_size = r.u32(f"patch[{i}].text_size")
-        data_addr = r.u64(f"patch[{i}].data_addr")
-        data_size = r.u32(f"patch[{i}].data_size")
-        nfuncs = r.u16(f"patch[{i}].nfuncs")
-        funcs = []
-        for j in range(nfuncs):
-            where = f"patch[{i}].function[{j}]"
-            funcs.append(
-                PatchFunction(
-                    r.str(f"{where}.symbol"),
-                    r.u64(f"{where}.target"),
-                    r.u64(f"{where}.new"),
-                    r.u32(f"{where}.new_size"),
-                )
-            )
-        obj = r.str(f"patch[{i}].object")
-        hold_ns = r.u64(f"patch[{i}].hold_ns")
-        state = _state(r, f"patch[{i}].state")
-        patches.append(
-            AppliedPatch(
-                name,
-                pid,
-                applied_at,
-                text_addr,
-                text_size,
-                data_addr,
-                data_size,
-                funcs,
-                obj,
-                hold_ns,
-                state,
-            )
-        )
-    return patches
-
-
-def _state(r: Reader, where: str) -> ListedState:
-    value = r.u8(where)
+def _state(value: int, where: str) -> ListedState:
     try:
         return ListedState(value)
     except ValueError:
         raise ProtocolError(f"{where} = {value}: not a patch state") from None
 
 
+def _empty(r: Reader) -> None:
+    read_fields(r, C.DEBUG_REPLY)
+
+
+def _info(r: Reader) -> dict[str, str]:
+    info: dict[str, str] = read_fields(r, C.INFO_REPLY)["info"]
+    return info
+
+
+def _listed(p: dict[str, Any], where: str) -> AppliedPatch:
+    functions = [PatchFunction(**f) for f in p["functions"]]
+    state = _state(p["state"], f"{where}.state")
+    return AppliedPatch(**{**p, "functions": functions, "state": state})
+
+
+def _list(r: Reader) -> list[AppliedPatch]:
+    # A count the payload cannot hold is refused before looping (read_fields: each entry
+    # takes at least C.LISTED_PATCH_MIN_SIZE bytes).
+    patches = read_fields(r, C.LIST_REPLY)["patches"]
+    return [_listed(p, f"patch[{i}]") for i, p in enumerate(patches)]
+
+
 def _apply(r: Reader) -> ApplyResult:
-    return ApplyResult(r.u32("id"), r.u64("text_addr"), r.u64("data_addr"), r.u64("elapsed_ns"))
+    return ApplyResult(**read_fields(r, C.APPLY_REPLY))
 
 
 def _remove(r: Reader) -> RemoveResult:
-    return RemoveResult(r.u64("elapsed_ns"), _state(r, "state"))
+    fields = read_fields(r, C.REMOVE_REPLY)
+    return RemoveResult(fields["elapsed_ns"], _state(fields["state"], "state"))
 
 
 def _test(r: Reader) -> TestResult:
-    passed = r.u8("passed")
-    if passed not in (0, 1):
-        raise ProtocolError(f"TEST reply: passed = {passed}, expected 0 or 1")
-    return TestResult(bool(passed), r.str("detail"))
+    fields = read_fields(r, C.TEST_REPLY)
+    if fields["passed"] not in (0, 1):
+        raise ProtocolError(f"TEST reply: passed = {fields['passed']}, expected 0 or 1")
+    return TestResult(bool(fields["passed"]), fields["detail"])
 
 
 # The reply layout of each message, as data (one decoder per message id).
