@@ -8,38 +8,49 @@ what each out-of-line function inlines. Best effort: without ``-g`` there is no 
 
 from __future__ import annotations
 
-from patchbox.compare.objects import ObjectDiff
+from collections.abc import Sequence
+from dataclasses import replace
+
+from patchbox.compare.model import ObjectDiff, Verdict
 from patchbox.elf.dwarf import read_object_decls
 from patchbox.errors import ElfError
 from patchbox.sourcediff import changed_lines
 
 __all__ = ["annotate_inlined", "format_explain"]
 
-_ORDER = {"in": 0, "refused": 1, "carried": 2, "out": 3}
+_ORDER = {Verdict.IN: 0, Verdict.REFUSED: 1, Verdict.CARRIED: 2, Verdict.OUT: 3}
 
 
-def annotate_inlined(diffs: list[ObjectDiff], diff_text: str) -> None:
-    """Adds the inlining note to the ``in`` decisions of ``diffs``."""
+def annotate_inlined(diffs: Sequence[ObjectDiff], diff_text: str) -> list[ObjectDiff]:
+    """Returns ``diffs`` with the inlining note added to the reasons of their ``in``
+    decisions."""
     lines = changed_lines(diff_text)
+    out = []
     for d in diffs:
-        if not any(x.verdict == "in" for x in d.decisions):
+        if not any(x.verdict is Verdict.IN for x in d.decisions):
+            out.append(d)
             continue
         try:
             decls = read_object_decls(d.patched)
         except ElfError:
+            out.append(d)
             continue
         changed = {
             owner for fname, nums in lines.items() for n in nums if (owner := decls.owner(fname, n))
         }
+        decisions = []
         for x in d.decisions:
-            if x.verdict != "in":
-                continue
             hit = sorted(decls.inlines.get(x.symbol, set()) & changed - {x.symbol})
-            if hit:
-                x.reason += f" (it inlines {', '.join(hit)}, changed by the diff)"
+            if x.verdict is Verdict.IN and hit:
+                x = replace(
+                    x, reason=f"{x.reason} (it inlines {', '.join(hit)}, changed by the diff)"
+                )
+            decisions.append(x)
+        out.append(replace(d, decisions=tuple(decisions)))
+    return out
 
 
-def format_explain(diffs: list[ObjectDiff], identical: int = 0) -> str:
+def format_explain(diffs: Sequence[ObjectDiff], identical: int = 0) -> str:
     """Returns the ``--explain`` text: per object, one line per symbol with a verdict."""
     lines = []
     for d in diffs:

@@ -28,6 +28,7 @@ import os
 from capstone import CS_ARCH_X86, CS_MODE_64, Cs, CsInsn
 from capstone.x86 import X86_OP_IMM, X86_OP_REG
 
+from patchbox.compare.model import CanonicalForm, RelocTarget, TargetKind
 from patchbox.profiles import Reporters
 from patchbox.sourcediff import FileChange
 
@@ -56,18 +57,20 @@ class LineCheck:
             cls._md.detail = True
         return cls._md
 
-    def only_lines(self, a: tuple, b: tuple, function: str = "") -> str | None:
+    def only_lines(self, a: CanonicalForm, b: CanonicalForm, function: str = "") -> str | None:
         """Returns a description of the reporting calls if ``a`` and ``b`` (canonical
         forms of one function before and after) differ only in moved line numbers
         passed to them, else None."""
-        (da, ra), (db, rb) = a, b
-        if len(da) != len(db) or ra != rb or not isinstance(da, bytes):
+        if a.bss is not None or b.bss is not None:
+            return None
+        da, db = a.code, b.code
+        if len(da) != len(db) or a.relocs != b.relocs:
             return None
         md = self.disasm()
         ia, ib = list(md.disasm(da, 0)), list(md.disasm(db, 0))
         if len(ia) != len(ib) or (ia and ia[-1].address + ia[-1].size != len(da)):
             return None
-        targets = {o: x for o, _t, x in rb}
+        targets = {r.offset: r.target for r in b.relocs}
         seen = []
         for k, (x, y) in enumerate(zip(ia, ib)):
             if x.bytes == y.bytes:
@@ -95,14 +98,15 @@ class LineCheck:
         k: int,
         call: int,
         joined: int | None,
-        targets: dict[int, tuple],
+        targets: dict[int, RelocTarget],
         function: str,
     ) -> str | None:
         """Returns how the call at ``insns[call]`` shows itself a reporting call (rule 4);
         ``joined`` is where a jump from the differing instruction's block landed (GCC
         cross-jumping: several calls sharing one), its instructions count as arguments too."""
         callee = targets.get(insns[call].address + 1)
-        name = callee[1] if callee and callee[0] in ("ext", "sym") else None
+        named = callee is not None and callee.kind in (TargetKind.EXTERNAL, TargetKind.SYMBOL)
+        name = callee.name if callee is not None and named else None
         if name is not None and name in self.reporters:
             return name
         if self.lines is None:
@@ -118,7 +122,7 @@ class LineCheck:
                 t = targets.get(off)
                 if t is None:
                     continue
-                text = _string_of(t)
+                text = t.string()
                 if text is None:
                     continue
                 if self.source and os.path.basename(text) == self.source:
@@ -180,15 +184,3 @@ def _next_call(insns: list[CsInsn], k: int) -> tuple[int, int | None] | None:
 def _jump_target(ins: CsInsn) -> int | None:
     op = ins.operands[0] if ins.operands else None
     return op.imm if op is not None and op.type == X86_OP_IMM else None
-
-
-def _string_of(target: tuple) -> str | None:
-    """Returns the text a relocation target of the canonical form points to, if a string
-    (a mergeable string, or a read-only object holding one, as ``__func__`` is)."""
-    if target[0] == "str":
-        return target[1].decode(errors="replace")
-    if target[0] == "ro":
-        data = target[1][0]
-        if isinstance(data, bytes) and data.endswith(b"\0") and b"\0" not in data[:-1]:
-            return data[:-1].decode(errors="replace")
-    return None

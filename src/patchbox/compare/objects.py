@@ -32,13 +32,24 @@ from __future__ import annotations
 import os
 import re
 from collections import defaultdict
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from elftools.elf.constants import SH_FLAGS
 
 from patchbox.compare.lines import LineCheck
+from patchbox.compare.model import (
+    CanonicalForm,
+    Cycle,
+    Decision,
+    FormReloc,
+    ItemKind,
+    ObjectDiff,
+    RelocTarget,
+    TargetKind,
+    Verdict,
+)
 from patchbox.compare.types import layout_changes, read_layouts
 from patchbox.elf.binary import Binary
 from patchbox.elf.fastread import load_object
@@ -77,34 +88,6 @@ def is_clone(name: str) -> bool:
     return bool(_CLONE.search(name))
 
 
-@dataclass
-class Decision:
-    """Why one symbol of a patched object is in the patch, out of it, or refused."""
-
-    symbol: str
-    what: str  # "function" | "variable"
-    verdict: str  # "in" | "out" | "carried" | "refused"
-    reason: str
-
-
-@dataclass
-class ObjectDiff:
-    """The comparison of one object file: what to replace, what to copy, what is refused."""
-
-    rel: str  # path relative to the build tree (or the object's name)
-    patched: Path
-    orig: Path | None
-    source: str | None
-    decisions: list[Decision] = field(default_factory=list)
-    functions: list[str] = field(default_factory=list)  # to replace (they exist in the original)
-    force_copy: set[str] = field(default_factory=set)  # changed clones: copy, never link
-    new_globals: set[str] = field(default_factory=set)  # defined here, absent from the original
-
-    @property
-    def refusals(self) -> list[str]:
-        return [f"{d.symbol}: {d.reason}" for d in self.decisions if d.verdict == "refused"]
-
-
 def _named(sym: ObjSymbol) -> bool:
     return (
         sym.defined
@@ -126,10 +109,10 @@ class _Side:
         for syms in self.named.values():
             syms.sort(key=lambda s: s.value)
         self.ident: dict[int, str] = {}
-        self._memo: dict[tuple[int, int, int], tuple] = {}
-        self._rels: dict[int, list] = {}
+        self._memo: dict[tuple[int, int, int], CanonicalForm | Cycle] = {}
+        self._rels: dict[int, list[Relocation]] = {}
 
-    def relocs(self, sec: Section) -> list:
+    def relocs(self, sec: Section) -> list[Relocation]:
         if sec.index not in self._rels:
             self._rels[sec.index] = self.obj.get_relocations(sec)
         return self._rels[sec.index]
@@ -146,14 +129,21 @@ class _Side:
         )
         return sec, sym.value, min(end, sec.size)
 
-    def form(self, sec: Section, start: int, end: int) -> tuple:
-        """Returns (masked bytes, ((offset, type, target), ...)) of ``sec[start:end]``."""
+    def form(self, sec: Section, start: int, end: int) -> CanonicalForm:
+        """Returns the canonical form of ``sec[start:end]``."""
+        form = self._form(sec, start, end)
+        assert isinstance(form, CanonicalForm)  # a Cycle only while the range is being built
+        return form
+
+    def _form(self, sec: Section, start: int, end: int) -> CanonicalForm | Cycle:
+        """Returns the canonical form of ``sec[start:end]``, or a Cycle when asked again
+        while building it (a range that points into itself)."""
         key = (sec.index, start, end)
         if key in self._memo:
             return self._memo[key]
-        self._memo[key] = ("cycle", sec.name, start)
+        self._memo[key] = Cycle(sec.name, start)
         if sec.is_nobits:
-            result: tuple = (("bss", end - start), ())
+            result = CanonicalForm(b"", (), bss=end - start)
         else:
             data = bytearray(sec.data[start:end])
             rels = []
@@ -163,18 +153,18 @@ class _Side:
                     size = rtype.size if rtype else 4
                     o = rel.offset - start
                     data[o : o + size] = bytes(len(data[o : o + size]))
-                    rels.append((o, rel.type, self.target(rel)))
-            result = (bytes(data), tuple(rels))
+                    rels.append(FormReloc(o, rel.type, self.target(rel)))
+            result = CanonicalForm(bytes(data), tuple(rels))
         self._memo[key] = result
         return result
 
-    def target(self, rel: Relocation) -> tuple:
-        """Describes what ``rel`` points to, independently of labels and symbol numbers."""
+    def target(self, rel: Relocation) -> RelocTarget:
+        """Returns what ``rel`` points to, independently of labels and symbol numbers."""
         sym = rel.symbol
         if sym.is_abs:
-            return ("abs", sym.value + rel.addend)
+            return RelocTarget(TargetKind.ABS, value=sym.value + rel.addend)
         if not sym.defined:
-            return ("ext", sym.name, rel.addend)
+            return RelocTarget(TargetKind.EXTERNAL, name=sym.name, value=rel.addend)
         sec = self.obj.get_section(sym.shndx)
         base = sym.value if sym.type != "SECTION" else 0
         rtype = get_reloc(rel.type)
@@ -184,26 +174,29 @@ class _Side:
             if sec.flags & SH_FLAGS.SHF_STRINGS:
                 end = sec.data.find(b"\0", off)
                 text = sec.data[off : end if end >= 0 else len(sec.data)]
-                return ("str", _norm_string(text))
+                return RelocTarget(TargetKind.STRING, data=_norm_string(text))
             m = _CST.search(sec.name)
             n = int(m[1]) if m else sec.align
-            return ("cst", sec.data[off : off + n])
+            return RelocTarget(TargetKind.CONSTANT, data=sec.data[off : off + n])
         if _named(sym):
             return self.symref(sym, rel.addend)
         cands = self.named.get(sec.index, [])
         if not cands:
-            return ("anon", self.form(sec, 0, sec.size), base + rel.addend)
+            form = self._form(sec, 0, sec.size)
+            return RelocTarget(TargetKind.ANONYMOUS, value=base + rel.addend, form=form)
         pick = cands[0]
         for c in cands:
             if c.value <= off:
                 pick = c
         return self.symref(pick, base + rel.addend - pick.value)
 
-    def symref(self, sym: ObjSymbol, addend: int) -> tuple:
+    def symref(self, sym: ObjSymbol, addend: int) -> RelocTarget:
         sec = self.obj.get_section(sym.shndx)
         if sym.is_local and sec.is_rodata:
-            return ("ro", self.form(*self.span(sym)), addend)
-        return ("sym", self.ident.get(sym.index, sym.name), addend)
+            form = self._form(*self.span(sym))
+            return RelocTarget(TargetKind.READ_ONLY, value=addend, form=form)
+        name = self.ident.get(sym.index, sym.name)
+        return RelocTarget(TargetKind.SYMBOL, name=name, value=addend)
 
 
 def _norm_string(text: bytes) -> bytes:
@@ -259,41 +252,26 @@ def _pair(orig: _Side, new: _Side) -> dict[int, ObjSymbol]:
     return pairs
 
 
-def _describe(t: tuple) -> str:
-    kind = t[0]
-    if kind in ("ext", "sym"):
-        return t[1]
-    if kind == "str":
-        s = t[1].decode(errors="replace")
-        return repr(s if len(s) <= 40 else s[:37] + "...")
-    return {
-        "cst": "a constant",
-        "ro": "read-only data",
-        "anon": "anonymous data",
-        "abs": "an absolute value",
-    }.get(kind, kind)
-
-
-def _difference(a: tuple, b: tuple) -> str:
-    (da, ra), (db, rb) = a, b
-    if len(ra) == len(rb):
-        for (_oa, _ta, xa), (ob, _tb, xb) in zip(ra, rb):
-            if xa != xb:
-                was, now = _describe(xa), _describe(xb)
+def _difference(a: CanonicalForm, b: CanonicalForm) -> str:
+    """Returns the first difference of two forms of one function, as a reason."""
+    if len(a.relocs) == len(b.relocs):
+        for x, y in zip(a.relocs, b.relocs):
+            if x.target != y.target:
+                was, now = x.target.describe(), y.target.describe()
                 if was == now:
-                    return f"{now} changed (+{ob:#x})"
-                return f"references {now} instead of {was} (+{ob:#x})"
+                    return f"{now} changed (+{y.offset:#x})"
+                return f"references {now} instead of {was} (+{y.offset:#x})"
     else:
-        before = {_describe(x) for _o, _t, x in ra}
-        after = {_describe(x) for _o, _t, x in rb}
+        before = {r.target.describe() for r in a.relocs}
+        after = {r.target.describe() for r in b.relocs}
         added, gone = sorted(after - before), sorted(before - after)
         if added:
             return "now references " + ", ".join(added[:3])
         if gone:
             return "no longer references " + ", ".join(gone[:3])
-    if len(da) != len(db):
-        return f"code size {len(da)} -> {len(db)} bytes"
-    first = next((i for i, (x, y) in enumerate(zip(da, db)) if x != y), 0)
+    if len(a.code) != len(b.code):
+        return f"code size {len(a.code)} -> {len(b.code)} bytes"
+    first = next((i for i, (x, y) in enumerate(zip(a.code, b.code)) if x != y), 0)
     return f"code differs at +{first:#x}"
 
 
@@ -304,7 +282,8 @@ def compare_objects(
     rel: str | None = None,
     lines: dict[str, FileChange] | None = None,
 ) -> ObjectDiff:
-    """Compares ``patched`` with ``orig`` (None: a new object) and decides per symbol.
+    """Returns the comparison of ``patched`` with ``orig`` (None: a new object): a
+    decision per symbol.
 
     ``lines`` is the diff's line map per file basename (:func:`patchbox.sourcediff.line_maps`):
     with it, ``__LINE__`` differences are recognised from the code (:mod:`patchbox.compare.lines`);
@@ -323,11 +302,13 @@ def compare_objects(
     new = _Side(patched)
     syms = [s for s in patched.symbols if _named(s) and s.type != "NOTYPE"]
     if orig is None:
-        for s in syms:
-            out.decisions.append(Decision(s.name, _what(s), "carried", "new object file"))
-            if not s.is_local:
-                out.new_globals.add(s.name)
-        return out
+        return replace(
+            out,
+            decisions=tuple(
+                Decision(s.name, _what(s), Verdict.CARRIED, "new object file") for s in syms
+            ),
+            new_globals=frozenset(s.name for s in syms if not s.is_local),
+        )
     old = _Side(orig)
     pairs = _pair(old, new)
     for s in old.obj.symbols:
@@ -341,19 +322,21 @@ def compare_objects(
     if lines is not None:
         line_map = lines.get(source or "", FileChange(None, None))
     linecheck = LineCheck(reporters, source, line_map)
+    decisions: list[Decision] = []
+    new_globals: set[str] = set()
     changed: dict[str, str] = {}  # patched function name -> reason
     clones: set[str] = set()
     for s in syms:
         o = pairs.get(s.index)
         if o is None:
             if not s.is_local:
-                out.new_globals.add(s.name)
-            kind = "function" if s.type == "FUNC" else "variable"
-            out.decisions.append(
+                new_globals.add(s.name)
+            kind = _what(s)
+            decisions.append(
                 Decision(
                     s.name,
                     kind,
-                    "carried",
+                    Verdict.CARRIED,
                     f"new {kind}: copied into the patch if the new code uses it",
                 )
             )
@@ -364,21 +347,21 @@ def compare_objects(
                 continue
             line = linecheck.only_lines(a, b, s.name)
             if line is not None:
-                out.decisions.append(
+                decisions.append(
                     Decision(
                         s.name,
-                        "function",
-                        "out",
+                        ItemKind.FUNCTION,
+                        Verdict.OUT,
                         f"only __LINE__-like immediates passed to {line} differ: not a change",
                     )
                 )
             elif is_clone(s.name):
                 clones.add(s.name)
-                out.decisions.append(
+                decisions.append(
                     Decision(
                         s.name,
-                        "function",
-                        "carried",
+                        ItemKind.FUNCTION,
+                        Verdict.CARRIED,
                         f"GCC clone changed ({_difference(a, b)}): "
                         f"copied with the functions that call it",
                     )
@@ -386,26 +369,29 @@ def compare_objects(
             else:
                 changed[s.name] = _difference(a, b)
             continue
-        _compare_data(out, old, new, o, s)
+        data = _compare_data(old, new, o, s)
+        if data is not None:
+            decisions.append(data)
     # Callers of a changed clone are in (the clone is not an entry point of its own).
-    users = _callers(new, syms)
+    callers = _callers(new, syms)
     todo = list(clones)
     while todo:
         c = todo.pop()
-        for f in sorted(users.get(c, ())):
+        for f in sorted(callers.get(c, ())):
             if f in changed or f in clones:
                 continue
             if is_clone(f):
                 clones.add(f)
                 todo.append(f)
-                out.decisions.append(Decision(f, "function", "carried", f"calls changed clone {c}"))
+                decisions.append(
+                    Decision(f, ItemKind.FUNCTION, Verdict.CARRIED, f"calls changed clone {c}")
+                )
             else:
                 changed[f] = f"calls changed clone {c}"
-    for s in syms:
-        if s.name in changed and s.type == "FUNC":
-            out.functions.append(s.name)
-            out.decisions.append(Decision(s.name, "function", "in", f"changed: {changed[s.name]}"))
-    out.force_copy = clones
+    functions = [s.name for s in syms if s.name in changed and s.type == "FUNC"]
+    decisions += [
+        Decision(f, ItemKind.FUNCTION, Verdict.IN, f"changed: {changed[f]}") for f in functions
+    ]
     paired = {o.index for o in pairs.values()}
     # What the replaced code used in the original: a writable variable of that list that
     # the patched object no longer has may be gone only from the object, not from the
@@ -424,11 +410,11 @@ def compare_objects(
         if _named(s) and s.type == "OBJECT" and s.index not in paired:
             if s.is_local and old.obj.get_section(s.shndx).is_write and s.name in users:
                 by = ", ".join(sorted(users[s.name]))
-                out.decisions.append(
+                decisions.append(
                     Decision(
                         s.name,
-                        "variable",
-                        "refused",
+                        ItemKind.VARIABLE,
+                        Verdict.REFUSED,
                         f"writable static variable used by the replaced {by} is gone from the "
                         f"patched object: if nothing in the new code stores to it, the compiler "
                         f"folded it into its initial value, and the new code would read that "
@@ -436,111 +422,111 @@ def compare_objects(
                     )
                 )
                 continue
-            out.decisions.append(
+            decisions.append(
                 Decision(
                     s.name,
-                    "variable",
-                    "out",
+                    ItemKind.VARIABLE,
+                    Verdict.OUT,
                     "removed: the running program keeps it, the new code does not use it",
                 )
             )
-    _compare_types(out)
-    return out
+    decisions += _compare_types(out.orig, out.patched)
+    return replace(
+        out,
+        decisions=tuple(decisions),
+        functions=tuple(functions),
+        clones=frozenset(clones),
+        new_globals=frozenset(new_globals),
+    )
 
 
-def _compare_types(out: ObjectDiff) -> None:
-    """Refuses every struct or union whose layout the diff changes (from DWARF)."""
-    if out.orig is None:
-        return
+def _compare_types(orig: Path | None, patched: Path) -> list[Decision]:
+    """Returns a refusal for every struct or union whose layout the diff changes (from
+    DWARF)."""
+    if orig is None:
+        return []
     try:
-        changes = layout_changes(read_layouts(out.orig), read_layouts(out.patched))
+        changes = layout_changes(read_layouts(orig), read_layouts(patched))
     except ElfError as err:
-        out.decisions.append(
-            Decision("(debug info)", "type", "out", f"struct layouts not compared: {err}")
-        )
-        return
+        return [
+            Decision(
+                "(debug info)", ItemKind.TYPE, Verdict.OUT, f"struct layouts not compared: {err}"
+            )
+        ]
+    out = []
     for change in changes:
         label, _, what = change.partition(": ")
-        out.decisions.append(
+        out.append(
             Decision(
                 label,
-                "type",
-                "refused",
+                ItemKind.TYPE,
+                Verdict.REFUSED,
                 f"layout changed ({what}): objects the running program holds keep the old "
                 f"layout, code replacement cannot change them (a new field: docs/shadow.md)",
             )
         )
+    return out
 
 
-def _what(sym: ObjSymbol) -> str:
-    return "function" if sym.type == "FUNC" else "variable"
+def _what(sym: ObjSymbol) -> ItemKind:
+    return ItemKind.FUNCTION if sym.type == "FUNC" else ItemKind.VARIABLE
 
 
-def _compare_data(out: ObjectDiff, old: _Side, new: _Side, o: ObjSymbol, s: ObjSymbol) -> None:
+def _compare_data(old: _Side, new: _Side, o: ObjSymbol, s: ObjSymbol) -> Decision | None:
+    """Returns the decision on variable ``s`` paired with the original ``o``, None when
+    nothing about it changed."""
     osec = old.obj.get_section(o.shndx)
     nsec = new.obj.get_section(s.shndx)
     if s.is_local and nsec.is_rodata and osec.is_write:
         # GCC makes a static variable nothing stores to read-only (found by the
         # differential test: the diff removed the only store to an array); the new code
         # would read the patch's copy of its initial value, not the running program's.
-        out.decisions.append(
-            Decision(
-                s.name,
-                "variable",
-                "refused",
-                "writable static variable is read-only in the patched object: nothing in the "
-                "new code stores to it, so the compiler made it a constant, and the new code "
-                "would read its initial value instead of the running program's current value",
-            )
+        return Decision(
+            s.name,
+            ItemKind.VARIABLE,
+            Verdict.REFUSED,
+            "writable static variable is read-only in the patched object: nothing in the "
+            "new code stores to it, so the compiler made it a constant, and the new code "
+            "would read its initial value instead of the running program's current value",
         )
-        return
     if s.is_local and osec.is_rodata and nsec.is_write:
         # The other way round: the running program has it in a read-only mapping (made
         # constant, nothing stored to it); bound to it, the new code's store would fault.
-        out.decisions.append(
-            Decision(
-                s.name,
-                "variable",
-                "refused",
-                "static variable is read-only in the running program (nothing stored to it, "
-                "so the compiler made it a constant) and the new code stores to it: that "
-                "store would fault",
-            )
+        return Decision(
+            s.name,
+            ItemKind.VARIABLE,
+            Verdict.REFUSED,
+            "static variable is read-only in the running program (nothing stored to it, "
+            "so the compiler made it a constant) and the new code stores to it: that "
+            "store would fault",
         )
-        return
     if s.is_local and nsec.is_rodata:
         if old.form(*old.span(o)) != new.form(*new.span(s)):
-            out.decisions.append(
-                Decision(
-                    s.name,
-                    "variable",
-                    "carried",
-                    "read-only static data changed: the new value is "
-                    "copied with the functions that use it",
-                )
+            return Decision(
+                s.name,
+                ItemKind.VARIABLE,
+                Verdict.CARRIED,
+                "read-only static data changed: the new value is "
+                "copied with the functions that use it",
             )
-        return
+        return None
     if o.size != s.size:
-        out.decisions.append(
-            Decision(
-                s.name,
-                "variable",
-                "refused",
-                f"size of existing variable changed ({o.size} -> {s.size} bytes; a changed type "
-                f"or struct layout): code replacement cannot change data the program already has",
-            )
+        return Decision(
+            s.name,
+            ItemKind.VARIABLE,
+            Verdict.REFUSED,
+            f"size of existing variable changed ({o.size} -> {s.size} bytes; a changed type "
+            f"or struct layout): code replacement cannot change data the program already has",
         )
-        return
     if osec.is_tls != nsec.is_tls or old.form(*old.span(o)) != new.form(*new.span(s)):
-        out.decisions.append(
-            Decision(
-                s.name,
-                "variable",
-                "refused",
-                "initial value of existing variable changed: the running program keeps its "
-                "current value, code replacement cannot change it",
-            )
+        return Decision(
+            s.name,
+            ItemKind.VARIABLE,
+            Verdict.REFUSED,
+            "initial value of existing variable changed: the running program keeps its "
+            "current value, code replacement cannot change it",
         )
+    return None
 
 
 def _variable_users(side: _Side, funcs: list[ObjSymbol]) -> dict[str, set[str]]:
@@ -619,22 +605,23 @@ def written_statics(text: str, names: set[str]) -> set[str]:
 
 
 def refuse_folded_statics(
-    diffs: list[ObjectDiff],
+    diffs: Sequence[ObjectDiff],
     changes: list[FileChange],
     read_original: Callable[[FileChange], str | None],
-) -> None:
-    """Adds a refusal to the diff of each object whose source defines a ``static``
-    variable that the original object does not define — the compiler folded it away, so
-    the running program keeps its value only in code — when that variable has state: the
-    source writes it (or takes its address; one never written is a constant, folding it
-    is harmless). Then the new code may read an initial value where the running
-    program's code holds another (found by the differential test: Csmith seed 1114, a store through
-    a pointer removed; the original had folded the store and the read together).
+) -> list[ObjectDiff]:
+    """Returns ``diffs`` with a refusal added to each object whose source defines a
+    ``static`` variable that the original object does not define — the compiler folded it
+    away, so the running program keeps its value only in code — when that variable has
+    state: the source writes it (or takes its address; one never written is a constant,
+    folding it is harmless). Then the new code may read an initial value where the running
+    program's code holds another (found by the differential test: Csmith seed 1114, a store
+    through a pointer removed; the original had folded the store and the read together).
     ``read_original`` returns a changed file's text before the diff (None: unknown)."""
-    by_source: dict[str, list[ObjectDiff]] = defaultdict(list)
-    for d in diffs:
+    by_source: dict[str, list[int]] = defaultdict(list)
+    for i, d in enumerate(diffs):
         if d.source and d.orig is not None:
-            by_source[os.path.basename(d.source)].append(d)
+            by_source[os.path.basename(d.source)].append(i)
+    added: dict[int, list[Decision]] = defaultdict(list)
     for change in changes:
         if change.old is None:
             continue
@@ -643,22 +630,27 @@ def refuse_folded_statics(
         if not text:
             continue
         candidates = written_statics(text, file_statics(text))
-        for d in targets:
-            assert d.orig is not None
-            defined = {s.name.split(".")[0] for s in load_object(d.orig).symbols if _named(s)}
-            for name in sorted(candidates - defined):
-                d.decisions.append(
-                    Decision(
-                        name,
-                        "variable",
-                        "refused",
-                        f"static {name} of {os.path.basename(change.old)} is not in the original "
-                        f"object: the compiler folded it away, so the running program keeps "
-                        f"its value only in code, and the source changes it: the new code "
-                        f"could read its initial value where the running program's code "
-                        f"holds another",
-                    )
+        for i in targets:
+            orig = diffs[i].orig
+            assert orig is not None
+            defined = {s.name.split(".")[0] for s in load_object(orig).symbols if _named(s)}
+            added[i] += [
+                Decision(
+                    name,
+                    ItemKind.VARIABLE,
+                    Verdict.REFUSED,
+                    f"static {name} of {os.path.basename(change.old)} is not in the original "
+                    f"object: the compiler folded it away, so the running program keeps "
+                    f"its value only in code, and the source changes it: the new code "
+                    f"could read its initial value where the running program's code "
+                    f"holds another",
                 )
+                for name in sorted(candidates - defined)
+            ]
+    return [
+        replace(d, decisions=d.decisions + tuple(added[i])) if added.get(i) else d
+        for i, d in enumerate(diffs)
+    ]
 
 
 def compare_trees(
@@ -721,10 +713,7 @@ def _sizes_match(obj: ObjectFile, binary: Binary) -> bool:
     for sym in obj.symbols:
         if sym.type != "FUNC" or not sym.defined or not sym.size:
             continue
-        if sym.is_local:
-            ref = binary.find_local(sym.name, obj.source_file) if obj.source_file else None
-        else:
-            ref = binary.find_global(sym.name)
+        ref = binary.find_symbol(sym.name, obj.source_file, local=sym.is_local)
         if ref is not None and ref.size != sym.size:
             return False
     return True
