@@ -262,7 +262,7 @@ def test_odd_padded_entry_takes_the_entry_jump(tmp_path: Path) -> None:
     binary = Binary(exe)
     seen = set()
     for name in ("f0", "f1", "f2", "f3", "f4", "f5"):
-        addr = binary.find_global(name).address
+        addr = binary.find_symbol(name, local=False).address
         if addr % 2 == 0:
             [fn] = extract_patch(obj, exe, [name]).functions
             assert fn.kind == RedirectKind.PATCHABLE_ENTRY, name

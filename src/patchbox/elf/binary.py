@@ -427,17 +427,29 @@ class Binary:
         """Returns True if some local symbol of the binary comes from ``source_file``."""
         return os.path.basename(source_file) in self._files
 
-    def find_symbol(self, name: str, source_file: str | None = None) -> Symbol | None:
-        """Returns the defined symbol ``name`` or None if the binary has none.
+    def find_symbol(
+        self, name: str, source_file: str | None = None, *, local: bool | None = None
+    ) -> Symbol | None:
+        """Returns the defined symbol ``name`` a reference from code of ``source_file``
+        binds to, or None if the binary has none: patchbox's one lookup rule.
 
-        With ``source_file``, a LOCAL symbol from that file (basenames compared) is
-        preferred, then a global one; locals of other files never match. Without it, a
-        global wins, then the only local of that name. Two candidates that cannot be told
-        apart raise ExtractError naming their files.
+        A name of unknown binding (``local`` None: a function named on the command line or
+        by PATCHBOX_ORIGINAL) binds to the static of ``source_file`` (basenames compared)
+        if that file has one, else to the global; locals of other files never match.
+        Without ``source_file``, a global wins, then the only local of that name.
+
+        An object's own symbol knows its binding: a LOCAL one (``local`` True) binds only
+        to the static of ``source_file`` (None without one), a GLOBAL one (``local``
+        False) only to the global. Two candidates that cannot be told apart raise
+        ExtractError naming their files.
         """
+        if local is True:
+            return self._find_local(name, source_file) if source_file is not None else None
+        if local is False:
+            return self._find_global(name)
         if source_file is not None:
-            return self.find_local(name, source_file) or self.find_global(name)
-        sym = self.find_global(name)
+            return self._find_local(name, source_file) or self._find_global(name)
+        sym = self._find_global(name)
         if sym is not None:
             return sym
         locals_ = [s for s in self._by_name.get(name, []) if s.is_local]
@@ -445,7 +457,7 @@ class Binary:
             raise ExtractError(self._ambiguous(name, locals_, ""))
         return locals_[0] if locals_ else None
 
-    def find_global(self, name: str) -> Symbol | None:
+    def _find_global(self, name: str) -> Symbol | None:
         """Returns the defined GLOBAL (or WEAK) symbol ``name``, else the hidden one of
         that name, else None.
 
@@ -462,7 +474,7 @@ class Binary:
             raise ExtractError(self._ambiguous(name, hidden, " (hidden or file-less)"))
         return hidden[0] if hidden else None
 
-    def find_local(self, name: str, source_file: str) -> Symbol | None:
+    def _find_local(self, name: str, source_file: str) -> Symbol | None:
         """Returns the LOCAL symbol ``name`` defined by ``source_file`` or None.
 
         Raises ExtractError if two files with that basename both define it.
