@@ -1,10 +1,17 @@
-"""A whole live patch from one or several patched objects.
+"""Objects → one live patch: the extraction passes in order.
 
-:func:`extract_patch` (``extract-patch``: one object, the functions named) and
-:func:`extract_multi` / :func:`patch_from_diffs` (``patchbox build``: every object a diff
-changed) run one :class:`~patchbox.extract.extractor.Extractor` per object — each
-object's statics are resolved against its own source file, so two ``static`` functions
-of the same name in two files are told apart — and concatenate the results:
+:func:`extract_objects` runs them over the objects of one patch (``patchbox build``
+hands it its plan; :func:`extract_patch`, ``extract-patch``, one object and the
+functions named)::
+
+    find_replaced, find_hooks   per object: what it replaces, its hooks   (replaced.py)
+    check_inlined               no old copy stays inlined elsewhere        (inlined.py)
+    close                       every copy and target, to a fixed point    (closure.py)
+    layout, emit                per object: bytes placed, fix-ups written  (emit.py)
+    combine                     the objects one after the other            (here)
+
+Each object's statics are resolved against its own source file, so two ``static``
+functions of the same name in two files are told apart. The objects are concatenated:
 
 - text: each object's text (its functions, copied code and read-only data, its stubs and
   GOT slots), 16-aligned, one after the other;
@@ -22,103 +29,137 @@ writable variables the program has are never copied.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
 import patchbox
 from patchbox import wire as C
-from patchbox.compare.objects import ObjectDiff
 from patchbox.elf.binary import Binary
 from patchbox.elf.exports import program_libraries
 from patchbox.elf.fastread import load_object
 from patchbox.errors import ExtractError
+from patchbox.extract.closure import close
+from patchbox.extract.emit import emit, layout, new_symbols
 from patchbox.extract.entry import is_shared_library
-from patchbox.extract.extractor import INT3, Extractor, align
 from patchbox.extract.inlined import check_inlined
+from patchbox.extract.model import (
+    INT3,
+    Closure,
+    Contribution,
+    Emitted,
+    Layout,
+    Member,
+    align,
+)
+from patchbox.extract.replaced import find_hooks, find_replaced
 from patchbox.format.layout import check_name
 from patchbox.format.model import Fixup, Function, Hook, Patch
 from patchbox.profiles import Profile, get_profile
 from patchbox.wire import ApplyFlag, FixupBase, FixupSection
 
-__all__ = ["extract_patch", "extract_multi", "patch_from_diffs", "check_reference"]
+__all__ = ["extract_patch", "extract_objects", "check_request", "now"]
 
 
-def _now() -> str:
+def now() -> str:
+    """Returns the current time as the ``created`` meta entry spells it."""
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-def _extract(
-    pairs: list[tuple[Path, list[str]]],
-    binary_path: Path,
-    shown: str,
+def check_request(name: str | None, total: int, none: str) -> str:
+    """Returns the patch name (default ``patch``) after checking it and the number of
+    functions to replace (``none``: the message when there is none)."""
+    name = name or "patch"
+    check_name(name)
+    if total == 0:
+        raise ExtractError(none)
+    if total > C.MAX_FUNCS:
+        raise ExtractError(f"{total} functions in one patch (max {C.MAX_FUNCS})")
+    return name
+
+
+def extract_objects(
+    contributions: Sequence[Contribution],
+    binary: Binary,
     *,
     name: str,
     profile: Profile,
-    allow_inlined: bool,
-    warnings: list[str],
-    force_copy: dict[str, set[str]],
-    for_build: bool,
     meta: dict[str, str],
-    symbols: str | Path | None = None,
+    warnings: list[str],
+    allow_inlined: bool = False,
+    for_build: bool = False,
+    shown: str | None = None,
 ) -> Patch:
-    """Returns the patch of every (object, functions) pair of ``pairs``."""
-    members: list[Extractor] = []
-    with Binary(binary_path, symbols) as binary:
-        build_id = binary.build_id()  # always the running binary's own
-        meta.update(binary.symbols_match.meta())
-        for i, (obj_path, functions) in enumerate(pairs):
-            members.append(
-                Extractor(
-                    load_object(obj_path),
-                    binary,
-                    functions,
-                    index=i,
-                    group=members,
-                    force_copy=force_copy.get(str(obj_path)),
-                    warnings=warnings,
-                )
-            )
-        for m in members:
-            m.find_replaced()
-            m.find_hooks()
-        meta.update(
-            check_inlined(
-                binary,
-                shown,
-                members,
-                allow_inlined=allow_inlined,
-                warnings=warnings,
-                for_build=for_build,
-            )
+    """Returns the patch of ``contributions`` against the reference ``binary``.
+
+    ``meta`` starts the patch's meta (a copy is extended). Warnings are appended to
+    ``warnings`` as they are found, before an error too. ``for_build``: the objects come
+    from `patchbox build`, whose comparison already covers inlined copies without LTO
+    (:func:`patchbox.extract.inlined.check_inlined`). ``shown`` names the binary in
+    messages (default: its path). Raises ExtractError (UnsupportedRelocation) when no
+    correct patch can be built.
+    """
+    meta = dict(meta)
+    meta.update(binary.symbols_match.meta())
+    members = []
+    for index, part in enumerate(contributions):
+        obj = load_object(part.object)
+        names = tuple(dict.fromkeys(part.functions))
+        replaced = find_replaced(obj, binary, names, warnings)
+        members.append(Member(index, obj, names, replaced, find_hooks(obj), part.copies))
+    meta.update(
+        check_inlined(
+            binary,
+            shown if shown is not None else str(binary.path),
+            members,
+            allow_inlined=allow_inlined,
+            warnings=warnings,
+            for_build=for_build,
         )
-        while any(m.worklist for m in members):
-            for m in members:
-                m.discover()
-        blobs = [m.layout() for m in members]
-        for m, (text, data, _bss) in zip(members, blobs, strict=True):
-            m.emit(text, data)
-        _check_imports(binary, members, warnings)
+    )
+    closures = close(members, binary)
+    layouts = [layout(m, c) for m, c in zip(members, closures, strict=True)]
+    emitted = [emit(m, c, layouts) for m, c in zip(members, closures, strict=True)]
+    _check_imports(binary, emitted, warnings)
+    return _combine(members, closures, layouts, emitted, binary, name, profile, meta)
+
+
+def _combine(
+    members: Sequence[Member],
+    closures: Sequence[Closure],
+    layouts: Sequence[Layout],
+    emitted: Sequence[Emitted],
+    binary: Binary,
+    name: str,
+    profile: Profile,
+    meta: dict[str, str],
+) -> Patch:
+    """Returns the patch of the members one after the other."""
     text, data = bytearray(), bytearray()
     tbase, dbase = [], []
     bss_size = 0
-    for k, (mtext, mdata, mbss) in enumerate(blobs):
+    for k, (out, lay) in enumerate(zip(emitted, layouts, strict=True)):
         align(text, 16, INT3)
         tbase.append(len(text))
-        text += mtext
+        text += out.text
         align(data, 16, 0)
         dbase.append(len(data))
-        data += mdata
+        data += out.data
         if k == len(members) - 1:
-            bss_size = mbss
+            bss_size = lay.bss_size
         else:
-            data += bytes(mbss)
-    fixups: list[Fixup] = []
-    funcs: list[Function] = []
-    hooks = [Hook(when, tbase[m.index] + off) for m in members for when, off in m.hook_offsets()]
+            data += bytes(lay.bss_size)
+    hooks = [
+        Hook(h.when, tbase[m.index] + lay.placement[h.section][1] + h.offset)
+        for m, lay in zip(members, layouts, strict=True)
+        for h in m.hooks
+    ]
     if len(hooks) > C.MAX_HOOKS:
         raise ExtractError(f"{len(hooks)} hooks in one patch (max {C.MAX_HOOKS})")
-    for m in members:
-        for placed in m.fixups:
+    fixups: list[Fixup] = []
+    funcs: list[Function] = []
+    for m, closure, lay, out in zip(members, closures, layouts, emitted, strict=True):
+        for placed in out.fixups:
             fx = placed.fixup
             at = tbase[m.index] if fx.section == FixupSection.TEXT else dbase[m.index]
             addend = fx.addend
@@ -132,7 +173,7 @@ def _extract(
                 Function(
                     symbol=r.symbol.name,
                     target=r.address,
-                    new_offset=tbase[m.index] + m.placement[r.section.index][1] + r.symbol.value,
+                    new_offset=tbase[m.index] + lay.placement[r.section.index][1] + r.symbol.value,
                     new_size=r.symbol.size,
                     expected=r.expected,
                     kind=r.kind,
@@ -141,12 +182,12 @@ def _extract(
             )
             key = f"source:{r.symbol.name}"
             if key in meta:  # static functions of one name in several files
-                key += f"@{os.path.basename(m.obj.source_file or str(m.index))}"
-            meta[key] = m.obj.source_file or "unknown"
-        meta.update(m.new_symbols())
+                key += f"@{os.path.basename(m.source or str(m.index))}"
+            meta[key] = m.source or "unknown"
+        meta.update(new_symbols(m, closure))
     fixups.sort(key=lambda f: (f.section, f.offset))
     # The program's build facts, when the binary sits in its build directory (QEMU).
-    meta.update(profile.build_facts(binary_path.parent))
+    meta.update(profile.build_facts(binary.path.parent))
     # QEMU code may be suspended in coroutines on stacks the agent cannot scan: never
     # reuse such a patch's memory after remove (docs/qemu.md, "Coroutines").
     flags = ApplyFlag.RETAIN if profile.retain else 0
@@ -156,7 +197,7 @@ def _extract(
         flags |= ApplyFlag.HOLD
     return Patch(
         name=name,
-        build_id=build_id,
+        build_id=binary.build_id(),  # always the running binary's own
         text=bytes(text),
         functions=funcs,
         fixups=fixups,
@@ -168,15 +209,15 @@ def _extract(
     )
 
 
-def _check_imports(binary: Binary, members: list[Extractor], warnings: list[str]) -> None:
+def _check_imports(binary: Binary, emitted: Sequence[Emitted], warnings: list[str]) -> None:
     """Refuses a patch whose code imports a name that neither the program nor a library it
     loads defines: the agent would refuse it at apply time (SYMBOL_NOT_FOUND); found on
     QEMU, a new trace point whose generated code the build did not regenerate."""
     names = sorted(
         {
             pf.fixup.symbol
-            for m in members
-            for pf in m.fixups
+            for out in emitted
+            for pf in out.fixups
             if pf.fixup.base == FixupBase.IMPORT and not pf.fixup.symbol.startswith("patchbox_")
         }
     )  # the agent's own API
@@ -197,16 +238,6 @@ def _check_imports(binary: Binary, members: list[Extractor], warnings: list[str]
         f"it loads define: code generated from a changed input (a new trace point?) that the "
         f"build did not regenerate, or a library the program does not link"
     )
-
-
-def _check_request(name: str | None, total: int, none: str) -> str:
-    name = name or "patch"
-    check_name(name)
-    if total == 0:
-        raise ExtractError(none)
-    if total > C.MAX_FUNCS:
-        raise ExtractError(f"{total} functions in one patch (max {C.MAX_FUNCS})")
-    return name
 
 
 def extract_patch(
@@ -251,174 +282,26 @@ def extract_patch(
     """
     prof = get_profile(profile)
     functions = list(dict.fromkeys(functions))
-    name = _check_request(
+    name = check_request(
         name, len(functions), "no function to extract: give at least one --function"
     )
-    obj_path, binary = Path(obj_path).absolute(), Path(binary_path).absolute()
+    obj, reference = Path(obj_path).absolute(), Path(binary_path).absolute()
     meta = {
         "tool": "extract-patch",
         "tool_version": patchbox.__version__,
-        "created": _now(),
-        "reference": str(binary),
-        "object": str(obj_path),
+        "created": now(),
+        "reference": str(reference),
+        "object": str(obj),
         "profile": prof.name,
     }
-    return _extract(
-        [(obj_path, functions)],
-        binary,
-        str(binary_path),
-        name=name,
-        profile=prof,
-        allow_inlined=allow_inlined,
-        warnings=warnings if warnings is not None else [],
-        force_copy={},
-        for_build=False,
-        meta=meta,
-        symbols=symbols,
-    )
-
-
-def extract_multi(
-    pairs: list[tuple[Path | str, list[str]]],
-    binary_path: str | Path,
-    *,
-    name: str | None = None,
-    profile: str | Profile = "generic",
-    force_copy: dict[str, set[str]] | None = None,
-    allow_inlined: bool = False,
-    warnings: list[str] | None = None,
-    meta: dict[str, str] | None = None,
-    symbols: str | Path | None = None,
-) -> Patch:
-    """Returns one patch replacing, for each (patched object, function names) pair, those
-    functions of ``binary_path`` by their versions in the object.
-
-    Objects with no function to replace may be given: they only supply new globals that
-    the others reference. ``force_copy`` maps an object path (as given) to names of local
-    functions (changed GCC clones) that must be copied rather than linked to the
-    program's. Everything else is as in :func:`extract_patch`.
-    """
-    prof = get_profile(profile)
-    name = _check_request(name, sum(len(set(f)) for _o, f in pairs), "no function to replace")
-    binary = Path(binary_path).absolute()
-    objects = [(Path(o).absolute(), list(f)) for o, f in pairs]
-    copies = {str(Path(k).absolute()): v for k, v in (force_copy or {}).items()}
-    out_meta = {
-        "tool": "patchbox-build",
-        "tool_version": patchbox.__version__,
-        "created": _now(),
-        "reference": str(binary),
-        "profile": prof.name,
-        "objects": ",".join(str(o) for o, _f in objects),
-    }
-    patch = _extract(
-        objects,
-        binary,
-        str(binary_path),
-        name=name,
-        profile=prof,
-        allow_inlined=allow_inlined,
-        warnings=warnings if warnings is not None else [],
-        force_copy=copies,
-        for_build=True,
-        meta=out_meta,
-        symbols=symbols,
-    )
-    patch.meta.update(meta or {})
-    return patch
-
-
-def patch_from_diffs(
-    diffs: list[ObjectDiff],
-    binary_path: str | Path,
-    *,
-    name: str | None = None,
-    profile: str | Profile = "generic",
-    allow_inlined: bool = False,
-    warnings: list[str] | None = None,
-    meta: dict[str, str] | None = None,
-    symbols: str | Path | None = None,
-) -> Patch:
-    """Returns the patch for the object comparisons ``diffs`` (:mod:`patchbox.compare`);
-    raises ExtractError listing every refusal, or if no function changed."""
-    refusals = [f"{d.rel}: {r}" for d in diffs for r in d.refusals]
-    if refusals:
-        # Name every data item the diff touches, not only the refused ones.
-        others = [
-            f"{x.symbol} ({x.reason.split(':')[0]})"
-            for d in diffs
-            for x in d.decisions
-            if x.what == "variable" and x.verdict in ("carried", "out")
-        ]
-        tail = f"; other data changes: {', '.join(others)}" if others else ""
-        raise ExtractError("refused: " + "; ".join(refusals) + tail)
-    pairs: list[tuple[Path | str, list[str]]] = [
-        (d.patched, d.functions) for d in diffs if d.functions or d.new_globals
-    ]
-    if not any(f for _p, f in pairs):
-        raise ExtractError("the diff changes no function of the program (see --explain)")
-    check_reference(diffs, binary_path, symbols)
-    pairs = [(d.patched, d.functions) for d in diffs if d.functions or d.new_globals]  # again
-    if not any(f for _p, f in pairs):
-        raise ExtractError(
-            "the diff changes no function that the running program has out of line (see --explain)"
+    with Binary(reference, symbols) as binary:
+        return extract_objects(
+            [Contribution(obj, tuple(functions))],
+            binary,
+            name=name,
+            profile=prof,
+            meta=meta,
+            warnings=warnings if warnings is not None else [],
+            allow_inlined=allow_inlined,
+            shown=str(binary_path),
         )
-    force = {str(d.patched): d.force_copy for d in diffs if d.force_copy}
-    out_meta = {"objects": ",".join(d.rel for d in diffs if d.functions or d.new_globals)}
-    out_meta.update(meta or {})
-    return extract_multi(
-        pairs,
-        binary_path,
-        name=name,
-        profile=profile,
-        force_copy=force,
-        allow_inlined=allow_inlined,
-        warnings=warnings,
-        meta=out_meta,
-        symbols=symbols,
-    )
-
-
-def check_reference(
-    diffs: list[ObjectDiff], binary_path: str | Path, symbols: str | Path | None = None
-) -> None:
-    """Matches the changed functions with the reference binary, in place.
-
-    Refuses when a replaced function of the original build has another size than in the
-    reference binary: the tree did not rebuild the running program (other sources or
-    flags), so the diff of the two builds says nothing reliable about it.
-
-    A changed function with no out-of-line copy in the binary (inlined into every caller,
-    or dropped by the linker) is not a redirect target: it becomes *carried* (copied if
-    the new code calls it), and its callers, whose code changed with it, are replaced.
-    """
-    with Binary(Path(binary_path), symbols) as binary:
-        for d in diffs:
-            if not d.functions or d.orig is None:
-                continue
-            orig = load_object(d.orig)
-            for fn in list(d.functions):
-                sym = orig.get_function(fn)
-                if sym is None:
-                    continue
-                if sym.is_local:
-                    ref = binary.find_local(fn, orig.source_file) if orig.source_file else None
-                else:
-                    ref = binary.find_global(fn)
-                if ref is None or ref.type != "FUNC":
-                    d.functions.remove(fn)
-                    d.force_copy.add(fn)
-                    for dec in d.decisions:
-                        if dec.symbol == fn and dec.verdict == "in":
-                            dec.verdict = "carried"
-                            dec.reason += (
-                                "; no out-of-line copy in the running binary (inlined into "
-                                "its callers, which are in the patch where their code changed)"
-                            )
-                    continue
-                if ref.size != sym.size:
-                    raise ExtractError(
-                        f"{fn} ({d.rel}) is {sym.size} bytes in the original build but "
-                        f"{ref.size} bytes in {binary_path}: the tree does not rebuild the "
-                        f"running binary (other sources, compiler or flags?)"
-                    )

@@ -11,13 +11,14 @@ fine: its replacement carries the fixed inline.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from patchbox.elf import dwarf
 from patchbox.elf.binary import Binary
 from patchbox.elf.dwarf import InlineSite
 from patchbox.errors import ElfError, ExtractError
-from patchbox.extract.extractor import Extractor
+from patchbox.extract.model import Member
 
 __all__ = ["check_inlined"]
 
@@ -28,7 +29,7 @@ class _Replaced:
     source: str | None  # basename of the defining file for a static function, None: global
 
 
-def _replaced(members: list[Extractor]) -> list[_Replaced]:
+def _replaced(members: Sequence[Member]) -> list[_Replaced]:
     """Returns the replaced functions of every member."""
     out: list[_Replaced] = []
     for m in members:
@@ -40,7 +41,7 @@ def _replaced(members: list[Extractor]) -> list[_Replaced]:
     return out
 
 
-def _homes(members: list[Extractor], replaced: list[_Replaced]) -> dict[str, str]:
+def _homes(members: Sequence[Member], replaced: list[_Replaced]) -> dict[str, str]:
     """Returns the single-``.c``-file homes of the replaced global functions (so the DWARF
     walk can skip other compile units): those declared only in their own ``.c`` file."""
     homes: dict[str, str] = {}
@@ -68,7 +69,7 @@ def _where(sites: list[InlineSite], counted: bool = False) -> str:
 def check_inlined(
     binary: Binary,
     shown: str,
-    members: list[Extractor],
+    members: Sequence[Member],
     *,
     allow_inlined: bool,
     warnings: list[str],

@@ -1,0 +1,180 @@
+"""The last extraction passes: lay one member's copied sections out, then write its
+bytes and fix-ups. Neither finds anything: the closure (:mod:`patchbox.extract.closure`)
+already says what is copied and where every relocation goes.
+
+Text layout of one member: replaced functions (each its whole section with its own 6+2
+NOP entry, 16-aligned), other copied functions, copied read-only data (16-aligned),
+import stubs (16 bytes each: ``ff 25 00000000`` + 8-byte slot + 2 × int3), GOT slots
+(8 bytes each). Data: copied writable data, then bss (only its size is stored).
+:mod:`patchbox.extract.combine` puts the members of one patch one after the other.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from patchbox.elf.objfile import Relocation, Section
+from patchbox.elf.reloc import Recipe, RelocType
+from patchbox.errors import UnsupportedRelocation
+from patchbox.extract.closure import is_branch, where
+from patchbox.extract.model import (
+    INT3,
+    Closure,
+    Emitted,
+    Layout,
+    Member,
+    PlacedFixup,
+    SectionKind,
+    Target,
+    TargetKind,
+    align,
+)
+from patchbox.format.model import Fixup
+from patchbox.wire import FixupBase, FixupSection, FixupType
+
+__all__ = ["STUB_SIZE", "GOT_SLOT", "layout", "emit", "new_symbols"]
+
+# An import stub: jmp *slot(%rip) with the slot right after it, then two int3.
+STUB = b"\xff\x25\x00\x00\x00\x00"
+STUB_SIZE = 16
+STUB_SLOT = 6
+GOT_SLOT = 8
+
+
+def layout(member: Member, closure: Closure) -> Layout:
+    """Returns ``member``'s text and data with every copied section placed."""
+    obj = member.obj
+    text, data = bytearray(), bytearray()
+    placement: dict[int, tuple[FixupSection, int]] = {}
+    first = [r.section.index for r in member.replaced]
+    funcs = first + [i for i, k in closure.copied if k is SectionKind.FUNC and i not in first]
+    for i in funcs:
+        sec = obj.get_section(i)
+        align(text, max(16, sec.align), INT3)
+        placement[i] = (FixupSection.TEXT, len(text))
+        text += sec.data
+    align(text, 16, INT3)
+    for i, kind in closure.copied:
+        if kind is SectionKind.RODATA:
+            sec = obj.get_section(i)
+            align(text, sec.align, 0)
+            placement[i] = (FixupSection.TEXT, len(text))
+            text += sec.data
+    for i, kind in closure.copied:
+        if kind is SectionKind.DATA:
+            sec = obj.get_section(i)
+            align(data, sec.align, 0)
+            placement[i] = (FixupSection.DATA, len(data))
+            data += sec.data
+    end = len(data)
+    for i, kind in closure.copied:
+        if kind is SectionKind.BSS:
+            sec = obj.get_section(i)
+            end = -(-end // sec.align) * sec.align
+            placement[i] = (FixupSection.DATA, end)
+            end += sec.size
+    return Layout(bytes(text), bytes(data), end - len(data), placement)
+
+
+def emit(member: Member, closure: Closure, layouts: Sequence[Layout]) -> Emitted:
+    """Returns ``member``'s final text and data and its fix-ups; ``layouts`` are every
+    member's, for targets copied into another member (MEMBER)."""
+    obj = member.obj
+    own = layouts[member.index]
+    text, data = bytearray(own.text), bytearray(own.data)
+    fixups: list[PlacedFixup] = []
+
+    def keep(fixup: Fixup) -> None:  # a fix-up whose TEXT/DATA base is this member's
+        fixups.append(PlacedFixup(fixup, member.index))
+
+    def add(where: FixupSection, ftype: FixupType, tgt: Target, pos: int, addend: int) -> None:
+        if tgt.kind in (TargetKind.COPY, TargetKind.MEMBER):
+            owner = member.index if tgt.kind is TargetKind.COPY else tgt.member
+            area, off = layouts[owner].placement[tgt.section]
+            base = FixupBase.TEXT if area == FixupSection.TEXT else FixupBase.DATA
+            fixups.append(
+                PlacedFixup(Fixup(where, ftype, base, pos, off + tgt.value + addend), owner)
+            )
+        elif tgt.kind is TargetKind.EXE:
+            keep(Fixup(where, ftype, FixupBase.EXE, pos, tgt.value + addend))
+        elif tgt.kind is TargetKind.ABS:
+            keep(Fixup(where, ftype, FixupBase.ABS, pos, tgt.value + addend))
+        else:
+            keep(Fixup(where, ftype, FixupBase.IMPORT, pos, tgt.value + addend, tgt.symbol))
+
+    # Stubs and GOT slots go after everything copied, so their offsets are known now.
+    stubs: dict[str, int] = {}  # import symbol -> stub offset in text
+    for b in closure.bindings:
+        if b.target.kind is TargetKind.IMPORT and b.rtype.recipe in (Recipe.CALL, Recipe.PCREL):
+            _check_call(obj.get_section(b.section), b.reloc, b.rtype)
+            stubs.setdefault(b.target.symbol, -1)
+    if stubs:
+        align(text, 16, INT3)
+        for name in stubs:
+            stubs[name] = len(text)
+            text += STUB + bytes(8) + bytes([INT3, INT3])
+            slot = Target(TargetKind.IMPORT, symbol=name)
+            add(FixupSection.TEXT, FixupType.ABS64, slot, len(text) - STUB_SIZE + STUB_SLOT, 0)
+    got: dict[Target, int] = {}  # target -> slot offset in text
+    got_targets = dict.fromkeys(b.target for b in closure.bindings if b.rtype.recipe is Recipe.GOT)
+    if got_targets:
+        align(text, GOT_SLOT, 0)
+        for tgt in got_targets:
+            got[tgt] = len(text)
+            text += bytes(GOT_SLOT)
+            add(FixupSection.TEXT, FixupType.ABS64, tgt, got[tgt], 0)
+    for b in closure.bindings:
+        where_, off = own.placement[b.section]
+        pos = off + b.reloc.offset
+        buf = text if where_ == FixupSection.TEXT else data
+        buf[pos : pos + b.rtype.size] = bytes(b.rtype.size)
+        addend = b.reloc.addend
+        if b.rtype.recipe is Recipe.ABS64:
+            add(where_, FixupType.ABS64, b.target, pos, addend)
+        elif b.rtype.recipe is Recipe.GOT:
+            keep(Fixup(where_, FixupType.PC32, FixupBase.TEXT, pos, got[b.target] + addend))
+        elif b.target.kind is TargetKind.IMPORT:
+            stub = stubs[b.target.symbol]
+            keep(Fixup(where_, FixupType.PC32, FixupBase.TEXT, pos, stub + addend))
+        else:
+            add(where_, FixupType.PC32, b.target, pos, addend)
+    for bound in closure.bound_branches:
+        _area, off = own.placement[bound.section]
+        text[off + bound.field : off + bound.field + 4] = bytes(4)
+        # rel32 = target - (field + 4): S + A - P with A = -4
+        at = off + bound.field
+        keep(Fixup(FixupSection.TEXT, FixupType.PC32, FixupBase.EXE, at, bound.address - 4))
+    return Emitted(bytes(text), bytes(data), tuple(fixups))
+
+
+def new_symbols(member: Member, closure: Closure) -> dict[str, str]:
+    """Returns the ``new:<symbol>`` meta entries of ``member``'s copied sections."""
+    obj = member.obj
+    replaced = {r.section.index for r in member.replaced}
+    replaced_names = {r.symbol.name for r in member.replaced}
+    meta = {}
+    for i, kind in closure.copied:
+        if i in replaced and i not in closure.live:
+            continue
+        sec = obj.get_section(i)
+        names = [s.name for s in obj.get_section_symbols(sec) if closure.is_live(i, s.value)] or [
+            sec.name
+        ]
+        if i in closure.live:  # a shared section: its live functions, not the replaced ones
+            names = [n for n in names if n not in replaced_names]
+        for n in names:
+            meta[f"new:{n}"] = "text" if kind in (SectionKind.FUNC, SectionKind.RODATA) else "data"
+    return meta
+
+
+def _check_call(sec: Section, rel: Relocation, rtype: RelocType) -> None:
+    """Raises unless an import reached PC-relatively is the operand of a call/jmp."""
+    if rtype.recipe is Recipe.CALL and sec.is_exec:
+        return
+    if not is_branch(sec, rel):
+        raise UnsupportedRelocation(
+            f"{rtype.name} in {where(sec, rel)}: PC-relative data reference to "
+            f"{rel.symbol.name!r}, which the program does not define (a shared-library "
+            f"variable); it can only be reached through the GOT: compile the patch with "
+            f"-fPIC, or reference it from the program itself"
+        )
