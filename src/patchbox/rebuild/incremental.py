@@ -34,12 +34,13 @@ import os
 import shlex
 import shutil
 import subprocess
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from patchbox.errors import BuildError
-from patchbox.rebuild.workspace import Workspace
+from patchbox.rebuild.workspace import Rebuilt, Workspace
 from patchbox.sourcediff import diff_files, strip_path
 
 __all__ = [
@@ -357,6 +358,35 @@ class IncrementalBuild(Workspace):
             os.path.realpath(self.build_dir),
         }
         self._changed: list[str] = []  # set by apply_diff: originals the diff changes
+
+    def rebuild(self, diff: Path, strip: int | None, jobs: int | None) -> Rebuilt:
+        """Returns the objects of the build directory that ``diff`` affects, and the same
+        objects recompiled from a patched mirror of the source tree."""
+        start = time.monotonic()
+        self.copy_source()
+        copied = time.monotonic()
+        level = self.apply_diff(diff, strip)
+        entries = self.affected(self.changed_files(Path(diff).read_text(errors="replace"), level))
+        for o in self.stale(entries):
+            self.warnings.append(
+                f"{o} is out of date in {self.build_dir} (ninja would rebuild it): the build "
+                f"directory may not be what built the running binary"
+            )
+        orig, patched = self.compile(entries, jobs)
+        built = time.monotonic()
+        return Rebuilt(
+            orig,
+            patched,
+            level,
+            (("copy", copied - start), ("recompile", built - copied)),
+            recompiled=len(entries),
+            notes=(
+                f"{len(entries)} object(s) of {self.build_dir} affected by the diff, "
+                f"recompiled from the patched copy",
+                *self.notes,
+            ),
+            warnings=tuple(self.warnings),
+        )
 
     def copy_source(self) -> None:
         """Mirrors the source tree (without ``.git`` and the build directory) in ``tree``,

@@ -18,13 +18,17 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from patchbox import config
 from patchbox.errors import BuildError
 from patchbox.sourcediff import diff_files
 
-__all__ = ["BuildError", "Workspace", "check_diff"]
+__all__ = ["BuildError", "Rebuilt", "TreeBuild", "Workspace", "check_diff"]
 
 ASM_SUFFIXES = (".S", ".s", ".sx", ".asm")
 
@@ -43,11 +47,44 @@ def check_diff(diff_text: str) -> None:
         )
 
 
+@dataclass(frozen=True)
+class Rebuilt:
+    """The two builds of a tree: the objects without and with the diff."""
+
+    original: Mapping[str, Path]  # by path relative to the tree (or build directory)
+    patched: Mapping[str, Path]
+    level: int  # the -p level the diff applied with
+    steps: tuple[tuple[str, float], ...]  # what took how long (seconds), in order
+    recompiled: int | None = None  # incremental mode: the objects recompiled
+    notes: tuple[str, ...] = ()  # what --explain prints above the comparison
+    warnings: tuple[str, ...] = ()
+
+
+class TreeBuild(Protocol):
+    """What `patchbox build` needs of a workspace, whichever the mode: a context that
+    removes what it made (unless kept), and one call building both sides."""
+
+    root: Path
+
+    def __enter__(self) -> TreeBuild: ...
+
+    def __exit__(self, *exc: object) -> None: ...
+
+    def rebuild(self, diff: Path, strip: int | None, jobs: int | None) -> Rebuilt:
+        """Returns the original and the patched objects of the tree and ``diff``."""
+        ...
+
+
 class Workspace:
-    """A temporary copy of the source tree (``root/tree``) and the stashed original objects."""
+    """A temporary copy of the source tree (``root/tree``) and the stashed original
+    objects: the make mode of `patchbox build` (:meth:`rebuild`)."""
 
     def __init__(
-        self, source: str | Path, work: str | Path | None = None, keep: bool = False
+        self,
+        source: str | Path,
+        work: str | Path | None = None,
+        keep: bool = False,
+        command: str = "make",
     ) -> None:
         self.source = Path(source).resolve()
         if not self.source.is_dir():
@@ -62,6 +99,7 @@ class Workspace:
         self.keep = keep or work is not None
         self.tree = self.root / "tree"
         self.orig = self.root / "orig"
+        self.command = command  # the build command (sh -c in the copy)
 
     def __enter__(self) -> Workspace:
         return self
@@ -69,6 +107,20 @@ class Workspace:
     def __exit__(self, *exc: object) -> None:
         if not self.keep:
             shutil.rmtree(self.root, ignore_errors=True)
+
+    def rebuild(self, diff: Path, strip: int | None, jobs: int | None) -> Rebuilt:
+        """Returns the objects of the tree built in the copy, then of the copy with
+        ``diff`` applied and built again in the same directory."""
+        start = time.monotonic()
+        self.copy_source()
+        self.build(self.command, jobs, "original")
+        orig = self.stash_objects()
+        if not orig:
+            raise BuildError(f"`{self.command}` produced no object file (*.o) in the tree")
+        level = self.apply_diff(diff, strip)
+        self.build(self.command, jobs, "patched")
+        patched = self.objects()
+        return Rebuilt(orig, patched, level, (("builds", time.monotonic() - start),))
 
     def copy_source(self) -> None:
         """Copies the user's tree (timestamps kept: objects already built stay up to date)."""
