@@ -23,8 +23,8 @@ from patchbox.compare.objects import (
 )
 from patchbox.elf.binary import Binary
 from patchbox.errors import BuildError, ExtractError
-from patchbox.extract import patch_from_diffs
 from patchbox.flags import LINK_FLAGS, PATCH_CFLAGS
+from patchbox.pipeline import patch_from_diffs
 from patchbox.profiles import get_profile
 from patchbox.rebuild.workspace import check_diff
 from patchbox.sourcediff import changed_lines, parse_diff
@@ -147,7 +147,7 @@ def test_file_paths_compare_by_basename(tmp_path: Path) -> None:
     (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
     o = compile_c(src, tmp_path / "a" / "case.o", obj=True, extra=['-DSRC="/one/dir/x.c"'])
     p = compile_c(src, tmp_path / "b" / "case.o", obj=True, extra=['-DSRC="/two/x.c"'])
-    assert compare_objects(o, p).decisions == []
+    assert compare_objects(o, p).decisions == ()
 
 
 def test_new_static_variable(tmp_path: Path) -> None:
@@ -312,7 +312,7 @@ int h(int x) { return x; }
         "+static inline int sq(int x) { return x * x + 3; }\n"
     )
     assert changed_lines(diff) == {"case.c": {2}}
-    annotate_inlined([d], diff)
+    [d] = annotate_inlined([d], diff)
     got = {x.symbol: (x.verdict, x.reason) for x in d.decisions}
     assert got["f"][0] == "in" and got["g"][0] == "in" and "h" not in got
     assert got["f"][1].endswith("(it inlines sq, changed by the diff)")
@@ -347,7 +347,7 @@ int f3(struct big *p) { return geta(p) + 1; }
     d = compare_objects(o, p)
     got = {x.symbol: x.verdict for x in d.decisions}
     assert got == {"mul.constprop.0": "carried", "f1": "in", "f2": "in"}
-    assert d.force_copy == {"mul.constprop.0"} and sorted(d.functions) == ["f1", "f2"]
+    assert d.clones == {"mul.constprop.0"} and sorted(d.functions) == ["f1", "f2"]
     # Renumbered clones (mul.constprop.0 -> .4, geta.isra.0 -> .2) still correlate.
     q = tmp_path / "renamed.o"
     subprocess.run(
@@ -362,7 +362,7 @@ int f3(struct big *p) { return geta(p) + 1; }
         ],
         check=True,
     )
-    assert compare_objects(o, q).decisions == []
+    assert compare_objects(o, q).decisions == ()
 
 
 def test_renumbered_static_local_is_the_same_variable(tmp_path: Path) -> None:
@@ -400,7 +400,7 @@ int main(void) { return tick(); }
     exe = build_exe(tmp_path, {"case.c": src})
     o, p = pair(tmp_path, src, src.replace("++n", "n += 2"), extra=["-g"])
     d = compare_objects(o, p)
-    assert d.functions == ["tick"]
+    assert d.functions == ("tick",)
     patch = patch_from_diffs([d], exe)
     with Binary(exe) as b:
         n = next(s for s in b.iter_locals("case.c") if s.name.startswith("n."))
@@ -439,10 +439,13 @@ def test_several_objects_one_patch_static_names_by_file(tmp_path: Path) -> None:
         {**files, "a.c": A_HELPER.replace("x + 3", "x + 4"), "b.c": B.replace("x * 2", "x * 5")},
     )
     diffs, same = compare_trees(orig, new)
-    assert same == 1 and [d.functions for d in diffs] == [["helper"], ["helper"]]
+    assert same == 1 and [d.functions for d in diffs] == [("helper",), ("helper",)]
     patch = patch_from_diffs(diffs, exe)
     with Binary(exe) as b:
-        want = {b.find_local("helper", "a.c").address, b.find_local("helper", "b.c").address}
+        want = {
+            b.find_symbol("helper", "a.c", local=True).address,
+            b.find_symbol("helper", "b.c", local=True).address,
+        }
     assert {f.target for f in patch.functions} == want
     assert patch.meta["source:helper"] == "a.c" and patch.meta["source:helper@b.c"] == "b.c"
     text = format_explain(diffs, same)
@@ -464,7 +467,7 @@ def test_new_global_defined_in_another_object(tmp_path: Path) -> None:
     )
     diffs, _same = compare_trees(orig, new)
     by = {d.rel: d for d in diffs}
-    assert by["a.o"].functions == ["a"] and by["b.o"].new_globals == {"b_new"}
+    assert by["a.o"].functions == ("a",) and by["b.o"].new_globals == {"b_new"}
     patch = patch_from_diffs(diffs, exe)
     assert [f.symbol for f in patch.functions] == ["a"]
     assert not any(f.base == FixupBase.IMPORT for f in patch.fixups)  # b_new is in the patch
@@ -503,7 +506,7 @@ def test_workspace_never_touches_the_tree(tmp_path: Path) -> None:
         assert ws.apply_diff(diff) == 0
         ws.build("make", None, "patched")
         diffs, _same = compare_trees(orig, ws.objects())
-        assert [d.functions for d in diffs] == [["f"]]
+        assert [d.functions for d in diffs] == [("f",)]
         root = ws.root
     assert not root.exists()
     assert (src / "x.c").read_text() == "int f(void) { return 1; }\n"
@@ -582,7 +585,7 @@ def test_static_folded_in_both_objects_refused_from_the_source(tmp_path: Path) -
     diff = "".join(
         difflib.unified_diff(src.splitlines(True), fixed.splitlines(True), "a/case.c", "b/case.c")
     )
-    refuse_folded_statics([d], parse_diff(diff), lambda change: src)
+    [d] = refuse_folded_statics([d], parse_diff(diff), lambda change: src)
     assert len(d.refusals) == 1 and d.refusals[0].startswith(
         "mode: static mode of case.c is not in the original object: the compiler folded it away"
     ), d.refusals
@@ -603,7 +606,7 @@ def test_static_written_through_a_pointer_and_folded_refused(tmp_path: Path) -> 
     diff = "".join(
         difflib.unified_diff(src.splitlines(True), fixed.splitlines(True), "a/case.c", "b/case.c")
     )
-    refuse_folded_statics([d], parse_diff(diff), lambda change: src)
+    [d] = refuse_folded_statics([d], parse_diff(diff), lambda change: src)
     assert [r.split(":")[0] for r in d.refusals] == ["g_4"], d.refusals
     assert written_statics(src, {"g_4"}) == {"g_4"}
     assert written_statics("static int k = 1;\nint f(void) { return k == 2; }\n", {"k"}) == set()

@@ -11,7 +11,7 @@ from helpers import compile_c
 from patchbox.compare.objects import compare_objects
 from patchbox.compare.types import layout_changes, read_layouts
 from patchbox.errors import ExtractError
-from patchbox.extract import patch_from_diffs
+from patchbox.pipeline import patch_from_diffs
 
 SRC = """
 struct conn { int fd; char *buf; unsigned len; };

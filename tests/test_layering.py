@@ -18,7 +18,7 @@ LAYERS: list[set[str]] = [
     {"flags", "profiles", "sourcediff", "safefs", "elf", "format"},
     {"protocol", "config", "signing", "compare"},
     {"policy", "rebuild", "extract", "store", "reach"},
-    {"host"},
+    {"host", "pipeline"},
     {"cli"},
 ]
 LAYER_OF = {room: i for i, rooms in enumerate(LAYERS) for room in rooms}

@@ -2,24 +2,9 @@
 
 from __future__ import annotations
 
-import os
-import time
-from functools import partial
 from pathlib import Path
 
 import click
-
-from patchbox.compare.explain import annotate_inlined, format_explain
-from patchbox.compare.objects import compare_trees, other_programs, refuse_folded_statics
-from patchbox.elf.binary import Binary
-from patchbox.elf.buildid import read_build_id
-from patchbox.errors import BuildError, PatchboxError
-from patchbox.extract import check_reference, patch_from_diffs
-from patchbox.format.layout import check_name, save_patch
-from patchbox.profiles import GENERIC, QEMU
-from patchbox.rebuild.incremental import IncrementalBuild
-from patchbox.rebuild.workspace import Workspace, check_diff
-from patchbox.sourcediff import FileChange, line_maps, parse_diff
 
 __all__ = ["build_command"]
 
@@ -90,7 +75,9 @@ __all__ = ["build_command"]
     "or a rebuild whose loaded sections are byte-identical); default: its separate debug file.",
 )
 @click.option("--name", default=None, help="Patch name (default: output file stem).")
-@click.option("--explain", is_flag=True, help="Print per function why it is in or out.")
+@click.option(
+    "--explain", "explain_flag", is_flag=True, help="Print per function why it is in or out."
+)
 @click.option("--dry-run", is_flag=True, help="Compare and explain; write no patch.")
 @click.option(
     "--allow-inlined",
@@ -122,7 +109,7 @@ def build_command(
     reporters: tuple[str, ...],
     symbols: str | None,
     name: str | None,
-    explain: bool,
+    explain_flag: bool,
     dry_run: bool,
     allow_inlined: bool,
     work: str | None,
@@ -131,145 +118,65 @@ def build_command(
     """Build the tree as it is and with the diff applied (in copies, with the flags of
     `patchbox config --cflags`), compare every object file at function level and write
     one patch with every function that really changed."""
-    t0 = time.monotonic()
-    diff_text = Path(diff).read_text(errors="replace")
-    check_diff(diff_text)
-    reference = _reference(source, binary)
-    if name is None:
-        name = Path(output).stem if output else "patch"
-    out = Path(output) if output else Path.cwd() / f"{name}.pbx"
-    # What can be checked before minutes of building is checked first.
-    check_name(name)
-    if read_build_id(reference) is None:
-        raise BuildError(
-            f"{reference} has no GNU build-id: a patch could not name its target "
-            f"(link with -Wl,--build-id, as `patchbox config --libs` does)"
-        )
-    if not os.access(out.parent if str(out.parent) else ".", os.W_OK):
-        raise BuildError(f"cannot write the patch into {out.parent}")
-    profile = (QEMU if qemu else GENERIC).with_reporters(reporters)
-    warnings: list[str] = []
-    if build_dir is None and build_cmd is None:
-        default = profile.default_build_dir(reference)
-        build_dir = str(default) if default is not None else None
-    if build_dir is not None:
-        if build_cmd is not None:
-            raise BuildError(
-                "--build-cmd and --build-dir exclude each other: with a build "
-                "directory, the affected objects are recompiled with the "
-                "commands it recorded"
-            )
-        ws: Workspace = IncrementalBuild(source, build_dir, reference, work)
-    else:
-        ws = Workspace(source, work)
-    with ws:
-        if isinstance(ws, IncrementalBuild):
-            ws.copy_source()
-            t_copy = time.monotonic()
-            level = ws.apply_diff(diff, strip)
-            entries = ws.affected(ws.changed_files(diff_text, level))
-            for o in ws.stale(entries):
-                ws.warnings.append(
-                    f"{o} is out of date in {ws.build_dir} (ninja would rebuild "
-                    f"it): the build directory may not be what built the "
-                    f"running binary"
-                )
-            orig, patched = ws.compile(entries, jobs)
-            t_built = time.monotonic()
-            warnings += ws.warnings
-            built = (
-                f"copy {t_copy - t0:.1f} s, {len(entries)} object(s) recompiled "
-                f"{t_built - t_copy:.1f} s"
-            )
-            if explain or dry_run:
-                click.echo(
-                    f"{len(entries)} object(s) of {ws.build_dir} affected by the diff, "
-                    f"recompiled from the patched copy"
-                )
-                for note in ws.notes:
-                    click.echo(note)
-        else:
-            cmd = build_cmd or "make"
-            ws.copy_source()
-            ws.build(cmd, jobs, "original")
-            orig = ws.stash_objects()
-            if not orig:
-                raise BuildError(f"`{cmd}` produced no object file (*.o) in the tree")
-            level = ws.apply_diff(diff, strip)
-            ws.build(cmd, jobs, "patched")
-            patched = ws.objects()
-            t_built = time.monotonic()
-            built = f"builds {t_built - t0:.1f} s"
-        # A tree may build several programs (OpenSSH: sshd, ssh-agent, ssh...): only the
-        # objects of compile units linked into the running binary are compared, and of a
-        # source compiled twice (memcached and memcached-debug) only the binary's object.
-        with Binary(reference, symbols) as ref:
-            linked = ref.source_files()
-            others = other_programs(orig, ref)
-        patched = {rel: path for rel, path in patched.items() if rel not in others}
-        diffs, same = compare_trees(
-            orig, patched, profile.reporters, line_maps(diff_text), linked=linked or None
-        )
-        refuse_folded_statics(diffs, parse_diff(diff_text), partial(_original_text, Path(source)))
-        check_reference(diffs, reference, symbols)
-        if explain or dry_run:
-            annotate_inlined(diffs, diff_text)
-            click.echo(format_explain(diffs, same))
-        if dry_run:
-            for w in warnings:
-                click.echo(f"patchbox build: warning: {w}", err=True)
-            refusals = [f"{d.rel}: {r}" for d in diffs for r in d.refusals]
-            if refusals:
-                raise BuildError("refused: " + "; ".join(refusals))
-            return
-        try:
-            patch = patch_from_diffs(
-                diffs,
-                reference,
-                name=name,
-                profile=profile,
-                allow_inlined=allow_inlined,
-                warnings=warnings,
-                symbols=symbols,
-                meta={"diff": os.path.basename(diff), "strip": str(level)},
-            )
-        finally:
-            for w in warnings:
-                click.echo(f"patchbox build: warning: {w}", err=True)
-        try:
-            save_patch(patch, out)
-        except OSError as err:
-            raise PatchboxError(f"cannot write {out}: {err.strerror}") from err
-        t_end = time.monotonic()  # before the workspace is removed
-    fns = ", ".join(f.symbol for f in patch.functions)
-    click.echo(
-        f"wrote {out}: {len(patch.functions)} function(s) ({fns}) from "
-        f"{sum(1 for d in diffs if d.functions)} object file(s), {len(patch.text)} bytes "
-        f"text, {len(patch.data) + patch.bss_size} bytes data, {len(patch.fixups)} "
-        f"fix-ups; {built}, compare+extract {t_end - t_built:.2f} s"
+    # The pipeline is imported here: `patchbox build --help` does not load it.
+    from patchbox.pipeline import BuildRequest, Checked, Plan, build_patch, explain
+    from patchbox.profiles import GENERIC, QEMU
+    from patchbox.rebuild.workspace import Rebuilt
+
+    request = BuildRequest(
+        source=Path(source),
+        diff=Path(diff),
+        binary=Path(binary),
+        output=Path(output) if output else None,
+        name=name,
+        build_cmd=build_cmd,
+        build_dir=Path(build_dir) if build_dir else None,
+        jobs=jobs,
+        strip=strip,
+        profile=(QEMU if qemu else GENERIC).with_reporters(reporters),
+        symbols=Path(symbols) if symbols else None,
+        allow_inlined=allow_inlined,
+        work=Path(work) if work else None,
+        dry_run=dry_run,
     )
+    checked: list[Checked] = []
 
+    def show(_name: str, value: object) -> None:
+        """Prints what --explain shows as soon as the pass that makes it is done: the
+        explanation comes before a refusal of a later pass."""
+        if isinstance(value, Checked):
+            checked.append(value)
+        elif not (explain_flag or dry_run):
+            return
+        elif isinstance(value, Rebuilt):
+            for note in value.notes:
+                click.echo(note)
+        elif isinstance(value, Plan):
+            click.echo(explain(value, checked[0].diff_text))
 
-def _original_text(source: Path, change: FileChange) -> str | None:
-    """Returns the text of the file ``change`` names in the source tree, before the diff
-    (the user's tree is never modified), whatever -p level the diff needs; None if none."""
-    assert change.old is not None
-    parts = change.old.split("/")
-    for level in range(min(4, len(parts))):
-        path = source.joinpath(*parts[level:])
-        if path.is_file():
-            return path.read_text(errors="replace")
-    return None
-
-
-def _reference(source: str, binary: str) -> Path:
-    """Returns the reference binary: absolute, else inside the source tree, else relative
-    to the current directory."""
-    candidates = [Path(binary)] if os.path.isabs(binary) else [Path(source) / binary, Path(binary)]
-    for c in candidates:
-        if c.is_file():
-            return c
-    raise BuildError(
-        f"binary {candidates[0]} not found (give its path inside the source tree "
-        f"or an absolute path)"
+    warnings: list[str] = []
+    try:
+        result = build_patch(request, warnings=warnings, on_pass=show)
+    finally:
+        for w in warnings:
+            click.echo(f"patchbox build: warning: {w}", err=True)
+    patch = result.patch
+    if patch is None:  # a dry run
+        return
+    rebuilt = result.rebuilt
+    steps = dict(rebuilt.steps)
+    if rebuilt.recompiled is None:
+        built = f"builds {steps['builds']:.1f} s"
+    else:
+        built = (
+            f"copy {steps['copy']:.1f} s, {rebuilt.recompiled} object(s) recompiled "
+            f"{steps['recompile']:.1f} s"
+        )
+    fns = ", ".join(f.symbol for f in patch.functions)
+    objects = sum(1 for p in result.plan.objects if p.replace)
+    click.echo(
+        f"wrote {result.written}: {len(patch.functions)} function(s) ({fns}) from "
+        f"{objects} object file(s), {len(patch.text)} bytes text, "
+        f"{len(patch.data) + patch.bss_size} bytes data, {len(patch.fixups)} fix-ups; "
+        f"{built}, compare+extract {result.seconds('compare', 'plan', 'extract', 'write'):.2f} s"
     )
