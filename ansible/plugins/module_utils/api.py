@@ -20,7 +20,7 @@ try:
     from patchbox import signing, store
     from patchbox.errors import PatchboxError
     from patchbox.format.layout import read_patch_file
-    from patchbox.host.ops import already_applied, apply_all, list_processes, remove_all
+    from patchbox.host.ops import Result, already_applied, apply_all, list_processes, remove_all
 except ImportError:
     HAS_PATCHBOX = False
     PATCHBOX_IMPORT_ERROR = traceback.format_exc()
@@ -40,8 +40,10 @@ __all__ = [
     "run_info",
 ]
 
-RESULTS = ("applied", "removed", "skipped", "failed", "unreachable")
-FAILURES = ("failed", "unreachable")
+# A process's result, as patchbox.host.ops.Result names it (without patchbox the modules
+# fail in require_patchbox before reading one).
+RESULTS = tuple(r.value for r in Result) if HAS_PATCHBOX else ()
+FAILURES = tuple(r.value for r in Result if r.failure) if HAS_PATCHBOX else ()
 
 
 def require_patchbox(module):
@@ -73,7 +75,7 @@ def failure_message(processes):
             continue
         reason = p["reason"]
         prefix = f"pid {p['pid']}"
-        if p["result"] == "unreachable":
+        if p["result"] == Result.UNREACHABLE:
             prefix += " unreachable"
         parts.append(reason if reason.startswith(prefix) else f"{prefix}: {reason}")
     return "; ".join(parts)
@@ -192,12 +194,13 @@ def run_patch(params, check_mode):
         result["targets"] = [
             p["pid"]
             for p in processes
-            if p["result"] == "applied" or (p["result"] == "skipped" and p["reason"] == have)
+            if p["result"] == Result.APPLIED
+            or (p["result"] == Result.SKIPPED and p["reason"] == have)
         ]
 
     result["processes"] = processes
     result["summary"] = summary(processes)
-    if any(p["result"] in ("applied", "removed") for p in processes):
+    if any(p["result"] in (Result.APPLIED, Result.REMOVED) for p in processes):
         result["changed"] = True
     result["failed_msg"] = failure_message(processes)
     return result

@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 from collections.abc import Collection
 from dataclasses import asdict, dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,7 @@ from patchbox.store import iter_installed, store_root
 from patchbox.wire import ApplyFlag, ErrorCode, Msg
 
 __all__ = [
+    "Result",
     "RESULTS",
     "Outcome",
     "ProcessRow",
@@ -63,15 +65,32 @@ __all__ = [
     "exit_status",
 ]
 
-RESULTS = ("applied", "removed", "skipped", "failed", "unreachable")
+
+class Result(StrEnum):
+    """What happened to one process: the values are what ``--json`` prints (`apply
+    --all`, `remove --all`) and what the Ansible modules report."""
+
+    APPLIED = "applied"
+    REMOVED = "removed"
+    SKIPPED = "skipped"  # nothing to do: already applied, or not applied
+    FAILED = "failed"
+    UNREACHABLE = "unreachable"  # a process of the build whose agent cannot be reached
+
+    @property
+    def failure(self) -> bool:
+        """Returns True for the results that make the exit status 1 (or 2)."""
+        return self in (Result.FAILED, Result.UNREACHABLE)
+
+
+RESULTS = tuple(r.value for r in Result)
 
 
 @dataclass
 class Outcome:
-    """What happened to one process (``result``: one of :data:`RESULTS`)."""
+    """What happened to one process."""
 
     pid: int
-    result: str
+    result: Result
     reason: str = ""
     exe: str = ""
     build_id: str = ""
@@ -81,6 +100,7 @@ class Outcome:
         """Returns the JSON object `--json` prints for this process."""
         d = asdict(self)
         del d["retry"]
+        d["result"] = self.result.value  # a plain string, whatever encodes it
         return d
 
 
@@ -122,7 +142,7 @@ class _Host:
         r = self.running.get(pid)
         return exe_path(pid), r.build_id if r is not None else ""
 
-    def outcome(self, pid: int, result: str, reason: str = "", retry: bool = False) -> Outcome:
+    def outcome(self, pid: int, result: Result, reason: str = "", retry: bool = False) -> Outcome:
         """Returns the row of ``pid`` with its executable and build-id filled in."""
         return Outcome(pid, result, reason, *self.describe(pid), retry=retry)
 
@@ -305,7 +325,9 @@ def list_processes(*, timeout: float = 10.0, sweep: bool = True) -> list[Process
     return sorted(rows, key=lambda r: r.pid)
 
 
-def _judge(job: Job, done: str, benign: ErrorCode, benign_reason: str) -> tuple[str, str, bool]:
+def _judge(
+    job: Job, done: Result, benign: ErrorCode, benign_reason: str
+) -> tuple[Result, str, bool]:
     """Returns (result, reason, retry) of a finished job: ``done``; skipped (the agent
     answered ``benign``); unreachable (the socket or the agent refused this client);
     failed."""
@@ -313,17 +335,17 @@ def _judge(job: Job, done: str, benign: ErrorCode, benign_reason: str) -> tuple[
     if err is None:
         return done, "", False
     if isinstance(err, AgentError) and err.code == benign:
-        return "skipped", benign_reason, False
+        return Result.SKIPPED, benign_reason, False
     if job.denied or (isinstance(err, AgentError) and err.code == ErrorCode.PERMISSION):
-        return "unreachable", str(err), False
-    return "failed", str(err), job.retry
+        return Result.UNREACHABLE, str(err), False
+    return Result.FAILED, str(err), job.retry
 
 
 def _batch(
     host: _Host,
     agents: list[AgentSocket],
     request: tuple[Msg, bytes],
-    done: str,
+    done: Result,
     benign: ErrorCode,
     benign_reason: str,
     timeout: float,
@@ -359,15 +381,20 @@ def _predict(
     for job in jobs:
         pid = job.peer_pid or job.key
         if job.error is not None:
-            result, reason, retry = _judge(job, "", ErrorCode.OK, "")
+            # The job failed: ``done`` is not what it returns.
+            result, reason, retry = _judge(job, Result.FAILED, ErrorCode.OK, "")
             out.append(host.outcome(pid, result, reason, retry))
             continue
         has = name in (p.name for p in job.replies[0])
         if present:
-            result, reason = ("skipped", already_applied(name)) if has else ("applied", "")
+            result, reason = (
+                (Result.SKIPPED, already_applied(name)) if has else (Result.APPLIED, "")
+            )
         else:
-            result, reason = ("removed", "") if has else ("skipped", f"{name} is not applied")
-        if result in ("applied", "removed"):
+            result, reason = (
+                (Result.REMOVED, "") if has else (Result.SKIPPED, f"{name} is not applied")
+            )
+        if result in (Result.APPLIED, Result.REMOVED):
             reason = f"{DRY_RUN}would be {result}"
         out.append(host.outcome(pid, result, reason))
     return out
@@ -390,15 +417,15 @@ def _attach_missing(
         except PrivilegedProcess as err:
             # Left without an agent on purpose, still running the build: not patched.
             reason = f"not attached: privileged ({err.reason}); --include-privileged attaches"
-            out[pid] = host.outcome(pid, "unreachable", reason)
+            out[pid] = host.outcome(pid, Result.UNREACHABLE, reason)
         except AttachError as err:
-            out[pid] = host.outcome(pid, "failed", f"attach: {err}", err.retry)
+            out[pid] = host.outcome(pid, Result.FAILED, f"attach: {err}", err.retry)
     return out
 
 
 def _apply_one_held(a: AgentSocket, host: _Host, pf: PatchFile, timeout: float) -> Outcome:
     """Applies a HOLD patch to one process: its threads held around the APPLY."""
-    o = host.outcome(a.pid, "applied")
+    o = host.outcome(a.pid, Result.APPLIED)
     try:
         with Client(a.connect, timeout=timeout) as client:
             peer = peer_pid(client.sock) if client.sock is not None else 0
@@ -415,16 +442,16 @@ def _apply_one_held(a: AgentSocket, host: _Host, pf: PatchFile, timeout: float) 
             o.reason = f"held {hold.threads} thread(s) for at most {hold.longest_ns / 1e6:.3f} ms"
     except AgentError as err:
         if err.code == ErrorCode.ALREADY_APPLIED:
-            o.result, o.reason = "skipped", already_applied(pf.patch.name)
+            o.result, o.reason = Result.SKIPPED, already_applied(pf.patch.name)
         elif err.code == ErrorCode.PERMISSION:
-            o.result, o.reason = "unreachable", str(err)
+            o.result, o.reason = Result.UNREACHABLE, str(err)
         else:
-            o.result, o.reason, o.retry = "failed", str(err), err.code == ErrorCode.NOT_HELD
+            o.result, o.reason, o.retry = Result.FAILED, str(err), err.code == ErrorCode.NOT_HELD
     except PatchboxError as err:
         if isinstance(err.__cause__, PermissionError):  # the socket's file refused us
-            o.result, o.reason = "unreachable", f"pid {a.pid}: {err}"
+            o.result, o.reason = Result.UNREACHABLE, f"pid {a.pid}: {err}"
         else:
-            o.result, o.reason, o.retry = "failed", str(err), True
+            o.result, o.reason, o.retry = Result.FAILED, str(err), True
     return o
 
 
@@ -478,11 +505,11 @@ def apply_all(
             if a is not None:
                 targets.append(a)
             else:
-                rows.append(host.outcome(pid, "unreachable", host.why(pid)))
+                rows.append(host.outcome(pid, Result.UNREACHABLE, host.why(pid)))
         elif a is not None:
             have = host.running[pid].build_id
             reason = f"runs build-id {have or 'none'} and maps no library of {want}"
-            rows.append(host.outcome(pid, "skipped", reason))
+            rows.append(host.outcome(pid, Result.SKIPPED, reason))
     if dry_run:
         done = _predict(host, targets, pf.patch.name, True, timeout)
     elif pf.patch.flags & ApplyFlag.HOLD:
@@ -492,19 +519,19 @@ def apply_all(
             host,
             targets,
             (Msg.APPLY, pf.body),
-            "applied",
+            Result.APPLIED,
             ErrorCode.ALREADY_APPLIED,
             already_applied(pf.patch.name),
             timeout,
         )
-    bad = [o for o in done + rows if o.result in ("failed", "unreachable")]
+    bad = [o for o in done + rows if o.result.failure]
     if rollback and bad and not dry_run:
-        applied = {o.pid for o in done if o.result == "applied"}
+        applied = {o.pid for o in done if o.result == Result.APPLIED}
         back = _batch(
             host,
             [a for a in targets if a.pid in applied],
             _remove_request(pf.patch.name),
-            "removed",
+            Result.REMOVED,
             ErrorCode.NOT_APPLIED,
             "not applied",
             timeout,
@@ -513,10 +540,10 @@ def apply_all(
         first = min(bad, key=lambda o: o.pid)
         for o in done:
             r = undone.get(o.pid)
-            if r is not None and r.result == "removed":
-                o.result, o.reason = "removed", f"rolled back: pid {first.pid} {first.result}"
+            if r is not None and r.result == Result.REMOVED:
+                o.result, o.reason = Result.REMOVED, f"rolled back: pid {first.pid} {first.result}"
             elif r is not None:
-                o.result, o.reason = "failed", f"applied, rollback failed: {r.reason}"
+                o.result, o.reason = Result.FAILED, f"applied, rollback failed: {r.reason}"
     return sorted(rows + done, key=lambda o: o.pid)
 
 
@@ -555,7 +582,7 @@ def remove_all(
             host,
             agents,
             _remove_request(name),
-            "removed",
+            Result.REMOVED,
             ErrorCode.NOT_APPLIED,
             f"{name} is not applied",
             timeout,
@@ -563,16 +590,18 @@ def remove_all(
     reached = {o.pid for o in done}
     for pid in sorted((of_build | (set(host.far) & scope)) - set(host.agents) - reached):
         if agent_inside(pid) is False:
-            done.append(host.outcome(pid, "skipped", f"no agent loaded: it cannot hold {name}"))
+            done.append(
+                host.outcome(pid, Result.SKIPPED, f"no agent loaded: it cannot hold {name}")
+            )
         else:
-            done.append(host.outcome(pid, "unreachable", host.why(pid)))
+            done.append(host.outcome(pid, Result.UNREACHABLE, host.why(pid)))
     return sorted(done, key=lambda o: o.pid)
 
 
 def exit_status(outcomes: list[Outcome]) -> int:
     """Returns 0 if nothing failed and nothing was unreachable, 2 if every failure is
     worth a retry (and nothing was unreachable), else 1."""
-    bad = [o for o in outcomes if o.result in ("failed", "unreachable")]
+    bad = [o for o in outcomes if o.result.failure]
     if not bad:
         return 0
-    return 2 if all(o.result == "failed" and o.retry for o in bad) else 1
+    return 2 if all(o.result == Result.FAILED and o.retry for o in bad) else 1
