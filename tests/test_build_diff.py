@@ -9,6 +9,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from helpers import compile_c
 from patchbox.compare.explain import annotate_inlined, format_explain
@@ -621,3 +623,35 @@ def test_file_statics_reads_file_scope_definitions_only() -> None:
         "int g(void)\n{\n    static int counter;\n    return counter++;\n}\n"
     )
     assert file_statics(text) == {"a", "names", "head"}
+
+
+def _written_one_by_one(text: str, names: set[str]) -> set[str]:
+    """The first written_statics: one search per name (the reference the one-pass search
+    must agree with)."""
+    import re
+
+    from patchbox.compare.objects import _STATIC_DEF
+
+    out = set()
+    for name in names:
+        n = re.escape(name)
+        write = (
+            rf"&\s*{n}\b|\b{n}\s*(?:\[[^\]]*\]\s*)*"
+            rf"(?:[-+*/%&|^]|<<|>>)?=(?!=)|\b{n}\s*(?:\+\+|--)|(?:\+\+|--)\s*{n}\b"
+        )
+        body = [line for line in text.splitlines() if not _STATIC_DEF.match(line)]
+        if any(re.search(write, line) for line in body):
+            out.add(name)
+    return out
+
+
+TOKENS = ["g", "g_4", "g_45", "x", "1", " ", "&", "&&", "=", "==", "+=", "<<=", "++", "--"]
+TOKENS += ["[", "]", "[i]", "(", ")", ";", "*", "+", "!", "static int g;", "\n", "-"]
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.sampled_from(TOKENS), max_size=30))
+def test_written_statics_in_one_pass_agrees_with_one_search_per_name(tokens: list[str]) -> None:
+    text = "".join(tokens)
+    names = {"g", "g_4", "g_45", "x", "i"}
+    assert written_statics(text, names) == _written_one_by_one(text, names), repr(text)
