@@ -4,15 +4,16 @@
     .venv/bin/python benchmarks/bench_build.py [--functions N] [--files N] [--repeat N]
 
 Generates a C program of N small functions (each with a string literal or a static
-variable, so every function carries relocations) across several files, builds it once
-with `make`, and measures:
-- comparison + patch writing, without compiling: `compare_trees` + `patch_from_diffs` +
-  `save_patch` on the two object sets of a diff touching 3 functions in 2 files;
-- the comparison of every function of every object (as after a header change that
-  recompiles everything; the byte-equality shortcut is bypassed);
-- `patchbox build` overall (CLI, subprocess) on the built tree: copy, no-op original build,
-  diff applied, 2 files recompiled, comparison, patch written;
-- `patchbox build` overall on a tree without objects (the original build from scratch).
+variable, so every function carries relocations) across several files, each including
+one header, builds it once with `make`, and times the product's own passes
+(:func:`patchbox.pipeline.build_patch`, what `patchbox build` runs), each separately:
+- a fix changing 3 functions in 2 files: check, rebuild (copy, no-op original build, 2
+  files recompiled), compare, plan, extract, write;
+- a header change that recompiles every object and changes no function (a new unused
+  variable in each): compare then looks at every function of every object (a dry run:
+  the plan, nothing to extract);
+and `patchbox build` overall as a command (a subprocess: interpreter start included), on
+the built tree and on a tree without objects.
 Not a test: numbers depend on the machine.
 """
 
@@ -29,10 +30,7 @@ import time
 from pathlib import Path
 
 from common import print_table  # also puts src/ on sys.path
-from patchbox.compare.objects import compare_objects, compare_trees  # noqa: E402
-from patchbox.extract import patch_from_diffs  # noqa: E402
-from patchbox.format.layout import save_patch  # noqa: E402
-from patchbox.rebuild.workspace import Workspace  # noqa: E402
+from patchbox.pipeline import BuildRequest, BuildResult, build_patch  # noqa: E402  # after common put src/ on sys.path
 
 BIN = Path(sys.executable).parent
 MAKEFILE = """\
@@ -41,7 +39,7 @@ SRCS := $(wildcard *.c)
 OBJS := $(SRCS:.c=.o)
 prog: $(OBJS)
 \t$(CC) -pie $(OBJS) -Wl,--build-id=sha1 -o $@
-%.o: %.c
+%.o: %.c unit.h
 \t$(CC) $(CFLAGS) -c $< -o $@
 """
 
@@ -51,7 +49,7 @@ def generate(tree: Path, functions: int, files: int) -> None:
     per = functions // files
     decls = []
     for f in range(files):
-        lines = [f"/* unit {f} */", "#include <stdio.h>", ""]
+        lines = [f"/* unit {f} */", "#include <stdio.h>", '#include "unit.h"', ""]
         for i in range(per):
             n = f * per + i
             decls.append(f"int fn{n}(int);")
@@ -72,6 +70,7 @@ def generate(tree: Path, functions: int, files: int) -> None:
     (tree / "main.c").write_text(
         "\n".join(decls) + f"\nint main(int argc, char **argv) {{ (void)argv; return {calls}; }}\n"
     )
+    (tree / "unit.h").write_text("/* included by every unit */\n")
     (tree / "Makefile").write_text(MAKEFILE)
 
 
@@ -98,17 +97,53 @@ def make_diff(tree: Path, out: Path, files: int, per: int) -> None:
     out.write_text(proc.stdout)
 
 
+def header_diff(tree: Path, out: Path) -> None:
+    """A -p1 diff adding an unused static variable to unit.h: every object is rebuilt and
+    differs (one new variable each), no function changes."""
+    old = (tree / "unit.h").read_text()
+    new = old + "static int bench_unused __attribute__((used));\n"
+    lines = [f"--- a/unit.h\n+++ b/unit.h\n@@ -1 +1,2 @@\n {old}+{new.splitlines()[-1]}\n"]
+    out.write_text("".join(lines))
+
+
 def env() -> dict[str, str]:
     return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
 
 
-def timed(fn, repeat: int) -> tuple[float, float]:  # type: ignore[no-untyped-def]
-    times = []
+PASSES = ("check", "rebuild", "compare", "plan", "extract", "write")
+
+
+def timed_passes(request: BuildRequest, repeat: int) -> tuple[dict[str, list[float]], BuildResult]:
+    """Returns the seconds of each pass over ``repeat`` runs of the product's pipeline,
+    and the last run's result."""
+    times: dict[str, list[float]] = {p: [] for p in PASSES}
+    result = None
     for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times), max(times)
+        result = build_patch(request)
+        for t in result.timings:
+            times[t.name].append(t.seconds)
+    assert result is not None
+    return {k: v for k, v in times.items() if v}, result
+
+
+def pass_rows(
+    what: str, times: dict[str, list[float]], notes: dict[str, str]
+) -> list[tuple[str, ...]]:
+    """Returns one table row per pass, then their total."""
+    rows = [
+        (
+            f"{what}: {name}",
+            f"{statistics.median(v) * 1000:.0f} ms",
+            f"max {max(v) * 1000:.0f} ms",
+            notes.get(name, ""),
+        )
+        for name, v in times.items()
+    ]
+    total = [sum(run) for run in zip(*times.values())]
+    rows.append(
+        (f"{what}: all passes", f"{statistics.median(total):.2f} s", f"max {max(total):.2f} s", "")
+    )
+    return rows
 
 
 def main() -> None:
@@ -119,7 +154,8 @@ def main() -> None:
     ap.add_argument("--no-clean", action="store_true", help="skip the clean-tree build")
     args = ap.parse_args()
     per = args.functions // args.files
-    rows = []
+    rows: list[tuple[str, ...]] = []
+    os.environ["PATH"] = env()["PATH"]  # the generated Makefile runs `patchbox config`
     with tempfile.TemporaryDirectory(prefix="bench-build-") as tmp:
         tmpd = Path(tmp)
         src = tmpd / "src"
@@ -134,44 +170,47 @@ def main() -> None:
                 f"nm {src}/prog | wc -l", shell=True, capture_output=True, text=True
             ).stdout
         )
-
-        ws = Workspace(src, tmpd / "ws")
-        ws.copy_source()
-        os.environ["PATH"] = env()["PATH"]
-        ws.build("make -s", 2, "original")
-        orig = ws.stash_objects()
-        ws.apply_diff(diff)
-        ws.build("make -s", 2, "patched")
-        patched = ws.objects()
-
-        def compare_and_write() -> None:
-            diffs, _same = compare_trees(orig, patched)
-            patch = patch_from_diffs(diffs, src / "prog", name="bench")
-            save_patch(patch, tmpd / "bench.pbx")
-            assert len(patch.functions) == 3, [f.symbol for f in patch.functions]
-
-        med, worst = timed(compare_and_write, args.repeat)
-        rows.append(
-            (
-                "compare + write patch (3 fns, 2 files)",
-                f"{med * 1000:.0f} ms",
-                f"max {worst * 1000:.0f} ms",
-                f"{len(orig)} objects, {nsym} symbols",
-            )
+        fix = BuildRequest(
+            source=src,
+            diff=diff,
+            binary=Path("prog"),
+            output=tmpd / "bench.pbx",
+            name="bench",
+            build_cmd="make -s",
+            jobs=2,
         )
-
-        def compare_all() -> None:
-            for rel, path in patched.items():
-                compare_objects(orig[rel], path, rel=rel)
-
-        med, worst = timed(compare_all, args.repeat)
-        rows.append(
-            (
-                "compare every function of every object",
-                f"{med * 1000:.0f} ms",
-                f"max {worst * 1000:.0f} ms",
-                f"{args.functions} functions, {med / args.functions * 1e6:.1f} us/function",
-            )
+        times, result = timed_passes(fix, args.repeat)
+        assert result.patch is not None and len(result.patch.functions) == 3
+        objects = len(result.rebuilt.original)
+        rows += pass_rows(
+            "3 fns in 2 files",
+            times,
+            {
+                "rebuild": "copy, no-op make, 2 files recompiled",
+                "compare": f"{objects} objects, {nsym} symbols",
+                "extract": "2 objects",
+            },
+        )
+        everything = BuildRequest(
+            source=src,
+            diff=tmpd / "header.patch",
+            binary=Path("prog"),
+            build_cmd="make -s",
+            jobs=2,
+            dry_run=True,
+        )
+        header_diff(src, everything.diff)
+        times, result = timed_passes(everything, args.repeat)
+        assert not any(p.replace for p in result.plan.objects)
+        compared = statistics.median(times["compare"])
+        rows += pass_rows(
+            "header change",
+            times,
+            {
+                "rebuild": "every object recompiled",
+                "compare": f"{args.functions} functions, "
+                f"{compared / args.functions * 1e6:.1f} us/function",
+            },
         )
 
         def cli(tree: Path) -> float:
@@ -206,7 +245,7 @@ def main() -> None:
                 "`patchbox build`, tree already built",
                 f"{statistics.median(t_cli):.1f} s",
                 f"max {max(t_cli):.1f} s",
-                "copy, no-op make, 2 files rebuilt",
+                "the command: interpreter start and every pass",
             )
         )
         if not args.no_clean:
@@ -223,7 +262,6 @@ def main() -> None:
                     f"original built from scratch; first `make -j2`: {t_make:.1f} s",
                 )
             )
-        shutil.rmtree(ws.root, ignore_errors=True)
     print_table(("what", "value", "spread", "note"), rows)
 
 
