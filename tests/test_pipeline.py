@@ -127,7 +127,7 @@ def test_compare_decides_and_its_values_are_frozen(request_: BuildRequest) -> No
     }
     assert by["a.o"].functions == ("a",) and by["a.o"].new_globals == {"a_new"}
     with pytest.raises(dataclasses.FrozenInstanceError):
-        by["a.o"].decisions[0].verdict = Verdict.OUT  # type: ignore[misc]  # the point
+        by["a.o"].decisions[0].verdict = Verdict.OUT  # type: ignore[misc]  # assigning to a frozen field is the test
 
 
 def test_plan_is_derived_and_compare_left_as_it_was(request_: BuildRequest) -> None:
