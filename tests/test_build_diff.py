@@ -618,3 +618,22 @@ def test_file_statics_reads_file_scope_definitions_only() -> None:
         "int g(void)\n{\n    static int counter;\n    return counter++;\n}\n"
     )
     assert file_statics(text) == {"a", "names", "head"}
+
+
+def test_folded_static_left_alone_by_a_diff_that_does_not_write_it(tmp_path: Path) -> None:
+    """A static folded away in the original, which the diff neither names nor can write
+    (no store through a pointer): its state is not the diff's business, nothing refused."""
+    src = (
+        "static int mode = 7;\n"
+        "static void set_mode(void) { mode = 1; }\n"
+        "int run(void) { set_mode(); return mode; }\n"
+        "int other(int x) { return x + 1; }\n"
+    )
+    fixed = src.replace("x + 1", "x + 2")
+    o, p = pair(tmp_path, src, fixed)
+    d = compare_objects(o, p)
+    diff = "".join(
+        difflib.unified_diff(src.splitlines(True), fixed.splitlines(True), "a/case.c", "b/case.c")
+    )
+    refuse_folded_statics([d], parse_diff(diff), lambda change: src)
+    assert d.refusals == [] and d.functions == ["other"]

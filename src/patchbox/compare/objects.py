@@ -601,21 +601,35 @@ def file_statics(text: str) -> set[str]:
     return names
 
 
+def _writes(name: str) -> re.Pattern[str]:
+    """Returns a pattern matching a write of ``name`` in a line of C: an assignment
+    (``x = …``, ``x += …``, ``x[i] = …``), an increment, or its address taken."""
+    n = re.escape(name)
+    return re.compile(
+        rf"&\s*{n}\b|\b{n}\s*(?:\[[^\]]*\]\s*)*(?:[-+*/%&|^]|<<|>>)?=(?!=)"
+        rf"|\b{n}\s*(?:\+\+|--)|(?:\+\+|--)\s*{n}\b"
+    )
+
+
+# A store through a pointer: `*p = …`, `(*p) = …`, `p->f = …`, `p[i] = …` (or += …).
+_POINTER_WRITE = re.compile(
+    r"(?:\*\s*\(?\s*[A-Za-z_]\w*\s*\)?|\w+\s*->\s*\w+|\w+\s*\[[^\]]*\])\s*"
+    r"(?:[-+*/%&|^]|<<|>>)?=(?!=)|(?:\+\+|--)\s*\*|\*\s*\w+\s*(?:\+\+|--)"
+)
+_IDENT = re.compile(r"[A-Za-z_]\w*")
+
+
 def written_statics(text: str, names: set[str]) -> set[str]:
     """Returns those of ``names`` that C source ``text`` may change at run time: assigned
     (``x = …``, ``x += …``, ``x++``), or with their address taken (``&x``: written through
     a pointer, as Csmith's ``int32_t *l_3 = &g_4; *l_3 = 1;``)."""
-    out = set()
-    for name in names:
-        n = re.escape(name)
-        write = (
-            rf"&\s*{n}\b|\b{n}\s*(?:\[[^\]]*\]\s*)*"
-            rf"(?:[-+*/%&|^]|<<|>>)?=(?!=)|\b{n}\s*(?:\+\+|--)|(?:\+\+|--)\s*{n}\b"
-        )
-        body = [line for line in text.splitlines() if not _STATIC_DEF.match(line)]
-        if any(re.search(write, line) for line in body):
-            out.add(name)
-    return out
+    body = [line for line in text.splitlines() if not _STATIC_DEF.match(line)]
+    return {name for name in names if any(_writes(name).search(line) for line in body)}
+
+
+def _address_taken(text: str, names: set[str]) -> set[str]:
+    """Returns those of ``names`` whose address C source ``text`` takes (``&x``)."""
+    return {n for n in names if re.search(rf"&\s*{re.escape(n)}\b", text)}
 
 
 def refuse_folded_statics(
@@ -625,11 +639,13 @@ def refuse_folded_statics(
 ) -> None:
     """Adds a refusal to the diff of each object whose source defines a ``static``
     variable that the original object does not define — the compiler folded it away, so
-    the running program keeps its value only in code — when that variable has state: the
-    source writes it (or takes its address; one never written is a constant, folding it
-    is harmless). Then the new code may read an initial value where the running
-    program's code holds another (found by the differential test: Csmith seed 1114, a store through
-    a pointer removed; the original had folded the store and the read together).
+    the running program keeps its value only in code — when that variable has state (the
+    source writes it or takes its address; one never written is a constant, folding it
+    is harmless) and the diff may change its writes (its lines name it, or store through
+    a pointer while its address is taken). Then the new code may read an initial value
+    where the running program's code holds another (found by the differential test:
+    Csmith seed 1114, a store through a pointer removed; the original had folded the
+    store and the read together).
     ``read_original`` returns a changed file's text before the diff (None: unknown)."""
     by_source: dict[str, list[ObjectDiff]] = defaultdict(list)
     for d in diffs:
@@ -642,7 +658,13 @@ def refuse_folded_statics(
         text = read_original(change) if targets else None
         if not text:
             continue
-        candidates = written_statics(text, file_statics(text))
+        statics = written_statics(text, file_statics(text))
+        # The statics whose writes the diff may change: named in its lines, or, when a
+        # line stores through a pointer, every one whose address the source takes.
+        named = {w for line in change.changed_text for w in _IDENT.findall(line)}
+        candidates = statics & named
+        if any(_POINTER_WRITE.search(line) for line in change.changed_text):
+            candidates |= _address_taken(text, statics)
         for d in targets:
             assert d.orig is not None
             defined = {s.name.split(".")[0] for s in load_object(d.orig).symbols if _named(s)}
@@ -654,9 +676,9 @@ def refuse_folded_statics(
                         "refused",
                         f"static {name} of {os.path.basename(change.old)} is not in the original "
                         f"object: the compiler folded it away, so the running program keeps "
-                        f"its value only in code, and the source changes it: the new code "
-                        f"could read its initial value where the running program's code "
-                        f"holds another",
+                        f"its value only in code, and the diff changes how it is written: "
+                        f"the new code could read its initial value where the running "
+                        f"program's code holds another",
                     )
                 )
 
