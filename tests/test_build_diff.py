@@ -637,3 +637,21 @@ def test_folded_static_left_alone_by_a_diff_that_does_not_write_it(tmp_path: Pat
     )
     refuse_folded_statics([d], parse_diff(diff), lambda change: src)
     assert d.refusals == [] and d.functions == ["other"]
+
+
+def test_folded_static_whose_store_only_changes_is_left_alone(tmp_path: Path) -> None:
+    """The diff changes the value a pointer store writes (the store stays): the new code
+    sets the state itself, nothing it reads comes from what the old code set."""
+    src = (
+        "static int g_4 = 0x102D;\n"
+        "static int func_1(void) { int *l_3 = &g_4; (*l_3) = 1; return 0; }\n"
+        "int run(void) { func_1(); return g_4; }\n"
+    )
+    fixed = src.replace("(*l_3) = 1;", "(*l_3) = 2;")
+    o, p = pair(tmp_path, src, fixed)
+    d = compare_objects(o, p)
+    diff = "".join(
+        difflib.unified_diff(src.splitlines(True), fixed.splitlines(True), "a/case.c", "b/case.c")
+    )
+    refuse_folded_statics([d], parse_diff(diff), lambda change: src)
+    assert d.refusals == [] and d.functions == ["run"]

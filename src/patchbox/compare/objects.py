@@ -611,12 +611,17 @@ def _writes(name: str) -> re.Pattern[str]:
     )
 
 
-# A store through a pointer: `*p = …`, `(*p) = …`, `p->f = …`, `p[i] = …` (or += …).
-_POINTER_WRITE = re.compile(
-    r"(?:\*\s*\(?\s*[A-Za-z_]\w*\s*\)?|\w+\s*->\s*\w+|\w+\s*\[[^\]]*\])\s*"
-    r"(?:[-+*/%&|^]|<<|>>)?=(?!=)|(?:\+\+|--)\s*\*|\*\s*\w+\s*(?:\+\+|--)"
+# The left side of a store: `x = …`, `x[i] += …`, `*p = …`, `(*p) = …`, `p->f = …`, `x++`.
+_STORE = re.compile(
+    r"((?:\(\s*)?\*?\s*\(?\s*[A-Za-z_]\w*\s*\)?(?:\s*(?:->|\.)\s*\w+|\s*\[[^\]]*\])*)\s*"
+    r"(?:(?:[-+*/%&|^]|<<|>>)?=(?!=)|\+\+|--)"
 )
 _IDENT = re.compile(r"[A-Za-z_]\w*")
+
+
+def _stores(lines: list[str]) -> set[str]:
+    """Returns the left sides of the stores in ``lines``, spaces removed."""
+    return {re.sub(r"\s+", "", m[1]) for line in lines for m in _STORE.finditer(line)}
 
 
 def written_statics(text: str, names: set[str]) -> set[str]:
@@ -641,9 +646,9 @@ def refuse_folded_statics(
     variable that the original object does not define — the compiler folded it away, so
     the running program keeps its value only in code — when that variable has state (the
     source writes it or takes its address; one never written is a constant, folding it
-    is harmless) and the diff may change its writes (its lines name it, or store through
-    a pointer while its address is taken). Then the new code may read an initial value
-    where the running program's code holds another (found by the differential test:
+    is harmless) and the diff takes a store to it away (named, or through a pointer while
+    its address is taken). Then the new code may read an initial value where the running
+    program's code holds another (found by the differential test:
     Csmith seed 1114, a store through a pointer removed; the original had folded the
     store and the read together).
     ``read_original`` returns a changed file's text before the diff (None: unknown)."""
@@ -659,11 +664,12 @@ def refuse_folded_statics(
         if not text:
             continue
         statics = written_statics(text, file_statics(text))
-        # The statics whose writes the diff may change: named in its lines, or, when a
-        # line stores through a pointer, every one whose address the source takes.
-        named = {w for line in change.changed_text for w in _IDENT.findall(line)}
-        candidates = statics & named
-        if any(_POINTER_WRITE.search(line) for line in change.changed_text):
+        # A store the diff takes away (its left side in no added line): the state it set
+        # may be what the new code now reads. Named, or through a pointer to any static
+        # whose address the source takes.
+        gone = _stores(change.removed_text) - _stores(change.added_text)
+        candidates = statics & {w for lhs in gone for w in _IDENT.findall(lhs)}
+        if any(lhs.lstrip("(").startswith("*") or "->" in lhs or "[" in lhs for lhs in gone):
             candidates |= _address_taken(text, statics)
         for d in targets:
             assert d.orig is not None
@@ -676,7 +682,7 @@ def refuse_folded_statics(
                         "refused",
                         f"static {name} of {os.path.basename(change.old)} is not in the original "
                         f"object: the compiler folded it away, so the running program keeps "
-                        f"its value only in code, and the diff changes how it is written: "
+                        f"its value only in code, and the diff takes away a store to it: "
                         f"the new code could read its initial value where the running "
                         f"program's code holds another",
                     )
