@@ -655,3 +655,40 @@ def test_written_statics_in_one_pass_agrees_with_one_search_per_name(tokens: lis
     text = "".join(tokens)
     names = {"g", "g_4", "g_45", "x", "i"}
     assert written_statics(text, names) == _written_one_by_one(text, names), repr(text)
+
+
+def test_folded_static_left_alone_by_a_diff_that_does_not_write_it(tmp_path: Path) -> None:
+    """A static folded away in the original, which the diff neither names nor can write
+    (no store through a pointer): its state is not the diff's business, nothing refused."""
+    src = (
+        "static int mode = 7;\n"
+        "static void set_mode(void) { mode = 1; }\n"
+        "int run(void) { set_mode(); return mode; }\n"
+        "int other(int x) { return x + 1; }\n"
+    )
+    fixed = src.replace("x + 1", "x + 2")
+    o, p = pair(tmp_path, src, fixed)
+    d = compare_objects(o, p)
+    diff = "".join(
+        difflib.unified_diff(src.splitlines(True), fixed.splitlines(True), "a/case.c", "b/case.c")
+    )
+    (d,) = refuse_folded_statics([d], parse_diff(diff), lambda change: src)
+    assert d.refusals == [] and d.functions == ("other",)
+
+
+def test_folded_static_whose_store_only_changes_is_left_alone(tmp_path: Path) -> None:
+    """The diff changes the value a pointer store writes (the store stays): the new code
+    sets the state itself, nothing it reads comes from what the old code set."""
+    src = (
+        "static int g_4 = 0x102D;\n"
+        "static int func_1(void) { int *l_3 = &g_4; (*l_3) = 1; return 0; }\n"
+        "int run(void) { func_1(); return g_4; }\n"
+    )
+    fixed = src.replace("(*l_3) = 1;", "(*l_3) = 2;")
+    o, p = pair(tmp_path, src, fixed)
+    d = compare_objects(o, p)
+    diff = "".join(
+        difflib.unified_diff(src.splitlines(True), fixed.splitlines(True), "a/case.c", "b/case.c")
+    )
+    (d,) = refuse_folded_statics([d], parse_diff(diff), lambda change: src)
+    assert d.refusals == [] and d.functions == ("run",)

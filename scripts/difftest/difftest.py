@@ -49,7 +49,7 @@ from mutate import KINDS, Mutation, mutate, oracle_source, parse  # noqa: E402
 
 # Bump when programs, mutations or checks change: results of another version are not
 # reused.
-VERSION = "4"
+VERSION = "6"
 DEFAULT_CACHE = Path(os.environ.get("PATCHBOX_DIFF_CACHE", "/var/cache/patchbox/diff"))
 BIN = Path(sys.executable).parent
 # Small programs (a tenth of a second to compile): few functions, shallow blocks, small

@@ -76,6 +76,9 @@ class FileChange:
     hunks: list[tuple[int, int, int]] = field(default_factory=list)
     # old line -> new line for the context lines inside hunks; None for removed lines
     inside: dict[int, int | None] = field(default_factory=dict)
+    # the text of the lines the diff removes, and of those it adds
+    removed_text: list[str] = field(default_factory=list)
+    added_text: list[str] = field(default_factory=list)
 
     def new_line(self, old: int) -> int | None:
         """Returns the new-side number of old line ``old``, None if the diff changes or
@@ -118,6 +121,10 @@ def parse_diff(text: str) -> list[FileChange]:
                 new_no: int | None = line.target_line_no
                 if line.source_line_no is not None:
                     change.inside[line.source_line_no] = new_no
+                if line.is_removed:
+                    change.removed_text.append(line.value)
+                elif line.is_added:
+                    change.added_text.append(line.value)
                 if line.is_removed:
                     change.touched.add(nxt)  # the line that now follows the deletion
                 elif new_no is not None:

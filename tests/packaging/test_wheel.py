@@ -7,8 +7,10 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import zipfile
 from dataclasses import dataclass
@@ -57,14 +59,21 @@ def _build(args: list[str], out: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def installed(tmp_path_factory: pytest.TempPathFactory) -> Installed:
+def installed(
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Installed:
     base = tmp_path_factory.mktemp("wheel")
     assert not str(base).startswith(str(ROOT)), "the virtualenv must be outside the checkout"
     # `python -m build` builds the sdist, then the wheel from the unpacked sdist.
     wheel = _build([], base / "dist")
     assert len(list((base / "dist").glob("*.tar.gz"))) == 1
     direct = _build(["--wheel"], base / "direct")
-    venv = base / "venv"
+    # Where every user may reach it, as /opt/patchbox is: the process tier run with it
+    # acts as nobody too (tmp_path lies under /tmp/pytest-of-root, 0700).
+    home = Path(tempfile.mkdtemp(prefix="pbx-wheel-", dir="/tmp"))
+    home.chmod(0o755)
+    request.addfinalizer(lambda: shutil.rmtree(home, ignore_errors=True))
+    venv = home / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     proc = subprocess.run(
         [

@@ -611,6 +611,24 @@ def written_statics(text: str, names: set[str]) -> set[str]:
     return names & written
 
 
+# The left side of a store: `x = …`, `x[i] += …`, `*p = …`, `(*p) = …`, `p->f = …`, `x++`.
+_STORE = re.compile(
+    r"((?:\(\s*)?\*?\s*\(?\s*[A-Za-z_]\w*\s*\)?(?:\s*(?:->|\.)\s*\w+|\s*\[[^\]]*\])*)\s*"
+    r"(?:(?:[-+*/%&|^]|<<|>>)?=(?!=)|\+\+|--)"
+)
+_NAME = re.compile(r"[A-Za-z_]\w*")
+
+
+def _stores(lines: list[str]) -> set[str]:
+    """Returns the left sides of the stores in ``lines``, spaces removed."""
+    return {re.sub(r"\s+", "", m[1]) for line in lines for m in _STORE.finditer(line)}
+
+
+def _address_taken(text: str, names: set[str]) -> set[str]:
+    """Returns those of ``names`` whose address C source ``text`` takes (``&x``)."""
+    return {n for n in names if re.search(rf"&\s*{re.escape(n)}\b", text)}
+
+
 def refuse_folded_statics(
     diffs: Sequence[ObjectDiff],
     changes: list[FileChange],
@@ -619,10 +637,12 @@ def refuse_folded_statics(
     """Returns ``diffs`` with a refusal added to each object whose source defines a
     ``static`` variable that the original object does not define — the compiler folded it
     away, so the running program keeps its value only in code — when that variable has
-    state: the source writes it (or takes its address; one never written is a constant,
-    folding it is harmless). Then the new code may read an initial value where the running
-    program's code holds another (found by the differential test: Csmith seed 1114, a store
-    through a pointer removed; the original had folded the store and the read together).
+    state (the source writes it or takes its address; one never written is a constant,
+    folding it is harmless) and the diff takes a store to it away (named, or through a
+    pointer while its address is taken). Then the new code may read an initial value where
+    the running program's code holds another (found by the differential test: Csmith seed
+    1114, a store through a pointer removed; the original had folded the store and the read
+    together).
     ``read_original`` returns a changed file's text before the diff (None: unknown)."""
     by_source: dict[str, list[int]] = defaultdict(list)
     for i, d in enumerate(diffs):
@@ -636,7 +656,14 @@ def refuse_folded_statics(
         text = read_original(change) if targets else None
         if not text:
             continue
-        candidates = written_statics(text, file_statics(text))
+        statics = written_statics(text, file_statics(text))
+        # A store the diff takes away (its left side in no added line): the state it set
+        # may be what the new code now reads. Named, or through a pointer to any static
+        # whose address the source takes.
+        gone = _stores(change.removed_text) - _stores(change.added_text)
+        candidates = statics & {w for lhs in gone for w in _NAME.findall(lhs)}
+        if any(lhs.lstrip("(").startswith("*") or "->" in lhs or "[" in lhs for lhs in gone):
+            candidates |= _address_taken(text, statics)
         for i in targets:
             orig = diffs[i].orig
             assert orig is not None
@@ -648,9 +675,9 @@ def refuse_folded_statics(
                     Verdict.REFUSED,
                     f"static {name} of {os.path.basename(change.old)} is not in the original "
                     f"object: the compiler folded it away, so the running program keeps "
-                    f"its value only in code, and the source changes it: the new code "
-                    f"could read its initial value where the running program's code "
-                    f"holds another",
+                    f"its value only in code, and the diff takes away a store to it: "
+                    f"the new code could read its initial value where the running "
+                    f"program's code holds another",
                 )
                 for name in sorted(candidates - defined)
             ]
