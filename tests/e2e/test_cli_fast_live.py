@@ -17,7 +17,17 @@ pytestmark = pytest.mark.process
 # Shown by INFO as app_version: colour codes (click.echo drops them when stdout is no
 # terminal) and text beyond ASCII.
 ODD_VERSION = "\x1b[1;31mrouge\x1b[0m é"
-NOT_FOR_INFO = {"click", "elftools", "capstone", "lief", "cryptography", "dataclasses"}
+# What `info` must not import (json: only for --json); tests/test_cli_fast.py says why.
+NOT_FOR_INFO = {
+    "click",
+    "elftools",
+    "capstone",
+    "lief",
+    "cryptography",
+    "dataclasses",
+    "inspect",
+    "pathlib",
+}
 
 
 def assert_same(*args: object, env: dict[str, str] | None = None) -> str:
