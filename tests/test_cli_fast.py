@@ -162,3 +162,41 @@ def test_info_imports_no_click() -> None:
     imported = modules_imported("info", "-p", NO_PID)
     assert "patchbox.protocol.client" in imported
     assert not {m.split(".")[0] for m in imported} & NOT_FOR_INFO, sorted(imported)
+
+
+def test_knows_every_option_of_the_click_command() -> None:
+    """The fast path reads `info`'s options and the group's --timeout as click declares
+    them: a changed or new one must be taught to cli/fast.py (or left to click there)."""
+    import click
+
+    from patchbox.cli.fast import VALUE_OPTIONS
+    from patchbox.cli.info import info_command
+    from patchbox.cli.main import DEFAULT_TIMEOUT, cli
+
+    def options(command: click.Command) -> dict[str, click.Option]:
+        ctx = click.Context(command, info_name="patchbox")
+        params = command.get_params(ctx)
+        return {p.name: p for p in params if isinstance(p, click.Option) and p.name != "help"}
+
+    info = options(info_command)
+    assert {name: p.opts for name, p in info.items()} == {
+        "pid": ["-p", "--pid"],
+        "socket_path": ["-s", "--socket"],
+        "as_json": ["--json"],
+    }
+    assert set(VALUE_OPTIONS) == {*info["pid"].opts, *info["socket_path"].opts}
+    pid, sock = info["pid"].type, info["socket_path"].type
+    assert isinstance(pid, click.IntRange) and (pid.min, pid.max, pid.min_open) == (1, None, False)
+    assert isinstance(sock, click.Path)
+    assert (sock.exists, sock.dir_okay, sock.resolve_path, sock.allow_dash) == (0, 0, 0, 0)
+    assert not any(p.envvar or p.multiple or p.default for p in info.values())
+    group = options(cli)
+    assert set(group) == {"version", "timeout"}
+    timeout = group["timeout"]
+    assert (timeout.opts, timeout.envvar, timeout.default) == (
+        ["--timeout"],
+        "PATCHBOX_TIMEOUT",
+        DEFAULT_TIMEOUT,
+    )
+    assert isinstance(timeout.type, click.FloatRange)
+    assert (timeout.type.min, timeout.type.max, timeout.type.min_open) == (0, None, True)
