@@ -41,6 +41,8 @@ from elftools.elf.elffile import ELFFile
 from elftools.elf.hash import GNUHashSection
 from elftools.elf.sections import SymbolTableSection
 
+from patchbox.elf.records import PT
+from patchbox.elf.segments import PF_X, has_interp, read_program_headers, read_segment
 from patchbox.errors import PatchboxError
 from patchbox.protocol.discovery import discover
 from patchbox.reach import ptrace
@@ -242,11 +244,11 @@ def _libc_facts(path: str) -> _LibcFacts:
                         if sym.name.split("@")[0] == "dlopen" and sym["st_shndx"] != "SHN_UNDEF":
                             dlopen = sym["st_value"]
                             break
-            for seg in elf.iter_segments():
-                if seg["p_type"] == "PT_LOAD" and seg["p_flags"] & 1:  # PF_X
-                    at = seg.data().find(RESTORER)
+            for ph in read_program_headers(f, path):
+                if ph.p_type == PT["LOAD"] and ph.p_flags & PF_X:
+                    at = read_segment(f, ph, path).find(RESTORER)
                     if at >= 0:
-                        restorer = seg["p_vaddr"] + at
+                        restorer = ph.p_vaddr + at
                         break
         _LIBC_FACTS[key] = _LibcFacts(dlopen, restorer)
     return _LIBC_FACTS[key]
@@ -268,7 +270,7 @@ def _shadow_stack(pid: int, tid: int) -> bool:
 
 def _has_interp(path: str) -> bool:
     with open(path, "rb") as f:
-        return any(seg["p_type"] == "PT_INTERP" for seg in ELFFile(f).iter_segments())
+        return has_interp(read_program_headers(f, path))
 
 
 def _base(maps: list[Mapping], path: str) -> int:
