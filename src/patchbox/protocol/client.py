@@ -20,6 +20,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from patchbox import procfs
 from patchbox import wire as C
 from patchbox.errors import ConnectError, PatchboxError, ProtocolError
 from patchbox.format.codec import Writer
@@ -279,12 +280,9 @@ class Client:
         has exited (its socket file swept: nobody listens there any more), else ""."""
         if self.peer is None:
             return ""
-        try:  # gone, or a zombie its parent has not reaped yet
-            stat = Path(f"/proc/{self.peer}/stat").read_text()
-            if stat[stat.rfind(")") + 2 :][:1] not in ("Z", "X"):
-                return ""
-        except OSError:
-            pass
+        state = procfs.process_state(self.peer)  # None: gone (or unreadable)
+        if state is not None and state not in ("Z", "X"):  # Z: not reaped yet
+            return ""
         if self.path is not None and self.path.is_absolute():
             with contextlib.suppress(OSError, PatchboxError):
                 sweep_stale_sockets(self.path.parent)  # the agent's rule: only if stale
