@@ -515,15 +515,6 @@ def test_workspace_never_touches_the_tree(tmp_path: Path) -> None:
     assert sorted(p.name for p in src.iterdir()) == ["Makefile", "x.c"]
 
 
-def test_fast_reader_matches_pyelftools(tmp_path: Path, agent_dir: Path) -> None:
-    from patchbox.elf.fastread import load_object
-    from patchbox.elf.objfile import ObjectFile
-
-    o, _p = pair(tmp_path, BASE + 'const char *s(void) { return "x"; }\n', BASE, extra=["-g"])
-    for path in [o, *sorted(agent_dir.glob("*.o"))]:
-        assert load_object(path) == ObjectFile.load(path)
-
-
 def test_tree_that_does_not_rebuild_the_binary_refused(tmp_path: Path) -> None:
     src = (
         "__attribute__((noinline)) int f(int x) { return x * 3 + 1; }\n"

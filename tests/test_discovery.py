@@ -18,6 +18,7 @@ import pytest
 
 from helpers import deep_dir, nobody_dir, nobody_python
 from patchbox.errors import ConnectError
+from patchbox.procfs import get_ns_pid, get_socket_inodes, parse_proc_net_unix
 from patchbox.protocol import discovery
 from patchbox.protocol.client import Client
 from patchbox.protocol.discovery import (
@@ -26,9 +27,6 @@ from patchbox.protocol.discovery import (
     connect_path_for,
     connect_unix,
     discover,
-    get_ns_pid,
-    get_socket_inodes,
-    parse_proc_net_unix,
     probe_socket,
     sweep_stale_sockets,
 )

@@ -10,7 +10,7 @@ import pytest
 
 from helpers import compile_c
 from patchbox.elf.binary import Binary, strip_version
-from patchbox.elf.objfile import ObjectFile
+from patchbox.elf.fastread import load_object
 from patchbox.elf.reloc import Recipe, get_reloc_type, reloc_name
 from patchbox.errors import ElfError, ExtractError, UnsupportedRelocation
 
@@ -63,7 +63,7 @@ def test_binary_without_build_id(tmp_path: Path) -> None:
 
 
 def test_object_file(tmp_path: Path) -> None:
-    obj = ObjectFile.load(compile_c(SRC, tmp_path / "prog.o", obj=True))
+    obj = load_object(compile_c(SRC, tmp_path / "prog.o", obj=True))
     assert obj.source_file == "prog.c"
     fn = obj.get_function("twice")
     assert fn is not None and fn.value == 6

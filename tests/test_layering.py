@@ -16,6 +16,7 @@ PKG = ROOT / "src" / "patchbox"
 LAYERS: list[set[str]] = [
     {"errors", "wire"},  # neutral ground: import nothing of the project
     {"flags", "profiles", "sourcediff", "safefs", "elf", "format"},
+    {"procfs"},  # the one reader of /proc: under every room that asks it about a process
     {"protocol", "config", "signing", "compare"},
     {"policy", "rebuild", "extract", "store", "reach"},
     {"host", "pipeline"},

@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 
 from patchbox.errors import BuildError
-from patchbox.sourcediff import changed_lines, diff_files, parse_diff, strip_path, unquote
+from patchbox.sourcediff import (
+    changed_lines,
+    diff_files,
+    file_texts,
+    parse_diff,
+    strip_path,
+    unquote,
+)
 
 GIT_DIFF = r"""diff --git "a/dir/foo bar.c" "b/dir/foo bar.c"
 index 1111111..2222222 100644
@@ -86,3 +93,41 @@ def test_not_a_diff() -> None:
     assert diff_files("just some text\n") == []
     with pytest.raises(BuildError, match="cannot be parsed"):
         parse_diff("--- a/x.c\n+++ b/x.c\n@@ -1,3 +1,3 @@\n a\n")
+
+
+TWO_HUNKS = """From 1234 Mon Sep 17 00:00:00 2001
+Subject: a preamble, left out
+
+diff --git a/x.c b/x.c
+index 1111111..2222222 100644
+--- a/x.c
++++ b/x.c
+@@ -1,2 +1,2 @@ int f(void)
+-a
++A
+ b
+@@ -10 +10 @@
+-c
++C
+\\ No newline at end of file
+diff -u old/y.c new/y.c
+--- old/y.c
++++ new/y.c
+@@ -3 +3,2 @@
+ y
++z
+"""
+
+
+def test_file_texts_keep_the_diff_as_written() -> None:
+    """Each file's part byte for byte (a hunk header without lengths, a no-newline
+    marker, the plain diff's own header line), hunk by hunk."""
+    x, y = file_texts(TWO_HUNKS)
+    assert x.text + y.text == TWO_HUNKS[TWO_HUNKS.index("diff --git") :]
+    assert x.head == "diff --git a/x.c b/x.c\nindex 1111111..2222222 100644\n--- a/x.c\n+++ b/x.c\n"
+    assert x.hunks[1] == "@@ -10 +10 @@\n-c\n+C\n\\ No newline at end of file\n"
+    assert x.select([2]) == x.head + x.hunks[1]
+    assert (x.change.name, y.change.name) == ("b/x.c", "new/y.c")
+    assert y.head == "diff -u old/y.c new/y.c\n--- old/y.c\n+++ new/y.c\n"
+    assert "".join(t.text for t in file_texts(GIT_DIFF)) == GIT_DIFF
+    assert [len(t.hunks) for t in file_texts(PLAIN)] == [1]

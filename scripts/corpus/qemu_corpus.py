@@ -42,6 +42,7 @@ from corpus import (
     wait_agent,
 )
 from fixes import Fix, Package
+from patchbox.sourcediff import file_texts, parse_diff, strip_path
 from qmp_client import QMP
 
 __all__ = ["carve", "run_qemu"]
@@ -50,48 +51,18 @@ QEMU_CACHE = Path("/var/cache/patchbox/qemu")  # the project's (scripts/qemu/bui
 LEVEL = CACHE / "qemu-cache"
 
 
-def sections(diff: str) -> dict[str, list[str]]:
-    """Returns {file: its section of a git diff (lines)}."""
-    out: dict[str, list[str]] = {}
-    cur = None
-    for line in diff.splitlines(keepends=True):
-        if line.startswith("diff --git "):
-            cur = line.split()[3][2:]
-            out[cur] = [line]
-        elif cur is not None:
-            out[cur].append(line)
-    return out
-
-
 def carve(fix: Fix, patches: Path) -> str:
-    """Returns the fix's diff: its files' sections of the release diff (only the hunks
-    ``fix.hunks`` names, 1-based, for files listed there)."""
+    """Returns the fix's diff: its files' parts of the release diff (only the hunks
+    ``fix.hunks`` names, 1-based, for files listed there), read with
+    :func:`patchbox.sourcediff.file_texts`."""
     text = (patches / fix.patch).read_text(errors="surrogateescape")
-    secs = sections(text)
+    parts = {strip_path(t.change.name, 1): t for t in file_texts(text)}
     out = []
     for f in fix.files:
-        if f not in secs:
+        if f not in parts:
             raise RuntimeError(f"{fix.patch} has no section for {f}")
-        lines = secs[f]
-        if f in fix.hunks:
-            head = lines[: _first_hunk(lines)]
-            hunks = _hunks(lines)
-            lines = head + [ln for i in fix.hunks[f] for ln in hunks[i - 1]]
-        out += lines
+        out.append(parts[f].select(fix.hunks[f]) if f in fix.hunks else parts[f].text)
     return "".join(out)
-
-
-def _first_hunk(lines: list[str]) -> int:
-    return next(i for i, ln in enumerate(lines) if ln.startswith("@@"))
-
-
-def _hunks(lines: list[str]) -> list[list[str]]:
-    out: list[list[str]] = []
-    for ln in lines[_first_hunk(lines) :]:
-        if ln.startswith("@@"):
-            out.append([])
-        out[-1].append(ln)
-    return out
 
 
 def level(fixes: list[Fix]) -> tuple[Path, Path, dict[str, str]]:
@@ -123,7 +94,7 @@ def level(fixes: list[Fix]) -> tuple[Path, Path, dict[str, str]]:
     state = LEVEL / "reverted.json"
     old: dict[str, list[str]] = json.loads(state.read_text()) if state.exists() else {}
     new = {
-        k: sorted({ln[6:].strip() for ln in p.read_text().splitlines() if ln.startswith("+++ b/")})
+        k: sorted({strip_path(c.new, 1) for c in parse_diff(p.read_text()) if c.new})
         for k, p in carved.items()
     }
     want = {k: sha(carved[k].read_text()) for k in carved}

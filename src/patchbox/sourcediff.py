@@ -4,23 +4,29 @@
 and recompile them), which new-side lines it touches (to say which function a change is
 in), and how it shifts the lines below each hunk (``__LINE__`` arguments). Plain and
 ``diff --git`` diffs are read, git's C-quoted paths (``"a/dir/foo bar.c"``) unquoted.
+:func:`file_texts` gives each file's part of a diff as written, hunk by hunk, for tools
+that cut one fix out of a larger diff (the QEMU corpus, scripts/corpus).
 """
 
 from __future__ import annotations
 
+import io
 import os
 import re
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from unidiff import PatchSet
+from unidiff import PatchedFile, PatchSet
 from unidiff.errors import UnidiffParseError
 
 from patchbox.errors import BuildError
 
 __all__ = [
     "FileChange",
+    "FileText",
     "parse_diff",
+    "file_texts",
     "diff_files",
     "changed_lines",
     "line_maps",
@@ -105,33 +111,94 @@ def _name(raw: str) -> str | None:
     return None if name == "/dev/null" else name
 
 
-def parse_diff(text: str) -> list[FileChange]:
-    """Returns the files of unified diff ``text``; raises BuildError if it is not one."""
+def _patch_set(text: str) -> PatchSet:
     try:
-        patch = PatchSet(text)
+        return PatchSet(text)
     except UnidiffParseError as err:
         raise BuildError(f"the diff cannot be parsed: {err}") from err
+
+
+def parse_diff(text: str) -> list[FileChange]:
+    """Returns the files of unified diff ``text``; raises BuildError if it is not one."""
+    return [_change(f) for f in _patch_set(text)]
+
+
+def _change(f: PatchedFile) -> FileChange:
+    """Returns what one file of a parsed diff changes."""
+    change = FileChange(_name(f.source_file), _name(f.target_file))
+    for hunk in f:
+        change.hunks.append((hunk.source_start, hunk.source_length, hunk.target_length))
+        nxt = hunk.target_start
+        for line in hunk:
+            new_no: int | None = line.target_line_no
+            if line.source_line_no is not None:
+                change.inside[line.source_line_no] = new_no
+            if line.is_removed:
+                change.removed_text.append(line.value)
+            elif line.is_added:
+                change.added_text.append(line.value)
+            if line.is_removed:
+                change.touched.add(nxt)  # the line that now follows the deletion
+            elif new_no is not None:
+                if line.is_added:
+                    change.touched.add(new_no)
+                nxt = new_no + 1
+    return change
+
+
+@dataclass(frozen=True)
+class FileText:
+    """One file's part of a diff, as written: its header lines (``diff --git``, ``index``,
+    ``---``/``+++``) and each hunk from its ``@@`` line, byte for byte."""
+
+    change: FileChange
+    head: str
+    hunks: tuple[str, ...]
+
+    @property
+    def text(self) -> str:
+        """Returns the whole part: the header and every hunk."""
+        return self.head + "".join(self.hunks)
+
+    def select(self, numbers: Iterable[int]) -> str:
+        """Returns the header and the hunks numbered ``numbers`` (1-based, in that order)."""
+        return self.head + "".join(self.hunks[n - 1] for n in numbers)
+
+
+def _first_line(f: PatchedFile) -> int:
+    """Returns the 0-based line of the diff where file ``f``'s part starts: its ``diff
+    --git`` line, else its ``---`` line and the lines before it that name it."""
+    info: list[str] = f.patch_info or []
+    if info and info[0].startswith("diff --git "):
+        return _at(f.diff_line_no) - 1
+    return _at(f.diff_line_no) - 2 - len(info)  # diff_line_no is the +++ line
+
+
+def _at(line_no: int | None) -> int:
+    """Returns a 1-based line number of the diff (unidiff records one for every file and
+    line it parses)."""
+    assert line_no is not None
+    return line_no
+
+
+def file_texts(text: str) -> list[FileText]:
+    """Returns each file's part of unified diff ``text`` as written, in order: a file's
+    part runs to the next file's (lines before the first file are left out); raises
+    BuildError if ``text`` is not a diff."""
+    lines = list(io.StringIO(text))  # split as unidiff splits: at "\n" only
+    patch = _patch_set(text)
+    starts = [_first_line(f) for f in patch] + [len(lines)]
     out = []
-    for f in patch:
-        change = FileChange(_name(f.source_file), _name(f.target_file))
-        for hunk in f:
-            change.hunks.append((hunk.source_start, hunk.source_length, hunk.target_length))
-            nxt = hunk.target_start
-            for line in hunk:
-                new_no: int | None = line.target_line_no
-                if line.source_line_no is not None:
-                    change.inside[line.source_line_no] = new_no
-                if line.is_removed:
-                    change.removed_text.append(line.value)
-                elif line.is_added:
-                    change.added_text.append(line.value)
-                if line.is_removed:
-                    change.touched.add(nxt)  # the line that now follows the deletion
-                elif new_no is not None:
-                    if line.is_added:
-                        change.touched.add(new_no)
-                    nxt = new_no + 1
-        out.append(change)
+    for f, start, end in zip(patch, starts, starts[1:]):
+        # A hunk's part starts at its @@ line, the one before its first line.
+        bounds = [_at(h[0].diff_line_no) - 2 for h in f if len(h)] + [end]
+        out.append(
+            FileText(
+                _change(f),
+                "".join(lines[start : bounds[0]]),
+                tuple("".join(lines[a:b]) for a, b in zip(bounds, bounds[1:])),
+            )
+        )
     return out
 
 

@@ -8,7 +8,8 @@ import subprocess
 import time
 from pathlib import Path
 
-from patchbox.protocol.discovery import Candidate, discover, get_ns_pid
+from patchbox.procfs import get_ns_pid
+from patchbox.protocol.discovery import Candidate, discover
 
 HERE = Path(__file__).resolve().parent
 ORIGINAL = {

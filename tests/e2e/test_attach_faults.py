@@ -30,10 +30,10 @@ import pytest
 from live import HERE
 
 from patchbox.config import preload
+from patchbox.procfs import read_maps, read_status, task_ids
 from patchbox.protocol.client import Client
 from patchbox.protocol.discovery import discover
 from patchbox.reach.attach import AttachError, LeftRunning, attach
-from patchbox.reach.procfs import read_maps, read_status, task_ids
 
 pytestmark = pytest.mark.process
 

@@ -31,8 +31,8 @@ from helpers import run_tool
 from patchbox.config import preload
 from patchbox.errors import AgentError
 from patchbox.format.layout import load_patch, read_patch_file
+from patchbox.procfs import task_ids
 from patchbox.protocol.client import Client
-from patchbox.reach.procfs import task_ids
 from patchbox.wire import ApplyFlag, ErrorCode
 
 pytestmark = pytest.mark.process

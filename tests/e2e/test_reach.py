@@ -23,8 +23,8 @@ from live import Target
 from helpers import info_json, run_tool, unique_build_id
 from patchbox.config import preload
 from patchbox.format.layout import load_patch
+from patchbox.procfs import find_mapped, read_maps
 from patchbox.reach.attach import AttachError, attach, yama_refusal
-from patchbox.reach.procfs import find_mapped, read_maps
 from patchbox.wire import ApplyFlag
 
 pytestmark = pytest.mark.process

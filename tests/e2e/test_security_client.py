@@ -31,7 +31,7 @@ from helpers import (
     unique_build_id,
 )
 from patchbox.config import preload
-from patchbox.reach.procfs import read_maps
+from patchbox.procfs import read_maps
 
 pytestmark = pytest.mark.process
 run = run_tool

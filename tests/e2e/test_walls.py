@@ -26,8 +26,9 @@ from live import HERE, Target, render, wait_for_agent
 
 from helpers import compile_c, deep_dir, info_json, run_tool
 from patchbox.format.layout import read_patch_file
+from patchbox.procfs import get_socket_inodes, iter_unix_sockets
 from patchbox.protocol.client import Client
-from patchbox.protocol.discovery import get_socket_inodes, iter_unix_sockets, sweep_stale_sockets
+from patchbox.protocol.discovery import sweep_stale_sockets
 
 pytestmark = pytest.mark.process
 

@@ -16,9 +16,9 @@ from patchbox.cli.common import (
 from patchbox.cli.fleet import all_options, report
 from patchbox.format.layout import read_patch_file
 from patchbox.host.ops import apply_all
+from patchbox.procfs import mapped_objects
 from patchbox.reach.attach import AlreadyAttached
 from patchbox.reach.hold import apply_held
-from patchbox.reach.procfs import mapped_objects
 
 __all__ = ["apply_command"]
 

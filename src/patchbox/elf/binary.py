@@ -21,8 +21,9 @@ from elftools.common.exceptions import ELFError as _PyElfError
 from elftools.elf.elffile import ELFFile
 from elftools.elf.sections import Section, SymbolTableSection
 
+from patchbox.elf import segments
 from patchbox.elf.buildid import read_build_id
-from patchbox.elf.records import SHN_UNDEF, SYM, cstring, sym_bind, sym_type
+from patchbox.elf.records import PT, SHN_UNDEF, SYM, cstring, sym_bind, sym_type
 from patchbox.errors import ElfError, ExtractError
 
 __all__ = ["Symbol", "Binary", "SymbolsMatch", "compare_loaded", "strip_version"]
@@ -226,9 +227,6 @@ class Binary:
             self.elf = ELFFile(cast(BinaryIO, self._buf))  # mmap reads like a binary file
             machine = self.elf["e_machine"]
             etype = self.elf["e_type"]
-            self._segments = [
-                seg.header for seg in self.elf.iter_segments() if seg["p_type"] == "PT_LOAD"
-            ]
             symtab = self.elf.get_section_by_name(".symtab")
         except (_PyElfError, ValueError, OSError) as err:
             raise ElfError(f"{self.path}: not a readable ELF file: {err}") from err
@@ -236,6 +234,8 @@ class Binary:
             raise ElfError(f"{self.path}: not an x86-64 binary ({machine})")
         if etype not in ("ET_EXEC", "ET_DYN"):
             raise ElfError(f"{self.path}: not a linked executable ({etype})")
+        #: the program headers (:mod:`patchbox.elf.segments`)
+        self.segments = segments.read_program_headers(cast(BinaryIO, self._buf), str(self.path))
         #: where symbols and DWARF are read: this file, or a debug file / unstripped build
         self.symbols_path = self.path
         self.symbols_match = SymbolsMatch(self.path, "self", None)
@@ -412,6 +412,12 @@ class Binary:
         """Returns True for a position-independent executable (ET_DYN)."""
         return self.elf["e_type"] == "ET_DYN"
 
+    @property
+    def is_shared_library(self) -> bool:
+        """Returns True for an ET_DYN that is not an executable: no PT_INTERP, no
+        DF_1_PIE (:func:`patchbox.elf.segments.is_shared_library`)."""
+        return segments.is_shared_library(cast(BinaryIO, self._buf), str(self.path))
+
     # -- symbols ----------------------------------------------------------------------
 
     def iter_symbols(self) -> Iterator[Symbol]:
@@ -525,12 +531,14 @@ class Binary:
         Bytes past a segment's file size but within its memory size (bss) read as zero;
         a range not inside one segment raises ElfError.
         """
-        for seg in self._segments:
-            start, memsz = seg["p_vaddr"], seg["p_memsz"]
+        for seg in self.segments:
+            start, memsz = seg.p_vaddr, seg.p_memsz
+            if seg.p_type != PT["LOAD"]:
+                continue
             if start <= address and address + n <= start + memsz:
                 rel = address - start
-                in_file = max(0, min(n, seg["p_filesz"] - rel))
-                self._buf.seek(seg["p_offset"] + rel)
+                in_file = max(0, min(n, seg.p_filesz - rel))
+                self._buf.seek(seg.p_offset + rel)
                 data = self._buf.read(in_file)
                 if len(data) != in_file:
                     raise ElfError(f"{self.path}: truncated at {address:#x}")

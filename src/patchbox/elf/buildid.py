@@ -1,20 +1,22 @@
 """The GNU build-id of an ELF file, read from its program headers alone.
 
 Cheap enough to ask of every process on a host (`patchbox ps`, `apply --all`): the ELF
-header, the program headers and the PT_NOTE segments, nothing else (no section headers,
-no pyelftools). Layouts come from :mod:`patchbox.elf.records`.
+header, the program headers (:mod:`patchbox.elf.segments`) and the PT_NOTE segments,
+nothing else (no section headers, no pyelftools). Layouts come from
+:mod:`patchbox.elf.records`.
 """
 
 from __future__ import annotations
 
 import os
+from typing import BinaryIO
 
-from patchbox.elf.records import EHDR, NHDR, PHDR
+from patchbox.elf.records import NHDR, PT
+from patchbox.elf.segments import ProgramHeader, read_program_headers, read_segment
 from patchbox.errors import ElfError
 
-__all__ = ["read_build_id", "NT_GNU_BUILD_ID", "PT_NOTE"]
+__all__ = ["read_build_id", "build_id_of", "NT_GNU_BUILD_ID"]
 
-PT_NOTE = 4
 NT_GNU_BUILD_ID = 3
 _MAX_NOTES = 64 * 1024  # bytes of PT_NOTE read at most
 
@@ -28,24 +30,20 @@ def read_build_id(path: str | os.PathLike[str]) -> bytes | None:
     has none; raises ElfError if it is not such a file or cannot be read."""
     try:
         with open(path, "rb") as f:
-            head = f.read(EHDR.size)
-            if len(head) < EHDR.size or head[:4] != b"\x7fELF" or head[4] != 2 or head[5] != 1:
-                raise ElfError(f"{path}: not an ELF64 little-endian file")
-            ehdr = dict(zip(EHDR.fields, EHDR.unpack_from(head, 0, str(path)), strict=True))
-            if ehdr["e_phentsize"] != PHDR.size or not 0 < ehdr["e_phnum"] < 4096:
-                return None
-            f.seek(ehdr["e_phoff"])
-            table = f.read(PHDR.size * ehdr["e_phnum"])
-            for ph in PHDR.iter_table(table, 0, len(table), f"{path}: program headers"):
-                p_type, _flags, offset, _va, _pa, filesz, _memsz, align = ph
-                if p_type != PT_NOTE or filesz > _MAX_NOTES:
-                    continue
-                f.seek(offset)
-                found = _scan_notes(f.read(filesz), 8 if align == 8 else 4)
-                if found is not None:
-                    return found
+            return build_id_of(f, read_program_headers(f, str(path)), str(path))
     except OSError as err:
         raise ElfError(f"cannot read {path}: {err.strerror}") from err
+
+
+def build_id_of(f: BinaryIO, phdrs: list[ProgramHeader], what: str) -> bytes | None:
+    """Returns the GNU build-id in the PT_NOTE segments ``phdrs`` names of the file open
+    as ``f``, None if it has none; raises ElfError if a note segment is cut short."""
+    for ph in phdrs:
+        if ph.p_type != PT["NOTE"] or ph.p_filesz > _MAX_NOTES:
+            continue
+        found = _scan_notes(read_segment(f, ph, what), 8 if ph.p_align == 8 else 4)
+        if found is not None:
+            return found
     return None
 
 

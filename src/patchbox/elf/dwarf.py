@@ -32,6 +32,7 @@ from elftools.dwarf.dwarfinfo import DWARFInfo
 from elftools.elf.elffile import ELFFile
 
 from patchbox.elf.fastread import load_object
+from patchbox.elf.reloc import get_reloc
 from patchbox.errors import ElfError
 
 __all__ = [
@@ -49,6 +50,9 @@ __all__ = [
 _CODE_SCOPES = ("DW_TAG_lexical_block", "DW_TAG_inlined_subroutine", "DW_TAG_subprogram")
 _CONTAINERS = ("DW_TAG_namespace", "DW_TAG_module")  # may hold definitions (C++, Fortran)
 _LTO_CU = "<artificial>"  # GCC's LTO units: they may inline statics of any file
+# The relocations GCC emits in .debug_* sections of an object: S + A (- P), applied by
+# object_dwarf; others there (thread-local offsets) are left as they are.
+_DEBUG_RELOCS = frozenset({"R_X86_64_64", "R_X86_64_32", "R_X86_64_32S", "R_X86_64_PC32"})
 
 
 @dataclass(frozen=True)
@@ -265,8 +269,9 @@ def object_dwarf(path: str | os.PathLike[str]) -> DWARFInfo | None:
 
     pyelftools relocates debug sections through its construct-based reader, which costs
     more than a second on a QEMU object; this applies the (few kinds of) relocations
-    GCC emits there, R_X86_64_32 and R_X86_64_64 against section symbols, with the
-    fast reader's tables, then lets pyelftools read the result unrelocated.
+    GCC emits there (:data:`_DEBUG_RELOCS`, sizes and pc-relativity from
+    :mod:`patchbox.elf.reloc`) with the fast reader's tables, then lets pyelftools read
+    the result unrelocated.
     """
     obj = load_object(Path(path))
     raw = bytearray(obj.path.read_bytes())
@@ -276,11 +281,14 @@ def object_dwarf(path: str | os.PathLike[str]) -> DWARFInfo | None:
     for index, sec in debug.items():
         base = sec.offset
         for rel in obj.relocations.get(index, []):
-            size = {1: 8, 10: 4, 11: 4, 2: 4}.get(rel.type)
-            if size is None or rel.offset + size > sec.size:
+            rtype = get_reloc(rel.type)
+            if rtype is None or rtype.name not in _DEBUG_RELOCS:
+                continue
+            size = rtype.size
+            if rel.offset + size > sec.size:
                 continue
             value = rel.symbol.value + rel.addend
-            if rel.type == 2:  # PC32: rare in debug sections
+            if rtype.pcrel:  # PC32: rare in debug sections
                 value -= rel.offset
             raw[base + rel.offset : base + rel.offset + size] = (
                 value & ((1 << (8 * size)) - 1)

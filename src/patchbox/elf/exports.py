@@ -16,7 +16,7 @@ import subprocess
 from functools import lru_cache
 from pathlib import Path
 
-from patchbox.elf.records import EHDR, SHDR, SHN_UNDEF, SHT, SYM, cstring
+from patchbox.elf.records import DT, SHDR, SHN_UNDEF, SHT, SYM, cstring, iter_dynamic, read_ehdr
 from patchbox.errors import ElfError
 
 __all__ = ["Libraries", "program_libraries", "dynamic_exports", "dynamic_needs"]
@@ -29,13 +29,10 @@ _DEFAULT_DIRS = (
     "/lib",
     "/usr/lib",
 )
-_DT_NEEDED, _DT_RPATH, _DT_RUNPATH = 1, 15, 29
 
 
 def _sections(raw: bytes, what: str) -> list[tuple[int, ...]]:
-    if raw[:4] != b"\x7fELF" or raw[4] != 2 or raw[5] != 1:
-        raise ElfError(f"{what}: not an ELF64 little-endian file")
-    eh = dict(zip(EHDR.fields, EHDR.unpack_from(raw, 0, what), strict=True))
+    eh = read_ehdr(raw, what)
     return list(SHDR.iter_table(raw, eh["e_shoff"], eh["e_shnum"] * SHDR.size, what))
 
 
@@ -70,14 +67,10 @@ def dynamic_needs(path: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
             continue
         strh = hdrs[h[6]]
         strtab = raw[strh[4] : strh[4] + strh[5]]
-        for off in range(h[4], h[4] + h[5] - 15, 16):
-            tag = int.from_bytes(raw[off : off + 8], "little", signed=True)
-            val = int.from_bytes(raw[off + 8 : off + 16], "little")
-            if tag == 0:
-                break
-            if tag == _DT_NEEDED:
+        for tag, val in iter_dynamic(raw, h[4], h[5], f"{path}: .dynamic"):
+            if tag == DT["NEEDED"]:
                 needed.append(cstring(strtab, val))
-            elif tag in (_DT_RPATH, _DT_RUNPATH):
+            elif tag in (DT["RPATH"], DT["RUNPATH"]):
                 origin = os.path.dirname(os.path.realpath(path))
                 dirs += [
                     d.replace("$ORIGIN", origin).replace("${ORIGIN}", origin)

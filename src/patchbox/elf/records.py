@@ -1,20 +1,26 @@
 """ELF64 little-endian record layouts, declared once, read with bounds checks.
 
-The fast object reader (:mod:`patchbox.elf.fastread`) and the reference-binary reader
-(:mod:`patchbox.elf.binary`) unpack symbol tables, section headers and relocations in
-bulk with :mod:`struct`; both take the layouts from here. Field names and the names of
-enumerated values are pyelftools' (``elftools/elf/structs.py``, ``elftools/elf/enums.py``),
-so a record read here and one read by pyelftools compare equal field by field
-(tests/test_elf_records.py checks it on real objects).
+Every reader of ELF bytes in patchbox takes its layouts and its one ident check
+(:func:`read_ehdr`) from here: the fast object reader (:mod:`patchbox.elf.fastread`),
+the program-header walk (:mod:`patchbox.elf.segments`), the build-id reader, the
+reference binary's bulk symbol reader and the dynamic-section reader of
+:mod:`patchbox.elf.exports`. Field names and the names of enumerated values are
+pyelftools' (``elftools/elf/structs.py``, ``elftools/elf/enums.py``), so a record read
+here and one read by pyelftools compare equal field by field (tests/test_elf_records.py
+checks it on real objects and binaries).
 """
 
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 from elftools.elf.enums import (
+    ENUM_D_TAG_COMMON,
+    ENUM_E_MACHINE,
+    ENUM_E_TYPE,
+    ENUM_P_TYPE_BASE,
     ENUM_SH_TYPE_AMD64,
     ENUM_SH_TYPE_BASE,
     ENUM_ST_INFO_BIND,
@@ -31,12 +37,21 @@ __all__ = [
     "RELA",
     "PHDR",
     "NHDR",
+    "DYN",
+    "ELFMAG",
+    "read_ehdr",
+    "enum_name",
     "SHN_UNDEF",
     "SHN_LORESERVE",
     "SHN_ABS",
     "SHN_COMMON",
     "SHN_XINDEX",
     "SHT",
+    "PT",
+    "DT",
+    "ET",
+    "EM_X86_64",
+    "iter_dynamic",
     "sym_type",
     "sym_bind",
     "section_type",
@@ -50,12 +65,27 @@ SHN_ABS = 0xFFF1
 SHN_COMMON = 0xFFF2
 SHN_XINDEX = 0xFFFF
 
-# Section types used by the readers (numbers of ENUM_SH_TYPE_BASE).
-SHT = {
-    name.removeprefix("SHT_"): value
-    for name, value in ENUM_SH_TYPE_BASE.items()
-    if isinstance(value, int) and name.startswith("SHT_")
-}
+
+def _numbers(enum: Mapping[str, object], prefix: str) -> dict[str, int]:
+    """Returns {name without ``prefix``: number} of a pyelftools enumeration."""
+    return {
+        name.removeprefix(prefix): value
+        for name, value in enum.items()
+        if isinstance(value, int) and name.startswith(prefix)
+    }
+
+
+# Numbers of the enumerations the readers use, by pyelftools' names without the prefix
+# (SHT["SYMTAB"], PT["LOAD"], DT["NEEDED"], ET["REL"]).
+SHT = _numbers(ENUM_SH_TYPE_BASE, "SHT_")
+PT = _numbers(ENUM_P_TYPE_BASE, "PT_")
+DT = _numbers(ENUM_D_TAG_COMMON, "DT_")
+ET = _numbers(ENUM_E_TYPE, "ET_")
+EM_X86_64 = ENUM_E_MACHINE["EM_X86_64"]
+
+# e_ident: the magic, then EI_CLASS (ELFCLASS64) and EI_DATA (ELFDATA2LSB).
+ELFMAG = b"\x7fELF"
+_ELFCLASS64, _ELFDATA2LSB = 2, 1
 
 
 @dataclass(frozen=True)
@@ -124,6 +154,27 @@ PHDR = _layout(
     "p_type p_flags p_offset p_vaddr p_paddr p_filesz p_memsz p_align",
 )
 NHDR = _layout("Elf64_Nhdr", "<III", "n_namesz n_descsz n_type")
+DYN = _layout("Elf64_Dyn", "<qQ", "d_tag d_val")
+
+
+def read_ehdr(buf: bytes, what: str) -> dict[str, int]:
+    """Returns the ELF header at the start of ``buf`` by field name; raises ElfError if
+    ``buf`` does not start with one of an ELF64 little-endian file: patchbox's one ident
+    check."""
+    if len(buf) < EHDR.size or buf[:4] != ELFMAG or buf[4] != _ELFCLASS64 or buf[5] != _ELFDATA2LSB:
+        raise ElfError(f"{what}: not an ELF64 little-endian file")
+    return dict(zip(EHDR.fields, EHDR.unpack_from(buf, 0, what), strict=True))
+
+
+def iter_dynamic(buf: bytes, offset: int, size: int, what: str) -> Iterator[tuple[int, int]]:
+    """Returns an iterator over the (d_tag, d_val) entries of the dynamic table of
+    ``size`` bytes at ``offset``, up to DT_NULL; raises ElfError if the table is not
+    inside ``buf``."""
+    for d_tag, d_val in DYN.iter_table(buf, offset, size - size % DYN.size, what):
+        if d_tag == DT["NULL"]:
+            return
+        yield d_tag, d_val
+
 
 _TYPES = {v: k.removeprefix("STT_") for k, v in ENUM_ST_INFO_TYPE.items() if isinstance(v, int)}
 _BINDS = {v: k.removeprefix("STB_") for k, v in ENUM_ST_INFO_BIND.items() if isinstance(v, int)}
@@ -146,6 +197,13 @@ def sym_bind(st_info: int) -> str:
     (``GLOBAL``; GNU's UNIQUE is pyelftools' ``LOOS``)."""
     b = st_info >> 4
     return _BINDS.get(b, str(b))
+
+
+def enum_name(enum: str, value: int) -> str:
+    """Returns pyelftools' name of ``value`` in the ELF header enumeration ``enum``
+    (``e_type``: ``ET_EXEC``; ``e_machine``: ``EM_386``), else the number."""
+    table = {"e_type": ENUM_E_TYPE, "e_machine": ENUM_E_MACHINE}[enum]
+    return next((k for k, v in table.items() if v == value and k[:3] in ("ET_", "EM_")), str(value))
 
 
 def section_type(sh_type: int) -> str | int:

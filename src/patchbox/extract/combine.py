@@ -41,7 +41,6 @@ from patchbox.elf.fastread import load_object
 from patchbox.errors import ExtractError
 from patchbox.extract.closure import close
 from patchbox.extract.emit import emit, layout, new_symbols
-from patchbox.extract.entry import is_shared_library
 from patchbox.extract.inlined import check_inlined
 from patchbox.extract.model import (
     INT3,
@@ -221,7 +220,7 @@ def _check_imports(binary: Binary, emitted: Sequence[Emitted], warnings: list[st
             if pf.fixup.base == FixupBase.IMPORT and not pf.fixup.symbol.startswith("patchbox_")
         }
     )  # the agent's own API
-    if not names or is_shared_library(binary):
+    if not names or binary.is_shared_library:
         return
     libs = program_libraries(binary.path)
     unknown = [n for n in names if not libs.exports(n)]

@@ -29,13 +29,11 @@ from dataclasses import dataclass
 
 from capstone import CS_ARCH_X86, CS_GRP_CALL, CS_GRP_JUMP, CS_MODE_64, Cs
 from capstone.x86 import X86_OP_IMM
-from elftools.elf.dynamic import DynamicSection
 
 from patchbox import wire as C
-from patchbox.elf.binary import Binary
 from patchbox.errors import ExtractError
 
-__all__ = ["ENDBR64", "EntryJump", "analyse_entry", "is_shared_library"]
+__all__ = ["ENDBR64", "EntryJump", "analyse_entry"]
 
 ENDBR64 = bytes.fromhex("f30f1efa")
 WORD = 8
@@ -140,20 +138,3 @@ def analyse_entry(
             )
     held = first.size < C.JUMP_LEN or point % WORD > WORD - C.JUMP_LEN
     return EntryJump(symbol, entry, skip, first.size, held)
-
-
-def is_shared_library(binary: Binary) -> bool:
-    """Returns True for an ET_DYN that is not an executable (no PT_INTERP, no DF_1_PIE):
-    rule 5's shared library."""
-    elf = binary.elf
-    if elf["e_type"] != "ET_DYN":
-        return False
-    if any(seg["p_type"] == "PT_INTERP" for seg in elf.iter_segments()):
-        return False
-    dyn = elf.get_section_by_name(".dynamic")
-    if not isinstance(dyn, DynamicSection):
-        return False  # static-pie
-    for tag in dyn.iter_tags():
-        if tag.entry.d_tag == "DT_FLAGS_1" and tag.entry.d_val & 0x08000000:  # DF_1_PIE
-            return False
-    return True

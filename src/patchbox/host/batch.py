@@ -24,8 +24,9 @@ from typing import Any
 
 from patchbox import wire as C
 from patchbox.errors import AgentError, ConnectError, PatchboxError, ProtocolError
+from patchbox.procfs import holds_socket
 from patchbox.protocol.client import decode_header, encode_frame
-from patchbox.protocol.discovery import connect_unix_ex, holds_socket, peer_pid
+from patchbox.protocol.discovery import connect_unix_ex, peer_pid
 from patchbox.protocol.replies import decode_answer
 from patchbox.wire import Msg
 

@@ -16,7 +16,8 @@ operations start from what each process runs:
   which is what a library patch looks like from here.
 
 A process of the build without an agent that answers is *unreachable*, and
-:func:`unreachable_reason` says why from what /proc shows.
+:func:`unreachable_reason` says why from what /proc shows. /proc is read through
+:mod:`patchbox.procfs`.
 """
 
 from __future__ import annotations
@@ -25,15 +26,12 @@ import os
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 
-from patchbox.elf.buildid import read_build_id
-from patchbox.errors import ElfError
-from patchbox.protocol.discovery import agent_inside, get_ns_pid
-from patchbox.reach.procfs import file_build_id
+from patchbox import procfs
+from patchbox.protocol.discovery import agent_inside
 
 __all__ = [
     "Running",
     "census",
-    "exe_path",
     "processes_of",
     "maps_build_id",
     "unreachable_reason",
@@ -49,56 +47,23 @@ class Running:
     build_id: str  # the executable's GNU build-id (hex), "" when it has none
 
 
-# (st_dev, st_ino, st_mtime_ns) of an executable -> its build-id ("" when none).
-_EXE_IDS: dict[tuple[int, int, int], str] = {}
-_CACHE_MAX = 65536
-
-
-def _exe_build_id(pid: int, st: os.stat_result) -> str:
-    """Returns the build-id of ``pid``'s executable whose stat is ``st``, read once per
-    file identity and mtime (through /proc/PID/exe: a replaced file is still readable)."""
-    key = (st.st_dev, st.st_ino, st.st_mtime_ns)
-    found = _EXE_IDS.get(key)
-    if found is None:
-        try:
-            bid = read_build_id(f"/proc/{pid}/exe")
-        except ElfError:
-            bid = None
-        found = bid.hex() if bid else ""
-        if len(_EXE_IDS) >= _CACHE_MAX:
-            _EXE_IDS.clear()
-        _EXE_IDS[key] = found
-    return found
-
-
 def census(pids: Collection[int] | None = None) -> dict[int, Running]:
     """Returns {pid: what it runs} for every process of this pid namespace whose
     executable can be looked at (``pids``: only those), this process excluded. Kernel
     threads, zombies and processes of other users (for a client that is not root) have
     no readable ``/proc/PID/exe`` and are not listed."""
     me = os.getpid()
-    names: Iterable[int] = (
-        pids if pids is not None else (int(n) for n in os.listdir("/proc") if n.isdigit())
-    )
+    names: Iterable[int] = pids if pids is not None else procfs.process_ids()
     out: dict[int, Running] = {}
     for pid in names:
         if pid == me:
             continue
         try:
-            st = os.stat(f"/proc/{pid}/exe")
+            st = procfs.stat_exe(pid)
         except OSError:
             continue
-        out[pid] = Running(pid, (st.st_dev, st.st_ino), _exe_build_id(pid, st))
+        out[pid] = Running(pid, (st.st_dev, st.st_ino), procfs.exe_build_id(pid, st))
     return out
-
-
-def exe_path(pid: int) -> str:
-    """Returns the path of ``pid``'s executable as /proc names it (" (deleted)" dropped for
-    a file replaced since it started), "" when it cannot be read."""
-    try:
-        return os.readlink(f"/proc/{pid}/exe").removesuffix(" (deleted)")
-    except OSError:
-        return ""
 
 
 def maps_build_id(pid: int, build_id: str, memo: dict[tuple[str, int], str]) -> bool:
@@ -106,23 +71,18 @@ def maps_build_id(pid: int, build_id: str, memo: dict[tuple[str, int], str]) -> 
     from file offset 0. ``memo`` maps a file named by a maps line (device, inode) to its
     build-id for the whole census, so each file is looked at once."""
     try:
-        with open(f"/proc/{pid}/maps") as f:
-            lines = f.read().splitlines()
+        maps = procfs.read_maps(pid)
     except OSError:
         return False
-    for line in lines:
-        # start-end perms offset dev inode path
-        parts = line.split(None, 5)
-        if len(parts) < 6 or parts[2].strip("0") or parts[4] == "0":
+    for m in maps:
+        if m.offset or not m.inode or not m.path.startswith("/"):
             continue
-        path = parts[5]
-        if not path.startswith("/"):
-            continue
-        key = (parts[3], int(parts[4]))
+        key = (m.dev, m.inode)
         bid = memo.get(key)
         if bid is None:
             # The process's view of the path (its mount namespace), stat'ed for the cache.
-            bid = memo[key] = file_build_id(f"/proc/{pid}/root{path.removesuffix(' (deleted)')}")
+            path = procfs.root_path(pid, m.path.removesuffix(" (deleted)"))
+            bid = memo[key] = procfs.file_build_id(path)
         if bid == build_id:
             return True
     return False
@@ -143,7 +103,7 @@ def processes_of(running: dict[int, Running], build_id: str) -> set[int]:
 def unreachable_reason(pid: int) -> str:
     """Returns why process ``pid`` has no agent this client can talk to, as far as /proc
     tells (it has no listening agent socket)."""
-    name = f"sandbox-sock{get_ns_pid(pid)}"
+    name = f"sandbox-sock{procfs.get_ns_pid(pid)}"
     inside = agent_inside(pid)
     if inside is None:
         return (

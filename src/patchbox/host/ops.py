@@ -33,16 +33,15 @@ from patchbox.host.batch import Job, run_jobs
 from patchbox.host.census import (
     Running,
     census,
-    exe_path,
     processes_of,
     unreachable_reason,
 )
 from patchbox.host.scan import AgentSocket, iter_agent_sockets
+from patchbox.procfs import exe_path, fd_path, fd_target, holds_socket, namespace
 from patchbox.protocol.client import Client
 from patchbox.protocol.discovery import (
     FD_ADDRESS,
     agent_inside,
-    holds_socket,
     peer_pid,
     sweep_stale_sockets,
 )
@@ -147,14 +146,6 @@ class _Host:
         return Outcome(pid, result, reason, *self.describe(pid), retry=retry)
 
 
-def _netns(pid: int | str) -> int | None:
-    """Returns the inode of ``pid``'s network namespace, None if it cannot be read."""
-    try:
-        return os.stat(f"/proc/{pid}/ns/net").st_ino
-    except OSError:
-        return None
-
-
 def _look() -> _Host:
     """Returns the agents of the host (every network namespace this process can read)
     and what each process of this pid namespace runs. An agent on an abstract address
@@ -162,9 +153,9 @@ def _look() -> _Host:
     another socket here): it is set apart, with the way to reach it."""
     agents: dict[int, AgentSocket] = {}
     far: dict[int, str] = {}
-    mine = _netns("self")
+    mine = namespace("self", "net")
     for a in iter_agent_sockets():
-        theirs = _netns(a.pid) if a.bound.startswith("@") else None
+        theirs = namespace(a.pid, "net") if a.bound.startswith("@") else None
         if theirs is not None and theirs != mine:
             far[a.pid] = (
                 f"its agent listens on {a.bound} in another network namespace: run patchbox "
@@ -217,13 +208,11 @@ def _known_builds(host: _Host, root: Path | None) -> set[str]:
 def _shares_namespaces(pid: int) -> bool:
     """Returns whether ``pid`` is in this process's pid and mount namespaces: only then do
     its socket's path and the pids in ``sandbox-sock<N>`` names mean the same here."""
-    try:
-        return all(
-            os.readlink(f"/proc/{pid}/ns/{ns}") == os.readlink(f"/proc/self/ns/{ns}")
-            for ns in ("pid", "mnt")
-        )
-    except OSError:
-        return False
+    for kind in ("pid", "mnt"):
+        theirs = namespace(pid, kind)
+        if theirs is None or theirs != namespace("self", kind):
+            return False
+    return True
 
 
 def _open_agent_dir(a: AgentSocket) -> tuple[int, str] | None:
@@ -233,10 +222,9 @@ def _open_agent_dir(a: AgentSocket) -> tuple[int, str] | None:
     directory too deep for sun_path is the agent's own descriptor of it."""
     m = FD_ADDRESS.fullmatch(a.bound)
     if m:
-        path = f"/proc/{a.pid}/fd/{m[1]}"
-        fd = os.open(path, safefs.DIR_FLAGS)
+        fd = os.open(fd_path(a.pid, m[1]), safefs.DIR_FLAGS)  # the agent's own descriptor
         try:
-            return fd, os.readlink(path)
+            return fd, fd_target(a.pid, m[1])
         except OSError:
             os.close(fd)
             raise

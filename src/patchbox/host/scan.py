@@ -13,22 +13,18 @@ How to reach each one (docs/protocol.md, "Socket and discovery"):
 
 The pid is n when the process is in our pid namespace; the connection's SO_PEERCRED
 says for sure. Sockets that cannot be attributed that way (another pid namespace) are
-matched through the socket inodes in ``/proc/*/fd``.
+matched through the socket inodes in ``/proc/*/fd``. /proc is read through
+:mod:`patchbox.procfs`.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from patchbox.protocol.discovery import (
-    FD_ADDRESS,
-    SOCK_STREAM_TYPE,
-    SOCKET_NAME,
-    UnixSocket,
-    parse_proc_net_unix,
-)
+from patchbox import procfs
+from patchbox.procfs import SOCK_STREAM_TYPE, UnixSocket
+from patchbox.protocol.discovery import FD_ADDRESS, SOCKET_NAME
 
 __all__ = ["AgentSocket", "iter_agent_sockets", "reach"]
 
@@ -45,62 +41,32 @@ class AgentSocket:
     alt: str = ""  # where to try next if ``connect`` does not reach this pid's agent
 
 
-def _readlink(path: str) -> str | None:
+def _unix_sockets(who: int | str) -> list[UnixSocket]:
     try:
-        return os.readlink(path)
+        return list(procfs.iter_unix_sockets(who))
     except OSError:
-        return None
+        return []
 
 
-def _pids() -> list[int]:
-    return [int(n) for n in os.listdir("/proc") if n.isdigit()]
-
-
-def _read_table(who: str) -> str:
-    try:
-        with open(f"/proc/{who}/net/unix") as f:
-            return f.read()
-    except OSError:
-        return ""
-
-
-def _other_netns_tables(skip: set[int]) -> Iterator[str]:
-    """Returns the /proc/<pid>/net/unix text of every other network namespace, looked for
-    among the processes not in ``skip`` (agents already found in ours are in ours)."""
-    mine = _readlink("/proc/self/ns/net")
-    seen: set[str] = set()
-    for pid in _pids():
+def _other_netns_sockets(skip: set[int]) -> Iterator[list[UnixSocket]]:
+    """Returns the Unix sockets of every other network namespace, looked for among the
+    processes not in ``skip`` (agents already found in ours are in ours)."""
+    mine = procfs.namespace("self", "net")
+    seen: set[int] = set()
+    for pid in procfs.process_ids():
         if pid in skip:
             continue
-        ns = _readlink(f"/proc/{pid}/ns/net")
-        if ns and ns != mine and ns not in seen:
+        ns = procfs.namespace(pid, "net")
+        if ns is not None and ns != mine and ns not in seen:
             seen.add(ns)
-            yield _read_table(str(pid))
-
-
-def _socket_owners(inodes: set[int]) -> dict[int, int]:
-    """Returns {socket inode: pid} for ``inodes``, from every readable ``/proc/*/fd``."""
-    owners: dict[int, int] = {}
-    for pid in _pids():
-        try:
-            fds = os.listdir(f"/proc/{pid}/fd")
-        except OSError:
-            continue
-        for fd in fds:
-            link = _readlink(f"/proc/{pid}/fd/{fd}")
-            if link and link.startswith("socket:["):
-                inode = int(link[8:-1])
-                if inode in inodes:
-                    owners.setdefault(inode, pid)
-    return owners
+            yield _unix_sockets(pid)
 
 
 def _holds(pid: int, inode: int) -> bool:
     try:
-        fds = os.listdir(f"/proc/{pid}/fd")
+        return inode in procfs.get_socket_inodes(pid)
     except OSError:
         return True  # cannot check: SO_PEERCRED will tell
-    return any(_readlink(f"/proc/{pid}/fd/{fd}") == f"socket:[{inode}]" for fd in fds)
 
 
 def reach(pid: int, bound: str) -> tuple[str, str]:
@@ -112,13 +78,13 @@ def reach(pid: int, bound: str) -> tuple[str, str]:
         return bound, ""
     m = FD_ADDRESS.fullmatch(bound)
     if m:
-        return f"/proc/{pid}/fd/{m[1]}/{m[2]}", ""
-    return bound, f"/proc/{pid}/root{bound}"
+        return f"{procfs.fd_path(pid, m[1])}/{m[2]}", ""
+    return bound, procfs.root_path(pid, bound)
 
 
-def _agent_entries(text: str) -> list[tuple[int, UnixSocket]]:
+def _agent_entries(sockets: list[UnixSocket]) -> list[tuple[int, UnixSocket]]:
     out = []
-    for s in parse_proc_net_unix(text):
+    for s in sockets:
         m = SOCKET_NAME.fullmatch(s.path.rsplit("/", 1)[-1])
         if s.listening and s.type == SOCK_STREAM_TYPE and m:
             out.append((int(m[1]), s))
@@ -130,20 +96,20 @@ def iter_agent_sockets(verify: bool = False) -> list[AgentSocket]:
     process can read). With ``verify``, each is checked to be held by its pid through
     ``/proc/<pid>/fd`` (costly on thousands of processes; SO_PEERCRED after connecting
     is the cheap check)."""
-    found = _agent_entries(_read_table("self"))
+    found = _agent_entries(_unix_sockets("self"))
     mine = {n for n, _s in found}
-    for text in _other_netns_tables(mine):
-        found += _agent_entries(text)
+    for sockets in _other_netns_sockets(mine):
+        found += _agent_entries(sockets)
     out: list[AgentSocket] = []
     unplaced: list[tuple[int, UnixSocket]] = []
-    live = {int(n) for n in os.listdir("/proc") if n.isdigit()}  # one read, not a stat each
+    live = set(procfs.process_ids())  # one read, not a stat each
     for nspid, s in found:
         if nspid not in live or (verify and not _holds(nspid, s.inode)):
             unplaced.append((nspid, s))
             continue
         out.append(AgentSocket(nspid, nspid, s.inode, s.path, *reach(nspid, s.path)))
     if unplaced:
-        owners = _socket_owners({s.inode for _n, s in unplaced})
+        owners = procfs.socket_owners({s.inode for _n, s in unplaced})
         for nspid, s in unplaced:
             pid = owners.get(s.inode)
             if pid is not None:

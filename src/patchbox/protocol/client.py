@@ -19,6 +19,7 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
+from patchbox import procfs
 from patchbox import wire as C
 from patchbox.errors import ConnectError, PatchboxError, ProtocolError
 from patchbox.format.codec import Writer
@@ -280,13 +281,9 @@ class Client:
         has exited (its socket file swept: nobody listens there any more), else ""."""
         if self.peer is None:
             return ""
-        try:  # gone, or a zombie its parent has not reaped yet
-            with open(f"/proc/{self.peer}/stat") as f:
-                stat = f.read()
-            if stat[stat.rfind(")") + 2 :][:1] not in ("Z", "X"):
-                return ""
-        except OSError:
-            pass
+        state = procfs.process_state(self.peer)  # None: gone (or unreadable)
+        if state is not None and state not in ("Z", "X"):  # Z: not reaped yet
+            return ""
         path = self.path
         if path is not None and path.is_absolute():
             with contextlib.suppress(OSError, PatchboxError):

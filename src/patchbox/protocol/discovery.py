@@ -8,8 +8,9 @@ here reads P's environment (a program that sets its process title overwrites it)
 P's own view of its sockets is read from ``/proc/P/net/unix`` (every bound socket of
 P's network namespace with its inode) and ``/proc/P/fd`` (which of them P holds), and
 the socket is reached through ``/proc/P/fd`` or ``/proc/P/root``, so a process in
-another mount namespace is reached too. Only when that finds nothing does the client
-fall back to guessing: its own ``PATCHBOX_SOCK_DIR``, then the executable's directory.
+another mount namespace is reached too (/proc is read through :mod:`patchbox.procfs`).
+Only when that finds nothing does the client fall back to guessing: its own
+``PATCHBOX_SOCK_DIR``, then the executable's directory.
 
 Every `patchbox info -p` runs this module, and scripts run that in loops: no dataclasses
 here (the module and each class cost start-up, docs/decisions.md "Start-up"), and
@@ -24,10 +25,12 @@ import os
 import re
 import socket
 import stat
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, NamedTuple
 
+from patchbox import procfs
 from patchbox.errors import ConnectError, PatchboxError
+from patchbox.procfs import SOCK_STREAM_TYPE, UnixSocket
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -37,22 +40,15 @@ __all__ = [
     "SOCKET_PREFIX",
     "SOCKET_NAME",
     "FD_ADDRESS",
-    "SOCK_STREAM_TYPE",
     "SUN_PATH_MAX",
-    "UnixSocket",
     "Candidate",
     "Discovery",
-    "parse_proc_net_unix",
-    "iter_unix_sockets",
-    "get_ns_pid",
-    "get_socket_inodes",
     "connect_path_for",
     "discover",
     "connect_unix",
     "connect_unix_ex",
     "probe_socket",
     "peer_pid",
-    "holds_socket",
     "SweepRefused",
     "sweep_stale_sockets",
 ]
@@ -61,26 +57,9 @@ SOCKET_PREFIX = "sandbox-sock"
 SOCKET_NAME = re.compile(r"sandbox-sock([0-9]{1,9})")
 # sun_path holds 108 bytes with the terminating NUL.
 SUN_PATH_MAX = 107
-# /proc/net/unix: the socket is listening (__SO_ACCEPTCON in Flags); Type 1 is a stream.
-SO_ACCEPTCON = 0x10000
-SOCK_STREAM_TYPE = 1
 # The address the agent binds when the full path does not fit.
 FD_ADDRESS = re.compile(r"/proc/self/fd/([0-9]+)/(sandbox-sock[0-9]{1,9})")
 SWEEP_LIMIT = 4096
-
-
-class UnixSocket(NamedTuple):
-    """One line of /proc/net/unix: a Unix socket of the network namespace."""
-
-    inode: int
-    flags: int
-    type: int
-    state: int
-    path: str  # as bound ("" unnamed, "@..." abstract)
-
-    @property
-    def listening(self) -> bool:
-        return bool(self.flags & SO_ACCEPTCON)
 
 
 class Candidate(NamedTuple):
@@ -102,76 +81,12 @@ class Discovery:
         self.denied = False  # /proc/PID/... refused us: another user's process
 
 
-def parse_proc_net_unix(text: str) -> list[UnixSocket]:
-    """Returns the sockets listed in the text of a /proc/net/unix file.
-
-    Columns: ``Num RefCount Protocol Flags Type St Inode [Path]`` (hex except Inode);
-    the path is the rest of the line, spaces included. Lines that do not parse are
-    skipped (the header among them).
-    """
-    out: list[UnixSocket] = []
-    for line in text.splitlines():
-        parts = line.split(None, 7)
-        if len(parts) < 7 or not parts[0].endswith(":"):
-            continue
-        try:
-            flags, kind, state = (int(v, 16) for v in parts[3:6])
-            inode = int(parts[6])
-        except ValueError:
-            continue
-        out.append(UnixSocket(inode, flags, kind, state, parts[7] if len(parts) > 7 else ""))
-    return out
-
-
-def iter_unix_sockets(pid: int) -> Iterator[UnixSocket]:
-    """Yields the Unix sockets of pid's network namespace (/proc/PID/net/unix)."""
-    with open(f"/proc/{pid}/net/unix", encoding="utf-8", errors="surrogateescape") as f:
-        yield from parse_proc_net_unix(f.read())
-
-
-def get_ns_pid(pid: int) -> int:
-    """Returns pid as the process itself sees it (the last NSpid of /proc/PID/status)."""
-    try:
-        with open(f"/proc/{pid}/status", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("NSpid:"):
-                    return int(line.split()[-1])
-    except (OSError, ValueError, IndexError):
-        pass
-    return pid
-
-
-def get_socket_inodes(pid: int) -> set[int]:
-    """Returns the inodes of the sockets pid holds open (/proc/PID/fd/* -> socket:[N])."""
-    out: set[int] = set()
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            link = os.readlink(f"/proc/{pid}/fd/{fd}")
-        except OSError:
-            continue  # closed meanwhile
-        if link.startswith("socket:[") and link.endswith("]"):
-            out.add(int(link[8:-1]))
-    return out
-
-
-def _root_usable(pid: int) -> bool:
-    """Returns True if paths may be resolved through /proc/PID/root (needs the same
-    rights over the process as /proc/PID/fd)."""
-    try:
-        os.stat(f"/proc/{pid}/root/")
-    except OSError:
-        return False
-    return True
-
-
 def _same_netns(pid: int) -> bool:
     """Returns False if ``pid`` is known to be in another network namespace than this
     process (an abstract address names another socket there); True if it shares ours or
     that cannot be read (then the connection's SO_PEERCRED tells)."""
-    try:
-        return os.stat(f"/proc/{pid}/ns/net").st_ino == os.stat("/proc/self/ns/net").st_ino
-    except OSError:
-        return True
+    theirs, mine = procfs.namespace(pid, "net"), procfs.namespace("self", "net")
+    return theirs is None or mine is None or theirs == mine
 
 
 def connect_path_for(pid: int, bound: str, root_usable: bool) -> tuple[str, str]:
@@ -183,14 +98,14 @@ def connect_path_for(pid: int, bound: str, root_usable: bool) -> tuple[str, str]
     if m:
         fd, name = m.groups()
         try:
-            shown = os.path.join(os.readlink(f"/proc/{pid}/fd/{fd}"), name)
+            shown = os.path.join(procfs.fd_target(pid, fd), name)
         except OSError:
             shown = bound
-        return f"/proc/{pid}/fd/{fd}/{name}", shown
+        return f"{procfs.fd_path(pid, fd)}/{name}", shown
     if not bound.startswith("/"):
-        return f"/proc/{pid}/cwd/{bound}", bound  # relative: an older agent's
+        return procfs.cwd_path(pid, bound), bound  # relative: an older agent's
     if root_usable:
-        return f"/proc/{pid}/root{bound}", bound
+        return procfs.root_path(pid, bound), bound
     return bound, bound
 
 
@@ -208,17 +123,17 @@ def discover(pid: int, environ: Mapping[str, str] | None = None) -> Discovery:
     if pid <= 0:
         raise ConnectError(f"invalid pid {pid}")
     env = os.environ if environ is None else environ
-    if not os.path.exists(f"/proc/{pid}"):
+    if not procfs.exists(pid):
         raise ConnectError(f"no process with pid {pid}")
-    name = f"{SOCKET_PREFIX}{get_ns_pid(pid)}"
+    name = f"{SOCKET_PREFIX}{procfs.get_ns_pid(pid)}"
     found = Discovery(pid, name)
-    root_usable = _root_usable(pid)
+    root_usable = procfs.root_usable(pid)
     listed: list[UnixSocket] = []
     held: set[int] = set()
     try:
         listed = [
             s
-            for s in iter_unix_sockets(pid)
+            for s in procfs.iter_unix_sockets(pid)
             if s.listening and s.type == SOCK_STREAM_TYPE and s.path.rsplit("/", 1)[-1] == name
         ]
     except OSError as err:
@@ -226,7 +141,7 @@ def discover(pid: int, environ: Mapping[str, str] | None = None) -> Discovery:
         found.denied |= isinstance(err, PermissionError)
     if listed:
         try:
-            held = get_socket_inodes(pid)
+            held = procfs.get_socket_inodes(pid)
         except OSError as err:
             found.notes.append(f"/proc/{pid}/fd not readable ({err.strerror or err})")
             found.denied |= isinstance(err, PermissionError)
@@ -253,7 +168,7 @@ def discover(pid: int, environ: Mapping[str, str] | None = None) -> Discovery:
         path = os.path.join(sock_dir, name)
         found.candidates.append(Candidate(path, path, "PATCHBOX_SOCK_DIR"))
     try:
-        exe = os.readlink(f"/proc/{pid}/exe")
+        exe = procfs.exe_link(pid)
     except FileNotFoundError as err:
         raise ConnectError(f"no process with pid {pid}") from err
     except OSError as err:
@@ -262,7 +177,7 @@ def discover(pid: int, environ: Mapping[str, str] | None = None) -> Discovery:
     else:
         # An executable replaced on disk (an upgrade) still has its directory.
         path = os.path.join(os.path.dirname(exe.removesuffix(" (deleted)")), name)
-        connect = f"/proc/{pid}/root{path}" if root_usable else path
+        connect = procfs.root_path(pid, path) if root_usable else path
         found.candidates.append(Candidate(connect, path, "the executable's directory"))
     return found
 
@@ -276,7 +191,7 @@ _LINKED: dict[tuple[int, int, int], bool] = {}
 def _linked_agent(pid: int) -> bool:
     """Returns whether ``pid``'s executable holds the agent's strings, read once per file
     identity and mtime; raises OSError if it cannot be read."""
-    with open(f"/proc/{pid}/exe", "rb") as exe:
+    with procfs.open_exe(pid) as exe:
         st = os.fstat(exe.fileno())
         key = (st.st_dev, st.st_ino, st.st_mtime_ns)
         if key not in _LINKED:
@@ -298,9 +213,8 @@ def agent_inside(pid: int) -> bool | None:
     explain a missing socket: a slow path the first time an executable is asked about
     (it reads the file), cached per executable after."""
     try:
-        with open(f"/proc/{pid}/maps") as f:
-            if "libsandbox" in f.read():
-                return True
+        if any("libsandbox" in m.path for m in procfs.read_maps(pid)):
+            return True
         return _linked_agent(pid)
     except OSError:
         return None
@@ -315,15 +229,6 @@ def peer_pid(sock: socket.socket) -> int:
     except OSError:
         return 0
     return int.from_bytes(cred[:4], "little")
-
-
-def holds_socket(pid: int, inode: int) -> bool:
-    """Returns whether process ``pid`` holds socket ``inode`` open (False when its
-    descriptors cannot be read)."""
-    try:
-        return inode in get_socket_inodes(pid)
-    except OSError:
-        return False
 
 
 def connect_unix_ex(sock: socket.socket, path: str | os.PathLike[str]) -> int:
@@ -381,12 +286,7 @@ def _pid_exists(pid: int) -> bool:
         return False
     except PermissionError:
         pass
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            text = f.read()
-    except OSError:
-        return True
-    return text[text.rfind(")") + 2 :][:1] not in ("Z", "X")
+    return procfs.process_state(pid) not in ("Z", "X")  # unreadable (None): it exists
 
 
 class SweepRefused(PatchboxError):

@@ -23,7 +23,7 @@ seccomp filter, a static binary or no dynamic loader, a glibc without ``dlopen``
 libc, another tracer, a stopped process, an agent already there, ``libsandbox.so``
 not visible in the process's mount namespace, a CET shadow stack; and, unless asked for
 explicitly, a process the kernel keeps same-uid tracers away from (setuid, setgid, file
-capabilities, not dumpable: :func:`patchbox.reach.procfs.privileged_reason`).
+capabilities, not dumpable: :func:`patchbox.procfs.privileged_reason`).
 """
 
 from __future__ import annotations
@@ -35,24 +35,30 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 from elftools.elf.elffile import ELFFile
 from elftools.elf.hash import GNUHashSection
 from elftools.elf.sections import SymbolTableSection
 
+from patchbox.elf.records import PT
+from patchbox.elf.segments import PF_X, has_interp, read_program_headers, read_segment
 from patchbox.errors import PatchboxError
+from patchbox.procfs import (
+    Mapping,
+    exe_link,
+    open_exe,
+    privileged_reason,
+    ptrace_scope,
+    read_maps,
+    read_status,
+    root_path,
+    task_ids,
+    task_status,
+    task_syscall,
+)
 from patchbox.protocol.discovery import discover
 from patchbox.reach import ptrace
 from patchbox.reach.defer import DEFERRED, deferred_signals, pending_deferred
-from patchbox.reach.procfs import (
-    Mapping,
-    privileged_reason,
-    read_maps,
-    read_status,
-    task_ids,
-    task_syscall,
-)
 from patchbox.reach.sigframe import (
     FIX_EFLAGS,
     RESTORER,
@@ -70,13 +76,11 @@ __all__ = [
     "AttachResult",
     "Preflight",
     "SAFE_SYSCALLS",
-    "YAMA_SCOPE",
     "yama_refusal",
     "preflight",
     "attach",
 ]
 
-YAMA_SCOPE = Path("/proc/sys/kernel/yama/ptrace_scope")
 CAP_SYS_PTRACE = 19
 RTLD_NOW = 2
 RED_ZONE = 128
@@ -133,7 +137,7 @@ class AlreadyAttached(AttachError):
 
 class PrivilegedProcess(AttachError):
     """The kernel keeps same-uid tracers away from the process (setuid, setgid, file
-    capabilities, not dumpable: :func:`patchbox.reach.procfs.privileged_reason`), and
+    capabilities, not dumpable: :func:`patchbox.procfs.privileged_reason`), and
     attaching to it was not asked for explicitly (``include_privileged``)."""
 
     def __init__(self, pid: int, reason: str) -> None:
@@ -203,13 +207,6 @@ def yama_refusal(scope: int, pid: int, privileged: bool, ancestor: bool) -> str:
     return ""
 
 
-def _read_scope() -> int:
-    try:
-        return int(YAMA_SCOPE.read_text().strip())
-    except (OSError, ValueError):
-        return 0  # no Yama
-
-
 @dataclass(frozen=True)
 class _LibcFacts:
     """What attach needs of a libc file: link-time addresses, -1 where missing."""
@@ -242,11 +239,11 @@ def _libc_facts(path: str) -> _LibcFacts:
                         if sym.name.split("@")[0] == "dlopen" and sym["st_shndx"] != "SHN_UNDEF":
                             dlopen = sym["st_value"]
                             break
-            for seg in elf.iter_segments():
-                if seg["p_type"] == "PT_LOAD" and seg["p_flags"] & 1:  # PF_X
-                    at = seg.data().find(RESTORER)
+            for ph in read_program_headers(f, path):
+                if ph.p_type == PT["LOAD"] and ph.p_flags & PF_X:
+                    at = read_segment(f, ph, path).find(RESTORER)
                     if at >= 0:
-                        restorer = seg["p_vaddr"] + at
+                        restorer = ph.p_vaddr + at
                         break
         _LIBC_FACTS[key] = _LibcFacts(dlopen, restorer)
     return _LIBC_FACTS[key]
@@ -256,19 +253,13 @@ def _shadow_stack(pid: int, tid: int) -> bool:
     """Returns whether thread ``tid`` runs with a CET user shadow stack (its returns
     are checked: a call that returns somewhere else than where it was called from
     faults)."""
-    try:
-        with open(f"/proc/{pid}/task/{tid}/status") as f:
-            for line in f:
-                if line.startswith("x86_Thread_features:"):
-                    return "shstk" in line.split()
-    except OSError:
-        pass
-    return False
+    return "shstk" in task_status(pid, tid).get("x86_Thread_features", "").split()
 
 
-def _has_interp(path: str) -> bool:
-    with open(path, "rb") as f:
-        return any(seg["p_type"] == "PT_INTERP" for seg in ELFFile(f).iter_segments())
+def _has_interp(pid: int) -> bool:
+    """Returns whether ``pid``'s executable names a program interpreter (is dynamic)."""
+    with open_exe(pid) as f:
+        return has_interp(read_program_headers(f, f"pid {pid}'s executable"))
 
 
 def _base(maps: list[Mapping], path: str) -> int:
@@ -301,13 +292,13 @@ def preflight(pid: int, library: str, *, include_privileged: bool = False) -> Pr
         )
     if seccomp == "1":
         raise AttachError(f"pid {pid} runs in seccomp strict mode: only read/write/exit allowed")
-    why = yama_refusal(_read_scope(), pid, _cap_sys_ptrace(), _is_ancestor(pid))
+    why = yama_refusal(ptrace_scope(), pid, _cap_sys_ptrace(), _is_ancestor(pid))
     if why:
         raise AttachError(why)
     try:
         maps = read_maps(pid)
-        exe = os.readlink(f"/proc/{pid}/exe")
-        static = not _has_interp(f"/proc/{pid}/exe")
+        exe = exe_link(pid)
+        static = not _has_interp(pid)
     except OSError as err:
         raise AttachError(
             f"pid {pid}: {err.strerror}: run as root or as the process's user"
@@ -330,7 +321,7 @@ def preflight(pid: int, library: str, *, include_privileged: bool = False) -> Pr
     libc = next((p for p in paths if _LIBC.search(p)), None)
     if libc is None:
         raise AttachError(f"pid {pid} ({exe}) does not map glibc's libc.so.6")
-    facts = _libc_facts(f"/proc/{pid}/root{libc}")
+    facts = _libc_facts(root_path(pid, libc))
     if facts.dlopen < 0:
         raise AttachError(
             f"pid {pid}: {libc} exports no dlopen (glibc older than 2.34, or not glibc)"
@@ -344,7 +335,7 @@ def preflight(pid: int, library: str, *, include_privileged: bool = False) -> Pr
         )
     lib = os.path.realpath(library)
     try:
-        mine, theirs = os.stat(lib), os.stat(f"/proc/{pid}/root{lib}")
+        mine, theirs = os.stat(lib), os.stat(root_path(pid, lib))
         visible = (mine.st_dev, mine.st_ino) == (theirs.st_dev, theirs.st_ino)
     except OSError:
         visible = False
@@ -373,13 +364,9 @@ def _temp_mask(pid: int, regs: ptrace.Regs) -> bool:
 def _tracer(pid: int, tid: int) -> int:
     """Returns the TracerPid of thread ``tid`` of ``pid`` (0: none or gone)."""
     try:
-        with open(f"/proc/{pid}/task/{tid}/status") as f:
-            for line in f:
-                if line.startswith("TracerPid:"):
-                    return int(line.split()[1])
-    except (OSError, ValueError):
-        pass
-    return 0
+        return int(task_status(pid, tid).get("TracerPid", "0") or 0)
+    except ValueError:
+        return 0
 
 
 def _unusable(pid: int, tid: int, regs: ptrace.Regs) -> str:

@@ -34,11 +34,11 @@ from dataclasses import dataclass, field
 from patchbox import wire as C
 from patchbox.errors import PatchboxError
 from patchbox.format.model import Patch
+from patchbox.procfs import find_mapped, task_ids, task_syscall
 from patchbox.protocol.client import Client
 from patchbox.protocol.results import ApplyResult
 from patchbox.reach import ptrace
 from patchbox.reach.defer import deferred_signals
-from patchbox.reach.procfs import find_mapped, task_ids, task_syscall
 from patchbox.wire import ApplyFlag, RedirectKind
 
 __all__ = ["HoldError", "Holder", "HoldStats", "RELEASE_AFTER", "held_ranges", "apply_held"]
