@@ -1,6 +1,7 @@
-"""The rooms of src/patchbox import downward only: no cycle, and each room only imports
-rooms of lower layers (README "Layout"). Read from the source with ast, so an import
-inside a function counts too."""
+"""Who may import whom. The rooms of src/patchbox import downward only: no cycle, and each
+room only imports rooms of lower layers (README "Layout"); so do the modules of the corpus
+package (scripts/corpus). Read from the source with ast, so an import inside a function
+counts too."""
 
 from __future__ import annotations
 
@@ -107,3 +108,66 @@ def test_extract_patch_does_not_load_tree_rebuilding() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout
     assert out.strip() == "[]"
+
+
+# -- scripts/corpus: a package whose modules import downward only -----------------------------
+
+CORPUS = ROOT / "scripts" / "corpus"
+# Lowest first (scripts/corpus/__init__.py); ``load`` is the package of load generators.
+CORPUS_LAYERS: list[set[str]] = [
+    {"fixes", "load"},
+    {"harness", "report"},
+    {"levels"},
+    {"dnsmasq", "memcached", "openssh", "qemu"},
+    {"__main__"},
+]
+CORPUS_LAYER_OF = {m: i for i, mods in enumerate(CORPUS_LAYERS) for m in mods}
+
+
+def corpus_imports() -> dict[str, set[str]]:
+    """Returns {module: modules of the corpus package it imports}, a module of ``load/``
+    counted as ``load``; relative imports resolved, absolute ones (``corpus.x``, or a bare
+    sibling name as a sys.path hack would have it) counted too."""
+    mods = {p.stem for p in CORPUS.glob("*.py") if p.stem != "__init__"} | {
+        p.name for p in CORPUS.iterdir() if (p / "__init__.py").is_file()
+    }
+    out: dict[str, set[str]] = {}
+    for path in CORPUS.rglob("*.py"):
+        rel = path.relative_to(CORPUS).with_suffix("").parts
+        if rel == ("__init__",):
+            continue
+        package = list(rel[:-1])  # a module's package, relative to scripts/corpus
+        found = out.setdefault(rel[0], set())
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            targets: list[list[str]] = []
+            if isinstance(node, ast.Import):
+                targets = [a.name.split(".") for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level:
+                base = package[: len(package) - (node.level - 1)]
+                if node.module:
+                    targets = [base + node.module.split(".")]
+                else:
+                    targets = [base + [a.name] for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                targets = [node.module.split(".")]
+            for target in targets:
+                if target and target[0] == "corpus":
+                    target = target[1:]
+                if target and target[0] in mods and target[0] != rel[0]:
+                    found.add(target[0])
+    return out
+
+
+def test_corpus_modules_have_a_layer() -> None:
+    assert set(corpus_imports()) == set(CORPUS_LAYER_OF), "add new modules to CORPUS_LAYERS"
+
+
+def test_corpus_modules_import_downward_only() -> None:
+    """Downward only: no cycle (the old driver and its program modules imported each other)."""
+    wrong = [
+        f"{mod} imports {other}"
+        for mod, others in sorted(corpus_imports().items())
+        for other in sorted(others)
+        if CORPUS_LAYER_OF[other] >= CORPUS_LAYER_OF[mod]
+    ]
+    assert not wrong, wrong
