@@ -1,4 +1,5 @@
-"""Test helpers: compiling C snippets on the fly, locating the built agent.
+"""Test helpers: compiling C snippets on the fly, locating the built agent, acting as
+nobody, a small patch to write.
 
 Import from here (``from helpers import compile_c``): with two conftest.py files the
 module name ``conftest`` is ambiguous.
@@ -16,6 +17,8 @@ from pathlib import Path
 
 from patchbox.config import agent_dir, libs
 from patchbox.flags import LINK_FLAGS, PATCH_CFLAGS
+from patchbox.format.model import Fixup, Function, Patch
+from patchbox.wire import FixupBase, FixupSection, FixupType
 
 ROOT = Path(__file__).resolve().parent.parent
 APP_VERSION = "e2e-1.0"
@@ -146,3 +149,28 @@ def nobody_dir(parent: Path, name: str, mode: int = 0o755) -> Path:
     os.chown(d, NOBODY_UID, NOGROUP_GID)
     d.chmod(mode)
     return d
+
+
+# A small patch (make_patch) for tests of the CLI, the file format and signing.
+BUILD_ID = bytes.fromhex("0123456789abcdef0123456789abcdef01234567")
+# 6 NOPs of padding, the 2-NOP entry, mov eax, 42; ret; then an 8-byte import slot
+TEXT = b"\x90" * 8 + b"\xb8\x2a\x00\x00\x00\xc3" + bytes(8)
+
+
+def make_patch() -> Patch:
+    """Returns a small valid patch (``answer-42``: one function, data, bss, three fix-ups)
+    for tests that need any patch file."""
+    return Patch(
+        name="answer-42",
+        build_id=BUILD_ID,
+        text=TEXT,
+        bss_size=16,
+        data=b"\x01\x00\x00\x00",
+        functions=[Function("compute", 0x1139, 6, 8, b"\x90" * 8)],
+        fixups=[
+            Fixup(FixupSection.TEXT, FixupType.PC32, FixupBase.EXE, 9, 0x4010 - 4),
+            Fixup(FixupSection.TEXT, FixupType.ABS64, FixupBase.IMPORT, 14, 0, "puts"),
+            Fixup(FixupSection.TEXT, FixupType.PC32, FixupBase.EXE, 10, 0x4020 - 4),
+        ],
+        meta={"tool": "test", "source:compute": "app.c"},
+    )
