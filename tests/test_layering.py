@@ -8,6 +8,7 @@ from __future__ import annotations
 import ast
 import subprocess
 import sys
+from pathlib import Path
 
 from helpers import ROOT
 
@@ -171,3 +172,47 @@ def test_corpus_modules_import_downward_only() -> None:
         if CORPUS_LAYER_OF[other] >= CORPUS_LAYER_OF[mod]
     ]
     assert not wrong, wrong
+
+
+# -- tests: laid out by room, sharing helpers, never test modules -----------------------------
+
+TESTS = ROOT / "tests"
+# Directories of tests/ that are tiers, not rooms (a room's unit tests may share one: reach).
+TIER_DIRS = {"e2e", "qemu", "reach", "ansible", "corpus", "diff", "packaging", "fuzz"}
+# Tests of the whole tree, not of one room.
+TOP_LEVEL_TESTS = {"test_layering.py", "test_api_doc.py"}
+
+
+def _imported_names(path: Path) -> list[str]:
+    """Returns every module name ``path`` imports absolutely (``from a import b``: ``a`` and
+    ``a.b``), inside functions too."""
+    names: list[str] = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names += [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+    return names
+
+
+def test_no_test_module_imports_another() -> None:
+    """Tests share helpers through conftest.py fixtures and helper modules (helpers.py,
+    e2e/live.py, ...): a test module imported by another runs its module code twice, under
+    two names, and ties one test file to another's layout."""
+    wrong = [
+        f"{path.relative_to(ROOT)} imports {name}"
+        for path in sorted(TESTS.rglob("*.py"))
+        for name in _imported_names(path)
+        if name.split(".")[0] == "tests"
+        or any(p.startswith("test_") or p == "conftest" for p in name.split("."))
+    ]
+    assert not wrong, wrong
+
+
+def test_tests_are_laid_out_by_room() -> None:
+    """A directory of tests/ is named for the room of src/patchbox its unit tests test, or
+    is a tier; only tests of the whole tree sit in tests/ itself."""
+    dirs = {p.name for p in TESTS.iterdir() if p.is_dir() and not p.name.startswith((".", "_"))}
+    assert dirs - ROOMS - TIER_DIRS == set(), "name a test directory for the room it tests"
+    top = {p.name for p in TESTS.glob("test_*.py")}
+    assert top <= TOP_LEVEL_TESTS, f"move {sorted(top - TOP_LEVEL_TESTS)} to its room's directory"

@@ -9,7 +9,7 @@ bulk :mod:`struct` unpacking stays, with the record layouts declared once in
 :mod:`patchbox.elf.records` and every table bounds-checked there.
 
 It gives the same dataclasses as :meth:`ObjectFile.load` (pyelftools);
-tests/test_elf_records.py checks that they are equal on objects with IFUNC and UNIQUE
+tests/elf/test_records.py checks that they are equal on objects with IFUNC and UNIQUE
 symbols and an extended section index, and that a truncated file is an ElfError. Files
 that are not ELF64 little-endian x86-64 ``ET_REL`` go to :meth:`ObjectFile.load`, which
 reports the error.

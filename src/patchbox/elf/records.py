@@ -5,7 +5,7 @@ The fast object reader (:mod:`patchbox.elf.fastread`) and the reference-binary r
 bulk with :mod:`struct`; both take the layouts from here. Field names and the names of
 enumerated values are pyelftools' (``elftools/elf/structs.py``, ``elftools/elf/enums.py``),
 so a record read here and one read by pyelftools compare equal field by field
-(tests/test_elf_records.py checks it on real objects).
+(tests/elf/test_records.py checks it on real objects).
 """
 
 from __future__ import annotations
