@@ -1,5 +1,5 @@
 """Test helpers: compiling C snippets on the fly, locating the built agent, acting as
-nobody, a small patch to write.
+nobody, the end-to-end target program, a small patch to write.
 
 Import from here (``from helpers import compile_c``): with two conftest.py files the
 module name ``conftest`` is ambiguous.
@@ -24,6 +24,30 @@ ROOT = Path(__file__).resolve().parent.parent
 APP_VERSION = "e2e-1.0"
 # The agent the tests link: the installed package's (or $PATCHBOX_AGENT_DIR).
 AGENT_DIR = agent_dir()
+
+
+# The target program of the end-to-end and Ansible tests: its @MARKERS@ as they start.
+ORIGINAL = {
+    "USE_HELPER": "scale(x) + 1",
+    "BUMP_STEP": "1",
+    "GREETING": "hello",
+    "FMT": "value=%d",
+    "PAIR_A": "1",
+    "PAIR_B": "2",
+    "STACKED": "100",
+    "PICK": 'return x ? "some" : "none";',
+    "EXTRA": "",
+    "PARK": "return x + 7;",
+}
+
+
+def render(**changes: str) -> str:
+    """Returns the end-to-end tests' target program (tests/e2e/target.c) with its
+    @MARKERS@ filled, ORIGINAL overridden by ``changes``."""
+    src = (ROOT / "tests" / "e2e" / "target.c").read_text()
+    for key, value in {**ORIGINAL, **changes}.items():
+        src = src.replace(f"@{key}@", value)
+    return src
 
 
 def compile_c(
