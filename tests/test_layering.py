@@ -216,3 +216,28 @@ def test_tests_are_laid_out_by_room() -> None:
     assert dirs - ROOMS - TIER_DIRS == set(), "name a test directory for the room it tests"
     top = {p.name for p in TESTS.glob("test_*.py")}
     assert top <= TOP_LEVEL_TESTS, f"move {sorted(top - TOP_LEVEL_TESTS)} to its room's directory"
+
+
+# -- benchmarks and scripts/corpus: packages, imported as such ---------------------------------
+
+
+def _uses_sys_path(path: Path) -> bool:
+    """Returns whether the code of ``path`` touches ``sys.path``."""
+    return any(
+        isinstance(node, ast.Attribute)
+        and node.attr == "path"
+        and isinstance(node.value, ast.Name)
+        and node.value.id == "sys"
+        for node in ast.walk(ast.parse(path.read_text(), str(path)))
+    )
+
+
+def test_benchmarks_and_corpus_leave_sys_path_alone() -> None:
+    """Benchmarks import the installed patchbox and their own package (python -m
+    benchmarks.NAME); the corpus runs as python -m corpus."""
+    wrong = [
+        str(p.relative_to(ROOT))
+        for p in sorted([*(ROOT / "benchmarks").glob("*.py"), *CORPUS.rglob("*.py")])
+        if _uses_sys_path(p)
+    ]
+    assert not wrong, wrong
