@@ -32,7 +32,8 @@ RunFix = Callable[[Fix, Path, Path, int, Path], dict[str, Any]]
 
 
 def toolchain_stamp() -> str:
-    """Changes when the patchbox flags or the agent change: levels are then rebuilt."""
+    """Returns a stamp of the patchbox flags and the agent's objects: when it changes, the
+    levels are rebuilt."""
     cflags = run([str(BIN / "patchbox"), "config", "--cflags"]).stdout
     libs = run([str(BIN / "patchbox"), "config", "--libs"]).stdout.split()
     agent = [Path(p).read_bytes() for p in libs if p.endswith(".o") and "build-info" not in p]
@@ -59,6 +60,7 @@ def fetch(pkg: Package) -> Path:
 
 
 def series(pristine: Path) -> list[str]:
+    """Returns the names of the package's patches, in the order of debian/patches/series."""
     lines = (pristine / "debian/patches/series").read_text().splitlines()
     return [ln.split()[0] for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
 
