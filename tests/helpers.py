@@ -58,8 +58,10 @@ def compile_c(
     extra: list[str] | None = None,
     agent: bool = False,
     opt: str = "-O2",
+    app_version: str = APP_VERSION,
 ) -> Path:
-    """Returns ``out`` after compiling C source text ``src`` with the patchable flags."""
+    """Returns ``out`` after compiling C source text ``src`` with the patchable flags (and
+    with ``agent``, the agent, the build-info it reports ``app_version`` in)."""
     c_file = out.with_suffix(".c")
     c_file.write_text(src)
     cmd = ["gcc", opt, "-fPIE", *PATCH_CFLAGS, *(extra or [])]
@@ -71,7 +73,7 @@ def compile_c(
         link = [f for f in LINK_FLAGS if not (own_id and f.startswith("-Wl,--build-id"))]
         cmd += ["-pie", str(c_file), "-o", str(out), *link]
         if agent:  # exactly what a user's build gets from `patchbox config --libs`
-            cmd += shlex.split(libs(app_version=APP_VERSION, app_cflags=" ".join(PATCH_CFLAGS)))
+            cmd += shlex.split(libs(app_version=app_version, app_cflags=" ".join(PATCH_CFLAGS)))
     subprocess.run(cmd, check=True, capture_output=True, text=True)
     return out
 
@@ -111,6 +113,65 @@ def run_tool(
     if check:
         assert proc.returncode == 0, f"{tool} {args} failed: {proc.stderr}"
     return proc
+
+
+# `patchbox` run three ways (tests of cli/fast.py): the console script; the fast path
+# alone (exit status FELL_BACK when it leaves the command line to click); click alone.
+FELL_BACK = 99
+CLI_WAYS = {
+    "console": [str(BIN / "patchbox")],
+    "fast": [
+        sys.executable,
+        "-c",
+        "import sys; from patchbox.cli.fast import try_info; "
+        f"status = try_info(sys.argv[1:]); sys.exit({FELL_BACK} if status is None else status)",
+    ],
+    "click": [sys.executable, "-c", "from patchbox.cli.main import main; main()"],
+}
+# Runs `patchbox ARGS` as the console script does and prints, as its last stdout line,
+# the modules that this imported (those of the interpreter's own start-up left out).
+IMPORTS_OF_MAIN = """
+import sys
+before = set(sys.modules)
+sys.argv = ["patchbox", *sys.argv[1:]]
+from patchbox.cli import main
+try:
+    main()
+except SystemExit:
+    pass
+print("imported:", " ".join(sorted(set(sys.modules) - before)))
+"""
+
+
+def run_cli_way(
+    way: str, *args: object, env: dict[str, str] | None = None, stdout: int = subprocess.PIPE
+) -> subprocess.CompletedProcess:
+    """Returns the finished run of `patchbox ARGS` the way ``way`` of CLI_WAYS, with the
+    environment plus ``env``."""
+    return subprocess.run(
+        [*CLI_WAYS[way], *map(str, args)],
+        stdout=stdout,
+        stderr=subprocess.PIPE,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def modules_imported(*args: object, env: dict[str, str] | None = None) -> set[str]:
+    """Returns the modules `patchbox ARGS` imports (IMPORTS_OF_MAIN)."""
+    proc = subprocess.run(
+        [sys.executable, "-c", IMPORTS_OF_MAIN, *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+        env={**os.environ, **(env or {})},
+    )
+    last = proc.stdout.splitlines()[-1]
+    assert last.startswith("imported: "), proc.stdout + proc.stderr
+    return set(last.removeprefix("imported: ").split())
 
 
 def info_json(pid: int) -> dict:

@@ -319,7 +319,6 @@ def py_field(spec: dict[str, Any], layout: str, f: dict[str, Any]) -> list[str]:
 
 FIELD_CLASS = '''
 
-@dataclass(frozen=True)
 class Field:
     """One field of a variable-length layout (docs/protocol.md "Field encodings").
 
@@ -330,17 +329,59 @@ class Field:
     ``kv`` (u16 count of str key/value pairs). ``lo``/``hi`` bound a length or count;
     ``when`` names the field (of the same entry) and the value it must have for this field
     to be present; ``enum`` is the enumeration the value belongs to.
+
+    Immutable, equal and hashed by value, as a frozen dataclass; not one, because every
+    command imports this module and :mod:`dataclasses` (with :mod:`inspect`) would cost
+    `patchbox info` 10 ms of its start-up (docs/decisions.md, "Start-up").
     """
 
+    __slots__ = ("name", "kind", "lo", "hi", "record", "count", "item", "when", "enum")
     name: str
     kind: str
-    lo: int = 0
-    hi: int | None = None
-    record: tuple[Field, ...] = ()
-    count: str = ""
-    item: str = ""
-    when: tuple[str, int] | None = None
-    enum: type[IntEnum] | None = None'''
+    lo: int
+    hi: int | None
+    record: tuple[Field, ...]
+    count: str
+    item: str
+    when: tuple[str, int] | None
+    enum: type[IntEnum] | None
+
+    def __init__(
+        self,
+        name: str,
+        kind: str,
+        lo: int = 0,
+        hi: int | None = None,
+        record: tuple[Field, ...] = (),
+        count: str = "",
+        item: str = "",
+        when: tuple[str, int] | None = None,
+        enum: type[IntEnum] | None = None,
+    ) -> None:
+        values = (name, kind, lo, hi, record, count, item, when, enum)
+        for slot, value in zip(self.__slots__, values, strict=True):
+            object.__setattr__(self, slot, value)
+
+    def _values(self) -> tuple[object, ...]:
+        return tuple(getattr(self, slot) for slot in self.__slots__)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"cannot assign to field {name!r} of a Field")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"cannot delete field {name!r} of a Field")
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Field):
+            return NotImplemented
+        return self._values() == other._values()
+
+    def __hash__(self) -> int:
+        return hash(self._values())
+
+    def __repr__(self) -> str:
+        pairs = zip(self.__slots__, self._values(), strict=True)
+        return f"Field({', '.join(f'{slot}={value!r}' for slot, value in pairs)})"'''
 
 
 def render_py(spec: dict[str, Any], notes: dict[tuple[str, str], str]) -> str:
@@ -356,7 +397,6 @@ def render_py(spec: dict[str, Any], notes: dict[tuple[str, str], str]) -> str:
         "",
         "from __future__ import annotations",
         "",
-        "from dataclasses import dataclass",
         "from enum import IntEnum",
         "",
     ]

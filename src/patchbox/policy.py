@@ -37,7 +37,7 @@ from collections.abc import Collection, Sequence
 
 from patchbox.errors import PatchboxError
 from patchbox.format.model import Patch
-from patchbox.protocol.replies import AppliedPatch
+from patchbox.protocol.results import AppliedPatch
 from patchbox.wire import ListedState
 
 __all__ = [

@@ -27,7 +27,8 @@ from mutate import KINDS
 # program has read-only (refused). Seed 398's program crashes when run a second time in
 # one process: its mid-run check is skipped, the rest must hold. Seeds 24 (-O1)
 # and 40 (-Os) have an odd entry: a held entry jump, and a refusal naming the odd entry.
-# Seed 623's patch carries its own copy of a global the original compiled away.
+# Seed 623's patch carries its own copy of a global the original compiled away. Seed
+# 1114 removes a store the original kept only in code: refused from the source.
 HANDFUL = [
     (45, "operator"),
     (28, "constant"),
@@ -44,6 +45,7 @@ HANDFUL = [
     (24, "stmt_add"),
     (40, "string"),
     (623, "inline"),
+    (1114, "stmt_remove"),
 ]
 OBSERVABLE = {45, 398, 164, 165, 103, 104, 105, 16, 24, 623}
 
@@ -74,6 +76,10 @@ def test_handful(tmp_path: Path) -> None:
     folded = rows[115, "stmt_remove"]
     assert folded["status"] == "refused" and "static variable folded" in folded["reason"]
     assert "g_409" in folded["reason"]
+    # State the original kept only in code (docs/differential.md, section 4).
+    gone = rows[1114, "stmt_remove"]
+    assert gone["status"] == "refused" and "written static folded away" in gone["reason"], gone
+    assert "g_4 " in gone["reason"]
     ro = rows[172, "constant"]
     assert ro["status"] == "refused" and "read-only static written" in ro["reason"], ro
     assert "g_71" in ro["reason"]

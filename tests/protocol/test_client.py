@@ -24,7 +24,7 @@ from patchbox.format.codec import Reader, Writer
 from patchbox.format.layout import encode_apply_body, save_patch
 from patchbox.format.model import Function, Patch
 from patchbox.protocol.client import FRAME, Client, decode_header, encode_frame
-from patchbox.protocol.replies import AppliedPatch, PatchFunction
+from patchbox.protocol.results import AppliedPatch, PatchFunction
 from patchbox.wire import ErrorCode, Msg
 
 # A handler gets (type, seq, payload) of one request and returns the raw bytes to send

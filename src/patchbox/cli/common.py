@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import click
 
+from patchbox.cli.render import json_text
 from patchbox.protocol.client import DEFAULT_TIMEOUT, Client
 
 __all__ = [
@@ -83,4 +83,4 @@ def client_pid(client: Client) -> str:
 
 def emit_json(value: Any) -> None:
     """Prints ``value`` as indented JSON on stdout."""
-    click.echo(json.dumps(value, indent=2, sort_keys=False))
+    click.echo(json_text(value))

@@ -1,10 +1,14 @@
-"""`patchbox info`: the agent's facts about the running process."""
+"""`patchbox info`: the agent's facts about the running process.
+
+Scripts run it in loops: :mod:`patchbox.cli.fast` answers the command lines it takes in
+full without importing click (or this module); this command answers the rest."""
 
 from __future__ import annotations
 
 import click
 
 from patchbox.cli.common import emit_json, json_option, open_client, target_options
+from patchbox.cli.render import info_lines
 
 __all__ = ["info_command"]
 
@@ -19,6 +23,5 @@ def info_command(pid: int | None, socket_path: str | None, as_json: bool) -> Non
     if as_json:
         emit_json(facts)
         return
-    width = max((len(key) for key in facts), default=0)
-    for key, value in facts.items():
-        click.echo(f"{key:<{width}}  {value}")
+    for line in info_lines(facts):
+        click.echo(line)

@@ -11,6 +11,7 @@ from typing import Any
 import click
 
 from patchbox import __version__
+from patchbox.cli.render import error_line
 from patchbox.errors import ConfigError, PatchboxError
 
 __all__ = ["cli", "main"]
@@ -76,8 +77,7 @@ class PatchboxGroup(click.Group):
         try:
             return super().invoke(ctx)
         except PatchboxError as err:
-            message = " ".join(str(err).split("\n"))
-            click.echo(f"patchbox: error: {message}", err=True)
+            click.echo(error_line(err), err=True)
             ctx.exit(1)
 
 

@@ -46,7 +46,7 @@ from patchbox.protocol.discovery import (
     peer_pid,
     sweep_stale_sockets,
 )
-from patchbox.protocol.replies import AppliedPatch
+from patchbox.protocol.results import AppliedPatch
 from patchbox.reach.attach import AlreadyAttached, AttachError, PrivilegedProcess, attach
 from patchbox.reach.hold import apply_held
 from patchbox.store import iter_installed, store_root

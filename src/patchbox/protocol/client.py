@@ -16,9 +16,8 @@ import os
 import socket
 import struct
 from collections.abc import Callable
-from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from patchbox import wire as C
 from patchbox.errors import ConnectError, PatchboxError, ProtocolError
@@ -31,26 +30,18 @@ from patchbox.protocol.discovery import (
     peer_pid,
     sweep_stale_sockets,
 )
-from patchbox.protocol.replies import (
-    AppliedPatch,
-    ApplyResult,
-    PatchFunction,
-    RemoveResult,
-    TestResult,
-    decode_answer,
-    raise_connection_error,
-)
+from patchbox.protocol.replies import decode_answer, raise_connection_error
 from patchbox.wire import Msg
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from patchbox.protocol.results import AppliedPatch, ApplyResult, RemoveResult, TestResult
 
 __all__ = [
     "FRAME",
     "DEFAULT_TIMEOUT",
     "Client",
-    "AppliedPatch",
-    "PatchFunction",
-    "ApplyResult",
-    "RemoveResult",
-    "TestResult",
     "encode_frame",
     "decode_header",
 ]
@@ -123,13 +114,22 @@ class Client:
     ) -> None:
         if (socket_path is None) == (pid is None):
             raise ValueError("give exactly one of socket_path and pid")
-        # The socket's path; for a pid, known once connected.
-        self.path: Path | None = Path(socket_path) if socket_path is not None else None
+        # The socket's path (see `path`); for a pid, known once connected.
+        self._path = os.fspath(socket_path) if socket_path is not None else None
         self.pid = pid
         self.timeout = timeout
         self.sock: socket.socket | None = None
         self.seq = 0
         self.peer: int | None = None  # the pid that accepted the connection (SO_PEERCRED)
+
+    @property
+    def path(self) -> Path | None:
+        """Returns the socket's path: as given, or for a pid the one connected to (None
+        before). Kept as a str and made a Path only when asked: `patchbox info -p`, which
+        never asks unless something fails, does not import pathlib (start-up)."""
+        from pathlib import Path
+
+        return Path(self._path) if self._path is not None else None
 
     # -- connection ---------------------------------------------------------------
 
@@ -138,8 +138,9 @@ class Client:
         if self.sock is not None:
             return self
         if self.pid is None:
-            assert self.path is not None
-            self.sock = self._open(Candidate(os.fspath(self.path), os.fspath(self.path), "-s"))
+            path = self.path
+            assert path is not None
+            self.sock = self._open(Candidate(os.fspath(path), os.fspath(path), "-s"))
             self.peer = peer_pid(self.sock) or None
             return self
         found = discover(self.pid)
@@ -159,7 +160,7 @@ class Client:
                 tried.append(f"{candidate.path} ({candidate.source}): {err}")
                 continue
             self.sock = sock
-            self.path = Path(candidate.path)
+            self._path = candidate.path
             self.peer = self.pid
             return self
         if failure is not None and len(found.candidates) == 1:
@@ -280,17 +281,19 @@ class Client:
         if self.peer is None:
             return ""
         try:  # gone, or a zombie its parent has not reaped yet
-            stat = Path(f"/proc/{self.peer}/stat").read_text()
+            with open(f"/proc/{self.peer}/stat") as f:
+                stat = f.read()
             if stat[stat.rfind(")") + 2 :][:1] not in ("Z", "X"):
                 return ""
         except OSError:
             pass
-        if self.path is not None and self.path.is_absolute():
+        path = self.path
+        if path is not None and path.is_absolute():
             with contextlib.suppress(OSError, PatchboxError):
-                sweep_stale_sockets(self.path.parent)  # the agent's rule: only if stale
+                sweep_stale_sockets(path.parent)  # the agent's rule: only if stale
         return (
             f"pid {self.peer} exited while its agent was serving the request: nothing of "
-            f"it outlives the process (its socket {self.path} is stale)"
+            f"it outlives the process (its socket {path} is stale)"
         )
 
     def _read_reply(self) -> tuple[int, int, bytes]:

@@ -10,6 +10,10 @@ P's network namespace with its inode) and ``/proc/P/fd`` (which of them P holds)
 the socket is reached through ``/proc/P/fd`` or ``/proc/P/root``, so a process in
 another mount namespace is reached too. Only when that finds nothing does the client
 fall back to guessing: its own ``PATCHBOX_SOCK_DIR``, then the executable's directory.
+
+Every `patchbox info -p` runs this module, and scripts run that in loops: no dataclasses
+here (the module and each class cost start-up, docs/decisions.md "Start-up"), and
+pathlib only for sweeping.
 """
 
 from __future__ import annotations
@@ -21,10 +25,12 @@ import re
 import socket
 import stat
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
-from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
 
 from patchbox.errors import ConnectError, PatchboxError
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 __all__ = [
     "agent_inside",
@@ -63,8 +69,7 @@ FD_ADDRESS = re.compile(r"/proc/self/fd/([0-9]+)/(sandbox-sock[0-9]{1,9})")
 SWEEP_LIMIT = 4096
 
 
-@dataclass(frozen=True)
-class UnixSocket:
+class UnixSocket(NamedTuple):
     """One line of /proc/net/unix: a Unix socket of the network namespace."""
 
     inode: int
@@ -78,8 +83,7 @@ class UnixSocket:
         return bool(self.flags & SO_ACCEPTCON)
 
 
-@dataclass(frozen=True)
-class Candidate:
+class Candidate(NamedTuple):
     """A place the agent's socket may be: what to connect to and what to call it."""
 
     connect_path: str  # for connect(); may exceed sun_path (connect_unix handles that)
@@ -87,15 +91,15 @@ class Candidate:
     source: str  # how it was found
 
 
-@dataclass
 class Discovery:
     """The candidates for a pid's socket, best first, and what was tried."""
 
-    pid: int
-    name: str  # sandbox-sock<n>, n the pid in the target's pid namespace
-    candidates: list[Candidate] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    denied: bool = False  # /proc/PID/... refused us: another user's process
+    def __init__(self, pid: int, name: str) -> None:
+        self.pid = pid
+        self.name = name  # sandbox-sock<n>, n the pid in the target's pid namespace
+        self.candidates: list[Candidate] = []
+        self.notes: list[str] = []
+        self.denied = False  # /proc/PID/... refused us: another user's process
 
 
 def parse_proc_net_unix(text: str) -> list[UnixSocket]:
@@ -378,10 +382,11 @@ def _pid_exists(pid: int) -> bool:
     except PermissionError:
         pass
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        with open(f"/proc/{pid}/stat") as f:
+            text = f.read()
     except OSError:
         return True
-    return stat[stat.rfind(")") + 2 :][:1] not in ("Z", "X")
+    return text[text.rfind(")") + 2 :][:1] not in ("Z", "X")
 
 
 class SweepRefused(PatchboxError):
@@ -434,6 +439,8 @@ def sweep_stale_sockets(
     else can replace those). A log with lines and anything else stay; at most ``limit``
     entries are examined.
     """
+    from pathlib import Path
+
     if isinstance(directory, int):
         return _sweep_fd(directory, Path(shown if shown is not None else "."), limit)
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)

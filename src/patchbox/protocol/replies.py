@@ -5,25 +5,26 @@ Every reply payload starts with an ``i32 status``; a non-zero status is followed
 the message-specific fields, read here by their layouts (``C.LIST_REPLY``...: generated
 from wire/constants.toml, the agent's reply writers checked against them). Any overrun,
 bad count or trailing byte raises :class:`patchbox.errors.ProtocolError` naming the field.
+
+The typed results (:mod:`patchbox.protocol.results`, dataclasses) are imported by the
+decoders that make them: INFO, which `patchbox info` asks in loops, needs none of them,
+and :mod:`dataclasses` would cost its start-up 10 ms (docs/decisions.md, "Start-up").
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 from patchbox import wire as C
 from patchbox.errors import AgentError, ProtocolError
 from patchbox.format.codec import Reader, read_fields
 from patchbox.wire import REPLY_BIT, ErrorCode, ListedState, Msg
 
+if TYPE_CHECKING:
+    from patchbox.protocol.results import AppliedPatch, ApplyResult, RemoveResult, TestResult
+
 __all__ = [
-    "PatchFunction",
-    "AppliedPatch",
-    "ApplyResult",
-    "RemoveResult",
-    "TestResult",
     "check_status",
     "decode_reply",
     "decode_answer",
@@ -31,77 +32,6 @@ __all__ = [
     "CONNECTION_ERRORS",
     "DECODERS",
 ]
-
-
-@dataclass(frozen=True)
-class PatchFunction:
-    """One redirected function of an applied patch (absolute addresses in the process)."""
-
-    symbol: str
-    target: int  # absolute address of the original function
-    new: int  # absolute address of the replacement entry
-    new_size: int
-
-
-@dataclass(frozen=True)
-class AppliedPatch:
-    """One entry of a LIST reply."""
-
-    name: str
-    id: int
-    applied_at: int  # unix time, nanoseconds
-    text_addr: int
-    text_size: int
-    data_addr: int
-    data_size: int
-    functions: list[PatchFunction] = field(default_factory=list)
-    object: str = ""  # "" for the executable, else the path of the library it patches
-    hold_ns: int = 0  # held entry jumps: how long the agent waited for the threads
-    # APPLIED, or UNLOADED: its library was unloaded (dlclose); nothing of it is written
-    # again and REMOVE drops the record only (docs/reach.md, "Shared libraries").
-    state: ListedState = ListedState.APPLIED
-
-    @property
-    def unloaded(self) -> bool:
-        """Returns whether the patch's library was unloaded since it was applied."""
-        return self.state == ListedState.UNLOADED
-
-    def to_json(self) -> dict[str, Any]:
-        """Returns a JSON-ready dict of this entry (``state``: "applied" or "unloaded")."""
-        d = asdict(self)
-        d["state"] = self.state.name.lower()
-        return d
-
-
-@dataclass(frozen=True)
-class ApplyResult:
-    """The APPLY reply: the id the agent gave the patch and where it was placed."""
-
-    id: int
-    text_addr: int
-    data_addr: int
-    elapsed_ns: int  # time the agent spent checking, copying and redirecting
-
-
-@dataclass(frozen=True)
-class RemoveResult:
-    """The REMOVE reply: the agent's time, and the state the patch was in (APPLIED: its
-    original bytes were restored; UNLOADED: its library was gone, nothing was written)."""
-
-    elapsed_ns: int
-    state: ListedState
-
-    @property
-    def written(self) -> bool:
-        """Returns whether the agent wrote the original bytes back."""
-        return self.state == ListedState.APPLIED
-
-
-class TestResult(NamedTuple):
-    """The TEST reply; unpacks as ``(passed, detail)``."""
-
-    passed: bool
-    detail: str
 
 
 def check_status(r: Reader) -> None:
@@ -135,6 +65,8 @@ def _info(r: Reader) -> dict[str, str]:
 
 
 def _listed(p: dict[str, Any], where: str) -> AppliedPatch:
+    from patchbox.protocol.results import AppliedPatch, PatchFunction
+
     functions = [PatchFunction(**f) for f in p["functions"]]
     state = _state(p["state"], f"{where}.state")
     return AppliedPatch(**{**p, "functions": functions, "state": state})
@@ -148,15 +80,21 @@ def _list(r: Reader) -> list[AppliedPatch]:
 
 
 def _apply(r: Reader) -> ApplyResult:
+    from patchbox.protocol.results import ApplyResult
+
     return ApplyResult(**read_fields(r, C.APPLY_REPLY))
 
 
 def _remove(r: Reader) -> RemoveResult:
+    from patchbox.protocol.results import RemoveResult
+
     fields = read_fields(r, C.REMOVE_REPLY)
     return RemoveResult(fields["elapsed_ns"], _state(fields["state"], "state"))
 
 
 def _test(r: Reader) -> TestResult:
+    from patchbox.protocol.results import TestResult
+
     fields = read_fields(r, C.TEST_REPLY)
     if fields["passed"] not in (0, 1):
         raise ProtocolError(f"TEST reply: passed = {fields['passed']}, expected 0 or 1")

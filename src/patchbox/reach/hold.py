@@ -35,7 +35,7 @@ from patchbox import wire as C
 from patchbox.errors import PatchboxError
 from patchbox.format.model import Patch
 from patchbox.protocol.client import Client
-from patchbox.protocol.replies import ApplyResult
+from patchbox.protocol.results import ApplyResult
 from patchbox.reach import ptrace
 from patchbox.reach.defer import deferred_signals
 from patchbox.reach.procfs import find_mapped, task_ids, task_syscall
