@@ -8,9 +8,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from live import Target, render
+from live import Target
 
-from helpers import compile_c, modules_imported, run_cli_way
+from helpers import compile_c, modules_imported, render, run_cli_way
 
 pytestmark = pytest.mark.process
 
