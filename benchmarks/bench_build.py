@@ -1,7 +1,6 @@
-#!/usr/bin/env python3
 """`patchbox build` costs on a program with tens of thousands of symbols; prints a table.
 
-    .venv/bin/python benchmarks/bench_build.py [--functions N] [--files N] [--repeat N]
+    .venv/bin/python -m benchmarks.bench_build [--functions N] [--files N] [--repeat N]
 
 Generates a C program of N small functions (each with a string literal or a static
 variable, so every function carries relocations) across several files, each including
@@ -29,8 +28,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import print_table  # also puts src/ on sys.path
-from patchbox.pipeline import BuildRequest, BuildResult, build_patch  # noqa: E402  # after common put src/ on sys.path
+from patchbox.pipeline import BuildRequest, BuildResult, build_patch
+
+from .common import print_table
 
 BIN = Path(sys.executable).parent
 MAKEFILE = """\

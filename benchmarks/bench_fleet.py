@@ -1,8 +1,7 @@
-#!/usr/bin/env python3
 """`apply --all` on many processes against one `patchbox apply -p` per process; prints a
 table (issue 12's goal: 4,000 processes in <= 0.5 s on this machine).
 
-    benchmarks/bench_fleet.py [--processes 100,1000,4000] [--sequential 100]
+    .venv/bin/python -m benchmarks.bench_fleet [--processes 100,1000,4000] [--sequential 100]
 
 For each N: N copies of a small program with the agent linked are started (they block in
 read(), like idle daemons); the first `apply --all` right after every agent has bound is
@@ -33,10 +32,10 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import build_program, print_table  # noqa: E402
-from patchbox.format.layout import read_patch_file  # noqa: E402
-from patchbox.host.ops import apply_all, list_processes, remove_all  # noqa: E402
+from patchbox.format.layout import read_patch_file
+from patchbox.host.ops import apply_all, list_processes, remove_all
+
+from .common import build_program, print_table
 
 BIN = Path(sys.executable).parent
 PROGRAM = r"""

@@ -1,8 +1,7 @@
-#!/usr/bin/env python3
 """What the hold of a held entry jump costs (docs/reach.md, "What the hold sees"); prints
 one table.
 
-    .venv/bin/python benchmarks/bench_hold.py [--repeat N] [--agent-dir DIR]
+    .venv/bin/python -m benchmarks.bench_hold [--repeat N] [--agent-dir DIR]
         [--memcached MIB ...] [--threads N --arena MIB]
 
 Each row is one program, attached (`patchbox attach`), a held patch applied and removed
@@ -35,14 +34,15 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from common import ROOT, print_table  # also puts src/ on sys.path
-from patchbox.config import preload  # noqa: E402
-from patchbox.errors import ProtocolError  # noqa: E402
-from patchbox.format.layout import read_patch_file  # noqa: E402
-from patchbox.protocol.client import Client  # noqa: E402
-from patchbox.protocol.discovery import discover  # noqa: E402
-from patchbox.reach.attach import attach  # noqa: E402
-from patchbox.reach.hold import apply_held  # noqa: E402
+from patchbox.config import preload
+from patchbox.errors import ProtocolError
+from patchbox.format.layout import read_patch_file
+from patchbox.protocol.client import Client
+from patchbox.protocol.discovery import discover
+from patchbox.reach.attach import attach
+from patchbox.reach.hold import apply_held
+
+from .common import ROOT, print_table
 
 BIN = Path(sys.executable).parent
 STOCK = Path("/usr/bin/memcached")

@@ -1,7 +1,6 @@
-#!/usr/bin/env python3
 """Live-patching costs, measured side by side in one run; prints a table.
 
-    .venv/bin/python benchmarks/bench_live.py [--calls N] [--cycles N]
+    .venv/bin/python -m benchmarks.bench_live [--calls N] [--cycles N]
 
 Measures: the agent's own apply/remove time (reported in its replies); wall time of
 `patchbox apply` against `patchbox info` (the CLI's fixed cost); per-call cost of a patched
@@ -21,10 +20,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import Proc, build_program, print_table  # also puts src/ on sys.path
-from patchbox.extract import extract_patch  # noqa: E402
-from patchbox.format.layout import encode_apply_body, save_patch  # noqa: E402
-from patchbox.protocol.client import Client  # noqa: E402
+from patchbox.extract import extract_patch
+from patchbox.format.layout import encode_apply_body, save_patch
+from patchbox.protocol.client import Client
+
+from .common import Proc, build_program, print_table
 
 BENCH_C = r"""
 #include <stdio.h>

@@ -1,7 +1,6 @@
-#!/usr/bin/env python3
 """`patchbox build --qemu` on QEMU 7.2 for a one-function fix; prints a table.
 
-    .venv/bin/python benchmarks/bench_qemu_build.py [--repeat N]
+    .venv/bin/python -m benchmarks.bench_qemu_build [--repeat N]
 
 Needs the cached QEMU build of `scripts/qemu/build-qemu.sh` ($PATCHBOX_QEMU_CACHE,
 default /var/cache/patchbox/qemu). The fix changes the format string of
@@ -30,8 +29,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import print_table  # also puts src/ on sys.path
-from patchbox.rebuild.incremental import IncrementalBuild  # noqa: E402
+from patchbox.rebuild.incremental import IncrementalBuild
+
+from .common import print_table
 
 BIN = Path(sys.executable).parent
 CACHE = Path(os.environ.get("PATCHBOX_QEMU_CACHE", "/var/cache/patchbox/qemu"))

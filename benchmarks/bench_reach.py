@@ -1,7 +1,6 @@
-#!/usr/bin/env python3
 """Reach costs (docs/reach.md); prints two tables.
 
-    .venv/bin/python benchmarks/bench_reach.py [--repeat N] [--calls N]
+    .venv/bin/python -m benchmarks.bench_reach [--repeat N] [--calls N]
 
 1. Stop time of one thread: a plain ptrace stop (PTRACE_SEIZE + PTRACE_INTERRUPT, wait,
    PTRACE_DETACH) against `patchbox attach` (the same stop, plus the dlopen of
@@ -24,10 +23,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import print_table  # also puts src/ on sys.path
-from patchbox.config import preload  # noqa: E402
-from patchbox.reach import ptrace  # noqa: E402
-from patchbox.reach.attach import attach  # noqa: E402
+from patchbox.config import preload
+from patchbox.reach import ptrace
+from patchbox.reach.attach import attach
+
+from .common import print_table
 
 BIN = Path(sys.executable).parent
 IDLE = r"""

@@ -1,7 +1,6 @@
-#!/usr/bin/env python3
 """The longest stall a running thread sees: patchbox apply/remove against a ptrace stop.
 
-    .venv/bin/python benchmarks/bench_stall.py [--cycles N]
+    .venv/bin/python -m benchmarks.bench_stall [--cycles N]
 
 One program (with the agent linked) runs a caller thread that calls work() through a
 pointer in a tight loop and timestamps every call (CLOCK_MONOTONIC); it records every gap
@@ -35,10 +34,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import Proc, build_program, print_table  # also puts src/ on sys.path
-from patchbox.extract import extract_patch  # noqa: E402
-from patchbox.format.layout import encode_apply_body  # noqa: E402
-from patchbox.protocol.client import Client  # noqa: E402
+from patchbox.extract import extract_patch
+from patchbox.format.layout import encode_apply_body
+from patchbox.protocol.client import Client
+
+from .common import Proc, build_program, print_table
 
 STALL_C = r"""
 #include <pthread.h>

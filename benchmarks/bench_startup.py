@@ -1,8 +1,7 @@
-#!/usr/bin/env python3
 """CPU time of short `patchbox` commands beside a bare `python3 -c pass` (issue 20's goal:
 `patchbox --version` and `patchbox info -p PID` within 50 ms of CPU on this machine).
 
-    benchmarks/bench_startup.py [--runs 30]
+    .venv/bin/python -m benchmarks.bench_startup [--runs 30]
 
 Each command runs ``--runs`` times, alternating with the others, against one idle target
 with the agent linked; the table shows the median and the best CPU time (user + system,

@@ -6,16 +6,14 @@ from __future__ import annotations
 import select
 import shlex
 import subprocess
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "src"))
-
-from patchbox.config import libs  # noqa: E402
-from patchbox.flags import LINK_FLAGS, PATCH_CFLAGS  # noqa: E402
+from patchbox.config import libs
+from patchbox.flags import LINK_FLAGS, PATCH_CFLAGS
 
 __all__ = ["ROOT", "build_program", "Proc", "print_table"]
+
+ROOT = Path(__file__).resolve().parent.parent  # the repository (its tests/, agent/, scripts/)
 
 
 def build_program(

@@ -1,7 +1,6 @@
-#!/usr/bin/env python3
 """Long stress run: apply/remove cycles while 8 threads call the function flat out.
 
-    .venv/bin/python benchmarks/stress_cycles.py [--cycles N] [--sandbox BYTES]
+    .venv/bin/python -m benchmarks.stress_cycles [--cycles N] [--sandbox BYTES]
 
 The program is tests/e2e/stress_target.c (8 callers checking every result is the old or
 the new one, a 9th thread parked mid-function in the original code), linked with an agent
@@ -23,12 +22,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import ROOT, print_table  # also puts src/ on sys.path
-from patchbox.config import libs  # noqa: E402
-from patchbox.extract import extract_patch  # noqa: E402
-from patchbox.flags import LINK_FLAGS, PATCH_CFLAGS  # noqa: E402
-from patchbox.format.layout import encode_apply_body  # noqa: E402
-from patchbox.protocol.client import Client  # noqa: E402
+from patchbox.config import libs
+from patchbox.extract import extract_patch
+from patchbox.flags import LINK_FLAGS, PATCH_CFLAGS
+from patchbox.format.layout import encode_apply_body
+from patchbox.protocol.client import Client
+
+from .common import ROOT, print_table
 
 SOURCE = ROOT / "tests" / "e2e" / "stress_target.c"
 

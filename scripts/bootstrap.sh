@@ -9,7 +9,7 @@ for tool in gcc make git patch pkg-config; do
 	command -v "$tool" >/dev/null || need_apt+=("$tool")
 done
 python3 -c 'import venv, ensurepip' 2>/dev/null || need_apt+=(python3-venv)
-# The agent's fuzz harness (make -C agent fuzz, tests/test_fuzz.py): clang with libFuzzer
+# The agent's fuzz harness (make -C agent fuzz, tests/fuzz/test_libfuzzer.py): clang with libFuzzer
 # and the sanitizer runtimes.
 command -v clang >/dev/null || need_apt+=(clang)
 compgen -G '/usr/lib/llvm-*/lib/clang/*/lib/linux/libclang_rt.fuzzer-x86_64.a' >/dev/null ||

@@ -1,4 +1,5 @@
-"""Test helpers: compiling C snippets on the fly, locating the built agent.
+"""Test helpers: compiling C snippets on the fly, locating the built agent, acting as
+nobody, the end-to-end target program, a small patch to write.
 
 Import from here (``from helpers import compile_c``): with two conftest.py files the
 module name ``conftest`` is ambiguous.
@@ -16,11 +17,37 @@ from pathlib import Path
 
 from patchbox.config import agent_dir, libs
 from patchbox.flags import LINK_FLAGS, PATCH_CFLAGS
+from patchbox.format.model import Fixup, Function, Patch
+from patchbox.wire import FixupBase, FixupSection, FixupType
 
 ROOT = Path(__file__).resolve().parent.parent
 APP_VERSION = "e2e-1.0"
 # The agent the tests link: the installed package's (or $PATCHBOX_AGENT_DIR).
 AGENT_DIR = agent_dir()
+
+
+# The target program of the end-to-end and Ansible tests: its @MARKERS@ as they start.
+ORIGINAL = {
+    "USE_HELPER": "scale(x) + 1",
+    "BUMP_STEP": "1",
+    "GREETING": "hello",
+    "FMT": "value=%d",
+    "PAIR_A": "1",
+    "PAIR_B": "2",
+    "STACKED": "100",
+    "PICK": 'return x ? "some" : "none";',
+    "EXTRA": "",
+    "PARK": "return x + 7;",
+}
+
+
+def render(**changes: str) -> str:
+    """Returns the end-to-end tests' target program (tests/e2e/target.c) with its
+    @MARKERS@ filled, ORIGINAL overridden by ``changes``."""
+    src = (ROOT / "tests" / "e2e" / "target.c").read_text()
+    for key, value in {**ORIGINAL, **changes}.items():
+        src = src.replace(f"@{key}@", value)
+    return src
 
 
 def compile_c(
@@ -207,3 +234,28 @@ def nobody_dir(parent: Path, name: str, mode: int = 0o755) -> Path:
     os.chown(d, NOBODY_UID, NOGROUP_GID)
     d.chmod(mode)
     return d
+
+
+# A small patch (make_patch) for tests of the CLI, the file format and signing.
+BUILD_ID = bytes.fromhex("0123456789abcdef0123456789abcdef01234567")
+# 6 NOPs of padding, the 2-NOP entry, mov eax, 42; ret; then an 8-byte import slot
+TEXT = b"\x90" * 8 + b"\xb8\x2a\x00\x00\x00\xc3" + bytes(8)
+
+
+def make_patch() -> Patch:
+    """Returns a small valid patch (``answer-42``: one function, data, bss, three fix-ups)
+    for tests that need any patch file."""
+    return Patch(
+        name="answer-42",
+        build_id=BUILD_ID,
+        text=TEXT,
+        bss_size=16,
+        data=b"\x01\x00\x00\x00",
+        functions=[Function("compute", 0x1139, 6, 8, b"\x90" * 8)],
+        fixups=[
+            Fixup(FixupSection.TEXT, FixupType.PC32, FixupBase.EXE, 9, 0x4010 - 4),
+            Fixup(FixupSection.TEXT, FixupType.ABS64, FixupBase.IMPORT, 14, 0, "puts"),
+            Fixup(FixupSection.TEXT, FixupType.PC32, FixupBase.EXE, 10, 0x4020 - 4),
+        ],
+        meta={"tool": "test", "source:compute": "app.c"},
+    )

@@ -121,7 +121,7 @@ static int sandbox_msg_info(struct sandbox_request *q, struct sandbox_error *err
 }
 
 /* The replies' layouts are INFO_REPLY, LIST_REPLY, APPLY_REPLY, REMOVE_REPLY and
- * TEST_REPLY of wire/constants.toml; tests/test_wire_constants.py reads the writer calls
+ * TEST_REPLY of wire/constants.toml; tests/wire/test_wire_constants.py reads the writer calls
  * of these handlers and checks their order and widths against them. */
 
 static int sandbox_msg_list(struct sandbox_request *q, struct sandbox_error *err)
@@ -156,7 +156,7 @@ static int sandbox_msg_list(struct sandbox_request *q, struct sandbox_error *err
 }
 
 /* Parses the apply body (docs/protocol.md APPLY). funcs/fixups are allocated. The
- * layout is APPLY_BODY of wire/constants.toml: tests/test_wire_constants.py runs this
+ * layout is APPLY_BODY of wire/constants.toml: tests/wire/test_wire_constants.py runs this
  * parser and checks that it reads every field at the declared offset and width. */
 static int sandbox_apply_parse(struct sandbox_request *q, struct sandbox_apply_spec *s, struct sandbox_error *err)
 {

@@ -22,9 +22,10 @@ Shapes (docs/corpus.md, "Counting"):
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
-__all__ = ["Fix", "Package", "PACKAGES", "get_package"]
+__all__ = ["Fix", "Package", "PACKAGES", "get_package", "key"]
 
 
 @dataclass(frozen=True)
@@ -35,11 +36,18 @@ class Fix:
     patch: str  # debian/patches/NAME, or for QEMU the release diff (v7.2.N.diff)
     shape: str  # function | data | init | elsewhere | absent
     what: str  # file: function(s), one line
-    probe: str | None = None  # name of the probe in corpus.py, None: no regression probe
+    probe: str | None = None  # a key of its program module's PROBES; None: no probe
     files: tuple[str, ...] = ()  # QEMU: the files of the release diff that are this fix
     hunks: dict[str, tuple[int, ...]] = field(default_factory=dict)  # QEMU: file -> hunk numbers
     ci: bool = False  # part of the CI subset (tests/corpus, -m corpus)
     note: str = ""
+
+
+def key(fix: Fix) -> str:
+    """Returns the fix's short name: the patch file's stem, or the CVE id for QEMU."""
+    if fix.patch.endswith(".diff"):
+        return fix.ident.split()[0]
+    return re.sub(r"\.(patch|diff)$", "", fix.patch)
 
 
 @dataclass(frozen=True)

@@ -7,10 +7,10 @@
 #   scripts/corpus/run.sh --ci                  # the CI subset (tests/corpus, -m corpus)
 #
 # Installs what it needs (Debian build dependencies and tools, a deb-src entry, the
-# project's venv with its test extra), then runs scripts/corpus/corpus.py, which fetches the
-# source packages, builds the levels and runs every fix. Runs as root (apt-get, daemons
-# that drop privileges), without a terminal. Cache: $PATCHBOX_CORPUS_CACHE
-# (default /var/cache/patchbox/corpus); results in its results/ directory.
+# project's venv with its test extra), then runs the package scripts/corpus (`python -m
+# corpus`), which fetches the source packages, builds the levels and runs every fix. Runs as
+# root (apt-get, daemons that drop privileges), without a terminal. Cache:
+# $PATCHBOX_CORPUS_CACHE (default /var/cache/patchbox/corpus); results in its results/ directory.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 apt_get() { DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 "$@" </dev/null; }
@@ -35,4 +35,5 @@ if ! grep -rqs "deb-src" /etc/apt/sources.list /etc/apt/sources.list.d/; then
 	apt_get update -qq
 fi
 "$root/scripts/bootstrap.sh"
-exec "$root/.venv/bin/python" "$root/scripts/corpus/corpus.py" "$@"
+# scripts/ on the path for `-m corpus` only: the harness takes it out of what it starts.
+PYTHONPATH="$root/scripts" exec "$root/.venv/bin/python" -m corpus "$@"

@@ -17,10 +17,7 @@ from controller import Controller
 from elftools.elf.elffile import ELFFile
 from fleet import Fleet, HostTarget
 
-from helpers import BIN, ROOT, compile_c, run_tool, unique_build_id
-
-sys.path.append(str(ROOT / "tests" / "e2e"))
-from live import render  # noqa: E402  (the e2e target program, shared)
+from helpers import BIN, ROOT, compile_c, render, run_tool, unique_build_id
 
 HOSTS = 3
 TARGETS_PER_HOST = 2

@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from live import Target, render
+from live import Target
 
-from helpers import AGENT_DIR, ROOT, compile_c
+from helpers import AGENT_DIR, ROOT, compile_c, render
 
 __all__ = ["AGENT_DIR", "ROOT", "compile_c"]
 

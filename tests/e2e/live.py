@@ -1,4 +1,5 @@
-"""The real target program of the end-to-end tests and a driver for a running one."""
+"""A driver for a running target program of the end-to-end tests (its source:
+``helpers.render``)."""
 
 from __future__ import annotations
 
@@ -12,26 +13,6 @@ from patchbox.procfs import get_ns_pid
 from patchbox.protocol.discovery import Candidate, discover
 
 HERE = Path(__file__).resolve().parent
-ORIGINAL = {
-    "USE_HELPER": "scale(x) + 1",
-    "BUMP_STEP": "1",
-    "GREETING": "hello",
-    "FMT": "value=%d",
-    "PAIR_A": "1",
-    "PAIR_B": "2",
-    "STACKED": "100",
-    "PICK": 'return x ? "some" : "none";',
-    "EXTRA": "",
-    "PARK": "return x + 7;",
-}
-
-
-def render(**changes: str) -> str:
-    """Returns target.c with its @MARKERS@ filled, ORIGINAL overridden by ``changes``."""
-    src = (HERE / "target.c").read_text()
-    for key, value in {**ORIGINAL, **changes}.items():
-        src = src.replace(f"@{key}@", value)
-    return src
 
 
 def host_pid_of(parent: int, ns_pid: int) -> int:

@@ -21,9 +21,8 @@ from pathlib import Path
 import pytest
 import rawwire
 from elftools.elf.elffile import ELFFile
-from live import render
 
-from helpers import compile_c
+from helpers import compile_c, render
 from patchbox.extract import extract_patch
 from patchbox.format.layout import HEADER, encode_apply_body, save_patch, write_patch
 from patchbox.format.model import Fixup, Patch

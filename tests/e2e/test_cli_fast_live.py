@@ -8,16 +8,16 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from live import Target, render
+from live import Target
 
-from helpers import compile_c, modules_imported, run_cli_way
+from helpers import compile_c, modules_imported, render, run_cli_way
 
 pytestmark = pytest.mark.process
 
 # Shown by INFO as app_version: colour codes (click.echo drops them when stdout is no
 # terminal) and text beyond ASCII.
 ODD_VERSION = "\x1b[1;31mrouge\x1b[0m é"
-# What `info` must not import (json: only for --json); tests/test_cli_fast.py says why.
+# What `info` must not import (json: only for --json); tests/cli/test_fast_path.py says why.
 NOT_FOR_INFO = {
     "click",
     "elftools",
@@ -83,7 +83,7 @@ def test_same_when_stdout_is_gone(target: Target) -> None:
 
 def test_same_errors(tmp_path: Path) -> None:
     """Unreachable: the client's error line, as the click command prints it (usage errors
-    are click's own: tests/test_cli_fast.py)."""
+    are click's own: tests/cli/test_fast_path.py)."""
     assert_same("info", "-s", tmp_path / "missing")
     dead = subprocess.Popen(["true"])
     dead.wait()

@@ -17,9 +17,9 @@ import time
 from pathlib import Path
 
 import pytest
-from live import Target, render
+from live import Target
 
-from helpers import compile_with_small_sandbox, info_json, run_tool
+from helpers import compile_with_small_sandbox, info_json, render, run_tool
 from patchbox.config import cflags
 from patchbox.extract import extract_patch
 from patchbox.format.layout import encode_apply_body

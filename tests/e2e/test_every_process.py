@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from live import Target, render, wait_for_agent
+from live import Target, wait_for_agent
 
 from helpers import (
     AS_NOBODY,
@@ -31,6 +31,7 @@ from helpers import (
     info_json,
     nobody_dir,
     nobody_python,
+    render,
     run_tool,
     unique_build_id,
 )

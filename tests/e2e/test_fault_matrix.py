@@ -27,9 +27,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from live import Target, render
+from live import Target
 
-from helpers import BIN, compile_c, run_tool, unique_build_id
+from helpers import BIN, compile_c, render, run_tool, unique_build_id
 from patchbox.protocol.client import Client
 
 pytestmark = [

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 import rawwire
-from live import Target, render
+from live import Target
 
-from helpers import compile_c, info_json
+from helpers import compile_c, info_json, render
 from patchbox.extract import extract_patch
 from patchbox.format.layout import encode_apply_body
 from patchbox.format.model import Patch

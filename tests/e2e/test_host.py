@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 from elftools.elf.elffile import ELFFile
-from live import Target, render
+from live import Target
 
-from helpers import BIN, compile_c, info_json, run_tool, unique_build_id
+from helpers import BIN, compile_c, info_json, render, run_tool, unique_build_id
 
 pytestmark = pytest.mark.process
 

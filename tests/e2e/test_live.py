@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 from elftools.elf.elffile import ELFFile
-from live import Target, render
+from live import Target
 
-from helpers import APP_VERSION, compile_c, info_json, run_tool
+from helpers import APP_VERSION, compile_c, info_json, render, run_tool
 from patchbox.config import preload
 from patchbox.format.layout import load_patch, save_patch
 

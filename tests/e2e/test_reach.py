@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 from live import Target
+from plainprog import ANSWER, LOOP, gcc, patch_cflags
 
 from helpers import info_json, run_tool, unique_build_id
 from patchbox.config import preload
@@ -29,41 +30,6 @@ from patchbox.wire import ApplyFlag
 
 pytestmark = pytest.mark.process
 run = run_tool
-
-LOOP = r"""
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <unistd.h>
-int answer(int x);
-int main(void) {
-    char line[128];
-    setvbuf(stdout, NULL, _IOLBF, 0);
-    printf("ready %d\n", getpid());
-    while (fgets(line, sizeof line, stdin)) {
-        if (!strncmp(line, "atoi ", 5))
-            printf("%d\n", atoi(line + 5));
-        else
-            printf("%d\n", answer(atoi(line)));
-    }
-    return 0;
-}
-"""
-# -O0 keeps the calls (glibc's stdlib.h inlines atoi into strtol when optimising); the
-# functions start with push %rbp (1 byte): their entry jumps are held.
-ANSWER = "__attribute__((noipa)) int answer(int x) { return x * @MUL@ + 3; }\n"
-
-
-def gcc(out: Path, src: str, *flags: str, libs: tuple[str, ...] = ()) -> Path:
-    c = out.with_suffix(".c")
-    c.write_text(src)
-    cmd = ["gcc", *flags, str(c), "-o", str(out), *libs]
-    subprocess.run(cmd, check=True, capture_output=True)
-    return out
-
-
-def patch_cflags() -> list[str]:
-    return run("patchbox", "config", "--cflags").stdout.split()
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from live import render, wait_for_agent
+from live import wait_for_agent
 
 from helpers import (
     AS_NOBODY,
@@ -31,6 +31,7 @@ from helpers import (
     as_nobody,
     compile_c,
     info_json,
+    render,
     run_tool,
     unique_build_id,
 )

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 from live import Target
-from test_reach import ANSWER, LOOP, gcc, patch_cflags
+from plainprog import ANSWER, LOOP, gcc, patch_cflags
 
 from helpers import (
     AS_NOBODY,
@@ -151,7 +151,7 @@ def test_host_sweep_does_not_follow_a_directory_nobody_swapped_for_a_link(
 
 # -- attach: privileged processes -----------------------------------------------------
 
-# LOOP of test_reach, made non-dumpable when started with an argument.
+# plainprog.LOOP, made non-dumpable when started with an argument.
 NODUMP_LOOP = LOOP.replace(
     "int main(void) {",
     "#include <sys/prctl.h>\n"

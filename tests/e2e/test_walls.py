@@ -22,9 +22,9 @@ import time
 from pathlib import Path
 
 import pytest
-from live import HERE, Target, render, wait_for_agent
+from live import HERE, Target, wait_for_agent
 
-from helpers import compile_c, deep_dir, info_json, run_tool
+from helpers import compile_c, deep_dir, info_json, render, run_tool
 from patchbox.format.layout import read_patch_file
 from patchbox.procfs import get_socket_inodes, iter_unix_sockets
 from patchbox.protocol.client import Client

@@ -9,7 +9,7 @@ answers it, with its own messages for its own errors: help, an unknown, repeated
 malformed option, a value click would refuse or that this module would have to read
 differently (a sign, an exponent, a leading ``-``, an empty string), both or neither of
 ``-p`` and ``-s``, shell completion, a standard stream click would wrap.
-tests/test_cli_fast.py and tests/e2e/test_cli_fast_live.py run both on the same inputs.
+tests/cli/test_fast_path.py and tests/e2e/test_cli_fast_live.py run both on the same inputs.
 """
 
 from __future__ import annotations

@@ -10,8 +10,8 @@ LIEF 1.0 (``lief.ELF.parse`` plus reading symbols, sections and relocations into
 layouts and the ident check declared once in :mod:`patchbox.elf.records` and every table
 bounds-checked there.
 
-pyelftools stays the reference it is tested against: tests/test_elf_records.py reads
-the same files with pyelftools (tests/elf_reference.py) and checks that sections,
+pyelftools stays the reference it is tested against: tests/elf/test_records.py reads
+the same files with pyelftools (tests/elf/elf_reference.py) and checks that sections,
 symbols and relocations are equal, on assembled objects with IFUNC and UNIQUE symbols
 and an extended section index, on compiled objects with debug info and on the agent's
 own objects; and that a truncated file is an ElfError.

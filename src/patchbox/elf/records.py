@@ -6,7 +6,7 @@ the program-header walk (:mod:`patchbox.elf.segments`), the build-id reader, the
 reference binary's bulk symbol reader and the dynamic-section reader of
 :mod:`patchbox.elf.exports`. Field names and the names of enumerated values are
 pyelftools' (``elftools/elf/structs.py``, ``elftools/elf/enums.py``), so a record read
-here and one read by pyelftools compare equal field by field (tests/test_elf_records.py
+here and one read by pyelftools compare equal field by field (tests/elf/test_records.py
 checks it on real objects and binaries).
 """
 

@@ -4,7 +4,7 @@ What a loaded file is (its build-id note, where its first PT_LOAD goes, whether 
 for a dynamic loader, its dynamic table, the bytes of a virtual address) is read from
 the ELF header and the program headers alone: no section headers, no pyelftools, so it
 is cheap enough to ask of every file every process of a host maps. Layouts and the ident
-check come from :mod:`patchbox.elf.records`; tests/test_elf_records.py compares the walk
+check come from :mod:`patchbox.elf.records`; tests/elf/test_records.py compares the walk
 with pyelftools' ``iter_segments`` on real binaries and libraries.
 """
 

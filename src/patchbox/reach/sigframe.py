@@ -10,7 +10,7 @@ thread's state as it must resume: the call returns, the kernel restores the thre
 whether or not the client is still there to watch.
 
 Layout (Linux ``arch/x86/include/asm/sigframe.h``, ``uapi/asm/sigcontext.h``, ``ucontext.h``;
-checked against the C headers by ``tests/test_sigframe.py``)::
+checked against the C headers by ``tests/reach/test_sigframe.py``)::
 
     frame +0     pretcode      the return address of the call (__restore_rt)
           +8     uc_flags      UC_FP_XSTATE | UC_SIGCONTEXT_SS | UC_STRICT_RESTORE_SS

@@ -14,12 +14,11 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 
-from helpers import NOBODY_UID, NOGROUP_GID, nobody_dir, nobody_python
+from helpers import NOBODY_UID, NOGROUP_GID, make_patch, nobody_dir, nobody_python
 from patchbox import config, safefs, signing, store
 from patchbox.cli.main import cli
 from patchbox.errors import ConfigError
 from patchbox.format.layout import read_patch_file, save_patch, split_signature
-from test_cli import make_patch
 
 
 def run(*args: str) -> Result:

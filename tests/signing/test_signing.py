@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 
+from helpers import make_patch
 from patchbox import signing
 from patchbox.cli.main import cli
 from patchbox.errors import PatchFormatError
@@ -20,7 +21,6 @@ from patchbox.format.layout import (
     split_signature,
     write_patch,
 )
-from test_cli import make_patch
 
 
 def run(*args: str, env: dict[str, str] | None = None) -> Result:

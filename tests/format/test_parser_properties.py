@@ -10,6 +10,7 @@ import struct
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from helpers import make_patch
 from patchbox import wire as C
 from patchbox.errors import AgentError, PatchFormatError, ProtocolError
 from patchbox.format.layout import (
@@ -25,7 +26,6 @@ from patchbox.format.model import Fixup, Function, Patch
 from patchbox.protocol.client import decode_header
 from patchbox.protocol.replies import decode_reply
 from patchbox.wire import FixupBase, FixupSection, FixupType, Msg
-from test_cli import make_patch
 
 SETTINGS = settings(
     max_examples=300,

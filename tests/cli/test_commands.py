@@ -11,33 +11,11 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 
+from helpers import BUILD_ID, ROOT, make_patch
 from patchbox import config
 from patchbox.cli.main import cli
 from patchbox.flags import LINK_FLAGS, PATCH_CFLAGS
 from patchbox.format.layout import save_patch
-from patchbox.format.model import Fixup, Function, Patch
-from patchbox.wire import FixupBase, FixupSection, FixupType
-
-BUILD_ID = bytes.fromhex("0123456789abcdef0123456789abcdef01234567")
-# 6 NOPs of padding, the 2-NOP entry, mov eax, 42; ret; then an 8-byte import slot
-TEXT = b"\x90" * 8 + b"\xb8\x2a\x00\x00\x00\xc3" + bytes(8)
-
-
-def make_patch() -> Patch:
-    return Patch(
-        name="answer-42",
-        build_id=BUILD_ID,
-        text=TEXT,
-        bss_size=16,
-        data=b"\x01\x00\x00\x00",
-        functions=[Function("compute", 0x1139, 6, 8, b"\x90" * 8)],
-        fixups=[
-            Fixup(FixupSection.TEXT, FixupType.PC32, FixupBase.EXE, 9, 0x4010 - 4),
-            Fixup(FixupSection.TEXT, FixupType.ABS64, FixupBase.IMPORT, 14, 0, "puts"),
-            Fixup(FixupSection.TEXT, FixupType.PC32, FixupBase.EXE, 10, 0x4020 - 4),
-        ],
-        meta={"tool": "test", "source:compute": "app.c"},
-    )
 
 
 @pytest.fixture
@@ -192,7 +170,7 @@ def test_version() -> None:
 
 def test_main_entry_point_as_subprocess(tmp_path: Path) -> None:
     """The console script itself: exit status and a single stderr line."""
-    exe = Path(__file__).resolve().parent.parent / ".venv" / "bin" / "patchbox"
+    exe = ROOT / ".venv" / "bin" / "patchbox"
     if not exe.exists():
         pytest.skip("console script not installed")
     proc = subprocess.run(

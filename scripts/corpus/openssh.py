@@ -16,11 +16,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from corpus import (
+from .fixes import Fix, Package
+from .harness import (
     CACHE,
     HERE,
-    PROBES,
-    RECIPES,
     RUN_DIR,
     Ctx,
     Daemon,
@@ -31,20 +30,45 @@ from corpus import (
     wait_agent,
     wait_port,
 )
-from fixes import Fix
-from ssh_client import ssh_argv
+from .levels import Recipe, autotools, run_levels
+from .load.ssh_client import ssh_argv
 
-__all__ = ["run_openssh"]
+__all__ = ["PROBES", "RECIPE", "run_fix", "run_fixes"]
+
+BASE_PORT = 2200  # fix n of the package listens on BASE_PORT + n + 1
 
 SSH_RUN = CACHE / "openssh" / "run"
 STORE = CACHE / "store"
+
+
+def _options() -> list[str]:
+    empty = CACHE / "openssh" / "empty"
+    empty.mkdir(parents=True, exist_ok=True)
+    empty.chmod(0o755)
+    return [
+        "--sysconfdir=/etc/ssh",
+        "--with-privsep-user=nobody",
+        f"--with-privsep-path={empty}",
+        "--without-pam",
+        "--without-selinux",
+        "--without-kerberos5",
+        "--without-libedit",
+    ]
+
+
+RECIPE = Recipe(lambda t, p: autotools(_options())(t, p), "sshd")
+
+
+def run_fixes(pkg: Package, fixes: list[Fix], results: Path) -> list[dict[str, Any]]:
+    """Returns one result row per OpenSSH fix of ``fixes``."""
+    return run_levels(pkg, fixes, results, RECIPE, BASE_PORT, run_fix)
 
 
 def _keys() -> None:
     """Host key, the load's client key, and for CVE-2026-35414 a certificate (key
     ``probe``, not authorized itself) whose one principal is ``x,alice``, from a CA that
     authorized_keys trusts for the principals ``alice,carol``."""
-    from ssh_cert import ca_key, ca_public_line, user_cert
+    from .load.ssh_cert import ca_key, ca_public_line, user_cert
 
     SSH_RUN.mkdir(parents=True, exist_ok=True)
     for name in ("hostkey", "client", "probe"):
@@ -105,22 +129,20 @@ def _comma_principal(ctx: Ctx) -> str:
     return f"rejected ({r.stderr.strip()[-60:]})"
 
 
-PROBES.update(
-    {
-        # CVE-2026-35414: a principal with a comma must not match a principals="" list.
-        "sshd_comma_principal": Probe(
-            _comma_principal, lambda s: s.startswith("rejected"), expected="certificate rejected"
-        ),
-        # CVE-2024-6387 (regreSSHion): with the fix, sshsigdie exits without logging.
-        "sshd_grace_alarm": Probe(
-            _grace_alarm, lambda s: s == "exited silently", expected="no log from SIGALRM"
-        ),
-        # CVE-2025-32728: DisableForwarding must also disable agent forwarding.
-        "sshd_disable_forwarding": Probe(
-            _agent_forwarding, lambda s: s == "[]", expected="no SSH_AUTH_SOCK in the session"
-        ),
-    }
-)
+PROBES: dict[str, Probe] = {
+    # CVE-2026-35414: a principal with a comma must not match a principals="" list.
+    "sshd_comma_principal": Probe(
+        _comma_principal, lambda s: s.startswith("rejected"), expected="certificate rejected"
+    ),
+    # CVE-2024-6387 (regreSSHion): with the fix, sshsigdie exits without logging.
+    "sshd_grace_alarm": Probe(
+        _grace_alarm, lambda s: s == "exited silently", expected="no log from SIGALRM"
+    ),
+    # CVE-2025-32728: DisableForwarding must also disable agent forwarding.
+    "sshd_disable_forwarding": Probe(
+        _agent_forwarding, lambda s: s == "[]", expected="no SSH_AUTH_SOCK in the session"
+    ),
+}
 
 _EXTRA_CONFIG = {
     "sshd_grace_alarm": "LoginGraceTime 2\n",
@@ -128,10 +150,10 @@ _EXTRA_CONFIG = {
 }
 
 
-def run_openssh(fix: Fix, tree: Path, out: Path, port: int, diff: Path) -> dict[str, Any]:
+def run_fix(fix: Fix, tree: Path, out: Path, port: int, diff: Path) -> dict[str, Any]:
     """Returns the result of one OpenSSH fix against sshd (build; if built: apply through the
     store under ssh load, probe, remove)."""
-    binary = tree / RECIPES["openssh"].binary
+    binary = tree / RECIPE.binary
     res: dict[str, Any] = {"build": build_patch(fix, tree, diff, binary, out)}
     if res["build"]["result"] != "built":
         return res

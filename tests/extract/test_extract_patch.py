@@ -18,7 +18,7 @@ from capstone import CS_ARCH_X86, CS_MODE_64, Cs
 from capstone.x86 import X86_OP_IMM, X86_OP_MEM, X86_REG_RIP
 from click.testing import CliRunner
 
-from helpers import compile_c
+from helpers import ROOT, compile_c
 from patchbox.cli.extract import extract_command
 from patchbox.elf.binary import Binary
 from patchbox.errors import ElfError, ExtractError, UnsupportedRelocation
@@ -496,7 +496,7 @@ def test_cli_reports_errors_on_one_line(prog: tuple[Path, Path], tmp_path: Path)
 
 def test_console_script(prog: tuple[Path, Path], tmp_path: Path) -> None:
     exe, obj = prog
-    script = Path(__file__).resolve().parent.parent / ".venv" / "bin" / "extract-patch"
+    script = ROOT / ".venv" / "bin" / "extract-patch"
     if not script.exists():
         pytest.skip("extract-patch console script not installed")
     res = subprocess.run(

@@ -22,10 +22,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from corpus import (
+from patchbox.sourcediff import file_texts, parse_diff, strip_path
+
+from .fixes import Fix, Package, key
+from .harness import (
     CACHE,
     HERE,
-    PROBES,
     ROOT,
     RUN_DIR,
     Ctx,
@@ -34,18 +36,15 @@ from corpus import (
     apply_remove,
     build_patch,
     env_with_tools,
-    key,
     log,
     run,
     sha,
-    verdict,
     wait_agent,
 )
-from fixes import Fix, Package
-from patchbox.sourcediff import file_texts, parse_diff, strip_path
-from qmp_client import QMP
+from .load.qmp_client import QMP
+from .report import verdict
 
-__all__ = ["carve", "run_qemu"]
+__all__ = ["PROBES", "carve", "run_fixes"]
 
 QEMU_CACHE = Path("/var/cache/patchbox/qemu")  # the project's (scripts/qemu/build-qemu.sh)
 LEVEL = CACHE / "qemu-cache"
@@ -179,11 +178,13 @@ def _qcow2_json_data_file(ctx: Ctx) -> str:
         q.close()
 
 
-PROBES["qemu_qcow2_json_data_file"] = Probe(
-    _qcow2_json_data_file,
-    lambda s: s.startswith("refused: Could not open 'json:"),
-    expected="the json: data file name is not parsed",
-)
+PROBES: dict[str, Probe] = {
+    "qemu_qcow2_json_data_file": Probe(
+        _qcow2_json_data_file,
+        lambda s: s.startswith("refused: Could not open 'json:"),
+        expected="the json: data file name is not parsed",
+    ),
+}
 
 
 def _disk() -> Path:
@@ -234,7 +235,7 @@ def start_qemu(binary: Path) -> tuple[Daemon, Path]:
     return d, qmp
 
 
-def run_qemu(pkg: Package, fixes: list[Fix], results: Path) -> list[dict[str, Any]]:
+def run_fixes(pkg: Package, fixes: list[Fix], results: Path) -> list[dict[str, Any]]:
     """Returns one result per QEMU fix of ``fixes``."""
     src, binary, skipped = level([f for f in pkg.fixes if f in fixes])
     out_dir = results / "qemu"
