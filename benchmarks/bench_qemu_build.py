@@ -59,6 +59,7 @@ def build_once(src: Path, exe: Path, diff: Path, out: Path) -> dict[str, float]:
         + ["--binary", exe, "-o", out],
         capture_output=True,
         text=True,
+        check=False,
     )
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
@@ -100,6 +101,7 @@ def extract_walk(exe: Path, obj: Path, out: Path) -> float:
         [BIN / "extract-patch", "--qemu", "-f", "hmp_info_version", "-o", out, obj, exe],
         capture_output=True,
         text=True,
+        check=False,
     )
     if proc.returncode != 0:
         sys.exit(f"extract-patch failed:\n{proc.stderr}")

@@ -109,6 +109,7 @@ def run_tool(
         text=True,
         timeout=timeout,
         stdin=subprocess.DEVNULL,
+        check=False,
     )
     if check:
         assert proc.returncode == 0, f"{tool} {args} failed: {proc.stderr}"
@@ -156,6 +157,7 @@ def run_cli_way(
         timeout=60,
         stdin=subprocess.DEVNULL,
         env={**os.environ, **(env or {})},
+        check=False,
     )
 
 
@@ -168,6 +170,7 @@ def modules_imported(*args: object, env: dict[str, str] | None = None) -> set[st
         timeout=60,
         stdin=subprocess.DEVNULL,
         env={**os.environ, **(env or {})},
+        check=False,
     )
     last = proc.stdout.splitlines()[-1]
     assert last.startswith("imported: "), proc.stdout + proc.stderr
@@ -215,6 +218,7 @@ def as_nobody(*cmd: object, check: bool = True) -> subprocess.CompletedProcess:
         text=True,
         stdin=subprocess.DEVNULL,
         timeout=60,
+        check=False,
     )
     if check:
         assert proc.returncode == 0, f"as nobody: {cmd}: {proc.stderr}"

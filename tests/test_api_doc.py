@@ -49,6 +49,7 @@ def test_examples_print_what_the_page_shows(
             + [str(tmp_path / "server" / name), str(tmp_path / name)],
             capture_output=True,
             text=True,
+            check=False,
         ).stdout
     (tmp_path / "fix.patch").write_text(diff)
     monkeypatch.chdir(tmp_path)

@@ -153,10 +153,9 @@ def corpus_imports() -> dict[str, set[str]]:
             elif isinstance(node, ast.ImportFrom) and node.module:
                 targets = [node.module.split(".")]
             for target in targets:
-                if target and target[0] == "corpus":
-                    target = target[1:]
-                if target and target[0] in mods and target[0] != rel[0]:
-                    found.add(target[0])
+                parts = target[1:] if target and target[0] == "corpus" else target
+                if parts and parts[0] in mods and parts[0] != rel[0]:
+                    found.add(parts[0])
     return out
 
 

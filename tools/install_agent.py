@@ -77,7 +77,9 @@ def install(dest: Path, root: Path = ROOT, jobs: int | None = None) -> None:
         cmd = [make, "-s", "-C", str(root / "agent"), f"OUT={tmp}"]
         if jobs:
             cmd.append(f"-j{jobs}")
-        proc = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL, check=False
+        )
         if proc.returncode != 0:
             raise SystemExit(f"install_agent: {' '.join(cmd)} failed:\n{proc.stdout}{proc.stderr}")
         lib = dest / "lib"

@@ -96,6 +96,7 @@ def run(
             text=True,
             stdin=subprocess.DEVNULL,
             **kw,
+            check=False,
         )
     finally:
         if fh:

@@ -56,7 +56,13 @@ def _options() -> list[str]:
     ]
 
 
-RECIPE = Recipe(lambda t, p: autotools(_options())(t, p), "sshd")
+def _configure(tree: Path, pkg: Package) -> None:
+    """Configures OpenSSH's level tree; the privilege-separation directory is made only
+    when a tree is configured, not when the module is imported."""
+    autotools(_options())(tree, pkg)
+
+
+RECIPE = Recipe(_configure, "sshd")
 
 
 def run_fixes(pkg: Package, fixes: list[Fix], results: Path) -> list[dict[str, Any]]:
@@ -112,6 +118,7 @@ def _agent_forwarding(ctx: Ctx) -> str:
         timeout=20,
         stdin=subprocess.DEVNULL,
         env={**os.environ, "SSH_AUTH_SOCK": sock},
+        check=False,
     )
     return (r.stdout.strip() or f"rc {r.returncode}: {r.stderr.strip()[:100]}")[:120]
 
@@ -123,7 +130,9 @@ def _comma_principal(ctx: Ctx) -> str:
     argv = ssh_argv(ctx.port, str(SSH_RUN / "probe"), "echo ok")
     extra = ["-o", f"CertificateFile={SSH_RUN / 'probe-cert.pub'}", "-o", "IdentitiesOnly=yes"]
     argv[1:1] = extra
-    r = subprocess.run(argv, capture_output=True, text=True, timeout=20, stdin=subprocess.DEVNULL)
+    r = subprocess.run(
+        argv, capture_output=True, text=True, timeout=20, stdin=subprocess.DEVNULL, check=False
+    )
     if r.returncode == 0 and r.stdout.strip() == "ok":
         return "certificate for 'x,alice' accepted"
     return f"rejected ({r.stderr.strip()[-60:]})"

@@ -143,6 +143,7 @@ def sh(
         timeout=timeout,
         stdin=subprocess.DEVNULL,
         env={**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", **(env or {})},
+        check=False,
     )
 
 
@@ -234,7 +235,7 @@ class Held:
         assert self.proc.stdin is not None
         self.proc.stdin.write(command.encode() + b"\n")
         self.proc.stdin.flush()
-        word = command.split()[0]
+        word = command.split(maxsplit=1)[0]
         out = self._until(f"=== {word} ".encode(), timeout)
         return out.decode(errors="replace")
 

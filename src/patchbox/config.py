@@ -137,7 +137,9 @@ def _git_revision(cwd: str | os.PathLike[str] | None) -> str:
     or ``unknown`` outside a repository (or without git)."""
 
     def git(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=30)
+        return subprocess.run(
+            ["git", *args], cwd=cwd, capture_output=True, text=True, timeout=30, check=False
+        )
 
     try:
         head = git("rev-parse", "--verify", "HEAD")
@@ -187,7 +189,7 @@ def c_string(text: str) -> str:
         ch = chr(byte)
         if ch in '"\\?':
             out.append("\\" + ch)
-        elif 0x20 <= byte < 0x7F:
+        elif ch.isascii() and ch.isprintable():
             out.append(ch)
         else:
             out.append(f"\\{byte:03o}")
@@ -251,7 +253,7 @@ def build_info_object(info: BuildInfo) -> Path:
             f.write(source)
         cmd = [*cc, "-c", "-fPIC", "-O0", "-x", "c", str(c_file), "-o", tmp_obj]
         try:
-            result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+            result = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
         except FileNotFoundError as err:
             raise ConfigError(f"C compiler {cc[0]!r} not found (set CC)") from err
         if result.returncode != 0:

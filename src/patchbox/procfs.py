@@ -72,6 +72,11 @@ __all__ = [
 ]
 
 _CACHE_MAX = 65536  # files remembered by identity at most (then forgotten at once)
+_FILES_MAX = 4096  # mapped files whose build-id is remembered at most (likewise)
+# Columns of /proc/PID/maps before the path (address perms offset dev inode), of
+# /proc/net/unix before the path (Num RefCount Protocol Flags Type St Inode); the least
+# /proc/PID/task/TID/syscall holds of a blocked thread (number, then sp and pc last).
+_MAPS_COLUMNS, _UNIX_COLUMNS, _SYSCALL_MIN_FIELDS = 5, 7, 3
 
 
 # -- paths into a process's view --------------------------------------------------------
@@ -216,7 +221,7 @@ def task_syscall(pid: int, tid: int) -> tuple[int, int, int] | None:
             fields = f.read().split()
     except OSError:
         return None
-    if not fields or fields[0] == "running" or len(fields) < 3:
+    if not fields or fields[0] == "running" or len(fields) < _SYSCALL_MIN_FIELDS:
         return None
     return int(fields[0]), int(fields[-2], 16), int(fields[-1], 16)
 
@@ -259,11 +264,11 @@ def read_maps(pid: int) -> list[Mapping]:
     out = []
     with open(f"/proc/{pid}/maps") as f:
         for line in f:
-            parts = line.split(None, 5)
-            if len(parts) < 5:
+            parts = line.split(None, _MAPS_COLUMNS)
+            if len(parts) < _MAPS_COLUMNS:
                 continue
             lo, hi = (int(v, 16) for v in parts[0].split("-"))
-            path = parts[5].rstrip("\n") if len(parts) > 5 else ""
+            path = parts[_MAPS_COLUMNS].rstrip("\n") if len(parts) > _MAPS_COLUMNS else ""
             out.append(Mapping(lo, hi, parts[1], int(parts[2], 16), int(parts[4]), path, parts[3]))
     return out
 
@@ -292,7 +297,7 @@ def _file_facts(path: str) -> tuple[str, int]:
             vaddr = first_load_vaddr(phdrs)
         except (ElfError, OSError):
             pass
-        if len(_FILES) > 4096:
+        if len(_FILES) > _FILES_MAX:
             _FILES.clear()
         _FILES[key] = (bid, vaddr)
     return _FILES[key]
@@ -360,15 +365,16 @@ def parse_proc_net_unix(text: str) -> list[UnixSocket]:
     """
     out: list[UnixSocket] = []
     for line in text.splitlines():
-        parts = line.split(None, 7)
-        if len(parts) < 7 or not parts[0].endswith(":"):
+        parts = line.split(None, _UNIX_COLUMNS)
+        if len(parts) < _UNIX_COLUMNS or not parts[0].endswith(":"):
             continue
         try:
             flags, kind, state = (int(v, 16) for v in parts[3:6])
             inode = int(parts[6])
         except ValueError:
             continue
-        out.append(UnixSocket(inode, flags, kind, state, parts[7] if len(parts) > 7 else ""))
+        path = parts[_UNIX_COLUMNS] if len(parts) > _UNIX_COLUMNS else ""
+        out.append(UnixSocket(inode, flags, kind, state, path))
     return out
 
 
@@ -526,6 +532,6 @@ def privileged_reason(pid: int) -> str:
         why.append("gids differ (real, effective, saved, fs: " + " ".join(map(str, gids)) + ")")
     if euid != 0 and (cap_prm or cap_eff):
         why.append(f"has capabilities as uid {euid} (CapPrm {cap_prm:x}, CapEff {cap_eff:x})")
-    if euid != 0 and owner != euid:
+    if euid not in (0, owner):
         why.append(f"not dumpable (/proc/{pid}/status is owned by uid {owner}, not its uid {euid})")
     return "; ".join(why)

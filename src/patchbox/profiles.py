@@ -94,9 +94,9 @@ class Profile:
             except OSError:
                 continue
             for line in lines:
-                parts = line.split(None, 2)
-                if len(parts) == 3 and parts[0] == "#define" and parts[1] in self.build_defines:
-                    facts[self.build_defines[parts[1]]] = parts[2].strip().strip('"')
+                match line.split(None, 2):
+                    case ["#define", name, value] if name in self.build_defines:
+                        facts[self.build_defines[name]] = value.strip().strip('"')
         return facts
 
     def default_build_dir(self, binary: Path) -> Path | None:

@@ -49,7 +49,7 @@ _ESCAPES = {
 
 def unquote(name: str) -> str:
     """Returns a path as git spells it, without git's C-style quotes (``"a/x\\ty"``)."""
-    if len(name) < 2 or not (name.startswith('"') and name.endswith('"')):
+    if len(name) <= 1 or not (name.startswith('"') and name.endswith('"')):
         return name
     out = bytearray()
     body = name[1:-1]

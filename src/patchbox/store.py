@@ -33,6 +33,7 @@ from pathlib import Path
 from patchbox import safefs, signing
 from patchbox.errors import PatchboxError
 from patchbox.format.layout import PatchFile, read_patch_file
+from patchbox.wire import MAX_BUILD_ID
 
 __all__ = [
     "DEFAULT_STORE",
@@ -47,6 +48,7 @@ __all__ = [
 
 DEFAULT_STORE = Path("/var/lib/patchbox")
 SUFFIX = ".pbx"
+_SEQ_DIGITS = 20  # the install time in ns, zero-padded: file names sort by it
 
 
 class StoreError(PatchboxError):
@@ -106,7 +108,7 @@ def check_store(root: Path) -> None:
 
 
 def _entry_name(seq: int, name: str) -> str:
-    return f"{seq:020d}-{name}{SUFFIX}"
+    return f"{seq:0{_SEQ_DIGITS}d}-{name}{SUFFIX}"
 
 
 def _parse_name(filename: str) -> tuple[int, str] | None:
@@ -115,12 +117,14 @@ def _parse_name(filename: str) -> tuple[int, str] | None:
     if stem is None or "-" not in stem:
         return None
     seq, _, name = stem.partition("-")
-    return (int(seq), name) if seq.isdigit() and len(seq) == 20 and name else None
+    return (int(seq), name) if seq.isdigit() and len(seq) == _SEQ_DIGITS and name else None
 
 
 def _is_build_id(name: str) -> bool:
     # Build-ids come from agents' answers too: only hex names are paths in the store.
-    return bool(name) and len(name) <= 128 and all(c in "0123456789abcdef" for c in name)
+    return (
+        bool(name) and len(name) <= 2 * MAX_BUILD_ID and all(c in "0123456789abcdef" for c in name)
+    )
 
 
 def iter_installed(root: Path, build_id: str | None = None) -> list[Installed]:

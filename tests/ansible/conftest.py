@@ -57,6 +57,7 @@ def host_python(base: Path) -> Path:
         capture_output=True,
         text=True,
         stdin=subprocess.DEVNULL,
+        check=False,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (wheel,) = dist.glob("*.whl")
@@ -67,6 +68,7 @@ def host_python(base: Path) -> Path:
         capture_output=True,
         text=True,
         stdin=subprocess.DEVNULL,
+        check=False,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return venv / "bin" / "python"
@@ -86,6 +88,7 @@ def collections(base: Path) -> Path:
         text=True,
         env=env,
         stdin=subprocess.DEVNULL,
+        check=False,
     )
     assert build.returncode == 0, build.stdout + build.stderr
     (tarball,) = out.glob("patchbox-live-*.tar.gz")
@@ -96,6 +99,7 @@ def collections(base: Path) -> Path:
         text=True,
         env=env,
         stdin=subprocess.DEVNULL,
+        check=False,
     )
     assert install.returncode == 0, install.stdout + install.stderr
     assert (path / "ansible_collections" / "patchbox" / "live" / "MANIFEST.json").is_file()

@@ -109,6 +109,7 @@ class Controller:
             cwd=self.base,
             stdin=subprocess.DEVNULL,
             timeout=timeout,
+            check=False,
         )
 
     def adhoc(

@@ -54,7 +54,11 @@ SCRATCH = Path("/var/tmp")
 def run(*args: object, check: bool = True) -> subprocess.CompletedProcess[str]:
     """Returns the finished run of a system command (no stdin)."""
     proc = subprocess.run(
-        [str(a) for a in args], capture_output=True, text=True, stdin=subprocess.DEVNULL
+        [str(a) for a in args],
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        check=False,
     )
     if check and proc.returncode != 0:
         raise RuntimeError(f"{' '.join(map(str, args))}: rc {proc.returncode}: {proc.stderr}")

@@ -197,6 +197,7 @@ def as_nobody_on(host, code: str) -> None:
         capture_output=True,
         text=True,
         stdin=subprocess.DEVNULL,
+        check=False,
     )
     assert proc.returncode == 0, proc.stderr
 

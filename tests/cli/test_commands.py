@@ -174,7 +174,10 @@ def test_main_entry_point_as_subprocess(tmp_path: Path) -> None:
     if not exe.exists():
         pytest.skip("console script not installed")
     proc = subprocess.run(
-        [str(exe), "show", str(tmp_path / "missing.pbx")], capture_output=True, text=True
+        [str(exe), "show", str(tmp_path / "missing.pbx")],
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert proc.returncode == 1
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("patchbox: error: ")
@@ -395,7 +398,9 @@ def test_completion_completes_commands_and_options() -> None:
             "COMP_CWORD": str(cword),
             "_PATCHBOX_COMPLETE": "bash_complete",
         }
-        out = subprocess.run([str(exe)], env=env, capture_output=True, text=True).stdout
+        out = subprocess.run(
+            [str(exe)], env=env, capture_output=True, text=True, check=False
+        ).stdout
         return [line.split(",", 1)[1] for line in out.splitlines()]
 
     assert complete("patchbox ap", 1) == ["apply"]

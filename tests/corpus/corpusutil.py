@@ -21,6 +21,7 @@ def run_corpus(results: Path, *args: str) -> dict[str, dict[str, Any]]:
         text=True,
         timeout=5400,
         stdin=subprocess.DEVNULL,
+        check=False,
     )
     sys.stderr.write(proc.stderr[-4000:])
     assert proc.returncode == 0, proc.stderr[-4000:]

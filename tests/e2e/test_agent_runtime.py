@@ -172,6 +172,7 @@ def test_agent_without_socket_is_named_so(target_exe: Path, tmp_path: Path) -> N
             capture_output=True,
             text=True,
             env={k: v for k, v in os.environ.items() if k != "PATCHBOX_SOCK_DIR"},
+            check=False,
         )
         assert out.returncode == 1
         assert "has the patchbox agent but no socket of its listens" in out.stderr, out.stderr

@@ -102,6 +102,21 @@ def with_nfuncs(patch: Patch, count: int) -> bytes:
     return body[:at] + struct.pack("<H", count) + body[at + 2 :]
 
 
+def with_text_length(patch: Patch, length: int) -> bytes:
+    """The apply body of ``patch`` with its text length field set to ``length``: after the
+    name (2-byte length), the build-id (1-byte length) and the flags (4 bytes)."""
+    body = encode_apply_body(patch)
+    at = 2 + len(patch.name) + 1 + len(patch.build_id) + 4
+    return body[:at] + struct.pack("<I", length) + body[at + 4 :]
+
+
+def with_last_fixup_reserved(patch: Patch, value: int) -> bytes:
+    """The apply body of ``patch`` with its last fix-up's reserved byte set to ``value``:
+    before that fix-up's offset and addend (12 bytes) and the body's hook count (2 bytes)."""
+    body = encode_apply_body(patch)
+    return body[:-15] + bytes([value]) + body[-14:]
+
+
 def fixup(patch: Patch, **kw) -> Patch:
     fx = dict(
         section=FixupSection.TEXT,
@@ -194,9 +209,7 @@ CASES: dict[str, Case] = {
     ),
     "text-length-lies": Case(
         Msg.APPLY,
-        lambda p, t, e: (lambda b, o: b[:o] + struct.pack("<I", 0xFFFFFF00) + b[o + 4 :])(
-            encode_apply_body(p), 2 + len(p.name) + 1 + len(p.build_id) + 4
-        ),
+        lambda p, t, e: with_text_length(p, 0xFFFFFF00),
         ErrorCode.MALFORMED,
         ("text",),
     ),
@@ -370,7 +383,7 @@ CASES: dict[str, Case] = {
         Msg.APPLY,
         # The last fix-up's reserved byte: before its offset and addend (12 bytes) and
         # the body's hook count (2 bytes).
-        lambda p, t, e: (lambda b: b[:-15] + b"\x07" + b[-14:])(encode_apply_body(fixup(p))),
+        lambda p, t, e: with_last_fixup_reserved(fixup(p), 7),
         ErrorCode.BAD_FIXUP,
         ("reserved 7",),
     ),
@@ -576,6 +589,7 @@ def cli(*args: str) -> subprocess.CompletedProcess:
         text=True,
         env={**os.environ, "PATCHBOX_TRUST_DIR": ""},
         timeout=60,
+        check=False,
     )
 
 

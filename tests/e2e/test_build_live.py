@@ -35,6 +35,7 @@ def run(*args: str, cwd: Path | None = None, check: bool = True) -> subprocess.C
         cwd=cwd,
         env=env,
         stdin=subprocess.DEVNULL,
+        check=False,
     )
     if check:
         assert proc.returncode == 0, f"{args} failed: {proc.stdout}{proc.stderr}"

@@ -170,7 +170,9 @@ def test_replacement_calls_the_original(target, target_exe, patched_obj) -> None
         USE_HELPER="PATCHBOX_ORIGINAL(use_helper)(x) * 2",
         STACKED="(x < 0 ? PATCHBOX_ORIGINAL(stacked)(-x) : 1100)",
     )
-    relocs = subprocess.run(["readelf", "-rW", str(obj)], capture_output=True, text=True).stdout
+    relocs = subprocess.run(
+        ["readelf", "-rW", str(obj)], capture_output=True, text=True, check=True
+    ).stdout
     assert "patchbox_original_use_helper" in relocs
     pbx = obj.parent / "wrap.pbx"
     run(

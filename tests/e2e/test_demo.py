@@ -18,6 +18,7 @@ def test_demo_output() -> None:
         text=True,
         timeout=120,
         stdin=subprocess.DEVNULL,
+        check=False,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = proc.stdout

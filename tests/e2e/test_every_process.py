@@ -49,6 +49,7 @@ def patchbox_json(*args: object, expect: int) -> list[dict]:
         text=True,
         timeout=120,
         stdin=subprocess.DEVNULL,
+        check=False,
     )
     assert proc.returncode == expect, f"{args}: rc {proc.returncode}: {proc.stdout}{proc.stderr}"
     return json.loads(proc.stdout)
@@ -202,7 +203,9 @@ def library(tmp_path_factory: pytest.TempPathFactory, agent_dir: Path) -> dict[s
 
 
 def lib_build_id(lib: Path) -> str:
-    out = subprocess.run(["readelf", "-n", str(lib)], capture_output=True, text=True).stdout
+    out = subprocess.run(
+        ["readelf", "-n", str(lib)], capture_output=True, text=True, check=True
+    ).stdout
     return out.split("Build ID:")[1].split()[0]
 
 

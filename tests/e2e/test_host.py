@@ -70,6 +70,7 @@ def patchbox_json(*args: object, expect: int = 0, timeout: float = 60) -> list[d
         text=True,
         timeout=timeout,
         stdin=subprocess.DEVNULL,
+        check=False,
     )
     assert proc.returncode == expect, f"{args}: rc {proc.returncode}: {proc.stderr}"
     return json.loads(proc.stdout)
@@ -200,6 +201,7 @@ def test_busy_agent_is_worth_a_retry(fleet, builds) -> None:
             capture_output=True,
             text=True,
             timeout=60,
+            check=False,
         )
     finally:
         os.kill(stopped.pid, signal.SIGCONT)

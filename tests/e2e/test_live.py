@@ -96,7 +96,9 @@ def test_string_literal_and_snprintf(target, target_exe, patched_obj) -> None:
 def test_got_slots_from_pic_no_plt_object(target, target_exe, patched_obj) -> None:
     """-fPIC -fno-plt: globals and library calls go through GOTPCREL(X) relocations."""
     obj = patched_obj(extra=["-fPIC", "-fno-plt"], BUMP_STEP="1000", FMT="got:%d")
-    relocs = subprocess.run(["readelf", "-rW", str(obj)], capture_output=True, text=True).stdout
+    relocs = subprocess.run(
+        ["readelf", "-rW", str(obj)], capture_output=True, text=True, check=True
+    ).stdout
     assert "R_X86_64_GOTPCRELX" in relocs or "R_X86_64_REX_GOTPCRELX" in relocs
     pbx = extract(obj, target_exe, "bump", "fmt", name="got")
     assert target.call("bump") == "1"
@@ -112,7 +114,9 @@ def test_pointer_table_abs64(target, target_exe, patched_obj) -> None:
     obj = patched_obj(PICK=table)
     assert (
         "R_X86_64_64"
-        in subprocess.run(["readelf", "-rW", str(obj)], capture_output=True, text=True).stdout
+        in subprocess.run(
+            ["readelf", "-rW", str(obj)], capture_output=True, text=True, check=True
+        ).stdout
     )
     pbx = extract(obj, target_exe, "pick", name="table")
     assert target.call("pick", 4) == "some"

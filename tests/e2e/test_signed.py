@@ -23,6 +23,7 @@ def patchbox(*args: str, env: dict[str, str] | None = None) -> subprocess.Comple
         text=True,
         timeout=60,
         env={**os.environ, **(env or {})},
+        check=False,
     )
 
 

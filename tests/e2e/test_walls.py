@@ -161,7 +161,9 @@ def unshare_permitted(options: list[str] | None = None) -> str | None:
     options = options or ["--mount", "--propagation", "private"]
     if not shutil.which("unshare"):
         return "unshare(1) not installed"
-    proc = subprocess.run(["unshare", *options, "true"], capture_output=True, text=True)
+    proc = subprocess.run(
+        ["unshare", *options, "true"], capture_output=True, text=True, check=False
+    )
     if proc.returncode == 0:
         return None
     return f"unshare {' '.join(options)} not permitted: {proc.stderr.strip()}"

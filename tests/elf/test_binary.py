@@ -29,7 +29,9 @@ def exe(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_build_id_matches_readelf(exe: Path) -> None:
-    out = subprocess.run(["readelf", "-n", str(exe)], capture_output=True, text=True).stdout
+    out = subprocess.run(
+        ["readelf", "-n", str(exe)], capture_output=True, text=True, check=True
+    ).stdout
     want = re.search(r"Build ID: ([0-9a-f]+)", out)[1]  # type: ignore[index]
     with Binary(exe) as b:
         assert b.build_id().hex() == want

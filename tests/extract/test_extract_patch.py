@@ -504,6 +504,7 @@ def test_console_script(prog: tuple[Path, Path], tmp_path: Path) -> None:
         cwd=tmp_path,
         capture_output=True,
         text=True,
+        check=False,
     )
     assert res.returncode == 1 and res.stderr.startswith("extract-patch: error: ")
 

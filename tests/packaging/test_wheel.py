@@ -52,6 +52,7 @@ def _build(args: list[str], out: Path) -> Path:
         capture_output=True,
         text=True,
         stdin=subprocess.DEVNULL,
+        check=False,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (wheel,) = out.glob("*.whl")
@@ -86,6 +87,7 @@ def installed(
         capture_output=True,
         text=True,
         stdin=subprocess.DEVNULL,
+        check=False,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return Installed(wheel, direct, venv)

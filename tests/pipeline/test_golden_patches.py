@@ -381,6 +381,7 @@ def _tree_diff(tmp: Path, src: Path, edits: dict[str, list[tuple[str, str]]]) ->
             ],
             capture_output=True,
             text=True,
+            check=False,
         )
         lines.append(proc.stdout)
     diff = tmp / "fix.patch"
@@ -536,6 +537,7 @@ def case_csmith(tmp: Path, seed: int, kind: str, candidate: int) -> Patch:
         + [tmp / "fixed" / "prog.c"],
         capture_output=True,
         text=True,
+        check=False,
     )
     diff = tmp / "fix.patch"
     diff.write_text(proc.stdout)

@@ -81,6 +81,7 @@ def request_(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> BuildRequest:
             + [tmp_path / name],
             capture_output=True,
             text=True,
+            check=False,
         )
         diff += proc.stdout
     (tmp_path / "fix.patch").write_text(diff)

@@ -19,6 +19,7 @@ def qemu_exe() -> Path:
         text=True,
         timeout=3600,
         stdin=subprocess.DEVNULL,
+        check=False,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     exe = Path(proc.stdout.strip().splitlines()[-1])

@@ -83,6 +83,7 @@ def run(*args, timeout: float = 120) -> subprocess.CompletedProcess:
         text=True,
         timeout=timeout,
         stdin=subprocess.DEVNULL,
+        check=False,
     )
     assert proc.returncode == 0, f"{args}: {proc.stderr}"
     return proc

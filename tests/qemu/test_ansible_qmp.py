@@ -37,6 +37,7 @@ def qmp_module(tmp: Path, args: dict) -> tuple[int, dict]:
         env=env,
         stdin=subprocess.DEVNULL,
         timeout=120,
+        check=False,
     )
     assert (tree / "localhost").is_file(), proc.stdout + proc.stderr
     return proc.returncode, json.loads((tree / "localhost").read_text())

@@ -69,7 +69,7 @@ def c_layout(tmp_path_factory: pytest.TempPathFactory) -> dict[str, int]:
     subprocess.run(["gcc", "-o", str(d / "layout"), str(d / "layout.c")], check=True)
     out: dict[str, int] = {}
     for line in subprocess.run(
-        [str(d / "layout")], capture_output=True, text=True
+        [str(d / "layout")], capture_output=True, text=True, check=True
     ).stdout.splitlines():
         words = line.split()
         if words[0] == "reg":

@@ -162,6 +162,7 @@ def test_source_change_cli(tmp_path: Path) -> None:
         ],
         capture_output=True,
         text=True,
+        check=False,
     )
     assert proc.returncode == 0, proc.stderr
     assert "1 object(s) of" in proc.stdout

@@ -49,7 +49,9 @@ def load(port: int, key: str, seconds: float, parallel: int = 2) -> dict[str, fl
     def loop() -> None:
         while time.monotonic() < end:
             try:
-                r = subprocess.run(argv, capture_output=True, timeout=15, stdin=subprocess.DEVNULL)
+                r = subprocess.run(
+                    argv, capture_output=True, timeout=15, stdin=subprocess.DEVNULL, check=False
+                )
                 good = r.returncode == 0 and r.stdout.strip() == b"ok"
             except subprocess.TimeoutExpired:
                 good = False

@@ -42,10 +42,10 @@ def annotate_inlined(diffs: Sequence[ObjectDiff], diff_text: str) -> list[Object
         for x in d.decisions:
             hit = sorted(decls.inlines.get(x.symbol, set()) & changed - {x.symbol})
             if x.verdict is Verdict.IN and hit:
-                x = replace(
-                    x, reason=f"{x.reason} (it inlines {', '.join(hit)}, changed by the diff)"
-                )
-            decisions.append(x)
+                reason = f"{x.reason} (it inlines {', '.join(hit)}, changed by the diff)"
+                decisions.append(replace(x, reason=reason))
+            else:
+                decisions.append(x)
         out.append(replace(d, decisions=tuple(decisions)))
     return out
 

@@ -127,7 +127,7 @@ class LineCheck:
                     continue
                 if self.source and os.path.basename(text) == self.source:
                     return f"{name or 'a call'} (__FILE__, __LINE__)"
-                if function and text in (function, function.split(".")[0]):
+                if function and text in (function, function.split(".", maxsplit=1)[0]):
                     return f"{name or 'a call'} (__func__, __LINE__)"
         return None
 

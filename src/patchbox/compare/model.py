@@ -94,6 +94,7 @@ class TargetKind(StrEnum):
         return _DESCRIBED.get(self, self.value)
 
 
+_SHOWN = 40  # characters of a string constant a reason shows at most
 _DESCRIBED = {
     TargetKind.CONSTANT: "a constant",
     TargetKind.READ_ONLY: "read-only data",
@@ -125,7 +126,7 @@ class RelocTarget(NamedTuple):
             return self.name
         if self.kind is TargetKind.STRING:
             s = self.data.decode(errors="replace")
-            return repr(s if len(s) <= 40 else s[:37] + "...")
+            return repr(s if len(s) <= _SHOWN else s[: _SHOWN - len("...")] + "...")
         return self.kind.describe()
 
     def string(self) -> str | None:

@@ -229,16 +229,17 @@ def _pair(orig: _Side, new: _Side) -> dict[int, ObjSymbol]:
 
     go, gn = groups(orig), groups(new)
     pairs = {}
-    for key, syms in gn.items():
+    for key, news in gn.items():
         olds = list(go.get(key, []))
-        if key[0] == "D" and key[1] == "local" and len(syms) + len(olds) > 2:
+        syms = news
+        if key[0] == "D" and key[1] == "local" and (len(news) > 1 or len(olds) > 1):
             # Numbered locals (`__func__.N`, `CSWTCH.N`): an inserted function renumbers
             # the rest; equal contents pair first, whatever the numbers.
             by_bytes: dict[bytes, list[ObjSymbol]] = defaultdict(list)
             for o in olds:
                 by_bytes[content(orig, o)].append(o)
             rest = []
-            for s in syms:
+            for s in news:
                 same = by_bytes.get(content(new, s))
                 if same:
                     o = same.pop(0)
@@ -734,7 +735,7 @@ def other_programs(objects: dict[str, Path], binary: Binary) -> set[str]:
         by_source[_source_of(path)].append(rel)
     out: set[str] = set()
     for source, rels in by_source.items():
-        if source is None or len(rels) < 2:
+        if source is None or len(rels) == 1:
             continue
         for rel in rels:
             if not _sizes_match(load_object(objects[rel]), binary):

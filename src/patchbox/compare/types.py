@@ -22,6 +22,7 @@ from patchbox.errors import ElfError
 
 __all__ = ["Member", "Aggregate", "read_layouts", "layout_changes"]
 
+_MAX_DEPTH = 8  # type references followed at most (a pointer to a pointer to ...)
 _AGGREGATES = ("DW_TAG_structure_type", "DW_TAG_union_type")
 
 
@@ -61,7 +62,7 @@ def _name(die: DIE) -> str | None:
 
 def _type(die: DIE, depth: int = 0) -> str:
     """Returns a short type description: names, pointers, arrays and sizes."""
-    if "DW_AT_type" not in die.attributes or depth > 8:
+    if "DW_AT_type" not in die.attributes or depth > _MAX_DEPTH:
         return "void"
     t = die.get_DIE_from_attribute("DW_AT_type")
     tag = str(t.tag).removeprefix("DW_TAG_")

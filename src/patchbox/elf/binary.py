@@ -28,7 +28,9 @@ from patchbox.errors import ElfError, ExtractError
 
 __all__ = ["Symbol", "Binary", "SymbolsMatch", "compare_loaded", "strip_version"]
 
+_ELFCLASS_BITS = 64  # pyelftools' elfclass of an ELF64 file
 _FILE_NAMES: dict[tuple[str, int, int, int, int], frozenset[str]] = {}
+_TABLES_KEPT = 4  # symbol tables of binaries kept at most (the oldest forgotten first)
 _TABLES: dict[
     tuple[str, int, int, int, int], tuple[list[Symbol], set[str], dict[str, list[Symbol]]]
 ] = {}
@@ -298,7 +300,7 @@ class Binary:
                     by_name[sym.name].append(sym)
             cached = (table, files, by_name)
             if key is not None:
-                if len(_TABLES) >= 4:
+                if len(_TABLES) >= _TABLES_KEPT:
                     _TABLES.pop(next(iter(_TABLES)))
                 _TABLES[key] = cached
         self._symbols, self._files, self._by_name = cached
@@ -326,7 +328,11 @@ class Binary:
     def _read_symbols(self, symtab: SymbolTableSection) -> Iterator[Symbol]:
         """Unpacks ``.symtab`` with :mod:`struct` in bulk (pyelftools' per-symbol parsing
         costs seconds on a program with tens of thousands of symbols); pyelftools otherwise."""
-        if self.elf.little_endian and self.elf.elfclass == 64 and symtab["sh_entsize"] == SYM.size:
+        if (
+            self.elf.little_endian
+            and self.elf.elfclass == _ELFCLASS_BITS
+            and symtab["sh_entsize"] == SYM.size
+        ):
             try:
                 raw = symtab.data()
                 strtab = self.dwarf.get_section(symtab["sh_link"]).data()

@@ -19,6 +19,9 @@ __all__ = ["read_build_id", "build_id_of", "NT_GNU_BUILD_ID"]
 
 NT_GNU_BUILD_ID = 3
 _MAX_NOTES = 64 * 1024  # bytes of PT_NOTE read at most
+# Notes are 4-byte aligned, but 8-byte aligned in a segment aligned to 8 (GNU property
+# notes).
+_NOTE_ALIGN, _WIDE_NOTE_ALIGN = 4, 8
 
 
 def _align(n: int, a: int) -> int:
@@ -41,7 +44,8 @@ def build_id_of(f: BinaryIO, phdrs: list[ProgramHeader], what: str) -> bytes | N
     for ph in phdrs:
         if ph.p_type != PT["NOTE"] or ph.p_filesz > _MAX_NOTES:
             continue
-        found = _scan_notes(read_segment(f, ph, what), 8 if ph.p_align == 8 else 4)
+        align = _WIDE_NOTE_ALIGN if ph.p_align == _WIDE_NOTE_ALIGN else _NOTE_ALIGN
+        found = _scan_notes(read_segment(f, ph, what), align)
         if found is not None:
             return found
     return None

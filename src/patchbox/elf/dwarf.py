@@ -49,6 +49,7 @@ __all__ = [
 
 _CODE_SCOPES = ("DW_TAG_lexical_block", "DW_TAG_inlined_subroutine", "DW_TAG_subprogram")
 _CONTAINERS = ("DW_TAG_namespace", "DW_TAG_module")  # may hold definitions (C++, Fortran)
+_DWARF5 = 5  # the version from which the line table's file numbers count from 0
 _LTO_CU = "<artificial>"  # GCC's LTO units: they may inline statics of any file
 # The relocations GCC emits in .debug_* sections of an object: S + A (- P), applied by
 # object_dwarf; others there (thread-local offsets) are left as they are.
@@ -312,7 +313,7 @@ def read_object_decls(path: str | os.PathLike[str]) -> ObjectDecls:
             for cu in dwarf.iter_CUs():
                 lp = dwarf.line_program_for_CU(cu)
                 files = [_str(e.name) for e in (lp["file_entry"] if lp else [])]
-                base = 0 if cu["version"] >= 5 else 1
+                base = 0 if cu["version"] >= _DWARF5 else 1
                 for die in cu.iter_DIEs():
                     if die.tag != "DW_TAG_subprogram":
                         continue

@@ -57,6 +57,12 @@ from patchbox.extract.model import (
 __all__ = ["ORIGINAL_PREFIX", "close", "is_branch", "where", "target_name"]
 
 ORIGINAL_PREFIX = "patchbox_original_"  # PATCHBOX_ORIGINAL(fn), agent/include/patchbox/patch.h
+# x86-64 opcodes before a rel32: call (e8), jmp (e9), and jcc (0f 80..8f); the size of
+# the shortest branch with a rel32 (jmp, 5 bytes).
+_REL32_OPCODES = (0xE8, 0xE9)
+_TWO_BYTE_ESCAPE = b"\x0f"
+_JCC_REL32 = range(0x80, 0x90)
+_JMP_REL32_SIZE = 5
 _STATIC_LOCAL = re.compile(r"^(?P<base>.+)\.(?P<n>\d+)$")  # GCC's `counter.0`
 
 
@@ -82,8 +88,8 @@ def is_branch(sec: Section, rel: Relocation) -> bool:
         sec.is_exec
         and o >= 1
         and (
-            code[o - 1] in (0xE8, 0xE9)
-            or (o >= 2 and code[o - 2] == 0x0F and 0x80 <= code[o - 1] <= 0x8F)
+            code[o - 1] in _REL32_OPCODES
+            or (code[o - 2 : o - 1] == _TWO_BYTE_ESCAPE and code[o - 1] in _JCC_REL32)
         )
     )
 
@@ -235,7 +241,7 @@ class _Search:
             orig = self._program_function(sec, fn, at)
             if orig is None:
                 self.copy_function(sec, fn.value)  # new: the relative branch stays right
-            elif insn.size < 5:  # jmp/jcc rel8: no room for the program's address
+            elif insn.size < _JMP_REL32_SIZE:  # jmp/jcc rel8: no room for the program's address
                 raise ExtractError(
                     f"{self.obj.path}: the short {insn.mnemonic} at {at} goes to {fn.name}, "
                     f"which the running program has and the patch must reach there: a short "

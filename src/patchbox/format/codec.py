@@ -19,6 +19,7 @@ __all__ = ["Reader", "Writer", "read_fields", "write_fields", "min_size", "INT_S
 
 # Bytes of each integer kind of a layout, and the kind of each length or count prefix.
 INT_SIZES = {"u8": 1, "u16": 2, "u32": 4, "u64": 8, "i32": 4, "i64": 8}
+_U16_MAX = 0xFFFF
 _PREFIX = {"bytes8": "u8", "bytes16": "u16", "list16": "u16", "list32": "u32"}
 
 # The classes define a `str` method (the wire field type): annotations say Text instead.
@@ -134,7 +135,7 @@ class Writer:
 
     def str(self, s: Text) -> Writer:
         data = s.encode("utf-8")
-        if len(data) > 0xFFFF:
+        if len(data) > _U16_MAX:
             raise ValueError("string too long for a u16 length")
         return self.u16(len(data)).raw(data)
 

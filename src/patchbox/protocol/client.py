@@ -218,7 +218,7 @@ class Client:
             raise ConnectError(f"timed out after {self.timeout:g} s connecting to {shown}") from err
         except OSError as err:
             sock.close()
-            if err.errno == errno.ENOTSOCK or err.errno == errno.ECONNREFUSED:
+            if err.errno in (errno.ENOTSOCK, errno.ECONNREFUSED):
                 raise ConnectError(f"{shown} is not an agent socket") from err
             raise ConnectError(f"cannot connect to {shown}: {err.strerror or err}") from err
         return sock

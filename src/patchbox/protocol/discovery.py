@@ -185,6 +185,7 @@ def discover(pid: int, environ: Mapping[str, str] | None = None) -> Discovery:
 # In every program with the agent: linked (its .rodata) or loaded (libsandbox.so).
 _AGENT_MARK = b"PATCHBOX_SOCK_DIR"
 # (st_dev, st_ino, st_mtime_ns) of an executable -> whether the agent is linked into it.
+_LINKED_MAX = 4096  # executables remembered at most (then forgotten at once)
 _LINKED: dict[tuple[int, int, int], bool] = {}
 
 
@@ -201,7 +202,7 @@ def _linked_agent(pid: int) -> bool:
                     found = True
                     break
                 tail = chunk[-len(_AGENT_MARK) :]
-            if len(_LINKED) > 4096:
+            if len(_LINKED) > _LINKED_MAX:
                 _LINKED.clear()
             _LINKED[key] = found
         return _LINKED[key]

@@ -112,7 +112,11 @@ SAFE_SYSCALLS = {
 }
 # Calls that may run with a temporary signal mask, and the argument (a register) that
 # points to it when they do (pselect6: to a {sigset pointer, size} pair).
-_TEMP_MASK_ARG = {7: "", 270: "r9", 271: "r10", 281: "r8", 441: "r8"}
+_SYS_PSELECT6 = 270
+_TEMP_MASK_ARG = {7: "", _SYS_PSELECT6: "r9", 271: "r10", 281: "r8", 441: "r8"}
+# Yama's ptrace_scope values above 1 (security/yama/yama_lsm.c): only CAP_SYS_PTRACE
+# may trace; nobody may.
+_YAMA_SCOPE_CAPABILITY, _YAMA_SCOPE_NO_ATTACH = 2, 3
 _LIBC = re.compile(r"/libc\.so\.6$|/libc-2\.\d+\.so$")
 # Signals blocked in the borrowed thread during the call, so that none of the program's
 # handlers runs inside dlopen: all but SIGKILL/SIGSTOP (never blockable), glibc's own
@@ -195,9 +199,9 @@ def _is_ancestor(pid: int) -> bool:
 
 def yama_refusal(scope: int, pid: int, privileged: bool, ancestor: bool) -> str:
     """Returns why Yama's ``ptrace_scope`` forbids tracing ``pid``, "" if it allows it."""
-    if scope >= 3:
+    if scope >= _YAMA_SCOPE_NO_ATTACH:
         return f"Yama ptrace_scope is {scope}: no process may be traced (set at boot, until reboot)"
-    if scope == 2 and not privileged:
+    if scope == _YAMA_SCOPE_CAPABILITY and not privileged:
         return "Yama ptrace_scope is 2: only a process with CAP_SYS_PTRACE may trace (run as root)"
     if scope == 1 and not privileged and not ancestor:
         return (
@@ -356,7 +360,7 @@ def _temp_mask(pid: int, regs: ptrace.Regs) -> bool:
     if not arg:
         return False
     ptr = int(getattr(regs, arg))
-    if ptr and regs.orig_rax == 270:  # pselect6: {const sigset_t *ss; size_t ss_len}
+    if ptr and regs.orig_rax == _SYS_PSELECT6:  # {const sigset_t *ss; size_t ss_len}
         ptr = int.from_bytes(ptrace.peek(pid, ptr, 8), "little")
     return ptr != 0
 

@@ -207,6 +207,7 @@ def ninja_deps(build_dir: Path, wanted: set[str]) -> dict[str, set[str]] | None:
         capture_output=True,
         text=True,
         stdin=subprocess.DEVNULL,
+        check=False,
     )
     if proc.returncode != 0:
         return None
@@ -265,6 +266,7 @@ def ninja_inputs(build_dir: Path, binary: Path) -> set[str] | None:
         capture_output=True,
         text=True,
         stdin=subprocess.DEVNULL,
+        check=False,
     )
     lines = [x for x in proc.stdout.splitlines() if x.strip()]
     if proc.returncode != 0 or not lines:
@@ -517,7 +519,7 @@ class IncrementalBuild(Workspace):
         def run(item: tuple[str, list[str], str]) -> tuple[str, subprocess.CompletedProcess]:
             rel, cmd, cwd = item
             return rel, subprocess.run(
-                cmd, cwd=cwd, capture_output=True, text=True, stdin=subprocess.DEVNULL
+                cmd, cwd=cwd, capture_output=True, text=True, stdin=subprocess.DEVNULL, check=False
             )
 
         log, failed = [], []
@@ -546,6 +548,7 @@ class IncrementalBuild(Workspace):
             capture_output=True,
             text=True,
             stdin=subprocess.DEVNULL,
+            check=False,
         )
         if proc.returncode != 0:
             return []

@@ -149,6 +149,7 @@ class Workspace:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
+            check=False,
         )
         (self.root / f"{log}.log").write_text(proc.stdout)
         if proc.returncode != 0:
@@ -181,10 +182,10 @@ class Workspace:
         last = ""
         for level in levels:
             base = ["patch", f"-p{level}", "-N", "-f", "-s", "-i", str(diff), "-d", str(self.tree)]
-            dry = subprocess.run([*base, "--dry-run"], capture_output=True, text=True)
+            dry = subprocess.run([*base, "--dry-run"], capture_output=True, text=True, check=False)
             if dry.returncode == 0:
                 real = subprocess.run(
-                    [*base, "--no-backup-if-mismatch"], capture_output=True, text=True
+                    [*base, "--no-backup-if-mismatch"], capture_output=True, text=True, check=False
                 )
                 if real.returncode != 0:
                     raise BuildError(f"the diff does not apply: {real.stdout}{real.stderr}")
