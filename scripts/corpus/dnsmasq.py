@@ -52,7 +52,7 @@ RECIPE = Recipe(_configure, "src/dnsmasq")
 
 def run_fixes(pkg: Package, fixes: list[Fix], results: Path) -> list[dict[str, Any]]:
     """Returns one result row per dnsmasq fix of ``fixes``."""
-    return run_levels(pkg, fixes, results, RECIPE, BASE_PORT, run_fix)
+    return run_levels(pkg, fixes, results, RECIPE, base_port=BASE_PORT, run_fix=run_fix)
 
 
 DNS_UPSTREAM = 5399

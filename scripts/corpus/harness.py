@@ -261,7 +261,7 @@ class Ctx:
 
 
 def build_patch(
-    fix: Fix, source: Path, diff: Path, binary: Path, out: Path, qemu: bool = False
+    fix: Fix, source: Path, diff: Path, binary: Path, out: Path, *, qemu: bool = False
 ) -> dict[str, Any]:
     """Runs ``patchbox build`` (no flag beyond --source/--diff/--binary, and --qemu) and
     returns its result: built (functions), refused (message) or no function."""

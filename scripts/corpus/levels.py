@@ -156,7 +156,13 @@ def patch_path(pkg: Package, fix: Fix) -> Path:
 
 
 def run_levels(
-    pkg: Package, fixes: list[Fix], results: Path, recipe: Recipe, base_port: int, run_fix: RunFix
+    pkg: Package,
+    fixes: list[Fix],
+    results: Path,
+    recipe: Recipe,
+    *,
+    base_port: int,
+    run_fix: RunFix,
 ) -> list[dict[str, Any]]:
     """Returns the result row of every fix of ``fixes``, each run by ``run_fix`` against its
     level, on port ``base_port`` + its place in the package; a fix with an adapted diff

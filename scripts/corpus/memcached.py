@@ -37,7 +37,7 @@ RECIPE = Recipe(
 
 def run_fixes(pkg: Package, fixes: list[Fix], results: Path) -> list[dict[str, Any]]:
     """Returns one result row per memcached fix of ``fixes``."""
-    return run_levels(pkg, fixes, results, RECIPE, BASE_PORT, run_fix)
+    return run_levels(pkg, fixes, results, RECIPE, base_port=BASE_PORT, run_fix=run_fix)
 
 
 MC_BACKEND = 11400

@@ -432,7 +432,7 @@ def check(seed: int, kind: str, work: Path, flags: tuple[str, str]) -> Result:
     except subprocess.TimeoutExpired:
         res.status, res.reason = "slow", "a run of the original (gcov build) takes over 3 s"
         return res
-    if kind != "inline" and mutate(source, kind, seed, 0, frozenset(), live) is None:
+    if kind != "inline" and mutate(source, kind, seed, 0, live=live) is None:
         res.status, res.reason = "n/a", "no place for this kind"
         return res
     write_tree(orig, source, opt, flags)
@@ -453,7 +453,7 @@ def check(seed: int, kind: str, work: Path, flags: tuple[str, str]) -> Result:
     # A mutant that builds, runs and, if any candidate does, prints something else.
     chosen: tuple[Mutation, str, Path] | None = None
     for c in range(CANDIDATES):
-        m = mutate(source, kind, seed, c, inlined, live)
+        m = mutate(source, kind, seed, c, inlined=inlined, live=live)
         if m is None:
             break
         mdir = work / f"mut{c}"
@@ -643,6 +643,7 @@ def _oracle_unstable(
     mutant: str,
     cmds: list[str],
     expected: list[str],
+    *,
     private: frozenset[str] = frozenset(),
 ) -> bool:
     """Returns whether the oracle prints otherwise at -O0, or does not finish there

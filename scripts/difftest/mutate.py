@@ -449,6 +449,7 @@ def mutate(
     kind: str,
     seed: int,
     candidate: int = 0,
+    *,
     inlined: frozenset[str] = frozenset(),
     live: frozenset[int] | None = None,
 ) -> Mutation | None:

@@ -152,6 +152,7 @@ class Field:
         self,
         name: str,
         kind: str,
+        *,
         lo: int = 0,
         hi: int | None = None,
         record: tuple[Field, ...] = (),

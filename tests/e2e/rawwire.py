@@ -24,6 +24,7 @@ def connect(path: Path, timeout: float = 10.0) -> socket.socket:
 def frame(
     mtype: int,
     payload: bytes = b"",
+    *,
     seq: int = 7,
     magic: int = MAGIC,
     version: int = 1,

@@ -112,7 +112,7 @@ def fix(victim_exe: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
 
 
 def install(
-    exe: Path, where: Path, owner: int = 0, group: int = 0, mode: int = 0o755, caps: str = ""
+    exe: Path, where: Path, *, owner: int = 0, group: int = 0, mode: int = 0o755, caps: str = ""
 ) -> Path:
     """Returns a copy of ``exe`` in ``where`` with that owner, group, mode (setuid 0o4755,
     setgid 0o2755) and file capabilities (``setcap`` syntax)."""

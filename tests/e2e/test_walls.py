@@ -78,7 +78,7 @@ def no_client_sock_dir(monkeypatch: pytest.MonkeyPatch) -> None:
 # -- deep directories -----------------------------------------------------------------
 
 
-def round_trip(t: Target, pbx: Path, name: str, call: tuple, before: str, after: str) -> None:
+def round_trip(t: Target, pbx: Path, name: str, call: tuple, *, before: str, after: str) -> None:
     """Applies ``pbx`` through the CLI and removes patch ``name`` again, checking the
     answer to ``call`` before, while applied and after."""
     assert t.call(*call) == before
@@ -102,7 +102,7 @@ def test_deep_directory(tmp_path: Path, patched_obj, no_client_sock_dir) -> None
         assert info["log"] == f"{t.socket}.log"
 
         pbx = extract(patched_obj(USE_HELPER="scale(x) + 2"), exe, "use_helper", name="deep")
-        round_trip(t, pbx, "deep", ("use_helper", 4), "41", "42")
+        round_trip(t, pbx, "deep", ("use_helper", 4), before="41", after="42")
         # The socket's long path itself (-s) works too.
         run("patchbox", "apply", "-s", t.socket, pbx)
         assert t.call("use_helper", 4) == "42"
@@ -150,7 +150,7 @@ def test_environment_overwritten_by_process_title(
         assert not (target_exe.parent / f"sandbox-sock{t.pid}").exists()
 
         pbx = extract(patched_obj(GREETING="hello, retitled"), target_exe, "greet", name="title")
-        round_trip(t, pbx, "title", ("greet",), "hello", "hello, retitled")
+        round_trip(t, pbx, "title", ("greet",), before="hello", after="hello, retitled")
     finally:
         t.stop()
 
@@ -189,7 +189,7 @@ def test_private_tmpfs_over_the_program_directory(
         assert info_json(t.pid)["socket"] == str(d / f"sandbox-sock{t.pid}")
 
         pbx = extract(patched_obj(PAIR_A="40"), target_exe, "pair_a", name="ns")
-        round_trip(t, pbx, "ns", ("pair_a", 2), "3", "42")
+        round_trip(t, pbx, "ns", ("pair_a", 2), before="3", after="42")
     finally:
         t.stop()
 
@@ -213,7 +213,7 @@ def test_container_pid_and_mount_namespaces(
         assert info["pid"] == "1" and info["socket"] == str(tmp_path / "sandbox-sock1")
 
         pbx = extract(patched_obj(PAIR_B="7"), target_exe, "pair_b", name="container")
-        round_trip(t, pbx, "container", ("pair_b", 3), "6", "21")
+        round_trip(t, pbx, "container", ("pair_b", 3), before="6", after="21")
     finally:
         t.stop()
 

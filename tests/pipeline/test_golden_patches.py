@@ -528,7 +528,8 @@ def case_csmith(tmp: Path, seed: int, kind: str, candidate: int) -> Patch:
     write_tree(src, source, opt, patchbox_flags())
     subprocess.run(["make", "-s"], cwd=src, check=True, env=_env(), capture_output=True)
     live = executed_lines(gen, source)
-    m = mutate(source, kind, seed, candidate, inlined_functions(src / "prog.o", source), live)
+    inlined = inlined_functions(src / "prog.o", source)
+    m = mutate(source, kind, seed, candidate, inlined=inlined, live=live)
     assert m is not None
     (tmp / "fixed").mkdir()
     (tmp / "fixed" / "prog.c").write_text(m.text)

@@ -27,7 +27,7 @@ def fixed_object(qemu_exe: Path, tmp: Path, source: str, old: str, new: str) -> 
 
 
 def fixed_patch(
-    qemu_exe: Path, tmp: Path, source: str, old: str, new: str, function: str, name: str
+    qemu_exe: Path, tmp: Path, source: str, *, old: str, new: str, function: str, name: str
 ) -> Path:
     """Returns patch ``tmp/NAME.pbx`` replacing ``function`` by its version in
     :func:`fixed_object`'s object (`extract-patch --qemu`)."""

@@ -83,10 +83,10 @@ def test_qemu_daemonize_patched_by_pid(qemu_exe: Path, tmp_path: Path) -> None:
             qemu_exe,
             tmp_path,
             "monitor/qmp-cmds-control.c",
-            "info->package = g_strdup(QEMU_PKGVERSION);",
-            f'info->package = g_strdup("{MARK}");',
-            "qmp_query_version",
-            "version",
+            old="info->package = g_strdup(QEMU_PKGVERSION);",
+            new=f'info->package = g_strdup("{MARK}");',
+            function="qmp_query_version",
+            name="version",
         )
         run(BIN / "patchbox", "apply", "-p", pid, pbx)
         assert qmp.execute("query-version")["package"] == MARK

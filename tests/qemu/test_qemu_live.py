@@ -55,10 +55,10 @@ def test_query_version_patched_under_qmp_load(qemu: Qemu, qemu_exe: Path, tmp_pa
         qemu_exe,
         tmp_path,
         "monitor/qmp-cmds-control.c",
-        "info->package = g_strdup(QEMU_PKGVERSION);",
-        'info->package = g_strdup(" (live-patched by patchbox)");',
-        "qmp_query_version",
-        "version",
+        old="info->package = g_strdup(QEMU_PKGVERSION);",
+        new='info->package = g_strdup(" (live-patched by patchbox)");',
+        function="qmp_query_version",
+        name="version",
     )
     new = f"{before['qemu']['micro']} (live-patched by patchbox)"
 
@@ -89,10 +89,10 @@ def test_monitor_command_fix_and_info(qemu: Qemu, qemu_exe: Path, tmp_path: Path
         qemu_exe,
         tmp_path,
         "monitor/hmp-cmds.c",
-        'monitor_printf(mon, "%" PRId64 ".%" PRId64 ".%" PRId64 "%s\\n",',
-        'monitor_printf(mon, "QEMU emulator version %" PRId64 ".%" PRId64 ".%" PRId64 "%s\\n",',
-        "hmp_info_version",
-        "hmp-fix",
+        old='monitor_printf(mon, "%" PRId64 ".%" PRId64 ".%" PRId64 "%s\\n",',
+        new='monitor_printf(mon, "QEMU emulator version %" PRId64 ".%" PRId64 ".%" PRId64 "%s\\n",',
+        function="hmp_info_version",
+        name="hmp-fix",
     )
     run(BIN / "patchbox", "apply", "-p", qemu.pid, pbx)
     assert qemu.ctl.hmp("info version") == "QEMU emulator version " + before

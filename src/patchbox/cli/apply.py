@@ -45,6 +45,7 @@ __all__ = ["apply_command"]
 @include_privileged_option
 @click.argument("file", type=click.Path(dir_okay=False))
 def apply_command(
+    *,
     pid: int | None,
     socket_path: str | None,
     as_json: bool,

@@ -98,6 +98,7 @@ __all__ = ["build_command"]
     help="Output patch file (default: NAME.pbx).",
 )
 def build_command(
+    *,
     source: str,
     diff: str,
     binary: str,

@@ -31,6 +31,7 @@ __all__ = ["config_command"]
 )
 @click.option("--app-cflags", metavar="FLAGS", help="Compile flags recorded by --libs [$CFLAGS].")
 def config_command(
+    *,
     want_cflags: bool,
     want_libs: bool,
     want_preload: bool,

@@ -59,6 +59,7 @@ __all__ = ["extract_command", "main"]
 @click.pass_context
 def extract_command(
     ctx: click.Context,
+    *,
     functions: tuple[str, ...],
     qemu: bool,
     name: str | None,

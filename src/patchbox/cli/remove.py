@@ -18,6 +18,7 @@ __all__ = ["remove_command"]
 @all_options
 @click.argument("name")
 def remove_command(
+    *,
     pid: int | None,
     socket_path: str | None,
     as_json: bool,

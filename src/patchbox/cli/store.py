@@ -28,6 +28,7 @@ _STORE_HELP = f"Patch store [$PATCHBOX_STORE, default {store.DEFAULT_STORE}]."
 @click.pass_context
 def install_command(
     ctx: click.Context,
+    *,
     as_json: bool,
     root: str | None,
     trust_dir: str | None,

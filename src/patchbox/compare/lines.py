@@ -86,7 +86,7 @@ class LineCheck:
             if found is None:
                 return None
             call, joined = found
-            who = self._reporting(ia, k, call, joined, targets, function)
+            who = self._reporting(ia, k, call, joined=joined, targets=targets, function=function)
             if who is None:
                 return None
             seen.append(who)
@@ -97,6 +97,7 @@ class LineCheck:
         insns: list[CsInsn],
         k: int,
         call: int,
+        *,
         joined: int | None,
         targets: dict[int, RelocTarget],
         function: str,

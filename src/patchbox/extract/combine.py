@@ -120,7 +120,9 @@ def extract_objects(
     layouts = [layout(m, c) for m, c in zip(members, closures, strict=True)]
     emitted = [emit(m, c, layouts) for m, c in zip(members, closures, strict=True)]
     _check_imports(binary, emitted, warnings)
-    return _combine(members, closures, layouts, emitted, binary, name, profile, meta)
+    return _combine(
+        members, closures, layouts, emitted, binary=binary, name=name, profile=profile, meta=meta
+    )
 
 
 def _combine(
@@ -128,6 +130,7 @@ def _combine(
     closures: Sequence[Closure],
     layouts: Sequence[Layout],
     emitted: Sequence[Emitted],
+    *,
     binary: Binary,
     name: str,
     profile: Profile,

@@ -333,6 +333,7 @@ def _batch(
     host: _Host,
     agents: list[AgentSocket],
     request: tuple[Msg, bytes],
+    *,
     done: Result,
     benign: ErrorCode,
     benign_reason: str,
@@ -507,10 +508,10 @@ def apply_all(
             host,
             targets,
             (Msg.APPLY, pf.body),
-            Result.APPLIED,
-            ErrorCode.ALREADY_APPLIED,
-            already_applied(pf.patch.name),
-            timeout,
+            done=Result.APPLIED,
+            benign=ErrorCode.ALREADY_APPLIED,
+            benign_reason=already_applied(pf.patch.name),
+            timeout=timeout,
         )
     bad = [o for o in done + rows if o.result.failure]
     if rollback and bad and not dry_run:
@@ -519,10 +520,10 @@ def apply_all(
             host,
             [a for a in targets if a.pid in applied],
             _remove_request(pf.patch.name),
-            Result.REMOVED,
-            ErrorCode.NOT_APPLIED,
-            "not applied",
-            timeout,
+            done=Result.REMOVED,
+            benign=ErrorCode.NOT_APPLIED,
+            benign_reason="not applied",
+            timeout=timeout,
         )
         undone = {o.pid: o for o in back}
         first = min(bad, key=lambda o: o.pid)
@@ -570,10 +571,10 @@ def remove_all(
             host,
             agents,
             _remove_request(name),
-            Result.REMOVED,
-            ErrorCode.NOT_APPLIED,
-            f"{name} is not applied",
-            timeout,
+            done=Result.REMOVED,
+            benign=ErrorCode.NOT_APPLIED,
+            benign_reason=f"{name} is not applied",
+            timeout=timeout,
         )
     reached = {o.pid for o in done}
     for pid in sorted((of_build | (set(host.far) & scope)) - set(host.agents) - reached):

@@ -514,7 +514,12 @@ def _borrow(
             ptrace.detach(tid)
             return f"thread {tid}: {why}"
         frame = build_frame(
-            saved, ptrace.get_xstate(tid), ptrace.get_sigmask(tid), pre.restorer, path, RED_ZONE
+            saved,
+            ptrace.get_xstate(tid),
+            ptrace.get_sigmask(tid),
+            pre.restorer,
+            path,
+            red_zone=RED_ZONE,
         )
         # Below the red zone: bytes no code of the thread reads until it runs again.
         ptrace.poke(pid, frame.addr, frame.data)

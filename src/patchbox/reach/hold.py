@@ -192,6 +192,7 @@ def apply_held(
     patch: Patch,
     body: bytes,
     info: dict[str, str],
+    *,
     on_phase: Callable[[str], None] | None = None,
 ) -> tuple[ApplyResult, HoldStats | None]:
     """Applies ``body`` through ``client`` to ``pid``; with the HOLD flag, holds the

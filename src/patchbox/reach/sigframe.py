@@ -156,7 +156,7 @@ def _xstate_for_frame(xstate: bytes) -> tuple[bytes, int]:
 
 
 def build_frame(
-    regs: Regs, xstate: bytes, sigmask: int, restorer: int, arg: bytes, red_zone: int = 128
+    regs: Regs, xstate: bytes, sigmask: int, restorer: int, arg: bytes, *, red_zone: int = 128
 ) -> Frame:
     """Returns the frame that makes a thread stopped with ``regs`` (and FPU state
     ``xstate``, blocked signals ``sigmask``) resume as :func:`resume_regs` says once a
