@@ -97,67 +97,154 @@ def _connect_error(job: Job, err: int) -> ConnectError:
 def run_jobs(jobs: list[Job], timeout: float = 10.0) -> None:
     """Runs every job to completion (a reply, an error, or its ``timeout``), up to as
     many at once as file descriptors allow; fills the jobs in place."""
-    limit = _raise_nofile(len(jobs))
-    waiting: deque[tuple[float, Job, float]] = deque((0.0, j, 0.0) for j in jobs)
-    active: dict[int, _Conn] = {}
-    ep = select.epoll()
-    frames: dict[tuple[Msg, int, bytes], bytes] = {}  # most jobs send the same frames
+    batch = _Batch(timeout, _raise_nofile(len(jobs)))
+    try:
+        batch.run(deque((0.0, j, 0.0) for j in jobs))
+    finally:
+        batch.close()
 
-    def frame(msg: Msg, seq: int, payload: bytes) -> bytes:
+
+# A job not started yet: (not before this monotonic time, the job, its deadline or 0.0
+# while it has none).
+_Waiting = tuple[float, Job, float]
+
+
+class _Batch:
+    """The loop of one :func:`run_jobs`: its open connections by descriptor, on one
+    epoll instance, and the frames it has encoded (most jobs send the same frames)."""
+
+    def __init__(self, timeout: float, limit: int) -> None:
+        self.timeout = timeout
+        self.limit = limit  # connections open at once at most
+        self.active: dict[int, _Conn] = {}
+        self.ep = select.epoll()
+        self.frames: dict[tuple[Msg, int, bytes], bytes] = {}
+
+    def run(self, waiting: deque[_Waiting]) -> None:
+        """Runs until no job waits and no connection is open."""
+        while waiting or self.active:
+            self._start_waiting(waiting)
+            if not self.active:
+                if waiting:
+                    time.sleep(_BUSY_RETRY_S)
+                continue
+            self._poll(busy=bool(waiting))
+            self._expire()
+
+    def close(self) -> None:
+        """Closes what is still open (after an exception in :meth:`run`)."""
+        for c in list(self.active.values()):
+            c.sock.close()
+        self.ep.close()
+
+    def _start_waiting(self, waiting: deque[_Waiting]) -> None:
+        """Starts the waiting jobs whose time has come, as many as the limit allows. A
+        job whose agent's backlog is full waits a little, and fails (retryably) when it
+        stayed full until the job's deadline."""
+        now = time.monotonic()
+        later: deque[_Waiting] = deque()
+        while waiting and len(self.active) < self.limit:
+            not_before, job, deadline = waiting.popleft()
+            deadline = deadline or now + self.timeout
+            if not_before > now:
+                later.append((not_before, job, deadline))
+            elif not self._start(job, deadline):
+                if now >= deadline:
+                    job.error = ConnectError(
+                        f"pid {job.key}: the agent is busy (its "
+                        f"queue stayed full for {self.timeout:g} s)"
+                    )
+                    job.retry = True
+                else:
+                    later.append((now + _BUSY_RETRY_S, job, deadline))
+        waiting.extendleft(reversed(later))
+
+    def _poll(self, busy: bool) -> None:
+        """Waits for the open connections until the first deadline (a busy retry's
+        pause at most while jobs wait) and serves each that is ready."""
+        wait = min(c.deadline for c in self.active.values()) - time.monotonic()
+        if busy:
+            wait = min(wait, _BUSY_RETRY_S)
+        for fd, events in self.ep.poll(max(0.0, wait)):
+            c = self.active.get(fd)
+            if c is None:
+                continue
+            if events & select.EPOLLOUT and c.out:
+                self._flush(c)
+            else:
+                self._receive(c)
+
+    def _expire(self) -> None:
+        """Finishes (retryably) every connection whose deadline has passed."""
+        now = time.monotonic()
+        for c in [c for c in self.active.values() if c.deadline <= now]:
+            self._finish(
+                c,
+                ConnectError(f"pid {c.job.key}: no reply from the agent within {self.timeout:g} s"),
+                retry=True,
+            )
+
+    def _frame(self, msg: Msg, seq: int, payload: bytes) -> bytes:
         key = (msg, seq, payload)
-        if key not in frames:
-            frames[key] = encode_frame(msg, seq, payload)
-        return frames[key]
+        if key not in self.frames:
+            self.frames[key] = encode_frame(msg, seq, payload)
+        return self.frames[key]
 
-    def finish(c: _Conn, error: PatchboxError | None = None, retry: bool = False) -> None:
+    def _finish(self, c: _Conn, error: PatchboxError | None = None, retry: bool = False) -> None:
         if error is not None:
             c.job.error, c.job.retry = error, retry
-        ep.unregister(c.fd)
-        del active[c.fd]
+        self.ep.unregister(c.fd)
+        del self.active[c.fd]
         c.sock.close()
 
-    def send_next(c: _Conn) -> bool:
+    def _send_next(self, c: _Conn) -> bool:
         """Returns False if the connection was finished."""
         msg, payload = c.job.requests[c.index]
-        c.out = memoryview(frame(msg, c.index + 1, payload))
-        return flush(c)
+        c.out = memoryview(self._frame(msg, c.index + 1, payload))
+        return self._flush(c)
 
-    def flush(c: _Conn) -> bool:
+    def _flush(self, c: _Conn) -> bool:
         try:
             while c.out:
                 c.out = c.out[c.sock.send(c.out) :]
         except BlockingIOError:
-            ep.modify(c.fd, select.EPOLLOUT)
+            self.ep.modify(c.fd, select.EPOLLOUT)
             return True
         except (BrokenPipeError, ConnectionResetError):
             # Closed on us (a refused peer is told why first): read what it said.
             c.out = memoryview(b"")
         except OSError as err:
-            finish(c, ConnectError(f"pid {c.job.key}: cannot send: {err.strerror}"))
+            self._finish(c, ConnectError(f"pid {c.job.key}: cannot send: {err.strerror}"))
             return False
-        ep.modify(c.fd, select.EPOLLIN)
+        self.ep.modify(c.fd, select.EPOLLIN)
         return True
 
-    def receive(c: _Conn) -> None:
+    def _receive(self, c: _Conn) -> None:
         try:
             chunk = c.sock.recv(1 << 16)
         except BlockingIOError:
             return
         except OSError as err:
-            finish(c, ConnectError(f"pid {c.job.key}: connection lost: {err.strerror}"))
+            self._finish(c, ConnectError(f"pid {c.job.key}: connection lost: {err.strerror}"))
             return
         if not chunk:
-            finish(
+            self._finish(
                 c,
                 ProtocolError(f"pid {c.job.key}: the agent closed the connection without replying"),
             )
             return
         c.buf += chunk
+        self._take_replies(c)
+
+    def _take_replies(self, c: _Conn) -> None:
+        """Decodes every whole reply in ``c.buf``, each answering the request sent last,
+        and sends the next request; finishes ``c`` after the last reply or at the first
+        error."""
         while len(c.buf) >= C.HEADER_SIZE:
             try:
                 rtype, rseq, length = decode_header(bytes(c.buf[: C.HEADER_SIZE]))
             except ProtocolError as err:
-                finish(c, err)
+                self._finish(c, err)
                 return
             if len(c.buf) < C.HEADER_SIZE + length:
                 return
@@ -167,17 +254,19 @@ def run_jobs(jobs: list[Job], timeout: float = 10.0) -> None:
             try:
                 c.job.replies.append(decode_answer(msg, c.index + 1, rtype, rseq, payload))
             except (AgentError, ProtocolError) as err:
-                finish(c, err)
+                self._finish(c, err)
                 return
             c.index += 1
             if c.index == len(c.job.requests):
-                finish(c)
+                self._finish(c)
                 return
-            if not send_next(c):
+            if not self._send_next(c):
                 return
 
-    def start(job: Job, deadline: float) -> bool:
-        """Returns False when the agent's backlog is full (try again later)."""
+    def _start(self, job: Job, deadline: float) -> bool:
+        """Connects ``job`` and sends its first request; returns False when the agent's
+        backlog is full (try again later). A job whose path is absent, refused or leads
+        to another process tries its ``alt`` path, else ends with its error."""
         sock = socket.socket(
             socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
         )
@@ -188,22 +277,20 @@ def run_jobs(jobs: list[Job], timeout: float = 10.0) -> None:
         if err in (errno.ENOENT, errno.ECONNREFUSED) and job.alt:
             sock.close()  # not here (another mount namespace): the next way there
             job.path, job.alt = job.alt, ""
-            return start(job, deadline)
+            return self._start(job, deadline)
         if err not in (0, errno.EINPROGRESS):
             sock.close()
             job.error = _connect_error(job, err)
             job.denied = err in (errno.EACCES, errno.EPERM)
             return True
         job.peer_pid = peer_pid(sock) or None
-        if job.peer_pid != job.key and not (
-            job.peer_pid and job.inode and holds_socket(job.peer_pid, job.inode)
-        ):
+        if not _reached(job):
             # The path led elsewhere: a link or another socket put there since the scan
             # (or a name of another mount namespace). Nothing is sent to that process.
             sock.close()
             if job.alt:
                 job.path, job.alt, job.peer_pid = job.alt, "", None
-                return start(job, deadline)
+                return self._start(job, deadline)
             who = f"pid {job.peer_pid}" if job.peer_pid else "an unknown process"
             job.peer_pid = None  # the outcome is the job's pid: nothing reached it
             job.error = ConnectError(
@@ -212,53 +299,15 @@ def run_jobs(jobs: list[Job], timeout: float = 10.0) -> None:
             )
             return True
         c = _Conn(job, sock, deadline)
-        active[c.fd] = c
-        ep.register(c.fd, select.EPOLLOUT)
-        send_next(c)
+        self.active[c.fd] = c
+        self.ep.register(c.fd, select.EPOLLOUT)
+        self._send_next(c)
         return True
 
-    try:
-        while waiting or active:
-            now = time.monotonic()
-            later: deque[tuple[float, Job, float]] = deque()
-            while waiting and len(active) < limit:
-                not_before, job, deadline = waiting.popleft()
-                deadline = deadline or now + timeout
-                if not_before > now:
-                    later.append((not_before, job, deadline))
-                elif not start(job, deadline):
-                    if now >= deadline:
-                        job.error = ConnectError(
-                            f"pid {job.key}: the agent is busy (its "
-                            f"queue stayed full for {timeout:g} s)"
-                        )
-                        job.retry = True
-                    else:
-                        later.append((now + _BUSY_RETRY_S, job, deadline))
-            waiting.extendleft(reversed(later))
-            if not active:
-                if waiting:
-                    time.sleep(_BUSY_RETRY_S)
-                continue
-            wait = min(c.deadline for c in active.values()) - time.monotonic()
-            if waiting:
-                wait = min(wait, _BUSY_RETRY_S)
-            for fd, events in ep.poll(max(0.0, wait)):
-                c = active.get(fd)
-                if c is None:
-                    continue
-                if events & select.EPOLLOUT and c.out:
-                    flush(c)
-                else:
-                    receive(c)
-            now = time.monotonic()
-            for c in [c for c in active.values() if c.deadline <= now]:
-                finish(
-                    c,
-                    ConnectError(f"pid {c.job.key}: no reply from the agent within {timeout:g} s"),
-                    retry=True,
-                )
-    finally:
-        for c in list(active.values()):
-            c.sock.close()
-        ep.close()
+
+def _reached(job: Job) -> bool:
+    """Returns whether the peer of ``job``'s connection is the agent of the job's pid: the
+    pid itself, or a process holding the listening socket the scan found for that pid."""
+    return job.peer_pid == job.key or bool(
+        job.peer_pid and job.inode and holds_socket(job.peer_pid, job.inode)
+    )
