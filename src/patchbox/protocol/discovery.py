@@ -125,31 +125,58 @@ def discover(pid: int, environ: Mapping[str, str] | None = None) -> Discovery:
     env = os.environ if environ is None else environ
     if not procfs.exists(pid):
         raise ConnectError(f"no process with pid {pid}")
-    name = f"{SOCKET_PREFIX}{procfs.get_ns_pid(pid)}"
-    found = Discovery(pid, name)
+    found = Discovery(pid, f"{SOCKET_PREFIX}{procfs.get_ns_pid(pid)}")
     root_usable = procfs.root_usable(pid)
-    listed: list[UnixSocket] = []
-    held: set[int] = set()
+    _add_listed(found, root_usable)
+    if not found.candidates:
+        _add_guesses(found, env, root_usable)
+    return found
+
+
+def _note_unreadable(found: Discovery, what: str, err: OSError) -> None:
+    found.notes.append(f"{what} not readable ({err.strerror or err})")
+    found.denied |= isinstance(err, PermissionError)
+
+
+def _listening(found: Discovery) -> list[UnixSocket]:
+    """Returns the listening stream sockets named ``found.name`` in /proc/PID/net/unix;
+    none (noted) if that cannot be read."""
     try:
-        listed = [
+        return [
             s
-            for s in procfs.iter_unix_sockets(pid)
-            if s.listening and s.type == SOCK_STREAM_TYPE and s.path.rsplit("/", 1)[-1] == name
+            for s in procfs.iter_unix_sockets(found.pid)
+            if s.listening
+            and s.type == SOCK_STREAM_TYPE
+            and s.path.rsplit("/", 1)[-1] == found.name
         ]
     except OSError as err:
-        found.notes.append(f"/proc/{pid}/net/unix not readable ({err.strerror or err})")
-        found.denied |= isinstance(err, PermissionError)
-    if listed:
-        try:
-            held = procfs.get_socket_inodes(pid)
-        except OSError as err:
-            found.notes.append(f"/proc/{pid}/fd not readable ({err.strerror or err})")
-            found.denied |= isinstance(err, PermissionError)
-        else:
-            if not held.intersection(s.inode for s in listed):
-                found.notes.append(f"{name} in /proc/{pid}/net/unix is not held by pid {pid}")
-    elif not found.notes:
-        found.notes.append(f"no {name} listening in /proc/{pid}/net/unix")
+        _note_unreadable(found, f"/proc/{found.pid}/net/unix", err)
+        return []
+
+
+def _held(found: Discovery, listed: list[UnixSocket]) -> set[int]:
+    """Returns the inodes of the sockets the process holds open when ``listed`` is not
+    empty; notes when none of ``listed`` is held, or nothing is listed."""
+    pid, name = found.pid, found.name
+    if not listed:
+        if not found.notes:
+            found.notes.append(f"no {name} listening in /proc/{pid}/net/unix")
+        return set()
+    try:
+        held = procfs.get_socket_inodes(pid)
+    except OSError as err:
+        _note_unreadable(found, f"/proc/{pid}/fd", err)
+        return set()
+    if not held.intersection(s.inode for s in listed):
+        found.notes.append(f"{name} in /proc/{pid}/net/unix is not held by pid {pid}")
+    return held
+
+
+def _add_listed(found: Discovery, root_usable: bool) -> None:
+    """Step 1 of :func:`discover`: the sockets of /proc/PID/net/unix the process holds."""
+    pid = found.pid
+    listed = _listening(found)
+    held = _held(found, listed)
     for s in listed:
         if s.path.startswith("@") and not _same_netns(pid):
             found.notes.append(
@@ -160,9 +187,12 @@ def discover(pid: int, environ: Mapping[str, str] | None = None) -> Discovery:
         if s.inode in held:
             connect, shown = connect_path_for(pid, s.path, root_usable)
             found.candidates.append(Candidate(connect, shown, f"/proc/{pid}/net/unix"))
-    if found.candidates:
-        return found
 
+
+def _add_guesses(found: Discovery, env: Mapping[str, str], root_usable: bool) -> None:
+    """Step 2 of :func:`discover`: ``PATCHBOX_SOCK_DIR``, then the executable's directory;
+    raises ConnectError if the process has gone."""
+    pid, name = found.pid, found.name
     sock_dir = env.get("PATCHBOX_SOCK_DIR")
     if sock_dir:
         path = os.path.join(sock_dir, name)
@@ -172,14 +202,12 @@ def discover(pid: int, environ: Mapping[str, str] | None = None) -> Discovery:
     except FileNotFoundError as err:
         raise ConnectError(f"no process with pid {pid}") from err
     except OSError as err:
-        found.notes.append(f"/proc/{pid}/exe not readable ({err.strerror or err})")
-        found.denied |= isinstance(err, PermissionError)
+        _note_unreadable(found, f"/proc/{pid}/exe", err)
     else:
         # An executable replaced on disk (an upgrade) still has its directory.
         path = os.path.join(os.path.dirname(exe.removesuffix(" (deleted)")), name)
         connect = procfs.root_path(pid, path) if root_usable else path
         found.candidates.append(Candidate(connect, path, "the executable's directory"))
-    return found
 
 
 # In every program with the agent: linked (its .rodata) or loaded (libsandbox.so).
