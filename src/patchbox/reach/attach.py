@@ -274,6 +274,31 @@ def preflight(pid: int, library: str, *, include_privileged: bool = False) -> Pr
     """Returns what attaching needs; raises AttachError naming why it cannot work,
     AlreadyAttached, or PrivilegedProcess (unless ``include_privileged``). Touches
     nothing."""
+    _check_state(pid)
+    why = yama_refusal(ptrace_scope(), pid, _cap_sys_ptrace(), _is_ancestor(pid))
+    if why:
+        raise AttachError(why)
+    maps, exe = _dynamic_maps(pid)
+    paths = {m.path for m in maps}
+    _check_no_agent(pid, exe, paths)
+    if not include_privileged:
+        privileged = privileged_reason(pid)
+        if privileged:
+            raise PrivilegedProcess(pid, privileged)
+    libc, facts = _mapped_libc(pid, exe, paths)
+    if _shadow_stack(pid, pid):
+        raise AttachError(
+            f"pid {pid} runs with a CET shadow stack: the borrowed call's return would "
+            f"fault (the shadow stack has no entry for it)"
+        )
+    lib = _visible_library(pid, library)
+    base = _base(maps, libc)
+    return Preflight(pid, lib, base + facts.dlopen, base + facts.restorer)
+
+
+def _check_state(pid: int) -> None:
+    """Raises AttachError unless ``pid`` is another process that runs (not a zombie, not
+    stopped), is traced by nobody and has no seccomp filter or strict mode."""
     if pid == os.getpid():
         raise AttachError("cannot attach to the client itself")
     st = read_status(pid)
@@ -296,9 +321,11 @@ def preflight(pid: int, library: str, *, include_privileged: bool = False) -> Pr
         )
     if seccomp == "1":
         raise AttachError(f"pid {pid} runs in seccomp strict mode: only read/write/exit allowed")
-    why = yama_refusal(ptrace_scope(), pid, _cap_sys_ptrace(), _is_ancestor(pid))
-    if why:
-        raise AttachError(why)
+
+
+def _dynamic_maps(pid: int) -> tuple[list[Mapping], str]:
+    """Returns (the mappings, the executable's path) of ``pid``; raises AttachError if
+    they cannot be read or the executable is static."""
     try:
         maps = read_maps(pid)
         exe = exe_link(pid)
@@ -311,17 +338,23 @@ def preflight(pid: int, library: str, *, include_privileged: bool = False) -> Pr
         raise AttachError(
             f"pid {pid} ({exe}) is a static binary: no dynamic loader to load the agent with"
         )
-    paths = {m.path for m in maps}
+    return maps, exe
+
+
+def _check_no_agent(pid: int, exe: str, paths: set[str]) -> None:
+    """Raises AttachError if ``pid`` maps no dynamic loader, AlreadyAttached if it maps
+    the agent or listens on an agent socket already."""
     if not any(os.path.basename(p).startswith("ld-") for p in paths):
         raise AttachError(f"pid {pid} ({exe}) has no dynamic loader (ld.so) mapped")
     if any(os.path.basename(p).startswith("libsandbox.so") for p in paths) or any(
         c.source.startswith("/proc/") for c in discover(pid, environ={}).candidates
     ):
         raise AlreadyAttached(f"pid {pid} has an agent already")
-    if not include_privileged:
-        privileged = privileged_reason(pid)
-        if privileged:
-            raise PrivilegedProcess(pid, privileged)
+
+
+def _mapped_libc(pid: int, exe: str, paths: set[str]) -> tuple[str, _LibcFacts]:
+    """Returns (path, facts) of the glibc ``pid`` maps; raises AttachError if it maps
+    none, or one without dlopen or ``__restore_rt``."""
     libc = next((p for p in paths if _LIBC.search(p)), None)
     if libc is None:
         raise AttachError(f"pid {pid} ({exe}) does not map glibc's libc.so.6")
@@ -332,11 +365,12 @@ def preflight(pid: int, library: str, *, include_privileged: bool = False) -> Pr
         )
     if facts.restorer < 0:
         raise AttachError(f"pid {pid}: {libc} has no __restore_rt (mov $15, %rax; syscall)")
-    if _shadow_stack(pid, pid):
-        raise AttachError(
-            f"pid {pid} runs with a CET shadow stack: the borrowed call's return would "
-            f"fault (the shadow stack has no entry for it)"
-        )
+    return libc, facts
+
+
+def _visible_library(pid: int, library: str) -> str:
+    """Returns the real path of ``library``; raises AttachError unless ``pid`` sees the
+    same file at that path (its mount namespace)."""
     lib = os.path.realpath(library)
     try:
         mine, theirs = os.stat(lib), os.stat(root_path(pid, lib))
@@ -348,8 +382,7 @@ def preflight(pid: int, library: str, *, include_privileged: bool = False) -> Pr
             f"{lib} is not visible at the same path in pid {pid}'s mount namespace (a "
             f"container?): install patchbox there, or bind-mount the agent directory"
         )
-    base = _base(maps, libc)
-    return Preflight(pid, lib, base + facts.dlopen, base + facts.restorer)
+    return lib
 
 
 def _temp_mask(pid: int, regs: ptrace.Regs) -> bool:
