@@ -322,18 +322,45 @@ def compare_objects(
     line_map = None
     if lines is not None:
         line_map = lines.get(source or "", FileChange(None, None))
-    linecheck = LineCheck(reporters, source, line_map)
-    decisions: list[Decision] = []
-    new_globals: set[str] = set()
-    changed: dict[str, str] = {}  # patched function name -> reason
-    clones: set[str] = set()
+    cmp = _Comparison(old, new, LineCheck(reporters, source, line_map))
     for s in syms:
-        o = pairs.get(s.index)
+        cmp.symbol(s, pairs.get(s.index))
+    cmp.carry_clone_callers(syms)
+    functions = [s.name for s in syms if s.name in cmp.changed and s.type == "FUNC"]
+    decisions = cmp.decisions
+    decisions += [
+        Decision(f, ItemKind.FUNCTION, Verdict.IN, f"changed: {cmp.changed[f]}") for f in functions
+    ]
+    decisions += cmp.removed_variables(syms, pairs)
+    decisions += _compare_types(out.orig, out.patched)
+    return replace(
+        out,
+        decisions=tuple(decisions),
+        functions=tuple(functions),
+        clones=frozenset(cmp.clones),
+        new_globals=frozenset(cmp.new_globals),
+    )
+
+
+class _Comparison:
+    """The comparison of two objects as :func:`compare_objects` makes it: the decisions so
+    far, the changed functions the original has (name -> reason), the changed GCC clones
+    and the new globals."""
+
+    def __init__(self, old: _Side, new: _Side, linecheck: LineCheck) -> None:
+        self.old, self.new, self.linecheck = old, new, linecheck
+        self.decisions: list[Decision] = []
+        self.changed: dict[str, str] = {}
+        self.clones: set[str] = set()
+        self.new_globals: set[str] = set()
+
+    def symbol(self, s: ObjSymbol, o: ObjSymbol | None) -> None:
+        """Compares patched symbol ``s`` with its original ``o`` (None: new)."""
         if o is None:
             if not s.is_local:
-                new_globals.add(s.name)
+                self.new_globals.add(s.name)
             kind = _what(s)
-            decisions.append(
+            self.decisions.append(
                 Decision(
                     s.name,
                     kind,
@@ -341,77 +368,90 @@ def compare_objects(
                     f"new {kind}: copied into the patch if the new code uses it",
                 )
             )
-            continue
-        if s.type == "FUNC":
-            a, b = old.form(*old.span(o)), new.form(*new.span(s))
-            if a == b:
-                continue
-            line = linecheck.only_lines(a, b, s.name)
-            if line is not None:
-                decisions.append(
-                    Decision(
-                        s.name,
-                        ItemKind.FUNCTION,
-                        Verdict.OUT,
-                        f"only __LINE__-like immediates passed to {line} differ: not a change",
+        elif s.type == "FUNC":
+            self._function(s, o)
+        else:
+            data = _compare_data(self.old, self.new, o, s)
+            if data is not None:
+                self.decisions.append(data)
+
+    def _function(self, s: ObjSymbol, o: ObjSymbol) -> None:
+        """Compares function ``s`` with its original ``o``: the same, only __LINE__-like
+        immediates differ (out), a changed clone (carried) or changed."""
+        a, b = self.old.form(*self.old.span(o)), self.new.form(*self.new.span(s))
+        if a == b:
+            return
+        line = self.linecheck.only_lines(a, b, s.name)
+        if line is not None:
+            self.decisions.append(
+                Decision(
+                    s.name,
+                    ItemKind.FUNCTION,
+                    Verdict.OUT,
+                    f"only __LINE__-like immediates passed to {line} differ: not a change",
+                )
+            )
+        elif is_clone(s.name):
+            self.clones.add(s.name)
+            self.decisions.append(
+                Decision(
+                    s.name,
+                    ItemKind.FUNCTION,
+                    Verdict.CARRIED,
+                    f"GCC clone changed ({_difference(a, b)}): "
+                    f"copied with the functions that call it",
+                )
+            )
+        else:
+            self.changed[s.name] = _difference(a, b)
+
+    def carry_clone_callers(self, syms: list[ObjSymbol]) -> None:
+        """Callers of a changed clone are in (the clone is not an entry point of its
+        own); a caller that is a clone itself is carried, and its callers are in."""
+        callers = _callers(self.new, syms)
+        todo = list(self.clones)
+        while todo:
+            c = todo.pop()
+            for f in sorted(callers.get(c, ())):
+                if f in self.changed or f in self.clones:
+                    continue
+                if is_clone(f):
+                    self.clones.add(f)
+                    todo.append(f)
+                    self.decisions.append(
+                        Decision(f, ItemKind.FUNCTION, Verdict.CARRIED, f"calls changed clone {c}")
                     )
-                )
-            elif is_clone(s.name):
-                clones.add(s.name)
-                decisions.append(
-                    Decision(
-                        s.name,
-                        ItemKind.FUNCTION,
-                        Verdict.CARRIED,
-                        f"GCC clone changed ({_difference(a, b)}): "
-                        f"copied with the functions that call it",
-                    )
-                )
-            else:
-                changed[s.name] = _difference(a, b)
-            continue
-        data = _compare_data(old, new, o, s)
-        if data is not None:
-            decisions.append(data)
-    # Callers of a changed clone are in (the clone is not an entry point of its own).
-    callers = _callers(new, syms)
-    todo = list(clones)
-    while todo:
-        c = todo.pop()
-        for f in sorted(callers.get(c, ())):
-            if f in changed or f in clones:
+                else:
+                    self.changed[f] = f"calls changed clone {c}"
+
+    def removed_variables(
+        self, syms: list[ObjSymbol], pairs: dict[int, ObjSymbol]
+    ) -> list[Decision]:
+        """Returns a decision for each variable of the original the patched object no
+        longer has: refused if it is a writable static the replaced code used, else out.
+
+        What the replaced code used in the original: a writable variable of that list that
+        the patched object no longer has may be gone only from the object, not from the
+        source: GCC folds a static variable nothing writes into its initial value (found by
+        the differential test: the only store removed, the new code read the initial value
+        while the running program's variable held another)."""
+        old = self.old
+        paired = {o.index for o in pairs.values()}
+        users = _variable_users(
+            old,
+            [
+                pairs[s.index]
+                for s in syms
+                if s.index in pairs and (s.name in self.changed or s.name in self.clones)
+            ],
+        )
+        out = []
+        for s in old.obj.symbols:
+            if not (_named(s) and s.type == "OBJECT" and s.index not in paired):
                 continue
-            if is_clone(f):
-                clones.add(f)
-                todo.append(f)
-                decisions.append(
-                    Decision(f, ItemKind.FUNCTION, Verdict.CARRIED, f"calls changed clone {c}")
-                )
-            else:
-                changed[f] = f"calls changed clone {c}"
-    functions = [s.name for s in syms if s.name in changed and s.type == "FUNC"]
-    decisions += [
-        Decision(f, ItemKind.FUNCTION, Verdict.IN, f"changed: {changed[f]}") for f in functions
-    ]
-    paired = {o.index for o in pairs.values()}
-    # What the replaced code used in the original: a writable variable of that list that
-    # the patched object no longer has may be gone only from the object, not from the
-    # source: GCC folds a static variable nothing writes into its initial value (found by
-    # the differential test: the only store removed, the new code read the initial value
-    # while the running program's variable held another).
-    users = _variable_users(
-        old,
-        [
-            pairs[s.index]
-            for s in syms
-            if s.index in pairs and (s.name in changed or s.name in clones)
-        ],
-    )
-    for s in old.obj.symbols:
-        if _named(s) and s.type == "OBJECT" and s.index not in paired:
             if s.is_local and old.obj.get_section(s.shndx).is_write and s.name in users:
                 by = ", ".join(sorted(users[s.name]))
-                decisions.append(
+                out.append(
                     Decision(
                         s.name,
                         ItemKind.VARIABLE,
@@ -422,23 +462,16 @@ def compare_objects(
                         f"instead of the running program's current value",
                     )
                 )
-                continue
-            decisions.append(
-                Decision(
-                    s.name,
-                    ItemKind.VARIABLE,
-                    Verdict.OUT,
-                    "removed: the running program keeps it, the new code does not use it",
+            else:
+                out.append(
+                    Decision(
+                        s.name,
+                        ItemKind.VARIABLE,
+                        Verdict.OUT,
+                        "removed: the running program keeps it, the new code does not use it",
+                    )
                 )
-            )
-    decisions += _compare_types(out.orig, out.patched)
-    return replace(
-        out,
-        decisions=tuple(decisions),
-        functions=tuple(functions),
-        clones=frozenset(clones),
-        new_globals=frozenset(new_globals),
-    )
+        return out
 
 
 def _compare_types(orig: Path | None, patched: Path) -> list[Decision]:
