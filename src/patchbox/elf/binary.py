@@ -216,6 +216,16 @@ def _same_file(a: str | None, b: str | None) -> bool:
     return a is not None and b is not None and os.path.basename(a) == os.path.basename(b)
 
 
+def _file_key(path: Path) -> tuple[str, int, int, int, int] | None:
+    """Returns the identity of the file ``path`` (real path, device, inode, size, mtime),
+    None if it cannot be read."""
+    try:
+        st = os.stat(path)
+        return (str(path.resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    except OSError:
+        return None
+
+
 class Binary:
     """A linked x86-64 ELF executable read with pyelftools (the *reference binary*)."""
 
@@ -244,52 +254,58 @@ class Binary:
         self.dwarf = self.elf
         self._debug_buf: mmap.mmap | io.BytesIO | None = None
         if symbols is not None or not _is_symtab(symtab):
-            found = Path(symbols) if symbols is not None else find_debug_file(self.path, self.elf)
-            if found is None:
-                tried = ", ".join(debug_file_candidates(self.path, self.elf))
-                raise ElfError(
-                    f"{self.path} is stripped (no .symtab) and no separate debug file was found "
-                    f"({tried or 'no build-id, no .gnu_debuglink'}): install its debug "
-                    f"symbols (-dbgsym/-dbg package), or give the unstripped build of the same "
-                    f"source (--symbols)"
-                )
-            self._debug_buf = _map(found, "debug file")
-            try:
-                self.dwarf = ELFFile(cast(BinaryIO, self._debug_buf))
-                symtab = self.dwarf.get_section_by_name(".symtab")
-            except (_PyElfError, ValueError, OSError) as err:
-                raise ElfError(f"{found}: not a readable ELF file: {err}") from err
-            mine, theirs = read_build_id(self.path), read_build_id(found)
-            if mine is not None and theirs == mine:
-                self.symbols_match = SymbolsMatch(found, "build-id", theirs)
-            elif symbols is None:  # a debug file found by name: its build-id must agree
-                raise ElfError(
-                    f"{found} is not a build of {self.path}: build-id "
-                    f"{theirs.hex() if theirs else 'none'} instead of "
-                    f"{mine.hex() if mine else 'none'}"
-                )
-            else:
-                # A rebuild elsewhere: debug sections carry the build directory and so
-                # change the build-id; the code and data the process runs must not differ.
-                n, size = compare_loaded(self.elf, self.path, self.dwarf, found)
-                self.symbols_match = SymbolsMatch(found, "loaded-bytes", theirs, n, size)
-            if not _is_symtab(symtab):
-                raise ElfError(f"{found} has no symbol table (.symtab) either")
-            self.symbols_path = found
+            symtab = self._open_symbols(symbols)
         assert isinstance(symtab, SymbolTableSection)
-        # One `patchbox build` opens the reference binary several times; QEMU's symbol
-        # table (100k symbols) is parsed once per version of the file holding it.
-        try:
-            st = os.stat(self.symbols_path)
-            key: tuple[str, int, int, int, int] | None = (
-                str(self.symbols_path.resolve()),
-                st.st_dev,
-                st.st_ino,
-                st.st_size,
-                st.st_mtime_ns,
+        self._load_symbols(symtab)
+
+    def _open_symbols(self, symbols: str | Path | None) -> Section | None:
+        """Reads symbols and DWARF from ``symbols`` (an unstripped build), else from the
+        separate debug file; returns its ``.symtab``. Raises ElfError if there is none,
+        if it is not a build of this binary, or has no symbol table."""
+        found = Path(symbols) if symbols is not None else find_debug_file(self.path, self.elf)
+        if found is None:
+            tried = ", ".join(debug_file_candidates(self.path, self.elf))
+            raise ElfError(
+                f"{self.path} is stripped (no .symtab) and no separate debug file was found "
+                f"({tried or 'no build-id, no .gnu_debuglink'}): install its debug "
+                f"symbols (-dbgsym/-dbg package), or give the unstripped build of the same "
+                f"source (--symbols)"
             )
-        except OSError:
-            key = None
+        self._debug_buf = _map(found, "debug file")
+        try:
+            self.dwarf = ELFFile(cast(BinaryIO, self._debug_buf))
+            symtab: Section | None = self.dwarf.get_section_by_name(".symtab")
+        except (_PyElfError, ValueError, OSError) as err:
+            raise ElfError(f"{found}: not a readable ELF file: {err}") from err
+        self.symbols_match = self._match_symbols(found, given=symbols is not None)
+        if not _is_symtab(symtab):
+            raise ElfError(f"{found} has no symbol table (.symtab) either")
+        self.symbols_path = found
+        return symtab
+
+    def _match_symbols(self, found: Path, given: bool) -> SymbolsMatch:
+        """Returns how the symbols file ``found`` matches this binary: by build-id, or
+        (a build ``given`` by the user) by the bytes it loads; raises ElfError if a debug
+        file found by name has another build-id."""
+        mine, theirs = read_build_id(self.path), read_build_id(found)
+        if mine is not None and theirs == mine:
+            return SymbolsMatch(found, "build-id", theirs)
+        if not given:  # a debug file found by name: its build-id must agree
+            raise ElfError(
+                f"{found} is not a build of {self.path}: build-id "
+                f"{theirs.hex() if theirs else 'none'} instead of "
+                f"{mine.hex() if mine else 'none'}"
+            )
+        # A rebuild elsewhere: debug sections carry the build directory and so change
+        # the build-id; the code and data the process runs must not differ.
+        n, size = compare_loaded(self.elf, self.path, self.dwarf, found)
+        return SymbolsMatch(found, "loaded-bytes", theirs, n, size)
+
+    def _load_symbols(self, symtab: SymbolTableSection) -> None:
+        """Reads the symbols of ``symtab`` (of :attr:`symbols_path`), or takes them from
+        the cache: one `patchbox build` opens the reference binary several times, and
+        QEMU's symbol table (100k symbols) is parsed once per version of its file."""
+        key = _file_key(self.symbols_path)
         cached = _TABLES.get(key) if key is not None else None
         if cached is None:
             table = list(self._read_symbols(symtab))

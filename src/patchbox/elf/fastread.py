@@ -67,7 +67,45 @@ def load_object(path: str | Path) -> ObjectFile:
         raw = path.read_bytes()
     except OSError as err:
         raise ElfError(f"cannot read object file {path}: {err.strerror}") from err
-    what = str(path)
+    f = _File(raw, path)
+    hdrs, shstrndx = _section_headers(f)
+    sections = _sections(f, hdrs, shstrndx)
+    symtab_idx, symbols, source = _symbols(f, hdrs, sections)
+    relocs = _relocations(f, hdrs, symtab_idx, symbols)
+    return ObjectFile(
+        path=path,
+        sections=sections,
+        symbols=symbols,
+        relocations={k: v for k, v in relocs.items() if v},
+        source_file=source,
+    )
+
+
+class _File:
+    """The bytes of one object file, and its path for messages."""
+
+    __slots__ = ("raw", "path", "what")
+
+    def __init__(self, raw: bytes, path: Path) -> None:
+        self.raw = raw
+        self.path = path
+        self.what = str(path)
+
+    def contents(self, h: tuple[int, ...], label: str) -> bytes:
+        """Returns the bytes of the section of header ``h`` (none for NOBITS)."""
+        if h[TYPE] == SHT["NOBITS"]:
+            return b""
+        if h[OFFSET] + h[SIZE] > len(self.raw):
+            raise ElfError(
+                f"{self.path}: {label} runs past the end of the {len(self.raw)}-byte file"
+            )
+        return self.raw[h[OFFSET] : h[OFFSET] + h[SIZE]]
+
+
+def _section_headers(f: _File) -> tuple[list[tuple[int, ...]], int]:
+    """Returns (the section headers, the index of the section name table) of an x86-64
+    relocatable object; raises ElfError for any other file."""
+    path, raw, what = f.path, f.raw, f.what
     ehdr = read_ehdr(raw, what)
     if ehdr["e_machine"] != EM_X86_64:
         raise ElfError(
@@ -89,15 +127,12 @@ def load_object(path: str | Path) -> ObjectFile:
     hdrs = list(SHDR.iter_table(raw, shoff, shnum * SHDR.size, what))
     if not 0 <= shstrndx < len(hdrs):
         raise ElfError(f"{path}: section name table index {shstrndx} out of range")
+    return hdrs, shstrndx
 
-    def contents(h: tuple[int, ...], label: str) -> bytes:
-        if h[TYPE] == SHT["NOBITS"]:
-            return b""
-        if h[OFFSET] + h[SIZE] > len(raw):
-            raise ElfError(f"{path}: {label} runs past the end of the {len(raw)}-byte file")
-        return raw[h[OFFSET] : h[OFFSET] + h[SIZE]]
 
-    shstr = contents(hdrs[shstrndx], "section name table")
+def _sections(f: _File, hdrs: list[tuple[int, ...]], shstrndx: int) -> list[Section]:
+    """Returns the sections of ``hdrs``, named from the section name table."""
+    shstr = f.contents(hdrs[shstrndx], "section name table")
     sections = []
     for i, h in enumerate(hdrs):
         name = cstring(shstr, h[NAME])
@@ -109,32 +144,35 @@ def load_object(path: str | Path) -> ObjectFile:
                 flags=h[FLAGS],
                 size=h[SIZE],
                 align=max(1, h[ALIGN]),
-                data=contents(h, f"section {name or i}"),
+                data=f.contents(h, f"section {name or i}"),
                 offset=h[OFFSET],
             )
         )
+    return sections
+
+
+def _symbols(
+    f: _File, hdrs: list[tuple[int, ...]], sections: list[Section]
+) -> tuple[int, list[ObjSymbol], str | None]:
+    """Returns (the index of the symbol table, its symbols, the first STT_FILE name);
+    raises ElfError if there is no symbol table or no string table for it."""
+    path, raw = f.path, f.raw
     symtab_idx = next((i for i, h in enumerate(hdrs) if h[TYPE] == SHT["SYMTAB"]), -1)
     if symtab_idx < 0:
         raise ElfError(f"{path}: no symbol table")
     st = hdrs[symtab_idx]
     if not 0 <= st[LINK] < len(hdrs):
         raise ElfError(f"{path}: symbol string table index {st[LINK]} out of range")
-    strtab = contents(hdrs[st[LINK]], "symbol string table")
-    xindex: list[int] = []
-    for h in hdrs:
-        if h[TYPE] == SHT["SYMTAB_SHNDX"] and h[LINK] == symtab_idx:
-            xindex = [
-                int.from_bytes(raw[o : o + 4], "little")
-                for o in range(h[OFFSET], h[OFFSET] + h[SIZE] - 3, 4)
-            ]
+    strtab = f.contents(hdrs[st[LINK]], "symbol string table")
+    xindex = _extended_indices(f, hdrs, symtab_idx)
     symbols: list[ObjSymbol] = []
     source = None
-    for i, (st_name, info, _other, shndx, value, size) in enumerate(
+    for i, (st_name, info, _other, st_shndx, value, size) in enumerate(
         SYM.iter_table(raw, st[OFFSET], st[SIZE], f"{path}: symbol table")
     ):
         stype = sym_type(info)
-        defined = 0 < shndx < SHN_LORESERVE
-        if shndx == SHN_XINDEX and i < len(xindex):
+        shndx, defined = st_shndx, 0 < st_shndx < SHN_LORESERVE
+        if st_shndx == SHN_XINDEX and i < len(xindex):
             shndx, defined = xindex[i], True
         name = cstring(strtab, st_name)
         if stype == "SECTION" and defined and shndx < len(sections):
@@ -153,6 +191,28 @@ def load_object(path: str | Path) -> ObjectFile:
                 defined=defined,
             )
         )
+    return symtab_idx, symbols, source
+
+
+def _extended_indices(f: _File, hdrs: list[tuple[int, ...]], symtab_idx: int) -> list[int]:
+    """Returns the SHT_SYMTAB_SHNDX entries of the symbol table ``symtab_idx`` (the
+    section indices of symbols whose st_shndx is SHN_XINDEX), [] if it has none."""
+    xindex: list[int] = []
+    for h in hdrs:
+        if h[TYPE] == SHT["SYMTAB_SHNDX"] and h[LINK] == symtab_idx:
+            xindex = [
+                int.from_bytes(f.raw[o : o + 4], "little")
+                for o in range(h[OFFSET], h[OFFSET] + h[SIZE] - 3, 4)
+            ]
+    return xindex
+
+
+def _relocations(
+    f: _File, hdrs: list[tuple[int, ...]], symtab_idx: int, symbols: list[ObjSymbol]
+) -> dict[int, list[Relocation]]:
+    """Returns {section index: its RELA relocations against the symbol table}; raises
+    ElfError for a REL section or a relocation naming a symbol the table lacks."""
+    path = f.path
     relocs: dict[int, list[Relocation]] = defaultdict(list)
     for h in hdrs:
         if h[TYPE] == SHT["REL"]:
@@ -160,7 +220,9 @@ def load_object(path: str | Path) -> ObjectFile:
         if h[TYPE] != SHT["RELA"] or h[LINK] != symtab_idx:
             continue
         target = relocs[h[INFO]]
-        for off, r_info, addend in RELA.iter_table(raw, h[OFFSET], h[SIZE], f"{path}: relocations"):
+        for off, r_info, addend in RELA.iter_table(
+            f.raw, h[OFFSET], h[SIZE], f"{path}: relocations"
+        ):
             sym_index = r_info >> 32
             if sym_index >= len(symbols):
                 raise ElfError(
@@ -171,10 +233,4 @@ def load_object(path: str | Path) -> ObjectFile:
                     offset=off, type=r_info & 0xFFFFFFFF, symbol=symbols[sym_index], addend=addend
                 )
             )
-    return ObjectFile(
-        path=path,
-        sections=sections,
-        symbols=symbols,
-        relocations={k: v for k, v in relocs.items() if v},
-        source_file=source,
-    )
+    return relocs
