@@ -79,72 +79,112 @@ def layout(member: Member, closure: Closure) -> Layout:
 def emit(member: Member, closure: Closure, layouts: Sequence[Layout]) -> Emitted:
     """Returns ``member``'s final text and data and its fix-ups; ``layouts`` are every
     member's, for targets copied into another member (MEMBER)."""
-    obj = member.obj
-    own = layouts[member.index]
-    text, data = bytearray(own.text), bytearray(own.data)
-    fixups: list[PlacedFixup] = []
+    out = _Emitter(member, layouts)
+    # Stubs and GOT slots go after everything copied, so their offsets are known now.
+    stubs = out.import_stubs(closure)
+    got = out.got_slots(closure)
+    out.fix_bindings(closure, stubs, got)
+    out.fix_bound_branches(closure)
+    return Emitted(bytes(out.text), bytes(out.data), tuple(out.fixups))
 
-    def keep(fixup: Fixup) -> None:  # a fix-up whose TEXT/DATA base is this member's
-        fixups.append(PlacedFixup(fixup, member.index))
 
-    def add(where: FixupSection, ftype: FixupType, tgt: Target, pos: int, addend: int) -> None:
+class _Emitter:
+    """One member's text and data as :func:`emit` writes them, and its fix-ups so far."""
+
+    def __init__(self, member: Member, layouts: Sequence[Layout]) -> None:
+        self.member = member
+        self.layouts = layouts
+        self.own = layouts[member.index]
+        self.text, self.data = bytearray(self.own.text), bytearray(self.own.data)
+        self.fixups: list[PlacedFixup] = []
+
+    def keep(self, fixup: Fixup) -> None:
+        """Adds a fix-up whose TEXT/DATA base is this member's."""
+        self.fixups.append(PlacedFixup(fixup, self.member.index))
+
+    def add(
+        self, where: FixupSection, ftype: FixupType, tgt: Target, pos: int, addend: int
+    ) -> None:
+        """Adds the fix-up of the field at ``pos`` of ``where`` that reaches ``tgt``."""
         if tgt.kind in (TargetKind.COPY, TargetKind.MEMBER):
-            owner = member.index if tgt.kind is TargetKind.COPY else tgt.member
-            area, off = layouts[owner].placement[tgt.section]
+            owner = self.member.index if tgt.kind is TargetKind.COPY else tgt.member
+            area, off = self.layouts[owner].placement[tgt.section]
             base = FixupBase.TEXT if area == FixupSection.TEXT else FixupBase.DATA
-            fixups.append(
+            self.fixups.append(
                 PlacedFixup(Fixup(where, ftype, base, pos, off + tgt.value + addend), owner)
             )
         elif tgt.kind is TargetKind.EXE:
-            keep(Fixup(where, ftype, FixupBase.EXE, pos, tgt.value + addend))
+            self.keep(Fixup(where, ftype, FixupBase.EXE, pos, tgt.value + addend))
         elif tgt.kind is TargetKind.ABS:
-            keep(Fixup(where, ftype, FixupBase.ABS, pos, tgt.value + addend))
+            self.keep(Fixup(where, ftype, FixupBase.ABS, pos, tgt.value + addend))
         else:
-            keep(Fixup(where, ftype, FixupBase.IMPORT, pos, tgt.value + addend, tgt.symbol))
+            self.keep(Fixup(where, ftype, FixupBase.IMPORT, pos, tgt.value + addend, tgt.symbol))
 
-    # Stubs and GOT slots go after everything copied, so their offsets are known now.
-    stubs: dict[str, int] = {}  # import symbol -> stub offset in text
-    for b in closure.bindings:
-        if b.target.kind is TargetKind.IMPORT and b.rtype.recipe in (Recipe.CALL, Recipe.PCREL):
-            _check_call(obj.get_section(b.section), b.reloc, b.rtype)
-            stubs.setdefault(b.target.symbol, -1)
-    if stubs:
-        align(text, 16, INT3)
-        for name in stubs:
-            stubs[name] = len(text)
-            text += STUB + bytes(8) + bytes([INT3, INT3])
-            slot = Target(TargetKind.IMPORT, symbol=name)
-            add(FixupSection.TEXT, FixupType.ABS64, slot, len(text) - STUB_SIZE + STUB_SLOT, 0)
-    got: dict[Target, int] = {}  # target -> slot offset in text
-    got_targets = dict.fromkeys(b.target for b in closure.bindings if b.rtype.recipe is Recipe.GOT)
-    if got_targets:
-        align(text, GOT_SLOT, 0)
-        for tgt in got_targets:
-            got[tgt] = len(text)
-            text += bytes(GOT_SLOT)
-            add(FixupSection.TEXT, FixupType.ABS64, tgt, got[tgt], 0)
-    for b in closure.bindings:
-        where_, off = own.placement[b.section]
-        pos = off + b.reloc.offset
-        buf = text if where_ == FixupSection.TEXT else data
-        buf[pos : pos + b.rtype.size] = bytes(b.rtype.size)
-        addend = b.reloc.addend
-        if b.rtype.recipe is Recipe.ABS64:
-            add(where_, FixupType.ABS64, b.target, pos, addend)
-        elif b.rtype.recipe is Recipe.GOT:
-            keep(Fixup(where_, FixupType.PC32, FixupBase.TEXT, pos, got[b.target] + addend))
-        elif b.target.kind is TargetKind.IMPORT:
-            stub = stubs[b.target.symbol]
-            keep(Fixup(where_, FixupType.PC32, FixupBase.TEXT, pos, stub + addend))
-        else:
-            add(where_, FixupType.PC32, b.target, pos, addend)
-    for bound in closure.bound_branches:
-        _area, off = own.placement[bound.section]
-        text[off + bound.field : off + bound.field + 4] = bytes(4)
-        # rel32 = target - (field + 4): S + A - P with A = -4
-        at = off + bound.field
-        keep(Fixup(FixupSection.TEXT, FixupType.PC32, FixupBase.EXE, at, bound.address - 4))
-    return Emitted(bytes(text), bytes(data), tuple(fixups))
+    def import_stubs(self, closure: Closure) -> dict[str, int]:
+        """Appends a stub for each import called or reached PC-relatively; returns {import
+        symbol: stub offset in text}."""
+        stubs: dict[str, int] = {}
+        for b in closure.bindings:
+            if b.target.kind is TargetKind.IMPORT and b.rtype.recipe in (
+                Recipe.CALL,
+                Recipe.PCREL,
+            ):
+                _check_call(self.member.obj.get_section(b.section), b.reloc, b.rtype)
+                stubs.setdefault(b.target.symbol, -1)
+        if stubs:
+            text = self.text
+            align(text, 16, INT3)
+            for name in stubs:
+                stubs[name] = len(text)
+                text += STUB + bytes(8) + bytes([INT3, INT3])
+                slot = Target(TargetKind.IMPORT, symbol=name)
+                at = len(text) - STUB_SIZE + STUB_SLOT
+                self.add(FixupSection.TEXT, FixupType.ABS64, slot, at, 0)
+        return stubs
+
+    def got_slots(self, closure: Closure) -> dict[Target, int]:
+        """Appends a GOT slot for each target reached through the GOT; returns {target:
+        slot offset in text}."""
+        got: dict[Target, int] = {}
+        targets = dict.fromkeys(b.target for b in closure.bindings if b.rtype.recipe is Recipe.GOT)
+        if targets:
+            align(self.text, GOT_SLOT, 0)
+            for tgt in targets:
+                got[tgt] = len(self.text)
+                self.text += bytes(GOT_SLOT)
+                self.add(FixupSection.TEXT, FixupType.ABS64, tgt, got[tgt], 0)
+        return got
+
+    def fix_bindings(self, closure: Closure, stubs: dict[str, int], got: dict[Target, int]) -> None:
+        """Clears every relocated field of the copied sections and adds its fix-up."""
+        for b in closure.bindings:
+            where_, off = self.own.placement[b.section]
+            pos = off + b.reloc.offset
+            buf = self.text if where_ == FixupSection.TEXT else self.data
+            buf[pos : pos + b.rtype.size] = bytes(b.rtype.size)
+            addend = b.reloc.addend
+            if b.rtype.recipe is Recipe.ABS64:
+                self.add(where_, FixupType.ABS64, b.target, pos, addend)
+            elif b.rtype.recipe is Recipe.GOT:
+                self.keep(
+                    Fixup(where_, FixupType.PC32, FixupBase.TEXT, pos, got[b.target] + addend)
+                )
+            elif b.target.kind is TargetKind.IMPORT:
+                stub = stubs[b.target.symbol]
+                self.keep(Fixup(where_, FixupType.PC32, FixupBase.TEXT, pos, stub + addend))
+            else:
+                self.add(where_, FixupType.PC32, b.target, pos, addend)
+
+    def fix_bound_branches(self, closure: Closure) -> None:
+        """Clears the rel32 of every branch bound to the program and adds its fix-up."""
+        for bound in closure.bound_branches:
+            _area, off = self.own.placement[bound.section]
+            self.text[off + bound.field : off + bound.field + 4] = bytes(4)
+            # rel32 = target - (field + 4): S + A - P with A = -4
+            at = off + bound.field
+            self.keep(
+                Fixup(FixupSection.TEXT, FixupType.PC32, FixupBase.EXE, at, bound.address - 4)
+            )
 
 
 def new_symbols(member: Member, closure: Closure) -> dict[str, str]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NoReturn
 
 from patchbox.elf import dwarf
 from patchbox.elf.binary import Binary
@@ -123,6 +124,25 @@ def check_inlined(
             f"-g?): cannot check whether it is inlined elsewhere"
         )
         meta["inlined_check"] = "partial"
+    kept_by_fn = _kept(sites, replaced)
+    if not kept_by_fn:
+        return meta
+    if not allow_inlined:
+        _refuse(kept_by_fn, members, for_build=for_build)
+    for fn, kept in kept_by_fn.items():
+        warnings.append(
+            f"{fn} is inlined into {_where(kept, counted=True)}: calls there "
+            f"keep the old code (--allow-inlined)"
+        )
+        meta[f"inlined:{fn}"] = ",".join(dict.fromkeys(s.caller.name for s in kept))
+    return meta
+
+
+def _kept(
+    sites: dict[str, list[InlineSite]], replaced: list[_Replaced]
+) -> dict[str, list[InlineSite]]:
+    """Returns {function: its inline sites in callers the patch does not replace}, for
+    the functions that have such sites."""
     kept_by_fn: dict[str, list[InlineSite]] = {}
     for fn, fsites in sites.items():
         kept = [
@@ -133,16 +153,15 @@ def check_inlined(
         ]
         if kept:
             kept_by_fn[fn] = kept
-    if not kept_by_fn:
-        return meta
-    if allow_inlined:
-        for fn, kept in kept_by_fn.items():
-            warnings.append(
-                f"{fn} is inlined into {_where(kept, counted=True)}: calls there "
-                f"keep the old code (--allow-inlined)"
-            )
-            meta[f"inlined:{fn}"] = ",".join(dict.fromkeys(s.caller.name for s in kept))
-        return meta
+    return kept_by_fn
+
+
+def _refuse(
+    kept_by_fn: dict[str, list[InlineSite]], members: Sequence[Member], *, for_build: bool
+) -> NoReturn:
+    """Raises the ExtractError refusing inlined copies the patch leaves alone, with what
+    to add: ``--function CALLER`` (a caller in a patched file), patching another file, or
+    (``for_build``) nothing but --allow-inlined: the diff does not change those callers."""
     if for_build:
         refusals = [
             f"{fn} is inlined into {_where(kept)}, which the diff does not change"
