@@ -78,21 +78,44 @@ def parse_info(argv: Sequence[str], environ: Mapping[str, str]) -> InfoRequest |
     module takes in full (see the module's docstring), else None: click's to answer."""
     if COMPLETE_VAR in environ:
         return None
-    args = list(argv)
+    try:
+        args, timeout_text = _group_options(list(argv))
+        values, as_json = _info_options(args)
+        pid, socket_path = _target(values)
+        if timeout_text is None:
+            timeout_text = environ.get("PATCHBOX_TIMEOUT") or None  # click: "" is unset
+        timeout = _seconds(timeout_text)
+    except ValueError:
+        return None
+    return InfoRequest(pid, socket_path, as_json, timeout)
+
+
+class _ForClick(ValueError):
+    """A command line, or a part of one, that this module leaves to click."""
+
+
+def _group_options(args: list[str]) -> tuple[list[str], str | None]:
+    """Returns (the arguments after ``info``, the text of --timeout or None) of a command
+    line whose group options are --timeout at most once."""
     timeout_text: str | None = None
     while args and args[0] != "info":  # the group's options: --timeout only
         arg = args.pop(0)
         if timeout_text is not None:
-            return None
+            raise _ForClick(arg)
         if arg == "--timeout" and args:
             timeout_text = args.pop(0)
         elif arg.startswith("--timeout="):
             timeout_text = arg.removeprefix("--timeout=")
         else:
-            return None
+            raise _ForClick(arg)
     if not args:
-        return None
-    del args[0]  # info
+        raise _ForClick("no info command")
+    return args[1:], timeout_text
+
+
+def _info_options(args: list[str]) -> tuple[dict[str, str], bool]:
+    """Returns ({"pid" or "socket": its text}, --json given) of `info`'s arguments, each
+    option at most once, every value non-empty and without a leading ``-``."""
     values: dict[str, str] = {}
     as_json = False
     while args:
@@ -100,33 +123,37 @@ def parse_info(argv: Sequence[str], environ: Mapping[str, str]) -> InfoRequest |
         if arg == "--json" and not as_json:
             as_json = True
             continue
-        if arg in VALUE_OPTIONS and args:
-            key, value = VALUE_OPTIONS[arg], args.pop(0)
-        elif arg[:2] in ("-p", "-s") and len(arg) > 2:  # -p123: a short option's value
-            key, value = VALUE_OPTIONS[arg[:2]], arg[2:]
-        elif arg.startswith(("--pid=", "--socket=")):
-            name, _, value = arg.partition("=")
-            key = VALUE_OPTIONS[name]
-        else:
-            return None
+        key, value = _option_value(arg, args)
         if key in values or not value or value.startswith("-"):
-            return None
+            raise _ForClick(arg)
         values[key] = value
+    return values, as_json
+
+
+def _option_value(arg: str, rest: list[str]) -> tuple[str, str]:
+    """Returns (name, value) of the option ``arg``, taking its value from ``rest`` when it
+    is not attached (``-p123``, ``--pid=123``)."""
+    if arg in VALUE_OPTIONS and rest:
+        return VALUE_OPTIONS[arg], rest.pop(0)
+    if arg[:2] in ("-p", "-s") and arg[2:]:  # -p123: a short option's value
+        return VALUE_OPTIONS[arg[:2]], arg[2:]
+    if arg.startswith(("--pid=", "--socket=")):
+        name, _, value = arg.partition("=")
+        return VALUE_OPTIONS[name], value
+    raise _ForClick(arg)
+
+
+def _target(values: dict[str, str]) -> tuple[int | None, str | None]:
+    """Returns (pid, socket path) of exactly one of -p (a plain positive decimal) and -s
+    (not a directory)."""
     pid_text, socket_path = values.get("pid"), values.get("socket")
     if (pid_text is None) == (socket_path is None):
-        return None
+        raise _ForClick("both or neither of -p and -s")
     if pid_text is not None and (not PID_TEXT.fullmatch(pid_text) or int(pid_text) < 1):
-        return None
+        raise _ForClick(pid_text)
     if socket_path is not None and _is_dir(socket_path):
-        return None
-    if timeout_text is None:
-        timeout_text = environ.get("PATCHBOX_TIMEOUT") or None  # click: "" is unset
-    try:
-        timeout = _seconds(timeout_text)
-    except ValueError:
-        return None
-    pid = int(pid_text) if pid_text is not None else None
-    return InfoRequest(pid, socket_path, as_json, timeout)
+        raise _ForClick(socket_path)
+    return (int(pid_text) if pid_text is not None else None), socket_path
 
 
 def _plain_stream(stream: object) -> bool:
