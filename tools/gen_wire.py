@@ -144,6 +144,23 @@ def list_records(spec: dict[str, Any]) -> list[str]:
 
 def validate(spec: dict[str, Any]) -> list[str]:
     """Returns what is wrong with the source (empty when it may be generated)."""
+    errors = _validate_tables(spec)
+    for record, fields in spec["record"].items():
+        for name, kind in fields.items():
+            try:
+                fixed_width(kind)
+            except ValueError as err:
+                errors.append(f"record {record}.{name}: {err}")
+    for layout, fields in spec["layout"].items():
+        seen: dict[str, dict[str, Any]] = {}
+        for f in fields:
+            errors += _validate_field(spec, f"layout {layout}.{f.get('name')}", f, seen)
+            seen[f["name"]] = f
+    return errors
+
+
+def _validate_tables(spec: dict[str, Any]) -> list[str]:
+    """Returns what is wrong with the error codes, fix-up widths, limits and magics."""
     errors = []
     values = [v for v, _t in spec["error"].values()]
     if values != list(range(len(values))):
@@ -157,32 +174,29 @@ def validate(spec: dict[str, Any]) -> list[str]:
         magic = spec["file"][table].encode()
         if len(magic) != fixed_width(spec["record"][field]["magic"]):
             errors.append(f"[file] {table} is not as long as {field}.magic")
-    for record, fields in spec["record"].items():
-        for name, kind in fields.items():
-            try:
-                fixed_width(kind)
-            except ValueError as err:
-                errors.append(f"record {record}.{name}: {err}")
-    for layout, fields in spec["layout"].items():
-        seen: dict[str, dict[str, Any]] = {}
-        for f in fields:
-            where = f"layout {layout}.{f.get('name')}"
-            if set(f) - FIELD_KEYS or f.get("kind") not in INTS.keys() | PREFIX.keys():
-                errors.append(f"{where}: unknown key or kind")
-            if f["kind"].startswith("list") and not {"record", "count", "item"} <= set(f):
-                errors.append(f"{where}: a list needs record, count and item")
-            if "record" in f and f["record"] not in spec["layout"]:
-                errors.append(f"{where}: no layout {f['record']!r}")
-            if "enum" in f and f["enum"] not in ENUM_CLASS:
-                errors.append(f"{where}: no enumeration {f['enum']!r}")
-            for b in ("lo", "hi"):
-                if isinstance(f.get(b), str) and f[b] not in lim:
-                    errors.append(f"{where}: {b} names no limit")
-            if "when" in f:
-                other = seen.get(f["when"][0], {})
-                if f["when"][1] not in spec.get(other.get("enum", ""), {}):
-                    errors.append(f"{where}: when names no earlier enum field and value")
-            seen[f["name"]] = f
+    return errors
+
+
+def _validate_field(
+    spec: dict[str, Any], where: str, f: dict[str, Any], seen: dict[str, dict[str, Any]]
+) -> list[str]:
+    """Returns what is wrong with the layout field ``f``; ``seen`` are the fields before it."""
+    errors = []
+    if set(f) - FIELD_KEYS or f.get("kind") not in INTS.keys() | PREFIX.keys():
+        errors.append(f"{where}: unknown key or kind")
+    if f["kind"].startswith("list") and not {"record", "count", "item"} <= set(f):
+        errors.append(f"{where}: a list needs record, count and item")
+    if "record" in f and f["record"] not in spec["layout"]:
+        errors.append(f"{where}: no layout {f['record']!r}")
+    if "enum" in f and f["enum"] not in ENUM_CLASS:
+        errors.append(f"{where}: no enumeration {f['enum']!r}")
+    for b in ("lo", "hi"):
+        if isinstance(f.get(b), str) and f[b] not in spec["limits"]:
+            errors.append(f"{where}: {b} names no limit")
+    if "when" in f:
+        other = seen.get(f["when"][0], {})
+        if f["when"][1] not in spec.get(other.get("enum", ""), {}):
+            errors.append(f"{where}: when names no earlier enum field and value")
     return errors
 
 
@@ -218,6 +232,21 @@ def render_c(spec: dict[str, Any], notes: dict[tuple[str, str], str]) -> str:
     for name, value in spec["limits"].items():
         text = f"{value:#x}u" if name == "MAGIC" else str(value)
         out.append(f"#define PBX_{name} {text}{c_comment(notes.get(('limits', name)))}")
+    out += _c_enums(spec, notes) + _c_file(spec, notes) + _c_records(spec, notes)
+    out += [
+        "",
+        "/* The fewest bytes one entry of a list takes in its layout (lengths and counts at",
+        " * their lower bound; the layouts: src/patchbox/wire.py, from wire/constants.toml). */",
+    ]
+    for layout in list_records(spec):
+        out.append(f"#define PBX_{layout.upper()}_MIN_SIZE {min_size(spec, layout)}")
+    out += _c_errors(spec) + ["", "#endif", ""]
+    return "\n".join(out)
+
+
+def _c_enums(spec: dict[str, Any], notes: dict[tuple[str, str], str]) -> list[str]:
+    """Returns the #defines of every enumeration (and the fix-up widths after the types)."""
+    out = []
     for table, prefix, _cls in ENUMS:
         out.append("")
         if (table, "") in notes:
@@ -228,7 +257,12 @@ def render_c(spec: dict[str, Any], notes: dict[tuple[str, str], str]) -> str:
             out += [""] + c_block(notes[("fixup_width", "")])
             for name, value in spec["fixup_width"].items():
                 out.append(f"#define PBX_FIXUP_{name}_WIDTH {value}")
-    out += [""] + c_block(notes[("file", "")])
+    return out
+
+
+def _c_file(spec: dict[str, Any], notes: dict[tuple[str, str], str]) -> list[str]:
+    """Returns the #defines of the patch file's constants and flags."""
+    out = [""] + c_block(notes[("file", "")])
     for name, value in spec["file"].items():
         text = json.dumps(value) if isinstance(value, str) else str(value)
         out.append(f"#define PBX_FILE_{name} {text}{c_comment(notes.get(('file', name)))}")
@@ -240,7 +274,12 @@ def render_c(spec: dict[str, Any], notes: dict[tuple[str, str], str]) -> str:
     for value in spec["file_flag"].values():
         known |= value
     out.append(f"#define PBX_FILE_FLAGS_KNOWN {known:#x}u")
-    out += ["", "/* Fixed-size records: packed, little-endian (the agent runs on x86-64). */"]
+    return out
+
+
+def _c_records(spec: dict[str, Any], notes: dict[tuple[str, str], str]) -> list[str]:
+    """Returns the packed struct, size and static assertion of every fixed-size record."""
+    out = ["", "/* Fixed-size records: packed, little-endian (the agent runs on x86-64). */"]
     for record, fields in spec["record"].items():
         out += [""] + c_block(notes[(f"record.{record}", "")]) + [f"struct pbx_{record} {{"]
         for name, kind in fields.items():
@@ -258,14 +297,12 @@ def render_c(spec: dict[str, Any], notes: dict[tuple[str, str], str]) -> str:
             f'_Static_assert(sizeof(struct pbx_{record}) == {macro}, "struct pbx_{record}");',
             "#endif",
         ]
-    out += [
-        "",
-        "/* The fewest bytes one entry of a list takes in its layout (lengths and counts at",
-        " * their lower bound; the layouts: src/patchbox/wire.py, from wire/constants.toml). */",
-    ]
-    for layout in list_records(spec):
-        out.append(f"#define PBX_{layout.upper()}_MIN_SIZE {min_size(spec, layout)}")
-    out += ["", "enum pbx_error {"]
+    return out
+
+
+def _c_errors(spec: dict[str, Any]) -> list[str]:
+    """Returns enum pbx_error and the table of its texts."""
+    out = ["", "enum pbx_error {"]
     for name, (value, _text) in spec["error"].items():
         out.append(f"\tPBX_E_{name} = {value},")
     out += [
@@ -277,8 +314,8 @@ def render_c(spec: dict[str, Any], notes: dict[tuple[str, str], str]) -> str:
     ]
     for _name, (_value, text) in spec["error"].items():
         out.append(f'\t"{text}", \\')
-    out += ["}", "", "#endif", ""]
-    return "\n".join(out)
+    out.append("}")
+    return out
 
 
 # -- Python -----------------------------------------------------------------------------
@@ -406,25 +443,59 @@ def render_py(spec: dict[str, Any], notes: dict[tuple[str, str], str]) -> str:
         text = f"{value:#x}" if name == "MAGIC" else str(value)
         out += py_commented(f"{name} = {text}", notes.get(("limits", name)))
         names.append(name)
+    for part in (_py_enums, _py_file, _py_records, _py_layouts):
+        lines, defined = part(spec, notes)
+        out += lines
+        names += defined
+    out += ["", "", "class ErrorCode(IntEnum):"]
+    out += [f"    {name} = {value}" for name, (value, _t) in spec["error"].items()]
+    out += ["", "", "ERROR_TEXTS: dict[int, str] = {"]
+    out += [f"    {value}: {json.dumps(text)}," for _n, (value, text) in spec["error"].items()]
+    out += ["}", "", "__all__ = ["]
+    names += ["ErrorCode", "ERROR_TEXTS"]
+    out += [f"    {json.dumps(n)}," for n in names]
+    out += ["]", ""]
+    return "\n".join(out)
+
+
+def py_note(notes: dict[tuple[str, str], str], key: tuple[str, str]) -> list[str]:
+    """Returns the note of ``key`` as comment lines that fit."""
+    return [f"# {part}" for part in textwrap.wrap(notes[key], WIDTH - 2)]
+
+
+def _py_enums(
+    spec: dict[str, Any], notes: dict[tuple[str, str], str]
+) -> tuple[list[str], list[str]]:
+    """Returns (lines, names defined) of the IntEnum classes and FIXUP_WIDTH."""
+    out: list[str] = []
+    names: list[str] = []
     for table, _prefix, cls in ENUMS:
         out += ["", ""]
         if (table, "") in notes:
-            out += [f"# {part}" for part in textwrap.wrap(notes[(table, "")], WIDTH - 2)]
+            out += py_note(notes, (table, ""))
         out.append(f"class {cls}(IntEnum):")
         for name, value in spec[table].items():
             out += py_commented(f"    {name} = {value}", notes.get((table, name)), "    ")
         names.append(cls)
-    out += ["", ""] + [f"# {part}" for part in textwrap.wrap(notes[("fixup_width", "")], WIDTH - 2)]
+    out += ["", ""] + py_note(notes, ("fixup_width", ""))
     out.append("FIXUP_WIDTH = {")
     out += [f"    FixupType.{name}: {value}," for name, value in spec["fixup_width"].items()]
     out.append("}")
     names.append("FIXUP_WIDTH")
-    out += [""] + [f"# {part}" for part in textwrap.wrap(notes[("file", "")], WIDTH - 2)]
+    return out, names
+
+
+def _py_file(
+    spec: dict[str, Any], notes: dict[tuple[str, str], str]
+) -> tuple[list[str], list[str]]:
+    """Returns (lines, names defined) of the patch file's constants and flags."""
+    out = [""] + py_note(notes, ("file", ""))
+    names: list[str] = []
     for name, value in spec["file"].items():
         text = f"b{json.dumps(value)}" if isinstance(value, str) else str(value)
         out += py_commented(f"FILE_{name} = {text}", notes.get(("file", name)))
         names.append(f"FILE_{name}")
-    out += [f"# {part}" for part in textwrap.wrap(notes[("file_flag", "")], WIDTH - 2)]
+    out += py_note(notes, ("file_flag", ""))
     known = 0
     for name, value in spec["file_flag"].items():
         out += py_commented(f"FILE_FLAG_{name} = {value:#x}", notes.get(("file_flag", name)))
@@ -432,11 +503,20 @@ def render_py(spec: dict[str, Any], notes: dict[tuple[str, str], str]) -> str:
         known |= value
     out.append(f"FILE_FLAGS_KNOWN = {known:#x}")
     names.append("FILE_FLAGS_KNOWN")
-    out += ["", "# Fixed-size records (little-endian, packed): struct format, field names, size."]
+    return out, names
+
+
+def _py_records(
+    spec: dict[str, Any], notes: dict[tuple[str, str], str]
+) -> tuple[list[str], list[str]]:
+    """Returns (lines, names defined) of the fixed-size records: struct format, field
+    names and size of each."""
+    out = ["", "# Fixed-size records (little-endian, packed): struct format, field names, size."]
+    names: list[str] = []
     for record, fields in spec["record"].items():
         up = record.upper()
         out.append("")
-        out += [f"# {part}" for part in textwrap.wrap(notes[(f"record.{record}", "")], WIDTH - 2)]
+        out += py_note(notes, (f"record.{record}", ""))
         out.append(f'{up}_FORMAT = "{struct_format(fields)}"')
         names_text = ", ".join(json.dumps(n) for n in fields) + ("," if len(fields) == 1 else "")
         fields_line = f"{up}_FIELDS = ({names_text})"
@@ -446,8 +526,16 @@ def render_py(spec: dict[str, Any], notes: dict[tuple[str, str], str]) -> str:
             out += [f"{up}_FIELDS = ("] + [f"    {json.dumps(n)}," for n in fields] + [")"]
         out.append(f"{up}_SIZE = {struct.calcsize(struct_format(fields))}")
         names += [f"{up}_FORMAT", f"{up}_FIELDS", f"{up}_SIZE"]
-    out.append(FIELD_CLASS)
-    names.append("Field")
+    return out, names
+
+
+def _py_layouts(
+    spec: dict[str, Any], _notes: dict[tuple[str, str], str]
+) -> tuple[list[str], list[str]]:
+    """Returns (lines, names defined) of the Field class, the variable-length layouts
+    (each after the layouts it uses as list entries) and their entries' least sizes."""
+    out = [FIELD_CLASS]
+    names = ["Field"]
     out += ["", "", "# Variable-length layouts, each after the layouts it uses as list entries."]
     for layout in layout_order(spec):
         fields = spec["layout"][layout]
@@ -469,15 +557,7 @@ def render_py(spec: dict[str, Any], notes: dict[tuple[str, str], str]) -> str:
     for layout in list_records(spec):
         out.append(f"{layout.upper()}_MIN_SIZE = {min_size(spec, layout)}")
         names.append(f"{layout.upper()}_MIN_SIZE")
-    out += ["", "", "class ErrorCode(IntEnum):"]
-    out += [f"    {name} = {value}" for name, (value, _t) in spec["error"].items()]
-    out += ["", "", "ERROR_TEXTS: dict[int, str] = {"]
-    out += [f"    {value}: {json.dumps(text)}," for _n, (value, text) in spec["error"].items()]
-    out += ["}", "", "__all__ = ["]
-    names += ["ErrorCode", "ERROR_TEXTS"]
-    out += [f"    {json.dumps(n)}," for n in names]
-    out += ["]", ""]
-    return "\n".join(out)
+    return out, names
 
 
 # -- the version lines ------------------------------------------------------------------
