@@ -420,221 +420,319 @@ def check(seed: int, kind: str, work: Path, flags: tuple[str, str]) -> Result:
     """Returns the result of one (seed, kind) in the empty directory ``work``."""
     opt = OPT_LEVELS[(seed // len(KINDS)) % len(OPT_LEVELS)]
     res = Result(seed, kind, opt)
-    orig = work / "orig"
-    # Csmith writes platform.info into its working directory.
-    gen = sh(["csmith", "--seed", str(seed), *CSMITH_OPTS, "-o", work / "csmith.c"], cwd=work)
-    if gen.returncode:
-        raise Failed(f"csmith: {gen.stderr[-500:]}")
-    # The options line names the output file: the same text whatever the directory.
-    source = (work / "csmith.c").read_text().replace(str(work / "csmith.c"), "prog.c")
+    run = _Check(res, work, flags)
     try:
-        live = executed_lines(work, source)
-    except subprocess.TimeoutExpired:
-        res.status, res.reason = "slow", "a run of the original (gcov build) takes over 3 s"
-        return res
-    if kind != "inline" and mutate(source, kind, seed, 0, live=live) is None:
-        res.status, res.reason = "n/a", "no place for this kind"
-        return res
-    write_tree(orig, source, opt, flags)
-    if err := make(orig):
-        res.status, res.reason = "invalid", f"the original does not build: {err}"
-        return res
-    sock = work / "sock"
-    try:
-        [o_fork] = fresh(orig / "prog", ["fork"], sock, FRESH_TIMEOUT)
-    except Failed as err:
-        res.status, res.reason = "slow", str(err)
-        return res
-    if not run_ok(o_fork):
-        res.status, res.reason = "invalid", "the original crashes"
-        return res
-    inlined = inlined_functions(orig / "prog.o", source)
+        orig = run.original()
+        mutant = run.mutant(orig)
+        patch, explained = run.build_fix(orig, mutant)
+        expected = run.oracle(orig, mutant, explained)
+        run.judge(orig, mutant, run.live(orig, patch, expected), expected)
+    except _Stop as stop:
+        res.status, res.reason = stop.status, stop.reason
+    return res
 
-    # A mutant that builds, runs and, if any candidate does, prints something else.
-    chosen: tuple[Mutation, str, Path] | None = None
-    for c in range(CANDIDATES):
-        m = mutate(source, kind, seed, c, inlined=inlined, live=live)
-        if m is None:
-            break
-        mdir = work / f"mut{c}"
-        write_tree(mdir, m.text, opt, flags)
-        if make(mdir):
-            res.candidates.append(f"{m.what}: does not build")
-            continue
+
+# The mid-run check: in the running original, switched at the same iterations as the
+# oracle switches (apply before the second, remove before the fourth).
+MID_CMDS = ("iter o", "iter m", "iter m", "iter o")
+
+
+class _Stop(Exception):
+    """Ends :func:`check` early with the result's status and reason."""
+
+    def __init__(self, status: str, reason: str) -> None:
+        super().__init__(f"{status}: {reason}")
+        self.status, self.reason = status, reason
+
+
+@dataclass(frozen=True)
+class _Original:
+    """The original program of one (seed, kind), built and run once."""
+
+    source: str
+    live: frozenset[int] | None  # its executed lines (1-based), None if unknown
+    tree: Path
+    fork: str  # what it prints started fresh
+    inlined: frozenset[str]  # functions its object does not define (inlined everywhere)
+
+
+@dataclass(frozen=True)
+class _Mutant:
+    """The mutant chosen: the mutation, what it prints started fresh, its tree."""
+
+    mutation: Mutation
+    fork: str
+    tree: Path
+
+
+@dataclass(frozen=True)
+class _Live:
+    """What the running original printed: patched, after the removal, and mid-run."""
+
+    patched: str
+    removed: str
+    mid: list[str]
+    mid_failed: str  # why the mid-run iterations stopped early ("" if they did not)
+
+
+class _Check:
+    """The steps of :func:`check`, each setting what it learns in the result; a step that
+    ends the check raises _Stop."""
+
+    def __init__(self, res: Result, work: Path, flags: tuple[str, str]) -> None:
+        self.res, self.work, self.flags = res, work, flags
+        self.sock = work / "sock"
+
+    def original(self) -> _Original:
+        """Returns Csmith's program of the seed, built and run once; stops if it has no
+        place for the kind, does not build, crashes or is slow."""
+        res, work = self.res, self.work
+        # Csmith writes platform.info into its working directory.
+        gen = sh(
+            ["csmith", "--seed", str(res.seed), *CSMITH_OPTS, "-o", work / "csmith.c"], cwd=work
+        )
+        if gen.returncode:
+            raise Failed(f"csmith: {gen.stderr[-500:]}")
+        # The options line names the output file: the same text whatever the directory.
+        source = (work / "csmith.c").read_text().replace(str(work / "csmith.c"), "prog.c")
         try:
-            [m_fork] = fresh(mdir / "prog", ["fork"], sock, FRESH_TIMEOUT)
+            live = executed_lines(work, source)
+        except subprocess.TimeoutExpired as err:
+            raise _Stop("slow", "a run of the original (gcov build) takes over 3 s") from err
+        if res.kind != "inline" and mutate(source, res.kind, res.seed, 0, live=live) is None:
+            raise _Stop("n/a", "no place for this kind")
+        orig = work / "orig"
+        write_tree(orig, source, res.opt, self.flags)
+        if err := make(orig):
+            raise _Stop("invalid", f"the original does not build: {err}")
+        try:
+            [o_fork] = fresh(orig / "prog", ["fork"], self.sock, FRESH_TIMEOUT)
         except Failed as why:
-            res.candidates.append(f"{m.what}: {why}")
-            continue
-        if not run_ok(m_fork):
-            res.candidates.append(f"{m.what}: crashes")
-            continue
-        res.candidates.append(
-            f"{m.what}: {'prints otherwise' if m_fork != o_fork else 'prints the same'}"
-        )
-        if chosen is None or (m_fork != o_fork and chosen[1] == o_fork):
-            chosen = (m, m_fork, mdir)
-        if m_fork != o_fork:
-            break
-    if chosen is None:
-        res.status = "n/a" if not res.candidates else "invalid"
-        res.reason = (
-            "no place for this kind" if not res.candidates else "no candidate builds and runs"
-        )
-        return res
-    mutation, m_fork, mtree = chosen
-    res.what, res.observable = mutation.what, m_fork != o_fork
+            raise _Stop("slow", str(why)) from why
+        if not run_ok(o_fork):
+            raise _Stop("invalid", "the original crashes")
+        return _Original(source, live, orig, o_fork, inlined_functions(orig / "prog.o", source))
 
-    # The fix as an operator has it, through the product's path.
-    diff = sh(
-        [
-            "diff",
-            "-u",
-            "--label",
-            "a/prog.c",
-            "--label",
-            "b/prog.c",
-            orig / "prog.c",
-            mtree / "prog.c",
-        ]
-    )
-    (work / "fix.patch").write_text(diff.stdout)
-    patch = work / "fix.pbx"
-    build = sh(
-        [
-            BIN / "patchbox",
-            "build",
-            "--source",
-            orig,
-            "--diff",
-            work / "fix.patch",
-            "--binary",
-            "prog",
-            "--name",
-            "fix",
-            "--explain",
-            "-o",
-            patch,
-        ],
-        timeout=600,
-    )
-    (work / "explain.txt").write_text(build.stdout + build.stderr)
-    if build.returncode:
-        category, message = refusal(build.stdout + build.stderr)
-        res.status = "refused" if category else "error"
-        res.reason = f"build: {category}: {message}" if category else f"build failed: {message}"
-        if category == "no function changed" and res.observable:
-            # A change the comparison missed: the patch would leave the old behaviour.
-            res.status = "diverged"
-            res.reason = (
-                f"build found no changed function, but the mutant prints otherwise: {message}"
+    def mutant(self, orig: _Original) -> _Mutant:
+        """Returns a mutant that builds, runs and, if any candidate does, prints something
+        else than the original; stops if none builds and runs."""
+        res = self.res
+        chosen: _Mutant | None = None
+        for c in range(CANDIDATES):
+            m = mutate(orig.source, res.kind, res.seed, c, inlined=orig.inlined, live=orig.live)
+            if m is None:
+                break
+            mdir = self.work / f"mut{c}"
+            write_tree(mdir, m.text, res.opt, self.flags)
+            if make(mdir):
+                res.candidates.append(f"{m.what}: does not build")
+                continue
+            try:
+                [m_fork] = fresh(mdir / "prog", ["fork"], self.sock, FRESH_TIMEOUT)
+            except Failed as why:
+                res.candidates.append(f"{m.what}: {why}")
+                continue
+            if not run_ok(m_fork):
+                res.candidates.append(f"{m.what}: crashes")
+                continue
+            res.candidates.append(
+                f"{m.what}: {'prints otherwise' if m_fork != orig.fork else 'prints the same'}"
             )
-        return res
-    from patchbox.format.layout import load_patch
-    from patchbox.wire import RedirectKind
+            if chosen is None or (m_fork != orig.fork and chosen.fork == orig.fork):
+                chosen = _Mutant(m, m_fork, mdir)
+            if m_fork != orig.fork:
+                break
+        if chosen is None:
+            if not res.candidates:
+                raise _Stop("n/a", "no place for this kind")
+            raise _Stop("invalid", "no candidate builds and runs")
+        res.what, res.observable = chosen.mutation.what, chosen.fork != orig.fork
+        return chosen
 
-    res.entry_jumps = sum(f.kind == RedirectKind.ENTRY_JUMP for f in load_patch(patch).functions)
-    res.replaced = sorted(
-        m.group(1) for m in re.finditer(r"^\s+in\s+function\s+(\S+)", build.stdout, re.M)
-    )
+    def build_fix(self, orig: _Original, mutant: _Mutant) -> tuple[Path, str]:
+        """Returns (the patch, the explanation) ``patchbox build`` makes of the mutant's
+        diff, the fix as an operator has it; stops if it refuses or fails."""
+        res, work = self.res, self.work
+        diff = sh(
+            [
+                "diff",
+                "-u",
+                "--label",
+                "a/prog.c",
+                "--label",
+                "b/prog.c",
+                orig.tree / "prog.c",
+                mutant.tree / "prog.c",
+            ]
+        )
+        (work / "fix.patch").write_text(diff.stdout)
+        patch = work / "fix.pbx"
+        build = sh(
+            [
+                BIN / "patchbox",
+                "build",
+                "--source",
+                orig.tree,
+                "--diff",
+                work / "fix.patch",
+                "--binary",
+                "prog",
+                "--name",
+                "fix",
+                "--explain",
+                "-o",
+                patch,
+            ],
+            timeout=600,
+        )
+        (work / "explain.txt").write_text(build.stdout + build.stderr)
+        if build.returncode:
+            category, message = refusal(build.stdout + build.stderr)
+            if category == "no function changed" and res.observable:
+                # A change the comparison missed: the patch would leave the old behaviour.
+                raise _Stop(
+                    "diverged",
+                    f"build found no changed function, but the mutant prints otherwise: {message}",
+                )
+            if category:
+                raise _Stop("refused", f"build: {category}: {message}")
+            raise _Stop("error", f"build failed: {message}")
+        from patchbox.format.layout import load_patch
+        from patchbox.wire import RedirectKind
 
-    # The oracle first: the program run again on the globals its first run left can
-    # reach what Csmith does not guard against (a pointer to a dead local): then there is
-    # nothing to compare with, and the mid-run check is skipped for this program.
-    mid_cmds = ["iter o", "iter m", "iter m", "iter o"]
-    expected: list[str] | None = None
-    if kind == "data":
-        res.mid_run = "skipped (a data change has no oracle)"
-    else:
+        functions = load_patch(patch).functions
+        res.entry_jumps = sum(f.kind == RedirectKind.ENTRY_JUMP for f in functions)
+        res.replaced = sorted(
+            m.group(1) for m in re.finditer(r"^\s+in\s+function\s+(\S+)", build.stdout, re.M)
+        )
+        return patch, build.stdout
+
+    def oracle(self, orig: _Original, mutant: _Mutant, explained: str) -> list[str] | None:
+        """Returns what the oracle prints for MID_CMDS, None when there is none to compare
+        with. The oracle first: the program run again on the globals its first run left
+        can reach what Csmith does not guard against (a pointer to a dead local): then
+        there is nothing to compare with, and the mid-run check is skipped."""
+        res = self.res
+        if res.kind == "data":
+            res.mid_run = "skipped (a data change has no oracle)"
+            return None
         # A global the original object lacks (folded: nothing stored to it) is carried
         # by the patch as a new variable, a copy of its own from the initial value, which
         # the original's code, constant-folded, never sees (docs/differential.md).
-        carried = set(
-            re.findall(r"^\s*carried\s+variable\s+(\S+)\s+new variable", build.stdout, re.M)
+        carried = set(re.findall(r"^\s*carried\s+variable\s+(\S+)\s+new variable", explained, re.M))
+        res.private = sorted(carried & {g.name for g in parse(orig.source).globals})
+        oracle = build_oracle(
+            self.work, orig.source, mutant.mutation.text, res.opt, frozenset(res.private)
         )
-        res.private = sorted(carried & {g.name for g in parse(source).globals})
-        oracle = build_oracle(work, source, mutation.text, opt, frozenset(res.private))
         try:
-            expected = fresh(oracle, mid_cmds, sock)
+            return fresh(oracle, list(MID_CMDS), self.sock)
         except Failed as err:
             res.mid_run = f"skipped (the oracle: {err})"
-    held = Held(orig / "prog", sock)
-    mid: list[str] = []
-    mid_failed = ""
-    try:
-        held.wait_agent()
-        applied = apply_cmd(held.pid, patch)
-        if applied.returncode:
-            category, message = refusal(applied.stdout + applied.stderr)
-            res.status = "refused" if category else "error"
-            res.reason = f"apply: {category}: {message}" if category else f"apply failed: {message}"
-            return res
-        p_fork = held.run("fork")
-        removed = remove_cmd(held.pid)
-        if removed.returncode:
-            res.status, res.reason = "error", f"remove failed: {removed.stderr.strip()[-800:]}"
-            return res
-        r_fork = held.run("fork")
-        if expected is not None:
-            try:
-                mid.append(held.run(mid_cmds[0]))
-                again = apply_cmd(held.pid, patch)
-                if again.returncode:
-                    raise Failed(f"second apply failed: {again.stderr.strip()[-800:]}")
-                mid += [held.run(mid_cmds[1]), held.run(mid_cmds[2])]
-                again = remove_cmd(held.pid)
-                if again.returncode:
-                    raise Failed(f"second remove failed: {again.stderr.strip()[-800:]}")
-                mid.append(held.run(mid_cmds[3]))
-            except Failed as err:
-                mid_failed = f"iteration {len(mid)}: {err}"
-    finally:
-        held.stop()
+            return None
 
-    problems = []
-    if p_fork != m_fork:
-        problems.append(f"patched run != fresh mutant: {first_difference(p_fork, m_fork)}")
-    if r_fork != o_fork:
-        problems.append(f"after remove != fresh original: {first_difference(r_fork, o_fork)}")
-    if problems and unstable(work, mtree, mutation.text, ["fork"], [m_fork]):
-        res.mid_run = "skipped"
-        res.status, res.reason = (
-            "invalid",
-            "mutant depends on undefined behaviour (-O0 prints otherwise)",
-        )
-        return res
-    if expected is not None:
-        if mid == expected:
+    def live(self, orig: _Original, patch: Path, expected: list[str] | None) -> _Live:
+        """Returns what the running original prints patched, after the removal and (with
+        an oracle) mid-run; stops if apply or remove fails."""
+        held = Held(orig.tree / "prog", self.sock)
+        try:
+            held.wait_agent()
+            applied = apply_cmd(held.pid, patch)
+            if applied.returncode:
+                category, message = refusal(applied.stdout + applied.stderr)
+                if category:
+                    raise _Stop("refused", f"apply: {category}: {message}")
+                raise _Stop("error", f"apply failed: {message}")
+            p_fork = held.run("fork")
+            removed = remove_cmd(held.pid)
+            if removed.returncode:
+                raise _Stop("error", f"remove failed: {removed.stderr.strip()[-800:]}")
+            r_fork = held.run("fork")
+            mid, mid_failed = _mid_run(held, patch) if expected is not None else ([], "")
+        finally:
+            held.stop()
+        return _Live(p_fork, r_fork, mid, mid_failed)
+
+    def judge(
+        self, orig: _Original, mutant: _Mutant, run: _Live, expected: list[str] | None
+    ) -> None:
+        """Sets the result's status: patched, or diverged with the problems (the outputs
+        kept in the work directory); stops if the mutant depends on undefined behaviour."""
+        res = self.res
+        problems = []
+        if run.patched != mutant.fork:
+            problems.append(
+                f"patched run != fresh mutant: {first_difference(run.patched, mutant.fork)}"
+            )
+        if run.removed != orig.fork:
+            problems.append(
+                f"after remove != fresh original: {first_difference(run.removed, orig.fork)}"
+            )
+        if problems and unstable(
+            self.work, mutant.tree, mutant.mutation.text, ["fork"], [mutant.fork]
+        ):
+            res.mid_run = "skipped"
+            raise _Stop("invalid", "mutant depends on undefined behaviour (-O0 prints otherwise)")
+        if expected is not None:
+            problems += self._mid_run_problems(orig, mutant, run, expected)
+        if not problems:
+            res.status = "patched"
+            return
+        res.status, res.reason = "diverged", "; ".join(problems)
+        for name, text in (
+            ("p_fork", run.patched),
+            ("m_fork", mutant.fork),
+            ("r_fork", run.removed),
+            ("o_fork", orig.fork),
+        ):
+            (self.work / f"{name}.txt").write_text(text)
+        for i, text in enumerate(run.mid):
+            (self.work / f"mid{i}.txt").write_text(text)
+
+    def _mid_run_problems(
+        self, orig: _Original, mutant: _Mutant, run: _Live, expected: list[str]
+    ) -> list[str]:
+        """Returns how the mid-run iterations differ from the oracle's (none if they do
+        not, or if the oracle itself depends on undefined behaviour); sets ``mid_run``."""
+        res = self.res
+        if run.mid == expected:
             res.mid_run = "same"
-        elif _oracle_unstable(
-            work, source, mutation.text, mid_cmds, expected, frozenset(res.private)
+            return []
+        if _oracle_unstable(
+            self.work,
+            orig.source,
+            mutant.mutation.text,
+            list(MID_CMDS),
+            expected,
+            private=frozenset(res.private),
         ):
             res.mid_run = (
                 "skipped (the oracle depends on undefined behaviour: -O0 prints otherwise)"
             )
-        elif mid_failed:
-            res.mid_run = "diverged"
-            problems.append(f"mid-run {mid_failed} (the oracle ran all four)")
-        else:
-            res.mid_run = "diverged"
-            n = next(i for i in range(4) if mid[i] != expected[i])
-            problems.append(
-                f"mid-run iteration {n} != oracle: {first_difference(mid[n], expected[n])}"
-            )
-    if problems:
-        res.status, res.reason = "diverged", "; ".join(problems)
-        for name, text in (
-            ("p_fork", p_fork),
-            ("m_fork", m_fork),
-            ("r_fork", r_fork),
-            ("o_fork", o_fork),
-        ):
-            (work / f"{name}.txt").write_text(text)
-        for i, text in enumerate(mid):
-            (work / f"mid{i}.txt").write_text(text)
-    else:
-        res.status = "patched"
-    return res
+            return []
+        res.mid_run = "diverged"
+        if run.mid_failed:
+            return [f"mid-run {run.mid_failed} (the oracle ran all four)"]
+        n = next(i for i in range(len(MID_CMDS)) if run.mid[i] != expected[i])
+        return [f"mid-run iteration {n} != oracle: {first_difference(run.mid[n], expected[n])}"]
+
+
+def _mid_run(held: Held, patch: Path) -> tuple[list[str], str]:
+    """Returns (the outputs of MID_CMDS in the running original, patched for the middle
+    two; why they stopped early, "" if they did not)."""
+    mid: list[str] = []
+    try:
+        mid.append(held.run(MID_CMDS[0]))
+        again = apply_cmd(held.pid, patch)
+        if again.returncode:
+            raise Failed(f"second apply failed: {again.stderr.strip()[-800:]}")
+        mid += [held.run(MID_CMDS[1]), held.run(MID_CMDS[2])]
+        again = remove_cmd(held.pid)
+        if again.returncode:
+            raise Failed(f"second remove failed: {again.stderr.strip()[-800:]}")
+        mid.append(held.run(MID_CMDS[3]))
+    except Failed as err:
+        return mid, f"iteration {len(mid)}: {err}"
+    return mid, ""
 
 
 def _oracle_unstable(
