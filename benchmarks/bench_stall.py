@@ -32,6 +32,7 @@ import os
 import statistics
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from patchbox.extract import extract_patch
@@ -196,83 +197,117 @@ def main() -> None:
     ap.add_argument("--mallocs", type=int, default=5_000_000)
     ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()
-    rows: list[tuple[str, str, str, str]] = []
     with tempfile.TemporaryDirectory() as tmpdir:
-        tmp = Path(tmpdir)
-        exe = build(tmp, "agent", 3, agent=True)
-        plain = build(tmp, "plain", 3, agent=False)
-        obj = build(tmp, "patched", 3, agent=False, obj=True)  # same results, new code
-        body = encode_apply_body(extract_patch(obj, exe, ["work"], name="stall"))
-        proc, plain_proc = Proc(exe), Proc(plain)
-        spans: dict[str, list[tuple[int, int]]] = {"idle": [], "apply": [], "ptrace": []}
-        try:
-            with Client(pid=proc.pid) as client:
-                client.apply(body)  # warm: first-touch page faults are not the method's
+        m = measure(Path(tmpdir), args)
+    header = ("what", "value", "ratio", "note")
+    print_table(header, stall_rows(m) + cost_rows(m, args))
+
+
+@dataclass(frozen=True)
+class Measured:
+    """What :func:`measure` saw."""
+
+    spans: dict[str, list[tuple[int, int]]]  # idle, apply and ptrace: (start, end) ns
+    stalls: dict[str, list[int]]  # the caller's longest gap in each span
+    spin_calls: int  # timestamped calls of the caller thread
+    policy: str  # how the caller thread was pinned
+    base: list[float]  # ns per call, unpatched, per round
+    patched: list[float]  # ns per call, patched
+    with_agent: list[float]  # ns per malloc+free, agent linked
+    without: list[float]  # ns per malloc+free, no agent
+
+
+def measure(tmp: Path, args: argparse.Namespace) -> Measured:
+    """Returns the stalls of apply+remove cycles and ptrace stops beside idle spans of
+    the same length, and the cost of a patched call and of the linked agent."""
+    exe = build(tmp, "agent", 3, agent=True)
+    plain = build(tmp, "plain", 3, agent=False)
+    obj = build(tmp, "patched", 3, agent=False, obj=True)  # same results, new code
+    body = encode_apply_body(extract_patch(obj, exe, ["work"], name="stall"))
+    proc, plain_proc = Proc(exe), Proc(plain)
+    spans: dict[str, list[tuple[int, int]]] = {"idle": [], "apply": [], "ptrace": []}
+    try:
+        with Client(pid=proc.pid) as client:
+            client.apply(body)  # warm: first-touch page faults are not the method's
+            client.remove("stall")
+            assert proc.ask("spin") == "ok"
+            time.sleep(0.2)
+            policy = pin(proc.pid)
+            for _ in range(args.cycles):
+                t0 = time.monotonic_ns()
+                client.apply(body)
                 client.remove("stall")
-                assert proc.ask("spin") == "ok"
-                time.sleep(0.2)
-                policy = pin(proc.pid)
-                for _ in range(args.cycles):
-                    t0 = time.monotonic_ns()
-                    client.apply(body)
-                    client.remove("stall")
-                    t1 = time.monotonic_ns()
-                    spans["apply"].append((t0, t1))
-                    time.sleep(0.002)
-                    t2 = time.monotonic_ns()  # idle: nothing happens, same length
-                    time.sleep((t1 - t0) / 1e9)
-                    spans["idle"].append((t2, t2 + t1 - t0))
-                    time.sleep(0.002)
-                    t0 = time.monotonic_ns()
-                    ptrace_stop_all(proc.pid)
-                    spans["ptrace"].append((t0, time.monotonic_ns()))
-                    time.sleep(0.002)
-                spin_calls = int(proc.ask("halt"))
-                nums = [int(v) for v in proc.ask("gaps").split()]
-                gaps = list(zip(nums[0::2], nums[1::2]))
-                stalls = {k: [stall(gaps, a, b) for a, b in v] for k, v in spans.items()}
+                t1 = time.monotonic_ns()
+                spans["apply"].append((t0, t1))
+                time.sleep(0.002)
+                t2 = time.monotonic_ns()  # idle: nothing happens, same length
+                time.sleep((t1 - t0) / 1e9)
+                spans["idle"].append((t2, t2 + t1 - t0))
+                time.sleep(0.002)
+                t0 = time.monotonic_ns()
+                ptrace_stop_all(proc.pid)
+                spans["ptrace"].append((t0, time.monotonic_ns()))
+                time.sleep(0.002)
+            spin_calls = int(proc.ask("halt"))
+            nums = [int(v) for v in proc.ask("gaps").split()]
+            gaps = list(zip(nums[0::2], nums[1::2]))
+            stalls = {k: [stall(gaps, a, b) for a, b in v] for k, v in spans.items()}
 
-                base, patched = [], []
-                for _ in range(args.rounds):
-                    base.append(per_op(proc, "calls", args.calls))
-                    client.apply(body)
-                    patched.append(per_op(proc, "calls", args.calls))
-                    client.remove("stall")
-            with_agent, without = [], []
+            base, patched = [], []
             for _ in range(args.rounds):
-                with_agent.append(per_op(proc, "malloc", args.mallocs))
-                without.append(per_op(plain_proc, "malloc", args.mallocs))
-        finally:
-            proc.stop()
-            plain_proc.stop()
+                base.append(per_op(proc, "calls", args.calls))
+                client.apply(body)
+                patched.append(per_op(proc, "calls", args.calls))
+                client.remove("stall")
+        with_agent, without = [], []
+        for _ in range(args.rounds):
+            with_agent.append(per_op(proc, "malloc", args.mallocs))
+            without.append(per_op(plain_proc, "malloc", args.mallocs))
+    finally:
+        proc.stop()
+        plain_proc.stop()
+    return Measured(spans, stalls, spin_calls, policy, base, patched, with_agent, without)
 
-    med = statistics.median
-    us = lambda v: f"{v / 1e3:.1f} us"  # noqa: E731
-    q = lambda v, f: sorted(v)[min(len(v) - 1, int(len(v) * f))]  # noqa: E731
-    idle, apply_, ptr = (q(stalls[k], 0.5) for k in ("idle", "apply", "ptrace"))
+
+def us(ns: float) -> str:
+    """Returns ``ns`` in microseconds, for a table."""
+    return f"{ns / 1e3:.1f} us"
+
+
+def quantile(values: list[int], f: float) -> int:
+    """Returns the value at fraction ``f`` of the sorted ``values``."""
+    return sorted(values)[min(len(values) - 1, int(len(values) * f))]
+
+
+def stall_rows(m: Measured) -> list[tuple[str, str, str, str]]:
+    """Returns the table rows of the caller's longest gaps and of the wall times."""
+    rows = []
     for k, what in (
         ("idle", "idle (same length, nothing done)"),
         ("apply", "apply+remove cycle"),
         ("ptrace", "ptrace stop of all threads"),
     ):
-        v = stalls[k]
+        v = m.stalls[k]
         rows.append(
             (
                 f"caller's longest gap: {what}",
-                us(q(v, 0.5)),
-                f"p90 {us(q(v, 0.9))}",
+                us(quantile(v, 0.5)),
+                f"p90 {us(quantile(v, 0.9))}",
                 f"max {us(max(v))}; n={len(v)}",
             )
         )
+    apply_, ptr = (quantile(m.stalls[k], 0.5) for k in ("apply", "ptrace"))
+    p90 = quantile(m.stalls["ptrace"], 0.9) / max(quantile(m.stalls["apply"], 0.9), 1)
     rows.append(
         (
             "ptrace stall / apply stall",
             f"x{ptr / max(apply_, 1):.1f} median",
-            f"x{q(stalls['ptrace'], 0.9) / max(q(stalls['apply'], 0.9), 1):.1f} p90",
-            f"{spin_calls:,} timestamped calls, caller {policy}",
+            f"x{p90:.1f} p90",
+            f"{m.spin_calls:,} timestamped calls, caller {m.policy}",
         )
     )
-    durations = {k: [b - a for a, b in v] for k, v in spans.items()}
+    durations = {k: [b - a for a, b in v] for k, v in m.spans.items()}
+    med = statistics.median
     rows.append(
         (
             "apply+remove cycle, wall",
@@ -284,35 +319,34 @@ def main() -> None:
     rows.append(
         ("ptrace stop+detach, wall", us(med(durations["ptrace"])), "", "all 3 threads, ctypes")
     )
-    rows.append(
-        ("call, unpatched", f"{med(base):.2f} ns", "x1.00", f"{args.calls:,} calls x{args.rounds}")
-    )
-    rows.append(
+    return rows
+
+
+def cost_rows(m: Measured, args: argparse.Namespace) -> list[tuple[str, str, str, str]]:
+    """Returns the table rows of a patched call's and the linked agent's costs."""
+    med = statistics.median
+    base, patched, with_agent, without = m.base, m.patched, m.with_agent, m.without
+    return [
+        ("call, unpatched", f"{med(base):.2f} ns", "x1.00", f"{args.calls:,} calls x{args.rounds}"),
         (
             "call, patched",
             f"{med(patched):.2f} ns",
             f"x{med(patched) / med(base):.2f}",
             f"+{med(patched) - med(base):.2f} ns/call",
-        )
-    )
-    rows.append(
+        ),
         (
             "malloc+free, no agent",
             f"{med(without):.2f} ns",
             "x1.00",
             f"{args.mallocs:,} x{args.rounds}",
-        )
-    )
-    rows.append(
+        ),
         (
             "malloc+free, agent linked",
             f"{med(with_agent):.2f} ns",
             f"x{med(with_agent) / med(without):.2f}",
             "",
-        )
-    )
-    header = ("what", "value", "ratio", "note")
-    print_table(header, rows)
+        ),
+    ]
 
 
 if __name__ == "__main__":
