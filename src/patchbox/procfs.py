@@ -473,7 +473,7 @@ def _auxv_secure(pid: int) -> int:
         data = f.read()
     for a_type, a_val in _AUXV_ENTRY.iter_unpack(data[: len(data) // 16 * 16]):
         if a_type == AT_SECURE:
-            return a_val
+            return int(a_val)
         if a_type == 0:  # AT_NULL
             break
     return 0

@@ -67,7 +67,7 @@ class PatchboxGroup(click.Group):
             module_name, attr = COMMANDS[name]
             try:
                 module = __import__(module_name, fromlist=[attr])
-                command = getattr(module, attr)
+                command: click.Command = getattr(module, attr)
             except (ImportError, AttributeError) as err:
                 return _unavailable(name, f"{module_name}.{attr} cannot be loaded ({err})")
             return command

@@ -432,7 +432,7 @@ class Binary:
     @property
     def is_pie(self) -> bool:
         """Returns True for a position-independent executable (ET_DYN)."""
-        return self.elf["e_type"] == "ET_DYN"
+        return bool(self.elf["e_type"] == "ET_DYN")
 
     @property
     def is_shared_library(self) -> bool:

@@ -49,7 +49,8 @@ class Reader:
 
     def _int(self, fmt: Text, field: Text) -> int:
         size = struct.calcsize(fmt)
-        return struct.unpack(fmt, self._take(size, field))[0]
+        value: int = struct.unpack(fmt, self._take(size, field))[0]
+        return value
 
     def u8(self, field: Text) -> int:
         return self._int("<B", field)

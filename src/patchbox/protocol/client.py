@@ -17,7 +17,7 @@ import socket
 import struct
 from collections.abc import Callable
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from patchbox import procfs
 from patchbox import wire as C
@@ -351,11 +351,11 @@ class Client:
 
     def info(self) -> dict[str, str]:
         """Returns the agent's INFO key/value facts (docs/protocol.md INFO)."""
-        return self.request(Msg.INFO)
+        return cast("dict[str, str]", self.request(Msg.INFO))
 
     def list(self) -> list[AppliedPatch]:
         """Returns the applied patches, in the order they were applied."""
-        return self.request(Msg.LIST)
+        return cast("list[AppliedPatch]", self.request(Msg.LIST))
 
     def apply(
         self,
@@ -365,16 +365,16 @@ class Client:
     ) -> ApplyResult:
         """Returns where the agent placed the patch whose apply body is ``body`` (sent as
         is); ``after_send`` and ``reply_timeout`` as for :meth:`request`."""
-        return self.request(Msg.APPLY, bytes(body), after_send, reply_timeout)
+        return cast("ApplyResult", self.request(Msg.APPLY, bytes(body), after_send, reply_timeout))
 
     def remove(self, name: str) -> RemoveResult:
         """Returns the agent's time to remove the patch ``name`` and whether it wrote the
         original bytes back (not for a patch whose library was unloaded)."""
-        return self.request(Msg.REMOVE, bytes(Writer().str(name)))
+        return cast("RemoveResult", self.request(Msg.REMOVE, bytes(Writer().str(name))))
 
     def test(self) -> TestResult:
         """Returns (passed, detail) of the agent's self-test."""
-        return self.request(Msg.TEST)
+        return cast("TestResult", self.request(Msg.TEST))
 
     def debug(self, on: bool) -> None:
         """Turns the agent's verbose debug output on or off."""

@@ -38,6 +38,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from patchbox.errors import BuildError
 from patchbox.rebuild.workspace import Rebuilt, Workspace
@@ -58,31 +59,36 @@ __all__ = [
 DEP_OPTS_WITH_ARG = {"-MQ", "-MF", "-MT"}
 DEP_OPTS = {"-MD", "-MMD"}
 # Options whose argument is a path (separate, or joined as in -I../src).
+# One entry of compile_commands.json: "file", "directory", "command" or "arguments",
+# "output" (JSON, as meson and CMake write it).
+Entry = dict[str, Any]
 PATH_OPTS = ("-iquote", "-isystem", "-idirafter", "-include", "-imacros", "-iprefix", "-I")
 
 
-def load_db(build_dir: Path) -> list[dict]:
+def load_db(build_dir: Path) -> list[Entry]:
     """Returns the entries of ``build_dir/compile_commands.json``."""
     db_path = Path(build_dir) / "compile_commands.json"
     try:
-        return json.loads(db_path.read_text())
+        entries: list[Entry] = json.loads(db_path.read_text())
     except OSError as err:
         raise BuildError(
             f"{db_path}: {err.strerror}: is {build_dir} a configured meson/ninja build directory?"
         ) from err
     except ValueError as err:
         raise BuildError(f"{db_path}: not JSON: {err}") from err
+    return entries
 
 
-def entry_args(entry: dict) -> list[str]:
+def entry_args(entry: Entry) -> list[str]:
     """Returns the argument vector of a compile_commands.json entry."""
     return shlex.split(entry["command"]) if "command" in entry else list(entry["arguments"])
 
 
-def entry_output(entry: dict) -> str:
+def entry_output(entry: Entry) -> str:
     """Returns the object file an entry writes (its ``output``, else its ``-o`` argument)."""
-    if entry.get("output"):
-        return entry["output"]
+    output: str | None = entry.get("output")
+    if output:
+        return output
     args = entry_args(entry)
     for i, arg in enumerate(args[:-1]):
         if arg == "-o":
@@ -155,7 +161,7 @@ class Remap:
             maps.setdefault(base, orig)
         return base if rest == "." else os.path.join(base, rest)
 
-    def command(self, entry: dict, out: Path) -> list[str]:
+    def command(self, entry: Entry, out: Path) -> list[str]:
         """Returns the entry's command compiling the copy of its source into ``out``."""
         directory = entry["directory"]
         args = strip_outputs(entry_args(entry))
@@ -420,7 +426,7 @@ class IncrementalBuild(Workspace):
         """Returns the files the diff changes, relative to the source tree."""
         return [strip_path(f, level) for f in diff_files(diff_text)]
 
-    def affected(self, changed: list[str]) -> list[dict]:
+    def affected(self, changed: list[str]) -> list[Entry]:
         """Returns the compile_commands.json entries to recompile for ``changed``."""
         roots = dict.fromkeys(
             [os.path.normpath(os.path.abspath(self.source)), os.path.realpath(self.source)]
@@ -463,7 +469,7 @@ class IncrementalBuild(Workspace):
         return out
 
     def compile(
-        self, entries: list[dict], jobs: int | None
+        self, entries: list[Entry], jobs: int | None
     ) -> tuple[dict[str, Path], dict[str, Path]]:
         """Recompiles ``entries`` from the copy; returns (original, patched) objects by path
         relative to the build directory."""
@@ -516,7 +522,7 @@ class IncrementalBuild(Workspace):
     def _run(self, work: list[tuple[str, list[str], str]], jobs: int | None) -> None:
         """Runs the compile commands of ``work``; raises BuildError if any fails."""
 
-        def run(item: tuple[str, list[str], str]) -> tuple[str, subprocess.CompletedProcess]:
+        def run(item: tuple[str, list[str], str]) -> tuple[str, subprocess.CompletedProcess[str]]:
             rel, cmd, cwd = item
             return rel, subprocess.run(
                 cmd, cwd=cwd, capture_output=True, text=True, stdin=subprocess.DEVNULL, check=False
@@ -534,7 +540,7 @@ class IncrementalBuild(Workspace):
             tail = "\n".join(err.splitlines()[-8:])
             raise BuildError(f"compiling {len(failed)} patched object(s) failed; {rel}:\n{tail}")
 
-    def stale(self, entries: list[dict]) -> list[str]:
+    def stale(self, entries: list[Entry]) -> list[str]:
         """Returns the objects ninja would rebuild (the build directory is not up to date)."""
         ninja = shutil.which("ninja") or shutil.which("ninja-build")
         if ninja is None or not entries or not (self.build_dir / "build.ninja").exists():
@@ -555,7 +561,7 @@ class IncrementalBuild(Workspace):
         return [o for o in outs if f" {o}" in proc.stdout or f"-o {o}" in proc.stdout]
 
 
-def _depfile_arg(entry: dict) -> str | None:
+def _depfile_arg(entry: Entry) -> str | None:
     """Returns the entry's ``.d`` file: ``OUTPUT.d`` if it exists, else its ``-MF``."""
     out = entry.get("output")
     if out and Path(entry["directory"], f"{out}.d").exists():
