@@ -78,7 +78,8 @@ def make_diff(tree: Path, out: Path, files: int, per: int) -> None:
     """A -p1 diff changing fn1 and fn3 in unit0.c and one function of the last unit."""
     work = out.parent / "difftmp"
     shutil.rmtree(work, ignore_errors=True)
-    (work / "a").mkdir(parents=True), (work / "b").mkdir()
+    (work / "a").mkdir(parents=True)
+    (work / "b").mkdir()
     last = (files - 1) * per + 1
     for name, changes in {
         "unit0.c": [
@@ -132,7 +133,7 @@ def pass_rows(
     what: str, times: dict[str, list[float]], notes: dict[str, str]
 ) -> list[tuple[str, ...]]:
     """Returns one table row per pass, then their total."""
-    rows = [
+    rows: list[tuple[str, ...]] = [
         (
             f"{what}: {name}",
             f"{statistics.median(v) * 1000:.0f} ms",

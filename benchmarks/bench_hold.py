@@ -22,6 +22,7 @@ commit) for comparison. Not a test: numbers depend on the machine and its load.
 from __future__ import annotations
 
 import argparse
+import functools
 import re
 import shlex
 import socket
@@ -140,6 +141,13 @@ def measure(pid: int, pbx: Path, library: str, repeat: int) -> tuple[str, ...]:
     )
 
 
+def make_variable(makefile: str, name: str) -> list[str]:
+    """Returns the words of the variable ``name`` a generated Makefile sets."""
+    m = re.search(rf"^{name} = (.*)$", makefile, re.M)
+    assert m is not None, f"the Makefile sets no {name}"
+    return shlex.split(m[1])
+
+
 def memcached_patch(d: Path) -> Path:
     """Returns the reach tier's `out_string` patch of the stock memcached."""
     build = Path(sh(ROOT / "scripts" / "reach" / "memcached.sh").strip().splitlines()[-1])
@@ -152,8 +160,7 @@ def memcached_patch(d: Path) -> Path:
         )
     )
     mk = (build / "Makefile").read_text()
-    cflags = shlex.split(re.search(r"^CFLAGS = (.*)$", mk, re.M)[1])  # type: ignore[index]
-    cppflags = shlex.split(re.search(r"^CPPFLAGS = (.*)$", mk, re.M)[1])  # type: ignore[index]
+    cflags, cppflags = (make_variable(mk, name) for name in ("CFLAGS", "CPPFLAGS"))
     flags = sh(BIN / "patchbox", "config", "--cflags").split()
     sh("gcc", "-DHAVE_CONFIG_H", "-DNDEBUG", f"-I{build}", *cppflags,
        *[f for f in cflags if f != "-Werror"], *flags, "-c", "memcached.c", "-o", "fix.o",
@@ -273,11 +280,16 @@ def main() -> None:
         if args.memcached and STOCK.exists():
             pbx = memcached_patch(d)
             runs += [
-                lambda d, f=f: memcached_row(d, pbx, f, library, args.repeat)
+                functools.partial(
+                    memcached_row, pbx=pbx, fill=f, library=library, repeat=args.repeat
+                )
                 for f in args.memcached
             ]
         runs += [
-            lambda d, n=n: synth_row(d, n, args.arena, library, args.repeat) for n in args.threads
+            functools.partial(
+                synth_row, threads=n, arena=args.arena, library=library, repeat=args.repeat
+            )
+            for n in args.threads
         ]
         for run in runs:
             rows.append(run(d))

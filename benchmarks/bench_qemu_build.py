@@ -54,9 +54,9 @@ def make_diff(src: Path, out: Path) -> Path:
 def build_once(src: Path, exe: Path, diff: Path, out: Path) -> dict[str, float]:
     """Runs `patchbox build --qemu`; returns its wall time and reported steps."""
     t0 = time.perf_counter()
+    cmd: list[str | Path] = [BIN / "patchbox", "build", "--qemu", "--source", src, "--diff", diff]
     proc = subprocess.run(
-        [BIN / "patchbox", "build", "--qemu", "--source", src, "--diff", diff]
-        + ["--binary", exe, "-o", out],
+        [*cmd, "--binary", exe, "-o", out],
         capture_output=True,
         text=True,
         check=False,
@@ -134,9 +134,9 @@ def main() -> None:
             # The patched object of the build, kept in a workspace of our own.
             if i == 0:
                 work = tmp / "w"
+                cmd: list[str | Path] = [BIN / "patchbox", "build", "--qemu", "--source", src]
                 subprocess.run(
-                    [BIN / "patchbox", "build", "--qemu", "--source", src, "--diff", diff]
-                    + ["--binary", exe, "--work", work, "-o", tmp / "k.pbx"],
+                    [*cmd, "--diff", diff, "--binary", exe, "--work", work, "-o", tmp / "k.pbx"],
                     check=True,
                     capture_output=True,
                 )

@@ -99,7 +99,7 @@ def stops(d: Path, repeat: int) -> list[tuple[str, ...]]:
         attached.append(attach(p.pid, lib, wait_socket=0).stopped_ns)
         p.kill()
         p.wait()
-    rows = []
+    rows: list[tuple[str, ...]] = []
     for name, xs in (("plain ptrace stop", plain), ("patchbox attach", attached)):
         xs.sort()
         rows.append(
@@ -128,15 +128,16 @@ def per_call(d: Path, calls: int, repeat: int) -> list[tuple[str, ...]]:
     p = subprocess.Popen(
         [str(d / "loop"), str(calls)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
     )
-    assert p.stdin is not None and p.stdout is not None
-    assert p.stdout.readline().strip() == "ready"
+    stdin, stdout = p.stdin, p.stdout
+    assert stdin is not None and stdout is not None  # pipes
+    assert stdout.readline().strip() == "ready"
 
     def measure() -> float:
         out = []
         for _ in range(repeat):
-            p.stdin.write("go\n")  # type: ignore[union-attr]
-            p.stdin.flush()  # type: ignore[union-attr]
-            out.append(float(p.stdout.readline()))  # type: ignore[union-attr]
+            stdin.write("go\n")
+            stdin.flush()
+            out.append(float(stdout.readline()))
         return statistics.median(out)
 
     base = measure()

@@ -156,7 +156,7 @@ def ptrace_stop_all(pid: int) -> None:
 def pin(pid: int) -> str:
     """The caller thread alone on the last CPU; the target's other threads and this
     script on the others, so the caller's gaps show the method, not CPU contention."""
-    last = os.cpu_count() - 1
+    last = (os.cpu_count() or 1) - 1
     rest = set(range(last)) or {0}
     tids = sorted(int(t) for t in os.listdir(f"/proc/{pid}/task"))
     spinner = max(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import select
 import shlex
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
 
 from patchbox.config import libs
@@ -49,19 +50,21 @@ class Proc:
 
     def ask(self, cmd: str) -> str:
         """Returns the program's answer line to ``cmd`` (just reads a line if empty)."""
+        stdin, stdout = self.p.stdin, self.p.stdout
+        assert stdin is not None and stdout is not None  # both pipes (Popen above)
         if cmd:
-            self.p.stdin.write(cmd + "\n")
-            self.p.stdin.flush()
-        ready, _, _ = select.select([self.p.stdout], [], [], 120)
+            stdin.write(cmd + "\n")
+            stdin.flush()
+        ready, _, _ = select.select([stdout], [], [], 120)
         assert ready, f"no answer to {cmd!r}"
-        return self.p.stdout.readline().strip()
+        return stdout.readline().strip()
 
     def stop(self) -> None:
         self.p.kill()
         self.p.wait()
 
 
-def print_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
+def print_table(header: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> None:
     """Prints ``rows`` under ``header`` in aligned columns."""
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     print("  ".join(h.ljust(w) for h, w in zip(header, widths)))

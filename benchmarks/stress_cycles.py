@@ -76,6 +76,7 @@ def main() -> int:
         proc = subprocess.Popen(
             [str(exe)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
         )
+        assert proc.stdout is not None  # a pipe (Popen above)
         used_max = retired_max = 0
         failure = ""
         t0 = time.monotonic()

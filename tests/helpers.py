@@ -14,6 +14,10 @@ import shlex
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
+
+from elftools.elf.elffile import ELFFile
+from elftools.elf.sections import NoteSection, Symbol, SymbolTableSection
 
 from patchbox.config import agent_dir, libs
 from patchbox.flags import LINK_FLAGS, PATCH_CFLAGS
@@ -100,7 +104,7 @@ def unique_build_id() -> str:
 
 def run_tool(
     tool: str, *args: object, check: bool = True, timeout: float = 60
-) -> subprocess.CompletedProcess:
+) -> subprocess.CompletedProcess[str]:
     """Returns the finished run of the installed console script ``tool`` (patchbox,
     extract-patch); asserts success unless ``check`` is false."""
     proc = subprocess.run(
@@ -146,7 +150,7 @@ print("imported:", " ".join(sorted(set(sys.modules) - before)))
 
 def run_cli_way(
     way: str, *args: object, env: dict[str, str] | None = None, stdout: int = subprocess.PIPE
-) -> subprocess.CompletedProcess:
+) -> subprocess.CompletedProcess[str]:
     """Returns the finished run of `patchbox ARGS` the way ``way`` of CLI_WAYS, with the
     environment plus ``env``."""
     return subprocess.run(
@@ -177,9 +181,10 @@ def modules_imported(*args: object, env: dict[str, str] | None = None) -> set[st
     return set(last.removeprefix("imported: ").split())
 
 
-def info_json(pid: int) -> dict:
+def info_json(pid: int) -> dict[str, Any]:
     """Returns `patchbox info -p PID --json` as a dict."""
-    return json.loads(run_tool("patchbox", "info", "-p", pid, "--json").stdout)
+    info: dict[str, Any] = json.loads(run_tool("patchbox", "info", "-p", pid, "--json").stdout)
+    return info
 
 
 def compile_with_small_sandbox(src: str, out: Path, sandbox: int) -> Path:
@@ -209,7 +214,7 @@ NOGROUP_GID = 65534
 AS_NOBODY = ("setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups")
 
 
-def as_nobody(*cmd: object, check: bool = True) -> subprocess.CompletedProcess:
+def as_nobody(*cmd: object, check: bool = True) -> subprocess.CompletedProcess[str]:
     """Returns the finished run of ``cmd`` as nobody:nogroup (setpriv); asserts success
     unless ``check`` is false."""
     proc = subprocess.run(
@@ -225,7 +230,7 @@ def as_nobody(*cmd: object, check: bool = True) -> subprocess.CompletedProcess:
     return proc
 
 
-def nobody_python(code: str, *args: object) -> subprocess.CompletedProcess:
+def nobody_python(code: str, *args: object) -> subprocess.CompletedProcess[str]:
     """Returns the run of Python ``code`` (argv[1:] = ``args``) as nobody:nogroup."""
     return as_nobody(sys.executable, "-c", code, *args)
 
@@ -263,3 +268,24 @@ def make_patch() -> Patch:
         ],
         meta={"tool": "test", "source:compute": "app.c"},
     )
+
+
+def elf_symbol(path: Path, name: str) -> Symbol:
+    """Returns the first ``.symtab`` symbol ``name`` of the ELF file ``path``, read with
+    pyelftools (the tests' reference reader)."""
+    with open(path, "rb") as f:
+        symtab = ELFFile(f).get_section_by_name(".symtab")
+        assert isinstance(symtab, SymbolTableSection), f"{path} has no .symtab"
+        found = symtab.get_symbol_by_name(name)
+        assert found, f"{path} has no symbol {name!r}"
+        return found[0]
+
+
+def gnu_build_id(path: Path) -> str:
+    """Returns the hex build-id of the ``.note.gnu.build-id`` section of the ELF file
+    ``path``, read with pyelftools."""
+    with open(path, "rb") as f:
+        notes = ELFFile(f).get_section_by_name(".note.gnu.build-id")
+        assert isinstance(notes, NoteSection), f"{path} has no .note.gnu.build-id"
+        desc: str = next(notes.iter_notes())["n_desc"]
+        return desc

@@ -42,7 +42,7 @@ def _literal(source: Path, name: str) -> Any:
             else ([node.target] if isinstance(node, ast.AnnAssign) else [])
         )
         if any(isinstance(t, ast.Name) and t.id == name for t in targets):
-            assert node.value is not None
+            assert isinstance(node, ast.Assign | ast.AnnAssign) and node.value is not None
             return ast.literal_eval(node.value)
     raise SystemExit(f"install_agent: {name} not found in {source}")
 

@@ -143,8 +143,8 @@ def run_fix(fix: Fix, tree: Path, out: Path, port: int, diff: Path) -> dict[str,
         "dns-upstream",
     ).start()
     try:
-        wait_port(DNS_UPSTREAM, upstream.proc, udp=True)  # type: ignore[arg-type]
-        wait_port(port, d.proc, udp=True)  # type: ignore[arg-type]
+        wait_port(DNS_UPSTREAM, upstream.started, udp=True)
+        wait_port(port, d.started, udp=True)
         wait_agent(d.pid)
         load = [sys.executable, client, "load", "--port", str(port)]
         probe = PROBES.get(fix.probe) if fix.probe else None

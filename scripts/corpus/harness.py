@@ -179,6 +179,12 @@ class Daemon:
         return self
 
     @property
+    def started(self) -> subprocess.Popen[bytes]:
+        """Returns the daemon's process (it must have been started)."""
+        assert self.proc is not None, f"{self.name} was not started"
+        return self.proc
+
+    @property
     def pid(self) -> int:
         assert self.proc is not None
         return self.proc.pid

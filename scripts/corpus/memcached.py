@@ -108,7 +108,7 @@ def run_fix(fix: Fix, tree: Path, out: Path, port: int, diff: Path) -> dict[str,
             [str(binary), "-u", "root", "-l", "127.0.0.1", "-p", str(MC_BACKEND), "-U", "0"],
             "memcached-backend",
         ).start()
-        wait_port(MC_BACKEND, backend.proc)  # type: ignore[arg-type]
+        wait_port(MC_BACKEND, backend.started)
         from .load.mc_client import raw
 
         raw(MC_BACKEND, b"set foo 0 0 1\r\nX\r\n", b"set foox 0 0 1\r\nZ\r\n")
@@ -117,7 +117,7 @@ def run_fix(fix: Fix, tree: Path, out: Path, port: int, diff: Path) -> dict[str,
     d = Daemon(argv, f"memcached-{out.stem}", env=env).start()
     ctx = Ctx(fix, tree, port, d)
     try:
-        wait_port(port, d.proc)  # type: ignore[arg-type]
+        wait_port(port, d.started)
         wait_agent(d.pid)
         probe = PROBES.get(fix.probe) if fix.probe else None
         res["apply"] = apply_remove(ctx, out, [sys.executable, *load], probe)

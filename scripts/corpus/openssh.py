@@ -177,7 +177,7 @@ def run_fix(fix: Fix, tree: Path, out: Path, port: int, diff: Path) -> dict[str,
     ctx = Ctx(fix, tree, port, d)
     agent = None
     try:
-        wait_port(port, d.proc)  # type: ignore[arg-type]
+        wait_port(port, d.started)
         wait_agent(d.pid)
         if fix.probe == "sshd_disable_forwarding":
             sock = str(RUN_DIR / f"ssh-agent-{port}.sock")

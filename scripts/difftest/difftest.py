@@ -45,7 +45,13 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from mutate import KINDS, Mutation, mutate, oracle_source, parse  # noqa: E402
+from mutate import (  # noqa: E402 (needs HERE on sys.path, set above)
+    KINDS,
+    Mutation,
+    mutate,
+    oracle_source,
+    parse,
+)
 
 # Bump when programs, mutations or checks change: results of another version are not
 # reused.
@@ -503,8 +509,8 @@ class _Check:
             raise _Stop("n/a", "no place for this kind")
         orig = work / "orig"
         write_tree(orig, source, res.opt, self.flags)
-        if err := make(orig):
-            raise _Stop("invalid", f"the original does not build: {err}")
+        if failure := make(orig):
+            raise _Stop("invalid", f"the original does not build: {failure}")
         try:
             [o_fork] = fresh(orig / "prog", ["fork"], self.sock, FRESH_TIMEOUT)
         except Failed as why:

@@ -14,10 +14,9 @@ from pathlib import Path
 
 import pytest
 from controller import Controller
-from elftools.elf.elffile import ELFFile
-from fleet import Fleet, HostTarget
+from fleet import Build, Fleet, HostTarget, LibraryBuild
 
-from helpers import BIN, ROOT, compile_c, render, run_tool, unique_build_id
+from helpers import BIN, ROOT, compile_c, gnu_build_id, render, run_tool, unique_build_id
 
 HOSTS = 3
 TARGETS_PER_HOST = 2
@@ -124,7 +123,7 @@ def fleet(base: Path, host_python: Path, collections: Path) -> Iterator[Controll
 
 
 @pytest.fixture(scope="session")
-def program(base: Path) -> dict[str, object]:
+def program(base: Path) -> Build:
     """Builds the target program (with the agent) and its patch."""
     d = base / "build"
     (d / "fixed").mkdir(parents=True)
@@ -132,22 +131,18 @@ def program(base: Path) -> dict[str, object]:
     obj = compile_c(render(USE_HELPER="scale(x) + 2"), d / "fixed" / "target.o", obj=True)
     pbx = d / "helper.pbx"
     run_tool("extract-patch", "--function", "use_helper", "--name", "helper", "-o", pbx, obj, exe)
-    with open(exe, "rb") as f:
-        note = next(ELFFile(f).get_section_by_name(".note.gnu.build-id").iter_notes())
-    return {"exe": exe, "patch": pbx, "build_id": note["n_desc"]}
+    return {"exe": exe, "patch": pbx, "build_id": gnu_build_id(exe)}
 
 
 @pytest.fixture(scope="module")
-def builds(program: dict[str, object], fleet: Controller) -> dict[str, object]:
+def builds(program: Build, fleet: Controller) -> Build:
     """Returns the program's facts after installing it on every host (same path, same
     build-id: one fleet, one package version); ``exe`` is its path on the hosts."""
-    exe = program["exe"]
-    assert isinstance(exe, Path)
-    return {**program, "exe": fleet.fleet.install_app(exe)}
+    return {**program, "exe": fleet.fleet.install_app(program["exe"])}
 
 
 @pytest.fixture()
-def targets(fleet: Controller, builds: dict[str, object]) -> Iterator[dict[str, list[HostTarget]]]:
+def targets(fleet: Controller, builds: Build) -> Iterator[dict[str, list[HostTarget]]]:
     """Yields {host name: its running targets}; every host gets fresh ones and an empty
     store, staging and scratch directory. Fails the test if a target died during it."""
     for h in fleet.fleet.hosts:
@@ -158,7 +153,6 @@ def targets(fleet: Controller, builds: dict[str, object]) -> Iterator[dict[str, 
         for p in h.app_dir.glob("sandbox-sock*"):
             p.unlink()
     exe = builds["exe"]
-    assert isinstance(exe, Path)
     started = {
         h.name: [HostTarget(h, exe).start() for _ in range(TARGETS_PER_HOST)]
         for h in fleet.fleet.hosts
@@ -191,7 +185,7 @@ int main(void) {
 
 
 @pytest.fixture(scope="module")
-def library(base: Path, fleet: Controller) -> dict[str, object]:
+def library(base: Path, fleet: Controller) -> LibraryBuild:
     """Returns {lib, users: [two programs], patch, build_id} after building the library,
     two programs of their own that use it (with the agent) and the library's patch, and
     installing them on every host's application directory (the programs find the
@@ -214,11 +208,9 @@ def library(base: Path, fleet: Controller) -> dict[str, object]:
     obj = gcc(d / "fix" / "libanswer.o", LIB.replace("@ADD@", "2"), "-fPIC", "-c")
     pbx = d / "libfix.pbx"
     run_tool("extract-patch", "--function", "lib_answer", "--name", "libfix", "-o", pbx, obj, lib)
-    with open(lib, "rb") as f:
-        note = next(ELFFile(f).get_section_by_name(".note.gnu.build-id").iter_notes())
     fleet.fleet.install_app(lib)
     return {
         "users": [fleet.fleet.install_app(u) for u in users],
         "patch": pbx,
-        "build_id": note["n_desc"],
+        "build_id": gnu_build_id(lib),
     }

@@ -29,8 +29,9 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypedDict
 
-from elftools.elf.elffile import ELFFile
+from helpers import elf_symbol
 
 __all__ = [
     "Host",
@@ -80,6 +81,23 @@ def _running(pid: int) -> bool:
     except OSError:
         return False
     return stat.rpartition(")")[2].split()[0] != "Z"
+
+
+class Build(TypedDict):
+    """The target program (with the agent) and its patch (tests/ansible/conftest.py):
+    ``exe`` where it was built (``program``) or installed on the hosts (``builds``)."""
+
+    exe: Path
+    patch: Path
+    build_id: str  # hex
+
+
+class LibraryBuild(TypedDict):
+    """A library patch: the two programs using the library, installed on the hosts."""
+
+    users: list[Path]
+    patch: Path
+    build_id: str  # hex, the library's
 
 
 @dataclass
@@ -362,8 +380,7 @@ class Fleet:
 def corrupt_padding(t: HostTarget, exe: Path) -> None:
     """Changes one padding byte of use_helper in the running process, so that its bytes
     differ from what the patch expects (the agent refuses with EXPECTED_MISMATCH)."""
-    with open(exe, "rb") as f:
-        sym = ELFFile(f).get_section_by_name(".symtab").get_symbol_by_name("use_helper")[0]
+    sym = elf_symbol(exe, "use_helper")
     pid = t.host_pid
     with open(f"/proc/{pid}/maps") as maps:
         bias = min(

@@ -11,10 +11,11 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from controller import Controller
-from fleet import HostTarget, corrupt_padding
+from fleet import Build, HostTarget, LibraryBuild, corrupt_padding
 
 from helpers import BIN
 
@@ -38,11 +39,13 @@ def put_patch(fleet: Controller, patch: Path) -> None:
         shutil.copy(patch, h.scratch / Path(REMOTE_PATCH).name)
 
 
-def by_pid(result: dict) -> dict[int, dict]:
+def by_pid(result: dict[str, Any]) -> dict[int, dict[str, Any]]:
     return {p["pid"]: p for p in result["processes"]}
 
 
-def test_patch_info_reports_each_hosts_own_processes(fleet, builds, targets) -> None:
+def test_patch_info_reports_each_hosts_own_processes(
+    fleet: Controller, builds: Build, targets: dict[str, list[HostTarget]]
+) -> None:
     info = fleet.adhoc("fleet", "patchbox.live.patch_info")
     assert info.rc == 0, info.output
     for h, ts in targets.items():
@@ -58,7 +61,9 @@ def test_patch_info_reports_each_hosts_own_processes(fleet, builds, targets) -> 
         assert r["installed"] == [] and r["store"] == "/var/lib/patchbox"
 
 
-def test_check_mode_predicts_and_touches_nothing(fleet, builds, targets) -> None:
+def test_check_mode_predicts_and_touches_nothing(
+    fleet: Controller, builds: Build, targets: dict[str, list[HostTarget]]
+) -> None:
     put_patch(fleet, builds["patch"])
     check = fleet.adhoc("fleet", "patchbox.live.patch", {"src": REMOTE_PATCH}, check=True)
     assert check.rc == 0, check.output
@@ -79,7 +84,9 @@ def test_check_mode_predicts_and_touches_nothing(fleet, builds, targets) -> None
     assert list(fleet.fleet.host("h1").store.iterdir()) == []
 
 
-def test_present_is_idempotent_and_absent_restores(fleet, builds, targets) -> None:
+def test_present_is_idempotent_and_absent_restores(
+    fleet: Controller, builds: Build, targets: dict[str, list[HostTarget]]
+) -> None:
     put_patch(fleet, builds["patch"])
     first = fleet.adhoc("fleet", "patchbox.live.patch", {"src": REMOTE_PATCH})
     assert first.rc == 0, first.output
@@ -109,7 +116,9 @@ def test_present_is_idempotent_and_absent_restores(fleet, builds, targets) -> No
     assert again.rc == 0 and all(r["changed"] is False for r in again.results.values())
 
 
-def test_pids_narrow_to_those_processes(fleet, builds, targets) -> None:
+def test_pids_narrow_to_those_processes(
+    fleet: Controller, builds: Build, targets: dict[str, list[HostTarget]]
+) -> None:
     put_patch(fleet, builds["patch"])
     one, other = targets["h1"]
     r = fleet.adhoc("h1", "patchbox.live.patch", {"src": REMOTE_PATCH, "pids": [one.pid]})
@@ -121,7 +130,9 @@ def test_pids_narrow_to_those_processes(fleet, builds, targets) -> None:
     assert by_pid(back["h1"])[other.pid]["result"] == "skipped"
 
 
-def test_failure_carries_the_agents_reason(fleet, builds, targets) -> None:
+def test_failure_carries_the_agents_reason(
+    fleet: Controller, builds: Build, targets: dict[str, list[HostTarget]]
+) -> None:
     put_patch(fleet, builds["patch"])
     bad, good = targets["h2"]
     corrupt_padding(bad, fleet.fleet.host("h2").app_dir / "target")
@@ -142,7 +153,9 @@ def test_failure_carries_the_agents_reason(fleet, builds, targets) -> None:
     assert good.call("use_helper", 4) == BEFORE
 
 
-def test_installed_goes_into_that_hosts_store(fleet, builds, targets) -> None:
+def test_installed_goes_into_that_hosts_store(
+    fleet: Controller, builds: Build, targets: dict[str, list[HostTarget]]
+) -> None:
     put_patch(fleet, builds["patch"])
     args = {"src": REMOTE_PATCH, "state": "installed"}
     first = fleet.adhoc("h1", "patchbox.live.patch", args)
@@ -168,7 +181,9 @@ def test_installed_goes_into_that_hosts_store(fleet, builds, targets) -> None:
     assert [t.call("use_helper", 4) for t in targets["h1"]] == [BEFORE, BEFORE]
 
 
-def test_trust_rule_holds(fleet, builds, targets) -> None:
+def test_trust_rule_holds(
+    fleet: Controller, builds: Build, targets: dict[str, list[HostTarget]]
+) -> None:
     put_patch(fleet, builds["patch"])
     (fleet.fleet.host("h3").scratch / "keys").mkdir()  # a trust directory with no key
     r = fleet.adhoc(
@@ -187,7 +202,9 @@ def test_trust_rule_holds(fleet, builds, targets) -> None:
     assert [t.call("use_helper", 4) for t in targets["h3"]] == [BEFORE, BEFORE]
 
 
-def test_missing_patchbox_is_reported(fleet, targets) -> None:
+def test_missing_patchbox_is_reported(
+    fleet: Controller, targets: dict[str, list[HostTarget]]
+) -> None:
     r = fleet.adhoc(
         "h1",
         "patchbox.live.patch_info",
@@ -197,7 +214,9 @@ def test_missing_patchbox_is_reported(fleet, targets) -> None:
     assert "ansible_python_interpreter" in r["h1"]["msg"]
 
 
-def test_a_process_without_agent_is_unreachable(fleet, builds, targets) -> None:
+def test_a_process_without_agent_is_unreachable(
+    fleet: Controller, builds: Build, targets: dict[str, list[HostTarget]]
+) -> None:
     """A third process of the build on h1 runs with its agent disabled: `present`
     patches the other two, reports it `unreachable` with the reason and fails h1 (the
     other hosts are patched); `patch_info` lists it; `absent` reports it again."""
@@ -239,7 +258,9 @@ def test_a_process_without_agent_is_unreachable(fleet, builds, targets) -> None:
         dark.stop()
 
 
-def test_library_patch_reaches_every_process_mapping_it(fleet, library, targets) -> None:
+def test_library_patch_reaches_every_process_mapping_it(
+    fleet: Controller, library: LibraryBuild, targets: dict[str, list[HostTarget]]
+) -> None:
     """A library's patch goes to every process that maps the library (two programs of
     their own), and `absent` with the patch file (narrowed to the library's build-id)
     takes it out of both again; the targets of another program are skipped."""
@@ -284,7 +305,9 @@ def _module_pids(python: Path) -> list[int]:
     return out
 
 
-def test_module_killed_at_random_instants(fleet, builds, targets) -> None:
+def test_module_killed_at_random_instants(
+    fleet: Controller, builds: Build, targets: dict[str, list[HostTarget]]
+) -> None:
     """The patch module on h1 SIGKILLed at random instants of its run, 12 times: every
     target of h1 whole (patched or not) as patch_info says, and the next run completes."""
     put_patch(fleet, builds["patch"])

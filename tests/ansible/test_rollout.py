@@ -9,10 +9,11 @@ import json
 import shutil
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 from controller import Controller
-from fleet import HostTarget, corrupt_padding
+from fleet import Build, Host, HostTarget, LibraryBuild, corrupt_padding
 
 from helpers import AS_NOBODY
 
@@ -26,7 +27,9 @@ def answers(targets: dict[str, list[HostTarget]]) -> dict[str, list[str]]:
     return {h: [t.call("use_helper", 4) for t in ts] for h, ts in targets.items()}
 
 
-def rollout(fleet: Controller, builds, *args: str, **variables: object) -> tuple[int, dict, str]:
+def rollout(
+    fleet: Controller, builds: Build | LibraryBuild, *args: str, **variables: object
+) -> tuple[int, dict[str, Any], str]:
     """Runs the collection's rollout playbook; returns its exit status, the JSON report
     and the table report."""
     report = fleet.base / "report"
@@ -45,7 +48,9 @@ def rollout(fleet: Controller, builds, *args: str, **variables: object) -> tuple
     return proc.returncode, json.loads((report / "rollout.json").read_text()), out
 
 
-def test_rollout_over_all_hosts_then_again(fleet, builds, targets) -> None:
+def test_rollout_over_all_hosts_then_again(
+    fleet: Controller, builds: Build, targets: dict[str, list[HostTarget]]
+) -> None:
     rc, report, out = rollout(fleet, builds, patchbox_serial=[1, "100%"])
     assert rc == 0, out
     assert answers(targets) == {h: [AFTER] * len(ts) for h, ts in targets.items()}
@@ -86,7 +91,9 @@ def test_rollout_over_all_hosts_then_again(fleet, builds, targets) -> None:
     assert answers(targets) == {h: [AFTER] * len(ts) for h, ts in targets.items()}
 
 
-def test_rollout_check_mode_touches_no_process(fleet, builds, targets) -> None:
+def test_rollout_check_mode_touches_no_process(
+    fleet: Controller, builds: Build, targets: dict[str, list[HostTarget]]
+) -> None:
     rc, report, out = rollout(fleet, builds, "--check", patchbox_serial=[1, "100%"])
     assert rc == 0, out
     assert report["check_mode"] is True and report["rollout"] == "finished"
@@ -99,7 +106,9 @@ def test_rollout_check_mode_touches_no_process(fleet, builds, targets) -> None:
     assert answers(targets) == {h: [BEFORE] * len(ts) for h, ts in targets.items()}
 
 
-def test_failed_health_check_rolls_back_and_stops(fleet, builds, targets) -> None:
+def test_failed_health_check_rolls_back_and_stops(
+    fleet: Controller, builds: Build, targets: dict[str, list[HostTarget]]
+) -> None:
     h1, h2, h3 = fleet.fleet.hosts
     (h2.scratch / "unhealthy").touch()
     rc, report, out = rollout(fleet, builds, patchbox_serial=[1], patchbox_max_fail_percentage=0)
@@ -126,7 +135,9 @@ def test_failed_health_check_rolls_back_and_stops(fleet, builds, targets) -> Non
     assert any(line.split()[:3] == ["h3", "not", "reached"] for line in table.splitlines())
 
 
-def test_failure_rate_within_threshold_goes_on(fleet, builds, targets) -> None:
+def test_failure_rate_within_threshold_goes_on(
+    fleet: Controller, builds: Build, targets: dict[str, list[HostTarget]]
+) -> None:
     h1, h2, h3 = fleet.fleet.hosts
     (h2.scratch / "unhealthy").touch()
     # Batches [h1, h2] then [h3]: one failure in two is 50 %, not more than 50 %.
@@ -144,7 +155,9 @@ def test_failure_rate_within_threshold_goes_on(fleet, builds, targets) -> None:
     ]
 
 
-def test_installed_rollout_rolls_back_the_store_too(fleet, builds, targets) -> None:
+def test_installed_rollout_rolls_back_the_store_too(
+    fleet: Controller, builds: Build, targets: dict[str, list[HostTarget]]
+) -> None:
     h1, h2, h3 = fleet.fleet.hosts
     (h1.scratch / "unhealthy").touch()  # the canary fails: nothing else is touched
     rc, report, out = rollout(fleet, builds, patchbox_state="installed", patchbox_serial=[1])
@@ -189,7 +202,7 @@ REFUSALS = {
 }
 
 
-def as_nobody_on(host, code: str) -> None:
+def as_nobody_on(host: Host, code: str) -> None:
     """Runs Python ``code`` (with os imported) as nobody in ``host``'s namespaces."""
     proc = subprocess.run(
         ["nsenter", "-t", str(host.init_pid), "-m", "-p", "--", *AS_NOBODY]
@@ -203,7 +216,9 @@ def as_nobody_on(host, code: str) -> None:
 
 
 @pytest.mark.parametrize("attack", list(ATTACKS))
-def test_staging_directory_nobody_prepared_fails_the_host(fleet, builds, targets, attack) -> None:
+def test_staging_directory_nobody_prepared_fails_the_host(
+    fleet: Controller, builds: Build, targets: dict[str, list[HostTarget]], attack: str
+) -> None:
     """nobody prepares the place where the rollout will stage the patch on h1: the role
     fails h1 before anything is copied or applied, says why, and the rollout stops
     there. (The default, /var/lib/patchbox-staging, is root's: see the first test.)"""
@@ -230,7 +245,7 @@ def test_staging_directory_nobody_prepared_fails_the_host(fleet, builds, targets
 # -- rollback undoes exactly what this run did (issue 19) ----------------------------------
 
 
-def pre_patch(fleet: Controller, builds, host: str, pids: list[int], state: str) -> None:
+def pre_patch(fleet: Controller, builds: Build, host: str, pids: list[int], state: str) -> None:
     """Gives processes ``pids`` of ``host`` the patch before the rollout (and, for
     ``installed``, the host's store its entry), with the module."""
     shutil.copy(builds["patch"], fleet.fleet.host(host).scratch / "helper.pbx")
@@ -239,7 +254,9 @@ def pre_patch(fleet: Controller, builds, host: str, pids: list[int], state: str)
     assert r.rc == 0, r.output
 
 
-def test_rollback_leaves_what_was_there_before(fleet, builds, targets) -> None:
+def test_rollback_leaves_what_was_there_before(
+    fleet: Controller, builds: Build, targets: dict[str, list[HostTarget]]
+) -> None:
     """Before the rollout h1's store holds the patch and h1's first process has it. The
     rollout (state installed) applies it to the second one, h1's health check fails,
     and the rollback takes it out of that process only: the first keeps it, and the
@@ -263,7 +280,9 @@ def test_rollback_leaves_what_was_there_before(fleet, builds, targets) -> None:
     assert [report["hosts"][h]["status"] for h in ("h2", "h3")] == ["not reached"] * 2
 
 
-def test_partial_apply_is_undone_in_the_processes_it_reached(fleet, builds, targets) -> None:
+def test_partial_apply_is_undone_in_the_processes_it_reached(
+    fleet: Controller, builds: Build, targets: dict[str, list[HostTarget]]
+) -> None:
     """One process of h1 refuses the patch (its bytes differ): the apply fails after
     patching the other one, and the rollback removes it from that one alone."""
     good, bad = targets["h1"]
@@ -281,7 +300,9 @@ def test_partial_apply_is_undone_in_the_processes_it_reached(fleet, builds, targ
     assert (good.call("use_helper", 4), bad.call("use_helper", 4)) == (BEFORE, BEFORE)
 
 
-def test_apply_refused_before_touching_anything_undoes_nothing(fleet, builds, targets) -> None:
+def test_apply_refused_before_touching_anything_undoes_nothing(
+    fleet: Controller, builds: Build, targets: dict[str, list[HostTarget]]
+) -> None:
     """h1's first process has the patch before the rollout; the rollout's apply is
     refused before any process is touched (a trust directory with no key, the patch
     unsigned). Nothing is removed: h1 is "failed", not "rolled back", and keeps what it
@@ -304,7 +325,9 @@ def test_apply_refused_before_touching_anything_undoes_nothing(fleet, builds, ta
     assert (first.call("use_helper", 4), second.call("use_helper", 4)) == (AFTER, BEFORE)
 
 
-def test_unreachable_host_counts_as_failed(fleet, builds, targets) -> None:
+def test_unreachable_host_counts_as_failed(
+    fleet: Controller, builds: Build, targets: dict[str, list[HostTarget]]
+) -> None:
     """h2 cannot be reached (nothing listens where the inventory says). In the batch
     [h1, h2] it is a failed host: with max_fail_percentage 0 the rollout stops there
     and h3 is never touched; h2 is reported "not reached" with the reason. With 50 %
@@ -358,7 +381,9 @@ def test_unreachable_host_counts_as_failed(fleet, builds, targets) -> None:
     assert answers(targets) == {"h1": [AFTER] * 2, "h2": [BEFORE] * 2, "h3": [AFTER] * 2}
 
 
-def test_host_where_nothing_was_patched_is_not_patched(fleet, builds, targets) -> None:
+def test_host_where_nothing_was_patched_is_not_patched(
+    fleet: Controller, builds: Build, targets: dict[str, list[HostTarget]]
+) -> None:
     """With the defaults (no health command) the role still checks each process the
     patch is for: on h2, where no process of the build runs, nothing was patched, and
     h2 fails that check instead of being reported "patched"."""
@@ -387,7 +412,7 @@ def test_host_where_nothing_was_patched_is_not_patched(fleet, builds, targets) -
 
 
 def test_library_rollout_is_rolled_back_in_every_process_mapping_it(
-    fleet, library, targets
+    fleet: Controller, library: LibraryBuild, targets: dict[str, list[HostTarget]]
 ) -> None:
     """A library's patch on h1: both programs that map the library get it, h1's health
     check fails, and the rollback removes it from both (the targets of another program

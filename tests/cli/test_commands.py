@@ -448,16 +448,16 @@ def test_build_checks_before_building(tmp_path: Path) -> None:
 def test_constants_kept_light_agree_with_their_sources() -> None:
     """The CLI keeps copies of two constants so that short commands need not import the
     client or the signing module; they must not drift."""
+    import patchbox.cli.main as cli_main
     from patchbox import signing
     from patchbox.cli import common
-    from patchbox.cli import main as cli_main
     from patchbox.protocol import client
 
     assert cli_main.DEFAULT_TIMEOUT == client.DEFAULT_TIMEOUT
     assert str(signing.DEFAULT_TRUST_DIR) == common.DEFAULT_TRUST_DIR
 
 
-def test_version_without_click(tmp_path) -> None:
+def test_version_without_click(tmp_path: Path) -> None:
     """`patchbox --version` is answered before click (or any subcommand) is imported,
     with click's own wording."""
     import subprocess

@@ -176,7 +176,11 @@ def test_knows_every_option_of_the_click_command() -> None:
     def options(command: click.Command) -> dict[str, click.Option]:
         ctx = click.Context(command, info_name="patchbox")
         params = command.get_params(ctx)
-        return {p.name: p for p in params if isinstance(p, click.Option) and p.name != "help"}
+        return {
+            p.name: p
+            for p in params
+            if isinstance(p, click.Option) and p.name is not None and p.name != "help"
+        }
 
     info = options(info_command)
     assert {name: p.opts for name, p in info.items()} == {

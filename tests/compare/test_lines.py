@@ -37,7 +37,7 @@ int worker(int v) { if (v < 0) LOG("negative"); return v + 1; }
 """
 
 
-def compare(tmp_path: Path, orig: str, patched: str, **kw: object) -> dict[str, str]:
+def compare(tmp_path: Path, orig: str, patched: str) -> dict[str, str]:
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir(exist_ok=True)
     b.mkdir(exist_ok=True)
@@ -48,7 +48,7 @@ def compare(tmp_path: Path, orig: str, patched: str, **kw: object) -> dict[str, 
             orig.splitlines(True), patched.splitlines(True), "a/server.c", "b/server.c"
         )
     )
-    d = compare_objects(o, p, GENERIC.reporters, lines=line_maps(diff), **kw)
+    d = compare_objects(o, p, GENERIC.reporters, lines=line_maps(diff))
     return {x.symbol: x.verdict for x in d.decisions}
 
 
@@ -139,10 +139,10 @@ def test_cross_jumped_reporting_call(tmp_path: Path) -> None:
     diff = "".join(
         difflib.unified_diff(old.splitlines(True), new.splitlines(True), "a/server.c", "b/server.c")
     )
-    d = compare_objects(objs[0], objs[1], GENERIC.reporters, lines=line_maps(diff))
-    assert {x.symbol: x.verdict for x in d.decisions}.get("exited", "out") == "out"
+    cmp = compare_objects(objs[0], objs[1], GENERIC.reporters, lines=line_maps(diff))
+    assert {x.symbol: x.verdict for x in cmp.decisions}.get("exited", "out") == "out"
     # The same difference without the line shift is a change.
-    d = compare_objects(
+    cmp = compare_objects(
         objs[0],
         objs[1],
         GENERIC.reporters,
@@ -157,7 +157,7 @@ def test_cross_jumped_reporting_call(tmp_path: Path) -> None:
             )
         ),
     )
-    assert {x.symbol: x.verdict for x in d.decisions}["exited"] == "in"
+    assert {x.symbol: x.verdict for x in cmp.decisions}["exited"] == "in"
 
 
 def test_renumbered_func_strings_pair_by_content(tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -20,18 +21,18 @@ def target_exe(tmp_path_factory: pytest.TempPathFactory, agent_dir: Path) -> Pat
 
 
 @pytest.fixture()
-def target(target_exe: Path):
+def target(target_exe: Path) -> Iterator[Target]:
     """Yields a fresh running target; fails the test if it died during it."""
     t = Target(target_exe)
     yield t
     alive = t.alive()
-    stderr = "" if alive else t.proc.stderr.read()
+    stderr = "" if alive else t.stderr.read()
     t.stop()
     assert alive, f"target died during the test: {stderr}"
 
 
 @pytest.fixture()
-def patched_obj(tmp_path: Path):
+def patched_obj(tmp_path: Path) -> Callable[..., Path]:
     """Returns a function compiling a patched target.c (same file name) to an object."""
     counter = iter(range(1000))
 

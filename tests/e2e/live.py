@@ -69,6 +69,7 @@ class Target:
             bufsize=1,
             env={**os.environ, **env},
         )
+        self._keep_pipes()
         self.pid = self.proc.pid
         ready = self._readline(10)
         if argv and ready != f"ready {self.pid}":
@@ -87,15 +88,21 @@ class Target:
             assert time.monotonic() < deadline, "agent socket never appeared"
             time.sleep(0.01)
 
+    def _keep_pipes(self) -> None:
+        """Keeps the three pipes of ``self.proc`` as typed attributes."""
+        stdin, stdout, stderr = self.proc.stdin, self.proc.stdout, self.proc.stderr
+        assert stdin is not None and stdout is not None and stderr is not None  # all piped
+        self.stdin, self.stdout, self.stderr = stdin, stdout, stderr
+
     def _readline(self, timeout: float = 10) -> str:
-        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        ready, _, _ = select.select([self.stdout], [], [], timeout)
         assert ready, f"target {self.pid} did not answer (alive={self.alive()})"
-        return self.proc.stdout.readline().rstrip("\n")
+        return self.stdout.readline().rstrip("\n")
 
     def call(self, name: str, arg: int = 0) -> str:
         """Returns the target's answer to calling ``name(arg)``."""
-        self.proc.stdin.write(f"{name} {arg}\n")
-        self.proc.stdin.flush()
+        self.stdin.write(f"{name} {arg}\n")
+        self.stdin.flush()
         return self._readline()
 
     def alive(self) -> bool:
@@ -124,6 +131,6 @@ class Target:
         if self.alive():
             self.proc.kill()
         self.proc.wait(5)
-        self.stderr_text = self.proc.stderr.read()
-        for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+        self.stderr_text = self.stderr.read()
+        for stream in (self.stdin, self.stdout, self.stderr):
             stream.close()

@@ -7,6 +7,7 @@ import select
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -44,7 +45,7 @@ int main(void)
 """
 
 
-def wait_for(cond, what: str, timeout: float = 10) -> None:
+def wait_for(cond: Callable[[], bool], what: str, timeout: float = 10) -> None:
     deadline = time.monotonic() + timeout
     while not cond():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
@@ -59,8 +60,8 @@ def api_exe(tmp_path: Path, agent_dir: Path) -> Path:
 
 
 def send(t: Target, line: str) -> str:
-    t.proc.stdin.write(line + "\n")
-    t.proc.stdin.flush()
+    t.stdin.write(line + "\n")
+    t.stdin.flush()
     return t._readline()
 
 
@@ -83,18 +84,21 @@ def test_public_api_stop_start_and_stale_socket(api_exe: Path) -> None:
 
 def test_socket_removed_at_normal_exit(api_exe: Path) -> None:
     t = Target(api_exe)
-    t.proc.stdin.write("exit\n")
-    t.proc.stdin.flush()
+    t.stdin.write("exit\n")
+    t.stdin.flush()
     assert t.proc.wait(10) == 0
     assert not t.socket.exists()
     t.stop()
 
 
-def test_idle_agent_thread_sleeps(target) -> None:
+def test_idle_agent_thread_sleeps(target: Target) -> None:
     rawwire.request(target.socket, Msg.INFO)  # it has served once
     tasks = Path(f"/proc/{target.pid}/task")
     [agent] = [t for t in tasks.iterdir() if (t / "comm").read_text().strip() == "patchbox-agent"]
-    state = lambda: (agent / "stat").read_text().rsplit(")", 1)[1].split()[0]  # noqa: E731
+
+    def state() -> str:
+        return (agent / "stat").read_text().rsplit(")", 1)[1].split()[0]
+
     # Once done with the client it must block in accept ("S"), not spin ("R").
     wait_for(lambda: state() == "S", "the agent thread to block")
     time.sleep(0.2)
@@ -139,6 +143,7 @@ def test_disabled_agent_leaves_program_alone(target_exe: Path) -> None:
         text=True,
         env={**os.environ, "PATCHBOX_DISABLE": "1"},
     )
+    assert proc.stdin is not None and proc.stdout is not None  # pipes
     try:
         ready, _, _ = select.select([proc.stdout], [], [], 10)
         assert ready and proc.stdout.readline().startswith("ready")
@@ -164,6 +169,7 @@ def test_agent_without_socket_is_named_so(target_exe: Path, tmp_path: Path) -> N
         text=True,
         env={**os.environ, "PATCHBOX_SOCK_DIR": str(gone)},
     )
+    assert proc.stdout is not None  # pipes
     try:
         ready, _, _ = select.select([proc.stdout], [], [], 10)
         assert ready and proc.stdout.readline().startswith("ready")

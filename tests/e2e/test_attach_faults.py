@@ -373,7 +373,12 @@ def calibrate(builds: dict[str, Path], mode: str, slow: str | None) -> int:
         stop(t)
 
 
-KINDS = (("read", "slow"), ("read", None), ("epoll", "slow"), ("sleep", "slow"))
+KINDS: tuple[tuple[str, str | None], ...] = (
+    ("read", "slow"),
+    ("read", None),
+    ("epoll", "slow"),
+    ("sleep", "slow"),
+)
 
 
 def test_client_killed_at_random_instants(builds: dict[str, Path]) -> None:

@@ -17,15 +17,17 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 import rawwire
 from elftools.elf.elffile import ELFFile
+from live import Target
 
 from helpers import compile_c, render
 from patchbox.extract import extract_patch
 from patchbox.format.layout import HEADER, encode_apply_body, save_patch, write_patch
-from patchbox.format.model import Fixup, Patch
+from patchbox.format.model import Fixup, Function, Patch
 from patchbox.protocol.client import Client
 from patchbox.wire import ErrorCode, FixupBase, FixupSection, FixupType, Msg
 
@@ -41,7 +43,7 @@ def good(target_exe: Path, tmp_path_factory: pytest.TempPathFactory) -> Patch:
     return replace(patch, text=patch.text + bytes(16))  # 16 spare bytes at the end of text
 
 
-def state(target) -> tuple[dict[int, bytes], bytes]:
+def state(target: Target) -> tuple[dict[int, bytes], bytes]:
     """Executable mappings of the exe (text + sandbox) and the patch data area."""
     with Client(target.socket) as c:
         info = c.info()
@@ -49,7 +51,7 @@ def state(target) -> tuple[dict[int, bytes], bytes]:
     return target.code_snapshot(), data
 
 
-def still_serving(target) -> None:
+def still_serving(target: Target) -> None:
     status, _ = rawwire.request(target.socket, Msg.INFO)
     assert status == 0
     assert target.call("use_helper", 4) == "41"
@@ -117,8 +119,10 @@ def with_last_fixup_reserved(patch: Patch, value: int) -> bytes:
     return body[:-15] + bytes([value]) + body[-14:]
 
 
-def fixup(patch: Patch, **kw) -> Patch:
-    fx = dict(
+def fixup(patch: Patch, **kw: Any) -> Patch:
+    """Returns ``patch`` with one more fix-up: an ABS64 at the text's last 8 bytes unless
+    ``kw`` (Fixup's fields) says otherwise."""
+    fx = Fixup(
         section=FixupSection.TEXT,
         type=FixupType.ABS64,
         base=FixupBase.ABS,
@@ -126,16 +130,18 @@ def fixup(patch: Patch, **kw) -> Patch:
         addend=0,
         symbol="",
     )
-    fx.update(kw)
-    return replace(patch, fixups=[*patch.fixups, Fixup(**fx)])
+    return replace(patch, fixups=[*patch.fixups, replace(fx, **kw)])
 
 
 def link_address(exe: Path, section: str) -> int:
     with open(exe, "rb") as f:
-        return ELFFile(f).get_section_by_name(section)["sh_addr"]
+        sec = ELFFile(f).get_section_by_name(section)
+        assert sec is not None, f"{exe} has no {section}"
+        addr: int = sec["sh_addr"]
+        return addr
 
 
-def info_of(target) -> dict[str, str]:
+def info_of(target: Target) -> dict[str, str]:
     with Client(target.socket) as c:
         return c.info()
 
@@ -150,7 +156,7 @@ class Case:
     words: tuple[str, ...] = ()
 
 
-def fn0(p: Patch):
+def fn0(p: Patch) -> Function:
     return p.functions[0]
 
 
@@ -428,7 +434,7 @@ CASES: dict[str, Case] = {
 
 
 @pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
-def test_bad_request(target, target_exe: Path, good: Patch, case: str) -> None:
+def test_bad_request(target: Target, target_exe: Path, good: Patch, case: str) -> None:
     c = CASES[case]
     payload = c.payload(good, target, target_exe)
     before = state(target)
@@ -447,7 +453,7 @@ def test_bad_request(target, target_exe: Path, good: Patch, case: str) -> None:
     still_serving(target)
 
 
-def test_good_body_applies(target, good: Patch) -> None:
+def test_good_body_applies(target: Target, good: Patch) -> None:
     """The base of every case above is valid: only the one change makes it bad."""
     status, rest = rawwire.request(target.socket, Msg.APPLY, encode_apply_body(good))
     assert status == 0, rawwire.error_text(rest)
@@ -457,7 +463,9 @@ def test_good_body_applies(target, good: Patch) -> None:
 # -- frames --------------------------------------------------------------------------------
 
 
-def frame_case(target, data: bytes, code: ErrorCode | None, *words: str, then_info: bool) -> None:
+def frame_case(
+    target: Target, data: bytes, code: ErrorCode | None, *words: str, then_info: bool
+) -> None:
     """Sends raw bytes; expects one error reply (or none), then INFO on the same
     connection if ``then_info`` (else the agent closes it)."""
     before = state(target)
@@ -478,7 +486,7 @@ def frame_case(target, data: bytes, code: ErrorCode | None, *words: str, then_in
     still_serving(target)
 
 
-def test_wrong_magic_closes(target) -> None:
+def test_wrong_magic_closes(target: Target) -> None:
     frame_case(
         target,
         rawwire.frame(Msg.INFO, magic=0x32584250),
@@ -488,7 +496,7 @@ def test_wrong_magic_closes(target) -> None:
     )
 
 
-def test_wrong_version_skips_payload(target, good: Patch) -> None:
+def test_wrong_version_skips_payload(target: Target, good: Patch) -> None:
     frame_case(
         target,
         rawwire.frame(Msg.APPLY, encode_apply_body(good), version=2),
@@ -500,7 +508,7 @@ def test_wrong_version_skips_payload(target, good: Patch) -> None:
 
 
 @pytest.mark.parametrize("mtype", [0, 7, 0x83, 0xFFFF])
-def test_unknown_message_ids(target, mtype: int) -> None:
+def test_unknown_message_ids(target: Target, mtype: int) -> None:
     frame_case(
         target,
         rawwire.frame(mtype, b"payload"),
@@ -510,7 +518,7 @@ def test_unknown_message_ids(target, mtype: int) -> None:
     )
 
 
-def test_length_just_over_maximum(target) -> None:
+def test_length_just_over_maximum(target: Target) -> None:
     frame_case(
         target,
         rawwire.frame(Msg.APPLY, length=(16 << 20) + 1),
@@ -520,7 +528,7 @@ def test_length_just_over_maximum(target) -> None:
     )
 
 
-def test_length_shorter_than_payload(target, good: Patch) -> None:
+def test_length_shorter_than_payload(target: Target, good: Patch) -> None:
     """The header says 20 bytes, 1 body follows: the first 20 are a (malformed) APPLY, the
     rest is read as the next header, whose magic is wrong."""
     body = encode_apply_body(good)
@@ -534,7 +542,7 @@ def test_length_shorter_than_payload(target, good: Patch) -> None:
 
 
 @pytest.mark.parametrize("sent", [0, 10, 16, 100])
-def test_length_longer_than_sent_then_hangup(target, good: Patch, sent: int) -> None:
+def test_length_longer_than_sent_then_hangup(target: Target, good: Patch, sent: int) -> None:
     frame = rawwire.frame(Msg.APPLY, encode_apply_body(good))
     before = state(target)
     with rawwire.connect(target.socket) as s:
@@ -543,7 +551,7 @@ def test_length_longer_than_sent_then_hangup(target, good: Patch, sent: int) -> 
     assert state(target) == before
 
 
-def test_random_garbage_sizes(target) -> None:
+def test_random_garbage_sizes(target: Target) -> None:
     for size in (1, 15, 16, 17, 4096):
         before = state(target)
         with rawwire.connect(target.socket) as s:
@@ -559,7 +567,7 @@ def test_random_garbage_sizes(target) -> None:
     still_serving(target)
 
 
-def test_many_frames_one_connection(target) -> None:
+def test_many_frames_one_connection(target: Target) -> None:
     """Two hundred pipelined bad requests, each answered in order."""
     with rawwire.connect(target.socket) as s:
         s.sendall(b"".join(rawwire.frame(Msg.REMOVE, b"\x01\x00x", seq=i) for i in range(200)))
@@ -572,7 +580,7 @@ def test_many_frames_one_connection(target) -> None:
 # -- duplicate apply, patch files through the CLI ---------------------------------------
 
 
-def test_duplicate_apply_other_content(target, good: Patch) -> None:
+def test_duplicate_apply_other_content(target: Target, good: Patch) -> None:
     assert rawwire.request(target.socket, Msg.APPLY, encode_apply_body(good))[0] == 0
     before = state(target)
     other = replace(good, text=good.text[:-1] + b"\xcc")
@@ -582,7 +590,7 @@ def test_duplicate_apply_other_content(target, good: Patch) -> None:
     assert target.call("use_helper", 4) == "49"
 
 
-def cli(*args: str) -> subprocess.CompletedProcess:
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [str(Path(sys.executable).parent / "patchbox"), *args],
         capture_output=True,
@@ -624,7 +632,7 @@ def corrupt(data: bytes, how: str) -> bytes:
     ],
 )
 def test_corrupt_patch_file_via_cli(
-    target, good: Patch, tmp_path: Path, how: str, words: str
+    target: Target, good: Patch, tmp_path: Path, how: str, words: str
 ) -> None:
     path = tmp_path / "bad.pbx"
     path.write_bytes(corrupt(write_patch(good), how))
@@ -637,7 +645,9 @@ def test_corrupt_patch_file_via_cli(
     still_serving(target)
 
 
-def test_file_with_valid_hash_but_bad_body_via_cli(target, good: Patch, tmp_path: Path) -> None:
+def test_file_with_valid_hash_but_bad_body_via_cli(
+    target: Target, good: Patch, tmp_path: Path
+) -> None:
     """A body the hash protects but that is itself invalid (a hand-made file)."""
     import hashlib
 
@@ -655,7 +665,7 @@ def test_file_with_valid_hash_but_bad_body_via_cli(target, good: Patch, tmp_path
     still_serving(target)
 
 
-def test_patch_for_other_build_via_cli(target, good: Patch, tmp_path: Path) -> None:
+def test_patch_for_other_build_via_cli(target: Target, good: Patch, tmp_path: Path) -> None:
     path = tmp_path / "other.pbx"
     save_patch(replace(good, build_id=bytes(20)), path)
     before = state(target)

@@ -25,7 +25,9 @@ BIN = Path(sys.executable).parent
 TREE = Path(__file__).resolve().parent / "buildtree"
 
 
-def run(*args: str, cwd: Path | None = None, check: bool = True) -> subprocess.CompletedProcess:
+def run(
+    *args: str | Path, cwd: Path | None = None, check: bool = True
+) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     proc = subprocess.run(
         [str(a) for a in args],

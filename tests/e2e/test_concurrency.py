@@ -14,7 +14,9 @@ import os
 import shlex
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from live import Target
@@ -33,7 +35,7 @@ SMALL_SANDBOX = 8192
 run = run_tool
 
 
-def info(target: Target) -> dict:
+def info(target: Target) -> dict[str, Any]:
     return info_json(target.pid)
 
 
@@ -41,7 +43,9 @@ def body(obj: Path, exe: Path, functions: list[str], name: str) -> bytes:
     return encode_apply_body(extract_patch(obj, exe, functions, name=name))
 
 
-def test_wx_policy_refuses_apply_cleanly(target_exe, patched_obj, tmp_path) -> None:
+def test_wx_policy_refuses_apply_cleanly(
+    target_exe: Path, patched_obj: Callable[..., Path], tmp_path: Path
+) -> None:
     """The refusal comes from mprotect itself, after every check passed: both functions
     of the patch stay original, not a single byte of executable memory changed."""
     obj = patched_obj(PAIR_A="1000", PAIR_B="3")
@@ -89,7 +93,9 @@ def small_target_exe(tmp_path_factory: pytest.TempPathFactory) -> Path:
 PARKING = "if (x == 1) { char c; if (read(park_fds[0], &c, 1) != 1) return -1; } return x + 700;"
 
 
-def test_parked_thread_keeps_removed_code(small_target_exe, patched_obj) -> None:
+def test_parked_thread_keeps_removed_code(
+    small_target_exe: Path, patched_obj: Callable[..., Path]
+) -> None:
     exe = small_target_exe
     t = Target(exe)
     try:
@@ -163,7 +169,9 @@ def _blocked_in_read(pid: int, tid: int) -> bool:
     return bool(fields) and fields[0] == "0" and tid != pid
 
 
-def test_replacement_calls_the_original(target, target_exe, patched_obj) -> None:
+def test_replacement_calls_the_original(
+    target: Target, target_exe: Path, patched_obj: Callable[..., Path]
+) -> None:
     # The header comes from the include path `patchbox config --cflags` prints.
     obj = patched_obj(
         extra=[*shlex.split(cflags()), "-include", "patchbox/patch.h"],
@@ -196,7 +204,9 @@ def test_replacement_calls_the_original(target, target_exe, patched_obj) -> None
     assert target.call("use_helper", 4) == "41"
 
 
-def test_original_of_unknown_function_is_refused(target_exe, patched_obj) -> None:
+def test_original_of_unknown_function_is_refused(
+    target_exe: Path, patched_obj: Callable[..., Path]
+) -> None:
     # The header comes from the include path `patchbox config --cflags` prints.
     obj = patched_obj(
         extra=[*shlex.split(cflags()), "-include", "patchbox/patch.h"],
@@ -215,7 +225,9 @@ def test_original_of_unknown_function_is_refused(target_exe, patched_obj) -> Non
     assert proc.returncode != 0 and "no_such_fn" in proc.stderr
 
 
-def test_retained_patch_memory_is_never_reused(small_target_exe, patched_obj) -> None:
+def test_retained_patch_memory_is_never_reused(
+    small_target_exe: Path, patched_obj: Callable[..., Path]
+) -> None:
     """RETAIN (the QEMU profile): after remove, the patch's code stays even though no
     thread is inside it, because suspended coroutine stacks cannot be scanned."""
     exe = small_target_exe

@@ -17,8 +17,9 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from live import Target, wait_for_agent
@@ -41,7 +42,7 @@ pytestmark = pytest.mark.process
 BEFORE, AFTER = "41", "42"  # use_helper(4) unpatched, patched
 
 
-def patchbox_json(*args: object, expect: int) -> list[dict]:
+def patchbox_json(*args: object, expect: int) -> list[dict[str, Any]]:
     """Returns the JSON rows of `patchbox ARGS --json`, asserting its exit status."""
     proc = subprocess.run(
         [str(BIN / "patchbox"), *map(str, args), "--json"],
@@ -52,14 +53,15 @@ def patchbox_json(*args: object, expect: int) -> list[dict]:
         check=False,
     )
     assert proc.returncode == expect, f"{args}: rc {proc.returncode}: {proc.stdout}{proc.stderr}"
-    return json.loads(proc.stdout)
+    rows: list[dict[str, Any]] = json.loads(proc.stdout)
+    return rows
 
 
-def mine(rows: list[dict], *targets: Target) -> dict[int, dict]:
+def mine(rows: list[dict[str, Any]], *targets: Target) -> dict[int, dict[str, Any]]:
     return mine_pids(rows, [t.pid for t in targets])
 
 
-def mine_pids(rows: list[dict], pids) -> dict[int, dict]:
+def mine_pids(rows: list[dict[str, Any]], pids: Iterable[int]) -> dict[int, dict[str, Any]]:
     return {r["pid"]: r for r in rows if r["pid"] in set(pids)}
 
 
@@ -83,7 +85,9 @@ def started() -> Iterator[list[Target]]:
         t.stop()
 
 
-def test_a_process_without_socket_is_unreachable(build, started) -> None:
+def test_a_process_without_socket_is_unreachable(
+    build: dict[str, Path], started: list[Target]
+) -> None:
     """Three processes of one build, one started with PATCHBOX_DISABLE=1 (the agent
     linked but never started): `apply --all` patches two, reports the third
     `unreachable` (agent present, no socket) and exits 1; `ps` lists it with the
@@ -134,7 +138,9 @@ def test_a_process_without_socket_is_unreachable(build, started) -> None:
     assert (a.call("use_helper", 4), b.call("use_helper", 4)) == (BEFORE, BEFORE)
 
 
-def test_a_busy_agent_stays_worth_a_retry_but_unreachable_is_not(build, started) -> None:
+def test_a_busy_agent_stays_worth_a_retry_but_unreachable_is_not(
+    build: dict[str, Path], started: list[Target]
+) -> None:
     """A stopped agent is `failed` and worth a retry (2); with an unreachable process
     of the build besides, the status is 1."""
     exe = build["exe"]
@@ -209,7 +215,9 @@ def lib_build_id(lib: Path) -> str:
     return out.split("Build ID:")[1].split()[0]
 
 
-def test_library_patch_reaches_every_process_mapping_it(library, started) -> None:
+def test_library_patch_reaches_every_process_mapping_it(
+    library: dict[str, Path], started: list[Target]
+) -> None:
     """A library patch goes to every process that maps the library, whatever its
     executable: two programs with the agent are patched, a program without one that
     maps it too is `unreachable` (no agent loaded). `remove --all --build-id` of the
@@ -240,7 +248,9 @@ def test_library_patch_reaches_every_process_mapping_it(library, started) -> Non
     assert info_json(one.pid)["patches"] == "0"
 
 
-def test_an_agent_that_refuses_the_client_is_unreachable(build, world_dir: Path, started) -> None:
+def test_an_agent_that_refuses_the_client_is_unreachable(
+    build: dict[str, Path], world_dir: Path, started: list[Target]
+) -> None:
     """A process of the build run by nobody turns itself non-dumpable; nobody's own
     `apply_all` reaches its socket but the agent refuses (PERMISSION, the kernel's
     ptrace rule): the row is `unreachable` with the agent's text, the process keeps
@@ -357,7 +367,9 @@ def ids(pid: int) -> tuple[int, int]:
     return uid, os.stat(f"/proc/{pid}/status").st_uid
 
 
-def test_workers_that_dropped_root_are_patched_too(prefork, daemons) -> None:
+def test_workers_that_dropped_root_are_patched_too(
+    prefork: dict[str, Path], daemons: list[Prefork]
+) -> None:
     """The master keeps root, the workers change to nobody right after fork and cannot
     bind beside the executable: their agents listen on @patchbox/sandbox-sock<pid>.
     `apply --all --exe` patches all three (the workers' answers change), `ps` lists
@@ -386,7 +398,9 @@ def test_workers_that_dropped_root_are_patched_too(prefork, daemons) -> None:
     assert d.answers() == ["5", "5", "5"]
 
 
-def test_a_worker_without_agent_is_reported_and_fails_the_run(prefork, daemons) -> None:
+def test_a_worker_without_agent_is_reported_and_fails_the_run(
+    prefork: dict[str, Path], daemons: list[Prefork]
+) -> None:
     """The same daemon, worker 2 with its agent stopped before it drops root: `apply
     --all --exe` patches the master and worker 1, reports worker 2 `unreachable` (agent
     present but no socket) and exits 1 — not "applied 2/2" while worker 2 serves the old
@@ -414,7 +428,7 @@ def test_a_worker_without_agent_is_reported_and_fails_the_run(prefork, daemons) 
 
 
 def test_an_agent_of_another_network_namespace_is_unreachable_with_the_way_there(
-    build, world_dir: Path, started
+    build: dict[str, Path], world_dir: Path, started: list[Target]
 ) -> None:
     """A process of the build in a network namespace of its own, whose socket directory
     it may not trust (nobody's), listens on @patchbox/sandbox-sock<pid> there: that name

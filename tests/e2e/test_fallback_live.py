@@ -11,13 +11,13 @@ from __future__ import annotations
 import dataclasses
 import shlex
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from elftools.elf.elffile import ELFFile
 from live import Target
 
-from helpers import APP_VERSION, run_tool
+from helpers import APP_VERSION, elf_symbol, run_tool
 from patchbox.config import libs
 from patchbox.flags import LINK_FLAGS, PATCH_CFLAGS
 from patchbox.format.layout import load_patch, save_patch
@@ -82,7 +82,7 @@ def plain_exe(tmp_path_factory: pytest.TempPathFactory, agent_dir: Path) -> Path
 
 
 @pytest.fixture()
-def target(plain_exe: Path):
+def target(plain_exe: Path) -> Iterator[Target]:
     t = Target(plain_exe)
     yield t
     alive = t.alive()
@@ -91,8 +91,7 @@ def target(plain_exe: Path):
 
 
 def symbol(exe: Path, name: str) -> tuple[int, int]:
-    with open(exe, "rb") as f:
-        sym = ELFFile(f).get_section_by_name(".symtab").get_symbol_by_name(name)[0]
+    sym = elf_symbol(exe, name)
     return sym["st_value"], sym["st_size"]
 
 
@@ -117,14 +116,16 @@ def extract(obj: Path, exe: Path, name: str, *extra: str) -> Path:
     return out
 
 
-def test_target_has_no_padding(target, plain_exe: Path) -> None:
+def test_target_has_no_padding(target: Target, plain_exe: Path) -> None:
     addr, _size = symbol(plain_exe, "answer")
     entry = target.read(bias(target) + addr - 6, 9)
     assert entry[:8] != b"\x90" * 8
     assert addr % 16 == 0 and entry[6] == 0x8D  # lea: 7 bytes at a 16-aligned entry
 
 
-def test_entry_jump_apply_and_remove_restore_bytes(target, plain_exe, tmp_path) -> None:
+def test_entry_jump_apply_and_remove_restore_bytes(
+    target: Target, plain_exe: Path, tmp_path: Path
+) -> None:
     before = function_bytes(target, "answer")
     other = function_bytes(target, "other")
     assert target.call("answer", 2) == "17"
@@ -146,7 +147,7 @@ def test_entry_jump_apply_and_remove_restore_bytes(target, plain_exe, tmp_path) 
     assert function_bytes(target, "other") == other
 
 
-def test_unpadded_replacement_and_rule6(target, plain_exe, tmp_path) -> None:
+def test_unpadded_replacement_and_rule6(target: Target, plain_exe: Path, tmp_path: Path) -> None:
     before = function_bytes(target, "answer")
     plain_obj = build(tmp_path / "a" / "fb.o", "7 + 1", obj=True)
     proc = run(
@@ -189,7 +190,9 @@ def test_unpadded_replacement_and_rule6(target, plain_exe, tmp_path) -> None:
     assert function_bytes(target, "answer") == before
 
 
-def test_agent_refuses_wrong_expected_and_misaligned_point(target, plain_exe, tmp_path) -> None:
+def test_agent_refuses_wrong_expected_and_misaligned_point(
+    target: Target, plain_exe: Path, tmp_path: Path
+) -> None:
     snapshot = target.code_snapshot()
     pbx = extract(build(tmp_path / "p" / "fb.o", "7 + 1", padded=True, obj=True), plain_exe, "good")
     patch = load_patch(pbx)

@@ -46,7 +46,7 @@ BEFORE, AFTER = "41", "49"  # use_helper(4), unpatched and patched
 
 def run_killed(
     n: int | None, *args: object, env: dict[str, str] | None = None, log: Path | None = None
-) -> subprocess.CompletedProcess:
+) -> subprocess.CompletedProcess[str]:
     """Returns the run of ``patchbox ARGS`` killed (SIGKILL) on entering its ``n``-th
     step; with ``n`` None nothing is killed and strace writes every step to ``log``."""
     inject = [] if n is None else ["-e", f"inject={STEPS}:signal=KILL:when={n}"]
@@ -319,10 +319,10 @@ def test_target_killed_mid_apply(built: dict[str, Path], tmp_path: Path) -> None
             assert time.monotonic() < deadline, "the agent never reached the hook"
             time.sleep(0.01)
         os.kill(t.pid, signal.SIGKILL)
-        out, err = client.communicate(timeout=30)
+        said, err = client.communicate(timeout=30)
     finally:
         t.stop()
-    assert client.returncode == 1, (out, err)
+    assert client.returncode == 1, (said, err)
     assert f"pid {t.pid} exited while its agent was serving the request" in err, err
     assert not t.socket.exists()  # the client swept it: nothing listens there
 

@@ -4,6 +4,7 @@ and clients of another user (socket-file permission and SO_PEERCRED)."""
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import signal
@@ -13,6 +14,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -54,19 +56,21 @@ def patches(target_exe: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[
     }
 
 
-def state(target) -> tuple[dict[int, bytes], bytes]:
+def state(target: Target) -> tuple[dict[int, bytes], bytes]:
     with Client(target.socket) as c:
         info = c.info()
     return target.code_snapshot(), target.read(int(info["data_addr"], 16), int(info["data_size"]))
 
 
-def applied(target) -> list[str]:
+def applied(target: Target) -> list[str]:
     with Client(target.socket) as c:
         return [p.name for p in c.list()]
 
 
 @pytest.mark.parametrize("step", ["connect-only", "header", "half-payload", "full-payload"])
-def test_client_killed_during_apply(target, patches, tmp_path: Path, step: str) -> None:
+def test_client_killed_during_apply(
+    target: Target, patches: dict[str, Patch], tmp_path: Path, step: str
+) -> None:
     from patchbox.protocol.client import encode_frame
 
     frame = encode_frame(Msg.APPLY, 1, encode_apply_body(patches["helper"]))
@@ -84,6 +88,7 @@ def test_client_killed_during_apply(target, patches, tmp_path: Path, step: str) 
         stdout=subprocess.PIPE,
         text=True,
     )
+    assert client.stdout is not None  # pipes
     assert client.stdout.readline().strip() == "sent"
     client.send_signal(signal.SIGKILL)
     client.wait(10)
@@ -106,7 +111,9 @@ def test_client_killed_during_apply(target, patches, tmp_path: Path, step: str) 
     assert target.call("use_helper", 4) == "41"
 
 
-def test_full_payload_then_killed_is_applied_entirely(target, patches, tmp_path: Path) -> None:
+def test_full_payload_then_killed_is_applied_entirely(
+    target: Target, patches: dict[str, Patch], tmp_path: Path
+) -> None:
     """The agent has the whole request: it applies (all functions), the reply is lost."""
     from patchbox.protocol.client import encode_frame
 
@@ -124,6 +131,7 @@ def test_full_payload_then_killed_is_applied_entirely(target, patches, tmp_path:
         stdout=subprocess.PIPE,
         text=True,
     )
+    assert client.stdout is not None  # pipes
     assert client.stdout.readline().strip() == "sent"
     client.kill()
     client.wait(10)
@@ -150,7 +158,7 @@ def test_silent_client_does_not_block_others(target_exe: Path, prefix: bytes) ->
         t.stop()
 
 
-def test_two_clients_are_serialised(target) -> None:
+def test_two_clients_are_serialised(target: Target) -> None:
     """While one connection is open the next waits; it is served when the first closes."""
     first = rawwire.connect(target.socket)
     first.sendall(rawwire.frame(Msg.INFO))
@@ -168,7 +176,7 @@ def test_two_clients_are_serialised(target) -> None:
     second.close()
 
 
-def test_two_applies_at_once_both_succeed(target, patches) -> None:
+def test_two_applies_at_once_both_succeed(target: Target, patches: dict[str, Patch]) -> None:
     results: dict[str, object] = {}
 
     def apply(name: str) -> None:
@@ -189,7 +197,7 @@ def test_two_applies_at_once_both_succeed(target, patches) -> None:
     assert target.call("bump") == "100"
 
 
-def run_as_nobody(exe: Path, env: dict[str, str]) -> subprocess.Popen:
+def run_as_nobody(exe: Path, env: dict[str, str]) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [str(exe)],
         stdin=subprocess.PIPE,
@@ -214,6 +222,9 @@ def test_socket_dir_not_writable(target_exe: Path) -> None:
         ro = tmp / "ro"
         ro.mkdir(mode=0o755)  # owned by root: not writable by nobody
         proc = run_as_nobody(exe, {"PATCHBOX_SOCK_DIR": str(ro)})
+        assert (
+            proc.stderr is not None and proc.stdin is not None and proc.stdout is not None
+        )  # pipes
         assert proc.stdout.readline().startswith("ready")
         proc.stdin.write("use_helper 4\n")
         proc.stdin.flush()
@@ -251,7 +262,7 @@ def test_log_disk_full(target_exe: Path) -> None:
 # -- another user ----------------------------------------------------------------------
 
 
-def as_nobody(fn) -> tuple[int, str]:
+def as_nobody(fn: Callable[[], tuple[int, str]]) -> tuple[int, str]:
     """Runs ``fn()`` (returns (int, str)) in a forked child as uid/gid 65534."""
     import json
 
@@ -264,7 +275,7 @@ def as_nobody(fn) -> tuple[int, str]:
             os.setgid(NOBODY)
             os.setuid(NOBODY)
             out = fn()
-        except BaseException as err:  # noqa: BLE001 - reported to the parent
+        except BaseException as err:  # anything, SystemExit included: reported to the parent
             out = (-3, repr(err))
         finally:
             os.write(w, json.dumps(out).encode())
@@ -289,7 +300,7 @@ def cli_in_child(*args: str) -> tuple[int, str]:
 
 
 @pytest.fixture()
-def shared_target(target_exe: Path):
+def shared_target(target_exe: Path) -> Iterator[Target]:
     """A target whose socket directory other users may traverse (0711)."""
     sock_dir = Path(tempfile.mkdtemp(prefix="pbx-uid-"))
     sock_dir.chmod(0o711)
@@ -300,7 +311,7 @@ def shared_target(target_exe: Path):
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a client as another user")
-def test_other_user_blocked_by_socket_mode(shared_target) -> None:
+def test_other_user_blocked_by_socket_mode(shared_target: Target) -> None:
     """Socket file 0600: connect() fails with EACCES; the CLI says so."""
     assert oct(shared_target.socket.stat().st_mode & 0o777) == "0o600"
     before = shared_target.code_snapshot()
@@ -313,13 +324,13 @@ def test_other_user_blocked_by_socket_mode(shared_target) -> None:
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a client as another user")
-def test_other_user_refused_by_peercred_via_cli(shared_target) -> None:
+def test_other_user_refused_by_peercred_via_cli(shared_target: Target) -> None:
     """Socket opened up (0666): SO_PEERCRED still refuses; the CLI shows the agent's reason."""
     os.chmod(shared_target.socket, 0o666)
     before = shared_target.code_snapshot()
     for command in ("info", "list", "test"):
         code, err = as_nobody(
-            lambda command=command: cli_in_child(command, "-s", str(shared_target.socket))
+            functools.partial(cli_in_child, command, "-s", str(shared_target.socket))
         )
         assert code == 1, err
         assert "peer not allowed" in err and "uid 65534" in err and "[PERMISSION]" in err, err

@@ -263,8 +263,9 @@ def test_client_killed_while_it_holds_the_threads(built: dict[str, Path]) -> Non
         assert check_whole(t, entry, original)
         with Client(t.socket) as c:
             c.remove("held")
-        nxt = client_for(built, t)
+        nxt: subprocess.Popen[str] | None = client_for(built, t)
         for i in range(n):
+            assert nxt is not None  # made after each round but the last
             client, sig = nxt, SIGNALS[(i // 2) % len(SIGNALS)]
             assert client.stdin is not None
             client.stdin.write("go\n")
@@ -300,7 +301,7 @@ def test_client_killed_while_it_holds_the_threads(built: dict[str, Path]) -> Non
             if applied:
                 with Client(t.socket) as c:
                     c.remove("held")
-            nxt = client_for(built, t) if i + 1 < n else None  # type: ignore[assignment]
+            nxt = client_for(built, t) if i + 1 < n else None
     finally:
         died = t.stop()
     assert not died, f"the target died: {died}"

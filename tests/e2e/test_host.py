@@ -13,13 +13,23 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
-from elftools.elf.elffile import ELFFile
 from live import Target
 
-from helpers import BIN, compile_c, info_json, render, run_tool, unique_build_id
+from helpers import (
+    BIN,
+    compile_c,
+    elf_symbol,
+    gnu_build_id,
+    info_json,
+    render,
+    run_tool,
+    unique_build_id,
+)
 
 pytestmark = pytest.mark.process
 
@@ -41,7 +51,7 @@ def builds(tmp_path_factory: pytest.TempPathFactory, agent_dir: Path) -> dict[st
 
 
 @pytest.fixture()
-def fleet(builds: dict[str, Path]):
+def fleet(builds: dict[str, Path]) -> Iterator[Callable[[str, int], list[Target]]]:
     started: list[Target] = []
 
     def start(which: str, n: int) -> list[Target]:
@@ -57,13 +67,10 @@ def fleet(builds: dict[str, Path]):
 
 
 def build_id(exe: Path) -> str:
-    with open(exe, "rb") as f:
-        for note in ELFFile(f).get_section_by_name(".note.gnu.build-id").iter_notes():
-            return note["n_desc"]
-    raise AssertionError("no build-id")
+    return gnu_build_id(exe)
 
 
-def patchbox_json(*args: object, expect: int = 0, timeout: float = 60) -> list[dict]:
+def patchbox_json(*args: object, expect: int = 0, timeout: float = 60) -> list[dict[str, Any]]:
     proc = subprocess.run(
         [str(BIN / "patchbox"), *map(str, args), "--json"],
         capture_output=True,
@@ -73,10 +80,11 @@ def patchbox_json(*args: object, expect: int = 0, timeout: float = 60) -> list[d
         check=False,
     )
     assert proc.returncode == expect, f"{args}: rc {proc.returncode}: {proc.stderr}"
-    return json.loads(proc.stdout)
+    rows: list[dict[str, Any]] = json.loads(proc.stdout)
+    return rows
 
 
-def by_pid(rows: list[dict], targets: list[Target]) -> dict[int, dict]:
+def by_pid(rows: list[dict[str, Any]], targets: list[Target]) -> dict[int, dict[str, Any]]:
     mine = {t.pid for t in targets}
     return {r["pid"]: r for r in rows if r["pid"] in mine}
 
@@ -84,15 +92,16 @@ def by_pid(rows: list[dict], targets: list[Target]) -> dict[int, dict]:
 def corrupt_padding(t: Target, exe: Path) -> None:
     """Changes one padding byte of use_helper in the running process (its bytes now differ
     from what the patch expects)."""
-    with open(exe, "rb") as f:
-        sym = ELFFile(f).get_section_by_name(".symtab").get_symbol_by_name("use_helper")[0]
+    sym = elf_symbol(exe, "use_helper")
     addr = int(info_json(t.pid)["load_bias"], 16) + sym["st_value"] - 6
     with open(f"/proc/{t.pid}/mem", "r+b") as mem:
         mem.seek(addr)
         mem.write(b"\xcc")
 
 
-def test_ps_lists_every_agent(fleet, builds) -> None:
+def test_ps_lists_every_agent(
+    fleet: Callable[[str, int], list[Target]], builds: dict[str, Path]
+) -> None:
     targets = fleet("a", 3) + fleet("b", 2)
     rows = by_pid(patchbox_json("ps"), targets)
     assert set(rows) == {t.pid for t in targets}
@@ -105,7 +114,9 @@ def test_ps_lists_every_agent(fleet, builds) -> None:
     assert all(str(t.pid) in text for t in targets)
 
 
-def test_apply_all_two_builds_then_remove_all(fleet, builds) -> None:
+def test_apply_all_two_builds_then_remove_all(
+    fleet: Callable[[str, int], list[Target]], builds: dict[str, Path]
+) -> None:
     a, b = fleet("a", 6), fleet("b", 3)
     rows = by_pid(patchbox_json("apply", "--all", builds["patch"]), a + b)
     assert {rows[t.pid]["result"] for t in a} == {"applied"}
@@ -124,7 +135,9 @@ def test_apply_all_two_builds_then_remove_all(fleet, builds) -> None:
     assert all(t.call("use_helper", 4) == "41" for t in a)
 
 
-def test_killed_midway_and_refusing_are_reported(fleet, builds) -> None:
+def test_killed_midway_and_refusing_are_reported(
+    fleet: Callable[[str, int], list[Target]], builds: dict[str, Path]
+) -> None:
     a = fleet("a", 6)
     victim, refuser = a[0], a[1]
     corrupt_padding(refuser, builds["a"])
@@ -157,7 +170,9 @@ def test_killed_midway_and_refusing_are_reported(fleet, builds) -> None:
     assert refuser.call("use_helper", 4) == "41"
 
 
-def test_rollback_on_failure_restores_all(fleet, builds) -> None:
+def test_rollback_on_failure_restores_all(
+    fleet: Callable[[str, int], list[Target]], builds: dict[str, Path]
+) -> None:
     a = fleet("a", 5)
     refuser = a[2]
     corrupt_padding(refuser, builds["a"])
@@ -181,7 +196,9 @@ def test_rollback_on_failure_restores_all(fleet, builds) -> None:
     assert all(info_json(t.pid)["patches"] == "0" for t in others)
 
 
-def test_busy_agent_is_worth_a_retry(fleet, builds) -> None:
+def test_busy_agent_is_worth_a_retry(
+    fleet: Callable[[str, int], list[Target]], builds: dict[str, Path]
+) -> None:
     a = fleet("a", 3)
     stopped = a[0]
     os.kill(stopped.pid, signal.SIGSTOP)

@@ -9,13 +9,16 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from elftools.elf.elffile import ELFFile
+from elftools.elf.sections import NoteSection
 from live import Target
 
-from helpers import APP_VERSION, compile_c, info_json, render, run_tool
+from helpers import APP_VERSION, compile_c, elf_symbol, info_json, render, run_tool
 from patchbox.config import preload
 from patchbox.format.layout import load_patch, save_patch
 
@@ -32,18 +35,18 @@ def extract(obj: Path, exe: Path, *functions: str, name: str) -> Path:
     return out
 
 
-def info(target) -> dict:
+def info(target: Target) -> dict[str, Any]:
     return info_json(target.pid)
 
 
-def listing(target) -> list:
-    return json.loads(run("patchbox", "list", "-p", target.pid, "--json").stdout)
+def listing(target: Target) -> list[Any]:
+    rows: list[Any] = json.loads(run("patchbox", "list", "-p", target.pid, "--json").stdout)
+    return rows
 
 
-def entry_bytes(target, symbol: str) -> bytes:
+def entry_bytes(target: Target, symbol: str) -> bytes:
     """Returns the 8 bytes [f-6, f+2) of ``symbol`` in the running target."""
-    with open(target.exe, "rb") as f:
-        sym = ELFFile(f).get_section_by_name(".symtab").get_symbol_by_name(symbol)[0]
+    sym = elf_symbol(target.exe, symbol)
     return target.read(int(info(target)["load_bias"], 16) + sym["st_value"] - 6, 8)
 
 
@@ -52,7 +55,9 @@ def test_target_is_pie(target_exe: Path) -> None:
         assert ELFFile(f)["e_type"] == "ET_DYN"
 
 
-def test_static_helper_apply_list_remove(target, target_exe, patched_obj) -> None:
+def test_static_helper_apply_list_remove(
+    target: Target, target_exe: Path, patched_obj: Callable[..., Path]
+) -> None:
     assert target.call("use_helper", 4) == "41"
     before = entry_bytes(target, "use_helper")
     assert before == b"\x90" * 8
@@ -71,7 +76,9 @@ def test_static_helper_apply_list_remove(target, target_exe, patched_obj) -> Non
     assert listing(target) == []
 
 
-def test_global_keeps_running_state(target, target_exe, patched_obj) -> None:
+def test_global_keeps_running_state(
+    target: Target, target_exe: Path, patched_obj: Callable[..., Path]
+) -> None:
     assert [target.call("bump") for _ in range(3)] == ["1", "2", "3"]
     pbx = extract(patched_obj(BUMP_STEP="100"), target_exe, "bump", name="bump100")
     run("patchbox", "apply", "-p", target.pid, pbx)
@@ -80,7 +87,9 @@ def test_global_keeps_running_state(target, target_exe, patched_obj) -> None:
     assert target.call("bump") == "104"
 
 
-def test_string_literal_and_snprintf(target, target_exe, patched_obj) -> None:
+def test_string_literal_and_snprintf(
+    target: Target, target_exe: Path, patched_obj: Callable[..., Path]
+) -> None:
     assert target.call("greet") == "hello"
     assert target.call("fmt", 7) == "value=7"
     obj = patched_obj(GREETING="patched greeting", FMT="v2:%d!")
@@ -93,7 +102,9 @@ def test_string_literal_and_snprintf(target, target_exe, patched_obj) -> None:
     assert target.call("fmt", 7) == "value=7"
 
 
-def test_got_slots_from_pic_no_plt_object(target, target_exe, patched_obj) -> None:
+def test_got_slots_from_pic_no_plt_object(
+    target: Target, target_exe: Path, patched_obj: Callable[..., Path]
+) -> None:
     """-fPIC -fno-plt: globals and library calls go through GOTPCREL(X) relocations."""
     obj = patched_obj(extra=["-fPIC", "-fno-plt"], BUMP_STEP="1000", FMT="got:%d")
     relocs = subprocess.run(
@@ -108,7 +119,9 @@ def test_got_slots_from_pic_no_plt_object(target, target_exe, patched_obj) -> No
     assert (target.call("bump"), target.call("fmt", 3)) == ("1002", "value=3")
 
 
-def test_pointer_table_abs64(target, target_exe, patched_obj) -> None:
+def test_pointer_table_abs64(
+    target: Target, target_exe: Path, patched_obj: Callable[..., Path]
+) -> None:
     """A new table of string pointers: R_X86_64_64 relocations in copied data."""
     table = 'static const char *const names[] = { "zero", "one", "two" }; return names[x % 3];'
     obj = patched_obj(PICK=table)
@@ -126,7 +139,9 @@ def test_pointer_table_abs64(target, target_exe, patched_obj) -> None:
     assert target.call("pick", 0) == "none"
 
 
-def test_two_functions_switch_together(target, target_exe, patched_obj) -> None:
+def test_two_functions_switch_together(
+    target: Target, target_exe: Path, patched_obj: Callable[..., Path]
+) -> None:
     pbx = extract(
         patched_obj(PAIR_A="1000", PAIR_B="3"), target_exe, "pair_a", "pair_b", name="pair"
     )
@@ -136,7 +151,9 @@ def test_two_functions_switch_together(target, target_exe, patched_obj) -> None:
     assert (target.call("pair_a", 5), target.call("pair_b", 5)) == ("6", "10")
 
 
-def test_stacking_and_removal_order(target, target_exe, patched_obj) -> None:
+def test_stacking_and_removal_order(
+    target: Target, target_exe: Path, patched_obj: Callable[..., Path]
+) -> None:
     first = extract(patched_obj(STACKED="200"), target_exe, "stacked", name="first")
     second = extract(patched_obj(STACKED="300"), target_exe, "stacked", name="second")
     original = entry_bytes(target, "stacked")
@@ -157,14 +174,14 @@ def test_stacking_and_removal_order(target, target_exe, patched_obj) -> None:
     assert entry_bytes(target, "stacked") == original
 
 
-def test_info_and_selftest(target, target_exe) -> None:
+def test_info_and_selftest(target: Target, target_exe: Path) -> None:
     facts = info(target)
     assert facts["pid"] == str(target.pid)
     with open(target_exe, "rb") as f:
         note = next(
             n
             for s in ELFFile(f).iter_sections()
-            if s["sh_type"] == "SHT_NOTE"
+            if isinstance(s, NoteSection)
             for n in s.iter_notes()
             if n["n_type"] == "NT_GNU_BUILD_ID"
         )
@@ -179,11 +196,13 @@ def test_info_and_selftest(target, target_exe) -> None:
     assert target.call("use_helper", 4) == "41"
 
 
-def test_socket_is_private(target) -> None:
+def test_socket_is_private(target: Target) -> None:
     assert oct(os.stat(target.socket).st_mode & 0o777) == "0o600"
 
 
-def test_already_applied_is_refused_by_cli(target, target_exe, patched_obj) -> None:
+def test_already_applied_is_refused_by_cli(
+    target: Target, target_exe: Path, patched_obj: Callable[..., Path]
+) -> None:
     pbx = extract(patched_obj(USE_HELPER="scale(x) + 3"), target_exe, "use_helper", name="twice")
     run("patchbox", "apply", "-p", target.pid, pbx)
     snapshot = target.code_snapshot()
@@ -193,7 +212,9 @@ def test_already_applied_is_refused_by_cli(target, target_exe, patched_obj) -> N
     assert target.call("use_helper", 4) == "43"
 
 
-def test_corrupt_patch_file_is_refused(target, target_exe, patched_obj, tmp_path) -> None:
+def test_corrupt_patch_file_is_refused(
+    target: Target, target_exe: Path, patched_obj: Callable[..., Path], tmp_path: Path
+) -> None:
     pbx = extract(patched_obj(USE_HELPER="scale(x) + 3"), target_exe, "use_helper", name="c")
     data = bytearray(pbx.read_bytes())
     data[-3] ^= 0xFF
@@ -205,7 +226,9 @@ def test_corrupt_patch_file_is_refused(target, target_exe, patched_obj, tmp_path
     assert target.code_snapshot() == snapshot
 
 
-def test_patch_for_another_build_is_refused(target, target_exe, patched_obj, tmp_path) -> None:
+def test_patch_for_another_build_is_refused(
+    target: Target, target_exe: Path, patched_obj: Callable[..., Path], tmp_path: Path
+) -> None:
     pbx = extract(patched_obj(USE_HELPER="scale(x) + 3"), target_exe, "use_helper", name="other")
     patch = load_patch(pbx)
     patch.build_id = bytes(len(patch.build_id))
@@ -217,7 +240,7 @@ def test_patch_for_another_build_is_refused(target, target_exe, patched_obj, tmp
     assert target.call("use_helper", 4) == "41"
 
 
-def test_preloaded_agent(tmp_path, patched_obj) -> None:
+def test_preloaded_agent(tmp_path: Path, patched_obj: Callable[..., Path]) -> None:
     """A program built with the flags but without the agent, started with LD_PRELOAD."""
     (tmp_path / "plain").mkdir()
     exe = compile_c(render(), tmp_path / "plain" / "target")  # same source name: target.c
@@ -241,7 +264,7 @@ def test_preloaded_agent(tmp_path, patched_obj) -> None:
         t.stop()
 
 
-def test_debug_toggle_and_log(target) -> None:
+def test_debug_toggle_and_log(target: Target) -> None:
     run("patchbox", "debug", "on", "-p", target.pid)
     assert info(target)["debug"] == "1"
     run("patchbox", "debug", "off", "-p", target.pid)

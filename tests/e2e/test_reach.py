@@ -15,6 +15,7 @@ import re
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -73,13 +74,14 @@ def start(exe: Path, *args: str) -> Target:
         text=True,
         bufsize=1,
     )
+    t._keep_pipes()
     t.pid = t.proc.pid
     assert t._readline(10) == f"ready {t.pid}"
     return t
 
 
 @pytest.fixture()
-def procs():
+def procs() -> Iterator[list[Target]]:
     started: list[Target] = []
     yield started
     for t in started:
@@ -88,7 +90,7 @@ def procs():
         assert alive, f"pid {t.pid} died: {t.stderr_text}"
 
 
-def test_attach_loads_the_agent_and_restores_the_thread(plain: Path, procs) -> None:
+def test_attach_loads_the_agent_and_restores_the_thread(plain: Path, procs: list[Target]) -> None:
     t = start(plain)
     procs.append(t)
     assert t.call("5") == "38"
@@ -126,7 +128,7 @@ def _refused(pid: int, why: str) -> None:
     assert _state(pid) == before  # untouched
 
 
-def test_refused_under_a_seccomp_filter(tmp_path: Path, procs) -> None:
+def test_refused_under_a_seccomp_filter(tmp_path: Path, procs: list[Target]) -> None:
     src = LOOP.replace(
         "int main(void) {",
         "#include <linux/filter.h>\n#include <linux/seccomp.h>\n#include <sys/prctl.h>\n"
@@ -142,14 +144,14 @@ def test_refused_under_a_seccomp_filter(tmp_path: Path, procs) -> None:
     assert t.call("1") == "10"
 
 
-def test_refused_for_a_static_binary(tmp_path: Path, procs) -> None:
+def test_refused_for_a_static_binary(tmp_path: Path, procs: list[Target]) -> None:
     t = start(gcc(tmp_path / "static", LOOP + ANSWER.replace("@MUL@", "7"), "-O0", "-static"))
     procs.append(t)
     _refused(t.pid, r"is a static binary: no dynamic loader")
     assert t.call("1") == "10"
 
 
-def test_refused_when_another_tracer_is_attached(plain: Path, procs) -> None:
+def test_refused_when_another_tracer_is_attached(plain: Path, procs: list[Target]) -> None:
     t = start(plain)
     procs.append(t)
     tracer = subprocess.Popen(
@@ -165,6 +167,7 @@ def test_refused_when_another_tracer_is_attached(plain: Path, procs) -> None:
         stdout=subprocess.PIPE,
         text=True,
     )
+    assert tracer.stdout is not None  # pipes
     try:
         assert tracer.stdout.readline().strip() == "seized"
         _refused(t.pid, rf"already traced by pid {tracer.pid} \(python")
@@ -174,7 +177,7 @@ def test_refused_when_another_tracer_is_attached(plain: Path, procs) -> None:
     assert t.call("1") == "10"
 
 
-def test_yama_rules_and_the_live_setting(plain: Path, procs) -> None:
+def test_yama_rules_and_the_live_setting(plain: Path, procs: list[Target]) -> None:
     assert "no process may be traced" in yama_refusal(3, 1, True, True)
     assert "CAP_SYS_PTRACE" in yama_refusal(2, 1, False, True)
     assert yama_refusal(2, 1, True, False) == ""
@@ -211,7 +214,7 @@ def _hammer(t: Target, stop: threading.Event, seen: set[str]) -> None:
 
 
 def test_held_entry_jump_in_a_stock_executable_under_load(
-    plain: Path, tmp_path: Path, procs
+    plain: Path, tmp_path: Path, procs: list[Target]
 ) -> None:
     t = start(plain)
     procs.append(t)
@@ -219,7 +222,7 @@ def test_held_entry_jump_in_a_stock_executable_under_load(
     obj = gcc(tmp_path / "fix.o", ANSWER.replace("@MUL@", "7 + 1"), "-O0", *patch_cflags(), "-c")
     pbx = _extract(obj, plain, "held")
     assert load_patch(pbx).flags & ApplyFlag.HOLD  # push %rbp: 1 byte
-    stop, seen = threading.Event(), set()
+    stop, seen = threading.Event(), set[str]()
     # A second caller: the program's own thread answers while the patch goes in and out.
     worker = threading.Thread(target=_hammer, args=(t, stop, seen))
     worker.start()
@@ -362,13 +365,22 @@ def stacks(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 def _say(t: Target, line: str) -> str:
     """Returns the target's answer to one command line."""
-    t.proc.stdin.write(line + "\n")
-    t.proc.stdin.flush()
+    t.stdin.write(line + "\n")
+    t.stdin.flush()
     return t._readline()
 
 
+def lib_bias(pid: int, build_id: bytes) -> int:
+    """Returns the load bias of the object of ``build_id`` that ``pid`` maps."""
+    mapped = find_mapped(pid, build_id.hex())
+    assert mapped is not None, f"pid {pid} maps no object of build-id {build_id.hex()}"
+    return mapped.bias
+
+
 def _span(text: str) -> tuple[int, int]:
-    lo, hi = re.search(r"([0-9a-f]+)-([0-9a-f]+)", text).groups()
+    m = re.search(r"([0-9a-f]+)-([0-9a-f]+)", text)
+    assert m is not None, text
+    lo, hi = m.groups()
     return int(lo, 16), int(hi, 16)
 
 
@@ -382,7 +394,9 @@ def _refused_hold(t: Target, pbx: Path) -> str:
 
 
 @pytest.mark.parametrize("stack", ["", " 0x6400000"], ids=["8MiB-stack", "100MiB-stack"])
-def test_hold_sees_the_stack_a_sigaltstack_handler_interrupted(stacks, procs, stack: str) -> None:
+def test_hold_sees_the_stack_a_sigaltstack_handler_interrupted(
+    stacks: tuple[Path, Path], procs: list[Target], stack: str
+) -> None:
     # 100 MiB is over the memory check's cap: only the signal frame on the alternate
     # stack leads there (its saved SP).
     exe, pbx = stacks
@@ -406,7 +420,7 @@ def test_hold_sees_the_stack_a_sigaltstack_handler_interrupted(stacks, procs, st
     assert t.call("2") == "17"
 
 
-def test_hold_sees_a_suspended_coroutine(stacks, procs) -> None:
+def test_hold_sees_a_suspended_coroutine(stacks: tuple[Path, Path], procs: list[Target]) -> None:
     exe, pbx = stacks
     t = start(exe)
     procs.append(t)
@@ -428,7 +442,9 @@ def test_hold_sees_a_suspended_coroutine(stacks, procs) -> None:
     assert t.call("2") == "17"
 
 
-def test_library_without_flags_endbr64_and_apply_all(with_lib, tmp_path: Path, procs) -> None:
+def test_library_without_flags_endbr64_and_apply_all(
+    with_lib: tuple[Path, Path], tmp_path: Path, procs: list[Target]
+) -> None:
     exe, lib = with_lib
     a, b = start(exe), start(exe)
     procs += [a, b]
@@ -440,9 +456,7 @@ def test_library_without_flags_endbr64_and_apply_all(with_lib, tmp_path: Path, p
     [fn] = patch.functions
     assert (fn.skip, fn.patch_point % 8) == (4, 4)  # endbr64 at a 16-aligned entry
     assert patch.flags & ApplyFlag.HOLD
-    before = {
-        p.pid: p.read(find_mapped(p.pid, patch.build_id.hex()).bias + fn.target, 16) for p in (a, b)
-    }
+    before = {p.pid: p.read(lib_bias(p.pid, patch.build_id) + fn.target, 16) for p in (a, b)}
     # Neither has an agent: --attach loads it into every process mapping the library.
     out = run("patchbox", "apply", "--all", "--attach", "--json", pbx).stdout
     rows = {r["pid"]: r for r in json.loads(out)}
@@ -455,8 +469,7 @@ def test_library_without_flags_endbr64_and_apply_all(with_lib, tmp_path: Path, p
     run("patchbox", "remove", "--all", "--build-id", patch.build_id.hex(), "libfix")
     assert a.call("2") == b.call("2") == "17"
     for p in (a, b):
-        bias = find_mapped(p.pid, patch.build_id.hex()).bias
-        assert p.read(bias + fn.target, 16) == before[p.pid]
+        assert p.read(lib_bias(p.pid, patch.build_id) + fn.target, 16) == before[p.pid]
 
 
 # Loads the library of argv[1] on demand and unloads it: `close-map` then maps a page of
@@ -506,7 +519,9 @@ int main(int argc, char **argv) {
 """
 
 
-def test_library_unloaded_while_patched(with_lib, tmp_path: Path, procs) -> None:
+def test_library_unloaded_while_patched(
+    with_lib: tuple[Path, Path], tmp_path: Path, procs: list[Target]
+) -> None:
     _exe, lib = with_lib
     prog = gcc(tmp_path / "dlopener", DLOPEN, "-O0", "-Wl,--build-id", libs=("-ldl",))
     t = start(prog, str(lib))
@@ -568,7 +583,9 @@ def test_library_unloaded_while_patched(with_lib, tmp_path: Path, procs) -> None
     assert t.call("2") == "17"
 
 
-def test_glibc_function_in_a_running_process(plain: Path, tmp_path: Path, procs) -> None:
+def test_glibc_function_in_a_running_process(
+    plain: Path, tmp_path: Path, procs: list[Target]
+) -> None:
     libc = Path("/lib/x86_64-linux-gnu/libc.so.6")
     t = start(plain)
     procs.append(t)

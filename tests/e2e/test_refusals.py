@@ -11,6 +11,7 @@ import shutil
 import struct
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -27,19 +28,19 @@ pytestmark = pytest.mark.process
 
 
 @pytest.fixture()
-def good_patch(target_exe: Path, patched_obj) -> Patch:
+def good_patch(target_exe: Path, patched_obj: Callable[..., Path]) -> Patch:
     obj = patched_obj(USE_HELPER="scale(x) + 9")
     return extract_patch(obj, target_exe, ["use_helper"], name="good")
 
 
-def still_serving(target) -> None:
+def still_serving(target: Target) -> None:
     """Asserts the agent answers INFO and the target still computes correctly."""
     status, _ = rawwire.request(target.socket, Msg.INFO)
     assert status == 0
     assert target.call("use_helper", 4) == "41"
 
 
-def refused(target, body: bytes, code: ErrorCode, *words: str) -> str:
+def refused(target: Target, body: bytes, code: ErrorCode, *words: str) -> str:
     before = target.code_snapshot()
     status, rest = rawwire.request(target.socket, Msg.APPLY, body)
     assert status == code, (ErrorCode(status).name, rawwire.error_text(rest))
@@ -51,18 +52,18 @@ def refused(target, body: bytes, code: ErrorCode, *words: str) -> str:
     return text
 
 
-def test_good_patch_applies_raw(target, good_patch) -> None:
+def test_good_patch_applies_raw(target: Target, good_patch: Patch) -> None:
     status, rest = rawwire.request(target.socket, Msg.APPLY, encode_apply_body(good_patch))
     assert status == 0, rawwire.error_text(rest)
     assert target.call("use_helper", 4) == "49"
 
 
-def test_wrong_build_id(target, good_patch) -> None:
+def test_wrong_build_id(target: Target, good_patch: Patch) -> None:
     bad = replace(good_patch, build_id=b"\x01" * 20)
     refused(target, encode_apply_body(bad), ErrorCode.BUILD_ID_MISMATCH)
 
 
-def test_changed_expected_bytes(target, good_patch) -> None:
+def test_changed_expected_bytes(target: Target, good_patch: Patch) -> None:
     fn = good_patch.functions[0]
     expected = bytearray(fn.expected)
     expected[9] ^= 0x55
@@ -70,7 +71,7 @@ def test_changed_expected_bytes(target, good_patch) -> None:
     refused(target, encode_apply_body(bad), ErrorCode.EXPECTED_MISMATCH, "use_helper")
 
 
-def test_already_applied(target, good_patch) -> None:
+def test_already_applied(target: Target, good_patch: Patch) -> None:
     body = encode_apply_body(good_patch)
     assert rawwire.request(target.socket, Msg.APPLY, body)[0] == 0
     before = target.code_snapshot()
@@ -80,20 +81,20 @@ def test_already_applied(target, good_patch) -> None:
     assert target.call("use_helper", 4) == "49"
 
 
-def test_sandbox_too_small(target, good_patch) -> None:
+def test_sandbox_too_small(target: Target, good_patch: Patch) -> None:
     size = 8 << 20  # larger than any SANDBOX_ALLOC we build with
     text = good_patch.text + b"\xcc" * size
     bad = replace(good_patch, text=text)
     refused(target, encode_apply_body(bad), ErrorCode.SANDBOX_FULL)
 
 
-def test_target_outside_text(target, good_patch) -> None:
+def test_target_outside_text(target: Target, good_patch: Patch) -> None:
     fn = good_patch.functions[0]
     bad = replace(good_patch, functions=[replace(fn, target=0x7FFF0000)])
     refused(target, encode_apply_body(bad), ErrorCode.TARGET_OUT_OF_TEXT)
 
 
-def test_unknown_remove(target) -> None:
+def test_unknown_remove(target: Target) -> None:
     payload = struct.pack("<H", 7) + b"nothere"
     status, rest = rawwire.request(target.socket, Msg.REMOVE, payload)
     assert status == ErrorCode.NOT_APPLIED and "nothere" in rawwire.error_text(rest)
@@ -101,12 +102,12 @@ def test_unknown_remove(target) -> None:
 
 
 @pytest.mark.parametrize("cut", [1, 5, 30, 60])
-def test_truncated_apply_body(target, good_patch, cut) -> None:
+def test_truncated_apply_body(target: Target, good_patch: Patch, cut: int) -> None:
     body = encode_apply_body(good_patch)
     refused(target, body[:cut], ErrorCode.MALFORMED)
 
 
-def test_garbage_then_next_client(target) -> None:
+def test_garbage_then_next_client(target: Target) -> None:
     before = target.code_snapshot()
     with rawwire.connect(target.socket) as s:
         s.sendall(os.urandom(64))
@@ -116,20 +117,20 @@ def test_garbage_then_next_client(target) -> None:
     still_serving(target)
 
 
-def test_truncated_frame_then_hangup(target) -> None:
+def test_truncated_frame_then_hangup(target: Target) -> None:
     with rawwire.connect(target.socket) as s:
         s.sendall(rawwire.frame(Msg.APPLY, b"\x00" * 10, length=1000))
     still_serving(target)
 
 
-def test_oversized_length(target) -> None:
+def test_oversized_length(target: Target) -> None:
     with rawwire.connect(target.socket) as s:
         s.sendall(rawwire.frame(Msg.APPLY, length=0xFFFFFFFF))
         assert rawwire.recv_reply(s)[2] == ErrorCode.TOO_LARGE
     still_serving(target)
 
 
-def test_unknown_message_keeps_connection(target) -> None:
+def test_unknown_message_keeps_connection(target: Target) -> None:
     with rawwire.connect(target.socket) as s:
         s.sendall(rawwire.frame(0x55, b"abc"))
         assert rawwire.recv_reply(s)[2] == ErrorCode.UNKNOWN_MESSAGE
@@ -137,7 +138,7 @@ def test_unknown_message_keeps_connection(target) -> None:
         assert rawwire.recv_reply(s)[2] == 0
 
 
-def test_stalled_client_does_not_block_forever(target_exe) -> None:
+def test_stalled_client_does_not_block_forever(target_exe: Path) -> None:
     t = Target(target_exe, env={"PATCHBOX_CLIENT_TIMEOUT_MS": "300"})
     try:
         stalled = rawwire.connect(t.socket)
@@ -153,7 +154,9 @@ def test_stalled_client_does_not_block_forever(target_exe) -> None:
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a client as another user")
-def test_peer_with_another_uid_is_refused(target_exe, tmp_path_factory) -> None:
+def test_peer_with_another_uid_is_refused(
+    target_exe: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
     sock_dir = Path(tempfile.mkdtemp(prefix="pbx-uid-"))
     sock_dir.chmod(0o711)  # reachable by uid 65534, so only SO_PEERCRED can refuse it
     target = Target(target_exe, env={"PATCHBOX_SOCK_DIR": str(sock_dir)})
@@ -164,7 +167,7 @@ def test_peer_with_another_uid_is_refused(target_exe, tmp_path_factory) -> None:
         shutil.rmtree(sock_dir, ignore_errors=True)
 
 
-def check_other_uid_refused(target) -> None:
+def check_other_uid_refused(target: Target) -> None:
     os.chmod(target.socket, 0o666)  # let the kernel connect it; SO_PEERCRED must refuse
     before = target.code_snapshot()
     read_end, write_end = os.pipe()
@@ -191,7 +194,7 @@ def check_other_uid_refused(target) -> None:
     still_serving(target)
 
 
-def test_patch_over_bytes_another_patch_changed(target, good_patch) -> None:
+def test_patch_over_bytes_another_patch_changed(target: Target, good_patch: Patch) -> None:
     """A lying client: an entry jump over the padding that an applied patch changed,
     with "expected" bytes copied from memory. Accepting it would let the first patch's
     remove restore bytes under the second's jump (found by the fuzzer's invariant)."""
@@ -222,7 +225,7 @@ def test_patch_over_bytes_another_patch_changed(target, good_patch) -> None:
     assert target.call("use_helper", 4) == "49"
 
 
-def _kv(rest: bytes):
+def _kv(rest: bytes) -> Iterator[tuple[str, str]]:
     (count,) = struct.unpack_from("<H", rest)
     pos = 2
     for _ in range(count):
@@ -231,4 +234,5 @@ def _kv(rest: bytes):
             (n,) = struct.unpack_from("<H", rest, pos)
             pair.append(rest[pos + 2 : pos + 2 + n].decode())
             pos += 2 + n
-        yield tuple(pair)
+        key, value = pair
+        yield key, value

@@ -16,7 +16,7 @@ import stat
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -53,7 +53,7 @@ def as_user(uid: int, gid: int) -> list[str]:
     return ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups"]
 
 
-def nobody_run(*argv: object) -> subprocess.CompletedProcess:
+def nobody_run(*argv: object) -> subprocess.CompletedProcess[str]:
     """Returns the finished run of ``argv`` as nobody (no stdin), whatever its status."""
     return as_nobody(*argv, check=False)
 
@@ -67,7 +67,7 @@ def nobody_can_run_patchbox() -> None:
 
 
 @pytest.fixture()
-def place() -> Iterator:
+def place() -> Iterator[Callable[..., Path]]:
     """Returns a function making a directory under /tmp (whose every parent others may
     traverse) with an owner and a mode; all removed afterwards."""
     made: list[Path] = []
@@ -139,6 +139,7 @@ class Victim:
         base = {k: v for k, v in os.environ.items() if not k.startswith("PATCHBOX_")}
         if hold:  # the pid is known before the program runs: names can be planted
             argv = ["sh", "-c", 'read _go; exec "$@"', "sh", *argv]
+        self.argv = argv
         self.proc = subprocess.Popen(
             argv,
             stdin=subprocess.PIPE,
@@ -148,26 +149,29 @@ class Victim:
             bufsize=1,
             env={**base, **(env or {})},
         )
+        stdin, stdout, stderr = self.proc.stdin, self.proc.stdout, self.proc.stderr
+        assert stdin is not None and stdout is not None and stderr is not None  # pipes
+        self.stdin, self.stdout, self.stderr = stdin, stdout, stderr
         self.pid = self.proc.pid
         self.err = ""  # stderr read so far (stderr_until)
         if not hold:
             self.release()
 
     def release(self) -> None:
-        if self.proc.args[0] == "sh":
-            self.proc.stdin.write("go\n")
-            self.proc.stdin.flush()
+        if self.argv[0] == "sh":
+            self.stdin.write("go\n")
+            self.stdin.flush()
         ready = self.readline()
         assert ready == f"ready {self.pid}", ready
 
     def readline(self, timeout: float = 10) -> str:
-        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        ready, _, _ = select.select([self.stdout], [], [], timeout)
         assert ready, f"victim {self.pid} did not answer (alive={self.proc.poll() is None})"
-        return self.proc.stdout.readline().rstrip("\n")
+        return self.stdout.readline().rstrip("\n")
 
     def call(self, name: str, arg: int = 0) -> str:
-        self.proc.stdin.write(f"{name} {arg}\n")
-        self.proc.stdin.flush()
+        self.stdin.write(f"{name} {arg}\n")
+        self.stdin.flush()
         return self.readline()
 
     def agent_socket(self) -> str:
@@ -189,7 +193,7 @@ class Victim:
 
     def stderr_until(self, needle: str, timeout: float = 10) -> str:
         """Returns the victim's stderr so far once it contains ``needle`` (fails if not)."""
-        fd = self.proc.stderr.fileno()
+        fd = self.stderr.fileno()
         deadline = time.monotonic() + timeout
         while needle not in self.err:
             left = deadline - time.monotonic()
@@ -203,20 +207,22 @@ class Victim:
         alive = self.proc.poll() is None
         self.proc.kill()
         self.proc.wait(5)
-        err = self.err + os.read(self.proc.stderr.fileno(), 1 << 20).decode(errors="replace")
-        for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+        err = self.err + os.read(self.stderr.fileno(), 1 << 20).decode(errors="replace")
+        for stream in (self.stdin, self.stdout, self.stderr):
             stream.close()
         assert alive, f"victim died: {err}"
         return err
 
 
 @contextlib.contextmanager
-def running(*args: object, **kw: object) -> Iterator[Victim]:
-    v = Victim(*args, **kw)  # type: ignore[arg-type]
+def running(
+    argv: list[str], env: dict[str, str] | None = None, hold: bool = False
+) -> Iterator[Victim]:
+    v = Victim(argv, env, hold)
     try:
         yield v
     finally:
-        if v.proc.poll() is None or not v.proc.stdin.closed:
+        if v.proc.poll() is None or not v.stdin.closed:
             v.stop()
 
 
@@ -248,7 +254,7 @@ def store_entry(store: Path, exe: Path, patch: Path, owner: int, group: int = 0)
 
 @pytest.mark.parametrize("kind", ["setuid-root", "setgid", "file-capability"])
 def test_privileged_program_ignores_the_callers_environment(
-    kind: str, victim_exe: Path, fix: Path, place
+    kind: str, victim_exe: Path, fix: Path, place: Callable[..., Path]
 ) -> None:
     """nobody runs a privileged copy of a program linked with the agent, with every
     PATCHBOX_* variable pointing where nobody wants: a log at a file of root's choosing,
@@ -299,7 +305,7 @@ def test_privileged_program_ignores_the_callers_environment(
 
 @pytest.mark.parametrize("kind", ["setgid", "file-capability", "not-dumpable", "setuid-to-nobody"])
 def test_owner_refused_where_the_kernel_refuses_ptrace(
-    kind: str, victim_exe: Path, fix: Path, place
+    kind: str, victim_exe: Path, fix: Path, place: Callable[..., Path]
 ) -> None:
     """A process whose effective user is nobody, which nobody still may not ptrace: a
     setgid or file-capability program, one that made itself non-dumpable (ssh-agent),
@@ -307,7 +313,7 @@ def test_owner_refused_where_the_kernel_refuses_ptrace(
     owned by nobody) but every request is refused with the reason; the code is byte for
     byte as it was; root may still patch it, and it keeps serving."""
     home = place(owner=NOBODY, group=NOGROUP)
-    argv = AS_NOBODY
+    argv = list(AS_NOBODY)
     if kind == "setgid":
         exe = install(victim_exe, home, owner=NOBODY, group=0, mode=0o2755)
         reason = "may not ptrace this process"
@@ -337,7 +343,9 @@ def test_owner_refused_where_the_kernel_refuses_ptrace(
         assert v.call("greet") == "patched"
 
 
-def test_owner_admitted_where_the_kernel_allows_ptrace(victim_exe: Path, fix: Path, place) -> None:
+def test_owner_admitted_where_the_kernel_allows_ptrace(
+    victim_exe: Path, fix: Path, place: Callable[..., Path]
+) -> None:
     """The control: nobody's own ordinary process (dumpable, same ids) is nobody's to patch."""
     home = place(owner=NOBODY, group=NOGROUP)
     exe = install(victim_exe, home, owner=NOBODY, group=NOGROUP)
@@ -383,7 +391,7 @@ def yama_exe(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return exe, scope
 
 
-def ancestor_info(exe: Path) -> subprocess.CompletedProcess:
+def ancestor_info(exe: Path) -> subprocess.CompletedProcess[str]:
     """Returns nobody's `patchbox info` run by the very process that started ``exe``
     (its parent: a shell that starts it, then becomes the client by exec)."""
     script = (
@@ -422,7 +430,9 @@ def test_yama_ptrace_scope(scope: int, yama_exe: tuple[Path, Path]) -> None:
 
 
 @pytest.mark.parametrize("how", ["owned-by-nobody", "group-writable"])
-def test_socket_directory_others_can_write_is_refused(how: str, victim_exe: Path, place) -> None:
+def test_socket_directory_others_can_write_is_refused(
+    how: str, victim_exe: Path, place: Callable[..., Path]
+) -> None:
     """A root process told to put its socket in a directory nobody can write (the
     daemon's own user owns it, or it is group-writable and not sticky): nobody plants
     the agent's log name as a link to a root file. The agent refuses the directory and
@@ -452,7 +462,7 @@ def test_socket_directory_others_can_write_is_refused(how: str, victim_exe: Path
 
 
 def test_daemon_binds_once_it_runs_as_the_directorys_user(
-    victim_exe: Path, fix: Path, place
+    victim_exe: Path, fix: Path, place: Callable[..., Path]
 ) -> None:
     """A root daemon pointed at its own user's socket directory (as /run/dnsmasq is
     dnsmasq's): refused while root (the abstract namespace instead), then the daemon
@@ -508,7 +518,9 @@ def listener(where: Path) -> tuple[socket.socket, Path]:
 
 
 @pytest.mark.parametrize("planted", ["log-link", "log-fifo", "log-of-nobody", "socket-link"])
-def test_names_planted_in_a_sticky_directory(planted: str, victim_exe: Path, place) -> None:
+def test_names_planted_in_a_sticky_directory(
+    planted: str, victim_exe: Path, place: Callable[..., Path]
+) -> None:
     """A root process with its socket in a root-owned sticky directory everybody may
     write (/tmp-like). Before it starts, nobody plants at the names the agent will use:
     its log as a link to a root file, a FIFO, a file of nobody's; its socket as a link to
@@ -560,7 +572,9 @@ def test_removed_socket_is_bound_again(victim_exe: Path) -> None:
         assert info_json(v.pid)["socket"] == str(sock)
 
 
-def test_sweep_removes_only_its_users_stale_files(victim_exe: Path, place) -> None:
+def test_sweep_removes_only_its_users_stale_files(
+    victim_exe: Path, place: Callable[..., Path]
+) -> None:
     """In a shared sticky directory, a starting root agent sweeps stale sockets of dead
     processes: its own user's only, never another user's file (nobody's, here)."""
     sock_dir = place(mode=0o1777)
@@ -584,7 +598,9 @@ def test_sweep_removes_only_its_users_stale_files(victim_exe: Path, place) -> No
 # ------------------------------------------------------------------ the store
 
 
-def test_store_under_a_directory_of_nobody_is_refused(victim_exe: Path, fix: Path, place) -> None:
+def test_store_under_a_directory_of_nobody_is_refused(
+    victim_exe: Path, fix: Path, place: Callable[..., Path]
+) -> None:
     """A root process whose store lies below a directory nobody owns (nobody could swap
     a component for a link between a check and an open): refused, logged, not applied.
     The same store below root's directories only is applied: the control."""
@@ -604,7 +620,9 @@ def test_store_under_a_directory_of_nobody_is_refused(victim_exe: Path, fix: Pat
         assert v.call("greet") == "patched"
 
 
-def test_store_component_that_is_a_link_is_refused(victim_exe: Path, fix: Path, place) -> None:
+def test_store_component_that_is_a_link_is_refused(
+    victim_exe: Path, fix: Path, place: Callable[..., Path]
+) -> None:
     """The build's directory in the store is a link (to a directory of patches): the walk
     from / never follows one; refused, logged, not applied."""
     base = place()
@@ -621,7 +639,9 @@ def test_store_component_that_is_a_link_is_refused(victim_exe: Path, fix: Path, 
         assert "is a symbolic link" in log.read_text()
 
 
-def test_privileged_process_reads_only_roots_store_files(place, tmp_path: Path) -> None:
+def test_privileged_process_reads_only_roots_store_files(
+    place: Callable[..., Path], tmp_path: Path
+) -> None:
     """nobody's file in the default store, for a build nobody runs setgid: a process
     whose user may not change its code takes only root's files from the store. The same
     file for nobody's ordinary process of that build is applied: nobody's own to choose."""

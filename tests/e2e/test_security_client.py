@@ -15,6 +15,7 @@ import shutil
 import signal
 import socket
 import subprocess
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -46,7 +47,7 @@ def dead_pid() -> int:
 
 
 @pytest.fixture()
-def helper_patch(target_exe: Path, patched_obj) -> Path:
+def helper_patch(target_exe: Path, patched_obj: Callable[..., Path]) -> Path:
     """The patch of target.c's use_helper: 41 becomes 42."""
     obj = patched_obj(USE_HELPER="scale(x) + 2")
     out = obj.parent / "helper.pbx"
@@ -64,7 +65,7 @@ def nobody_target(exe: Path, env: dict[str, str] | None = None) -> Target:
 
 
 def test_root_apply_is_not_redirected_by_a_link_nobody_planted(
-    target, target_exe: Path, world_dir: Path, helper_patch: Path
+    target: Target, target_exe: Path, world_dir: Path, helper_patch: Path
 ) -> None:
     """nobody's process P has its socket in nobody's directory; nobody moves it aside
     and puts there a link to the socket of root's process R (same program). Root's
@@ -173,6 +174,7 @@ def start_as_nobody(exe: Path, *args: str) -> Target:
         text=True,
         bufsize=1,
     )
+    t._keep_pipes()
     t.pid = t.proc.pid  # setpriv execs the program
     assert t._readline(10) == f"ready {t.pid}"
     return t
@@ -190,7 +192,7 @@ def has_agent(pid: int) -> bool:
 
 
 @pytest.fixture()
-def privileged(world_dir: Path, tmp_path: Path):
+def privileged(world_dir: Path, tmp_path: Path) -> Iterator[tuple[dict[str, Target], Path]]:
     """Starts, as nobody, one program four ways the kernel protects from same-uid
     tracing, and once plainly; yields ({kind: target}, patch of its answer())."""
     app = nobody_dir(world_dir, "app")
@@ -200,7 +202,11 @@ def privileged(world_dir: Path, tmp_path: Path):
     setgid = Path(shutil.copy(plain, app / "setgid"))
     os.chown(setgid, 0, 1)  # group daemon, which nobody is not in
     setgid.chmod(0o2755)
-    programs = {"setuid": (setuid,), "setgid": (setgid,), "nodump": (plain, "nodump")}
+    programs: dict[str, tuple[Path, *tuple[str, ...]]] = {
+        "setuid": (setuid,),
+        "setgid": (setgid,),
+        "nodump": (plain, "nodump"),
+    }
     filecap = Path(shutil.copy(plain, app / "filecap"))
     if (
         shutil.which("setcap")
@@ -233,7 +239,9 @@ REASONS = {
 }
 
 
-def test_attach_skips_privileged_processes_unless_asked(privileged) -> None:
+def test_attach_skips_privileged_processes_unless_asked(
+    privileged: tuple[dict[str, Target], Path],
+) -> None:
     """A setuid, a setgid, a file-capability and a non-dumpable program run by nobody:
     `attach` refuses each with the reason and touches nothing; `apply --all --attach`
     reports each as unreachable with the reason and patches only the plain one; with
@@ -307,7 +315,7 @@ def test_apply_attach_include_privileged_patches_a_non_dumpable_process(
 
 
 def test_trust_directory_nobody_can_write_keeps_its_patch_out(
-    target, world_dir: Path, helper_patch: Path, tmp_path: Path
+    target: Target, world_dir: Path, helper_patch: Path, tmp_path: Path
 ) -> None:
     """root trusts the keys of a directory its group nogroup may write to. nobody (group
     nogroup) puts its own key there and hands root a patch signed with it: refused,

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from live import Target
 
 from patchbox.extract import extract_patch
 from patchbox.format.layout import save_patch
@@ -14,7 +16,7 @@ from patchbox.format.layout import save_patch
 pytestmark = pytest.mark.process
 
 
-def patchbox(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def patchbox(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     import os
 
     return subprocess.run(
@@ -27,7 +29,9 @@ def patchbox(*args: str, env: dict[str, str] | None = None) -> subprocess.Comple
     )
 
 
-def test_trust_dir_gates_apply(target, target_exe: Path, patched_obj, tmp_path: Path) -> None:
+def test_trust_dir_gates_apply(
+    target: Target, target_exe: Path, patched_obj: Callable[..., Path], tmp_path: Path
+) -> None:
     pbx = tmp_path / "fix.pbx"
     save_patch(
         extract_patch(

@@ -73,7 +73,7 @@ class App:
         self.proc.wait()
 
 
-def patchbox(store: Path, *args: object, check: bool = True) -> subprocess.CompletedProcess:
+def patchbox(store: Path, *args: object, check: bool = True) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run(
         [str(BIN / "patchbox"), *map(str, args)],
         capture_output=True,

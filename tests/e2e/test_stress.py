@@ -40,7 +40,7 @@ def stress_build(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return exe, obj
 
 
-def test_cycles_under_full_load(stress_build) -> None:
+def test_cycles_under_full_load(stress_build: tuple[Path, Path]) -> None:
     exe, obj = stress_build
     patch = extract_patch(obj, exe, ["work"], name="k5")
     assert not patch.data and not patch.bss_size  # revival applies to it
@@ -48,6 +48,7 @@ def test_cycles_under_full_load(stress_build) -> None:
     proc = subprocess.Popen(
         [str(exe)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
+    assert proc.stdout is not None  # pipes
     try:
         assert proc.stdout.readline().split()[0] == "ready"
         sock = exe.parent / f"sandbox-sock{proc.pid}"

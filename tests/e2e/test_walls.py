@@ -19,6 +19,7 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -62,7 +63,7 @@ def sockets_in(directory: Path) -> set[str]:
     }
 
 
-def wait_until(cond, what: str, timeout: float = 10) -> None:
+def wait_until(cond: Callable[[], bool], what: str, timeout: float = 10) -> None:
     deadline = time.monotonic() + timeout
     while not cond():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
@@ -78,7 +79,9 @@ def no_client_sock_dir(monkeypatch: pytest.MonkeyPatch) -> None:
 # -- deep directories -----------------------------------------------------------------
 
 
-def round_trip(t: Target, pbx: Path, name: str, call: tuple, *, before: str, after: str) -> None:
+def round_trip(
+    t: Target, pbx: Path, name: str, call: tuple[str] | tuple[str, int], *, before: str, after: str
+) -> None:
     """Applies ``pbx`` through the CLI and removes patch ``name`` again, checking the
     answer to ``call`` before, while applied and after."""
     assert t.call(*call) == before
@@ -88,7 +91,9 @@ def round_trip(t: Target, pbx: Path, name: str, call: tuple, *, before: str, aft
     assert t.call(*call) == before
 
 
-def test_deep_directory(tmp_path: Path, patched_obj, no_client_sock_dir) -> None:
+def test_deep_directory(
+    tmp_path: Path, patched_obj: Callable[..., Path], no_client_sock_dir: None
+) -> None:
     d = deep_dir(tmp_path / "build", 150)
     exe = compile_c(render(), d / "target", agent=True)
     t = Target(exe)
@@ -116,7 +121,7 @@ def test_deep_directory(tmp_path: Path, patched_obj, no_client_sock_dir) -> None
 
 
 def test_deep_socket_dir_and_normal_exit(
-    target_exe: Path, tmp_path: Path, no_client_sock_dir
+    target_exe: Path, tmp_path: Path, no_client_sock_dir: None
 ) -> None:
     """PATCHBOX_SOCK_DIR deep too; the socket file goes at a normal exit."""
     d = deep_dir(tmp_path / "socks", 160)
@@ -125,7 +130,7 @@ def test_deep_socket_dir_and_normal_exit(
         assert info_json(t.pid)["socket"] == str(t.socket)
         assert run("patchbox", "test", "-p", t.pid).returncode == 0
     finally:
-        t.proc.stdin.close()  # EOF: main returns, destructors run
+        t.stdin.close()  # EOF: main returns, destructors run
         t.proc.wait(10)
         t.stop()
     assert not t.socket.exists()
@@ -135,7 +140,7 @@ def test_deep_socket_dir_and_normal_exit(
 
 
 def test_environment_overwritten_by_process_title(
-    target_exe: Path, tmp_path: Path, patched_obj, no_client_sock_dir
+    target_exe: Path, tmp_path: Path, patched_obj: Callable[..., Path], no_client_sock_dir: None
 ) -> None:
     sock_dir = tmp_path / "elsewhere"
     sock_dir.mkdir()
@@ -170,7 +175,7 @@ def unshare_permitted(options: list[str] | None = None) -> str | None:
 
 
 def test_private_tmpfs_over_the_program_directory(
-    target_exe: Path, tmp_path: Path, patched_obj, no_client_sock_dir
+    target_exe: Path, tmp_path: Path, patched_obj: Callable[..., Path], no_client_sock_dir: None
 ) -> None:
     """The program runs from a tmpfs mounted over its directory in its own mount
     namespace: its socket exists only there, and the host's client reaches it."""
@@ -195,7 +200,7 @@ def test_private_tmpfs_over_the_program_directory(
 
 
 def test_container_pid_and_mount_namespaces(
-    target_exe: Path, tmp_path: Path, patched_obj, no_client_sock_dir
+    target_exe: Path, tmp_path: Path, patched_obj: Callable[..., Path], no_client_sock_dir: None
 ) -> None:
     """A container-like target: its own pid namespace (it is pid 1 there and names its
     socket sandbox-sock1) and mount namespace with its own /proc. The host patches it by
@@ -257,7 +262,7 @@ def pid_alive(pid: int) -> bool:
 
 @pytest.mark.parametrize("mode", ["early", "late", "reuse", "daemon3"])
 def test_classic_daemon(
-    mode: str, daemon_build: tuple[Path, Path], tmp_path: Path, no_client_sock_dir
+    mode: str, daemon_build: tuple[Path, Path], tmp_path: Path, no_client_sock_dir: None
 ) -> None:
     """early: the daemon closes every descriptor before its agent binds; late: after
     (the agent notices and binds anew); reuse: and then puts its own socket on the

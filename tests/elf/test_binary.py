@@ -32,7 +32,9 @@ def test_build_id_matches_readelf(exe: Path) -> None:
     out = subprocess.run(
         ["readelf", "-n", str(exe)], capture_output=True, text=True, check=True
     ).stdout
-    want = re.search(r"Build ID: ([0-9a-f]+)", out)[1]  # type: ignore[index]
+    m = re.search(r"Build ID: ([0-9a-f]+)", out)
+    assert m is not None, out
+    want = m[1]
     with Binary(exe) as b:
         assert b.build_id().hex() == want
         assert b.is_pie
@@ -69,7 +71,7 @@ def test_object_file(tmp_path: Path) -> None:
     assert obj.source_file == "prog.c"
     fn = obj.get_function("twice")
     assert fn is not None and fn.value == 6
-    sec = obj.get_section(fn.shndx)  # type: ignore[arg-type]
+    sec = obj.get_section(fn.shndx)
     assert sec.name == ".text.twice" and sec.is_exec and sec.data[:8] == b"\x90" * 8
     assert {r.symbol.name for r in obj.get_relocations(sec)} == {".data.hidden"}
 

@@ -129,6 +129,7 @@ def test_rebuild_elsewhere_matched_by_loaded_bytes(tmp_path: Path) -> None:
 
     with open(rebuild, "rb") as f:
         text = ELFFile(f).get_section_by_name(".text")
+        assert text is not None
         at = work.address + 3 - text["sh_addr"]
         file_off = text["sh_offset"] + at
     raw = bytearray(rebuild.read_bytes())

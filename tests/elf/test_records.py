@@ -15,6 +15,7 @@ import pytest
 from elftools.elf.elffile import ELFFile
 from elftools.elf.enums import ENUM_RELOC_TYPE_x64
 from elftools.elf.sections import SymbolTableSection
+from elftools.elf.segments import NoteSegment
 
 from elf_reference import dynamic_pyelftools, load_object_pyelftools, program_headers_pyelftools
 from helpers import compile_c
@@ -205,7 +206,7 @@ def test_build_id_equals_pyelftools(tmp_path: Path, agent_dir: Path) -> None:
             notes = [
                 n["n_desc"]
                 for seg in ELFFile(f).iter_segments()
-                if seg["p_type"] == "PT_NOTE"
+                if isinstance(seg, NoteSegment)
                 for n in seg.iter_notes()
                 if n["n_type"] == "NT_GNU_BUILD_ID"
             ]

@@ -6,7 +6,9 @@ kind/skip fields of the function record (docs/redirect.md, "Functions without th
 from __future__ import annotations
 
 import subprocess
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -85,7 +87,7 @@ def prog(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
     return exe, padded, plain
 
 
-def test_accepted_entry_jump(prog) -> None:
+def test_accepted_entry_jump(prog: tuple[Path, Path, Path]) -> None:
     exe, padded, _plain = prog
     patch = extract_patch(padded, exe, ["answer"])
     [fn] = patch.functions
@@ -97,14 +99,14 @@ def test_accepted_entry_jump(prog) -> None:
     assert (again.functions[0].kind, again.functions[0].skip) == (RedirectKind.ENTRY_JUMP, 0)
 
 
-def test_accepted_after_endbr64(prog) -> None:
+def test_accepted_after_endbr64(prog: tuple[Path, Path, Path]) -> None:
     exe, padded, _plain = prog
     [fn] = extract_patch(padded, exe, ["ebr_ok"]).functions
     assert (fn.kind, fn.skip) == (RedirectKind.ENTRY_JUMP, 4)
     assert fn.patch_point % 8 == 0 and fn.expected[:1] == b"\xb8"  # mov eax, 42 after endbr64
 
 
-def test_rule1_too_short(prog) -> None:
+def test_rule1_too_short(prog: tuple[Path, Path, Path]) -> None:
     exe, padded, _plain = prog
     with pytest.raises(
         ExtractError,
@@ -115,7 +117,7 @@ def test_rule1_too_short(prog) -> None:
         extract_patch(padded, exe, ["tiny"])
 
 
-def test_rule2_short_first_instruction_is_held(prog) -> None:
+def test_rule2_short_first_instruction_is_held(prog: tuple[Path, Path, Path]) -> None:
     exe, padded, _plain = prog
     patch = extract_patch(padded, exe, ["shortfirst"])
     [fn] = patch.functions
@@ -126,7 +128,7 @@ def test_rule2_short_first_instruction_is_held(prog) -> None:
     extract_patch(padded, exe, ["shortfirst"], force=True, warnings=warnings)  # a no-op now
 
 
-def test_rule3_branch_into_overwritten_bytes(prog) -> None:
+def test_rule3_branch_into_overwritten_bytes(prog: tuple[Path, Path, Path]) -> None:
     exe, padded, _plain = prog
     # Held past rule 2, the loop back to P+2 still refuses.
     with pytest.raises(
@@ -157,7 +159,7 @@ def test_rule3_undecodable_bytes() -> None:
         analyse_entry("f", 0x1000, code)
 
 
-def test_rule4_alignment_and_endbr64_held(tmp_path: Path, prog) -> None:
+def test_rule4_alignment_and_endbr64_held(tmp_path: Path, prog: tuple[Path, Path, Path]) -> None:
     _exe, padded, _plain = prog
     # gcc with -fcf-protection: endbr64 at a 16-aligned entry puts P at byte 4 of its word:
     # the jump spans two words, so it is held.
@@ -180,7 +182,7 @@ def test_rule4_alignment_and_endbr64_held(tmp_path: Path, prog) -> None:
         analyse_entry("g", 0x1007, bytes.fromhex("b801000000c3"))
 
 
-def test_shared_library_reference(tmp_path: Path, prog) -> None:
+def test_shared_library_reference(tmp_path: Path, prog: tuple[Path, Path, Path]) -> None:
     exe, _padded, plain = prog
     with pytest.raises(
         ExtractError,
@@ -199,7 +201,7 @@ def test_shared_library_reference(tmp_path: Path, prog) -> None:
     assert patch.functions[0].kind == RedirectKind.ENTRY_JUMP
 
 
-def test_replacement_without_padding(prog) -> None:
+def test_replacement_without_padding(prog: tuple[Path, Path, Path]) -> None:
     exe, _padded, plain = prog
     warnings: list[str] = []
     patch = extract_patch(plain, exe, ["answer"], warnings=warnings)
@@ -209,11 +211,10 @@ def test_replacement_without_padding(prog) -> None:
     assert read_patch(write_patch(patch)).functions[0].new_offset == 0
 
 
-def _body(**fn_changes: object) -> bytes:
-    fields = dict(symbol="f", target=0x1000, new_offset=0, new_size=4, expected=bytes(8))
-    fields.update(fn_changes)
+def _body(**fn_changes: Any) -> bytes:
+    fn = Function(symbol="f", target=0x1000, new_offset=0, new_size=4, expected=bytes(8))
     return encode_apply_body(
-        Patch(name="p", build_id=b"\x01", text=b"\xc3" * 8, functions=[Function(**fields)])
+        Patch(name="p", build_id=b"\x01", text=b"\xc3" * 8, functions=[replace(fn, **fn_changes)])
     )
 
 
@@ -262,7 +263,9 @@ def test_odd_padded_entry_takes_the_entry_jump(tmp_path: Path) -> None:
     binary = Binary(exe)
     seen = set()
     for name in ("f0", "f1", "f2", "f3", "f4", "f5"):
-        addr = binary.find_symbol(name, local=False).address
+        sym = binary.find_symbol(name, local=False)
+        assert sym is not None
+        addr = sym.address
         if addr % 2 == 0:
             [fn] = extract_patch(obj, exe, [name]).functions
             assert fn.kind == RedirectKind.PATCHABLE_ENTRY, name

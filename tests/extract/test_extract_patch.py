@@ -12,6 +12,7 @@ import shutil
 import struct
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 from capstone import CS_ARCH_X86, CS_MODE_64, Cs
@@ -76,14 +77,13 @@ def link(patch: Patch, imports: dict[str, int] | None = None) -> tuple[bytes, by
     text = bytearray(patch.text)
     data = bytearray(patch.data + bytes(patch.bss_size))
     for fx in patch.fixups:
-        s = {
+        bases = {
             FixupBase.TEXT: TEXT_ADDR,
             FixupBase.DATA: DATA_ADDR,
             FixupBase.EXE: 0,
             FixupBase.ABS: 0,
-        }.get(fx.base)
-        if fx.base == FixupBase.IMPORT:
-            s = imports[fx.symbol]
+        }
+        s = imports[fx.symbol] if fx.base == FixupBase.IMPORT else bases[fx.base]
         buf, start = (text, TEXT_ADDR) if fx.section == FixupSection.TEXT else (data, DATA_ADDR)
         if fx.type == FixupType.PC32:
             value = s + fx.addend - (start + fx.offset)
@@ -94,7 +94,7 @@ def link(patch: Patch, imports: dict[str, int] | None = None) -> tuple[bytes, by
     return bytes(text), bytes(data)
 
 
-def disasm(patch: Patch, text: bytes, symbol: str) -> list:
+def disasm(patch: Patch, text: bytes, symbol: str) -> list[Any]:
     """Returns capstone instructions of the replacement ``symbol`` in linked ``text``."""
     fn = next(f for f in patch.functions if f.symbol == symbol)
     md = Cs(CS_ARCH_X86, CS_MODE_64)
@@ -103,7 +103,7 @@ def disasm(patch: Patch, text: bytes, symbol: str) -> list:
     return list(md.disasm(code, TEXT_ADDR + fn.new_offset))
 
 
-def branch_targets(insns: list) -> list[int]:
+def branch_targets(insns: list[Any]) -> list[int]:
     """Returns the destinations of direct calls and jumps."""
     return [
         i.operands[0].imm
@@ -112,7 +112,7 @@ def branch_targets(insns: list) -> list[int]:
     ]
 
 
-def rip_targets(insns: list) -> list[int]:
+def rip_targets(insns: list[Any]) -> list[int]:
     """Returns the addresses of all rip-relative memory operands (and lea)."""
     out = []
     for i in insns:

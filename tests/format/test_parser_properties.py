@@ -39,7 +39,7 @@ TEXT_STR = st.text(max_size=40)
 
 
 @st.composite
-def patches(draw) -> Patch:
+def patches(draw: st.DrawFn) -> Patch:
     text = draw(st.binary(min_size=8, max_size=200))
     data = draw(st.binary(max_size=64))
     functions = []
@@ -121,11 +121,13 @@ def rehash(data: bytes) -> bytes:
     st.binary(max_size=16),
     st.booleans(),
 )
-def test_reader_on_mutated_files(edits, cut: int, extra: bytes, fix_hash: bool) -> None:
-    data = bytearray(VALID_FILE)
+def test_reader_on_mutated_files(
+    edits: list[tuple[int, int]], cut: int, extra: bytes, fix_hash: bool
+) -> None:
+    edited = bytearray(VALID_FILE)
     for pos, value in edits:
-        data[pos] = value
-    data = bytes(data[: max(cut, HEADER.size)]) + extra
+        edited[pos] = value
+    data = bytes(edited[: max(cut, HEADER.size)]) + extra
     if fix_hash and len(data) >= HEADER.size:
         try:
             data = rehash(data)
@@ -159,6 +161,7 @@ def test_roundtrip_signed(patch: Patch, key_id: bytes, sig: bytes) -> None:
     data = with_signature(write_patch(patch), key_id, lambda _signed: sig)
     assert read_patch(data) == patch
     trailer = split_signature(data)
+    assert trailer is not None
     assert trailer.key_id == key_id and trailer.signature == sig
     # Signing again replaces the trailer.
     assert with_signature(data, key_id, lambda _signed: sig) == data
@@ -166,7 +169,7 @@ def test_roundtrip_signed(patch: Patch, key_id: bytes, sig: bytes) -> None:
 
 @SETTINGS
 @given(patches(), st.data())
-def test_truncated_files_refused(patch: Patch, data) -> None:
+def test_truncated_files_refused(patch: Patch, data: st.DataObject) -> None:
     raw = write_patch(patch)
     cut = data.draw(st.integers(0, len(raw) - 1))
     try:

@@ -32,7 +32,9 @@ class Installed:
     def bin(self, name: str) -> str:
         return str(self.venv / "bin" / name)
 
-    def run(self, *args: str, **kw: object) -> subprocess.CompletedProcess[str]:
+    def run(
+        self, *args: str, cwd: str | None = None, timeout: float | None = None
+    ) -> subprocess.CompletedProcess[str]:
         env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PATCHBOX_AGENT_DIR")}
         env["PATH"] = f"{self.venv / 'bin'}{os.pathsep}{env['PATH']}"
         return subprocess.run(
@@ -42,8 +44,9 @@ class Installed:
             env=env,
             stdin=subprocess.DEVNULL,
             check=False,
-            **kw,
-        )  # type: ignore[call-overload]
+            cwd=cwd,
+            timeout=timeout,
+        )
 
 
 def _build(args: list[str], out: Path) -> Path:

@@ -534,8 +534,8 @@ def case_csmith(tmp: Path, seed: int, kind: str, candidate: int) -> Patch:
     (tmp / "fixed").mkdir()
     (tmp / "fixed" / "prog.c").write_text(m.text)
     proc = subprocess.run(
-        ["diff", "-u", "--label", "a/prog.c", "--label", "b/prog.c", src / "prog.c"]
-        + [tmp / "fixed" / "prog.c"],
+        ["diff", "-u", "--label", "a/prog.c", "--label", "b/prog.c", str(src / "prog.c")]
+        + [str(tmp / "fixed" / "prog.c")],
         capture_output=True,
         text=True,
         check=False,

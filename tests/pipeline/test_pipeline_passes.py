@@ -77,8 +77,8 @@ def request_(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> BuildRequest:
     for name, text in FIXED.items():
         (tmp_path / name).write_text(text)
         proc = subprocess.run(
-            ["diff", "-u", "--label", f"a/{name}", "--label", f"b/{name}", src / name]
-            + [tmp_path / name],
+            ["diff", "-u", "--label", f"a/{name}", "--label", f"b/{name}", str(src / name)]
+            + [str(tmp_path / name)],
             capture_output=True,
             text=True,
             check=False,
@@ -189,7 +189,8 @@ def test_build_patch_runs_every_pass_in_order(request_: BuildRequest) -> None:
     result = build_patch(request_, warnings=warnings, on_pass=lambda n, _v: seen.append(n))
     assert seen == ["check", "rebuild", "compare", "plan", "extract", "write"]
     assert [t.name for t in result.timings] == seen
-    assert result.written == request_.output and result.patch is not None
+    assert result.written == request_.output and result.written is not None
+    assert result.patch is not None
     assert isinstance(result.rebuilt, Rebuilt) and warnings == list(result.warnings)
     assert [f.symbol for f in load_patch(result.written).functions] == ["a", "b"]
 

@@ -10,11 +10,11 @@ import os
 import socket
 import struct
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
+from click.testing import CliRunner, Result
 
 from patchbox import policy
 from patchbox import wire as C
@@ -116,7 +116,7 @@ class FakeAgent:
 
 
 @pytest.fixture
-def serve(tmp_path: Path):
+def serve(tmp_path: Path) -> Iterator[Callable[..., FakeAgent]]:
     """Returns a function starting a FakeAgent at tmp/sock with a handler."""
     agents: list[FakeAgent] = []
 
@@ -166,7 +166,7 @@ def test_decode_header_rejects(header: bytes, match: str) -> None:
 # -- good replies ---------------------------------------------------------------------------
 
 
-def test_info(serve) -> None:
+def test_info(serve: Callable[..., FakeAgent]) -> None:
     facts = {"pid": "42", "build_id": "ab" * 20, "exe": "/bin/x"}
     agent = serve(reply_to(ok(bytes(Writer().kv(facts)))))
     with client(agent) as c:
@@ -212,7 +212,7 @@ LISTED = [
 ]
 
 
-def test_list(serve) -> None:
+def test_list(serve: Callable[..., FakeAgent]) -> None:
     agent = serve(reply_to(list_payload(LISTED)))
     with client(agent) as c:
         assert c.list() == LISTED
@@ -220,13 +220,13 @@ def test_list(serve) -> None:
     assert [seq for _t, seq, _p in agent.requests] == [1, 2]
 
 
-def test_list_empty(serve) -> None:
+def test_list_empty(serve: Callable[..., FakeAgent]) -> None:
     agent = serve(reply_to(ok(struct.pack("<I", 0))))
     with client(agent) as c:
         assert c.list() == []
 
 
-def test_apply_sends_body_unchanged(serve) -> None:
+def test_apply_sends_body_unchanged(serve: Callable[..., FakeAgent]) -> None:
     body = encode_apply_body(make_patch())
     agent = serve(reply_to(ok(struct.pack("<IQQQ", 3, 0x7F0000002000, 0x7F0000200000, 1234))))
     with client(agent) as c:
@@ -240,7 +240,7 @@ def test_apply_sends_body_unchanged(serve) -> None:
     assert agent.requests == [(Msg.APPLY, 1, body)]
 
 
-def test_remove_and_debug_payloads(serve) -> None:
+def test_remove_and_debug_payloads(serve: Callable[..., FakeAgent]) -> None:
     agent = serve(
         lambda t, s, _p: frame(
             t | C.REPLY_BIT, s, ok(struct.pack("<QB", 77, 0) if t == Msg.REMOVE else b"")
@@ -259,7 +259,7 @@ def test_remove_and_debug_payloads(serve) -> None:
 
 
 @pytest.mark.parametrize("passed", [0, 1])
-def test_test_reply(serve, passed: int) -> None:
+def test_test_reply(serve: Callable[..., FakeAgent], passed: int) -> None:
     agent = serve(reply_to(ok(bytes(Writer().u8(passed).str("compute 1 -> 2 -> 1")))))
     with client(agent) as c:
         ok_, detail = c.test()
@@ -269,7 +269,7 @@ def test_test_reply(serve, passed: int) -> None:
 # -- error replies --------------------------------------------------------------------------
 
 
-def test_error_reply_raises_agent_error(serve) -> None:
+def test_error_reply_raises_agent_error(serve: Callable[..., FakeAgent]) -> None:
     message = (
         "bytes at target differ from the patch's expected bytes: compute+0x3 expected 53 found 55"
     )
@@ -282,14 +282,14 @@ def test_error_reply_raises_agent_error(serve) -> None:
     assert "compute+0x3" in str(info.value)
 
 
-def test_unknown_error_code(serve) -> None:
+def test_unknown_error_code(serve: Callable[..., FakeAgent]) -> None:
     agent = serve(reply_to(err(999, "future error")))
     with client(agent) as c, pytest.raises(AgentError) as info:
         c.info()
     assert info.value.name == "ERROR_999"
 
 
-def test_permission_reply_with_any_seq(serve) -> None:
+def test_permission_reply_with_any_seq(serve: Callable[..., FakeAgent]) -> None:
     """A refused peer gets one PERMISSION reply that need not echo type or seq."""
     agent = serve(
         lambda t, s, p: frame(
@@ -318,19 +318,19 @@ def test_permission_reply_with_any_seq(serve) -> None:
         (frame(0x81, 1, b"", length=C.MAX_PAYLOAD + 1), "exceeds"),
     ],
 )
-def test_malformed_info_reply(serve, raw: bytes, match: str) -> None:
+def test_malformed_info_reply(serve: Callable[..., FakeAgent], raw: bytes, match: str) -> None:
     agent = serve(lambda t, s, p: raw, once=True)  # then closes: a short reply hits EOF
     with client(agent) as c, pytest.raises(ProtocolError, match=match):
         c.info()
 
 
-def test_close_without_reply(serve) -> None:
+def test_close_without_reply(serve: Callable[..., FakeAgent]) -> None:
     agent = serve(lambda t, s, p: None)
     with client(agent) as c, pytest.raises(ProtocolError, match="without replying"):
         c.info()
 
 
-def test_seq_mismatch(serve) -> None:
+def test_seq_mismatch(serve: Callable[..., FakeAgent]) -> None:
     agent = serve(lambda t, s, p: frame(t | C.REPLY_BIT, s + 5, ok(bytes(Writer().kv({})))))
     with (
         client(agent) as c,
@@ -339,19 +339,19 @@ def test_seq_mismatch(serve) -> None:
         c.info()
 
 
-def test_type_mismatch(serve) -> None:
+def test_type_mismatch(serve: Callable[..., FakeAgent]) -> None:
     agent = serve(lambda t, s, p: frame(Msg.LIST | C.REPLY_BIT, s, ok(struct.pack("<I", 0))))
     with client(agent) as c, pytest.raises(ProtocolError, match="does not answer INFO"):
         c.info()
 
 
-def test_list_count_overrun(serve) -> None:
+def test_list_count_overrun(serve: Callable[..., FakeAgent]) -> None:
     agent = serve(reply_to(ok(struct.pack("<I", 0xFFFFFFFF))))
     with client(agent) as c, pytest.raises(ProtocolError, match="count 4294967295 overruns"):
         c.list()
 
 
-def test_test_reply_bad_flag(serve) -> None:
+def test_test_reply_bad_flag(serve: Callable[..., FakeAgent]) -> None:
     agent = serve(reply_to(ok(bytes(Writer().u8(7).str("")))))
     with client(agent) as c, pytest.raises(ProtocolError, match="passed = 7"):
         c.test()
@@ -360,7 +360,7 @@ def test_test_reply_bad_flag(serve) -> None:
 # -- connecting -----------------------------------------------------------------------------
 
 
-def test_timeout_waiting_for_reply(serve) -> None:
+def test_timeout_waiting_for_reply(serve: Callable[..., FakeAgent]) -> None:
     gate = threading.Event()
     agent = serve(lambda t, s, p: (gate.wait(5), None)[1])
     try:
@@ -392,7 +392,9 @@ def test_no_such_pid() -> None:
         Client(pid=2**22 + 12345).connect()
 
 
-def test_client_by_pid(serve, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_client_by_pid(
+    serve: Callable[..., FakeAgent], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     pid = os.getpid()
     agent = serve(reply_to(ok(bytes(Writer().kv({"pid": str(pid)})))), name=f"sandbox-sock{pid}")
     monkeypatch.setenv("PATCHBOX_SOCK_DIR", str(tmp_path))
@@ -447,11 +449,11 @@ class StatefulAgent:
         return frame(t | C.REPLY_BIT, s, payload)
 
 
-def run_cli(*args: str):
+def run_cli(*args: str) -> Result:
     return CliRunner(mix_stderr=False).invoke(cli, list(args), catch_exceptions=False)
 
 
-def test_cli_apply(serve, tmp_path: Path) -> None:
+def test_cli_apply(serve: Callable[..., FakeAgent], tmp_path: Path) -> None:
     patch_file = tmp_path / "fix.pbx"
     save_patch(make_patch(), patch_file)
     state = StatefulAgent(LISTED)
@@ -462,7 +464,7 @@ def test_cli_apply(serve, tmp_path: Path) -> None:
     assert agent.requests[-1] == (Msg.APPLY, 3, encode_apply_body(make_patch()))
 
 
-def test_cli_apply_build_id_mismatch(serve, tmp_path: Path) -> None:
+def test_cli_apply_build_id_mismatch(serve: Callable[..., FakeAgent], tmp_path: Path) -> None:
     patch_file = tmp_path / "fix.pbx"
     save_patch(make_patch(), patch_file)
     agent = serve(StatefulAgent([], build_id="ff" * 20))
@@ -473,7 +475,7 @@ def test_cli_apply_build_id_mismatch(serve, tmp_path: Path) -> None:
     assert all(t != Msg.APPLY for t, _s, _p in agent.requests)
 
 
-def test_cli_apply_already_applied(serve, tmp_path: Path) -> None:
+def test_cli_apply_already_applied(serve: Callable[..., FakeAgent], tmp_path: Path) -> None:
     patch_file = tmp_path / "fix.pbx"
     save_patch(make_patch(name="fix-a"), patch_file)
     agent = serve(StatefulAgent(LISTED))
@@ -485,7 +487,7 @@ def test_cli_apply_already_applied(serve, tmp_path: Path) -> None:
     )
 
 
-def test_cli_remove_stacked(serve) -> None:
+def test_cli_remove_stacked(serve: Callable[..., FakeAgent]) -> None:
     agent = serve(StatefulAgent(LISTED))
     result = run_cli("remove", "-s", str(agent.path), "fix-a")
     assert result.exit_code == 1
@@ -495,13 +497,13 @@ def test_cli_remove_stacked(serve) -> None:
     )
 
 
-def test_cli_remove_and_list(serve) -> None:
+def test_cli_remove_and_list(serve: Callable[..., FakeAgent]) -> None:
     agent = serve(StatefulAgent(LISTED))
     result = run_cli("remove", "-s", str(agent.path), "fix-b")
     assert (result.exit_code, result.stdout) == (0, "removed fix-b from pid 4242\n")
 
 
-def test_cli_agent_error_is_one_line(serve) -> None:
+def test_cli_agent_error_is_one_line(serve: Callable[..., FakeAgent]) -> None:
     agent = serve(reply_to(err(ErrorCode.INTERNAL, "internal agent error: oops")))
     result = run_cli("info", "-s", str(agent.path))
     assert result.exit_code == 1
@@ -510,7 +512,7 @@ def test_cli_agent_error_is_one_line(serve) -> None:
     )
 
 
-def test_cli_list_json(serve) -> None:
+def test_cli_list_json(serve: Callable[..., FakeAgent]) -> None:
     import json
 
     agent = serve(reply_to(list_payload(LISTED)))
@@ -526,7 +528,7 @@ def test_cli_list_json(serve) -> None:
     }
 
 
-def test_cli_test_failure_exits_1(serve) -> None:
+def test_cli_test_failure_exits_1(serve: Callable[..., FakeAgent]) -> None:
     agent = serve(reply_to(ok(bytes(Writer().u8(0).str("compute returned 1, expected 2")))))
     result = run_cli("test", "-p", "4242", "-s", str(agent.path))
     assert result.exit_code == 2  # -p and -s together: usage error
@@ -564,7 +566,7 @@ def test_policy_stacked_above() -> None:
         policy.check_remove("nope", LISTED, 1)
 
 
-def test_cli_info_and_list_text(serve) -> None:
+def test_cli_info_and_list_text(serve: Callable[..., FakeAgent]) -> None:
     state = StatefulAgent(LISTED)
     agent = serve(state)
     info = run_cli("info", "-s", str(agent.path))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,7 +29,7 @@ def qemu_exe() -> Path:
 
 
 @pytest.fixture()
-def qemu(qemu_exe: Path, tmp_path: Path):
+def qemu(qemu_exe: Path, tmp_path: Path) -> Iterator[Qemu]:
     q = Qemu(qemu_exe, tmp_path)
     yield q
     alive = q.proc.poll() is None

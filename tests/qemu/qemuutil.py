@@ -65,7 +65,7 @@ class Qemu:
         self.agent_sock = tmp / f"sandbox-sock{self.pid}"
         deadline = time.monotonic() + 30
         while not self.agent_sock.exists():
-            assert self.proc.poll() is None, self.proc.stderr.read().decode()
+            assert self.proc.poll() is None, self.proc.communicate()[1].decode()
             assert time.monotonic() < deadline, "agent socket never appeared"
             time.sleep(0.05)
         self.ctl = QMP(self.ctl_sock)
@@ -76,7 +76,7 @@ class Qemu:
         self.proc.wait(10)
 
 
-def run(*args, timeout: float = 120) -> subprocess.CompletedProcess:
+def run(*args: object, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run(
         [str(a) for a in args],
         capture_output=True,

@@ -6,6 +6,7 @@ import json
 import socket
 import time
 from pathlib import Path
+from typing import Any
 
 
 class QMP:
@@ -29,24 +30,24 @@ class QMP:
         assert "QMP" in greeting, greeting
         assert "return" in self.execute_raw("qmp_capabilities")
 
-    def _read(self) -> dict:
+    def _read(self) -> dict[str, Any]:
         while True:
             line = self.file.readline()
             if not line:
                 raise EOFError("QMP connection closed")
-            msg = json.loads(line)
+            msg: dict[str, Any] = json.loads(line)
             if "event" not in msg:  # events are not answers
                 return msg
 
-    def execute_raw(self, command: str, **arguments) -> dict:
-        req = {"execute": command}
+    def execute_raw(self, command: str, **arguments: object) -> dict[str, Any]:
+        req: dict[str, object] = {"execute": command}
         if arguments:
             req["arguments"] = arguments
         self.file.write(json.dumps(req).encode() + b"\n")
         self.file.flush()
         return self._read()
 
-    def execute(self, command: str, **arguments):
+    def execute(self, command: str, **arguments: object) -> Any:
         """Returns the command's "return" value; raises on a QMP error."""
         reply = self.execute_raw(command, **arguments)
         if "return" not in reply:
@@ -54,7 +55,8 @@ class QMP:
         return reply["return"]
 
     def hmp(self, line: str) -> str:
-        return self.execute("human-monitor-command", **{"command-line": line})
+        out: str = self.execute("human-monitor-command", **{"command-line": line})
+        return out
 
     def close(self) -> None:
         self.file.close()

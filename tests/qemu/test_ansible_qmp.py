@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from qemuutil import BIN, Qemu
@@ -18,7 +19,7 @@ pytestmark = pytest.mark.qemu
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def qmp_module(tmp: Path, args: dict) -> tuple[int, dict]:
+def qmp_module(tmp: Path, args: dict[str, Any]) -> tuple[int, dict[str, Any]]:
     """Returns the exit status of ``ansible localhost -m patchbox.live.qmp`` and its result."""
     cols = tmp / "collections"
     link = cols / "ansible_collections" / "patchbox" / "live"

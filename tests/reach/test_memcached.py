@@ -18,6 +18,7 @@ import socket
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -52,7 +53,7 @@ def ask(line: str) -> str:
 
 
 @pytest.fixture()
-def daemon():
+def daemon() -> Iterator[subprocess.Popen[bytes]]:
     proc = subprocess.Popen(
         [str(STOCK), "-u", "root", "-l", "127.0.0.1", "-p", str(PORT), "-U", "0", "-t", "4"],
         stdout=subprocess.DEVNULL,
@@ -69,8 +70,15 @@ def daemon():
     yield proc
     alive = proc.poll() is None
     proc.kill()
-    proc.wait()
-    assert alive, f"memcached died: {proc.stderr.read().decode()[-2000:]}"
+    _out, err = proc.communicate()
+    assert alive, f"memcached died: {err.decode()[-2000:]}"
+
+
+def make_variable(makefile: str, name: str) -> list[str]:
+    """Returns the words of the variable ``name`` a generated Makefile sets."""
+    m = re.search(rf"^{name} = (.*)$", makefile, re.M)
+    assert m is not None, f"the Makefile sets no {name}"
+    return shlex.split(m[1])
 
 
 def load(me: int, stop: threading.Event, errors: list[str], counts: list[int]) -> None:
@@ -94,7 +102,7 @@ def load(me: int, stop: threading.Event, errors: list[str], counts: list[int]) -
 
 
 def test_stock_memcached_attached_and_patched_under_load(
-    build_dir: Path, daemon, tmp_path: Path
+    build_dir: Path, daemon: subprocess.Popen[bytes], tmp_path: Path
 ) -> None:
     original = ask("version")
     assert re.fullmatch(r"VERSION \d+\.\d+\.\d+\r\n", original), original
@@ -113,8 +121,7 @@ def test_stock_memcached_attached_and_patched_under_load(
     (tmp_path / "memcached.c").write_text(fixed)
     flags = run_tool("patchbox", "config", "--cflags").stdout.split()
     mk = (build_dir / "Makefile").read_text()
-    cflags = shlex.split(re.search(r"^CFLAGS = (.*)$", mk, re.M)[1])
-    cppflags = shlex.split(re.search(r"^CPPFLAGS = (.*)$", mk, re.M)[1])
+    cflags, cppflags = (make_variable(mk, name) for name in ("CFLAGS", "CPPFLAGS"))
     obj = tmp_path / "memcached.o"
     subprocess.run(
         [
@@ -153,7 +160,7 @@ def test_stock_memcached_attached_and_patched_under_load(
     assert patch.build_id == read_build_id(STOCK)  # the running binary's, not the rebuild's
     assert patch.meta["symbols_match"] in ("build-id", "loaded-bytes"), patch.meta
 
-    stop, errors, counts = threading.Event(), [], []
+    stop, errors, counts = threading.Event(), list[str](), list[int]()
     clients = [threading.Thread(target=load, args=(i, stop, errors, counts)) for i in range(4)]
     for c in clients:
         c.start()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import struct
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -151,7 +152,10 @@ def test_built_frame_holds_the_thread_as_it_resumes() -> None:
     assert (f.sp + 8) % 16 == 0  # a function's entry: the return address pushed
     assert f.sp + len(f.data) == r.rsp - 128  # nothing in the red zone
     assert f.fpstate % 64 == 0 and f.sp < f.arg < f.fpstate
-    at = lambda addr, fmt: struct.unpack_from(fmt, f.data, addr - f.sp)  # noqa: E731
+
+    def at(addr: int, fmt: str) -> tuple[Any, ...]:
+        return struct.unpack_from(fmt, f.data, addr - f.sp)
+
     assert at(f.sp, "<Q")[0] == 0x7F00_0003_C050  # returns into __restore_rt
     assert at(f.arg, "10s")[0] == b"/lib/x.so\0"
     flags, link = at(f.sp + FRAME_OFFSETS["uc_flags"], "<QQ")

@@ -167,7 +167,9 @@ def trust_dir_with(parent: Path, pub: Path, mode: int = 0o755) -> Path:
     return trust
 
 
-def test_a_safe_trust_directory_below_a_sticky_one_is_used(world_dir: Path, signed) -> None:
+def test_a_safe_trust_directory_below_a_sticky_one_is_used(
+    world_dir: Path, signed: dict[str, Path]
+) -> None:
     sticky = world_dir / "tmp"
     sticky.mkdir()
     sticky.chmod(0o1777)
@@ -176,7 +178,9 @@ def test_a_safe_trust_directory_below_a_sticky_one_is_used(world_dir: Path, sign
     assert result.exit_code == 1 and "no agent socket" in result.stderr, result.stderr
 
 
-def test_trust_directory_others_can_write_is_refused(world_dir: Path, signed) -> None:
+def test_trust_directory_others_can_write_is_refused(
+    world_dir: Path, signed: dict[str, Path]
+) -> None:
     """The trust directory is root's, group nogroup, 0775: nobody (group nogroup) drops
     its own key in. Refused, naming the directory, its owner and mode."""
     trust = trust_dir_with(world_dir, signed["pub"], 0o775)
@@ -201,7 +205,9 @@ def test_trust_directory_others_can_write_is_refused(world_dir: Path, signed) ->
     assert not (world_dir / "store").exists()
 
 
-def test_trust_directory_in_a_directory_nobody_owns_is_refused(world_dir: Path, signed) -> None:
+def test_trust_directory_in_a_directory_nobody_owns_is_refused(
+    world_dir: Path, signed: dict[str, Path]
+) -> None:
     """nobody owns a directory above the trust directory: it could rename the trust
     directory away and put its own in its place."""
     parent = nobody_dir(world_dir, "nobody")
@@ -215,7 +221,9 @@ def test_trust_directory_in_a_directory_nobody_owns_is_refused(world_dir: Path, 
     ), result.stderr
 
 
-def test_trusted_key_nobody_owns_or_links_is_refused(world_dir: Path, signed) -> None:
+def test_trusted_key_nobody_owns_or_links_is_refused(
+    world_dir: Path, signed: dict[str, Path]
+) -> None:
     trust = trust_dir_with(world_dir, signed["pub"])
     os.chown(trust / "ops.pub", NOBODY_UID, NOGROUP_GID)
     result = apply_missing(trust, signed["patch"])
@@ -228,7 +236,7 @@ def test_trusted_key_nobody_owns_or_links_is_refused(world_dir: Path, signed) ->
     assert result.exit_code == 1 and "ops.pub is a symbolic link: not followed" in result.stderr
 
 
-def test_trust_directory_that_is_a_link_is_refused(tmp_path: Path, signed) -> None:
+def test_trust_directory_that_is_a_link_is_refused(tmp_path: Path, signed: dict[str, Path]) -> None:
     trust = trust_dir_with(tmp_path, signed["pub"])
     (tmp_path / "via-link").symlink_to(trust)
     result = apply_missing(tmp_path / "via-link", signed["patch"])
@@ -236,7 +244,9 @@ def test_trust_directory_that_is_a_link_is_refused(tmp_path: Path, signed) -> No
     assert apply_missing(trust, signed["patch"]).stderr.count("no agent socket") == 1
 
 
-def test_trust_keys_are_read_without_following_and_checked(tmp_path: Path, signed) -> None:
+def test_trust_keys_are_read_without_following_and_checked(
+    tmp_path: Path, signed: dict[str, Path]
+) -> None:
     trust = trust_dir_with(tmp_path, signed["pub"])
     keys = signing.trusted_keys(signing.Trust(trust, True))
     assert keys is not None and [p.name for p, _k in keys.values()] == ["ops.pub"]
@@ -250,7 +260,9 @@ def test_trust_keys_are_read_without_following_and_checked(tmp_path: Path, signe
 # -- the store ----------------------------------------------------------------------------
 
 
-def test_store_below_a_directory_nobody_owns_is_refused(world_dir: Path, signed) -> None:
+def test_store_below_a_directory_nobody_owns_is_refused(
+    world_dir: Path, signed: dict[str, Path]
+) -> None:
     parent = nobody_dir(world_dir, "nobody")
     result = run("install", "--store", str(parent / "store"), str(signed["patch"]))
     assert result.exit_code == 1
@@ -258,7 +270,9 @@ def test_store_below_a_directory_nobody_owns_is_refused(world_dir: Path, signed)
     assert not (parent / "store").exists()  # nothing made where nobody could swap it
 
 
-def test_store_through_a_link_nobody_planted_is_refused(world_dir: Path, signed) -> None:
+def test_store_through_a_link_nobody_planted_is_refused(
+    world_dir: Path, signed: dict[str, Path]
+) -> None:
     """nobody links a name in a /tmp-like directory to root's own directory: an install
     through it would write root's store where nobody chose (and nobody could swap the
     link for another)."""
@@ -273,7 +287,9 @@ def test_store_through_a_link_nobody_planted_is_refused(world_dir: Path, signed)
     assert list(rootdir.iterdir()) == []
 
 
-def test_store_install_and_uninstall_through_descriptors(tmp_path: Path, signed) -> None:
+def test_store_install_and_uninstall_through_descriptors(
+    tmp_path: Path, signed: dict[str, Path]
+) -> None:
     root = tmp_path / "store"
     entry, pf = store.install(
         str(signed["patch"]), root=root, trust=signing.Trust(tmp_path / "none", False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import stat
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -72,7 +73,7 @@ def test_keygen_files_and_modes(tmp_path: Path) -> None:
     assert again.exit_code == 1 and "not overwriting" in again.stderr
 
 
-def test_sign_layout_and_roundtrip(keys, patch_file: Path) -> None:
+def test_sign_layout_and_roundtrip(keys: dict[str, Path], patch_file: Path) -> None:
     unsigned = patch_file.read_bytes()
     result = run("sign", "--key", str(keys["alice"]), str(patch_file))
     assert result.exit_code == 0, result.stderr
@@ -86,12 +87,14 @@ def test_sign_layout_and_roundtrip(keys, patch_file: Path) -> None:
     # Re-signing replaces the signature instead of stacking trailers.
     assert run("sign", "--key", str(keys["mallory"]), str(patch_file)).exit_code == 0
     data2 = patch_file.read_bytes()
-    assert len(data2) == len(data) and split_signature(data2).key_id.hex() == key_id_of(
-        keys["mallory"]
-    )
+    sig = split_signature(data2)
+    assert sig is not None
+    assert len(data2) == len(data) and sig.key_id.hex() == key_id_of(keys["mallory"])
 
 
-def test_no_trust_dir_accepts_unsigned(tmp_path: Path, patch_file: Path, monkeypatch) -> None:
+def test_no_trust_dir_accepts_unsigned(
+    tmp_path: Path, patch_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(signing, "DEFAULT_TRUST_DIR", tmp_path / "absent")
     monkeypatch.delenv("PATCHBOX_TRUST_DIR", raising=False)
     result = apply_via_missing_socket(tmp_path, patch_file)
@@ -104,34 +107,38 @@ def test_named_trust_dir_must_exist(tmp_path: Path, patch_file: Path) -> None:
     assert "trust directory" in result.stderr and "typo" in result.stderr
 
 
-def test_unsigned_refused_with_trust_dir(keys, tmp_path: Path, patch_file: Path) -> None:
+def test_unsigned_refused_with_trust_dir(
+    keys: dict[str, Path], tmp_path: Path, patch_file: Path
+) -> None:
     result = apply_via_missing_socket(tmp_path, patch_file, "--trust-dir", str(keys["trust"]))
     assert result.exit_code == 1
     assert "is not signed" in result.stderr and str(keys["trust"]) in result.stderr
     assert "patchbox sign" in result.stderr
 
 
-def test_env_trust_dir(keys, tmp_path: Path, patch_file: Path) -> None:
+def test_env_trust_dir(keys: dict[str, Path], tmp_path: Path, patch_file: Path) -> None:
     result = apply_via_missing_socket(
         tmp_path, patch_file, env={"PATCHBOX_TRUST_DIR": str(keys["trust"])}
     )
     assert result.exit_code == 1 and "is not signed" in result.stderr
 
 
-def test_trusted_signature_accepted(keys, tmp_path: Path, patch_file: Path) -> None:
+def test_trusted_signature_accepted(
+    keys: dict[str, Path], tmp_path: Path, patch_file: Path
+) -> None:
     run("sign", "--key", str(keys["alice"]), str(patch_file))
     result = apply_via_missing_socket(tmp_path, patch_file, "--trust-dir", str(keys["trust"]))
     assert result.exit_code == 1 and "no agent socket" in result.stderr, result.stderr
 
 
-def test_untrusted_key_named(keys, tmp_path: Path, patch_file: Path) -> None:
+def test_untrusted_key_named(keys: dict[str, Path], tmp_path: Path, patch_file: Path) -> None:
     run("sign", "--key", str(keys["mallory"]), str(patch_file))
     result = apply_via_missing_socket(tmp_path, patch_file, "--trust-dir", str(keys["trust"]))
     assert result.exit_code == 1
     assert key_id_of(keys["mallory"]) in result.stderr and str(keys["trust"]) in result.stderr
 
 
-def test_forged_signature_refused(keys, tmp_path: Path, patch_file: Path) -> None:
+def test_forged_signature_refused(keys: dict[str, Path], tmp_path: Path, patch_file: Path) -> None:
     run("sign", "--key", str(keys["alice"]), str(patch_file))
     data = bytearray(patch_file.read_bytes())
     data[-1] ^= 1  # last byte of the signature
@@ -140,7 +147,9 @@ def test_forged_signature_refused(keys, tmp_path: Path, patch_file: Path) -> Non
     assert result.exit_code == 1 and "does not verify" in result.stderr
 
 
-def test_changed_header_after_signing_refused(keys, tmp_path: Path, patch_file: Path) -> None:
+def test_changed_header_after_signing_refused(
+    keys: dict[str, Path], tmp_path: Path, patch_file: Path
+) -> None:
     """The hash protects the payload; the signature also covers the header."""
     run("sign", "--key", str(keys["alice"]), str(patch_file))
     data = bytearray(patch_file.read_bytes())
@@ -150,7 +159,9 @@ def test_changed_header_after_signing_refused(keys, tmp_path: Path, patch_file: 
     assert result.exit_code == 1 and "unknown header flags" in result.stderr
 
 
-def test_stripped_signature_is_unsigned(keys, tmp_path: Path, patch_file: Path) -> None:
+def test_stripped_signature_is_unsigned(
+    keys: dict[str, Path], tmp_path: Path, patch_file: Path
+) -> None:
     run("sign", "--key", str(keys["alice"]), str(patch_file))
     data = bytearray(patch_file.read_bytes()[: -SIG_TRAILER.size])
     data[12] &= ~FLAG_SIGNED
@@ -171,20 +182,24 @@ def test_stripped_signature_is_unsigned(keys, tmp_path: Path, patch_file: Path) 
         (lambda d: d[:-97] + b"\x07" + d[-96:], "unknown signature algorithm"),
     ],
 )
-def test_bad_trailer(keys, patch_file: Path, mutate, match: str) -> None:
+def test_bad_trailer(
+    keys: dict[str, Path], patch_file: Path, mutate: Callable[[bytes], bytes], match: str
+) -> None:
     run("sign", "--key", str(keys["alice"]), str(patch_file))
     with pytest.raises(PatchFormatError, match=match):
         read_patch(mutate(patch_file.read_bytes()))
 
 
-def test_bad_trusted_key_file_fails_closed(keys, tmp_path: Path, patch_file: Path) -> None:
+def test_bad_trusted_key_file_fails_closed(
+    keys: dict[str, Path], tmp_path: Path, patch_file: Path
+) -> None:
     run("sign", "--key", str(keys["alice"]), str(patch_file))
     (keys["trust"] / "broken.pub").write_text("not a key\n")
     result = apply_via_missing_socket(tmp_path, patch_file, "--trust-dir", str(keys["trust"]))
     assert result.exit_code == 1 and "broken.pub" in result.stderr
 
 
-def test_sign_refuses_corrupt_file(keys, patch_file: Path) -> None:
+def test_sign_refuses_corrupt_file(keys: dict[str, Path], patch_file: Path) -> None:
     data = bytearray(patch_file.read_bytes())
     data[-2] ^= 0xFF
     patch_file.write_bytes(bytes(data))

@@ -155,7 +155,7 @@ def compiled(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return out
 
 
-def test_records_have_the_same_offsets_and_widths_in_c_and_python(compiled: dict) -> None:
+def test_records_have_the_same_offsets_and_widths_in_c_and_python(compiled: dict[str, Any]) -> None:
     for record in SPEC["record"]:
         up = record.upper()
         fmt, names = getattr(C, f"{up}_FORMAT"), getattr(C, f"{up}_FIELDS")
@@ -171,7 +171,7 @@ def test_records_have_the_same_offsets_and_widths_in_c_and_python(compiled: dict
         assert compiled["number"][f"PBX_{up}_SIZE"] == size
 
 
-def test_numbers_and_strings_are_the_same_in_c_and_python(compiled: dict) -> None:
+def test_numbers_and_strings_are_the_same_in_c_and_python(compiled: dict[str, Any]) -> None:
     numbers = compiled["number"]
     for name in SPEC["limits"]:
         assert numbers[f"PBX_{name}"] == getattr(C, name), name
@@ -200,7 +200,7 @@ def test_numbers_and_strings_are_the_same_in_c_and_python(compiled: dict) -> Non
         assert min_size(getattr(C, up)) == getattr(C, f"{up}_MIN_SIZE"), layout
 
 
-def test_one_version(compiled: dict) -> None:
+def test_one_version(compiled: dict[str, Any]) -> None:
     version = SPEC["package"]["VERSION"]
     assert compiled["string"]["PBX_PACKAGE_VERSION"] == patchbox.__version__ == version
     galaxy = (ROOT / "ansible" / "galaxy.yml").read_text()

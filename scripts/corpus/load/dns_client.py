@@ -65,7 +65,9 @@ def _mx_rdlen_lie(q_wire: bytes, q: dns.message.Message) -> bytes:
     """An MX answer whose rdlen (3) is shorter than its exchange name (CVE-2026-5172)."""
     qid = struct.unpack(">H", q_wire[:2])[0]
     out = struct.pack(">HHHHHH", qid, 0x8180, 1, 1, 0, 0)
-    out += q.question[0].name.to_wire() + struct.pack(">HH", 15, 1)
+    name = q.question[0].name.to_wire()
+    assert name is not None  # bytes: to_wire() without a file returns them
+    out += name + struct.pack(">HH", 15, 1)
     label = b"\x3f" + b"m" * 63 + b"\x00"
     return out + b"\xc0\x0c" + struct.pack(">HHIH", 15, 1, 60, 3) + b"\x00\x0a" + label
 

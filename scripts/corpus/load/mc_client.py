@@ -75,7 +75,8 @@ def sasl_login(port: int, user: str, password: str) -> int:
         s.sendall(struct.pack(_HDR, 0x80, 0x21, len(key), 0, 0, 0, len(key) + len(val), 0, 0))
         s.sendall(key + val)
         r = _recv(s, 24)
-        status, blen = struct.unpack(_HDR, r)[5], struct.unpack(">I", r[8:12])[0]
+        status: int = struct.unpack(_HDR, r)[5]
+        blen: int = struct.unpack(">I", r[8:12])[0]
         _recv(s, blen)
         s.sendall(struct.pack(_HDR, 0x80, 0x0B, 0, 0, 0, 0, 0, 0, 0))
         r = _recv(s, 24)

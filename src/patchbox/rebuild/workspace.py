@@ -22,7 +22,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, Self
 
 from patchbox import config
 from patchbox.errors import BuildError
@@ -101,7 +101,7 @@ class Workspace:
         self.orig = self.root / "orig"
         self.command = command  # the build command (sh -c in the copy)
 
-    def __enter__(self) -> Workspace:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
