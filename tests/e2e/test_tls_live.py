@@ -152,7 +152,7 @@ def target(tree: Path):
     assert alive, f"the program died: {t.stderr_text}"
 
 
-def fixed_object(tree: Path, tmp_path: Path, name: str, fix: tuple[str, str], *pic: str) -> Path:
+def fixed_object(tree: Path, tmp_path: Path, name: str, fix: tuple[str, str], *flags: str) -> Path:
     """Returns the object of ``name``.c with ``fix``, compiled as the tree compiles it."""
     d = tmp_path / "fixed"
     d.mkdir(exist_ok=True)
@@ -162,7 +162,7 @@ def fixed_object(tree: Path, tmp_path: Path, name: str, fix: tuple[str, str], *p
     shutil.copy(tree / "counters.h", d)
     cflags = run("patchbox", "config", "--cflags").stdout.split()
     out = d / f"{name}.o"
-    run("gcc", "-O2", "-g", *pic, *cflags, "-c", d / f"{name}.c", "-o", out)
+    run("gcc", "-O2", "-g", *flags, *cflags, "-c", d / f"{name}.c", "-o", out)
     return out
 
 
@@ -236,3 +236,35 @@ def test_library_fix_by_patchbox_build(tree: Path, target: Target, tmp_path: Pat
     assert "in       function lib_step" in out
     assert [f.symbol for f in load_patch(pbx).functions] == ["lib_step"]
     live_cycle(target, pbx, "tlslib", LIB)
+
+
+@pytest.mark.parametrize(
+    ("libflags", "how"),
+    [
+        ("-ftls-model=initial-exec", "initial-exec: GOT slot (R_X86_64_TPOFF64)"),
+        ("-mtls-dialect=gnu2", "general-dynamic through a descriptor (-mtls-dialect=gnu2): "),
+    ],
+    ids=["initial-exec", "descriptors"],
+)
+def test_library_built_with_other_models(tmp_path: Path, libflags: str, how: str) -> None:
+    """The library's variables reached through its TPOFF64 slots (a dlopened library in
+    the static TLS block) or through its TLS descriptors: the patch calls the loader's
+    resolver through the library's own descriptor."""
+    tree = tmp_path / "src"
+    shutil.copytree(TREE, tree)
+    run("make", f"LIBFLAGS={libflags}", cwd=tree)
+    obj = fixed_object(tree, tmp_path, "lcount", LIB_FIX, "-fPIC", libflags)
+    pbx = tmp_path / "lib.pbx"
+    run(
+        "extract-patch", "-f", "lib_step", "--name", "tlslib", "-o", pbx, obj, tree / "liblcount.so"
+    )
+    meta = load_patch(pbx).meta
+    assert all(meta[f"tls:{v}"].startswith(how) for v in ("lib_g", "lib_s", "lib_seen")), meta
+    t = Target(tree / "app")
+    try:
+        live_cycle(t, pbx, "tlslib", LIB)
+        check_exact(report(t), EXE)
+        alive = t.alive()
+    finally:
+        t.stop()
+    assert alive, t.stderr_text
