@@ -22,8 +22,11 @@ for one the binary binds to itself (symbol 0), by its offset in the binary's TLS
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+
+from elftools.common.exceptions import ELFError
 
 from patchbox.elf.binary import Binary
 from patchbox.elf.records import PT, RELA, SYM, cstring
@@ -83,7 +86,15 @@ class TlsImage:
 
 def _dynamic_relocations(binary: Binary) -> list[tuple[int, int, str | None, int]]:
     """Returns (type, r_offset, symbol name or None for symbol 0, r_addend) of every TLS
-    relocation of the binary's allocated SHT_RELA sections (.rela.dyn, .rela.plt)."""
+    relocation of the binary's allocated SHT_RELA sections (.rela.dyn, .rela.plt); raises
+    ElfError for tables that cannot be read."""
+    try:
+        return _read_dynamic_relocations(binary)
+    except (ELFError, ValueError, IndexError, KeyError, struct.error) as err:
+        raise ElfError(f"{binary.path}: corrupt dynamic relocations: {err}") from err
+
+
+def _read_dynamic_relocations(binary: Binary) -> list[tuple[int, int, str | None, int]]:
     elf = binary.elf
     out = []
     for sec in elf.iter_sections():
