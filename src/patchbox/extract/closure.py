@@ -363,7 +363,8 @@ class _Search:
         if orig is not None and orig.type != "TLS":
             raise UnsupportedRelocation(
                 f"{name!r} is thread-local in the patch ({where(sec, rel)}) but not in "
-                f"{self.bin.path} ({orig.type}): the tree does not rebuild the running binary"
+                f"{self.bin.path} ({orig.type}): the object is not of the running program's "
+                f"source"
             )
         return TlsVariable(name, orig.address if orig is not None else None)
 

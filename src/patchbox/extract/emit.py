@@ -5,7 +5,9 @@ already says what is copied and where every relocation goes.
 Text layout of one member: replaced functions (each its whole section with its own 6+2
 NOP entry, 16-aligned), other copied functions, copied read-only data (16-aligned),
 import stubs (16 bytes each: ``ff 25 00000000`` + 8-byte slot + 2 × int3), GOT slots
-(8 bytes each). Data: copied writable data, then bss (only its size is stored).
+(8 bytes each: an address, or an executable's thread-local offset). Thread-local offsets
+known at build time (local-exec, local-dynamic's offset in the block) are written into
+the code itself. Data: copied writable data, then bss (only its size is stored).
 :mod:`patchbox.extract.combine` puts the members of one patch one after the other.
 """
 
