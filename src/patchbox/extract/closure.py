@@ -11,6 +11,8 @@ copied code or data is resolved (docs/patch-format.md, "How extract-patch fills 
   source file: :meth:`Binary.find_symbol`) → its link-time address (EXE); variables are
   never copied, so statics keep pointing at the running program's copies;
 - a shared-library symbol → IMPORT (calls through a stub, data through a GOT slot);
+- a thread-local variable → the program's own, never copied, reached as the program's
+  code reaches it (a TP offset, or the binary's own GOT entry: :mod:`patchbox.extract.tls`);
 - a global that another object of the same patch defines and the program lacks (a new
   function in another file) → copied from that object (MEMBER).
 
