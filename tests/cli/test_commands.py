@@ -157,10 +157,17 @@ def test_pid_without_agent() -> None:
         ["debug", "-p", "1", "maybe"],
         ["config"],
         ["config", "--cflags", "--preload"],
+        ["remove", "--vm", "vm1", "fix"],  # --vm narrows --all
+        ["remove", "-p", "1", "--all", "--vm", "vm1", "fix"],
     ],
 )
 def test_usage_errors_exit_2(args: list[str]) -> None:
     assert run(*args).exit_code == 2
+
+
+def test_vm_goes_with_all(patch_file: Path) -> None:
+    result = run("apply", "-p", "1", "--vm", "vm1", str(patch_file))
+    assert result.exit_code == 2 and "--vm" in result.stderr
 
 
 def test_version() -> None:
