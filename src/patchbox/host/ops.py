@@ -146,7 +146,7 @@ class _Host:
         return path, r.build_id if r is not None else "", vm_name(pid, path)
 
     def outcome(self, pid: int, result: Result, reason: str = "", retry: bool = False) -> Outcome:
-        """Returns the row of ``pid`` with its executable and build-id filled in."""
+        """Returns the row of ``pid`` with its executable, build-id and VM name filled in."""
         return Outcome(pid, result, reason, *self.describe(pid), retry=retry)
 
 
