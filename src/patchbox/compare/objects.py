@@ -51,7 +51,7 @@ from patchbox.compare.model import (
     Verdict,
 )
 from patchbox.compare.types import layout_changes, read_layouts
-from patchbox.elf.binary import Binary
+from patchbox.elf.binary import Binary, SourceMatch
 from patchbox.elf.fastread import load_object
 from patchbox.elf.objfile import ObjectFile, ObjSymbol, Relocation, Section
 from patchbox.elf.reloc import get_reloc
@@ -728,7 +728,12 @@ def other_programs(objects: dict[str, Path], binary: Binary) -> set[str]:
     """Returns the keys of ``objects`` that belong to another program of the tree although
     their source file is linked into ``binary``: a source compiled more than once (memcached
     builds ``memcached`` and ``memcached-debug`` from the same files, with other flags), where
-    some function of the object has another size in ``binary`` than in the object."""
+    some function of the object has another size in ``binary`` than in the object.
+
+    Objects of one basename are checked: the same file compiled twice, or two files of
+    that name in different directories (QEMU's ``net/vhost-vdpa.c`` and
+    ``hw/virtio/vhost-vdpa.c``), each compared with its own statics
+    (:meth:`Binary.match_source`)."""
     by_source: dict[str | None, list[str]] = defaultdict(list)
     for rel, path in objects.items():
         by_source[_source_of(path)].append(rel)
@@ -743,11 +748,19 @@ def other_programs(objects: dict[str, Path], binary: Binary) -> set[str]:
 
 
 def _sizes_match(obj: ObjectFile, binary: Binary) -> bool:
-    """Returns False if a function of ``obj`` has another size in ``binary``."""
+    """Returns False if a function of ``obj`` has another size in ``binary``: its statics
+    compared with those of the unit of the binary it is, or (undecided: no debug info
+    tells two files of its name apart) with those of any one unit it may be."""
+    match = binary.match_source(obj, original=obj)
+    scopes = match.split() if match is not None and len(match.units) > 1 else (match,)
+    return any(_sizes_match_in(obj, binary, scope) for scope in scopes)
+
+
+def _sizes_match_in(obj: ObjectFile, binary: Binary, scope: SourceMatch | None) -> bool:
     for sym in obj.symbols:
         if sym.type != "FUNC" or not sym.defined or not sym.size:
             continue
-        ref = binary.find_symbol(sym.name, obj.source_file, local=sym.is_local)
+        ref = binary.find_symbol(sym.name, scope, local=sym.is_local)
         if ref is not None and ref.size != sym.size:
             return False
     return True
