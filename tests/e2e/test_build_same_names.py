@@ -136,11 +136,8 @@ def make_diff(tmp: Path, src: Path, fixed: str) -> Path:
     """Returns a unified diff (-p1) from ``src`` to the tree with ``fixed``'s fixes."""
     other = tmp / f"fixed-{fixed}"
     write_tree(other, debug="-g" in (src / "Makefile").read_text(), fixed=fixed)
-    proc = run(
-        "diff", "-ru", "-x", "*.o", "-x", "app", "-x", "sandbox-sock*", src.name, other.name,
-        cwd=tmp,
-        check=False,
-    )
+    skip = ("-x", "*.o", "-x", "app", "-x", "sandbox-sock*")
+    proc = run("diff", "-ru", *skip, src.name, other.name, cwd=tmp, check=False)
     assert proc.returncode == 1, proc.stderr
     out = tmp / f"{fixed}.patch"
     out.write_text(proc.stdout)
