@@ -186,16 +186,6 @@ class SourceMatch:
         return tuple(SourceMatch(self.name, self.path, (u,), self.how) for u in self.units)
 
 
-def _tail(a: str, b: str) -> int:
-    """Returns how many trailing path components ``a`` and ``b`` share."""
-    n = 0
-    for x, y in zip(reversed(a.split("/")), reversed(b.split("/")), strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 _SHF_ALLOC = 0x2
 
 
@@ -547,25 +537,28 @@ class Binary:
 
     def unit_paths(self, units: set[int] | list[int] | tuple[int, ...]) -> dict[int, str]:
         """Returns {unit: the full path of its compile unit} for those of ``units`` the
-        binary's DWARF places (:func:`patchbox.elf.dwarf.unit_source_paths`); read once
-        per unit."""
+        binary's DWARF places (:func:`patchbox.elf.dwarf.unit_source_paths`); the DWARF is
+        read once per file name, for every unit of that name."""
         missing = {u for u in units if u not in self._unit_paths}
-        if missing:
+        names = {
+            os.path.basename(s.source_file)
+            for s in self._symbols
+            if s.unit in missing and s.source_file
+        }
+        for base in names:
+            mine = set(self._units_named(base))
             addresses: dict[int, list[int]] = defaultdict(list)
-            names: dict[int, str] = {}
             for s in self._symbols:
-                if s.unit in missing and s.defined and s.address:
+                if s.unit in mine and s.defined and s.address:
                     addresses[s.unit].append(s.address)
-                    names[s.unit] = os.path.basename(s.source_file or "")
-            found: dict[int, str] = {}
-            for base in set(names.values()):
-                mine = {u: a for u, a in addresses.items() if names[u] == base}
-                try:
-                    found |= dwarf.unit_source_paths(self.dwarf, base, mine, str(self.symbols_path))
-                except ElfError:
-                    pass  # unreadable DWARF tells nothing: the units stay unplaced
-            for u in missing:
+            try:
+                found = dwarf.unit_source_paths(self.dwarf, base, addresses, str(self.symbols_path))
+            except ElfError:
+                found = {}  # unreadable DWARF tells nothing: the units stay unplaced
+            for u in mine:
                 self._unit_paths[u] = found.get(u)
+        for u in missing:
+            self._unit_paths.setdefault(u, None)
         return {u: p for u in units if (p := self._unit_paths.get(u)) is not None}
 
     def match_source(
@@ -597,7 +590,7 @@ class Binary:
         except ElfError:
             path = None
         if path is not None:
-            tails = {u: _tail(path, p) for u, p in self.unit_paths(cands).items()}
+            tails = {u: dwarf.path_tail(path, p) for u, p in self.unit_paths(cands).items()}
             best = max(tails.values(), default=0)
             if best > 1:  # more than the basename; a unit DWARF does not place stays
                 cands = [u for u in cands if tails.get(u, best) == best]

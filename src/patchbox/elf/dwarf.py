@@ -30,6 +30,7 @@ from __future__ import annotations
 import io
 import os
 import struct
+from bisect import bisect_left
 from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -55,6 +56,7 @@ __all__ = [
     "has_lto_units",
     "object_dwarf",
     "object_source_path",
+    "path_tail",
     "read_object_decls",
     "unit_source_paths",
 ]
@@ -403,6 +405,17 @@ def _cu_path(top: DIE) -> str | None:
     return os.path.normpath(os.path.join(where, _str(name.value)))
 
 
+def path_tail(a: str, b: str) -> int:
+    """Returns how many trailing components paths ``a`` and ``b`` share (``WORK/tree/a/util.c``
+    and ``/src/a/util.c``: 2; and ``/src/b/util.c``: 1, the basename only)."""
+    n = 0
+    for x, y in zip(reversed(a.split("/")), reversed(b.split("/")), strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 def object_source_path(path: str | os.PathLike[str]) -> str | None:
     """Returns the full path of the source file a relocatable object was compiled from,
     as its DWARF names it (its first compile unit's DW_AT_comp_dir and DW_AT_name), or
@@ -486,13 +499,14 @@ def unit_source_paths(
     try:
         dwarf = elf.get_dwarf_info(relocate_dwarf_sections=False)
         wanted = {a: unit for unit, addrs in units.items() for a in addrs}
+        ordered = sorted(wanted)
         for start, size, cu_offset in _aranges(elf):
-            for a in [a for a in wanted if start <= a < start + size]:
-                unit = wanted.pop(a)
-                if unit not in out:
-                    found = _cu_path(dwarf.get_CU_at(cu_offset).get_top_DIE())
-                    if found is not None:
-                        out[unit] = found
+            at = bisect_left(ordered, start)
+            hit = {wanted[a] for a in ordered[at : bisect_left(ordered, start + size)]}
+            if hit - out.keys():
+                found = _cu_path(dwarf.get_CU_at(cu_offset).get_top_DIE())
+                if found is not None:
+                    out.update(dict.fromkeys(hit - out.keys(), found))
         rest = {a: u for a, u in wanted.items() if u not in out}
         if rest:
             for cu in dwarf.iter_CUs():
