@@ -12,6 +12,8 @@ copied code or data is resolved (docs/patch-format.md, "How extract-patch fills 
   :meth:`Binary.find_symbol`) → its link-time address (EXE); variables are
   never copied, so statics keep pointing at the running program's copies;
 - a shared-library symbol → IMPORT (calls through a stub, data through a GOT slot);
+- a thread-local variable → the program's own, never copied, reached as the program's
+  code reaches it (a TP offset, or the binary's own GOT entry: :mod:`patchbox.extract.tls`);
 - a global that another object of the same patch defines and the program lacks (a new
   function in another file) → copied from that object (MEMBER).
 
@@ -42,7 +44,8 @@ from capstone.x86 import X86_OP_IMM
 from patchbox import wire as C
 from patchbox.elf.binary import Binary, Symbol
 from patchbox.elf.objfile import ObjSymbol, Relocation, Section
-from patchbox.elf.reloc import Recipe, RelocType, get_reloc_type
+from patchbox.elf.reloc import TLS_MODELS, Recipe, RelocType, get_reloc_type
+from patchbox.elf.tls import TlsImage, read_tls
 from patchbox.errors import ExtractError, UnsupportedRelocation
 from patchbox.extract.model import (
     ENTRY,
@@ -54,6 +57,7 @@ from patchbox.extract.model import (
     Target,
     TargetKind,
 )
+from patchbox.extract.tls import TlsVariable, reach_tls
 
 __all__ = ["ORIGINAL_PREFIX", "close", "is_branch", "where", "target_name"]
 
@@ -142,6 +146,8 @@ class _Search:
             for s in self.obj.symbols
             if s.defined and not s.is_local and s.name and s.type in ("FUNC", "OBJECT", "NOTYPE")
         }
+        self.tls_image: TlsImage | None = None  # read at the first thread-local access
+        self.tls_how: dict[str, list[str]] = {}  # variable -> how each of its accesses goes
 
     # -- the search ---------------------------------------------------------------------
 
@@ -185,7 +191,9 @@ class _Search:
                     self._bind_internal_branches(sec, a, b)
             for rel in self._live_relocations(sec):
                 rtype = get_reloc_type(rel.type, where(sec, rel), target_name(rel.symbol))
-                if rtype.recipe is not Recipe.NONE:
+                if rtype.recipe in TLS_MODELS:
+                    self.resolved[_key(sec.index, rel)] = self._resolve_tls(sec, rel, rtype)
+                elif rtype.recipe is not Recipe.NONE:
                     self.resolved[_key(sec.index, rel)] = self._resolve(sec, rel)
 
     def _shared(self, sec: Section) -> bool:
@@ -312,6 +320,59 @@ class _Search:
         self.copy(target_sec.index, SectionKind.of(target_sec))
         return named
 
+    def _resolve_tls(self, sec: Section, rel: Relocation, rtype: RelocType) -> _Resolved:
+        """Returns the target of thread-local access ``rel``: the running program's
+        variable, reached as its own code reaches it (:mod:`patchbox.extract.tls`)."""
+        if self.tls_image is None:
+            self.tls_image = read_tls(self.bin)
+        var = self._tls_variable(sec, rel)
+        assert rtype.recipe is not None  # in TLS_MODELS
+        reached = reach_tls(
+            var,
+            rtype.recipe,
+            self.tls_image,
+            shared=self.bin.is_shared_library,
+            binary=str(self.bin.path),
+            at=f"{where(sec, rel)}, {rtype.name}",
+        )
+        hows = self.tls_how.setdefault(var.name, [])
+        if reached.how not in hows:
+            hows.append(reached.how)
+        return _Resolved(reached.target)
+
+    def _tls_variable(self, sec: Section, rel: Relocation) -> TlsVariable:
+        """Returns the program's thread-local variable that ``rel`` names: a global by
+        name, a static by name and source file; raises for a variable the program lacks
+        (a patch cannot add one) or one that is not thread-local there."""
+        sym = rel.symbol
+        if not sym.defined:
+            orig = self.bin.find_symbol(sym.name, local=False)
+            name = sym.name
+        else:
+            tsec = self.obj.get_symbol_section(sym)
+            named = [sym] if sym.type != "SECTION" else self.obj.get_section_symbols(tsec)
+            if not tsec.is_tls or len(named) != 1:
+                raise UnsupportedRelocation(
+                    f"{where(sec, rel)}: thread-local access to {tsec.name}, which is not "
+                    f"one thread-local variable"
+                )
+            name = named[0].name
+            orig = self._find_in_binary(named[0])
+            if orig is None:
+                raise UnsupportedRelocation(
+                    f"new thread-local variable {name!r} (referenced in {where(sec, rel)}): "
+                    f"{self.bin.path} has no such variable, and a live patch cannot add one "
+                    f"(every running thread's TLS block was laid out when it started); use "
+                    f"a variable the program has, or a shadow variable (docs/shadow.md)"
+                )
+        if orig is not None and orig.type != "TLS":
+            raise UnsupportedRelocation(
+                f"{name!r} is thread-local in the patch ({where(sec, rel)}) but not in "
+                f"{self.bin.path} ({orig.type}): the object is not of the running program's "
+                f"source"
+            )
+        return TlsVariable(name, orig.address if orig is not None else None)
+
     def _resolve_shared(
         self, sec: Section, rel: Relocation, target_sec: Section, value: int
     ) -> Target:
@@ -413,7 +474,12 @@ class _Search:
         object's file), or for a static variable GCC renumbered (``counter.0``) the only
         ``counter.N`` of the file."""
         orig = self.bin.find_symbol(sym.name, self.statics, local=sym.is_local)
-        if orig is not None or not sym.is_local or self.statics is None or sym.type != "OBJECT":
+        if (
+            orig is not None
+            or not sym.is_local
+            or self.statics is None
+            or sym.type not in ("OBJECT", "TLS")
+        ):
             return orig
         m = _STATIC_LOCAL.match(sym.name)
         if m is None:
@@ -424,7 +490,7 @@ class _Search:
         cands = [
             s
             for s in self.bin.iter_locals(self.statics)
-            if s.type == "OBJECT" and pat.match(s.name)
+            if s.type == sym.type and pat.match(s.name)
         ]
         if len(cands) > 1:
             raise ExtractError(
@@ -457,6 +523,7 @@ class _Search:
             live={i: frozenset(r) for i, r in self.live.items()},
             bindings=tuple(bindings),
             bound_branches=tuple(self.bound),
+            tls=tuple((name, "; ".join(hows)) for name, hows in self.tls_how.items()),
         )
 
     def _entry_address(

@@ -188,6 +188,7 @@ def _combine(
                     key = f"{first}@{_unit_name(binary, m)}"
             meta[key] = m.source or "unknown"
         meta.update(new_symbols(m, closure))
+        meta.update({f"tls:{name}": how for name, how in closure.tls})
     fixups.sort(key=lambda f: (f.section, f.offset))
     # The program's build facts, when the binary sits in its build directory (QEMU).
     meta.update(profile.build_facts(binary.path.parent))

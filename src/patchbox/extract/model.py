@@ -184,6 +184,8 @@ class Closure:
     live: Mapping[int, frozenset[tuple[int, int]]]  # shared sections; absent: live whole
     bindings: tuple[Binding, ...]
     bound_branches: tuple[BoundBranch, ...]
+    # The program's thread-local variables the patch touches: (name, how each is reached).
+    tls: tuple[tuple[str, str], ...] = ()
 
     def is_live(self, section: int, offset: int) -> bool:
         """Returns True if ``offset`` of copied ``section`` is code the patch runs."""
