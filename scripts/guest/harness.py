@@ -31,13 +31,15 @@ from types import TracebackType
 from typing import IO
 
 from .image import GuestImage
-from .netns import GUEST_ADDR, HOST_ADDR, PEER_PORT, PREFIX, Namespace, Peer
+from .netns import GUEST_ADDR, HOST_ADDR, PEER_PORT, PREFIX, Namespace, Peer, remove_stale
 from .qmp import QMP
 from .serial import GuestLog, Record
 
 __all__ = ["DEFAULT_DISKS", "Disk", "Guest", "GuestConfig", "GuestError"]
 
 _counter = itertools.count()
+# Namespaces are named NETNS_PREFIX-PID-N: a run's own, and stale ones found by their PID.
+NETNS_PREFIX = "pbg"
 
 
 class GuestError(Exception):
@@ -74,7 +76,7 @@ class GuestConfig:
     slots: int = 64  # blocks per disk the loop cycles through
     seconds: float = 0  # the loop's own end (0: until stop())
     progress_ms: int = 100
-    net_timeout_ms: int = 1000
+    net_timeout_ms: int = 2000  # an echo later than this counts lost
     extra_args: tuple[str, ...] = ()  # more QEMU options
     env: dict[str, str] = field(default_factory=dict)  # more of QEMU's environment
 
@@ -183,7 +185,8 @@ class Guest:
         tap_fd = None
         try:
             if c.net:
-                self.ns = Namespace(f"pbg-{os.getpid()}-{next(_counter)}")
+                remove_stale(NETNS_PREFIX)
+                self.ns = Namespace(f"{NETNS_PREFIX}-{os.getpid()}-{next(_counter)}")
                 self.peer = Peer(self.ns.udp_socket(HOST_ADDR, PEER_PORT))
                 tap_fd = self.ns.open_tap()
             argv = self.qemu_command(tap_fd)

@@ -10,8 +10,8 @@
 The result lies in ``$PATCHBOX_GUEST_CACHE/images/<key>/`` (default
 ``/var/cache/patchbox/guest``), ``key`` made of both packages' versions and a hash of this
 recipe (these files and the compiler's version): a new kernel security update or a changed
-recipe makes a new image, an unchanged one is reused. Downloaded packages are kept in
-``debs/``.
+recipe makes a new image, an unchanged one is reused (the four newest are kept).
+Downloaded packages of the current versions are kept in ``debs/``.
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ BUSYBOX = "busybox-static"
 WANTED_MODULES = ("virtio_pci", "virtio_blk", "virtio_net", "ahci", "ata_piix", "sd_mod")
 # The files whose content makes the recipe (with the compiler's version).
 RECIPE = ("image.py", "modules.py", "cpio.py", "init.sh", "pbguest.c")
+KEEP_IMAGES = 4
 CFLAGS = ("-static", "-O2", "-Wall", "-Wextra", "-Werror")
 
 
@@ -259,7 +260,11 @@ def ensure_image(cache: Path = CACHE) -> GuestImage:
             (staging / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
             directory.parent.mkdir(parents=True, exist_ok=True)
             staging.rename(directory)
-        # Packages of other versions (an older kernel) are not needed again.
+        # Packages of other versions (an older kernel) are not needed again; images of
+        # other recipes (other checkouts) are kept, the KEEP_IMAGES newest.
         for old in set(debs.glob("*.deb")) - {kernel_deb, busybox_deb}:
             old.unlink()
+        images = sorted((cache / "images").iterdir(), key=lambda p: p.stat().st_mtime)
+        for old in images[:-KEEP_IMAGES]:
+            shutil.rmtree(old, ignore_errors=True)
     return GuestImage.load(directory)

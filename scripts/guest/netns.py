@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import fcntl
 import os
+import re
 import socket
 import struct
 import subprocess
@@ -30,6 +31,7 @@ __all__ = [
     "Namespace",
     "Peer",
     "PeerCounts",
+    "remove_stale",
 ]
 
 HOST_ADDR = "10.78.0.1"
@@ -53,6 +55,21 @@ def _ip(*args: str) -> None:
     proc = subprocess.run(["ip", *args], capture_output=True, text=True, stdin=subprocess.DEVNULL)
     if proc.returncode != 0:
         raise OSError(f"ip {' '.join(args)}: {proc.stderr.strip()}")
+
+
+def remove_stale(prefix: str) -> list[str]:
+    """Deletes the namespaces ``PREFIX-PID-N`` whose process ``PID`` is gone (a run killed
+    before it could clean up); returns their names."""
+    proc = subprocess.run(
+        ["ip", "netns", "list"], capture_output=True, text=True, stdin=subprocess.DEVNULL
+    )
+    gone = []
+    for line in proc.stdout.splitlines():
+        m = re.fullmatch(rf"({re.escape(prefix)}-(\d+)-\d+)(?: \(id: \d+\))?", line.strip())
+        if m and not os.path.exists(f"/proc/{m.group(2)}"):
+            subprocess.run(["ip", "netns", "del", m.group(1)], capture_output=True)
+            gone.append(m.group(1))
+    return gone
 
 
 class Namespace:

@@ -3,7 +3,7 @@
  * guest"). A static binary in the guest's initramfs, started by /init:
  *
  *   pbguest --disks=vda,sda --peer=10.78.0.1:7777 [--block=16384] [--slots=64]
- *           [--seconds=0] [--progress-ms=100] [--net-timeout-ms=1000] [--disk-wait=30]
+ *           [--seconds=0] [--progress-ms=100] [--net-timeout-ms=2000] [--disk-wait=30]
  *
  * Each iteration J, for every disk: read slot J mod SLOTS back as written one lap ago
  * (J - SLOTS), write it anew with a block derived from (disk, slot, J), read it back and
@@ -82,7 +82,7 @@ static size_t block_size = 16384;
 static uint32_t slots = 64;
 static double seconds;
 static unsigned progress_ms = 100;
-static unsigned net_timeout_ms = 1000;
+static unsigned net_timeout_ms = 2000;
 static unsigned disk_wait_s = 30;
 static char peer_arg[64];
 
