@@ -344,7 +344,7 @@ static int net_step(int sock, uint64_t j)
 			lost++;
 			return 0;
 		}
-		n = recv(sock, in, sizeof(in), 0);
+		n = recv(sock, in, sizeof(in), MSG_DONTWAIT);
 		if (n < 0) {
 			if (errno == EINTR || errno == EAGAIN)
 				continue;
