@@ -24,6 +24,8 @@ command -v ip >/dev/null || need_apt+=(iproute2)
 command -v strace >/dev/null || need_apt+=(strace)
 [ -x /usr/sbin/sshd ] || need_apt+=(openssh-server)
 command -v ssh >/dev/null || need_apt+=(openssh-client)
+# The walls test preloads jemalloc beside the agent (tests/e2e/test_walls.py).
+[ -f /usr/lib/x86_64-linux-gnu/libjemalloc.so.2 ] || need_apt+=(libjemalloc2)
 # The differential tiers (tests/diff, scripts/difftest): Csmith's generator and the
 # headers its programs include (/usr/include/csmith).
 command -v csmith >/dev/null || need_apt+=(csmith)

@@ -8,7 +8,8 @@ copied code or data is resolved (docs/patch-format.md, "How extract-patch fills 
   lacks (a new static helper, string literals, read-only data such as jump tables, new
   writable variables) → copied into the patch (COPY);
 - a function or variable of the running program (globals by name, statics by name and
-  source file: :meth:`Binary.find_symbol`) → its link-time address (EXE); variables are
+  the unit of the binary the object's source file is: :meth:`Binary.match_source`,
+  :meth:`Binary.find_symbol`) → its link-time address (EXE); variables are
   never copied, so statics keep pointing at the running program's copies;
 - a shared-library symbol → IMPORT (calls through a stub, data through a GOT slot);
 - a thread-local variable → the program's own, never copied, reached as the program's
@@ -126,6 +127,8 @@ class _Search:
         self.bin = binary
         self.group = group
         self.source = member.source
+        # where the binary has this object's statics (a member made without: found now)
+        self.statics = member.statics or binary.match_source(member.obj)
         self.copied: dict[int, SectionKind] = {}  # in discovery order: layout keeps it
         self.worklist: list[int] = []
         self.exe_base: dict[int, int] = {}  # section index -> link-time address of its start
@@ -261,7 +264,7 @@ class _Search:
         orig = self._find_in_binary(fn)
         if orig is not None and orig.type == "FUNC":
             return orig
-        if fn.is_local and not (self.source and self.bin.has_source_file(self.source)):
+        if fn.is_local and not (self.statics and self.bin.has_source_file(self.statics)):
             raise ExtractError(
                 f"{self.obj.path}: {at} reaches static {fn.name}, which shares "
                 f"{sec.name} with the replaced function; {self.bin.path} has no static "
@@ -307,12 +310,12 @@ class _Search:
         base = self._exe_section_base(target_sec, sym, sec, rel)
         if base is not None:
             return _Resolved(Target(TargetKind.EXE, base + value), target_sec.index, value)
-        if target_sec.is_write and self.source and not self.bin.has_source_file(self.source):
+        if target_sec.is_write and self.statics and not self.bin.has_source_file(self.statics):
             # Copying would give the patch a fresh variable instead of the program's.
             raise ExtractError(
                 f"variable in {target_sec.name} is not in {self.bin.path}, which has "
-                f"no static symbols from {os.path.basename(self.source)}: compile the patched "
-                f"file under its original name"
+                f"no static symbols from {os.path.basename(self.statics.name)}: compile the "
+                f"patched file under its original name"
             )
         self.copy(target_sec.index, SectionKind.of(target_sec))
         return named
@@ -420,7 +423,7 @@ class _Search:
             return None
         fn = name[len(ORIGINAL_PREFIX) :]
         # A name of unknown binding: this file's static, else the global.
-        orig = self.bin.find_symbol(fn, self.source, local=None if self.source else False)
+        orig = self.bin.find_symbol(fn, self.statics, local=None if self.statics else False)
         if orig is None or orig.type != "FUNC":
             raise ExtractError(
                 f"{name}: {self.bin.path} has no function {fn!r} (global, or "
@@ -470,11 +473,11 @@ class _Search:
         """Returns the running program's ``sym`` (its own binding, statics of this
         object's file), or for a static variable GCC renumbered (``counter.0``) the only
         ``counter.N`` of the file."""
-        orig = self.bin.find_symbol(sym.name, self.source, local=sym.is_local)
+        orig = self.bin.find_symbol(sym.name, self.statics, local=sym.is_local)
         if (
             orig is not None
             or not sym.is_local
-            or self.source is None
+            or self.statics is None
             or sym.type not in ("OBJECT", "TLS")
         ):
             return orig
@@ -485,7 +488,9 @@ class _Search:
         # numbers may shift between builds, so fall back to the only `counter.*` of the file.
         pat = re.compile(re.escape(m["base"]) + r"\.\d+$")
         cands = [
-            s for s in self.bin.iter_locals(self.source) if s.type == sym.type and pat.match(s.name)
+            s
+            for s in self.bin.iter_locals(self.statics)
+            if s.type == sym.type and pat.match(s.name)
         ]
         if len(cands) > 1:
             raise ExtractError(
