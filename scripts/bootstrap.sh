@@ -24,15 +24,25 @@ command -v ip >/dev/null || need_apt+=(iproute2)
 command -v strace >/dev/null || need_apt+=(strace)
 [ -x /usr/sbin/sshd ] || need_apt+=(openssh-server)
 command -v ssh >/dev/null || need_apt+=(openssh-client)
+# The walls test preloads jemalloc beside the agent (tests/e2e/test_walls.py).
+[ -f /usr/lib/x86_64-linux-gnu/libjemalloc.so.2 ] || need_apt+=(libjemalloc2)
 # The differential tiers (tests/diff, scripts/difftest): Csmith's generator and the
 # headers its programs include (/usr/include/csmith).
 command -v csmith >/dev/null || need_apt+=(csmith)
 [ -f /usr/include/csmith/csmith.h ] || need_apt+=(libcsmith-dev)
-if [ ${#need_apt[@]} -gt 0 ]; then
-	echo "bootstrap: installing ${need_apt[*]} with apt-get"
+# The guest tier (tests/guest, scripts/guest): Debian's QEMU boots the test guest (the
+# project's own QEMU build has no disk or network devices), without its recommended GUI,
+# firmware and tools; the guest's kernel and busybox are fetched by scripts/guest itself.
+need_norec=()
+command -v qemu-system-x86_64 >/dev/null || need_norec+=(qemu-system-x86)
+if [ ${#need_apt[@]} -gt 0 ] || [ ${#need_norec[@]} -gt 0 ]; then
+	echo "bootstrap: installing ${need_apt[*]} ${need_norec[*]} with apt-get"
 	export DEBIAN_FRONTEND=noninteractive
 	apt-get update -qq </dev/null
 	apt-get install -y -qq build-essential "${need_apt[@]}" </dev/null >/dev/null
+	if [ ${#need_norec[@]} -gt 0 ]; then
+		apt-get install -y -qq --no-install-recommends "${need_norec[@]}" </dev/null >/dev/null
+	fi
 fi
 
 # The security tests run programs, this project's commands among them, as an

@@ -37,6 +37,7 @@ def world_dir() -> Iterator[Path]:
 TIERS = (
     "process",
     "qemu",
+    "guest",
     "fuzz",
     "wheel",
     "ansible",

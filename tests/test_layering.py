@@ -178,7 +178,7 @@ def test_corpus_modules_import_downward_only() -> None:
 
 TESTS = ROOT / "tests"
 # Directories of tests/ that are tiers, not rooms (a room's unit tests may share one: reach).
-TIER_DIRS = {"e2e", "qemu", "reach", "ansible", "corpus", "diff", "packaging", "fuzz"}
+TIER_DIRS = {"e2e", "qemu", "guest", "reach", "ansible", "corpus", "diff", "packaging", "fuzz"}
 # Tests of the whole tree, not of one room.
 TOP_LEVEL_TESTS = {"test_layering.py", "test_api_doc.py", "test_suppressions.py"}
 

@@ -2,16 +2,83 @@
 # Builds qemu-system-x86_64 7.2 from Debian's source package with the patchbox flags
 # and the agent linked in, caching source and build between runs.
 #
-#   scripts/qemu/build-qemu.sh            # prints the path of the built binary last
+#   build-qemu.sh                  # prints the path of the built binary last
+#   build-qemu.sh --print-flags    # prints the patchbox used, the flags and the configure
+#                                  # line, and exits: nothing installed, fetched or built
 #
+# The flags and the agent come from `patchbox config --cflags/--libs` of: $PATCHBOX, else
+# `patchbox` on PATH (the installed wheel: docs/qemu.md), else the .venv of the checkout
+# this script lies in (scripts/bootstrap.sh makes it).
 # Cache: $PATCHBOX_QEMU_CACHE (default /var/cache/patchbox/qemu, kept by the machine).
 # A rerun with nothing changed does nothing; a rebuilt agent only relinks QEMU.
 set -euo pipefail
-root=$(cd "$(dirname "$0")/../.." && pwd)
+here=$(cd "$(dirname "$0")" && pwd)
 cache=${PATCHBOX_QEMU_CACHE:-/var/cache/patchbox/qemu}
-export PATH="$root/.venv/bin:$PATH"
 apt_get() { DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 "$@" </dev/null; }
 log() { echo "build-qemu: $*" >&2; }
+die() {
+	log "$*"
+	exit 1
+}
+
+print_flags=0
+case "${1:-}" in
+"") ;;
+--print-flags) print_flags=1 ;;
+*)
+	echo "usage: $0 [--print-flags]" >&2
+	exit 2
+	;;
+esac
+
+# 0. The patchbox command, and what it says: the patchable flags only (QEMU's sources need
+# none of the agent's headers, and an include path into wherever patchbox is installed
+# would tie the cache to that place), and the agent objects its --libs names.
+if [ -n "${PATCHBOX:-}" ]; then
+	patchbox=$PATCHBOX
+elif command -v patchbox >/dev/null; then
+	patchbox=$(command -v patchbox)
+elif [ -x "$here/../../.venv/bin/patchbox" ]; then
+	patchbox=$(cd "$here/../../.venv/bin" && pwd)/patchbox
+else
+	die "no patchbox command: install the patchbox wheel (patchbox on PATH), set PATCHBOX, or run scripts/bootstrap.sh in the checkout"
+fi
+out=$("$patchbox" config --cflags) || die "$patchbox config --cflags failed"
+read -ra words <<<"$out"
+flags=()
+for w in "${words[@]}"; do
+	[[ $w == -I* ]] || flags+=("$w")
+done
+cflags=${flags[*]}
+version=unknown
+dsc=$(ls "$cache"/dl/qemu_7.2*.dsc 2>/dev/null | head -n1) || true
+if [ -f "$cache/src/VERSION" ] && [ -n "$dsc" ]; then
+	version="$(cat "$cache/src/VERSION") ($(basename "$dsc" .dsc))"
+fi
+# Link inputs recorded with QEMU's version and flags and the git revision of the source
+# (a source package has none: "unknown"). The build-info object goes to PATCHBOX_CACHE.
+libs() {
+	local dir=$cache/src
+	[ -d "$dir" ] || dir=.
+	(cd "$dir" && "$patchbox" config --libs --app-version "$version" --app-cflags "$cflags") ||
+		die "$patchbox config --libs failed"
+}
+opts=(--target-list=x86_64-softmmu --without-default-features --without-default-devices
+	--disable-docs --disable-tools --disable-werror --meson="$cache/venv/bin/meson")
+
+if [ "$print_flags" = 1 ]; then
+	ldflags=$(libs)
+	agent=
+	for w in $ldflags; do
+		[[ $w != */libsandbox.o ]] || agent=$(dirname "$w")
+	done
+	echo "patchbox   $patchbox"
+	echo "agent      $agent"
+	echo "cflags     $cflags"
+	echo "ldflags    $ldflags"
+	echo "configure  ../src/configure ${opts[*]} --extra-cflags='$cflags' --extra-ldflags='$ldflags'"
+	exit 0
+fi
 
 # One build at a time per cache (tests and a user may run this concurrently).
 mkdir -p "$cache"
@@ -47,37 +114,44 @@ if [ ! -f "$cache/src/VERSION" ]; then
 fi
 
 # 3. The agent objects and meson live in the cache, at paths that do not depend on where
-# this checkout is: a clone elsewhere (a CI run) reuses the build; a changed agent relinks.
-mkdir -p "$cache/agent"
-agent_dir=$("$root/.venv/bin/python" -c 'from patchbox.config import agent_dir; print(agent_dir())')
+# patchbox is installed: a clone elsewhere (a CI run) reuses the build; a changed agent
+# relinks. The objects are those `patchbox config --libs` names.
+mkdir -p "$cache/agent" "$cache/info"
 relink=0
-for obj in libsandbox.o sandbox-listen.o; do
-	if ! cmp -s "$agent_dir/$obj" "$cache/agent/$obj"; then
-		cp "$agent_dir/$obj" "$cache/agent/$obj.tmp" && mv "$cache/agent/$obj.tmp" "$cache/agent/$obj"
+found=0
+probe=$(mktemp -d)
+trap 'rm -rf "$probe"' EXIT
+for w in $(PATCHBOX_CACHE=$probe libs); do
+	case $w in
+	*/libsandbox.o | */sandbox-listen.o) ;;
+	*) continue ;;
+	esac
+	obj=$(basename "$w")
+	found=$((found + 1))
+	if ! cmp -s "$w" "$cache/agent/$obj"; then
+		cp "$w" "$cache/agent/$obj.tmp" && mv "$cache/agent/$obj.tmp" "$cache/agent/$obj"
 		relink=1
 	fi
 done
+[ "$found" = 2 ] || die "$patchbox config --libs names no libsandbox.o and sandbox-listen.o"
 [ -x "$cache/venv/bin/meson" ] || {
 	python3 -m venv "$cache/venv" &&
 		"$cache/venv/bin/pip" install -q --disable-pip-version-check meson==1.0.1 </dev/null
 }
 
-# 4. Configure once per (flags, script) combination. The flags are the patchable ones
-# only: QEMU's sources need none of the agent's headers.
-cflags=$("$root/.venv/bin/python" -c 'from patchbox.flags import PATCH_CFLAGS; print(" ".join(PATCH_CFLAGS))')
-version="$(cat "$cache/src/VERSION") ($(basename "$(ls "$cache"/dl/qemu_7.2*.dsc | head -n1)" .dsc))"
-stamp=$(printf '%s\n' "$cflags" "$(sha256sum <"$0")" | sha256sum | cut -c1-16)
+# 4. Configure once per configuration: the options and the flags (not this script's
+# text: an edit elsewhere in it does not rebuild QEMU).
+dsc=$(ls "$cache"/dl/qemu_7.2*.dsc | head -n1)
+version="$(cat "$cache/src/VERSION") ($(basename "$dsc" .dsc))"
+stamp=$(printf '%s\n' "${opts[@]}" "$cflags" | sha256sum | cut -c1-16)
 build="$cache/build"
 if [ "$(cat "$build/.patchbox-stamp" 2>/dev/null)" != "$stamp" ]; then
 	log "configuring in $build"
 	rm -rf "$build" && mkdir -p "$build"
-	# Build-info object (version, flags, date) kept in the cache so the link finds it.
-	ldflags=$(cd "$cache/src" && PATCHBOX_CACHE="$cache/info" PATCHBOX_AGENT_DIR="$cache/agent" \
-		patchbox config --libs --app-version "$version" --app-cflags "$cflags")
-	(cd "$build" && ../src/configure --target-list=x86_64-softmmu \
-		--without-default-features --without-default-devices \
-		--disable-docs --disable-tools --disable-werror \
-		--meson="$cache/venv/bin/meson" \
+	# Build-info object (version, flags, date) kept in the cache so the link finds it,
+	# linked with the cache's copies of the agent objects.
+	ldflags=$(PATCHBOX_AGENT_DIR="$cache/agent" PATCHBOX_CACHE="$cache/info" libs)
+	(cd "$build" && ../src/configure "${opts[@]}" \
 		--extra-cflags="$cflags" --extra-ldflags="$ldflags") >"$cache/configure.log" 2>&1 ||
 		{ tail -20 "$cache/configure.log" >&2; exit 1; }
 	echo "$stamp" >"$build/.patchbox-stamp"

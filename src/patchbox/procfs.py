@@ -2,7 +2,8 @@
 
 Every fact patchbox takes from /proc is read here, and every path into a process's view
 (``/proc/PID/root``, ``/proc/PID/fd/N``) is spelled here: a process's status, threads,
-memory map and executable; the ELF objects it maps (by GNU build-id, read through its
+memory map, executable and command line (with the VM name a QEMU's carries,
+:func:`vm_name`); the ELF objects it maps (by GNU build-id, read through its
 mount namespace and cached per file); the Unix sockets of its network namespace
 (``/proc/PID/net/unix``) and which of them it holds (``/proc/PID/fd``); its namespaces;
 and whether the kernel protects it from same-uid tracing (:func:`privileged_reason`).
@@ -48,6 +49,13 @@ __all__ = [
     "task_status",
     "task_syscall",
     "task_comm",
+    "CMDLINE_MAX",
+    "read_cmdline",
+    "split_cmdline",
+    "is_qemu",
+    "iter_qemu_opts",
+    "qemu_guest_name",
+    "vm_name",
     "Mapping",
     "MappedObject",
     "read_maps",
@@ -233,6 +241,122 @@ def task_comm(pid: int, tid: int) -> str:
             return f.read().strip()
     except OSError:
         return ""
+
+
+# -- command line and QEMU's VM name --------------------------------------------------
+
+CMDLINE_MAX = 1 << 20  # bytes of /proc/PID/cmdline read at most (libvirt's QEMU: ~10 KiB)
+
+
+def split_cmdline(data: bytes, complete: bool = True) -> list[bytes]:
+    """Returns the arguments in the bytes of a /proc/PID/cmdline file: NUL-separated, the
+    last one ended by a NUL (or not: a process title rewritten in place). With
+    ``complete`` false the bytes were cut short, and the piece after the last NUL, part
+    of an argument, is left out."""
+    args = data.split(b"\0")
+    last = args.pop()  # b"" after the final NUL
+    if last and complete:
+        args.append(last)
+    return args
+
+
+def read_cmdline(pid: int, limit: int = CMDLINE_MAX) -> list[bytes]:
+    """Returns the arguments of process ``pid`` from /proc/PID/cmdline, of its first
+    ``limit`` bytes (an argument cut there is left out); [] when it cannot be read (gone,
+    a kernel thread, ``hidepid``). They are what the process's memory holds now: a
+    process may rewrite them (a title), so they name, they do not prove."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            data = f.read(limit + 1)
+    except OSError:
+        return []
+    return split_cmdline(data[:limit], complete=len(data) <= limit)
+
+
+def is_qemu(exe: str) -> bool:
+    """Returns whether the program at path ``exe`` is QEMU's system emulator, by its file
+    name: ``qemu-system-ARCH`` (Debian, libvirt's emulator), ``qemu-kvm`` (Red Hat's) or
+    ``kvm``."""
+    name = exe.rsplit("/", 1)[-1]
+    return name.startswith("qemu-system-") or name in ("qemu-kvm", "kvm")
+
+
+def _opt_value(params: bytes, start: int) -> tuple[bytes, int]:
+    """Returns (the value starting at ``start`` with each ``,,`` made ``,``, the index of
+    the ``,`` that ends it or ``len(params)``): QEMU's ``get_opt_value``."""
+    parts: list[bytes] = []
+    p = start
+    while True:
+        comma = params.find(b",", p)
+        if comma < 0:
+            parts.append(params[p:])
+            return b"".join(parts), len(params)
+        if params[comma + 1 : comma + 2] != b",":
+            parts.append(params[p:comma])
+            return b"".join(parts), comma
+        parts.append(params[p : comma + 1])  # ",," is one comma of the value
+        p = comma + 2
+
+
+def iter_qemu_opts(params: bytes, implied: bytes | None = None) -> Iterator[tuple[bytes, bytes]]:
+    """Yields the (key, value) pairs of one QEMU option argument, in order, as QemuOpts
+    reads it (``opts_do_parse`` in util/qemu-option.c): ``key=value`` elements separated
+    by ``,``, a ``,,`` inside a value standing for one comma; the first element without
+    ``=`` is the value of the ``implied`` key (``-name NAME,...``: ``guest``); any other
+    element without ``=`` is a flag, ``KEY`` meaning ``KEY=on`` and ``noKEY`` ``KEY=off``.
+    Linear in the length of ``params``."""
+    first = implied
+    p, n = 0, len(params)
+    while p < n:
+        comma = params.find(b",", p)
+        end = n if comma < 0 else comma
+        eq = params.find(b"=", p, end)  # strcspn(p, "=,"): only up to the next comma
+        if eq >= 0:
+            key = params[p:eq]
+            value, p = _opt_value(params, eq + 1)
+        elif first is not None:
+            key = first
+            value, p = _opt_value(params, p)
+        else:
+            key, p = params[p:end], end
+            key, value = (key[2:], b"off") if key.startswith(b"no") else (key, b"on")
+        first = None
+        yield key, value
+        p += 1  # the "," ending the element (past the end when it was the last)
+
+
+def qemu_guest_name(argv: list[bytes]) -> bytes | None:
+    """Returns the guest name QEMU's arguments ``argv`` (``argv[0]`` the program) set with
+    ``-name`` (or ``--name``): ``NAME``, ``guest=NAME,debug-threads=on`` (libvirt's form),
+    ``NAME,process=...``, commas in it doubled; None when none is set. QEMU merges its
+    ``-name`` options, and the last ``guest`` wins. An argument of another option that
+    is literally ``-name`` is taken for the option (QEMU's table of which options take
+    an argument is not known here)."""
+    name = None
+    i = 1
+    while i < len(argv) - 1:
+        if argv[i] in (b"-name", b"--name"):
+            for key, value in iter_qemu_opts(argv[i + 1], b"guest"):
+                if key == b"guest":
+                    name = value
+            i += 2
+        else:
+            i += 1
+    return name
+
+
+def vm_name(pid: int, exe: str) -> str:
+    """Returns the VM name of process ``pid`` whose executable is ``exe`` (its path, ""
+    when unknown: then ``argv[0]`` is looked at): the guest name of its ``-name`` when it
+    is QEMU (:func:`is_qemu`), "" otherwise or when it has none. Bytes that are not UTF-8
+    come out as ``\\xNN``. /proc/PID/cmdline is read only for a QEMU."""
+    if exe and not is_qemu(exe):
+        return ""
+    argv = read_cmdline(pid)
+    if not argv or not is_qemu(exe or argv[0].decode("utf-8", "replace")):
+        return ""
+    name = qemu_guest_name(argv)
+    return name.decode("utf-8", "backslashreplace") if name is not None else ""
 
 
 # -- memory map and mapped objects ----------------------------------------------------

@@ -13,7 +13,7 @@ from __future__ import annotations
 import io
 import os
 import re
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -219,8 +219,14 @@ def changed_lines(text: str) -> dict[str, set[int]]:
 
 def line_maps(text: str) -> dict[str, FileChange]:
     """Returns {file basename: its change} for the files a diff changes (to map old line
-    numbers to new ones, :meth:`FileChange.new_line`)."""
-    return {os.path.basename(c.name): c for c in parse_diff(text) if c.old is not None}
+    numbers to new ones, :meth:`FileChange.new_line`); files of one basename in several
+    directories (``a/util.c``, ``b/util.c``) by their names as the diff spells them."""
+    changes = [c for c in parse_diff(text) if c.old is not None]
+    count = Counter(os.path.basename(c.name) for c in changes)
+    return {
+        c.name if count[os.path.basename(c.name)] > 1 else os.path.basename(c.name): c
+        for c in changes
+    }
 
 
 def strip_path(name: str, level: int) -> str:

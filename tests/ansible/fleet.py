@@ -243,11 +243,13 @@ class HostTarget:
     pid: int = 0  # its pid on the host
     proc: subprocess.Popen[str] | None = field(default=None, repr=False)
     env: dict[str, str] = field(default_factory=dict)  # added to the environment
+    args: list[str] = field(default_factory=list)  # its arguments (the program ignores them)
 
     def start(self, agent: bool = True) -> HostTarget:
         """Returns self once the process answers and (``agent``) its agent listens."""
+        ns = ["nsenter", "-t", str(self.host.init_pid), "-p", "-m", "-n", "--"]
         self.proc = subprocess.Popen(
-            ["nsenter", "-t", str(self.host.init_pid), "-p", "-m", "-n", "--", str(self.exe)],
+            [*ns, str(self.exe), *self.args],
             env={**os.environ, **self.env},
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,

@@ -130,6 +130,45 @@ def test_pids_narrow_to_those_processes(
     assert by_pid(back["h1"])[other.pid]["result"] == "skipped"
 
 
+def test_vms_narrow_to_those_qemus(
+    fleet: Controller, program: Build, targets: dict[str, list[HostTarget]], tmp_path: Path
+) -> None:
+    """Two QEMUs on h1 (the program under QEMU's name, started with -name as libvirt
+    starts QEMU): `vms` narrows `patch` and `patch_info` to the QEMU of that VM; `absent`
+    narrowed so leaves the store alone; the other processes of the build are not
+    touched."""
+    put_patch(fleet, program["patch"])
+    h1 = fleet.fleet.host("h1")
+    copy = tmp_path / "qemu-system-x86_64"
+    shutil.copy2(program["exe"], copy)  # the same build
+    qemu = fleet.fleet.install_app(copy)
+    vm1 = HostTarget(h1, qemu, args=["-name", "guest=vm1,debug-threads=on"]).start()
+    vm2 = HostTarget(h1, qemu, args=["-name", "guest=vm2,debug-threads=on"]).start()
+    try:
+        args = {"src": REMOTE_PATCH, "state": "installed", "vms": ["vm1"]}
+        r = fleet.adhoc("h1", "patchbox.live.patch", args)
+        assert r.rc == 0, r.output
+        rows = [(p["pid"], p["result"], p["vm"]) for p in r["h1"]["processes"]]
+        assert rows == [(vm1.pid, "applied", "vm1")] and r["h1"]["targets"] == [vm1.pid]
+        assert vm1.call("use_helper", 4) == AFTER and vm2.call("use_helper", 4) == BEFORE
+        assert [t.call("use_helper", 4) for t in targets["h1"]] == [BEFORE, BEFORE]
+
+        info = fleet.adhoc("h1", "patchbox.live.patch_info", {"vms": ["vm2", "vm1"]})
+        assert info.rc == 0, info.output
+        listed = {p["pid"]: (p["vm"], p["patches"]) for p in info["h1"]["processes"]}
+        assert listed == {vm1.pid: ("vm1", ["helper"]), vm2.pid: ("vm2", [])}
+
+        args = {"src": REMOTE_PATCH, "state": "absent", "vms": ["vm1"]}
+        gone = fleet.adhoc("h1", "patchbox.live.patch", args)
+        assert gone.rc == 0, gone.output
+        assert [(p["pid"], p["result"]) for p in gone["h1"]["processes"]] == [(vm1.pid, "removed")]
+        assert gone["h1"]["store"] is None and list(h1.store.iterdir()) != []
+        assert vm1.call("use_helper", 4) == BEFORE
+    finally:
+        vm1.stop()
+        vm2.stop()
+
+
 def test_failure_carries_the_agents_reason(
     fleet: Controller, builds: Build, targets: dict[str, list[HostTarget]]
 ) -> None:

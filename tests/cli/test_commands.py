@@ -14,6 +14,7 @@ from click.testing import CliRunner, Result
 from helpers import BUILD_ID, ROOT, make_patch
 from patchbox import config
 from patchbox.cli.main import cli
+from patchbox.cli.render import printable
 from patchbox.flags import LINK_FLAGS, PATCH_CFLAGS
 from patchbox.format.layout import save_patch
 
@@ -157,10 +158,22 @@ def test_pid_without_agent() -> None:
         ["debug", "-p", "1", "maybe"],
         ["config"],
         ["config", "--cflags", "--preload"],
+        ["remove", "--vm", "vm1", "fix"],  # --vm narrows --all
+        ["remove", "-p", "1", "--all", "--vm", "vm1", "fix"],
     ],
 )
 def test_usage_errors_exit_2(args: list[str]) -> None:
     assert run(*args).exit_code == 2
+
+
+def test_vm_goes_with_all(patch_file: Path) -> None:
+    result = run("apply", "-p", "1", "--vm", "vm1", str(patch_file))
+    assert result.exit_code == 2 and "--vm" in result.stderr
+
+
+def test_names_from_processes_are_printed_escaped() -> None:
+    assert printable("web-01 é") == "web-01 é"
+    assert printable("a\x1b[2Jb\nc\x00") == "a\\x1b[2Jb\\nc\\x00"
 
 
 def test_version() -> None:

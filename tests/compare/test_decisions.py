@@ -594,6 +594,48 @@ def test_static_folded_in_both_objects_refused_from_the_source(tmp_path: Path) -
     assert file_statics(src) == {"mode"}
 
 
+def test_folded_static_refused_in_its_own_file_of_a_shared_name(tmp_path: Path) -> None:
+    """The diff removes the store in a/util.c and changes b/util.c too: the refusal is
+    a/util.c's object's (its compile unit's path), not b/util.c's, which has no such
+    static either."""
+    src = {
+        "a": (
+            "static int mode = 7;\n"
+            "static void set_mode(void) { mode = 1; }\n"
+            "int run(void) { set_mode(); return mode; }\n"
+        ),
+        "b": "int other(int x) { return x + 1; }\n",
+    }
+    fixed = {"a": src["a"].replace("mode = 1;", ""), "b": src["b"].replace("+ 1", "+ 2")}
+    diffs = []
+    for d in ("a", "b"):
+        objs = []
+        for side, text in (("orig", src[d]), ("new", fixed[d])):
+            (tmp_path / side / d).mkdir(parents=True)
+            (tmp_path / side / d / "util.c").write_text(text)
+            flags = ["-O2", "-g", "-fPIE", *PATCH_CFLAGS]
+            subprocess.run(
+                ["gcc", *flags, "-c", f"{d}/util.c", "-o", f"{d}/util.o"],
+                cwd=tmp_path / side,
+                check=True,
+            )
+            objs.append(tmp_path / side / d / "util.o")
+        diffs.append(compare_objects(objs[0], objs[1], rel=f"{d}/util.o"))
+    diff = "".join(
+        "".join(
+            difflib.unified_diff(
+                src[d].splitlines(True), fixed[d].splitlines(True), f"a/{d}/util.c", f"b/{d}/util.c"
+            )
+        )
+        for d in ("a", "b")
+    )
+    da, db = refuse_folded_statics(
+        diffs, parse_diff(diff), lambda change: src[(change.old or "")[2]]
+    )
+    assert [r.split(":")[0] for r in da.refusals] == ["mode"], da.refusals
+    assert db.refusals == []
+
+
 def test_static_written_through_a_pointer_and_folded_refused(tmp_path: Path) -> None:
     """Csmith seed 1114 itself: the store goes through a pointer to the static, so the
     diff's removed line does not name it; the source takes its address."""

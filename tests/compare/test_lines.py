@@ -5,10 +5,12 @@ changed immediate that is not the moved line stays a change."""
 from __future__ import annotations
 
 import difflib
+import subprocess
 from pathlib import Path
 
 from helpers import compile_c
 from patchbox.compare.objects import compare_objects
+from patchbox.flags import PATCH_CFLAGS
 from patchbox.profiles import GENERIC
 from patchbox.sourcediff import line_maps
 
@@ -178,3 +180,55 @@ def test_renumbered_func_strings_pair_by_content(tmp_path: Path) -> None:
     changed = [x for x in d.decisions if "read-only static data changed" in x.reason]
     assert changed == [], [(x.symbol, x.reason) for x in changed]
     assert any(x.symbol == "early" and x.verdict == "carried" for x in d.decisions)
+
+
+def test_files_of_one_name_each_get_their_own_line_map(tmp_path: Path) -> None:
+    """A diff changing ``a/util.c`` and ``b/util.c``: each object is checked against its
+    own file's line shifts (told by its compile unit's path), not the other's."""
+    fixes = {"a": FIX, "b": SERVER.replace("return v + 1;", "return v + 2;")}
+    objs: dict[str, dict[str, Path]] = {}
+    for side in ("orig", "new"):
+        root = tmp_path / side
+        for d in ("a", "b"):
+            (root / d).mkdir(parents=True)
+            (root / d / "util.c").write_text(fixes[d] if side == "new" else SERVER)
+            subprocess.run(
+                [
+                    "gcc",
+                    "-O2",
+                    "-g",
+                    "-fPIE",
+                    *PATCH_CFLAGS,
+                    "-c",
+                    f"{d}/util.c",
+                    "-o",
+                    f"{d}/util.o",
+                ],
+                cwd=root,
+                check=True,
+            )
+            objs.setdefault(d, {})[side] = root / d / "util.o"
+    diff = "".join(
+        "".join(
+            difflib.unified_diff(
+                SERVER.splitlines(True), fixes[d].splitlines(True), f"a/{d}/util.c", f"b/{d}/util.c"
+            )
+        )
+        for d in ("a", "b")
+    )
+    lines = line_maps(diff)
+    assert sorted(lines) == ["b/a/util.c", "b/b/util.c"]
+    got = {
+        d: {
+            x.symbol: x.verdict
+            for x in compare_objects(
+                objs[d]["orig"], objs[d]["new"], GENERIC.reporters, lines=lines
+            ).decisions
+        }
+        for d in ("a", "b")
+    }
+    # a/util.c: parse changed, the inlined assert only moved down 4 lines
+    assert got["a"].get("parse") == "in"
+    assert got["a"].get("caller_a", "out") == "out" and got["a"].get("caller_b", "out") == "out"
+    # b/util.c: checked's result changed, so its callers did; parse did not
+    assert "parse" not in got["b"] and got["b"]["caller_a"] == "in"

@@ -364,24 +364,6 @@ def test_gotpcrel_references_get_slots(prog: tuple[Path, Path], tmp_path: Path) 
 # -- refusals ----------------------------------------------------------------------------
 
 
-def test_tls_variable_is_refused_by_name(tmp_path: Path) -> None:
-    src = (
-        "__thread int tls_var;\n__attribute__((noipa)) int f(void) { return tls_var; }\n"
-        "int main(void) { return f(); }\n"
-    )
-    (tmp_path / "new").mkdir()
-    exe = compile_c(src, tmp_path / "t")
-    obj = compile_c(
-        src.replace("return tls_var;", "return tls_var + 1;"), tmp_path / "new" / "t.o", obj=True
-    )
-    with pytest.raises(
-        UnsupportedRelocation,
-        match=r"unsupported relocation R_X86_64_TPOFF32 in \.text\.f\+0x[0-9a-f]+ "
-        r"against 'tls_var'",
-    ):
-        extract_patch(obj, exe, ["f"])
-
-
 def test_replacement_without_patchable_entry_is_accepted(
     prog: tuple[Path, Path], tmp_path: Path
 ) -> None:

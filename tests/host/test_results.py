@@ -20,6 +20,7 @@ def test_json_strings_are_unchanged() -> None:
         "reason": "",
         "exe": "/bin/x",
         "build_id": "",
+        "vm": "",
     }
     assert f"{Result.UNREACHABLE:<12}|" == "unreachable |"  # as `apply --all` prints it
 

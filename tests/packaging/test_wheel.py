@@ -158,6 +158,52 @@ def test_program_built_with_pkg_config_is_patchable(installed: Installed, tmp_pa
         proc.wait()
 
 
+def test_qemu_recipe_takes_the_installed_patchbox(installed: Installed, tmp_path: Path) -> None:
+    """scripts/qemu/build-qemu.sh copied out of the checkout (no .venv beside it) and run
+    with only the virtualenv's bin and the system's on PATH resolves its flags and agent
+    through the installed `patchbox config` (--print-flags: nothing is fetched or built);
+    with no patchbox at all it says how to get one."""
+    script = tmp_path / "build-qemu.sh"
+    shutil.copy(ROOT / "scripts" / "qemu" / "build-qemu.sh", script)
+    env = {
+        "PATH": f"{installed.venv / 'bin'}:/usr/bin:/bin",
+        "HOME": str(tmp_path),
+        "PATCHBOX_QEMU_CACHE": str(tmp_path / "qemu-cache"),
+        "PATCHBOX_CACHE": str(tmp_path / "patchbox-cache"),
+    }
+
+    def recipe(path: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["/bin/bash", str(script), "--print-flags"],
+            env={**env, "PATH": path},
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            stdin=subprocess.DEVNULL,
+            timeout=120,
+            check=False,
+        )
+
+    proc = recipe(env["PATH"])
+    assert proc.returncode == 0, proc.stderr
+    said = dict(line.split(None, 1) for line in proc.stdout.splitlines())
+    assert said["patchbox"] == installed.bin("patchbox")
+    agent = installed.run(
+        installed.bin("python"), "-c", "import patchbox.config as c; print(c.agent_dir())"
+    ).stdout.strip()
+    assert said["agent"] == agent and agent.startswith(str(installed.venv))
+    cflags = installed.run(installed.bin("patchbox"), "config", "--cflags").stdout.split()
+    assert said["cflags"].split() == [f for f in cflags if not f.startswith("-I")]
+    for obj in ("libsandbox.o", "sandbox-listen.o"):
+        assert f"{agent}/{obj}" in said["ldflags"].split()
+    assert f"--extra-cflags='{said['cflags']}'" in said["configure"]
+    assert f"--extra-ldflags='{said['ldflags']}'" in said["configure"]
+    assert str(ROOT) not in proc.stdout, "the recipe must not reach into the checkout"
+    assert not (tmp_path / "qemu-cache").exists(), "--print-flags fetched or built something"
+    missing = recipe("/usr/bin:/bin")
+    assert missing.returncode == 1 and "no patchbox command" in missing.stderr, missing.stderr
+
+
 def test_process_tier_through_the_installed_commands(installed: Installed) -> None:
     """The real-process tests, run by the virtualenv's Python: `patchbox`, `extract-patch`
     and the agent objects are the wheel's (tests/helpers.py takes them from the running

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -9,13 +10,15 @@ from pathlib import Path
 import pytest
 from qemuutil import Qemu
 
-from helpers import ROOT
+from helpers import BIN, ROOT
 
 
 @pytest.fixture(scope="session")
 def qemu_exe() -> Path:
     proc = subprocess.run(
         [str(ROOT / "scripts" / "qemu" / "build-qemu.sh")],
+        # The patchbox under test, not another one on PATH.
+        env={**os.environ, "PATCHBOX": str(BIN / "patchbox")},
         capture_output=True,
         text=True,
         timeout=3600,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from qmp import QMP
@@ -38,13 +39,15 @@ def fixed_patch(
 
 
 class Qemu:
-    """``qemu-system-x86_64 -machine none`` with two QMP sockets (load, control)."""
+    """``qemu-system-x86_64 -machine none`` with two QMP sockets (load, control), and
+    ``args`` before them."""
 
-    def __init__(self, exe: Path, tmp: Path) -> None:
+    def __init__(self, exe: Path, tmp: Path, args: Sequence[str] = ()) -> None:
         self.load_sock, self.ctl_sock = tmp / "qmp-load.sock", tmp / "qmp-ctl.sock"
         self.proc = subprocess.Popen(
             [
                 str(exe),
+                *args,
                 "-machine",
                 "none",
                 "-display",

@@ -11,7 +11,10 @@ import sys
 from pathlib import Path
 
 from patchbox.compare.objects import compare_trees
+from patchbox.elf.binary import Binary
+from patchbox.elf.fastread import load_object
 from patchbox.flags import LINK_FLAGS, PATCH_CFLAGS
+from patchbox.format.layout import load_patch
 from patchbox.profiles import get_profile
 from patchbox.rebuild.incremental import IncrementalBuild, Remap
 
@@ -169,3 +172,75 @@ def test_source_change_cli(tmp_path: Path) -> None:
     assert "in       function a_fn" in proc.stdout
     assert "b_fn" not in proc.stdout
     assert out.is_file()
+
+
+VDPA = """\
+#include "vdpa.h"
+static int state;
+__attribute__((noinline)) static int vhost_vdpa_cleanup(int x)
+{{
+    __asm__ volatile("");
+    state += STEP;
+    return x + state;
+}}
+int {prefix}_vdpa(int x) {{ return vhost_vdpa_cleanup(x); }}
+"""
+
+
+def test_same_named_sources_of_a_build_dir(tmp_path: Path) -> None:
+    """QEMU's net/vhost-vdpa.c and hw/virtio/vhost-vdpa.c in miniature (issue 21): both
+    define a static vhost_vdpa_cleanup, ``.symtab`` names both files vdpa.c, and a header
+    change recompiles both. Each replaces its own (told by its compile unit's path)."""
+    src, build = tmp_path / "src", tmp_path / "build"
+    files = {"net/vdpa.c": "net", "hw/virtio/vdpa.c": "hw"}
+    (src / "inc").mkdir(parents=True)
+    (src / "inc" / "vdpa.h").write_text("#define STEP 3\n")
+    (src / "main.c").write_text(
+        "int net_vdpa(int); int hw_vdpa(int);\n"
+        "int main(int argc, char **argv) { (void)argv; return net_vdpa(argc) + hw_vdpa(1); }\n"
+    )
+    (build / "prog.p").mkdir(parents=True)
+    entries = []
+    for rel in [*files, "main.c"]:
+        if rel in files:
+            (src / rel).parent.mkdir(parents=True, exist_ok=True)
+            (src / rel).write_text(VDPA.format(prefix=files[rel]))
+        out = f"prog.p/{rel.replace('/', '_')}.o"
+        cmd = (
+            f"gcc -O2 -g -I../src/inc {' '.join(PATCH_CFLAGS)} -fPIE -MD -MQ {out} -MF {out}.d "
+            f"-o {out} -c ../src/{rel}"
+        )
+        subprocess.run(shlex.split(cmd), cwd=build, check=True)
+        entries.append({"directory": str(build), "command": cmd, "file": f"../src/{rel}"})
+        entries[-1]["output"] = out
+    (build / "compile_commands.json").write_text(json.dumps(entries))
+    objs = [e["output"] for e in entries]
+    subprocess.run(["gcc", "-pie", *objs, "-o", "prog", *LINK_FLAGS], cwd=build, check=True)
+    diff = tmp_path / "fix.patch"
+    diff.write_text(diff_of(src, "inc/vdpa.h", "#define STEP 3", "#define STEP 4"))
+    pbx = tmp_path / "fix.pbx"
+    proc = subprocess.run(
+        [
+            *(str(Path(sys.executable).parent / "patchbox"), "build", "--source", str(src)),
+            *("--diff", str(diff), "--binary", str(build / "prog"), "--build-dir", str(build)),
+            *("--explain", "-o", str(pbx)),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "2 object(s) of" in proc.stdout
+    patch = load_patch(pbx)
+    with Binary(build / "prog") as b:
+        want = {}
+        for rel, prefix in files.items():
+            obj = load_object(build / f"prog.p/{rel.replace('/', '_')}.o")
+            match = b.match_source(obj)
+            assert match is not None and match.how == "dwarf", match
+            sym = b.find_symbol("vhost_vdpa_cleanup", match, local=True)
+            assert sym is not None
+            want[prefix] = sym.address
+    assert len(set(want.values())) == 2
+    assert sorted(f.target for f in patch.functions) == sorted(want.values())
+    assert {f.symbol for f in patch.functions} == {"vhost_vdpa_cleanup"}

@@ -61,9 +61,16 @@ def require_patchbox(module):
         )
 
 
-def entry(pid, result, reason="", exe="", build_id=""):
+def entry(pid, result, reason="", *, exe="", build_id="", vm=""):
     """Returns one element of the ``processes`` list."""
-    return {"pid": pid, "result": result, "reason": reason, "exe": exe, "build_id": build_id}
+    return {
+        "pid": pid,
+        "result": result,
+        "reason": reason,
+        "exe": exe,
+        "build_id": build_id,
+        "vm": vm,
+    }
 
 
 def failure_message(processes):
@@ -89,8 +96,8 @@ def summary(processes):
     return counts
 
 
-def _rows(pids, timeout):
-    rows = list_processes(timeout=timeout)
+def _rows(pids, vms, timeout):
+    rows = list_processes(timeout=timeout, vms=vms)
     return [r for r in rows if pids is None or r.pid in pids]
 
 
@@ -146,6 +153,7 @@ def run_patch(params, check_mode):
     changed if the patch file, its signature or the store is refused."""
     state = params["state"]
     pids = set(params["pids"]) if params["pids"] is not None else None
+    vms = set(params["vms"]) if params["vms"] is not None else None
     timeout = params["timeout"]
     root = store.store_root(params["store"])
     pf = read_patch_file(params["src"]) if params["src"] else None
@@ -162,11 +170,13 @@ def run_patch(params, check_mode):
 
     if state == "absent":
         outcomes = remove_all(
-            name, build_id=build_id, pids=pids, timeout=timeout, dry_run=check_mode
+            name, build_id=build_id, pids=pids, vms=vms, timeout=timeout, dry_run=check_mode
         )
         processes = [o.to_json() for o in outcomes]
         uninstall = params.get("uninstall")
-        if uninstall if uninstall is not None else pids is None:
+        # Narrowed to some processes, the run leaves the store (every process started
+        # later) alone unless told otherwise.
+        if uninstall if uninstall is not None else pids is None and vms is None:
             gone = ensure_uninstalled(name, build_id, root, check_mode)
             result["store"] = {"path": str(root), "changed": bool(gone), "removed": gone}
             result["changed"] = bool(gone)
@@ -185,7 +195,12 @@ def run_patch(params, check_mode):
             }
             result["changed"] = changed
         outcomes = apply_all(
-            pf, pids=pids, rollback=params["rollback"], timeout=timeout, dry_run=check_mode
+            pf,
+            pids=pids,
+            vms=vms,
+            rollback=params["rollback"],
+            timeout=timeout,
+            dry_run=check_mode,
         )
         processes = [o.to_json() for o in outcomes]
         # The processes of the patch's build that have it now (or would have): what a
@@ -210,6 +225,7 @@ def run_info(params):
     """Returns the result of the ``patch_info`` module: every agent of the host (as
     ``patchbox ps --json`` lists them) and the store's patches."""
     pids = set(params["pids"]) if params["pids"] is not None else None
+    vms = set(params["vms"]) if params["vms"] is not None else None
     root = store.store_root(params["store"])
-    processes = [r.to_json() for r in _rows(pids, params["timeout"])]
+    processes = [r.to_json() for r in _rows(pids, vms, params["timeout"])]
     return {"processes": processes, "installed": store_entries(root), "store": str(root)}

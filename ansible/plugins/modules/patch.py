@@ -50,8 +50,8 @@ options:
   state:
     description:
       - V(present) applies the patch to every running process whose build-id matches.
-      - V(absent) removes it from every process that has it and, unless O(pids) is given,
-        from the store.
+      - V(absent) removes it from every process that has it and, unless O(pids) or O(vms)
+        is given, from the store.
       - V(installed) puts it into the store (every process of its build started later
         applies it) and applies it to the running processes, as V(present) does.
     type: str
@@ -63,14 +63,15 @@ options:
         and not listed.
       - With O(state=absent) the store is then left alone (unless O(uninstall)); with
         O(state=installed) it is written all the same (it concerns the processes started
-        later).
+        later). The same holds for O(vms).
     type: list
     elements: int
   uninstall:
     description:
       - With O(state=absent), whether to take the patch out of the store too.
-      - By default, when O(pids) is not given. The rollout's rollback sets it to whether its
-        own run made the store entry, so that an entry that was there before stays.
+      - By default, when neither O(pids) nor O(vms) is given. The rollout's rollback sets
+        it to whether its own run made the store entry, so that an entry that was there
+        before stays.
     type: bool
   rollback:
     description:
@@ -122,6 +123,11 @@ EXAMPLES = r"""
     pids: [4711, 4712]
     rollback: true
 
+- name: Apply it to the QEMUs of two VMs (libvirt's domain names)
+  patchbox.live.patch:
+    src: /var/lib/patchbox-staging/cve-2026-1234.pbx
+    vms: [web-01, db-02]
+
 - name: Take it out of every process and out of the store
   patchbox.live.patch:
     name: cve-2026-1234
@@ -163,12 +169,19 @@ processes:
       description: The build-id of the executable (hex).
       type: str
       sample: 3f2a9c0d5e6b7a8190a1b2c3d4e5f60718293a4b
+    vm:
+      description:
+        - The VM name of a QEMU process (its C(-name guest=NAME)); empty for other
+          processes.
+      type: str
+      sample: web-01
   sample:
     - pid: 4711
       result: applied
       reason: ""
-      exe: /usr/sbin/server
+      exe: /usr/bin/qemu-system-x86_64
       build_id: 3f2a9c0d5e6b7a8190a1b2c3d4e5f60718293a4b
+      vm: web-01
 patch:
   description: The patch the run was about.
   returned: always
@@ -238,6 +251,7 @@ def main():
             name=dict(type="str"),
             state=dict(type="str", default="present", choices=["present", "absent", "installed"]),
             pids=dict(type="list", elements="int"),
+            vms=dict(type="list", elements="str"),
             rollback=dict(type="bool", default=False),
             uninstall=dict(type="bool"),
             store=dict(type="path"),

@@ -51,6 +51,10 @@ EXAMPLES = r"""
 - name: Read the patch levels
   patchbox.live.patch_info:
 
+- name: Read the patch level of one VM's QEMU
+  patchbox.live.patch_info:
+    vms: [web-01]
+
 - name: Every process of the fixed build has the fix
   ansible.builtin.assert:
     that:
@@ -82,6 +86,12 @@ processes:
       description: The build-id of the executable (hex).
       type: str
       sample: 3f2a9c0d5e6b7a8190a1b2c3d4e5f60718293a4b
+    vm:
+      description:
+        - The VM name of a QEMU process (its C(-name guest=NAME)); empty for other
+          processes.
+      type: str
+      sample: web-01
     patches:
       description: Names of the patches applied in the process, in the order applied.
       type: list
@@ -160,6 +170,7 @@ def main():
     module = AnsibleModule(
         argument_spec=dict(
             pids=dict(type="list", elements="int"),
+            vms=dict(type="list", elements="str"),
             store=dict(type="path"),
             timeout=dict(type="float", default=10.0),
         ),

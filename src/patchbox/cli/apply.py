@@ -53,6 +53,7 @@ def apply_command(
     every: bool,
     exe: str | None,
     build_id: str | None,
+    vms: tuple[str, ...],
     rollback: bool,
     attach: bool,
     include_privileged: bool,
@@ -65,10 +66,10 @@ def apply_command(
     # One read: the bytes checked (hash, signature) are the bytes sent.
     pf = read_patch_file(file)
     signing.check_trust(pf.data, file, signing.trust_dir(trust_dir))
-    if every or exe or build_id or rollback:
+    if every or exe or build_id or vms or rollback:
         if not every or pid is not None or socket_path is not None:
             raise click.UsageError(
-                "--exe, --build-id and --rollback-on-failure go with --all, "
+                "--exe, --build-id, --vm and --rollback-on-failure go with --all, "
                 "which excludes -p and -s"
             )
         timeout = click.get_current_context().find_root().params.get("timeout") or 10.0
@@ -77,6 +78,7 @@ def apply_command(
                 pf,
                 exe=exe,
                 build_id=build_id,
+                vms=vms or None,
                 rollback=rollback,
                 timeout=timeout,
                 attach=attach,

@@ -14,6 +14,8 @@ __all__ = [
     "target_options",
     "json_option",
     "trust_dir_option",
+    "VM_HELP",
+    "vm_option",
     "open_client",
     "client_pid",
     "emit_json",
@@ -60,6 +62,19 @@ def trust_dir_option(func: F) -> F:
         help="Directory of trusted public keys (*.pub) [$PATCHBOX_TRUST_DIR, default "
         f"{DEFAULT_TRUST_DIR}]; when it exists, only patches signed by one "
         "of them are accepted.",
+    )(func)
+
+
+VM_HELP = (
+    "only the QEMU processes whose VM name (-name guest=NAME, as libvirt starts them) is "
+    "NAME; repeat for several."
+)
+
+
+def vm_option(func: F) -> F:
+    """Adds ``--vm NAME`` (repeatable): only QEMU processes of those VM names."""
+    return click.option(
+        "--vm", "vms", metavar="NAME", multiple=True, help=VM_HELP[0].upper() + VM_HELP[1:]
     )(func)
 
 

@@ -1,5 +1,5 @@
 """Options and output shared by the host-wide commands (`apply --all`, `remove --all`,
-`install --apply`): narrowing by executable or build-id, one line (or JSON object) per
+`install --apply`): narrowing by executable, build-id or VM name, one line (or JSON object) per
 process, and the exit status rule of :func:`patchbox.host.ops.exit_status`."""
 
 from __future__ import annotations
@@ -9,7 +9,8 @@ from typing import Any, TypeVar
 
 import click
 
-from patchbox.cli.common import emit_json
+from patchbox.cli.common import VM_HELP, emit_json
+from patchbox.cli.render import printable
 from patchbox.host.ops import Outcome, exit_status
 
 __all__ = ["all_options", "report"]
@@ -18,7 +19,10 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def all_options(func: F) -> F:
-    """Adds ``--all``, ``--exe PATH`` and ``--build-id ID``."""
+    """Adds ``--all``, ``--exe PATH``, ``--build-id ID`` and ``--vm NAME``."""
+    func = click.option(
+        "--vm", "vms", metavar="NAME", multiple=True, help=f"With --all: {VM_HELP}"
+    )(func)
     func = click.option(
         "--build-id", "build_id", metavar="ID", help="With --all: only processes of this build-id."
     )(func)
@@ -46,8 +50,9 @@ def report(outcomes: list[Outcome], as_json: bool, what: str) -> None:
         emit_json([o.to_json() for o in outcomes])
     else:
         for o in outcomes:
+            vm = f" (vm {printable(o.vm)})" if o.vm else ""
             tail = f": {o.reason}" if o.reason else ""
-            click.echo(f"pid {o.pid:<8} {o.result:<8} {o.exe}{tail}")
+            click.echo(f"pid {o.pid:<8} {o.result:<8} {o.exe}{vm}{tail}")
         counts: dict[str, int] = {}
         for o in outcomes:
             counts[o.result] = counts.get(o.result, 0) + 1

@@ -25,17 +25,19 @@ def remove_command(
     every: bool,
     exe: str | None,
     build_id: str | None,
+    vms: tuple[str, ...],
     name: str,
 ) -> None:
     """Remove the applied patch NAME (patches stacked on it must be removed first) from
     one process (-p/-s) or from every process that has it (--all)."""
-    if every or exe or build_id:
+    if every or exe or build_id or vms:
         if not every or pid is not None or socket_path is not None:
-            raise click.UsageError("--exe and --build-id go with --all, which excludes -p and -s")
+            raise click.UsageError(
+                "--exe, --build-id and --vm go with --all, which excludes -p and -s"
+            )
         timeout = click.get_current_context().find_root().params.get("timeout") or 10.0
-        report(
-            remove_all(name, exe=exe, build_id=build_id, timeout=timeout), as_json, f"remove {name}"
-        )
+        outcomes = remove_all(name, exe=exe, build_id=build_id, vms=vms or None, timeout=timeout)
+        report(outcomes, as_json, f"remove {name}")
         return
     with open_client(pid, socket_path) as client:
         target = client_pid(client)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["error_line", "info_lines", "json_text"]
+__all__ = ["error_line", "info_lines", "json_text", "printable"]
 
 
 def error_line(err: BaseException) -> str:
@@ -26,3 +26,12 @@ def json_text(value: Any) -> str:
     import json  # only for --json: a plain `patchbox info` does not pay for it
 
     return json.dumps(value, indent=2, sort_keys=False)
+
+
+def printable(text: str) -> str:
+    """Returns ``text`` with every character that is not printable (control characters,
+    escape sequences' ESC, line breaks) written as a Python escape: a name read from a
+    process's memory (a VM name) is shown, it does not drive the terminal."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)

@@ -51,7 +51,8 @@ from patchbox.compare.model import (
     Verdict,
 )
 from patchbox.compare.types import layout_changes, read_layouts
-from patchbox.elf.binary import Binary
+from patchbox.elf import dwarf
+from patchbox.elf.binary import Binary, SourceMatch
 from patchbox.elf.fastread import load_object
 from patchbox.elf.objfile import ObjectFile, ObjSymbol, Relocation, Section
 from patchbox.elf.reloc import get_reloc
@@ -321,7 +322,7 @@ def compare_objects(
     source = os.path.basename(patched.source_file) if patched.source_file else None
     line_map = None
     if lines is not None:
-        line_map = lines.get(source or "", FileChange(None, None))
+        line_map = _line_map(lines, source, patched.path)
     cmp = _Comparison(old, new, LineCheck(reporters, source, line_map))
     for s in syms:
         cmp.symbol(s, pairs.get(s.index))
@@ -686,7 +687,7 @@ def refuse_folded_statics(
     for change in changes:
         if change.old is None:
             continue
-        targets = by_source.get(os.path.basename(change.old), [])
+        targets = _of_file(diffs, by_source.get(os.path.basename(change.old), []), change.old)
         text = read_original(change) if targets else None
         if not text:
             continue
@@ -752,6 +753,48 @@ def compare_trees(
     return diffs, same
 
 
+def _line_map(lines: dict[str, FileChange], source: str | None, obj: Path) -> FileChange:
+    """Returns the change of the object's source file in ``lines``
+    (:func:`patchbox.sourcediff.line_maps`): by basename, or, where the diff changes
+    several files of that name, the one whose path ends like the object's compile unit
+    (DWARF). A file the diff does not change, or one that cannot be told, keeps its line
+    numbers (a moved ``__LINE__`` there is a change)."""
+    if source is None:
+        return FileChange(None, None)
+    if source in lines:
+        return lines[source]
+    same = {name: c for name, c in lines.items() if os.path.basename(name) == source}
+    try:
+        path = dwarf.object_source_path(obj) if same else None
+    except ElfError:
+        path = None
+    if path is None:
+        return FileChange(None, None)
+    tails = {name: dwarf.path_tail(name, path) for name in same}
+    best = max(tails.values())
+    winners = [name for name, n in tails.items() if n == best]
+    return same[winners[0]] if best > 1 and len(winners) == 1 else FileChange(None, None)
+
+
+def _of_file(diffs: Sequence[ObjectDiff], targets: list[int], name: str) -> list[int]:
+    """Returns those of ``targets`` (indexes into ``diffs``, objects of one source file
+    basename) compiled from diff file ``name``: where there are several, the ones whose
+    compile unit's path (DWARF) ends most like it, if that says more than the basename,
+    and those without debug info; else all of them."""
+    if len(targets) <= 1:
+        return targets
+    tails: dict[int, int] = {}
+    for i in targets:
+        try:
+            path = dwarf.object_source_path(diffs[i].patched)
+        except ElfError:
+            path = None
+        if path is not None:
+            tails[i] = dwarf.path_tail(name, path)
+    best = max(tails.values(), default=0)
+    return [i for i in targets if tails.get(i, best) == best] if best > 1 else targets
+
+
 def _source_of(path: Path) -> str | None:
     """Returns the basename of an object's source file (its first STT_FILE), or None."""
     src = load_object(path).source_file
@@ -762,7 +805,12 @@ def other_programs(objects: dict[str, Path], binary: Binary) -> set[str]:
     """Returns the keys of ``objects`` that belong to another program of the tree although
     their source file is linked into ``binary``: a source compiled more than once (memcached
     builds ``memcached`` and ``memcached-debug`` from the same files, with other flags), where
-    some function of the object has another size in ``binary`` than in the object."""
+    some function of the object has another size in ``binary`` than in the object.
+
+    Objects of one basename are checked: the same file compiled twice, or two files of
+    that name in different directories (QEMU's ``net/vhost-vdpa.c`` and
+    ``hw/virtio/vhost-vdpa.c``), each compared with its own statics
+    (:meth:`Binary.match_source`)."""
     by_source: dict[str | None, list[str]] = defaultdict(list)
     for rel, path in objects.items():
         by_source[_source_of(path)].append(rel)
@@ -777,11 +825,19 @@ def other_programs(objects: dict[str, Path], binary: Binary) -> set[str]:
 
 
 def _sizes_match(obj: ObjectFile, binary: Binary) -> bool:
-    """Returns False if a function of ``obj`` has another size in ``binary``."""
+    """Returns False if a function of ``obj`` has another size in ``binary``: its statics
+    compared with those of the unit of the binary it is, or (undecided: no debug info
+    tells two files of its name apart) with those of any one unit it may be."""
+    match = binary.match_source(obj, original=obj)
+    scopes = match.split() if match is not None and len(match.units) > 1 else (match,)
+    return any(_sizes_match_in(obj, binary, scope) for scope in scopes)
+
+
+def _sizes_match_in(obj: ObjectFile, binary: Binary, scope: SourceMatch | None) -> bool:
     for sym in obj.symbols:
         if sym.type != "FUNC" or not sym.defined or not sym.size:
             continue
-        ref = binary.find_symbol(sym.name, obj.source_file, local=sym.is_local)
+        ref = binary.find_symbol(sym.name, scope, local=sym.is_local)
         if ref is not None and ref.size != sym.size:
             return False
     return True

@@ -3,6 +3,15 @@
 Gives its GNU build-id, its symbols (with the source file each local symbol came from,
 so that ``static`` functions and variables of the same name in different files can be
 told apart) and its bytes at link-time virtual addresses.
+
+Static symbols and their files: ``.symtab`` lists each linked object's local symbols
+after an STT_FILE entry that names its source by basename only, so two ``util.c`` of
+different directories (QEMU's ``net/vhost-vdpa.c`` and ``hw/virtio/vhost-vdpa.c``) give
+two groups of one name. Each group is a *unit*, numbered by its STT_FILE entry
+(:attr:`Symbol.unit`); :meth:`Binary.match_source` tells which unit an object's statics
+are (:class:`SourceMatch`): the only unit of that basename, else the one whose compile
+unit's full path (DWARF) matches the object's, else the one whose statics the original
+object has; a lookup that still cannot tell the units apart is refused, naming both.
 """
 
 from __future__ import annotations
@@ -21,12 +30,21 @@ from elftools.common.exceptions import ELFError as _PyElfError
 from elftools.elf.elffile import ELFFile
 from elftools.elf.sections import Section, SymbolTableSection
 
-from patchbox.elf import segments
+from patchbox.elf import dwarf, segments
 from patchbox.elf.buildid import read_build_id
+from patchbox.elf.objfile import ObjectFile, ObjSymbol
 from patchbox.elf.records import PT, SHN_UNDEF, SYM, cstring, sym_bind, sym_type
+from patchbox.elf.reloc import get_reloc
 from patchbox.errors import ElfError, ExtractError
 
-__all__ = ["Symbol", "Binary", "SymbolsMatch", "compare_loaded", "strip_version"]
+__all__ = [
+    "Symbol",
+    "Binary",
+    "SourceMatch",
+    "SymbolsMatch",
+    "compare_loaded",
+    "strip_version",
+]
 
 _ELFCLASS_BITS = 64  # pyelftools' elfclass of an ELF64 file
 _FILE_NAMES: dict[tuple[str, int, int, int, int], frozenset[str]] = {}
@@ -47,6 +65,7 @@ class Symbol:
     bind: str  # LOCAL, GLOBAL, WEAK
     source_file: str | None  # the preceding STT_FILE for LOCAL symbols, else None
     defined: bool = True
+    unit: int = -1  # LOCAL symbols: the ordinal of the preceding STT_FILE (one object's)
 
     @property
     def is_local(self) -> bool:
@@ -153,6 +172,22 @@ class SymbolsMatch:
         return out
 
 
+@dataclass(frozen=True)
+class SourceMatch:
+    """Which units of the reference binary (groups of static symbols, one per linked
+    object: :attr:`Symbol.unit`) hold the statics of one object file, and how that was
+    told (:meth:`Binary.match_source`)."""
+
+    name: str  # the object's source file as its STT_FILE names it (a basename with GCC)
+    path: str | None  # its full path (DWARF DW_AT_comp_dir + DW_AT_name); None without -g
+    units: tuple[int, ...]  # one: decided; none: no statics of that file; more: undecided
+    how: str  # "name" (the only unit of that name), "dwarf", "symbols" or "undecided"
+
+    def split(self) -> tuple[SourceMatch, ...]:
+        """Returns one decided match per unit this one may be."""
+        return tuple(SourceMatch(self.name, self.path, (u,), self.how) for u in self.units)
+
+
 _SHF_ALLOC = 0x2
 
 
@@ -226,6 +261,50 @@ def _file_key(path: Path) -> tuple[str, int, int, int, int] | None:
         return None
 
 
+# Relocations whose field is all the link writes; before others (GOTPCRELX, ...) the
+# linker may rewrite the instruction too (mov -> lea, call * -> addr32 call).
+_FIELD_ONLY = frozenset(
+    {
+        "R_X86_64_NONE",
+        "R_X86_64_64",
+        "R_X86_64_PC32",
+        "R_X86_64_PLT32",
+        "R_X86_64_32",
+        "R_X86_64_32S",
+    }
+)
+
+
+def _link_view(obj: ObjectFile, sym: ObjSymbol) -> tuple[bytes, list[bool]] | None:
+    """Returns (bytes, mask) of ``sym`` in ``obj``: its section's bytes (zeros for bss)
+    and, per byte, whether the link fills it in (a relocation field, and the 4 bytes
+    before one the linker may relax); None if a relocation there may rewrite more (TLS)."""
+    sec = obj.get_symbol_section(sym)
+    start, end = sym.value, sym.value + sym.size
+    data = bytes(sym.size) if sec.is_nobits else sec.data[start:end]
+    if len(data) != sym.size:
+        return None
+    mask = [False] * sym.size
+    for rel in obj.get_relocations(sec):
+        if not start - 4 < rel.offset < end:
+            continue
+        rtype = get_reloc(rel.type)
+        if rtype is None or "TLS" in rtype.name or "TPOFF" in rtype.name:
+            return None
+        lo = rel.offset if rtype.name in _FIELD_ONLY else rel.offset - 4
+        for at in range(max(lo, start), min(rel.offset + rtype.size, end)):
+            mask[at - start] = True
+    return data, mask
+
+
+def _of(sym: Symbol, source: str | SourceMatch) -> bool:
+    """Returns True if LOCAL ``sym`` is a static of ``source``: one of its units, or (a
+    file name) a unit of that basename."""
+    if isinstance(source, SourceMatch):
+        return sym.unit in source.units
+    return _same_file(sym.source_file, source)
+
+
 class Binary:
     """A linked x86-64 ELF executable read with pyelftools (the *reference binary*)."""
 
@@ -257,6 +336,8 @@ class Binary:
             symtab = self._open_symbols(symbols)
         assert isinstance(symtab, SymbolTableSection)
         self._load_symbols(symtab)
+        self._units_by_name: dict[str, list[int]] | None = None
+        self._unit_paths: dict[int, str | None] = {}
 
     def _open_symbols(self, symbols: str | Path | None) -> Section | None:
         """Reads symbols and DWARF from ``symbols`` (an unstripped build), else from the
@@ -360,6 +441,7 @@ class Binary:
 
     def _unpack_symbols(self, raw: bytes, strtab: bytes) -> Iterator[Symbol]:
         source: str | None = None
+        unit = -1
         for st_name, info, _other, shndx, value, size in SYM.iter_table(
             raw, 0, len(raw) - len(raw) % SYM.size, f"{self.path}: .symtab"
         ):
@@ -367,6 +449,7 @@ class Binary:
             stype = sym_type(info)
             if stype == "FILE":
                 source = name or None
+                unit += 1
                 continue
             if stype == "SECTION" or not name:
                 continue
@@ -379,15 +462,18 @@ class Binary:
                 bind=bind,
                 source_file=source if bind == "LOCAL" else None,
                 defined=shndx != SHN_UNDEF,
+                unit=unit if bind == "LOCAL" else -1,
             )
 
     def _iter_symbols(self, symtab: SymbolTableSection) -> Iterator[Symbol]:
         source: str | None = None
+        unit = -1
         try:
             for sym in symtab.iter_symbols():
                 stype = sym["st_info"]["type"]
                 if stype == "STT_FILE":
                     source = sym.name or None
+                    unit += 1
                     continue
                 if stype == "STT_SECTION" or not sym.name:
                     continue
@@ -401,6 +487,7 @@ class Binary:
                     bind=bind,
                     source_file=source if bind == "LOCAL" else None,
                     defined=defined,
+                    unit=unit if bind == "LOCAL" else -1,
                 )
         except (_PyElfError, ValueError) as err:
             raise ElfError(f"{self.path}: corrupt symbol table: {err}") from err
@@ -451,18 +538,137 @@ class Binary:
         the compile units linked into the binary."""
         return set(self._all_files)
 
-    def has_source_file(self, source_file: str) -> bool:
+    def has_source_file(self, source_file: str | SourceMatch) -> bool:
         """Returns True if some local symbol of the binary comes from ``source_file``."""
+        if isinstance(source_file, SourceMatch):
+            return bool(source_file.units)
         return os.path.basename(source_file) in self._files
 
+    def _units_named(self, basename: str) -> list[int]:
+        """Returns the units (STT_FILE groups) of source file ``basename`` that define
+        static symbols, in ``.symtab`` order."""
+        if self._units_by_name is None:
+            index: dict[str, list[int]] = defaultdict(list)
+            seen: set[int] = set()
+            for s in self._symbols:
+                if s.is_local and s.defined and s.source_file and s.unit not in seen:
+                    seen.add(s.unit)
+                    index[os.path.basename(s.source_file)].append(s.unit)
+            self._units_by_name = dict(index)
+        return self._units_by_name.get(basename, [])
+
+    def unit_paths(self, units: set[int] | list[int] | tuple[int, ...]) -> dict[int, str]:
+        """Returns {unit: the full path of its compile unit} for those of ``units`` the
+        binary's DWARF places (:func:`patchbox.elf.dwarf.unit_source_paths`); the DWARF is
+        read once per file name, for every unit of that name."""
+        missing = {u for u in units if u not in self._unit_paths}
+        names = {
+            os.path.basename(s.source_file)
+            for s in self._symbols
+            if s.unit in missing and s.source_file
+        }
+        for base in names:
+            mine = set(self._units_named(base))
+            addresses: dict[int, list[int]] = defaultdict(list)
+            for s in self._symbols:
+                if s.unit in mine and s.defined and s.address:
+                    addresses[s.unit].append(s.address)
+            try:
+                found = dwarf.unit_source_paths(self.dwarf, base, addresses, str(self.symbols_path))
+            except ElfError:
+                found = {}  # unreadable DWARF tells nothing: the units stay unplaced
+            for u in mine:
+                self._unit_paths[u] = found.get(u)
+        for u in missing:
+            self._unit_paths.setdefault(u, None)
+        return {u: p for u in units if (p := self._unit_paths.get(u)) is not None}
+
+    def match_source(
+        self, obj: ObjectFile, original: ObjectFile | None = None
+    ) -> SourceMatch | None:
+        """Returns which unit of this binary holds the statics of object ``obj`` (None if
+        the object names no source file); the first rule that leaves one unit decides:
+
+        1. ``name``: the only unit of its source file's basename (none: the binary has no
+           statics of that file);
+        2. ``dwarf``: the unit whose compile unit's full path shares the longest tail
+           with the object's own (both from DWARF: ``-g``); a tail of more than the
+           basename is needed, so a checkout or build directory elsewhere still decides
+           (``WORK/tree/a/util.c`` is ``/src/a/util.c``, not ``/src/b/util.c``);
+        3. ``symbols``: with ``original``, the object of the build that linked this
+           binary (`patchbox build`'s original object), the only unit whose static
+           functions and variables are all in it, same size, same bytes but for what the
+           link fills in;
+        4. ``undecided``: the units left. A lookup of a static that more than one of
+           them defines is refused, naming their full paths (:meth:`find_symbol`).
+        """
+        if obj.source_file is None:
+            return None
+        cands = self._units_named(os.path.basename(obj.source_file))
+        if len(cands) <= 1:
+            return SourceMatch(obj.source_file, None, tuple(cands), "name")
+        try:
+            path = dwarf.object_source_path(obj.path)
+        except ElfError:
+            path = None
+        if path is not None:
+            tails = {u: dwarf.path_tail(path, p) for u, p in self.unit_paths(cands).items()}
+            best = max(tails.values(), default=0)
+            if best > 1:  # more than the basename; a unit DWARF does not place stays
+                cands = [u for u in cands if tails.get(u, best) == best]
+            if len(cands) == 1:
+                return SourceMatch(obj.source_file, path, tuple(cands), "dwarf")
+        if original is not None:
+            fits = [u for u in cands if self._unit_is(u, original)]
+            if len(fits) == 1:
+                return SourceMatch(obj.source_file, path, tuple(fits), "symbols")
+        return SourceMatch(obj.source_file, path, tuple(cands), "undecided")
+
+    def _unit_is(self, unit: int, original: ObjectFile) -> bool:
+        """Returns True if every static function and variable of ``unit`` is in object
+        ``original`` (the linker only ever drops some) with the same name, type and size,
+        and the same bytes but for what the link fills in (:func:`_link_view`)."""
+        have: dict[tuple[str, str, int], list[ObjSymbol]] = defaultdict(list)
+        for o in original.symbols:
+            if o.is_local and o.defined and o.type in ("FUNC", "OBJECT") and o.name:
+                have[(o.name, o.type, o.size)].append(o)
+        mine = [
+            s
+            for s in self._symbols
+            if s.unit == unit and s.defined and s.type in ("FUNC", "OBJECT")
+        ]
+        return bool(mine) and all(
+            any(self._same_bytes(s, original, o) for o in have.get((s.name, s.type, s.size), []))
+            for s in mine
+        )
+
+    def _same_bytes(self, sym: Symbol, obj: ObjectFile, osym: ObjSymbol) -> bool:
+        """Returns True if ``osym`` of ``obj`` has ``sym``'s bytes in this binary but for
+        what the link fills in; True too where that cannot be told (TLS code)."""
+        view = _link_view(obj, osym)
+        if view is None or not sym.size:
+            return True
+        want, mask = view
+        try:
+            got = self.read(sym.address, sym.size)
+        except ElfError:
+            return True
+        return all(m or a == b for a, b, m in zip(want, got, mask, strict=True))
+
     def find_symbol(
-        self, name: str, source_file: str | None = None, *, local: bool | None = None
+        self,
+        name: str,
+        source_file: str | SourceMatch | None = None,
+        *,
+        local: bool | None = None,
     ) -> Symbol | None:
         """Returns the defined symbol ``name`` a reference from code of ``source_file``
         binds to, or None if the binary has none: patchbox's one lookup rule.
 
+        ``source_file`` is an object's :class:`SourceMatch` (its statics are those of the
+        units it names), or a file name (basenames compared: every unit of that name).
         A name of unknown binding (``local`` None: a function named on the command line or
-        by PATCHBOX_ORIGINAL) binds to the static of ``source_file`` (basenames compared)
+        by PATCHBOX_ORIGINAL) binds to the static of ``source_file``
         if that file has one, else to the global; locals of other files never match.
         Without ``source_file``, a global wins, then the only local of that name.
 
@@ -502,47 +708,66 @@ class Binary:
             raise ExtractError(self._ambiguous(name, hidden, " (hidden or file-less)"))
         return hidden[0] if hidden else None
 
-    def _find_local(self, name: str, source_file: str) -> Symbol | None:
+    def _find_local(self, name: str, source_file: str | SourceMatch) -> Symbol | None:
         """Returns the LOCAL symbol ``name`` defined by ``source_file`` or None.
 
-        Raises ExtractError if two files with that basename both define it.
+        Raises ExtractError if two units it may be both define it.
         """
-        mine = [
-            s
-            for s in self._by_name.get(name, [])
-            if s.is_local and _same_file(s.source_file, source_file)
-        ]
+        mine = [s for s in self._by_name.get(name, []) if s.is_local and _of(s, source_file)]
         if len(mine) > 1:
+            if isinstance(source_file, SourceMatch):
+                raise ExtractError(self._undecided(name, mine, source_file))
             raise ExtractError(self._ambiguous(name, mine, f" in {source_file}"))
         return mine[0] if mine else None
 
-    def get_symbol(self, name: str, source_file: str | None = None) -> Symbol:
+    def get_symbol(self, name: str, source_file: str | SourceMatch | None = None) -> Symbol:
         """Returns the defined symbol ``name`` (see find_symbol); raises if there is none."""
         sym = self.find_symbol(name, source_file)
         if sym is not None:
             return sym
         others = [s for s in self._by_name.get(name, []) if s.is_local]
         if source_file is not None and others:
+            file = source_file.name if isinstance(source_file, SourceMatch) else source_file
             raise ExtractError(
-                f"{self.path}: no symbol {name!r} from {os.path.basename(source_file)}; "
+                f"{self.path}: no symbol {name!r} from {os.path.basename(file)}; "
                 f"static {name!r} exists only in "
                 f"{', '.join(sorted({s.source_file or '?' for s in others}))}"
             )
         raise ExtractError(f"{self.path}: no symbol {name!r}")
 
-    def iter_locals(self, source_file: str) -> Iterator[Symbol]:
+    def iter_locals(self, source_file: str | SourceMatch) -> Iterator[Symbol]:
         """Returns an iterator over the defined LOCAL symbols of one source file."""
-        return (
-            s
-            for s in self._symbols
-            if s.defined and s.is_local and _same_file(s.source_file, source_file)
+        return (s for s in self._symbols if s.defined and s.is_local and _of(s, source_file))
+
+    def _where(self, cands: list[Symbol]) -> str:
+        """Returns each candidate's file (its full path where DWARF says) and address."""
+        paths = self.unit_paths({s.unit for s in cands})
+        return ", ".join(
+            f"{paths.get(s.unit) or s.source_file or '?'} at {s.address:#x}" for s in cands
         )
 
     def _ambiguous(self, name: str, cands: list[Symbol], where: str) -> str:
-        files = ", ".join(f"{s.source_file or '?'} at {s.address:#x}" for s in cands)
         return (
             f"{self.path}: symbol {name!r}{where} is ambiguous: static symbols of that "
-            f"name in {files}; name the source file"
+            f"name in {self._where(cands)}; name the source file"
+        )
+
+    def _undecided(self, name: str, cands: list[Symbol], source: SourceMatch) -> str:
+        if source.path is None:
+            why = "the object has no debug info naming its directory: compile it with -g"
+        elif len(self.unit_paths({s.unit for s in cands})) < len(cands):
+            why = (
+                f"{self.path} has no debug info naming theirs: build it with -g (or give "
+                f"its debug file)"
+            )
+        else:
+            why = (
+                f"{source.path} matches none of them better than another: compile it in "
+                f"a copy of the tree, where its path ends in the same directories"
+            )
+        return (
+            f"{self.path}: static {name!r} of {source.path or source.name} is ambiguous: "
+            f"static symbols of that name in {self._where(cands)}; {why}"
         )
 
     # -- bytes ------------------------------------------------------------------------

@@ -16,17 +16,28 @@ Separate debug files (``.gnu_debuglink``, split DWARF) are not read.
 :func:`read_object_decls` reads a patched object's own DWARF: the line each function is
 declared at (to tell which function a changed line belongs to) and what each out-of-line
 function inlines (``--explain``).
+
+:func:`object_source_path` and :func:`unit_source_paths` give the full path of a compile
+unit (``DW_AT_comp_dir`` joined with ``DW_AT_name``): an object's own, and the one each
+group of static symbols of the reference binary came from, found by address
+(``.debug_aranges``, else the variables and functions of the CUs of that basename). The
+binary's ``.symtab`` names source files by basename only; these tell two ``util.c`` of
+different directories apart (:meth:`patchbox.elf.binary.Binary.match_source`).
 """
 
 from __future__ import annotations
 
 import io
 import os
+import struct
+from bisect import bisect_left
 from collections import Counter, defaultdict
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from elftools.common.exceptions import ELFError as _PyElfError
+from elftools.dwarf.compileunit import CompileUnit
 from elftools.dwarf.die import DIE
 from elftools.dwarf.dwarfinfo import DWARFInfo
 from elftools.elf.elffile import ELFFile
@@ -44,7 +55,10 @@ __all__ = [
     "has_debug_info",
     "has_lto_units",
     "object_dwarf",
+    "object_source_path",
+    "path_tail",
     "read_object_decls",
+    "unit_source_paths",
 ]
 
 _CODE_SCOPES = ("DW_TAG_lexical_block", "DW_TAG_inlined_subroutine", "DW_TAG_subprogram")
@@ -58,11 +72,13 @@ _DEBUG_RELOCS = frozenset({"R_X86_64_64", "R_X86_64_32", "R_X86_64_32S", "R_X86_
 
 @dataclass(frozen=True)
 class Function:
-    """A function as DWARF names it: ``source`` is the basename of its CU's DW_AT_name."""
+    """A function as DWARF names it: ``source`` is the basename of its CU's DW_AT_name,
+    ``path`` the CU's full path (:func:`_cu_path`)."""
 
     name: str
     source: str | None
     external: bool
+    path: str | None = None
 
 
 @dataclass(frozen=True)
@@ -107,8 +123,10 @@ def find_inlined(
 ) -> tuple[dict[str, list[InlineSite]], set[str]]:
     """Returns (inlined copies per target, targets whose own DIE was found).
 
-    ``targets`` maps a function name to the basename of its source file for a
-    ``static`` function, or None for a global one. ``homes`` optionally maps a global
+    ``targets`` maps a function name to its source file for a ``static`` function (the
+    full path of its compile unit, as :func:`unit_source_paths` gives it, where known:
+    two files of one basename are told apart; else the basename), or None for a global
+    one. ``homes`` optionally maps a global
     target to the basename of the one ``.c`` file that defines its body (the caller
     checked that its only declaration is there, not in a header): without LTO no other
     CU has the body to inline, so only CUs of that name are walked for it. Call only if
@@ -132,7 +150,7 @@ class _Scan:
     def __init__(self, targets: dict[str, str | None], homes: dict[str, str]) -> None:
         self.targets = targets
         self.any_global = any(src is None and n not in homes for n, src in targets.items())
-        self.statics = {src for src in targets.values() if src is not None}
+        self.statics = {os.path.basename(src) for src in targets.values() if src is not None}
         self.statics |= {homes[n] for n, src in targets.items() if src is None and n in homes}
         self.sites: dict[str, Counter[Function]] = {n: Counter() for n in targets}
         self.found: set[str] = set()
@@ -177,7 +195,9 @@ class _Scan:
         if fn.name not in self.targets:
             return False
         src = self.targets[fn.name]
-        return (not fn.external and fn.source == src) if src is not None else fn.external
+        if src is None:
+            return fn.external
+        return not fn.external and (fn.path if "/" in src else fn.source) == src
 
     def _resolve(self, die: DIE) -> Function | None:
         """Returns the function ``die`` stands for, following origins and specifications."""
@@ -206,7 +226,8 @@ class _Scan:
             last = cur = nxt
         fn = None
         if name is not None:
-            fn = Function(name, _basename(last.cu.get_top_DIE()), external)
+            top = last.cu.get_top_DIE()
+            fn = Function(name, _basename(top), external, _cu_path(top))
         self._identity[key] = fn
         return fn
 
@@ -366,3 +387,163 @@ def _origin_name(die: DIE | None) -> str | None:
                 break
         die = nxt
     return None
+
+
+# -- compile units' full paths ---------------------------------------------------------
+
+_DW_OP_ADDR = 0x03
+_ADDRESS_SIZE = 8  # bytes of an address on x86-64 (DW_OP_addr's operand, aranges' tuples)
+_DWARF64_ESCAPE = 0xFFFFFFFF  # a unit length of this value: the 64-bit DWARF format
+_OBJECT_PATHS_KEPT = 4096  # objects' compile-unit paths remembered at most
+_OBJECT_PATHS: dict[tuple[str, int, int], str | None] = {}
+
+
+def _cu_path(top: DIE) -> str | None:
+    """Returns the full path of the compile unit of top DIE ``top`` (DW_AT_name joined to
+    DW_AT_comp_dir, normalised), or None without a name."""
+    name = top.attributes.get("DW_AT_name")
+    if name is None:
+        return None
+    comp_dir = top.attributes.get("DW_AT_comp_dir")
+    where = _str(comp_dir.value) if comp_dir is not None else ""
+    return os.path.normpath(os.path.join(where, _str(name.value)))
+
+
+def path_tail(a: str, b: str) -> int:
+    """Returns how many trailing components paths ``a`` and ``b`` share (``WORK/tree/a/util.c``
+    and ``/src/a/util.c``: 2; and ``/src/b/util.c``: 1, the basename only)."""
+    n = 0
+    for x, y in zip(reversed(a.split("/")), reversed(b.split("/")), strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def object_source_path(path: str | os.PathLike[str]) -> str | None:
+    """Returns the full path of the source file a relocatable object was compiled from,
+    as its DWARF names it (its first compile unit's DW_AT_comp_dir and DW_AT_name), or
+    None without debug info. Read once per version of the file."""
+    p = Path(path)
+    try:
+        st = p.stat()
+    except OSError as err:
+        raise ElfError(f"cannot read {p}: {err.strerror}") from err
+    key = (str(p.resolve()), st.st_mtime_ns, st.st_size)
+    if key in _OBJECT_PATHS:
+        return _OBJECT_PATHS[key]
+    try:
+        dwarf = object_dwarf(p)
+        found = None
+        if dwarf is not None:
+            cu = next(dwarf.iter_CUs(), None)
+            found = _cu_path(cu.get_top_DIE()) if cu is not None else None
+    except OSError as err:
+        raise ElfError(f"cannot read {p}: {err.strerror}") from err
+    except (_PyElfError, ValueError, KeyError, IndexError, AssertionError) as err:
+        raise ElfError(f"{p}: unreadable debug info: {err}") from err
+    if len(_OBJECT_PATHS) >= _OBJECT_PATHS_KEPT:
+        _OBJECT_PATHS.pop(next(iter(_OBJECT_PATHS)))
+    _OBJECT_PATHS[key] = found
+    return found
+
+
+def _aranges(elf: ELFFile) -> list[tuple[int, int, int]]:
+    """Returns (start, length, CU offset) of every range of ``.debug_aranges`` (empty
+    without one), unpacked in bulk: pyelftools parses it entry by entry, seconds on QEMU."""
+    sec = elf.get_section_by_name(".debug_aranges")
+    if sec is None or sec["sh_type"] == "SHT_NOBITS":
+        return []
+    raw = sec.data()
+    out: list[tuple[int, int, int]] = []
+    at = 0
+    while at + 4 <= len(raw):
+        (length,) = struct.unpack_from("<I", raw, at)
+        if length == _DWARF64_ESCAPE:
+            (length,) = struct.unpack_from("<Q", raw, at + 4)
+            head, offset_fmt, body = at + 12, "<Q", 8
+        else:
+            head, offset_fmt, body = at + 4, "<I", 4
+        end = head + length
+        if end > len(raw) or head + 2 + body + 2 > end:
+            raise ElfError(f".debug_aranges: a set at {at:#x} runs past the section")
+        (cu_offset,) = struct.unpack_from(offset_fmt, raw, head + 2)
+        addr_size, seg_size = raw[head + 2 + body], raw[head + 3 + body]
+        if addr_size != _ADDRESS_SIZE or seg_size != 0:
+            raise ElfError(f".debug_aranges: address size {addr_size}, segment size {seg_size}")
+        first = head + 4 + body
+        first += -(first - at) % 16  # tuples are aligned to twice the address size
+        pairs = end - first - (end - first) % 16
+        for start, size in struct.iter_unpack("<QQ", raw[first : first + pairs]):
+            if start == 0 and size == 0:
+                break
+            out.append((start, size, cu_offset))
+        at = end
+    return out
+
+
+def unit_source_paths(
+    elf: ELFFile,
+    basename: str,
+    units: Mapping[int, Sequence[int]],
+    path: str = "",
+) -> dict[int, str]:
+    """Returns {unit: full path of its compile unit} for the groups of static symbols of a
+    linked binary in ``units`` (a key: the addresses of its symbols, functions and
+    variables), all from source files named ``basename``; a unit no CU is found for is
+    left out (no debug info, or a CU without DW_AT_name).
+
+    A unit's CU is the one ``.debug_aranges`` assigns one of its addresses to; else (no
+    aranges, or only variables) the CU of that basename with a function starting
+    (DW_AT_low_pc) or a variable located (DW_OP_addr) at one of its addresses. Raises
+    ElfError if the DWARF cannot be read."""
+    out: dict[int, str] = {}
+    if not units or not has_debug_info(elf):
+        return out
+    try:
+        dwarf = elf.get_dwarf_info(relocate_dwarf_sections=False)
+        wanted = {a: unit for unit, addrs in units.items() for a in addrs}
+        ordered = sorted(wanted)
+        for start, size, cu_offset in _aranges(elf):
+            at = bisect_left(ordered, start)
+            hit = {wanted[a] for a in ordered[at : bisect_left(ordered, start + size)]}
+            if hit - out.keys():
+                found = _cu_path(dwarf.get_CU_at(cu_offset).get_top_DIE())
+                if found is not None:
+                    out.update(dict.fromkeys(hit - out.keys(), found))
+        rest = {a: u for a, u in wanted.items() if u not in out}
+        if rest:
+            for cu in dwarf.iter_CUs():
+                top = cu.get_top_DIE()
+                if _basename(top) != basename:
+                    continue
+                found = _cu_path(top)
+                hit = _cu_addresses(cu) & rest.keys()
+                if found is not None:
+                    out.update({rest[a]: found for a in hit})
+                rest = {a: u for a, u in rest.items() if u not in out}
+                if not rest:
+                    break
+    except (_PyElfError, ValueError, KeyError, IndexError, AssertionError) as err:
+        raise ElfError(f"{path}: unreadable debug info: {err}") from err
+    return out
+
+
+def _cu_addresses(cu: CompileUnit) -> set[int]:
+    """Returns the entry addresses of the functions and the addresses of the variables
+    (static storage: DW_OP_addr) that compile unit ``cu`` defines."""
+    out: set[int] = set()
+    for die in cu.iter_DIEs():
+        a = die.attributes
+        if die.tag == "DW_TAG_subprogram" and "DW_AT_low_pc" in a:
+            if a["DW_AT_low_pc"].form == "DW_FORM_addr":
+                out.add(a["DW_AT_low_pc"].value)
+        elif die.tag == "DW_TAG_variable" and "DW_AT_location" in a:
+            loc = a["DW_AT_location"]
+            if (
+                loc.form == "DW_FORM_exprloc"
+                and len(loc.value) == 1 + _ADDRESS_SIZE
+                and loc.value[0] == _DW_OP_ADDR
+            ):
+                out.add(int.from_bytes(bytes(loc.value[1:]), "little"))
+    return out

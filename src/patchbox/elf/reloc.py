@@ -15,7 +15,15 @@ from enum import Enum
 
 from patchbox.errors import UnsupportedRelocation
 
-__all__ = ["Recipe", "RelocType", "RELOC_TYPES", "get_reloc", "reloc_name", "get_reloc_type"]
+__all__ = [
+    "Recipe",
+    "TLS_MODELS",
+    "RelocType",
+    "RELOC_TYPES",
+    "get_reloc",
+    "reloc_name",
+    "get_reloc_type",
+]
 
 
 class Recipe(Enum):
@@ -26,6 +34,25 @@ class Recipe(Enum):
     CALL = "call"  # like PCREL, but a call/jmp: an import goes through a stub in text
     GOT = "got"  # int32 G + A - P: PC32 to an 8-byte GOT slot in text, slot ABS64 to target
     ABS64 = "abs64"  # uint64 S + A: ABS64 with the target's base
+    # Thread-local accesses (patchbox.extract.tls): the variable is the running program's,
+    # reached as the program's own code reaches it.
+    TLS_LE = "tls_le"  # int32 TP offset of the variable: a constant, executables only
+    TLS_IE = "tls_ie"  # int32 G + A - P: PC32 to a slot holding the TP offset
+    TLS_GD = "tls_gd"  # int32 pc-relative to a {module id, offset} pair: PC32 to the binary's
+    TLS_LD = "tls_ld"  # int32 pc-relative to the module's {module id, 0} pair: PC32 to the binary's
+    TLS_DTPOFF = "tls_dtpoff"  # int32 offset of the variable in its module's block: a constant
+    TLS_DESC = "tls_desc"  # int32 pc-relative to a TLS descriptor: PC32 to the binary's
+
+
+#: The access model each thread-local recipe belongs to, as messages name it.
+TLS_MODELS: dict[Recipe, str] = {
+    Recipe.TLS_LE: "local-exec",
+    Recipe.TLS_IE: "initial-exec",
+    Recipe.TLS_GD: "general-dynamic",
+    Recipe.TLS_LD: "local-dynamic",
+    Recipe.TLS_DTPOFF: "local-dynamic",
+    Recipe.TLS_DESC: "general-dynamic through a descriptor (-mtls-dialect=gnu2)",
+}
 
 
 @dataclass(frozen=True)
@@ -65,11 +92,11 @@ RELOC_TYPES: dict[str, RelocType] = _table(
     RelocType("R_X86_64_DTPMOD64", 16, 8, False),
     RelocType("R_X86_64_DTPOFF64", 17, 8, False),
     RelocType("R_X86_64_TPOFF64", 18, 8, False),
-    RelocType("R_X86_64_TLSGD", 19, 4, True),
-    RelocType("R_X86_64_TLSLD", 20, 4, True),
-    RelocType("R_X86_64_DTPOFF32", 21, 4, False),
-    RelocType("R_X86_64_GOTTPOFF", 22, 4, True),
-    RelocType("R_X86_64_TPOFF32", 23, 4, False),
+    RelocType("R_X86_64_TLSGD", 19, 4, True, Recipe.TLS_GD),
+    RelocType("R_X86_64_TLSLD", 20, 4, True, Recipe.TLS_LD),
+    RelocType("R_X86_64_DTPOFF32", 21, 4, False, Recipe.TLS_DTPOFF),
+    RelocType("R_X86_64_GOTTPOFF", 22, 4, True, Recipe.TLS_IE),
+    RelocType("R_X86_64_TPOFF32", 23, 4, False, Recipe.TLS_LE),
     RelocType("R_X86_64_PC64", 24, 8, True),
     RelocType("R_X86_64_GOTOFF64", 25, 8, False),
     RelocType("R_X86_64_GOTPC32", 26, 4, True),
@@ -80,8 +107,8 @@ RELOC_TYPES: dict[str, RelocType] = _table(
     RelocType("R_X86_64_PLTOFF64", 31, 8, False),
     RelocType("R_X86_64_SIZE32", 32, 4, False),
     RelocType("R_X86_64_SIZE64", 33, 8, False),
-    RelocType("R_X86_64_GOTPC32_TLSDESC", 34, 4, True),
-    RelocType("R_X86_64_TLSDESC_CALL", 35, 0, False),
+    RelocType("R_X86_64_GOTPC32_TLSDESC", 34, 4, True, Recipe.TLS_DESC),
+    RelocType("R_X86_64_TLSDESC_CALL", 35, 0, False, Recipe.NONE),  # marks the call only
     RelocType("R_X86_64_TLSDESC", 36, 16, False),
     RelocType("R_X86_64_IRELATIVE", 37, 8, False),
     RelocType("R_X86_64_RELATIVE64", 38, 8, False),
@@ -123,7 +150,11 @@ def get_reloc_type(rtype: int, where: str, target: str) -> RelocType:
 def _hint(rtype: int) -> str:
     name = reloc_name(rtype)
     if "TPOFF" in name or "TLS" in name or "DTP" in name:
-        return " (thread-local variables cannot be reached from a live patch)"
+        return (
+            " (a thread-local access a live patch cannot carry: compile the fix with the "
+            "flags of the running program, whose accesses are initial-exec or local-exec in "
+            "an executable, general- or local-dynamic in a shared library)"
+        )
     if name in ("R_X86_64_32", "R_X86_64_32S"):
         return " (absolute 32-bit address: compile the patch with -fPIE)"
     return ""

@@ -8,9 +8,12 @@ copied code or data is resolved (docs/patch-format.md, "How extract-patch fills 
   lacks (a new static helper, string literals, read-only data such as jump tables, new
   writable variables) → copied into the patch (COPY);
 - a function or variable of the running program (globals by name, statics by name and
-  source file: :meth:`Binary.find_symbol`) → its link-time address (EXE); variables are
+  the unit of the binary the object's source file is: :meth:`Binary.match_source`,
+  :meth:`Binary.find_symbol`) → its link-time address (EXE); variables are
   never copied, so statics keep pointing at the running program's copies;
 - a shared-library symbol → IMPORT (calls through a stub, data through a GOT slot);
+- a thread-local variable → the program's own, never copied, reached as the program's
+  code reaches it (a TP offset, or the binary's own GOT entry: :mod:`patchbox.extract.tls`);
 - a global that another object of the same patch defines and the program lacks (a new
   function in another file) → copied from that object (MEMBER).
 
@@ -41,7 +44,8 @@ from capstone.x86 import X86_OP_IMM
 from patchbox import wire as C
 from patchbox.elf.binary import Binary, Symbol
 from patchbox.elf.objfile import ObjSymbol, Relocation, Section
-from patchbox.elf.reloc import Recipe, RelocType, get_reloc_type
+from patchbox.elf.reloc import TLS_MODELS, Recipe, RelocType, get_reloc_type
+from patchbox.elf.tls import TlsImage, read_tls
 from patchbox.errors import ExtractError, UnsupportedRelocation
 from patchbox.extract.model import (
     ENTRY,
@@ -53,6 +57,7 @@ from patchbox.extract.model import (
     Target,
     TargetKind,
 )
+from patchbox.extract.tls import TlsVariable, reach_tls
 
 __all__ = ["ORIGINAL_PREFIX", "close", "is_branch", "where", "target_name"]
 
@@ -128,6 +133,8 @@ class _Search:
         self.bin = binary
         self.group = group
         self.source = member.source
+        # where the binary has this object's statics (a member made without: found now)
+        self.statics = member.statics or binary.match_source(member.obj)
         self.copied: dict[int, SectionKind] = {}  # in discovery order: layout keeps it
         self.worklist: list[int] = []
         self.exe_base: dict[int, int] = {}  # section index -> link-time address of its start
@@ -145,6 +152,8 @@ class _Search:
             for s in self.obj.symbols
             if s.defined and not s.is_local and s.name and s.type in ("FUNC", "OBJECT", "NOTYPE")
         }
+        self.tls_image: TlsImage | None = None  # read at the first thread-local access
+        self.tls_how: dict[str, list[str]] = {}  # variable -> how each of its accesses goes
 
     # -- the search ---------------------------------------------------------------------
 
@@ -188,7 +197,9 @@ class _Search:
                     self._bind_internal_branches(sec, a, b)
             for rel in self._live_relocations(sec):
                 rtype = get_reloc_type(rel.type, where(sec, rel), target_name(rel.symbol))
-                if rtype.recipe is not Recipe.NONE:
+                if rtype.recipe in TLS_MODELS:
+                    self.resolved[_key(sec.index, rel)] = self._resolve_tls(sec, rel, rtype)
+                elif rtype.recipe is not Recipe.NONE:
                     self.resolved[_key(sec.index, rel)] = self._resolve(sec, rel)
 
     def _shared(self, sec: Section) -> bool:
@@ -259,7 +270,7 @@ class _Search:
         orig = self._find_in_binary(fn)
         if orig is not None and orig.type == "FUNC":
             return orig
-        if fn.is_local and not (self.source and self.bin.has_source_file(self.source)):
+        if fn.is_local and not (self.statics and self.bin.has_source_file(self.statics)):
             raise ExtractError(
                 f"{self.obj.path}: {at} reaches static {fn.name}, which shares "
                 f"{sec.name} with the replaced function; {self.bin.path} has no static "
@@ -305,15 +316,68 @@ class _Search:
         base = self._exe_section_base(target_sec, sym, sec, rel)
         if base is not None:
             return _Resolved(Target(TargetKind.EXE, base + value), target_sec.index, value)
-        if target_sec.is_write and self.source and not self.bin.has_source_file(self.source):
+        if target_sec.is_write and self.statics and not self.bin.has_source_file(self.statics):
             # Copying would give the patch a fresh variable instead of the program's.
             raise ExtractError(
                 f"variable in {target_sec.name} is not in {self.bin.path}, which has "
-                f"no static symbols from {os.path.basename(self.source)}: compile the patched "
-                f"file under its original name"
+                f"no static symbols from {os.path.basename(self.statics.name)}: compile the "
+                f"patched file under its original name"
             )
         self.copy(target_sec.index, SectionKind.of(target_sec))
         return named
+
+    def _resolve_tls(self, sec: Section, rel: Relocation, rtype: RelocType) -> _Resolved:
+        """Returns the target of thread-local access ``rel``: the running program's
+        variable, reached as its own code reaches it (:mod:`patchbox.extract.tls`)."""
+        if self.tls_image is None:
+            self.tls_image = read_tls(self.bin)
+        var = self._tls_variable(sec, rel)
+        assert rtype.recipe is not None  # in TLS_MODELS
+        reached = reach_tls(
+            var,
+            rtype.recipe,
+            self.tls_image,
+            shared=self.bin.is_shared_library,
+            binary=str(self.bin.path),
+            at=f"{where(sec, rel)}, {rtype.name}",
+        )
+        hows = self.tls_how.setdefault(var.name, [])
+        if reached.how not in hows:
+            hows.append(reached.how)
+        return _Resolved(reached.target)
+
+    def _tls_variable(self, sec: Section, rel: Relocation) -> TlsVariable:
+        """Returns the program's thread-local variable that ``rel`` names: a global by
+        name, a static by name and source file; raises for a variable the program lacks
+        (a patch cannot add one) or one that is not thread-local there."""
+        sym = rel.symbol
+        if not sym.defined:
+            orig = self.bin.find_symbol(sym.name, local=False)
+            name = sym.name
+        else:
+            tsec = self.obj.get_symbol_section(sym)
+            named = [sym] if sym.type != "SECTION" else self.obj.get_section_symbols(tsec)
+            if not tsec.is_tls or len(named) != 1:
+                raise UnsupportedRelocation(
+                    f"{where(sec, rel)}: thread-local access to {tsec.name}, which is not "
+                    f"one thread-local variable"
+                )
+            name = named[0].name
+            orig = self._find_in_binary(named[0])
+            if orig is None:
+                raise UnsupportedRelocation(
+                    f"new thread-local variable {name!r} (referenced in {where(sec, rel)}): "
+                    f"{self.bin.path} has no such variable, and a live patch cannot add one "
+                    f"(every running thread's TLS block was laid out when it started); use "
+                    f"a variable the program has, or a shadow variable (docs/shadow.md)"
+                )
+        if orig is not None and orig.type != "TLS":
+            raise UnsupportedRelocation(
+                f"{name!r} is thread-local in the patch ({where(sec, rel)}) but not in "
+                f"{self.bin.path} ({orig.type}): the object is not of the running program's "
+                f"source"
+            )
+        return TlsVariable(name, orig.address if orig is not None else None)
 
     def _resolve_shared(
         self, sec: Section, rel: Relocation, target_sec: Section, value: int
@@ -365,7 +429,7 @@ class _Search:
             return None
         fn = name[len(ORIGINAL_PREFIX) :]
         # A name of unknown binding: this file's static, else the global.
-        orig = self.bin.find_symbol(fn, self.source, local=None if self.source else False)
+        orig = self.bin.find_symbol(fn, self.statics, local=None if self.statics else False)
         if orig is None or orig.type != "FUNC":
             raise ExtractError(
                 f"{name}: {self.bin.path} has no function {fn!r} (global, or "
@@ -415,8 +479,13 @@ class _Search:
         """Returns the running program's ``sym`` (its own binding, statics of this
         object's file), or for a static variable GCC renumbered (``counter.0``) the only
         ``counter.N`` of the file."""
-        orig = self.bin.find_symbol(sym.name, self.source, local=sym.is_local)
-        if orig is not None or not sym.is_local or self.source is None or sym.type != "OBJECT":
+        orig = self.bin.find_symbol(sym.name, self.statics, local=sym.is_local)
+        if (
+            orig is not None
+            or not sym.is_local
+            or self.statics is None
+            or sym.type not in ("OBJECT", "TLS")
+        ):
             return orig
         m = _STATIC_LOCAL.match(sym.name)
         if m is None:
@@ -425,7 +494,9 @@ class _Search:
         # numbers may shift between builds, so fall back to the only `counter.*` of the file.
         pat = re.compile(re.escape(m["base"]) + r"\.\d+$")
         cands = [
-            s for s in self.bin.iter_locals(self.source) if s.type == "OBJECT" and pat.match(s.name)
+            s
+            for s in self.bin.iter_locals(self.statics)
+            if s.type == sym.type and pat.match(s.name)
         ]
         if len(cands) > 1:
             raise ExtractError(
@@ -458,6 +529,7 @@ class _Search:
             live={i: frozenset(r) for i, r in self.live.items()},
             bindings=tuple(bindings),
             bound_branches=tuple(self.bound),
+            tls=tuple((name, "; ".join(hows)) for name, hows in self.tls_how.items()),
         )
 
     def _entry_address(

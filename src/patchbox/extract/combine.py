@@ -103,9 +103,11 @@ def extract_objects(
     members = []
     for index, part in enumerate(contributions):
         obj = load_object(part.object)
+        original = load_object(part.original) if part.original is not None else None
+        statics = binary.match_source(obj, original)
         names = tuple(dict.fromkeys(part.functions))
-        replaced = find_replaced(obj, binary, names, warnings)
-        members.append(Member(index, obj, names, replaced, find_hooks(obj), part.copies))
+        replaced = find_replaced(obj, binary, names, warnings, statics)
+        members.append(Member(index, obj, names, replaced, find_hooks(obj), part.copies, statics))
     meta.update(
         check_inlined(
             binary,
@@ -182,11 +184,14 @@ def _combine(
                     skip=r.skip,
                 )
             )
-            key = f"source:{r.symbol.name}"
+            first = key = f"source:{r.symbol.name}"
             if key in meta:  # static functions of one name in several files
                 key += f"@{os.path.basename(m.source or str(m.index))}"
+                if key in meta or meta[first] == m.source:  # of one name: net/, hw/virtio/
+                    key = f"{first}@{_unit_name(binary, m)}"
             meta[key] = m.source or "unknown"
         meta.update(new_symbols(m, closure))
+        meta.update({f"tls:{name}": how for name, how in closure.tls})
     fixups.sort(key=lambda f: (f.section, f.offset))
     # The program's build facts, when the binary sits in its build directory (QEMU).
     meta.update(profile.build_facts(binary.path.parent))
@@ -209,6 +214,14 @@ def _combine(
         meta=meta,
         hooks=hooks,
     )
+
+
+def _unit_name(binary: Binary, m: Member) -> str:
+    """Returns the full path of the compile unit ``m``'s statics are in the binary (its
+    DWARF), else the object's source file basename and its place in the patch."""
+    units = m.statics.units if m.statics is not None else ()
+    path = binary.unit_paths(units).get(units[0]) if len(units) == 1 else None
+    return path or f"{os.path.basename(m.source or '?')}#{m.index}"
 
 
 def _check_imports(binary: Binary, emitted: Sequence[Emitted], warnings: list[str]) -> None:

@@ -5,7 +5,9 @@ already says what is copied and where every relocation goes.
 Text layout of one member: replaced functions (each its whole section with its own 6+2
 NOP entry, 16-aligned), other copied functions, copied read-only data (16-aligned),
 import stubs (16 bytes each: ``ff 25 00000000`` + 8-byte slot + 2 × int3), GOT slots
-(8 bytes each). Data: copied writable data, then bss (only its size is stored).
+(8 bytes each: an address, or an executable's thread-local offset). Thread-local offsets
+known at build time (local-exec, local-dynamic's offset in the block) are written into
+the code itself. Data: copied writable data, then bss (only its size is stored).
 :mod:`patchbox.extract.combine` puts the members of one patch one after the other.
 """
 
@@ -19,6 +21,7 @@ from patchbox.errors import UnsupportedRelocation
 from patchbox.extract.closure import is_branch, where
 from patchbox.extract.model import (
     INT3,
+    Binding,
     Closure,
     Emitted,
     Layout,
@@ -146,7 +149,7 @@ class _Emitter:
         """Appends a GOT slot for each target reached through the GOT; returns {target:
         slot offset in text}."""
         got: dict[Target, int] = {}
-        targets = dict.fromkeys(b.target for b in closure.bindings if b.rtype.recipe is Recipe.GOT)
+        targets = dict.fromkeys(b.target for b in closure.bindings if _via_own_slot(b))
         if targets:
             align(self.text, GOT_SLOT, 0)
             for tgt in targets:
@@ -165,10 +168,13 @@ class _Emitter:
             addend = b.reloc.addend
             if b.rtype.recipe is Recipe.ABS64:
                 self.add(where_, FixupType.ABS64, b.target, pos, addend)
-            elif b.rtype.recipe is Recipe.GOT:
+            elif _via_own_slot(b):
                 self.keep(
                     Fixup(where_, FixupType.PC32, FixupBase.TEXT, pos, got[b.target] + addend)
                 )
+            elif b.rtype.recipe in (Recipe.TLS_LE, Recipe.TLS_DTPOFF):
+                sec = self.member.obj.get_section(b.section)
+                buf[pos : pos + 4] = _int32(b.target.value + addend, sec, b)
             elif b.target.kind is TargetKind.IMPORT:
                 stub = stubs[b.target.symbol]
                 self.keep(Fixup(where_, FixupType.PC32, FixupBase.TEXT, pos, stub + addend))
@@ -205,6 +211,26 @@ def new_symbols(member: Member, closure: Closure) -> dict[str, str]:
         for n in names:
             meta[f"new:{n}"] = "text" if kind in (SectionKind.FUNC, SectionKind.RODATA) else "data"
     return meta
+
+
+def _via_own_slot(b: Binding) -> bool:
+    """Returns True if ``b`` reads an 8-byte slot the patch carries in its text: a GOT
+    reference, or an initial-exec access whose TP offset is a constant (a variable of
+    the executable) rather than the binary's own slot (base EXE)."""
+    return b.rtype.recipe is Recipe.GOT or (
+        b.rtype.recipe is Recipe.TLS_IE and b.target.kind is not TargetKind.EXE
+    )
+
+
+def _int32(value: int, sec: Section, b: Binding) -> bytes:
+    """Returns ``value`` as the 4 bytes of a constant thread-local offset; raises if it
+    does not fit the field."""
+    if not -(2**31) <= value < 2**31:
+        raise UnsupportedRelocation(
+            f"{b.rtype.name} in {where(sec, b.reloc)}: thread-local offset {value} of "
+            f"{b.reloc.symbol.name!r} does not fit 32 bits"
+        )
+    return value.to_bytes(4, "little", signed=True)
 
 
 def _check_call(sec: Section, rel: Relocation, rtype: RelocType) -> None:

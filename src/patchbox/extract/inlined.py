@@ -27,14 +27,24 @@ __all__ = ["check_inlined"]
 @dataclass(frozen=True)
 class _Replaced:
     name: str
-    source: str | None  # basename of the defining file for a static function, None: global
+    # a static function's file: its compile unit's full path where the binary's DWARF
+    # places it (two files of one basename), else the basename; None: a global
+    source: str | None
 
 
-def _replaced(members: Sequence[Member]) -> list[_Replaced]:
+def _file_of(binary: Binary, m: Member) -> str | None:
+    """Returns the file ``m``'s statics come from: the full path of the binary's compile
+    unit they are in, else the basename (None: no source file)."""
+    units = m.statics.units if m.statics is not None else ()
+    path = binary.unit_paths(units).get(units[0]) if len(units) == 1 else None
+    return path or (os.path.basename(m.source) if m.source else None)
+
+
+def _replaced(binary: Binary, members: Sequence[Member]) -> list[_Replaced]:
     """Returns the replaced functions of every member."""
     out: list[_Replaced] = []
     for m in members:
-        src = os.path.basename(m.source) if m.source else None
+        src = _file_of(binary, m)
         for fn in m.names:
             sym = m.obj.get_function(fn)
             local = sym is not None and sym.is_local
@@ -91,7 +101,7 @@ def check_inlined(
     over the binary is skipped (``inlined_check`` = ``objects``); it runs only when the
     binary was linked with LTO, whose compile units may inline across files.
     """
-    replaced = _replaced(members)
+    replaced = _replaced(binary, members)
     if not replaced:
         return {}
     if for_build and not dwarf.has_lto_units(binary.dwarf):
@@ -128,7 +138,7 @@ def check_inlined(
     if not kept_by_fn:
         return meta
     if not allow_inlined:
-        _refuse(kept_by_fn, members, for_build=for_build)
+        _refuse(binary, kept_by_fn, members, for_build=for_build)
     for fn, kept in kept_by_fn.items():
         warnings.append(
             f"{fn} is inlined into {_where(kept, counted=True)}: calls there "
@@ -150,6 +160,7 @@ def _kept(
             for s in fsites
             if _Replaced(s.caller.name, None) not in replaced
             and _Replaced(s.caller.name, s.caller.source) not in replaced
+            and _Replaced(s.caller.name, s.caller.path) not in replaced
         ]
         if kept:
             kept_by_fn[fn] = kept
@@ -157,7 +168,11 @@ def _kept(
 
 
 def _refuse(
-    kept_by_fn: dict[str, list[InlineSite]], members: Sequence[Member], *, for_build: bool
+    binary: Binary,
+    kept_by_fn: dict[str, list[InlineSite]],
+    members: Sequence[Member],
+    *,
+    for_build: bool,
 ) -> NoReturn:
     """Raises the ExtractError refusing inlined copies the patch leaves alone, with what
     to add: ``--function CALLER`` (a caller in a patched file), patching another file, or
@@ -171,12 +186,12 @@ def _refuse(
             "; ".join(refusals) + ": calls there would keep the old code; "
             "pass --allow-inlined to accept"
         )
-    sources = {os.path.basename(m.source) if m.source else None for m in members}
+    sources = {_file_of(binary, m) for m in members}
     same: list[str] = []
     other: list[str] = []
     for kept in kept_by_fn.values():
         for s in kept:
-            if s.caller.source in sources:
+            if s.caller.source in sources or s.caller.path in sources:
                 same.append(s.caller.name)
             else:
                 other.append(f"{s.caller.name} ({s.caller.source or 'unknown file'})")

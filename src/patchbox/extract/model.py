@@ -18,6 +18,7 @@ from enum import Enum, StrEnum
 from pathlib import Path
 
 from patchbox import wire as C
+from patchbox.elf.binary import SourceMatch
 from patchbox.elf.objfile import ObjectFile, ObjSymbol, Relocation, Section
 from patchbox.elf.reloc import RelocType
 from patchbox.format.model import Fixup
@@ -124,11 +125,15 @@ class Contribution:
     """What one patched object gives a patch: the functions it replaces, and the local
     functions it must copy rather than link to the program's (changed GCC clones, and
     changed functions the program has no out-of-line copy of). An object replacing
-    nothing may still supply new globals the others reference."""
+    nothing may still supply new globals the others reference. ``original``: the object
+    of the build that linked the running program, from the same source (`patchbox
+    build`), which tells the object's statics apart where its path cannot
+    (:meth:`patchbox.elf.binary.Binary.match_source`)."""
 
     object: Path
     functions: tuple[str, ...]
     copies: frozenset[str] = frozenset()
+    original: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -141,6 +146,7 @@ class Member:
     replaced: tuple[Replaced, ...]
     hooks: tuple[HookSite, ...]
     clones: frozenset[str] = frozenset()  # changed GCC clones: copied, never linked
+    statics: SourceMatch | None = None  # the binary's unit(s) its statics are; None: none
 
     @property
     def source(self) -> str | None:
@@ -178,6 +184,8 @@ class Closure:
     live: Mapping[int, frozenset[tuple[int, int]]]  # shared sections; absent: live whole
     bindings: tuple[Binding, ...]
     bound_branches: tuple[BoundBranch, ...]
+    # The program's thread-local variables the patch touches: (name, how each is reached).
+    tls: tuple[tuple[str, str], ...] = ()
 
     def is_live(self, section: int, offset: int) -> bool:
         """Returns True if ``offset`` of copied ``section`` is code the patch runs."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 
 from patchbox import wire as C
-from patchbox.elf.binary import Binary, Symbol
+from patchbox.elf.binary import Binary, SourceMatch, Symbol
 from patchbox.elf.objfile import ObjectFile, ObjSymbol
 from patchbox.errors import ElfError, ExtractError
 from patchbox.extract.entry import analyse_entry
@@ -25,12 +25,19 @@ HOOK_SECTION = ".patchbox_hooks."  # PATCHBOX_HOOK(when, fn), agent/include/patc
 
 
 def find_replaced(
-    obj: ObjectFile, binary: Binary, names: tuple[str, ...], warnings: list[str]
+    obj: ObjectFile,
+    binary: Binary,
+    names: tuple[str, ...],
+    warnings: list[str],
+    statics: SourceMatch | None = None,
 ) -> tuple[Replaced, ...]:
     """Returns the replaced functions ``names`` of ``obj``, each with its original in
     ``binary`` and the expected bytes; raises ExtractError if one cannot be redirected.
     What the user should know is appended to ``warnings`` as it is found (before an
-    error, too)."""
+    error, too). ``statics``: the binary's unit(s) the object's statics are (default:
+    :meth:`Binary.match_source` of ``obj`` alone)."""
+    if statics is None:
+        statics = binary.match_source(obj)
     out = []
     for name in names:
         sym = obj.get_function(name)
@@ -46,7 +53,7 @@ def find_replaced(
                 f"`patchbox config --cflags`): a later patch of {name} cannot be "
                 f"stacked on this one"
             )
-        orig = _find_original(obj, binary, sym)
+        orig = _find_original(obj, binary, sym, statics)
         if name == "main" and not sym.is_local:
             # Found in OpenSSH's and dnsmasq's fixes: the event loop lives in main.
             warnings.append(
@@ -135,14 +142,16 @@ def _entry_jump(binary: Binary, name: str, orig: Symbol) -> tuple[bytes, Redirec
     return binary.read(jump.point, n), RedirectKind.ENTRY_JUMP, jump.skip, jump.held
 
 
-def _find_original(obj: ObjectFile, binary: Binary, sym: ObjSymbol) -> Symbol:
+def _find_original(
+    obj: ObjectFile, binary: Binary, sym: ObjSymbol, statics: SourceMatch | None
+) -> Symbol:
     """Returns the running program's function that ``sym`` replaces."""
     if sym.is_local and obj.source_file is None:
         raise ExtractError(
             f"{obj.path}: static function {sym.name!r} but the "
             f"object names no source file (STT_FILE)"
         )
-    orig = binary.find_symbol(sym.name, obj.source_file, local=sym.is_local)
+    orig = binary.find_symbol(sym.name, statics, local=sym.is_local)
     if sym.is_local:
         where = f"static {sym.name!r} from {os.path.basename(obj.source_file or '')}"
     else:

@@ -37,7 +37,7 @@ from patchbox.host.census import (
     unreachable_reason,
 )
 from patchbox.host.scan import AgentSocket, iter_agent_sockets
-from patchbox.procfs import exe_path, fd_path, fd_target, holds_socket, namespace
+from patchbox.procfs import exe_path, fd_path, fd_target, holds_socket, namespace, vm_name
 from patchbox.protocol.client import Client
 from patchbox.protocol.discovery import (
     FD_ADDRESS,
@@ -93,6 +93,7 @@ class Outcome:
     reason: str = ""
     exe: str = ""
     build_id: str = ""
+    vm: str = ""  # a QEMU's VM name (-name guest=...), "" for other programs
     retry: bool = False
 
     def to_json(self) -> dict[str, Any]:
@@ -110,6 +111,7 @@ class ProcessRow:
     pid: int
     exe: str = ""
     build_id: str = ""
+    vm: str = ""  # a QEMU's VM name (-name guest=...), "" for other programs
     patches: list[str] = field(default_factory=list)
     unloaded: list[str] = field(default_factory=list)  # of patches: their library was unloaded
     installed: list[str] = field(default_factory=list)
@@ -136,13 +138,15 @@ class _Host:
         """Returns why ``pid`` (which has no agent this client can use) is unreachable."""
         return self.far.get(pid) or unreachable_reason(pid)
 
-    def describe(self, pid: int) -> tuple[str, str]:
-        """Returns (executable path, build-id) of ``pid`` ("" where unknown)."""
+    def describe(self, pid: int) -> tuple[str, str, str]:
+        """Returns (executable path, build-id, VM name) of ``pid`` ("" where unknown or
+        none)."""
         r = self.running.get(pid)
-        return exe_path(pid), r.build_id if r is not None else ""
+        path = exe_path(pid)
+        return path, r.build_id if r is not None else "", vm_name(pid, path)
 
     def outcome(self, pid: int, result: Result, reason: str = "", retry: bool = False) -> Outcome:
-        """Returns the row of ``pid`` with its executable and build-id filled in."""
+        """Returns the row of ``pid`` with its executable, build-id and VM name filled in."""
         return Outcome(pid, result, reason, *self.describe(pid), retry=retry)
 
 
@@ -167,10 +171,15 @@ def _look() -> _Host:
 
 
 def _narrow(
-    host: _Host, exe: str | None, build_id: str | None, pids: Collection[int] | None
+    host: _Host,
+    exe: str | None,
+    build_id: str | None,
+    pids: Collection[int] | None,
+    vms: Collection[str] | None = None,
 ) -> set[int]:
     """Returns the pids (processes and agents) within ``--exe`` (the same file),
-    ``--build-id`` (running it, or mapping a library of it) and ``pids``."""
+    ``--build-id`` (running it, or mapping a library of it), ``pids`` and ``--vm`` (a
+    QEMU whose VM name is one of ``vms``)."""
     scope = set(host.running) | set(host.agents) | set(host.far)
     if pids is not None:
         scope &= set(pids)
@@ -183,7 +192,16 @@ def _narrow(
         scope = {p for p in scope if p in host.running and host.running[p].file == want}
     if build_id is not None:
         scope = processes_of(_within(host, scope), build_id)
+    if vms is not None:
+        scope = {p for p in scope if _in_vms(p, vms)}
     return scope
+
+
+def _in_vms(pid: int, vms: Collection[str]) -> bool:
+    """Returns whether ``pid`` is a QEMU whose VM name is one of ``vms`` (a process
+    without a name matches none, not even "")."""
+    name = vm_name(pid, exe_path(pid))
+    return bool(name) and name in vms
 
 
 def _within(host: _Host, pids: Collection[int]) -> dict[int, Running]:
@@ -269,15 +287,20 @@ def sweep_agent_dirs(agents: list[AgentSocket]) -> list[Path]:
     return removed
 
 
-def list_processes(*, timeout: float = 10.0, sweep: bool = True) -> list[ProcessRow]:
+def list_processes(
+    *, timeout: float = 10.0, sweep: bool = True, vms: Collection[str] | None = None
+) -> list[ProcessRow]:
     """Returns one row per process with an agent socket (INFO and LIST asked of all at
     once), and one per process of a build patchbox knows (an agent's, or one the store
-    holds patches for) that has none, with the reason in ``error``. With ``sweep``, stale
-    sockets in the agents' directories are removed first."""
+    holds patches for) that has none, with the reason in ``error``; with ``vms``, only
+    those of QEMUs whose VM name is one of them. With ``sweep``, stale sockets in the
+    agents' directories are removed first (every agent's, whatever ``vms`` says)."""
     host = _look()
     agents = list(host.agents.values())
     if sweep:
         sweep_agent_dirs(agents)
+    if vms is not None:
+        agents = [a for a in agents if _in_vms(a.pid, vms)]
     jobs = [
         Job(a.pid, a.connect, [(Msg.INFO, b""), (Msg.LIST, b"")], a.alt, a.inode) for a in agents
     ]
@@ -286,8 +309,8 @@ def list_processes(*, timeout: float = 10.0, sweep: bool = True) -> list[Process
     rows = []
     for a, job in zip(agents, jobs, strict=True):
         pid = job.peer_pid or a.pid
-        path, bid = host.describe(pid)
-        row = ProcessRow(pid, exe=path, build_id=bid, socket=a.bound)
+        path, bid, vm = host.describe(pid)
+        row = ProcessRow(pid, exe=path, build_id=bid, vm=vm, socket=a.bound)
         if job.error is not None:
             row.error = str(job.error)
         else:
@@ -306,7 +329,9 @@ def list_processes(*, timeout: float = 10.0, sweep: bool = True) -> list[Process
     for pid in sorted(set(host.running) | set(host.far)):
         bid = host.running[pid].build_id if pid in host.running else ""
         if pid not in answered and (bid in known or pid in host.far):
-            rows.append(ProcessRow(pid, exe_path(pid), bid, error=host.why(pid)))
+            path, bid, vm = host.describe(pid)
+            if vms is None or (vm and vm in vms):
+                rows.append(ProcessRow(pid, path, bid, vm, error=host.why(pid)))
     for row in rows:
         if row.build_id and row.build_id != "unknown":
             row.installed = [e.name for e in iter_installed(root, row.build_id)]
@@ -445,10 +470,16 @@ def _apply_one_held(a: AgentSocket, host: _Host, pf: PatchFile, timeout: float) 
 
 
 def _apply_scope(
-    host: _Host, want: str, exe: str | None, build_id: str | None, pids: Collection[int] | None
+    host: _Host,
+    want: str,
+    exe: str | None,
+    build_id: str | None,
+    *,
+    pids: Collection[int] | None,
+    vms: Collection[str] | None,
 ) -> tuple[set[int], set[int]]:
     """Returns (pids within the narrowing, those of them running build ``want``)."""
-    scope = _narrow(host, exe, build_id, pids)
+    scope = _narrow(host, exe, build_id, pids, vms)
     return scope, processes_of(_within(host, scope), want)
 
 
@@ -458,6 +489,7 @@ def apply_all(
     exe: str | None = None,
     build_id: str | None = None,
     pids: Collection[int] | None = None,
+    vms: Collection[str] | None = None,
     rollback: bool = False,
     timeout: float = 10.0,
     attach: bool = False,
@@ -466,7 +498,8 @@ def apply_all(
 ) -> list[Outcome]:
     """Returns one outcome per process concerned after applying ``pf`` to every process
     that runs the patch's build: whose executable has its build-id or, for a library's,
-    that maps it (narrowed by ``exe``/``build_id``/``pids``). Such a process without an
+    that maps it (narrowed by ``exe``/``build_id``/``pids``, and ``vms``: QEMUs of those VM
+    names, :func:`patchbox.procfs.vm_name`). Such a process without an
     agent socket, or whose agent refuses this client, is unreachable; agents of other
     builds are skipped. With ``attach``, processes of the build without an agent get
     one first, except processes the kernel protects from same-uid tracing (setuid,
@@ -479,12 +512,12 @@ def apply_all(
     what would happen ("check mode: would be applied")."""
     want = pf.patch.build_id.hex()
     host = _look()
-    scope, of_build = _apply_scope(host, want, exe, build_id, pids)
+    scope, of_build = _apply_scope(host, want, exe, build_id, pids=pids, vms=vms)
     attached: dict[int, Outcome] = {}
     if attach and not dry_run:
         attached = _attach_missing(host, of_build - set(host.agents), include_privileged)
         host = _look()
-        scope, of_build = _apply_scope(host, want, exe, build_id, pids)
+        scope, of_build = _apply_scope(host, want, exe, build_id, pids=pids, vms=vms)
     rows: list[Outcome] = list(attached.values())
     targets: list[AgentSocket] = []
     for pid in sorted(scope - set(attached)):
@@ -546,18 +579,20 @@ def remove_all(
     exe: str | None = None,
     build_id: str | None = None,
     pids: Collection[int] | None = None,
+    vms: Collection[str] | None = None,
     timeout: float = 10.0,
     dry_run: bool = False,
 ) -> list[Outcome]:
     """Returns one outcome per process concerned after removing patch ``name`` from every
     agent that has it (narrowed by ``exe``, ``build_id`` — processes running that build
-    or mapping a library of it — or ``pids``); agents without it are skipped. Processes
+    or mapping a library of it —, ``pids`` or ``vms``: QEMUs of those VM names); agents
+    without it are skipped. Processes
     of the build (of a build patchbox knows, without narrowing) whose agent cannot be
     reached may still run the patch: unreachable. Processes without any agent cannot
     hold it: skipped. With ``dry_run``, every agent is asked for its patches instead
     and the outcomes say what would happen."""
     host = _look()
-    scope = _narrow(host, exe, build_id, pids)
+    scope = _narrow(host, exe, build_id, pids, vms)
     if exe is None and build_id is None:
         known = _known_builds(host, store_root())
         of_build = {p for p in scope if p in host.running and host.running[p].build_id in known}

@@ -120,7 +120,7 @@ class ObjectPlan:
 
     def contribution(self) -> Contribution:
         """Returns what the extraction passes take of this object."""
-        return Contribution(self.diff.patched, self.replace, self.copies)
+        return Contribution(self.diff.patched, self.replace, self.copies, self.diff.orig)
 
 
 @dataclass(frozen=True)

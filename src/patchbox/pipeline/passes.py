@@ -157,6 +157,7 @@ def _plan_object(diff: ObjectDiff, reference: Binary, shown: str) -> ObjectPlan:
     if not diff.functions or diff.orig is None:
         return ObjectPlan(diff, diff.functions)
     orig = load_object(diff.orig)
+    source = reference.match_source(orig, original=orig)
     replace: list[str] = []
     inlined_away: list[str] = []
     for fn in diff.functions:
@@ -164,7 +165,7 @@ def _plan_object(diff: ObjectDiff, reference: Binary, shown: str) -> ObjectPlan:
         if sym is None:
             replace.append(fn)
             continue
-        ref = reference.find_symbol(fn, orig.source_file, local=sym.is_local)
+        ref = reference.find_symbol(fn, source, local=sym.is_local)
         if ref is None or ref.type != "FUNC":
             inlined_away.append(fn)
             continue

@@ -1,0 +1,244 @@
+"""The guest's network: a namespace of its own holding a tap device and the UDP peer.
+
+The namespace has only ``lo`` and the tap (host side ``HOST_ADDR``, guest ``GUEST_ADDR``):
+the guest's packets reach the peer and nothing else, and nothing outside reaches them.
+QEMU itself stays in the host's namespace (patchbox finds its agent socket there, through
+``/proc/net/unix``): it gets the tap as an open file descriptor (``-netdev tap,fd=N``),
+opened from a thread that entered the namespace. The peer's socket is made the same way
+and served from an ordinary thread.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import os
+import re
+import socket
+import struct
+import subprocess
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+__all__ = [
+    "GUEST_ADDR",
+    "HOST_ADDR",
+    "PEER_PORT",
+    "PREFIX",
+    "STOP_MAGIC",
+    "Namespace",
+    "Peer",
+    "PeerCounts",
+    "remove_stale",
+]
+
+HOST_ADDR = "10.78.0.1"
+GUEST_ADDR = "10.78.0.2"
+PREFIX = 24
+PEER_PORT = 7777
+TAP = "pbgtap0"
+# pbguest.c: a datagram starting with this ends the guest's loop.
+STOP_MAGIC = b"PBGSTOP!"
+NET_MAGIC = b"PBGNET01"
+
+CLONE_NEWNET = 0x40000000
+TUNSETIFF = 0x400454CA
+IFF_TAP = 0x0002
+IFF_NO_PI = 0x1000
+
+T = TypeVar("T")
+
+
+def _ip(*args: str) -> None:
+    proc = subprocess.run(
+        ["ip", *args], capture_output=True, text=True, stdin=subprocess.DEVNULL, check=False
+    )
+    if proc.returncode != 0:
+        raise OSError(f"ip {' '.join(args)}: {proc.stderr.strip()}")
+
+
+def remove_stale(prefix: str) -> list[str]:
+    """Deletes the namespaces ``PREFIX-PID-N`` whose process ``PID`` is gone (a run killed
+    before it could clean up); returns their names."""
+    proc = subprocess.run(
+        ["ip", "netns", "list"],
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+    gone = []
+    for line in proc.stdout.splitlines():
+        m = re.fullmatch(rf"({re.escape(prefix)}-(\d+)-\d+)(?: \(id: \d+\))?", line.strip())
+        if m and not os.path.exists(f"/proc/{m.group(2)}"):
+            subprocess.run(["ip", "netns", "del", m.group(1)], capture_output=True, check=False)
+            gone.append(m.group(1))
+    return gone
+
+
+class Namespace:
+    """A network namespace ``name`` with lo up and a tap ``TAP`` at ``HOST_ADDR``."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.path = f"/run/netns/{name}"
+        _ip("netns", "add", name)
+        try:
+            _ip("-n", name, "link", "set", "lo", "up")
+            _ip("-n", name, "tuntap", "add", "dev", TAP, "mode", "tap")
+            _ip("-n", name, "addr", "add", f"{HOST_ADDR}/{PREFIX}", "dev", TAP)
+            _ip("-n", name, "link", "set", TAP, "up")
+        except BaseException:
+            self.delete()
+            raise
+
+    def run_inside(self, fn: Callable[[], T]) -> T:
+        """Returns ``fn()`` called on a thread that entered the namespace (file descriptors
+        and sockets it opens stay bound to the namespace)."""
+        result: list[T] = []
+        error: list[BaseException] = []
+
+        def body() -> None:
+            try:
+                libc = ctypes.CDLL(None, use_errno=True)
+                fd = os.open(self.path, os.O_RDONLY)
+                try:
+                    if libc.setns(fd, CLONE_NEWNET) != 0:
+                        err = ctypes.get_errno()
+                        raise OSError(err, f"setns {self.path}: {os.strerror(err)}")
+                finally:
+                    os.close(fd)
+                result.append(fn())
+            except BaseException as e:  # handed to the caller
+                error.append(e)
+
+        t = threading.Thread(target=body, name=f"netns-{self.name}")
+        t.start()
+        t.join()
+        if error:
+            raise error[0]
+        return result[0]
+
+    def open_tap(self) -> int:
+        """Returns a file descriptor of the tap (no packet information header), for
+        ``-netdev tap,fd=N``; the caller closes it once QEMU holds its copy."""
+
+        def attach() -> int:
+            fd = os.open("/dev/net/tun", os.O_RDWR)
+            try:
+                ifr = struct.pack("16sH22x", TAP.encode(), IFF_TAP | IFF_NO_PI)
+                fcntl.ioctl(fd, TUNSETIFF, ifr)
+            except BaseException:
+                os.close(fd)
+                raise
+            return fd
+
+        return self.run_inside(attach)
+
+    def udp_socket(self, address: str, port: int) -> socket.socket:
+        """Returns a UDP socket of the namespace bound to ``address:port``."""
+
+        def make() -> socket.socket:
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            s.bind((address, port))
+            return s
+
+        return self.run_inside(make)
+
+    def delete(self) -> None:
+        """Deletes the namespace (its tap goes with it once no process holds it)."""
+        subprocess.run(
+            ["ip", "netns", "del", self.name],
+            capture_output=True,
+            stdin=subprocess.DEVNULL,
+            check=False,
+        )
+
+
+@dataclass
+class PeerCounts:
+    """What the peer saw: datagrams received and echoed, and faults it injected."""
+
+    received: int = 0
+    echoed: int = 0
+    dropped: int = 0
+    corrupted: int = 0
+    bad: int = 0  # datagrams that were not the guest's
+    last_seq: int = -1
+    stop_sent: bool = False
+
+
+@dataclass
+class _Faults:
+    drop: int = 0
+    corrupt: int = 0
+    stop: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class Peer:
+    """The host's side of the guest's packet exchange: echoes each datagram back as it came,
+    except those it is told to drop or corrupt; answers with STOP once asked to."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.sock.settimeout(0.2)
+        self.counts = PeerCounts()
+        self._faults = _Faults()
+        self._closing = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name="guest-peer", daemon=True)
+        self._thread.start()
+
+    def drop_next(self, n: int) -> None:
+        """Drops the next ``n`` datagrams (the guest must count them lost)."""
+        with self._faults.lock:
+            self._faults.drop += n
+
+    def corrupt_next(self, n: int) -> None:
+        """Echoes the next ``n`` datagrams with one payload byte flipped (the guest must
+        count them corrupt)."""
+        with self._faults.lock:
+            self._faults.corrupt += n
+
+    def request_stop(self) -> None:
+        """Answers the guest's next datagram with STOP: its loop ends and it powers off."""
+        with self._faults.lock:
+            self._faults.stop = True
+
+    def _serve(self) -> None:
+        while not self._closing.is_set():
+            try:
+                data, addr = self.sock.recvfrom(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            c = self.counts
+            c.received += 1
+            if len(data) < 24 or data[:8] != NET_MAGIC:
+                c.bad += 1
+                continue
+            c.last_seq = int.from_bytes(data[8:16], "little")
+            with self._faults.lock:
+                if self._faults.stop:
+                    self.sock.sendto(STOP_MAGIC, addr)
+                    c.stop_sent = True
+                    continue
+                if self._faults.drop:
+                    self._faults.drop -= 1
+                    c.dropped += 1
+                    continue
+                if self._faults.corrupt and len(data) > 24:
+                    self._faults.corrupt -= 1
+                    c.corrupted += 1
+                    mid = 24 + (len(data) - 24) // 2
+                    data = data[:mid] + bytes([data[mid] ^ 0x40]) + data[mid + 1 :]
+            self.sock.sendto(data, addr)
+            c.echoed += 1
+
+    def close(self) -> None:
+        self._closing.set()
+        self._thread.join(5)
+        self.sock.close()
