@@ -120,6 +120,29 @@ def run_tool(
     return proc
 
 
+def run_with_tools(
+    *args: object, cwd: Path | None = None, check: bool = True
+) -> subprocess.CompletedProcess[str]:
+    """Returns the finished run of ``args`` (make, a built program, a console script)
+    with this interpreter's console scripts first on PATH, as a user's shell with the
+    package installed has them (make trees call `patchbox config`); asserts success
+    unless ``check`` is false."""
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    proc = subprocess.run(
+        [str(a) for a in args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=cwd,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+    if check:
+        assert proc.returncode == 0, f"{args} failed: {proc.stdout}{proc.stderr}"
+    return proc
+
+
 # `patchbox` run three ways (tests of cli/fast.py): the console script; the fast path
 # alone (exit status FELL_BACK when it leaves the command line to click); click alone.
 FELL_BACK = 99

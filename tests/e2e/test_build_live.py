@@ -9,15 +9,14 @@ __LINE__ changes there: not part of the patch).
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from live import Target
 
+from helpers import run_with_tools
 from patchbox.format.layout import load_patch
 
 pytestmark = pytest.mark.process
@@ -25,23 +24,7 @@ BIN = Path(sys.executable).parent
 TREE = Path(__file__).resolve().parent / "buildtree"
 
 
-def run(
-    *args: str | Path, cwd: Path | None = None, check: bool = True
-) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
-    proc = subprocess.run(
-        [str(a) for a in args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=cwd,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        check=False,
-    )
-    if check:
-        assert proc.returncode == 0, f"{args} failed: {proc.stdout}{proc.stderr}"
-    return proc
+run = run_with_tools
 
 
 def edit(path: Path, old: str, new: str) -> None:

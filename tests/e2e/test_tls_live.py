@@ -17,9 +17,7 @@ another's), and the fix's own counter grows only while it is applied.
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -29,6 +27,7 @@ from pathlib import Path
 import pytest
 from live import Target
 
+from helpers import run_with_tools
 from patchbox.format.layout import load_patch
 
 pytestmark = pytest.mark.process
@@ -40,23 +39,7 @@ EXE_FIX = ("\text_count += 1;\n}", "\text_count += 1;\n\tseen += 1;\n}")
 LIB_FIX = ("\tlib_s += 1;\n}", "\tlib_s += 1;\n\tlib_seen += 1;\n}")
 
 
-def run(
-    *args: object, cwd: Path | None = None, check: bool = True
-) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
-    proc = subprocess.run(
-        [str(a) for a in args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=cwd,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        check=False,
-    )
-    if check:
-        assert proc.returncode == 0, f"{args} failed: {proc.stdout}{proc.stderr}"
-    return proc
+run = run_with_tools
 
 
 @dataclass(frozen=True)
