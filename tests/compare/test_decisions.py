@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from helpers import compile_c
 from patchbox.compare.explain import annotate_inlined, format_explain
+from patchbox.compare.model import ObjectDiff
 from patchbox.compare.objects import (
     compare_objects,
     compare_trees,
@@ -570,6 +571,18 @@ def test_source_compiled_for_two_programs(tmp_path: Path) -> None:
         assert other_programs({"case.o": fast}, ref) == set()
 
 
+def folded_check(tmp_path: Path, src: str, fixed: str) -> ObjectDiff:
+    """Returns the diff of case.c's objects (``src`` → ``fixed``) after the folded-static
+    check, which reads ``src`` as the changed file's text before the diff."""
+    o, p = pair(tmp_path, src, fixed)
+    d = compare_objects(o, p)
+    diff = "".join(
+        difflib.unified_diff(src.splitlines(True), fixed.splitlines(True), "a/case.c", "b/case.c")
+    )
+    (d,) = refuse_folded_statics([d], parse_diff(diff), lambda change: src)
+    return d
+
+
 def test_static_folded_in_both_objects_refused_from_the_source(tmp_path: Path) -> None:
     """The original stores a constant to a static and reads it in the same function: GCC
     drops the variable, its value lives only in code. The diff removes the store. Neither
@@ -582,12 +595,8 @@ def test_static_folded_in_both_objects_refused_from_the_source(tmp_path: Path) -
     )
     fixed = src.replace("mode = 1;", "")
     o, p = pair(tmp_path, src, fixed)
-    d = compare_objects(o, p)
-    assert d.refusals == []  # nothing in the objects shows it
-    diff = "".join(
-        difflib.unified_diff(src.splitlines(True), fixed.splitlines(True), "a/case.c", "b/case.c")
-    )
-    [d] = refuse_folded_statics([d], parse_diff(diff), lambda change: src)
+    assert compare_objects(o, p).refusals == []  # nothing in the objects shows it
+    d = folded_check(tmp_path, src, fixed)
     assert len(d.refusals) == 1 and d.refusals[0].startswith(
         "mode: static mode of case.c is not in the original object: the compiler folded it away"
     ), d.refusals
@@ -645,12 +654,7 @@ def test_static_written_through_a_pointer_and_folded_refused(tmp_path: Path) -> 
         "int run(void) { func_1(); return g_4; }\n"
     )
     fixed = src.replace("(*l_3) = 1; ", "")
-    o, p = pair(tmp_path, src, fixed)
-    d = compare_objects(o, p)
-    diff = "".join(
-        difflib.unified_diff(src.splitlines(True), fixed.splitlines(True), "a/case.c", "b/case.c")
-    )
-    [d] = refuse_folded_statics([d], parse_diff(diff), lambda change: src)
+    d = folded_check(tmp_path, src, fixed)
     assert [r.split(":")[0] for r in d.refusals] == ["g_4"], d.refusals
     assert written_statics(src, {"g_4"}) == {"g_4"}
     assert written_statics("static int k = 1;\nint f(void) { return k == 2; }\n", {"k"}) == set()
@@ -709,12 +713,7 @@ def test_folded_static_left_alone_by_a_diff_that_does_not_write_it(tmp_path: Pat
         "int other(int x) { return x + 1; }\n"
     )
     fixed = src.replace("x + 1", "x + 2")
-    o, p = pair(tmp_path, src, fixed)
-    d = compare_objects(o, p)
-    diff = "".join(
-        difflib.unified_diff(src.splitlines(True), fixed.splitlines(True), "a/case.c", "b/case.c")
-    )
-    (d,) = refuse_folded_statics([d], parse_diff(diff), lambda change: src)
+    d = folded_check(tmp_path, src, fixed)
     assert d.refusals == [] and d.functions == ("other",)
 
 
@@ -727,10 +726,5 @@ def test_folded_static_whose_store_only_changes_is_left_alone(tmp_path: Path) ->
         "int run(void) { func_1(); return g_4; }\n"
     )
     fixed = src.replace("(*l_3) = 1;", "(*l_3) = 2;")
-    o, p = pair(tmp_path, src, fixed)
-    d = compare_objects(o, p)
-    diff = "".join(
-        difflib.unified_diff(src.splitlines(True), fixed.splitlines(True), "a/case.c", "b/case.c")
-    )
-    (d,) = refuse_folded_statics([d], parse_diff(diff), lambda change: src)
+    d = folded_check(tmp_path, src, fixed)
     assert d.refusals == [] and d.functions == ("run",)
