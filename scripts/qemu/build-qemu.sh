@@ -63,7 +63,17 @@ libs() {
 	(cd "$dir" && "$patchbox" config --libs --app-version "$version" --app-cflags "$cflags") ||
 		die "$patchbox config --libs failed"
 }
-opts=(--target-list=x86_64-softmmu --without-default-features --without-default-devices
+# Debian's qemu-system-x86 device set (its configure takes the default devices of the
+# target) with the features whose code is device or block code that guests reach
+# (debian/control's list, less the UI toolkits, audio and remote-storage libraries):
+# every feature named, none detected, so a machine with other libraries installed
+# configures the same QEMU.
+opts=(--target-list=x86_64-softmmu --without-default-features
+	--enable-kvm --enable-tcg --enable-fdt=system --enable-slirp --enable-linux-aio
+	--enable-linux-io-uring --enable-virtfs --enable-attr --enable-cap-ng --enable-vnc
+	--enable-vnc-jpeg --enable-png --enable-gnutls --enable-nettle --enable-zstd
+	--enable-seccomp --enable-libusb --enable-usb-redir --enable-tpm --enable-vhost-kernel
+	--enable-vhost-net --enable-vhost-user --enable-vhost-vdpa --enable-vhost-crypto
 	--disable-docs --disable-tools --disable-werror --meson="$cache/venv/bin/meson")
 
 if [ "$print_flags" = 1 ]; then
@@ -85,8 +95,10 @@ mkdir -p "$cache"
 exec 9>"$cache/.lock"
 flock 9
 
-# 1. Tools and libraries QEMU's minimal configuration needs (Debian names).
-pkgs=(dpkg-dev ninja-build pkg-config libglib2.0-dev libpixman-1-dev zlib1g-dev libfdt-dev flex bison)
+# 1. Tools and libraries the configuration needs (Debian names).
+pkgs=(dpkg-dev ninja-build pkg-config libglib2.0-dev libpixman-1-dev zlib1g-dev libfdt-dev flex bison
+	libslirp-dev libaio-dev liburing-dev libattr1-dev libcap-ng-dev libjpeg-dev libpng-dev
+	libgnutls28-dev nettle-dev libzstd-dev libseccomp-dev libusb-1.0-0-dev libusbredirparser-dev)
 missing=()
 for p in "${pkgs[@]}"; do
 	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
