@@ -1,0 +1,215 @@
+"""Debian's libvirt daemon for tests, apart from the host's (docs/qemu.md, "Under
+libvirt"). Named ``libvirtd``, not ``libvirt``: that is libvirt's own Python binding.
+
+``Libvirtd(workdir)`` starts ``libvirtd`` as root in a mount namespace of its own:
+``/run/libvirt``, ``/var/lib/libvirt``, ``/var/cache/libvirt`` and ``/var/log/libvirt``
+are private tmpfs, ``/etc/libvirt`` is ``workdir/etc``, and clients connect through
+``workdir/run/libvirt-sock`` (``uri``). Nothing of a libvirt the host may run is read or
+written, and no init system is needed. The QEMU driver runs QEMU as Debian's
+``libvirt-qemu`` user (its default); the network namespace is the host's, so an agent on
+its abstract address is reached from outside as usual.
+
+The driver's settings (``workdir/etc/qemu.conf``) leave out what needs a host set up for
+it: no security driver (no AppArmor or SELinux here), no cgroups, no per-domain mount
+namespace, QEMU's output to a file instead of virtlogd.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+__all__ = ["Libvirtd", "LibvirtError", "domain_xml", "libvirtd_missing"]
+
+PRIVATE_DIRS = ("/run/libvirt", "/var/lib/libvirt", "/var/cache/libvirt", "/var/log/libvirt")
+
+QEMU_CONF = """\
+security_driver = "none"
+namespaces = [ ]
+cgroup_controllers = [ ]
+stdio_handler = "file"
+remember_owner = 0
+"""
+
+
+class LibvirtError(Exception):
+    """A libvirt command failed (its output in the message)."""
+
+
+def libvirtd_missing() -> str:
+    """Returns why libvirtd cannot run here, or "" when it can."""
+    if os.geteuid() != 0:
+        return "libvirtd's system instance needs root (it starts QEMU as libvirt-qemu)"
+    for tool in ("/usr/sbin/libvirtd", "/usr/bin/virsh", "/usr/bin/unshare"):
+        if not os.access(tool, os.X_OK):
+            return f"{tool}: not installed (scripts/bootstrap.sh installs libvirt)"
+    try:
+        import pwd
+
+        pwd.getpwnam("libvirt-qemu")
+    except KeyError:
+        return "no user libvirt-qemu (made by libvirt-daemon-system)"
+    return ""
+
+
+# A firmware the project's QEMU can boot: Debian's QEMU source package (dfsg) has no
+# firmware blobs, so the build has no bios-256k.bin; qemu-system-data ships qboot.
+FIRMWARE = Path("/usr/share/qemu/qboot.rom")
+
+
+def domain_xml(
+    name: str,
+    emulator: Path | str,
+    machine: str = "pc",
+    memory_mib: int = 64,
+    firmware: Path | None = FIRMWARE,
+) -> str:
+    """Returns the XML of a TCG domain (``type='qemu'``) without disk, network, USB,
+    balloon or display: the emulator's process and its QMP monitor only."""
+    loader = f"<loader type='rom'>{firmware}</loader>" if firmware else ""
+    return f"""\
+<domain type='qemu'>
+  <name>{name}</name>
+  <memory unit='MiB'>{memory_mib}</memory>
+  <vcpu>1</vcpu>
+  <os><type arch='x86_64' machine='{machine}'>hvm</type>{loader}</os>
+  <on_poweroff>destroy</on_poweroff>
+  <devices>
+    <emulator>{emulator}</emulator>
+    <controller type='usb' model='none'/>
+    <memballoon model='none'/>
+  </devices>
+</domain>
+"""
+
+
+class Libvirtd:
+    """A private libvirtd (module docstring); ``stop()`` ends it and every process of its
+    mount namespace (the QEMUs it started)."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.run_dir = workdir / "run"
+        self.etc = workdir / "etc"
+        self.log = workdir / "libvirtd.log"
+        self.uri = f"qemu:///system?socket={self.run_dir}/libvirt-sock"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 60) -> None:
+        """Starts libvirtd and waits until ``virsh version`` answers."""
+        for d in (self.run_dir, self.etc):
+            d.mkdir(parents=True, exist_ok=True)
+            d.chmod(0o700)
+        (self.etc / "qemu.conf").write_text(QEMU_CONF)
+        conf = self.workdir / "libvirtd.conf"
+        conf.write_text(
+            f'unix_sock_dir = "{self.run_dir}"\n'
+            'auth_unix_rw = "none"\nauth_unix_ro = "none"\nunix_sock_rw_perms = "0700"\n'
+            f'log_outputs = "3:file:{self.log}"\n'
+        )
+        mounts = "; ".join(
+            f"mkdir -p {d} && mount -t tmpfs -o mode=0755 tmpfs {d}" for d in PRIVATE_DIRS
+        )
+        script = (
+            f"set -e; {mounts}; mount --bind {self.etc} /etc/libvirt; "
+            f"exec /usr/sbin/libvirtd -f {conf}"
+        )
+        # unshare execs sh, sh execs libvirtd: the Popen's pid is libvirtd's.
+        with open(self.workdir / "libvirtd.out", "wb") as out:
+            self.proc = subprocess.Popen(
+                ["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"},
+            )
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise LibvirtError(
+                    f"libvirtd exited {self.proc.returncode}: "
+                    + (self.workdir / "libvirtd.out").read_text(errors="replace")[-2000:]
+                )
+            if (self.run_dir / "libvirt-sock").exists():
+                try:
+                    self.virsh("version")
+                    return
+                except LibvirtError:
+                    pass
+            if time.monotonic() > deadline:
+                raise LibvirtError(f"libvirtd did not answer within {timeout} s")
+            time.sleep(0.2)
+
+    def virsh(self, *args: str, timeout: float = 120) -> str:
+        """Returns the output of ``virsh -c URI ARGS``; LibvirtError if it fails."""
+        proc = subprocess.run(
+            ["virsh", "-c", self.uri, *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
+        )
+        if proc.returncode != 0:
+            raise LibvirtError(f"virsh {' '.join(args)}: {proc.stderr.strip()}")
+        return proc.stdout
+
+    def define_and_start(self, name: str, xml: str) -> int:
+        """Returns the pid of domain ``name``'s QEMU, defined from ``xml`` and started."""
+        path = self.workdir / f"{name}.xml"
+        path.write_text(xml)
+        self.virsh("define", str(path))
+        self.virsh("start", name)
+        return self.qemu_pid(name)
+
+    def qemu_pid(self, name: str) -> int:
+        """Returns the pid libvirt recorded for domain ``name``'s QEMU (its pidfile)."""
+        assert self.proc is not None
+        pidfile = Path(f"/proc/{self.proc.pid}/root/run/libvirt/qemu/{name}.pid")
+        return int(pidfile.read_text().strip())
+
+    def qemu_log(self, name: str) -> str:
+        """Returns QEMU's output for domain ``name`` (libvirt's log file of it)."""
+        assert self.proc is not None
+        log = Path(f"/proc/{self.proc.pid}/root/var/log/libvirt/qemu/{name}.log")
+        return log.read_text(errors="replace")
+
+    def qmp(self, name: str, command: str) -> str:
+        """Returns the JSON answer of QMP ``command`` (a JSON object) sent to domain
+        ``name``'s QEMU through libvirt's monitor (``virsh qemu-monitor-command``)."""
+        return self.virsh("qemu-monitor-command", name, command)
+
+    def stop(self) -> None:
+        """Destroys every running domain, ends libvirtd, then kills whatever is left in
+        its mount namespace (a QEMU libvirt did not stop)."""
+        if self.proc is None:
+            return
+        try:
+            for name in self.virsh("list", "--name", timeout=30).split():
+                try:
+                    self.virsh("destroy", name, timeout=30)
+                except LibvirtError:
+                    pass
+        except (LibvirtError, subprocess.TimeoutExpired):
+            pass
+        try:
+            ns = os.readlink(f"/proc/{self.proc.pid}/ns/mnt")
+        except OSError:
+            ns = ""
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+        if ns:
+            for entry in os.listdir("/proc"):
+                if entry.isdigit():
+                    try:
+                        if os.readlink(f"/proc/{entry}/ns/mnt") == ns:
+                            os.kill(int(entry), signal.SIGKILL)
+                    except OSError:
+                        pass
+        self.proc = None
