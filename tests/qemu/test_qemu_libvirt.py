@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -86,6 +87,18 @@ def test_patch_a_libvirt_domain_through_its_name(
     sock = f"@patchbox/sandbox-sock{pid}"
     refused = as_nobody(BIN / "patchbox", "info", "-s", sock, check=False)
     assert refused.returncode != 0 and "[PERMISSION]" in refused.stderr, refused
+    # QEMU's own user is served, as the kernel would let it ptrace QEMU: libvirt changed
+    # the ids before exec, so the QEMU image is dumpable.
+    as_qemu = subprocess.run(
+        ["setpriv", "--reuid=libvirt-qemu", "--regid=libvirt-qemu", "--clear-groups"]
+        + [str(BIN / "patchbox"), "info", "-s", sock, "--json"],
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        timeout=60,
+    )
+    assert as_qemu.returncode == 0, as_qemu.stderr
+    assert int(json.loads(as_qemu.stdout)["pid"]) == pid
 
     before = package(libvirtd)
     pbx = fixed_patch(
