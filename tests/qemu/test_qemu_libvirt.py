@@ -120,3 +120,95 @@ def test_patch_a_libvirt_domain_through_its_name(
     assert libvirtd.virsh("domstate", VM).strip() == "running"
     assert libvirtd.qemu_pid(VM) == pid
     assert os.path.exists(f"/proc/{pid}")
+
+
+def rollout(tmp: Path, variables: dict) -> tuple[int, dict, str]:
+    """Runs the collection's rollout playbook on localhost (local connection, the
+    collection from the checkout's ansible/); returns its exit status, localhost's record
+    of the JSON report and the output."""
+    cols = tmp / "collections"
+    link = cols / "ansible_collections" / "patchbox" / "live"
+    if not link.exists():
+        link.parent.mkdir(parents=True)
+        link.symlink_to(ROOT / "ansible")
+    report = tmp / "report"
+    (report / "rollout.json").unlink(missing_ok=True)
+    vars_file = tmp / "vars.json"
+    vars_file.write_text(
+        json.dumps({"patchbox_report_dir": str(report), "patchbox_settle_delay": 1, **variables})
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ANSIBLE_")}
+    env.update(
+        ANSIBLE_COLLECTIONS_PATH=str(cols),
+        ANSIBLE_HOME=str(tmp / "ansible-home"),
+        ANSIBLE_NOCOLOR="1",
+    )
+    proc = subprocess.run(
+        [str(BIN / "ansible-playbook"), "patchbox.live.rollout", "-i", "localhost,"]
+        + ["-c", "local", "-e", f"ansible_python_interpreter={sys.executable}"]
+        + ["-e", f"@{vars_file}"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp,
+        stdin=subprocess.DEVNULL,
+        timeout=300,
+    )
+    out = proc.stdout + proc.stderr
+    assert (report / "rollout.json").is_file(), out
+    rows = json.loads((report / "rollout.json").read_text())
+    return proc.returncode, rows, out
+
+
+def test_ansible_rollout_to_a_libvirt_domain_with_a_qmp_check(
+    libvirtd: Libvirtd, qemu_exe: Path, tmp_path: Path
+) -> None:
+    pid = libvirtd.define_and_start(VM, domain_xml(VM, qemu_exe))
+    before = package(libvirtd)
+    pbx = fixed_patch(
+        qemu_exe,
+        tmp_path,
+        "monitor/qmp-cmds-control.c",
+        "info->package = g_strdup(QEMU_PKGVERSION);",
+        f'info->package = g_strdup("{PATCHED}");',
+        "qmp_query_version",
+        "version",
+    )
+    staging = tmp_path / "staging"  # made by the role: root's, 0700
+    common = {
+        "patchbox_patch": str(pbx),
+        "patchbox_vms": [VM],
+        "patchbox_staging_dir": str(staging),
+        "patchbox_health_qmp_domain": VM,
+        "patchbox_health_libvirt_uri": libvirtd.uri,
+    }
+    # The health check sees the patch through libvirt's monitor.
+    rc, report, out = rollout(
+        tmp_path,
+        {
+            **common,
+            "patchbox_health_qmp_command": "query-version",
+            "patchbox_health_qmp_expect": {"package": PATCHED},
+        },
+    )
+    assert rc == 0, out
+    assert package(libvirtd) == PATCHED
+    assert "live-patched under libvirt" in json.dumps(report), report
+    # Out again (the role only rolls out), the domain still runs.
+    run(BIN / "patchbox", "remove", "--all", "--vm", VM, "version")
+    assert package(libvirtd) == before
+    assert libvirtd.virsh("domstate", VM).strip() == "running"
+    assert libvirtd.qemu_pid(VM) == pid
+    # A failing QMP expectation fails the host and rolls the patch back.
+    rc, report, out = rollout(
+        tmp_path,
+        {
+            **common,
+            "patchbox_health_qmp_command": "query-version",
+            "patchbox_health_qmp_expect": {"package": "not what it answers"},
+        },
+    )
+    assert rc != 0, out
+    assert "expected 'not what it answers'" in json.dumps(report), report
+    assert package(libvirtd) == before
+    assert libvirtd.virsh("domstate", VM).strip() == "running"
