@@ -10,8 +10,9 @@ written, and no init system is needed. The QEMU driver runs QEMU as Debian's
 its abstract address is reached from outside as usual.
 
 The driver's settings (``workdir/etc/qemu.conf``) leave out what needs a host set up for
-it: no security driver (no AppArmor or SELinux here), no cgroups, no per-domain mount
-namespace, QEMU's output to a file instead of virtlogd.
+it: no security driver (no AppArmor or SELinux here), no cgroups, QEMU's output to a
+file instead of virtlogd. libvirt's default per-domain mount namespace (a private
+``/dev`` for each QEMU) stays.
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ PRIVATE_DIRS = ("/run/libvirt", "/var/lib/libvirt", "/var/cache/libvirt", "/var/
 
 QEMU_CONF = """\
 security_driver = "none"
-namespaces = [ ]
 cgroup_controllers = [ ]
 stdio_handler = "file"
 remember_owner = 0
@@ -182,8 +182,8 @@ class Libvirtd:
         return self.virsh("qemu-monitor-command", name, command)
 
     def stop(self) -> None:
-        """Destroys every running domain, ends libvirtd, then kills whatever is left in
-        its mount namespace (a QEMU libvirt did not stop)."""
+        """Destroys every running domain, ends libvirtd, then kills what is left of it: a
+        QEMU libvirt recorded but did not stop, any process of its mount namespace."""
         if self.proc is None:
             return
         try:
@@ -194,22 +194,44 @@ class Libvirtd:
                     pass
         except (LibvirtError, subprocess.TimeoutExpired):
             pass
-        try:
-            ns = os.readlink(f"/proc/{self.proc.pid}/ns/mnt")
-        except OSError:
-            ns = ""
+        # (pid, its start time): a pid reused meanwhile is not killed.
+        left: set[tuple[int, str]] = set()
+        ns = _mount_ns(self.proc.pid)
+        for entry in os.listdir("/proc"):
+            if entry.isdigit() and ns and _mount_ns(int(entry)) == ns:
+                left.add((int(entry), _start_time(int(entry))))
+        for f in Path(f"/proc/{self.proc.pid}/root/run/libvirt/qemu").glob("*.pid"):
+            try:
+                pid = int(f.read_text().strip())
+            except (OSError, ValueError):
+                continue
+            left.add((pid, _start_time(pid)))
         self.proc.terminate()
         try:
             self.proc.wait(30)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(10)
-        if ns:
-            for entry in os.listdir("/proc"):
-                if entry.isdigit():
-                    try:
-                        if os.readlink(f"/proc/{entry}/ns/mnt") == ns:
-                            os.kill(int(entry), signal.SIGKILL)
-                    except OSError:
-                        pass
+        for pid, started in left:
+            if started and _start_time(pid) == started:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
         self.proc = None
+
+
+def _mount_ns(pid: int) -> str:
+    """Returns the mount namespace of ``pid`` ("mnt:[N]"), "" if it is gone."""
+    try:
+        return os.readlink(f"/proc/{pid}/ns/mnt")
+    except OSError:
+        return ""
+
+
+def _start_time(pid: int) -> str:
+    """Returns field 22 of /proc/PID/stat (start time in ticks), "" if it is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""

@@ -72,6 +72,9 @@ def test_patch_a_libvirt_domain_through_its_name(
     env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
     assert not [e for e in env if e.startswith(b"PATCHBOX_")]
     assert f"-name\0guest={VM},debug-threads=on" in Path(f"/proc/{pid}/cmdline").read_text()
+    # libvirt's default: a mount namespace of the domain's own (a private /dev).
+    assert libvirtd.proc is not None
+    assert os.readlink(f"/proc/{pid}/ns/mnt") != os.readlink(f"/proc/{libvirtd.proc.pid}/ns/mnt")
 
     # The root-owned directory beside the executable refuses libvirt-qemu: the agent
     # said so on QEMU's stderr (libvirt's log of the domain) and listens on its
