@@ -66,12 +66,18 @@ def domain_xml(
     machine: str = "pc",
     memory_mib: int = 64,
     firmware: Path | None = FIRMWARE,
+    env: dict[str, str] | None = None,
 ) -> str:
     """Returns the XML of a TCG domain (``type='qemu'``) without disk, network, USB,
-    balloon or display: the emulator's process and its QMP monitor only."""
+    balloon or display: the emulator's process and its QMP monitor only. ``env`` is
+    passed to QEMU with ``<qemu:env>`` (libvirt marks the domain ``custom-argv``)."""
     loader = f"<loader type='rom'>{firmware}</loader>" if firmware else ""
+    extra = ""
+    if env:
+        lines = "".join(f"\n    <qemu:env name='{k}' value='{v}'/>" for k, v in env.items())
+        extra = f"\n  <qemu:commandline>{lines}\n  </qemu:commandline>"
     return f"""\
-<domain type='qemu'>
+<domain type='qemu' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>
   <name>{name}</name>
   <memory unit='MiB'>{memory_mib}</memory>
   <vcpu>1</vcpu>
@@ -81,7 +87,7 @@ def domain_xml(
     <emulator>{emulator}</emulator>
     <controller type='usb' model='none'/>
     <memballoon model='none'/>
-  </devices>
+  </devices>{extra}
 </domain>
 """
 

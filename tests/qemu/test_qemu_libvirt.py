@@ -215,3 +215,30 @@ def test_ansible_rollout_to_a_libvirt_domain_with_a_qmp_check(
     assert "expected 'not what it answers'" in json.dumps(report), report
     assert package(libvirtd) == before
     assert libvirtd.virsh("domstate", VM).strip() == "running"
+
+
+def test_socket_directory_of_libvirt_qemu_through_qemu_env(
+    libvirtd: Libvirtd, qemu_exe: Path, world_dir: Path
+) -> None:
+    """The alternative to the abstract address: a directory of libvirt-qemu's own (0700)
+    named to QEMU with <qemu:env>; the agent binds there (a directory of its euid is
+    trusted), root finds the socket by path, nobody cannot even reach it."""
+    import pwd
+
+    qemu_user = pwd.getpwnam("libvirt-qemu")
+    sock_dir = world_dir / "qemu"
+    sock_dir.mkdir(mode=0o700)
+    os.chown(sock_dir, qemu_user.pw_uid, qemu_user.pw_gid)
+    xml = domain_xml(VM, qemu_exe, env={"PATCHBOX_SOCK_DIR": str(sock_dir)})
+    pid = libvirtd.define_and_start(VM, xml)
+    sock = sock_dir / f"sandbox-sock{pid}"
+    st = sock.lstat()
+    assert (st.st_uid, st.st_mode & 0o777) == (qemu_user.pw_uid, 0o600)
+    assert "listening on @patchbox" not in libvirtd.qemu_log(VM)
+    rows = json.loads(run(BIN / "patchbox", "ps", "--vm", VM, "--json").stdout)
+    assert [(r["pid"], r["socket"], r["error"]) for r in rows] == [(pid, str(sock), "")]
+    refused = as_nobody(BIN / "patchbox", "info", "-s", sock, check=False)
+    assert refused.returncode != 0 and "ermission denied" in refused.stderr, refused
+    info = json.loads(run(BIN / "patchbox", "info", "-p", pid, "--json").stdout)
+    assert int(info["pid"]) == pid
+    assert libvirtd.virsh("domstate", VM).strip() == "running"
