@@ -93,11 +93,16 @@ def domain_xml(
 
 
 class Libvirtd:
-    """A private libvirtd (module docstring); ``stop()`` ends it and every process of its
-    mount namespace (the QEMUs it started)."""
+    """A private libvirtd (module docstring), ``qemu_conf`` added to its qemu.conf;
+    ``stop()`` ends it and every QEMU it started."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, qemu_conf: str = "", cache: Path | None = None) -> None:
         self.workdir = workdir
+        self.qemu_conf = qemu_conf  # more lines of qemu.conf
+        # /var/cache/libvirt, kept across daemons: libvirt's probe of an emulator's
+        # capabilities (tens of seconds for Debian's QEMU here) is done once; libvirt
+        # probes again when the binary's ctime or libvirt's version changes.
+        self.cache = cache
         self.run_dir = workdir / "run"
         self.etc = workdir / "etc"
         self.log = workdir / "libvirtd.log"
@@ -109,7 +114,7 @@ class Libvirtd:
         for d in (self.run_dir, self.etc):
             d.mkdir(parents=True, exist_ok=True)
             d.chmod(0o700)
-        (self.etc / "qemu.conf").write_text(QEMU_CONF)
+        (self.etc / "qemu.conf").write_text(QEMU_CONF + self.qemu_conf)
         conf = self.workdir / "libvirtd.conf"
         conf.write_text(
             f'unix_sock_dir = "{self.run_dir}"\n'
@@ -119,6 +124,9 @@ class Libvirtd:
         mounts = "; ".join(
             f"mkdir -p {d} && mount -t tmpfs -o mode=0755 tmpfs {d}" for d in PRIVATE_DIRS
         )
+        if self.cache is not None:
+            self.cache.mkdir(mode=0o755, parents=True, exist_ok=True)
+            mounts += f"; mount --bind {self.cache} /var/cache/libvirt"
         script = (
             f"set -e; {mounts}; mount --bind {self.etc} /etc/libvirt; "
             f"exec /usr/sbin/libvirtd -f {conf}"

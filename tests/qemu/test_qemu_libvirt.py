@@ -29,14 +29,20 @@ VM = "pb-web-01"
 PATCHED = " (live-patched under libvirt)"
 
 
+@pytest.fixture(scope="session")
+def libvirt_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Returns a /var/cache/libvirt for every daemon of the session (probes once)."""
+    return tmp_path_factory.mktemp("libvirt-cache")
+
+
 @pytest.fixture()
-def libvirtd(tmp_path: Path) -> Iterator[Libvirtd]:
+def libvirtd(tmp_path: Path, libvirt_cache: Path) -> Iterator[Libvirtd]:
     why = libvirtd_missing()
     if why:
         pytest.skip(why)
     work = tmp_path / "libvirt"
     work.mkdir()
-    d = Libvirtd(work)
+    d = Libvirtd(work, cache=libvirt_cache)
     d.start()
     try:
         yield d
@@ -242,3 +248,49 @@ def test_socket_directory_of_libvirt_qemu_through_qemu_env(
     info = json.loads(run(BIN / "patchbox", "info", "-p", pid, "--json").stdout)
     assert int(info["pid"]) == pid
     assert libvirtd.virsh("domstate", VM).strip() == "running"
+
+
+DEBIAN_QEMU = Path("/usr/bin/qemu-system-x86_64")
+
+
+@pytest.mark.parametrize("seccomp", ["libvirt's default", "seccomp_sandbox = 0"])
+def test_attach_to_debians_qemu_under_libvirt(
+    tmp_path: Path, libvirt_cache: Path, seccomp: str
+) -> None:
+    """The other route: Debian's own QEMU as the emulator and `patchbox attach`. libvirt
+    starts it with `-sandbox on,...` (qemu.conf's seccomp_sandbox, on by default), and
+    attach refuses a process under a seccomp filter, leaving it untouched; with
+    seccomp_sandbox = 0 attach loads the agent, on its abstract address too."""
+    why = libvirtd_missing() or ("" if DEBIAN_QEMU.exists() else f"{DEBIAN_QEMU}: missing")
+    if why:
+        pytest.skip(why)
+    work = tmp_path / "libvirt"
+    work.mkdir()
+    d = Libvirtd(
+        work, "seccomp_sandbox = 0\n" if seccomp.startswith("seccomp") else "", libvirt_cache
+    )
+    d.start()
+    try:
+        pid = d.define_and_start(VM, domain_xml(VM, DEBIAN_QEMU))
+        status = Path(f"/proc/{pid}/status").read_text()
+        attach = subprocess.run(
+            [str(BIN / "patchbox"), "attach", "-p", str(pid)],
+            capture_output=True,
+            text=True,
+            stdin=subprocess.DEVNULL,
+            timeout=120,
+        )
+        if seccomp.startswith("seccomp"):
+            assert "Seccomp:\t0" in status
+            assert attach.returncode == 0, attach.stderr
+            assert f"agent @patchbox/sandbox-sock{pid}" in attach.stdout
+            assert "self-test passed" in run(BIN / "patchbox", "test", "-p", pid).stdout
+            rows = json.loads(run(BIN / "patchbox", "ps", "--vm", VM, "--json").stdout)
+            assert [(r["pid"], r["vm"]) for r in rows] == [(pid, VM)]
+        else:
+            assert "Seccomp:\t2" in status and "-sandbox" in d.qemu_log(VM)
+            assert attach.returncode == 1 and "seccomp filter" in attach.stderr, attach
+        assert d.virsh("domstate", VM).strip() == "running"
+        assert json.loads(d.qmp(VM, '{"execute":"query-status"}'))["return"]["running"]
+    finally:
+        d.stop()
