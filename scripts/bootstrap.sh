@@ -35,6 +35,13 @@ command -v csmith >/dev/null || need_apt+=(csmith)
 # firmware and tools; the guest's kernel and busybox are fetched by scripts/guest itself.
 need_norec=()
 command -v qemu-system-x86_64 >/dev/null || need_norec+=(qemu-system-x86)
+# The libvirt tier (tests/qemu/test_qemu_libvirt.py, scripts/libvirtd): Debian's libvirt
+# daemon with its QEMU driver and virsh; libvirt-daemon-system makes the libvirt-qemu
+# user QEMU runs as. The tests start a daemon of their own (no init system needed);
+# where an init system runs, the package also starts the host's libvirtd.
+[ -x /usr/sbin/libvirtd ] && getent passwd libvirt-qemu >/dev/null ||
+	need_norec+=(libvirt-daemon-system libvirt-daemon-driver-qemu)
+command -v virsh >/dev/null || need_norec+=(libvirt-clients)
 if [ ${#need_apt[@]} -gt 0 ] || [ ${#need_norec[@]} -gt 0 ]; then
 	echo "bootstrap: installing ${need_apt[*]} ${need_norec[*]} with apt-get"
 	export DEBIAN_FRONTEND=noninteractive

@@ -37,6 +37,7 @@ def world_dir() -> Iterator[Path]:
 TIERS = (
     "process",
     "qemu",
+    "libvirt",
     "guest",
     "fuzz",
     "wheel",

@@ -11,6 +11,8 @@ version_added: "0.1.0"
 description:
   - Connects to a QEMU monitor socket (C(-qmp unix:PATH,server=on,wait=off)), negotiates
     capabilities, runs one command and returns its answer.
+  - For a QEMU that libvirt runs (libvirt keeps its only monitor), O(domain) sends the
+    command through libvirt instead (C(virsh qemu-monitor-command)).
   - Fails when the socket cannot be reached, QEMU answers with an error, or the answer does
     not hold the values of O(expect). The health check of the rollout playbook uses it for
     QEMU hosts.
@@ -22,8 +24,19 @@ options:
   socket:
     description:
       - Path of the QMP Unix socket on the managed host.
+      - Exactly one of O(socket) and O(domain) is required.
     type: path
-    required: true
+  domain:
+    description:
+      - Name of a libvirt domain whose QEMU to ask, through libvirt's own monitor
+        (C(virsh -c URI qemu-monitor-command DOMAIN)). libvirt marks the domain
+        C(custom-monitor) in its log when this is used.
+    type: str
+  libvirt_uri:
+    description:
+      - The libvirt connection URI for O(domain).
+    type: str
+    default: qemu:///system
   command:
     description:
       - The QMP command.
@@ -66,6 +79,13 @@ EXAMPLES = r"""
 - name: The VM still runs
   patchbox.live.qmp:
     socket: /run/qemu/vm1.qmp
+    command: query-status
+    expect:
+      status: running
+
+- name: A libvirt domain still runs
+  patchbox.live.qmp:
+    domain: web-01
     command: query-status
     expect:
       status: running
@@ -161,6 +181,28 @@ class Session:
         self.sock.close()
 
 
+def virsh_execute(module, uri, domain, command, arguments=None):
+    """Returns the C(return) of QMP ``command`` sent through libvirt's monitor of ``domain``."""
+    req = {"execute": command}
+    if arguments:
+        req["arguments"] = arguments
+    argv = ["virsh", "-c", uri, "qemu-monitor-command", domain, json.dumps(req)]
+    rc, out, err = module.run_command(argv, environ_update={"LC_ALL": "C"})
+    if rc != 0:
+        raise QMPError(f"virsh qemu-monitor-command: {(err or out).strip()}")
+    try:
+        reply = json.loads(out)
+    except ValueError as error:
+        raise QMPError(f"virsh sent no JSON: {out[:200]!r}") from error
+    if "error" in reply:
+        error = reply["error"]
+        desc, cls = error.get("desc", error), error.get("class", "")
+        raise QMPError(f"{command}: {desc} ({cls})")
+    if "return" not in reply:
+        raise QMPError(f"{command}: unexpected answer {reply!r}")
+    return reply["return"]
+
+
 def mismatches(response, expect):
     """Returns one line per key of ``expect`` whose value the response does not hold."""
     if not isinstance(response, dict):
@@ -177,7 +219,9 @@ def mismatches(response, expect):
 def main():
     module = AnsibleModule(
         argument_spec=dict(
-            socket=dict(type="path", required=True),
+            socket=dict(type="path"),
+            domain=dict(type="str"),
+            libvirt_uri=dict(type="str", default="qemu:///system"),
             command=dict(type="str", default="query-status"),
             arguments=dict(type="dict"),
             expect=dict(type="dict"),
@@ -185,19 +229,29 @@ def main():
             timeout=dict(type="float", default=10.0),
         ),
         supports_check_mode=True,
+        mutually_exclusive=[("socket", "domain")],
+        required_one_of=[("socket", "domain")],
     )
     p = module.params
     if module.check_mode and not p["read_only"]:
         module.exit_json(changed=False, skipped=True, msg=f"check mode: {p['command']} not run")
+    where = f"domain {p['domain']}" if p["domain"] else p["socket"]
     try:
-        session = Session(p["socket"], p["timeout"])
-        try:
-            response = session.execute(p["command"], p["arguments"])
-            version = session.greeting["QMP"].get("version", {}).get("qemu", {})
-        finally:
-            session.close()
+        if p["domain"]:
+            response = virsh_execute(
+                module, p["libvirt_uri"], p["domain"], p["command"], p["arguments"]
+            )
+            version = virsh_execute(module, p["libvirt_uri"], p["domain"], "query-version")
+            version = version.get("qemu", {})
+        else:
+            session = Session(p["socket"], p["timeout"])
+            try:
+                response = session.execute(p["command"], p["arguments"])
+                version = session.greeting["QMP"].get("version", {}).get("qemu", {})
+            finally:
+                session.close()
     except QMPError as err:
-        module.fail_json(msg=f"QMP {p['command']} on {p['socket']}: {err}")
+        module.fail_json(msg=f"QMP {p['command']} on {where}: {err}")
     if p["expect"]:
         bad = mismatches(response, p["expect"])
         if bad:
