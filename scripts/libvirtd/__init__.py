@@ -63,6 +63,7 @@ FIRMWARE = Path("/usr/share/qemu/qboot.rom")
 def domain_xml(
     name: str,
     emulator: Path | str,
+    *,
     machine: str = "pc",
     memory_mib: int = 64,
     firmware: Path | None = FIRMWARE,
@@ -161,6 +162,7 @@ class Libvirtd:
         """Returns the output of ``virsh -c URI ARGS``; LibvirtError if it fails."""
         proc = subprocess.run(
             ["virsh", "-c", self.uri, *args],
+            check=False,
             capture_output=True,
             text=True,
             timeout=timeout,

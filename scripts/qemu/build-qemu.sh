@@ -67,13 +67,16 @@ libs() {
 # target) with the features whose code is device or block code that guests reach
 # (debian/control's list, less the UI toolkits, audio and remote-storage libraries):
 # every feature named, none detected, so a machine with other libraries installed
-# configures the same QEMU.
+# configures the same QEMU. The firmware path is Debian's: the source package has no
+# firmware, the BIOS comes from Debian's seabios package (and the rest from
+# qemu-system-data, ipxe-qemu).
 opts=(--target-list=x86_64-softmmu --without-default-features
 	--enable-kvm --enable-tcg --enable-fdt=system --enable-slirp --enable-linux-aio
 	--enable-linux-io-uring --enable-virtfs --enable-attr --enable-cap-ng --enable-vnc
 	--enable-vnc-jpeg --enable-png --enable-gnutls --enable-nettle --enable-zstd
 	--enable-seccomp --enable-libusb --enable-usb-redir --enable-tpm --enable-vhost-kernel
 	--enable-vhost-net --enable-vhost-user --enable-vhost-vdpa --enable-vhost-crypto
+	--firmwarepath=/usr/share/qemu:/usr/share/seabios:/usr/lib/ipxe/qemu
 	--disable-docs --disable-tools --disable-werror --meson="$cache/venv/bin/meson")
 
 if [ "$print_flags" = 1 ]; then
@@ -98,7 +101,8 @@ flock 9
 # 1. Tools and libraries the configuration needs (Debian names).
 pkgs=(dpkg-dev ninja-build pkg-config libglib2.0-dev libpixman-1-dev zlib1g-dev libfdt-dev flex bison
 	libslirp-dev libaio-dev liburing-dev libattr1-dev libcap-ng-dev libjpeg-dev libpng-dev
-	libgnutls28-dev nettle-dev libzstd-dev libseccomp-dev libusb-1.0-0-dev libusbredirparser-dev)
+	libgnutls28-dev nettle-dev libzstd-dev libseccomp-dev libusb-1.0-0-dev libusbredirparser-dev
+	seabios ipxe-qemu qemu-system-data)
 missing=()
 for p in "${pkgs[@]}"; do
 	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -13,6 +13,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from qemuutil import BIN, fixed_patch, run
@@ -21,7 +22,7 @@ from helpers import ROOT, as_nobody
 
 sys.path.append(str(ROOT / "scripts"))
 
-from libvirtd import Libvirtd, domain_xml, libvirtd_missing  # noqa: E402
+from libvirtd import Libvirtd, domain_xml, libvirtd_missing
 
 pytestmark = [pytest.mark.qemu, pytest.mark.libvirt]
 
@@ -62,7 +63,8 @@ def ids(pid: int) -> dict[str, list[int]]:
 
 def package(d: Libvirtd) -> str:
     """Returns query-version's package, asked through libvirt's QMP monitor."""
-    return json.loads(d.qmp(VM, '{"execute":"query-version"}'))["return"]["package"]
+    package: str = json.loads(d.qmp(VM, '{"execute":"query-version"}'))["return"]["package"]
+    return package
 
 
 def test_patch_a_libvirt_domain_through_its_name(
@@ -101,6 +103,7 @@ def test_patch_a_libvirt_domain_through_its_name(
     as_qemu = subprocess.run(
         ["setpriv", "--reuid=libvirt-qemu", "--regid=libvirt-qemu", "--clear-groups"]
         + [str(BIN / "patchbox"), "info", "-s", sock, "--json"],
+        check=False,
         capture_output=True,
         text=True,
         stdin=subprocess.DEVNULL,
@@ -114,10 +117,10 @@ def test_patch_a_libvirt_domain_through_its_name(
         qemu_exe,
         tmp_path,
         "monitor/qmp-cmds-control.c",
-        "info->package = g_strdup(QEMU_PKGVERSION);",
-        f'info->package = g_strdup("{PATCHED}");',
-        "qmp_query_version",
-        "version",
+        old="info->package = g_strdup(QEMU_PKGVERSION);",
+        new=f'info->package = g_strdup("{PATCHED}");',
+        function="qmp_query_version",
+        name="version",
     )
     applied = run(BIN / "patchbox", "apply", "--all", "--vm", VM, "--json", pbx)
     assert [(r["pid"], r["result"]) for r in json.loads(applied.stdout)] == [(pid, "applied")]
@@ -131,7 +134,7 @@ def test_patch_a_libvirt_domain_through_its_name(
     assert os.path.exists(f"/proc/{pid}")
 
 
-def rollout(tmp: Path, variables: dict) -> tuple[int, dict, str]:
+def rollout(tmp: Path, variables: dict[str, object]) -> tuple[int, dict[str, Any], str]:
     """Runs the collection's rollout playbook on localhost (local connection, the
     collection from the checkout's ansible/); returns its exit status, localhost's record
     of the JSON report and the output."""
@@ -156,6 +159,7 @@ def rollout(tmp: Path, variables: dict) -> tuple[int, dict, str]:
         [str(BIN / "ansible-playbook"), "patchbox.live.rollout", "-i", "localhost,"]
         + ["-c", "local", "-e", f"ansible_python_interpreter={sys.executable}"]
         + ["-e", f"@{vars_file}"],
+        check=False,
         capture_output=True,
         text=True,
         env=env,
@@ -178,10 +182,10 @@ def test_ansible_rollout_to_a_libvirt_domain_with_a_qmp_check(
         qemu_exe,
         tmp_path,
         "monitor/qmp-cmds-control.c",
-        "info->package = g_strdup(QEMU_PKGVERSION);",
-        f'info->package = g_strdup("{PATCHED}");',
-        "qmp_query_version",
-        "version",
+        old="info->package = g_strdup(QEMU_PKGVERSION);",
+        new=f'info->package = g_strdup("{PATCHED}");',
+        function="qmp_query_version",
+        name="version",
     )
     staging = tmp_path / "staging"  # made by the role: root's, 0700
     common = {
@@ -275,6 +279,7 @@ def test_attach_to_debians_qemu_under_libvirt(
         status = Path(f"/proc/{pid}/status").read_text()
         attach = subprocess.run(
             [str(BIN / "patchbox"), "attach", "-p", str(pid)],
+            check=False,
             capture_output=True,
             text=True,
             stdin=subprocess.DEVNULL,
