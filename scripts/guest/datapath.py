@@ -61,7 +61,9 @@ CHANGES = {
             "hw/net/virtio-net.c",
             {
                 "virtio_net_receive_rcu": "    ssize_t err;",
-                "virtio_net_flush_tx": "    int queue_index = vq2q(virtio_get_queue_index(q->tx_vq));",
+                "virtio_net_flush_tx": (
+                    "    int queue_index = vq2q(virtio_get_queue_index(q->tx_vq));"
+                ),
             },
             "virtio-net receive and transmit (every datagram and its echo)",
         ),
@@ -88,7 +90,7 @@ def _patched_lines(change: Change, lines: list[str]) -> list[str]:
         if start < 0:
             raise ValueError(f"{change.source}: no definition of {fn}")
         at = next((i for i in range(start, len(out)) if out[i].rstrip("\n") == anchor), -1)
-        if at < 0 or at - start > 40:  # noqa: PLR2004 - within the function's declarations
+        if at < 0 or at - start > 40:  # within the function's declarations
             raise ValueError(f"{change.source}: {fn} has no line {anchor!r}")
         out.insert(at + 1, f'    error_report("{change.tag} %s", __func__);\n')
     return out
