@@ -41,6 +41,10 @@ class Fix:
     hunks: dict[str, tuple[int, ...]] = field(default_factory=dict)  # QEMU: file -> hunk numbers
     ci: bool = False  # part of the CI subset (tests/corpus, -m corpus)
     note: str = ""
+    # Why nothing in the corpus run calls the fixed code (QEMU: a device only a guest
+    # driver reaches); such a fix, built, applied and removed cleanly, is ``unexercised``,
+    # not ``live``, unless a probe shows the fixed code at work.
+    unexercised: str = ""
 
 
 def key(fix: Fix) -> str:
@@ -224,7 +228,11 @@ OPENSSH = Package(
 )
 
 # QEMU 7.2: the CVE fixes named by debian/changelog in the stable release diffs
-# (debian/patches/v7.2.N.diff). ``files`` are the diff's sections that hold the fix.
+# (debian/patches/v7.2.N.diff). ``files`` are the diff's sections that hold the fix;
+# ``hunks`` pick the fix's hunks where a section also carries other commits of the
+# release (their changelog lines name them). The corpus's QEMU is built with Debian's
+# qemu-system-x86 device set (scripts/qemu/build-qemu.sh), so every fix below is code
+# compiled into qemu-system-x86_64.
 QEMU = Package(
     "qemu",
     "1:7.2+dfsg-7+deb12u18",
@@ -232,44 +240,54 @@ QEMU = Package(
         Fix(
             "CVE-2023-0330",
             "v7.2.3.diff",
-            "absent",
-            "hw/scsi/lsi53c895a.c: lsi_execute_script (LSI SCSI not configured)",
+            "function",
+            "hw/scsi/lsi53c895a.c: lsi_execute_script (a static reentrancy counter)",
             files=("hw/scsi/lsi53c895a.c",),
+            unexercised="needs a guest driving the LSI SCRIPTS processor into DMA to its "
+            "own registers",
         ),
         Fix(
             "CVE-2023-2861",
             "v7.2.4.diff",
-            "absent",
-            "hw/9pfs/9p-util.h: openat_file (virtfs not configured)",
+            "function",
+            "hw/9pfs/9p-util.h: openat_file refuses special files (static inline, in the "
+            "9p objects' open paths)",
             files=("hw/9pfs/9p-util.h",),
+            unexercised="needs a guest speaking 9P over virtio (the test guest has no 9p modules)",
         ),
         Fix(
             "CVE-2023-3301",
             "v7.2.4.diff",
-            "absent",
-            "net/vhost-vdpa.c: vhost_vdpa_cleanup (vhost-vdpa not configured)",
+            "function",
+            "net/vhost-vdpa.c: vhost_vdpa_cleanup keeps a peer NIC's state (netdev_del)",
             files=("net/vhost-vdpa.c",),
+            hunks={"net/vhost-vdpa.c": (2,)},  # 1: _F_CTRL_GUEST_OFFLOADS, 3: CVQ buffer
+            unexercised="netdev_add of a vhost-vdpa netdev needs a vDPA device "
+            "(/dev/vhost-vdpa-N; this kernel has no vdpa bus)",
         ),
         Fix(
             "CVE-2023-3255",
             "v7.2.5.diff",
-            "absent",
-            "ui/vnc-clipboard.c: inflate_buffer (VNC not configured)",
+            "function",
+            "ui/vnc-clipboard.c: inflate_buffer (endless loop on data after the zlib stream)",
             files=("ui/vnc-clipboard.c",),
+            probe="qemu_vnc_clipboard_trailing",
         ),
         Fix(
             "CVE-2023-3354",
             "v7.2.5.diff",
-            "absent",
-            "io/channel-tls.c: qio_channel_tls_handshake_* (compiled, unreachable: no gnutls)",
-            files=("io/channel-tls.c",),
+            "data",
+            "include/io/channel-tls.h: struct QIOChannelTLS gains hs_ioc_tag; "
+            "io/channel-tls.c: the handshake's watch removed on close",
+            files=("include/io/channel-tls.h", "io/channel-tls.c"),
         ),
         Fix(
             "CVE-2023-3180",
             "v7.2.5.diff",
-            "absent",
-            "hw/virtio/virtio-crypto.c: virtio_crypto_sym_op_helper (not configured)",
+            "function",
+            "hw/virtio/virtio-crypto.c: virtio_crypto_sym_op_helper (src_len != dst_len)",
             files=("hw/virtio/virtio-crypto.c",),
+            unexercised="needs a guest virtio-crypto driver and a cryptodev backend",
         ),
         Fix(
             "CVE-2023-5088",
@@ -283,16 +301,20 @@ QEMU = Package(
         Fix(
             "CVE-2023-42467",
             "v7.2.7.diff",
-            "absent",
-            "hw/scsi/scsi-disk.c: scsi_disk_emulate_mode_select (SCSI not configured)",
+            "function",
+            "hw/scsi/scsi-disk.c: scsi_disk_emulate_mode_select (block size 256)",
             files=("hw/scsi/scsi-disk.c",),
+            hunks={"hw/scsi/scsi-disk.c": (1,)},  # 2: FORMAT UNIT terminated
+            unexercised="needs a guest sending MODE SELECT through a SCSI controller",
         ),
         Fix(
             "CVE-2024-24474",
             "v7.2.7.diff",
-            "absent",
-            "hw/scsi/esp.c: esp_do_nodma (ESP not configured)",
+            "function",
+            "hw/scsi/esp.c: esp_do_nodma (transfer length capped by async_len)",
             files=("hw/scsi/esp.c",),
+            hunks={"hw/scsi/esp.c": (1,)},  # 2: sysbus_esp_gpio_demux's type
+            unexercised="needs a guest programming the ESP (am53c974) controller",
         ),
         Fix(
             "CVE-2023-3019",
@@ -305,17 +327,19 @@ QEMU = Package(
         Fix(
             "CVE-2023-6693",
             "v7.2.9.diff",
-            "absent",
-            "hw/net/virtio-net.c: virtio_net_flush_tx (virtio-net not configured)",
+            "function",
+            "hw/net/virtio-net.c: virtio_net_flush_tx (the vnet header's stack copy)",
             files=("hw/net/virtio-net.c",),
+            unexercised="needs a guest transmitting through virtio-net",
         ),
         Fix(
             "CVE-2023-6683",
             "v7.2.10.diff",
-            "absent",
-            "ui/clipboard.c: qemu_clipboard_request, qemu_clipboard_set_data (compiled; "
-            "unreachable: no VNC/GTK/D-Bus clipboard peer configured)",
+            "function",
+            "ui/clipboard.c: qemu_clipboard_set_data (empty data is not available), "
+            "qemu_clipboard_update/request asserts",
             files=("ui/clipboard.c",),
+            probe="qemu_vnc_clipboard_empty",
         ),
         Fix(
             "CVE-2024-3446",
@@ -330,21 +354,26 @@ QEMU = Package(
                 "hw/display/virtio-gpu.c",
                 "hw/virtio/virtio-crypto.c",
             ),
+            hunks={"hw/virtio/virtio.c": (2,)},  # 1: packed virtqueue flush used_idx
+            probe="qemu_virtio_serial_hotplug",
         ),
         Fix(
             "CVE-2024-3447",
             "v7.2.11.diff",
-            "absent",
-            "hw/sd/sdhci.c: sdhci_write (SDHCI not configured)",
+            "function",
+            "hw/sd/sdhci.c: sdhci_write (no TRNMOD while DAT inhibit), dataport asserts",
             files=("hw/sd/sdhci.c",),
+            unexercised="needs a guest driving an sdhci-pci controller",
         ),
         Fix(
             "CVE-2024-26327 CVE-2024-26328",
             "v7.2.11.diff",
-            "absent",
-            "hw/pci/pcie_sriov.c: register_vfs, pcie_sriov_num_vfs; hw/nvme/ctrl.c (compiled; "
-            "no SR-IOV device configured)",
-            files=("hw/pci/pcie_sriov.c", "include/hw/pci/pcie_sriov.h"),
+            "function",
+            "hw/pci/pcie_sriov.c: register_vfs checks NumVFs, new pcie_sriov_num_vfs; "
+            "hw/nvme/ctrl.c: nvme_pci_write_config uses it",
+            files=("hw/pci/pcie_sriov.c", "include/hw/pci/pcie_sriov.h", "hw/nvme/ctrl.c"),
+            hunks={"hw/nvme/ctrl.c": (15,)},  # 1-14: msix-exclusive-bar, serial, errors
+            unexercised="needs a guest enabling SR-IOV of an nvme device (PCIe: q35)",
         ),
         Fix(
             "CVE-2024-4467",

@@ -18,6 +18,7 @@ import json
 import shutil
 import struct
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -64,10 +65,85 @@ def carve(fix: Fix, patches: Path) -> str:
     return "".join(out)
 
 
-def level(fixes: list[Fix]) -> tuple[Path, Path, dict[str, str]]:
-    """Returns (source, binary, {fix key: why it is not in the level}) of the QEMU level
-    with every carved fix of ``fixes`` reverted."""
-    run([str(ROOT / "scripts/qemu/build-qemu.sh")], timeout=3600)  # the cached 7.2.22
+def _release(patch: str) -> int:
+    """Returns N of release diff ``v7.2.N.diff``."""
+    return int(patch.removeprefix("v7.2.").removesuffix(".diff"))
+
+
+def later_sections(fix: Fix, patches: Path) -> list[tuple[str, str]]:
+    """Returns [(release diff, its sections of the fix's files)] of every release after the
+    fix's that touches one of its files, newest first: what a *rewind* reverts before the
+    fix's own hunks when later releases changed the same lines."""
+    out = []
+    later = sorted(
+        (p for p in patches.glob("v7.2.*.diff") if _release(p.name) > _release(fix.patch)),
+        key=lambda p: _release(p.name),
+        reverse=True,
+    )
+    for p in later:
+        parts = {
+            strip_path(t.change.name, 1): t.text
+            for t in file_texts(p.read_text(errors="surrogateescape"))
+        }
+        text = "".join(parts[f] for f in fix.files if f in parts)
+        if text:
+            out.append((p.name, text))
+    return out
+
+
+def _revert(diff: Path, src: Path) -> str | None:
+    """Reverts ``diff`` in ``src``; returns None, or patch's complaint (nothing changed)."""
+    dry = run(f"patch -R -p1 -s -f --dry-run < {diff}", cwd=src, check=False)
+    if dry.returncode != 0:
+        return dry.stdout[-300:]
+    run(f"patch -R -p1 -s -f < {diff}", cwd=src)
+    return None
+
+
+def _revert_rewinding(fix: Fix, diff: Path, src: Path, patches: Path) -> list[str]:
+    """Reverts the fix's ``diff`` in ``src``: if its hunks no longer revert on 7.2.22, the
+    later releases' sections of its files are reverted first, newest first, until they do
+    (the files as of the release before the fix). Returns the release diffs rewound;
+    raises RuntimeError when even the oldest state does not take the revert, leaving
+    ``src`` as it was (the work is done on a copy of the fix's files)."""
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        for f in fix.files:
+            if (src / f).exists():
+                (tmp / f).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(src / f, tmp / f)
+        why = _revert(diff, tmp)
+        rewound: list[str] = []
+        if why is not None:
+            for name, text in later_sections(fix, patches):
+                part = tmp / f"rewind-{name}"
+                part.write_text(text)
+                step = _revert(part, tmp)
+                if step is not None:
+                    raise RuntimeError(f"{name}'s sections of {', '.join(fix.files)}: {step}")
+                rewound.append(name)
+                why = _revert(diff, tmp)
+                if why is None:
+                    break
+            else:
+                raise RuntimeError(f"its hunks do not revert on 7.2.22: {why}")
+        for f in fix.files:
+            if (tmp / f).exists():
+                shutil.copyfile(tmp / f, src / f)  # a new mtime: ninja rebuilds its users
+            else:
+                (src / f).unlink(missing_ok=True)
+        return rewound
+
+
+def level(fixes: list[Fix]) -> tuple[Path, Path, dict[str, str], dict[str, list[str]]]:
+    """Returns (source, binary, {fix key: why it is not in the level}, {fix key: release
+    diffs rewound before its revert}) of the QEMU level with every carved fix of ``fixes``
+    reverted."""
+    if not (QEMU_CACHE / "src/VERSION").exists():
+        # The cached 7.2.22 source, fetched by the project's build. Only its source is
+        # read here: once it is there, the project's build is left alone (relinking it
+        # with this checkout's agent would replace the binary other users run).
+        run([str(ROOT / "scripts/qemu/build-qemu.sh")], timeout=3600)
     diffs = LEVEL / "diffs"
     diffs.mkdir(parents=True, exist_ok=True)
     patches = QEMU_CACHE / "src/debian/patches"
@@ -91,32 +167,34 @@ def level(fixes: list[Fix]) -> tuple[Path, Path, dict[str, str]]:
             shutil.copy2(dsc, LEVEL / "dl")
     # Which fixes are reverted now: restore the files of the old set, revert the new one.
     state = LEVEL / "reverted.json"
-    old: dict[str, list[str]] = json.loads(state.read_text()) if state.exists() else {}
+    old: dict[str, Any] = json.loads(state.read_text()) if state.exists() else {}
+    rewound: dict[str, list[str]] = {}
     new = {
         k: sorted({strip_path(c.new, 1) for c in parse_diff(p.read_text()) if c.new})
         for k, p in carved.items()
     }
     want = {k: sha(carved[k].read_text()) for k in carved}
     if old.get("_stamp") != [json.dumps(want, sort_keys=True)]:
-        files = {f for k, fs in old.items() if k != "_stamp" for f in fs} | {
+        files = {f for k, fs in old.items() if not k.startswith("_") for f in fs} | {
             f for fs in new.values() for f in fs
         }
         for f in sorted(files):
             orig = QEMU_CACHE / "src" / f
             if orig.exists():
                 shutil.copyfile(orig, src / f)  # a new mtime: ninja rebuilds its users
+        by_key = {key(f): f for f in fixes}
         for k, p in carved.items():
-            dry = run(f"patch -R -p1 -s -f --dry-run < {p}", cwd=src, check=False)
-            if dry.returncode != 0:
-                skipped[k] = "its hunks do not revert on 7.2.22: " + dry.stdout[-300:]
+            try:
+                rewound[k] = _revert_rewinding(by_key[k], p, src, patches)
+            except RuntimeError as err:
+                skipped[k] = str(err)
                 new.pop(k)
-                continue
-            run(f"patch -R -p1 -s -f < {p}", cwd=src)
-        state.write_text(json.dumps({**new, "_stamp": [json.dumps(want, sort_keys=True)]}))
+        stamp = {"_stamp": [json.dumps(want, sort_keys=True)]}
+        done = {"_rewound": rewound, "_skipped": {k: skipped[k] for k in carved if k in skipped}}
+        state.write_text(json.dumps({**new, **stamp, **done}))
     else:
-        for k in carved:
-            if k not in old:
-                skipped[k] = "its hunks do not revert on 7.2.22"
+        rewound = old.get("_rewound", {})
+        skipped.update(old.get("_skipped", {}))
     log(f"qemu: building the level (scripts/qemu/build-qemu.sh in {LEVEL})")
     proc = run(
         [str(ROOT / "scripts/qemu/build-qemu.sh")],
@@ -124,7 +202,7 @@ def level(fixes: list[Fix]) -> tuple[Path, Path, dict[str, str]]:
         timeout=3600,
     )
     binary = Path(proc.stdout.strip().splitlines()[-1])
-    return src, binary, skipped
+    return src, binary, skipped, rewound
 
 
 def qcow2_with_data_file(path: Path, data_file: str, size: int = 1 << 20) -> None:
@@ -237,7 +315,7 @@ def start_qemu(binary: Path) -> tuple[Daemon, Path]:
 
 def run_fixes(pkg: Package, fixes: list[Fix], results: Path) -> list[dict[str, Any]]:
     """Returns one result per QEMU fix of ``fixes``."""
-    src, binary, skipped = level([f for f in pkg.fixes if f in fixes])
+    src, binary, skipped, rewound = level([f for f in pkg.fixes if f in fixes])
     out_dir = results / "qemu"
     out_dir.mkdir(parents=True, exist_ok=True)
     daemon, qmp = start_qemu(binary)
@@ -267,12 +345,14 @@ def run_fixes(pkg: Package, fixes: list[Fix], results: Path) -> list[dict[str, A
                 "version": pkg.version,
                 "fix": k,
                 "ident": fix.ident,
-                "patch": f"{fix.patch}: {', '.join(fix.files) or '-'}",
+                "patch": f"{fix.patch}: {', '.join(fix.files) or '-'}"
+                + (f" (rewound: {', '.join(rewound[k])})" if rewound.get(k) else ""),
                 "adapted": False,
                 "shape": fix.shape,
                 "what": fix.what,
                 "probe": fix.probe,
                 "note": fix.note,
+                "unexercised": fix.unexercised,
                 "level": str(src),
                 **r,
                 "seconds": round(time.monotonic() - t0, 1),

@@ -13,7 +13,9 @@ __all__ = ["summarize", "table", "verdict"]
 
 def verdict(fix: Fix | str, r: dict[str, Any]) -> str:
     """Returns one word for the table: live, refused, no-function, applied (applies, but
-    not a working live patch: init-time code, or another program's code linked in), failed."""
+    not a working live patch: init-time code, or another program's code linked in),
+    unexercised (function-only, applies and is removed cleanly, but nothing in the run
+    calls the fixed code: ``r["unexercised"]`` says why, and no probe passed), failed."""
     b = r.get("build", {}).get("result")
     if b == "no function":
         return "no-function"
@@ -30,6 +32,8 @@ def verdict(fix: Fix | str, r: dict[str, Any]) -> str:
     shape = fix if isinstance(fix, str) else fix.shape
     if shape != "function" and not r.get("adapted"):
         return "applied"  # applies, but the fixed code never runs in this process
+    if r.get("unexercised") and not a.get("probe_passed"):
+        return "unexercised"  # the fixed code could run again, but nothing here calls it
     return "live"
 
 
@@ -56,6 +60,7 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
         },
         "function_only": len(fn),
         "working_live": len(live),
+        "unexercised": sum(1 for r in fn if r["verdict"] == "unexercised"),
         "ratio": round(len(live) / len(fn), 3) if fn else None,
         "requests_during_apply_remove": requests,
         "failed_requests": failed,
