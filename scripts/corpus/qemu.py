@@ -43,12 +43,14 @@ from .harness import (
     wait_agent,
 )
 from .load.qmp_client import QMP
+from .load.vnc_client import NOTIFY, PROVIDE, REQUEST, TEXT, Vnc
 from .report import verdict
 
 __all__ = ["PROBES", "carve", "run_fixes"]
 
 QEMU_CACHE = Path("/var/cache/patchbox/qemu")  # the project's (scripts/qemu/build-qemu.sh)
 LEVEL = CACHE / "qemu-cache"
+VNC = RUN_DIR / "qemu-vnc.sock"  # the level QEMU's VNC server (the clipboard probes)
 
 
 def carve(fix: Fix, patches: Path) -> str:
@@ -256,11 +258,139 @@ def _qcow2_json_data_file(ctx: Ctx) -> str:
         q.close()
 
 
+_texts = itertools.count(1)
+
+
+def _vnc_clipboard_trailing(ctx: Ctx) -> str:
+    """CVE-2023-3255: client A owns the clipboard (extended clipboard: NOTIFY) and provides
+    its text as a zlib stream followed by bytes after the stream's end; client B asks for
+    the text. Unfixed QEMU loops for ever in inflate_buffer (its main loop stops: not run
+    on the unfixed process); fixed QEMU takes the text and B reads it back."""
+    path = ctx.extra["vnc"]
+    text = b"patchbox CVE-2023-3255 #%d" % next(_texts)
+    b = Vnc(path, clipboard=True)
+    a = Vnc(path, clipboard=True)
+    try:
+        a.send_extended(NOTIFY | TEXT)
+        b.read_clipboard()  # B is told A's clipboard has text
+        a.send_extended(PROVIDE | TEXT, Vnc.text_payload(text) + b"after the end")
+        b.send_extended(REQUEST | TEXT)
+        flags, payload = b.read_clipboard()
+        if not flags & PROVIDE:
+            return f"B got flags {flags:#x}, no text"
+        return f"B read back {Vnc.text_of(payload).decode()!r}"
+    except (TimeoutError, OSError, EOFError) as err:
+        return f"no answer: {err!r}"
+    finally:
+        a.close()
+        b.close()
+
+
+def _vnc_clipboard_empty(ctx: Ctx) -> str:
+    """CVE-2023-6683: client A (no extended clipboard: its clipboard peer has no request
+    function) sends an empty ClientCutText; client B (extended clipboard) is notified.
+    Unfixed QEMU marks the text available with no data behind it, and B's REQUEST would
+    make QEMU call A's NULL request function (not sent: it kills QEMU); fixed QEMU does not
+    offer it, and B's REQUEST is ignored."""
+    path = ctx.extra["vnc"]
+    b = Vnc(path, clipboard=True)
+    a = Vnc(path, clipboard=False)
+    try:
+        a.send_text(b"")
+        flags, _ = b.read_clipboard()
+        if flags & TEXT:
+            return "empty text offered as available (a REQUEST would call a NULL function)"
+        b.send_extended(REQUEST | TEXT)
+        q = QMP(ctx.extra["qmp"])
+        status = q.cmd("query-status")["return"]["status"]
+        q.close()
+        return f"empty text not offered; REQUEST ignored, QEMU {status}"
+    finally:
+        # A clipboard that holds data again, before A (its owner) goes away.
+        a.send_text(b"x")
+        time.sleep(0.2)
+        a.close()
+        b.close()
+
+
+_ports = itertools.count(1)
+
+# Run by gdb attached to QEMU (no breakpoint, no call into QEMU: it reads memory, ~4 s
+# stopped): the BH of the virtio-serial port named PORT and the guards it could have.
+_GDB_PORT_GUARD = """
+import gdb
+vser = gdb.parse_and_eval("vserdevices.devices.lh_first")
+bh_type = gdb.lookup_type("struct QEMUBH").pointer()
+while int(vser):
+    port = vser["ports"]["tqh_first"]
+    while int(port):
+        dev = port["dev"]
+        if int(dev["id"]) and dev["id"].string() == PORT:
+            guard = int(port["bh"].cast(bh_type)["reentrancy_guard"])
+            own = int(dev["mem_reentrancy_guard"].address)
+            bus_parent = int(dev["parent_bus"]["parent"]["mem_reentrancy_guard"].address)
+            print("GUARD", guard, own, bus_parent)
+        port = port["next"]["tqe_next"]
+    vser = vser["next"]["le_next"]
+"""
+
+
+def _virtio_serial_hotplug(ctx: Ctx) -> str:
+    """CVE-2024-3446: hot-plugs a virtio-serial port (QMP device_add virtserialport on a
+    virtio-serial-pci added once), which runs virtser_port_device_realize, and reads with
+    gdb which reentrancy guard the port's bottom half got: unfixed, the port's own
+    (``&dev->mem_reentrancy_guard``, never engaged by the device's DMA); fixed, its bus
+    parent's (``virtio_bh_new_guarded``)."""
+    q = QMP(ctx.extra["qmp"])
+    try:
+        if not ctx.extra.get("vser"):
+            r = q.cmd("device_add", driver="virtio-serial-pci", id="pbxvser")
+            if "error" in r:
+                return f"device_add virtio-serial-pci: {r['error']['desc']}"
+            ctx.extra["vser"] = True
+        port = f"pbxport{next(_ports)}"
+        r = q.cmd("device_add", driver="virtserialport", bus="pbxvser.0", id=port)
+        if "error" in r:
+            return f"device_add virtserialport: {r['error']['desc']}"
+    finally:
+        q.close()
+    assert ctx.daemon is not None
+    script = LEVEL / "probe-3446.py"
+    script.write_text(f"PORT = {port!r}\n" + _GDB_PORT_GUARD)
+    gdb = ["gdb", "-q", "-batch", "-nx", "-p", str(ctx.daemon.pid), "-x", str(script)]
+    proc = run(gdb, check=False, timeout=120)
+    hit = [ln.split()[1:] for ln in proc.stdout.splitlines() if ln.startswith("GUARD ")]
+    if len(hit) != 1:
+        return f"gdb found no port {port}: {(proc.stdout + proc.stderr)[-200:]}"
+    guard, own, bus_parent = (int(x) for x in hit[0])
+    if guard == bus_parent:
+        return f"{port}: BH guarded by its bus parent's reentrancy guard"
+    if guard == own:
+        return f"{port}: BH guarded by the port's own reentrancy guard"
+    return f"{port}: BH guard {guard:#x}, neither the port's nor its bus parent's"
+
+
 PROBES: dict[str, Probe] = {
     "qemu_qcow2_json_data_file": Probe(
         _qcow2_json_data_file,
         lambda s: s.startswith("refused: Could not open 'json:"),
         expected="the json: data file name is not parsed",
+    ),
+    "qemu_vnc_clipboard_trailing": Probe(
+        _vnc_clipboard_trailing,
+        lambda s: s.startswith("B read back"),
+        on_unfixed=False,
+        expected="the text is taken; QEMU's main loop goes on",
+    ),
+    "qemu_vnc_clipboard_empty": Probe(
+        _vnc_clipboard_empty,
+        lambda s: s.startswith("empty text not offered"),
+        expected="an empty clipboard text is not offered as available",
+    ),
+    "qemu_virtio_serial_hotplug": Probe(
+        _virtio_serial_hotplug,
+        lambda s: s.endswith("by its bus parent's reentrancy guard"),
+        expected="a port hot-plugged after the patch gets a BH guarded by its bus parent",
     ),
 }
 
@@ -274,11 +404,12 @@ def _disk() -> Path:
 
 
 def start_qemu(binary: Path) -> tuple[Daemon, Path]:
-    """Starts a pc machine (TCG, an IDE disk, a websocket chardev, QMP); the guest has no
-    OS, SeaBIOS waits. Returns the daemon and its QMP socket."""
+    """Starts a pc machine (TCG, an IDE disk, a websocket chardev, VNC on a Unix socket,
+    QMP); the guest has no OS, SeaBIOS waits. Returns the daemon and its QMP socket."""
     RUN_DIR.mkdir(parents=True, exist_ok=True)
     qmp = RUN_DIR / "qemu-qmp.sock"
     qmp.unlink(missing_ok=True)
+    VNC.unlink(missing_ok=True)
     d = Daemon(
         [
             str(binary),
@@ -297,6 +428,8 @@ def start_qemu(binary: Path) -> tuple[Daemon, Path]:
             f"file={_disk()},if=ide,format=raw,node-name=disk0",
             "-chardev",
             "socket,id=ws0,host=127.0.0.1,port=5701,server=on,wait=off,websocket=on",
+            "-vnc",
+            f"unix:{VNC}",
             "-qmp",
             f"unix:{qmp},server=on,wait=off",
         ],
@@ -336,7 +469,7 @@ def run_fixes(pkg: Package, fixes: list[Fix], results: Path) -> list[dict[str, A
                 if r["build"]["result"] == "built":
                     if not daemon.alive():
                         daemon, qmp = start_qemu(binary)
-                    ctx = Ctx(fix, src, 0, daemon, {"qmp": str(qmp)})
+                    ctx = Ctx(fix, src, 0, daemon, {"qmp": str(qmp), "vnc": str(VNC)})
                     load = [sys.executable, str(HERE / "load/qmp_client.py"), "--qmp", str(qmp)]
                     probe = PROBES.get(fix.probe) if fix.probe else None
                     r["apply"] = apply_remove(ctx, pbx, load, probe)
