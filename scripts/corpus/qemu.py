@@ -422,12 +422,6 @@ def start_qemu(binary: Path) -> tuple[Daemon, Path]:
             "-display",
             "none",
             "-nodefaults",
-            # Run from its build directory, QEMU looks for firmware and keymaps in
-            # build/qemu-bundle: Debian's SeaBIOS, and qemu-system-data's keymaps (VNC).
-            "-L",
-            "/usr/share/seabios",
-            "-L",
-            "/usr/share/qemu",
             "-drive",
             f"file={_disk()},if=ide,format=raw,node-name=disk0",
             "-chardev",
