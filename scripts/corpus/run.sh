@@ -16,9 +16,10 @@ root=$(cd "$(dirname "$0")/../.." && pwd)
 apt_get() { DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 "$@" </dev/null; }
 
 # Build dependencies (dnsmasq with DNSSEC; memcached with SASL, TLS and its proxy;
-# OpenSSH), tools of the load generators and probes, QEMU's guest firmware.
+# OpenSSH), tools of the load generators and probes (gdb reads a QEMU probe's answer),
+# QEMU's guest firmware.
 pkgs=(dpkg-dev autoconf automake nettle-dev libgmp-dev libevent-dev libsasl2-dev libssl-dev
-	zlib1g-dev openssh-client libnbd-bin seabios iproute2)
+	zlib1g-dev openssh-client libnbd-bin seabios iproute2 gdb)
 missing=()
 for p in "${pkgs[@]}"; do
 	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
