@@ -35,7 +35,7 @@ from .netns import GUEST_ADDR, HOST_ADDR, PEER_PORT, PREFIX, Namespace, Peer, re
 from .qmp import QMP
 from .serial import GuestLog, Record
 
-__all__ = ["DEFAULT_DISKS", "Disk", "Guest", "GuestConfig", "GuestError"]
+__all__ = ["DEFAULT_DISKS", "Disk", "Guest", "GuestConfig", "GuestError", "kernel_command_line"]
 
 _counter = itertools.count()
 # Namespaces are named NETNS_PREFIX-PID-N: a run's own, and stale ones found by their PID.
@@ -81,6 +81,29 @@ class GuestConfig:
     env: dict[str, str] = field(default_factory=dict)  # more of QEMU's environment
 
 
+def kernel_command_line(
+    config: GuestConfig, host_addr: str = HOST_ADDR, guest_addr: str = GUEST_ADDR
+) -> str:
+    """Returns the guest's kernel command line for ``config``: the serial console, the
+    loop's settings (``pbg.*``) and, with network, the guest's address and its peer's
+    (``host_addr``, ``guest_addr``: the tap's /24, default the namespace's)."""
+    c = config
+    words = [
+        "console=ttyS0",
+        "quiet",
+        "panic=-1",
+        f"pbg.disks={','.join(d.name for d in c.disks)}",
+        f"pbg.block={c.block}",
+        f"pbg.slots={c.slots}",
+        f"pbg.seconds={c.seconds:g}",
+        f"pbg.progress-ms={c.progress_ms}",
+        f"pbg.net-timeout-ms={c.net_timeout_ms}",
+    ]
+    if c.net:
+        words += [f"pbg.ip={guest_addr}/{PREFIX}", f"pbg.peer={host_addr}:{PEER_PORT}"]
+    return " ".join(words)
+
+
 class Guest:
     """A running guest; a context manager that stops everything it started."""
 
@@ -106,21 +129,7 @@ class Guest:
         return self.workdir / f"{name}.img"
 
     def kernel_command_line(self) -> str:
-        c = self.config
-        words = [
-            "console=ttyS0",
-            "quiet",
-            "panic=-1",
-            f"pbg.disks={','.join(d.name for d in c.disks)}",
-            f"pbg.block={c.block}",
-            f"pbg.slots={c.slots}",
-            f"pbg.seconds={c.seconds:g}",
-            f"pbg.progress-ms={c.progress_ms}",
-            f"pbg.net-timeout-ms={c.net_timeout_ms}",
-        ]
-        if c.net:
-            words += [f"pbg.ip={GUEST_ADDR}/{PREFIX}", f"pbg.peer={HOST_ADDR}:{PEER_PORT}"]
-        return " ".join(words)
+        return kernel_command_line(self.config)
 
     def qemu_command(self, tap_fd: int | None) -> list[str]:
         """Returns QEMU's argument vector (``tap_fd``: the tap, None without network)."""
