@@ -186,11 +186,15 @@ class Libvirtd:
         pidfile = Path(f"/proc/{self.proc.pid}/root/run/libvirt/qemu/{name}.pid")
         return int(pidfile.read_text().strip())
 
+    def qemu_log_path(self, name: str) -> Path:
+        """Returns the path, as seen from outside the daemon's mount namespace, of
+        libvirt's log of domain ``name`` (QEMU's standard output and error)."""
+        assert self.proc is not None
+        return Path(f"/proc/{self.proc.pid}/root/var/log/libvirt/qemu/{name}.log")
+
     def qemu_log(self, name: str) -> str:
         """Returns QEMU's output for domain ``name`` (libvirt's log file of it)."""
-        assert self.proc is not None
-        log = Path(f"/proc/{self.proc.pid}/root/var/log/libvirt/qemu/{name}.log")
-        return log.read_text(errors="replace")
+        return self.qemu_log_path(name).read_text(errors="replace")
 
     def qmp(self, name: str, command: str) -> str:
         """Returns the JSON answer of QMP ``command`` (a JSON object) sent to domain
