@@ -3,11 +3,12 @@ libvirt"). Named ``libvirtd``, not ``libvirt``: that is libvirt's own Python bin
 
 ``Libvirtd(workdir)`` starts ``libvirtd`` as root in a mount namespace of its own:
 ``/run/libvirt``, ``/var/lib/libvirt``, ``/var/cache/libvirt`` and ``/var/log/libvirt``
-are private tmpfs, ``/etc/libvirt`` is ``workdir/etc``, and clients connect through
-``workdir/run/libvirt-sock`` (``uri``). Nothing of a libvirt the host may run is read or
-written, and no init system is needed. The QEMU driver runs QEMU as Debian's
-``libvirt-qemu`` user (its default); the network namespace is the host's, so an agent on
-its abstract address is reached from outside as usual.
+are private tmpfs, ``/etc/libvirt`` is ``workdir/etc``, the daemon's pid file is
+``workdir/run/libvirtd.pid`` (not ``/run/libvirtd.pid``, which would let one daemon run
+at a time), and clients connect through ``workdir/run/libvirt-sock`` (``uri``). Nothing
+of a libvirt the host may run is read or written, and no init system is needed. The QEMU
+driver runs QEMU as Debian's ``libvirt-qemu`` user (its default); the network namespace
+is the host's, so an agent on its abstract address is reached from outside as usual.
 
 The driver's settings (``workdir/etc/qemu.conf``) leave out what needs a host set up for
 it: no security driver (no AppArmor or SELinux here), no cgroups, QEMU's output to a
@@ -130,7 +131,7 @@ class Libvirtd:
             mounts += f"; mount --bind {self.cache} /var/cache/libvirt"
         script = (
             f"set -e; {mounts}; mount --bind {self.etc} /etc/libvirt; "
-            f"exec /usr/sbin/libvirtd -f {conf}"
+            f"exec /usr/sbin/libvirtd -f {conf} -p {self.run_dir}/libvirtd.pid"
         )
         # unshare execs sh, sh execs libvirtd: the Popen's pid is libvirtd's.
         with open(self.workdir / "libvirtd.out", "wb") as out:
