@@ -14,6 +14,9 @@ The driver's settings (``workdir/etc/qemu.conf``) leave out what needs a host se
 it: no security driver (no AppArmor or SELinux here), no cgroups, QEMU's output to a
 file instead of virtlogd. libvirt's default per-domain mount namespace (a private
 ``/dev`` for each QEMU) stays.
+
+``libvirtd.guest`` runs the test guest of ``scripts/guest`` as a domain of such a daemon
+(docs/qemu.md, "A real guest under libvirt").
 """
 
 from __future__ import annotations
