@@ -7,10 +7,11 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+from pathlib import Path
 
 import pytest
 
-from helpers import ROOT
+from helpers import ROOT, project_qemu
 
 sys.path.append(str(ROOT / "scripts"))
 
@@ -25,6 +26,15 @@ def guest_image() -> GuestImage:
     qemu = os.environ.get("PATCHBOX_GUEST_QEMU", "qemu-system-x86_64")
     assert shutil.which(qemu), f"{qemu}: not found (scripts/bootstrap.sh installs qemu-system-x86)"
     return ensure_image()
+
+
+@pytest.fixture(scope="session")
+def guest_qemu() -> Path:
+    """Returns the project's QEMU (Debian's device set, the agent linked in) for guests
+    whose QEMU is patched (built on first use)."""
+    if os.geteuid() != 0:
+        pytest.skip("the guest tier needs root (a network namespace and its tap)")
+    return project_qemu()
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
