@@ -20,7 +20,6 @@ import filecmp
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,7 +29,7 @@ from pathlib import Path
 import pytest
 from qemuutil import run
 
-from helpers import BIN, ROOT
+from helpers import BIN, ROOT, project_qemu
 
 sys.path.append(str(ROOT / "scripts"))
 
@@ -54,10 +53,11 @@ def emulator_copy(qemu_exe: Path, dest: Path) -> Path:
     """Returns a copy of the cached QEMU build in ``dest``, taken under the cache's lock
     while the agent objects it was linked with are this checkout's.
 
-    The cache is one per machine: a run from a checkout with another agent relinks the
-    binary (build-qemu.sh removes it first), which would make libvirt's start fail or the
-    patches' build-id differ from the running QEMU's. The copy is the same file the build
-    made; patches are built against it with the cache's build directory."""
+    The cache is one per machine: a run from a checkout whose agent differs (another
+    branch's agent source) relinks the binary (build-qemu.sh removes it first), which
+    would make libvirt's start fail or the patches' build-id differ from the running
+    QEMU's. The copy is the same file the build made; patches are built against it with
+    the cache's build directory."""
     cache = qemu_exe.parent.parent
     libs = run(BIN / "patchbox", "config", "--libs").stdout.split()
     mine = {Path(w).name: Path(w) for w in libs if Path(w).name in AGENT_OBJECTS}
@@ -74,14 +74,7 @@ def emulator_copy(qemu_exe: Path, dest: Path) -> Path:
                 return copy
         # Another checkout's agent is linked in: relink with ours (outside the lock, which
         # the script takes itself).
-        subprocess.run(
-            [str(ROOT / "scripts" / "qemu" / "build-qemu.sh")],
-            env={**os.environ, "PATCHBOX": str(BIN / "patchbox")},
-            capture_output=True,
-            timeout=3600,
-            stdin=subprocess.DEVNULL,
-            check=True,
-        )
+        assert project_qemu() == qemu_exe
     pytest.fail("the cached QEMU kept being relinked with another agent")
 
 
