@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from helpers import ROOT
+from helpers import BIN, ROOT
 
 sys.path.append(str(ROOT / "scripts"))
 
@@ -25,6 +27,26 @@ def guest_image() -> GuestImage:
     qemu = os.environ.get("PATCHBOX_GUEST_QEMU", "qemu-system-x86_64")
     assert shutil.which(qemu), f"{qemu}: not found (scripts/bootstrap.sh installs qemu-system-x86)"
     return ensure_image()
+
+
+@pytest.fixture(scope="session")
+def project_qemu(guest_image: GuestImage) -> Path:
+    """Returns the project's QEMU (scripts/qemu/build-qemu.sh: Debian's device set, the
+    agent linked in), built on first use."""
+    proc = subprocess.run(
+        [str(ROOT / "scripts" / "qemu" / "build-qemu.sh")],
+        # The patchbox under test, not another one on PATH.
+        env={**os.environ, "PATCHBOX": str(BIN / "patchbox")},
+        capture_output=True,
+        text=True,
+        timeout=3600,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    exe = Path(proc.stdout.strip().splitlines()[-1])
+    assert exe.is_file()
+    return exe
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
