@@ -564,6 +564,40 @@ class Guest:
             raise
         return _Steps(sent, stop, handed_over, frames, found[1], info, resume[0])
 
+    def switchover_losses(
+        self, log: GuestLog, *, before: float = 0.05
+    ) -> tuple[dict[int, Migration], list[int]]:
+        """Returns the guest's lost datagrams (``ERROR net kind=lost``) in two groups: by
+        sequence number with its migration, those the peer echoed while that migration's
+        source was stopping its VM (within ``before`` s before the STOP event); and the
+        others (never echoed, or echoed at any other time).
+
+        QEMU drops a frame that reaches the tap in that window: while the source waits
+        for its vCPUs to stop it lets its main loop run, whose tap backend reads the
+        frame and, the VM being no longer "running", queues it; the queue is dropped
+        when the stop completes (net/net.c, net_vm_change_state_handler), before the
+        STOP event this harness reacts to. An operator's migration loses such a frame
+        the same way."""
+        echoes = self.peer.echo_times if self.peer is not None else {}
+        explained: dict[int, Migration] = {}
+        other = []
+        for rec in log.errors():
+            if rec.word != "net" or rec.fields.get("kind") != "lost":
+                continue
+            seq = int(rec.fields["seq"])
+            sent = echoes.get(seq)
+            # 1 ms after STOP: the two clocks' conversion (event_time) is not exact.
+            found = [
+                m
+                for m in self.migrations
+                if sent is not None and m.stopped - before <= sent <= m.stopped + 0.001
+            ]
+            if found:
+                explained[seq] = found[0]
+            else:
+                other.append(seq)
+        return explained, other
+
     @staticmethod
     def _migrate_result(qmp: QMP) -> dict[str, Any]:
         # QEMU announces "completed" before it computes the times (downtime, total-time

@@ -25,6 +25,7 @@ import socket
 import struct
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -59,6 +60,7 @@ IFF_NO_PI = 0x1000
 IFF_MULTI_QUEUE = 0x0100
 IFF_ATTACH_QUEUE = 0x0200
 IFF_DETACH_QUEUE = 0x0400
+SO_NO_CHECK = 11  # <asm-generic/socket.h>
 
 T = TypeVar("T")
 
@@ -250,10 +252,19 @@ class Peer:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.sock.settimeout(0.2)
+        # Echoes go without a UDP checksum (0: none, allowed over IPv4; the guest checks
+        # every payload's CRC-32 itself). A QEMU starting on the tap, the destination of
+        # a migration, probes its offloads (net/tap.c, tap_probe_has_ufo: checksum
+        # offload on, then off again): while it is on, a tap without a virtio-net header
+        # hands out the frames the kernel sends with their checksum not filled in, and
+        # the guest would drop such an echo as corrupt.
+        self.sock.setsockopt(socket.SOL_SOCKET, SO_NO_CHECK, 1)
         self.counts = PeerCounts()
         self._faults = _Faults()
         self._closing = threading.Event()
         self._sending = threading.Lock()  # held around each answer; see held()
+        # The guest's sequence number of each echo -> time.monotonic() it was sent.
+        self.echo_times: dict[int, float] = {}
         self._thread = threading.Thread(target=self._serve, name="guest-peer", daemon=True)
         self._thread.start()
 
@@ -311,8 +322,10 @@ class Peer:
                     data = data[:mid] + bytes([data[mid] ^ 0x40]) + data[mid + 1 :]
             with self._sending:
                 self.sock.sendto(data, addr)
+                sent = time.monotonic()
             if not stop:
                 c.echoed += 1
+                self.echo_times[c.last_seq] = sent
 
     def close(self) -> None:
         self._closing.set()
