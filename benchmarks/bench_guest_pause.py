@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -51,6 +52,23 @@ from guest.image import ensure_image
 from guest.serial import GuestLog, analyze, host_gaps
 
 PATCHES = ("blk", "net", "ata")
+# A patchbox command that asks the agent and changes nothing: what the CLI's own start-up
+# and exchange cost the guest, beside apply and remove.
+CONTROL = "list (control)"
+HEADER = (
+    "operation",
+    "n",
+    "pause (host)",
+    "max",
+    "idle, same length",
+    "ratio",
+    "added",
+    "guest clock",
+    "reported",
+    "held threads",
+    "wall",
+    "CLI CPU",
+)
 PATCHBOX = str(Path(sys.executable).parent / "patchbox")
 
 
@@ -68,6 +86,7 @@ class Op:
     held_threads: int | None = None
     downtime_ms: float | None = None
     stop_to_resume_ms: float | None = None
+    cli_cpu_ms: float | None = None
 
 
 @dataclass
@@ -105,8 +124,9 @@ def project_qemu() -> Path:
     return Path(proc.stdout.strip().splitlines()[-1])
 
 
-def patchbox_json(*args: str) -> dict[str, object]:
-    """Returns the JSON a patchbox command printed."""
+def patchbox_json(*args: str) -> tuple[object, float]:
+    """Returns the JSON a patchbox command printed, and the CPU time it used (s)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.run(
         [PATCHBOX, *args, "--json"],
         capture_output=True,
@@ -114,10 +134,12 @@ def patchbox_json(*args: str) -> dict[str, object]:
         stdin=subprocess.DEVNULL,
         check=False,
     )
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
         raise SystemExit(f"patchbox {' '.join(args)}: {proc.stderr.strip()}")
-    out: dict[str, object] = json.loads(proc.stdout)
-    return out
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    out: object = json.loads(proc.stdout)
+    return out, cpu
 
 
 def number(value: object) -> float:
@@ -128,8 +150,10 @@ def number(value: object) -> float:
 def timed_patchbox(kind: str, *args: str) -> Op:
     """Returns the operation ``patchbox ARGS --json`` as it ran."""
     t0 = time.monotonic()
-    out = patchbox_json(*args)
+    out, cpu = patchbox_json(*args)
     t1 = time.monotonic()
+    if not isinstance(out, dict):  # list: rows, no times
+        return Op(kind, t0, t1, cli_cpu_ms=1e3 * cpu)
     held = out.get("held_threads")
     return Op(
         kind,
@@ -137,6 +161,7 @@ def timed_patchbox(kind: str, *args: str) -> Op:
         t1,
         agent_ms=number(out["elapsed_ns"]) / 1e6,
         held_threads=int(number(held)) if held is not None else None,
+        cli_cpu_ms=1e3 * cpu,
     )
 
 
@@ -183,6 +208,10 @@ def measure(work: Path, cycles: int, progress_ms: int) -> Run:
                 run.hits[name].append(after - before)
                 run.ops += [op, idle(op.kind, op.end - op.start)]
                 g.wait_progress(0.3)
+            assert g.proc is not None
+            op = timed_patchbox(CONTROL, "list", "-p", str(g.proc.pid))
+            run.ops += [op, idle(op.kind, op.end - op.start)]
+            g.wait_progress(0.3)
             m = g.migrate_local()
             run.migrations.append(m)
             op = Op(
@@ -220,6 +249,44 @@ def pause(log: GuestLog, op: Op) -> tuple[float, float]:
     return max(s[0] for s in spans), max(s[1] for s in spans)
 
 
+@dataclass(frozen=True)
+class Switchover:
+    """The PROGRESS interval holding a migration's VM stop, in three parts on the
+    host's clock (seconds): from its first line to the source's STOP, STOP to the
+    destination's RESUME, RESUME to its second line; its length on the guest's clock;
+    and the longest other interval overlapping the migration."""
+
+    before: float
+    stopped: float
+    after: float
+    guest: float
+    others: float
+
+    @property
+    def host(self) -> float:
+        return self.before + self.stopped + self.after
+
+
+def split_migration(log: GuestLog, m: Migration) -> Switchover:
+    """Returns migration ``m``'s switchover interval, taken apart."""
+    prog = [(r.host_t, r.num("t")) for r in log.progress() if r.host_t is not None]
+    pairs = list(zip(prog, prog[1:]))
+    found = [(a, b) for a, b in pairs if a[0] <= m.stopped and b[0] >= m.resumed]
+    others = [
+        b[0] - a[0] for a, b in pairs if b[0] >= m.began and a[0] <= m.ended and (a, b) not in found
+    ]
+    if not found:
+        raise SystemExit(f"no PROGRESS interval holds migration {m.number}'s stop")
+    a, b = found[0]
+    return Switchover(
+        before=m.stopped - a[0],
+        stopped=m.resumed - m.stopped,
+        after=b[0] - m.resumed,
+        guest=b[1] - a[1],
+        others=max(others, default=0.0),
+    )
+
+
 def ms(seconds: float) -> str:
     return f"{1e3 * seconds:.0f} ms"
 
@@ -231,7 +298,8 @@ def med(values: Sequence[float]) -> float:
 def rows(run: Run) -> list[tuple[str, ...]]:
     """Returns the table's rows: per kind of operation, its pauses beside its idle
     windows', and what the tools reported."""
-    kinds = [f"apply {n}" for n in PATCHES] + [f"remove {n}" for n in PATCHES] + ["migrate"]
+    kinds = [f"apply {n}" for n in PATCHES] + [f"remove {n}" for n in PATCHES]
+    kinds += [CONTROL, "migrate"]
     out: list[tuple[str, ...]] = []
     pauses: dict[str, list[float]] = {}
     for kind in kinds:
@@ -245,6 +313,8 @@ def rows(run: Run) -> list[tuple[str, ...]]:
             reported = f"downtime {med([o.downtime_ms or 0 for o in ops]):.0f} ms"
             reported += f" (max {max(o.downtime_ms or 0 for o in ops):.0f})"
             held = "VM stopped"
+        elif kind == CONTROL:
+            reported, held = "", ""
         else:
             agent = [o.agent_ms or 0 for o in ops]
             reported = f"agent {med(agent):.2f} ms (max {max(agent):.2f})"
@@ -262,25 +332,14 @@ def rows(run: Run) -> list[tuple[str, ...]]:
                 reported,
                 held,
                 ms(med([o.end - o.start for o in ops])),
+                ms(med([o.cli_cpu_ms or 0 for o in ops]) / 1e3) if kind != "migrate" else "",
             )
         )
-    patched = [p for k, v in pauses.items() if k != "migrate" for p in v]
+    patched = [p for k, v in pauses.items() if k not in ("migrate", CONTROL) for p in v]
     mig = pauses["migrate"]
-    out.append(
-        (
-            "migrate / apply+remove",
-            "",
-            f"x{med(mig) / med(patched):.2f}",
-            f"x{max(mig) / max(patched):.2f}",
-            "",
-            "",
-            "",
-            "",
-            "",
-            "",
-            "",
-        )
-    )
+    ratio: tuple[str, ...] = ("migrate / apply+remove", "", f"x{med(mig) / med(patched):.2f}")
+    ratio += (f"x{max(mig) / max(patched):.2f}",)
+    out.append(ratio + ("",) * (len(HEADER) - len(ratio)))
     return out
 
 
@@ -311,6 +370,17 @@ def summary(run: Run) -> list[str]:
         + f"; frames handed over {sum(m.frames_moved for m in run.migrations)}",
         f"load average {os.getloadavg()[0]:.1f} at the end, {os.cpu_count()} CPUs",
     ]
+    split = [split_migration(run.log, m) for m in run.migrations]
+    lines.append(
+        "migrate, the PROGRESS interval holding the VM's stop (median, host clock):"
+        f" {ms(med([x.host for x in split]))} = last line to STOP"
+        f" {ms(med([x.before for x in split]))} + STOP to RESUME"
+        f" {ms(med([x.stopped for x in split]))} + RESUME to next line"
+        f" {ms(med([x.after for x in split]))} (max {ms(max(x.after for x in split))});"
+        f" {ms(med([x.guest for x in split]))} on the guest's clock; the longest other"
+        f" interval of the migration: median {ms(med([x.others for x in split]))},"
+        f" max {ms(max(x.others for x in split))}"
+    )
     lost = len(run.lost_at_switchover)
     lines.append(
         f"datagrams QEMU dropped as a migration's source stopped its VM: {lost}"
@@ -347,20 +417,7 @@ def main() -> None:
     else:
         with tempfile.TemporaryDirectory(prefix="pbx-guest-pause-") as tmp:
             run = measure(Path(tmp), args.cycles, args.progress_ms)
-    header = (
-        "operation",
-        "n",
-        "pause (host)",
-        "max",
-        "idle, same length",
-        "ratio",
-        "added",
-        "guest clock",
-        "reported",
-        "held threads",
-        "wall",
-    )
-    print_table(header, rows(run))
+    print_table(HEADER, rows(run))
     print()
     print("\n".join(summary(run)))
 

@@ -201,6 +201,7 @@ class Guest:
         self._cond = threading.Condition()
         self._reader: threading.Thread | None = None
         self._serial_out: IO[bytes] | None = None
+        self._partial = b""  # the start of a line whose end the next QEMU prints
         # The tap's two queues (network only): the one QEMU reads, and a detached one
         # kept for the destination of the next migration.
         self._tap: int | None = None
@@ -345,7 +346,15 @@ class Guest:
             self._cond.notify_all()
 
     def _take(self, raw: bytes, now: float) -> None:
-        # With self._cond held.
+        # With self._cond held. A line a QEMU's output ended in (a migration's source
+        # stopped while the guest was writing it) is finished by the next QEMU's first.
+        raw, self._partial = self._partial + raw, b""
+        if not raw.endswith(b"\n"):
+            self._partial = raw
+            return
+        self._write_line(raw, now)
+
+    def _write_line(self, raw: bytes, now: float) -> None:
         if self._serial_out is not None:
             self._serial_out.write(raw)
             self._serial_out.flush()
@@ -625,6 +634,10 @@ class Guest:
             raise GuestError(f"QEMU still running 60 s after SUMMARY{self._tail()}") from e
         if self._reader is not None:
             self._reader.join(10)
+        with self._cond:
+            if self._partial:  # the guest's last words, without an end of line
+                self._write_line(self._partial, time.monotonic())
+                self._partial = b""
         return self.snapshot()
 
     def close(self) -> None:
