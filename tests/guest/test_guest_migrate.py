@@ -180,7 +180,7 @@ def test_guest_migrated_back_and_forth_loses_nothing(
     assert [int(r.num("seq")) for r in prog] == list(range(1, len(prog) + 1))
     # No pause on the guest's own clock (it stops with its VM) but the wait for a lost
     # echo. An echo taken by the destination before it ran would show here: the guest
-    # waits for it, running, until the switchover (0.4-0.9 s when the destination shared
+    # waits for it, running, until the switchover (0.45-0.96 s when the destination shared
     # the source's tap queue).
     assert max(guest_gaps_without_errors(log)) < 0.5
 
