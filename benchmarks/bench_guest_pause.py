@@ -10,6 +10,7 @@ interleaved, K rounds of:
     completion, ``net`` virtio-net receive and transmit, ``ata`` AHCI completion), made
     from its diff with ``patchbox build --qemu``: ``patchbox apply -p PID --json``, the
     guest's loop left to run through the patched code, ``patchbox remove -p PID --json``;
+  - ``patchbox list -p PID --json``, a control: asks the agent, changes nothing;
   - one same-host live migration (``Guest.migrate_local``: QEMU's default migration
     settings, over a unix socket), what operators do today to get a VM off a QEMU;
   - after each operation, an idle window of the same length (nothing done).
@@ -21,8 +22,10 @@ end, the destination's start to the source's exit for a migration); the idle win
 give the same measure with nothing done. Beside it: QEMU's own ``downtime`` of each
 migration, the agent's own time for each apply and remove (``elapsed_ns`` of its reply)
 and the threads patchbox held (``held_threads``: 0 means no thread, vCPU or other, was
-stopped). The run fails unless the guest ends with 0 errors and 0 lost datagrams and
-each patch's report lines appeared while it was applied and stopped once it was removed.
+stopped). The run fails unless the guest ends with 0 errors and 0 lost datagrams (but
+those QEMU drops as a migration's source stops, counted apart: Guest.switchover_losses)
+and each patch's report lines appeared while it was applied and stopped once it was
+removed. docs/benchmarks.md has a run's table.
 Not a test: numbers depend on the machine; ratios are what to compare.
 """
 
