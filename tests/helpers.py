@@ -312,3 +312,22 @@ def gnu_build_id(path: Path) -> str:
         assert isinstance(notes, NoteSection), f"{path} has no .note.gnu.build-id"
         desc: str = next(notes.iter_notes())["n_desc"]
         return desc
+
+
+def project_qemu() -> Path:
+    """Returns the project's QEMU (scripts/qemu/build-qemu.sh: Debian's 7.2 with the
+    patchbox under test linked in; built on first use, ~5 min, cached after)."""
+    proc = subprocess.run(
+        [str(ROOT / "scripts" / "qemu" / "build-qemu.sh")],
+        # The patchbox under test, not another one on PATH.
+        env={**os.environ, "PATCHBOX": str(BIN / "patchbox")},
+        capture_output=True,
+        text=True,
+        timeout=3600,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    exe = Path(proc.stdout.strip().splitlines()[-1])
+    assert exe.is_file()
+    return exe

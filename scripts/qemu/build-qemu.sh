@@ -179,4 +179,9 @@ exe="$build/qemu-system-x86_64"
 log "building (ninja -C $build qemu-system-x86_64)"
 ninja -C "$build" -j"$(nproc)" qemu-system-x86_64 >"$cache/build.log" 2>&1 ||
 	{ tail -30 "$cache/build.log" >&2; exit 1; }
+# Run from its build directory, QEMU looks for firmware only in the bundle beside it
+# (qemu-bundle/, the install tree relocated): link Debian's firmware directories there.
+for d in /usr/share/qemu /usr/share/seabios /usr/lib/ipxe/qemu; do
+	[ -e "$build/qemu-bundle$d" ] || { mkdir -p "$build/qemu-bundle${d%/*}" && ln -s "$d" "$build/qemu-bundle$d"; }
+done
 echo "$exe"

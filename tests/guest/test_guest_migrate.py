@@ -135,11 +135,11 @@ def udp_checksum_valid(frame: bytes) -> bool:
 
 def test_guest_migrated_back_and_forth_loses_nothing(
     guest_image: GuestImage,
-    project_qemu: Path,
+    guest_qemu: Path,
     tmp_path: Path,
     record_property: Callable[[str, object], None],
 ) -> None:
-    with Guest(guest_image, tmp_path, GuestConfig(qemu=str(project_qemu))) as g:
+    with Guest(guest_image, tmp_path, GuestConfig(qemu=str(guest_qemu))) as g:
         g.wait_ready()
         g.wait_progress(2)
         pids = [g.proc.pid if g.proc else 0]

@@ -2,33 +2,18 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from qemuutil import Qemu
 
-from helpers import BIN, ROOT
+from helpers import project_qemu
 
 
 @pytest.fixture(scope="session")
 def qemu_exe() -> Path:
-    proc = subprocess.run(
-        [str(ROOT / "scripts" / "qemu" / "build-qemu.sh")],
-        # The patchbox under test, not another one on PATH.
-        env={**os.environ, "PATCHBOX": str(BIN / "patchbox")},
-        capture_output=True,
-        text=True,
-        timeout=3600,
-        stdin=subprocess.DEVNULL,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    exe = Path(proc.stdout.strip().splitlines()[-1])
-    assert exe.is_file()
-    return exe
+    return project_qemu()
 
 
 @pytest.fixture()

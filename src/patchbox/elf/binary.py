@@ -43,6 +43,7 @@ __all__ = [
     "SourceMatch",
     "SymbolsMatch",
     "compare_loaded",
+    "debuglink",
     "strip_version",
 ]
 
@@ -97,7 +98,7 @@ def _is_symtab(sec: object) -> bool:
 DEBUG_ROOT = Path("/usr/lib/debug")
 
 
-def _debuglink(elf: ELFFile) -> tuple[str, int] | None:
+def debuglink(elf: ELFFile) -> tuple[str, int] | None:
     """Returns (file name, CRC-32) of ``.gnu_debuglink``, or None."""
     sec = elf.get_section_by_name(".gnu_debuglink")
     if sec is None:
@@ -118,7 +119,7 @@ def _candidates(path: Path, elf: ELFFile) -> list[tuple[str, int | None]]:
     bid = read_build_id(path)
     if bid is not None and len(bid) > 1:
         out.append((str(root / ".build-id" / bid[:1].hex() / f"{bid[1:].hex()}.debug"), None))
-    link = _debuglink(elf)
+    link = debuglink(elf)
     if link is not None:
         real = Path(os.path.realpath(path)).parent
         for where in (

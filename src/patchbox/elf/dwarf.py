@@ -50,7 +50,6 @@ __all__ = [
     "Function",
     "InlineSite",
     "ObjectDecls",
-    "debuglink",
     "find_inlined",
     "has_debug_info",
     "has_lto_units",
@@ -104,15 +103,6 @@ def has_lto_units(elf: ELFFile) -> bool:
         if sec is not None and sec["sh_type"] != "SHT_NOBITS" and _LTO_CU.encode() in sec.data():
             return True
     return False
-
-
-def debuglink(elf: ELFFile) -> str | None:
-    """Returns the file name in ``.gnu_debuglink`` (separate debug info), or None."""
-    sec = elf.get_section_by_name(".gnu_debuglink")
-    if sec is None:
-        return None
-    raw = sec.data()
-    return raw[: raw.find(b"\0")].decode(errors="replace") if b"\0" in raw else None
 
 
 def find_inlined(

@@ -16,7 +16,22 @@ import subprocess
 from functools import lru_cache
 from pathlib import Path
 
-from patchbox.elf.records import DT, SHDR, SHN_UNDEF, SHT, SYM, cstring, iter_dynamic, read_ehdr
+from patchbox.elf.records import (
+    DT,
+    SH_LINK,
+    SH_OFFSET,
+    SH_SIZE,
+    SH_TYPE,
+    SHDR,
+    SHN_UNDEF,
+    SHT,
+    ST_NAME,
+    ST_SHNDX,
+    SYM,
+    cstring,
+    iter_dynamic,
+    read_ehdr,
+)
 from patchbox.errors import ElfError
 
 __all__ = ["Libraries", "program_libraries", "dynamic_exports", "dynamic_needs"]
@@ -39,9 +54,10 @@ def _sections(raw: bytes, what: str) -> list[tuple[int, ...]]:
 def _dynsym(raw: bytes, what: str) -> tuple[list[tuple[int, ...]], bytes]:
     hdrs = _sections(raw, what)
     for h in hdrs:
-        if h[1] == SHT["DYNSYM"]:
-            link = hdrs[h[6]]
-            return list(SYM.iter_table(raw, h[4], h[5], what)), raw[link[4] : link[4] + link[5]]
+        if h[SH_TYPE] == SHT["DYNSYM"]:
+            link = hdrs[h[SH_LINK]]
+            syms = list(SYM.iter_table(raw, h[SH_OFFSET], h[SH_SIZE], what))
+            return syms, raw[link[SH_OFFSET] : link[SH_OFFSET] + link[SH_SIZE]]
     return [], b""
 
 
@@ -51,7 +67,9 @@ def dynamic_exports(path: str) -> frozenset[str]:
     raw = Path(path).read_bytes()
     syms, strtab = _dynsym(raw, path)
     return frozenset(
-        cstring(strtab, s[0]).split("@")[0] for s in syms if s[3] != SHN_UNDEF and s[0]
+        cstring(strtab, s[ST_NAME]).split("@")[0]
+        for s in syms
+        if s[ST_SHNDX] != SHN_UNDEF and s[ST_NAME]
     )
 
 
@@ -63,11 +81,11 @@ def dynamic_needs(path: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
     needed: list[str] = []
     dirs: list[str] = []
     for h in hdrs:
-        if h[1] != SHT["DYNAMIC"]:
+        if h[SH_TYPE] != SHT["DYNAMIC"]:
             continue
-        strh = hdrs[h[6]]
-        strtab = raw[strh[4] : strh[4] + strh[5]]
-        for tag, val in iter_dynamic(raw, h[4], h[5], f"{path}: .dynamic"):
+        strh = hdrs[h[SH_LINK]]
+        strtab = raw[strh[SH_OFFSET] : strh[SH_OFFSET] + strh[SH_SIZE]]
+        for tag, val in iter_dynamic(raw, h[SH_OFFSET], h[SH_SIZE], f"{path}: .dynamic"):
             if tag == DT["NEEDED"]:
                 needed.append(cstring(strtab, val))
             elif tag in (DT["RPATH"], DT["RUNPATH"]):

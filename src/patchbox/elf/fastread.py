@@ -27,6 +27,14 @@ from patchbox.elf.records import (
     EM_X86_64,
     ET,
     RELA,
+    SH_ALIGN,
+    SH_FLAGS,
+    SH_INFO,
+    SH_LINK,
+    SH_NAME,
+    SH_OFFSET,
+    SH_SIZE,
+    SH_TYPE,
     SHDR,
     SHN_LORESERVE,
     SHN_XINDEX,
@@ -43,19 +51,16 @@ from patchbox.errors import ElfError
 
 __all__ = ["load_object"]
 
-# Columns of an Elf64_Shdr tuple, by field name (the layout is declared in records.SHDR).
+# Columns of an Elf64_Shdr tuple (records.SH_*), short for the many uses below.
 NAME, TYPE, FLAGS, OFFSET, SIZE, LINK, INFO, ALIGN = (
-    SHDR.fields.index(f)
-    for f in (
-        "sh_name",
-        "sh_type",
-        "sh_flags",
-        "sh_offset",
-        "sh_size",
-        "sh_link",
-        "sh_info",
-        "sh_addralign",
-    )
+    SH_NAME,
+    SH_TYPE,
+    SH_FLAGS,
+    SH_OFFSET,
+    SH_SIZE,
+    SH_LINK,
+    SH_INFO,
+    SH_ALIGN,
 )
 
 

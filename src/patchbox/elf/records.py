@@ -56,6 +56,16 @@ __all__ = [
     "sym_bind",
     "section_type",
     "cstring",
+    "SH_NAME",
+    "SH_TYPE",
+    "SH_FLAGS",
+    "SH_OFFSET",
+    "SH_SIZE",
+    "SH_LINK",
+    "SH_INFO",
+    "SH_ALIGN",
+    "ST_NAME",
+    "ST_SHNDX",
 ]
 
 # Special section indices (st_shndx), as in <elf.h>.
@@ -147,6 +157,21 @@ SHDR = _layout(
     "sh_name sh_type sh_flags sh_addr sh_offset sh_size sh_link sh_info sh_addralign sh_entsize",
 )
 SYM = _layout("Elf64_Sym", "<IBBHQQ", "st_name st_info st_other st_shndx st_value st_size")
+# Columns of the tuples SHDR's and SYM's tables yield, by field name.
+SH_NAME, SH_TYPE, SH_FLAGS, SH_OFFSET, SH_SIZE, SH_LINK, SH_INFO, SH_ALIGN = (
+    SHDR.fields.index(f)
+    for f in (
+        "sh_name",
+        "sh_type",
+        "sh_flags",
+        "sh_offset",
+        "sh_size",
+        "sh_link",
+        "sh_info",
+        "sh_addralign",
+    )
+)
+ST_NAME, ST_SHNDX = (SYM.fields.index(f) for f in ("st_name", "st_shndx"))
 RELA = _layout("Elf64_Rela", "<QQq", "r_offset r_info r_addend")
 PHDR = _layout(
     "Elf64_Phdr",

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import NoReturn
 
 from patchbox.elf import dwarf
-from patchbox.elf.binary import Binary
+from patchbox.elf.binary import Binary, debuglink
 from patchbox.elf.dwarf import InlineSite
 from patchbox.errors import ElfError, ExtractError
 from patchbox.extract.model import Member
@@ -109,9 +109,9 @@ def check_inlined(
     homes = _homes(members, replaced)
     names = " or ".join(dict.fromkeys(r.name for r in replaced))
     if not dwarf.has_debug_info(binary.dwarf):
-        link = dwarf.debuglink(binary.elf)
+        link = debuglink(binary.elf)
         extra = (
-            f" (its separate debug file {link} named by .gnu_debuglink was not found)"
+            f" (its separate debug file {link[0]} named by .gnu_debuglink was not found)"
             if link
             else ""
         )

@@ -155,7 +155,7 @@ class Client:
                 tried.append(f"{candidate.path} ({candidate.source})")
                 continue
             except ConnectError as err:
-                if candidate.source.startswith("/proc/"):
+                if candidate.listening:
                     raise  # the agent's own socket: its error is the answer
                 failure = failure or err
                 tried.append(f"{candidate.path} ({candidate.source}): {err}")

@@ -68,6 +68,9 @@ class Candidate(NamedTuple):
     connect_path: str  # for connect(); may exceed sun_path (connect_unix handles that)
     path: str  # the socket's path as the target sees it, for messages
     source: str  # how it was found
+    # Found among the target's own listening sockets (/proc/PID/net/unix): the agent's,
+    # not a guess at a path where it may be.
+    listening: bool = False
 
 
 class Discovery:
@@ -186,7 +189,9 @@ def _add_listed(found: Discovery, root_usable: bool) -> None:
             continue
         if s.inode in held:
             connect, shown = connect_path_for(pid, s.path, root_usable)
-            found.candidates.append(Candidate(connect, shown, f"/proc/{pid}/net/unix"))
+            found.candidates.append(
+                Candidate(connect, shown, f"/proc/{pid}/net/unix", listening=True)
+            )
 
 
 def _add_guesses(found: Discovery, env: Mapping[str, str], root_usable: bool) -> None:

@@ -347,7 +347,7 @@ def _check_no_agent(pid: int, exe: str, paths: set[str]) -> None:
     if not any(os.path.basename(p).startswith("ld-") for p in paths):
         raise AttachError(f"pid {pid} ({exe}) has no dynamic loader (ld.so) mapped")
     if any(os.path.basename(p).startswith("libsandbox.so") for p in paths) or any(
-        c.source.startswith("/proc/") for c in discover(pid, environ={}).candidates
+        c.listening for c in discover(pid, environ={}).candidates
     ):
         raise AlreadyAttached(f"pid {pid} has an agent already")
 
@@ -663,7 +663,7 @@ def _mapped(pid: int, library: str) -> bool:
 def _wait_socket(pid: int, timeout: float) -> str:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        found = [c for c in discover(pid, environ={}).candidates if c.source.startswith("/proc/")]
+        found = [c for c in discover(pid, environ={}).candidates if c.listening]
         if found:
             return found[0].path
         time.sleep(0.01)
