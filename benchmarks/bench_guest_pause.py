@@ -1,6 +1,6 @@
 """The pause a running guest sees: a patchbox apply/remove against a same-host live migration.
 
-    sudo .venv/bin/python -m benchmarks.bench_guest_pause [--cycles K] [--work DIR]
+    PYTHONPATH=scripts .venv/bin/python -m benchmarks.bench_guest_pause [--cycles K]   # as root
 
 One test guest (scripts/guest: Debian's kernel under TCG, its checked I/O loop on a
 virtio-blk disk, an AHCI disk and virtio-net) on the project's QEMU
@@ -45,14 +45,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+try:  # the test guest's harness, scripts/guest, as `python -m guest` finds it
+    from guest.datapath import CHANGES, build, count_hits
+    from guest.harness import Guest, GuestConfig, Migration
+    from guest.image import ensure_image
+    from guest.serial import GuestLog, analyze, host_gaps
+except ModuleNotFoundError as e:
+    raise SystemExit(
+        "bench_guest_pause: run with scripts/ on the path:"
+        " PYTHONPATH=scripts .venv/bin/python -m benchmarks.bench_guest_pause"
+    ) from e
+
 from .common import ROOT, print_table
-
-sys.path.append(str(ROOT / "scripts"))
-
-from guest.datapath import CHANGES, build, count_hits
-from guest.harness import Guest, GuestConfig, Migration
-from guest.image import ensure_image
-from guest.serial import GuestLog, analyze, host_gaps
 
 PATCHES = ("blk", "net", "ata")
 # A patchbox command that asks the agent and changes nothing: what the CLI's own start-up
