@@ -111,17 +111,25 @@ def make_diffs(src: Path) -> dict[str, str]:
 
 
 def build(
-    src: Path, exe: Path, change: Change, out_dir: Path, *, patchbox: str = "patchbox"
+    src: Path,
+    exe: Path,
+    change: Change,
+    out_dir: Path,
+    *,
+    patchbox: str = "patchbox",
+    build_dir: Path | None = None,
 ) -> Path:
     """Builds ``change`` with ``patchbox build --qemu`` against ``exe`` (built from ``src``
-    in its meson build directory); returns the patch ``out_dir/pbx-NAME.pbx``."""
+    in its meson build directory, or in ``build_dir`` when ``exe`` is a copy kept
+    elsewhere); returns the patch ``out_dir/pbx-NAME.pbx``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     diff = out_dir / f"pbx-{change.name}.diff"
     diff.write_text(make_diff(src, change))
     pbx = out_dir / f"pbx-{change.name}.pbx"
     proc = subprocess.run(
         [patchbox, "build", "--qemu", "--source", str(src), "--diff", str(diff)]
-        + ["--binary", str(exe), "--name", f"pbx-{change.name}", "-o", str(pbx), "--explain"],
+        + ["--binary", str(exe), "--name", f"pbx-{change.name}", "-o", str(pbx), "--explain"]
+        + (["--build-dir", str(build_dir)] if build_dir is not None else []),
         capture_output=True,
         text=True,
         stdin=subprocess.DEVNULL,

@@ -23,7 +23,17 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-__all__ = ["KINDS", "GuestLog", "Record", "Stats", "analyze", "parse_line", "parse_lines"]
+__all__ = [
+    "KINDS",
+    "GuestLog",
+    "Record",
+    "Stats",
+    "analyze",
+    "host_gaps",
+    "parse_line",
+    "parse_lines",
+    "pause_around",
+]
 
 KINDS = ("INIT", "READY", "PROGRESS", "ERROR", "SUMMARY")
 _RECORD = re.compile(r"\b(INIT|READY|PROGRESS|ERROR|SUMMARY)\b(.*)$")
@@ -179,3 +189,22 @@ def analyze(log: GuestLog) -> Stats:
         missing_seqs=(seqs[-1] - seqs[0] + 1 - len(set(seqs))) if seqs else 0,
         seconds=times[-1] - times[0] if times else 0.0,
     )
+
+
+def host_gaps(log: GuestLog) -> list[tuple[float, float]]:
+    """Returns (start, end) on the host's clock of every interval between consecutive
+    PROGRESS lines (lines without a host time are skipped)."""
+    times = [r.host_t for r in log.progress() if r.host_t is not None]
+    return list(zip(times, times[1:]))
+
+
+def pause_around(log: GuestLog, start: float, end: float) -> float | None:
+    """Returns the longest host-clock interval between consecutive PROGRESS lines that
+    overlaps [``start``, ``end``] (host times): the pause the guest's loop shows around
+    something done to it in that time; None when no interval overlaps (no PROGRESS line
+    after ``start`` read yet).
+
+    The guest's own clock stops while its VM is stopped, so only the host's clock shows
+    such a pause."""
+    spans = [b - a for a, b in host_gaps(log) if b >= start and a <= end]
+    return max(spans) if spans else None

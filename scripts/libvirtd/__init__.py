@@ -3,16 +3,20 @@ libvirt"). Named ``libvirtd``, not ``libvirt``: that is libvirt's own Python bin
 
 ``Libvirtd(workdir)`` starts ``libvirtd`` as root in a mount namespace of its own:
 ``/run/libvirt``, ``/var/lib/libvirt``, ``/var/cache/libvirt`` and ``/var/log/libvirt``
-are private tmpfs, ``/etc/libvirt`` is ``workdir/etc``, and clients connect through
-``workdir/run/libvirt-sock`` (``uri``). Nothing of a libvirt the host may run is read or
-written, and no init system is needed. The QEMU driver runs QEMU as Debian's
-``libvirt-qemu`` user (its default); the network namespace is the host's, so an agent on
-its abstract address is reached from outside as usual.
+are private tmpfs, ``/etc/libvirt`` is ``workdir/etc``, the daemon's pid file is
+``workdir/run/libvirtd.pid`` (not ``/run/libvirtd.pid``, which would let one daemon run
+at a time), and clients connect through ``workdir/run/libvirt-sock`` (``uri``). Nothing
+of a libvirt the host may run is read or written, and no init system is needed. The QEMU
+driver runs QEMU as Debian's ``libvirt-qemu`` user (its default); the network namespace
+is the host's, so an agent on its abstract address is reached from outside as usual.
 
 The driver's settings (``workdir/etc/qemu.conf``) leave out what needs a host set up for
 it: no security driver (no AppArmor or SELinux here), no cgroups, QEMU's output to a
 file instead of virtlogd. libvirt's default per-domain mount namespace (a private
 ``/dev`` for each QEMU) stays.
+
+``libvirtd.guest`` runs the test guest of ``scripts/guest`` as a domain of such a daemon
+(docs/qemu.md, "A real guest under libvirt").
 """
 
 from __future__ import annotations
@@ -130,7 +134,7 @@ class Libvirtd:
             mounts += f"; mount --bind {self.cache} /var/cache/libvirt"
         script = (
             f"set -e; {mounts}; mount --bind {self.etc} /etc/libvirt; "
-            f"exec /usr/sbin/libvirtd -f {conf}"
+            f"exec /usr/sbin/libvirtd -f {conf} -p {self.run_dir}/libvirtd.pid"
         )
         # unshare execs sh, sh execs libvirtd: the Popen's pid is libvirtd's.
         with open(self.workdir / "libvirtd.out", "wb") as out:
@@ -186,11 +190,15 @@ class Libvirtd:
         pidfile = Path(f"/proc/{self.proc.pid}/root/run/libvirt/qemu/{name}.pid")
         return int(pidfile.read_text().strip())
 
+    def qemu_log_path(self, name: str) -> Path:
+        """Returns the path, as seen from outside the daemon's mount namespace, of
+        libvirt's log of domain ``name`` (QEMU's standard output and error)."""
+        assert self.proc is not None
+        return Path(f"/proc/{self.proc.pid}/root/var/log/libvirt/qemu/{name}.log")
+
     def qemu_log(self, name: str) -> str:
         """Returns QEMU's output for domain ``name`` (libvirt's log file of it)."""
-        assert self.proc is not None
-        log = Path(f"/proc/{self.proc.pid}/root/var/log/libvirt/qemu/{name}.log")
-        return log.read_text(errors="replace")
+        return self.qemu_log_path(name).read_text(errors="replace")
 
     def qmp(self, name: str, command: str) -> str:
         """Returns the JSON answer of QMP ``command`` (a JSON object) sent to domain

@@ -76,6 +76,18 @@ def test_static_helper_apply_list_remove(
     assert listing(target) == []
 
 
+def test_apply_and_remove_report_the_agents_time_as_json(
+    target: Target, target_exe: Path, patched_obj: Callable[..., Path]
+) -> None:
+    pbx = extract(patched_obj(USE_HELPER="scale(x) + 2"), target_exe, "use_helper", name="timed")
+    applied = json.loads(run("patchbox", "apply", "-p", target.pid, pbx, "--json").stdout)
+    removed = json.loads(run("patchbox", "remove", "-p", target.pid, "timed", "--json").stdout)
+    # The agent's own time (APPLY/REMOVE replies' elapsed_ns): under a second, not zero.
+    assert 0 < applied["elapsed_ns"] < 1_000_000_000
+    assert 0 < removed["elapsed_ns"] < 1_000_000_000
+    assert (applied["held_threads"], removed["written"]) == (0, True)
+
+
 def test_global_keeps_running_state(
     target: Target, target_exe: Path, patched_obj: Callable[..., Path]
 ) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from guest.serial import analyze, parse_line, parse_lines
+from guest.serial import analyze, parse_line, parse_lines, pause_around
 
 READY = "READY t=4.035827 disks=vda,sda peer=10.78.0.1:7777 block=16384 slots=64 progress_ms=100"
 SUMMARY = (
@@ -99,3 +99,15 @@ def test_without_host_times_only_the_guest_clock_is_measured() -> None:
 def test_an_empty_log_measures_nothing() -> None:
     s = analyze(parse_lines([]))
     assert (s.progress_lines, s.ops, s.longest_gap_s, s.ops_per_s) == (0, 0, 0.0, 0.0)
+
+
+def test_the_pause_around_an_operation_is_the_longest_host_interval_it_overlaps() -> None:
+    # The guest's clock runs on evenly (its VM was stopped); the host's shows the pause.
+    host = [10.0, 10.1, 10.2, 10.95, 11.05, 11.15, 11.6, 11.7]
+    log = parse_lines([(h, progress(i + 1, 4.0 + 0.1 * i)) for i, h in enumerate(host)])
+    assert pause_around(log, 10.5, 10.6) == pytest.approx(0.75)  # inside one interval
+    assert pause_around(log, 10.15, 11.0) == pytest.approx(0.75)  # over several
+    assert pause_around(log, 11.1, 11.2) == pytest.approx(0.45)  # ends in a longer one
+    assert pause_around(log, 10.0, 10.05) == pytest.approx(0.1)
+    assert pause_around(log, 12.0, 12.5) is None  # nothing read after it yet
+    assert pause_around(parse_lines([progress(1, 1.0), progress(2, 1.1)]), 0, 9) is None

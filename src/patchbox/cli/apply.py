@@ -112,6 +112,7 @@ def apply_command(
                 "text_addr": result.text_addr,
                 "data_addr": result.data_addr,
                 "functions": symbols,
+                "elapsed_ns": result.elapsed_ns,
                 "held_threads": hold.threads if hold else 0,
                 "held_ns": hold.longest_ns if hold else 0,
             }

@@ -50,6 +50,7 @@ def remove_command(
                 "pid": int(target) if target.isdigit() else target,
                 "removed": True,
                 "written": removed.written,
+                "elapsed_ns": removed.elapsed_ns,
             }
         )
         return
