@@ -299,9 +299,10 @@ class LibvirtGuest(Guest):
             self._pid_started = _start_time(self.pid)
             self._serial = socket.socket(socket.AF_UNIX)
             self._serial.connect(str(self.serial_socket))
+            self._serial_out = self.serial_path.open("wb")
             self._reader = threading.Thread(
                 target=self._read_serial,
-                args=(self._serial.makefile("rb"),),
+                args=(self._serial.makefile("rb"), None),
                 name="guest-serial",
                 daemon=True,
             )

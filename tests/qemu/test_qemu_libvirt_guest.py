@@ -113,7 +113,7 @@ def gap_over(records: list[Record], t0: float, t1: float) -> float:
     return max((b - a for a, b in zip(times, times[1:]) if b >= t0 and a <= t1), default=0.0)
 
 
-def test_datapath_patches_cycled_under_a_libvirt_guests_checked_io(  # noqa: PLR0915
+def test_datapath_patches_cycled_under_a_libvirt_guests_checked_io(  # noqa: PLR0915 - one scenario, start to stop
     qemu_exe: Path,
     tmp_path: Path,
     reachable_dir: Path,
