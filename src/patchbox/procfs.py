@@ -32,6 +32,7 @@ from typing import BinaryIO, NamedTuple
 from patchbox.errors import ElfError
 
 __all__ = [
+    "age_seconds",
     "root_path",
     "fd_path",
     "cwd_path",
@@ -109,6 +110,10 @@ def cwd_path(pid: int, path: str) -> str:
 # -- processes ----------------------------------------------------------------------
 
 
+# starttime's index among /proc/PID/stat's fields after "(comm)": field 22, the state 3rd.
+_STAT_STARTTIME = 19
+
+
 def process_ids() -> list[int]:
     """Returns the pids of this pid namespace (one read of /proc)."""
     return [int(n) for n in os.listdir("/proc") if n.isdigit()]
@@ -138,6 +143,21 @@ def get_ns_pid(pid: int) -> int:
     except (OSError, ValueError, IndexError):
         pass
     return pid
+
+
+def age_seconds(pid: int) -> float | None:
+    """Returns how long ago process ``pid`` started (its /proc/PID/stat start time against
+    the system's uptime), None if that cannot be read."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    fields = stat[stat.rfind(")") + 2 :].split()
+    started = int(fields[_STAT_STARTTIME]) / os.sysconf("SC_CLK_TCK")
+    return max(0.0, uptime - started)
 
 
 def process_state(pid: int) -> str | None:

@@ -35,7 +35,7 @@ def wait_for_agent(pid: int, timeout: float = 10) -> Candidate:
     deadline = time.monotonic() + timeout
     while True:
         found = discover(pid, environ={})
-        mine = [c for c in found.candidates if c.source.startswith("/proc/")]
+        mine = [c for c in found.candidates if c.listening]
         if mine:
             return mine[0]
         assert time.monotonic() < deadline, f"no agent of pid {pid}: {found.notes}"

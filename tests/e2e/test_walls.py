@@ -14,6 +14,7 @@ with the change observed from outside, as the other end-to-end tests do.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -308,6 +309,39 @@ def test_classic_daemon(
         assert sockets_in(bindir) == {f"sandbox-sock{pid}"}
     finally:
         os.kill(pid, 9)
+
+
+def test_apply_all_waits_for_a_worker_still_binding(
+    daemon_build: tuple[Path, Path], tmp_path: Path, no_client_sock_dir: None
+) -> None:
+    """A forked worker's agent binds after the fork delay (sshd's connection processes
+    under load are found that way): `apply --all` right after the fork waits for its
+    socket and patches it with the daemon, instead of calling it unreachable."""
+    built, obj = daemon_build
+    bindir, rundir = tmp_path / "bin", tmp_path / "run"
+    bindir.mkdir()
+    rundir.mkdir()
+    exe = Path(shutil.copy(built, bindir / "daemon"))
+    env = {**os.environ, "PATCHBOX_FORK_DELAY_MS": "1000"}
+    first = subprocess.Popen([str(exe), str(rundir), "late"], stdin=subprocess.DEVNULL, env=env)
+    assert first.wait(10) == 0
+    wait_until((rundir / "daemon.pid").exists, "the daemon's pid file")
+    pid = int((rundir / "daemon.pid").read_text())
+    worker = 0
+    try:
+        wait_for_agent(pid)
+        pbx = extract(obj, exe, "answer", name="workerfix")
+        worker = ask(rundir, "worker 8000")
+        assert not (bindir / f"sandbox-sock{worker}").exists()  # not bound yet
+        out = run("patchbox", "apply", "--all", "--exe", exe, "--json", pbx).stdout
+        rows = {r["pid"]: r["result"] for r in json.loads(out)}
+        assert rows == {pid: "applied", worker: "applied"}, out
+        assert "workerfix" in run("patchbox", "list", "-p", worker).stdout
+        assert ask(rundir, "answer 5") == 105
+    finally:
+        os.kill(pid, 9)
+        if worker and pid_alive(worker):
+            os.kill(worker, 9)
 
 
 # -- fork during apply -----------------------------------------------------------------

@@ -18,6 +18,7 @@ worth a retry (a busy agent).
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Collection
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
@@ -37,7 +38,15 @@ from patchbox.host.census import (
     unreachable_reason,
 )
 from patchbox.host.scan import AgentSocket, iter_agent_sockets
-from patchbox.procfs import exe_path, fd_path, fd_target, holds_socket, namespace, vm_name
+from patchbox.procfs import (
+    age_seconds,
+    exe_path,
+    fd_path,
+    fd_target,
+    holds_socket,
+    namespace,
+    vm_name,
+)
 from patchbox.protocol.client import Client
 from patchbox.protocol.discovery import (
     FD_ADDRESS,
@@ -168,6 +177,38 @@ def _look() -> _Host:
             continue
         agents.setdefault(a.pid, a)  # a process bound twice (re-bind): the first
     return _Host(agents, census(), far)
+
+
+# An agent binds its socket as its process starts, and binds again within its poll
+# period (about a second) when a daemon closed it (docs/host.md). A process of the
+# build younger than this whose agent has no socket yet is still starting: waited for,
+# not reported unreachable (sshd's connection processes, forked and re-executed per
+# connection, are found in that state by any apply under load).
+STARTING_S = 3.0
+_STARTING_POLL_S = 0.1
+
+
+def _starting(host: _Host, pids: Collection[int]) -> set[int]:
+    """Returns the pids of ``pids`` whose agent is loaded but has no socket yet and which
+    started less than STARTING_S ago."""
+    out = set()
+    for pid in pids:
+        if pid in host.agents or pid in host.far:
+            continue
+        age = age_seconds(pid)
+        if age is not None and age < STARTING_S and agent_inside(pid):
+            out.add(pid)
+    return out
+
+
+def _settled(host: _Host, pids: Collection[int]) -> _Host:
+    """Returns a look at the host once none of ``pids`` is still starting (at most
+    STARTING_S later)."""
+    deadline = time.monotonic() + STARTING_S
+    while _starting(host, pids) and time.monotonic() < deadline:
+        time.sleep(_STARTING_POLL_S)
+        host = _look()
+    return host
 
 
 def _narrow(
@@ -518,6 +559,9 @@ def apply_all(
         attached = _attach_missing(host, of_build - set(host.agents), include_privileged)
         host = _look()
         scope, of_build = _apply_scope(host, want, exe, build_id, pids=pids, vms=vms)
+    if _starting(host, of_build & scope):
+        host = _settled(host, of_build & scope)
+        scope, of_build = _apply_scope(host, want, exe, build_id, pids=pids, vms=vms)
     rows: list[Outcome] = list(attached.values())
     targets: list[AgentSocket] = []
     for pid in sorted(scope - set(attached)):
@@ -598,6 +642,8 @@ def remove_all(
         of_build = {p for p in scope if p in host.running and host.running[p].build_id in known}
     else:
         of_build = scope
+    if _starting(host, of_build):
+        host = _settled(host, of_build)
     agents = [host.agents[p] for p in sorted(scope) if p in host.agents]
     if dry_run:
         done = _predict(host, agents, name, False, timeout)
