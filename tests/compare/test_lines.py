@@ -232,3 +232,45 @@ def test_files_of_one_name_each_get_their_own_line_map(tmp_path: Path) -> None:
     assert got["a"].get("caller_a", "out") == "out" and got["a"].get("caller_b", "out") == "out"
     # b/util.c: checked's result changed, so its callers did; parse did not
     assert "parse" not in got["b"] and got["b"]["caller_a"] == "in"
+
+
+# A header's inline helper reports its own __FILE__ and __LINE__ (QEMU's QOM casts in
+# virtio.h): a fix that adds a line at the top of the header moves them in every caller.
+HEADER = """#include <stdlib.h>
+__attribute__((noinline, cold)) void hdr_fail(const char *file, int line);
+static inline int hdr_checked(int v) { if (v < 0) hdr_fail(__FILE__, __LINE__); return v + 1; }
+"""
+HEADER_FIX = "#include <stdio.h>\n" + HEADER
+USER = '#include "util.h"\nint parse(int len) { return len * 2; }\n'
+USER += "int caller_a(int v) { return hdr_checked(v) * 3; }\n"
+USER_FIX = USER.replace("return len * 2;", "return len > 4096 ? -1 : len * 2;")
+
+
+def test_a_header_s_moved_lines_are_mapped_by_the_header_s_change(tmp_path: Path) -> None:
+    """The diff changes util.h (a line added above the inline helper) and parse in
+    server.c: caller_a differs only in the header's __LINE__, which util.h's line map
+    explains; without util.h in the diff the same difference is a change."""
+    objs = {}
+    for side, (h, c) in {"orig": (HEADER, USER), "new": (HEADER_FIX, USER_FIX)}.items():
+        root = tmp_path / side
+        root.mkdir()
+        (root / "util.h").write_text(h)
+        (root / "server.c").write_text(c)
+        cmd = ["gcc", "-O2", "-g", "-fPIE", *PATCH_CFLAGS, "-c", "server.c", "-o", "server.o"]
+        subprocess.run(cmd, cwd=root, check=True)
+        objs[side] = root / "server.o"
+    diffs = {
+        name: "".join(
+            difflib.unified_diff(o.splitlines(True), n.splitlines(True), f"a/{name}", f"b/{name}")
+        )
+        for name, o, n in (("util.h", HEADER, HEADER_FIX), ("server.c", USER, USER_FIX))
+    }
+
+    def verdicts(diff: str) -> dict[str, str]:
+        d = compare_objects(objs["orig"], objs["new"], GENERIC.reporters, lines=line_maps(diff))
+        return {x.symbol: x.verdict for x in d.decisions}
+
+    got = verdicts(diffs["util.h"] + diffs["server.c"])
+    assert got.get("parse") == "in"
+    assert got.get("caller_a", "out") == "out", got
+    assert verdicts(diffs["server.c"]).get("caller_a") == "in"

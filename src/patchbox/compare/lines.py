@@ -12,6 +12,8 @@ in the functions that use the macro and wherever they are inlined. Such a differ
    immediate is an argument being set up;
 3. the immediate is a line number the diff moved: the diff's line map of the object's
    source file takes the old value to the new one (``old`` → ``new``, checked exactly);
+   where the call's ``__FILE__`` is another file the diff changes (a header whose
+   inline function or macro reports its own place), that file's line map;
 4. the call is a reporting call: its arguments include the compile unit's own file name
    (a ``__FILE__`` string), or a ``__func__`` string, or the callee is a reporting
    function the profile names.
@@ -44,11 +46,18 @@ class LineCheck:
     _md: Cs | None = None
 
     def __init__(
-        self, reporters: Reporters, source: str | None = None, lines: FileChange | None = None
+        self,
+        reporters: Reporters,
+        source: str | None = None,
+        lines: FileChange | None = None,
+        headers: dict[str, FileChange] | None = None,
     ) -> None:
         self.reporters = reporters
         self.source = os.path.basename(source) if source else None
         self.lines = lines
+        # The other files the diff changes, by basename: a header's inline function or
+        # macro reports its own __FILE__ and __LINE__, moved by that file's change.
+        self.headers = {k: v for k, v in (headers or {}).items() if k != self.source}
 
     @classmethod
     def disasm(cls) -> Cs:
@@ -78,10 +87,6 @@ class LineCheck:
             pairs = _immediate_pairs(x, y)
             if not pairs:
                 return None
-            if self.lines is not None and not all(
-                self.lines.new_line(old) == new for old, new in pairs
-            ):
-                return None
             found = _next_call(ia, k)
             if found is None:
                 return None
@@ -89,7 +94,11 @@ class LineCheck:
             who = self._reporting(ia, k, call, joined=joined, targets=targets, function=function)
             if who is None:
                 return None
-            seen.append(who)
+            # Rule 3 with the line map of the file the call reports: a header's own.
+            lines = self.headers[who[1]] if who[1] is not None else self.lines
+            if lines is not None and not all(lines.new_line(old) == new for old, new in pairs):
+                return None
+            seen.append(who[0])
         return ", ".join(dict.fromkeys(seen)) if seen else None
 
     def _reporting(
@@ -101,15 +110,17 @@ class LineCheck:
         joined: int | None,
         targets: dict[int, RelocTarget],
         function: str,
-    ) -> str | None:
-        """Returns how the call at ``insns[call]`` shows itself a reporting call (rule 4);
-        ``joined`` is where a jump from the differing instruction's block landed (GCC
-        cross-jumping: several calls sharing one), its instructions count as arguments too."""
+    ) -> tuple[str, str | None] | None:
+        """Returns how the call at ``insns[call]`` shows itself a reporting call (rule 4)
+        and, when a ``__FILE__`` of another file the diff changes shows it (a header's
+        inline code), that file's basename; ``joined`` is where a jump from the differing
+        instruction's block landed (GCC cross-jumping: several calls sharing one), its
+        instructions count as arguments too."""
         callee = targets.get(insns[call].address + 1)
         named = callee is not None and callee.kind in (TargetKind.EXTERNAL, TargetKind.SYMBOL)
         name = callee.name if callee is not None and named else None
         if name is not None and name in self.reporters:
-            return name
+            return name, None
         if self.lines is None:
             return None
         # The arguments: from after the previous call (or the function's start) to the call,
@@ -126,10 +137,13 @@ class LineCheck:
                 text = t.string()
                 if text is None:
                     continue
-                if self.source and os.path.basename(text) == self.source:
-                    return f"{name or 'a call'} (__FILE__, __LINE__)"
+                base = os.path.basename(text)
+                if self.source and base == self.source:
+                    return f"{name or 'a call'} (__FILE__, __LINE__)", None
+                if base in self.headers:
+                    return f"{name or 'a call'} ({base}'s __FILE__, __LINE__)", base
                 if function and text in (function, function.split(".", maxsplit=1)[0]):
-                    return f"{name or 'a call'} (__func__, __LINE__)"
+                    return f"{name or 'a call'} (__func__, __LINE__)", None
         return None
 
 

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -323,7 +323,12 @@ def compare_objects(
     line_map = None
     if lines is not None:
         line_map = _line_map(lines, source, patched.path)
-    cmp = _Comparison(old, new, LineCheck(reporters, source, line_map))
+    # The diff's other files by basename, those whose basename is theirs alone.
+    bases = Counter(os.path.basename(k) for k in lines or {})
+    headers = {
+        os.path.basename(k): v for k, v in (lines or {}).items() if bases[os.path.basename(k)] == 1
+    }
+    cmp = _Comparison(old, new, LineCheck(reporters, source, line_map, headers))
     for s in syms:
         cmp.symbol(s, pairs.get(s.index))
     cmp.carry_clone_callers(syms)
