@@ -119,31 +119,33 @@ class LineCheck:
         callee = targets.get(insns[call].address + 1)
         named = callee is not None and callee.kind in (TargetKind.EXTERNAL, TargetKind.SYMBOL)
         name = callee.name if callee is not None and named else None
-        if name is not None and name in self.reporters:
-            return name, None
+        known = name is not None and name in self.reporters
         if self.lines is None:
-            return None
+            return (name, None) if known and name is not None else None
         # The arguments: from after the previous call (or the function's start) to the call,
         # or to the jump into the shared call and from its target to the call.
         first = k
         while first > 0 and insns[first - 1].mnemonic not in _CALLS:
             first -= 1
         region = insns[first:call] if joined is None else insns[first : k + 1] + insns[joined:call]
-        for ins in region:
-            for off in range(ins.address, ins.address + ins.size):
-                t = targets.get(off)
-                if t is None:
-                    continue
-                text = t.string()
-                if text is None:
-                    continue
-                base = os.path.basename(text)
-                if self.source and base == self.source:
-                    return f"{name or 'a call'} (__FILE__, __LINE__)", None
-                if base in self.headers:
-                    return f"{name or 'a call'} ({base}'s __FILE__, __LINE__)", base
-                if function and text in (function, function.split(".", maxsplit=1)[0]):
-                    return f"{name or 'a call'} (__func__, __LINE__)", None
+        texts = [
+            text
+            for ins in region
+            for off in range(ins.address, ins.address + ins.size)
+            if (t := targets.get(off)) is not None and (text := t.string()) is not None
+        ]
+        bases = {os.path.basename(text) for text in texts}
+        header = next((b for b in sorted(bases) if b in self.headers), None)
+        call_name = name or "a call"
+        if header is not None:
+            said = name if known and name else f"{call_name} ({header}'s __FILE__, __LINE__)"
+            return said, header
+        if known and name is not None:
+            return name, None
+        if self.source and self.source in bases:
+            return f"{call_name} (__FILE__, __LINE__)", None
+        if function and any(t in (function, function.split(".", maxsplit=1)[0]) for t in texts):
+            return f"{call_name} (__func__, __LINE__)", None
         return None
 
 
