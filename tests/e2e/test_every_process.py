@@ -454,3 +454,46 @@ def test_an_agent_of_another_network_namespace_is_unreachable_with_the_way_there
     assert t.call("use_helper", 4) == BEFORE
     ps = mine(patchbox_json("ps", expect=0), t)
     assert name in ps[t.pid]["error"]
+
+
+SECCOMPED = r"""
+#include <linux/filter.h>
+#include <linux/seccomp.h>
+#include <stdio.h>
+#include <sys/prctl.h>
+#include <unistd.h>
+int main(void)
+{
+	/* A filter that allows everything: enough for the kernel to say Seccomp: 2. */
+	struct sock_filter allow[] = { BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW) };
+	struct sock_fprog prog = { 1, allow };
+	if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) || prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &prog))
+		return 1;
+	puts("filtered");
+	fflush(stdout);
+	pause();
+	return 0;
+}
+"""
+
+
+def test_an_unreachable_process_under_seccomp_says_so(tmp_path: Path) -> None:
+    """A process whose agent has no socket and which runs under a seccomp filter (as
+    OpenSSH's pre-authentication child does) is unreachable with that named; a second
+    process of the build, whose agent listens, makes `ps` list the build."""
+    exe = compile_c(SECCOMPED, tmp_path / "seccomped", agent=True)
+    procs = [
+        subprocess.Popen([str(exe)], stdout=subprocess.PIPE, text=True, env=env)
+        for env in (dict(os.environ), {**os.environ, "PATCHBOX_DISABLE": "1"})
+    ]
+    try:
+        for p in procs:
+            assert p.stdout is not None and p.stdout.readline().strip() == "filtered"
+        wait_for_agent(procs[0].pid)
+        rows = {r["pid"]: r for r in patchbox_json("ps", expect=0)}
+        assert not rows[procs[0].pid]["error"]
+        assert "seccomp filter (Seccomp: 2)" in rows[procs[1].pid]["error"], rows[procs[1].pid]
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()

@@ -112,6 +112,12 @@ def unreachable_reason(pid: int) -> str:
         )
     if not inside:
         return "no agent loaded (not linked, not preloaded): --attach loads one"
+    if procfs.read_status(pid).get("Seccomp") == "2":
+        return (
+            f"agent present but no socket: no {name} listening, and the process runs under "
+            "a seccomp filter (Seccomp: 2) that may forbid its agent a socket (OpenSSH's "
+            "pre-authentication child); it runs the code it was forked with"
+        )
     return (
         f"agent present but no socket: no {name} listening (its agent was stopped or "
         f"disabled, is still starting, or could bind neither in its socket directory nor "
