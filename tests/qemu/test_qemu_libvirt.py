@@ -67,6 +67,19 @@ def package(d: Libvirtd) -> str:
     return package
 
 
+def version_patch(qemu_exe: Path, tmp: Path) -> Path:
+    """Returns the patch ``version``: query-version's package becomes PATCHED."""
+    return fixed_patch(
+        qemu_exe,
+        tmp,
+        "monitor/qmp-cmds-control.c",
+        old="info->package = g_strdup(QEMU_PKGVERSION);",
+        new=f'info->package = g_strdup("{PATCHED}");',
+        function="qmp_query_version",
+        name="version",
+    )
+
+
 def test_patch_a_libvirt_domain_through_its_name(
     libvirtd: Libvirtd, qemu_exe: Path, tmp_path: Path
 ) -> None:
@@ -113,15 +126,7 @@ def test_patch_a_libvirt_domain_through_its_name(
     assert int(json.loads(as_qemu.stdout)["pid"]) == pid
 
     before = package(libvirtd)
-    pbx = fixed_patch(
-        qemu_exe,
-        tmp_path,
-        "monitor/qmp-cmds-control.c",
-        old="info->package = g_strdup(QEMU_PKGVERSION);",
-        new=f'info->package = g_strdup("{PATCHED}");',
-        function="qmp_query_version",
-        name="version",
-    )
+    pbx = version_patch(qemu_exe, tmp_path)
     applied = run(BIN / "patchbox", "apply", "--all", "--vm", VM, "--json", pbx)
     assert [(r["pid"], r["result"]) for r in json.loads(applied.stdout)] == [(pid, "applied")]
     assert package(libvirtd) == PATCHED
@@ -178,15 +183,7 @@ def test_ansible_rollout_to_a_libvirt_domain_with_a_qmp_check(
 ) -> None:
     pid = libvirtd.define_and_start(VM, domain_xml(VM, qemu_exe))
     before = package(libvirtd)
-    pbx = fixed_patch(
-        qemu_exe,
-        tmp_path,
-        "monitor/qmp-cmds-control.c",
-        old="info->package = g_strdup(QEMU_PKGVERSION);",
-        new=f'info->package = g_strdup("{PATCHED}");',
-        function="qmp_query_version",
-        name="version",
-    )
+    pbx = version_patch(qemu_exe, tmp_path)
     staging = tmp_path / "staging"  # made by the role: root's, 0700
     common = {
         "patchbox_patch": str(pbx),

@@ -168,17 +168,23 @@ class Session:
         except OSError as err:
             raise QMPError(f"writing to the monitor: {err.strerror or err}") from err
         reply = self.read()
-        if "error" in reply:
-            error = reply["error"]
-            desc, cls = error.get("desc", error), error.get("class", "")
-            raise QMPError(f"{command}: {desc} ({cls})")
-        if "return" not in reply:
-            raise QMPError(f"{command}: unexpected answer {reply!r}")
-        return reply["return"]
+        return reply_return(command, reply)
 
     def close(self):
         self.file.close()
         self.sock.close()
+
+
+def reply_return(command, reply):
+    """Returns the C(return) of a QMP ``reply`` to ``command``; QMPError for an error or
+    an answer without one."""
+    if "error" in reply:
+        error = reply["error"]
+        desc, cls = error.get("desc", error), error.get("class", "")
+        raise QMPError(f"{command}: {desc} ({cls})")
+    if "return" not in reply:
+        raise QMPError(f"{command}: unexpected answer {reply!r}")
+    return reply["return"]
 
 
 def virsh_execute(module, uri, domain, command, arguments=None):
@@ -194,13 +200,7 @@ def virsh_execute(module, uri, domain, command, arguments=None):
         reply = json.loads(out)
     except ValueError as error:
         raise QMPError(f"virsh sent no JSON: {out[:200]!r}") from error
-    if "error" in reply:
-        error = reply["error"]
-        desc, cls = error.get("desc", error), error.get("class", "")
-        raise QMPError(f"{command}: {desc} ({cls})")
-    if "return" not in reply:
-        raise QMPError(f"{command}: unexpected answer {reply!r}")
-    return reply["return"]
+    return reply_return(command, reply)
 
 
 def mismatches(response, expect):
