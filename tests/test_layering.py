@@ -119,7 +119,7 @@ CORPUS = ROOT / "scripts" / "corpus"
 CORPUS_LAYERS: list[set[str]] = [
     {"fixes", "load"},
     {"harness", "report"},
-    {"levels"},
+    {"levels", "qemu_pci", "qemu_scsi", "qemu_virtio"},
     {"dnsmasq", "memcached", "openssh", "qemu"},
     {"__main__"},
 ]

@@ -11,6 +11,8 @@ Modules, lowest first; each imports only modules above it (tests/test_layering.p
 - ``report``: one verdict per fix, the summary, the table of docs/corpus.md;
 - ``levels``: Debian source packages, the tree at the level before each fix built by a
   program's recipe, and the loop running each fix against its level;
+- ``qemu_scsi``, ``qemu_virtio``, ``qemu_pci``: QEMU's device probes, each driving its
+  device through qtest (``load/qtest_client.py``) on a machine of its own;
 - ``dnsmasq``, ``memcached``, ``openssh``, ``qemu``: one module per program (its recipe,
   daemon, load and probes);
 - ``__main__``: the command line.

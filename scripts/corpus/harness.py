@@ -253,6 +253,9 @@ class Probe:
     fixed: Callable[[str], bool]  # whether that observation is the fixed behaviour
     on_unfixed: bool = True  # safe to run on the unfixed process (does not kill or hang it)
     expected: str = ""  # the fixed behaviour, in words
+    # QEMU: the machine and devices (QEMU arguments) the probe drives through qtest
+    # (load/qtest_client.py); the fix is then applied to a QEMU started with them.
+    machine: tuple[str, ...] = ()
 
 
 @dataclass

@@ -25,6 +25,7 @@ from typing import Any
 
 from patchbox.sourcediff import file_texts, parse_diff, strip_path
 
+from . import qemu_pci, qemu_scsi, qemu_virtio
 from .fixes import Fix, Package, key
 from .harness import (
     CACHE,
@@ -46,11 +47,12 @@ from .load.qmp_client import QMP
 from .load.vnc_client import NOTIFY, PROVIDE, REQUEST, TEXT, Vnc
 from .report import verdict
 
-__all__ = ["PROBES", "carve", "run_fixes"]
+__all__ = ["PROBES", "QTEST", "alive", "carve", "run_fixes", "start_qemu"]
 
 QEMU_CACHE = Path("/var/cache/patchbox/qemu")  # the project's (scripts/qemu/build-qemu.sh)
 LEVEL = CACHE / "qemu-cache"
 VNC = RUN_DIR / "qemu-vnc.sock"  # the level QEMU's VNC server (the clipboard probes)
+QTEST = RUN_DIR / "qemu-qtest.sock"  # a device probe's QEMU (Probe.machine)
 
 
 def carve(fix: Fix, patches: Path) -> str:
@@ -392,6 +394,10 @@ PROBES: dict[str, Probe] = {
         lambda s: s.endswith("by its bus parent's reentrancy guard"),
         expected="a port hot-plugged after the patch gets a BH guarded by its bus parent",
     ),
+    # The device probes (qtest-driven, each on its own machine: Probe.machine).
+    **qemu_scsi.PROBES,
+    **qemu_virtio.PROBES,
+    **qemu_pci.PROBES,
 }
 
 
@@ -403,16 +409,20 @@ def _disk() -> Path:
     return img
 
 
-def start_qemu(binary: Path) -> tuple[Daemon, Path]:
-    """Starts a pc machine (TCG, an IDE disk, a websocket chardev, VNC on a Unix socket,
-    QMP); the guest has no OS, SeaBIOS waits. Returns the daemon and its QMP socket."""
+def start_qemu(binary: Path, machine: tuple[str, ...] = ()) -> tuple[Daemon, Path]:
+    """Starts QEMU (TCG, QMP) and returns the daemon and its QMP socket. Without
+    ``machine``: a pc machine with an IDE disk, a websocket chardev and VNC on a Unix
+    socket; the guest has no OS, SeaBIOS waits. With ``machine`` (a device probe's QEMU
+    arguments): that machine under the qtest accelerator, its socket ``QTEST``."""
     RUN_DIR.mkdir(parents=True, exist_ok=True)
     qmp = RUN_DIR / "qemu-qmp.sock"
-    qmp.unlink(missing_ok=True)
-    VNC.unlink(missing_ok=True)
-    d = Daemon(
-        [
-            str(binary),
+    for sock in (qmp, VNC, QTEST):
+        sock.unlink(missing_ok=True)
+    if machine:
+        args = ["-accel", "qtest", "-qtest", f"unix:{QTEST},server=on,wait=off"]
+        args += ["-qtest-log", "/dev/null", "-display", "none", "-nodefaults", *machine]
+    else:
+        args = [
             "-machine",
             "pc",
             "-accel",
@@ -428,10 +438,10 @@ def start_qemu(binary: Path) -> tuple[Daemon, Path]:
             "socket,id=ws0,host=127.0.0.1,port=5701,server=on,wait=off,websocket=on",
             "-vnc",
             f"unix:{VNC}",
-            "-qmp",
-            f"unix:{qmp},server=on,wait=off",
-        ],
-        "qemu",
+        ]
+    d = Daemon(
+        [str(binary), *args, "-qmp", f"unix:{qmp},server=on,wait=off"],
+        "qemu-devices" if machine else "qemu",
         env={"PATH": "/usr/bin:/bin"},
     ).start()
     for _ in range(300):
@@ -442,6 +452,19 @@ def start_qemu(binary: Path) -> tuple[Daemon, Path]:
         time.sleep(0.1)
     wait_agent(d.pid)
     return d, qmp
+
+
+def alive(daemon: Daemon, qmp: Path) -> bool:
+    """Returns whether QEMU runs and answers QMP."""
+    if not daemon.alive():
+        return False
+    try:
+        q = QMP(str(qmp))
+        q.cmd("query-status")
+        q.close()
+    except (OSError, EOFError):
+        return False
+    return True
 
 
 def run_fixes(pkg: Package, fixes: list[Fix], results: Path) -> list[dict[str, Any]]:
@@ -465,12 +488,19 @@ def run_fixes(pkg: Package, fixes: list[Fix], results: Path) -> list[dict[str, A
                 log(f"qemu {k}: build, apply under load, probe")
                 r["build"] = build_patch(fix, src, diff, binary, pbx, qemu=True)
                 if r["build"]["result"] == "built":
-                    if not daemon.alive():
-                        daemon, qmp = start_qemu(binary)
-                    ctx = Ctx(fix, src, 0, daemon, {"qmp": str(qmp), "vnc": str(VNC)})
-                    load = [sys.executable, str(HERE / "load/qmp_client.py"), "--qmp", str(qmp)]
                     probe = PROBES.get(fix.probe) if fix.probe else None
+                    if probe is not None and probe.machine:
+                        # The device's own QEMU, started for this fix and stopped after.
+                        daemon.stop()
+                        daemon, qmp = start_qemu(binary, probe.machine)
+                    elif not daemon.alive() or daemon.name != "qemu":
+                        daemon.stop()
+                        daemon, qmp = start_qemu(binary)
+                    extra = {"qmp": str(qmp), "vnc": str(VNC), "qtest": str(QTEST)}
+                    ctx = Ctx(fix, src, 0, daemon, extra)
+                    load = [sys.executable, str(HERE / "load/qmp_client.py"), "--qmp", str(qmp)]
                     r["apply"] = apply_remove(ctx, pbx, load, probe)
+                    r["qemu_alive_at_end"] = alive(daemon, qmp)
             row = {
                 "program": "qemu",
                 "version": pkg.version,
@@ -494,15 +524,5 @@ def run_fixes(pkg: Package, fixes: list[Fix], results: Path) -> list[dict[str, A
             log(f"qemu {k}: {row['verdict']}")
             rows.append(row)
     finally:
-        alive = daemon.alive()
-        if alive:
-            try:
-                q = QMP(str(qmp))
-                q.cmd("query-status")
-                q.close()
-            except (OSError, EOFError):
-                alive = False
         daemon.stop()
-        for row in rows:
-            row["qemu_alive_at_end"] = alive
     return rows
