@@ -158,13 +158,15 @@ class Daemon:
     env: dict[str, str] = field(default_factory=dict)
     cwd: Path | None = None
     proc: subprocess.Popen[bytes] | None = None
+    log_dir: Path = RUN_DIR
 
     @property
     def log_path(self) -> Path:
-        return RUN_DIR / f"{self.name}.log"
+        return self.log_dir / f"{self.name}.log"
 
     def start(self) -> Daemon:
         RUN_DIR.mkdir(parents=True, exist_ok=True)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
         env = env_with_tools({"PATCHBOX_SOCK_DIR": str(RUN_DIR), **self.env})
         with self.log_path.open("wb") as fh:
             self.proc = subprocess.Popen(

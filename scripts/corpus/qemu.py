@@ -409,17 +409,20 @@ def _disk() -> Path:
     return img
 
 
-def start_qemu(binary: Path, machine: tuple[str, ...] = ()) -> tuple[Daemon, Path]:
+def start_qemu(
+    binary: Path, machine: tuple[str, ...] = (), where: Path = RUN_DIR
+) -> tuple[Daemon, Path]:
     """Starts QEMU (TCG, QMP) and returns the daemon and its QMP socket. Without
     ``machine``: a pc machine with an IDE disk, a websocket chardev and VNC on a Unix
-    socket; the guest has no OS, SeaBIOS waits. With ``machine`` (a device probe's QEMU
-    arguments): that machine under the qtest accelerator, its socket ``QTEST``."""
-    RUN_DIR.mkdir(parents=True, exist_ok=True)
-    qmp = RUN_DIR / "qemu-qmp.sock"
-    for sock in (qmp, VNC, QTEST):
+    socket (``VNC``); the guest has no OS, SeaBIOS waits. With ``machine`` (a device
+    probe's QEMU arguments): that machine under the qtest accelerator, its socket
+    ``where / QTEST.name``. Sockets and log are in ``where``."""
+    where.mkdir(parents=True, exist_ok=True)
+    qmp = where / "qemu-qmp.sock"
+    for sock in (qmp, VNC, where / QTEST.name):
         sock.unlink(missing_ok=True)
     if machine:
-        args = ["-accel", "qtest", "-qtest", f"unix:{QTEST},server=on,wait=off"]
+        args = ["-accel", "qtest", "-qtest", f"unix:{where / QTEST.name},server=on,wait=off"]
         args += ["-qtest-log", "/dev/null", "-display", "none", "-nodefaults", *machine]
     else:
         args = [
@@ -443,6 +446,7 @@ def start_qemu(binary: Path, machine: tuple[str, ...] = ()) -> tuple[Daemon, Pat
         [str(binary), *args, "-qmp", f"unix:{qmp},server=on,wait=off"],
         "qemu-devices" if machine else "qemu",
         env={"PATH": "/usr/bin:/bin"},
+        log_dir=where,
     ).start()
     for _ in range(300):
         if qmp.exists():

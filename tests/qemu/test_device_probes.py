@@ -31,12 +31,12 @@ def test_every_device_probe_belongs_to_a_fix() -> None:
 
 
 @pytest.mark.parametrize("name", DEVICE_PROBES)
-def test_device_probe_sees_the_fix(name: str, qemu_exe: Path) -> None:
+def test_device_probe_sees_the_fix(name: str, qemu_exe: Path, tmp_path: Path) -> None:
     probe = corpus_qemu.PROBES[name]
     fix = next(f for f in QEMU.fixes if f.probe == name)
-    daemon, qmp = corpus_qemu.start_qemu(qemu_exe, probe.machine)
+    daemon, qmp = corpus_qemu.start_qemu(qemu_exe, probe.machine, tmp_path)
     try:
-        extra = {"qmp": str(qmp), "qtest": str(corpus_qemu.QTEST)}
+        extra = {"qmp": str(qmp), "qtest": str(tmp_path / corpus_qemu.QTEST.name)}
         seen = probe.check(Ctx(fix, ROOT, 0, daemon, extra))
         assert probe.fixed(seen), f"{name}: {seen!r} (expected: {probe.expected})"
         assert corpus_qemu.alive(daemon, qmp), f"QEMU gone after {name}: {seen!r}"
