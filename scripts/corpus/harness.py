@@ -308,7 +308,8 @@ def apply_remove(
 ) -> dict[str, Any]:
     """Applies the patch under load, probes, removes it under load, probes again."""
     assert ctx.daemon is not None
-    pid = ctx.daemon.pid
+    daemon = ctx.daemon
+    pid = daemon.pid
     res: dict[str, Any] = {}
     if probe is not None and probe.on_unfixed:
         res["probe_before"] = probe.check(ctx)
@@ -320,7 +321,9 @@ def apply_remove(
 
         def remove() -> subprocess.CompletedProcess[str]:
             patchbox("uninstall", name)
-            return patchbox("remove", "--all", name)
+            # The daemon's processes only: other programs' agents (other jobs on this
+            # machine) are none of this run's business.
+            return patchbox("remove", "--all", "--exe", daemon.argv[0], name)
     else:
 
         def apply() -> subprocess.CompletedProcess[str]:
@@ -335,6 +338,10 @@ def apply_remove(
         done, load = apply(), {}
     res["apply"] = "applied" if done.returncode == 0 else "refused"
     res["apply_message"] = (done.stdout + done.stderr).strip()[-600:]
+    if store:
+        # Processes waited for that ended unpatched: sshd's pre-authentication children
+        # (docs/corpus.md, "Counting"); any still running made the apply exit 1.
+        res["sandboxed_exited"] = done.stdout.count("exited; not patchable")
     res["load_apply"] = load
     res["alive_after_apply"] = ctx.daemon.alive()
     if done.returncode != 0:

@@ -50,6 +50,8 @@ class Job:
     retry: bool = False
     peer_pid: int | None = None  # SO_PEERCRED of the connection: the agent's pid here
     denied: bool = False  # connect() said EACCES/EPERM: the socket is not ours to use
+    refused: bool = False  # connect() said ENOENT/ECONNREFUSED: nobody listens, nothing sent
+    lost: bool = False  # connected, then the connection broke before the last reply
 
 
 class _Conn:
@@ -225,9 +227,11 @@ class _Batch:
         except BlockingIOError:
             return
         except OSError as err:
+            c.job.lost = True
             self._finish(c, ConnectError(f"pid {c.job.key}: connection lost: {err.strerror}"))
             return
         if not chunk:
+            c.job.lost = True
             self._finish(
                 c,
                 ProtocolError(f"pid {c.job.key}: the agent closed the connection without replying"),
@@ -282,6 +286,7 @@ class _Batch:
             sock.close()
             job.error = _connect_error(job, err)
             job.denied = err in (errno.EACCES, errno.EPERM)
+            job.refused = err in (errno.ENOENT, errno.ECONNREFUSED)
             return True
         job.peer_pid = peer_pid(sock) or None
         if not _reached(job):

@@ -34,6 +34,7 @@ __all__ = [
     "census",
     "processes_of",
     "maps_build_id",
+    "sandboxed",
     "unreachable_reason",
 ]
 
@@ -100,6 +101,18 @@ def processes_of(running: dict[int, Running], build_id: str) -> set[int]:
     return {pid for pid in running if maps_build_id(pid, want, memo)}
 
 
+def sandboxed(pid: int) -> bool:
+    """Returns whether process ``pid`` runs under a seccomp filter (``Seccomp: 2`` in
+    /proc/PID/status, its main thread's): a sandbox that may leave an agent loaded
+    before it without a socket. OpenSSH's pre-authentication child (``sshd: [net]``,
+    ``sandbox-seccomp-filter``) is one: forked from a connection's process, it chroots
+    to the privilege-separation directory, becomes the privilege-separation user, sets
+    ``RLIMIT_NOFILE`` to 1 and installs its filter, all before its agent's thread binds
+    (``PATCHBOX_FORK_DELAY_MS``), which then cannot open any descriptor; it ends after
+    authentication or at ``LoginGraceTime``."""
+    return procfs.read_status(pid).get("Seccomp") == "2"
+
+
 def unreachable_reason(pid: int) -> str:
     """Returns why process ``pid`` has no agent this client can talk to, as far as /proc
     tells (it has no listening agent socket)."""
@@ -112,11 +125,13 @@ def unreachable_reason(pid: int) -> str:
         )
     if not inside:
         return "no agent loaded (not linked, not preloaded): --attach loads one"
-    if procfs.read_status(pid).get("Seccomp") == "2":
+    if sandboxed(pid):
         return (
             f"agent present but no socket: no {name} listening, and the process runs under "
-            "a seccomp filter (Seccomp: 2) that may forbid its agent a socket (OpenSSH's "
-            "pre-authentication child); it runs the code it was forked with"
+            "a seccomp filter (Seccomp: 2), a sandbox set up before its agent could bind "
+            "(OpenSSH's pre-authentication child, `sshd: [net]`, also chroots and allows "
+            "itself one open file): not patchable, it runs the code it was forked with "
+            "until it exits"
         )
     return (
         f"agent present but no socket: no {name} listening (its agent was stopped or "

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -35,6 +35,7 @@ from patchbox.host.census import (
     Running,
     census,
     processes_of,
+    sandboxed,
     unreachable_reason,
 )
 from patchbox.host.scan import AgentSocket, iter_agent_sockets
@@ -45,6 +46,7 @@ from patchbox.procfs import (
     fd_target,
     holds_socket,
     namespace,
+    process_state,
     vm_name,
 )
 from patchbox.protocol.client import Client
@@ -104,11 +106,12 @@ class Outcome:
     build_id: str = ""
     vm: str = ""  # a QEMU's VM name (-name guest=...), "" for other programs
     retry: bool = False
+    lost: bool = False  # the connection broke before the answer (not printed)
 
     def to_json(self) -> dict[str, Any]:
         """Returns the JSON object `--json` prints for this process."""
         d = asdict(self)
-        del d["retry"]
+        del d["retry"], d["lost"]
         d["result"] = self.result.value  # a plain string, whatever encodes it
         return d
 
@@ -186,6 +189,26 @@ def _look() -> _Host:
 # connection, are found in that state by any apply under load).
 STARTING_S = 3.0
 _STARTING_POLL_S = 0.1
+# A process of the build under a seccomp filter whose agent has no socket (OpenSSH's
+# pre-authentication child, census.sandboxed) cannot be patched: the apply waits this long
+# for it to end (PATCHBOX_SANDBOX_WAIT_S overrides), then reports it unreachable.
+SANDBOX_WAIT_S = 10.0
+_SANDBOX_WAIT_MAX_S = 3600.0
+# /proc gives a process's start time in clock ticks (10 ms): a process that appears
+# after the batch counts as forked before the batch ended unless it is younger by more.
+_FORK_SLACK_S = 0.02
+# /proc/PID/stat states of a process that runs nothing any more (None: no such process).
+_ENDED = (None, "Z", "X")
+
+
+def _sandbox_wait() -> float:
+    """Returns how long to wait for sandboxed processes to end: SANDBOX_WAIT_S, or
+    PATCHBOX_SANDBOX_WAIT_S (seconds, 0 to 3600)."""
+    try:
+        wait = float(os.environ.get("PATCHBOX_SANDBOX_WAIT_S", ""))
+    except ValueError:
+        return SANDBOX_WAIT_S
+    return wait if 0 <= wait <= _SANDBOX_WAIT_MAX_S else SANDBOX_WAIT_S
 
 
 def _starting(host: _Host, pids: Collection[int]) -> set[int]:
@@ -209,6 +232,139 @@ def _settled(host: _Host, pids: Collection[int]) -> _Host:
         time.sleep(_STARTING_POLL_S)
         host = _look()
     return host
+
+
+def _waitable(host: _Host, pid: int) -> str:
+    """Returns why process ``pid`` of the build, which has no agent socket this client can
+    use, is worth waiting for: "gone" (it exited), "ending" (/proc no longer shows its
+    memory), "sandboxed" (its agent is loaded and it runs under a seccomp filter: it may
+    end soon, it will not bind), "starting" (its agent is loaded and it is younger than
+    STARTING_S: it may bind soon); "" when it is not (no agent, an agent of another
+    network namespace, an old process)."""
+    if pid in host.far:
+        return ""
+    if process_state(pid) in _ENDED:
+        return "gone"
+    inside = agent_inside(pid)
+    if process_state(pid) in _ENDED:  # ended while /proc was read
+        return "gone"
+    if inside is None:  # /proc no longer tells: exiting, its memory already released
+        return "ending"
+    if not inside:
+        return ""
+    if sandboxed(pid):
+        return "sandboxed"
+    age = age_seconds(pid)
+    return "starting" if age is not None and age < STARTING_S else ""
+
+
+@dataclass
+class _Pending:
+    """A process of the build the batch could not reach, waited for after it."""
+
+    # See _waitable; "" for a process that appeared after the first look, "lost" for
+    # one whose connection broke before the answer (row: that failure).
+    kind: str
+    row: Outcome  # its executable, build-id and VM name, read while it ran
+
+
+def _exited(p: _Pending) -> Outcome:
+    """Returns the row of a waited-for process that ended (or executed another program)
+    before its agent was reached: skipped, it runs nothing of the build any more."""
+    if p.kind == "sandboxed":
+        why = (
+            "exited; not patchable while it ran: a seccomp sandbox left its agent no "
+            "socket (OpenSSH's pre-authentication child), it ran the code it was forked "
+            "with until it ended"
+        )
+    else:
+        why = (
+            "no longer runs the build (exited, or executed another program) before its "
+            "agent listened: it ran the code it was forked with until then"
+        )
+    return Outcome(p.row.pid, Result.SKIPPED, why, p.row.exe, p.row.build_id, p.row.vm)
+
+
+def _follow(
+    pending: dict[int, _Pending],
+    seen: set[int],
+    since: float,
+    *,
+    done: list[Outcome],
+    of_build: Callable[[_Host], set[int]],
+    send: Callable[[_Host, list[AgentSocket]], list[Outcome]],
+    give_up: Callable[[_Host, int, bool], Outcome],
+) -> tuple[list[Outcome], list[AgentSocket]]:
+    """Returns (rows: ``done``'s and the waited-for processes', agents sent to) once
+    every process of ``pending`` has bound (then
+    ``send`` reaches it), exited (skipped: it runs nothing any more), or is not worth
+    waiting for any longer (``give_up`` says what it is): one still starting until it is
+    STARTING_S old, one ending for STARTING_S, a sandboxed one until the sandbox wait
+    has passed. Processes of the
+    build that appear meanwhile (not in ``seen``) and started before ``since`` (when the
+    batch ended, monotonic) were forked before the batch reached their parent, which
+    may have been patched: they are waited for too."""
+    rows: list[Outcome] = []
+    sent: list[AgentSocket] = []
+    retried: set[int] = set()
+    rows += _requeue(done, pending, retried)
+    sandbox_deadline = time.monotonic() + _sandbox_wait()
+    ending_deadline = time.monotonic() + STARTING_S
+    first = True
+    while pending or first:
+        if not first:
+            time.sleep(_STARTING_POLL_S)
+        first = False
+        host = _look()
+        now = time.monotonic()
+        build = of_build(host)
+        for pid in sorted(build - seen):
+            seen.add(pid)
+            age = age_seconds(pid)
+            if age is not None and age + _FORK_SLACK_S >= now - since:
+                pending[pid] = _Pending("", host.outcome(pid, Result.SKIPPED))
+        ready = []
+        for pid, p in sorted(pending.items()):
+            kind = "gone" if pid not in build else _waitable(host, pid)
+            if pid in host.agents:
+                ready.append(host.agents[pid])
+            elif p.kind == "lost" and kind != "gone" and now < ending_deadline:
+                continue  # its agent binds again (a program that closed its socket)
+            elif p.kind == "lost":
+                rows.append(p.row)  # ended (the request may have ended it), or silent
+            elif kind == "gone":
+                rows.append(_exited(p))
+            elif kind == "sandboxed" and now < sandbox_deadline:
+                p.kind = kind
+                continue
+            elif kind == "starting" or (kind == "ending" and now < ending_deadline):
+                continue
+            elif process_state(pid) in _ENDED:  # ended while /proc was read
+                rows.append(_exited(p))
+            else:
+                rows.append(give_up(host, pid, kind == "sandboxed"))
+            del pending[pid]
+        if ready:
+            sent += ready
+            rows += _requeue(send(host, ready), pending, retried)
+    return rows, sent
+
+
+def _requeue(
+    outcomes: list[Outcome], pending: dict[int, _Pending], retried: set[int]
+) -> list[Outcome]:
+    """Returns ``outcomes`` but those whose connection broke before the answer while the
+    process still runs (a program closing every descriptor, as sshd re-executed for a
+    connection does, closes its agent's socket under the request; the agent binds
+    again within a second): those go to ``pending`` to be asked once more, once."""
+    out = []
+    for o in outcomes:
+        if o.lost and o.pid not in retried and process_state(o.pid) not in _ENDED:
+            retried.add(o.pid)
+            pending[o.pid] = _Pending("lost", o)
+        else:
+            out.append(o)
+    return out
 
 
 def _narrow(
@@ -383,8 +539,8 @@ def _judge(
     job: Job, done: Result, benign: ErrorCode, benign_reason: str
 ) -> tuple[Result, str, bool]:
     """Returns (result, reason, retry) of a finished job: ``done``; skipped (the agent
-    answered ``benign``); unreachable (the socket or the agent refused this client);
-    failed."""
+    answered ``benign``, or the process exited before the connection: nothing was sent);
+    unreachable (the socket or the agent refused this client); failed."""
     err = job.error
     if err is None:
         return done, "", False
@@ -392,6 +548,9 @@ def _judge(
         return Result.SKIPPED, benign_reason, False
     if job.denied or (isinstance(err, AgentError) and err.code == ErrorCode.PERMISSION):
         return Result.UNREACHABLE, str(err), False
+    if job.refused and process_state(job.key) in _ENDED:
+        # Exited between the look and the connection: nothing sent, nothing runs.
+        return Result.SKIPPED, f"exited before its agent was reached ({err})", False
     return Result.FAILED, str(err), job.retry
 
 
@@ -413,7 +572,9 @@ def _batch(
     for job in jobs:
         # The answering process (the scan's pid is a guess for another pid namespace).
         result, reason, retry = _judge(job, done, benign, benign_reason)
-        out.append(host.outcome(job.peer_pid or job.key, result, reason, retry))
+        o = host.outcome(job.peer_pid or job.key, result, reason, retry)
+        o.lost = job.lost and result == Result.FAILED
+        out.append(o)
     return out
 
 
@@ -524,6 +685,32 @@ def _apply_scope(
     return scope, processes_of(_within(host, scope), want)
 
 
+def _sort_out(
+    host: _Host, scope: set[int], of_build: set[int], want: str, dry_run: bool
+) -> tuple[list[Outcome], list[AgentSocket], dict[int, _Pending]]:
+    """Returns, for `apply --all` of build ``want``: (rows decided now: unreachable, or
+    skipped for another build; the agents to send the patch to; the processes of the
+    build to wait for, see :func:`_waitable`, none when ``dry_run``)."""
+    rows: list[Outcome] = []
+    targets: list[AgentSocket] = []
+    pending: dict[int, _Pending] = {}
+    for pid in sorted(scope):
+        a = host.agents.get(pid)
+        if pid in of_build or (pid not in host.running and (a is not None or pid in host.far)):
+            # Of the build, or an agent whose build cannot be read here: it decides.
+            if a is not None:
+                targets.append(a)
+            elif not dry_run and (kind := _waitable(host, pid)):
+                pending[pid] = _Pending(kind, host.outcome(pid, Result.SKIPPED))
+            else:
+                rows.append(host.outcome(pid, Result.UNREACHABLE, host.why(pid)))
+        elif a is not None:
+            have = host.running[pid].build_id
+            reason = f"runs build-id {have or 'none'} and maps no library of {want}"
+            rows.append(host.outcome(pid, Result.SKIPPED, reason))
+    return rows, targets, pending
+
+
 def apply_all(
     pf: PatchFile,
     *,
@@ -559,37 +746,44 @@ def apply_all(
         attached = _attach_missing(host, of_build - set(host.agents), include_privileged)
         host = _look()
         scope, of_build = _apply_scope(host, want, exe, build_id, pids=pids, vms=vms)
-    if _starting(host, of_build & scope):
+    if dry_run and _starting(host, of_build & scope):
         host = _settled(host, of_build & scope)
         scope, of_build = _apply_scope(host, want, exe, build_id, pids=pids, vms=vms)
-    rows: list[Outcome] = list(attached.values())
-    targets: list[AgentSocket] = []
-    for pid in sorted(scope - set(attached)):
-        a = host.agents.get(pid)
-        if pid in of_build or (pid not in host.running and (a is not None or pid in host.far)):
-            # Of the build, or an agent whose build cannot be read here: it decides.
-            if a is not None:
-                targets.append(a)
-            else:
-                rows.append(host.outcome(pid, Result.UNREACHABLE, host.why(pid)))
-        elif a is not None:
-            have = host.running[pid].build_id
-            reason = f"runs build-id {have or 'none'} and maps no library of {want}"
-            rows.append(host.outcome(pid, Result.SKIPPED, reason))
-    if dry_run:
-        done = _predict(host, targets, pf.patch.name, True, timeout)
-    elif pf.patch.flags & ApplyFlag.HOLD:
-        done = [_apply_one_held(a, host, pf, timeout) for a in targets]
-    else:
-        done = _batch(
-            host,
-            targets,
+    rows, targets, pending = _sort_out(host, scope - set(attached), of_build, want, dry_run)
+    rows += attached.values()
+
+    def send(look: _Host, agents: list[AgentSocket]) -> list[Outcome]:
+        if dry_run:
+            return _predict(look, agents, pf.patch.name, True, timeout)
+        if pf.patch.flags & ApplyFlag.HOLD:
+            return [_apply_one_held(a, look, pf, timeout) for a in agents]
+        return _batch(
+            look,
+            agents,
             (Msg.APPLY, pf.body),
             done=Result.APPLIED,
             benign=ErrorCode.ALREADY_APPLIED,
             benign_reason=already_applied(pf.patch.name),
             timeout=timeout,
         )
+
+    def build_of(look: _Host) -> set[int]:
+        return _apply_scope(look, want, exe, build_id, pids=pids, vms=vms)[1]
+
+    done = send(host, targets)
+    if not dry_run:
+        # Processes of the build the batch could not reach yet, and those forked before
+        # it reached their parent: applied once they bind, skipped once they exit.
+        done, sent = _follow(
+            pending,
+            set(scope),
+            time.monotonic(),
+            done=done,
+            of_build=build_of,
+            send=send,
+            give_up=_unreachable_now,
+        )
+        targets += sent
     bad = [o for o in done + rows if o.result.failure]
     if rollback and bad and not dry_run:
         applied = {o.pid for o in done if o.result == Result.APPLIED}
@@ -636,36 +830,77 @@ def remove_all(
     hold it: skipped. With ``dry_run``, every agent is asked for its patches instead
     and the outcomes say what would happen."""
     host = _look()
-    scope = _narrow(host, exe, build_id, pids, vms)
-    if exe is None and build_id is None:
-        known = _known_builds(host, store_root())
-        of_build = {p for p in scope if p in host.running and host.running[p].build_id in known}
-    else:
-        of_build = scope
-    if _starting(host, of_build):
+    scope, of_build = _remove_scope(host, exe, build_id, pids, vms)
+    if dry_run and _starting(host, of_build):
         host = _settled(host, of_build)
     agents = [host.agents[p] for p in sorted(scope) if p in host.agents]
-    if dry_run:
-        done = _predict(host, agents, name, False, timeout)
-    else:
-        done = _batch(
-            host,
-            agents,
+
+    def send(look: _Host, to: list[AgentSocket]) -> list[Outcome]:
+        if dry_run:
+            return _predict(look, to, name, False, timeout)
+        return _batch(
+            look,
+            to,
             _remove_request(name),
             done=Result.REMOVED,
             benign=ErrorCode.NOT_APPLIED,
             benign_reason=f"{name} is not applied",
             timeout=timeout,
         )
-    reached = {o.pid for o in done}
-    for pid in sorted((of_build | (set(host.far) & scope)) - set(host.agents) - reached):
+
+    def not_reached(look: _Host, pid: int, waited: bool = False) -> Outcome:
         if agent_inside(pid) is False:
-            done.append(
-                host.outcome(pid, Result.SKIPPED, f"no agent loaded: it cannot hold {name}")
-            )
+            return look.outcome(pid, Result.SKIPPED, f"no agent loaded: it cannot hold {name}")
+        return _unreachable_now(look, pid, waited)
+
+    def build_of(look: _Host) -> set[int]:
+        return _remove_scope(look, exe, build_id, pids, vms)[1]
+
+    done = send(host, agents)
+    reached = {o.pid for o in done}
+    pending: dict[int, _Pending] = {}
+    for pid in sorted((of_build | (set(host.far) & scope)) - set(host.agents) - reached):
+        if not dry_run and (kind := _waitable(host, pid)):
+            pending[pid] = _Pending(kind, host.outcome(pid, Result.SKIPPED))
         else:
-            done.append(host.outcome(pid, Result.UNREACHABLE, host.why(pid)))
+            done.append(not_reached(host, pid))
+    if not dry_run:
+        # As apply_all: a process forked from a patched one holds the patch too.
+        done, _sent = _follow(
+            pending,
+            set(scope),
+            time.monotonic(),
+            done=done,
+            of_build=build_of,
+            send=send,
+            give_up=not_reached,
+        )
     return sorted(done, key=lambda o: o.pid)
+
+
+def _remove_scope(
+    host: _Host,
+    exe: str | None,
+    build_id: str | None,
+    pids: Collection[int] | None,
+    vms: Collection[str] | None,
+) -> tuple[set[int], set[int]]:
+    """Returns (pids within the narrowing, those of them of the build) for `remove
+    --all`: without ``exe`` or ``build_id``, the builds patchbox knows."""
+    scope = _narrow(host, exe, build_id, pids, vms)
+    if exe is None and build_id is None:
+        known = _known_builds(host, store_root())
+        return scope, {p for p in scope if p in host.running and host.running[p].build_id in known}
+    return scope, scope
+
+
+def _unreachable_now(host: _Host, pid: int, waited: bool = False) -> Outcome:
+    """Returns the row of a process of the build not reached: unreachable, with the
+    reason (``waited``: a sandboxed one waited for, and for how long)."""
+    why = host.why(pid)
+    if waited:
+        why += f"; still running after the {_sandbox_wait():g} s waited for it to end"
+    return host.outcome(pid, Result.UNREACHABLE, why)
 
 
 def exit_status(outcomes: list[Outcome]) -> int:
