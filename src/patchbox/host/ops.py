@@ -291,19 +291,21 @@ def _follow(
     since: float,
     *,
     done: list[Outcome],
+    done_as: Result,
     of_build: Callable[[_Host], set[int]],
     send: Callable[[_Host, list[AgentSocket]], list[Outcome]],
     give_up: Callable[[_Host, int, bool], Outcome],
 ) -> tuple[list[Outcome], list[AgentSocket]]:
     """Returns (rows: ``done``'s and the waited-for processes', agents sent to) once
-    every process of ``pending`` has bound (then
-    ``send`` reaches it), exited (skipped: it runs nothing any more), or is not worth
-    waiting for any longer (``give_up`` says what it is): one still starting until it is
-    STARTING_S old, one ending for STARTING_S, a sandboxed one until the sandbox wait
-    has passed. Processes of the
+    every process of ``pending`` has bound (then ``send`` reaches it), exited (skipped:
+    it runs nothing any more), or is not worth waiting for any longer (``give_up`` says
+    what it is): one still starting until it is STARTING_S old, one ending for
+    STARTING_S, a sandboxed one until the sandbox wait has passed. Processes of the
     build that appear meanwhile (not in ``seen``) and started before ``since`` (when the
     batch ended, monotonic) were forked before the batch reached their parent, which
-    may have been patched: they are waited for too."""
+    may have been patched: they are waited for too. A process asked again after its
+    connection broke that answers "nothing to do" is reported ``done_as``: the first
+    request may have done it (a rollback must then undo it)."""
     rows: list[Outcome] = []
     sent: list[AgentSocket] = []
     retried: set[int] = set()
@@ -346,8 +348,18 @@ def _follow(
             del pending[pid]
         if ready:
             sent += ready
-            rows += _requeue(send(host, ready), pending, retried)
+            answers = _asked_again(send(host, ready), retried, done_as)
+            rows += _requeue(answers, pending, retried)
     return rows, sent
+
+
+def _asked_again(outcomes: list[Outcome], retried: set[int], done_as: Result) -> list[Outcome]:
+    """Returns ``outcomes`` with those of processes asked again after a lost connection
+    that found nothing to do (skipped) made ``done_as``: the first request did it."""
+    for o in outcomes:
+        if o.pid in retried and o.result == Result.SKIPPED:
+            o.result, o.reason = done_as, f"asked again after a lost connection: {o.reason}"
+    return outcomes
 
 
 def _requeue(
@@ -779,6 +791,7 @@ def apply_all(
             set(scope),
             time.monotonic(),
             done=done,
+            done_as=Result.APPLIED,
             of_build=build_of,
             send=send,
             give_up=_unreachable_now,
@@ -871,6 +884,7 @@ def remove_all(
             set(scope),
             time.monotonic(),
             done=done,
+            done_as=Result.REMOVED,
             of_build=build_of,
             send=send,
             give_up=not_reached,
