@@ -60,8 +60,8 @@ def _crypto_len_mismatch(ctx: Ctx) -> str:
     (src_len != dst_len). Unfixed QEMU encrypts it (status OK: the bytes are copied by
     src_len, the overflow of the CVE takes src_len > dst_len, not sent here); fixed QEMU
     refuses the request (virtio_error "sym request src len is different from dst len":
-    no answer, the device marked as needing a reset). Upstream: commit 9d38a843 "virtio-
-    crypto: verify src&dst buffer length for sym request"."""
+    no answer, the device marked as needing a reset). No upstream reproducer; the fix is
+    upstream's "virtio-crypto: verify src&dst buffer length for sym request"."""
     with QTest(ctx.extra["qtest"]) as qt:
         dev = VirtioPci(qt, CRYPTO_DEVICE_ID)
         dev.start()
@@ -104,8 +104,9 @@ def _9p_special_file(ctx: Ctx) -> str:
     """CVE-2023-2861: over a 9p export of the host's /dev (read-only), walks to ``null``
     (a character device) and opens it (Tlopen O_RDONLY). Unfixed QEMU opens the host's
     device node (Rlopen); fixed QEMU refuses special files (Rlerror ENXIO, and logs "9p:
-    broken or compromised client detected"). Upstream: commit f6b0de53 "9pfs: prevent
-    opening special files (CVE-2023-2861)"."""
+    broken or compromised client detected"). No upstream reproducer; the fix is upstream's
+    "9pfs: prevent opening special files (CVE-2023-2861)". The export is the host's /dev
+    (always there, read-only): the machine needs no directory made for it."""
     with QTest(ctx.extra["qtest"]) as qt:
         dev = VirtioPci(qt, P9_DEVICE_ID)
         dev.start()
