@@ -333,7 +333,8 @@ QEMU = Package(
             unexercised="no observable effect on this build: the unfixed copy of a 20-byte "
             "header (HASH_REPORT, a tap peer with vnet_hdr) into the 12-byte mhdr writes "
             "its 8 last bytes into sg[0].iov_base (mhdr at rsp+0x24, sg at rsp+0x30), dead "
-            "there; frames go out from the guest's buffers (no header swap on x86)",
+            "there; frames go out from the guest's buffers (no header swap on x86): the tap "
+            "peer gets the same frame from the level and the fixed QEMU",
         ),
         Fix(
             "CVE-2023-6683",
