@@ -243,8 +243,7 @@ QEMU = Package(
             "function",
             "hw/scsi/lsi53c895a.c: lsi_execute_script (a static reentrancy counter)",
             files=("hw/scsi/lsi53c895a.c",),
-            unexercised="needs a guest driving the LSI SCRIPTS processor into DMA to its "
-            "own registers",
+            probe="qemu_lsi_dma_reentrancy",
         ),
         Fix(
             "CVE-2023-2861",
@@ -305,7 +304,7 @@ QEMU = Package(
             "hw/scsi/scsi-disk.c: scsi_disk_emulate_mode_select (block size 256)",
             files=("hw/scsi/scsi-disk.c",),
             hunks={"hw/scsi/scsi-disk.c": (1,)},  # 2: FORMAT UNIT terminated
-            unexercised="needs a guest sending MODE SELECT through a SCSI controller",
+            probe="qemu_scsi_mode_select_256",
         ),
         Fix(
             "CVE-2024-24474",
@@ -314,7 +313,7 @@ QEMU = Package(
             "hw/scsi/esp.c: esp_do_nodma (transfer length capped by async_len)",
             files=("hw/scsi/esp.c",),
             hunks={"hw/scsi/esp.c": (1,)},  # 2: sysbus_esp_gpio_demux's type
-            unexercised="needs a guest programming the ESP (am53c974) controller",
+            probe="qemu_esp_nodma_length",
         ),
         Fix(
             "CVE-2023-3019",
