@@ -10,9 +10,11 @@ vhost-vdpa (CVE-2023-3301) has no probe: a vhost-vdpa netdev needs a vDPA device
 
 from __future__ import annotations
 
+import struct
+
 from .harness import Ctx, Probe
 from .load.qmp_client import QMP
-from .load.qtest_client import QTest
+from .load.qtest_client import QTest, QTestError
 
 __all__ = ["PROBES"]
 
@@ -118,16 +120,133 @@ def _functions(qmp: str, slot: int) -> list[int]:
     )
 
 
+# The PF's admin queue, driven the way a guest's nvme driver does (NVMe 1.4: 3.1, 7.6.1),
+# for the secondary controllers' resources (Identify CNS 14h/15h, Virtualization
+# Management) that CVE-2024-26328's half changes.
+NVME_BAR = 0xC0000000  # BAR 0 of the PF (q35: above the ECAM window, below the IOAPIC)
+NVME_CC, NVME_CSTS, NVME_AQA, NVME_ASQ, NVME_ACQ, NVME_SQ0TDBL = (
+    0x14,
+    0x1C,
+    0x24,
+    0x28,
+    0x30,
+    0x1000,
+)
+NVME_CC_ENABLE = 0x00460001  # EN, IOSQES 6, IOCQES 4, 4 KiB pages, NVM command set
+ASQ, ACQ, DATA, ADMIN_DEPTH = 0x100000, 0x101000, 0x102000, 16  # in guest RAM
+PCIE_CAP_DEVCTL, DEVCTL_BCR_FLR = 0x80 + 0x08, 0x8000  # nvme's PCIe capability is at 0x80
+ADM_IDENTIFY, ADM_VIRT_MNGMT = 0x06, 0x1C
+CNS_PRIMARY_CTRL_CAP, CNS_SECONDARY_CTRL_LIST = 0x14, 0x15
+VIRT_PRM_ALLOC, VIRT_SEC_ASSIGN = 0x01, 0x08
+RES_VQ, RES_VI = 0, 1
+
+
+class _NvmeAdmin:
+    """The admin submission and completion queues of one nvme controller, over qtest."""
+
+    def __init__(self, q: QTest, dev: int) -> None:
+        self.q, self.dev = q, dev
+        self.tail = self.head = 0
+        self.phase = 1
+        self.cid = 0
+
+    def enable(self) -> None:
+        """Maps BAR 0, resets the controller and enables it with empty admin queues."""
+        q = self.q
+        q.map_bar(self.dev, 0, NVME_BAR)
+        q.cfg_write(self.dev, 0x14, 0)  # BAR 0 is 64-bit: its high half
+        q.write(4, NVME_BAR + NVME_CC, 0)
+        q.memwrite(ACQ, bytes(16 * ADMIN_DEPTH))
+        q.write(4, NVME_BAR + NVME_AQA, (ADMIN_DEPTH - 1) << 16 | (ADMIN_DEPTH - 1))
+        q.write(8, NVME_BAR + NVME_ASQ, ASQ)
+        q.write(8, NVME_BAR + NVME_ACQ, ACQ)
+        q.write(4, NVME_BAR + NVME_CC, NVME_CC_ENABLE)
+        self.tail = self.head = 0
+        self.phase = 1
+        if q.read(4, NVME_BAR + NVME_CSTS) & 0x3 != 0x1:
+            raise QTestError(f"nvme not ready: CSTS {q.read(4, NVME_BAR + NVME_CSTS):#x}")
+
+    def disable(self) -> None:
+        self.q.write(4, NVME_BAR + NVME_CC, 0)
+
+    def cmd(self, opcode: int, cdw10: int, cdw11: int = 0, prp1: int = 0) -> int:
+        """Submits one admin command and returns its status field (0: success)."""
+        q = self.q
+        self.cid += 1
+        sqe = struct.pack("<BBHI", opcode, 0, self.cid & 0xFFFF, 0) + bytes(16)
+        sqe += struct.pack("<QQ", prp1, 0) + struct.pack("<II", cdw10, cdw11) + bytes(16)
+        q.memwrite(ASQ + 64 * self.tail, sqe)
+        self.tail = (self.tail + 1) % ADMIN_DEPTH
+        q.write(4, NVME_BAR + NVME_SQ0TDBL, self.tail)
+        for _ in range(100):  # bounded: the completion is posted by a bottom half
+            dw3: int = struct.unpack("<I", q.memread(ACQ + 16 * self.head + 12, 4))[0]
+            if dw3 >> 16 & 1 == self.phase:
+                self.head = (self.head + 1) % ADMIN_DEPTH
+                self.phase ^= self.head == 0
+                q.write(4, NVME_BAR + NVME_SQ0TDBL + 4, self.head)
+                return dw3 >> 17
+            q.clock_step(1000)
+        raise QTestError(f"nvme admin command {opcode:#x} never completed")
+
+    def identify(self, cns: int) -> bytes:
+        status = self.cmd(ADM_IDENTIFY, cns, prp1=DATA)
+        if status:
+            raise QTestError(f"nvme identify CNS {cns:#x}: status {status:#x}")
+        return self.q.memread(DATA, 4096)
+
+    def secondary(self) -> tuple[int, int, int]:
+        """Returns (controller id, VQ resources, VI resources) of the first secondary
+        controller (Identify CNS 15h)."""
+        entry = struct.unpack_from("<HHB3xHHH", self.identify(CNS_SECONDARY_CTRL_LIST), 32)
+        return entry[0], entry[4], entry[5]
+
+
+def _give_secondary_resources(q: QTest, dev: int) -> tuple[_NvmeAdmin, int]:
+    """Gives the first secondary controller 2 flexible queue and 1 interrupt resources:
+    first takes the PF's flexible resources off it (Virtualization Management, primary
+    allocate 0, effective at the next FLR), then assigns them. Returns the admin queue
+    (controller enabled) and the secondary controller's id."""
+    admin = _NvmeAdmin(q, dev)
+    admin.enable()
+    vqrfap, virfap = struct.unpack_from("<H30xH", admin.identify(CNS_PRIMARY_CTRL_CAP), 40)
+    if vqrfap or virfap:
+        cntlid = struct.unpack_from("<H", admin.identify(CNS_PRIMARY_CTRL_CAP))[0]
+        for rt in (RES_VQ, RES_VI):
+            status = admin.cmd(ADM_VIRT_MNGMT, VIRT_PRM_ALLOC | rt << 8 | cntlid << 16, 0)
+            if status:
+                raise QTestError(f"primary allocate {rt}: status {status:#x}")
+        devctl = q.cfg_read(dev, PCIE_CAP_DEVCTL, 2)
+        q.cfg_write(dev, PCIE_CAP_DEVCTL, devctl | DEVCTL_BCR_FLR, 2)  # function reset
+        admin.enable()
+    scid = admin.secondary()[0]
+    for rt, nr in ((RES_VQ, 2), (RES_VI, 1)):
+        status = admin.cmd(ADM_VIRT_MNGMT, VIRT_SEC_ASSIGN | rt << 8 | scid << 16, nr)
+        if status:
+            raise QTestError(f"secondary assign {rt} {nr}: status {status:#x}")
+    return admin, scid
+
+
 def _nvme_sriov_numvfs(ctx: Ctx) -> str:
-    """Enables the ECAM window of q35 (qtest runs no firmware to do it), finds the nvme
-    PF's SR-IOV capability (0x120, past the 256 bytes of the 0xcf8 ports), writes
-    NumVFs = TotalVFs + 1 and sets VF Enable, then counts the VFs on the PF's slot with
-    QMP query-pci. Unfixed, register_vfs registers TotalVFs + 1 VFs (the last one takes
-    a secondary controller entry nvme never reserved, controller id 0: the PF's); with
-    a NumVFs past nvme's 127 entries it reads and writes beyond the array, which this
-    probe does not do, so the unfixed QEMU lives on. Fixed, register_vfs refuses NumVFs
-    > TotalVFs: no VF. VF Enable and NumVFs are cleared after, which unregisters what
-    was registered (nvme_pci_write_config, CVE-2024-26328's half, runs on each write).
+    """Two observations, one per half of the fix.
+
+    pcie_sriov (CVE-2024-26327): enables the ECAM window of q35 (qtest runs no firmware
+    to do it), finds the nvme PF's SR-IOV capability (0x120, past the 256 bytes of the
+    0xcf8 ports), writes NumVFs = TotalVFs + 1, sets VF Enable and counts the VFs on the
+    PF's slot with QMP query-pci. Unfixed, register_vfs registers TotalVFs + 1 VFs (the
+    last one takes a secondary controller entry nvme never reserved, controller id 0:
+    the PF's); NumVFs past nvme's 127 entries reads beyond that array (NumVFs 200 on the
+    level: an assertion in nvme_update_msixcap_ts aborts QEMU), which this probe does
+    not do, so the unfixed QEMU lives on. Fixed, register_vfs refuses NumVFs > TotalVFs:
+    no VF. VF Enable and NumVFs are cleared after, which unregisters what was registered.
+
+    nvme (CVE-2024-26328): gives the first secondary controller flexible resources
+    through the PF's admin queue, then, with no VF enabled, writes NumVFs = TotalVFs + 1
+    and a Control without VF Enable. Unfixed, nvme_pci_write_config takes the guest's
+    NumVFs for the number of VFs going away and sets that many secondary controllers
+    offline, freeing their resources (past nvme's 127 entries: an out-of-bounds read);
+    fixed, it counts the VFs really registered (none): the resources stay. Identify
+    (CNS 15h) reads them back; a controller reset after frees them.
+
     Upstream: commits 6081b4243c ("pcie_sriov: Validate NumVFs") and 91bb64a8d2
     ("hw/nvme: Use pcie_sriov_num_vfs()"), which carry no reproducer."""
     with QTest(ctx.extra["qtest"]) as q:
@@ -145,7 +264,17 @@ def _nvme_sriov_numvfs(ctx: Ctx) -> str:
         finally:
             q.write(2, sriov + SRIOV_CTRL, 0)
             q.write(2, sriov + SRIOV_NUM_VF, 0)
-    return f"NumVFs {total + 1} > TotalVFs {total}, VF Enable: {len(vfs)} VF(s) registered {vfs}"
+        seen = f"NumVFs {total + 1} > TotalVFs {total}, VF Enable: {len(vfs)} VF(s) {vfs}"
+        admin, scid = _give_secondary_resources(q, dev)
+        try:
+            q.write(2, sriov + SRIOV_NUM_VF, total + 1)
+            q.write(2, sriov + SRIOV_CTRL, 0)
+            _, nvq, nvi = admin.secondary()
+        finally:
+            q.write(2, sriov + SRIOV_NUM_VF, 0)
+            admin.disable()  # a controller reset: the secondary controllers' resources go
+    kept = "kept" if nvq and nvi else "freed"
+    return f"{seen}; controller {scid}'s resources {kept} (VQ {nvq}, VI {nvi}) by no VF Enable"
 
 
 PROBES: dict[str, Probe] = {
@@ -157,8 +286,9 @@ PROBES: dict[str, Probe] = {
     ),
     "qemu_nvme_sriov_numvfs": Probe(
         _nvme_sriov_numvfs,
-        lambda s: " 0 VF(s) registered" in s,
-        expected="no VF registered when NumVFs exceeds TotalVFs",
+        lambda s: " 0 VF(s) " in s and "resources kept" in s,
+        expected="no VF registered when NumVFs exceeds TotalVFs; clearing VF Enable with "
+        "no VF keeps the secondary controllers' resources",
         machine=NVME_MACHINE,
     ),
 }
