@@ -262,7 +262,9 @@ QEMU = Package(
             files=("net/vhost-vdpa.c",),
             hunks={"net/vhost-vdpa.c": (2,)},  # 1: _F_CTRL_GUEST_OFFLOADS, 3: CVQ buffer
             unexercised="netdev_add of a vhost-vdpa netdev needs a vDPA device "
-            "(/dev/vhost-vdpa-N; this kernel has no vdpa bus)",
+            "(/dev/vhost-vdpa-N); this machine's kernel (6.18, CONFIG_VDPA not set, "
+            "CONFIG_MODULES not set: no vdpa_sim_net to load) has no vdpa bus, and "
+            "`vdpa mgmtdev show` finds no vdpa netlink family",
         ),
         Fix(
             "CVE-2023-3255",
@@ -362,7 +364,7 @@ QEMU = Package(
             "function",
             "hw/sd/sdhci.c: sdhci_write (no TRNMOD while DAT inhibit), dataport asserts",
             files=("hw/sd/sdhci.c",),
-            unexercised="needs a guest driving an sdhci-pci controller",
+            probe="qemu_sdhci_trnmod_inhibit",
         ),
         Fix(
             "CVE-2024-26327 CVE-2024-26328",
@@ -372,7 +374,7 @@ QEMU = Package(
             "hw/nvme/ctrl.c: nvme_pci_write_config uses it",
             files=("hw/pci/pcie_sriov.c", "include/hw/pci/pcie_sriov.h", "hw/nvme/ctrl.c"),
             hunks={"hw/nvme/ctrl.c": (15,)},  # 1-14: msix-exclusive-bar, serial, errors
-            unexercised="needs a guest enabling SR-IOV of an nvme device (PCIe: q35)",
+            probe="qemu_nvme_sriov_numvfs",
         ),
         Fix(
             "CVE-2024-4467",
