@@ -243,8 +243,7 @@ QEMU = Package(
             "function",
             "hw/scsi/lsi53c895a.c: lsi_execute_script (a static reentrancy counter)",
             files=("hw/scsi/lsi53c895a.c",),
-            unexercised="needs a guest driving the LSI SCRIPTS processor into DMA to its "
-            "own registers",
+            probe="qemu_lsi_dma_reentrancy",
         ),
         Fix(
             "CVE-2023-2861",
@@ -263,7 +262,9 @@ QEMU = Package(
             files=("net/vhost-vdpa.c",),
             hunks={"net/vhost-vdpa.c": (2,)},  # 1: _F_CTRL_GUEST_OFFLOADS, 3: CVQ buffer
             unexercised="netdev_add of a vhost-vdpa netdev needs a vDPA device "
-            "(/dev/vhost-vdpa-N; this kernel has no vdpa bus)",
+            "(/dev/vhost-vdpa-N); this machine's kernel (6.18, CONFIG_VDPA not set, "
+            "CONFIG_MODULES not set: no vdpa_sim_net to load) has no vdpa bus, and "
+            "`vdpa mgmtdev show` finds no vdpa netlink family",
         ),
         Fix(
             "CVE-2023-3255",
@@ -305,7 +306,7 @@ QEMU = Package(
             "hw/scsi/scsi-disk.c: scsi_disk_emulate_mode_select (block size 256)",
             files=("hw/scsi/scsi-disk.c",),
             hunks={"hw/scsi/scsi-disk.c": (1,)},  # 2: FORMAT UNIT terminated
-            unexercised="needs a guest sending MODE SELECT through a SCSI controller",
+            probe="qemu_scsi_mode_select_256",
         ),
         Fix(
             "CVE-2024-24474",
@@ -314,7 +315,7 @@ QEMU = Package(
             "hw/scsi/esp.c: esp_do_nodma (transfer length capped by async_len)",
             files=("hw/scsi/esp.c",),
             hunks={"hw/scsi/esp.c": (1,)},  # 2: sysbus_esp_gpio_demux's type
-            unexercised="needs a guest programming the ESP (am53c974) controller",
+            probe="qemu_esp_nodma_length",
         ),
         Fix(
             "CVE-2023-3019",
@@ -367,7 +368,7 @@ QEMU = Package(
             "function",
             "hw/sd/sdhci.c: sdhci_write (no TRNMOD while DAT inhibit), dataport asserts",
             files=("hw/sd/sdhci.c",),
-            unexercised="needs a guest driving an sdhci-pci controller",
+            probe="qemu_sdhci_trnmod_inhibit",
         ),
         Fix(
             "CVE-2024-26327 CVE-2024-26328",
@@ -377,7 +378,7 @@ QEMU = Package(
             "hw/nvme/ctrl.c: nvme_pci_write_config uses it",
             files=("hw/pci/pcie_sriov.c", "include/hw/pci/pcie_sriov.h", "hw/nvme/ctrl.c"),
             hunks={"hw/nvme/ctrl.c": (15,)},  # 1-14: msix-exclusive-bar, serial, errors
-            unexercised="needs a guest enabling SR-IOV of an nvme device (PCIe: q35)",
+            probe="qemu_nvme_sriov_numvfs",
         ),
         Fix(
             "CVE-2024-4467",
