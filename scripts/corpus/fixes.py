@@ -296,8 +296,10 @@ QEMU = Package(
             "function",
             "hw/ide/core.c: ide_bus_reset (cancel DMA before the reset)",
             files=("hw/ide/core.c",),
-            note="no probe: upstream's test is qtest ahci-test, which starts its own QEMU; "
-            "the load's system_reset runs the patched ide_bus_reset",
+            probe="qemu_ide_reset_pending_dma",
+            note="probe: upstream's ahci-test reset/pending_callback over qtest (q35's AHCI, "
+            "a throttled write pending at an HBA reset); the load's system_reset also runs "
+            "the patched ide_bus_reset",
         ),
         Fix(
             "CVE-2023-42467",

@@ -1,5 +1,5 @@
 """QEMU device probes of PCI devices: sdhci-pci (CVE-2024-3447), nvme SR-IOV
-(CVE-2024-26327/8), vhost-vdpa (CVE-2023-3301).
+(CVE-2024-26327/8), ICH9 AHCI (CVE-2023-5088), vhost-vdpa (CVE-2023-3301).
 
 Each probe drives its device through qtest (load/qtest_client.py) on a QEMU started with
 its Probe.machine (qemu.py: start_qemu), the way upstream's reproducer of the CVE does.
@@ -11,6 +11,7 @@ vhost-vdpa (CVE-2023-3301) has no probe: a vhost-vdpa netdev needs a vDPA device
 from __future__ import annotations
 
 import struct
+import time
 
 from .harness import Ctx, Probe
 from .load.qmp_client import QMP
@@ -277,6 +278,143 @@ def _nvme_sriov_numvfs(ctx: Ctx) -> str:
     return f"{seen}; controller {scid}'s resources {kept} (VQ {nvq}, VI {nvi}) by no VF Enable"
 
 
+# --- AHCI: an HBA reset with a DMA write pending (CVE-2023-5088) ----------------------------
+
+AHCI_DEV, AHCI_FN = 0x1F, 2  # q35's built-in ICH9 AHCI, 00:1f.2
+AHCI_BAR = 0xC0000000  # BAR 5 (ABAR, the HBA's registers), in q35's PCI hole
+AHCI_GHC, GHC_HR, GHC_AE = 0x04, 1 << 0, 1 << 31
+AHCI_P0 = 0x100  # port 0's registers
+PX_CLB, PX_FB, PX_IS, PX_CMD, PX_SERR, PX_CI = 0x00, 0x08, 0x10, 0x18, 0x30, 0x38
+PX_CMD_ST, PX_CMD_FRE = 0x01, 0x10
+ATA_READ_DMA_EXT, ATA_WRITE_DMA_EXT = 0x25, 0x35
+# In guest RAM: command list, received FISes, command table (slot 0), two data buffers.
+AHCI_CLB, AHCI_FB, AHCI_CT, AHCI_BUF1, AHCI_BUF2 = 0x100000, 0x100400, 0x101000, 0x102000, 0x103000
+AHCI_BUFSIZE = 4096  # 8 sectors
+AHCI_BPS_WRITE = AHCI_BUFSIZE * 3 // 2  # upstream's throttle: a second 4 KiB write waits ~0.6 s
+PATTERN1, PATTERN2 = 0xAA, 0xBB
+
+AHCI_MACHINE = (
+    *("-machine", "q35", "-m", "128"),
+    # null-co under a temporary qcow2 overlay (snapshot=on): a disk that keeps what is
+    # written, deleted with QEMU. The throttle is the -drive's (its clock real time; a
+    # throttle group made later under qtest runs on the virtual clock, which would stop
+    # the fixed ide_bus_reset's synchronous cancel for ever).
+    "-drive",
+    "if=none,id=pbxahci,driver=null-co,size=1M,read-zeroes=on,snapshot=on,"
+    f"throttling.bps-write={AHCI_BPS_WRITE}",
+    *("-device", "ide-hd,drive=pbxahci,bus=ide.0"),
+)
+
+
+class _AhciPort:
+    """Port 0 of q35's AHCI, one command slot, driven the way libqos/ahci.c does."""
+
+    def __init__(self, q: QTest) -> None:
+        self.q = q
+        q.map_bar(AHCI_DEV, 5, AHCI_BAR, fn=AHCI_FN)
+
+    def reg(self, off: int, value: int | None = None) -> int:
+        if value is None:
+            return self.q.read(4, AHCI_BAR + off)
+        self.q.write(4, AHCI_BAR + off, value)
+        return value
+
+    def start(self) -> None:
+        """Enables AHCI mode and starts port 0's FIS receive and command engines."""
+        self.reg(AHCI_GHC, GHC_AE)
+        self.reg(AHCI_P0 + PX_CMD, 0)
+        for off, addr in ((PX_CLB, AHCI_CLB), (PX_FB, AHCI_FB)):
+            self.reg(AHCI_P0 + off, addr)
+            self.reg(AHCI_P0 + off + 4, 0)
+        self.reg(AHCI_P0 + PX_SERR, 0xFFFFFFFF)
+        self.reg(AHCI_P0 + PX_IS, 0xFFFFFFFF)
+        self.reg(AHCI_P0 + PX_CMD, PX_CMD_FRE)
+        self.reg(AHCI_P0 + PX_CMD, PX_CMD_FRE | PX_CMD_ST)
+
+    def issue(self, command: int, lba: int, buf: int) -> None:
+        """Issues a DMA command (LBA48) of AHCI_BUFSIZE bytes at ``buf`` in slot 0."""
+        write = 0x40 if command == ATA_WRITE_DMA_EXT else 0
+        header = struct.pack("<IIQ", 5 | write | 1 << 16, 0, AHCI_CT) + bytes(16)  # 1 PRD
+        fis = struct.pack("<BBBB", 0x27, 0x80, command, 0)  # H2D register FIS, C bit
+        fis += (lba & 0xFFFFFF).to_bytes(3, "little") + b"\x40"  # LBA mode
+        fis += (lba >> 24).to_bytes(3, "little") + b"\0"
+        fis += struct.pack("<H", AHCI_BUFSIZE // 512) + bytes(2)
+        prd = struct.pack("<QII", buf, 0, AHCI_BUFSIZE - 1)
+        self.q.memwrite(AHCI_CLB, header)
+        self.q.memwrite(AHCI_CT, fis.ljust(0x80, b"\0") + prd)
+        self.reg(AHCI_P0 + PX_CI, 1)
+
+    def busy(self) -> bool:
+        return bool(self.reg(AHCI_P0 + PX_CI) & 1)
+
+    def wait(self, seconds: float = 10) -> None:
+        """Waits (bounded) for slot 0's command to complete."""
+        end = time.monotonic() + seconds
+        while self.busy():
+            if time.monotonic() > end:
+                raise QTestError(f"AHCI command not completed in {seconds} s")
+            self.q.clock_step(1_000_000)
+            time.sleep(0.005)
+
+
+def _ide_reset_pending_dma(ctx: Ctx) -> str:
+    """Upstream's test_reset_pending_callback (tests/qtest/ahci-test.c), over qtest: writes
+    pattern 1 to sectors 0-7 (which fills the -drive's write throttle), issues a write of
+    pattern 2 to sectors 8-15 (held by the throttle), resets the HBA (GHC.HR) while it is
+    pending, drains the block layer (QMP stop and cont: any write still queued completes),
+    then restarts the port and reads sectors 0-7 and 8-15 back.
+
+    Unfixed, ide_bus_reset resets the IDE state first and cancels the DMA after; the
+    cancel waits for the write, whose callback (ide_dma_cb) then runs on the reset state
+    (1 sector left, LBA 0) and writes the first 512 bytes of the stale command's buffer
+    to sector 0: sector 0 reads pattern 2. That write goes to this probe's own temporary
+    disk from this probe's own buffer, so the unfixed QEMU is run. Fixed, the DMA is
+    cancelled first (its callback completes the command on a state still valid): sector
+    0 keeps pattern 1. Either way sectors 8-15 get pattern 2. Upstream: commits
+    7d7512019f ("hw/ide: reset: cancel async DMA operation before resetting state") and
+    cc610857bb ("tests/qtest: ahci-test: add test exposing reset issue with pending
+    callback")."""
+    with QTest(ctx.extra["qtest"]) as q:
+        port = _AhciPort(q)
+        port.start()
+        q.memwrite(AHCI_BUF1, bytes([PATTERN1]) * AHCI_BUFSIZE)
+        q.memwrite(AHCI_BUF2, bytes([PATTERN2]) * AHCI_BUFSIZE)
+        port.issue(ATA_WRITE_DMA_EXT, 0, AHCI_BUF1)
+        port.wait()
+        port.issue(ATA_WRITE_DMA_EXT, AHCI_BUFSIZE // 512, AHCI_BUF2)
+        pending = port.busy()
+        port.reg(AHCI_GHC, GHC_AE | GHC_HR)  # returns once the cancel has waited for it
+        if not pending:
+            return "inconclusive: the write to sectors 8-15 completed before the HBA reset"
+        qmp = QMP(ctx.extra["qmp"])
+        try:
+            for cmd in ("stop", "cont"):  # vm_stop drains every block device
+                if "return" not in (ans := qmp.cmd(cmd)):
+                    return f"inconclusive: QMP {cmd}: {ans}"
+        finally:
+            qmp.close()
+        port.start()
+        got = []
+        for lba, buf in ((0, AHCI_BUF1), (AHCI_BUFSIZE // 512, AHCI_BUF2)):
+            q.memwrite(buf, bytes(AHCI_BUFSIZE))
+            port.issue(ATA_READ_DMA_EXT, lba, buf)
+            port.wait()
+            got.append(q.memread(buf, AHCI_BUFSIZE))
+    sector0, rest = got[0][:512], got[0][512:]
+    others = f"sectors 1-7 {_fill(rest)}, sectors 8-15 {_fill(got[1])}"
+    if sector0 == bytes([PATTERN1]) * 512:
+        return f"sector 0 kept {PATTERN1:#x} after an HBA reset with a write pending; {others}"
+    return (
+        f"sector 0 overwritten with {_fill(sector0)} (the pending write's data: "
+        f"{PATTERN2:#x}) after an HBA reset with a write pending; {others}"
+    )
+
+
+def _fill(data: bytes) -> str:
+    """Names the byte ``data`` is filled with, or says it is mixed."""
+    return f"{data[0]:#x}" if data == data[:1] * len(data) else f"mixed ({data[:4].hex()}...)"
+
+
 PROBES: dict[str, Probe] = {
     "qemu_sdhci_trnmod_inhibit": Probe(
         _sdhci_trnmod_inhibit,
@@ -290,5 +428,12 @@ PROBES: dict[str, Probe] = {
         expected="no VF registered when NumVFs exceeds TotalVFs; clearing VF Enable with "
         "no VF keeps the secondary controllers' resources",
         machine=NVME_MACHINE,
+    ),
+    "qemu_ide_reset_pending_dma": Probe(
+        _ide_reset_pending_dma,
+        lambda s: s.startswith("sector 0 kept") and "sectors 8-15 0xbb" in s,
+        expected="an AHCI reset cancels the pending DMA before resetting the IDE state: "
+        "sector 0 keeps its data",
+        machine=AHCI_MACHINE,
     ),
 }
