@@ -11,11 +11,7 @@ import re
 import tokenize
 from pathlib import Path
 
-import pytest
-
 from helpers import ROOT
-
-pytestmark = pytest.mark.unit
 
 PKG = ROOT / "src" / "patchbox"
 

@@ -250,8 +250,8 @@ RELOC_TYPES: dict[str, RelocType] = {
         R("R_AARCH64_LDST128_ABS_LO12_NC", 299, 4, False, calc=Calc.ABS, encode=N(16)),
         R("R_AARCH64_ADR_GOT_PAGE", 311, 4, True, calc=Calc.GOT_PAGE, encode=adrp),
         R("R_AARCH64_LD64_GOT_LO12_NC", 312, 4, False, calc=Calc.GOT_LO12, encode=N(8)),
-        R("R_AARCH64_TLSGD_ADR_PAGE21", 513, 4, True),
-        R("R_AARCH64_TLSGD_ADD_LO12_NC", 514, 4, False),
+        R("R_AARCH64_TLSGD_ADR_PAGE21", 513, 4, True, calc=Calc.TLSGD_PAGE, encode=adrp),
+        R("R_AARCH64_TLSGD_ADD_LO12_NC", 514, 4, False, calc=Calc.TLSGD_LO12, encode=add_lo12),
         R("R_AARCH64_TLSIE_ADR_GOTTPREL_PAGE21", 541, 4, True, calc=Calc.TLS_GOT_PAGE, encode=adrp),
         R(
             "R_AARCH64_TLSIE_LD64_GOTTPREL_LO12_NC",
@@ -309,9 +309,9 @@ def value(rtype: RelocType, s: int, a: int, p: int, *, got: int = 0, tp: int = 0
         return s + a - p
     if calc is Calc.PAGE:
         return page(s + a) - page(p)
-    if calc in (Calc.GOT_PAGE, Calc.TLS_GOT_PAGE, Calc.TLSDESC_PAGE):
+    if calc in (Calc.GOT_PAGE, Calc.TLS_GOT_PAGE, Calc.TLSDESC_PAGE, Calc.TLSGD_PAGE):
         return page(got) - page(p)
-    if calc in (Calc.GOT_LO12, Calc.TLS_GOT_LO12, Calc.TLSDESC_LO12):
+    if calc in (Calc.GOT_LO12, Calc.TLS_GOT_LO12, Calc.TLSDESC_LO12, Calc.TLSGD_LO12):
         return got
     if calc is Calc.TPREL:
         return tp + a

@@ -12,7 +12,7 @@ never names an architecture itself (tests/test_arch_confined.py).
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING, Any, Protocol
@@ -87,6 +87,8 @@ class Calc(Enum):
     TLS_GOT_LO12 = "G(TPREL(S + A))"
     TLSDESC_PAGE = "Page(G(TLSDESC(S + A))) - Page(P)"  # the descriptor's page
     TLSDESC_LO12 = "G(TLSDESC(S + A))"
+    TLSGD_PAGE = "Page(G(GTLSIDX(S, A))) - Page(P)"  # the {module id, offset} pair's page
+    TLSGD_LO12 = "G(GTLSIDX(S, A))"
     OTHER = "other"  # a value patchbox does not compute
 
 
@@ -136,7 +138,7 @@ class RelocTable:
     def __getitem__(self, name: str) -> RelocType:
         return self.types[name]
 
-    def __iter__(self) -> Any:
+    def __iter__(self) -> Iterator[RelocType]:
         return iter(self.types.values())
 
     def get(self, rtype: int) -> RelocType | None:
