@@ -6,7 +6,7 @@ system call that holds no lock the loader needs (read, poll, epoll_wait, nanosle
 accept...; a thread interrupted inside ``malloc`` or holding the loader's lock would
 deadlock ``dlopen``). It is made to call ``dlopen(path, RTLD_NOW)`` of the process's own
 ``libc.so.6`` (glibc 2.34+ exports it there), and the call returns into glibc's
-``__restore_rt`` with a signal frame above it (:mod:`patchbox.reach.sigframe`): the
+``__restore_rt`` with a signal frame above it (``Arch.sigframe``, :mod:`patchbox.arch`): the
 kernel's ``rt_sigreturn`` then puts back every register, the FPU state and the signal
 mask as they were, the interrupted system call made again. The thread comes back by
 itself: the client only watches (``PTRACE_SYSCALL``) and never writes into a thread
