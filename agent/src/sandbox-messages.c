@@ -12,6 +12,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "arch/arch.h"
 #include "patchbox/sandbox.h"
 #include "sandbox-server.h"
 
@@ -199,11 +200,10 @@ static int sandbox_apply_parse(struct sandbox_request *q, struct sandbox_apply_s
 		if (f->expected_len < PBX_MIN_EXPECTED || f->expected_len > PBX_MAX_EXPECTED)
 			return sandbox_error_set(err, PBX_E_MALFORMED, "function %zu: expected_len %u not in %d..%d",
 						 i, f->expected_len, PBX_MIN_EXPECTED, PBX_MAX_EXPECTED);
-		if (f->kind > PBX_KIND_ENTRY_JUMP ||
-		    (f->skip != 0 && (f->kind != PBX_KIND_ENTRY_JUMP || f->skip != PBX_ENDBR_SKIP)))
+		if (f->kind > PBX_KIND_ENTRY_JUMP || !sandbox_arch_skip_valid(f->kind, f->skip))
 			return sandbox_error_set(err, PBX_E_MALFORMED,
-						 "function %zu: kind %u skip %u (kind 0 needs skip 0, kind 1 skip 0 or %d)",
-						 i, f->kind, f->skip, PBX_ENDBR_SKIP);
+						 "function %zu: kind %u skip %u (" SANDBOX_ARCH_SKIP_RULE ")",
+						 i, f->kind, f->skip);
 	}
 	if (SANDBOX_READ_UINT(r, "nfixups", 4, s->nfixups) != 0)
 		return sandbox_reader_error(r, err);
