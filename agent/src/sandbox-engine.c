@@ -336,6 +336,8 @@ static int sandbox_func_check(const struct sandbox_apply_spec *spec, unsigned fl
 	for (uintptr_t a = bottom ? bottom->wlo : 0; bottom && a < bottom->whi; a++)
 		if (a >= exp_at && a - exp_at < fs->expected_len)
 			orig[a - exp_at] = bottom->saved[a - bottom->saved_at];
+	if (!jump)
+		sandbox_arch_entry_normalize(orig, fs->expected_len);
 	for (size_t i = 0; i < fs->expected_len; i++) {
 		if (orig[i] != fs->expected[i]) {
 			long off = (long)(exp_at - abs) + (long)i;
@@ -352,6 +354,12 @@ static int sandbox_func_check(const struct sandbox_apply_spec *spec, unsigned fl
 					 sym, (unsigned long)abs, fs->skip, hex);
 	}
 	int hold = (spec->flags & PBX_FLAG_HOLD) != 0;
+	const char *unsafe = jump && !top ? sandbox_arch_jump_unsafe(orig) : NULL;
+	if (unsafe) {
+		sandbox_hex(hex, sizeof(hex), orig, SANDBOX_ARCH_JUMP_LEN);
+		return sandbox_error_set(err, PBX_E_NO_PATCHABLE_ENTRY, "%s: entry jump at 0x%lx over %s refused: %s",
+					 sym, (unsigned long)point, hex, unsafe);
+	}
 	if (jump && !top && split && (!hold || point - word == 7))
 		return sandbox_error_set(err, PBX_E_NO_PATCHABLE_ENTRY,
 					 "%s: entry jump at 0x%lx refused (rule 4, alignment): byte %lu of its "
@@ -645,7 +653,7 @@ int sandbox_patch_apply(const struct sandbox_apply_spec *spec, unsigned flags,
 	for (size_t i = 0; i < spec->nfuncs; i++) {
 		struct sandbox_func *f = &funcs[i];
 		f->new_entry = text_addr + spec->funcs[i].new_offset;
-		if (sandbox_arch_redirect_reach(f->mech, f->site, f->new_entry, sandbox_core_sync_full()) != 0) {
+		if (sandbox_arch_redirect_reach(f->mech, f->site, f->saved_at, f->new_entry, sandbox_core_sync_full()) != 0) {
 			sandbox_error_set(err, PBX_E_FIXUP_OVERFLOW,
 					  "redirect of %s from 0x%lx to 0x%lx: %lld bytes, out of reach (sync=%s)",
 					  f->symbol, (unsigned long)f->site, (unsigned long)f->new_entry,

@@ -10,8 +10,9 @@
  * What each arch/<arch>/insn.h provides (data and small pure functions; the engine,
  * the self-test, the sandbox and the hold use them):
  *
- *   SANDBOX_ARCH_NAME, SANDBOX_ARCH_MACHINE     its name and ELF e_machine (the patch's
- *                                               `machine` must equal it)
+ *   SANDBOX_ARCH_NAME, SANDBOX_ARCH_MACHINE(_STR) its name and ELF e_machine (the patch's
+ *                                               `machine` must equal it; the names of
+ *                                               the others: sandbox_arch_machine_name)
  *   SANDBOX_ARCH_ENTRY_PAD, _ENTRY_NOPS         bytes of patchable NOPs before the symbol,
  *                                               and at the site the redirect replaces
  *   SANDBOX_ARCH_ENTRY_FLAGS, _PATCHABLE_ATTR   the compiler flag, and the attribute for
@@ -53,6 +54,23 @@
 #else
 #error "patchbox agent: unsupported architecture (x86-64 and aarch64 are)"
 #endif
+
+_Static_assert(SANDBOX_ARCH_MACHINE == PBX_MACHINE_X86_64 || SANDBOX_ARCH_MACHINE == PBX_MACHINE_AARCH64,
+	       "the agent's machine is one of wire/constants.toml [machine]");
+
+/* The name of an ELF e_machine a patch may carry (wire/constants.toml [machine]), for the
+ * refusal of a patch built for another architecture than this agent's. */
+static inline const char *sandbox_arch_machine_name(unsigned machine)
+{
+	switch (machine) {
+	case PBX_MACHINE_X86_64:
+		return "x86_64";
+	case PBX_MACHINE_AARCH64:
+		return "aarch64";
+	default:
+		return "an unknown architecture";
+	}
+}
 
 /* Bytes from entry-PAD to the end of the entry NOPs, without a landing pad. */
 #define SANDBOX_ENTRY_BYTES (SANDBOX_ARCH_ENTRY_PAD + SANDBOX_ARCH_ENTRY_NOPS)

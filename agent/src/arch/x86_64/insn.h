@@ -19,6 +19,7 @@
 
 #define SANDBOX_ARCH_NAME "x86_64"
 #define SANDBOX_ARCH_MACHINE 62		/* EM_X86_64 */
+#define SANDBOX_ARCH_MACHINE_STR "62"
 
 /* -fpatchable-function-entry=8,6: 6 one-byte NOPs before the symbol, 2 at it. The
  * wire constants (PBX_ENTRY_*, PBX_JUMP_LEN, PBX_ENDBR_SKIP) are x86-64's. */
@@ -116,10 +117,28 @@ static inline int sandbox_arch_skip_valid(unsigned kind, unsigned skip)
 	return skip == 0 || (kind == PBX_KIND_ENTRY_JUMP && skip == SANDBOX_ARCH_LANDING_LEN);
 }
 
-/* 0 if the redirect of mech at site reaches `to`: the rel32 of `e9` at entry-6 (kind 0)
- * or at the site (kind 1). sync_core does not matter on x86-64. */
-static inline int sandbox_arch_redirect_reach(unsigned mech, uintptr_t site, uintptr_t to, int sync_core)
+/* The logical original of a patchable entry: what memory holds (nothing is left in the
+ * padding after a remove on x86-64). */
+static inline void sandbox_arch_entry_normalize(uint8_t *bytes, size_t len)
 {
+	(void)bytes;
+	(void)len;
+}
+
+/* Why an entry jump over the first instruction at P is refused whatever the flags, NULL
+ * if not: never on x86-64 (the hold and the alignment rules are the engine's). */
+static inline const char *sandbox_arch_jump_unsafe(const uint8_t *insn)
+{
+	(void)insn;
+	return NULL;
+}
+
+/* 0 if the redirect of mech at site reaches `to`: the rel32 of `e9` at entry-6 (kind 0)
+ * or at the site (kind 1). pad and sync_core do not matter on x86-64. */
+static inline int sandbox_arch_redirect_reach(unsigned mech, uintptr_t site, uintptr_t pad, uintptr_t to,
+					      int sync_core)
+{
+	(void)pad;
 	(void)sync_core;
 	int64_t rel = sandbox_insn_jmp_rel(mech == PBX_KIND_ENTRY_JUMP ? site : site - SANDBOX_ARCH_ENTRY_PAD, to);
 	return rel < INT32_MIN || rel > INT32_MAX ? -1 : 0;
