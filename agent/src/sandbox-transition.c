@@ -70,24 +70,14 @@ extern unsigned char sandbox_text_area[] __attribute__((visibility("hidden")));
 static unsigned char sandbox_data_area[SANDBOX_DATA_ALLOC] __attribute__((aligned(4096)));
 #endif
 
-/* Maps one page + SANDBOX_ALLOC of text and SANDBOX_DATA_ALLOC of data within
- * SANDBOX_ARCH_NEAR (x86-64: 1.5 GiB, rel32; aarch64: 96 MiB, a B) of [lo, hi) so that
- * redirects and pc-relative fix-ups reach: hint addresses below its lowest segment, then
- * above it. The text is `ret`, r-x; returns the mapping. */
-static uint8_t *sandbox_map_near(uintptr_t lo, uintptr_t hi, const char *what, struct sandbox_error *err)
+/* A free address for total bytes with [lo, hi) and them within reach: hint addresses
+ * below its lowest segment, then above it. The mapping (rw-), or NULL. */
+static uint8_t *sandbox_map_within(uintptr_t lo, uintptr_t hi, size_t total, uintptr_t reach)
 {
-	const uintptr_t reach = SANDBOX_ARCH_NEAR, step = 2ul << 20;
-	size_t tsz = sandbox_round_up(SANDBOX_ALLOC, SANDBOX_PAGE) + SANDBOX_PAGE;
-	size_t dsz = sandbox_round_up(SANDBOX_DATA_ALLOC, SANDBOX_PAGE);
-	size_t total = tsz + dsz;
-	uint8_t *m = NULL;
-	lo = sandbox_round_down(lo, SANDBOX_PAGE);
-	hi = sandbox_round_up(hi, SANDBOX_PAGE);
-	if (hi <= lo || hi - lo + total > reach) {
-		sandbox_error_set(err, PBX_E_INTERNAL, "%s: span too large for a near sandbox", what);
+	const uintptr_t step = 2ul << 20;
+	if (hi - lo + total > reach)
 		return NULL;
-	}
-	for (int above = 0; above < 2 && !m; above++) {
+	for (int above = 0; above < 2; above++) {
 		for (uintptr_t off = 0; hi - lo + total + off <= reach; off += step) {
 			uintptr_t hint;
 			if (above)
@@ -104,17 +94,40 @@ static uint8_t *sandbox_map_near(uintptr_t lo, uintptr_t hi, const char *what, s
 				munmap(p, total);
 				continue;
 			}
-			m = p;
-			break;
+			return p;
 		}
 	}
+	return NULL;
+}
+
+/* Maps one page + SANDBOX_ALLOC of text and SANDBOX_DATA_ALLOC of data within
+ * SANDBOX_ARCH_NEAR of [lo, hi) (x86-64: 1.5 GiB, rel32; aarch64: 96 MiB, a B), else
+ * within SANDBOX_ARCH_FAR (aarch64: 1.5 GiB, its redirects then through the veneer of
+ * arch/aarch64/publish.h), so that redirects and pc-relative fix-ups reach. The text
+ * is `ret`, r-x; returns the mapping. */
+static uint8_t *sandbox_map_near(uintptr_t lo, uintptr_t hi, const char *what, struct sandbox_error *err)
+{
+	size_t tsz = sandbox_round_up(SANDBOX_ALLOC, SANDBOX_PAGE) + SANDBOX_PAGE;
+	size_t dsz = sandbox_round_up(SANDBOX_DATA_ALLOC, SANDBOX_PAGE);
+	size_t total = tsz + dsz;
+	lo = sandbox_round_down(lo, SANDBOX_PAGE);
+	hi = sandbox_round_up(hi, SANDBOX_PAGE);
+	if (hi <= lo || hi - lo + total > SANDBOX_ARCH_FAR) {
+		sandbox_error_set(err, PBX_E_INTERNAL, "%s: span too large for a near sandbox", what);
+		return NULL;
+	}
+	uint8_t *m = sandbox_map_within(lo, hi, total, SANDBOX_ARCH_NEAR);
+	if (!m && SANDBOX_ARCH_FAR > SANDBOX_ARCH_NEAR)
+		m = sandbox_map_within(lo, hi, total, SANDBOX_ARCH_FAR);
 	if (!m) {
 		sandbox_error_set(err, PBX_E_INTERNAL, "no free address within %lu MiB of %s for the sandbox",
-				  (unsigned long)(reach >> 20), what);
+				  (unsigned long)(SANDBOX_ARCH_FAR >> 20), what);
 		return NULL;
 	}
 	sandbox_arch_text_fill(m, tsz);
 	memcpy(m, sandbox_arch_selftest_target, sizeof(sandbox_arch_selftest_target));
+	/* Code written, to be run (the self-test's target) and copied into. */
+	sandbox_arch_flush_icache((uintptr_t)m, tsz);
 	if (mprotect(m, tsz, PROT_READ | PROT_EXEC) != 0) {
 		int e = errno;
 		munmap(m, total);

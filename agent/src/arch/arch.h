@@ -29,6 +29,8 @@
  *                                               atomic store writes
  *   sandbox_arch_redirect_reach(mech, site, to, sync_core)
  *                                               0 if a redirect at site reaches to
+ *   sandbox_arch_flush_icache(addr, len)        after any store of code (x86-64: nothing)
+ *   SANDBOX_ARCH_NEAR, SANDBOX_ARCH_FAR         how far a library's sandbox may be mapped
  *   SANDBOX_ARCH_FILL_ASM(bytes), sandbox_arch_text_fill/_filled
  *                                               what free sandbox text holds (`ret`)
  *   sandbox_arch_selftest_replacement(), sandbox_arch_selftest_target[]
@@ -38,7 +40,6 @@
  *
  * and arch/<arch>/publish.h (sandbox-redirect.c only: how a redirect is written):
  *
- *   sandbox_arch_flush_icache(addr, len)        after any store of code
  *   sandbox_arch_prepare / _unprepare           apply phase 1: dead bytes first
  *   sandbox_arch_publish                        apply phase 2: the one atomic store
  *   SANDBOX_ARCH_RESTORE_STEPS, sandbox_arch_restore_step

@@ -143,6 +143,15 @@ static inline int sandbox_arch_redirect_reach(unsigned mech, uintptr_t site, uin
 	return mech == PBX_KIND_PATCHABLE_ENTRY && sync_core && (pad + 8) % 8 == 0 ? 0 : -1;
 }
 
+/* Cleans the data cache to the point of unification and invalidates the instruction
+ * cache lines of [addr, addr+len) on every core of the inner shareable domain, then
+ * DSB ISH and ISB on this one (libgcc's __aarch64_sync_cache_range). Pairs with the
+ * core sync that follows every phase of a redirect. */
+static inline void sandbox_arch_flush_icache(uintptr_t addr, size_t len)
+{
+	__builtin___clear_cache((char *)addr, (char *)(addr + len));
+}
+
 /* ---- free sandbox text: `ret` */
 
 #define SANDBOX_ARCH_FILL_ASM(bytes) ".fill (" bytes ")/4,4,0xd65f03c0"
@@ -151,6 +160,9 @@ static inline int sandbox_arch_redirect_reach(unsigned mech, uintptr_t site, uin
 
 /* How far from an object a sandbox mapped for it may lie: a B reaches 128 MiB. */
 #define SANDBOX_ARCH_NEAR 0x6000000ul
+/* ... else within this (the redirects through the veneer, literal fix-ups reach anything;
+ * ADRP reaches 4 GiB). */
+#define SANDBOX_ARCH_FAR 0x60000000ul
 
 static inline void sandbox_arch_text_fill(void *at, size_t len)
 {

@@ -46,15 +46,6 @@
 
 #define SANDBOX_ARCH_RESTORE_STEPS 1
 
-/* Cleans the data cache to the point of unification and invalidates the instruction
- * cache lines of [addr, addr+len) on every core of the inner shareable domain, then
- * DSB ISH and ISB on this one (libgcc's __aarch64_sync_cache_range). Pairs with the
- * core sync that follows every phase. */
-static inline void sandbox_arch_flush_icache(uintptr_t addr, size_t len)
-{
-	__builtin___clear_cache((char *)addr, (char *)(addr + len));
-}
-
 /* One instruction, one aligned single-copy-atomic 4-byte store, then its cache lines. */
 static inline void sandbox_a64_store4(uintptr_t at, uint32_t insn)
 {

@@ -144,6 +144,13 @@ static inline int sandbox_arch_redirect_reach(unsigned mech, uintptr_t site, uin
 	return rel < INT32_MIN || rel > INT32_MAX ? -1 : 0;
 }
 
+/* Coherent instruction cache: nothing to do (the core sync after the stores pairs). */
+static inline void sandbox_arch_flush_icache(uintptr_t addr, size_t len)
+{
+	(void)addr;
+	(void)len;
+}
+
 /* ---- free sandbox text: `ret` */
 
 /* The assembler text that fills `bytes` (a string) of the sandbox in the program's text. */
@@ -153,6 +160,7 @@ static inline int sandbox_arch_redirect_reach(unsigned mech, uintptr_t site, uin
 
 /* How far from an object a sandbox mapped for it may lie (rel32 with room to spare). */
 #define SANDBOX_ARCH_NEAR 0x60000000ul
+#define SANDBOX_ARCH_FAR SANDBOX_ARCH_NEAR
 
 static inline void sandbox_arch_text_fill(void *at, size_t len)
 {

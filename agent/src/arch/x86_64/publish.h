@@ -36,13 +36,6 @@
 
 #define SANDBOX_ARCH_RESTORE_STEPS 3
 
-/* Coherent instruction cache: nothing to do (the core sync after the stores pairs). */
-static inline void sandbox_arch_flush_icache(uintptr_t addr, size_t len)
-{
-	(void)addr;
-	(void)len;
-}
-
 /* Publishes one 2-byte instruction; x86 makes an aligned 2-byte store atomic for
  * instruction fetch on other cores: they see the old or the new pair, never half. */
 static inline void sandbox_insn_store2(uintptr_t addr, uint16_t insn)
