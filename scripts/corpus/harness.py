@@ -303,6 +303,15 @@ def build_patch(
     return res
 
 
+def _observe(probe: Probe, ctx: Ctx) -> str:
+    """Returns the probe's observation; a probe that raises (a daemon gone mid-probe, a
+    protocol surprise) is an observation too, not the end of the corpus run."""
+    try:
+        return probe.check(ctx)
+    except Exception as err:  # any failure of a probe is a result of its fix
+        return f"probe raised {err!r}"[:300]
+
+
 def apply_remove(
     ctx: Ctx, pbx: Path, load_argv: list[str] | None, probe: Probe | None, store: bool = False
 ) -> dict[str, Any]:
@@ -311,7 +320,7 @@ def apply_remove(
     pid = ctx.daemon.pid
     res: dict[str, Any] = {}
     if probe is not None and probe.on_unfixed:
-        res["probe_before"] = probe.check(ctx)
+        res["probe_before"] = _observe(probe, ctx)
     name = pbx.stem
     if store:
 
@@ -342,7 +351,7 @@ def apply_remove(
     if probe is not None:
         # Passed: the fixed behaviour now, and the unfixed one before (where it can be
         # observed without killing the daemon).
-        res["probe_after"] = probe.check(ctx)
+        res["probe_after"] = _observe(probe, ctx)
         res["probe_passed"] = probe.fixed(res["probe_after"]) and not (
             "probe_before" in res and probe.fixed(res["probe_before"])
         )
@@ -354,7 +363,7 @@ def apply_remove(
     res["remove_message"] = (gone.stdout + gone.stderr).strip()[-400:]
     res["load_remove"] = load
     if probe is not None and probe.on_unfixed and ctx.daemon.alive():
-        res["probe_removed"] = probe.check(ctx)
+        res["probe_removed"] = _observe(probe, ctx)
         res["probe_reverted"] = not probe.fixed(res["probe_removed"])
     res["alive_at_end"] = ctx.daemon.alive()
     return res

@@ -204,6 +204,65 @@ def test_qemu_recipe_takes_the_installed_patchbox(installed: Installed, tmp_path
     assert missing.returncode == 1 and "no patchbox command" in missing.stderr, missing.stderr
 
 
+@pytest.mark.timeout(3600)
+def test_qemu_built_by_the_installed_recipe(installed: Installed, tmp_path: Path) -> None:
+    """The QEMU recipe run outside the checkout with only the installed package on PATH
+    builds (or, with the machine's QEMU cache warm, relinks or reuses) QEMU linked with the
+    wheel's agent objects; that QEMU runs, and the installed `patchbox test` passes its
+    self-test. On a fresh machine this is the whole QEMU build from the installed package."""
+    script = tmp_path / "build-qemu.sh"
+    shutil.copy(ROOT / "scripts" / "qemu" / "build-qemu.sh", script)
+    env = {
+        "PATH": f"{installed.venv / 'bin'}:/usr/bin:/bin",
+        "HOME": str(tmp_path),
+        "PATCHBOX_CACHE": str(tmp_path / "patchbox-cache"),
+    }
+    built = subprocess.run(
+        ["/bin/bash", str(script)],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        timeout=3300,
+        check=False,
+    )
+    assert built.returncode == 0, built.stderr[-3000:]
+    exe = Path(built.stdout.strip().splitlines()[-1])
+    agent = Path(
+        installed.run(
+            installed.bin("python"), "-c", "import patchbox.config as c; print(c.agent_dir())"
+        ).stdout.strip()
+    )
+    # The cache's link inputs are the wheel's objects (the recipe copies what the
+    # installed `patchbox config --libs` names, and relinks when they differ).
+    for obj in ("libsandbox.o", "sandbox-listen.o"):
+        cached = exe.parent.parent / "agent" / obj
+        assert cached.read_bytes() == (agent / obj).read_bytes(), f"{cached} is not the wheel's"
+    qmp = tmp_path / "qmp.sock"
+    proc = subprocess.Popen(
+        [str(exe), "-machine", "none", "-nodefaults", "-display", "none"]
+        + ["-qmp", f"unix:{qmp},server=on,wait=off"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        test = None
+        for _ in range(100):
+            test = installed.run(installed.bin("patchbox"), "test", "-p", str(proc.pid))
+            if test.returncode == 0 or proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        assert test is not None and test.returncode == 0, test.stderr if test else ""
+        assert "self-test passed" in test.stdout
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def test_process_tier_through_the_installed_commands(installed: Installed) -> None:
     """The real-process tests, run by the virtualenv's Python: `patchbox`, `extract-patch`
     and the agent objects are the wheel's (tests/helpers.py takes them from the running

@@ -73,12 +73,13 @@ class QTest:
         return int(self.cmd(f"read{'bwlq'[size.bit_length() - 1]} {addr:#x}"), 16)
 
     def memwrite(self, addr: int, data: bytes) -> None:
-        """Writes guest memory (DMA buffers, descriptors)."""
+        """Writes guest memory (DMA buffers, descriptors): qtest's ``write`` command."""
         if data:
-            self.cmd(f"memwrite {addr:#x} {len(data):#x} 0x{data.hex()}")
+            self.cmd(f"write {addr:#x} {len(data):#x} 0x{data.hex()}")
 
     def memread(self, addr: int, size: int) -> bytes:
-        return bytes.fromhex(self.cmd(f"memread {addr:#x} {size:#x}").removeprefix("0x"))
+        """Reads guest memory: qtest's ``read`` command (answered ``OK 0x<hex>``)."""
+        return bytes.fromhex(self.cmd(f"read {addr:#x} {size:#x}").removeprefix("0x"))
 
     def clock_step(self, ns: int | None = None) -> int:
         """Advances the virtual clock (by ``ns``, or to the next timer); returns its value."""
