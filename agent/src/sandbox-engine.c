@@ -12,9 +12,9 @@
  * Entry jump (PBX_KIND_ENTRY_JUMP, functions without the padding): the
  * instruction-level rules (P starts an instruction of >= 5 bytes, no branch into
  * (P, P+5)) are checked by extract-patch with a disassembler; the agent checks what
- * it can: the expected bytes, the alignment, the landing pad (endbr64, bti c) when skip is 4, the range
- * in the object's text (the landing pad and the geometry are the architecture's:
- * arch/arch.h). Under PBX_FLAG_HOLD (a shorter first instruction, or the 5
+ * it can: the expected bytes, the alignment, the landing pad (endbr64, bti c) when
+ * skip is 4, the range in the object's text (the landing pad and the geometry are the
+ * architecture's: arch/arch.h). Under PBX_FLAG_HOLD (a shorter first instruction, or the 5
  * bytes across two words) it writes only once every other thread is held clear of
  * them (sandbox_threads_held, docs/reach.md).
  *
@@ -276,7 +276,7 @@ static int sandbox_func_check(const struct sandbox_apply_spec *spec, unsigned fl
 	if (fs->kind > PBX_KIND_ENTRY_JUMP || !sandbox_arch_skip_valid(fs->kind, fs->skip))
 		return sandbox_error_set(err, PBX_E_MALFORMED, "%s: kind %u skip %u", sym, fs->kind, fs->skip);
 	/* Kind 0: the patchable entry [abs-PAD, abs+skip+NOPS) (x86-64: the 6+2 NOPs
-	 * [abs-6, abs+2); aarch64: 3 NOPs, `bti c` when skip is 4, the NOP at the site),
+	 * [abs-6, abs+2); aarch64: 4 NOPs, `bti c` when skip is 4, the NOP at the site),
 	 * expected bytes from abs-PAD.
 	 * Kind 1: P = abs+skip, the word [word, word+WORD) holding [P, P+JUMP_LEN) is
 	 * stored; [lo, hi) covers the entry, the skipped landing pad and that word;
@@ -295,7 +295,8 @@ static int sandbox_func_check(const struct sandbox_apply_spec *spec, unsigned fl
 		return sandbox_error_set(err, PBX_E_NO_PATCHABLE_ENTRY, "%s: 0x%lx is not an instruction "
 					 "boundary (%d-byte aligned)", sym, (unsigned long)point, SANDBOX_ARCH_INSN_ALIGN);
 	if (!(flags & SANDBOX_APPLY_INTERNAL)) {
-		if (abs < SANDBOX_ARCH_ENTRY_PAD || !sandbox_in_text(obj, lo, jump ? point + SANDBOX_ARCH_JUMP_LEN : hi, 0) ||
+		if (abs < SANDBOX_ARCH_ENTRY_PAD ||
+		    !sandbox_in_text(obj, lo, jump ? point + SANDBOX_ARCH_JUMP_LEN : hi, 0) ||
 		    !sandbox_in_text(obj, lo, hi, 1))
 			return sandbox_error_set(err, PBX_E_TARGET_OUT_OF_TEXT,
 						 "%s at 0x%lx (link-time 0x%llx, bias 0x%lx of %s)", sym,
@@ -653,7 +654,8 @@ int sandbox_patch_apply(const struct sandbox_apply_spec *spec, unsigned flags,
 	for (size_t i = 0; i < spec->nfuncs; i++) {
 		struct sandbox_func *f = &funcs[i];
 		f->new_entry = text_addr + spec->funcs[i].new_offset;
-		if (sandbox_arch_redirect_reach(f->mech, f->site, f->saved_at, f->new_entry, sandbox_core_sync_full()) != 0) {
+		if (sandbox_arch_redirect_reach(f->mech, f->site, f->saved_at, f->new_entry,
+						sandbox_core_sync_full()) != 0) {
 			sandbox_error_set(err, PBX_E_FIXUP_OVERFLOW,
 					  "redirect of %s from 0x%lx to 0x%lx: %lld bytes, out of reach (sync=%s)",
 					  f->symbol, (unsigned long)f->site, (unsigned long)f->new_entry,
