@@ -342,6 +342,34 @@ def test_hot_threads_cycles(a64: A64Target, symbol: str) -> None:
         assert entry == built
 
 
+def test_without_membarrier(agent_a64: Path, tmp_path: Path) -> None:
+    """A kernel without membarrier (a64_nomembarrier.c preloaded: syscall() answers
+    ENOSYS for it): INFO says sync_core none, a near redirect is still published (one
+    NOP <-> B store, safe without it) and removed; the far veneer is refused, nothing
+    written."""
+    shim = tmp_path / "nomembarrier.so"
+    src = SOURCE.with_name("a64_nomembarrier.c")
+    subprocess.run([CC, "-O2", "-shared", "-fPIC", str(src), "-o", str(shim)], check=True)
+    exe = build(agent_a64, tmp_path / "a64_target")
+    t = A64Target(exe, preload=shim)
+    try:
+        far_before = t.cmd("farentry")
+        with t.client() as c:
+            assert c.info()["sync_core"] == "none"
+            c.apply(encode_apply_body(a64_patch(exe, "near", 4242)))
+            assert t.cmd("call 41") == "4242"
+            c.remove("near")
+            with pytest.raises(AgentError) as err:
+                c.apply(encode_apply_body(a64_patch(exe, "far", 4242, "far_answer")))
+        assert err.value.code == ErrorCode.FIXUP_OVERFLOW
+        assert "out of reach (sync=none)" in str(err.value)
+        assert t.cmd("call 41") == "42" and t.cmd("far 40") == "42"
+        assert t.cmd("farentry") == far_before
+    finally:
+        assert t.proc.poll() is None
+        t.stop()
+
+
 def test_preloaded_agent_near_the_executable(agent_a64: Path, tmp_path: Path) -> None:
     """libsandbox.so preloaded into a program built with the flags but without the agent
     maps its sandbox within a B's reach of the executable (mmap with a hint near its
