@@ -30,18 +30,18 @@ command -v ssh >/dev/null || need_apt+=(openssh-client)
 # headers its programs include (/usr/include/csmith).
 command -v csmith >/dev/null || need_apt+=(csmith)
 [ -f /usr/include/csmith/csmith.h ] || need_apt+=(libcsmith-dev)
-# The aarch64 tier (tests/e2e/test_aarch64.py, make -C agent ARCH=aarch64): the agent and
-# programs cross-built with Debian's aarch64 toolchain (its libc and loader in
-# /usr/aarch64-linux-gnu), run under qemu-user's qemu-aarch64.
+# aarch64 (issue 22; docs/aarch64.md): the cross toolchain the arch tests build and link
+# with (tests/arch, tests/elf/test_aarch64_elf.py: objects and executables for aarch64,
+# checked against the relocation table), its C library, and qemu-user to run what it builds.
 command -v aarch64-linux-gnu-gcc >/dev/null || need_apt+=(gcc-aarch64-linux-gnu)
 command -v aarch64-linux-gnu-ld >/dev/null || need_apt+=(binutils-aarch64-linux-gnu)
-[ -f /usr/aarch64-linux-gnu/lib/ld-linux-aarch64.so.1 ] || need_apt+=(libc6-dev-arm64-cross)
+[ -f /usr/aarch64-linux-gnu/include/stdio.h ] || need_apt+=(libc6-dev-arm64-cross)
+command -v qemu-aarch64 >/dev/null || need_apt+=(qemu-user)
 # The guest tier (tests/guest, scripts/guest): Debian's QEMU boots the test guest (the
 # project's own QEMU build has no disk or network devices), without its recommended GUI,
 # firmware and tools; the guest's kernel and busybox are fetched by scripts/guest itself.
 need_norec=()
 command -v qemu-system-x86_64 >/dev/null || need_norec+=(qemu-system-x86)
-command -v qemu-aarch64 >/dev/null || need_norec+=(qemu-user)
 # The libvirt tier (tests/qemu/test_qemu_libvirt.py, scripts/libvirtd): Debian's libvirt
 # daemon with its QEMU driver and virsh; libvirt-daemon-system makes the libvirt-qemu
 # user QEMU runs as. The tests start a daemon of their own (no init system needed);
