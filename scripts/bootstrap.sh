@@ -30,6 +30,13 @@ command -v ssh >/dev/null || need_apt+=(openssh-client)
 # headers its programs include (/usr/include/csmith).
 command -v csmith >/dev/null || need_apt+=(csmith)
 [ -f /usr/include/csmith/csmith.h ] || need_apt+=(libcsmith-dev)
+# aarch64 (issue 22; docs/aarch64.md): the cross toolchain the arch tests build and link
+# with (tests/arch, tests/elf/test_aarch64_elf.py: objects and executables for aarch64,
+# checked against the relocation table), its C library, and qemu-user to run what it builds.
+command -v aarch64-linux-gnu-gcc >/dev/null || need_apt+=(gcc-aarch64-linux-gnu)
+command -v aarch64-linux-gnu-ld >/dev/null || need_apt+=(binutils-aarch64-linux-gnu)
+[ -f /usr/aarch64-linux-gnu/include/stdio.h ] || need_apt+=(libc6-dev-arm64-cross)
+command -v qemu-aarch64 >/dev/null || need_apt+=(qemu-user)
 # The guest tier (tests/guest, scripts/guest): Debian's QEMU boots the test guest (the
 # project's own QEMU build has no disk or network devices), without its recommended GUI,
 # firmware and tools; the guest's kernel and busybox are fetched by scripts/guest itself.

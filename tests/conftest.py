@@ -36,6 +36,7 @@ def world_dir() -> Iterator[Path]:
 
 TIERS = (
     "process",
+    "aarch64",
     "qemu",
     "libvirt",
     "guest",

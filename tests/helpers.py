@@ -11,11 +11,13 @@ import json
 import os
 import secrets
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 from elftools.elf.elffile import ELFFile
 from elftools.elf.sections import NoteSection, Symbol, SymbolTableSection
 
@@ -331,3 +333,20 @@ def project_qemu() -> Path:
     exe = Path(proc.stdout.strip().splitlines()[-1])
     assert exe.is_file()
     return exe
+
+
+# The aarch64 cross toolchain (Debian's gcc-aarch64-linux-gnu, binutils-aarch64-linux-gnu;
+# scripts/bootstrap.sh installs them, so CI runs what needs them).
+CROSS_CC = "aarch64-linux-gnu-gcc"
+needs_cross_cc = pytest.mark.skipif(
+    shutil.which(CROSS_CC) is None,
+    reason=f"no {CROSS_CC}: install gcc-aarch64-linux-gnu (scripts/bootstrap.sh does)",
+)
+
+
+def cross_cc(*args: object, cwd: Path) -> None:
+    """Runs the aarch64 cross compiler in ``cwd``; raises with its stderr on failure."""
+    done = subprocess.run(
+        [CROSS_CC, *map(str, args)], cwd=cwd, capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stderr

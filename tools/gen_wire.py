@@ -41,6 +41,7 @@ ENUMS = (
     ("fixup_type", "PBX_FIXUP_", "FixupType"),
     ("fixup_base", "PBX_BASE_", "FixupBase"),
     ("fixup_section", "PBX_SECT_", "FixupSection"),
+    ("machine", "PBX_MACHINE_", "Machine"),
 )
 ENUM_CLASS = {table: cls for table, _prefix, cls in ENUMS}
 # Fixed-record field kinds: C type, struct code.
@@ -49,7 +50,7 @@ FIXED["u64"] = ("uint64_t", "Q")
 # Variable-layout kinds: bytes of the integer, or of the length/count prefix.
 INTS = {"u8": 1, "u16": 2, "u32": 4, "u64": 8, "i32": 4, "i64": 8}
 PREFIX = {"str": 2, "blob": 4, "bytes8": 1, "bytes16": 2, "list16": 2, "list32": 4, "kv": 2}
-FIELD_KEYS = {"name", "kind", "lo", "hi", "record", "count", "item", "when", "enum"}
+FIELD_KEYS = {"name", "kind", "lo", "hi", "record", "count", "item", "when", "enum", "optional"}
 
 
 def load() -> dict[str, Any]:
@@ -103,10 +104,10 @@ def bound(spec: dict[str, Any], value: int | str) -> int:
 
 def min_size(spec: dict[str, Any], layout: str) -> int:
     """Returns the fewest bytes an entry of ``layout`` takes: lengths and counts at their
-    lower bound, ``when`` fields absent."""
+    lower bound, ``when`` and ``optional`` fields absent."""
     total = 0
     for f in spec["layout"][layout]:
-        if "when" in f:
+        if "when" in f or f.get("optional"):
             continue
         if f["kind"] in INTS:
             total += INTS[f["kind"]]
@@ -153,9 +154,11 @@ def validate(spec: dict[str, Any]) -> list[str]:
                 errors.append(f"record {record}.{name}: {err}")
     for layout, fields in spec["layout"].items():
         seen: dict[str, dict[str, Any]] = {}
-        for f in fields:
+        for i, f in enumerate(fields):
             errors += _validate_field(spec, f"layout {layout}.{f.get('name')}", f, seen)
             seen[f["name"]] = f
+            if "optional" in f and (f["optional"] is not True or i != len(fields) - 1):
+                errors.append(f"layout {layout}.{f['name']}: only the last field may be optional")
     return errors
 
 
@@ -348,6 +351,8 @@ def py_field(spec: dict[str, Any], layout: str, f: dict[str, Any]) -> list[str]:
         args.append(f"when=({json.dumps(f['when'][0])}, {value})")
     if "enum" in f:
         args.append(f"enum={ENUM_CLASS[f['enum']]}")
+    if f.get("optional"):
+        args.append("optional=True")
     line = f"    Field({', '.join(args)}),"
     if len(line) <= WIDTH:
         return [line]
@@ -365,14 +370,16 @@ class Field:
     many ``record`` entries, each field named ``<item> <field>`` in the agent's messages);
     ``kv`` (u16 count of str key/value pairs). ``lo``/``hi`` bound a length or count;
     ``when`` names the field (of the same entry) and the value it must have for this field
-    to be present; ``enum`` is the enumeration the value belongs to.
+    to be present; ``enum`` is the enumeration the value belongs to; ``optional``: the last
+    field of a layout that an older writer did not write (absent when the entry ends
+    before it; every writer now writes it).
 
     Immutable, equal and hashed by value, as a frozen dataclass; not one, because every
     command imports this module and :mod:`dataclasses` (with :mod:`inspect`) would cost
     `patchbox info` 10 ms of its start-up (docs/decisions.md, "Start-up").
     """
 
-    __slots__ = ("name", "kind", "lo", "hi", "record", "count", "item", "when", "enum")
+    __slots__ = ("name", "kind", "lo", "hi", "record", "count", "item", "when", "enum", "optional")
     name: str
     kind: str
     lo: int
@@ -382,6 +389,7 @@ class Field:
     item: str
     when: tuple[str, int] | None
     enum: type[IntEnum] | None
+    optional: bool
 
     def __init__(
         self,
@@ -395,8 +403,9 @@ class Field:
         item: str = "",
         when: tuple[str, int] | None = None,
         enum: type[IntEnum] | None = None,
+        optional: bool = False,
     ) -> None:
-        values = (name, kind, lo, hi, record, count, item, when, enum)
+        values = (name, kind, lo, hi, record, count, item, when, enum, optional)
         for slot, value in zip(self.__slots__, values, strict=True):
             object.__setattr__(self, slot, value)
 

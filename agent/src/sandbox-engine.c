@@ -12,8 +12,9 @@
  * Entry jump (PBX_KIND_ENTRY_JUMP, functions without the padding): the
  * instruction-level rules (P starts an instruction of >= 5 bytes, no branch into
  * (P, P+5)) are checked by extract-patch with a disassembler; the agent checks what
- * it can: the expected bytes, the alignment, the endbr64 when skip is 4, the range
- * in the object's text. Under PBX_FLAG_HOLD (a shorter first instruction, or the 5
+ * it can: the expected bytes, the alignment, the landing pad (endbr64, bti c) when
+ * skip is 4, the range in the object's text (the landing pad and the geometry are the
+ * architecture's: arch/arch.h). Under PBX_FLAG_HOLD (a shorter first instruction, or the 5
  * bytes across two words) it writes only once every other thread is held clear of
  * them (sandbox_threads_held, docs/reach.md).
  *
@@ -23,7 +24,7 @@
  *
  * Stacking: a function already redirected is redirected at the top of its chain,
  * the replacement entry of the last patch on it (site = that entry), which has its
- * own 6+2 NOPs. Removal must go top-down (NOT_TOP).
+ * own patchable entry. Removal must go top-down (NOT_TOP).
  *
  * Unloaded libraries (sandbox_engine_refresh): a patch whose library was unloaded
  * (dlclose), or loaded anew in its place, is PBX_STATE_UNLOADED: its addresses may
@@ -49,7 +50,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "arch/x86_64/insn.h"
+#include "arch/arch.h"
 #include "sandbox-engine.h"
 
 static int sandbox_ready;
@@ -272,20 +273,30 @@ static int sandbox_func_check(const struct sandbox_apply_spec *spec, unsigned fl
 	if (fs->expected_len < PBX_MIN_EXPECTED || fs->expected_len > PBX_MAX_EXPECTED)
 		return sandbox_error_set(err, PBX_E_MALFORMED, "%s: expected_len %u not in %d..%d", sym,
 					 fs->expected_len, PBX_MIN_EXPECTED, PBX_MAX_EXPECTED);
-	if (fs->kind > PBX_KIND_ENTRY_JUMP ||
-	    (fs->skip != 0 && (fs->kind != PBX_KIND_ENTRY_JUMP || fs->skip != PBX_ENDBR_SKIP)))
+	if (fs->kind > PBX_KIND_ENTRY_JUMP || !sandbox_arch_skip_valid(fs->kind, fs->skip))
 		return sandbox_error_set(err, PBX_E_MALFORMED, "%s: kind %u skip %u", sym, fs->kind, fs->skip);
-	/* Kind 0: the 6+2 NOP entry [abs-6, abs+2), expected bytes from abs-6.
-	 * Kind 1: P = abs+skip, the word [word, word+8) holding [P, P+5) is stored;
-	 * [lo, hi) covers the entry, the skipped endbr64 and that word; expected from P. */
+	/* Kind 0: the patchable entry [abs-PAD, abs+skip+NOPS) (x86-64: the 6+2 NOPs
+	 * [abs-6, abs+2); aarch64: 4 NOPs, `bti c` when skip is 4, the NOP at the site),
+	 * expected bytes from abs-PAD.
+	 * Kind 1: P = abs+skip, the word [word, word+WORD) holding [P, P+JUMP_LEN) is
+	 * stored; [lo, hi) covers the entry, the skipped landing pad and that word;
+	 * expected from P. */
 	int jump = fs->kind == PBX_KIND_ENTRY_JUMP;
-	uintptr_t point = abs + fs->skip, word = sandbox_round_down(point, 8);
-	int split = jump && point - word > 8 - PBX_JUMP_LEN;	/* [P, P+5) across two words */
-	uintptr_t lo = jump ? (word < abs ? word : abs) : abs - PBX_ENTRY_PAD;
-	uintptr_t hi = jump ? word + (split ? 16 : 8) : abs + PBX_ENTRY_NOPS;
-	uintptr_t exp_at = jump ? point : abs - PBX_ENTRY_PAD;
+	uintptr_t point = abs + fs->skip, word = sandbox_round_down(point, SANDBOX_ARCH_WORD);
+	/* [P, P+JUMP_LEN) across two words (x86-64 only: aarch64's one instruction is its word) */
+	int split = jump && point - word > SANDBOX_ARCH_WORD - SANDBOX_ARCH_JUMP_LEN;
+	uintptr_t lo = jump ? (word < abs ? word : abs) : abs - SANDBOX_ARCH_ENTRY_PAD;
+	uintptr_t hi = jump ? word + (split ? 2 : 1) * SANDBOX_ARCH_WORD : point + SANDBOX_ARCH_ENTRY_NOPS;
+	uintptr_t exp_at = jump ? point : abs - SANDBOX_ARCH_ENTRY_PAD;
+	if (!jump && fs->expected_len < hi - lo)
+		return sandbox_error_set(err, PBX_E_MALFORMED, "%s: %u expected bytes do not cover its %lu-byte entry",
+					 sym, fs->expected_len, (unsigned long)(hi - lo));
+	if (point % SANDBOX_ARCH_INSN_ALIGN)
+		return sandbox_error_set(err, PBX_E_NO_PATCHABLE_ENTRY, "%s: 0x%lx is not an instruction "
+					 "boundary (%d-byte aligned)", sym, (unsigned long)point, SANDBOX_ARCH_INSN_ALIGN);
 	if (!(flags & SANDBOX_APPLY_INTERNAL)) {
-		if (abs < PBX_ENTRY_PAD || !sandbox_in_text(obj, lo, jump ? point + PBX_JUMP_LEN : hi, 0) ||
+		if (abs < SANDBOX_ARCH_ENTRY_PAD ||
+		    !sandbox_in_text(obj, lo, jump ? point + SANDBOX_ARCH_JUMP_LEN : hi, 0) ||
 		    !sandbox_in_text(obj, lo, hi, 1))
 			return sandbox_error_set(err, PBX_E_TARGET_OUT_OF_TEXT,
 						 "%s at 0x%lx (link-time 0x%llx, bias 0x%lx of %s)", sym,
@@ -326,6 +337,8 @@ static int sandbox_func_check(const struct sandbox_apply_spec *spec, unsigned fl
 	for (uintptr_t a = bottom ? bottom->wlo : 0; bottom && a < bottom->whi; a++)
 		if (a >= exp_at && a - exp_at < fs->expected_len)
 			orig[a - exp_at] = bottom->saved[a - bottom->saved_at];
+	if (!jump)
+		sandbox_arch_entry_normalize(orig, fs->expected_len);
 	for (size_t i = 0; i < fs->expected_len; i++) {
 		if (orig[i] != fs->expected[i]) {
 			long off = (long)(exp_at - abs) + (long)i;
@@ -334,58 +347,71 @@ static int sandbox_func_check(const struct sandbox_apply_spec *spec, unsigned fl
 						 fs->expected[i], orig[i]);
 		}
 	}
-	char hex[64];
-	if (jump && fs->skip && memcmp((const void *)abs, sandbox_insn_endbr64, PBX_ENDBR_SKIP) != 0) {
-		sandbox_hex(hex, sizeof(hex), (const uint8_t *)abs, PBX_ENDBR_SKIP);
+	char hex[128];
+	if (fs->skip && memcmp((const void *)abs, sandbox_arch_landing, SANDBOX_ARCH_LANDING_LEN) != 0) {
+		sandbox_hex(hex, sizeof(hex), (const uint8_t *)abs, SANDBOX_ARCH_LANDING_LEN);
 		return sandbox_error_set(err, PBX_E_NO_PATCHABLE_ENTRY,
-					 "%s at 0x%lx: skip 4 but the entry holds %s, not endbr64", sym,
-					 (unsigned long)abs, hex);
+					 "%s at 0x%lx: skip %u but the entry holds %s, not " SANDBOX_ARCH_LANDING_NAME,
+					 sym, (unsigned long)abs, fs->skip, hex);
 	}
 	int hold = (spec->flags & PBX_FLAG_HOLD) != 0;
+	const char *unsafe = jump && !top ? sandbox_arch_jump_unsafe(orig) : NULL;
+	if (unsafe) {
+		sandbox_hex(hex, sizeof(hex), orig, SANDBOX_ARCH_JUMP_LEN);
+		return sandbox_error_set(err, PBX_E_NO_PATCHABLE_ENTRY, "%s: entry jump at 0x%lx over %s refused: %s",
+					 sym, (unsigned long)point, hex, unsafe);
+	}
 	if (jump && !top && split && (!hold || point - word == 7))
 		return sandbox_error_set(err, PBX_E_NO_PATCHABLE_ENTRY,
 					 "%s: entry jump at 0x%lx refused (rule 4, alignment): byte %lu of its "
-					 "8-byte word, so %s", sym, (unsigned long)point, (unsigned long)(point - word),
+					 "%d-byte word, so %s", sym, (unsigned long)point, (unsigned long)(point - word),
+					 SANDBOX_ARCH_WORD,
 					 hold ? "its first two bytes, where remove parks threads, are not in one word"
 					      : "the 5-byte jump cannot be written with one atomic store (without HOLD)");
-	if (!jump && memcmp(orig, sandbox_insn_entry_nops, SANDBOX_ENTRY_BYTES) != 0) {
-		sandbox_hex(hex, sizeof(hex), orig, SANDBOX_ENTRY_BYTES);
+	if (!jump && !sandbox_arch_entry_check(orig, fs->skip)) {
+		sandbox_hex(hex, sizeof(hex), orig, hi - lo);
 		return sandbox_error_set(err, PBX_E_NO_PATCHABLE_ENTRY,
-					 "%s at 0x%lx: entry-6 holds %s, not 8 NOPs (build with "
-					 "-fpatchable-function-entry=8,6)", sym, (unsigned long)abs, hex);
+					 "%s at 0x%lx: entry-%d holds %s, not " SANDBOX_ARCH_ENTRY_DESC " (build with "
+					 SANDBOX_ARCH_ENTRY_FLAGS ")", sym, (unsigned long)abs, SANDBOX_ARCH_ENTRY_PAD, hex);
 	}
-	/* Stacked: always the 6+2 NOP mechanism, at the replacement entry of the top patch. */
+	/* Stacked: always the patchable-entry mechanism, at the replacement entry of the top
+	 * patch (after its landing pad, if it has one). */
+	uintptr_t entry = top ? top->new_entry : abs;
+	unsigned skip = top ? sandbox_arch_entry_skip(top->new_entry) : fs->skip;
 	f->mech = top ? PBX_KIND_PATCHABLE_ENTRY : fs->kind;
-	f->site = top ? top->new_entry : jump ? point : abs;
-	f->saved_len = SANDBOX_ENTRY_BYTES;
+	f->site = top ? entry + skip : point;
 	if (f->mech == PBX_KIND_ENTRY_JUMP) {
 		f->saved_at = word;
 		f->wlo = point;
-		f->whi = point + PBX_JUMP_LEN;
+		f->whi = point + SANDBOX_ARCH_JUMP_LEN;
 		f->hold = (uint8_t)hold;
-		f->saved_len = split ? 16 : 8;
+		f->saved_len = (uint8_t)((split ? 2 : 1) * SANDBOX_ARCH_WORD);
 	} else {
-		f->saved_at = f->site - PBX_ENTRY_PAD;
-		f->wlo = f->site - PBX_ENTRY_PAD;
-		f->whi = f->site + PBX_ENTRY_NOPS;
+		f->saved_at = entry - SANDBOX_ARCH_ENTRY_PAD;
+		f->wlo = entry - SANDBOX_ARCH_ENTRY_PAD;
+		f->whi = f->site + SANDBOX_ARCH_ENTRY_NOPS;
+		f->saved_len = (uint8_t)(f->whi - f->wlo);
 	}
-	if (f->mech == PBX_KIND_PATCHABLE_ENTRY && (f->site & 1))
-		return sandbox_error_set(err, PBX_E_NO_PATCHABLE_ENTRY, "%s: entry 0x%lx is not 2-byte aligned",
-					 sym, (unsigned long)f->site);
+	_Static_assert(SANDBOX_ENTRY_BYTES + SANDBOX_ARCH_LANDING_LEN <= sizeof(f->saved) &&
+		       2 * SANDBOX_ARCH_WORD <= sizeof(f->saved), "sandbox_func.saved too small");
+	if (f->mech == PBX_KIND_PATCHABLE_ENTRY && (f->site % SANDBOX_ARCH_SITE_ALIGN))
+		return sandbox_error_set(err, PBX_E_NO_PATCHABLE_ENTRY, "%s: entry 0x%lx is not %d-byte aligned",
+					 sym, (unsigned long)f->site, SANDBOX_ARCH_SITE_ALIGN);
 	memcpy(f->saved, (const void *)f->saved_at, f->saved_len);
 	/* The replacement's own padding must lie inside its patch's text. */
-	if (top && (top->new_entry - top_patch->text_addr < PBX_ENTRY_PAD ||
-		    memcmp(f->saved, sandbox_insn_entry_nops, SANDBOX_ENTRY_BYTES) != 0)) {
-		sandbox_hex(hex, sizeof(hex), f->saved, SANDBOX_ENTRY_BYTES);
+	if (top && (top->new_entry - top_patch->text_addr < SANDBOX_ARCH_ENTRY_PAD ||
+		    !sandbox_arch_entry_check(f->saved, skip))) {
+		sandbox_hex(hex, sizeof(hex), f->saved, f->saved_len);
 		if (bottom->mech == PBX_KIND_ENTRY_JUMP)
 			return sandbox_error_set(err, PBX_E_NO_PATCHABLE_ENTRY,
 						 "cannot stack on %s (rule 6): %s is redirected by an entry jump "
-						 "and the replacement at 0x%lx has no 6+2 NOP entry of its own "
+						 "and the replacement at 0x%lx has no patchable entry of its own "
 						 "(%s): remove %s first, or build its replacement with "
 						 "`patchbox config --cflags`", top_patch->name, sym,
 						 (unsigned long)top->new_entry, hex, top_patch->name);
 		return sandbox_error_set(err, PBX_E_NO_PATCHABLE_ENTRY,
-					 "cannot stack on %s: its replacement of %s at 0x%lx has %s, not 8 NOPs",
+					 "cannot stack on %s: its replacement of %s at 0x%lx has %s, not "
+					 SANDBOX_ARCH_ENTRY_DESC,
 					 top_patch->name, sym, (unsigned long)top->new_entry, hex);
 	}
 	for (size_t j = 0; j < idx; j++)
@@ -628,11 +654,12 @@ int sandbox_patch_apply(const struct sandbox_apply_spec *spec, unsigned flags,
 	for (size_t i = 0; i < spec->nfuncs; i++) {
 		struct sandbox_func *f = &funcs[i];
 		f->new_entry = text_addr + spec->funcs[i].new_offset;
-		uintptr_t from = f->mech == PBX_KIND_ENTRY_JUMP ? f->site : f->site - PBX_ENTRY_PAD;
-		int64_t rel = sandbox_insn_jmp_rel(from, f->new_entry);
-		if (rel < INT32_MIN || rel > INT32_MAX) {
-			sandbox_error_set(err, PBX_E_FIXUP_OVERFLOW, "redirect of %s from 0x%lx to 0x%lx: %lld",
-					  f->symbol, (unsigned long)f->site, (unsigned long)f->new_entry, (long long)rel);
+		if (sandbox_arch_redirect_reach(f->mech, f->site, f->saved_at, f->new_entry,
+						sandbox_core_sync_full()) != 0) {
+			sandbox_error_set(err, PBX_E_FIXUP_OVERFLOW,
+					  "redirect of %s from 0x%lx to 0x%lx: %lld bytes, out of reach (sync=%s)",
+					  f->symbol, (unsigned long)f->site, (unsigned long)f->new_entry,
+					  (long long)f->new_entry - (long long)f->site, sandbox_core_sync_name());
 			goto out;
 		}
 	}
@@ -780,7 +807,7 @@ static int sandbox_patch_reloaded(const struct sandbox_patch *p)
 		const struct sandbox_func *f = &p->funcs[i];
 		if (!sandbox_in_text(o, f->saved_at, f->saved_at + f->saved_len, 1))
 			continue;	/* stacked: its site is in the sandbox, ours */
-		uint8_t now[16];
+		uint8_t now[sizeof(f->saved)];
 		struct iovec local = { now, f->saved_len }, remote = { (void *)f->saved_at, f->saved_len };
 		if (process_vm_readv(getpid(), &local, 1, &remote, 1, 0) != (ssize_t)f->saved_len)
 			return 0;
@@ -862,7 +889,7 @@ void sandbox_engine_refresh(void)
 static int sandbox_selftest_run_locked(char *detail, size_t detail_len)
 {
 	int (*volatile fn)(int) = (int (*)(int))sandbox_selftest_addr;
-	uint8_t before[SANDBOX_ENTRY_BYTES], after[SANDBOX_ENTRY_BYTES];
+	uint8_t before[SANDBOX_ENTRY_BYTES + SANDBOX_ARCH_LANDING_LEN], after[sizeof(before)];
 	struct sandbox_error err = { 0 };
 	const struct sandbox_patch *p = NULL;
 	const char *name = "patchbox-selftest";
@@ -876,23 +903,27 @@ static int sandbox_selftest_run_locked(char *detail, size_t detail_len)
 		snprintf(detail, detail_len, "target returned %d before the patch, expected 42", r);
 		return 0;
 	}
-	memcpy(before, (const void *)(sandbox_selftest_addr - PBX_ENTRY_PAD), sizeof(before));
+	/* Its patchable entry, and the landing pad after it when the agent was built with
+	 * one (aarch64 -mbranch-protection: `bti c`). */
+	uint8_t skip = (uint8_t)sandbox_arch_entry_skip(sandbox_selftest_addr);
+	size_t entry_len = SANDBOX_ENTRY_BYTES + skip;
+	memcpy(before, (const void *)(sandbox_selftest_addr - SANDBOX_ARCH_ENTRY_PAD), entry_len);
 	const struct sandbox_area *tarea = &sandbox_regions[0].text;
 	size_t used_before = tarea->used;
 
-	/* Replacement: 6+2 NOPs (stackable entry at offset 6), mov eax, MAGIC; ret. */
-	uint8_t text[sizeof(sandbox_insn_selftest_replacement)];
-	uint32_t magic = SANDBOX_SELFTEST_MAGIC;
-	memcpy(text, sandbox_insn_selftest_replacement, sizeof(text));
-	memcpy(text + SANDBOX_INSN_SELFTEST_IMM, &magic, 4);
+	/* Replacement: a stackable patchable entry, then code returning MAGIC (arch/arch.h). */
+	uint8_t text[32];
+	uint32_t entry_at, entry_size;
+	size_t text_len = sandbox_arch_selftest_replacement(text, SANDBOX_SELFTEST_MAGIC, &entry_at, &entry_size);
 	struct sandbox_func_spec fs = {
 		.symbol = "sandbox_selftest_target", .symbol_len = (uint16_t)strlen("sandbox_selftest_target"),
-		.target = sandbox_selftest_addr, .new_offset = PBX_ENTRY_PAD, .new_size = 8,
-		.expected_len = sizeof(before), .expected = before,
+		.target = sandbox_selftest_addr, .new_offset = entry_at, .new_size = entry_size,
+		.skip = skip, .expected_len = (uint16_t)(entry_len < PBX_MIN_EXPECTED ? PBX_MIN_EXPECTED : entry_len),
+		.expected = before,
 	};
 	struct sandbox_apply_spec spec = {
 		.name = name, .name_len = (uint16_t)strlen(name),
-		.text = text, .text_len = sizeof(text), .nfuncs = 1, .funcs = &fs, .hold_conn = -1,
+		.text = text, .text_len = (uint32_t)text_len, .nfuncs = 1, .funcs = &fs, .hold_conn = -1,
 	};
 	if (sandbox_patch_apply(&spec, SANDBOX_APPLY_INTERNAL, &p, &err) != 0) {
 		snprintf(detail, detail_len, "apply failed: %s", err.msg);
@@ -915,20 +946,18 @@ static int sandbox_selftest_run_locked(char *detail, size_t detail_len)
 		snprintf(detail, detail_len, "target returned %d after remove, expected 42", r);
 		return 0;
 	}
-	memcpy(after, (const void *)(sandbox_selftest_addr - PBX_ENTRY_PAD), sizeof(after));
-	if (memcmp(before, after, sizeof(before)) != 0) {
-		char hb[32], ha[32];
-		sandbox_hex(hb, sizeof(hb), before, sizeof(before));
-		sandbox_hex(ha, sizeof(ha), after, sizeof(after));
+	memcpy(after, (const void *)(sandbox_selftest_addr - SANDBOX_ARCH_ENTRY_PAD), entry_len);
+	if (memcmp(before, after, entry_len) != 0) {
+		char hb[64], ha[64];
+		sandbox_hex(hb, sizeof(hb), before, entry_len);
+		sandbox_hex(ha, sizeof(ha), after, entry_len);
 		snprintf(detail, detail_len, "entry bytes not restored: before %s after %s", hb, ha);
 		return 0;
 	}
-	for (size_t i = 0; i < sizeof(text); i++) {
-		if (((const uint8_t *)text_addr)[i] != SANDBOX_INSN_RET) {
-			snprintf(detail, detail_len, "sandbox at 0x%lx not refilled with 0xc3",
-				 (unsigned long)text_addr);
-			return 0;
-		}
+	if (!sandbox_arch_text_filled((const void *)text_addr, text_len)) {
+		snprintf(detail, detail_len, "sandbox at 0x%lx not refilled with " SANDBOX_ARCH_FILL_NAME,
+			 (unsigned long)text_addr);
+		return 0;
 	}
 	if (tarea->used != used_before) {
 		snprintf(detail, detail_len, "sandbox_used %zu after remove, was %zu", tarea->used,

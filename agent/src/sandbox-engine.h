@@ -9,7 +9,7 @@
  *                         placement, retire, quiescence check, revival)
  *   sandbox-hold.c        the check that every other thread is held clear of an entry
  *                         jump, and that no stack can return into it
- *   arch/x86_64/insn.h    the x86-64 instruction templates
+ *   arch/arch.h           the architecture: instruction templates, entry layout (arch/<arch>/)
  *
  * Hidden, and local to libsandbox.o after its relocatable link (agent/Makefile): the
  * server sees only sandbox-internal.h. No lock: only the agent thread calls in here
@@ -58,6 +58,8 @@ struct sandbox_object *sandbox_object_at(size_t i);
  * "expedited", else "none" (sandbox_core_sync_name). */
 void sandbox_core_sync_init(void);
 const char *sandbox_core_sync_name(void);
+/* 1 when every core is serialised after code writes (membarrier SYNC_CORE registered). */
+int sandbox_core_sync_full(void);
 
 /* Fills sandbox text with `ret` again, so a stray jump into free sandbox returns. -1
  * if the pages cannot be made writable (the caller keeps the memory retired). */
@@ -114,9 +116,9 @@ struct sandbox_region {
 extern struct sandbox_region sandbox_regions[PBX_MAX_OBJECTS];
 
 /* Places region 0, the executable's; *selftest_ret: entry of a function built with the
- * 6+2 NOP entry within rel32 reach of the sandbox (the self-test's target). */
+ * patchable entry within direct-jump reach of the sandbox (the self-test's target). */
 int sandbox_areas_init(uintptr_t *selftest_ret, struct sandbox_error *err);
-/* Maps region idx within rel32 reach of [lo, hi) (a library named what). */
+/* Maps region idx within direct-jump reach of [lo, hi) (a library named what). */
 int sandbox_region_map(size_t idx, uintptr_t lo, uintptr_t hi, const char *what, struct sandbox_error *err);
 /* Unmaps region idx (> 0) if nothing is placed in it, live or retired: 0, else -1. */
 int sandbox_region_unmap(size_t idx);

@@ -11,7 +11,7 @@
  *   2. its stack from SP (to the end of that mapping, SANDBOX_HOLD_CAP at most): no word
  *      inside (a return address, a signal frame's saved PC). A signal frame the kernel
  *      wrote on an alternate stack (sigaltstack) names the stack it interrupted, which
- *      is scanned from the saved SP too;
+ *      is scanned from the saved SP too (the frame's layout: arch/arch.h);
  *   3. memory (the check right before the stores): every private writable mapping of
  *      at most SANDBOX_HOLD_CAP bytes, whole. The stacks no thread runs on now are
  *      there: a suspended coroutine's (makecontext, QEMU), an alternate signal stack, a
@@ -47,6 +47,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "arch/arch.h"
 #include "sandbox-engine.h"
 
 /* Mappings scanned whole in step 3. 64 MiB holds every place a stack is put by glibc and
@@ -58,14 +59,6 @@
 #define SANDBOX_HOLD_CAP (64ul << 20)
 #define SANDBOX_HOLD_FRAMES 4	/* signal frames followed from one stack */
 #define SANDBOX_HOLD_DEPTH 2	/* stacks followed through signal frames, one from another */
-
-/* x86-64 signal frame as the kernel writes it (struct rt_sigframe, the ABI unwinders and
- * debuggers read), in words: pretcode, uc_flags, uc_link, uc_stack {ss_sp, ss_flags,
- * ss_size}, uc_mcontext {r8..r15, rdi, rsi, rbp, rbx, rdx, rax, rcx, rsp, rip, ...}. */
-enum {
-	SANDBOX_SF_FLAGS = 1, SANDBOX_SF_LINK = 2, SANDBOX_SF_SS_SP = 3, SANDBOX_SF_SS_SIZE = 5,
-	SANDBOX_SF_RSP = 21, SANDBOX_SF_WORDS = 23,
-};
 
 /* The scratch of the checks (only the agent thread runs them), left out of step 3. */
 static struct {
@@ -338,26 +331,12 @@ static int sandbox_hold_memory(struct sandbox_hold *h, uintptr_t *lo, uintptr_t 
 	return rc;
 }
 
-/* Whether words w (at addr) start a signal frame the kernel wrote on an alternate stack:
- * uc_link 0, small uc_flags, and uc_stack describing a stack that holds the frame itself
- * (a frame on the thread's own stack names the alternate stack, or none). *rsp: the SP
- * the signal interrupted. */
-static int sandbox_hold_sigframe(const uint64_t *w, uintptr_t addr, uintptr_t *rsp)
-{
-	uint64_t ss_sp = w[SANDBOX_SF_SS_SP], ss_size = w[SANDBOX_SF_SS_SIZE];
-	if (addr % 16 != 8 || !w[0] || w[SANDBOX_SF_FLAGS] > 0xff || w[SANDBOX_SF_LINK] != 0 ||
-	    ss_size < 2048 || ss_size > (1ull << 32) || addr < ss_sp || addr - ss_sp >= ss_size)
-		return 0;
-	*rsp = w[SANDBOX_SF_RSP];
-	return 1;
-}
-
 /* Step 2 for one stack: from sp to the first page that cannot be read, the cap at most.
  * The stacks that signal frames on it interrupted are followed (depth levels). 1 on a
  * hit, 0, -1 (h->err: sp itself cannot be read, or nothing can). */
 static int sandbox_hold_stack(struct sandbox_hold *h, uintptr_t sp, int depth)
 {
-	const size_t overlap = SANDBOX_SF_WORDS * 8;	/* a frame across two reads is seen whole */
+	const size_t overlap = SANDBOX_ARCH_SF_WORDS * 8;	/* a frame across two reads is seen whole */
 	uintptr_t from = sandbox_round_down(sp, 8), at = from, end = from + SANDBOX_HOLD_CAP;
 	uintptr_t next[SANDBOX_HOLD_FRAMES];
 	size_t nnext = 0;
@@ -382,9 +361,9 @@ static int sandbox_hold_stack(struct sandbox_hold *h, uintptr_t sp, int depth)
 			h->hit_depth = SANDBOX_HOLD_DEPTH - depth;
 			return 1;
 		}
-		for (size_t i = 0; depth > 0 && i + SANDBOX_SF_WORDS <= nw; i++) {
+		for (size_t i = 0; depth > 0 && i + SANDBOX_ARCH_SF_WORDS <= nw; i++) {
 			uintptr_t rsp;
-			if (!sandbox_hold_sigframe(&sandbox_hold_scratch.words[i], at + 8 * i, &rsp))
+			if (!sandbox_arch_sigframe(&sandbox_hold_scratch.words[i], at + 8 * i, &rsp))
 				continue;
 			int known = rsp >= from && rsp < at + (size_t)got;	/* this stack, read already */
 			for (size_t k = 0; k < nnext && !known; k++)

@@ -72,9 +72,9 @@ struct sandbox_func_spec {
 	uint64_t target;	/* link-time address */
 	uint32_t new_offset, new_size;
 	uint8_t kind;		/* PBX_KIND_*: how the original is redirected */
-	uint8_t skip;		/* PBX_KIND_ENTRY_JUMP: 0, or 4 past an endbr64 */
+	uint8_t skip;		/* 0, or 4 past a landing pad: endbr64 (kind 1), bti c (aarch64) */
 	uint16_t expected_len;
-	const uint8_t *expected; /* kind 0: from target-6; kind 1: from target+skip */
+	const uint8_t *expected; /* kind 0: from target-PAD (x86-64 6); kind 1: from target+skip */
 };
 
 struct sandbox_fixup_spec {
@@ -105,6 +105,7 @@ struct sandbox_apply_spec {
 		uint8_t when;		/* PBX_HOOK_* */
 		uint32_t offset;	/* the hook function's entry in text */
 	} hooks[PBX_MAX_HOOKS];
+	uint16_t machine;	/* ELF e_machine the patch is for (PBX_MACHINE_*; absent: x86-64) */
 	int hold_conn;		/* held entry jumps: the connection of the client holding the
 				 * threads, written only while it is open; -1 none */
 };
@@ -119,10 +120,11 @@ struct sandbox_func {
 	uint32_t new_size;
 	uint8_t mech;		/* PBX_KIND_*: how this patch redirected site (stacking: always 0) */
 	uint8_t hold;		/* kind 1 under PBX_FLAG_HOLD: written while the other threads are held */
-	uintptr_t saved_at;	/* kind 0: site-6; kind 1: the 8-aligned word holding site */
-	uintptr_t wlo, whi;	/* the bytes this patch changes: [site-6, site+2) / [site, site+5) */
-	uint8_t saved_len;	/* 8, or 16 for an entry jump across two words */
-	uint8_t saved[16];	/* bytes at [saved_at, saved_at+saved_len) before */
+	uintptr_t saved_at;	/* kind 0: entry-PAD; kind 1: the aligned word holding site */
+	uintptr_t wlo, whi;	/* the bytes this patch changes: [entry-PAD, site+NOPS) / [site,
+				 * site+JUMP_LEN) (x86-64: [site-6, site+2) / [site, site+5)) */
+	uint8_t saved_len;	/* whi-wlo (kind 0), or the word(s) of an entry jump */
+	uint8_t saved[32];	/* bytes at [saved_at, saved_at+saved_len) before */
 };
 
 struct sandbox_patch {

@@ -12,6 +12,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "arch/arch.h"
 #include "patchbox/sandbox.h"
 #include "sandbox-server.h"
 
@@ -112,6 +113,7 @@ static int sandbox_msg_info(struct sandbox_request *q, struct sandbox_error *err
 		{ "log", sandbox_log_path[0] ? sandbox_log_path : "off" },
 		{ "socket", sandbox_sock_path }, { "sync_core", st.sync_core },
 		{ "agent_tid", tid }, { "objects", nobj }, { "hold_scan", hold },
+		{ "arch", SANDBOX_ARCH_NAME }, { "machine", SANDBOX_ARCH_MACHINE_STR },
 	};
 	size_t n = sizeof(kv) / sizeof(kv[0]);
 	sandbox_writer_uint(&q->w, n, 2);
@@ -199,11 +201,6 @@ static int sandbox_apply_parse(struct sandbox_request *q, struct sandbox_apply_s
 		if (f->expected_len < PBX_MIN_EXPECTED || f->expected_len > PBX_MAX_EXPECTED)
 			return sandbox_error_set(err, PBX_E_MALFORMED, "function %zu: expected_len %u not in %d..%d",
 						 i, f->expected_len, PBX_MIN_EXPECTED, PBX_MAX_EXPECTED);
-		if (f->kind > PBX_KIND_ENTRY_JUMP ||
-		    (f->skip != 0 && (f->kind != PBX_KIND_ENTRY_JUMP || f->skip != PBX_ENDBR_SKIP)))
-			return sandbox_error_set(err, PBX_E_MALFORMED,
-						 "function %zu: kind %u skip %u (kind 0 needs skip 0, kind 1 skip 0 or %d)",
-						 i, f->kind, f->skip, PBX_ENDBR_SKIP);
 	}
 	if (SANDBOX_READ_UINT(r, "nfixups", 4, s->nfixups) != 0)
 		return sandbox_reader_error(r, err);
@@ -237,8 +234,26 @@ static int sandbox_apply_parse(struct sandbox_request *q, struct sandbox_apply_s
 		    SANDBOX_READ_UINT(r, "hook offset", 4, s->hooks[i].offset) != 0)
 			return sandbox_reader_error(r, err);
 	}
-	if (sandbox_reader_end(r, "the hooks") != 0)
+	/* The architecture: a body written before the field existed ends here (x86-64). */
+	s->machine = PBX_MACHINE_X86_64;
+	if (r->pos < r->len && SANDBOX_READ_UINT(r, "machine", 2, s->machine) != 0)
 		return sandbox_reader_error(r, err);
+	if (sandbox_reader_end(r, "the machine") != 0)
+		return sandbox_reader_error(r, err);
+	/* Before anything read for the architecture: another one's code, entries and skips
+	 * mean nothing here. */
+	if (s->machine != SANDBOX_ARCH_MACHINE)
+		return sandbox_error_set(err, PBX_E_WRONG_MACHINE,
+					 "patch %s is for %s (e_machine %u), this process is " SANDBOX_ARCH_NAME
+					 " (e_machine %d)", q->patch, sandbox_arch_machine_name(s->machine), s->machine,
+					 SANDBOX_ARCH_MACHINE);
+	for (size_t i = 0; i < s->nfuncs; i++) {
+		const struct sandbox_func_spec *f = &s->funcs[i];
+		if (f->kind > PBX_KIND_ENTRY_JUMP || !sandbox_arch_skip_valid(f->kind, f->skip))
+			return sandbox_error_set(err, PBX_E_MALFORMED,
+						 "function %zu: kind %u skip %u (" SANDBOX_ARCH_SKIP_RULE ")",
+						 i, f->kind, f->skip);
+	}
 	return 0;
 }
 

@@ -2,7 +2,7 @@
  * executable; a patch whose build-id is not the executable's names a shared library
  * of the process (docs/reach.md, "Shared libraries"), found with dl_iterate_phdr by
  * the GNU build-id note in its loaded segments. Each object used gets a sandbox region
- * of its own within rel32 reach (sandbox-transition.c); its load bias is the S of base
+ * of its own within direct-jump reach (sandbox-transition.c); its load bias is the S of base
  * EXE fix-ups and its executable segments bound the patch's targets.
  *
  * Only the agent thread calls in here (sandbox-listen.c, "Locks and fork").
@@ -260,7 +260,7 @@ int sandbox_object_find(const uint8_t *bid, size_t len, struct sandbox_object **
 	if (idx >= PBX_MAX_OBJECTS)
 		return sandbox_error_set(err, PBX_E_TOO_MANY, "%s: already %d objects patched", s.found.path,
 					 PBX_MAX_OBJECTS);
-	/* Its own sandbox within rel32 reach of it, mapped on first use. */
+	/* Its own sandbox within direct-jump reach of it, mapped on first use. */
 	if (sandbox_region_map(idx, s.found.lo, s.found.hi, s.found.path, err) != 0)
 		return -1;
 	s.found.region = idx;

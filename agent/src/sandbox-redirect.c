@@ -4,41 +4,17 @@
  * (sandbox-engine.c) has checked everything before calling in, and after
  * sandbox_redirect_write has opened its pages nothing fails.
  *
- * Redirect protocol (x86-64, functions built with -fpatchable-function-entry=8,6,
- * i.e. 6 NOPs at entry-6 and 2 NOPs at the entry, the entry 2-byte aligned):
- *
- *   apply   phase 1: write `e9 rel32` into the dead padding at site-6.
- *           sync_core (membarrier): every core now sees the jump and the new code.
- *           phase 2: one aligned 2-byte store of `eb f8` at site (jumps to site-6).
- *           sync_core.
- *   A thread already past the first entry NOP executes `f8` (clc) alone: harmless
- *   at a function entry, it then runs the old body.
- *
- *   remove  (1) 2-byte store of the saved entry bytes at site, sync_core: no new
- *               thread enters the padding.
- *           (2) 2-byte store of `eb 04` at site-6, sync_core: a thread parked at
- *               site-6 now jumps over the rest of the padding to site.
- *           (3) plain stores of the saved bytes at site-4..site-1 (dead: skipped
- *               by `eb 04`).
- *           (4) 2-byte store of the saved bytes at site-6, sync_core.
- *   Afterwards [site-6, site+2) is byte-identical to what it was before the apply.
- *
- * Entry jump (PBX_KIND_ENTRY_JUMP, functions without the padding; docs/redirect.md
- * "Functions without the padding"): one aligned 8-byte atomic store puts `e9 rel32`
- * at P = entry+skip (P % 8 <= 3, so [P, P+5) lies in one word; the other 3 bytes are
- * stored with their current values), between sync_cores. Remove stores the word again
- * with the saved bytes of [P, P+5) and the current others.
+ * The protocol's stores are the architecture's (arch/<arch>/publish.h, through
+ * arch/publish.h): phase 1 writes only bytes no thread can be executing (the dead
+ * padding before the entry), a core sync, phase 2 publishes with one atomic store, a
+ * core sync; remove runs SANDBOX_ARCH_RESTORE_STEPS steps with a core sync after each.
  *
  * Held entry jump (f->hold: a first instruction shorter than 5 bytes, or [P, P+5)
  * across two words; docs/reach.md): written only while every other thread is held
  * clear of (P, P+5) (sandbox_threads_held; sandbox_hold_confirm right before phase 2), the
- * later word first. Its remove cannot be one store when it spans two words, and needs
- * no hold: (1) `jmp .` at P parks the threads that reach it (no thread can be inside
- * the jump, one instruction), sync; (2) the saved bytes [P+2, P+5), now dead, sync;
- * (3) the saved [P, P+2), which releases the parked threads into the original, sync.
+ * later word first.
  *
- * The encodings come from arch/x86_64/insn.h. Every code store below names the
- * sync_core it pairs with.
+ * Every code store names the sync_core it pairs with (here and in publish.h).
  */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE
@@ -51,7 +27,7 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
-#include "arch/x86_64/insn.h"
+#include "arch/publish.h"
 #include "sandbox-engine.h"
 
 static long sandbox_sync_cmd;	/* membarrier command that serialises cores, 0 = none */
@@ -75,6 +51,11 @@ void sandbox_core_sync_init(void)
 const char *sandbox_core_sync_name(void)
 {
 	return sandbox_sync_name;
+}
+
+int sandbox_core_sync_full(void)
+{
+	return sandbox_sync_cmd == MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE;
 }
 
 /* Serialises instruction fetch on every core running this process, so no core
@@ -150,51 +131,6 @@ static void sandbox_pageset_close(struct sandbox_pageset *ps)
 	ps->done = 0;
 }
 
-/* ------------------------------------------------------------------ atomic stores */
-
-/* Publishes one 2-byte instruction; x86 makes an aligned 2-byte store atomic for
- * instruction fetch on other cores: they see the old or the new pair, never half. */
-static void sandbox_insn_store2(uintptr_t addr, uint16_t insn)
-{
-	__atomic_store_n((uint16_t *)addr, insn, __ATOMIC_RELEASE);
-}
-
-/* Publishes an entry jump: one aligned 8-byte store, single-copy atomic on x86-64
- * for instruction fetch too (the word never crosses a cache line). */
-static void sandbox_insn_store8(uintptr_t addr, uint64_t word)
-{
-	__atomic_store_n((uint64_t *)addr, word, __ATOMIC_RELEASE);
-}
-
-/* Stores n bytes at addr with one atomic 8-byte store per aligned word they touch, the
- * later word first; the other bytes of each word are stored as they are now (another
- * patch may have changed them since it was saved). */
-static void sandbox_span_store(uintptr_t addr, const uint8_t *bytes, size_t n)
-{
-	uintptr_t first = sandbox_round_down(addr, 8);
-	for (uintptr_t w = sandbox_round_down(addr + n - 1, 8);; w -= 8) {
-		uint64_t v = __atomic_load_n((const uint64_t *)w, __ATOMIC_RELAXED);
-		for (size_t i = 0; i < n; i++)
-			if (addr + i >= w && addr + i < w + 8)
-				((uint8_t *)&v)[addr + i - w] = bytes[i];
-		sandbox_insn_store8(w, v);
-		if (w == first)
-			break;
-	}
-}
-
-/* The original bytes from the entry jump's site. */
-static const uint8_t *sandbox_site_saved(const struct sandbox_func *f)
-{
-	return f->saved + (f->site - f->saved_at);
-}
-
-/* Whether an entry jump's [site, site+5) spans two words (remove parks threads). */
-static int sandbox_jump_split(const struct sandbox_func *f)
-{
-	return f->mech == PBX_KIND_ENTRY_JUMP && f->site % 8 > 8 - PBX_JUMP_LEN;
-}
-
 /* ------------------------------------------------------------------ sandbox text */
 
 int sandbox_text_refill(uintptr_t addr, size_t len)
@@ -202,7 +138,8 @@ int sandbox_text_refill(uintptr_t addr, size_t len)
 	struct sandbox_pageset ps = { 0 };
 	int rc = -1;
 	if (sandbox_pageset_add(&ps, addr, len) == 0 && sandbox_pageset_open(&ps, NULL) == 0) {
-		memset((void *)addr, SANDBOX_INSN_RET, len);
+		sandbox_arch_text_fill((void *)addr, len);
+		sandbox_arch_flush_icache(addr, len);
 		sandbox_pageset_close(&ps);
 		/* Pairs with the next apply's writes: no core keeps fetching old bytes here. */
 		sandbox_core_sync();
@@ -238,8 +175,10 @@ int sandbox_redirect_write(const struct sandbox_copy *text, const struct sandbox
 
 	/* Plain copies: nothing runs there before the phase 2 stores publish them, and
 	 * the sync after phase 1 puts them in every core's fetch first (pairs with it). */
-	if (text->len)
+	if (text->len) {
 		memcpy((void *)text->addr, text->src, text->len);
+		sandbox_arch_flush_icache(text->addr, text->len);
+	}
 	if (data->len)
 		memcpy((void *)data->addr, data->src, data->len);
 	if (gate) {
@@ -258,16 +197,10 @@ int sandbox_redirect_write(const struct sandbox_copy *text, const struct sandbox
 		sandbox_pageset_close(&ps);
 		goto out;
 	}
-	/* Phase 1: `e9 rel32` into the dead padding; nothing executes there until the
-	 * phase 2 store publishes it. */
-	for (size_t i = 0; i < nfuncs; i++) {
-		const struct sandbox_func *f = &funcs[i];
-		if (f->mech == PBX_KIND_ENTRY_JUMP)
-			continue;	/* written in phase 2 */
-		uint8_t jmp[PBX_JUMP_LEN];
-		sandbox_insn_jmp_encode(f->site - PBX_ENTRY_PAD, f->new_entry, jmp);
-		memcpy((void *)(f->site - PBX_ENTRY_PAD), jmp, sizeof(jmp));
-	}
+	/* Phase 1: the bytes no thread executes yet (x86-64: `e9 rel32` into the dead
+	 * padding); nothing runs there until the phase 2 store publishes it. */
+	for (size_t i = 0; i < nfuncs; i++)
+		sandbox_arch_prepare(&funcs[i]);
 	/* Pairs with phase 2: new code and jumps visible to every core's fetch first. */
 	sandbox_core_sync();
 	/* Held entry jumps: the hold checked once more, in full (every stack no thread runs
@@ -280,24 +213,16 @@ int sandbox_redirect_write(const struct sandbox_copy *text, const struct sandbox
 	 * reachable changed. */
 	if (sandbox_hold_confirm(funcs, nfuncs, hold_conn, err) != 0) {
 		for (size_t k = 0; k < nfuncs; k++)
-			if (funcs[k].mech != PBX_KIND_ENTRY_JUMP)
-				memcpy((void *)funcs[k].saved_at, funcs[k].saved, PBX_JUMP_LEN);
+			sandbox_arch_unprepare(&funcs[k]);
 		sandbox_core_sync();
 		sandbox_pageset_close(&ps);
 		goto out;
 	}
-	/* Phase 2: publish, one atomic 2-byte store per function, or the atomic 8-byte
-	 * store(s) of the word(s) holding the entry jump (pairs with the sync above). */
-	for (size_t i = 0; i < nfuncs; i++) {
-		const struct sandbox_func *f = &funcs[i];
-		if (f->mech == PBX_KIND_ENTRY_JUMP) {
-			uint8_t jmp[PBX_JUMP_LEN];
-			sandbox_insn_jmp_encode(f->site, f->new_entry, jmp);
-			sandbox_span_store(f->site, jmp, PBX_JUMP_LEN);
-		} else {
-			sandbox_insn_store2(f->site, SANDBOX_INSN_JMP_BACK);
-		}
-	}
+	/* Phase 2: publish, one atomic store per function (x86-64: `eb f8`, 2 bytes, or
+	 * the entry jump's 8-byte word(s); aarch64: a `B`, 4 bytes). Pairs with the sync
+	 * above. */
+	for (size_t i = 0; i < nfuncs; i++)
+		sandbox_arch_publish(&funcs[i]);
 	/* Pairs with the phase 2 stores: all cores fetch the redirect from now on. */
 	sandbox_core_sync();
 	sandbox_pageset_close(&ps);
@@ -320,50 +245,14 @@ int sandbox_redirect_restore(const struct sandbox_func *funcs, size_t nfuncs, st
 		sandbox_pageset_deinit(&ps);
 		return -1;
 	}
-	uint16_t v;
-	/* (1) Entry back to its saved bytes: no new thread takes the redirect. An entry
-	 * jump in one word is undone completely here: one 8-byte store of the word with
-	 * the saved [site, site+5) (a thread that already jumped is in the replacement,
-	 * kept); one across two words gets `jmp .` at the site, parking new arrivals. */
-	for (size_t f = 0; f < nfuncs; f++) {
-		const struct sandbox_func *fn = &funcs[f];
-		if (fn->mech == PBX_KIND_ENTRY_JUMP) {
-			if (sandbox_jump_split(fn))
-				sandbox_span_store(fn->site, sandbox_insn_park, sizeof(sandbox_insn_park));
-			else
-				sandbox_span_store(fn->site, sandbox_site_saved(fn), PBX_JUMP_LEN);
-			continue;
-		}
-		memcpy(&v, fn->saved + PBX_ENTRY_PAD, 2);
-		sandbox_insn_store2(fn->site, v);
+	/* Step 0 takes the entry back (no new thread takes the redirect), the later steps
+	 * what only a thread that took it can still reach; each pairs with the sync after
+	 * it (arch/<arch>/publish.h). */
+	for (int step = 0; step < SANDBOX_ARCH_RESTORE_STEPS; step++) {
+		for (size_t f = 0; f < nfuncs; f++)
+			sandbox_arch_restore_step(&funcs[f], step);
+		sandbox_core_sync();
 	}
-	/* Pairs with (1): no core still fetches `eb f8` (or the entry jump) at the entry. */
-	sandbox_core_sync();
-	/* (2) A thread parked at site-6 now jumps to the entry instead of the patch; the
-	 * rel32 of a split entry jump goes back (dead: threads wait at its `jmp .`). */
-	for (size_t f = 0; f < nfuncs; f++) {
-		if (sandbox_jump_split(&funcs[f]))
-			sandbox_span_store(funcs[f].site + 2, sandbox_site_saved(&funcs[f]) + 2, PBX_JUMP_LEN - 2);
-		else if (funcs[f].mech != PBX_KIND_ENTRY_JUMP)
-			sandbox_insn_store2(funcs[f].site - PBX_ENTRY_PAD, SANDBOX_INSN_JMP_OVER);
-	}
-	/* Pairs with (2): the rel32 bytes below are dead before they change. */
-	sandbox_core_sync();
-	for (size_t f = 0; f < nfuncs; f++) {
-		/* (3) of a split entry jump: its first two bytes back, the parked threads run
-		 * the original (pairs with the sync after (2)). */
-		if (sandbox_jump_split(&funcs[f]))
-			sandbox_span_store(funcs[f].site, sandbox_site_saved(&funcs[f]), 2);
-		if (funcs[f].mech == PBX_KIND_ENTRY_JUMP)
-			continue;
-		/* (3) Skipped by `eb 04`; ordered before (4) by x86 store ordering. */
-		memcpy((void *)(funcs[f].site - 4), funcs[f].saved + 2, 4);
-		/* (4) The first padding bytes last (pairs with (3)). */
-		memcpy(&v, funcs[f].saved, 2);
-		sandbox_insn_store2(funcs[f].site - PBX_ENTRY_PAD, v);
-	}
-	/* Pairs with (4): every core fetches the restored padding. */
-	sandbox_core_sync();
 	sandbox_pageset_close(&ps);
 	sandbox_pageset_deinit(&ps);
 	return 0;

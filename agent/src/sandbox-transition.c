@@ -16,7 +16,7 @@
  * and context-switch count before and after the scan). If any thread fails, the
  * region stays retired and the check runs again at the next allocation that needs
  * space. A patch's retired data is reused only once that patch has no retired text
- * left (old code reaches its data rel32-relative, invisible to the scan). Not seen
+ * left (old code reaches its data pc-relative, invisible to the scan). Not seen
  * by the check: pointers to patch code or data kept in registers of a blocked
  * thread, in the heap, or on a stack the thread is not currently running on
  * (sigaltstack, coroutines).
@@ -40,7 +40,7 @@
 #include <sys/uio.h>
 #include <unistd.h>
 
-#include "arch/x86_64/insn.h"
+#include "arch/arch.h"
 #include "sandbox-engine.h"
 
 _Static_assert(SANDBOX_ALLOC >= 4096, "SANDBOX_ALLOC must be at least one page");
@@ -54,38 +54,30 @@ struct sandbox_region sandbox_regions[PBX_MAX_OBJECTS];
 #define SANDBOX_STR2(x) #x
 #define SANDBOX_STR(x) SANDBOX_STR2(x)
 /* The seed's sandbox: SANDBOX_ALLOC bytes of `ret` in the program's own text, so
- * rel32 jumps and PC32 fix-ups between it and the program always reach. */
-__asm__(".pushsection .text.patchbox_sandbox,\"ax\",@progbits\n"
+ * redirects and pc-relative fix-ups between it and the program reach (x86-64: rel32;
+ * aarch64: a B within 128 MiB). */
+__asm__(".pushsection .text.patchbox_sandbox,\"ax\",%progbits\n"
 	"\t.p2align 12\n"
 	"\t.globl sandbox_text_area\n"
 	"\t.hidden sandbox_text_area\n"
-	"\t.type sandbox_text_area,@object\n"
+	"\t.type sandbox_text_area,%object\n"
 	"sandbox_text_area:\n"
-	"\t.fill " SANDBOX_STR(SANDBOX_ALLOC) ",1," SANDBOX_STR(SANDBOX_INSN_RET) "\n"
+	"\t" SANDBOX_ARCH_FILL_ASM(SANDBOX_STR(SANDBOX_ALLOC)) "\n"
 	"\t.size sandbox_text_area," SANDBOX_STR(SANDBOX_ALLOC) "\n"
-	"\t.p2align 12," SANDBOX_STR(SANDBOX_INSN_RET) "\n"
+	"\t" SANDBOX_ARCH_ALIGN_ASM "\n"
 	"\t.popsection\n");
 extern unsigned char sandbox_text_area[] __attribute__((visibility("hidden")));
 static unsigned char sandbox_data_area[SANDBOX_DATA_ALLOC] __attribute__((aligned(4096)));
 #endif
 
-/* Maps one page + SANDBOX_ALLOC of text and SANDBOX_DATA_ALLOC of data within 1.5 GiB
- * of [lo, hi) so that rel32 redirects and PC32 fix-ups reach: hint addresses below
- * its lowest segment, then above it. The text is `ret`, r-x; returns the mapping. */
-static uint8_t *sandbox_map_near(uintptr_t lo, uintptr_t hi, const char *what, struct sandbox_error *err)
+/* A free address for total bytes with [lo, hi) and them within reach: hint addresses
+ * below its lowest segment, then above it. The mapping (rw-), or NULL. */
+static uint8_t *sandbox_map_within(uintptr_t lo, uintptr_t hi, size_t total, uintptr_t reach)
 {
-	const uintptr_t reach = 0x60000000ul, step = 2ul << 20;
-	size_t tsz = sandbox_round_up(SANDBOX_ALLOC, SANDBOX_PAGE) + SANDBOX_PAGE;
-	size_t dsz = sandbox_round_up(SANDBOX_DATA_ALLOC, SANDBOX_PAGE);
-	size_t total = tsz + dsz;
-	uint8_t *m = NULL;
-	lo = sandbox_round_down(lo, SANDBOX_PAGE);
-	hi = sandbox_round_up(hi, SANDBOX_PAGE);
-	if (hi <= lo || hi - lo + total > reach) {
-		sandbox_error_set(err, PBX_E_INTERNAL, "%s: span too large for a near sandbox", what);
+	const uintptr_t step = 2ul << 20;
+	if (hi - lo + total > reach)
 		return NULL;
-	}
-	for (int above = 0; above < 2 && !m; above++) {
+	for (int above = 0; above < 2; above++) {
 		for (uintptr_t off = 0; hi - lo + total + off <= reach; off += step) {
 			uintptr_t hint;
 			if (above)
@@ -102,16 +94,40 @@ static uint8_t *sandbox_map_near(uintptr_t lo, uintptr_t hi, const char *what, s
 				munmap(p, total);
 				continue;
 			}
-			m = p;
-			break;
+			return p;
 		}
 	}
-	if (!m) {
-		sandbox_error_set(err, PBX_E_INTERNAL, "no free address within 1.5 GiB of %s for the sandbox", what);
+	return NULL;
+}
+
+/* Maps one page + SANDBOX_ALLOC of text and SANDBOX_DATA_ALLOC of data within
+ * SANDBOX_ARCH_NEAR of [lo, hi) (x86-64: 1.5 GiB, rel32; aarch64: 96 MiB, a B), else
+ * within SANDBOX_ARCH_FAR (aarch64: 1.5 GiB, its redirects then through the veneer of
+ * arch/aarch64/publish.h), so that redirects and pc-relative fix-ups reach. The text
+ * is `ret`, r-x; returns the mapping. */
+static uint8_t *sandbox_map_near(uintptr_t lo, uintptr_t hi, const char *what, struct sandbox_error *err)
+{
+	size_t tsz = sandbox_round_up(SANDBOX_ALLOC, SANDBOX_PAGE) + SANDBOX_PAGE;
+	size_t dsz = sandbox_round_up(SANDBOX_DATA_ALLOC, SANDBOX_PAGE);
+	size_t total = tsz + dsz;
+	lo = sandbox_round_down(lo, SANDBOX_PAGE);
+	hi = sandbox_round_up(hi, SANDBOX_PAGE);
+	if (hi <= lo || hi - lo + total > SANDBOX_ARCH_FAR) {
+		sandbox_error_set(err, PBX_E_INTERNAL, "%s: span too large for a near sandbox", what);
 		return NULL;
 	}
-	memset(m, SANDBOX_INSN_RET, tsz);
-	memcpy(m, sandbox_insn_selftest_target, sizeof(sandbox_insn_selftest_target));
+	uint8_t *m = sandbox_map_within(lo, hi, total, SANDBOX_ARCH_NEAR);
+	if (!m && SANDBOX_ARCH_FAR > SANDBOX_ARCH_NEAR)
+		m = sandbox_map_within(lo, hi, total, SANDBOX_ARCH_FAR);
+	if (!m) {
+		sandbox_error_set(err, PBX_E_INTERNAL, "no free address within %lu MiB of %s for the sandbox",
+				  (unsigned long)(SANDBOX_ARCH_FAR >> 20), what);
+		return NULL;
+	}
+	sandbox_arch_text_fill(m, tsz);
+	memcpy(m, sandbox_arch_selftest_target, sizeof(sandbox_arch_selftest_target));
+	/* Code written, to be run (the self-test's target) and copied into. */
+	sandbox_arch_flush_icache((uintptr_t)m, tsz);
 	if (mprotect(m, tsz, PROT_READ | PROT_EXEC) != 0) {
 		int e = errno;
 		munmap(m, total);
@@ -160,20 +176,19 @@ int sandbox_region_unmap(size_t idx)
 #ifdef SANDBOX_NEAR_MMAP
 /* The executable's region near it. The self-test's target goes in the page before
  * the sandbox text: the agent's own functions are too far from the sandbox for a
- * rel32 jump when it is a shared object (arch/x86_64/insn.h,
- * sandbox_insn_selftest_target). */
+ * direct jump when it is a shared object (arch/arch.h, sandbox_arch_selftest_target). */
 static int sandbox_areas_map(uintptr_t *selftest_ret, struct sandbox_error *err)
 {
 	const struct sandbox_object *exe = sandbox_exe_get();
 	if (sandbox_region_map(0, exe->lo, exe->hi, "the executable", err) != 0)
 		return -1;
-	*selftest_ret = sandbox_regions[0].text.base - SANDBOX_PAGE + PBX_ENTRY_PAD;
+	*selftest_ret = sandbox_regions[0].text.base - SANDBOX_PAGE + SANDBOX_ARCH_ENTRY_PAD;
 	return 0;
 }
 #else
 /* The self-test's target: built with the same patchable entry as patched programs,
- * in the program's text like the sandbox, so a rel32 jump reaches. */
-__attribute__((noinline, noclone, used, patchable_function_entry(8, 6)))
+ * in the program's text like the sandbox, so a direct jump reaches. */
+__attribute__((noinline, noclone, used, SANDBOX_ARCH_PATCHABLE_ATTR))
 static int sandbox_selftest_target(int x)
 {
 	return x + 1;
@@ -232,7 +247,7 @@ static void sandbox_area_drop(struct sandbox_area *a, size_t i)
 
 /* Marks owner's extents retired. They keep their owner and are never merged with
  * neighbours: a thread still inside a removed patch can reach all of that patch's text
- * and data (its code reaches them rel32-relative) but nothing of another patch, so the
+ * and data (its code reaches them pc-relative) but nothing of another patch, so the
  * unit of reuse is one patch's allocation (see sandbox_retired_reclaim). The table
  * cannot grow without bound: a full table is treated like a full sandbox (reclaim,
  * else SANDBOX_FULL), and revival reuses retired extents in place. */
@@ -533,7 +548,7 @@ static void sandbox_retired_reclaim(void)
 		goto out;
 	}
 	/* Text: per patch. Data: only once that patch has no retired text left, because
-	 * code still running in retired text reaches its data through rel32, not the stack. */
+	 * code still running in retired text reaches its data pc-relative, not the stack. */
 	for (size_t k = 0; k < nr; k++) {
 		if (!r[k].is_text)
 			continue;
@@ -591,7 +606,7 @@ int sandbox_area_alloc_reclaim(struct sandbox_area *a, size_t len, uint32_t owne
  * there (fix-ups computed for that address) is handed to the new patch without
  * writing: a thread still running the old copy executes the very same bytes.
  * Only for patches without data or bss, and only from a removed patch that had none
- * (its code would reach its data rel32-relative). 1 and *ret if found. tbuf: scratch
+ * (its code would reach its data pc-relative). 1 and *ret if found. tbuf: scratch
  * of spec->text_len bytes. */
 int sandbox_text_revive(struct sandbox_area *a, const struct sandbox_apply_spec *spec, const uint64_t *import,
 			uintptr_t bias, uint32_t owner, uint8_t *tbuf, uint32_t *prev_owner, uintptr_t *ret)

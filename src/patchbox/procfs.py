@@ -607,7 +607,7 @@ def ptrace_scope() -> int:
 
 
 AT_SECURE = 23  # <elf.h>: non-zero when the process was started with raised privileges
-_AUXV_ENTRY = struct.Struct("<QQ")  # (a_type, a_val) on x86-64 and aarch64
+_AUXV_ENTRY = struct.Struct("<QQ")  # (a_type, a_val) on every 64-bit little-endian Linux
 
 
 def _auxv_secure(pid: int) -> int:

@@ -87,6 +87,14 @@ class FixupSection(IntEnum):
     DATA = 1
 
 
+# The architecture a patch is for: its ELF e_machine (docs/patch-format.md "Architecture"). u16
+# `machine`, the apply body's last field; a body without it (written before it existed) is for
+# X86_64.
+class Machine(IntEnum):
+    X86_64 = 62  # EM_X86_64
+    AARCH64 = 183  # EM_AARCH64
+
+
 # Bytes a fix-up of each type writes at its offset (offset + width must lie in its section).
 FIXUP_WIDTH = {
     FixupType.PC32: 4,
@@ -130,14 +138,16 @@ class Field:
     many ``record`` entries, each field named ``<item> <field>`` in the agent's messages);
     ``kv`` (u16 count of str key/value pairs). ``lo``/``hi`` bound a length or count;
     ``when`` names the field (of the same entry) and the value it must have for this field
-    to be present; ``enum`` is the enumeration the value belongs to.
+    to be present; ``enum`` is the enumeration the value belongs to; ``optional``: the last
+    field of a layout that an older writer did not write (absent when the entry ends
+    before it; every writer now writes it).
 
     Immutable, equal and hashed by value, as a frozen dataclass; not one, because every
     command imports this module and :mod:`dataclasses` (with :mod:`inspect`) would cost
     `patchbox info` 10 ms of its start-up (docs/decisions.md, "Start-up").
     """
 
-    __slots__ = ("name", "kind", "lo", "hi", "record", "count", "item", "when", "enum")
+    __slots__ = ("name", "kind", "lo", "hi", "record", "count", "item", "when", "enum", "optional")
     name: str
     kind: str
     lo: int
@@ -147,6 +157,7 @@ class Field:
     item: str
     when: tuple[str, int] | None
     enum: type[IntEnum] | None
+    optional: bool
 
     def __init__(
         self,
@@ -160,8 +171,9 @@ class Field:
         item: str = "",
         when: tuple[str, int] | None = None,
         enum: type[IntEnum] | None = None,
+        optional: bool = False,
     ) -> None:
-        values = (name, kind, lo, hi, record, count, item, when, enum)
+        values = (name, kind, lo, hi, record, count, item, when, enum, optional)
         for slot, value in zip(self.__slots__, values, strict=True):
             object.__setattr__(self, slot, value)
 
@@ -228,6 +240,7 @@ APPLY_BODY = (
     ),
     Field("fixups", "list32", hi=MAX_FIXUPS, record=FIXUP_RECORD, count="nfixups", item="fixup"),
     Field("hooks", "list16", hi=MAX_HOOKS, record=HOOK_RECORD, count="nhooks", item="hook"),
+    Field("machine", "u16", enum=Machine, optional=True),
 )
 INFO_REPLY = (Field("info", "kv"),)
 LISTED_FUNCTION = (
@@ -303,6 +316,7 @@ class ErrorCode(IntEnum):
     BAD_FIXUP = 25
     HOOK_FAILED = 26
     NOT_HELD = 27
+    WRONG_MACHINE = 28
 
 
 ERROR_TEXTS: dict[int, str] = {
@@ -334,6 +348,7 @@ ERROR_TEXTS: dict[int, str] = {
     25: "invalid fix-up type, base or section",
     26: "a hook of the patch refused",
     27: "the threads are not held clear of the bytes to replace",
+    28: "patch is for another architecture",
 }
 
 __all__ = [
@@ -365,6 +380,7 @@ __all__ = [
     "FixupType",
     "FixupBase",
     "FixupSection",
+    "Machine",
     "FIXUP_WIDTH",
     "FILE_MAGIC",
     "FILE_FORMAT_VERSION",

@@ -29,7 +29,7 @@ from patchbox.extract import extract_patch
 from patchbox.format.layout import HEADER, encode_apply_body, save_patch, write_patch
 from patchbox.format.model import Fixup, Function, Patch
 from patchbox.protocol.client import Client
-from patchbox.wire import ErrorCode, FixupBase, FixupSection, FixupType, Msg
+from patchbox.wire import ErrorCode, FixupBase, FixupSection, FixupType, Machine, Msg
 
 pytestmark = pytest.mark.process
 
@@ -94,7 +94,8 @@ def with_nfixups(patch: Patch, count: int) -> bytes:
         16 + (2 + len(fx.symbol.encode()) if fx.base == FixupBase.IMPORT else 0)
         for fx in patch.fixups
     )
-    at = len(body) - tail - 4
+    # ... nfixups, the fix-ups, nhooks and the hooks (5 bytes each), the machine (u16)
+    at = len(body) - 2 - (2 + 5 * len(patch.hooks)) - tail - 4
     return body[:at] + struct.pack("<I", count) + body[at + 4 :]
 
 
@@ -114,9 +115,10 @@ def with_text_length(patch: Patch, length: int) -> bytes:
 
 def with_last_fixup_reserved(patch: Patch, value: int) -> bytes:
     """The apply body of ``patch`` with its last fix-up's reserved byte set to ``value``:
-    before that fix-up's offset and addend (12 bytes) and the body's hook count (2 bytes)."""
+    before that fix-up's offset and addend (12 bytes), the body's hook count (2 bytes) and
+    its machine (2 bytes)."""
     body = encode_apply_body(patch)
-    return body[:-15] + bytes([value]) + body[-14:]
+    return body[:-17] + bytes([value]) + body[-16:]
 
 
 def fixup(patch: Patch, **kw: Any) -> Patch:
@@ -211,7 +213,10 @@ CASES: dict[str, Case] = {
         Msg.APPLY, lambda p, t, e: body_of(p, flags=4), ErrorCode.MALFORMED, ("flags",)
     ),
     "trailing-byte": Case(
-        Msg.APPLY, lambda p, t, e: encode_apply_body(p) + b"\0", ErrorCode.MALFORMED, ("trailing",)
+        Msg.APPLY,
+        lambda p, t, e: encode_apply_body(p) + b"\0",
+        ErrorCode.MALFORMED,
+        ("1 trailing bytes after the machine",),
     ),
     "text-length-lies": Case(
         Msg.APPLY,
@@ -430,6 +435,25 @@ CASES: dict[str, Case] = {
         ErrorCode.SANDBOX_FULL,
         ("data",),
     ),
+    # -- apply: the architecture (the body's last field, docs/patch-format.md)
+    "machine-aarch64": Case(
+        Msg.APPLY,
+        lambda p, t, e: encode_apply_body(replace(p, machine=Machine.AARCH64)),
+        ErrorCode.WRONG_MACHINE,
+        ("is for aarch64 (e_machine 183)", "this process is x86_64 (e_machine 62)"),
+    ),
+    "machine-unknown": Case(
+        Msg.APPLY,
+        lambda p, t, e: encode_apply_body(p)[:-2] + struct.pack("<H", 0xFFFF),
+        ErrorCode.WRONG_MACHINE,
+        ("unknown architecture (e_machine 65535)", "x86_64"),
+    ),
+    "machine-one-byte": Case(
+        Msg.APPLY,
+        lambda p, t, e: encode_apply_body(p)[:-1],
+        ErrorCode.MALFORMED,
+        ("machine", "runs past"),
+    ),
 }
 
 
@@ -456,6 +480,16 @@ def test_bad_request(target: Target, target_exe: Path, good: Patch, case: str) -
 def test_good_body_applies(target: Target, good: Patch) -> None:
     """The base of every case above is valid: only the one change makes it bad."""
     status, rest = rawwire.request(target.socket, Msg.APPLY, encode_apply_body(good))
+    assert status == 0, rawwire.error_text(rest)
+    assert target.call("use_helper", 4) == "49"
+
+
+def test_body_without_machine_applies(target: Target, good: Patch) -> None:
+    """A body written before the architecture field existed ends after the hooks: it is
+    for x86-64 and applies as before."""
+    body = encode_apply_body(good)
+    assert body[-2:] == struct.pack("<H", Machine.X86_64)
+    status, rest = rawwire.request(target.socket, Msg.APPLY, body[:-2])
     assert status == 0, rawwire.error_text(rest)
     assert target.call("use_helper", 4) == "49"
 

@@ -18,6 +18,7 @@ from elftools.elf.enums import ENUM_D_TAG, ENUM_P_TYPE_BASE
 from elftools.elf.relocation import RelocationSection
 from elftools.elf.sections import SymbolTableIndexSection, SymbolTableSection
 
+from patchbox.arch import get_arch_by_machine
 from patchbox.elf.objfile import ObjectFile, ObjSymbol, Relocation, Section
 from patchbox.elf.records import SHN_ABS, SHN_COMMON, SHN_LORESERVE, SHN_UNDEF, SHN_XINDEX
 from patchbox.elf.segments import ProgramHeader
@@ -40,7 +41,7 @@ def load_object_pyelftools(path: str | Path) -> ObjectFile:
     """Returns the relocatable object at ``path`` as pyelftools reads it."""
     path = Path(path)
     elf = ELFFile(io.BytesIO(path.read_bytes()))
-    assert elf["e_machine"] == "EM_X86_64" and elf["e_type"] == "ET_REL", path
+    assert elf["e_type"] == "ET_REL", path
     sections: list[Section] = []
     xindex: SymbolTableIndexSection | None = None
     for i, sec in enumerate(elf.iter_sections()):
@@ -107,6 +108,7 @@ def load_object_pyelftools(path: str | Path) -> ObjectFile:
             )
     return ObjectFile(
         path=path,
+        arch=get_arch_by_machine(elf["e_machine"], str(path)),
         sections=sections,
         symbols=symbols,
         relocations=dict(relocs),

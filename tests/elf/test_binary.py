@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from helpers import compile_c
+from patchbox.arch import Recipe, get_arch
 from patchbox.elf.binary import Binary, strip_version
 from patchbox.elf.fastread import load_object
-from patchbox.elf.reloc import Recipe, get_reloc_type, reloc_name
 from patchbox.errors import ElfError, ExtractError, UnsupportedRelocation
 
 SRC = r"""
@@ -77,12 +77,13 @@ def test_object_file(tmp_path: Path) -> None:
 
 
 def test_reloc_table() -> None:
-    assert get_reloc_type(4, ".text.f+0x1", "g").recipe is Recipe.CALL
-    assert get_reloc_type(42, ".text.f+0x1", "g").recipe is Recipe.GOT
-    assert reloc_name(41) == "R_X86_64_GOTPCRELX"
+    relocs = get_arch("x86_64").relocs
+    assert relocs.get_carried(4, ".text.f+0x1", "g").recipe is Recipe.CALL
+    assert relocs.get_carried(42, ".text.f+0x1", "g").recipe is Recipe.GOT
+    assert relocs.name(41) == "R_X86_64_GOTPCRELX"
     with pytest.raises(
         UnsupportedRelocation,
         match=r"^unsupported relocation R_X86_64_32S in \.text\.f\+0x12 against 'x'",
     ):
-        get_reloc_type(11, ".text.f+0x12", "x")
+        relocs.get_carried(11, ".text.f+0x12", "x")
     assert strip_version("stdout@GLIBC_2.2.5") == "stdout" and strip_version("f@@V1") == "f"

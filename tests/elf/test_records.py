@@ -19,12 +19,12 @@ from elftools.elf.segments import NoteSegment
 
 from elf_reference import dynamic_pyelftools, load_object_pyelftools, program_headers_pyelftools
 from helpers import compile_c
+from patchbox.arch.x86_64 import RELOC_TYPES
 from patchbox.elf.binary import Binary
 from patchbox.elf.buildid import read_build_id
 from patchbox.elf.exports import dynamic_exports
 from patchbox.elf.fastread import load_object
 from patchbox.elf.records import SYM, sym_bind, sym_type
-from patchbox.elf.reloc import RELOC_TYPES
 from patchbox.elf.segments import (
     first_load_vaddr,
     has_interp,

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from patchbox.arch import get_arch
 from patchbox.errors import ExtractError, PatchFormatError
 from patchbox.extract import extract_patch
 from patchbox.extract.entry import analyse_entry
@@ -64,6 +65,8 @@ __attribute__((noipa)) int midjump(int x) { return x; }
 __attribute__((noipa)) int ebr_ok(int x) { return x + 42; }
 __attribute__((noipa)) char *getenv(const char *s) { return (char *)s; }
 """
+
+X86 = get_arch("x86_64")
 
 
 def gcc(src: str, out: Path, *flags: str) -> Path:
@@ -146,7 +149,7 @@ def test_rule3_branch_into_overwritten_bytes(prog: tuple[Path, Path, Path]) -> N
 def test_rule3_call_returning_inside() -> None:
     code = bytes.fromhex("ffd0") + bytes.fromhex("b801000000c3")  # call *%rax ; mov eax,1 ; ret
     with pytest.raises(ExtractError, match=r"rule 3, return address\): the call at 0x1000 returns"):
-        analyse_entry("f", 0x1000, code)
+        analyse_entry("f", 0x1000, code, arch=X86)
 
 
 def test_rule3_undecodable_bytes() -> None:
@@ -156,7 +159,7 @@ def test_rule3_undecodable_bytes() -> None:
         match=r"rule 3, branch target\): capstone cannot decode "
         r"f\+0x5",
     ):
-        analyse_entry("f", 0x1000, code)
+        analyse_entry("f", 0x1000, code, arch=X86)
 
 
 def test_rule4_alignment_and_endbr64_held(tmp_path: Path, prog: tuple[Path, Path, Path]) -> None:
@@ -174,12 +177,12 @@ def test_rule4_alignment_and_endbr64_held(tmp_path: Path, prog: tuple[Path, Path
     patch = extract_patch(padded, exe, ["answer"])
     [fn] = patch.functions
     assert (fn.skip, fn.patch_point % 8) == (4, 4) and patch.flags & ApplyFlag.HOLD
-    assert analyse_entry("g", 0x1005, bytes.fromhex("b801000000c3")).held
+    assert analyse_entry("g", 0x1005, bytes.fromhex("b801000000c3"), arch=X86).held
     with pytest.raises(
         ExtractError,
         match=r"rule 4, alignment\): the patch point 0x1007 is byte 7",
     ):
-        analyse_entry("g", 0x1007, bytes.fromhex("b801000000c3"))
+        analyse_entry("g", 0x1007, bytes.fromhex("b801000000c3"), arch=X86)
 
 
 def test_shared_library_reference(tmp_path: Path, prog: tuple[Path, Path, Path]) -> None:

@@ -25,7 +25,7 @@ from patchbox.format.layout import (
 from patchbox.format.model import Fixup, Function, Patch
 from patchbox.protocol.client import decode_header
 from patchbox.protocol.replies import decode_reply
-from patchbox.wire import FixupBase, FixupSection, FixupType, Msg
+from patchbox.wire import FixupBase, FixupSection, FixupType, Machine, Msg
 
 SETTINGS = settings(
     max_examples=300,
@@ -84,6 +84,7 @@ def patches(draw: st.DrawFn) -> Patch:
         data=data,
         bss_size=draw(st.integers(0, 2**32 - 1)),
         meta=draw(st.dictionaries(TEXT_STR, TEXT_STR, max_size=5)),
+        machine=draw(st.sampled_from(list(Machine))),
     )
 
 

@@ -53,7 +53,10 @@ GOLDEN: dict[str, dict[str, str]] = {
         "entry_jumps": "8ecbe703cbb822f3e2ebe014",
         "extract": "4eeea4afbd5d2e68f1271698",
         "got": "909bab8cc2f4d783a0b337fc",
-        "hooks": "814b7d11cbea6425178ace67",
+        # Its fix-ups name the agent's shadow functions at their link-time addresses: the
+        # digest moves when libsandbox.o's code before sandbox-shadow.c changes size
+        # (recorded again after the arch split of issue 22, +624 bytes; nothing else moved).
+        "hooks": "8f913cb16ef0711561ecde85",
         "jump_table": "4600464fa99c484e582da641",
         "odd_entry": "df2f10f1d82f6762d2e98e88",
         "plain_bound": "620ca9b5bab2bdb12739f325",

@@ -1,4 +1,4 @@
-"""The signal frame a borrowed thread returns through (patchbox.reach.sigframe): its
+"""The signal frame a borrowed thread returns through (patchbox.arch.x86_64_sigframe): its
 layout checked against the C headers (glibc's ucontext_t, the kernel's sigcontext and
 XSAVE sw bytes, compiled here), the restart rules of the kernel, and what a built frame
 holds where."""
@@ -12,8 +12,7 @@ from typing import Any
 
 import pytest
 
-from patchbox.reach.ptrace import Regs
-from patchbox.reach.sigframe import (
+from patchbox.arch.x86_64_sigframe import (
     FIX_EFLAGS,
     FP_XSTATE_MAGIC1,
     FP_XSTATE_MAGIC2,
@@ -26,6 +25,7 @@ from patchbox.reach.sigframe import (
     restored,
     resume_regs,
 )
+from patchbox.reach.ptrace import Regs
 
 LAYOUT = r"""
 #define _GNU_SOURCE

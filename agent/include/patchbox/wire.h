@@ -68,6 +68,12 @@
 #define PBX_SECT_TEXT 0
 #define PBX_SECT_DATA 1
 
+/* The architecture a patch is for: its ELF e_machine (docs/patch-format.md "Architecture"). u16
+ * `machine`, the apply body's last field; a body without it (written before it existed) is for
+ * X86_64. */
+#define PBX_MACHINE_X86_64 62	/* EM_X86_64 */
+#define PBX_MACHINE_AARCH64 183	/* EM_AARCH64 */
+
 /* The patch file (docs/patch-format.md). */
 #define PBX_FILE_MAGIC "PBXPATCH"	/* first field of every patch file */
 #define PBX_FILE_FORMAT_VERSION 1	/* the patch file format version this reads and writes */
@@ -157,6 +163,7 @@ enum pbx_error {
 	PBX_E_BAD_FIXUP = 25,
 	PBX_E_HOOK_FAILED = 26,
 	PBX_E_NOT_HELD = 27,
+	PBX_E_WRONG_MACHINE = 28,
 	PBX_E_COUNT_
 };
 
@@ -190,6 +197,7 @@ enum pbx_error {
 	"invalid fix-up type, base or section", \
 	"a hook of the patch refused", \
 	"the threads are not held clear of the bytes to replace", \
+	"patch is for another architecture", \
 }
 
 #endif

@@ -26,32 +26,34 @@ skipped and rule 4 requires a named reporting function (the profile's list).
 from __future__ import annotations
 
 import os
+from typing import ClassVar
 
-from capstone import CS_ARCH_X86, CS_MODE_64, Cs, CsInsn
-from capstone.x86 import X86_OP_IMM, X86_OP_REG
+from capstone import Cs, CsInsn
 
+from patchbox.arch import Arch, Disasm
 from patchbox.compare.model import CanonicalForm, RelocTarget, TargetKind
 from patchbox.profiles import Reporters
 from patchbox.sourcediff import FileChange
 
 __all__ = ["LineCheck"]
 
-_CALLS = ("call", "jmp")
 _WINDOW = 16  # instructions between a differing immediate and its call
 
 
 class LineCheck:
     """Decides whether two canonical forms differ only in moved ``__LINE__`` arguments."""
 
-    _md: Cs | None = None
+    _md: ClassVar[dict[str, Cs]] = {}  # by architecture: made once
 
     def __init__(
         self,
+        arch: Arch,
         reporters: Reporters,
         source: str | None = None,
         lines: FileChange | None = None,
         headers: dict[str, FileChange] | None = None,
     ) -> None:
+        self.arch = arch
         self.reporters = reporters
         self.source = os.path.basename(source) if source else None
         self.lines = lines
@@ -59,12 +61,12 @@ class LineCheck:
         # macro reports its own __FILE__ and __LINE__, moved by that file's change.
         self.headers = {k: v for k, v in (headers or {}).items() if k != self.source}
 
-    @classmethod
-    def disasm(cls) -> Cs:
-        if cls._md is None:
-            cls._md = Cs(CS_ARCH_X86, CS_MODE_64)
-            cls._md.detail = True
-        return cls._md
+    def disasm(self) -> Cs:
+        """Returns the disassembler of the architecture (one per architecture, kept)."""
+        md = self._md.get(self.arch.name)
+        if md is None:
+            md = self._md[self.arch.name] = self.arch.disasm.disassembler(detail=True)
+        return md
 
     def only_lines(self, a: CanonicalForm, b: CanonicalForm, function: str = "") -> str | None:
         """Returns a description of the reporting calls if ``a`` and ``b`` (canonical
@@ -84,10 +86,10 @@ class LineCheck:
         for k, (x, y) in enumerate(zip(ia, ib)):
             if x.bytes == y.bytes:
                 continue
-            pairs = _immediate_pairs(x, y)
+            pairs = _immediate_pairs(self.arch.disasm, x, y)
             if not pairs:
                 return None
-            found = _next_call(ia, k)
+            found = _next_call(self.arch, ia, k)
             if found is None:
                 return None
             call, joined = found
@@ -116,7 +118,7 @@ class LineCheck:
         inline code), that file's basename; ``joined`` is where a jump from the differing
         instruction's block landed (GCC cross-jumping: several calls sharing one), its
         instructions count as arguments too."""
-        callee = targets.get(insns[call].address + 1)
+        callee = targets.get(insns[call].address + self.arch.branches.call_field)
         named = callee is not None and callee.kind in (TargetKind.EXTERNAL, TargetKind.SYMBOL)
         name = callee.name if callee is not None and named else None
         known = name is not None and name in self.reporters
@@ -125,7 +127,9 @@ class LineCheck:
         # The arguments: from after the previous call (or the function's start) to the call,
         # or to the jump into the shared call and from its target to the call.
         first = k
-        while first > 0 and insns[first - 1].mnemonic not in _CALLS:
+        br = self.arch.branches
+        calls = br.call_mnemonics + br.jump_mnemonics
+        while first > 0 and insns[first - 1].mnemonic not in calls:
             first -= 1
         region = insns[first:call] if joined is None else insns[first : k + 1] + insns[joined:call]
         texts = [
@@ -149,7 +153,7 @@ class LineCheck:
         return None
 
 
-def _immediate_pairs(x: CsInsn, y: CsInsn) -> list[tuple[int, int]]:
+def _immediate_pairs(dis: Disasm, x: CsInsn, y: CsInsn) -> list[tuple[int, int]]:
     """Returns the (old, new) immediates of two instructions that differ only there."""
     if (x.address, x.size, x.mnemonic) != (y.address, y.size, y.mnemonic):
         return []
@@ -159,45 +163,38 @@ def _immediate_pairs(x: CsInsn, y: CsInsn) -> list[tuple[int, int]]:
     for p, q in zip(x.operands, y.operands):
         if p.type != q.type:
             return []
-        if p.type == X86_OP_IMM:
+        if p.type == dis.op_imm:
             if p.imm != q.imm:
                 pairs.append((p.imm, q.imm))
-        elif p.type == X86_OP_REG:
+        elif p.type == dis.op_reg:
             if p.reg != q.reg:
                 return []
-        elif (p.mem.base, p.mem.index, p.mem.scale, p.mem.disp) != (
-            q.mem.base,
-            q.mem.index,
-            q.mem.scale,
-            q.mem.disp,
-        ):
+        elif p.type != dis.op_mem or dis.mem_key(p) != dis.mem_key(q):
             return []
     return pairs
 
 
-def _next_call(insns: list[CsInsn], k: int) -> tuple[int, int | None] | None:
+def _next_call(arch: Arch, insns: list[CsInsn], k: int) -> tuple[int, int | None] | None:
     """Returns (index of the call that follows ``insns[k]``, index a jump led to or None):
     straight on, or through one unconditional jump inside the function (GCC's
     cross-jumping joins calls that differ only in their arguments); None if a
     conditional jump or a return comes first."""
+    br, dis = arch.branches, arch.disasm
     at = {ins.address: i for i, ins in enumerate(insns)}
     i, joined, steps = k + 1, None, 0
     while i < len(insns) and steps < _WINDOW:
         ins = insns[i]
         m = ins.mnemonic
-        if m == "call" or (m == "jmp" and _jump_target(ins) not in at):
+        jump = m in br.jump_mnemonics
+        if m in br.call_mnemonics or (jump and dis.branch_target(ins) not in at):
             return i, joined  # a call, or a tail call out of the function
-        if m == "jmp" and joined is None:
-            i = joined = at[_jump_target(ins)]  # one hop: the shared call site
+        to = dis.branch_target(ins)
+        if jump and joined is None and to is not None:
+            i = joined = at[to]  # one hop: the shared call site
             steps += 1
             continue
-        if m.startswith("j") or m.startswith("ret"):
+        if m.startswith(br.stop_prefixes):
             return None
         i += 1
         steps += 1
     return None
-
-
-def _jump_target(ins: CsInsn) -> int | None:
-    op = ins.operands[0] if ins.operands else None
-    return op.imm if op is not None and op.type == X86_OP_IMM else None

@@ -55,7 +55,6 @@ from patchbox.elf import dwarf
 from patchbox.elf.binary import Binary, SourceMatch
 from patchbox.elf.fastread import load_object
 from patchbox.elf.objfile import ObjectFile, ObjSymbol, Relocation, Section
-from patchbox.elf.reloc import get_reloc
 from patchbox.errors import ElfError
 from patchbox.profiles import GENERIC, Reporters
 from patchbox.sourcediff import FileChange
@@ -150,7 +149,7 @@ class _Side:
             rels = []
             for rel in self.relocs(sec):
                 if start <= rel.offset < end:
-                    rtype = get_reloc(rel.type)
+                    rtype = self.obj.arch.relocs.get(rel.type)
                     size = rtype.size if rtype else 4
                     o = rel.offset - start
                     data[o : o + size] = bytes(len(data[o : o + size]))
@@ -168,9 +167,13 @@ class _Side:
             return RelocTarget(TargetKind.EXTERNAL, name=sym.name, value=rel.addend)
         sec = self.obj.get_section(sym.shndx)
         base = sym.value if sym.type != "SECTION" else 0
-        rtype = get_reloc(rel.type)
-        # A rel32 field ends its instruction: the addend is the distance minus 4.
-        off = base + rel.addend + (4 if rtype is not None and rtype.pcrel else 0)
+        rtype = self.obj.arch.relocs.get(rel.type)
+        # A pc-relative addend may count from elsewhere than the field (Arch.pcrel_bias).
+        off = (
+            base
+            + rel.addend
+            + (self.obj.arch.pcrel_bias if rtype is not None and rtype.pcrel else 0)
+        )
         if sec.flags & SH_FLAGS.SHF_MERGE and not sec.is_nobits:
             if sec.flags & SH_FLAGS.SHF_STRINGS:
                 end = sec.data.find(b"\0", off)
@@ -328,7 +331,8 @@ def compare_objects(
     headers = {
         os.path.basename(k): v for k, v in (lines or {}).items() if bases[os.path.basename(k)] == 1
     }
-    cmp = _Comparison(old, new, LineCheck(reporters, source, line_map, headers))
+    check = LineCheck(patched.arch, reporters, source, line_map, headers)
+    cmp = _Comparison(old, new, check)
     for s in syms:
         cmp.symbol(s, pairs.get(s.index))
     cmp.carry_clone_callers(syms)

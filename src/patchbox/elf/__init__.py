@@ -1,2 +1,3 @@
 """ELF reading: record layouts, the reference binary, relocatable objects (fast reader and
-pyelftools reference), the x86-64 relocation table, and DWARF (inlining, declarations)."""
+pyelftools reference), thread-local facts, and DWARF (inlining, declarations). What
+differs per architecture (relocation types among them) is :mod:`patchbox.arch`'s."""

@@ -1,4 +1,4 @@
-"""The reference binary: the linked x86-64 ELF executable a running process was started from.
+"""The reference binary: the linked ELF executable a running process was started from.
 
 Gives its GNU build-id, its symbols (with the source file each local symbol came from,
 so that ``static`` functions and variables of the same name in different files can be
@@ -30,11 +30,11 @@ from elftools.common.exceptions import ELFError as _PyElfError
 from elftools.elf.elffile import ELFFile
 from elftools.elf.sections import Section, SymbolTableSection
 
+from patchbox.arch import get_arch_by_machine
 from patchbox.elf import dwarf, segments
 from patchbox.elf.buildid import read_build_id
 from patchbox.elf.objfile import ObjectFile, ObjSymbol
 from patchbox.elf.records import PT, SHN_UNDEF, SYM, cstring, sym_bind, sym_type
-from patchbox.elf.reloc import get_reloc
 from patchbox.errors import ElfError, ExtractError
 
 __all__ = [
@@ -262,24 +262,11 @@ def _file_key(path: Path) -> tuple[str, int, int, int, int] | None:
         return None
 
 
-# Relocations whose field is all the link writes; before others (GOTPCRELX, ...) the
-# linker may rewrite the instruction too (mov -> lea, call * -> addr32 call).
-_FIELD_ONLY = frozenset(
-    {
-        "R_X86_64_NONE",
-        "R_X86_64_64",
-        "R_X86_64_PC32",
-        "R_X86_64_PLT32",
-        "R_X86_64_32",
-        "R_X86_64_32S",
-    }
-)
-
-
 def _link_view(obj: ObjectFile, sym: ObjSymbol) -> tuple[bytes, list[bool]] | None:
     """Returns (bytes, mask) of ``sym`` in ``obj``: its section's bytes (zeros for bss)
-    and, per byte, whether the link fills it in (a relocation field, and the 4 bytes
-    before one the linker may relax); None if a relocation there may rewrite more (TLS)."""
+    and, per byte, whether the link fills it in (a relocation field, and the bytes
+    before one the linker may relax: ``Arch.relax_before``); None if a relocation there
+    may rewrite more (TLS)."""
     sec = obj.get_symbol_section(sym)
     start, end = sym.value, sym.value + sym.size
     data = bytes(sym.size) if sec.is_nobits else sec.data[start:end]
@@ -289,10 +276,10 @@ def _link_view(obj: ObjectFile, sym: ObjSymbol) -> tuple[bytes, list[bool]] | No
     for rel in obj.get_relocations(sec):
         if not start - 4 < rel.offset < end:
             continue
-        rtype = get_reloc(rel.type)
-        if rtype is None or "TLS" in rtype.name or "TPOFF" in rtype.name:
+        rtype = obj.arch.relocs.get(rel.type)
+        if rtype is None or rtype.is_tls:
             return None
-        lo = rel.offset if rtype.name in _FIELD_ONLY else rel.offset - 4
+        lo = rel.offset if rtype.field_only else rel.offset - obj.arch.relax_before
         for at in range(max(lo, start), min(rel.offset + rtype.size, end)):
             mask[at - start] = True
     return data, mask
@@ -307,7 +294,8 @@ def _of(sym: Symbol, source: str | SourceMatch) -> bool:
 
 
 class Binary:
-    """A linked x86-64 ELF executable read with pyelftools (the *reference binary*)."""
+    """A linked ELF executable read with pyelftools (the *reference binary*); ``arch``
+    is its architecture, from ``e_machine``."""
 
     def __init__(self, path: str | Path, symbols: str | Path | None = None) -> None:
         """Opens ``path``. Its symbols (and DWARF) come from ``symbols`` (an unstripped
@@ -322,8 +310,8 @@ class Binary:
             symtab = self.elf.get_section_by_name(".symtab")
         except (_PyElfError, ValueError, OSError) as err:
             raise ElfError(f"{self.path}: not a readable ELF file: {err}") from err
-        if machine != "EM_X86_64":
-            raise ElfError(f"{self.path}: not an x86-64 binary ({machine})")
+        #: the architecture of the binary (:class:`patchbox.arch.Arch`)
+        self.arch = get_arch_by_machine(machine, str(self.path))
         if etype not in ("ET_EXEC", "ET_DYN"):
             raise ElfError(f"{self.path}: not a linked executable ({etype})")
         #: the program headers (:mod:`patchbox.elf.segments`)

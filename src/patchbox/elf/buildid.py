@@ -29,7 +29,7 @@ def _align(n: int, a: int) -> int:
 
 
 def read_build_id(path: str | os.PathLike[str]) -> bytes | None:
-    """Returns the GNU build-id of the ELF file ``path`` (x86-64, ELF64 LE), None if it
+    """Returns the GNU build-id of the ELF file ``path`` (ELF64 LE), None if it
     has none; raises ElfError if it is not such a file or cannot be read."""
     try:
         with open(path, "rb") as f:

@@ -43,7 +43,6 @@ from elftools.dwarf.dwarfinfo import DWARFInfo
 from elftools.elf.elffile import ELFFile
 
 from patchbox.elf.fastread import load_object
-from patchbox.elf.reloc import get_reloc
 from patchbox.errors import ElfError
 
 __all__ = [
@@ -64,9 +63,6 @@ _CODE_SCOPES = ("DW_TAG_lexical_block", "DW_TAG_inlined_subroutine", "DW_TAG_sub
 _CONTAINERS = ("DW_TAG_namespace", "DW_TAG_module")  # may hold definitions (C++, Fortran)
 _DWARF5 = 5  # the version from which the line table's file numbers count from 0
 _LTO_CU = "<artificial>"  # GCC's LTO units: they may inline statics of any file
-# The relocations GCC emits in .debug_* sections of an object: S + A (- P), applied by
-# object_dwarf; others there (thread-local offsets) are left as they are.
-_DEBUG_RELOCS = frozenset({"R_X86_64_64", "R_X86_64_32", "R_X86_64_32S", "R_X86_64_PC32"})
 
 
 @dataclass(frozen=True)
@@ -281,9 +277,10 @@ def object_dwarf(path: str | os.PathLike[str]) -> DWARFInfo | None:
 
     pyelftools relocates debug sections through its construct-based reader, which costs
     more than a second on a QEMU object; this applies the (few kinds of) relocations
-    GCC emits there (:data:`_DEBUG_RELOCS`, sizes and pc-relativity from
-    :mod:`patchbox.elf.reloc`) with the fast reader's tables, then lets pyelftools read
-    the result unrelocated.
+    GCC emits there (S + A (- P): the types ``RelocType.debug`` marks in the object's
+    architecture, :mod:`patchbox.arch`; others there, thread-local offsets, are left as
+    they are) with the fast reader's tables, then lets pyelftools read the result
+    unrelocated.
     """
     obj = load_object(Path(path))
     raw = bytearray(obj.path.read_bytes())
@@ -293,14 +290,14 @@ def object_dwarf(path: str | os.PathLike[str]) -> DWARFInfo | None:
     for index, sec in debug.items():
         base = sec.offset
         for rel in obj.relocations.get(index, []):
-            rtype = get_reloc(rel.type)
-            if rtype is None or rtype.name not in _DEBUG_RELOCS:
+            rtype = obj.arch.relocs.get(rel.type)
+            if rtype is None or not rtype.debug:
                 continue
             size = rtype.size
             if rel.offset + size > sec.size:
                 continue
             value = rel.symbol.value + rel.addend
-            if rtype.pcrel:  # PC32: rare in debug sections
+            if rtype.pcrel:  # rare in debug sections
                 value -= rel.offset
             raw[base + rel.offset : base + rel.offset + size] = (
                 value & ((1 << (8 * size)) - 1)
@@ -382,7 +379,7 @@ def _origin_name(die: DIE | None) -> str | None:
 # -- compile units' full paths ---------------------------------------------------------
 
 _DW_OP_ADDR = 0x03
-_ADDRESS_SIZE = 8  # bytes of an address on x86-64 (DW_OP_addr's operand, aranges' tuples)
+_ADDRESS_SIZE = 8  # bytes of an address on a 64-bit target (DW_OP_addr's operand, aranges' tuples)
 _DWARF64_ESCAPE = 0xFFFFFFFF  # a unit length of this value: the 64-bit DWARF format
 _OBJECT_PATHS_KEPT = 4096  # objects' compile-unit paths remembered at most
 _OBJECT_PATHS: dict[tuple[str, int, int], str | None] = {}

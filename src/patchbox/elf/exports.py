@@ -16,6 +16,7 @@ import subprocess
 from functools import lru_cache
 from pathlib import Path
 
+from patchbox.arch import Arch, get_arch_by_machine
 from patchbox.elf.records import (
     DT,
     SH_LINK,
@@ -36,14 +37,18 @@ from patchbox.errors import ElfError
 
 __all__ = ["Libraries", "program_libraries", "dynamic_exports", "dynamic_needs"]
 
-_DEFAULT_DIRS = (
-    "/lib/x86_64-linux-gnu",
-    "/usr/lib/x86_64-linux-gnu",
-    "/lib64",
-    "/usr/lib64",
-    "/lib",
-    "/usr/lib",
-)
+
+def _default_dirs(arch: Arch) -> tuple[str, ...]:
+    """Returns the directories the loader searches last for ``arch`` (Debian's multiarch
+    directories first)."""
+    return (
+        f"/lib/{arch.multiarch}",
+        f"/usr/lib/{arch.multiarch}",
+        "/lib64",
+        "/usr/lib64",
+        "/lib",
+        "/usr/lib",
+    )
 
 
 def _sections(raw: bytes, what: str) -> list[tuple[int, ...]]:
@@ -98,8 +103,10 @@ def dynamic_needs(path: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
     return tuple(needed), tuple(dirs)
 
 
-@lru_cache(maxsize=1)
-def _ldconfig_cache() -> dict[str, str]:
+@lru_cache(maxsize=4)
+def _ldconfig_cache(tag: str) -> dict[str, str]:
+    """Returns {soname: path} of ``ldconfig -p`` for libraries marked ``tag``
+    (``Arch.ldconfig_tag``)."""
     try:
         out = subprocess.run(
             ["ldconfig", "-p"], capture_output=True, text=True, timeout=30, check=False
@@ -109,7 +116,7 @@ def _ldconfig_cache() -> dict[str, str]:
     cache: dict[str, str] = {}
     for line in out.splitlines()[1:]:
         name, _, rest = line.strip().partition(" ")
-        if "x86-64" in rest and "=>" in rest:
+        if tag in rest and "=>" in rest:
             cache.setdefault(name, rest.split("=>", 1)[1].strip())
     return cache
 
@@ -126,17 +133,17 @@ class Libraries:
         return any(name in dynamic_exports(p) for p in self.paths)
 
 
-def _find(soname: str, dirs: tuple[str, ...]) -> str | None:
+def _find(soname: str, dirs: tuple[str, ...], arch: Arch) -> str | None:
     if "/" in soname:
         return soname if os.path.isfile(soname) else None
     for d in dirs:
         cand = os.path.join(d, soname)
         if os.path.isfile(cand):
             return cand
-    cached = _ldconfig_cache().get(soname)
+    cached = _ldconfig_cache(arch.ldconfig_tag).get(soname)
     if cached and os.path.isfile(cached):
         return cached
-    for d in _DEFAULT_DIRS:
+    for d in _default_dirs(arch):
         cand = os.path.join(d, soname)
         if os.path.isfile(cand):
             return cand
@@ -148,6 +155,12 @@ def program_libraries(binary: str | os.PathLike[str]) -> Libraries:
     seen: dict[str, str] = {}
     missing: list[str] = []
     todo = [os.fspath(binary)]
+    try:
+        with open(binary, "rb") as f:
+            head = f.read(64)
+        arch = get_arch_by_machine(read_ehdr(head, todo[0])["e_machine"], todo[0])
+    except (OSError, ElfError):
+        return Libraries([], [])
     while todo:
         current = todo.pop()
         try:
@@ -157,7 +170,7 @@ def program_libraries(binary: str | os.PathLike[str]) -> Libraries:
         for soname in needed:
             if soname in seen or soname in missing:
                 continue
-            found = _find(soname, dirs)
+            found = _find(soname, dirs, arch)
             if found is None:
                 missing.append(soname)
                 continue

@@ -1,4 +1,4 @@
-"""The reader of x86-64 relocatable objects (``.o``) into :class:`ObjectFile`: patchbox's
+"""The reader of relocatable objects (``.o``) into :class:`ObjectFile`: patchbox's
 one object reader.
 
 Why a hand-written reader, not pyelftools or LIEF: speed. `patchbox build` reads every
@@ -22,9 +22,9 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
+from patchbox.arch import Arch, get_arch_by_machine
 from patchbox.elf.objfile import ObjectFile, ObjSymbol, Relocation, Section
 from patchbox.elf.records import (
-    EM_X86_64,
     ET,
     RELA,
     SH_ALIGN,
@@ -66,19 +66,20 @@ NAME, TYPE, FLAGS, OFFSET, SIZE, LINK, INFO, ALIGN = (
 
 def load_object(path: str | Path) -> ObjectFile:
     """Returns the object at ``path``; raises ElfError if it is unreadable, truncated or
-    not an x86-64 relocatable object."""
+    not a relocatable object of an architecture patchbox knows."""
     path = Path(path)
     try:
         raw = path.read_bytes()
     except OSError as err:
         raise ElfError(f"cannot read object file {path}: {err.strerror}") from err
     f = _File(raw, path)
-    hdrs, shstrndx = _section_headers(f)
-    sections = _sections(f, hdrs, shstrndx)
+    arch, hdrs, shstrndx = _section_headers(f)
+    sections = _sections(f, hdrs, shstrndx, arch)
     symtab_idx, symbols, source = _symbols(f, hdrs, sections)
     relocs = _relocations(f, hdrs, symtab_idx, symbols)
     return ObjectFile(
         path=path,
+        arch=arch,
         sections=sections,
         symbols=symbols,
         relocations={k: v for k, v in relocs.items() if v},
@@ -107,15 +108,12 @@ class _File:
         return self.raw[h[OFFSET] : h[OFFSET] + h[SIZE]]
 
 
-def _section_headers(f: _File) -> tuple[list[tuple[int, ...]], int]:
-    """Returns (the section headers, the index of the section name table) of an x86-64
-    relocatable object; raises ElfError for any other file."""
+def _section_headers(f: _File) -> tuple[Arch, list[tuple[int, ...]], int]:
+    """Returns (the architecture, the section headers, the index of the section name
+    table) of a relocatable object; raises ElfError for any other file."""
     path, raw, what = f.path, f.raw, f.what
     ehdr = read_ehdr(raw, what)
-    if ehdr["e_machine"] != EM_X86_64:
-        raise ElfError(
-            f"{path}: not an x86-64 object ({enum_name('e_machine', ehdr['e_machine'])})"
-        )
+    arch = get_arch_by_machine(enum_name("e_machine", ehdr["e_machine"]), str(path))
     if ehdr["e_type"] != ET["REL"]:
         raise ElfError(
             f"{path}: not a relocatable object ({enum_name('e_type', ehdr['e_type'])}); "
@@ -132,10 +130,10 @@ def _section_headers(f: _File) -> tuple[list[tuple[int, ...]], int]:
     hdrs = list(SHDR.iter_table(raw, shoff, shnum * SHDR.size, what))
     if not 0 <= shstrndx < len(hdrs):
         raise ElfError(f"{path}: section name table index {shstrndx} out of range")
-    return hdrs, shstrndx
+    return arch, hdrs, shstrndx
 
 
-def _sections(f: _File, hdrs: list[tuple[int, ...]], shstrndx: int) -> list[Section]:
+def _sections(f: _File, hdrs: list[tuple[int, ...]], shstrndx: int, arch: Arch) -> list[Section]:
     """Returns the sections of ``hdrs``, named from the section name table."""
     shstr = f.contents(hdrs[shstrndx], "section name table")
     sections = []
@@ -145,7 +143,7 @@ def _sections(f: _File, hdrs: list[tuple[int, ...]], shstrndx: int) -> list[Sect
             Section(
                 index=i,
                 name=name,
-                type=section_type(h[TYPE]),
+                type=section_type(h[TYPE], arch),
                 flags=h[FLAGS],
                 size=h[SIZE],
                 align=max(1, h[ALIGN]),
@@ -221,7 +219,7 @@ def _relocations(
     relocs: dict[int, list[Relocation]] = defaultdict(list)
     for h in hdrs:
         if h[TYPE] == SHT["REL"]:
-            raise ElfError(f"{path}: REL relocation section (x86-64 uses RELA)")
+            raise ElfError(f"{path}: REL relocation section (patchbox reads RELA only)")
         if h[TYPE] != SHT["RELA"] or h[LINK] != symtab_idx:
             continue
         target = relocs[h[INFO]]

@@ -1,4 +1,5 @@
-"""A relocatable x86-64 object file (``.o``): sections, symbols, RELA relocations.
+"""A relocatable ELF object file (``.o``): sections, symbols, RELA relocations, and the
+architecture it is for (:class:`patchbox.arch.Arch`, from its ``e_machine``).
 
 Everything is read once into plain dataclasses; the file is not kept open. One reader
 fills them: :func:`patchbox.elf.fastread.load_object` (tests compare what it reads with
@@ -12,6 +13,7 @@ from pathlib import Path
 
 from elftools.elf.constants import SH_FLAGS
 
+from patchbox.arch import Arch
 from patchbox.elf.records import SHN_ABS, SHN_COMMON, SHN_UNDEF
 from patchbox.errors import ElfError
 
@@ -108,9 +110,10 @@ class Relocation:
 
 @dataclass
 class ObjectFile:
-    """A relocatable x86-64 ELF object read into memory."""
+    """A relocatable ELF object read into memory."""
 
     path: Path
+    arch: Arch
     sections: list[Section]
     symbols: list[ObjSymbol]
     relocations: dict[int, list[Relocation]] = field(default_factory=dict)

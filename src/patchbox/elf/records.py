@@ -21,12 +21,12 @@ from elftools.elf.enums import (
     ENUM_E_MACHINE,
     ENUM_E_TYPE,
     ENUM_P_TYPE_BASE,
-    ENUM_SH_TYPE_AMD64,
     ENUM_SH_TYPE_BASE,
     ENUM_ST_INFO_BIND,
     ENUM_ST_INFO_TYPE,
 )
 
+from patchbox.arch import Arch
 from patchbox.errors import ElfError
 
 __all__ = [
@@ -50,7 +50,6 @@ __all__ = [
     "PT",
     "DT",
     "ET",
-    "EM_X86_64",
     "iter_dynamic",
     "sym_type",
     "sym_bind",
@@ -91,7 +90,6 @@ SHT = _numbers(ENUM_SH_TYPE_BASE, "SHT_")
 PT = _numbers(ENUM_P_TYPE_BASE, "PT_")
 DT = _numbers(ENUM_D_TAG_COMMON, "DT_")
 ET = _numbers(ENUM_E_TYPE, "ET_")
-EM_X86_64 = ENUM_E_MACHINE["EM_X86_64"]
 
 # e_ident: the magic, then EI_CLASS (ELFCLASS64) and EI_DATA (ELFDATA2LSB).
 ELFMAG = b"\x7fELF"
@@ -204,9 +202,7 @@ def iter_dynamic(buf: bytes, offset: int, size: int, what: str) -> Iterator[tupl
 _TYPES = {v: k.removeprefix("STT_") for k, v in ENUM_ST_INFO_TYPE.items() if isinstance(v, int)}
 _BINDS = {v: k.removeprefix("STB_") for k, v in ENUM_ST_INFO_BIND.items() if isinstance(v, int)}
 _SH_TYPES = {
-    v: k
-    for k, v in {**ENUM_SH_TYPE_BASE, **ENUM_SH_TYPE_AMD64}.items()
-    if isinstance(v, int) and k.startswith("SHT_")
+    v: k for k, v in ENUM_SH_TYPE_BASE.items() if isinstance(v, int) and k.startswith("SHT_")
 }
 
 
@@ -226,14 +222,16 @@ def sym_bind(st_info: int) -> str:
 
 def enum_name(enum: str, value: int) -> str:
     """Returns pyelftools' name of ``value`` in the ELF header enumeration ``enum``
-    (``e_type``: ``ET_EXEC``; ``e_machine``: ``EM_386``), else the number."""
+    (``e_type``: ``ET_EXEC``, ``ET_DYN``), else the number."""
     table = {"e_type": ENUM_E_TYPE, "e_machine": ENUM_E_MACHINE}[enum]
     return next((k for k, v in table.items() if v == value and k[:3] in ("ET_", "EM_")), str(value))
 
 
-def section_type(sh_type: int) -> str | int:
-    """Returns the section type name pyelftools gives (``SHT_PROGBITS``), or the number."""
-    return _SH_TYPES.get(sh_type, sh_type)
+def section_type(sh_type: int, arch: Arch) -> str | int:
+    """Returns the section type name pyelftools gives (``SHT_PROGBITS``; a
+    processor-specific one of ``arch``), or the number."""
+    name = _SH_TYPES.get(sh_type)
+    return name if name is not None else arch.section_types.get(sh_type, sh_type)
 
 
 def cstring(buf: bytes, offset: int) -> str:

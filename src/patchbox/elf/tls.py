@@ -5,15 +5,18 @@ code does (docs/decisions.md, "Thread-local variables"); what that takes is read
 from the reference binary, never from the running process:
 
 - its TLS segment (``PT_TLS``): in an executable, the offset of a variable from the
-  thread pointer is a link-time constant (x86-64 variant II: the executable's block ends
-  at the thread pointer, so ``tp_offset(v) = st_value - round_up(p_memsz, p_align)``,
-  what ld writes into the executable's own code);
+  thread pointer is a link-time constant, what ld writes into the executable's own
+  code: in variant II the executable's block ends at the thread pointer, so
+  ``tp_offset(v) = st_value - round_up(p_memsz, p_align)``; in variant I it starts
+  after the thread control block, ``tp_offset(v) = round_up(tcb_size, p_align) +
+  st_value`` (which variant, and the names of the relocations below, are the binary's
+  architecture's: ``Arch.tls``, :mod:`patchbox.arch`);
 - the GOT entries the dynamic loader fills for it (``.rela.dyn``, ``.rela.plt``): a
-  ``R_X86_64_TPOFF64`` slot (initial-exec: the variable's offset from the thread
-  pointer), a ``R_X86_64_DTPMOD64`` pair (general- and local-dynamic: the module id and
-  the offset in the module's block, what ``__tls_get_addr`` takes) and a
-  ``R_X86_64_TLSDESC`` descriptor. In a shared library the module id and the offsets are
-  known only at run time; these entries are where the loader put them.
+  TP-offset slot (``tpoff``, initial-exec: the variable's offset from the thread
+  pointer), a module-id pair (``dtpmod`` + ``dtpoff``, general- and local-dynamic: the
+  module id and the offset in the module's block, what ``__tls_get_addr`` takes) and a
+  descriptor (``desc``). In a shared library the module id and the offsets are known
+  only at run time; these entries are where the loader put them.
 
 Each kind of entry is found by the variable's name (a relocation against its dynamic
 symbol: the loader binds it as the binary's own code does, interposition included) or,
@@ -28,18 +31,14 @@ from dataclasses import dataclass, field
 
 from elftools.common.exceptions import ELFError
 
+from patchbox.arch import TlsFacts
 from patchbox.elf.binary import Binary
 from patchbox.elf.records import PT, RELA, SYM, cstring
-from patchbox.elf.reloc import RELOC_TYPES
 from patchbox.errors import ElfError
 
 __all__ = ["TlsSlots", "TlsImage", "read_tls"]
 
 _SHF_ALLOC = 0x2
-_DTPMOD64 = RELOC_TYPES["R_X86_64_DTPMOD64"].number
-_DTPOFF64 = RELOC_TYPES["R_X86_64_DTPOFF64"].number
-_TPOFF64 = RELOC_TYPES["R_X86_64_TPOFF64"].number
-_TLSDESC = RELOC_TYPES["R_X86_64_TLSDESC"].number
 
 
 @dataclass(frozen=True)
@@ -67,14 +66,17 @@ class TlsImage:
 
     memsz: int  # PT_TLS p_memsz (0: the binary has no TLS segment)
     align: int  # PT_TLS p_align
-    tpoff: TlsSlots  # R_X86_64_TPOFF64: 8-byte offset from the thread pointer
-    pairs: TlsSlots  # R_X86_64_DTPMOD64 (+ DTPOFF64): 16-byte {module id, offset}
-    descriptors: TlsSlots  # R_X86_64_TLSDESC: 16-byte {resolver, argument}
+    tpoff: TlsSlots  # TlsFacts.tpoff: 8-byte offset from the thread pointer
+    pairs: TlsSlots  # TlsFacts.dtpmod (+ dtpoff): 16-byte {module id, offset}
+    descriptors: TlsSlots  # TlsFacts.desc: 16-byte {resolver, argument}
+    facts: TlsFacts  # the architecture's: variant, relocation names
 
     def tp_offset(self, offset: int) -> int:
         """Returns the offset from the thread pointer of the executable's variable at
-        ``offset`` of its TLS block (variant II; meaningless for a shared library)."""
+        ``offset`` of its TLS block (meaningless for a shared library)."""
         align = max(1, self.align)
+        if self.facts.variant == 1:
+            return -(-self.facts.tcb_size // align) * align + offset
         return offset - -(-self.memsz // align) * align
 
     @property
@@ -96,6 +98,7 @@ def _dynamic_relocations(binary: Binary) -> list[tuple[int, int, str | None, int
 
 def _read_dynamic_relocations(binary: Binary) -> list[tuple[int, int, str | None, int]]:
     elf = binary.elf
+    kinds = _kinds(binary)
     out = []
     for sec in elf.iter_sections():
         if sec["sh_type"] != "SHT_RELA" or not sec["sh_flags"] & _SHF_ALLOC:
@@ -105,7 +108,7 @@ def _read_dynamic_relocations(binary: Binary) -> list[tuple[int, int, str | None
         rows = [
             r
             for r in RELA.iter_table(raw, 0, len(raw) - len(raw) % RELA.size, what)
-            if r[1] & 0xFFFFFFFF in (_DTPMOD64, _DTPOFF64, _TPOFF64, _TLSDESC)
+            if r[1] & 0xFFFFFFFF in kinds
         ]
         if not rows:
             continue
@@ -127,19 +130,21 @@ def read_tls(binary: Binary) -> TlsImage:
     """Returns the TLS segment and the loader-filled TLS GOT entries of ``binary``."""
     tls = next((s for s in binary.segments if s.p_type == PT["TLS"]), None)
     relocs = _dynamic_relocations(binary)
-    dtpoff = {off: (name, addend) for t, off, name, addend in relocs if t == _DTPOFF64}
+    facts = binary.arch.tls
+    dtpmod_, dtpoff_, tpoff_, desc_ = _kinds(binary)
+    dtpoff = {off: (name, addend) for t, off, name, addend in relocs if t == dtpoff_}
     tpoff: tuple[dict[str, int], dict[int, int]] = ({}, {})
     pairs: tuple[dict[str, int], dict[int, int]] = ({}, {})
     descs: tuple[dict[str, int], dict[int, int]] = ({}, {})
     for rtype, off, name, addend in relocs:
-        if rtype == _TPOFF64:
+        if rtype == tpoff_:
             _add(tpoff, name, addend, off)
-        elif rtype == _TLSDESC:
+        elif rtype == desc_:
             _add(descs, name, addend, off)
-        elif rtype == _DTPMOD64:
+        elif rtype == dtpmod_:
             second = dtpoff.get(off + 8)
             if name is not None:
-                # A pair for a symbol: its second word is the loader's DTPOFF64 of it.
+                # A pair for a symbol: its second word is the loader's dtpoff of it.
                 if second is not None and second[0] == name:
                     _add(pairs, name, 0, off)
             elif second is not None:
@@ -156,6 +161,19 @@ def read_tls(binary: Binary) -> TlsImage:
         tpoff=TlsSlots(*tpoff),
         pairs=TlsSlots(*pairs),
         descriptors=TlsSlots(*descs),
+        facts=facts,
+    )
+
+
+def _kinds(binary: Binary) -> tuple[int, int, int, int]:
+    """Returns the numbers of the (dtpmod, dtpoff, tpoff, desc) relocations of
+    ``binary``'s architecture."""
+    facts, r = binary.arch.tls, binary.arch.relocs
+    return (
+        r[facts.dtpmod].number,
+        r[facts.dtpoff].number,
+        r[facts.tpoff].number,
+        r[facts.desc].number,
     )
 
 

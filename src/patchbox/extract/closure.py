@@ -38,17 +38,12 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from capstone import CS_ARCH_X86, CS_GRP_CALL, CS_GRP_JUMP, CS_MODE_64, Cs
-from capstone.x86 import X86_OP_IMM
-
-from patchbox import wire as C
+from patchbox.arch import TLS_MODELS, Arch, Recipe, RelocType
 from patchbox.elf.binary import Binary, Symbol
 from patchbox.elf.objfile import ObjSymbol, Relocation, Section
-from patchbox.elf.reloc import TLS_MODELS, Recipe, RelocType, get_reloc_type
 from patchbox.elf.tls import TlsImage, read_tls
 from patchbox.errors import ExtractError, UnsupportedRelocation
 from patchbox.extract.model import (
-    ENTRY,
     Binding,
     BoundBranch,
     Closure,
@@ -62,12 +57,6 @@ from patchbox.extract.tls import TlsVariable, reach_tls
 __all__ = ["ORIGINAL_PREFIX", "close", "is_branch", "where", "target_name"]
 
 ORIGINAL_PREFIX = "patchbox_original_"  # PATCHBOX_ORIGINAL(fn), agent/include/patchbox/patch.h
-# x86-64 opcodes before a rel32: call (e8), jmp (e9), and jcc (0f 80..8f); the size of
-# the shortest branch with a rel32 (jmp, 5 bytes).
-_REL32_OPCODES = (0xE8, 0xE9)
-_TWO_BYTE_ESCAPE = b"\x0f"
-_JCC_REL32 = range(0x80, 0x90)
-_JMP_REL32_SIZE = 5
 _STATIC_LOCAL = re.compile(r"^(?P<base>.+)\.(?P<n>\d+)$")  # GCC's `counter.0`
 
 
@@ -86,17 +75,10 @@ def close(members: Sequence[Member], binary: Binary) -> tuple[Closure, ...]:
     return tuple(s.closure() for s in group)
 
 
-def is_branch(sec: Section, rel: Relocation) -> bool:
-    """Returns True if ``rel`` is the rel32 of a call, jmp or jcc."""
-    code, o = sec.data, rel.offset
-    return (
-        sec.is_exec
-        and o >= 1
-        and (
-            code[o - 1] in _REL32_OPCODES
-            or (code[o - 2 : o - 1] == _TWO_BYTE_ESCAPE and code[o - 1] in _JCC_REL32)
-        )
-    )
+def is_branch(arch: Arch, sec: Section, rel: Relocation) -> bool:
+    """Returns True if ``rel`` is the field of a direct call or jump of code ``sec``
+    (``Branches.is_branch_field`` of ``arch``, the object's)."""
+    return sec.is_exec and arch.branches.is_branch_field(sec.data, rel.offset)
 
 
 def where(sec: Section, rel: Relocation) -> str:
@@ -196,7 +178,9 @@ class _Search:
                     self.scanned.add((sec.index, a, b))
                     self._bind_internal_branches(sec, a, b)
             for rel in self._live_relocations(sec):
-                rtype = get_reloc_type(rel.type, where(sec, rel), target_name(rel.symbol))
+                rtype = self.obj.arch.relocs.get_carried(
+                    rel.type, where(sec, rel), target_name(rel.symbol)
+                )
                 if rtype.recipe in TLS_MODELS:
                     self.resolved[_key(sec.index, rel)] = self._resolve_tls(sec, rel, rtype)
                 elif rtype.recipe is not Recipe.NONE:
@@ -230,36 +214,36 @@ class _Search:
         function, a local label) to the program's function, or copies that function where
         the program lacks it."""
         fields = {r.offset for r in self.obj.get_relocations(sec)}
-        md = Cs(CS_ARCH_X86, CS_MODE_64)
-        md.detail = True
-        for insn in md.disasm(sec.data[start:end], start):
-            if not (insn.group(CS_GRP_JUMP) or insn.group(CS_GRP_CALL)) or not insn.operands:
-                continue
-            op = insn.operands[0]
-            if op.type != X86_OP_IMM or start <= op.imm < end:
-                continue  # indirect, or inside the function itself
-            field = insn.address + insn.size - 4
+        arch = self.obj.arch
+        dis = arch.disasm
+        for insn in dis.disassembler(detail=True).disasm(sec.data[start:end], start):
+            to = dis.branch_target(insn)
+            if to is None or start <= to < end:
+                continue  # not a direct branch, or inside the function itself
+            field = insn.address + insn.size - 4  # the 32-bit field ends the instruction
             if field in fields:
                 continue  # a relocation says where it goes: _resolve() binds it
-            fn = self._function_at(sec, op.imm)
+            fn = self._function_at(sec, to)
             at = f"{sec.name}+{insn.address:#x}"
             if fn is None:
                 raise ExtractError(
-                    f"{self.obj.path}: the {insn.mnemonic} at {at} goes to {op.imm:#x} of "
+                    f"{self.obj.path}: the {insn.mnemonic} at {at} goes to {to:#x} of "
                     f"{sec.name}, outside any function: compile with -ffunction-sections "
                     f"(`patchbox config --cflags`)"
                 )
             orig = self._program_function(sec, fn, at)
             if orig is None:
                 self.copy_function(sec, fn.value)  # new: the relative branch stays right
-            elif insn.size < _JMP_REL32_SIZE:  # jmp/jcc rel8: no room for the program's address
+            elif (
+                insn.size < arch.branches.jump_len
+            ):  # a short form: no room for the program's address
                 raise ExtractError(
                     f"{self.obj.path}: the short {insn.mnemonic} at {at} goes to {fn.name}, "
                     f"which the running program has and the patch must reach there: a short "
                     f"branch cannot; compile with -ffunction-sections (`patchbox config --cflags`)"
                 )
             else:
-                self.bound.append(BoundBranch(sec.index, field, orig.address + op.imm - fn.value))
+                self.bound.append(BoundBranch(sec.index, field, orig.address + to - fn.value))
 
     def _program_function(self, sec: Section, fn: ObjSymbol, at: str) -> Symbol | None:
         """Returns the running program's ``fn`` (a function sharing a replaced function's
@@ -385,11 +369,11 @@ class _Search:
         """Returns the target of ``rel`` into shared code section ``target_sec``: within a
         live function, the copy; another function, the program's (copied if it lacks it)."""
         pointed = value + rel.addend
-        rtype = get_reloc_type(rel.type, where(sec, rel), target_name(rel.symbol))
+        rtype = self.obj.arch.relocs.get_carried(rel.type, where(sec, rel), target_name(rel.symbol))
         if rel.symbol.type == "FUNC":
             pointed = value  # the symbol names the function; the addend is the field's
         elif rtype.pcrel:
-            pointed += 4  # a call, jmp or lea: the displacement ends the instruction
+            pointed += self.obj.arch.pcrel_bias  # where the field is, against where it counts from
         fn = self._function_at(target_sec, pointed)
         if fn is None:
             raise ExtractError(
@@ -422,8 +406,9 @@ class _Search:
         """Returns the program's own ``fn`` past its entry NOPs for ``patchbox_original_<fn>``
         (PATCHBOX_ORIGINAL, docs/redirect.md "Calling the original"); None for other names.
 
-        Entry + 2 is the original body: the redirect is published at the entry, so a call
-        there is never redirected, whatever patch is applied or removed later.
+        Entry + ``EntryLayout.at`` (past the NOPs at the symbol) is the original body: the
+        redirect is published at the entry, so a call there is never redirected, whatever
+        patch is applied or removed later.
         """
         if not name.startswith(ORIGINAL_PREFIX):
             return None
@@ -435,12 +420,14 @@ class _Search:
                 f"{name}: {self.bin.path} has no function {fn!r} (global, or "
                 f"static in the patched file) for PATCHBOX_ORIGINAL"
             )
-        if self.bin.read(orig.address - C.ENTRY_PAD, len(ENTRY)) != ENTRY:
+        entry = self.bin.arch.entry
+        if self.bin.read(orig.address - entry.pad, len(entry.nops)) != entry.nops:
             raise ExtractError(
                 f"{name}: {fn} at {orig.address:#x} has no patchable entry "
-                f"(6+2 NOPs), so its body does not start at entry+2"
+                f"({entry.pad // len(entry.nop)}+{entry.at // len(entry.nop)} NOPs), so its "
+                f"body does not start at entry+{entry.at}"
             )
-        return Target(TargetKind.EXE, orig.address + C.ENTRY_NOPS)
+        return Target(TargetKind.EXE, orig.address + entry.at)
 
     def _exe_section_base(
         self, target: Section, sym: ObjSymbol, sec: Section, rel: Relocation
@@ -514,7 +501,9 @@ class _Search:
         for index in self.copied:
             sec = self.obj.get_section(index)
             for rel in self._live_relocations(sec):
-                rtype = get_reloc_type(rel.type, where(sec, rel), target_name(rel.symbol))
+                rtype = self.obj.arch.relocs.get_carried(
+                    rel.type, where(sec, rel), target_name(rel.symbol)
+                )
                 if rtype.recipe is Recipe.NONE:
                     continue
                 found = self.resolved[_key(index, rel)]
@@ -550,8 +539,8 @@ class _Search:
             pointed = tgt.value
         elif rtype.recipe is Recipe.ABS64:
             pointed = tgt.value + rel.addend
-        elif rtype.recipe is Recipe.PCREL and not is_branch(sec, rel):
-            pointed = tgt.value + rel.addend + 4
+        elif rtype.recipe is Recipe.PCREL and not is_branch(self.obj.arch, sec, rel):
+            pointed = tgt.value + rel.addend + self.obj.arch.pcrel_bias
         else:
             return tgt
         return Target(TargetKind.EXE, orig - entry + tgt.value) if pointed == entry else tgt

@@ -43,7 +43,6 @@ from patchbox.extract.closure import close
 from patchbox.extract.emit import emit, layout, new_symbols
 from patchbox.extract.inlined import check_inlined
 from patchbox.extract.model import (
-    INT3,
     Closure,
     Contribution,
     Emitted,
@@ -143,10 +142,10 @@ def _combine(
     tbase, dbase = [], []
     bss_size = 0
     for k, (out, lay) in enumerate(zip(emitted, layouts, strict=True)):
-        align(text, 16, INT3)
+        align(text, 16, binary.arch.entry.fill)
         tbase.append(len(text))
         text += out.text
-        align(data, 16, 0)
+        align(data, 16)
         dbase.append(len(data))
         data += out.data
         if k == len(members) - 1:

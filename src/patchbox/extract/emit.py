@@ -2,9 +2,10 @@
 bytes and fix-ups. Neither finds anything: the closure (:mod:`patchbox.extract.closure`)
 already says what is copied and where every relocation goes.
 
-Text layout of one member: replaced functions (each its whole section with its own 6+2
-NOP entry, 16-aligned), other copied functions, copied read-only data (16-aligned),
-import stubs (16 bytes each: ``ff 25 00000000`` + 8-byte slot + 2 × int3), GOT slots
+Text layout of one member: replaced functions (each its whole section with its own
+patchable entry, 16-aligned), other copied functions, copied read-only data (16-aligned),
+import stubs (``Branches.stub`` of the object's architecture: an indirect jump through the
+8-byte slot at ``stub_slot``, ``stub_size`` bytes in all), GOT slots
 (8 bytes each: an address, or an executable's thread-local offset). Thread-local offsets
 known at build time (local-exec, local-dynamic's offset in the block) are written into
 the code itself. Data: copied writable data, then bss (only its size is stored).
@@ -15,12 +16,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from patchbox.arch import Arch, Recipe, RelocType
 from patchbox.elf.objfile import Relocation, Section
-from patchbox.elf.reloc import Recipe, RelocType
 from patchbox.errors import UnsupportedRelocation
 from patchbox.extract.closure import is_branch, where
 from patchbox.extract.model import (
-    INT3,
     Binding,
     Closure,
     Emitted,
@@ -35,38 +35,35 @@ from patchbox.extract.model import (
 from patchbox.format.model import Fixup
 from patchbox.wire import FixupBase, FixupSection, FixupType
 
-__all__ = ["STUB_SIZE", "GOT_SLOT", "layout", "emit", "new_symbols"]
+__all__ = ["GOT_SLOT", "layout", "emit", "new_symbols"]
 
-# An import stub: jmp *slot(%rip) with the slot right after it, then two int3.
-STUB = b"\xff\x25\x00\x00\x00\x00"
-STUB_SIZE = 16
-STUB_SLOT = 6
 GOT_SLOT = 8
 
 
 def layout(member: Member, closure: Closure) -> Layout:
     """Returns ``member``'s text and data with every copied section placed."""
     obj = member.obj
+    fill = obj.arch.entry.fill
     text, data = bytearray(), bytearray()
     placement: dict[int, tuple[FixupSection, int]] = {}
     first = [r.section.index for r in member.replaced]
     funcs = first + [i for i, k in closure.copied if k is SectionKind.FUNC and i not in first]
     for i in funcs:
         sec = obj.get_section(i)
-        align(text, max(16, sec.align), INT3)
+        align(text, max(16, sec.align), fill)
         placement[i] = (FixupSection.TEXT, len(text))
         text += sec.data
-    align(text, 16, INT3)
+    align(text, 16, fill)
     for i, kind in closure.copied:
         if kind is SectionKind.RODATA:
             sec = obj.get_section(i)
-            align(text, sec.align, 0)
+            align(text, sec.align)
             placement[i] = (FixupSection.TEXT, len(text))
             text += sec.data
     for i, kind in closure.copied:
         if kind is SectionKind.DATA:
             sec = obj.get_section(i)
-            align(data, sec.align, 0)
+            align(data, sec.align)
             placement[i] = (FixupSection.DATA, len(data))
             data += sec.data
     end = len(data)
@@ -132,16 +129,21 @@ class _Emitter:
                 Recipe.CALL,
                 Recipe.PCREL,
             ):
-                _check_call(self.member.obj.get_section(b.section), b.reloc, b.rtype)
+                obj = self.member.obj
+                _check_call(obj.arch, obj.get_section(b.section), b.reloc, b.rtype)
                 stubs.setdefault(b.target.symbol, -1)
         if stubs:
             text = self.text
-            align(text, 16, INT3)
-            for name in stubs:
+            arch = self.member.obj.arch
+            br = arch.branches
+            align(text, 16, arch.entry.fill)
+            for name in list(stubs):
                 stubs[name] = len(text)
-                text += STUB + bytes(8) + bytes([INT3, INT3])
+                stub = br.stub + bytes(br.stub_slot + 8 - len(br.stub))
+                text += stub
+                align(text, br.stub_size, arch.entry.fill)
                 slot = Target(TargetKind.IMPORT, symbol=name)
-                at = len(text) - STUB_SIZE + STUB_SLOT
+                at = stubs[name] + br.stub_slot
                 self.add(FixupSection.TEXT, FixupType.ABS64, slot, at, 0)
         return stubs
 
@@ -151,7 +153,7 @@ class _Emitter:
         got: dict[Target, int] = {}
         targets = dict.fromkeys(b.target for b in closure.bindings if _via_own_slot(b))
         if targets:
-            align(self.text, GOT_SLOT, 0)
+            align(self.text, GOT_SLOT)
             for tgt in targets:
                 got[tgt] = len(self.text)
                 self.text += bytes(GOT_SLOT)
@@ -233,11 +235,11 @@ def _int32(value: int, sec: Section, b: Binding) -> bytes:
     return value.to_bytes(4, "little", signed=True)
 
 
-def _check_call(sec: Section, rel: Relocation, rtype: RelocType) -> None:
+def _check_call(arch: Arch, sec: Section, rel: Relocation, rtype: RelocType) -> None:
     """Raises unless an import reached PC-relatively is the operand of a call/jmp."""
     if rtype.recipe is Recipe.CALL and sec.is_exec:
         return
-    if not is_branch(sec, rel):
+    if not is_branch(arch, sec, rel):
         raise UnsupportedRelocation(
             f"{rtype.name} in {where(sec, rel)}: PC-relative data reference to "
             f"{rel.symbol.name!r}, which the program does not define (a shared-library "

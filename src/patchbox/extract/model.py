@@ -7,7 +7,8 @@ closure pass (:mod:`patchbox.extract.closure`) turns the members into one
 and emit passes (:mod:`patchbox.extract.emit`) into a :class:`Layout` and an
 :class:`Emitted` each. Every value is immutable; no pass edits another's.
 
-The x86-64 bytes extraction writes are here too: the patchable entry, the padding.
+The bytes extraction writes (the patchable entry, the padding between functions) are the
+object's architecture's: ``ObjectFile.arch`` (:mod:`patchbox.arch`).
 """
 
 from __future__ import annotations
@@ -17,17 +18,13 @@ from dataclasses import dataclass
 from enum import Enum, StrEnum
 from pathlib import Path
 
-from patchbox import wire as C
+from patchbox.arch import RelocType
 from patchbox.elf.binary import SourceMatch
 from patchbox.elf.objfile import ObjectFile, ObjSymbol, Relocation, Section
-from patchbox.elf.reloc import RelocType
 from patchbox.format.model import Fixup
 from patchbox.wire import FixupSection, HookKind, RedirectKind
 
 __all__ = [
-    "NOP",
-    "INT3",
-    "ENTRY",
     "align",
     "SectionKind",
     "TargetKind",
@@ -44,16 +41,12 @@ __all__ = [
     "Emitted",
 ]
 
-NOP = 0x90
-INT3 = 0xCC
-# The patchable entry of `patchbox config --cflags`: 6 NOPs before the symbol, 2 at it.
-ENTRY = bytes([NOP] * (C.ENTRY_PAD + C.ENTRY_NOPS))
 
-
-def align(buf: bytearray, alignment: int, fill: int) -> None:
-    """Pads ``buf`` with ``fill`` bytes to a multiple of ``alignment``."""
+def align(buf: bytearray, alignment: int, fill: bytes = b"\0") -> None:
+    """Pads ``buf`` with copies of ``fill`` (a byte, or an instruction of the
+    architecture's code fill) to a multiple of ``alignment``."""
     pad = -len(buf) % max(1, alignment)
-    buf += bytes([fill]) * pad
+    buf += (fill * (pad // len(fill) + 1))[:pad]
 
 
 class SectionKind(StrEnum):

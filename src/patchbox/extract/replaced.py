@@ -16,7 +16,7 @@ from patchbox.elf.binary import Binary, SourceMatch, Symbol
 from patchbox.elf.objfile import ObjectFile, ObjSymbol
 from patchbox.errors import ElfError, ExtractError
 from patchbox.extract.entry import analyse_entry
-from patchbox.extract.model import ENTRY, HookSite, Replaced
+from patchbox.extract.model import HookSite, Replaced
 from patchbox.wire import HookKind, RedirectKind
 
 __all__ = ["HOOK_SECTION", "find_replaced", "find_hooks", "has_padding"]
@@ -46,7 +46,8 @@ def find_replaced(
                 f"{obj.path}: no function {name!r} (is it spelled right, or was it inlined away?)"
             )
         sec = obj.get_symbol_section(sym)
-        if sym.value != C.ENTRY_PAD or sec.data[: len(ENTRY)] != ENTRY:
+        entry = obj.arch.entry
+        if sym.value != entry.pad or sec.data[: len(entry.nops)] != entry.nops:
             # Valid (its entry is the symbol), but nothing can be stacked on it later.
             warnings.append(
                 f"{name} in {obj.path} has no patchable entry (not compiled with "
@@ -63,15 +64,16 @@ def find_replaced(
             )
         held = False
         padded = has_padding(binary, orig.address)
-        # The publishing 2-byte store at the entry must be aligned (the agent refuses
-        # an odd entry). GCC aligns functions only from -O2 on: at -O0, -O1 and -Os an
-        # entry with the padding is odd about half the time (found by the
-        # differential test), and takes the entry jump over its two NOPs instead.
-        if padded and orig.address % 2 == 0:
+        # The publishing store at the entry must be aligned (the agent refuses an odd
+        # entry). GCC aligns functions only from -O2 on: at -O0, -O1 and -Os an entry
+        # with the padding is odd about half the time where the store is 2 bytes (found
+        # by the differential test), and takes the entry jump over its NOPs instead.
+        if padded and orig.address % binary.arch.entry.publish == 0:
             # EXTRACT_MAX_EXPECTED bytes tell another build; the agent takes up to
             # MAX_EXPECTED (both from wire/constants.toml).
-            n = max(C.MIN_EXPECTED, min(C.EXTRACT_MAX_EXPECTED, orig.size + C.ENTRY_PAD))
-            expected = binary.read(orig.address - C.ENTRY_PAD, n)
+            pad = binary.arch.entry.pad
+            n = max(C.MIN_EXPECTED, min(C.EXTRACT_MAX_EXPECTED, orig.size + pad))
+            expected = binary.read(orig.address - pad, n)
             kind, skip = RedirectKind.PATCHABLE_ENTRY, 0
         elif padded:
             try:
@@ -119,7 +121,8 @@ def find_hooks(obj: ObjectFile) -> tuple[HookSite, ...]:
 def has_padding(binary: Binary, address: int) -> bool:
     """Returns True if the function at ``address`` of ``binary`` has the patchable entry."""
     try:
-        return binary.read(address - C.ENTRY_PAD, len(ENTRY)) == ENTRY
+        entry = binary.arch.entry
+        return binary.read(address - entry.pad, len(entry.nops)) == entry.nops
     except ElfError:
         return False
 
@@ -137,7 +140,7 @@ def _entry_jump(binary: Binary, name: str, orig: Symbol) -> tuple[bytes, Redirec
         and s.name.startswith(name + ".")
         and s.address != orig.address
     ]
-    jump = analyse_entry(name, orig.address, code, pieces=pieces)
+    jump = analyse_entry(name, orig.address, code, arch=binary.arch, pieces=pieces)
     n = max(C.MIN_EXPECTED, min(C.EXTRACT_MAX_EXPECTED, orig.size - jump.skip))
     return binary.read(jump.point, n), RedirectKind.ENTRY_JUMP, jump.skip, jump.held
 

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from patchbox.elf.reloc import TLS_MODELS, Recipe
+from patchbox.arch import TLS_MODELS, Recipe
 from patchbox.elf.tls import TlsImage
 from patchbox.errors import UnsupportedRelocation
 from patchbox.extract.model import Target, TargetKind
@@ -106,10 +106,10 @@ def reach_tls(
         tp = image.tp_offset(var.offset)
         return Reached(Target(TargetKind.ABS, tp), f"{model}: TP offset {tp} in a slot")
     if recipe is Recipe.TLS_IE:
-        slot, entry = image.tpoff.find(var.name, var.offset), "GOT slot (R_X86_64_TPOFF64)"
+        slot, entry = image.tpoff.find(var.name, var.offset), f"GOT slot ({image.facts.tpoff})"
         why = "its offset from the thread pointer is known only at run time"
     elif recipe is Recipe.TLS_GD:
-        slot, entry = image.pairs.find(var.name, var.offset), "GOT pair (R_X86_64_DTPMOD64)"
+        slot, entry = image.pairs.find(var.name, var.offset), f"GOT pair ({image.facts.dtpmod})"
         why = "its module id is known only at run time"
     elif recipe is Recipe.TLS_LD:
         if var.offset is None:
@@ -117,7 +117,8 @@ def reach_tls(
         slot, entry = image.ld_pair, "GOT pair {module id, 0}"
         why = "its module id is known only at run time"
     elif recipe is Recipe.TLS_DESC:
-        slot, entry = image.descriptors.find(var.name, var.offset), "descriptor (R_X86_64_TLSDESC)"
+        slot = image.descriptors.find(var.name, var.offset)
+        entry = f"descriptor ({image.facts.desc})"
         why = "only the loader can fill a descriptor"
     else:
         raise refuse("not a thread-local access")  # pragma: no cover - the table's recipes

@@ -156,10 +156,10 @@ class Writer:
 @functools.cache
 def min_size(fields: tuple[Field, ...]) -> int:
     """Returns the fewest bytes an entry of layout ``fields`` takes: lengths and counts at
-    their lower bound, ``when`` fields absent (PBX_<LAYOUT>_MIN_SIZE in C)."""
+    their lower bound, ``when`` and ``optional`` fields absent (PBX_<LAYOUT>_MIN_SIZE in C)."""
     total = 0
     for f in fields:
-        if f.when is not None:
+        if f.when is not None or f.optional:
             continue
         if f.kind in INT_SIZES:
             total += INT_SIZES[f.kind]
@@ -195,10 +195,13 @@ def write_fields(w: Writer, fields: tuple[Field, ...], value: object) -> None:
 def read_fields(r: Reader, fields: tuple[Field, ...], where: Text = "") -> dict[Text, Any]:
     """Returns the fields read as a dict; lists as lists of dicts. A length or count outside
     its ``lo``..``hi``, or a count of entries the rest cannot hold, raises ``r.error``
-    before anything of it is read."""
+    before anything of it is read. An ``optional`` field the input ends before (written
+    before the field existed) is left out of the dict."""
     out: dict[Text, Any] = {}
     for f in fields:
         if f.when is not None and out.get(f.when[0]) != f.when[1]:
+            continue
+        if f.optional and r.remaining() == 0:
             continue
         label = f"{where}{f.name}"
         if f.kind in INT_SIZES or f.kind in ("str", "blob", "kv"):

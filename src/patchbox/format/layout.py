@@ -31,6 +31,7 @@ from patchbox.wire import (
     FixupSection,
     FixupType,
     HookKind,
+    Machine,
     RedirectKind,
 )
 
@@ -127,6 +128,13 @@ def decode_apply_body(body: bytes, meta: dict[str, str] | None = None) -> Patch:
     raw = read_fields(r, APPLY_BODY)
     r.end()
     check_name(raw["name"])
+    try:  # absent: written before the field existed, for x86-64 (docs/patch-format.md)
+        machine = Machine(raw.get("machine", Machine.X86_64))
+    except ValueError as err:
+        raise PatchFormatError(
+            f"patch body: machine {raw['machine']} is no architecture patchbox knows "
+            f"({', '.join(f'{m.value} {m.name.lower()}' for m in Machine)})"
+        ) from err
     text, data = raw["text"], raw["data"]
     functions = []
     for fn in raw["functions"]:
@@ -138,8 +146,11 @@ def decode_apply_body(body: bytes, meta: dict[str, str] | None = None) -> Patch:
                 f"patch body: {symbol}: unknown redirect kind {fn['kind']}"
             ) from err
         skip = fn["skip"]
-        if skip not in ((0, C.ENDBR_SKIP) if kind == RedirectKind.ENTRY_JUMP else (0,)):
-            raise PatchFormatError(f"patch body: {symbol}: skip {skip} invalid for {kind.name}")
+        if skip not in _skips(machine, kind):
+            raise PatchFormatError(
+                f"patch body: {symbol}: skip {skip} invalid for {kind.name} on "
+                f"{machine.name.lower()}"
+            )
         # Any offset: a replacement without its own 6+2 NOPs is valid, only not stackable on.
         if fn["new_offset"] >= len(text) or fn["new_offset"] + fn["new_size"] > len(text):
             raise PatchFormatError(
@@ -188,7 +199,17 @@ def decode_apply_body(body: bytes, meta: dict[str, str] | None = None) -> Patch:
         flags=raw["flags"],
         meta=dict(meta or {}),
         hooks=hooks,
+        machine=machine,
     )
+
+
+def _skips(machine: Machine, kind: RedirectKind) -> tuple[int, ...]:
+    """Returns the skip values a function record of ``kind`` may carry on ``machine``: past
+    a landing pad of 4 bytes kept at the entry, endbr64 before an x86-64 entry jump, bti c
+    before either kind on aarch64 (docs/redirect.md)."""
+    if machine == Machine.AARCH64 or kind == RedirectKind.ENTRY_JUMP:
+        return (0, C.ENDBR_SKIP)
+    return (0,)
 
 
 def write_patch(patch: Patch) -> bytes:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from patchbox.wire import FixupBase, FixupSection, FixupType, HookKind, RedirectKind
+from patchbox.wire import FixupBase, FixupSection, FixupType, HookKind, Machine, RedirectKind
 
 __all__ = ["Function", "Fixup", "Hook", "Patch"]
 
@@ -20,11 +20,14 @@ class Function:
     target: int  # link-time address of the original entry (the symbol)
     new_offset: int  # entry of the replacement inside Patch.text
     new_size: int
-    # PATCHABLE_ENTRY: original bytes at [target-6, target-6+len);
-    # ENTRY_JUMP: original bytes at [P, P+len), P = target+skip (docs/redirect.md)
+    # PATCHABLE_ENTRY: original bytes at [target-PAD, target-PAD+len) (PAD: x86-64 6,
+    # aarch64 16); ENTRY_JUMP: original bytes at [P, P+len), P = target+skip
+    # (docs/redirect.md)
     expected: bytes
     kind: RedirectKind = RedirectKind.PATCHABLE_ENTRY
-    skip: int = 0  # ENTRY_JUMP only: 4 when an endbr64 at the entry stays in place
+    # 4 when a landing pad at the entry stays in place: endbr64 (x86-64, ENTRY_JUMP only),
+    # bti c (aarch64, both kinds)
+    skip: int = 0
 
     @property
     def patch_point(self) -> int:
@@ -66,3 +69,6 @@ class Patch:
     flags: int = 0
     meta: dict[str, str] = field(default_factory=dict)
     hooks: list[Hook] = field(default_factory=list)
+    # The architecture of the binary it patches (its ELF e_machine); the agent refuses a
+    # patch for another one. A file written before the field existed is for x86-64.
+    machine: Machine = Machine.X86_64

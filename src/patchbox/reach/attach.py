@@ -6,7 +6,7 @@ system call that holds no lock the loader needs (read, poll, epoll_wait, nanosle
 accept...; a thread interrupted inside ``malloc`` or holding the loader's lock would
 deadlock ``dlopen``). It is made to call ``dlopen(path, RTLD_NOW)`` of the process's own
 ``libc.so.6`` (glibc 2.34+ exports it there), and the call returns into glibc's
-``__restore_rt`` with a signal frame above it (:mod:`patchbox.reach.sigframe`): the
+``__restore_rt`` with a signal frame above it (``Arch.sigframe``, :mod:`patchbox.arch`): the
 kernel's ``rt_sigreturn`` then puts back every register, the FPU state and the signal
 mask as they were, the interrupted system call made again. The thread comes back by
 itself: the client only watches (``PTRACE_SYSCALL``) and never writes into a thread
@@ -40,6 +40,7 @@ from elftools.elf.elffile import ELFFile
 from elftools.elf.hash import GNUHashSection
 from elftools.elf.sections import SymbolTableSection
 
+from patchbox.arch import SigFrame, host_arch
 from patchbox.elf.records import PT
 from patchbox.elf.segments import PF_X, has_interp, read_program_headers, read_segment
 from patchbox.errors import PatchboxError
@@ -59,14 +60,6 @@ from patchbox.procfs import (
 from patchbox.protocol.discovery import discover
 from patchbox.reach import ptrace
 from patchbox.reach.defer import DEFERRED, deferred_signals, pending_deferred
-from patchbox.reach.sigframe import (
-    FIX_EFLAGS,
-    RESTORER,
-    RT_SIGRETURN,
-    SYSCALL_INSN,
-    build_frame,
-    restored,
-)
 
 __all__ = [
     "AttachError",
@@ -83,37 +76,50 @@ __all__ = [
 
 CAP_SYS_PTRACE = 19
 RTLD_NOW = 2
-RED_ZONE = 128
+_ARCH = host_arch()  # ptrace reaches processes of this host's architecture
+_REGS = _ARCH.registers
 CALL_TIMEOUT = 60.0  # a dlopen still running after this is left to finish alone
 _LET_GO_WAIT = 1.0  # how long a thread left running gets to stop so it can be detached
 # System calls a thread may be blocked in and still be hijacked safely: they hold no
 # lock of malloc or of the loader. (futex is left out: a thread waiting for one lock
 # may hold another. rt_sigsuspend is left out: its signal mask is a temporary one the
 # kernel swaps back on return, which no tracer can read.)
-SAFE_SYSCALLS = {
-    0: "read",
-    7: "poll",
-    19: "readv",
-    23: "select",
-    34: "pause",
-    35: "nanosleep",
-    43: "accept",
-    45: "recvfrom",
-    47: "recvmsg",
-    61: "wait4",
-    128: "rt_sigtimedwait",
-    230: "clock_nanosleep",
-    232: "epoll_wait",
-    270: "pselect6",
-    271: "ppoll",
-    281: "epoll_pwait",
-    288: "accept4",
-    441: "epoll_pwait2",
-}
-# Calls that may run with a temporary signal mask, and the argument (a register) that
+_SAFE_NAMES = (
+    "read",
+    "poll",
+    "readv",
+    "select",
+    "pause",
+    "nanosleep",
+    "accept",
+    "recvfrom",
+    "recvmsg",
+    "wait4",
+    "rt_sigtimedwait",
+    "clock_nanosleep",
+    "epoll_wait",
+    "pselect6",
+    "ppoll",
+    "epoll_pwait",
+    "accept4",
+    "epoll_pwait2",
+)
+#: {number: name} of those calls on this host (an architecture may lack some).
+SAFE_SYSCALLS = {_ARCH.syscalls[n]: n for n in _SAFE_NAMES if n in _ARCH.syscalls}
+# Calls that may run with a temporary signal mask, and the argument (its register) that
 # points to it when they do (pselect6: to a {sigset pointer, size} pair).
-_SYS_PSELECT6 = 270
-_TEMP_MASK_ARG = {7: "", _SYS_PSELECT6: "r9", 271: "r10", 281: "r8", 441: "r8"}
+_SYS_PSELECT6 = _ARCH.syscalls["pselect6"]
+_TEMP_MASK_ARG = {
+    _ARCH.syscalls[name]: _REGS.syscall_args[arg] if arg is not None else ""
+    for name, arg in (
+        ("poll", None),
+        ("pselect6", 5),
+        ("ppoll", 3),
+        ("epoll_pwait", 4),
+        ("epoll_pwait2", 4),
+    )
+    if name in _ARCH.syscalls
+}
 # Yama's ptrace_scope values above 1 (security/yama/yama_lsm.c): only CAP_SYS_PTRACE
 # may trace; nobody may.
 _YAMA_SCOPE_CAPABILITY, _YAMA_SCOPE_NO_ATTACH = 2, 3
@@ -166,7 +172,7 @@ class Preflight:
     pid: int
     library: str  # libsandbox.so, as the process sees it
     dlopen: int  # absolute address in the process
-    restorer: int  # glibc's __restore_rt: `mov $15, %rax; syscall`
+    restorer: int  # glibc's __restore_rt (SigFrame.restorer)
 
 
 @dataclass(frozen=True)
@@ -216,7 +222,7 @@ class _LibcFacts:
     """What attach needs of a libc file: link-time addresses, -1 where missing."""
 
     dlopen: int
-    restorer: int  # `mov $15, %rax; syscall` (glibc's __restore_rt)
+    restorer: int  # glibc's __restore_rt (SigFrame.restorer)
 
 
 _LIBC_FACTS: dict[tuple[int, int, int, int], _LibcFacts] = {}  # by file identity
@@ -245,7 +251,7 @@ def _libc_facts(path: str) -> _LibcFacts:
                             break
             for ph in read_program_headers(f, path):
                 if ph.p_type == PT["LOAD"] and ph.p_flags & PF_X:
-                    at = read_segment(f, ph, path).find(RESTORER)
+                    at = read_segment(f, ph, path).find(_sigframe().restorer)
                     if at >= 0:
                         restorer = ph.p_vaddr + at
                         break
@@ -257,7 +263,18 @@ def _shadow_stack(pid: int, tid: int) -> bool:
     """Returns whether thread ``tid`` runs with a CET user shadow stack (its returns
     are checked: a call that returns somewhere else than where it was called from
     faults)."""
-    return "shstk" in task_status(pid, tid).get("x86_Thread_features", "").split()
+    if _REGS.shadow_stack is None:
+        return False
+    key, word = _REGS.shadow_stack
+    return word in task_status(pid, tid).get(key, "").split()
+
+
+def _sigframe() -> SigFrame:
+    """Returns the signal frame a borrowed thread comes back through; raises
+    AttachError on an architecture where attach cannot borrow a thread yet."""
+    if _ARCH.sigframe is None:
+        raise AttachError(f"attach cannot borrow a thread on {_ARCH.title} yet")
+    return _ARCH.sigframe
 
 
 def _has_interp(pid: int) -> bool:
@@ -364,7 +381,7 @@ def _mapped_libc(pid: int, exe: str, paths: set[str]) -> tuple[str, _LibcFacts]:
             f"pid {pid}: {libc} exports no dlopen (glibc older than 2.34, or not glibc)"
         )
     if facts.restorer < 0:
-        raise AttachError(f"pid {pid}: {libc} has no __restore_rt (mov $15, %rax; syscall)")
+        raise AttachError(f"pid {pid}: {libc} has no __restore_rt ({_sigframe().restorer.hex()})")
     return libc, facts
 
 
@@ -389,11 +406,12 @@ def _temp_mask(pid: int, regs: ptrace.Regs) -> bool:
     """Returns whether the system call ``regs`` was interrupted in replaced the thread's
     signal mask for its duration (ppoll, pselect6, epoll_pwait with a mask): the mask
     the thread goes back to is then the kernel's secret."""
-    arg = _TEMP_MASK_ARG.get(regs.orig_rax)
+    nr = int(getattr(regs, _REGS.syscall_nr))
+    arg = _TEMP_MASK_ARG.get(nr)
     if not arg:
         return False
     ptr = int(getattr(regs, arg))
-    if ptr and regs.orig_rax == _SYS_PSELECT6:  # {const sigset_t *ss; size_t ss_len}
+    if ptr and nr == _SYS_PSELECT6:  # {const sigset_t *ss; size_t ss_len}
         ptr = int.from_bytes(ptrace.peek(pid, ptr, 8), "little")
     return ptr != 0
 
@@ -409,11 +427,12 @@ def _tracer(pid: int, tid: int) -> int:
 def _unusable(pid: int, tid: int, regs: ptrace.Regs) -> str:
     """Returns why stopped thread ``tid`` (registers ``regs``) cannot be borrowed, ""
     if it can."""
-    if regs.orig_rax not in SAFE_SYSCALLS:
+    nr, pc, insn = getattr(regs, _REGS.syscall_nr), getattr(regs, _REGS.pc), _REGS.syscall_insn
+    if nr not in SAFE_SYSCALLS:
         return "it had left its system call"
     if _temp_mask(pid, regs):
-        return f"{SAFE_SYSCALLS[regs.orig_rax]} runs with a temporary signal mask"
-    if ptrace.peek(pid, regs.rip - len(SYSCALL_INSN), 2) != SYSCALL_INSN:
+        return f"{SAFE_SYSCALLS[nr]} runs with a temporary signal mask"
+    if ptrace.peek(pid, pc - len(insn), len(insn)) != insn:
         return "it is not stopped right after a syscall instruction"
     if _shadow_stack(pid, tid):
         return "it runs with a CET shadow stack"
@@ -495,7 +514,7 @@ def _supervise(b: _Borrow, timeout: float, phase: Phase) -> None:
             info = ptrace.syscall_info(b.tid)
             if info.op == ptrace.SYSCALL_ENTRY:
                 if (
-                    info.nr == RT_SIGRETURN
+                    info.nr == _sigframe().rt_sigreturn
                     and info.ip == b.restorer_end
                     and info.sp == b.frame_sp + 8
                 ):
@@ -521,6 +540,7 @@ def _borrow(
     and detached, or why it could not be used (it was let go untouched). Raises
     AttachError, LeftRunning."""
     pid = pre.pid
+    sf = _sigframe()
     phase("seize")
     try:
         ptrace.seize(tid, ptrace.PTRACE_O_TRACESYSGOOD)
@@ -546,13 +566,13 @@ def _borrow(
         if why:
             ptrace.detach(tid)
             return f"thread {tid}: {why}"
-        frame = build_frame(
+        frame = sf.build(
             saved,
             ptrace.get_xstate(tid),
             ptrace.get_sigmask(tid),
             pre.restorer,
             path,
-            red_zone=RED_ZONE,
+            red_zone=sf.red_zone,
         )
         # Below the red zone: bytes no code of the thread reads until it runs again.
         ptrace.poke(pid, frame.addr, frame.data)
@@ -561,10 +581,18 @@ def _borrow(
         return f"thread {tid}: {err}"
     phase("frame")
     call = saved.copy()
-    call.rip, call.rdi, call.rsi, call.rsp, call.rax = pre.dlopen, frame.arg, RTLD_NOW, frame.sp, 0
-    call.orig_rax = (1 << 64) - 1  # no system call to restart into these registers
-    b = _Borrow(pid, tid, SAFE_SYSCALLS[saved.orig_rax], frame.sp, pre.restorer + len(RESTORER))
-    want = restored(saved)
+    for reg, v in (
+        (_REGS.pc, pre.dlopen),
+        (_REGS.args[0], frame.arg),
+        (_REGS.args[1], RTLD_NOW),
+        (_REGS.sp, frame.sp),
+        (_REGS.ret, 0),
+        (_REGS.syscall_nr, (1 << 64) - 1),  # no system call to restart into these registers
+    ):
+        setattr(call, reg, v)
+    was = SAFE_SYSCALLS[getattr(saved, _REGS.syscall_nr)]
+    b = _Borrow(pid, tid, was, frame.sp, pre.restorer + len(sf.restorer))
+    want = sf.restored(saved)
     try:
         # From this store on, the thread returns through the frame whatever the client
         # does: the call's registers, then every blockable signal blocked for the call
@@ -577,11 +605,12 @@ def _borrow(
         # Stopped at the rt_sigreturn exit: the registers it goes on with.
         now = ptrace.get_regs(tid)
         got = {r: int(getattr(now, r)) for r in want}
-        got["eflags"] &= FIX_EFLAGS
+        got[_REGS.flags] &= sf.fix_flags
         mismatch = [r for r, v in want.items() if got[r] != v]
         if mismatch:  # never seen; the thread is stopped, so it can still be mended
             for r in mismatch:
-                keep = int(now.eflags) & ~FIX_EFLAGS if r == "eflags" else 0
+                flags = int(getattr(now, _REGS.flags)) & ~sf.fix_flags
+                keep = flags if r == _REGS.flags else 0
                 setattr(now, r, keep | want[r])
             ptrace.set_regs(tid, now)
         ptrace.detach(tid)

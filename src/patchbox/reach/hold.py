@@ -1,12 +1,12 @@
 """Holding a process's threads clear of an entry jump while the agent writes it
 (the HOLD apply flag; docs/reach.md, "Entry jumps in stock code").
 
-An entry jump over a first instruction shorter than 5 bytes (``sub $8,%rsp``, ``push
-%r12``) or across two 8-byte words (``endbr64`` at a 16-aligned entry) cannot be
-published with one atomic store that no thread can be inside. The client sends APPLY;
-the agent prepares everything, then waits (asleep in ``clock_nanosleep``) for the
-threads to be held; the client then stops every thread but the agent's with
-``PTRACE_SEIZE`` + ``PTRACE_INTERRUPT``, checks that no PC lies strictly inside (P,
+An entry jump over a first instruction shorter than the jump (a stack adjustment, a
+push) or across two 8-byte words (a landing pad at a 16-aligned entry, the jump right
+after it) cannot be published with one atomic store that no thread can be inside. The
+client sends APPLY; the agent prepares everything, then waits (asleep in
+``clock_nanosleep``) for the threads to be held; the client then stops every thread but
+the agent's with ``PTRACE_SEIZE`` + ``PTRACE_INTERRUPT``, checks that no PC lies strictly inside (P,
 P+5) (else lets them go, backs off and tries again), and keeps them stopped until the
 reply. The agent checks the same itself (every other thread in a tracing stop, PCs and
 stacks clear), and, right before it writes, every stack no thread runs on (suspended
@@ -122,7 +122,7 @@ class Holder:
         """Returns "" if no held thread's PC lies inside the bytes, else why."""
         for tid in self._held:
             try:
-                pc = ptrace.get_regs(tid).rip
+                pc = int(getattr(ptrace.get_regs(tid), ptrace.REGISTERS.pc))
             except ptrace.PtraceError:
                 continue
             if self._inside(pc):

@@ -1,8 +1,9 @@
-"""The few ptrace(2) requests patchbox uses, through ctypes (x86-64 Linux).
+"""The few ptrace(2) requests patchbox uses, through ctypes, for processes of this host's
+architecture (its register layout: ``Arch.registers``, :mod:`patchbox.arch`).
 
 ``PTRACE_SEIZE`` + ``PTRACE_INTERRUPT`` stop one thread without a signal (no SIGSTOP the
 program could see, no group stop), ``GETREGS``/``SETREGS`` read and write its registers,
-``GETREGSET`` its FPU/SSE/AVX state, ``GETSIGMASK``/``SETSIGMASK`` its blocked signals,
+``GETREGSET`` its FP/vector state, ``GETSIGMASK``/``SETSIGMASK`` its blocked signals,
 ``CONT`` and ``SYSCALL`` resume it (the latter until its next system call entry or exit,
 told apart by ``GET_SYSCALL_INFO``), ``DETACH`` lets it go. Only the thread that seized
 a thread may trace it: every call here must come from one thread of the client. If the
@@ -23,9 +24,11 @@ import time
 from collections.abc import Collection
 from dataclasses import dataclass
 
+from patchbox.arch import host_arch
 from patchbox.errors import PatchboxError
 
 __all__ = [
+    "REGISTERS",
     "Regs",
     "SyscallInfo",
     "PtraceError",
@@ -59,12 +62,11 @@ PTRACE_GETSIGMASK = 0x420A
 PTRACE_SETSIGMASK = 0x420B
 PTRACE_GET_SYSCALL_INFO = 0x420E
 PTRACE_O_TRACESYSGOOD = 1  # syscall stops report SIGTRAP | 0x80
-NT_X86_XSTATE = 0x202  # the XSAVE area, standard format, with the kernel's sw_reserved bytes
 WALL = 0x40000000  # __WALL: wait for threads (clones) too
 PTRACE_EVENT_STOP = 128
 SYSCALL_ENTRY, SYSCALL_EXIT = 1, 2  # PTRACE_SYSCALL_INFO_ENTRY / _EXIT
 _SPINS = 20  # waitpid(WNOHANG) tries before wait_stop sleeps
-_XSTATE_MAX = 16384  # larger than any XSAVE area (AMX tiles included: 11 KiB)
+_XSTATE_MAX = 16384  # larger than any FP state area (AMX tiles included: 11 KiB)
 
 
 class PtraceError(PatchboxError):
@@ -75,41 +77,15 @@ class PtraceError(PatchboxError):
         self.errno = err
 
 
-_REG_NAMES = (
-    "r15",
-    "r14",
-    "r13",
-    "r12",
-    "rbp",
-    "rbx",
-    "r11",
-    "r10",
-    "r9",
-    "r8",
-    "rax",
-    "rcx",
-    "rdx",
-    "rsi",
-    "rdi",
-    "orig_rax",
-    "rip",
-    "cs",
-    "eflags",
-    "rsp",
-    "ss",
-    "fs_base",
-    "gs_base",
-    "ds",
-    "es",
-    "fs",
-    "gs",
-)
+#: The register layout of this host's processes (names of the pc, sp, ... among them).
+REGISTERS = host_arch().registers
 
 
 class Regs(ctypes.Structure):
-    """``struct user_regs_struct`` of x86-64 (sys/user.h)."""
+    """The general registers ``PTRACE_GETREGS`` reads (``Registers.names``: the kernel's
+    struct, every field 8 bytes)."""
 
-    _fields_ = [(name, ctypes.c_ulonglong) for name in _REG_NAMES]
+    _fields_ = [(name, ctypes.c_ulonglong) for name in REGISTERS.names]
 
     def copy(self) -> Regs:
         """Returns an independent copy."""
@@ -220,11 +196,11 @@ class _Iovec(ctypes.Structure):
 
 
 def get_xstate(tid: int) -> bytes:
-    """Returns the XSAVE area of stopped thread ``tid`` (x87, SSE, AVX... and the
-    ``sw_reserved`` bytes the kernel fills as it does in a signal frame)."""
+    """Returns the FP/vector state of stopped thread ``tid`` (the regset
+    ``Registers.fp_regset`` names, as the kernel fills it in a signal frame)."""
     buf = ctypes.create_string_buffer(_XSTATE_MAX)
     iov = _Iovec(ctypes.cast(buf, ctypes.c_void_p), _XSTATE_MAX)
-    _call(PTRACE_GETREGSET, tid, NT_X86_XSTATE, ctypes.byref(iov), "PTRACE_GETREGSET")
+    _call(PTRACE_GETREGSET, tid, REGISTERS.fp_regset, ctypes.byref(iov), "PTRACE_GETREGSET")
     return buf.raw[: iov.len]
 
 

@@ -1,5 +1,6 @@
 """The x86-64 signal frame that brings a borrowed thread back by itself (docs/reach.md,
-"Attach").
+"Attach"); :data:`patchbox.arch.x86_64.ARCH` names it (``Arch.sigframe``) for
+:mod:`patchbox.reach.attach`.
 
 ``rt_sigreturn`` (system call 15) reads a ``struct rt_sigframe`` at ``rsp - 8`` and
 loads every register from it: general registers, ``rip``, ``rsp``, flags, the whole
@@ -29,9 +30,8 @@ checked against the C headers by ``tests/reach/test_sigframe.py``)::
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 
-from patchbox.reach.ptrace import Regs
+from patchbox.arch.model import Frame, RegisterFile
 
 __all__ = [
     "RT_SIGRETURN",
@@ -100,14 +100,14 @@ def _signed(v: int) -> int:
     return v - (1 << 64) if v >= 1 << 63 else v
 
 
-def resume_regs(regs: Regs) -> Regs:
+def resume_regs(regs: RegisterFile) -> RegisterFile:
     """Returns the registers a thread stopped in a system call (``regs``, read at its
     ``PTRACE_INTERRUPT`` stop) must go on with: what the kernel would have made of them
     had it been let go there. An interrupted restartable call is made again (``rip``
     back on its ``syscall``, ``rax`` = its number; a relative sleep or a poll timeout then
     starts over); a finished one, or one that failed with ``EINTR``, returns its
     result."""
-    out = regs.copy()
+    out: RegisterFile = regs.copy()
     err = -_signed(regs.rax)
     if _signed(regs.orig_rax) >= 0 and (err in _RESTART or err == _RESTART_BLOCK):
         out.rax = regs.orig_rax
@@ -121,7 +121,7 @@ def resume_regs(regs: Regs) -> Regs:
 FIX_EFLAGS = 0x50DD5
 
 
-def restored(regs: Regs) -> dict[str, int]:
+def restored(regs: RegisterFile) -> dict[str, int]:
     """Returns the registers (by ptrace name) that a thread stopped with ``regs`` shows
     at the exit of its ``rt_sigreturn`` through :func:`build_frame`'s frame; ``eflags``
     masked with :data:`FIX_EFLAGS`."""
@@ -130,19 +130,6 @@ def restored(regs: Regs) -> dict[str, int]:
     want["eflags"] = int(out.eflags) & FIX_EFLAGS
     want["cs"], want["ss"] = int(out.cs), int(out.ss)
     return want
-
-
-@dataclass(frozen=True)
-class Frame:
-    """Bytes to write at ``addr`` (below the thread's red zone): the signal frame at
-    ``sp`` (the stack pointer of the call, its return address there), the call's string
-    argument at ``arg``, the XSAVE area at ``fpstate``."""
-
-    addr: int
-    data: bytes
-    sp: int
-    arg: int
-    fpstate: int
 
 
 def _xstate_for_frame(xstate: bytes) -> tuple[bytes, int]:
@@ -156,7 +143,13 @@ def _xstate_for_frame(xstate: bytes) -> tuple[bytes, int]:
 
 
 def build_frame(
-    regs: Regs, xstate: bytes, sigmask: int, restorer: int, arg: bytes, *, red_zone: int = 128
+    regs: RegisterFile,
+    xstate: bytes,
+    sigmask: int,
+    restorer: int,
+    arg: bytes,
+    *,
+    red_zone: int = 128,
 ) -> Frame:
     """Returns the frame that makes a thread stopped with ``regs`` (and FPU state
     ``xstate``, blocked signals ``sigmask``) resume as :func:`resume_regs` says once a
