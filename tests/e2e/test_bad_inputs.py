@@ -94,8 +94,9 @@ def with_nfixups(patch: Patch, count: int) -> bytes:
         16 + (2 + len(fx.symbol.encode()) if fx.base == FixupBase.IMPORT else 0)
         for fx in patch.fixups
     )
-    # ... nfixups, the fix-ups, nhooks and the hooks (5 bytes each), the machine (u16)
-    at = len(body) - 2 - (2 + 5 * len(patch.hooks)) - tail - 4
+    # ... nfixups, the fix-ups, nhooks and the hooks (5 bytes each); an x86-64 body
+    # carries no machine field (docs/patch-format.md, "Architecture")
+    at = len(body) - (2 + 5 * len(patch.hooks)) - tail - 4
     return body[:at] + struct.pack("<I", count) + body[at + 4 :]
 
 
@@ -115,10 +116,10 @@ def with_text_length(patch: Patch, length: int) -> bytes:
 
 def with_last_fixup_reserved(patch: Patch, value: int) -> bytes:
     """The apply body of ``patch`` with its last fix-up's reserved byte set to ``value``:
-    before that fix-up's offset and addend (12 bytes), the body's hook count (2 bytes) and
-    its machine (2 bytes)."""
+    before that fix-up's offset and addend (12 bytes) and the body's hook count (2 bytes;
+    an x86-64 body carries no machine field)."""
     body = encode_apply_body(patch)
-    return body[:-17] + bytes([value]) + body[-16:]
+    return body[:-15] + bytes([value]) + body[-14:]
 
 
 def fixup(patch: Patch, **kw: Any) -> Patch:
@@ -214,7 +215,7 @@ CASES: dict[str, Case] = {
     ),
     "trailing-byte": Case(
         Msg.APPLY,
-        lambda p, t, e: encode_apply_body(p) + b"\0",
+        lambda p, t, e: encode_apply_body(p) + struct.pack("<H", Machine.X86_64) + b"\0",
         ErrorCode.MALFORMED,
         ("1 trailing bytes after the machine",),
     ),
@@ -444,13 +445,13 @@ CASES: dict[str, Case] = {
     ),
     "machine-unknown": Case(
         Msg.APPLY,
-        lambda p, t, e: encode_apply_body(p)[:-2] + struct.pack("<H", 0xFFFF),
+        lambda p, t, e: encode_apply_body(p) + struct.pack("<H", 0xFFFF),
         ErrorCode.WRONG_MACHINE,
         ("unknown architecture (e_machine 65535)", "x86_64"),
     ),
     "machine-one-byte": Case(
         Msg.APPLY,
-        lambda p, t, e: encode_apply_body(p)[:-1],
+        lambda p, t, e: encode_apply_body(p) + b"\x3e",
         ErrorCode.MALFORMED,
         ("machine", "runs past"),
     ),
@@ -484,12 +485,13 @@ def test_good_body_applies(target: Target, good: Patch) -> None:
     assert target.call("use_helper", 4) == "49"
 
 
-def test_body_without_machine_applies(target: Target, good: Patch) -> None:
-    """A body written before the architecture field existed ends after the hooks: it is
-    for x86-64 and applies as before."""
+def test_body_with_machine_x86_64_applies(target: Target, good: Patch) -> None:
+    """The writer leaves the field out for x86-64 (what agents linked before it read to
+    the end); a body that carries it, `3e 00`, applies the same."""
     body = encode_apply_body(good)
-    assert body[-2:] == struct.pack("<H", Machine.X86_64)
-    status, rest = rawwire.request(target.socket, Msg.APPLY, body[:-2])
+    assert encode_apply_body(replace(good, machine=Machine.AARCH64)) == body + b"\xb7\x00"
+    with_field = body + struct.pack("<H", Machine.X86_64)
+    status, rest = rawwire.request(target.socket, Msg.APPLY, with_field)
     assert status == 0, rawwire.error_text(rest)
     assert target.call("use_helper", 4) == "49"
 
@@ -686,7 +688,8 @@ def test_file_with_valid_hash_but_bad_body_via_cli(
     import hashlib
 
     data = write_patch(good)
-    payload = data[HEADER.size :] + b"\0"  # one trailing byte, hash recomputed
+    # the machine field and one trailing byte after it, hash recomputed
+    payload = data[HEADER.size :] + struct.pack("<H", Machine.X86_64) + b"\0"
     header = HEADER.pack(
         b"PBXPATCH", 1, HEADER.size, 0, len(payload), hashlib.sha256(payload).digest()
     )

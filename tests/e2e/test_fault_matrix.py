@@ -107,6 +107,10 @@ def target(built: dict[str, Path]) -> Iterator[Target]:
 def observed(t: Target) -> bool:
     """Returns whether the patch is in, after checking that ``list`` and the target's own
     behaviour agree and that the code is whole either way."""
+    # The agent answers one request at a time: an apply or remove a killed command left
+    # in flight ends before this list is answered, so the call below sees its outcome.
+    with Client(t.socket) as c:
+        c.list()
     answer = t.call("use_helper", 4)
     assert answer in (BEFORE, AFTER), answer
     with Client(t.socket) as c:

@@ -1,6 +1,7 @@
 """The apply body's architecture field (docs/patch-format.md, "Architecture"): written
-always, optional when read (a body without it is x86-64), unknown values refused, and
-the skip rule that depends on it."""
+for every machine but the one its absence means (x86-64, whose bodies stay byte for byte
+what agents linked before the field read), optional when read, unknown values refused,
+and the skip rule that depends on it."""
 
 from __future__ import annotations
 
@@ -24,9 +25,20 @@ def with_skip(patch: Patch, skip: int, kind: RedirectKind = RedirectKind.PATCHAB
 def test_written_last_and_read_back() -> None:
     for machine in Machine:
         body = encode_apply_body(replace(make_patch(), machine=machine))
-        assert body[-2:] == struct.pack("<H", machine)
         assert decode_apply_body(body).machine == machine
+        x86_64 = encode_apply_body(replace(make_patch(), machine=Machine.X86_64))
+        if machine != Machine.X86_64:
+            assert body[-2:] == struct.pack("<H", machine)
+            assert body[:-2] == x86_64, "the field is the body's only difference"
     assert APPLY_BODY[-1].name == "machine" and APPLY_BODY[-1].optional
+
+
+def test_x86_64_body_is_the_body_before_the_field() -> None:
+    """What an agent linked before the field reads to its end: the body ends after the
+    hooks (the hook count, then the hooks), nothing after them."""
+    patch = make_patch()
+    body = encode_apply_body(patch)
+    assert body.endswith(struct.pack("<H", len(patch.hooks)))
 
 
 def test_body_without_it_is_x86_64() -> None:
@@ -49,7 +61,7 @@ def test_file_round_trip() -> None:
     ],
 )
 def test_refused(tail: bytes, words: str) -> None:
-    body = encode_apply_body(make_patch())[:-2] + tail
+    body = encode_apply_body(make_patch()) + tail
     with pytest.raises(PatchFormatError, match=words):
         decode_apply_body(body)
 

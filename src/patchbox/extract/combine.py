@@ -212,6 +212,7 @@ def _combine(
         flags=flags,
         meta=meta,
         hooks=hooks,
+        machine=C.Machine(binary.arch.e_machine),  # the agent refuses another
     )
 
 

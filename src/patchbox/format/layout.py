@@ -110,8 +110,17 @@ def encode_apply_body(patch: Patch) -> bytes:
     """Returns the APPLY request payload for ``patch`` (also the file's body)."""
     check_name(patch.name)
     w = Writer()
-    write_fields(w, APPLY_BODY, patch)
+    write_fields(w, APPLY_BODY if patch.machine != ABSENT_MACHINE else _BODY_BEFORE_MACHINE, patch)
     return bytes(w)
+
+
+# The machine a body without the field means (every body written before it existed). Such
+# a patch is written without it, byte for byte as before: an agent linked before the field
+# existed (a process started before an upgrade of patchbox) reads the body to its end and
+# refuses trailing bytes, so writing the field for it would lock every running process
+# out of new patches. Other machines always carry it (no older agent exists for them).
+ABSENT_MACHINE = Machine.X86_64
+_BODY_BEFORE_MACHINE = tuple(f for f in APPLY_BODY if not f.optional)
 
 
 def check_name(name: str) -> None:
@@ -129,7 +138,7 @@ def decode_apply_body(body: bytes, meta: dict[str, str] | None = None) -> Patch:
     r.end()
     check_name(raw["name"])
     try:  # absent: written before the field existed, for x86-64 (docs/patch-format.md)
-        machine = Machine(raw.get("machine", Machine.X86_64))
+        machine = Machine(raw.get("machine", ABSENT_MACHINE))
     except ValueError as err:
         raise PatchFormatError(
             f"patch body: machine {raw['machine']} is no architecture patchbox knows "
