@@ -436,23 +436,49 @@ static int sandbox_func_check(const struct sandbox_apply_spec *spec, unsigned fl
 	return 0;
 }
 
+/* The fix-up types every architecture has: data words (an int32, a uint64). */
+static int sandbox_fixup_is_data(unsigned type)
+{
+	return type == PBX_FIXUP_PC32 || type == PBX_FIXUP_ABS64;
+}
+
+/* Bytes fix-up `type` writes; 0 for a type that is not this architecture's (refused). */
+static uint32_t sandbox_fixup_width(unsigned type)
+{
+	if (type == PBX_FIXUP_PC32)
+		return PBX_FIXUP_PC32_WIDTH;
+	if (type == PBX_FIXUP_ABS64)
+		return PBX_FIXUP_ABS64_WIDTH;
+	return sandbox_arch_fixup_width(type);
+}
+
 static int sandbox_fixups_check(const struct sandbox_apply_spec *spec, uint64_t data_block,
 				uint64_t *import, struct sandbox_error *err)
 {
 	for (uint32_t i = 0; i < spec->nfixups; i++) {
 		const struct sandbox_fixup_spec *x = &spec->fixups[i];
-		if ((x->section != PBX_SECT_TEXT && x->section != PBX_SECT_DATA) ||
-		    (x->type != PBX_FIXUP_PC32 && x->type != PBX_FIXUP_ABS64) ||
+		uint32_t size = sandbox_fixup_width(x->type);
+		if ((x->section != PBX_SECT_TEXT && x->section != PBX_SECT_DATA) || size == 0 ||
 		    x->base < PBX_BASE_TEXT || x->base > PBX_BASE_ABS || x->reserved != 0)
 			return sandbox_error_set(err, PBX_E_BAD_FIXUP,
-						 "fix-up %u: section %u type %u base %u reserved %u", i,
-						 x->section, x->type, x->base, x->reserved);
-		uint32_t size = x->type == PBX_FIXUP_PC32 ? PBX_FIXUP_PC32_WIDTH : PBX_FIXUP_ABS64_WIDTH;
+						 "fix-up %u: section %u type %u%s base %u reserved %u", i,
+						 x->section, x->type,
+						 size ? "" : " (not a fix-up type of " SANDBOX_ARCH_NAME ")",
+						 x->base, x->reserved);
 		uint32_t seclen = x->section == PBX_SECT_TEXT ? spec->text_len : spec->data_len;
 		if (x->offset > seclen || seclen - x->offset < size)
 			return sandbox_error_set(err, PBX_E_FIXUP_RANGE, "fix-up %u: %u bytes at %s+0x%x, %s has %u bytes",
 						 i, size, x->section ? "data" : "text", x->offset,
 						 x->section ? "data" : "text", seclen);
+		if (!sandbox_fixup_is_data(x->type)) {
+			/* An instruction field: one word of the text, of the class its type writes. */
+			const char *want = x->section != PBX_SECT_TEXT || x->offset % SANDBOX_ARCH_INSN_ALIGN
+						   ? "an instruction word of the text"
+						   : sandbox_arch_fixup_insn_check(x->type, spec->text + x->offset);
+			if (want)
+				return sandbox_error_set(err, PBX_E_BAD_FIXUP, "fix-up %u: type %u at %s+0x%x is not on %s",
+							 i, x->type, x->section ? "data" : "text", x->offset, want);
+		}
 		if (x->base == PBX_BASE_DATA && data_block == 0)
 			return sandbox_error_set(err, PBX_E_BAD_FIXUP, "fix-up %u: base DATA but the patch has no data", i);
 		if (x->base == PBX_BASE_IMPORT) {
@@ -502,10 +528,19 @@ int sandbox_fixups_apply(const struct sandbox_apply_spec *spec, const uint64_t *
 			int32_t v32 = (int32_t)v;
 			_Static_assert(sizeof(v32) == PBX_FIXUP_PC32_WIDTH, "PC32 writes an int32");
 			memcpy(buf + x->offset, &v32, sizeof(v32));
-		} else {
+		} else if (x->type == PBX_FIXUP_ABS64) {
 			uint64_t v = s + (uint64_t)x->addend;
 			_Static_assert(sizeof(v) == PBX_FIXUP_ABS64_WIDTH, "ABS64 writes a uint64");
 			memcpy(buf + x->offset, &v, sizeof(v));
+		} else {
+			/* An instruction field of this architecture (checked: a word of the text). */
+			uint64_t sa = s + (uint64_t)x->addend;
+			const char *why = sandbox_arch_fixup_write(x->type, buf + x->offset, sa, p);
+			if (why)
+				return sandbox_error_set(err, PBX_E_FIXUP_OVERFLOW,
+							 "fix-up %u (type %u) at text+0x%x: S + A 0x%llx at P 0x%llx: %s",
+							 i, x->type, x->offset, (unsigned long long)sa,
+							 (unsigned long long)p, why);
 		}
 	}
 	return 0;

@@ -69,9 +69,21 @@ class HookKind(IntEnum):
     POST_REMOVE = 4  # after switching back; its result is logged
 
 
+# PC32 and ABS64 write data (an int32, a uint64) and serve every architecture; the others write a
+# field of one aarch64 instruction word (4-aligned, in the text), which the agent checks is of the
+# instruction class the type names; an agent of another architecture refuses them (BAD_FIXUP). Every
+# value is checked before anything is written.
 class FixupType(IntEnum):
     PC32 = 1  # *(int32*)P = S + A - P, must fit in int32
     ABS64 = 2  # *(uint64*)P = S + A
+    BRANCH26 = 3  # aarch64 B/BL imm26 = (S + A - P) / 4: a multiple of 4, within +-128 MiB
+    ADR_PAGE = 4  # aarch64 ADRP immhi:immlo = (Page(S + A) - Page(P)) / 4096, within +-4 GiB
+    ADD_LO12 = 5  # aarch64 ADD (immediate, no shift) imm12 = (S + A) & 0xfff
+    LDST8_LO12 = 6  # aarch64 LDR/STR (unsigned offset) of 1 byte: imm12 = (S + A) & 0xfff
+    LDST16_LO12 = 7  # ... of 2 bytes: imm12 = ((S + A) & 0xfff) / 2, which must be a multiple of 2
+    LDST32_LO12 = 8  # ... of 4 bytes (a multiple of 4)
+    LDST64_LO12 = 9  # ... of 8 bytes (a multiple of 8)
+    LDST128_LO12 = 10  # ... of 16 bytes, a q register (a multiple of 16)
 
 
 class FixupBase(IntEnum):
@@ -99,6 +111,14 @@ class Machine(IntEnum):
 FIXUP_WIDTH = {
     FixupType.PC32: 4,
     FixupType.ABS64: 8,
+    FixupType.BRANCH26: 4,
+    FixupType.ADR_PAGE: 4,
+    FixupType.ADD_LO12: 4,
+    FixupType.LDST8_LO12: 4,
+    FixupType.LDST16_LO12: 4,
+    FixupType.LDST32_LO12: 4,
+    FixupType.LDST64_LO12: 4,
+    FixupType.LDST128_LO12: 4,
 }
 
 # The patch file (docs/patch-format.md).

@@ -52,12 +52,32 @@
 #define PBX_HOOK_PRE_REMOVE 3	/* before switching back; non-zero: the remove is refused */
 #define PBX_HOOK_POST_REMOVE 4	/* after switching back; its result is logged */
 
+/* PC32 and ABS64 write data (an int32, a uint64) and serve every architecture; the others write a
+ * field of one aarch64 instruction word (4-aligned, in the text), which the agent checks is of the
+ * instruction class the type names; an agent of another architecture refuses them (BAD_FIXUP).
+ * Every value is checked before anything is written. */
 #define PBX_FIXUP_PC32 1	/* *(int32*)P = S + A - P, must fit in int32 */
 #define PBX_FIXUP_ABS64 2	/* *(uint64*)P = S + A */
+#define PBX_FIXUP_BRANCH26 3	/* aarch64 B/BL imm26 = (S + A - P) / 4: a multiple of 4, within +-128 MiB */
+#define PBX_FIXUP_ADR_PAGE 4	/* aarch64 ADRP immhi:immlo = (Page(S + A) - Page(P)) / 4096, within +-4 GiB */
+#define PBX_FIXUP_ADD_LO12 5	/* aarch64 ADD (immediate, no shift) imm12 = (S + A) & 0xfff */
+#define PBX_FIXUP_LDST8_LO12 6	/* aarch64 LDR/STR (unsigned offset) of 1 byte: imm12 = (S + A) & 0xfff */
+#define PBX_FIXUP_LDST16_LO12 7	/* ... of 2 bytes: imm12 = ((S + A) & 0xfff) / 2, which must be a multiple of 2 */
+#define PBX_FIXUP_LDST32_LO12 8	/* ... of 4 bytes (a multiple of 4) */
+#define PBX_FIXUP_LDST64_LO12 9	/* ... of 8 bytes (a multiple of 8) */
+#define PBX_FIXUP_LDST128_LO12 10	/* ... of 16 bytes, a q register (a multiple of 16) */
 
 /* Bytes a fix-up of each type writes at its offset (offset + width must lie in its section). */
 #define PBX_FIXUP_PC32_WIDTH 4
 #define PBX_FIXUP_ABS64_WIDTH 8
+#define PBX_FIXUP_BRANCH26_WIDTH 4
+#define PBX_FIXUP_ADR_PAGE_WIDTH 4
+#define PBX_FIXUP_ADD_LO12_WIDTH 4
+#define PBX_FIXUP_LDST8_LO12_WIDTH 4
+#define PBX_FIXUP_LDST16_LO12_WIDTH 4
+#define PBX_FIXUP_LDST32_LO12_WIDTH 4
+#define PBX_FIXUP_LDST64_LO12_WIDTH 4
+#define PBX_FIXUP_LDST128_LO12_WIDTH 4
 
 #define PBX_BASE_TEXT 1	/* S = address of this patch's text in the sandbox */
 #define PBX_BASE_DATA 2	/* S = address of this patch's data block */

@@ -38,6 +38,16 @@
  *   SANDBOX_ARCH_SF_WORDS, sandbox_arch_sigframe()
  *                                               the kernel's signal frame (the hold)
  *
+ * arch/<arch>/fixup.h (the engine: fix-up types beyond the shared PC32 and ABS64, which
+ * write one field of one instruction word; wire/constants.toml [fixup_type]):
+ *
+ *   sandbox_arch_fixup_width(type)              bytes a type of this architecture writes,
+ *                                               0 for any other type (refused)
+ *   sandbox_arch_fixup_insn_check(type, at)     NULL if the word at `at` is of the class
+ *                                               the type writes into, else that class
+ *   sandbox_arch_fixup_write(type, at, sa, p)   the value of S + A at P into the word;
+ *                                               NULL, or why it does not fit (nothing written)
+ *
  * and arch/<arch>/publish.h (sandbox-redirect.c only: how a redirect is written):
  *
  *   sandbox_arch_prepare / _unprepare           apply phase 1: dead bytes first
@@ -50,8 +60,10 @@
 
 #if defined(__x86_64__)
 #include "arch/x86_64/insn.h"
+#include "arch/x86_64/fixup.h"
 #elif defined(__aarch64__)
 #include "arch/aarch64/insn.h"
+#include "arch/aarch64/fixup.h"
 #else
 #error "patchbox agent: unsupported architecture (x86-64 and aarch64 are)"
 #endif
