@@ -25,6 +25,7 @@ from patchbox.arch import (
 )
 from patchbox.arch.x86_64 import ENDBR64
 from patchbox.errors import ElfError, UnsupportedRelocation
+from patchbox.wire import FixupType
 
 X86 = get_arch("x86_64")
 A64 = get_arch("aarch64")
@@ -102,14 +103,35 @@ def test_pc_relative_properties() -> None:
         "R_AARCH64_LD64_GOT_LO12_NC",
         "R_AARCH64_TLSLE_ADD_TPREL_HI12",
     }
-    # No aarch64 type has a recipe until the patch format has its fix-ups: refused by name.
-    assert all(t.recipe is None for t in A64.relocs)
+    # The types a live patch carries, each with the fix-up type that writes its field;
+    # the others are refused by name.
+    carried = {
+        t.name: t.field_fixup.name for t in A64.relocs if t.recipe not in (None, Recipe.NONE)
+    }
+    assert carried == {
+        "R_AARCH64_ABS64": "ABS64",
+        "R_AARCH64_PREL32": "PC32",
+        "R_AARCH64_ADR_PREL_PG_HI21": "ADR_PAGE",
+        "R_AARCH64_ADR_PREL_PG_HI21_NC": "ADR_PAGE",
+        "R_AARCH64_ADD_ABS_LO12_NC": "ADD_LO12",
+        "R_AARCH64_LDST8_ABS_LO12_NC": "LDST8_LO12",
+        "R_AARCH64_LDST16_ABS_LO12_NC": "LDST16_LO12",
+        "R_AARCH64_LDST32_ABS_LO12_NC": "LDST32_LO12",
+        "R_AARCH64_LDST64_ABS_LO12_NC": "LDST64_LO12",
+        "R_AARCH64_LDST128_ABS_LO12_NC": "LDST128_LO12",
+        "R_AARCH64_JUMP26": "BRANCH26",
+        "R_AARCH64_CALL26": "BRANCH26",
+        "R_AARCH64_ADR_GOT_PAGE": "ADR_PAGE",
+        "R_AARCH64_LD64_GOT_LO12_NC": "LDST64_LO12",
+    }
+    assert A64.relocs.get_carried(283, ".text.f+0x8", "g").recipe is Recipe.CALL
     with pytest.raises(
         UnsupportedRelocation,
-        match=r"^unsupported relocation R_AARCH64_CALL26 in \.text\.f\+0x8 against 'g' "
-        r"\(the patch format has no aarch64 fix-ups yet",
+        match=r"^unsupported relocation R_AARCH64_CONDBR19 in \.text\.f\+0x8 against 'g' "
+        r"\(the patch format has no aarch64 fix-up for this field",
     ):
-        A64.relocs.get_carried(283, ".text.f+0x8", "g")
+        A64.relocs.get_carried(280, ".text.f+0x8", "g")
+    assert X86.fixup_types == {FixupType.PC32, FixupType.ABS64}
     assert X86.relocs.get_carried(2, ".text.f+0x1", "g").recipe is Recipe.PCREL
 
 

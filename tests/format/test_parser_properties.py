@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from helpers import make_patch
 from patchbox import wire as C
+from patchbox.arch import get_arch_by_machine
 from patchbox.errors import AgentError, PatchFormatError, ProtocolError
 from patchbox.format.layout import (
     HEADER,
@@ -25,7 +26,7 @@ from patchbox.format.layout import (
 from patchbox.format.model import Fixup, Function, Patch
 from patchbox.protocol.client import decode_header
 from patchbox.protocol.replies import decode_reply
-from patchbox.wire import FixupBase, FixupSection, FixupType, Machine, Msg
+from patchbox.wire import FixupBase, FixupSection, Machine, Msg
 
 SETTINGS = settings(
     max_examples=300,
@@ -55,13 +56,14 @@ def patches(draw: st.DrawFn) -> Patch:
                 draw(st.binary(min_size=C.MIN_EXPECTED, max_size=C.MAX_EXPECTED)),
             )
         )
+    machine = draw(st.sampled_from(list(Machine)))
+    # The fix-up types of the patch's machine (another's is refused: tests/format).
+    ftypes = sorted(get_arch_by_machine(int(machine)).fixup_types)
     fixups = []
     for _ in range(draw(st.integers(0, 6))):
         section = draw(st.sampled_from(list(FixupSection)))
-        ftype = draw(st.sampled_from(list(FixupType)))
-        limit = (len(text) if section == FixupSection.TEXT else len(data)) - (
-            4 if ftype == FixupType.PC32 else 8
-        )
+        ftype = draw(st.sampled_from(ftypes))
+        limit = (len(text) if section == FixupSection.TEXT else len(data)) - C.FIXUP_WIDTH[ftype]
         if limit < 0:
             continue
         base = draw(st.sampled_from(list(FixupBase)))
@@ -84,7 +86,7 @@ def patches(draw: st.DrawFn) -> Patch:
         data=data,
         bss_size=draw(st.integers(0, 2**32 - 1)),
         meta=draw(st.dictionaries(TEXT_STR, TEXT_STR, max_size=5)),
-        machine=draw(st.sampled_from(list(Machine))),
+        machine=machine,
     )
 
 

@@ -2,9 +2,13 @@
 
 - The relocation types patchbox reads in objects (numbers from the AArch64 ELF ABI,
   "aaelf64", section 5.7), with the pc-relative property and the value each computes
-  (:class:`Calc`). None has a :class:`Recipe` yet: a live patch carries a relocation as a
-  fix-up of the patch format, whose aarch64 fix-up types come with the format's
-  architecture field (docs/aarch64.md); until then ``get_carried`` refuses each by name.
+  (:class:`Calc`), and the :class:`Recipe` and patch fix-up type (``RelocType.fixup``) by
+  which :mod:`patchbox.extract` carries it: B/BL (CALL26, JUMP26: BRANCH26; an import
+  through the veneer stub), ADRP (ADR_PREL_PG_HI21: ADR_PAGE), the low 12 bits (ADD and
+  LDSTn ``_ABS_LO12_NC``: ADD_LO12, LDSTn_LO12), the GOT pair (ADR_GOT_PAGE,
+  LD64_GOT_LO12_NC: an 8-byte slot the patch carries, as x86-64's GOTPCREL), PREL32
+  (PC32), ABS64. The others (ADR, B.cond/CBZ/TBZ, LDR literal and the thread-local ones)
+  are refused by name: ``get_carried``.
 - The instruction field encoders, pure functions ``(insn, value) -> insn`` that refuse a
   value the field cannot hold (:class:`UnsupportedRelocation`): ``imm26`` of B/BL
   (±128 MiB), ``imm19`` of B.cond/CBZ/LDR literal (±1 MiB), ``imm14`` of TBZ (±32 KiB),
@@ -32,12 +36,14 @@ from patchbox.arch.model import (
     Calc,
     Disasm,
     EntryLayout,
+    Recipe,
     Registers,
     RelocTable,
     RelocType,
     TlsFacts,
 )
 from patchbox.errors import UnsupportedRelocation
+from patchbox.wire import FixupType
 
 __all__ = [
     "ARCH",
@@ -215,41 +221,112 @@ def is_branch_field(code: bytes, o: int) -> bool:
 
 R = RelocType
 N = ldst_lo12
+PC, LO, CALL, GOT = Recipe.PCREL, Recipe.LO12, Recipe.CALL, Recipe.GOT
+# The patch's fix-up types (wire/constants.toml [fixup_type]) writing each field: the agent
+# checks the instruction is of the class the type names (agent/src/arch/aarch64/fixup.h).
+_B26, _PAGE, _ADD = FixupType.BRANCH26, FixupType.ADR_PAGE, FixupType.ADD_LO12
+_L8, _L16, _L32 = FixupType.LDST8_LO12, FixupType.LDST16_LO12, FixupType.LDST32_LO12
+_L64, _L128 = FixupType.LDST64_LO12, FixupType.LDST128_LO12
 # aaelf64, tables "Static data relocations", "Static AArch64 relocations", "Thread-local
 # storage relocations", "Dynamic relocations".
 RELOC_TYPES: dict[str, RelocType] = {
     t.name: t
     for t in (
-        R("R_AARCH64_NONE", 0, 0, False, calc=Calc.NONE),
-        R("R_AARCH64_ABS64", 257, 8, False, field_only=True, debug=True, calc=Calc.ABS),
+        R("R_AARCH64_NONE", 0, 0, False, Recipe.NONE, calc=Calc.NONE),
+        R("R_AARCH64_ABS64", 257, 8, False, Recipe.ABS64, True, True, Calc.ABS),
         R("R_AARCH64_ABS32", 258, 4, False, field_only=True, debug=True, calc=Calc.ABS),
         R("R_AARCH64_ABS16", 259, 2, False, field_only=True, calc=Calc.ABS),
         R("R_AARCH64_PREL64", 260, 8, True, field_only=True, calc=Calc.PREL),
-        R("R_AARCH64_PREL32", 261, 4, True, field_only=True, debug=True, calc=Calc.PREL),
+        R("R_AARCH64_PREL32", 261, 4, True, Recipe.PCREL, True, True, Calc.PREL),
         R("R_AARCH64_PREL16", 262, 2, True, field_only=True, calc=Calc.PREL),
         R("R_AARCH64_LD_PREL_LO19", 273, 4, True, calc=Calc.PREL, encode=imm19),
         R("R_AARCH64_ADR_PREL_LO21", 274, 4, True, calc=Calc.PREL, encode=adr),
-        R("R_AARCH64_ADR_PREL_PG_HI21", 275, 4, True, calc=Calc.PAGE, encode=adrp),
+        R("R_AARCH64_ADR_PREL_PG_HI21", 275, 4, True, PC, calc=Calc.PAGE, encode=adrp, fixup=_PAGE),
         R(
             "R_AARCH64_ADR_PREL_PG_HI21_NC",
             276,
             4,
             True,
+            PC,
             calc=Calc.PAGE,
             encode=lambda i, v: adrp(i, v, check=False),
+            fixup=_PAGE,
         ),
-        R("R_AARCH64_ADD_ABS_LO12_NC", 277, 4, False, calc=Calc.ABS, encode=add_lo12),
-        R("R_AARCH64_LDST8_ABS_LO12_NC", 278, 4, False, calc=Calc.ABS, encode=N(1)),
+        R(
+            "R_AARCH64_ADD_ABS_LO12_NC",
+            277,
+            4,
+            False,
+            LO,
+            calc=Calc.ABS,
+            encode=add_lo12,
+            fixup=_ADD,
+        ),
+        R("R_AARCH64_LDST8_ABS_LO12_NC", 278, 4, False, LO, calc=Calc.ABS, encode=N(1), fixup=_L8),
         R("R_AARCH64_TSTBR14", 279, 4, True, calc=Calc.PREL, encode=imm14),
         R("R_AARCH64_CONDBR19", 280, 4, True, calc=Calc.PREL, encode=imm19),
-        R("R_AARCH64_JUMP26", 282, 4, True, field_only=True, calc=Calc.PREL, encode=imm26),
-        R("R_AARCH64_CALL26", 283, 4, True, field_only=True, calc=Calc.PREL, encode=imm26),
-        R("R_AARCH64_LDST16_ABS_LO12_NC", 284, 4, False, calc=Calc.ABS, encode=N(2)),
-        R("R_AARCH64_LDST32_ABS_LO12_NC", 285, 4, False, calc=Calc.ABS, encode=N(4)),
-        R("R_AARCH64_LDST64_ABS_LO12_NC", 286, 4, False, calc=Calc.ABS, encode=N(8)),
-        R("R_AARCH64_LDST128_ABS_LO12_NC", 299, 4, False, calc=Calc.ABS, encode=N(16)),
-        R("R_AARCH64_ADR_GOT_PAGE", 311, 4, True, calc=Calc.GOT_PAGE, encode=adrp),
-        R("R_AARCH64_LD64_GOT_LO12_NC", 312, 4, False, calc=Calc.GOT_LO12, encode=N(8)),
+        R("R_AARCH64_JUMP26", 282, 4, True, CALL, True, calc=Calc.PREL, encode=imm26, fixup=_B26),
+        R("R_AARCH64_CALL26", 283, 4, True, CALL, True, calc=Calc.PREL, encode=imm26, fixup=_B26),
+        R(
+            "R_AARCH64_LDST16_ABS_LO12_NC",
+            284,
+            4,
+            False,
+            LO,
+            calc=Calc.ABS,
+            encode=N(2),
+            fixup=_L16,
+        ),
+        R(
+            "R_AARCH64_LDST32_ABS_LO12_NC",
+            285,
+            4,
+            False,
+            LO,
+            calc=Calc.ABS,
+            encode=N(4),
+            fixup=_L32,
+        ),
+        R(
+            "R_AARCH64_LDST64_ABS_LO12_NC",
+            286,
+            4,
+            False,
+            LO,
+            calc=Calc.ABS,
+            encode=N(8),
+            fixup=_L64,
+        ),
+        R(
+            "R_AARCH64_LDST128_ABS_LO12_NC",
+            299,
+            4,
+            False,
+            LO,
+            calc=Calc.ABS,
+            encode=N(16),
+            fixup=_L128,
+        ),
+        R(
+            "R_AARCH64_ADR_GOT_PAGE",
+            311,
+            4,
+            True,
+            GOT,
+            calc=Calc.GOT_PAGE,
+            encode=adrp,
+            fixup=_PAGE,
+        ),
+        R(
+            "R_AARCH64_LD64_GOT_LO12_NC",
+            312,
+            4,
+            False,
+            GOT,
+            calc=Calc.GOT_LO12,
+            encode=N(8),
+            fixup=_L64,
+        ),
         R("R_AARCH64_TLSGD_ADR_PAGE21", 513, 4, True, calc=Calc.TLSGD_PAGE, encode=adrp),
         R("R_AARCH64_TLSGD_ADD_LO12_NC", 514, 4, False, calc=Calc.TLSGD_LO12, encode=add_lo12),
         R("R_AARCH64_TLSIE_ADR_GOTTPREL_PAGE21", 541, 4, True, calc=Calc.TLS_GOT_PAGE, encode=adrp),
@@ -287,9 +364,9 @@ RELOC_TYPES: dict[str, RelocType] = {
     )
 }
 _HINTS = {
-    name: "the patch format has no aarch64 fix-ups yet (docs/aarch64.md)"
+    name: "the patch format has no aarch64 fix-up for this field (docs/aarch64.md)"
     for name, t in RELOC_TYPES.items()
-    if t.calc is not Calc.OTHER and t.calc is not Calc.NONE
+    if t.recipe is None and not t.is_tls and t.calc is not Calc.OTHER and t.calc is not Calc.NONE
 }
 
 # (low, high) bounds of a data field's value, by (size, pc-relative): aaelf64 checks
@@ -376,6 +453,7 @@ ARCH = Arch(
         fill=BRK.to_bytes(4, "little"),
         insn_align=4,
         publish=4,  # B entry-16, to the veneer in the padding
+        landing_in_entry=True,  # bti c at the symbol, the NOP after it (skip 4)
     ),
     branches=Branches(
         jump_len=4,
@@ -390,6 +468,7 @@ ARCH = Arch(
         jump_mnemonics=("b",),
         stop_prefixes=("b.", "cb", "tb", "ret", "br"),
         call_field=0,
+        fixup=FixupType.BRANCH26,
     ),
     disasm=Disasm("CS_ARCH_ARM64", "CS_MODE_ARM", "capstone.arm64:ARM64_OP_"),
     registers=Registers(

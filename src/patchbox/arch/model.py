@@ -18,6 +18,7 @@ from enum import Enum
 from typing import TYPE_CHECKING, Any, Protocol
 
 from patchbox.errors import UnsupportedRelocation
+from patchbox.wire import FixupType
 
 if TYPE_CHECKING:
     from capstone import Cs, CsInsn
@@ -46,6 +47,9 @@ class Recipe(Enum):
 
     NONE = "none"  # nothing to write
     PCREL = "pcrel"  # int32 S + A - P: PC32 to the target; to an import only from call/jmp
+    # The low 12 bits of the target's address in an instruction (the second half of an
+    # ADRP pair): reached as PCREL reaches it, never an import's.
+    LO12 = "lo12"
     CALL = "call"  # like PCREL, but a call/jmp: an import goes through a stub in text
     GOT = "got"  # int32 G + A - P: PC32 to an 8-byte GOT slot in text, slot ABS64 to target
     ABS64 = "abs64"  # uint64 S + A: ABS64 with the target's base
@@ -114,6 +118,16 @@ class RelocType:
     # None: the value is a little-endian integer of ``size`` bytes; else the field of
     # an instruction word.
     encode: Encoder | None = None
+    # The patch's fix-up type that writes the field (wire/constants.toml [fixup_type]);
+    # None: PC32, or ABS64 for the ABS64 recipe (data words, every architecture's).
+    fixup: FixupType | None = None
+
+    @property
+    def field_fixup(self) -> FixupType:
+        """Returns the fix-up type that writes this relocation's field in a patch."""
+        if self.fixup is not None:
+            return self.fixup
+        return FixupType.ABS64 if self.recipe is Recipe.ABS64 else FixupType.PC32
 
     @property
     def is_tls(self) -> bool:
@@ -192,6 +206,9 @@ class EntryLayout:
     fill: bytes  # what pads code between copied functions (traps if run)
     insn_align: int  # every instruction starts at a multiple of this
     publish: int  # bytes of the one store at the symbol that publishes a redirect
+    # The compiler may put the landing pad at the symbol, before the NOPs there, and a
+    # patchable-entry redirect stays behind it (the function record's skip).
+    landing_in_entry: bool = False
 
     @property
     def flag(self) -> str:
@@ -208,6 +225,18 @@ class EntryLayout:
     def skip(self) -> int:
         """Returns the bytes of the landing pad an entry jump stays behind."""
         return len(self.landing)
+
+    def padded_skip(self, code: bytes) -> int | None:
+        """Returns the skip of a patchable entry whose bytes from symbol - ``pad`` are
+        ``code``: 0, or the landing pad's length where the compiler put one between the
+        NOPs before the symbol and the NOPs at it (aarch64's ``bti c``); None if ``code``
+        is no patchable entry."""
+        before, at = self.nop * (self.pad // len(self.nop)), self.nop * (self.at // len(self.nop))
+        if code[: len(self.nops)] == self.nops:
+            return 0
+        if self.landing_in_entry and code.startswith(before + self.landing + at):
+            return len(self.landing)
+        return None
 
 
 @dataclass(frozen=True)
@@ -229,6 +258,9 @@ class Branches:
     # mnemonic prefixes that end a straight run of code (conditional jumps, returns)
     stop_prefixes: tuple[str, ...]
     call_field: int  # offset of a call's relocation field in its instruction
+    # The fix-up of a direct call or jump the assembler resolved (no relocation), bound
+    # to the running program: its field is at the instruction's end - 4.
+    fixup: FixupType = FixupType.PC32
 
 
 @dataclass(frozen=True)
@@ -387,3 +419,10 @@ class Arch:
     # load to an address computation); within one instruction word: 0.
     relax_before: int = 0
     sigframe: SigFrame | None = None  # None: attach cannot borrow a thread here
+
+    @property
+    def fixup_types(self) -> frozenset[FixupType]:
+        """Returns the patch fix-up types of this architecture: the data words every one
+        has (PC32, ABS64) and those writing its relocations' and branches' fields."""
+        fields = {t.field_fixup for t in self.relocs if t.recipe not in (None, Recipe.NONE)}
+        return frozenset({FixupType.PC32, FixupType.ABS64, self.branches.fixup, *fields})

@@ -234,9 +234,9 @@ class _Search:
             orig = self._program_function(sec, fn, at)
             if orig is None:
                 self.copy_function(sec, fn.value)  # new: the relative branch stays right
-            elif (
-                insn.size < arch.branches.jump_len
-            ):  # a short form: no room for the program's address
+            elif insn.size < arch.branches.jump_len or not arch.branches.is_branch_field(
+                sec.data, field
+            ):  # a short form (or a conditional one): no room for the program's address
                 raise ExtractError(
                     f"{self.obj.path}: the short {insn.mnemonic} at {at} goes to {fn.name}, "
                     f"which the running program has and the patch must reach there: a short "
@@ -421,13 +421,16 @@ class _Search:
                 f"static in the patched file) for PATCHBOX_ORIGINAL"
             )
         entry = self.bin.arch.entry
-        if self.bin.read(orig.address - entry.pad, len(entry.nops)) != entry.nops:
+        skip = entry.padded_skip(
+            self.bin.read(orig.address - entry.pad, len(entry.nops) + entry.skip)
+        )
+        if skip is None:
             raise ExtractError(
                 f"{name}: {fn} at {orig.address:#x} has no patchable entry "
                 f"({entry.pad // len(entry.nop)}+{entry.at // len(entry.nop)} NOPs), so its "
                 f"body does not start at entry+{entry.at}"
             )
-        return Target(TargetKind.EXE, orig.address + entry.at)
+        return Target(TargetKind.EXE, orig.address + skip + entry.at)
 
     def _exe_section_base(
         self, target: Section, sym: ObjSymbol, sec: Section, rel: Relocation
@@ -539,7 +542,7 @@ class _Search:
             pointed = tgt.value
         elif rtype.recipe is Recipe.ABS64:
             pointed = tgt.value + rel.addend
-        elif rtype.recipe is Recipe.PCREL and not is_branch(self.obj.arch, sec, rel):
+        elif rtype.recipe in (Recipe.PCREL, Recipe.LO12) and not is_branch(self.obj.arch, sec, rel):
             pointed = tgt.value + rel.addend + self.obj.arch.pcrel_bias
         else:
             return tgt

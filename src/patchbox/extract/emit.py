@@ -128,6 +128,7 @@ class _Emitter:
             if b.target.kind is TargetKind.IMPORT and b.rtype.recipe in (
                 Recipe.CALL,
                 Recipe.PCREL,
+                Recipe.LO12,
             ):
                 obj = self.member.obj
                 _check_call(obj.arch, obj.get_section(b.section), b.reloc, b.rtype)
@@ -166,32 +167,38 @@ class _Emitter:
             where_, off = self.own.placement[b.section]
             pos = off + b.reloc.offset
             buf = self.text if where_ == FixupSection.TEXT else self.data
-            buf[pos : pos + b.rtype.size] = bytes(b.rtype.size)
+            ftype = b.rtype.field_fixup
+            if b.rtype.encode is not None:  # an instruction's field: the rest of it stays
+                word = int.from_bytes(buf[pos : pos + 4], "little")
+                buf[pos : pos + 4] = b.rtype.encode(word, 0).to_bytes(4, "little")
+            else:
+                buf[pos : pos + b.rtype.size] = bytes(b.rtype.size)
             addend = b.reloc.addend
             if b.rtype.recipe is Recipe.ABS64:
-                self.add(where_, FixupType.ABS64, b.target, pos, addend)
+                self.add(where_, ftype, b.target, pos, addend)
             elif _via_own_slot(b):
-                self.keep(
-                    Fixup(where_, FixupType.PC32, FixupBase.TEXT, pos, got[b.target] + addend)
-                )
+                self.keep(Fixup(where_, ftype, FixupBase.TEXT, pos, got[b.target] + addend))
             elif b.rtype.recipe in (Recipe.TLS_LE, Recipe.TLS_DTPOFF):
                 sec = self.member.obj.get_section(b.section)
                 buf[pos : pos + 4] = _int32(b.target.value + addend, sec, b)
             elif b.target.kind is TargetKind.IMPORT:
                 stub = stubs[b.target.symbol]
-                self.keep(Fixup(where_, FixupType.PC32, FixupBase.TEXT, pos, stub + addend))
+                self.keep(Fixup(where_, ftype, FixupBase.TEXT, pos, stub + addend))
             else:
-                self.add(where_, FixupType.PC32, b.target, pos, addend)
+                self.add(where_, ftype, b.target, pos, addend)
 
     def fix_bound_branches(self, closure: Closure) -> None:
         """Clears the rel32 of every branch bound to the program and adds its fix-up."""
+        arch = self.member.obj.arch
+        ftype = arch.branches.fixup
         for bound in closure.bound_branches:
             _area, off = self.own.placement[bound.section]
-            self.text[off + bound.field : off + bound.field + 4] = bytes(4)
-            # rel32 = target - (field + 4): S + A - P with A = -4
             at = off + bound.field
+            if ftype is FixupType.PC32:  # a data word: cleared (an instruction's field: masked)
+                self.text[at : at + 4] = bytes(4)
+            # S + A - P, A = -pcrel_bias: the field counts from the instruction's end
             self.keep(
-                Fixup(FixupSection.TEXT, FixupType.PC32, FixupBase.EXE, at, bound.address - 4)
+                Fixup(FixupSection.TEXT, ftype, FixupBase.EXE, at, bound.address - arch.pcrel_bias)
             )
 
 

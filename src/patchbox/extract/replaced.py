@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 
 from patchbox import wire as C
+from patchbox.arch import Recipe
 from patchbox.elf.binary import Binary, SourceMatch, Symbol
 from patchbox.elf.objfile import ObjectFile, ObjSymbol
 from patchbox.errors import ElfError, ExtractError
@@ -47,7 +48,7 @@ def find_replaced(
             )
         sec = obj.get_symbol_section(sym)
         entry = obj.arch.entry
-        if sym.value != entry.pad or sec.data[: len(entry.nops)] != entry.nops:
+        if sym.value != entry.pad or entry.padded_skip(sec.data) is None:
             # Valid (its entry is the symbol), but nothing can be stacked on it later.
             warnings.append(
                 f"{name} in {obj.path} has no patchable entry (not compiled with "
@@ -63,18 +64,20 @@ def find_replaced(
                 "calls again (and processes started later) run the new code"
             )
         held = False
-        padded = has_padding(binary, orig.address)
+        padded_skip = _padded_skip(binary, orig.address)
+        padded = padded_skip is not None
         # The publishing store at the entry must be aligned (the agent refuses an odd
         # entry). GCC aligns functions only from -O2 on: at -O0, -O1 and -Os an entry
         # with the padding is odd about half the time where the store is 2 bytes (found
         # by the differential test), and takes the entry jump over its NOPs instead.
-        if padded and orig.address % binary.arch.entry.publish == 0:
+        if padded_skip is not None and orig.address % binary.arch.entry.publish == 0:
             # EXTRACT_MAX_EXPECTED bytes tell another build; the agent takes up to
             # MAX_EXPECTED (both from wire/constants.toml).
             pad = binary.arch.entry.pad
             n = max(C.MIN_EXPECTED, min(C.EXTRACT_MAX_EXPECTED, orig.size + pad))
-            expected = binary.read(orig.address - pad, n)
-            kind, skip = RedirectKind.PATCHABLE_ENTRY, 0
+            skip = padded_skip
+            expected = binary.read(orig.address - pad, max(n, pad + skip + entry.at))
+            kind = RedirectKind.PATCHABLE_ENTRY
         elif padded:
             try:
                 expected, kind, skip, held = _entry_jump(binary, name, orig)
@@ -106,7 +109,9 @@ def find_hooks(obj: ObjectFile) -> tuple[HookSite, ...]:
         for rel in obj.get_relocations(sec):
             sym = rel.symbol
             target = obj.get_symbol_section(sym) if sym.defined else None
-            if rel.type != 1 or target is None or not target.is_exec:
+            rtype = obj.arch.relocs.get(rel.type)
+            abs64 = rtype is not None and rtype.recipe is Recipe.ABS64
+            if not abs64 or target is None or not target.is_exec:
                 raise ExtractError(
                     f"{obj.path}: {sec.name}+{rel.offset:#x} does not name "
                     f"a function of this object"
@@ -120,11 +125,18 @@ def find_hooks(obj: ObjectFile) -> tuple[HookSite, ...]:
 
 def has_padding(binary: Binary, address: int) -> bool:
     """Returns True if the function at ``address`` of ``binary`` has the patchable entry."""
+    return _padded_skip(binary, address) is not None
+
+
+def _padded_skip(binary: Binary, address: int) -> int | None:
+    """Returns the skip of the patchable entry of the function at ``address`` of
+    ``binary`` (0, or past a landing pad the compiler put at the symbol), None if it has
+    none."""
     try:
         entry = binary.arch.entry
-        return binary.read(address - entry.pad, len(entry.nops)) == entry.nops
+        return entry.padded_skip(binary.read(address - entry.pad, len(entry.nops) + entry.skip))
     except ElfError:
-        return False
+        return None
 
 
 def _entry_jump(binary: Binary, name: str, orig: Symbol) -> tuple[bytes, RedirectKind, int, bool]:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from patchbox import wire as C
+from patchbox.arch import get_arch_by_machine
 from patchbox.errors import PatchFormatError
 from patchbox.format.codec import Reader, Writer, read_fields, write_fields
 from patchbox.format.model import Fixup, Function, Hook, Patch
@@ -179,6 +180,11 @@ def decode_apply_body(body: bytes, meta: dict[str, str] | None = None) -> Patch:
             base = FixupBase(fx["base"])
         except ValueError as err:
             raise PatchFormatError(f"patch body: fixup[{i}]: {err}") from err
+        if ftype not in get_arch_by_machine(int(machine)).fixup_types:
+            raise PatchFormatError(
+                f"patch body: fixup[{i}]: type {ftype.name} is not a fix-up type of "
+                f"{machine.name.lower()}"
+            )
         limit = len(text) if section == FixupSection.TEXT else len(data)
         if fx["offset"] + C.FIXUP_WIDTH[ftype] > limit:
             raise PatchFormatError(
