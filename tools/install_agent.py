@@ -10,6 +10,11 @@ checkout) receives::
     lib/libsandbox.a lib/libsandbox.so        the archive; the LD_PRELOAD library
     include/patchbox/{patch,sandbox,wire}.h   headers for programs and patch sources
     lib/pkgconfig/patchbox.pc                 relocatable (prefix=${pcfiledir}/../..)
+    ARCH/lib/libsandbox.o ...                 the same objects cross-built for each other
+                                              architecture ARCH of CROSS_ARCHES whose
+                                              ARCH-linux-gnu-gcc exists (Debian's
+                                              gcc-aarch64-linux-gnu): what `patchbox config
+                                              --arch ARCH --libs` names
 
 Used by setup.py (``pip wheel .``, ``pip install .``, editable installs) and by
 scripts/bootstrap.sh; standard library only, since it runs inside pip's isolated build
@@ -21,6 +26,7 @@ from __future__ import annotations
 import argparse
 import ast
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -30,6 +36,9 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 OBJECTS = ("libsandbox.o", "sandbox-listen.o", "libsandbox.a", "libsandbox.so")
+# Architectures the agent builds for (agent/src/arch/); the host's is built natively into
+# lib/, each other one with its Debian cross compiler, when installed, into ARCH/lib/.
+CROSS_ARCHES = ("x86_64", "aarch64")
 HEADERS = ("patch.h", "sandbox.h", "shadow.h", "wire.h")
 
 
@@ -73,19 +82,12 @@ def install(dest: Path, root: Path = ROOT, jobs: int | None = None) -> None:
     if make is None or shutil.which(os.environ.get("CC", "gcc")) is None:
         raise SystemExit("install_agent: building the agent needs make and a C compiler (gcc)")
     dest = dest.resolve()
-    with tempfile.TemporaryDirectory(prefix="patchbox-agent-") as tmp:
-        cmd = [make, "-s", "-C", str(root / "agent"), f"OUT={tmp}"]
-        if jobs:
-            cmd.append(f"-j{jobs}")
-        proc = subprocess.run(
-            cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL, check=False
-        )
-        if proc.returncode != 0:
-            raise SystemExit(f"install_agent: {' '.join(cmd)} failed:\n{proc.stdout}{proc.stderr}")
-        lib = dest / "lib"
-        (lib / "pkgconfig").mkdir(parents=True, exist_ok=True)
-        for name in OBJECTS:
-            _replace(Path(tmp) / name, lib / name)
+    _build(make, root, dest / "lib", jobs, [])
+    (dest / "lib" / "pkgconfig").mkdir(parents=True, exist_ok=True)
+    host = platform.machine()
+    for arch in CROSS_ARCHES:
+        if arch != host and shutil.which(f"{arch}-linux-gnu-gcc"):
+            _build(make, root, dest / arch / "lib", jobs, [f"ARCH={arch}"])
     inc = dest / "include" / "patchbox"
     inc.mkdir(parents=True, exist_ok=True)
     for name in HEADERS:
@@ -94,6 +96,22 @@ def install(dest: Path, root: Path = ROOT, jobs: int | None = None) -> None:
     text = pc_text(root)
     if not pc.is_file() or pc.read_text() != text:
         pc.write_text(text)
+
+
+def _build(make: str, root: Path, lib: Path, jobs: int | None, args: list[str]) -> None:
+    """Builds the agent (make ``args``) and installs its objects into ``lib``."""
+    with tempfile.TemporaryDirectory(prefix="patchbox-agent-") as tmp:
+        cmd = [make, "-s", "-C", str(root / "agent"), f"OUT={tmp}", *args]
+        if jobs:
+            cmd.append(f"-j{jobs}")
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL, check=False
+        )
+        if proc.returncode != 0:
+            raise SystemExit(f"install_agent: {' '.join(cmd)} failed:\n{proc.stdout}{proc.stderr}")
+        lib.mkdir(parents=True, exist_ok=True)
+        for name in OBJECTS:
+            _replace(Path(tmp) / name, lib / name)
 
 
 def _replace(src: Path, dst: Path) -> None:

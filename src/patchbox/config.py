@@ -22,8 +22,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from patchbox import safefs
-from patchbox.errors import ConfigError
-from patchbox.flags import LINK_FLAGS, PATCH_CFLAGS
+from patchbox.arch import Arch, get_arch, host_arch
+from patchbox.errors import ConfigError, ElfError
+from patchbox.flags import LINK_FLAGS, patch_cflags
 
 __all__ = [
     "BUILD_INFO_MAGIC",
@@ -41,6 +42,7 @@ __all__ = [
     "build_info_source",
     "build_info_object",
     "c_string",
+    "target_arch",
 ]
 
 BUILD_INFO_MAGIC = 0x50425849  # "IXBP" little-endian: struct patchbox_build_info.magic
@@ -63,13 +65,39 @@ def agent_home() -> Path:
     return Path(str(importlib.resources.files("patchbox").joinpath("_agent")))
 
 
-def agent_dir() -> Path:
-    """Returns the directory holding the built agent; raises ConfigError if not built."""
-    env = os.environ.get("PATCHBOX_AGENT_DIR")
-    path = Path(env) if env else agent_home() / "lib"
+def target_arch(name: str | None = None) -> Arch:
+    """Returns the architecture called ``name`` (``--arch``), or this host's; raises
+    ConfigError for one patchbox does not know."""
+    try:
+        return get_arch(name) if name else host_arch()
+    except ElfError as err:
+        raise ConfigError(str(err)) from err
+
+
+def agent_dir(arch: Arch | None = None) -> Path:
+    """Returns the directory holding the agent built for ``arch`` (default: this host's:
+    ``lib/``, or ``$PATCHBOX_AGENT_DIR``; another: ``<arch>/lib/``, cross-built when the
+    package was); raises ConfigError if not built."""
+    native = arch is None or arch == host_arch()
+    env = os.environ.get("PATCHBOX_AGENT_DIR") if native else None
+    if env:
+        path = Path(env)
+    elif native or arch is None:
+        path = agent_home() / "lib"
+    else:
+        path = agent_home() / arch.name / "lib"
     missing = [name for name in AGENT_OBJECTS if not (path / name).is_file()]
     if missing:
-        hint = "check PATCHBOX_AGENT_DIR" if env else _NOT_BUILT
+        if env:
+            hint = "check PATCHBOX_AGENT_DIR"
+        elif native or arch is None:
+            hint = _NOT_BUILT
+        else:
+            hint = (
+                f"the package was built without {arch.multiarch}-gcc: install Debian's "
+                f"gcc-{arch.multiarch}, then reinstall patchbox (a checkout: "
+                f"scripts/bootstrap.sh)"
+            )
         raise ConfigError(f"patchbox agent not built: {path / missing[0]} missing ({hint})")
     return path
 
@@ -89,16 +117,17 @@ def pkgconfig_dir() -> Path:
     return path
 
 
-def cflags() -> str:
-    """Returns the compile flags of a patchable program and of its patch objects (with
-    the agent's headers on the include path, for PATCHBOX_ORIGINAL in patch sources)."""
+def cflags(arch: Arch | None = None) -> str:
+    """Returns the compile flags of a patchable program and of its patch objects for
+    ``arch`` (default: this host's), with the agent's headers on the include path (for
+    PATCHBOX_ORIGINAL in patch sources; the same for every architecture)."""
     inc = include_dir()
-    return " ".join(PATCH_CFLAGS + ([f"-I{inc}"] if inc else []))
+    return " ".join(patch_cflags(arch) + ([f"-I{inc}"] if inc else []))
 
 
-def preload() -> Path:
+def preload(arch: Arch | None = None) -> Path:
     """Returns the path of libsandbox.so (for LD_PRELOAD); raises ConfigError if missing."""
-    path = agent_dir() / "libsandbox.so"
+    path = agent_dir(arch) / "libsandbox.so"
     if not path.is_file():
         raise ConfigError(f"{path} missing ({_NOT_BUILT})")
     return path
@@ -108,12 +137,14 @@ def libs(
     app_version: str | None = None,
     app_cflags: str | None = None,
     cwd: str | os.PathLike[str] | None = None,
+    arch: Arch | None = None,
 ) -> str:
-    """Returns the link inputs of a patchable program: agent objects, a fresh build-info
-    object and the link flags. (Paths are printed unquoted, for ``$(...)`` in make/sh.)"""
-    directory = agent_dir()
-    info = collect_build_info(app_version, app_cflags, cwd)
-    obj = build_info_object(info)
+    """Returns the link inputs of a patchable program for ``arch`` (default: this
+    host's): agent objects, a fresh build-info object and the link flags. (Paths are
+    printed unquoted, for ``$(...)`` in make/sh.)"""
+    directory = agent_dir(arch)
+    info = collect_build_info(app_version, app_cflags, cwd, arch)
+    obj = build_info_object(info, arch)
     return " ".join([*(str(directory / name) for name in AGENT_OBJECTS), str(obj), *LINK_FLAGS])
 
 
@@ -167,15 +198,17 @@ def collect_build_info(
     app_version: str | None = None,
     app_cflags: str | None = None,
     cwd: str | os.PathLike[str] | None = None,
+    arch: Arch | None = None,
 ) -> BuildInfo:
     """Returns the build facts: version (option, $PATCHBOX_APP_VERSION, "unknown"), git
-    revision of ``cwd``, the date now, cflags (option, $CFLAGS, the patchbox cflags)."""
+    revision of ``cwd``, the date now, cflags (option, $CFLAGS, the patchbox cflags of
+    ``arch``)."""
     version = (
         app_version
         if app_version is not None
         else os.environ.get("PATCHBOX_APP_VERSION", "unknown")
     )
-    flags = app_cflags if app_cflags is not None else os.environ.get("CFLAGS", cflags())
+    flags = app_cflags if app_cflags is not None else os.environ.get("CFLAGS", cflags(arch))
     return BuildInfo(
         version=version or "unknown", git=_git_revision(cwd), date=_now_utc(), cflags=flags
     )
@@ -224,11 +257,18 @@ const struct patchbox_build_info patchbox_build_info = {{
 """
 
 
-def build_info_object(info: BuildInfo) -> Path:
+def build_info_object(info: BuildInfo, arch: Arch | None = None) -> Path:
     """Returns the path of a compiled build-info object for ``info``, named by the hash
-    of its source (so concurrent builds never clash) in :func:`cache_dir`."""
+    of its source and compiler (so concurrent builds never clash) in :func:`cache_dir`.
+    Compiled with ``$CC`` (default gcc) for this host, with Debian's cross compiler
+    (``<multiarch>-gcc``) for another ``arch``."""
     source = build_info_source(info)
-    digest = hashlib.sha256(source.encode()).hexdigest()[:20]
+    if arch is None or arch == host_arch():
+        cc, key = shlex.split(os.environ.get("CC") or "gcc"), source
+    else:
+        cc = [f"{arch.multiarch}-gcc"]
+        key = f"{source}/* {cc[0]} */"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:20]
     directory = cache_dir()
     # The object is linked into the user's programs: a cache others can write to would
     # let them choose code for it (its name is predictable).
@@ -242,7 +282,6 @@ def build_info_object(info: BuildInfo) -> Path:
     obj = directory / f"build-info-{digest}.o"
     if obj.is_file():
         return obj
-    cc = shlex.split(os.environ.get("CC") or "gcc")
     fd, tmp_obj = tempfile.mkstemp(prefix=f".build-info-{digest}-", suffix=".o", dir=directory)
     os.close(fd)
     # mkstemp: created new (O_EXCL), never through a planted link.

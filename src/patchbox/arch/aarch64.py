@@ -454,6 +454,9 @@ ARCH = Arch(
         insn_align=4,
         publish=4,  # B entry-16, to the veneer in the padding
         landing_in_entry=True,  # bti c at the symbol, the NOP after it (skip 4)
+        # The far veneer's literal at entry-8 is 8-aligned when the function is: GCC's
+        # own `.p2align 4,,11` skips alignments that cost more than 11 bytes.
+        cflags=("-falign-functions=8",),
     ),
     branches=Branches(
         jump_len=4,

@@ -209,6 +209,8 @@ class EntryLayout:
     # The compiler may put the landing pad at the symbol, before the NOPs there, and a
     # patchable-entry redirect stays behind it (the function record's skip).
     landing_in_entry: bool = False
+    # Compile flags the entry needs beyond ``flag`` (``patchbox config --cflags``).
+    cflags: tuple[str, ...] = ()
 
     @property
     def flag(self) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from patchbox import config
+from patchbox.arch import iter_arches
 
 __all__ = ["config_command"]
 
@@ -30,8 +31,17 @@ __all__ = ["config_command"]
     "--app-version", metavar="V", help="Version recorded by --libs [$PATCHBOX_APP_VERSION]."
 )
 @click.option("--app-cflags", metavar="FLAGS", help="Compile flags recorded by --libs [$CFLAGS].")
+@click.option(
+    "--arch",
+    "arch_name",
+    metavar="ARCH",
+    help="Flags and agent for another architecture, by uname -m's name ("
+    + ", ".join(a.name for a in iter_arches())
+    + "; the agent cross-built when the package was) [this host's].",
+)
 def config_command(
     *,
+    arch_name: str | None,
     want_cflags: bool,
     want_libs: bool,
     want_preload: bool,
@@ -45,6 +55,7 @@ def config_command(
       gcc $(patchbox config --cflags) -c app.c
       gcc app.o $(patchbox config --libs --app-version 1.2) -o app
       PKG_CONFIG_PATH=$(patchbox config --pkgconfigdir) pkg-config --cflags --libs patchbox
+      CROSS-gcc $(patchbox config --arch ARCH --cflags) -c app.c    (cross-built)
 
     pkg-config gives the same agent and flags, without the build-info object (the
     program's version, git revision and date that INFO reports; they read "unknown").
@@ -58,15 +69,18 @@ def config_command(
         raise click.UsageError(f"{alone[0]} cannot be combined with other options")
     if (app_version is not None or app_cflags is not None) and not want_libs:
         raise click.UsageError("--app-version and --app-cflags only apply to --libs")
+    arch = config.target_arch(arch_name)
     if want_preload:
-        click.echo(str(config.preload()))
+        click.echo(str(config.preload(arch)))
         return
     if want_pcdir:
+        if arch_name is not None:
+            raise click.UsageError("--pkgconfigdir is this host's only (no --arch)")
         click.echo(str(config.pkgconfig_dir()))
         return
     parts = []
     if want_cflags:
-        parts.append(config.cflags())
+        parts.append(config.cflags(arch))
     if want_libs:
-        parts.append(config.libs(app_version, app_cflags))
+        parts.append(config.libs(app_version, app_cflags, arch=arch))
     click.echo(" ".join(parts))
