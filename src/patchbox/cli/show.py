@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from patchbox.arch import get_arch, unnamed_arch
+from patchbox.arch import get_arch_by_machine
 from patchbox.cli.common import emit_json, json_option
 from patchbox.format.layout import read_patch_file
 from patchbox.format.model import Fixup, Patch
@@ -30,7 +30,7 @@ def _fixup_text(fx: Fixup) -> str:
 def disassemble(patch: Patch, start: int, size: int) -> list[dict[str, Any]]:
     """Returns the instructions of ``patch.text[start:start+size]`` (offsets in text), each
     with the fix-ups written inside it; undecodable bytes appear as ``(bad)``."""
-    arch = get_arch(patch.meta["arch"]) if "arch" in patch.meta else unnamed_arch()
+    arch = get_arch_by_machine(int(patch.machine))  # the patch's own (its body's last field)
     md = arch.disasm.disassembler()
     code = patch.text[start : start + size]
     text_fixups = [fx for fx in patch.fixups if fx.section == FixupSection.TEXT]
