@@ -35,7 +35,8 @@ from __future__ import annotations
 import enum
 from collections.abc import Collection, Sequence
 
-from patchbox.errors import PatchboxError
+from patchbox.arch import get_arch_by_machine
+from patchbox.errors import ElfError, PatchboxError
 from patchbox.format.model import Patch
 from patchbox.protocol.results import AppliedPatch
 from patchbox.wire import ListedState
@@ -129,6 +130,15 @@ def check_apply(
     """Raises PolicyError if ``patch`` must not be applied to the process described by
     ``info`` (INFO reply) with ``applied`` (LIST reply); ``mapped``: build-ids (hex) of
     the libraries it maps, when known (a patch may target one of them)."""
+    machine = info.get("machine", "")
+    if machine.isdigit() and int(machine) != int(patch.machine):
+        # The agent refuses it too (WRONG_MACHINE); said first, before the build-id that
+        # differs as a consequence.
+        raise PolicyError(
+            f"patch {patch.name} is for {_arch_name(int(patch.machine))} (e_machine "
+            f"{int(patch.machine)}), pid {pid} is {_arch_name(int(machine))} (e_machine "
+            f"{machine}): build the patch against this process's binary (WRONG_MACHINE)"
+        )
     want = patch.build_id.hex()
     have = info.get("build_id", "unknown").lower()
     if have != want and mapped is not None and want in mapped:
@@ -149,6 +159,14 @@ def check_apply(
             f"patch {patch.name} is already applied in pid {pid} "
             f"(remove it first: patchbox remove -p {pid} {patch.name})"
         )
+
+
+def _arch_name(machine: int) -> str:
+    """Returns the name of ELF machine ``machine`` (or how a message says it is unknown)."""
+    try:
+        return get_arch_by_machine(machine).name
+    except ElfError:
+        return "an architecture patchbox does not know"
 
 
 def check_remove(name: str, applied: Sequence[AppliedPatch], pid: int | str) -> None:

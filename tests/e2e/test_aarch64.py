@@ -18,15 +18,14 @@ without following links, then finds no such directory (docs/aarch64.md).
 from __future__ import annotations
 
 import os
-import shutil
 import struct
 import subprocess
-import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from a64 import CC, LIBDIR, A64Target, missing_toolchain
 from elftools.elf.elffile import ELFFile
 from elftools.elf.sections import NoteSection, SymbolTableSection
 
@@ -34,14 +33,10 @@ from helpers import ROOT
 from patchbox.errors import AgentError
 from patchbox.format.layout import encode_apply_body
 from patchbox.format.model import Function, Patch
-from patchbox.protocol.client import Client
 from patchbox.wire import ErrorCode, Machine, RedirectKind
 
 pytestmark = pytest.mark.aarch64
 
-CC = "aarch64-linux-gnu-gcc"
-QEMU = "qemu-aarch64"
-LIBDIR = Path("/usr/aarch64-linux-gnu/lib")
 SOURCE = Path(__file__).with_name("a64_target.c")
 CFLAGS = [
     "-O2",
@@ -55,18 +50,10 @@ CYCLES = int(os.environ.get("PATCHBOX_AARCH64_CYCLES", "10000"))
 FAR = 0x20000000  # link-time address of far_answer: 512 MiB past the rest, beyond a B
 
 
-def _missing() -> str | None:
-    """Returns what of the cross toolchain and qemu-user is missing, None if nothing."""
-    gone = [t for t in (CC, "aarch64-linux-gnu-ld", QEMU, "make") if shutil.which(t) is None]
-    if not (LIBDIR / "ld-linux-aarch64.so.1").exists():
-        gone.append(f"{LIBDIR}/ld-linux-aarch64.so.1 (libc6-dev-arm64-cross)")
-    return ", ".join(gone) or None
-
-
 @pytest.fixture(scope="module")
 def agent_a64(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Returns the directory of the agent cross-built for aarch64."""
-    missing = _missing()
+    missing = missing_toolchain()
     if missing:
         pytest.skip(f"needs the aarch64 cross toolchain and qemu-user: missing {missing}")
     out = tmp_path_factory.mktemp("agent-aarch64")
@@ -99,53 +86,6 @@ def build(agent: Path | None, out: Path, *, bti: bool = False, far: bool = True)
     ]
     subprocess.run(cmd, check=True, capture_output=True, text=True)
     return out
-
-
-class A64Target:
-    """The program under qemu-aarch64, driven through its stdin/stdout."""
-
-    def __init__(self, exe: Path, preload: Path | None = None) -> None:
-        self.exe = exe
-        self.proc = subprocess.Popen(
-            [QEMU, *(["-E", f"LD_PRELOAD={preload}"] if preload else []), str(exe)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            bufsize=1,
-        )
-        ready = self.line()
-        assert ready == f"ready {self.proc.pid}", ready  # its getpid() is qemu's pid
-        self.socket = exe.parent / f"sandbox-sock{self.proc.pid}"
-        deadline = time.monotonic() + 20
-        while not self.socket.exists():
-            assert self.proc.poll() is None, self.proc.stderr.read() if self.proc.stderr else ""
-            assert time.monotonic() < deadline, f"no agent socket {self.socket}"
-            time.sleep(0.05)
-
-    def line(self) -> str:
-        assert self.proc.stdout is not None
-        return self.proc.stdout.readline().strip()
-
-    def cmd(self, text: str) -> str:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(text + "\n")
-        self.proc.stdin.flush()
-        return self.line()
-
-    def client(self) -> Client:
-        return Client(self.socket, timeout=30)
-
-    def stop(self) -> str:
-        """Ends the program; returns its stderr."""
-        if self.proc.stdin:
-            self.proc.stdin.close()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        return self.proc.stderr.read() if self.proc.stderr else ""
 
 
 @pytest.fixture(scope="module", params=[False, True], ids=["plain", "bti"])
