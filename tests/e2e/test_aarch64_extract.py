@@ -1,0 +1,261 @@
+"""aarch64 patches built by extract-patch, applied end to end under qemu-user (tier
+`aarch64`; docs/aarch64.md, "What ran under qemu-user").
+
+A small service is cross-built with `patchbox config --arch aarch64 --cflags --libs`
+and run under `qemu-aarch64`. Its `render` calls another function of the program,
+reads and writes a global, a static and a 64-bit static, reads another file's global
+through the GOT and calls libc's `snprintf` (through the patch's veneer stub): every
+aarch64 fix-up type but LDST8/16/128 (the agent's checks of those: tests/arch). A fixed
+`render` is compiled, `extract-patch` builds the patch from the fixed object and the
+running binary, `patchbox apply -p PID` (this x86-64 client) switches the process, whose
+answers on stdout change; `patchbox remove` brings the old ones and the old bytes back.
+Then two patches stacked, and the patch of the x86-64 twin of the same program refused.
+"""
+
+from __future__ import annotations
+
+import shlex
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from a64 import CC, LOADER, A64Target, missing_toolchain
+from elftools.elf.elffile import ELFFile
+from elftools.elf.sections import SymbolTableSection
+
+from helpers import run_tool
+from patchbox.errors import AgentError
+from patchbox.format.layout import encode_apply_body, load_patch
+from patchbox.wire import ErrorCode, FixupType, Machine
+
+pytestmark = pytest.mark.aarch64
+
+SVC = r"""
+#include <stddef.h>
+#include <stdio.h>
+
+extern int limit;              /* main.c's: reached through the GOT */
+int total;                     /* a global of this file */
+static int calls;              /* a static */
+static long chars;             /* a 64-bit static */
+
+__attribute__((noinline)) int scale(int x)
+{
+	__asm__ volatile("");
+	return x * 2;
+}
+
+__attribute__((noinline)) int render(char *buf, size_t len, int n)
+{
+	calls++;
+	total += n;
+	int r = snprintf(buf, len, "old %d calls=%d total=%d limit=%d", scale(n), calls, total, limit);
+	chars += r;
+	return r;
+}
+
+long rendered(void)
+{
+	return chars;
+}
+"""
+# The fixes: each changes what `render` prints.
+FIX1 = SVC.replace('"old %d', '"new %d').replace("scale(n), calls", "scale(n) + 1, calls")
+FIX2 = SVC.replace('"old %d', '"newer %d').replace("scale(n), calls", "scale(n) + 2, calls")
+
+MAIN = r"""
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+int limit = 7;
+int render(char *buf, size_t len, int n);
+long rendered(void);
+
+int main(void)
+{
+	char line[128], out[256];
+	setvbuf(stdout, NULL, _IOLBF, 0);
+	printf("ready %d\n", getpid());
+	while (fgets(line, sizeof(line), stdin)) {
+		if (strncmp(line, "render ", 7) == 0) {
+			render(out, sizeof(out), atoi(line + 7));
+			printf("%s\n", out);
+		} else if (strncmp(line, "chars", 5) == 0) {
+			printf("%ld\n", rendered());
+		} else if (strncmp(line, "text", 4) == 0) {
+			/* render's entry and first instructions, as the process runs them */
+			const unsigned char *p = (const unsigned char *)render - 16;
+			for (int i = 0; i < 64; i++)
+				printf("%02x", p[i]);
+			printf("\n");
+		}
+	}
+	return 0;
+}
+"""
+
+
+def _config(*args: str) -> list[str]:
+    return shlex.split(run_tool("patchbox", "config", *args).stdout)
+
+
+@dataclass(frozen=True)
+class Build:
+    """The service built for one architecture, and the fixed objects."""
+
+    exe: Path
+    fixed: tuple[Path, ...]  # svc.o of FIX1, FIX2
+
+
+def _build(d: Path, cc: str, arch: list[str], link: list[str]) -> Build:
+    """Returns the service (built from SVC and MAIN in ``d``) and FIX1's and FIX2's
+    objects, compiled by ``cc`` with `patchbox config ARCH --cflags` and linked with
+    `--libs`."""
+    cflags = ["-O2", "-g", "-fPIE", *_config(*arch, "--cflags")]
+    objs = []
+    for name, source in (("old", SVC), ("fix1", FIX1), ("fix2", FIX2)):
+        (d / name).mkdir()
+        (d / name / "svc.c").write_text(source)  # the same file name: its statics
+        subprocess.run([cc, *cflags, "-c", "svc.c", "-o", "svc.o"], cwd=d / name, check=True)
+        objs.append(d / name / "svc.o")
+    (d / "main.c").write_text(MAIN)
+    subprocess.run([cc, *cflags, "-c", "main.c", "-o", "main.o"], cwd=d, check=True)
+    libs = _config(*arch, "--libs", "--app-version", "a64-e2e")
+    cmd = [cc, "-pie", "main.o", str(objs[0]), *libs, "-ldl", *link, "-o", "svc"]
+    subprocess.run(cmd, cwd=d, check=True)
+    return Build(d / "svc", tuple(objs[1:]))
+
+
+@pytest.fixture(scope="module")
+def a64_svc(tmp_path_factory: pytest.TempPathFactory) -> Build:
+    missing = missing_toolchain()
+    if missing:
+        pytest.skip(f"needs the aarch64 cross toolchain and qemu-user: missing {missing}")
+    return _build(tmp_path_factory.mktemp("a64svc"), CC, ["--arch", "aarch64"], LOADER)
+
+
+@pytest.fixture()
+def svc(a64_svc: Build) -> Iterator[A64Target]:
+    t = A64Target(a64_svc.exe)
+    yield t
+    alive = t.proc.poll() is None
+    err = t.stop()
+    assert alive, f"the aarch64 service died during the test: {err}"
+
+
+def _extract(build: Build, fix: int, out: Path) -> Path:
+    run_tool("extract-patch", "-f", "render", build.fixed[fix], build.exe, "-o", out)
+    return out
+
+
+def _file_text(exe: Path) -> str:
+    """Returns the 64 bytes from render-16 in the file (what `text` prints unpatched)."""
+    with exe.open("rb") as f:
+        elf = ELFFile(f)
+        symtab = elf.get_section_by_name(".symtab")
+        assert isinstance(symtab, SymbolTableSection)
+        at = symtab.get_symbol_by_name("render")[0]["st_value"] - 16
+        for seg in elf.iter_segments("PT_LOAD"):
+            if seg["p_vaddr"] <= at < seg["p_vaddr"] + seg["p_filesz"]:
+                return seg.data()[at - seg["p_vaddr"] : at - seg["p_vaddr"] + 64].hex()
+    raise AssertionError("render not in a loaded segment")
+
+
+def test_config_names_the_aarch64_agent() -> None:
+    """`patchbox config --arch aarch64`: the 5,4 entry, 8-aligned functions, the
+    cross-built agent objects and a build-info object for aarch64."""
+    if missing_toolchain():
+        pytest.skip("needs the aarch64 cross toolchain")
+    cflags = _config("--arch", "aarch64", "--cflags")
+    assert cflags[:4] == [
+        "-fpatchable-function-entry=5,4",
+        "-falign-functions=8",
+        "-ffunction-sections",
+        "-fdata-sections",
+    ]
+    libs = _config("--arch", "aarch64", "--libs")
+    objs = [Path(a) for a in libs if a.endswith(".o")]
+    assert [p.name for p in objs[:2]] == ["libsandbox.o", "sandbox-listen.o"]
+    assert objs[0].parent.parent.name == "aarch64"
+    for obj in objs:
+        assert obj.read_bytes()[18:20] == (183).to_bytes(2, "little"), obj  # EM_AARCH64
+
+
+def test_extracted_patch_applied_and_removed(
+    svc: A64Target, a64_svc: Build, tmp_path: Path
+) -> None:
+    """extract-patch → apply through the x86-64 client: the answers change (the call,
+    the global, the statics, the GOT, snprintf all the running program's); remove: the
+    old answers and render's bytes as in the file."""
+    pbx = _extract(a64_svc, 0, tmp_path / "fix1.pbx")
+    patch = load_patch(pbx)
+    assert patch.machine == Machine.AARCH64
+    used = {fx.type for fx in patch.fixups}
+    assert {
+        FixupType.BRANCH26,
+        FixupType.ADR_PAGE,
+        FixupType.ADD_LO12,
+        FixupType.LDST32_LO12,
+        FixupType.LDST64_LO12,
+        FixupType.ABS64,
+    } <= used, used
+    before = svc.cmd("text")
+    assert before == _file_text(a64_svc.exe)
+    assert svc.cmd("render 5") == "old 10 calls=1 total=5 limit=7"
+    pid = svc.proc.pid
+    out = run_tool("patchbox", "apply", "-p", pid, pbx).stdout
+    assert f"applied fix1 (id 1) to pid {pid}: render" in out
+    assert svc.cmd("render 5") == "new 11 calls=2 total=10 limit=7"
+    assert svc.cmd("text") != before
+    listed = run_tool("patchbox", "list", "-p", pid).stdout
+    assert "fix1" in listed
+    run_tool("patchbox", "remove", "-p", pid, "fix1")
+    assert svc.cmd("render 6") == "old 12 calls=3 total=16 limit=7"
+    assert svc.cmd("text") == before
+    # The static written by old, new and old code alike: one variable, the program's.
+    seen = ("old 10 calls=1 total=5 limit=7", "new 11 calls=2 total=10 limit=7")
+    assert svc.cmd("chars") == str(sum(map(len, seen)) + len("old 12 calls=3 total=16 limit=7"))
+
+
+def test_stacked_extracted_patches(svc: A64Target, a64_svc: Build, tmp_path: Path) -> None:
+    """A second patch of render on the first (the first replacement's own 4+1 entry);
+    removal top-down, NOT_TOP otherwise; the bytes back at the end."""
+    one = _extract(a64_svc, 0, tmp_path / "fix1.pbx")
+    two = _extract(a64_svc, 1, tmp_path / "fix2.pbx")
+    before = svc.cmd("text")
+    pid = svc.proc.pid
+    run_tool("patchbox", "apply", "-p", pid, one)
+    run_tool("patchbox", "apply", "-p", pid, two)
+    assert svc.cmd("render 1") == "newer 4 calls=1 total=1 limit=7"
+    refused = run_tool("patchbox", "remove", "-p", pid, "fix1", check=False)
+    assert refused.returncode != 0 and "fix2" in refused.stderr, refused.stderr
+    run_tool("patchbox", "remove", "-p", pid, "fix2")
+    assert svc.cmd("render 1") == "new 3 calls=2 total=2 limit=7"
+    run_tool("patchbox", "remove", "-p", pid, "fix1")
+    assert svc.cmd("render 1") == "old 2 calls=3 total=3 limit=7"
+    assert svc.cmd("text") == before
+
+
+def test_patch_of_the_x86_64_twin_refused(
+    svc: A64Target, a64_svc: Build, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """The same program and fix built for this host: `apply` refuses it naming both
+    machines; sent to the agent anyway, the agent refuses it (WRONG_MACHINE), nothing
+    written."""
+    twin = _build(tmp_path_factory.mktemp("x86svc"), "gcc", [], [])
+    pbx = _extract(twin, 0, twin.exe.parent / "fix1.pbx")
+    assert load_patch(pbx).machine != Machine.AARCH64
+    before = svc.cmd("text")
+    done = run_tool("patchbox", "apply", "-p", svc.proc.pid, pbx, check=False)
+    assert done.returncode == 1
+    assert "(e_machine 62), pid" in done.stderr and "is aarch64 (e_machine 183)" in done.stderr
+    assert "WRONG_MACHINE" in done.stderr
+    with svc.client() as c, pytest.raises(AgentError) as err:
+        c.apply(encode_apply_body(load_patch(pbx)))
+    assert err.value.code == ErrorCode.WRONG_MACHINE
+    assert svc.cmd("text") == before
+    assert svc.cmd("render 2") == "old 4 calls=1 total=2 limit=7"
