@@ -25,10 +25,11 @@ from a64 import CC, LOADER, A64Target, missing_toolchain
 from elftools.elf.elffile import ELFFile
 from elftools.elf.sections import SymbolTableSection
 
-from helpers import run_tool
+from helpers import gnu_build_id, run_tool
 from patchbox.errors import AgentError
 from patchbox.format.layout import encode_apply_body, load_patch
-from patchbox.wire import ErrorCode, FixupType, Machine
+from patchbox.format.model import Fixup, Function, Patch
+from patchbox.wire import ErrorCode, FixupBase, FixupSection, FixupType, Machine, RedirectKind
 
 pytestmark = pytest.mark.aarch64
 
@@ -259,3 +260,104 @@ def test_patch_of_the_x86_64_twin_refused(
     assert err.value.code == ErrorCode.WRONG_MACHINE
     assert svc.cmd("text") == before
     assert svc.cmd("render 2") == "old 4 calls=1 total=2 limit=7"
+
+
+# Hand-made replacement code for the agent's fix-up checks: the 4+1 entry, then one
+# instruction of each class at a known offset (never run: every case is refused).
+NOP, RET = 0xD503201F, 0xD65F03C0
+_CODE = {
+    20: 0x94000000,  # bl .
+    24: 0x52800020,  # mov w0, #1
+    28: 0xB9400001,  # ldr w1, [x0]
+    32: 0x90000000,  # adrp x0, .
+    36: 0xF9400001,  # ldr x1, [x0]
+    40: RET,
+}
+_TEXT = b"".join(w.to_bytes(4, "little") for w in (NOP,) * 5 + tuple(_CODE.values()))
+T, D = FixupSection.TEXT, FixupSection.DATA
+
+
+def _fx(offset: int, ftype: FixupType, addend: int = 0, section: FixupSection = T) -> Fixup:
+    return Fixup(section, ftype, FixupBase.ABS, offset, addend)
+
+
+# (fix-ups, the agent's error, words of its message)
+BAD_FIXUPS: dict[str, tuple[list[Fixup], ErrorCode, str]] = {
+    "branch26-on-mov": (
+        [_fx(24, FixupType.BRANCH26)],
+        ErrorCode.BAD_FIXUP,
+        "type 3 at text+0x18 is not on a B or BL",
+    ),
+    "adr-page-on-bl": ([_fx(20, FixupType.ADR_PAGE)], ErrorCode.BAD_FIXUP, "not on an ADRP"),
+    "add-lo12-on-ldr": ([_fx(28, FixupType.ADD_LO12)], ErrorCode.BAD_FIXUP, "not on an ADD"),
+    "ldst64-on-32-bit-ldr": (
+        [_fx(28, FixupType.LDST64_LO12)],
+        ErrorCode.BAD_FIXUP,
+        "not on an 8-byte LDR/STR",
+    ),
+    "ldst8-on-64-bit-ldr": (
+        [_fx(36, FixupType.LDST8_LO12)],
+        ErrorCode.BAD_FIXUP,
+        "not on a 1-byte LDR/STR",
+    ),
+    "branch26-unaligned": (
+        [_fx(22, FixupType.BRANCH26)],
+        ErrorCode.BAD_FIXUP,
+        "not on an instruction word of the text",
+    ),
+    "branch26-in-data": (
+        [_fx(0, FixupType.BRANCH26, section=D)],
+        ErrorCode.BAD_FIXUP,
+        "data+0x0 is not on an instruction word of the text",
+    ),
+    "branch26-out-of-reach": (
+        [_fx(20, FixupType.BRANCH26, 1 << 40)],
+        ErrorCode.FIXUP_OVERFLOW,
+        "beyond a B/BL's +-128 MiB",
+    ),
+    "adr-page-out-of-reach": (
+        [_fx(32, FixupType.ADR_PAGE, 1 << 50)],
+        ErrorCode.FIXUP_OVERFLOW,
+        "beyond an ADRP's +-4 GiB",
+    ),
+    "ldst64-misaligned": (
+        [_fx(36, FixupType.LDST64_LO12, 0x1004)],
+        ErrorCode.FIXUP_OVERFLOW,
+        "not a multiple of the access size",
+    ),
+    # Every value is checked before anything is written: good fix-ups first, then one
+    # that does not fit.
+    "good-then-ldst32-misaligned": (
+        [
+            Fixup(T, FixupType.ADR_PAGE, FixupBase.TEXT, 32, 0),
+            Fixup(T, FixupType.BRANCH26, FixupBase.TEXT, 20, 40),
+            _fx(28, FixupType.LDST32_LO12, 0x1002),
+        ],
+        ErrorCode.FIXUP_OVERFLOW,
+        "fix-up 2 (type 8) at text+0x1c",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_FIXUPS), ids=list(BAD_FIXUPS))
+def test_agent_refuses_bad_fixups(svc: A64Target, a64_svc: Build, case: str) -> None:
+    """The aarch64 agent checks each instruction fix-up's class when the request is read
+    and its value before writing: refused, naming the fix-up, nothing written."""
+    fixups, code, words = BAD_FIXUPS[case]
+    entry = bytes.fromhex(_file_text(a64_svc.exe))[:32]
+    with a64_svc.exe.open("rb") as f:
+        symtab = ELFFile(f).get_section_by_name(".symtab")
+        assert isinstance(symtab, SymbolTableSection)
+        addr = symtab.get_symbol_by_name("render")[0]["st_value"]
+    fn = Function("render", addr, 16, len(_TEXT) - 16, entry, RedirectKind.PATCHABLE_ENTRY, 0)
+    build_id = bytes.fromhex(gnu_build_id(a64_svc.exe))
+    patch = Patch("bad", build_id, _TEXT, [fn], fixups, data=bytes(8), machine=Machine.AARCH64)
+    before = svc.cmd("text")
+    with svc.client() as c, pytest.raises(AgentError) as err:
+        c.apply(encode_apply_body(patch))
+    assert err.value.code == code, err.value
+    assert words in err.value.message, err.value.message
+    assert svc.cmd("text") == before
+    assert svc.cmd("render 3") == "old 6 calls=1 total=3 limit=7"
+    with svc.client() as c:
+        assert c.list() == []

@@ -367,11 +367,24 @@ CASES: dict[str, Case] = {
         ErrorCode.FIXUP_RANGE,
         ("data",),
     ),
+    # aarch64's instruction fix-ups (3..10) are another architecture's: refused by name.
     "fixup-type-3": Case(
         Msg.APPLY,
-        lambda p, t, e: encode_apply_body(fixup(p, type=3)),
+        lambda p, t, e: encode_apply_body(fixup(p, type=FixupType.BRANCH26, offset=8)),
         ErrorCode.BAD_FIXUP,
-        ("type 3",),
+        ("type 3 (not a fix-up type of x86_64)",),
+    ),
+    "fixup-type-10": Case(
+        Msg.APPLY,
+        lambda p, t, e: encode_apply_body(fixup(p, type=FixupType.LDST128_LO12, offset=8)),
+        ErrorCode.BAD_FIXUP,
+        ("type 10 (not a fix-up type of x86_64)",),
+    ),
+    "fixup-type-11": Case(
+        Msg.APPLY,
+        lambda p, t, e: encode_apply_body(fixup(p, type=11)),
+        ErrorCode.BAD_FIXUP,
+        ("type 11 (not a fix-up type of x86_64)",),
     ),
     "fixup-base-0": Case(
         Msg.APPLY,
