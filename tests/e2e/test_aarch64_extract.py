@@ -33,6 +33,8 @@ from patchbox.wire import ErrorCode, FixupBase, FixupSection, FixupType, Machine
 
 pytestmark = pytest.mark.aarch64
 
+BTI_C = (0xD503245F).to_bytes(4, "little")
+
 SVC = r"""
 #include <stddef.h>
 #include <stdio.h>
@@ -112,11 +114,13 @@ class Build:
     fixed: tuple[Path, ...]  # svc.o of FIX1, FIX2
 
 
-def _build(d: Path, cc: str, arch: list[str], link: list[str]) -> Build:
+def _build(
+    d: Path, cc: str, arch: list[str], link: list[str], extra: tuple[str, ...] = ()
+) -> Build:
     """Returns the service (built from SVC and MAIN in ``d``) and FIX1's and FIX2's
-    objects, compiled by ``cc`` with `patchbox config ARCH --cflags` and linked with
-    `--libs`."""
-    cflags = ["-O2", "-g", "-fPIE", *_config(*arch, "--cflags")]
+    objects, compiled by ``cc`` with `patchbox config ARCH --cflags` (and ``extra``) and
+    linked with `--libs`."""
+    cflags = ["-O2", "-g", "-fPIE", *_config(*arch, "--cflags"), *extra]
     objs = []
     for name, source in (("old", SVC), ("fix1", FIX1), ("fix2", FIX2)):
         (d / name).mkdir()
@@ -131,12 +135,18 @@ def _build(d: Path, cc: str, arch: list[str], link: list[str]) -> Build:
     return Build(d / "svc", tuple(objs[1:]))
 
 
-@pytest.fixture(scope="module")
-def a64_svc(tmp_path_factory: pytest.TempPathFactory) -> Build:
+@pytest.fixture(scope="module", params=[False, True], ids=["plain", "bti"])
+def a64_svc(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Build:
+    """Returns the service for aarch64, with `bti c` (and pointer authentication) at
+    its entries or without: -mbranch-protection=standard."""
     missing = missing_toolchain()
     if missing:
         pytest.skip(f"needs the aarch64 cross toolchain and qemu-user: missing {missing}")
-    return _build(tmp_path_factory.mktemp("a64svc"), CC, ["--arch", "aarch64"], LOADER)
+    extra = ("-mbranch-protection=standard",) if request.param else ()
+    d = tmp_path_factory.mktemp("a64svc")
+    build = _build(d, CC, ["--arch", "aarch64"], LOADER, extra)
+    assert (bytes.fromhex(_file_text(build.exe))[16:20] == BTI_C) == request.param
+    return build
 
 
 @pytest.fixture()
@@ -349,7 +359,8 @@ def test_agent_refuses_bad_fixups(svc: A64Target, a64_svc: Build, case: str) -> 
         symtab = ELFFile(f).get_section_by_name(".symtab")
         assert isinstance(symtab, SymbolTableSection)
         addr = symtab.get_symbol_by_name("render")[0]["st_value"]
-    fn = Function("render", addr, 16, len(_TEXT) - 16, entry, RedirectKind.PATCHABLE_ENTRY, 0)
+    skip = 4 if entry[16:20] == BTI_C else 0
+    fn = Function("render", addr, 16, len(_TEXT) - 16, entry, RedirectKind.PATCHABLE_ENTRY, skip)
     build_id = bytes.fromhex(gnu_build_id(a64_svc.exe))
     patch = Patch("bad", build_id, _TEXT, [fn], fixups, data=bytes(8), machine=Machine.AARCH64)
     before = svc.cmd("text")
