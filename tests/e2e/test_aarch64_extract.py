@@ -23,9 +23,8 @@ from pathlib import Path
 import pytest
 from a64 import CC, LOADER, A64Target, missing_toolchain
 from elftools.elf.elffile import ELFFile
-from elftools.elf.sections import SymbolTableSection
 
-from helpers import gnu_build_id, run_tool
+from helpers import elf_symbol, gnu_build_id, run_tool
 from patchbox.errors import AgentError
 from patchbox.format.layout import encode_apply_body, load_patch
 from patchbox.format.model import Fixup, Function, Patch
@@ -165,11 +164,9 @@ def _extract(build: Build, fix: int, out: Path) -> Path:
 
 def _file_text(exe: Path) -> str:
     """Returns the 64 bytes from render-16 in the file (what `text` prints unpatched)."""
+    at = elf_symbol(exe, "render")["st_value"] - 16
     with exe.open("rb") as f:
         elf = ELFFile(f)
-        symtab = elf.get_section_by_name(".symtab")
-        assert isinstance(symtab, SymbolTableSection)
-        at = symtab.get_symbol_by_name("render")[0]["st_value"] - 16
         for seg in elf.iter_segments("PT_LOAD"):
             if seg["p_vaddr"] <= at < seg["p_vaddr"] + seg["p_filesz"]:
                 return seg.data()[at - seg["p_vaddr"] : at - seg["p_vaddr"] + 64].hex()
@@ -355,10 +352,7 @@ def test_agent_refuses_bad_fixups(svc: A64Target, a64_svc: Build, case: str) -> 
     and its value before writing: refused, naming the fix-up, nothing written."""
     fixups, code, words = BAD_FIXUPS[case]
     entry = bytes.fromhex(_file_text(a64_svc.exe))[:32]
-    with a64_svc.exe.open("rb") as f:
-        symtab = ELFFile(f).get_section_by_name(".symtab")
-        assert isinstance(symtab, SymbolTableSection)
-        addr = symtab.get_symbol_by_name("render")[0]["st_value"]
+    addr = elf_symbol(a64_svc.exe, "render")["st_value"]
     skip = 4 if entry[16:20] == BTI_C else 0
     fn = Function("render", addr, 16, len(_TEXT) - 16, entry, RedirectKind.PATCHABLE_ENTRY, skip)
     build_id = bytes.fromhex(gnu_build_id(a64_svc.exe))

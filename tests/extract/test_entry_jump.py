@@ -286,3 +286,21 @@ def test_odd_padded_entry_takes_the_entry_jump(tmp_path: Path) -> None:
             seen.add("jump")
     # gcc 12 lays these six out with every case present.
     assert seen == {"even", "refused", "jump"}
+
+
+def test_aarch64_entry_jump_only_over_a_nop_or_a_b() -> None:
+    """aarch64 (rule 5): a B over the first instruction only where the ARM ARM allows
+    the store while other cores execute it, a NOP or a B; past `bti c` the same."""
+    a64 = get_arch("aarch64")
+    nop, bti, stp, ret = 0xD503201F, 0xD503245F, 0xA9BF7BFD, 0xD65F03C0
+
+    def code(*words: int) -> bytes:
+        return b"".join(w.to_bytes(4, "little") for w in words)
+
+    ok = analyse_entry("f", 0x1000, code(nop, stp, ret), arch=a64)
+    assert (ok.skip, ok.first_len, ok.held) == (0, 4, False)
+    assert analyse_entry("f", 0x1000, code(bti, nop, ret), arch=a64).skip == 4
+    assert analyse_entry("f", 0x1000, code(0x14000010, ret), arch=a64).point == 0x1000  # b
+    for words in ((stp, ret), (bti, stp, ret)):
+        with pytest.raises(ExtractError, match=r"rule 5, .*a9bf7bfd\) is not a NOP or a B"):
+            analyse_entry("f", 0x1000, code(*words), arch=a64)

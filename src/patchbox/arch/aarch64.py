@@ -219,6 +219,23 @@ def is_branch_field(code: bytes, o: int) -> bool:
     return int.from_bytes(code[o : o + 4], "little") & 0x7C000000 == _B
 
 
+def jump_over_unsafe(insn: bytes) -> str | None:
+    """Returns why an entry jump (a B, one aligned 4-byte store) may not replace the
+    first instruction ``insn``, None if it may: the ARM ARM (B2.2.5) allows a store over
+    an instruction another core may be executing only when the old and the new one are
+    both among B, BL, NOP, BRK, SVC, HVC, SMC and ISB; the remove writes the original
+    back, so it must be a NOP or a B (what the agent checks:
+    agent/src/arch/aarch64/insn.h ``sandbox_arch_jump_unsafe``)."""
+    word = int.from_bytes(insn[:4], "little")
+    if word == NOP or word & 0xFC000000 == _B:
+        return None
+    return (
+        f"its first instruction ({word:08x}) is not a NOP or a B, and the ARM ARM allows an "
+        f"instruction another core may be executing to be replaced only among B, BL, NOP, "
+        f"BRK, SVC, HVC, SMC and ISB: build with `patchbox config --arch aarch64 --cflags`"
+    )
+
+
 R = RelocType
 N = ldst_lo12
 PC, LO, CALL, GOT = Recipe.PCREL, Recipe.LO12, Recipe.CALL, Recipe.GOT
@@ -472,6 +489,7 @@ ARCH = Arch(
         stop_prefixes=("b.", "cb", "tb", "ret", "br"),
         call_field=0,
         fixup=FixupType.BRANCH26,
+        jump_over_unsafe=jump_over_unsafe,
     ),
     disasm=Disasm("CS_ARCH_ARM64", "CS_MODE_ARM", "capstone.arm64:ARM64_OP_"),
     registers=Registers(

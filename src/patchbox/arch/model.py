@@ -263,6 +263,10 @@ class Branches:
     # The fix-up of a direct call or jump the assembler resolved (no relocation), bound
     # to the running program: its field is at the instruction's end - 4.
     fixup: FixupType = FixupType.PC32
+    # Why an entry jump may not overwrite the first instruction ``insn`` (its bytes),
+    # None if it may: where the architecture allows a store over an instruction another
+    # core executes only between some instructions (aarch64: NOP, B, ...).
+    jump_over_unsafe: Callable[[bytes], str | None] | None = None
 
 
 @dataclass(frozen=True)

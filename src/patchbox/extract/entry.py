@@ -17,7 +17,10 @@ whether that is safe and refuses naming the rule that fails:
 3. no direct branch of the function (or of its ``.cold``/``.part`` pieces) targets
    (P, P+J), and no call in [P, P+J) returns inside it; never overridable;
 4. P % 8 != 7, so the jump's first two bytes lie in one word (remove parks threads
-   there with a jump to itself); never overridable.
+   there with a jump to itself); never overridable;
+5. the architecture allows the first instruction to be replaced while other cores may
+   execute it (``Branches.jump_over_unsafe``: on aarch64 only a NOP or a B); never
+   overridable.
 
 Shared libraries are targets like the executable (the agent maps a sandbox near each
 library it patches). Rule 6 (no stacking on an entry jump unless the replacement has
@@ -104,6 +107,10 @@ def analyse_entry(
             f"capstone cannot decode the instruction at {point:#x} "
             f"({code[skip : skip + 8].hex(' ')})",
         )
+    unsafe = arch.branches.jump_over_unsafe
+    why = unsafe(code[skip : skip + jump_len]) if unsafe else None
+    if why:
+        raise _refuse(symbol, "rule 5, the instruction replaced", why)
     inside = range(point + 1, point + jump_len)
     for name, addr, body in [(symbol, entry, code), *(pieces or [])]:
         end = addr
