@@ -19,7 +19,8 @@ whether that is safe and refuses naming the rule that fails:
 4. P % 8 != 7, so the jump's first two bytes lie in one word (remove parks threads
    there with a jump to itself); never overridable;
 5. the architecture allows the first instruction to be replaced while other cores may
-   execute it (``Branches.jump_over_unsafe``: on aarch64 only a NOP or a B); never
+   execute it (``Branches.jump_over_unsafe``: where stores over live code are allowed
+   only between some instructions, the first must be one of them); never
    overridable.
 
 Shared libraries are targets like the executable (the agent maps a sandbox near each
