@@ -3,9 +3,9 @@
 
 A small service is cross-built with `patchbox config --arch aarch64 --cflags --libs`
 and run under `qemu-aarch64`. Its `render` calls another function of the program,
-reads and writes a global, a static and a 64-bit static, reads another file's global
-through the GOT and calls libc's `snprintf` (through the patch's veneer stub): every
-aarch64 fix-up type but LDST8/16/128 (the agent's checks of those: tests/arch). A fixed
+reads and writes globals and statics of 1, 2, 4, 8 and 16 bytes, reads another file's
+global through the GOT and calls libc's `snprintf` (through the patch's veneer stub):
+every aarch64 fix-up type. A fixed
 `render` is compiled, `extract-patch` builds the patch from the fixed object and the
 running binary, `patchbox apply -p PID` (this x86-64 client) switches the process, whose
 answers on stdout change; `patchbox remove` brings the old ones and the old bytes back.
@@ -38,10 +38,15 @@ SVC = r"""
 #include <stddef.h>
 #include <stdio.h>
 
+typedef int v4 __attribute__((vector_size(16)));
+
 extern int limit;              /* main.c's: reached through the GOT */
 int total;                     /* a global of this file */
 static int calls;              /* a static */
 static long chars;             /* a 64-bit static */
+unsigned char last;            /* a byte */
+static short hits;             /* a 16-bit static */
+static v4 vec;                 /* a q register's worth */
 
 __attribute__((noinline)) int scale(int x)
 {
@@ -53,6 +58,9 @@ __attribute__((noinline)) int render(char *buf, size_t len, int n)
 {
 	calls++;
 	total += n;
+	last = (unsigned char)n;
+	hits++;
+	vec += (v4){n, 1, 2, 3};
 	int r = snprintf(buf, len, "old %d calls=%d total=%d limit=%d", scale(n), calls, total, limit);
 	chars += r;
 	return r;
@@ -62,9 +70,18 @@ long rendered(void)
 {
 	return chars;
 }
+
+int wide(void)
+{
+	return last * 1000000 + hits * 1000 + vec[0];
+}
 """
 # The fixes: each changes what `render` prints.
-FIX1 = SVC.replace('"old %d', '"new %d').replace("scale(n), calls", "scale(n) + 1, calls")
+FIX1 = (
+    SVC.replace('"old %d', '"new %d')
+    .replace("scale(n), calls", "scale(n) + 1, calls")
+    .replace("(v4){n, 1", "(v4){10 * n, 1")
+)
 FIX2 = SVC.replace('"old %d', '"newer %d').replace("scale(n), calls", "scale(n) + 2, calls")
 
 MAIN = r"""
@@ -76,6 +93,7 @@ MAIN = r"""
 int limit = 7;
 int render(char *buf, size_t len, int n);
 long rendered(void);
+int wide(void);
 
 int main(void)
 {
@@ -88,6 +106,8 @@ int main(void)
 			printf("%s\n", out);
 		} else if (strncmp(line, "chars", 5) == 0) {
 			printf("%ld\n", rendered());
+		} else if (strncmp(line, "wide", 4) == 0) {
+			printf("%d\n", wide());
 		} else if (strncmp(line, "text", 4) == 0) {
 			/* render's entry and first instructions, as the process runs them */
 			const unsigned char *p = (const unsigned char *)render - 16;
@@ -207,8 +227,11 @@ def test_extracted_patch_applied_and_removed(
         FixupType.BRANCH26,
         FixupType.ADR_PAGE,
         FixupType.ADD_LO12,
+        FixupType.LDST8_LO12,
+        FixupType.LDST16_LO12,
         FixupType.LDST32_LO12,
         FixupType.LDST64_LO12,
+        FixupType.LDST128_LO12,
         FixupType.ABS64,
     } <= used, used
     before = svc.cmd("text")
@@ -227,6 +250,8 @@ def test_extracted_patch_applied_and_removed(
     # The static written by old, new and old code alike: one variable, the program's.
     seen = ("old 10 calls=1 total=5 limit=7", "new 11 calls=2 total=10 limit=7")
     assert svc.cmd("chars") == str(sum(map(len, seen)) + len("old 12 calls=3 total=16 limit=7"))
+    # The byte, the short and the vector likewise: last 6, hits 3, vec[0] 5 + 50 + 6.
+    assert svc.cmd("wide") == "6003061"
 
 
 def test_stacked_extracted_patches(svc: A64Target, a64_svc: Build, tmp_path: Path) -> None:
