@@ -13,6 +13,7 @@ from click.testing import CliRunner, Result
 
 from helpers import BUILD_ID, ROOT, make_patch
 from patchbox import config
+from patchbox.arch import host_arch, iter_arches
 from patchbox.cli.main import cli
 from patchbox.cli.render import printable
 from patchbox.flags import LINK_FLAGS, PATCH_CFLAGS
@@ -273,6 +274,31 @@ def test_config_agent_not_built(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setenv("PATCHBOX_AGENT_DIR", str(tmp_path / "empty"))
     assert_one_error_line(run("config", "--libs"), "agent not built", "PATCHBOX_AGENT_DIR")
     assert_one_error_line(run("config", "--preload"), "agent not built")
+
+
+def test_config_other_arch(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """`--arch`: another architecture's entry flags; its agent from `<arch>/lib` of the
+    package (PATCHBOX_AGENT_DIR is the host's only), refused naming the cross compiler
+    when the package has none; an unknown name refused; no pkg-config directory."""
+    other = next(a for a in iter_arches() if a != host_arch())
+    assert (
+        run("config", "--arch", other.name, "--cflags").stdout.split()[:2]
+        == [
+            other.entry.flag,
+            *other.entry.cflags,
+            "-ffunction-sections",
+        ][:2]
+    )
+    assert run("config", "--arch", host_arch().name, "--cflags").stdout.split()[:3] == PATCH_CFLAGS
+    monkeypatch.setattr(config, "agent_home", lambda: tmp_path / "_agent")
+    monkeypatch.setenv("PATCHBOX_AGENT_DIR", str(tmp_path / "ignored"))
+    assert_one_error_line(
+        run("config", "--arch", other.name, "--libs"),
+        f"{tmp_path}/_agent/{other.name}/lib/libsandbox.o missing",
+        f"{other.multiarch}-gcc",
+    )
+    assert_one_error_line(run("config", "--arch", "sparc", "--cflags"), "unknown architecture")
+    assert run("config", "--arch", other.name, "--pkgconfigdir").exit_code == 2
 
 
 READER_C = r"""
