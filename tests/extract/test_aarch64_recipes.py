@@ -1,0 +1,127 @@
+"""extract-patch on aarch64 objects, without running anything (the unit tier's half of
+tests/e2e/test_aarch64_extract.py): each relocation of a cross-compiled fix becomes the
+fix-up type and base of its recipe (docs/patch-format.md, "How extract-patch fills it
+(aarch64)"), aimed at the running program's functions and variables, a GOT slot or an
+import stub the patch carries; and what has no recipe is refused by name. Needs the
+cross compiler (skipped, saying so, without it)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from helpers import CROSS_CC, cross_cc, elf_symbol, needs_cross_cc
+from patchbox.arch import get_arch
+from patchbox.errors import UnsupportedRelocation
+from patchbox.extract import extract_patch
+from patchbox.flags import patch_cflags
+from patchbox.format.model import Fixup
+from patchbox.wire import FixupBase, FixupSection, FixupType, Machine, RedirectKind
+
+pytestmark = needs_cross_cc
+
+A64 = get_arch("aarch64")
+CFLAGS = ["-O2", "-fPIE", *patch_cflags(A64)]
+
+SVC = r"""
+#include <stdio.h>
+extern int limit;
+static int calls;
+__attribute__((noinline)) int scale(int x) { __asm__ volatile(""); return x * 2; }
+__attribute__((noinline)) int render(char *buf, unsigned long len, int n)
+{
+	calls++;
+	return snprintf(buf, len, "%s %d %d %d", "v1", scale(n), calls, limit);
+}
+"""
+MAIN = r"""
+int limit = 7;
+int render(char *buf, unsigned long len, int n);
+int main(void) { char b[64]; return render(b, sizeof b, 1); }
+"""
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """Returns (the linked program, the fixed object)."""
+    d = tmp_path_factory.mktemp("a64recipes")
+    (d / "old").mkdir()
+    (d / "new").mkdir()
+    (d / "old" / "svc.c").write_text(SVC)
+    (d / "new" / "svc.c").write_text(SVC.replace('"v1"', '"v2"'))
+    (d / "main.c").write_text(MAIN)
+    for sub in ("old", "new"):
+        cross_cc(*CFLAGS, "-c", "svc.c", "-o", "svc.o", cwd=d / sub)
+    cross_cc(*CFLAGS, "-pie", "main.c", "old/svc.o", "-Wl,--build-id=sha1", "-o", "prog", cwd=d)
+    return d / "prog", d / "new" / "svc.o"
+
+
+def _at(fixups: list[Fixup], text: bytes, word: int, mask: int) -> list[Fixup]:
+    """Returns the text fix-ups written into instructions ``word`` (under ``mask``)."""
+    return [
+        fx
+        for fx in fixups
+        if fx.section == FixupSection.TEXT
+        and int.from_bytes(text[fx.offset : fx.offset + 4], "little") & mask == word
+    ]
+
+
+def test_every_reference_gets_its_recipe(built: tuple[Path, Path]) -> None:
+    exe, fixed = built
+    patch = extract_patch(fixed, exe, ["render"])
+    assert patch.machine == Machine.AARCH64
+    fn = patch.functions[0]
+    assert (fn.kind, fn.skip, fn.target) == (
+        RedirectKind.PATCHABLE_ENTRY,
+        0,
+        elf_symbol(exe, "render")["st_value"],
+    )
+    kinds = {(fx.type, fx.base) for fx in patch.fixups}
+    assert kinds == {
+        (FixupType.BRANCH26, FixupBase.EXE),  # scale: the program's
+        (FixupType.BRANCH26, FixupBase.TEXT),  # snprintf: through the stub
+        (FixupType.ABS64, FixupBase.IMPORT),  # the stub's literal
+        (FixupType.ADR_PAGE, FixupBase.EXE),  # calls: the program's static
+        (FixupType.LDST32_LO12, FixupBase.EXE),
+        (FixupType.ADR_PAGE, FixupBase.TEXT),  # the GOT slot, the string literals
+        (FixupType.LDST64_LO12, FixupBase.TEXT),  # the GOT slot
+        (FixupType.ADD_LO12, FixupBase.TEXT),  # the string literals, copied
+        (FixupType.ABS64, FixupBase.EXE),  # the GOT slot's content: limit
+    }, kinds
+    calls = elf_symbol(exe, "calls")["st_value"]
+    scale = elf_symbol(exe, "scale")["st_value"]
+    limit = elf_symbol(exe, "limit")["st_value"]
+    by = {(fx.type, fx.base): fx for fx in patch.fixups}
+    assert by[FixupType.BRANCH26, FixupBase.EXE].addend == scale
+    assert {fx.addend for fx in patch.fixups if fx.base == FixupBase.EXE} == {scale, calls, limit}
+    # The instruction classes the agent checks, the field left zero (a B or a BL: the
+    # call of snprintf is a tail call).
+    assert _at(patch.fixups, patch.text, 0x14000000, 0x7FFFFFFF) == [
+        fx for fx in patch.fixups if fx.type == FixupType.BRANCH26
+    ]
+    for fx in patch.fixups:
+        if fx.type == FixupType.ADR_PAGE:
+            assert _at([fx], patch.text, 0x90000000, 0x9FFFFFE0), fx
+    # The stub (ldr x16, #8; br x16; literal) and the GOT slot: 8-aligned literals.
+    stub = by[FixupType.BRANCH26, FixupBase.TEXT].addend
+    assert patch.text[stub : stub + 8] == A64.branches.stub
+    imp = by[FixupType.ABS64, FixupBase.IMPORT]
+    assert (imp.offset, imp.symbol) == (stub + 8, "snprintf")
+    slot = by[FixupType.ABS64, FixupBase.EXE]
+    assert slot.offset % 8 == 0 and slot.addend == limit
+    assert by[FixupType.LDST64_LO12, FixupBase.TEXT].addend == slot.offset
+
+
+def test_thread_local_refused_by_name(tmp_path: Path) -> None:
+    """A thread-local access has no aarch64 recipe yet: refused naming the relocation."""
+    src = "__thread int t;\nint f(void) { return ++t; }\nint main(void) { return f(); }\n"
+    (tmp_path / "t.c").write_text(src)
+    cross_cc(*CFLAGS, "-c", "t.c", "-o", "t.o", cwd=tmp_path)
+    cross_cc(*CFLAGS, "-pie", "t.o", "-Wl,--build-id=sha1", "-o", "t", cwd=tmp_path)
+    with pytest.raises(UnsupportedRelocation, match=r"R_AARCH64_TLS\w+ in \.text\.f"):
+        extract_patch(tmp_path / "t.o", tmp_path / "t", ["f"])
+
+
+def test_cross_compiler_named() -> None:
+    assert f"{A64.multiarch}-gcc" == CROSS_CC
