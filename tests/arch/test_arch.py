@@ -123,6 +123,13 @@ def test_pc_relative_properties() -> None:
         "R_AARCH64_CALL26": "BRANCH26",
         "R_AARCH64_ADR_GOT_PAGE": "ADR_PAGE",
         "R_AARCH64_LD64_GOT_LO12_NC": "LDST64_LO12",
+        # Thread-local: initial-exec through a slot; local-exec's constant is written by
+        # the extractor (no fix-up: the field's type is never sent).
+        "R_AARCH64_TLSIE_ADR_GOTTPREL_PAGE21": "ADR_PAGE",
+        "R_AARCH64_TLSIE_LD64_GOTTPREL_LO12_NC": "LDST64_LO12",
+        "R_AARCH64_TLSLE_ADD_TPREL_HI12": "PC32",
+        "R_AARCH64_TLSLE_ADD_TPREL_LO12": "PC32",
+        "R_AARCH64_TLSLE_ADD_TPREL_LO12_NC": "PC32",
     }
     assert A64.relocs.get_carried(283, ".text.f+0x8", "g").recipe is Recipe.CALL
     with pytest.raises(

@@ -3,9 +3,9 @@
 
 A small service is cross-built with `patchbox config --arch aarch64 --cflags --libs`
 and run under `qemu-aarch64`. Its `render` calls another function of the program,
-reads and writes globals and statics of 1, 2, 4, 8 and 16 bytes, reads another file's
-global through the GOT and calls libc's `snprintf` (through the patch's veneer stub):
-every aarch64 fix-up type. A fixed
+reads and writes globals and statics of 1, 2, 4, 8 and 16 bytes and two thread-local
+variables (local-exec, initial-exec), reads another file's global through the GOT and
+calls libc's `snprintf` (through the patch's veneer stub): every aarch64 fix-up type. A fixed
 `render` is compiled, `extract-patch` builds the patch from the fixed object and the
 running binary, `patchbox apply -p PID` (this x86-64 client) switches the process, whose
 answers on stdout change; `patchbox remove` brings the old ones and the old bytes back.
@@ -47,6 +47,8 @@ static long chars;             /* a 64-bit static */
 unsigned char last;            /* a byte */
 static short hits;             /* a 16-bit static */
 static v4 vec;                 /* a q register's worth */
+static __thread int mine;      /* thread-local, this file's: local-exec */
+extern __thread int theirs;    /* thread-local, main.c's: initial-exec */
 
 __attribute__((noinline)) int scale(int x)
 {
@@ -61,6 +63,8 @@ __attribute__((noinline)) int render(char *buf, size_t len, int n)
 	last = (unsigned char)n;
 	hits++;
 	vec += (v4){n, 1, 2, 3};
+	mine += n;
+	theirs += 1;
 	int r = snprintf(buf, len, "old %d calls=%d total=%d limit=%d", scale(n), calls, total, limit);
 	chars += r;
 	return r;
@@ -75,12 +79,18 @@ int wide(void)
 {
 	return last * 1000000 + hits * 1000 + vec[0];
 }
+
+int tls(void)
+{
+	return mine * 1000 + theirs;
+}
 """
 # The fixes: each changes what `render` prints.
 FIX1 = (
     SVC.replace('"old %d', '"new %d')
     .replace("scale(n), calls", "scale(n) + 1, calls")
     .replace("(v4){n, 1", "(v4){10 * n, 1")
+    .replace("mine += n;", "mine += 10 * n;")
 )
 FIX2 = SVC.replace('"old %d', '"newer %d').replace("scale(n), calls", "scale(n) + 2, calls")
 
@@ -91,9 +101,11 @@ MAIN = r"""
 #include <unistd.h>
 
 int limit = 7;
+__thread int theirs;
 int render(char *buf, size_t len, int n);
 long rendered(void);
 int wide(void);
+int tls(void);
 
 int main(void)
 {
@@ -108,6 +120,8 @@ int main(void)
 			printf("%ld\n", rendered());
 		} else if (strncmp(line, "wide", 4) == 0) {
 			printf("%d\n", wide());
+		} else if (strncmp(line, "tls", 3) == 0) {
+			printf("%d\n", tls());
 		} else if (strncmp(line, "text", 4) == 0) {
 			/* render's entry and first instructions, as the process runs them */
 			const unsigned char *p = (const unsigned char *)render - 16;
@@ -252,6 +266,10 @@ def test_extracted_patch_applied_and_removed(
     assert svc.cmd("chars") == str(sum(map(len, seen)) + len("old 12 calls=3 total=16 limit=7"))
     # The byte, the short and the vector likewise: last 6, hits 3, vec[0] 5 + 50 + 6.
     assert svc.cmd("wide") == "6003061"
+    # The thread-local variables: the program's (TP offsets in the code and in a slot).
+    assert svc.cmd("tls") == "61003"
+    assert patch.meta["tls:mine"].startswith("local-exec: TP offset ")
+    assert patch.meta["tls:theirs"].startswith("initial-exec: TP offset ")
 
 
 def test_stacked_extracted_patches(svc: A64Target, a64_svc: Build, tmp_path: Path) -> None:

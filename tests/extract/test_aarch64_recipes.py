@@ -2,7 +2,8 @@
 tests/e2e/test_aarch64_extract.py): each relocation of a cross-compiled fix becomes the
 fix-up type and base of its recipe (docs/patch-format.md, "How extract-patch fills it
 (aarch64)"), aimed at the running program's functions and variables, a GOT slot or an
-import stub the patch carries; and what has no recipe is refused by name. Needs the
+import stub the patch carries; thread-local accesses of an executable get their TP
+offsets; what has no recipe is refused by name. Needs the
 cross compiler (skipped, saying so, without it)."""
 
 from __future__ import annotations
@@ -113,14 +114,49 @@ def test_every_reference_gets_its_recipe(built: tuple[Path, Path]) -> None:
     assert by[FixupType.LDST64_LO12, FixupBase.TEXT].addend == slot.offset
 
 
-def test_thread_local_refused_by_name(tmp_path: Path) -> None:
-    """A thread-local access has no aarch64 recipe yet: refused naming the relocation."""
-    src = "__thread int t;\nint f(void) { return ++t; }\nint main(void) { return f(); }\n"
-    (tmp_path / "t.c").write_text(src)
+TLS = r"""
+static __thread int mine;
+extern __thread int theirs;
+__attribute__((noinline)) int f(void) { mine += 3; theirs += 1; return mine * 100 + theirs; }
+"""
+TLS_MAIN = "__thread int theirs;\nint f(void);\nint main(void) { return f(); }\n"
+
+
+def test_thread_local_in_an_executable(tmp_path: Path) -> None:
+    """Local-exec: the TP offset (variant I: after the 16-byte TCB) into the two ADDs;
+    initial-exec: a slot of the patch holding it, reached by ADRP + LDR."""
+    (tmp_path / "t.c").write_text(TLS)
+    (tmp_path / "m.c").write_text(TLS_MAIN)
     cross_cc(*CFLAGS, "-c", "t.c", "-o", "t.o", cwd=tmp_path)
-    cross_cc(*CFLAGS, "-pie", "t.o", "-Wl,--build-id=sha1", "-o", "t", cwd=tmp_path)
-    with pytest.raises(UnsupportedRelocation, match=r"R_AARCH64_TLS\w+ in \.text\.f"):
-        extract_patch(tmp_path / "t.o", tmp_path / "t", ["f"])
+    cross_cc(*CFLAGS, "-pie", "m.c", "t.o", "-Wl,--build-id=sha1", "-o", "t", cwd=tmp_path)
+    patch = extract_patch(tmp_path / "t.o", tmp_path / "t", ["f"])
+    assert patch.meta["tls:mine"].startswith("local-exec: TP offset ")
+    assert patch.meta["tls:theirs"].startswith("initial-exec: TP offset ")
+    tp = int(patch.meta["tls:mine"].split()[-1])
+    assert tp >= 16  # after the thread control block
+    hi, lo = 0x91400000, 0x91000000  # add xd, xn, #imm, lsl #12; add xd, xn, #imm
+    words = [int.from_bytes(patch.text[o : o + 4], "little") for o in range(0, len(patch.text), 4)]
+    assert any(w & 0xFFC00000 == hi and (w >> 10) & 0xFFF == tp >> 12 for w in words)
+    assert any(w & 0xFFC00000 == lo and (w >> 10) & 0xFFF == tp & 0xFFF for w in words)
+    slot = next(fx for fx in patch.fixups if fx.base == FixupBase.ABS)
+    assert slot.type == FixupType.ABS64 and slot.offset % 8 == 0
+    assert slot.addend == int(patch.meta["tls:theirs"].split()[3])
+    assert {fx.type for fx in patch.fixups if fx.addend == slot.offset} == {
+        FixupType.ADR_PAGE,
+        FixupType.LDST64_LO12,
+    }
+
+
+def test_thread_local_through_a_descriptor_refused(tmp_path: Path) -> None:
+    """A fix compiled as for a library (-fPIC: TLS descriptors) has no aarch64 recipe:
+    refused naming the relocation."""
+    (tmp_path / "t.c").write_text(TLS)
+    (tmp_path / "m.c").write_text(TLS_MAIN)
+    cross_cc(*CFLAGS, "-c", "t.c", "-o", "pie.o", cwd=tmp_path)
+    cross_cc(*CFLAGS, "-pie", "m.c", "pie.o", "-Wl,--build-id=sha1", "-o", "t", cwd=tmp_path)
+    cross_cc("-O2", "-fPIC", *patch_cflags(A64), "-c", "t.c", "-o", "pic.o", cwd=tmp_path)
+    with pytest.raises(UnsupportedRelocation, match=r"R_AARCH64_TLSDESC_\w+ in \.text\.f"):
+        extract_patch(tmp_path / "pic.o", tmp_path / "t", ["f"])
 
 
 def test_cross_compiler_named() -> None:

@@ -238,7 +238,7 @@ def jump_over_unsafe(insn: bytes) -> str | None:
 
 R = RelocType
 N = ldst_lo12
-PC, LO, CALL, GOT = Recipe.PCREL, Recipe.LO12, Recipe.CALL, Recipe.GOT
+PC, LO, CALL, GOT, LE = Recipe.PCREL, Recipe.LO12, Recipe.CALL, Recipe.GOT, Recipe.TLS_LE
 # The patch's fix-up types (wire/constants.toml [fixup_type]) writing each field: the agent
 # checks the instruction is of the class the type names (agent/src/arch/aarch64/fixup.h).
 _B26, _PAGE, _ADD = FixupType.BRANCH26, FixupType.ADR_PAGE, FixupType.ADD_LO12
@@ -346,25 +346,37 @@ RELOC_TYPES: dict[str, RelocType] = {
         ),
         R("R_AARCH64_TLSGD_ADR_PAGE21", 513, 4, True, calc=Calc.TLSGD_PAGE, encode=adrp),
         R("R_AARCH64_TLSGD_ADD_LO12_NC", 514, 4, False, calc=Calc.TLSGD_LO12, encode=add_lo12),
-        R("R_AARCH64_TLSIE_ADR_GOTTPREL_PAGE21", 541, 4, True, calc=Calc.TLS_GOT_PAGE, encode=adrp),
+        R(
+            "R_AARCH64_TLSIE_ADR_GOTTPREL_PAGE21",
+            541,
+            4,
+            True,
+            Recipe.TLS_IE,
+            calc=Calc.TLS_GOT_PAGE,
+            encode=adrp,
+            fixup=_PAGE,
+        ),
         R(
             "R_AARCH64_TLSIE_LD64_GOTTPREL_LO12_NC",
             542,
             4,
             False,
+            Recipe.TLS_IE,
             calc=Calc.TLS_GOT_LO12,
             encode=N(8),
+            fixup=_L64,
         ),
-        R("R_AARCH64_TLSLE_ADD_TPREL_HI12", 549, 4, False, calc=Calc.TPREL, encode=add_hi12),
+        R("R_AARCH64_TLSLE_ADD_TPREL_HI12", 549, 4, False, LE, calc=Calc.TPREL, encode=add_hi12),
         R(
             "R_AARCH64_TLSLE_ADD_TPREL_LO12",
             550,
             4,
             False,
+            LE,
             calc=Calc.TPREL,
             encode=add_lo12_checked,
         ),
-        R("R_AARCH64_TLSLE_ADD_TPREL_LO12_NC", 551, 4, False, calc=Calc.TPREL, encode=add_lo12),
+        R("R_AARCH64_TLSLE_ADD_TPREL_LO12_NC", 551, 4, False, LE, calc=Calc.TPREL, encode=add_lo12),
         R("R_AARCH64_TLSDESC_ADR_PAGE21", 562, 4, True, calc=Calc.TLSDESC_PAGE, encode=adrp),
         R("R_AARCH64_TLSDESC_LD64_LO12", 563, 4, False, calc=Calc.TLSDESC_LO12, encode=N(8)),
         R("R_AARCH64_TLSDESC_ADD_LO12", 564, 4, False, calc=Calc.TLSDESC_LO12, encode=add_lo12),

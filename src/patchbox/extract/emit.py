@@ -180,7 +180,9 @@ class _Emitter:
                 self.keep(Fixup(where_, ftype, FixupBase.TEXT, pos, got[b.target] + addend))
             elif b.rtype.recipe in (Recipe.TLS_LE, Recipe.TLS_DTPOFF):
                 sec = self.member.obj.get_section(b.section)
-                buf[pos : pos + 4] = _int32(b.target.value + addend, sec, b)
+                buf[pos : pos + 4] = _tls_constant(
+                    b.target.value + addend, sec, b, bytes(buf[pos : pos + 4])
+                )
             elif b.target.kind is TargetKind.IMPORT:
                 stub = stubs[b.target.symbol]
                 self.keep(Fixup(where_, ftype, FixupBase.TEXT, pos, stub + addend))
@@ -234,9 +236,19 @@ def _via_own_slot(b: Binding) -> bool:
     )
 
 
-def _int32(value: int, sec: Section, b: Binding) -> bytes:
-    """Returns ``value`` as the 4 bytes of a constant thread-local offset; raises if it
-    does not fit the field."""
+def _tls_constant(value: int, sec: Section, b: Binding, old: bytes) -> bytes:
+    """Returns the 4 bytes of the field ``old`` holding the constant thread-local offset
+    ``value``: an int32, or an instruction's field (the relocation's encoder); raises if
+    it does not fit the field."""
+    if b.rtype.encode is not None:
+        try:
+            word = b.rtype.encode(int.from_bytes(old, "little"), value)
+        except UnsupportedRelocation as err:
+            raise UnsupportedRelocation(
+                f"{b.rtype.name} in {where(sec, b.reloc)}: thread-local offset {value} of "
+                f"{b.reloc.symbol.name!r}: {err}"
+            ) from err
+        return word.to_bytes(4, "little")
     if not -(2**31) <= value < 2**31:
         raise UnsupportedRelocation(
             f"{b.rtype.name} in {where(sec, b.reloc)}: thread-local offset {value} of "
