@@ -14,6 +14,8 @@ Then two patches stacked, and the patch of the x86-64 twin of the same program r
 
 from __future__ import annotations
 
+import difflib
+import os
 import shlex
 import subprocess
 from collections.abc import Iterator
@@ -24,7 +26,7 @@ import pytest
 from a64 import CC, LOADER, A64Target, missing_toolchain
 from elftools.elf.elffile import ELFFile
 
-from helpers import elf_symbol, gnu_build_id, run_tool
+from helpers import BIN, elf_symbol, gnu_build_id, run_tool, run_with_tools
 from patchbox.errors import AgentError
 from patchbox.format.layout import encode_apply_body, load_patch
 from patchbox.format.model import Fixup, Function, Patch
@@ -409,3 +411,70 @@ def test_agent_refuses_bad_fixups(svc: A64Target, a64_svc: Build, case: str) -> 
     assert svc.cmd("render 3") == "old 6 calls=1 total=3 limit=7"
     with svc.client() as c:
         assert c.list() == []
+
+
+MAKEFILE = """\
+svc: main.o svc.o
+\t$(CC) -pie -o $@ main.o svc.o $(LDLIBS)
+%.o: %.c
+\t$(CC) -O2 -g -fPIE $(CFLAGS) -c $< -o $@
+"""
+
+
+def test_patchbox_build_from_a_diff(tmp_path: Path) -> None:
+    """`patchbox build` on a tree built for aarch64 (its compiler from CC): the tree
+    rebuilt with the aarch64 flags (the running binary's architecture), the changed
+    function found and extracted; applied under qemu, the new answers."""
+    missing = missing_toolchain()
+    if missing:
+        pytest.skip(f"needs the aarch64 cross toolchain and qemu-user: missing {missing}")
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "svc.c").write_text(SVC)
+    (tree / "main.c").write_text(MAIN)
+    (tree / "Makefile").write_text(MAKEFILE)
+    libs = " ".join([*_config("--arch", "aarch64", "--libs"), "-ldl", *LOADER])
+    env = {"CC": CC, "LDLIBS": libs}
+    cflags = " ".join(_config("--arch", "aarch64", "--cflags"))
+    run_with_tools("make", f"CC={CC}", f"CFLAGS={cflags}", f"LDLIBS={libs}", cwd=tree)
+    diff = "".join(
+        difflib.unified_diff(
+            SVC.splitlines(keepends=True),
+            FIX1.splitlines(keepends=True),
+            "a/svc.c",
+            "b/svc.c",
+        )
+    )
+    (tmp_path / "fix.patch").write_text(diff)
+    pbx = tmp_path / "built.pbx"
+    done = subprocess.run(
+        [
+            str(BIN / "patchbox"),
+            "build",
+            "--source",
+            str(tree),
+            "--diff",
+            str(tmp_path / "fix.patch"),
+        ]
+        + ["--binary", "svc", "-o", str(pbx)],
+        env={**os.environ, **env, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    patch = load_patch(pbx)
+    assert patch.machine == Machine.AARCH64
+    assert [f.symbol for f in patch.functions] == ["render"]
+    t = A64Target(tree / "svc")
+    try:
+        assert t.cmd("render 5") == "old 10 calls=1 total=5 limit=7"
+        run_tool("patchbox", "apply", "-p", t.proc.pid, pbx)
+        assert t.cmd("render 5") == "new 11 calls=2 total=10 limit=7"
+        run_tool("patchbox", "remove", "-p", t.proc.pid, "built")
+        assert t.cmd("render 5") == "old 10 calls=3 total=15 limit=7"
+    finally:
+        alive = t.proc.poll() is None
+        err = t.stop()
+    assert alive, err

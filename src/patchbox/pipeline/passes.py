@@ -12,12 +12,14 @@ from pathlib import Path
 from typing import TypeVar
 
 import patchbox
+from patchbox.arch import Arch, get_arch_by_machine
 from patchbox.compare.explain import annotate_inlined, format_explain
 from patchbox.compare.model import ItemKind, ObjectDiff, Verdict
 from patchbox.compare.objects import compare_trees, other_programs, refuse_folded_statics
 from patchbox.elf.binary import Binary
 from patchbox.elf.buildid import read_build_id
 from patchbox.elf.fastread import load_object
+from patchbox.elf.records import read_ehdr
 from patchbox.errors import BuildError, ExtractError, PatchboxError
 from patchbox.extract.combine import check_request, extract_objects, now
 from patchbox.format.layout import check_name, save_patch
@@ -96,7 +98,10 @@ def workspace(request: BuildRequest, checked: Checked) -> TreeBuild:
     if build_dir is None and request.build_cmd is None:
         build_dir = request.profile.default_build_dir(checked.reference)
     if build_dir is None:
-        return Workspace(request.source, request.work, command=request.build_cmd or "make")
+        arch = _arch_of(checked.reference)
+        return Workspace(
+            request.source, request.work, command=request.build_cmd or "make", arch=arch
+        )
     if request.build_cmd is not None:
         raise BuildError(
             "--build-cmd and --build-dir exclude each other: with a build "
@@ -104,6 +109,16 @@ def workspace(request: BuildRequest, checked: Checked) -> TreeBuild:
             "commands it recorded"
         )
     return IncrementalBuild(request.source, build_dir, checked.reference, request.work)
+
+
+def _arch_of(path: Path) -> Arch:
+    """Returns the architecture of ELF file ``path`` (its header's ``e_machine``)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+    except OSError as err:
+        raise BuildError(f"cannot read {path}: {err.strerror}") from err
+    return get_arch_by_machine(read_ehdr(head, str(path))["e_machine"], str(path))
 
 
 def rebuild(request: BuildRequest, tree: TreeBuild) -> Rebuilt:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Protocol, Self
 
 from patchbox import config
+from patchbox.arch import Arch
 from patchbox.errors import BuildError
 from patchbox.sourcediff import diff_files
 
@@ -85,7 +86,9 @@ class Workspace:
         work: str | Path | None = None,
         keep: bool = False,
         command: str = "make",
+        arch: Arch | None = None,
     ) -> None:
+        self.arch = arch  # the running binary's: the patchbox flags are its (None: this host's)
         self.source = Path(source).resolve()
         if not self.source.is_dir():
             raise BuildError(f"source tree {source} is not a directory")
@@ -132,8 +135,10 @@ class Workspace:
         )
 
     def build(self, command: str, jobs: int | None, log: str) -> None:
-        """Runs ``command`` in the tree with the patchbox flags; raises BuildError on failure."""
-        cflags = config.cflags()
+        """Runs ``command`` in the tree with the patchbox flags (of the architecture of the
+        binary; its compiler is the tree's, e.g. ``CC`` in the environment); raises
+        BuildError on failure."""
+        cflags = config.cflags(self.arch)
         env = dict(os.environ)
         env["PATCHBOX_CFLAGS"] = cflags
         env["CFLAGS"] = f"{env.get('CFLAGS', '')} {cflags}".strip()
