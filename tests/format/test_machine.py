@@ -13,8 +13,8 @@ import pytest
 from helpers import make_patch
 from patchbox.errors import PatchFormatError
 from patchbox.format.layout import decode_apply_body, encode_apply_body, read_patch, write_patch
-from patchbox.format.model import Patch
-from patchbox.wire import APPLY_BODY, Machine, RedirectKind
+from patchbox.format.model import Fixup, Patch
+from patchbox.wire import APPLY_BODY, FixupBase, FixupSection, FixupType, Machine, RedirectKind
 
 
 def with_skip(patch: Patch, skip: int, kind: RedirectKind = RedirectKind.PATCHABLE_ENTRY) -> Patch:
@@ -78,3 +78,19 @@ def test_skip_rule_per_machine() -> None:
         assert decode_apply_body(encode_apply_body(jump)).functions[0].skip == 4
         with pytest.raises(PatchFormatError, match="skip 2"):
             decode_apply_body(encode_apply_body(with_skip(patch, 2)))
+
+
+def test_fixup_types_of_the_patchs_machine_only() -> None:
+    """aarch64's instruction fix-ups in an x86-64 patch (and the other way round: none,
+    PC32 and ABS64 are every architecture's) are refused by the reader, naming both."""
+    base = make_patch()
+    branch = Fixup(FixupSection.TEXT, FixupType.BRANCH26, FixupBase.TEXT, 0, 0)
+    a64 = replace(base, fixups=[branch], machine=Machine.AARCH64)
+    assert decode_apply_body(encode_apply_body(a64)).fixups == [branch]
+    with pytest.raises(PatchFormatError, match=r"type BRANCH26 is not a fix-up type of x86_64"):
+        decode_apply_body(encode_apply_body(replace(a64, machine=Machine.X86_64)))
+    for shared in (FixupType.PC32, FixupType.ABS64):
+        fx = replace(branch, type=shared)
+        for machine in Machine:
+            patch = replace(base, fixups=[fx], machine=machine)
+            assert decode_apply_body(encode_apply_body(patch)).fixups == [fx]
