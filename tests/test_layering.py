@@ -17,7 +17,7 @@ PKG = ROOT / "src" / "patchbox"
 # Lowest first. A room may import its own modules and rooms of earlier layers.
 LAYERS: list[set[str]] = [
     {"errors", "wire"},  # neutral ground: import nothing of the project
-    {"arch"},  # what differs per architecture: imports errors only
+    {"arch"},  # what differs per architecture: imports errors and wire (fix-up types)
     {"flags", "profiles", "sourcediff", "safefs", "elf", "format"},
     {"procfs"},  # the one reader of /proc: under every room that asks it about a process
     {"protocol", "config", "signing", "compare"},

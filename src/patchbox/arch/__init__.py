@@ -5,7 +5,8 @@ and the lookups every other room asks: by name, by ELF ``e_machine``, of this ho
 Nothing outside this room names an architecture (tests/test_arch_confined.py): a room
 that works on a binary asks for that binary's :class:`Arch` (``ObjectFile.arch``,
 ``Binary.arch``) and reads the fact from it. This room imports nothing of the project
-but :mod:`patchbox.errors`.
+but :mod:`patchbox.errors` and :mod:`patchbox.wire` (the patch's fix-up types a
+relocation's field is written with).
 """
 
 from __future__ import annotations
