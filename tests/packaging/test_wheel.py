@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import ROOT
+from helpers import CROSS_CC, ROOT
 
 pytestmark = [pytest.mark.wheel, pytest.mark.timeout(1800)]
 
@@ -124,6 +124,15 @@ def test_installed_package_carries_the_agent(installed: Installed) -> None:
     assert libs.returncode == 0, libs.stderr
     assert str(ROOT) not in libs.stdout, "an installed patchbox must not point into a checkout"
     assert str(installed.venv) in libs.stdout
+    # Built where the aarch64 cross compiler is: the cross-built agent too (docs/aarch64.md).
+    if shutil.which(CROSS_CC):
+        a64 = installed.run(
+            installed.bin("patchbox"), "config", "--arch", "aarch64", "--libs", cwd="/"
+        )
+        assert a64.returncode == 0, a64.stderr
+        objs = [Path(w) for w in a64.stdout.split() if w.endswith(".o")]
+        assert objs[0] == Path(agent).parent / "aarch64" / "lib" / "libsandbox.o", objs
+        assert all(o.read_bytes()[18:20] == b"\xb7\x00" for o in objs)  # EM_AARCH64
 
 
 def test_program_built_with_pkg_config_is_patchable(installed: Installed, tmp_path: Path) -> None:
