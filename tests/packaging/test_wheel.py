@@ -167,33 +167,41 @@ def test_program_built_with_pkg_config_is_patchable(installed: Installed, tmp_pa
         proc.wait()
 
 
+def run_recipe(
+    installed: Installed, tmp_path: Path, *args: str, timeout: float, **env: str
+) -> subprocess.CompletedProcess[str]:
+    """Runs scripts/qemu/build-qemu.sh copied out of the checkout (no .venv beside it) with
+    only the virtualenv's bin and the system's on PATH (``env`` adds or overrides)."""
+    script = tmp_path / "build-qemu.sh"
+    shutil.copy(ROOT / "scripts" / "qemu" / "build-qemu.sh", script)
+    base = {
+        "PATH": f"{installed.venv / 'bin'}:/usr/bin:/bin",
+        "HOME": str(tmp_path),
+        "PATCHBOX_CACHE": str(tmp_path / "patchbox-cache"),
+    }
+    return subprocess.run(
+        ["/bin/bash", str(script), *args],
+        env={**base, **env},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        timeout=timeout,
+        check=False,
+    )
+
+
 def test_qemu_recipe_takes_the_installed_patchbox(installed: Installed, tmp_path: Path) -> None:
     """scripts/qemu/build-qemu.sh copied out of the checkout (no .venv beside it) and run
     with only the virtualenv's bin and the system's on PATH resolves its flags and agent
     through the installed `patchbox config` (--print-flags: nothing is fetched or built);
     with no patchbox at all it says how to get one."""
-    script = tmp_path / "build-qemu.sh"
-    shutil.copy(ROOT / "scripts" / "qemu" / "build-qemu.sh", script)
-    env = {
-        "PATH": f"{installed.venv / 'bin'}:/usr/bin:/bin",
-        "HOME": str(tmp_path),
-        "PATCHBOX_QEMU_CACHE": str(tmp_path / "qemu-cache"),
-        "PATCHBOX_CACHE": str(tmp_path / "patchbox-cache"),
-    }
+    env = {"PATCHBOX_QEMU_CACHE": str(tmp_path / "qemu-cache")}
 
     def recipe(path: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            ["/bin/bash", str(script), "--print-flags"],
-            env={**env, "PATH": path},
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            stdin=subprocess.DEVNULL,
-            timeout=120,
-            check=False,
-        )
+        return run_recipe(installed, tmp_path, "--print-flags", timeout=120, **env, PATH=path)
 
-    proc = recipe(env["PATH"])
+    proc = recipe(f"{installed.venv / 'bin'}:/usr/bin:/bin")
     assert proc.returncode == 0, proc.stderr
     said = dict(line.split(None, 1) for line in proc.stdout.splitlines())
     assert said["patchbox"] == installed.bin("patchbox")
@@ -219,23 +227,7 @@ def test_qemu_built_by_the_installed_recipe(installed: Installed, tmp_path: Path
     builds (or, with the machine's QEMU cache warm, relinks or reuses) QEMU linked with the
     wheel's agent objects; that QEMU runs, and the installed `patchbox test` passes its
     self-test. On a fresh machine this is the whole QEMU build from the installed package."""
-    script = tmp_path / "build-qemu.sh"
-    shutil.copy(ROOT / "scripts" / "qemu" / "build-qemu.sh", script)
-    env = {
-        "PATH": f"{installed.venv / 'bin'}:/usr/bin:/bin",
-        "HOME": str(tmp_path),
-        "PATCHBOX_CACHE": str(tmp_path / "patchbox-cache"),
-    }
-    built = subprocess.run(
-        ["/bin/bash", str(script)],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        stdin=subprocess.DEVNULL,
-        timeout=3300,
-        check=False,
-    )
+    built = run_recipe(installed, tmp_path, timeout=3300)
     assert built.returncode == 0, built.stderr[-3000:]
     exe = Path(built.stdout.strip().splitlines()[-1])
     agent = Path(
