@@ -21,8 +21,15 @@ import pytest
 from elftools.elf.elffile import ELFFile
 from elftools.elf.sections import NoteSection, Symbol, SymbolTableSection
 
-from patchbox.config import agent_dir, libs
-from patchbox.flags import LINK_FLAGS, PATCH_CFLAGS
+from patchbox.arch import Arch, get_arch, host_arch
+from patchbox.config import (
+    AGENT_OBJECTS,
+    agent_dir,
+    build_info_object,
+    collect_build_info,
+    libs,
+)
+from patchbox.flags import LINK_FLAGS, PATCH_CFLAGS, patch_cflags
 from patchbox.format.model import Fixup, Function, Patch
 from patchbox.wire import FixupBase, FixupSection, FixupType
 
@@ -62,15 +69,23 @@ def compile_c(
     *,
     obj: bool = False,
     extra: list[str] | None = None,
-    agent: bool = False,
+    agent: bool | Path = False,
     opt: str = "-O2",
     app_version: str = APP_VERSION,
+    arch: str | None = None,
 ) -> Path:
     """Returns ``out`` after compiling C source text ``src`` with the patchable flags (and
-    with ``agent``, the agent, the build-info it reports ``app_version`` in)."""
+    with ``agent``, the agent, the build-info it reports ``app_version`` in) for the
+    architecture called ``arch`` (default: this host's; another one with Debian's cross
+    compiler ``<multiarch>-gcc``, linked with its loader path: cross_link_flags).
+    ``agent`` a directory: that directory's agent objects instead of the package's."""
+    target = get_arch(arch) if arch else host_arch()
+    native = target == host_arch()
+    cflags = PATCH_CFLAGS if native else patch_cflags(target)
     c_file = out.with_suffix(".c")
     c_file.write_text(src)
-    cmd = ["gcc", opt, "-fPIE", *PATCH_CFLAGS, *(extra or [])]
+    cc = "gcc" if native else f"{target.multiarch}-gcc"
+    cmd = [cc, opt, "-fPIE", *cflags, *(extra or [])]
     if obj:
         cmd += ["-c", str(c_file), "-o", str(out)]
     else:
@@ -78,10 +93,25 @@ def compile_c(
         own_id = any(f.startswith("-Wl,--build-id") for f in extra or [])
         link = [f for f in LINK_FLAGS if not (own_id and f.startswith("-Wl,--build-id"))]
         cmd += ["-pie", str(c_file), "-o", str(out), *link]
-        if agent:  # exactly what a user's build gets from `patchbox config --libs`
-            cmd += shlex.split(libs(app_version=app_version, app_cflags=" ".join(PATCH_CFLAGS)))
+        cmd += [] if native else cross_link_flags(target)
+        if isinstance(agent, Path):  # an agent built for the test (its own SANDBOX_ALLOC)
+            info = collect_build_info(app_version, " ".join(cflags), None, target)
+            cmd += [str(agent / name) for name in AGENT_OBJECTS]
+            cmd += [str(build_info_object(info, target))]
+        elif agent:  # exactly what a user's build gets from `patchbox config --libs`
+            flags = " ".join(cflags)
+            cmd += shlex.split(libs(app_version=app_version, app_cflags=flags, arch=target))
     subprocess.run(cmd, check=True, capture_output=True, text=True)
     return out
+
+
+def cross_link_flags(arch: Arch) -> list[str]:
+    """Returns the link flags of a program for ``arch`` built on another host: the cross
+    toolchain's loader and library path (``/usr/<multiarch>/lib``), so that qemu-user runs
+    it without ``-L`` (docs/aarch64.md, "What ran under qemu-user")."""
+    lib = f"/usr/{arch.multiarch}/lib"
+    loader = {"aarch64": "ld-linux-aarch64.so.1", "x86_64": "ld-linux-x86-64.so.2"}[arch.name]
+    return [f"-Wl,--dynamic-linker={lib}/{loader}", f"-Wl,-rpath={lib}"]
 
 
 def deep_dir(base: Path, length: int = 150) -> Path:
@@ -212,23 +242,13 @@ def info_json(pid: int) -> dict[str, Any]:
     return info
 
 
-def compile_with_small_sandbox(src: str, out: Path, sandbox: int) -> Path:
-    """Returns ``out``: ``src`` linked with an agent built with SANDBOX_ALLOC=``sandbox``."""
+def compile_with_small_sandbox(src: str, out: Path, sandbox: int, arch: str | None = None) -> Path:
+    """Returns ``out``: ``src`` linked with an agent built with SANDBOX_ALLOC=``sandbox``
+    (for the architecture called ``arch``, default this host's: `make ARCH=`)."""
     agent = out.parent.parent / f"agent-{sandbox}"
-    subprocess.run(
-        ["make", "-s", "-C", str(ROOT / "agent"), f"OUT={agent}", f"SANDBOX_ALLOC={sandbox}"],
-        check=True,
-        capture_output=True,
-    )
-    old = os.environ.get("PATCHBOX_AGENT_DIR")
-    os.environ["PATCHBOX_AGENT_DIR"] = str(agent)  # read by patchbox.config.libs()
-    try:
-        return compile_c(src, out, agent=True)
-    finally:
-        if old is None:
-            del os.environ["PATCHBOX_AGENT_DIR"]
-        else:
-            os.environ["PATCHBOX_AGENT_DIR"] = old
+    cmd = ["make", "-s", "-C", str(ROOT / "agent"), f"OUT={agent}", f"SANDBOX_ALLOC={sandbox}"]
+    subprocess.run([*cmd, *([f"ARCH={arch}"] if arch else [])], check=True, capture_output=True)
+    return compile_c(src, out, agent=agent, arch=arch)
 
 
 # -- acting as an unprivileged user (docs/security.md) ------------------------------------

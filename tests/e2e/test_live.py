@@ -1,7 +1,11 @@
-"""Live patching of a real running process, observed from outside (tier 2: `-m process`).
+"""Live patching of a real running process, observed from outside (tier 2: `-m process`;
+the aarch64 instances under qemu-user: `-m aarch64`).
 
 Every test starts a real target with the agent linked, changes its behaviour through the
-socket with the real CLI, and checks what the process answers on its stdout.
+socket with the real CLI, and checks what the process answers on its stdout. Each runs
+for both architectures (tests/e2e/arches.py): the target, the patched objects and the
+agent cross-built for aarch64 and the program run under qemu-aarch64, the x86-64 client
+of this checkout talking to its socket.
 """
 
 from __future__ import annotations
@@ -13,17 +17,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pytest
+from arches import on_every_arch
 from elftools.elf.elffile import ELFFile
 from elftools.elf.sections import NoteSection
-from live import Target
+from live import Target, arch_of
 
 from helpers import APP_VERSION, compile_c, elf_symbol, info_json, render, run_tool
+from patchbox.arch import get_arch
 from patchbox.config import preload
 from patchbox.format.layout import load_patch, save_patch
 
-pytestmark = pytest.mark.process
-
+pytestmark = on_every_arch
 
 run = run_tool
 
@@ -45,9 +49,27 @@ def listing(target: Target) -> list[Any]:
 
 
 def entry_bytes(target: Target, symbol: str) -> bytes:
-    """Returns the 8 bytes [f-6, f+2) of ``symbol`` in the running target."""
+    """Returns the patchable entry of ``symbol`` in the running target: [f-6, f+2) on
+    x86-64, [f-16, f+4) on aarch64 (the architecture's ``EntryLayout``)."""
     sym = elf_symbol(target.exe, symbol)
-    return target.read(int(info(target)["load_bias"], 16) + sym["st_value"] - 6, 8)
+    layout = arch_of(target.exe).entry
+    at = int(info(target)["load_bias"], 16) + sym["st_value"] - layout.pad
+    return target.read(at, len(layout.nops))
+
+
+# What the compiler emits for a GOT access in a -fPIC object, and for a pointer in data.
+GOT_RELOCS = {
+    "x86_64": ("R_X86_64_GOTPCRELX", "R_X86_64_REX_GOTPCRELX"),
+    "aarch64": ("R_AARCH64_ADR_GOT_PAGE",),
+}
+ABS64_RELOC = {"x86_64": "R_X86_64_64", "aarch64": "R_AARCH64_ABS64"}
+
+
+def relocations(obj: Path) -> str:
+    """Returns `readelf -rW` of ``obj`` (binutils' readelf reads every architecture)."""
+    return subprocess.run(
+        ["readelf", "-rW", str(obj)], capture_output=True, text=True, check=True
+    ).stdout
 
 
 def test_target_is_pie(target_exe: Path) -> None:
@@ -60,7 +82,7 @@ def test_static_helper_apply_list_remove(
 ) -> None:
     assert target.call("use_helper", 4) == "41"
     before = entry_bytes(target, "use_helper")
-    assert before == b"\x90" * 8
+    assert before == arch_of(target_exe).entry.nops
     pbx = extract(patched_obj(USE_HELPER="scale(x) + 2"), target_exe, "use_helper", name="helper")
 
     run("patchbox", "apply", "-p", target.pid, pbx)
@@ -115,14 +137,13 @@ def test_string_literal_and_snprintf(
 
 
 def test_got_slots_from_pic_no_plt_object(
-    target: Target, target_exe: Path, patched_obj: Callable[..., Path]
+    target: Target, target_exe: Path, patched_obj: Callable[..., Path], arch: str
 ) -> None:
-    """-fPIC -fno-plt: globals and library calls go through GOTPCREL(X) relocations."""
+    """-fPIC -fno-plt: globals and library calls go through the GOT (x86-64's
+    GOTPCREL(X), aarch64's ADRP + LDR pair)."""
     obj = patched_obj(extra=["-fPIC", "-fno-plt"], BUMP_STEP="1000", FMT="got:%d")
-    relocs = subprocess.run(
-        ["readelf", "-rW", str(obj)], capture_output=True, text=True, check=True
-    ).stdout
-    assert "R_X86_64_GOTPCRELX" in relocs or "R_X86_64_REX_GOTPCRELX" in relocs
+    relocs = relocations(obj)
+    assert any(name in relocs for name in GOT_RELOCS[arch]), relocs
     pbx = extract(obj, target_exe, "bump", "fmt", name="got")
     assert target.call("bump") == "1"
     run("patchbox", "apply", "-p", target.pid, pbx)
@@ -132,17 +153,12 @@ def test_got_slots_from_pic_no_plt_object(
 
 
 def test_pointer_table_abs64(
-    target: Target, target_exe: Path, patched_obj: Callable[..., Path]
+    target: Target, target_exe: Path, patched_obj: Callable[..., Path], arch: str
 ) -> None:
-    """A new table of string pointers: R_X86_64_64 relocations in copied data."""
+    """A new table of string pointers: absolute 64-bit relocations in copied data."""
     table = 'static const char *const names[] = { "zero", "one", "two" }; return names[x % 3];'
     obj = patched_obj(PICK=table)
-    assert (
-        "R_X86_64_64"
-        in subprocess.run(
-            ["readelf", "-rW", str(obj)], capture_output=True, text=True, check=True
-        ).stdout
-    )
+    assert ABS64_RELOC[arch] in relocations(obj)
     pbx = extract(obj, target_exe, "pick", name="table")
     assert target.call("pick", 4) == "some"
     run("patchbox", "apply", "-p", target.pid, pbx)
@@ -200,7 +216,7 @@ def test_info_and_selftest(target: Target, target_exe: Path) -> None:
     assert facts["build_id"] == note["n_desc"]
     assert int(facts["sandbox_size"]) > 0
     assert facts["app_version"] == APP_VERSION
-    assert "-fpatchable-function-entry=8,6" in facts["app_cflags"]
+    assert arch_of(target_exe).entry.flag in facts["app_cflags"]  # =8,6 / =5,4
     assert facts["app_build_date"].startswith("20")
     assert facts["agent_version"] and facts["app_git"]
     proc = run("patchbox", "test", "-p", target.pid)
@@ -252,11 +268,12 @@ def test_patch_for_another_build_is_refused(
     assert target.call("use_helper", 4) == "41"
 
 
-def test_preloaded_agent(tmp_path: Path, patched_obj: Callable[..., Path]) -> None:
-    """A program built with the flags but without the agent, started with LD_PRELOAD."""
+def test_preloaded_agent(tmp_path: Path, patched_obj: Callable[..., Path], arch: str) -> None:
+    """A program built with the flags but without the agent, started with LD_PRELOAD
+    (under qemu-user given to the program with -E, not to qemu)."""
     (tmp_path / "plain").mkdir()
-    exe = compile_c(render(), tmp_path / "plain" / "target")  # same source name: target.c
-    t = Target(exe, env={"LD_PRELOAD": str(preload())})
+    exe = compile_c(render(), tmp_path / "plain" / "target", arch=arch)  # same name: target.c
+    t = Target(exe, env={"LD_PRELOAD": str(preload(get_arch(arch)))})
     try:
         assert t.call("use_helper", 4) == "41"
         pbx = extract(
