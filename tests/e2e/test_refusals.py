@@ -1,4 +1,5 @@
-"""The agent's own refusals, sent straight over the socket (tier 2: `-m process`).
+"""The agent's own refusals, sent straight over the socket (tier 2: `-m process`; the
+aarch64 instances under qemu-user: `-m aarch64`, tests/e2e/arches.py).
 
 Each bad request must get an error naming the cause, leave every executable byte of the
 target (its text and the sandbox) identical, and the agent must serve the next client.
@@ -17,14 +18,15 @@ from pathlib import Path
 
 import pytest
 import rawwire
-from live import Target
+from arches import on_every_arch
+from live import Target, arch_of
 
 from patchbox.extract import extract_patch
 from patchbox.format.layout import encode_apply_body
 from patchbox.format.model import Patch
 from patchbox.wire import ErrorCode, Msg, RedirectKind
 
-pytestmark = pytest.mark.process
+pytestmark = on_every_arch
 
 
 @pytest.fixture()
@@ -195,15 +197,18 @@ def check_other_uid_refused(target: Target) -> None:
 
 
 def test_patch_over_bytes_another_patch_changed(target: Target, good_patch: Patch) -> None:
-    """A lying client: an entry jump over the padding that an applied patch changed,
-    with "expected" bytes copied from memory. Accepting it would let the first patch's
-    remove restore bytes under the second's jump (found by the fuzzer's invariant)."""
+    """A lying client: an entry jump at the start of the padding an applied patch owns
+    (x86-64: the rel32 jump it wrote there; aarch64: where a far redirect puts its veneer,
+    restored by its remove), with "expected" bytes copied from memory. Accepting it would
+    let the first patch's remove restore bytes under the second's jump (found by the
+    fuzzer's invariant). (At the function's own address it would be a stacked patch.)"""
     assert rawwire.request(target.socket, Msg.APPLY, encode_apply_body(good_patch))[0] == 0
     assert target.call("use_helper", 4) == "49"
     fn = good_patch.functions[0]
     status, rest = rawwire.request(target.socket, Msg.INFO)
     bias = int(dict(_kv(rest))["load_bias"], 16)
-    padding = fn.target - 6  # link-time address of the bytes the applied patch changed
+    # link-time address of the padding: 6 bytes before the entry, 16 on aarch64
+    padding = fn.target - arch_of(target.exe).entry.pad
     over = replace(
         good_patch,
         name="over",
