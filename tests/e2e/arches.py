@@ -10,10 +10,18 @@ from __future__ import annotations
 
 import pytest
 
-__all__ = ["ARCHES", "on_every_arch"]
+__all__ = ["ARCH_NAMES", "ARCHES", "TIER", "arch_param", "on_every_arch"]
 
-ARCHES = [
-    pytest.param("x86_64", marks=pytest.mark.process, id="x86_64"),
-    pytest.param("aarch64", marks=pytest.mark.aarch64, id="aarch64"),
-]
+# Each architecture's tier mark.
+TIER = {"x86_64": pytest.mark.process, "aarch64": pytest.mark.aarch64}
+ARCH_NAMES = tuple(TIER)
+
+
+def arch_param(arch: str, *values: object, id: str) -> object:
+    """Returns a parameter set of ``arch`` (for the indirect ``arch`` fixture) and
+    ``values`` carrying the architecture's tier mark."""
+    return pytest.param(arch, *values, marks=TIER[arch], id=id)
+
+
+ARCHES = [arch_param(arch, id=arch) for arch in ARCH_NAMES]
 on_every_arch = pytest.mark.parametrize("arch", ARCHES, indirect=True)

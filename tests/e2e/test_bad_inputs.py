@@ -5,6 +5,13 @@ through the CLI) and checks: the reply (or CLI error) names the cause; the agent
 serving (INFO, and the target still computes); and every executable byte of the target
 (its text and the sandbox) and the patch data area are byte-identical afterwards, read
 through /proc/PID/mem. docs/robustness.md lists every case; test_refusals.py has more.
+
+Every test runs for x86-64 (tier `process`) and for aarch64 under qemu-user (tier
+`aarch64`; tests/e2e/arches.py), where the bytes are read at the guest's addresses (qemu
+maps the guest 1:1 here, measured: live.Target.guest_base). The cases that name an
+architecture's facts (the entry's NOPs, the fix-up types of the other architecture, the
+machine field) take them from the target's ``Arch``; a case of one architecture only says
+why in CASES.
 """
 
 from __future__ import annotations
@@ -21,24 +28,24 @@ from typing import Any
 
 import pytest
 import rawwire
+from arches import ARCH_NAMES, arch_param, on_every_arch
 from elftools.elf.elffile import ELFFile
-from live import Target
+from live import Target, arch_of
 
 from helpers import compile_c, render
+from patchbox.arch import EntryLayout, get_arch
 from patchbox.extract import extract_patch
 from patchbox.format.layout import HEADER, encode_apply_body, save_patch, write_patch
 from patchbox.format.model import Fixup, Function, Patch
 from patchbox.protocol.client import Client
 from patchbox.wire import ErrorCode, FixupBase, FixupSection, FixupType, Machine, Msg
 
-pytestmark = pytest.mark.process
-
 
 @pytest.fixture(scope="module")
-def good(target_exe: Path, tmp_path_factory: pytest.TempPathFactory) -> Patch:
+def good(target_exe: Path, tmp_path_factory: pytest.TempPathFactory, arch: str) -> Patch:
     """A valid patch of use_helper (4 -> 49 instead of 41), with room for fix-ups."""
-    d = tmp_path_factory.mktemp("badinputs")
-    obj = compile_c(render(USE_HELPER="scale(x) + 9"), d / "target.o", obj=True)
+    d = tmp_path_factory.mktemp(f"badinputs-{arch}")
+    obj = compile_c(render(USE_HELPER="scale(x) + 9"), d / "target.o", obj=True, arch=arch)
     patch = extract_patch(obj, target_exe, ["use_helper"], name="good")
     return replace(patch, text=patch.text + bytes(16))  # 16 spare bytes at the end of text
 
@@ -49,6 +56,15 @@ def state(target: Target) -> tuple[dict[int, bytes], bytes]:
         info = c.info()
     data = target.read(int(info["data_addr"], 16), int(info["data_size"]))
     return target.code_snapshot(), data
+
+
+def pages(snapshot: dict[int, bytes]) -> dict[int, bytes]:
+    """Returns the code snapshot ``snapshot`` as {page address: its 4 KiB}."""
+    return {
+        start + i: code[i : i + 4096]
+        for start, code in snapshot.items()
+        for i in range(0, len(code), 4096)
+    }
 
 
 def still_serving(target: Target) -> None:
@@ -70,6 +86,28 @@ def body_of(
     return (
         struct.pack("<H", len(name)) + name + bytes([len(bid)]) + bid + struct.pack("<I", fl) + rest
     )
+
+
+def machine_len(patch: Patch) -> int:
+    """Returns the bytes of the machine field at the end of ``patch``'s apply body: none
+    for x86-64 (the writer leaves it out), 2 for another architecture."""
+    return 0 if patch.machine == Machine.X86_64 else 2
+
+
+def machine_explicit(patch: Patch) -> bytes:
+    """Returns the apply body of ``patch`` with its machine field written out."""
+    return encode_apply_body(patch) + struct.pack("<H", patch.machine)[machine_len(patch) :]
+
+
+def machine_absent(patch: Patch) -> bytes:
+    """Returns the apply body of ``patch`` without its machine field."""
+    body = encode_apply_body(patch)
+    return body[: len(body) - machine_len(patch)]
+
+
+def other_machine(patch: Patch) -> Machine:
+    """Returns a machine patchbox knows that is not ``patch``'s."""
+    return next(m for m in (Machine.AARCH64, Machine.X86_64) if m != patch.machine)
 
 
 def nfuncs_offset(patch: Patch) -> int:
@@ -94,9 +132,9 @@ def with_nfixups(patch: Patch, count: int) -> bytes:
         16 + (2 + len(fx.symbol.encode()) if fx.base == FixupBase.IMPORT else 0)
         for fx in patch.fixups
     )
-    # ... nfixups, the fix-ups, nhooks and the hooks (5 bytes each); an x86-64 body
-    # carries no machine field (docs/patch-format.md, "Architecture")
-    at = len(body) - (2 + 5 * len(patch.hooks)) - tail - 4
+    # ... nfixups, the fix-ups, nhooks and the hooks (5 bytes each), the machine field
+    # (none in an x86-64 body: docs/patch-format.md, "Architecture")
+    at = len(body) - machine_len(patch) - (2 + 5 * len(patch.hooks)) - tail - 4
     return body[:at] + struct.pack("<I", count) + body[at + 4 :]
 
 
@@ -116,10 +154,11 @@ def with_text_length(patch: Patch, length: int) -> bytes:
 
 def with_last_fixup_reserved(patch: Patch, value: int) -> bytes:
     """The apply body of ``patch`` with its last fix-up's reserved byte set to ``value``:
-    before that fix-up's offset and addend (12 bytes) and the body's hook count (2 bytes;
-    an x86-64 body carries no machine field)."""
+    before that fix-up's offset and addend (12 bytes), the body's hook count (2 bytes)
+    and its machine field (none on x86-64)."""
     body = encode_apply_body(patch)
-    return body[:-15] + bytes([value]) + body[-14:]
+    at = len(body) - machine_len(patch) - 15
+    return body[:at] + bytes([value]) + body[at + 1 :]
 
 
 def fixup(patch: Patch, **kw: Any) -> Patch:
@@ -151,16 +190,32 @@ def info_of(target: Target) -> dict[str, str]:
 
 @dataclass
 class Case:
-    """One bad APPLY/REMOVE/... request: what to send, the code and words expected."""
+    """One bad APPLY/REMOVE/... request: what to send (``payload(patch, target, exe)``),
+    the code and words expected (``words(arch)`` where they name its facts), and the
+    architectures it is a case of (``only``, with why in a comment)."""
 
     msg: int
     payload: Callable[..., bytes]
     code: ErrorCode
-    words: tuple[str, ...] = ()
+    words: tuple[str, ...] | Callable[[str], tuple[str, ...]] = ()
+    only: tuple[str, ...] = ARCH_NAMES
+
+    def words_of(self, arch: str) -> tuple[str, ...]:
+        """Returns the words the error text must hold on ``arch``."""
+        return self.words(arch) if callable(self.words) else self.words
 
 
 def fn0(p: Patch) -> Function:
     return p.functions[0]
+
+
+def entry_of(t: Target) -> EntryLayout:
+    """Returns the patchable entry of the running target's architecture."""
+    return arch_of(t.exe).entry
+
+
+# What the agent says an entry that is not one lacks (SANDBOX_ARCH_ENTRY_DESC).
+ENTRY_DESC = {"x86_64": "8 NOPs", "aarch64": "4+1 NOPs"}
 
 
 CASES: dict[str, Case] = {
@@ -215,7 +270,7 @@ CASES: dict[str, Case] = {
     ),
     "trailing-byte": Case(
         Msg.APPLY,
-        lambda p, t, e: encode_apply_body(p) + struct.pack("<H", Machine.X86_64) + b"\0",
+        lambda p, t, e: machine_explicit(p) + b"\0",
         ErrorCode.MALFORMED,
         ("1 trailing bytes after the machine",),
     ),
@@ -306,7 +361,7 @@ CASES: dict[str, Case] = {
                         fn0(p),
                         target=int(info_of(t)["sandbox_addr"], 16)
                         - int(info_of(t)["load_bias"], 16)
-                        + 70,
+                        + 72,  # 4-byte aligned: not refused as mid-instruction first (aarch64)
                     )
                 ],
             )
@@ -322,14 +377,21 @@ CASES: dict[str, Case] = {
                 functions=[
                     replace(
                         fn0(p),
-                        target=fn0(p).target + 2,
-                        expected=t.read(int(info_of(t)["load_bias"], 16) + fn0(p).target - 4, 16),
+                        # where the entry's last NOP ends: 2 bytes in, 4 on aarch64
+                        target=fn0(p).target + entry_of(t).at,
+                        expected=t.read(
+                            int(info_of(t)["load_bias"], 16)
+                            + fn0(p).target
+                            + entry_of(t).at
+                            - entry_of(t).pad,
+                            len(fn0(p).expected),
+                        ),
                     )
                 ],
             )
         ),
         ErrorCode.NO_PATCHABLE_ENTRY,
-        ("use_helper", "not 8 NOPs"),
+        lambda arch: ("use_helper", f"not {ENTRY_DESC[arch]}"),
     ),
     "functions-overlap": Case(
         Msg.APPLY,
@@ -341,11 +403,21 @@ CASES: dict[str, Case] = {
     ),
     "expected-bytes-differ": Case(
         Msg.APPLY,
+        # the entry's NOPs, then zeros where the function's first instruction is
         lambda p, t, e: encode_apply_body(
-            replace(p, functions=[replace(fn0(p), expected=b"\x90" * 8 + bytes(8))])
+            replace(
+                p,
+                functions=[
+                    replace(
+                        fn0(p),
+                        expected=entry_of(t).nops
+                        + bytes(len(fn0(p).expected) - len(entry_of(t).nops)),
+                    )
+                ],
+            )
         ),
         ErrorCode.EXPECTED_MISMATCH,
-        ("use_helper+0x2",),
+        lambda arch: (f"use_helper+{get_arch(arch).entry.at:#x}",),
     ),
     # -- apply: fix-ups
     "fixup-outside-text": Case(
@@ -367,24 +439,28 @@ CASES: dict[str, Case] = {
         ErrorCode.FIXUP_RANGE,
         ("data",),
     ),
-    # aarch64's instruction fix-ups (3..10) are another architecture's: refused by name.
+    # aarch64's instruction fix-ups (3..10) are another architecture's on x86-64: refused
+    # by name. (x86-64 has no type of its own: on aarch64, 3..10 are its own, checked
+    # against the instruction they patch, below.)
     "fixup-type-3": Case(
         Msg.APPLY,
         lambda p, t, e: encode_apply_body(fixup(p, type=FixupType.BRANCH26, offset=8)),
         ErrorCode.BAD_FIXUP,
         ("type 3 (not a fix-up type of x86_64)",),
+        only=("x86_64",),
     ),
     "fixup-type-10": Case(
         Msg.APPLY,
         lambda p, t, e: encode_apply_body(fixup(p, type=FixupType.LDST128_LO12, offset=8)),
         ErrorCode.BAD_FIXUP,
         ("type 10 (not a fix-up type of x86_64)",),
+        only=("x86_64",),
     ),
     "fixup-type-11": Case(
         Msg.APPLY,
         lambda p, t, e: encode_apply_body(fixup(p, type=11)),
         ErrorCode.BAD_FIXUP,
-        ("type 11 (not a fix-up type of x86_64)",),
+        lambda arch: (f"type 11 (not a fix-up type of {arch})",),
     ),
     "fixup-base-0": Case(
         Msg.APPLY,
@@ -455,24 +531,51 @@ CASES: dict[str, Case] = {
         lambda p, t, e: encode_apply_body(replace(p, machine=Machine.AARCH64)),
         ErrorCode.WRONG_MACHINE,
         ("is for aarch64 (e_machine 183)", "this process is x86_64 (e_machine 62)"),
+        only=("x86_64",),
+    ),
+    "machine-x86_64": Case(
+        Msg.APPLY,
+        lambda p, t, e: machine_explicit(replace(p, machine=Machine.X86_64)),
+        ErrorCode.WRONG_MACHINE,
+        ("is for x86_64 (e_machine 62)", "this process is aarch64 (e_machine 183)"),
+        only=("aarch64",),
+    ),
+    # No field means x86-64 (every body before it existed): on x86-64 that applies
+    # (test_body_with_machine_x86_64_applies), on aarch64 it is another machine's.
+    "machine-absent": Case(
+        Msg.APPLY,
+        lambda p, t, e: machine_absent(p),
+        ErrorCode.WRONG_MACHINE,
+        ("is for x86_64 (e_machine 62)", "this process is aarch64"),
+        only=("aarch64",),
     ),
     "machine-unknown": Case(
         Msg.APPLY,
-        lambda p, t, e: encode_apply_body(p) + struct.pack("<H", 0xFFFF),
+        lambda p, t, e: machine_absent(p) + struct.pack("<H", 0xFFFF),
         ErrorCode.WRONG_MACHINE,
-        ("unknown architecture (e_machine 65535)", "x86_64"),
+        lambda arch: ("unknown architecture (e_machine 65535)", arch),
     ),
     "machine-one-byte": Case(
         Msg.APPLY,
-        lambda p, t, e: encode_apply_body(p) + b"\x3e",
+        lambda p, t, e: machine_absent(p) + struct.pack("<H", p.machine)[:1],
         ErrorCode.MALFORMED,
         ("machine", "runs past"),
     ),
 }
 
 
-@pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
-def test_bad_request(target: Target, target_exe: Path, good: Patch, case: str) -> None:
+@pytest.mark.parametrize(
+    ("arch", "case"),
+    [
+        arch_param(arch, case, id=f"{arch}-{case}")
+        for arch in ARCH_NAMES
+        for case, c in CASES.items()
+        if arch in c.only
+    ],
+    indirect=["arch"],
+    scope="session",  # the arch fixture's: one target build per architecture
+)
+def test_bad_request(target: Target, target_exe: Path, good: Patch, arch: str, case: str) -> None:
     c = CASES[case]
     payload = c.payload(good, target, target_exe)
     before = state(target)
@@ -482,7 +585,7 @@ def test_bad_request(target: Target, target_exe: Path, good: Patch, case: str) -
         text = rawwire.error_text(rest) if status else ""
         assert (rtype, seq) == (c.msg | 0x80, 7)
         assert status == c.code, (ErrorCode(status).name, text)
-        for word in c.words:
+        for word in c.words_of(arch):
             assert word in text, text
         # The same connection still serves.
         s.sendall(rawwire.frame(Msg.LIST, seq=8))
@@ -491,13 +594,25 @@ def test_bad_request(target: Target, target_exe: Path, good: Patch, case: str) -
     still_serving(target)
 
 
+@on_every_arch
 def test_good_body_applies(target: Target, good: Patch) -> None:
-    """The base of every case above is valid: only the one change makes it bad."""
+    """The base of every case above is valid: only the one change makes it bad. And the
+    cases' "byte-identical" check sees what an apply writes (the entry in the text, the
+    copy in the sandbox): on aarch64 too, where it reads the guest's memory."""
+    text = pages(state(target)[0])
     status, rest = rawwire.request(target.socket, Msg.APPLY, encode_apply_body(good))
     assert status == 0, rawwire.error_text(rest)
     assert target.call("use_helper", 4) == "49"
+    after = pages(state(target)[0])
+    assert after.keys() == text.keys()  # the same pages (mprotect may split mappings)
+    assert [a for a in text if after[a] != text[a]], "the snapshot did not see the apply"
+    with Client(target.socket) as c:
+        sandbox = int(c.info()["sandbox_addr"], 16)
+    page = sandbox - sandbox % 4096
+    assert after[page] != text[page], "the sandbox's first page is not in the snapshot"
 
 
+@pytest.mark.process  # x86-64's own: its writer leaves the field out (aarch64: machine-absent)
 def test_body_with_machine_x86_64_applies(target: Target, good: Patch) -> None:
     """The writer leaves the field out for x86-64 (what agents linked before it read to
     the end); a body that carries it, `3e 00`, applies the same."""
@@ -535,6 +650,7 @@ def frame_case(
     still_serving(target)
 
 
+@on_every_arch
 def test_wrong_magic_closes(target: Target) -> None:
     frame_case(
         target,
@@ -545,6 +661,7 @@ def test_wrong_magic_closes(target: Target) -> None:
     )
 
 
+@on_every_arch
 def test_wrong_version_skips_payload(target: Target, good: Patch) -> None:
     frame_case(
         target,
@@ -557,6 +674,7 @@ def test_wrong_version_skips_payload(target: Target, good: Patch) -> None:
 
 
 @pytest.mark.parametrize("mtype", [0, 7, 0x83, 0xFFFF])
+@on_every_arch
 def test_unknown_message_ids(target: Target, mtype: int) -> None:
     frame_case(
         target,
@@ -567,6 +685,7 @@ def test_unknown_message_ids(target: Target, mtype: int) -> None:
     )
 
 
+@on_every_arch
 def test_length_just_over_maximum(target: Target) -> None:
     frame_case(
         target,
@@ -577,6 +696,7 @@ def test_length_just_over_maximum(target: Target) -> None:
     )
 
 
+@on_every_arch
 def test_length_shorter_than_payload(target: Target, good: Patch) -> None:
     """The header says 20 bytes, 1 body follows: the first 20 are a (malformed) APPLY, the
     rest is read as the next header, whose magic is wrong."""
@@ -591,6 +711,7 @@ def test_length_shorter_than_payload(target: Target, good: Patch) -> None:
 
 
 @pytest.mark.parametrize("sent", [0, 10, 16, 100])
+@on_every_arch
 def test_length_longer_than_sent_then_hangup(target: Target, good: Patch, sent: int) -> None:
     frame = rawwire.frame(Msg.APPLY, encode_apply_body(good))
     before = state(target)
@@ -600,6 +721,7 @@ def test_length_longer_than_sent_then_hangup(target: Target, good: Patch, sent: 
     assert state(target) == before
 
 
+@on_every_arch
 def test_random_garbage_sizes(target: Target) -> None:
     for size in (1, 15, 16, 17, 4096):
         before = state(target)
@@ -616,6 +738,7 @@ def test_random_garbage_sizes(target: Target) -> None:
     still_serving(target)
 
 
+@on_every_arch
 def test_many_frames_one_connection(target: Target) -> None:
     """Two hundred pipelined bad requests, each answered in order."""
     with rawwire.connect(target.socket) as s:
@@ -629,6 +752,7 @@ def test_many_frames_one_connection(target: Target) -> None:
 # -- duplicate apply, patch files through the CLI ---------------------------------------
 
 
+@on_every_arch
 def test_duplicate_apply_other_content(target: Target, good: Patch) -> None:
     assert rawwire.request(target.socket, Msg.APPLY, encode_apply_body(good))[0] == 0
     before = state(target)
@@ -680,6 +804,7 @@ def corrupt(data: bytes, how: str) -> bytes:
         ("empty", "shorter than the"),
     ],
 )
+@on_every_arch
 def test_corrupt_patch_file_via_cli(
     target: Target, good: Patch, tmp_path: Path, how: str, words: str
 ) -> None:
@@ -694,6 +819,7 @@ def test_corrupt_patch_file_via_cli(
     still_serving(target)
 
 
+@on_every_arch
 def test_file_with_valid_hash_but_bad_body_via_cli(
     target: Target, good: Patch, tmp_path: Path
 ) -> None:
@@ -701,8 +827,9 @@ def test_file_with_valid_hash_but_bad_body_via_cli(
     import hashlib
 
     data = write_patch(good)
-    # the machine field and one trailing byte after it, hash recomputed
-    payload = data[HEADER.size :] + struct.pack("<H", Machine.X86_64) + b"\0"
+    # the machine field (written out on x86-64) and one trailing byte after it, hash
+    # recomputed
+    payload = data[HEADER.size :] + struct.pack("<H", good.machine)[machine_len(good) :] + b"\0"
     header = HEADER.pack(
         b"PBXPATCH", 1, HEADER.size, 0, len(payload), hashlib.sha256(payload).digest()
     )
@@ -715,6 +842,7 @@ def test_file_with_valid_hash_but_bad_body_via_cli(
     still_serving(target)
 
 
+@on_every_arch
 def test_patch_for_other_build_via_cli(target: Target, good: Patch, tmp_path: Path) -> None:
     path = tmp_path / "other.pbx"
     save_patch(replace(good, build_id=bytes(20)), path)
