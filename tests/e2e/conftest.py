@@ -8,15 +8,15 @@ missing without the cross toolchain and qemu-aarch64; docs/aarch64.md).
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from a64 import missing_toolchain
 from live import Target
 
-from helpers import AGENT_DIR, ROOT, compile_c, render
-from patchbox.arch import host_arch
+from helpers import AGENT_DIR, ROOT, compile_c, cross_link_flags, render
+from patchbox.arch import get_arch, host_arch
 
 __all__ = ["AGENT_DIR", "ROOT", "compile_c"]
 
@@ -27,10 +27,22 @@ def arch(request: pytest.FixtureRequest) -> str:
     host's when the test is not parametrized); skips for one whose toolchain is missing."""
     name: str = getattr(request, "param", host_arch().name)
     if name != host_arch().name:
-        missing = missing_toolchain()
+        missing = missing_cross(name)
         if missing:
             pytest.skip(f"needs the {name} cross toolchain and qemu-user: missing {missing}")
     return name
+
+
+def missing_cross(name: str) -> str | None:
+    """Returns what of the cross toolchain and qemu-user for the architecture ``name`` is
+    missing (Debian's gcc-<multiarch>, its libc, qemu-user), None if nothing."""
+    arch = get_arch(name)
+    tools = (f"{arch.multiarch}-gcc", f"{arch.multiarch}-ld", f"qemu-{arch.name}", "make")
+    gone = [t for t in tools if shutil.which(t) is None]
+    loader = cross_link_flags(arch)[0].removeprefix("-Wl,--dynamic-linker=")
+    if not Path(loader).exists():
+        gone.append(f"{loader} (Debian's libc6-dev-*-cross)")
+    return ", ".join(gone) or None
 
 
 @pytest.fixture(scope="session")
