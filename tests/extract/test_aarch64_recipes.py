@@ -161,3 +161,31 @@ def test_thread_local_through_a_descriptor_refused(tmp_path: Path) -> None:
 
 def test_cross_compiler_named() -> None:
     assert f"{A64.multiarch}-gcc" == CROSS_CC
+
+
+STATICS = r"""
+static int calls;
+__attribute__((noinline)) static int scale(int x) { __asm__ volatile(""); return x * 10 + calls; }
+__attribute__((noinline)) static int other(int x) { __asm__ volatile(""); return x - calls; }
+__attribute__((noinline)) int use(int x) { calls++; return scale(x) + @K@; }
+__attribute__((noinline)) int more(int x) { return other(x) * 2; }
+int main(void) { return use(1) + more(2); }
+"""
+
+
+def test_static_helper_without_debug_info(tmp_path: Path) -> None:
+    """A call to a static function of the file, built without -g: the helper's section
+    is found in the program through its own symbol, not through the mapping symbol `$x`
+    that every function section of the file has (once: "static '$x' is ambiguous")."""
+    for sub, k in (("old", "1"), ("new", "2")):
+        (tmp_path / sub).mkdir()
+        (tmp_path / sub / "s.c").write_text(STATICS.replace("@K@", k))
+        cross_cc(*CFLAGS, "-c", "s.c", "-o", "s.o", cwd=tmp_path / sub)
+    old = tmp_path / "old"
+    cross_cc(*CFLAGS, "-pie", "s.o", "-Wl,--build-id=sha1", "-o", "prog", cwd=old)
+    patch = extract_patch(tmp_path / "new" / "s.o", old / "prog", ["use"])
+    [call] = [fx for fx in patch.fixups if fx.type == FixupType.BRANCH26]
+    assert (call.base, call.addend) == (
+        FixupBase.EXE,
+        elf_symbol(old / "prog", "scale")["st_value"],
+    )
