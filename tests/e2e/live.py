@@ -117,7 +117,7 @@ class Target:
         )
         self._keep_pipes()
         self.pid = self.proc.pid
-        ready = self._readline(10)
+        ready = self._readline(30 if self.emulator else 10)  # qemu starts slower
         if argv and not self.emulator and ready != f"ready {self.pid}":
             # In its own pid namespace: the pid it printed is not ours for it.
             self.pid = host_pid_of(self.proc.pid, int(ready.split()[1]))
