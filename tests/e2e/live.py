@@ -85,8 +85,14 @@ class Target:
     A program of another architecture runs under ``qemu-<arch>`` (``emulator``): ``pid``
     is qemu's (the emulated program's ``getpid()`` too), ``env`` goes to the program
     through ``-E`` (an LD_PRELOAD must not reach qemu itself), and memory is read at guest
-    address + ``guest_base`` (see ``code_snapshot``).
+    address + ``guest_base`` (see ``code_snapshot``). (Not with ``argv``: the wrapper
+    runs the program, which may not even be visible from here.)
     """
+
+    # Class defaults: tests that make a Target for a process they started themselves
+    # (Target.__new__) drive a native one.
+    emulator: tuple[str, ...] = ()
+    guest_base = 0
 
     def __init__(
         self,
@@ -97,15 +103,13 @@ class Target:
     ) -> None:
         env = dict(env or {})
         self.exe = exe
-        self.emulator = emulator(exe)
+        self.emulator = tuple(emulator(exe)) if argv is None else ()
         if self.emulator:
-            assert argv is None, "a wrapper argv for an emulated program"
             argv = [
                 *self.emulator,
                 *(f for k, v in env.items() for f in ("-E", f"{k}={v}")),
                 str(exe),
             ]
-        self.guest_base = 0
         self.proc = subprocess.Popen(
             argv or [str(exe)],
             stdin=subprocess.PIPE,
