@@ -25,11 +25,12 @@ from elftools.elf.elffile import ELFFile
 from live import Target
 
 from helpers import compile_c, render
+from patchbox.arch import Machine
 from patchbox.extract import extract_patch
 from patchbox.format.layout import HEADER, encode_apply_body, save_patch, write_patch
 from patchbox.format.model import Fixup, Function, Patch
 from patchbox.protocol.client import Client
-from patchbox.wire import ErrorCode, FixupBase, FixupSection, FixupType, Machine, Msg
+from patchbox.wire import ErrorCode, FixupBase, FixupSection, FixupType, Msg
 
 pytestmark = pytest.mark.process
 

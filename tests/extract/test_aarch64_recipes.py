@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 
 from helpers import CROSS_CC, cross_cc, elf_symbol, needs_cross_cc
-from patchbox.arch import get_arch
+from patchbox.arch import Machine, get_arch
 from patchbox.errors import UnsupportedRelocation
 from patchbox.extract import extract_patch
 from patchbox.flags import patch_cflags
 from patchbox.format.model import Fixup
-from patchbox.wire import FixupBase, FixupSection, FixupType, Machine, RedirectKind
+from patchbox.wire import FixupBase, FixupSection, FixupType, RedirectKind
 
 pytestmark = needs_cross_cc
 
