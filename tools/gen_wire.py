@@ -281,7 +281,7 @@ def _c_file(spec: dict[str, Any], notes: dict[tuple[str, str], str]) -> list[str
 
 def _c_records(spec: dict[str, Any], notes: dict[tuple[str, str], str]) -> list[str]:
     """Returns the packed struct, size and static assertion of every fixed-size record."""
-    out = ["", "/* Fixed-size records: packed, little-endian (every architecture the agent builds for is). */"]
+    out = ["", "/* Fixed-size records: packed, little-endian (every agent architecture). */"]
     for record, fields in spec["record"].items():
         out += [""] + c_block(notes[(f"record.{record}", "")]) + [f"struct pbx_{record} {{"]
         for name, kind in fields.items():

@@ -96,7 +96,7 @@
 #define PBX_FILE_FLAG_SIGNED 0x1u	/* a signature trailer (record sig_trailer) follows the payload */
 #define PBX_FILE_FLAGS_KNOWN 0x1u
 
-/* Fixed-size records: packed, little-endian (every architecture the agent builds for is). */
+/* Fixed-size records: packed, little-endian (every agent architecture). */
 
 /* The frame header before every request and reply payload (docs/protocol.md "Frame"). */
 struct pbx_header {
