@@ -137,6 +137,12 @@ def test_pc_relative_properties() -> None:
         # the extractor (no fix-up: the field's type is never sent).
         "R_AARCH64_TLSIE_ADR_GOTTPREL_PAGE21": "ADR_PAGE",
         "R_AARCH64_TLSIE_LD64_GOTTPREL_LO12_NC": "LDST64_LO12",
+        # General-dynamic: the binary's own GOT pair, or its own descriptor.
+        "R_AARCH64_TLSGD_ADR_PAGE21": "ADR_PAGE",
+        "R_AARCH64_TLSGD_ADD_LO12_NC": "ADD_LO12",
+        "R_AARCH64_TLSDESC_ADR_PAGE21": "ADR_PAGE",
+        "R_AARCH64_TLSDESC_LD64_LO12": "LDST64_LO12",
+        "R_AARCH64_TLSDESC_ADD_LO12": "ADD_LO12",
         "R_AARCH64_TLSLE_ADD_TPREL_HI12": "PC32",
         "R_AARCH64_TLSLE_ADD_TPREL_LO12": "PC32",
         "R_AARCH64_TLSLE_ADD_TPREL_LO12_NC": "PC32",
