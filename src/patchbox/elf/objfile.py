@@ -136,7 +136,10 @@ class ObjectFile:
         return sorted(self.relocations.get(section.index, []), key=lambda r: r.offset)
 
     def get_section_symbols(self, section: Section) -> list[ObjSymbol]:
-        """Returns the named FUNC/OBJECT/NOTYPE/TLS symbols defined in ``section``."""
+        """Returns the named FUNC/OBJECT/NOTYPE/TLS symbols defined in ``section``: not
+        the assembler's local labels (``.L``) nor the ELF mapping symbols that mark where
+        code and data start in a section (``$x``, ``$d.1``; every code section of an
+        aarch64 object has one, so they name no one place of a program)."""
         return [
             s
             for s in self.symbols
@@ -144,7 +147,7 @@ class ObjectFile:
             and s.shndx == section.index
             and s.type not in ("SECTION", "FILE")
             and s.name
-            and not s.name.startswith(".L")
+            and not s.name.startswith((".L", "$"))
         ]
 
     def get_function(self, name: str) -> ObjSymbol | None:
