@@ -143,8 +143,8 @@ class ObjectFile:
     def get_section_symbols(self, section: Section) -> list[ObjSymbol]:
         """Returns the named FUNC/OBJECT/NOTYPE/TLS symbols defined in ``section``: not
         the assembler's local labels (``.L``) nor the ELF mapping symbols that mark where
-        code and data start in a section (``$x``, ``$d.1``; every code section of an
-        aarch64 object has one, so they name no one place of a program)."""
+        code and data start in a section (``$x``, ``$d.1``; where a processor ABI defines
+        them, every code section has one, so they name no one place of a program)."""
         return [
             s
             for s in self.symbols
