@@ -29,17 +29,9 @@ _REGISTERS = (
 )
 ARCH_WORDS = re.compile(f"{_NAMES}|{_REGISTERS}", re.IGNORECASE)
 
-# Modules that may name one, each with its reason. Keep it tiny.
-EXCEPTIONS: dict[str, str] = {
-    # Generated from wire/constants.toml, the agent's half of the shared constants
-    # (ENDBR_SKIP): the agent's arch/ step of issue 22 owns that file.
-    "wire.py": "generated from wire/constants.toml (the agent's constants)",
-    # The patch format's redirect record explains its `skip` field by the x86-64 landing
-    # pad; the format's architecture field (issue 22, the format step) rewrites it.
-    "format/model.py": "the patch format (its architecture field is the format step's)",
-    # The format's layout checks `skip` against the wire constant ENDBR_SKIP.
-    "format/layout.py": "the patch format (its architecture field is the format step's)",
-}
+# Modules that may name one, each with its reason. None: the patch's machine field
+# (patchbox.arch.Machine) and the entry's facts moved into the room (issue 22).
+EXCEPTIONS: dict[str, str] = {}
 
 # Words that match the patterns but name no architecture.
 _NOT_ARCH = {

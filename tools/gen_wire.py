@@ -41,7 +41,6 @@ ENUMS = (
     ("fixup_type", "PBX_FIXUP_", "FixupType"),
     ("fixup_base", "PBX_BASE_", "FixupBase"),
     ("fixup_section", "PBX_SECT_", "FixupSection"),
-    ("machine", "PBX_MACHINE_", "Machine"),
 )
 ENUM_CLASS = {table: cls for table, _prefix, cls in ENUMS}
 # Fixed-record field kinds: C type, struct code.
@@ -282,7 +281,7 @@ def _c_file(spec: dict[str, Any], notes: dict[tuple[str, str], str]) -> list[str
 
 def _c_records(spec: dict[str, Any], notes: dict[tuple[str, str], str]) -> list[str]:
     """Returns the packed struct, size and static assertion of every fixed-size record."""
-    out = ["", "/* Fixed-size records: packed, little-endian (the agent runs on x86-64). */"]
+    out = ["", "/* Fixed-size records: packed, little-endian (every agent architecture). */"]
     for record, fields in spec["record"].items():
         out += [""] + c_block(notes[(f"record.{record}", "")]) + [f"struct pbx_{record} {{"]
         for name, kind in fields.items():
@@ -372,7 +371,7 @@ class Field:
     ``when`` names the field (of the same entry) and the value it must have for this field
     to be present; ``enum`` is the enumeration the value belongs to; ``optional``: the last
     field of a layout that an older writer did not write (absent when the entry ends
-    before it; every writer now writes it).
+    before it; a writer may leave it out only where the layout says what its absence means).
 
     Immutable, equal and hashed by value, as a frozen dataclass; not one, because every
     command imports this module and :mod:`dataclasses` (with :mod:`inspect`) would cost

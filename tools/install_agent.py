@@ -9,22 +9,24 @@ checkout) receives::
     lib/libsandbox.o lib/sandbox-listen.o     link both into the program
     lib/libsandbox.a lib/libsandbox.so        the archive; the LD_PRELOAD library
     include/patchbox/{patch,sandbox,wire}.h   headers for programs and patch sources
-    lib/pkgconfig/patchbox.pc                 relocatable (prefix=${pcfiledir}/../..)
+    lib/pkgconfig/patchbox.pc                 relocatable (paths from ${pcfiledir})
     ARCH/lib/libsandbox.o ...                 the same objects cross-built for each other
-                                              architecture ARCH of CROSS_ARCHES whose
+    ARCH/lib/pkgconfig/patchbox.pc            architecture ARCH of CROSS_ARCHES whose
                                               ARCH-linux-gnu-gcc exists (Debian's
                                               gcc-aarch64-linux-gnu): what `patchbox config
-                                              --arch ARCH --libs` names
+                                              --arch ARCH --libs|--pkgconfigdir` names
 
 Used by setup.py (``pip wheel .``, ``pip install .``, editable installs) and by
 scripts/bootstrap.sh; standard library only, since it runs inside pip's isolated build
-environment. The compile flags come from src/patchbox/flags.py (read, not imported).
+environment. The compile flags of each architecture come from src/patchbox/flags.py and
+src/patchbox/arch/ of the source tree, asked in a child Python without site-packages
+(those modules import nothing but the standard library).
 """
 
 from __future__ import annotations
 
 import argparse
-import ast
+import json
 import os
 import platform
 import shutil
@@ -42,37 +44,45 @@ CROSS_ARCHES = ("x86_64", "aarch64")
 HEADERS = ("patch.h", "sandbox.h", "shadow.h", "wire.h")
 
 
-def _literal(source: Path, name: str) -> Any:
-    """Returns the value of the top-level assignment ``name = <literal>`` in ``source``."""
-    for node in ast.parse(source.read_text()).body:
-        targets = (
-            node.targets
-            if isinstance(node, ast.Assign)
-            else ([node.target] if isinstance(node, ast.AnnAssign) else [])
-        )
-        if any(isinstance(t, ast.Name) and t.id == name for t in targets):
-            assert isinstance(node, ast.Assign | ast.AnnAssign) and node.value is not None
-            return ast.literal_eval(node.value)
-    raise SystemExit(f"install_agent: {name} not found in {source}")
+_ASK = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from patchbox import __version__
+from patchbox.arch import get_arch
+from patchbox.flags import LINK_FLAGS, patch_cflags
+print(json.dumps([__version__, patch_cflags(get_arch(sys.argv[2])), LINK_FLAGS]))
+"""
 
 
-def pc_text(root: Path) -> str:
-    """Returns patchbox.pc: the agent objects and the compile/link flags of a patchable
-    program, relocatable (paths relative to the .pc file's own directory)."""
-    flags = root / "src" / "patchbox" / "flags.py"
-    cflags = " ".join(_literal(flags, "PATCH_CFLAGS"))
-    ldflags = " ".join(_literal(flags, "LINK_FLAGS"))
-    version = _literal(root / "src" / "patchbox" / "__init__.py", "__version__")
+def _flags(root: Path, arch: str) -> Any:
+    """Returns [version, compile flags of ``arch``, link flags] of source tree ``root``."""
+    proc = subprocess.run(
+        [sys.executable, "-S", "-c", _ASK, str(root / "src"), arch],
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise SystemExit(f"install_agent: the flags of {arch}: {proc.stderr.strip()}")
+    return json.loads(proc.stdout)
+
+
+def pc_text(root: Path, arch: str, up: str = "../..") -> str:
+    """Returns patchbox.pc of ``arch``: the agent objects and the compile/link flags of a
+    patchable program, relocatable (paths relative to the .pc file's own directory; the
+    package's ``_agent`` is ``up`` from it)."""
+    version, cflags, ldflags = _flags(root, arch)
     return (
-        "prefix=${pcfiledir}/../..\n"
-        "libdir=${prefix}/lib\n"
+        f"prefix=${{pcfiledir}}/{up}\n"
+        "libdir=${pcfiledir}/..\n"
         "includedir=${prefix}/include\n"
         "\n"
         "Name: patchbox\n"
         "Description: patchbox live-patching agent (libsandbox.o + sandbox-listen.o)\n"
         f"Version: {version}\n"
-        f"Cflags: {cflags} -I${{includedir}}\n"
-        f"Libs: ${{libdir}}/libsandbox.o ${{libdir}}/sandbox-listen.o {ldflags}\n"
+        f"Cflags: {' '.join(cflags)} -I${{includedir}}\n"
+        f"Libs: ${{libdir}}/libsandbox.o ${{libdir}}/sandbox-listen.o {' '.join(ldflags)}\n"
     )
 
 
@@ -82,18 +92,24 @@ def install(dest: Path, root: Path = ROOT, jobs: int | None = None) -> None:
     if make is None or shutil.which(os.environ.get("CC", "gcc")) is None:
         raise SystemExit("install_agent: building the agent needs make and a C compiler (gcc)")
     dest = dest.resolve()
-    _build(make, root, dest / "lib", jobs, [])
-    (dest / "lib" / "pkgconfig").mkdir(parents=True, exist_ok=True)
     host = platform.machine()
+    _build(make, root, dest / "lib", jobs, [])
+    _write(dest / "lib" / "pkgconfig" / "patchbox.pc", pc_text(root, host))
     for arch in CROSS_ARCHES:
         if arch != host and shutil.which(f"{arch}-linux-gnu-gcc"):
             _build(make, root, dest / arch / "lib", jobs, [f"ARCH={arch}"])
+            _write(
+                dest / arch / "lib" / "pkgconfig" / "patchbox.pc", pc_text(root, arch, "../../..")
+            )
     inc = dest / "include" / "patchbox"
     inc.mkdir(parents=True, exist_ok=True)
     for name in HEADERS:
         _replace(root / "agent" / "include" / "patchbox" / name, inc / name)
-    pc = dest / "lib" / "pkgconfig" / "patchbox.pc"
-    text = pc_text(root)
+
+
+def _write(pc: Path, text: str) -> None:
+    """Writes ``text`` to ``pc`` unless it holds it already."""
+    pc.parent.mkdir(parents=True, exist_ok=True)
     if not pc.is_file() or pc.read_text() != text:
         pc.write_text(text)
 

@@ -362,14 +362,14 @@ static int sandbox_hold_stack(struct sandbox_hold *h, uintptr_t sp, int depth)
 			return 1;
 		}
 		for (size_t i = 0; depth > 0 && i + SANDBOX_ARCH_SF_WORDS <= nw; i++) {
-			uintptr_t rsp;
-			if (!sandbox_arch_sigframe(&sandbox_hold_scratch.words[i], at + 8 * i, &rsp))
+			uintptr_t sp;
+			if (!sandbox_arch_sigframe(&sandbox_hold_scratch.words[i], at + 8 * i, &sp))
 				continue;
-			int known = rsp >= from && rsp < at + (size_t)got;	/* this stack, read already */
+			int known = sp >= from && sp < at + (size_t)got;	/* this stack, read already */
 			for (size_t k = 0; k < nnext && !known; k++)
-				known = next[k] == rsp;
+				known = next[k] == sp;
 			if (!known && nnext < SANDBOX_HOLD_FRAMES)
-				next[nnext++] = rsp;
+				next[nnext++] = sp;
 		}
 		at += (size_t)got == len && (size_t)got > overlap ? (size_t)got - overlap : (size_t)got;
 		if ((size_t)got < len)

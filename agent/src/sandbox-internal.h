@@ -105,7 +105,7 @@ struct sandbox_apply_spec {
 		uint8_t when;		/* PBX_HOOK_* */
 		uint32_t offset;	/* the hook function's entry in text */
 	} hooks[PBX_MAX_HOOKS];
-	uint16_t machine;	/* ELF e_machine the patch is for (PBX_MACHINE_*; absent: x86-64) */
+	uint16_t machine;	/* ELF e_machine the patch is for (absent: PBX_ABSENT_MACHINE) */
 	int hold_conn;		/* held entry jumps: the connection of the client holding the
 				 * threads, written only while it is open; -1 none */
 };

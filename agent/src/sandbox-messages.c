@@ -234,8 +234,8 @@ static int sandbox_apply_parse(struct sandbox_request *q, struct sandbox_apply_s
 		    SANDBOX_READ_UINT(r, "hook offset", 4, s->hooks[i].offset) != 0)
 			return sandbox_reader_error(r, err);
 	}
-	/* The architecture: a body written before the field existed ends here (x86-64). */
-	s->machine = PBX_MACHINE_X86_64;
+	/* The architecture: a body written before the field existed ends here. */
+	s->machine = PBX_ABSENT_MACHINE;
 	if (r->pos < r->len && SANDBOX_READ_UINT(r, "machine", 2, s->machine) != 0)
 		return sandbox_reader_error(r, err);
 	if (sandbox_reader_end(r, "the machine") != 0)

@@ -109,9 +109,15 @@ def include_dir() -> Path | None:
     return path if (path / "patchbox" / "patch.h").is_file() else None
 
 
-def pkgconfig_dir() -> Path:
-    """Returns the directory holding ``patchbox.pc``; raises ConfigError if missing."""
-    path = agent_home() / "lib" / "pkgconfig"
+def pkgconfig_dir(arch: Arch | None = None) -> Path:
+    """Returns the directory holding ``patchbox.pc`` of ``arch`` (default: this host's,
+    ``lib/pkgconfig``; another's: ``<arch>/lib/pkgconfig`` beside its cross-built agent);
+    raises ConfigError if missing."""
+    if arch is None or arch == host_arch():
+        path = agent_home() / "lib" / "pkgconfig"
+    else:
+        agent_dir(arch)  # its error names the cross compiler a package was built without
+        path = agent_home() / arch.name / "lib" / "pkgconfig"
     if not (path / "patchbox.pc").is_file():
         raise ConfigError(f"{path / 'patchbox.pc'} missing ({_NOT_BUILT})")
     return path

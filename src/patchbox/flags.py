@@ -2,8 +2,8 @@
 
 `patchbox config --cflags` prints :func:`patch_cflags` of this host's architecture
 (``--arch`` another's); extract-patch checks that patch objects have the patchable entry
-these flags create. PATCH_CFLAGS is this host's, as a literal: tools/install_agent.py
-reads it (without importing patchbox) for patchbox.pc.
+these flags create. tools/install_agent.py asks this module (from the source tree, with
+the standard library only) for each architecture's patchbox.pc.
 """
 
 from __future__ import annotations
@@ -11,15 +11,6 @@ from __future__ import annotations
 from patchbox.arch import Arch, host_arch
 
 __all__ = ["PATCH_CFLAGS", "SECTION_CFLAGS", "LINK_FLAGS", "patch_cflags"]
-
-# 6 NOPs before each function (room for the rel32 jump) and 2 at its entry (the atomic
-# 2-byte publish site); one section per function/object so objects can be diffed and
-# functions extracted one by one. See docs/redirect.md.
-PATCH_CFLAGS: list[str] = [
-    "-fpatchable-function-entry=8,6",
-    "-ffunction-sections",
-    "-fdata-sections",
-]
 
 # The agent finds the executable's identity through its GNU build-id.
 LINK_FLAGS: list[str] = ["-Wl,--build-id=sha1", "-pthread"]
@@ -35,3 +26,9 @@ def patch_cflags(arch: Arch | None = None) -> list[str]:
     :data:`SECTION_CFLAGS`."""
     arch = arch or host_arch()
     return [arch.entry.flag, *arch.entry.cflags, *SECTION_CFLAGS]
+
+
+# This host's: the patchable entry (NOPs before each function, room for the jump into
+# the padding, and at its entry, the atomic publish site; docs/redirect.md) and one
+# section per function/object.
+PATCH_CFLAGS: list[str] = patch_cflags()

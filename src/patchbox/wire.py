@@ -19,19 +19,17 @@ MAX_BUILD_ID = 64
 MAX_FUNCS = 256  # functions in one patch
 MAX_FIXUPS = 1048576
 MAX_PATCHES = 256  # patches applied at once
-MIN_EXPECTED = 8  # expected bytes cover at least the 6+2 NOP patchable entry
+MIN_EXPECTED = 8  # expected bytes cover at least the smallest patchable entry
 MAX_EXPECTED = 64  # the most expected bytes one function record may carry (the agent's buffer)
 # extract-patch records this many (fewer for a shorter function, never below MIN_EXPECTED): within
 # MAX_EXPECTED, enough to tell another build
 EXTRACT_MAX_EXPECTED = 32
-ENTRY_PAD = 6  # NOPs before the symbol (-fpatchable-function-entry=8,6)
-ENTRY_NOPS = 2  # NOPs at the symbol
 REPLY_BIT = 128  # reply type = request type | REPLY_BIT
-JUMP_LEN = 5  # e9 rel32: bytes an entry jump (redirect kind ENTRY_JUMP) overwrites
-ENDBR_SKIP = 4  # endbr64 (f3 0f 1e fa) left in place before an entry jump
 MAX_HOOKS = 16  # apply/remove hooks in one patch
 HOLD_WAIT_MS = 1000  # APPLY with HOLD: how long the agent waits for every other thread to be held
 MAX_OBJECTS = 8  # loaded objects (the executable + libraries) with patches and a sandbox
+# the ELF e_machine an apply body without its `machine` field is for (docs/patch-format.md)
+ABSENT_MACHINE = 62
 
 
 class Msg(IntEnum):
@@ -45,8 +43,9 @@ class Msg(IntEnum):
 
 # How a function record is redirected (docs/redirect.md). u8 kind of the record.
 class RedirectKind(IntEnum):
-    PATCHABLE_ENTRY = 0  # 6+2 NOPs: jump into the padding, 2-byte atomic publish
-    ENTRY_JUMP = 1  # no padding: e9 rel32 at entry+skip, one aligned 8-byte store
+    # the compiler's patchable NOPs: jump into the padding, one atomic publishing store
+    PATCHABLE_ENTRY = 0
+    ENTRY_JUMP = 1  # no padding: a branch at entry+skip, one aligned atomic store
 
 
 class ApplyFlag(IntEnum):
@@ -70,16 +69,17 @@ class HookKind(IntEnum):
 
 
 # PC32 and ABS64 write data (an int32, a uint64) and serve every architecture; the others write a
-# field of one aarch64 instruction word (4-aligned, in the text), which the agent checks is of the
-# instruction class the type names; an agent of another architecture refuses them (BAD_FIXUP). Every
-# value is checked before anything is written.
+# field of one 4-byte instruction word (4-aligned, in the text) of the architecture whose
+# relocations need them (src/patchbox/arch/ and the agent's arch fixup.h), which the agent checks is
+# of the instruction class the type names; an agent of another architecture refuses them
+# (BAD_FIXUP). Every value is checked before anything is written.
 class FixupType(IntEnum):
     PC32 = 1  # *(int32*)P = S + A - P, must fit in int32
     ABS64 = 2  # *(uint64*)P = S + A
-    BRANCH26 = 3  # aarch64 B/BL imm26 = (S + A - P) / 4: a multiple of 4, within +-128 MiB
-    ADR_PAGE = 4  # aarch64 ADRP immhi:immlo = (Page(S + A) - Page(P)) / 4096, within +-4 GiB
-    ADD_LO12 = 5  # aarch64 ADD (immediate, no shift) imm12 = (S + A) & 0xfff
-    LDST8_LO12 = 6  # aarch64 LDR/STR (unsigned offset) of 1 byte: imm12 = (S + A) & 0xfff
+    BRANCH26 = 3  # B/BL imm26 = (S + A - P) / 4: a multiple of 4, within +-128 MiB
+    ADR_PAGE = 4  # ADRP immhi:immlo = (Page(S + A) - Page(P)) / 4096, within +-4 GiB
+    ADD_LO12 = 5  # ADD (immediate, no shift) imm12 = (S + A) & 0xfff
+    LDST8_LO12 = 6  # LDR/STR (unsigned offset) of 1 byte: imm12 = (S + A) & 0xfff
     LDST16_LO12 = 7  # ... of 2 bytes: imm12 = ((S + A) & 0xfff) / 2, which must be a multiple of 2
     LDST32_LO12 = 8  # ... of 4 bytes (a multiple of 4)
     LDST64_LO12 = 9  # ... of 8 bytes (a multiple of 8)
@@ -97,14 +97,6 @@ class FixupBase(IntEnum):
 class FixupSection(IntEnum):
     TEXT = 0
     DATA = 1
-
-
-# The architecture a patch is for: its ELF e_machine (docs/patch-format.md "Architecture"). u16
-# `machine`, the apply body's last field; a body without it (written before it existed) is for
-# X86_64.
-class Machine(IntEnum):
-    X86_64 = 62  # EM_X86_64
-    AARCH64 = 183  # EM_AARCH64
 
 
 # Bytes a fix-up of each type writes at its offset (offset + width must lie in its section).
@@ -160,7 +152,7 @@ class Field:
     ``when`` names the field (of the same entry) and the value it must have for this field
     to be present; ``enum`` is the enumeration the value belongs to; ``optional``: the last
     field of a layout that an older writer did not write (absent when the entry ends
-    before it; every writer now writes it).
+    before it; a writer may leave it out only where the layout says what its absence means).
 
     Immutable, equal and hashed by value, as a frozen dataclass; not one, because every
     command imports this module and :mod:`dataclasses` (with :mod:`inspect`) would cost
@@ -260,7 +252,7 @@ APPLY_BODY = (
     ),
     Field("fixups", "list32", hi=MAX_FIXUPS, record=FIXUP_RECORD, count="nfixups", item="fixup"),
     Field("hooks", "list16", hi=MAX_HOOKS, record=HOOK_RECORD, count="nhooks", item="hook"),
-    Field("machine", "u16", enum=Machine, optional=True),
+    Field("machine", "u16", optional=True),
 )
 INFO_REPLY = (Field("info", "kv"),)
 LISTED_FUNCTION = (
@@ -384,14 +376,11 @@ __all__ = [
     "MIN_EXPECTED",
     "MAX_EXPECTED",
     "EXTRACT_MAX_EXPECTED",
-    "ENTRY_PAD",
-    "ENTRY_NOPS",
     "REPLY_BIT",
-    "JUMP_LEN",
-    "ENDBR_SKIP",
     "MAX_HOOKS",
     "HOLD_WAIT_MS",
     "MAX_OBJECTS",
+    "ABSENT_MACHINE",
     "Msg",
     "RedirectKind",
     "ApplyFlag",
@@ -400,7 +389,6 @@ __all__ = [
     "FixupType",
     "FixupBase",
     "FixupSection",
-    "Machine",
     "FIXUP_WIDTH",
     "FILE_MAGIC",
     "FILE_FORMAT_VERSION",

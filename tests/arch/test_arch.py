@@ -1,6 +1,6 @@
 """The architecture descriptions (patchbox.arch): lookups, and each table against a source
 that is not ours: relocation numbers against glibc's <elf.h>, system call numbers against
-the kernel's headers, x86-64's entry and jump against the agent's wire constants, the
+the kernel's headers, each entry and jump against the agent's arch headers, the
 register layouts against the C structs (compiled for each architecture when a compiler
 for it is here)."""
 
@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from patchbox import wire as C
 from patchbox.arch import (
     Arch,
     Recipe,
@@ -43,15 +42,26 @@ def test_lookups() -> None:
         get_arch_by_machine("EM_ARM", "a.o")
 
 
-def test_x86_64_agrees_with_the_agent() -> None:
-    """The agent writes what the wire constants say; the Python side reads the same."""
-    e = X86.entry
-    assert (e.pad, e.at, e.skip, X86.branches.jump_len) == (
-        C.ENTRY_PAD,
-        C.ENTRY_NOPS,
-        C.ENDBR_SKIP,
-        C.JUMP_LEN,
+AGENT_ARCH = Path(__file__).resolve().parents[2] / "agent" / "src" / "arch"
+
+
+@pytest.mark.parametrize("arch", iter_arches(), ids=lambda a: a.name)
+def test_entry_agrees_with_the_agent(arch: Arch) -> None:
+    """The agent's arch/<name>/insn.h writes what the Python side reads: the entry's
+    padding, the landing pad, the entry jump's length and the ELF machine."""
+    text = (AGENT_ARCH / arch.name / "insn.h").read_text()
+    defs = dict(re.findall(r"^#define (SANDBOX_ARCH_\w+)\s+(\S+)", text, re.M))
+    e = arch.entry
+    assert (e.pad, e.at, e.skip, arch.branches.jump_len, arch.e_machine) == tuple(
+        int(defs[f"SANDBOX_ARCH_{n}"])
+        for n in ("ENTRY_PAD", "ENTRY_NOPS", "LANDING_LEN", "JUMP_LEN", "MACHINE")
     )
+    assert defs["SANDBOX_ARCH_NAME"] == f'"{arch.name}"'
+    assert e.flag in text
+
+
+def test_x86_64_entry() -> None:
+    e = X86.entry
     assert e.flag == "-fpatchable-function-entry=8,6" and e.landing == ENDBR64
     assert X86.branches.jump(0x1000, 0x2000) == bytes.fromhex("e9fb0f0000")
     assert X86.branches.call(0x2000, 0x1000) == bytes.fromhex("e8fbefffff")
@@ -127,6 +137,12 @@ def test_pc_relative_properties() -> None:
         # the extractor (no fix-up: the field's type is never sent).
         "R_AARCH64_TLSIE_ADR_GOTTPREL_PAGE21": "ADR_PAGE",
         "R_AARCH64_TLSIE_LD64_GOTTPREL_LO12_NC": "LDST64_LO12",
+        # General-dynamic: the binary's own GOT pair, or its own descriptor.
+        "R_AARCH64_TLSGD_ADR_PAGE21": "ADR_PAGE",
+        "R_AARCH64_TLSGD_ADD_LO12_NC": "ADD_LO12",
+        "R_AARCH64_TLSDESC_ADR_PAGE21": "ADR_PAGE",
+        "R_AARCH64_TLSDESC_LD64_LO12": "LDST64_LO12",
+        "R_AARCH64_TLSDESC_ADD_LO12": "ADD_LO12",
         "R_AARCH64_TLSLE_ADD_TPREL_HI12": "PC32",
         "R_AARCH64_TLSLE_ADD_TPREL_LO12": "PC32",
         "R_AARCH64_TLSLE_ADD_TPREL_LO12_NC": "PC32",

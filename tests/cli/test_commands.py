@@ -13,7 +13,7 @@ from click.testing import CliRunner, Result
 
 from helpers import BUILD_ID, ROOT, make_patch
 from patchbox import config
-from patchbox.arch import host_arch, iter_arches
+from patchbox.arch import Arch, host_arch, iter_arches
 from patchbox.cli.main import cli
 from patchbox.cli.render import printable
 from patchbox.flags import LINK_FLAGS, PATCH_CFLAGS, patch_cflags
@@ -208,8 +208,15 @@ def test_config_cflags() -> None:
     assert (config.agent_home() / "include" / "patchbox" / "sandbox.h").is_file()
 
 
-def test_pkg_config_gives_what_config_gives() -> None:
-    pcdir = run("config", "--pkgconfigdir")
+@pytest.mark.parametrize("arch", iter_arches(), ids=lambda a: a.name)
+def test_pkg_config_gives_what_config_gives(arch: Arch) -> None:
+    """For each architecture the package was built for (the checkout's bootstrap
+    cross-builds the other one): pkg-config's words are config's, less build-info."""
+    native = arch == host_arch()
+    if not native and not (config.agent_home() / arch.name / "lib" / "libsandbox.o").is_file():
+        pytest.skip(f"no {arch.name} agent in this package ({arch.multiarch}-gcc missing)")
+    where = [] if native else ["--arch", arch.name]
+    pcdir = run("config", *where, "--pkgconfigdir")
     assert pcdir.exit_code == 0, pcdir.stderr
     assert (Path(pcdir.stdout.strip()) / "patchbox.pc").is_file()
     env = {**os.environ, "PKG_CONFIG_PATH": pcdir.stdout.strip()}
@@ -220,7 +227,8 @@ def test_pkg_config_gives_what_config_gives() -> None:
         text=True,
         check=True,
     )
-    ours = run("config", "--cflags", "--libs").stdout.split()
+    ours = run("config", *where, "--cflags", "--libs").stdout.split()
+    assert patch_cflags(arch)[0] in proc.stdout.split()
 
     # Same words, paths compared normalised; the build-info object is config's only extra.
     def norm(words: list[str]) -> list[str]:
@@ -293,7 +301,11 @@ def test_config_other_arch(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> N
         f"{other.multiarch}-gcc",
     )
     assert_one_error_line(run("config", "--arch", "sparc", "--cflags"), "unknown architecture")
-    assert run("config", "--arch", other.name, "--pkgconfigdir").exit_code == 2
+    assert_one_error_line(
+        run("config", "--arch", other.name, "--pkgconfigdir"),
+        f"{tmp_path}/_agent/{other.name}/lib/libsandbox.o missing",
+        f"{other.multiarch}-gcc",
+    )
 
 
 READER_C = r"""

@@ -30,10 +30,11 @@ from elftools.elf.elffile import ELFFile
 from elftools.elf.sections import NoteSection, SymbolTableSection
 
 from helpers import ROOT
+from patchbox.arch import Machine
 from patchbox.errors import AgentError
 from patchbox.format.layout import encode_apply_body
 from patchbox.format.model import Function, Patch
-from patchbox.wire import ErrorCode, Machine, RedirectKind
+from patchbox.wire import ErrorCode, RedirectKind
 
 pytestmark = pytest.mark.aarch64
 

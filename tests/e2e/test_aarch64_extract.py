@@ -27,10 +27,11 @@ from a64 import CC, LOADER, A64Target, missing_toolchain
 from elftools.elf.elffile import ELFFile
 
 from helpers import BIN, elf_symbol, gnu_build_id, run_tool, run_with_tools
+from patchbox.arch import Machine
 from patchbox.errors import AgentError
 from patchbox.format.layout import encode_apply_body, load_patch
 from patchbox.format.model import Fixup, Function, Patch
-from patchbox.wire import ErrorCode, FixupBase, FixupSection, FixupType, Machine, RedirectKind
+from patchbox.wire import ErrorCode, FixupBase, FixupSection, FixupType, RedirectKind
 
 pytestmark = pytest.mark.aarch64
 

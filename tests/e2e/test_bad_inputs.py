@@ -33,12 +33,12 @@ from elftools.elf.elffile import ELFFile
 from live import Target, arch_of
 
 from helpers import compile_c, render
-from patchbox.arch import EntryLayout, get_arch
+from patchbox.arch import EntryLayout, Machine, get_arch
 from patchbox.extract import extract_patch
 from patchbox.format.layout import HEADER, encode_apply_body, save_patch, write_patch
 from patchbox.format.model import Fixup, Function, Patch
 from patchbox.protocol.client import Client
-from patchbox.wire import ErrorCode, FixupBase, FixupSection, FixupType, Machine, Msg
+from patchbox.wire import ErrorCode, FixupBase, FixupSection, FixupType, Msg
 
 
 @pytest.fixture(scope="module")

@@ -114,7 +114,11 @@ def test_client_killed_during_apply(
 def test_full_payload_then_killed_is_applied_entirely(
     target: Target, patches: dict[str, Patch], tmp_path: Path
 ) -> None:
-    """The agent has the whole request: it applies (all functions), the reply is lost."""
+    """The agent has the whole request: it applies (all functions), the reply is lost.
+
+    The client dies once the new code runs: a peer that died before the agent checked it
+    is refused by design (its pid may be another's: sandbox-trust.c), so killing it at
+    once made this test depend on the agent being scheduled first (seen under load)."""
     from patchbox.protocol.client import encode_frame
 
     frame = encode_frame(Msg.APPLY, 1, encode_apply_body(patches["helper"]))
@@ -133,6 +137,10 @@ def test_full_payload_then_killed_is_applied_entirely(
     )
     assert client.stdout is not None  # pipes
     assert client.stdout.readline().strip() == "sent"
+    deadline = time.monotonic() + 30
+    while target.call("use_helper", 4) != "49":  # the agent's thread, not this one
+        assert time.monotonic() < deadline, "the complete request was never applied"
+        time.sleep(0.01)
     client.kill()
     client.wait(10)
     client.stdout.close()

@@ -9,119 +9,15 @@ hook order are observed from outside (stdout, a log file the hooks append to).
 
 from __future__ import annotations
 
-import os
-import subprocess
 from pathlib import Path
 
 import pytest
+from hooksprog import FIX, HOOK_ORDER, PROGRAM, App
 
 from helpers import compile_c, run_tool
 from patchbox import config
 
 pytestmark = pytest.mark.process
-
-PROGRAM = r"""
-#include <stdio.h>
-#include <stdlib.h>
-struct conn { int fd; int len; };
-static struct conn conns[4];
-__attribute__((noipa)) int serve(int i)
-{
-	struct conn *c = &conns[i & 3];
-	c->len++;
-	return c->len;
-}
-int main(void)
-{
-	int i;
-	printf("ready\n");
-	fflush(stdout);
-	while (scanf("%d", &i) == 1) {
-		printf("%d\n", serve(i));
-		fflush(stdout);
-	}
-	return 0;
-}
-"""
-
-FIX = r"""
-#include <stdio.h>
-#include <stdlib.h>
-#include <unistd.h>
-#include <patchbox/patch.h>
-#include <patchbox/shadow.h>
-struct conn { int fd; int len; };
-static struct conn conns[4];
-#define SHADOW_TOTAL 1
-
-static void note(const char *what)
-{
-	FILE *f = fopen(getenv("HOOK_LOG"), "a");
-	if (f) {
-		fprintf(f, "%s\n", what);
-		fclose(f);
-	}
-}
-
-__attribute__((noipa)) int serve(int i)
-{
-	struct conn *c = &conns[i & 3];
-	c->len++;
-	long *total = patchbox_shadow_get_or_alloc(c, SHADOW_TOTAL, sizeof(long));
-	if (!total)
-		return -1;
-	*total += 10;
-	return c->len * 1000 + (int)*total;
-}
-
-static int pre_apply(void)
-{
-	note("pre_apply");
-	return access(getenv("REFUSE"), F_OK) == 0 ? 7 : 0;
-}
-static int post_apply(void) { note("post_apply"); return 0; }
-static int pre_remove(void) { note("pre_remove"); return 0; }
-static int post_remove(void)
-{
-	patchbox_shadow_free_all(SHADOW_TOTAL);
-	note("post_remove");
-	return 0;
-}
-PATCHBOX_HOOK(pre_apply, pre_apply);
-PATCHBOX_HOOK(post_apply, post_apply);
-PATCHBOX_HOOK(pre_remove, pre_remove);
-PATCHBOX_HOOK(post_remove, post_remove);
-"""
-
-
-class App:
-    def __init__(self, exe: Path, env: dict[str, str]) -> None:
-        self.proc = subprocess.Popen(
-            [str(exe)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-            env={**os.environ, **env},
-        )
-        assert self.proc.stdout is not None and self.proc.stdout.readline() == "ready\n"
-        self.pid = self.proc.pid
-        sock = exe.parent / f"sandbox-sock{self.pid}"
-        for _ in range(500):
-            if sock.exists():
-                break
-            import time
-
-            time.sleep(0.01)
-
-    def serve(self, i: int) -> int:
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write(f"{i}\n")
-        self.proc.stdin.flush()
-        return int(self.proc.stdout.readline())
-
-    def stop(self) -> None:
-        self.proc.kill()
-        self.proc.wait()
 
 
 @pytest.fixture()
@@ -150,14 +46,7 @@ def test_shadow_field_and_hook_order(setup: dict[str, Path]) -> None:
         assert app.serve(0) == 5
         run_tool("patchbox", "apply", "-p", app.pid, setup["patch"])
         assert app.serve(0) == 6010  # the shadows were freed by the post-remove hook
-        assert setup["log"].read_text().split() == [
-            "pre_apply",
-            "post_apply",
-            "pre_remove",
-            "post_remove",
-            "pre_apply",
-            "post_apply",
-        ]
+        assert setup["log"].read_text().split() == HOOK_ORDER
     finally:
         app.stop()
 

@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 
 from helpers import CROSS_CC, cross_cc, elf_symbol, needs_cross_cc
-from patchbox.arch import get_arch
+from patchbox.arch import Machine, get_arch
 from patchbox.errors import UnsupportedRelocation
 from patchbox.extract import extract_patch
 from patchbox.flags import patch_cflags
 from patchbox.format.model import Fixup
-from patchbox.wire import FixupBase, FixupSection, FixupType, Machine, RedirectKind
+from patchbox.wire import FixupBase, FixupSection, FixupType, RedirectKind
 
 pytestmark = needs_cross_cc
 
@@ -114,6 +114,42 @@ def test_every_reference_gets_its_recipe(built: tuple[Path, Path]) -> None:
     assert by[FixupType.LDST64_LO12, FixupBase.TEXT].addend == slot.offset
 
 
+PICK = r"""
+typedef int (*op)(int);
+__attribute__((noinline)) static int twice(int x) { __asm__ volatile(""); return x * 2; }
+__attribute__((noinline)) static int thrice(int x) { __asm__ volatile(""); return x * 3; }
+__attribute__((noinline)) op pick(int n) { return n ? twice : thrice; }
+"""
+PICK_MAIN = (
+    "typedef int (*op)(int);\nop pick(int n);\nint main(int c, char **v) { return pick(c)(c); }\n"
+)
+
+
+def test_static_functions_by_address_are_the_programs(tmp_path: Path) -> None:
+    """The address of a static function (ADRP + ADD against its section: every code
+    section of an aarch64 object also holds a ``$x`` mapping symbol, three in this file)
+    is the program's function, as memcached's proxy_process_command takes them: the
+    mapping symbols name no place of the program and are passed over, not looked up
+    (they were: "static '$x' of s.c is ambiguous")."""
+    for sub, src in (
+        ("old", PICK),
+        ("new", PICK.replace("n ? twice : thrice", "n ? thrice : twice")),
+    ):
+        (tmp_path / sub).mkdir()
+        (tmp_path / sub / "s.c").write_text(src)
+        cross_cc(*CFLAGS, "-g", "-c", "s.c", "-o", "s.o", cwd=tmp_path / sub)
+    (tmp_path / "m.c").write_text(PICK_MAIN)
+    cross_cc(*CFLAGS, "-pie", "m.c", "old/s.o", "-Wl,--build-id=sha1", "-o", "p", cwd=tmp_path)
+    patch = extract_patch(tmp_path / "new" / "s.o", tmp_path / "p", ["pick"])
+    twice, thrice = (elf_symbol(tmp_path / "p", n)["st_value"] for n in ("twice", "thrice"))
+    got = sorted((fx.type, fx.base, fx.addend) for fx in patch.fixups)
+    assert got == sorted(
+        (t, FixupBase.EXE, a)
+        for t in (FixupType.ADR_PAGE, FixupType.ADD_LO12)
+        for a in (twice, thrice)
+    ), got
+
+
 TLS = r"""
 static __thread int mine;
 extern __thread int theirs;
@@ -148,14 +184,19 @@ def test_thread_local_in_an_executable(tmp_path: Path) -> None:
 
 
 def test_thread_local_through_a_descriptor_refused(tmp_path: Path) -> None:
-    """A fix compiled as for a library (-fPIC: TLS descriptors) has no aarch64 recipe:
-    refused naming the relocation."""
+    """A fix of an executable compiled as for a library (-fPIC: TLS descriptors): the
+    executable has no descriptor of its own for the variable (ld relaxed its accesses),
+    so the access is refused naming the variable, the relocation and the way out."""
     (tmp_path / "t.c").write_text(TLS)
     (tmp_path / "m.c").write_text(TLS_MAIN)
     cross_cc(*CFLAGS, "-c", "t.c", "-o", "pie.o", cwd=tmp_path)
     cross_cc(*CFLAGS, "-pie", "m.c", "pie.o", "-Wl,--build-id=sha1", "-o", "t", cwd=tmp_path)
     cross_cc("-O2", "-fPIC", *patch_cflags(A64), "-c", "t.c", "-o", "pic.o", cwd=tmp_path)
-    with pytest.raises(UnsupportedRelocation, match=r"R_AARCH64_TLSDESC_\w+ in \.text\.f"):
+    with pytest.raises(
+        UnsupportedRelocation,
+        match=r"'mine' \(general-dynamic through a descriptor .* \.text\.f\+0x\w+, "
+        r"R_AARCH64_TLSDESC_\w+\): .* has no descriptor \(R_AARCH64_TLSDESC\) for it.*-fPIE",
+    ):
         extract_patch(tmp_path / "pic.o", tmp_path / "t", ["f"])
 
 

@@ -11,10 +11,11 @@ from dataclasses import replace
 import pytest
 
 from helpers import make_patch
+from patchbox.arch import Machine
 from patchbox.errors import PatchFormatError
 from patchbox.format.layout import decode_apply_body, encode_apply_body, read_patch, write_patch
 from patchbox.format.model import Fixup, Patch
-from patchbox.wire import APPLY_BODY, FixupBase, FixupSection, FixupType, Machine, RedirectKind
+from patchbox.wire import APPLY_BODY, FixupBase, FixupSection, FixupType, RedirectKind
 
 
 def with_skip(patch: Patch, skip: int, kind: RedirectKind = RedirectKind.PATCHABLE_ENTRY) -> Patch:

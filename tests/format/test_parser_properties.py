@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from helpers import make_patch
 from patchbox import wire as C
-from patchbox.arch import get_arch_by_machine
+from patchbox.arch import Machine, get_arch_by_machine
 from patchbox.errors import AgentError, PatchFormatError, ProtocolError
 from patchbox.format.layout import (
     HEADER,
@@ -26,7 +26,7 @@ from patchbox.format.layout import (
 from patchbox.format.model import Fixup, Function, Patch
 from patchbox.protocol.client import decode_header
 from patchbox.protocol.replies import decode_reply
-from patchbox.wire import FixupBase, FixupSection, Machine, Msg
+from patchbox.wire import FixupBase, FixupSection, Msg
 
 SETTINGS = settings(
     max_examples=300,

@@ -9,91 +9,16 @@ import re
 import shlex
 import shutil
 import subprocess
-import sys
-import tempfile
 import time
 import zipfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from wheelenv import Installed
 
 from helpers import CROSS_CC, ROOT
 
 pytestmark = [pytest.mark.wheel, pytest.mark.timeout(1800)]
-
-
-@dataclass(frozen=True)
-class Installed:
-    wheel: Path
-    direct_wheel: Path
-    venv: Path
-
-    def bin(self, name: str) -> str:
-        return str(self.venv / "bin" / name)
-
-    def run(
-        self, *args: str, cwd: str | None = None, timeout: float | None = None
-    ) -> subprocess.CompletedProcess[str]:
-        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PATCHBOX_AGENT_DIR")}
-        env["PATH"] = f"{self.venv / 'bin'}{os.pathsep}{env['PATH']}"
-        return subprocess.run(
-            list(args),
-            capture_output=True,
-            text=True,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            check=False,
-            cwd=cwd,
-            timeout=timeout,
-        )
-
-
-def _build(args: list[str], out: Path) -> Path:
-    proc = subprocess.run(
-        [sys.executable, "-m", "build", *args, "-o", str(out), str(ROOT)],
-        capture_output=True,
-        text=True,
-        stdin=subprocess.DEVNULL,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    (wheel,) = out.glob("*.whl")
-    return wheel
-
-
-@pytest.fixture(scope="module")
-def installed(
-    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
-) -> Installed:
-    base = tmp_path_factory.mktemp("wheel")
-    assert not str(base).startswith(str(ROOT)), "the virtualenv must be outside the checkout"
-    # `python -m build` builds the sdist, then the wheel from the unpacked sdist.
-    wheel = _build([], base / "dist")
-    assert len(list((base / "dist").glob("*.tar.gz"))) == 1
-    direct = _build(["--wheel"], base / "direct")
-    # Where every user may reach it, as /opt/patchbox is: the process tier run with it
-    # acts as nobody too (tmp_path lies under /tmp/pytest-of-root, 0700).
-    home = Path(tempfile.mkdtemp(prefix="pbx-wheel-", dir="/tmp"))
-    home.chmod(0o755)
-    request.addfinalizer(lambda: shutil.rmtree(home, ignore_errors=True))
-    venv = home / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    proc = subprocess.run(
-        [
-            str(venv / "bin" / "pip"),
-            "install",
-            "-q",
-            "--disable-pip-version-check",
-            f"{wheel}[test]",
-        ],
-        capture_output=True,
-        text=True,
-        stdin=subprocess.DEVNULL,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return Installed(wheel, direct, venv)
 
 
 def test_sdist_builds_the_same_wheel(installed: Installed) -> None:

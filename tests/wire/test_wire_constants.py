@@ -392,7 +392,7 @@ def test_agent_parser_reads_every_field_at_its_declared_offset_and_width(
 ) -> None:
     body = encode_apply_body(_patches()[index])
     if index == 2:  # the optional last field, as an x86-64 body may carry it (3e 00)
-        body += struct.pack("<H", C.Machine.X86_64)
+        body += struct.pack("<H", C.ABSENT_MACHINE)
     out = agent_probe("apply", body).splitlines()
     agent = [(int(a), int(b), name) for _r, a, b, name in (line.split(" ", 3) for line in out[:-1])]
     declared = _declared_reads(C.APPLY_BODY, body)

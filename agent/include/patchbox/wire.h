@@ -16,17 +16,14 @@
 #define PBX_MAX_FUNCS 256	/* functions in one patch */
 #define PBX_MAX_FIXUPS 1048576
 #define PBX_MAX_PATCHES 256	/* patches applied at once */
-#define PBX_MIN_EXPECTED 8	/* expected bytes cover at least the 6+2 NOP patchable entry */
+#define PBX_MIN_EXPECTED 8	/* expected bytes cover at least the smallest patchable entry */
 #define PBX_MAX_EXPECTED 64	/* the most expected bytes one function record may carry (the agent's buffer) */
 #define PBX_EXTRACT_MAX_EXPECTED 32	/* extract-patch records this many (fewer for a shorter function, never below MIN_EXPECTED): within MAX_EXPECTED, enough to tell another build */
-#define PBX_ENTRY_PAD 6	/* NOPs before the symbol (-fpatchable-function-entry=8,6) */
-#define PBX_ENTRY_NOPS 2	/* NOPs at the symbol */
 #define PBX_REPLY_BIT 128	/* reply type = request type | REPLY_BIT */
-#define PBX_JUMP_LEN 5	/* e9 rel32: bytes an entry jump (redirect kind ENTRY_JUMP) overwrites */
-#define PBX_ENDBR_SKIP 4	/* endbr64 (f3 0f 1e fa) left in place before an entry jump */
 #define PBX_MAX_HOOKS 16	/* apply/remove hooks in one patch */
 #define PBX_HOLD_WAIT_MS 1000	/* APPLY with HOLD: how long the agent waits for every other thread to be held */
 #define PBX_MAX_OBJECTS 8	/* loaded objects (the executable + libraries) with patches and a sandbox */
+#define PBX_ABSENT_MACHINE 62	/* the ELF e_machine an apply body without its `machine` field is for (docs/patch-format.md) */
 
 #define PBX_MSG_INFO 1
 #define PBX_MSG_LIST 2
@@ -36,8 +33,8 @@
 #define PBX_MSG_DEBUG 6
 
 /* How a function record is redirected (docs/redirect.md). u8 kind of the record. */
-#define PBX_KIND_PATCHABLE_ENTRY 0	/* 6+2 NOPs: jump into the padding, 2-byte atomic publish */
-#define PBX_KIND_ENTRY_JUMP 1	/* no padding: e9 rel32 at entry+skip, one aligned 8-byte store */
+#define PBX_KIND_PATCHABLE_ENTRY 0	/* the compiler's patchable NOPs: jump into the padding, one atomic publishing store */
+#define PBX_KIND_ENTRY_JUMP 1	/* no padding: a branch at entry+skip, one aligned atomic store */
 
 #define PBX_FLAG_RETAIN 1	/* never reuse this patch's memory after remove (coroutine code: docs/qemu.md) */
 #define PBX_FLAG_HOLD 2	/* entry jumps written while every other thread is held by the client (docs/reach.md) */
@@ -53,15 +50,16 @@
 #define PBX_HOOK_POST_REMOVE 4	/* after switching back; its result is logged */
 
 /* PC32 and ABS64 write data (an int32, a uint64) and serve every architecture; the others write a
- * field of one aarch64 instruction word (4-aligned, in the text), which the agent checks is of the
- * instruction class the type names; an agent of another architecture refuses them (BAD_FIXUP).
- * Every value is checked before anything is written. */
+ * field of one 4-byte instruction word (4-aligned, in the text) of the architecture whose
+ * relocations need them (src/patchbox/arch/ and the agent's arch fixup.h), which the agent checks
+ * is of the instruction class the type names; an agent of another architecture refuses them
+ * (BAD_FIXUP). Every value is checked before anything is written. */
 #define PBX_FIXUP_PC32 1	/* *(int32*)P = S + A - P, must fit in int32 */
 #define PBX_FIXUP_ABS64 2	/* *(uint64*)P = S + A */
-#define PBX_FIXUP_BRANCH26 3	/* aarch64 B/BL imm26 = (S + A - P) / 4: a multiple of 4, within +-128 MiB */
-#define PBX_FIXUP_ADR_PAGE 4	/* aarch64 ADRP immhi:immlo = (Page(S + A) - Page(P)) / 4096, within +-4 GiB */
-#define PBX_FIXUP_ADD_LO12 5	/* aarch64 ADD (immediate, no shift) imm12 = (S + A) & 0xfff */
-#define PBX_FIXUP_LDST8_LO12 6	/* aarch64 LDR/STR (unsigned offset) of 1 byte: imm12 = (S + A) & 0xfff */
+#define PBX_FIXUP_BRANCH26 3	/* B/BL imm26 = (S + A - P) / 4: a multiple of 4, within +-128 MiB */
+#define PBX_FIXUP_ADR_PAGE 4	/* ADRP immhi:immlo = (Page(S + A) - Page(P)) / 4096, within +-4 GiB */
+#define PBX_FIXUP_ADD_LO12 5	/* ADD (immediate, no shift) imm12 = (S + A) & 0xfff */
+#define PBX_FIXUP_LDST8_LO12 6	/* LDR/STR (unsigned offset) of 1 byte: imm12 = (S + A) & 0xfff */
 #define PBX_FIXUP_LDST16_LO12 7	/* ... of 2 bytes: imm12 = ((S + A) & 0xfff) / 2, which must be a multiple of 2 */
 #define PBX_FIXUP_LDST32_LO12 8	/* ... of 4 bytes (a multiple of 4) */
 #define PBX_FIXUP_LDST64_LO12 9	/* ... of 8 bytes (a multiple of 8) */
@@ -88,12 +86,6 @@
 #define PBX_SECT_TEXT 0
 #define PBX_SECT_DATA 1
 
-/* The architecture a patch is for: its ELF e_machine (docs/patch-format.md "Architecture"). u16
- * `machine`, the apply body's last field; a body without it (written before it existed) is for
- * X86_64. */
-#define PBX_MACHINE_X86_64 62	/* EM_X86_64 */
-#define PBX_MACHINE_AARCH64 183	/* EM_AARCH64 */
-
 /* The patch file (docs/patch-format.md). */
 #define PBX_FILE_MAGIC "PBXPATCH"	/* first field of every patch file */
 #define PBX_FILE_FORMAT_VERSION 1	/* the patch file format version this reads and writes */
@@ -104,7 +96,7 @@
 #define PBX_FILE_FLAG_SIGNED 0x1u	/* a signature trailer (record sig_trailer) follows the payload */
 #define PBX_FILE_FLAGS_KNOWN 0x1u
 
-/* Fixed-size records: packed, little-endian (the agent runs on x86-64). */
+/* Fixed-size records: packed, little-endian (every agent architecture). */
 
 /* The frame header before every request and reply payload (docs/protocol.md "Frame"). */
 struct pbx_header {

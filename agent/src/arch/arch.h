@@ -58,6 +58,8 @@
 #ifndef PATCHBOX_ARCH_H
 #define PATCHBOX_ARCH_H
 
+#include <elf.h> /* EM_*: the machines a patch may name */
+
 #if defined(__x86_64__)
 #include "arch/x86_64/insn.h"
 #include "arch/x86_64/fixup.h"
@@ -68,17 +70,17 @@
 #error "patchbox agent: unsupported architecture (x86-64 and aarch64 are)"
 #endif
 
-_Static_assert(SANDBOX_ARCH_MACHINE == PBX_MACHINE_X86_64 || SANDBOX_ARCH_MACHINE == PBX_MACHINE_AARCH64,
-	       "the agent's machine is one of wire/constants.toml [machine]");
+_Static_assert(SANDBOX_ARCH_MACHINE == EM_X86_64 || SANDBOX_ARCH_MACHINE == EM_AARCH64,
+	       "the agent's machine is one of patchbox.arch.Machine");
 
-/* The name of an ELF e_machine a patch may carry (wire/constants.toml [machine]), for the
+/* The name of an ELF e_machine a patch may carry (patchbox.arch.Machine), for the
  * refusal of a patch built for another architecture than this agent's. */
 static inline const char *sandbox_arch_machine_name(unsigned machine)
 {
 	switch (machine) {
-	case PBX_MACHINE_X86_64:
+	case EM_X86_64:
 		return "x86_64";
-	case PBX_MACHINE_AARCH64:
+	case EM_AARCH64:
 		return "aarch64";
 	default:
 		return "an unknown architecture";

@@ -12,7 +12,9 @@ relocation's field is written with).
 from __future__ import annotations
 
 import platform
+from enum import IntEnum
 
+from patchbox import wire as C
 from patchbox.arch import aarch64, x86_64
 from patchbox.arch.model import (
     TLS_MODELS,
@@ -47,6 +49,8 @@ __all__ = [
     "SigFrame",
     "TLS_MODELS",
     "TlsFacts",
+    "ABSENT_MACHINE",
+    "Machine",
     "iter_arches",
     "get_arch",
     "get_arch_by_machine",
@@ -57,6 +61,18 @@ __all__ = [
 _ARCHES: tuple[Arch, ...] = (x86_64.ARCH, aarch64.ARCH)
 # Other spellings of the names (`dpkg --print-architecture`, LLVM, Go).
 _ALIASES = {"amd64": "x86_64", "x86-64": "x86_64", "arm64": "aarch64"}
+
+
+class Machine(IntEnum):
+    """The architecture a patch is for, as its apply body's ``machine`` field carries it:
+    the ELF ``e_machine`` of each architecture of this room (docs/patch-format.md)."""
+
+    X86_64 = x86_64.ARCH.e_machine
+    AARCH64 = aarch64.ARCH.e_machine
+
+
+# The machine of an apply body without the field (every body written before it existed).
+ABSENT_MACHINE = Machine(C.ABSENT_MACHINE)
 
 
 def iter_arches() -> tuple[Arch, ...]:
@@ -89,7 +105,7 @@ def get_arch_by_machine(machine: int | str, what: str = "") -> Arch:
 def unnamed_arch() -> Arch:
     """Returns the architecture of a patch file that names none: every patch made before
     the format recorded one is for x86-64."""
-    return x86_64.ARCH
+    return get_arch_by_machine(ABSENT_MACHINE)
 
 
 def host_arch() -> Arch:

@@ -70,7 +70,7 @@ TLS_MODELS: dict[Recipe, str] = {
     Recipe.TLS_GD: "general-dynamic",
     Recipe.TLS_LD: "local-dynamic",
     Recipe.TLS_DTPOFF: "local-dynamic",
-    Recipe.TLS_DESC: "general-dynamic through a descriptor (-mtls-dialect=gnu2)",
+    Recipe.TLS_DESC: "general-dynamic through a descriptor",
 }
 
 

@@ -56,6 +56,7 @@ def config_command(
       gcc app.o $(patchbox config --libs --app-version 1.2) -o app
       PKG_CONFIG_PATH=$(patchbox config --pkgconfigdir) pkg-config --cflags --libs patchbox
       CROSS-gcc $(patchbox config --arch ARCH --cflags) -c app.c    (cross-built)
+      PKG_CONFIG_PATH=$(patchbox config --arch ARCH --pkgconfigdir) pkg-config ...
 
     pkg-config gives the same agent and flags, without the build-info object (the
     program's version, git revision and date that INFO reports; they read "unknown").
@@ -74,9 +75,7 @@ def config_command(
         click.echo(str(config.preload(arch)))
         return
     if want_pcdir:
-        if arch_name is not None:
-            raise click.UsageError("--pkgconfigdir is this host's only (no --arch)")
-        click.echo(str(config.pkgconfig_dir()))
+        click.echo(str(config.pkgconfig_dir(arch)))
         return
     parts = []
     if want_cflags:

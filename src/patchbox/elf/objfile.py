@@ -8,6 +8,7 @@ pyelftools).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +17,10 @@ from elftools.elf.constants import SH_FLAGS
 from patchbox.arch import Arch
 from patchbox.elf.records import SHN_ABS, SHN_COMMON, SHN_UNDEF
 from patchbox.errors import ElfError
+
+# The ELF mapping symbols (the processor ABIs' "$x", "$d", "$a", "$t", with an optional
+# ".N"): GCC accepts "$" in C identifiers, so a name merely starting with one may be code.
+_MAPPING_SYMBOL = re.compile(r"\$[adtx](?:\.\w*)?")
 
 __all__ = ["Section", "ObjSymbol", "Relocation", "ObjectFile"]
 
@@ -136,7 +141,10 @@ class ObjectFile:
         return sorted(self.relocations.get(section.index, []), key=lambda r: r.offset)
 
     def get_section_symbols(self, section: Section) -> list[ObjSymbol]:
-        """Returns the named FUNC/OBJECT/NOTYPE/TLS symbols defined in ``section``."""
+        """Returns the named FUNC/OBJECT/NOTYPE/TLS symbols defined in ``section``: not
+        the assembler's local labels (``.L``) nor the ELF mapping symbols that mark where
+        code and data start in a section (``$x``, ``$d.1``; where a processor ABI defines
+        them, every code section has one, so they name no one place of a program)."""
         return [
             s
             for s in self.symbols
@@ -145,6 +153,7 @@ class ObjectFile:
             and s.type not in ("SECTION", "FILE")
             and s.name
             and not s.name.startswith(".L")
+            and not _MAPPING_SYMBOL.fullmatch(s.name)
         ]
 
     def get_function(self, name: str) -> ObjSymbol | None:

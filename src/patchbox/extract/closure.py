@@ -446,9 +446,7 @@ class _Search:
             raise ExtractError(f"{where(sec, rel)} refers to non-loaded section {target.name}")
         if not target.is_exec and not target.is_write:
             return None  # read-only data: immutable, always copied (see combine)
-        # Not the ELF mapping symbols that mark code and data in a section ($x, $d.1):
-        # every function's section has its own, so the program has many of one name.
-        named = [s for s in self.obj.get_section_symbols(target) if not s.name.startswith("$")]
+        named = self.obj.get_section_symbols(target)
         if sym.type != "SECTION":
             named = [sym] + [s for s in named if s is not sym]
         if target.is_exec and any(self._is_clone_of_replaced(s) for s in named):

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import patchbox
 from patchbox import wire as C
+from patchbox.arch import Machine
 from patchbox.elf.binary import Binary
 from patchbox.elf.exports import program_libraries
 from patchbox.elf.fastread import load_object
@@ -212,7 +213,7 @@ def _combine(
         flags=flags,
         meta=meta,
         hooks=hooks,
-        machine=C.Machine(binary.arch.e_machine),  # the agent refuses another
+        machine=Machine(binary.arch.e_machine),  # the agent refuses another
     )
 
 

@@ -214,12 +214,8 @@ def new_symbols(member: Member, closure: Closure) -> dict[str, str]:
         if i in replaced and i not in closure.live:
             continue
         sec = obj.get_section(i)
-        # Not the ELF mapping symbols that mark code and data in a section ($x, $d.1).
-        names = [
-            s.name
-            for s in obj.get_section_symbols(sec)
-            if closure.is_live(i, s.value) and not s.name.startswith("$")
-        ] or [sec.name]
+        named = [s.name for s in obj.get_section_symbols(sec) if closure.is_live(i, s.value)]
+        names = named or [sec.name]
         if i in closure.live:  # a shared section: its live functions, not the replaced ones
             names = [n for n in names if n not in replaced_names]
         for n in names:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from patchbox import wire as C
-from patchbox.arch import get_arch_by_machine
+from patchbox.arch import ABSENT_MACHINE, Machine, get_arch_by_machine
 from patchbox.errors import PatchFormatError
 from patchbox.format.codec import Reader, Writer, read_fields, write_fields
 from patchbox.format.model import Fixup, Function, Hook, Patch
@@ -32,7 +32,6 @@ from patchbox.wire import (
     FixupSection,
     FixupType,
     HookKind,
-    Machine,
     RedirectKind,
 )
 
@@ -115,12 +114,11 @@ def encode_apply_body(patch: Patch) -> bytes:
     return bytes(w)
 
 
-# The machine a body without the field means (every body written before it existed). Such
-# a patch is written without it, byte for byte as before: an agent linked before the field
+# A patch for ABSENT_MACHINE (the machine every body written before the field existed is
+# for) is written without it, byte for byte as before: an agent linked before the field
 # existed (a process started before an upgrade of patchbox) reads the body to its end and
 # refuses trailing bytes, so writing the field for it would lock every running process
 # out of new patches. Other machines always carry it (no older agent exists for them).
-ABSENT_MACHINE = Machine.X86_64
 _BODY_BEFORE_MACHINE = tuple(f for f in APPLY_BODY if not f.optional)
 
 
@@ -138,7 +136,7 @@ def decode_apply_body(body: bytes, meta: dict[str, str] | None = None) -> Patch:
     raw = read_fields(r, APPLY_BODY)
     r.end()
     check_name(raw["name"])
-    try:  # absent: written before the field existed, for x86-64 (docs/patch-format.md)
+    try:  # absent: written before the field existed (docs/patch-format.md)
         machine = Machine(raw.get("machine", ABSENT_MACHINE))
     except ValueError as err:
         raise PatchFormatError(
@@ -219,11 +217,13 @@ def decode_apply_body(body: bytes, meta: dict[str, str] | None = None) -> Patch:
 
 
 def _skips(machine: Machine, kind: RedirectKind) -> tuple[int, ...]:
-    """Returns the skip values a function record of ``kind`` may carry on ``machine``: past
-    a landing pad of 4 bytes kept at the entry, endbr64 before an x86-64 entry jump, bti c
-    before either kind on aarch64 (docs/redirect.md)."""
-    if machine == Machine.AARCH64 or kind == RedirectKind.ENTRY_JUMP:
-        return (0, C.ENDBR_SKIP)
+    """Returns the skip values a function record of ``kind`` may carry on ``machine``: 0, or
+    past the architecture's landing pad kept at the entry, before an entry jump, and
+    before a patchable entry where the compiler puts the pad at the symbol
+    (docs/redirect.md)."""
+    entry = get_arch_by_machine(machine).entry
+    if entry.landing and (kind == RedirectKind.ENTRY_JUMP or entry.landing_in_entry):
+        return (0, entry.skip)
     return (0,)
 
 

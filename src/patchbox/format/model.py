@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from patchbox.wire import FixupBase, FixupSection, FixupType, HookKind, Machine, RedirectKind
+from patchbox.arch import ABSENT_MACHINE, Machine
+from patchbox.wire import FixupBase, FixupSection, FixupType, HookKind, RedirectKind
 
 __all__ = ["Function", "Fixup", "Hook", "Patch"]
 
@@ -20,13 +21,13 @@ class Function:
     target: int  # link-time address of the original entry (the symbol)
     new_offset: int  # entry of the replacement inside Patch.text
     new_size: int
-    # PATCHABLE_ENTRY: original bytes at [target-PAD, target-PAD+len) (PAD: x86-64 6,
-    # aarch64 16); ENTRY_JUMP: original bytes at [P, P+len), P = target+skip
-    # (docs/redirect.md)
+    # PATCHABLE_ENTRY: original bytes at [target-PAD, target-PAD+len) (PAD: the
+    # architecture's entry padding, Arch.entry.pad); ENTRY_JUMP: original bytes at
+    # [P, P+len), P = target+skip (docs/redirect.md)
     expected: bytes
     kind: RedirectKind = RedirectKind.PATCHABLE_ENTRY
-    # 4 when a landing pad at the entry stays in place: endbr64 (x86-64, ENTRY_JUMP only),
-    # bti c (aarch64, both kinds)
+    # The landing pad's length when one at the entry stays in place (Arch.entry.landing;
+    # which redirect kinds keep one: format.layout's skip check)
     skip: int = 0
 
     @property
@@ -70,5 +71,5 @@ class Patch:
     meta: dict[str, str] = field(default_factory=dict)
     hooks: list[Hook] = field(default_factory=list)
     # The architecture of the binary it patches (its ELF e_machine); the agent refuses a
-    # patch for another one. A file written before the field existed is for x86-64.
-    machine: Machine = Machine.X86_64
+    # patch for another one. A file written before the field existed is for ABSENT_MACHINE.
+    machine: Machine = ABSENT_MACHINE

@@ -32,6 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from patchbox import wire as C
+from patchbox.arch import get_arch_by_machine
 from patchbox.errors import PatchboxError
 from patchbox.format.model import Patch
 from patchbox.procfs import find_mapped, task_ids, task_syscall
@@ -169,8 +170,10 @@ class Holder:
 
 
 def held_ranges(pid: int, patch: Patch, info: dict[str, str]) -> list[tuple[int, int]]:
-    """Returns [P, P+5) (absolute, in ``pid``) of every entry jump of ``patch``: the
-    executable's load bias from INFO, a library's from /proc/PID/maps."""
+    """Returns [P, P+len) (absolute, in ``pid``; len: the entry jump's bytes on the
+    patch's architecture) of every entry jump of ``patch``: the executable's load bias
+    from INFO, a library's from /proc/PID/maps."""
+    jump_len = get_arch_by_machine(patch.machine).branches.jump_len
     want = patch.build_id.hex()
     if info.get("build_id", "").lower() == want:
         bias = int(info.get("load_bias", "0"), 16)
@@ -180,7 +183,7 @@ def held_ranges(pid: int, patch: Patch, info: dict[str, str]) -> list[tuple[int,
             raise HoldError(f"pid {pid} maps no object of build-id {want}")
         bias = obj.bias
     return [
-        (bias + f.patch_point, bias + f.patch_point + C.JUMP_LEN)
+        (bias + f.patch_point, bias + f.patch_point + jump_len)
         for f in patch.functions
         if f.kind == RedirectKind.ENTRY_JUMP
     ]

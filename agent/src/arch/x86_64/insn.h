@@ -21,8 +21,8 @@
 #define SANDBOX_ARCH_MACHINE 62		/* EM_X86_64 */
 #define SANDBOX_ARCH_MACHINE_STR "62"
 
-/* -fpatchable-function-entry=8,6: 6 one-byte NOPs before the symbol, 2 at it. The
- * wire constants (PBX_ENTRY_*, PBX_JUMP_LEN, PBX_ENDBR_SKIP) are x86-64's. */
+/* -fpatchable-function-entry=8,6: 6 one-byte NOPs before the symbol, 2 at it (the
+ * client's half: src/patchbox/arch/x86_64.py, compared by tests/arch/test_arch.py). */
 #define SANDBOX_ARCH_ENTRY_PAD 6
 #define SANDBOX_ARCH_ENTRY_NOPS 2
 #define SANDBOX_ARCH_ENTRY_FLAGS "-fpatchable-function-entry=8,6"
@@ -35,15 +35,10 @@
 #define SANDBOX_ARCH_LANDING_LEN 4	/* endbr64, kept before an entry jump */
 #define SANDBOX_ARCH_LANDING_NAME "endbr64"
 
-_Static_assert(PBX_ENTRY_PAD == SANDBOX_ARCH_ENTRY_PAD && PBX_ENTRY_NOPS == SANDBOX_ARCH_ENTRY_NOPS,
-	       "redirect code assumes 8,6");
-_Static_assert(PBX_JUMP_LEN == SANDBOX_ARCH_JUMP_LEN, "jmp rel32 is 5 bytes");
-_Static_assert(PBX_ENDBR_SKIP == SANDBOX_ARCH_LANDING_LEN, "endbr64 is 4 bytes");
-
 /* ret: fills free sandbox text, so a stray jump into it returns. Spelled bare (no
  * suffix): the sandbox's .fill directive uses it as assembler text. */
 #define SANDBOX_INSN_RET 0xc3
-#define SANDBOX_INSN_JMP_REL32 0xe9	/* opcode of jmp rel32 (PBX_JUMP_LEN bytes) */
+#define SANDBOX_INSN_JMP_REL32 0xe9	/* opcode of jmp rel32 (SANDBOX_ARCH_JUMP_LEN bytes) */
 
 /* The two 2-byte instructions of the redirect protocol, as the little-endian word
  * that one aligned atomic 2-byte store publishes. */
@@ -84,10 +79,10 @@ static const uint8_t sandbox_arch_selftest_target[12] = {
 /* The rel32 of a jmp rel32 at `from` to `to` (the caller checks it fits in 32 bits). */
 static inline int64_t sandbox_insn_jmp_rel(uintptr_t from, uintptr_t to)
 {
-	return (int64_t)to - (int64_t)(from + PBX_JUMP_LEN);
+	return (int64_t)to - (int64_t)(from + SANDBOX_ARCH_JUMP_LEN);
 }
 
-/* Encodes `e9 rel32`, a jmp rel32 at `from` to `to`, into ret[0..PBX_JUMP_LEN). */
+/* Encodes `e9 rel32`, a jmp rel32 at `from` to `to`, into ret[0..SANDBOX_ARCH_JUMP_LEN). */
 static inline void sandbox_insn_jmp_encode(uintptr_t from, uintptr_t to, uint8_t *ret)
 {
 	int32_t rel = (int32_t)sandbox_insn_jmp_rel(from, to);

@@ -76,7 +76,7 @@ static inline const uint8_t *sandbox_site_saved(const struct sandbox_func *f)
 /* Whether an entry jump's [site, site+5) spans two words (remove parks threads). */
 static inline int sandbox_jump_split(const struct sandbox_func *f)
 {
-	return f->mech == PBX_KIND_ENTRY_JUMP && f->site % 8 > 8 - PBX_JUMP_LEN;
+	return f->mech == PBX_KIND_ENTRY_JUMP && f->site % 8 > 8 - SANDBOX_ARCH_JUMP_LEN;
 }
 
 /* Apply phase 1: `e9 rel32` into the dead padding; nothing executes there until the
@@ -85,16 +85,16 @@ static inline void sandbox_arch_prepare(const struct sandbox_func *f)
 {
 	if (f->mech == PBX_KIND_ENTRY_JUMP)
 		return;
-	uint8_t jmp[PBX_JUMP_LEN];
-	sandbox_insn_jmp_encode(f->site - PBX_ENTRY_PAD, f->new_entry, jmp);
-	memcpy((void *)(f->site - PBX_ENTRY_PAD), jmp, sizeof(jmp));
+	uint8_t jmp[SANDBOX_ARCH_JUMP_LEN];
+	sandbox_insn_jmp_encode(f->site - SANDBOX_ARCH_ENTRY_PAD, f->new_entry, jmp);
+	memcpy((void *)(f->site - SANDBOX_ARCH_ENTRY_PAD), jmp, sizeof(jmp));
 }
 
 /* Undoes phase 1 (the hold was lost before phase 2): the dead padding back. */
 static inline void sandbox_arch_unprepare(const struct sandbox_func *f)
 {
 	if (f->mech != PBX_KIND_ENTRY_JUMP)
-		memcpy((void *)f->saved_at, f->saved, PBX_JUMP_LEN);
+		memcpy((void *)f->saved_at, f->saved, SANDBOX_ARCH_JUMP_LEN);
 }
 
 /* Apply phase 2: one atomic 2-byte store of `eb f8`, or the atomic 8-byte store(s) of
@@ -102,9 +102,9 @@ static inline void sandbox_arch_unprepare(const struct sandbox_func *f)
 static inline void sandbox_arch_publish(const struct sandbox_func *f)
 {
 	if (f->mech == PBX_KIND_ENTRY_JUMP) {
-		uint8_t jmp[PBX_JUMP_LEN];
+		uint8_t jmp[SANDBOX_ARCH_JUMP_LEN];
 		sandbox_insn_jmp_encode(f->site, f->new_entry, jmp);
-		sandbox_span_store(f->site, jmp, PBX_JUMP_LEN);
+		sandbox_span_store(f->site, jmp, SANDBOX_ARCH_JUMP_LEN);
 	} else {
 		sandbox_insn_store2(f->site, SANDBOX_INSN_JMP_BACK);
 	}
@@ -125,19 +125,19 @@ static inline void sandbox_arch_restore_step(const struct sandbox_func *f, int s
 			if (split)
 				sandbox_span_store(f->site, sandbox_insn_park, sizeof(sandbox_insn_park));
 			else
-				sandbox_span_store(f->site, sandbox_site_saved(f), PBX_JUMP_LEN);
+				sandbox_span_store(f->site, sandbox_site_saved(f), SANDBOX_ARCH_JUMP_LEN);
 			return;
 		}
-		memcpy(&v, f->saved + PBX_ENTRY_PAD, 2);
+		memcpy(&v, f->saved + SANDBOX_ARCH_ENTRY_PAD, 2);
 		sandbox_insn_store2(f->site, v);
 		return;
 	case 1:
 		/* A thread parked at site-6 now jumps to the entry instead of the patch; the
 		 * rel32 of a split entry jump goes back (dead: threads wait at its `jmp .`). */
 		if (split)
-			sandbox_span_store(f->site + 2, sandbox_site_saved(f) + 2, PBX_JUMP_LEN - 2);
+			sandbox_span_store(f->site + 2, sandbox_site_saved(f) + 2, SANDBOX_ARCH_JUMP_LEN - 2);
 		else if (f->mech != PBX_KIND_ENTRY_JUMP)
-			sandbox_insn_store2(f->site - PBX_ENTRY_PAD, SANDBOX_INSN_JMP_OVER);
+			sandbox_insn_store2(f->site - SANDBOX_ARCH_ENTRY_PAD, SANDBOX_INSN_JMP_OVER);
 		return;
 	default:
 		/* A split entry jump: its first two bytes back, the parked threads run the
@@ -150,7 +150,7 @@ static inline void sandbox_arch_restore_step(const struct sandbox_func *f, int s
 		memcpy((void *)(f->site - 4), f->saved + 2, 4);
 		/* The first padding bytes last (pairs with the one above). */
 		memcpy(&v, f->saved, 2);
-		sandbox_insn_store2(f->site - PBX_ENTRY_PAD, v);
+		sandbox_insn_store2(f->site - SANDBOX_ARCH_ENTRY_PAD, v);
 		return;
 	}
 }
