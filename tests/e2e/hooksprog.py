@@ -11,7 +11,9 @@ import subprocess
 import time
 from pathlib import Path
 
-__all__ = ["PROGRAM", "FIX", "HOOK_ORDER", "App"]
+from helpers import run_tool
+
+__all__ = ["PROGRAM", "FIX", "HOOK_ORDER", "App", "shadow_and_hook_order", "refused_by_pre_apply"]
 
 PROGRAM = r"""
 #include <stdio.h>
@@ -122,3 +124,38 @@ class App:
     def stop(self) -> None:
         self.proc.kill()
         self.proc.wait()
+
+
+def shadow_and_hook_order(app: App, patch: Path, log: Path) -> None:
+    """Apply, remove, apply again: the shadow field lives while applied, the post-remove
+    hook frees it, the hooks ran in their order."""
+    try:
+        assert [app.serve(0), app.serve(0), app.serve(1)] == [1, 2, 1]
+        run_tool("patchbox", "apply", "-p", app.pid, patch)
+        # conns[0] already has len 2: the new field starts at 0 for it, then grows.
+        assert [app.serve(0), app.serve(0), app.serve(1)] == [3010, 4020, 2010]
+        run_tool("patchbox", "remove", "-p", app.pid, "total")
+        assert app.serve(0) == 5
+        run_tool("patchbox", "apply", "-p", app.pid, patch)
+        assert app.serve(0) == 6010  # the shadows were freed by the post-remove hook
+        assert log.read_text().split() == HOOK_ORDER
+        assert app.alive()
+    finally:
+        app.stop()
+
+
+def refused_by_pre_apply(app: App, patch: Path, refuse: Path) -> None:
+    """The pre-apply hook refuses while ``refuse`` exists: nothing applied; then it
+    applies."""
+    try:
+        refuse.write_text("")
+        res = run_tool("patchbox", "apply", "-p", app.pid, patch, check=False)
+        assert res.returncode == 1 and "HOOK_FAILED" in res.stderr and "returned 7" in res.stderr
+        assert app.serve(0) == 1
+        assert run_tool("patchbox", "list", "-p", app.pid, "--json").stdout.strip() == "[]"
+        refuse.unlink()
+        run_tool("patchbox", "apply", "-p", app.pid, patch)
+        assert app.serve(0) == 2010
+        assert app.alive()
+    finally:
+        app.stop()

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from a64 import CC, LOADER, QEMU, missing_toolchain
-from hooksprog import FIX, HOOK_ORDER, PROGRAM, App
+from hooksprog import FIX, PROGRAM, App, refused_by_pre_apply, shadow_and_hook_order
 
 from helpers import run_tool
 from patchbox import config
@@ -56,33 +56,8 @@ def start(setup: dict[str, Path]) -> App:
 
 
 def test_shadow_field_and_hook_order(setup: dict[str, Path]) -> None:
-    app = start(setup)
-    try:
-        assert [app.serve(0), app.serve(0), app.serve(1)] == [1, 2, 1]
-        run_tool("patchbox", "apply", "-p", app.pid, setup["patch"])
-        # conns[0] already has len 2: the new field starts at 0 for it, then grows.
-        assert [app.serve(0), app.serve(0), app.serve(1)] == [3010, 4020, 2010]
-        run_tool("patchbox", "remove", "-p", app.pid, "total")
-        assert app.serve(0) == 5
-        run_tool("patchbox", "apply", "-p", app.pid, setup["patch"])
-        assert app.serve(0) == 6010  # the shadows were freed by the post-remove hook
-        assert setup["log"].read_text().split() == HOOK_ORDER
-        assert app.alive()
-    finally:
-        app.stop()
+    shadow_and_hook_order(start(setup), setup["patch"], setup["log"])
 
 
 def test_pre_apply_hook_refuses_and_nothing_changes(setup: dict[str, Path]) -> None:
-    app = start(setup)
-    try:
-        setup["refuse"].write_text("")
-        res = run_tool("patchbox", "apply", "-p", app.pid, setup["patch"], check=False)
-        assert res.returncode == 1 and "HOOK_FAILED" in res.stderr and "returned 7" in res.stderr
-        assert app.serve(0) == 1
-        assert run_tool("patchbox", "list", "-p", app.pid, "--json").stdout.strip() == "[]"
-        setup["refuse"].unlink()
-        run_tool("patchbox", "apply", "-p", app.pid, setup["patch"])
-        assert app.serve(0) == 2010
-        assert app.alive()
-    finally:
-        app.stop()
+    refused_by_pre_apply(start(setup), setup["patch"], setup["refuse"])

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from hooksprog import FIX, HOOK_ORDER, PROGRAM, App
+from hooksprog import FIX, PROGRAM, App, refused_by_pre_apply, shadow_and_hook_order
 
 from helpers import compile_c, run_tool
 from patchbox import config
@@ -36,31 +36,16 @@ def setup(tmp_path: Path, agent_dir: Path) -> dict[str, Path]:
 def test_shadow_field_and_hook_order(setup: dict[str, Path]) -> None:
     shown = run_tool("patchbox", "show", setup["patch"], "--json").stdout
     assert '"hooks"' in shown and "pre_apply" in shown.lower()
-    app = App(setup["exe"], {"HOOK_LOG": str(setup["log"]), "REFUSE": str(setup["refuse"])})
-    try:
-        assert [app.serve(0), app.serve(0), app.serve(1)] == [1, 2, 1]
-        run_tool("patchbox", "apply", "-p", app.pid, setup["patch"])
-        # conns[0] already has len 2: the new field starts at 0 for it, then grows.
-        assert [app.serve(0), app.serve(0), app.serve(1)] == [3010, 4020, 2010]
-        run_tool("patchbox", "remove", "-p", app.pid, "total")
-        assert app.serve(0) == 5
-        run_tool("patchbox", "apply", "-p", app.pid, setup["patch"])
-        assert app.serve(0) == 6010  # the shadows were freed by the post-remove hook
-        assert setup["log"].read_text().split() == HOOK_ORDER
-    finally:
-        app.stop()
+    shadow_and_hook_order(
+        App(setup["exe"], {"HOOK_LOG": str(setup["log"]), "REFUSE": str(setup["refuse"])}),
+        setup["patch"],
+        setup["log"],
+    )
 
 
 def test_pre_apply_hook_refuses_and_nothing_changes(setup: dict[str, Path]) -> None:
-    app = App(setup["exe"], {"HOOK_LOG": str(setup["log"]), "REFUSE": str(setup["refuse"])})
-    try:
-        setup["refuse"].write_text("")
-        res = run_tool("patchbox", "apply", "-p", app.pid, setup["patch"], check=False)
-        assert res.returncode == 1 and "HOOK_FAILED" in res.stderr and "returned 7" in res.stderr
-        assert app.serve(0) == 1
-        assert run_tool("patchbox", "list", "-p", app.pid, "--json").stdout.strip() == "[]"
-        setup["refuse"].unlink()
-        run_tool("patchbox", "apply", "-p", app.pid, setup["patch"])
-        assert app.serve(0) == 2010
-    finally:
-        app.stop()
+    refused_by_pre_apply(
+        App(setup["exe"], {"HOOK_LOG": str(setup["log"]), "REFUSE": str(setup["refuse"])}),
+        setup["patch"],
+        setup["refuse"],
+    )
